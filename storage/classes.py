@@ -1,0 +1,39 @@
+"""Label classes as viewers see them: a value, a name and a colour.
+
+Kept in ``storage`` because every writer (COG colour table, NIfTI label table,
+zarr attributes) needs them, while only the model card says where they come
+from.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LabelClass(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    value: int = Field(ge=0, le=65534)
+    name: str = Field(min_length=1)
+    color: tuple[int, int, int] = (128, 128, 128)
+    code: str | None = None  # e.g. a SNOMED CT or land-cover code
+
+
+def label_dtype(classes: list[LabelClass]) -> str:
+    """uint8 while one value is left free for nodata, uint16 beyond."""
+    top = max((c.value for c in classes), default=0)
+    return "uint8" if top < 255 else "uint16"
+
+
+def nodata_value(classes: list[LabelClass]) -> int:
+    """The label value written where the input had no data: the dtype's maximum."""
+    return 255 if label_dtype(classes) == "uint8" else 65535
+
+
+def slicer_color_table(classes: list[LabelClass]) -> str:
+    """3D Slicer ``.ctbl`` text (``idx name R G B A``), which ITK-SNAP also reads."""
+    lines = ["# segflow label table: value name R G B A"]
+    for c in sorted(classes, key=lambda c: c.value):
+        name = "_".join(c.name.split())
+        lines.append(f"{c.value} {name} {c.color[0]} {c.color[1]} {c.color[2]} 255")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""The project's one exceptions module.
+
+Every error a user can cause (a bad file, a bad model, a bad option) is a
+``SegflowError`` whose message is one line naming the file and the problem, so
+the CLI can print ``str(err)`` and a batch can record it and go on.  Bugs stay
+ordinary exceptions.  ``storage`` is the base layer, so ``segmentation`` and
+``flows`` import their error types from here.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class SegflowError(Exception):
+    """Base of every expected, user-facing failure."""
+
+    def __init__(self, path: str | PathLike[str] | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = " ".join(str(problem).split())  # always one line
+        super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
+
+
+class InputError(SegflowError):
+    """An input file cannot be used (missing, unreadable, malformed, unsupported)."""
+
+
+class UnsupportedFormatError(InputError):
+    """The file is not a format segflow reads."""
+
+
+class CorruptInputError(InputError):
+    """The file claims a known format but its content cannot be read."""
+
+
+class InvalidInputError(InputError):
+    """The file reads, but its content cannot be segmented (dtype, NaN, geometry...)."""
+
+
+class IncompatibleInputError(InputError):
+    """The input does not fit the model (dimensionality, channel count)."""
+
+
+class ModelError(SegflowError):
+    """A model directory, card or weights file is unusable."""
+
+
+class UnsafeModelError(ModelError):
+    """A model file would execute code when loaded; it is refused."""
+
+
+class StoreError(SegflowError):
+    """A zarr store is missing, incomplete or not a segflow store."""
+
+
+class ExportError(SegflowError):
+    """An output could not be written (disk full, permission, bad target)."""
+
+
+class ConfigError(SegflowError):
+    """Parameters are invalid or inconsistent."""
+
+
+class ProvenanceError(SegflowError):
+    """Provenance is missing or does not match the files it describes."""

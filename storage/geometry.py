@@ -1,0 +1,83 @@
+"""Everything needed to put a label map back on exactly the input's grid.
+
+These typed records are written into the zarr store at ingest and read back at
+export; the exporters rebuild the output's georeferencing or NIfTI header from
+them alone, so an output never depends on re-opening the source file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, BeforeValidator
+
+
+def _nodata_in(v: object) -> object:
+    # JSON has no NaN: nodata travels as the strings "nan", "inf", "-inf".
+    if isinstance(v, str):
+        return float(v)
+    return v
+
+
+def _nodata_out(v: float | None) -> float | str | None:
+    if v is None or math.isfinite(v):
+        return v
+    return str(v)
+
+
+Nodata = Annotated[float | None, BeforeValidator(_nodata_in), PlainSerializer(_nodata_out)]
+
+
+class SourceInfo(BaseModel):
+    """Identity of the ingested file, for provenance and for skipping done work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    sha256: str
+    size: int
+    format: str  # GTiff, VRT, NIfTI-1, NIfTI-2
+
+
+class RasterGeometry(BaseModel):
+    """Georeferencing of a (band, y, x) raster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["raster"] = "raster"
+    width: int
+    height: int
+    crs_wkt: str | None = None
+    epsg: int | None = None
+    transform: tuple[float, float, float, float, float, float]  # rasterio (a, b, c, d, e, f)
+    nodata: Nodata = None
+    dtype: str
+    band_descriptions: list[str | None] = Field(default_factory=list)
+    # where the valid-data mask came from: nodata, per-dataset mask, alpha band, none
+    mask_source: Literal["nodata", "mask", "alpha", "none"] = "none"
+    # 1-based indexes of the source bands that became image channels (alpha is dropped)
+    bands: list[int] = Field(default_factory=list)
+    units: str | None = None
+
+
+class VolumeGeometry(BaseModel):
+    """NIfTI geometry of a (channel, z, y, x) volume, where z, y, x are the file's k, j, i axes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["volume"] = "volume"
+    shape: list[int]  # the source's own (i, j, k[, t]) shape
+    affine: list[list[float]]  # 4x4, voxel (i, j, k) -> world (RAS+ mm)
+    qform: list[list[float]]
+    sform: list[list[float]]
+    qform_code: int
+    sform_code: int
+    zooms: list[float]
+    orientation: list[str]  # aff2axcodes of the affine, e.g. ["L", "A", "S"]
+    nifti_version: Literal[1, 2]
+    header_b64: str  # the source header's raw bytes, to rebuild units, codes and descriptions
+    dtype: str
+
+
+Geometry = Annotated[Union[RasterGeometry, VolumeGeometry], Field(discriminator="kind")]

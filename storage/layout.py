@@ -1,0 +1,130 @@
+"""The on-disk zarr v3 layout shared by ingest, inference and export.
+
+An image store is a group holding::
+
+    image   (C, *spatial)   the source pixels, chunked and compressed
+    mask    (*spatial)      bool, True where the source has valid data (absent: all valid)
+
+and the group attribute ``segflow`` with a :class:`StoreMeta`.  A prediction
+store adds ``labels`` (*spatial) and optionally ``probabilities``
+(C, *spatial).  The attribute ``segflow_complete`` is written last: a store
+without it was interrupted and must not be taken for a finished one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import zarr
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.errors import StoreError
+from storage.geometry import Geometry, SourceInfo
+
+FORMAT_VERSION = 1
+IMAGE = "image"
+MASK = "mask"
+LABELS = "labels"
+PROBABILITIES = "probabilities"
+META_ATTR = "segflow"
+COMPLETE_ATTR = "segflow_complete"
+PROVENANCE_ATTR = "provenance"
+
+
+class StoreMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    source: SourceInfo
+    geometry: Geometry
+    channel_names: list[str] = Field(default_factory=list)
+    spatial_dims: int
+
+    @property
+    def kind(self) -> str:
+        return self.geometry.kind
+
+
+@dataclass
+class ImageStore:
+    """An opened image store; arrays are lazily read zarr arrays."""
+
+    path: Path
+    group: zarr.Group
+    meta: StoreMeta
+
+    @property
+    def image(self) -> zarr.Array:
+        return self.group[IMAGE]  # type: ignore[return-value]
+
+    @property
+    def mask(self) -> zarr.Array | None:
+        return self.group[MASK] if MASK in self.group else None  # type: ignore[return-value]
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape[1:])
+
+
+def _compressors() -> Any:
+    return [zarr.codecs.ZstdCodec(level=3)]
+
+
+def create_image_store(
+    path: str | PathLike[str],
+    *,
+    meta: StoreMeta,
+    shape: tuple[int, ...],
+    dtype: str,
+    chunks: tuple[int, ...],
+    with_mask: bool,
+) -> ImageStore:
+    """Create (overwriting) an image store whose arrays the ingester then fills chunk by chunk."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array(IMAGE, shape=shape, dtype=dtype, chunks=chunks, compressors=_compressors(),
+                       fill_value=0, dimension_names=_dim_names(len(shape)))
+    if with_mask:
+        group.create_array(MASK, shape=shape[1:], dtype="bool", chunks=chunks[1:],
+                           compressors=_compressors(), fill_value=False,
+                           dimension_names=_dim_names(len(shape))[1:])
+    group.attrs[META_ATTR] = meta.model_dump(mode="json")
+    return ImageStore(path=path, group=group, meta=meta)
+
+
+def _dim_names(ndim: int) -> list[str]:
+    return ["c", "y", "x"] if ndim == 3 else ["c", "z", "y", "x"]
+
+
+def mark_complete(group: zarr.Group) -> None:
+    """Written last, after every array chunk: the store's commit point."""
+    group.attrs[COMPLETE_ATTR] = True
+
+
+def is_complete(path: str | PathLike[str]) -> bool:
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:
+        return False
+    return bool(group.attrs.get(COMPLETE_ATTR, False))
+
+
+def open_image_store(path: str | PathLike[str]) -> ImageStore:
+    """Open a finished image store, refusing half-written or foreign ones."""
+    path = Path(path)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise StoreError(path, f"not a zarr v3 group ({type(exc).__name__})") from None
+    if META_ATTR not in group.attrs:
+        raise StoreError(path, "not a segflow store (no 'segflow' attribute)")
+    if not group.attrs.get(COMPLETE_ATTR, False):
+        raise StoreError(path, "store is incomplete (its writer did not finish)")
+    meta = StoreMeta.model_validate(group.attrs[META_ATTR])
+    return ImageStore(path=path, group=group, meta=meta)
