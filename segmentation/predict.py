@@ -1,0 +1,116 @@
+"""``segmentation.predict``: the one inference path the API, the CLI and the flows share."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import dask.array as da
+import numpy as np
+import torch
+from torch import nn
+
+from segmentation.blending import Blend
+from segmentation.inference import Precision, WindowPredictor
+from segmentation.modeldir import LoadedModel
+from segmentation.normalize import Normalizer, image_statistics, resolve
+from segmentation.stitching import StitchPlan
+from segmentation.windows import make_grid
+from storage.errors import ConfigError, IncompatibleInputError
+
+DEFAULT_CHUNK = {2: 1024, 3: 128}
+
+
+def as_dask(image: Any, chunks: Sequence[int] | int | None, spatial_dims: int) -> da.Array:
+    """Wrap numpy, zarr or dask (C, *spatial) input with whole-channel, spatial chunks."""
+    shape = tuple(image.shape[1:])
+    if chunks is None:
+        native = getattr(image, "chunksize", None) or getattr(image, "chunks", None)
+        if isinstance(image, da.Array):
+            chunks = image.chunksize[1:]
+        elif native is not None and not isinstance(image, np.ndarray) and len(native) == len(shape) + 1:
+            chunks = tuple(native[1:])
+        else:
+            chunks = DEFAULT_CHUNK[spatial_dims]
+    if isinstance(chunks, int):
+        chunks = (chunks,) * spatial_dims
+    chunks = tuple(min(int(c), s) for c, s in zip(chunks, shape))
+    if isinstance(image, da.Array):
+        return image.rechunk((image.shape[0],) + chunks)
+    return da.from_array(image, chunks=(image.shape[0],) + chunks, asarray=False, lock=False)
+
+
+def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | None = None,
+               overlap: float | None = None, blend: Blend | None = None, sigma_scale: float | None = None,
+               precision: Precision = "exact", chunks: Sequence[int] | int | None = None, mask: Any = None,
+               batch_size: int | None = None, device: str = "auto", normalizer: Normalizer | None = None,
+               num_classes: int | None = None) -> StitchPlan:
+    """Resolve defaults from the model card, check the input fits, and build the stitching graph."""
+    if image.ndim not in (3, 4):
+        raise ConfigError(None, f"image must be (C, *spatial) with 2 or 3 spatial axes, got shape {image.shape}")
+    spatial_dims = image.ndim - 1
+    if isinstance(model, LoadedModel):
+        card = model.card
+        if card.input.spatial_dims != spatial_dims:
+            raise IncompatibleInputError(None, f"model {card.name!r} is {card.input.spatial_dims}D, "
+                                               f"the input is {spatial_dims}D")
+        if card.input.channels != image.shape[0]:
+            raise IncompatibleInputError(None, f"model {card.name!r} takes {card.input.channels} channels, "
+                                               f"the input has {image.shape[0]}")
+        roi = roi or card.inference.roi
+        overlap = card.inference.overlap if overlap is None else overlap
+        blend = blend or card.inference.blend
+        sigma_scale = sigma_scale or card.inference.sigma_scale
+        batch_size = batch_size or card.inference.batch_size
+        num_classes = card.num_classes
+        module, token = model.module, model.weights_sha256
+    else:
+        module, token = model, None
+    if roi is None:
+        raise ConfigError(None, "roi is required when the model is a plain torch module")
+    overlap = 0.25 if overlap is None else overlap
+    blend = blend or "gaussian"
+    sigma_scale = sigma_scale or 0.125
+    batch_size = batch_size or 4
+    roi = tuple(int(r) for r in roi)
+    arr = as_dask(image, chunks, spatial_dims)
+    dmask = None
+    if mask is not None:
+        dmask = mask if isinstance(mask, da.Array) else da.from_array(mask, chunks=arr.chunksize[1:],
+                                                                        asarray=False, lock=False)
+        if dmask.shape != arr.shape[1:]:
+            raise ConfigError(None, f"mask shape {dmask.shape} differs from the image's {arr.shape[1:]}")
+    if normalizer is None:
+        if isinstance(model, LoadedModel):
+            norm = model.card.input.normalization
+            stats = image_statistics(arr, dmask) if norm.mode == "image_zscore" else None
+            normalizer = resolve(norm, arr.shape[0], stats)
+        else:
+            normalizer = Normalizer((0.0,) * arr.shape[0], (1.0,) * arr.shape[0])
+    if num_classes is None:
+        with torch.inference_mode():
+            probe = module(torch.zeros((1, arr.shape[0]) + roi))
+        num_classes = int((probe[0] if isinstance(probe, (tuple, list)) else probe).shape[1])
+    if token is None:
+        from dask.base import tokenize
+        token = tokenize(*[p.detach().numpy() for p in module.state_dict().values()], type(module).__name__)
+    predictor = WindowPredictor(module, spatial_dims=spatial_dims, num_classes=num_classes,
+                                precision=precision, device=device, batch_size=batch_size,
+                                token=f"{token}-{precision}-{device}")
+    grid = make_grid(arr.shape[1:], roi, overlap)
+    return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
+                      blend=blend, sigma_scale=sigma_scale, batch_size=batch_size)
+
+
+def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | None = None,
+            overlap: float | None = None, blend: Blend | None = None, precision: Precision = "exact",
+            chunks: Sequence[int] | int | None = None, mask: Any = None, probabilities: bool = True,
+            **kwargs: Any) -> da.Array:
+    """Sliding-window segmentation of a (C, *spatial) numpy, zarr or dask array.
+
+    Returns a lazy dask array: class probabilities (classes, *spatial), or the
+    argmax labels (*spatial) with ``probabilities=False``.  Compute it with any
+    Dask scheduler; a distributed client spreads windows over its workers.
+    """
+    plan = build_plan(image, model, roi=roi, overlap=overlap, blend=blend, precision=precision,
+                      chunks=chunks, mask=mask, **kwargs)
+    return plan.probabilities() if probabilities else plan.labels()

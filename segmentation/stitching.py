@@ -1,0 +1,312 @@
+"""Exact, chunk-invariant overlap-add stitching as a Dask graph.
+
+The window grid is fixed on the whole image (``windows.make_grid``).  Each
+window is owned by exactly one output chunk, the one holding its (clipped)
+start corner.  Per owner chunk, an *evaluate* task reads the input region its
+windows cover (the chunk plus up to one ROI past it), normalises it, runs the
+windows in batches and accumulates Σ w·p over that region; it hands each
+overlapped output chunk its piece.  Per output chunk, a *finalise* task adds
+the pieces (in owner order), divides by Σ w (computed from the grid alone:
+it does not depend on the data) and takes the argmax.
+
+So every window is evaluated once, memory per task is bounded by
+(chunk + ROI)^d × classes, never by the image, and the sums do not depend on
+the chunking beyond float summation order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.delayed import Delayed, delayed
+
+from segmentation.blending import Blend, importance_map
+from segmentation.windows import WindowGrid
+
+Box = tuple[tuple[int, int], ...]  # per spatial axis [lo, hi)
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.uint8) if num_classes <= 255 else np.dtype(np.uint16)
+
+
+def label_nodata(num_classes: int) -> int:
+    """The label written where the input has no data: the dtype's maximum, never a class."""
+    return int(np.iinfo(label_dtype(num_classes)).max)
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One spatial axis of the plan: chunk bounds and which window starts each chunk owns."""
+
+    bounds: tuple[int, ...]  # 0 = b0 < b1 < ... < bn = size
+    owned: tuple[tuple[int, ...], ...]  # per chunk: starts of the windows it owns
+    roi: int
+    size: int
+
+    @property
+    def nchunks(self) -> int:
+        return len(self.bounds) - 1
+
+    def chunk(self, c: int) -> tuple[int, int]:
+        return self.bounds[c], self.bounds[c + 1]
+
+    def extent(self, c: int) -> tuple[int, int] | None:
+        """Unclipped span of the windows chunk c owns (may pass the edges where padded)."""
+        starts = self.owned[c]
+        return (min(starts), max(starts) + self.roi) if starts else None
+
+    def region(self, c: int) -> tuple[int, int] | None:
+        ext = self.extent(c)
+        return None if ext is None else (max(ext[0], 0), min(ext[1], self.size))
+
+    def chunks_overlapping(self, lo: int, hi: int) -> range:
+        first = bisect.bisect_right(self.bounds, lo) - 1
+        last = bisect.bisect_left(self.bounds, hi) - 1
+        return range(max(first, 0), min(last, self.nchunks - 1) + 1)
+
+
+def _make_axis(starts: Sequence[int], roi: int, chunks: Sequence[int], size: int) -> _Axis:
+    bounds = tuple(itertools.accumulate(chunks, initial=0))
+    owned: list[list[int]] = [[] for _ in chunks]
+    for s in starts:
+        owned[bisect.bisect_right(bounds, max(s, 0)) - 1].append(s)
+    return _Axis(bounds=bounds, owned=tuple(tuple(o) for o in owned), roi=roi, size=size)
+
+
+def _assemble(box: Box, pieces: Sequence[tuple[Box, np.ndarray]], lead: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Copy the parts of blocks (each with its own box) that fall inside ``box``."""
+    out = np.zeros(lead + tuple(hi - lo for lo, hi in box), dtype=dtype)
+    for pbox, block in pieces:
+        inter = [(max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(box, pbox)]
+        if any(lo >= hi for lo, hi in inter):
+            continue
+        dst = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box))
+        src = tuple(slice(lo - p0, hi - p0) for (lo, hi), (p0, _) in zip(inter, pbox))
+        out[(Ellipsis,) + dst] = block[(Ellipsis,) + src]
+    return out
+
+
+def _evaluate(predictor: Callable[[np.ndarray], np.ndarray], normalizer: Callable[[np.ndarray], np.ndarray],
+              weights: np.ndarray, owned: tuple[tuple[int, ...], ...], region: Box,
+              blocks: list[tuple[Box, np.ndarray]], mask_blocks: list[tuple[Box, np.ndarray]] | None,
+              targets: list[tuple[tuple[int, ...], Box]], num_classes: int, channels: int,
+              batch_size: int) -> tuple[dict[tuple[int, ...], np.ndarray], tuple[int, int]]:
+    """Run the windows one owner chunk owns; return Σw·p pieces per target chunk and (evaluated, skipped)."""
+    roi = weights.shape
+    extent = tuple((min(s), max(s) + r) for s, r in zip(owned, roi))
+    raw = _assemble(region, blocks, (channels,), blocks[0][1].dtype)
+    x = np.zeros((channels,) + tuple(hi - lo for lo, hi in extent), dtype=np.float32)
+    inner = tuple(slice(r0 - e0, r1 - e0) for (r0, r1), (e0, _) in zip(region, extent))
+    x[(slice(None),) + inner] = normalizer(raw)
+    del raw
+    valid = None if mask_blocks is None else _assemble(region, mask_blocks, (), bool)
+
+    acc = np.zeros((num_classes,) + x.shape[1:], dtype=np.float32)
+    evaluated = skipped = 0
+    batch: list[tuple[slice, ...]] = []
+
+    def flush() -> None:
+        probs = predictor(np.stack([x[(slice(None),) + sl] for sl in batch]))
+        for sl, p in zip(batch, probs):
+            acc[(slice(None),) + sl] += p * weights
+        batch.clear()
+
+    for start in itertools.product(*owned):
+        local = tuple(slice(s - e0, s - e0 + r) for s, (e0, _), r in zip(start, extent, roi))
+        if valid is not None:
+            win = tuple(slice(max(s, r0) - r0, min(s + r, r1) - r0)
+                        for s, r, (r0, r1) in zip(start, roi, region))
+            if not valid[win].any():
+                skipped += 1
+                continue
+        batch.append(local)
+        evaluated += 1
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+
+    pieces = {}
+    for index, tbox in targets:
+        sl = tuple(slice(lo - e0, hi - e0) for (lo, hi), (e0, _) in zip(tbox, extent))
+        pieces[index] = np.ascontiguousarray(acc[(slice(None),) + sl])
+    return pieces, (evaluated, skipped)
+
+
+def _weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
+    """Σ w over every grid window touching ``box``: data-independent, so recomputed, never shipped."""
+    out = np.zeros(tuple(hi - lo for lo, hi in box), dtype=np.float32)
+    per_axis = [[s for s in starts if s < hi and s + r > lo]
+                for starts, r, (lo, hi) in zip(grid.starts, grid.roi, box)]
+    for start in itertools.product(*per_axis):
+        inter = [(max(s, lo), min(s + r, hi)) for s, r, (lo, hi) in zip(start, grid.roi, box)]
+        dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, box))
+        src = tuple(slice(a - s, b - s) for (a, b), s in zip(inter, start))
+        out[dst] += weights[src]
+    return out
+
+
+def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, weights: np.ndarray,
+              mask: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """Probabilities of one output chunk: Σ pieces / Σ w, zero where the input has no data."""
+    acc = np.zeros((num_classes,) + tuple(hi - lo for lo, hi in box), dtype=np.float32)
+    for pbox, piece in pieces:  # pieces arrive in owner order: a fixed summation order
+        sl = tuple(slice(p0 - b0, p1 - b0) for (p0, p1), (b0, _) in zip(pbox, box))
+        acc[(slice(None),) + sl] += piece
+    acc /= _weight_sum(box, grid, weights)
+    if mask is not None:
+        acc[:, ~np.asarray(mask, dtype=bool)] = 0.0
+    return acc
+
+
+def _labels(probs: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
+    labels = np.argmax(probs, axis=0).astype(label_dtype(num_classes))
+    if mask is not None:
+        labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
+    return labels
+
+
+def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: int,
+           labels_target: Any, probs_target: Any, probs_dtype: str) -> dict[str, Any]:
+    """Write one whole output chunk; return its label histogram (for areas and volumes)."""
+    labels = _labels(probs, mask, num_classes)
+    sl = tuple(slice(lo, hi) for lo, hi in box)
+    labels_target[sl] = labels
+    if probs_target is not None:
+        probs_target[(slice(None),) + sl] = quantize_probabilities(probs, probs_dtype)
+    hist = np.bincount(labels.ravel(), minlength=num_classes + 1 if num_classes < 255 else 0)
+    return {"box": box, "histogram": {int(v): int(n) for v, n in enumerate(hist) if n}}
+
+
+def quantize_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 as is, or uint8 with 255 = probability 1 (a quarter of the size)."""
+    if dtype == "float32":
+        return probs.astype(np.float32, copy=False)
+    return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
+
+
+def _sum_counts(*counts: tuple[int, int]) -> dict[str, int]:
+    return {"windows_evaluated": sum(c[0] for c in counts), "windows_skipped": sum(c[1] for c in counts)}
+
+
+class StitchPlan:
+    """The Dask graph for one image: build once, then take probabilities, labels or chunk writes."""
+
+    def __init__(self, image: da.Array, predictor: Callable[[np.ndarray], np.ndarray], grid: WindowGrid, *,
+                 num_classes: int, normalizer: Callable[[np.ndarray], np.ndarray],
+                 mask: da.Array | None = None, blend: Blend = "gaussian", sigma_scale: float = 0.125,
+                 batch_size: int = 4) -> None:
+        self.grid = grid
+        self.num_classes = num_classes
+        self.channels = image.shape[0]
+        self.chunks = image.chunks[1:]
+        self.image = image.rechunk({0: -1})
+        self.mask = None if mask is None else mask.rechunk(self.chunks)
+        self.weights = importance_map(grid.roi, blend, sigma_scale)
+        self.axes = [_make_axis(st, r, ch, sz) for st, r, ch, sz in zip(grid.starts, grid.roi, self.chunks,
+                                                                         grid.shape)]
+        self.token = tokenize(self.image.name, None if mask is None else self.mask.name,
+                              getattr(predictor, "token", None) or id(predictor), grid, blend, sigma_scale,
+                              batch_size, normalizer, num_classes)
+        self._build(predictor, normalizer, batch_size)
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.grid)
+
+    @property
+    def chunk_grid(self) -> tuple[int, ...]:
+        return tuple(a.nchunks for a in self.axes)
+
+    def box(self, index: tuple[int, ...]) -> Box:
+        return tuple(a.chunk(i) for a, i in zip(self.axes, index))
+
+    def _build(self, predictor: Callable[[np.ndarray], np.ndarray], normalizer: Callable, batch_size: int) -> None:
+        tok = self.token
+        pred = delayed(predictor, name=f"segflow-predictor-{tok}", traverse=False)
+        weights = delayed(self.weights, name=f"segflow-weights-{tok}", traverse=False)
+        image_blocks = self.image.to_delayed()[0]  # drop the single channel block
+        mask_blocks = None if self.mask is None else self.mask.to_delayed()
+        self._mask_blocks = mask_blocks
+        incoming: dict[tuple[int, ...], list[tuple[Box, Delayed]]] = {
+            idx: [] for idx in itertools.product(*(range(a.nchunks) for a in self.axes))}
+        counts = []
+        for owner in incoming:
+            regions = [a.region(i) for a, i in zip(self.axes, owner)]
+            if any(r is None for r in regions):
+                continue
+            region: Box = tuple(regions)  # type: ignore[arg-type]
+            src = list(itertools.product(*(a.chunks_overlapping(lo, hi) for a, (lo, hi) in zip(self.axes, region))))
+            blocks = [(self.box(s), image_blocks[s]) for s in src]
+            mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]
+            targets = [(t, tuple((max(lo, b0), min(hi, b1)) for (lo, hi), (b0, b1) in zip(region, self.box(t))))
+                       for t in src]
+            owned = tuple(a.owned[i] for a, i in zip(self.axes, owner))
+            name = f"segflow-evaluate-{tok}-" + "-".join(map(str, owner))
+            result = delayed(_evaluate, name=name, pure=True, nout=2)(
+                pred, normalizer, weights, owned, region, blocks, mblocks, targets,
+                self.num_classes, self.channels, batch_size)
+            pieces, count = result
+            counts.append(count)
+            for t, tbox in targets:
+                incoming[t].append((tbox, pieces[t]))
+        self._counts = delayed(_sum_counts, name=f"segflow-counts-{tok}", pure=True)(*counts)
+        self._probs: dict[tuple[int, ...], Delayed] = {}
+        for idx, pieces_in in incoming.items():
+            mask = None if mask_blocks is None else mask_blocks[idx]
+            name = f"segflow-finalise-{tok}-" + "-".join(map(str, idx))
+            self._probs[idx] = delayed(_finalise, name=name, pure=True)(
+                self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes)
+
+    def counts(self) -> Delayed:
+        """Delayed {windows_evaluated, windows_skipped} for the whole image."""
+        return self._counts
+
+    def _nested(self, make: Callable[[tuple[int, ...]], da.Array], depth: int = 0,
+                prefix: tuple[int, ...] = ()) -> Any:
+        if depth == len(self.axes):
+            return make(prefix)
+        return [self._nested(make, depth + 1, prefix + (i,)) for i in range(self.axes[depth].nchunks)]
+
+    def probabilities(self) -> da.Array:
+        """(classes, *spatial) float32: Σ w·p / Σ w, zero where the input has no data."""
+        def block(idx: tuple[int, ...]) -> da.Array:
+            shape = (self.num_classes,) + tuple(hi - lo for lo, hi in self.box(idx))
+            return da.from_delayed(self._probs[idx], shape=shape, dtype=np.float32)
+        return da.block(self._nested(block))
+
+    def labels(self) -> da.Array:
+        """(*spatial) argmax labels, with the nodata label where the input has no data."""
+        dtype = label_dtype(self.num_classes)
+
+        def block(idx: tuple[int, ...]) -> da.Array:
+            mask = None if self._mask_blocks is None else self._mask_blocks[idx]
+            lab = delayed(_labels, pure=True)(self._probs[idx], mask, self.num_classes)
+            return da.from_delayed(lab, shape=tuple(hi - lo for lo, hi in self.box(idx)), dtype=dtype)
+        return da.block(self._nested(block))
+
+    def writes(self, labels_target: Any, probabilities_target: Any = None,
+               probabilities_dtype: str = "float32") -> list[Delayed]:
+        """One delayed write per output chunk, each covering that whole chunk of the targets."""
+        out = []
+        for idx, probs in self._probs.items():
+            mask = None if self._mask_blocks is None else self._mask_blocks[idx]
+            name = f"segflow-write-{self.token}-" + "-".join(map(str, idx))
+            out.append(delayed(_write, name=name, pure=False)(
+                probs, mask, self.box(idx), self.num_classes, labels_target, probabilities_target,
+                probabilities_dtype))
+        return out
+
+
+
+
+__all__ = ["StitchPlan", "label_dtype", "label_nodata", "quantize_probabilities"]
