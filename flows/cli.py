@@ -1,0 +1,219 @@
+"""The ``segflow`` command."""
+
+from __future__ import annotations
+
+import os
+
+# Quiet, offline-friendly defaults, set before Prefect is imported; the user's environment wins.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, List, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from storage.errors import SegflowError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Out-of-core, exactly stitched segmentation of large rasters and 3D volumes.")
+model_app = typer.Typer(no_args_is_help=True, help="Inspect model directories.")
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False, disable=not console.is_terminal)
+
+
+def _ints(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace("x", ",").split(",") if v]
+    except ValueError:
+        _fail(f"cannot read sizes from {text!r} (expected e.g. 128,128)")
+        return None
+
+
+@app.command()
+def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files."),
+           out: Path = typer.Option(..., "--out", help="Directory for the <stem>.zarr stores."),
+           chunk: Optional[int] = typer.Option(None, help="Spatial chunk size (default 1024 in 2D, 128 in 3D).")) -> None:
+    """Copy inputs into chunked zarr v3 image stores with their full geometry."""
+    from storage.ingest import ingest as do_ingest
+    from storage.ingest import stem_of
+
+    failures = 0
+    out.mkdir(parents=True, exist_ok=True)
+    for path in inputs:
+        try:
+            store = do_ingest(path, out / f"{stem_of(path)}.zarr", chunk=chunk)
+            console.print(f"ingested {path} -> {store.path}  {store.image.shape} {store.image.dtype}")
+        except SegflowError as exc:
+            failures += 1
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1 if failures else 0)
+
+
+@app.command()
+def segment(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files."),
+            model: Path = typer.Option(..., "--model", help="Model directory (card.json + weights.safetensors)."),
+            out: Path = typer.Option(..., "--out", help="Output directory."),
+            precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
+            roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: the card's)."),
+            overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: the card's)."),
+            chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),
+            batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
+            workers: Optional[int] = typer.Option(None, help="Local Dask worker processes (default: one per core)."),
+            probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),
+            device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+            dask_address: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler."),
+            no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
+            report: Optional[Path] = typer.Option(None, help="Write the per-input outcomes as JSON here.")) -> None:
+    """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
+    from flows.config import SegmentOptions
+    from flows.flows import batch_outcomes, segment_batch
+    from flows.progress import RichReporter, reporting
+    from segmentation.modeldir import read_card
+
+    try:
+        options = SegmentOptions(precision=precision, roi=_ints(roi), overlap=overlap, chunk_size=chunk_size,
+                                 batch_size=batch_size, workers=workers, probabilities=probabilities,
+                                 device=device, dask_address=dask_address, keep_zarr=not no_zarr)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
+    try:
+        read_card(model)
+    except SegflowError as exc:
+        _fail(str(exc))
+    with _progress() as progress, reporting(RichReporter(progress)):
+        state = segment_batch(inputs=[str(p) for p in inputs], model_dir=str(model), out_dir=str(out),
+                              options=options, return_state=True)
+    try:
+        outcomes = batch_outcomes(state)
+    except SegflowError as exc:
+        _fail(str(exc))
+    if report:
+        report.write_text(json.dumps(outcomes, indent=2))
+    for o in outcomes:
+        if o["ok"]:
+            s = o["statistics"]
+            console.print(f"[green]ok[/green] {o['input']} -> {o['outputs'][0]}  "
+                          f"({s.get('windows_evaluated')} windows, {s.get('windows_skipped')} skipped, "
+                          f"{s.get('total_seconds')} s)", highlight=False, soft_wrap=True)
+    failed = [o for o in outcomes if not o["ok"]]
+    for o in failed:
+        console.print(f"[red]error:[/red] {o['error']}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def train(card: Path = typer.Option(..., "--card", help="A model card JSON (architecture, input, classes, ROI)."),
+          image: List[Path] = typer.Option(..., "--image", help="Training image (repeat; pairs with --labels)."),
+          labels: List[Path] = typer.Option(..., "--labels", help="Label map on the image's grid (repeat)."),
+          out: Path = typer.Option(..., "--out", help="Model directory to write."),
+          steps: int = typer.Option(300, help="Optimiser steps."),
+          batch_size: int = typer.Option(8, help="Patches per step."),
+          lr: float = typer.Option(2e-3, help="Learning rate."),
+          seed: int = typer.Option(0, help="Random seed."),
+          precision: str = typer.Option("fast", help="exact (fp32) or fast (bf16/AMP).")) -> None:
+    """Train a card's architecture on image/label pairs; the result is a model directory with provenance."""
+    from flows.training import train_from_files
+    from segmentation.modeldir import read_card
+
+    if len(image) != len(labels):
+        _fail(f"{len(image)} --image but {len(labels)} --labels: give them in pairs")
+    try:
+        model_card = read_card(card)
+        with _progress() as progress:
+            task = progress.add_task(f"train {model_card.name}", total=steps)
+            loaded = train_from_files(model_card, list(zip(image, labels)), out, steps=steps,
+                                      batch_size=batch_size, lr=lr, seed=seed, precision=precision,
+                                      on_step=lambda info: progress.advance(task))
+    except SegflowError as exc:
+        _fail(str(exc))
+    console.print(f"trained {loaded.name} -> {loaded.path} (weights sha256 {loaded.weights_sha256[:12]}…)")
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="A zarr store, a GeoTIFF/NIfTI output, a provenance JSON "
+                                               "or a model directory.")) -> None:
+    """Print a store's or an output's metadata and provenance as JSON."""
+    from flows.inspect import describe
+
+    try:
+        out.print_json(json.dumps(describe(path), default=str))
+    except SegflowError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def verify(output: Path = typer.Argument(..., help="An output file or its .provenance.json.")) -> None:
+    """Recompute the hashes named in an output's provenance; non-zero exit on any mismatch."""
+    from storage.provenance import sidecar_path, verify_sidecar
+
+    sidecar = output if output.name.endswith(".provenance.json") else sidecar_path(output)
+    try:
+        problems = verify_sidecar(sidecar)
+    except SegflowError as exc:
+        _fail(str(exc))
+    for p in problems:
+        console.print(f"[red]mismatch:[/red] {p}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"[green]verified[/green] {sidecar}")
+
+
+@model_app.command("inspect")
+def model_inspect(path: Path = typer.Argument(..., help="Model directory.")) -> None:
+    """Print a model card."""
+    from segmentation.modeldir import read_card
+
+    try:
+        card = read_card(path)
+    except SegflowError as exc:
+        _fail(str(exc))
+    out.print_json(card.model_dump_json())
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir", help="Fresh folder for inputs, models, outputs."),
+         workers: Optional[int] = typer.Option(None, help="Local Dask worker processes.")) -> None:
+    """Generate sample data, train two small models, segment held-out inputs, report Dice."""
+    from flows.demo import run_demo
+
+    try:
+        with _progress() as progress:
+            summary = run_demo(workdir, workers=workers, progress=progress)
+    except SegflowError as exc:
+        _fail(str(exc))
+    table = Table(title="segflow demo: held-out Dice per class")
+    for col in ("model", "input", "class", "dice"):
+        table.add_column(col)
+    for row in summary["dice"]:
+        table.add_row(row["model"], Path(row["input"]).name, row["class"], f"{row['dice']:.3f}")
+    out.print(table)
+    for key, value in summary["paths"].items():
+        out.print(f"{key}: {value}")
+    out.print(f"total {summary['seconds']:.1f} s")
+    raise typer.Exit(0 if summary["ok"] else 1)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

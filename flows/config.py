@@ -1,0 +1,39 @@
+"""Run options, validated once at the edge (CLI or flow parameters)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SegmentOptions(BaseModel):
+    """Everything that shapes a segmentation run; recorded whole in provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Literal["exact", "fast"] = "exact"
+    roi: list[int] | None = None  # default: the model card's
+    overlap: float | None = Field(default=None, ge=0.0, lt=1.0)
+    blend: Literal["gaussian", "constant"] | None = None
+    chunk_size: int | None = Field(default=None, ge=8)  # default: the ingested store's chunking
+    batch_size: int | None = Field(default=None, ge=1)
+    probabilities: Literal["none", "float32", "uint8"] = "none"
+    device: str = "auto"
+    workers: int | None = Field(default=None, ge=1)
+    dask_address: str | None = None
+    keep_zarr: bool = True  # keep OUT/<stem>.zarr (labels [+ probabilities]) beside the export
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) not in (2, 3) or any(r < 1 for r in v)):
+            raise ValueError("roi must have 2 or 3 positive sizes")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v

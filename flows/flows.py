@@ -1,0 +1,68 @@
+"""Prefect flows: coarse tasks (one per input and step); window-level work stays in Dask.
+
+``segment`` runs one input; ``segment_batch`` runs many, each isolated: a bad
+input fails its own flow run with a one-line error and the others go on; the
+batch ends Failed when any input failed, with every outcome as its result.
+"""
+
+from __future__ import annotations
+
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
+
+from flows.cluster import dask_client
+from flows.config import SegmentOptions
+from flows.pipeline import Outcome, segment_one
+from segmentation import load_model
+from storage.errors import SegflowError
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, SegflowError):
+        return str(exc)
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+@flow(name="segment", persist_result=False, log_prints=True)
+def segment(input_path: str, model_dir: str, out_dir: str, options: SegmentOptions | None = None) -> dict[str, Any]:
+    """Segment one GeoTIFF/NIfTI into OUT/<stem>.tif|.nii.gz with provenance."""
+    options = options or SegmentOptions()
+    model = load_model(model_dir)
+    with dask_client(options.dask_address, workers=options.workers) as client:
+        outcome = segment_one(input_path, model, out_dir, options, client)
+    get_run_logger().info("segmented %s -> %s", input_path, outcome.outputs[0])
+    return outcome.to_dict()
+
+
+@flow(name="segment-batch", persist_result=False, log_prints=True)
+def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: SegmentOptions | None = None):  # noqa: ANN201
+    """Segment many inputs on one Dask cluster; one input's failure does not stop the rest."""
+    options = options or SegmentOptions()
+    logger = get_run_logger()
+    outcomes: list[dict[str, Any]] = []
+    model = load_model(model_dir)  # a bad model fails the whole batch, before any input is touched
+    with dask_client(options.dask_address, workers=options.workers) as client:
+        for path in inputs:
+            try:
+                outcome = segment_one(path, model, out_dir, options, client)
+            except Exception as exc:  # isolation: record and go on
+                outcome = Outcome(input=str(path), ok=False, error=_one_line(exc))
+                logger.info("input failed: %s", outcome.error)
+            outcomes.append(outcome.to_dict())
+    failed = [o for o in outcomes if not o["ok"]]
+    if failed:
+        return Failed(message=f"{len(failed)} of {len(outcomes)} inputs failed", data=outcomes)
+    return Completed(message=f"{len(outcomes)} inputs segmented", data=outcomes)
+
+
+def batch_outcomes(state: Any) -> list[dict[str, Any]]:
+    """The per-input outcomes of a finished ``segment_batch`` run, failed or not."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+

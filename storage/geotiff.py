@@ -1,0 +1,404 @@
+"""GeoTIFF/VRT in, Cloud-Optimized GeoTIFF out, window by window.
+
+Ingest copies a raster into a zarr image store one zarr chunk at a time and
+export writes label/probability COGs one block at a time, so peak memory
+depends on the chunk size, never on the raster size.  Everything the export
+needs to land on exactly the input grid is recorded at ingest in a
+:class:`RasterGeometry`, so the source file is never reopened.
+
+Every problem caused by a file surfaces as a one-line ``SegflowError`` naming
+that file; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, MaskFlags, WktVersion
+from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader, DatasetWriter
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from storage.classes import LabelClass, label_dtype, nodata_value
+from storage.errors import (
+    CorruptInputError,
+    ExportError,
+    InputError,
+    InvalidInputError,
+    UnsupportedFormatError,
+)
+from storage.geometry import RasterGeometry, SourceInfo
+from storage.hashing import sha256_file
+from storage.layout import MASK, META_ATTR, ImageStore, StoreMeta, create_image_store, mark_complete
+
+try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedError)
+    from rasterio._err import CPLE_BaseError
+except ImportError:  # pragma: no cover - private module moved
+    CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
+
+__all__ = ["ALLOWED_DRIVERS", "ingest_geotiff", "write_label_cog", "write_probability_cog"]
+
+ALLOWED_DRIVERS = ("GTiff", "VRT")
+"""GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
+
+_GDAL_ERRORS = (RasterioError, CPLE_BaseError)
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _gdal_message(exc: BaseException) -> str:
+    """The most specific message in an exception chain: rasterio often says only 'see previous'."""
+    msgs = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msgs.append(str(e))
+        e = e.__cause__ or e.__context__
+    specific = [m for m in msgs if m and "previous exception" not in m]
+    return (specific[-1] if specific else msgs[0]) or type(exc).__name__
+
+
+def _windows(height: int, width: int, step_y: int, step_x: int) -> Iterator[Window]:
+    """Row-major tiling of the grid; edge windows are clipped to the raster."""
+    for y in range(0, height, step_y):
+        for x in range(0, width, step_x):
+            yield Window(x, y, min(step_x, width - x), min(step_y, height - y))
+
+
+def _describe(win: Window) -> str:
+    r, c = int(win.row_off), int(win.col_off)
+    return f"rows {r}-{r + int(win.height) - 1}, cols {c}-{c + int(win.width) - 1}"
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def _open_source(path: Path) -> DatasetReader:
+    """Open with rasterio, turning every way a file can be unusable into a typed one-line error."""
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    if path.is_dir():
+        raise UnsupportedFormatError(path, "is a directory, not a GeoTIFF or VRT file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if not head:
+        raise CorruptInputError(path, "file is empty (0 bytes)")
+    try:
+        src = rasterio.open(path)
+    except _GDAL_ERRORS as exc:
+        looks_known = head.startswith(_TIFF_MAGIC) or head.lstrip().startswith(b"<VRTDataset")
+        cls = CorruptInputError if looks_known else UnsupportedFormatError
+        what = "damaged GeoTIFF/VRT" if looks_known else "not a GeoTIFF or VRT"
+        raise cls(path, f"{what}, rasterio cannot open it: {_gdal_message(exc)}") from None
+    if src.driver not in ALLOWED_DRIVERS:
+        src.close()
+        raise UnsupportedFormatError(path, f"is a {src.driver} raster; segflow reads GeoTIFF and VRT only")
+    return src
+
+
+def _image_bands(src: DatasetReader, path: Path) -> list[int]:
+    """1-based indexes of the bands that are image channels: alpha only feeds the mask."""
+    bands = [i for i, ci in zip(src.indexes, src.colorinterp) if ci != ColorInterp.alpha]
+    if src.width == 0 or src.height == 0 or not bands:
+        raise InvalidInputError(path, f"raster has no pixels ({src.count} bands, {src.width}x{src.height})")
+    return bands
+
+
+def _image_dtype(src: DatasetReader, bands: list[int], path: Path) -> np.dtype:
+    dtypes = {np.dtype(src.dtypes[i - 1]) for i in bands}
+    if any(dt.kind == "c" for dt in dtypes):
+        raise InvalidInputError(path, f"complex pixels ({', '.join(sorted(map(str, dtypes)))}) cannot be segmented")
+    return np.result_type(*dtypes)  # mixed-dtype VRTs are promoted, not refused
+
+
+def _mask_source(src: DatasetReader, bands: list[int]) -> Literal["nodata", "mask", "alpha", "none"]:
+    flags = {f for i in bands for f in src.mask_flag_enums[i - 1]}
+    if MaskFlags.alpha in flags:
+        return "alpha"
+    if MaskFlags.per_dataset in flags:
+        return "mask"
+    if MaskFlags.nodata in flags:
+        return "nodata"
+    return "none"
+
+
+def _geometry(src: DatasetReader, bands: list[int], dtype: np.dtype, path: Path) -> RasterGeometry:
+    transform = src.transform
+    if transform.is_identity:  # what rasterio reports when there is no geotransform
+        if src.gcps[0]:
+            raise InvalidInputError(path, "has only GCPs, no geotransform; warp it onto a grid first (gdalwarp)")
+        if src.rpcs is not None:
+            raise InvalidInputError(path, "has only RPCs, no geotransform; orthorectify it first (gdalwarp -rpc)")
+    crs = src.crs
+    nodatas = [src.nodatavals[i - 1] for i in bands]
+    units = [u for u in (src.units[i - 1] for i in bands) if u]
+    return RasterGeometry(
+        width=src.width,
+        height=src.height,
+        crs_wkt=crs.to_wkt(version=WktVersion.WKT2_2019) if crs else None,
+        epsg=crs.to_epsg() if crs else None,
+        transform=tuple(transform)[:6],
+        nodata=next((n for n in nodatas if n is not None), None),
+        dtype=str(dtype),
+        band_descriptions=[src.descriptions[i - 1] for i in bands],
+        mask_source=_mask_source(src, bands),
+        bands=bands,
+        units=units[0] if units else None,
+    )
+
+
+def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024) -> ImageStore:
+    """Copy a GeoTIFF/VRT into a zarr image store, one zarr chunk at a time.
+
+    Alpha bands become the ``mask`` (True = valid) instead of a channel;
+    nodata, per-dataset/.msk masks and non-finite floats also mark pixels
+    invalid.  ``store_path`` is only touched once the source has been opened
+    and validated; if the copy then fails, the store is removed.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    path = Path(path).absolute()
+    store_path = Path(store_path)
+    with _open_source(path) as src:
+        try:
+            bands = _image_bands(src, path)
+            dtype = _image_dtype(src, bands, path)
+            geometry = _geometry(src, bands, dtype, path)
+        except _GDAL_ERRORS as exc:
+            raise CorruptInputError(path, f"cannot read raster metadata: {_gdal_message(exc)}") from None
+        try:
+            source = SourceInfo(path=str(path), sha256=sha256_file(path), size=path.stat().st_size,
+                                format=src.driver)
+        except OSError as exc:
+            raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+        names = [d or f"band{i}" for d, i in zip(geometry.band_descriptions, bands)]
+        meta = StoreMeta(source=source, geometry=geometry, channel_names=names, spatial_dims=2)
+        shape = (len(bands), src.height, src.width)
+        chunks = (len(bands), min(chunk, src.height), min(chunk, src.width))
+        floating = dtype.kind == "f"
+        declared = geometry.mask_source != "none"
+        store = create_image_store(store_path, meta=meta, shape=shape, dtype=str(dtype), chunks=chunks,
+                                   with_mask=declared or floating)
+        try:
+            any_invalid = _copy_windows(src, store, bands, dtype, path, declared=declared, floating=floating)
+            if floating and not declared:
+                store = _settle_float_mask(store, any_invalid)
+            mark_complete(store.group)
+        except BaseException:
+            shutil.rmtree(store_path, ignore_errors=True)
+            raise
+    return store
+
+
+def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype: np.dtype, path: Path,
+                  *, declared: bool, floating: bool) -> bool:
+    """Read and write each zarr chunk once; return whether any pixel was invalid."""
+    image, mask = store.image, store.mask
+    any_invalid = False
+    for win in _windows(src.height, src.width, image.chunks[1], image.chunks[2]):
+        try:
+            data = src.read(bands, window=win, out_dtype=dtype)
+            valid = src.dataset_mask(window=win) > 0 if declared else None
+        except _GDAL_ERRORS as exc:
+            raise CorruptInputError(path, f"cannot read pixels ({_describe(win)}): {_gdal_message(exc)}") from None
+        if floating:
+            finite = np.isfinite(data).all(axis=0)
+            valid = finite if valid is None else valid & finite
+        ys = slice(int(win.row_off), int(win.row_off + win.height))
+        xs = slice(int(win.col_off), int(win.col_off + win.width))
+        image[:, ys, xs] = data
+        if mask is not None and valid is not None:
+            mask[ys, xs] = valid
+            any_invalid = any_invalid or not bool(valid.all())
+    return any_invalid
+
+
+def _settle_float_mask(store: ImageStore, any_invalid: bool) -> ImageStore:
+    """A float raster without declared nodata: keep the mask only if NaN/Inf were found."""
+    if not any_invalid:
+        del store.group[MASK]
+        return store
+    geometry = store.meta.geometry.model_copy(update={"mask_source": "nodata"})  # NaN acts as nodata
+    meta = store.meta.model_copy(update={"geometry": geometry})
+    store.group.attrs[META_ATTR] = meta.model_dump(mode="json")
+    return ImageStore(path=store.path, group=store.group, meta=meta)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _crs(geometry: RasterGeometry) -> CRS | None:
+    if geometry.crs_wkt:
+        return CRS.from_wkt(geometry.crs_wkt)
+    return CRS.from_epsg(geometry.epsg) if geometry.epsg else None
+
+
+def _read_step(arr: Any, block: int, axis: int) -> int:
+    """Read whole source chunks when they are larger than a block, so no chunk is decoded twice."""
+    chunks = getattr(arr, "chunks", None)
+    size = chunks[axis] if chunks and isinstance(chunks[axis], int) else block
+    return block * max(1, math.ceil(size / block))
+
+
+def _check_grid(name: str, shape: tuple[int, ...], geometry: RasterGeometry) -> None:
+    if tuple(shape[-2:]) != (geometry.height, geometry.width):
+        raise ValueError(f"{name} shape {tuple(shape)} does not match the grid "
+                         f"{geometry.height}x{geometry.width}")
+
+
+def _write_cog(out_path: str | PathLike[str], profile: dict[str, Any], fill: Callable[[DatasetWriter], None],
+               cog_options: dict[str, str]) -> Path:
+    """Tiled GTiff intermediate -> one COG copy -> os.replace: a COG's layout only survives a final copy.
+
+    All temporaries share one hidden prefix in the target directory (so the
+    rename is atomic and GDAL side files are caught) and are removed on
+    success and on failure.
+    """
+    out = Path(out_path).absolute()
+    parent = out.parent
+    if not parent.exists():
+        raise ExportError(out, f"output directory {parent} does not exist")
+    if not parent.is_dir():
+        raise ExportError(out, f"{parent} is not a directory")
+    prefix = f".{out.name}.{uuid.uuid4().hex[:12]}"
+    tiled, final = parent / f"{prefix}.tiled.tif", parent / f"{prefix}.cog.tif"
+    try:
+        with rasterio.open(tiled, "w", **profile) as dst:
+            fill(dst)
+        rasterio.shutil.copy(tiled, final, driver="COG", **cog_options)
+        os.replace(final, out)
+    except (*_GDAL_ERRORS, OSError) as exc:
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else _gdal_message(exc)
+        raise ExportError(out, f"cannot write COG: {msg}") from None
+    finally:
+        for p in parent.glob(f"{prefix}*"):
+            p.unlink(missing_ok=True)
+    return out
+
+
+def _base_profile(geometry: RasterGeometry, count: int, dtype: str, nodata: float | None, block: int) -> dict:
+    if block < 16 or block % 16:
+        raise ValueError(f"block must be a positive multiple of 16, got {block}")
+    return dict(driver="GTiff", width=geometry.width, height=geometry.height, count=count, dtype=dtype,
+                crs=_crs(geometry), transform=Affine(*geometry.transform), nodata=nodata, tiled=True,
+                blockxsize=block, blockysize=block, compress="DEFLATE", zlevel=1, bigtiff="IF_SAFER")
+
+
+def _provenance_tags(provenance: dict | None) -> dict[str, str]:
+    return {} if provenance is None else {"SEGFLOW_PROVENANCE": json.dumps(provenance, sort_keys=True, default=str)}
+
+
+def write_label_cog(
+    labels: Any,
+    geometry: RasterGeometry,
+    out_path: str | PathLike[str],
+    *,
+    classes: list[LabelClass],
+    mask: Any = None,
+    provenance: dict | None = None,
+    block: int = 512,
+    overview_resampling: str = "NEAREST",
+) -> Path:
+    """Write a (y, x) label map as a COG on exactly the input grid, with colour table and class names.
+
+    ``labels`` (zarr/numpy) is read window by window.  Where ``mask`` is False
+    the nodata value is written (labels usually hold it already).  Overviews
+    use ``NEAREST`` (or ``MODE``): averaging class values would invent classes.
+    """
+    if len(labels.shape) != 2:
+        raise ValueError(f"labels must be 2-D (y, x), got shape {tuple(labels.shape)}")
+    _check_grid("labels", tuple(labels.shape), geometry)
+    if mask is not None:
+        _check_grid("mask", tuple(mask.shape), geometry)
+    dtype, nodata = label_dtype(classes), nodata_value(classes)
+    top = np.iinfo(dtype).max
+
+    def fill(dst: DatasetWriter) -> None:
+        step_y, step_x = _read_step(labels, block, 0), _read_step(labels, block, 1)
+        for win in _windows(geometry.height, geometry.width, step_y, step_x):
+            ys, xs = win.toslices()
+            arr = np.asarray(labels[ys, xs])
+            if arr.dtype != np.dtype(dtype) and arr.size and (arr.min() < 0 or arr.max() > top):
+                raise ValueError(f"label values {arr.min()}..{arr.max()} do not fit {dtype}")
+            arr = arr.astype(dtype, copy=False)
+            if mask is not None:
+                arr = np.where(np.asarray(mask[ys, xs], dtype=bool), arr, np.array(nodata, dtype))
+            dst.write(arr, 1, window=win)
+        colors = {c.value: (*c.color, 255) for c in classes}
+        dst.write_colormap(1, {nodata: (0, 0, 0, 0), **colors})
+        dst.set_band_description(1, "labels")
+        table = [c.model_dump(mode="json", exclude_none=True) for c in sorted(classes, key=lambda c: c.value)]
+        dst.update_tags(CLASSES=json.dumps(table), **_provenance_tags(provenance))
+
+    profile = _base_profile(geometry, 1, dtype, nodata, block)
+    options = dict(COMPRESS="DEFLATE", BLOCKSIZE=str(block), OVERVIEW_RESAMPLING=overview_resampling.upper(),
+                   BIGTIFF="IF_SAFER")
+    return _write_cog(out_path, profile, fill, options)
+
+
+def write_probability_cog(
+    probs: Any,
+    geometry: RasterGeometry,
+    out_path: str | PathLike[str],
+    *,
+    class_names: list[str] | None = None,
+    mask: Any = None,
+    dtype: Literal["float32", "uint8"] = "float32",
+    provenance: dict | None = None,
+    block: int = 512,
+) -> Path:
+    """Write (C, y, x) class probabilities as a C-band COG on the input grid.
+
+    ``float32`` keeps values as they are (nodata NaN); ``uint8`` stores
+    round(p·254) with a GDAL scale of 1/254 and nodata 255, four times smaller.
+    """
+    if len(probs.shape) != 3:
+        raise ValueError(f"probs must be 3-D (C, y, x), got shape {tuple(probs.shape)}")
+    _check_grid("probs", tuple(probs.shape), geometry)
+    if mask is not None:
+        _check_grid("mask", tuple(mask.shape), geometry)
+    count = int(probs.shape[0])
+    names = list(class_names) if class_names is not None else [f"class{i}" for i in range(count)]
+    if len(names) != count:
+        raise ValueError(f"{len(names)} class names for {count} probability bands")
+    nodata: float = math.nan if dtype == "float32" else 255
+
+    def fill(dst: DatasetWriter) -> None:
+        step_y, step_x = _read_step(probs, block, 1), _read_step(probs, block, 2)
+        for win in _windows(geometry.height, geometry.width, step_y, step_x):
+            ys, xs = win.toslices()
+            arr = np.asarray(probs[:, ys, xs], dtype=np.float32)
+            if dtype == "uint8":
+                arr = np.rint(np.clip(arr, 0.0, 1.0) * 254.0)
+            if mask is not None:
+                arr = np.where(np.asarray(mask[ys, xs], dtype=bool), arr, np.float32(nodata))
+            dst.write(arr.astype(dtype), window=win)
+        for i, name in enumerate(names, start=1):
+            dst.set_band_description(i, name)
+        if dtype == "uint8":
+            dst.scales = (1 / 254,) * count
+        dst.update_tags(**_provenance_tags(provenance))
+
+    profile = _base_profile(geometry, count, dtype, nodata, block)
+    options = dict(COMPRESS="DEFLATE", PREDICTOR="YES", BLOCKSIZE=str(block), OVERVIEW_RESAMPLING="AVERAGE",
+                   BIGTIFF="IF_SAFER")
+    return _write_cog(out_path, profile, fill, options)
