@@ -1,0 +1,48 @@
+"""Shared fixtures: an isolated Prefect home, a real multi-process Dask cluster, paths to shared data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports Prefect: a private, throw-away Prefect home and quiet logs.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="segflow-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared(relative: str) -> Path:
+    """A file of ../shared/data, or skip when that folder is absent (a user's fresh clone)."""
+    path = SHARED_DATA / relative
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real test data is only beside the project's own checkout)")
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """Two single-threaded worker processes on loopback, as `segflow` starts by default on 2 cores."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from flows.cluster import TorchThreads
+
+    for name in ("distributed", "distributed.batched", "distributed.nanny", "distributed.scheduler"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    client = Client(cluster)
+    client.register_plugin(TorchThreads(1))
+    yield client
+    client.close()
+    cluster.close()

@@ -1,0 +1,132 @@
+"""Stitching is exact (MONAI's answer), chunk- and worker-invariant, and runs each window once."""
+
+from __future__ import annotations
+
+import threading
+
+import dask
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from segmentation import build_plan, predict
+from segmentation.stitching import label_nodata
+
+
+def tiny_net(spatial_dims: int, cin: int, classes: int, seed: int = 0) -> nn.Module:
+    """A small translation-equivariant net with a receptive field wider than one pixel."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    return nn.Sequential(conv(cin, 8, 3, padding=1), nn.ReLU(), conv(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
+                         conv(8, classes, 1)).eval()
+
+
+def monai_reference(img: np.ndarray, net: nn.Module, roi, overlap, mode="gaussian") -> np.ndarray:
+    with torch.no_grad():
+        out = sliding_window_inference(torch.from_numpy(img)[None], roi, 3, lambda x: torch.softmax(net(x), 1),
+                                       overlap=overlap, mode=mode)
+    return out[0].numpy()
+
+
+def sizes(ndim: int, top: int, low: int = 3):
+    # prime sizes, 1-pixel remainders and sizes below the ROI all turn up in these ranges
+    return st.lists(st.integers(low, top), min_size=ndim, max_size=ndim)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), ndim=st.sampled_from([2, 3]), overlap=st.sampled_from([0.0, 0.25, 0.4, 0.5, 0.75]),
+       blend=st.sampled_from(["gaussian", "constant"]))
+def test_equals_monai_and_is_chunk_invariant(data, ndim, overlap, blend):
+    top, rmin, rmax = (90, 10, 40) if ndim == 2 else (30, 8, 16)  # bounded window counts keep it quick
+    shape = data.draw(sizes(ndim, top), label="shape")
+    roi = tuple(data.draw(sizes(ndim, rmax, rmin), label="roi"))
+    chunks = [tuple(data.draw(sizes(ndim, top, 6), label=f"chunks{i}")) for i in range(2)]
+    img = np.random.default_rng(len(shape) + sum(shape)).random((2, *shape), dtype=np.float32)
+    net = tiny_net(ndim, 2, 3)
+    ref = monai_reference(img, net, roi, overlap, blend)
+    results = [predict(img, net, roi=roi, overlap=overlap, blend=blend, chunks=c).compute(scheduler="sync")
+               for c in chunks]
+    for probs in results:
+        np.testing.assert_allclose(probs, ref, atol=1e-4, rtol=0)
+        assert np.array_equal(probs.argmax(0), ref.argmax(0))
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5, rtol=0)
+    assert np.array_equal(results[0].argmax(0), results[1].argmax(0))
+
+
+class RecordingNet(nn.Module):
+    """Records where each window it sees starts: channel 0/1(/2) of the input hold the pixel coordinates."""
+
+    def __init__(self, ndim: int) -> None:
+        super().__init__()
+        self.ndim = ndim
+        self.seen: list[tuple[int, ...]] = []
+        self.lock = threading.Lock()
+        self.head = (nn.Conv2d if ndim == 2 else nn.Conv3d)(ndim, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        corner = (slice(None), slice(None)) + (0,) * self.ndim
+        with self.lock:
+            self.seen.extend(tuple(int(round(v)) for v in row) for row in x[corner].tolist())
+        return self.head(x)
+
+
+@pytest.mark.parametrize("shape, roi, chunks, overlap", [
+    ((97, 131), (32, 32), (40, 50), 0.25),
+    ((64, 50), (16, 24), (7, 64), 0.5),
+    ((23, 19, 29), (8, 8, 8), (10, 19, 9), 0.3),
+])
+def test_each_window_evaluated_exactly_once(shape, roi, chunks, overlap):
+    coords = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    net = RecordingNet(len(shape))
+    plan = build_plan(coords, net, roi=roi, overlap=overlap, chunks=chunks, num_classes=2, batch_size=3)
+    with dask.config.set(scheduler="threads"):
+        _, counts = dask.compute(plan.labels(), plan.counts())
+    expected = sorted(plan.grid)
+    assert sorted(net.seen) == expected  # every window, none twice, none extra
+    assert counts == {"windows_evaluated": len(expected), "windows_skipped": 0}
+
+
+def test_nodata_windows_are_skipped_and_counted():
+    shape = (120, 100)
+    img = np.random.default_rng(1).random((2, *shape), dtype=np.float32)
+    mask = np.zeros(shape, bool)
+    mask[:50, :40] = True
+    net = tiny_net(2, 2, 3)
+    plan = build_plan(img, net, roi=(32, 32), overlap=0.25, chunks=48, mask=mask)
+    labels, probs, counts = dask.compute(plan.labels(), plan.probabilities(), plan.counts(), scheduler="sync")
+    assert counts["windows_skipped"] > 0
+    assert counts["windows_evaluated"] + counts["windows_skipped"] == len(plan.grid)
+    # exactly the windows with no valid pixel were skipped
+    expected_skipped = sum(1 for w in plan.grid if not mask[plan.grid.slices(w)].any())
+    assert counts["windows_skipped"] == expected_skipped
+    assert np.all(labels[~mask] == label_nodata(3))
+    assert np.all(probs[:, ~mask] == 0)
+    # inside the valid region the answer is the unmasked one (skipped windows touch no valid pixel)
+    ref = monai_reference(img, net, (32, 32), 0.25)
+    np.testing.assert_allclose(probs[:, mask], ref[:, mask], atol=1e-4)
+
+
+def test_distributed_workers_give_the_same_answer(dask_cluster):
+    img = np.random.default_rng(2).random((3, 150, 170), dtype=np.float32)
+    net = tiny_net(2, 3, 4)
+    local = predict(img, net, roi=(48, 48), overlap=0.3, chunks=64).compute(scheduler="sync")
+    dist = dask_cluster.compute(predict(img, net, roi=(48, 48), overlap=0.3, chunks=(50, 90))).result()
+    np.testing.assert_allclose(dist, local, atol=1e-5, rtol=0)
+    assert np.array_equal(dist.argmax(0), local.argmax(0))
+
+
+def test_zarr_input_and_3d_labels(tmp_path):
+    import zarr
+
+    arr = zarr.create_array(str(tmp_path / "img.zarr"), shape=(1, 20, 26, 31), chunks=(1, 9, 9, 9), dtype="float32")
+    data = np.random.default_rng(3).random(arr.shape, dtype=np.float32)
+    arr[:] = data
+    net = tiny_net(3, 1, 2)
+    labels = predict(arr, net, roi=(12, 12, 12), overlap=0.25, probabilities=False).compute(scheduler="sync")
+    ref = monai_reference(data, net, (12, 12, 12), 0.25)
+    assert labels.dtype == np.uint8
+    assert np.array_equal(labels, ref.argmax(0))
