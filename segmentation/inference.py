@@ -7,6 +7,7 @@ first use there, so each worker process loads and converts the model once.
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Literal
 
@@ -62,7 +63,8 @@ class WindowPredictor:
         dev = pick_device(self.device)
         with self._lock:
             if self._prepared is None:
-                net = self.module.to(dev).eval()
+                # a private copy: nn.Module.to() works in place, and the caller's module must not move
+                net = copy.deepcopy(self.module).to(dev).eval()
                 net = net.to(memory_format=self.memory_format)
                 for p in net.parameters():
                     p.requires_grad_(False)

@@ -57,20 +57,22 @@ def test_equals_monai_and_is_chunk_invariant(data, ndim, overlap, blend):
     assert np.array_equal(results[0].argmax(0), results[1].argmax(0))
 
 
+SEEN: list[tuple[int, ...]] = []  # module level: the predictor runs its own copy of the net
+SEEN_LOCK = threading.Lock()
+
+
 class RecordingNet(nn.Module):
     """Records where each window it sees starts: channel 0/1(/2) of the input hold the pixel coordinates."""
 
     def __init__(self, ndim: int) -> None:
         super().__init__()
         self.ndim = ndim
-        self.seen: list[tuple[int, ...]] = []
-        self.lock = threading.Lock()
         self.head = (nn.Conv2d if ndim == 2 else nn.Conv3d)(ndim, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         corner = (slice(None), slice(None)) + (0,) * self.ndim
-        with self.lock:
-            self.seen.extend(tuple(int(round(v)) for v in row) for row in x[corner].tolist())
+        with SEEN_LOCK:
+            SEEN.extend(tuple(int(round(v)) for v in row) for row in x[corner].tolist())
         return self.head(x)
 
 
@@ -82,11 +84,12 @@ class RecordingNet(nn.Module):
 def test_each_window_evaluated_exactly_once(shape, roi, chunks, overlap):
     coords = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
     net = RecordingNet(len(shape))
+    SEEN.clear()
     plan = build_plan(coords, net, roi=roi, overlap=overlap, chunks=chunks, num_classes=2, batch_size=3)
     with dask.config.set(scheduler="threads"):
         _, counts = dask.compute(plan.labels(), plan.counts())
     expected = sorted(plan.grid)
-    assert sorted(net.seen) == expected  # every window, none twice, none extra
+    assert sorted(SEEN) == expected  # every window, none twice, none extra
     assert counts == {"windows_evaluated": len(expected), "windows_skipped": 0}
 
 
@@ -130,3 +133,11 @@ def test_zarr_input_and_3d_labels(tmp_path):
     ref = monai_reference(data, net, (12, 12, 12), 0.25)
     assert labels.dtype == np.uint8
     assert np.array_equal(labels, ref.argmax(0))
+
+
+def test_predict_leaves_the_callers_module_untouched():
+    net = tiny_net(2, 1, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    predict(np.zeros((1, 40, 40), np.float32), net, roi=(16, 16), precision="fast").compute(scheduler="sync")
+    assert all(p.device.type == "cpu" and p.is_contiguous() for p in net.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
