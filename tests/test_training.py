@@ -1,0 +1,232 @@
+"""Metrics, synthetic sample data and the training engine (short runs only; the
+full demo budget is measured by benchmarks/demo_training.py)."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from segmentation.card import ModelCard
+from segmentation.demo_cards import DEMO_BUDGET, landcover_card, lesion_card
+from segmentation.metrics import ConfusionAccumulator, confusion_matrix, dice_per_class, mean_dice
+from segmentation.modeldir import load_model
+from segmentation.normalize import image_statistics, resolve
+from segmentation.training import (MaskedDiceCELoss, TrainingSample, _prepare, _sample_batch, save_trained,
+                                   train)
+from storage import samples
+from storage.hashing import sha256_file
+
+
+def small_card(*, spatial_dims: int = 2, channels: int = 4, classes: int = 5,
+               normalization: dict | None = None, roi: list[int] | None = None) -> ModelCard:
+    return ModelCard.model_validate({
+        "name": f"small-{spatial_dims}d",
+        "architecture": {"name": "unet", "kwargs": {"channels": [8, 16, 32], "strides": [2, 2],
+                                                    "num_res_units": 1}},
+        "input": {"spatial_dims": spatial_dims, "channels": channels,
+                  "normalization": normalization or {"mode": "scale", "scale": [1e-4]}},
+        "classes": [{"value": v, "name": f"c{v}"} for v in range(classes)],
+        "inference": {"roi": roi or [64] * spatial_dims},
+    })
+
+
+def scene_arrays(tmp_path, seed: int = 5, size=(256, 256)) -> tuple[np.ndarray, np.ndarray]:
+    image_path, truth_path = samples.make_scene(tmp_path / f"s{seed}.tif", size=size, seed=seed)
+    with rasterio.open(image_path) as src:
+        image = src.read()
+    with rasterio.open(truth_path) as src:
+        labels = src.read(1)
+    return image, labels
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_dice_by_hand():
+    pred = np.array([[0, 1], [1, 1]])
+    truth = np.array([[0, 1], [0, 1]])
+    d = dice_per_class(pred, truth, 3)
+    assert d[0] == pytest.approx(2 * 1 / (2 + 1))  # tp 1, |truth| 2, |pred| 1
+    assert d[1] == pytest.approx(2 * 2 / (2 + 3))
+    assert math.isnan(d[2])  # absent from both: no number is honest
+    np.testing.assert_array_equal(confusion_matrix(pred, truth, 3), [[1, 1, 0], [0, 2, 0], [0, 0, 0]])
+    assert mean_dice(d) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert mean_dice(d, exclude=(0,)) == pytest.approx(4 / 5)
+
+
+def test_dice_ignores_pixels_and_rejects_stray_values():
+    truth = np.array([0, 1, 255, 255])
+    pred = np.array([0, 1, 1, 255])  # whatever is predicted at ignored pixels does not count
+    assert dice_per_class(pred, truth, 2, ignore=255) == {0: 1.0, 1: 1.0}
+    with pytest.raises(ValueError):
+        dice_per_class(np.array([0, 255]), np.array([0, 1]), 2, ignore=255)
+    with pytest.raises(ValueError):
+        dice_per_class(np.array([0, 1]), np.array([0, 7]), 2)
+
+
+def test_accumulator_over_blocks_equals_one_shot():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, (50, 40))
+    truth[rng.random(truth.shape) < 0.1] = 255
+    pred = np.where(rng.random(truth.shape) < 0.7, truth % 255 % 4, rng.integers(0, 4, truth.shape))
+    acc = ConfusionAccumulator(4, ignore=255)
+    acc.update(pred[:23], truth[:23]).update(pred[23:], truth[23:])
+    np.testing.assert_array_equal(acc.matrix, confusion_matrix(pred, truth, 4, ignore=255))
+    assert acc.dice() == dice_per_class(pred, truth, 4, ignore=255)
+    assert acc.count == int((truth != 255).sum())
+
+
+# ---------------------------------------------------------------- samples
+
+def test_scene_is_deterministic_and_georeferenced(tmp_path):
+    (tmp_path / "a").mkdir()
+    a = samples.make_scene(tmp_path / "a" / "scene.tif", seed=3)
+    b = samples.make_scene(tmp_path / "b.tif", seed=3)
+    c = samples.make_scene(tmp_path / "c.tif", seed=4)
+    assert a[1].name == "scene.truth.tif"
+    assert [sha256_file(p) for p in a] == [sha256_file(p) for p in b]
+    assert sha256_file(a[0]) != sha256_file(c[0])
+
+    with rasterio.open(a[0]) as img, rasterio.open(a[1]) as tru:
+        assert img.crs.to_epsg() == 32633 and img.count == 4 and img.dtypes == ("uint16",) * 4
+        assert img.transform.a == 10.0 and img.transform.e == -10.0 and img.transform.b == 0.0
+        assert img.transform.c > 100_000 and img.transform.f > 1_000_000  # a real UTM origin
+        assert img.nodata == 0 and img.descriptions == ("blue", "green", "red", "nir")
+        assert img.block_shapes[0] == (256, 256) and img.compression.name.lower() == "deflate"
+        assert (tru.crs, tru.transform, tru.shape) == (img.crs, img.transform, img.shape)
+        assert tru.nodata == 255 and tru.dtypes == ("uint8",)
+        data, labels = img.read(), tru.read(1)
+    nodata = (data == 0).all(axis=0)
+    np.testing.assert_array_equal(nodata, labels == 255)  # truth no-data exactly where the image has none
+    assert nodata[:, :24].all() and not nodata[:, 24:].all()
+    assert (data[:, ~nodata] > 0).all()
+    counts = np.bincount(labels[labels != 255], minlength=5)
+    assert (counts > 1000).all(), counts  # every class present
+
+
+def test_phantom_is_deterministic_with_a_real_header(tmp_path):
+    a = samples.make_phantom(tmp_path / "p.nii.gz", shape=(64, 64, 40), seed=2)
+    b = samples.make_phantom(tmp_path / "q.nii.gz", shape=(64, 64, 40), seed=2)
+    assert a[1].name == "p.truth.nii.gz"
+    assert [sha256_file(p) for p in a] == [sha256_file(p) for p in b]
+
+    img, tru = nib.load(a[0]), nib.load(a[1])
+    assert img.shape == tru.shape == (64, 64, 40)
+    for h in (img.header, tru.header):
+        assert int(h["qform_code"]) == 1 and int(h["sform_code"]) == 2
+        np.testing.assert_allclose(h.get_zooms(), (1.0, 1.0, 1.5), rtol=1e-5)
+        np.testing.assert_allclose(h.get_qform(), h.get_sform(), atol=1e-4)
+    np.testing.assert_allclose(img.affine, tru.affine)
+    rotation = img.affine[:3, :3] / np.array([1.0, 1.0, 1.5])
+    assert not np.allclose(rotation, np.eye(3), atol=1e-3)  # a small rotation, not the identity
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-5)
+    assert tru.header.get_intent()[0] == "label" and tru.get_data_dtype() == np.uint8
+    data, labels = np.asanyarray(img.dataobj), np.asanyarray(tru.dataobj)
+    assert data.dtype == np.int16 and set(np.unique(labels)) == {0, 1, 2}
+    assert data[labels == 2].mean() > 1.3 * data[labels == 1].mean()  # lesions are brighter than tissue
+
+
+# ---------------------------------------------------------------- loss and sampling
+
+def test_ignored_pixels_add_no_loss_and_no_gradient():
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[:, :, 4:] = -1
+    loss_fn = MaskedDiceCELoss(3)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = loss_fn(logits, target)
+    loss.backward()
+    assert torch.all(logits.grad[:, :, :, 4:] == 0)
+    changed = logits.detach().clone()
+    changed[:, :, :, 4:] = torch.randn(2, 3, 8, 4) * 100
+    assert loss_fn(changed, target).item() == pytest.approx(loss.item(), abs=1e-6)
+    everything_ignored = loss_fn(logits, torch.full_like(target, -1))
+    assert torch.isfinite(everything_ignored) and everything_ignored.item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_oversampling_finds_a_rare_class_and_pads_small_images():
+    labels = np.zeros((100, 100), np.uint8)
+    labels[70:73, 10:14] = 2  # 12 pixels of a rare class
+    labels[:, 60:] = 255
+    sample = TrainingSample(image=np.ones((4, 100, 100), np.uint16), labels=labels)
+    card = small_card(classes=3)
+    prep = _prepare(card, sample, np.random.default_rng(0))
+    _, batch = _sample_batch([prep], (32, 32), 16, 1.0, np.random.default_rng(1))
+    assert all((patch == 2).any() for patch in batch)
+    _, batch = _sample_batch([prep], (32, 32), 16, 0.0, np.random.default_rng(1))
+    assert (batch == -1).any() and not (batch == 255).any()  # no-data is ignored, never a class
+    small = TrainingSample(image=np.ones((4, 20, 30), np.uint16), labels=np.ones((20, 30), np.uint8))
+    img, lab = _sample_batch([_prepare(card, small, np.random.default_rng(0))], (32, 32), 2, 0.5,
+                             np.random.default_rng(0))
+    assert img.shape == (2, 4, 32, 32) and (lab == -1).sum(axis=(1, 2)).tolist() == [32 * 32 - 600] * 2
+
+
+# ---------------------------------------------------------------- training
+
+def test_short_run_learns_and_saves_a_model_directory(tmp_path):
+    image, labels = scene_arrays(tmp_path)
+    card = small_card()
+    losses: list[float] = []
+    result = train(card, [TrainingSample(image, labels)], steps=20, batch_size=4, patch=(64, 64), lr=3e-3,
+                   seed=1, log=lambda e: losses.append(e["loss"]))
+    assert len(losses) == 20
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    prov = result.provenance
+    assert prov["steps"] == 20 and prov["patch"] == [64, 64] and prov["precision"] == "fast"
+    assert prov["sample_shapes"] == [[4, 256, 256]] and prov["torch_version"] == torch.__version__
+    assert not result.module.training
+
+    saved = save_trained(tmp_path / "model", card, result)
+    loaded = load_model(tmp_path / "model")
+    assert loaded.card.training == prov
+    assert loaded.card.weights_sha256 == sha256_file(tmp_path / "model" / "weights.safetensors") == saved.weights_sha256
+    x = torch.randn(1, 4, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), result.module(x))
+
+
+def test_ignored_region_does_not_teach_a_class():
+    """A uniform image, labelled 1 in a small square and ignored elsewhere: only class 1 may be learned.
+
+    Were ignored pixels counted as class 0, the same-looking pixels would
+    mostly teach class 0 (about half the image is then predicted 0).
+    """
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 5, (1, 64, 64)).astype(np.float32)
+    labels = np.full((64, 64), 255, np.uint8)
+    labels[24:40, 24:40] = 1
+    card = small_card(channels=1, classes=2, normalization={"mode": "image_zscore"}, roi=[32, 32])
+    result = train(card, [TrainingSample(image, labels)], steps=40, batch_size=4, seed=0, precision="exact")
+    assert result.provenance["ignore_index"] == [255]
+    x = resolve(card.input.normalization, 1, image_statistics(image))(image)
+    with torch.no_grad():
+        pred = result.module(torch.from_numpy(x)[None]).argmax(1)[0].numpy()
+    assert (pred == 1).mean() > 0.9
+
+
+def test_zarr_volume_training(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    image_path, truth_path = samples.make_phantom(tmp_path / "p.nii.gz", shape=(48, 48, 32), seed=1)
+    data = np.asanyarray(nib.load(image_path).dataobj).transpose(2, 1, 0)[None]
+    truth = np.asanyarray(nib.load(truth_path).dataobj).transpose(2, 1, 0)
+    store = zarr.storage.MemoryStore()
+    image = zarr.create_array(store=store, name="image", data=np.ascontiguousarray(data), chunks=(1, 8, 48, 48))
+    labels = zarr.create_array(store=store, name="labels", data=np.ascontiguousarray(truth), chunks=(8, 48, 48))
+    card = small_card(spatial_dims=3, channels=1, classes=3, normalization={"mode": "image_zscore"},
+                      roi=[16, 32, 32])
+    result = train(card, [TrainingSample(image, labels, ignore_index=None)], steps=3, batch_size=2)
+    assert result.provenance["sample_shapes"] == [[1, 32, 48, 48]]
+    assert math.isfinite(result.provenance["final_loss"])
+
+
+def test_demo_cards_are_consistent():
+    for card in (landcover_card(), lesion_card()):
+        budget = DEMO_BUDGET[card.name]
+        assert len(budget.patch) == card.input.spatial_dims
+        assert all(p % 8 == 0 for p in budget.patch)  # three stride-2 levels
+    assert [c.name for c in landcover_card().classes] == list(samples.SCENE_CLASSES)
+    assert [c.name for c in lesion_card().classes] == list(samples.PHANTOM_CLASSES)
