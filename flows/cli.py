@@ -22,7 +22,7 @@ from rich.table import Table  # noqa: E402
 
 from storage.errors import SegflowError  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Out-of-core, exactly stitched segmentation of large rasters and 3D volumes.")
 model_app = typer.Typer(no_args_is_help=True, help="Inspect model directories.")
 app.add_typer(model_app, name="model")

@@ -64,6 +64,7 @@ def run_demo(workdir: Path, *, workers: int | None = None, progress: Any = None)
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
+    (inputs / "train").mkdir()
     jobs = [
         (landcover_card(), lambda p, s: samples.make_scene(p.with_suffix(".tif"), seed=s), "scene"),
         (lesion_card(), lambda p, s: samples.make_phantom(p.with_suffix(".nii.gz"), seed=s), "phantom"),
