@@ -65,16 +65,20 @@ def run_demo(workdir: Path, *, workers: int | None = None, progress: Any = None)
             shutil.rmtree(d)
         d.mkdir(parents=True)
     (inputs / "train").mkdir()
+    # held-out inputs are larger than the training ones and cut into several chunks, so the demo
+    # exercises the stitching across chunk borders
     jobs = [
-        (landcover_card(), lambda p, s: samples.make_scene(p.with_suffix(".tif"), seed=s), "scene"),
-        (lesion_card(), lambda p, s: samples.make_phantom(p.with_suffix(".nii.gz"), seed=s), "phantom"),
+        (landcover_card(), lambda p, s, big=False: samples.make_scene(
+            p.with_suffix(".tif"), seed=s, **({"size": (1536, 1280)} if big else {})), "scene", 512),
+        (lesion_card(), lambda p, s, big=False: samples.make_phantom(
+            p.with_suffix(".nii.gz"), seed=s, **({"shape": (128, 112, 80)} if big else {})), "phantom", 48),
     ]
     summary: dict[str, Any] = {"dice": [], "paths": {}, "training_seconds": {}, "outcomes": []}
     ok = True
     with dask_client(None, workers=workers):
-        for card, make, kind in jobs:
+        for card, make, kind, chunk in jobs:
             train_pairs = [make(inputs / "train" / f"{kind}-{s}", s) for s in TRAIN_SEEDS]
-            heldout = [make(inputs / f"{kind}-heldout-{s}", s) for s in HELDOUT_SEEDS]
+            heldout = [make(inputs / f"{kind}-heldout-{s}", s, True) for s in HELDOUT_SEEDS]
             budget = DEMO_BUDGET[card.name]
             card_path = models / f"{card.name}.card.json"
             card_path.write_text(card.model_dump_json(indent=2))
@@ -88,7 +92,7 @@ def run_demo(workdir: Path, *, workers: int | None = None, progress: Any = None)
             rep = RichReporter(progress) if progress else None
             with reporting(rep) if rep else nullcontext():
                 state = segment_batch(inputs=[str(p) for p, _ in heldout], model_dir=str(model.path),
-                                      out_dir=str(outputs), options=SegmentOptions(precision="fast"),
+                                      out_dir=str(outputs), options=SegmentOptions(precision="fast", chunk_size=chunk),
                                       return_state=True)
             outcomes = batch_outcomes(state)
             summary["outcomes"].extend(outcomes)

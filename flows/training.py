@@ -18,6 +18,7 @@ from storage.ingest import ingest, stem_of
 from storage.layout import ImageStore, open_image_store
 
 IGNORE = 255
+IN_MEMORY_BYTES = 256 << 20  # training inputs up to this size are read into memory; larger ones stay out of core
 
 
 class MaskedLabels:
@@ -49,8 +50,12 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
         raise IncompatibleInputError(image.meta.source.path, f"has {image.image.shape[0]} channels, the card "
                                                              f"expects {card.input.channels}")
     stats = image_statistics(image.image, image.mask) if card.input.normalization.mode == "image_zscore" else None
-    return TrainingSample(image=image.image, labels=MaskedLabels(labels, image.mask), stats=stats,
-                          ignore_index=IGNORE)
+    pixels: Any = image.image
+    targets: Any = MaskedLabels(labels, image.mask)
+    if pixels.nbytes <= IN_MEMORY_BYTES:
+        # random patches from a small store would decompress a whole chunk per patch: read it once instead
+        pixels, targets = np.asarray(pixels[...]), targets[...]
+    return TrainingSample(image=pixels, labels=targets, stats=stats, ignore_index=IGNORE)
 
 
 def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: Path, *, steps: int,
