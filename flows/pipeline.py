@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 from distributed import Client, as_completed
 
 from flows.config import SegmentOptions
 from flows.progress import reporter
 from segmentation import LoadedModel, build_plan
-from segmentation.stitching import label_nodata
+from segmentation.stitching import PROBABILITY_SCALE, label_nodata
 from storage import provenance
 from storage.errors import ExportError, SegflowError
 from storage.ingest import ingest, stem_of
@@ -130,15 +131,50 @@ def finish_prediction_store(partial: Path, target: Path, record: dict[str, Any])
 
 
 def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,
-                  record: dict[str, Any]) -> Path:
-    labels = zarr.open_group(str(pred_path), mode="r")[LABELS]
+                  record: dict[str, Any]) -> list[Path]:
+    """The label map (and, for rasters, a probability COG when probabilities were kept)."""
+    group = zarr.open_group(str(pred_path), mode="r")
+    labels = group[LABELS]
     if meta.kind == "raster":
-        from storage.geotiff import write_label_cog
+        from storage.geotiff import write_label_cog, write_probability_cog
 
-        return write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes, provenance=record)
+        written = [write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes,
+                                   provenance=record)]
+        if PROBABILITIES in group:
+            probs = group[PROBABILITIES]
+            written.append(write_probability_cog(
+                _Probabilities(probs), meta.geometry, probabilities_path(out_path),
+                class_names=[c.name for c in model.card.classes], mask=_Valid(labels, group.attrs["nodata_label"]),
+                dtype=str(probs.dtype), provenance=record))
+        return written
     from storage.nifti import write_label_nifti
 
-    return write_label_nifti(labels, meta.geometry, out_path, classes=model.card.classes, provenance=record)
+    return [write_label_nifti(labels, meta.geometry, out_path, classes=model.card.classes, provenance=record)]
+
+
+class _Probabilities:
+    """Stored probabilities read back as floats in [0, 1], whatever their stored dtype."""
+
+    def __init__(self, array: Any) -> None:
+        self.array, self.shape, self.chunks = array, array.shape, array.chunks
+
+    def __getitem__(self, key: Any) -> Any:
+        block = np.asarray(self.array[key])
+        return block.astype(np.float32) / PROBABILITY_SCALE if block.dtype == np.uint8 else block
+
+
+class _Valid:
+    """Where the labels are not the nodata label: the valid-data mask of a prediction."""
+
+    def __init__(self, labels: Any, nodata: int) -> None:
+        self.labels, self.nodata, self.shape = labels, nodata, labels.shape
+
+    def __getitem__(self, key: Any) -> Any:
+        return np.asarray(self.labels[key]) != self.nodata
+
+
+def probabilities_path(out_path: Path) -> Path:
+    return out_path.with_name(stem_of(out_path) + ".probabilities.tif")
 
 
 def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path, options: SegmentOptions,
@@ -179,22 +215,22 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
             statistics=stats)
         finish_prediction_store(partial, zarr_target, record)
         t1 = time.perf_counter()
-        export_labels(zarr_target, store.meta, model, out_path, record)
+        exported = export_labels(zarr_target, store.meta, model, out_path, record)
         record["statistics"]["export_seconds"] = round(time.perf_counter() - t1, 3)
         record["statistics"]["total_seconds"] = round(time.perf_counter() - t0, 3)
         record["finished"] = provenance.now()
-        extras = (zarr_target,) if options.keep_zarr else ()
+        extras = tuple(exported[1:]) + ((zarr_target,) if options.keep_zarr else ())
         sidecar = provenance.write_sidecar(record, out_path, extras)
         if not options.keep_zarr:
             shutil.rmtree(zarr_target)
     except BaseException:
-        for p in (partial, zarr_target, out_path, provenance.sidecar_path(out_path)):
+        for p in (partial, zarr_target, out_path, probabilities_path(out_path), provenance.sidecar_path(out_path)):
             _remove(p)
         raise
     finally:
         _remove(store.path)
         _remove_if_empty(work)
-    outputs = [str(out_path), str(sidecar)] + ([str(zarr_target)] if options.keep_zarr else [])
+    outputs = [str(p) for p in exported] + [str(sidecar)] + ([str(zarr_target)] if options.keep_zarr else [])
     return Outcome(input=str(input_path), ok=True, outputs=outputs, statistics=record["statistics"])
 
 

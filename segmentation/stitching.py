@@ -182,16 +182,22 @@ def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: in
     sl = tuple(slice(lo, hi) for lo, hi in box)
     labels_target[sl] = labels
     if probs_target is not None:
-        probs_target[(slice(None),) + sl] = quantize_probabilities(probs, probs_dtype)
+        probs_target[(slice(None),) + sl] = quantize_probabilities(probs, probs_dtype, mask)
     hist = np.bincount(labels.ravel(), minlength=num_classes + 1 if num_classes < 255 else 0)
     return {"box": box, "histogram": {int(v): int(n) for v, n in enumerate(hist) if n}}
 
 
-def quantize_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 as is, or uint8 with 255 = probability 1 (a quarter of the size)."""
+PROBABILITY_SCALE = 254  # uint8 probabilities: round(p * 254); 255 marks no data
+
+
+def quantize_probabilities(probs: np.ndarray, dtype: str, mask: np.ndarray | None = None) -> np.ndarray:
+    """float32 as is, or uint8 round(p·254) with 255 where the input has no data (a quarter of the size)."""
     if dtype == "float32":
         return probs.astype(np.float32, copy=False)
-    return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
+    out = np.clip(np.rint(probs * PROBABILITY_SCALE), 0, PROBABILITY_SCALE).astype(np.uint8)
+    if mask is not None:
+        out[:, ~np.asarray(mask, dtype=bool)] = 255
+    return out
 
 
 def _sum_counts(*counts: tuple[int, int]) -> dict[str, int]:
@@ -309,4 +315,4 @@ class StitchPlan:
 
 
 
-__all__ = ["StitchPlan", "label_dtype", "label_nodata", "quantize_probabilities"]
+__all__ = ["PROBABILITY_SCALE", "StitchPlan", "label_dtype", "label_nodata", "quantize_probabilities"]

@@ -16,6 +16,7 @@ from rasterio.transform import from_origin
 from storage.samples import make_scene
 from tests.conftest import shared
 from tests.models import tiny_model
+from tests.test_pipeline import BAD
 
 SEGFLOW = [sys.executable, "-m", "flows"]
 
@@ -41,13 +42,13 @@ def test_segment_batch_exit_codes_errors_and_verify(model2d, tmp_path):
     with rasterio.open(good, "w", driver="GTiff", width=150, height=130, count=3, dtype="uint8",
                        crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10), nodata=0) as dst:
         dst.write(data)
-    bad = [shared("bad/empty.tif"), shared("bad/anatomical.truncated.nii")]
+    bad = [shared(p) for p in BAD]  # every file of ../shared/data/bad
     missing = tmp_path / "missing.tif"
     out = tmp_path / "out"
     proc = run("segment", good, *bad, missing, "--model", model2d.path, "--out", out, "--workers", "1")
     assert proc.returncode == 1, proc.stderr
     errors = error_lines(proc.stderr)
-    assert len(errors) == 3, proc.stderr
+    assert len(errors) == len(bad) + 1, proc.stderr
     for path in (*bad, missing):
         assert any(str(path) in line for line in errors), (path, errors)
     assert sorted(p.name for p in out.iterdir()) == ["in put é.provenance.json", "in put é.tif", "in put é.zarr"]

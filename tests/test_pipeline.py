@@ -138,3 +138,28 @@ def test_shared_data_dir_is_used_in_place():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent")
     assert (SHARED_DATA / "README.md").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_probabilities_are_kept_in_zarr_and_as_a_cog(dtype, models, tmp_path, dask_cluster):
+    src = shared("geotiff/RGB.byte.tif")
+    out = segment(input_path=str(src), model_dir=str(models[(2, 3)].path), out_dir=str(tmp_path),
+                  options=SegmentOptions(chunk_size=256, probabilities=dtype))
+    assert [p.split("/")[-1] for p in out["outputs"]] == [
+        "RGB.byte.tif", "RGB.byte.probabilities.tif", "RGB.byte.provenance.json", "RGB.byte.zarr"]
+    group = zarr.open_group(str(tmp_path / "RGB.byte.zarr"), mode="r")
+    stored = group["probabilities"]
+    assert stored.dtype == np.dtype(dtype) and stored.shape == (3, 718, 791)
+    with rasterio.open(tmp_path / "RGB.byte.probabilities.tif") as ds, rasterio.open(tmp_path / "RGB.byte.tif") as lab:
+        probs = ds.read(masked=True).astype(np.float32) * (ds.scales[0] if dtype == "uint8" else 1.0)
+        labels = lab.read(1)
+        valid = labels != 255
+        assert ds.count == 3 and [ds.descriptions[i] for i in range(3)] == ["class0", "class1", "class2"]
+    assert np.all(probs.mask[:, ~valid]) and not probs.mask[:, valid].any()
+    np.testing.assert_allclose(probs.sum(0)[valid], 1.0, atol=0.01)
+    p = probs.filled(0)[:, valid]
+    lab = labels[valid]
+    picked = np.take_along_axis(p, lab[None].astype(np.int64), 0)[0]
+    # the label is the class of highest probability, up to one quantisation step for uint8
+    assert np.all(picked >= p.max(0) - (1.0 / 254 + 1e-6 if dtype == "uint8" else 1e-6))
+    assert verify_sidecar(sidecar_path(tmp_path / "RGB.byte.tif")) == []
