@@ -12,7 +12,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, List, Optional  # noqa: E402
+from typing import List, Optional  # noqa: E402
 
 import typer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402

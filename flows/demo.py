@@ -96,7 +96,7 @@ def run_demo(workdir: Path, *, workers: int | None = None, progress: Any = None)
                                       return_state=True)
             outcomes = batch_outcomes(state)
             summary["outcomes"].extend(outcomes)
-            for (image, truth), outcome in zip(heldout, outcomes):
+            for (_, truth), outcome in zip(heldout, outcomes):
                 if not outcome["ok"]:
                     ok = False
                     continue

@@ -20,7 +20,7 @@ from distributed import Client, as_completed
 from flows.config import SegmentOptions
 from flows.progress import reporter
 from segmentation import LoadedModel, build_plan
-from segmentation.stitching import PROBABILITY_SCALE, label_nodata
+from segmentation.stitching import PROBABILITY_SCALE, label_dtype, label_nodata
 from storage import provenance
 from storage.errors import ExportError, SegflowError
 from storage.ingest import ingest, stem_of
@@ -81,7 +81,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         shutil.rmtree(partial)
     group = zarr.open_group(str(partial), mode="w", zarr_format=3)
     chunks = tuple(c[0] for c in plan.chunks)
-    labels = group.create_array(LABELS, shape=plan.grid.shape, dtype=str(plan_label_dtype(plan)), chunks=chunks,
+    labels = group.create_array(LABELS, shape=plan.grid.shape, dtype=str(label_dtype(plan.num_classes)), chunks=chunks,
                                 fill_value=label_nodata(plan.num_classes), compressors=[zarr.codecs.ZstdCodec(level=3)])
     probs = None
     if options.probabilities != "none":
@@ -111,12 +111,6 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
              "label_pixels": {str(k): v for k, v in sorted(histogram.items())},
              "inference_seconds": round(time.perf_counter() - t0, 3)}
     return stats, params
-
-
-def plan_label_dtype(plan: Any) -> str:
-    from segmentation.stitching import label_dtype
-
-    return str(label_dtype(plan.num_classes))
 
 
 def finish_prediction_store(partial: Path, target: Path, record: dict[str, Any]) -> Path:

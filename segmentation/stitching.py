@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
