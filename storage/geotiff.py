@@ -166,6 +166,18 @@ def _geometry(src: DatasetReader, bands: list[int], dtype: np.dtype, path: Path)
     )
 
 
+GDAL_CACHE_MB = 64
+
+
+def bounded_gdal_cache() -> rasterio.Env:
+    """Cap GDAL's block cache while streaming.
+
+    Each block is read or written once, so caching gains nothing, and GDAL's
+    default cap (5% of RAM) lets resident memory grow with the raster's size.
+    """
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
 def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024) -> ImageStore:
     """Copy a GeoTIFF/VRT into a zarr image store, one zarr chunk at a time.
 
@@ -178,7 +190,7 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
         raise ValueError(f"chunk must be positive, got {chunk}")
     path = Path(path).absolute()
     store_path = Path(store_path)
-    with _open_source(path) as src:
+    with bounded_gdal_cache(), _open_source(path) as src:
         try:
             bands = _image_bands(src, path)
             dtype = _image_dtype(src, bands, path)
@@ -282,9 +294,10 @@ def _write_cog(out_path: str | PathLike[str], profile: dict[str, Any], fill: Cal
     prefix = f".{out.name}.{uuid.uuid4().hex[:12]}"
     tiled, final = parent / f"{prefix}.tiled.tif", parent / f"{prefix}.cog.tif"
     try:
-        with rasterio.open(tiled, "w", **profile) as dst:
-            fill(dst)
-        rasterio.shutil.copy(tiled, final, driver="COG", **cog_options)
+        with bounded_gdal_cache():
+            with rasterio.open(tiled, "w", **profile) as dst:
+                fill(dst)
+            rasterio.shutil.copy(tiled, final, driver="COG", **cog_options)
         os.replace(final, out)
     except (*_GDAL_ERRORS, OSError) as exc:
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else _gdal_message(exc)
