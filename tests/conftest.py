@@ -35,12 +35,15 @@ def dask_cluster():
 
     from distributed import Client, LocalCluster
 
-    from flows.cluster import TorchThreads
+    import dask
+
+    from flows.cluster import TorchThreads, worker_environ
 
     for name in ("distributed", "distributed.batched", "distributed.nanny", "distributed.scheduler"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
     client = Client(cluster)
     client.register_plugin(TorchThreads(1))
     yield client
