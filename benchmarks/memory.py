@@ -85,13 +85,13 @@ def tree_rss(proc: psutil.Process) -> tuple[int, dict[str, int]]:
     return total, roles
 
 
-def run(size: int, workers: int, tmp: Path, model: Path) -> dict:
+def run(size: int, workers: int | None, tmp: Path, model: Path) -> dict:
     src = tmp / f"in{size}.tif"
     t = time.perf_counter()
     make_raster(src, size)
     gen = time.perf_counter() - t
     cmd = [sys.executable, "-m", "flows", "segment", str(src), "--model", str(model), "--out", str(tmp / "out"),
-           "--workers", str(workers), "--precision", "fast", "--no-zarr"]
+           "--precision", "fast", "--no-zarr"] + (["--workers", str(workers)] if workers else [])
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -114,7 +114,7 @@ def run(size: int, workers: int, tmp: Path, model: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768])
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default: segflow's)")
     args = ap.parse_args()
     print("| image | peak RSS, whole process tree (GB) | largest process of each kind at that peak (GB) "
           "| MONAI would hold (GB) | segment wall s |")

@@ -112,7 +112,7 @@ def main() -> int:
         cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads_per_worker,
                                dashboard_address=None)
         client = Client(cluster)
-        client.register_plugin(TorchThreads(max(1, torch.get_num_threads() // args.workers)))
+        client.register_plugin(TorchThreads(max(1, torch.get_num_threads() // (args.workers * args.threads_per_worker))))
     rows = {}
     if args.only_segflow:
         segflow("exact", client)  # warm-up
