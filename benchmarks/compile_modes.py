@@ -49,14 +49,14 @@ def main() -> int:
     print("| mode | precision | ms per batch | vs eager | compile s |\n|---|---|---|---|---|")
     for precision in ("fp32", "bf16"):
         ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else torch.no_grad
-        eager = bench(lambda t: _run(net, t, ctx), x, args.reps)
+        eager = bench(lambda t, ctx=ctx: _run(net, t, ctx), x, args.reps)
         print(f"| eager | {precision} | {eager * 1e3:.1f} | 1.00x | - |", flush=True)
         t0 = time.perf_counter()
         with torch.inference_mode(), ctx():
             frozen = torch.jit.freeze(torch.jit.trace(net, x))
             frozen = torch.jit.optimize_for_inference(frozen)
         c = time.perf_counter() - t0
-        s = bench(lambda t: _run(frozen, t, ctx), x, args.reps)
+        s = bench(lambda t, f=frozen, ctx=ctx: _run(f, t, ctx), x, args.reps)
         print(f"| TorchScript trace+freeze+optimize_for_inference | {precision} | {s * 1e3:.1f} | {eager / s:.2f}x "
               f"| {c:.1f} |", flush=True)
         if not args.no_inductor:
@@ -64,7 +64,7 @@ def main() -> int:
             t0 = time.perf_counter()
             _run(compiled, x, ctx)
             c = time.perf_counter() - t0
-            s = bench(lambda t: _run(compiled, t, ctx), x, args.reps)
+            s = bench(lambda t, f=compiled, ctx=ctx: _run(f, t, ctx), x, args.reps)
             print(f"| torch.compile (inductor) | {precision} | {s * 1e3:.1f} | {eager / s:.2f}x | {c:.1f} |",
                   flush=True)
     return 0

@@ -71,19 +71,40 @@ class WindowPredictor:
                 self._prepared = net
         return self._prepared, dev
 
+    def _probabilities(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.precision == "fast":
+            dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
+            with torch.autocast(x.device.type, dtype=dtype):
+                logits = net(x)
+        else:
+            logits = net(x)
+        if isinstance(logits, (tuple, list)):  # deep-supervision nets: the first head is the output
+            logits = logits[0]
+        return torch.softmax(logits.float(), dim=1)
+
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """(N, C, *roi) float32 -> (N, classes, *roi) float32 probabilities."""
         net, dev = self._network()
-        x = torch.from_numpy(np.ascontiguousarray(windows)).to(dev, non_blocking=True)
-        x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
-            if self.precision == "fast":
-                dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
-                with torch.autocast(dev.type, dtype=dtype):
-                    logits = net(x)
-            else:
-                logits = net(x)
-            if isinstance(logits, (tuple, list)):  # deep-supervision nets: the first head is the output
-                logits = logits[0]
-            probs = torch.softmax(logits.float(), dim=1)
+            probs = self._probabilities(net, torch.from_numpy(np.ascontiguousarray(windows)).to(dev))
         return probs.contiguous().cpu().numpy()
+
+    def accumulate(self, region: np.ndarray, windows: list[tuple[slice, ...]], weights: np.ndarray,
+                   num_classes: int) -> np.ndarray:
+        """Σ w·p over a (C, *extent) region for the given windows, in order, in batches.
+
+        The region, the weights and the sums stay on the predictor's device; the
+        sums come back once, as a (classes, *extent) float32 array.
+        """
+        net, dev = self._network()
+        with torch.inference_mode():
+            x = torch.from_numpy(region).to(dev)
+            w = torch.tensor(weights, dtype=torch.float32, device=dev)
+            acc = torch.zeros((num_classes,) + tuple(region.shape[1:]), dtype=torch.float32, device=dev)
+            for i in range(0, len(windows), self.batch_size):
+                batch = windows[i:i + self.batch_size]
+                probs = self._probabilities(net, torch.stack([x[(slice(None),) + sl] for sl in batch]))
+                for sl, p in zip(batch, probs):
+                    acc[(slice(None),) + sl] += p * w
+            return acc.cpu().numpy()

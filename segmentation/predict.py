@@ -98,7 +98,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                                 token=f"{token}-{precision}-{device}")
     grid = make_grid(arr.shape[1:], roi, overlap)
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
-                      blend=blend, sigma_scale=sigma_scale, batch_size=batch_size)
+                      blend=blend, sigma_scale=sigma_scale)
 
 
 def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | None = None,

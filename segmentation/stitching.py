@@ -93,12 +93,16 @@ def _assemble(box: Box, pieces: Sequence[tuple[Box, np.ndarray]], lead: tuple[in
     return out
 
 
-def _evaluate(predictor: Callable[[np.ndarray], np.ndarray], normalizer: Callable[[np.ndarray], np.ndarray],
+def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
               weights: np.ndarray, owned: tuple[tuple[int, ...], ...], region: Box,
               blocks: list[tuple[Box, np.ndarray]], mask_blocks: list[tuple[Box, np.ndarray]] | None,
-              targets: list[tuple[tuple[int, ...], Box]], num_classes: int, channels: int,
-              batch_size: int) -> tuple[dict[tuple[int, ...], np.ndarray], tuple[int, int]]:
-    """Run the windows one owner chunk owns; return Σw·p pieces per target chunk and (evaluated, skipped)."""
+              targets: list[tuple[tuple[int, ...], Box]], num_classes: int,
+              channels: int) -> tuple[dict[tuple[int, ...], np.ndarray], tuple[int, int]]:
+    """Run the windows one owner chunk owns; return Σw·p pieces per target chunk and (evaluated, skipped).
+
+    The predictor accumulates Σ w·p over the region itself, on its own device,
+    so a GPU keeps the region's sums in device memory and returns them once.
+    """
     roi = weights.shape
     extent = tuple((min(s), max(s) + r) for s, r in zip(owned, roi))
     raw = _assemble(region, blocks, (channels,), blocks[0][1].dtype)
@@ -108,30 +112,18 @@ def _evaluate(predictor: Callable[[np.ndarray], np.ndarray], normalizer: Callabl
     del raw
     valid = None if mask_blocks is None else _assemble(region, mask_blocks, (), bool)
 
-    acc = np.zeros((num_classes,) + x.shape[1:], dtype=np.float32)
     evaluated = skipped = 0
-    batch: list[tuple[slice, ...]] = []
-
-    def flush() -> None:
-        probs = predictor(np.stack([x[(slice(None),) + sl] for sl in batch]))
-        for sl, p in zip(batch, probs):
-            acc[(slice(None),) + sl] += p * weights
-        batch.clear()
-
+    windows: list[tuple[slice, ...]] = []
     for start in itertools.product(*owned):
-        local = tuple(slice(s - e0, s - e0 + r) for s, (e0, _), r in zip(start, extent, roi))
         if valid is not None:
             win = tuple(slice(max(s, r0) - r0, min(s + r, r1) - r0)
                         for s, r, (r0, r1) in zip(start, roi, region))
             if not valid[win].any():
                 skipped += 1
                 continue
-        batch.append(local)
+        windows.append(tuple(slice(s - e0, s - e0 + r) for s, (e0, _), r in zip(start, extent, roi)))
         evaluated += 1
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    acc = predictor.accumulate(x, windows, weights, num_classes)
 
     pieces = {}
     for index, tbox in targets:
@@ -205,10 +197,9 @@ def _sum_counts(*counts: tuple[int, int]) -> dict[str, int]:
 class StitchPlan:
     """The Dask graph for one image: build once, then take probabilities, labels or chunk writes."""
 
-    def __init__(self, image: da.Array, predictor: Callable[[np.ndarray], np.ndarray], grid: WindowGrid, *,
+    def __init__(self, image: da.Array, predictor: Any, grid: WindowGrid, *,
                  num_classes: int, normalizer: Callable[[np.ndarray], np.ndarray],
-                 mask: da.Array | None = None, blend: Blend = "gaussian", sigma_scale: float = 0.125,
-                 batch_size: int = 4) -> None:
+                 mask: da.Array | None = None, blend: Blend = "gaussian", sigma_scale: float = 0.125) -> None:
         self.grid = grid
         self.num_classes = num_classes
         self.channels = image.shape[0]
@@ -219,9 +210,10 @@ class StitchPlan:
         self.axes = [_make_axis(st, r, ch, sz) for st, r, ch, sz in zip(grid.starts, grid.roi, self.chunks,
                                                                          grid.shape)]
         self.token = tokenize(self.image.name, None if mask is None else self.mask.name,
-                              getattr(predictor, "token", None) or id(predictor), grid, blend, sigma_scale,
-                              batch_size, normalizer, num_classes)
-        self._build(predictor, normalizer, batch_size)
+                              getattr(predictor, "token", None) or id(predictor),
+                              getattr(predictor, "batch_size", None), grid, blend, sigma_scale, normalizer,
+                              num_classes)
+        self._build(predictor, normalizer)
 
     @property
     def num_windows(self) -> int:
@@ -234,7 +226,7 @@ class StitchPlan:
     def box(self, index: tuple[int, ...]) -> Box:
         return tuple(a.chunk(i) for a, i in zip(self.axes, index))
 
-    def _build(self, predictor: Callable[[np.ndarray], np.ndarray], normalizer: Callable, batch_size: int) -> None:
+    def _build(self, predictor: Any, normalizer: Callable) -> None:
         tok = self.token
         pred = delayed(predictor, name=f"segflow-predictor-{tok}", traverse=False)
         weights = delayed(self.weights, name=f"segflow-weights-{tok}", traverse=False)
@@ -258,7 +250,7 @@ class StitchPlan:
             name = f"segflow-evaluate-{tok}-" + "-".join(map(str, owner))
             result = delayed(_evaluate, name=name, pure=True, nout=2)(
                 pred, normalizer, weights, owned, region, blocks, mblocks, targets,
-                self.num_classes, self.channels, batch_size)
+                self.num_classes, self.channels)
             pieces, count = result
             counts.append(count)
             for t, tbox in targets:
