@@ -158,8 +158,23 @@ def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, 
     return acc
 
 
+def argmax0(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``np.argmax(probs, axis=0)`` (first maximum wins), as a pass per class.
+
+    A reduction over the leading axis of a (C, *spatial) array strides across
+    memory; C contiguous passes measured about 3x faster for a few classes.
+    """
+    best = probs[0].copy()
+    labels = np.zeros(probs.shape[1:], dtype=dtype)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        labels[better] = c
+        np.maximum(best, probs[c], out=best)
+    return labels
+
+
 def _labels(probs: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
-    labels = np.argmax(probs, axis=0).astype(label_dtype(num_classes))
+    labels = argmax0(probs, label_dtype(num_classes))
     if mask is not None:
         labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
     return labels
