@@ -59,9 +59,3 @@ def _monai_basic_unet(*, spatial_dims: int, in_channels: int, out_channels: int,
 
     return BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
                      features=tuple(features), **kwargs)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-

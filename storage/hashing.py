@@ -18,10 +18,6 @@ def sha256_file(path: str | PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_tree(path: str | PathLike[str]) -> str:
     """Hash a directory (a zarr store) as the sorted list of (relative path, file hash)."""
     root = Path(path)
