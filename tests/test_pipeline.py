@@ -16,7 +16,7 @@ from flows.flows import batch_outcomes, segment, segment_batch
 from segmentation.windows import make_grid
 from storage.hashing import sha256_file
 from storage.provenance import sidecar_path, verify_sidecar
-from tests.conftest import SHARED_DATA, shared
+from tests.conftest import shared
 from tests.models import tiny_model
 
 RASTERS = ["geotiff/RGB.byte.tif", "geotiff/rgb_lzw.tif", "geotiff/cogeo.tif", "geotiff/shade.tif"]
@@ -131,13 +131,6 @@ def test_bad_inputs_fail_alone_and_leave_nothing(models, tmp_path, dask_cluster)
         assert str(p) in o["error"] and "\n" not in o["error"], o["error"]
     left = sorted(f.name for f in tmp_path.iterdir())
     assert left == ["RGB.byte.provenance.json", "RGB.byte.tif", "RGB.byte.zarr"], left
-
-
-def test_shared_data_dir_is_used_in_place():
-    # guards the fixture contract: real data is read from ../shared/data, never copied into the repo
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent")
-    assert (SHARED_DATA / "README.md").is_file()
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
