@@ -24,8 +24,8 @@ from segmentation.stitching import PROBABILITY_SCALE, label_dtype, label_nodata
 from storage import provenance
 from storage.errors import ExportError, SegflowError
 from storage.ingest import ingest, stem_of
-from storage.layout import (LABELS, META_ATTR, PROBABILITIES, PROVENANCE_ATTR, ImageStore, mark_complete,
-                            open_image_store)
+from storage.layout import (LABELS, META_ATTR, PROBABILITIES, PROVENANCE_ATTR, ImageStore, commit_store,
+                            create_prediction_store, open_image_store, partial_path)
 
 WORK_DIR = ".segflow-work"
 
@@ -76,21 +76,11 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
                       precision=options.precision, chunks=options.chunk_size, mask=store.mask,
                       batch_size=options.batch_size, device=options.device)
     params = resolved_parameters(model, options, plan)
-    partial = target.with_name("." + target.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    group = zarr.open_group(str(partial), mode="w", zarr_format=3)
-    chunks = tuple(c[0] for c in plan.chunks)
-    labels = group.create_array(LABELS, shape=plan.grid.shape, dtype=str(label_dtype(plan.num_classes)), chunks=chunks,
-                                fill_value=label_nodata(plan.num_classes), compressors=[zarr.codecs.ZstdCodec(level=3)])
-    probs = None
-    if options.probabilities != "none":
-        probs = group.create_array(PROBABILITIES, shape=(plan.num_classes,) + plan.grid.shape,
-                                   dtype=options.probabilities, chunks=(plan.num_classes,) + chunks, fill_value=0,
-                                   compressors=[zarr.codecs.ZstdCodec(level=3)])
-    group.attrs[META_ATTR] = store.group.attrs[META_ATTR]
-    group.attrs["classes"] = [c.model_dump(mode="json") for c in model.card.classes]
-    group.attrs["nodata_label"] = label_nodata(plan.num_classes)
+    _, labels, probs = create_prediction_store(
+        target, meta=store.group.attrs[META_ATTR], spatial_shape=plan.grid.shape,
+        chunks=tuple(c[0] for c in plan.chunks), label_dtype=str(label_dtype(plan.num_classes)),
+        nodata_label=label_nodata(plan.num_classes), classes=[c.model_dump(mode="json") for c in model.card.classes],
+        probabilities_dtype=None if options.probabilities == "none" else options.probabilities)
 
     writes = plan.writes(labels, probs, options.probabilities if probs is not None else "float32")
     futures = client.compute(writes + [plan.counts()])
@@ -111,17 +101,6 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
              "label_pixels": {str(k): v for k, v in sorted(histogram.items())},
              "inference_seconds": round(time.perf_counter() - t0, 3)}
     return stats, params
-
-
-def finish_prediction_store(partial: Path, target: Path, record: dict[str, Any]) -> Path:
-    """Embed provenance, mark complete, then move the store into place (the commit point)."""
-    group = zarr.open_group(str(partial), mode="r+")
-    group.attrs[PROVENANCE_ATTR] = record
-    mark_complete(group)
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    return target
 
 
 def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,
@@ -191,7 +170,6 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
     ingest_seconds = time.perf_counter() - t0
     stem = stem_of(input_path)
     zarr_target = out_dir / f"{stem}.zarr"
-    partial = zarr_target.with_name("." + zarr_target.name + ".partial")
     out_path = out_dir / output_name(input_path, store.meta.kind)
     try:
         try:
@@ -207,7 +185,7 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
                    "architecture": model.card.architecture.model_dump(mode="json")},
             parameters=params, device=_device_name(options.device), started=started, finished=provenance.now(),
             statistics=stats)
-        finish_prediction_store(partial, zarr_target, record)
+        commit_store(zarr_target, {PROVENANCE_ATTR: record})
         t1 = time.perf_counter()
         exported = export_labels(zarr_target, store.meta, model, out_path, record)
         record["statistics"]["export_seconds"] = round(time.perf_counter() - t1, 3)
@@ -218,7 +196,9 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
         if not options.keep_zarr:
             shutil.rmtree(zarr_target)
     except BaseException:
-        for p in (partial, zarr_target, out_path, probabilities_path(out_path), provenance.sidecar_path(out_path)):
+        leftovers = (partial_path(zarr_target), zarr_target, out_path, probabilities_path(out_path),
+                     provenance.sidecar_path(out_path))
+        for p in leftovers:
             _remove(p)
         raise
     finally:

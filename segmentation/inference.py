@@ -25,7 +25,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 class WindowPredictor:
-    """Class probabilities (softmax, float32) for a batch of normalised windows.
+    """Blended class probabilities (softmax, float32, weighted) over the windows of a region.
 
     ``exact`` runs fp32; ``fast`` runs bf16 autocast on CPU (AMX) and fp16 AMP
     on CUDA.  Channels-last is used where it measured faster (convolutions on
@@ -82,13 +82,6 @@ class WindowPredictor:
         if isinstance(logits, (tuple, list)):  # deep-supervision nets: the first head is the output
             logits = logits[0]
         return torch.softmax(logits.float(), dim=1)
-
-    def __call__(self, windows: np.ndarray) -> np.ndarray:
-        """(N, C, *roi) float32 -> (N, classes, *roi) float32 probabilities."""
-        net, dev = self._network()
-        with torch.inference_mode():
-            probs = self._probabilities(net, torch.from_numpy(np.ascontiguousarray(windows)).to(dev))
-        return probs.contiguous().cpu().numpy()
 
     def accumulate(self, region: np.ndarray, windows: list[tuple[slice, ...]], weights: np.ndarray,
                    num_classes: int) -> np.ndarray:

@@ -70,7 +70,7 @@ class ImageStore:
         return tuple(self.image.shape[1:])
 
 
-def _compressors() -> Any:
+def default_compressors() -> Any:
     return [zarr.codecs.ZstdCodec(level=3)]
 
 
@@ -88,11 +88,11 @@ def create_image_store(
     if path.exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.create_array(IMAGE, shape=shape, dtype=dtype, chunks=chunks, compressors=_compressors(),
+    group.create_array(IMAGE, shape=shape, dtype=dtype, chunks=chunks, compressors=default_compressors(),
                        fill_value=0, dimension_names=_dim_names(len(shape)))
     if with_mask:
         group.create_array(MASK, shape=shape[1:], dtype="bool", chunks=chunks[1:],
-                           compressors=_compressors(), fill_value=False,
+                           compressors=default_compressors(), fill_value=False,
                            dimension_names=_dim_names(len(shape))[1:])
     group.attrs[META_ATTR] = meta.model_dump(mode="json")
     return ImageStore(path=path, group=group, meta=meta)
@@ -100,6 +100,48 @@ def create_image_store(
 
 def _dim_names(ndim: int) -> list[str]:
     return ["c", "y", "x"] if ndim == 3 else ["c", "z", "y", "x"]
+
+
+def partial_path(target: str | PathLike[str]) -> Path:
+    """Where a store is written before it is moved to ``target``: hidden, beside it, same file system."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.partial")
+
+
+def create_prediction_store(target: str | PathLike[str], *, meta: dict[str, Any], spatial_shape: tuple[int, ...],
+                            chunks: tuple[int, ...], label_dtype: str, nodata_label: int, classes: list[dict],
+                            probabilities_dtype: str | None) -> tuple[zarr.Group, zarr.Array, zarr.Array | None]:
+    """Create (overwriting) the hidden partial store of a prediction; ``target`` is where it will be moved."""
+    partial = partial_path(target)
+    if partial.exists():
+        shutil.rmtree(partial)
+    group = zarr.open_group(str(partial), mode="w", zarr_format=3)
+    names = _dim_names(len(spatial_shape) + 1)
+    labels = group.create_array(LABELS, shape=spatial_shape, dtype=label_dtype, chunks=chunks,
+                                fill_value=nodata_label, compressors=default_compressors(),
+                                dimension_names=names[1:])
+    probs = None
+    if probabilities_dtype is not None:
+        probs = group.create_array(PROBABILITIES, shape=(len(classes),) + spatial_shape, dtype=probabilities_dtype,
+                                   chunks=(len(classes),) + chunks, fill_value=0,
+                                   compressors=default_compressors(), dimension_names=names)
+    group.attrs[META_ATTR] = meta
+    group.attrs["classes"] = classes
+    group.attrs["nodata_label"] = nodata_label
+    return group, labels, probs
+
+
+def commit_store(target: str | PathLike[str], attrs: dict[str, Any]) -> Path:
+    """Add final attributes, mark the partial store complete, then move it into place (the commit point)."""
+    target = Path(target)
+    partial = partial_path(target)
+    group = zarr.open_group(str(partial), mode="r+")
+    group.attrs.update(attrs)
+    mark_complete(group)
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
 
 
 def mark_complete(group: zarr.Group) -> None:

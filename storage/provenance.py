@@ -81,13 +81,9 @@ def make_record(*, input_path: str, input_sha256: str, model: dict[str, Any], pa
 
 def sidecar_path(output: str | PathLike[str]) -> Path:
     """``OUT/<stem>.provenance.json`` for ``OUT/<stem>.tif`` or ``OUT/<stem>.nii.gz``."""
-    p = Path(output)
-    name = p.name
-    for suffix in (".nii.gz", ".tif", ".tiff", ".nii", ".zarr"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return p.with_name(name + ".provenance.json")
+    from storage.ingest import stem_of
+
+    return Path(output).with_name(stem_of(output) + ".provenance.json")
 
 
 def sha256_output(path: str | PathLike[str]) -> str:

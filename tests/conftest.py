@@ -30,22 +30,8 @@ def shared(relative: str) -> Path:
 
 @pytest.fixture(scope="session")
 def dask_cluster():
-    """Two single-threaded worker processes on loopback, as `segflow` starts by default on 2 cores."""
-    import logging
+    """Two single-threaded worker processes on loopback, set up as `segflow` sets up a local cluster."""
+    from flows.cluster import dask_client
 
-    from distributed import Client, LocalCluster
-
-    import dask
-
-    from flows.cluster import TorchThreads, worker_environ
-
-    for name in ("distributed", "distributed.batched", "distributed.nanny", "distributed.scheduler"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
-    client = Client(cluster)
-    client.register_plugin(TorchThreads(1))
-    yield client
-    client.close()
-    cluster.close()
+    with dask_client(workers=2, threads_per_worker=1) as client:
+        yield client
