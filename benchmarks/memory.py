@@ -29,6 +29,9 @@ from rasterio.windows import Window
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import report  # noqa: E402
 
 CLASSES = 4
 
@@ -115,18 +118,38 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: segflow's)")
+    report.add_argument(ap)
     args = ap.parse_args()
-    print("| image | peak RSS, whole process tree (GB) | largest process of each kind at that peak (GB) "
-          "| MONAI would hold (GB) | segment wall s |")
-    print("|---|---|---|---|---|")
+    lines = ["| image | peak RSS, whole process tree (GB) | largest process of each kind at that peak (GB) "
+             "| MONAI would hold (GB) | segment wall s |", "|---|---|---|---|---|"]
+    print("\n".join(lines))
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         make_model(model)
         for size in args.sizes:
             r = run(size, args.workers, Path(tmp), model)
             roles = ", ".join(f"{k} {v}" for k, v in sorted(r["roles"].items()))
-            print(f"| {size}x{size}x3 uint8 | {r['peak_gb']:.2f} | {roles} | {r['monai_gb']:.1f} | "
-                  f"{r['seconds']:.0f} |", flush=True)
+            lines.append(f"| {size}×{size}×3 uint8 | {r['peak_gb']:.2f} | {roles} | {r['monai_gb']:.1f} | "
+                         f"{r['seconds']:.0f} |")
+            print(lines[-1], flush=True)
+            results.append(r)
+    first, last = results[0], results[-1]
+    layout = f"{args.workers} worker processes" if args.workers else "segflow's default cluster"
+    notes = [f"`segflow segment --precision fast --no-zarr` with {layout}; small U-Net (8, 16, 32), "
+             f"{CLASSES} classes, ROI 256², chunks 1024². RSS is sampled every 0.2 s over the whole process tree "
+             "(CLI client, Dask nanny and workers, Prefect's temporary server). \"MONAI would hold\" is the input "
+             "as float32 plus (classes + 1) float32 image-sized buffers.", "", *lines, ""]
+    if len(results) > 1:
+        growth = (last["size"] / first["size"]) ** 2
+        notes.append(f"- The image grows {growth:.0f}× from {first['size']}² to {last['size']}²; peak memory grows "
+                     f"{last['peak_gb'] / first['peak_gb']:.2f}×.")
+    notes.append(f"- Peak at {last['size']}²: **{last['peak_gb']:.2f} GB** (goal ≤ 2.5 GB: "
+                 f"{'met' if last['peak_gb'] <= 2.5 else 'missed by %.2f GB' % (last['peak_gb'] - 2.5)}); "
+                 f"MONAI would hold {last['monai_gb']:.1f} GB.")
+    body = "\n".join(notes)
+    if args.record:
+        report.record(args.record, body)
     return 0
 
 

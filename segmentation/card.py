@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from storage.classes import LabelClass
 
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2 added input.dtype, input.spacing_unit and inference.flip_tta; 1 still reads
 
 
 class Normalization(BaseModel):
@@ -61,7 +61,9 @@ class InputSpec(BaseModel):
     channels: int = Field(ge=1)
     channel_names: list[str] = Field(default_factory=list)
     normalization: Normalization = Field(default_factory=Normalization)
-    spacing: list[float] | None = None  # mm per voxel or metres per pixel the model was trained at
+    dtype: str | None = None  # the raw pixel dtype the normalisation was designed for, e.g. "uint8"
+    spacing: list[float] | None = None  # per spatial axis, the resolution the model was trained at
+    spacing_unit: Literal["mm", "m"] | None = None  # mm for scans, metres for rasters
 
 
 class InferenceDefaults(BaseModel):
@@ -72,6 +74,17 @@ class InferenceDefaults(BaseModel):
     blend: Literal["gaussian", "constant"] = "gaussian"
     sigma_scale: float = Field(default=0.125, gt=0.0)
     batch_size: int = Field(default=4, ge=1)
+    # Test-time augmentation: the spatial axes (0-based) to mirror.  Every
+    # combination of them is run and the softmax outputs averaged (2^k passes per
+    # window), as nnU-Net's mirroring does.  Per window, so chunking cannot change it.
+    flip_tta: list[int] = Field(default_factory=list)
+
+    @field_validator("flip_tta")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(a < 0 for a in v):
+            raise ValueError("flip_tta lists distinct, non-negative spatial axes")
+        return sorted(v)
 
     @field_validator("roi")
     @classmethod
@@ -84,7 +97,7 @@ class InferenceDefaults(BaseModel):
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    card_version: int = CARD_VERSION
+    card_version: int = Field(default=CARD_VERSION, ge=1)
     name: str = Field(min_length=1)
     description: str = ""
     architecture: Architecture
@@ -96,6 +109,13 @@ class ModelCard(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelCard":
+        if self.card_version > CARD_VERSION:
+            raise ValueError(f"card_version {self.card_version} is newer than this segflow reads "
+                             f"(up to {CARD_VERSION}); upgrade segflow")
+        if any(a >= self.input.spatial_dims for a in self.inference.flip_tta):
+            raise ValueError(f"flip_tta axes must be < spatial_dims ({self.input.spatial_dims})")
+        if self.input.spacing is not None and len(self.input.spacing) != self.input.spatial_dims:
+            raise ValueError("input.spacing needs one value per spatial axis")
         values = [c.value for c in self.classes]
         if values != list(range(len(values))):
             raise ValueError("class values must be 0..N-1 in order (they index the network's outputs)")

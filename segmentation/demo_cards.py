@@ -35,7 +35,7 @@ def landcover_card() -> ModelCard:
                         # per-band mean and spread of valid pixels of the synthetic scenes (rounded)
                         normalization=Normalization(mode="zscore", mean=[650.0, 800.0, 750.0, 2700.0],
                                                     std=[300.0, 300.0, 450.0, 850.0]),
-                        spacing=[10.0, 10.0]),
+                        dtype="uint16", spacing=[10.0, 10.0], spacing_unit="m"),
         classes=[
             LabelClass(value=0, name="water", color=(30, 90, 200)),
             LabelClass(value=1, name="forest", color=(20, 110, 40)),
@@ -59,7 +59,8 @@ def lesion_card() -> ModelCard:
         architecture=Architecture(name="unet", kwargs={
             "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1, "norm": "batch"}),
         input=InputSpec(spatial_dims=3, channels=1, channel_names=["mr"],
-                        normalization=Normalization(mode="image_zscore"), spacing=[1.5, 1.0, 1.0]),
+                        normalization=Normalization(mode="image_zscore"), dtype="int16", spacing=[1.5, 1.0, 1.0],
+                        spacing_unit="mm"),
         classes=[
             LabelClass(value=0, name="background", color=(0, 0, 0)),
             LabelClass(value=1, name="tissue", color=(200, 180, 160)),

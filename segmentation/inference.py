@@ -8,8 +8,9 @@ first use there, so each worker process loads and converts the model once.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +25,43 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def fold_batch_norm(net: nn.Module) -> nn.Module:
+    """Fold eval-mode BatchNorm into the convolution before it, where the graph can be traced.
+
+    The folded network computes the same function (fp32 results differ by
+    rounding, ~1e-7) and measured 1.2-1.5x faster on this CPU for MONAI's
+    U-Net in fp32 and bf16, 2D and 3D (``benchmarks/compile_modes.py``).
+    Networks torch.fx cannot trace symbolically (data-dependent control flow,
+    TorchScript) run unchanged.
+    """
+    if isinstance(net, torch.jit.ScriptModule) or not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return net
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(net, inplace=True)
+    except Exception:  # noqa: BLE001 - any tracing failure means: keep the eager network
+        return net
+
+
+def exp_and_scale(logits: torch.Tensor, out: torch.Tensor,
+                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax split in two factors, ``softmax(logits, 1) * weight == e * scale``.
+
+    Written into a reused float32 buffer, class-major, in place: the plain
+    ``torch.softmax(logits.float(), 1) * w`` allocates three window-batch-sized
+    tensors and walks a 5-wide inner axis in channels-last order, which measured
+    2.5x slower than this on the CPU (3D, 2 x 5 x 96^3).  Folding the weight
+    into the per-voxel scale saves one more pass over the classes.
+    """
+    out.copy_(logits)  # dtype and memory format converted in one pass
+    out.sub_(out.amax(1, keepdim=True)).exp_()
+    total = out.sum(1, keepdim=True)
+    scale = total.reciprocal_() if weight is None else torch.div(weight, total)
+    return out, scale
+
+
 class WindowPredictor:
     """Blended class probabilities (softmax, float32, weighted) over the windows of a region.
 
@@ -34,7 +72,7 @@ class WindowPredictor:
 
     def __init__(self, module: nn.Module, *, spatial_dims: int, num_classes: int,
                  precision: Precision = "exact", device: str = "auto", batch_size: int = 4,
-                 token: str = "") -> None:
+                 token: str = "", flip_tta: Sequence[int] = ()) -> None:
         self.module = module
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
@@ -42,6 +80,9 @@ class WindowPredictor:
         self.device = device
         self.batch_size = batch_size
         self.token = token
+        # every non-empty subset of the mirrored spatial axes, as tensor dims of a (N, C, *spatial) batch
+        axes = [a + 2 for a in sorted(set(flip_tta))]
+        self.flips = [c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
         self._prepared: nn.Module | None = None
         self._lock = threading.Lock()
 
@@ -64,14 +105,14 @@ class WindowPredictor:
         with self._lock:
             if self._prepared is None:
                 # a private copy: nn.Module.to() works in place, and the caller's module must not move
-                net = copy.deepcopy(self.module).to(dev).eval()
+                net = fold_batch_norm(copy.deepcopy(self.module).eval()).to(dev)
                 net = net.to(memory_format=self.memory_format)
                 for p in net.parameters():
                     p.requires_grad_(False)
                 self._prepared = net
         return self._prepared, dev
 
-    def _probabilities(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=self.memory_format)
         if self.precision == "fast":
             dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
@@ -81,7 +122,19 @@ class WindowPredictor:
             logits = net(x)
         if isinstance(logits, (tuple, list)):  # deep-supervision nets: the first head is the output
             logits = logits[0]
-        return torch.softmax(logits.float(), dim=1)
+        return logits
+
+    def _mirrored(self, net: nn.Module, xb: torch.Tensor, logits: torch.Tensor, out: torch.Tensor,
+                  w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean softmax over the identity and every flip combination, weighted: (mean p, w)."""
+        tmp = torch.empty_like(out)
+        e, scale = exp_and_scale(logits, out)
+        e.mul_(scale)
+        for dims in self.flips:
+            f, s = exp_and_scale(torch.flip(self._logits(net, torch.flip(xb, dims)), dims), tmp)
+            e.addcmul_(f, s)
+        e.mul_(1.0 / (len(self.flips) + 1))
+        return e, w.expand((len(xb), 1) + tuple(w.shape))
 
     def accumulate(self, region: np.ndarray, windows: list[tuple[slice, ...]], weights: np.ndarray,
                    num_classes: int) -> np.ndarray:
@@ -95,9 +148,18 @@ class WindowPredictor:
             x = torch.from_numpy(region).to(dev)
             w = torch.tensor(weights, dtype=torch.float32, device=dev)
             acc = torch.zeros((num_classes,) + tuple(region.shape[1:]), dtype=torch.float32, device=dev)
+            buf: torch.Tensor | None = None
             for i in range(0, len(windows), self.batch_size):
                 batch = windows[i:i + self.batch_size]
-                probs = self._probabilities(net, torch.stack([x[(slice(None),) + sl] for sl in batch]))
-                for sl, p in zip(batch, probs):
-                    acc[(slice(None),) + sl] += p * w
+                xb = torch.stack([x[(slice(None),) + sl] for sl in batch])
+                logits = self._logits(net, xb)
+                if buf is None:
+                    buf = torch.empty((self.batch_size,) + tuple(logits.shape[1:]), dtype=torch.float32,
+                                      device=dev)
+                if not self.flips:
+                    e, scale = exp_and_scale(logits, buf[:len(batch)], w)
+                else:
+                    e, scale = self._mirrored(net, xb, logits, buf[:len(batch)], w)
+                for sl, ei, si in zip(batch, e, scale):
+                    acc[(slice(None),) + sl].addcmul_(ei, si)
             return acc.cpu().numpy()

@@ -22,11 +22,13 @@ class Normalizer:
     factor: tuple[float, ...]
     clip: tuple[float, float] | None = None
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Normalise a (C, *spatial) block to float32."""
-        out = x.astype(np.float32, copy=True)
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalise a (C, *spatial) block to float32, into ``out`` when given (no temporary copy)."""
+        if out is None:
+            out = np.empty(x.shape, dtype=np.float32)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        out -= np.asarray(self.shift, dtype=np.float32).reshape(shape)
+        # cast and shift in one pass; the arithmetic is float32 whatever the stored dtype
+        np.subtract(x, np.asarray(self.shift, dtype=np.float32).reshape(shape), out=out, dtype=np.float32)
         out *= np.asarray(self.factor, dtype=np.float32).reshape(shape)
         if self.clip is not None:
             np.clip(out, self.clip[0], self.clip[1], out=out)

@@ -43,7 +43,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                overlap: float | None = None, blend: Blend | None = None, sigma_scale: float | None = None,
                precision: Precision = "exact", chunks: Sequence[int] | int | None = None, mask: Any = None,
                batch_size: int | None = None, device: str = "auto", normalizer: Normalizer | None = None,
-               num_classes: int | None = None) -> StitchPlan:
+               num_classes: int | None = None, flip_tta: Sequence[int] | None = None) -> StitchPlan:
     """Resolve defaults from the model card, check the input fits, and build the stitching graph."""
     if image.ndim not in (3, 4):
         raise ConfigError(None, f"image must be (C, *spatial) with 2 or 3 spatial axes, got shape {image.shape}")
@@ -62,6 +62,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         sigma_scale = sigma_scale or card.inference.sigma_scale
         batch_size = batch_size or card.inference.batch_size
         num_classes = card.num_classes
+        flip_tta = card.inference.flip_tta if flip_tta is None else flip_tta
         module, token = model.module, model.weights_sha256
     else:
         module, token = model, None
@@ -71,6 +72,9 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
     blend = blend or "gaussian"
     sigma_scale = sigma_scale or 0.125
     batch_size = batch_size or 4
+    flip_tta = tuple(sorted(set(flip_tta or ())))
+    if any(not 0 <= a < spatial_dims for a in flip_tta):
+        raise ConfigError(None, f"flip_tta axes {list(flip_tta)} must be spatial axes 0..{spatial_dims - 1}")
     roi = tuple(int(r) for r in roi)
     arr = as_dask(image, chunks, spatial_dims)
     dmask = None
@@ -95,7 +99,8 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         token = tokenize(*[p.detach().numpy() for p in module.state_dict().values()], type(module).__name__)
     predictor = WindowPredictor(module, spatial_dims=spatial_dims, num_classes=num_classes,
                                 precision=precision, device=device, batch_size=batch_size,
-                                token=f"{token}-{precision}-{device}")
+                                token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}",
+                                flip_tta=flip_tta)
     grid = make_grid(arr.shape[1:], roi, overlap)
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
                       blend=blend, sigma_scale=sigma_scale)

@@ -108,7 +108,7 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     raw = _assemble(region, blocks, (channels,), blocks[0][1].dtype)
     x = np.zeros((channels,) + tuple(hi - lo for lo, hi in extent), dtype=np.float32)
     inner = tuple(slice(r0 - e0, r1 - e0) for (r0, r1), (e0, _) in zip(region, extent))
-    x[(slice(None),) + inner] = normalizer(raw)
+    normalizer(raw, out=x[(slice(None),) + inner])
     del raw
     valid = None if mask_blocks is None else _assemble(region, mask_blocks, (), bool)
 

@@ -141,3 +141,30 @@ def test_predict_leaves_the_callers_module_untouched():
     predict(np.zeros((1, 40, 40), np.float32), net, roi=(16, 16), precision="fast").compute(scheduler="sync")
     assert all(p.device.type == "cpu" and p.is_contiguous() for p in net.parameters())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("ndim, shape, roi, flips", [
+    (2, (53, 71), (24, 32), [0]),
+    (2, (40, 37), (16, 16), [0, 1]),
+    (3, (19, 23, 17), (8, 12, 8), [0, 2]),
+])
+def test_flip_tta_equals_monai_with_mirrored_predictor_and_is_chunk_invariant(ndim, shape, roi, flips):
+    img = np.random.default_rng(7).random((2, *shape), dtype=np.float32)
+    net = tiny_net(ndim, 2, 3, seed=3)
+    dims = [a + 2 for a in flips]
+    combos = [()] + [c for k in range(1, len(dims) + 1) for c in __import__("itertools").combinations(dims, k)]
+
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        return sum(torch.flip(torch.softmax(net(torch.flip(x, c)), 1), c) if c else torch.softmax(net(x), 1)
+                   for c in combos) / len(combos)
+
+    with torch.no_grad():
+        ref = sliding_window_inference(torch.from_numpy(img)[None], roi, 3, mirrored, overlap=0.25,
+                                       mode="gaussian")[0].numpy()
+    plain = predict(img, net, roi=roi, chunks=11).compute(scheduler="sync")
+    assert np.abs(plain - ref).max() > 1e-3  # the augmentation changes the answer, so the check below can fail
+    results = [predict(img, net, roi=roi, chunks=c, flip_tta=flips).compute(scheduler="sync") for c in (11, 29)]
+    for probs in results:
+        np.testing.assert_allclose(probs, ref, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5, rtol=0)
