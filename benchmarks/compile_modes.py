@@ -58,9 +58,8 @@ def main() -> int:
         print(line, flush=True)
 
     print("\n".join(lines))
-    import copy
 
-    folded = fold_batch_norm(copy.deepcopy(net)).to(memory_format=fmt)
+    folded = fold_batch_norm(net, x).to(memory_format=fmt)
     for precision in ("fp32", "bf16"):
         ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else torch.no_grad
         eager = bench(lambda t, ctx=ctx: _run(net, t, ctx), x, args.reps)

@@ -72,7 +72,7 @@ def main() -> int:
 
     from segmentation.inference import fold_batch_norm
 
-    gpu_net = fold_batch_norm(copy.deepcopy(net).eval()).to(dev).to(memory_format=fmt)
+    gpu_net = fold_batch_norm(copy.deepcopy(net).eval(), torch.rand((1, 3) + roi)).to(dev).to(memory_format=fmt)
     monai_net = copy.deepcopy(net).to(dev)
 
     def raw(precision: str) -> None:

@@ -24,7 +24,7 @@ from storage.errors import SegflowError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Out-of-core, exactly stitched segmentation of large rasters and 3D volumes.")
-model_app = typer.Typer(no_args_is_help=True, help="Inspect model directories.")
+model_app = typer.Typer(no_args_is_help=True, help="Inspect and convert models.")
 app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 out = Console()
@@ -72,7 +72,8 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
 
 @app.command()
 def segment(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files."),
-            model: Path = typer.Option(..., "--model", help="Model directory (card.json + weights.safetensors)."),
+            model: Path = typer.Option(..., "--model", help="Model directory (card.json + weights.safetensors), "
+                                                            "MONAI bundle, or TorchScript archive with its card."),
             out: Path = typer.Option(..., "--out", help="Output directory."),
             precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
             roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: the card's)."),
@@ -84,22 +85,33 @@ def segment(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI
             device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
             dask_address: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler."),
             no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
-            report: Optional[Path] = typer.Option(None, help="Write the per-input outcomes as JSON here.")) -> None:
+            report: Optional[Path] = typer.Option(None, help="Write the per-input outcomes as JSON here."),
+            trust_bundle: bool = typer.Option(False, "--trust-bundle",
+                                              help="Let MONAI evaluate a bundle's configuration (runs its code) to "
+                                                   "build a network segflow's registry does not know."),
+            tta: Optional[str] = typer.Option(None, "--tta", help="Flip test-time augmentation: the spatial axes to "
+                                                                  "mirror, e.g. 0,1 (all combinations are averaged); "
+                                                                  "'none' turns off the card's default."),
+            crf: bool = typer.Option(False, "--crf", help="Refine probabilities with the truncated dense CRF "
+                                                          "(chunk by chunk, with a halo) before the argmax."),
+            crf_iterations: int = typer.Option(5, help="Mean-field iterations of --crf.")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
     from flows.config import SegmentOptions
     from flows.flows import batch_outcomes, segment_batch
     from flows.progress import RichReporter, reporting
-    from segmentation.modeldir import read_card
+    from segmentation.modeldir import check_model
 
     try:
         options = SegmentOptions(precision=precision, roi=_ints(roi), overlap=overlap, chunk_size=chunk_size,
                                  batch_size=batch_size, workers=workers, probabilities=probabilities,
-                                 device=device, dask_address=dask_address, keep_zarr=not no_zarr)
+                                 device=device, dask_address=dask_address, keep_zarr=not no_zarr,
+                                 trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
+                                 flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)))
     except ValidationError as exc:
         first = exc.errors()[0]
         _fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
     try:
-        read_card(model)
+        check_model(model, trust_bundle=trust_bundle)
     except SegflowError as exc:
         _fail(str(exc))
     with _progress() as progress, reporting(RichReporter(progress)):
@@ -181,15 +193,43 @@ def verify(output: Path = typer.Argument(..., help="An output file or its .prove
 
 
 @model_app.command("inspect")
-def model_inspect(path: Path = typer.Argument(..., help="Model directory.")) -> None:
-    """Print a model card."""
-    from segmentation.modeldir import read_card
+def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI bundle or TorchScript archive."),
+                  trust_bundle: bool = typer.Option(False, "--trust-bundle",
+                                                    help="Let MONAI evaluate a bundle's configuration.")) -> None:
+    """Print a model card (for a bundle: the card segflow maps it to)."""
+    from segmentation.modeldir import check_model
 
     try:
-        card = read_card(path)
+        card = check_model(path, trust_bundle=trust_bundle)
     except SegflowError as exc:
         _fail(str(exc))
     out.print_json(card.model_dump_json())
+
+
+@model_app.command("convert")
+def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, state_dict checkpoint "
+                                                       "(.pt/.pth/.bin/.safetensors) or TorchScript archive."),
+                  out: Path = typer.Option(..., "--out", help="Model directory to write."),
+                  card: Optional[Path] = typer.Option(None, "--card", help="Model card JSON: the architecture of a "
+                                                                           "checkpoint, or the input, classes and "
+                                                                           "inference of a bundle segflow cannot "
+                                                                           "map."),
+                  trust_bundle: bool = typer.Option(False, "--trust-bundle",
+                                                    help="Let MONAI evaluate the bundle's configuration "
+                                                         "(runs its code).")) -> None:
+    """Make a segflow model directory (card.json + weights.safetensors) from weights made elsewhere."""
+    from segmentation.modeldir import convert_model, read_card
+
+    try:
+        given = read_card(card) if card is not None else None
+        loaded, notes = convert_model(src, out, card=given, trust_bundle=trust_bundle)
+    except SegflowError as exc:
+        _fail(str(exc))
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+    console.print(f"converted {src} -> {loaded.path} ({loaded.card.architecture.name}, "
+                  f"{loaded.weights_path.name if loaded.weights_path else ''} sha256 {loaded.weights_sha256[:12]}…)",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -23,6 +23,17 @@ class SegmentOptions(BaseModel):
     workers: int | None = Field(default=None, ge=1)
     dask_address: str | None = None
     keep_zarr: bool = True  # keep OUT/<stem>.zarr (labels [+ probabilities]) beside the export
+    flip_tta: list[int] | None = None  # spatial axes to mirror at test time; default: the model card's
+    trust_bundle: bool = False  # let MONAI evaluate a bundle's configuration (runs its code); off unless asked
+    crf: bool = False  # refine probabilities with the truncated dense CRF (segmentation.crf) before the argmax
+    crf_iterations: int = Field(default=5, ge=1, le=20)
+
+    @field_validator("flip_tta")
+    @classmethod
+    def _flips(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) != len(v) or any(a < 0 or a > 2 for a in v)):
+            raise ValueError("flip_tta lists distinct spatial axes 0, 1 or 2")
+        return v
 
     @field_validator("roi")
     @classmethod

@@ -30,7 +30,7 @@ def _one_line(exc: BaseException) -> str:
 def segment(input_path: str, model_dir: str, out_dir: str, options: SegmentOptions | None = None) -> dict[str, Any]:
     """Segment one GeoTIFF/NIfTI into OUT/<stem>.tif|.nii.gz with provenance."""
     options = options or SegmentOptions()
-    model = load_model(model_dir)
+    model = load_model(model_dir, trust_bundle=options.trust_bundle)
     with dask_client(options.dask_address, workers=options.workers) as client:
         outcome = segment_one(input_path, model, out_dir, options, client)
     get_run_logger().info("segmented %s -> %s", input_path, outcome.outputs[0])
@@ -43,7 +43,7 @@ def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: Segm
     options = options or SegmentOptions()
     logger = get_run_logger()
     outcomes: list[dict[str, Any]] = []
-    model = load_model(model_dir)  # a bad model fails the whole batch, before any input is touched
+    model = load_model(model_dir, trust_bundle=options.trust_bundle)  # a bad model fails the whole batch, before any input is touched
     with dask_client(options.dask_address, workers=options.workers) as client:
         for path in inputs:
             try:

@@ -20,6 +20,7 @@ from distributed import Client, as_completed
 from flows.config import SegmentOptions
 from flows.progress import reporter
 from segmentation import LoadedModel, build_plan
+from segmentation.crf import CRFParams, crf_dask
 from segmentation.stitching import PROBABILITY_SCALE, label_dtype, label_nodata
 from storage import provenance
 from storage.errors import ExportError, SegflowError
@@ -55,6 +56,10 @@ def ingest_input(path: str | Path, work_dir: str | Path, chunk: int | None = Non
     return open_image_store(store_path)
 
 
+def crf_params(options: SegmentOptions) -> CRFParams:
+    return CRFParams(iterations=options.crf_iterations)
+
+
 def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) -> dict[str, Any]:
     inf = model.card.inference
     return {
@@ -64,6 +69,8 @@ def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) 
         "blend": options.blend or inf.blend,
         "sigma_scale": inf.sigma_scale,
         "batch_size": options.batch_size or inf.batch_size,
+        "flip_tta": list(options.flip_tta if options.flip_tta is not None else inf.flip_tta),
+        "crf": crf_params(options).model_dump(mode="json") if options.crf else None,
         "chunks": [c[0] for c in plan.chunks],
     }
 
@@ -74,7 +81,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     t0 = time.perf_counter()
     plan = build_plan(store.image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
                       precision=options.precision, chunks=options.chunk_size, mask=store.mask,
-                      batch_size=options.batch_size, device=options.device)
+                      batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
     params = resolved_parameters(model, options, plan)
     _, labels, probs = create_prediction_store(
         target, meta=store.group.attrs[META_ATTR], spatial_shape=plan.grid.shape,
@@ -82,7 +89,12 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         nodata_label=label_nodata(plan.num_classes), classes=[c.model_dump(mode="json") for c in model.card.classes],
         probabilities_dtype=None if options.probabilities == "none" else options.probabilities)
 
-    writes = plan.writes(labels, probs, options.probabilities if probs is not None else "float32")
+    refined = None
+    if options.crf:
+        refined = crf_dask(plan.probabilities(), plan.image, crf_params(options), plan.mask,
+                           normalizer=plan.normalizer)
+    writes = plan.writes(labels, probs, options.probabilities if probs is not None else "float32",
+                         probabilities=refined)
     futures = client.compute(writes + [plan.counts()])
     key = f"infer:{target.name}"
     reporter().start(key, f"segment {stem_of(store.meta.source.path)}", total=len(writes))
@@ -182,6 +194,8 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
         record = provenance.make_record(
             input_path=store.meta.source.path, input_sha256=store.meta.source.sha256,
             model={"name": model.name, "path": str(model.path.resolve()), "weights_sha256": model.weights_sha256,
+                   "weights_path": str(model.weights_path.resolve()) if model.weights_path else None,
+                   "source": model.source,
                    "architecture": model.card.architecture.model_dump(mode="json")},
             parameters=params, device=_device_name(options.device), started=started, finished=provenance.now(),
             statistics=stats)

@@ -1,35 +1,55 @@
-"""Model directories: ``card.json`` + ``weights.safetensors``, loaded without executing anything."""
+"""Model directories: ``card.json`` + ``weights.safetensors``, loaded without executing anything.
+
+``load_model`` also accepts what users bring from elsewhere, each read safely:
+
+- a segflow model directory: ``card.json`` + ``weights.safetensors`` (a registry
+  architecture), or ``card.json`` + ``model.ts`` (a TorchScript network, card
+  architecture ``torchscript``);
+- a MONAI bundle directory (``configs/metadata.json``), mapped by
+  :mod:`segmentation.bundle` without evaluating its configuration unless trusted;
+- a TorchScript archive file carrying its card as the extra file ``card.json``.
+
+Plain state_dict checkpoints (``.pt``/``.pth``/``.bin``) hold only tensors; they
+need a card naming the architecture: :func:`convert_model` makes them a model
+directory.  Every loaded model carries the sha256 of the weights file it was
+built from, which provenance records.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
 from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from segmentation import models
 from segmentation.card import ModelCard
+from segmentation.formats import (ScriptedNetwork, detect_format, fill, load_torchscript, read_state_dict)
 from storage.errors import ModelError
 from storage.hashing import sha256_file
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
+SCRIPT_FILE = "model.ts"  # the TorchScript form of a model directory
+TORCHSCRIPT = "torchscript"  # card architecture.name of a TorchScript network
 
 
 @dataclass
 class LoadedModel:
-    """A model directory turned into a ready network plus the identity provenance needs."""
+    """A model turned into a ready network plus the identity provenance needs."""
 
     path: Path
     card: ModelCard
     module: nn.Module
     weights_sha256: str
+    weights_path: Path | None = None  # the file weights_sha256 is the hash of
+    source: str = "segflow"  # segflow | torchscript | monai-bundle
 
     @property
     def name(self) -> str:
@@ -45,9 +65,13 @@ def read_card(path: str | PathLike[str]) -> ModelCard:
     try:
         return ModelCard.model_validate_json(card_path.read_bytes())
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "card"
-        raise ModelError(card_path, f"invalid model card: {where}: {first['msg']}") from None
+        raise ModelError(card_path, _first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "card"
+    return f"invalid model card: {where}: {first['msg']}"
 
 
 def build_module(card: ModelCard) -> nn.Module:
@@ -56,59 +80,194 @@ def build_module(card: ModelCard) -> nn.Module:
                          **card.architecture.kwargs)
 
 
-def load_model(path: str | PathLike[str], *, verify_hash: bool = True) -> LoadedModel:
-    """Build the card's architecture from the registry and fill it from safetensors.
+def load_model(path: str | PathLike[str], *, verify_hash: bool = True, trust_bundle: bool = False) -> LoadedModel:
+    """A model directory, a MONAI bundle or a TorchScript archive with its card, ready to run.
 
     The weights' sha256 must equal the card's, and every tensor must match the
-    network's parameter names and shapes: a directory whose parts do not belong
-    together is refused rather than half-loaded.
+    network's parameter names and shapes: parts that do not belong together are
+    refused rather than half-loaded.  A bundle is evaluated by MONAI only with
+    ``trust_bundle=True``.
     """
+    from segmentation import bundle
+
     path = Path(path)
+    if path.is_file():
+        return _load_archive(path)
     if not path.is_dir():
         raise ModelError(path, "model path is not a directory")
+    if bundle.is_bundle(path) and not (path / CARD_FILE).is_file():
+        mapping, module = bundle.load_bundle(path, trust_bundle=trust_bundle)
+        return LoadedModel(path=path, card=mapping.card, module=module, weights_sha256=mapping.card.weights_sha256
+                           or sha256_file(mapping.weights), weights_path=mapping.weights, source="monai-bundle")
     card = read_card(path)
-    weights = path / WEIGHTS_FILE
+    weights, script = path / WEIGHTS_FILE, path / SCRIPT_FILE
+    if not weights.is_file() and script.is_file():
+        return _load_script_dir(path, card, script, verify_hash)
     if not weights.is_file():
         raise ModelError(path, f"no {WEIGHTS_FILE}")
+    digest = _checked_digest(weights, card, verify_hash)
+    if detect_format(weights) != "safetensors":
+        raise ModelError(weights, "not a safetensors file (convert other formats with `segflow model convert`)")
+    module = fill(build_module(card), read_state_dict(weights), weights, card.architecture.name)
+    return LoadedModel(path=path, card=card, module=module, weights_sha256=digest, weights_path=weights)
+
+
+def _checked_digest(weights: Path, card: ModelCard, verify_hash: bool) -> str:
     digest = sha256_file(weights)
     if verify_hash and card.weights_sha256 and digest != card.weights_sha256:
         raise ModelError(weights, f"sha256 {digest[:12]}… does not match the card's {card.weights_sha256[:12]}…")
-    module = build_module(card)
+    return digest
+
+
+def _load_script_dir(path: Path, card: ModelCard, script: Path, verify_hash: bool) -> LoadedModel:
+    if card.architecture.name != TORCHSCRIPT:
+        raise ModelError(path, f"the card names architecture {card.architecture.name!r} but the directory holds "
+                               f"{SCRIPT_FILE}, not {WEIGHTS_FILE}")
+    digest = _checked_digest(script, card, verify_hash)
+    if detect_format(script) != "torchscript":
+        raise ModelError(script, "not a TorchScript archive")
+    module, _ = load_torchscript(script)
+    return LoadedModel(path=path, card=card, module=ScriptedNetwork(module).eval(), weights_sha256=digest,
+                       weights_path=script, source="torchscript")
+
+
+def _load_archive(path: Path) -> LoadedModel:
+    """A TorchScript archive that carries its card (``segflow model convert`` writes them that way)."""
+    fmt = detect_format(path)
+    if fmt != "torchscript":
+        raise ModelError(path, f"a {fmt} file holds only tensors, no card: make a model directory with "
+                               "`segflow model convert SRC --card CARD.json --out DIR`")
+    module, raw = load_torchscript(path)
+    if raw is None:
+        raise ModelError(path, "TorchScript archive has no embedded card.json: make a model directory with "
+                               "`segflow model convert SRC --card CARD.json --out DIR`")
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(weights, f"not a readable safetensors file ({exc})") from None
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ModelError(weights, f"weights do not fit architecture {card.architecture.name!r}: "
-                                  f"{len(missing)} missing, {len(unexpected)} unexpected tensors"
-                                  + (f" (e.g. {(missing or unexpected)[0]})"))
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ModelError(weights, f"tensor {key} has shape {tuple(tensor.shape)}, "
-                                      f"architecture expects {tuple(expected[key].shape)}")
-    module.load_state_dict(state)
-    module.eval()
-    return LoadedModel(path=path, card=card, module=module, weights_sha256=digest)
+        card = ModelCard.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelError(path, _first_error(exc)) from None
+    digest = sha256_file(path)
+    return LoadedModel(path=path, card=card, module=ScriptedNetwork(module).eval(), weights_sha256=digest,
+                       weights_path=path, source="torchscript")
+
+
+def check_model(path: str | PathLike[str], *, trust_bundle: bool = False) -> ModelCard:
+    """The card of whatever ``load_model`` would load, without building the network (early CLI errors)."""
+    from segmentation import bundle
+
+    path = Path(path)
+    if path.is_file():
+        return _load_archive(path).card
+    if path.is_dir() and bundle.is_bundle(path) and not (path / CARD_FILE).is_file():
+        return bundle.read_bundle(path, trust_bundle=trust_bundle).card
+    return read_card(path)
 
 
 def save_model(path: str | PathLike[str], card: ModelCard, module: nn.Module) -> LoadedModel:
     """Write weights then card (the card, naming the weights' hash, is the commit point)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    # cloned: safetensors refuses tensors that share memory, and DynUNet reaches its blocks under two names
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
     weights = path / WEIGHTS_FILE
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, weights)
+    (path / SCRIPT_FILE).unlink(missing_ok=True)  # one weights file per directory
     digest = sha256_file(weights)
     card = card.model_copy(update={"weights_sha256": digest})
+    _write_card(path, card)
+    return LoadedModel(path=path, card=card, module=module.eval(), weights_sha256=digest, weights_path=weights)
+
+
+def _write_card(path: Path, card: ModelCard) -> None:
     fd, tmp_card = tempfile.mkstemp(dir=path, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:
         f.write(card.model_dump_json(indent=2))
     os.replace(tmp_card, path / CARD_FILE)
-    return LoadedModel(path=path, card=card, module=module.eval(), weights_sha256=digest)
 
 
+def _save_script_dir(path: Path, card: ModelCard, archive: Path) -> LoadedModel:
+    """card.json + model.ts, the archive copied byte for byte (its hash stays the source's)."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (SCRIPT_FILE + ".tmp")
+    shutil.copyfile(archive, tmp)
+    os.replace(tmp, path / SCRIPT_FILE)
+    (path / WEIGHTS_FILE).unlink(missing_ok=True)
+    card = card.model_copy(update={"weights_sha256": sha256_file(path / SCRIPT_FILE),
+                                   "architecture": card.architecture.model_copy(update={"name": TORCHSCRIPT})})
+    _write_card(path, card)
+    return load_model(path)
+
+
+def _with_source(card: ModelCard, src: Path, fmt: str) -> ModelCard:
+    training = dict(card.training or {})
+    training.setdefault("converted_from", {"format": fmt, "path": str(src.resolve()), "sha256": sha256_file(src)})
+    return card.model_copy(update={"training": training})
+
+
+def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: ModelCard | None = None,
+                  trust_bundle: bool = False) -> tuple[LoadedModel, list[str]]:
+    """Turn a bundle, a checkpoint or a TorchScript archive into a segflow model directory.
+
+    Returns the reloaded model directory and the notes about what segflow does
+    not apply.  A registry architecture (from the bundle's network_def or from
+    ``card``) gives card + safetensors; a TorchScript network without one gives
+    card + model.ts.  A network only a trusted bundle can build has no model
+    directory form: run the bundle itself.
+    """
+    from segmentation import bundle
+
+    src, out = Path(src), Path(out)
+    if src.resolve() == out.resolve():
+        raise ModelError(out, "the output directory must differ from the source")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_FILE).is_file())):
+        raise ModelError(out, "output exists and is not an empty or model directory")
+    notes: list[str] = []
+    if src.is_dir() and bundle.is_bundle(src) and not (src / CARD_FILE).is_file():
+        mapping = bundle.read_bundle(src, trust_bundle=trust_bundle, card=card)
+        arch = mapping.card.architecture.name
+        if arch.startswith(bundle.BUNDLE_PREFIX) or arch == TORCHSCRIPT:
+            what = "TorchScript only" if arch == TORCHSCRIPT else "built by MONAI from the trusted configuration"
+            raise ModelError(src, f"the bundle's network ({mapping.target or 'models/model.ts'}) is {what}, not a "
+                                  "segflow registry architecture, so no model directory can hold it; segment the "
+                                  f"bundle itself: segflow segment --model {src}"
+                                  + (" --trust-bundle" if arch != TORCHSCRIPT else ""))
+        new_card, module = bundle.in_segflow_order(mapping, bundle.build_network(mapping))
+        save_model(out, new_card.model_copy(update={"weights_sha256": None}), module)
+        return load_model(out), list(mapping.notes)
+    if src.is_dir():
+        raise ModelError(src, "neither a MONAI bundle (configs/metadata.json) nor a weights file"
+                         + ("; it is already a segflow model directory" if (src / CARD_FILE).is_file() else ""))
+    elif src.is_file():
+        weights, fmt = src, detect_format(src)
+        embedded = load_torchscript(src)[1] if fmt == "torchscript" else None
+        if card is None and embedded is not None:
+            try:
+                card = ModelCard.model_validate(embedded)
+            except ValidationError as exc:
+                raise ModelError(src, _first_error(exc)) from None
+        if card is None:
+            raise ModelError(src, f"a {fmt} file does not say which network it is: pass --card CARD.json naming "
+                                  f"a registry architecture ({', '.join(models.names())})"
+                             + (f" or {TORCHSCRIPT!r} to keep the TorchScript graph" if fmt == "torchscript" else ""))
+        target = _with_source(card, src, fmt)
+        arch = target.architecture.name
+    else:
+        raise ModelError(src, "no such file or directory")
+
+    if arch == TORCHSCRIPT or arch not in models.names():
+        if fmt != "torchscript":
+            raise ModelError(src, f"architecture {arch!r} is not in segflow's registry "
+                                  f"({', '.join(models.names())}); a {fmt} file needs one to be built from")
+        if arch != TORCHSCRIPT:
+            notes.append(f"architecture {arch!r} is not in the registry: the TorchScript graph is kept as is")
+        return _save_script_dir(out, target, weights), notes
+    try:
+        module = fill(build_module(target), read_state_dict(weights), weights, arch)
+    except ModelError as exc:
+        if fmt == "torchscript" and exc.path is not None:
+            raise ModelError(exc.path, f"{exc.problem}; the TorchScript module's parameters must match the "
+                                       f"card's registry architecture (or give architecture {TORCHSCRIPT!r})") from None
+        raise
+    save_model(out, target.model_copy(update={"weights_sha256": None}), module)
+    return load_model(out), notes

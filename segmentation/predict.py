@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from segmentation import models
 from segmentation.blending import Blend
 from segmentation.inference import Precision, WindowPredictor
 from segmentation.modeldir import LoadedModel
@@ -76,6 +77,9 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
     if any(not 0 <= a < spatial_dims for a in flip_tta):
         raise ConfigError(None, f"flip_tta axes {list(flip_tta)} must be spatial axes 0..{spatial_dims - 1}")
     roi = tuple(int(r) for r in roi)
+    if len(roi) != spatial_dims:
+        raise ConfigError(None, f"roi {list(roi)} has {len(roi)} axes, the image {spatial_dims} spatial axes")
+    models.check_roi(module, roi, model.card.architecture.name if isinstance(model, LoadedModel) else "the network")
     arr = as_dask(image, chunks, spatial_dims)
     dmask = None
     if mask is not None:
@@ -100,7 +104,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
     predictor = WindowPredictor(module, spatial_dims=spatial_dims, num_classes=num_classes,
                                 precision=precision, device=device, batch_size=batch_size,
                                 token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}",
-                                flip_tta=flip_tta)
+                                flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0])
     grid = make_grid(arr.shape[1:], roi, overlap)
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
                       blend=blend, sigma_scale=sigma_scale)

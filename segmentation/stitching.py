@@ -222,6 +222,7 @@ class StitchPlan:
         self.image = image.rechunk({0: -1})
         self.mask = None if mask is None else mask.rechunk(self.chunks)
         self.weights = importance_map(grid.roi, blend, sigma_scale)
+        self.normalizer = normalizer
         self.axes = [_make_axis(st, r, ch, sz) for st, r, ch, sz in zip(grid.starts, grid.roi, self.chunks,
                                                                          grid.shape)]
         self.token = tokenize(self.image.name, None if mask is None else self.mask.name,
@@ -306,18 +307,28 @@ class StitchPlan:
         return da.block(self._nested(block))
 
     def writes(self, labels_target: Any, probabilities_target: Any = None,
-               probabilities_dtype: str = "float32") -> list[Delayed]:
-        """One delayed write per output chunk, each covering that whole chunk of the targets."""
+               probabilities_dtype: str = "float32", probabilities: da.Array | None = None) -> list[Delayed]:
+        """One delayed write per output chunk, each covering that whole chunk of the targets.
+
+        ``probabilities`` replaces the stitched probabilities with a refined
+        version on the same chunk grid (e.g. :func:`segmentation.crf.crf_dask`
+        of :meth:`probabilities`); labels are then its argmax.
+        """
+        blocks = self._probs
+        if probabilities is not None:
+            if probabilities.chunks[1:] != tuple(self.chunks):
+                raise ValueError(f"refined probabilities are chunked {probabilities.chunks[1:]}, "
+                                 f"the plan {self.chunks}")
+            refined = probabilities.rechunk({0: -1}).to_delayed()[0]
+            blocks = {idx: refined[idx] for idx in self._probs}
         out = []
-        for idx, probs in self._probs.items():
+        for idx, probs in blocks.items():
             mask = None if self._mask_blocks is None else self._mask_blocks[idx]
-            name = f"segflow-write-{self.token}-" + "-".join(map(str, idx))
+            name = f"segflow-write-{self.token}-{'crf-' if probabilities is not None else ''}" + "-".join(map(str, idx))
             out.append(delayed(_write, name=name, pure=False)(
                 probs, mask, self.box(idx), self.num_classes, labels_target, probabilities_target,
                 probabilities_dtype))
         return out
-
-
 
 
 __all__ = ["PROBABILITY_SCALE", "StitchPlan", "label_dtype", "label_nodata", "quantize_probabilities"]

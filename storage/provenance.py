@@ -134,9 +134,10 @@ def verify_sidecar(path: str | PathLike[str]) -> list[str]:
             problems.append(f"output {out} changed (sha256 differs from provenance)")
     checks = [("input", record.get("input", {}).get("path"), record.get("input", {}).get("sha256"))]
     model = record.get("model", {})
-    if model.get("path"):
-        checks.append(("model weights", str(Path(model["path"]) / "weights.safetensors"),
-                       model.get("weights_sha256")))
+    weights = model.get("weights_path") or (str(Path(model["path"]) / "weights.safetensors")
+                                            if model.get("path") else None)
+    if weights:
+        checks.append(("model weights", weights, model.get("weights_sha256")))
     for what, file, digest in checks:
         if not file or not digest:
             problems.append(f"{what}: no path or hash recorded")

@@ -1,0 +1,226 @@
+"""Weight files in every common format, read without ever unpickling code.
+
+Three formats are recognised by their *content*, never by their suffix:
+
+- ``safetensors``: an 8-byte header length and a JSON header (segflow's own format);
+- ``state_dict``: a ``torch.save`` checkpoint (zip with ``data.pkl``, or the legacy
+  raw pickle), read only with ``torch.load(weights_only=True)``, whose restricted
+  unpickler admits tensors and plain containers.  A pickle that names any other
+  global (a function to call, a class to build) is refused with
+  :class:`UnsafeModelError`; nothing in it runs.  Wrappers (``{"state_dict": ...}``,
+  ``{"model": ...}``, ...) and DataParallel's ``module.`` prefix are removed;
+- ``torchscript``: a ``torch.jit.save`` archive (a zip with ``code/`` and
+  ``constants.pkl``).  Its compiled graph *is* the network: it runs as is, without
+  the registry, and is loaded with TorchScript's own unpickler (no Python objects).
+  segflow stores the model card inside the archive as the extra file ``card.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+import struct
+import zipfile
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import nn
+
+from storage.errors import ModelError, UnsafeModelError
+
+WeightFormat = Literal["safetensors", "state_dict", "torchscript"]
+EXTRA_CARD = "card.json"  # the extra file of a TorchScript archive that holds its segflow card
+
+# Keys under which training code commonly nests the network's state_dict.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "network", "net", "weights")
+_PICKLE_PROTOCOL_BYTE = 0x80
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def detect_format(path: str | PathLike[str]) -> WeightFormat:
+    """Which weight format a file holds, read from its first bytes and zip directory."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise ModelError(path, f"cannot read weights: {exc.strerror or exc}") from None
+    if len(head) == 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 2 <= header_len <= _MAX_SAFETENSORS_HEADER and head[8:9] == b"{":
+            return "safetensors"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelError(path, f"damaged zip archive ({exc})") from None
+        parts = [n.split("/", 1)[1] if "/" in n else n for n in names]
+        if any(p.startswith("code/") for p in parts) or "constants.pkl" in parts:
+            return "torchscript"
+        if "data.pkl" in parts:
+            return "state_dict"
+        raise ModelError(path, "a zip archive that is neither a torch.save checkpoint nor a TorchScript archive")
+    if head[:1] == bytes([_PICKLE_PROTOCOL_BYTE]):
+        return "state_dict"  # torch.save's legacy (pre-1.6) format: a raw pickle stream
+    raise ModelError(path, "not a weights file segflow reads (safetensors, PyTorch state_dict, TorchScript)")
+
+
+def _unsafe_global(message: str) -> str | None:
+    """The global a refused pickle asked for, from torch's weights-only unpickler message."""
+    found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported (?:global|class)[: ]+([\w.]+)", message)
+    return found.group(1) if found else None
+
+
+def torch_load_safely(path: str | PathLike[str]) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a pickle that would import or call anything is refused.
+
+    The weights-only unpickler stops at the first global it does not allow,
+    before building any object, so a refused payload has not run.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported" in text:
+            what = _unsafe_global(text)
+            raise UnsafeModelError(path, "pickle payload " + (f"imports {what!r}, " if what else "")
+                                   + "which a weights-only load refused; segflow never unpickles code "
+                                   "(save the state_dict of plain tensors, or use safetensors)") from None
+        raise ModelError(path, f"not a readable PyTorch checkpoint ({' '.join(text.split())[:200]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, IndexError,
+            zipfile.BadZipFile) as exc:
+        raise ModelError(path, f"not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]})") from None
+
+
+def unwrap_state_dict(obj: Any, path: str | PathLike[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a checkpoint: wrappers and DataParallel's ``module.`` prefix removed.
+
+    Anything that is not, in the end, a flat mapping of names to tensors is
+    refused: loading it would only fail later with a less useful message.
+    """
+    for _ in range(3):  # {"checkpoint": {"state_dict": {...}}} at most; deeper nesting is not a checkpoint
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ModelError(path, f"checkpoint holds a {type(obj).__name__}, not a state_dict of tensors")
+    if not obj:
+        raise ModelError(path, "checkpoint holds an empty state_dict")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            keys = ", ".join(map(repr, list(obj)[:4]))
+            raise ModelError(path, f"checkpoint is not a state_dict of tensors: entry {key!r} holds a "
+                                   f"{type(value).__name__} (top-level keys: {keys})")
+        state[key] = value
+    for prefix in ("module.", "_orig_mod."):  # DataParallel / DistributedDataParallel, torch.compile
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors by name from a safetensors file, a torch.save checkpoint or a TorchScript archive."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(path, f"not a readable safetensors file ({exc})") from None
+    if fmt == "state_dict":
+        return unwrap_state_dict(torch_load_safely(path), path)
+    module, _ = load_torchscript(path)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str | PathLike[str] | None,
+               architecture: str) -> None:
+    """Refuse weights whose names or shapes differ from the network's: never half-load."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(path, f"weights do not fit architecture {architecture!r}: "
+                               f"{len(missing)} missing, {len(unexpected)} unexpected tensors"
+                               + (f" (e.g. {(missing or unexpected)[0]})"))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ModelError(path, f"tensor {key} has shape {tuple(tensor.shape)}, "
+                                   f"architecture expects {tuple(expected[key].shape)}")
+
+
+def fill(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None,
+         architecture: str) -> nn.Module:
+    """Check then load ``state`` into ``module``; returns it in eval mode."""
+    check_fits(state, module, path, architecture)
+    module.load_state_dict(dict(state))
+    return module.eval()
+
+
+class ScriptedNetwork(nn.Module):
+    """A TorchScript module that can travel to Dask worker processes.
+
+    ``ScriptModule`` objects cannot be pickled; this wrapper pickles as the
+    archive's bytes and reloads them with ``torch.jit.load`` on the other side.
+    """
+
+    def __init__(self, script: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.script = script
+
+    def forward(self, x: torch.Tensor) -> Any:  # noqa: D102
+        return self.script(x)
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        buf = io.BytesIO()
+        torch.jit.save(self.script, buf)
+        return _scripted_from_bytes, (buf.getvalue(),)
+
+
+def _scripted_from_bytes(data: bytes) -> ScriptedNetwork:
+    return ScriptedNetwork(torch.jit.load(io.BytesIO(data), map_location="cpu")).eval()
+
+
+def load_torchscript(path: str | PathLike[str]) -> tuple[torch.jit.ScriptModule, dict[str, Any] | None]:
+    """The archive's module (on CPU, eval mode) and its embedded card JSON, if segflow wrote one."""
+    path = Path(path)
+    extra = {EXTRA_CARD: ""}
+    try:
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelError(path, f"not a loadable TorchScript archive ({' '.join(str(exc).split())[:200]})") from None
+    raw = extra.get(EXTRA_CARD) or b""
+    card = None
+    if raw:
+        try:
+            card = json.loads(raw)
+        except ValueError:
+            raise ModelError(path, f"the archive's {EXTRA_CARD} is not JSON") from None
+    return module.eval(), card
+
+
+def save_torchscript(path: str | PathLike[str], module: torch.jit.ScriptModule, card_json: str) -> Path:
+    """Write a TorchScript archive with the card embedded (the card cannot name the archive's own hash)."""
+    path = Path(path)
+    if isinstance(module, ScriptedNetwork):
+        module = module.script
+    tmp = path.with_name(path.name + ".tmp")
+    torch.jit.save(module, str(tmp), _extra_files={EXTRA_CARD: card_json.encode()})
+    tmp.replace(path)
+    return path

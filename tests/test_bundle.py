@@ -1,0 +1,274 @@
+"""MONAI bundles: mapped to a card without evaluating them, segmented through the CLI, converted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import AttentionUnet, UNet
+from monai.transforms import ScaleIntensityRange
+from typer.testing import CliRunner
+
+from flows.cli import app
+from segmentation.bundle import read_bundle
+from segmentation.modeldir import convert_model, load_model
+from segmentation.normalize import resolve
+from storage.errors import ModelError
+from storage.hashing import sha256_file
+from storage.samples import make_phantom
+
+NET = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3,
+       "channels": [4, 8], "strides": [2]}  # num_res_units and norm left to MONAI's defaults (0, instance)
+SCALE = {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 800, "b_min": -1.0,
+         "b_max": 1.0, "clip": True}
+ROI = [16, 12, 8]  # MONAI order (i, j, k); not a cube, so a transposed window would show
+
+
+def write_bundle(root: Path, network: dict | None = None, net_module: torch.nn.Module | None = None,
+                 preprocessing: list | None = None) -> Path:
+    """A bundle as MONAI's model zoo lays them out, with the expressions real ones carry."""
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    meta = {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
+        "version": "0.1.0", "monai_version": "1.6.1", "name": "Test phantom segmentation",
+        "description": "A small 3D U-Net with generated weights.",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1,
+                                 "spatial_shape": ROI, "dtype": "float32", "value_range": [-1, 1],
+                                 "is_patch_data": True, "channel_def": {"0": "T1"}}},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 3,
+                                 "spatial_shape": ROI, "dtype": "float32", "value_range": [0, 1],
+                                 "is_patch_data": True,
+                                 "channel_def": {"0": "background", "1": "tissue", "2": "lesion"}}}},
+    }
+    config = {
+        "imports": ["$import glob", "$import pathlib"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        # evaluating the configuration would create this file: it must never appear untrusted
+        "evaluated": "$pathlib.Path(@bundle_root, 'evaluated').touch()",
+        "datalist": "$list(sorted(glob.glob(@bundle_root + '/data/*.nii.gz')))",
+        "network_def": network or NET,
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": preprocessing if preprocessing is not None else [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.0, 1.0, 1.5], "mode": "bilinear"},
+            SCALE,
+            {"_target_": "EnsureTyped", "keys": "image"}]},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
+                    "transform": "@preprocessing"},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ROI, "sw_batch_size": 4, "overlap": 0.25,
+                    "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image"},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "$@bundle_root + '/eval'"}]},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing"},
+        "run": ["$@evaluator.run()"],
+    }
+    (root / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
+    if net_module is not None:
+        torch.save(net_module.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def monai_unet(seed: int = 0) -> torch.nn.Module:
+    """The bundle's network built by MONAI directly (not through segflow's registry)."""
+    torch.manual_seed(seed)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,)).eval()
+    with torch.no_grad():  # generated weights with enough spread for several labels
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    return net
+
+
+@pytest.fixture(scope="module")
+def unet() -> torch.nn.Module:
+    return monai_unet()
+
+
+@pytest.fixture()
+def bundle(tmp_path, unet) -> Path:
+    return write_bundle(tmp_path / "phantom_bundle", net_module=unet)
+
+
+def test_bundle_maps_to_a_card_without_evaluating_anything(bundle):
+    mapping = read_bundle(bundle)
+    card = mapping.card
+    assert card.architecture.name == "unet"
+    assert card.architecture.kwargs == {"channels": [4, 8], "strides": [2], "num_res_units": 0, "norm": "INSTANCE"}
+    assert (card.input.spatial_dims, card.input.channels, card.input.channel_names) == (3, 1, ["T1"])
+    assert [c.name for c in card.classes] == ["background", "tissue", "lesion"]
+    # segflow arrays are (k, j, i): the bundle's (i, j, k) roi and pixdim come reversed
+    assert card.input.spacing == [1.5, 1.0, 1.0] and card.input.spacing_unit == "mm"
+    assert (card.inference.roi, card.inference.overlap, card.inference.blend, card.inference.batch_size) == \
+        (ROI[::-1], 0.25, "gaussian", 4)
+    assert card.weights_sha256 == sha256_file(bundle / "models" / "model.pt")
+    assert any("Orientationd" in n for n in mapping.notes) and "Orientationd" in card.description
+    # the card's normalisation is MONAI's ScaleIntensityRange
+    x = np.linspace(-200, 1200, 1001, dtype=np.float32)[None]
+    ours = resolve(card.input.normalization, 1)(x)
+    theirs = ScaleIntensityRange(a_min=0, a_max=800, b_min=-1.0, b_max=1.0, clip=True)(x).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    assert not (bundle / "evaluated").exists()
+    # the same configuration as YAML maps to the same card
+    import yaml
+
+    config = bundle / "configs" / "inference.json"
+    (bundle / "configs" / "inference.yaml").write_text(yaml.safe_dump(json.loads(config.read_text())))
+    config.unlink()
+    assert read_bundle(bundle).card == card
+
+
+def test_torchscript_bundle_runs_its_archive(tmp_path, unet):
+    """model.ts only, network_def unknown: the archive runs as is (TorchScript, no Python unpickling)."""
+    root = write_bundle(tmp_path / "b", network={**NET, "_target_": "scripts.net.MyNet"})
+    torch.jit.save(torch.jit.script(unet), str(root / "models" / "model.ts"))
+    loaded = load_model(root)
+    assert loaded.card.architecture.name == "torchscript"
+    assert loaded.weights_sha256 == sha256_file(root / "models" / "model.ts")
+    x = torch.randn(1, 1, 8, 12, 16, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        assert torch.equal(loaded.module(x), _reversed(unet(_reversed(x))))
+    with pytest.raises(ModelError, match="segment the bundle itself"):
+        convert_model(root, tmp_path / "o")
+
+
+def _reference_labels(net: torch.nn.Module, image: np.ndarray, card) -> np.ndarray:
+    """MONAI's sliding window over the same network, the card's normalisation applied by hand."""
+    n = card.input.normalization
+    x = (image.astype(np.float32) - np.float32(n.offset[0])) * np.float32(n.scale[0])
+    x = np.clip(x, n.clip[0], n.clip[1])
+    with torch.inference_mode():
+        probs = sliding_window_inference(torch.from_numpy(x)[None, None], ROI, 4,
+                                         lambda t: torch.softmax(net(t), 1), overlap=0.25, mode="gaussian",
+                                         sigma_scale=0.125)
+    return probs[0].argmax(0).numpy()
+
+
+def test_segment_a_bundle_through_the_cli(bundle, unet, tmp_path):
+    image, _ = make_phantom(tmp_path / "head.nii.gz", shape=(40, 40, 24), seed=3)
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_HOME": os.environ["PREFECT_HOME"], "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(image), "--model", str(bundle),
+                           "--out", str(out), "--workers", "1", "--no-zarr"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    labels = np.asarray(nib.load(out / "head.nii.gz").dataobj)
+    raw = np.asarray(nib.load(image).dataobj)
+    expected = _reference_labels(unet, raw, read_bundle(bundle).card)
+    assert labels.shape == expected.shape
+    assert len(np.unique(expected)) >= 2  # a test that could fail
+    assert np.array_equal(labels, expected), f"{(labels != expected).mean():.2e} of voxels differ"
+    record = json.loads((out / "head.provenance.json").read_text())
+    assert record["model"]["weights_sha256"] == sha256_file(bundle / "models" / "model.pt")
+    assert record["model"]["path"] == str(bundle.resolve())
+    assert record["model"]["source"] == "monai-bundle"
+    assert not (bundle / "evaluated").exists()
+    verified = CliRunner().invoke(app, ["verify", str(out / "head.nii.gz")])
+    assert verified.exit_code == 0, verified.output
+
+
+def _reversed(t: torch.Tensor) -> torch.Tensor:
+    """segflow's (k, j, i) window as MONAI's (i, j, k) one, and back."""
+    return t.permute(0, 1, 4, 3, 2)
+
+
+def test_convert_a_bundle_then_the_model_directory_computes_the_same(bundle, unet, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["model", "convert", str(bundle), "--out", str(tmp_path / "converted")])
+    assert result.exit_code == 0, result.output
+    assert "note:" in result.output and "Orientationd" in result.output
+    converted = load_model(tmp_path / "converted")
+    assert converted.card.training["converted_from"]["weights_sha256"] == sha256_file(bundle / "models" / "model.pt")
+    assert converted.card.inference.roi == ROI[::-1] and converted.card.input.spacing == [1.5, 1.0, 1.0]
+    x = torch.randn(2, 1, 16, 12, 20, generator=torch.Generator().manual_seed(5))  # (k, j, i), not a cube
+    with torch.inference_mode():
+        want = _reversed(unet(_reversed(x)))  # the bundle's network on MONAI's view of the window
+        assert torch.equal(load_model(bundle).module(x), want)  # the bundle runs it as is
+        got = converted.module(x)  # the converted directory computes it with permuted kernels
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), float((got - want).abs().max())
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    result = runner.invoke(app, ["model", "convert", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("network", [
+    {"_target_": "UNet", "channels": [4, 8], "strides": [2], "kernel_size": [3, 3, 1]},
+    {"_target_": "monai.networks.nets.BasicUNet", "features": [4, 4, 8, 8, 8, 4]},
+    {"_target_": "SegResNet", "blocks_down": [1, 1], "blocks_up": [1]},
+    {"_target_": "DynUNet", "kernel_size": [3, [3, 3, 1], 3], "strides": [1, 2, [2, 2, 1]],
+     "upsample_kernel_size": [2, [2, 2, 1]]},
+])
+def test_registry_builds_the_network_monai_would_build(tmp_path, network):
+    """Arguments a bundle leaves out take MONAI's defaults, not the registry builder's."""
+    import monai.networks.nets as nets
+
+    args = {k: v for k, v in network.items() if k != "_target_"}
+    torch.manual_seed(0)
+    direct = getattr(nets, network["_target_"].rsplit(".", 1)[-1])(spatial_dims=3, in_channels=1, out_channels=3,
+                                                                   **args).eval()
+    root = write_bundle(tmp_path / "b", network={**network, "spatial_dims": 3, "in_channels": 1, "out_channels": 3},
+                        net_module=direct)
+    loaded = load_model(root)  # refuses weights whose names or shapes differ from what it built
+    x = torch.randn(1, 1, 32, 16, 16, generator=torch.Generator().manual_seed(1))  # (i, j, k) as MONAI sees it
+    with torch.inference_mode():
+        assert torch.equal(loaded.module.net(x), direct(x))
+    converted, _ = convert_model(root, tmp_path / "converted")  # anisotropic kernels: per-axis args reversed
+    with torch.inference_mode():
+        want, got = direct(x), converted.module(_reversed(x))
+    assert torch.allclose(_reversed(got), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("network", [
+    {**NET, "channels": "$[4, 8]"},  # an expression argument
+    {**NET, "_target_": "monai.networks.nets.AttentionUnet"},  # a network the registry does not build
+])
+def test_untrusted_code_is_refused_naming_the_flag(tmp_path, unet, network):
+    root = write_bundle(tmp_path / "b", network=network, net_module=unet)
+    with pytest.raises(ModelError, match="--trust-bundle") as err:
+        load_model(root)
+    assert str(err.value).startswith(str(root)) and "\n" not in str(err.value)
+    proc = CliRunner().invoke(app, ["model", "convert", str(root), "--out", str(tmp_path / "o")])
+    assert proc.exit_code == 2 and "--trust-bundle" in proc.output
+    assert not (root / "evaluated").exists()
+
+
+def test_trusted_bundle_builds_an_unknown_monai_network(tmp_path):
+    torch.manual_seed(3)
+    net = AttentionUnet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,)).eval()
+    root = write_bundle(tmp_path / "b", net_module=net,
+                        network={**NET, "_target_": "AttentionUnet", "strides": "$[2]"})
+    loaded = load_model(root, trust_bundle=True)
+    assert isinstance(loaded.module.net, AttentionUnet)
+    assert loaded.card.architecture.name == "bundle:AttentionUnet" and loaded.source == "monai-bundle"
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert torch.equal(loaded.module(x), _reversed(net(_reversed(x))))
+    with pytest.raises(ModelError, match="segment the bundle itself"):
+        convert_model(root, tmp_path / "o", trust_bundle=True)
+
+
+def test_preprocessing_segflow_cannot_reproduce_is_refused(tmp_path, unet):
+    root = write_bundle(tmp_path / "b", net_module=unet, preprocessing=[
+        {"_target_": "LoadImaged", "keys": "image"},
+        {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True}])
+    with pytest.raises(ModelError, match=r"NormalizeIntensityd\(nonzero=True\).*--card"):
+        read_bundle(root)
+    root = write_bundle(tmp_path / "c", net_module=unet, preprocessing=[
+        {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True}])
+    assert read_bundle(root).card.input.normalization.mode == "image_zscore"

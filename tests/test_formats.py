@@ -1,0 +1,134 @@
+"""Weight formats: state_dict checkpoints, TorchScript archives, and pickles that would run code."""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+
+import pytest
+import torch
+
+from segmentation.card import Architecture, ModelCard
+from segmentation.formats import ScriptedNetwork, detect_format, read_state_dict, save_torchscript
+from segmentation.modeldir import build_module, convert_model, load_model
+from storage.errors import ModelError, UnsafeModelError
+
+
+def _card(**arch_kwargs) -> ModelCard:
+    return ModelCard.model_validate({
+        "name": "tiny",
+        "architecture": {"name": "unet", "kwargs": {"channels": [4, 8], "strides": [2], "num_res_units": 0,
+                                                    **arch_kwargs}},
+        "input": {"spatial_dims": 2, "channels": 1},
+        "classes": [{"value": v, "name": f"c{v}"} for v in range(3)],
+        "inference": {"roi": [32, 32]},
+    })
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(1)
+    return build_module(_card()).eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> bool:
+    with torch.inference_mode():
+        return torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "dataparallel", "legacy"])
+def test_state_dict_checkpoints_convert_to_a_model_directory(net, x, tmp_path, wrap):
+    state = net.state_dict()
+    obj = {"plain": state, "state_dict": {"state_dict": state, "epoch": 7}, "model": {"model": state},
+           "dataparallel": {f"module.{k}": v for k, v in state.items()}, "legacy": state}[wrap]
+    ckpt = tmp_path / ("weights.bin" if wrap == "legacy" else "model.pth")
+    torch.save(obj, ckpt, _use_new_zipfile_serialization=wrap != "legacy")
+    assert detect_format(ckpt) == "state_dict"
+    assert sorted(read_state_dict(ckpt)) == sorted(state)
+    loaded, _ = convert_model(ckpt, tmp_path / "out", card=_card())
+    assert loaded.card.training["converted_from"]["format"] == "state_dict"
+    assert _same(load_model(tmp_path / "out").module, net, x)
+
+
+def test_shape_mismatch_and_missing_card_are_refused(net, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    with pytest.raises(ModelError, match=r"model\.pt: .*shape"):
+        convert_model(ckpt, tmp_path / "out", card=_card(channels=[4, 16]))
+    with pytest.raises(ModelError, match="--card"):
+        convert_model(ckpt, tmp_path / "out2")
+    with pytest.raises(ModelError, match="no card"):
+        load_model(ckpt)
+    assert not (tmp_path / "out" / "card.json").exists()
+
+
+def test_non_tensor_content_is_refused_clearly(tmp_path):
+    junk = tmp_path / "junk.pt"
+    torch.save({"lr": 0.1, "name": "x", "steps": [1, 2]}, junk)
+    with pytest.raises(ModelError, match="not a state_dict of tensors: entry 'lr' holds a float"):
+        read_state_dict(junk)
+    torch.save([torch.zeros(2)], junk)
+    with pytest.raises(ModelError, match="holds a list"):
+        read_state_dict(junk)
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ModelError, match="not a weights file"):
+        read_state_dict(tmp_path / "noise.pt")
+
+
+class _Payload:
+    """Unpickling this calls ``Path.touch(marker)``: code chosen by whoever wrote the file."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_pickle_payload_is_refused_and_never_runs(net, tmp_path):
+    marker = tmp_path / "payload-ran"
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"state_dict": net.state_dict(), "extra": _Payload(marker)}, ckpt)
+    with pytest.raises(UnsafeModelError) as err:
+        read_state_dict(ckpt)
+    message = str(err.value)
+    assert message.startswith(str(ckpt)) and "\n" not in message
+    assert "pickle payload" in message and "never unpickles code" in message
+    with pytest.raises(UnsafeModelError):
+        convert_model(ckpt, tmp_path / "out", card=_card())
+    assert not marker.exists()  # segflow refused before building anything
+    # the payload is live: plain unpickling of the same object does run it
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+
+
+def test_torchscript_archive_runs_as_is_and_converts(net, x, tmp_path):
+    scripted = torch.jit.script(net)
+    bare = tmp_path / "bare.ts"
+    torch.jit.save(scripted, str(bare))
+    assert detect_format(bare) == "torchscript"
+    with pytest.raises(ModelError, match="no embedded card"):
+        load_model(bare)
+
+    # an archive carrying its card loads without the registry and matches the scripted module
+    archive = save_torchscript(tmp_path / "with-card.pt", scripted,
+                               _card().model_copy(update={"architecture": Architecture(name="torchscript")}).model_dump_json())
+    loaded = load_model(archive)
+    assert loaded.source == "torchscript" and isinstance(loaded.module, ScriptedNetwork)
+    assert _same(loaded.module, scripted, x)
+    clone = pickle.loads(pickle.dumps(loaded.module))  # travels to Dask workers as archive bytes
+    assert _same(clone, scripted, x)
+
+    # with a registry card, the weights are extracted into card + safetensors
+    out, _ = convert_model(bare, tmp_path / "registry", card=_card())
+    assert (tmp_path / "registry" / "weights.safetensors").is_file()
+    assert _same(load_model(out.path).module, scripted, x)
+    # without one, the graph is kept: card.json + model.ts
+    kept, _ = convert_model(archive, tmp_path / "kept")
+    assert kept.card.architecture.name == "torchscript" and (tmp_path / "kept" / "model.ts").is_file()
+    assert _same(load_model(tmp_path / "kept").module, scripted, x)
