@@ -84,6 +84,9 @@ def segment(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI
             probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),
             device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
             dask_address: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler."),
+            gpus: bool = typer.Option(False, "--gpus", help="One Dask worker per GPU with dask-cuda's "
+                                                            "LocalCUDACluster (or, with --dask-address, its GPU "
+                                                            "workers); window tasks ask for a GPU."),
             no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
             report: Optional[Path] = typer.Option(None, help="Write the per-input outcomes as JSON here."),
             trust_bundle: bool = typer.Option(False, "--trust-bundle",
@@ -104,7 +107,7 @@ def segment(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI
     try:
         options = SegmentOptions(precision=precision, roi=_ints(roi), overlap=overlap, chunk_size=chunk_size,
                                  batch_size=batch_size, workers=workers, probabilities=probabilities,
-                                 device=device, dask_address=dask_address, keep_zarr=not no_zarr,
+                                 device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
                                  trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
                                  flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)))
     except ValidationError as exc:
@@ -177,19 +180,25 @@ def info(path: Path = typer.Argument(..., help="A zarr store, a GeoTIFF/NIfTI ou
 
 @app.command()
 def verify(output: Path = typer.Argument(..., help="An output file or its .provenance.json.")) -> None:
-    """Recompute the hashes named in an output's provenance; non-zero exit on any mismatch."""
-    from storage.provenance import sidecar_path, verify_sidecar
+    """Recompute the hashes named in an output's provenance; non-zero exit on any mismatch or missing output.
+
+    An input or weights file not reachable from here is reported as unverified, not as a failure.
+    """
+    from storage.provenance import sidecar_path, verify as verify_record  # issue 6: report unreachable files apart
 
     sidecar = output if output.name.endswith(".provenance.json") else sidecar_path(output)
     try:
-        problems = verify_sidecar(sidecar)
+        report = verify_record(sidecar)
     except SegflowError as exc:
         _fail(str(exc))
-    for p in problems:
+    for line in report.unverified:
+        console.print(f"[yellow]unverified:[/yellow] {line}", highlight=False, soft_wrap=True)
+    for p in report.problems:
         console.print(f"[red]mismatch:[/red] {p}", highlight=False, soft_wrap=True)
-    if problems:
+    if report.problems:
         raise typer.Exit(1)
-    console.print(f"[green]verified[/green] {sidecar}")
+    console.print(f"[green]verified[/green] {sidecar} ({len(report.verified)} hashes)", highlight=False,
+                  soft_wrap=True)
 
 
 @model_app.command("inspect")
@@ -253,6 +262,20 @@ def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir", help="Fresh
         out.print(f"{key}: {value}")
     out.print(f"total {summary['seconds']:.1f} s")
     raise typer.Exit(0 if summary["ok"] else 1)
+
+
+# --- nightly (issue 5): the command's body lives in flows/nightly_cli.py -----------------------------------
+from flows.nightly_cli import nightly_command  # noqa: E402
+
+app.command("nightly")(nightly_command)
+# --- end nightly ---------------------------------------------------------------------------------------------
+
+
+# --- schedule (issue 5): the command's body lives in flows/schedule.py ---------------------------------------
+from flows.schedule import schedule_command  # noqa: E402
+
+app.command("schedule")(schedule_command)
+# --- end schedule --------------------------------------------------------------------------------------------
 
 
 def main() -> None:  # pragma: no cover

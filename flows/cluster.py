@@ -1,28 +1,62 @@
-"""Dask cluster set-up: a local cluster sized to the machine, or an existing scheduler."""
+"""Dask cluster set-up: a local cluster sized to the machine, one worker per GPU, or an existing scheduler."""
 
 from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, ContextManager, Iterator
 
 import dask
 from distributed import Client, LocalCluster, WorkerPlugin
 
+from storage.errors import ConfigError
+
+GPU = "GPU"  # the worker resource GPU tasks ask for: workers started with `--resources GPU=1`
+TORCH_THREADS_ENV = "SEGFLOW_TORCH_THREADS"  # set on a worker to fix torch's intra-op threads there
+GPUS_NEED_DASK_CUDA = "--gpus needs dask-cuda (pip install dask-cuda)"
+
 
 class TorchThreads(WorkerPlugin):
-    """Set torch's intra-op threads in every worker so that tasks running at once do not oversubscribe cores."""
+    """Set torch's intra-op threads in every worker so that tasks running at once do not oversubscribe cores.
+
+    With ``threads`` given (a local cluster, whose layout segflow chose) every
+    worker uses that many.  Without it (an existing cluster, laid out by
+    whoever started it) each worker takes its share of its own host: the
+    host's cores divided by the threads of all workers the scheduler knows on
+    that host, at least one.  ``SEGFLOW_TORCH_THREADS`` in a worker's
+    environment overrides both.
+    """
 
     name = "segflow-torch-threads"
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
 
-    def setup(self, worker) -> None:  # noqa: ANN001
+    async def setup(self, worker) -> None:  # noqa: ANN001
         import torch
 
-        torch.set_num_threads(self.threads)
+        threads = _env_threads() or self.threads
+        if threads is None:
+            try:
+                peers = (await worker.scheduler.identity()).get("workers", {})
+            except Exception:  # an unreachable scheduler: count this worker alone
+                peers = {}
+            threads = host_share(available_cores(), worker.state.nthreads,
+                                 [w.get("nthreads", 0) for addr, w in peers.items()
+                                  if w.get("host") == worker.ip and addr != worker.address])
+        torch.set_num_threads(threads)
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get(TORCH_THREADS_ENV, "").strip()
+    return max(1, int(value)) if value.isdigit() else None
+
+
+def host_share(cores: int, own_threads: int, other_threads: list[int]) -> int:
+    """torch threads per task for a worker of ``own_threads`` beside workers of ``other_threads`` on one host."""
+    return max(1, cores // max(1, own_threads + sum(other_threads)))
 
 
 def worker_environ() -> dict[str, object]:
@@ -44,12 +78,83 @@ def worker_environ() -> dict[str, object]:
 
 
 def available_cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2 or v1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpus()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def cgroup_cpus(root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """CPUs a cgroup quota allows (rounded up; ``docker --cpus 2``, a Kubernetes CPU limit), or None if unlimited.
+
+    Affinity alone sees every core of the node inside a container, so a
+    worker pod limited to 2 CPUs on a 64-core node would give torch 64 threads.
+    """
+    root = Path(root)
+    try:
+        text = (root / "cpu.max").read_text().split()  # v2: "<quota> <period>" or "max <period>"
+        quota, period = (None if text[0] == "max" else int(text[0])), int(text[1])
+    except (OSError, ValueError, IndexError):
+        try:  # v1
+            quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            return None
+        quota = None if quota <= 0 else quota
+    if quota is None or period <= 0:
+        return None
+    return max(1, -(-quota // period))
+
+
+def gpu_workers(client: Client) -> int:
+    """How many of the client's workers advertise a GPU resource."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return sum(1 for w in workers.values() if (w.get("resources") or {}).get(GPU, 0) > 0)
+
+
+def gpu_tasks(client: Client) -> ContextManager[Any]:
+    """Annotate the graphs built inside with ``resources={"GPU": 1}``, when the cluster has GPU workers.
+
+    Wrap the building of the window-evaluating tasks in it (not the compute
+    call: annotations are taken when a graph layer is made). On a cluster
+    without GPU workers it does nothing: a task asking for a resource no
+    worker has would wait forever.
+    """
+    return dask.annotate(resources={GPU: 1}) if gpu_workers(client) else nullcontext()
+
+
+def _quiet() -> None:
+    for name in ("distributed", "distributed.batched", "distributed.nanny", "distributed.scheduler"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _connect(address: str, gpus: bool) -> Client:
+    try:
+        client = Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+    except (OSError, TimeoutError, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(None, f"cannot reach the Dask scheduler at {address}: {reason}") from None
+    if gpus and not gpu_workers(client):
+        client.close()
+        raise ConfigError(None, f"--gpus: no worker of the Dask scheduler at {address} has a {GPU} resource "
+                                f"(start them with `dask cuda worker {address} --resources {GPU}=1`)")
+    client.register_plugin(TorchThreads())
+    return client
+
+
+def _cuda_cluster(workers: int | None, threads_per_worker: int | None, dashboard: bool) -> LocalCluster:
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise ConfigError(None, GPUS_NEED_DASK_CUDA) from None
+    # one worker process per visible GPU (each sees its GPU as device 0), each advertising GPU=1
+    return LocalCUDACluster(n_workers=workers, threads_per_worker=threads_per_worker or 1,
+                            resources={GPU: 1}, dashboard_address=":0" if dashboard else None, silence_logs=40)
 
 
 @contextmanager
 def dask_client(address: str | None = None, *, workers: int | None = None, threads_per_worker: int | None = None,
-                dashboard: bool = False) -> Iterator[Client]:
+                dashboard: bool = False, gpus: bool = False) -> Iterator[Client]:
     """Yield a client: to ``address``, else the process's current one, else a new local cluster.
 
     A local cluster defaults to one worker process with one thread per core,
@@ -59,34 +164,46 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
     and 1 worker x 1 thread with 2 torch threads in 4.27/3.19 s. One process also
     holds one copy of torch and the model instead of one per core. ``workers``
     asks for more processes (the cores are shared out between them).
+
+    ``gpus`` starts dask-cuda's ``LocalCUDACluster`` instead: one worker per
+    GPU (``workers`` of them at most), each with a ``GPU`` resource that
+    :func:`gpu_tasks` annotates tasks with. With ``address`` it only checks
+    that the scheduler has GPU workers. Either way every worker gets the
+    :class:`TorchThreads` plugin; the model is one graph key, unpickled once
+    per worker.
     """
     if address:
-        client = Client(address)
+        client = _connect(address, gpus)
         try:
             yield client
         finally:
             client.close()
         return
-    try:
-        from distributed import get_client
+    if not gpus:
+        try:
+            from distributed import get_client
 
-        existing = get_client()
-    except ValueError:
-        existing = None
-    if existing is not None and workers is None:
-        yield existing
-        return
-    for name in ("distributed", "distributed.batched", "distributed.nanny", "distributed.scheduler"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    cores = available_cores()
-    n = workers or 1
-    threads = threads_per_worker or max(1, cores // n)
+            existing = get_client()
+        except ValueError:
+            existing = None
+        if existing is not None and workers is None:
+            yield existing
+            return
+    _quiet()
     # set for the process, not a block: a worker restarted after a crash is spawned later
     dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
-    cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True,
-                           dashboard_address=":0" if dashboard else None, silence_logs=40)
+    if gpus:
+        cluster = _cuda_cluster(workers, threads_per_worker, dashboard)
+        plugin = TorchThreads()
+    else:
+        cores = available_cores()
+        n = workers or 1
+        threads = threads_per_worker or max(1, cores // n)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True,
+                               dashboard_address=":0" if dashboard else None, silence_logs=40)
+        plugin = TorchThreads(max(1, cores // (n * threads)))
     client = Client(cluster)
-    client.register_plugin(TorchThreads(max(1, cores // (n * threads))))
+    client.register_plugin(plugin)
     try:
         yield client
     finally:

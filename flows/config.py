@@ -22,6 +22,7 @@ class SegmentOptions(BaseModel):
     device: str = "auto"
     workers: int | None = Field(default=None, ge=1)
     dask_address: str | None = None
+    gpus: bool = False  # dask-cuda LocalCUDACluster (one worker per GPU), or GPU workers of dask_address
     keep_zarr: bool = True  # keep OUT/<stem>.zarr (labels [+ probabilities]) beside the export
     flip_tta: list[int] | None = None  # spatial axes to mirror at test time; default: the model card's
     trust_bundle: bool = False  # let MONAI evaluate a bundle's configuration (runs its code); off unless asked

@@ -31,7 +31,7 @@ def segment(input_path: str, model_dir: str, out_dir: str, options: SegmentOptio
     """Segment one GeoTIFF/NIfTI into OUT/<stem>.tif|.nii.gz with provenance."""
     options = options or SegmentOptions()
     model = load_model(model_dir, trust_bundle=options.trust_bundle)
-    with dask_client(options.dask_address, workers=options.workers) as client:
+    with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus) as client:
         outcome = segment_one(input_path, model, out_dir, options, client)
     get_run_logger().info("segmented %s -> %s", input_path, outcome.outputs[0])
     return outcome.to_dict()
@@ -44,7 +44,7 @@ def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: Segm
     logger = get_run_logger()
     outcomes: list[dict[str, Any]] = []
     model = load_model(model_dir, trust_bundle=options.trust_bundle)  # a bad model fails the whole batch, before any input is touched
-    with dask_client(options.dask_address, workers=options.workers) as client:
+    with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus) as client:
         for path in inputs:
             try:
                 outcome = segment_one(path, model, out_dir, options, client)

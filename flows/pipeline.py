@@ -3,11 +3,31 @@
 ingest (file -> zarr image store) -> infer (zarr -> zarr labels, on Dask)
 -> export (labels -> COG or NIfTI, with provenance).  Every output is first
 written under a temporary name and moved into place only when complete.
+
+Nothing is lost when a run is killed.  The ingested store under
+``OUT/.segflow-work`` is reused by the next run when it is complete and its
+source still has the same sha256.  The partial prediction store
+(``OUT/.<stem>.zarr.<identity>.partial``) carries a :class:`storage.layout.ChunkJournal`:
+the run's identity (input sha256, weights sha256, card and the parameters that
+shape the labels) and one marker per finished output chunk.  Rerunning the same
+command finds it, checks the identity and computes only the chunks without a
+marker; a run with another identity discards it and starts afresh (and says
+so).  A failure caused by the input or the outputs removes everything; an
+interruption (Ctrl-C, a Dask worker lost too often) keeps the partial store
+and the ingested store for the next run.
+
+Test hook: with ``SEGFLOW_TEST_KILL_AFTER_CHUNKS=N`` in its environment the
+process SIGKILLs itself once N chunk writes of this run have completed (its
+whole process group, workers included, when it leads one). The kill tests
+use it to stop a run at a known point; never set it otherwise.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,18 +37,25 @@ import numpy as np
 import zarr
 from distributed import Client, as_completed
 
+from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
-from flows.progress import reporter
+from flows.progress import note, reporter
 from segmentation import LoadedModel, build_plan
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.stitching import PROBABILITY_SCALE, label_dtype, label_nodata
 from storage import provenance
-from storage.errors import ExportError, SegflowError
+from storage.errors import ExportError, InvalidInputError, SegflowError, StoreError
+from storage.hashing import sha256_file
 from storage.ingest import ingest, stem_of
-from storage.layout import (LABELS, META_ATTR, PROBABILITIES, PROVENANCE_ATTR, ImageStore, commit_store,
-                            create_prediction_store, open_image_store, partial_path)
+from storage.layout import (LABELS, META_ATTR, PROBABILITIES, PROVENANCE_ATTR, ChunkJournal, ImageStore,
+                            commit_store, create_prediction_store, identity_digest, open_image_store,
+                            partial_path, partial_paths, reopen_prediction_store)
 
 WORK_DIR = ".segflow-work"
+KILL_AFTER_CHUNKS_ENV = "SEGFLOW_TEST_KILL_AFTER_CHUNKS"
+# Options that change how the work is spread, never the labels: a run may resume with other values.
+NOT_IDENTITY = ("workers", "dask_address", "keep_zarr")
+log = logging.getLogger("segflow")
 
 
 @dataclass
@@ -49,11 +76,36 @@ def output_name(input_path: str | Path, kind: str) -> str:
     return stem_of(input_path) + (".tif" if kind == "raster" else ".nii.gz")
 
 
-def ingest_input(path: str | Path, work_dir: str | Path, chunk: int | None = None) -> ImageStore:
-    store_path = Path(work_dir) / f"{stem_of(path)}.image.zarr"
+def ingest_input(path: str | Path, work_dir: str | Path, chunk: int | None = None) -> tuple[ImageStore, bool]:
+    """The input's image store, and whether it was reused: a complete earlier ingest of the same content is.
+
+    The store's name holds the chunk size asked for, and it is only reused
+    when it carries its completion marker and its recorded sha256 and file are
+    those of ``path`` now, so a half-written or stale ingest is never used.
+    """
+    store_path = Path(work_dir) / f"{stem_of(path)}.c{chunk or 'default'}.image.zarr"
+    reusable = _reusable_ingest(Path(path), store_path)
+    if reusable is not None:
+        _say(f"{path}: reusing its complete ingest from an interrupted run", logging.INFO)
+        return reusable, True
     store_path.parent.mkdir(parents=True, exist_ok=True)
     ingest(path, store_path, chunk=chunk)
-    return open_image_store(store_path)
+    return open_image_store(store_path), False
+
+
+def _reusable_ingest(path: Path, store_path: Path) -> ImageStore | None:
+    if not store_path.is_dir() or not path.is_file():
+        return None
+    try:
+        store = open_image_store(store_path)
+        source = store.meta.source
+        same_file = os.path.samefile(source.path, path)
+        if same_file and source.size == path.stat().st_size and source.sha256 == sha256_file(path):
+            return store
+    except (StoreError, OSError, ValueError):
+        pass
+    shutil.rmtree(store_path, ignore_errors=True)
+    return None
 
 
 def crf_params(options: SegmentOptions) -> CRFParams:
@@ -75,49 +127,139 @@ def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) 
     }
 
 
+def run_identity(store: ImageStore, model: LoadedModel, params: dict[str, Any], device: str) -> dict[str, Any]:
+    """What a prediction store's content depends on: two runs with equal identities write equal chunks.
+
+    The device is the resolved one (``--device auto`` on a CPU host differs
+    from the same option on a GPU host): chunks computed by different
+    hardware are never mixed in one output.
+    """
+    return {
+        "input_sha256": store.meta.source.sha256,
+        "weights_sha256": model.weights_sha256,
+        "card_sha256": identity_digest(model.card.model_dump(mode="json")),
+        "parameters_sha256": identity_digest({k: v for k, v in params.items() if k not in NOT_IDENTITY}),
+        "device": device,
+        "segflow": provenance.package_versions().get("segflow"),
+    }
+
+
 def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions, target: Path,
                   client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Segment an image store into a prediction store at ``target``; return (statistics, parameters)."""
+    """Segment an image store into a prediction store at ``target``; return (statistics, parameters).
+
+    Resumes the partial store an interrupted run of the same identity left,
+    writing only the chunks its journal does not list as finished.
+    """
     t0 = time.perf_counter()
-    plan = build_plan(store.image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
-                      precision=options.precision, chunks=options.chunk_size, mask=store.mask,
-                      batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
+    with gpu_tasks(client):  # on GPU workers, the window tasks ask for one GPU each
+        plan = build_plan(store.image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
+                          precision=options.precision, chunks=options.chunk_size, mask=store.mask,
+                          batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
     params = resolved_parameters(model, options, plan)
-    _, labels, probs = create_prediction_store(
-        target, meta=store.group.attrs[META_ATTR], spatial_shape=plan.grid.shape,
-        chunks=tuple(c[0] for c in plan.chunks), label_dtype=str(label_dtype(plan.num_classes)),
-        nodata_label=label_nodata(plan.num_classes), classes=[c.model_dump(mode="json") for c in model.card.classes],
-        probabilities_dtype=None if options.probabilities == "none" else options.probabilities)
+    parts = run_identity(store, model, params, _device_name(options.device))
+    identity = identity_digest(parts)
+    chunks = tuple(c[0] for c in plan.chunks)
+    ldtype = str(label_dtype(plan.num_classes))
+    pdtype = None if options.probabilities == "none" else options.probabilities
+    partial = partial_path(target, identity)
+    journal = ChunkJournal(partial, identity)
+    reopened = reopen_prediction_store(target, identity, spatial_shape=plan.grid.shape, chunks=chunks,
+                                       label_dtype=ldtype, probabilities_dtype=pdtype,
+                                       num_classes=plan.num_classes)
+    input_name = stem_of(store.meta.source.path)
+    stale = [p for p in partial_paths(target) if p != partial or reopened is None]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if reopened is not None:
+        _, labels, probs = reopened
+        done = journal.done()
+        partial_state = "resumed"
+        _say(f"{store.meta.source.path}: resuming an interrupted run, {len(done)} of "
+             f"{len(plan.chunk_indexes)} chunks already done", logging.INFO)
+    else:
+        partial_state = "new"
+        if stale:
+            partial_state = "discarded"
+            message = (f"{store.meta.source.path}: discarding the partial result of an earlier run that cannot be "
+                       f"resumed (another input, model or parameters); starting afresh")
+            _say(message, logging.WARNING)
+        _, labels, probs = create_prediction_store(
+            target, meta=store.group.attrs[META_ATTR], spatial_shape=plan.grid.shape, chunks=chunks,
+            label_dtype=ldtype, nodata_label=label_nodata(plan.num_classes),
+            classes=[c.model_dump(mode="json") for c in model.card.classes], probabilities_dtype=pdtype,
+            identity=identity)
+        journal.start(parts)
+        done = {}
+    todo = [idx for idx in plan.chunk_indexes if idx not in done]
 
     refined = None
     if options.crf:
         refined = crf_dask(plan.probabilities(), plan.image, crf_params(options), plan.mask,
                            normalizer=plan.normalizer)
     writes = plan.writes(labels, probs, options.probabilities if probs is not None else "float32",
-                         probabilities=refined)
-    futures = client.compute(writes + [plan.counts()])
+                         probabilities=refined, only=todo, on_written=journal)
+    futures = client.compute(writes + [plan.counts(only=todo)])
     key = f"infer:{target.name}"
-    reporter().start(key, f"segment {stem_of(store.meta.source.path)}", total=len(writes))
+    reporter().start(key, f"segment {input_name}", total=len(plan.chunk_indexes))
+    if done:
+        reporter().advance(key, len(done))
     histogram: dict[int, int] = {}
+    for chunk_histogram in done.values():
+        for value, n in chunk_histogram.items():
+            histogram[value] = histogram.get(value, 0) + n
     counts: dict[str, int] = {}
-    for future in as_completed(futures):
-        result = future.result()
-        if "histogram" in result:
-            for value, n in result["histogram"].items():
-                histogram[value] = histogram.get(value, 0) + n
-            reporter().advance(key)
-        else:
-            counts = result
+    kill_after = _test_kill_after()
+    written = 0
+    try:
+        for future in as_completed(futures):
+            result = future.result()
+            if "histogram" in result:
+                for value, n in result["histogram"].items():
+                    histogram[value] = histogram.get(value, 0) + n
+                written += 1
+                if kill_after is not None and written >= kill_after:
+                    _kill_for_test()
+                reporter().advance(key)
+            else:
+                counts = result
+    except BaseException:
+        # a shared cluster would otherwise go on computing an abandoned run (its tasks still write chunks)
+        client.cancel(futures)
+        raise
     reporter().finish(key)
-    stats = {**counts, "windows_total": plan.num_windows, "chunks": len(writes),
+    stats = {**counts, "windows_total": plan.num_windows, "chunks": len(plan.chunk_indexes),
+             "chunks_written": written, "chunks_resumed": len(done), "partial_store": partial_state,
+             "run_identity": identity,
              "label_pixels": {str(k): v for k, v in sorted(histogram.items())},
              "inference_seconds": round(time.perf_counter() - t0, 3)}
     return stats, params
 
 
+def _test_kill_after() -> int | None:
+    value = os.environ.get(KILL_AFTER_CHUNKS_ENV, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _kill_for_test() -> None:
+    """The test hook: die as abruptly as a power cut would stop the run (SIGKILL, no clean-up runs).
+
+    When this process leads its process group (the kill tests start it so),
+    the whole group goes at once, so no worker writes anything afterwards.
+    """
+    if os.getpgid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,
-                  record: dict[str, Any]) -> list[Path]:
-    """The label map (and, for rasters, a probability COG when probabilities were kept)."""
+                  record: dict[str, Any], created: list[Path] | None = None) -> list[Path]:
+    """The label map (and, for rasters, a probability COG when probabilities were kept).
+
+    Each file is renamed into place whole; ``created`` collects them as they
+    land, so a later failure can remove exactly what this run put there.
+    """
+    created = [] if created is None else created
     group = zarr.open_group(str(pred_path), mode="r")
     labels = group[LABELS]
     if meta.kind == "raster":
@@ -125,16 +267,20 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
 
         written = [write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes,
                                    provenance=record)]
+        created.append(written[-1])
         if PROBABILITIES in group:
             probs = group[PROBABILITIES]
             written.append(write_probability_cog(
                 _Probabilities(probs), meta.geometry, probabilities_path(out_path),
                 class_names=[c.name for c in model.card.classes], mask=_Valid(labels, group.attrs["nodata_label"]),
                 dtype=str(probs.dtype), provenance=record))
+            created.append(written[-1])
         return written
     from storage.nifti import write_label_nifti
 
-    return [write_label_nifti(labels, meta.geometry, out_path, classes=model.card.classes, provenance=record)]
+    written = [write_label_nifti(labels, meta.geometry, out_path, classes=model.card.classes, provenance=record)]
+    created.append(written[-1])
+    return written
 
 
 class _Probabilities:
@@ -164,7 +310,11 @@ def probabilities_path(out_path: Path) -> Path:
 
 def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path, options: SegmentOptions,
                 client: Client) -> Outcome:
-    """Ingest, infer, export one input. Raises SegflowError on bad input; leaves nothing partial."""
+    """Ingest, infer, export one input. Raises SegflowError on bad input; leaves nothing partial.
+
+    On an interruption (see :func:`resumable`) the hidden partial store and
+    the ingested store stay, and the next run with the same identity resumes.
+    """
     started = provenance.now()
     t0 = time.perf_counter()
     input_path = Path(input_path)
@@ -175,22 +325,31 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
         raise ExportError(out_dir, f"cannot create output directory: {exc.strerror or exc}") from None
     work = out_dir / WORK_DIR
     try:
-        store = ingest_input(input_path, work, options.chunk_size)
-    except BaseException:
+        store, ingest_reused = ingest_input(input_path, work, options.chunk_size)
+    except BaseException as exc:
         _remove_if_empty(work)
+        if isinstance(exc, OSError):  # e.g. the disk filled up while copying
+            raise ExportError(exc.filename or work, f"cannot write the ingested copy: {exc.strerror or exc}") from None
         raise
     ingest_seconds = time.perf_counter() - t0
     stem = stem_of(input_path)
     zarr_target = out_dir / f"{stem}.zarr"
     out_path = out_dir / output_name(input_path, store.meta.kind)
+    created: list[Path] = []  # outputs this run put in place: on failure exactly these are removed
+    keep_work = False
     try:
         try:
+            _check_has_data(input_path, store)
+            warnings = _warnings(input_path, store)
             stats, params = run_inference(store, model, options, zarr_target, client)
         except SegflowError as exc:
             if exc.path is None:  # errors about the input's content must name the input
                 raise type(exc)(input_path, exc.problem) from None
             raise
         stats["ingest_seconds"] = round(ingest_seconds, 3)
+        stats["ingest_reused"] = ingest_reused
+        if warnings:
+            stats["warnings"] = warnings
         record = provenance.make_record(
             input_path=store.meta.source.path, input_sha256=store.meta.source.sha256,
             model={"name": model.name, "path": str(model.path.resolve()), "weights_sha256": model.weights_sha256,
@@ -199,27 +358,95 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
                    "architecture": model.card.architecture.model_dump(mode="json")},
             parameters=params, device=_device_name(options.device), started=started, finished=provenance.now(),
             statistics=stats)
-        commit_store(zarr_target, {PROVENANCE_ATTR: record})
+        stable = provenance.embedded(record)  # what the outputs carry: equal for equal labels, so reproducible
+        commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
+        created.append(zarr_target)
         t1 = time.perf_counter()
-        exported = export_labels(zarr_target, store.meta, model, out_path, record)
+        exported = export_labels(zarr_target, store.meta, model, out_path, stable, created)
         record["statistics"]["export_seconds"] = round(time.perf_counter() - t1, 3)
         record["statistics"]["total_seconds"] = round(time.perf_counter() - t0, 3)
         record["finished"] = provenance.now()
         extras = tuple(exported[1:]) + ((zarr_target,) if options.keep_zarr else ())
         sidecar = provenance.write_sidecar(record, out_path, extras)
+        created.append(sidecar)
         if not options.keep_zarr:
             shutil.rmtree(zarr_target)
-    except BaseException:
-        leftovers = (partial_path(zarr_target), zarr_target, out_path, probabilities_path(out_path),
-                     provenance.sidecar_path(out_path))
-        for p in leftovers:
+    except BaseException as exc:
+        keep_work = resumable(exc)
+        if not keep_work:
+            for p in partial_paths(zarr_target):
+                _remove(p)
+        for p in created:
             _remove(p)
+        if isinstance(exc, OSError):  # a full disk or a denied write while storing or committing: one line
+            where = exc.filename or out_dir
+            raise ExportError(where, f"cannot write: {exc.strerror or exc}") from None
         raise
     finally:
-        _remove(store.path)
-        _remove_if_empty(work)
+        if not keep_work:
+            _remove(store.path)
+            _remove_if_empty(work)
     outputs = [str(p) for p in exported] + [str(sidecar)] + ([str(zarr_target)] if options.keep_zarr else [])
     return Outcome(input=str(input_path), ok=True, outputs=outputs, statistics=record["statistics"])
+
+
+def resumable(exc: BaseException) -> bool:
+    """Whether a failure interrupted the run rather than condemned the input: then its partial work is kept.
+
+    Ctrl-C, and Dask giving up on a task after losing its workers, say nothing
+    about the input; the next run resumes from the chunks already done.
+    """
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return True
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, KilledWorker)
+
+
+def _check_has_data(input_path: Path, store: ImageStore) -> None:
+    """Refuse an input with no valid pixel at all: its output would be nodata everywhere, hiding the problem."""
+    mask = store.mask
+    if mask is None:
+        return
+    # the mask's fill value is False and all-False chunks are never stored: no stored chunk, no valid pixel
+    if mask.nchunks_initialized == 0 or not any(bool(np.asarray(mask[b]).any()) for b in _mask_blocks(mask)):
+        geometry = store.meta.geometry
+        nodata = getattr(geometry, "nodata", None)
+        why = {"alpha": "its alpha band is 0 everywhere", "mask": "its mask excludes every pixel",
+               "nodata": "every pixel is NaN or Inf"}.get(getattr(geometry, "mask_source", ""), "")
+        if nodata is not None:
+            why = f"every pixel equals nodata={nodata:g}"
+        raise InvalidInputError(input_path, f"has no valid pixel ({why or 'all masked'}); nothing to segment")
+
+
+def _mask_blocks(mask: Any) -> Any:
+    """Chunk-sized slices of a mask, stopping early in practice at the first valid chunk."""
+    import itertools
+
+    ranges = [range(0, n, c) for n, c in zip(mask.shape, mask.chunks)]
+    for start in itertools.product(*ranges):
+        yield tuple(slice(s, s + c) for s, c in zip(start, mask.chunks))
+
+
+def _warnings(input_path: Path, store: ImageStore) -> list[str]:
+    """Things worth saying about an input segflow still segments (logged, and kept in the statistics)."""
+    out = []
+    geometry = store.meta.geometry
+    if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
+        out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
+    for text in out:
+        _say(text, logging.WARNING)
+    return out
+
+
+def _say(text: str, level: int) -> None:
+    """To the user: on the CLI's console when it shows notes, else to the 'segflow' logger (flow runs, API)."""
+    if getattr(reporter(), "note", None) is not None:
+        note(text)
+    else:
+        log.log(level, text)
 
 
 def _remove(path: Path) -> None:

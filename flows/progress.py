@@ -17,6 +17,13 @@ class Reporter(Protocol):
     def finish(self, key: str) -> None: ...
 
 
+def note(text: str) -> None:
+    """A one-line message for the user (e.g. the Dask dashboard address), if the reporter shows messages."""
+    show = getattr(_current, "note", None)
+    if show is not None:
+        show(text)
+
+
 class _Silent:
     def start(self, key: str, description: str, total: int) -> None:
         pass
@@ -63,3 +70,6 @@ class RichReporter:
         if key in self.tasks:
             task = self.tasks.pop(key)
             self.progress.update(task, completed=self.progress.tasks[task].total)
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False, soft_wrap=True)

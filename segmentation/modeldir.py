@@ -105,11 +105,23 @@ def load_model(path: str | PathLike[str], *, verify_hash: bool = True, trust_bun
         return _load_script_dir(path, card, script, verify_hash)
     if not weights.is_file():
         raise ModelError(path, f"no {WEIGHTS_FILE}")
+    _check_architecture(path, card)
     digest = _checked_digest(weights, card, verify_hash)
     if detect_format(weights) != "safetensors":
         raise ModelError(weights, "not a safetensors file (convert other formats with `segflow model convert`)")
-    module = fill(build_module(card), read_state_dict(weights), weights, card.architecture.name)
+    try:
+        network = build_module(card)
+    except ModelError as exc:  # the registry's errors do not know which card asked
+        raise ModelError(path / CARD_FILE, exc.problem) if exc.path is None else exc from None
+    module = fill(network, read_state_dict(weights), weights, card.architecture.name)
     return LoadedModel(path=path, card=card, module=module, weights_sha256=digest, weights_path=weights)
+
+
+def _check_architecture(path: Path, card: ModelCard) -> None:
+    """An architecture the registry does not know is refused naming the card, before any weights are read."""
+    name = card.architecture.name
+    if name != TORCHSCRIPT and name not in models.names():
+        raise ModelError(path / CARD_FILE, f"unknown architecture {name!r} (known: {', '.join(models.names())})")
 
 
 def _checked_digest(weights: Path, card: ModelCard, verify_hash: bool) -> str:
@@ -159,7 +171,10 @@ def check_model(path: str | PathLike[str], *, trust_bundle: bool = False) -> Mod
         return _load_archive(path).card
     if path.is_dir() and bundle.is_bundle(path) and not (path / CARD_FILE).is_file():
         return bundle.read_bundle(path, trust_bundle=trust_bundle).card
-    return read_card(path)
+    card = read_card(path)
+    if path.is_dir():
+        _check_architecture(path, card)
+    return card
 
 
 def save_model(path: str | PathLike[str], card: ModelCard, module: nn.Module) -> LoadedModel:

@@ -181,15 +181,24 @@ def _labels(probs: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.
 
 
 def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: int,
-           labels_target: Any, probs_target: Any, probs_dtype: str) -> dict[str, Any]:
-    """Write one whole output chunk; return its label histogram (for areas and volumes)."""
+           labels_target: Any, probs_target: Any, probs_dtype: str,
+           index: tuple[int, ...] | None = None, on_written: Callable[[tuple[int, ...], dict], None] | None = None,
+           ) -> dict[str, Any]:
+    """Write one whole output chunk; return its label histogram (for areas and volumes).
+
+    ``on_written(index, result)`` runs only after every array of the chunk is
+    stored, so a completion record it makes never precedes the data.
+    """
     labels = _labels(probs, mask, num_classes)
     sl = tuple(slice(lo, hi) for lo, hi in box)
     labels_target[sl] = labels
     if probs_target is not None:
         probs_target[(slice(None),) + sl] = quantize_probabilities(probs, probs_dtype, mask)
     hist = np.bincount(labels.ravel(), minlength=num_classes + 1 if num_classes < 255 else 0)
-    return {"box": box, "histogram": {int(v): int(n) for v, n in enumerate(hist) if n}}
+    result = {"box": box, "index": index, "histogram": {int(v): int(n) for v, n in enumerate(hist) if n}}
+    if on_written is not None:
+        on_written(index, result)
+    return result
 
 
 PROBABILITY_SCALE = 254  # uint8 probabilities: round(p * 254); 255 marks no data
@@ -251,7 +260,8 @@ class StitchPlan:
         self._mask_blocks = mask_blocks
         incoming: dict[tuple[int, ...], list[tuple[Box, Delayed]]] = {
             idx: [] for idx in itertools.product(*(range(a.nchunks) for a in self.axes))}
-        counts = []
+        self._count_parts: dict[tuple[int, ...], Delayed] = {}
+        self._sources: dict[tuple[int, ...], list[tuple[int, ...]]] = {idx: [] for idx in incoming}
         for owner in incoming:
             regions = [a.region(i) for a, i in zip(self.axes, owner)]
             if any(r is None for r in regions):
@@ -268,10 +278,10 @@ class StitchPlan:
                 pred, normalizer, weights, owned, region, blocks, mblocks, targets,
                 self.num_classes, self.channels)
             pieces, count = result
-            counts.append(count)
+            self._count_parts[owner] = count
             for t, tbox in targets:
                 incoming[t].append((tbox, pieces[t]))
-        self._counts = delayed(_sum_counts, name=f"segflow-counts-{tok}", pure=True)(*counts)
+                self._sources[t].append(owner)
         self._probs: dict[tuple[int, ...], Delayed] = {}
         for idx, pieces_in in incoming.items():
             mask = None if mask_blocks is None else mask_blocks[idx]
@@ -279,9 +289,22 @@ class StitchPlan:
             self._probs[idx] = delayed(_finalise, name=name, pure=True)(
                 self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes)
 
-    def counts(self) -> Delayed:
-        """Delayed {windows_evaluated, windows_skipped} for the whole image."""
-        return self._counts
+    @property
+    def chunk_indexes(self) -> list[tuple[int, ...]]:
+        """Every output chunk, in the (row-major) order :meth:`writes` uses."""
+        return list(self._probs)
+
+    def counts(self, only: Sequence[tuple[int, ...]] | None = None) -> Delayed:
+        """Delayed {windows_evaluated, windows_skipped}: of the whole image, or of the evaluate tasks that
+        the chunks ``only`` lists need.
+
+        A resumed run asks for the chunks it still writes, so the counts say
+        what it computed (owners shared with finished chunks are evaluated again).
+        """
+        owners = list(self._count_parts) if only is None else \
+            sorted({o for idx in only for o in self._sources[tuple(idx)]})
+        name = f"segflow-counts-{self.token}" + ("" if only is None else "-" + tokenize(owners))
+        return delayed(_sum_counts, name=name, pure=True)(*(self._count_parts[o] for o in owners))
 
     def _nested(self, make: Callable[[tuple[int, ...]], da.Array], depth: int = 0,
                 prefix: tuple[int, ...] = ()) -> Any:
@@ -307,12 +330,18 @@ class StitchPlan:
         return da.block(self._nested(block))
 
     def writes(self, labels_target: Any, probabilities_target: Any = None,
-               probabilities_dtype: str = "float32", probabilities: da.Array | None = None) -> list[Delayed]:
+               probabilities_dtype: str = "float32", probabilities: da.Array | None = None, *,
+               only: Sequence[tuple[int, ...]] | None = None,
+               on_written: Callable[[tuple[int, ...], dict], None] | None = None) -> list[Delayed]:
         """One delayed write per output chunk, each covering that whole chunk of the targets.
 
         ``probabilities`` replaces the stitched probabilities with a refined
         version on the same chunk grid (e.g. :func:`segmentation.crf.crf_dask`
-        of :meth:`probabilities`); labels are then its argmax.
+        of :meth:`probabilities`); labels are then its argmax.  ``only``
+        restricts the writes to those chunk indexes (a resumed run skips the
+        finished ones; the graph is culled to what they need), and
+        ``on_written(index, result)`` runs in each write task once its chunk
+        is stored (a completion record).
         """
         blocks = self._probs
         if probabilities is not None:
@@ -321,13 +350,18 @@ class StitchPlan:
                                  f"the plan {self.chunks}")
             refined = probabilities.rechunk({0: -1}).to_delayed()[0]
             blocks = {idx: refined[idx] for idx in self._probs}
+        wanted = None if only is None else {tuple(i) for i in only}
+        if wanted is not None and not wanted <= blocks.keys():
+            raise ValueError(f"chunk indexes {sorted(wanted - blocks.keys())} are not in the plan's chunk grid")
         out = []
         for idx, probs in blocks.items():
+            if wanted is not None and idx not in wanted:
+                continue
             mask = None if self._mask_blocks is None else self._mask_blocks[idx]
             name = f"segflow-write-{self.token}-{'crf-' if probabilities is not None else ''}" + "-".join(map(str, idx))
             out.append(delayed(_write, name=name, pure=False)(
                 probs, mask, self.box(idx), self.num_classes, labels_target, probabilities_target,
-                probabilities_dtype))
+                probabilities_dtype, idx, on_written))
         return out
 
 

@@ -12,9 +12,11 @@ that file; nothing half-written is left behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -301,11 +303,69 @@ def _write_cog(out_path: str | PathLike[str], profile: dict[str, Any], fill: Cal
         os.replace(final, out)
     except (*_GDAL_ERRORS, OSError) as exc:
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else _gdal_message(exc)
+        for p in parent.glob(f"{prefix}*"):
+            p.unlink(missing_ok=True)
+        # GDAL reports a full disk as whatever broke next ("not recognized as being in a supported file
+        # format"); a plain write says what is wrong, so try one before passing GDAL's words on
+        msg = _space_problem(parent, _needed_bytes(profile)) or _creation_problem(msg, parent)
         raise ExportError(out, f"cannot write COG: {msg}") from None
     finally:
         for p in parent.glob(f"{prefix}*"):
             p.unlink(missing_ok=True)
     return out
+
+
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_CREATE_FAILED = re.compile(r"^Attempt to create new tiff file '.*' failed: .*: ([^:]+)$")
+
+
+def _creation_problem(msg: str, parent: Path) -> str:
+    """GDAL names the hidden temporary it could not create; the user needs the directory and the reason."""
+    found = _CREATE_FAILED.match(msg)
+    return f"cannot create files in {parent}: {found.group(1).strip()}" if found else msg
+
+
+def _needed_bytes(profile: dict[str, Any]) -> int:
+    """What the uncompressed pixels of a written raster take: an upper bound of a COG's size, less overviews."""
+    return int(profile["width"]) * int(profile["height"]) * int(profile["count"]) * np.dtype(profile["dtype"]).itemsize
+
+
+def _space_problem(directory: Path, needed: int) -> str | None:
+    """'no space left on device' (or quota, or file size limit) when a plain write in ``directory`` fails so.
+
+    Probes with up to 1 MiB (or what the output needs, when less); when that
+    fits, says how little is free if the device holds less than the output's
+    uncompressed size. None when nothing points at space.
+    """
+    probe = directory / f".segflow-space-probe.{uuid.uuid4().hex[:12]}"
+    size = max(4096, min(needed, 1 << 20))
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            block = memoryview(b"\0" * size)
+            while block:  # a write may stop short at a limit; the next one then says why
+                block = block[os.write(fd, block):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in _SPACE_ERRNOS:
+            what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                    errno.EFBIG: "file size limit exceeded"}[exc.errno]
+            return f"{what} ({exc.strerror})"
+        return None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    if free < needed:
+        return f"only {free} bytes free on the device, up to {needed} needed (disk full?)"
+    return None
 
 
 def _base_profile(geometry: RasterGeometry, count: int, dtype: str, nodata: float | None, block: int) -> dict:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import stat
 from os import PathLike
 from pathlib import Path
 
-from storage.errors import InputError, UnsupportedFormatError
+from storage.errors import CorruptInputError, InputError, UnsupportedFormatError
 from storage.layout import ImageStore
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
@@ -30,14 +31,71 @@ def stem_of(path: str | PathLike[str]) -> str:
     return Path(path).stem
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def content_kind(head: bytes) -> str | None:
+    """What the first 352 bytes say a file is: 'tiff', 'nifti', 'gzip', or None (unknown)."""
+    if head.startswith(_TIFF_MAGIC):
+        return "tiff"
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00"):
+        return "nifti"
+    return None
+
+
+def check_readable_file(path: Path) -> bytes:
+    """Refuse what is not a readable regular file, before a reader blocks on it or misnames the problem.
+
+    A FIFO or a device would make ``open`` wait for a writer (or read
+    forever), so only regular files go on. Returns the file's first bytes.
+    """
+    if path.is_symlink() and not path.exists():
+        raise InputError(path, f"is a broken symbolic link (to {path.readlink()})")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(path, "is a directory, expected a file")
+    if not stat.S_ISREG(mode):
+        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+        raise InputError(path, f"is {what}, not a regular file; segflow reads files only")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(352)
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if not head:
+        raise CorruptInputError(path, "file is empty (0 bytes)")
+    return head
+
+
+def _check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
+    """A NIfTI named .tif (or a TIFF named .nii) gets told so, rather than 'cannot be read'."""
+    found = content_kind(head)
+    name = path.name.lower()
+    if kind == "raster" and found == "nifti":
+        raise UnsupportedFormatError(path, "is a NIfTI volume but is named like a GeoTIFF; rename it .nii")
+    if kind == "raster" and found == "gzip":
+        raise UnsupportedFormatError(path, "is gzip-compressed but is named like a GeoTIFF (a .nii.gz volume?)")
+    if kind == "volume" and found == "tiff":
+        raise UnsupportedFormatError(path, "is a TIFF image but is named like a NIfTI volume; rename it .tif")
+    if kind == "volume" and found == "gzip" and not name.endswith(".gz"):
+        raise UnsupportedFormatError(path, "is gzip-compressed but not named .gz; rename it .nii.gz")
+
+
 def ingest(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int | None = None) -> ImageStore:
     """Copy a GeoTIFF/VRT or NIfTI into a zarr image store, chunk by chunk."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a file")
+    head = check_readable_file(path)
     kind = kind_of(path)
+    _check_content_matches_name(path, kind, head)
     if kind == "raster":
         from storage.geotiff import ingest_geotiff
 

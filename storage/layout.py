@@ -9,11 +9,20 @@ and the group attribute ``segflow`` with a :class:`StoreMeta`.  A prediction
 store adds ``labels`` (*spatial) and optionally ``probabilities``
 (C, *spatial).  The attribute ``segflow_complete`` is written last: a store
 without it was interrupted and must not be taken for a finished one.
+
+While a prediction store is partial it also holds a :class:`ChunkJournal`
+(``.segflow-journal/``): the identity of the run that writes it and one marker
+per finished output chunk, so that a killed run can be resumed chunk by chunk.
+The journal is removed when the store is committed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -33,6 +42,7 @@ PROBABILITIES = "probabilities"
 META_ATTR = "segflow"
 COMPLETE_ATTR = "segflow_complete"
 PROVENANCE_ATTR = "provenance"
+JOURNAL_DIR = ".segflow-journal"
 
 
 class StoreMeta(BaseModel):
@@ -102,17 +112,32 @@ def _dim_names(ndim: int) -> list[str]:
     return ["c", "y", "x"] if ndim == 3 else ["c", "z", "y", "x"]
 
 
-def partial_path(target: str | PathLike[str]) -> Path:
-    """Where a store is written before it is moved to ``target``: hidden, beside it, same file system."""
+def partial_path(target: str | PathLike[str], identity: str | None = None) -> Path:
+    """Where a store is written before it is moved to ``target``: hidden, beside it, same file system.
+
+    With a run ``identity`` the name carries its first 16 hex digits, so a
+    run never writes into another run's store: a task of an abandoned run
+    that is still finishing on a shared Dask cluster can only touch its own.
+    """
     target = Path(target)
-    return target.with_name(f".{target.name}.partial")
+    return target.with_name(f".{target.name}.{identity[:16]}.partial" if identity else f".{target.name}.partial")
+
+
+def partial_paths(target: str | PathLike[str]) -> list[Path]:
+    """Every partial store of ``target`` on disk, whichever run left it."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}."
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".partial"))
 
 
 def create_prediction_store(target: str | PathLike[str], *, meta: dict[str, Any], spatial_shape: tuple[int, ...],
                             chunks: tuple[int, ...], label_dtype: str, nodata_label: int, classes: list[dict],
-                            probabilities_dtype: str | None) -> tuple[zarr.Group, zarr.Array, zarr.Array | None]:
+                            probabilities_dtype: str | None,
+                            identity: str | None = None) -> tuple[zarr.Group, zarr.Array, zarr.Array | None]:
     """Create (overwriting) the hidden partial store of a prediction; ``target`` is where it will be moved."""
-    partial = partial_path(target)
+    partial = partial_path(target, identity)
     if partial.exists():
         shutil.rmtree(partial)
     group = zarr.open_group(str(partial), mode="w", zarr_format=3)
@@ -131,10 +156,12 @@ def create_prediction_store(target: str | PathLike[str], *, meta: dict[str, Any]
     return group, labels, probs
 
 
-def commit_store(target: str | PathLike[str], attrs: dict[str, Any]) -> Path:
+def commit_store(target: str | PathLike[str], attrs: dict[str, Any], identity: str | None = None) -> Path:
     """Add final attributes, mark the partial store complete, then move it into place (the commit point)."""
     target = Path(target)
-    partial = partial_path(target)
+    partial = partial_path(target, identity)
+    # the journal goes first: a store killed between here and the rename is recomputed, never half-trusted
+    shutil.rmtree(partial / JOURNAL_DIR, ignore_errors=True)
     group = zarr.open_group(str(partial), mode="r+")
     group.attrs.update(attrs)
     mark_complete(group)
@@ -142,6 +169,112 @@ def commit_store(target: str | PathLike[str], attrs: dict[str, Any]) -> Path:
         shutil.rmtree(target)
     partial.rename(target)
     return target
+
+
+def identity_digest(parts: dict[str, Any]) -> str:
+    """sha256 of a canonical JSON document: the identity of a run (input, weights, parameters)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(document, f, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+ChunkIndex = tuple[int, ...]
+
+
+class ChunkJournal:
+    """Which output chunks of a partial prediction store are finished, and for which run.
+
+    Zarr cannot say "not computed yet": a chunk equal to the fill value (all
+    nodata) is never written.  So each whole-chunk write records a marker
+    (``done/<i.j[.k]>.json``, with the chunk's label histogram) after its data
+    is stored, from the Dask task that wrote it.  A marker is an atomic rename
+    of a small file, so a kill leaves either no marker (the chunk is rewritten,
+    identically) or a marker for a chunk whose data is on disk.  ``identity``
+    (input sha256 + weights sha256 + parameters) is kept beside the markers: a
+    run with another identity never trusts them.  The object is small and
+    picklable, so it travels to the workers as the write tasks' callback.
+    """
+
+    def __init__(self, store: str | PathLike[str], identity: str) -> None:
+        self.root = Path(store) / JOURNAL_DIR
+        self.identity = identity
+
+    @property
+    def _identity_file(self) -> Path:
+        return self.root / "identity.json"
+
+    def start(self, parts: dict[str, Any]) -> None:
+        """Write the run's identity; until then the partial store is nobody's and is never resumed."""
+        (self.root / "done").mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(self._identity_file, {"identity": self.identity, "parts": parts})
+
+    def recorded_identity(self) -> str | None:
+        try:
+            return json.loads(self._identity_file.read_text()).get("identity")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def record(self, index: ChunkIndex, result: dict[str, Any]) -> None:
+        """Called after the chunk's data is written (its label histogram rides along for statistics)."""
+        marker = self.root / "done" / (".".join(map(str, index)) + ".json")
+        histogram = {str(k): int(v) for k, v in result.get("histogram", {}).items()}
+        _write_json_atomically(marker, {"identity": self.identity, "index": list(index), "histogram": histogram})
+
+    __call__ = record
+
+    def done(self) -> dict[ChunkIndex, dict[int, int]]:
+        """The finished chunks of this identity and their label histograms (unreadable markers are ignored)."""
+        out: dict[ChunkIndex, dict[int, int]] = {}
+        folder = self.root / "done"
+        if self.recorded_identity() != self.identity or not folder.is_dir():
+            return out
+        for marker in folder.glob("*.json"):
+            try:
+                doc = json.loads(marker.read_text())
+                if doc["identity"] == self.identity:
+                    out[tuple(int(i) for i in doc["index"])] = {int(k): int(v) for k, v in doc["histogram"].items()}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a marker is only trusted whole; the chunk is then simply rewritten
+        return out
+
+
+def reopen_prediction_store(target: str | PathLike[str], identity: str, *, spatial_shape: tuple[int, ...],
+                            chunks: tuple[int, ...], label_dtype: str, probabilities_dtype: str | None,
+                            num_classes: int) -> tuple[zarr.Group, zarr.Array, zarr.Array | None] | None:
+    """The partial store of an interrupted run with the same identity, or None when there is none to resume.
+
+    Beyond the identity, the arrays must have exactly the shapes, chunks and
+    dtypes this run would create; anything else is not resumed.
+    """
+    partial = partial_path(target, identity)
+    if not partial.is_dir() or ChunkJournal(partial, identity).recorded_identity() != identity:
+        return None
+    try:
+        group = zarr.open_group(str(partial), mode="r+")
+        if group.attrs.get(COMPLETE_ATTR, False):
+            return None
+        labels = group[LABELS]
+        probs = group[PROBABILITIES] if PROBABILITIES in group else None
+    except Exception:  # zarr raises several types for a damaged store: then it is not resumable
+        return None
+    if (tuple(labels.shape), tuple(labels.chunks), str(labels.dtype)) != (tuple(spatial_shape), tuple(chunks),
+                                                                          label_dtype):
+        return None
+    if (probs is None) != (probabilities_dtype is None):
+        return None
+    if probs is not None and (tuple(probs.shape), tuple(probs.chunks), str(probs.dtype)) != (
+            (num_classes,) + tuple(spatial_shape), (num_classes,) + tuple(chunks), probabilities_dtype):
+        return None
+    return group, labels, probs  # type: ignore[return-value]
 
 
 def mark_complete(group: zarr.Group) -> None:

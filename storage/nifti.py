@@ -54,6 +54,7 @@ LABEL_DESCRIPTION = "segflow labels"
 COMMENT_CODE = 6  # NIfTI "comment" extension: free text, which viewers leave alone
 _READ_ERRORS = (ImageFileError, HeaderDataError, EOFError, OSError, ValueError, zlib.error)
 _EXPORT_SLAB_BYTES = 64 << 20  # slab size when the label array has no chunk grid to follow
+_DEFLATE_MAX_RATIO = 1032  # the most deflate can expand: a bound on a .gz file's uncompressed size
 
 
 # --------------------------------------------------------------------------- ingest
@@ -212,10 +213,16 @@ def _describe(src: Path, img: Nifti1Pair) -> tuple[VolumeGeometry, int, Any]:
 def _check_data_size(src: Path, img: Nifti1Pair) -> None:
     """Refuse an uncompressed file too short for its declared dims before reading anything."""
     data_file = Path(img.file_map["image"].fileobj.name)
-    if data_file.name.lower().endswith(".gz"):
-        return  # the uncompressed size is unknown until read; a short stream fails the read instead
     expected = int(img.dataobj.offset) + int(np.prod(img.shape, dtype=np.int64)) * img.header.get_data_dtype().itemsize
     actual = data_file.stat().st_size
+    if data_file.name.lower().endswith(".gz"):
+        # The uncompressed size is unknown until read, but deflate never expands more than 1032:1, so a
+        # header declaring more than that is refused before a slab buffer of its size is allocated.
+        if expected > actual * _DEFLATE_MAX_RATIO:
+            raise CorruptInputError(src, f"header declares {tuple(img.shape)} ({expected} bytes) but "
+                                         f"{data_file.name} has {actual} compressed bytes, which cannot hold "
+                                         f"more than {actual * _DEFLATE_MAX_RATIO}")
+        return
     if actual < expected:
         raise CorruptInputError(src, f"data is truncated: header declares {tuple(img.shape)} "
                                      f"({expected} bytes with offset) but {data_file.name} has {actual} bytes")

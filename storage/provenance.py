@@ -5,6 +5,11 @@ A provenance record is a JSON document.  It is written beside each output
 embedded in the output itself (zarr attribute, GeoTIFF tag, NIfTI header
 extension), where it cannot name its own hash.  ``verify`` recomputes every
 hash it names.
+
+The embedded copy (:func:`embedded`) leaves out what differs between two runs
+that produce the same labels: the start and finish times and the run
+statistics (timings, chunks resumed).  So a resumed run's outputs are
+byte-identical to an uninterrupted run's; the sidecar keeps the whole record.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import platform
 import socket
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from importlib import metadata
 from os import PathLike
 from pathlib import Path
@@ -79,6 +85,23 @@ def make_record(*, input_path: str, input_sha256: str, model: dict[str, Any], pa
     }
 
 
+VOLATILE = ("started", "finished", "statistics", "outputs")
+STABLE_STATISTICS = ("windows_total", "chunks", "label_pixels")
+
+
+def embedded(record: dict[str, Any]) -> dict[str, Any]:
+    """The part of a record that only depends on what made the output: embedded in outputs, so they stay reproducible.
+
+    Times, timings and how the work was split between runs (resumed chunks)
+    are dropped; the statistics that follow from the labels (windows of the
+    grid, chunks, pixels per label) are kept.
+    """
+    out = {k: v for k, v in record.items() if k not in VOLATILE}
+    stats = record.get("statistics") or {}
+    out["statistics"] = {k: stats[k] for k in STABLE_STATISTICS if k in stats}
+    return out
+
+
 def sidecar_path(output: str | PathLike[str]) -> Path:
     """``OUT/<stem>.provenance.json`` for ``OUT/<stem>.tif`` or ``OUT/<stem>.nii.gz``."""
     from storage.ingest import stem_of
@@ -121,28 +144,115 @@ def read_sidecar(path: str | PathLike[str]) -> dict[str, Any]:
     return record
 
 
-def verify_sidecar(path: str | PathLike[str]) -> list[str]:
-    """Recompute every hash the record names; return one line per problem (empty: verified)."""
+@dataclass
+class Verification:
+    """What ``verify`` found: ``problems`` (tampering, missing outputs: a failure) and ``unverified``.
+
+    An input or weights file that is not reachable from here (outputs are
+    often copied away from the data they came from) cannot be checked: that
+    is reported, but is not a failure.
+    """
+
+    sidecar: Path
+    problems: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
+    verified: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _short(digest: str | None) -> str:
+    return f"{digest[:12]}…" if digest else "none"
+
+
+def verify(path: str | PathLike[str]) -> Verification:
+    """Recompute every hash the record names and compare the provenance embedded in the outputs with it."""
     path = Path(path)
     record = read_sidecar(path)
-    problems = []
-    for name, digest in record.get("outputs", {}).items():
+    report = Verification(sidecar=path)
+    outputs = record.get("outputs") or {}
+    if not outputs:
+        report.problems.append(f"{path} names no outputs")
+    for name, digest in outputs.items():
         out = path.parent / name
         if not out.exists():
-            problems.append(f"output {out} is missing")
-        elif sha256_output(out) != digest:
-            problems.append(f"output {out} changed (sha256 differs from provenance)")
+            report.problems.append(f"output {out} is missing")
+            continue
+        actual = sha256_output(out)
+        if actual != digest:
+            report.problems.append(f"output {out} changed: sha256 is {_short(actual)}, provenance records "
+                                   f"{_short(digest)}")
+            continue
+        report.verified.append(f"output {out}")
+        inner = read_embedded(out)
+        if inner is not None and inner != embedded(record):
+            keys = sorted(k for k in set(inner) | set(embedded(record)) if inner.get(k) != embedded(record).get(k))
+            report.problems.append(f"output {out} embeds provenance that differs from {path.name} in: "
+                                   f"{', '.join(keys)}")
     checks = [("input", record.get("input", {}).get("path"), record.get("input", {}).get("sha256"))]
     model = record.get("model", {})
     weights = model.get("weights_path") or (str(Path(model["path"]) / "weights.safetensors")
                                             if model.get("path") else None)
-    if weights:
-        checks.append(("model weights", weights, model.get("weights_sha256")))
+    checks.append(("model weights", weights, model.get("weights_sha256")))
     for what, file, digest in checks:
         if not file or not digest:
-            problems.append(f"{what}: no path or hash recorded")
-        elif not Path(file).exists():
-            problems.append(f"{what} {file} is not reachable (cannot verify)")
-        elif sha256_file(file) != digest:
-            problems.append(f"{what} {file} changed (sha256 differs from provenance)")
-    return problems
+            report.problems.append(f"{what}: no path or sha256 recorded")
+        elif not Path(file).is_file():
+            report.unverified.append(f"{what} {file} is not reachable; its sha256 {_short(digest)} was not checked")
+        else:
+            actual = sha256_file(file)
+            if actual != digest:
+                report.problems.append(f"{what} {file} changed: sha256 is {_short(actual)}, provenance records "
+                                       f"{_short(digest)}")
+            else:
+                report.verified.append(f"{what} {file}")
+    return report
+
+
+def verify_sidecar(path: str | PathLike[str]) -> list[str]:
+    """Recompute every hash the record names; return one line per problem (empty: verified).
+
+    Unreachable inputs or weights are not problems (see :class:`Verification`).
+    """
+    return verify(path).problems
+
+
+def read_embedded(output: str | PathLike[str]) -> dict[str, Any] | None:
+    """The provenance record embedded in a segflow output (zarr attribute, GeoTIFF tag, NIfTI extension).
+
+    None when the output does not carry one (e.g. a probability file of an
+    older version); an output that cannot be read at all raises ProvenanceError.
+    """
+    output = Path(output)
+    name = output.name.lower()
+    try:
+        if output.is_dir():
+            import zarr
+
+            return zarr.open_group(str(output), mode="r").attrs.get("provenance")
+        if name.endswith((".tif", ".tiff")):
+            import rasterio
+
+            with rasterio.open(output) as src:
+                text = src.tags().get("SEGFLOW_PROVENANCE")
+            return None if text is None else json.loads(text)
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            for ext in nib.load(str(output)).header.extensions:
+                content = ext.get_content()
+                text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
+                try:
+                    doc = json.loads(text.rstrip("\0"))
+                except ValueError:
+                    continue
+                if isinstance(doc, dict) and doc.get("schema") == SCHEMA:
+                    return doc
+            return None
+    except ProvenanceError:
+        raise
+    except Exception as exc:  # each reader raises its own types for an unreadable file
+        raise ProvenanceError(output, f"cannot read the provenance it embeds ({type(exc).__name__}: {exc})") from None
+    return None

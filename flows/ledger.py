@@ -1,0 +1,225 @@
+"""Content-keyed record of finished work, kept beside the outputs: what lets a nightly run skip.
+
+The key of an input's segmentation is the sha256 of a canonical JSON document
+holding:
+
+- the input file's sha256 (its content, not its name or time stamp);
+- the model weights' sha256 and the model card (architecture, normalisation,
+  classes, inference defaults: everything that shapes the output; the card's
+  free-text description and training record are left out);
+- the run parameters, with the card's defaults filled in (an explicit
+  ``--roi`` equal to the card's gives the same key as none), leaving out the
+  ones that only say where work runs (``dask_address``, ``workers``, ``gpus``;
+  ``device`` stays in, as given: ``auto``, ``cpu`` or ``cuda``).
+
+The code version is not in the key: a segflow upgrade does not redo every
+output.  :data:`KEY_SCHEMA` is bumped when a change of segflow changes outputs.
+
+When an input's outputs are complete, ``OUT/.segflow-cache/<key>.json`` is
+written (atomically: a temporary file renamed into place), naming the
+provenance sidecar.  One file per key: concurrent runs or tasks never rewrite
+one shared index.  Before an input is skipped, the entry must still hold: its
+sidecar readable, naming the same input and weights hashes, and every output
+the sidecar lists present with its recorded sha256.  Anything else (outputs
+deleted, edited, a half-copied output folder) and the input is processed again.
+
+Prefect's own task cache is not used for this: it keys on the task's inputs
+and run id by default, stores results in Prefect's result storage (not beside
+the outputs), and a cache hit would not notice outputs deleted since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.config import SegmentOptions
+from segmentation.card import ModelCard
+from storage.errors import ProvenanceError
+from storage.provenance import read_sidecar, sha256_output
+
+KEY_SCHEMA = "segflow.cache-key/1"
+ENTRY_SCHEMA = "segflow.cache-entry/1"
+CACHE_DIR = ".segflow-cache"
+EXECUTION_ONLY = frozenset({"dask_address", "workers", "gpus"})  # where the work runs, not what it computes
+
+
+def keyed_parameters(card: ModelCard, options: SegmentOptions) -> dict[str, Any]:
+    """The parameters of a run as far as they are known before it starts, card defaults filled in."""
+    inf = card.inference
+    params = options.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
+    params.update(
+        roi=list(options.roi) if options.roi is not None else list(inf.roi),
+        overlap=options.overlap if options.overlap is not None else inf.overlap,
+        blend=options.blend or inf.blend,
+        sigma_scale=inf.sigma_scale,
+        batch_size=options.batch_size or inf.batch_size,
+        flip_tta=sorted(options.flip_tta if options.flip_tta is not None else inf.flip_tta),
+        crf_iterations=options.crf_iterations if options.crf else None,
+    )
+    return params
+
+
+def key_document(input_sha256: str, weights_sha256: str, card: ModelCard, options: SegmentOptions) -> dict[str, Any]:
+    return {
+        "schema": KEY_SCHEMA,
+        "input_sha256": input_sha256,
+        "weights_sha256": weights_sha256,
+        "card": card.model_dump(mode="json", exclude={"description", "training"}),
+        "parameters": keyed_parameters(card, options),
+    }
+
+
+def cache_key(document: dict[str, Any]) -> str:
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def entry_path(out_dir: str | os.PathLike[str], key: str) -> Path:
+    return Path(out_dir) / CACHE_DIR / f"{key}.json"
+
+
+@dataclass
+class Hit:
+    """A verified earlier result: the sidecar's record and the outputs it lists."""
+
+    entry: dict[str, Any]
+    record: dict[str, Any]
+    outputs: list[str]
+
+
+def lookup(out_dir: str | os.PathLike[str], key: str, input_sha256: str,
+           weights_sha256: str) -> tuple[Hit | None, str | None]:
+    """(hit, None) when the work of ``key`` is done and intact, else (None, why not) — why is None when never done."""
+    path = entry_path(out_dir, key)
+    if not path.is_file():
+        return None, None
+    try:
+        entry = json.loads(path.read_text())
+        if entry.get("schema") != ENTRY_SCHEMA or entry.get("key") != key:
+            return None, f"cache entry {path.name} is not a {ENTRY_SCHEMA} for this key"
+        sidecar = Path(out_dir) / entry["sidecar"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"cache entry {path.name} unreadable ({type(exc).__name__})"
+    if not sidecar.is_file():
+        return None, f"earlier output's provenance {sidecar.name} is missing"
+    try:
+        record = read_sidecar(sidecar)
+    except ProvenanceError as exc:
+        return None, str(exc)
+    if record.get("input", {}).get("sha256") != input_sha256:
+        return None, f"{sidecar.name} now describes another input (overwritten by another run)"
+    if record.get("model", {}).get("weights_sha256") != weights_sha256:
+        return None, f"{sidecar.name} now describes another model (overwritten by another run)"
+    recorded = record.get("outputs") or {}
+    if not recorded:
+        return None, f"{sidecar.name} lists no outputs"
+    for name, digest in recorded.items():
+        out = sidecar.parent / name
+        if not out.exists():
+            return None, f"earlier output {name} is missing"
+        if sha256_output(out) != digest:
+            return None, f"earlier output {name} changed since it was written (sha256 differs)"
+    outputs = _ordered(sidecar, list(recorded))
+    return Hit(entry=entry, record=record, outputs=outputs), None
+
+
+_COMPARED = ("precision", "roi", "overlap", "blend", "sigma_scale", "batch_size", "probabilities", "device",
+             "keep_zarr", "flip_tta", "trust_bundle", "chunk_size")
+
+
+def _ordered(sidecar: Path, names: list[str]) -> list[str]:
+    """As ``segment_one`` lists them: the label map, other files, the sidecar, then stores."""
+    stem = sidecar.name[: -len(".provenance.json")]
+    main = [n for n in names if n in (f"{stem}.tif", f"{stem}.nii.gz")]
+    files = [n for n in names if n not in main and not (sidecar.parent / n).is_dir()]
+    stores = [n for n in names if n not in main and n not in files]
+    return [str(sidecar.parent / n) for n in main + files] + [str(sidecar)] + [str(sidecar.parent / n) for n in stores]
+
+
+def _comparable_keyed(params: dict[str, Any]) -> dict[str, Any]:
+    out = {k: params.get(k) for k in _COMPARED}
+    out["crf"] = params.get("crf_iterations") if params.get("crf") else None
+    return out
+
+
+def _comparable_recorded(params: dict[str, Any]) -> dict[str, Any]:
+    out = {k: params.get(k) for k in _COMPARED}
+    out["flip_tta"] = sorted(out["flip_tta"] or [])
+    crf = params.get("crf")
+    out["crf"] = crf.get("iterations") if isinstance(crf, dict) else None
+    return out
+
+
+def adopt(out_dir: str | os.PathLike[str], input_path: str, key: str, document: dict[str, Any],
+          model_path: str) -> tuple[Hit | None, str | None]:
+    """Outputs made without an entry (by ``segflow segment``, or before the ledger existed) count as done
+    when ``OUT/<stem>.provenance.json`` names the same input hash, weights hash and parameters and its
+    outputs verify; the entry is then written.  (hit, None), or (None, why not; None when nothing is there)."""
+    from storage.ingest import stem_of
+
+    sidecar = Path(out_dir) / f"{stem_of(input_path)}.provenance.json"
+    if not sidecar.is_file():
+        return None, None
+    try:
+        record = read_sidecar(sidecar)
+    except ProvenanceError as exc:
+        return None, str(exc)
+    if record.get("input", {}).get("sha256") != document["input_sha256"]:
+        return None, f"{sidecar.name} is of another version of the input"
+    if record.get("model", {}).get("weights_sha256") != document["weights_sha256"]:
+        return None, f"{sidecar.name} was made with another model"
+    if _comparable_recorded(record.get("parameters") or {}) != _comparable_keyed(document["parameters"]):
+        return None, f"{sidecar.name} was made with other parameters"
+    if record_done(out_dir, key, document, input_path=input_path, model_path=model_path, sidecar=sidecar) is None:
+        return None, f"{sidecar.name} lists missing outputs"
+    return lookup(out_dir, key, document["input_sha256"], document["weights_sha256"])
+
+
+def record_done(out_dir: str | os.PathLike[str], key: str, document: dict[str, Any], *, input_path: str,
+                model_path: str, sidecar: str | os.PathLike[str]) -> Path | None:
+    """Write the entry of ``key`` once its outputs are complete; None (nothing written) if they do not verify.
+
+    The sidecar must name the input and weights hashes the key was built
+    from: an input replaced while it was being processed gets no entry, so
+    the next run looks at it again.
+    """
+    hit, _ = lookup_sidecar(sidecar, document["input_sha256"], document["weights_sha256"])
+    if not hit:
+        return None
+    target = entry_path(out_dir, key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"schema": ENTRY_SCHEMA, "key": key, "key_document": document, "input_path": str(input_path),
+             "model_path": str(model_path),
+             "sidecar": os.path.relpath(Path(sidecar).resolve(), Path(out_dir).resolve())}
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the entry is as public as the outputs
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def lookup_sidecar(sidecar: str | os.PathLike[str], input_sha256: str, weights_sha256: str) -> tuple[bool, str | None]:
+    """Whether a just-written sidecar names these hashes and lists outputs that exist."""
+    try:
+        record = read_sidecar(sidecar)
+    except ProvenanceError as exc:
+        return False, str(exc)
+    if record.get("input", {}).get("sha256") != input_sha256:
+        return False, "the input changed while it was processed"
+    if record.get("model", {}).get("weights_sha256") != weights_sha256:
+        return False, "the model changed while it was processed"
+    missing = [n for n in (record.get("outputs") or {}) if not (Path(sidecar).parent / n).exists()]
+    if missing or not record.get("outputs"):
+        return False, f"outputs missing: {', '.join(missing) or 'none listed'}"
+    return True, None

@@ -1,0 +1,352 @@
+"""The ``nightly`` flow: segment what is new in an inbox or a manifest, skip what is done, report.
+
+One Prefect task run per input (``segment-input``); the window-level work of
+each stays in the Dask graph ``segment_one`` builds.  Each task run:
+
+1. reads the input's header (:func:`storage.probe.probe`) and picks the first
+   model whose card fits it (:mod:`flows.routing`); none fits: status
+   ``no-model``, nothing processed;
+2. hashes the input and builds the content key (:mod:`flows.ledger`); when the
+   key's outputs exist and verify: status ``skipped``;
+3. otherwise runs ``segment_one`` and records the key once the outputs are
+   complete: status ``done``.
+
+A task that raises fails alone: the others run, and the flow ends ``Failed``
+with "k of n inputs failed" and the report as its result.  Transient I/O
+errors (:func:`is_transient`) are retried by Prefect (``retries``,
+``retry_condition_fn``); bad input (``InputError``) and every other error are
+not.  A bad input is tried again on every run, even with an unchanged hash:
+its failure stays in each night's report, and a fixed reader or a new model
+can make it succeed; reading a header costs little.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run as flow_run_info
+from prefect.runtime import task_run as task_run_info
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+
+from flows import ledger, progress
+from flows.cluster import dask_client
+from flows.config import SegmentOptions
+from flows.report import InputReport, fill_from_statistics, summary, timestamp, write_report
+from flows.routing import ModelEntry, loaded, no_model_reason, read_models, route
+from storage import provenance
+from storage.errors import ConfigError, InputError, SegflowError
+from storage.hashing import sha256_file
+from storage.ingest import kind_of, stem_of
+from storage.probe import probe
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
+    """(inputs, ignored): the inbox's files segflow reads, sorted; hidden files, folders and other files ignored.
+
+    An Analyze/NIfTI pair is one input, read through its ``.hdr``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(folder, "inbox is not a directory")
+    inputs, ignored = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        try:
+            kind_of(p)
+        except InputError:
+            ignored.append(str(p))
+            continue
+        if p.name.lower().endswith(".img") and p.with_suffix(".hdr").exists():
+            continue
+        inputs.append(str(p))
+    return inputs, ignored
+
+
+def read_manifest(path: str | Path) -> list[str]:
+    """The inputs a manifest lists: CSV with a ``path`` column, or JSON (a list of paths, of {"path": ...}
+    objects, or an object with an "inputs" or "paths" list). Relative paths are relative to the manifest."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read manifest: {exc.strerror or exc}") from None
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        column = next((c for c in (rows[0].keys() if rows else []) if c and c.strip().lower() == "path"), None)
+        if column is None:
+            raise ConfigError(path, "CSV manifest needs a 'path' column")
+        items: list[Any] = [r[column] for r in rows]
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(path, f"manifest is not valid JSON: {exc}") from None
+        if isinstance(data, dict):
+            data = data.get("inputs", data.get("paths"))
+        if not isinstance(data, list):
+            raise ConfigError(path, "JSON manifest must be a list of paths or an object with an 'inputs' list")
+        items = [d.get("path") if isinstance(d, dict) else d for d in data]
+    else:
+        raise ConfigError(path, "manifest must be a .csv or .json file")
+    if not all(isinstance(i, str) for i in items):
+        raise ConfigError(path, "every manifest entry must be a path string")
+    out = []
+    for item in (i.strip() for i in items):
+        if item:
+            p = Path(item).expanduser()
+            out.append(str(p if p.is_absolute() else path.parent / p))
+    return out
+
+
+# ----------------------------------------------------------------------------- retries
+
+TRANSIENT_ERRNOS = frozenset(e for e in (
+    errno.EIO, errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET,
+    errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET,
+    errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ESTALE, errno.ENOLCK, getattr(errno, "EREMOTEIO", None),
+) if e is not None)
+
+
+class TransientError(Exception):
+    """A failure expected to pass on a later attempt (raise it to ask for a retry)."""
+
+
+def _chain(exc: BaseException):  # noqa: ANN202
+    """The exception and every exception it was raised from or during (``from None`` keeps the context)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Retry?  Yes for timeouts, dropped connections and OSErrors with a transient errno (EIO, EAGAIN,
+    ETIMEDOUT, ECONNRESET, ESTALE...), also when a reader wrapped them in an ``InputError``; no for the rest."""
+    from distributed.comm import CommClosedError
+
+    for e in _chain(exc):
+        if isinstance(e, (TransientError, TimeoutError, ConnectionError, CommClosedError)):
+            return True
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def retry_if_transient(task_, task_run, state) -> bool:  # noqa: ANN001 (Prefect's retry_condition_fn signature)
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001
+            return False
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, SegflowError):
+        return str(exc)
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+# ----------------------------------------------------------------------------- one input
+
+
+@dataclass
+class _Batch:
+    """What every task run of one flow run shares (passed quoted: Prefect does not inspect it)."""
+
+    models: list[ModelEntry]
+    options: SegmentOptions
+    out_dir: str
+    client: Any
+    attempts: dict[str, int] = field(default_factory=dict)
+
+
+def _hash_input(path: str) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from exc
+
+
+@task(name="segment-input", task_run_name="segment-{name}", persist_result=False, cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def segment_input(path: str, name: str, batch: _Batch) -> dict[str, Any]:
+    """Route, skip or segment one input; raises (and fails only this task run) when the input is bad."""
+    from flows.pipeline import segment_one
+
+    t0 = time.perf_counter()
+    batch.attempts[path] = task_run_info.get_run_count() or 1
+    rep = InputReport(input=path, status="done", attempts=batch.attempts[path])
+    header = probe(path)
+    rep.kind, rep.channels = header.kind, header.channels
+    entry = route(header, batch.models)
+    if entry is None:
+        rep.status, rep.error = "no-model", no_model_reason(header, batch.models)
+        rep.seconds = round(time.perf_counter() - t0, 3)
+        return rep.to_dict()
+    model = loaded(entry, trust_bundle=batch.options.trust_bundle)
+    rep.model, rep.model_path = model.name, entry.path
+    classes = [c.model_dump(mode="json") for c in model.card.classes]
+    rep.input_sha256 = _hash_input(path)
+    document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options)
+    rep.cache_key = ledger.cache_key(document)
+    hit, why_not = ledger.lookup(batch.out_dir, rep.cache_key, rep.input_sha256, model.weights_sha256)
+    adopted = False
+    if hit is None and why_not is None:  # never recorded: outputs of `segflow segment` count too
+        hit, _ = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path)
+        adopted = hit is not None
+    if hit is not None:
+        rep.status = "skipped"
+        rep.note = (f"same input, model and parameters done {hit.record.get('finished')}"
+                    + (" (outputs without a cache entry, verified and adopted)" if adopted else ""))
+        rep.outputs = hit.outputs
+        statistics = hit.record.get("statistics", {})
+    else:
+        outcome = segment_one(path, model, batch.out_dir, batch.options, batch.client)
+        sidecar = next(o for o in outcome.outputs if o.endswith(".provenance.json"))
+        if ledger.record_done(batch.out_dir, rep.cache_key, document, input_path=path, model_path=entry.path,
+                              sidecar=sidecar) is None:
+            rep.note = "outputs written but not recorded as done: the input or model changed during the run"
+        elif why_not:
+            rep.note = f"processed again: {why_not}"
+        rep.outputs = outcome.outputs
+        statistics = outcome.statistics
+    fill_from_statistics(rep, statistics, classes, header.cell_size, header.cell_unit, header.cell_note)
+    rep.seconds = round(time.perf_counter() - t0, 3)
+    return rep.to_dict()
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+def dashboard_link(client: Any) -> str | None:
+    """The Dask dashboard's address, when the scheduler runs one (it needs bokeh)."""
+    try:
+        if "dashboard" not in client.scheduler_info().get("services", {}):
+            return None
+        return client.dashboard_link or None
+    except Exception:  # noqa: BLE001 - a dashboard address is a nicety
+        return None
+
+
+def _collisions(paths: list[str]) -> dict[str, str]:
+    """Inputs whose outputs would overwrite an earlier input's (same stem): {later path: earlier path}."""
+    first: dict[str, str] = {}
+    clashes = {}
+    for p in paths:
+        stem = stem_of(p)
+        if stem in first:
+            clashes[p] = first[stem]
+        else:
+            first[stem] = p
+    return clashes
+
+
+@flow(name="nightly", persist_result=False, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manifest: str | None = None,
+            options: SegmentOptions | None = None, retries: int = 2, retry_delay_seconds: float = 10.0):  # noqa: ANN201
+    """Segment the new inputs of an inbox folder or a manifest with the model that fits each; write a run report.
+
+    Ends Completed when every input is done or skipped, else Failed ("k of n
+    inputs failed"); either way the report (a dict) is the state's data.
+    """
+    options = options or SegmentOptions()
+    logger = get_run_logger()
+    started, stamp, t0 = provenance.now(), timestamp(), time.perf_counter()
+    if (inbox is None) == (manifest is None):
+        raise ConfigError(None, "give an inbox folder or a manifest (one of them)")
+    inbox = str(Path(inbox).expanduser().absolute()) if inbox is not None else None
+    manifest = str(Path(manifest).expanduser().absolute()) if manifest is not None else None
+    if inbox is not None:
+        paths, ignored = list_inbox(inbox)
+    else:
+        paths, ignored = read_manifest(manifest), []
+    paths = list(dict.fromkeys(paths))  # a path listed twice is one input
+    models = read_models(model_dirs, trust_bundle=options.trust_bundle)  # a bad model fails the run up front
+    for m in models:
+        loaded(m, trust_bundle=options.trust_bundle)
+    out = Path(out_dir).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    clashes = _collisions(paths)
+    reports: dict[str, InputReport] = {
+        p: InputReport(input=p, status="failed", attempts=0,
+                       error=f"{p}: its outputs would overwrite those of {clashes[p]} (same name stem); "
+                             "rename one of them") for p in clashes}
+    todo = [p for p in paths if p not in clashes]
+    cluster_kw = {"gpus": True} if getattr(options, "gpus", False) else {}
+    with dask_client(options.dask_address, workers=options.workers, dashboard=True, **cluster_kw) as client:
+        dashboard = dashboard_link(client)
+        scheduler = getattr(client.scheduler, "address", None)
+        progress.note(f"Dask scheduler {scheduler}" + (f", dashboard {dashboard}" if dashboard else
+                                                       " (no dashboard: install bokeh for one)"))
+        batch = _Batch(models=models, options=options, out_dir=str(out), client=client)
+        run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+        bar = progress.reporter()
+        bar.start("nightly", f"nightly: {len(todo)} inputs", total=len(todo))
+        futures = {run_task.submit(p, Path(p).name, quote(batch)): p for p in todo}
+        for future in as_completed(list(futures)):
+            path = futures[future]
+            future.wait()  # sets the future's final state locally (no API read of a stale one)
+            state = future.state
+            if state.is_completed():
+                reports[path] = InputReport(**future.result())
+            else:
+                exc = state.result(raise_on_failure=False)
+                error = one_line(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+                reports[path] = InputReport(input=path, status="failed", error=error,
+                                            attempts=batch.attempts.get(path, 0))
+                logger.info("input failed: %s", error)
+            bar.advance("nightly")
+        bar.finish("nightly")
+    inputs = [reports[p] for p in paths]
+    message = summary(inputs)
+    ok = all(r.status in ("done", "skipped") for r in inputs)
+    report = {
+        "schema": "segflow.nightly-report/1",
+        "run": {
+            "flow_run_id": flow_run_info.get_id(), "flow_run_name": flow_run_info.get_name(),
+            "started": started, "finished": provenance.now(), "seconds": round(time.perf_counter() - t0, 3),
+            "state": "Completed" if ok else "Failed", "summary": message,
+            "inbox": str(inbox) if inbox else None, "manifest": str(manifest) if manifest else None,
+            "out_dir": str(out), "ignored": ignored,
+            "models": [{"path": m.path, "name": m.card.name, "spatial_dims": m.spatial_dims, "channels": m.channels,
+                        "weights_sha256": loaded(m, trust_bundle=options.trust_bundle).weights_sha256}
+                       for m in models],
+            "options": options.model_dump(mode="json"),
+            "dask_scheduler": scheduler, "dashboard": dashboard,
+            "counts": {s: sum(1 for r in inputs if r.status == s) for s in ("done", "skipped", "failed", "no-model")},
+        },
+        "inputs": [r.to_dict() for r in inputs],
+    }
+    json_path, md_path = write_report(report, out, stamp)
+    report["report"] = {"json": str(json_path), "markdown": str(md_path)}
+    logger.info("%s; report %s", message, md_path)
+    return Completed(message=message, data=report) if ok else Failed(message=message, data=report)
+
+
+def nightly_report(state: Any) -> dict[str, Any]:
+    """The report of a finished ``nightly`` run, failed or not; re-raises what stopped the run before any report."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return result

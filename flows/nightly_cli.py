@@ -1,0 +1,91 @@
+"""``segflow nightly``: run the ``nightly`` flow once (registered on the app in :mod:`flows.cli`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def nightly_command(
+        inbox: Optional[Path] = typer.Option(None, "--inbox", help="Folder of inputs (GeoTIFF, VRT, NIfTI); "
+                                                                   "hidden and other files are ignored."),
+        manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV with a 'path' column, or JSON list "
+                                                                         "of paths, instead of --inbox."),
+        model: List[Path] = typer.Option(..., "--model", help="Model directory; repeat: each input goes to the "
+                                                              "first model whose card fits it (2D/3D, channels)."),
+        out: Path = typer.Option(..., "--out", help="Output directory (also holds .segflow-cache/ and reports/)."),
+        precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
+        roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: each card's)."),
+        overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: each card's)."),
+        chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),
+        batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
+        workers: Optional[int] = typer.Option(None, help="Local Dask worker processes."),
+        probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+        dask_address: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler."),
+        gpus: bool = typer.Option(False, "--gpus", help="One Dask worker per GPU (dask-cuda), or the GPU "
+                                                        "workers of --dask-address."),
+        no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
+        retries: int = typer.Option(2, min=0, help="Retries of an input after a transient I/O error."),
+        retry_delay: float = typer.Option(10.0, min=0.0, help="Seconds between retries."),
+        parallel: int = typer.Option(1, min=1, help="Inputs in flight at once (their windows share the cluster).")
+) -> None:
+    """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md."""
+    from pydantic import ValidationError
+    from rich.table import Table
+
+    from flows import cli
+    from flows.config import SegmentOptions
+    from flows.nightly import nightly, nightly_report
+    from flows.progress import RichReporter, reporting
+    from segmentation.modeldir import check_model
+    from storage.errors import SegflowError
+
+    if (inbox is None) == (manifest is None):
+        cli._fail("give --inbox DIR or --manifest FILE (one of them)")
+    try:
+        options = SegmentOptions(precision=precision, roi=cli._ints(roi), overlap=overlap, chunk_size=chunk_size,
+                                 batch_size=batch_size, workers=workers, probabilities=probabilities,
+                                 device=device, dask_address=dask_address, keep_zarr=not no_zarr,
+                                 **({"gpus": True} if gpus else {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        cli._fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
+    try:
+        for m in model:
+            check_model(m)
+    except SegflowError as exc:
+        cli._fail(str(exc))
+    flow = nightly
+    if parallel > 1:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
+    with cli._progress() as progress, reporting(RichReporter(progress)):
+        state = flow(model_dirs=[str(m) for m in model], out_dir=str(out),
+                     inbox=str(inbox) if inbox else None, manifest=str(manifest) if manifest else None,
+                     options=options, retries=retries, retry_delay_seconds=retry_delay, return_state=True)
+    try:
+        report = nightly_report(state)
+    except SegflowError as exc:
+        cli._fail(str(exc))
+    table = Table(title=f"segflow nightly: {report['run']['summary']}")
+    for col in ("input", "status", "model", "s", "windows", "labels"):
+        table.add_column(col)
+    for r in report["inputs"]:
+        win = r.get("windows") or {}
+        unit = "ha" if r.get("measure") == "area_ha" else "mL"
+        labels = ", ".join(f"{x['name']} {x[r['measure']]:.4g} {unit}" for x in r.get("labels", [])
+                           if x.get(r.get("measure") or "") is not None)
+        table.add_row(Path(r["input"]).name, r["status"], r.get("model") or "",
+                      "" if r.get("seconds") is None else f"{r['seconds']:.1f}",
+                      f"{win.get('evaluated')}/{win.get('skipped')}" if win else "", labels)
+    cli.out.print(table)
+    for r in report["inputs"]:
+        if r.get("error"):
+            cli.console.print(f"[red]{r['status']}:[/red] {r['error']}", highlight=False, soft_wrap=True)
+    cli.out.print(f"report: {report['report']['markdown']}", highlight=False, soft_wrap=True)
+    cli.out.print(f"report: {report['report']['json']}", highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report["run"]["state"] == "Completed" else 1)

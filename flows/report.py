@@ -1,0 +1,191 @@
+"""The run report of a nightly batch: one JSON document and the same in Markdown.
+
+Per input: status (done, skipped, failed, no-model), the one-line error, the
+model, attempts, timings, windows evaluated and skipped, the label areas in
+hectares (rasters) or volumes in millilitres (NIfTI), and the output paths.
+
+Areas: pixel count x the area of one pixel, |det| of the geotransform in the
+CRS's linear unit (metres, feet... converted to m²), / 10⁴.  A raster in a
+geographic CRS (degrees) or without a CRS gets no areas (null, with the
+reason): its pixels' ground area varies with latitude and the histogram is
+for the whole image.  Volumes: voxel count x |det| of the affine's 3x3 part
+(the product of the zooms) in mm³ / 1000.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_SCHEMA = "segflow.nightly-report/1"
+STATUSES = ("done", "skipped", "failed", "no-model")
+REPORTS_DIR = "reports"
+
+
+@dataclass
+class InputReport:
+    input: str
+    status: str  # one of STATUSES
+    error: str | None = None  # one line, for failed and no-model
+    note: str | None = None  # e.g. why a done input was not skipped, or when a skipped one was made
+    kind: str | None = None
+    channels: int | None = None
+    model: str | None = None
+    model_path: str | None = None
+    input_sha256: str | None = None
+    cache_key: str | None = None
+    attempts: int = 1
+    seconds: float | None = None  # this run's wall time for this input (hashing and checks included)
+    timings: dict[str, float] = field(default_factory=dict)  # ingest/inference/export/total seconds of the work
+    windows: dict[str, int] = field(default_factory=dict)  # evaluated, skipped, total
+    measure: str | None = None  # "area_ha" or "volume_ml"
+    cell_size: float | None = None  # ha per pixel or mL per voxel
+    measure_note: str | None = None
+    labels: list[dict[str, Any]] = field(default_factory=list)  # value, name, count, and area_ha or volume_ml
+    outputs: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # from the segmentation's statistics (e.g. mostly nodata)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def label_measures(statistics: dict[str, Any], classes: list[dict[str, Any]], cell_size: float | None,
+                   unit: str) -> list[dict[str, Any]]:
+    """One row per class: its pixel/voxel count (from the run's label histogram) and area or volume.
+
+    The histogram also counts the nodata label, which is no class and is left out.
+    """
+    counts = {int(k): int(v) for k, v in (statistics.get("label_pixels") or {}).items()}
+    key = "area_ha" if unit == "ha" else "volume_ml"
+    rows = []
+    for c in classes:
+        n = counts.get(int(c["value"]), 0)
+        rows.append({"value": int(c["value"]), "name": c["name"], "count": n,
+                     key: None if cell_size is None else n * cell_size})
+    return rows
+
+
+def fill_from_statistics(rep: InputReport, statistics: dict[str, Any], classes: list[dict[str, Any]],
+                         cell_size: float | None, unit: str, note: str | None) -> None:
+    """Timings, windows and label measures from a segmentation's statistics (its provenance record's)."""
+    rep.timings = {k: statistics[k] for k in ("ingest_seconds", "inference_seconds", "export_seconds",
+                                              "total_seconds") if statistics.get(k) is not None}
+    rep.windows = {"evaluated": statistics.get("windows_evaluated"), "skipped": statistics.get("windows_skipped"),
+                   "total": statistics.get("windows_total")}
+    rep.measure = "area_ha" if unit == "ha" else "volume_ml"
+    rep.cell_size = cell_size
+    rep.measure_note = note
+    rep.labels = label_measures(statistics, classes, cell_size, unit)
+    rep.warnings = list(statistics.get("warnings") or [])
+
+
+def counts(inputs: list[InputReport]) -> dict[str, int]:
+    return {s: sum(1 for r in inputs if r.status == s) for s in STATUSES}
+
+
+def summary(inputs: list[InputReport]) -> str:
+    """One line, also the flow's final state message."""
+    n = counts(inputs)
+    total = len(inputs)
+    parts = [f"{n['done']} done", f"{n['skipped']} skipped"]
+    bad = []
+    if n["failed"]:
+        bad.append(f"{n['failed']} of {total} inputs failed")
+    if n["no-model"]:
+        bad.append(f"{n['no-model']} of {total} inputs had no model")
+    return "; ".join(bad + parts) if bad else f"{total} inputs: " + ", ".join(parts)
+
+
+def timestamp(moment: _dt.datetime | None = None) -> str:
+    moment = moment or _dt.datetime.now(_dt.timezone.utc)
+    return moment.astimezone(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], stamp: str) -> tuple[Path, Path]:
+    """OUT/reports/<stamp>.json and .md, each written atomically; a second report in the same second gets -2, -3..."""
+    folder = Path(out_dir) / REPORTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    name, i = stamp, 1
+    while (folder / f"{name}.json").exists() or (folder / f"{name}.md").exists():
+        i += 1
+        name = f"{stamp}-{i}"
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
+    report = {**report, "report": {"json": str(json_path), "markdown": str(md_path)}}
+    _atomic_write(md_path, render_markdown(report))
+    _atomic_write(json_path, json.dumps(report, indent=2, default=str))
+    return json_path, md_path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
+def _measures(rep: dict[str, Any]) -> str:
+    if not rep.get("labels"):
+        return ""
+    unit = "ha" if rep.get("measure") == "area_ha" else "mL"
+    key = rep.get("measure") or "area_ha"
+    if rep.get("cell_size") is None:
+        counts_text = ", ".join(f"{r['name']} {r['count']} px" for r in rep["labels"])
+        return f"{counts_text} (no {unit}: {rep.get('measure_note')})"
+    return ", ".join(f"{r['name']} {r[key]:.6g} {unit}" for r in rep["labels"])
+
+
+def _cell(text: Any) -> str:
+    return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    run = report["run"]
+    lines = [f"# segflow nightly run {run['started']}", "",
+             f"**{run['summary']}** — state `{run['state']}`, {run['seconds']:.1f} s, "
+             f"flow run `{run.get('flow_run_id') or '–'}`", ""]
+    source = run.get("inbox") or run.get("manifest")
+    lines += [f"- inputs from: `{source}`", f"- outputs in: `{run['out_dir']}`",
+              f"- Dask: {run.get('dask_scheduler') or '–'}"
+              + (f", dashboard {run['dashboard']}" if run.get("dashboard") else ""),
+              "- models: " + "; ".join(f"`{m['name']}` ({m['spatial_dims']}D, {m['channels']} ch, weights "
+                                        f"{(m.get('weights_sha256') or '')[:12]}…) `{m['path']}`"
+                                        for m in run["models"]), ""]
+    lines += ["| input | status | model | attempts | seconds (this run) | windows evaluated / skipped | labels | outputs |",
+              "|---|---|---|---|---|---|---|---|"]
+    for rep in report["inputs"]:
+        win = rep.get("windows") or {}
+        windows = f"{win.get('evaluated')} / {win.get('skipped')}" if win else ""
+        secs = rep.get("seconds")
+        lines.append("| " + " | ".join(_cell(v) for v in (
+            f"`{Path(rep['input']).name}`", rep["status"], rep.get("model") or "",
+            rep.get("attempts"), _fmt(secs, 1) if secs is not None else "", windows, _measures(rep),
+            "<br>".join(f"`{Path(o).name}`" for o in rep.get("outputs", [])))) + " |")
+    problems = [r for r in report["inputs"] if r.get("error")]
+    if problems:
+        lines += ["", "## Errors", ""]
+        lines += [f"- **{r['status']}**: {r['error']}" for r in problems]
+    notes = [(r, text) for r in report["inputs"] for text in ([r["note"]] if r.get("note") else [])
+             + list(r.get("warnings") or [])]
+    if notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- `{Path(r['input']).name}`: {text}" for r, text in notes]
+    lines += ["", "Skipped inputs show the windows and labels of the run that made their outputs (its timings are "
+                  "in the JSON report). Areas are pixel count × pixel area (projected CRS only); volumes are voxel "
+                  "count × voxel volume.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""``segflow schedule``: serve the ``nightly`` flow as a Prefect deployment on a cron schedule.
+
+``serve_nightly`` registers the deployment ``nightly/<name>`` with the Prefect
+server that ``PREFECT_API_URL`` names, then runs in the foreground: at each
+cron time the server schedules a flow run, and this process runs it (in a
+subprocess, one at a time).  Runs can also be started by hand from the UI or
+with ``prefect deployment run 'nightly/<name>'``.
+
+Prefect's temporary per-process server runs no scheduler, so a real server is
+required: ``prefect server start``.  ``infra/prefect.yaml`` declares the same
+deployment for a work pool instead (``prefect deploy``; see infra/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from flows.config import SegmentOptions
+from storage.errors import ConfigError
+
+DEFAULT_NAME = "segflow-nightly"
+NIGHTLY = "flows.nightly:nightly"  # module:attribute of the flow the deployment runs
+
+
+def load_flow(ref: str = NIGHTLY) -> Any:
+    """The Prefect flow ``module:attribute`` names (imported on demand)."""
+    from prefect import Flow
+
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(None, f"cannot load the flow {ref}: {exc}") from None
+    if not isinstance(obj, Flow):
+        raise ConfigError(None, f"{ref} is not a Prefect flow")
+    return obj
+
+
+def nightly_parameters(*, model_dirs: list[str | Path], out_dir: str | Path, inbox: str | Path | None = None,
+                       manifest: str | Path | None = None, options: SegmentOptions | None = None,
+                       **extra: Any) -> dict[str, Any]:
+    """The deployment's parameters, JSON-ready, with absolute paths (a run's working directory may differ)."""
+    if (inbox is None) == (manifest is None):
+        raise ConfigError(None, "give --inbox DIR or --manifest FILE (one of them)")
+    if not model_dirs:
+        raise ConfigError(None, "give at least one --model DIR")
+    params: dict[str, Any] = {
+        "model_dirs": [_absolute(m) for m in model_dirs],
+        "out_dir": _absolute(out_dir),
+        "inbox": None if inbox is None else _absolute(inbox),
+        "manifest": None if manifest is None else _absolute(manifest),
+        "options": (options or SegmentOptions()).model_dump(mode="json", exclude_defaults=True),
+        **extra,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _absolute(path: str | Path) -> str:
+    text = str(path)
+    return text if "://" in text else str(Path(text).expanduser().absolute())
+
+
+def check_parameters(flow: Any, parameters: dict[str, Any]) -> None:
+    """Refuse parameters the flow does not take, and missing required ones, with one line."""
+    signature = inspect.signature(flow.fn)
+    unknown = sorted(set(parameters) - set(signature.parameters))
+    if unknown:
+        raise ConfigError(None, f"flow {flow.name!r} takes no parameter {', '.join(unknown)} "
+                                f"(it takes {', '.join(signature.parameters)})")
+    missing = [n for n, p in signature.parameters.items()
+               if p.default is inspect.Parameter.empty and n not in parameters]
+    if missing:
+        raise ConfigError(None, f"flow {flow.name!r} needs the parameter(s) {', '.join(missing)}")
+
+
+def cron_schedule(cron: str, timezone: str | None = None) -> Any:
+    """A Prefect cron schedule; a bad expression or time zone is a one-line error."""
+    from prefect.schedules import Cron, validate_cron_string
+
+    try:
+        validate_cron_string(cron)
+    except ValueError:
+        raise ConfigError(None, f"invalid --cron {cron!r} (five fields: minute hour day month weekday, "
+                                "e.g. '0 2 * * *')") from None
+    if timezone is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(None, f"unknown --timezone {timezone!r} (use an IANA name, e.g. Europe/Paris)") from None
+    try:
+        return Cron(cron, timezone=timezone)
+    except ValueError as exc:
+        raise ConfigError(None, f"invalid --cron {cron!r}: {' '.join(str(exc).split())}") from None
+
+
+def api_url() -> str:
+    """The Prefect server this process talks to; a temporary in-process server cannot run schedules."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError(None, "segflow schedule needs a Prefect server: start one with `prefect server start` "
+                                "and set PREFECT_API_URL=http://127.0.0.1:4200/api (see infra/README.md)")
+    return url
+
+
+def serve_nightly(*, cron: str, parameters: dict[str, Any], name: str = DEFAULT_NAME, timezone: str | None = None,
+                  flow_ref: str = NIGHTLY, paused: bool = False) -> None:
+    """Register ``<flow>/<name>`` on the Prefect server and serve it until interrupted (blocks)."""
+    from prefect.deployments.runner import EntrypointType
+
+    api_url()
+    flow = load_flow(flow_ref)
+    check_parameters(flow, parameters)
+    schedule = cron_schedule(cron, timezone)
+    # module entrypoint: runs import the installed package, whatever directory this was started in;
+    # limit=1: a night's run never overlaps the previous one
+    flow.serve(name=name, schedule=schedule, parameters=parameters, paused=paused, limit=1,
+               description=f"segflow nightly: {flow_ref} at '{cron}'" + (f" ({timezone})" if timezone else ""),
+               tags=["segflow", "nightly"], entrypoint_type=EntrypointType.MODULE_PATH)
+
+
+def schedule_command(
+        cron: str = typer.Option(..., "--cron", help="When to run, as a cron expression, e.g. '0 2 * * *' (02:00)."),
+        inbox: Optional[Path] = typer.Option(None, "--inbox", help="Folder of inputs the nightly run looks at."),
+        manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV or JSON list of inputs, instead of "
+                                                                         "--inbox."),
+        model: List[Path] = typer.Option(..., "--model", help="Model directory (repeat: each input goes to the "
+                                                              "first model whose card fits it)."),
+        out: Path = typer.Option(..., "--out", help="Output directory."),
+        name: str = typer.Option(DEFAULT_NAME, "--name", help="Deployment name: runs are 'nightly/NAME'."),
+        timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of --cron (default UTC)."),
+        precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
+        chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),
+        batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
+        workers: Optional[int] = typer.Option(None, help="Local Dask worker processes of each run."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+        dask_address: Optional[str] = typer.Option(None, help="Run on an existing Dask scheduler."),
+        gpus: bool = typer.Option(False, "--gpus", help="One Dask worker per GPU (needs dask-cuda)."),
+        no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
+        paused: bool = typer.Option(False, "--paused", help="Register the schedule paused (runs by hand only)."),
+) -> None:
+    """Serve the nightly flow on a cron schedule against a Prefect server (PREFECT_API_URL); runs until stopped."""
+    from pydantic import ValidationError
+
+    from flows import cli
+    from segmentation.modeldir import check_model
+    from storage.errors import SegflowError
+
+    try:
+        options = SegmentOptions(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
+                                 device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        cli._fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
+    try:
+        for m in model:
+            check_model(m)
+        parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
+                                        options=options)
+        url = api_url()
+        cli.console.print(f"serving nightly/{name} on {url} at '{cron}'" + (f" ({timezone})" if timezone else "")
+                          + "; Ctrl-C stops it", highlight=False, soft_wrap=True)
+        serve_nightly(cron=cron, parameters=parameters, name=name, timezone=timezone, paused=paused)
+    except SegflowError as exc:
+        cli._fail(str(exc))

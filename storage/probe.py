@@ -1,0 +1,123 @@
+"""Read what an input is from its header alone, without ingesting it.
+
+A nightly batch routes each input to the model that fits it (2-D raster or
+3-D volume, and its channel count) and reports label areas or volumes; both
+need only the header: the kind, the image channels, the grid and the size of
+one pixel or voxel.  Reading a header costs milliseconds whatever the file's
+size.  The same readers and the same one-line errors as ingest are used, so a
+file probe refuses is a file ingest would refuse.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from storage.errors import InputError
+from storage.ingest import kind_of
+
+SQUARE_METRES_PER_HECTARE = 1e4
+CUBIC_MM_PER_ML = 1e3
+
+
+@dataclass(frozen=True)
+class Header:
+    """What routing and the run report need to know about one input."""
+
+    path: str
+    kind: str  # "raster" | "volume"
+    spatial_dims: int  # 2 for rasters, 3 for volumes (a 2-D NIfTI is one slice thick)
+    channels: int  # image channels, as ingest counts them (alpha bands are not channels)
+    shape: tuple[int, ...]  # spatial shape: (height, width) or (i, j, k)
+    cell_size: float | None  # hectares per pixel (raster) or millilitres per voxel (volume); None: unknown
+    cell_unit: str  # "ha" or "mL"
+    cell_note: str | None = None  # why cell_size is None, or an assumption it rests on
+
+
+def probe(path: str | PathLike[str]) -> Header:
+    """The header of a GeoTIFF/VRT or NIfTI file; raises an ``InputError`` naming the file when unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a directory, expected a file")
+    return _probe_raster(path) if kind_of(path) == "raster" else _probe_volume(path)
+
+
+def _probe_raster(path: Path) -> Header:
+    from storage.geotiff import _image_bands, _open_source, bounded_gdal_cache
+
+    with bounded_gdal_cache():
+        src = _open_source(path)
+        try:
+            bands = _image_bands(src, path)
+            size, note = pixel_hectares(src.transform, src.crs)
+            return Header(path=str(path), kind="raster", spatial_dims=2, channels=len(bands),
+                          shape=(src.height, src.width), cell_size=size, cell_unit="ha", cell_note=note)
+        finally:
+            src.close()
+
+
+def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: ANN001 (affine.Affine, rasterio CRS)
+    """Area of one pixel in hectares, or (None, why) when the grid has no linear unit.
+
+    The area is |det| of the transform's 2x2 part (right for rotated and
+    sheared grids), in the CRS's linear unit squared.  A geographic CRS has
+    pixels in degrees, whose ground area changes with latitude; the run report
+    only has a label histogram for the whole image, not per row, so it gives
+    no area rather than a wrong one.
+    """
+    if crs is None:
+        return None, "no CRS: pixel size has no ground unit"
+    if crs.is_geographic:
+        return None, "geographic CRS (degrees): reproject to a projected CRS for areas"
+    try:
+        _, metres = crs.linear_units_factor
+    except Exception:  # noqa: BLE001 - pyproj/GDAL raise several types for CRSs without a linear unit
+        return None, "the CRS has no linear unit"
+    a, b, _, d, e, _ = tuple(transform)[:6]
+    area_m2 = abs(a * e - b * d) * metres * metres
+    if not math.isfinite(area_m2) or area_m2 <= 0:
+        return None, "degenerate geotransform"
+    return area_m2 / SQUARE_METRES_PER_HECTARE, None
+
+
+_NIFTI_SPACE_UNITS_TO_MM = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}
+
+
+def _probe_volume(path: Path) -> Header:
+    from storage.nifti import _check_path, _describe, _open, _spatial
+
+    _check_path(path)
+    with ExitStack() as stack:
+        img = _open(path, stack)
+        geometry, channels, _ = _describe(path, img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            space_unit = img.header.get_xyzt_units()[0]
+    size, note = voxel_millilitres(np.asarray(geometry.affine), space_unit)
+    return Header(path=str(path), kind="volume", spatial_dims=3, channels=channels,
+                  shape=tuple(_spatial(geometry.shape)), cell_size=size, cell_unit="mL", cell_note=note)
+
+
+def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None, str | None]:
+    """Volume of one voxel in mL: |det| of the affine's 3x3 part (the zooms' product when not sheared).
+
+    NIfTI's ``xyzt_units`` gives the unit; "unknown" is read as mm, as
+    nibabel, ITK and most viewers do, and the report says so.
+    """
+    note = None
+    if space_unit in _NIFTI_SPACE_UNITS_TO_MM:
+        factor = _NIFTI_SPACE_UNITS_TO_MM[space_unit]
+    else:
+        factor, note = 1.0, f"spatial unit {space_unit!r} in the header: read as mm"
+    volume_mm3 = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) * factor ** 3
+    if not math.isfinite(volume_mm3) or volume_mm3 <= 0:
+        return None, "singular affine"
+    return volume_mm3 / CUBIC_MM_PER_ML, note

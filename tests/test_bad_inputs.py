@@ -1,0 +1,175 @@
+"""The bad-input corpus (tests/corpus.py plus ../shared/data/bad) through real batch runs.
+
+Two batches keep this bounded: every 2D case through one ``segflow segment``
+process (exit code, one stderr line per failed input), every 3D case through
+one in-process ``segment-batch`` flow run on the test Dask cluster.  For each
+case: a one-line error naming the file and the problem, a failed batch, no
+partial output, and the good inputs of the same batch still segmented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from flows.config import SegmentOptions
+from flows.flows import batch_outcomes, segment_batch
+from storage.errors import ModelError
+from tests import corpus
+from tests.conftest import SHARED_DATA, shared
+from tests.models import tiny_model
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+SHARED_BAD = sorted((SHARED_DATA / "bad").iterdir()) if (SHARED_DATA / "bad").is_dir() else []
+
+
+def _good(model: str) -> corpus.Case:
+    return corpus.Case("good", "the batch's good input", model, corpus.GOOD[model], ok=True)
+
+
+def _make_all(root: Path, cases: list[corpus.Case]) -> dict[str, Path]:
+    made = {}
+    for case in cases:
+        folder = root / case.id
+        folder.mkdir(parents=True)
+        made[case.id] = case.make(folder)
+    return made
+
+
+def _check_outcomes(outcomes: dict[str, dict], cases: list[corpus.Case], paths: dict[str, Path],
+                    out: Path) -> None:
+    expected_files: set[str] = set()
+    for case in cases:
+        o = outcomes[str(paths[case.id])]
+        if case.ok:
+            assert o["ok"], (case.id, o["error"])
+            expected_files |= {Path(p).name for p in o["outputs"]}
+            continue
+        assert not o["ok"], case.id
+        error = o["error"]
+        assert "\n" not in error, (case.id, error)
+        assert error.startswith(f"{paths[case.id]}: "), (case.id, error)  # names the file first
+        assert case.expect in error, (case.id, error)
+    left = {p.name for p in out.iterdir()} if out.exists() else set()
+    assert left == expected_files, sorted(left ^ expected_files)  # nothing partial, nothing hidden
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus-models")
+    return {"2d": tiny_model(root / "m2d", spatial_dims=2, channels=4, roi=[32, 32]),
+            "3d": tiny_model(root / "m3d", spatial_dims=3, channels=1, roi=[16, 16, 16])}
+
+
+@pytest.fixture(scope="module")
+def batch_2d(models, tmp_path_factory):
+    """Every 2D case (and ../shared/data/bad when present) in one `segflow segment` process."""
+    root = tmp_path_factory.mktemp("corpus-2d")
+    cases = [c for c in corpus.INPUT_CASES if c.model == "2d"]
+    paths = _make_all(root / "in", cases)
+    good = corpus.GOOD["2d"](root / "in")
+    inputs = [str(good)] + [str(paths[c.id]) for c in cases] + [str(p) for p in SHARED_BAD]
+    out, report = root / "out", root / "report.json"
+    env = {**os.environ, "COLUMNS": "250"}
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", *inputs, "--model", str(models["2d"].path),
+                           "--out", str(out), "--chunk-size", "48", "--report", str(report)],
+                          check=False, capture_output=True, text=True, env=env, timeout=400)
+    outcomes = {o["input"]: o for o in json.loads(report.read_text())}
+    return {"proc": proc, "cases": cases, "paths": paths, "good": good, "out": out, "outcomes": outcomes}
+
+
+def test_2d_corpus_one_line_errors_non_zero_exit_nothing_partial(batch_2d):
+    proc, outcomes = batch_2d["proc"], batch_2d["outcomes"]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert outcomes[str(batch_2d["good"])]["ok"]  # the good input of the batch still completes
+    _check_outcomes(outcomes, batch_2d["cases"] + [_good("2d")], {**batch_2d["paths"], "good": batch_2d["good"]},
+                    batch_2d["out"])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    failed = [c for c in batch_2d["cases"] if not c.ok]
+    assert len(errors) == len(failed) + len(SHARED_BAD), proc.stderr[-3000:]
+    for case in failed:
+        path = str(batch_2d["paths"][case.id])
+        assert any(line.startswith(f"error: {path}: ") and case.expect in line for line in errors), (case.id, errors)
+
+
+def test_2d_corpus_inputs_that_must_succeed(batch_2d):
+    out, outcomes, paths = batch_2d["out"], batch_2d["outcomes"], batch_2d["paths"]
+    # NaN/Inf pixels count as no data: they get the nodata label, the rest is segmented
+    with rasterio.open(out / "nan_inf.tif") as ds:
+        labels = ds.read(1)
+        assert ds.nodata == 255
+    assert np.all(labels[10:20, 10:20] == 255) and np.all(labels[40:44, 50:60] == 255) and labels[70, 70] == 255
+    assert np.all(labels[50:60, 10:20] < 3)
+    # no CRS: segmented on the same grid, without a CRS, and the run says so
+    with rasterio.open(out / "no_crs.tif") as ds, rasterio.open(paths["no-crs"]) as src:
+        assert ds.crs is None and ds.transform == src.transform
+    warnings = outcomes[str(paths["no-crs"])]["statistics"]["warnings"]
+    assert len(warnings) == 1 and "has no CRS" in warnings[0]
+    assert "has no CRS" in batch_2d["proc"].stderr
+    # spaces and non-ASCII characters in the path
+    assert (out / "in put é ü 北.tif").is_file() and (out / "in put é ü 北.provenance.json").is_file()
+
+
+def test_shared_bad_files_are_in_the_corpus(batch_2d):
+    bad = shared("bad")
+    for path in sorted(bad.iterdir()):
+        o = batch_2d["outcomes"][str(path)]
+        assert not o["ok"] and o["error"].startswith(f"{path}: ") and "\n" not in o["error"], o
+
+
+def test_3d_corpus_in_one_batch_flow_run(models, tmp_path, dask_cluster):
+    cases = [c for c in corpus.INPUT_CASES if c.model == "3d"]
+    paths = _make_all(tmp_path / "in", cases)
+    good = corpus.GOOD["3d"](tmp_path / "in")
+    out = tmp_path / "out"
+    inputs = [str(paths[c.id]) for c in cases[:5]] + [str(good)] + [str(paths[c.id]) for c in cases[5:]]
+    state = segment_batch(inputs=inputs, model_dir=str(models["3d"].path), out_dir=str(out),
+                          options=SegmentOptions(chunk_size=16), return_state=True)
+    assert state.is_failed()
+    outcomes = {o["input"]: o for o in batch_outcomes(state)}
+    assert outcomes[str(good)]["ok"], outcomes[str(good)]
+    _check_outcomes(outcomes, cases + [_good("3d")], {**paths, "good": good}, out)
+
+
+def test_bad_models_fail_the_batch_before_any_input(models, tmp_path, dask_cluster):
+    good = corpus.GOOD["2d"](tmp_path / "in")
+    for case in corpus.MODEL_CASES:
+        folder = tmp_path / case.id
+        folder.mkdir()
+        model_dir = case.make(folder)
+        out = tmp_path / f"out-{case.id}"
+        state = segment_batch(inputs=[str(good)], model_dir=str(model_dir), out_dir=str(out),
+                              options=SegmentOptions(chunk_size=48), return_state=True)
+        assert state.is_failed(), case.id
+        with pytest.raises(ModelError) as err:
+            batch_outcomes(state)
+        message = str(err.value)
+        assert "\n" not in message and case.expect in message, (case.id, message)
+        assert message.startswith(str(model_dir)), (case.id, message)  # names the model's file or folder
+        assert not out.exists(), case.id
+        assert not (folder / corpus.PAYLOAD_MARKER).exists()  # the pickle's code never ran
+
+
+def test_bad_model_cli_exit_code(tmp_path):
+    model_dir = corpus.unknown_architecture(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(tmp_path / "x.tif"), "--model",
+                           str(model_dir), "--out", str(tmp_path / "out")], check=False, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(model_dir) in lines[0] and "unknown architecture 'resnet9000'" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_errors_doc_lists_every_case():
+    text = DOCS.read_text()
+    missing = [case_id for case_id in corpus.all_ids() if f"`{case_id}`" not in text]
+    assert not missing, f"docs/errors.md does not list {missing}"
+    assert len(corpus.all_ids()) >= 25

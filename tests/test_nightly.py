@@ -1,0 +1,290 @@
+"""The nightly flow end to end: a real Prefect flow run over a real multi-process Dask cluster.
+
+Six inputs in an inbox: 2 GeoTIFF scenes, 2 NIfTI phantoms, 1 truncated
+GeoTIFF and 1 scene already segmented by ``segflow segment``.  The first run
+processes the 4 new good inputs, fails the bad one alone and skips the done
+one; a rerun processes nothing.  One scene's first read fails with EIO, the
+way a flaky network mount fails: the I/O boundary (``sha256_file`` as the
+nightly task calls it) is patched to raise ``OSError(EIO)`` once for that
+file, and Prefect's retry runs it again; the truncated file is not retried.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from flows import ledger
+from flows.config import SegmentOptions
+from flows.flows import segment
+from flows.nightly import is_transient, nightly, nightly_report, read_manifest
+from storage import samples
+from storage.errors import ConfigError, CorruptInputError
+from storage.hashing import sha256_file
+from tests.models import tiny_model
+
+GOOD_NEW = ["scene_a.tif", "scene_b.tif", "vol_a.nii.gz", "vol_b.nii.gz"]
+BAD = "broken.tif"
+DONE = "scene_c.tif"
+FLAKY = "scene_b.tif"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nightly-models")
+    return {"2d": tiny_model(root / "scene-2d4", spatial_dims=2, channels=4, roi=[32, 32], seed=1),
+            "3d": tiny_model(root / "vol-3d1", spatial_dims=3, channels=1, roi=[16, 16, 16], seed=2)}
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory, dask_cluster):
+    root = tmp_path_factory.mktemp("nightly")
+    inbox, gen, out = root / "inbox", root / "gen", root / "out"
+    inbox.mkdir(), gen.mkdir()
+    for i, name in enumerate(["scene_a", "scene_b", "scene_c"]):
+        image, _ = samples.make_scene(gen / f"{name}.tif", size=(112, 96), seed=10 + i, nodata_margin=8)
+        shutil.copy(image, inbox / image.name)
+    for i, name in enumerate(["vol_a", "vol_b"]):
+        image, _ = samples.make_phantom(gen / f"{name}.nii.gz", shape=(36, 32, 20), seed=20 + i)
+        shutil.copy(image, inbox / image.name)
+    (inbox / BAD).write_bytes((gen / "scene_a.tif").read_bytes()[:3000])  # header intact, tiles cut off
+    (inbox / "README.txt").write_text("not an input")
+    model_dirs = [str(models["2d"].path), str(models["3d"].path)]
+
+    # one input done before, by `segment` (no cache entry yet: nightly adopts its verified outputs)
+    segment(input_path=str(inbox / DONE), model_dir=model_dirs[0], out_dir=str(out), options=SegmentOptions())
+    done_mtime = (out / DONE).stat().st_mtime_ns
+
+    calls: dict[str, int] = {}
+
+    def flaky_sha256(path):  # noqa: ANN001, ANN202
+        calls[Path(path).name] = calls.get(Path(path).name, 0) + 1
+        if Path(path).name == FLAKY and calls[FLAKY] == 1:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return sha256_file(path)
+
+    t0 = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("flows.nightly.sha256_file", flaky_sha256)
+        first = nightly(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=2,
+                        retry_delay_seconds=0, return_state=True)
+    first_seconds = time.perf_counter() - t0
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    t0 = time.perf_counter()
+    second = nightly(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=2, retry_delay_seconds=0,
+                     return_state=True)
+    second_seconds = time.perf_counter() - t0
+    print(f"nightly first run {first_seconds:.1f} s, rerun {second_seconds:.1f} s")
+    return {"inbox": inbox, "out": out, "first": first, "second": second, "mtimes": mtimes,
+            "done_mtime": done_mtime, "calls": calls}
+
+
+def _by_name(report):
+    return {Path(r["input"]).name: r for r in report["inputs"]}
+
+
+def test_first_run_processes_new_inputs_isolates_the_bad_one_and_skips_the_done_one(runs, models):
+    state = runs["first"]
+    assert state.is_failed()
+    assert state.message.startswith("1 of 6 inputs failed"), state.message
+    report = nightly_report(state)
+    got = _by_name(report)
+    assert sorted(got) == sorted(GOOD_NEW + [BAD, DONE])  # README.txt ignored
+    assert report["run"]["ignored"] == [str(runs["inbox"] / "README.txt")]
+    assert {n: got[n]["status"] for n in got} == {**{n: "done" for n in GOOD_NEW}, BAD: "failed", DONE: "skipped"}
+    assert report["run"]["counts"] == {"done": 4, "skipped": 1, "failed": 1, "no-model": 0}
+
+    # routing by header: 4-band rasters to the 2D model, 1-channel volumes to the 3D one
+    for n in GOOD_NEW + [DONE]:
+        want = models["2d"] if n.endswith(".tif") else models["3d"]
+        assert got[n]["model"] == want.name and got[n]["model_path"] == str(want.path)
+
+    # the bad input: one line naming it, not retried; the EIO one retried once and done
+    bad = got[BAD]
+    assert str(runs["inbox"] / BAD) in bad["error"] and "\n" not in bad["error"], bad["error"]
+    assert bad["attempts"] == 1
+    assert got[FLAKY]["attempts"] == 2 and runs["calls"][FLAKY] >= 2
+    assert all(got[n]["attempts"] == 1 for n in GOOD_NEW if n != FLAKY)
+
+    # the done one: untouched, its outputs adopted after verification
+    assert (runs["out"] / DONE).stat().st_mtime_ns == runs["done_mtime"]
+    assert "adopted" in got[DONE]["note"]
+
+    for n in GOOD_NEW + [DONE]:
+        r = got[n]
+        assert all(Path(o).exists() for o in r["outputs"]) and r["outputs"]
+        w = r["windows"]
+        assert w["evaluated"] > 0 and w["evaluated"] + w["skipped"] == w["total"]
+        assert r["timings"]["total_seconds"] > 0
+    # nothing of the bad input left behind
+    assert not any(p.name.startswith("broken") for p in runs["out"].iterdir())
+    assert not (runs["out"] / ".segflow-work").exists()
+
+    # the report files, JSON and Markdown
+    json_path, md_path = Path(report["report"]["json"]), Path(report["report"]["markdown"])
+    assert json_path.parent == runs["out"] / "reports" and json.loads(json_path.read_text())["inputs"]
+    md = md_path.read_text()
+    assert "1 of 6 inputs failed" in md and "| `scene_a.tif` | done |" in md and "## Errors" in md
+    assert report["run"]["flow_run_id"] and report["run"]["dask_scheduler"].startswith("tcp://")
+
+
+def test_report_areas_and_volumes_match_the_label_maps(runs, models):
+    got = _by_name(nightly_report(runs["first"]))
+    for n in ("scene_a.tif", DONE):
+        r = got[n]
+        with rasterio.open(runs["out"] / n) as ds:
+            labels = ds.read(1)
+            pixel_ha = abs(ds.transform.a * ds.transform.e) / 1e4
+        assert r["measure"] == "area_ha" and r["cell_size"] == pytest.approx(pixel_ha) == pytest.approx(0.01)
+        for row in r["labels"]:
+            count = int((labels == row["value"]).sum())
+            assert row["count"] == count
+            assert row["area_ha"] == pytest.approx(count * 10.0 * 10.0 / 1e4)
+        assert sum(row["count"] for row in r["labels"]) == int((labels != 255).sum())
+    for n in ("vol_a.nii.gz", "vol_b.nii.gz"):
+        r = got[n]
+        labels = np.asarray(nib.load(str(runs["out"] / n)).dataobj)
+        assert r["measure"] == "volume_ml" and r["cell_size"] == pytest.approx(1.0 * 1.0 * 1.5 / 1000)
+        for row in r["labels"]:
+            count = int((labels == row["value"]).sum())
+            assert row["count"] == count and row["volume_ml"] == pytest.approx(count * 1.5 / 1000)
+        assert sum(row["count"] for row in r["labels"]) == labels.size
+
+
+def test_rerun_processes_nothing_new(runs):
+    state = runs["second"]
+    assert state.is_failed() and state.message.startswith("1 of 6 inputs failed"), state.message
+    got = _by_name(nightly_report(state))
+    assert {n: got[n]["status"] for n in got} == {**{n: "skipped" for n in GOOD_NEW + [DONE]}, BAD: "failed"}
+    assert got[BAD]["attempts"] == 1  # a known-bad input is tried again every night, once
+    now = {p.name: p.stat().st_mtime_ns for p in runs["out"].iterdir() if p.is_file()}
+    assert now == runs["mtimes"]  # no output rewritten
+    # skipped inputs still report their labels and windows (from the run that made them)
+    assert got["vol_a.nii.gz"]["labels"] and got["vol_a.nii.gz"]["windows"]["evaluated"] > 0
+    assert len(list((runs["out"] / "reports").glob("*.md"))) == 2
+
+
+def test_deleted_or_edited_outputs_are_not_skipped(runs, tmp_path, models):
+    out = tmp_path / "out"
+    shutil.copytree(runs["out"], out)
+    entries = {json.loads(p.read_text())["input_path"]: json.loads(p.read_text())
+               for p in (out / ledger.CACHE_DIR).glob("*.json")}
+    assert len(entries) == 5  # 4 done + 1 adopted; nothing for the bad input
+
+    def check(name):  # noqa: ANN001, ANN202
+        e = entries[str(runs["inbox"] / name)]
+        doc = e["key_document"]
+        return ledger.lookup(out, e["key"], doc["input_sha256"], doc["weights_sha256"])
+
+    assert check("scene_a.tif")[0] is not None
+    with open(out / "scene_a.tif", "ab") as f:
+        f.write(b"\0")
+    hit, why = check("scene_a.tif")
+    assert hit is None and "changed" in why
+    shutil.rmtree(out / "vol_a.zarr")
+    hit, why = check("vol_a.nii.gz")
+    assert hit is None and "vol_a.zarr" in why and "missing" in why
+    # and the key is content-keyed: same input bytes, same model, same parameters -> same key
+    e = entries[str(runs["inbox"] / "vol_b.nii.gz")]
+    doc = ledger.key_document(sha256_file(runs["inbox"] / "vol_b.nii.gz"), models["3d"].weights_sha256,
+                              models["3d"].card, SegmentOptions(workers=3, roi=[16, 16, 16]))
+    assert ledger.cache_key(doc) == e["key"]
+    assert ledger.cache_key({**doc, "parameters": {**doc["parameters"], "precision": "fast"}}) != e["key"]
+
+
+def _three_band(path: Path) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5800000, 10, 10)) as dst:
+        dst.write(np.full((3, 30, 40), 7, np.uint8))
+    return path
+
+
+def test_an_input_no_model_fits_is_reported_not_processed(models, tmp_path, dask_cluster):
+    rgb = _three_band(tmp_path / "rgb.tif")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"inputs": ["rgb.tif"]}))
+    state = nightly(model_dirs=[str(models["2d"].path), str(models["3d"].path)], out_dir=str(tmp_path / "out"),
+                    manifest=str(manifest), return_state=True)
+    assert state.is_failed() and "1 of 1 inputs had no model" in state.message
+    [r] = nightly_report(state)["inputs"]
+    assert r["input"] == str(rgb) and r["status"] == "no-model" and r["outputs"] == []
+    assert "3 channels" in r["error"] and models["2d"].name in r["error"] and "\n" not in r["error"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["reports"]
+
+
+def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
+    from flows.cli import app
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _three_band(inbox / "rgb.tif")
+    runner = CliRunner()
+    args = ["nightly", "--model", str(models["2d"].path), "--out", str(tmp_path / "out")]
+    res = runner.invoke(app, args + ["--inbox", str(inbox)])
+    assert res.exit_code == 1, res.output
+    assert "no-model" in res.output and "report: " in res.output and "Dask scheduler tcp://" in res.output
+    assert list((tmp_path / "out" / "reports").glob("*.md"))
+    assert runner.invoke(app, args).exit_code == 2  # neither --inbox nor --manifest
+    (inbox / "rgb.tif").unlink()
+    res = runner.invoke(app, args + ["--inbox", str(inbox)])  # an empty inbox is a successful night
+    assert res.exit_code == 0, res.output
+
+
+def test_manifests_and_retry_classification(tmp_path):
+    (tmp_path / "m.csv").write_text("id,path\n1,a.tif\n2, /abs/b.nii.gz \n3,\n")
+    assert read_manifest(tmp_path / "m.csv") == [str(tmp_path / "a.tif"), "/abs/b.nii.gz"]
+    (tmp_path / "m.json").write_text(json.dumps(["a.tif", {"path": "sub/c.nii"}]))
+    assert read_manifest(tmp_path / "m.json") == [str(tmp_path / "a.tif"), str(tmp_path / "sub/c.nii")]
+    (tmp_path / "bad.csv").write_text("file\na.tif\n")
+    with pytest.raises(ConfigError, match="'path' column"):
+        read_manifest(tmp_path / "bad.csv")
+
+    def wrapped(inner):  # noqa: ANN001, ANN202  (a reader turning an OSError into a one-line InputError)
+        try:
+            raise inner
+        except OSError:
+            try:
+                raise CorruptInputError("x.tif", "cannot read") from None
+            except CorruptInputError as exc:
+                return exc
+
+    assert is_transient(OSError(errno.EIO, "Input/output error"))
+    assert is_transient(wrapped(OSError(errno.ETIMEDOUT, "timed out")))
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(wrapped(OSError(errno.ENOENT, "no such file")))
+    assert not is_transient(CorruptInputError("x.tif", "damaged GeoTIFF"))
+    assert not is_transient(PermissionError(errno.EACCES, "denied"))
+
+
+def test_probe_reads_channels_and_cell_sizes_from_headers(tmp_path):
+    from storage.probe import probe
+
+    def raster(name, crs, pixel, count=2):  # noqa: ANN001, ANN202
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=8, height=6, count=count, dtype="uint8",
+                           crs=crs, transform=from_origin(0, 0, pixel, pixel)) as dst:
+            dst.write(np.ones((count, 6, 8), np.uint8))
+        return probe(tmp_path / name)
+
+    utm = raster("utm.tif", "EPSG:32633", 20.0)
+    assert (utm.kind, utm.spatial_dims, utm.channels, utm.shape) == ("raster", 2, 2, (6, 8))
+    assert utm.cell_size == pytest.approx(0.04) and utm.cell_note is None
+    feet = raster("feet.tif", "EPSG:2263", 100.0)  # US survey feet
+    assert feet.cell_size == pytest.approx((100 * 1200 / 3937) ** 2 / 1e4)
+    geo = raster("geo.tif", "EPSG:4326", 0.001)
+    assert geo.cell_size is None and "geographic" in geo.cell_note
+    img = nib.Nifti1Image(np.zeros((5, 4, 3, 2), np.int16), np.diag([0.5, 0.5, 2.0, 1.0]))
+    img.header.set_xyzt_units("mm")
+    nib.save(img, tmp_path / "v.nii.gz")
+    vol = probe(tmp_path / "v.nii.gz")
+    assert (vol.kind, vol.spatial_dims, vol.channels, vol.shape) == ("volume", 3, 2, (5, 4, 3))
+    assert vol.cell_size == pytest.approx(0.5 / 1000) and vol.cell_unit == "mL"

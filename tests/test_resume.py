@@ -1,0 +1,371 @@
+"""Nothing lost: a run killed with SIGKILL resumes, a dead Dask worker leaves no hole, an interrupted run with
+other parameters is not reused, and disk errors at export leave nothing partial.
+
+The kill points are deterministic: the pipeline's test hook SIGKILLs the run
+(its whole process group) after N chunk writes, and a worker plugin kills one
+worker after its Nth evaluate task.  No test waits on a timer for anything
+but a process group to be gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.config import SegmentOptions
+from flows.pipeline import KILL_AFTER_CHUNKS_ENV, WORK_DIR, segment_one
+from flows.progress import reporting
+from segmentation import load_model
+from storage.errors import ExportError
+from storage.layout import JOURNAL_DIR, is_complete
+from storage.provenance import verify_sidecar
+from storage.samples import make_scene
+from tests.faults import executing_tasks
+from tests.models import tiny_model
+
+SIZE, CHUNK = (160, 160), 40  # a 4 x 4 grid of output chunks
+CHUNKS = (SIZE[0] // CHUNK) * (SIZE[1] // CHUNK)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    model = tiny_model(root / "model", spatial_dims=2, channels=4, roi=[32, 32], seed=1)
+    image, truth = make_scene(root / "scene.tif", size=SIZE, seed=3)
+    truth.unlink()
+    return image, model
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _end_group(pgid: int) -> None:
+    """SIGKILL what is left of a run's process group (workers, Prefect's server) and wait until it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 60
+    while _group_alive(pgid):
+        assert time.monotonic() < deadline, f"process group {pgid} did not die"
+        time.sleep(0.05)
+
+
+def _segment(image: Path, model: Path, out: Path, *extra: str, kill_after: int | None = None,
+             logs: Path) -> tuple[int, list[dict], str]:
+    """`segflow segment` in its own session (so the test hook can kill the whole group); (rc, outcomes, stderr)."""
+    env = {**os.environ, "COLUMNS": "250"}
+    env.pop(KILL_AFTER_CHUNKS_ENV, None)
+    if kill_after is not None:
+        env[KILL_AFTER_CHUNKS_ENV] = str(kill_after)
+    report = logs.with_suffix(".json")
+    with open(logs.with_suffix(".out"), "w") as so, open(logs.with_suffix(".err"), "w") as se:
+        proc = subprocess.Popen([sys.executable, "-m", "flows", "segment", str(image), "--model", str(model),
+                                 "--out", str(out), "--chunk-size", str(CHUNK), "--report", str(report), *extra],
+                                stdout=so, stderr=se, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=300)
+        finally:
+            proc.kill()
+            proc.wait()
+            _end_group(proc.pid)
+    outcomes = json.loads(report.read_text()) if report.exists() and rc == 0 else []
+    return rc, outcomes, logs.with_suffix(".err").read_text()
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _markers(out: Path) -> list[Path]:
+    return sorted(out.glob(f".scene.zarr.*.partial/{JOURNAL_DIR}/done/*.json"))
+
+
+def _without_run_fields(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("started", "finished", "statistics")}
+
+
+# --------------------------------------------------------------------------- SIGKILL of the whole run
+
+
+def test_sigkill_mid_run_then_rerun_writes_only_unfinished_chunks_byte_identical(scene, tmp_path):
+    image, model = scene
+    rc, [reference], _ = _segment(image, model.path, tmp_path / "ref", logs=tmp_path / "ref")
+    assert rc == 0 and reference["statistics"]["chunks_written"] == CHUNKS
+
+    out = tmp_path / "out"
+    rc, _, _ = _segment(image, model.path, out, kill_after=3, logs=tmp_path / "killed")
+    assert rc == -signal.SIGKILL
+    done = len(_markers(out))  # counted once the whole process group is gone: nothing writes any more
+    assert 3 <= done < CHUNKS
+    [partial] = out.glob(".scene.zarr.*.partial")
+    assert not is_complete(partial)
+    assert not any((out / n).exists() for n in ("scene.tif", "scene.zarr", "scene.provenance.json"))
+    assert (out / WORK_DIR).is_dir()  # the complete ingest is kept for the rerun
+
+    rc, [resumed], stderr = _segment(image, model.path, out, logs=tmp_path / "resumed")
+    assert rc == 0, stderr
+    stats = resumed["statistics"]
+    assert stats["partial_store"] == "resumed" and stats["ingest_reused"] is True
+    assert stats["chunks_resumed"] == done and stats["chunks_written"] == CHUNKS - done
+    assert f"{done} of {CHUNKS} chunks already done" in stderr
+    assert stats["label_pixels"] == reference["statistics"]["label_pixels"]
+
+    # the outputs are byte-identical to the uninterrupted run's; the provenance differs in run fields only
+    assert (out / "scene.tif").read_bytes() == (tmp_path / "ref" / "scene.tif").read_bytes()
+    assert _tree(out / "scene.zarr") == _tree(tmp_path / "ref" / "scene.zarr")
+    a, b = (json.loads((d / "scene.provenance.json").read_text()) for d in (tmp_path / "ref", out))
+    assert _without_run_fields(a) == _without_run_fields(b)
+    assert sorted(p.name for p in out.iterdir()) == ["scene.provenance.json", "scene.tif", "scene.zarr"]
+    assert verify_sidecar(out / "scene.provenance.json") == []
+
+
+# --------------------------------------------------------------------------- one Dask worker killed
+
+
+def test_killed_worker_still_gives_the_identical_output(scene, tmp_path):
+    from flows.cluster import dask_client
+    from flows.flows import segment
+    from tests.faults import KillWorkerOnce
+
+    image, model = scene
+    marker = tmp_path / "worker-killed"
+    with dask_client(workers=2, threads_per_worker=1) as client:
+        options = SegmentOptions(chunk_size=CHUNK, dask_address=client.scheduler_info()["address"])
+        reference = segment(input_path=str(image), model_dir=str(model.path), out_dir=str(tmp_path / "ref"),
+                            options=options)
+        pids = set(client.run(os.getpid).values())
+        client.register_plugin(KillWorkerOnce(str(marker), after=2))
+        faulted = segment(input_path=str(image), model_dir=str(model.path), out_dir=str(tmp_path / "out"),
+                          options=options)
+        after = set(client.run(os.getpid).values())
+    killed_pid = int(marker.read_text().split()[0])
+    assert killed_pid in pids and killed_pid not in after  # a worker really died mid-run, and was replaced
+    assert faulted["ok"] and faulted["statistics"]["chunks_written"] == CHUNKS
+    assert faulted["statistics"]["label_pixels"] == reference["statistics"]["label_pixels"]
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert (out / "scene.tif").read_bytes() == (ref / "scene.tif").read_bytes()
+    assert _tree(out / "scene.zarr") == _tree(ref / "scene.zarr")  # no hole, no chunk written differently
+    assert sorted(p.name for p in out.iterdir()) == ["scene.provenance.json", "scene.tif", "scene.zarr"]
+
+
+# --------------------------------------------------------------------------- interrupted, then other parameters
+
+
+class _Interrupt:
+    """A progress reporter that raises KeyboardInterrupt (Ctrl-C) after ``after`` chunks of a run."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.seen = after, 0
+
+    def start(self, key: str, description: str, total: int) -> None:
+        pass
+
+    def advance(self, key: str, amount: int = 1) -> None:
+        self.seen += amount
+        if self.seen >= self.after:
+            raise KeyboardInterrupt
+
+    def finish(self, key: str) -> None:
+        pass
+
+
+def _wait_idle(client) -> None:
+    """Until no worker runs a task: the cancelled tasks of the abandoned run that were already running finish
+    (and may write a chunk and its marker) before the test counts markers."""
+    deadline = time.monotonic() + 120
+    while any(client.processing().values()) or any(client.run(executing_tasks).values()):
+        assert time.monotonic() < deadline, "the cluster did not go idle"
+        time.sleep(0.05)
+
+
+def test_interrupted_run_resumes_but_other_parameters_start_afresh(scene, tmp_path, dask_cluster):
+    image, model_dir = scene
+    model = load_model(model_dir.path)
+    out = tmp_path / "out"
+    options = SegmentOptions(chunk_size=CHUNK)
+    with pytest.raises(KeyboardInterrupt), reporting(_Interrupt(2)):
+        segment_one(image, model, out, options, dask_cluster)
+    _wait_idle(dask_cluster)
+    done = len(_markers(out))
+    assert 2 <= done < CHUNKS and (out / WORK_DIR).is_dir()  # Ctrl-C keeps the partial work
+
+    # another overlap: another identity; the partial store is not trusted, the ingest still is
+    other = segment_one(image, model, out, SegmentOptions(chunk_size=CHUNK, overlap=0.5), dask_cluster)
+    stats = other.statistics
+    assert stats["partial_store"] == "discarded" and stats["chunks_resumed"] == 0
+    assert stats["chunks_written"] == CHUNKS and stats["ingest_reused"] is True
+    assert json.loads((out / "scene.provenance.json").read_text())["parameters"]["overlap"] == 0.5
+    assert not list(out.glob(".scene.zarr.*.partial")) and not (out / WORK_DIR).exists()
+
+    # the same command twice: interrupted, then resumed from its markers
+    with pytest.raises(KeyboardInterrupt), reporting(_Interrupt(3)):
+        segment_one(image, model, out, options, dask_cluster)
+    _wait_idle(dask_cluster)
+    done = len(_markers(out))
+    resumed = segment_one(image, model, out, options, dask_cluster).statistics
+    assert resumed["partial_store"] == "resumed"
+    assert (resumed["chunks_resumed"], resumed["chunks_written"]) == (done, CHUNKS - done)
+
+
+# --------------------------------------------------------------------------- disk errors at export
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_output_path_taken_by_a_directory_fails_cleanly(scene, tmp_path, dask_cluster):
+    """A denied write at export, reproducible as root: the COG's final rename meets a directory."""
+    image, model_dir = scene
+    out = tmp_path / "out"
+    (out / "scene.tif").mkdir(parents=True)
+    (out / "scene.tif" / "keep.txt").write_text("not ours")
+    with pytest.raises(ExportError) as err:
+        segment_one(image, load_model(model_dir.path), out, SegmentOptions(chunk_size=CHUNK), dask_cluster)
+    message = str(err.value)
+    assert message.startswith(str(out / "scene.tif")) and "Is a directory" in message and "\n" not in message
+    assert _listing(out) == ["scene.tif"] and _listing(out / "scene.tif") == ["keep.txt"]
+
+
+def test_output_directory_under_a_file_fails_cleanly(scene, tmp_path, dask_cluster):
+    image, model_dir = scene
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="cannot create output directory: Not a directory"):
+        segment_one(image, load_model(model_dir.path), tmp_path / "file" / "out", SegmentOptions(chunk_size=CHUNK),
+                    dask_cluster)
+    assert _listing(tmp_path) == ["file"]
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory writes are refused in: a read-only tmpfs as root (chmod denies root nothing), else mode 0555."""
+    path = tmp_path / "locked"
+    path.mkdir()
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        yield path, "Permission denied"
+        os.chmod(path, 0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                      check=False, capture_output=True).returncode != 0:
+        pytest.skip("running as root without mount rights: no way to deny a write")
+    yield path, "Read-only file system"
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_denied_write_at_export_is_one_line_and_leaves_nothing(unwritable_dir):
+    import numpy as np
+
+    from storage.classes import LabelClass
+    from storage.geometry import RasterGeometry, VolumeGeometry
+    from storage.geotiff import write_label_cog
+    from storage.nifti import write_label_nifti
+
+    out, why = unwritable_dir
+    classes = [LabelClass(value=0, name="a"), LabelClass(value=1, name="b")]
+    raster = RasterGeometry(width=64, height=48, transform=(10, 0, 0, 0, -10, 0), dtype="uint8")
+    with pytest.raises(ExportError) as err:
+        write_label_cog(np.zeros((48, 64), np.uint8), raster, out / "x.tif", classes=classes)
+    assert str(err.value).startswith(f"{out / 'x.tif'}: cannot write COG") and why in str(err.value)
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((8, 6, 4))
+    volume = VolumeGeometry(shape=[8, 6, 4], affine=np.eye(4).tolist(), qform=np.eye(4).tolist(),
+                            sform=np.eye(4).tolist(), qform_code=1, sform_code=1, zooms=[1, 1, 1],
+                            orientation=["R", "A", "S"], nifti_version=1, dtype="int16",
+                            header_b64=__import__("base64").b64encode(hdr.binaryblock).decode())
+    with pytest.raises(ExportError) as err:
+        write_label_nifti(np.zeros((4, 6, 8), np.uint8), volume, out / "x.nii.gz", classes=classes)
+    assert str(err.value).startswith(f"{out / 'x.nii.gz'}: cannot write") and why in str(err.value)
+    assert "\n" not in str(err.value) and _listing(out) == []
+
+
+def _fill(directory: Path, leave: int = 0) -> Path:
+    """Fill a small file system up (a tmpfs) until a write fails with ENOSPC, less ``leave`` bytes."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    os.close(fd)
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+@pytest.fixture(params=["tmpfs", "fsize-limit"])
+def full_disk(request, tmp_path):
+    """How the disk fills up: a real 4 MiB tmpfs filled to the last byte (needs mount rights, else skipped),
+    or RLIMIT_FSIZE, under which any write past 4 KiB fails with EFBIG (works anywhere)."""
+    if request.param == "fsize-limit":
+        yield request.param, None
+        return
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           check=False, capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root and mount rights; the fsize-limit variant covers the path")
+    yield request.param, mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_at_export_gives_one_line_and_leaves_nothing(scene, tmp_path, full_disk, dask_cluster,
+                                                                 monkeypatch):
+    """The disk fills up between inference and export: the export fails, the committed zarr is removed."""
+    from flows import pipeline
+
+    how, disk = full_disk
+    image, model_dir = scene
+    out = (disk or tmp_path) / "out"
+    real_export = pipeline.export_labels
+
+    def export_on_a_full_disk(*args, **kwargs):
+        if disk is not None:
+            _fill(disk)
+            return real_export(*args, **kwargs)
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process at the limit
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+        try:
+            return real_export(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, old)
+
+    monkeypatch.setattr(pipeline, "export_labels", export_on_a_full_disk)
+    with pytest.raises(ExportError) as err:
+        segment_one(image, load_model(model_dir.path), out, SegmentOptions(chunk_size=CHUNK), dask_cluster)
+    message = str(err.value)
+    assert message.startswith(f"{out / 'scene.tif'}: cannot write COG: ") and "\n" not in message
+    assert ("no space left on device" if how == "tmpfs" else "file size limit exceeded") in message, message
+    assert _listing(out) == []  # no zarr, no COG, no temporaries, no work store

@@ -1,0 +1,254 @@
+"""`segflow schedule` against a real Prefect server: serve the nightly deployment, trigger a run, see it complete.
+
+A `prefect server start` process (SQLite, in a temporary PREFECT_HOME) on a
+free loopback port; `segflow schedule` serves ``nightly/<name>`` with a cron
+far in the future; `prefect deployment run` asks for a run now; the served
+process picks it up and runs the nightly flow end to end (outputs and report
+written).  Then `prefect deploy` registers infra/prefect.yaml's deployments on
+the same server, and the server's copy is checked against the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+from rasterio.transform import from_origin
+
+from tests.models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = Path(sys.executable).with_name("prefect")
+NAME = "segflow-test"
+RUN_TIMEOUT = 240  # s, from trigger to a finished flow run (2 shared cores; the run starts a Dask cluster)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _get(url: str) -> dict | None:
+    import httpx
+
+    try:
+        r = httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None
+    return r.json() if r.status_code == 200 else None
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A `prefect server start` process; yields (api_url, env for its clients)."""
+    if not PREFECT.exists():
+        pytest.skip(f"{PREFECT} (the prefect command of this environment) is absent")
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_SERVER_UI_ENABLED": "false",
+           "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""), "COLUMNS": "200"}
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                            stdout=log, stderr=subprocess.STDOUT, env=server_env, cwd=home, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _get(f"{api}/health") is not True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield api, env
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _scene(path: Path) -> Path:
+    data = np.random.default_rng(3).integers(1, 255, (3, 96, 128), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=128, height=96, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10), nodata=0) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.mark.slow
+def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
+    import httpx
+
+    api, env = prefect_server
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    _scene(inbox / "scene.tif")
+    model = tiny_model(tmp_path / "model", spatial_dims=2, channels=3)
+
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "flows", "schedule", "--cron", "0 3 1 1 *", "--name", NAME,
+                              "--inbox", str(inbox), "--model", str(model.path), "--out", str(out),
+                              "--workers", "1"],
+                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        # the deployment appears on the server once `segflow schedule` has registered it
+        deadline = time.monotonic() + 120
+        deployment = None
+        while deployment is None:
+            if serve.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"segflow schedule did not register: {(tmp_path / 'serve.log').read_text()[-3000:]}")
+            deployment = _get(f"{api}/deployments/name/nightly/{NAME}")
+            time.sleep(0.5)
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 1 1 *"]
+        assert deployment["parameters"]["inbox"] == str(inbox)
+        assert deployment["parameters"]["model_dirs"] == [str(model.path)]
+        assert deployment["entrypoint"] == "flows.nightly.nightly"
+
+        trigger = subprocess.run([str(PREFECT), "deployment", "run", f"nightly/{NAME}"], capture_output=True,
+                                 text=True, env=env, timeout=120)
+        assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+        run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
+
+        deadline = time.monotonic() + RUN_TIMEOUT
+        state = None
+        while time.monotonic() < deadline:
+            run = _get(f"{api}/flow_runs/{run_id}") or {}
+            state = (run.get("state") or {}).get("type")
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(2)
+        assert state == "COMPLETED", (state, (tmp_path / "serve.log").read_text()[-4000:])
+    finally:
+        _stop(serve)
+        log.close()
+    assert run["deployment_id"] == deployment["id"]
+    assert (out / "scene.tif").exists() and (out / "scene.provenance.json").exists()
+    reports = sorted((out / "reports").glob("*.json"))
+    assert reports, sorted(p.name for p in out.rglob("*"))
+    report = json.loads(reports[-1].read_text())
+    assert report["run"]["flow_run_id"] == run_id
+    assert [r["status"] for r in report["inputs"]] == ["done"]
+    # the server saw the run's one task run per input, completed
+    tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}, timeout=10).json()
+    per_input = [t for t in tasks if t["name"].startswith("segment-")]
+    assert [t["state"]["type"] for t in per_input] == ["COMPLETED"]
+
+
+def _flow(entrypoint: str):  # noqa: ANN202
+    """The flow object of a module-path entrypoint (package.module.attribute)."""
+    import importlib
+
+    module, _, attr = entrypoint.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _wait_for_run(api: str, run_id: str, proc: subprocess.Popen, log: Path) -> dict:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    run: dict = {}
+    while time.monotonic() < deadline:
+        run = _get(f"{api}/flow_runs/{run_id}") or {}
+        if (run.get("state") or {}).get("type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        if proc.poll() is not None and not (run.get("state") or {}).get("type") == "RUNNING":
+            time.sleep(2)  # a last look: the state may be reported just after the process ends
+            return _get(f"{api}/flow_runs/{run_id}") or run
+        time.sleep(2)
+    pytest.fail(f"flow run {run_id} did not finish in {RUN_TIMEOUT} s: {log.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefect_server, tmp_path):
+    api, env = prefect_server
+    spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
+    pools = {d["work_pool"]["name"] for d in spec["deployments"]}
+    for pool in pools:
+        proc = subprocess.run([str(PREFECT), "work-pool", "create", pool, "--type", "process"], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([str(PREFECT), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for d in spec["deployments"]:
+        served = _get(f"{api}/deployments/name/{_flow(d['entrypoint']).name}/{d['name']}")
+        assert served is not None, d["name"]
+        assert served["entrypoint"] == d["entrypoint"]
+        assert served["work_pool_name"] == d["work_pool"]["name"]
+        assert served["parameters"] == d["parameters"]
+        assert [s["schedule"]["cron"] for s in served["schedules"]] == [s["cron"] for s in d["schedules"]]
+
+    # a process worker picks up a run of the first deployment (its paths pointed at this test's folders)
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    _scene(inbox / "scene.tif")
+    model = tiny_model(tmp_path / "model", spatial_dims=2, channels=3)
+    first = spec["deployments"][0]
+    params = {"inbox": str(inbox), "out_dir": str(out), "model_dirs": [str(model.path)]}
+    trigger = subprocess.run([str(PREFECT), "deployment", "run", f"{_flow(first['entrypoint']).name}/{first['name']}",
+                              "--params", json.dumps(params)], capture_output=True, text=True, env=env, timeout=120)
+    assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([str(PREFECT), "worker", "start", "--pool", first["work_pool"]["name"],
+                                   "--run-once"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                  start_new_session=True)
+        try:
+            run = _wait_for_run(api, run_id, worker, log_path)
+        finally:
+            _stop(worker)
+    assert run["state"]["type"] == "COMPLETED", log_path.read_text()[-4000:]
+    assert (out / "scene.tif").exists()
+
+
+def test_schedule_refuses_bad_input_with_one_line_errors(tmp_path):
+    from flows.schedule import check_parameters, cron_schedule, load_flow, nightly_parameters
+    from storage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="invalid --cron"):
+        cron_schedule("61 * * * *")
+    with pytest.raises(ConfigError, match="unknown --timezone"):
+        cron_schedule("0 2 * * *", "Mars/Base")
+    assert cron_schedule("0 2 * * *", "Europe/Paris").timezone == "Europe/Paris"
+    with pytest.raises(ConfigError, match="one of them"):
+        nightly_parameters(model_dirs=["m"], out_dir="o", inbox="i", manifest="f.csv")
+    params = nightly_parameters(model_dirs=["m"], out_dir="o", manifest="f.csv")
+    assert params["manifest"] == str(Path("f.csv").absolute()) and "inbox" not in params
+    flow = load_flow()
+    check_parameters(flow, params)
+    with pytest.raises(ConfigError, match="no parameter colour"):
+        check_parameters(flow, {**params, "colour": "red"})
+    with pytest.raises(ConfigError, match="needs the parameter"):
+        check_parameters(flow, {"out_dir": "o"})
+
+    # without a Prefect server to talk to, `segflow schedule` says how to start one
+    model = tiny_model(tmp_path / "model", spatial_dims=2, channels=3)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([sys.executable, "-m", "flows", "schedule", "--cron", "0 2 * * *", "--inbox", str(tmp_path),
+                           "--model", str(model.path), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "prefect server start" in errors[0], proc.stderr

@@ -1,0 +1,120 @@
+"""`segflow verify`: every hash the provenance names is recomputed; tampering and missing pieces fail.
+
+An input or weights file that cannot be reached is reported as unverified but
+is not a failure (outputs are often copied away from their inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.config import SegmentOptions
+from flows.pipeline import segment_one
+from segmentation import load_model
+from storage.provenance import embedded, read_embedded, verify
+from storage.samples import make_phantom, make_scene
+from tests.models import tiny_model
+
+
+def _flip_one_byte(path: Path, at: int = -1) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0x01
+    path.write_bytes(bytes(blob))
+
+
+def _cli_verify(target: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows", "verify", str(target)], check=False, capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "250"}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, dask_cluster):
+    root = tmp_path_factory.mktemp("verify")
+    model = tiny_model(root / "model", spatial_dims=2, channels=4, roi=[32, 32])
+    (root / "in").mkdir()
+    image, truth = make_scene(root / "in" / "scene.tif", size=(80, 72), seed=2)
+    truth.unlink()
+    segment_one(image, load_model(model.path), root / "out", SegmentOptions(chunk_size=48), dask_cluster)
+    model3 = tiny_model(root / "model3", spatial_dims=3, channels=1, roi=[16, 16, 16])
+    volume, vtruth = make_phantom(root / "in" / "head.nii.gz", shape=(24, 20, 16), seed=1)
+    vtruth.unlink()
+    segment_one(volume, load_model(model3.path), root / "out", SegmentOptions(chunk_size=16), dask_cluster)
+    return {"root": root, "out": root / "out", "image": image, "volume": volume, "model": model.path}
+
+
+@pytest.fixture
+def copy(outputs, tmp_path, dask_cluster):
+    """A fresh raster output of this test's own, with its own input and model, to tamper with."""
+    root = tmp_path / "c"
+    (root / "in").mkdir(parents=True)
+    shutil.copyfile(outputs["image"], root / "in" / "scene.tif")
+    shutil.copytree(outputs["model"], root / "model")
+    segment_one(root / "in" / "scene.tif", load_model(root / "model"), root / "out", SegmentOptions(chunk_size=48),
+                dask_cluster)
+    return {"root": root, "out": root / "out", "tif": root / "out" / "scene.tif",
+            "sidecar": root / "out" / "scene.provenance.json", "weights": root / "model" / "weights.safetensors",
+            "image": root / "in" / "scene.tif"}
+
+
+def test_untouched_outputs_verify_including_their_embedded_provenance(outputs):
+    for stem in ("scene", "head"):
+        report = verify(outputs["out"] / f"{stem}.provenance.json")
+        assert report.ok and not report.unverified, report
+        assert len(report.verified) == 4  # label file, zarr store, input, weights
+        record = json.loads((outputs["out"] / f"{stem}.provenance.json").read_text())
+        for name in record["outputs"]:
+            assert read_embedded(outputs["out"] / name) == embedded(record)
+
+
+def test_one_changed_byte_of_an_output_fails_and_says_which(copy):
+    _flip_one_byte(copy["tif"])
+    report = verify(copy["sidecar"])
+    [problem] = report.problems
+    assert problem.startswith(f"output {copy['tif']} changed: sha256 is ") and "provenance records" in problem
+    proc = _cli_verify(copy["tif"])
+    assert proc.returncode == 1 and f"mismatch: output {copy['tif']} changed" in proc.stderr
+
+
+def test_one_changed_byte_of_the_weights_fails_and_says_which(copy):
+    _flip_one_byte(copy["weights"], at=len(copy["weights"].read_bytes()) // 2)
+    [problem] = verify(copy["sidecar"]).problems
+    assert problem.startswith(f"model weights {copy['weights']} changed: sha256 is ")
+
+
+def test_changed_input_and_missing_store_fail(copy):
+    _flip_one_byte(copy["image"], at=len(copy["image"].read_bytes()) // 2)
+    shutil.rmtree(copy["out"] / "scene.zarr")
+    problems = verify(copy["sidecar"]).problems
+    assert problems == [f"output {copy['out'] / 'scene.zarr'} is missing",
+                        problems[1]] and problems[1].startswith(f"input {copy['image']} changed: sha256 is ")
+
+
+def test_a_sidecar_edited_to_name_other_parameters_no_longer_matches_its_outputs(copy):
+    record = json.loads(copy["sidecar"].read_text())
+    record["parameters"]["overlap"] = 0.5
+    copy["sidecar"].write_text(json.dumps(record))
+    problems = verify(copy["sidecar"]).problems
+    assert len(problems) == 2 and all("embeds provenance that differs" in p and p.endswith("in: parameters")
+                                      for p in problems)
+
+
+def test_unreachable_input_is_reported_but_is_not_a_failure(copy):
+    copy["image"].unlink()
+    report = verify(copy["sidecar"])
+    assert report.ok and len(report.unverified) == 1
+    assert report.unverified[0].startswith(f"input {copy['image']} is not reachable; its sha256 ")
+    proc = _cli_verify(copy["sidecar"])
+    assert proc.returncode == 0 and "unverified: input" in proc.stderr and "verified" in proc.stderr
+
+
+def test_missing_provenance_is_an_error(copy):
+    copy["sidecar"].unlink()
+    proc = _cli_verify(copy["tif"])
+    assert proc.returncode == 2 and "unreadable provenance" in proc.stderr
