@@ -147,7 +147,7 @@ def main() -> int:
           "each). Dice of the argmax over valid truth pixels; in brackets the change from no CRF."),
          *lines, "", "Settings (CRFParams fields that differ from the defaults):", *settings])
     if args.record:
-        report.record(args.record, body)
+        report.record(args.record, body, doc=report.DOC.parent / "models.md")
     return 0
 
 
