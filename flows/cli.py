@@ -40,6 +40,14 @@ def _progress() -> Progress:
                     console=console, transient=False, disable=not console.is_terminal)
 
 
+def _path_or_url(text: str) -> str:
+    """A command-line input or output location: a URL as given (``Path`` would turn ``s3://b/k`` into
+    ``s3:/b/k``), a local path normalised as ``Path`` does."""
+    from storage.remote import is_url
+
+    return text if is_url(text) else str(Path(text))
+
+
 def _ints(text: Optional[str]) -> Optional[list[int]]:
     if not text:
         return None
@@ -71,10 +79,11 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
 
 
 @app.command()
-def segment(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files."),
+def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, or their URLs "
+                                                      "(s3://bucket/key.tif; see docs/storage.md)."),
             model: Path = typer.Option(..., "--model", help="Model directory (card.json + weights.safetensors), "
                                                             "MONAI bundle, or TorchScript archive with its card."),
-            out: Path = typer.Option(..., "--out", help="Output directory."),
+            out: str = typer.Option(..., "--out", help="Output directory, or a URL prefix (s3://bucket/out/)."),
             precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
             roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: the card's)."),
             overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: the card's)."),
@@ -118,7 +127,8 @@ def segment(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI
     except SegflowError as exc:
         _fail(str(exc))
     with _progress() as progress, reporting(RichReporter(progress)):
-        state = segment_batch(inputs=[str(p) for p in inputs], model_dir=str(model), out_dir=str(out),
+        state = segment_batch(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model),
+                              out_dir=_path_or_url(out),
                               options=options, return_state=True)
     try:
         outcomes = batch_outcomes(state)
@@ -179,16 +189,25 @@ def info(path: Path = typer.Argument(..., help="A zarr store, a GeoTIFF/NIfTI ou
 
 
 @app.command()
-def verify(output: Path = typer.Argument(..., help="An output file or its .provenance.json.")) -> None:
+def verify(output: str = typer.Argument(..., help="An output file or its .provenance.json, or its URL.")) -> None:
     """Recompute the hashes named in an output's provenance; non-zero exit on any mismatch or missing output.
 
     An input or weights file not reachable from here is reported as unverified, not as a failure.
     """
     from storage.provenance import sidecar_path, verify as verify_record  # issue 6: report unreachable files apart
+    from storage.remote import is_url
 
-    sidecar = output if output.name.endswith(".provenance.json") else sidecar_path(output)
     try:
-        report = verify_record(sidecar)
+        if is_url(output):  # downloaded to a scratch folder and checked there (flows/staging.py)
+            from flows.staging import verify_url
+
+            report = verify_url(output)
+            sidecar = output if output.endswith(".provenance.json") else \
+                output.rsplit("/", 1)[0] + "/" + sidecar_path(output.rsplit("/", 1)[-1]).name
+        else:
+            output_path = Path(output)
+            sidecar = output_path if output_path.name.endswith(".provenance.json") else sidecar_path(output_path)
+            report = verify_record(sidecar)
     except SegflowError as exc:
         _fail(str(exc))
     for line in report.unverified:

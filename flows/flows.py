@@ -3,6 +3,8 @@
 ``segment`` runs one input; ``segment_batch`` runs many, each isolated: a bad
 input fails its own flow run with a one-line error and the others go on; the
 batch ends Failed when any input failed, with every outcome as its result.
+Inputs and the output directory may be local paths or fsspec URLs
+(``s3://bucket/prefix/``): :mod:`flows.staging` downloads and uploads them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from prefect.states import Completed, Failed
 
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
-from flows.pipeline import Outcome, segment_one
+from flows.pipeline import Outcome
+from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
 from segmentation import load_model
 from storage.errors import SegflowError
 
@@ -32,7 +35,7 @@ def segment(input_path: str, model_dir: str, out_dir: str, options: SegmentOptio
     options = options or SegmentOptions()
     model = load_model(model_dir, trust_bundle=options.trust_bundle)
     with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus) as client:
-        outcome = segment_one(input_path, model, out_dir, options, client)
+        outcome = segment_staged(input_path, model, out_dir, options, client)
     get_run_logger().info("segmented %s -> %s", input_path, outcome.outputs[0])
     return outcome.to_dict()
 
@@ -47,7 +50,7 @@ def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: Segm
     with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus) as client:
         for path in inputs:
             try:
-                outcome = segment_one(path, model, out_dir, options, client)
+                outcome = segment_staged(path, model, out_dir, options, client)
             except Exception as exc:  # isolation: record and go on
                 outcome = Outcome(input=str(path), ok=False, error=_one_line(exc))
                 logger.info("input failed: %s", outcome.error)

@@ -18,6 +18,11 @@ errors (:func:`is_transient`) are retried by Prefect (``retries``,
 not.  A bad input is tried again on every run, even with an unchanged hash:
 its failure stays in each night's report, and a fixed reader or a new model
 can make it succeed; reading a header costs little.
+
+The inbox, the manifest, its entries and the output directory may be fsspec
+URLs (``s3://bucket/inbox/``): an input URL is downloaded before its header is
+read, outputs bound for a URL are uploaded once complete, and the ledger and
+the reports are kept under the output URL (:mod:`flows.staging`).
 """
 
 from __future__ import annotations
@@ -39,16 +44,17 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows import ledger, progress
+from flows import ledger, progress, staging
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
-from flows.report import InputReport, fill_from_statistics, summary, timestamp, write_report
+from flows.report import InputReport, fill_from_statistics, summary, timestamp
 from flows.routing import ModelEntry, loaded, no_model_reason, read_models, route
 from storage import provenance
 from storage.errors import ConfigError, InputError, SegflowError
 from storage.hashing import sha256_file
 from storage.ingest import kind_of, stem_of
 from storage.probe import probe
+from storage.remote import is_url
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -56,8 +62,10 @@ from storage.probe import probe
 def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
     """(inputs, ignored): the inbox's files segflow reads, sorted; hidden files, folders and other files ignored.
 
-    An Analyze/NIfTI pair is one input, read through its ``.hdr``.
+    An Analyze/NIfTI pair is one input, read through its ``.hdr``.  A URL prefix lists its objects.
     """
+    if is_url(str(folder)):
+        return _list_inbox_url(str(folder))
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(folder, "inbox is not a directory")
@@ -76,37 +84,78 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
     return inputs, ignored
 
 
+def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
+    """:func:`list_inbox` of a URL prefix: the objects directly under it."""
+    from storage import remote
+
+    try:
+        files = remote.list_files(url)
+    except FileNotFoundError:
+        raise ConfigError(url, "inbox not found (no such bucket or prefix)") from None
+    except Exception as exc:  # noqa: BLE001 - each filesystem raises its own types
+        raise ConfigError(url, f"cannot list the inbox: {type(exc).__name__}: {exc}") from exc
+    names = {remote.name_of(f) for f in files}
+    inputs, ignored = [], []
+    for f in files:
+        name = remote.name_of(f)
+        if name.startswith("."):
+            continue
+        try:
+            kind_of(name)
+        except InputError:
+            ignored.append(f)
+            continue
+        if name.lower().endswith(".img") and (stem_of(name) + ".hdr") in names:
+            continue
+        inputs.append(f)
+    return inputs, ignored
+
+
 def read_manifest(path: str | Path) -> list[str]:
     """The inputs a manifest lists: CSV with a ``path`` column, or JSON (a list of paths, of {"path": ...}
-    objects, or an object with an "inputs" or "paths" list). Relative paths are relative to the manifest."""
+    objects, or an object with an "inputs" or "paths" list). Relative paths are relative to the manifest.
+    Entries may be URLs; the manifest itself may be one (its relative entries are then URLs beside it)."""
+    url = str(path) if is_url(str(path)) else None
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(path, f"cannot read manifest: {exc.strerror or exc}") from None
+    if url is not None:
+        from storage import remote
+
+        try:
+            text = remote.read_bytes(url).decode("utf-8-sig")
+        except Exception as exc:  # noqa: BLE001 - each filesystem raises its own types
+            raise ConfigError(url, f"cannot read manifest: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            raise ConfigError(path, f"cannot read manifest: {exc.strerror or exc}") from None
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         column = next((c for c in (rows[0].keys() if rows else []) if c and c.strip().lower() == "path"), None)
         if column is None:
-            raise ConfigError(path, "CSV manifest needs a 'path' column")
+            raise ConfigError(url or path, "CSV manifest needs a 'path' column")
         items: list[Any] = [r[column] for r in rows]
     elif path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise ConfigError(path, f"manifest is not valid JSON: {exc}") from None
+            raise ConfigError(url or path, f"manifest is not valid JSON: {exc}") from None
         if isinstance(data, dict):
             data = data.get("inputs", data.get("paths"))
         if not isinstance(data, list):
-            raise ConfigError(path, "JSON manifest must be a list of paths or an object with an 'inputs' list")
+            raise ConfigError(url or path, "JSON manifest must be a list of paths or an object with an 'inputs' list")
         items = [d.get("path") if isinstance(d, dict) else d for d in data]
     else:
-        raise ConfigError(path, "manifest must be a .csv or .json file")
+        raise ConfigError(url or path, "manifest must be a .csv or .json file")
     if not all(isinstance(i, str) for i in items):
-        raise ConfigError(path, "every manifest entry must be a path string")
+        raise ConfigError(url or path, "every manifest entry must be a path string")
     out = []
     for item in (i.strip() for i in items):
-        if item:
+        if item and (is_url(item) or url is not None):
+            from storage import remote
+
+            out.append(item if is_url(item) or item.startswith("/") else remote.resolve(remote.parent_of(url), item))
+        elif item:
             p = Path(item).expanduser()
             out.append(str(p if p.is_absolute() else path.parent / p))
     return out
@@ -192,12 +241,21 @@ def _hash_input(path: str) -> str:
       retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
 def segment_input(path: str, name: str, batch: _Batch) -> dict[str, Any]:
     """Route, skip or segment one input; raises (and fails only this task run) when the input is bad."""
-    from flows.pipeline import segment_one
-
     t0 = time.perf_counter()
     batch.attempts[path] = task_run_info.get_run_count() or 1
+    target = staging.OutputTarget(batch.out_dir, stem_of(path))  # out_dir itself, or a staging folder for a URL
+    try:
+        with staging.staged_input(path, target.local) as local:  # path itself, or a URL's downloaded copy
+            return _segment_input(path, local, target, batch, t0)
+    finally:
+        target.close()
+
+
+def _segment_input(path: str, local: str, target: staging.OutputTarget, batch: _Batch, t0: float) -> dict[str, Any]:
+    from flows.pipeline import segment_one
+
     rep = InputReport(input=path, status="done", attempts=batch.attempts[path])
-    header = probe(path)
+    header = probe(local)
     rep.kind, rep.channels = header.kind, header.channels
     entry = route(header, batch.models)
     if entry is None:
@@ -207,14 +265,17 @@ def segment_input(path: str, name: str, batch: _Batch) -> dict[str, Any]:
     model = loaded(entry, trust_bundle=batch.options.trust_bundle)
     rep.model, rep.model_path = model.name, entry.path
     classes = [c.model_dump(mode="json") for c in model.card.classes]
-    rep.input_sha256 = _hash_input(path)
+    rep.input_sha256 = _hash_input(local)
     document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options)
     rep.cache_key = ledger.cache_key(document)
-    hit, why_not = ledger.lookup(batch.out_dir, rep.cache_key, rep.input_sha256, model.weights_sha256)
-    adopted = False
-    if hit is None and why_not is None:  # never recorded: outputs of `segflow segment` count too
-        hit, _ = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path)
-        adopted = hit is not None
+    if target.remote:  # the same checks, on a scratch copy of the entry and outputs under the URL
+        hit, why_not, adopted = staging.remote_lookup(target, rep.cache_key, document, path, entry.path)
+    else:
+        hit, why_not = ledger.lookup(batch.out_dir, rep.cache_key, rep.input_sha256, model.weights_sha256)
+        adopted = False
+        if hit is None and why_not is None:  # never recorded: outputs of `segflow segment` count too
+            hit, _ = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path)
+            adopted = hit is not None
     if hit is not None:
         rep.status = "skipped"
         rep.note = (f"same input, model and parameters done {hit.record.get('finished')}"
@@ -222,13 +283,16 @@ def segment_input(path: str, name: str, batch: _Batch) -> dict[str, Any]:
         rep.outputs = hit.outputs
         statistics = hit.record.get("statistics", {})
     else:
-        outcome = segment_one(path, model, batch.out_dir, batch.options, batch.client)
+        outcome = segment_one(local, model, target.local, batch.options, batch.client,
+                              record_input_as=path if local != path else None)
         sidecar = next(o for o in outcome.outputs if o.endswith(".provenance.json"))
-        if ledger.record_done(batch.out_dir, rep.cache_key, document, input_path=path, model_path=entry.path,
-                              sidecar=sidecar) is None:
+        recorded = ledger.record_done(target.local, rep.cache_key, document, input_path=path,
+                                      model_path=entry.path, sidecar=sidecar)
+        if recorded is None:
             rep.note = "outputs written but not recorded as done: the input or model changed during the run"
         elif why_not:
             rep.note = f"processed again: {why_not}"
+        outcome = target.publish(outcome, extra=[recorded] if recorded else [])  # a URL: upload, entry last
         rep.outputs = outcome.outputs
         statistics = outcome.statistics
     fill_from_statistics(rep, statistics, classes, header.cell_size, header.cell_unit, header.cell_note)
@@ -275,8 +339,8 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     started, stamp, t0 = provenance.now(), timestamp(), time.perf_counter()
     if (inbox is None) == (manifest is None):
         raise ConfigError(None, "give an inbox folder or a manifest (one of them)")
-    inbox = str(Path(inbox).expanduser().absolute()) if inbox is not None else None
-    manifest = str(Path(manifest).expanduser().absolute()) if manifest is not None else None
+    inbox = _absolute(inbox)
+    manifest = _absolute(manifest)
     if inbox is not None:
         paths, ignored = list_inbox(inbox)
     else:
@@ -285,8 +349,11 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     models = read_models(model_dirs, trust_bundle=options.trust_bundle)  # a bad model fails the run up front
     for m in models:
         loaded(m, trust_bundle=options.trust_bundle)
-    out = Path(out_dir).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    if is_url(out_dir):  # outputs, ledger and reports under a URL prefix (flows/staging.py)
+        out: Any = out_dir.rstrip("/")
+    else:
+        out = Path(out_dir).expanduser().absolute()
+        out.mkdir(parents=True, exist_ok=True)
     clashes = _collisions(paths)
     reports: dict[str, InputReport] = {
         p: InputReport(input=p, status="failed", attempts=0,
@@ -338,10 +405,17 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         },
         "inputs": [r.to_dict() for r in inputs],
     }
-    json_path, md_path = write_report(report, out, stamp)
+    json_path, md_path = staging.write_report(report, out, stamp)
     report["report"] = {"json": str(json_path), "markdown": str(md_path)}
     logger.info("%s; report %s", message, md_path)
     return Completed(message=message, data=report) if ok else Failed(message=message, data=report)
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute; a URL as it is."""
+    if path is None or is_url(path):
+        return path
+    return str(Path(path).expanduser().absolute())
 
 
 def nightly_report(state: Any) -> dict[str, Any]:

@@ -9,13 +9,15 @@ import typer
 
 
 def nightly_command(
-        inbox: Optional[Path] = typer.Option(None, "--inbox", help="Folder of inputs (GeoTIFF, VRT, NIfTI); "
-                                                                   "hidden and other files are ignored."),
-        manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV with a 'path' column, or JSON list "
-                                                                         "of paths, instead of --inbox."),
+        inbox: Optional[str] = typer.Option(None, "--inbox", help="Folder of inputs (GeoTIFF, VRT, NIfTI), or a URL "
+                                                                  "prefix (s3://bucket/inbox/); hidden and other "
+                                                                  "files are ignored."),
+        manifest: Optional[str] = typer.Option(None, "--manifest", help="CSV with a 'path' column, or JSON list "
+                                                                        "of paths or URLs, instead of --inbox."),
         model: List[Path] = typer.Option(..., "--model", help="Model directory; repeat: each input goes to the "
                                                               "first model whose card fits it (2D/3D, channels)."),
-        out: Path = typer.Option(..., "--out", help="Output directory (also holds .segflow-cache/ and reports/)."),
+        out: str = typer.Option(..., "--out", help="Output directory or URL prefix (also holds .segflow-cache/ and "
+                                                   "reports/)."),
         precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
         roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: each card's)."),
         overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: each card's)."),
@@ -64,8 +66,9 @@ def nightly_command(
 
         flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
     with cli._progress() as progress, reporting(RichReporter(progress)):
-        state = flow(model_dirs=[str(m) for m in model], out_dir=str(out),
-                     inbox=str(inbox) if inbox else None, manifest=str(manifest) if manifest else None,
+        state = flow(model_dirs=[str(m) for m in model], out_dir=cli._path_or_url(out),
+                     inbox=cli._path_or_url(inbox) if inbox else None,
+                     manifest=cli._path_or_url(manifest) if manifest else None,
                      options=options, retries=retries, retry_delay_seconds=retry_delay, return_state=True)
     try:
         report = nightly_report(state)

@@ -145,11 +145,13 @@ def run_identity(store: ImageStore, model: LoadedModel, params: dict[str, Any], 
 
 
 def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions, target: Path,
-                  client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+                  client: Client, source_path: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Segment an image store into a prediction store at ``target``; return (statistics, parameters).
 
     Resumes the partial store an interrupted run of the same identity left,
     writing only the chunks its journal does not list as finished.
+    ``source_path`` replaces the source path the prediction store records
+    (the URL of a staged input, see :func:`segment_one`).
     """
     t0 = time.perf_counter()
     with gpu_tasks(client):  # on GPU workers, the window tasks ask for one GPU each
@@ -185,7 +187,8 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
                        f"resumed (another input, model or parameters); starting afresh")
             _say(message, logging.WARNING)
         _, labels, probs = create_prediction_store(
-            target, meta=store.group.attrs[META_ATTR], spatial_shape=plan.grid.shape, chunks=chunks,
+            target, meta=_with_source_path(store.group.attrs[META_ATTR], source_path),
+            spatial_shape=plan.grid.shape, chunks=chunks,
             label_dtype=ldtype, nodata_label=label_nodata(plan.num_classes),
             classes=[c.model_dump(mode="json") for c in model.card.classes], probabilities_dtype=pdtype,
             identity=identity)
@@ -234,6 +237,15 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
              "label_pixels": {str(k): v for k, v in sorted(histogram.items())},
              "inference_seconds": round(time.perf_counter() - t0, 3)}
     return stats, params
+
+
+def _with_source_path(meta: Any, source_path: str | None) -> Any:
+    """A store's meta attribute naming ``source_path`` as its source (unchanged when None)."""
+    if source_path is None:
+        return meta
+    meta = dict(meta)
+    meta["source"] = {**meta["source"], "path": source_path}
+    return meta
 
 
 def _test_kill_after() -> int | None:
@@ -309,11 +321,15 @@ def probabilities_path(out_path: Path) -> Path:
 
 
 def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path, options: SegmentOptions,
-                client: Client) -> Outcome:
+                client: Client, *, record_input_as: str | None = None) -> Outcome:
     """Ingest, infer, export one input. Raises SegflowError on bad input; leaves nothing partial.
 
     On an interruption (see :func:`resumable`) the hidden partial store and
     the ingested store stay, and the next run with the same identity resumes.
+
+    ``record_input_as`` names the input in the provenance, the prediction
+    store's source and the outcome when ``input_path`` is a local copy of it:
+    the URL of an input :mod:`flows.staging` downloaded.
     """
     started = provenance.now()
     t0 = time.perf_counter()
@@ -339,19 +355,20 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
     keep_work = False
     try:
         try:
-            _check_has_data(input_path, store)
-            warnings = _warnings(input_path, store)
-            stats, params = run_inference(store, model, options, zarr_target, client)
+            named = record_input_as or input_path  # how messages name the input
+            _check_has_data(named, store)
+            warnings = _warnings(named, store)
+            stats, params = run_inference(store, model, options, zarr_target, client, record_input_as)
         except SegflowError as exc:
             if exc.path is None:  # errors about the input's content must name the input
-                raise type(exc)(input_path, exc.problem) from None
+                raise type(exc)(record_input_as or input_path, exc.problem) from None
             raise
         stats["ingest_seconds"] = round(ingest_seconds, 3)
         stats["ingest_reused"] = ingest_reused
         if warnings:
             stats["warnings"] = warnings
         record = provenance.make_record(
-            input_path=store.meta.source.path, input_sha256=store.meta.source.sha256,
+            input_path=record_input_as or store.meta.source.path, input_sha256=store.meta.source.sha256,
             model={"name": model.name, "path": str(model.path.resolve()), "weights_sha256": model.weights_sha256,
                    "weights_path": str(model.weights_path.resolve()) if model.weights_path else None,
                    "source": model.source,
@@ -387,7 +404,8 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
             _remove(store.path)
             _remove_if_empty(work)
     outputs = [str(p) for p in exported] + [str(sidecar)] + ([str(zarr_target)] if options.keep_zarr else [])
-    return Outcome(input=str(input_path), ok=True, outputs=outputs, statistics=record["statistics"])
+    return Outcome(input=record_input_as or str(input_path), ok=True, outputs=outputs,
+                   statistics=record["statistics"])
 
 
 def resumable(exc: BaseException) -> bool:
