@@ -35,6 +35,29 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _options(**fields: object) -> "SegmentOptions":  # noqa: F821 - imported lazily (Prefect-free import)
+    """Validate run options at the edge; a bad one is a one-line error and exit 2."""
+    from flows.config import SegmentOptions
+
+    try:
+        return SegmentOptions(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        raise  # unreachable: _fail exits
+
+
+def _check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False) -> None:
+    """Refuse a bad model before any input is touched: one line, exit 2."""
+    from segmentation.modeldir import check_model
+
+    try:
+        for path in paths:
+            check_model(path, trust_bundle=trust_bundle)
+    except SegflowError as exc:
+        _fail(str(exc))
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False, disable=not console.is_terminal)
@@ -108,24 +131,15 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                           "(chunk by chunk, with a halo) before the argmax."),
             crf_iterations: int = typer.Option(5, help="Mean-field iterations of --crf.")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
-    from flows.config import SegmentOptions
     from flows.flows import batch_outcomes, segment_batch
     from flows.progress import RichReporter, reporting
-    from segmentation.modeldir import check_model
 
-    try:
-        options = SegmentOptions(precision=precision, roi=_ints(roi), overlap=overlap, chunk_size=chunk_size,
-                                 batch_size=batch_size, workers=workers, probabilities=probabilities,
-                                 device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
-                                 trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
-                                 flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        _fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
-    try:
-        check_model(model, trust_bundle=trust_bundle)
-    except SegflowError as exc:
-        _fail(str(exc))
+    options = _options(precision=precision, roi=_ints(roi), overlap=overlap, chunk_size=chunk_size,
+                       batch_size=batch_size, workers=workers, probabilities=probabilities,
+                       device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
+                       trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
+                       flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)))
+    _check_models([model], trust_bundle=trust_bundle)
     with _progress() as progress, reporting(RichReporter(progress)):
         state = segment_batch(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model),
                               out_dir=_path_or_url(out),

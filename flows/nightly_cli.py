@@ -35,31 +35,20 @@ def nightly_command(
         parallel: int = typer.Option(1, min=1, help="Inputs in flight at once (their windows share the cluster).")
 ) -> None:
     """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md."""
-    from pydantic import ValidationError
     from rich.table import Table
 
     from flows import cli
-    from flows.config import SegmentOptions
     from flows.nightly import nightly, nightly_report
     from flows.progress import RichReporter, reporting
-    from segmentation.modeldir import check_model
     from storage.errors import SegflowError
 
     if (inbox is None) == (manifest is None):
         cli._fail("give --inbox DIR or --manifest FILE (one of them)")
-    try:
-        options = SegmentOptions(precision=precision, roi=cli._ints(roi), overlap=overlap, chunk_size=chunk_size,
-                                 batch_size=batch_size, workers=workers, probabilities=probabilities,
-                                 device=device, dask_address=dask_address, keep_zarr=not no_zarr,
-                                 **({"gpus": True} if gpus else {}))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        cli._fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
-    try:
-        for m in model:
-            check_model(m)
-    except SegflowError as exc:
-        cli._fail(str(exc))
+    options = cli._options(precision=precision, roi=cli._ints(roi), overlap=overlap, chunk_size=chunk_size,
+                           batch_size=batch_size, workers=workers, probabilities=probabilities,
+                           device=device, dask_address=dask_address, keep_zarr=not no_zarr,
+                           **({"gpus": True} if gpus else {}))
+    cli._check_models(model)
     flow = nightly
     if parallel > 1:
         from prefect.task_runners import ThreadPoolTaskRunner

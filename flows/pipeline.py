@@ -343,7 +343,7 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
     try:
         store, ingest_reused = ingest_input(input_path, work, options.chunk_size)
     except BaseException as exc:
-        _remove_if_empty(work)
+        remove_if_empty(work)
         if isinstance(exc, OSError):  # e.g. the disk filled up while copying
             raise ExportError(exc.filename or work, f"cannot write the ingested copy: {exc.strerror or exc}") from None
         raise
@@ -392,17 +392,17 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
         keep_work = resumable(exc)
         if not keep_work:
             for p in partial_paths(zarr_target):
-                _remove(p)
+                remove_path(p)
         for p in created:
-            _remove(p)
+            remove_path(p)
         if isinstance(exc, OSError):  # a full disk or a denied write while storing or committing: one line
             where = exc.filename or out_dir
             raise ExportError(where, f"cannot write: {exc.strerror or exc}") from None
         raise
     finally:
         if not keep_work:
-            _remove(store.path)
-            _remove_if_empty(work)
+            remove_path(store.path)
+            remove_if_empty(work)
     outputs = [str(p) for p in exported] + [str(sidecar)] + ([str(zarr_target)] if options.keep_zarr else [])
     return Outcome(input=record_input_as or str(input_path), ok=True, outputs=outputs,
                    statistics=record["statistics"])
@@ -467,14 +467,15 @@ def _say(text: str, level: int) -> None:
         log.log(level, text)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree; a link to a directory is unlinked, never followed."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
+    else:
         path.unlink(missing_ok=True)
 
 
-def _remove_if_empty(path: Path) -> None:
+def remove_if_empty(path: Path) -> None:
     try:
         path.rmdir()
     except OSError:

@@ -148,21 +148,14 @@ def schedule_command(
         paused: bool = typer.Option(False, "--paused", help="Register the schedule paused (runs by hand only)."),
 ) -> None:
     """Serve the nightly flow on a cron schedule against a Prefect server (PREFECT_API_URL); runs until stopped."""
-    from pydantic import ValidationError
 
     from flows import cli
-    from segmentation.modeldir import check_model
     from storage.errors import SegflowError
 
+    options = cli._options(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
+                           device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr)
+    cli._check_models(model)
     try:
-        options = SegmentOptions(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
-                                 device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        cli._fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
-    try:
-        for m in model:
-            check_model(m)
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
                                         options=options)
         url = api_url()

@@ -47,6 +47,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from flows.pipeline import remove_if_empty, remove_path
 from storage import remote
 from storage.errors import ExportError, InputError, SegflowError
 from storage.ingest import kind_of, stem_of
@@ -66,20 +67,6 @@ def staging_root() -> Path:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 # ----------------------------------------------------------------------------- staging in
@@ -172,8 +159,8 @@ def staged_input(path: str, local_out: str | os.PathLike[str]) -> Iterator[str]:
         raise renamed from exc
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        _remove_if_empty(folder.parent)
-        _remove_if_empty(work)
+        remove_if_empty(folder.parent)
+        remove_if_empty(work)
 
 
 # ----------------------------------------------------------------------------- staging out
@@ -240,14 +227,14 @@ class OutputTarget:
                                        "was left at the output URL") from exc
         finally:
             for f in files + extra:
-                _remove(f)
-                _remove_if_empty(f.parent)
+                remove_path(f)
+                remove_if_empty(f.parent)
 
     def close(self) -> None:
         """Remove the local staging folder of a URL target if nothing is left in it (an interrupted run's
         partial work stays for the next run to resume)."""
         if self.remote:
-            _remove_if_empty(self.local)
+            remove_if_empty(self.local)
 
 
 def segment_staged(input_path: str | os.PathLike[str], model: Any, out_dir: str | os.PathLike[str], options: Any,
