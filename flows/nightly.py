@@ -51,7 +51,7 @@ from flows.report import InputReport, fill_from_statistics, summary, timestamp
 from flows.routing import ModelEntry, loaded, no_model_reason, read_models, route
 from storage import provenance
 from storage.errors import ConfigError, InputError, SegflowError
-from storage.hashing import sha256_file
+from storage.hashing import sha256_input
 from storage.ingest import kind_of, stem_of
 from storage.probe import probe
 from storage.remote import is_url
@@ -232,7 +232,7 @@ class _Batch:
 
 def _hash_input(path: str) -> str:
     try:
-        return sha256_file(path)
+        return sha256_input(path)
     except OSError as exc:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from exc
 

@@ -45,7 +45,7 @@ from segmentation.crf import CRFParams, crf_dask
 from segmentation.stitching import PROBABILITY_SCALE, label_dtype, label_nodata
 from storage import provenance
 from storage.errors import ExportError, InvalidInputError, SegflowError, StoreError
-from storage.hashing import sha256_file
+from storage.hashing import sha256_input
 from storage.ingest import ingest, stem_of
 from storage.layout import (LABELS, META_ATTR, PROBABILITIES, PROVENANCE_ATTR, ChunkJournal, ImageStore,
                             commit_store, create_prediction_store, identity_digest, open_image_store,
@@ -100,7 +100,7 @@ def _reusable_ingest(path: Path, store_path: Path) -> ImageStore | None:
         store = open_image_store(store_path)
         source = store.meta.source
         same_file = os.path.samefile(source.path, path)
-        if same_file and source.size == path.stat().st_size and source.sha256 == sha256_file(path):
+        if same_file and source.size == path.stat().st_size and source.sha256 == sha256_input(path):
             return store
     except (StoreError, OSError, ValueError):
         pass

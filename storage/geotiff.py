@@ -43,7 +43,7 @@ from storage.errors import (
     UnsupportedFormatError,
 )
 from storage.geometry import RasterGeometry, SourceInfo
-from storage.hashing import sha256_file
+from storage.hashing import sha256_input
 from storage.layout import MASK, META_ATTR, ImageStore, StoreMeta, create_image_store, mark_complete
 
 try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedError)
@@ -200,7 +200,7 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
         except _GDAL_ERRORS as exc:
             raise CorruptInputError(path, f"cannot read raster metadata: {_gdal_message(exc)}") from None
         try:
-            source = SourceInfo(path=str(path), sha256=sha256_file(path), size=path.stat().st_size,
+            source = SourceInfo(path=str(path), sha256=sha256_input(path), size=path.stat().st_size,
                                 format=src.driver)
         except OSError as exc:
             raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None

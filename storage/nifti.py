@@ -43,7 +43,7 @@ from storage.errors import (
     UnsupportedFormatError,
 )
 from storage.geometry import SourceInfo, VolumeGeometry
-from storage.hashing import sha256_file
+from storage.hashing import sha256_input
 from storage.layout import ImageStore, StoreMeta, create_image_store, mark_complete
 
 __all__ = ["ingest_nifti", "write_label_nifti", "write_label_table", "NIFTI_SUFFIXES"]
@@ -81,7 +81,7 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
             shape = (channels, *reversed(_spatial(geometry.shape)))
             chunks = (1, *(min(chunk, n) for n in shape[1:]))
             meta = StoreMeta(
-                source=SourceInfo(path=str(src.resolve()), sha256=sha256_file(src), size=src.stat().st_size,
+                source=SourceInfo(path=str(src.resolve()), sha256=sha256_input(src), size=src.stat().st_size,
                                   format=f"NIfTI-{geometry.nifti_version}"),
                 geometry=geometry,
                 channel_names=[f"channel{c}" for c in range(channels)],

@@ -4,7 +4,7 @@ Six inputs in an inbox: 2 GeoTIFF scenes, 2 NIfTI phantoms, 1 truncated
 GeoTIFF and 1 scene already segmented by ``segflow segment``.  The first run
 processes the 4 new good inputs, fails the bad one alone and skips the done
 one; a rerun processes nothing.  One scene's first read fails with EIO, the
-way a flaky network mount fails: the I/O boundary (``sha256_file`` as the
+way a flaky network mount fails: the I/O boundary (``sha256_input`` as the
 nightly task calls it) is patched to raise ``OSError(EIO)`` once for that
 file, and Prefect's retry runs it again; the truncated file is not retried.
 """
@@ -75,7 +75,7 @@ def runs(models, tmp_path_factory, dask_cluster):
 
     t0 = time.perf_counter()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("flows.nightly.sha256_file", flaky_sha256)
+        mp.setattr("flows.nightly.sha256_input", flaky_sha256)
         first = nightly(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=2,
                         retry_delay_seconds=0, return_state=True)
     first_seconds = time.perf_counter() - t0

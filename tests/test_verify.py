@@ -118,3 +118,17 @@ def test_missing_provenance_is_an_error(copy):
     copy["sidecar"].unlink()
     proc = _cli_verify(copy["tif"])
     assert proc.returncode == 2 and "unreadable provenance" in proc.stderr
+
+
+def test_an_unchanged_input_is_hashed_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    from storage import hashing
+
+    reads = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: reads.append(p) or real(p))
+    f = tmp_path / "scene.bin"
+    f.write_bytes(b"a" * 1000)
+    first = hashing.sha256_input(f)
+    assert hashing.sha256_input(f) == first == real(f) and len(reads) == 1
+    f.write_bytes(b"b" * 1001)  # new size: a new identity, read again
+    assert hashing.sha256_input(f) == real(f) != first and len(reads) == 2
