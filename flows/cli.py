@@ -17,6 +17,7 @@ from typing import List, Optional  # noqa: E402
 import typer  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -31,7 +32,7 @@ out = Console()
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -97,12 +98,13 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
             console.print(f"ingested {path} -> {store.path}  {store.image.shape} {store.image.dtype}")
         except SegflowError as exc:
             failures += 1
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(1 if failures else 0)
 
 
 @app.command()
-def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, or their URLs "
+def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, DICOM folders, DICOMDIRs "
+                                                      "or DICOM files (each series is one input), or URLs "
                                                       "(s3://bucket/key.tif; see docs/storage.md)."),
             model: Path = typer.Option(..., "--model", help="Model directory (card.json + weights.safetensors), "
                                                             "MONAI bundle, or TorchScript archive with its card."),
@@ -129,7 +131,12 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                                   "'none' turns off the card's default."),
             crf: bool = typer.Option(False, "--crf", help="Refine probabilities with the truncated dense CRF "
                                                           "(chunk by chunk, with a halo) before the argmax."),
-            crf_iterations: int = typer.Option(5, help="Mean-field iterations of --crf.")) -> None:
+            crf_iterations: int = typer.Option(5, help="Mean-field iterations of --crf."),
+            model_space: str = typer.Option("input", "--model-space",
+                                            help="Where labels are written when a scan's grid differs from the "
+                                                 "model's: input (the scan's grid) or keep (also the model's)."),
+            dicom_seg: str = typer.Option("binary", "--dicom-seg",
+                                          help="DICOM SEG for DICOM inputs: binary, labelmap or none.")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
     from flows.flows import batch_outcomes, segment_batch
     from flows.progress import RichReporter, reporting
@@ -138,7 +145,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                        batch_size=batch_size, workers=workers, probabilities=probabilities,
                        device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
                        trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
-                       flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)))
+                       flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)),
+                       model_space=model_space, dicom_seg=dicom_seg)
     _check_models([model], trust_bundle=trust_bundle)
     with _progress() as progress, reporting(RichReporter(progress)):
         state = segment_batch(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model),
@@ -153,12 +161,12 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     for o in outcomes:
         if o["ok"]:
             s = o["statistics"]
-            console.print(f"[green]ok[/green] {o['input']} -> {o['outputs'][0]}  "
+            console.print(f"[green]ok[/green] {escape(o['input'])} -> {escape(o['outputs'][0])}  "
                           f"({s.get('windows_evaluated')} windows, {s.get('windows_skipped')} skipped, "
                           f"{s.get('total_seconds')} s)", highlight=False, soft_wrap=True)
     failed = [o for o in outcomes if not o["ok"]]
     for o in failed:
-        console.print(f"[red]error:[/red] {o['error']}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(o['error'])}", highlight=False, soft_wrap=True)
     raise typer.Exit(1 if failed else 0)
 
 

@@ -28,6 +28,10 @@ class SegmentOptions(BaseModel):
     trust_bundle: bool = False  # let MONAI evaluate a bundle's configuration (runs its code); off unless asked
     crf: bool = False  # refine probabilities with the truncated dense CRF (segmentation.crf) before the argmax
     crf_iterations: int = Field(default=5, ge=1, le=20)
+    # Scans whose grid differs from the model card's (version 3) are segmented in model space; their labels
+    # always come back on the scan's grid, and "keep" also writes them on the model's grid.
+    model_space: Literal["input", "keep"] = "input"
+    dicom_seg: Literal["binary", "labelmap", "none"] = "binary"  # DICOM SEG beside the labels of DICOM inputs
 
     @field_validator("flip_tta")
     @classmethod

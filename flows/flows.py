@@ -17,9 +17,11 @@ from prefect.states import Completed, Failed
 
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
-from flows.pipeline import Outcome
+from flows.inputs import expand
+from flows.pipeline import Outcome, input_label, segment_one
 from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
 from segmentation import load_model
+from storage.dicom import SeriesRef
 from storage.errors import SegflowError
 
 
@@ -47,18 +49,34 @@ def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: Segm
     logger = get_run_logger()
     outcomes: list[dict[str, Any]] = []
     model = load_model(model_dir, trust_bundle=options.trust_bundle)  # a bad model fails the whole batch, before any input is touched
+    expanded, unusable = expand(inputs)  # DICOM folders: one input per series
+    for label, error in unusable:
+        outcomes.append(Outcome(input=label, ok=False, error=error).to_dict())
+        logger.info("input failed: %s", error)
     with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus) as client:
-        for path in inputs:
+        for path in expanded:
             try:
-                outcome = segment_staged(path, model, out_dir, options, client)
+                if isinstance(path, SeriesRef):
+                    outcome = segment_series(path, model, out_dir, options, client)
+                else:
+                    outcome = segment_staged(path, model, out_dir, options, client)
             except Exception as exc:  # isolation: record and go on
-                outcome = Outcome(input=str(path), ok=False, error=_one_line(exc))
+                outcome = Outcome(input=input_label(path), ok=False, error=_one_line(exc))
                 logger.info("input failed: %s", outcome.error)
             outcomes.append(outcome.to_dict())
     failed = [o for o in outcomes if not o["ok"]]
     if failed:
         return Failed(message=f"{len(failed)} of {len(outcomes)} inputs failed", data=outcomes)
     return Completed(message=f"{len(outcomes)} inputs segmented", data=outcomes)
+
+
+def segment_series(ref: SeriesRef, model: Any, out_dir: str, options: SegmentOptions, client: Any) -> Outcome:
+    """One DICOM series volume; its files are local (a URL prefix as --out is not supported for them yet)."""
+    from storage.remote import is_url
+
+    if is_url(out_dir):
+        raise SegflowError(ref.display, "DICOM series cannot be written to a URL output yet; use a local --out")
+    return segment_one(ref, model, out_dir, options, client)
 
 
 def batch_outcomes(state: Any) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 The key of an input's segmentation is the sha256 of a canonical JSON document
 holding:
 
-- the input file's sha256 (its content, not its name or time stamp);
+- the input's sha256 (its content, not its name or time stamp; for a DICOM
+  series, ``SeriesRef.sha256()``: one digest over its files' sha256s);
 - the model weights' sha256 and the model card (architecture, normalisation,
   classes, inference defaults: everything that shapes the output; the card's
   free-text description and training record are left out);
@@ -157,13 +158,16 @@ def _comparable_recorded(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def adopt(out_dir: str | os.PathLike[str], input_path: str, key: str, document: dict[str, Any],
-          model_path: str) -> tuple[Hit | None, str | None]:
+          model_path: str, *, stem: str | None = None) -> tuple[Hit | None, str | None]:
     """Outputs made without an entry (by ``segflow segment``, or before the ledger existed) count as done
     when ``OUT/<stem>.provenance.json`` names the same input hash, weights hash and parameters and its
-    outputs verify; the entry is then written.  (hit, None), or (None, why not; None when nothing is there)."""
+    outputs verify; the entry is then written.  (hit, None), or (None, why not; None when nothing is there).
+
+    ``stem`` is the outputs' name when it is not the input file's (a DICOM series: its ``SeriesRef.name``).
+    """
     from storage.ingest import stem_of
 
-    sidecar = Path(out_dir) / f"{stem_of(input_path)}.provenance.json"
+    sidecar = Path(out_dir) / f"{stem or stem_of(input_path)}.provenance.json"
     if not sidecar.is_file():
         return None, None
     try:

@@ -23,6 +23,15 @@ The inbox, the manifest, its entries and the output directory may be fsspec
 URLs (``s3://bucket/inbox/``): an input URL is downloaded before its header is
 read, outputs bound for a URL are uploaded once complete, and the ledger and
 the reports are kept under the output URL (:mod:`flows.staging`).
+
+DICOM arrives as folders: an inbox's sub-folder holding DICOM files, a
+DICOMDIR, loose ``.dcm`` files, or such a path in a manifest is expanded
+(:func:`flows.inputs.expand`) into one item per series volume before any task
+runs.  A series is routed by its headers like a NIfTI scan (3-D, 1 channel),
+keyed by :meth:`storage.dicom.SeriesRef.sha256` (its files' contents), named
+in the report and in errors by ``SeriesRef.display`` (folder and UIDs, never a
+patient identifier) and its outputs by ``SeriesRef.name``.  A folder that
+holds no image series fails alone, like a bad file.
 """
 
 from __future__ import annotations
@@ -47,9 +56,11 @@ from prefect.utilities.annotations import quote
 from flows import ledger, progress, staging
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
+from flows.inputs import Expanded, expand, input_label, input_stem
 from flows.report import InputReport, fill_from_statistics, summary, timestamp
 from flows.routing import ModelEntry, loaded, no_model_reason, read_models, route
 from storage import provenance
+from storage.dicom import SeriesRef, is_dicom_input
 from storage.errors import ConfigError, InputError, SegflowError
 from storage.hashing import sha256_input
 from storage.ingest import kind_of, stem_of
@@ -60,9 +71,12 @@ from storage.remote import is_url
 
 
 def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
-    """(inputs, ignored): the inbox's files segflow reads, sorted; hidden files, folders and other files ignored.
+    """(inputs, ignored): the inbox's files and DICOM folders segflow reads, sorted; hidden entries skipped,
+    other files and folders ignored.
 
-    An Analyze/NIfTI pair is one input, read through its ``.hdr``.  A URL prefix lists its objects.
+    An Analyze/NIfTI pair is one input, read through its ``.hdr``.  A sub-folder holding DICOM files (at
+    any depth), a DICOMDIR and a file with the DICOM preamble are listed as they are; :func:`flows.inputs.expand`
+    turns them into series.  A URL prefix lists its objects (DICOM is read from local folders only).
     """
     if is_url(str(folder)):
         return _list_inbox_url(str(folder))
@@ -71,17 +85,30 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
         raise ConfigError(folder, "inbox is not a directory")
     inputs, ignored = [], []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file():
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() or not p.is_file():
+            if p.is_dir() and _is_dicom(p):
+                inputs.append(str(p))
+            elif p.is_dir():
+                ignored.append(str(p))
             continue
         try:
             kind_of(p)
         except InputError:
-            ignored.append(str(p))
+            (inputs if _is_dicom(p) else ignored).append(str(p))
             continue
         if p.name.lower().endswith(".img") and p.with_suffix(".hdr").exists():
             continue
         inputs.append(str(p))
     return inputs, ignored
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        return is_dicom_input(path)
+    except OSError:
+        return False
 
 
 def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
@@ -237,24 +264,49 @@ def _hash_input(path: str) -> str:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from exc
 
 
+def _hash_series(ref: SeriesRef) -> str:
+    """The series' content key: one digest over its files' sha256s (a file gone since listing: one line)."""
+    try:
+        return ref.sha256()
+    except OSError as exc:
+        raise InputError(ref.display, f"cannot read {Path(exc.filename or '?').name}: {exc.strerror or exc}") from exc
+
+
+def series_details(ref: SeriesRef) -> dict[str, Any]:
+    """What the report says of a DICOM series: where and which one, never who (no patient identifiers)."""
+    return {"root": str(ref.root), "series_instance_uid": ref.series_instance_uid, "volume": ref.volume,
+            "name": ref.name, "files": len(ref.files)}
+
+
 @task(name="segment-input", task_run_name="segment-{name}", persist_result=False, cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
-def segment_input(path: str, name: str, batch: _Batch) -> dict[str, Any]:
-    """Route, skip or segment one input; raises (and fails only this task run) when the input is bad."""
+def segment_input(item: Expanded, name: str, batch: _Batch) -> dict[str, Any]:
+    """Route, skip or segment one input (a file, a URL or a DICOM series); raises (and fails only this task
+    run) when the input is bad."""
     t0 = time.perf_counter()
-    batch.attempts[path] = task_run_info.get_run_count() or 1
-    target = staging.OutputTarget(batch.out_dir, stem_of(path))  # out_dir itself, or a staging folder for a URL
+    label = input_label(item)
+    batch.attempts[label] = task_run_info.get_run_count() or 1
+    target = staging.OutputTarget(batch.out_dir, input_stem(item))  # out_dir itself, or a staging folder for a URL
     try:
-        with staging.staged_input(path, target.local) as local:  # path itself, or a URL's downloaded copy
-            return _segment_input(path, local, target, batch, t0)
+        if isinstance(item, SeriesRef):
+            if target.remote:  # as `segflow segment`: the series' outputs are written locally only
+                raise InputError(label, "DICOM series cannot be written to a URL output yet; use a local --out")
+            return _segment_input(item, item, target, batch, t0)
+        with staging.staged_input(item, target.local) as local:  # path itself, or a URL's downloaded copy
+            return _segment_input(item, local, target, batch, t0)
     finally:
         target.close()
 
 
-def _segment_input(path: str, local: str, target: staging.OutputTarget, batch: _Batch, t0: float) -> dict[str, Any]:
+def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget, batch: _Batch,
+                   t0: float) -> dict[str, Any]:
     from flows.pipeline import segment_one
 
+    path = input_label(item)  # a file's path or URL; a series' display
+    series = item if isinstance(item, SeriesRef) else None
     rep = InputReport(input=path, status="done", attempts=batch.attempts[path])
+    if series is not None:
+        rep.dicom = series_details(series)
     header = probe(local)
     rep.kind, rep.channels = header.kind, header.channels
     entry = route(header, batch.models)
@@ -265,7 +317,7 @@ def _segment_input(path: str, local: str, target: staging.OutputTarget, batch: _
     model = loaded(entry, trust_bundle=batch.options.trust_bundle)
     rep.model, rep.model_path = model.name, entry.path
     classes = [c.model_dump(mode="json") for c in model.card.classes]
-    rep.input_sha256 = _hash_input(local)
+    rep.input_sha256 = _hash_series(series) if series is not None else _hash_input(local)
     document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options)
     rep.cache_key = ledger.cache_key(document)
     if target.remote:  # the same checks, on a scratch copy of the entry and outputs under the URL
@@ -274,7 +326,7 @@ def _segment_input(path: str, local: str, target: staging.OutputTarget, batch: _
         hit, why_not = ledger.lookup(batch.out_dir, rep.cache_key, rep.input_sha256, model.weights_sha256)
         adopted = False
         if hit is None and why_not is None:  # never recorded: outputs of `segflow segment` count too
-            hit, _ = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path)
+            hit, _ = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path, stem=input_stem(item))
             adopted = hit is not None
     if hit is not None:
         rep.status = "skipped"
@@ -284,7 +336,7 @@ def _segment_input(path: str, local: str, target: staging.OutputTarget, batch: _
         statistics = hit.record.get("statistics", {})
     else:
         outcome = segment_one(local, model, target.local, batch.options, batch.client,
-                              record_input_as=path if local != path else None)
+                              record_input_as=path if series is None and local != path else None)
         sidecar = next(o for o in outcome.outputs if o.endswith(".provenance.json"))
         recorded = ledger.record_done(target.local, rep.cache_key, document, input_path=path,
                                       model_path=entry.path, sidecar=sidecar)
@@ -313,16 +365,19 @@ def dashboard_link(client: Any) -> str | None:
         return None
 
 
-def _collisions(paths: list[str]) -> dict[str, str]:
-    """Inputs whose outputs would overwrite an earlier input's (same stem): {later path: earlier path}."""
+def _collisions(items: list[Expanded]) -> dict[str, str]:
+    """Inputs whose outputs would overwrite an earlier input's (same stem): {later label: earlier label}.
+
+    A DICOM series' stem is its ``SeriesRef.name``: the same series copied into two folders clashes.
+    """
     first: dict[str, str] = {}
     clashes = {}
-    for p in paths:
-        stem = stem_of(p)
+    for item in items:
+        stem, label = input_stem(item), input_label(item)
         if stem in first:
-            clashes[p] = first[stem]
+            clashes[label] = first[stem]
         else:
-            first[stem] = p
+            first[stem] = label
     return clashes
 
 
@@ -346,6 +401,8 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     else:
         paths, ignored = read_manifest(manifest), []
     paths = list(dict.fromkeys(paths))  # a path listed twice is one input
+    items, unusable = expand(paths)  # DICOM folders, DICOMDIRs and loose DICOM files: one item per series volume
+    by_label = {input_label(i): i for i in items}  # a series reached twice (folder and DICOMDIR) is one input
     models = read_models(model_dirs, trust_bundle=options.trust_bundle)  # a bad model fails the run up front
     for m in models:
         loaded(m, trust_bundle=options.trust_bundle)
@@ -354,12 +411,15 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     else:
         out = Path(out_dir).expanduser().absolute()
         out.mkdir(parents=True, exist_ok=True)
-    clashes = _collisions(paths)
+    clashes = _collisions(list(by_label.values()))
     reports: dict[str, InputReport] = {
         p: InputReport(input=p, status="failed", attempts=0,
                        error=f"{p}: its outputs would overwrite those of {clashes[p]} (same name stem); "
                              "rename one of them") for p in clashes}
-    todo = [p for p in paths if p not in clashes]
+    for label, error in unusable:  # e.g. a folder without an image series: fails alone, nothing to route
+        reports[label] = InputReport(input=label, status="failed", attempts=1, error=error)
+        logger.info("input failed: %s", error)
+    todo = [p for p in by_label if p not in clashes]
     cluster_kw = {"gpus": True} if getattr(options, "gpus", False) else {}
     with dask_client(options.dask_address, workers=options.workers, dashboard=True, **cluster_kw) as client:
         dashboard = dashboard_link(client)
@@ -370,7 +430,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         bar = progress.reporter()
         bar.start("nightly", f"nightly: {len(todo)} inputs", total=len(todo))
-        futures = {run_task.submit(p, Path(p).name, quote(batch)): p for p in todo}
+        futures = {run_task.submit(quote(by_label[p]), _task_name(by_label[p]), quote(batch)): p for p in todo}
         for future in as_completed(list(futures)):
             path = futures[future]
             future.wait()  # sets the future's final state locally (no API read of a stale one)
@@ -380,12 +440,14 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
             else:
                 exc = state.result(raise_on_failure=False)
                 error = one_line(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+                item = by_label[path]
                 reports[path] = InputReport(input=path, status="failed", error=error,
-                                            attempts=batch.attempts.get(path, 0))
+                                            attempts=batch.attempts.get(path, 0),
+                                            dicom=series_details(item) if isinstance(item, SeriesRef) else None)
                 logger.info("input failed: %s", error)
             bar.advance("nightly")
         bar.finish("nightly")
-    inputs = [reports[p] for p in paths]
+    inputs = [reports[p] for p in [*by_label, *(label for label, _ in unusable)]]
     message = summary(inputs)
     ok = all(r.status in ("done", "skipped") for r in inputs)
     report = {
@@ -409,6 +471,11 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     report["report"] = {"json": str(json_path), "markdown": str(md_path)}
     logger.info("%s; report %s", message, md_path)
     return Completed(message=message, data=report) if ok else Failed(message=message, data=report)
+
+
+def _task_name(item: Expanded) -> str:
+    """The task run's name: the file's name, or the series' sanitised output stem."""
+    return item.name if isinstance(item, SeriesRef) else Path(item).name
 
 
 def _absolute(path: str | None) -> str | None:

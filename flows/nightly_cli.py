@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 
 def nightly_command(
@@ -77,7 +78,7 @@ def nightly_command(
     cli.out.print(table)
     for r in report["inputs"]:
         if r.get("error"):
-            cli.console.print(f"[red]{r['status']}:[/red] {r['error']}", highlight=False, soft_wrap=True)
+            cli.console.print(f"[red]{r['status']}:[/red] {escape(r['error'])}", highlight=False, soft_wrap=True)
     cli.out.print(f"report: {report['report']['markdown']}", highlight=False, soft_wrap=True)
     cli.out.print(f"report: {report['report']['json']}", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report["run"]["state"] == "Completed" else 1)

@@ -37,18 +37,21 @@ import numpy as np
 import zarr
 from distributed import Client, as_completed
 
+from flows import medical, modelspace
+from flows.export import export_labels, model_space_labels
+from flows.inputs import ingest_input, input_label, input_stem, output_name
 from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
-from flows.progress import note, reporter
-from segmentation import LoadedModel, build_plan
+from flows.progress import reporter, say
+from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
-from segmentation.stitching import PROBABILITY_SCALE, label_dtype, label_nodata
+from segmentation.stitching import label_dtype, label_nodata
 from storage import provenance
-from storage.errors import ExportError, InvalidInputError, SegflowError, StoreError
-from storage.hashing import sha256_input
-from storage.ingest import ingest, stem_of
-from storage.layout import (LABELS, META_ATTR, PROBABILITIES, PROVENANCE_ATTR, ChunkJournal, ImageStore,
-                            commit_store, create_prediction_store, identity_digest, open_image_store,
+from storage.dicom import SeriesRef
+from storage.errors import ExportError, InvalidInputError, SegflowError
+from storage.modelimage import model_geometry
+from storage.layout import (LABELS, META_ATTR, PROVENANCE_ATTR, ChunkJournal, ImageStore,
+                            commit_store, create_prediction_store, identity_digest,
                             partial_path, partial_paths, reopen_prediction_store)
 
 WORK_DIR = ".segflow-work"
@@ -70,42 +73,6 @@ class Outcome:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def output_name(input_path: str | Path, kind: str) -> str:
-    return stem_of(input_path) + (".tif" if kind == "raster" else ".nii.gz")
-
-
-def ingest_input(path: str | Path, work_dir: str | Path, chunk: int | None = None) -> tuple[ImageStore, bool]:
-    """The input's image store, and whether it was reused: a complete earlier ingest of the same content is.
-
-    The store's name holds the chunk size asked for, and it is only reused
-    when it carries its completion marker and its recorded sha256 and file are
-    those of ``path`` now, so a half-written or stale ingest is never used.
-    """
-    store_path = Path(work_dir) / f"{stem_of(path)}.c{chunk or 'default'}.image.zarr"
-    reusable = _reusable_ingest(Path(path), store_path)
-    if reusable is not None:
-        _say(f"{path}: reusing its complete ingest from an interrupted run", logging.INFO)
-        return reusable, True
-    store_path.parent.mkdir(parents=True, exist_ok=True)
-    ingest(path, store_path, chunk=chunk)
-    return open_image_store(store_path), False
-
-
-def _reusable_ingest(path: Path, store_path: Path) -> ImageStore | None:
-    if not store_path.is_dir() or not path.is_file():
-        return None
-    try:
-        store = open_image_store(store_path)
-        source = store.meta.source
-        same_file = os.path.samefile(source.path, path)
-        if same_file and source.size == path.stat().st_size and source.sha256 == sha256_input(path):
-            return store
-    except (StoreError, OSError, ValueError):
-        pass
-    shutil.rmtree(store_path, ignore_errors=True)
-    return None
 
 
 def crf_params(options: SegmentOptions) -> CRFParams:
@@ -155,10 +122,12 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     """
     t0 = time.perf_counter()
     with gpu_tasks(client):  # on GPU workers, the window tasks ask for one GPU each
-        plan = build_plan(store.image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
-                          precision=options.precision, chunks=options.chunk_size, mask=store.mask,
-                          batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
+        plan, mapping, space_facts = modelspace.build(store, model, options, client)
+    stitch = getattr(plan, "stitch", plan)  # the model-space stitching (the plan itself on the input's grid)
     params = resolved_parameters(model, options, plan)
+    if mapping is not None:
+        params["model_space"] = {"mapping": mapping.to_json(), "interpolation": model.card.input.interpolation,
+                                 "invert": model.card.inference.invert}
     parts = run_identity(store, model, params, _device_name(options.device))
     identity = identity_digest(parts)
     chunks = tuple(c[0] for c in plan.chunks)
@@ -166,10 +135,10 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     pdtype = None if options.probabilities == "none" else options.probabilities
     partial = partial_path(target, identity)
     journal = ChunkJournal(partial, identity)
-    reopened = reopen_prediction_store(target, identity, spatial_shape=plan.grid.shape, chunks=chunks,
+    reopened = reopen_prediction_store(target, identity, spatial_shape=plan.output_shape, chunks=chunks,
                                        label_dtype=ldtype, probabilities_dtype=pdtype,
                                        num_classes=plan.num_classes)
-    input_name = stem_of(store.meta.source.path)
+    input_name = target.name.removesuffix(".zarr")
     stale = [p for p in partial_paths(target) if p != partial or reopened is None]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
@@ -177,7 +146,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         _, labels, probs = reopened
         done = journal.done()
         partial_state = "resumed"
-        _say(f"{store.meta.source.path}: resuming an interrupted run, {len(done)} of "
+        say(f"{store.meta.source.path}: resuming an interrupted run, {len(done)} of "
              f"{len(plan.chunk_indexes)} chunks already done", logging.INFO)
     else:
         partial_state = "new"
@@ -185,10 +154,10 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
             partial_state = "discarded"
             message = (f"{store.meta.source.path}: discarding the partial result of an earlier run that cannot be "
                        f"resumed (another input, model or parameters); starting afresh")
-            _say(message, logging.WARNING)
+            say(message, logging.WARNING)
         _, labels, probs = create_prediction_store(
             target, meta=_with_source_path(store.group.attrs[META_ATTR], source_path),
-            spatial_shape=plan.grid.shape, chunks=chunks,
+            spatial_shape=plan.output_shape, chunks=chunks,
             label_dtype=ldtype, nodata_label=label_nodata(plan.num_classes),
             classes=[c.model_dump(mode="json") for c in model.card.classes], probabilities_dtype=pdtype,
             identity=identity)
@@ -198,11 +167,16 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
 
     refined = None
     if options.crf:
-        refined = crf_dask(plan.probabilities(), plan.image, crf_params(options), plan.mask,
-                           normalizer=plan.normalizer)
+        refined = crf_dask(stitch.probabilities(), stitch.image, crf_params(options), stitch.mask,
+                           normalizer=stitch.normalizer)
     writes = plan.writes(labels, probs, options.probabilities if probs is not None else "float32",
                          probabilities=refined, only=todo, on_written=journal)
+    model_writes = []
+    if mapping is not None and options.model_space == "keep":  # idempotent whole-chunk writes: redone on resume
+        geometry = model_geometry(store.meta.geometry, mapping)
+        model_writes = stitch.writes(model_space_labels(partial, stitch, ldtype, geometry), probabilities=refined)
     futures = client.compute(writes + [plan.counts(only=todo)])
+    model_futures = client.compute(model_writes) if model_writes else []
     key = f"infer:{target.name}"
     reporter().start(key, f"segment {input_name}", total=len(plan.chunk_indexes))
     if done:
@@ -226,17 +200,35 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
                 reporter().advance(key)
             else:
                 counts = result
+        for future in model_futures:
+            future.result()
+        if model.card.inference.keep_largest is not None:
+            stats_keep = keep_largest(labels, model.card.inference.keep_largest, label_nodata(plan.num_classes))
+            for value, n in stats_keep["removed_voxels"].items():
+                histogram[int(value)] = histogram.get(int(value), 0) - n
+                histogram[0] = histogram.get(0, 0) + n
+            space_facts["keep_largest"] = stats_keep
     except BaseException:
         # a shared cluster would otherwise go on computing an abandoned run (its tasks still write chunks)
-        client.cancel(futures)
+        client.cancel(futures + model_futures)
         raise
     reporter().finish(key)
     stats = {**counts, "windows_total": plan.num_windows, "chunks": len(plan.chunk_indexes),
              "chunks_written": written, "chunks_resumed": len(done), "partial_store": partial_state,
              "run_identity": identity,
-             "label_pixels": {str(k): v for k, v in sorted(histogram.items())},
+             "label_pixels": {str(k): v for k, v in sorted(histogram.items()) if v},
+             **space_facts,
              "inference_seconds": round(time.perf_counter() - t0, 3)}
     return stats, params
+
+
+def keep_largest(labels: Any, keep: Any, nodata: int) -> dict[str, Any]:
+    """The card's KeepLargestConnectedComponent on the finished label map, across chunks."""
+    from segmentation.components import keep_largest_components
+
+    return keep_largest_components(labels, applied_labels=keep.applied_labels, independent=keep.independent,
+                                   connectivity=keep.connectivity, num_components=keep.num_components,
+                                   nodata_label=nodata)
 
 
 def _with_source_path(meta: Any, source_path: str | None) -> Any:
@@ -264,63 +256,7 @@ def _kill_for_test() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,
-                  record: dict[str, Any], created: list[Path] | None = None) -> list[Path]:
-    """The label map (and, for rasters, a probability COG when probabilities were kept).
-
-    Each file is renamed into place whole; ``created`` collects them as they
-    land, so a later failure can remove exactly what this run put there.
-    """
-    created = [] if created is None else created
-    group = zarr.open_group(str(pred_path), mode="r")
-    labels = group[LABELS]
-    if meta.kind == "raster":
-        from storage.geotiff import write_label_cog, write_probability_cog
-
-        written = [write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes,
-                                   provenance=record)]
-        created.append(written[-1])
-        if PROBABILITIES in group:
-            probs = group[PROBABILITIES]
-            written.append(write_probability_cog(
-                _Probabilities(probs), meta.geometry, probabilities_path(out_path),
-                class_names=[c.name for c in model.card.classes], mask=_Valid(labels, group.attrs["nodata_label"]),
-                dtype=str(probs.dtype), provenance=record))
-            created.append(written[-1])
-        return written
-    from storage.nifti import write_label_nifti
-
-    written = [write_label_nifti(labels, meta.geometry, out_path, classes=model.card.classes, provenance=record)]
-    created.append(written[-1])
-    return written
-
-
-class _Probabilities:
-    """Stored probabilities read back as floats in [0, 1], whatever their stored dtype."""
-
-    def __init__(self, array: Any) -> None:
-        self.array, self.shape, self.chunks = array, array.shape, array.chunks
-
-    def __getitem__(self, key: Any) -> Any:
-        block = np.asarray(self.array[key])
-        return block.astype(np.float32) / PROBABILITY_SCALE if block.dtype == np.uint8 else block
-
-
-class _Valid:
-    """Where the labels are not the nodata label: the valid-data mask of a prediction."""
-
-    def __init__(self, labels: Any, nodata: int) -> None:
-        self.labels, self.nodata, self.shape = labels, nodata, labels.shape
-
-    def __getitem__(self, key: Any) -> Any:
-        return np.asarray(self.labels[key]) != self.nodata
-
-
-def probabilities_path(out_path: Path) -> Path:
-    return out_path.with_name(stem_of(out_path) + ".probabilities.tif")
-
-
-def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path, options: SegmentOptions,
+def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, options: SegmentOptions,
                 client: Client, *, record_input_as: str | None = None) -> Outcome:
     """Ingest, infer, export one input. Raises SegflowError on bad input; leaves nothing partial.
 
@@ -333,7 +269,8 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
     """
     started = provenance.now()
     t0 = time.perf_counter()
-    input_path = Path(input_path)
+    if not isinstance(input_path, SeriesRef):
+        input_path = Path(input_path)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -348,21 +285,24 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
             raise ExportError(exc.filename or work, f"cannot write the ingested copy: {exc.strerror or exc}") from None
         raise
     ingest_seconds = time.perf_counter() - t0
-    stem = stem_of(input_path)
+    stem = input_stem(input_path)
     zarr_target = out_dir / f"{stem}.zarr"
     out_path = out_dir / output_name(input_path, store.meta.kind)
     created: list[Path] = []  # outputs this run put in place: on failure exactly these are removed
     keep_work = False
     try:
         try:
-            named = record_input_as or input_path  # how messages name the input
+            named = record_input_as or input_label(input_path)  # how messages name the input
             _check_has_data(named, store)
             warnings = _warnings(named, store)
             stats, params = run_inference(store, model, options, zarr_target, client, record_input_as)
         except SegflowError as exc:
             if exc.path is None:  # errors about the input's content must name the input
-                raise type(exc)(record_input_as or input_path, exc.problem) from None
+                raise type(exc)(named, exc.problem) from None
             raise
+        if store.meta.kind == "volume":  # per-label volumes and intensities, into the provenance and reports
+            done = zarr.open_group(str(partial_path(zarr_target, stats["run_identity"])), mode="r")
+            stats["label_statistics"] = medical.volume_statistics(done[LABELS], store, model)
         stats["ingest_seconds"] = round(ingest_seconds, 3)
         stats["ingest_reused"] = ingest_reused
         if warnings:
@@ -374,12 +314,16 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
                    "source": model.source,
                    "architecture": model.card.architecture.model_dump(mode="json")},
             parameters=params, device=_device_name(options.device), started=started, finished=provenance.now(),
-            statistics=stats)
+            statistics=stats, input_details=_input_details(store))
         stable = provenance.embedded(record)  # what the outputs carry: equal for equal labels, so reproducible
         commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
         created.append(zarr_target)
         t1 = time.perf_counter()
         exported = export_labels(zarr_target, store.meta, model, out_path, stable, created)
+        if store.meta.kind == "volume":
+            labels = zarr.open_group(str(zarr_target), mode="r")[LABELS]
+            exported += medical.write_extras(labels, store, model, options, out_path,
+                                             stats["label_statistics"], created)
         record["statistics"]["export_seconds"] = round(time.perf_counter() - t1, 3)
         record["statistics"]["total_seconds"] = round(time.perf_counter() - t0, 3)
         record["finished"] = provenance.now()
@@ -402,10 +346,25 @@ def segment_one(input_path: str | Path, model: LoadedModel, out_dir: str | Path,
     finally:
         if not keep_work:
             remove_path(store.path)
+            remove_path(modelspace.model_image_path(store))
             remove_if_empty(work)
     outputs = [str(p) for p in exported] + [str(sidecar)] + ([str(zarr_target)] if options.keep_zarr else [])
-    return Outcome(input=record_input_as or str(input_path), ok=True, outputs=outputs,
+    return Outcome(input=record_input_as or input_label(input_path), ok=True, outputs=outputs,
                    statistics=record["statistics"])
+
+
+def _input_details(store: ImageStore) -> dict[str, Any] | None:
+    """A DICOM series' identity for the provenance: UIDs, files and their sha256, de-identification state."""
+    info = getattr(store.meta.geometry, "dicom", None)
+    if info is None:
+        return None
+    keep = ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid", "sop_class_uid", "modality",
+            "series_description", "series_number", "sop_instance_uids", "frame_numbers", "files",
+            "transfer_syntax_uid", "volume")
+    details = info.model_dump(mode="json", include=set(keep))
+    details["deidentification"] = {"patient_name_present": info.patient_name_present,
+                                   "patient_id_present": info.patient_id_present}
+    return {"format": "DICOM", "dicom": details}
 
 
 def resumable(exc: BaseException) -> bool:
@@ -455,16 +414,8 @@ def _warnings(input_path: Path, store: ImageStore) -> list[str]:
     if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
         out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
     for text in out:
-        _say(text, logging.WARNING)
+        say(text, logging.WARNING)
     return out
-
-
-def _say(text: str, level: int) -> None:
-    """To the user: on the CLI's console when it shows notes, else to the 'segflow' logger (flow runs, API)."""
-    if getattr(reporter(), "note", None) is not None:
-        note(text)
-    else:
-        log.log(level, text)
 
 
 def remove_path(path: Path) -> None:

@@ -73,3 +73,13 @@ class RichReporter:
 
     def note(self, text: str) -> None:
         self.progress.console.print(text, highlight=False, soft_wrap=True)
+
+
+def say(text: str, level: int) -> None:
+    """To the user: on the CLI's console when it shows notes, else to the 'segflow' logger (flow runs, API)."""
+    import logging
+
+    if getattr(reporter(), "note", None) is not None:
+        note(text)
+    else:
+        logging.getLogger("segflow").log(level, text)

@@ -2,7 +2,12 @@
 
 Per input: status (done, skipped, failed, no-model), the one-line error, the
 model, attempts, timings, windows evaluated and skipped, the label areas in
-hectares (rasters) or volumes in millilitres (NIfTI), and the output paths.
+hectares (rasters) or volumes in millilitres (NIfTI, DICOM), and the output
+paths.  A DICOM series is named by its ``SeriesRef.display`` (folder and UIDs)
+and carries its folder, UIDs and output stem under ``dicom``.  Volumes also
+carry the pipeline's per-label statistics (``label_statistics``: voxels, mL,
+mean and std of the input intensity, bounding box, whether the class touches
+the volume's border), which the Markdown report condenses to one line per class.
 
 Areas: pixel count x the area of one pixel, |det| of the geotransform in the
 CRS's linear unit (metres, feet... converted to m²), / 10⁴.  A raster in a
@@ -49,6 +54,8 @@ class InputReport:
     labels: list[dict[str, Any]] = field(default_factory=list)  # value, name, count, and area_ha or volume_ml
     outputs: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # from the segmentation's statistics (e.g. mostly nodata)
+    label_statistics: dict[str, Any] | None = None  # volumes: storage.statistics.label_statistics, as recorded
+    dicom: dict[str, Any] | None = None  # a DICOM series: root, series_instance_uid, volume, name, files
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +89,7 @@ def fill_from_statistics(rep: InputReport, statistics: dict[str, Any], classes: 
     rep.measure_note = note
     rep.labels = label_measures(statistics, classes, cell_size, unit)
     rep.warnings = list(statistics.get("warnings") or [])
+    rep.label_statistics = statistics.get("label_statistics") or None
 
 
 def counts(inputs: list[InputReport]) -> dict[str, int]:
@@ -150,6 +158,34 @@ def _measures(rep: dict[str, Any]) -> str:
     return ", ".join(f"{r['name']} {r[key]:.6g} {unit}" for r in rep["labels"])
 
 
+def _input_name(rep: dict[str, Any]) -> str:
+    """A file by its name; a DICOM series by its display (folder and UIDs), the only thing that tells it apart."""
+    return rep["input"] if rep.get("dicom") else Path(rep["input"]).name
+
+
+def class_line(name: str, entry: dict[str, Any], unit: str | None) -> str:
+    """One class of a volume's label statistics: voxels, mL, mean ± std intensity, border contact."""
+    text = f"{name}: {entry.get('voxels', 0)} voxels, {_fmt(entry.get('volume_ml'))} mL"
+    if entry.get("mean") is not None:
+        std = entry.get("std")
+        text += f", {entry['mean']:.4g} ± {std:.3g}" if std is not None else f", {entry['mean']:.4g}"
+        text += f" {unit}" if unit else " (scanner units)"
+    if entry.get("touches_border"):
+        text += ", touches the border"
+    return text
+
+
+def _statistics_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for rep in report["inputs"]:
+        stats = rep.get("label_statistics")
+        if not stats or not stats.get("classes"):
+            continue
+        lines.append(f"- `{_input_name(rep)}`:")
+        lines += [f"  - {class_line(name, entry, stats.get('unit'))}" for name, entry in stats["classes"].items()]
+    return lines
+
+
 def _cell(text: Any) -> str:
     return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
 
@@ -173,9 +209,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         windows = f"{win.get('evaluated')} / {win.get('skipped')}" if win else ""
         secs = rep.get("seconds")
         lines.append("| " + " | ".join(_cell(v) for v in (
-            f"`{Path(rep['input']).name}`", rep["status"], rep.get("model") or "",
+            f"`{_input_name(rep)}`", rep["status"], rep.get("model") or "",
             rep.get("attempts"), _fmt(secs, 1) if secs is not None else "", windows, _measures(rep),
             "<br>".join(f"`{Path(o).name}`" for o in rep.get("outputs", [])))) + " |")
+    statistics = _statistics_lines(report)
+    if statistics:
+        lines += ["", "## Label statistics", "", "Voxels, volume and mean ± std input intensity per class, on the "
+                  "input's grid; a class that touches the border may be cut by the field of view.", ""]
+        lines += statistics
     problems = [r for r in report["inputs"] if r.get("error")]
     if problems:
         lines += ["", "## Errors", ""]
@@ -184,7 +225,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              + list(r.get("warnings") or [])]
     if notes:
         lines += ["", "## Notes", ""]
-        lines += [f"- `{Path(r['input']).name}`: {text}" for r, text in notes]
+        lines += [f"- `{_input_name(r)}`: {text}" for r, text in notes]
     lines += ["", "Skipped inputs show the windows and labels of the run that made their outputs (its timings are "
                   "in the JSON report). Areas are pixel count × pixel area (projected CRS only); volumes are voxel "
                   "count × voxel volume.", ""]

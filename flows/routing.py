@@ -1,12 +1,13 @@
 """Which model segments which input: the first model whose card fits the input's header.
 
 A card fits an input when its ``input.spatial_dims`` equals the input's (2 for
-a GeoTIFF/VRT raster, 3 for a NIfTI volume) and its ``input.channels`` equals
-the image channels ingest would read (alpha bands excluded; a 4-D NIfTI's
-fourth axis).  Models are tried in the order given, so with two models that
+a GeoTIFF/VRT raster, 3 for a NIfTI volume or a DICOM series) and its
+``input.channels`` equals the image channels ingest would read (alpha bands
+excluded; a 4-D NIfTI's fourth axis; always 1 for a DICOM series, whose
+colour images are refused).  Models are tried in the order given, so with two models that
 fit the same inputs the first one wins.  No other card field is used: a model
-trained on another resolution or dtype is still chosen (its card may say so,
-but segflow does not resample).
+trained on another resolution or dtype is still chosen (where its card names
+a spacing, the pipeline resamples the scan onto the model's grid and back).
 """
 
 from __future__ import annotations

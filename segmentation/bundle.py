@@ -84,10 +84,10 @@ _NO_OPS = {"LoadImage", "EnsureChannelFirst", "AddChannel", "EnsureType", "ToTen
            "ToDevice", "Identity", "ToMetaTensor", "FromMetaTensor", "SelectItems", "DeleteItems", "CopyItems",
            "SaveImage"}
 # Spatial transforms segflow does not perform: the input must already be on the grid the model expects.
-_SPATIAL = {"Orientation", "CropForeground", "SpatialPad", "DivisiblePad", "BorderPad", "Resize",
+_SPATIAL = {"CropForeground", "SpatialPad", "DivisiblePad", "BorderPad", "Resize",
             "ResizeWithPadOrCrop"}
 # Postprocessing steps segflow does not perform (labels stay on the input grid, as Invertd restores).
-_POST_NOTED = {"Invert", "SaveImage", "KeepLargestConnectedComponent", "FillHoles", "RemoveSmallObjects",
+_POST_NOTED = {"SaveImage", "FillHoles", "RemoveSmallObjects",
                "LabelFilter", "EnsureType", "ToTensor", "CopyItems", "DeleteItems", "Lambda"}
 _PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
             (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
@@ -392,17 +392,32 @@ def _as_list(value: Any, n: int, what: str) -> list[float]:
     return [float(v) for v in values]
 
 
+@dataclass
+class _Preprocessing:
+    """What a bundle's preprocessing means on a card: normalisation and model space."""
+
+    norm: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
+    spacing: list[float] | None = None  # MONAI's (i, j, k) order
+    orientation: str | None = None
+    interpolation: str = "bilinear"
+
+
+# Intensity transforms whose result on a resampled image equals the resampled result (no clip, no statistics):
+# only these may come before Spacingd in a bundle without segflow's order (resample, then normalise) differing.
+def _commutes_with_resampling(norm: dict[str, Any]) -> bool:
+    return norm["mode"] in ("none", "scale", "zscore") and norm.get("clip") is None and not norm.get("nonzero")
+
+
 def _preprocessing(config: dict, in_key: str, channels: int, spatial_dims: int, notes: list[str],
-                   evaluate: Any) -> tuple[dict[str, Any], list[float] | None]:
-    """(normalization dict, spacing) from the preprocessing transforms, or a refusal."""
+                   evaluate: Any) -> _Preprocessing:
+    """Normalisation and model space from the preprocessing transforms, or a refusal."""
     transforms, problem = _transforms(config, "preprocessing")
     if problem:
         raise ModelError(None, f"{problem}; write the card yourself and pass --card")
     if not transforms:
         notes.append("the bundle has no literal preprocessing: the network receives the raw pixel values")
-    norm: dict[str, Any] = {"mode": "none"}
+    out = _Preprocessing()
     intensity: str | None = None
-    spacing: list[float] | None = None
     for t, tid in transforms:
         name = _short(t["_target_"])
         base = _base(name)
@@ -412,30 +427,68 @@ def _preprocessing(config: dict, in_key: str, channels: int, spatial_dims: int, 
         args = _Args(t, tid, evaluate)
         if base in _NO_OPS:
             continue
+        if base == "Orientation":
+            axcodes = args.get("axcodes")
+            if not isinstance(axcodes, str) or len(axcodes) != spatial_dims or spatial_dims != 3:
+                raise ModelError(None, f"{name} axcodes {axcodes!r} is not a 3-D orientation segflow applies")
+            if args.get("as_closest_canonical", False):
+                raise ModelError(None, f"{name}(as_closest_canonical=True) is not mapped; pass --card")
+            out.orientation = axcodes.upper()
+            continue
         if base == "Spacing":
-            try:
-                spacing = _as_list(args.get("pixdim"), spatial_dims, "Spacingd pixdim")
-            except ModelError:
-                notes.append(f"Spacingd pixdim {t.get('pixdim')!r} not recorded")
-            notes.append(f"{name} (resampling to {t.get('pixdim')!r}) is not applied: segflow segments on the "
-                         "input's own grid, so give inputs at the model's spacing")
+            if spatial_dims != 3:
+                raise ModelError(None, f"{name} on 2-D images is not applied by segflow yet; pass --card")
+            out.spacing = _as_list(args.get("pixdim"), spatial_dims, f"{name} pixdim")
+            mode = args.get("mode", "bilinear")
+            mode = mode[0] if isinstance(mode, list) and len(set(mode)) == 1 else mode
+            problems = [f"mode={mode!r}"] if mode not in ("bilinear", "nearest") else []
+            problems += [f"{k}={args.get(k, ok)!r}" for k, ok in (("padding_mode", "border"), ("align_corners", False),
+                                                                   ("diagonal", False), ("scale_extent", False))
+                         if args.get(k, ok) != ok]
+            if problems:
+                raise ModelError(None, f"{name} with {', '.join(problems)} is not reproduced by segflow (bilinear "
+                                       "or nearest, border padding, align_corners=False); pass --card")
+            out.interpolation = str(mode)
+            if intensity is not None and not _commutes_with_resampling(out.norm):
+                notes.append(f"the bundle runs {intensity} before {name}; segflow resamples first, then "
+                             "normalises, so intensities can differ slightly near edges")
             continue
         if base in _SPATIAL:
             shown = {k: v for k, v in t.items() if k not in ("_target_", "keys")}
             notes.append(f"{name}({', '.join(f'{k}={v!r}' for k, v in shown.items())}) is not applied: "
                          "segflow keeps the input's voxel order and grid")
             continue
-        if base in ("ScaleIntensityRange", "NormalizeIntensity"):
+        if base in ("ScaleIntensityRange", "NormalizeIntensity", "ScaleIntensityRangePercentiles"):
             if intensity is not None:
                 raise ModelError(None, f"two intensity transforms ({intensity}, {name}) are not representable "
                                        "as one segflow normalisation; write the card yourself and pass --card")
             intensity = name
-            norm = _scale_range(args, name) if base == "ScaleIntensityRange" else _normalize(args, name, channels)
+            out.norm = (_scale_range(args, name) if base == "ScaleIntensityRange"
+                        else _percentiles(args, name) if base == "ScaleIntensityRangePercentiles"
+                        else _normalize(args, name, channels))
             continue
         raise ModelError(None, f"preprocessing transform {name} is not one segflow can reproduce exactly "
-                               "(it maps ScaleIntensityRanged, NormalizeIntensityd, Spacingd; ignores loading, "
-                               "typing and orientation); write the card yourself and pass --card")
-    return norm, spacing
+                               "(it maps Orientationd, Spacingd, ScaleIntensityRanged, "
+                               "ScaleIntensityRangePercentilesd and NormalizeIntensityd; ignores loading and "
+                               "typing); write the card yourself and pass --card")
+    return out
+
+
+def _percentiles(args: _Args, name: str) -> dict[str, Any]:
+    """ScaleIntensityRangePercentiles, with ``relative`` and ``clip`` resolved into literal bounds."""
+    lower, upper = args.get("lower"), args.get("upper")
+    b_min, b_max = args.get("b_min"), args.get("b_max")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lower, upper, b_min, b_max)):
+        raise ModelError(None, f"{name} needs literal lower, upper, b_min and b_max; pass --card")
+    if args.get("channel_wise", False):
+        raise ModelError(None, f"{name}(channel_wise=True) is not representable; pass --card")
+    if args.get("relative", False):
+        b_min, b_max = (b_max - b_min) * lower / 100.0 + b_min, (b_max - b_min) * upper / 100.0 + b_min
+    norm: dict[str, Any] = {"mode": "percentile", "lower": float(lower), "upper": float(upper),
+                            "b_min": float(b_min), "b_max": float(b_max)}
+    if args.get("clip", False):
+        norm["clip"] = [float(min(b_min, b_max)), float(max(b_min, b_max))]
+    return norm
 
 
 def _scale_range(args: _Args, name: str) -> dict[str, Any]:
@@ -463,22 +516,20 @@ def _scale_range(args: _Args, name: str) -> dict[str, Any]:
 
 
 def _normalize(args: _Args, name: str, channels: int) -> dict[str, Any]:
-    if args.get("nonzero", False):
-        raise ModelError(None, f"{name}(nonzero=True) normalises only non-zero voxels, which a segflow card "
-                               "cannot express; write the card yourself and pass --card")
+    nonzero = bool(args.get("nonzero", False))
     channel_wise = bool(args.get("channel_wise", False))
     sub, div = args.get("subtrahend"), args.get("divisor")
     if sub is None and div is None:
         if channels > 1 and not channel_wise:
             raise ModelError(None, f"{name}(channel_wise=False) pools statistics over {channels} channels; "
                                    "segflow's image_zscore is per channel; pass --card")
-        return {"mode": "image_zscore"}
+        return {"mode": "image_zscore", "nonzero": nonzero}
     if sub is None or div is None:
         raise ModelError(None, f"{name} with only one of subtrahend/divisor is not representable; pass --card")
     n = channels if channel_wise and isinstance(sub, (list, tuple)) else 1
     mean, std = _as_list(sub, n, f"{name} subtrahend"), _as_list(div, n, f"{name} divisor")
     std = [s if s != 0 else 1.0 for s in std]  # MONAI divides by 1 where the divisor is 0
-    return {"mode": "zscore", "mean": mean, "std": std}
+    return {"mode": "zscore", "mean": mean, "std": std, "nonzero": nonzero}
 
 
 def _inferer(config: dict, in_spec: dict, spatial_dims: int, notes: list[str], evaluate: Any) -> dict[str, Any]:
@@ -520,11 +571,14 @@ def _inferer(config: dict, in_spec: dict, spatial_dims: int, notes: list[str], e
                            "maps (SlidingWindowInferer, SimpleInferer); pass --card")
 
 
-def _postprocessing(config: dict, notes: list[str]) -> None:
+def _postprocessing(config: dict, notes: list[str], classes: int) -> dict[str, Any]:
+    """Inference settings from the postprocessing: how labels come back (Invertd) and KeepLargest..."""
     transforms, problem = _transforms(config, "postprocessing")
+    out: dict[str, Any] = {}
     if problem:
         notes.append(f"postprocessing not read ({problem}); segflow takes the argmax of the softmax")
-        return
+        return out
+    argmax_done = softmax_done = inverted = False
     for t, _ in transforms:
         name = _short(t["_target_"])
         base = _base(name)
@@ -532,17 +586,47 @@ def _postprocessing(config: dict, notes: list[str]) -> None:
             if t.get("sigmoid") is True or (t.get("other") not in (None, False)):
                 raise ModelError(None, f"{name} with sigmoid/other activations (multi-label output) is not "
                                        "representable: segflow labels each voxel with the softmax argmax")
+            softmax_done = softmax_done or t.get("softmax") is True
         elif base == "AsDiscrete":
             if t.get("threshold") not in (None, False) or t.get("argmax") is False:
                 raise ModelError(None, f"{name} thresholding (multi-label output) is not representable: "
                                        "segflow labels each voxel with the softmax argmax")
+            argmax_done = argmax_done or t.get("argmax") is True
+        elif base == "Invert":
+            nearest = t.get("nearest_interp", True)
+            if not isinstance(nearest, bool):
+                raise ModelError(None, f"{name} nearest_interp {nearest!r} is not a literal; pass --card")
+            if argmax_done and not nearest:
+                raise ModelError(None, f"{name} interpolates labels linearly (argmax before Invertd with "
+                                       "nearest_interp=False), which segflow does not reproduce; pass --card")
+            out["invert"] = "labels" if nearest else "probabilities"
+            if not nearest and not softmax_done:
+                notes.append(f"{name} resamples raw network outputs; segflow resamples probabilities, so labels "
+                             "can differ where classes are close")
+            inverted = True
+        elif base == "KeepLargestConnectedComponent":
+            out["keep_largest"] = _keep_largest(t, name, classes)
+            if not inverted:
+                notes.append(f"{name} runs before Invertd in the bundle; segflow runs it on the input's grid")
         elif base in _POST_NOTED or base in _NO_OPS:
-            if base not in ("SaveImage", "EnsureType", "ToTensor", "CopyItems", "DeleteItems", "Invert"):
+            if base not in ("SaveImage", "EnsureType", "ToTensor", "CopyItems", "DeleteItems"):
                 notes.append(f"postprocessing {name} is not applied")
         else:
             notes.append(f"postprocessing {name} is not applied")
     notes.append("segflow blends softmax probabilities of overlapping windows (MONAI's inferer blends raw "
                  "network outputs), so labels can differ where windows overlap and classes are close")
+    return out
+
+
+def _keep_largest(t: dict, name: str, classes: int) -> dict[str, Any]:
+    applied = t.get("applied_labels")
+    applied = list(range(1, classes)) if applied is None else [applied] if isinstance(applied, int) else applied
+    connectivity = t.get("connectivity")
+    literal = isinstance(applied, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in applied)
+    if not literal or not (connectivity is None or isinstance(connectivity, int)) or t.get("is_onehot"):
+        raise ModelError(None, f"{name} arguments are not literal label values on a label map; pass --card")
+    return {"applied_labels": [v for v in applied if v != 0], "independent": bool(t.get("independent", True)),
+            "connectivity": connectivity, "num_components": int(t.get("num_components", 1))}
 
 
 # --- the mapping -----------------------------------------------------------------------------------------------
@@ -678,17 +762,19 @@ def _map_card(path: Path, meta: dict, config: dict, net: _Network | None, arch: 
     if classes < 2:
         raise ModelError(path, f"the network has {classes} output channel: segflow needs one softmax channel "
                                "per class (at least 2)")
-    norm, spacing = _preprocessing(config, in_key, channels, spatial_dims, notes, evaluate)
+    pre = _preprocessing(config, in_key, channels, spatial_dims, notes, evaluate)
+    spacing = pre.spacing
     inference = _inferer(config, in_spec, spatial_dims, notes, evaluate)
     inference["roi"] = inference["roi"][::-1]  # MONAI's (i, j, k) -> segflow's (k, j, i)
-    _postprocessing(config, notes)
+    inference.update(_postprocessing(config, notes, classes))
     class_names = _channel_names(out_spec, classes) or [f"class{i}" for i in range(classes)]
     card = {
         "name": str(meta.get("name") or path.name),
         "architecture": arch,
         "input": {"spatial_dims": spatial_dims, "channels": channels,
-                  "channel_names": _channel_names(in_spec, channels) or [], "normalization": norm,
-                  "spacing": spacing[::-1] if spacing else None, "spacing_unit": "mm" if spacing else None},
+                  "channel_names": _channel_names(in_spec, channels) or [], "normalization": pre.norm,
+                  "spacing": spacing[::-1] if spacing else None, "spacing_unit": "mm" if spacing else None,
+                  "orientation": pre.orientation, "interpolation": pre.interpolation},
         "classes": [{"value": i, "name": n, "color": _PALETTE[i % len(_PALETTE)]} for i, n in enumerate(class_names)],
         "inference": inference,
         "weights_sha256": digest,

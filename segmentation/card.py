@@ -13,7 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from storage.classes import LabelClass
 
-CARD_VERSION = 2  # 2 added input.dtype, input.spacing_unit and inference.flip_tta; 1 still reads
+# 2 added input.dtype, input.spacing_unit and inference.flip_tta; 3 added model space (input.orientation,
+# input.interpolation, inference.invert, inference.keep_largest) and the nonzero and percentile normalisations.
+# Versions 1 and 2 still read; their spacing is documentation only (inputs are segmented on their own grid).
+CARD_VERSION = 3
+MODEL_SPACE_VERSION = 3  # from this card version on, a declared spacing or orientation is applied
 
 
 class Normalization(BaseModel):
@@ -24,17 +28,32 @@ class Normalization(BaseModel):
     - ``zscore``: (x - mean) / std per channel with fixed constants;
     - ``image_zscore``: mean and std of the image's own valid pixels, per channel,
       computed once over the whole image before windows run (MR intensities
-      have no absolute scale).
+      have no absolute scale);
+    - ``percentile``: MONAI's ``ScaleIntensityRangePercentiles``: the image's
+      ``lower`` and ``upper`` percentiles (over all its voxels and channels,
+      computed exactly, out of core) map linearly onto ``b_min``..``b_max``
+      (``relative`` moves those by the same fractions), then optional clipping.
+
+    ``nonzero`` (``zscore`` and ``image_zscore``, as MONAI's
+    ``NormalizeIntensity(nonzero=True)``): only voxels that are not 0 are
+    normalised and counted in the statistics; zeros stay 0.  All of it happens
+    in model space, after resampling, as MONAI's transforms run in that order.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["none", "scale", "zscore", "image_zscore"] = "none"
+    mode: Literal["none", "scale", "zscore", "image_zscore", "percentile"] = "none"
     offset: list[float] | None = None
     scale: list[float] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
     clip: tuple[float, float] | None = None  # applied after normalising
+    nonzero: bool = False
+    lower: float | None = Field(default=None, ge=0.0, le=100.0)  # percentile mode
+    upper: float | None = Field(default=None, ge=0.0, le=100.0)
+    b_min: float | None = None
+    b_max: float | None = None
+    relative: bool = False
 
     @model_validator(mode="after")
     def _complete(self) -> "Normalization":
@@ -44,6 +63,13 @@ class Normalization(BaseModel):
             raise ValueError("normalization mode 'zscore' needs 'mean' and 'std'")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("normalization std must be positive")
+        if self.mode == "percentile":
+            if None in (self.lower, self.upper, self.b_min, self.b_max):
+                raise ValueError("normalization mode 'percentile' needs 'lower', 'upper', 'b_min' and 'b_max'")
+            if self.lower >= self.upper:  # type: ignore[operator]
+                raise ValueError("normalization percentile 'lower' must be below 'upper'")
+        if self.nonzero and self.mode not in ("zscore", "image_zscore"):
+            raise ValueError("normalization 'nonzero' applies to the zscore and image_zscore modes")
         return self
 
 
@@ -62,8 +88,35 @@ class InputSpec(BaseModel):
     channel_names: list[str] = Field(default_factory=list)
     normalization: Normalization = Field(default_factory=Normalization)
     dtype: str | None = None  # the raw pixel dtype the normalisation was designed for, e.g. "uint8"
-    spacing: list[float] | None = None  # per spatial axis, the resolution the model was trained at
+    spacing: list[float] | None = None  # per spatial axis in storage order ((z, y, x) / (row, col)); <= 0 keeps
     spacing_unit: Literal["mm", "m"] | None = None  # mm for scans, metres for rasters
+    # Model space (card version 3, volumes): the voxel axes' orientation the network was trained in, as
+    # MONAI axcodes of the (i, j, k) voxel axes ("RAS", "LPS", ...), and how the image is resampled to the
+    # spacing (MONAI Spacingd's mode; align_corners=False, border padding).
+    orientation: str | None = None
+    interpolation: Literal["bilinear", "nearest"] = "bilinear"
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.upper()
+        axes = sorted(i for c in v for i, pair in enumerate(("LR", "AP", "SI")) if c in pair)
+        if len(v) != 3 or axes != [0, 1, 2]:
+            raise ValueError(f"orientation {v!r} is not three axcodes, one of L/R, A/P and S/I each (e.g. RAS)")
+        return v
+
+
+class KeepLargest(BaseModel):
+    """MONAI's ``KeepLargestConnectedComponent`` on the label map, done across chunks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    applied_labels: list[int] = Field(min_length=1)
+    independent: bool = True
+    connectivity: int | None = Field(default=None, ge=1, le=3)
+    num_components: int = Field(default=1, ge=1)
 
 
 class InferenceDefaults(BaseModel):
@@ -78,6 +131,11 @@ class InferenceDefaults(BaseModel):
     # combination of them is run and the softmax outputs averaged (2^k passes per
     # window), as nnU-Net's mirroring does.  Per window, so chunking cannot change it.
     flip_tta: list[int] = Field(default_factory=list)
+    # Back from model space: "probabilities" are resampled linearly onto the input's grid and the argmax taken
+    # there (nnU-Net, most bundles' Invertd with nearest_interp false); "labels" takes the argmax in model
+    # space and brings labels back by nearest neighbour (Invertd's default nearest_interp true).
+    invert: Literal["probabilities", "labels"] = "probabilities"
+    keep_largest: KeepLargest | None = None
 
     @field_validator("flip_tta")
     @classmethod
@@ -123,7 +181,18 @@ class ModelCard(BaseModel):
             raise ValueError(f"roi has {len(self.inference.roi)} axes, spatial_dims is {self.input.spatial_dims}")
         if self.input.channel_names and len(self.input.channel_names) != self.input.channels:
             raise ValueError("channel_names must list one name per input channel")
+        if self.input.orientation is not None and self.input.spatial_dims != 3:
+            raise ValueError("input.orientation applies to 3-D volumes")
+        keep = self.inference.keep_largest
+        if keep is not None and any(v not in values or v == 0 for v in keep.applied_labels):
+            raise ValueError("keep_largest.applied_labels must be class values other than 0 (background)")
         return self
+
+    @property
+    def applies_model_space(self) -> bool:
+        """Whether a declared spacing or orientation is applied (version 3 on); older cards only documented it."""
+        return self.card_version >= MODEL_SPACE_VERSION and self.input.spatial_dims == 3 and (
+            self.input.spacing is not None or self.input.orientation is not None)
 
     @property
     def num_classes(self) -> int:

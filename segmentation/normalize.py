@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,17 +22,21 @@ class Normalizer:
     shift: tuple[float, ...]
     factor: tuple[float, ...]
     clip: tuple[float, float] | None = None
+    nonzero: bool = False  # voxels equal to 0 stay 0 (MONAI NormalizeIntensity(nonzero=True))
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Normalise a (C, *spatial) block to float32, into ``out`` when given (no temporary copy)."""
         if out is None:
             out = np.empty(x.shape, dtype=np.float32)
         shape = (-1,) + (1,) * (x.ndim - 1)
+        zeros = (x == 0) if self.nonzero else None
         # cast and shift in one pass; the arithmetic is float32 whatever the stored dtype
         np.subtract(x, np.asarray(self.shift, dtype=np.float32).reshape(shape), out=out, dtype=np.float32)
         out *= np.asarray(self.factor, dtype=np.float32).reshape(shape)
         if self.clip is not None:
             np.clip(out, self.clip[0], self.clip[1], out=out)
+        if zeros is not None:
+            out[zeros] = 0.0
         return out
 
 
@@ -45,9 +50,12 @@ def _per_channel(values: list[float] | None, channels: int, default: float) -> t
     return tuple(float(v) for v in values)
 
 
-def resolve(norm: Normalization, channels: int,
-            stats: tuple[list[float], list[float]] | None = None) -> Normalizer:
-    """Turn a card's normalisation into numbers; ``stats`` = (mean, std) for image_zscore."""
+def resolve(norm: Normalization, channels: int, stats: Any = None) -> Normalizer:
+    """Turn a card's normalisation into numbers.
+
+    ``stats`` is what :func:`statistics_for` measured on the image: (mean, std)
+    for image_zscore, the (lower, upper) percentile values for percentile.
+    """
     if norm.mode == "none":
         return Normalizer((0.0,) * channels, (1.0,) * channels, norm.clip)
     if norm.mode == "scale":
@@ -55,25 +63,68 @@ def resolve(norm: Normalization, channels: int,
                           _per_channel(norm.scale, channels, 1.0), norm.clip)
     if norm.mode == "zscore":
         std = _per_channel(norm.std, channels, 1.0)
-        return Normalizer(_per_channel(norm.mean, channels, 0.0), tuple(1.0 / s for s in std), norm.clip)
+        return Normalizer(_per_channel(norm.mean, channels, 0.0), tuple(1.0 / s for s in std), norm.clip,
+                          norm.nonzero)
     if stats is None:
-        raise ValueError("image_zscore normalisation needs the image's statistics")
+        raise ValueError(f"{norm.mode} normalisation needs the image's statistics")
+    if norm.mode == "percentile":
+        return _percentile_scaling(norm, channels, *stats)
     mean, std = stats
+    # MONAI divides by 1 where the standard deviation is 0
     return Normalizer(tuple(float(m) for m in mean),
-                      tuple(1.0 / max(float(s), 1e-6) for s in std), norm.clip)
+                      tuple(1.0 / float(s) if float(s) > 0 else 1.0 for s in std), norm.clip, norm.nonzero)
 
 
-def image_statistics(image, mask=None) -> tuple[list[float], list[float]]:  # noqa: ANN001
+def _percentile_scaling(norm: Normalization, channels: int, a_min: float, a_max: float) -> Normalizer:
+    """MONAI's ScaleIntensityRangePercentiles once the percentiles are known: (x - a_min)/(a_max - a_min) ..."""
+    b_min, b_max = float(norm.b_min), float(norm.b_max)  # type: ignore[arg-type]
+    if norm.relative:
+        lower, upper = float(norm.lower), float(norm.upper)  # type: ignore[arg-type]
+        b_min, b_max = (b_max - b_min) * lower / 100.0 + b_min, (b_max - b_min) * upper / 100.0 + b_min
+    if a_max == a_min:  # MONAI warns and only shifts: x - a_min (+ b_min when given)
+        return Normalizer((a_min - b_min,) * channels, (1.0,) * channels, norm.clip)
+    scale = (b_max - b_min) / (a_max - a_min)
+    return Normalizer((a_min - b_min / scale,) * channels, (scale,) * channels, norm.clip)
+
+
+def statistics_for(norm: Normalization, image: Any, mask: Any = None) -> Any:
+    """What :func:`resolve` needs measured on the whole image for ``norm`` (None when nothing is)."""
+    if norm.mode == "image_zscore":
+        return image_statistics(image, mask, nonzero=norm.nonzero)
+    if norm.mode == "percentile":
+        return tuple(image_percentiles(image, [float(norm.lower), float(norm.upper)], mask))  # type: ignore[arg-type]
+    return None
+
+
+def _as_dask(image: Any) -> Any:
+    import dask.array as da
+
+    return image if isinstance(image, da.Array) else da.from_array(image, chunks=(1,) + tuple(
+        getattr(image, "chunks", image.shape)[1:]))
+
+
+def image_statistics(image, mask=None, *, nonzero: bool = False) -> tuple[list[float], list[float]]:  # noqa: ANN001
     """Per-channel mean and std over valid pixels, as a chunked dask reduction (out-of-core).
 
     ``image`` is a (C, *spatial) numpy, zarr or dask array; ``mask`` is a
-    (*spatial) boolean array or None.
+    (*spatial) boolean array or None.  With ``nonzero`` only voxels that are
+    not 0 count (per channel), as MONAI's ``NormalizeIntensity(nonzero=True)``.
     """
     import dask.array as da
 
-    img = image if isinstance(image, da.Array) else da.from_array(image, chunks=(1,) + tuple(
-        getattr(image, "chunks", image.shape)[1:]))
+    img = _as_dask(image)
     x = img.astype(np.float64)
+    if nonzero:
+        m = (img != 0).astype(np.float64)
+        if mask is not None:
+            mm = mask if isinstance(mask, da.Array) else da.from_array(mask, chunks=img.chunksize[1:])
+            m = m * mm.rechunk(img.chunks[1:]).astype(np.float64)[None]
+        axes = tuple(range(1, x.ndim))
+        n, s1, s2 = da.compute(m.sum(axis=axes), (x * m).sum(axis=axes), (x * x * m).sum(axis=axes))
+        n = np.maximum(n, 1.0)
+        mean = s1 / n
+        var = np.maximum(s2 / n - mean * mean, 0.0)
+        return [float(v) for v in mean], [float(v) for v in np.sqrt(var)]
     if mask is not None:
         m = mask if isinstance(mask, da.Array) else da.from_array(mask, chunks=img.chunksize[1:])
         m = m.rechunk(img.chunks[1:]).astype(np.float64)
@@ -89,3 +140,78 @@ def image_statistics(image, mask=None) -> tuple[list[float], list[float]]:  # no
     mean = s1 / n
     var = np.maximum(s2 / n - mean * mean, 0.0)
     return [float(v) for v in mean], [float(v) for v in np.sqrt(var)]
+
+
+_BINS = 4096
+_COLLECT = 1 << 21  # values gathered in memory at most, per wanted rank, to finish a percentile exactly
+
+
+def image_percentiles(image: Any, qs: list[float], mask: Any = None) -> list[float]:
+    """``np.percentile(valid values, qs)`` (linear interpolation) over all channels, exactly and out of core.
+
+    Each wanted rank is narrowed down by histogram passes over the chunks (one
+    pass usually leaves a few thousand candidates), which are then gathered
+    and sorted: a handful of reads of the image, never the image in memory.
+    """
+    import dask
+    import dask.array as da
+
+    img = _as_dask(image)
+    blocks = img.to_delayed().ravel()
+    masks = None
+    if mask is not None:
+        dm = mask if isinstance(mask, da.Array) else da.from_array(mask, chunks=img.chunksize[1:])
+        masks = dm.rechunk(img.chunks[1:]).to_delayed().ravel()
+        channel_blocks = img.numblocks[0]
+        masks = [masks[i // channel_blocks] for i in range(len(blocks))] if channel_blocks > 1 else list(masks)
+
+    def values(block: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        b = np.asarray(block, dtype=np.float64)
+        return b.ravel() if valid is None else b[:, np.asarray(valid, dtype=bool)].ravel()
+
+    def each(fn: Any) -> list[Any]:
+        tasks = [dask.delayed(lambda b, m: fn(values(b, m)))(b, None if masks is None else masks[i])
+                 for i, b in enumerate(blocks)]
+        return list(dask.compute(*tasks))
+
+    stats = each(lambda v: (v.size, v.min() if v.size else np.inf, v.max() if v.size else -np.inf))
+    n = sum(s[0] for s in stats)
+    if n == 0:
+        raise ValueError("no valid voxel to take percentiles of")
+    lo, hi = min(s[1] for s in stats), max(s[2] for s in stats)
+    ranks = sorted({int(np.floor(q / 100.0 * (n - 1))) for q in qs} | {int(np.ceil(q / 100.0 * (n - 1))) for q in qs})
+    found = {r: _kth(each, r, lo, hi) for r in ranks}
+    out = []
+    for q in qs:
+        pos = q / 100.0 * (n - 1)
+        a, b = found[int(np.floor(pos))], found[int(np.ceil(pos))]
+        out.append(float(a + (b - a) * (pos - np.floor(pos))))
+    return out
+
+
+def _kth(each: Any, k: int, lo: float, hi: float) -> float:
+    """The k-th smallest value (0-based) of everything ``each`` visits, all of it within [lo, hi]."""
+    below = 0
+    while True:
+        if lo == hi:
+            return lo
+        edges = np.linspace(lo, hi, _BINS + 1)
+
+        def hist(v: np.ndarray, lo: float = lo, hi: float = hi, edges: np.ndarray = edges) -> np.ndarray:
+            inside = v[(v >= lo) & (v <= hi)]
+            return np.bincount(np.clip(np.searchsorted(edges, inside, "right") - 1, 0, _BINS - 1),
+                               minlength=_BINS)
+
+        counts = np.sum(each(hist), axis=0)
+        cum = np.cumsum(counts)
+        b = int(np.searchsorted(cum, k - below, "right"))
+        below += int(cum[b - 1]) if b else 0
+        lo_b, hi_b = float(edges[b]), float(edges[b + 1])
+        last = b == _BINS - 1
+        if counts[b] <= _COLLECT or lo_b == hi_b:
+            def pick(v: np.ndarray, lo_b: float = lo_b, hi_b: float = hi_b, last: bool = last) -> np.ndarray:
+                return v[(v >= lo_b) & ((v <= hi_b) if last else (v < hi_b))]
+
+            got = np.sort(np.concatenate(each(pick)))
+            return float(got[k - below])
+        lo, hi = lo_b, (hi_b if last else float(np.nextafter(hi_b, -np.inf)))

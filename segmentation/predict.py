@@ -13,7 +13,7 @@ from segmentation import models
 from segmentation.blending import Blend
 from segmentation.inference import Precision, WindowPredictor
 from segmentation.modeldir import LoadedModel
-from segmentation.normalize import Normalizer, image_statistics, resolve
+from segmentation.normalize import Normalizer, resolve, statistics_for
 from segmentation.stitching import StitchPlan
 from segmentation.windows import make_grid
 from storage.errors import ConfigError, IncompatibleInputError
@@ -90,8 +90,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
     if normalizer is None:
         if isinstance(model, LoadedModel):
             norm = model.card.input.normalization
-            stats = image_statistics(arr, dmask) if norm.mode == "image_zscore" else None
-            normalizer = resolve(norm, arr.shape[0], stats)
+            normalizer = resolve(norm, arr.shape[0], statistics_for(norm, arr, dmask))
         else:
             normalizer = Normalizer((0.0,) * arr.shape[0], (1.0,) * arr.shape[0])
     if num_classes is None:

@@ -173,7 +173,7 @@ def argmax0(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return labels
 
 
-def _labels(probs: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
+def labels_of(probs: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
     labels = argmax0(probs, label_dtype(num_classes))
     if mask is not None:
         labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
@@ -189,7 +189,7 @@ def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: in
     ``on_written(index, result)`` runs only after every array of the chunk is
     stored, so a completion record it makes never precedes the data.
     """
-    labels = _labels(probs, mask, num_classes)
+    labels = labels_of(probs, mask, num_classes)
     sl = tuple(slice(lo, hi) for lo, hi in box)
     labels_target[sl] = labels
     if probs_target is not None:
@@ -243,6 +243,11 @@ class StitchPlan:
     @property
     def num_windows(self) -> int:
         return len(self.grid)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The spatial shape the writes cover (the image's; a model-space plan's is the input's)."""
+        return tuple(self.grid.shape)
 
     @property
     def chunk_grid(self) -> tuple[int, ...]:
@@ -325,7 +330,7 @@ class StitchPlan:
 
         def block(idx: tuple[int, ...]) -> da.Array:
             mask = None if self._mask_blocks is None else self._mask_blocks[idx]
-            lab = delayed(_labels, pure=True)(self._probs[idx], mask, self.num_classes)
+            lab = delayed(labels_of, pure=True)(self._probs[idx], mask, self.num_classes)
             return da.from_delayed(lab, shape=tuple(hi - lo for lo, hi in self.box(idx)), dtype=dtype)
         return da.block(self._nested(block))
 
@@ -350,19 +355,43 @@ class StitchPlan:
                                  f"the plan {self.chunks}")
             refined = probabilities.rechunk({0: -1}).to_delayed()[0]
             blocks = {idx: refined[idx] for idx in self._probs}
-        wanted = None if only is None else {tuple(i) for i in only}
-        if wanted is not None and not wanted <= blocks.keys():
-            raise ValueError(f"chunk indexes {sorted(wanted - blocks.keys())} are not in the plan's chunk grid")
-        out = []
-        for idx, probs in blocks.items():
-            if wanted is not None and idx not in wanted:
-                continue
-            mask = None if self._mask_blocks is None else self._mask_blocks[idx]
-            name = f"segflow-write-{self.token}-{'crf-' if probabilities is not None else ''}" + "-".join(map(str, idx))
-            out.append(delayed(_write, name=name, pure=False)(
-                probs, mask, self.box(idx), self.num_classes, labels_target, probabilities_target,
-                probabilities_dtype, idx, on_written))
-        return out
+        return chunk_writes(blocks, {idx: self.box(idx) for idx in blocks}, self._mask_blocks, self.num_classes,
+                            labels_target, probabilities_target, probabilities_dtype,
+                            name=f"segflow-write-{self.token}-{'crf-' if probabilities is not None else ''}",
+                            only=only, on_written=on_written)
 
 
-__all__ = ["PROBABILITY_SCALE", "StitchPlan", "label_dtype", "label_nodata", "quantize_probabilities"]
+def chunk_boxes(chunks: Sequence[Sequence[int]]) -> dict[tuple[int, ...], Box]:
+    """Every chunk of a (spatial) dask chunk grid and its box, in row-major order."""
+    bounds = [tuple(itertools.accumulate(c, initial=0)) for c in chunks]
+    return {idx: tuple((b[i], b[i + 1]) for b, i in zip(bounds, idx))
+            for idx in itertools.product(*(range(len(c)) for c in chunks))}
+
+
+def chunk_writes(blocks: dict[tuple[int, ...], Any], boxes: dict[tuple[int, ...], Box], mask_blocks: Any,
+                 num_classes: int, labels_target: Any, probabilities_target: Any = None,
+                 probabilities_dtype: str = "float32", *, name: str,
+                 only: Sequence[tuple[int, ...]] | None = None,
+                 on_written: Callable[[tuple[int, ...], dict], None] | None = None) -> list[Delayed]:
+    """One delayed write per chunk of probability ``blocks`` (delayed (classes, *box) arrays), in order.
+
+    Shared by the stitched plan and by anything that brings probabilities onto
+    another chunk grid (model space back to the input's grid): the labels,
+    nodata, histogram and completion record are made the same way for both.
+    """
+    wanted = None if only is None else {tuple(i) for i in only}
+    if wanted is not None and not wanted <= blocks.keys():
+        raise ValueError(f"chunk indexes {sorted(wanted - blocks.keys())} are not in the plan's chunk grid")
+    out = []
+    for idx, probs in blocks.items():
+        if wanted is not None and idx not in wanted:
+            continue
+        mask = None if mask_blocks is None else mask_blocks[idx]
+        out.append(delayed(_write, name=name + "-".join(map(str, idx)), pure=False)(
+            probs, mask, boxes[idx], num_classes, labels_target, probabilities_target,
+            probabilities_dtype, idx, on_written))
+    return out
+
+
+__all__ = ["PROBABILITY_SCALE", "StitchPlan", "chunk_boxes", "chunk_writes", "label_dtype", "label_nodata", "labels_of",
+           "quantize_probabilities"]

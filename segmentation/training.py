@@ -23,7 +23,7 @@ from torch import nn
 
 from segmentation.card import ModelCard
 from segmentation.modeldir import LoadedModel, build_module, save_model
-from segmentation.normalize import Normalizer, image_statistics, resolve
+from segmentation.normalize import Normalizer, resolve, statistics_for
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
 
 Precision = Literal["exact", "fast"]
@@ -117,8 +117,8 @@ def _prepare(card: ModelCard, sample: TrainingSample, rng: np.random.Generator) 
         raise IncompatibleInputError(None, f"labels shape {label_shape} differs from the image's "
                                            f"spatial shape {image_shape[1:]}")
     stats = sample.stats
-    if card.input.normalization.mode == "image_zscore" and stats is None:
-        stats = image_statistics(sample.image)
+    if stats is None:
+        stats = statistics_for(card.input.normalization, sample.image)
     normalizer = resolve(card.input.normalization, card.input.channels, stats)
     where = _class_index(sample.labels, card.num_classes, sample.ignore_index, rng)
     return _Prepared(sample, normalizer, label_shape, where)

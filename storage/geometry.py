@@ -61,6 +61,45 @@ class RasterGeometry(BaseModel):
     units: str | None = None
 
 
+class DicomFile(BaseModel):
+    """One file of a DICOM series: where it was and what it held, for provenance and ``verify``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    sha256: str
+    sop_instance_uid: str
+
+
+class DicomSeriesInfo(BaseModel):
+    """What a DICOM series was, by its UIDs; never patient identifiers.
+
+    ``sop_instance_uids[k]`` (and ``frame_numbers[k]`` for an enhanced
+    multi-frame object, 1-based) is the source of stored slice ``k``: a DICOM
+    SEG references exactly these, in this order.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str | None = None
+    sop_class_uid: str
+    modality: str | None = None
+    series_description: str | None = None
+    series_number: int | None = None
+    sop_instance_uids: list[str]
+    frame_numbers: list[int] | None = None
+    files: list[DicomFile]
+    transfer_syntax_uid: str | None = None
+    rescale_slope: float = 1.0  # the first slice's; per-slice values were applied at ingest
+    rescale_intercept: float = 0.0
+    rescale_type: str | None = None  # "HU" for CT
+    patient_name_present: bool = False  # de-identification state: whether the identifiers are filled in
+    patient_id_present: bool = False
+    volume: str | None = None  # which volume of a split multi-frame object ("magnitude", a dimension value...)
+
+
 class VolumeGeometry(BaseModel):
     """NIfTI geometry of a (channel, z, y, x) volume, where z, y, x are the file's k, j, i axes."""
 
@@ -78,6 +117,7 @@ class VolumeGeometry(BaseModel):
     nifti_version: Literal[1, 2]
     header_b64: str  # the source header's raw bytes, to rebuild units, codes and descriptions
     dtype: str
+    dicom: DicomSeriesInfo | None = None  # set when the volume came from a DICOM series (header synthesised)
 
 
 Geometry = Annotated[Union[RasterGeometry, VolumeGeometry], Field(discriminator="kind")]

@@ -5,9 +5,13 @@ from __future__ import annotations
 import stat
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storage.errors import CorruptInputError, InputError, UnsupportedFormatError
 from storage.layout import ImageStore
+
+if TYPE_CHECKING:
+    from storage.dicom import SeriesRef
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
@@ -90,8 +94,13 @@ def _check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
         raise UnsupportedFormatError(path, "is gzip-compressed but not named .gz; rename it .nii.gz")
 
 
-def ingest(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int | None = None) -> ImageStore:
-    """Copy a GeoTIFF/VRT or NIfTI into a zarr image store, chunk by chunk."""
+def ingest(path: "str | PathLike[str] | SeriesRef", store_path: str | PathLike[str], *,
+           chunk: int | None = None) -> ImageStore:
+    """Copy a GeoTIFF/VRT, a NIfTI or one DICOM series into a zarr image store, chunk by chunk."""
+    from storage.dicom import SeriesRef, ingest_dicom
+
+    if isinstance(path, SeriesRef):
+        return ingest_dicom(path, store_path, **({"chunk": chunk} if chunk else {}))
     path = Path(path)
     head = check_readable_file(path)
     kind = kind_of(path)

@@ -5,7 +5,11 @@ A nightly batch routes each input to the model that fits it (2-D raster or
 need only the header: the kind, the image channels, the grid and the size of
 one pixel or voxel.  Reading a header costs milliseconds whatever the file's
 size.  The same readers and the same one-line errors as ingest are used, so a
-file probe refuses is a file ingest would refuse.
+file probe refuses is a file ingest would refuse.  A DICOM series (a
+:class:`storage.dicom.SeriesRef`, or a folder, DICOMDIR or file holding exactly
+one series) is probed by :func:`storage.dicom.probe_dicom`, which reads the
+headers of all its files and runs every geometry check ingest runs, so a series
+with a missing slice is refused here, before a model is even loaded.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
 from storage.errors import InputError
 from storage.ingest import kind_of
+
+if TYPE_CHECKING:
+    from storage.dicom import SeriesRef
 
 SQUARE_METRES_PER_HECTARE = 1e4
 CUBIC_MM_PER_ML = 1e3
@@ -40,14 +48,43 @@ class Header:
     cell_note: str | None = None  # why cell_size is None, or an assumption it rests on
 
 
-def probe(path: str | PathLike[str]) -> Header:
-    """The header of a GeoTIFF/VRT or NIfTI file; raises an ``InputError`` naming the file when unusable."""
+def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
+    """The header of a GeoTIFF/VRT or NIfTI file, or of one DICOM series; raises an ``InputError`` naming it.
+
+    A DICOM path (folder, DICOMDIR or file with the DICM preamble) must hold
+    exactly one series: a folder of several is expanded into its series first
+    (:func:`storage.dicom.find_series`), because each is its own input.
+    """
+    from storage.dicom import SeriesRef, find_series, is_dicom_input, probe_dicom  # storage.dicom imports this module
+
+    if isinstance(path, SeriesRef):
+        return probe_dicom(path)
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file")
+    if _is_dicom(path, is_dicom_input):
+        refs = find_series([path])
+        if len(refs) != 1:
+            raise InputError(path, f"holds {len(refs)} DICOM image volumes; probe each series "
+                                   "(storage.dicom.find_series) as its own input")
+        return probe_dicom(refs[0])
     if path.is_dir():
         raise InputError(path, "is a directory, expected a file")
     return _probe_raster(path) if kind_of(path) == "raster" else _probe_volume(path)
+
+
+def _is_dicom(path: Path, is_dicom_input) -> bool:  # noqa: ANN001 - storage.dicom.is_dicom_input
+    """A DICOM input by content: a NIfTI or GeoTIFF name always goes to its own reader."""
+    if path.is_file():
+        try:
+            kind_of(path)
+            return False
+        except InputError:
+            pass
+    try:
+        return is_dicom_input(path)
+    except OSError:
+        return False
 
 
 def _probe_raster(path: Path) -> Header:

@@ -70,11 +70,16 @@ def environment(device: str) -> dict[str, Any]:
 
 def make_record(*, input_path: str, input_sha256: str, model: dict[str, Any], parameters: dict[str, Any],
                 device: str, started: str, finished: str, statistics: dict[str, Any],
-                outputs: dict[str, str] | None = None) -> dict[str, Any]:
-    """Assemble the record; ``model`` carries at least name, path and weights_sha256."""
+                outputs: dict[str, str] | None = None, input_details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble the record; ``model`` carries at least name, path and weights_sha256.
+
+    ``input_details`` adds to the input's entry: a DICOM series' UIDs, its
+    files with their sha256 (``verify`` checks each) and its de-identification
+    state, never patient identifiers.
+    """
     return {
         "schema": SCHEMA,
-        "input": {"path": input_path, "sha256": input_sha256},
+        "input": {"path": input_path, "sha256": input_sha256, **(input_details or {})},
         "model": model,
         "parameters": parameters,
         "environment": environment(device),
@@ -191,7 +196,12 @@ def verify(path: str | PathLike[str]) -> Verification:
             keys = sorted(k for k in set(inner) | set(embedded(record)) if inner.get(k) != embedded(record).get(k))
             report.problems.append(f"output {out} embeds provenance that differs from {path.name} in: "
                                    f"{', '.join(keys)}")
-    checks = [("input", record.get("input", {}).get("path"), record.get("input", {}).get("sha256"))]
+    source = record.get("input", {})
+    files = (source.get("dicom") or {}).get("files")
+    if files:  # a DICOM series: each of its files, relative to the series folder
+        checks = [("input file", str(Path(source.get("path", "")) / f["path"]), f.get("sha256")) for f in files]
+    else:
+        checks = [("input", source.get("path"), source.get("sha256"))]
     model = record.get("model", {})
     weights = model.get("weights_path") or (str(Path(model["path"]) / "weights.safetensors")
                                             if model.get("path") else None)

@@ -8,6 +8,14 @@ runs them through ``segflow segment`` and the ``segment-batch`` flow and
 A case either fails with a one-line error naming its file and containing
 ``expect``, or (``ok=True``) must succeed: an awkward path, NaN/Inf pixels
 (masked as nodata), a raster without a CRS (segmented, with a warning).
+
+The DICOM cases (:data:`DICOM_CASES`) are drawn with pydicom and highdicom by
+``tests/dicom_samples.py``.  How a case is given decides how segflow names it
+(``given``): a ``series`` folder expands into one series, named in its error by
+``SeriesRef.display`` (``FOLDER [series UID]``); a ``folder`` without an image
+series and a ``file`` given alone are named by their path.  Loose DICOM files
+named together are grouped into series, so each ``file`` case runs in a batch
+of its own.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class Case:
     make: Callable[[Path], Path]
     expect: str = ""  # a part of the one-line error; empty for cases that succeed
     ok: bool = False
+    given: str = "path"  # "path"; DICOM: "series" (a folder of one series), "folder" (no series), "file" (alone)
 
 
 # --------------------------------------------------------------------------- small writers
@@ -496,8 +505,93 @@ MODEL_CASES: list[Case] = [
          "shape"),
 ]
 
-GOOD: dict[str, Callable[[Path], Path]] = {"2d": _good_scene, "3d": good_phantom}
+# --------------------------------------------------------------------------- DICOM cases (3D model)
+
+DICOM_SHAPE = (6, 24, 24)  # slices, rows, columns of the good series
+
+
+def good_series(folder: Path) -> Path:
+    """A clean 6-slice CT series folder: the DICOM batches' good input."""
+    from tests.dicom_samples import write_ct_series
+
+    data = np.random.default_rng(11).normal(1024, 200, DICOM_SHAPE).astype(np.int16)
+    write_ct_series(folder / "good_series", data, spacing=(2.5, 0.8, 0.7))
+    return folder / "good_series"
+
+
+def _bad_series(case: str) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        from tests.dicom_samples import write_bad_series
+
+        write_bad_series(folder / "series", case)
+        return folder / "series"
+
+    make.__name__ = f"bad_series_{case}"
+    return make
+
+
+def dicom_no_image_series(folder: Path) -> Path:
+    """DICOM files, none of them an image: a Philips-style DIRFILE and an SR report (and a text file)."""
+    from tests.dicom_samples import write_basic_text_sr, write_dirfile
+
+    target = folder / "no_images"
+    target.mkdir()
+    write_dirfile(target / "DIRFILE")
+    write_basic_text_sr(target / "report.dcm")
+    (target / "README.txt").write_text("not DICOM\n")
+    return target
+
+
+def dicom_sr_alone(folder: Path) -> Path:
+    from tests.dicom_samples import write_basic_text_sr
+
+    return write_basic_text_sr(folder / "report_sr.dcm")
+
+
+def dicom_seg_alone(folder: Path) -> Path:
+    """A real highdicom SEG given without the series it segments (the source slices are deleted)."""
+    from tests.dicom_samples import write_ct_series, write_seg
+
+    sources = write_ct_series(folder / "_src", np.zeros((3, 8, 8), np.int16))
+    path = write_seg(folder / "labels_seg.dcm", sources)
+    shutil.rmtree(folder / "_src")
+    return path
+
+
+DICOM_CASES: list[Case] = [
+    Case("dicom-missing-slice", "CT series with its 4th of 6 slices removed", "3d", _bad_series("missing_slice"),
+         "1 slice(s) missing: a 4 mm gap", given="series"),
+    Case("dicom-varying-gaps", "slice gaps 2, 2, 2.6, 2, 2 mm", "3d", _bad_series("varying_gaps"),
+         "slice gaps vary from 2 to 2.6 mm", given="series"),
+    Case("dicom-mixed-orientation", "one slice rotated by 3 degrees", "3d", _bad_series("mixed_orientation"),
+         "mixed slice orientations in one series", given="series"),
+    Case("dicom-mixed-sizes", "one slice 6x5, the others 4x5", "3d", _bad_series("mixed_sizes"),
+         "mixed image sizes in one series: 4x5, 6x5", given="series"),
+    Case("dicom-mixed-spacing", "one slice with PixelSpacing 0.6 mm, the others 0.5 mm", "3d",
+         _bad_series("mixed_spacing"), "mixed PixelSpacing in one series", given="series"),
+    Case("dicom-gantry-tilt", "each slice 0.5 mm further in y (a 14 degree gantry tilt)", "3d",
+         _bad_series("gantry_tilt"), "gantry tilt: slices step 0.500 mm sideways", given="series"),
+    Case("dicom-no-pixel-data", "one slice without PixelData", "3d", _bad_series("no_pixel_data"),
+         "IM0003.dcm has no pixel data", given="series"),
+    Case("dicom-duplicate-position", "two slices at the same ImagePositionPatient", "3d",
+         _bad_series("duplicate_position"), "two slices at the same position", given="series"),
+    Case("dicom-undecodable", "JPEG XL Lossless transfer syntax (no installed decoder)", "3d",
+         _bad_series("undecodable"), "cannot be decoded: no installed pixel decoder handles it", given="series"),
+    Case("dicom-no-image-series", "a folder of DICOM files none of which is an image (DIRFILE, SR)", "3d",
+         dicom_no_image_series, "no DICOM image series found", given="folder"),
+    Case("dicom-sr-alone", "a Basic Text SR document given alone", "3d", dicom_sr_alone,
+         "is a Basic Text SR Storage object, not an image", given="file"),
+    Case("dicom-seg-alone", "a DICOM SEG given alone", "3d", dicom_seg_alone,
+         "is a Segmentation object, not an image", given="file"),
+]
+
+# The real truncated DICOM files of ../shared/data/bad (header intact, pixel data cut short): given alone, each
+# is a one-file series found at ingest, when its pixels are decoded.
+SHARED_DICOM = {"CT_small.truncated.dcm": "cannot decode the pixel data of CT_small.truncated.dcm",
+                "MR_truncated.dcm": "cannot decode the pixel data of MR_truncated.dcm"}
+
+GOOD: dict[str, Callable[[Path], Path]] = {"2d": _good_scene, "3d": good_phantom, "dicom": good_series}
 
 
 def all_ids() -> list[str]:
-    return [c.id for c in INPUT_CASES + MODEL_CASES]
+    return [c.id for c in INPUT_CASES + MODEL_CASES + DICOM_CASES]

@@ -1,10 +1,13 @@
 """The bad-input corpus (tests/corpus.py plus ../shared/data/bad) through real batch runs.
 
-Two batches keep this bounded: every 2D case through one ``segflow segment``
+Few batches keep this bounded: every 2D case through one ``segflow segment``
 process (exit code, one stderr line per failed input), every 3D case through
-one in-process ``segment-batch`` flow run on the test Dask cluster.  For each
-case: a one-line error naming the file and the problem, a failed batch, no
-partial output, and the good inputs of the same batch still segmented.
+one in-process ``segment-batch`` flow run on the test Dask cluster, every DICOM
+folder case through one in-process ``segflow segment`` (CliRunner), and each
+DICOM file given alone in a batch of its own (loose files named together would
+be grouped into one set of series).  For each case: a one-line error naming the
+file, folder or series and the problem, a failed batch, no partial output, and
+the good input of the same batch still segmented.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import numpy as np
 import pytest
 import rasterio
 
+from typer.testing import CliRunner
+
 from flows.config import SegmentOptions
 from flows.flows import batch_outcomes, segment_batch
 from storage.errors import ModelError
@@ -27,7 +32,8 @@ from tests.conftest import SHARED_DATA, shared
 from tests.models import tiny_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-SHARED_BAD = sorted((SHARED_DATA / "bad").iterdir()) if (SHARED_DATA / "bad").is_dir() else []
+SHARED_ALL = sorted((SHARED_DATA / "bad").iterdir()) if (SHARED_DATA / "bad").is_dir() else []
+SHARED_BAD = [p for p in SHARED_ALL if p.name not in corpus.SHARED_DICOM]  # the DICOM ones: test_dicom_* below
 
 
 def _good(model: str) -> corpus.Case:
@@ -119,7 +125,8 @@ def test_2d_corpus_inputs_that_must_succeed(batch_2d):
 
 def test_shared_bad_files_are_in_the_corpus(batch_2d):
     bad = shared("bad")
-    for path in sorted(bad.iterdir()):
+    assert set(corpus.SHARED_DICOM) <= {p.name for p in bad.iterdir()}
+    for path in sorted(p for p in bad.iterdir() if p.name not in corpus.SHARED_DICOM):
         o = batch_2d["outcomes"][str(path)]
         assert not o["ok"] and o["error"].startswith(f"{path}: ") and "\n" not in o["error"], o
 
@@ -173,3 +180,82 @@ def test_errors_doc_lists_every_case():
     missing = [case_id for case_id in corpus.all_ids() if f"`{case_id}`" not in text]
     assert not missing, f"docs/errors.md does not list {missing}"
     assert len(corpus.all_ids()) >= 25
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _dicom_label(case: corpus.Case, path: Path, outcomes: dict[str, dict]) -> str:
+    """How segflow names the case: a series by ``FOLDER [series UID]``, a folder or a lone file by its path."""
+    if case.given != "series":
+        return str(path)
+    [label] = [k for k in outcomes if k.startswith(f"{path} [series ")]
+    return label
+
+
+def _check_dicom(outcomes: dict[str, dict], cases: list[corpus.Case], paths: dict[str, Path], good: Path,
+                 out: Path) -> None:
+    [good_label] = [k for k in outcomes if k.startswith(f"{good} [series ")]
+    assert outcomes[good_label]["ok"], outcomes[good_label]  # the batch's good series still completes
+    for case in cases:
+        label = _dicom_label(case, paths[case.id], outcomes)
+        o = outcomes[label]
+        assert not o["ok"], case.id
+        assert o["error"].startswith(f"{label}: ") and "\n" not in o["error"], (case.id, o["error"])
+        assert case.expect in o["error"], (case.id, o["error"])
+    assert len(outcomes) == len(cases) + 1, sorted(outcomes)
+    left = {p.name for p in out.iterdir()}
+    assert left == {Path(p).name for p in outcomes[good_label]["outputs"]}, sorted(left)  # nothing partial
+
+
+def _segment_cli(inputs: list[Path], model: Path, out: Path, report: Path) -> tuple[int, list[str], dict]:
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, ["segment", *map(str, inputs), "--model", str(model), "--out", str(out),
+                                   "--chunk-size", "16", "--report", str(report)], env={"COLUMNS": "400"})
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    return res.exit_code, errors, {o["input"]: o for o in json.loads(report.read_text())}
+
+
+def test_dicom_folder_cases_in_one_segment_run(models, tmp_path, dask_cluster):
+    cases = [c for c in corpus.DICOM_CASES if c.given != "file"]
+    paths = _make_all(tmp_path / "in", cases)
+    good = corpus.GOOD["dicom"](tmp_path / "in")
+    out = tmp_path / "out"
+    inputs = [paths[c.id] for c in cases[:4]] + [good] + [paths[c.id] for c in cases[4:]]
+    code, errors, outcomes = _segment_cli(inputs, models["3d"].path, out, tmp_path / "report.json")
+    assert code == 1, errors
+    _check_dicom(outcomes, cases, paths, good, out)
+    assert len(errors) == len(cases)
+    for case in cases:
+        label = _dicom_label(case, paths[case.id], outcomes)
+        assert any(line.startswith(f"error: {label}: ") and case.expect in line for line in errors), (case.id, errors)
+
+
+def test_dicom_files_given_alone_each_in_its_own_batch(models, tmp_path, dask_cluster):
+    """SR and SEG objects alone, and the real truncated DICOM files (read as DICOM now, no longer refused by name)."""
+    cases = [c for c in corpus.DICOM_CASES if c.given == "file"]
+    paths = _make_all(tmp_path / "in", cases)
+    good = corpus.GOOD["dicom"](tmp_path / "in")
+    for case in cases:
+        out = tmp_path / f"out-{case.id}"
+        state = segment_batch(inputs=[str(good), str(paths[case.id])], model_dir=str(models["3d"].path),
+                              out_dir=str(out), options=SegmentOptions(chunk_size=16), return_state=True)
+        assert state.is_failed(), case.id
+        _check_dicom({o["input"]: o for o in batch_outcomes(state)}, [case], paths, good, out)
+
+
+def test_real_truncated_dicom_files_fail_with_one_line(models, tmp_path, dask_cluster):
+    good = corpus.GOOD["dicom"](tmp_path / "in")
+    for name, expect in corpus.SHARED_DICOM.items():
+        path = shared(f"bad/{name}")
+        out = tmp_path / f"out-{name}"
+        state = segment_batch(inputs=[str(good), str(path)], model_dir=str(models["3d"].path), out_dir=str(out),
+                              options=SegmentOptions(chunk_size=16), return_state=True)
+        assert state.is_failed(), name
+        outcomes = {o["input"]: o for o in batch_outcomes(state)}
+        # a file given alone is a series of its own: named by its folder and series UID, the file in the message
+        [label] = [k for k in outcomes if k.startswith(f"{path.parent} [series ")]
+        case = corpus.Case(name, "real truncated DICOM", "3d", lambda folder: path, expect, given="series")
+        assert outcomes[label]["error"].startswith(f"{label}: ") and expect in outcomes[label]["error"]
+        _check_dicom(outcomes, [case], {name: path.parent}, good, out)

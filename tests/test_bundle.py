@@ -33,7 +33,7 @@ ROI = [16, 12, 8]  # MONAI order (i, j, k); not a cube, so a transposed window w
 
 
 def write_bundle(root: Path, network: dict | None = None, net_module: torch.nn.Module | None = None,
-                 preprocessing: list | None = None) -> Path:
+                 preprocessing: list | None = None, postprocessing: list | None = None) -> Path:
     """A bundle as MONAI's model zoo lays them out, with the expressions real ones carry."""
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
@@ -51,7 +51,7 @@ def write_bundle(root: Path, network: dict | None = None, net_module: torch.nn.M
                                  "channel_def": {"0": "background", "1": "tissue", "2": "lesion"}}}},
     }
     config = {
-        "imports": ["$import glob", "$import pathlib"],
+        "imports": ["$import glob", "$import pathlib", "$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         # evaluating the configuration would create this file: it must never appear untrusted
@@ -70,13 +70,19 @@ def write_bundle(root: Path, network: dict | None = None, net_module: torch.nn.M
                     "transform": "@preprocessing"},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ROI, "sw_batch_size": 4, "overlap": 0.25,
                     "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing or [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image"},
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "$@bundle_root + '/eval'"}]},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "$@bundle_root + '/eval'",
+             "output_postfix": "seg", "separate_folder": False, "output_dtype": "uint8", "resample": False}]},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "handlers": [{"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
+                      "load_dict": {"model": "@network"}, "map_location": "cpu"}],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing"},
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
         "run": ["$@evaluator.run()"],
     }
     (root / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
@@ -118,7 +124,10 @@ def test_bundle_maps_to_a_card_without_evaluating_anything(bundle):
     assert (card.inference.roi, card.inference.overlap, card.inference.blend, card.inference.batch_size) == \
         (ROI[::-1], 0.25, "gaussian", 4)
     assert card.weights_sha256 == sha256_file(bundle / "models" / "model.pt")
-    assert any("Orientationd" in n for n in mapping.notes) and "Orientationd" in card.description
+    # model space: Orientationd and Spacingd are applied, Invertd (nearest_interp defaults to true) brings labels back
+    assert (card.input.orientation, card.input.interpolation, card.inference.invert) == ("RAS", "bilinear", "labels")
+    assert card.card_version == 3 and card.applies_model_space
+    assert not any("Orientationd" in n or "Spacingd" in n for n in mapping.notes)
     # the card's normalisation is MONAI's ScaleIntensityRange
     x = np.linspace(-200, 1200, 1001, dtype=np.float32)[None]
     ours = resolve(card.input.normalization, 1)(x)
@@ -192,7 +201,7 @@ def test_convert_a_bundle_then_the_model_directory_computes_the_same(bundle, une
     runner = CliRunner()
     result = runner.invoke(app, ["model", "convert", str(bundle), "--out", str(tmp_path / "converted")])
     assert result.exit_code == 0, result.output
-    assert "note:" in result.output and "Orientationd" in result.output
+    assert "note:" in result.output and "blends softmax probabilities" in result.output
     converted = load_model(tmp_path / "converted")
     assert converted.card.training["converted_from"]["weights_sha256"] == sha256_file(bundle / "models" / "model.pt")
     assert converted.card.inference.roi == ROI[::-1] and converted.card.input.spacing == [1.5, 1.0, 1.0]
@@ -267,8 +276,34 @@ def test_preprocessing_segflow_cannot_reproduce_is_refused(tmp_path, unet):
     root = write_bundle(tmp_path / "b", net_module=unet, preprocessing=[
         {"_target_": "LoadImaged", "keys": "image"},
         {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True}])
-    with pytest.raises(ModelError, match=r"NormalizeIntensityd\(nonzero=True\).*--card"):
-        read_bundle(root)
+    norm = read_bundle(root).card.input.normalization
+    assert (norm.mode, norm.nonzero) == ("image_zscore", True)  # mapped since card version 3
+    for refused, message in [
+        ({"_target_": "Spacingd", "keys": "image", "pixdim": [1, 1, 2], "mode": "bicubic"}, r"mode='bicubic'"),
+        ({"_target_": "Spacingd", "keys": "image", "pixdim": [1, 1, 2], "align_corners": True}, "align_corners=True"),
+        ({"_target_": "Orientationd", "keys": "image", "axcodes": "RA"}, "not a 3-D orientation"),
+        ({"_target_": "ScaleIntensityRangePercentilesd", "keys": "image", "lower": 1, "upper": 99, "b_min": 0,
+          "b_max": 1, "channel_wise": True}, "channel_wise=True"),
+    ]:
+        root = write_bundle(tmp_path / "r", net_module=unet, preprocessing=[refused])
+        with pytest.raises(ModelError, match=message + ".*--card"):
+            read_bundle(root)
     root = write_bundle(tmp_path / "c", net_module=unet, preprocessing=[
         {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True}])
     assert read_bundle(root).card.input.normalization.mode == "image_zscore"
+
+
+def test_postprocessing_maps_invert_order_and_keep_largest(tmp_path, unet):
+    post = [{"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": [2]}]
+    root = write_bundle(tmp_path / "b", net_module=unet, postprocessing=post)
+    inference = read_bundle(root).card.inference
+    assert inference.invert == "probabilities"
+    assert inference.keep_largest.applied_labels == [2] and inference.keep_largest.independent
+    labels_bilinear = [post[0], post[2], {**post[1]}]  # argmax first, then labels interpolated linearly
+    root = write_bundle(tmp_path / "c", net_module=unet, postprocessing=labels_bilinear)
+    with pytest.raises(ModelError, match="interpolates labels linearly"):
+        read_bundle(root)

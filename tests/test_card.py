@@ -25,7 +25,7 @@ def card(**changes) -> dict:
 
 def test_a_full_card_round_trips_and_sorts_tta_axes():
     c = ModelCard.model_validate(card())
-    assert c.card_version == CARD_VERSION == 2
+    assert c.card_version == CARD_VERSION == 3
     assert c.inference.flip_tta == [0, 1]
     assert c.classes[0].code == "LC-10"
     assert ModelCard.model_validate_json(c.model_dump_json()) == c
@@ -36,8 +36,37 @@ def test_version_1_cards_still_read():
     assert c.card_version == 1 and c.inference.flip_tta == []
 
 
+def volume_card(**input_changes) -> dict:
+    return card(input={"spatial_dims": 3, "channels": 1, "spacing": [2.0, 1.5, 1.5], "spacing_unit": "mm",
+                       **input_changes}, inference={"roi": [32, 32, 32]})
+
+
+def test_model_space_applies_from_version_3_only():
+    """A version 2 card's spacing was documentation: applying it now would change its users' labels silently."""
+    v3 = ModelCard.model_validate(volume_card(orientation="lps"))
+    assert v3.input.orientation == "LPS" and v3.applies_model_space
+    assert v3.inference.invert == "probabilities" and v3.input.interpolation == "bilinear"
+    v2 = ModelCard.model_validate({**volume_card(), "card_version": 2})
+    assert not v2.applies_model_space
+    assert not ModelCard.model_validate(card()).applies_model_space  # 2-D rasters: issue 11's warp, not this
+
+
+@pytest.mark.parametrize("norm, message", [
+    ({"mode": "percentile", "lower": 1.0, "upper": 99.0, "b_min": 0.0}, "needs 'lower', 'upper', 'b_min'"),
+    ({"mode": "percentile", "lower": 99.0, "upper": 1.0, "b_min": 0.0, "b_max": 1.0}, "below 'upper'"),
+    ({"mode": "scale", "scale": [1.0], "nonzero": True}, "nonzero"),
+])
+def test_inconsistent_normalisations_are_refused(norm, message):
+    with pytest.raises(ValidationError, match=message):
+        ModelCard.model_validate(volume_card(normalization=norm))
+
+
 @pytest.mark.parametrize("changes, message", [
-    ({"card_version": 3}, "newer than this segflow reads"),
+    ({"card_version": 4}, "newer than this segflow reads"),
+    ({"input__orientation": "RRS"}, "three axcodes"),
+    ({"input__orientation": "RAS"}, "applies to 3-D volumes"),
+    ({"inference__keep_largest": {"applied_labels": [0]}}, "other than 0"),
+    ({"inference__keep_largest": {"applied_labels": [7]}}, "other than 0"),
     ({"inference__flip_tta": [2]}, "flip_tta axes must be < spatial_dims"),
     ({"inference__flip_tta": [0, 0]}, "distinct"),
     ({"input__spacing": [1.0]}, "one value per spatial axis"),

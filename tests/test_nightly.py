@@ -288,3 +288,133 @@ def test_probe_reads_channels_and_cell_sizes_from_headers(tmp_path):
     vol = probe(tmp_path / "v.nii.gz")
     assert (vol.kind, vol.spatial_dims, vol.channels, vol.shape) == ("volume", 3, 2, (5, 4, 3))
     assert vol.cell_size == pytest.approx(0.5 / 1000) and vol.cell_unit == "mL"
+
+
+# ----------------------------------------------------------------------------- DICOM series in the inbox
+
+CT_SPACING = (2.5, 0.8, 0.7)  # slice, row, column (mm)
+
+
+@pytest.fixture(scope="module")
+def dicom_runs(models, tmp_path_factory, dask_cluster):
+    """An inbox with a good 6x24x24 CT series folder, one with a missing slice and a folder without images;
+    the first night, a rerun over the inbox, and a manifest naming the good folder."""
+    from storage.dicom import find_series
+    from tests.dicom_samples import write_bad_series, write_basic_text_sr, write_ct_series
+
+    root = tmp_path_factory.mktemp("nightly-dicom")
+    inbox, out = root / "inbox", root / "out"
+    data = (np.random.default_rng(5).normal(1024, 200, (6, 24, 24))).astype(np.int16)
+    write_ct_series(inbox / "ct_good", data, spacing=CT_SPACING, series_description="AX CT 0.7")
+    write_bad_series(inbox / "ct_broken", "missing_slice")
+    write_basic_text_sr(inbox / "reports_only" / "sr.dcm")
+    [good] = find_series([inbox / "ct_good"])
+    [bad] = find_series([inbox / "ct_broken"])
+    model_dirs = [str(models["2d"].path), str(models["3d"].path)]
+    first = nightly(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=0, return_state=True)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    second = nightly(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=0, return_state=True)
+    manifest = root / "tonight.json"
+    manifest.write_text(json.dumps([str(inbox / "ct_good")]))
+    third = nightly(model_dirs=model_dirs, out_dir=str(out), manifest=str(manifest), retries=0, return_state=True)
+    return {"inbox": inbox, "out": out, "data": data, "good": good, "bad": bad, "first": first, "second": second,
+            "third": third, "mtimes": mtimes}
+
+
+def test_dicom_series_in_the_inbox_are_routed_segmented_and_fail_alone(dicom_runs, models):
+    good, bad, out = dicom_runs["good"], dicom_runs["bad"], dicom_runs["out"]
+    state = dicom_runs["first"]
+    assert state.is_failed() and state.message.startswith("2 of 3 inputs failed"), state.message
+    report = nightly_report(state)
+    got = {r["input"]: r for r in report["inputs"]}
+    no_images = str(dicom_runs["inbox"] / "reports_only")
+    assert sorted(got) == sorted([good.display, bad.display, no_images])
+    assert report["run"]["ignored"] == []
+
+    g = got[good.display]
+    assert g["status"] == "done", g
+    assert (g["kind"], g["channels"]) == ("volume", 1)
+    assert g["model"] == models["3d"].name and g["model_path"] == str(models["3d"].path)
+    assert g["input_sha256"] == good.sha256()  # content-keyed on the series' files
+    assert g["dicom"] == {"root": str(good.root), "series_instance_uid": good.series_instance_uid, "volume": None,
+                          "name": good.name, "files": 6}
+    assert Path(g["outputs"][0]) == out / f"{good.name}.nii.gz" and all(Path(o).exists() for o in g["outputs"])
+
+    # mL per class from the label map on the series' grid; per-label statistics against the scan itself
+    labels = np.asarray(nib.load(str(out / f"{good.name}.nii.gz")).dataobj)  # (i, j, k)
+    hu = dicom_runs["data"].transpose(2, 1, 0).astype(np.float64) - 1024.0  # (k, j, i) raw -> (i, j, k) HU
+    voxel_ml = np.prod(CT_SPACING) / 1000
+    assert g["measure"] == "volume_ml" and g["cell_size"] == pytest.approx(voxel_ml)
+    stats = g["label_statistics"]
+    assert stats["unit"] == "HU"
+    for row in g["labels"]:
+        inside = labels == row["value"]
+        assert row["count"] == int(inside.sum()) and row["volume_ml"] == pytest.approx(row["count"] * voxel_ml)
+        entry = stats["classes"][row["name"]]
+        assert entry["voxels"] == row["count"] and entry["volume_ml"] == pytest.approx(row["volume_ml"])
+        if row["count"]:
+            assert entry["mean"] == pytest.approx(hu[inside].mean()) and entry["std"] == pytest.approx(hu[inside].std())
+    assert sum(row["count"] for row in g["labels"]) == labels.size
+
+    # the bad series and the folder without images: one line each naming them, not retried, nothing left
+    b = got[bad.display]
+    assert b["status"] == "failed" and b["attempts"] == 1 and b["dicom"]["name"] == bad.name
+    assert b["error"].startswith(f"{bad.display}: ") and "slice(s) missing" in b["error"] and "\n" not in b["error"]
+    n = got[no_images]
+    assert n["error"].startswith(f"{no_images}: no DICOM image series found"), n["error"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        [Path(o).name for o in g["outputs"]] + ["reports"])
+    assert not (out / ".segflow-work").exists()
+
+    # the reports: the series by its display, a compact statistics line per class, no patient identifiers
+    from tests.dicom_samples import DUMMY_PATIENT_ID, DUMMY_PATIENT_NAME
+
+    md = Path(report["report"]["markdown"]).read_text()
+    text = md + Path(report["report"]["json"]).read_text()
+    assert f"| `{good.display}` | done | {models['3d'].name} |" in md
+    assert f"| `{bad.display}` | failed |" in md and f"- **failed**: {bad.display}: 1 slice(s) missing" in md
+    assert "## Label statistics" in md and f"- `{good.display}`:" in md
+    for name, entry in stats["classes"].items():
+        if entry["voxels"]:
+            line = f"  - {name}: {entry['voxels']} voxels, "
+            assert line in md
+            rest = md.split(line)[1].splitlines()[0]
+            assert " ± " in rest and (rest.endswith(" HU") or rest.endswith(" HU, touches the border")), rest
+    assert DUMMY_PATIENT_NAME not in text and DUMMY_PATIENT_ID not in text and "Dummy" not in text
+
+
+def test_dicom_rerun_and_manifest_skip_the_done_series(dicom_runs):
+    good, bad = dicom_runs["good"], dicom_runs["bad"]
+    for key in ("second", "third"):
+        report = nightly_report(dicom_runs[key])
+        got = {r["input"]: r for r in report["inputs"]}
+        assert got[good.display]["status"] == "skipped", got[good.display]
+        assert got[good.display]["label_statistics"]["classes"]  # from the run that made the outputs
+        assert got[good.display]["input_sha256"] == good.sha256()
+    second = {r["input"]: r for r in nightly_report(dicom_runs["second"])["inputs"]}
+    assert second[bad.display]["status"] == "failed"  # a bad series is tried again every night
+    assert dicom_runs["third"].is_completed()  # the manifest names the good folder only
+    now = {p.name: p.stat().st_mtime_ns for p in dicom_runs["out"].iterdir() if p.is_file()}
+    assert now == dicom_runs["mtimes"]  # no output rewritten
+
+
+def test_probe_dispatches_dicom_series_and_folders(tmp_path):
+    from storage.dicom import find_series
+    from storage.errors import InputError, InvalidInputError
+    from storage.probe import probe
+    from tests.dicom_samples import write_bad_series, write_ct_series
+
+    write_ct_series(tmp_path / "one", np.zeros((3, 4, 5), np.int16), spacing=(2.0, 0.5, 0.25))
+    [ref] = find_series([tmp_path / "one"])
+    for what, depth in ((ref, 3), (tmp_path / "one", 3), (str(tmp_path / "one" / "IM0001.dcm"), 1)):
+        h = probe(what)
+        assert (h.kind, h.spatial_dims, h.channels, h.shape, h.cell_unit) == ("volume", 3, 1, (5, 4, depth), "mL")
+        assert h.path.startswith(f"{tmp_path / 'one'} [series ")  # the series' display: no patient identifier
+    assert probe(ref).cell_size == pytest.approx(2.0 * 0.5 * 0.25 / 1000)
+    write_ct_series(tmp_path / "two" / "a", np.zeros((3, 4, 5), np.int16))
+    write_ct_series(tmp_path / "two" / "b", np.zeros((3, 4, 5), np.int16))
+    with pytest.raises(InputError, match="holds 2 DICOM image volumes"):
+        probe(tmp_path / "two")
+    write_bad_series(tmp_path / "gap", "missing_slice")
+    with pytest.raises(InvalidInputError, match=r"\[series .*\]: 1 slice\(s\) missing"):
+        probe(tmp_path / "gap")

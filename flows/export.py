@@ -1,0 +1,99 @@
+"""Export of a finished prediction store: the label map (and probabilities) as files people open.
+
+Rasters become a label COG (and a probability COG when probabilities were
+kept); volumes become a NIfTI on exactly the input's grid, plus the same labels
+on the model's grid when a run kept them (``--model-space keep``).  Each file
+is renamed into place whole, and the caller learns of each as it lands, so a
+later failure removes exactly what this run wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from segmentation import LoadedModel
+from segmentation.stitching import PROBABILITY_SCALE
+from storage.geometry import VolumeGeometry
+from storage.ingest import stem_of
+from storage.layout import LABELS, PROBABILITIES
+
+MODEL_LABELS = "model_labels"
+
+
+def model_space_labels(partial: Path, stitch: Any, dtype: str, geometry: Any) -> Any:
+    """The prediction store's label array on the model's grid (``--model-space keep``), with that grid's geometry."""
+    group = zarr.open_group(str(partial), mode="a")
+    if MODEL_LABELS not in group:
+        array = group.create_array(MODEL_LABELS, shape=stitch.output_shape, dtype=dtype,
+                                   chunks=tuple(c[0] for c in stitch.chunks), fill_value=0)
+        array.attrs["geometry"] = geometry.model_dump(mode="json")
+    return group[MODEL_LABELS]
+
+
+def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,
+                  record: dict[str, Any], created: list[Path] | None = None) -> list[Path]:
+    """The label map (and, for rasters, a probability COG when probabilities were kept).
+
+    Each file is renamed into place whole; ``created`` collects them as they
+    land, so a later failure can remove exactly what this run put there.
+    """
+    created = [] if created is None else created
+    group = zarr.open_group(str(pred_path), mode="r")
+    labels = group[LABELS]
+    if meta.kind == "raster":
+        from storage.geotiff import write_label_cog, write_probability_cog
+
+        written = [write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes,
+                                   provenance=record)]
+        created.append(written[-1])
+        if PROBABILITIES in group:
+            probs = group[PROBABILITIES]
+            written.append(write_probability_cog(
+                _Probabilities(probs), meta.geometry, probabilities_path(out_path),
+                class_names=[c.name for c in model.card.classes], mask=_Valid(labels, group.attrs["nodata_label"]),
+                dtype=str(probs.dtype), provenance=record))
+            created.append(written[-1])
+        return written
+    from storage.nifti import write_label_nifti
+
+    written = [write_label_nifti(labels, meta.geometry, out_path, classes=model.card.classes, provenance=record)]
+    created.append(written[-1])
+    if MODEL_LABELS in group:  # --model-space keep: the same labels on the model's grid
+        in_model = group[MODEL_LABELS]
+        geometry = VolumeGeometry.model_validate(in_model.attrs["geometry"])
+        written.append(write_label_nifti(in_model, geometry, out_path.with_name(stem_of(out_path) + ".model-space.nii.gz"),
+                                         classes=model.card.classes, provenance=record))
+        created.append(written[-1])
+    return written
+
+
+class _Probabilities:
+    """Stored probabilities read back as floats in [0, 1], whatever their stored dtype."""
+
+    def __init__(self, array: Any) -> None:
+        self.array, self.shape, self.chunks = array, array.shape, array.chunks
+
+    def __getitem__(self, key: Any) -> Any:
+        block = np.asarray(self.array[key])
+        return block.astype(np.float32) / PROBABILITY_SCALE if block.dtype == np.uint8 else block
+
+
+class _Valid:
+    """Where the labels are not the nodata label: the valid-data mask of a prediction."""
+
+    def __init__(self, labels: Any, nodata: int) -> None:
+        self.labels, self.nodata, self.shape = labels, nodata, labels.shape
+
+    def __getitem__(self, key: Any) -> Any:
+        return np.asarray(self.labels[key]) != self.nodata
+
+
+def probabilities_path(out_path: Path) -> Path:
+    return out_path.with_name(stem_of(out_path) + ".probabilities.tif")
+
+
+__all__ = ["MODEL_LABELS", "export_labels", "model_space_labels", "probabilities_path"]

@@ -1,0 +1,127 @@
+"""What a user names on the command line or in a manifest becomes a list of inputs.
+
+A GeoTIFF, VRT or NIfTI file (or its URL) is one input.  DICOM comes as
+radiology gives it: a folder of files, a DICOMDIR, or the files themselves;
+each SeriesInstanceUID in it (each volume of a split enhanced multi-frame
+object) becomes one input of its own, named after the series
+(:func:`storage.dicom.find_series`).  Loose DICOM files named together are
+grouped together, so ``segflow segment scan/*.dcm`` is one series, not one
+input per slice.  Something that cannot be expanded (a folder without image
+series) becomes a failed input with its one-line reason, and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Union
+
+from flows.progress import say
+from storage.dicom import SeriesRef, find_series, is_dicom_input
+from storage.errors import SegflowError, StoreError
+from storage.hashing import sha256_input
+from storage.ingest import ingest, stem_of
+from storage.layout import ImageStore, open_image_store
+from storage.remote import is_url
+
+Expanded = Union[str, SeriesRef]
+
+
+def expand(inputs: list[str]) -> tuple[list[Expanded], list[tuple[str, str]]]:
+    """(inputs in the order given, [(what failed, its one-line error)])."""
+    out: list[Expanded] = []
+    failed: list[tuple[str, str]] = []
+    loose: list[str] = []
+    for item in inputs:
+        if is_url(item) or not _dicom(item):
+            out.append(item)
+        elif Path(item).is_file() and Path(item).name.upper() != "DICOMDIR":
+            loose.append(item)
+        else:
+            _series(item, [item], out, failed)
+    if loose:
+        _series(", ".join(loose) if len(loose) < 4 else f"{len(loose)} DICOM files", loose, out, failed)
+    return out, failed
+
+
+def _dicom(item: str) -> bool:
+    try:
+        return is_dicom_input(Path(item))
+    except OSError:
+        return False
+
+
+def _series(label: str, paths: list[str], out: list[Expanded], failed: list[tuple[str, str]]) -> None:
+    try:
+        out.extend(find_series(paths))
+    except SegflowError as exc:
+        failed.append((label, str(exc)))
+
+
+def input_stem(source: Any) -> str:
+    """The stem every output of an input is named after: the file's, or the series' sanitised name."""
+    return source.name if isinstance(source, SeriesRef) else stem_of(source)
+
+
+def input_label(source: Any) -> str:
+    """How messages and provenance name an input: its path, or a series' folder and UIDs."""
+    return source.display if isinstance(source, SeriesRef) else str(source)
+
+
+def output_name(input_path: Any, kind: str) -> str:
+    return input_stem(input_path) + (".tif" if kind == "raster" else ".nii.gz")
+
+
+def ingest_input(path: Any, work_dir: str | Path, chunk: int | None = None) -> tuple[ImageStore, bool]:
+    """The input's image store, and whether it was reused: a complete earlier ingest of the same content is.
+
+    The store's name holds the chunk size asked for, and it is only reused
+    when it carries its completion marker and its recorded sha256 and file are
+    those of ``path`` now, so a half-written or stale ingest is never used.
+    """
+    store_path = Path(work_dir) / f"{input_stem(path)}.c{chunk or 'default'}.image.zarr"
+    reusable = _reusable_ingest(path, store_path)
+    if reusable is not None:
+        say(f"{path}: reusing its complete ingest from an interrupted run", logging.INFO)
+        return reusable, True
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    ingest(path, store_path, chunk=chunk)
+    return open_image_store(store_path), False
+
+
+def _reusable_ingest(path: Any, store_path: Path) -> ImageStore | None:
+    if isinstance(path, SeriesRef):
+        return _reusable_series(path, store_path)
+    if not store_path.is_dir() or not path.is_file():
+        return None
+    try:
+        store = open_image_store(store_path)
+        source = store.meta.source
+        same_file = os.path.samefile(source.path, path)
+        if same_file and source.size == path.stat().st_size and source.sha256 == sha256_input(path):
+            return store
+    except (StoreError, OSError, ValueError):
+        pass
+    shutil.rmtree(store_path, ignore_errors=True)
+    return None
+
+
+def _reusable_series(ref: SeriesRef, store_path: Path) -> ImageStore | None:
+    """A complete ingest of the same series volume with the same file contents."""
+    if not store_path.is_dir():
+        return None
+    try:
+        store = open_image_store(store_path)
+        info = getattr(store.meta.geometry, "dicom", None)
+        if info is not None and info.series_instance_uid == ref.series_instance_uid and \
+                store.meta.source.sha256 == ref.sha256():
+            return store
+    except (StoreError, OSError, ValueError):
+        pass
+    shutil.rmtree(store_path, ignore_errors=True)
+    return None
+
+
+__all__ = ["Expanded", "expand", "ingest_input", "input_label", "input_stem", "output_name"]

@@ -1,0 +1,106 @@
+"""Segment in the model's space, write on the input's grid.
+
+A network was trained at one voxel spacing and orientation; scans arrive in
+their scanner's.  The image is taken into model space first (an exact axis
+permutation and flip, then linear resampling, as MONAI's ``Orientationd`` and
+``Spacingd`` do: :mod:`storage.resample`), the sliding window runs there with
+the usual exact stitching (:class:`segmentation.stitching.StitchPlan`), and the
+stitched probabilities come back onto the input's grid chunk by chunk, where
+the argmax is taken (``invert="probabilities"``, nnU-Net's and most bundles'
+order), or come back by nearest neighbour (``invert="labels"``: the argmax of
+the nearest model voxel, as ``Invertd`` with ``nearest_interp=True``).  Each
+input-grid chunk is a pointwise function of a bounded model-space region, so
+the labels do not depend on either chunking, and memory stays bounded by
+chunk and window sizes.  :class:`ModelSpacePlan` offers the pipeline the
+same interface as a :class:`StitchPlan` whose output grid is the input's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import bisect
+import itertools
+
+import dask.array as da
+from dask.delayed import Delayed
+
+from segmentation.stitching import StitchPlan, chunk_boxes, chunk_writes, label_dtype, labels_of
+from storage.grids import GridMapping
+from storage.resample import model_region, to_input
+
+Invert = Literal["probabilities", "labels"]
+
+
+class ModelSpacePlan:
+    """A stitched plan on the model's grid whose writes land on the input's grid."""
+
+    def __init__(self, stitch: StitchPlan, mapping: GridMapping, *, invert: Invert = "probabilities",
+                 chunks: Sequence[int]) -> None:
+        self.stitch = stitch
+        self.mapping = mapping
+        self.invert = invert
+        self.num_classes = stitch.num_classes
+        self.output_shape = tuple(mapping.input_shape)
+        self.chunks = tuple(da.core.normalize_chunks(tuple(chunks), self.output_shape))
+        self._boxes = chunk_boxes(self.chunks)
+
+    @property
+    def grid(self) -> Any:  # the window grid (model space): its roi and shape are what the run report names
+        return self.stitch.grid
+
+    @property
+    def num_windows(self) -> int:
+        return self.stitch.num_windows
+
+    @property
+    def chunk_indexes(self) -> list[tuple[int, ...]]:
+        return list(self._boxes)
+
+    def on_input_grid(self, model_probabilities: da.Array | None = None) -> da.Array:
+        """(classes, *input grid) probabilities, from the stitched (or refined) model-space ones."""
+        probs = self.stitch.probabilities() if model_probabilities is None else model_probabilities
+        mode = "bilinear" if self.invert == "probabilities" else "nearest"
+        back = to_input(probs, self.mapping, chunks=[c[0] for c in self.chunks], mode=mode)
+        assert back.chunks[1:] == self.chunks, (back.chunks, self.chunks)
+        return back
+
+    def probabilities(self) -> da.Array:
+        return self.on_input_grid()
+
+    def labels(self) -> da.Array:
+        return self.on_input_grid().map_blocks(labels_of, None, self.num_classes, drop_axis=0,
+                                               dtype=label_dtype(self.num_classes))
+
+    def writes(self, labels_target: Any, probabilities_target: Any = None, probabilities_dtype: str = "float32",
+               probabilities: da.Array | None = None, *, only: Sequence[tuple[int, ...]] | None = None,
+               on_written: Any = None) -> list[Delayed]:
+        """One write per input-grid chunk; ``probabilities`` are refined model-space ones (the CRF's)."""
+        back = self.on_input_grid(probabilities).rechunk({0: -1})
+        blocks = back.to_delayed()[0]
+        return chunk_writes({idx: blocks[idx] for idx in self._boxes}, self._boxes, None, self.num_classes,
+                            labels_target, probabilities_target, probabilities_dtype,
+                            name=f"segflow-write-{self.stitch.token}-{self.invert}-"
+                                 f"{'crf-' if probabilities is not None else ''}",
+                            only=only, on_written=on_written)
+
+    def counts(self, only: Sequence[tuple[int, ...]] | None = None) -> Delayed:
+        """Window counts of the model-space work the input-grid chunks ``only`` need (all of it when None)."""
+        if only is None:
+            return self.stitch.counts()
+        return self.stitch.counts(only=self.model_chunks_for(only))
+
+    def model_chunks_for(self, only: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The model-space output chunks whose probabilities the input-grid chunks ``only`` read."""
+        mode = "bilinear" if self.invert == "probabilities" else "nearest"
+        bounds = [tuple(itertools.accumulate(c, initial=0)) for c in self.stitch.chunks]
+        needed: set[tuple[int, ...]] = set()
+        for idx in only:
+            region = model_region(self.mapping, self._boxes[tuple(idx)], mode)
+            ranges = [range(bisect.bisect_right(b, lo) - 1, bisect.bisect_left(b, hi))
+                      for b, (lo, hi) in zip(bounds, region)]
+            needed.update(itertools.product(*ranges))
+        return sorted(needed)
+
+
+__all__ = ["Invert", "ModelSpacePlan"]

@@ -1,0 +1,339 @@
+"""DICOM SEG export of a label map, for PACS and the viewers a radiology group uses.
+
+A DICOM SEG is a new series in the source's study whose frames each point at
+one source image (by SOP instance UID, and frame number for an enhanced
+multi-frame source).  Stored slice ``k`` of a segflow volume is exactly
+``geometry.dicom.sop_instance_uids[k]`` (ingest sorted the series along its
+slice normal), so the label map is handed to highdicom in that same order with
+the source headers in that order: each SEG frame then references the right
+instance and carries its position, whatever the file names, instance numbers
+or slice direction were.  The source headers are read without pixel data.
+
+One segment per non-background class.  BINARY needs segment numbers 1..n, so
+classes are numbered by rank of value; each segment's algorithm parameters keep
+``label_value=<class value>`` (and the weights' sha256), which is how
+:func:`read_dicom_seg_labels` maps segments back to class values.
+
+Segment codes come from the class's ``code`` (see :func:`segment_codes`).
+highdicom needs the whole pixel array in memory: the label map is read slab by
+slab into one uint8/uint16 array of segment numbers, the size of one label
+volume.  The file is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+
+from storage.classes import LabelClass
+from storage.errors import ExportError, InvalidInputError
+from storage.geometry import VolumeGeometry
+
+__all__ = ["write_dicom_seg", "read_dicom_seg_labels", "segment_codes", "SEG_SERIES_NUMBER_BASE"]
+
+SEG_SERIES_NUMBER_BASE = 9000
+MANUFACTURER = "segflow"
+
+# SNOMED CT segmentation property categories (DICOM CID 7150) a card's code may name by number.
+CATEGORIES: dict[str, str] = {
+    "91723000": "Anatomical Structure",
+    "49755003": "Morphologically Altered Structure",
+    "85756007": "Tissue",
+    "260787004": "Physical object",
+    "246464006": "Function",
+    "410607006": "Organism",
+    "272737002": "Spatial and Relational Concept",
+}
+ANATOMICAL_STRUCTURE = "91723000"
+# A class without a SNOMED code is described as Tissue/Tissue: it claims nothing anatomical that the card
+# did not say, and it is what 3D Slicer assigns to a segment it knows nothing about, so viewers show it
+# neutrally instead of mislabelling it as an organ.
+GENERIC = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
+
+_SCT = re.compile(r"^SCT:(?:(?P<category>\d{6,18})/)?(?P<type>\d{6,18})(?:\|(?P<meaning>.+))?$")
+_LO_BAD = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+def segment_codes(cls: LabelClass) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]:
+    """(category, type) codes for a class, from its card ``code``.
+
+    Syntax: ``SCT:[<category>/]<type>[|<meaning>]``, e.g. ``SCT:10200004|Liver``
+    or ``SCT:49755003/108369006|Neoplasm``. The category defaults to 91723000
+    "Anatomical Structure" and must be one of :data:`CATEGORIES`; the type's
+    meaning defaults to the class name. A class without a code, or with a code
+    of another scheme (a land-cover code), gets the generic Tissue/Tissue.
+    """
+    code = (cls.code or "").strip()
+    if not code.upper().startswith("SCT:"):
+        return GENERIC, GENERIC
+    m = _SCT.match("SCT:" + code[4:].strip())
+    if m is None:
+        raise ValueError(f"class {cls.name!r} has code {code!r}, not SCT:[<category>/]<type>[|<meaning>]")
+    category = m["category"] or ANATOMICAL_STRUCTURE
+    if category not in CATEGORIES:
+        raise ValueError(f"class {cls.name!r} has category {category}, not one of the SNOMED CT segmentation "
+                         f"categories {', '.join(sorted(CATEGORIES))}")
+    meaning = _lo(m["meaning"] or cls.name)
+    return (hd.sr.CodedConcept(category, "SCT", CATEGORIES[category]),
+            hd.sr.CodedConcept(m["type"], "SCT", meaning))
+
+
+def write_dicom_seg(
+    labels: Any,
+    geometry: VolumeGeometry,
+    out_path: str | PathLike[str],
+    *,
+    classes: list[LabelClass],
+    algorithm: dict[str, Any],
+    segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY",
+    nodata_label: int | None = None,
+    series_number: int | None = None,
+    source_root: str | PathLike[str] | None = None,
+) -> Path:
+    """Write a (K, J, I) label map as a DICOM SEG referencing the source series, slice k -> instance k.
+
+    ``algorithm`` is ``{"name": model name, "version": segflow version,
+    "weights_sha256": ...}``. Nodata voxels are written as background; a
+    label value that is neither a class nor nodata is refused. The series
+    number defaults to 9000 + the source's series number (mod 1000).
+    ``source_root`` is the series folder that relative paths in
+    ``geometry.dicom.files`` start from (the image store's ``source.path``).
+    """
+    out = Path(out_path)
+    info = geometry.dicom
+    if info is None:
+        raise ExportError(out, "the volume did not come from a DICOM series: a DICOM SEG needs source images")
+    if segmentation_type not in ("BINARY", "LABELMAP"):
+        raise ExportError(out, f"segmentation type must be BINARY or LABELMAP, got {segmentation_type!r}")
+    depth = len(info.sop_instance_uids)
+    if len(labels.shape) != 3 or labels.shape[0] != depth:
+        raise ExportError(out, f"labels have shape {tuple(labels.shape)} but the series has {depth} slices")
+    if np.dtype(labels.dtype).kind not in "biu":
+        raise ExportError(out, f"labels must be integers, got {labels.dtype}")
+    name = str(algorithm.get("name") or "segflow model")
+    version = str(algorithm.get("version") or "unknown")
+    weights = str(algorithm.get("weights_sha256") or "")
+
+    segmented = sorted((c for c in classes if c.value != 0), key=lambda c: c.value)
+    if not segmented:
+        raise ExportError(out, "no non-background class to write as a segment")
+    if nodata_label is not None and any(c.value == nodata_label for c in segmented):
+        raise ExportError(out, f"nodata label {nodata_label} is also the value of a class")
+    try:
+        descriptions = [_describe(c, n, name, version, weights) for n, c in enumerate(segmented, start=1)]
+    except ValueError as exc:
+        raise ExportError(out, str(exc)) from None
+
+    sources = _read_sources(out, geometry, source_root)
+    rows, columns = int(sources[0].Rows), int(sources[0].Columns)
+    if tuple(labels.shape[1:]) != (rows, columns):
+        raise ExportError(out, f"labels have shape {tuple(labels.shape)} but the source images are "
+                               f"{rows} rows x {columns} columns")
+    numbers = _segment_numbers(out, labels, segmented, nodata_label)
+    if info.frame_numbers is not None:  # one enhanced multi-frame source: frames are the source's frames
+        frames = np.zeros((int(sources[0].NumberOfFrames), rows, columns), dtype=numbers.dtype)
+        frames[np.asarray(info.frame_numbers) - 1] = numbers
+        numbers = frames
+
+    if series_number is None:
+        series_number = SEG_SERIES_NUMBER_BASE + (info.series_number or 0) % 1000
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=numbers,
+            segmentation_type=segmentation_type,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=_lo(name),
+            software_versions=_lo(version),
+            device_serial_number=MANUFACTURER,
+            content_label="SEGFLOW",
+            content_description=_lo(f"{name} labels"),
+            omit_empty_frames=True,
+        )
+        seg.SeriesDescription = _lo(f"segflow {name}")
+        seg.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        _unlink(tmp)
+        raise ExportError(out, f"cannot write: {exc.strerror or type(exc).__name__}") from None
+    except (ValueError, TypeError, AttributeError) as exc:  # highdicom's validation of the content
+        _unlink(tmp)
+        raise ExportError(out, f"highdicom refused the segmentation: {_short(exc)}") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return out
+
+
+def _describe(c: LabelClass, number: int, name: str, version: str, weights: str) -> hd.seg.SegmentDescription:
+    category, kind = segment_codes(c)
+    parameters = {"label_value": str(c.value)}
+    if weights:
+        parameters["weights_sha256"] = _parameter(weights)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=_lo(name), family=codes.cid7162.ArtificialIntelligence, version=_lo(version),
+        source=MANUFACTURER, parameters=parameters,
+    )
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=_lo(c.name),
+        segmented_property_category=category,
+        segmented_property_type=kind,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        display_color=hd.color.CIELabColor.from_rgb(*c.color),
+    )
+
+
+def _read_sources(out: Path, geometry: VolumeGeometry, root: str | PathLike[str] | None) -> list[pydicom.Dataset]:
+    """The source headers (no pixel data), in stored slice order (one dataset for a multi-frame source)."""
+    info = geometry.dicom
+    assert info is not None
+    by_uid = {f.sop_instance_uid: f for f in info.files}
+    wanted = list(dict.fromkeys(info.sop_instance_uids))  # a multi-frame source lists its one UID per slice
+    sources = []
+    for sop_uid in wanted:
+        entry = by_uid.get(sop_uid)
+        if entry is None:
+            raise ExportError(out, f"series {info.series_instance_uid}: no file recorded for instance {sop_uid}")
+        path = Path(entry.path)
+        if not path.is_absolute():
+            if root is None:
+                raise ExportError(out, f"series {info.series_instance_uid}: source paths are relative to the "
+                                       "series folder, which was not given (source_root)")
+            path = Path(root) / path
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except FileNotFoundError:
+            raise ExportError(out, f"source file {path.name} of series {info.series_instance_uid} is gone") from None
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise ExportError(out, f"cannot read source file {path.name} of series "
+                                   f"{info.series_instance_uid}: {_short(exc)}") from None
+        if ds.get("SOPInstanceUID") != sop_uid or ds.get("SeriesInstanceUID") != info.series_instance_uid:
+            raise ExportError(out, f"source file {path.name} no longer holds instance {sop_uid} of series "
+                                   f"{info.series_instance_uid}")
+        sources.append(ds)
+    if info.frame_numbers is not None and len(sources) != 1:
+        raise ExportError(out, f"series {info.series_instance_uid}: frame numbers given for {len(sources)} "
+                               "instances; only one multi-frame source is supported")
+    return sources
+
+
+def _segment_numbers(out: Path, labels: Any, segmented: list[LabelClass], nodata_label: int | None) -> np.ndarray:
+    """Class values -> segment numbers 1..n (0 background, nodata -> 0), read slab by slab."""
+    n = len(segmented)
+    top = max([c.value for c in segmented] + [nodata_label or 0])
+    lut = np.full(top + 1, -1, dtype=np.int64)
+    lut[0] = 0
+    for number, c in enumerate(segmented, start=1):
+        lut[c.value] = number
+    if nodata_label is not None and nodata_label >= 0:
+        lut[nodata_label] = 0
+    dtype = np.uint8 if n < 256 else np.uint16
+    numbers = np.zeros(tuple(labels.shape), dtype=dtype)
+    chunks = getattr(labels, "chunks", None)
+    step = int(chunks[0]) if chunks and isinstance(chunks[0], (int, np.integer)) else 8
+    for k0 in range(0, labels.shape[0], step):
+        slab = np.asarray(labels[k0:k0 + step])
+        if slab.size == 0:
+            continue
+        lo, hi = int(slab.min()), int(slab.max())
+        if lo < 0 or hi > top:
+            bad = lo if lo < 0 else hi
+            raise ExportError(out, f"label value {bad} (slices {k0}-{k0 + len(slab) - 1}) is not a class")
+        mapped = lut[slab]
+        if mapped.min() < 0:
+            bad = int(slab[mapped < 0].flat[0])
+            raise ExportError(out, f"label value {bad} (slices {k0}-{k0 + len(slab) - 1}) is not a class")
+        numbers[k0:k0 + len(slab)] = mapped
+    return numbers
+
+
+def read_dicom_seg_labels(path: str | PathLike[str], geometry: VolumeGeometry) -> np.ndarray:
+    """Read a DICOM SEG back as a (K, J, I) array of class values on the source's stored grid.
+
+    Frames are matched to slices by the source SOP instance UID (and frame
+    number) each frame references, not by frame order, so a SEG written in
+    the wrong order reads back wrong.
+    """
+    src = Path(path)
+    info = geometry.dicom
+    if info is None:
+        raise InvalidInputError(src, "the volume did not come from a DICOM series")
+    try:
+        seg = hd.seg.segread(src)
+    except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
+        raise InvalidInputError(src, f"not a readable DICOM SEG: {_short(exc)}") from None
+    referenced = {item.SeriesInstanceUID for item in seg.get("ReferencedSeriesSequence", [])}
+    if info.series_instance_uid not in referenced:
+        raise InvalidInputError(src, f"does not reference series {info.series_instance_uid}")
+    try:
+        if info.frame_numbers is not None:
+            numbers = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=info.sop_instance_uids[0], source_frame_numbers=info.frame_numbers,
+                combine_segments=True, assert_missing_frames_are_empty=False, dtype=np.uint16)
+        else:
+            numbers = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=info.sop_instance_uids, combine_segments=True,
+                assert_missing_frames_are_empty=False, dtype=np.uint16)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise InvalidInputError(src, f"cannot map its frames onto series {info.series_instance_uid}: "
+                                     f"{_short(exc)}") from None
+    lut = np.zeros(int(max(seg.segment_numbers, default=0)) + 1, dtype=np.int64)
+    for number in seg.segment_numbers:
+        if number:  # LABELMAP: highdicom describes the background as segment 0
+            lut[number] = _label_value(seg.get_segment_description(number))
+    values = lut[numbers]
+    dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
+    return values.astype(dtype)
+
+
+def _label_value(desc: hd.seg.SegmentDescription) -> int:
+    """The class value a segment stands for: its ``label_value`` parameter, else its segment number."""
+    for item in desc.get("SegmentationAlgorithmIdentificationSequence", []):
+        for part in str(item.get("AlgorithmParameters", "")).split(","):
+            key, _, value = part.partition("=")
+            if key.strip() == "label_value" and value.strip().isdigit():
+                return int(value)
+    return int(desc.segment_number)
+
+
+def _lo(text: str) -> str:
+    """A DICOM LO value: no backslash or control characters, at most 64 characters."""
+    clean = " ".join(_LO_BAD.sub(" ", text).split())
+    return clean[:64] or "unnamed"
+
+
+def _parameter(text: str) -> str:
+    # AlgorithmParameters is "key=value,key=value": neither separator may appear in a value.
+    return re.sub(r"[,=\\\x00-\x1f]", "_", text)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

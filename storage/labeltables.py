@@ -1,0 +1,91 @@
+"""Label tables that desktop viewers read beside a label map.
+
+A label map is only integers; the viewer learns names and colours from a
+side-car table.  3D Slicer reads a ``.ctbl`` colour table (``idx name R G B A``,
+written by :func:`storage.classes.slicer_color_table`), ITK-SNAP its own
+"label description" file (``IDX R G B A VIS MSH "LABEL"``, with label 0 the
+"Clear Label").  :func:`write_label_tables` writes both from the model card's
+classes, each under a temporary name renamed into place so that a viewer never
+opens half a table.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from os import PathLike
+from pathlib import Path
+
+from storage.classes import LabelClass, slicer_color_table
+from storage.errors import ExportError
+
+__all__ = ["itksnap_label_description", "write_label_tables", "SLICER_SUFFIX", "ITKSNAP_SUFFIX"]
+
+SLICER_SUFFIX = ".ctbl"
+ITKSNAP_SUFFIX = ".itksnap.txt"
+
+# The header ITK-SNAP itself writes (Segmentation > Export Label Descriptions).
+_ITKSNAP_HEADER = """\
+################################################
+# ITK-SnAP Label Description File
+# File format:
+# IDX   -R-  -G-  -B-  -A--  VIS MSH  LABEL
+# Fields:
+#    IDX:   Zero-based index
+#    -R-:   Red color component (0..255)
+#    -G-:   Green color component (0..255)
+#    -B-:   Blue color component (0..255)
+#    -A-:   Label transparency (0.00 .. 1.00)
+#    VIS:   Label visibility (0 or 1)
+#    IDX:   Label mesh visibility (0 or 1)
+#  LABEL:   Label description
+################################################
+"""
+
+
+def _itksnap_line(value: int, rgb: tuple[int, int, int], alpha: float, visible: int, name: str) -> str:
+    # ITK-SNAP parses the label between double quotes and has no escape: drop quotes and line breaks.
+    clean = " ".join(name.replace('"', "'").split())
+    return f'{value:5d} {rgb[0]:5d} {rgb[1]:4d} {rgb[2]:4d} {alpha:8g} {visible:2d} {visible:2d}    "{clean}"'
+
+
+def itksnap_label_description(classes: list[LabelClass]) -> str:
+    """ITK-SNAP label description text; index 0 is always ITK-SNAP's invisible "Clear Label".
+
+    ITK-SNAP treats label 0 as "no label" whatever it is called, so the card's
+    background class (if any) does not replace it: writing it visible would
+    paint the whole volume.
+    """
+    lines = [_itksnap_line(0, (0, 0, 0), 0.0, 0, "Clear Label")]
+    for c in sorted(classes, key=lambda c: c.value):
+        if c.value == 0:
+            continue
+        lines.append(_itksnap_line(c.value, c.color, 1.0, 1, c.name))
+    return _ITKSNAP_HEADER + "\n".join(lines) + "\n"
+
+
+def write_label_tables(out_path_stem: str | PathLike[str], classes: list[LabelClass]) -> list[Path]:
+    """Write ``<stem>.ctbl`` (3D Slicer) and ``<stem>.itksnap.txt`` (ITK-SNAP); their paths, in that order."""
+    stem = Path(out_path_stem)
+    documents = [
+        (stem.parent / f"{stem.name}{SLICER_SUFFIX}", slicer_color_table(classes)),
+        (stem.parent / f"{stem.name}{ITKSNAP_SUFFIX}", itksnap_label_description(classes)),
+    ]
+    return [_write_text_atomically(path, text) for path, text in documents]
+
+
+def _write_text_atomically(out: Path, text: str) -> Path:
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise ExportError(out, f"cannot write the label table: {exc.strerror or type(exc).__name__}") from None
+    return out

@@ -1,0 +1,229 @@
+"""Chunked resampling of (C, K, J, I) dask arrays between an input grid and a model grid.
+
+``to_model`` and ``to_input`` apply a ``storage.grids.GridMapping`` lazily.
+The orientation part is a view (a transpose and reversed slices, never an
+interpolation).  The spacing part is separable: along each axis an output
+index ``m`` samples the source at ``offset + scale * m`` with linear (or
+nearest) interpolation and border padding, as MONAI's ``grid_sample`` does.
+Every output chunk is one task that reads only the source region its
+footprint maps to, plus one voxel for the linear kernel, and interpolates it
+in float64 with 1-D gather-and-lerp passes, one axis at a time, so memory is
+one output chunk plus its source region and the values do not depend on how
+either side is chunked.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+from operator import getitem
+from typing import Literal, Sequence
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from storage.grids import GridMapping, monai_source_coords, sampling_thetas
+
+Mode = Literal["bilinear", "nearest"]
+
+
+class _Axis:
+    """One storage axis of a resampling step: how its output indices read its (already oriented) source."""
+
+    def __init__(self, n_in: int, n_out: int, copy: bool, theta: tuple[float, float]) -> None:
+        self.n_in, self.n_out, self.theta = n_in, n_out, theta
+        self.copy = copy and n_in == n_out
+
+    def coords(self, start: int, stop: int) -> np.ndarray:
+        """Clamped (border-padded) source coordinates of output indices start..stop-1."""
+        x = monai_source_coords(np.arange(start, stop), self.n_in, self.n_out, self.theta)
+        return np.clip(x, 0.0, self.n_in - 1.0)
+
+    def region(self, start: int, stop: int, mode: Mode) -> tuple[int, int]:
+        """Source index range [lo, hi) that output indices start..stop-1 read."""
+        if self.copy:
+            return start, stop
+        x = self.coords(start, stop)
+        if mode == "nearest":
+            idx = np.rint(x).astype(np.int64)
+            return int(idx.min()), int(idx.max()) + 1
+        lo = int(np.floor(x.min()))
+        return lo, min(int(np.floor(x.max())) + 2, self.n_in)
+
+
+def _resample_axis(block: np.ndarray, axis: int, ax: _Axis, start: int, stop: int, lo: int, mode: Mode) -> np.ndarray:
+    """One 1-D pass: gather the source samples of outputs start..stop-1 along ``axis`` and interpolate."""
+    if ax.copy:
+        return block
+    x = ax.coords(start, stop)
+    if mode == "nearest":
+        return np.take(block, np.rint(x).astype(np.int64) - lo, axis=axis)
+    i0 = np.floor(x)
+    w1 = x - i0  # grid_sample's weights: (i0 + 1 - x) and (x - i0)
+    w0 = (i0 + 1.0) - x
+    i0 = i0.astype(np.int64)
+    i1 = np.minimum(i0 + 1, ax.n_in - 1)
+    shape = [1] * block.ndim
+    shape[axis] = -1
+    return (np.take(block, i0 - lo, axis=axis) * w0.reshape(shape)
+            + np.take(block, i1 - lo, axis=axis) * w1.reshape(shape))
+
+
+def _resample_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[tuple[int, int]],
+                    src_lo: Sequence[int], mode: Mode, dtype: np.dtype) -> np.ndarray:
+    """An output chunk from its source region, one separable pass per axis, in float64."""
+    if all(a.copy for a in axes):
+        return src.astype(dtype, copy=False)
+    block = np.asarray(src, dtype=np.float64)
+    for s, (ax, (start, stop), lo) in enumerate(zip(axes, out_ranges, src_lo)):
+        block = _resample_axis(block, s + 1, ax, start, stop, lo, mode)
+    return block.astype(dtype, copy=False)
+
+
+def _normalise_chunks(chunks: int | Sequence[int] | None, default: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    if chunks is None:
+        sizes = list(default)
+    elif isinstance(chunks, (int, np.integer)):
+        sizes = [int(chunks)] * 3
+    else:
+        sizes = [int(c) for c in chunks]
+        if len(sizes) == 4:  # (C, K, J, I) given: the channel axis always stays one chunk
+            sizes = sizes[1:]
+    if len(sizes) != 3 or any(c < 1 for c in sizes):
+        raise ValueError(f"chunks must be one or three positive spatial sizes, got {chunks!r}")
+    return tuple(min(c, max(n, 1)) for c, n in zip(sizes, shape))
+
+
+def _bounds(n: int, c: int) -> list[tuple[int, int]]:
+    return [(s, min(s + c, n)) for s in range(0, n, c)]
+
+
+def _flipped(bounds: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The chunk bounds that become ``bounds`` once the axis is reversed."""
+    return [(n - b, n - a) for a, b in reversed(bounds)]
+
+
+def _resample(source: da.Array, axes: Sequence[_Axis], per_axis: Sequence[list[tuple[int, int]]], mode: Mode,
+              dtype: np.dtype) -> da.Array:
+    """Build the graph: one task per output chunk, fed by exactly the source region it maps to.
+
+    The region is cut from the source chunks it overlaps and assembled inside
+    the task, so a task holds its region, its output chunk and nothing else.
+    """
+    n_ch = source.shape[0]
+    out_chunks = (n_ch,), *(tuple(b - a for a, b in bounds) for bounds in per_axis)
+    if all(a.copy for a in axes):
+        return source.astype(dtype).rechunk(out_chunks)
+    source = source.rechunk({0: n_ch})  # all channels of a region together: a chunk is classes x volume
+    edges = [np.cumsum((0, *c)) for c in source.chunks[1:]]
+    token = tokenize(source.name, [(a.n_in, a.n_out, a.copy, a.theta) for a in axes], per_axis, mode, str(dtype))
+    name = f"resample-{token}"
+    dsk: dict = {}
+    for idx in product(*(range(len(b)) for b in per_axis)):
+        ranges = [per_axis[s][idx[s]] for s in range(3)]
+        regions = [axes[s].region(*ranges[s], mode) for s in range(3)]
+        touched = [range(int(np.searchsorted(e, lo, side="right")) - 1, int(np.searchsorted(e, hi, side="left")))
+                   for e, (lo, hi) in zip(edges, regions)]
+        parts, places = [], []
+        for chunk in product(*touched):
+            local, place = [slice(None)], [slice(None)]
+            for s, c in enumerate(chunk):
+                lo, hi = max(regions[s][0], int(edges[s][c])), min(regions[s][1], int(edges[s][c + 1]))
+                local.append(slice(lo - int(edges[s][c]), hi - int(edges[s][c])))
+                place.append(slice(lo - regions[s][0], hi - regions[s][0]))
+            parts.append((getitem, (source.name, 0, *chunk), tuple(local)))  # run inside the task
+            places.append(tuple(place))
+        region_shape = (n_ch, *(hi - lo for lo, hi in regions))
+        dsk[(name, 0, *idx)] = (_region_task, parts, places, region_shape, source.dtype, list(axes), ranges,
+                                [lo for lo, _ in regions], mode, dtype)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
+    return da.Array(graph, name, chunks=out_chunks, dtype=dtype)
+
+
+def _region_task(parts: list[np.ndarray], places: list[tuple[slice, ...]], shape: tuple[int, ...],
+                 src_dtype: np.dtype, axes: Sequence[_Axis], ranges: Sequence[tuple[int, int]],
+                 src_lo: Sequence[int], mode: Mode, dtype: np.dtype) -> np.ndarray:
+    """Assemble a source region from its pieces, then resample it into one output chunk."""
+    if len(parts) == 1 and parts[0].shape == shape:
+        region = np.asarray(parts[0])
+    else:
+        region = np.empty(shape, dtype=src_dtype)
+        for part, place in zip(parts, places):
+            region[place] = part
+    return _resample_block(region, axes, ranges, src_lo, mode, dtype)
+
+
+def _check(image: da.Array, shape: Sequence[int], what: str) -> da.Array:
+    image = da.asarray(image)
+    if image.ndim != 4 or tuple(image.shape[1:]) != tuple(shape):
+        raise ValueError(f"{what} must be (C, {', '.join(map(str, shape))}), got {image.shape}")
+    return image
+
+
+def _mode(mode: str) -> Mode:
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def to_model(image: da.Array, mapping: GridMapping, *, chunks: int | Sequence[int] | None = None,
+             mode: Literal["bilinear", "nearest"] = "bilinear", dtype=np.float32) -> da.Array:
+    """(C, K, J, I) on the input grid -> (C, K', J', I') on the model grid, lazily, as MONAI's
+    ``Orientationd`` + ``Spacingd`` would.  ``chunks`` are the output's spatial chunk sizes
+    (default: the input's chunk sizes of the axes they read)."""
+    mode = _mode(mode)
+    image = _check(image, mapping.input_shape, "image")
+    dtype = np.dtype(dtype)
+    # Orientation as a view: transpose to the model's axis order, then reverse the flipped axes.
+    oriented = image.transpose(0, *(a.source_axis + 1 for a in mapping.axes))
+    oriented = oriented[(slice(None), *(slice(None, None, -1) if a.flip else slice(None) for a in mapping.axes))]
+    thetas = sampling_thetas(mapping)
+    axes = [_Axis(oriented.shape[s + 1], a.size, a.is_copy, thetas[s]) for s, a in enumerate(mapping.axes)]
+    default = [image.chunksize[a.source_axis + 1] for a in mapping.axes]
+    out_chunks = _normalise_chunks(chunks, default, mapping.model_shape)
+    return _resample(oriented, axes, [_bounds(n, c) for n, c in zip(mapping.model_shape, out_chunks)], mode, dtype)
+
+
+def to_input(probs: da.Array, mapping: GridMapping, *, chunks: int | Sequence[int] | None = None,
+             mode: Literal["bilinear", "nearest"] = "bilinear") -> da.Array:
+    """(N, K', J', I') on the model grid -> (N, K, J, I) on the input grid, float32, as MONAI's
+    ``Invertd`` undoes ``Spacingd`` (``nearest_interp=False``: bilinear; ``True``: nearest) and then
+    ``Orientationd``.  ``chunks`` are the output's spatial chunk sizes (default: the model array's)."""
+    mode = _mode(mode)
+    probs = _check(probs, mapping.model_shape, "probabilities")
+    oriented_shape = mapping.oriented_shape
+    thetas = sampling_thetas(mapping, inverse=True)
+    axes = [_Axis(a.size, oriented_shape[s], a.is_copy, thetas[s]) for s, a in enumerate(mapping.axes)]
+    # Resample on the oriented grid with chunks that land on the input's chunks after the view below.
+    inv = {a.source_axis: s for s, a in enumerate(mapping.axes)}
+    default = [probs.chunksize[inv[t] + 1] for t in range(3)]
+    in_chunks = _normalise_chunks(chunks, default, mapping.input_shape)
+    bounds = []
+    for s, a in enumerate(mapping.axes):
+        n = oriented_shape[s]
+        regular = _bounds(n, in_chunks[a.source_axis])
+        bounds.append(_flipped(regular, n) if a.flip else regular)
+    oriented = _resample(probs, axes, bounds, mode, np.dtype(np.float32))
+    # Undo the orientation view: un-flip, then put each axis back where the input had it.
+    oriented = oriented[(slice(None), *(slice(None, None, -1) if a.flip else slice(None) for a in mapping.axes))]
+    return oriented.transpose(0, *(inv[t] + 1 for t in range(3)))
+
+
+def model_region(mapping: GridMapping, box: Sequence[tuple[int, int]],
+                 mode: Literal["bilinear", "nearest"] = "bilinear") -> tuple[tuple[int, int], ...]:
+    """The model-space region [lo, hi) per model axis that :func:`to_input` reads for the input ``box``.
+
+    ``box`` is [lo, hi) per input storage axis (k, j, i).  A resumed run uses
+    it to know which model-space work the chunks it still writes depend on.
+    """
+    mode = _mode(mode)
+    thetas = sampling_thetas(mapping, inverse=True)
+    oriented_shape = mapping.oriented_shape
+    out = []
+    for s, a in enumerate(mapping.axes):
+        n = oriented_shape[s]
+        lo, hi = box[a.source_axis]
+        start, stop = (n - hi, n - lo) if a.flip else (lo, hi)
+        out.append(_Axis(a.size, n, a.is_copy, thetas[s]).region(start, stop, mode))
+    return tuple(out)

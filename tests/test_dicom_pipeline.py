@@ -1,0 +1,142 @@
+"""A DICOM folder as radiology gives it, through `segflow segment`: one output set per series, bad ones alone.
+
+The folder holds an oblique, descending CT series, an axial one at another
+spacing (segmented in the model's space and brought back), a series with a
+missing slice, and files that are not images.  Each good series gets labels as
+NIfTI on its own grid, a DICOM SEG that reads back to the same labels slice for
+slice, label tables, per-label statistics and provenance naming its UIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from flows.cli import app
+from storage.dicomseg import read_dicom_seg_labels
+from storage.layout import open_image_store
+from tests.dicom_samples import DUMMY_PATIENT_ID, DUMMY_PATIENT_NAME, write_bad_series, write_ct_series
+from tests.models import tiny_model
+
+
+def body(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A smooth CT-like volume in raw units (HU + 1024)."""
+    rng = np.random.default_rng(seed)
+    x = ndimage.gaussian_filter(rng.normal(size=shape), sigma=(1.0, 3.0, 3.0))
+    return (1024 + 400 * x / np.abs(x).max()).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dicom")
+    folder = root / "study"
+    c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
+    write_ct_series(folder / "oblique", body((9, 30, 28), 1), spacing=(2.5, 0.8, 0.7), iop=(c, s, 0, -s, c, 0),
+                    descending=True, series_description="AX oblique <1mm>/../x", series_number=4)
+    write_ct_series(folder / "axial", body((7, 26, 24), 2), spacing=(3.0, 0.9, 0.9), series_number=5,
+                    series_description="AX CT")
+    write_bad_series(folder / "broken", "missing_slice")
+    (folder / "README.txt").write_text("not DICOM")
+    model = tiny_model(root / "model", spatial_dims=3, channels=1, spacing=[2.0, 1.0, 1.0], spacing_unit="mm",
+                       orientation="RAS")
+    out = root / "out"
+    env = {**os.environ, "PREFECT_HOME": os.environ["PREFECT_HOME"], "COLUMNS": "300"}
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(folder), "--model", str(model.path),
+                           "--out", str(out), "--workers", "1", "--chunk-size", "16"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    return proc, out, folder
+
+
+def _series_outputs(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("*.nii.gz") if not p.name.endswith(".model-space.nii.gz"))
+
+
+def test_each_series_is_its_own_input_and_the_bad_one_fails_alone(run):
+    proc, out, folder = run
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "slice(s) missing" in errors[0] and "[series " in errors[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    labels = _series_outputs(out)
+    assert len(labels) == 2
+    names = sorted(p.name for p in labels)
+    assert names[0].startswith("series-4-") and names[1].startswith("series-5-")
+    assert all(set(n) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") for n in names)
+    assert not (out / ".segflow-work").exists()
+
+
+def test_outputs_a_radiology_group_opens(run):
+    proc, out, folder = run
+    for nifti in _series_outputs(out):
+        stem = nifti.name.removesuffix(".nii.gz")
+        record = json.loads((out / f"{stem}.provenance.json").read_text())
+        dicom = record["input"]["dicom"]
+        img = nib.load(nifti)
+        labels = np.asarray(img.dataobj)
+        series_dir = folder / ("oblique" if stem.startswith("series-4") else "axial")
+        first = pydicom.dcmread(next(series_dir.glob("*.dcm")))
+        # the labels lie on the series' own grid: columns x rows x slices
+        assert labels.shape == (first.Columns, first.Rows, len(list(series_dir.glob("*.dcm"))))
+        assert dicom["series_instance_uid"] == first.SeriesInstanceUID
+        assert dicom["deidentification"] == {"patient_name_present": True, "patient_id_present": True}
+        # the SEG references the series and reads back to the NIfTI labels, slice k = instance k
+        seg = pydicom.dcmread(out / f"{stem}.seg.dcm")
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+        assert seg.SeriesInstanceUID != first.SeriesInstanceUID
+        store_geometry = _geometry_from(record, labels)
+        back = read_dicom_seg_labels(out / f"{stem}.seg.dcm", store_geometry)
+        assert np.array_equal(back, labels.transpose(2, 1, 0))
+        assert len(np.unique(labels)) >= 2
+        # statistics agree with the label map; tables name the classes
+        stats = json.loads((out / f"{stem}.statistics.json").read_text())
+        counts = np.bincount(labels.ravel(), minlength=3)
+        assert [stats["classes"][f"class{v}"]["voxels"] for v in range(3)] == counts.tolist()
+        assert stats["unit"] == "HU"
+        assert record["statistics"]["label_statistics"]["classes"]["class1"]["voxels"] == counts[1]
+        assert "class2" in (out / f"{stem}.ctbl").read_text() and "class2" in (out / f"{stem}.itksnap.txt").read_text()
+        for path in out.glob(f"{stem}*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert DUMMY_PATIENT_ID.encode() not in data or path.suffix == ".dcm", path
+                assert DUMMY_PATIENT_NAME.encode() not in data or path.suffix == ".dcm", path
+    oblique = next(p for p in _series_outputs(out) if p.name.startswith("series-4"))
+    record = json.loads((out / oblique.name.replace(".nii.gz", ".provenance.json")).read_text())
+    assert "model_space" in record["parameters"]  # 0.7 x 0.8 x 2.5 mm was taken to the model's 1 x 1 x 2 mm
+
+
+def _geometry_from(record: dict, labels: np.ndarray):
+    """The VolumeGeometry the SEG reader needs, as ingest made it (re-ingested from the recorded files)."""
+    from storage.dicom import find_series, ingest_dicom
+
+    [ref] = [r for r in find_series([record["input"]["path"]])
+             if r.series_instance_uid == record["input"]["dicom"]["series_instance_uid"]]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ingest_dicom(ref, Path(tmp) / "s.zarr")
+        return open_image_store(store.path).meta.geometry
+
+
+def test_verify_checks_every_file_of_the_series(run):
+    proc, out, folder = run
+    nifti = next(p for p in _series_outputs(out) if p.name.startswith("series-5"))
+    result = CliRunner().invoke(app, ["verify", str(nifti)])
+    assert result.exit_code == 0, result.output
+    victim = sorted((folder / "axial").glob("*.dcm"))[2]
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(original[:-2] + b"\x00\x01")
+        result = CliRunner().invoke(app, ["verify", str(nifti)])
+        assert result.exit_code != 0 and victim.name in result.output
+    finally:
+        victim.write_bytes(original)

@@ -1,0 +1,62 @@
+"""Card normalisations equal MONAI's intensity transforms, computed chunk by chunk on a dask array."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
+
+from segmentation.card import Normalization
+from segmentation.normalize import image_percentiles, resolve, statistics_for
+
+
+def chunked(x: np.ndarray, parts: int = 3) -> da.Array:
+    return da.from_array(x, chunks=(x.shape[0],) + tuple(max(1, s // parts) for s in x.shape[1:]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_percentiles_out_of_core(seed):
+    rng = np.random.default_rng(seed)
+    smooth = rng.normal(size=(1, 23, 31, 19)) * 300
+    discrete = rng.integers(-3, 4, size=(2, 40, 41)).astype(np.float64)  # ties everywhere
+    for x in (smooth, discrete):
+        qs = [0.0, 0.5, 1.0, 37.3, 50.0, 99.0, 99.5, 100.0]
+        assert image_percentiles(chunked(x), qs) == pytest.approx(np.percentile(x, qs), abs=0, rel=0)
+
+
+def test_percentiles_skip_masked_pixels():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, 30, 30))
+    mask = rng.random((30, 30)) > 0.4
+    got = image_percentiles(chunked(x), [5.0, 95.0], da.from_array(mask, chunks=(10, 10)))
+    assert got == pytest.approx(np.percentile(x[:, mask], [5.0, 95.0]), abs=0, rel=0)
+
+
+@pytest.mark.parametrize("relative, clip", [(False, True), (True, False), (True, True)])
+def test_percentile_scaling_equals_monai(relative, clip):
+    rng = np.random.default_rng(4)
+    x = rng.gamma(2.0, 200.0, size=(1, 16, 18, 20)).astype(np.float32)
+    norm = Normalization(mode="percentile", lower=2.0, upper=98.0, b_min=-1.0, b_max=1.0, relative=relative,
+                         clip=None)
+    monai = ScaleIntensityRangePercentiles(lower=2.0, upper=98.0, b_min=-1.0, b_max=1.0, clip=clip,
+                                           relative=relative)(torch.from_numpy(x)).numpy()
+    if clip:  # a card states the clip range literally; for relative ones it is the moved b_min..b_max
+        lo, hi = (-1.0 + 2.0 * 0.02, -1.0 + 2.0 * 0.98) if relative else (-1.0, 1.0)
+        norm = norm.model_copy(update={"clip": (lo, hi)})
+    ours = resolve(norm, 1, statistics_for(norm, chunked(x)))(x)
+    assert np.abs(ours - monai).max() < 1e-5
+
+
+@pytest.mark.parametrize("nonzero", [False, True])
+def test_image_zscore_equals_monai_normalize_intensity(nonzero):
+    rng = np.random.default_rng(5)
+    x = rng.normal(100.0, 20.0, size=(1, 12, 14, 16)).astype(np.float32)
+    x[:, :4] = 0.0  # background outside the body
+    norm = Normalization(mode="image_zscore", nonzero=nonzero)
+    ours = resolve(norm, 1, statistics_for(norm, chunked(x)))(x)
+    monai = NormalizeIntensity(nonzero=nonzero)(torch.from_numpy(x)).numpy()
+    assert np.abs(ours - monai).max() < 1e-4
+    if nonzero:
+        assert np.all(ours[:, :4] == 0.0)
