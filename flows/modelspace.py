@@ -10,6 +10,7 @@ what they were.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,12 @@ def build(store: ImageStore, model: LoadedModel, options: SegmentOptions,
     image_store = store
     if mapping is not None:
         chunk = options.chunk_size or DEFAULT_VOLUME_CHUNK
+        t0 = time.perf_counter()
         image_store, reused = model_image(store, mapping, model_image_path(store), chunk=chunk,
                                           interpolation=model.card.input.interpolation,
                                           compute=lambda graph: client.compute(graph).result())
-        facts = {"model_space": mapping.to_json(), "model_image_reused": reused}
+        facts = {"model_space": mapping.to_json(), "model_image_reused": reused,
+                 "model_image_seconds": round(time.perf_counter() - t0, 3)}
     stitch = build_plan(image_store.image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
                         precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
                         batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)

@@ -430,7 +430,7 @@ def _preprocessing(config: dict, in_key: str, channels: int, spatial_dims: int, 
         if base == "Orientation":
             axcodes = args.get("axcodes")
             if not isinstance(axcodes, str) or len(axcodes) != spatial_dims or spatial_dims != 3:
-                raise ModelError(None, f"{name} axcodes {axcodes!r} is not a 3-D orientation segflow applies")
+                raise ModelError(None, f"{name} axcodes {axcodes!r} is not a 3-D orientation segflow applies; pass --card")
             if args.get("as_closest_canonical", False):
                 raise ModelError(None, f"{name}(as_closest_canonical=True) is not mapped; pass --card")
             out.orientation = axcodes.upper()

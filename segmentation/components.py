@@ -129,7 +129,7 @@ def _rewrite_block(labels: zarr.Array, box: Box, groups: Sequence[np.ndarray], s
 
 def _border_edges(a: np.ndarray, b: np.ndarray, axis: int, structure: np.ndarray,
                   node_group: np.ndarray) -> np.ndarray:
-    """Pairs (2, m) of global node ids adjacent across a border: ``a`` is the plane before it, ``b`` the one after.
+    """Pairs (2, m) of node ids adjacent across a border: ``a`` is the plane before it, ``b`` the one after.
 
     Every structuring-element offset that steps +1 across the border pairs
     a voxel of ``a`` with one of ``b``; only voxels of the same group join.
@@ -178,7 +178,7 @@ def _resolve_blocks(labels: zarr.Array, chunks: Sequence[int] | None, name: str)
     if len(block) != labels.ndim or any(c < 1 for c in block):
         raise ConfigError(name, f"chunks {tuple(chunks)} do not fit a {labels.ndim}-d array")
     if any(c % u and c < s for c, u, s in zip(block, unit, labels.shape)):
-        raise ConfigError(name, f"chunks {block} are not multiples of the stored write unit (shards, else chunks) {unit}")
+        raise ConfigError(name, f"chunks {block} are not multiples of the stored shards (else chunks) {unit}")
     return tuple(min(c, s) for c, s in zip(block, labels.shape))
 
 
@@ -245,34 +245,44 @@ def keep_largest_components(labels: zarr.Array, *, applied_labels: Sequence[int]
     node_first = [np.zeros(1, dtype=np.int64)]
     total = 1
     edges: list[np.ndarray] = []
-    prev_hi0: dict[tuple[int, ...], np.ndarray] = {}
+    prev_hi0: dict[tuple[int, ...], np.ndarray] = {}  # the previous slab's last planes along axis 0, local ids
+    prev_groups = np.zeros(0, dtype=np.int32)
     for i in range(grid[0]):
         slab = [(i, *rest) for rest in np.ndindex(*grid[1:])]
-        stats = dask.compute(*[delayed(_block_stats)(labels, box_of(idx), groups, structure) for idx in slab])
-        for idx, st in zip(slab, stats):
+        stats = dict(zip(slab, dask.compute(
+            *[delayed(_block_stats)(labels, box_of(idx), groups, structure) for idx in slab])))
+        start = total  # first node of this slab
+        for idx, st in stats.items():
             base[idx], counts[idx] = total - 1, st.n  # local id k -> node base + k
             node_group.append(st.group)
             node_size.append(st.size)
             node_first.append(st.first)
             total += st.n
-        groups_arr = np.concatenate(node_group)
+        # Border planes hold nodes of this slab and the previous one: a contiguous window of node ids,
+        # numbered from 1 in the planes (0 stays background), so the group lookup is window-sized.
+        cur_groups = np.concatenate([st.group for st in stats.values()])
+        lookup = np.concatenate([[-1], prev_groups, cur_groups]).astype(np.int32)
+        shift = start - prev_groups.size - 1  # window id + shift = global node id
 
-        def glob(idx: tuple[int, ...], plane: np.ndarray) -> np.ndarray:
-            return np.where(plane > 0, plane.astype(np.int64) + base[idx], 0)
+        def win(idx: tuple[int, ...], plane: np.ndarray) -> np.ndarray:
+            return np.where(plane > 0, plane.astype(np.int64) + (base[idx] - shift), 0)
 
-        lo = {idx: tuple(glob(idx, p) for p in st.lo) for idx, st in zip(slab, stats)}
-        hi = {idx: tuple(glob(idx, p) for p in st.hi) for idx, st in zip(slab, stats)}
+        def join(a: np.ndarray, b: np.ndarray, axis: int) -> None:
+            e = _border_edges(a, b, axis, structure, lookup)
+            edges.append(e + shift)
+
         if i > 0:  # the border between the previous slab and this one, across the whole plane
-            a = _assemble(prev_hi0, grid, {0: i - 1})
-            b = _assemble({k: v[0] for k, v in lo.items()}, grid, {0: i})
-            edges.append(_border_edges(a, b, 0, structure, groups_arr))
+            join(_assemble({k: win(k, v) for k, v in prev_hi0.items()}, grid, {0: i - 1}),
+                 _assemble({k: win(k, st.lo[0]) for k, st in stats.items()}, grid, {0: i}), 0)
         for d in range(1, ndim):  # borders inside the slab
             for j in range(1, grid[d]):
-                a = _assemble({k: v[d] for k, v in hi.items() if k[d] == j - 1}, grid, {0: i, d: j - 1})
-                b = _assemble({k: v[d] for k, v in lo.items() if k[d] == j}, grid, {0: i, d: j})
-                edges.append(_border_edges(a, b, d, structure, groups_arr))
-        prev_hi0 = {k: v[0] for k, v in hi.items()}
-        del lo, hi, stats
+                join(_assemble({k: win(k, st.hi[d]) for k, st in stats.items() if k[d] == j - 1},
+                               grid, {0: i, d: j - 1}),
+                     _assemble({k: win(k, st.lo[d]) for k, st in stats.items() if k[d] == j},
+                               grid, {0: i, d: j}), d)
+        prev_hi0 = {k: st.hi[0] for k, st in stats.items()}
+        prev_groups = cur_groups
+        del stats
 
     # Global components: connected components of the block-local components joined across borders.
     group_of, size_of, first_of = (np.concatenate(x) for x in (node_group, node_size, node_first))

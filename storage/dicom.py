@@ -64,6 +64,7 @@ _SYNTAX_NAMES = {
     "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression",
 }
 _DEFLATED = "1.2.840.10008.1.2.1.99"
+_IMPLICIT_VR = "1.2.840.10008.1.2"
 _PIXEL_TAGS = {  # (7FE0,0010) PixelData, (7FE0,0008) FloatPixelData, (7FE0,0009) DoubleFloatPixelData
     bytes.fromhex("e07f1000"): "PixelData", bytes.fromhex("7fe00010"): "PixelData",
     bytes.fromhex("e07f0800"): "FloatPixelData", bytes.fromhex("7fe00008"): "FloatPixelData",
@@ -100,8 +101,9 @@ class SeriesRef:
 
     @property
     def display(self) -> str:
-        """How messages name the volume: the folder and UIDs only, never patient identifiers."""
-        return f"{self.root} [series {self.series_instance_uid}{' ' + self.volume if self.volume else ''}]"
+        """How messages name the volume: the folder (the file, for a one-file series) and UIDs, never patient names."""
+        where = self.files[0] if len(self.files) == 1 else self.root
+        return f"{where} [series {self.series_instance_uid}{' ' + self.volume if self.volume else ''}]"
 
     def sha256(self) -> str:
         """Content identity: sha256 over the files' sha256s in path order (plus the volume key).
@@ -166,14 +168,19 @@ class _Object:
     multi_frame_without_groups: bool
     size: int
     frames: list[_Frame] = field(default_factory=list)
+    pixel_bytes: int | None = None  # bytes the file holds after the pixel element's header (native syntaxes)
+    frames_declared: int = 1
+    rows: int | None = None
+    columns: int | None = None
 
 
-def _read_header(path: Path) -> tuple[Dataset, str | None] | None:
-    """The header (no pixels) and which pixel element follows it; None when the file is not DICOM."""
+def _read_header(path: Path) -> tuple[Dataset, str | None, int] | None:
+    """The header (no pixels), which pixel element follows it and where; None when the file is not DICOM."""
     try:
         with open(path, "rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
             tag = fp.read(4)  # pydicom stops at the pixel element's tag, or at the end of the file
+            after_tag = fp.tell()
     except InvalidDicomError:
         return None
     except OSError as exc:
@@ -182,8 +189,8 @@ def _read_header(path: Path) -> tuple[Dataset, str | None] | None:
         raise CorruptInputError(path, f"cannot read the DICOM header: {_why(exc)}") from None
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if syntax == _DEFLATED:  # the dataset was inflated from a copy: the file position says nothing
-        return ds, "PixelData" if "Rows" in ds else None
-    return ds, _PIXEL_TAGS.get(tag)
+        return ds, "PixelData" if "Rows" in ds else None, -1
+    return ds, _PIXEL_TAGS.get(tag), after_tag
 
 
 def _scan(path: Path) -> _Object | None:
@@ -194,6 +201,9 @@ def _scan(path: Path) -> _Object | None:
         return _HEADER_CACHE[cache_key]
     read = _read_header(path)
     obj = None if read is None else _describe_object(path, read[0], read[1], st.st_size)
+    if obj is not None and read is not None and read[2] >= 0 and obj.pixel_tag is not None:
+        implicit = obj.transfer_syntax_uid == _IMPLICIT_VR
+        obj.pixel_bytes = st.st_size - read[2] - (4 if implicit else 8)  # past the element's VR and length
     if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
         _HEADER_CACHE.pop(next(iter(_HEADER_CACHE)))
     _HEADER_CACHE[cache_key] = obj
@@ -228,6 +238,9 @@ def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) 
         patient_id_present=bool(str(ds.get("PatientID", "") or "").strip()),
         multi_frame_without_groups=frames_declared > 1 and not enhanced,
         size=size,
+        frames_declared=frames_declared,
+        rows=_int(ds.get("Rows")),
+        columns=_int(ds.get("Columns")),
     )
     if not is_image or obj.series_instance_uid is None:
         return obj
@@ -586,6 +599,12 @@ def _check_pixels(display: str, obj: _Object) -> None:
     problem = _decoder_problem(syntax)
     if problem:
         raise UnsupportedFormatError(display, f"{name}: {problem}")
+    native = UID(syntax).is_transfer_syntax and not UID(syntax).is_compressed
+    if native and obj.pixel_bytes is not None and obj.rows and obj.columns:
+        expected = obj.rows * obj.columns * obj.frames_declared * obj.samples_per_pixel * obj.bits_allocated // 8
+        if obj.pixel_bytes < expected:
+            raise CorruptInputError(display, f"{name}: pixel data is truncated: {max(obj.pixel_bytes, 0)} of "
+                                             f"{expected} bytes ({obj.rows}x{obj.columns}, {obj.bits_allocated}-bit)")
 
 
 def _decoder_problem(syntax: str) -> str | None:

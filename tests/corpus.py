@@ -587,8 +587,8 @@ DICOM_CASES: list[Case] = [
 
 # The real truncated DICOM files of ../shared/data/bad (header intact, pixel data cut short): given alone, each
 # is a one-file series found at ingest, when its pixels are decoded.
-SHARED_DICOM = {"CT_small.truncated.dcm": "cannot decode the pixel data of CT_small.truncated.dcm",
-                "MR_truncated.dcm": "cannot decode the pixel data of MR_truncated.dcm"}
+SHARED_DICOM = {"CT_small.truncated.dcm": "CT_small.truncated.dcm: pixel data is truncated: 13700 of 32768 bytes",
+                "MR_truncated.dcm": "MR_truncated.dcm: pixel data is truncated: 8130 of 8192 bytes"}
 
 GOOD: dict[str, Callable[[Path], Path]] = {"2d": _good_scene, "3d": good_phantom, "dicom": good_series}
 

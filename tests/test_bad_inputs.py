@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -208,11 +209,14 @@ def _check_dicom(outcomes: dict[str, dict], cases: list[corpus.Case], paths: dic
     assert left == {Path(p).name for p in outcomes[good_label]["outputs"]}, sorted(left)  # nothing partial
 
 
-def _segment_cli(inputs: list[Path], model: Path, out: Path, report: Path) -> tuple[int, list[str], dict]:
+def _segment_cli(inputs: list[Path], model: Path, out: Path, report: Path,
+                 client: Any) -> tuple[int, list[str], dict]:
+    """`segflow segment` in this process, on the test cluster (--dask-address: no second cluster to start)."""
     from flows.cli import app
 
     res = CliRunner().invoke(app, ["segment", *map(str, inputs), "--model", str(model), "--out", str(out),
-                                   "--chunk-size", "16", "--report", str(report)], env={"COLUMNS": "400"})
+                                   "--chunk-size", "16", "--report", str(report),
+                                   "--dask-address", client.scheduler.address], env={"COLUMNS": "400"})
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     return res.exit_code, errors, {o["input"]: o for o in json.loads(report.read_text())}
 
@@ -223,7 +227,7 @@ def test_dicom_folder_cases_in_one_segment_run(models, tmp_path, dask_cluster):
     good = corpus.GOOD["dicom"](tmp_path / "in")
     out = tmp_path / "out"
     inputs = [paths[c.id] for c in cases[:4]] + [good] + [paths[c.id] for c in cases[4:]]
-    code, errors, outcomes = _segment_cli(inputs, models["3d"].path, out, tmp_path / "report.json")
+    code, errors, outcomes = _segment_cli(inputs, models["3d"].path, out, tmp_path / "report.json", dask_cluster)
     assert code == 1, errors
     _check_dicom(outcomes, cases, paths, good, out)
     assert len(errors) == len(cases)

@@ -278,14 +278,14 @@ def test_preprocessing_segflow_cannot_reproduce_is_refused(tmp_path, unet):
         {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True}])
     norm = read_bundle(root).card.input.normalization
     assert (norm.mode, norm.nonzero) == ("image_zscore", True)  # mapped since card version 3
-    for refused, message in [
+    for n, (refused, message) in enumerate([
         ({"_target_": "Spacingd", "keys": "image", "pixdim": [1, 1, 2], "mode": "bicubic"}, r"mode='bicubic'"),
         ({"_target_": "Spacingd", "keys": "image", "pixdim": [1, 1, 2], "align_corners": True}, "align_corners=True"),
         ({"_target_": "Orientationd", "keys": "image", "axcodes": "RA"}, "not a 3-D orientation"),
         ({"_target_": "ScaleIntensityRangePercentilesd", "keys": "image", "lower": 1, "upper": 99, "b_min": 0,
           "b_max": 1, "channel_wise": True}, "channel_wise=True"),
-    ]:
-        root = write_bundle(tmp_path / "r", net_module=unet, preprocessing=[refused])
+    ]):
+        root = write_bundle(tmp_path / f"refused{n}", net_module=unet, preprocessing=[refused])
         with pytest.raises(ModelError, match=message + ".*--card"):
             read_bundle(root)
     root = write_bundle(tmp_path / "c", net_module=unet, preprocessing=[

@@ -7,6 +7,12 @@ one; a rerun processes nothing.  One scene's first read fails with EIO, the
 way a flaky network mount fails: the I/O boundary (``sha256_input`` as the
 nightly task calls it) is patched to raise ``OSError(EIO)`` once for that
 file, and Prefect's retry runs it again; the truncated file is not retried.
+
+A second inbox holds DICOM: a good 6x24x24 CT series folder, a series with a
+missing slice and a folder with only an SR report.  The series is routed to
+the 3D model, reported by its display name with mL and intensity statistics
+per class, and skipped by a rerun and by a manifest naming its folder; the
+other two fail alone.
 """
 
 from __future__ import annotations
