@@ -351,6 +351,10 @@ def main() -> int:
             lo, hi = min(peaks), max(peaks)
             notes.append(f"- Peak RSS, run {run}: {peaks[lo]:.2f} GB at {lo} slices, {peaks[hi]:.2f} GB at {hi} "
                          f"slices ({hi / lo:.1f}× the voxels, {peaks[hi] / peaks[lo]:.2f}× the memory).")
+    deepest = max(depths)
+    monai_gb = ni * nj * deepest * 4 * (1 + CLASSES) / 1e9
+    notes.append(f"- For comparison, MONAI's Spacingd + Invertd path holds at least the {ni}×{nj}×{deepest} scan as "
+                 f"float32 and the {CLASSES} inverted class maps on its grid: {monai_gb:.1f} GB.")
     if prof is not None:
         pi, pj, pk = prof["shape"]
         notes.append(f"- Way back, in-process at {pi}×{pj}×{pk} (2 threads, random probabilities): "

@@ -558,13 +558,13 @@ def _inferer(config: dict, in_spec: dict, spatial_dims: int, notes: list[str], e
         if pad != "constant" or args.get("cval", 0.0) not in (0, 0.0):
             notes.append(f"{name} padding_mode={pad!r} is not applied: segflow pads short axes with zeros")
         return {"roi": roi, "overlap": float(overlap), "blend": mode, "sigma_scale": float(sigma),
-                "batch_size": int(args.get("sw_batch_size", 1))}
+                "batch_size": int(args.get("sw_batch_size", 1)), "blend_outputs": "logits"}
     if raw is None or name == "SimpleInferer":
         shape = in_spec.get("spatial_shape")
         if isinstance(shape, list) and len(shape) == spatial_dims and all(isinstance(s, int) and s > 0 for s in shape):
             notes.append("the bundle runs the whole image at once (SimpleInferer); segflow uses windows of the "
                          f"metadata's spatial_shape {shape}")
-            return {"roi": shape, "overlap": 0.25, "blend": "gaussian"}
+            return {"roi": shape, "overlap": 0.25, "blend": "gaussian", "blend_outputs": "logits"}
         raise ModelError(None, "the bundle has no SlidingWindowInferer and its metadata gives no literal "
                                "spatial_shape to use as the window size; pass --card")
     raise ModelError(None, f"inferer {raw.get('_target_') if isinstance(raw, dict) else raw!r} is not one segflow "
@@ -601,7 +601,7 @@ def _postprocessing(config: dict, notes: list[str], classes: int) -> dict[str, A
                                        "nearest_interp=False), which segflow does not reproduce; pass --card")
             out["invert"] = "labels" if nearest else "probabilities"
             if not nearest and not softmax_done:
-                notes.append(f"{name} resamples raw network outputs; segflow resamples probabilities, so labels "
+                notes.append(f"{name} resamples raw network outputs; segflow resamples their softmax, so labels "
                              "can differ where classes are close")
             inverted = True
         elif base == "KeepLargestConnectedComponent":
@@ -613,8 +613,6 @@ def _postprocessing(config: dict, notes: list[str], classes: int) -> dict[str, A
                 notes.append(f"postprocessing {name} is not applied")
         else:
             notes.append(f"postprocessing {name} is not applied")
-    notes.append("segflow blends softmax probabilities of overlapping windows (MONAI's inferer blends raw "
-                 "network outputs), so labels can differ where windows overlap and classes are close")
     return out
 
 

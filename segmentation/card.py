@@ -135,6 +135,9 @@ class InferenceDefaults(BaseModel):
     # there (nnU-Net, most bundles' Invertd with nearest_interp false); "labels" takes the argmax in model
     # space and brings labels back by nearest neighbour (Invertd's default nearest_interp true).
     invert: Literal["probabilities", "labels"] = "probabilities"
+    # What overlapping windows blend: softmax probabilities (segflow's default), or raw network outputs with
+    # the softmax after the blend, as MONAI's sliding-window inferer does (bundles map to this).
+    blend_outputs: Literal["probabilities", "logits"] = "probabilities"
     keep_largest: KeepLargest | None = None
 
     @field_validator("flip_tta")

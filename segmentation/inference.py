@@ -83,7 +83,7 @@ class WindowPredictor:
     def __init__(self, module: nn.Module, *, spatial_dims: int, num_classes: int,
                  precision: Precision = "exact", device: str = "auto", batch_size: int = 4,
                  token: str = "", flip_tta: Sequence[int] = (), roi: Sequence[int] | None = None,
-                 in_channels: int | None = None) -> None:
+                 in_channels: int | None = None, blend_logits: bool = False) -> None:
         self.module = module
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
@@ -94,6 +94,9 @@ class WindowPredictor:
         # the window shape, for checking BatchNorm folding on a probe (skipped when unknown)
         self.roi = None if roi is None or in_channels is None else tuple(int(r) for r in roi)
         self.in_channels = in_channels
+        # MONAI's inferer blends raw network outputs (softmax after the blend); segflow's default blends
+        # probabilities. Bundles ask for the former, so their labels match MONAI's exactly.
+        self.blend_logits = blend_logits
         # every non-empty subset of the mirrored spatial axes, as tensor dims of a (N, C, *spatial) batch
         axes = [a + 2 for a in sorted(set(flip_tta))]
         self.flips = [c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
@@ -155,6 +158,16 @@ class WindowPredictor:
         e.mul_(1.0 / (len(self.flips) + 1))
         return e, w.expand((len(xb), 1) + tuple(w.shape))
 
+    def _logit_sums(self, net: nn.Module, xb: torch.Tensor, logits: torch.Tensor, out: torch.Tensor,
+                    w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw outputs (mean over the flips when mirroring), weighted: (logits, w); softmax comes after the blend."""
+        out.copy_(logits)
+        for dims in self.flips:
+            out.add_(torch.flip(self._logits(net, torch.flip(xb, dims)), dims))
+        if self.flips:
+            out.mul_(1.0 / (len(self.flips) + 1))
+        return out, w.expand((len(xb), 1) + tuple(w.shape))
+
     def accumulate(self, region: np.ndarray, windows: list[tuple[slice, ...]], weights: np.ndarray,
                    num_classes: int) -> np.ndarray:
         """Σ w·p over a (C, *extent) region for the given windows, in order, in batches.
@@ -175,7 +188,9 @@ class WindowPredictor:
                 if buf is None:
                     buf = torch.empty((self.batch_size,) + tuple(logits.shape[1:]), dtype=torch.float32,
                                       device=dev)
-                if not self.flips:
+                if self.blend_logits:
+                    e, scale = self._logit_sums(net, xb, logits, buf[:len(batch)], w)
+                elif not self.flips:
                     e, scale = exp_and_scale(logits, buf[:len(batch)], w)
                 else:
                     e, scale = self._mirrored(net, xb, logits, buf[:len(batch)], w)

@@ -44,7 +44,8 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                overlap: float | None = None, blend: Blend | None = None, sigma_scale: float | None = None,
                precision: Precision = "exact", chunks: Sequence[int] | int | None = None, mask: Any = None,
                batch_size: int | None = None, device: str = "auto", normalizer: Normalizer | None = None,
-               num_classes: int | None = None, flip_tta: Sequence[int] | None = None) -> StitchPlan:
+               num_classes: int | None = None, flip_tta: Sequence[int] | None = None,
+               blend_outputs: str | None = None) -> StitchPlan:
     """Resolve defaults from the model card, check the input fits, and build the stitching graph."""
     if image.ndim not in (3, 4):
         raise ConfigError(None, f"image must be (C, *spatial) with 2 or 3 spatial axes, got shape {image.shape}")
@@ -64,9 +65,10 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         batch_size = batch_size or card.inference.batch_size
         num_classes = card.num_classes
         flip_tta = card.inference.flip_tta if flip_tta is None else flip_tta
+        blend_logits = (blend_outputs or card.inference.blend_outputs) == "logits"
         module, token = model.module, model.weights_sha256
     else:
-        module, token = model, None
+        module, token, blend_logits = model, None, blend_outputs == "logits"
     if roi is None:
         raise ConfigError(None, "roi is required when the model is a plain torch module")
     overlap = 0.25 if overlap is None else overlap
@@ -102,8 +104,9 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         token = tokenize(*[p.detach().numpy() for p in module.state_dict().values()], type(module).__name__)
     predictor = WindowPredictor(module, spatial_dims=spatial_dims, num_classes=num_classes,
                                 precision=precision, device=device, batch_size=batch_size,
-                                token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}",
-                                flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0])
+                                token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}"
+                                      f"{'-logits' if blend_logits else ''}",
+                                flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0], blend_logits=blend_logits)
     grid = make_grid(arr.shape[1:], roi, overlap)
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
                       blend=blend, sigma_scale=sigma_scale)

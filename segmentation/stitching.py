@@ -146,13 +146,18 @@ def _weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
 
 
 def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, weights: np.ndarray,
-              mask: np.ndarray | None, num_classes: int) -> np.ndarray:
-    """Probabilities of one output chunk: Σ pieces / Σ w, zero where the input has no data."""
+              mask: np.ndarray | None, num_classes: int, logits: bool = False) -> np.ndarray:
+    """Probabilities of one output chunk: Σ pieces / Σ w (then a softmax when logits were blended), zero where
+    the input has no data."""
     acc = np.zeros((num_classes,) + tuple(hi - lo for lo, hi in box), dtype=np.float32)
     for pbox, piece in pieces:  # pieces arrive in owner order: a fixed summation order
         sl = tuple(slice(p0 - b0, p1 - b0) for (p0, p1), (b0, _) in zip(pbox, box))
         acc[(slice(None),) + sl] += piece
     acc /= _weight_sum(box, grid, weights)
+    if logits:
+        acc -= acc.max(axis=0, keepdims=True)
+        np.exp(acc, out=acc)
+        acc /= acc.sum(axis=0, keepdims=True)
     if mask is not None:
         acc[:, ~np.asarray(mask, dtype=bool)] = 0.0
     return acc
@@ -292,7 +297,8 @@ class StitchPlan:
             mask = None if mask_blocks is None else mask_blocks[idx]
             name = f"segflow-finalise-{tok}-" + "-".join(map(str, idx))
             self._probs[idx] = delayed(_finalise, name=name, pure=True)(
-                self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes)
+                self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes,
+                getattr(predictor, "blend_logits", False))
 
     @property
     def chunk_indexes(self) -> list[tuple[int, ...]]:

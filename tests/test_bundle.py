@@ -121,8 +121,8 @@ def test_bundle_maps_to_a_card_without_evaluating_anything(bundle):
     assert [c.name for c in card.classes] == ["background", "tissue", "lesion"]
     # segflow arrays are (k, j, i): the bundle's (i, j, k) roi and pixdim come reversed
     assert card.input.spacing == [1.5, 1.0, 1.0] and card.input.spacing_unit == "mm"
-    assert (card.inference.roi, card.inference.overlap, card.inference.blend, card.inference.batch_size) == \
-        (ROI[::-1], 0.25, "gaussian", 4)
+    assert (card.inference.roi, card.inference.overlap, card.inference.blend, card.inference.batch_size,
+            card.inference.blend_outputs) == (ROI[::-1], 0.25, "gaussian", 4, "logits")
     assert card.weights_sha256 == sha256_file(bundle / "models" / "model.pt")
     # model space: Orientationd and Spacingd are applied, Invertd (nearest_interp defaults to true) brings labels back
     assert (card.input.orientation, card.input.interpolation, card.inference.invert) == ("RAS", "bilinear", "labels")
@@ -163,10 +163,9 @@ def _reference_labels(net: torch.nn.Module, image: np.ndarray, card) -> np.ndarr
     x = (image.astype(np.float32) - np.float32(n.offset[0])) * np.float32(n.scale[0])
     x = np.clip(x, n.clip[0], n.clip[1])
     with torch.inference_mode():
-        probs = sliding_window_inference(torch.from_numpy(x)[None, None], ROI, 4,
-                                         lambda t: torch.softmax(net(t), 1), overlap=0.25, mode="gaussian",
-                                         sigma_scale=0.125)
-    return probs[0].argmax(0).numpy()
+        logits = sliding_window_inference(torch.from_numpy(x)[None, None], ROI, 4, net, overlap=0.25,
+                                          mode="gaussian", sigma_scale=0.125)  # MONAI blends raw outputs
+    return torch.softmax(logits, 1)[0].argmax(0).numpy()
 
 
 def test_segment_a_bundle_through_the_cli(bundle, unet, tmp_path):
@@ -201,7 +200,7 @@ def test_convert_a_bundle_then_the_model_directory_computes_the_same(bundle, une
     runner = CliRunner()
     result = runner.invoke(app, ["model", "convert", str(bundle), "--out", str(tmp_path / "converted")])
     assert result.exit_code == 0, result.output
-    assert "note:" in result.output and "blends softmax probabilities" in result.output
+    assert "blends" not in result.output  # the card blends raw outputs as MONAI's inferer does: nothing to note
     converted = load_model(tmp_path / "converted")
     assert converted.card.training["converted_from"]["weights_sha256"] == sha256_file(bundle / "models" / "model.pt")
     assert converted.card.inference.roi == ROI[::-1] and converted.card.input.spacing == [1.5, 1.0, 1.0]

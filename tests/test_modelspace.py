@@ -128,7 +128,8 @@ def test_segflow_agrees_with_monai_bundle_run(bundle, tmp_path):
     b = np.asarray(theirs.dataobj).reshape(a.shape)
     agreement = float((a == b).mean())
     assert len(np.unique(b)) == 3  # a comparison that could fail
-    assert agreement >= 0.995, f"labels agree on {agreement:.4%} of voxels"
+    # the bar is 99.5 %; segflow blends raw outputs and resamples as MONAI does, so it is stricter here
+    assert agreement >= 0.9995, f"labels agree on {agreement:.4%} of voxels"
     record = json.loads((out / "scan.provenance.json").read_text())
     space = record["parameters"]["model_space"]
     assert space["invert"] == "probabilities" and space["interpolation"] == "bilinear"

@@ -149,7 +149,7 @@ def test_predict_leaves_the_callers_module_untouched():
     (3, (19, 23, 17), (8, 12, 8), [0, 2]),
 ])
 def test_flip_tta_equals_monai_with_mirrored_predictor_and_is_chunk_invariant(ndim, shape, roi, flips):
-    img = np.random.default_rng(7).random((2, *shape), dtype=np.float32)
+    img = np.random.default_rng(7).random((2, *shape), dtype=np.float32) * 20  # logits that vary
     net = tiny_net(ndim, 2, 3, seed=3)
     dims = [a + 2 for a in flips]
     combos = [()] + [c for k in range(1, len(dims) + 1) for c in __import__("itertools").combinations(dims, k)]
@@ -168,3 +168,21 @@ def test_flip_tta_equals_monai_with_mirrored_predictor_and_is_chunk_invariant(nd
         np.testing.assert_allclose(probs, ref, atol=1e-4, rtol=0)
         np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
     np.testing.assert_allclose(results[0], results[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_blending_raw_outputs_equals_monai_inferer_then_softmax(ndim):
+    """``blend_outputs="logits"``: what a MONAI bundle computes (the inferer blends logits, softmax after)."""
+    shape, roi = ((70, 53), (24, 20)) if ndim == 2 else ((21, 26, 19), (12, 10, 8))
+    img = np.random.default_rng(7).random((2, *shape), dtype=np.float32) * 20  # logits that vary
+    net = tiny_net(ndim, 2, 3, seed=3)
+    with torch.no_grad():
+        logits = sliding_window_inference(torch.from_numpy(img)[None], roi, 3, net, overlap=0.25, mode="gaussian")
+    ref = torch.softmax(logits, 1)[0].numpy()
+    for chunks in (9, 16):
+        probs = predict(img, net, roi=roi, overlap=0.25, chunks=chunks, blend_outputs="logits").compute(
+            scheduler="sync")
+        np.testing.assert_allclose(probs, ref, atol=1e-5, rtol=0)
+        assert np.array_equal(probs.argmax(0), ref.argmax(0))
+    softmax_blend = predict(img, net, roi=roi, overlap=0.25, chunks=16).compute(scheduler="sync")
+    assert np.abs(softmax_blend - ref).max() > 1e-4  # the two blends differ: the option matters
