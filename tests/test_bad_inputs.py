@@ -258,8 +258,8 @@ def test_real_truncated_dicom_files_fail_with_one_line(models, tmp_path, dask_cl
                               options=SegmentOptions(chunk_size=16), return_state=True)
         assert state.is_failed(), name
         outcomes = {o["input"]: o for o in batch_outcomes(state)}
-        # a file given alone is a series of its own: named by its folder and series UID, the file in the message
-        [label] = [k for k in outcomes if k.startswith(f"{path.parent} [series ")]
+        # a file given alone is a series of its own: named by the file and its series UID
+        [label] = [k for k in outcomes if k.startswith(f"{path} [series ")]
         case = corpus.Case(name, "real truncated DICOM", "3d", lambda folder: path, expect, given="series")
         assert outcomes[label]["error"].startswith(f"{label}: ") and expect in outcomes[label]["error"]
-        _check_dicom(outcomes, [case], {name: path.parent}, good, out)
+        _check_dicom(outcomes, [case], {name: path}, good, out)

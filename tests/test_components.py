@@ -13,6 +13,7 @@ from __future__ import annotations
 import types
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -53,6 +54,20 @@ def monai_label(monkeypatch):
         monkeypatch.setattr(mtu, "measure", measure)
         monkeypatch.setattr(mtu, "has_measure", True)
     return measure
+
+
+@pytest.fixture(autouse=True)
+def local_scheduler(request):
+    """In-memory stores live in this process: run on threads unless the test asks for the cluster.
+
+    The session's Dask cluster, once started by another module, is every
+    test's default scheduler; its workers would write into copies of a MemoryStore.
+    """
+    if "dask_cluster" in request.fixturenames:
+        yield
+        return
+    with dask.config.set(scheduler="threads"):
+        yield
 
 
 def monai_keep(vol: np.ndarray, **kw) -> np.ndarray:

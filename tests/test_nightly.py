@@ -415,7 +415,8 @@ def test_probe_dispatches_dicom_series_and_folders(tmp_path):
     for what, depth in ((ref, 3), (tmp_path / "one", 3), (str(tmp_path / "one" / "IM0001.dcm"), 1)):
         h = probe(what)
         assert (h.kind, h.spatial_dims, h.channels, h.shape, h.cell_unit) == ("volume", 3, 1, (5, 4, depth), "mL")
-        assert h.path.startswith(f"{tmp_path / 'one'} [series ")  # the series' display: no patient identifier
+        # the series' display (its folder, or its one file): no patient identifier
+        assert h.path.startswith(f"{tmp_path / 'one'}{'/IM0001.dcm' if depth == 1 else ''} [series ")
     assert probe(ref).cell_size == pytest.approx(2.0 * 0.5 * 0.25 / 1000)
     write_ct_series(tmp_path / "two" / "a", np.zeros((3, 4, 5), np.int16))
     write_ct_series(tmp_path / "two" / "b", np.zeros((3, 4, 5), np.int16))
