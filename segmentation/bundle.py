@@ -13,18 +13,11 @@ A bundle is a directory with ``configs/metadata.json``, ``configs/inference.json
   builds the very network the bundle describes;
 - ``network_data_format`` (metadata): input channels and names, output classes
   and names;
-- preprocessing: ``ScaleIntensityRanged`` becomes ``scale`` normalisation (with
-  clip), ``NormalizeIntensityd`` becomes ``zscore`` (literal subtrahend/divisor)
-  or ``image_zscore`` (statistics of each channel); ``Spacingd`` gives the
-  card's spacing; loading/typing transforms are no-ops here; spatial transforms
-  segflow does not perform (orientation, resampling, cropping) are kept as notes.
-  Any other preprocessing transform, or a mapped one with options segflow cannot
-  reproduce exactly (``nonzero=True``, one-sided clip...), is refused: running
-  the network on differently prepared pixels would silently give other labels;
-- the inferer: ``SlidingWindowInferer`` roi_size, overlap, mode, sigma_scale,
-  sw_batch_size (MONAI's defaults where absent: overlap 0.25, constant mode);
-- postprocessing: softmax/argmax is what segflow does; sigmoid/threshold
-  (multi-label) outputs are refused; other steps are kept as notes.
+- preprocessing, inferer and postprocessing: mapped onto the card's model
+  space, normalisation, window settings, label inversion and connected-component
+  clean-up by :mod:`segmentation.bundletransforms`, or refused when segflow
+  cannot reproduce them exactly (the configuration is read as data by
+  :mod:`segmentation.bundleconfig`).
 
 Axis order: MONAI's readers index images x first ((i, j, k) of a NIfTI,
 (x, y) of a 2-D image); segflow arrays are in storage order ((k, j, i),
@@ -46,10 +39,7 @@ registry name), so only the bundle itself can run it.
 from __future__ import annotations
 
 import inspect
-import json
-import re
 from dataclasses import dataclass, field
-from enum import Enum
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -62,6 +52,8 @@ from segmentation import models
 from segmentation.card import Architecture, ModelCard
 from segmentation.formats import (ScriptedNetwork, WeightFormat, detect_format, fill, load_torchscript,
                                   read_state_dict)
+from segmentation.bundleconfig import TRUST_HINT, deref, first_expression, jsonable, read_config, short_name
+from segmentation.bundletransforms import channel_names, inferer, io_format, postprocessing, preprocessing
 from storage.errors import ModelError
 from storage.hashing import sha256_file
 
@@ -69,7 +61,6 @@ META_FILE = Path("configs") / "metadata.json"
 CONFIG_FILES = ("inference.json", "inference.yaml", "inference.yml")
 STATE_FILE = Path("models") / "model.pt"
 SCRIPT_FILE = Path("models") / "model.ts"
-TRUST_HINT = "pass --trust-bundle (trust_bundle=True) to let MONAI evaluate the bundle's configuration"
 BUNDLE_PREFIX = "bundle:"  # architecture.name of a network instantiated from a trusted bundle
 TORCHSCRIPT = "torchscript"  # architecture.name of a network that is a TorchScript archive
 
@@ -79,16 +70,6 @@ _CANONICAL = {"UNet": "unet", "BasicUNet": "basic_unet", "SegResNet": "segresnet
 _BY_LOWER = {cls.lower(): cls for cls in _CANONICAL}
 _IO_SHAPED = ("spatial_dims", "dimensions", "in_channels", "out_channels")
 
-# Preprocessing transforms that do not change pixel values as segflow sees them (segflow reads the file itself).
-_NO_OPS = {"LoadImage", "EnsureChannelFirst", "AddChannel", "EnsureType", "ToTensor", "ToNumpy", "CastToType",
-           "ToDevice", "Identity", "ToMetaTensor", "FromMetaTensor", "SelectItems", "DeleteItems", "CopyItems",
-           "SaveImage"}
-# Spatial transforms segflow does not perform: the input must already be on the grid the model expects.
-_SPATIAL = {"CropForeground", "SpatialPad", "DivisiblePad", "BorderPad", "Resize",
-            "ResizeWithPadOrCrop"}
-# Postprocessing steps segflow does not perform (labels stay on the input grid, as Invertd restores).
-_POST_NOTED = {"SaveImage", "FillHoles", "RemoveSmallObjects",
-               "LabelFilter", "EnsureType", "ToTensor", "CopyItems", "DeleteItems", "Lambda"}
 _PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
             (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
 
@@ -109,103 +90,12 @@ def is_bundle(path: str | PathLike[str]) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-# --- reading the configuration as data ------------------------------------------------------------------
-
-def _read(path: Path) -> Any:
-    """JSON or YAML as plain data (``yaml.safe_load``: no tags, no objects)."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(path, f"unreadable bundle configuration ({exc})") from None
-    try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        import yaml
-
-        return yaml.safe_load(text)
-    except Exception as exc:  # noqa: BLE001 - json.JSONDecodeError or yaml.YAMLError
-        raise ModelError(path, f"invalid bundle configuration ({' '.join(str(exc).split())[:200]})") from None
-
-
 def config_file(path: Path) -> Path:
     for name in CONFIG_FILES:
         if (path / "configs" / name).is_file():
             return path / "configs" / name
     raise ModelError(path, "MONAI bundle has no configs/inference.json (or .yaml)")
 
-
-def _short(target: Any) -> str:
-    """``monai.transforms.ScaleIntensityRanged`` -> ``ScaleIntensityRanged``."""
-    return str(target).rsplit(".", 1)[-1]
-
-
-def _base(name: str) -> str:
-    """Dictionary transforms end in ``d``; ``ScaleIntensityRanged`` and ``ScaleIntensityRange`` are one."""
-    return name[:-1] if name.endswith("d") and len(name) > 1 else name
-
-
-def _is_expr(value: Any) -> bool:
-    return isinstance(value, str) and value[:1] in ("$", "@", "%")
-
-
-_REF = re.compile(r"^\$?@([A-Za-z0-9_]+(?:(?:::|#)[A-Za-z0-9_]+)*)$")
-
-
-def _lookup(config: Any, ref: str) -> Any:
-    node = config
-    for part in re.split(r"::|#", ref):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
-
-
-def _deref(config: dict, value: Any, depth: int = 0) -> tuple[Any, bool]:
-    """Follow a pure reference (``@id`` or ``$@id``) by looking it up: reading, not evaluating.
-
-    Returns (value, resolved); a value that is any other expression is returned as is.
-    """
-    while isinstance(value, str) and depth < 8:
-        m = _REF.match(value)
-        if not m:
-            break
-        target = _lookup(config, m.group(1))
-        if target is None:
-            break
-        value, depth = target, depth + 1
-    return value, not _is_expr(value)
-
-
-def _first_expression(value: Any) -> str | None:
-    """The first non-literal part of a network argument (expression, reference, macro, object)."""
-    if _is_expr(value):
-        return repr(value)
-    if isinstance(value, dict):
-        if "_target_" in value:
-            return f"an object {{'_target_': {value['_target_']!r}}}"
-        for v in value.values():
-            if (found := _first_expression(v)) is not None:
-                return found
-    if isinstance(value, list):
-        for v in value:
-            if (found := _first_expression(v)) is not None:
-                return found
-    return None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise TypeError(type(value).__name__)
 
 
 # --- network_def ---------------------------------------------------------------------------------------------
@@ -223,9 +113,9 @@ class _Network:
 
 def _network(config: dict, where: Path) -> _Network | None:
     raw = config.get("network_def")
-    raw, _ = _deref(config, raw)
+    raw, _ = deref(config, raw)
     if raw is None:
-        raw, _ = _deref(config, config.get("network"))
+        raw, _ = deref(config, config.get("network"))
     if not isinstance(raw, dict) or "_target_" not in raw:
         return None
     target = str(raw["_target_"])
@@ -237,7 +127,7 @@ def _network(config: dict, where: Path) -> _Network | None:
 
     dims = literal_int("spatial_dims") or literal_int("dimensions")
     net = _Network(target, None, {}, dims, literal_int("in_channels"), literal_int("out_channels"), None)
-    short = _short(target)
+    short = short_name(target)
     monai_cls = _BY_LOWER.get(short.lower()) if (target == short or target.startswith("monai.networks.nets")) else None
     name = _CANONICAL.get(monai_cls) if monai_cls else None
     if name is None or name not in models.names():
@@ -246,7 +136,7 @@ def _network(config: dict, where: Path) -> _Network | None:
                       f"(known: {', '.join(known)})"
         return net
     for key, value in args.items():
-        if (bad := _first_expression(value)) is not None:
+        if (bad := first_expression(value)) is not None:
             net.problem = f"network_def argument {key!r} is {bad}, not a literal"
             return net
     kwargs = {k: v for k, v in args.items() if k not in _IO_SHAPED}
@@ -296,335 +186,10 @@ def _pin_monai_defaults(monai_name: str, registry: str, kwargs: dict[str, Any],
                 kwargs[pname] = derive(kwargs, spatial_dims)
                 continue
             try:
-                kwargs[pname] = _jsonable(p.default)
+                kwargs[pname] = jsonable(p.default)
             except TypeError:
                 return f"cannot record MONAI's default for {monai_name} argument {pname!r}"
     return None
-
-
-# --- metadata, preprocessing, inferer, postprocessing ----------------------------------------------------------
-
-def _io_format(meta: dict) -> tuple[str, dict, dict]:
-    fmt = meta.get("network_data_format") or {}
-    inputs = fmt.get("inputs") or {}
-    outputs = fmt.get("outputs") or {}
-    in_key = next(iter(inputs), "image")
-    in_spec = inputs.get(in_key) if isinstance(inputs.get(in_key), dict) else {}
-    out_key = next(iter(outputs), "pred")
-    out_spec = outputs.get(out_key) if isinstance(outputs.get(out_key), dict) else {}
-    return in_key, in_spec, out_spec
-
-
-def _channel_names(spec: dict, count: int) -> list[str] | None:
-    names = spec.get("channel_def")
-    if not isinstance(names, dict):
-        return None
-    out = [str(names.get(str(i), names.get(i, ""))).strip() for i in range(count)]
-    return out if all(out) else None
-
-
-def _keys(transform: dict) -> list[str] | None:
-    keys = transform.get("keys")
-    if isinstance(keys, str) and not _is_expr(keys):
-        return [keys]
-    if isinstance(keys, list) and all(isinstance(k, str) and not _is_expr(k) for k in keys):
-        return keys
-    return None  # not literal: assume it touches the image
-
-
-class _Args:
-    """A transform's arguments: literals as they are, expressions only when trusted."""
-
-    def __init__(self, transform: dict, tid: str | None, evaluate: Any) -> None:
-        self.t, self.tid, self.evaluate = transform, tid, evaluate
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = self.t.get(name, default)
-        if _first_expression(value) is None:
-            return value
-        if self.evaluate is None or self.tid is None:
-            raise ModelError(None, f"{_short(self.t.get('_target_'))} argument {name!r} is an expression "
-                                   f"({value!r}); {TRUST_HINT}")
-        try:
-            return _jsonable_or_value(self.evaluate(f"{self.tid}::{name}"))
-        except Exception as exc:  # noqa: BLE001 - evaluating foreign configuration can fail in any way
-            raise ModelError(None, f"evaluating {self.tid}::{name} failed ({type(exc).__name__}: "
-                                   f"{' '.join(str(exc).split())[:160]})") from None
-
-
-def _jsonable_or_value(value: Any) -> Any:
-    try:
-        return _jsonable(value.tolist() if hasattr(value, "tolist") else value)
-    except TypeError:
-        return value
-
-
-def _transforms(config: dict, key: str) -> tuple[list[tuple[dict, str | None]], str | None]:
-    """The literal list of transform dicts under ``config[key]``, each with its config id if known."""
-    node, _ = _deref(config, config.get(key))
-    tid = key
-    if isinstance(node, dict) and "transforms" in node:
-        raw = node["transforms"]
-        tid = f"{key}::transforms"
-        m = _REF.match(raw) if isinstance(raw, str) else None
-        node, ok = _deref(config, raw)
-        if m:
-            tid = m.group(1).replace("#", "::")
-        if not ok:
-            return [], f"{key} transforms are the expression {raw!r}"
-    if node is None:
-        return [], None
-    if not isinstance(node, list):
-        return [], f"{key} is not a literal list of transforms"
-    out: list[tuple[dict, str | None]] = []
-    for i, t in enumerate(node):
-        t, ok = _deref(config, t)
-        if not ok or not isinstance(t, dict) or "_target_" not in t:
-            return [], f"{key} transform {i} is {t!r}, not a literal transform"
-        out.append((t, f"{tid}::{i}"))
-    return out, None
-
-
-def _as_list(value: Any, n: int, what: str) -> list[float]:
-    values = value if isinstance(value, (list, tuple)) else [value] * n
-    if len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ModelError(None, f"{what} is {value!r}, not {n} numbers")
-    return [float(v) for v in values]
-
-
-@dataclass
-class _Preprocessing:
-    """What a bundle's preprocessing means on a card: normalisation and model space."""
-
-    norm: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
-    spacing: list[float] | None = None  # MONAI's (i, j, k) order
-    orientation: str | None = None
-    interpolation: str = "bilinear"
-
-
-# Intensity transforms whose result on a resampled image equals the resampled result (no clip, no statistics):
-# only these may come before Spacingd in a bundle without segflow's order (resample, then normalise) differing.
-def _commutes_with_resampling(norm: dict[str, Any]) -> bool:
-    return norm["mode"] in ("none", "scale", "zscore") and norm.get("clip") is None and not norm.get("nonzero")
-
-
-def _preprocessing(config: dict, in_key: str, channels: int, spatial_dims: int, notes: list[str],
-                   evaluate: Any) -> _Preprocessing:
-    """Normalisation and model space from the preprocessing transforms, or a refusal."""
-    transforms, problem = _transforms(config, "preprocessing")
-    if problem:
-        raise ModelError(None, f"{problem}; write the card yourself and pass --card")
-    if not transforms:
-        notes.append("the bundle has no literal preprocessing: the network receives the raw pixel values")
-    out = _Preprocessing()
-    intensity: str | None = None
-    for t, tid in transforms:
-        name = _short(t["_target_"])
-        base = _base(name)
-        keys = _keys(t)
-        if keys is not None and in_key not in keys:
-            continue  # a transform of the labels or of other inputs
-        args = _Args(t, tid, evaluate)
-        if base in _NO_OPS:
-            continue
-        if base == "Orientation":
-            axcodes = args.get("axcodes")
-            if not isinstance(axcodes, str) or len(axcodes) != spatial_dims or spatial_dims != 3:
-                raise ModelError(None, f"{name} axcodes {axcodes!r} is not a 3-D orientation segflow applies; pass --card")
-            if args.get("as_closest_canonical", False):
-                raise ModelError(None, f"{name}(as_closest_canonical=True) is not mapped; pass --card")
-            out.orientation = axcodes.upper()
-            continue
-        if base == "Spacing":
-            if spatial_dims != 3:
-                raise ModelError(None, f"{name} on 2-D images is not applied by segflow yet; pass --card")
-            out.spacing = _as_list(args.get("pixdim"), spatial_dims, f"{name} pixdim")
-            mode = args.get("mode", "bilinear")
-            mode = mode[0] if isinstance(mode, list) and len(set(mode)) == 1 else mode
-            problems = [f"mode={mode!r}"] if mode not in ("bilinear", "nearest") else []
-            problems += [f"{k}={args.get(k, ok)!r}" for k, ok in (("padding_mode", "border"), ("align_corners", False),
-                                                                   ("diagonal", False), ("scale_extent", False))
-                         if args.get(k, ok) != ok]
-            if problems:
-                raise ModelError(None, f"{name} with {', '.join(problems)} is not reproduced by segflow (bilinear "
-                                       "or nearest, border padding, align_corners=False); pass --card")
-            out.interpolation = str(mode)
-            if intensity is not None and not _commutes_with_resampling(out.norm):
-                notes.append(f"the bundle runs {intensity} before {name}; segflow resamples first, then "
-                             "normalises, so intensities can differ slightly near edges")
-            continue
-        if base in _SPATIAL:
-            shown = {k: v for k, v in t.items() if k not in ("_target_", "keys")}
-            notes.append(f"{name}({', '.join(f'{k}={v!r}' for k, v in shown.items())}) is not applied: "
-                         "segflow keeps the input's voxel order and grid")
-            continue
-        if base in ("ScaleIntensityRange", "NormalizeIntensity", "ScaleIntensityRangePercentiles"):
-            if intensity is not None:
-                raise ModelError(None, f"two intensity transforms ({intensity}, {name}) are not representable "
-                                       "as one segflow normalisation; write the card yourself and pass --card")
-            intensity = name
-            out.norm = (_scale_range(args, name) if base == "ScaleIntensityRange"
-                        else _percentiles(args, name) if base == "ScaleIntensityRangePercentiles"
-                        else _normalize(args, name, channels))
-            continue
-        raise ModelError(None, f"preprocessing transform {name} is not one segflow can reproduce exactly "
-                               "(it maps Orientationd, Spacingd, ScaleIntensityRanged, "
-                               "ScaleIntensityRangePercentilesd and NormalizeIntensityd; ignores loading and "
-                               "typing); write the card yourself and pass --card")
-    return out
-
-
-def _percentiles(args: _Args, name: str) -> dict[str, Any]:
-    """ScaleIntensityRangePercentiles, with ``relative`` and ``clip`` resolved into literal bounds."""
-    lower, upper = args.get("lower"), args.get("upper")
-    b_min, b_max = args.get("b_min"), args.get("b_max")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lower, upper, b_min, b_max)):
-        raise ModelError(None, f"{name} needs literal lower, upper, b_min and b_max; pass --card")
-    if args.get("channel_wise", False):
-        raise ModelError(None, f"{name}(channel_wise=True) is not representable; pass --card")
-    if args.get("relative", False):
-        b_min, b_max = (b_max - b_min) * lower / 100.0 + b_min, (b_max - b_min) * upper / 100.0 + b_min
-    norm: dict[str, Any] = {"mode": "percentile", "lower": float(lower), "upper": float(upper),
-                            "b_min": float(b_min), "b_max": float(b_max)}
-    if args.get("clip", False):
-        norm["clip"] = [float(min(b_min, b_max)), float(max(b_min, b_max))]
-    return norm
-
-
-def _scale_range(args: _Args, name: str) -> dict[str, Any]:
-    """(x - a_min)/(a_max - a_min)·(b_max - b_min) + b_min  ==  (x - offset)·scale, then clip."""
-    a_min, a_max = args.get("a_min"), args.get("a_max")
-    b_min, b_max = args.get("b_min"), args.get("b_max")
-    clip = bool(args.get("clip", False))
-    if not all(isinstance(v, (int, float)) for v in (a_min, a_max)) or a_max == a_min:
-        raise ModelError(None, f"{name} a_min={a_min!r}, a_max={a_max!r} is not a usable range")
-    if (b_min is None) != (b_max is None):
-        raise ModelError(None, f"{name} with only one of b_min/b_max is not representable; pass --card")
-    if b_min is None:
-        scale, offset = 1.0 / (a_max - a_min), float(a_min)
-        if clip:
-            raise ModelError(None, f"{name} clip without b_min/b_max is not representable; pass --card")
-    else:
-        scale = (b_max - b_min) / (a_max - a_min)
-        offset = a_min - b_min / scale if scale != 0 else float(a_min)
-        if scale == 0:
-            raise ModelError(None, f"{name} maps everything to {b_min}: not a usable scaling")
-    norm: dict[str, Any] = {"mode": "scale", "offset": [float(offset)], "scale": [float(scale)]}
-    if clip:
-        norm["clip"] = [float(min(b_min, b_max)), float(max(b_min, b_max))]
-    return norm
-
-
-def _normalize(args: _Args, name: str, channels: int) -> dict[str, Any]:
-    nonzero = bool(args.get("nonzero", False))
-    channel_wise = bool(args.get("channel_wise", False))
-    sub, div = args.get("subtrahend"), args.get("divisor")
-    if sub is None and div is None:
-        if channels > 1 and not channel_wise:
-            raise ModelError(None, f"{name}(channel_wise=False) pools statistics over {channels} channels; "
-                                   "segflow's image_zscore is per channel; pass --card")
-        return {"mode": "image_zscore", "nonzero": nonzero}
-    if sub is None or div is None:
-        raise ModelError(None, f"{name} with only one of subtrahend/divisor is not representable; pass --card")
-    n = channels if channel_wise and isinstance(sub, (list, tuple)) else 1
-    mean, std = _as_list(sub, n, f"{name} subtrahend"), _as_list(div, n, f"{name} divisor")
-    std = [s if s != 0 else 1.0 for s in std]  # MONAI divides by 1 where the divisor is 0
-    return {"mode": "zscore", "mean": mean, "std": std, "nonzero": nonzero}
-
-
-def _inferer(config: dict, in_spec: dict, spatial_dims: int, notes: list[str], evaluate: Any) -> dict[str, Any]:
-    raw, ok = _deref(config, config.get("inferer"))
-    name = _short(raw.get("_target_")) if isinstance(raw, dict) else None
-    if name in ("SlidingWindowInferer", "SlidingWindowInfererAdapt"):
-        args = _Args(raw, "inferer", evaluate)
-        roi = args.get("roi_size")
-        roi = [roi] * spatial_dims if isinstance(roi, int) else roi
-        if not isinstance(roi, list) or len(roi) != spatial_dims or not all(isinstance(r, int) and r > 0 for r in roi):
-            raise ModelError(None, f"{name} roi_size {raw.get('roi_size')!r} is not {spatial_dims} positive sizes")
-        overlap = args.get("overlap", 0.25)
-        if isinstance(overlap, list):
-            if len(set(overlap)) != 1:
-                raise ModelError(None, f"{name} per-axis overlap {overlap!r} is not representable; pass --card")
-            overlap = overlap[0]
-        sigma = args.get("sigma_scale", 0.125)
-        if isinstance(sigma, list):
-            if len(set(sigma)) != 1:
-                raise ModelError(None, f"{name} per-axis sigma_scale {sigma!r} is not representable; pass --card")
-            sigma = sigma[0]
-        mode = str(args.get("mode", "constant"))
-        if mode not in ("constant", "gaussian"):
-            raise ModelError(None, f"{name} mode {mode!r} is not a segflow blend (constant, gaussian)")
-        pad = args.get("padding_mode", "constant")
-        if pad != "constant" or args.get("cval", 0.0) not in (0, 0.0):
-            notes.append(f"{name} padding_mode={pad!r} is not applied: segflow pads short axes with zeros")
-        return {"roi": roi, "overlap": float(overlap), "blend": mode, "sigma_scale": float(sigma),
-                "batch_size": int(args.get("sw_batch_size", 1)), "blend_outputs": "logits"}
-    if raw is None or name == "SimpleInferer":
-        shape = in_spec.get("spatial_shape")
-        if isinstance(shape, list) and len(shape) == spatial_dims and all(isinstance(s, int) and s > 0 for s in shape):
-            notes.append("the bundle runs the whole image at once (SimpleInferer); segflow uses windows of the "
-                         f"metadata's spatial_shape {shape}")
-            return {"roi": shape, "overlap": 0.25, "blend": "gaussian", "blend_outputs": "logits"}
-        raise ModelError(None, "the bundle has no SlidingWindowInferer and its metadata gives no literal "
-                               "spatial_shape to use as the window size; pass --card")
-    raise ModelError(None, f"inferer {raw.get('_target_') if isinstance(raw, dict) else raw!r} is not one segflow "
-                           "maps (SlidingWindowInferer, SimpleInferer); pass --card")
-
-
-def _postprocessing(config: dict, notes: list[str], classes: int) -> dict[str, Any]:
-    """Inference settings from the postprocessing: how labels come back (Invertd) and KeepLargest..."""
-    transforms, problem = _transforms(config, "postprocessing")
-    out: dict[str, Any] = {}
-    if problem:
-        notes.append(f"postprocessing not read ({problem}); segflow takes the argmax of the softmax")
-        return out
-    argmax_done = softmax_done = inverted = False
-    for t, _ in transforms:
-        name = _short(t["_target_"])
-        base = _base(name)
-        if base == "Activations":
-            if t.get("sigmoid") is True or (t.get("other") not in (None, False)):
-                raise ModelError(None, f"{name} with sigmoid/other activations (multi-label output) is not "
-                                       "representable: segflow labels each voxel with the softmax argmax")
-            softmax_done = softmax_done or t.get("softmax") is True
-        elif base == "AsDiscrete":
-            if t.get("threshold") not in (None, False) or t.get("argmax") is False:
-                raise ModelError(None, f"{name} thresholding (multi-label output) is not representable: "
-                                       "segflow labels each voxel with the softmax argmax")
-            argmax_done = argmax_done or t.get("argmax") is True
-        elif base == "Invert":
-            nearest = t.get("nearest_interp", True)
-            if not isinstance(nearest, bool):
-                raise ModelError(None, f"{name} nearest_interp {nearest!r} is not a literal; pass --card")
-            if argmax_done and not nearest:
-                raise ModelError(None, f"{name} interpolates labels linearly (argmax before Invertd with "
-                                       "nearest_interp=False), which segflow does not reproduce; pass --card")
-            out["invert"] = "labels" if nearest else "probabilities"
-            if not nearest and not softmax_done:
-                notes.append(f"{name} resamples raw network outputs; segflow resamples their softmax, so labels "
-                             "can differ where classes are close")
-            inverted = True
-        elif base == "KeepLargestConnectedComponent":
-            out["keep_largest"] = _keep_largest(t, name, classes)
-            if not inverted:
-                notes.append(f"{name} runs before Invertd in the bundle; segflow runs it on the input's grid")
-        elif base in _POST_NOTED or base in _NO_OPS:
-            if base not in ("SaveImage", "EnsureType", "ToTensor", "CopyItems", "DeleteItems"):
-                notes.append(f"postprocessing {name} is not applied")
-        else:
-            notes.append(f"postprocessing {name} is not applied")
-    return out
-
-
-def _keep_largest(t: dict, name: str, classes: int) -> dict[str, Any]:
-    applied = t.get("applied_labels")
-    applied = list(range(1, classes)) if applied is None else [applied] if isinstance(applied, int) else applied
-    connectivity = t.get("connectivity")
-    literal = isinstance(applied, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in applied)
-    if not literal or not (connectivity is None or isinstance(connectivity, int)) or t.get("is_onehot"):
-        raise ModelError(None, f"{name} arguments are not literal label values on a label map; pass --card")
-    return {"applied_labels": [v for v in applied if v != 0], "independent": bool(t.get("independent", True)),
-            "connectivity": connectivity, "num_components": int(t.get("num_components", 1))}
 
 
 # --- the mapping -----------------------------------------------------------------------------------------------
@@ -670,9 +235,9 @@ def read_bundle(path: str | PathLike[str], *, trust_bundle: bool = False,
 def _read_bundle(path: Path, trust_bundle: bool, given: ModelCard | None) -> BundleMapping:
     if not is_bundle(path):
         raise ModelError(path, f"not a MONAI bundle (no {META_FILE})")
-    meta = _read(path / META_FILE)
+    meta = read_config(path / META_FILE)
     cfg_path = config_file(path)
-    config = _read(cfg_path)
+    config = read_config(cfg_path)
     if not isinstance(meta, dict) or not isinstance(config, dict):
         raise ModelError(path, "bundle metadata and configuration must be JSON/YAML objects")
     notes: list[str] = []
@@ -744,7 +309,7 @@ def _describe(meta: dict, notes: list[str]) -> str:
 
 def _map_card(path: Path, meta: dict, config: dict, net: _Network | None, arch: dict[str, Any], digest: str,
               source: dict[str, Any], notes: list[str], evaluate: Any) -> ModelCard:
-    in_key, in_spec, out_spec = _io_format(meta)
+    in_key, in_spec, out_spec = io_format(meta)
     spatial_dims = net.spatial_dims if net and net.spatial_dims else None
     shape = in_spec.get("spatial_shape")
     if spatial_dims is None and isinstance(shape, list) and len(shape) in (2, 3):
@@ -760,17 +325,17 @@ def _map_card(path: Path, meta: dict, config: dict, net: _Network | None, arch: 
     if classes < 2:
         raise ModelError(path, f"the network has {classes} output channel: segflow needs one softmax channel "
                                "per class (at least 2)")
-    pre = _preprocessing(config, in_key, channels, spatial_dims, notes, evaluate)
+    pre = preprocessing(config, in_key, channels, spatial_dims, notes, evaluate)
     spacing = pre.spacing
-    inference = _inferer(config, in_spec, spatial_dims, notes, evaluate)
+    inference = inferer(config, in_spec, spatial_dims, notes, evaluate)
     inference["roi"] = inference["roi"][::-1]  # MONAI's (i, j, k) -> segflow's (k, j, i)
-    inference.update(_postprocessing(config, notes, classes))
-    class_names = _channel_names(out_spec, classes) or [f"class{i}" for i in range(classes)]
+    inference.update(postprocessing(config, notes, classes))
+    class_names = channel_names(out_spec, classes) or [f"class{i}" for i in range(classes)]
     card = {
         "name": str(meta.get("name") or path.name),
         "architecture": arch,
         "input": {"spatial_dims": spatial_dims, "channels": channels,
-                  "channel_names": _channel_names(in_spec, channels) or [], "normalization": pre.norm,
+                  "channel_names": channel_names(in_spec, channels) or [], "normalization": pre.norm,
                   "spacing": spacing[::-1] if spacing else None, "spacing_unit": "mm" if spacing else None,
                   "orientation": pre.orientation, "interpolation": pre.interpolation},
         "classes": [{"value": i, "name": n, "color": _PALETTE[i % len(_PALETTE)]} for i, n in enumerate(class_names)],

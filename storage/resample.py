@@ -7,9 +7,10 @@ index ``m`` samples the source at ``offset + scale * m`` with linear (or
 nearest) interpolation and border padding, as MONAI's ``grid_sample`` does.
 Every output chunk is one task that reads only the source region its
 footprint maps to, plus one voxel for the linear kernel, and interpolates it
-in float64 with 1-D gather-and-lerp passes, one axis at a time, so memory is
-one output chunk plus its source region and the values do not depend on how
-either side is chunked.
+in float32 with 1-D gather-and-lerp passes, one axis at a time, the most
+shrinking axis first and the most expanding last (the order is the
+mapping's, not the chunk's), so memory is one output chunk plus its source
+region and the values do not depend on how either side is chunked.
 """
 
 from __future__ import annotations
@@ -52,32 +53,71 @@ class _Axis:
         return lo, min(int(np.floor(x.max())) + 2, self.n_in)
 
 
+def _weights(ax: _Axis, start: int, stop: int, lo: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Region-local gather indices (i0, i1) and float32 weights (w0, w1) of outputs start..stop-1.
+
+    The coordinates are MONAI's, computed in float64 as before; only the
+    weights are rounded to float32, where the interpolation then runs.
+    """
+    x = ax.coords(start, stop)
+    f = np.floor(x)
+    w1 = (x - f).astype(np.float32)  # grid_sample's weights: (i0 + 1 - x) and (x - i0)
+    w0 = ((f + 1.0) - x).astype(np.float32)
+    i0 = f.astype(np.int64)
+    i1 = np.minimum(i0 + 1, ax.n_in - 1)
+    return i0 - lo, i1 - lo, w0, w1
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
+    """``a * w0 + b * w1`` in float32, each product and the sum rounded once, as every path here does it."""
+    if a.dtype == np.float32 and b.dtype == np.float32:
+        a *= w0
+        b *= w1
+        a += b
+        return a
+    out = np.multiply(a, w0, dtype=np.float32)
+    out += np.multiply(b, w1, dtype=np.float32)
+    return out
+
+
 def _resample_axis(block: np.ndarray, axis: int, ax: _Axis, start: int, stop: int, lo: int, mode: Mode) -> np.ndarray:
     """One 1-D pass: gather the source samples of outputs start..stop-1 along ``axis`` and interpolate."""
     if ax.copy:
         return block
-    x = ax.coords(start, stop)
     if mode == "nearest":
-        return np.take(block, np.rint(x).astype(np.int64) - lo, axis=axis)
-    i0 = np.floor(x)
-    w1 = x - i0  # grid_sample's weights: (i0 + 1 - x) and (x - i0)
-    w0 = (i0 + 1.0) - x
-    i0 = i0.astype(np.int64)
-    i1 = np.minimum(i0 + 1, ax.n_in - 1)
+        return np.take(block, np.rint(ax.coords(start, stop)).astype(np.int64) - lo, axis=axis)
+    i0, i1, w0, w1 = _weights(ax, start, stop, lo)
     shape = [1] * block.ndim
     shape[axis] = -1
-    return (np.take(block, i0 - lo, axis=axis) * w0.reshape(shape)
-            + np.take(block, i1 - lo, axis=axis) * w1.reshape(shape))
+    return _lerp(np.take(block, i0, axis=axis), np.take(block, i1, axis=axis), w0.reshape(shape), w1.reshape(shape))
+
+
+def _pass_order(axes: Sequence[_Axis]) -> list[int]:
+    """Storage axes in the order their passes run: the most-shrinking first, the most-expanding last.
+
+    Every pass costs the size of what it writes, so shrinking early and
+    expanding late keeps the intermediates small.  The order depends on the
+    mapping alone, never on a chunk, so values stay independent of chunking.
+    """
+    def step(s: int) -> float:  # source voxels per output voxel
+        ax = axes[s]
+        return abs(ax.theta[0]) * ax.n_in / max(ax.n_out, 1)
+    return sorted((s for s in range(len(axes)) if not axes[s].copy), key=lambda s: (-step(s), s))
+
+
+def _as_float32_source(src: np.ndarray) -> np.ndarray:
+    """Sources that float32 holds exactly stay as they are (the first pass converts); others become float32."""
+    return src if np.can_cast(src.dtype, np.float32, casting="safe") else np.asarray(src, dtype=np.float32)
 
 
 def _resample_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[tuple[int, int]],
                     src_lo: Sequence[int], mode: Mode, dtype: np.dtype) -> np.ndarray:
-    """An output chunk from its source region, one separable pass per axis, in float64."""
+    """An output chunk from its source region, one separable float32 pass per axis, cheapest order first."""
     if all(a.copy for a in axes):
         return src.astype(dtype, copy=False)
-    block = np.asarray(src, dtype=np.float64)
-    for s, (ax, (start, stop), lo) in enumerate(zip(axes, out_ranges, src_lo)):
-        block = _resample_axis(block, s + 1, ax, start, stop, lo, mode)
+    block = src if mode == "nearest" else _as_float32_source(src)
+    for s in _pass_order(axes):
+        block = _resample_axis(block, s + 1, axes[s], *out_ranges[s], src_lo[s], mode)
     return block.astype(dtype, copy=False)
 
 
