@@ -7,7 +7,12 @@ from.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# A SNOMED CT class code for DICOM SEG: SCT:[<category>/]<type>[|<meaning>], e.g. "SCT:10200004|Liver"
+SCT_CODE = re.compile(r"^SCT:(?:(?P<category>\d{6,18})/)?(?P<type>\d{6,18})(?:\|(?P<meaning>.+))?$")
 
 
 class LabelClass(BaseModel):
@@ -16,7 +21,15 @@ class LabelClass(BaseModel):
     value: int = Field(ge=0, le=65534)
     name: str = Field(min_length=1)
     color: tuple[int, int, int] = (128, 128, 128)
-    code: str | None = None  # e.g. a SNOMED CT or land-cover code
+    code: str | None = None  # e.g. a SNOMED CT code (SCT:[<category>/]<type>[|<meaning>]) or a land-cover code
+
+    @field_validator("code")
+    @classmethod
+    def _sct_syntax(cls, v: str | None) -> str | None:
+        """A malformed SNOMED CT code is refused when the card is read, not when a DICOM SEG is written."""
+        if v is not None and v.strip().upper().startswith("SCT:") and not SCT_CODE.match("SCT:" + v.strip()[4:].strip()):
+            raise ValueError(f"code {v!r} is not SCT:[<category>/]<type>[|<meaning>] (SNOMED CT numbers)")
+        return v
 
 
 def label_dtype(classes: list[LabelClass]) -> str:

@@ -35,7 +35,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 
-from storage.classes import LabelClass
+from storage.classes import SCT_CODE, LabelClass
 from storage.errors import ExportError, InvalidInputError
 from storage.geometry import VolumeGeometry
 
@@ -60,7 +60,6 @@ ANATOMICAL_STRUCTURE = "91723000"
 # neutrally instead of mislabelling it as an organ.
 GENERIC = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
 
-_SCT = re.compile(r"^SCT:(?:(?P<category>\d{6,18})/)?(?P<type>\d{6,18})(?:\|(?P<meaning>.+))?$")
 _LO_BAD = re.compile(r"[\\\x00-\x1f\x7f]")
 
 
@@ -76,7 +75,7 @@ def segment_codes(cls: LabelClass) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConce
     code = (cls.code or "").strip()
     if not code.upper().startswith("SCT:"):
         return GENERIC, GENERIC
-    m = _SCT.match("SCT:" + code[4:].strip())
+    m = SCT_CODE.match("SCT:" + code[4:].strip())
     if m is None:
         raise ValueError(f"class {cls.name!r} has code {code!r}, not SCT:[<category>/]<type>[|<meaning>]")
     category = m["category"] or ANATOMICAL_STRUCTURE

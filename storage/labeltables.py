@@ -11,13 +11,11 @@ opens half a table.
 
 from __future__ import annotations
 
-import os
-import uuid
 from os import PathLike
 from pathlib import Path
 
+from storage.atomic import write_text_atomically
 from storage.classes import LabelClass, slicer_color_table
-from storage.errors import ExportError
 
 __all__ = ["itksnap_label_description", "write_label_tables", "SLICER_SUFFIX", "ITKSNAP_SUFFIX"]
 
@@ -71,21 +69,4 @@ def write_label_tables(out_path_stem: str | PathLike[str], classes: list[LabelCl
         (stem.parent / f"{stem.name}{SLICER_SUFFIX}", slicer_color_table(classes)),
         (stem.parent / f"{stem.name}{ITKSNAP_SUFFIX}", itksnap_label_description(classes)),
     ]
-    return [_write_text_atomically(path, text) for path, text in documents]
-
-
-def _write_text_atomically(out: Path, text: str) -> Path:
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise ExportError(out, f"cannot write the label table: {exc.strerror or type(exc).__name__}") from None
-    return out
+    return [write_text_atomically(path, text, "label table") for path, text in documents]

@@ -46,7 +46,7 @@ from storage.geometry import SourceInfo, VolumeGeometry
 from storage.hashing import sha256_input
 from storage.layout import ImageStore, StoreMeta, create_image_store, mark_complete
 
-__all__ = ["ingest_nifti", "write_label_nifti", "write_label_table", "NIFTI_SUFFIXES"]
+__all__ = ["ingest_nifti", "write_label_nifti", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 INTENT_LABEL = 1002
@@ -349,19 +349,6 @@ def _slabs(labels: Any, plane_bytes: int) -> Iterator[np.ndarray]:
     step = int(chunks[0]) if chunks else max(1, _EXPORT_SLAB_BYTES // max(plane_bytes, 1))
     for k0 in range(0, depth, step):
         yield np.asarray(labels[k0:min(k0 + step, depth)])
-
-
-def write_label_table(path: str | PathLike[str], classes: list[LabelClass]) -> Path:
-    """Write the 3D Slicer ``.ctbl`` beside a label map (viewers pick colours from it)."""
-    out = Path(path)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        tmp.write_text(slicer_color_table(classes), encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as exc:
-        _unlink(tmp)
-        raise ExportError(out, f"cannot write: {exc.strerror or _why(exc)}") from None
-    return out
 
 
 def _unlink(path: Path) -> None:

@@ -121,6 +121,120 @@ def _resample_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence
     return block.astype(dtype, copy=False)
 
 
+# --- labels of the way back ------------------------------------------------------------------------------------------
+#
+# The argmax of a bilinear interpolation is, wherever the 2^3 model voxels around an input voxel all have the
+# same clear winner, that winner: each class difference p_c* - p_c is a non-negative combination of differences
+# that are all larger than TIE_MARGIN * max|p| at the corners, and the float32 passes (three lerps, each product
+# and sum rounded once) move a difference by at most about 12 * 2^-24 * max|p|, far less than that margin.  So the
+# label is copied there, and only the other voxels, near label boundaries or near ties, are interpolated, each
+# with exactly the operations, weights and order of the separable passes: the labels equal the full path's.
+
+TIE_MARGIN = 2.0 ** -16  # a top class closer than this (times the region's max |p|) to another counts as a tie
+FULL_FRACTION = 0.15  # above this share of boundary voxels, the separable passes over the whole chunk are cheaper
+
+
+def _argmax_first(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The argmax over the leading axis, first maximum winning, by the same operations as
+    ``segmentation.stitching.argmax0`` (so ties and NaN fall the same way)."""
+    best = probs[0].copy()
+    labels = np.zeros(probs.shape[1:], dtype=dtype)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        labels[better] = c
+        np.maximum(best, probs[c], out=best)
+    return labels
+
+
+def _cell_dtype(n: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every class and one more value, the "not uniform" mark."""
+    return np.dtype(np.uint8 if n < 255 else np.uint16 if n < 65535 else np.uint32)
+
+
+def _uniform_cells(region: np.ndarray, order: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    """Per model voxel r (along each interpolated axis the cell from r to r + 1, clamped at the region's end):
+    the label its corners all clearly share, or the dtype's maximum where they do not."""
+    mark = np.iinfo(dtype).max
+    top = region[0].copy()
+    for c in range(1, region.shape[0]):
+        np.maximum(top, region[c], out=top)
+    floor = top - np.float32(TIE_MARGIN * float(np.abs(region).max()))
+    contenders = np.zeros(top.shape, dtype=np.uint32)
+    for c in range(region.shape[0]):
+        contenders += region[c] >= floor
+    cells = np.where(contenders == 1, _argmax_first(region, dtype), mark).astype(dtype, copy=False)
+    for s in order:
+        n = cells.shape[s]
+        upper = np.take(cells, np.minimum(np.arange(n) + 1, n - 1), axis=s)
+        cells = np.where(cells == upper, cells, mark).astype(dtype, copy=False)
+    return cells
+
+
+def _interpolate_points(region: np.ndarray, order: Sequence[int], points: Sequence[np.ndarray],
+                        gathers: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
+    """(C, N) float32 values of N output voxels, bit for bit what the separable passes give them.
+
+    ``points`` are the voxels' output-chunk indices per axis; ``gathers[s]``
+    the axis's (i0, i1, w0, w1), or (index,) for a copied axis.  The first
+    pass's lerp is the innermost, the last pass's the outermost, as in
+    :func:`_resample_block`.
+    """
+    strides = (region.shape[2] * region.shape[3], region.shape[3], 1)
+    flat = region.reshape(region.shape[0], -1)
+    offset = np.zeros(points[0].shape, dtype=np.int64)
+    for s in range(3):
+        if s not in order:
+            offset += gathers[s][0][points[s]] * strides[s]
+    picked = {s: [g[points[s]] for g in gathers[s]] for s in order}
+
+    def value(k: int, base: np.ndarray) -> np.ndarray:
+        if k == 0:
+            return np.take(flat, base, axis=1)
+        s = order[k - 1]
+        i0, i1, w0, w1 = picked[s]
+        return _lerp(value(k - 1, base + i0 * strides[s]), value(k - 1, base + i1 * strides[s]), w0, w1)
+
+    return value(len(order), offset)
+
+
+def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[tuple[int, int]],
+                  src_lo: Sequence[int], mode: Mode, dtype: np.dtype) -> np.ndarray:
+    """The labels of one output chunk: ``_argmax_first(_resample_block(...))``, computed cheaply.
+
+    Nearest: the label of the nearest voxel, gathered.  Bilinear: the shared
+    label where a voxel's interpolation cell is uniform (:func:`_uniform_cells`),
+    the argmax of the interpolated values elsewhere.
+    """
+    region = np.asarray(src, dtype=np.float32)  # what the passes compute in (exact for float32 probabilities)
+    order = _pass_order(axes)
+    cell_dtype = _cell_dtype(region.shape[0])
+    if mode == "nearest":
+        labels = _argmax_first(region, cell_dtype)
+        for s in order:
+            labels = np.take(labels, np.rint(axes[s].coords(*out_ranges[s])).astype(np.int64) - src_lo[s], axis=s)
+        return labels.astype(dtype, copy=False)
+    if not order or not np.isfinite(region).all():  # nothing to interpolate, or NaN/inf: no margins to trust
+        return _argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
+    gathers: list[tuple[np.ndarray, ...]] = []
+    for s in range(3):
+        start, stop = out_ranges[s]
+        if s in order:
+            gathers.append(_weights(axes[s], start, stop, src_lo[s]))
+        else:
+            gathers.append((np.arange(start, stop) - src_lo[s],))
+    labels = _uniform_cells(region, order, cell_dtype)
+    for s in range(3):
+        labels = np.take(labels, gathers[s][0], axis=s)
+    todo = np.flatnonzero(labels == np.iinfo(cell_dtype).max)
+    if todo.size > FULL_FRACTION * labels.size:
+        return _argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
+    if todo.size:
+        points = np.unravel_index(todo, labels.shape)
+        values = _interpolate_points(region, order, points, gathers)
+        labels.reshape(-1)[todo] = _argmax_first(values, cell_dtype)
+    return labels.astype(dtype, copy=False)
+
+
 def _normalise_chunks(chunks: int | Sequence[int] | None, default: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     if chunks is None:
         sizes = list(default)
@@ -145,20 +259,24 @@ def _flipped(bounds: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
 
 
 def _resample(source: da.Array, axes: Sequence[_Axis], per_axis: Sequence[list[tuple[int, int]]], mode: Mode,
-              dtype: np.dtype) -> da.Array:
+              dtype: np.dtype, *, argmax: bool = False) -> da.Array:
     """Build the graph: one task per output chunk, fed by exactly the source region it maps to.
 
     The region is cut from the source chunks it overlaps and assembled inside
     the task, so a task holds its region, its output chunk and nothing else.
+    With ``argmax`` the output drops the leading axis: the task returns the
+    labels of its chunk (:func:`_argmax_block`), not the interpolated values.
     """
     n_ch = source.shape[0]
-    out_chunks = (n_ch,), *(tuple(b - a for a, b in bounds) for bounds in per_axis)
-    if all(a.copy for a in axes):
+    spatial = tuple(tuple(b - a for a, b in bounds) for bounds in per_axis)
+    out_chunks = spatial if argmax else ((n_ch,), *spatial)
+    if all(a.copy for a in axes) and not argmax:
         return source.astype(dtype).rechunk(out_chunks)
     source = source.rechunk({0: n_ch})  # all channels of a region together: a chunk is classes x volume
     edges = [np.cumsum((0, *c)) for c in source.chunks[1:]]
-    token = tokenize(source.name, [(a.n_in, a.n_out, a.copy, a.theta) for a in axes], per_axis, mode, str(dtype))
-    name = f"resample-{token}"
+    token = tokenize(source.name, [(a.n_in, a.n_out, a.copy, a.theta) for a in axes], per_axis, mode, str(dtype),
+                     argmax)
+    name = f"{'resample-argmax' if argmax else 'resample'}-{token}"
     dsk: dict = {}
     for idx in product(*(range(len(b)) for b in per_axis)):
         ranges = [per_axis[s][idx[s]] for s in range(3)]
@@ -175,22 +293,25 @@ def _resample(source: da.Array, axes: Sequence[_Axis], per_axis: Sequence[list[t
             parts.append((getitem, (source.name, 0, *chunk), tuple(local)))  # run inside the task
             places.append(tuple(place))
         region_shape = (n_ch, *(hi - lo for lo, hi in regions))
-        dsk[(name, 0, *idx)] = (_region_task, parts, places, region_shape, source.dtype, list(axes), ranges,
-                                [lo for lo, _ in regions], mode, dtype)
+        key = (name, *idx) if argmax else (name, 0, *idx)
+        dsk[key] = (_region_task, parts, places, region_shape, source.dtype, list(axes), ranges,
+                    [lo for lo, _ in regions], mode, dtype, argmax)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
     return da.Array(graph, name, chunks=out_chunks, dtype=dtype)
 
 
 def _region_task(parts: list[np.ndarray], places: list[tuple[slice, ...]], shape: tuple[int, ...],
                  src_dtype: np.dtype, axes: Sequence[_Axis], ranges: Sequence[tuple[int, int]],
-                 src_lo: Sequence[int], mode: Mode, dtype: np.dtype) -> np.ndarray:
-    """Assemble a source region from its pieces, then resample it into one output chunk."""
+                 src_lo: Sequence[int], mode: Mode, dtype: np.dtype, argmax: bool = False) -> np.ndarray:
+    """Assemble a source region from its pieces, then resample it into one output chunk (or its labels)."""
     if len(parts) == 1 and parts[0].shape == shape:
         region = np.asarray(parts[0])
     else:
         region = np.empty(shape, dtype=src_dtype)
         for part, place in zip(parts, places):
             region[place] = part
+    if argmax:
+        return _argmax_block(region, axes, ranges, src_lo, mode, dtype)
     return _resample_block(region, axes, ranges, src_lo, mode, dtype)
 
 
@@ -248,6 +369,35 @@ def to_input(probs: da.Array, mapping: GridMapping, *, chunks: int | Sequence[in
     # Undo the orientation view: un-flip, then put each axis back where the input had it.
     oriented = oriented[(slice(None), *(slice(None, None, -1) if a.flip else slice(None) for a in mapping.axes))]
     return oriented.transpose(0, *(inv[t] + 1 for t in range(3)))
+
+
+def argmax_to_input(probs: da.Array, mapping: GridMapping, *, chunks: int | Sequence[int] | None = None,
+                    mode: Literal["bilinear", "nearest"] = "bilinear", dtype=np.uint8) -> da.Array:
+    """(K, J, I) labels on the input grid: the argmax over the leading axis (first maximum winning) of
+    :func:`to_input`'s float32 result, voxel for voxel, without interpolating every class everywhere.
+
+    Nearest takes each model voxel's label and gathers it.  Bilinear copies the
+    label wherever the model voxels around an input voxel share one clear
+    winner, and interpolates (exactly as :func:`to_input` does) only the rest:
+    the voxels near label boundaries and near ties.  ``dtype`` must hold every
+    class index.
+    """
+    mode = _mode(mode)
+    probs = _check(probs, mapping.model_shape, "probabilities")
+    oriented_shape = mapping.oriented_shape
+    thetas = sampling_thetas(mapping, inverse=True)
+    axes = [_Axis(a.size, oriented_shape[s], a.is_copy, thetas[s]) for s, a in enumerate(mapping.axes)]
+    inv = {a.source_axis: s for s, a in enumerate(mapping.axes)}
+    default = [probs.chunksize[inv[t] + 1] for t in range(3)]
+    in_chunks = _normalise_chunks(chunks, default, mapping.input_shape)
+    bounds = []
+    for s, a in enumerate(mapping.axes):
+        n = oriented_shape[s]
+        regular = _bounds(n, in_chunks[a.source_axis])
+        bounds.append(_flipped(regular, n) if a.flip else regular)
+    oriented = _resample(probs, axes, bounds, mode, np.dtype(dtype), argmax=True)
+    oriented = oriented[tuple(slice(None, None, -1) if a.flip else slice(None) for a in mapping.axes)]
+    return oriented.transpose(*(inv[t] for t in range(3)))
 
 
 def model_region(mapping: GridMapping, box: Sequence[tuple[int, int]],

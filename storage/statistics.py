@@ -19,8 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from storage.classes import LabelClass
+from storage.atomic import write_text_atomically
 from storage.errors import ExportError
 from storage.probe import voxel_millilitres
 
@@ -228,21 +227,9 @@ def _finite(x: float | None) -> float | None:
 def write_statistics(path: str | PathLike[str], stats: dict[str, Any]) -> Path:
     """Write the statistics as JSON under a temporary name, then rename it into place."""
     out = Path(path)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
     try:
         text = json.dumps(stats, indent=2, allow_nan=False) + "\n"
     except ValueError as exc:
         raise ExportError(out, f"statistics are not JSON-safe: {exc}") from None
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise ExportError(out, f"cannot write the statistics: {exc.strerror or type(exc).__name__}") from None
-    return out
+    return write_text_atomically(out, text, "statistics")
+

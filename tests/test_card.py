@@ -63,6 +63,7 @@ def test_inconsistent_normalisations_are_refused(norm, message):
 
 @pytest.mark.parametrize("changes, message", [
     ({"card_version": 4}, "newer than this segflow reads"),
+    ({"classes": [{"value": 0, "name": "bg"}, {"value": 1, "name": "liver", "code": "SCT:liver"}]}, "SNOMED CT"),
     ({"input__orientation": "RRS"}, "three axcodes"),
     ({"input__orientation": "RAS"}, "applies to 3-D volumes"),
     ({"inference__keep_largest": {"applied_labels": [0]}}, "other than 0"),

@@ -25,7 +25,8 @@ from storage.errors import (
     UnsupportedFormatError,
 )
 from storage.layout import open_image_store
-from storage.nifti import ingest_nifti, write_label_nifti, write_label_table
+from storage.labeltables import write_label_tables
+from storage.nifti import ingest_nifti, write_label_nifti
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CLASSES = [LabelClass(value=0, name="background", color=(0, 0, 0)), LabelClass(value=1, name="tissue", color=(255, 0, 0))]
@@ -273,8 +274,8 @@ def test_gzip_export_is_reproducible(tmp_path: Path) -> None:
     a = write_label_nifti(labels, store.meta.geometry, tmp_path / "a.nii.gz", classes=CLASSES, provenance=PROVENANCE)
     b = write_label_nifti(labels, store.meta.geometry, tmp_path / "b.nii.gz", classes=CLASSES, provenance=PROVENANCE)
     assert a.read_bytes() == b.read_bytes()
-    table = write_label_table(tmp_path / "a.ctbl", CLASSES)
-    assert table.read_text() == slicer_color_table(CLASSES)
+    table, _ = write_label_tables(tmp_path / "a", CLASSES)
+    assert table.name == "a.ctbl" and table.read_text() == slicer_color_table(CLASSES)
 
 
 def test_export_failures(tmp_path: Path) -> None:

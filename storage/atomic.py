@@ -1,0 +1,32 @@
+"""Small text outputs written whole or not at all.
+
+A reader (a viewer, ``verify``, a rerun deciding what is done) must never see
+half a file: each one is written under a hidden temporary name beside its
+destination, flushed to disk, and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from storage.errors import ExportError
+
+
+def write_text_atomically(out: Path, text: str, what: str) -> Path:
+    """Write ``text`` to ``out``; a failure raises ExportError naming the file and leaves nothing behind."""
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(out, f"cannot write the {what}: {exc.strerror or type(exc).__name__}") from None
+    return out
+
+
+__all__ = ["write_text_atomically"]
