@@ -83,19 +83,25 @@ def _ints(text: Optional[str]) -> Optional[list[int]]:
 
 
 @app.command()
-def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files."),
+def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, DICOM folders, DICOMDIRs "
+                                                       "or DICOM files (one store per series)."),
            out: Path = typer.Option(..., "--out", help="Directory for the <stem>.zarr stores."),
            chunk: Optional[int] = typer.Option(None, help="Spatial chunk size (default 1024 in 2D, 128 in 3D).")) -> None:
     """Copy inputs into chunked zarr v3 image stores with their full geometry."""
+    from flows.inputs import expand, input_label, input_stem
     from storage.ingest import ingest as do_ingest
-    from storage.ingest import stem_of
 
-    failures = 0
+    expanded, unusable = expand([str(p) for p in inputs])
+    for _, error in unusable:
+        console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)
+    failures = len(unusable)
     out.mkdir(parents=True, exist_ok=True)
-    for path in inputs:
+    for item in expanded:
         try:
-            store = do_ingest(path, out / f"{stem_of(path)}.zarr", chunk=chunk)
-            console.print(f"ingested {path} -> {store.path}  {store.image.shape} {store.image.dtype}")
+            store = do_ingest(item if not isinstance(item, str) else Path(item), out / f"{input_stem(item)}.zarr",
+                              chunk=chunk)
+            console.print(f"ingested {escape(input_label(item))} -> {store.path}  {store.image.shape} "
+                          f"{store.image.dtype}", highlight=False, soft_wrap=True)
         except SegflowError as exc:
             failures += 1
             console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -127,11 +127,12 @@ def _resample_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence
 # same clear winner, that winner: each class difference p_c* - p_c is a non-negative combination of differences
 # that are all larger than TIE_MARGIN * max|p| at the corners, and the float32 passes (three lerps, each product
 # and sum rounded once) move a difference by at most about 12 * 2^-24 * max|p|, far less than that margin.  So the
-# label is copied there, and only the other voxels, near label boundaries or near ties, are interpolated, each
-# with exactly the operations, weights and order of the separable passes: the labels equal the full path's.
+# label is copied there.  The other voxels, near label boundaries or near ties, get the separable passes but the
+# last (the most expanding, the dearest) over the region, then the last pass's lerp for them alone, with the same
+# operands, weights and order: their values, and so the labels, equal the full path's bit for bit.
 
 TIE_MARGIN = 2.0 ** -16  # a top class closer than this (times the region's max |p|) to another counts as a tie
-FULL_FRACTION = 0.15  # above this share of boundary voxels, the separable passes over the whole chunk are cheaper
+FULL_FRACTION = 0.3  # above this share of boundary voxels, the separable passes over the whole chunk are cheaper
 
 
 def _argmax_first(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -170,31 +171,24 @@ def _uniform_cells(region: np.ndarray, order: Sequence[int], dtype: np.dtype) ->
     return cells
 
 
-def _interpolate_points(region: np.ndarray, order: Sequence[int], points: Sequence[np.ndarray],
-                        gathers: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
+def _interpolate_points(partial: np.ndarray, last: int, points: Sequence[np.ndarray],
+                        gather: tuple[np.ndarray, ...]) -> np.ndarray:
     """(C, N) float32 values of N output voxels, bit for bit what the separable passes give them.
 
-    ``points`` are the voxels' output-chunk indices per axis; ``gathers[s]``
-    the axis's (i0, i1, w0, w1), or (index,) for a copied axis.  The first
-    pass's lerp is the innermost, the last pass's the outermost, as in
-    :func:`_resample_block`.
+    ``partial`` is the region after every pass but the ``last`` (the most
+    expanding, the dearest); ``points`` are the voxels' output-chunk indices
+    per axis and ``gather`` the last axis's (i0, i1, w0, w1).  Only the last
+    pass's lerp runs, on those voxels alone, with the same operands and weights.
     """
-    strides = (region.shape[2] * region.shape[3], region.shape[3], 1)
-    flat = region.reshape(region.shape[0], -1)
+    strides = (partial.shape[2] * partial.shape[3], partial.shape[3], 1)
+    flat = partial.reshape(partial.shape[0], -1)
     offset = np.zeros(points[0].shape, dtype=np.int64)
     for s in range(3):
-        if s not in order:
-            offset += gathers[s][0][points[s]] * strides[s]
-    picked = {s: [g[points[s]] for g in gathers[s]] for s in order}
-
-    def value(k: int, base: np.ndarray) -> np.ndarray:
-        if k == 0:
-            return np.take(flat, base, axis=1)
-        s = order[k - 1]
-        i0, i1, w0, w1 = picked[s]
-        return _lerp(value(k - 1, base + i0 * strides[s]), value(k - 1, base + i1 * strides[s]), w0, w1)
-
-    return value(len(order), offset)
+        if s != last:
+            offset += points[s] * strides[s]
+    i0, i1, w0, w1 = (g[points[last]] for g in gather)
+    return _lerp(np.take(flat, offset + i0 * strides[last], axis=1), np.take(flat, offset + i1 * strides[last], axis=1),
+                 w0, w1)
 
 
 def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[tuple[int, int]],
@@ -229,8 +223,10 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
     if todo.size > FULL_FRACTION * labels.size:
         return _argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
     if todo.size:
-        points = np.unravel_index(todo, labels.shape)
-        values = _interpolate_points(region, order, points, gathers)
+        partial = region
+        for s in order[:-1]:
+            partial = _resample_axis(partial, s + 1, axes[s], *out_ranges[s], src_lo[s], mode)
+        values = _interpolate_points(partial, order[-1], np.unravel_index(todo, labels.shape), gathers[order[-1]])
         labels.reshape(-1)[todo] = _argmax_first(values, cell_dtype)
     return labels.astype(dtype, copy=False)
 

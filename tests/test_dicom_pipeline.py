@@ -140,3 +140,35 @@ def test_verify_checks_every_file_of_the_series(run):
         assert result.exit_code != 0 and victim.name in result.output
     finally:
         victim.write_bytes(original)
+
+
+def test_a_real_series_through_ingest_segment_and_export(tmp_path, dask_cluster):
+    """pydicom's CT5N (5 slices, descending z): labels on dcm2niix's grid, SEG slice k = NIfTI slice k."""
+    from flows.config import SegmentOptions
+    from flows.pipeline import segment_one
+    from storage.dicom import find_series
+    from tests.conftest import shared
+    from tests.test_dicom import _dcm2niix
+
+    folder = shared("dicom/CT5N")
+    result = CliRunner().invoke(app, ["ingest", str(folder), "--out", str(tmp_path / "stores")])
+    assert result.exit_code == 0, result.output
+    [store_path] = list((tmp_path / "stores").glob("*.zarr"))
+    assert open_image_store(store_path).meta.geometry.dicom is not None
+    [ref] = find_series([folder])
+    model = tiny_model(tmp_path / "model", spatial_dims=3, channels=1, roi=[8, 8, 8],
+                       normalization={"mode": "scale", "offset": [0.0], "scale": [0.01]})
+    outcome = segment_one(ref, model, tmp_path / "out", SegmentOptions(chunk_size=8, dicom_seg="labelmap"),
+                          dask_cluster)
+    assert outcome.ok and outcome.input == ref.display
+    labels_path = tmp_path / "out" / f"{ref.name}.nii.gz"
+    img = nib.load(labels_path)
+    [reference] = _dcm2niix(folder, tmp_path / "dcm2niix")
+    ref_img = nib.load(reference)
+    canonical = nib.as_closest_canonical(img)
+    assert np.allclose(canonical.affine, nib.as_closest_canonical(ref_img).affine, atol=1e-3)
+    assert canonical.shape == nib.as_closest_canonical(ref_img).shape[:3]
+    geometry = open_image_store(store_path).meta.geometry
+    back = read_dicom_seg_labels(tmp_path / "out" / f"{ref.name}.seg.dcm", geometry)
+    assert np.array_equal(back, np.asarray(img.dataobj).transpose(2, 1, 0))
+    assert pydicom.dcmread(tmp_path / "out" / f"{ref.name}.seg.dcm").SegmentationType == "LABELMAP"
