@@ -11,23 +11,28 @@ order), or come back by nearest neighbour (``invert="labels"``: the argmax of
 the nearest model voxel, as ``Invertd`` with ``nearest_interp=True``).  Each
 input-grid chunk is a pointwise function of a bounded model-space region, so
 the labels do not depend on either chunking, and memory stays bounded by
-chunk and window sizes.  :class:`ModelSpacePlan` offers the pipeline the
-same interface as a :class:`StitchPlan` whose output grid is the input's.
+chunk and window sizes.  Where only labels are wanted (no probabilities
+output), they come from :func:`storage.resample.argmax_to_input`: the same
+labels, voxel for voxel, with the probabilities interpolated only near label
+boundaries (the argmax of a blend of vectors that all share one clear winner
+is that winner), and, for ``invert="labels"``, the argmax taken on the
+coarser model grid before the nearest-neighbour gather.
+:class:`ModelSpacePlan` offers the pipeline the same interface as a
+:class:`StitchPlan` whose output grid is the input's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
-
 import bisect
 import itertools
+from typing import Any, Literal, Sequence
 
 import dask.array as da
 from dask.delayed import Delayed
 
-from segmentation.stitching import StitchPlan, chunk_boxes, chunk_writes, label_dtype, labels_of
+from segmentation.stitching import StitchPlan, chunk_boxes, chunk_writes, label_dtype
 from storage.grids import GridMapping
-from storage.resample import model_region, to_input
+from storage.resample import argmax_to_input, model_region, to_input
 
 Invert = Literal["probabilities", "labels"]
 
@@ -57,27 +62,43 @@ class ModelSpacePlan:
     def chunk_indexes(self) -> list[tuple[int, ...]]:
         return list(self._boxes)
 
+    @property
+    def _mode(self) -> str:
+        return "bilinear" if self.invert == "probabilities" else "nearest"
+
     def on_input_grid(self, model_probabilities: da.Array | None = None) -> da.Array:
         """(classes, *input grid) probabilities, from the stitched (or refined) model-space ones."""
         probs = self.stitch.probabilities() if model_probabilities is None else model_probabilities
-        mode = "bilinear" if self.invert == "probabilities" else "nearest"
-        back = to_input(probs, self.mapping, chunks=[c[0] for c in self.chunks], mode=mode)
+        back = to_input(probs, self.mapping, chunks=[c[0] for c in self.chunks], mode=self._mode)
         assert back.chunks[1:] == self.chunks, (back.chunks, self.chunks)
         return back
+
+    def labels_on_input_grid(self, model_probabilities: da.Array | None = None) -> da.Array:
+        """(*input grid) labels, equal to ``labels_of`` of :meth:`on_input_grid` without building all of it."""
+        probs = self.stitch.probabilities() if model_probabilities is None else model_probabilities
+        labels = argmax_to_input(probs, self.mapping, chunks=[c[0] for c in self.chunks], mode=self._mode,
+                                 dtype=label_dtype(self.num_classes))
+        assert labels.chunks == self.chunks, (labels.chunks, self.chunks)
+        return labels
 
     def probabilities(self) -> da.Array:
         return self.on_input_grid()
 
     def labels(self) -> da.Array:
-        return self.on_input_grid().map_blocks(labels_of, None, self.num_classes, drop_axis=0,
-                                               dtype=label_dtype(self.num_classes))
+        return self.labels_on_input_grid()
 
     def writes(self, labels_target: Any, probabilities_target: Any = None, probabilities_dtype: str = "float32",
                probabilities: da.Array | None = None, *, only: Sequence[tuple[int, ...]] | None = None,
                on_written: Any = None) -> list[Delayed]:
-        """One write per input-grid chunk; ``probabilities`` are refined model-space ones (the CRF's)."""
-        back = self.on_input_grid(probabilities).rechunk({0: -1})
-        blocks = back.to_delayed()[0]
+        """One write per input-grid chunk; ``probabilities`` are refined model-space ones (the CRF's).
+
+        Without a probabilities target only labels are needed: they come from
+        the boundary-only interpolation and are written as they are.
+        """
+        if probabilities_target is None:
+            blocks = self.labels_on_input_grid(probabilities).to_delayed()
+        else:
+            blocks = self.on_input_grid(probabilities).rechunk({0: -1}).to_delayed()[0]
         return chunk_writes({idx: blocks[idx] for idx in self._boxes}, self._boxes, None, self.num_classes,
                             labels_target, probabilities_target, probabilities_dtype,
                             name=f"segflow-write-{self.stitch.token}-{self.invert}-"
@@ -92,7 +113,7 @@ class ModelSpacePlan:
 
     def model_chunks_for(self, only: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """The model-space output chunks whose probabilities the input-grid chunks ``only`` read."""
-        mode = "bilinear" if self.invert == "probabilities" else "nearest"
+        mode = self._mode
         bounds = [tuple(itertools.accumulate(c, initial=0)) for c in self.stitch.chunks]
         needed: set[tuple[int, ...]] = set()
         for idx in only:

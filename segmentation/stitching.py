@@ -194,7 +194,12 @@ def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: in
     ``on_written(index, result)`` runs only after every array of the chunk is
     stored, so a completion record it makes never precedes the data.
     """
-    labels = labels_of(probs, mask, num_classes)
+    if probs.ndim == len(box):  # already labels (a model-space plan's labels-only way back)
+        labels = probs.astype(label_dtype(num_classes), copy=True)
+        if mask is not None:
+            labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
+    else:
+        labels = labels_of(probs, mask, num_classes)
     sl = tuple(slice(lo, hi) for lo, hi in box)
     labels_target[sl] = labels
     if probs_target is not None:
@@ -380,6 +385,9 @@ def chunk_writes(blocks: dict[tuple[int, ...], Any], boxes: dict[tuple[int, ...]
                  only: Sequence[tuple[int, ...]] | None = None,
                  on_written: Callable[[tuple[int, ...], dict], None] | None = None) -> list[Delayed]:
     """One delayed write per chunk of probability ``blocks`` (delayed (classes, *box) arrays), in order.
+
+    Without a probabilities target a block may be the labels themselves
+    (*box), when something cheaper than the probabilities gave them.
 
     Shared by the stitched plan and by anything that brings probabilities onto
     another chunk grid (model space back to the input's grid): the labels,

@@ -132,7 +132,7 @@ def _resample_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence
 # operands, weights and order: their values, and so the labels, equal the full path's bit for bit.
 
 TIE_MARGIN = 2.0 ** -16  # a top class closer than this (times the region's max |p|) to another counts as a tie
-FULL_FRACTION = 0.3  # above this share of boundary voxels, the separable passes over the whole chunk are cheaper
+FULL_FRACTION = 0.2  # above this share of non-uniform cells, the separable passes over the whole chunk are cheaper
 
 
 def _argmax_first(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -171,24 +171,23 @@ def _uniform_cells(region: np.ndarray, order: Sequence[int], dtype: np.dtype) ->
     return cells
 
 
-def _interpolate_points(partial: np.ndarray, last: int, points: Sequence[np.ndarray],
+def _interpolate_points(partial: np.ndarray, last: int, todo: np.ndarray, out_shape: Sequence[int],
                         gather: tuple[np.ndarray, ...]) -> np.ndarray:
     """(C, N) float32 values of N output voxels, bit for bit what the separable passes give them.
 
     ``partial`` is the region after every pass but the ``last`` (the most
-    expanding, the dearest); ``points`` are the voxels' output-chunk indices
-    per axis and ``gather`` the last axis's (i0, i1, w0, w1).  Only the last
-    pass's lerp runs, on those voxels alone, with the same operands and weights.
+    expanding, the dearest): it has the output's shape except along ``last``.
+    ``todo`` are the voxels' flat indices in the output chunk of ``out_shape``
+    and ``gather`` the last axis's (i0, i1, w0, w1).  Only the last pass's lerp
+    runs, on those voxels alone, with the same operands and weights.
     """
-    strides = (partial.shape[2] * partial.shape[3], partial.shape[3], 1)
+    inner = int(np.prod(out_shape[last + 1:], dtype=np.int64))
+    outer, rest = np.divmod(todo, out_shape[last] * inner)
+    m, low = np.divmod(rest, inner)
+    base = outer * (partial.shape[last + 1] * inner) + low
     flat = partial.reshape(partial.shape[0], -1)
-    offset = np.zeros(points[0].shape, dtype=np.int64)
-    for s in range(3):
-        if s != last:
-            offset += points[s] * strides[s]
-    i0, i1, w0, w1 = (g[points[last]] for g in gather)
-    return _lerp(np.take(flat, offset + i0 * strides[last], axis=1), np.take(flat, offset + i1 * strides[last], axis=1),
-                 w0, w1)
+    i0, i1, w0, w1 = (g[m] for g in gather)
+    return _lerp(np.take(flat, base + i0 * inner, axis=1), np.take(flat, base + i1 * inner, axis=1), w0, w1)
 
 
 def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[tuple[int, int]],
@@ -217,16 +216,16 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
         else:
             gathers.append((np.arange(start, stop) - src_lo[s],))
     labels = _uniform_cells(region, order, cell_dtype)
+    if np.count_nonzero(labels == np.iinfo(cell_dtype).max) > FULL_FRACTION * labels.size:  # mostly boundary
+        return _argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
     for s in range(3):
         labels = np.take(labels, gathers[s][0], axis=s)
     todo = np.flatnonzero(labels == np.iinfo(cell_dtype).max)
-    if todo.size > FULL_FRACTION * labels.size:
-        return _argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
     if todo.size:
         partial = region
         for s in order[:-1]:
             partial = _resample_axis(partial, s + 1, axes[s], *out_ranges[s], src_lo[s], mode)
-        values = _interpolate_points(partial, order[-1], np.unravel_index(todo, labels.shape), gathers[order[-1]])
+        values = _interpolate_points(partial, order[-1], todo, labels.shape, gathers[order[-1]])
         labels.reshape(-1)[todo] = _argmax_first(values, cell_dtype)
     return labels.astype(dtype, copy=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -10,6 +11,13 @@ from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 
 from segmentation.card import Normalization
 from segmentation.normalize import image_percentiles, resolve, statistics_for
+
+
+@pytest.fixture(autouse=True)
+def local_scheduler():
+    """Many tiny reductions: threads here (the session's Dask cluster would make each a network round trip)."""
+    with dask.config.set(scheduler="threads"):
+        yield
 
 
 def chunked(x: np.ndarray, parts: int = 3) -> da.Array:

@@ -4,7 +4,10 @@ MONAI's ``Orientationd`` + ``Spacingd`` (its defaults: bilinear, border,
 align_corners=False, float64) and ``Invertd`` run on real MetaTensors (and once
 on a NIfTI written with nibabel, read by ``LoadImaged``); segflow's chunked
 ``to_model`` / ``to_input`` must give the same grids and values, whatever the
-chunking, while each task reads only its own source region.
+chunking, while each task reads only its own source region.  Interpolation
+runs in float32 (values within 1e-5 of MONAI's float64, relative to the value
+range; nearest neighbour exactly equal).  ``argmax_to_input``, the labels-only
+way back, must equal the argmax of ``to_input`` on every voxel, ties included.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from scipy.ndimage import gaussian_filter
 from storage.errors import InvalidInputError
 from storage.grids import GridMapping, model_grid
 from storage import resample
-from storage.resample import to_input, to_model
+from storage.resample import argmax_to_input, to_input, to_model
+from segmentation.stitching import labels_of
+
+FLOAT32_RTOL = 1e-5  # float32 interpolation against MONAI's float64, relative to the values' range
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
@@ -120,7 +126,21 @@ def test_to_model_equals_monai(name, monai_results):
     ref = to_storage(out)
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     value_range = float(image.max() - image.min())
-    assert np.abs(ours - ref).max() <= 1e-4 * value_range
+    assert np.abs(ours - ref).max() <= FLOAT32_RTOL * value_range
+
+
+@pytest.mark.parametrize("name", ["lps_to_ras", "permuted_axes", "anisotropic_0.6x0.6x5_to_1.5"])
+def test_to_model_nearest_equals_monai_exactly(name):
+    """Nearest neighbour picks the same voxels as MONAI, .5 ties included: equal once MONAI's float64 is float32."""
+    aff, shape, axcodes, pixdim = CASES[name]
+    image = smooth_volume(1, shape, seed=4)
+    tensor = MetaTensor(torch.as_tensor(image.transpose(0, 3, 2, 1).copy()), affine=torch.as_tensor(aff))
+    out = Compose([Orientationd("img", axcodes=axcodes), Spacingd("img", pixdim=pixdim, mode="nearest")])(
+        {"img": tensor})["img"]
+    mapping = model_grid(aff, shape, axcodes=axcodes, pixdim_ijk=pixdim)
+    ours = to_model(da.from_array(image, chunks=(1, 4, 5, 3)), mapping, chunks=5, mode="nearest").compute(
+        scheduler="sync")
+    assert np.array_equal(ours, to_storage(out).astype(np.float32))
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
@@ -136,7 +156,10 @@ def test_to_input_equals_invertd(name, mode, monai_results):
     ref = to_storage(inverter({"pred": pred, "img": out})["pred"])
     ours = to_input(da.from_array(probs, chunks=(3, 3, 4, 5)), mapping, chunks=4, mode=mode).compute(scheduler="sync")
     assert ours.shape == ref.shape == (3, *shape)
-    assert np.abs(ours - ref).max() <= 1e-4
+    if mode == "nearest":
+        assert np.array_equal(ours, ref.astype(np.float32))
+    else:
+        assert np.abs(ours - ref).max() <= FLOAT32_RTOL * float(np.ptp(probs))
 
 
 def test_to_model_equals_monai_on_a_nifti_file(tmp_path: Path):
@@ -154,7 +177,7 @@ def test_to_model_equals_monai_on_a_nifti_file(tmp_path: Path):
     ours = to_model(da.from_array(image, chunks=(1, 3, 5, 4)), mapping, chunks=(4, 3, 6)).compute(scheduler="sync")
     assert mapping.model_shape == tuple(out.shape[1:])[::-1]
     np.testing.assert_allclose(mapping.model_affine, out.affine.numpy(), rtol=0, atol=1e-6)
-    assert np.abs(ours - to_storage(out)).max() <= 1e-4 * float(np.ptp(data_ijk))
+    assert np.abs(ours - to_storage(out)).max() <= FLOAT32_RTOL * float(np.ptp(data_ijk))
 
 
 @pytest.mark.parametrize("name", ["permuted_axes", "anisotropic_0.6x0.6x5_to_1.5", "lps_to_ras"])
@@ -262,3 +285,69 @@ def test_sheared_affine_and_bad_axcodes_are_refused():
         model_grid(sheared, (8, 8, 8), axcodes="RAS", pixdim_ijk=(1.5, 1.5, 1.5), name="scan.nii.gz")
     with pytest.raises(InvalidInputError, match="axcodes"):
         model_grid(affine(np.eye(3)), (8, 8, 8), axcodes="RAX", pixdim_ijk=None)
+
+
+# --- the labels-only way back ----------------------------------------------------------------------------------------
+
+def class_probabilities(classes: int, shape: tuple[int, ...], seed: int, kind: str) -> np.ndarray:
+    """(classes, *shape) float32 probabilities: ``random`` (a label per voxel), ``smooth`` (label regions with
+    boundaries, as a network gives) or ``ties`` (smooth, quantised to 1/8 so that many voxels tie exactly at the
+    top, with blocks where a later class equals an earlier one and near-ties one float32 step apart)."""
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        logits = rng.normal(size=(classes, *shape)) * 2.0
+    else:
+        sigma = min(2.0, min(shape) / 4)  # a few label regions even on the smallest grids
+        logits = np.stack([gaussian_filter(rng.normal(size=shape), sigma, mode="wrap") for _ in range(classes)])
+        logits *= 3.0 / logits.std()
+    p = np.exp(logits - logits.max(axis=0))
+    p = (p / p.sum(axis=0)).astype(np.float32)
+    if kind == "ties":
+        p = np.round(p * 8.0) / np.float32(8.0)
+        p[2, ::3] = p[0, ::3]  # exact ties between an early and a late class
+        p[1, 1::3, ::2] = np.nextafter(p[0, 1::3, ::2], np.float32(1.0))  # class 1 one float32 step above class 0
+        p[2, 2::3, 1::2] = np.nextafter(p[1, 2::3, 1::2], np.float32(0.0))  # class 2 one step below class 1
+    return p.astype(np.float32)
+
+
+def full_labels(probs: np.ndarray, mapping: GridMapping, mode: str) -> np.ndarray:
+    """The reference: every class interpolated everywhere, then the pipeline's argmax."""
+    back = to_input(da.from_array(probs, chunks=(probs.shape[0], 3, 4, 5)), mapping, chunks=4, mode=mode)
+    return labels_of(back.compute(scheduler="sync"), None, probs.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["random", "smooth", "ties"])
+@pytest.mark.parametrize("name, boundary_only", [
+    ("ras_upsample_2_to_0.7", True), ("lps_to_ras", True), ("permuted_axes", True), ("oblique", True),
+    ("anisotropic_0.6x0.6x5_to_1.5", True), ("to_lps_no_spacing", True), ("oblique", False)])
+def test_argmax_to_input_equals_the_full_path(name, boundary_only, kind, monkeypatch):
+    """Labels copied where the interpolation cell is uniform, interpolated elsewhere: identical to the full path."""
+    if boundary_only:  # never fall back to whole-chunk interpolation: the boundary path must carry every chunk
+        monkeypatch.setattr(resample, "FULL_FRACTION", 1.0)
+    aff, shape, axcodes, pixdim = CASES[name]
+    mapping = model_grid(aff, shape, axcodes=axcodes, pixdim_ijk=pixdim)
+    probs = class_probabilities(4, mapping.model_shape, seed=len(name), kind=kind)
+    for mode in ("bilinear", "nearest"):
+        expected = full_labels(probs, mapping, mode)
+        for in_chunks, out_chunks in [((4, 3, 4, 5), 4), ((4, 7, 2, 6), (5, 3, 7))]:
+            ours = argmax_to_input(da.from_array(probs, chunks=in_chunks), mapping, chunks=out_chunks,
+                                   mode=mode).compute(scheduler="sync")
+            assert ours.dtype == np.uint8 and ours.shape == tuple(shape)
+            assert np.array_equal(ours, expected), f"{mode}: {(ours != expected).sum()} voxels differ"
+    assert len(np.unique(expected)) >= 2
+
+
+def test_the_shortcut_copies_most_labels_and_interpolates_the_ties():
+    """On smooth probabilities most cells are uniform (copied); a tie at the top is never trusted."""
+    aff, shape, axcodes, pixdim = CASES["ras_upsample_2_to_0.7"]
+    mapping = model_grid(aff, shape, axcodes=axcodes, pixdim_ijk=pixdim)
+    probs = class_probabilities(3, mapping.model_shape, seed=2, kind="smooth")
+    mark = np.iinfo(np.uint8).max
+    cells = resample._uniform_cells(probs, [0, 1, 2], np.dtype(np.uint8))
+    assert (cells != mark).mean() > 0.5
+    tied = probs.copy()
+    tied[1] = tied[0] = np.maximum(tied[0], tied[1])  # classes 0 and 1 tie at the top wherever either led
+    tied_cells = resample._uniform_cells(tied, [0, 1, 2], np.dtype(np.uint8))
+    top = labels_of(tied, None, 3)
+    assert np.all(tied_cells[top == 0] == mark) and (top == 0).any()
+    assert np.all(np.isin(tied_cells[tied_cells != mark], [2]))
