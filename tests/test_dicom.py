@@ -348,3 +348,15 @@ def test_labels_exported_on_the_series_grid(tmp_path: Path) -> None:
     (reference,) = _dcm2niix(folder, tmp_path / "d2n")  # dcm2niix flips rows: compare in RAS order
     np.testing.assert_allclose(nib.as_closest_canonical(written).affine,
                                nib.as_closest_canonical(nib.load(reference)).affine, atol=1e-3)
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.JPEGLSLossless, pydicom.uid.JPEG2000Lossless])
+def test_compressed_series_decode_to_the_same_volume(tmp_path: Path, syntax) -> None:
+    """JPEG-LS and JPEG 2000 (pylibjpeg's decoders), beside RLE above: the same HU volume as uncompressed."""
+    data = (np.arange(3 * 64 * 64).reshape(3, 64, 64) % 2000).astype(np.int16)  # JPEG 2000 needs a few levels
+    paths = samples.write_ct_series(tmp_path / "in", data)
+    samples.compress_series(paths, syntax)
+    assert pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == syntax
+    store = ingest_dicom(_only([tmp_path / "in"]), tmp_path / "s.zarr", chunk=32)
+    np.testing.assert_array_equal(np.asarray(store.image[0]), data.astype(np.int32) - 1024)
+    assert store.meta.geometry.dicom.transfer_syntax_uid == syntax
