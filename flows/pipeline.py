@@ -126,8 +126,8 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     stitch = getattr(plan, "stitch", plan)  # the model-space stitching (the plan itself on the input's grid)
     params = resolved_parameters(model, options, plan)
     if mapping is not None:
-        params["model_space"] = {"mapping": mapping.to_json(), "interpolation": model.card.input.interpolation,
-                                 "invert": model.card.inference.invert}
+        params["resampling"] = {"mapping": mapping.to_json(), "interpolation": model.card.input.interpolation,
+                                "invert": model.card.inference.invert}
     parts = run_identity(store, model, params, _device_name(options.device))
     identity = identity_digest(parts)
     chunks = tuple(c[0] for c in plan.chunks)

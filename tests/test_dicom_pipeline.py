@@ -111,7 +111,12 @@ def test_outputs_a_radiology_group_opens(run):
                 assert DUMMY_PATIENT_NAME.encode() not in data or path.suffix == ".dcm", path
     oblique = next(p for p in _series_outputs(out) if p.name.startswith("series-4"))
     record = json.loads((out / oblique.name.replace(".nii.gz", ".provenance.json")).read_text())
-    assert "model_space" in record["parameters"]  # 0.7 x 0.8 x 2.5 mm was taken to the model's 1 x 1 x 2 mm
+    # 0.7 x 0.8 x 2.5 mm was taken to the model's 1 x 1 x 2 mm, and the mapping recorded
+    mapping = record["parameters"]["resampling"]["mapping"]
+    assert mapping["model"]["shape_kji"] != mapping["input"]["shape_kji"]
+    axial = next(p for p in _series_outputs(out) if p.name.startswith("series-5"))
+    record = json.loads((out / axial.name.replace(".nii.gz", ".provenance.json")).read_text())
+    assert "resampling" in record["parameters"] and "model_space" in record["statistics"]
 
 
 def _geometry_from(record: dict, labels: np.ndarray):

@@ -131,7 +131,7 @@ def test_segflow_agrees_with_monai_bundle_run(bundle, tmp_path):
     # the bar is 99.5 %; segflow blends raw outputs and resamples as MONAI does, so it is stricter here
     assert agreement >= 0.9995, f"labels agree on {agreement:.4%} of voxels"
     record = json.loads((out / "scan.provenance.json").read_text())
-    space = record["parameters"]["model_space"]
+    space = record["parameters"]["resampling"]
     assert space["invert"] == "probabilities" and space["interpolation"] == "bilinear"
     print(f"segflow vs monai.bundle run: {agreement:.4%} of {a.size} voxels agree")
 
@@ -167,4 +167,6 @@ def test_a_scan_already_in_model_space_is_not_resampled(tmp_path):
     with dask_client(workers=1, threads_per_worker=1) as client:
         outcome = segment_one(scan, load_model(bundle), tmp_path / "out", SegmentOptions(chunk_size=16), client)
     assert "model_space" not in outcome.statistics
+    record = json.loads((tmp_path / "out" / "scan.provenance.json").read_text())
+    assert "resampling" not in record["parameters"]
     assert not list((tmp_path / "out").glob("*.model-space.nii.gz"))
