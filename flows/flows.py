@@ -21,7 +21,7 @@ from flows.inputs import expand
 from flows.pipeline import Outcome, input_label, segment_one
 from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
 from segmentation import load_model
-from storage.dicom import SeriesRef
+from storage.dicomfiles import SeriesRef
 from storage.errors import SegflowError
 
 

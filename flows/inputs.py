@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from flows.progress import say
-from storage.dicom import SeriesRef, find_series, is_dicom_input
+from storage.dicomfiles import SeriesRef, find_series, is_dicom_input
 from storage.errors import SegflowError, StoreError
 from storage.hashing import sha256_input
 from storage.ingest import ingest, stem_of

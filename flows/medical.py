@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flows.config import SegmentOptions
 from segmentation import LoadedModel
 from segmentation.stitching import label_nodata
@@ -37,8 +39,6 @@ def volume_statistics(labels: Any, store: ImageStore, model: LoadedModel) -> dic
     """Per-label statistics of a label volume on the input's grid (chunk by chunk)."""
     geometry = store.meta.geometry
     assert isinstance(geometry, VolumeGeometry)
-    import numpy as np
-
     return label_statistics(labels, store.image, np.asarray(geometry.affine), model.card.classes,
                             nodata_label=label_nodata(model.card.num_classes), unit=intensity_unit(geometry))
 

@@ -60,7 +60,7 @@ from flows.inputs import Expanded, expand, input_label, input_stem
 from flows.report import InputReport, fill_from_statistics, summary, timestamp
 from flows.routing import ModelEntry, loaded, no_model_reason, read_models, route
 from storage import provenance
-from storage.dicom import SeriesRef, is_dicom_input
+from storage.dicomfiles import SeriesRef, is_dicom_input
 from storage.errors import ConfigError, InputError, SegflowError
 from storage.hashing import sha256_input
 from storage.ingest import kind_of, stem_of

@@ -47,7 +47,7 @@ from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.stitching import label_dtype, label_nodata
 from storage import provenance
-from storage.dicom import SeriesRef
+from storage.dicomfiles import SeriesRef
 from storage.errors import ExportError, InvalidInputError, SegflowError
 from storage.modelimage import model_geometry
 from storage.layout import (LABELS, META_ATTR, PROVENANCE_ATTR, ChunkJournal, ImageStore,

@@ -11,7 +11,7 @@ from storage.errors import CorruptInputError, InputError, UnsupportedFormatError
 from storage.layout import ImageStore
 
 if TYPE_CHECKING:
-    from storage.dicom import SeriesRef
+    from storage.dicomfiles import SeriesRef
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")

@@ -28,7 +28,7 @@ from storage.errors import InputError
 from storage.ingest import kind_of
 
 if TYPE_CHECKING:
-    from storage.dicom import SeriesRef
+    from storage.dicomfiles import SeriesRef
 
 SQUARE_METRES_PER_HECTARE = 1e4
 CUBIC_MM_PER_ML = 1e3
