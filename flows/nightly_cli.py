@@ -10,8 +10,9 @@ from rich.markup import escape
 
 
 def nightly_command(
-        inbox: Optional[str] = typer.Option(None, "--inbox", help="Folder of inputs (GeoTIFF, VRT, NIfTI), or a URL "
-                                                                  "prefix (s3://bucket/inbox/); hidden and other "
+        inbox: Optional[str] = typer.Option(None, "--inbox", help="Folder of inputs (GeoTIFF, VRT, NIfTI, DICOM "
+                                                                  "series folders), or a URL prefix "
+                                                                  "(s3://bucket/inbox/); hidden and other "
                                                                   "files are ignored."),
         manifest: Optional[str] = typer.Option(None, "--manifest", help="CSV with a 'path' column, or JSON list "
                                                                         "of paths or URLs, instead of --inbox."),
