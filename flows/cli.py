@@ -142,7 +142,12 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                             help="Where labels are written when a scan's grid differs from the "
                                                  "model's: input (the scan's grid) or keep (also the model's)."),
             dicom_seg: str = typer.Option("binary", "--dicom-seg",
-                                          help="DICOM SEG for DICOM inputs: binary, labelmap or none.")) -> None:
+                                          help="DICOM SEG for DICOM inputs: binary, labelmap or none."),
+            bands: Optional[str] = typer.Option(None, "--bands",
+                                                help="The input bands the model gets, in its order: names (B04, "
+                                                     "red, a band description) or 1-based indices, e.g. "
+                                                     "B02,B03,B04,B08 or 2,3,4,8 (default: the card's "
+                                                     "channel names, matched by name).")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
     from flows.flows import batch_outcomes, segment_batch
     from flows.progress import RichReporter, reporting
@@ -152,7 +157,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                        device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
                        trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
                        flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)),
-                       model_space=model_space, dicom_seg=dicom_seg)
+                       model_space=model_space, dicom_seg=dicom_seg,
+                       bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()])
     _check_models([model], trust_bundle=trust_bundle)
     with _progress() as progress, reporting(RichReporter(progress)):
         state = segment_batch(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model),

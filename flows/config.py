@@ -32,6 +32,9 @@ class SegmentOptions(BaseModel):
     # always come back on the scan's grid, and "keep" also writes them on the model's grid.
     model_space: Literal["input", "keep"] = "input"
     dicom_seg: Literal["binary", "labelmap", "none"] = "binary"  # DICOM SEG beside the labels of DICOM inputs
+    # The input bands the model gets, in its order: names (GDAL description, STAC common name, S2/Landsat id)
+    # or 1-based indices. Default: the card's channel_names matched by name, or every band when nothing is named.
+    bands: list[str] | None = None
 
     @field_validator("flip_tta")
     @classmethod

@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 from distributed import Client
 
 from flows.config import SegmentOptions
 from segmentation import LoadedModel, build_plan
 from segmentation.modelspace import ModelSpacePlan
+from storage.bands import aliases, select_bands
 from storage.geometry import VolumeGeometry
 from storage.grids import GridMapping, model_grid
 from storage.layout import ImageStore
@@ -38,6 +40,41 @@ def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | None:
     mapping = model_grid(np.asarray(geometry.affine, dtype=np.float64), tuple(store.spatial_shape),
                          axcodes=card.input.orientation, pixdim_ijk=None if spacing is None else spacing[::-1])
     return None if mapping.is_identity else mapping
+
+
+def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:
+    """The image the network sees, and the names of the bands chosen (None: every band, in the stored order).
+
+    ``--bands`` wins; otherwise the card's channel names are looked up among
+    the input's band names when the input names its bands; an input whose
+    band count already equals the model's and that names none of them is
+    taken as it is (as before bands had names).
+    """
+    offered = list(store.meta.channel_names)
+    card = model.card.input
+    name = f"model {model.card.name!r}"
+    if options.bands is not None:
+        picked = select_bands(options.bands, offered, model=name)
+    elif card.channel_names and _names_bands(store):
+        hint = "choose them with --bands (names or 1-based indices)"
+        if len(offered) == card.channels and not _any_match(card.channel_names, offered):
+            return store.image, None  # named differently throughout, same count: the old positional contract
+        picked = select_bands(card.channel_names, offered, model=name, hint=hint)
+    else:
+        return store.image, None
+    if picked == list(range(len(offered))):
+        return store.image, None
+    return da.from_zarr(store.image)[picked], [offered[i] for i in picked]
+
+
+def _names_bands(store: ImageStore) -> bool:
+    geometry = store.meta.geometry
+    return any(getattr(geometry, "band_descriptions", None) or [])
+
+
+def _any_match(wanted: list[str], offered: list[str]) -> bool:
+    names = {n.lower() for o in offered for n in aliases(o)}
+    return any(n.lower() in names for w in wanted for n in aliases(w))
 
 
 def model_image_path(store: ImageStore) -> Path:
@@ -59,7 +96,10 @@ def build(store: ImageStore, model: LoadedModel, options: SegmentOptions,
                                           compute=lambda graph: client.compute(graph).result())
         facts = {"model_space": mapping.to_json(), "model_image_reused": reused,
                  "model_image_seconds": round(time.perf_counter() - t0, 3)}
-    stitch = build_plan(image_store.image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
+    image, bands = band_selection(image_store, model, options)
+    if bands is not None:
+        facts["bands"] = bands
+    stitch = build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
                         precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
                         batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
     if mapping is None:

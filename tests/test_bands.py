@@ -1,0 +1,81 @@
+"""Bands by name: a 13-band Sentinel-2 scene feeds a 4-band model the bands it was trained on, in its order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+
+from flows.config import SegmentOptions
+from flows.pipeline import segment_one
+from storage.bands import aliases, select_bands
+from storage.errors import IncompatibleInputError
+from tests.conftest import shared
+from tests.models import tiny_model
+
+S2 = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+
+
+def test_names_ids_and_indices_resolve_to_the_same_bands():
+    assert select_bands(["blue", "green", "red", "nir"], S2) == [1, 2, 3, 7]
+    assert select_bands(["B04", "b03", " B02 ", "8"], S2) == [3, 2, 1, 7]  # ids, any case, and an index
+    assert select_bands(["red", "nir"], ["SR_B2", "SR_B3", "SR_B4", "SR_B5"]) == [2, 3]  # Landsat 8/9
+    assert select_bands(["nir"], ["B8A", "nir"]) == [1]  # an exact name wins over an alias
+    assert "b02" in aliases("blue") and "blue" in aliases("B02")
+
+
+@pytest.mark.parametrize("wanted, message", [
+    (["blue", "swir99"], r"needs swir99, which the input does not offer \(it has 13 band\(s\): 1:B01, 2:B02"),
+    (["14"], r"needs band 14"),
+    (["B04", "red"], r"name one input band twice"),
+])
+def test_missing_or_repeated_bands_are_one_line_refusals(wanted, message):
+    with pytest.raises(IncompatibleInputError, match=message) as err:
+        select_bands(wanted, S2, where="scene.tif", model="model 'lc'")
+    assert str(err.value).startswith("scene.tif: model 'lc'") and "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def s2_scene():
+    return shared("labelled/landcover-s2/REFERENCE_SCENE_0_S2L1C_13band.tif")
+
+
+def test_a_13_band_scene_segments_with_a_4_band_model_as_the_hand_stacked_bands(s2_scene, tmp_path, dask_cluster):
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4, roi=[32, 32],
+                       channel_names=["blue", "green", "red", "nir"])
+    stacked = tmp_path / "stacked.tif"  # the bands the model was trained on, stacked by hand in its order
+    with rasterio.open(s2_scene) as src:
+        profile = {**src.profile, "count": 4}
+        with rasterio.open(stacked, "w", **profile) as dst:
+            dst.write(src.read([2, 3, 4, 8]))
+    options = SegmentOptions(chunk_size=64, keep_zarr=False)
+    by_name = segment_one(s2_scene, model, tmp_path / "a", options, dask_cluster)
+    assert by_name.statistics["bands"] == ["B02", "B03", "B04", "B08"]
+    segment_one(stacked, model, tmp_path / "b", options, dask_cluster)
+    with rasterio.open(tmp_path / "a" / s2_scene.name) as a, rasterio.open(tmp_path / "b" / "stacked.tif") as b:
+        labels = a.read(1)
+        assert np.array_equal(labels, b.read(1))
+    assert len(np.unique(labels)) >= 2
+    reordered = segment_one(s2_scene, model, tmp_path / "c", options.model_copy(update={"bands": ["4", "3", "2", "8"]}),
+                            dask_cluster)
+    assert reordered.statistics["bands"] == ["B04", "B03", "B02", "B08"]
+    with rasterio.open(tmp_path / "c" / s2_scene.name) as c:
+        assert not np.array_equal(c.read(1), labels)  # the order matters, and --bands sets it
+
+
+def test_wrong_bands_on_the_command_line_is_one_line_and_leaves_nothing(s2_scene, tmp_path):
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4, roi=[32, 32])
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_HOME": os.environ["PREFECT_HOME"], "COLUMNS": "300"}
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(s2_scene), "--model", str(model.path),
+                           "--out", str(out), "--bands", "B02,B03,B04,B99", "--workers", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert f"{s2_scene}: model 'tiny-2d-4ch' needs B99" in line and "13 band(s)" in line
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not [p for p in out.iterdir()]
