@@ -147,7 +147,10 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                 help="The input bands the model gets, in its order: names (B04, "
                                                      "red, a band description) or 1-based indices, e.g. "
                                                      "B02,B03,B04,B08 or 2,3,4,8 (default: the card's "
-                                                     "channel names, matched by name).")) -> None:
+                                                     "channel names, matched by name)."),
+            vector: str = typer.Option("none", "--vector", help="Also write the labels of a raster as polygons "
+                                                                "per class with their area in hectares: gpkg, "
+                                                                "parquet or geojson.")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
     from flows.flows import batch_outcomes, segment_batch
     from flows.progress import RichReporter, reporting
@@ -158,7 +161,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                        trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
                        flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)),
                        model_space=model_space, dicom_seg=dicom_seg,
-                       bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()])
+                       bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
+                       vector=vector)
     _check_models([model], trust_bundle=trust_bundle)
     with _progress() as progress, reporting(RichReporter(progress)):
         state = segment_batch(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model),

@@ -35,6 +35,7 @@ class SegmentOptions(BaseModel):
     # The input bands the model gets, in its order: names (GDAL description, STAC common name, S2/Landsat id)
     # or 1-based indices. Default: the card's channel_names matched by name, or every band when nothing is named.
     bands: list[str] | None = None
+    vector: Literal["none", "gpkg", "parquet", "geojson"] = "none"  # label polygons beside a raster's COG
 
     @field_validator("flip_tta")
     @classmethod

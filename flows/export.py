@@ -35,7 +35,7 @@ def model_space_labels(partial: Path, stitch: Any, dtype: str, geometry: Any) ->
 
 
 def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,
-                  record: dict[str, Any], created: list[Path] | None = None) -> list[Path]:
+                  record: dict[str, Any], created: list[Path] | None = None, vector: str = "none") -> list[Path]:
     """The label map (and, for rasters, a probability COG when probabilities were kept).
 
     Each file is renamed into place whole; ``created`` collects them as they
@@ -57,6 +57,14 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
                 class_names=[c.name for c in model.card.classes], mask=_Valid(labels, group.attrs["nodata_label"]),
                 dtype=str(probs.dtype), provenance=record))
             created.append(written[-1])
+        polygons = None
+        if vector != "none":
+            polygons = write_vectors(labels, meta, model, out_path, vector, group.attrs["nodata_label"])
+            written.append(polygons)
+            created.append(polygons)
+        if meta.geometry.crs_wkt or meta.geometry.epsg:  # a STAC item needs a footprint on the Earth
+            written.append(stac_item(meta, model, out_path, record, written, polygons))
+            created.append(written[-1])
         return written
     from storage.nifti import write_label_nifti
 
@@ -69,6 +77,45 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
                                          classes=model.card.classes, provenance=record))
         created.append(written[-1])
     return written
+
+
+VECTOR_SUFFIX = {"gpkg": ("GPKG", ".gpkg"), "parquet": ("Parquet", ".parquet"), "geojson": ("GeoJSON", ".geojson")}
+
+
+def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, vector: str, nodata: int) -> Path:
+    """The labels as polygons per class (area in hectares), merged across chunks: ``<stem>.<gpkg|parquet|geojson>``."""
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from storage.vectors import write_polygons
+
+    driver, suffix = VECTOR_SUFFIX[vector]
+    geometry = meta.geometry
+    crs = CRS.from_epsg(geometry.epsg) if geometry.epsg else (CRS.from_wkt(geometry.crs_wkt) if geometry.crs_wkt
+                                                              else None)
+    path = out_path.with_name(stem_of(out_path) + suffix)
+    write_polygons(labels, Affine(*geometry.transform), crs, path, classes=model.card.classes, nodata=nodata,
+                   chunk=int(labels.chunks[0]), driver=driver)  # type: ignore[arg-type]
+    return path
+
+
+def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, Any], written: list[Path],
+              polygons: Path | None = None) -> Path:
+    """``<stem>.stac.json``: the label COG (classification), probabilities, and the model as MLM describes it."""
+    from storage.stac import write_stac_item
+
+    card = model.card
+    spacing = card.input.spacing
+    device = str(record.get("environment", {}).get("device", "cpu"))
+    return write_stac_item(
+        out_path, item_id=stem_of(out_path), label_cog=written[0], classes=card.classes,
+        model={"name": card.name, "architecture": card.architecture.name, "framework": "pytorch",
+               "weights_sha256": model.weights_sha256, "roi": list(card.inference.roi),
+               "bands": list(card.input.channel_names or meta.channel_names[:card.input.channels]),
+               "value_scaling": None, "accelerator": "cuda" if device.startswith("cuda") else "cpu"},
+        gsd=float(spacing[0]) if spacing and card.input.spacing_unit == "m" else None,
+        source=str(meta.source.path), vectors=polygons,
+        probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None)
 
 
 class _Probabilities:

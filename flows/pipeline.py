@@ -319,7 +319,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
         created.append(zarr_target)
         t1 = time.perf_counter()
-        exported = export_labels(zarr_target, store.meta, model, out_path, stable, created)
+        exported = export_labels(zarr_target, store.meta, model, out_path, stable, created, vector=options.vector)
         if store.meta.kind == "volume":
             labels = zarr.open_group(str(zarr_target), mode="r")[LABELS]
             exported += medical.write_extras(labels, store, model, options, out_path,

@@ -51,7 +51,8 @@ def test_segment_batch_exit_codes_errors_and_verify(model2d, tmp_path):
     assert len(errors) == len(bad) + 1, proc.stderr
     for path in (*bad, missing):
         assert any(str(path) in line for line in errors), (path, errors)
-    assert sorted(p.name for p in out.iterdir()) == ["in put é.provenance.json", "in put é.tif", "in put é.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == ["in put é.provenance.json", "in put é.stac.json",
+                                                      "in put é.tif", "in put é.zarr"]
 
     # all good: exit 0; info shows provenance; verify passes, then fails after tampering
     proc = run("segment", good, "--model", model2d.path, "--out", out, "--workers", "1", "--no-zarr")

@@ -67,8 +67,8 @@ def test_untouched_outputs_verify_including_their_embedded_provenance(outputs):
     for stem in ("scene", "head"):
         report = verify(outputs["out"] / f"{stem}.provenance.json")
         assert report.ok and not report.unverified, report
-        # label file, zarr store, input, weights; a volume also has its statistics and two label tables
-        assert len(report.verified) == (4 if stem == "scene" else 7), report.verified
+        # label file, zarr store, input, weights; a raster also its STAC item, a volume its statistics and tables
+        assert len(report.verified) == (5 if stem == "scene" else 7), report.verified
         record = json.loads((outputs["out"] / f"{stem}.provenance.json").read_text())
         for name in record["outputs"]:
             if name.endswith((".tif", ".nii.gz", ".zarr")):  # statistics and label tables carry no provenance

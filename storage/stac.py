@@ -1,0 +1,241 @@
+"""A STAC Item beside each raster output, so a catalogue can find and explain it.
+
+A label COG on its own says where it is and which value is which class; it
+does not say which model made it, from which bands, at what resolution, or
+from which source file.  ``<stem>.stac.json`` says all of that in the shapes
+other tools already read: the footprint in EPSG:4326 plus the native grid
+(projection extension), the classes on the label asset (classification
+extension), the model (Machine Learning Model extension, built and validated
+with ``stac-model`` so a bad description fails here, not in a catalogue), the
+model's resolution as the item's ``gsd``, and a ``derived_from`` link with a
+``processing:lineage`` sentence.  Storage knows nothing of models: the caller
+passes the model as plain data.  No schema is fetched; nothing here touches
+the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import pystac
+import rasterio
+from pydantic import ValidationError
+from pystac.extensions.classification import Classification, ClassificationExtension
+from pystac.extensions.projection import ProjectionExtension
+from rasterio.errors import RasterioError
+from rasterio.warp import transform_bounds
+from stac_model.input import InputStructure, ModelInput
+from stac_model.output import MLMClassification, ModelOutput, ModelResult
+from stac_model.schema import MLModelExtension, MLModelProperties
+
+from storage.atomic import write_text_atomically
+from storage.classes import LabelClass
+from storage.errors import ExportError, InvalidInputError
+from storage.ingest import stem_of
+
+__all__ = ["ITEM_SUFFIX", "PROCESSING_SCHEMA", "class_name", "stac_classes", "stac_item_path", "write_stac_item"]
+
+ITEM_SUFFIX = ".stac.json"
+PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
+TASKS = ["semantic-segmentation"]
+MODEL_KEYS = ("name", "architecture", "framework", "weights_sha256", "bands", "value_scaling", "roi", "accelerator")
+
+_NAME_BAD = re.compile(r"[^0-9A-Za-z\-_]+")
+_VECTOR_TYPES = {
+    ".gpkg": "application/geopackage+sqlite3",
+    ".geojson": "application/geo+json",
+    ".json": "application/geo+json",
+    ".parquet": "application/vnd.apache.parquet",
+    ".fgb": "application/vnd.flatgeobuf",
+    ".shp": "application/x-shapefile",
+}
+
+
+def stac_item_path(label_cog: str | PathLike[str]) -> Path:
+    """``<stem>.stac.json`` beside the label COG: where a reader looks for the item of ``scene.tif``."""
+    label_cog = Path(label_cog)
+    return label_cog.with_name(stem_of(label_cog) + ITEM_SUFFIX)
+
+
+def class_name(name: str, value: int) -> str:
+    """A class name the extensions accept (``^[0-9A-Za-z-_]+$``): other runs of characters become ``_``."""
+    clean = _NAME_BAD.sub("_", name.strip()).strip("_")
+    return clean or f"class_{value}"
+
+
+def stac_classes(classes: Sequence[LabelClass]) -> list[dict[str, Any]]:
+    """The classes as ``classification:classes`` objects: sanitised unique name, original name, colour hint.
+
+    Two names that sanitise alike would make the lookup ambiguous, so a
+    repeated one gets its value appended.
+    """
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for c in classes:
+        name = class_name(c.name, c.value)
+        if name in seen:
+            name = f"{name}_{c.value}"
+        seen.add(name)
+        out.append({"value": int(c.value), "name": name, "description": c.name,
+                    "color_hint": "{:02X}{:02X}{:02X}".format(*c.color)})
+    return out
+
+
+def _relative_href(target: Path, item_dir: Path) -> str:
+    """Asset hrefs relative to the item, so the folder can be moved or uploaded whole."""
+    try:
+        rel = os.path.relpath(target.resolve(), item_dir.resolve())
+    except ValueError:  # another drive (Windows): no relative path exists
+        return target.resolve().as_uri()
+    rel = Path(rel).as_posix()
+    return rel if rel.startswith("../") else f"./{rel}"
+
+
+def _footprint(west: float, south: float, east: float, north: float) -> dict[str, Any]:
+    """The bbox as GeoJSON; one crossing the antimeridian (west > east) is split in two, as RFC 7946 asks."""
+    def box(w: float, e: float) -> list[list[list[float]]]:
+        return [[[w, south], [e, south], [e, north], [w, north], [w, south]]]
+
+    if west <= east:
+        return {"type": "Polygon", "coordinates": box(west, east)}
+    return {"type": "MultiPolygon", "coordinates": [box(west, 180.0), box(-180.0, east)]}
+
+
+def _grid(label_cog: Path) -> tuple[Any, Any, tuple[int, int], tuple[float, float, float, float]]:
+    """CRS, transform, shape and bounds of the label COG; a map without a CRS has no place in a catalogue."""
+    try:
+        with rasterio.open(label_cog) as ds:
+            crs, transform, shape, bounds = ds.crs, ds.transform, (ds.height, ds.width), tuple(ds.bounds)
+    except (RasterioError, OSError) as exc:
+        raise ExportError(label_cog, f"cannot read the label COG to describe it: {' '.join(str(exc).split())}") from None
+    if crs is None:
+        raise InvalidInputError(label_cog, "has no CRS: a STAC item needs a georeferenced label map")
+    return crs, transform, shape, bounds  # type: ignore[return-value]
+
+
+def _mlm_properties(model: dict[str, Any], classes: list[dict[str, Any]], out: Path) -> MLModelProperties:
+    """The MLM fields, validated by stac-model: an impossible description fails before anything is written."""
+    missing = [k for k in ("name", "architecture", "bands", "roi") if not model.get(k)]
+    if missing:
+        raise ExportError(out, f"the model description lacks {', '.join(missing)}")
+    bands = [str(b) for b in model["bands"]]
+    roi = [int(r) for r in model["roi"]]
+    spatial = ["height", "width"] if len(roi) == 2 else ["depth", "height", "width"][-len(roi):]
+    try:
+        props = MLModelProperties(
+            name=str(model["name"]),
+            architecture=str(model["architecture"]),
+            tasks=set(TASKS),
+            framework=model.get("framework") or "pytorch",
+            accelerator=model.get("accelerator") or "cpu",
+            input=[ModelInput(
+                name=f"{len(bands)} bands",
+                bands=bands,
+                input=InputStructure(shape=[-1, len(bands), *roi], dim_order=["batch", "bands", *spatial],
+                                     data_type="float32"),
+                value_scaling=model.get("value_scaling") or None,
+            )],
+            output=[ModelOutput(
+                name="class probabilities",
+                tasks=set(TASKS),
+                result=ModelResult(shape=[-1, len(classes), *roi], dim_order=["batch", "class", *spatial],
+                                   data_type="float32"),
+                classes=[MLMClassification(value=c["value"], name=c["name"], description=c["description"],
+                                           color_hint=c["color_hint"]) for c in classes],
+            )],
+            pretrained=None,  # unknown here: claim nothing
+        )
+    except (ValidationError, ValueError, TypeError) as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) and exc.errors() else None
+        why = (f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if first else str(exc))
+        raise ExportError(out, f"the model description is not valid MLM: {why}") from None
+    return props
+
+
+def _lineage(model: dict[str, Any], source: str) -> str:
+    sha = model.get("weights_sha256")
+    weights = f" (weights sha256 {sha})" if sha else ""
+    return (f"Semantic segmentation by segflow of {Path(source).name or source} with model "
+            f"{model.get('name')} ({model.get('architecture')}){weights} on {model.get('accelerator') or 'cpu'}; "
+            "windows stitched exactly, labels written on the input grid.")
+
+
+def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: list[LabelClass], model: dict,
+                    gsd: float | None, source: str, probability_cog: Path | None = None,
+                    vectors: Path | None = None, datetime_: datetime | None = None) -> Path:
+    """Write the STAC Item of one raster output and return its path.
+
+    ``out_path`` is the export's output path (the label COG's name, as in
+    ``flows.export``); the item lands as ``<stem>.stac.json`` beside it,
+    or exactly at ``out_path`` when that already ends in ``.stac.json``.
+    ``model`` is plain data: name, architecture, framework, weights_sha256,
+    bands (in order), value_scaling (MLM objects, or None), roi,
+    accelerator.  ``datetime_`` defaults to now (UTC), the time of the
+    prediction, since the source's acquisition time is not known here.
+    """
+    out_path, label_cog = Path(out_path), Path(label_cog)
+    item_path = out_path if out_path.name.endswith(ITEM_SUFFIX) else stac_item_path(out_path)
+    item_dir = item_path.parent
+    crs, transform, shape, bounds = _grid(label_cog)
+    west, south, east, north = transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)
+    when = datetime_ or datetime.now(timezone.utc)
+    table = stac_classes(classes)
+    mlm = _mlm_properties(model, table, item_path)
+
+    item = pystac.Item(id=item_id, geometry=_footprint(west, south, east, north),
+                       bbox=[west, south, east, north], datetime=when, properties={})
+    if gsd is not None:
+        item.common_metadata.gsd = float(gsd)
+
+    authority = crs.to_authority()
+    ProjectionExtension.ext(item, add_if_missing=True).apply(
+        code=":".join(authority) if authority else None,
+        wkt2=None if authority else crs.to_wkt(),
+        shape=[int(shape[0]), int(shape[1])],
+        transform=[float(v) for v in list(transform)[:6]],
+    )
+    MLModelExtension.ext(item, add_if_missing=True).apply(mlm)
+
+    labels = pystac.Asset(href=_relative_href(label_cog, item_dir), media_type=COG_MEDIA_TYPE,
+                          title="Class labels", roles=["data", "labels"])
+    item.add_asset("labels", labels)
+    ClassificationExtension.ext(labels, add_if_missing=True).classes = [
+        Classification.create(value=c["value"], name=c["name"], description=c["description"],
+                              color_hint=c["color_hint"]) for c in table]
+    if probability_cog is not None:
+        item.add_asset("probabilities", pystac.Asset(
+            href=_relative_href(Path(probability_cog), item_dir), media_type=COG_MEDIA_TYPE,
+            title="Class probabilities, one band per class", roles=["data"],
+            extra_fields={"bands": [{"name": c["name"], "description": c["description"]} for c in table]}))
+    if vectors is not None:
+        vectors = Path(vectors)
+        item.add_asset("polygons", pystac.Asset(
+            href=_relative_href(vectors, item_dir), media_type=_VECTOR_TYPES.get(vectors.suffix.lower()),
+            title="Label polygons", roles=["data", "labels"]))
+
+    item.add_link(pystac.Link(rel="derived_from", target=str(source), title="Segmented source"))
+    item.stac_extensions.append(PROCESSING_SCHEMA)
+    item.properties["processing:lineage"] = _lineage(model, source)
+    item.properties["processing:software"] = {"segflow": _segflow_version()}
+    if model.get("weights_sha256"):
+        item.properties["segflow:weights_sha256"] = str(model["weights_sha256"])
+
+    text = json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=2) + "\n"
+    return write_text_atomically(item_path, text, "STAC item")
+
+
+def _segflow_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("segflow")
+    except Exception:  # noqa: BLE001 - running from a source tree without metadata
+        return "unknown"

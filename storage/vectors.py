@@ -1,0 +1,254 @@
+"""Label rasters to polygons, band by band, merged exactly across band borders.
+
+A label raster can be far larger than memory, so it is read in row bands of
+``chunk`` rows and each band is vectorised on its own.  A region cut by a band
+border would then come out as several polygons; to give exactly what
+vectorising the whole raster at once gives (``rasterio.features.shapes``:
+4-connectivity, polygons along pixel edges), every band is first split into
+4-connected components per class, and a component whose first row touches a
+same-class component in the previous band's last row is joined to it
+(union-find).  A group is unioned into one polygon as soon as none of its
+parts touches the current band's last row, so only the regions still open at
+the band border are held, however many bands they span.  Vectorising and
+unioning happen in pixel coordinates, where every vertex is an exact integer,
+and the affine transform is applied once at the end, so pieces always meet
+without slivers.  The file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyogrio.errors
+import pyogrio.raw
+import rasterio.features
+import scipy.ndimage as ndi
+import shapely
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
+from rasterio.transform import Affine
+from shapely.geometry import shape
+
+from storage.classes import LabelClass
+from storage.errors import ExportError, InvalidInputError
+
+Driver = Literal["GPKG", "Parquet", "GeoJSON"]
+_SUFFIX = {"GPKG": ".gpkg", "Parquet": ".parquet", "GeoJSON": ".geojson"}
+_FOUR = ndi.generate_binary_structure(2, 1)  # 4-connectivity, as rasterio.features.shapes(connectivity=4)
+
+
+class _Groups:
+    """Union-find over component ids, each root holding its class and its polygon pieces."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.pending: dict[int, tuple[int, list[shapely.Polygon]]] = {}
+
+    def add(self, gid: int, value: int, piece: shapely.Polygon) -> None:
+        self.parent[gid] = gid
+        self.pending[gid] = (value, [piece])
+
+    def find(self, gid: int) -> int:
+        root = gid
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[gid] != root:  # path compression
+            self.parent[gid], gid = root, self.parent[gid]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        va, pa_ = self.pending.pop(ra)
+        vb, pb = self.pending[rb]
+        assert va == vb, "only same-class components are joined"
+        pb.extend(pa_)
+        self.parent[ra] = rb
+
+    def close_all_but(self, open_roots: set[int]) -> list[tuple[int, shapely.Geometry]]:
+        """Union and hand out every group that can no longer grow; forget their ids."""
+        done = []
+        for root in [r for r in self.pending if r not in open_roots]:
+            value, pieces = self.pending.pop(root)
+            if len(pieces) == 1:
+                geom = pieces[0]
+            else:  # drop the vertices left on band borders, as a whole-raster run has none there
+                geom = shapely.simplify(shapely.unary_union(pieces), 0.0, preserve_topology=True)
+            done.append((value, geom))
+        if not self.pending:  # nothing open: the id table can be dropped wholesale
+            self.parent.clear()
+        return done
+
+
+def _components(band: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
+    """Local 4-connected component ids (0 = no polygon) and each id's class value."""
+    ids = np.zeros(band.shape, dtype=np.int32)
+    value_of: dict[int, int] = {}
+    count = 0
+    for value in np.unique(band):
+        if value not in wanted:
+            continue
+        lab, n = ndi.label(band == value, structure=_FOUR)
+        if n:
+            hit = lab > 0
+            ids[hit] = lab[hit] + count
+            value_of.update({count + k: int(value) for k in range(1, n + 1)})
+            count += n
+    return ids, value_of
+
+
+def _area_factor(crs: Any, where: str) -> tuple[CRS, float]:
+    """The CRS and the factor from shapely area (CRS units²) to hectares; a geographic CRS has no such factor."""
+    try:
+        crs = CRS.from_user_input(crs)
+    except (CRSError, TypeError, ValueError):
+        raise InvalidInputError(where, f"the CRS {str(crs)[:60]!r} is not one GDAL understands") from None
+    if not crs.is_projected:
+        raise InvalidInputError(where, "polygon areas in hectares need a projected CRS (this one has no linear unit)")
+    _, metres = crs.linear_units_factor
+    return crs, metres * metres / 1e4
+
+
+def _tmp_name(out: Path, driver: str) -> Path:
+    return out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp{_SUFFIX[driver]}"
+
+
+def _write_parquet(tmp: Path, wkb: np.ndarray, columns: dict[str, np.ndarray], crs: CRS, bbox: list[float]) -> None:
+    """GeoParquet 1.1 (WKB geometry, PROJJSON CRS): this GDAL build has no Parquet driver, so pyarrow writes it."""
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": ["Polygon"],
+                "crs": crs.to_dict(projjson=True),
+                **({"bbox": bbox} if bbox else {}),
+            }
+        },
+    }
+    table = pa.table(
+        {
+            "class": pa.array(columns["class"], pa.int32()),
+            "name": pa.array(columns["name"], pa.string()),
+            "area_ha": pa.array(columns["area_ha"], pa.float64()),
+            "geometry": pa.array(list(wkb), pa.binary()),
+        }
+    ).replace_schema_metadata({"geo": json.dumps(geo)})
+    pq.write_table(table, tmp)
+
+
+def write_polygons(
+    labels: Any,
+    transform: Affine,
+    crs: Any,
+    out_path: Path,
+    *,
+    classes: list[LabelClass],
+    nodata: int | None,
+    chunk: int = 1024,
+    driver: Driver = "GPKG",
+) -> dict[str, Any]:
+    """Vectorise a (H, W) label raster into one polygon per 4-connected region per class.
+
+    ``labels`` is anything sliceable by rows (a zarr array, numpy); it is read
+    ``chunk`` rows at a time, never whole.  Only values listed in ``classes``
+    become polygons, so nodata and unlisted values (e.g. a background the
+    caller left out) produce none.  Columns: ``class`` (value), ``name``,
+    ``area_ha``.  Returns ``{"polygons": n, "area_ha": {name: total}}`` with
+    every listed class present, 0.0 where it has no polygon.
+    """
+    out_path = Path(out_path)
+    if driver not in _SUFFIX:
+        raise ExportError(out_path, f"unknown vector format {driver!r}; use one of {', '.join(_SUFFIX)}")
+    shape_ = tuple(getattr(labels, "shape", ()))
+    if len(shape_) != 2:
+        raise InvalidInputError(out_path, f"a label raster must be 2-D (H, W), got shape {shape_}")
+    if not np.issubdtype(np.dtype(labels.dtype), np.integer):
+        raise InvalidInputError(out_path, f"label rasters hold integers, got {labels.dtype}")
+    if chunk < 1:
+        raise InvalidInputError(out_path, f"chunk must be at least one row, got {chunk}")
+    crs, to_ha = _area_factor(crs, str(out_path))
+    names = {c.value: c.name for c in classes}
+    wanted = np.array(sorted(v for v in names if v != nodata))
+
+    height, _ = shape_
+    groups = _Groups()
+    done: list[tuple[int, shapely.Geometry]] = []
+    prev_bottom: np.ndarray | None = None  # global ids along the previous band's last row
+    next_id = 1
+    for r0 in range(0, height, chunk):
+        band = np.asarray(labels[r0 : r0 + chunk])
+        local, value_of = _components(band, wanted)
+        if value_of:
+            found = list(rasterio.features.shapes(local, mask=local > 0, connectivity=4))
+            pieces = [shape(geom) for geom, _ in found]  # band pixel coordinates, then shifted down by r0
+            pieces = shapely.transform(np.array(pieces, dtype=object), lambda xy, r0=r0: xy + (0.0, float(r0)))
+            for piece, (_, lid) in zip(pieces, found):
+                groups.add(next_id - 1 + int(lid), value_of[int(lid)], piece)
+        glob = np.where(local > 0, local.astype(np.int64) + (next_id - 1), 0)
+        next_id += len(value_of)
+        if prev_bottom is not None:
+            top = glob[0]
+            touching = (prev_bottom > 0) & (top > 0)
+            for a, b in set(zip(prev_bottom[touching].tolist(), top[touching].tolist())):
+                if groups.pending[groups.find(a)][0] == groups.pending[groups.find(b)][0]:
+                    groups.union(a, b)
+        last = r0 + band.shape[0] >= height
+        prev_bottom = None if last else glob[-1]
+        open_roots = set() if last else {groups.find(g) for g in np.unique(glob[-1]).tolist() if g > 0}
+        done.extend(groups.close_all_but(open_roots))
+
+    values = np.array([v for v, _ in done], dtype=np.int32)
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+    matrix = np.array([[a, d], [b, e]])
+    geoms = shapely.transform(
+        np.array([g for _, g in done], dtype=object), lambda xy: xy @ matrix + (c, f)
+    ) if done else np.array([], dtype=object)
+    areas = shapely.area(geoms) * to_ha if done else np.array([], dtype=np.float64)
+    cols = {
+        "class": values,
+        "name": np.array([names[int(v)] for v in values], dtype=object),
+        "area_ha": np.asarray(areas, dtype=np.float64),
+    }
+    _write(out_path, driver, geoms, cols, crs)
+    totals = {names[v]: 0.0 for v in wanted.tolist()}
+    for v, area in zip(values.tolist(), cols["area_ha"].tolist()):
+        totals[names[v]] += area
+    return {"polygons": len(done), "area_ha": totals}
+
+
+def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray], crs: CRS) -> None:
+    """Write under a temporary name beside ``out`` and rename: a reader never sees half a file."""
+    tmp = _tmp_name(out, driver)
+    wkb = shapely.to_wkb(geoms) if len(geoms) else np.array([], dtype=object)
+    try:
+        if driver == "Parquet":
+            bounds = shapely.total_bounds(geoms).tolist() if len(geoms) else []
+            _write_parquet(tmp, wkb, cols, crs, bounds)
+        else:
+            pyogrio.raw.write(
+                tmp,
+                geometry=wkb,
+                field_data=[cols["class"], cols["name"], cols["area_ha"]],
+                fields=["class", "name", "area_ha"],
+                geometry_type="Polygon",
+                crs=crs.to_wkt(),
+                driver=driver,
+                layer=out.stem if driver == "GPKG" else None,
+            )
+        os.replace(tmp, out)
+    except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pa.ArrowException) as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(out, f"cannot write the {driver} polygons: {str(exc).splitlines()[0][:200]}") from None
+
+
+__all__ = ["write_polygons"]

@@ -1,0 +1,169 @@
+"""The STAC Item beside a raster output, read back with pystac and checked with stac-model; offline, no mocks."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pystac
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.transform import Affine
+from rasterio.warp import transform_bounds
+from stac_model.schema import MLModelProperties
+
+from storage.classes import LabelClass
+from storage.errors import ExportError, InvalidInputError
+from storage.stac import stac_item_path, write_stac_item
+
+NAME_PATTERN = re.compile(r"^[0-9A-Za-z\-_]+$")
+
+CLASSES = [
+    LabelClass(value=0, name="background", color=(0, 0, 0)),
+    LabelClass(value=1, name="Tree cover / forest", color=(0, 128, 10)),
+    LabelClass(value=2, name="built-up", color=(255, 0, 171)),
+]
+
+MODEL = {
+    "name": "demo-landcover",
+    "architecture": "unet",
+    "framework": "pytorch",
+    "weights_sha256": "ab" * 32,
+    "bands": ["blue", "green", "red", "nir"],
+    "value_scaling": [{"type": "z-score", "mean": m, "stddev": 100.0} for m in (400.0, 600.0, 500.0, 2500.0)],
+    "roi": [256, 256],
+    "accelerator": "cpu",
+}
+
+
+def make_cog(path: Path, *, crs: str | None = "EPSG:32633", transform: Affine | None = None,
+             shape: tuple[int, int] = (64, 48), count: int = 1, dtype: str = "uint8") -> Path:
+    """A small tiled, compressed GeoTIFF with an overview: the layout of a COG, made with rasterio alone."""
+    transform = transform or Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0)
+    data = (np.arange(count * shape[0] * shape[1]) % 3).reshape(count, *shape).astype(dtype)
+    with rasterio.open(path, "w", driver="GTiff", width=shape[1], height=shape[0], count=count, dtype=dtype,
+                       crs=CRS.from_user_input(crs) if crs else None, transform=transform, tiled=True,
+                       blockxsize=16, blockysize=16, compress="deflate") as ds:
+        ds.write(data)
+        ds.build_overviews([2], rasterio.enums.Resampling.nearest)
+    return path
+
+
+def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
+    label = make_cog(tmp_path / "scene.tif")
+    probs = make_cog(tmp_path / "scene.probabilities.tif", count=3, dtype="float32")
+    vectors = tmp_path / "scene.gpkg"
+    vectors.write_bytes(b"")  # only its name and place matter to the item
+    when = datetime(2024, 5, 17, 10, 30, tzinfo=timezone.utc)
+    written = write_stac_item(label, item_id="scene", label_cog=label, classes=CLASSES, model=MODEL, gsd=10.0,
+                              source="s3://bucket/in/scene.tif", probability_cog=probs, vectors=vectors,
+                              datetime_=when)
+
+    assert written == tmp_path / "scene.stac.json" == stac_item_path(label)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    item = pystac.Item.from_file(str(written))
+    assert item.id == "scene" and item.datetime == when
+
+    # footprint: the label COG's bounds in EPSG:4326, computed independently
+    expected = transform_bounds("EPSG:32633", "EPSG:4326", 500000.0, 4999360.0, 500480.0, 5000000.0, densify_pts=21)
+    assert item.bbox == pytest.approx(list(expected), abs=1e-9)
+    assert 14.9 < item.bbox[0] < item.bbox[2] < 15.1 and 45.1 < item.bbox[1] < item.bbox[3] < 45.2
+    ring = item.geometry["coordinates"][0]
+    assert item.geometry["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
+
+    # projection: the native grid
+    assert item.properties["proj:code"] == "EPSG:32633"
+    assert item.properties["proj:shape"] == [64, 48]
+    assert item.properties["proj:transform"] == [10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0]
+    assert item.properties["gsd"] == 10.0
+
+    # assets, relative to the item and resolving to the files
+    labels = item.assets["labels"]
+    assert labels.roles == ["data", "labels"] and labels.href == "./scene.tif"
+    assert Path(labels.get_absolute_href()).resolve() == label.resolve()
+    assert Path(item.assets["probabilities"].get_absolute_href()).resolve() == probs.resolve()
+    assert [b["name"] for b in item.assets["probabilities"].extra_fields["bands"]] == \
+        ["background", "Tree_cover_forest", "built-up"]
+    assert item.assets["polygons"].media_type == "application/geopackage+sqlite3"
+
+    # classification: exactly the given classes, with legal names and the originals kept
+    got = labels.extra_fields["classification:classes"]
+    assert [c["value"] for c in got] == [c.value for c in CLASSES]
+    assert [c["description"] for c in got] == [c.name for c in CLASSES]
+    assert [c["color_hint"] for c in got] == ["000000", "00800A", "FF00AB"]
+    assert all(NAME_PATTERN.match(c["name"]) for c in got)
+    assert got[1]["name"] == "Tree_cover_forest"
+
+    # MLM, validated by stac-model's own pydantic model
+    mlm = MLModelProperties.model_validate(item.properties)
+    assert mlm.name == "demo-landcover" and mlm.architecture == "unet" and mlm.framework == "pytorch"
+    assert set(mlm.tasks) == {"semantic-segmentation"} and str(mlm.accelerator) == "cpu"
+    (inp,) = mlm.input
+    assert list(inp.bands) == MODEL["bands"]
+    assert inp.input.shape == [-1, 4, 256, 256] and inp.input.dim_order == ["batch", "bands", "height", "width"]
+    assert inp.input.data_type == "float32"
+    assert [(v.mean, v.stddev) for v in inp.value_scaling] == [(m["mean"], m["stddev"]) for m in MODEL["value_scaling"]]
+    (out,) = mlm.output
+    assert [(c.value, c.name, c.description) for c in out.classes] == [(c["value"], c["name"], c["description"]) for c in got]
+    assert out.result.shape == [-1, 3, 256, 256]
+
+    # lineage
+    (link,) = item.get_links("derived_from")
+    assert link.href == "s3://bucket/in/scene.tif"
+    assert "segflow" in item.properties["processing:lineage"]
+    assert MODEL["weights_sha256"] in item.properties["processing:lineage"]
+
+    raw = json.loads(written.read_text())
+    exts = raw["stac_extensions"]
+    assert any("/projection/" in e for e in exts) and any("/classification/" in e for e in exts)
+    assert any("/mlm/" in e for e in exts) and any("/processing/" in e for e in exts)
+
+
+def test_names_are_sanitised_unique_and_scaling_optional(tmp_path: Path) -> None:
+    label = make_cog(tmp_path / "a b.tif")
+    classes = [LabelClass(value=0, name="water body"), LabelClass(value=1, name="water/body"),
+               LabelClass(value=2, name="ŝ??")]
+    model = {**MODEL, "value_scaling": None, "accelerator": "cuda"}
+    written = write_stac_item(tmp_path / "a b.stac.json", item_id="a-b", label_cog=label, classes=classes,
+                              model=model, gsd=None, source=str(tmp_path / "in.tif"))
+    item = pystac.Item.from_file(str(written))
+    got = item.assets["labels"].extra_fields["classification:classes"]
+    assert [c["name"] for c in got] == ["water_body", "water_body_1", "class_2"]
+    assert [c["description"] for c in got] == ["water body", "water/body", "ŝ??"]
+    assert item.assets["labels"].href == "./a b.tif"
+    assert "gsd" not in item.properties and "probabilities" not in item.assets
+    mlm = MLModelProperties.model_validate(item.properties)
+    assert mlm.input[0].value_scaling is None and str(mlm.accelerator) == "cuda"
+
+
+def test_antimeridian_footprint_is_split(tmp_path: Path) -> None:
+    # UTM 60N far east of its central meridian (177°E) at 70°N reaches past 180°
+    label = make_cog(tmp_path / "east.tif", crs="EPSG:32660",
+                     transform=Affine(1000.0, 0.0, 580000.0, 0.0, -1000.0, 7800000.0), shape=(32, 64))
+    item = pystac.Item.from_file(str(write_stac_item(
+        label, item_id="east", label_cog=label, classes=CLASSES, model=MODEL, gsd=1000.0, source="east.tif")))
+    west, _, east, _ = item.bbox
+    assert west > east  # crosses the antimeridian, as STAC writes it
+    assert item.geometry["type"] == "MultiPolygon" and len(item.geometry["coordinates"]) == 2
+
+
+def test_unusable_inputs_fail_and_leave_nothing(tmp_path: Path) -> None:
+    bare = make_cog(tmp_path / "bare.tif", crs=None)
+    with pytest.raises(InvalidInputError, match="bare.tif: has no CRS"):
+        write_stac_item(bare, item_id="bare", label_cog=bare, classes=CLASSES, model=MODEL, gsd=1.0, source="x")
+
+    label = make_cog(tmp_path / "scene.tif")
+    with pytest.raises(ExportError, match=r"scene\.stac\.json: the model description is not valid MLM: .*accelerator"):
+        write_stac_item(label, item_id="scene", label_cog=label, classes=CLASSES, model={**MODEL, "accelerator": "tpu"},
+                        gsd=1.0, source="x")
+    with pytest.raises(ExportError, match="lacks bands"):
+        write_stac_item(label, item_id="scene", label_cog=label, classes=CLASSES, model={**MODEL, "bands": []},
+                        gsd=1.0, source="x")
+    with pytest.raises(ExportError, match="cannot read the label COG"):
+        write_stac_item(label, item_id="scene", label_cog=tmp_path / "missing.tif", classes=CLASSES, model=MODEL,
+                        gsd=1.0, source="x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.tif", "scene.tif"]

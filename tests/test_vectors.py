@@ -1,0 +1,222 @@
+"""Label rasters to polygons: band-wise vectorising must equal one whole-raster rasterio.features.shapes run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pyogrio.raw
+import pytest
+import rasterio.features
+import shapely
+import zarr
+from rasterio.crs import CRS
+from rasterio.transform import Affine
+from shapely.geometry import shape
+
+from storage.classes import LabelClass
+from storage.errors import ExportError, InvalidInputError
+from storage.vectors import write_polygons
+
+CLASSES = [
+    LabelClass(value=0, name="background"),
+    LabelClass(value=1, name="stripes"),
+    LabelClass(value=2, name="u shape"),
+    LabelClass(value=3, name="spiral"),
+    LabelClass(value=4, name="checks"),
+]
+NODATA = 255
+PIXEL_M = 10.0
+TRANSFORM = Affine(PIXEL_M, 0.0, 500_000.0, 0.0, -PIXEL_M, 4_600_000.0)
+CRS_UTM = CRS.from_epsg(32631)
+
+
+def spiral(size: int) -> np.ndarray:
+    """A square spiral one pixel wide with one-pixel gaps: one region that winds through many bands."""
+    grid = np.zeros((size, size), dtype=bool)
+    r, c, dr, dc = 0, 0, 0, 1
+    grid[r, c] = True
+    turns = 0
+    while turns < 2:
+        ahead, beyond = (r + dr, c + dc), (r + 2 * dr, c + 2 * dc)
+        inside = all(0 <= x < size for x in beyond)
+        if inside and not grid[beyond] and not grid[ahead]:
+            r, c = ahead
+            grid[r, c] = True
+            turns = 0
+        else:  # turn clockwise; two turns in a row without a step means the spiral is done
+            dr, dc = dc, -dr
+            turns += 1
+    return grid
+
+
+def label_map() -> np.ndarray:
+    """Stripes, a U, a spiral, a checkerboard on band borders (corner contacts only) and nodata holes."""
+    lab = np.zeros((300, 200), dtype=np.uint8)
+    lab[:, 5:8] = 1  # vertical stripes spanning every band
+    lab[:, 12:14] = 1
+    lab[40:250, 20:30] = 2  # a U whose arms join only at the bottom, many bands down
+    lab[40:250, 50:60] = 2
+    lab[240:250, 20:60] = 2
+    s = spiral(90)
+    lab[150:240, 100:190][s] = 3
+    yy, xx = np.mgrid[28:36, 70:90]  # single-pixel checks straddling the band border at row 32
+    lab[28:36, 70:90][(yy + xx) % 2 == 0] = 4
+    lab[100:120, 120:140] = 1  # a block of stripes' class with a nodata hole crossing the border at row 96/128
+    lab[110:115, 125:130] = NODATA
+    lab[60:70, 150:200] = NODATA  # nodata reaching the right edge
+    lab[280:300, 30:45] = 2  # touches the last band's bottom edge
+    return lab
+
+
+def whole_image(lab: np.ndarray, values: list[int]) -> list[tuple[int, shapely.Polygon]]:
+    """The reference: one rasterio.features.shapes run over the whole raster."""
+    mask = np.isin(lab, values)
+    return [(int(v), shape(g)) for g, v in rasterio.features.shapes(lab, mask=mask, connectivity=4, transform=TRANSFORM)]
+
+
+def canonical(geoms, values) -> list[tuple[int, str]]:
+    return sorted((int(v), shapely.to_wkt(shapely.normalize(g), rounding_precision=3)) for v, g in zip(values, geoms))
+
+
+def read_back(path: Path, driver: str) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """Geometries, columns and CRS as a reader sees them (pyogrio; pyarrow for GeoParquet)."""
+    if driver == "Parquet":
+        table = pq.read_table(path)
+        geo = json.loads(table.schema.metadata[b"geo"])
+        geoms = shapely.from_wkb(table.column(geo["primary_column"]).to_pylist())
+        cols = {n: np.asarray(table.column(n).to_pylist()) for n in ("class", "name", "area_ha")}
+        return geoms, cols, json.dumps(geo["columns"]["geometry"]["crs"])
+    meta, _, wkb, fields = pyogrio.raw.read(path)
+    return shapely.from_wkb(wkb), dict(zip(meta["fields"], fields)), meta["crs"]
+
+
+@pytest.mark.parametrize("driver", ["GPKG", "Parquet", "GeoJSON"])
+def test_bands_merge_to_the_whole_image_polygons(tmp_path: Path, driver: str) -> None:
+    lab = label_map()
+    store = zarr.create_array(tmp_path / "labels.zarr", shape=lab.shape, chunks=(32, 200), dtype="uint8")
+    store[:] = lab
+    out = tmp_path / f"regions.{ {'GPKG': 'gpkg', 'Parquet': 'parquet', 'GeoJSON': 'geojson'}[driver]}"
+    result = write_polygons(store, TRANSFORM, CRS_UTM, out, classes=CLASSES, nodata=NODATA, chunk=32, driver=driver)
+
+    geoms, cols, crs = read_back(out, driver)
+    assert set(cols) >= {"class", "name", "area_ha"}
+    assert CRS.from_user_input(crs).to_epsg() == 32631
+    ref = whole_image(lab, [c.value for c in CLASSES])
+    assert result["polygons"] == len(ref) == len(geoms)
+    # the very same polygons, vertex for vertex, as one whole-raster run
+    assert canonical(geoms, cols["class"]) == canonical([g for _, g in ref], [v for v, _ in ref])
+    assert all(isinstance(g, shapely.Polygon) and g.is_valid for g in geoms)
+
+    pixel_ha = PIXEL_M * PIXEL_M / 1e4
+    for c in CLASSES:
+        pixels = int((lab == c.value).sum())
+        mine = cols["area_ha"][cols["class"] == c.value]
+        assert mine.sum() == pytest.approx(pixels * pixel_ha, rel=1e-12)
+        assert result["area_ha"][c.name] == pytest.approx(pixels * pixel_ha, rel=1e-12)
+        assert set(cols["name"][cols["class"] == c.value]) <= {c.name}
+    np.testing.assert_allclose(cols["area_ha"], shapely.area(geoms) / 1e4)
+    # long regions really did cross many bands: one spiral, one U, two full-height stripes
+    assert (cols["class"] == 3).sum() == 1
+    spiral_h = shapely.bounds(geoms[cols["class"] == 3][0])
+    spiral_rows = np.flatnonzero((lab == 3).any(axis=1))
+    assert (spiral_h[3] - spiral_h[1]) / PIXEL_M == spiral_rows[-1] - spiral_rows[0] + 1 > 80
+    assert sum(1 for g, v in zip(geoms, cols["class"]) if v == 1 and shapely.bounds(g)[3] - shapely.bounds(g)[1] == 300 * PIXEL_M) == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_corner_contacts_stay_apart_and_nodata_makes_no_polygon(tmp_path: Path) -> None:
+    lab = label_map()
+    out = tmp_path / "checks.gpkg"
+    only = [c for c in CLASSES if c.value in (1, 4)]  # background left out: no polygon for it either
+    result = write_polygons(lab, TRANSFORM, CRS_UTM, out, classes=only, nodata=NODATA, chunk=32)
+    geoms, cols, _ = read_back(out, "GPKG")
+    checks = np.asarray(geoms)[cols["class"] == 4]
+    # an 8x20 checkerboard of single pixels: 80 polygons, none merged through a corner across row 32
+    assert len(checks) == 80 and np.allclose(shapely.area(checks), PIXEL_M * PIXEL_M)
+    assert set(cols["class"].tolist()) == {1, 4} and "background" not in result["area_ha"]
+    # the block with a nodata hole straddling a band border is one polygon with one hole
+    block = [g for g in geoms if shapely.bounds(g)[0] == 500_000 + 120 * PIXEL_M]
+    assert len(block) == 1 and len(block[0].interiors) == 1
+    assert block[0].area == pytest.approx((400 - 25) * PIXEL_M * PIXEL_M)
+
+
+def test_band_size_does_not_change_the_result_and_reads_stay_in_bands(tmp_path: Path) -> None:
+    lab = label_map()
+    rows_read: list[int] = []
+
+    class Rows:
+        """A numpy raster that records how many rows each read takes."""
+
+        shape, dtype = lab.shape, lab.dtype
+
+        def __getitem__(self, key: slice) -> np.ndarray:
+            part = lab[key]
+            rows_read.append(part.shape[0])
+            return part
+
+    results = []
+    for chunk in (7, 64, 300):
+        rows_read.clear()
+        out = tmp_path / f"c{chunk}.geojson"
+        results.append(write_polygons(Rows(), TRANSFORM, CRS_UTM, out, classes=CLASSES, nodata=NODATA, chunk=chunk, driver="GeoJSON"))
+        assert max(rows_read) <= chunk and sum(rows_read) == lab.shape[0]
+        geoms, cols, _ = read_back(out, "GeoJSON")
+        results[-1]["canonical"] = canonical(geoms, cols["class"])
+    assert results[0] == results[1] == results[2]
+
+
+def test_refusals_name_the_file_and_leave_nothing(tmp_path: Path) -> None:
+    lab = label_map()[:40, :30]
+    with pytest.raises(InvalidInputError, match="projected CRS"):
+        write_polygons(lab, TRANSFORM, "EPSG:4326", tmp_path / "a.gpkg", classes=CLASSES, nodata=NODATA)
+    with pytest.raises(InvalidInputError, match="2-D"):
+        write_polygons(lab[None], TRANSFORM, CRS_UTM, tmp_path / "a.gpkg", classes=CLASSES, nodata=NODATA)
+    missing = tmp_path / "no" / "such" / "dir" / "a.gpkg"
+    with pytest.raises(ExportError, match="a.gpkg"):
+        write_polygons(lab, TRANSFORM, CRS_UTM, missing, classes=CLASSES, nodata=NODATA)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_all_nodata_writes_an_empty_layer(tmp_path: Path) -> None:
+    lab = np.full((50, 40), NODATA, dtype=np.uint8)
+    out = tmp_path / "empty.gpkg"
+    result = write_polygons(lab, TRANSFORM, CRS_UTM, out, classes=CLASSES, nodata=NODATA, chunk=16)
+    assert result == {"polygons": 0, "area_ha": {c.name: 0.0 for c in CLASSES}}
+    meta, _, wkb, _ = pyogrio.raw.read(out)
+    assert len(wkb) == 0 and list(meta["fields"]) == ["class", "name", "area_ha"]
+
+
+def test_segment_writes_polygons_and_a_stac_item_beside_the_cog(tmp_path, dask_cluster):
+    """`--vector gpkg` on a real scene: hectares per class equal the label pixels, and the STAC item lists it all."""
+    import json
+
+    import pyogrio
+
+    from flows.config import SegmentOptions
+    from flows.pipeline import segment_one
+    from tests.conftest import shared
+    from tests.models import tiny_model
+
+    src = shared("geotiff/RGB.byte.tif")  # EPSG:32618, about 300 m pixels, nodata 0 around the scene
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3)
+    outcome = segment_one(src, model, tmp_path / "out", SegmentOptions(chunk_size=256, vector="gpkg"), dask_cluster)
+    names = sorted(p.split("/")[-1] for p in outcome.outputs)
+    assert names == ["RGB.byte.gpkg", "RGB.byte.provenance.json", "RGB.byte.stac.json", "RGB.byte.tif",
+                     "RGB.byte.zarr"]
+    meta, _, _, fields = pyogrio.raw.read(tmp_path / "out" / "RGB.byte.gpkg")
+    columns = dict(zip(meta["fields"], fields))
+    with rasterio.open(src) as ds:
+        pixel_ha = abs(ds.transform.a * ds.transform.e) / 1e4
+    pixels = {int(k): n for k, n in outcome.statistics["label_pixels"].items() if int(k) < 3}
+    assert len(pixels) >= 2
+    for value, n in pixels.items():
+        area = float(columns["area_ha"][columns["class"] == value].sum())
+        assert area == pytest.approx(n * pixel_ha, rel=1e-9)
+    item = json.loads((tmp_path / "out" / "RGB.byte.stac.json").read_text())
+    classes = next(a for a in item["assets"].values() if "classification:classes" in a)["classification:classes"]
+    assert [c["value"] for c in classes] == [c.value for c in model.card.classes]
+    assert any(a["href"].endswith("RGB.byte.gpkg") for a in item["assets"].values())
+    assert item["properties"]["mlm:name"] == model.card.name
