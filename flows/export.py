@@ -114,8 +114,28 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
                "bands": list(card.input.channel_names or meta.channel_names[:card.input.channels]),
                "value_scaling": None, "accelerator": "cuda" if device.startswith("cuda") else "cpu"},
         gsd=float(spacing[0]) if spacing and card.input.spacing_unit == "m" else None,
-        source=str(meta.source.path), vectors=polygons,
+        source=str(meta.source.path), vectors=polygons, datetime_=_source_time(Path(str(meta.source.path))),
         probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None)
+
+
+def _source_time(path: Path) -> Any:
+    """The STAC item's datetime: the scene's own (TIFF DateTime tag), else its file's modification time.
+
+    Never "now": the same input and model must give a byte-identical item, as
+    they give identical labels, so a resumed run's outputs equal an uninterrupted one's.
+    """
+    from datetime import datetime, timezone
+
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            stamp = src.tags().get("TIFFTAG_DATETIME")
+        if stamp:
+            return datetime.strptime(stamp, "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc)
+        return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).replace(microsecond=0)
+    except (OSError, ValueError, rasterio.errors.RasterioError):
+        return None
 
 
 class _Probabilities:
