@@ -135,9 +135,13 @@ TIE_MARGIN = 2.0 ** -16  # a top class closer than this (times the region's max 
 FULL_FRACTION = 0.2  # above this share of non-uniform cells, the separable passes over the whole chunk are cheaper
 
 
-def _argmax_first(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The argmax over the leading axis, first maximum winning, by the same operations as
-    ``segmentation.stitching.argmax0`` (so ties and NaN fall the same way)."""
+def argmax_first(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``np.argmax(probs, axis=0)`` (first maximum wins), as a pass per class.
+
+    A reduction over the leading axis of a (C, *spatial) array strides across
+    memory; C contiguous passes measured about 3x faster for a few classes.
+    The stitched labels use it too, so ties and NaN fall the same way on both grids.
+    """
     best = probs[0].copy()
     labels = np.zeros(probs.shape[1:], dtype=dtype)
     for c in range(1, probs.shape[0]):
@@ -163,7 +167,7 @@ def _uniform_cells(region: np.ndarray, order: Sequence[int], dtype: np.dtype) ->
     contenders = np.zeros(top.shape, dtype=np.uint32)
     for c in range(region.shape[0]):
         contenders += region[c] >= floor
-    cells = np.where(contenders == 1, _argmax_first(region, dtype), mark).astype(dtype, copy=False)
+    cells = np.where(contenders == 1, argmax_first(region, dtype), mark).astype(dtype, copy=False)
     for s in order:
         n = cells.shape[s]
         upper = np.take(cells, np.minimum(np.arange(n) + 1, n - 1), axis=s)
@@ -192,7 +196,7 @@ def _interpolate_points(partial: np.ndarray, last: int, todo: np.ndarray, out_sh
 
 def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[tuple[int, int]],
                   src_lo: Sequence[int], mode: Mode, dtype: np.dtype) -> np.ndarray:
-    """The labels of one output chunk: ``_argmax_first(_resample_block(...))``, computed cheaply.
+    """The labels of one output chunk: ``argmax_first(_resample_block(...))``, computed cheaply.
 
     Nearest: the label of the nearest voxel, gathered.  Bilinear: the shared
     label where a voxel's interpolation cell is uniform (:func:`_uniform_cells`),
@@ -202,12 +206,12 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
     order = _pass_order(axes)
     cell_dtype = _cell_dtype(region.shape[0])
     if mode == "nearest":
-        labels = _argmax_first(region, cell_dtype)
+        labels = argmax_first(region, cell_dtype)
         for s in order:
             labels = np.take(labels, np.rint(axes[s].coords(*out_ranges[s])).astype(np.int64) - src_lo[s], axis=s)
         return labels.astype(dtype, copy=False)
     if not order or not np.isfinite(region).all():  # nothing to interpolate, or NaN/inf: no margins to trust
-        return _argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
+        return argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
     gathers: list[tuple[np.ndarray, ...]] = []
     for s in range(3):
         start, stop = out_ranges[s]
@@ -217,7 +221,7 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
             gathers.append((np.arange(start, stop) - src_lo[s],))
     labels = _uniform_cells(region, order, cell_dtype)
     if np.count_nonzero(labels == np.iinfo(cell_dtype).max) > FULL_FRACTION * labels.size:  # mostly boundary
-        return _argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
+        return argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
     for s in range(3):
         labels = np.take(labels, gathers[s][0], axis=s)
     todo = np.flatnonzero(labels == np.iinfo(cell_dtype).max)
@@ -226,7 +230,7 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
         for s in order[:-1]:
             partial = _resample_axis(partial, s + 1, axes[s], *out_ranges[s], src_lo[s], mode)
         values = _interpolate_points(partial, order[-1], todo, labels.shape, gathers[order[-1]])
-        labels.reshape(-1)[todo] = _argmax_first(values, cell_dtype)
+        labels.reshape(-1)[todo] = argmax_first(values, cell_dtype)
     return labels.astype(dtype, copy=False)
 
 
@@ -341,17 +345,14 @@ def to_model(image: da.Array, mapping: GridMapping, *, chunks: int | Sequence[in
     return _resample(oriented, axes, [_bounds(n, c) for n, c in zip(mapping.model_shape, out_chunks)], mode, dtype)
 
 
-def to_input(probs: da.Array, mapping: GridMapping, *, chunks: int | Sequence[int] | None = None,
-             mode: Literal["bilinear", "nearest"] = "bilinear") -> da.Array:
-    """(N, K', J', I') on the model grid -> (N, K, J, I) on the input grid, float32, as MONAI's
-    ``Invertd`` undoes ``Spacingd`` (``nearest_interp=False``: bilinear; ``True``: nearest) and then
-    ``Orientationd``.  ``chunks`` are the output's spatial chunk sizes (default: the model array's)."""
-    mode = _mode(mode)
+def _inverse(probs: da.Array, mapping: GridMapping, chunks: int | Sequence[int] | None,
+             ) -> tuple[da.Array, list[_Axis], list[list[tuple[int, int]]], dict[int, int]]:
+    """The way back's set-up: axes, and output chunk bounds on the oriented grid that land on the input's
+    chunks once the orientation view is undone (the flipped axes' bounds reversed)."""
     probs = _check(probs, mapping.model_shape, "probabilities")
     oriented_shape = mapping.oriented_shape
     thetas = sampling_thetas(mapping, inverse=True)
     axes = [_Axis(a.size, oriented_shape[s], a.is_copy, thetas[s]) for s, a in enumerate(mapping.axes)]
-    # Resample on the oriented grid with chunks that land on the input's chunks after the view below.
     inv = {a.source_axis: s for s, a in enumerate(mapping.axes)}
     default = [probs.chunksize[inv[t] + 1] for t in range(3)]
     in_chunks = _normalise_chunks(chunks, default, mapping.input_shape)
@@ -360,6 +361,16 @@ def to_input(probs: da.Array, mapping: GridMapping, *, chunks: int | Sequence[in
         n = oriented_shape[s]
         regular = _bounds(n, in_chunks[a.source_axis])
         bounds.append(_flipped(regular, n) if a.flip else regular)
+    return probs, axes, bounds, inv
+
+
+def to_input(probs: da.Array, mapping: GridMapping, *, chunks: int | Sequence[int] | None = None,
+             mode: Literal["bilinear", "nearest"] = "bilinear") -> da.Array:
+    """(N, K', J', I') on the model grid -> (N, K, J, I) on the input grid, float32, as MONAI's
+    ``Invertd`` undoes ``Spacingd`` (``nearest_interp=False``: bilinear; ``True``: nearest) and then
+    ``Orientationd``.  ``chunks`` are the output's spatial chunk sizes (default: the model array's)."""
+    mode = _mode(mode)
+    probs, axes, bounds, inv = _inverse(probs, mapping, chunks)
     oriented = _resample(probs, axes, bounds, mode, np.dtype(np.float32))
     # Undo the orientation view: un-flip, then put each axis back where the input had it.
     oriented = oriented[(slice(None), *(slice(None, None, -1) if a.flip else slice(None) for a in mapping.axes))]
@@ -378,18 +389,7 @@ def argmax_to_input(probs: da.Array, mapping: GridMapping, *, chunks: int | Sequ
     class index.
     """
     mode = _mode(mode)
-    probs = _check(probs, mapping.model_shape, "probabilities")
-    oriented_shape = mapping.oriented_shape
-    thetas = sampling_thetas(mapping, inverse=True)
-    axes = [_Axis(a.size, oriented_shape[s], a.is_copy, thetas[s]) for s, a in enumerate(mapping.axes)]
-    inv = {a.source_axis: s for s, a in enumerate(mapping.axes)}
-    default = [probs.chunksize[inv[t] + 1] for t in range(3)]
-    in_chunks = _normalise_chunks(chunks, default, mapping.input_shape)
-    bounds = []
-    for s, a in enumerate(mapping.axes):
-        n = oriented_shape[s]
-        regular = _bounds(n, in_chunks[a.source_axis])
-        bounds.append(_flipped(regular, n) if a.flip else regular)
+    probs, axes, bounds, inv = _inverse(probs, mapping, chunks)
     oriented = _resample(probs, axes, bounds, mode, np.dtype(dtype), argmax=True)
     oriented = oriented[tuple(slice(None, None, -1) if a.flip else slice(None) for a in mapping.axes)]
     return oriented.transpose(*(inv[t] for t in range(3)))
