@@ -88,13 +88,12 @@ def tree_rss(proc: psutil.Process) -> tuple[int, dict[str, int]]:
     return total, roles
 
 
-def run(size: int, workers: int | None, tmp: Path, model: Path) -> dict:
-    src = tmp / f"in{size}.tif"
-    t = time.perf_counter()
-    make_raster(src, size)
-    gen = time.perf_counter() - t
-    cmd = [sys.executable, "-m", "flows", "segment", str(src), "--model", str(model), "--out", str(tmp / "out"),
-           "--precision", "fast", "--no-zarr"] + (["--workers", str(workers)] if workers else [])
+def run_sampled(cmd: list[str]) -> tuple[int, str, float, int, dict[str, int]]:
+    """Run ``cmd`` from the repository root, sampling the RSS of its process tree every 0.2 s.
+
+    Returns (exit code, combined output, wall seconds, peak RSS in bytes, the largest process of each kind
+    at that peak).
+    """
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -105,8 +104,20 @@ def run(size: int, workers: int | None, tmp: Path, model: Path) -> dict:
         if total > peak:
             peak, at_peak = total, roles
         time.sleep(0.2)
-    out = proc.stdout.read() if proc.stdout else ""
-    if proc.returncode != 0:
+    wall = time.perf_counter() - t
+    return proc.returncode, proc.stdout.read() if proc.stdout else "", wall, peak, at_peak
+
+
+def run(size: int, workers: int | None, tmp: Path, model: Path) -> dict:
+    src = tmp / f"in{size}.tif"
+    t = time.perf_counter()
+    make_raster(src, size)
+    gen = time.perf_counter() - t
+    cmd = [sys.executable, "-m", "flows", "segment", str(src), "--model", str(model), "--out", str(tmp / "out"),
+           "--precision", "fast", "--no-zarr"] + (["--workers", str(workers)] if workers else [])
+    t = time.perf_counter()
+    rc, out, _, peak, at_peak = run_sampled(cmd)
+    if rc != 0:
         raise SystemExit(f"segflow failed for {size}:\n{out}")
     monai = size * size * (3 + CLASSES + 1) * 4
     src.unlink()

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,14 +43,13 @@ from typing import Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import report  # noqa: E402
-from memory import tree_rss  # noqa: E402  (the memory benchmark's process-tree RSS)
+from memory import run_sampled  # noqa: E402  (the memory benchmark's process-tree RSS sampling)
 
 ZOOMS_IJK = (0.7, 0.7, 0.5)  # the scan's spacing in mm, nibabel's (i, j, k) order
 MODEL_MM = 1.5
@@ -185,19 +182,8 @@ def segment(scan: Path, model: Path, out: Path, precision: str, chunk: int) -> d
 
     cmd = [sys.executable, "-m", "flows", "segment", str(scan), "--model", str(model), "--out", str(out),
            "--precision", precision, "--chunk-size", str(chunk), "--no-zarr"]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    ps = psutil.Process(proc.pid)
-    peak, at_peak = 0, {}
-    while proc.poll() is None:
-        total, roles = tree_rss(ps)
-        if total > peak:
-            peak, at_peak = total, roles
-        time.sleep(0.2)
-    wall = time.perf_counter() - t
-    text = proc.stdout.read() if proc.stdout else ""
-    if proc.returncode != 0:
+    rc, text, wall, peak, at_peak = run_sampled(cmd)
+    if rc != 0:
         raise SystemExit(f"segflow failed on {scan.name}:\n{text}")
     record = json.loads(sidecar_path(out / "scan.nii.gz").read_text())
     stats = record["statistics"]
