@@ -150,7 +150,21 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                      "channel names, matched by name)."),
             vector: str = typer.Option("none", "--vector", help="Also write the labels of a raster as polygons "
                                                                 "per class with their area in hectares: gpkg, "
-                                                                "parquet or geojson.")) -> None:
+                                                                "parquet or geojson."),
+            simplify: Optional[float] = typer.Option(None, "--simplify",
+                                                     help="Simplify --vector polygons by this tolerance (CRS "
+                                                          "units), keeping shared borders shared."),
+            output_grid: str = typer.Option("input", "--output-grid",
+                                            help="Where a raster's labels are written when its ground sample "
+                                                 "distance or CRS differs from the model's: input or model."),
+            mosaic: Optional[str] = typer.Option(None, "--mosaic",
+                                                 help="Segment all raster inputs as one seamless mosaic, "
+                                                      "written as OUT/NAME.tif."),
+            crs: Optional[str] = typer.Option(None, "--crs", help="The --mosaic's CRS when its tiles' CRSs "
+                                                                  "differ, e.g. EPSG:32633."),
+            split_by_tile: bool = typer.Option(False, "--split-by-tile",
+                                               help="With --mosaic: also one COG per tile, cut from the "
+                                                    "seamless result.")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
     from flows.flows import batch_outcomes, segment_batch
     from flows.progress import RichReporter, reporting
@@ -162,7 +176,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                        flip_tta=None if tta is None else ([] if tta == "none" else _ints(tta)),
                        model_space=model_space, dicom_seg=dicom_seg,
                        bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
-                       vector=vector)
+                       vector=vector, simplify=simplify, output_grid=output_grid, mosaic=mosaic, crs=crs,
+                       split_by_tile=split_by_tile)
     _check_models([model], trust_bundle=trust_bundle)
     with _progress() as progress, reporting(RichReporter(progress)):
         state = segment_batch(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model),

@@ -36,6 +36,23 @@ class SegmentOptions(BaseModel):
     # or 1-based indices. Default: the card's channel_names matched by name, or every band when nothing is named.
     bands: list[str] | None = None
     vector: Literal["none", "gpkg", "parquet", "geojson"] = "none"  # label polygons beside a raster's COG
+    # Douglas-Peucker tolerance (CRS units, metres for projected rasters) of the polygons, keeping the topology
+    # between neighbours; None or 0 writes the exact pixel outlines.
+    simplify: float | None = Field(default=None, ge=0.0)
+    # Rasters whose ground sample distance or CRS differs from the card's (version 4): labels on the input's
+    # grid (probabilities warped back before the argmax) or on the model's.
+    output_grid: Literal["input", "model"] = "input"
+    # Many tiles as one seamless image named ``mosaic``: a VRT when they share a CRS, else warped into ``crs``.
+    mosaic: str | None = None
+    crs: str | None = None  # the mosaic's target CRS, e.g. EPSG:32633
+    split_by_tile: bool = False  # with mosaic: one COG per tile, cut from the seamless result
+
+    @field_validator("mosaic")
+    @classmethod
+    def _mosaic_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "/" in v or "\\" in v or v.startswith(".")):
+            raise ValueError("mosaic is a plain output name (no folders, not hidden)")
+        return v
 
     @field_validator("flip_tta")
     @classmethod

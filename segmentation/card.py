@@ -15,9 +15,13 @@ from storage.classes import LabelClass
 
 # 2 added input.dtype, input.spacing_unit and inference.flip_tta; 3 added model space (input.orientation,
 # input.interpolation, inference.invert, inference.keep_largest) and the nonzero and percentile normalisations.
+# 4 added model space for rasters (a 2-D card's spacing in metres and input.crs are applied, input.resampling)
+# and band units (input.units, input.dn_scale).
 # Versions 1 and 2 still read; their spacing is documentation only (inputs are segmented on their own grid).
-CARD_VERSION = 3
-MODEL_SPACE_VERSION = 3  # from this card version on, a declared spacing or orientation is applied
+# A version 3 card's 2-D spacing is documentation only too: rasters are resampled from version 4 on.
+CARD_VERSION = 4
+MODEL_SPACE_VERSION = 3  # from this card version on, a declared spacing or orientation of a volume is applied
+RASTER_MODEL_SPACE_VERSION = 4  # and from this one on, a raster's ground sample distance and CRS
 
 
 class Normalization(BaseModel):
@@ -95,6 +99,30 @@ class InputSpec(BaseModel):
     # spacing (MONAI Spacingd's mode; align_corners=False, border padding).
     orientation: str | None = None
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    # Model space for rasters (card version 4): the ground sample distance is ``spacing`` (metres, both axes),
+    # ``crs`` the CRS the model works in: "utm" (a geographic input goes to its local UTM zone, a projected one
+    # stays) or an authority code such as "EPSG:32633"; None keeps the input's CRS.  ``resampling`` is the
+    # warp's GDAL kernel: "auto" is bilinear when refining and average when coarsening, as providers make their
+    # own 20 m products.
+    crs: str | None = None
+    resampling: Literal["auto", "bilinear", "average", "nearest"] = "auto"
+    # The units the network was trained on (rasters).  None: the stored values as they are.  "reflectance":
+    # each band's scale and offset (GDAL's, or a STAC item's raster:bands) applied, e.g. Sentinel-2 L2A
+    # digital numbers * 1e-4 - 0.1 after processing baseline 04.00.  "dn": that reflectance times
+    # ``dn_scale`` (10000: the digital numbers of products before the BOA_ADD_OFFSET appeared).
+    units: Literal["reflectance", "dn"] | None = None
+    dn_scale: float = Field(default=10000.0, gt=0.0)
+
+    @field_validator("crs")
+    @classmethod
+    def _crs(cls, v: str | None) -> str | None:
+        if v is None or v.lower() == "utm":
+            return None if v is None else "utm"
+        import re
+
+        if not re.fullmatch(r"[A-Za-z]+:\d+", v.strip()):
+            raise ValueError(f"crs {v!r} is neither 'utm' nor an authority code such as EPSG:32633")
+        return v.strip().upper()
 
     @field_validator("orientation")
     @classmethod
@@ -186,6 +214,11 @@ class ModelCard(BaseModel):
             raise ValueError("channel_names must list one name per input channel")
         if self.input.orientation is not None and self.input.spatial_dims != 3:
             raise ValueError("input.orientation applies to 3-D volumes")
+        if self.input.crs is not None and self.input.spatial_dims != 2:
+            raise ValueError("input.crs applies to 2-D rasters")
+        if self.input.spatial_dims == 2 and self.input.spacing is not None and \
+                self.card_version >= RASTER_MODEL_SPACE_VERSION and self.input.spacing_unit not in (None, "m"):
+            raise ValueError("a raster model's spacing is its ground sample distance in metres (spacing_unit 'm')")
         keep = self.inference.keep_largest
         if keep is not None and any(v not in values or v == 0 for v in keep.applied_labels):
             raise ValueError("keep_largest.applied_labels must be class values other than 0 (background)")
@@ -196,6 +229,12 @@ class ModelCard(BaseModel):
         """Whether a declared spacing or orientation is applied (version 3 on); older cards only documented it."""
         return self.card_version >= MODEL_SPACE_VERSION and self.input.spatial_dims == 3 and (
             self.input.spacing is not None or self.input.orientation is not None)
+
+    @property
+    def applies_raster_model_space(self) -> bool:
+        """Whether a raster is warped to the card's ground sample distance or CRS (version 4 on)."""
+        return self.card_version >= RASTER_MODEL_SPACE_VERSION and self.input.spatial_dims == 2 and (
+            self.input.spacing is not None or self.input.crs is not None)
 
     @property
     def num_classes(self) -> int:

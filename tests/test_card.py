@@ -25,7 +25,7 @@ def card(**changes) -> dict:
 
 def test_a_full_card_round_trips_and_sorts_tta_axes():
     c = ModelCard.model_validate(card())
-    assert c.card_version == CARD_VERSION == 3
+    assert c.card_version == CARD_VERSION == 4
     assert c.inference.flip_tta == [0, 1]
     assert c.classes[0].code == "LC-10"
     assert ModelCard.model_validate_json(c.model_dump_json()) == c
@@ -62,7 +62,7 @@ def test_inconsistent_normalisations_are_refused(norm, message):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"card_version": 4}, "newer than this segflow reads"),
+    ({"card_version": 5}, "newer than this segflow reads"),
     ({"classes": [{"value": 0, "name": "bg"}, {"value": 1, "name": "liver", "code": "SCT:liver"}]}, "SNOMED CT"),
     ({"input__orientation": "RRS"}, "three axcodes"),
     ({"input__orientation": "RAS"}, "applies to 3-D volumes"),
