@@ -15,71 +15,20 @@ from pathlib import Path  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 import typer  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from flows import cliutil  # noqa: E402
 from storage.errors import SegflowError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Out-of-core, exactly stitched segmentation of large rasters and 3D volumes.")
 model_app = typer.Typer(no_args_is_help=True, help="Inspect and convert models.")
 app.add_typer(model_app, name="model")
-console = Console(stderr=True)
-out = Console()
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _options(**fields: object) -> "SegmentOptions":  # noqa: F821 - imported lazily (Prefect-free import)
-    """Validate run options at the edge; a bad one is a one-line error and exit 2."""
-    from flows.config import SegmentOptions
-
-    try:
-        return SegmentOptions(**fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        _fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
-        raise  # unreachable: _fail exits
-
-
-def _check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False) -> None:
-    """Refuse a bad model before any input is touched: one line, exit 2."""
-    from segmentation.modeldir import check_model
-
-    try:
-        for path in paths:
-            check_model(path, trust_bundle=trust_bundle)
-    except SegflowError as exc:
-        _fail(str(exc))
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False, disable=not console.is_terminal)
-
-
-def _path_or_url(text: str) -> str:
-    """A command-line input or output location: a URL as given (``Path`` would turn ``s3://b/k`` into
-    ``s3:/b/k``), a local path normalised as ``Path`` does."""
-    from storage.remote import is_url
-
-    return text if is_url(text) else str(Path(text))
-
-
-def _ints(text: Optional[str]) -> Optional[list[int]]:
-    if not text:
-        return None
-    try:
-        return [int(v) for v in text.replace("x", ",").split(",") if v]
-    except ValueError:
-        _fail(f"cannot read sizes from {text!r} (expected e.g. 128,128)")
-        return None
+console, out = cliutil.console, cliutil.out
+# the shared helpers under the names this module's commands use
+_fail, _options, _check_models = cliutil.fail, cliutil.options, cliutil.check_models
+_progress, _path_or_url, _ints = cliutil.progress, cliutil.path_or_url, cliutil.ints
 
 
 @app.command()

@@ -39,32 +39,32 @@ def nightly_command(
     """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md."""
     from rich.table import Table
 
-    from flows import cli
+    from flows import cliutil as cli
     from flows.nightly import nightly, nightly_report
     from flows.progress import RichReporter, reporting
     from storage.errors import SegflowError
 
     if (inbox is None) == (manifest is None):
-        cli._fail("give --inbox DIR or --manifest FILE (one of them)")
-    options = cli._options(precision=precision, roi=cli._ints(roi), overlap=overlap, chunk_size=chunk_size,
+        cli.fail("give --inbox DIR or --manifest FILE (one of them)")
+    options = cli.options(precision=precision, roi=cli.ints(roi), overlap=overlap, chunk_size=chunk_size,
                            batch_size=batch_size, workers=workers, probabilities=probabilities,
                            device=device, dask_address=dask_address, keep_zarr=not no_zarr,
                            **({"gpus": True} if gpus else {}))
-    cli._check_models(model)
+    cli.check_models(model)
     flow = nightly
     if parallel > 1:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
-    with cli._progress() as progress, reporting(RichReporter(progress)):
-        state = flow(model_dirs=[str(m) for m in model], out_dir=cli._path_or_url(out),
-                     inbox=cli._path_or_url(inbox) if inbox else None,
-                     manifest=cli._path_or_url(manifest) if manifest else None,
+    with cli.progress() as progress, reporting(RichReporter(progress)):
+        state = flow(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
+                     inbox=cli.path_or_url(inbox) if inbox else None,
+                     manifest=cli.path_or_url(manifest) if manifest else None,
                      options=options, retries=retries, retry_delay_seconds=retry_delay, return_state=True)
     try:
         report = nightly_report(state)
     except SegflowError as exc:
-        cli._fail(str(exc))
+        cli.fail(str(exc))
     table = Table(title=f"segflow nightly: {report['run']['summary']}")
     for col in ("input", "status", "model", "s", "windows", "labels"):
         table.add_column(col)

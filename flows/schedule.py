@@ -149,12 +149,12 @@ def schedule_command(
 ) -> None:
     """Serve the nightly flow on a cron schedule against a Prefect server (PREFECT_API_URL); runs until stopped."""
 
-    from flows import cli
+    from flows import cliutil as cli
     from storage.errors import SegflowError
 
-    options = cli._options(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
+    options = cli.options(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
                            device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr)
-    cli._check_models(model)
+    cli.check_models(model)
     try:
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
                                         options=options)
@@ -163,4 +163,4 @@ def schedule_command(
                           + "; Ctrl-C stops it", highlight=False, soft_wrap=True)
         serve_nightly(cron=cron, parameters=parameters, name=name, timezone=timezone, paused=paused)
     except SegflowError as exc:
-        cli._fail(str(exc))
+        cli.fail(str(exc))
