@@ -111,6 +111,9 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     inner = tuple(slice(r0 - e0, r1 - e0) for (r0, r1), (e0, _) in zip(region, extent))
     normalizer(raw, out=x[(slice(None),) + inner])
     del raw
+    # NaN or Inf (a float raster's nodata) would spread through every convolution into valid pixels' outputs:
+    # the network sees 0 there instead, a per-pixel rule, so chunking cannot change it.
+    np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     valid = None if mask_blocks is None else _assemble(region, mask_blocks, (), bool)
 
     evaluated = skipped = 0

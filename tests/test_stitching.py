@@ -113,6 +113,24 @@ def test_nodata_windows_are_skipped_and_counted():
     np.testing.assert_allclose(probs[:, mask], ref[:, mask], atol=1e-4)
 
 
+def test_nan_nodata_is_seen_as_zero_not_spread_into_valid_pixels():
+    shape = (70, 90)
+    img = np.random.default_rng(2).random((2, *shape), dtype=np.float32)
+    mask = np.ones(shape, bool)
+    mask[30:37, 20:50] = False  # a hole of NaN inside the image, as a float raster's nodata gives
+    with_nan = img.copy()
+    with_nan[:, ~mask] = np.nan
+    zeros = img.copy()
+    zeros[:, ~mask] = 0.0
+    net = tiny_net(2, 2, 3)
+    kw = dict(roi=(32, 32), overlap=0.25, chunks=40, mask=mask)
+    probs = predict(with_nan, net, **kw).compute(scheduler="sync")
+    assert np.isfinite(probs).all()
+    np.testing.assert_array_equal(probs, predict(zeros, net, **kw).compute(scheduler="sync"))
+    ref = monai_reference(zeros, net, (32, 32), 0.25)
+    np.testing.assert_allclose(probs[:, mask], ref[:, mask], atol=1e-4)
+
+
 def test_distributed_workers_give_the_same_answer(dask_cluster):
     img = np.random.default_rng(2).random((3, 150, 170), dtype=np.float32)
     net = tiny_net(2, 3, 4)
