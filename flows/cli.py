@@ -59,8 +59,11 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
 
 @app.command()
 def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, DICOM folders, DICOMDIRs "
-                                                      "or DICOM files (each series is one input), or URLs "
-                                                      "(s3://bucket/key.tif; see docs/storage.md)."),
+                                                      "or DICOM files (each series is one input), STAC item "
+                                                      ".json files (the assets with the model's bands, stacked "
+                                                      "on the finest band's grid; outputs named after the "
+                                                      "item's id), or URLs (s3://bucket/key.tif; see "
+                                                      "docs/storage.md)."),
             model: Path = typer.Option(..., "--model", help="Model directory (card.json + weights.safetensors), "
                                                             "MONAI bundle, or TorchScript archive with its card."),
             out: str = typer.Option(..., "--out", help="Output directory, or a URL prefix (s3://bucket/out/)."),
@@ -127,6 +130,11 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                        bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
                        vector=vector, simplify=simplify, output_grid=output_grid, mosaic=mosaic, crs=crs,
                        split_by_tile=split_by_tile)
+    if (split_by_tile or crs) and not mosaic:
+        _fail(f"{'--split-by-tile' if split_by_tile else '--crs'} applies to a mosaic of tiles; add --mosaic NAME")
+    if split_by_tile and output_grid == "model":
+        _fail("--split-by-tile cuts the tiles' own grids out of the result; it cannot be combined with "
+              "--output-grid model")
     _check_models([model], trust_bundle=trust_bundle)
     with _progress() as progress, reporting(RichReporter(progress)):
         state = segment_batch(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model),
@@ -225,11 +233,18 @@ def verify(output: str = typer.Argument(..., help="An output file or its .proven
 @model_app.command("inspect")
 def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI bundle or TorchScript archive."),
                   trust_bundle: bool = typer.Option(False, "--trust-bundle",
-                                                    help="Let MONAI evaluate a bundle's configuration.")) -> None:
-    """Print a model card (for a bundle: the card segflow maps it to)."""
+                                                    help="Let MONAI evaluate a bundle's configuration."),
+                  stac: bool = typer.Option(False, "--stac", help="Print the model as a STAC item with the "
+                                                                  "Machine Learning Model extension instead.")) -> None:
+    """Print a model card (for a bundle: the card segflow maps it to), or with --stac the model as an MLM item."""
     from segmentation.modeldir import check_model
 
     try:
+        if stac:
+            from flows.inspect import model_stac
+
+            out.print_json(json.dumps(model_stac(path, trust_bundle=trust_bundle)))
+            return
         card = check_model(path, trust_bundle=trust_bundle)
     except SegflowError as exc:
         _fail(str(exc))
@@ -238,7 +253,9 @@ def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI 
 
 @model_app.command("convert")
 def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, state_dict checkpoint "
-                                                       "(.pt/.pth/.bin/.safetensors) or TorchScript archive."),
+                                                       "(.pt/.pth/.bin/.safetensors), TorchScript archive, or a "
+                                                       "STAC item (.json) with the MLM extension whose mlm:model "
+                                                       "asset is such a weights file."),
                   out: Path = typer.Option(..., "--out", help="Model directory to write."),
                   card: Optional[Path] = typer.Option(None, "--card", help="Model card JSON: the architecture of a "
                                                                            "checkpoint, or the input, classes and "
@@ -248,11 +265,17 @@ def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, 
                                                     help="Let MONAI evaluate the bundle's configuration "
                                                          "(runs its code).")) -> None:
     """Make a segflow model directory (card.json + weights.safetensors) from weights made elsewhere."""
+    from segmentation.mlm import convert_item, looks_like_item
     from segmentation.modeldir import convert_model, read_card
 
     try:
-        given = read_card(card) if card is not None else None
-        loaded, notes = convert_model(src, out, card=given, trust_bundle=trust_bundle)
+        if looks_like_item(src):  # an MLM item: the card comes from the item, the weights from its model asset
+            if card is not None:
+                _fail(f"{src}: an MLM item describes its model itself; --card applies to weights files")
+            loaded, notes = convert_item(src, out)
+        else:
+            given = read_card(card) if card is not None else None
+            loaded, notes = convert_model(src, out, card=given, trust_bundle=trust_bundle)
     except SegflowError as exc:
         _fail(str(exc))
     for note in notes:

@@ -36,8 +36,8 @@ class SegmentOptions(BaseModel):
     # or 1-based indices. Default: the card's channel_names matched by name, or every band when nothing is named.
     bands: list[str] | None = None
     vector: Literal["none", "gpkg", "parquet", "geojson"] = "none"  # label polygons beside a raster's COG
-    # Douglas-Peucker tolerance (CRS units, metres for projected rasters) of the polygons, keeping the topology
-    # between neighbours; None or 0 writes the exact pixel outlines.
+    # Simplification tolerance (CRS units, metres for projected rasters) of the polygons, keeping the topology
+    # between neighbours (shapely.coverage_simplify, Visvalingam-Whyatt); None or 0 keeps the exact pixel outlines.
     simplify: float | None = Field(default=None, ge=0.0)
     # Rasters whose ground sample distance or CRS differs from the card's (version 4): labels on the input's
     # grid (probabilities warped back before the argmax) or on the model's.

@@ -35,12 +35,17 @@ def model_space_labels(partial: Path, stitch: Any, dtype: str, geometry: Any) ->
 
 
 def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,
-                  record: dict[str, Any], created: list[Path] | None = None, vector: str = "none") -> list[Path]:
+                  record: dict[str, Any], created: list[Path] | None = None, vector: str = "none",
+                  simplify: float | None = None) -> list[Path]:
     """The label map (and, for rasters, a probability COG when probabilities were kept).
 
     Each file is renamed into place whole; ``created`` collects them as they
     land, so a later failure can remove exactly what this run put there.
+    ``simplify`` (the polygons' tolerance) defaults to the run's recorded
+    ``--simplify`` parameter, so the polygons always match the provenance.
     """
+    if simplify is None:
+        simplify = (record.get("parameters") or {}).get("simplify")
     created = [] if created is None else created
     group = zarr.open_group(str(pred_path), mode="r")
     labels = group[LABELS]
@@ -59,7 +64,8 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
             created.append(written[-1])
         polygons = None
         if vector != "none":
-            polygons = write_vectors(labels, meta, model, out_path, vector, group.attrs["nodata_label"])
+            polygons = write_vectors(labels, meta, model, out_path, vector, group.attrs["nodata_label"],
+                                     simplify=simplify)
             written.append(polygons)
             created.append(polygons)
         if meta.geometry.crs_wkt or meta.geometry.epsg:  # a STAC item needs a footprint on the Earth
@@ -82,8 +88,12 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
 VECTOR_SUFFIX = {"gpkg": ("GPKG", ".gpkg"), "parquet": ("Parquet", ".parquet"), "geojson": ("GeoJSON", ".geojson")}
 
 
-def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, vector: str, nodata: int) -> Path:
-    """The labels as polygons per class (area in hectares), merged across chunks: ``<stem>.<gpkg|parquet|geojson>``."""
+def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, vector: str, nodata: int,
+                  simplify: float | None = None) -> Path:
+    """The labels as polygons per class (area in hectares), merged across chunks: ``<stem>.<gpkg|parquet|geojson>``.
+
+    ``simplify`` (CRS units) simplifies them keeping shared borders shared; areas stay the pixel areas.
+    """
     from affine import Affine
     from rasterio.crs import CRS
 
@@ -95,7 +105,7 @@ def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, ve
                                                               else None)
     path = out_path.with_name(stem_of(out_path) + suffix)
     write_polygons(labels, Affine(*geometry.transform), crs, path, classes=model.card.classes, nodata=nodata,
-                   chunk=int(labels.chunks[0]), driver=driver)  # type: ignore[arg-type]
+                   chunk=int(labels.chunks[0]), driver=driver, simplify=simplify)  # type: ignore[arg-type]
     return path
 
 
@@ -107,15 +117,39 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
     card = model.card
     spacing = card.input.spacing
     device = str(record.get("environment", {}).get("device", "cpu"))
-    return write_stac_item(
+    tiles = [str(t["path"]) for t in ((record.get("input") or {}).get("mosaic") or {}).get("tiles", [])]
+    when = _source_time(Path(str(meta.source.path))) if not tiles else \
+        max((t for t in (_source_time(Path(p)) for p in tiles) if t is not None), default=None)
+    item = write_stac_item(
         out_path, item_id=stem_of(out_path), label_cog=written[0], classes=card.classes,
-        model={"name": card.name, "architecture": card.architecture.name, "framework": "pytorch",
-               "weights_sha256": model.weights_sha256, "roi": list(card.inference.roi),
-               "bands": list(card.input.channel_names or meta.channel_names[:card.input.channels]),
-               "value_scaling": None, "accelerator": "cuda" if device.startswith("cuda") else "cpu"},
+        model=_model_description(card, model.weights_sha256, "cuda" if device.startswith("cuda") else "cpu",
+                                 list(card.input.channel_names or meta.channel_names[:card.input.channels])),
         gsd=float(spacing[0]) if spacing and card.input.spacing_unit == "m" else None,
-        source=str(meta.source.path), vectors=polygons, datetime_=_source_time(Path(str(meta.source.path))),
+        source=str(meta.source.path), vectors=polygons, datetime_=when,
         probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None)
+    if tiles:  # a mosaic (storage.mosaic) derives from each of its tiles
+        _link_tiles(item, tiles)
+    return item
+
+
+def _link_tiles(item_path: Path, tiles: list[str]) -> None:
+    """Replace a mosaic's item's ``derived_from`` link (its name) by one per tile, in the order named."""
+    import json
+
+    from storage.atomic import write_text_atomically
+
+    doc = json.loads(item_path.read_text())
+    links = [link for link in doc.get("links", []) if link.get("rel") != "derived_from"]
+    links += [{"rel": "derived_from", "href": t, "title": "Segmented source (a tile of the mosaic)"} for t in tiles]
+    doc["links"] = links
+    write_text_atomically(item_path, json.dumps(doc, indent=2) + "\n", "STAC item")
+
+
+def _model_description(card: Any, weights_sha256: str, accelerator: str, bands: list[str]) -> dict[str, Any]:
+    """The model as MLM describes it: the same function as `segflow model inspect --stac` (segmentation.mlm)."""
+    from segmentation.mlm import model_description
+
+    return model_description(card, weights_sha256=weights_sha256, accelerator=accelerator, bands=bands)
 
 
 def _source_time(path: Path) -> Any:

@@ -3,6 +3,8 @@
 ``segment`` runs one input; ``segment_batch`` runs many, each isolated: a bad
 input fails its own flow run with a one-line error and the others go on; the
 batch ends Failed when any input failed, with every outcome as its result.
+With ``--mosaic NAME`` every input is a tile of one seamless image
+(:mod:`storage.mosaic`): one outcome, and a bad tile fails it whole.
 Inputs and the output directory may be local paths or fsspec URLs
 (``s3://bucket/prefix/``): :mod:`flows.staging` downloads and uploads them.
 """
@@ -49,6 +51,12 @@ def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: Segm
     logger = get_run_logger()
     outcomes: list[dict[str, Any]] = []
     model = load_model(model_dir, trust_bundle=options.trust_bundle)  # a bad model fails the whole batch, before any input is touched
+    if options.mosaic is not None:  # every input is a tile of one seamless image: one outcome, failed as a whole
+        outcome = _mosaic_outcome(inputs, model, out_dir, options)
+        if not outcome.ok:
+            logger.info("input failed: %s", outcome.error)
+            return Failed(message=f"mosaic {options.mosaic} failed", data=[outcome.to_dict()])
+        return Completed(message=f"mosaic {options.mosaic} segmented", data=[outcome.to_dict()])
     expanded, unusable = expand(inputs)  # DICOM folders: one input per series
     for label, error in unusable:
         outcomes.append(Outcome(input=label, ok=False, error=error).to_dict())
@@ -68,6 +76,23 @@ def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: Segm
     if failed:
         return Failed(message=f"{len(failed)} of {len(outcomes)} inputs failed", data=outcomes)
     return Completed(message=f"{len(outcomes)} inputs segmented", data=outcomes)
+
+
+def _mosaic_outcome(inputs: list[str], model: Any, out_dir: str, options: SegmentOptions) -> Outcome:
+    """All raster inputs as one mosaic (:mod:`storage.mosaic`): a bad tile fails it, since a hole would be silent."""
+    from storage.mosaic import MosaicRef, mosaic_ref
+    from storage.remote import is_url
+
+    label = MosaicRef(str(options.mosaic), tuple(inputs)).display
+    try:
+        ref = mosaic_ref(str(options.mosaic), inputs, options.crs, options.split_by_tile)
+        label = ref.display
+        if is_url(out_dir):
+            raise SegflowError(out_dir, "a --mosaic is written to a local --out only (for now)")
+        with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus) as client:
+            return segment_one(ref, model, out_dir, options, client)
+    except Exception as exc:  # one line naming the tile (or the mosaic), and nothing left behind
+        return Outcome(input=label, ok=False, error=_one_line(exc))
 
 
 def segment_series(ref: SeriesRef, model: Any, out_dir: str, options: SegmentOptions, client: Any) -> Outcome:

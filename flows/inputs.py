@@ -1,6 +1,7 @@
 """What a user names on the command line or in a manifest becomes a list of inputs.
 
-A GeoTIFF, VRT or NIfTI file (or its URL) is one input.  DICOM comes as
+A GeoTIFF, VRT or NIfTI file, or a STAC item's JSON (or its URL), is one
+input; an item's outputs are named after its id (:mod:`storage.stacitem`).  DICOM comes as
 radiology gives it: a folder of files, a DICOMDIR, or the files themselves;
 each SeriesInstanceUID in it (each volume of a split enhanced multi-frame
 object) becomes one input of its own, named after the series
@@ -24,7 +25,10 @@ from storage.errors import SegflowError, StoreError
 from storage.hashing import sha256_input
 from storage.ingest import ingest, stem_of
 from storage.layout import ImageStore, open_image_store
+from storage.mosaic import MosaicRef, is_mosaic_store
 from storage.remote import is_url
+from storage.bands import BandRequest
+from storage.stacitem import is_item_path, item_stem, reuse_sha256
 
 Expanded = Union[str, SeriesRef]
 
@@ -62,47 +66,68 @@ def _series(label: str, paths: list[str], out: list[Expanded], failed: list[tupl
 
 def input_stem(source: Any) -> str:
     """The stem every output of an input is named after: the file's, or the series' sanitised name."""
-    return source.name if isinstance(source, SeriesRef) else stem_of(source)
+    if isinstance(source, (SeriesRef, MosaicRef)):
+        return source.name
+    return item_stem(source) or stem_of(source)  # a STAC item's outputs are named after its id
 
 
 def input_label(source: Any) -> str:
     """How messages and provenance name an input: its path, or a series' folder and UIDs."""
-    return source.display if isinstance(source, SeriesRef) else str(source)
+    return source.display if isinstance(source, (SeriesRef, MosaicRef)) else str(source)
 
 
 def output_name(input_path: Any, kind: str) -> str:
     return input_stem(input_path) + (".tif" if kind == "raster" else ".nii.gz")
 
 
-def ingest_input(path: Any, work_dir: str | Path, chunk: int | None = None) -> tuple[ImageStore, bool]:
+def ingest_input(path: Any, work_dir: str | Path, chunk: int | None = None,
+                 bands: BandRequest | None = None) -> tuple[ImageStore, bool]:
     """The input's image store, and whether it was reused: a complete earlier ingest of the same content is.
 
     The store's name holds the chunk size asked for, and it is only reused
     when it carries its completion marker and its recorded sha256 and file are
     those of ``path`` now, so a half-written or stale ingest is never used.
     """
-    store_path = Path(work_dir) / f"{input_stem(path)}.c{chunk or 'default'}.image.zarr"
-    reusable = _reusable_ingest(path, store_path)
+    kind = "mosaic" if isinstance(path, MosaicRef) else "image"  # a mosaic never shares a store with a tile
+    store_path = Path(work_dir) / f"{input_stem(path)}.c{chunk or 'default'}.{kind}.zarr"
+    reusable = _reusable_ingest(path, store_path, bands)
     if reusable is not None:
-        say(f"{path}: reusing its complete ingest from an interrupted run", logging.INFO)
+        say(f"{input_label(path)}: reusing its complete ingest from an interrupted run", logging.INFO)
         return reusable, True
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    ingest(path, store_path, chunk=chunk)
+    ingest(path, store_path, chunk=chunk, bands=bands)
     return open_image_store(store_path), False
 
 
-def _reusable_ingest(path: Any, store_path: Path) -> ImageStore | None:
+def _reusable_ingest(path: Any, store_path: Path, bands: BandRequest | None = None) -> ImageStore | None:
     if isinstance(path, SeriesRef):
         return _reusable_series(path, store_path)
+    if isinstance(path, MosaicRef):
+        return _reusable_mosaic(path, store_path)
     if not store_path.is_dir() or not path.is_file():
         return None
     try:
         store = open_image_store(store_path)
         source = store.meta.source
         same_file = os.path.samefile(source.path, path)
-        if same_file and source.size == path.stat().st_size and source.sha256 == sha256_input(path):
+        now = reuse_sha256(path, bands) if is_item_path(path) else sha256_input(path)  # an item: with its assets
+        if same_file and source.size == path.stat().st_size and source.sha256 == now:
             return store
     except (StoreError, OSError, ValueError):
+        pass
+    shutil.rmtree(store_path, ignore_errors=True)
+    return None
+
+
+def _reusable_mosaic(ref: MosaicRef, store_path: Path) -> ImageStore | None:
+    """A complete ingest of the same mosaic: the same tiles' content (sha256, in order) and target CRS."""
+    if not store_path.is_dir():
+        return None
+    try:
+        store = open_image_store(store_path)
+        if is_mosaic_store(store, ref):
+            return store
+    except (SegflowError, OSError, ValueError):  # a tile gone or unreadable: the ingest says so in one line
         pass
     shutil.rmtree(store_path, ignore_errors=True)
     return None

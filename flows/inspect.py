@@ -1,4 +1,4 @@
-"""``segflow info``: one JSON description for any segflow artefact."""
+"""``segflow info`` and ``segflow model inspect --stac``: JSON descriptions of segflow artefacts and models."""
 
 from __future__ import annotations
 
@@ -56,6 +56,14 @@ def _nifti(path: Path) -> dict[str, Any]:
         except ValueError:
             info.setdefault("extensions", []).append(text.rstrip("\0"))
     return info
+
+
+def model_stac(path: str | Path, *, trust_bundle: bool = False) -> dict[str, Any]:
+    """``segflow model inspect --stac``: the model as a STAC item with the MLM extension, weights as its asset."""
+    from segmentation.mlm import model_item
+    from segmentation.modeldir import load_model
+
+    return model_item(load_model(path, trust_bundle=trust_bundle))
 
 
 def describe(path: str | Path) -> dict[str, Any]:

@@ -3,9 +3,14 @@
 A volume whose grid differs from the one its model's card (version 3)
 declares is resampled once into a model-space image store in the work folder
 (:func:`storage.modelimage.model_image`), stitched there, and written back on
-its own grid (:class:`segmentation.modelspace.ModelSpacePlan`).  Where the
-grids already match nothing of this runs, so such outputs stay byte for byte
-what they were.
+its own grid (:class:`segmentation.modelspace.ModelSpacePlan`).  A raster
+whose pixel size differs from its card's (version 4) ground sample distance,
+or whose CRS differs from the card's, is warped the same way with GDAL
+(:mod:`storage.warp`, :func:`storage.modelimage.model_raster_image`); its
+labels come back on its own grid (``--output-grid input``) or stay on the
+model's (``--output-grid model``: the outputs then carry the model grid's
+geometry, :func:`output_meta`).  Where the grids already match nothing of
+this runs, so such outputs stay byte for byte what they were.
 """
 
 from __future__ import annotations
@@ -22,18 +27,24 @@ from flows.config import SegmentOptions
 from segmentation import LoadedModel, build_plan
 from segmentation.modelspace import ModelSpacePlan
 from storage.bands import aliases, select_bands
-from storage.geometry import VolumeGeometry
+from storage.geometry import RasterGeometry, VolumeGeometry
 from storage.grids import GridMapping, model_grid
-from storage.layout import ImageStore
-from storage.modelimage import model_image
+from storage.layout import META_ATTR, ImageStore, StoreMeta
+from storage.modelimage import all_valid, model_image, model_raster_image, raster_model_geometry
+from storage.warp import RasterMapping, RasterWayBack, raster_mapping
 
 DEFAULT_VOLUME_CHUNK = 128
 
 
-def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | None:
+def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMapping | None:
     """The input-to-model grid mapping, or None when the model works on the input's own grid."""
     card = model.card
     geometry = store.meta.geometry
+    if isinstance(geometry, RasterGeometry):
+        if not card.applies_raster_model_space:
+            return None
+        return raster_mapping(geometry, store.spatial_shape, spacing=card.input.spacing, crs=card.input.crs,
+                              resampling=card.input.resampling)
     if not card.applies_model_space or not isinstance(geometry, VolumeGeometry):
         return None
     spacing = card.input.spacing
@@ -43,6 +54,19 @@ def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | None:
 
 
 def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:
+    """The bands chosen (:func:`_chosen_bands`) in the units the card declares (storage.bands.apply_units).
+
+    A STAC item's store holds the bands picked at ingest, in the model's order.
+    """
+    from storage.bands import apply_units, preselected
+
+    names = preselected(store.meta)
+    image, names = (store.image, names) if names is not None else _chosen_bands(store, model, options)
+    spec = model.card.input
+    return apply_units(image, store.meta, units=spec.units, dn_scale=spec.dn_scale, names=names), names
+
+
+def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:
     """The image the network sees, and the names of the bands chosen (None: every band, in the stored order).
 
     ``--bands`` wins; otherwise the card's channel names are looked up among
@@ -83,9 +107,12 @@ def model_image_path(store: ImageStore) -> Path:
 
 
 def build(store: ImageStore, model: LoadedModel, options: SegmentOptions,
-          client: Client) -> tuple[Any, GridMapping | None, dict[str, Any]]:
-    """(plan, mapping, facts): a StitchPlan on the input, or a ModelSpacePlan when the grids differ."""
+          client: Client) -> tuple[Any, GridMapping | RasterMapping | None, dict[str, Any]]:
+    """(plan, mapping, facts): a StitchPlan on the input, or a ModelSpacePlan when the grids differ (a
+    StitchPlan on the model's grid for a raster with ``--output-grid model``)."""
     mapping = mapping_for(store, model)
+    if isinstance(mapping, RasterMapping):
+        return _build_raster(store, model, options, client, mapping)
     facts: dict[str, Any] = {}
     image_store = store
     if mapping is not None:
@@ -108,4 +135,58 @@ def build(store: ImageStore, model: LoadedModel, options: SegmentOptions,
     return plan, mapping, facts
 
 
-__all__ = ["build", "mapping_for", "model_image_path"]
+def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions, client: Client,
+                  mapping: RasterMapping) -> tuple[Any, RasterMapping, dict[str, Any]]:
+    """A raster in model space: warped once into a store, stitched there, labels on either grid."""
+    chunk = options.chunk_size or int(store.image.chunks[1])
+    t0 = time.perf_counter()
+    image_store, reused = model_raster_image(store, mapping, model_image_path(store), chunk=chunk,
+                                             compute=lambda graph: client.compute(graph).result())
+    facts: dict[str, Any] = {"model_space": mapping.to_json(), "model_image_reused": reused,
+                             "model_image_seconds": round(time.perf_counter() - t0, 3),
+                             "output_grid": options.output_grid}
+    image, bands = band_selection(image_store, model, options)
+    if bands is not None:
+        facts["bands"] = bands
+    stitch = build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
+                        precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
+                        batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
+    if options.output_grid == "model":
+        return stitch, mapping, facts
+    model_valid = None if all_valid(image_store) else da.from_zarr(image_store.mask)
+    input_valid = None if store.mask is None else da.from_zarr(store.mask)
+    plan = ModelSpacePlan(stitch, RasterWayBack(mapping, model_valid), invert=model.card.inference.invert,
+                          chunks=store.image.chunks[1:], mask=input_valid)
+    return plan, mapping, facts
+
+
+def output_meta(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> StoreMeta:
+    """The geometry the outputs are written with: the input's, or the model grid's for a raster segmented with
+    ``--output-grid model`` in model space."""
+    if options.output_grid != "model" or not isinstance(store.meta.geometry, RasterGeometry):
+        return store.meta
+    mapping = mapping_for(store, model)
+    if not isinstance(mapping, RasterMapping):
+        return store.meta
+    return store.meta.model_copy(update={"geometry": raster_model_geometry(store.meta.geometry, mapping)})
+
+
+def output_meta_attr(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> Any:
+    """:func:`output_meta` as a prediction store's attribute (the input store's own, untouched, when equal)."""
+    meta = output_meta(store, model, options)
+    return store.group.attrs[META_ATTR] if meta is store.meta else meta.model_dump(mode="json")
+
+
+def resampling_record(mapping: GridMapping | RasterMapping, model: LoadedModel,
+                      options: SegmentOptions) -> dict[str, Any]:
+    """``parameters.resampling`` of the provenance: both grids and the kernels."""
+    if isinstance(mapping, RasterMapping):
+        invert = model.card.inference.invert
+        back = None if options.output_grid == "model" else ("nearest" if invert == "labels" else mapping.back)
+        return {"mapping": mapping.to_json(), "resampling": model.card.input.resampling,
+                "to_model": mapping.forward, "to_input": back, "invert": invert, "output_grid": options.output_grid}
+    return {"mapping": mapping.to_json(), "interpolation": model.card.input.interpolation,
+            "invert": model.card.inference.invert}
+
+
+__all__ = ["build", "mapping_for", "model_image_path", "output_meta", "output_meta_attr", "resampling_record"]

@@ -64,6 +64,7 @@ from storage.dicomfiles import SeriesRef, is_dicom_input
 from storage.errors import ConfigError, InputError, SegflowError
 from storage.hashing import sha256_input
 from storage.ingest import kind_of, stem_of
+from storage.stacitem import is_item_path
 from storage.probe import probe
 from storage.remote import is_url
 
@@ -98,6 +99,9 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
         except InputError:
             (inputs if _is_dicom(p) else ignored).append(str(p))
             continue
+        if is_item_path(p):  # STAC items are segmented by `segflow segment item.json`; nightly does not route them
+            ignored.append(str(p))
+            continue
         if p.name.lower().endswith(".img") and p.with_suffix(".hdr").exists():
             continue
         inputs.append(str(p))
@@ -130,6 +134,9 @@ def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
         try:
             kind_of(name)
         except InputError:
+            ignored.append(f)
+            continue
+        if is_item_path(name):
             ignored.append(f)
             continue
         if name.lower().endswith(".img") and (stem_of(name) + ".hdr") in names:

@@ -47,10 +47,12 @@ from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.stitching import label_dtype, label_nodata
 from storage import provenance
+from storage.bands import BandRequest, units_facts
 from storage.dicomfiles import SeriesRef
+from storage.mosaic import MOSAIC_ATTR, MosaicRef, split_outputs, write_tile_cuts
 from storage.errors import ExportError, InvalidInputError, SegflowError
 from storage.modelimage import model_geometry
-from storage.layout import (LABELS, META_ATTR, PROVENANCE_ATTR, ChunkJournal, ImageStore,
+from storage.layout import (LABELS, PROVENANCE_ATTR, ChunkJournal, ImageStore,
                             commit_store, create_prediction_store, identity_digest,
                             partial_path, partial_paths, reopen_prediction_store)
 
@@ -126,8 +128,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     stitch = getattr(plan, "stitch", plan)  # the model-space stitching (the plan itself on the input's grid)
     params = resolved_parameters(model, options, plan)
     if mapping is not None:
-        params["resampling"] = {"mapping": mapping.to_json(), "interpolation": model.card.input.interpolation,
-                                "invert": model.card.inference.invert}
+        params["resampling"] = modelspace.resampling_record(mapping, model, options)
     parts = run_identity(store, model, params, _device_name(options.device))
     identity = identity_digest(parts)
     chunks = tuple(c[0] for c in plan.chunks)
@@ -156,7 +157,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
                        f"resumed (another input, model or parameters); starting afresh")
             say(message, logging.WARNING)
         _, labels, probs = create_prediction_store(
-            target, meta=_with_source_path(store.group.attrs[META_ATTR], source_path),
+            target, meta=_with_source_path(modelspace.output_meta_attr(store, model, options), source_path),
             spatial_shape=plan.output_shape, chunks=chunks,
             label_dtype=ldtype, nodata_label=label_nodata(plan.num_classes),
             classes=[c.model_dump(mode="json") for c in model.card.classes], probabilities_dtype=pdtype,
@@ -172,7 +173,8 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     writes = plan.writes(labels, probs, options.probabilities if probs is not None else "float32",
                          probabilities=refined, only=todo, on_written=journal)
     model_writes = []
-    if mapping is not None and options.model_space == "keep":  # idempotent whole-chunk writes: redone on resume
+    # --model-space keep (volumes): idempotent whole-chunk writes, redone on resume
+    if mapping is not None and options.model_space == "keep" and store.meta.kind == "volume":
         geometry = model_geometry(store.meta.geometry, mapping)
         model_writes = stitch.writes(model_space_labels(partial, stitch, ldtype, geometry), probabilities=refined)
     futures = client.compute(writes + [plan.counts(only=todo)])
@@ -269,7 +271,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     """
     started = provenance.now()
     t0 = time.perf_counter()
-    if not isinstance(input_path, SeriesRef):
+    if not isinstance(input_path, (SeriesRef, MosaicRef)):
         input_path = Path(input_path)
     out_dir = Path(out_dir)
     try:
@@ -278,7 +280,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         raise ExportError(out_dir, f"cannot create output directory: {exc.strerror or exc}") from None
     work = out_dir / WORK_DIR
     try:
-        store, ingest_reused = ingest_input(input_path, work, options.chunk_size)
+        store, ingest_reused = ingest_input(input_path, work, options.chunk_size, bands=_band_request(model, options))
     except BaseException as exc:
         remove_if_empty(work)
         if isinstance(exc, OSError):  # e.g. the disk filled up while copying
@@ -305,6 +307,8 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             stats["label_statistics"] = medical.volume_statistics(done[LABELS], store, model)
         stats["ingest_seconds"] = round(ingest_seconds, 3)
         stats["ingest_reused"] = ingest_reused
+        stats.update(units_facts(store.meta, units=model.card.input.units, dn_scale=model.card.input.dn_scale,
+                                 names=stats.get("bands")))
         if warnings:
             stats["warnings"] = warnings
         record = provenance.make_record(
@@ -314,12 +318,17 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                    "source": model.source,
                    "architecture": model.card.architecture.model_dump(mode="json")},
             parameters=params, device=_device_name(options.device), started=started, finished=provenance.now(),
-            statistics=stats, input_details=_input_details(store))
+            statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
         stable = provenance.embedded(record)  # what the outputs carry: equal for equal labels, so reproducible
         commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
         created.append(zarr_target)
         t1 = time.perf_counter()
-        exported = export_labels(zarr_target, store.meta, model, out_path, stable, created, vector=options.vector)
+        exported = export_labels(zarr_target, modelspace.output_meta(store, model, options), model, out_path, stable,
+                                 created, vector=options.vector, simplify=options.simplify)
+        if isinstance(input_path, MosaicRef) and options.split_by_tile:  # one COG per tile, cut from the mosaic
+            exported += write_tile_cuts(zarr.open_group(str(zarr_target), mode="r")[LABELS], store.meta.geometry,
+                                        record["input"]["mosaic"], out_dir, classes=model.card.classes,
+                                        provenance=stable, created=created)
         if store.meta.kind == "volume":
             labels = zarr.open_group(str(zarr_target), mode="r")[LABELS]
             exported += medical.write_extras(labels, store, model, options, out_path,
@@ -353,8 +362,26 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                    statistics=record["statistics"])
 
 
-def _input_details(store: ImageStore) -> dict[str, Any] | None:
-    """A DICOM series' identity for the provenance: UIDs, files and their sha256, de-identification state."""
+def _band_request(model: LoadedModel, options: SegmentOptions) -> BandRequest:
+    """The bands a STAC item's assets must give as it is ingested: ``--bands``, else the card's channel names."""
+    spec = model.card.input
+    return BandRequest.of(options.bands, spec.channel_names, spec.channels, f"model {model.card.name!r}")
+
+
+def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | None:
+    """A DICOM series' identity for the provenance: UIDs, files and their sha256, de-identification state.
+
+    A mosaic's: its grid, rules and every tile with its sha256 and window (and, ``split``, the COG cut for it).
+    """
+    if store.meta.source.format == "mosaic" and MOSAIC_ATTR in store.group.attrs:
+        mosaic = dict(store.group.attrs[MOSAIC_ATTR])
+        if split:
+            names = split_outputs(mosaic)
+            mosaic["tiles"] = [{**t, "output": names[t["path"]]} for t in mosaic["tiles"]]
+        return {"format": "mosaic", "mosaic": mosaic}
+    item = getattr(store.meta.geometry, "stac_item", None)
+    if item is not None:  # a STAC item: its id, self href, and each asset used with its href and checksum
+        return {"format": "STAC item", "stac_item": item.model_dump(mode="json")}
     info = getattr(store.meta.geometry, "dicom", None)
     if info is None:
         return None

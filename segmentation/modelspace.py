@@ -19,15 +19,23 @@ is that winner), and, for ``invert="labels"``, the argmax taken on the
 coarser model grid before the nearest-neighbour gather.
 :class:`ModelSpacePlan` offers the pipeline the same interface as a
 :class:`StitchPlan` whose output grid is the input's.
+
+Rasters take the same plan with another way back (:class:`WayBack`): a
+:class:`storage.warp.RasterWayBack` warps the probabilities with GDAL
+(bilinear where the input is finer than the model, average where coarser) and
+takes the argmax per input chunk; a volume's :class:`storage.grids.GridMapping`
+is wrapped in :class:`VolumeWayBack`, which calls exactly what it always did.
+The input grid's valid mask (rasters) marks the labels written as nodata.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import dask.array as da
+import numpy as np
 from dask.delayed import Delayed
 
 from segmentation.stitching import StitchPlan, chunk_boxes, chunk_writes, label_dtype
@@ -37,18 +45,60 @@ from storage.resample import argmax_to_input, model_region, to_input
 Invert = Literal["probabilities", "labels"]
 
 
-class ModelSpacePlan:
-    """A stitched plan on the model's grid whose writes land on the input's grid."""
+class WayBack(Protocol):
+    """How model-grid probabilities reach the input's grid; ``mode`` is "bilinear" (interpolate, with the
+    mapping's own kernel) or "nearest"."""
 
-    def __init__(self, stitch: StitchPlan, mapping: GridMapping, *, invert: Invert = "probabilities",
-                 chunks: Sequence[int]) -> None:
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array: ...
+
+    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any) -> da.Array: ...
+
+    def region(self, box: Sequence[tuple[int, int]], mode: str) -> tuple[tuple[int, int], ...]: ...
+
+
+class VolumeWayBack:
+    """A volume's way back: :mod:`storage.resample`'s inverse of MONAI's Orientationd + Spacingd."""
+
+    def __init__(self, mapping: GridMapping) -> None:
+        self.mapping = mapping
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.mapping.input_shape)
+
+    def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
+        return to_input(probs, self.mapping, chunks=list(chunks), mode=mode)  # type: ignore[arg-type]
+
+    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any) -> da.Array:
+        return argmax_to_input(probs, self.mapping, chunks=list(chunks), mode=mode,  # type: ignore[arg-type]
+                               dtype=dtype)
+
+    def region(self, box: Sequence[tuple[int, int]], mode: str) -> tuple[tuple[int, int], ...]:
+        return model_region(self.mapping, box, mode)  # type: ignore[arg-type]
+
+
+class ModelSpacePlan:
+    """A stitched plan on the model's grid whose writes land on the input's grid.
+
+    ``mapping`` is a volume's :class:`GridMapping` or any :class:`WayBack`;
+    ``mask`` the input grid's valid mask (None: every pixel valid).
+    """
+
+    def __init__(self, stitch: StitchPlan, mapping: GridMapping | WayBack, *, invert: Invert = "probabilities",
+                 chunks: Sequence[int], mask: da.Array | None = None) -> None:
         self.stitch = stitch
         self.mapping = mapping
+        self.way_back: WayBack = VolumeWayBack(mapping) if isinstance(mapping, GridMapping) else mapping
         self.invert = invert
         self.num_classes = stitch.num_classes
-        self.output_shape = tuple(mapping.input_shape)
+        self.output_shape = tuple(self.way_back.input_shape)
         self.chunks = tuple(da.core.normalize_chunks(tuple(chunks), self.output_shape))
         self._boxes = chunk_boxes(self.chunks)
+        self._mask_blocks = None if mask is None else np.asarray(
+            da.asarray(mask).rechunk(self.chunks).to_delayed(), dtype=object)
 
     @property
     def grid(self) -> Any:  # the window grid (model space): its roi and shape are what the run report names
@@ -69,15 +119,14 @@ class ModelSpacePlan:
     def on_input_grid(self, model_probabilities: da.Array | None = None) -> da.Array:
         """(classes, *input grid) probabilities, from the stitched (or refined) model-space ones."""
         probs = self.stitch.probabilities() if model_probabilities is None else model_probabilities
-        back = to_input(probs, self.mapping, chunks=[c[0] for c in self.chunks], mode=self._mode)
+        back = self.way_back.probabilities(probs, [c[0] for c in self.chunks], self._mode)
         assert back.chunks[1:] == self.chunks, (back.chunks, self.chunks)
         return back
 
     def labels_on_input_grid(self, model_probabilities: da.Array | None = None) -> da.Array:
         """(*input grid) labels, equal to ``labels_of`` of :meth:`on_input_grid` without building all of it."""
         probs = self.stitch.probabilities() if model_probabilities is None else model_probabilities
-        labels = argmax_to_input(probs, self.mapping, chunks=[c[0] for c in self.chunks], mode=self._mode,
-                                 dtype=label_dtype(self.num_classes))
+        labels = self.way_back.labels(probs, [c[0] for c in self.chunks], self._mode, label_dtype(self.num_classes))
         assert labels.chunks == self.chunks, (labels.chunks, self.chunks)
         return labels
 
@@ -99,7 +148,7 @@ class ModelSpacePlan:
             blocks = self.labels_on_input_grid(probabilities).to_delayed()
         else:
             blocks = self.on_input_grid(probabilities).rechunk({0: -1}).to_delayed()[0]
-        return chunk_writes({idx: blocks[idx] for idx in self._boxes}, self._boxes, None, self.num_classes,
+        return chunk_writes({idx: blocks[idx] for idx in self._boxes}, self._boxes, self._mask_blocks, self.num_classes,
                             labels_target, probabilities_target, probabilities_dtype,
                             name=f"segflow-write-{self.stitch.token}-{self.invert}-"
                                  f"{'crf-' if probabilities is not None else ''}",
@@ -117,11 +166,11 @@ class ModelSpacePlan:
         bounds = [tuple(itertools.accumulate(c, initial=0)) for c in self.stitch.chunks]
         needed: set[tuple[int, ...]] = set()
         for idx in only:
-            region = model_region(self.mapping, self._boxes[tuple(idx)], mode)
+            region = self.way_back.region(self._boxes[tuple(idx)], mode)
             ranges = [range(bisect.bisect_right(b, lo) - 1, bisect.bisect_left(b, hi))
                       for b, (lo, hi) in zip(bounds, region)]
             needed.update(itertools.product(*ranges))
         return sorted(needed)
 
 
-__all__ = ["Invert", "ModelSpacePlan"]
+__all__ = ["Invert", "ModelSpacePlan", "VolumeWayBack", "WayBack"]

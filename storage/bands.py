@@ -9,12 +9,22 @@ common name, or a Sentinel-2 / Landsat 8-9 band id, each resolving to the
 others through one table.  A user may name them instead (``--bands``: names or
 1-based indices).  A band that cannot be found is refused before any work,
 with the list of what the input offers.
+
+Units: an ingested raster records each band's GDAL scale and offset (from
+the file, or a STAC item's ``raster:bands``); a card that declares
+``input.units`` gets value * scale + offset ("reflectance"), or that times
+its ``dn_scale`` ("dn"), as float32, lazily.  A card without units gets the
+stored values exactly as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from os import PathLike
+from typing import Any
+
+import numpy as np
 
 from storage.errors import IncompatibleInputError
 
@@ -93,4 +103,107 @@ def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
     return picked
 
 
-__all__ = ["aliases", "select_bands"]
+@dataclass(frozen=True)
+class BandRequest:
+    """Which bands a run wants, for inputs that must pick them while ingesting (a STAC item's assets).
+
+    ``wanted`` (``--bands`` or the card's channel names) in the model's order;
+    None takes every band the input offers, when their number is ``channels``.
+    """
+
+    wanted: tuple[str, ...] | None = None
+    channels: int | None = None
+    model: str = "the model"
+    from_user: bool = False  # --bands named them (not the card)
+
+    @classmethod
+    def of(cls, option: Sequence[str] | None, channel_names: Sequence[str], channels: int,
+           model: str) -> "BandRequest":
+        """``--bands`` when given, else the card's channel names (None when the card names none)."""
+        wanted = option if option is not None else (channel_names or None)
+        return cls(wanted=None if wanted is None else tuple(str(w) for w in wanted), channels=channels,
+                   model=model, from_user=option is not None)
+
+    @property
+    def hint(self) -> str:
+        return "choose them with --bands (names or 1-based indices)" if not self.from_user else \
+            "name them as listed, or by 1-based index, in --bands"
+
+
+def preselected(meta: Any) -> list[str] | None:
+    """The channel names of a store whose bands were picked at ingest (a STAC item), else None."""
+    if getattr(meta.geometry, "stac_item", None) is None:
+        return None
+    return list(meta.channel_names)
+
+
+def _indexes(offered: Sequence[str], names: Sequence[str] | None) -> list[int]:
+    """The stored channels behind ``names`` (as band selection returns them; None: all, in order)."""
+    if names is None:
+        return list(range(len(offered)))
+    used: set[int] = set()
+    out = []
+    for name in names:  # the first not yet used, so equal descriptions map to distinct channels
+        found = [i for i, o in enumerate(offered) if o == name and i not in used]
+        if not found:
+            raise ValueError(f"band {name!r} is not among the store's channels {list(offered)}")
+        used.add(found[0])
+        out.append(found[0])
+    return out
+
+
+def channel_units(meta: Any, names: Sequence[str] | None = None) -> tuple[list[float], list[float]] | None:
+    """(scales, offsets) of the channels ``names`` (None: all), or None when the store knows of none."""
+    geometry = meta.geometry
+    scales = list(getattr(geometry, "band_scales", None) or [])
+    offsets = list(getattr(geometry, "band_offsets", None) or [])
+    if not scales and not offsets:
+        return None
+    n = len(meta.channel_names)
+    scales, offsets = scales or [1.0] * n, offsets or [0.0] * n
+    picked = _indexes(list(meta.channel_names), names)
+    return [scales[i] for i in picked], [offsets[i] for i in picked]
+
+
+def apply_units(image: Any, meta: Any, *, units: str | None, dn_scale: float = 10000.0,
+                names: Sequence[str] | None = None) -> Any:
+    """The image in the units a card declares: ``value * scale + offset`` (reflectance), times ``dn_scale`` (dn).
+
+    ``image`` holds the channels ``names`` of the store ``meta`` describes
+    (None: all of them, in order).  ``units`` None, or a store with no known
+    scale or offset, gives ``image`` back untouched: its values are taken to
+    be in the card's units already.  Otherwise a lazy float32 dask array,
+    computed in float64 per chunk.
+    """
+    known = None if units is None else channel_units(meta, names)
+    if known is None:
+        return image
+    import dask.array as da
+
+    arr = image if isinstance(image, da.Array) else da.from_zarr(image)
+    shape = (-1,) + (1,) * (arr.ndim - 1)
+    scale = np.asarray(known[0], dtype=np.float64).reshape(shape)
+    offset = np.asarray(known[1], dtype=np.float64).reshape(shape)
+    if units == "dn":
+        scale, offset = scale * dn_scale, offset * dn_scale
+    return (arr.astype(np.float64) * scale + offset).astype(np.float32)
+
+
+def units_facts(meta: Any, *, units: str | None, dn_scale: float = 10000.0,
+                names: Sequence[str] | None = None) -> dict[str, Any]:
+    """What :func:`apply_units` did, for the statistics and provenance ({} when the card declares no units)."""
+    if units is None:
+        return {}
+    known = channel_units(meta, names)
+    facts: dict[str, Any] = {"units": units}
+    if units == "dn":
+        facts["dn_scale"] = dn_scale
+    if known is None:
+        facts["applied"] = False
+        facts["note"] = "no band scale or offset known: the stored values were taken to be in these units"
+    else:
+        facts.update(applied=True, scales=known[0], offsets=known[1])
+    return {"units": facts}
+
+
+__all__ = ["BandRequest", "aliases", "apply_units", "channel_units", "preselected", "select_bands", "units_facts"]

@@ -40,6 +40,30 @@ class SourceInfo(BaseModel):
     format: str  # GTiff, VRT, NIfTI-1, NIfTI-2
 
 
+class StacAssetInfo(BaseModel):
+    """One asset of a STAC item that gave bands: where it was and what it held, for provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    href: str  # as the item gives it, made absolute
+    sha256: str | None = None  # of a local file; None for a remote one
+    checksum: str | None = None  # the item's file:checksum (multihash), when it states one
+    size: int | None = None
+    bands: list[int] = Field(default_factory=list)  # 1-based bands of the asset that became image channels
+
+
+class StacItemInfo(BaseModel):
+    """The STAC item a raster was stacked from (storage.stacitem): its identity and the assets used."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    self_href: str | None = None
+    sha256: str  # of the item's JSON file
+    assets: list[StacAssetInfo]
+
+
 class RasterGeometry(BaseModel):
     """Georeferencing of a (band, y, x) raster."""
 
@@ -59,6 +83,11 @@ class RasterGeometry(BaseModel):
     # 1-based indexes of the source bands that became image channels (alpha is dropped)
     bands: list[int] = Field(default_factory=list)
     units: str | None = None
+    # GDAL scale and offset of each image channel (value * scale + offset gives physical units, e.g.
+    # reflectance); empty when none is known (every band 1 and 0), see storage.bands.apply_units
+    band_scales: list[float] = Field(default_factory=list)
+    band_offsets: list[float] = Field(default_factory=list)
+    stac_item: StacItemInfo | None = None  # set when the raster was stacked from a STAC item's assets
 
 
 class DicomFile(BaseModel):

@@ -153,6 +153,7 @@ def _geometry(src: DatasetReader, bands: list[int], dtype: np.dtype, path: Path)
     crs = src.crs
     nodatas = [src.nodatavals[i - 1] for i in bands]
     units = [u for u in (src.units[i - 1] for i in bands) if u]
+    scales, offsets = _scales_offsets(src, bands)
     return RasterGeometry(
         width=src.width,
         height=src.height,
@@ -165,7 +166,18 @@ def _geometry(src: DatasetReader, bands: list[int], dtype: np.dtype, path: Path)
         mask_source=_mask_source(src, bands),
         bands=bands,
         units=units[0] if units else None,
+        band_scales=scales,
+        band_offsets=offsets,
     )
+
+
+def _scales_offsets(src: DatasetReader, bands: list[int]) -> tuple[list[float], list[float]]:
+    """Each channel's GDAL scale and offset, or ([], []) when all are 1 and 0 (nothing known to apply)."""
+    scales = [1.0 if src.scales[i - 1] is None else float(src.scales[i - 1]) for i in bands]
+    offsets = [0.0 if src.offsets[i - 1] is None else float(src.offsets[i - 1]) for i in bands]
+    if all(s == 1.0 for s in scales) and all(o == 0.0 for o in offsets):
+        return [], []
+    return scales, offsets
 
 
 GDAL_CACHE_MB = 64
@@ -180,13 +192,16 @@ def bounded_gdal_cache() -> rasterio.Env:
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
 
 
-def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024) -> ImageStore:
+def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024,
+                   source: SourceInfo | None = None, geometry_update: dict[str, Any] | None = None) -> ImageStore:
     """Copy a GeoTIFF/VRT into a zarr image store, one zarr chunk at a time.
 
     Alpha bands become the ``mask`` (True = valid) instead of a channel;
     nodata, per-dataset/.msk masks and non-finite floats also mark pixels
     invalid.  ``store_path`` is only touched once the source has been opened
-    and validated; if the copy then fails, the store is removed.
+    and validated; if the copy then fails, the store is removed.  ``source``
+    and ``geometry_update`` replace what the store records of the file when
+    it stands for something else (a VRT stacked from a STAC item's assets).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
@@ -197,11 +212,13 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
             bands = _image_bands(src, path)
             dtype = _image_dtype(src, bands, path)
             geometry = _geometry(src, bands, dtype, path)
+            if geometry_update:
+                geometry = geometry.model_copy(update=geometry_update)
         except _GDAL_ERRORS as exc:
             raise CorruptInputError(path, f"cannot read raster metadata: {_gdal_message(exc)}") from None
         try:
-            source = SourceInfo(path=str(path), sha256=sha256_input(path), size=path.stat().st_size,
-                                format=src.driver)
+            source = source or SourceInfo(path=str(path), sha256=sha256_input(path), size=path.stat().st_size,
+                                          format=src.driver)
         except OSError as exc:
             raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
         names = [d or f"band{i}" for d, i in zip(geometry.band_descriptions, bands)]

@@ -11,9 +11,11 @@ from storage.errors import CorruptInputError, InputError, UnsupportedFormatError
 from storage.layout import ImageStore
 
 if TYPE_CHECKING:
+    from storage.bands import BandRequest
     from storage.dicomfiles import SeriesRef
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
+ITEM_SUFFIXES = (".json",)  # a STAC item: its assets are stacked into one raster (storage.stacitem)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
 
 
@@ -22,9 +24,10 @@ def kind_of(path: str | PathLike[str]) -> str:
     name = Path(path).name.lower()
     if name.endswith(VOLUME_SUFFIXES):
         return "volume"
-    if name.endswith(RASTER_SUFFIXES):
+    if name.endswith(RASTER_SUFFIXES + ITEM_SUFFIXES):
         return "raster"
-    raise UnsupportedFormatError(path, "unsupported file type (expected .tif, .tiff, .vrt, .nii, .nii.gz or .hdr)")
+    raise UnsupportedFormatError(path, "unsupported file type (expected .tif, .tiff, .vrt, .nii, .nii.gz, .hdr "
+                                       "or a STAC item .json)")
 
 
 def stem_of(path: str | PathLike[str]) -> str:
@@ -95,16 +98,28 @@ def _check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
 
 
 def ingest(path: "str | PathLike[str] | SeriesRef", store_path: str | PathLike[str], *,
-           chunk: int | None = None) -> ImageStore:
-    """Copy a GeoTIFF/VRT, a NIfTI or one DICOM series into a zarr image store, chunk by chunk."""
+           chunk: int | None = None, bands: "BandRequest | None" = None) -> ImageStore:
+    """Copy a GeoTIFF/VRT, a NIfTI, one DICOM series or a STAC item's bands into a zarr image store, chunk by chunk.
+
+    ``bands`` says which bands a STAC item's assets must give (other inputs
+    keep all their bands; the model's are picked after ingest).
+    """
     from storage.dicom import SeriesRef, ingest_dicom
 
     if isinstance(path, SeriesRef):
         return ingest_dicom(path, store_path, **({"chunk": chunk} if chunk else {}))
+    from storage.mosaic import MosaicRef, ingest_mosaic
+
+    if isinstance(path, MosaicRef):  # many raster tiles as one seamless image
+        return ingest_mosaic(path, store_path, chunk=chunk)
     path = Path(path)
     head = check_readable_file(path)
     kind = kind_of(path)
     _check_content_matches_name(path, kind, head)
+    if path.name.lower().endswith(ITEM_SUFFIXES):
+        from storage.stacitem import ingest_item
+
+        return ingest_item(path, store_path, chunk=chunk, bands=bands)
     if kind == "raster":
         from storage.geotiff import ingest_geotiff
 

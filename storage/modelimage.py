@@ -2,11 +2,14 @@
 
 Every window task reads its region plus up to one ROI past it, so a lazily
 resampled image would be interpolated up to 2^d times over.  Writing the
-model-space image once (chunk by chunk, from :func:`storage.resample.to_model`)
-makes resampling one pass, lets whole-image statistics (z-score, percentiles)
-read it cheaply, and lets an interrupted run reuse it.  Its geometry is a
-:class:`VolumeGeometry` like any ingested volume's, so a label map can be
-written in model space too (``--model-space keep``).
+model-space image once (chunk by chunk, from :func:`storage.resample.to_model`
+for volumes, :func:`storage.warp.to_model` for rasters) makes resampling one
+pass, lets whole-image statistics (z-score, percentiles) read it cheaply, and
+lets an interrupted run reuse it.  Its geometry is a :class:`VolumeGeometry`
+or a :class:`RasterGeometry` like any ingested input's, so a label map can be
+written in model space too (``--model-space keep``, ``--output-grid model``).
+A raster's model-space store always has a mask: the model grid may reach past
+the input's footprint (a rotated CRS change, a partial last pixel).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import numpy as np
 from nibabel.nifti1 import Nifti1Header
 from nibabel.nifti2 import Nifti2Header
 
-from storage.geometry import VolumeGeometry
+from storage.geometry import RasterGeometry, VolumeGeometry
 from storage.grids import GridMapping
 from storage.layout import (ImageStore, StoreMeta, create_image_store, identity_digest, is_complete,
                             mark_complete, open_image_store)
 from storage.resample import to_model
+from storage.warp import RasterMapping
 
 MAPPING_ATTR = "segflow_model_space"
 
@@ -86,4 +90,76 @@ def model_image(store: ImageStore, mapping: GridMapping, path: str | PathLike[st
     return open_image_store(path), False
 
 
-__all__ = ["MAPPING_ATTR", "model_geometry", "model_image"]
+def raster_model_geometry(geometry: RasterGeometry, mapping: RasterMapping) -> RasterGeometry:
+    """The input's raster geometry moved to the model grid: its CRS, transform and size; float32, a mask."""
+    from rasterio.crs import CRS
+    from rasterio.enums import WktVersion
+
+    crs = CRS.from_user_input(mapping.model.crs) if mapping.model.crs else None
+    return geometry.model_copy(update={
+        "width": mapping.model.width, "height": mapping.model.height, "transform": mapping.model.transform,
+        "crs_wkt": crs.to_wkt(version=WktVersion.WKT2_2019) if crs is not None else None,
+        "epsg": crs.to_epsg() if crs is not None else None, "nodata": None, "dtype": "float32",
+        "mask_source": "mask"})
+
+
+def _reuse(path: Path, key: str) -> ImageStore | None:
+    if is_complete(path):
+        try:
+            found = open_image_store(path)
+            if found.group.attrs.get(MAPPING_ATTR, {}).get("key") == key:
+                return found
+        except Exception:  # noqa: BLE001 - an unreadable leftover is simply rebuilt
+            pass
+    return None
+
+
+def model_raster_image(store: ImageStore, mapping: RasterMapping, path: str | PathLike[str], *, chunk: int,
+                       compute: Callable[[Any], Any]) -> tuple[ImageStore, bool]:
+    """The raster's model-space image store at ``path`` (and whether an earlier complete one was reused).
+
+    The image is warped with the mapping's kernel (float32) and the mask goes
+    along (:func:`storage.warp.to_model`); the store's attribute records the
+    mapping and whether every model pixel is valid (then the way back needs no
+    alpha band).  Reused only when complete and made from the same input
+    content with the same mapping and chunking.
+    """
+    from storage.warp import to_model as warp_to_model
+
+    path = Path(path)
+    key = identity_digest({"input_sha256": store.meta.source.sha256, "mapping": mapping.to_json(), "chunk": chunk,
+                           "mask": store.mask is not None})
+    found = _reuse(path, key)
+    if found is not None:
+        return found, True
+    shutil.rmtree(path, ignore_errors=True)
+    geometry = store.meta.geometry
+    assert isinstance(geometry, RasterGeometry)
+    meta = StoreMeta(source=store.meta.source, geometry=raster_model_geometry(geometry, mapping),
+                     channel_names=store.meta.channel_names, spatial_dims=2)
+    moved, mask = warp_to_model(store.image, mapping, chunks=chunk, valid=store.mask)  # read region by region
+    chunks = (moved.shape[0],) + tuple(min(chunk, n) for n in moved.shape[1:])
+    out = create_image_store(path, meta=meta, shape=tuple(moved.shape), dtype="float32", chunks=chunks,
+                             with_mask=True)
+    from dask import delayed
+
+    written = delayed(_last, pure=True)(da.store(moved.rechunk(chunks), out.image, lock=False, compute=False),
+                                        da.store(mask.rechunk(chunks[1:]), out.mask, lock=False, compute=False),
+                                        mask.all())
+    every = bool(compute(written))
+    out.group.attrs[MAPPING_ATTR] = {"key": key, "mapping": mapping.to_json(), "all_valid": every}
+    mark_complete(out.group)
+    return open_image_store(path), False
+
+
+def _last(*values: Any) -> Any:
+    return values[-1]
+
+
+def all_valid(store: ImageStore) -> bool:
+    """Whether every pixel of a raster model-space store is valid (recorded when it was written)."""
+    return bool(store.group.attrs.get(MAPPING_ATTR, {}).get("all_valid", store.mask is None))
+
+
+__all__ = ["MAPPING_ATTR", "all_valid", "model_geometry", "model_image", "model_raster_image",
+           "raster_model_geometry"]

@@ -196,12 +196,7 @@ def verify(path: str | PathLike[str]) -> Verification:
             keys = sorted(k for k in set(inner) | set(embedded(record)) if inner.get(k) != embedded(record).get(k))
             report.problems.append(f"output {out} embeds provenance that differs from {path.name} in: "
                                    f"{', '.join(keys)}")
-    source = record.get("input", {})
-    files = (source.get("dicom") or {}).get("files")
-    if files:  # a DICOM series: each of its files, relative to the series folder
-        checks = [("input file", str(Path(source.get("path", "")) / f["path"]), f.get("sha256")) for f in files]
-    else:
-        checks = [("input", source.get("path"), source.get("sha256"))]
+    checks = _input_checks(record.get("input", {}))
     model = record.get("model", {})
     weights = model.get("weights_path") or (str(Path(model["path"]) / "weights.safetensors")
                                             if model.get("path") else None)
@@ -221,6 +216,29 @@ def verify(path: str | PathLike[str]) -> Verification:
             else:
                 report.verified.append(f"{what} {file}")
     return report
+
+
+def _input_checks(source: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
+    """(what, file, sha256) of every file the input was read from.
+
+    A DICOM series' files, a mosaic's tiles, or a STAC item's JSON and the
+    local assets it stacked: their own hashes, since the input's recorded
+    sha256 is then a digest of those, not of any one file.
+    """
+    files = (source.get("dicom") or {}).get("files")
+    if files:  # a DICOM series: each of its files, relative to the series folder
+        return [("input file", str(Path(source.get("path", "")) / f["path"]), f.get("sha256")) for f in files]
+    tiles = (source.get("mosaic") or {}).get("tiles")
+    if tiles:
+        return [("mosaic tile", t.get("path"), t.get("sha256")) for t in tiles]
+    item = source.get("stac_item")
+    if item:
+        checks = [("STAC item", source.get("path"), item.get("sha256"))]
+        for asset in item.get("assets") or []:
+            if asset.get("sha256"):  # a remote asset records only what its item states: nothing to rehash here
+                checks.append((f"asset {asset.get('key')}", asset.get("href"), asset["sha256"]))
+        return checks
+    return [("input", source.get("path"), source.get("sha256"))]
 
 
 def _is_url(path: str) -> bool:

@@ -40,13 +40,16 @@ from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
 from storage.ingest import stem_of
 
-__all__ = ["ITEM_SUFFIX", "PROCESSING_SCHEMA", "class_name", "stac_classes", "stac_item_path", "write_stac_item"]
+__all__ = ["ITEM_SUFFIX", "PROCESSING_SCHEMA", "class_name", "model_item", "stac_classes", "stac_item_path",
+           "write_stac_item"]
 
 ITEM_SUFFIX = ".stac.json"
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+FILE_SCHEMA = "https://stac-extensions.github.io/file/v2.1.0/schema.json"
 COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 TASKS = ["semantic-segmentation"]
-MODEL_KEYS = ("name", "architecture", "framework", "weights_sha256", "bands", "value_scaling", "roi", "accelerator")
+MODEL_KEYS = ("name", "architecture", "framework", "weights_sha256", "bands", "value_scaling", "roi", "accelerator",
+              "channels", "batch_size", "hyperparameters")  # the last three optional
 
 _NAME_BAD = re.compile(r"[^0-9A-Za-z\-_]+")
 _VECTOR_TYPES = {
@@ -123,10 +126,13 @@ def _grid(label_cog: Path) -> tuple[Any, Any, tuple[int, int], tuple[float, floa
 
 def _mlm_properties(model: dict[str, Any], classes: list[dict[str, Any]], out: Path) -> MLModelProperties:
     """The MLM fields, validated by stac-model: an impossible description fails before anything is written."""
-    missing = [k for k in ("name", "architecture", "bands", "roi") if not model.get(k)]
+    bands = [str(b) for b in model.get("bands") or []]
+    channels = int(model.get("channels") or len(bands))  # a model without band names still has channels
+    missing = [k for k in ("name", "architecture", "roi") if not model.get(k)] + ([] if channels else ["bands"])
     if missing:
         raise ExportError(out, f"the model description lacks {', '.join(missing)}")
-    bands = [str(b) for b in model["bands"]]
+    if bands and len(bands) != channels:
+        raise ExportError(out, f"the model description names {len(bands)} bands for {channels} channels")
     roi = [int(r) for r in model["roi"]]
     spatial = ["height", "width"] if len(roi) == 2 else ["depth", "height", "width"][-len(roi):]
     try:
@@ -137,9 +143,9 @@ def _mlm_properties(model: dict[str, Any], classes: list[dict[str, Any]], out: P
             framework=model.get("framework") or "pytorch",
             accelerator=model.get("accelerator") or "cpu",
             input=[ModelInput(
-                name=f"{len(bands)} bands",
+                name=f"{channels} bands",
                 bands=bands,
-                input=InputStructure(shape=[-1, len(bands), *roi], dim_order=["batch", "bands", *spatial],
+                input=InputStructure(shape=[-1, channels, *roi], dim_order=["batch", "bands", *spatial],
                                      data_type="float32"),
                 value_scaling=model.get("value_scaling") or None,
             )],
@@ -152,6 +158,8 @@ def _mlm_properties(model: dict[str, Any], classes: list[dict[str, Any]], out: P
                                            color_hint=c["color_hint"]) for c in classes],
             )],
             pretrained=None,  # unknown here: claim nothing
+            batch_size_suggestion=model.get("batch_size") or None,
+            hyperparameters=model.get("hyperparameters") or None,
         )
     except (ValidationError, ValueError, TypeError) as exc:
         first = exc.errors()[0] if isinstance(exc, ValidationError) and exc.errors() else None
@@ -230,6 +238,40 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
 
     text = json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=2) + "\n"
     return write_text_atomically(item_path, text, "STAC item")
+
+
+def model_item(*, item_id: str, model: dict, classes: list[LabelClass], gsd: float | None,
+               weights: dict[str, Any], description: str | None = None,
+               datetime_: datetime | None = None) -> dict[str, Any]:
+    """A STAC Item describing a model alone (``segflow model inspect --stac``), as a dict.
+
+    The MLM fields are built and validated exactly as for an output's item
+    (one function, :func:`_mlm_properties`); the item has no footprint (a
+    model is not a place) and one asset, the weights, with the ``mlm:model``
+    role.  ``weights`` holds the asset's fields: ``href``, ``type``,
+    ``sha256``, ``size``, ``artifact_type``.
+    """
+    when = datetime_ or datetime.now(timezone.utc)
+    mlm = _mlm_properties(model, stac_classes(classes), Path(f"{item_id}{ITEM_SUFFIX}"))
+    item = pystac.Item(id=item_id, geometry=None, bbox=None, datetime=when, properties={})
+    if gsd is not None:
+        item.common_metadata.gsd = float(gsd)
+    if description:
+        item.common_metadata.description = description
+    MLModelExtension.ext(item, add_if_missing=True).apply(mlm)
+    extra: dict[str, Any] = {}
+    if weights.get("artifact_type"):
+        extra["mlm:artifact_type"] = str(weights["artifact_type"])
+    if weights.get("sha256"):
+        extra["file:checksum"] = "1220" + str(weights["sha256"])  # multihash: sha2-256, 32 bytes
+    if weights.get("size") is not None:
+        extra["file:size"] = int(weights["size"])
+    item.add_asset("model", pystac.Asset(href=str(weights["href"]), media_type=weights.get("type"),
+                                         title=f"{model.get('name')} weights", roles=["mlm:model", "mlm:weights"],
+                                         extra_fields=extra))
+    if "file:checksum" in extra:
+        item.stac_extensions.append(FILE_SCHEMA)
+    return item.to_dict(include_self_link=False, transform_hrefs=False)
 
 
 def _segflow_version() -> str:

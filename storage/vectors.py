@@ -13,6 +13,24 @@ the band border are held, however many bands they span.  Vectorising and
 unioning happen in pixel coordinates, where every vertex is an exact integer,
 and the affine transform is applied once at the end, so pieces always meet
 without slivers.  The file is written under a temporary name and renamed.
+
+Optional simplification (``simplify``, a tolerance in CRS units) runs after
+the merge, on the finished polygons, so it cannot depend on the band size:
+GEOS coverage simplification (Visvalingam-Whyatt on the edges shared between
+polygons, each shared edge simplified once for both sides) keeps neighbours
+sharing their borders, with no gaps or overlaps.  It needs an edge-matched
+coverage, which pixel outlines are not (a straight edge of one polygon passes
+the corner where two others meet), so every outline is first given a vertex at
+each pixel edge; the outer boundary of the coverage (the raster's edge, nodata
+and classes left out) is not simplified, so the union of all polygons is
+exactly that of the pixel outlines.  Collinear vertices are dropped afterwards.
+``area_ha`` stays the exact pixel area of each region (pixels x pixel area):
+the statistic must not depend on a drawing tolerance.  Memory: every polygon
+is held until the file is written (with or without simplification); while
+simplifying, outlines hold one vertex per pixel edge of region boundary, about
+16 bytes per boundary pixel edge plus GEOS's copy of the coverage.  Polygons
+are written in a canonical order (by their lowest-left vertex, then class), so
+the file does not depend on the band size either.
 """
 
 from __future__ import annotations
@@ -156,6 +174,7 @@ def write_polygons(
     nodata: int | None,
     chunk: int = 1024,
     driver: Driver = "GPKG",
+    simplify: float | None = None,
 ) -> dict[str, Any]:
     """Vectorise a (H, W) label raster into one polygon per 4-connected region per class.
 
@@ -164,7 +183,9 @@ def write_polygons(
     become polygons, so nodata and unlisted values (e.g. a background the
     caller left out) produce none.  Columns: ``class`` (value), ``name``,
     ``area_ha``.  Returns ``{"polygons": n, "area_ha": {name: total}}`` with
-    every listed class present, 0.0 where it has no polygon.
+    every listed class present, 0.0 where it has no polygon.  ``simplify``
+    (CRS units; None or 0: exact pixel outlines) simplifies shared borders
+    once for both neighbours; ``area_ha`` stays the exact pixel area.
     """
     out_path = Path(out_path)
     if driver not in _SUFFIX:
@@ -176,6 +197,8 @@ def write_polygons(
         raise InvalidInputError(out_path, f"label rasters hold integers, got {labels.dtype}")
     if chunk < 1:
         raise InvalidInputError(out_path, f"chunk must be at least one row, got {chunk}")
+    if simplify is not None and not (np.isfinite(simplify) and simplify >= 0):
+        raise InvalidInputError(out_path, f"the simplification tolerance must be a finite number >= 0, got {simplify}")
     crs, to_ha = _area_factor(crs, str(out_path))
     names = {c.value: c.name for c in classes}
     wanted = np.array(sorted(v for v in names if v != nodata))
@@ -208,12 +231,19 @@ def write_polygons(
         done.extend(groups.close_all_but(open_roots))
 
     values = np.array([v for v, _ in done], dtype=np.int32)
+    pixel_geoms = np.array([g for _, g in done], dtype=object)
+    del done
+    if simplify and len(pixel_geoms):  # one vertex per pixel edge: an edge-matched coverage, whatever the bands
+        pixel_geoms = shapely.normalize(shapely.transform(shapely.segmentize(pixel_geoms, 1.0), np.rint))
+    order = _canonical_order(pixel_geoms, values)
+    pixel_geoms, values = pixel_geoms[order], values[order]
     a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
     matrix = np.array([[a, d], [b, e]])
-    geoms = shapely.transform(
-        np.array([g for _, g in done], dtype=object), lambda xy: xy @ matrix + (c, f)
-    ) if done else np.array([], dtype=object)
-    areas = shapely.area(geoms) * to_ha if done else np.array([], dtype=np.float64)
+    geoms = shapely.transform(pixel_geoms, lambda xy: xy @ matrix + (c, f)) if len(values) else pixel_geoms
+    del pixel_geoms
+    areas = shapely.area(geoms) * to_ha if len(values) else np.array([], dtype=np.float64)  # exact pixel areas
+    if simplify and len(values):
+        geoms = _simplify_coverage(geoms, float(simplify), out_path)
     cols = {
         "class": values,
         "name": np.array([names[int(v)] for v in values], dtype=object),
@@ -223,7 +253,31 @@ def write_polygons(
     totals = {names[v]: 0.0 for v in wanted.tolist()}
     for v, area in zip(values.tolist(), cols["area_ha"].tolist()):
         totals[names[v]] += area
-    return {"polygons": len(done), "area_ha": totals}
+    return {"polygons": len(values), "area_ha": totals}
+
+
+def _canonical_order(geoms: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Polygons by lowest-left vertex (x, then y, in pixels), then class: an order no band size can change.
+
+    Outlines of a pixel coverage never share their lexicographically smallest
+    vertex, so the order is total.
+    """
+    if not len(geoms):
+        return np.zeros(0, dtype=np.intp)
+    bounds = shapely.bounds(geoms)
+    first = shapely.get_point(shapely.get_exterior_ring(shapely.normalize(geoms)), 0)  # normalize starts at the min
+    return np.lexsort((values, shapely.get_y(first), shapely.get_x(first), bounds[:, 1], bounds[:, 0]))
+
+
+def _simplify_coverage(geoms: np.ndarray, tolerance: float, where: Path) -> np.ndarray:
+    """GEOS coverage simplification of the shared edges only; the coverage's outer boundary stays exact."""
+    simplified = shapely.coverage_simplify(geoms, tolerance, simplify_boundary=False)
+    simplified = shapely.simplify(simplified, 0.0, preserve_topology=True)  # drop the pixel-edge vertices left
+    bad = ~shapely.is_valid(simplified) | (shapely.get_type_id(simplified) != shapely.GeometryType.POLYGON)
+    if bad.any():  # not expected for an edge-matched coverage; never write a broken layer
+        raise ExportError(where, f"simplifying by {tolerance} made {int(bad.sum())} invalid polygons; "
+                                 "use a smaller --simplify tolerance")
+    return simplified
 
 
 def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray], crs: CRS) -> None:

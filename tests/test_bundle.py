@@ -126,7 +126,7 @@ def test_bundle_maps_to_a_card_without_evaluating_anything(bundle):
     assert card.weights_sha256 == sha256_file(bundle / "models" / "model.pt")
     # model space: Orientationd and Spacingd are applied, Invertd (nearest_interp defaults to true) brings labels back
     assert (card.input.orientation, card.input.interpolation, card.inference.invert) == ("RAS", "bilinear", "labels")
-    assert card.card_version == 3 and card.applies_model_space
+    assert card.card_version == 4 and card.applies_model_space
     assert not any("Orientationd" in n or "Spacingd" in n for n in mapping.notes)
     # the card's normalisation is MONAI's ScaleIntensityRange
     x = np.linspace(-200, 1200, 1001, dtype=np.float32)[None]

@@ -220,3 +220,120 @@ def test_segment_writes_polygons_and_a_stac_item_beside_the_cog(tmp_path, dask_c
     assert [c["value"] for c in classes] == [c.value for c in model.card.classes]
     assert any(a["href"].endswith("RGB.byte.gpkg") for a in item["assets"].values())
     assert item["properties"]["mlm:name"] == model.card.name
+
+
+# --- simplification keeping the topology between neighbours (--simplify) ------------------------------------
+
+SCENE_CLASSES = [LabelClass(value=v, name=n) for v, n in
+                 enumerate(["water", "forest", "cropland", "road", "built-up"])]
+
+
+def voronoi_labels(shape: tuple[int, int] = (240, 200), seeds: int = 90) -> np.ndarray:
+    """Cells around random seeds, five classes: many regions meeting along staircase borders, and a nodata lake."""
+    rng = np.random.default_rng(7)
+    points = rng.uniform(0, shape, size=(seeds, 2))
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    nearest = ((yy[..., None] - points[:, 0]) ** 2 + (xx[..., None] - points[:, 1]) ** 2).argmin(-1)
+    lab = (nearest % len(SCENE_CLASSES)).astype(np.uint8)
+    lab[((yy - 100) ** 2 + (xx - 80) ** 2) < 15 ** 2] = 255
+    return lab
+
+
+def read_ordered(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    meta, _, wkb, fields = pyogrio.raw.read(path)
+    return shapely.from_wkb(wkb), dict(zip(meta["fields"], fields))
+
+
+def test_simplified_polygons_keep_the_coverage_and_ignore_the_band_size(tmp_path: Path) -> None:
+    lab, transform, crs = voronoi_labels(), TRANSFORM, CRS_UTM
+    pixel = PIXEL_M
+    exact = write_polygons(lab, transform, crs, tmp_path / "exact.gpkg", classes=SCENE_CLASSES, nodata=255, chunk=32)
+    tol = 2.5 * pixel
+    runs = [write_polygons(lab, transform, crs, tmp_path / f"s{chunk}.gpkg", classes=SCENE_CLASSES, nodata=255,
+                           chunk=chunk, simplify=tol) for chunk in (13, 256)]
+    before, cols0 = read_ordered(tmp_path / "exact.gpkg")
+    after, cols = read_ordered(tmp_path / "s13.gpkg")
+    other, cols_other = read_ordered(tmp_path / "s256.gpkg")
+    assert len(before) > 40 and exact["polygons"] == len(before) == len(after)
+
+    # identical files' content for two band sizes: same polygons, same order, same vertices
+    assert shapely.to_wkb(after).tolist() == shapely.to_wkb(other).tolist()
+    assert all((cols[k] == cols_other[k]).all() for k in cols)
+    assert runs[0] == runs[1]
+
+    # simpler: far fewer vertices, every polygon valid and still one polygon
+    n_before, n_after = shapely.get_num_coordinates(before).sum(), shapely.get_num_coordinates(after).sum()
+    assert n_after < 0.6 * n_before, (n_before, n_after)
+    assert shapely.is_valid(after).all() and (shapely.get_type_id(after) == shapely.GeometryType.POLYGON).all()
+    assert (cols["class"] == cols0["class"]).all()  # the same canonical order as the exact layer
+
+    # the union is exactly that of the pixel outlines: no gap opened, nothing spills past the footprint
+    u_before, u_after = shapely.union_all(before), shapely.union_all(after)
+    assert u_after.area == pytest.approx(u_before.area, rel=1e-12)
+    assert u_before.symmetric_difference(u_after).area < 1e-6 * u_before.area
+    footprint = shapely.box(*rasterio.transform.array_bounds(*lab.shape, transform))
+    nodata_area = (lab == 255).sum() * pixel * pixel
+    assert footprint.difference(u_after).area == pytest.approx(nodata_area, rel=1e-9)
+    # neighbours do not overlap: every pair of touching polygons meets along lines only
+    tree = shapely.STRtree(after)
+    a, b = tree.query(after, predicate="intersects")
+    pairs = a < b
+    assert pairs.sum() > len(after)  # many neighbours really share borders
+    assert shapely.area(shapely.intersection(after[a[pairs]], after[b[pairs]])).sum() < 1e-6 * pixel * pixel
+    # shared borders moved: the geometry did change where neighbours meet
+    moved = shapely.area(shapely.symmetric_difference(before, after))
+    assert moved.sum() > 10 * pixel * pixel
+
+    # area_ha is the exact pixel area of each region, not the simplified polygon's
+    np.testing.assert_array_equal(cols["area_ha"], cols0["area_ha"])
+    for c in SCENE_CLASSES:
+        expected = (lab == c.value).sum() * pixel ** 2 / 1e4
+        assert cols["area_ha"][cols["class"] == c.value].sum() == pytest.approx(expected, rel=1e-12)
+    assert not np.allclose(shapely.area(after) / 1e4, cols["area_ha"])
+
+
+def test_simplify_zero_is_exact_and_a_bad_tolerance_is_refused(tmp_path: Path) -> None:
+    lab = label_map()
+    write_polygons(lab, TRANSFORM, CRS_UTM, tmp_path / "a.geojson", classes=CLASSES, nodata=NODATA, chunk=32,
+                   driver="GeoJSON")
+    write_polygons(lab, TRANSFORM, CRS_UTM, tmp_path / "b.geojson", classes=CLASSES, nodata=NODATA, chunk=32,
+                   driver="GeoJSON", simplify=0.0)
+    (ga, ca), (gb, cb) = read_ordered(tmp_path / "a.geojson"), read_ordered(tmp_path / "b.geojson")
+    assert shapely.to_wkb(ga).tolist() == shapely.to_wkb(gb).tolist() and (ca["area_ha"] == cb["area_ha"]).all()
+    with pytest.raises(InvalidInputError, match="c.gpkg: the simplification tolerance"):
+        write_polygons(lab, TRANSFORM, CRS_UTM, tmp_path / "c.gpkg", classes=CLASSES, nodata=NODATA, simplify=-1.0)
+    assert not (tmp_path / "c.gpkg").exists()
+
+
+def test_segment_command_writes_simplified_polygons(tmp_path: Path) -> None:
+    """`segflow segment --vector gpkg --simplify 25`: the polygons cover the label COG's classes exactly."""
+    import os
+    import subprocess
+    import sys
+
+    from storage.samples import make_scene
+    from tests.models import tiny_model
+
+    image, _ = make_scene(tmp_path / "scene.tif", size=(160, 160), seed=5)
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(image), "--model", str(model.path),
+                           "--out", str(out), "--workers", "1", "--no-zarr", "--vector", "gpkg",
+                           "--simplify", "25"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "scene.provenance.json").read_text())
+    assert record["parameters"]["simplify"] == 25.0
+    with rasterio.open(out / "scene.tif") as ds:
+        labels, transform, crs, nodata = ds.read(1), ds.transform, ds.crs, ds.nodata
+    classes = [LabelClass(value=c.value, name=c.name) for c in model.card.classes]
+    exact = tmp_path / "exact.gpkg"
+    write_polygons(labels, transform, crs, exact, classes=classes, nodata=int(nodata), chunk=64)
+    before, cols0 = read_ordered(exact)
+    after, cols = read_ordered(out / "scene.gpkg")
+    assert len(after) == len(before) > 1
+    assert shapely.get_num_coordinates(after).sum() < shapely.get_num_coordinates(before).sum()
+    assert shapely.union_all(before).symmetric_difference(shapely.union_all(after)).area < 1e-3
+    np.testing.assert_allclose(cols["area_ha"], cols0["area_ha"], rtol=1e-12)
+    item = json.loads((out / "scene.stac.json").read_text())
+    assert any(a["href"].endswith("scene.gpkg") for a in item["assets"].values())

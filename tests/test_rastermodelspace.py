@@ -1,0 +1,312 @@
+"""Raster model space: a scene at 5 m or 20 m (or in degrees) segmented by a 10 m model, as GDAL and MONAI would.
+
+The oracle is the whole image done at once: ``rasterio.warp.reproject`` to
+the model's grid with the same kernel, MONAI's ``sliding_window_inference``
+(same ROI, overlap and Gaussian blend as the card), then ``reproject`` back
+onto the scene's grid.  segflow does the same chunk by chunk (GDAL warps per
+chunk with a halo, exact stitching in model space) and must match it within
+1e-4, give the same labels whatever the chunking, and leave a scene already
+at the model's gsd exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import rasterio
+import torch
+from monai.inferers import sliding_window_inference
+from rasterio.enums import Resampling
+from rasterio.warp import reproject
+
+from flows.config import SegmentOptions
+from flows.modelspace import mapping_for
+from flows.pipeline import segment_one
+from segmentation.demo_cards import landcover_card
+from storage.errors import InvalidInputError
+from storage.layout import LABELS, PROBABILITIES
+from storage.samples import SCENE_EPSG, make_scene
+from storage.warp import RasterWayBack, raster_mapping, to_model, utm_crs
+from tests.models import tiny_model
+
+MEAN = [650.0, 800.0, 750.0, 2700.0]  # fixed normalisation (the demo card's), so the oracle needs no statistics
+STD = [300.0, 300.0, 450.0, 850.0]
+ROI = [32, 32]
+
+
+def _model(path: Path, weights: dict | None = None, **extra):
+    """The tiny 2-D U-Net with a version-4 card at 10 m; ``weights`` (the trained ones) replace its random ones."""
+    from segmentation.modeldir import save_model
+
+    model = tiny_model(path, spatial_dims=2, channels=4, classes=5, roi=ROI, seed=3,
+                       normalization={"mode": "zscore", "mean": MEAN, "std": STD},
+                       spacing=[10.0, 10.0], spacing_unit="m", **extra)
+    if weights is None:
+        return model
+    model.module.load_state_dict(weights)
+    return save_model(path, model.card.model_copy(update={"weights_sha256": None}), model.module.eval())
+
+
+@pytest.fixture(scope="module")
+def weights(scenes, tmp_path_factory) -> dict:
+    """A few dozen steps of training on the 10 m scene's truth, so labels follow the scene (several classes)."""
+    from storage.samples import truth_path
+
+    model = _model(tmp_path_factory.mktemp("untrained") / "m")
+    net = model.module.train()
+    with rasterio.open(scenes["10"]) as src, rasterio.open(truth_path(scenes["10"])) as t:
+        x = (src.read().astype(np.float32) - np.asarray(MEAN, np.float32)[:, None, None]) / \
+            np.asarray(STD, np.float32)[:, None, None]
+        y = t.read(1).astype(np.int64)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    for _ in range(40):
+        tops = [(rng.integers(0, x.shape[1] - 64), rng.integers(0, x.shape[2] - 64)) for _ in range(4)]
+        xb = torch.from_numpy(np.stack([x[:, r:r + 64, c:c + 64] for r, c in tops]))
+        yb = torch.from_numpy(np.stack([y[r:r + 64, c:c + 64] for r, c in tops]))
+        loss = torch.nn.functional.cross_entropy(net(xb), yb, ignore_index=255)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in net.eval().state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> dict[str, Path]:
+    """The same generated 10 m scene (all valid), and GDAL's 5 m (bilinear) and 20 m (average) versions of it."""
+    folder = tmp_path_factory.mktemp("scenes")
+    ten, _ = make_scene(folder / "ten.tif", size=(160, 192), seed=5, nodata_margin=0)
+    out = {"10": ten}
+    with rasterio.open(ten) as src:
+        data = src.read().astype(np.float32)
+        for res, kernel in ((5.0, Resampling.bilinear), (20.0, Resampling.average)):
+            f = 10.0 / res
+            h, w = int(src.height * f), int(src.width * f)
+            t = src.transform * src.transform.scale(1 / f)
+            dst = np.zeros((4, h, w), np.float32)
+            reproject(data, dst, src_transform=src.transform, src_crs=src.crs, dst_transform=t, dst_crs=src.crs,
+                      resampling=kernel)
+            path = folder / f"scene{int(res)}m.tif"
+            with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=4, dtype="float32", crs=src.crs,
+                               transform=t, tiled=True, blockxsize=64, blockysize=64) as f_out:
+                f_out.write(dst)
+                for i, name in enumerate(("blue", "green", "red", "nir"), 1):
+                    f_out.set_band_description(i, name)
+            out[str(int(res))] = path
+    return out
+
+
+def _labels(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as src:
+        return src.read(1), {"crs": src.crs, "transform": src.transform, "shape": (src.height, src.width)}
+
+
+def _grid(path: Path) -> dict:
+    with rasterio.open(path) as src:
+        return {"crs": src.crs, "transform": src.transform, "shape": (src.height, src.width)}
+
+
+def oracle(scene: Path, model, mapping) -> np.ndarray:
+    """Whole image: reproject to the model grid, MONAI's sliding window, reproject the probabilities back."""
+    with rasterio.open(scene) as src:
+        image = src.read().astype(np.float32)
+    kw = dict(XSCALE=mapping.scale[0], YSCALE=mapping.scale[1])
+    moved = np.zeros((4, *mapping.model_shape), np.float32)
+    crs = mapping.input.gdal_crs()
+    reproject(image, moved, src_transform=mapping.input.affine, src_crs=crs, dst_transform=mapping.model.affine,
+              dst_crs=crs, resampling=getattr(Resampling, mapping.forward), **kw)
+    x = (moved - np.asarray(MEAN, np.float32)[:, None, None]) / np.asarray(STD, np.float32)[:, None, None]
+    net = model.module.eval()
+    with torch.no_grad():
+        probs = sliding_window_inference(torch.from_numpy(x)[None], ROI, 4, lambda t: torch.softmax(net(t), 1),
+                                         overlap=0.25, mode="gaussian", sigma_scale=0.125)[0].numpy()
+    back = np.zeros((probs.shape[0], *mapping.input_shape), np.float32)
+    reproject(probs, back, src_transform=mapping.model.affine, src_crs=crs, dst_transform=mapping.input.affine,
+              dst_crs=crs, resampling=getattr(Resampling, mapping.back), XSCALE=1 / mapping.scale[0],
+              YSCALE=1 / mapping.scale[1])
+    return back
+
+
+# --- grids and the chunked warp ---------------------------------------------------------------------------------
+
+class _Geometry:
+    def __init__(self, transform, epsg=32633, crs_wkt=None):
+        self.transform, self.epsg, self.crs_wkt = tuple(transform)[:6], epsg, crs_wkt
+
+
+def test_model_grid_follows_gdal_and_the_identity_is_none():
+    from rasterio.transform import from_origin
+
+    m = raster_mapping(_Geometry(from_origin(500000, 6000000, 20, 20)), (51, 77), spacing=[10, 10], crs=None)
+    assert m.model_shape == (102, 154) and m.model.transform[:3] == (10.0, 0.0, 500000.0)
+    assert (m.forward, m.back, m.scale) == ("bilinear", "average", (2.0, 2.0))
+    m = raster_mapping(_Geometry(from_origin(500000, 6000000, 5, 5)), (101, 80), spacing=[10, 10], crs=None)
+    assert m.model_shape == (51, 40)  # ceil(505 m / 10 m): same corner, the last model pixel half outside
+    assert (m.forward, m.back) == ("average", "bilinear")
+    assert raster_mapping(_Geometry(from_origin(500000, 6000000, 10 + 5e-6, 10)), (64, 64), spacing=[10, 10],
+                          crs=None) is None
+    assert raster_mapping(_Geometry(from_origin(500000, 6000000, 10, 10)), (64, 64), spacing=[10, 10],
+                          crs="utm") is None  # projected input stays in its CRS
+    assert utm_crs(14.5, 52.0).to_epsg() == 32633 and utm_crs(-70.6, -33.4).to_epsg() == 32719
+    with pytest.raises(InvalidInputError, match="geographic"):
+        raster_mapping(_Geometry(from_origin(500000, 6000000, 10, 10)), (8, 8), spacing=[10, 10], crs="EPSG:4326")
+    # the demo's 2-D card (version 4, 10 m) on the demo's scenes (10 m UTM) is the identity
+    card = landcover_card()
+    assert card.applies_raster_model_space and card.input.spacing == [10.0, 10.0]
+    assert raster_mapping(_Geometry(from_origin(399960, 5800020, 10, 10), epsg=SCENE_EPSG), (768, 768),
+                          spacing=card.input.spacing, crs=card.input.crs) is None
+
+
+def test_the_warp_does_not_depend_on_chunking_and_matches_gdal_whole():
+    from rasterio.transform import from_origin
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    image = np.stack([gaussian_filter(rng.random((90, 110)), 2) for _ in range(3)]).astype(np.float32) * 1000
+    for res in (5.0, 20.0):
+        m = raster_mapping(_Geometry(from_origin(500000, 6000000, res, res)), image.shape[1:], spacing=[10, 10],
+                           crs=None)
+        results = [to_model(da.from_array(image, chunks=(3, c, c)), m, chunks=k)[0].compute(scheduler="sync")
+                   for c, k in ((17, 23), (64, 40))]
+        whole = np.zeros_like(results[0])
+        reproject(image, whole, src_transform=m.input.affine, src_crs="EPSG:32633", dst_transform=m.model.affine,
+                  dst_crs="EPSG:32633", resampling=getattr(Resampling, m.forward), XSCALE=m.scale[0],
+                  YSCALE=m.scale[1])
+        assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], whole)
+        way = RasterWayBack(m)
+        back = [way.probabilities(da.from_array(whole, chunks=(3, c, c)), (k, k), "bilinear").compute(scheduler="sync")
+                for c, k in ((13, 29), (50, 64))]
+        assert np.array_equal(back[0], back[1]) and back[0].shape == image.shape
+        labels = way.labels(da.from_array(whole, chunks=(3, 13, 13)), (29, 29), "bilinear", np.uint8)
+        assert np.array_equal(labels.compute(scheduler="sync"), back[0].argmax(0))
+
+
+# --- whole runs --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("res", ["5", "20"])
+def test_a_10m_model_on_5m_and_20m_scenes_matches_the_whole_image_oracle(res, scenes, weights, tmp_path,
+                                                                          dask_cluster):
+    model = _model(tmp_path / "m", weights)
+    scene = scenes[res]
+    a = segment_one(scene, model, tmp_path / "a", SegmentOptions(chunk_size=48, probabilities="float32"),
+                    dask_cluster)
+    b = segment_one(scene, model, tmp_path / "b", SegmentOptions(chunk_size=72, keep_zarr=False), dask_cluster)
+    assert a.ok and b.ok
+    space = a.statistics["model_space"]
+    assert space["kind"] == "raster" and space["model"]["shape_yx"] == [160, 192]
+    la, grid_a = _labels(tmp_path / "a" / scene.name)
+    lb, _ = _labels(tmp_path / "b" / scene.name)
+    assert grid_a == _grid(scene)  # labels on the input's grid
+    assert len(np.unique(la)) >= 2
+    assert np.array_equal(la, lb), f"{(la != lb).mean():.2e} of pixels differ between chunkings"
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "a" / (scene.stem + ".zarr")), mode="r")
+    ours = np.asarray(group[PROBABILITIES])
+    with rasterio.open(scene) as src:
+        mapping = raster_mapping(_Geometry(src.transform, epsg=SCENE_EPSG), (src.height, src.width),
+                                 spacing=[10, 10], crs=None)
+    ref = oracle(scene, model, mapping)
+    err = float(np.abs(ours - ref).max())
+    assert err <= 1e-4, f"probabilities differ from the whole-image oracle by {err:.2e}"
+    agree = float((np.asarray(group[LABELS]) == ref.argmax(0)).mean())
+    assert agree >= 0.999, agree
+    record = json.loads((tmp_path / "a" / (scene.stem + ".provenance.json")).read_text())
+    resampling = record["parameters"]["resampling"]
+    assert resampling["to_model"] == ("average" if res == "5" else "bilinear")
+    assert resampling["to_input"] == ("bilinear" if res == "5" else "average")
+    assert resampling["mapping"]["input"]["shape_yx"] == list(ours.shape[1:])
+    assert not list((tmp_path / "a").glob(".segflow-work*"))  # the model-space store went with the run
+    print(f"{res} m: max |p - oracle| = {err:.2e}, label agreement {agree:.4%}")
+
+
+def test_output_grid_model_writes_the_cog_on_the_model_grid(scenes, weights, tmp_path, dask_cluster):
+    model = _model(tmp_path / "m", weights)
+    scene = scenes["5"]
+    out = segment_one(scene, model, tmp_path / "o", SegmentOptions(chunk_size=64, output_grid="model",
+                                                                   keep_zarr=False), dask_cluster)
+    labels, grid = _labels(tmp_path / "o" / scene.name)
+    src = _grid(scene)
+    assert grid["shape"] == (160, 192) and grid["crs"] == src["crs"]
+    assert grid["transform"].a == 10.0 and grid["transform"].e == -10.0
+    assert (grid["transform"].c, grid["transform"].f) == (src["transform"].c, src["transform"].f)
+    with rasterio.open(scene) as s:
+        mapping = raster_mapping(_Geometry(s.transform, epsg=SCENE_EPSG), (s.height, s.width), spacing=[10, 10],
+                                 crs=None)
+    with rasterio.open(scenes["10"]) as ten:  # the model grid is the 10 m scene's grid
+        assert ten.transform == grid["transform"] and (ten.height, ten.width) == grid["shape"]
+    assert len(np.unique(labels)) >= 2
+    assert out.statistics["output_grid"] == "model"
+    record = json.loads((tmp_path / "o" / (scene.stem + ".provenance.json")).read_text())
+    assert record["parameters"]["resampling"]["to_input"] is None
+    assert mapping.model_shape == labels.shape
+
+
+def test_a_geographic_scene_goes_to_its_utm_zone_and_comes_back_on_degrees(scenes, weights, tmp_path,
+                                                                           dask_cluster):
+    """A scene in EPSG:4326 (warped from the 10 m UTM one, nodata corners) with a card asking for ``utm``."""
+    from rasterio.warp import calculate_default_transform
+
+    geo = tmp_path / "geo.tif"
+    with rasterio.open(scenes["10"]) as src:
+        t, w, h = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height, *src.bounds)
+        data = np.zeros((4, h, w), np.uint16)
+        reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=t,
+                  dst_crs="EPSG:4326", resampling=Resampling.bilinear, dst_nodata=0)
+        with rasterio.open(geo, "w", driver="GTiff", width=w, height=h, count=4, dtype="uint16", crs="EPSG:4326",
+                           transform=t, nodata=0) as dst:
+            dst.write(data)
+    model = _model(tmp_path / "m", weights, crs="utm")
+    out = segment_one(geo, model, tmp_path / "g", SegmentOptions(chunk_size=64, keep_zarr=False), dask_cluster)
+    space = out.statistics["model_space"]
+    assert space["model"]["crs"] == f"EPSG:{SCENE_EPSG}"  # 33N: the scene lies near 14.5 E, 52 N
+    assert space["model"]["transform"][0] == 10.0
+    labels, grid = _labels(tmp_path / "g" / "geo.tif")
+    assert grid == _grid(geo)  # back on the degree grid
+    with rasterio.open(geo) as src:
+        valid = src.dataset_mask() > 0
+        nodata = src.nodata
+    with rasterio.open(tmp_path / "g" / "geo.tif") as lab:
+        label_nodata = lab.nodata
+    assert nodata == 0 and 0.3 < valid.mean() < 1.0
+    assert (labels[~valid] == label_nodata).all() and (labels[valid] != label_nodata).all()
+    assert len(np.unique(labels[valid])) >= 2
+    # and kept on the model's grid, the COG is in the UTM zone
+    segment_one(geo, model, tmp_path / "u", SegmentOptions(chunk_size=64, keep_zarr=False, output_grid="model"),
+                dask_cluster)
+    assert _grid(tmp_path / "u" / "geo.tif")["crs"].to_epsg() == SCENE_EPSG
+
+
+def test_a_scene_at_the_models_gsd_is_not_warped_and_its_outputs_are_unchanged(scenes, weights, tmp_path,
+                                                                              dask_cluster):
+    """Card version 4 at 10 m on a 10 m scene: the same labels and probabilities as a version 3 card (whose 2-D
+    spacing is documentation only), no model-space store, nothing recorded."""
+    v4 = _model(tmp_path / "v4", weights)
+    v3 = _model(tmp_path / "v3", weights)
+    card3 = v3.card.model_copy(update={"card_version": 3})
+    v3 = type(v3)(path=v3.path, card=card3, module=v3.module, weights_sha256=v3.weights_sha256,
+                  weights_path=v3.weights_path)
+    options = SegmentOptions(chunk_size=64, probabilities="float32")
+    a = segment_one(scenes["10"], v4, tmp_path / "a", options, dask_cluster)
+    b = segment_one(scenes["10"], v3, tmp_path / "b", options, dask_cluster)
+    assert "model_space" not in a.statistics and "model_space" not in b.statistics
+    record = json.loads((tmp_path / "a" / "ten.provenance.json").read_text())
+    assert "resampling" not in record["parameters"]
+    with rasterio.open(tmp_path / "a" / "ten.tif") as x, rasterio.open(tmp_path / "b" / "ten.tif") as y:
+        assert np.array_equal(x.read(), y.read()) and x.transform == y.transform
+    for name in ("ten.probabilities.tif",):
+        with rasterio.open(tmp_path / "a" / name) as x, rasterio.open(tmp_path / "b" / name) as y:
+            assert np.array_equal(x.read(), y.read())
+    assert mapping_for_store_is_none(scenes["10"], v4, tmp_path)
+
+
+def mapping_for_store_is_none(scene: Path, model, tmp_path: Path) -> bool:
+    from storage.ingest import ingest
+
+    store = ingest(scene, tmp_path / "s.image.zarr")
+    return mapping_for(store, model) is None

@@ -1,0 +1,257 @@
+"""A STAC item as input: per-band COGs at 10 and 20 m, stacked for the model's bands, in the card's units.
+
+The scene is generated (:mod:`tests.s2_samples`): B02, B03, B04, B08 at 10 m
+and B11, B12 at 20 m, uint16 digital numbers, an item listing them with
+``eo:bands`` and ``raster:bands`` (scale 0.0001, offset -0.1).  Each run's
+labels are compared with the same model on the bands stacked by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.transform
+from rasterio.enums import Resampling
+from typer.testing import CliRunner
+
+from flows.config import SegmentOptions
+from flows.pipeline import segment_one
+from storage.bands import BandRequest, apply_units, units_facts
+from storage.layout import open_image_store
+from storage.stacitem import ingest_item, item_stem
+from tests import s2_samples
+from tests.models import tiny_model
+
+ITEM_ID = "S2B_33TVL_20240601_0_L2A"
+RGBN = ["blue", "green", "red", "nir"]
+OPTIONS = SegmentOptions(chunk_size=48, keep_zarr=False)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    return s2_samples.write_item(tmp_path_factory.mktemp("s2"), item_id=ITEM_ID)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    # "raw" and "reflectance" share their weights (same seed): only the card's units differ
+    return {
+        "rgbn": tiny_model(root / "rgbn", spatial_dims=2, channels=4, roi=[32, 32], channel_names=RGBN),
+        "swir": tiny_model(root / "swir", spatial_dims=2, channels=4, roi=[32, 32], seed=1,
+                           channel_names=["red", "nir", "swir16", "swir22"]),
+        "reflectance": tiny_model(root / "refl", spatial_dims=2, channels=4, roi=[32, 32], seed=2,
+                                  channel_names=RGBN, normalization={"mode": "none"}, units="reflectance"),
+        "raw": tiny_model(root / "raw", spatial_dims=2, channels=4, roi=[32, 32], seed=2,
+                          channel_names=RGBN, normalization={"mode": "none"}),
+    }
+
+
+def _labels(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def _cli(args: list[str], client) -> tuple[int, list[str], str]:
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, ["segment", *args, "--chunk-size", "48", "--dask-address",
+                                   client.scheduler.address], env={"COLUMNS": "400"})
+    return res.exit_code, [ln for ln in res.output.splitlines() if ln.startswith("error:")], res.output
+
+
+def test_a_4_band_10m_model_segments_the_item_as_the_hand_stacked_bands(scene, models, tmp_path, dask_cluster):
+    out = tmp_path / "out"
+    code, errors, output = _cli([str(scene), "--model", str(models["rgbn"].path), "--out", str(out), "--no-zarr"],
+                                dask_cluster)
+    assert code == 0 and not errors, output
+    assert {f"{ITEM_ID}.tif", f"{ITEM_ID}.provenance.json"} <= {p.name for p in out.iterdir()}  # named by the id
+    record = json.loads((out / f"{ITEM_ID}.provenance.json").read_text())
+    details = record["input"]
+    assert details["format"] == "STAC item" and details["path"] == str(scene)
+    item = details["stac_item"]
+    assert item["id"] == ITEM_ID and item["self_href"].endswith(f"/items/{ITEM_ID}.json")
+    assert item["sha256"] == hashlib.sha256(scene.read_bytes()).hexdigest()
+    assert [a["key"] for a in item["assets"]] == RGBN
+    for asset in item["assets"]:
+        assert asset["sha256"] == hashlib.sha256(Path(asset["href"]).read_bytes()).hexdigest()
+    assert record["statistics"]["bands"] == ["B02", "B03", "B04", "B08"]
+    assert "units" not in record["statistics"]  # the card declares none: the digital numbers as they are
+    from storage.provenance import verify
+
+    report = verify(out / f"{ITEM_ID}.provenance.json")  # the item JSON and each local asset rehashed
+    assert not report.problems and not report.unverified, (report.problems, report.unverified)
+    assert {v.split(" ", 2)[1] for v in report.verified if v.startswith("asset ")} == set(RGBN)
+
+    stacked = s2_samples.hand_stacked(scene.parent, ["B02", "B03", "B04", "B08"], tmp_path / "stacked.tif")
+    segment_one(stacked, models["rgbn"], tmp_path / "ref", OPTIONS, dask_cluster)
+    labels = _labels(out / f"{ITEM_ID}.tif")
+    assert np.array_equal(labels, _labels(tmp_path / "ref" / "stacked.tif"))
+    assert len(np.unique(labels)) >= 2
+
+
+def test_a_model_with_20m_bands_sees_them_resampled_bilinearly_on_the_10m_grid(scene, models, tmp_path,
+                                                                               dask_cluster):
+    done = segment_one(scene, models["swir"], tmp_path / "item", OPTIONS, dask_cluster)
+    assert done.statistics["bands"] == ["B04", "B08", "B11", "B12"]
+    bilinear = s2_samples.hand_stacked(scene.parent, ["B04", "B08", "B11", "B12"], tmp_path / "bilinear.tif")
+    segment_one(bilinear, models["swir"], tmp_path / "ref", OPTIONS, dask_cluster)
+    labels = _labels(tmp_path / "item" / f"{ITEM_ID}.tif")
+    assert labels.shape == (128, 128)  # the finest band's grid
+    assert np.array_equal(labels, _labels(tmp_path / "ref" / "bilinear.tif"))
+    # the stack really is bilinear: its 20 m band differs from a nearest-neighbour one
+    store = ingest_item(scene, tmp_path / "s.image.zarr", chunk=48, bands=BandRequest(("red", "swir16")))
+    with rasterio.open(scene.parent / "B11.tif") as src:
+        native = src.read(1)
+        nearest = src.read(1, out_shape=(128, 128), resampling=Resampling.nearest)
+        smooth = src.read(1, out_shape=(128, 128), resampling=Resampling.bilinear)
+    assert np.array_equal(store.image[1], smooth) and not np.array_equal(store.image[1], nearest)
+    # the grid is that of the finest band used: 20 m bands alone stay on their own grid, unresampled
+    alone = ingest_item(scene, tmp_path / "t.image.zarr", chunk=48, bands=BandRequest(("swir16", "swir22")))
+    assert alone.image.shape == (2, 64, 64) and np.array_equal(alone.image[0], native)
+    assert alone.meta.geometry.transform[0] == 20.0
+
+
+def test_a_reflectance_card_sees_dn_times_scale_plus_offset(scene, models, tmp_path, dask_cluster):
+    store = ingest_item(scene, tmp_path / "s.image.zarr", chunk=48, bands=BandRequest(tuple(RGBN)))
+    store = open_image_store(store.path)
+    dn = np.asarray(store.image[:]).astype(np.float64)
+    seen = np.asarray(apply_units(store.image, store.meta, units="reflectance"))
+    assert seen.dtype == np.float32 and np.array_equal(seen, (dn * 1e-4 - 0.1).astype(np.float32))
+    as_dn = np.asarray(apply_units(store.image, store.meta, units="dn", dn_scale=10000.0))
+    assert np.allclose(as_dn, dn - 1000.0, atol=1e-3)  # digital numbers without the 04.00 offset
+    image = store.image
+    assert apply_units(image, store.meta, units=None) is image  # no units: untouched
+    assert units_facts(store.meta, units="reflectance")["units"]["scales"] == [1e-4] * 4
+
+    item = segment_one(scene, models["reflectance"], tmp_path / "refl", OPTIONS, dask_cluster)
+    assert item.statistics["units"] == {"units": "reflectance", "applied": True, "scales": [1e-4] * 4,
+                                        "offsets": [-0.1] * 4}
+    by_hand = s2_samples.hand_stacked(scene.parent, ["B02", "B03", "B04", "B08"], tmp_path / "refl.tif",
+                                      reflectance=True)
+    segment_one(by_hand, models["raw"], tmp_path / "ref", OPTIONS, dask_cluster)  # same weights, no units
+    segment_one(scene, models["raw"], tmp_path / "dn", OPTIONS, dask_cluster)
+    labels = _labels(tmp_path / "refl" / f"{ITEM_ID}.tif")
+    assert np.array_equal(labels, _labels(tmp_path / "ref" / "refl.tif"))
+    assert not np.array_equal(labels, _labels(tmp_path / "dn" / f"{ITEM_ID}.tif"))  # the units change the labels
+
+
+def _item(folder: Path, item_id: str, assets: dict) -> Path:
+    folder.mkdir(parents=True)
+    path = folder / "item.json"
+    path.write_text(json.dumps(s2_samples.item_dict(item_id, assets)))
+    return path
+
+
+def test_bad_items_are_one_line_each_and_leave_nothing(scene, models, tmp_path, dask_cluster):
+    src = scene.parent
+    bands = {k: s2_samples.band_asset(k, str(src / f"{s2_samples.BANDS[k][0]}.tif")) for k in s2_samples.BANDS}
+    no_nir = _item(tmp_path / "a", "no-nir", {k: bands[k] for k in ("blue", "green", "red")})
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 64)
+    broken = _item(tmp_path / "b", "broken",
+                   {**bands, "red": s2_samples.band_asset("red", str(tmp_path / "broken.tif"))})
+    no_raster = _item(tmp_path / "c", "previews", {"thumbnail": {"href": "p.png", "type": "image/png",
+                                                                 "roles": ["thumbnail"]}})
+    collection = tmp_path / "collection.json"
+    collection.write_text(json.dumps({"type": "Collection", "stac_version": "1.0.0", "id": "s2", "links": []}))
+    out = tmp_path / "out"
+    code, errors, output = _cli([str(no_nir), str(broken), str(no_raster), str(collection), "--model",
+                                 str(models["rgbn"].path), "--out", str(out)], dask_cluster)
+    assert code == 1 and len(errors) == 4, output
+    expected = {no_nir: "model 'tiny-2d-4ch' needs nir, which no asset of item 'no-nir' offers (it has 3 band(s): "
+                        "1:B02/blue [asset blue], 2:B03/green [asset green], 3:B04/red [asset red])",
+                broken: "asset 'red' (" + str(tmp_path / "broken.tif") + ") cannot be opened",
+                no_raster: "item 'previews' has no raster asset segflow can use (assets: thumbnail (image/png))",
+                collection: "is not a STAC item (a STAC Collection)"}
+    for path, text in expected.items():
+        assert any(e.startswith(f"error: {path}: ") and text in e for e in errors), (text, errors)
+    assert not out.exists() or not list(out.iterdir())
+
+    code, errors, output = _cli([str(scene), "--model", str(models["rgbn"].path), "--out", str(out),
+                                 "--bands", "B02,B03,B99,B08"], dask_cluster)
+    assert code == 1 and len(errors) == 1, output
+    assert errors[0].startswith(f"error: {scene}: model 'tiny-2d-4ch' needs B99, which no asset of item "
+                                f"'{ITEM_ID}' offers (it has 6 band(s): 1:B02/blue [asset blue]")
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_an_item_url_is_staged_and_named_by_its_id(scene, models, tmp_path, dask_cluster):
+    """An fsspec URL of the item (assets with absolute hrefs) goes through staging like any input."""
+    import fsspec
+
+    from flows.staging import segment_staged
+
+    doc = json.loads(scene.read_text())
+    for asset in doc["assets"].values():
+        asset["href"] = str((scene.parent / asset["href"]).resolve())
+    doc["id"] = "../../S2B 33TVL/2024"  # a name from inside a file: never a path
+    url = "memory://segflow-test-items/scene/item.json"
+    with fsspec.open(url, "w") as f:
+        f.write(json.dumps(doc))
+    outcome = segment_staged(url, models["rgbn"], str(tmp_path / "out"), OPTIONS, dask_cluster)
+    assert outcome.input == url
+    assert {"S2B_33TVL_2024.tif", "S2B_33TVL_2024.provenance.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert item_stem(scene) == ITEM_ID
+    fsspec.filesystem("memory").rm("/segflow-test-items", recursive=True)
+    shutil.rmtree(tmp_path / "out")
+
+
+def test_a_geotiffs_own_scales_and_offsets_are_applied_to_the_bands_picked(tmp_path):
+    """GDAL scale/offset recorded at ingest, applied per picked band (in --bands order); no units: untouched."""
+    from flows.modelspace import band_selection
+    from storage.geotiff import ingest_geotiff
+
+    dn = np.stack([s2_samples.band_dn(n, 64) for n in range(3)])
+    path = tmp_path / "scaled.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint16",
+                       crs=s2_samples.CRS, transform=rasterio.transform.from_origin(*s2_samples.ORIGIN, 10, 10)) as dst:
+        dst.write(dn)
+        dst.descriptions = ("B02", "B03", "B04")
+        dst.scales, dst.offsets = (1e-4, 2e-4, 3e-4), (-0.1, -0.2, -0.3)
+    store = ingest_geotiff(path, tmp_path / "s.image.zarr", chunk=32)
+    assert store.meta.geometry.band_scales == [1e-4, 2e-4, 3e-4]
+    assert store.meta.geometry.band_offsets == [-0.1, -0.2, -0.3]
+    plain = ingest_geotiff(s2_samples.write_cog(tmp_path / "plain.tif", dn, 10), tmp_path / "p.image.zarr")
+    assert plain.meta.geometry.band_scales == [] and plain.meta.geometry.band_offsets == []  # none known
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=2, roi=[32, 32], units="reflectance",
+                       channel_names=["red", "blue"])
+    image, names = band_selection(store, model, SegmentOptions())
+    assert names == ["B04", "B02"]
+    expected = np.stack([dn[2] * 3e-4 - 0.3, dn[0] * 1e-4 - 0.1]).astype(np.float32)
+    assert np.array_equal(np.asarray(image), expected)
+    image, _ = band_selection(store, model, SegmentOptions(bands=["2", "3"]))
+    assert np.array_equal(np.asarray(image), np.stack([dn[1] * 2e-4 - 0.2, dn[2] * 3e-4 - 0.3]).astype(np.float32))
+    no_units = tiny_model(tmp_path / "n", spatial_dims=2, channels=2, roi=[32, 32], channel_names=["red", "blue"])
+    image, _ = band_selection(store, no_units, SegmentOptions())
+    assert image.dtype == np.uint16 and np.array_equal(np.asarray(image), dn[[2, 0]])
+
+
+def test_an_items_ingest_is_reused_only_for_the_same_bands_and_content(scene, tmp_path):
+    from flows.inputs import ingest_input
+
+    rgbn = BandRequest(tuple(RGBN))
+    first, reused = ingest_input(scene, tmp_path / "work", 48, bands=rgbn)
+    assert not reused and first.path.name == f"{ITEM_ID}.c48.image.zarr"
+    assert ingest_input(scene, tmp_path / "work", 48, bands=rgbn)[1]
+    other, reused = ingest_input(scene, tmp_path / "work", 48, bands=BandRequest(("red", "nir")))
+    assert not reused and other.meta.channel_names == ["B04", "B08"]
+    assert not [p for p in (tmp_path / "work").iterdir() if p.suffix == ".vrt"]  # the stack's VRT is gone
+
+
+def test_asset_hrefs_resolve_beside_the_item_else_against_its_self_link(tmp_path):
+    from storage.stacitem import _absolute, _gdal_path
+
+    (tmp_path / "B02.tif").write_bytes(b"")
+    self_href = "s3://bucket/s2/items/x/item.json"
+    assert _absolute("./B02.tif", tmp_path, self_href) == str(tmp_path / "B02.tif")  # a downloaded item's files
+    assert _absolute("../B03.tif", tmp_path, self_href) == "s3://bucket/s2/items/B03.tif"
+    assert _absolute("B03.tif", tmp_path, None) == str(tmp_path / "B03.tif")
+    assert _gdal_path("s3://bucket/s2/B03.tif") == "/vsis3/bucket/s2/B03.tif"
+    assert _gdal_path("https://host/s2/B03.tif") == "/vsicurl/https://host/s2/B03.tif"
+    assert _gdal_path("/vsis3/bucket/B03.tif") == "/vsis3/bucket/B03.tif"
