@@ -49,7 +49,8 @@ from segmentation.stitching import label_dtype, label_nodata
 from storage import provenance
 from storage.bands import BandRequest, units_facts
 from storage.dicomfiles import SeriesRef
-from storage.mosaic import MOSAIC_ATTR, MosaicRef, split_outputs, write_tile_cuts
+from storage.mosaic import MOSAIC_ATTR, MosaicRef
+from storage.tilecuts import split_outputs, write_tile_cuts
 from storage.errors import ExportError, InvalidInputError, SegflowError
 from storage.modelimage import model_geometry
 from storage.layout import (LABELS, PROVENANCE_ATTR, ChunkJournal, ImageStore,
