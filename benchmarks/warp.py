@@ -1,16 +1,20 @@
 """What warping costs in raster model space: a 5 m scene segmented by a 10 m model (warped there and back), against
 the sliding window alone on the same model-space image.
 
-    .venv/bin/python benchmarks/warp.py [--sizes 8192 16384] [--chunk 1024] [--record warp]
+    .venv/bin/python benchmarks/warp.py [--sizes 8192 16384] [--models cheap demo] [--demo-sizes 8192]
+                                        [--chunk 1024] [--record warp]
 
 For each size a 4-band uint16 scene at 5 m (EPSG:32633) is generated block by
 block into a tiled GeoTIFF (smooth fields of land-cover-like patches plus
-noise, never whole in memory).  The model directory holds a cheap random-weight
-2-D U-Net whose version-4 card declares a 10 m ground sample distance, so
-``segflow segment`` warps the scene once into a model-space store (GDAL
-``average``, chunk by chunk with a halo), stitches there, and brings the
-probabilities back onto the 5 m grid with GDAL ``bilinear`` before the argmax
-(run A).  Run B is the sliding window alone: the same model-space image, as
+noise, never whole in memory).  The model directory holds a random-weight 2-D
+U-Net whose version-4 card declares a 10 m ground sample distance: ``cheap``
+(the warp's worst case, a sliding window as cheap as it gets) or ``demo`` (the
+demo land-cover card's network, a realistic cost per pixel).  ``segflow
+segment`` warps the scene once into a model-space store (``average``, the
+separable fast path of :mod:`storage.separable`, equal to GDAL's), stitches
+there, and brings the labels back onto the 5 m grid (the argmax on the model
+grid, bilinear probabilities near label boundaries only) (run A).  Run B is
+the sliding window alone: the same model-space image, as
 ``storage.warp.to_model`` computes it, written as a float32 GeoTIFF on the
 10 m grid, which segflow segments without any warp (its statistics must say
 so).  Both run as ``segflow segment`` subprocesses with the same model, chunk
@@ -79,22 +83,38 @@ def make_scene(path: Path, size: int) -> None:
                           window=Window(x, y, min(TILE, size - x), min(TILE, size - y)))
 
 
-def make_model(path: Path) -> None:
-    """A cheap random-weight 2-D U-Net whose version-4 card asks for 10 m."""
+def make_model(path: Path, kind: str = "cheap") -> str:
+    """A random-weight 2-D U-Net whose version-4 card asks for 10 m; returns its description for the notes.
+
+    ``cheap``: channels (8, 16, 32), ROI 256², no residual units (the warp's
+    worst case: the sliding window is as cheap as it gets).  ``demo``: the
+    demo land-cover card's network (segmentation/demo_cards.py: channels
+    (16, 32, 64, 128), one residual unit, batch norm, ROI 128²), a realistic
+    cost per pixel, with this benchmark's 4 classes and scaling.
+    """
     import torch
 
     from segmentation.card import ModelCard
     from segmentation.modeldir import build_module, save_model
 
+    if kind == "demo":
+        from segmentation.demo_cards import landcover_card
+
+        demo = landcover_card()
+        arch, roi = demo.architecture.kwargs, list(demo.inference.roi)
+        text = "the demo card's U-Net (16, 32, 64, 128; 1 residual unit; batch norm), ROI 128²"
+    else:
+        arch, roi = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0}, [256, 256]
+        text = "a cheap U-Net (8, 16, 32), ROI 256²"
     card = ModelCard.model_validate({
-        "name": "warp-bench", "architecture": {"name": "unet", "kwargs": {
-            "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0}},
+        "name": f"warp-bench-{kind}", "architecture": {"name": "unet", "kwargs": arch},
         "input": {"spatial_dims": 2, "channels": 4, "spacing": [MODEL_M, MODEL_M], "spacing_unit": "m",
                   "normalization": {"mode": "scale", "scale": [1e-4] * 4}},
         "classes": [{"value": v, "name": f"c{v}"} for v in range(CLASSES)],
-        "inference": {"roi": [256, 256], "overlap": 0.25, "batch_size": 8}})
+        "inference": {"roi": roi, "overlap": 0.25, "batch_size": 8}})
     torch.manual_seed(0)
     save_model(path, card, build_module(card))
+    return text
 
 
 def make_model_space_scene(scene: Path, out: Path, work: Path, chunk: int) -> dict:
@@ -141,85 +161,103 @@ def segment(scene: Path, model: Path, out: Path, chunk: int) -> dict:
             "stats": record["statistics"]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384], help="scene sizes (pixels at 5 m)")
-    ap.add_argument("--chunk", type=int, default=1024)
-    ap.add_argument("--keep", type=Path, default=None, help="work here (default: a temporary folder)")
-    report.add_argument(ap)
-    args = ap.parse_args()
+def bench(kind: str, sizes: list[int], chunk: int, tmp: Path) -> tuple[list[str], list[str]]:
+    """Runs A and B per size with one model; (table lines, summary notes)."""
     head = ["| scene (5 m) | model grid (10 m) | run | windows | inference s | of which warp to model s | ingest s "
             "| export s | wall s | peak RSS GB (largest process of each kind) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
+    print(f"## model: {kind}", flush=True)
     print("\n".join(head), flush=True)
     rows, summary, peaks = [], [], {}
-    with tempfile.TemporaryDirectory(dir=args.keep) as tmp_name:
-        tmp = Path(tmp_name)
-        model = tmp / "model"
-        make_model(model)
-        for size in args.sizes:
-            d = tmp / f"s{size}"
-            (d / "b").mkdir(parents=True)
-            scene = d / "scene.tif"
-            t = time.perf_counter()
-            make_scene(scene, size)
-            gen = time.perf_counter() - t
-            made = make_model_space_scene(scene, d / "b" / "scene.tif", d, args.chunk)
-            mapping = made["mapping"]
-            print(f"# {size}²: generated in {gen:.0f} s; model grid {mapping.model_shape}, warp to the model alone "
-                  f"{made['forward_seconds']:.1f} s (2 threads, in-process)", flush=True)
-            pair = {}
-            for run, path in (("B", d / "b" / "scene.tif"), ("A", scene)):
-                r = segment(path, model, d / f"out-{run}", args.chunk)
-                s = r["stats"]
-                if (run == "A") != ("model_space" in s):
-                    raise SystemExit(f"run {run}: model space {'missing' if run == 'A' else 'applied'}")
-                roles = ", ".join(f"{k} {v}" for k, v in sorted(r["roles"].items()))
-                rows.append(f"| {size}² | {'×'.join(map(str, mapping.model_shape))} | "
-                            f"{'A: model space' if run == 'A' else 'B: sliding window alone'} | "
-                            f"{s.get('windows_total')} | {s['inference_seconds']:.1f} | "
-                            f"{s.get('model_image_seconds', 0):.1f} | {s['ingest_seconds']:.1f} | "
-                            f"{s['export_seconds']:.1f} | {r['wall_s']:.0f} | {r['peak_gb']:.2f} ({roles}) |")
-                print(rows[-1], flush=True)
-                pair[run] = r
-                peaks[(size, run)] = r["peak_gb"]
-                shutil.rmtree(d / f"out-{run}")
-            a, b = pair["A"]["stats"], pair["B"]["stats"]
-            cost = a["inference_seconds"] - b["inference_seconds"]
-            summary.append({"size": size, "cost": cost, "forward": a["model_image_seconds"],
-                            "b": b["inference_seconds"], "fraction": cost / b["inference_seconds"],
-                            "wall": pair["A"]["wall_s"] - pair["B"]["wall_s"], "alone": made["forward_seconds"]})
-            shutil.rmtree(d)
-    lines = [*head, *rows, "", "| scene | warping = inference A − B (s) | to model (model image) s | back + argmax + "
+    model = tmp / f"model-{kind}"
+    text = make_model(model, kind)
+    for size in sizes:
+        d = tmp / f"s{size}"
+        (d / "b").mkdir(parents=True)
+        scene = d / "scene.tif"
+        t = time.perf_counter()
+        make_scene(scene, size)
+        gen = time.perf_counter() - t
+        made = make_model_space_scene(scene, d / "b" / "scene.tif", d, chunk)
+        mapping = made["mapping"]
+        print(f"# {size}²: generated in {gen:.0f} s; model grid {mapping.model_shape}, warp to the model alone "
+              f"{made['forward_seconds']:.1f} s (2 threads, in-process)", flush=True)
+        pair = {}
+        for run, path in (("B", d / "b" / "scene.tif"), ("A", scene)):
+            r = segment(path, model, d / f"out-{run}", chunk)
+            s = r["stats"]
+            if (run == "A") != ("model_space" in s):
+                raise SystemExit(f"run {run}: model space {'missing' if run == 'A' else 'applied'}")
+            roles = ", ".join(f"{k} {v}" for k, v in sorted(r["roles"].items()))
+            rows.append(f"| {size}² | {'×'.join(map(str, mapping.model_shape))} | "
+                        f"{'A: model space' if run == 'A' else 'B: sliding window alone'} | "
+                        f"{s.get('windows_total')} | {s['inference_seconds']:.1f} | "
+                        f"{s.get('model_image_seconds', 0):.1f} | {s['ingest_seconds']:.1f} | "
+                        f"{s['export_seconds']:.1f} | {r['wall_s']:.0f} | {r['peak_gb']:.2f} ({roles}) |")
+            print(rows[-1], flush=True)
+            pair[run] = r
+            peaks[(size, run)] = (r["peak_gb"], r["roles"].get("dask worker", 0.0))
+            shutil.rmtree(d / f"out-{run}")
+        a, b = pair["A"]["stats"], pair["B"]["stats"]
+        cost = a["inference_seconds"] - b["inference_seconds"]
+        summary.append({"size": size, "cost": cost, "forward": a["model_image_seconds"],
+                        "b": b["inference_seconds"], "fraction": cost / b["inference_seconds"],
+                        "wall": pair["A"]["wall_s"] - pair["B"]["wall_s"], "alone": made["forward_seconds"]})
+        shutil.rmtree(d)
+    lines = [f"**Model: {text}.**", "", *head, *rows, "",
+             "| scene | warping = inference A − B (s) | to model (model image) s | back + argmax + "
              "finer label writes s | B inference s | warping / B | end to end A − B (s) |",
              "|---|---|---|---|---|---|---|"]
     for m in summary:
         lines.append(f"| {m['size']}² | {m['cost']:.1f} | {m['forward']:.1f} | {m['cost'] - m['forward']:.1f} | "
                      f"{m['b']:.1f} | **{100 * m['fraction']:.0f} %** | {m['wall']:.0f} |")
-    notes = [f"4-band uint16 scene at {INPUT_M:g} m (EPSG:{EPSG}), smooth patches with texture and noise; "
-             f"random-weight U-Net (8, 16, 32), {CLASSES} classes, card version 4 at {MODEL_M:g} m, ROI 256², "
-             f"overlap 0.25, batch 8, chunks {args.chunk}², `segflow segment --precision fast --no-zarr` with "
-             "segflow's default cluster. Run A warps the scene to 10 m (GDAL average, per chunk with a halo), "
-             "stitches there and warps the probabilities back (GDAL bilinear) before the argmax; run B segments "
-             "the same 10 m model-space image written as a GeoTIFF, which segflow does not warp (checked). Seconds "
-             "are the provenance statistics; RSS is sampled every 0.2 s over the whole process tree.", "", *lines, ""]
+    notes = []
     for m in summary:
         verdict = "met" if m["fraction"] <= 0.15 else f"missed by {100 * (m['fraction'] - 0.15):.0f} points"
-        notes.append(f"- {m['size']}²: warping costs **{100 * m['fraction']:.0f} %** of the sliding window alone "
-                     f"(goal ≤ 15 %: {verdict}); to the model {m['forward']:.1f} s in the run "
+        notes.append(f"- {kind}, {m['size']}²: warping costs **{100 * m['fraction']:.0f} %** of the sliding window "
+                     f"alone (goal ≤ 15 %: {verdict}); to the model {m['forward']:.1f} s in the run "
                      f"({m['alone']:.1f} s in-process alone), back + argmax + label writes "
                      f"{m['cost'] - m['forward']:.1f} s.")
-    sizes = sorted({s for s, _ in peaks})
-    if len(sizes) > 1:
-        lo, hi = sizes[0], sizes[-1]
+    done = sorted({s for s, _ in peaks})
+    if len(done) > 1:
+        lo, hi = done[0], done[-1]
         for run in ("A", "B"):
-            notes.append(f"- Peak RSS, run {run}: {peaks[(lo, run)]:.2f} GB at {lo}², {peaks[(hi, run)]:.2f} GB at "
-                         f"{hi}² ({(hi / lo) ** 2:.0f}× the pixels, {peaks[(hi, run)] / peaks[(lo, run)]:.2f}× the "
-                         "memory).")
-    body = "\n".join(notes)
-    print("\n".join(lines[len(head) + len(rows):] + [""] + [n for n in notes if n.startswith("- ")]))
+            (p_lo, w_lo), (p_hi, w_hi) = peaks[(lo, run)], peaks[(hi, run)]
+            notes.append(f"- {kind}, peak RSS, run {run}: {p_lo:.2f} GB at {lo}², {p_hi:.2f} GB at {hi}² "
+                         f"({(hi / lo) ** 2:.0f}× the pixels, {p_hi / p_lo:.2f}× the memory; dask worker "
+                         f"{w_lo:.2f} -> {w_hi:.2f} GB).")
+    return lines, notes
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384], help="scene sizes (pixels at 5 m)")
+    ap.add_argument("--models", nargs="+", choices=["cheap", "demo"], default=["cheap"],
+                    help="cheap: the warp's worst case; demo: the demo card's U-Net (realistic cost)")
+    ap.add_argument("--demo-sizes", type=int, nargs="+", default=None,
+                    help="sizes for the demo model (default: --sizes)")
+    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--keep", type=Path, default=None, help="work here (default: a temporary folder)")
+    report.add_argument(ap)
+    args = ap.parse_args()
+    body, notes = [], []
+    with tempfile.TemporaryDirectory(dir=args.keep) as tmp_name:
+        for kind in args.models:
+            sizes = args.demo_sizes if kind == "demo" and args.demo_sizes else args.sizes
+            lines, found = bench(kind, sizes, args.chunk, Path(tmp_name))
+            body += [*lines, ""]
+            notes += found
+    intro = (f"4-band uint16 scene at {INPUT_M:g} m (EPSG:{EPSG}), smooth patches with texture and noise; "
+             f"random-weight U-Nets, {CLASSES} classes, card version 4 at {MODEL_M:g} m, overlap 0.25, batch 8, "
+             f"chunks {args.chunk}², `segflow segment --precision fast --no-zarr` (labels only) with segflow's "
+             "default cluster. Run A warps the scene to 10 m (average, per chunk), stitches there and brings the "
+             "labels back (bilinear probabilities near label boundaries only); run B segments the same 10 m "
+             "model-space image written as a GeoTIFF, which segflow does not warp (checked). Seconds are the "
+             "provenance statistics; RSS is sampled every 0.2 s over the whole process tree.")
+    text = "\n".join([intro, "", *body, *notes])
+    print("\n".join(notes))
     if args.record:
-        report.record(args.record, body)
+        report.record(args.record, text)
     return 0
 
 

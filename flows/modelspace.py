@@ -153,9 +153,12 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
                         batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
     if options.output_grid == "model":
         return stitch, mapping, facts
-    model_valid = None if all_valid(image_store) else da.from_zarr(image_store.mask)
+    model_valid = None if all_valid(image_store) else image_store.mask
     input_valid = None if store.mask is None else da.from_zarr(store.mask)
-    plan = ModelSpacePlan(stitch, RasterWayBack(mapping, model_valid), invert=model.card.inference.invert,
+    # the stitched probabilities go through a work array inside the model-space store (removed with it): each
+    # chunk is freed once written, whatever the scene's size (storage.warp.RasterWayBack)
+    way_back = RasterWayBack(mapping, model_valid, stage=image_store.path / "staged-probabilities")
+    plan = ModelSpacePlan(stitch, way_back, invert=model.card.inference.invert,
                           chunks=store.image.chunks[1:], mask=input_valid)
     return plan, mapping, facts
 

@@ -21,9 +21,11 @@ coarser model grid before the nearest-neighbour gather.
 :class:`StitchPlan` whose output grid is the input's.
 
 Rasters take the same plan with another way back (:class:`WayBack`): a
-:class:`storage.warp.RasterWayBack` warps the probabilities with GDAL
-(bilinear where the input is finer than the model, average where coarser) and
-takes the argmax per input chunk; a volume's :class:`storage.grids.GridMapping`
+:class:`storage.warp.RasterWayBack` warps the probabilities as GDAL does
+(bilinear where the input is finer than the model, average where coarser; per
+axis weights in one CRS, :mod:`storage.separable`) and takes the argmax per
+input chunk, interpolating only near label boundaries when no probabilities
+are written; a volume's :class:`storage.grids.GridMapping`
 is wrapped in :class:`VolumeWayBack`, which calls exactly what it always did.
 The input grid's valid mask (rasters) marks the labels written as nodata.
 """

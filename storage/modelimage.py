@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+from functools import partial
 from os import PathLike
 from pathlib import Path
 from typing import Any, Callable
@@ -141,19 +142,43 @@ def model_raster_image(store: ImageStore, mapping: RasterMapping, path: str | Pa
     chunks = (moved.shape[0],) + tuple(min(chunk, n) for n in moved.shape[1:])
     out = create_image_store(path, meta=meta, shape=tuple(moved.shape), dtype="float32", chunks=chunks,
                              with_mask=True)
-    from dask import delayed
-
-    written = delayed(_last, pure=True)(da.store(moved.rechunk(chunks), out.image, lock=False, compute=False),
-                                        da.store(mask.rechunk(chunks[1:]), out.mask, lock=False, compute=False),
-                                        mask.all())
-    every = bool(compute(written))
+    _fast_codec(out)
+    # Each task writes its chunk's image and mask itself and says whether the mask is all valid: one collection,
+    # so each chunk is warped once (da.store of the image and of the mask, each optimised on its own, fused the
+    # warp into both graphs under other names and ran it twice, three times with the mask's all()).
+    both = da.concatenate([moved, mask[None].astype(np.float32)], axis=0).rechunk((chunks[0] + 1, *chunks[1:]))
+    flags = both.map_blocks(partial(_write_block, out.image, out.mask), dtype=bool, chunks=(1, 1, 1))
+    every = bool(compute(flags.all()))
     out.group.attrs[MAPPING_ATTR] = {"key": key, "mapping": mapping.to_json(), "all_valid": every}
     mark_complete(out.group)
     return open_image_store(path), False
 
 
-def _last(*values: Any) -> Any:
-    return values[-1]
+def _fast_codec(store: ImageStore) -> None:
+    """Recreate the (still empty) image array with LZ4 and byte shuffle instead of the default zstd.
+
+    The model-space image is a work file read once by the windows and
+    deleted with the run; warped float32 values compress poorly anyway, and
+    zstd's writes measured 0.14 s per 16 MB chunk against 0.04 s for LZ4
+    (0.55 vs 0.68 of the raw size), a third of the whole warp's time.
+    """
+    import zarr
+
+    old = store.image
+    attrs = dict(old.attrs)
+    store.group.create_array(old.basename, shape=old.shape, dtype=old.dtype, chunks=old.chunks, fill_value=0,
+                             compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
+                             dimension_names=old.metadata.dimension_names, overwrite=True)
+    store.group[old.basename].attrs.update(attrs)
+
+
+def _write_block(image: Any, mask: Any, block: np.ndarray, block_info: Any = None) -> np.ndarray:
+    """Write one model-space chunk (its image planes and, last, its mask plane); whether every pixel is valid."""
+    _, (y0, y1), (x0, x1) = block_info[0]["array-location"]
+    image[:, y0:y1, x0:x1] = block[:-1]
+    valid = block[-1] > 0
+    mask[y0:y1, x0:x1] = valid
+    return np.array([[[bool(valid.all())]]])
 
 
 def all_valid(store: ImageStore) -> bool:

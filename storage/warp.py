@@ -1,4 +1,4 @@
-"""Raster model space: the model's ground sample distance and CRS, and the chunked GDAL warp both ways.
+"""Raster model space: the model's ground sample distance and CRS, and the chunked warp both ways (GDAL's kernels).
 
 A raster model was trained at one ground sample distance (metres) and often
 in a local projected CRS; scenes arrive at 5, 10, 20 or 60 m, sometimes in
@@ -8,9 +8,15 @@ ceil(extent / gsd); with a CRS change (a geographic input goes to the UTM
 zone of its centre when the card asks for ``utm``, or has no CRS of its own
 in metres; or the card's ``EPSG:n``), ``rasterio.warp.calculate_default_transform``
 at the gsd.  :func:`warp` then moves a (C, H, W) dask array between two grids
-one output chunk per task: each task reads the source region its chunk's
-footprint maps to (the footprint's densified outline carried through the
-exact CRS transform) plus a halo wider than the kernel, and warps it with
+one output chunk per task.  In the common case, one CRS and north-up grids,
+the map is separable and :mod:`storage.separable` applies GDAL's kernels as
+per-axis weights (equal to ``rasterio.warp.reproject`` on the whole image, bit
+for bit at 5 m <-> 10 m and 20 m <-> 10 m), each task reading exactly the
+source pixels its taps name; a labels-only way back copies the model grid's
+argmax wherever the contributing model pixels clearly agree.  Otherwise (CRS
+changes, bilinear when coarsening) each task reads the source region its
+chunk's footprint maps to (the footprint's densified outline carried through
+the exact CRS transform) plus a halo wider than the kernel, and warps it with
 GDAL (a ``WarpedVRT`` over an in-memory copy of the region).  Two GDAL
 settings make a pixel's value independent of the window it is computed in:
 the transformer's error tolerance is 1e-12 pixel (rasterio 1.4 approximates
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from itertools import product
 from operator import getitem
 from typing import Any, Literal, Sequence
@@ -39,6 +46,8 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from storage.errors import InvalidInputError
+from storage.resample import argmax_first
+from storage.separable import Axis, Taps, destination_valid, region_of, separable_block, separable_labels
 
 Kernel = Literal["bilinear", "average", "nearest"]
 IDENTITY_RTOL = 1e-6  # a pixel size this close (relative) to the gsd is the gsd: no warp at all
@@ -113,7 +122,8 @@ class RasterMapping:
 
     def to_json(self) -> dict[str, Any]:
         """Both grids (CRS, transform, shape) and the kernels, for provenance."""
-        return {"kind": "raster", "reference": "GDAL warp (rasterio WarpedVRT, exact transformer, fixed XSCALE/YSCALE)",
+        return {"kind": "raster", "reference": "GDAL warp kernels (per-axis weights in one CRS, storage.separable; else rasterio "
+                                               "WarpedVRT, exact transformer, fixed XSCALE/YSCALE)",
                 "input": self.input.to_json(), "model": self.model.to_json(),
                 "to_model": self.forward, "to_input": self.back,
                 "scale_xy": [float(s) for s in self.scale], "reason": self.reason, "identity": False}
@@ -338,40 +348,105 @@ def _bounds_of(n: int, c: int) -> list[tuple[int, int]]:
     return [(s, min(s + c, n)) for s in range(0, n, c)]
 
 
+def separable_axes(src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+                   scale: tuple[float, float]) -> tuple[Axis, Axis] | None:
+    """The (row, col) axis maps when :mod:`storage.separable` reproduces GDAL's warp: one CRS, both grids north-up,
+    and a kernel it implements there (average, nearest; bilinear at XSCALE and YSCALE >= 1, GDAL's 4-sample
+    formula).  None otherwise: GDAL warps."""
+    if src.crs != dst.crs or src.transform[1] or src.transform[3] or dst.transform[1] or dst.transform[3]:
+        return None
+    if kernel not in ("average", "bilinear", "nearest") or (kernel == "bilinear" and min(scale) < 1.0):
+        return None
+    a, _, c, _, e, f = src.transform
+    da_, _, dc, _, de, df = dst.transform
+    return Axis.between(src.height, f, e, df, de), Axis.between(src.width, c, a, dc, da_)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """How one output chunk is computed: its box, the source region it reads, and the separable taps (None: GDAL)."""
+
+    box: tuple[tuple[int, int], tuple[int, int]]
+    window: tuple[tuple[int, int], tuple[int, int]] | None
+    taps: tuple[Taps, Taps] | None = None
+    nearest: tuple[Taps, Taps] | None = None  # the destination mask's taps (with_mask)
+
+
+def _jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
+          per_axis: Sequence[list[tuple[int, int]]], with_mask: bool) -> dict[tuple[int, int], _Job]:
+    axes = separable_axes(src, dst, kernel, scale)
+    if with_mask and axes is None:
+        raise ValueError("a destination mask plane needs the separable warp")
+    pad = halo(scale)
+    jobs = {}
+    for idx in product(*(range(len(b)) for b in per_axis)):
+        box = (per_axis[0][idx[0]], per_axis[1][idx[1]])
+        if axes is None:
+            jobs[idx] = _Job(box, source_window(src, dst, box, pad))
+            continue
+        taps = (axes[0].taps(kernel, *box[0]), axes[1].taps(kernel, *box[1]))
+        near = (axes[0].taps("nearest", *box[0]), axes[1].taps("nearest", *box[1])) if with_mask else None
+        jobs[idx] = _Job(box, region_of(taps, *([near] if near else [])), taps, near)
+    return jobs
+
+
+def _compute(job: _Job, region: np.ndarray, valid: np.ndarray | None, src: RasterGrid, dst: RasterGrid,
+             kernel: Kernel, scale: tuple[float, float], dtype: Any, argmax: bool) -> np.ndarray:
+    """One output chunk from its source region (top-left at the job's window start)."""
+    assert job.window is not None
+    at = (job.window[0][0], job.window[1][0])
+    if job.taps is None:
+        out = warp_block(region, valid, src, at, dst, job.box, kernel, scale, np.float32 if argmax else dtype)
+        return argmax_first(out, dtype) if argmax else out
+    if argmax:
+        return separable_labels(region, valid, *job.taps, at, kernel, dtype)
+    out = separable_block(region, valid, *job.taps, at, kernel, dtype)
+    if job.nearest is not None:
+        out = np.concatenate([out, destination_valid(valid, *job.nearest, at)[None].astype(dtype)])
+    return out
+
+
+def _empty(job: _Job, n_ch: int, dtype: Any, argmax: bool) -> np.ndarray:
+    shape = tuple(b - a for a, b in job.box)
+    return np.zeros(shape if argmax else (n_ch + (job.nearest is not None), *shape), dtype=dtype)
+
+
 def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
          chunks: Sequence[int] | int, *, valid: da.Array | None = None, dtype: Any = np.float32,
-         argmax: bool = False) -> da.Array:
-    """(C, H, W) on ``src`` -> (C, H', W') on ``dst``, lazily, one GDAL warp per output chunk.
+         argmax: bool = False, with_mask: bool = False) -> da.Array:
+    """(C, H, W) on ``src`` -> (C, H', W') on ``dst``, lazily, one warp per output chunk.
 
     ``valid`` is ``src``'s mask (None: every pixel valid).  With ``argmax``
     each task returns the labels of its chunk (first maximum winning) instead
     of the warped values, so the way back never holds more than one chunk.
-    A stored (zarr) ``source`` and ``valid`` are read by each task itself,
-    region by region: no source chunk waits in memory for its other readers,
-    so memory stays one region per task whatever the image's size.
+    With ``with_mask`` (separable warps only) a last plane holds the
+    destination's mask (1 where the source pixel under a pixel's centre is
+    valid).  A stored (zarr) ``source`` and ``valid`` are read by each task
+    itself, exactly the region its taps need: no source chunk waits in memory
+    for its other readers, so memory stays one region per task whatever the
+    image's size.  Same CRS and north-up grids take :mod:`storage.separable`
+    (GDAL's kernels as per-axis weights); other maps a GDAL ``WarpedVRT``.
     """
     if not isinstance(source, da.Array) and hasattr(source, "store"):
-        return _warp_stored(source, src, dst, kernel, scale, chunks, valid=valid, dtype=dtype)
+        return _warp_stored(source, src, dst, kernel, scale, chunks, valid=valid, dtype=dtype, argmax=argmax,
+                            with_mask=with_mask)
     source = da.asarray(source)
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
     n_ch = source.shape[0]
-    size = (int(chunks), int(chunks)) if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
-    per_axis = [_bounds_of(n, min(c, n)) for n, c in zip(dst.shape, size)]
+    per_axis = _per_axis(dst, chunks)
     source = source.rechunk({0: n_ch})
     if valid is not None:
         valid = da.asarray(valid).rechunk(source.chunks[1:])
     edges = [np.cumsum((0, *c)) for c in source.chunks[1:]]
-    pad = halo(scale)
     dtype = np.dtype(dtype)
     token = tokenize(source.name, None if valid is None else valid.name, src, dst, kernel, scale, per_axis,
-                     str(dtype), argmax)
+                     str(dtype), argmax, with_mask)
     name = f"{'warp-argmax' if argmax else 'warp'}-{token}"
     dsk: dict = {}
-    for idx in product(*(range(len(b)) for b in per_axis)):
-        box = [per_axis[s][idx[s]] for s in range(2)]
-        window = source_window(src, dst, box, pad)
+    for idx, job in _jobs(src, dst, kernel, scale, per_axis, with_mask).items():
         parts, mparts, places = [], [], []
+        window = job.window
         if window is not None:
             touched = [range(int(np.searchsorted(e, lo, side="right")) - 1, int(np.searchsorted(e, hi, side="left")))
                        for e, (lo, hi) in zip(edges, window)]
@@ -386,75 +461,84 @@ def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, sca
                     mparts.append((getitem, (valid.name, *chunk), tuple(local)))
                 places.append(tuple(place))
         key = (name, *idx) if argmax else (name, 0, *idx)
-        dsk[key] = (_warp_task, parts, mparts if valid is not None else None, places, window, n_ch, source.dtype,
-                    src, dst, tuple(box), kernel, scale, dtype, argmax)
+        dsk[key] = (_warp_task, parts, mparts if valid is not None else None, places, job, n_ch, source.dtype,
+                    src, dst, kernel, scale, dtype, argmax)
     deps = [source] if valid is None else [source, valid]
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    return _array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
+
+
+def _per_axis(dst: RasterGrid, chunks: Sequence[int] | int) -> list[list[tuple[int, int]]]:
+    size = (int(chunks), int(chunks)) if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
+    return [_bounds_of(n, min(c, n)) for n, c in zip(dst.shape, size)]
+
+
+def _array(graph: HighLevelGraph, name: str, per_axis: Sequence[list[tuple[int, int]]], planes: int, dtype: Any,
+           argmax: bool) -> da.Array:
     spatial = tuple(tuple(b - a for a, b in bounds) for bounds in per_axis)
     if argmax:
         return da.Array(graph, name, chunks=spatial, dtype=dtype)
-    return da.Array(graph, name, chunks=((n_ch,), *spatial), dtype=dtype)
+    return da.Array(graph, name, chunks=((planes,), *spatial), dtype=dtype)
 
 
 def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
-                 chunks: Sequence[int] | int, *, valid: Any = None, dtype: Any = np.float32) -> da.Array:
-    """:func:`warp` of a zarr array (and mask), each task reading its own region from the store."""
+                 chunks: Sequence[int] | int, *, valid: Any = None, dtype: Any = np.float32, argmax: bool = False,
+                 with_mask: bool = False, after: da.Array | None = None) -> da.Array:
+    """:func:`warp` of a zarr array (and mask), each task reading its own region from the store.
+
+    ``after`` (one block per ``source`` chunk, :func:`stage`'s tokens): a task
+    starts once the blocks of the chunks its region touches are computed.
+    """
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
     n_ch = source.shape[0]
-    size = (int(chunks), int(chunks)) if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
-    per_axis = [_bounds_of(n, min(c, n)) for n, c in zip(dst.shape, size)]
-    pad = halo(scale)
+    per_axis = _per_axis(dst, chunks)
     dtype = np.dtype(dtype)
     name = "warp-stored-" + tokenize(str(source.store), source.path, None if valid is None else valid.path,
-                                     source.shape, src, dst, kernel, scale, per_axis, str(dtype))
+                                     source.shape, src, dst, kernel, scale, per_axis, str(dtype), argmax, with_mask,
+                                     None if after is None else after.name)
+    size = source.chunks[1:]
     dsk: dict = {}
-    for idx in product(*(range(len(b)) for b in per_axis)):
-        box = tuple(per_axis[s][idx[s]] for s in range(2))
-        dsk[(name, 0, *idx)] = (_stored_task, source, valid, source_window(src, dst, box, pad), src, dst, box,
-                                kernel, scale, dtype)
-    spatial = tuple(tuple(b - a for a, b in bounds) for bounds in per_axis)
-    return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=[]), name,
-                    chunks=((n_ch,), *spatial), dtype=dtype)
+    for idx, job in _jobs(src, dst, kernel, scale, per_axis, with_mask).items():
+        key = (name, *idx) if argmax else (name, 0, *idx)
+        waits: list = []
+        if after is not None and job.window is not None:
+            (r0, r1), (c0, c1) = job.window
+            waits = [(after.name, p, i, j) for p in range(after.numblocks[0])
+                     for i in range(r0 // size[0], (r1 - 1) // size[0] + 1)
+                     for j in range(c0 // size[1], (c1 - 1) // size[1] + 1)]
+        dsk[key] = (_stored_task, source, valid, job, src, dst, kernel, scale, dtype, argmax, waits)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[] if after is None else [after])
+    return _array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
 
 
-def _stored_task(source: Any, valid: Any, window: tuple[tuple[int, int], tuple[int, int]] | None, src: RasterGrid,
-                 dst: RasterGrid, box: tuple[tuple[int, int], ...], kernel: Kernel, scale: tuple[float, float],
-                 dtype: Any) -> np.ndarray:
-    if window is None:
-        return np.zeros((source.shape[0], *(b - a for a, b in box)), dtype=dtype)
-    (r0, r1), (c0, c1) = window
+def _stored_task(source: Any, valid: Any, job: _Job, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+                 scale: tuple[float, float], dtype: Any, argmax: bool, _after: Any = None) -> np.ndarray:
+    if job.window is None:
+        return _empty(job, source.shape[0], dtype, argmax)
+    (r0, r1), (c0, c1) = job.window
     region = np.asarray(source[:, r0:r1, c0:c1])
     mask = None if valid is None else np.asarray(valid[r0:r1, c0:c1], dtype=bool)
     if mask is not None and mask.all():
         mask = None  # nothing to exclude: the plain kernel, same values
-    return warp_block(region, mask, src, (r0, c0), dst, box, kernel, scale, dtype)
+    return _compute(job, region, mask, src, dst, kernel, scale, dtype, argmax)
 
 
-def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places: list[tuple[slice, ...]],
-               window: tuple[tuple[int, int], tuple[int, int]] | None, n_ch: int, src_dtype: Any, src: RasterGrid,
-               dst: RasterGrid, box: tuple[tuple[int, int], ...], kernel: Kernel, scale: tuple[float, float],
-               dtype: Any, argmax: bool) -> np.ndarray:
-    from storage.resample import argmax_first
-
-    shape = tuple(b - a for a, b in box)
-    if window is None:  # nothing of the source under this chunk
-        out = np.zeros((n_ch, *shape), dtype=np.float32 if argmax else dtype)
-    else:
-        region_shape = tuple(hi - lo for lo, hi in window)
-        region = np.empty((n_ch, *region_shape), dtype=src_dtype)
-        valid = None if mparts is None else np.empty(region_shape, dtype=bool)
-        for i, (part, place) in enumerate(zip(parts, places)):
-            region[(slice(None), *place)] = part
-            if valid is not None:
-                valid[place] = mparts[i]  # type: ignore[index]
-        if valid is not None and valid.all():
-            valid = None  # nothing to exclude: the plain kernel, same values
-        out = warp_block(region, valid, src, (window[0][0], window[1][0]), dst, box, kernel, scale,
-                         np.float32 if argmax else dtype)
-    if argmax:
-        return argmax_first(out, dtype)
-    return out
+def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places: list[tuple[slice, ...]], job: _Job,
+               n_ch: int, src_dtype: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+               scale: tuple[float, float], dtype: Any, argmax: bool) -> np.ndarray:
+    if job.window is None:  # nothing of the source under this chunk
+        return _empty(job, n_ch, dtype, argmax)
+    region_shape = tuple(hi - lo for lo, hi in job.window)
+    region = np.empty((n_ch, *region_shape), dtype=src_dtype)
+    valid = None if mparts is None else np.empty(region_shape, dtype=bool)
+    for i, (part, place) in enumerate(zip(parts, places)):
+        region[(slice(None), *place)] = part
+        if valid is not None:
+            valid[place] = mparts[i]  # type: ignore[index]
+    if valid is not None and valid.all():
+        valid = None  # nothing to exclude: the plain kernel, same values
+    return _compute(job, region, valid, src, dst, kernel, scale, dtype, argmax)
 
 
 # --- both ways -----------------------------------------------------------------------------------------------------
@@ -462,7 +546,16 @@ def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places:
 def to_model(image: da.Array, mapping: RasterMapping, *, chunks: Sequence[int] | int,
              valid: da.Array | None = None) -> tuple[da.Array, da.Array]:
     """(image, valid) on the model grid: the image warped with the mapping's kernel (float32), invalid input
-    pixels left out, and the model's valid mask (the input pixel under each model pixel's centre is valid)."""
+    pixels left out, and the model's valid mask (the input pixel under each model pixel's centre is valid).
+
+    A separable mapping computes both in one task per chunk (one read of the
+    region and its mask); otherwise the mask is a second, nearest, warp.
+    """
+    if separable_axes(mapping.input, mapping.model, mapping.forward, mapping.scale) is not None:
+        both = warp(image, mapping.input, mapping.model, mapping.forward, mapping.scale, chunks, valid=valid,
+                    with_mask=True)
+        n_ch = both.shape[0] - 1
+        return both[:n_ch], both[n_ch] > 0
     moved = warp(image, mapping.input, mapping.model, mapping.forward, mapping.scale, chunks, valid=valid)
     if valid is None:
         ones = da.ones(mapping.input_shape, dtype=np.uint8, chunks=tuple(image.chunks[1:]))
@@ -485,12 +578,22 @@ class RasterWayBack:
     ``mode`` "bilinear" interpolates with the mapping's way-back kernel
     (bilinear where the input is finer than the model, average where it is
     coarser); "nearest" takes the nearest model pixel.  ``valid`` is the model
-    grid's mask when some model pixels are invalid (their zero probabilities
-    are then left out rather than blended in).
+    grid's mask (a zarr or dask array) when some model pixels are invalid
+    (their zero probabilities are then left out rather than blended in).
+
+    ``stage`` (a path for a work zarr array) makes the stitched probabilities
+    go through a store: each model chunk is written as soon as it is stitched
+    (and then freed, as the plain sliding window's writes free theirs), and each
+    input chunk's task reads just the region its taps need once the chunks
+    under it are written.  Without it an input chunk holds on to up to four
+    stitched chunks that its neighbours also wait for, and the scheduler kept
+    most of the model grid's probabilities in memory (the worker's peak grew
+    with the scene).
     """
 
     mapping: RasterMapping
-    valid: da.Array | None = None
+    valid: Any = None
+    stage: Any = None
 
     @property
     def input_shape(self) -> tuple[int, int]:
@@ -499,21 +602,66 @@ class RasterWayBack:
     def _kernel(self, mode: str) -> Kernel:
         return "nearest" if mode == "nearest" else self.mapping.back
 
-    def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
+    def _warp(self, probs: da.Array, chunks: Sequence[int], mode: str, **kw: Any) -> da.Array:
         m = self.mapping
-        return warp(probs, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=self.valid)
+        if self.stage is None:
+            valid = self.valid if self.valid is None or isinstance(self.valid, da.Array) else da.from_zarr(self.valid)
+            return warp(probs, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid, **kw)
+        staged, written = stage(probs, self.stage)
+        valid = self.valid if self.valid is None or not isinstance(self.valid, da.Array) else None
+        if valid is None and self.valid is not None:  # a dask mask: staged beside the probabilities
+            mask = self.valid.rechunk(probs.chunks[1:])[None].astype(np.float32)
+            valid, mask_written = stage(mask, f"{self.stage}-valid")
+            written = da.concatenate([written, mask_written], axis=0)
+            valid = _Plane(valid)
+        return _warp_stored(staged, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid,
+                            after=written, **kw)
+
+    def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
+        return self._warp(probs, chunks, mode)
 
     def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any) -> da.Array:
-        """The argmax of :meth:`probabilities`, chunk by chunk, without keeping the warped classes."""
-        m = self.mapping
-        return warp(probs, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=self.valid,
-                    dtype=dtype, argmax=True)
+        """The argmax of :meth:`probabilities`, chunk by chunk, without keeping the warped classes (labels
+        copied from the model grid where every contributing model pixel clearly has one, storage.separable)."""
+        return self._warp(probs, chunks, mode, dtype=dtype, argmax=True)
 
     def region(self, box: Sequence[tuple[int, int]], mode: str) -> tuple[tuple[int, int], ...]:
         """The model-grid region [lo, hi) per (row, col) the way back reads for the input ``box``."""
         m = self.mapping
-        window = source_window(m.model, m.input, box, halo(back_scale(m)))
-        return ((0, 0), (0, 0)) if window is None else window
+        job = _jobs(m.model, m.input, self._kernel(mode), back_scale(m), [[tuple(box[0])], [tuple(box[1])]],
+                    False)[(0, 0)]
+        return ((0, 0), (0, 0)) if job.window is None else job.window
+
+
+class _Plane:
+    """A staged (1, H, W) mask read as (H, W) booleans."""
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        self.path = getattr(array, "path", "")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.array[(0, *key)]) > 0
+
+
+def stage(array: da.Array, path: Any) -> tuple[Any, da.Array]:
+    """(zarr array at ``path``, tokens): ``array`` written chunk by chunk (LZ4, a work file), and a (n, m) grid
+    of tiny blocks, one per spatial chunk, computed once that chunk is written (what readers wait for)."""
+    import zarr
+
+    array = array.rechunk({0: -1})
+    chunks = (array.shape[0], *(c[0] for c in array.chunks[1:]))
+    z = zarr.create_array(str(path), shape=array.shape, chunks=chunks, dtype=array.dtype, fill_value=0,
+                          compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
+                          overwrite=True)
+    tokens = array.map_blocks(partial(_stage_block, z), dtype=bool, chunks=(1, 1, 1))
+    return z, tokens
+
+
+def _stage_block(target: Any, block: np.ndarray, block_info: Any = None) -> np.ndarray:
+    where = tuple(slice(lo, hi) for lo, hi in block_info[0]["array-location"])
+    target[where] = block
+    return np.ones((1, 1, 1), dtype=bool)
 
 
 __all__ = ["Kernel", "RasterGrid", "RasterMapping", "RasterWayBack", "back_scale", "halo", "raster_mapping",

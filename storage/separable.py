@@ -1,0 +1,382 @@
+"""GDAL's warp kernels as per-axis weights: the fast warp between two north-up grids in one CRS.
+
+When the input and the model share a CRS and both grids are north-up, the
+map between them is separable: along each axis a destination pixel edge u
+lands on the source at ``s(u) = offset + step * u`` (pixel-edge terms, what
+GDAL's transformer computes from the two geotransforms).  Each kernel is then
+a short list of (source index, weight) taps per destination row and per
+destination column, reproducing what ``rasterio.warp.reproject`` (GDAL 3.x's
+warp kernel) does on the whole image:
+
+- ``average``: the source pixels a destination pixel covers, each weighted by
+  the fraction of it that is covered (GDAL >= 3.1), floor/ceil with GDAL's
+  1e-10 tolerance;
+- ``bilinear`` at a scale >= 1 (GDAL's 4-sample formula, used when refining):
+  the two source pixels around the destination pixel's centre (pixel-centre
+  convention), the first one clamped at the left/top edge, a tap past the
+  right/bottom edge dropped and the rest renormalised;
+- ``nearest``: the source pixel containing the destination pixel's centre.
+
+A destination pixel whose centre falls outside the source (bilinear, nearest)
+or that covers no source pixel (average) gets nothing: 0.  Invalid source
+pixels (a mask, GDAL's alpha band) get weight 0 and the weights are
+renormalised: out = W(x * m) / W(m), computed in float64 as GDAL does, and
+the result rounded once to float32.  GDAL also leaves a bilinear destination
+pixel empty when the source pixel under its centre is invalid, or when the
+valid taps' weights sum below 1e-5; average when no covered pixel is valid.
+Every destination pixel's value depends only on its coordinates and the
+source pixels its taps name, so any chunking gives the same values; the
+tests hold it equal to whole-image ``reproject`` (with the mask as an alpha
+band) to float rounding, bit for bit where the weights are exact (5 m <-> 10
+m, 20 m <-> 10 m).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+SeparableKernel = Literal["average", "bilinear", "nearest"]
+EPSILON = 1e-10  # GDAL's tolerance on pixel coordinates before floor/ceil (gdalwarpkernel.cpp)
+BILINEAR_MIN_DIVISOR = 1e-5  # GDAL leaves a bilinear pixel empty when its valid taps weigh less than this
+SLAB = 32  # destination rows averaged at a time: their float64 arrays stay in cache (0.11 -> 0.07 s a chunk)
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Per destination pixel along one axis: up to K source indices and weights, and whether it gets a value.
+
+    ``index`` and ``weight`` are (n, K); a padding tap has weight 0 and a
+    valid index.  ``centre`` is the source pixel under the destination
+    pixel's centre (bilinear, nearest: it must be valid), -1 where none.
+    """
+
+    index: np.ndarray
+    weight: np.ndarray
+    inside: np.ndarray
+    centre: np.ndarray
+
+    @property
+    def lo(self) -> int:
+        """The first source index any tap reads (the region to read starts here)."""
+        return int(self.index.min()) if self.index.size else 0
+
+    @property
+    def hi(self) -> int:
+        """One past the last source index any tap reads."""
+        return int(self.index.max()) + 1 if self.index.size else 0
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a separable map: source pixel edge = ``origin_inv + (dst_origin + u * dst_step) * src_inv``.
+
+    The terms are those of GDAL's geotransforms (the source's inverted), so
+    the coordinates are computed in the same order and round the same way.
+    """
+
+    n_src: int
+    dst_origin: float
+    dst_step: float
+    src_origin_inv: float
+    src_step_inv: float
+
+    @classmethod
+    def between(cls, n_src: int, src_origin: float, src_step: float, dst_origin: float,
+                dst_step: float) -> "Axis":
+        return cls(n_src=n_src, dst_origin=dst_origin, dst_step=dst_step, src_origin_inv=-src_origin / src_step,
+                   src_step_inv=1.0 / src_step)
+
+    def source(self, u: np.ndarray) -> np.ndarray:
+        """Destination pixel coordinates (edge convention) -> source pixel coordinates."""
+        return self.src_origin_inv + (self.dst_origin + u * self.dst_step) * self.src_step_inv
+
+    @property
+    def ratio(self) -> float:
+        """Source pixels per destination pixel."""
+        return abs(self.dst_step * self.src_step_inv)
+
+    def taps(self, kernel: SeparableKernel, start: int, stop: int) -> Taps:
+        u = np.arange(start, stop, dtype=np.float64)
+        if kernel == "average":
+            return self._average(u)
+        return self._point(u, kernel)
+
+    def _point(self, u: np.ndarray, kernel: SeparableKernel) -> Taps:
+        n = self.n_src
+        s = self.source(u + 0.5)
+        centre = np.floor(s + EPSILON)
+        inside = (s >= 0) & (centre < n)
+        centre = np.where(inside, centre, -1).astype(np.int64)
+        if kernel == "nearest":
+            idx = np.clip(centre, 0, n - 1)[:, None]
+            return Taps(idx, inside.astype(np.float64)[:, None], inside, centre)
+        i0 = np.floor(s - 0.5)
+        r = 1.5 - (s - i0)  # the first tap's weight
+        first = i0 == -1  # left of the first pixel's centre: GDAL takes it alone
+        i0 = np.where(first, 0.0, i0)
+        r = np.where(first, 1.0, r)
+        idx = np.stack([i0, i0 + 1], axis=1)
+        w = np.stack([r, 1.0 - r], axis=1)
+        ok = (idx >= 0) & (idx < n) & inside[:, None]
+        w = np.where(ok, w, 0.0)
+        idx = np.clip(idx, 0, n - 1).astype(np.int64)
+        return Taps(idx, w, inside, centre)
+
+    def _average(self, u: np.ndarray) -> Taps:
+        n = self.n_src
+        a, b = self.source(u), self.source(u + 1.0)
+        lo_c, hi_c = np.minimum(a, b), np.maximum(a, b)
+        i_min = np.maximum(np.floor(lo_c + EPSILON), 0.0)
+        i_max = np.minimum(np.ceil(hi_c - EPSILON), float(n))
+        i_max = np.where((i_min == i_max) & (i_max < n), i_max + 1, i_max)
+        count = np.maximum(i_max - i_min, 0).astype(np.int64)
+        k = max(1, int(count.max()) if count.size else 1)
+        j = np.arange(k, dtype=np.float64)[None, :]
+        idx = i_min[:, None] + j
+        first = j == 0
+        last = idx + 1 == i_max[:, None]
+        w = np.where(first, np.where(i_min[:, None] + 1 == i_max[:, None], 1.0, 1.0 - (lo_c[:, None] - i_min[:, None])),
+                     np.where(last, 1.0 - (i_max[:, None] - hi_c[:, None]), 1.0))
+        used = j < count[:, None]
+        w = np.where(used, w, 0.0)
+        idx = np.clip(np.where(used, idx, i_min[:, None]), 0, max(n - 1, 0)).astype(np.int64)
+        inside = count > 0
+        return Taps(idx, w, inside, np.full(u.shape, -1, dtype=np.int64))
+
+
+# --- values -----------------------------------------------------------------------------------------------------
+#
+# Every kernel below computes a set of destination pixels, named by row and column positions that broadcast: the
+# whole chunk (rows (ny, 1), columns (1, nx)) or a list of pixels (both (N,)).  The arithmetic per pixel is the same
+# either way, so a pixel computed alone equals the same pixel computed with its chunk, bit for bit: the labels' fast
+# path relies on it.
+
+
+def _prepared(region: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """The region with invalid pixels zeroed (so NaN nodata never reaches a product, even one weighted 0)."""
+    return region if valid is None else np.where(valid[None], region, 0).astype(region.dtype, copy=False)
+
+
+def _take(a: np.ndarray, idx: np.ndarray, axis: int) -> np.ndarray:
+    """``np.take`` along ``axis``, as a strided view (no copy) when ``idx`` steps evenly (integer ratios)."""
+    idx = np.ravel(idx)
+    if idx.size > 1:
+        step = int(idx[1] - idx[0])
+        if step > 0 and idx[-1] - idx[0] == step * (idx.size - 1) and np.all(np.diff(idx) == step):
+            sl = [slice(None)] * a.ndim
+            sl[axis] = slice(int(idx[0]), int(idx[-1]) + 1, step)
+            return a[tuple(sl)]
+    return np.take(a, idx, axis=axis)
+
+
+def _gather(data: np.ndarray, iy: np.ndarray, ix: np.ndarray, grid: bool) -> np.ndarray:
+    """data[..., iy, ix]: the outer product (two takes, the fast way) for a grid, paired for a pixel list."""
+    if grid:
+        return _take(_take(data, iy, data.ndim - 2), ix, data.ndim - 1)
+    return data[..., iy, ix]
+
+
+def _keep(ty: Taps, tx: Taps, rows: np.ndarray, cols: np.ndarray, valid: np.ndarray | None,
+          at: tuple[int, int], kernel: str, grid: bool) -> np.ndarray:
+    """Destination pixels inside the source whose centre pixel is valid (nearest, bilinear: GDAL's rule)."""
+    keep = ty.inside[rows] & tx.inside[cols]
+    if valid is not None and kernel != "average":
+        cy, cx = ty.centre[rows], tx.centre[cols]
+        keep = keep & _gather(valid, np.maximum(cy - at[0], 0), np.maximum(cx - at[1], 0), grid)
+    return keep
+
+
+def _average(data: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, rows: np.ndarray, cols: np.ndarray,
+             at: tuple[int, int], grid: bool) -> tuple[np.ndarray, np.ndarray]:
+    """GDAL's average: a running weighted mean over the covered pixels, rows outer, columns inner (as
+    gdalwarpkernel.cpp accumulates, mean += (v - mean) * (w / total)), and the total weight."""
+    shape = np.broadcast_shapes(rows.shape, cols.shape)
+    mean = np.zeros((data.shape[0], *shape))
+    total = np.zeros(shape)
+    for ky in range(ty.index.shape[1]):
+        wy, iy = ty.weight[rows, ky], ty.index[rows, ky] - at[0]
+        if not wy.any():
+            continue
+        for kx in range(tx.index.shape[1]):
+            w = tx.weight[cols, kx] * wy
+            ix = tx.index[cols, kx] - at[1]
+            if valid is not None:
+                w = np.where(_gather(valid, iy, ix, grid), w, 0.0)
+            if not w.any():
+                continue
+            total = total + w
+            with np.errstate(invalid="ignore", divide="ignore"):
+                f = np.where(w > 0, w / np.where(total > 0, total, 1.0), 0.0)
+            for c in range(data.shape[0]):  # band by band: one band's arrays stay in cache
+                step = _gather(data[c], iy, ix, grid).astype(np.float64)
+                step -= mean[c]
+                step *= f
+                mean[c] += step
+    return mean, total
+
+
+def _bilinear_rows(data: np.ndarray, ty: Taps, r0: int) -> np.ndarray:
+    """The row pass of bilinear for every destination row: (C, ny, W) float64."""
+    out = np.zeros((data.shape[0], ty.index.shape[0], data.shape[2]))
+    for k in range(ty.index.shape[1]):
+        w = ty.weight[:, k]
+        if w.any():
+            out += _take(data, ty.index[:, k] - r0, 1) * w[None, :, None]
+    return out
+
+
+def _bilinear_cols(partial: np.ndarray, tx: Taps, rows: np.ndarray, cols: np.ndarray, c0: int,
+                   grid: bool) -> np.ndarray:
+    """The column pass of bilinear for the pixels (rows, cols), from :func:`_bilinear_rows`."""
+    shape = np.broadcast_shapes(rows.shape, cols.shape)
+    out = np.zeros((partial.shape[0], *shape))
+    for k in range(tx.index.shape[1]):
+        w = tx.weight[cols, k]
+        if w.any():
+            ix = tx.index[cols, k] - c0
+            picked = _take(partial, ix, 2) if grid else partial[:, rows, ix]
+            out += picked * w
+    return out
+
+
+def _values(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int], kernel: str,
+            rows: np.ndarray, cols: np.ndarray, grid: bool) -> np.ndarray:
+    """float64 values of the pixels (rows, cols); 0 where GDAL writes nothing."""
+    keep = _keep(ty, tx, rows, cols, valid, at, kernel, grid)
+    if kernel == "nearest":
+        iy, ix = ty.index[rows, 0] - at[0], tx.index[cols, 0] - at[1]
+        return np.where(keep, _gather(region, iy, ix, grid), 0).astype(np.float64)
+    data = _prepared(region, valid)
+    if kernel == "average":
+        if not grid:
+            value, total = _average(data, valid, ty, tx, rows, cols, at, grid)
+            return np.where(keep & (total > 0), value, 0.0)
+        out = np.empty((data.shape[0], *keep.shape))
+        for y in range(0, keep.shape[0], SLAB):  # a slab of rows at a time: its float64 arrays stay in cache
+            value, total = _average(data, valid, ty, tx, rows[y:y + SLAB], cols, at, grid)
+            out[:, y:y + SLAB] = np.where(keep[y:y + SLAB] & (total > 0), value, 0.0)
+        return out
+    if not grid:
+        return _bilinear(data, valid, ty, tx, rows, cols, at, keep, False)
+    out = np.empty((data.shape[0], *keep.shape))
+    for y in range(0, keep.shape[0], SLAB):  # a slab of rows at a time, as for average
+        sl = slice(y, y + SLAB)
+        slab = Taps(ty.index[sl], ty.weight[sl], ty.inside[sl], ty.centre[sl])
+        out[:, sl] = _bilinear(data, valid, slab, tx, rows[:slab.index.shape[0]], cols, at, keep[sl], True)
+    return out
+
+
+def _bilinear(data: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, rows: np.ndarray, cols: np.ndarray,
+              at: tuple[int, int], keep: np.ndarray, grid: bool) -> np.ndarray:
+    """GDAL's 4-sample bilinear, renormalised over the valid taps, for the pixels (rows, cols) of ``ty``/``tx``."""
+    num = _bilinear_cols(_bilinear_rows(data, ty, at[0]), tx, rows, cols, at[1], grid)
+    if valid is None:
+        den = ty.weight.sum(axis=1)[rows] * tx.weight.sum(axis=1)[cols]
+    else:
+        den = _bilinear_cols(_bilinear_rows(valid[None].astype(np.float64), ty, at[0]), tx, rows, cols, at[1],
+                             grid)[0]
+    keep = keep & (den >= BILINEAR_MIN_DIVISOR)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(keep, num / np.where(keep, den, 1.0), 0.0)
+
+
+def _grid(ty: Taps, tx: Taps) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(ty.index.shape[0])[:, None], np.arange(tx.index.shape[0])[None, :]
+
+
+def separable_block(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int],
+                    kernel: SeparableKernel, dtype: np.dtype) -> np.ndarray:
+    """(C, ny, nx) destination values from a (C, H, W) source ``region`` whose top-left is source pixel ``at``.
+
+    ``valid`` is the region's mask (None: all valid).  The region must hold
+    every index the taps name (:func:`region_of`).
+    """
+    rows, cols = _grid(ty, tx)
+    return _values(region, valid, ty, tx, at, kernel, rows, cols, True).astype(dtype, copy=False)
+
+
+def destination_valid(valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int]) -> np.ndarray:
+    """The destination's mask from nearest taps: inside the source and the source pixel under the centre valid."""
+    rows, cols = _grid(ty, tx)
+    return _keep(ty, tx, rows, cols, valid, at, "nearest", True)
+
+
+def region_of(*taps: tuple[Taps, Taps]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The source region [lo, hi) per (row, col) every (rows, cols) pair of taps reads; None when none is inside."""
+    if not any(ty.inside.any() and tx.inside.any() for ty, tx in taps):
+        return None
+    return ((min(ty.lo for ty, _ in taps), max(ty.hi for ty, _ in taps)),
+            (min(tx.lo for _, tx in taps), max(tx.hi for _, tx in taps)))
+
+
+# --- labels -----------------------------------------------------------------------------------------------------
+#
+# The argmax of a convex combination of probability vectors that all share one clear winner is that winner (each
+# difference p_c* - p_c is a non-negative combination of differences larger than TIE_MARGIN * max|p|; float64
+# arithmetic and one float32 rounding move it by far less).  Where every contributing model pixel (weight > 0,
+# valid) clearly has one label, that label is copied; the other pixels are computed alone by the same arithmetic as
+# the full path, so the labels equal argmax_first of separable_block's values, pixel for pixel.
+
+
+def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int],
+                     kernel: SeparableKernel, dtype: np.dtype) -> np.ndarray:
+    """``argmax_first(separable_block(...))`` (first maximum wins), with values computed near boundaries only."""
+    from storage.resample import FULL_FRACTION, TIE_MARGIN, _cell_dtype, argmax_first
+
+    rows, cols = _grid(ty, tx)
+    cell = _cell_dtype(region.shape[0])
+    if kernel == "nearest":
+        keep = _keep(ty, tx, rows, cols, valid, at, kernel, True)
+        labels = _gather(argmax_first(region, cell), ty.index[:, 0] - at[0], tx.index[:, 0] - at[1], True)
+        return np.where(keep, labels, 0).astype(dtype, copy=False)
+    probs = np.asarray(region, dtype=np.float32)
+    if not np.isfinite(probs if valid is None else probs[:, valid]).all():  # no margins to trust
+        return argmax_first(separable_block(region, valid, ty, tx, at, kernel, np.dtype(np.float32)), dtype)
+    mark = np.iinfo(cell).max
+    top = probs.max(axis=0)
+    floor = top - np.float32(TIE_MARGIN * float(np.abs(probs if valid is None else probs[:, valid]).max(initial=0)))
+    clear = (probs >= floor[None]).sum(axis=0) == 1
+    winner = np.where(clear, argmax_first(probs, cell), mark).astype(cell)
+    low = winner if valid is None else np.where(valid, winner, mark).astype(cell)  # invalid: never the minimum
+    high = winner if valid is None else np.where(valid, winner, 0).astype(cell)  # ... nor the maximum
+    low, high = _reduce(low, high, ty, tx, at, mark)
+    keep = _keep(ty, tx, rows, cols, valid, at, kernel, True)
+    uniform = keep & (low == high) & (low != mark)
+    labels = np.where(uniform, low, 0).astype(cell)
+    todo = keep & ~uniform
+    if np.count_nonzero(todo) > FULL_FRACTION * todo.size:  # mostly boundary: the whole chunk is cheaper
+        return argmax_first(separable_block(region, valid, ty, tx, at, kernel, np.dtype(np.float32)), dtype)
+    r, c = np.nonzero(todo)
+    if r.size:
+        values = _values(region, valid, ty, tx, at, kernel, r, c, False).astype(np.float32)
+        labels[r, c] = argmax_first(values, cell)
+    return labels.astype(dtype, copy=False)
+
+
+def _reduce(low: np.ndarray, high: np.ndarray, ty: Taps, tx: Taps, at: tuple[int, int],
+            mark: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per destination pixel, the min of ``low`` and max of ``high`` over its taps of non-zero weight."""
+    for axis, taps, lo in ((0, ty, at[0]), (1, tx, at[1])):
+        mn = mx = None
+        for k in range(taps.index.shape[1]):
+            w = taps.weight[:, k] > 0
+            if not w.any():
+                continue
+            shape = (-1, 1) if axis == 0 else (1, -1)
+            a = np.where(w.reshape(shape), np.take(low, taps.index[:, k] - lo, axis=axis), mark)
+            b = np.where(w.reshape(shape), np.take(high, taps.index[:, k] - lo, axis=axis), 0)
+            mn = a if mn is None else np.minimum(mn, a)
+            mx = b if mx is None else np.maximum(mx, b)
+        if mn is None:
+            n = taps.index.shape[0]
+            shape2 = (n, low.shape[1]) if axis == 0 else (low.shape[0], n)
+            mn, mx = np.full(shape2, mark, low.dtype), np.zeros(shape2, high.dtype)
+        low, high = mn.astype(low.dtype), mx.astype(high.dtype)
+    return low, high
+
+
+__all__ = ["Axis", "SeparableKernel", "Taps", "destination_valid", "region_of", "separable_block",
+           "separable_labels"]

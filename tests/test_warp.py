@@ -1,0 +1,146 @@
+"""The separable warp (storage.separable via storage.warp.warp) against GDAL's whole-image ``reproject``.
+
+Same CRS, north-up grids: the warp is per-axis weights reproducing GDAL's
+kernels.  The oracle is ``rasterio.warp.reproject`` of the whole image with
+the mask as an alpha band; the fast path, chunked two ways, must match it
+within 1e-5 on values in [0, 1) (bit for bit where the grids' ratio is a
+power of two; elsewhere GDAL's pixel coordinates round differently in the
+last bits, a few float32 ulps at most), and the labels-only way back must
+equal the argmax of the full way back, ties included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.warp import reproject
+
+from storage.resample import argmax_first
+from storage.warp import RasterGrid, separable_axes, warp
+
+CRS = "EPSG:32633"
+
+
+def _grids(res: float, gsd: float, shape: tuple[int, int]) -> tuple[RasterGrid, RasterGrid]:
+    src = RasterGrid(crs=CRS, transform=tuple(Affine(res, 0, 500000, 0, -res, 6000000))[:6], height=shape[0],
+                     width=shape[1])
+    h, w = (max(1, math.ceil(n * res / gsd - 1e-9)) for n in shape)
+    dst = RasterGrid(crs=CRS, transform=tuple(Affine(gsd, 0, 500000, 0, -gsd, 6000000))[:6], height=h, width=w)
+    return src, dst
+
+
+def _gdal(image: np.ndarray, valid: np.ndarray, src: RasterGrid, dst: RasterGrid, kernel: str,
+          scale: float) -> np.ndarray:
+    """Whole-image GDAL warp, the mask as an alpha band (its warped plane dropped)."""
+    bands = np.concatenate([image, (valid * 255).astype(np.float32)[None]])
+    out = np.zeros((bands.shape[0], *dst.shape), np.float32)
+    reproject(bands, out, src_transform=src.affine, src_crs=CRS, dst_transform=dst.affine, dst_crs=CRS,
+              resampling=getattr(Resampling, kernel), src_alpha=bands.shape[0], XSCALE=scale, YSCALE=scale)
+    return out[:-1]
+
+
+@pytest.mark.parametrize("res,gsd,kernel", [(5.0, 10.0, "average"), (20.0, 10.0, "bilinear"),
+                                            (7.5, 10.0, "average"), (10.0, 5.0, "bilinear"),
+                                            (5.0, 10.0, "nearest")])
+def test_the_separable_warp_equals_gdal_on_the_whole_image(res, gsd, kernel):
+    rng = np.random.default_rng(int(res * 10 + gsd))
+    shape = (101, 87)  # not multiples of the ratio: the last destination pixels reach past the source
+    image = rng.random((3, *shape)).astype(np.float32)
+    valid = rng.random(shape) > 0.2
+    image[:, ~valid] = np.nan  # what invalid pixels hold must never matter
+    src, dst = _grids(res, gsd, shape)
+    scale = res / gsd
+    assert separable_axes(src, dst, kernel, (scale, scale)) is not None  # the fast path, not GDAL
+    ref = _gdal(np.nan_to_num(image, nan=123.0), valid, src, dst, kernel, scale)
+    ours = [warp(da.from_array(image, chunks=(3, c, c)), src, dst, kernel, (scale, scale), k,
+                 valid=da.from_array(valid, chunks=c)).compute(scheduler="sync") for c, k in ((19, 23), (64, 50))]
+    assert np.array_equal(ours[0], ours[1])  # chunk invariance
+    assert np.array_equal(ours[0] == 0, ref == 0)  # the same pixels left empty
+    err = float(np.abs(ours[0] - ref).max())
+    assert err <= 1e-5, f"{res} m -> {gsd} m {kernel}: max |ours - GDAL| = {err:.2e}"
+    if kernel != "average" or res / gsd in (0.5, 2.0):
+        assert np.array_equal(ours[0], ref)  # exact weights: bit for bit
+    # no mask at all: the plain kernel (GDAL without alpha)
+    clean = np.nan_to_num(image, nan=0.5)
+    plain = np.zeros((3, *dst.shape), np.float32)
+    reproject(clean, plain, src_transform=src.affine, src_crs=CRS, dst_transform=dst.affine, dst_crs=CRS,
+              resampling=getattr(Resampling, kernel), XSCALE=scale, YSCALE=scale)
+    got = warp(da.from_array(clean, chunks=(3, 30, 30)), src, dst, kernel, (scale, scale), 40).compute()
+    assert float(np.abs(got - plain).max()) <= 1e-5
+
+
+def test_the_model_mask_plane_and_a_stored_source_match(tmp_path):
+    """with_mask: the last plane is the nearest warp of the mask; a zarr source read region by region gives the
+    same values as the dask graph."""
+    rng = np.random.default_rng(7)
+    shape = (90, 70)
+    image = rng.random((2, *shape)).astype(np.float32)
+    valid = rng.random(shape) > 0.3
+    src, dst = _grids(5.0, 10.0, shape)
+    both = warp(da.from_array(image, chunks=(2, 32, 32)), src, dst, "average", (0.5, 0.5), 16,
+                valid=da.from_array(valid, chunks=32), with_mask=True).compute()
+    near = np.zeros((1, *dst.shape), np.uint8)
+    reproject(valid[None].astype(np.uint8), near, src_transform=src.affine, src_crs=CRS, dst_transform=dst.affine,
+              dst_crs=CRS, resampling=Resampling.nearest)
+    assert np.array_equal(both[-1] > 0, near[0] > 0)
+    z = zarr.open_array(str(tmp_path / "i.zarr"), mode="w", shape=image.shape, chunks=(2, 32, 32), dtype="float32")
+    z[:] = image
+    m = zarr.open_array(str(tmp_path / "m.zarr"), mode="w", shape=shape, chunks=(32, 32), dtype="bool")
+    m[:] = valid
+    stored = warp(z, src, dst, "average", (0.5, 0.5), 16, valid=m, with_mask=True).compute()
+    assert np.array_equal(stored, both)
+
+
+def _probabilities(shape: tuple[int, int], classes: int, seed: int) -> np.ndarray:
+    """Softmax of rough random logits: many label boundaries, and exact ties (quantised values) in places."""
+    from scipy.ndimage import zoom
+
+    rng = np.random.default_rng(seed)
+    logits = np.stack([zoom(rng.normal(size=(shape[0] // 12 + 1, shape[1] // 12 + 1)), 12, order=1)
+                       [:shape[0], :shape[1]] for _ in range(classes)]) * 4
+    p = np.exp(logits - logits.max(0))
+    p /= p.sum(0)
+    p = np.round(p, 3)
+    tied = (rng.random(shape) < 0.01) & (np.argmax(p, 0) <= 1)
+    p[0, tied] = p[1, tied] = np.maximum(p[0, tied], p[1, tied])  # exact ties: the first maximum wins on both paths
+    return p.astype(np.float32)
+
+
+@pytest.mark.parametrize("res,gsd,kernel,mode", [(5.0, 10.0, "bilinear", "bilinear"),
+                                                 (20.0, 10.0, "average", "bilinear"),
+                                                 (5.0, 10.0, "nearest", "nearest")])
+def test_labels_only_way_back_equals_the_full_way_back(res, gsd, kernel, mode):
+    """The labels path (argmax on the model grid, interpolation near boundaries only) gives the argmax of the
+    warped probabilities, pixel for pixel, with a model mask and ties."""
+    inp, model = _grids(res, gsd, (203, 181))
+    probs = _probabilities(model.shape, 4, seed=int(res))
+    valid = np.ones(model.shape, bool)
+    valid[:, -3:] = False  # model pixels past the input's footprint
+    valid[40:44, 10:30] = False
+    scale = (gsd / res, gsd / res)
+    assert separable_axes(model, inp, kernel, scale) is not None
+    p = da.from_array(probs, chunks=(4, 33, 33))
+    v = da.from_array(valid, chunks=33)
+    full = warp(p, model, inp, kernel, scale, 47, valid=v).compute(scheduler="sync")
+    labels = warp(p, model, inp, kernel, scale, 47, valid=v, argmax=True, dtype=np.uint8).compute(scheduler="sync")
+    expected = argmax_first(full, np.uint8)
+    assert np.array_equal(labels, expected), f"{(labels != expected).sum()} labels differ"
+    changes = np.count_nonzero(np.diff(expected.astype(int), axis=1))
+    assert changes > 500 and len(np.unique(expected)) == 4  # many boundaries: the test has teeth
+
+
+def test_crs_changes_and_rotations_keep_gdal():
+    a, b = _grids(5.0, 10.0, (20, 20))
+    assert separable_axes(a, b, "average", (0.5, 0.5)) is not None
+    other = RasterGrid(crs="EPSG:32634", transform=b.transform, height=b.height, width=b.width)
+    assert separable_axes(a, other, "average", (0.5, 0.5)) is None
+    rotated = RasterGrid(crs=CRS, transform=(10.0, 1.0, 500000.0, 1.0, -10.0, 6000000.0), height=9, width=9)
+    assert separable_axes(a, rotated, "average", (0.5, 0.5)) is None
+    assert separable_axes(a, b, "bilinear", (0.5, 0.5)) is None  # GDAL widens bilinear when coarsening
+    assert separable_axes(a, b, "cubic", (0.5, 0.5)) is None  # type: ignore[arg-type]
