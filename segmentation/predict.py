@@ -108,8 +108,10 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                                       f"{'-logits' if blend_logits else ''}",
                                 flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0], blend_logits=blend_logits)
     grid = make_grid(arr.shape[1:], roi, overlap)
+    # a stored (zarr) image is read by the evaluate tasks themselves, region by region (StitchPlan's source)
+    stored = image if not isinstance(image, (da.Array, np.ndarray)) and hasattr(image, "store") else None
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
-                      blend=blend, sigma_scale=sigma_scale)
+                      blend=blend, sigma_scale=sigma_scale, source=stored)
 
 
 def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | None = None,

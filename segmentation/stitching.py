@@ -106,7 +106,8 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     """
     roi = weights.shape
     extent = tuple((min(s), max(s) + r) for s, r in zip(owned, roi))
-    raw = _assemble(region, blocks, (channels,), blocks[0][1].dtype)
+    raw = blocks.read(region) if isinstance(blocks, RegionReader) else \
+        _assemble(region, blocks, (channels,), blocks[0][1].dtype)
     x = np.zeros((channels,) + tuple(hi - lo for lo, hi in extent), dtype=np.float32)
     inner = tuple(slice(r0 - e0, r1 - e0) for (r0, r1), (e0, _) in zip(region, extent))
     normalizer(raw, out=x[(slice(None),) + inner])
@@ -134,6 +135,23 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
         sl = tuple(slice(lo - e0, hi - e0) for (lo, hi), (e0, _) in zip(tbox, extent))
         pieces[index] = np.ascontiguousarray(acc[(slice(None),) + sl])
     return pieces, (evaluated, skipped)
+
+
+class RegionReader:
+    """A stored (C, *spatial) image an evaluate task reads its own region from.
+
+    Given image chunks as separate tasks, a scheduler may load them well
+    ahead of the windows that need them (it did, once the writes came to wait
+    on a model-space way back: 72 chunks held at 16384², 7 at 8192²); read in
+    the task itself, a chunk exists only while its windows run.  The values
+    are the stored ones either way.
+    """
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def read(self, region: Box) -> np.ndarray:
+        return np.asarray(self.array[(slice(None),) + tuple(slice(lo, hi) for lo, hi in region)])
 
 
 def _weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
@@ -225,8 +243,11 @@ class StitchPlan:
 
     def __init__(self, image: da.Array, predictor: Any, grid: WindowGrid, *,
                  num_classes: int, normalizer: Callable[[np.ndarray], np.ndarray],
-                 mask: da.Array | None = None, blend: Blend = "gaussian", sigma_scale: float = 0.125) -> None:
+                 mask: da.Array | None = None, blend: Blend = "gaussian", sigma_scale: float = 0.125,
+                 source: Any = None) -> None:
+        """``source``: the stored array ``image`` wraps (zarr), read by the evaluate tasks themselves."""
         self.grid = grid
+        self.source = source
         self.num_classes = num_classes
         self.channels = image.shape[0]
         self.chunks = image.chunks[1:]
@@ -275,7 +296,8 @@ class StitchPlan:
                 continue
             region: Box = tuple(regions)  # type: ignore[arg-type]
             src = list(itertools.product(*(a.chunks_overlapping(lo, hi) for a, (lo, hi) in zip(self.axes, region))))
-            blocks = [(self.box(s), image_blocks[s]) for s in src]
+            blocks = RegionReader(self.source) if self.source is not None else \
+                [(self.box(s), image_blocks[s]) for s in src]
             mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]
             targets = [(t, tuple((max(lo, b0), min(hi, b1)) for (lo, hi), (b0, b1) in zip(region, self.box(t))))
                        for t in src]
