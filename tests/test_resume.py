@@ -369,3 +369,37 @@ def test_full_disk_at_export_gives_one_line_and_leaves_nothing(scene, tmp_path, 
     assert message.startswith(f"{out / 'scene.tif'}: cannot write COG: ") and "\n" not in message
     assert ("no space left on device" if how == "tmpfs" else "file size limit exceeded") in message, message
     assert _listing(out) == []  # no zarr, no COG, no temporaries, no work store
+
+
+# --------------------------------------------------------------------------- SIGKILL of a run in raster model space
+
+
+def test_sigkill_of_a_raster_model_space_run_resumes_byte_identical(scene, tmp_path):
+    """A 20 m model on the 10 m scene: the warp, the model-space store and the staged probabilities survive a
+    SIGKILL, and the rerun writes only the unfinished input-grid chunks, byte for byte as an uninterrupted run."""
+    image, _ = scene
+    model = tiny_model(tmp_path / "model20", spatial_dims=2, channels=4, roi=[16, 16], seed=2,
+                       spacing=[20.0, 20.0], spacing_unit="m")
+    assert model.card.applies_raster_model_space
+    rc, [reference], stderr = _segment(image, model.path, tmp_path / "ref", logs=tmp_path / "ref")
+    assert rc == 0, stderr
+    assert reference["statistics"]["model_space"] and reference["statistics"]["chunks_written"] == CHUNKS
+
+    out = tmp_path / "out"
+    rc, _, _ = _segment(image, model.path, out, kill_after=3, logs=tmp_path / "killed")
+    assert rc == -signal.SIGKILL
+    done = len(_markers(out))
+    assert 3 <= done < CHUNKS
+    assert not (out / "scene.tif").exists()
+
+    rc, [resumed], stderr = _segment(image, model.path, out, logs=tmp_path / "resumed")
+    assert rc == 0, stderr
+    stats = resumed["statistics"]
+    assert stats["partial_store"] == "resumed" and stats["ingest_reused"] is True
+    assert stats["chunks_resumed"] == done and stats["chunks_written"] == CHUNKS - done
+    assert stats["model_image_reused"] is True  # the warp to the model grid is not done twice
+    assert stats["label_pixels"] == reference["statistics"]["label_pixels"]
+    assert (out / "scene.tif").read_bytes() == (tmp_path / "ref" / "scene.tif").read_bytes()
+    assert _tree(out / "scene.zarr") == _tree(tmp_path / "ref" / "scene.zarr")
+    assert not (out / WORK_DIR).exists()  # the model-space store and its staged probabilities are gone
+    assert verify_sidecar(out / "scene.provenance.json") == []
