@@ -403,3 +403,50 @@ def test_sigkill_of_a_raster_model_space_run_resumes_byte_identical(scene, tmp_p
     assert _tree(out / "scene.zarr") == _tree(tmp_path / "ref" / "scene.zarr")
     assert not (out / WORK_DIR).exists()  # the model-space store and its staged probabilities are gone
     assert verify_sidecar(out / "scene.provenance.json") == []
+
+
+def _cut(image: Path, folder: Path) -> list[Path]:
+    """The scene cut into 2 x 2 GeoTIFF tiles (a grid that does not follow the chunk size)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    folder.mkdir()
+    tiles = []
+    with rasterio.open(image) as src:
+        rows, cols = (0, 70, src.height), (0, 90, src.width)
+        for r in range(2):
+            for c in range(2):
+                window = Window(cols[c], rows[r], cols[c + 1] - cols[c], rows[r + 1] - rows[r])
+                profile = {**src.profile, "width": window.width, "height": window.height,
+                           "transform": src.window_transform(window), "tiled": False}
+                profile.pop("blockxsize", None)
+                profile.pop("blockysize", None)
+                tiles.append(folder / f"tile_{r}{c}.tif")
+                with rasterio.open(tiles[-1], "w", **profile) as dst:
+                    dst.write(src.read(window=window))
+    return tiles
+
+
+def test_sigkill_of_a_mosaic_run_resumes_byte_identical(scene, tmp_path):
+    image, model = scene
+    tiles = [str(t) for t in _cut(image, tmp_path / "tiles")]
+    args = (tiles[0], "--mosaic", "region", *tiles[1:])
+    rc, [reference], stderr = _segment(*args[:1], model.path, tmp_path / "ref", *args[1:], logs=tmp_path / "ref")
+    assert rc == 0, stderr
+    assert reference["statistics"]["chunks_written"] == CHUNKS
+
+    out = tmp_path / "out"
+    rc, _, _ = _segment(*args[:1], model.path, out, *args[1:], kill_after=3, logs=tmp_path / "killed")
+    assert rc == -signal.SIGKILL
+    done = len(sorted(out.glob(f".region.zarr.*.partial/{JOURNAL_DIR}/done/*.json")))
+    assert 3 <= done < CHUNKS
+    assert not (out / "region.tif").exists()
+
+    rc, [resumed], stderr = _segment(*args[:1], model.path, out, *args[1:], logs=tmp_path / "resumed")
+    assert rc == 0, stderr
+    stats = resumed["statistics"]
+    assert stats["partial_store"] == "resumed" and stats["ingest_reused"] is True
+    assert stats["chunks_resumed"] == done and stats["chunks_written"] == CHUNKS - done
+    assert (out / "region.tif").read_bytes() == (tmp_path / "ref" / "region.tif").read_bytes()
+    assert _tree(out / "region.zarr") == _tree(tmp_path / "ref" / "region.zarr")
+    assert verify_sidecar(out / "region.provenance.json") == []
