@@ -126,7 +126,8 @@ def make_model_space_scene(scene: Path, out: Path, work: Path, chunk: int) -> di
     from rasterio.windows import Window
 
     from storage.ingest import ingest
-    from storage.warp import raster_mapping, to_model
+    from storage.rastergrid import raster_mapping
+    from storage.warp import to_model
 
     store = ingest(scene, work / "scene.image.zarr", chunk=chunk)
     mapping = raster_mapping(store.meta.geometry, store.spatial_shape, spacing=[MODEL_M, MODEL_M], crs=None)

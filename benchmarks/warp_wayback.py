@@ -41,7 +41,8 @@ def one(size: int, folder: Path) -> dict:
     from rasterio.crs import CRS
 
     from storage.geometry import RasterGeometry
-    from storage.warp import RasterWayBack, raster_mapping
+    from storage.rastergrid import raster_mapping
+    from storage.warp import RasterWayBack
 
     geometry = RasterGeometry(width=size, height=size, crs_wkt=CRS.from_epsg(32633).to_wkt(), epsg=32633,
                               transform=(5.0, 0.0, 500000.0, 0.0, -5.0, 5e6), dtype="uint16")

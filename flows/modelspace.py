@@ -31,7 +31,8 @@ from storage.geometry import RasterGeometry, VolumeGeometry
 from storage.grids import GridMapping, model_grid
 from storage.layout import META_ATTR, ImageStore, StoreMeta
 from storage.modelimage import all_valid, model_image, model_raster_image, raster_model_geometry
-from storage.warp import RasterMapping, RasterWayBack, raster_mapping
+from storage.rastergrid import RasterMapping, raster_mapping
+from storage.warp import RasterWayBack
 
 DEFAULT_VOLUME_CHUNK = 128
 

@@ -32,7 +32,7 @@ from storage.grids import GridMapping
 from storage.layout import (ImageStore, StoreMeta, create_image_store, identity_digest, is_complete,
                             mark_complete, open_image_store)
 from storage.resample import to_model
-from storage.warp import RasterMapping
+from storage.rastergrid import RasterMapping
 
 MAPPING_ATTR = "segflow_model_space"
 

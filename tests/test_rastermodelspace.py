@@ -30,7 +30,8 @@ from segmentation.demo_cards import landcover_card
 from storage.errors import InvalidInputError
 from storage.layout import LABELS, PROBABILITIES
 from storage.samples import SCENE_EPSG, make_scene
-from storage.warp import RasterWayBack, raster_mapping, to_model, utm_crs
+from storage.rastergrid import raster_mapping, utm_crs
+from storage.warp import RasterWayBack, to_model
 from tests.models import tiny_model
 
 MEAN = [650.0, 800.0, 750.0, 2700.0]  # fixed normalisation (the demo card's), so the oracle needs no statistics

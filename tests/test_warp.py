@@ -22,7 +22,8 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
 from storage.resample import argmax_first
-from storage.warp import RasterGrid, separable_axes, warp
+from storage.rastergrid import RasterGrid
+from storage.warp import separable_axes, warp
 
 CRS = "EPSG:32633"
 
