@@ -124,16 +124,22 @@ def build(store: ImageStore, model: LoadedModel, options: SegmentOptions,
                                           compute=lambda graph: client.compute(graph).result())
         facts = {"model_space": mapping.to_json(), "model_image_reused": reused,
                  "model_image_seconds": round(time.perf_counter() - t0, 3)}
-    image, bands = band_selection(image_store, model, options)
-    if bands is not None:
-        facts["bands"] = bands
-    stitch = build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
-                        precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
-                        batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
+    stitch = _stitch_plan(image_store, model, options, facts)
     if mapping is None:
         return stitch, None, facts
     plan = ModelSpacePlan(stitch, mapping, invert=model.card.inference.invert, chunks=store.image.chunks[1:])
     return plan, mapping, facts
+
+
+def _stitch_plan(image_store: ImageStore, model: LoadedModel, options: SegmentOptions,
+                 facts: dict[str, Any]) -> Any:
+    """The sliding window over the grid the network sees (the input's or the model's), with the bands chosen."""
+    image, bands = band_selection(image_store, model, options)
+    if bands is not None:
+        facts["bands"] = bands
+    return build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
+                      precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
+                      batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
 
 
 def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions, client: Client,
@@ -146,12 +152,7 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
     facts: dict[str, Any] = {"model_space": mapping.to_json(), "model_image_reused": reused,
                              "model_image_seconds": round(time.perf_counter() - t0, 3),
                              "output_grid": options.output_grid}
-    image, bands = band_selection(image_store, model, options)
-    if bands is not None:
-        facts["bands"] = bands
-    stitch = build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
-                        precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
-                        batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
+    stitch = _stitch_plan(image_store, model, options, facts)
     if options.output_grid == "model":
         return stitch, mapping, facts
     model_valid = None if all_valid(image_store) else image_store.mask

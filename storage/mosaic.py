@@ -78,10 +78,14 @@ class MosaicRef:
         """How messages and the provenance name the mosaic."""
         return f"mosaic {self.name} ({len(self.tiles)} tile{'s' if len(self.tiles) != 1 else ''})"
 
-    def sha256(self) -> str:
+    def tile_sha256s(self) -> list[str]:
+        """Each tile's sha256, in order: read once per ingest, then shared by the identity and the provenance."""
+        return [sha256_input(t) for t in self.tiles]
+
+    def sha256(self, tile_sha256s: list[str] | None = None) -> str:
         """The mosaic's identity: its tiles' content in order, the target CRS and the rules' version."""
         doc = {"rules": RULES_VERSION, "crs": self.crs, "resampling": RESAMPLING,
-               "tiles": [sha256_input(t) for t in self.tiles]}
+               "tiles": self.tile_sha256s() if tile_sha256s is None else tile_sha256s}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def size(self) -> int:
@@ -163,13 +167,13 @@ class MosaicPlan:
     def any_warped(self) -> bool:
         return any(p.warped for p in self.placements)
 
-    def describe(self) -> dict[str, Any]:
-        """The store attribute and provenance entry: the grid, the rules, every tile with its sha256."""
+    def describe(self, sha256s: dict[Path, str]) -> dict[str, Any]:
+        """The store attribute and provenance entry: the grid, the rules, every tile with its sha256 (by path)."""
         return {"name": self.ref.name, "crs": _crs_name(self.crs), "target_crs": self.ref.crs,
                 "transform": list(self.transform)[:6], "width": self.width, "height": self.height,
                 "resampling": RESAMPLING if self.any_warped else None, "rules": RULES_VERSION,
                 "overlap": "a tile on the mosaic's grid wins over a warped one; among equals the first named",
-                "tiles": [p.describe(sha256_input(p.tile.path)) for p in self.placements]}
+                "tiles": [p.describe(sha256s[Path(p.tile.path)]) for p in self.placements]}
 
 
 def _crs_name(crs: CRS) -> str:
@@ -473,7 +477,8 @@ def ingest_mosaic(ref: MosaicRef, store_path: str | PathLike[str], *, chunk: int
 
     store_path = Path(store_path)
     plan = plan_mosaic(ref)
-    source = SourceInfo(path=ref.display, sha256=ref.sha256(), size=ref.size(), format="mosaic")
+    hashes = ref.tile_sha256s()
+    source = SourceInfo(path=ref.display, sha256=ref.sha256(hashes), size=ref.size(), format="mosaic")
     for stale in store_path.parent.glob(f".{store_path.name}.vrt-*"):  # an interrupted ingest's VRT files
         shutil.rmtree(stale, ignore_errors=True)
     folder = store_path.parent / f".{store_path.name}.vrt-{uuid.uuid4().hex[:8]}"
@@ -487,7 +492,7 @@ def ingest_mosaic(ref: MosaicRef, store_path: str | PathLike[str], *, chunk: int
                 raise type(exc)(ref.display, exc.problem.replace(str(vrt), ref.display)) from None
             raise
         try:
-            store.group.attrs[MOSAIC_ATTR] = plan.describe()
+            store.group.attrs[MOSAIC_ATTR] = plan.describe({Path(t).absolute(): h for t, h in zip(ref.tiles, hashes)})
         except BaseException:
             shutil.rmtree(store_path, ignore_errors=True)
             raise
