@@ -67,32 +67,54 @@ def _pattern(seed: int = 0) -> np.ndarray:
     return np.clip(bands, 1, 10000).astype(np.uint16)
 
 
-def make_scene(path: Path, size: int) -> None:
+def _demo_pattern(seed: int = 11) -> np.ndarray:
+    """(4, TILE, TILE) uint16 at 5 m whose 10 m average is exactly a demo scene (storage.samples, unseen seed): the
+    demo's trained model then sees its own kind of image in model space and gives coherent labels."""
+    from storage import samples
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image, _ = samples.make_scene(Path(tmp) / "tile.tif", size=(TILE // 2, TILE // 2), seed=seed,
+                                      nodata_margin=0)
+        import rasterio
+
+        with rasterio.open(image) as src:
+            ten = src.read()
+    return np.maximum(ten, 1).repeat(2, axis=1).repeat(2, axis=2)
+
+
+def make_scene(path: Path, size: int, kind: str = "cheap") -> None:
     import rasterio
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    tile = _pattern()
+    tile = _demo_pattern() if kind == "trained" else _pattern()
+    step = (516, 312) if kind == "trained" else (517, 311)  # even shifts keep the trained scene's 2×2 cells whole
     with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=4, dtype="uint16",
                        crs=f"EPSG:{EPSG}", transform=from_origin(400000, 5900000, INPUT_M, INPUT_M), tiled=True,
                        blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="YES") as dst:
         for y in range(0, size, TILE):
             for x in range(0, size, TILE):
-                block = np.roll(tile, ((x + 3 * y) // TILE * 517, (y + x) // TILE * 311), axis=(1, 2))
+                block = np.roll(tile, ((x + 3 * y) // TILE * step[0], (y + x) // TILE * step[1]), axis=(1, 2))
                 dst.write(block[:, :min(TILE, size - y), :min(TILE, size - x)],
                           window=Window(x, y, min(TILE, size - x), min(TILE, size - y)))
 
 
-def make_model(path: Path, kind: str = "cheap") -> str:
-    """A random-weight 2-D U-Net whose version-4 card asks for 10 m; returns its description for the notes.
+def make_model(path: Path, kind: str = "cheap", trained: Path | None = None) -> str:
+    """A 2-D U-Net whose version-4 card asks for 10 m; returns its description for the notes.
 
     ``cheap``: channels (8, 16, 32), ROI 256², no residual units (the warp's
     worst case: the sliding window is as cheap as it gets).  ``demo``: the
     demo land-cover card's network (segmentation/demo_cards.py: channels
     (16, 32, 64, 128), one residual unit, batch norm, ROI 128²), a realistic
-    cost per pixel, with this benchmark's 4 classes and scaling.
+    cost per pixel, with this benchmark's 4 classes and scaling.  ``trained``:
+    the demo's trained land-cover model (``trained``, a demo run's
+    ``models/landcover-2d``, or trained here as ``segflow demo`` does, about
+    3 minutes), whose labels are coherent like a real model's.
     """
     import torch
+
+    if kind == "trained":
+        return _trained_model(path, trained)
 
     from segmentation.card import ModelCard
     from segmentation.modeldir import build_module, save_model
@@ -115,6 +137,25 @@ def make_model(path: Path, kind: str = "cheap") -> str:
     torch.manual_seed(0)
     save_model(path, card, build_module(card))
     return text
+
+
+def _trained_model(path: Path, trained: Path | None) -> str:
+    text = "the demo's trained land-cover U-Net (16, 32, 64, 128; 1 residual unit; batch norm), ROI 128², 5 classes"
+    if trained is not None:
+        shutil.copytree(trained, path)
+        return text + f" (trained by `segflow demo`, {trained.name})"
+    from flows.training import train_from_files
+    from segmentation.demo_cards import DEMO_BUDGET, landcover_card
+    from storage import samples
+
+    card = landcover_card()
+    budget = DEMO_BUDGET[card.name]
+    pairs = [samples.make_scene(path.parent / f"train-{s}.tif", seed=s) for s in (1, 2, 3)]
+    t = time.perf_counter()
+    train_from_files(card, pairs, path, steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr,
+                     patch=budget.patch)
+    print(f"# trained the demo's land-cover model in {time.perf_counter() - t:.0f} s", flush=True)
+    return text + " (trained here with the demo's budget)"
 
 
 def make_model_space_scene(scene: Path, out: Path, work: Path, chunk: int) -> dict:
@@ -162,7 +203,8 @@ def segment(scene: Path, model: Path, out: Path, chunk: int) -> dict:
             "stats": record["statistics"]}
 
 
-def bench(kind: str, sizes: list[int], chunk: int, tmp: Path) -> tuple[list[str], list[str]]:
+def bench(kind: str, sizes: list[int], chunk: int, tmp: Path,
+          trained: Path | None = None) -> tuple[list[str], list[str]]:
     """Runs A and B per size with one model; (table lines, summary notes)."""
     head = ["| scene (5 m) | model grid (10 m) | run | windows | inference s | of which warp to model s | ingest s "
             "| export s | wall s | peak RSS GB (largest process of each kind) |",
@@ -171,13 +213,13 @@ def bench(kind: str, sizes: list[int], chunk: int, tmp: Path) -> tuple[list[str]
     print("\n".join(head), flush=True)
     rows, summary, peaks = [], [], {}
     model = tmp / f"model-{kind}"
-    text = make_model(model, kind)
+    text = make_model(model, kind, trained)
     for size in sizes:
         d = tmp / f"s{size}"
         (d / "b").mkdir(parents=True)
         scene = d / "scene.tif"
         t = time.perf_counter()
-        make_scene(scene, size)
+        make_scene(scene, size, kind)
         gen = time.perf_counter() - t
         made = make_model_space_scene(scene, d / "b" / "scene.tif", d, chunk)
         mapping = made["mapping"]
@@ -233,8 +275,11 @@ def bench(kind: str, sizes: list[int], chunk: int, tmp: Path) -> tuple[list[str]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384], help="scene sizes (pixels at 5 m)")
-    ap.add_argument("--models", nargs="+", choices=["cheap", "demo"], default=["cheap"],
-                    help="cheap: the warp's worst case; demo: the demo card's U-Net (realistic cost)")
+    ap.add_argument("--models", nargs="+", choices=["cheap", "demo", "trained"], default=["cheap"],
+                    help="cheap: the warp's worst case; demo: the demo card's U-Net (realistic cost); trained: "
+                         "the demo's trained model on demo-like scenes (coherent labels)")
+    ap.add_argument("--trained", type=Path, default=None,
+                    help="the trained model directory (a demo run's models/landcover-2d); default: train one")
     ap.add_argument("--demo-sizes", type=int, nargs="+", default=None,
                     help="sizes for the demo model (default: --sizes)")
     ap.add_argument("--chunk", type=int, default=1024)
@@ -245,7 +290,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp_name:
         for kind in args.models:
             sizes = args.demo_sizes if kind == "demo" and args.demo_sizes else args.sizes
-            lines, found = bench(kind, sizes, args.chunk, Path(tmp_name))
+            lines, found = bench(kind, sizes, args.chunk, Path(tmp_name), args.trained)
             body += [*lines, ""]
             notes += found
     intro = (f"4-band uint16 scene at {INPUT_M:g} m (EPSG:{EPSG}), smooth patches with texture and noise; "

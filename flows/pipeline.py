@@ -366,7 +366,8 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
 def _band_request(model: LoadedModel, options: SegmentOptions) -> BandRequest:
     """The bands a STAC item's assets must give as it is ingested: ``--bands``, else the card's channel names."""
     spec = model.card.input
-    return BandRequest.of(options.bands, spec.channel_names, spec.channels, f"model {model.card.name!r}")
+    return BandRequest.of(options.bands, spec.channel_names, spec.channels, f"model {model.card.name!r}",
+                          resampling=spec.resampling)
 
 
 def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | None:

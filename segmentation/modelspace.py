@@ -40,7 +40,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from segmentation.stitching import StitchPlan, chunk_boxes, chunk_writes, label_dtype
+from segmentation.stitching import StitchPlan, chunk_boxes, chunk_writes, draining, label_dtype, label_nodata
 from storage.grids import GridMapping
 from storage.resample import argmax_to_input, model_region, to_input
 
@@ -56,7 +56,8 @@ class WayBack(Protocol):
 
     def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array: ...
 
-    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any) -> da.Array: ...
+    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any,
+               empty: int = 0) -> da.Array: ...
 
     def region(self, box: Sequence[tuple[int, int]], mode: str) -> tuple[tuple[int, int], ...]: ...
 
@@ -74,7 +75,9 @@ class VolumeWayBack:
     def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
         return to_input(probs, self.mapping, chunks=list(chunks), mode=mode)  # type: ignore[arg-type]
 
-    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any) -> da.Array:
+    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0) -> da.Array:
+        """``empty`` is not needed: the volume way back clamps at the model grid's border (as MONAI's
+        resampling does), so every input voxel gets the labels of some model voxels."""
         return argmax_to_input(probs, self.mapping, chunks=list(chunks), mode=mode,  # type: ignore[arg-type]
                                dtype=dtype)
 
@@ -128,7 +131,8 @@ class ModelSpacePlan:
     def labels_on_input_grid(self, model_probabilities: da.Array | None = None) -> da.Array:
         """(*input grid) labels, equal to ``labels_of`` of :meth:`on_input_grid` without building all of it."""
         probs = self.stitch.probabilities() if model_probabilities is None else model_probabilities
-        labels = self.way_back.labels(probs, [c[0] for c in self.chunks], self._mode, label_dtype(self.num_classes))
+        labels = self.way_back.labels(probs, [c[0] for c in self.chunks], self._mode, label_dtype(self.num_classes),
+                                      empty=label_nodata(self.num_classes))
         assert labels.chunks == self.chunks, (labels.chunks, self.chunks)
         return labels
 
@@ -146,10 +150,11 @@ class ModelSpacePlan:
         Without a probabilities target only labels are needed: they come from
         the boundary-only interpolation and are written as they are.
         """
-        if probabilities_target is None:
-            blocks = self.labels_on_input_grid(probabilities).to_delayed()
-        else:
-            blocks = self.on_input_grid(probabilities).rechunk({0: -1}).to_delayed()[0]
+        with draining():  # the way back frees the stitched chunks it reads: it runs as soon as it can
+            if probabilities_target is None:
+                blocks = self.labels_on_input_grid(probabilities).to_delayed()
+            else:
+                blocks = self.on_input_grid(probabilities).rechunk({0: -1}).to_delayed()[0]
         return chunk_writes({idx: blocks[idx] for idx in self._boxes}, self._boxes, self._mask_blocks, self.num_classes,
                             labels_target, probabilities_target, probabilities_dtype,
                             name=f"segflow-write-{self.stitch.token}-{self.invert}-"

@@ -21,6 +21,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -185,11 +186,25 @@ def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, 
     return acc
 
 
+# Dask's user priority of the tasks that free memory (finalise, a way back to the input's grid, the writes): on a
+# worker they run as soon as they are ready, before any further window is evaluated.  The evaluates and the tasks
+# they read keep the default 0, so nothing upstream is loaded early.  Without it, a model-space run's extra steps
+# between finalise and write changed the graph's order, and stitched pieces waited for their neighbours' windows.
+DRAIN_PRIORITY = 1
+
+
+def draining() -> Any:
+    """The context in which the graph's memory-freeing tasks are built (:data:`DRAIN_PRIORITY`)."""
+    return dask.annotate(priority=DRAIN_PRIORITY)
+
+
 argmax0 = argmax_first  # the argmax over classes, first maximum winning (shared with the model-space way back)
 
 
 def labels_of(probs: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
-    labels = argmax0(probs, label_dtype(num_classes))
+    """The argmax, and nodata where the input has none or nothing reached a pixel (probabilities all 0: a
+    model-space way back with no valid model pixel under it)."""
+    labels = argmax0(probs, label_dtype(num_classes), label_nodata(num_classes))
     if mask is not None:
         labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
     return labels
@@ -315,9 +330,10 @@ class StitchPlan:
         for idx, pieces_in in incoming.items():
             mask = None if mask_blocks is None else mask_blocks[idx]
             name = f"segflow-finalise-{tok}-" + "-".join(map(str, idx))
-            self._probs[idx] = delayed(_finalise, name=name, pure=True)(
-                self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes,
-                getattr(predictor, "blend_logits", False))
+            with draining():
+                self._probs[idx] = delayed(_finalise, name=name, pure=True)(
+                    self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes,
+                    getattr(predictor, "blend_logits", False))
 
     @property
     def chunk_indexes(self) -> list[tuple[int, ...]]:
@@ -415,11 +431,12 @@ def chunk_writes(blocks: dict[tuple[int, ...], Any], boxes: dict[tuple[int, ...]
         if wanted is not None and idx not in wanted:
             continue
         mask = None if mask_blocks is None else mask_blocks[idx]
-        out.append(delayed(_write, name=name + "-".join(map(str, idx)), pure=False)(
-            probs, mask, boxes[idx], num_classes, labels_target, probabilities_target,
-            probabilities_dtype, idx, on_written))
+        with draining():
+            out.append(delayed(_write, name=name + "-".join(map(str, idx)), pure=False)(
+                probs, mask, boxes[idx], num_classes, labels_target, probabilities_target,
+                probabilities_dtype, idx, on_written))
     return out
 
 
-__all__ = ["PROBABILITY_SCALE", "StitchPlan", "chunk_boxes", "chunk_writes", "label_dtype", "label_nodata", "labels_of",
+__all__ = ["DRAIN_PRIORITY", "PROBABILITY_SCALE", "StitchPlan", "chunk_boxes", "chunk_writes", "label_dtype", "label_nodata", "labels_of",
            "quantize_probabilities"]

@@ -115,14 +115,20 @@ class BandRequest:
     channels: int | None = None
     model: str = "the model"
     from_user: bool = False  # --bands named them (not the card)
+    resampling: str = "bilinear"  # GDAL's kernel for coarser bands brought onto the finest band's grid
 
     @classmethod
     def of(cls, option: Sequence[str] | None, channel_names: Sequence[str], channels: int,
-           model: str) -> "BandRequest":
-        """``--bands`` when given, else the card's channel names (None when the card names none)."""
+           model: str, resampling: str = "auto") -> "BandRequest":
+        """``--bands`` when given, else the card's channel names (None when the card names none).
+
+        ``resampling`` is the card's ``input.resampling``: ``auto`` is bilinear,
+        what refining calls for (the finest grid is never coarser).
+        """
         wanted = option if option is not None else (channel_names or None)
         return cls(wanted=None if wanted is None else tuple(str(w) for w in wanted), channels=channels,
-                   model=model, from_user=option is not None)
+                   model=model, from_user=option is not None,
+                   resampling="bilinear" if resampling == "auto" else resampling)
 
     @property
     def hint(self) -> str:

@@ -135,12 +135,14 @@ TIE_MARGIN = 2.0 ** -16  # a top class closer than this (times the region's max 
 FULL_FRACTION = 0.2  # above this share of non-uniform cells, the separable passes over the whole chunk are cheaper
 
 
-def argmax_first(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``np.argmax(probs, axis=0)`` (first maximum wins), as a pass per class.
+def argmax_first(probs: np.ndarray, dtype: np.dtype, empty: int | None = None) -> np.ndarray:
+    """``np.argmax(probs, axis=0)`` (first maximum wins), as a pass per class; ``empty`` where every class is 0.
 
     A reduction over the leading axis of a (C, *spatial) array strides across
     memory; C contiguous passes measured about 3x faster for a few classes.
     The stitched labels use it too, so ties and NaN fall the same way on both grids.
+    Probabilities all 0 mean nothing reached the pixel (a softmax is never 0
+    everywhere): a warp with no valid source pixel under it, or no data.
     """
     best = probs[0].copy()
     labels = np.zeros(probs.shape[1:], dtype=dtype)
@@ -148,6 +150,8 @@ def argmax_first(probs: np.ndarray, dtype: np.dtype) -> np.ndarray:
         better = probs[c] > best
         labels[better] = c
         np.maximum(best, probs[c], out=best)
+    if empty is not None:
+        labels[best <= 0] = empty
     return labels
 
 

@@ -242,6 +242,29 @@ def _bilinear_cols(partial: np.ndarray, tx: Taps, rows: np.ndarray, cols: np.nda
     return out
 
 
+def _bilinear_grid(data: np.ndarray, ty: Taps, tx: Taps, rows: np.ndarray, cols: np.ndarray,
+                   at: tuple[int, int]) -> np.ndarray:
+    """Both passes over a grid of pixels: rows first for every column of the region, then columns."""
+    return _bilinear_cols(_bilinear_rows(data, ty, at[0]), tx, rows, cols, at[1], True)
+
+
+def _bilinear_points(data: np.ndarray, ty: Taps, tx: Taps, rows: np.ndarray, cols: np.ndarray,
+                     at: tuple[int, int]) -> np.ndarray:
+    """Both passes for a list of pixels, each reading only its own 2×2 taps (the labels' boundary pixels: a row
+    pass over whole rows cost more than the rest of the way back).  The products and sums are those of
+    :func:`_bilinear_grid`, in the same order (row taps summed from 0, then column taps), so a pixel computed
+    here equals the same pixel computed with its chunk, bit for bit."""
+    out = np.zeros((data.shape[0], *np.broadcast_shapes(rows.shape, cols.shape)))
+    for kx in range(tx.index.shape[1]):
+        ix = tx.index[cols, kx] - at[1]
+        part = np.zeros_like(out)
+        for ky in range(ty.index.shape[1]):
+            part += data[:, ty.index[rows, ky] - at[0], ix] * ty.weight[rows, ky]
+        part *= tx.weight[cols, kx]
+        out += part
+    return out
+
+
 def _values(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int], kernel: str,
             rows: np.ndarray, cols: np.ndarray, grid: bool) -> np.ndarray:
     """float64 values of the pixels (rows, cols); 0 where GDAL writes nothing."""
@@ -272,12 +295,12 @@ def _values(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, at
 def _bilinear(data: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, rows: np.ndarray, cols: np.ndarray,
               at: tuple[int, int], keep: np.ndarray, grid: bool) -> np.ndarray:
     """GDAL's 4-sample bilinear, renormalised over the valid taps, for the pixels (rows, cols) of ``ty``/``tx``."""
-    num = _bilinear_cols(_bilinear_rows(data, ty, at[0]), tx, rows, cols, at[1], grid)
+    passes = _bilinear_grid if grid else _bilinear_points
+    num = passes(data, ty, tx, rows, cols, at)
     if valid is None:
         den = ty.weight.sum(axis=1)[rows] * tx.weight.sum(axis=1)[cols]
     else:
-        den = _bilinear_cols(_bilinear_rows(valid[None].astype(np.float64), ty, at[0]), tx, rows, cols, at[1],
-                             grid)[0]
+        den = passes(valid[None].astype(np.float64), ty, tx, rows, cols, at)[0]
     keep = keep & (den >= BILINEAR_MIN_DIVISOR)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(keep, num / np.where(keep, den, 1.0), 0.0)
@@ -294,8 +317,59 @@ def separable_block(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: 
     ``valid`` is the region's mask (None: all valid).  The region must hold
     every index the taps name (:func:`region_of`).
     """
+    if kernel == "average" and valid is None:
+        fast = _block_mean(region, ty, tx, at)
+        if fast is not None:
+            return fast.astype(dtype, copy=False)
     rows, cols = _grid(ty, tx)
     return _values(region, valid, ty, tx, at, kernel, rows, cols, True).astype(dtype, copy=False)
+
+
+def _cells(taps: Taps) -> int | None:
+    """k when every destination pixel along the axis averages k whole source pixels, the next k after its
+    neighbour's (an integer ratio, aligned grids, nothing past the source's edge); None otherwise."""
+    k = int(np.count_nonzero(taps.weight[0])) if taps.weight.size else 0
+    if k < 1 or taps.index.shape[1] < k or not taps.inside.all():
+        return None
+    if np.any(taps.weight[:, :k] != 1.0) or np.any(taps.weight[:, k:] != 0.0):
+        return None
+    first = taps.index[:, 0]
+    if np.any(taps.index[:, :k] != first[:, None] + np.arange(k)) or np.any(np.diff(first) != k):
+        return None
+    return k
+
+
+def _block_mean(region: np.ndarray, ty: Taps, tx: Taps, at: tuple[int, int]) -> np.ndarray | None:
+    """``average`` over whole k_y × k_x cells of integers, as one reshaped sum: float32, or None when not exact.
+
+    GDAL's running mean (float64, one division per tap) lands within a few
+    float64 ulps of the true mean S / (k_y k_x).  When that mean is exact in
+    float32 (k_y k_x a power of two and S < 2**24: uint8, int8, uint16 and
+    int16 up to 256 pixels a cell), rounding GDAL's value to float32 gives it
+    exactly, and so does summing in float32 and scaling by a power of two.
+    Measured 0.16 -> 0.02 s for a 1024² model chunk of a 4-band uint16 5 m
+    region (the warp's largest cost after reading).
+    """
+    if region.dtype.kind not in "ui" or region.dtype.itemsize > 2:
+        return None
+    ky, kx = _cells(ty), _cells(tx)
+    if ky is None or kx is None:
+        return None
+    cells = ky * kx
+    top = max(abs(int(np.iinfo(region.dtype).min)), int(np.iinfo(region.dtype).max))
+    if cells & (cells - 1) or cells * top >= 2 ** 24:
+        return None
+    ny, nx = ty.index.shape[0], tx.index.shape[0]
+    r0, c0 = int(ty.index[0, 0]) - at[0], int(tx.index[0, 0]) - at[1]
+    sub = region[:, r0:r0 + ny * ky, c0:c0 + nx * kx]
+    rows = sub[:, 0::ky].astype(np.float32)  # strided adds: 10x faster than a reshaped sum over two axes
+    for j in range(1, ky):
+        rows += sub[:, j::ky]
+    out = rows[:, :, 0::kx].copy()
+    for j in range(1, kx):
+        out += rows[:, :, j::kx]
+    out *= np.float32(1.0 / cells)
+    return out
 
 
 def destination_valid(valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int]) -> np.ndarray:
@@ -322,8 +396,9 @@ def region_of(*taps: tuple[Taps, Taps]) -> tuple[tuple[int, int], tuple[int, int
 
 
 def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int],
-                     kernel: SeparableKernel, dtype: np.dtype) -> np.ndarray:
-    """``argmax_first(separable_block(...))`` (first maximum wins), with values computed near boundaries only."""
+                     kernel: SeparableKernel, dtype: np.dtype, empty: int = 0) -> np.ndarray:
+    """``argmax_first(separable_block(...), empty)`` (first maximum wins; ``empty`` where nothing valid reaches
+    a pixel), with values computed near boundaries only."""
     from storage.resample import FULL_FRACTION, TIE_MARGIN, _cell_dtype, argmax_first
 
     rows, cols = _grid(ty, tx)
@@ -331,10 +406,11 @@ def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx:
     if kernel == "nearest":
         keep = _keep(ty, tx, rows, cols, valid, at, kernel, True)
         labels = _gather(argmax_first(region, cell), ty.index[:, 0] - at[0], tx.index[:, 0] - at[1], True)
-        return np.where(keep, labels, 0).astype(dtype, copy=False)
+        return np.where(keep, labels, empty).astype(dtype, copy=False)
     probs = np.asarray(region, dtype=np.float32)
     if not np.isfinite(probs if valid is None else probs[:, valid]).all():  # no margins to trust
-        return argmax_first(separable_block(region, valid, ty, tx, at, kernel, np.dtype(np.float32)), dtype)
+        return argmax_first(separable_block(region, valid, ty, tx, at, kernel, np.dtype(np.float32)), dtype,
+                            empty or None)
     mark = np.iinfo(cell).max
     top = probs.max(axis=0)
     floor = top - np.float32(TIE_MARGIN * float(np.abs(probs if valid is None else probs[:, valid]).max(initial=0)))
@@ -345,15 +421,18 @@ def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx:
     low, high = _reduce(low, high, ty, tx, at, mark)
     keep = _keep(ty, tx, rows, cols, valid, at, kernel, True)
     uniform = keep & (low == high) & (low != mark)
-    labels = np.where(uniform, low, 0).astype(cell)
     todo = keep & ~uniform
     if np.count_nonzero(todo) > FULL_FRACTION * todo.size:  # mostly boundary: the whole chunk is cheaper
-        return argmax_first(separable_block(region, valid, ty, tx, at, kernel, np.dtype(np.float32)), dtype)
+        return argmax_first(separable_block(region, valid, ty, tx, at, kernel, np.dtype(np.float32)), dtype,
+                            empty or None)
+    labels = np.where(uniform, low, 0).astype(dtype)
+    if empty:
+        labels[~keep] = empty
     r, c = np.nonzero(todo)
     if r.size:
         values = _values(region, valid, ty, tx, at, kernel, r, c, False).astype(np.float32)
-        labels[r, c] = argmax_first(values, cell)
-    return labels.astype(dtype, copy=False)
+        labels[r, c] = argmax_first(values, cell, empty or None)
+    return labels
 
 
 def _reduce(low: np.ndarray, high: np.ndarray, ty: Taps, tx: Taps, at: tuple[int, int],
@@ -378,5 +457,5 @@ def _reduce(low: np.ndarray, high: np.ndarray, ty: Taps, tx: Taps, at: tuple[int
     return low, high
 
 
-__all__ = ["Axis", "SeparableKernel", "Taps", "destination_valid", "region_of", "separable_block",
-           "separable_labels"]
+__all__ = ["Axis", "SeparableKernel", "Taps", "destination_valid", "region_of",
+           "separable_block", "separable_labels"]

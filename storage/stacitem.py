@@ -7,7 +7,8 @@ matched to an asset's ``eo:bands`` name or common name (STAC 1.0), ``bands``
 (STAC 1.1) or the asset's key, through :func:`storage.bands.aliases`.  The
 assets used are stacked lazily on the grid of the finest of them by a GDAL VRT
 written in the work folder: one band per wanted band, in the model's order,
-each coarser asset resampled bilinearly by GDAL as pixels are read, with the
+each coarser asset resampled by GDAL as pixels are read (with the card's
+``input.resampling``, bilinear unless it names another kernel), with the
 scale and offset of ``raster:bands`` (else the asset's own).  The VRT is then
 ingested like any raster, chunk by chunk: no stacked GeoTIFF is written, the
 only copy is the zarr store every input gets.  Asset hrefs go to GDAL as they are (local paths, ``/vsis3/``,
@@ -119,6 +120,7 @@ class ItemPlan:
     sha256: str
     picked: list[_Band]
     assets: dict[str, _Asset]
+    resampling: str = "bilinear"  # for coarser bands, onto the finest band's grid (the card's kernel)
 
     @property
     def names(self) -> list[str]:
@@ -310,7 +312,7 @@ def plan_item(path: str | PathLike[str], request: BandRequest | None = None) -> 
         if not asset.described:
             asset.bands = _gdal_bands(path, asset)
     return ItemPlan(path=path, id=item.id, self_href=_self_href(doc), sha256=sha256_input(path),
-                    picked=_pick(path, item.id, assets, request), assets=assets)
+                    picked=_pick(path, item.id, assets, request), assets=assets, resampling=request.resampling)
 
 
 # --------------------------------------------------------------------------- opening the assets
@@ -379,9 +381,10 @@ def _fmt(v: float) -> str:
 def build_vrt(plan: ItemPlan, target: Path) -> tuple[Path, list[StacAssetInfo]]:
     """Write the VRT stacking the picked bands on the finest asset's grid; (its path, the assets used).
 
-    Coarser assets are resampled bilinearly as the VRT is read (GDAL's own
+    Coarser assets are resampled with the plan's kernel (the card's
+    ``input.resampling``; bilinear by default) as the VRT is read (GDAL's own
     resampled RasterIO, the same as ``rasterio``'s ``read(out_shape=...,
-    resampling=Resampling.bilinear)`` of the whole asset).
+    resampling=...)`` of the whole asset).
     """
     used = plan.used_assets()
     opened = {a.key: _open(plan.path, a) for a in used}
@@ -412,7 +415,7 @@ def build_vrt(plan: ItemPlan, target: Path) -> tuple[Path, list[StacAssetInfo]]:
         ET.SubElement(vb, "Offset").text = _fmt(offset)
         ET.SubElement(vb, "Scale").text = _fmt(scale)
         same = abs(o.transform.a) == abs(t.a) and abs(o.transform.e) == abs(t.e)
-        src = ET.SubElement(vb, "ComplexSource", **({} if same else {"resampling": "bilinear"}))
+        src = ET.SubElement(vb, "ComplexSource", **({} if same else {"resampling": plan.resampling}))
         ET.SubElement(src, "SourceFilename", relativeToVRT="0").text = plan.assets[band.asset].gdal
         ET.SubElement(src, "SourceBand").text = str(band.index)
         ET.SubElement(src, "SourceProperties", RasterXSize=str(o.width), RasterYSize=str(o.height),
@@ -450,6 +453,8 @@ def content_sha256(plan: ItemPlan, assets: list[StacAssetInfo]) -> str:
     """The identity of what a run reads from an item: its JSON, the bands picked and each asset's content."""
     doc = {"item": plan.sha256, "channels": [[b.asset, b.index] for b in plan.picked],
            "assets": [[a.key, a.href, a.sha256 or a.checksum, a.size] for a in assets]}
+    if plan.resampling != "bilinear":  # (bilinear, the first kernel, keeps the identities it always had)
+        doc["resampling"] = plan.resampling
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -163,34 +163,37 @@ def _jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, 
 
 
 def _compute(job: _Job, region: np.ndarray, valid: np.ndarray | None, src: RasterGrid, dst: RasterGrid,
-             kernel: Kernel, scale: tuple[float, float], dtype: Any, argmax: bool) -> np.ndarray:
+             kernel: Kernel, scale: tuple[float, float], dtype: Any, argmax: bool, empty: int = 0) -> np.ndarray:
     """One output chunk from its source region (top-left at the job's window start)."""
     assert job.window is not None
     at = (job.window[0][0], job.window[1][0])
     if job.taps is None:
         out = warp_block(region, valid, src, at, dst, job.box, kernel, scale, np.float32 if argmax else dtype)
-        return argmax_first(out, dtype) if argmax else out
+        return argmax_first(out, dtype, empty or None) if argmax else out
     if argmax:
-        return separable_labels(region, valid, *job.taps, at, kernel, dtype)
+        return separable_labels(region, valid, *job.taps, at, kernel, dtype, empty)
     out = separable_block(region, valid, *job.taps, at, kernel, dtype)
     if job.nearest is not None:
         out = np.concatenate([out, destination_valid(valid, *job.nearest, at)[None].astype(dtype)])
     return out
 
 
-def _empty(job: _Job, n_ch: int, dtype: Any, argmax: bool) -> np.ndarray:
+def _empty(job: _Job, n_ch: int, dtype: Any, argmax: bool, empty: int = 0) -> np.ndarray:
     shape = tuple(b - a for a, b in job.box)
-    return np.zeros(shape if argmax else (n_ch + (job.nearest is not None), *shape), dtype=dtype)
+    if argmax:
+        return np.full(shape, empty, dtype=dtype)
+    return np.zeros((n_ch + (job.nearest is not None), *shape), dtype=dtype)
 
 
 def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
          chunks: Sequence[int] | int, *, valid: da.Array | None = None, dtype: Any = np.float32,
-         argmax: bool = False, with_mask: bool = False) -> da.Array:
+         argmax: bool = False, with_mask: bool = False, empty: int = 0) -> da.Array:
     """(C, H, W) on ``src`` -> (C, H', W') on ``dst``, lazily, one warp per output chunk.
 
     ``valid`` is ``src``'s mask (None: every pixel valid).  With ``argmax``
     each task returns the labels of its chunk (first maximum winning) instead
-    of the warped values, so the way back never holds more than one chunk.
+    of the warped values, so the way back never holds more than one chunk,
+    and ``empty`` where nothing valid reaches a pixel (every class 0).
     With ``with_mask`` (separable warps only) a last plane holds the
     destination's mask (1 where the source pixel under a pixel's centre is
     valid).  A stored (zarr) ``source`` and ``valid`` are read by each task
@@ -201,7 +204,7 @@ def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, sca
     """
     if not isinstance(source, da.Array) and hasattr(source, "store"):
         return _warp_stored(source, src, dst, kernel, scale, chunks, valid=valid, dtype=dtype, argmax=argmax,
-                            with_mask=with_mask)
+                            with_mask=with_mask, empty=empty)
     source = da.asarray(source)
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
@@ -213,7 +216,7 @@ def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, sca
     edges = [np.cumsum((0, *c)) for c in source.chunks[1:]]
     dtype = np.dtype(dtype)
     token = tokenize(source.name, None if valid is None else valid.name, src, dst, kernel, scale, per_axis,
-                     str(dtype), argmax, with_mask)
+                     str(dtype), argmax, with_mask, empty)
     name = f"{'warp-argmax' if argmax else 'warp'}-{token}"
     dsk: dict = {}
     for idx, job in _jobs(src, dst, kernel, scale, per_axis, with_mask).items():
@@ -234,7 +237,7 @@ def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, sca
                 places.append(tuple(place))
         key = (name, *idx) if argmax else (name, 0, *idx)
         dsk[key] = (_warp_task, parts, mparts if valid is not None else None, places, job, n_ch, source.dtype,
-                    src, dst, kernel, scale, dtype, argmax)
+                    src, dst, kernel, scale, dtype, argmax, empty)
     deps = [source] if valid is None else [source, valid]
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
     return _array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
@@ -255,11 +258,13 @@ def _array(graph: HighLevelGraph, name: str, per_axis: Sequence[list[tuple[int, 
 
 def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
                  chunks: Sequence[int] | int, *, valid: Any = None, dtype: Any = np.float32, argmax: bool = False,
-                 with_mask: bool = False, after: da.Array | None = None) -> da.Array:
+                 with_mask: bool = False, after: da.Array | None = None,
+                 written: Sequence[int] | None = None, empty: int = 0) -> da.Array:
     """:func:`warp` of a zarr array (and mask), each task reading its own region from the store.
 
-    ``after`` (one block per ``source`` chunk, :func:`stage`'s tokens): a task
-    starts once the blocks of the chunks its region touches are computed.
+    ``after`` (one block per chunk of ``written`` size, :func:`stage`'s
+    tokens; default the store's chunks): a task starts once the blocks of the
+    chunks its region touches are computed.
     """
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
@@ -268,8 +273,8 @@ def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, 
     dtype = np.dtype(dtype)
     name = "warp-stored-" + tokenize(str(source.store), source.path, None if valid is None else valid.path,
                                      source.shape, src, dst, kernel, scale, per_axis, str(dtype), argmax, with_mask,
-                                     None if after is None else after.name)
-    size = source.chunks[1:]
+                                     None if after is None else after.name, empty)
+    size = tuple(written) if written is not None else source.chunks[1:]
     dsk: dict = {}
     for idx, job in _jobs(src, dst, kernel, scale, per_axis, with_mask).items():
         key = (name, *idx) if argmax else (name, 0, *idx)
@@ -279,28 +284,28 @@ def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, 
             waits = [(after.name, p, i, j) for p in range(after.numblocks[0])
                      for i in range(r0 // size[0], (r1 - 1) // size[0] + 1)
                      for j in range(c0 // size[1], (c1 - 1) // size[1] + 1)]
-        dsk[key] = (_stored_task, source, valid, job, src, dst, kernel, scale, dtype, argmax, waits)
+        dsk[key] = (_stored_task, source, valid, job, src, dst, kernel, scale, dtype, argmax, empty, waits)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[] if after is None else [after])
     return _array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
 
 
 def _stored_task(source: Any, valid: Any, job: _Job, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
-                 scale: tuple[float, float], dtype: Any, argmax: bool, _after: Any = None) -> np.ndarray:
+                 scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
     if job.window is None:
-        return _empty(job, source.shape[0], dtype, argmax)
+        return _empty(job, source.shape[0], dtype, argmax, empty)
     (r0, r1), (c0, c1) = job.window
     region = np.asarray(source[:, r0:r1, c0:c1])
     mask = None if valid is None else np.asarray(valid[r0:r1, c0:c1], dtype=bool)
     if mask is not None and mask.all():
         mask = None  # nothing to exclude: the plain kernel, same values
-    return _compute(job, region, mask, src, dst, kernel, scale, dtype, argmax)
+    return _compute(job, region, mask, src, dst, kernel, scale, dtype, argmax, empty)
 
 
 def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places: list[tuple[slice, ...]], job: _Job,
                n_ch: int, src_dtype: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
-               scale: tuple[float, float], dtype: Any, argmax: bool) -> np.ndarray:
+               scale: tuple[float, float], dtype: Any, argmax: bool, empty: int = 0) -> np.ndarray:
     if job.window is None:  # nothing of the source under this chunk
-        return _empty(job, n_ch, dtype, argmax)
+        return _empty(job, n_ch, dtype, argmax, empty)
     region_shape = tuple(hi - lo for lo, hi in job.window)
     region = np.empty((n_ch, *region_shape), dtype=src_dtype)
     valid = None if mparts is None else np.empty(region_shape, dtype=bool)
@@ -310,7 +315,7 @@ def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places:
             valid[place] = mparts[i]  # type: ignore[index]
     if valid is not None and valid.all():
         valid = None  # nothing to exclude: the plain kernel, same values
-    return _compute(job, region, valid, src, dst, kernel, scale, dtype, argmax)
+    return _compute(job, region, valid, src, dst, kernel, scale, dtype, argmax, empty)
 
 
 # --- both ways -----------------------------------------------------------------------------------------------------
@@ -387,15 +392,17 @@ class RasterWayBack:
             written = da.concatenate([written, mask_written], axis=0)
             valid = _Plane(valid)
         return _warp_stored(staged, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid,
-                            after=written, **kw)
+                            after=written, written=tuple(c[0] for c in probs.chunks[1:]), **kw)
 
     def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
         return self._warp(probs, chunks, mode)
 
-    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any) -> da.Array:
+    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0) -> da.Array:
         """The argmax of :meth:`probabilities`, chunk by chunk, without keeping the warped classes (labels
-        copied from the model grid where every contributing model pixel clearly has one, storage.separable)."""
-        return self._warp(probs, chunks, mode, dtype=dtype, argmax=True)
+        copied from the model grid where every contributing model pixel clearly has one, storage.separable),
+        and ``empty`` where no valid model pixel reaches an input pixel (a sliver of the input thinner than the
+        model's pixels, whose model pixels hold no data)."""
+        return self._warp(probs, chunks, mode, dtype=dtype, argmax=True, empty=empty)
 
     def region(self, box: Sequence[tuple[int, int]], mode: str) -> tuple[tuple[int, int], ...]:
         """The model-grid region [lo, hi) per (row, col) the way back reads for the input ``box``."""
@@ -417,12 +424,16 @@ class _Plane:
 
 
 def stage(array: da.Array, path: Any) -> tuple[Any, da.Array]:
-    """(zarr array at ``path``, tokens): ``array`` written chunk by chunk (LZ4, a work file), and a (n, m) grid
-    of tiny blocks, one per spatial chunk, computed once that chunk is written (what readers wait for)."""
+    """(zarr array at ``path``, tokens): ``array`` written chunk by chunk (LZ4, a work file, stored in smaller
+    chunks that its readers' regions decode little more than they need, :func:`storage.layout.storage_chunk`),
+    and a (n, m) grid of tiny blocks, one per spatial chunk of ``array``, computed once that chunk is written
+    (what readers wait for)."""
     import zarr
 
+    from storage.layout import storage_chunk
+
     array = array.rechunk({0: -1})
-    chunks = (array.shape[0], *(c[0] for c in array.chunks[1:]))
+    chunks = (array.shape[0], *(storage_chunk(c[0]) for c in array.chunks[1:]))
     z = zarr.create_array(str(path), shape=array.shape, chunks=chunks, dtype=array.dtype, fill_value=0,
                           compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
                           overwrite=True)

@@ -311,3 +311,26 @@ def mapping_for_store_is_none(scene: Path, model, tmp_path: Path) -> bool:
 
     store = ingest(scene, tmp_path / "s.image.zarr")
     return mapping_for(store, model) is None
+
+
+@pytest.mark.parametrize("probabilities", ["none", "float32"])
+def test_a_valid_sliver_thinner_than_a_model_pixel_is_nodata_not_class_0(probabilities, scenes, weights, tmp_path,
+                                                                           dask_cluster):
+    """Input pixels no valid model pixel reaches (a 1-pixel valid column in a nodata band of a 5 m scene: the
+    10 m pixels over it take the invalid pixel under their centre) have no labels: nodata, never class 0."""
+    model = _model(tmp_path / "m", weights)
+    with rasterio.open(scenes["5"]) as src:
+        data, profile = src.read(), src.profile
+    data[:, :, :100] = -9999.0
+    data[:, :, 50] = data[:, :, 150]  # the sliver: valid values, one 5 m column wide
+    scene = tmp_path / "sliver.tif"
+    with rasterio.open(scene, "w", **{**profile, "nodata": -9999.0}) as dst:
+        dst.write(data)
+    out = segment_one(scene, model, tmp_path / "out", SegmentOptions(chunk_size=64, probabilities=probabilities),
+                      dask_cluster)
+    assert out.ok, out.error
+    labels, _ = _labels(tmp_path / "out" / scene.name)
+    nodata = 255
+    assert np.all(labels[:, 50] == nodata), np.unique(labels[:, 50])
+    assert np.all(labels[:, :100] == nodata)
+    assert np.all(labels[:, 110:] != nodata) and len(np.unique(labels[:, 110:])) >= 2

@@ -112,6 +112,10 @@ def test_a_model_with_20m_bands_sees_them_resampled_bilinearly_on_the_10m_grid(s
         nearest = src.read(1, out_shape=(128, 128), resampling=Resampling.nearest)
         smooth = src.read(1, out_shape=(128, 128), resampling=Resampling.bilinear)
     assert np.array_equal(store.image[1], smooth) and not np.array_equal(store.image[1], nearest)
+    # a card whose input.resampling is nearest gets its coarser bands by nearest neighbour
+    request = BandRequest.of(None, ["red", "swir16"], 2, "model", resampling="nearest")
+    near = ingest_item(scene, tmp_path / "n.image.zarr", chunk=48, bands=request)
+    assert np.array_equal(near.image[1], nearest)
     # the grid is that of the finest band used: 20 m bands alone stay on their own grid, unresampled
     alone = ingest_item(scene, tmp_path / "t.image.zarr", chunk=48, bands=BandRequest(("swir16", "swir22")))
     assert alone.image.shape == (2, 64, 64) and np.array_equal(alone.image[0], native)
@@ -241,6 +245,10 @@ def test_an_items_ingest_is_reused_only_for_the_same_bands_and_content(scene, tm
     assert ingest_input(scene, tmp_path / "work", 48, bands=rgbn)[1]
     other, reused = ingest_input(scene, tmp_path / "work", 48, bands=BandRequest(("red", "nir")))
     assert not reused and other.meta.channel_names == ["B04", "B08"]
+    nearest = BandRequest(("red", "swir16"), resampling="nearest")
+    assert not ingest_input(scene, tmp_path / "work", 48, bands=BandRequest(("red", "swir16")))[1]
+    assert not ingest_input(scene, tmp_path / "work", 48, bands=nearest)[1]  # another kernel: not reused
+    assert ingest_input(scene, tmp_path / "work", 48, bands=nearest)[1]
     assert not [p for p in (tmp_path / "work").iterdir() if p.suffix == ".vrt"]  # the stack's VRT is gone
 
 

@@ -134,6 +134,12 @@ def test_labels_only_way_back_equals_the_full_way_back(res, gsd, kernel, mode):
     assert np.array_equal(labels, expected), f"{(labels != expected).sum()} labels differ"
     changes = np.count_nonzero(np.diff(expected.astype(int), axis=1))
     assert changes > 500 and len(np.unique(expected)) == 4  # many boundaries: the test has teeth
+    # where no valid model pixel reaches an input pixel (every warped class 0), the labels say so
+    marked = warp(p, model, inp, kernel, scale, 47, valid=v, argmax=True, dtype=np.uint8,
+                  empty=255).compute(scheduler="sync")
+    reached = full.max(axis=0) > 0
+    assert np.count_nonzero(~reached) > 100  # the masked model pixels leave input pixels empty
+    assert np.array_equal(marked, np.where(reached, expected, 255))
 
 
 def test_crs_changes_and_rotations_keep_gdal():
@@ -145,3 +151,45 @@ def test_crs_changes_and_rotations_keep_gdal():
     assert separable_axes(a, rotated, "average", (0.5, 0.5)) is None
     assert separable_axes(a, b, "bilinear", (0.5, 0.5)) is None  # GDAL widens bilinear when coarsening
     assert separable_axes(a, b, "cubic", (0.5, 0.5)) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype,res,gsd,shape", [(np.uint16, 5.0, 10.0, (96, 80)), (np.uint8, 2.5, 10.0, (64, 48)),
+                                                 (np.int16, 5.0, 10.0, (101, 87))])
+def test_integer_cells_average_like_gdal_bit_for_bit(dtype, res, gsd, shape):
+    """The whole-cell fast path of ``average`` (integers, k×k cells, no mask) equals GDAL and the general path."""
+    from storage.separable import _block_mean, separable_block
+
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    image = rng.integers(info.min, info.max, size=(3, *shape), endpoint=True).astype(dtype)
+    src, dst = _grids(res, gsd, shape)
+    scale = res / gsd
+    ref = np.zeros((3, *dst.shape), np.float32)
+    reproject(image.astype(np.float32), ref, src_transform=src.affine, src_crs=CRS, dst_transform=dst.affine,
+              dst_crs=CRS, resampling=Resampling.average)
+    got = warp(da.from_array(image, chunks=(3, 32, 32)), src, dst, "average", (scale, scale), 8).compute()
+    assert np.array_equal(got, ref)
+    # the fast path did run on whole chunks, and agrees with the general running mean there
+    ay, ax = separable_axes(src, dst, "average", (scale, scale))
+    ty, tx = ay.taps("average", 0, 8), ax.taps("average", 0, 8)
+    fast = _block_mean(image, ty, tx, (0, 0))
+    assert fast is not None
+    k = int(gsd / res)
+    general = separable_block(image.astype(np.float64), None, ty, tx, (0, 0), "average", np.dtype(np.float32))
+    assert np.array_equal(fast, general)
+    assert np.array_equal(fast, image[:, :8 * k, :8 * k].reshape(3, 8, k, 8, k).astype(np.float64).mean((2, 4)))
+
+
+def test_bilinear_pixels_alone_equal_their_chunk_bit_for_bit():
+    """The labels' boundary pixels are computed alone (2×2 taps each); they must equal the chunk's values."""
+    from storage.separable import _bilinear_grid, _bilinear_points, _grid
+
+    inp, model = _grids(5.0, 10.0, (90, 70))
+    ay, ax = separable_axes(model, inp, "bilinear", (2.0, 2.0))
+    ty, tx = ay.taps("bilinear", 0, 90), ax.taps("bilinear", 0, 70)
+    data = np.random.default_rng(3).random((4, *model.shape))
+    rows, cols = _grid(ty, tx)
+    whole = _bilinear_grid(data, ty, tx, rows, cols, (0, 0))
+    r, c = np.nonzero(np.random.default_rng(4).random((90, 70)) < 0.3)
+    alone = _bilinear_points(data, ty, tx, r, c, (0, 0))
+    assert r.size > 1000 and np.array_equal(alone, whole[:, r, c])
