@@ -205,6 +205,8 @@ def record_done(out_dir: str | os.PathLike[str], key: str, document: dict[str, A
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(entry, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash never leaves an empty entry in place
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the entry is as public as the outputs
         os.replace(tmp, target)
     except BaseException:

@@ -11,6 +11,16 @@ each stays in the Dask graph ``segment_one`` builds.  Each task run:
 3. otherwise runs ``segment_one`` and records the key once the outputs are
    complete: status ``done``.
 
+All of this runs under the input's lock (:mod:`flows.locks`,
+``OUT/.segflow-locks/<stem>.lock``), taken before anything else: when another
+live run holds it, the input is reported ``locked`` ("in progress in another
+run (host, pid)"), nothing is done for it, and it does not fail the run (the
+other run reports its outcome; the next run skips it).  The ledger is looked up
+only once the lock is held, so an input the other run finished meanwhile is
+``skipped``, never redone.  For an output URL the lock lives beside the local
+staging folder (``$SEGFLOW_STAGING_DIR/.segflow-locks/``): it keeps runs on
+one machine apart, not runs on different machines.
+
 A task that raises fails alone: the others run, and the flow ends ``Failed``
 with "k of n inputs failed" and the report as its result.  Transient I/O
 errors (:func:`is_transient`) are retried by Prefect (``retries``,
@@ -53,15 +63,15 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows import ledger, progress, staging
+from flows import ledger, locks, progress, staging
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.inputs import Expanded, expand, input_label, input_stem
-from flows.report import InputReport, fill_from_statistics, summary, timestamp
+from flows.report import InputReport, counts, fill_from_statistics, summary, timestamp
 from flows.routing import ModelEntry, loaded, no_model_reason, read_models, route
 from storage import provenance
 from storage.dicomfiles import SeriesRef, is_dicom_input
-from storage.errors import ConfigError, InputError, SegflowError
+from storage.errors import ConfigError, ExportError, InputError, SegflowError
 from storage.hashing import sha256_input
 from storage.ingest import kind_of, stem_of
 from storage.stacitem import is_item_path
@@ -262,6 +272,7 @@ class _Batch:
     out_dir: str
     client: Any
     attempts: dict[str, int] = field(default_factory=dict)
+    lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S
 
 
 def _hash_input(path: str) -> str:
@@ -294,15 +305,45 @@ def segment_input(item: Expanded, name: str, batch: _Batch) -> dict[str, Any]:
     label = input_label(item)
     batch.attempts[label] = task_run_info.get_run_count() or 1
     target = staging.OutputTarget(batch.out_dir, input_stem(item))  # out_dir itself, or a staging folder for a URL
+    lock = input_lock(target, input_stem(item), batch.lock_stale_after)
+    try:
+        holder = lock.acquire(input=label)
+    except OSError as exc:  # e.g. a read-only output folder (a transient errno is still retried: the chain keeps it)
+        raise ExportError(lock.path, f"cannot take the input's lock: {exc.strerror or exc}") from exc
+    if holder is not None:  # another live run works on it: its outcome is that run's to report
+        rep = InputReport(input=label, status="locked", attempts=batch.attempts[label],
+                          note=f"in progress in another run ({holder.describe()}); not processed by this run",
+                          dicom=series_details(item) if isinstance(item, SeriesRef) else None,
+                          seconds=round(time.perf_counter() - t0, 3))
+        get_run_logger().info("%s: %s", label, rep.note)
+        return rep.to_dict()
     try:
         if isinstance(item, SeriesRef):
             if target.remote:  # as `segflow segment`: the series' outputs are written locally only
                 raise InputError(label, "DICOM series cannot be written to a URL output yet; use a local --out")
-            return _segment_input(item, item, target, batch, t0)
-        with staging.staged_input(item, target.local) as local:  # path itself, or a URL's downloaded copy
-            return _segment_input(item, local, target, batch, t0)
+            result = _segment_input(item, item, target, batch, t0)
+        else:
+            with staging.staged_input(item, target.local) as local:  # path itself, or a URL's downloaded copy
+                result = _segment_input(item, local, target, batch, t0)
+        notes = [result.get("note"), lock.broken,
+                 "its lock was broken by another run while it ran (no heartbeat for longer than the stale "
+                 "timeout?): check its outputs" if lock.lost or not lock.still_held() else None]
+        result["note"] = "; ".join(n for n in notes if n) or None
+        return result
     finally:
-        target.close()
+        try:
+            target.close()
+        finally:
+            lock.release()
+
+
+def input_lock(target: staging.OutputTarget, stem: str, stale_after: float) -> locks.InputLock:
+    """The input's lock: ``OUT/.segflow-locks/<stem>.lock``; for an output URL, beside its local staging
+    folder (``<staging root>/.segflow-locks/<digest of the URL>-<stem>.lock``), which only runs on this machine
+    share."""
+    if target.remote:
+        return locks.InputLock(target.local.parent / locks.LOCKS_DIR, target.local.name, stale_after=stale_after)
+    return locks.InputLock(target.local / locks.LOCKS_DIR, stem, stale_after=stale_after)
 
 
 def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget, batch: _Batch,
@@ -390,11 +431,14 @@ def _collisions(items: list[Expanded]) -> dict[str, str]:
 
 @flow(name="nightly", persist_result=False, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manifest: str | None = None,
-            options: SegmentOptions | None = None, retries: int = 2, retry_delay_seconds: float = 10.0):  # noqa: ANN201
+            options: SegmentOptions | None = None, retries: int = 2, retry_delay_seconds: float = 10.0,
+            lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S):  # noqa: ANN201
     """Segment the new inputs of an inbox folder or a manifest with the model that fits each; write a run report.
 
-    Ends Completed when every input is done or skipped, else Failed ("k of n
-    inputs failed"); either way the report (a dict) is the state's data.
+    Ends Completed when every input is done, skipped or locked (in progress in
+    another run), else Failed ("k of n inputs failed"); either way the report
+    (a dict) is the state's data.  ``lock_stale_after``: seconds without a
+    heartbeat after which another run's lock on an input is broken.
     """
     options = options or SegmentOptions()
     logger = get_run_logger()
@@ -433,7 +477,8 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         scheduler = getattr(client.scheduler, "address", None)
         progress.note(f"Dask scheduler {scheduler}" + (f", dashboard {dashboard}" if dashboard else
                                                        " (no dashboard: install bokeh for one)"))
-        batch = _Batch(models=models, options=options, out_dir=str(out), client=client)
+        batch = _Batch(models=models, options=options, out_dir=str(out), client=client,
+                       lock_stale_after=lock_stale_after)
         run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         bar = progress.reporter()
         bar.start("nightly", f"nightly: {len(todo)} inputs", total=len(todo))
@@ -456,7 +501,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         bar.finish("nightly")
     inputs = [reports[p] for p in [*by_label, *(label for label, _ in unusable)]]
     message = summary(inputs)
-    ok = all(r.status in ("done", "skipped") for r in inputs)
+    ok = all(r.status in ("done", "skipped", "locked") for r in inputs)
     report = {
         "schema": "segflow.nightly-report/1",
         "run": {
@@ -470,7 +515,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                        for m in models],
             "options": options.model_dump(mode="json"),
             "dask_scheduler": scheduler, "dashboard": dashboard,
-            "counts": {s: sum(1 for r in inputs if r.status == s) for s in ("done", "skipped", "failed", "no-model")},
+            "counts": counts(inputs),
         },
         "inputs": [r.to_dict() for r in inputs],
     }

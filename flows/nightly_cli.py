@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,7 +35,10 @@ def nightly_command(
         no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
         retries: int = typer.Option(2, min=0, help="Retries of an input after a transient I/O error."),
         retry_delay: float = typer.Option(10.0, min=0.0, help="Seconds between retries."),
-        parallel: int = typer.Option(1, min=1, help="Inputs in flight at once (their windows share the cluster).")
+        parallel: int = typer.Option(1, min=1, help="Inputs in flight at once (their windows share the cluster)."),
+        lock_timeout: float = typer.Option(600.0, min=1.0, help="Seconds without a heartbeat after which another "
+                                                                "run's lock on an input (OUT/.segflow-locks/) is "
+                                                                "stale and broken; give every run the same.")
 ) -> None:
     """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md."""
     from rich.table import Table
@@ -56,11 +60,12 @@ def nightly_command(
         from prefect.task_runners import ThreadPoolTaskRunner
 
         flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
-    with cli.progress() as progress, reporting(RichReporter(progress)):
+    with _patient_prefect_start(), cli.progress() as progress, reporting(RichReporter(progress)):
         state = flow(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
                      inbox=cli.path_or_url(inbox) if inbox else None,
                      manifest=cli.path_or_url(manifest) if manifest else None,
-                     options=options, retries=retries, retry_delay_seconds=retry_delay, return_state=True)
+                     options=options, retries=retries, retry_delay_seconds=retry_delay,
+                     lock_stale_after=lock_timeout, return_state=True)
     try:
         report = nightly_report(state)
     except SegflowError as exc:
@@ -80,6 +85,29 @@ def nightly_command(
     for r in report["inputs"]:
         if r.get("error"):
             cli.console.print(f"[red]{r['status']}:[/red] {escape(r['error'])}", highlight=False, soft_wrap=True)
+        elif r["status"] == "locked":  # not a failure: the run holding it reports its outcome
+            cli.out.print(f"[yellow]locked:[/yellow] {escape(r['input'])}: {escape(r.get('note') or '')}",
+                          highlight=False, soft_wrap=True)
     cli.out.print(f"report: {report['report']['markdown']}", highlight=False, soft_wrap=True)
     cli.out.print(f"report: {report['report']['json']}", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report["run"]["state"] == "Completed" else 1)
+
+
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def _patient_prefect_start():  # noqa: ANN202 - a context manager
+    """Give Prefect's temporary API server 120 s to come up, not its default 20 s.
+
+    Nightly runs start beside others (an overlapping cron, a manual run) on
+    busy hosts; two runs starting at once were seen to fail with "Timed out
+    while attempting to connect to ephemeral Prefect API server".  A value
+    the user set in the environment wins.
+    """
+    import contextlib
+
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if os.environ.get(STARTUP_TIMEOUT):
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120})

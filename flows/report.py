@@ -1,6 +1,6 @@
 """The run report of a nightly batch: one JSON document and the same in Markdown.
 
-Per input: status (done, skipped, failed, no-model), the one-line error, the
+Per input: status (done, skipped, failed, no-model, locked), the one-line error, the
 model, attempts, timings, windows evaluated and skipped, the label areas in
 hectares (rasters) or volumes in millilitres (NIfTI, DICOM), and the output
 paths.  A DICOM series is named by its ``SeriesRef.display`` (folder and UIDs)
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT_SCHEMA = "segflow.nightly-report/1"
-STATUSES = ("done", "skipped", "failed", "no-model")
+STATUSES = ("done", "skipped", "failed", "no-model", "locked")  # locked: in progress in another run, not failed
 REPORTS_DIR = "reports"
 
 
@@ -93,7 +93,11 @@ def fill_from_statistics(rep: InputReport, statistics: dict[str, Any], classes: 
 
 
 def counts(inputs: list[InputReport]) -> dict[str, int]:
-    return {s: sum(1 for r in inputs if r.status == s) for s in STATUSES}
+    """Inputs per status; ``locked`` only when some input was (the report's counts kept their four keys)."""
+    n = {s: sum(1 for r in inputs if r.status == s) for s in STATUSES}
+    if not n["locked"]:
+        del n["locked"]
+    return n
 
 
 def summary(inputs: list[InputReport]) -> str:
@@ -101,6 +105,8 @@ def summary(inputs: list[InputReport]) -> str:
     n = counts(inputs)
     total = len(inputs)
     parts = [f"{n['done']} done", f"{n['skipped']} skipped"]
+    if n.get("locked"):
+        parts.append(f"{n['locked']} locked (in progress in another run)")
     bad = []
     if n["failed"]:
         bad.append(f"{n['failed']} of {total} inputs failed")
@@ -115,30 +121,49 @@ def timestamp(moment: _dt.datetime | None = None) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], stamp: str) -> tuple[Path, Path]:
-    """OUT/reports/<stamp>.json and .md, each written atomically; a second report in the same second gets -2, -3..."""
+    """OUT/reports/<stamp>.json and .md, each written atomically; a second report in the same second gets -2, -3...
+
+    The JSON file's name is claimed with a hard link, which fails when the name
+    exists: two runs finishing at once never overwrite each other's report.
+    """
     folder = Path(out_dir) / REPORTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    name, i = stamp, 1
-    while (folder / f"{name}.json").exists() or (folder / f"{name}.md").exists():
+    i = 1
+    while True:
+        name = stamp if i == 1 else f"{stamp}-{i}"
         i += 1
-        name = f"{stamp}-{i}"
-    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
-    report = {**report, "report": {"json": str(json_path), "markdown": str(md_path)}}
-    _atomic_write(md_path, render_markdown(report))
-    _atomic_write(json_path, json.dumps(report, indent=2, default=str))
-    return json_path, md_path
+        json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
+        if json_path.exists() or md_path.exists():
+            continue
+        named = {**report, "report": {"json": str(json_path), "markdown": str(md_path)}}
+        if not _atomic_write(json_path, json.dumps(named, indent=2, default=str), exclusive=True):
+            continue  # another run took this name meanwhile
+        _atomic_write(md_path, render_markdown(named))
+        return json_path, md_path
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, *, exclusive: bool = False) -> bool:
+    """Write ``text`` under a temporary name and move it into place; with ``exclusive``, False (nothing
+    written) when ``path`` exists."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: best effort
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
