@@ -1,6 +1,14 @@
 """Peak resident memory of a whole `segflow segment` run (client + Dask workers) against image size.
 
     .venv/bin/python benchmarks/memory.py [--sizes 8192 16384 32768] [--workers 2]
+    .venv/bin/python benchmarks/memory.py --api [--sizes 8192 16384 32768]
+
+``--api`` measures the Python API instead, as a new user would call it (issue
+12): ``segmentation.predict(da.from_zarr(z).astype("float32") / 255, net,
+roi=(256, 256), overlap=0.25, precision="fast", probabilities=False)`` with
+``.to_zarr(...)`` on dask's default (threaded) scheduler, one process per size,
+over a 3-band uint8 zarr store (chunks 1024²) and a random-weight MONAI U-Net
+(8, 16, 32).
 
 For each size it generates a 3-band uint8 GeoTIFF (tiled, random pixels),
 writes a small random-weight U-Net model directory, runs `segflow segment` in a
@@ -125,12 +133,82 @@ def run(size: int, workers: int | None, tmp: Path, model: Path) -> dict:
             "generate_s": gen}
 
 
+def make_zarr(path: Path, size: int) -> None:
+    import zarr
+
+    tile = np.random.default_rng(0).integers(1, 255, (3, 1024, 1024), dtype=np.uint8)
+    z = zarr.create_array(str(path), shape=(3, size, size), chunks=(3, 1024, 1024), dtype="uint8", overwrite=True)
+    for y in range(0, size, 1024):
+        for x in range(0, size, 1024):
+            z[:, y:y + 1024, x:x + 1024] = np.roll(tile, (x + y) // 1024, axis=2)
+
+
+def api_child(size: int, image: Path, out: Path) -> None:
+    """The user's call, in this process (the parent samples its RSS)."""
+    import dask.array as da
+    import torch
+    import zarr
+    from monai.networks.nets import UNet
+
+    import segmentation
+
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=2, in_channels=3, out_channels=CLASSES, channels=(8, 16, 32), strides=(2, 2)).eval()
+    z = zarr.open_array(str(image), mode="r")
+    t = time.perf_counter()
+    segmentation.predict(da.from_zarr(z).astype("float32") / 255, net, roi=(256, 256), overlap=0.25,
+                         precision="fast", probabilities=False).to_zarr(str(out), overwrite=True)
+    print(f"seconds {time.perf_counter() - t:.1f}")
+
+
+def api_main(sizes: list[int], record: str | None) -> int:
+    lines = ["| image | peak RSS (GB) | predict + to_zarr s |", "|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    peaks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            image, out = Path(tmp) / f"img{size}.zarr", Path(tmp) / f"out{size}.zarr"
+            make_zarr(image, size)
+            rc, text, wall, peak, _ = run_sampled([sys.executable, str(Path(__file__).resolve()), "--api-child",
+                                                   str(size), str(image), str(out)])
+            if rc != 0:
+                raise SystemExit(f"the API run failed for {size}:\n{text}")
+            seconds = float(text.strip().splitlines()[-1].split()[-1])
+            peaks.append((size, peak / 1e9))
+            lines.append(f"| {size}×{size}×3 uint8 | {peak / 1e9:.2f} | {seconds:.0f} |")
+            print(lines[-1], flush=True)
+            for p in (image, out):
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
+    notes = ["`segmentation.predict(da.from_zarr(z).astype(\"float32\") / 255, net, roi=(256, 256), overlap=0.25, "
+             "precision=\"fast\", probabilities=False).to_zarr(...)` on dask's default threaded scheduler, one "
+             "process per size; MONAI U-Net (8, 16, 32), random weights, 4 classes; the zarr store's chunks are "
+             "1024². RSS is the process's, sampled every 0.2 s.", "", *lines, ""]
+    (lo, p_lo), (hi, p_hi) = peaks[0], peaks[-1]
+    if len(peaks) > 1:
+        notes.append(f"- The image grows {(hi / lo) ** 2:.0f}× from {lo}² to {hi}²; peak memory grows "
+                     f"{p_hi / p_lo:.2f}×.")
+    notes.append(f"- Peak at {hi}²: **{p_hi:.2f} GB** (goal ≤ 2.5 GB: "
+                 f"{'met' if p_hi <= 2.5 else 'missed by %.2f GB' % (p_hi - 2.5)}).")
+    if record:
+        report.record(record, "\n".join(notes))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: segflow's)")
+    ap.add_argument("--api", action="store_true", help="the Python API on dask's default scheduler")
+    ap.add_argument("--api-child", nargs=3, metavar=("SIZE", "IMAGE", "OUT"), help=argparse.SUPPRESS)
     report.add_argument(ap)
     args = ap.parse_args()
+    if args.api_child:
+        api_child(int(args.api_child[0]), Path(args.api_child[1]), Path(args.api_child[2]))
+        return 0
+    if args.api:
+        return api_main(args.sizes, args.record)
     lines = ["| image | peak RSS, whole process tree (GB) | largest process of each kind at that peak (GB) "
              "| MONAI would hold (GB) | segment wall s |", "|---|---|---|---|---|"]
     print("\n".join(lines))

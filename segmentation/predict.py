@@ -108,8 +108,10 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                                       f"{'-logits' if blend_logits else ''}",
                                 flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0], blend_logits=blend_logits)
     grid = make_grid(arr.shape[1:], roi, overlap)
-    # a stored (zarr) image is read by the evaluate tasks themselves, region by region (StitchPlan's source)
-    stored = image if not isinstance(image, (da.Array, np.ndarray)) and hasattr(image, "store") else None
+    # a stored (zarr) or dask image is read by the evaluate tasks themselves, region by region (StitchPlan's
+    # source): no image chunk waits in memory for the windows that need it.  A numpy image is in memory already.
+    stored = image if not isinstance(image, (da.Array, np.ndarray)) and hasattr(image, "store") else \
+        image if isinstance(image, da.Array) else None
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
                       blend=blend, sigma_scale=sigma_scale, source=stored)
 
@@ -123,6 +125,10 @@ def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | 
     Returns a lazy dask array: class probabilities (classes, *spatial), or the
     argmax labels (*spatial) with ``probabilities=False``.  Compute it with any
     Dask scheduler; a distributed client spreads windows over its workers.
+    A zarr or dask image is read region by region inside the tasks, so no
+    image chunk waits in memory for the windows that need it (a dask image's
+    graph is culled to each region and computed there: see
+    :class:`segmentation.stitching.ComputedRegion` for what that costs).
     """
     plan = build_plan(image, model, roi=roi, overlap=overlap, blend=blend, precision=precision,
                       chunks=chunks, mask=mask, **kwargs)

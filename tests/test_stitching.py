@@ -153,6 +153,27 @@ def test_zarr_input_and_3d_labels(tmp_path):
     assert np.array_equal(labels, ref.argmax(0))
 
 
+def test_a_dask_image_is_computed_region_by_region_inside_the_evaluates(tmp_path):
+    """A dask input's chunks are never tasks of the stitch's graph (a scheduler loaded them far ahead of their
+    windows); each evaluate computes its own region, and the answer is the in-memory one."""
+    import dask.array as da
+    import zarr
+
+    store = zarr.create_array(str(tmp_path / "img.zarr"), shape=(3, 70, 90), chunks=(3, 32, 32), dtype="uint8")
+    store[:] = np.random.default_rng(5).integers(0, 255, store.shape, dtype=np.uint8)
+    image = da.from_zarr(store).astype("float32") / 255
+    net = tiny_net(2, 3, 4)
+    probs = predict(image, net, roi=(16, 16), overlap=0.25, chunks=32)
+    image_layers = set(image.__dask_graph__().layers)
+    assert image_layers and not image_layers & set(probs.__dask_graph__().layers)
+    image_keys = set(dict(image.__dask_graph__()))
+    assert not image_keys & set(dict(probs.__dask_graph__()))
+    ours = probs.compute(scheduler="threads")
+    ref = predict(np.asarray(store[:]).astype("float32") / 255, net, roi=(16, 16), overlap=0.25, chunks=32)
+    assert np.allclose(ours, ref.compute(scheduler="sync"), atol=1e-6)
+    assert np.allclose(ours, monai_reference(np.asarray(image), net, (16, 16), 0.25), atol=1e-5)
+
+
 def test_predict_leaves_the_callers_module_untouched():
     net = tiny_net(2, 1, 2)
     before = {k: v.clone() for k, v in net.state_dict().items()}
