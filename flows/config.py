@@ -26,6 +26,9 @@ class SegmentOptions(BaseModel):
     keep_zarr: bool = True  # keep OUT/<stem>.zarr (labels [+ probabilities]) beside the export
     flip_tta: list[int] | None = None  # spatial axes to mirror at test time; default: the model card's
     trust_bundle: bool = False  # let MONAI evaluate a bundle's configuration (runs its code); off unless asked
+    # torch.compile the network (segmentation.inference.compiled): faster fp32 windows once compiled; the first
+    # run on a machine pays the compile (its kernels are cached); probabilities move in the last float bits
+    compile: bool = False
     crf: bool = False  # refine probabilities with the truncated dense CRF (segmentation.crf) before the argmax
     crf_iterations: int = Field(default=5, ge=1, le=20)
     # Scans whose grid differs from the model card's (version 3) are segmented in model space; their labels

@@ -53,7 +53,7 @@ EXECUTION_ONLY = frozenset({"dask_address", "workers", "gpus"})  # where the wor
 def keyed_parameters(card: ModelCard, options: SegmentOptions) -> dict[str, Any]:
     """The parameters of a run as far as they are known before it starts, card defaults filled in."""
     inf = card.inference
-    params = options.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
+    params = options.model_dump(mode="json", exclude=set(EXECUTION_ONLY) | (set() if options.compile else {"compile"}))
     params.update(
         roi=list(options.roi) if options.roi is not None else list(inf.roi),
         overlap=options.overlap if options.overlap is not None else inf.overlap,

@@ -139,7 +139,8 @@ def _stitch_plan(image_store: ImageStore, model: LoadedModel, options: SegmentOp
         facts["bands"] = bands
     return build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
                       precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
-                      batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta)
+                      batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta,
+                      compile=options.compile)
 
 
 def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions, client: Client,

@@ -85,7 +85,7 @@ def crf_params(options: SegmentOptions) -> CRFParams:
 def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) -> dict[str, Any]:
     inf = model.card.inference
     return {
-        **options.model_dump(exclude={"dask_address"}),
+        **options.model_dump(exclude={"dask_address"} | (set() if options.compile else {"compile"})),
         "roi": list(plan.grid.roi),
         "overlap": options.overlap if options.overlap is not None else inf.overlap,
         "blend": options.blend or inf.blend,

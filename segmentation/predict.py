@@ -45,7 +45,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                precision: Precision = "exact", chunks: Sequence[int] | int | None = None, mask: Any = None,
                batch_size: int | None = None, device: str = "auto", normalizer: Normalizer | None = None,
                num_classes: int | None = None, flip_tta: Sequence[int] | None = None,
-               blend_outputs: str | None = None) -> StitchPlan:
+               blend_outputs: str | None = None, compile: bool = False) -> StitchPlan:
     """Resolve defaults from the model card, check the input fits, and build the stitching graph."""
     if image.ndim not in (3, 4):
         raise ConfigError(None, f"image must be (C, *spatial) with 2 or 3 spatial axes, got shape {image.shape}")
@@ -105,8 +105,9 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
     predictor = WindowPredictor(module, spatial_dims=spatial_dims, num_classes=num_classes,
                                 precision=precision, device=device, batch_size=batch_size,
                                 token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}"
-                                      f"{'-logits' if blend_logits else ''}",
-                                flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0], blend_logits=blend_logits)
+                                      f"{'-logits' if blend_logits else ''}{'-compiled' if compile else ''}",
+                                flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0], blend_logits=blend_logits,
+                                compile=compile)
     grid = make_grid(arr.shape[1:], roi, overlap)
     # a stored (zarr) or dask image is read by the evaluate tasks themselves, region by region (StitchPlan's
     # source): no image chunk waits in memory for the windows that need it.  A numpy image is in memory already.
