@@ -87,6 +87,12 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
             tta: Optional[str] = typer.Option(None, "--tta", help="Flip test-time augmentation: the spatial axes to "
                                                                   "mirror, e.g. 0,1 (all combinations are averaged); "
                                                                   "'none' turns off the card's default."),
+            compile: bool = typer.Option(False, "--compile", help="torch.compile the network: about 1.3x faster "
+                                                                   "exact (fp32) windows, nothing in fast; the "
+                                                                   "first run on a machine spends tens of seconds "
+                                                                   "compiling (kernels cached in "
+                                                                   "~/.cache/segflow/torch-compile, or "
+                                                                   "$SEGFLOW_COMPILE_CACHE). See docs/performance.md."),
             crf: bool = typer.Option(False, "--crf", help="Refine probabilities with the truncated dense CRF "
                                                           "(chunk by chunk, with a halo) before the argmax."),
             crf_iterations: int = typer.Option(5, help="Mean-field iterations of --crf."),
@@ -116,10 +122,16 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                                   "differ, e.g. EPSG:32633."),
             split_by_tile: bool = typer.Option(False, "--split-by-tile",
                                                help="With --mosaic: also one COG per tile, cut from the "
-                                                    "seamless result.")) -> None:
+                                                    "seamless result."),
+            prefect: Optional[bool] = typer.Option(None, "--prefect/--no-prefect",
+                                                   help="Run as a Prefect flow run (shown in the Prefect UI), or "
+                                                        "the same code without Prefect (faster start-up). "
+                                                        "Default: a flow run only when a Prefect API is "
+                                                        "configured (PREFECT_API_URL in the environment or the "
+                                                        "Prefect profile).")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
-    from flows.flows import batch_outcomes, segment_batch
     from flows.progress import RichReporter, reporting
+    from flows.runlog import prefect_api_configured
 
     options = _options(precision=precision, roi=_ints(roi), overlap=overlap, chunk_size=chunk_size,
                        batch_size=batch_size, workers=workers, probabilities=probabilities,
@@ -129,19 +141,28 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                        model_space=model_space, dicom_seg=dicom_seg,
                        bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
                        vector=vector, simplify=simplify, output_grid=output_grid, mosaic=mosaic, crs=crs,
-                       split_by_tile=split_by_tile)
+                       split_by_tile=split_by_tile, compile=compile)
     if (split_by_tile or crs) and not mosaic:
         _fail(f"{'--split-by-tile' if split_by_tile else '--crs'} applies to a mosaic of tiles; add --mosaic NAME")
     if split_by_tile and output_grid == "model":
         _fail("--split-by-tile cuts the tiles' own grids out of the result; it cannot be combined with "
               "--output-grid model")
-    _check_models([model], trust_bundle=trust_bundle)
-    with _progress() as progress, reporting(RichReporter(progress)):
-        state = segment_batch(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model),
-                              out_dir=_path_or_url(out),
-                              options=options, return_state=True)
+    arguments = dict(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model), out_dir=_path_or_url(out),
+                     options=options)
     try:
-        outcomes = batch_outcomes(state)
+        if prefect_api_configured() if prefect is None else prefect:
+            _check_models([model], trust_bundle=trust_bundle)
+            from flows.flows import batch_outcomes, segment_batch
+
+            with _progress() as progress, reporting(RichReporter(progress)):
+                outcomes = batch_outcomes(segment_batch(**arguments, return_state=True))
+        else:  # the flow's body without Prefect (README: "Prefect or not"); its cluster starts during the checks
+            from flows.batch import segment_inputs, start_cluster
+
+            with start_cluster(str(model), options) as cluster:
+                _check_models([model], trust_bundle=trust_bundle)
+                with _progress() as progress, reporting(RichReporter(progress)):
+                    outcomes = segment_inputs(**arguments, cluster=cluster)
     except SegflowError as exc:
         _fail(str(exc))
     if report:
@@ -155,7 +176,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     failed = [o for o in outcomes if not o["ok"]]
     for o in failed:
         console.print(f"[red]error:[/red] {escape(o['error'])}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1 if failed else 0)
+    cliutil.finish(1 if failed else 0)
 
 
 @app.command()

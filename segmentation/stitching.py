@@ -377,20 +377,20 @@ class StitchPlan:
             targets = [(t, tuple((max(lo, b0), min(hi, b1)) for (lo, hi), (b0, b1) in zip(region, self.box(t))))
                        for t in src]
             owned = tuple(a.owned[i] for a, i in zip(self.axes, owner))
-            name = f"segflow-evaluate-{tok}-" + "-".join(map(str, owner))
+            name = f"segflow_evaluate-{tok}-" + "-".join(map(str, owner))
             pieces = delayed(_evaluate, pure=True)(
                 pred, normalizer, weights, owned, region, blocks, mblocks, targets,
                 self.num_classes, self.channels, dask_key_name=name)
             self._count_parts[owner] = (int(np.prod([len(o) for o in owned])), 0) if mblocks is None else \
                 delayed(_count, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
-                                           dask_key_name=f"segflow-count-{tok}-" + "-".join(map(str, owner)))
+                                           dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, owner)))
             for t, tbox in targets:
                 incoming[t].append((tbox, pieces[t]))
                 self._sources[t].append(owner)
         self._probs: dict[tuple[int, ...], Delayed] = {}
         for idx, pieces_in in incoming.items():
             mask = None if mask_blocks is None else mask_blocks[idx]
-            name = f"segflow-finalise-{tok}-" + "-".join(map(str, idx))
+            name = f"segflow_finalise-{tok}-" + "-".join(map(str, idx))
             with draining():
                 self._probs[idx] = delayed(_finalise, pure=True)(
                     self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes,

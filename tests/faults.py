@@ -26,7 +26,7 @@ class KillWorkerOnce(WorkerPlugin):
 
     name = "segflow-test-kill-worker-once"
 
-    def __init__(self, marker: str, after: int = 2, task: str = "segflow-evaluate-") -> None:
+    def __init__(self, marker: str, after: int = 2, task: str = "segflow_evaluate-") -> None:
         self.marker, self.after, self.task = marker, after, task
         self.seen = 0
 

@@ -21,8 +21,8 @@ from tests.test_pipeline import BAD
 SEGFLOW = [sys.executable, "-m", "flows"]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": os.environ["PREFECT_HOME"], "COLUMNS": "200"}
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": os.environ["PREFECT_HOME"], "COLUMNS": "200", **(env or {})}
     return subprocess.run([*SEGFLOW, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=300)
 
@@ -103,3 +103,97 @@ def test_ingest_command(tmp_path):
     info = json.loads(run("info", tmp_path / "standard.zarr").stdout)
     assert info["arrays"]["image"]["shape"] == [1, 7, 5, 4]
     assert info["attributes"]["segflow"]["geometry"]["sform_code"] == 2
+
+
+# --- a one-off `segment` without Prefect (issue 12): same outcomes as the Prefect flow run ------------------
+
+def _segflow_lines(stderr: str) -> list[str]:
+    """segflow's own stderr lines (`ok ...`, `error: ...`), without the `ok` lines' timing, which may differ.
+
+    Prefect's own log lines (e.g. its events worker complaining at exit on a
+    busy machine) and library warnings are not segflow's output.
+    """
+    return [line.rsplit("  (", 1)[0] if line.startswith("ok ") else line for line in stderr.splitlines()
+            if line.startswith(("ok ", "error:"))]
+
+
+def test_segment_without_a_prefect_api_runs_without_prefect_and_matches_the_flow_run(model2d, tmp_path):
+    good = tmp_path / "good.tif"
+    data = np.random.default_rng(1).integers(1, 255, (3, 70, 90), dtype=np.uint8)
+    with rasterio.open(good, "w", driver="GTiff", width=90, height=70, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10), nodata=0) as dst:
+        dst.write(data)
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00" + b"\x00garbage" * 20)
+    missing = tmp_path / "missing.tif"
+    results = {}
+    # --no-prefect with an API configured (an unreachable one): Prefect is not even asked
+    ways = (("default", [], ""), ("prefect", ["--prefect"], ""), ("forced", ["--no-prefect"], "http://127.0.0.1:9/api"))
+    for way, flag, api in ways:
+        home = tmp_path / f"home-{way}"  # a fresh Prefect home shows whether Prefect's temporary server ran
+        env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": api}  # "": no Prefect API, whatever the caller's
+        proc = run("segment", good, broken, missing, "--model", model2d.path, "--out", tmp_path / f"out-{way}",
+                   "--workers", "1", "--report", tmp_path / f"{way}.json", *flag, env=env)
+        with rasterio.open(tmp_path / f"out-{way}" / "good.tif") as src:
+            labels = src.read()
+        outcomes = json.loads((tmp_path / f"{way}.json").read_text())
+        results[way] = dict(code=proc.returncode, stdout=proc.stdout, stderr=_segflow_lines(proc.stderr.replace(f"out-{way}", "OUT")),
+                            files=sorted(p.name for p in (tmp_path / f"out-{way}").iterdir()), labels=labels,
+                            outcomes=[(o["input"], o["ok"], o.get("error")) for o in outcomes],
+                            prefect_db=(home / "prefect.db").exists(), raw=proc.stderr)
+    default = results["default"]
+    assert default["code"] == 1
+    errors = error_lines("\n".join(default["stderr"]))
+    assert len(errors) == 2 and str(broken) in errors[0] and str(missing) in errors[1], default["stderr"]
+    assert default["outcomes"] == [(str(good), True, None), (str(broken), False, errors[0][len("error: "):]),
+                                   (str(missing), False, errors[1][len("error: "):])]
+    assert default["files"] == ["good.provenance.json", "good.stac.json", "good.tif", "good.zarr"]
+    assert not default["prefect_db"], "the default run without a Prefect API started Prefect's temporary server"
+    assert "Traceback" not in default["raw"], default["raw"]
+    assert results["prefect"]["prefect_db"], "--prefect did not run a Prefect flow run"
+    assert not results["forced"]["prefect_db"]
+    for way in ("prefect", "forced"):
+        other = results[way]
+        for key in ("code", "stdout", "stderr", "files", "outcomes"):
+            assert other[key] == default[key], (way, key, other[key], default[key])
+        np.testing.assert_array_equal(other["labels"], default["labels"])
+
+
+@pytest.mark.parametrize("case", ["nothing", "env", "env-empty", "dotenv", "prefect-toml", "pyproject",
+                                  "profile", "profile-env", "profile-inactive"])
+def test_prefect_api_detection_agrees_with_prefect(case, tmp_path, monkeypatch):
+    """`segflow segment` picks its way from the same settings Prefect would read, without importing Prefect."""
+    from prefect.settings.models.root import Settings
+
+    from flows.runlog import prefect_api_configured
+
+    url = "http://127.0.0.1:4999/api"
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    profiles = f'active = "local"\n[profiles.local]\nPREFECT_API_URL = "{url}"\n[profiles.ephemeral]\n'
+    if case == "env":
+        monkeypatch.setenv("PREFECT_API_URL", url)
+    elif case == "env-empty":  # set but empty in the environment: no API, even with a profile naming one
+        monkeypatch.setenv("PREFECT_API_URL", "")
+        (home / "profiles.toml").write_text(profiles)
+    elif case == "dotenv":
+        (tmp_path / ".env").write_text(f"PREFECT_API_URL={url}\n")
+    elif case == "prefect-toml":
+        (tmp_path / "prefect.toml").write_text(f'[api]\nurl = "{url}"\n')
+    elif case == "pyproject":
+        (tmp_path / "pyproject.toml").write_text(f'[tool.prefect.api]\nurl = "{url}"\n')
+    elif case == "profile":
+        (home / "profiles.toml").write_text(profiles)
+    elif case == "profile-env":
+        (home / "profiles.toml").write_text(profiles.replace('active = "local"', 'active = "ephemeral"'))
+        monkeypatch.setenv("PREFECT_PROFILE", "local")
+    elif case == "profile-inactive":
+        (home / "profiles.toml").write_text(profiles.replace('active = "local"', 'active = "ephemeral"'))
+    expected = case not in ("nothing", "env-empty", "profile-inactive")
+    assert bool(Settings().api.url) is expected  # what Prefect itself reads
+    assert prefect_api_configured() is expected
+
