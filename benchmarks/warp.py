@@ -293,8 +293,10 @@ def main() -> int:
             lines, found = bench(kind, sizes, args.chunk, Path(tmp_name), args.trained)
             body += [*lines, ""]
             notes += found
-    intro = (f"4-band uint16 scene at {INPUT_M:g} m (EPSG:{EPSG}), smooth patches with texture and noise; "
-             f"random-weight U-Nets, {CLASSES} classes, card version 4 at {MODEL_M:g} m, overlap 0.25, batch 8, "
+    intro = (f"4-band uint16 scene at {INPUT_M:g} m (EPSG:{EPSG}): for `cheap` and `demo` smooth patches with "
+             f"texture and noise and random-weight U-Nets with {CLASSES} classes; for `trained` a demo scene (unseen "
+             "seed) repeated 2×2 per pixel, so its 10 m average is exactly a demo scene, and the demo's trained "
+             f"model (5 classes); card version 4 at {MODEL_M:g} m, overlap 0.25, batch 8, "
              f"chunks {args.chunk}², `segflow segment --precision fast --no-zarr` (labels only) with segflow's "
              "default cluster. Run A warps the scene to 10 m (average, per chunk), stitches there and brings the "
              "labels back (bilinear probabilities near label boundaries only); run B segments the same 10 m "

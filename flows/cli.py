@@ -87,8 +87,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
             tta: Optional[str] = typer.Option(None, "--tta", help="Flip test-time augmentation: the spatial axes to "
                                                                   "mirror, e.g. 0,1 (all combinations are averaged); "
                                                                   "'none' turns off the card's default."),
-            compile: bool = typer.Option(False, "--compile", help="torch.compile the network: about 1.3x faster "
-                                                                   "exact (fp32) windows, nothing in fast; the "
+            compile: bool = typer.Option(False, "--compile", help="torch.compile the network: about 1.5x faster "
+                                                                   "exact (fp32) windows, none in fast; the "
                                                                    "first run on a machine spends tens of seconds "
                                                                    "compiling (kernels cached in "
                                                                    "~/.cache/segflow/torch-compile, or "
