@@ -227,7 +227,7 @@ def main() -> int:
     layout = f"{args.workers} worker processes" if args.workers else "segflow's default cluster"
     notes = [f"`segflow segment --precision fast --no-zarr` with {layout}; small U-Net (8, 16, 32), "
              f"{CLASSES} classes, ROI 256², chunks 1024². RSS is sampled every 0.2 s over the whole process tree "
-             "(CLI client, Dask nanny and workers, Prefect's temporary server). \"MONAI would hold\" is the input "
+             "(CLI client, Dask nanny and workers, and Prefect's temporary server when the run uses one: since issue 12 a one-off run without a Prefect API does not). \"MONAI would hold\" is the input "
              "as float32 plus (classes + 1) float32 image-sized buffers.", "", *lines, ""]
     if len(results) > 1:
         growth = (last["size"] / first["size"]) ** 2
