@@ -76,8 +76,8 @@ class VolumeWayBack:
         return to_input(probs, self.mapping, chunks=list(chunks), mode=mode)  # type: ignore[arg-type]
 
     def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0) -> da.Array:
-        """``empty`` is not needed: the volume way back clamps at the model grid's border (as MONAI's
-        resampling does), so every input voxel gets the labels of some model voxels."""
+        """``empty`` is not used: a volume's labels are nodata only where its mask says so, as they always were
+        (its full path, ``to_input`` then the argmax, would give class 0 where it interpolates nothing)."""
         return argmax_to_input(probs, self.mapping, chunks=list(chunks), mode=mode,  # type: ignore[arg-type]
                                dtype=dtype)
 
@@ -159,7 +159,8 @@ class ModelSpacePlan:
                             labels_target, probabilities_target, probabilities_dtype,
                             name=f"segflow-write-{self.stitch.token}-{self.invert}-"
                                  f"{'crf-' if probabilities is not None else ''}",
-                            only=only, on_written=on_written)
+                            only=only, on_written=on_written,
+                            unreached=getattr(self.way_back, 'leaves_unreached', False))
 
     def counts(self, only: Sequence[tuple[int, ...]] | None = None) -> Delayed:
         """Window counts of the model-space work the input-grid chunks ``only`` need (all of it when None)."""

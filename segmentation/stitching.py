@@ -255,10 +255,10 @@ def draining() -> Any:
 argmax0 = argmax_first  # the argmax over classes, first maximum winning (shared with the model-space way back)
 
 
-def labels_of(probs: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
-    """The argmax, and nodata where the input has none or nothing reached a pixel (probabilities all 0: a
-    model-space way back with no valid model pixel under it)."""
-    labels = argmax0(probs, label_dtype(num_classes), label_nodata(num_classes))
+def labels_of(probs: np.ndarray, mask: np.ndarray | None, num_classes: int, unreached: bool = False) -> np.ndarray:
+    """The argmax, and nodata where the input has none; with ``unreached`` also where every class is 0 (a
+    raster's way back from model space where no valid model pixel reaches a pixel)."""
+    labels = argmax0(probs, label_dtype(num_classes), label_nodata(num_classes) if unreached else None)
     if mask is not None:
         labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
     return labels
@@ -267,7 +267,7 @@ def labels_of(probs: np.ndarray, mask: np.ndarray | None, num_classes: int) -> n
 def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: int,
            labels_target: Any, probs_target: Any, probs_dtype: str,
            index: tuple[int, ...] | None = None, on_written: Callable[[tuple[int, ...], dict], None] | None = None,
-           ) -> dict[str, Any]:
+           unreached: bool = False) -> dict[str, Any]:
     """Write one whole output chunk; return its label histogram (for areas and volumes).
 
     ``on_written(index, result)`` runs only after every array of the chunk is
@@ -278,7 +278,7 @@ def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: in
         if mask is not None:
             labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
     else:
-        labels = labels_of(probs, mask, num_classes)
+        labels = labels_of(probs, mask, num_classes, unreached)
     sl = tuple(slice(lo, hi) for lo, hi in box)
     labels_target[sl] = labels
     if probs_target is not None:
@@ -474,8 +474,10 @@ def chunk_writes(blocks: dict[tuple[int, ...], Any], boxes: dict[tuple[int, ...]
                  num_classes: int, labels_target: Any, probabilities_target: Any = None,
                  probabilities_dtype: str = "float32", *, name: str,
                  only: Sequence[tuple[int, ...]] | None = None,
-                 on_written: Callable[[tuple[int, ...], dict], None] | None = None) -> list[Delayed]:
+                 on_written: Callable[[tuple[int, ...], dict], None] | None = None,
+                 unreached: bool = False) -> list[Delayed]:
     """One delayed write per chunk of probability ``blocks`` (delayed (classes, *box) arrays), in order.
+    ``unreached``: pixels whose probabilities are all 0 get nodata (:func:`labels_of`).
 
     Without a probabilities target a block may be the labels themselves
     (*box), when something cheaper than the probabilities gave them.
@@ -495,7 +497,7 @@ def chunk_writes(blocks: dict[tuple[int, ...], Any], boxes: dict[tuple[int, ...]
         with draining():
             out.append(delayed(_write, name=name + "-".join(map(str, idx)), pure=False)(
                 probs, mask, boxes[idx], num_classes, labels_target, probabilities_target,
-                probabilities_dtype, idx, on_written))
+                probabilities_dtype, idx, on_written, unreached))
     return out
 
 

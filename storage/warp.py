@@ -371,6 +371,8 @@ class RasterWayBack:
     mapping: RasterMapping
     valid: Any = None
     stage: Any = None
+    # input pixels no valid model pixel reaches get no probabilities (all 0): their labels are nodata
+    leaves_unreached = True
 
     @property
     def input_shape(self) -> tuple[int, int]:
