@@ -11,7 +11,6 @@ import copy
 import itertools
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -126,7 +125,6 @@ class WindowPredictor:
         axes = [a + 2 for a in sorted(set(flip_tta))]
         self.flips = [c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
         self.compile = compile  # torch.compile (inductor); every batch padded to batch_size: one graph
-        self.compile_seconds: float | None = None  # this process's first compiled batch, when compiling
         self._prepared: nn.Module | None = None
         self._lock = threading.Lock()
 
@@ -180,15 +178,11 @@ class WindowPredictor:
 
     def _compiled_logits(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The compiled network on a full batch (a short last one padded with zeros, its extra rows dropped), so
-        one graph serves every batch; the first call's seconds are what compiling cost this process."""
+        one graph serves every batch."""
         n = x.shape[0]
         if n < self.batch_size:
             x = torch.cat([x, x.new_zeros((self.batch_size - n,) + tuple(x.shape[1:]))])
-        t = time.perf_counter()
-        logits = self._forward(net, x)
-        if self.compile_seconds is None:
-            self.compile_seconds = round(time.perf_counter() - t, 3)
-        return logits[:n]
+        return self._forward(net, x)[:n]
 
     def _mirrored(self, net: nn.Module, xb: torch.Tensor, logits: torch.Tensor, out: torch.Tensor,
                   w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

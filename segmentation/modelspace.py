@@ -51,6 +51,9 @@ class WayBack(Protocol):
     """How model-grid probabilities reach the input's grid; ``mode`` is "bilinear" (interpolate, with the
     mapping's own kernel) or "nearest"."""
 
+    # whether input pixels no valid model pixel reaches come back with no probabilities (all 0): nodata labels
+    leaves_unreached: bool
+
     @property
     def input_shape(self) -> tuple[int, ...]: ...
 
@@ -64,6 +67,8 @@ class WayBack(Protocol):
 
 class VolumeWayBack:
     """A volume's way back: :mod:`storage.resample`'s inverse of MONAI's Orientationd + Spacingd."""
+
+    leaves_unreached = False  # a volume's labels are nodata only where its mask says so
 
     def __init__(self, mapping: GridMapping) -> None:
         self.mapping = mapping
@@ -160,7 +165,7 @@ class ModelSpacePlan:
                             name=f"segflow-write-{self.stitch.token}-{self.invert}-"
                                  f"{'crf-' if probabilities is not None else ''}",
                             only=only, on_written=on_written,
-                            unreached=getattr(self.way_back, 'leaves_unreached', False))
+                            unreached=self.way_back.leaves_unreached)
 
     def counts(self, only: Sequence[tuple[int, ...]] | None = None) -> Delayed:
         """Window counts of the model-space work the input-grid chunks ``only`` need (all of it when None)."""

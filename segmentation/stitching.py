@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections import ChainMap
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import dask
 import dask.array as da
@@ -195,12 +196,16 @@ class ComputedRegion:
     an expensive per-chunk graph is better stored or persisted first.
     """
 
-    def __init__(self, image: da.Array, region: Box) -> None:
+    def __init__(self, image: da.Array, region: Box, tasks: Mapping[Any, Any] | None = None) -> None:
+        """``tasks``: the image's graph as a dict, made once for all owners (cull only visits what the region
+        needs; copying the whole graph per owner would grow with the square of the chunk count)."""
         from dask.core import flatten
         from dask.optimization import cull
 
         sub = image[(slice(None),) + tuple(slice(lo, hi) for lo, hi in region)]
-        graph, _ = cull(dict(sub.__dask_graph__()), list(flatten(sub.__dask_keys__())))
+        tasks = dict(image.__dask_graph__()) if tasks is None else tasks
+        graph, _ = cull(ChainMap(dict(sub.__dask_graph__().layers[sub.name]), tasks),
+                        list(flatten(sub.__dask_keys__())))
         self.array = da.Array(graph, sub.name, sub.chunks, meta=sub._meta)
         self.region = region
 
@@ -361,6 +366,7 @@ class StitchPlan:
             idx: [] for idx in itertools.product(*(range(a.nchunks) for a in self.axes))}
         self._count_parts: dict[tuple[int, ...], Any] = {}  # (evaluated, skipped), or a task giving them
         self._sources: dict[tuple[int, ...], list[tuple[int, ...]]] = {idx: [] for idx in incoming}
+        source_tasks = dict(self.source.__dask_graph__()) if isinstance(self.source, da.Array) else None
         for owner in incoming:
             regions = [a.region(i) for a, i in zip(self.axes, owner)]
             if any(r is None for r in regions):
@@ -368,7 +374,7 @@ class StitchPlan:
             region: Box = tuple(regions)  # type: ignore[arg-type]
             src = list(itertools.product(*(a.chunks_overlapping(lo, hi) for a, (lo, hi) in zip(self.axes, region))))
             if isinstance(self.source, da.Array):
-                blocks: Any = ComputedRegion(self.source, region)
+                blocks: Any = ComputedRegion(self.source, region, source_tasks)
             elif self.source is not None:
                 blocks = RegionReader(self.source)
             else:

@@ -228,24 +228,22 @@ def _bilinear_rows(data: np.ndarray, ty: Taps, r0: int) -> np.ndarray:
     return out
 
 
-def _bilinear_cols(partial: np.ndarray, tx: Taps, rows: np.ndarray, cols: np.ndarray, c0: int,
-                   grid: bool) -> np.ndarray:
-    """The column pass of bilinear for the pixels (rows, cols), from :func:`_bilinear_rows`."""
+def _bilinear_cols(partial: np.ndarray, tx: Taps, rows: np.ndarray, cols: np.ndarray, c0: int) -> np.ndarray:
+    """The column pass of bilinear for a grid of pixels (rows, cols), from :func:`_bilinear_rows`."""
     shape = np.broadcast_shapes(rows.shape, cols.shape)
     out = np.zeros((partial.shape[0], *shape))
     for k in range(tx.index.shape[1]):
         w = tx.weight[cols, k]
         if w.any():
             ix = tx.index[cols, k] - c0
-            picked = _take(partial, ix, 2) if grid else partial[:, rows, ix]
-            out += picked * w
+            out += _take(partial, ix, 2) * w
     return out
 
 
 def _bilinear_grid(data: np.ndarray, ty: Taps, tx: Taps, rows: np.ndarray, cols: np.ndarray,
                    at: tuple[int, int]) -> np.ndarray:
     """Both passes over a grid of pixels: rows first for every column of the region, then columns."""
-    return _bilinear_cols(_bilinear_rows(data, ty, at[0]), tx, rows, cols, at[1], True)
+    return _bilinear_cols(_bilinear_rows(data, ty, at[0]), tx, rows, cols, at[1])
 
 
 def _bilinear_points(data: np.ndarray, ty: Taps, tx: Taps, rows: np.ndarray, cols: np.ndarray,
@@ -340,7 +338,7 @@ def _cells(taps: Taps) -> int | None:
 
 
 def _block_mean(region: np.ndarray, ty: Taps, tx: Taps, at: tuple[int, int]) -> np.ndarray | None:
-    """``average`` over whole k_y × k_x cells of integers, as one reshaped sum: float32, or None when not exact.
+    """``average`` over whole k_y × k_x cells of integers, as strided sums: float32, or None when not exact.
 
     GDAL's running mean (float64, one division per tap) lands within a few
     float64 ulps of the true mean S / (k_y k_x).  When that mean is exact in
