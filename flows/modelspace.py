@@ -5,12 +5,13 @@ declares is resampled once into a model-space image store in the work folder
 (:func:`storage.modelimage.model_image`), stitched there, and written back on
 its own grid (:class:`segmentation.modelspace.ModelSpacePlan`).  A raster
 whose pixel size differs from its card's (version 4) ground sample distance,
-or whose CRS differs from the card's, is warped the same way with GDAL
-(:mod:`storage.warp`, :func:`storage.modelimage.model_raster_image`); its
-labels come back on its own grid (``--output-grid input``) or stay on the
-model's (``--output-grid model``: the outputs then carry the model grid's
-geometry, :func:`output_meta`).  Where the grids already match nothing of
-this runs, so such outputs stay byte for byte what they were.
+or whose CRS differs from the card's, is warped with GDAL's kernels
+(:mod:`storage.warp`) by the windows' own reads
+(:class:`storage.modelview.WarpedImage`: no model-space store); its labels
+come back on its own grid (``--output-grid input``) or stay on the model's
+(``--output-grid model``: the outputs then carry the model grid's geometry,
+:func:`output_meta`).  Where the grids already match nothing of this runs,
+so such outputs stay byte for byte what they were.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from distributed import Client
 from flows.config import SegmentOptions
 from segmentation import LoadedModel, build_plan
 from segmentation.modelspace import ModelSpacePlan
-from storage.bands import aliases, select_bands
+from storage.bands import aliases, channel_indexes, channel_units, preselected, select_bands
 from storage.geometry import RasterGeometry, VolumeGeometry
 from storage.grids import GridMapping, model_grid
 from storage.layout import META_ATTR, ImageStore, StoreMeta
-from storage.modelimage import all_valid, model_image, model_raster_image, raster_model_geometry
+from storage.modelimage import model_image, model_mask, raster_model_geometry
+from storage.modelview import WarpedImage
 from storage.rastergrid import RasterMapping, raster_mapping
 from storage.warp import RasterWayBack
 
@@ -59,7 +61,7 @@ def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOption
 
     A STAC item's store holds the bands picked at ingest, in the model's order.
     """
-    from storage.bands import apply_units, preselected
+    from storage.bands import apply_units
 
     names = preselected(store.meta)
     image, names = (store.image, names) if names is not None else _chosen_bands(store, model, options)
@@ -145,25 +147,54 @@ def _stitch_plan(image_store: ImageStore, model: LoadedModel, options: SegmentOp
 
 def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions, client: Client,
                   mapping: RasterMapping) -> tuple[Any, RasterMapping, dict[str, Any]]:
-    """A raster in model space: warped once into a store, stitched there, labels on either grid."""
+    """A raster in model space, labels on either grid.
+
+    The windows read the model-space image straight from the input store
+    (:class:`storage.modelview.WarpedImage`: each evaluate task warps its own
+    region); only the model grid's valid mask is computed first, and stored
+    when some model pixel is invalid.
+    """
     chunk = options.chunk_size or int(store.image.chunks[1])
+    work = model_image_path(store)
     t0 = time.perf_counter()
-    image_store, reused = model_raster_image(store, mapping, model_image_path(store), chunk=chunk,
-                                             compute=lambda graph: client.compute(graph).result())
-    facts: dict[str, Any] = {"model_space": mapping.to_json(), "model_image_reused": reused,
+    model_valid = model_mask(store, mapping, work, chunk, compute=lambda graph: client.compute(graph).result())
+    image, bands = _warped_image(store, model, options, mapping, chunk)
+    facts: dict[str, Any] = {"model_space": mapping.to_json(), "model_image": "warped by the windows' reads",
                              "model_image_seconds": round(time.perf_counter() - t0, 3),
                              "output_grid": options.output_grid}
-    stitch = _stitch_plan(image_store, model, options, facts)
+    if bands is not None:
+        facts["bands"] = bands
+    stitch = build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
+                        precision=options.precision, chunks=chunk, mask=model_valid,
+                        batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta,
+                        compile=options.compile)
     if options.output_grid == "model":
         return stitch, mapping, facts
-    model_valid = None if all_valid(image_store) else image_store.mask
     input_valid = None if store.mask is None else da.from_zarr(store.mask)
-    # the stitched probabilities go through a work array inside the model-space store (removed with it): each
-    # chunk is freed once written, whatever the scene's size (storage.warp.RasterWayBack)
-    way_back = RasterWayBack(mapping, model_valid, stage=image_store.path / "staged-probabilities")
+    # the stitched probabilities go through a work array in the work folder (removed with it): each chunk is
+    # freed once written, whatever the scene's size (storage.warp.RasterWayBack)
+    way_back = RasterWayBack(mapping, model_valid, stage=work / "staged-probabilities")
     plan = ModelSpacePlan(stitch, way_back, invert=model.card.inference.invert,
                           chunks=store.image.chunks[1:], mask=input_valid)
     return plan, mapping, facts
+
+
+def _warped_image(store: ImageStore, model: LoadedModel, options: SegmentOptions, mapping: RasterMapping,
+                  chunk: int) -> tuple[WarpedImage, list[str] | None]:
+    """The bands the model takes, warped on read and put in the card's units (after the warp, as a stored
+    model-space image had them)."""
+    names = preselected(store.meta)
+    if names is None:
+        _, names = _chosen_bands(store, model, options)
+    spec = model.card.input
+    known = None if spec.units is None else channel_units(store.meta, names)
+    units = None
+    if known is not None:
+        factor = spec.dn_scale if spec.units == "dn" else 1.0
+        units = ([s * factor for s in known[0]], [o * factor for o in known[1]])
+    bands = None if names is None else channel_indexes(list(store.meta.channel_names), names)
+    image = WarpedImage(store.image, mapping, valid=store.mask, bands=bands, units=units, chunks=(chunk, chunk))
+    return image, names
 
 
 def output_meta(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> StoreMeta:

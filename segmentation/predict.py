@@ -111,7 +111,10 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
     grid = make_grid(arr.shape[1:], roi, overlap)
     # a stored (zarr) or dask image is read by the evaluate tasks themselves, region by region (StitchPlan's
     # source): no image chunk waits in memory for the windows that need it.  A numpy image is in memory already.
-    stored = image if not isinstance(image, (da.Array, np.ndarray)) and hasattr(image, "store") else \
+    # An array-like that ``reads_regions`` (storage.modelview.WarpedImage) computes any region on demand: read the
+    # same way, by the tasks, never as dask chunks.
+    stored = image if not isinstance(image, (da.Array, np.ndarray)) and (
+        hasattr(image, "store") or getattr(image, "reads_regions", False)) else \
         image if isinstance(image, da.Array) else None
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
                       blend=blend, sigma_scale=sigma_scale, source=stored)

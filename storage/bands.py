@@ -143,7 +143,7 @@ def preselected(meta: Any) -> list[str] | None:
     return list(meta.channel_names)
 
 
-def _indexes(offered: Sequence[str], names: Sequence[str] | None) -> list[int]:
+def channel_indexes(offered: Sequence[str], names: Sequence[str] | None) -> list[int]:
     """The stored channels behind ``names`` (as band selection returns them; None: all, in order)."""
     if names is None:
         return list(range(len(offered)))
@@ -167,7 +167,7 @@ def channel_units(meta: Any, names: Sequence[str] | None = None) -> tuple[list[f
         return None
     n = len(meta.channel_names)
     scales, offsets = scales or [1.0] * n, offsets or [0.0] * n
-    picked = _indexes(list(meta.channel_names), names)
+    picked = channel_indexes(list(meta.channel_names), names)
     return [scales[i] for i in picked], [offsets[i] for i in picked]
 
 
@@ -212,4 +212,5 @@ def units_facts(meta: Any, *, units: str | None, dn_scale: float = 10000.0,
     return {"units": facts}
 
 
-__all__ = ["BandRequest", "aliases", "apply_units", "channel_units", "preselected", "select_bands", "units_facts"]
+__all__ = ["BandRequest", "aliases", "apply_units", "channel_indexes", "channel_units", "preselected", "select_bands",
+           "units_facts"]

@@ -1,15 +1,17 @@
 """The input image in model space, stored once per run beside the ingested copy.
 
 Every window task reads its region plus up to one ROI past it, so a lazily
-resampled image would be interpolated up to 2^d times over.  Writing the
-model-space image once (chunk by chunk, from :func:`storage.resample.to_model`
-for volumes, :func:`storage.warp.to_model` for rasters) makes resampling one
-pass, lets whole-image statistics (z-score, percentiles) read it cheaply, and
-lets an interrupted run reuse it.  Its geometry is a :class:`VolumeGeometry`
-or a :class:`RasterGeometry` like any ingested input's, so a label map can be
-written in model space too (``--model-space keep``, ``--output-grid model``).
-A raster's model-space store always has a mask: the model grid may reach past
-the input's footprint (a rotated CRS change, a partial last pixel).
+resampled image would be interpolated up to 2^d times over.  Writing a
+volume's model-space image once (chunk by chunk, from
+:func:`storage.resample.to_model`) makes resampling one pass, lets
+whole-image statistics (z-score, percentiles) read it cheaply, and lets an
+interrupted run reuse it.  Its geometry is a :class:`VolumeGeometry` like any
+ingested input's, so a label map can be written in model space too
+(``--model-space keep``).  A raster is different: its warp reads only the
+pixels its taps name, so the windows warp their own regions on read
+(:mod:`storage.modelview`) and only the model grid's valid mask is stored
+here (:func:`model_mask`): the model grid may reach past the input's
+footprint (a rotated CRS change, a partial last pixel).
 """
 
 from __future__ import annotations
@@ -115,76 +117,43 @@ def _reuse(path: Path, key: str) -> ImageStore | None:
     return None
 
 
-def model_raster_image(store: ImageStore, mapping: RasterMapping, path: str | PathLike[str], *, chunk: int,
-                       compute: Callable[[Any], Any]) -> tuple[ImageStore, bool]:
-    """The raster's model-space image store at ``path`` (and whether an earlier complete one was reused).
-
-    The image is warped with the mapping's kernel (float32) and the mask goes
-    along (:func:`storage.warp.to_model`); the store's attribute records the
-    mapping and whether every model pixel is valid (then the way back needs no
-    alpha band).  Reused only when complete and made from the same input
-    content with the same mapping and chunking.
-    """
-    from storage.warp import to_model as warp_to_model
-
-    path = Path(path)
-    key = identity_digest({"input_sha256": store.meta.source.sha256, "mapping": mapping.to_json(), "chunk": chunk,
-                           "mask": store.mask is not None})
-    found = _reuse(path, key)
-    if found is not None:
-        return found, True
-    shutil.rmtree(path, ignore_errors=True)
-    geometry = store.meta.geometry
-    assert isinstance(geometry, RasterGeometry)
-    meta = StoreMeta(source=store.meta.source, geometry=raster_model_geometry(geometry, mapping),
-                     channel_names=store.meta.channel_names, spatial_dims=2)
-    moved, mask = warp_to_model(store.image, mapping, chunks=chunk, valid=store.mask)  # read region by region
-    chunks = (moved.shape[0],) + tuple(min(chunk, n) for n in moved.shape[1:])
-    out = create_image_store(path, meta=meta, shape=tuple(moved.shape), dtype="float32", chunks=chunks,
-                             with_mask=True)
-    _fast_codec(out)
-    # Each task writes its chunk's image and mask itself and says whether the mask is all valid: one collection,
-    # so each chunk is warped once (da.store of the image and of the mask, each optimised on its own, fused the
-    # warp into both graphs under other names and ran it twice, three times with the mask's all()).
-    both = da.concatenate([moved, mask[None].astype(np.float32)], axis=0).rechunk((chunks[0] + 1, *chunks[1:]))
-    flags = both.map_blocks(partial(_write_block, out.image, out.mask), dtype=bool, chunks=(1, 1, 1))
-    every = bool(compute(flags.all()))
-    out.group.attrs[MAPPING_ATTR] = {"key": key, "mapping": mapping.to_json(), "all_valid": every}
-    mark_complete(out.group)
-    return open_image_store(path), False
-
-
-def _fast_codec(store: ImageStore) -> None:
-    """Recreate the (still empty) image array with LZ4 and byte shuffle instead of the default zstd.
-
-    The model-space image is a work file read once by the windows and
-    deleted with the run; warped float32 values compress poorly anyway, and
-    zstd's writes measured 0.14 s per 16 MB chunk against 0.04 s for LZ4
-    (0.55 vs 0.68 of the raw size), a third of the whole warp's time.
+def model_mask(store: ImageStore, mapping: RasterMapping, work: str | PathLike[str], chunk: int, *,
+               compute: Callable[[Any], Any]) -> Any:
+    """The model grid's valid mask for a raster (a zarr array in ``work``), or None when every model pixel is
+    valid.  A model pixel is valid when the input pixel under its centre is (a nearest warp of the input's
+    mask; :mod:`storage.warp`).  Each task writes its chunk and says whether it is all valid; the mask is kept
+    only when one is not.  Cheap next to the image: one byte a model pixel, and nothing of the image is read.
     """
     import zarr
 
-    old = store.image
-    attrs = dict(old.attrs)
-    store.group.create_array(old.basename, shape=old.shape, dtype=old.dtype, chunks=old.chunks, fill_value=0,
-                             compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
-                             dimension_names=old.metadata.dimension_names, overwrite=True)
-    store.group[old.basename].attrs.update(attrs)
+    from storage.warp import separable_axes, warp
+
+    work = Path(work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shape = mapping.model_shape
+    axes = separable_axes(mapping.input, mapping.model, "nearest", mapping.scale)
+    if store.mask is None and axes is not None and all(
+            a.taps("nearest", 0, n).inside.all() for a, n in zip(axes, shape)):
+        return None  # every model pixel's centre falls on an input pixel, and every input pixel is valid
+    chunks = tuple(min(chunk, n) for n in shape)
+    if store.mask is None:
+        ones = da.ones(mapping.input_shape, dtype=np.uint8, chunks=tuple(store.image.chunks[1:]))
+    else:
+        ones = da.from_zarr(store.mask).astype(np.uint8)
+    valid = warp(ones[None], mapping.input, mapping.model, "nearest", mapping.scale, chunks, dtype=np.uint8)[0] > 0
+    target = zarr.create_array(str(work / "valid"), shape=shape, chunks=chunks, dtype=bool, fill_value=False)
+    flags = valid.map_blocks(partial(_write_mask, target), dtype=bool, chunks=(1, 1))
+    if bool(compute(flags.all())):
+        shutil.rmtree(work / "valid")
+        return None
+    return target
 
 
-def _write_block(image: Any, mask: Any, block: np.ndarray, block_info: Any = None) -> np.ndarray:
-    """Write one model-space chunk (its image planes and, last, its mask plane); whether every pixel is valid."""
-    _, (y0, y1), (x0, x1) = block_info[0]["array-location"]
-    image[:, y0:y1, x0:x1] = block[:-1]
-    valid = block[-1] > 0
-    mask[y0:y1, x0:x1] = valid
-    return np.array([[[bool(valid.all())]]])
+def _write_mask(target: Any, block: np.ndarray, block_info: Any = None) -> np.ndarray:
+    (y0, y1), (x0, x1) = block_info[0]["array-location"]
+    target[y0:y1, x0:x1] = block
+    return np.array([[bool(block.all())]])
 
 
-def all_valid(store: ImageStore) -> bool:
-    """Whether every pixel of a raster model-space store is valid (recorded when it was written)."""
-    return bool(store.group.attrs.get(MAPPING_ATTR, {}).get("all_valid", store.mask is None))
-
-
-__all__ = ["MAPPING_ATTR", "all_valid", "model_geometry", "model_image", "model_raster_image",
-           "raster_model_geometry"]
+__all__ = ["MAPPING_ATTR", "model_geometry", "model_image", "model_mask", "raster_model_geometry"]

@@ -301,6 +301,16 @@ def _stored_task(source: Any, valid: Any, job: _Job, src: RasterGrid, dst: Raste
     return _compute(job, region, mask, src, dst, kernel, scale, dtype, argmax, empty)
 
 
+def warp_region(source: Any, valid: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+                scale: tuple[float, float], box: Sequence[tuple[int, int]], dtype: Any = np.float32) -> np.ndarray:
+    """The ``dst`` pixels of ``box`` (a [lo, hi) per row and column), read from a stored ``source`` (and its mask
+    ``valid``): exactly the pixels a :func:`warp` task computes for them, as the values of a warp do not depend
+    on the window they are computed in (module docstring)."""
+    (y0, y1), (x0, x1) = box
+    job = _jobs(src, dst, kernel, scale, [[(int(y0), int(y1))], [(int(x0), int(x1))]], False)[(0, 0)]
+    return _stored_task(source, valid, job, src, dst, kernel, scale, np.dtype(dtype), False, 0)
+
+
 def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places: list[tuple[slice, ...]], job: _Job,
                n_ch: int, src_dtype: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
                scale: tuple[float, float], dtype: Any, argmax: bool, empty: int = 0) -> np.ndarray:
@@ -449,4 +459,5 @@ def _stage_block(target: Any, block: np.ndarray, block_info: Any = None) -> np.n
     return np.ones((1, 1, 1), dtype=bool)
 
 
-__all__ = ["RasterWayBack", "back_scale", "halo", "source_window", "to_model", "warp", "warp_block"]
+__all__ = ["RasterWayBack", "back_scale", "halo", "source_window", "to_model", "warp", "warp_block",
+           "warp_region"]

@@ -375,8 +375,8 @@ def test_full_disk_at_export_gives_one_line_and_leaves_nothing(scene, tmp_path, 
 
 
 def test_sigkill_of_a_raster_model_space_run_resumes_byte_identical(scene, tmp_path):
-    """A 20 m model on the 10 m scene: the warp, the model-space store and the staged probabilities survive a
-    SIGKILL, and the rerun writes only the unfinished input-grid chunks, byte for byte as an uninterrupted run."""
+    """A 20 m model on the 10 m scene (warped by the windows' reads) and its staged probabilities: after a
+    SIGKILL, the rerun writes only the unfinished input-grid chunks, byte for byte as an uninterrupted run."""
     image, _ = scene
     model = tiny_model(tmp_path / "model20", spatial_dims=2, channels=4, roi=[16, 16], seed=2,
                        spacing=[20.0, 20.0], spacing_unit="m")
@@ -397,11 +397,11 @@ def test_sigkill_of_a_raster_model_space_run_resumes_byte_identical(scene, tmp_p
     stats = resumed["statistics"]
     assert stats["partial_store"] == "resumed" and stats["ingest_reused"] is True
     assert stats["chunks_resumed"] == done and stats["chunks_written"] == CHUNKS - done
-    assert stats["model_image_reused"] is True  # the warp to the model grid is not done twice
+    assert stats["model_image"] == "warped by the windows' reads"  # no model-space store to leave behind
     assert stats["label_pixels"] == reference["statistics"]["label_pixels"]
     assert (out / "scene.tif").read_bytes() == (tmp_path / "ref" / "scene.tif").read_bytes()
     assert _tree(out / "scene.zarr") == _tree(tmp_path / "ref" / "scene.zarr")
-    assert not (out / WORK_DIR).exists()  # the model-space store and its staged probabilities are gone
+    assert not (out / WORK_DIR).exists()  # the model grid's work folder and its staged probabilities are gone
     assert verify_sidecar(out / "scene.provenance.json") == []
 
 
