@@ -1,0 +1,346 @@
+"""``segflow evaluate``: score predicted label maps against ground truth, never holding a map whole.
+
+Each prediction and its truth are opened as block readers (rasterio windows,
+nibabel's ``dataobj`` slicing, zarr slicing) and their grids compared: the same
+shape, and the same CRS and transform within 1e-9 relative (rasters) or the
+same affine within 1e-4 mm (volumes).  A mismatch is a one-line error naming
+both files; nothing is ever resampled to make them fit.
+:mod:`segmentation.evaluation` then scores them block by block (volumes in
+slabs of whole planes along k, which a gzip NIfTI reads strictly forwards;
+rasters in square windows), so memory is bounded by one block plus the largest
+class's bounding box, whatever the map's size.
+
+Units come from the files: NIfTI zooms (converted from the header's spatial
+unit) give mm and mL per voxel; a GeoTIFF's or a store's transform gives
+metres (the CRS's linear unit) and hectares per pixel.  A raster whose CRS has
+no linear unit (none, or degrees) is measured in pixels and gets no areas.
+
+Pairing: PRED and TRUTH in the order given; or, with one ``--truth DIR``, by
+case name: a file's name less its format suffix (.tif, .tiff, .vrt, .nii,
+.nii.gz, .hdr, .img, .zarr) and less a trailing ``.labels``, so that
+``OUT/<stem>.tif``, ``<stem>.labels.tif`` and ``<stem>.nii.gz`` all match
+``DIR/<stem>.*``; each prediction must match exactly one file there.
+
+A prediction's "no prediction" value is the nodata its file declares (a
+GeoTIFF's nodata, a store's ``nodata_label``), else the ``--ignore`` value
+(255, the label nodata segflow writes).
+
+Class names: ``--classes`` (a model card or model directory), else what the
+prediction carries (the CLASSES tag of a segflow COG, the label table of a
+segflow NIfTI, the ``classes`` attribute of a prediction store), else "class N".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from storage.labelmaps import RASTER_SUFFIXES, VOLUME_SUFFIXES, LabelSource, open_labels
+from storage.errors import ConfigError, IncompatibleInputError
+
+__all__ = ["check_same_grid", "evaluate_command", "evaluate_files", "pair_inputs", "write_reports"]
+
+VOLUME_BLOCK_VOXELS = 1 << 20  # a volume is read in slabs of whole planes holding about this many voxels
+RASTER_BLOCK = 1024
+TRANSFORM_RTOL = 1e-9
+AFFINE_ATOL_MM = 1e-4
+NO_PREDICTION = "no prediction"
+METRICS = ("dice", "iou", "hd95", "asd", "nsd", "pred_size", "truth_size", "size_diff")
+
+
+# --------------------------------------------------------------------------- pairing and grids
+
+
+def case_name(path: Path) -> str:
+    """The name a file is paired by: less its format suffix and a trailing '.labels'."""
+    from storage.ingest import stem_of
+
+    return stem_of(path).removesuffix(".labels")
+
+
+def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path]]:
+    """(prediction, truth) pairs by order, or by case name when ``truths`` is one folder (not a store)."""
+    if len(truths) == 1 and truths[0].is_dir() and not truths[0].name.lower().endswith(".zarr"):
+        folder = truths[0]
+        index: dict[str, list[Path]] = {}
+        for f in sorted(folder.iterdir()):
+            if not f.name.startswith(".") and f.name.lower().endswith((*RASTER_SUFFIXES, *VOLUME_SUFFIXES, ".zarr")):
+                index.setdefault(case_name(f), []).append(f)
+        pairs = []
+        for p in predictions:
+            found = index.get(case_name(p), [])
+            if len(found) != 1:
+                what = "no truth named" if not found else f"{len(found)} truths ({', '.join(f.name for f in found)}) match"
+                raise ConfigError(p, f"{what} {case_name(p)}.* in {folder}")
+            pairs.append((p, found[0]))
+        return pairs
+    if len(truths) != len(predictions):
+        raise ConfigError(None, f"{len(predictions)} predictions but {len(truths)} truths: give one --truth per "
+                                f"prediction, in the same order, or one --truth folder")
+    return list(zip(predictions, truths))
+
+
+def _crs_name(crs: Any) -> str:
+    if crs is None:
+        return "no CRS"
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else "a custom CRS"
+
+
+def check_same_grid(pred: LabelSource, truth: LabelSource) -> None:
+    """Refuse a pair whose pixels do not lie on the same grid; the message names both files."""
+    import numpy as np
+
+    def mismatch(problem: str) -> IncompatibleInputError:
+        return IncompatibleInputError(pred.path, f"its grid differs from the truth {truth.path}: {problem} "
+                                                 f"(segflow does not resample to compare)")
+
+    if pred.kind != truth.kind:
+        raise mismatch(f"a {pred.kind} against a {truth.kind}")
+    if pred.shape != truth.shape:
+        raise mismatch(f"shape {pred.shape} vs {truth.shape}")
+    if pred.kind == "raster":
+        if (pred.crs is None) != (truth.crs is None) or (pred.crs is not None and pred.crs != truth.crs):
+            raise mismatch(f"{_crs_name(pred.crs)} vs {_crs_name(truth.crs)}")
+        pixel = max(abs(v) for v in (*pred.transform[:2], *pred.transform[3:5]))
+        for i, (a, b) in enumerate(zip(pred.transform, truth.transform)):
+            scale = max(abs(a), abs(b)) if i in (2, 5) else pixel  # origins relative to themselves, steps to a pixel
+            if abs(a - b) > TRANSFORM_RTOL * scale:
+                raise mismatch(f"transform {tuple(pred.transform)} vs {tuple(truth.transform)}")
+    else:
+        diff = float(np.max(np.abs(np.asarray(pred.affine, float) - np.asarray(truth.affine, float))))
+        if diff > AFFINE_ATOL_MM:
+            raise mismatch(f"affines differ by up to {diff:.6g} mm")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _block(source: LabelSource, chunk: int | None) -> tuple[int, ...]:
+    if source.kind == "raster":
+        edge = chunk or RASTER_BLOCK
+        return (edge, edge)
+    i, j, _ = source.shape
+    return (i, j, chunk or max(1, VOLUME_BLOCK_VOXELS // max(1, i * j)))
+
+
+def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str], *, ignore: int | None,
+          tolerance: float, include_background: bool, chunk: int | None) -> dict[str, Any]:
+    from segmentation.evaluation import score_case
+
+    nodata = pred.nodata if pred.nodata is not None else ignore
+    scores = score_case(pred.array, truth.array, pred.spacing, values=names.keys(), block=_block(pred, chunk),
+                        ignore=ignore, pred_nodata=nodata, tolerance=tolerance,
+                        background=None if include_background else 0)
+    cell = pred.cell_size
+    rows = []
+    for c in scores.classes:
+        sizes = (None, None, None) if cell is None else (c.pred_count * cell, c.truth_count * cell,
+                                                           (c.pred_count - c.truth_count) * cell)
+        rows.append({"value": c.value, "name": names.get(c.value, f"class {c.value}"), "dice": c.dice, "iou": c.iou,
+                     "hd95": c.hd95, "asd": c.asd, "nsd": c.nsd, "pred_pixels": c.pred_count,
+                     "truth_pixels": c.truth_count, "pred_size": sizes[0], "truth_size": sizes[1],
+                     "size_diff": sizes[2], "note": c.note})
+    labels = [r["name"] for r in rows]
+    return {"case": name, "prediction": str(pred.path), "truth": str(truth.path), "kind": pred.kind,
+            "shape": list(pred.shape), "spacing": list(pred.spacing), "distance_unit": pred.distance_unit,
+            "size_unit": pred.size_unit, "cell_size": cell, "size_note": pred.size_note,
+            "prediction_nodata": nodata, "counted_pixels": scores.scan.counted, "ignored_pixels": scores.scan.ignored,
+            "classes": rows,
+            "confusion": {"rows": labels, "columns": labels + [NO_PREDICTION], "values": [r["value"] for r in rows],
+                          "matrix": scores.confusion().tolist()}}
+
+
+def _mean(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per class, the mean of each score over the cases that have it (None rows are left out, and counted)."""
+    same_distance = len({c["distance_unit"] for c in cases}) <= 1
+    same_size = len({c["size_unit"] for c in cases}) <= 1
+    by_value: dict[int, list[dict[str, Any]]] = {}
+    for case in cases:
+        for row in case["classes"]:
+            by_value.setdefault(row["value"], []).append(row)
+    out = []
+    for value in sorted(by_value):
+        rows = by_value[value]
+        entry: dict[str, Any] = {"value": value, "name": rows[0]["name"], "cases": len(rows), "n": {}}
+        for metric in METRICS:
+            if (metric in ("hd95", "asd", "nsd") and not same_distance) or ("size" in metric and not same_size):
+                entry[metric], entry["n"][metric] = None, 0
+                entry["note"] = "units differ between cases"
+                continue
+            values = [r[metric] for r in rows if r[metric] is not None]
+            entry[metric] = sum(values) / len(values) if values else None
+            entry["n"][metric] = len(values)
+        out.append(entry)
+    return out
+
+
+def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: float = 1.0, ignore: int | None = 255,
+                   classes: Path | None = None, include_background: bool = False,
+                   chunk: int | None = None) -> dict[str, Any]:
+    """Every score of every pair, as the JSON document ``evaluation.json`` holds.
+
+    All pairs are opened and their grids checked before any is scored, so a
+    bad pair fails the run in seconds, not after hours of scoring.
+    """
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ConfigError(None, f"--tolerance must be a finite number >= 0, got {tolerance}")
+    if chunk is not None and chunk < 1:
+        raise ConfigError(None, f"--chunk must be positive, got {chunk}")
+    card_names = None
+    if classes is not None:
+        from segmentation.modeldir import read_card
+
+        card_names = {c.value: c.name for c in read_card(classes).classes}
+    pairs = pair_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
+    for pred_path, truth_path in pairs:
+        with ExitStack() as stack:
+            check_same_grid(open_labels(pred_path, stack), open_labels(truth_path, stack))
+    cases: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    for pred_path, truth_path in pairs:
+        name = base = re.sub(r"[^\w.-]+", "_", case_name(pred_path)).strip("._") or "case"
+        for i in range(2, len(pairs) + 2):  # two predictions of the same name get base, base-2...
+            if name not in taken:
+                break
+            name = f"{base}-{i}"
+        taken.add(name)
+        with ExitStack() as stack:
+            pred, truth = open_labels(pred_path, stack), open_labels(truth_path, stack)
+            names = card_names if card_names is not None else pred.classes
+            cases.append(_case(name, pred, truth, names, ignore=ignore, tolerance=tolerance,
+                               include_background=include_background, chunk=chunk))
+    return {"tolerance": tolerance, "ignore": ignore, "include_background": include_background,
+            "definitions": {"dice": "2|P∩T| / (|P|+|T|) from the confusion matrix", "iou": "|P∩T| / |P∪T|",
+                            "hd95": "95th percentile of the symmetric surface distances (MONAI)",
+                            "asd": "mean of the symmetric surface distances (MONAI)",
+                            "nsd": "normalised surface Dice at the tolerance (MONAI)",
+                            "size_diff": "prediction minus truth, in size_unit"},
+            "cases": cases, "mean": _mean(cases)}
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _md_cell(text: Any) -> str:
+    return " ".join(_fmt(text).replace("|", "\\|").split())
+
+
+def _md_table(rows: list[dict[str, Any]], distance: str, size: str, tolerance: float) -> list[str]:
+    head = ["class", "Dice", "IoU", f"HD95 ({distance})", f"ASD ({distance})", f"NSD@{tolerance:g} {distance}",
+            f"pred ({size})", f"truth ({size})", f"diff ({size})", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r['value']} {r['name']}", *(r[m] for m in METRICS), r.get("note")]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return lines
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    cases, tol = report["cases"], report["tolerance"]
+    units = cases[0] if cases else {"distance_unit": "", "size_unit": ""}
+    ignore = report["ignore"]
+    lines = ["# segflow evaluation", "",
+             f"{len(cases)} case(s); NSD tolerance {tol:g} {units['distance_unit']}; "
+             + (f"truth value {ignore} not counted; " if ignore is not None else "")
+             + "HD95 and ASD are symmetric; sizes are pixel counts x pixel size.", "",
+             "## Mean over cases", "", *_md_table(report["mean"], units["distance_unit"], units["size_unit"], tol)]
+    for case in cases:
+        lines += ["", f"## {_md_cell(case['case'])}", "", f"prediction `{case['prediction']}`, "
+                  f"truth `{case['truth']}`, {case['counted_pixels']} pixels counted, "
+                  f"{case['ignored_pixels']} ignored" + (f"; {case['size_note']}" if case["size_note"] else ""), "",
+                  *_md_table(case["classes"], case["distance_unit"], case["size_unit"], tol), "",
+                  "Confusion matrix (pixels; rows: truth, columns: prediction):", ""]
+        conf = case["confusion"]
+        lines.append("| truth \\ prediction | " + " | ".join(_md_cell(c) for c in conf["columns"]) + " |")
+        lines.append("|" + "---|" * (len(conf["columns"]) + 1))
+        for name, row in zip(conf["rows"], conf["matrix"]):
+            lines.append(f"| {_md_cell(name)} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(case: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    columns = ["value", "name", "dice", "iou", "hd95", "asd", "nsd", "pred_pixels", "truth_pixels", "pred_size",
+               "truth_size", "size_diff", "note"]
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns[:4] + [f"{c}_{case['distance_unit']}" for c in ("hd95", "asd")] + columns[6:9]
+                    + [f"{c}_{case['size_unit']}" for c in ("pred_size", "truth_size", "size_diff")] + ["note"])
+    for row in case["classes"]:
+        writer.writerow(["" if row[c] is None else row[c] for c in columns])
+    return buffer.getvalue()
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """evaluation.json, evaluation.md and one <case>.csv per case, each written whole or not at all."""
+    from storage.atomic import write_text_atomically
+    from storage.errors import ExportError
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(out_dir, f"cannot create the output folder: {exc.strerror or exc}") from None
+    written = [write_text_atomically(out_dir / "evaluation.json", json.dumps(report, indent=2, allow_nan=False)
+                                     + "\n", "evaluation"),
+               write_text_atomically(out_dir / "evaluation.md", _markdown(report), "evaluation")]
+    written += [write_text_atomically(out_dir / f"{c['case']}.csv", _csv(c), "evaluation") for c in report["cases"]]
+    return written
+
+
+# --------------------------------------------------------------------------- command
+
+
+def evaluate_command(
+        predictions: List[Path] = typer.Argument(..., help="Predicted label maps: segflow outputs (.tif, .nii.gz), "
+                                                           "their .zarr stores, or any integer label GeoTIFF/NIfTI."),
+        truth: List[Path] = typer.Option(..., "--truth", help="The ground truth of each prediction, in the same "
+                                                              "order (repeat --truth), or one folder: DIR/<stem>.* "
+                                                              "for <stem>.tif, <stem>.labels.tif, <stem>.nii.gz."),
+        out_dir: Path = typer.Option(Path("."), "--out", help="Folder for evaluation.json, evaluation.md and "
+                                                              "<case>.csv."),
+        tolerance: float = typer.Option(1.0, "--tolerance", help="Normalised surface Dice tolerance, in mm "
+                                                                 "(volumes) or metres (rasters)."),
+        ignore: int = typer.Option(255, "--ignore", help="Truth value counted nowhere (segflow's label nodata); "
+                                                         "negative: count every pixel."),
+        classes: Optional[Path] = typer.Option(None, "--classes", help="Class names from a model card JSON or a "
+                                                                       "model directory."),
+        include_background: bool = typer.Option(False, "--include-background",
+                                                help="Also compute distances for class 0 (its box is usually the "
+                                                     "whole image)."),
+        chunk: Optional[int] = typer.Option(None, "--chunk", help="Read rasters in CHUNK x CHUNK windows and "
+                                                                  "volumes CHUNK planes at a time.")) -> None:
+    """Score predictions against ground truth: Dice, IoU, HD95, ASD, NSD and volumes/areas per class and case."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from flows import cliutil
+    from storage.errors import SegflowError
+
+    try:
+        report = evaluate_files(predictions, truth, tolerance=tolerance, ignore=ignore if ignore >= 0 else None,
+                                classes=classes, include_background=include_background, chunk=chunk)
+        written = write_reports(report, out_dir)
+    except SegflowError as exc:
+        cliutil.fail(str(exc), 1)
+    unit = report["cases"][0]
+    table = Table(title=f"mean over {len(report['cases'])} case(s)")
+    for col in ("class", "Dice", "IoU", f"HD95 {unit['distance_unit']}", f"ASD {unit['distance_unit']}", "NSD",
+                f"pred {unit['size_unit']}", f"truth {unit['size_unit']}"):
+        table.add_column(col)
+    for r in report["mean"]:
+        table.add_row(escape(f"{r['value']} {r['name']}"), *(_fmt(r[m]) for m in METRICS[:7]))
+    cliutil.out.print(table)
+    cliutil.out.print(f"wrote {escape(str(written[0]))}, {escape(written[1].name)} and {len(written) - 2} CSV "
+                      f"file(s)", highlight=False, soft_wrap=True)

@@ -1,0 +1,559 @@
+"""Rasters with a label raster or a vector layer as a :class:`Dataset` (layout "geo").
+
+The folder holds ``images/<stem>.tif`` and, for each, ``labels/<stem>.tif``
+(a label raster on the image's grid) or ``labels/<stem>.geojson`` /
+``.gpkg`` (polygons).  Opening reads only raster profiles, layer headers and
+attribute columns, so a missing partner, another grid or an unknown class
+name is reported before any pixel is read.  The label table is
+``classes.json`` when there is one; otherwise it is found from the labels:
+the distinct values of the label rasters (a scan, band by band, on first use
+of ``classes``), or background plus the distinct values of the layers' class
+attribute (``class``, ``class_id``, ``class_name``, ``label``, ``category``,
+first found), or one class named after the layer when there is none.
+
+A vector layer becomes a label raster on the image grid (:func:`rasterise`)
+in the caller's work folder, block of rows by block of rows, so the label
+raster of a large scene never sits in memory; features are reprojected to
+the image's CRS first.  Pixels are burnt by their centre, a later feature
+over an earlier one.  Splits are not part of the layout: callers split by a
+seeded fraction or spatially.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyogrio
+import pyogrio.errors
+import pyogrio.raw
+import rasterio
+import rasterio.features
+import rasterio.warp
+import rasterio.windows
+import shapely
+from pydantic import ValidationError
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.transform import Affine
+from shapely.geometry import mapping, shape
+
+from storage.classes import LabelClass
+from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
+from storage.datasets.arrays import LabelArray, LabelTable, count_classes, ingested
+from storage.errors import CorruptInputError, ExportError, InvalidInputError
+from storage.geometry import RasterGeometry
+from storage.layout import ImageStore
+
+IMAGE_SUFFIXES = (".tif", ".tiff")
+VECTOR_SUFFIXES = (".geojson", ".gpkg")
+CLASS_ATTRIBUTES = ("class", "class_id", "class_name", "classname", "label", "category")
+CLASSES_FILE = "classes.json"
+_EARTH_RADIUS_M = 6371008.8  # mean radius: spacing of a geographic raster is only used for surface distances
+_GRID_TOLERANCE = 0.01  # pixels: how far two grids' corners may lie apart and still be one grid
+_VECTOR_ERRORS = (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FieldError,
+                  pyogrio.errors.GeometryError, pyogrio.errors.FeatureError, pyogrio.errors.CRSError, OSError)
+
+
+@dataclass(frozen=True)
+class VectorLabels:
+    """A vector case's annotation: the layer, and the attribute holding each feature's class (None: one class)."""
+
+    path: Path
+    class_attribute: str | None
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def crs_of(geometry: RasterGeometry) -> CRS | None:
+    if geometry.crs_wkt:
+        return CRS.from_wkt(geometry.crs_wkt)
+    return CRS.from_epsg(geometry.epsg) if geometry.epsg else None
+
+
+def raster_spacing(geometry: RasterGeometry) -> tuple[float, float]:
+    """Pixel size in metres along (y, x); in pixels (1.0) for a raster without CRS or transform."""
+    a, b, _, d, e, f = geometry.transform
+    rows, cols = math.hypot(b, e), math.hypot(a, d)
+    crs = crs_of(geometry)
+    if crs is None:
+        return (rows, cols)
+    if crs.is_geographic:  # degrees: a sphere is close enough for distances between label surfaces
+        lat = f + e * geometry.height / 2 + d * geometry.width / 2
+        metres = math.pi / 180 * _EARTH_RADIUS_M
+        return (rows * metres, cols * metres * max(math.cos(math.radians(lat)), 1e-6))
+    try:
+        factor = float(crs.linear_units_factor[1])
+    except Exception:  # a CRS without linear units says nothing better than its own numbers
+        factor = 1.0
+    return (rows * factor, cols * factor)
+
+
+def _corners(transform: Affine, width: int, height: int) -> np.ndarray:
+    return np.array([transform * xy for xy in ((0, 0), (width, 0), (0, height), (width, height))])
+
+
+def _same_grid(t1: Affine, t2: Affine, width: int, height: int) -> bool:
+    pixel = min(math.hypot(t1.a, t1.d), math.hypot(t1.b, t1.e)) or 1.0
+    return bool(np.all(np.abs(_corners(t1, width, height) - _corners(t2, width, height)) <= _GRID_TOLERANCE * pixel))
+
+
+@dataclass(frozen=True)
+class _Profile:
+    height: int
+    width: int
+    bands: int  # without alpha
+    crs: CRS | None
+    transform: Affine
+    dtype: str
+    descriptions: tuple[str | None, ...]
+
+
+def _profile(path: Path) -> _Profile:
+    """What rasterio says of a raster without reading pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: a label raster may have no CRS
+            with rasterio.open(path) as src:
+                bands = [i for i, ci in zip(src.indexes, src.colorinterp) if ci != ColorInterp.alpha]
+                return _Profile(src.height, src.width, len(bands), src.crs, src.transform, src.dtypes[0],
+                                tuple(src.descriptions[i - 1] for i in bands))
+    except (RasterioError, OSError) as exc:
+        raise CorruptInputError(path, f"rasterio cannot open it: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _check_label_raster(image: Path, label: Path, img: _Profile) -> None:
+    lab = _profile(label)
+    if (lab.height, lab.width) != (img.height, img.width):
+        raise InvalidInputError(label, f"label raster is {lab.width}x{lab.height} but image {image.name} is "
+                                       f"{img.width}x{img.height}")
+    if lab.bands != 1:
+        raise InvalidInputError(label, f"label raster has {lab.bands} bands; a label raster has one")
+    if np.dtype(lab.dtype).kind not in "iu":
+        raise InvalidInputError(label, f"label raster has {lab.dtype} pixels; labels must be integers "
+                                       "(gdal_translate -ot Byte)")
+    if lab.crs is not None and (lab.crs != img.crs or not _same_grid(img.transform, lab.transform,
+                                                                       img.width, img.height)):
+        raise InvalidInputError(label, f"label raster is not on image {image.name}'s grid (CRS or transform "
+                                       "differ); warp it onto the image grid first")
+
+
+# --------------------------------------------------------------------------- vector layers
+
+
+def _unreadable(path: Path, exc: BaseException) -> CorruptInputError:
+    return CorruptInputError(path, f"cannot read the vector layer: {str(exc).splitlines()[0][:200]}")
+
+
+def _info(path: Path) -> dict[str, Any]:
+    try:
+        return pyogrio.read_info(path)
+    except _VECTOR_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _read_layer(path: Path, columns: list[str], geometry: bool) -> tuple[dict[str, Any], Any, list[np.ndarray]]:
+    try:
+        meta, _, geoms, fields = pyogrio.raw.read(path, columns=columns, read_geometry=geometry, return_fids=False)
+    except _VECTOR_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+    return meta, geoms, fields
+
+
+def find_class_attribute(path: Path) -> str | None:
+    """The layer's field that holds classes: the first of CLASS_ATTRIBUTES present (any case), or None."""
+    lowered = {str(f).lower(): str(f) for f in _info(path)["fields"]}
+    return next((lowered[c] for c in CLASS_ATTRIBUTES if c in lowered), None)
+
+
+def _attribute(path: Path, attribute: str) -> np.ndarray:
+    meta, _, fields = _read_layer(path, [attribute], geometry=False)
+    if attribute not in [str(f) for f in meta["fields"]]:
+        raise InvalidInputError(path, f"has no attribute '{attribute}'")
+    return np.asarray(fields[0], dtype=object)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str)
+                                                                                  and not value.strip())
+
+
+def class_values(values: Sequence[Any] | None, count: int, classes: list[LabelClass] | None, path: Path,
+                 attribute: str | None) -> np.ndarray:
+    """Each feature's class value: names by the table (any case), numbers as they are; None: one class."""
+    if values is None:
+        if classes is None:
+            return np.ones(count, dtype=np.uint8)
+        foreground = [c for c in classes if c.value != 0]
+        if len(foreground) != 1:
+            raise InvalidInputError(path, f"has no class attribute ({', '.join(CLASS_ATTRIBUTES)}) but the label "
+                                          f"table has {len(foreground)} classes besides background")
+        return np.full(count, foreground[0].value, dtype=np.uint8)
+    by_name = {c.name.strip().lower(): c.value for c in classes or []}
+    known = {c.value for c in classes or []}
+    out = np.zeros(len(values), dtype=np.uint8)
+    for i, raw in enumerate(values):
+        if _missing(raw):
+            raise InvalidInputError(path, f"feature {i} has no value in '{attribute}'")
+        if isinstance(raw, str):
+            if classes is None:
+                raise InvalidInputError(path, f"'{attribute}' holds names ({raw!r}); naming classes needs a "
+                                              "label table")
+            value = by_name.get(raw.strip().lower())
+            if value is None:
+                raise InvalidInputError(path, f"feature {i} has class {raw!r} in '{attribute}', which is not in the "
+                                              f"label table ({', '.join(sorted(by_name))})")
+        else:
+            try:
+                number = float(raw)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not number.is_integer() or not 0 <= number < IGNORE:
+                raise InvalidInputError(path, f"feature {i} has class {raw!r} in '{attribute}'; class values are "
+                                              f"integers 0..{IGNORE - 1}")
+            value = int(number)
+            if classes is not None and value not in known:
+                raise InvalidInputError(path, f"feature {i} has class {value} in '{attribute}', which is not in the "
+                                              f"label table ({', '.join(str(v) for v in sorted(known))})")
+        out[i] = value
+    return out
+
+
+def _layer_crs(meta: dict[str, Any], path: Path) -> CRS | None:
+    try:
+        return CRS.from_user_input(meta["crs"]) if meta.get("crs") else None
+    except (RasterioError, ValueError):  # rasterio's CRSError is a ValueError
+        raise InvalidInputError(path, f"has a CRS that cannot be read: {str(meta['crs'])[:80]}") from None
+
+
+def _reprojected(geoms: np.ndarray, src: CRS, dst: CRS, path: Path) -> np.ndarray:
+    try:
+        return np.array([shape(rasterio.warp.transform_geom(src, dst, mapping(g))) for g in geoms], dtype=object)
+    except (RasterioError, ValueError) as exc:
+        raise InvalidInputError(path, f"features cannot be reprojected from {src.to_string()} to the image's "
+                                      f"{dst.to_string()}: {str(exc).splitlines()[0][:120]}") from None
+
+
+def rasterise(vector: Path, grid: ImageStore | RasterGeometry, out: Path, *, class_attribute: str | None = None,
+              classes: list[LabelClass] | None = None, block_rows: int = 1024) -> Path:
+    """Burn ``vector``'s features into a uint8 label GeoTIFF on ``grid``, ``block_rows`` rows at a time.
+
+    Each block gets only the features whose bounds meet it; the features
+    are held in memory (a layer is far smaller than its raster).  A layer
+    without CRS, or an image without one, is taken to be in the image's
+    coordinates; otherwise features are reprojected to the image's CRS.  The
+    file is written under a temporary name and renamed: whole or absent.
+    """
+    vector, out = Path(vector), Path(out)
+    geometry = grid.meta.geometry if isinstance(grid, ImageStore) else grid
+    if not isinstance(geometry, RasterGeometry):
+        raise ValueError("rasterise needs a raster grid")
+    meta, wkb, fields = _read_layer(vector, [class_attribute] if class_attribute else [], geometry=True)
+    if class_attribute and class_attribute not in [str(f) for f in meta["fields"]]:
+        raise InvalidInputError(vector, f"has no attribute '{class_attribute}'")
+    geoms = shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object)
+    values = class_values(fields[0] if class_attribute else None, len(geoms), classes, vector, class_attribute)
+    keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms)) if len(geoms) else np.zeros(0, dtype=bool)
+    geoms, values = geoms[keep], values[keep]
+    src_crs, dst_crs = _layer_crs(meta, vector), crs_of(geometry)
+    if len(geoms) and src_crs is not None and dst_crs is not None and src_crs != dst_crs:
+        geoms = _reprojected(geoms, src_crs, dst_crs, vector)
+    bounds = shapely.bounds(geoms) if len(geoms) else np.zeros((0, 4))
+    transform = Affine(*geometry.transform)
+    height, width = geometry.height, geometry.width
+    profile: dict[str, Any] = {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8",
+                               "crs": dst_crs, "transform": transform, "compress": "deflate"}
+    if min(width, height) >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp.tif")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning for an image without CRS
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for row in range(0, height, block_rows):
+                    window = rasterio.windows.Window(0, row, width, min(block_rows, height - row))
+                    dst.write(_burn(window, transform, geoms, values, bounds), 1, window=window)
+        os.replace(tmp, out)
+    except (RasterioError, OSError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ExportError(out, f"cannot write the rasterised labels: {str(exc).splitlines()[0][:200]}") from None
+    return out
+
+
+def _burn(window: Any, transform: Affine, geoms: np.ndarray, values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    rows, cols = int(window.height), int(window.width)
+    block_transform = rasterio.windows.transform(window, transform)
+    corners = _corners(block_transform, cols, rows)
+    x0, y0 = corners.min(axis=0)
+    x1, y1 = corners.max(axis=0)
+    meets = (bounds[:, 0] <= x1) & (bounds[:, 2] >= x0) & (bounds[:, 1] <= y1) & (bounds[:, 3] >= y0)
+    if not meets.any():
+        return np.zeros((rows, cols), dtype=np.uint8)
+    return rasterio.features.rasterize(zip(geoms[meets], values[meets].tolist()), out_shape=(rows, cols),
+                                       transform=block_transform, fill=0, dtype="uint8")
+
+
+def _check_vector(image: Path, vector: Path, img: _Profile) -> None:
+    """The layer opens and, when both have a CRS, overlaps its image: a wrong CRS shows before training."""
+    info = _info(vector)
+    bounds, crs = info.get("total_bounds"), _layer_crs(info, vector)
+    if not info.get("features") or bounds is None or crs is None or img.crs is None:
+        return
+    try:
+        left, bottom, right, top = rasterio.warp.transform_bounds(crs, img.crs, *bounds)
+    except (RasterioError, ValueError):
+        return  # bounds that do not transform (a polar layer): the pixels will tell
+    corners = _corners(img.transform, img.width, img.height)
+    (ix0, iy0), (ix1, iy1) = corners.min(axis=0), corners.max(axis=0)
+    if right < ix0 or left > ix1 or top < iy0 or bottom > iy1:
+        raise InvalidInputError(vector, f"vector layer ({crs.to_string()}) does not overlap image {image.name}")
+
+
+# --------------------------------------------------------------------------- label tables
+
+
+def _classes_file(path: Path) -> LabelTable:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(path, f"cannot be read: {exc}") from None
+    if not isinstance(doc, list) or not doc or not all(isinstance(e, dict) for e in doc):
+        raise InvalidInputError(path, "must be a non-empty list of {\"value\": 0, \"name\": \"background\", "
+                                      "\"color\": [0, 0, 0]}")
+    try:
+        parsed = [LabelClass.model_validate({k: e[k] for k in ("value", "name", "color") if k in e}) for e in doc]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInputError(path, f"bad class entry: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if len({c.value for c in parsed}) != len(parsed):
+        raise InvalidInputError(path, "lists a class value twice")
+    if len({c.name.strip().lower() for c in parsed}) != len(parsed):
+        raise InvalidInputError(path, "lists a class name twice (names are matched in any case)")
+    colours = {c.value: c.color for c, e in zip(parsed, doc) if "color" in e}
+    return LabelTable.build({c.value: c.name for c in parsed}, path, colors=colours)
+
+
+def _raster_values(path: Path) -> set[int]:
+    """The distinct valid values of a label raster, read band of rows by band of rows."""
+    found: set[int] = set()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(path) as src:
+                step = max(src.block_shapes[0][0], (16 << 20) // max(src.width, 1) // src.block_shapes[0][0]
+                           * src.block_shapes[0][0])
+                for row in range(0, src.height, step):
+                    window = rasterio.windows.Window(0, row, src.width, min(step, src.height - row))
+                    data = src.read(1, window=window)
+                    found.update(np.unique(data[src.read_masks(1, window=window) > 0]).tolist())
+    except (RasterioError, OSError) as exc:
+        raise CorruptInputError(path, f"cannot read pixels: {str(exc).splitlines()[0][:200]}") from None
+    bad = sorted(v for v in found if not 0 <= v <= 65534)
+    if bad:
+        raise InvalidInputError(path, f"label values {', '.join(map(str, bad[:12]))} are not class values 0..65534")
+    return found
+
+
+def _vector_table(cases: list[Case], where: Path) -> LabelTable:
+    """Background plus the layers' class values, or one class when the layers have no class attribute."""
+    vectors: list[VectorLabels] = [c.annotation for c in cases]
+    with_attribute = [v for v in vectors if v.class_attribute]
+    if not with_attribute:
+        name = vectors[0].path.name.split(".")[0] if len(vectors) == 1 else "foreground"
+        return LabelTable.build({0: "background", 1: name}, vectors[0].path if len(vectors) == 1 else where)
+    if len(with_attribute) != len(vectors):
+        lacking = next(v for v in vectors if not v.class_attribute)
+        raise InvalidInputError(lacking.path, f"has no class attribute ({', '.join(CLASS_ATTRIBUTES)}) while "
+                                              f"other layers have one; add one, or a {CLASSES_FILE}")
+    names: dict[str, str] = {}  # lower-case -> first spelling seen
+    numbers: set[int] = set()
+    for v in with_attribute:
+        raw = [x for x in _attribute(v.path, v.class_attribute or "") if not _missing(x)]
+        strings = [x.strip() for x in raw if isinstance(x, str)]
+        if strings and (len(strings) != len(raw) or numbers) or (not strings and raw and names):
+            raise InvalidInputError(v.path, f"'{v.class_attribute}' mixes class names and numbers; add a "
+                                            f"{CLASSES_FILE}")
+        for text in strings:
+            names.setdefault(text.lower(), text)
+        if not strings:
+            numbers.update(class_values(raw, len(raw), None, v.path, v.class_attribute).tolist())
+    if names:
+        ordered = [names[k] for k in sorted(names) if k != "background"]
+        return LabelTable.build({0: "background", **{i + 1: n for i, n in enumerate(ordered)}}, where)
+    return LabelTable.build({0: "background", **{n: f"class {n}" for n in sorted(numbers) if n}}, where)
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+@dataclass
+class GeoDataset:
+    """Rasters with label rasters or vector layers; the label table is found lazily when it needs pixels."""
+
+    root: Path
+    name: str
+    cases: list[Case]
+    channel_names: list[str]
+    classes_file: Path | None = None
+    layout: str = "geo"
+    ignore_index: int | None = IGNORE
+    spatial_dims: int = 2
+    _table: LabelTable | None = field(default=None, repr=False)
+
+    @property
+    def channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def table(self) -> LabelTable:
+        """classes.json, else the values the labels hold (label rasters are scanned on first use)."""
+        if self._table is None:
+            if any(c.labels is None for c in self.cases):
+                self._table = _vector_table(self.cases, self.root / "labels")
+            else:
+                values: set[int] = set()
+                for case in self.cases:
+                    values |= _raster_values(case.labels)  # type: ignore[arg-type]
+                self._table = LabelTable.build({v: f"class {v}" for v in sorted(values)}, self.root / "labels")
+        return self._table
+
+    @property
+    def classes(self) -> list[LabelClass]:
+        return self.table.classes
+
+    def _label_array(self, case: Case, work: Path) -> tuple[LabelArray, ImageStore]:
+        work.mkdir(parents=True, exist_ok=True)
+        image = ingested(case.images[0], work / f"{case.id}.image.zarr")
+        if case.labels is not None:
+            label_file = case.labels
+        else:
+            vector: VectorLabels = case.annotation
+            label_file = work / f"{case.id}.labels.tif"
+            if not label_file.exists() or label_file.stat().st_mtime < vector.path.stat().st_mtime:
+                burnt = [LabelClass(value=v, name=n) for v, n in zip(self.table.values, self.table.names)]
+                rasterise(vector.path, image, label_file, class_attribute=vector.class_attribute, classes=burnt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a label raster without CRS is on the image grid
+            label = ingested(label_file, work / f"{case.id}.labels.zarr")
+        if label.spatial_shape != image.spatial_shape:
+            raise InvalidInputError(label_file, f"label raster shape {label.spatial_shape} does not match the "
+                                                f"image's {image.spatial_shape}")
+        masks = [m for m in (image.mask, label.mask) if m is not None]
+        return LabelArray(label.image, self.table, case.labels or case.annotation.path, masks), image
+
+    def read(self, case: Case, work: Path, *, check: bool = False) -> CaseData:
+        """The case's arrays from stores ingested under ``work`` (a vector layer rasterised there first).
+
+        With ``check`` the whole label store is scanned for values outside the
+        table first; without it (the default) a patch meeting one raises.
+        Pixels the image or the label raster marks as nodata read as IGNORE.
+        """
+        labels, image = self._label_array(case, Path(work))
+        if check:
+            labels.validate()
+        geometry = image.meta.geometry
+        spacing = raster_spacing(geometry) if isinstance(geometry, RasterGeometry) else (1.0, 1.0)
+        return CaseData(image=image.image, labels=labels, spacing=spacing, geometry=geometry)
+
+    def validate_labels(self, work: Path | None = None) -> dict[int, int]:
+        """Scan every case's labels chunk by chunk; raise naming the file with values outside the table,
+        else return the pixel count of each class (IGNORE pixels left out).
+
+        Without ``work`` the stores go to a temporary folder.
+        """
+        return count_classes(self.cases, lambda case, folder: self._label_array(case, folder)[0], work)
+
+
+def _files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """stem -> file for the visible files of ``folder`` with one of ``suffixes``; a stem twice is an error."""
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in suffixes if path.name.lower().endswith(s)), None)
+        if path.name.startswith(".") or suffix is None or path.is_dir():
+            continue
+        if not path.exists():
+            raise InvalidInputError(path, "is a broken symbolic link")
+        stem = path.name[: -len(suffix)]
+        if stem in out:
+            raise InvalidInputError(path, f"{out[stem].name} already has the stem '{stem}'; keep one file per case")
+        out[stem] = path
+    return out
+
+
+def detect(root: Path) -> bool:
+    """Strict: a folder holding both images/ and labels/ (a lone raster beside its labels is not a dataset)."""
+    root = Path(root)
+    return root.is_dir() and (root / "images").is_dir() and (root / "labels").is_dir()
+
+
+def open_geo(root: Path, *, class_attribute: str | None = None) -> GeoDataset:
+    """Pair images with labels and check grids and tables from headers; ``class_attribute`` overrides the
+    attribute looked for in vector layers."""
+    root = Path(root)
+    for folder in ("images", "labels"):
+        if not (root / folder).is_dir():
+            raise InvalidInputError(root / folder, "missing: a geo dataset keeps images/<stem>.tif beside "
+                                                   "labels/<stem>.tif, .geojson or .gpkg")
+    images = _files(root / "images", IMAGE_SUFFIXES)
+    labels = _files(root / "labels", IMAGE_SUFFIXES + VECTOR_SUFFIXES)
+    if not images:
+        raise InvalidInputError(root / "images", "holds no .tif images")
+    for stem, label in labels.items():
+        if stem not in images:
+            raise InvalidInputError(label, f"label without an image: images/{stem}.tif is missing")
+    cases, channel_names = [], None
+    for stem, image in images.items():
+        label = labels.get(stem)
+        if label is None:
+            raise InvalidInputError(image, f"image without a label: labels/{stem}.tif, .geojson or .gpkg is missing")
+        profile = _profile(image)
+        names = [d or f"band{i + 1}" for i, d in enumerate(profile.descriptions)]
+        if channel_names is not None and len(names) != len(channel_names):
+            raise InvalidInputError(image, f"has {len(names)} bands but the other images have {len(channel_names)}")
+        channel_names = channel_names or names
+        if label.name.lower().endswith(VECTOR_SUFFIXES):
+            _check_vector(image, label, profile)
+            annotation = VectorLabels(label, class_attribute or find_class_attribute(label))
+            cases.append(Case(id=safe_id(stem), images=(image,), labels=None, annotation=annotation))
+        else:
+            _check_label_raster(image, label, profile)
+            cases.append(Case(id=safe_id(stem), images=(image,), labels=label))
+    if len({c.id for c in cases}) != len(cases):
+        raise InvalidInputError(root / "images", "two image names become the same case id; rename one")
+    classes_file = root / CLASSES_FILE if (root / CLASSES_FILE).is_file() else None
+    table = _classes_file(classes_file) if classes_file else None
+    vectors = [c for c in cases if c.labels is None]
+    if table is None and vectors and len(vectors) != len(cases):
+        raise InvalidInputError(root / "labels", f"mixes label rasters and vector layers; add a {CLASSES_FILE} "
+                                                 "to say which value each class has")
+    if table is not None and vectors:
+        if table.values[-1] >= IGNORE:
+            raise InvalidInputError(classes_file, f"class value {table.values[-1]} does not fit a rasterised "
+                                                  f"uint8 label (0..{IGNORE - 1})")
+        burnt = [LabelClass(value=v, name=n) for v, n in zip(table.values, table.names)]
+        for case in vectors:
+            vector: VectorLabels = case.annotation
+            raw = _attribute(vector.path, vector.class_attribute) if vector.class_attribute else None
+            class_values(raw, 0, burnt, vector.path, vector.class_attribute)
+    dataset = GeoDataset(root=root, name=root.resolve().name, cases=sorted(cases, key=lambda c: c.id),
+                         channel_names=channel_names or [], classes_file=classes_file, _table=table)
+    if table is None and vectors:
+        _ = dataset.table  # attributes only: cheap, and a bad layer is better reported at open
+    return dataset
+
+
+LAYOUT = Layout(name="geo", detect=detect, open=open_geo)
+
+__all__ = ["CLASS_ATTRIBUTES", "GeoDataset", "LAYOUT", "VectorLabels", "crs_of", "class_values", "detect",
+           "find_class_attribute", "open_geo", "raster_spacing", "rasterise"]

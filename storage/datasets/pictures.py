@@ -1,0 +1,78 @@
+"""Pictures as the photograph layouts keep them (JPEG images, PNG label maps): headers, pixels, message text.
+
+Pascal VOC, Cityscapes and COCO share these: a header read gives sizes
+without decoding pixels (what validating a whole dataset can afford), label
+PNGs are read as their raw values (palette indices, never their colours), and
+every failure is one line naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from storage.errors import CorruptInputError, InvalidInputError
+
+LABEL_MODES = ("P", "L")  # a class map's indices: palette PNG as VOC ships it, or 8-bit grey after a re-save
+
+def listed(values: list[int], most: int = 10) -> str:
+    """Bad values for a one-line message: the first few, and how many there are."""
+    shown = ", ".join(str(int(v)) for v in values[:most])
+    return shown + (f" ... ({len(values)} values)" if len(values) > most else "")
+
+
+def size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+RGB_MODES = ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr")  # 8-bit modes that convert to RGB losslessly enough
+
+
+def picture_header(path: Path) -> tuple[tuple[int, int], str]:
+    """(width, height) and Pillow mode from the file's header alone (the pixels are not decoded)."""
+    try:
+        with Image.open(path) as picture:
+            return picture.size, picture.mode
+    except FileNotFoundError:
+        raise InvalidInputError(path, "missing") from None
+    except (OSError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        raise CorruptInputError(path, f"is not a readable PNG or JPEG: {err}") from None
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(3, H, W) uint8 RGB; a greyscale picture's one channel repeated, an alpha channel dropped."""
+    picture = _decode(path, lambda p: p.convert("RGB") if p.mode in RGB_MODES else None)
+    if picture is None:
+        raise InvalidInputError(path, "is not an 8-bit RGB or greyscale picture")
+    return np.ascontiguousarray(np.asarray(picture, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def read_indices(path: Path) -> np.ndarray:
+    """(H, W) uint8 raw values of a palette or 8-bit greyscale PNG (palette indices, never their colours)."""
+    picture = _decode(path, lambda p: p if p.mode in LABEL_MODES else None)
+    if picture is None:
+        raise InvalidInputError(path, "is not a palette or 8-bit greyscale PNG of label values")
+    return np.array(picture, dtype=np.uint8)
+
+
+def read_rgb_ids(path: Path) -> np.ndarray:
+    """(H, W) int64 ``R + 256 G + 256² B`` of an RGB PNG (COCO panoptic segment ids)."""
+    rgb = read_rgb(path).astype(np.int64)
+    return rgb[0] + 256 * rgb[1] + 65536 * rgb[2]
+
+
+def _decode(path: Path, convert) -> Image.Image | None:
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            return convert(picture)
+    except FileNotFoundError:
+        raise InvalidInputError(path, "missing") from None
+    except (OSError, ValueError) as err:
+        raise CorruptInputError(path, f"cannot be decoded: {err}") from None
+
+
+__all__ = ["LABEL_MODES", "RGB_MODES", "listed", "picture_header", "read_indices", "read_rgb", "read_rgb_ids",
+           "size_text"]

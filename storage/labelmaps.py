@@ -1,0 +1,271 @@
+"""Label maps opened as block readers, with their grid and units: what scoring a prediction reads.
+
+A prediction or a ground truth may be a GeoTIFF/VRT, a NIfTI or a segflow
+zarr store.  Each is opened as an array-like read block by block (rasterio
+windows, nibabel's ``dataobj`` slicing, zarr slicing; volumes indexed
+(i, j, k)), never whole, with what comparing two maps needs: the grid (CRS
+and transform, or affine), the spacing and its unit (NIfTI zooms converted
+from the header's spatial unit; a raster's transform in its CRS's linear
+unit, pixels where it has none), the size of one cell (mL or ha), the value
+meaning "no prediction", and the class names the file carries (a segflow
+COG's CLASSES tag, a segflow NIfTI's label table, a store's ``classes``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.errors import CorruptInputError, InvalidInputError, StoreError, UnsupportedFormatError
+
+MAX_LABEL = 65535  # the largest label a segflow map holds (uint16); larger values are refused
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
+_NIFTI_UNIT_MM = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}  # NIfTI xyzt_units; "unknown" is read as mm
+_SEGFLOW_LABEL_TABLE = "# segflow label table"  # first line of the table storage.classes writes into NIfTIs
+
+
+@dataclass
+class LabelSource:
+    """An opened label map: a block reader, its grid, and its units.  Volumes are indexed (i, j, k)."""
+
+    path: Path
+    kind: str  # raster | volume
+    array: Any  # .shape and [region] -> integer block
+    spacing: tuple[float, ...]  # per array axis, in distance_unit
+    distance_unit: str  # mm | m | px
+    cell_size: float | None  # mL per voxel or ha per pixel; None when unknown (size_note says why)
+    size_unit: str  # mL | ha
+    size_note: str | None = None
+    nodata: int | None = None  # the prediction's "no prediction" value, when the file declares one
+    classes: dict[int, str] = field(default_factory=dict)  # class names the file carries
+    crs: Any = None
+    transform: tuple[float, ...] | None = None
+    affine: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.array.shape)
+
+
+def _as_labels(data: Any, path: Path) -> Any:
+    """An integer block, or an error naming the file: a label map holds class numbers 0..65535."""
+    import numpy as np
+
+    a = np.asarray(data)
+    if a.dtype.kind == "b":
+        return a.view(np.uint8)
+    if a.dtype.kind == "f":  # truths are often stored as floats; integral values are accepted
+        if not np.isfinite(a).all() or bool((a != np.round(a)).any()):
+            raise InvalidInputError(path, "holds non-integer values; a label map holds class numbers")
+        a = a.astype(np.int64)
+    elif a.dtype.kind not in "iu":
+        raise InvalidInputError(path, f"has {a.dtype} pixels; a label map holds integers")
+    if a.size and (int(a.min()) < 0 or int(a.max()) > MAX_LABEL):
+        raise InvalidInputError(path, f"holds values {a.min()}..{a.max()}; labels lie in 0..{MAX_LABEL}")
+    return a
+
+
+class _RasterArray:
+    def __init__(self, src: Any, path: Path) -> None:
+        self.src, self.path, self.shape = src, path, (src.height, src.width)
+
+    def __getitem__(self, region: tuple[slice, slice]) -> Any:
+        from rasterio.windows import Window
+
+        ys, xs = region
+        try:
+            data = self.src.read(1, window=Window(xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start))
+        except Exception as exc:  # noqa: BLE001 - GDAL raises RasterioError and its own CPLE_* types
+            raise CorruptInputError(self.path, f"cannot read pixels (rows {ys.start}-{ys.stop - 1}): "
+                                               f"{' '.join(str(exc).split())}") from None
+        return _as_labels(data, self.path)
+
+
+class _NiftiArray:
+    def __init__(self, img: Any, path: Path) -> None:
+        self.img, self.path, self.shape = img, path, tuple(int(n) for n in img.shape[:3])
+
+    def __getitem__(self, region: tuple[slice, ...]) -> Any:
+        import numpy as np
+
+        index = region if len(self.img.shape) == 3 else (*region, 0)
+        try:
+            data = np.asanyarray(self.img.dataobj[index])
+        except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many types for damaged data
+            raise CorruptInputError(self.path, f"cannot read voxel data: {' '.join(str(exc).split())}") from None
+        return _as_labels(data, self.path)
+
+
+class _ZarrArray:
+    """A store's labels (or one-channel image); a volume's (k, j, i) arrays are shown as (i, j, k)."""
+
+    def __init__(self, arr: Any, path: Path, *, channel: bool, volume: bool) -> None:
+        self.arr, self.path, self.channel, self.volume = arr, path, channel, volume
+        shape = tuple(int(n) for n in arr.shape[1 if channel else 0:])
+        self.shape = shape[::-1] if volume else shape
+
+    def __getitem__(self, region: tuple[slice, ...]) -> Any:
+        index = region[::-1] if self.volume else region
+        data = self.arr[(0, *index) if self.channel else index]
+        return _as_labels(data.T if self.volume else data, self.path)
+
+
+def _classes_from_json(text: Any) -> dict[int, str]:
+    """``[{"value": 1, "name": "forest", ...}]`` as written by segflow; anything else gives no names."""
+    from pydantic import ValidationError
+
+    from storage.classes import LabelClass
+
+    try:
+        items = json.loads(text) if isinstance(text, str) else text
+        return {c.value: c.name for c in (LabelClass.model_validate(item) for item in items or [])}
+    except (ValueError, TypeError, ValidationError):
+        return {}
+
+
+def _classes_from_table(text: str) -> dict[int, str]:
+    """A segflow NIfTI's label table: ``value name R G B A`` lines (spaces in names were made '_')."""
+    out = {}
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            out[int(parts[0])] = parts[1]
+    return out
+
+
+def _raster_units(transform: Any, crs: Any) -> tuple[tuple[float, float], str, float | None, str | None]:
+    """(row, col) pixel size and its unit, pixel area in ha and why it is missing."""
+    from storage.probe import pixel_hectares
+
+    a, b, _, d, e, _ = tuple(transform)[:6]
+    area, note = pixel_hectares(transform, crs)
+    metres = None
+    if crs is not None and not crs.is_geographic:
+        try:
+            metres = float(crs.linear_units_factor[1])
+        except Exception:  # noqa: BLE001 - pyproj/GDAL raise several types for CRSs without a linear unit
+            metres = None
+    if metres is None:
+        return (1.0, 1.0), "px", area, note
+    return (math.hypot(b, e) * metres, math.hypot(a, d) * metres), "m", area, note
+
+
+def _volume_units(affine: Any, zooms: Any, unit: str) -> tuple[tuple[float, ...], float | None, str | None]:
+    import numpy as np
+
+    from storage.probe import voxel_millilitres
+
+    factor = _NIFTI_UNIT_MM.get(unit, 1.0)
+    ml, note = voxel_millilitres(np.asarray(affine, dtype=np.float64), unit)
+    return tuple(float(z) * factor for z in zooms[:3]), ml, note
+
+
+def _open_raster(path: Path, stack: ExitStack) -> LabelSource:
+    import rasterio
+
+    try:
+        src = stack.enter_context(rasterio.open(path))
+    except Exception as exc:  # noqa: BLE001 - see _RasterArray
+        raise CorruptInputError(path, f"rasterio cannot open it: {' '.join(str(exc).split())}") from None
+    if src.count != 1:
+        raise InvalidInputError(path, f"has {src.count} bands; a label map has one")
+    spacing, unit, area, note = _raster_units(src.transform, src.crs)
+    nodata = src.nodata if src.nodata is not None and float(src.nodata).is_integer() else None
+    return LabelSource(path, "raster", _RasterArray(src, path), spacing, unit, area, "ha", note,
+                       None if nodata is None else int(nodata), _classes_from_json(src.tags().get("CLASSES")),
+                       crs=src.crs, transform=tuple(src.transform)[:6])
+
+
+def _open_nifti(path: Path, stack: ExitStack) -> LabelSource:
+    import zlib
+
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.openers import ImageOpener
+    from nibabel.spatialimages import HeaderDataError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sniffed = nib.load(path, mmap=False)
+            if not isinstance(sniffed, nib.Nifti1Pair):  # Nifti1Image, Nifti2Image and .hdr/.img pairs
+                raise UnsupportedFormatError(path, f"is {type(sniffed).__name__}, not NIfTI-1 or NIfTI-2")
+            file_map = type(sniffed).filespec_to_file_map(path)
+            for holder in file_map.values():  # handles we own: slabs read forwards through one gzip stream
+                holder.fileobj = stack.enter_context(ImageOpener(holder.filename, "rb"))
+            img = type(sniffed).from_file_map(file_map, mmap=False)
+    except (ImageFileError, HeaderDataError, EOFError, OSError, ValueError, zlib.error) as exc:
+        raise CorruptInputError(path, f"cannot read the NIfTI header: {' '.join(str(exc).split())}") from None
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        raise InvalidInputError(path, f"has shape {shape}; a label volume is 3-D")
+    hdr = img.header
+    unit = hdr.get_xyzt_units()[0]
+    spacing, ml, note = _volume_units(img.affine, hdr.get_zooms(), unit)
+    classes: dict[int, str] = {}
+    for ext in hdr.extensions:
+        text = ext.get_content()
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        if text.startswith(_SEGFLOW_LABEL_TABLE):
+            classes = _classes_from_table(text)
+    return LabelSource(path, "volume", _NiftiArray(img, path), spacing, "mm", ml, "mL", note, None, classes,
+                       affine=img.affine)
+
+
+def _open_store(path: Path) -> LabelSource:
+    import base64
+
+    import nibabel as nib
+    from rasterio.crs import CRS
+    from rasterio.transform import Affine
+
+    from storage.layout import IMAGE, LABELS, open_image_store
+
+    store = open_image_store(path)  # refuses foreign and half-written stores
+    group, geometry = store.group, store.meta.geometry
+    if LABELS in group:
+        arr, channel = group[LABELS], False
+    elif IMAGE in group and group[IMAGE].shape[0] == 1:
+        arr, channel = group[IMAGE], True
+    else:
+        raise StoreError(path, "holds neither labels (a prediction store) nor a one-channel image")
+    nodata = group.attrs.get("nodata_label")
+    nodata = int(nodata) if isinstance(nodata, int) else None
+    classes = _classes_from_json(group.attrs.get("classes"))
+    if geometry.kind == "raster":
+        crs = CRS.from_wkt(geometry.crs_wkt) if geometry.crs_wkt else CRS.from_epsg(geometry.epsg) \
+            if geometry.epsg else None
+        spacing, unit, area, note = _raster_units(Affine(*geometry.transform), crs)
+        return LabelSource(path, "raster", _ZarrArray(arr, path, channel=channel, volume=False), spacing, unit,
+                           area, "ha", note, nodata, classes, crs=crs, transform=tuple(geometry.transform))
+    header_class = nib.Nifti2Header if geometry.nifti_version == 2 else nib.Nifti1Header
+    header = header_class(binaryblock=base64.b64decode(geometry.header_b64), check=False)
+    spacing, ml, note = _volume_units(geometry.affine, geometry.zooms, header.get_xyzt_units()[0])
+    return LabelSource(path, "volume", _ZarrArray(arr, path, channel=channel, volume=True), spacing, "mm", ml,
+                       "mL", note, nodata, classes, affine=geometry.affine)
+
+
+def open_labels(path: Path, stack: ExitStack) -> LabelSource:
+    """Open a label GeoTIFF/VRT, NIfTI or segflow zarr store; its files stay open until ``stack`` closes."""
+    from storage.ingest import check_readable_file
+
+    path = Path(path)
+    if path.is_dir() and (path.name.lower().endswith(".zarr") or (path / "zarr.json").is_file()):
+        return _open_store(path)
+    check_readable_file(path)
+    name = path.name.lower()
+    if name.endswith(VOLUME_SUFFIXES):
+        return _open_nifti(path, stack)
+    if name.endswith(RASTER_SUFFIXES):
+        return _open_raster(path, stack)
+    raise UnsupportedFormatError(path, "is not a label map segflow reads (.tif, .tiff, .vrt, .nii, .nii.gz, "
+                                       ".hdr/.img or a .zarr store)")
+
+
+__all__ = ["LabelSource", "MAX_LABEL", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "open_labels"]

@@ -1,0 +1,365 @@
+"""``segflow evaluate``: per-class scores equal MONAI's, chunking and cropping change nothing, files and CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric, SurfaceDistanceMetric
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.evaluate import evaluate_files, pair_inputs
+from segmentation.evaluation import (ABSENT_IN_BOTH, EMPTY_PREDICTION, EMPTY_TRUTH, NO_BACKGROUND_DISTANCES,
+                                     scan_labels, score_case, surface_scores)
+from storage.classes import LabelClass
+from storage.errors import ConfigError
+from tests.conftest import shared
+
+# MONAI 1.6's metric classes pass get_mask_edges an argument it deprecated itself
+pytestmark = pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")
+
+SPACING = (0.7, 0.9, 2.5)  # mm, anisotropic like a clinical CT
+SHAPE = (30, 34, 14)
+
+
+# --------------------------------------------------------------------------- fixture generators
+
+
+def ball(shape: tuple[int, ...], centre: tuple[float, ...], radius: float, spacing: tuple[float, ...]) -> np.ndarray:
+    """A sphere (or disc) of ``radius`` in physical units on an anisotropic grid."""
+    grid = np.indices(shape, dtype=np.float64)
+    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius ** 2
+
+
+def volume_pair() -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, truth) uint8 (i, j, k) maps: a ball (1) and a box (2) each, slightly off; class 3 nowhere."""
+    truth = np.zeros(SHAPE, np.uint8)
+    pred = np.zeros(SHAPE, np.uint8)
+    truth[ball(SHAPE, (14, 16, 7), 8.0, SPACING)] = 1
+    pred[ball(SHAPE, (15, 17, 7), 7.0, SPACING)] = 1
+    truth[2:8, 3:12, 0:5] = 2  # touches the k = 0 edge of the image
+    pred[3:9, 3:13, 0:4] = 2
+    return pred, truth
+
+
+def raster_pair() -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, truth) uint8 (y, x) maps of 40 x 52 pixels: a disc (1), a field (2), nodata 255 in both."""
+    shape = (40, 52)
+    truth = np.zeros(shape, np.uint8)
+    pred = np.zeros(shape, np.uint8)
+    truth[ball(shape, (20, 20), 80.0, (10.0, 10.0))] = 1
+    pred[ball(shape, (21, 19), 70.0, (10.0, 10.0))] = 1
+    truth[5:15, 30:50] = 2
+    pred[6:16, 32:52] = 2
+    truth[:, :3] = 255  # the truth does not know these pixels
+    pred[35:, 40:] = 255  # the model had no data here
+    return pred, truth
+
+
+def write_nifti(path: Path, labels: np.ndarray, zooms: tuple[float, ...] = SPACING, dtype: str = "uint8",
+                shift: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Path:
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = np.array([-10.0, 20.0, 5.0]) + np.array(shift)
+    img = nib.Nifti1Image(labels.astype(dtype), affine)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, path)
+    return path
+
+
+def write_tif(path: Path, labels: np.ndarray, *, origin: tuple[float, float] = (500000.0, 6000000.0),
+              crs: str = "EPSG:32633", classes: list[LabelClass] | None = None) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=labels.shape[1], height=labels.shape[0], count=1,
+                       dtype="uint8", crs=crs, transform=from_origin(*origin, 10, 10), nodata=255) as dst:
+        dst.write(labels, 1)
+        if classes:
+            dst.update_tags(CLASSES=json.dumps([c.model_dump(mode="json") for c in classes]))
+    return path
+
+
+def onehot(labels: np.ndarray, n: int) -> torch.Tensor:
+    t = torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64)), n)
+    return t.permute(labels.ndim, *range(labels.ndim))[None].float()
+
+
+def by_value(scores) -> dict:
+    return {c.value: c for c in scores.classes}
+
+
+# --------------------------------------------------------------------------- metrics on arrays
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_scores_equal_monai_per_class(dims):
+    if dims == 3:
+        pred, truth, spacing = *volume_pair(), SPACING
+    else:
+        pred, truth = raster_pair()
+        pred, truth, spacing = np.where(pred == 255, 0, pred), np.where(truth == 255, 0, truth), (10.0, 7.5)
+    scores = by_value(score_case(pred, truth, spacing, values=[0, 1, 2], tolerance=1.5))
+    p, t = onehot(pred, 3), onehot(truth, 3)
+    dice = DiceMetric(include_background=True, reduction="none")(p, t)[0]
+    hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(p, t, spacing=list(spacing))[0]
+    asd = SurfaceDistanceMetric(include_background=True, symmetric=True, reduction="none")(p, t, spacing=list(spacing))[0]
+    nsd = SurfaceDiceMetric([1.5] * 3, include_background=True, reduction="none")(p, t, spacing=list(spacing))[0]
+    for c in (1, 2):
+        assert scores[c].dice == pytest.approx(float(dice[c]), abs=1e-6)
+        assert scores[c].hd95 == pytest.approx(float(hd95[c]), abs=1e-6)
+        assert scores[c].asd == pytest.approx(float(asd[c]), abs=1e-6)
+        assert scores[c].nsd == pytest.approx(float(nsd[c]), abs=1e-6)
+        assert 0.3 < scores[c].dice < 0.99 and scores[c].hd95 > 0  # the shapes really differ
+    assert scores[0].dice == pytest.approx(float(dice[0]), abs=1e-6)  # no background named: 0 is a class too
+    assert scores[0].hd95 == pytest.approx(float(hd95[0]), abs=1e-6)
+
+
+def test_background_distances_only_when_asked():
+    pred, truth = volume_pair()
+    skipped = by_value(score_case(pred, truth, SPACING, background=0))[0]
+    kept = by_value(score_case(pred, truth, SPACING))[0]
+    assert skipped.hd95 is None and skipped.note == NO_BACKGROUND_DISTANCES
+    assert kept.hd95 is not None and kept.hd95 > 0 and kept.note is None
+    assert skipped.dice == kept.dice
+
+
+def test_chunked_equals_whole_with_ignore_and_nodata():
+    pred, truth = raster_pair()
+    whole = score_case(pred, truth, (10.0, 10.0), values=[0, 1, 2, 3], ignore=255, pred_nodata=255, background=0)
+    for block in [(3, 4), (7, 52), (1, 1)]:
+        chunked = score_case(pred, truth, (10.0, 10.0), values=[0, 1, 2, 3], ignore=255, pred_nodata=255,
+                             block=block, background=0)
+        assert chunked.classes == whole.classes
+        assert np.array_equal(chunked.confusion(), whole.confusion())
+        assert chunked.scan.ignored == whole.scan.ignored == 40 * 3
+    pred3, truth3 = volume_pair()
+    assert score_case(pred3, truth3, SPACING, block=(4, 5, 3)).classes == score_case(pred3, truth3, SPACING).classes
+
+
+def test_ignore_and_no_prediction_counts():
+    truth = np.array([[1, 1, 1, 255], [0, 0, 2, 2]], np.uint8)
+    pred = np.array([[1, 255, 0, 1], [0, 255, 2, 1]], np.uint8)
+    scores = score_case(pred, truth, (1.0, 1.0), ignore=255, pred_nodata=255)
+    # rows truth 0, 1, 2; columns predicted 0, 1, 2, then "no prediction"; the ignored truth pixel counts nowhere
+    assert scores.confusion().tolist() == [[1, 0, 0, 1], [1, 1, 0, 1], [0, 1, 1, 0]]
+    s = by_value(scores)
+    assert (s[1].truth_count, s[1].pred_count) == (3, 2)  # the 1 predicted on the ignored pixel is not counted
+    assert s[1].dice == pytest.approx(2 * 1 / (3 + 2))  # the "no prediction" pixel is a miss
+    assert scores.scan.ignored == 1 and scores.scan.counted == 7
+
+
+def test_empty_class_rules():
+    truth = np.zeros((12, 12), np.uint8)
+    pred = np.zeros((12, 12), np.uint8)
+    truth[2:5, 2:5] = 1  # class 1 only in the truth
+    pred[7:10, 7:10] = 2  # class 2 only in the prediction
+    s = by_value(score_case(pred, truth, (1.0, 1.0), values=[0, 1, 2, 3], background=0))
+    assert (s[1].dice, s[1].iou, s[1].hd95, s[1].asd, s[1].nsd, s[1].note) == (0.0, 0.0, None, None, 0.0,
+                                                                                EMPTY_PREDICTION)
+    assert (s[2].dice, s[2].hd95, s[2].note) == (0.0, None, EMPTY_TRUTH)
+    assert (s[3].dice, s[3].iou, s[3].hd95, s[3].nsd, s[3].note) == (None, None, None, None, ABSENT_IN_BOTH)
+    assert (s[3].truth_count, s[3].pred_count) == (0, 0)
+
+
+def test_crop_gives_the_uncropped_distances():
+    pred, truth = volume_pair()
+    scan = scan_labels(pred, truth, block=(5, 6, 4))
+    for value in (1, 2):
+        box = scan.box(value, SHAPE)
+        assert np.prod([s.stop - s.start for s in box]) < pred.size / 2  # a real crop
+        union = np.argwhere((pred == value) | (truth == value))
+        assert [s.start for s in box] == [max(0, v - 1) for v in union.min(axis=0)]
+        assert [s.stop for s in box] == [min(n, v + 2) for v, n in zip(union.max(axis=0), SHAPE)]
+        cropped = surface_scores(pred[box] == value, truth[box] == value, SPACING, 1.0)
+        whole = surface_scores(pred == value, truth == value, SPACING, 1.0)
+        assert cropped == pytest.approx(whole, abs=1e-6)
+    assert box[2].start == 0  # the box of class 2 is clipped at the image edge
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_volume_millilitres_and_area_hectares(tmp_path):
+    pred, truth = volume_pair()
+    report = evaluate_files([write_nifti(tmp_path / "p.nii.gz", pred)], [write_nifti(tmp_path / "t.nii", truth)],
+                            include_background=True)
+    case = report["cases"][0]
+    rows = {r["value"]: r for r in case["classes"]}
+    voxel_ml = 0.7 * 0.9 * 2.5 / 1000
+    assert (case["distance_unit"], case["size_unit"]) == ("mm", "mL")
+    assert case["spacing"] == pytest.approx(list(SPACING))
+    for v in (1, 2):
+        assert rows[v]["truth_size"] == pytest.approx(np.count_nonzero(truth == v) * voxel_ml)
+        assert rows[v]["pred_size"] == pytest.approx(np.count_nonzero(pred == v) * voxel_ml)
+        assert rows[v]["size_diff"] == pytest.approx(rows[v]["pred_size"] - rows[v]["truth_size"])
+    direct = by_value(score_case(pred, truth, SPACING))
+    assert rows[1]["hd95"] == pytest.approx(direct[1].hd95) and rows[1]["dice"] == pytest.approx(direct[1].dice)
+
+    rp, rt = raster_pair()
+    report = evaluate_files([write_tif(tmp_path / "p.tif", rp)], [write_tif(tmp_path / "t.tif", rt)], chunk=16)
+    case = report["cases"][0]
+    rows = {r["value"]: r for r in case["classes"]}
+    assert (case["distance_unit"], case["size_unit"], case["cell_size"]) == ("m", "ha", pytest.approx(0.01))
+    counted = rt != 255
+    assert rows[2]["truth_size"] == pytest.approx(np.count_nonzero(rt == 2) * 10 * 10 / 1e4)
+    assert rows[2]["pred_size"] == pytest.approx(np.count_nonzero((rp == 2) & counted) * 0.01)
+    assert case["ignored_pixels"] == np.count_nonzero(~counted)
+    assert case["confusion"]["columns"][-1] == "no prediction"
+    assert sum(r[-1] for r in case["confusion"]["matrix"]) == np.count_nonzero((rp == 255) & counted)
+
+    from storage.geotiff import ingest_geotiff  # a truth ingested into a zarr image store reads the same
+
+    store = ingest_geotiff(tmp_path / "t.tif", tmp_path / "t.zarr", chunk=16)
+    assert evaluate_files([tmp_path / "p.tif"], [store.path])["cases"][0]["classes"] == case["classes"]
+
+
+def test_store_and_segflow_nifti_outputs_carry_names_and_match(tmp_path):
+    from storage.layout import commit_store, create_prediction_store
+    from storage.nifti import ingest_nifti, write_label_nifti
+
+    pred, truth = volume_pair()
+    truth_path = write_nifti(tmp_path / "case7.nii.gz", truth)
+    store = ingest_nifti(truth_path, tmp_path / "work" / "image.zarr", chunk=8)
+    classes = [LabelClass(value=0, name="background"), LabelClass(value=1, name="left lung"),
+               LabelClass(value=2, name="heart")]
+    out = tmp_path / "out"
+    out.mkdir()
+    write_label_nifti(pred.T, store.meta.geometry, out / "case7.nii.gz", classes=classes)  # (k, j, i) as segflow
+    target = out / "case7.zarr"
+    _, labels, _ = create_prediction_store(target, meta=store.meta.model_dump(mode="json"), spatial_shape=pred.T.shape,
+                                           chunks=(5, 8, 8), label_dtype="uint8", nodata_label=255,
+                                           classes=[c.model_dump(mode="json") for c in classes],
+                                           probabilities_dtype=None)
+    labels[:] = pred.T
+    commit_store(target, {})
+    from_file = evaluate_files([out / "case7.nii.gz"], [tmp_path], chunk=3)["cases"][0]
+    from_store = evaluate_files([target], [truth_path])["cases"][0]
+    assert [r["name"] for r in from_file["classes"]] == ["background", "left_lung", "heart"]  # the NIfTI label table
+    assert [r["name"] for r in from_store["classes"]] == ["background", "left lung", "heart"]
+    for a, b in zip(from_file["classes"], from_store["classes"]):
+        assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+    assert from_file["classes"][1]["dice"] == pytest.approx(by_value(score_case(pred, truth, SPACING))[1].dice)
+
+
+def test_pairing_by_folder(tmp_path):
+    truths = tmp_path / "truth"
+    truths.mkdir()
+    for name in ("a.tif", "b.nii.gz", "c.tif", "c.nii.gz", ".hidden.tif", "notes.txt"):
+        (truths / name).write_bytes(b"x")
+    pairs = pair_inputs([Path("out/a.tif"), Path("out/b.labels.tif")], [truths])
+    assert pairs == [(Path("out/a.tif"), truths / "a.tif"), (Path("out/b.labels.tif"), truths / "b.nii.gz")]
+    with pytest.raises(ConfigError, match="2 truths"):
+        pair_inputs([Path("c.tif")], [truths])
+    with pytest.raises(ConfigError, match="no truth named d"):
+        pair_inputs([Path("d.tif")], [truths])
+    assert pair_inputs([Path("x.tif"), Path("y.tif")], [Path("1.tif"), Path("2.tif")])[1] == (Path("y.tif"),
+                                                                                              Path("2.tif"))
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(app, ["evaluate", *map(str, args)])
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_cli_writes_json_markdown_and_csv(tmp_path):
+    rp, rt = raster_pair()
+    classes = [LabelClass(value=0, name="other"), LabelClass(value=1, name="pond|lake"),
+               LabelClass(value=2, name="field")]
+    preds = [write_tif(tmp_path / "tile1.tif", rp, classes=classes),
+             write_tif(tmp_path / "tile2.tif", np.where(rp == 2, 0, rp).astype(np.uint8), classes=classes)]
+    truths = [write_tif(tmp_path / "tile1.truth.tif", rt), write_tif(tmp_path / "tile2.truth.tif", rt)]
+    out = tmp_path / "report"
+    result = invoke(*preds, "--truth", truths[0], "--truth", truths[1], "--out", out, "--tolerance", "10")
+    assert result.exit_code == 0, result.output
+    assert "pond|lake" in result.output and "mean over 2 case(s)" in result.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert [c["case"] for c in report["cases"]] == ["tile1", "tile2"]
+    case1 = {r["value"]: r for r in report["cases"][0]["classes"]}
+    counted = rt != 255
+    expected = score_case(np.where(counted, rp, 255), np.where(counted, rt, 255), (10.0, 10.0), ignore=255,
+                          pred_nodata=255, tolerance=10.0)
+    assert case1[1]["dice"] == pytest.approx(by_value(expected)[1].dice, abs=1e-12)
+    assert case1[1]["hd95"] == pytest.approx(by_value(expected)[1].hd95, abs=1e-6)
+    assert case1[1]["name"] == "pond|lake" and case1[0]["hd95"] is None
+    case2 = {r["value"]: r for r in report["cases"][1]["classes"]}
+    assert case2[2]["note"] == EMPTY_PREDICTION and case2[2]["dice"] == 0.0
+    mean = {r["value"]: r for r in report["mean"]}
+    assert mean[1]["dice"] == pytest.approx((case1[1]["dice"] + case2[1]["dice"]) / 2)
+    assert mean[2]["hd95"] == pytest.approx(case1[2]["hd95"]) and mean[2]["n"]["hd95"] == 1
+
+    rows = list(csv.DictReader((out / "tile1.csv").open()))
+    assert [r["name"] for r in rows] == ["other", "pond|lake", "field"]
+    assert float(rows[1]["dice"]) == pytest.approx(case1[1]["dice"])
+    assert float(rows[2]["hd95_m"]) == pytest.approx(case1[2]["hd95"])
+    assert float(rows[2]["truth_size_ha"]) == pytest.approx(np.count_nonzero(rt == 2) * 0.01)
+    markdown = (out / "evaluation.md").read_text()
+    assert "pond\\|lake" in markdown and f"{case1[1]['dice']:.4g}" in markdown and "## tile2" in markdown
+    assert "| truth \\ prediction |" in markdown
+
+    card = tmp_path / "card.json"  # --classes: a model card's names win over the files' own
+    card.write_text(json.dumps({"name": "lc", "architecture": {"name": "unet"}, "input": {"spatial_dims": 2,
+                                "channels": 4}, "inference": {"roi": [64, 64]},
+                                "classes": [{"value": v, "name": n} for v, n in enumerate(["bare", "water"])]}))
+    result = invoke(preds[0], "--truth", truths[0], "--out", out, "--classes", card)
+    assert result.exit_code == 0, result.output
+    names = [r["name"] for r in json.loads((out / "evaluation.json").read_text())["cases"][0]["classes"]]
+    assert names == ["bare", "water", "class 2"]
+
+
+def test_cli_bad_inputs_are_one_error_line_and_exit_1(tmp_path):
+    rp, rt = raster_pair()
+    pred = write_tif(tmp_path / "p.tif", rp)
+    shifted = write_tif(tmp_path / "shifted.tif", rt, origin=(500010.0, 6000000.0))
+    result = invoke(pred, "--truth", shifted, "--out", tmp_path / "o")
+    assert result.exit_code == 1
+    [line] = error_lines(result.output)
+    assert str(pred) in line and str(shifted) in line and "transform" in line
+    assert not (tmp_path / "o").exists()
+
+    other_crs = write_tif(tmp_path / "crs.tif", rt, crs="EPSG:32632")
+    [line] = error_lines(invoke(pred, "--truth", other_crs).output)
+    assert "EPSG:32633 vs EPSG:32632" in line
+
+    pv, tv = volume_pair()
+    moved = invoke(write_nifti(tmp_path / "p.nii.gz", pv), "--truth",
+                   write_nifti(tmp_path / "t.nii.gz", tv, shift=(0.0, 0.01, 0.0)))
+    assert moved.exit_code == 1 and "affines differ by up to 0.01" in error_lines(moved.output)[0]
+    nudged = invoke(tmp_path / "p.nii.gz", "--truth", write_nifti(tmp_path / "t.nii.gz", tv, shift=(0, 2e-5, 0)),
+                    "--out", tmp_path / "nudged")
+    assert nudged.exit_code == 0, nudged.output  # within 1e-4 mm: the same grid
+
+    result = invoke(pred, pred, "--truth", pred)
+    assert result.exit_code == 1 and "2 predictions but 1 truths" in error_lines(result.output)[0]
+    result = invoke(pred, "--truth", tmp_path / "missing.tif")
+    assert result.exit_code == 1 and "missing.tif" in error_lines(result.output)[0]
+    fractional = write_nifti(tmp_path / "f.nii.gz", tv * 0.5, dtype="float32")
+    result = invoke(write_nifti(tmp_path / "p.nii.gz", pv), "--truth", fractional)
+    assert result.exit_code == 1 and "non-integer" in error_lines(result.output)[0]
+
+
+def test_real_lesion_mask_against_a_shifted_copy(tmp_path):
+    truth_path = shared("labelled/brain-lesion/brain1_label.nii.gz")
+    img = nib.load(truth_path)
+    truth = np.asanyarray(img.dataobj)
+    moved = np.roll(truth, 2, axis=0)
+    pred_path = tmp_path / "brain1.nii.gz"
+    nib.save(nib.Nifti1Image(moved, img.affine, img.header), pred_path)
+    report = evaluate_files([pred_path], [truth_path], chunk=4)
+    rows = {r["value"]: r for r in report["cases"][0]["classes"]}
+    values = [int(v) for v in np.unique(truth) if v != 0]
+    spacing = img.header.get_zooms()[:3]
+    for v in values:
+        direct = by_value(score_case(moved.astype(np.int64), truth.astype(np.int64), spacing))[v]
+        assert rows[v]["dice"] == pytest.approx(direct.dice) and 0 < rows[v]["dice"] < 1
+        assert rows[v]["hd95"] == pytest.approx(direct.hd95, abs=1e-6)
