@@ -181,29 +181,80 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
 
 @app.command()
 def train(card: Path = typer.Option(..., "--card", help="A model card JSON (architecture, input, classes, ROI)."),
-          image: List[Path] = typer.Option(..., "--image", help="Training image (repeat; pairs with --labels)."),
-          labels: List[Path] = typer.Option(..., "--labels", help="Label map on the image's grid (repeat)."),
+          image: Optional[List[Path]] = typer.Option(None, "--image", help="Training image (repeat; pairs with "
+                                                                           "--labels)."),
+          labels: Optional[List[Path]] = typer.Option(None, "--labels", help="Label map on the image's grid (repeat)."),
+          dataset: Optional[Path] = typer.Option(None, "--dataset", help="A dataset folder (VOC, Cityscapes, "
+                                                                         "COCO, Decathlon/nnU-Net, raster + "
+                                                                         "labels) instead of --image/--labels; "
+                                                                         "its classes replace the card's."),
           out: Path = typer.Option(..., "--out", help="Model directory to write."),
           steps: int = typer.Option(300, help="Optimiser steps."),
           batch_size: int = typer.Option(8, help="Patches per step."),
           lr: float = typer.Option(2e-3, help="Learning rate."),
-          seed: int = typer.Option(0, help="Random seed."),
-          precision: str = typer.Option("fast", help="exact (fp32) or fast (bf16/AMP).")) -> None:
-    """Train a card's architecture on image/label pairs; the result is a model directory with provenance."""
-    from flows.training import train_from_files
+          seed: int = typer.Option(0, help="Random seed (sampling, initial weights, the validation split)."),
+          precision: str = typer.Option("fast", help="exact (fp32) or fast (bf16/AMP), training and validation."),
+          val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
+                                                       help="Share of the cases that validate, seeded (default "
+                                                            "0.2; a dataset's own val split wins)."),
+          val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate (and save the resume state) "
+                                                                            "every N steps (default: about 10 "
+                                                                            "times per run)."),
+          holdout: Optional[str] = typer.Option(None, "--holdout", help="AXIS:FRACTION, e.g. x:0.5: train on the "
+                                                                        "first half of every image along x, "
+                                                                        "validate on the rest (x:-0.5: train "
+                                                                        "on the last half)."),
+          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from the state its "
+                                                              "last validation saved in OUT/checkpoints.")) -> None:
+    """Train a card's architecture on image/label pairs or a dataset; the result is a model directory with
+    provenance, the best validated weights, a learning curve and a per-class validation table."""
+    from flows.training import train_from_dataset, train_from_files
     from segmentation.modeldir import read_card
 
+    image, labels = image or [], labels or []
+    if dataset is not None and (image or labels):
+        _fail("give either --dataset or --image/--labels, not both")
+    if dataset is None and not image:
+        _fail("nothing to train on: give --dataset PATH or --image/--labels pairs")
     if len(image) != len(labels):
         _fail(f"{len(image)} --image but {len(labels)} --labels: give them in pairs")
+    if holdout is not None and val_fraction is not None:
+        _fail("--holdout validates on part of every image; it cannot be combined with --val-fraction")
+    if precision not in ("exact", "fast"):
+        _fail(f"--precision {precision!r} is neither exact nor fast")
+
+    def on_step(info: dict) -> None:
+        progress.update(task, completed=info["step"])
+        if "validation" in info:
+            v = info["validation"]
+            scores = ", ".join(f"{k} {d:.3f}" for k, d in v["dice"].items() if d is not None)  # classes present
+            mean = "n/a" if v["mean_foreground"] is None else f"{v['mean_foreground']:.3f}"
+            console.print(f"step {info['step']}: validation mean foreground Dice {mean} (best: step "
+                          f"{v['best_step']}); {escape(scores)}", highlight=False, soft_wrap=True)
+
     try:
         model_card = read_card(card)
+        common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
+                      val_every=val_every, holdout=holdout, resume=resume, on_step=on_step)
         with _progress() as progress:
             task = progress.add_task(f"train {model_card.name}", total=steps)
-            loaded = train_from_files(model_card, list(zip(image, labels)), out, steps=steps,
-                                      batch_size=batch_size, lr=lr, seed=seed, precision=precision,
-                                      on_step=lambda info: progress.advance(task))
+            if dataset is not None:
+                from storage.datasets import open_dataset
+
+                loaded = train_from_dataset(model_card, open_dataset(dataset), out, **common,
+                                            val_fraction=0.2 if val_fraction is None else val_fraction,
+                                            say=lambda line: console.print(escape(line), highlight=False,
+                                                                           soft_wrap=True))
+            else:
+                loaded = train_from_files(model_card, list(zip(image, labels)), out, **common,
+                                          val_fraction=0.2 if val_fraction is None else val_fraction)
     except SegflowError as exc:
         _fail(str(exc))
+    best = (loaded.card.training or {}).get("validation", {}).get("best")
+    if best:
+        console.print(f"best validation: step {best['step']}, mean foreground Dice "
+                      f"{best['mean_foreground'] if best['mean_foreground'] is not None else 'n/a'}",
+                      highlight=False, soft_wrap=True)
     console.print(f"trained {loaded.name} -> {loaded.path} (weights sha256 {loaded.weights_sha256[:12]}…)")
 
 
@@ -341,6 +392,13 @@ from flows.schedule import schedule_command  # noqa: E402
 
 app.command("schedule")(schedule_command)
 # --- end schedule --------------------------------------------------------------------------------------------
+
+
+# --- evaluate (issue 13): the command's body lives in flows/evaluate.py (heavy imports inside it) ----------
+from flows.evaluate import evaluate_command  # noqa: E402
+
+app.command("evaluate")(evaluate_command)
+# --- end evaluate --------------------------------------------------------------------------------------------
 
 
 def main() -> None:  # pragma: no cover

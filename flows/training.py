@@ -1,24 +1,43 @@
-"""``segflow train`` wiring: files -> zarr stores -> ``segmentation.training`` -> model directory."""
+"""``segflow train`` wiring: files or a dataset -> array-likes -> ``segmentation.training`` -> model directory.
+
+Two ways in: image/label file pairs, ingested into zarr stores in a scratch
+folder, or a recognised dataset (:mod:`storage.datasets`), whose cases are
+read through ``Dataset.read``.  Either way this module decides the
+validation split (the dataset's own "val" cases, a seeded fraction of the
+cases, or a spatial hold-out of every image), gives the engine training and
+validation samples, and writes the model directory with the provenance a
+card needs to be trusted: which data (layout, fingerprint), which split,
+which scores.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from pydantic import ValidationError
 
 from segmentation.card import ModelCard
+from segmentation.checkpoint import CHECKPOINTS
+from segmentation.holdout import Holdout
 from segmentation.modeldir import LoadedModel
 from segmentation.normalize import image_statistics
-from segmentation.training import TrainingSample, save_trained, train
-from storage.errors import IncompatibleInputError, InvalidInputError
+from segmentation.training import TrainingResult, TrainingSample, save_trained, train
+from storage.datasets.base import Case, Dataset, SplitCounts, fingerprint
+from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
 from storage.ingest import ingest, stem_of
 from storage.layout import ImageStore, open_image_store
 
 IGNORE = 255
 IN_MEMORY_BYTES = 256 << 20  # training inputs up to this size are read into memory; larger ones stay out of core
+IN_MEMORY_TOTAL = 4 << 30  # ... until this much of a dataset is in memory; the rest is sliced where it lies
+ID_LIST_LIMIT = 200  # case ids listed in the provenance per split; longer lists are recorded by count and hash
 
 
 class MaskedLabels:
@@ -39,6 +58,74 @@ class MaskedLabels:
         return out
 
 
+@dataclass
+class Split:
+    """Which cases train and which validate (indices into the case list), and how that was decided."""
+
+    train: list[int]
+    val: list[int]
+    method: str  # "dataset", "fraction", "holdout" or "none"
+    excluded: list[int] = field(default_factory=list)  # cases the dataset reserves for testing
+
+    def provenance(self, ids: Sequence[str], **extra: Any) -> dict[str, Any]:
+        return {"method": self.method, **extra, "train": _id_list([ids[i] for i in self.train]),
+                "validation": _id_list([ids[i] for i in self.val]), "excluded_test": len(self.excluded)}
+
+
+def _id_list(ids: list[str]) -> list[str] | dict[str, Any]:
+    if len(ids) <= ID_LIST_LIMIT:
+        return ids
+    return {"count": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
+def choose_split(declared: Sequence[str | None], *, val_fraction: float, seed: int,
+                 holdout: Holdout | None = None) -> Split:
+    """Decide the validation split of ``len(declared)`` cases.
+
+    Cases declared "test" never take part.  A spatial hold-out trains on
+    every other case (each one cut in two by the engine).  Otherwise cases
+    the dataset declares "val" validate; without such a declaration a
+    seeded ``val_fraction`` of the cases does (at least one when there are
+    two or more, never all).  One case and no hold-out: no validation.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(None, f"val_fraction must be in [0, 1), got {val_fraction}")
+    excluded = [i for i, s in enumerate(declared) if s == "test"]
+    usable = [i for i, s in enumerate(declared) if s != "test"]
+    if not usable:
+        raise ConfigError(None, "no case to train on (every case is declared for testing)")
+    if holdout is not None:
+        return Split(usable, [], "holdout", excluded)
+    declared_val = [i for i in usable if declared[i] == "val"]
+    if declared_val:
+        train_ids = [i for i in usable if declared[i] != "val"]
+        if not train_ids:
+            raise ConfigError(None, "the dataset declares every usable case for validation: none is left to train on")
+        return Split(train_ids, declared_val, "dataset", excluded)
+    if val_fraction > 0 and len(usable) >= 2:
+        count = min(len(usable) - 1, max(1, int(round(len(usable) * val_fraction))))
+        order = np.random.default_rng(seed).permutation(len(usable))
+        val = sorted(usable[i] for i in order[:count])
+        return Split([i for i in usable if i not in set(val)], val, "fraction", excluded)
+    return Split(usable, [], "none", excluded)
+
+
+def _as_holdout(holdout: str | Holdout | None) -> Holdout | None:
+    return Holdout.parse(holdout) if isinstance(holdout, str) else holdout
+
+
+def _in_memory(array: Any, budget: list[int]) -> Any:
+    """A small array-like read whole (random patches from a small store would decompress a whole chunk
+    per patch), while ``budget`` (bytes left, shared across a dataset's cases) allows."""
+    if isinstance(array, np.ndarray):
+        return array
+    size = int(getattr(array, "nbytes", 0) or np.prod(array.shape, dtype=np.int64) * np.dtype(array.dtype).itemsize)
+    if size > IN_MEMORY_BYTES or size > budget[0]:
+        return array
+    budget[0] -= size
+    return np.asarray(array[...])
+
+
 def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingSample:
     src = labels.meta.source.path
     if image.spatial_shape != labels.spatial_shape:
@@ -50,33 +137,153 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
         raise IncompatibleInputError(image.meta.source.path, f"has {image.image.shape[0]} channels, the card "
                                                              f"expects {card.input.channels}")
     stats = image_statistics(image.image, image.mask) if card.input.normalization.mode == "image_zscore" else None
-    pixels: Any = image.image
+    budget = [IN_MEMORY_BYTES]
+    pixels = _in_memory(image.image, budget)
     targets: Any = MaskedLabels(labels, image.mask)
-    if pixels.nbytes <= IN_MEMORY_BYTES:
-        # random patches from a small store would decompress a whole chunk per patch: read it once instead
-        pixels, targets = np.asarray(pixels[...]), targets[...]
+    if pixels is not image.image:
+        targets = targets[...]
     return TrainingSample(image=pixels, labels=targets, stats=stats, ignore_index=IGNORE)
+
+
+def _run(card: ModelCard, samples: list[TrainingSample], split: Split, out: Path, *, steps: int, batch_size: int,
+         lr: float, seed: int, precision: str, patch: Sequence[int] | None, holdout: Holdout | None,
+         val_every: int | None, resume: bool, on_step: Callable[[dict], None] | None) -> TrainingResult:
+    return train(card, [samples[i] for i in split.train], validation=[samples[i] for i in split.val],
+                 holdout=holdout, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
+                 precision=precision, log=on_step, val_every=val_every,  # type: ignore[arg-type]
+                 checkpoints=out / CHECKPOINTS, resume=resume)
 
 
 def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: Path, *, steps: int,
                      batch_size: int, lr: float = 2e-3, seed: int = 0, precision: str = "fast",
-                     patch: Sequence[int] | None = None,
-                     on_step: Callable[[dict], None] | None = None) -> LoadedModel:
-    """Ingest each (image, labels) pair out-of-core, train, and write a model directory at ``out``."""
+                     patch: Sequence[int] | None = None, on_step: Callable[[dict], None] | None = None,
+                     val_fraction: float = 0.0, val_every: int | None = None,
+                     holdout: str | Holdout | None = None, resume: bool = False) -> LoadedModel:
+    """Ingest each (image, labels) pair out-of-core, train, and write a model directory at ``out``.
+
+    No validation by default (``segflow train`` asks for ``val_fraction=0.2``);
+    with ``holdout`` (e.g. "x:0.5") every pair trains on one part and
+    validates on the other.
+    """
+    out, held = Path(out), _as_holdout(holdout)
+    split = choose_split([None] * len(pairs), val_fraction=val_fraction, seed=seed, holdout=held)
     work = Path(tempfile.mkdtemp(prefix="segflow-train-"))
     try:
-        samples, sources = [], []
+        samples, sources, ids = [], [], []
         for n, (image_path, labels_path) in enumerate(pairs):
             image = _open(image_path, work / f"{n}-{stem_of(image_path)}.image.zarr")
             labels = _open(labels_path, work / f"{n}-{stem_of(labels_path)}.labels.zarr")
             samples.append(_sample(card, image, labels))
             sources.append({"image": image.meta.source.model_dump(), "labels": labels.meta.source.model_dump()})
-        result = train(card, samples, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
-                       precision=precision, log=on_step)  # type: ignore[arg-type]
+            ids.append(f"{n}-{stem_of(image_path)}")
+        result = _run(card, samples, split, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                      precision=precision, patch=patch, holdout=held, val_every=val_every, resume=resume,
+                      on_step=on_step)
+        digest = hashlib.sha256("".join(f"{s['image']['sha256']}\t{s['labels']['sha256']}\n"
+                                        for s in sources).encode()).hexdigest()
         result.provenance["inputs"] = sources
+        result.provenance["dataset"] = {"name": "image/label pairs", "layout": "pairs", "fingerprint": digest,
+                                        "cases": len(pairs)}
+        result.provenance["split"] = split.provenance(ids, **_split_extra(split, val_fraction, seed, held))
         return save_trained(out, card, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _split_extra(split: Split, val_fraction: float, seed: int, holdout: Holdout | None) -> dict[str, Any]:
+    if split.method == "fraction":
+        return {"val_fraction": val_fraction, "seed": seed}
+    if split.method == "holdout":
+        return {"holdout": str(holdout)}
+    return {}
+
+
+def with_dataset_classes(card: ModelCard, dataset: Dataset) -> ModelCard:
+    """The card with the dataset's classes (names, colours); the network's outputs follow their number."""
+    classes = sorted(dataset.classes, key=lambda c: c.value)
+    try:
+        return ModelCard.model_validate({**card.model_dump(exclude={"training", "weights_sha256"}),
+                                         "classes": [c.model_dump() for c in classes]})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidInputError(dataset.root, f"the dataset's classes do not fit the card: "
+                                              f"{'.'.join(map(str, first['loc'])) or 'card'}: {first['msg']}") from None
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """``storage.datasets.fingerprint`` over every case's image and label files (and a root that is a file)."""
+    root = Path(dataset.root)
+    files = [Path(f) for c in dataset.cases for f in (*c.images, *([c.labels] if c.labels is not None else []))]
+    if root.is_file():
+        files.append(root)
+    base = root if root.is_dir() else root.parent
+    if any(not Path(os.path.abspath(f)).is_relative_to(os.path.abspath(base)) for f in files):
+        base = Path(os.path.commonpath([os.path.abspath(f) for f in files] + [os.path.abspath(base)]))
+    return fingerprint(Path(os.path.abspath(base)), [Path(os.path.abspath(f)) for f in files])
+
+
+def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: int, batch_size: int,
+                       val_fraction: float = 0.2, val_every: int | None = None,
+                       holdout: str | Holdout | None = None, resume: bool = False, lr: float = 2e-3,
+                       seed: int = 0, precision: str = "fast", patch: Sequence[int] | None = None,
+                       on_step: Callable[[dict], None] | None = None,
+                       say: Callable[[str], None] | None = print) -> LoadedModel:
+    """Train on a recognised dataset and write a model directory at ``out``.
+
+    The card's classes are replaced by the dataset's (names and colours);
+    its channels and spatial dimensions must match the dataset's.  The
+    split: see :func:`choose_split`.  ``say`` hears which layout was found
+    and how the cases were split.
+    """
+    out, held = Path(out), _as_holdout(holdout)
+    root = Path(dataset.root)
+    if dataset.spatial_dims != card.input.spatial_dims:
+        raise IncompatibleInputError(root, f"a {dataset.spatial_dims}-D dataset, the card's network is "
+                                           f"{card.input.spatial_dims}-D")
+    if dataset.channels != card.input.channels:
+        raise IncompatibleInputError(root, f"has {dataset.channels} channels, the card expects {card.input.channels}")
+    card = with_dataset_classes(card, dataset)
+    cases = list(dataset.cases)
+    if not cases:
+        raise InvalidInputError(root, "the dataset has no cases")
+    split = choose_split([c.split for c in cases], val_fraction=val_fraction, seed=seed, holdout=held)
+    if say is not None:
+        say(f"found a {dataset.layout} dataset {dataset.name!r}: {len(cases)} cases ({SplitCounts.of(cases)}), "
+            f"{card.num_classes} classes; training on {len(split.train)}, validating on "
+            + (f"the held-out {held.axis}-side {1 - held.fraction:g} of each" if held is not None
+               else f"{len(split.val)} ({split.method} split)"))
+    work = Path(tempfile.mkdtemp(prefix="segflow-train-"))
+    try:
+        samples: list[TrainingSample | None] = [None] * len(cases)
+        budget = [IN_MEMORY_TOTAL]
+        for i in split.train + split.val:
+            samples[i] = _case_sample(card, dataset, cases[i], work / f"case-{i}", budget)
+        result = _run(card, samples, split, out, steps=steps, batch_size=batch_size,  # type: ignore[arg-type]
+                      lr=lr, seed=seed, precision=precision, patch=patch, holdout=held, val_every=val_every,
+                      resume=resume, on_step=on_step)
+        result.provenance["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": str(root.resolve()),
+                                        "fingerprint": dataset_fingerprint(dataset), "cases": len(cases),
+                                        "ignore_index": dataset.ignore_index}
+        result.provenance["split"] = split.provenance([c.id for c in cases],
+                                                      **_split_extra(split, val_fraction, seed, held))
+        return save_trained(out, card, result)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budget: list[int]) -> TrainingSample:
+    work.mkdir(parents=True, exist_ok=True)
+    data = dataset.read(case, work)
+    where = case.images[0] if case.images else dataset.root
+    image_shape, label_shape = tuple(data.image.shape), tuple(data.labels.shape)
+    if len(image_shape) != card.input.spatial_dims + 1 or image_shape[0] != card.input.channels:
+        raise IncompatibleInputError(where, f"image shape {image_shape} is not ({card.input.channels} channels, "
+                                            f"{card.input.spatial_dims} spatial axes)")
+    if label_shape != image_shape[1:]:
+        raise IncompatibleInputError(case.labels or where, f"labels shape {label_shape} differs from the "
+                                                           f"image's {image_shape[1:]}")
+    return TrainingSample(image=_in_memory(data.image, budget), labels=_in_memory(data.labels, budget),
+                          ignore_index=dataset.ignore_index)
 
 
 def _open(path: Path, store: Path) -> ImageStore:

@@ -114,8 +114,8 @@ def _monai_dynunet(*, spatial_dims: int, in_channels: int, out_channels: int,
     explicitly (per level, per axis for anisotropic data).  With
     ``deep_supervision`` MONAI returns the main and intermediate heads
     stacked on dim 1 in training mode only; in eval mode it returns the main
-    head alone, which is what inference uses (segflow's trainer expects one
-    output, so keep it off for ``segflow train``).  Instance norm makes the
+    head alone, which is what inference uses (``segflow train`` weights the
+    heads' losses, :func:`segmentation.losses.supervised_loss`).  Instance norm makes the
     context the whole window; the theoretical receptive field of the
     convolutional paths for the defaults (the same per axis in 2-D and 3-D)
     is 170 pixels.

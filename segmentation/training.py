@@ -1,29 +1,40 @@
 """The engine behind ``segflow train``: arrays in, a trained network and its provenance out.
 
-No file I/O happens here (the CLI reads inputs into numpy/zarr arrays and
+Inputs are array-likes (the CLI reads files into numpy/zarr arrays and
 writes the model directory), so the same engine trains from a GeoTIFF, a
 NIfTI or a zarr store. Inputs are only ever read patch by patch, and pixels
 go through :func:`segmentation.normalize.resolve`, the very normaliser
 inference uses, so a model sees the same numbers in training and in use.
+Every ``val_every`` steps the network is scored on the validation images
+(:mod:`segmentation.validation`); the best step's weights become the model,
+and the whole run's state is written for ``resume``
+(:mod:`segmentation.checkpoint`), the only files the engine itself writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
 from os import PathLike
+from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segmentation.card import ModelCard
+from segmentation.checkpoint import (CHECKPOINTS, LAST_FILE, ResumeState, check_same_run, load_state, save_state,
+                                     save_tensors, state_path)
+from segmentation.holdout import Holdout, Region, box_list
+from segmentation.losses import IGNORE, MaskedDiceCELoss, supervised_loss
 from segmentation.modeldir import LoadedModel, build_module, save_model
 from segmentation.normalize import Normalizer, resolve, statistics_for
+from segmentation.trainreport import class_keys, per_class_rows, thin, write_reports
+from segmentation.validation import ValidationScore, Validator
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
 
 Precision = Literal["exact", "fast"]
@@ -32,7 +43,6 @@ Precision = Literal["exact", "fast"]
 # variety, bounded so indexing a huge label map costs bounded memory.
 _INDEX_CAP = 20_000
 _BLOCK_ELEMENTS = 1 << 22  # labels are scanned in slabs of about this many pixels
-_IGNORE = -1  # what every sample's ignore_index (and padding) becomes inside a batch
 
 
 @dataclass
@@ -55,8 +65,19 @@ class TrainingSample:
 
 @dataclass
 class TrainingResult:
+    """The trained network and what made it.
+
+    ``module`` holds the best validated step's weights (the last step's when
+    nothing was validated); ``last`` the last step's, kept beside them (None
+    without validation, where they are ``module``'s).
+    ``resume_state`` is removed once the model directory is written.
+    """
+
     module: nn.Module  # eval mode, on the CPU, float32
     provenance: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # one per step
+    last: dict[str, torch.Tensor] | None = None
+    resume_state: Path | None = None
 
 
 @dataclass
@@ -107,7 +128,7 @@ def _class_index(labels: Any, num_classes: int, ignore: int | None,
     return where
 
 
-def _prepare(card: ModelCard, sample: TrainingSample, rng: np.random.Generator) -> _Prepared:
+def _check_shapes(card: ModelCard, sample: TrainingSample) -> None:
     image_shape, label_shape = tuple(sample.image.shape), tuple(sample.labels.shape)
     dims = card.input.spatial_dims
     if len(image_shape) != dims + 1 or image_shape[0] != card.input.channels:
@@ -116,6 +137,11 @@ def _prepare(card: ModelCard, sample: TrainingSample, rng: np.random.Generator) 
     if label_shape != image_shape[1:]:
         raise IncompatibleInputError(None, f"labels shape {label_shape} differs from the image's "
                                            f"spatial shape {image_shape[1:]}")
+
+
+def _prepare(card: ModelCard, sample: TrainingSample, rng: np.random.Generator) -> _Prepared:
+    _check_shapes(card, sample)
+    label_shape = tuple(sample.labels.shape)
     stats = sample.stats
     if stats is None:
         stats = statistics_for(card.input.normalization, sample.image)
@@ -132,11 +158,11 @@ def _read_patch(prep: _Prepared, origin: Sequence[int], patch: Sequence[int]) ->
     raw = np.asarray(prep.sample.labels[region])
     labels = raw.astype(np.int64)
     if prep.sample.ignore_index is not None:
-        labels[raw == prep.sample.ignore_index] = _IGNORE
+        labels[raw == prep.sample.ignore_index] = IGNORE
     short = [(0, p - (e - o)) for o, e, p in zip(origin, stop, patch)]
     if any(after for _, after in short):
         image = np.pad(image, [(0, 0)] + short)
-        labels = np.pad(labels, short, constant_values=_IGNORE)
+        labels = np.pad(labels, short, constant_values=IGNORE)
     return image, labels
 
 
@@ -167,36 +193,6 @@ def _sample_batch(preps: Sequence[_Prepared], patch: Sequence[int], batch_size: 
     return np.stack(images), np.stack(labels)
 
 
-class MaskedDiceCELoss(nn.Module):
-    """Dice + cross-entropy where pixels labelled ``ignore`` contribute nothing.
-
-    ``DiceCELoss(to_onehot_y=True, softmax=True)`` has no ignore index in every
-    MONAI version, and masking its logits would be wrong (softmax of a zeroed
-    logit is uniform, not absent). So: cross-entropy averaged over valid
-    pixels; softmax first, then probabilities and one-hot truth multiplied by
-    the valid mask before MONAI's Dice (batch-wise, so rare classes count).
-    """
-
-    def __init__(self, num_classes: int, ignore: int = _IGNORE) -> None:
-        super().__init__()
-        from monai.losses import DiceLoss
-
-        self.num_classes = num_classes
-        self.ignore = ignore
-        self.dice = DiceLoss(include_background=True, batch=True)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        valid = target != self.ignore
-        safe = torch.where(valid, target, torch.zeros_like(target))
-        ce = F.cross_entropy(logits, safe, reduction="none")
-        ce = (ce * valid).sum() / valid.sum().clamp(min=1)
-        mask = valid.unsqueeze(1).to(logits.dtype)
-        onehot = F.one_hot(safe, self.num_classes).movedim(-1, 1).to(logits.dtype)
-        dice = self.dice(torch.softmax(logits, 1) * mask, onehot * mask)
-        return ce + dice
-
-
 def _autocast(device: torch.device, precision: Precision) -> tuple[contextlib.AbstractContextManager, bool]:
     """The autocast context for this device and precision, and whether fp16 loss scaling is needed."""
     if precision == "exact":
@@ -221,50 +217,145 @@ def _curve(losses: list[float], points: int = 50) -> list[list[float]]:
     return [[int(b), round(float(np.mean(losses[a:b])), 5)] for a, b in zip(edges[:-1], edges[1:])]
 
 
+def _split_holdout(card: ModelCard, samples: Sequence[TrainingSample],
+                   holdout: Holdout) -> tuple[list[TrainingSample], list[TrainingSample], dict[str, Any]]:
+    """Each sample cut into a training view and a validation view (no pixel copied).
+
+    Both views normalise with the whole image's statistics, as inference on
+    the whole image would.
+    """
+    train_views, val_views, boxes = [], [], []
+    for s in samples:
+        _check_shapes(card, s)
+        t_box, v_box = holdout.boxes(tuple(int(n) for n in s.labels.shape))
+        stats = s.stats if s.stats is not None else statistics_for(card.input.normalization, s.image)
+        train_views.append(TrainingSample(Region(s.image, t_box, 1), Region(s.labels, t_box), stats, s.ignore_index))
+        val_views.append(TrainingSample(Region(s.image, v_box, 1), Region(s.labels, v_box), stats, s.ignore_index))
+        boxes.append({"train": box_list(t_box), "validation": box_list(v_box)})
+    return train_views, val_views, {"axis": holdout.axis, "fraction": holdout.fraction, "boxes": boxes}
+
+
+def _card_identity(card: ModelCard) -> str:
+    """What of the card shapes training (architecture, input, classes, ROI), hashed."""
+    text = card.model_dump_json(include={"architecture", "input", "classes", "inference"})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+def _rounded(score: ValidationScore, keys: list[str]) -> dict[str, Any]:
+    def r(v: float) -> float | None:
+        return None if math.isnan(v) else round(float(v), 5)
+
+    return {"dice": {k: r(score.dice[c]) for c, k in enumerate(keys)}, "mean_foreground": r(score.mean_foreground),
+            "pixels": score.pixels}
+
+
+def _restore(state: ResumeState, module: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+             scaler: Any, rng: np.random.Generator, device: torch.device) -> None:
+    """Put weights, optimiser, schedule, loss scaler and both RNGs back where the saved step left them."""
+    module.load_state_dict(state.module)
+    optimizer.load_state_dict(state.optimizer)
+    schedule.load_state_dict(state.scheduler)
+    if scaler is not None and state.scaler is not None:
+        scaler.load_state_dict(state.scaler)
+    rng.bit_generator.state = state.numpy_rng
+    torch.set_rng_state(state.torch_rng)
+    if state.cuda_rng and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state.cuda_rng)
+
+
 def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, batch_size: int,
           patch: Sequence[int] | None = None, lr: float = 2e-3, seed: int = 0,
           precision: Precision = "fast", log: Callable[[dict], None] | None = None,
-          oversample: float = 0.5) -> TrainingResult:
+          oversample: float = 0.5, validation: Sequence[TrainingSample] = (), holdout: Holdout | None = None,
+          val_every: int | None = None, checkpoints: str | PathLike[str] | None = None,
+          resume: bool = False) -> TrainingResult:
     """Train the card's architecture from scratch on patches of ``samples``.
 
     AdamW with a one-cycle schedule (short budgets converge fastest with a
-    warm-up then cosine decay), masked Dice + CE, random flips, and
-    ``oversample`` of the patches centred on a random foreground class so rare
-    classes (roads, lesions) are seen often. ``precision="fast"`` trains under
-    bf16 autocast (about 3x faster than fp32 on AMX CPUs), fp32 otherwise.
-    ``log`` receives {step, steps, loss, lr, seconds} about 20 times per run.
+    warm-up then cosine decay), masked Dice + CE (over every head, for deep
+    supervision), random flips, and ``oversample`` of the patches centred on
+    a random foreground class so rare classes (roads, lesions) are seen
+    often. ``precision="fast"`` trains (and validates) under bf16 autocast
+    (about 3x faster than fp32 on AMX CPUs), fp32 otherwise.
+
+    ``validation`` images, plus the held-out part of every sample when
+    ``holdout`` is given, are scored every ``val_every`` steps (default:
+    about 10 times per run) and at the last step; the best step's weights
+    are returned. At the same steps the run's state is saved in
+    ``checkpoints`` (a folder), from which ``resume=True`` continues as if
+    never interrupted. ``log`` receives {step, steps, loss, lr, seconds}
+    about 20 times per run, and with ``validation`` added after each
+    validation.
     """
     if steps < 1 or batch_size < 1:
         raise ConfigError(None, "steps and batch_size must be positive")
     if not samples:
         raise ConfigError(None, "no training samples")
+    if val_every is not None and val_every < 1:
+        raise ConfigError(None, f"val_every must be positive, got {val_every}")
+    if resume and checkpoints is None:
+        raise ConfigError(None, "resume needs the checkpoints folder the interrupted run wrote")
     patch = tuple(int(p) for p in (patch if patch is not None else card.inference.roi))
     if len(patch) != card.input.spatial_dims:
         raise ConfigError(None, f"patch {patch} does not have {card.input.spatial_dims} axes")
+    every_val = int(val_every) if val_every is not None else max(1, steps // 10)
     start, cpu_start = time.perf_counter(), time.process_time()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preps = [_prepare(card, s, rng) for s in samples]
+    train_samples, val_samples, held = list(samples), list(validation), None
+    if holdout is not None:
+        train_samples, held_views, held = _split_holdout(card, samples, holdout)
+        val_samples += held_views
+    for s in val_samples:
+        _check_shapes(card, s)
+    preps = [_prepare(card, s, rng) for s in train_samples]
+    validator = Validator(card, val_samples, seed=seed) if val_samples else None
+    keys = class_keys(card)
 
     fmt = _memory_format(card.input.spatial_dims)
     module = build_module(card).to(device).to(memory_format=fmt)
     module.train()
-    loss_fn = MaskedDiceCELoss(card.num_classes, _IGNORE)
+    loss_fn = MaskedDiceCELoss(card.num_classes, IGNORE)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=steps, pct_start=0.1, div_factor=10.0, final_div_factor=100.0)
     autocast, scale = _autocast(device, precision)
     scaler = torch.amp.GradScaler("cuda") if scale else None
-    every = max(1, steps // 20)
+    run = {"card": _card_identity(card), "steps": steps, "batch_size": batch_size, "patch": list(patch), "lr": lr,
+           "seed": seed, "precision": precision, "oversample": oversample, "val_every": every_val,
+           "samples": [list(s.image.shape) for s in samples],
+           "validation": [list(s.image.shape) for s in validation],
+           "holdout": None if holdout is None else str(holdout)}
     losses: list[float] = []
-    for step in range(1, steps + 1):
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+    earlier = (0.0, 0.0)  # wall and CPU seconds of the runs this one resumes
+    resumed: list[int] = []
+    first = 1
+    if resume:
+        state = load_state(checkpoints)  # type: ignore[arg-type]
+        check_same_run(checkpoints, state.run, run)  # type: ignore[arg-type]
+        _restore(state, module, optimizer, schedule, scaler, rng, device)
+        losses, history, best = list(state.losses), list(state.history), state.best
+        best_weights = state.best_module if state.best_module is not None else (
+            dict(state.module) if best is not None else None)
+        earlier, resumed = (state.seconds, state.cpu_seconds), state.resumed + [state.step]
+        first = state.step + 1
+
+    every = max(1, steps // 20)
+    for step in range(first, steps + 1):
         x, y = _sample_batch(preps, patch, batch_size, oversample, rng)
         x = torch.from_numpy(x).to(device).contiguous(memory_format=fmt)
         y = torch.from_numpy(y).to(device)
         with autocast:
-            logits = module(x)
-        loss = loss_fn(logits, y)
+            output = module(x)
+        loss = supervised_loss(loss_fn, output, y, card.input.spatial_dims)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -275,12 +366,35 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
             optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
-        if log is not None and (step % every == 0 or step == steps):
-            log({"step": step, "steps": steps, "loss": losses[-1], "lr": schedule.get_last_lr()[0],
-                 "seconds": round(time.perf_counter() - start, 2)})
         if not math.isfinite(losses[-1]):
             raise ConfigError(None, f"training diverged at step {step} (loss {losses[-1]}); try a lower lr")
+        entry = {"step": step, "steps": steps, "loss": losses[-1], "lr": schedule.get_last_lr()[0],
+                 "seconds": round(earlier[0] + time.perf_counter() - start, 2)}
+        if step % every_val == 0 or step == steps:
+            if validator is not None:
+                score = validator(module, device, autocast, fmt)
+                history.append({"step": step, **_rounded(score, keys)})
+                if best is None or score.score > best["score"]:
+                    best = {"step": step, "score": score.score, **_rounded(score, keys)}
+                    best_weights = _cpu_state(module)
+                entry["validation"] = {**history[-1], "best_step": best["step"]}
+            if checkpoints is not None:
+                save_state(checkpoints, ResumeState(
+                    step=step, module=_cpu_state(module), optimizer=optimizer.state_dict(),
+                    scheduler=schedule.state_dict(), numpy_rng=rng.bit_generator.state,
+                    torch_rng=torch.get_rng_state(), run=run, losses=losses, history=history, best=best,
+                    best_module=None if best is None or best["step"] == step else best_weights,
+                    scaler=None if scaler is None else scaler.state_dict(),
+                    cuda_rng=list(torch.cuda.get_rng_state_all()) if device.type == "cuda" else [],
+                    seconds=earlier[0] + time.perf_counter() - start,
+                    cpu_seconds=earlier[1] + time.process_time() - cpu_start, resumed=resumed))
+        if log is not None and (step % every == 0 or step == steps or "validation" in entry):
+            log(entry)
 
+    last = None  # without validation the last step is the model: nothing else to keep
+    if best_weights is not None:
+        last = _cpu_state(module)
+        module.load_state_dict(best_weights)
     module = module.to("cpu").float().to(memory_format=torch.contiguous_format).eval()
     tail = losses[-max(1, steps // 10):]
     import monai
@@ -292,14 +406,50 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
         "loss": "dice+cross-entropy, ignore pixels masked", "oversample": oversample,
         "ignore_index": sorted({s.ignore_index for s in samples if s.ignore_index is not None}),
         "final_loss": round(float(np.mean(tail)), 5), "loss_curve": _curve(losses),
-        "seconds": round(time.perf_counter() - start, 2),
-        "cpu_seconds": round(time.process_time() - cpu_start, 2), "num_samples": len(samples),
+        "seconds": round(earlier[0] + time.perf_counter() - start, 2),
+        "cpu_seconds": round(earlier[1] + time.process_time() - cpu_start, 2), "num_samples": len(samples),
         "sample_shapes": [list(s.image.shape) for s in samples],
         "torch_version": torch.__version__, "monai_version": monai.__version__,
     }
-    return TrainingResult(module=module, provenance=provenance)
+    if _deep_supervision(card):
+        provenance["deep_supervision"] = "heads weighted 1, 0.5, 0.25 ... (normalised); eval uses the main head"
+    if held is not None:
+        provenance["holdout"] = held
+    if checkpoints is not None:
+        provenance["checkpoint_every"] = every_val
+    if resumed:
+        provenance["resumed_from_steps"] = resumed
+    if validator is not None and best is not None:
+        provenance["validation"] = {
+            "every": every_val, "regions": validator.describe(), "num_validation_images": len(validation),
+            "precision": precision, "selection": "highest mean foreground Dice",
+            "best": {k: v for k, v in best.items() if k != "score"}, "last": history[-1],
+            "per_class": per_class_rows(card, history, best["step"]), "history": thin(history, best["step"]),
+        }
+    return TrainingResult(module=module, provenance=provenance, losses=losses, last=last,
+                          resume_state=None if checkpoints is None else state_path(checkpoints))
+
+
+def _deep_supervision(card: ModelCard) -> bool:
+    return bool(card.architecture.kwargs.get("deep_supervision", False))
 
 
 def save_trained(path: str | PathLike[str], card: ModelCard, result: TrainingResult) -> LoadedModel:
-    """Write a model directory whose card carries the training provenance of its weights."""
-    return save_model(path, card.model_copy(update={"training": result.provenance}), result.module)
+    """Write a model directory whose card carries the training provenance of its weights.
+
+    ``weights.safetensors`` holds the best validated step, ``checkpoints/last.safetensors``
+    the last one (when validated); the learning curve and the per-class validation table are
+    written beside.
+    Once the card (the commit point) is in place the run's resume state is no longer needed.
+    """
+    path = Path(path)
+    loaded = save_model(path, card.model_copy(update={"training": result.provenance}), result.module)
+    last = path / CHECKPOINTS / LAST_FILE
+    if result.last is not None:
+        save_tensors(last, result.last, {"step": str(result.provenance["steps"])})
+    else:
+        last.unlink(missing_ok=True)  # an earlier run's, not these weights' companion
+    write_reports(path, loaded.card, result.losses)
+    if result.resume_state is not None:
+        result.resume_state.unlink(missing_ok=True)
+    return loaded

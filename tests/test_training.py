@@ -16,8 +16,9 @@ from segmentation.demo_cards import DEMO_BUDGET, landcover_card, lesion_card
 from segmentation.metrics import ConfusionAccumulator, confusion_matrix, dice_per_class, mean_dice
 from segmentation.modeldir import load_model
 from segmentation.normalize import image_statistics, resolve
-from segmentation.training import (MaskedDiceCELoss, TrainingSample, _prepare, _sample_batch, save_trained,
-                                   train)
+from segmentation.modeldir import build_module
+from segmentation.losses import MaskedDiceCELoss, supervised_loss
+from segmentation.training import TrainingSample, _prepare, _sample_batch, save_trained, train
 from storage import samples
 from storage.hashing import sha256_file
 
@@ -221,6 +222,65 @@ def test_zarr_volume_training(tmp_path):
     result = train(card, [TrainingSample(image, labels, ignore_index=None)], steps=3, batch_size=2)
     assert result.provenance["sample_shapes"] == [[1, 32, 48, 48]]
     assert math.isfinite(result.provenance["final_loss"])
+
+
+def test_deep_supervision_weights_the_heads_and_downsamples_targets():
+    torch.manual_seed(0)
+    loss_fn = MaskedDiceCELoss(3)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[:, :3] = -1
+    main, deep, small = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    assert supervised_loss(loss_fn, main, target, 2).item() == pytest.approx(loss_fn(main, target).item())
+    stacked = torch.stack([main, deep], 1)  # as MONAI's DynUNet returns its heads in train mode
+    expected = (loss_fn(main, target) + 0.5 * loss_fn(deep, target)) / 1.5
+    assert supervised_loss(loss_fn, stacked, target, 2).item() == pytest.approx(expected.item())
+    # a coarser head meets the target downsampled by nearest neighbour (every other pixel, ignore kept)
+    expected = (loss_fn(main, target) + 0.5 * loss_fn(small, target[:, ::2, ::2])) / 1.5
+    assert supervised_loss(loss_fn, [main, small], target, 2).item() == pytest.approx(expected.item())
+
+
+def dynunet_card() -> ModelCard:
+    return ModelCard.model_validate({
+        "name": "tiny-dynunet",
+        "architecture": {"name": "dynunet", "kwargs": {"filters": [4, 8, 16], "deep_supervision": True}},
+        "input": {"spatial_dims": 3, "channels": 1, "normalization": {"mode": "image_zscore"}},
+        "classes": [{"value": 0, "name": "background"}, {"value": 1, "name": "lesion"}],
+        "inference": {"roi": [16, 16, 16], "batch_size": 1},
+    })
+
+
+def cube_volume(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((16, 16, 16), np.uint8)
+    a = rng.integers(2, 7, 3)
+    labels[a[0]:a[0] + 7, a[1]:a[1] + 6, a[2]:a[2] + 8] = 1
+    return (labels * 80.0 + rng.normal(100, 10, labels.shape)).astype(np.float32)[None], labels
+
+
+def test_dynunet_with_deep_supervision_trains_and_its_model_segments(tmp_path):
+    card = dynunet_card()
+    x = torch.from_numpy(cube_volume(9)[0])[None]
+    torch.manual_seed(4)
+    initial = build_module(card)
+    with torch.no_grad():
+        assert initial.train()(x).ndim == 6  # (batch, heads, classes, z, y, x): the heads really are stacked
+    result = train(card, [TrainingSample(*cube_volume(1), ignore_index=None)],
+                   validation=[TrainingSample(*cube_volume(2), ignore_index=None)], steps=6, batch_size=2,
+                   val_every=3, seed=4, lr=1e-2)
+    assert "deep_supervision" in result.provenance and math.isfinite(result.provenance["final_loss"])
+    assert [h["step"] for h in result.provenance["validation"]["history"]] == [3, 6]
+    head = "deep_supervision_heads.0.conv.conv.weight"  # trained only through the deep head's loss
+    change = (result.last[head] - initial.state_dict()[head]).abs().max().item()
+    assert change > 1e-4, change
+
+    save_trained(tmp_path / "model", card, result)
+    loaded = load_model(tmp_path / "model")
+    assert loaded.card.architecture.kwargs["deep_supervision"] is True and not loaded.module.training
+    with torch.no_grad():
+        out = loaded.module(x)
+    assert out.shape == (1, 2, 16, 16, 16)  # eval mode: the main head only
+    with torch.no_grad():
+        torch.testing.assert_close(out, result.module(x))
 
 
 def test_demo_cards_are_consistent():

@@ -1,0 +1,372 @@
+"""Training with validation: splits, the spatial hold-out, per-class Dice, the best checkpoint, resume,
+the learning curve, and training from a dataset (tiny generated data, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, safe_open
+
+from flows.training import choose_split, dataset_fingerprint, train_from_dataset, train_from_files
+from segmentation.card import ModelCard
+from segmentation.checkpoint import LAST_FILE, STATE_FILE
+from segmentation.holdout import Holdout, Region
+from segmentation.modeldir import load_model
+from segmentation.trainreport import CURVE_FILE, TABLE_FILE
+from segmentation.training import TrainingSample, save_trained, train
+from segmentation.validation import Validator
+from storage.classes import LabelClass
+from storage.datasets.base import Case, CaseData, fingerprint
+from storage.errors import ConfigError, IncompatibleInputError
+from storage.samples import make_scene
+
+# ---------------------------------------------------------------- fixture generators
+
+
+def tiny_card(*, classes: int = 2, channels: int = 1, spatial_dims: int = 2, roi: int = 16) -> ModelCard:
+    return ModelCard.model_validate({
+        "name": f"tiny-{spatial_dims}d",
+        "architecture": {"name": "unet", "kwargs": {"channels": [4, 8], "strides": [2], "num_res_units": 1}},
+        "input": {"spatial_dims": spatial_dims, "channels": channels,
+                  "normalization": {"mode": "scale", "scale": [0.01]}},
+        "classes": [{"value": v, "name": f"c{v}"} for v in range(classes)],
+        "inference": {"roi": [roi] * spatial_dims, "overlap": 0.25, "batch_size": 2},
+    })
+
+
+def blobs(seed: int, shape: tuple[int, ...] = (32, 32)) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy (1, *shape) float image with bright rectangles labelled 1, and its labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint8)
+    for _ in range(3):
+        lo = [int(rng.integers(0, s - 8)) for s in shape]
+        labels[tuple(slice(a, a + int(rng.integers(4, 9))) for a in lo)] = 1
+    image = (labels * 100.0 + rng.normal(20, 10, shape)).astype(np.float32)[None]
+    return image, labels
+
+
+class Recorded:
+    """A numpy array that notes every index it is read with (to see which pixels training touched)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+        self.reads: list[tuple] = []
+
+    def __getitem__(self, key):
+        self.reads.append(key if isinstance(key, tuple) else (key,))
+        return self.array[key]
+
+
+class TinyDataset:
+    """A Dataset (storage.datasets.base protocol) over grey PNG images and label PNGs written to a folder.
+
+    Stands in for the real layouts (VOC, Cityscapes ...) so these tests depend on the interface only.
+    """
+
+    layout = "tiny-png"
+    ignore_index = 255
+    spatial_dims = 2
+    channels = 1
+
+    def __init__(self, root: Path, splits: list[str | None]) -> None:
+        self.root, self.name = root, "tiny blobs"
+        self.classes = [LabelClass(value=0, name="ground", color=(0, 0, 0)),
+                        LabelClass(value=1, name="blob", color=(220, 40, 40))]
+        (root / "images").mkdir(parents=True)
+        (root / "labels").mkdir()
+        self.cases = []
+        for n, split in enumerate(splits):
+            image, labels = blobs(n + 10)
+            labels[:2] = 255  # a strip without labels
+            Image.fromarray(np.clip(image[0], 0, 255).astype(np.uint8)).save(root / "images" / f"case{n}.png")
+            Image.fromarray(labels).save(root / "labels" / f"case{n}.png")
+            self.cases.append(Case(id=f"case{n}", images=(root / "images" / f"case{n}.png",),
+                                   labels=root / "labels" / f"case{n}.png", split=split))
+        self.read_ids: list[str] = []
+
+    def read(self, case: Case, work: Path) -> CaseData:
+        self.read_ids.append(case.id)
+        image = np.asarray(Image.open(case.images[0]))[None]
+        return CaseData(image=image, labels=np.asarray(Image.open(case.labels)), spacing=(1.0, 1.0))
+
+
+# ---------------------------------------------------------------- splits and the hold-out view
+
+
+def test_choose_split_rules():
+    two = choose_split([None, None], val_fraction=0.2, seed=0)
+    assert two.method == "fraction" and len(two.val) == 1 and sorted(two.train + two.val) == [0, 1]
+    ten = [choose_split([None] * 10, val_fraction=0.2, seed=s) for s in (0, 0, 1)]
+    assert ten[0].val == ten[1].val and len(ten[0].val) == 2 and ten[0].val != ten[2].val  # seeded
+    assert choose_split([None], val_fraction=0.2, seed=0).val == []  # one image: nothing to hold back
+    declared = choose_split(["train", "val", "test", None], val_fraction=0.5, seed=0)
+    assert (declared.method, declared.train, declared.val, declared.excluded) == ("dataset", [0, 3], [1], [2])
+    held = choose_split(["train", "val"], val_fraction=0.0, seed=0, holdout=Holdout("x", 0.5))
+    assert held.method == "holdout" and held.train == [0, 1] and held.val == []
+    with pytest.raises(ConfigError):
+        choose_split([None, None], val_fraction=1.0, seed=0)
+
+
+def test_holdout_boxes_and_region_is_a_view():
+    h = Holdout.parse("x:0.25")
+    assert (h.axis, h.fraction, str(h)) == ("x", 0.25, "x:0.25")
+    for bad in ("x", "w:0.5", "x:1", "x:0", "y:abc", "x:-1"):
+        with pytest.raises(ConfigError):
+            Holdout.parse(bad)
+    with pytest.raises(ConfigError):
+        Holdout.parse("z:0.5").boxes((8, 8))  # a 2-D image has no z
+    train_box, val_box = h.boxes((6, 8))
+    assert train_box == (slice(0, 6), slice(0, 2)) and val_box == (slice(0, 6), slice(2, 8))
+    last = Holdout.parse("y:-0.5")  # the last half along y trains (a RAS volume's anterior half)
+    assert str(last) == "y:-0.5" and last.boxes((6, 8)) == ((slice(3, 6), slice(0, 8)), (slice(0, 3), slice(0, 8)))
+    base = np.arange(3 * 6 * 8).reshape(3, 6, 8)
+    view = Region(base, val_box, lead=1)
+    assert view.shape == (3, 6, 6) and view.nbytes == 3 * 6 * 6 * base.itemsize
+    np.testing.assert_array_equal(view[...], base[:, :, 2:])
+    np.testing.assert_array_equal(view[:, 1:4, -3:], base[:, 1:4, 5:8])
+    np.testing.assert_array_equal(view[1, 2], base[1, 2, 2:])
+    np.testing.assert_array_equal(view[:, 1:3], base[:, 1:3, 2:])  # a single-axis slab, as label scans read
+    assert np.shares_memory(view[:, :, :], base)  # a view: nothing copied
+    with pytest.raises(IndexError):
+        view[0, 0, 6]
+
+
+def test_holdout_keeps_training_patches_out_of_the_validation_part():
+    image, labels = blobs(3, (32, 64))
+    rec_image, rec_labels = Recorded(image), Recorded(labels)
+    result = train(tiny_card(), [TrainingSample(rec_image, rec_labels, ignore_index=None)], steps=6, batch_size=3,
+                   holdout=Holdout.parse("x:0.5"), val_every=3, precision="exact")
+    cut = 32
+    columns = [key[-1] for key in rec_image.reads]
+    training = [c for c in columns if c.stop <= cut]
+    validation = [c for c in columns if c.start >= cut]
+    assert len(training) + len(validation) == len(columns)  # no read straddles the cut
+    patches = [c for c in training if c.stop - c.start == 16]
+    assert len(patches) == 6 * 3  # every sampled patch, its origin inside the training part
+    assert all(0 <= c.start <= cut - 16 for c in patches)
+    assert validation and all(c == slice(32, 64, 1) for c in validation)  # validation saw the other half whole
+    assert all(key[-1].stop <= cut for key in rec_labels.reads if key[-1].start < cut)
+    prov = result.provenance
+    assert prov["holdout"] == {"axis": "x", "fraction": 0.5,
+                               "boxes": [{"train": [[0, 32], [0, 32]], "validation": [[0, 32], [32, 64]]}]}
+    assert [h["step"] for h in prov["validation"]["history"]] == [3, 6]
+    assert prov["validation"]["regions"] == [{"shape": [32, 32], "method": "sliding_window", "pixels": 1024}]
+
+
+# ---------------------------------------------------------------- validation, best checkpoint, reports
+
+
+def test_validation_every_n_steps_and_the_best_checkpoint_is_the_saved_model(tmp_path):
+    """Validation labels contradict the training labels (blobs are class 0 there), so the more the network
+    learns the worse it validates: the best checkpoint is an early step, not the last."""
+    card = tiny_card()
+    samples = [TrainingSample(*blobs(s)) for s in (1, 2)]
+    image, labels = blobs(3)
+    val = [TrainingSample(image, 1 - labels)]
+    events: list[dict] = []
+    result = train(card, samples, validation=val, steps=9, batch_size=2, val_every=3, lr=2e-2, seed=2,
+                   precision="exact", log=events.append)
+    validated = [e for e in events if "validation" in e]
+    assert [e["step"] for e in validated] == [3, 6, 9]
+    assert all(set(e["validation"]["dice"]) == {"c0", "c1"} for e in validated)
+    v = result.provenance["validation"]
+    scores = [h["mean_foreground"] for h in v["history"]]
+    assert scores[0] > scores[-1] and v["best"]["step"] == 3 and v["last"]["step"] == 9
+    assert v["best"]["mean_foreground"] == max(scores)
+
+    saved = save_trained(tmp_path / "model", card, result)
+    loaded = load_model(tmp_path / "model")
+    assert loaded.weights_sha256 == saved.weights_sha256
+
+    def rescore(state: dict[str, torch.Tensor]) -> dict:
+        module = loaded.module
+        module.load_state_dict(state)
+        score = Validator(card, val, seed=2)(module.to(memory_format=torch.channels_last), torch.device("cpu"),
+                                             None, torch.channels_last)
+        return {k: round(score.dice[c], 5) for c, k in enumerate(["c0", "c1"])}
+
+    weights = load_file(str(tmp_path / "model" / "weights.safetensors"))
+    last = load_file(str(tmp_path / "model" / "checkpoints" / LAST_FILE))
+    assert any(not torch.equal(weights[k], last[k]) for k in weights)
+    assert rescore(weights) == v["best"]["dice"]  # the saved weights are the best step's
+    assert rescore(last) == v["last"]["dice"]  # and the last step's are kept beside them
+
+
+def test_learning_curve_png_and_per_class_table(tmp_path):
+    card = tiny_card()
+    result = train(card, [TrainingSample(*blobs(1))], validation=[TrainingSample(*blobs(2))], steps=4, batch_size=2,
+                   val_every=2, precision="exact")
+    save_trained(tmp_path / "m", card, result)
+    png = (tmp_path / "m" / CURVE_FILE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    with Image.open(tmp_path / "m" / CURVE_FILE) as im:
+        im.verify()
+        assert im.size[0] > 400 and im.size[1] > 200
+    table = (tmp_path / "m" / TABLE_FILE).read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| c") and "class" not in line]
+    per_class = load_model(tmp_path / "m").card.training["validation"]["per_class"]
+    assert [r["class"] for r in per_class] == ["c0", "c1"] and len(rows) == 2
+    best = result.provenance["validation"]["best"]
+    assert f"{best['dice']['c1']:.4f}" in rows[1] and f"step {best['step']}" in table
+
+    plain = train(card, [TrainingSample(*blobs(1))], steps=2, batch_size=1, precision="exact")
+    save_trained(tmp_path / "m", card, plain)  # rewritten without validation: no stale table
+    assert "validation" not in plain.provenance and not (tmp_path / "m" / TABLE_FILE).exists()
+    assert plain.last is None and not (tmp_path / "m" / "checkpoints" / LAST_FILE).exists()
+    assert (tmp_path / "m" / CURVE_FILE).stat().st_size > 0
+
+
+def test_validator_skips_ignore_pixels_and_samples_large_regions_with_fixed_patches():
+    card = tiny_card()
+    image, labels = blobs(5, (32, 48))
+    labels[:, :10] = 255
+    module = torch.nn.Conv2d(1, 2, 1)  # any network: the scores' bookkeeping is under test
+    whole = Validator(card, [TrainingSample(image, labels)], seed=0)
+    score = whole(module, torch.device("cpu"))
+    assert whole.describe() == [{"shape": [32, 48], "method": "sliding_window", "pixels": 32 * 48}]
+    assert score.pixels == int((labels != 255).sum())  # ignore pixels are never counted
+    assert module.training  # left as it was found
+
+    small_budget = dict(seed=0, in_memory_pixels=32 * 48 - 1)  # as if the region were too large to hold
+    patches = Validator(card, [TrainingSample(image, labels)], **small_budget)
+    again = Validator(card, [TrainingSample(image, labels)], **small_budget)
+    other = Validator(card, [TrainingSample(image, labels)], seed=1, in_memory_pixels=32 * 48 - 1)
+    (described,) = patches.describe()
+    assert described["method"] == "seeded_patches" and described["patch"] == [16, 16]
+    assert described["patches"] == 256 and described["pixels"] == 256 * 16 * 16
+    assert patches.regions[0].boxes == again.regions[0].boxes != other.regions[0].boxes  # fixed by the seed
+    assert all(b.stop <= s for box in patches.regions[0].boxes for b, s in zip(box, (32, 48)))
+    scored = patches(module, torch.device("cpu"))
+    assert 0 < scored.pixels <= 256 * 16 * 16 and scored.pixels == sum(
+        int((labels[box] != 255).sum()) for box in patches.regions[0].boxes)
+
+
+# ---------------------------------------------------------------- resume
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    card = tiny_card()
+    samples = [TrainingSample(*blobs(s)) for s in (1, 2)]
+    val = [TrainingSample(*blobs(3))]
+    kw = dict(validation=val, steps=12, batch_size=2, val_every=4, seed=3, precision="exact")
+    whole = train(card, samples, checkpoints=tmp_path / "a", **kw)
+
+    def stop_at_10(entry: dict) -> None:
+        if entry["step"] == 10:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(card, samples, checkpoints=tmp_path / "b", log=stop_at_10, **kw)
+    state_file = tmp_path / "b" / STATE_FILE
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [STATE_FILE]  # no temporary left behind
+    with safe_open(str(state_file), "pt") as f:  # safetensors + JSON, nothing pickled
+        meta = json.loads(f.metadata()["segflow_resume"])
+    assert meta["step"] == 8 and len(meta["losses"]) == 8 and [h["step"] for h in meta["history"]] == [4, 8]
+
+    resumed = train(card, samples, checkpoints=tmp_path / "b", resume=True, **kw)
+    a, b = whole.module.state_dict(), resumed.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(whole.last[k], resumed.last[k]) for k in whole.last)
+    assert resumed.losses == whole.losses
+    assert resumed.provenance["validation"]["history"] == whole.provenance["validation"]["history"]
+    assert resumed.provenance["resumed_from_steps"] == [8]
+
+    save_trained(tmp_path / "model", card, resumed)
+    assert not state_file.exists()  # the model directory is committed: the resume state is spent
+    with pytest.raises(ConfigError, match="no resume state"):
+        train(card, samples, checkpoints=tmp_path / "b", resume=True, **kw)
+
+
+def test_resume_refuses_another_run(tmp_path):
+    card = tiny_card()
+    samples = [TrainingSample(*blobs(1))]
+
+    def stop(entry: dict) -> None:
+        if entry["step"] == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(card, samples, steps=4, batch_size=1, val_every=2, checkpoints=tmp_path, log=stop, precision="exact")
+    with pytest.raises(ConfigError, match="different run .*batch_size"):
+        train(card, samples, steps=4, batch_size=2, val_every=2, checkpoints=tmp_path, resume=True,
+              precision="exact")
+    with pytest.raises(ConfigError):
+        train(card, samples, steps=4, batch_size=1, resume=True)  # no checkpoints folder named
+
+
+# ---------------------------------------------------------------- flows: files and datasets
+
+
+def test_train_from_dataset_takes_its_classes_split_and_fingerprint(tmp_path):
+    dataset = TinyDataset(tmp_path / "data", ["train", "train", "val", "test"])
+    card = tiny_card(classes=3)  # replaced by the dataset's two classes
+    said: list[str] = []
+    loaded = train_from_dataset(card, dataset, tmp_path / "model", steps=4, batch_size=2, val_every=2,
+                                precision="exact", say=said.append)
+    assert len(said) == 1 and "tiny-png" in said[0] and "validating on 1" in said[0]
+    assert sorted(dataset.read_ids) == ["case0", "case1", "case2"]  # the test case is never read
+    reloaded = load_model(tmp_path / "model")
+    assert [(c.name, c.color) for c in reloaded.card.classes] == [("ground", (0, 0, 0)), ("blob", (220, 40, 40))]
+    with torch.no_grad():
+        assert reloaded.module(torch.zeros(1, 1, 16, 16)).shape[1] == 2  # the network's outputs follow
+    t = loaded.card.training
+    files = [f for c in dataset.cases for f in (*c.images, c.labels)]
+    assert t["dataset"]["name"] == "tiny blobs" and t["dataset"]["layout"] == "tiny-png"
+    assert t["dataset"]["fingerprint"] == fingerprint(dataset.root, files) == dataset_fingerprint(dataset)
+    assert t["split"] == {"method": "dataset", "train": ["case0", "case1"], "validation": ["case2"],
+                          "excluded_test": 1}
+    assert set(t["validation"]["best"]["dice"]) == {"ground", "blob"}
+    assert t["ignore_index"] == [255]
+
+    with pytest.raises(IncompatibleInputError, match="channels"):
+        train_from_dataset(tiny_card(channels=3), dataset, tmp_path / "other", steps=1, batch_size=1, say=None)
+
+
+def test_train_from_files_with_a_holdout(tmp_path):
+    image, truth = make_scene(tmp_path / "scene.tif", size=(64, 96), seed=4)
+    card = tiny_card(classes=5, channels=4)
+    loaded = train_from_files(card, [(image, truth)], tmp_path / "model", steps=4, batch_size=2, patch=(16, 16),
+                              holdout="x:0.5", val_every=2, precision="exact")
+    t = loaded.card.training
+    assert t["split"] == {"method": "holdout", "holdout": "x:0.5", "train": ["0-scene"], "validation": [],
+                          "excluded_test": 0}
+    assert t["holdout"]["boxes"] == [{"train": [[0, 64], [0, 48]], "validation": [[0, 64], [48, 96]]}]
+    assert t["dataset"]["layout"] == "pairs" and len(t["dataset"]["fingerprint"]) == 64
+    assert [h["step"] for h in t["validation"]["history"]] == [2, 4]
+    assert (tmp_path / "model" / "checkpoints" / LAST_FILE).is_file()
+    assert not (tmp_path / "model" / "checkpoints" / STATE_FILE).exists()
+
+
+def test_train_command_with_holdout_and_its_argument_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    image, truth = make_scene(tmp_path / "scene.tif", size=(64, 96), seed=4)
+    card = tmp_path / "card.json"
+    card.write_text(tiny_card(classes=5, channels=4).model_dump_json())
+    runner = CliRunner()
+    common = ["train", "--card", str(card), "--out", str(tmp_path / "model"), "--steps", "4", "--batch-size", "2",
+              "--precision", "exact"]
+    done = runner.invoke(app, [*common, "--image", str(image), "--labels", str(truth), "--holdout", "x:0.5",
+                               "--val-every", "2"])
+    assert done.exit_code == 0, done.output
+    training = load_model(tmp_path / "model").card.training
+    assert training["split"]["method"] == "holdout" and [h["step"] for h in training["validation"]["history"]] == [2, 4]
+    assert (tmp_path / "model" / CURVE_FILE).is_file() and (tmp_path / "model" / TABLE_FILE).is_file()
+
+    for extra, message in [(["--dataset", str(tmp_path), "--image", str(image), "--labels", str(truth)], "not both"),
+                           ([], "nothing to train on"),
+                           (["--image", str(image), "--labels", str(truth), "--holdout", "x:2"], "AXIS:FRACTION"),
+                           (["--image", str(image), "--labels", str(truth), "--resume"], "no resume state")]:
+        failed = runner.invoke(app, [*common, *extra])
+        assert failed.exit_code == 2 and message in " ".join(failed.output.split()), failed.output
