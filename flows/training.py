@@ -250,7 +250,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
     if say is not None:
         say(f"found a {dataset.layout} dataset {dataset.name!r}: {len(cases)} cases ({SplitCounts.of(cases)}), "
             f"{card.num_classes} classes; training on {len(split.train)}, validating on "
-            + (f"the held-out {held.axis}-side {1 - held.fraction:g} of each" if held is not None
+            + (f"the held-out {1 - abs(held.fraction):g} of each along {held.axis}" if held is not None
                else f"{len(split.val)} ({split.method} split)"))
     work = Path(tempfile.mkdtemp(prefix="segflow-train-"))
     try:

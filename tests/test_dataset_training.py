@@ -1,0 +1,93 @@
+"""End to end per dataset layout: ``segflow train --dataset`` a few steps, then score the model.
+
+Each layout is generated in its real folder and file conventions (tests/natural_datasets.py,
+tests/medgeo_datasets.py).  Training goes through the real CLI; the model directory must carry the
+dataset's classes and its validation scores.  For the layouts whose images segflow segments (GeoTIFF,
+NIfTI), the trained model then segments a case and ``segflow evaluate`` scores it against the case's labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from segmentation.modeldir import read_card
+from storage.datasets import open_dataset
+from tests.medgeo_datasets import geo_raster_dataset, nnunet_dataset
+from tests.natural_datasets import write_cityscapes, write_coco, write_voc
+
+runner = CliRunner()
+
+
+def _card(path: Path, *, spatial_dims: int, channels: int, roi: list[int]) -> Path:
+    """A tiny U-Net card; its classes are placeholders that the dataset's table replaces."""
+    card = {"name": f"tiny-{spatial_dims}d", "architecture": {"name": "unet", "kwargs": {
+                "channels": [4, 8], "strides": [2], "num_res_units": 0}},
+            "input": {"spatial_dims": spatial_dims, "channels": channels,
+                      "normalization": {"mode": "image_zscore"}},
+            "classes": [{"value": 0, "name": "a"}, {"value": 1, "name": "b"}],
+            "inference": {"roi": roi, "overlap": 0.25, "batch_size": 2}}
+    path.write_text(json.dumps(card))
+    return path
+
+
+def _train(dataset: Path, card: Path, out: Path, *extra: str) -> dict:
+    result = runner.invoke(app, ["train", "--dataset", str(dataset), "--card", str(card), "--out", str(out),
+                                 "--steps", "4", "--batch-size", "2", "--val-every", "2", *extra])
+    assert result.exit_code == 0, result.output
+    assert "dataset" in result.output  # it says which layout it found
+    return read_card(out / "card.json").model_dump()
+
+
+def _check_trained(card: dict, dataset: Path, layout: str) -> None:
+    found = open_dataset(dataset)
+    assert found.layout == layout
+    assert [(c["value"], c["name"]) for c in card["classes"]] == [(c.value, c.name) for c in found.classes]
+    training = card["training"]
+    assert training["dataset"]["layout"] == layout and training["dataset"]["fingerprint"]
+    scores = training["validation"]["best"]
+    assert scores and all(0.0 <= v <= 1.0 for v in scores.get("dice", {}).values() if v is not None)
+
+
+@pytest.mark.parametrize("layout", ["voc", "cityscapes", "coco"])
+def test_photograph_layouts_train_and_validate(tmp_path, layout):
+    writer = {"voc": write_voc, "cityscapes": write_cityscapes, "coco": write_coco}[layout]
+    root = writer(tmp_path / "data").root
+    card = _card(tmp_path / "card.json", spatial_dims=2, channels=3, roi=[16, 16])
+    trained = _train(root, card, tmp_path / "model")
+    _check_trained(trained, root, layout)
+    assert (tmp_path / "model" / "learning_curve.png").stat().st_size > 0
+    assert (tmp_path / "model" / "validation.md").read_text().count("|") > 4
+
+
+def test_geo_layout_trains_segments_and_evaluates(tmp_path):
+    root = tmp_path / "geo"
+    geo_raster_dataset(root, stems=("tile_a", "tile_b", "tile_c"), values=(0, 1, 2), label_crs=True)
+    card = _card(tmp_path / "card.json", spatial_dims=2, channels=2, roi=[16, 16])
+    trained = _train(root, card, tmp_path / "model")
+    _check_trained(trained, root, "geo")
+
+    out = tmp_path / "out"
+    seg = runner.invoke(app, ["segment", str(root / "images" / "tile_a.tif"), "--model", str(tmp_path / "model"),
+                              "--out", str(out), "--no-prefect"])
+    assert seg.exit_code == 0, seg.output
+    scores = tmp_path / "scores"
+    ev = runner.invoke(app, ["evaluate", str(out / "tile_a.tif"), "--truth", str(root / "labels" / "tile_a.tif"),
+                             "--out", str(scores)])
+    assert ev.exit_code == 0, ev.output
+    report = json.loads((scores / "evaluation.json").read_text())
+    dice = [c["dice"] for case in report["cases"] for c in case["classes"] if c.get("dice") is not None]
+    assert dice and all(0.0 <= d <= 1.0 for d in dice)
+
+
+def test_decathlon_layout_trains_segments_and_evaluates(tmp_path):
+    root = tmp_path / "Dataset042_Tiny"
+    nnunet_dataset(root, cases=("liver_001", "liver_002", "liver_003"))
+    card = _card(tmp_path / "card.json", spatial_dims=3, channels=2, roi=[8, 8, 8])
+    trained = _train(root, card, tmp_path / "model")
+    _check_trained(trained, root, "decathlon")
+    assert [c["name"] for c in trained["classes"]] == ["background", "liver", "tumour"]
