@@ -416,7 +416,8 @@ def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx:
     winner = np.where(clear, argmax_first(probs, cell), mark).astype(cell)
     low = winner if valid is None else np.where(valid, winner, mark).astype(cell)  # invalid: never the minimum
     high = winner if valid is None else np.where(valid, winner, 0).astype(cell)  # ... nor the maximum
-    low, high = _reduce(low, high, ty, tx, at, mark)
+    low, high = _reduce_pairs(low, high, ty, tx, at) if _pairs(ty) and _pairs(tx) else \
+        _reduce(low, high, ty, tx, at, mark)
     keep = _keep(ty, tx, rows, cols, valid, at, kernel, True)
     uniform = keep & (low == high) & (low != mark)
     todo = keep & ~uniform
@@ -431,6 +432,23 @@ def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx:
         values = _values(region, valid, ty, tx, at, kernel, r, c, False).astype(np.float32)
         labels[r, c] = argmax_first(values, cell, empty or None)
     return labels
+
+
+def _pairs(taps: Taps) -> bool:
+    """Whether every destination pixel's taps are two neighbouring source pixels (bilinear, refining)."""
+    return taps.index.shape[1] == 2 and bool(np.all(taps.index[:, 1] == taps.index[:, 0] + 1))
+
+
+def _reduce_pairs(low: np.ndarray, high: np.ndarray, ty: Taps, tx: Taps,
+                  at: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_reduce` when each destination pixel's taps are a 2 x 2 block of source pixels: the min and max
+    over every 2 x 2 block of the (small) source region first, then one gather per axis.  A tap of weight 0
+    counts here where :func:`_reduce` leaves it out, so a pixel can only lose its "uniform" mark and be
+    computed in full instead: the labels are the same.  Measured 12 -> 3 ms for a 1024² chunk at 2x."""
+    lo = np.minimum(np.minimum(low[:-1, :-1], low[1:, :-1]), np.minimum(low[:-1, 1:], low[1:, 1:]))
+    hi = np.maximum(np.maximum(high[:-1, :-1], high[1:, :-1]), np.maximum(high[:-1, 1:], high[1:, 1:]))
+    rows, cols = ty.index[:, 0] - at[0], tx.index[:, 0] - at[1]
+    return np.take(np.take(lo, rows, axis=0), cols, axis=1), np.take(np.take(hi, rows, axis=0), cols, axis=1)
 
 
 def _reduce(low: np.ndarray, high: np.ndarray, ty: Taps, tx: Taps, at: tuple[int, int],
