@@ -1,0 +1,351 @@
+"""A raster label map's quicklook: the scene, the classes over it, and their areas.
+
+The whole point is a picture of a 100k x 100k scene in seconds, so nothing is
+read at full resolution: the label COG is read once at the quicklook's size
+with rasterio's ``out_shape``, which GDAL serves from the nearest overview, and
+the image is read onto exactly the same grid (same bounds, same shape) so the
+overlay cannot drift, shift or flip against it.  An image on another grid is
+cut to the labels' bounds; one in another CRS is warped onto the decimated
+grid from its own overview.  Areas come from the caller's exact statistics when
+given; otherwise they are counted on the decimated map and marked approximate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from pydantic import ValidationError
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
+from rasterio.transform import Affine
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import from_bounds
+
+from storage.bands import select_bands
+from storage.classes import LabelClass
+from storage.errors import ConfigError, CorruptInputError, IncompatibleInputError, InputError
+from storage.probe import pixel_hectares
+from storage.quicklook_canvas import (
+    ALPHA,
+    ClassShown,
+    LegendEntry,
+    Panel,
+    QuicklookInfo,
+    Sheet,
+    blend_labels,
+    color_table,
+    palette_color,
+    save_png,
+    short_name,
+)
+
+__all__ = ["raster_quicklook"]
+
+STRETCH = (2.0, 98.0)  # percentiles of valid pixels mapped to black and white, per band
+NO_IMAGE = (120, 120, 120)  # where the image has no data, or there is no image
+NO_LABEL = (235, 235, 235)  # where there is no image and no label either
+GDAL_CACHE_MB = 64
+
+
+def raster_quicklook(
+    labels_path: str | PathLike[str],
+    out_png: str | PathLike[str],
+    *,
+    image_path: str | PathLike[str] | None = None,
+    classes: Sequence[LabelClass] | None = None,
+    rgb_bands: Sequence[str | int] | None = None,
+    max_size: int = 1024,
+    nodata: int | None = None,
+    areas_ha: Mapping[int, float] | None = None,
+) -> QuicklookInfo:
+    """A PNG of the labels (alpha 0.45, nodata transparent) over the image, the map at most ``max_size`` a side.
+
+    The image shows red/green/blue found by band name (descriptions or their
+    aliases, e.g. B04/B03/B02), else colour interpretation, else its first
+    three bands, else grey; ``rgb_bands`` (names or 1-based indexes, 1 or 3)
+    overrides.  Each band is stretched between its 2nd and 98th percentile of
+    valid pixels.  ``classes`` default to the COG's ``CLASSES`` tag, then its
+    colour table, then "class N" in palette colours.  Legend areas are
+    ``areas_ha`` where given (exact statistics); else pixel counts on the
+    decimated map times its pixel area: approximate, as at that scale a pixel
+    stands for many.  A geographic CRS has no areas ("area n/a (degrees)").
+    Without overviews the decimated read still touches every block, so a big
+    label map should be a COG (segflow's are).
+    """
+    if max_size < 16:
+        raise ConfigError(out_png, f"max_size must be at least 16 pixels, got {max_size}")
+    labels_path, out = Path(labels_path), Path(out_png)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(labels_path) as lab:
+        height, width = lab.height, lab.width
+        step = max(1, math.ceil(max(height, width) / max_size))
+        shape = (math.ceil(height / step), math.ceil(width / step))
+        scale = (height / shape[0], width / shape[1])
+        grid = lab.transform * Affine.scale(scale[1], scale[0])
+        labels = _read(lab, labels_path, 1, shape, Resampling.nearest)
+        nodata = _nodata(lab, nodata)
+        shown = _classes(lab, labels, classes, nodata)
+        overview = _overview_used(lab, max(scale))
+        areas, note = _areas(lab, grid, labels, shown, areas_ha, exact_count=step == 1)
+        if image_path is not None:
+            base, bands = _image(Path(image_path), lab, grid, shape, rgb_bands)
+        else:
+            base, bands = None, None
+        subtitles = [f"{width}x{height} px, {_grid_words(lab)}; shown 1:{step}"
+                     + (f" from overview x{overview}" if overview else " from full resolution"),
+                     f"labels over {'bands ' + ','.join(map(str, bands)) if bands else 'no image'}"
+                     f" (alpha {ALPHA:g}; label nodata transparent)"]
+    legend = _legend(areas, note, step, areas_ha is not None)
+    rgb = _compose(base, labels, areas, nodata)
+    sheet = Sheet(labels_path.name, subtitles, (shape[1], shape[0]), legend)
+    box = sheet.paste(rgb, (0, 0))
+    path = save_png(sheet.image, out)
+    return QuicklookInfo(path=path, size=sheet.image.size, panels=(Panel("map", box),), classes=tuple(areas),
+                         decimation=scale, read_shape=shape, overview=overview,
+                         rgb_bands=tuple(bands) if bands else None, note=note)
+
+
+def _grid_words(lab: DatasetReader) -> str:
+    """'EPSG:32633, 10 m pixels': enough for a person to tell the scene's scale."""
+    if lab.crs is None:
+        return "no CRS"
+    size = f"{abs(lab.transform.a):g}"
+    if lab.crs.is_geographic:
+        return f"{lab.crs.to_string()}, {size} degree pixels"
+    unit = lab.crs.linear_units or "unit"
+    return f"{lab.crs.to_string()}, {size} {'m' if unit in ('metre', 'meter') else unit} pixels"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _open(path: Path, **options: str) -> DatasetReader:
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    if path.is_dir():
+        raise InputError(path, "is a directory, not a raster file")
+    try:
+        return rasterio.open(path, **options)
+    except RasterioError as exc:
+        raise CorruptInputError(path, f"rasterio cannot open it: {_message(exc)}") from None
+
+
+def _message(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read(src: DatasetReader, path: Path, bands: int | list[int], shape: tuple[int, int], resampling: Resampling,
+          **kwargs: object) -> np.ndarray:
+    out_shape = shape if isinstance(bands, int) else (len(bands), *shape)
+    try:
+        return src.read(bands, out_shape=out_shape, resampling=resampling, **kwargs)
+    except RasterioError as exc:
+        raise CorruptInputError(path, f"cannot read pixels: {_message(exc)}") from None
+
+
+def _nodata(lab: DatasetReader, given: int | None) -> int | None:
+    if given is not None:
+        return int(given)
+    value = lab.nodatavals[0]
+    return None if value is None or not math.isfinite(value) else int(value)
+
+
+def _overview_used(src: DatasetReader, factor: float) -> int | None:
+    """The overview GDAL serves a read at ``factor`` from: the coarsest one not coarser than asked."""
+    fits = [f for f in src.overviews(1) if f <= factor * 1.01]
+    return max(fits) if fits else None
+
+
+# --------------------------------------------------------------------------- classes and areas
+
+
+def _file_classes(lab: DatasetReader) -> list[LabelClass] | None:
+    """The classes segflow writes in the ``CLASSES`` tag; None when absent or not a valid table."""
+    text = lab.tags().get("CLASSES")
+    if not text:
+        return None
+    try:
+        table = json.loads(text)
+        if not isinstance(table, list):
+            return None
+        return [LabelClass.model_validate(entry) for entry in table]
+    except (ValueError, TypeError, ValidationError):
+        return None  # a foreign or damaged tag: fall back on the colour table, never fail a picture
+
+
+def _colormap(lab: DatasetReader) -> dict[int, tuple[int, int, int, int]]:
+    try:
+        return dict(lab.colormap(1))
+    except ValueError:  # no colour table
+        return {}
+
+
+def _classes(lab: DatasetReader, labels: np.ndarray, given: Sequence[LabelClass] | None,
+             nodata: int | None) -> list[tuple[LabelClass, int]]:
+    """(class, decimated pixel count) for every listed class and every value found, nodata left out."""
+    counts = np.bincount(labels.ravel(), minlength=1) if labels.size else np.zeros(1, dtype=np.int64)
+    listed = list(given) if given is not None else (_file_classes(lab) or [])
+    cmap = _colormap(lab) if not listed else {}
+    by_value = {c.value: c for c in listed if c.value != nodata}
+    for value in np.flatnonzero(counts):
+        value = int(value)
+        if value == nodata or value in by_value:
+            continue
+        rgba = cmap.get(value)
+        color = tuple(rgba[:3]) if rgba and rgba[3] > 0 else palette_color(value)
+        by_value[value] = LabelClass(value=value, name=f"class {value}", color=color)
+    return [(c, int(counts[c.value]) if c.value < len(counts) else 0) for c in sorted(by_value.values(),
+                                                                                     key=lambda c: c.value)]
+
+
+def _areas(lab: DatasetReader, grid: Affine, labels: np.ndarray, shown: list[tuple[LabelClass, int]],
+           given: Mapping[int, float] | None, *, exact_count: bool) -> tuple[list[ClassShown], str | None]:
+    pixel_ha, why = pixel_hectares(grid, lab.crs)
+    note = None
+    if pixel_ha is None:
+        note = "area n/a (degrees)" if lab.crs is not None and lab.crs.is_geographic else f"area n/a ({why})"
+    out = []
+    for c, count in shown:
+        if given is not None and c.value in given:
+            amount, exact = float(given[c.value]), True
+        elif pixel_ha is not None:
+            amount, exact = count * pixel_ha, exact_count
+        else:
+            amount, exact = None, False
+        out.append(ClassShown(value=c.value, name=short_name(c.name), color=tuple(c.color), amount=amount,
+                              unit="ha", exact=exact))
+    return out, note
+
+
+def _hectares(x: float) -> str:
+    return f"{x:,.2f}" if abs(x) < 10 else f"{x:,.1f}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def _legend(areas: list[ClassShown], note: str | None, step: int, caller_areas: bool) -> list[LegendEntry]:
+    entries = [LegendEntry(None, "class (value): area")]
+    for c in areas:
+        if c.amount is None:
+            text = f"{c.name} ({c.value}): {note or 'area n/a'}"
+        else:
+            text = f"{c.name} ({c.value}): {'' if c.exact else '~'}{_hectares(c.amount)} ha"
+        entries.append(LegendEntry(c.color, text))
+    if note is None and any(not c.exact for c in areas):
+        entries.append(LegendEntry(None, f"~ counted on the 1:{step} map: approximate"))
+    elif caller_areas and note is None:
+        entries.append(LegendEntry(None, "areas from exact statistics"))
+    return entries
+
+
+# --------------------------------------------------------------------------- image
+
+
+def _pick_bands(src: DatasetReader, path: Path, wanted: Sequence[str | int] | None) -> list[int]:
+    """1-based bands to show as R, G, B (or one grey band)."""
+    offered = list(src.descriptions)
+    if wanted is not None:
+        picked = select_bands(list(wanted), offered, where=path, model="the quicklook",
+                              hint="name them as listed, or by 1-based index")
+        if len(picked) not in (1, 3):
+            raise ConfigError(path, f"rgb_bands names {len(picked)} bands; give 3 (red, green, blue) or 1 (grey)")
+        return [i + 1 for i in picked]
+    try:
+        return [i + 1 for i in select_bands(["red", "green", "blue"], offered, where=path)]
+    except IncompatibleInputError:
+        pass
+    interp = list(src.colorinterp)
+    if all(ci in interp for ci in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+        return [interp.index(ci) + 1 for ci in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)]
+    bands = [i for i, ci in zip(src.indexes, interp) if ci != ColorInterp.alpha] or list(src.indexes)
+    return bands[:3] if len(bands) >= 3 else bands[:1]
+
+
+def _image(path: Path, lab: DatasetReader, grid: Affine, shape: tuple[int, int],
+           wanted: Sequence[str | int] | None) -> tuple[np.ndarray, list[int]]:
+    """The image on the decimated label grid, stretched to uint8 RGB (H, W, 3)."""
+    with _open(path) as src:
+        bands = _pick_bands(src, path, wanted)
+        if src.crs is not None and lab.crs is not None and src.crs != lab.crs:
+            data = _warped(path, src, lab, grid, shape, bands)
+        else:
+            data = _cut(path, src, lab, shape, bands)
+    rgb = np.stack([_stretch(data[i]) for i in range(len(bands))], axis=-1)
+    if rgb.shape[-1] == 1:
+        rgb = np.repeat(rgb, 3, axis=-1)
+    return rgb, bands
+
+
+def _same_grid(src: DatasetReader, lab: DatasetReader) -> bool:
+    return (src.width, src.height) == (lab.width, lab.height) and src.transform.almost_equals(lab.transform)
+
+
+def _cut(path: Path, src: DatasetReader, lab: DatasetReader, shape: tuple[int, int], bands: list[int]) -> np.ma.MaskedArray:
+    """Same CRS: read the labels' bounds from the image at the labels' decimated shape."""
+    if _same_grid(src, lab):
+        return _read(src, path, bands, shape, Resampling.average, masked=True)
+    window = from_bounds(*lab.bounds, transform=src.transform)
+    right, bottom = window.col_off + window.width, window.row_off + window.height
+    if right <= 0 or bottom <= 0 or window.col_off >= src.width or window.row_off >= src.height:
+        raise IncompatibleInputError(path, "the image does not overlap the label map")
+    eps = 1e-6
+    inside = (window.col_off >= -eps and window.row_off >= -eps and right <= src.width + eps
+              and bottom <= src.height + eps)
+    return _read(src, path, bands, shape, Resampling.average, masked=True, window=window, boundless=not inside)
+
+
+def _warped(path: Path, src: DatasetReader, lab: DatasetReader, grid: Affine, shape: tuple[int, int],
+            bands: list[int]) -> np.ma.MaskedArray:
+    """Another CRS: warp onto the decimated grid from the image overview nearest that scale.
+
+    A warp reads its source at the resolution it is opened at, so the image is
+    reopened at its overview level first; otherwise a 1024-pixel quicklook would
+    decode every full-resolution block.
+    """
+    try:
+        with WarpedVRT(src, crs=lab.crs) as probe:  # the image's own pixel size, expressed in the labels' CRS
+            native = abs(probe.transform.a)
+    except RasterioError as exc:
+        raise IncompatibleInputError(path, f"cannot warp the image to the labels' CRS: {_message(exc)}") from None
+    factor = abs(grid.a) / native if native else 1.0
+    levels = [n for n, f in enumerate(src.overviews(bands[0])) if f <= factor * 1.01]
+    options = {"OVERVIEW_LEVEL": str(levels[-1])} if levels else {}
+    with _open(path, **options) as level:
+        try:
+            with WarpedVRT(level, crs=lab.crs, transform=grid, width=shape[1], height=shape[0],
+                           resampling=Resampling.bilinear) as vrt:
+                return vrt.read(bands, masked=True)
+        except RasterioError as exc:
+            raise IncompatibleInputError(path, f"cannot warp the image to the labels' CRS: {_message(exc)}") from None
+
+
+def _stretch(band: np.ma.MaskedArray) -> np.ndarray:
+    """uint8 from the 2-98 % range of valid pixels; invalid pixels get NO_IMAGE's grey."""
+    data = np.ma.getdata(band).astype(np.float32, copy=False)
+    valid = ~np.ma.getmaskarray(band) & np.isfinite(data)
+    out = np.full(data.shape, NO_IMAGE[0], dtype=np.uint8)
+    if not valid.any():
+        return out
+    lo, hi = np.percentile(data[valid], STRETCH)
+    if hi <= lo:
+        hi = lo + 1.0
+    out[valid] = np.rint(np.clip((data[valid] - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
+
+
+def _compose(base: np.ndarray | None, labels: np.ndarray, shown: list[ClassShown], nodata: int | None) -> np.ndarray:
+    """Labels over the image at ALPHA; without an image, labels in full colour on light grey."""
+    top = int(max([labels.max() if labels.size else 0] + [c.value for c in shown] + [0]))
+    colors, drawn = color_table(shown, top)
+    if nodata is not None and 0 <= nodata <= top:
+        drawn[nodata] = False
+    if base is None:
+        canvas = np.empty((*labels.shape, 3), dtype=np.uint8)
+        canvas[:] = NO_LABEL
+        return blend_labels(canvas, labels, colors, drawn, alpha=1.0)
+    return blend_labels(base, labels, colors, drawn)
+

@@ -1,0 +1,387 @@
+"""Quicklooks: the overlay sits on the image, decimated reads use overviews, planes face the radiological way.
+
+Every fixture is a real GeoTIFF/COG or NIfTI written to tmp_path by the small
+generators below; PNGs are read back with Pillow and checked pixel by pixel
+where the layout (exposed in QuicklookInfo) says each picture sits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+import rasterio.shutil
+from nibabel.nifti1 import Nifti1Extension
+from PIL import Image
+from rasterio.transform import Affine
+
+from storage.classes import LabelClass, slicer_color_table
+from storage.errors import ExportError, IncompatibleInputError, InputError, InvalidInputError
+from storage.geometry import RasterGeometry
+from storage.geotiff import write_label_cog
+from storage.quicklook import QuicklookInfo, raster_quicklook, volume_quicklook
+from storage.quicklook_canvas import ALPHA, palette_color
+
+UTM = "EPSG:32633"
+ORIGIN = (400000.0, 5800000.0)
+MAGENTA = (255, 0, 255)
+GREEN = (0, 200, 0)
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "run-20261202-052507"
+
+
+# --------------------------------------------------------------------------- fixture generators
+
+
+def write_raster(path: Path, data: np.ndarray, *, res: float = 10.0, origin: tuple[float, float] = ORIGIN,
+                 crs: str | None = UTM, nodata: float | None = None, descriptions: list[str] | None = None,
+                 colormap: dict | None = None, tags: dict | None = None) -> Path:
+    """A tiled GTiff of (bands, rows, cols) or (rows, cols) pixels, north-up."""
+    data = data[None] if data.ndim == 2 else data
+    transform = Affine(res, 0.0, origin[0], 0.0, -res, origin[1])
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata, tiled=True,
+                       blockxsize=256, blockysize=256, compress="deflate") as dst:
+        dst.write(data)
+        for i, d in enumerate(descriptions or [], start=1):
+            dst.set_band_description(i, d)
+        if colormap:
+            dst.write_colormap(1, colormap)
+        if tags:
+            dst.update_tags(**tags)
+    return path
+
+
+def bright_square_scene(path: Path, *, res: float = 10.0, origin: tuple[float, float] = ORIGIN,
+                        square: tuple[int, int, int, int] = (100, 200, 300, 400), shape: tuple[int, int] = (800, 1000)) -> Path:
+    """Dark grey noise (equal in R, G, B) with a bright square at rows square[0]:square[1], cols square[2]:square[3]."""
+    rng = np.random.default_rng(0)
+    data = np.repeat(rng.integers(20, 41, size=(1, *shape), dtype=np.uint8), 3, axis=0)
+    r0, r1, c0, c1 = square
+    data[:, r0:r1, c0:c1] = 250
+    return write_raster(path, data, res=res, origin=origin, descriptions=["red", "green", "blue"])
+
+
+def square_labels(path: Path, *, shape: tuple[int, int] = (800, 1000), square=(100, 200, 300, 400)) -> Path:
+    """segflow's own label COG (write_label_cog): class 1 in the square, nodata elsewhere."""
+    labels = np.full(shape, 255, dtype=np.uint8)
+    r0, r1, c0, c1 = square
+    labels[r0:r1, c0:c1] = 1
+    geometry = RasterGeometry(width=shape[1], height=shape[0], epsg=32633, dtype="uint8",
+                              transform=(10.0, 0.0, ORIGIN[0], 0.0, -10.0, ORIGIN[1]))
+    return write_label_cog(labels, geometry, path, classes=[LabelClass(value=1, name="square", color=MAGENTA)])
+
+
+def write_volume(path: Path, data: np.ndarray, affine: np.ndarray, extensions: list[str] | None = None) -> Path:
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    for text in extensions or []:
+        img.header.extensions.append(Nifti1Extension(6, text.encode()))
+    nib.save(img, path)
+    return path
+
+
+def left_blob_volume(shape=(40, 48, 30)) -> tuple[np.ndarray, np.ndarray]:
+    """(image, labels) in RAS voxel order: a blob on the patient's left (low x), anterior (high y), superior."""
+    image = np.full(shape, 100, dtype=np.int16)
+    labels = np.zeros(shape, dtype=np.uint8)
+    sl = (slice(4, 12), slice(34, 42), slice(18, 26))
+    image[sl] = 1000
+    labels[sl] = 1
+    return image, labels
+
+
+def stored_as(codes: str, data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RAS-ordered voxels and their affine, re-stored with axes ``codes`` (e.g. "LPS", "PSL") at the same places."""
+    ornt = nib.orientations.axcodes2ornt(tuple(codes))
+    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), ornt)
+    stored = np.ascontiguousarray(nib.orientations.apply_orientation(data, transform))
+    return stored, affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
+
+
+def ras_affine(zooms=(1.0, 1.0, 1.0), origin=(-20.0, -24.0, -15.0)) -> np.ndarray:
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def png(info: QuicklookInfo) -> np.ndarray:
+    """The PNG's pixels as (rows, cols, 3) ints (no uint8 wrap-around in comparisons)."""
+    return np.asarray(Image.open(info.path).convert("RGB")).astype(np.int32)
+
+
+def crop(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    left, top, width, height = box
+    return pixels[top:top + height, left:left + width]
+
+
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+# --------------------------------------------------------------------------- raster
+
+
+def test_overlay_sits_on_the_bright_square_and_is_not_flipped(tmp_path: Path) -> None:
+    image = bright_square_scene(tmp_path / "scene.tif")
+    labels = square_labels(tmp_path / "labels.tif")
+    info = raster_quicklook(labels, tmp_path / "q.png", image_path=image, max_size=250)
+    assert info.read_shape == (200, 250) and info.decimation == (4.0, 4.0)
+    assert info.rgb_bands == (1, 2, 3)
+    m = crop(png(info), info.panel("map").box)
+    assert m.shape[:2] == (200, 250)
+    tinted = (m[..., 1] < m[..., 0] - 60) & (m[..., 1] < m[..., 2] - 60)
+    # source rows 100-199, cols 300-399 at 1:4 -> map rows 25-49, cols 75-99; a flip would put it at rows 150-174
+    assert bbox(tinted) == (25, 49, 75, 99)
+    assert not tinted[150:175].any() and not tinted[:, 150:175].any()
+    # under the tint is the bright square (stretched to white), not the dark noise beside it
+    expected = np.rint(255 * (1 - ALPHA) + np.array(MAGENTA) * ALPHA)
+    assert np.abs(m[25:50, 75:100].reshape(-1, 3) - expected).max() <= 1
+    outside = m[60:100, 150:250]
+    assert (outside[..., 0] == outside[..., 1]).all()  # grey noise: no class drawn where labels are nodata
+
+
+def test_image_on_a_finer_larger_grid_is_cut_to_the_labels(tmp_path: Path) -> None:
+    # 5 m pixels, extending 100 m further west and north: the square sits at rows 220-419, cols 620-819
+    image = bright_square_scene(tmp_path / "scene5m.tif", res=5.0, origin=(ORIGIN[0] - 100, ORIGIN[1] + 100),
+                                square=(220, 420, 620, 820), shape=(1700, 2100))
+    labels = square_labels(tmp_path / "labels.tif")
+    info = raster_quicklook(labels, tmp_path / "q.png", image_path=image, max_size=250)
+    m = crop(png(info), info.panel("map").box)
+    tinted = m[..., 1] < m[..., 0] - 60
+    assert bbox(tinted) == (25, 49, 75, 99)
+    expected = np.rint(255 * (1 - ALPHA) + np.array(MAGENTA) * ALPHA)
+    assert np.abs(m[25:50, 75:100].reshape(-1, 3) - expected).max() <= 2
+
+
+def test_big_label_cog_is_read_from_its_overview(tmp_path: Path) -> None:
+    # Full resolution says class 2 everywhere, the overviews (built before) class 1: what is drawn tells
+    # which level GDAL read.
+    path = tmp_path / "big.tif"
+    ones = np.ones((4096, 4096), dtype=np.uint8)
+    write_raster(path, ones, colormap={1: (0, 0, 255, 255), 2: (255, 0, 0, 255)})
+    with rasterio.open(path, "r+") as dst:
+        dst.build_overviews([2, 4, 8, 16], rasterio.enums.Resampling.nearest)
+        dst.write(ones * 2, 1)
+    start = time.perf_counter()
+    info = raster_quicklook(path, tmp_path / "q.png", max_size=1024)
+    elapsed = time.perf_counter() - start
+    assert info.read_shape == (1024, 1024) and info.overview == 4
+    assert [c.value for c in info.classes] == [1]
+    assert info.by_value(1).color == (0, 0, 255)
+    assert info.by_value(1).amount == pytest.approx(4096 * 4096 * 100 / 1e4)
+    assert info.by_value(1).exact is False
+    assert elapsed < 5.0, f"a 4096^2 quicklook took {elapsed:.1f} s"
+
+
+def test_legend_areas_in_hectares(tmp_path: Path) -> None:
+    labels = np.zeros((80, 100), dtype=np.uint8)
+    labels[10:30, 40:70] = 2  # 600 pixels of 10 m x 10 m = 6 ha
+    path = write_raster(tmp_path / "l.tif", labels)
+    full = raster_quicklook(path, tmp_path / "a.png", max_size=128)
+    assert full.by_value(2).amount == pytest.approx(6.0) and full.by_value(2).exact
+    assert full.by_value(0).amount == pytest.approx((8000 - 600) * 100 / 1e4)
+    half = raster_quicklook(path, tmp_path / "b.png", max_size=50)
+    assert half.decimation == (2.0, 2.0)
+    assert half.by_value(2).amount == pytest.approx(6.0) and not half.by_value(2).exact
+    given = raster_quicklook(path, tmp_path / "c.png", max_size=50, areas_ha={2: 6.25})
+    assert given.by_value(2).amount == 6.25 and given.by_value(2).exact
+    geographic = write_raster(tmp_path / "g.tif", labels, res=0.001, origin=(15.0, 52.0), crs="EPSG:4326")
+    deg = raster_quicklook(geographic, tmp_path / "d.png")
+    assert deg.note == "area n/a (degrees)" and deg.by_value(2).amount is None
+
+
+def test_classes_come_from_the_cog_tags_then_colour_table_then_palette(tmp_path: Path) -> None:
+    labels = np.zeros((40, 60), dtype=np.uint8)
+    labels[:, 30:] = 1
+    geometry = RasterGeometry(width=60, height=40, epsg=32633, dtype="uint8",
+                              transform=(10.0, 0.0, ORIGIN[0], 0.0, -10.0, ORIGIN[1]))
+    classes = [LabelClass(value=0, name="water", color=(30, 90, 200)),
+               LabelClass(value=1, name="forest", color=(20, 110, 40)),
+               LabelClass(value=2, name="road", color=(90, 90, 90))]
+    tagged = write_label_cog(labels, geometry, tmp_path / "tagged.tif", classes=classes)
+    info = raster_quicklook(tagged, tmp_path / "t.png")
+    assert [(c.name, c.color) for c in info.classes] == [(c.name, c.color) for c in classes]
+    assert info.by_value(2).amount == 0.0  # listed but absent: shown with no area
+    m = crop(png(info), info.panel("map").box)
+    assert tuple(m[20, 45]) == (20, 110, 40) and tuple(m[20, 10]) == (30, 90, 200)  # no image: full colour
+
+    coloured = write_raster(tmp_path / "cmap.tif", labels, colormap={0: (1, 2, 3, 255), 1: (200, 0, 0, 255)})
+    info = raster_quicklook(coloured, tmp_path / "c.png")
+    assert [(c.name, c.color) for c in info.classes] == [("class 0", (1, 2, 3)), ("class 1", (200, 0, 0))]
+
+    bare = write_raster(tmp_path / "bare.tif", labels, tags={"CLASSES": "not json ["})
+    info = raster_quicklook(bare, tmp_path / "b.png")
+    assert [(c.name, c.color) for c in info.classes] == [("class 0", palette_color(0)), ("class 1", palette_color(1))]
+    m = crop(png(info), info.panel("map").box)
+    assert tuple(m[20, 45]) == palette_color(1)
+
+
+@pytest.mark.parametrize("names, wanted, expected", [
+    (["blue", "green", "red", "nir"], None, (3, 2, 1)),
+    (["B02", "B03", "B04", "B08"], None, (3, 2, 1)),  # Sentinel-2 ids: B04 is red by alias
+    ([None, None, None, None], None, (1, 2, 3)),
+    (["blue", "green", "red", "nir"], ["nir", "red", "green"], (4, 3, 2)),
+    (["pan"], None, (1,)),
+])
+def test_rgb_bands_are_chosen_by_name(tmp_path: Path, names, wanted, expected) -> None:
+    data = np.full((len(names), 32, 32), 10, dtype=np.uint16)
+    data[:, :16] = 20  # each band has a spread to stretch
+    data[2 if len(names) > 2 else 0, 16:, :] = 900  # band 3 (red, B04) is bright in the lower half
+    image = write_raster(tmp_path / "img.tif", data, descriptions=[n or "" for n in names] if any(names) else None)
+    labels = write_raster(tmp_path / "l.tif", np.full((32, 32), 255, dtype=np.uint8), nodata=255)
+    info = raster_quicklook(labels, tmp_path / "q.png", image_path=image, rgb_bands=wanted)
+    assert info.rgb_bands == expected
+    if expected == (3, 2, 1):
+        m = crop(png(info), info.panel("map").box)
+        assert tuple(m[28, 28]) == (255, 0, 0)  # red band bright, green and blue at their low end: red
+
+
+def test_png_stays_small_for_a_noisy_1024_scene(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    image = write_raster(tmp_path / "noise.tif", rng.integers(0, 255, size=(3, 1024, 1024), dtype=np.uint8))
+    labels = write_raster(tmp_path / "l.tif", rng.integers(0, 6, size=(1024, 1024), dtype=np.uint8))
+    info = raster_quicklook(labels, tmp_path / "q.png", image_path=image)
+    assert info.path.stat().st_size < 1.1e6
+    assert info.read_shape == (1024, 1024)
+
+
+def test_raster_errors_name_the_file(tmp_path: Path) -> None:
+    labels = write_raster(tmp_path / "l.tif", np.zeros((20, 20), dtype=np.uint8))
+    with pytest.raises(InputError, match="missing.tif"):
+        raster_quicklook(tmp_path / "missing.tif", tmp_path / "q.png")
+    with pytest.raises(ExportError, match="does not exist"):
+        raster_quicklook(labels, tmp_path / "nowhere" / "q.png")
+    far = write_raster(tmp_path / "far.tif", np.zeros((3, 20, 20), dtype=np.uint8), origin=(0.0, 0.0))
+    with pytest.raises(IncompatibleInputError, match="does not overlap"):
+        raster_quicklook(labels, tmp_path / "q.png", image_path=far)
+
+
+# --------------------------------------------------------------------------- volume
+
+
+def _green_columns(info: QuicklookInfo, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns, inside panel ``name``, of the class outline (drawn in the pure class colour)."""
+    panel = crop(png(info), info.panel(name).box)
+    return np.nonzero((panel == GREEN).all(axis=-1))
+
+
+@pytest.mark.parametrize("stored", ["RAS", "LPS", "RAI", "PSL"])
+def test_blob_on_the_patients_left_is_on_the_viewers_right(tmp_path: Path, stored: str) -> None:
+    ras_image, ras_labels = left_blob_volume()
+    image, affine = stored_as(stored, ras_image, ras_affine())
+    labels, _ = stored_as(stored, ras_labels, ras_affine())
+    assert "".join(nib.aff2axcodes(affine)) == stored
+    table = slicer_color_table([LabelClass(value=1, name="blob", color=GREEN)])
+    lab = write_volume(tmp_path / "labels.nii.gz", labels, affine, [table])
+    img = write_volume(tmp_path / "image.nii.gz", image, affine)
+    info = volume_quicklook(lab, tmp_path / "q.png", image_path=img)
+    assert info.panel("axial").letters == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
+    assert info.panel("coronal").letters == {"left": "R", "right": "L", "top": "S", "bottom": "I"}
+    assert info.panel("sagittal").letters == {"left": "A", "right": "P", "top": "S", "bottom": "I"}
+    for name in ("axial", "coronal"):
+        rows, cols = _green_columns(info, name)
+        assert cols.size and cols.min() > info.panel(name).box[2] / 2, f"{name}: blob not on the viewer's right"
+    rows, cols = _green_columns(info, "axial")
+    assert rows.max() < info.panel("axial").box[3] / 2  # anterior is up
+    rows, cols = _green_columns(info, "sagittal")
+    assert cols.max() < info.panel("sagittal").box[2] / 2  # anterior on the left
+    assert rows.max() < info.panel("sagittal").box[3] / 2  # superior is up
+    if stored != "RAS":  # the same picture as the RAS twin, panel for panel
+        twin = volume_quicklook(write_volume(tmp_path / "ras.nii.gz", ras_labels, ras_affine(), [table]),
+                                tmp_path / "ras.png", image_path=write_volume(tmp_path / "rasi.nii", ras_image, ras_affine()))
+        for name in ("axial", "coronal", "sagittal"):
+            assert np.array_equal(crop(png(info), info.panel(name).box), crop(png(twin), twin.panel(name).box))
+
+
+def test_thick_slices_are_not_squashed(tmp_path: Path) -> None:
+    labels = np.zeros((60, 40, 20), dtype=np.uint8)
+    labels[20:40, 10:30, 5:15] = 1
+    info = volume_quicklook(write_volume(tmp_path / "l.nii", labels, ras_affine((1.0, 1.0, 3.0))), tmp_path / "q.png")
+    _, _, w, h = info.panel("coronal").box  # 60 mm wide (x), 60 mm high (20 slices x 3 mm)
+    assert abs(w - h) <= 1
+    _, _, w, h = info.panel("axial").box  # 60 mm by 40 mm
+    assert abs(w / h - 1.5) < 0.02
+
+
+def test_legend_volume_in_millilitres(tmp_path: Path) -> None:
+    labels = np.zeros((30, 40, 20), dtype=np.uint8)
+    labels[5:15, 10:30, 5:10] = 3  # 1000 voxels of 1 x 1.5 x 2 mm = 3000 mm^3 = 3 mL
+    path = write_volume(tmp_path / "l.nii.gz", labels, ras_affine((1.0, 1.5, 2.0)))
+    info = volume_quicklook(path, tmp_path / "q.png")
+    assert info.by_value(3).amount == pytest.approx(3.0) and info.by_value(3).unit == "mL"
+    assert info.by_value(3).name == "class 3"
+    given = volume_quicklook(path, tmp_path / "g.png", volumes_ml={3: 2.75})
+    assert given.by_value(3).amount == 2.75
+
+
+def test_rows_follow_classes_and_cut_through_each_component(tmp_path: Path) -> None:
+    labels = np.zeros((48, 48, 24), dtype=np.uint8)
+    yy, xx = np.mgrid[:48, :48]
+    ring = (np.hypot(yy - 24, xx - 24) < 14) & (np.hypot(yy - 24, xx - 24) > 9)
+    labels[:, :, 8:16][ring] = 1  # a ring: its centroid lies in the hole
+    labels[2:5, 2:5, 2:5] = 2  # a small component of class 2 ...
+    labels[40:46, 40:46, 16:22] = 2  # ... and its largest one
+    info = volume_quicklook(write_volume(tmp_path / "l.nii", labels, ras_affine()), tmp_path / "q.png")
+    assert len(info.panels) == 6 and [p.through_class for p in info.panels] == [1, 1, 1, 2, 2, 2]
+    for value, centre in zip((1, 2), info.centres):
+        assert labels[centre] == value
+    assert all(40 <= v < 46 for v in info.centres[1][:2])
+
+    many = np.zeros((30, 30, 30), dtype=np.uint8)
+    for v in range(1, 7):
+        many[v * 4:v * 4 + 3, 5:5 + v * 3, 10:20] = v
+    info = volume_quicklook(write_volume(tmp_path / "m.nii", many, ras_affine()), tmp_path / "m.png")
+    assert len(info.panels) == 3 and info.panels[0].through_class == 6
+    assert len(info.classes) == 6
+
+
+def test_window_and_errors(tmp_path: Path) -> None:
+    image, labels = left_blob_volume()
+    lab = write_volume(tmp_path / "l.nii", labels, ras_affine())
+    img = write_volume(tmp_path / "i.nii", image, ras_affine())
+    info = volume_quicklook(lab, tmp_path / "w.png", image_path=img, window=(10.0, 100.0))  # 95..105
+    axial = crop(png(info), info.panel("axial").box)
+    assert axial[5, axial.shape[1] // 2 - 20].tolist() == [128, 128, 128]  # background 100 mid-window: mid grey
+    with pytest.raises(IncompatibleInputError, match="i2.nii"):
+        volume_quicklook(lab, tmp_path / "x.png", image_path=write_volume(tmp_path / "i2.nii", image[:-1], ras_affine()))
+    with pytest.raises(InvalidInputError, match="4d.nii"):
+        volume_quicklook(write_volume(tmp_path / "4d.nii", np.zeros((4, 4, 4, 2), np.uint8), ras_affine()),
+                         tmp_path / "x.png")
+    negative = np.zeros((8, 8, 4), dtype=np.int16)
+    negative[0, 0, 0] = -1
+    with pytest.raises(InvalidInputError, match="negative"):
+        volume_quicklook(write_volume(tmp_path / "neg.nii.gz", negative, ras_affine()), tmp_path / "x.png")
+    floats = np.zeros((8, 8, 4), dtype=np.float32)
+    floats[2:4, 2:4, 1:3] = 2.0  # float label maps (some tools write them) are fine when whole numbers
+    assert volume_quicklook(write_volume(tmp_path / "f.nii", floats, ras_affine()),
+                            tmp_path / "f.png").by_value(2).amount == pytest.approx(8 / 1000)
+    with pytest.raises(InputError, match="nothing.nii"):
+        volume_quicklook(tmp_path / "nothing.nii", tmp_path / "x.png")
+
+
+# --------------------------------------------------------------------------- real outputs
+
+
+def test_demo_outputs_give_non_blank_quicklooks(tmp_path: Path) -> None:
+    outputs, inputs = DEMO / "outputs", DEMO / "inputs"
+    if not outputs.is_dir():
+        pytest.skip(f"{outputs} is absent (demo runs are not part of a fresh clone)")
+    scene, phantom = outputs / "scene-heldout-101.tif", outputs / "phantom-heldout-101.nii.gz"
+    if not scene.exists() or not phantom.exists():
+        pytest.skip("the demo run lacks its label outputs")
+    image = inputs / "scene-heldout-101.tif"
+    info = raster_quicklook(scene, tmp_path / "scene.png", image_path=image if image.exists() else None, max_size=512)
+    m = crop(png(info), info.panel("map").box)
+    assert m.std() > 10 and len(np.unique(m.reshape(-1, 3), axis=0)) > 50
+    assert {c.name for c in info.classes} >= {"water", "forest"}
+    volume = inputs / "phantom-heldout-101.nii.gz"
+    info = volume_quicklook(phantom, tmp_path / "phantom.png", image_path=volume if volume.exists() else None)
+    axial = crop(png(info), info.panel("axial").box)
+    assert axial.std() > 10
+    lesion = [c for c in info.classes if c.name == "lesion"]
+    assert lesion and lesion[0].amount and lesion[0].amount > 0
