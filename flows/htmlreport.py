@@ -1,0 +1,515 @@
+"""The run report as one HTML page a person opens from disk: what each input became, at a glance.
+
+The JSON and Markdown reports serve machines and terminals; this page serves
+the person who checks a night's work.  It is one self-contained file: CSS and
+every quicklook inline (base64 ``data:`` URIs), no script, nothing fetched
+(its Content-Security-Policy allows only ``data:`` images and inline style), so
+it can be mailed, archived or opened offline.  Links to the outputs and their
+provenance are relative to the page's folder: page and outputs move together.
+
+Two report shapes come in: the nightly report (``segflow.nightly-report/1``,
+:mod:`flows.report`) and the outcomes of ``segflow segment --report``
+(``Outcome.to_dict`` per input; also the demo report's ``"outcomes"``).
+:func:`as_run_report` adapts the second to the first, reading what an outcome
+lacks (model, classes, cell size) from its provenance sidecar, the model card
+and the output's header; what cannot be read is left out, never guessed.
+Every string from a report (file names, error lines, class names) is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import quote
+
+import typer
+
+from flows.report import REPORT_SCHEMA, InputReport, counts, fill_from_statistics, summary
+from storage.atomic import write_text_atomically
+from storage.errors import InvalidInputError, SegflowError
+from storage.remote import is_url
+
+QUICKLOOK_SUFFIX = ".quicklook.png"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_EMBED_BYTES = 8 << 20  # a quicklook is at most about 1 MB; anything far bigger is not one
+MAX_CARD_BYTES = 1 << 20
+MAIN_SUFFIXES = (".tif", ".tiff", ".nii.gz", ".nii")
+TIMINGS = (("ingest", "ingest_seconds"), ("inference", "inference_seconds"), ("export", "export_seconds"),
+           ("total", "total_seconds"))
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+# ----------------------------------------------------------------------------- both shapes as one
+
+
+def read_run_report(path: Path) -> dict[str, Any]:
+    """A run report JSON file in the nightly shape, whichever shape it was written in."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidInputError(path, f"cannot read the report: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise InvalidInputError(path, f"report is not valid JSON: {exc}") from None
+    return as_run_report(data, source=Path(path))
+
+
+def as_run_report(report: dict[str, Any] | list[Any], *, source: Path | None = None,
+                  base: Path | None = None) -> dict[str, Any]:
+    """The nightly shape of a run report: a nightly report as it is, a list of segment outcomes adapted.
+
+    ``source`` names the report in errors.  Relative output paths of outcomes
+    are found from the current folder, else from ``base`` (default: ``source``'s
+    folder): ``segment --report`` records them as given on the command line.
+    """
+    if isinstance(report, dict) and report.get("schema") == REPORT_SCHEMA:
+        if not isinstance(report.get("inputs"), list) or not isinstance(report.get("run"), dict):
+            raise InvalidInputError(source, "nightly report without 'run' and 'inputs'")
+        return report
+    if isinstance(report, dict) and "schema" in report:
+        raise InvalidInputError(source, f"unknown report schema {str(report['schema'])[:80]!r}")
+    outcomes = report.get("outcomes") if isinstance(report, dict) else report
+    if not isinstance(outcomes, list) or not all(isinstance(o, dict) and "input" in o and "ok" in o
+                                                 for o in outcomes):
+        raise InvalidInputError(source, "not a segflow run report (a nightly report or segment outcomes)")
+    base = base if base is not None else source.parent if source is not None else None
+    models: dict[str, dict[str, Any]] = {}
+    inputs = [_from_outcome(o, base, models) for o in outcomes]
+    seconds = report.get("seconds") if isinstance(report, dict) else None
+    if not isinstance(seconds, (int, float)):
+        seconds = sum(float(r.seconds or 0) for r in inputs)
+    ok = all(r.status == "done" for r in inputs)
+    return {"schema": REPORT_SCHEMA, "adapted_from": "segment-outcomes",
+            "run": {"started": None, "finished": None, "seconds": seconds, "state": "Completed" if ok else "Failed",
+                    "summary": summary(inputs), "out_dir": None, "models": list(models.values()),
+                    "counts": counts(inputs)},
+            "inputs": [r.to_dict() for r in inputs]}
+
+
+def _from_outcome(outcome: dict[str, Any], base: Path | None, models: dict[str, dict[str, Any]]) -> InputReport:
+    stats = outcome.get("statistics") if isinstance(outcome.get("statistics"), dict) else {}
+    rep = InputReport(input=str(outcome["input"]), status="done" if outcome.get("ok") else "failed",
+                      error=None if outcome.get("error") is None else str(outcome["error"]),
+                      outputs=[str(o) for o in outcome.get("outputs") or []])
+    if rep.status != "done":
+        return rep
+    sidecar = next((o for o in rep.outputs if o.endswith(".provenance.json")), None)
+    record = _read_json(_locate(sidecar, base)) if sidecar else None
+    model = record.get("model") if isinstance(record, dict) and isinstance(record.get("model"), dict) else {}
+    rep.model, rep.model_path = _str(model.get("name")), _str(model.get("path"))
+    card = read_card_summary(rep.model_path) if rep.model_path else None
+    if rep.model_path and rep.model_path not in models:
+        models[rep.model_path] = {"path": rep.model_path, "name": rep.model,
+                                  "weights_sha256": _str(model.get("weights_sha256"))}
+    classes = [{"value": v, "name": n} for v, n, _ in card["classes"]] if card else _classes_of(stats)
+    volume = any(o.lower().endswith((".nii.gz", ".nii")) for o in rep.outputs)
+    cell_size, unit, note = None, "mL" if volume else "ha", "the output's header was not read"
+    main = main_output(rep.outputs)
+    located = _locate(main, base) if main else None
+    if located is not None and located.exists():
+        from storage.probe import probe
+
+        try:
+            header = probe(located)
+            rep.kind, cell_size, unit, note = header.kind, header.cell_size, header.cell_unit, header.cell_note
+        except (SegflowError, OSError) as exc:
+            note = f"the output's header cannot be read: {exc}"
+    fill_from_statistics(rep, stats, classes, cell_size, unit, note)
+    rep.seconds = stats.get("total_seconds") if isinstance(stats.get("total_seconds"), (int, float)) else None
+    return rep
+
+
+def _classes_of(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Without a card: a volume's label statistics name its classes; else each counted value is "class N"."""
+    named = (stats.get("label_statistics") or {}).get("classes") or {}
+    if isinstance(named, dict) and named:
+        return [{"value": int(e.get("value", i)), "name": str(n)} for i, (n, e) in enumerate(named.items())
+                if isinstance(e, dict)]
+    values = sorted(int(v) for v in (stats.get("label_pixels") or {}) if str(v).isdigit())
+    return [{"value": v, "name": f"class {v}"} for v in values if v not in (255, 65535)]  # segflow's label nodata
+
+
+def main_output(outputs: list[str]) -> str | None:
+    """The label map among an input's outputs (a COG or a NIfTI), the one its quicklook is drawn from."""
+    return next((o for o in outputs if o.lower().endswith(MAIN_SUFFIXES)), None)
+
+
+def quicklook_path(output: str | os.PathLike[str]) -> Path:
+    """Where an output's quicklook lives: ``<output stem>.quicklook.png`` beside it."""
+    from storage.ingest import stem_of  # zarr and numpy: not for every `segflow` command's start
+
+    return Path(output).with_name(stem_of(output) + QUICKLOOK_SUFFIX)
+
+
+def find_quicklooks(report: dict[str, Any], *, base: Path | None = None) -> dict[str, Path]:
+    """{input: quicklook PNG} for the inputs whose label map has a quicklook beside it."""
+    found = {}
+    for rep in as_run_report(report, base=base)["inputs"]:
+        main = main_output([str(o) for o in rep.get("outputs") or []])
+        located = _locate(main, base) if main else None
+        if located is not None and quicklook_path(located).is_file():
+            found[str(rep["input"])] = quicklook_path(located)
+    return found
+
+
+def previous_report_path(json_path: Path) -> Path | None:
+    """The nightly report written before ``json_path`` in its folder (names are UTC stamps, -2, -3... after)."""
+    def order(p: Path) -> tuple[str, int]:
+        stamp, _, n = p.stem.partition("-")
+        return stamp, int(n) if n.isdigit() else 1
+
+    json_path = Path(json_path)
+    earlier = [p for p in json_path.parent.glob("*.json") if p != json_path and order(p) < order(json_path)]
+    return max(earlier, key=order, default=None)
+
+
+def read_card_summary(model_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What the page shows of a model card, read as plain JSON (no torch); None when there is no readable card."""
+    path = Path(model_path)
+    card_path = path / "card.json" if path.is_dir() else path
+    if card_path.suffix != ".json" or not card_path.is_file() or card_path.stat().st_size > MAX_CARD_BYTES:
+        return None
+    card = _read_json(card_path)
+    if not isinstance(card, dict):
+        return None
+    spec = card.get("input") if isinstance(card.get("input"), dict) else {}
+    arch = card.get("architecture") if isinstance(card.get("architecture"), dict) else {}
+    classes = []
+    for c in card.get("classes") or []:
+        if isinstance(c, dict) and isinstance(c.get("value"), int):
+            classes.append((c["value"], str(c.get("name", c["value"])), _rgb(c.get("color"), c["value"])))
+    spacing = spec.get("spacing")
+    return {"name": _str(card.get("name")), "description": _str(card.get("description")),
+            "architecture": _str(arch.get("name")), "spatial_dims": spec.get("spatial_dims"),
+            "channels": spec.get("channels"), "channel_names": [str(n) for n in spec.get("channel_names") or []],
+            "spacing": [s for s in spacing if isinstance(s, (int, float))] if isinstance(spacing, list) else None,
+            "spacing_unit": _str(spec.get("spacing_unit")), "classes": classes}
+
+
+def _rgb(color: Any, value: int) -> tuple[int, int, int]:
+    """A class colour as three ints in 0..255 (it goes into a style attribute); else the quicklooks' palette."""
+    if isinstance(color, (list, tuple)) and len(color) == 3 and all(isinstance(c, int) for c in color):
+        return tuple(max(0, min(255, c)) for c in color)  # type: ignore[return-value]
+    from storage.quicklook_canvas import palette_color
+
+    return palette_color(value)
+
+
+def _read_json(path: Path | None) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError):  # a sidecar or card that cannot be read shows less, never fails the page
+        return None
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _locate(path: str, base: Path | None) -> Path | None:
+    """A local output path as absolute: relative ones from the current folder, else from ``base``; URLs: None."""
+    if is_url(path):
+        return None
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    if base is not None and not p.exists() and (base / p).exists():
+        return (base / p).absolute()
+    return p.absolute()
+
+
+# ----------------------------------------------------------------------------- numbers as people write them
+
+
+def _number(x: float) -> str:
+    """85,860 / 12.4 / 3.07 / 0.0042: whole units from 100 on (thousands separated), else three figures."""
+    a = abs(x)
+    if a >= 100 or a == 0:
+        return f"{x:,.0f}"
+    digits = min(8, 2 - int(f"{a:e}".split("e")[1]))  # 1 decimal from 10 on, 2 from 1 on, ...
+    return f"{x:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def _amount(x: float | None, unit: str) -> str:
+    return "–" if x is None else f"{_number(x)} {unit}"
+
+
+def _seconds(s: Any) -> str:
+    if not isinstance(s, (int, float)):
+        return "–"
+    if s >= 3600:
+        return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+    if s >= 60:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{_number(s)} s"
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def write_html_report(report: dict[str, Any] | list[Any], out_html: Path, *,
+                      quicklooks: dict[str, Path] | None = None, previous: dict[str, Any] | list[Any] | None = None,
+                      base: Path | None = None) -> Path:
+    """Write the page for ``report`` (either shape) to ``out_html``, atomically; returns its path.
+
+    ``quicklooks``: {input as the report names it: PNG}.  ``previous``: the
+    previous run's report (either shape), for each class's change since.
+    ``base``: the folder relative output paths are relative to, when not the
+    current one.
+    """
+    out_html = Path(out_html)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    page = _Page(out_html.parent.absolute(), base, quicklooks or {},
+                 None if previous is None else as_run_report(previous, base=base))
+    return write_text_atomically(out_html, page.render(as_run_report(report, base=base)), "HTML report")
+
+
+@dataclass
+class _Page:
+    """What every part of one page needs: where links start, the quicklooks, the previous run, the cards."""
+
+    html_dir: Path
+    base: Path | None
+    quicklooks: dict[str, Path]
+    previous: dict[str, Any] | None
+    cards: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+
+    def render(self, report: dict[str, Any]) -> str:
+        run = report["run"]
+        inputs = [r for r in report["inputs"] if isinstance(r, dict)]
+        models = [m for m in run.get("models") or [] if isinstance(m, dict)]
+        self.cards = {str(m.get("path")): _card(m) for m in models}
+        title = _e(f"segflow run {run.get('started') or ''}".strip())
+        parts = [f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+                 f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+                 f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{title}</title>\n'
+                 f'<style>{STYLE}</style>\n</head>\n<body>\n<header>\n<h1>{title}</h1>\n'
+                 f'<p class="summary state-{_cls(run.get("state"))}"><strong>{_e(run.get("summary"))}</strong> '
+                 f'— {_e(run.get("state"))}, {_e(_seconds(run.get("seconds")))}</p>\n<p class="counts">']
+        parts += [f"{_badge(s, f'{n} {s}')} " for s, n in (run.get("counts") or {}).items()]
+        parts.append('</p>\n<dl class="run">')
+        for label, key in (("inputs from", "inbox"), ("manifest", "manifest"), ("outputs in", "out_dir"),
+                           ("flow run", "flow_run_name"), ("finished", "finished")):
+            if run.get(key):
+                parts.append(f"<dt>{label}</dt><dd><code>{_e(run[key])}</code></dd>")
+        if self.previous is not None:
+            parts.append(f"<dt>changes since</dt><dd>the run of "
+                         f"{_e(self.previous['run'].get('started') or 'the previous report')}</dd>")
+        rows = "".join(f'<tr><td><a href="#input-{i}">{_e(input_name(r))}</a></td>'
+                       f'<td>{_badge(r.get("status"))}</td><td>{_e(r.get("model") or "–")}</td>'
+                       f'<td class="num">{_e(_seconds(r.get("seconds")))}</td></tr>' for i, r in enumerate(inputs))
+        parts.append('</dl>\n</header>\n<main>\n<section class="overview"><h2>Inputs</h2><table><thead><tr>'
+                     f'<th>input</th><th>status</th><th>model</th><th>seconds</th></tr></thead><tbody>{rows}'
+                     '</tbody></table></section>\n')
+        cards = "".join(self.model(m) for m in models)
+        if cards:
+            parts.append(f'<section class="models"><h2>Models</h2><div class="cards">{cards}</div></section>\n')
+        parts += [self.input(i, rep) for i, rep in enumerate(inputs)]
+        made = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        parts.append(f'</main>\n<footer>Made by <code>segflow report</code> on {made}. Areas are pixel count × '
+                     'pixel area (projected CRS only); volumes are voxel count × voxel volume. Skipped inputs show '
+                     'the run that made their outputs.</footer>\n</body>\n</html>\n')
+        return "".join(parts)
+
+    def model(self, m: dict[str, Any]) -> str:
+        card = self.cards.get(str(m.get("path")))
+        facts = [("architecture", card and card["architecture"])]
+        if card:
+            names = f" ({', '.join(card['channel_names'])})" if card["channel_names"] else ""
+            plural = "" if card["channels"] == 1 else "s"
+            facts.append(("input", f"{card['spatial_dims']}-D, {card['channels']} channel{plural}{names}"))
+            if card["spacing"]:
+                facts.append(("spacing", " × ".join(f"{v:g}" for v in card["spacing"])
+                              + f" {card['spacing_unit'] or ''}"))
+        if m.get("weights_sha256"):
+            facts.append(("weights sha256", str(m["weights_sha256"])[:12] + "…"))
+        classes = "".join(f'<li>{_swatch(rgb)}{_e(name)} <span class="dim">{value}</span></li>'
+                          for value, name, rgb in (card["classes"] if card else []))
+        text = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts if v)
+        about = f'<p class="dim">{_e(card["description"])}</p>' if card and card["description"] else ""
+        return (f'<article class="model"><h3>{_e(m.get("name") or (card or {}).get("name") or "model")}</h3>'
+                f'{about}<dl>{text}</dl><ul class="classes">{classes}</ul></article>')
+
+    def input(self, i: int, rep: dict[str, Any]) -> str:
+        status = _cls(rep.get("status"))
+        parts = [f'<section class="input status-{status}" id="input-{i}"><h2>{_badge(rep.get("status"))} '
+                 f'<span title="{_e(rep.get("input"))}">{_e(input_name(rep))}</span></h2>']
+        if rep.get("error"):
+            parts.append(f'<p class="error"><code>{_e(rep["error"])}</code></p>')
+        unmeasured = rep.get("measure_note") if rep.get("cell_size") is None and rep.get("labels") else None
+        parts += [f'<p class="note">{_e(n)}</p>' for n in [rep.get("note"), unmeasured, *(rep.get("warnings") or [])]
+                  if n]
+        facts = [self.measures(rep)]
+        timings = rep.get("timings") or {}
+        if timings:
+            facts.append("<p><b>timings</b> " + " · ".join(f"{label} {_e(_seconds(timings[k]))}"
+                                                           for label, k in TIMINGS if k in timings) + "</p>")
+        win = rep.get("windows") or {}
+        if any(v is not None for v in win.values()):
+            facts.append(f"<p><b>windows</b> {_count(win.get('evaluated'))} evaluated, {_count(win.get('skipped'))}"
+                         f" skipped (of {_count(win.get('total'))})</p>")
+        if rep.get("model"):
+            attempts = rep.get("attempts") if isinstance(rep.get("attempts"), int) else 1
+            facts.append(f"<p><b>model</b> {_e(rep['model'])}"
+                         + (f" · <b>attempts</b> {attempts}" if attempts > 1 else "") + "</p>")
+        outputs = [str(o) for o in rep.get("outputs") or []]
+        for label, group in (("outputs", [o for o in outputs if not o.endswith(".provenance.json")]),
+                             ("provenance", [o for o in outputs if o.endswith(".provenance.json")])):
+            if group:
+                facts.append(f'<p class="links"><b>{label}</b> {" · ".join(self.link(o) for o in group)}</p>')
+        parts.append(f'<div class="body">{self.figure(i, rep)}<div class="facts">{"".join(facts)}</div></div>')
+        return "".join(parts) + "</section>\n"
+
+    def figure(self, i: int, rep: dict[str, Any]) -> str:
+        path = self.quicklooks.get(str(rep.get("input")))
+        if path is None:
+            return ""
+        try:
+            data = Path(path).read_bytes() if Path(path).stat().st_size <= MAX_EMBED_BYTES else b""
+        except OSError:
+            data = b""
+        if not data.startswith(PNG_SIGNATURE) or len(data) < 24:
+            return f'<p class="note">quicklook {_e(Path(path).name)} is not a readable PNG</p>'
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        return (f'<figure><img class="quicklook" id="quicklook-{i}" src="{uri}" width="{width}" '
+                f'height="{height}" alt="quicklook of {_e(input_name(rep))}"></figure>')
+
+    def measures(self, rep: dict[str, Any]) -> str:
+        labels = [r for r in rep.get("labels") or [] if isinstance(r, dict)]
+        if not labels:
+            return ""
+        key = "volume_ml" if rep.get("measure") == "volume_ml" else "area_ha"
+        unit, what, cells = ("mL", "volume", "voxels") if key == "volume_ml" else ("ha", "area", "pixels")
+        card = self.cards.get(str(rep.get("model_path"))) or next(
+            (c for c in self.cards.values() if c and c["name"] == rep.get("model")), None)
+        colors = {value: rgb for value, _, rgb in (card["classes"] if card else [])}
+        prior = None
+        if self.previous is not None:
+            prior = next((r for r in self.previous["inputs"] if isinstance(r, dict)
+                          and str(r.get("input")) == str(rep.get("input"))), {})
+        rows = []
+        for r in labels:
+            amount = r.get(key) if isinstance(r.get(key), (int, float)) else None
+            swatch = _swatch(colors[r.get("value")]) if r.get("value") in colors else ""
+            change = "" if prior is None else f'<td class="num">{_e(_change(amount, r, prior, key, unit))}</td>'
+            rows.append(f'<tr><td>{swatch}{_e(r.get("name"))}</td><td class="num">{_count(r.get("count"))}</td>'
+                        f'<td class="num">{_e(_amount(amount, unit))}</td>{change}</tr>')
+        head = f"<th>class</th><th>{cells}</th><th>{what}</th>" + ("" if prior is None else "<th>change</th>")
+        return f'<table class="measures"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+    def link(self, output: str) -> str:
+        """A relative link from the page's folder; a URL, or a path no relative link reaches, as text."""
+        located = _locate(output, self.base)
+        try:
+            rel = None if located is None else Path(os.path.relpath(located, self.html_dir)).as_posix()
+        except ValueError:  # another drive
+            rel = None
+        if rel is None:
+            return f"<code>{_e(output)}</code>"
+        return f'<a href="{_e(quote(rel))}">{_e(Path(output).name)}</a>'
+
+
+def _card(model: dict[str, Any]) -> dict[str, Any] | None:
+    path = model.get("path")
+    return read_card_summary(path) if isinstance(path, str) and path and not is_url(path) else None
+
+
+def _change(amount: float | None, row: dict[str, Any], prior: dict[str, Any], key: str, unit: str) -> str:
+    """This class's change since the previous run of the same input, in the unit and as a percentage."""
+    if not prior:
+        return "not in the previous run"
+    if prior.get("status") not in ("done", "skipped"):
+        return f"previous run: {prior.get('status')}"
+    old = next((r.get(key) for r in prior.get("labels") or [] if isinstance(r, dict)
+                and str(r.get("name")) == str(row.get("name"))), None)
+    if amount is None or not isinstance(old, (int, float)):
+        return "new" if amount is not None and old is None else "–"
+    delta = amount - old
+    if delta == 0:
+        return "no change"
+    sign = "+" if delta > 0 else "−"
+    return f"{sign}{_amount(abs(delta), unit)}" + (f" ({sign}{abs(delta) / old * 100:.1f} %)" if old else "")
+
+
+def _badge(status: Any, text: Any = None) -> str:
+    return f'<span class="badge status-{_cls(status)}">{_e(status if text is None else text)}</span>'
+
+
+def _swatch(rgb: tuple[int, int, int]) -> str:
+    r, g, b = (int(c) for c in rgb)
+    return f'<span class="swatch" style="background: rgb({r}, {g}, {b})"></span>'
+
+
+def input_name(rep: dict[str, Any]) -> str:
+    """A file by its name; a DICOM series by its display (its folder and UIDs tell it apart)."""
+    text = str(rep.get("input"))
+    return text if rep.get("dicom") or is_url(text) else Path(text).name
+
+
+def _count(n: Any) -> str:
+    return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else "–"
+
+
+def _cls(text: Any) -> str:
+    """A CSS class name made from a report value: letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]", "", str(text).lower()) or "unknown"
+
+
+def _e(text: Any) -> str:
+    return html.escape("" if text is None else str(text), quote=True)
+
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; color: #1f2328; margin: 0 auto; max-width: 1180px; padding: 16px 24px; }
+h1 { font-size: 22px; margin: 4px 0; } h2 { font-size: 17px; margin: 8px 0; } h3 { font-size: 15px; margin: 0; }
+code { font: 12px ui-monospace, monospace; overflow-wrap: anywhere; } table { border-collapse: collapse; }
+th, td { border-bottom: 1px solid #d8dee4; padding: 3px 10px 3px 0; text-align: left; vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } dt { color: #59636e; } dd { margin: 0; }
+dl.run, .model dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 6px 0; }
+.status-done { --c: #1a7f37; } .status-skipped { --c: #0969da; } .status-failed { --c: #cf222e; }
+.status-no-model { --c: #bc4c00; } .status-locked { --c: #8250df; }
+.badge { display: inline-block; border-radius: 10px; padding: 0 8px; color: #fff; font-size: 12px; font-weight: 600;
+         background: var(--c, #59636e); }
+section.input { border: 1px solid #d8dee4; border-left: 6px solid var(--c, #59636e); border-radius: 6px;
+                padding: 8px 14px; margin: 14px 0; }
+.body { display: flex; gap: 18px; flex-wrap: wrap; align-items: flex-start; } figure { margin: 0; }
+.quicklook { max-width: 520px; height: auto; border: 1px solid #d8dee4; } .facts p { margin: 4px 0; }
+.facts { flex: 1; min-width: 320px; } .note, .dim, footer { color: #59636e; } .note { margin: 2px 0; }
+.error { color: #cf222e; background: #ffebe9; padding: 4px 8px; border-radius: 4px; }
+.state-failed strong { color: #cf222e; } .state-completed strong { color: #1a7f37; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; } .classes { list-style: none; padding: 0; columns: 2; }
+.model { border: 1px solid #d8dee4; border-radius: 6px; padding: 8px 12px; min-width: 280px; flex: 1; }
+.swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #0003; margin-right: 6px;
+          vertical-align: -1px; } footer { font-size: 12px; margin: 24px 0 8px; }
+"""
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def report_command(
+        run_json: Path = typer.Argument(..., help="A run report: OUT/reports/<stamp>.json of `segflow nightly`, or "
+                                                  "the outcomes JSON of `segflow segment --report`."),
+        out: Optional[Path] = typer.Option(None, "--out", help="The HTML file to write (default: RUN_JSON with "
+                                                               ".html)."),
+        previous: Optional[Path] = typer.Option(None, "--previous", help="The previous run's report: show each "
+                                                                         "class's change since.")) -> None:
+    """Rebuild the self-contained HTML report of a run from its JSON report and the quicklooks beside its outputs."""
+    from flows import cliutil
+
+    try:
+        report = read_run_report(run_json)
+        before = read_run_report(previous) if previous is not None else None
+        base = run_json.parent.absolute()
+        path = write_html_report(report, out or run_json.with_suffix(".html"), base=base,
+                                 quicklooks=find_quicklooks(report, base=base), previous=before)
+    except SegflowError as exc:
+        cliutil.fail(str(exc), code=1)
+    cliutil.out.print(str(path), highlight=False, soft_wrap=True)

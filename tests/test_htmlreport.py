@@ -1,0 +1,254 @@
+"""The HTML run report: self-contained, escaped, relative links, and checked in a real headless Chromium.
+
+The generators below write a small, demo-like run to ``tmp_path``: a land-cover
+GeoTIFF and a head NIfTI segmented (real label files, their real quicklooks
+drawn by :mod:`storage.quicklook`, provenance sidecars, model cards), one
+failed input whose name and error line carry HTML, and one skipped input.
+The page is parsed with :mod:`html.parser`; the browser test loads it from
+disk in Debian's Chromium, takes the screenshot and reads back from the DOM
+whether every image decoded.  ``SEGFLOW_UPDATE_SCREENSHOT=1`` also copies that
+screenshot to ``docs/report-screenshot.png`` (the README's picture).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+from PIL import Image, ImageStat
+from typer.testing import CliRunner
+
+from flows.htmlreport import (as_run_report, find_quicklooks, previous_report_path, quicklook_path,
+                              read_run_report, write_html_report)
+from tests.report_samples import EVIL_ERROR, sample_run  # noqa: F401  (the generated run)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+WINDOW = (1280, 2000)
+class Page(HTMLParser):
+    """The parts of a page the tests look at: tags with their attributes, and the visible text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self._skip = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append((tag, dict(attrs)))
+        self._skip += tag in ("style", "script")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._skip -= tag in ("style", "script") and self._skip > 0
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.text.append(data)
+
+    def all(self, tag: str) -> list[dict]:
+        return [a for t, a in self.tags if t == tag]
+
+    @property
+    def words(self) -> str:
+        return " ".join(" ".join(self.text).split())
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_page_is_self_contained_escaped_and_links_relative(tmp_path):
+    run = sample_run(tmp_path)
+    path = write_html_report(run.report, run.html, quicklooks=run.quicklooks)
+    raw = path.read_text(encoding="utf-8")
+    page = Page(raw)
+
+    images = page.all("img")
+    assert len(images) == 2
+    for img in images:  # each is the quicklook PNG itself, inline, with its true size
+        head, _, data = img["src"].partition(",")
+        assert head == "data:image/png;base64"
+        with Image.open(io.BytesIO(base64.b64decode(data))) as png:
+            assert png.format == "PNG" and png.size == (int(img["width"]), int(img["height"]))
+    assert {png.read_bytes() for png in run.quicklooks.values()} == {
+        base64.b64decode(i["src"].partition(",")[2]) for i in images}
+    # nothing is fetched from anywhere and nothing runs
+    assert not page.all("script") and not page.all("link") and not page.all("iframe")
+    assert all(a.get("src", "").startswith("data:") for t, a in page.tags if "src" in a)
+    csp = next(m["content"] for m in page.all("meta") if m.get("http-equiv") == "Content-Security-Policy")
+    assert "default-src 'none'" in csp and "script-src" not in csp
+
+    # the error line and the file name are shown as text, never as markup
+    assert EVIL_ERROR in page.words
+    assert "&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt;" in raw and "<script>" not in raw
+    assert "bad<1>&.tif" in page.words and "bad&lt;1&gt;&amp;.tif" in raw
+
+    # status of each input, colour-coded by class
+    sections = [a for a in page.all("section") if "input" in a.get("class", "").split()]
+    assert [a["class"] for a in sections] == ["input status-done", "input status-done", "input status-failed",
+                                              "input status-skipped"]
+
+    # every link is relative to the page's folder and reaches the file
+    hrefs = [a["href"] for a in page.all("a")]
+    files = [h for h in hrefs if not h.startswith("#")]
+    assert files and all(not urlparse(h).scheme and not h.startswith("/") for h in hrefs)
+    for href in files:
+        assert (path.parent / unquote(href)).exists(), href
+    assert "../scene-a.tif" in files and "../scene-a.provenance.json" in files
+    assert "../head-b.provenance.json" in files
+
+    # timings, windows, the model cards with their class colours
+    words = page.words
+    assert "ingest 0.41 s · inference 3.2 s · export 0.3 s · total 3.91 s" in words
+    assert "windows 12 evaluated, 3 skipped (of 15)" in words
+    assert "architecture unet input 2-D, 3 channels (red, green, blue) spacing 10 × 10 m" in words
+    swatches = [a["style"] for a in page.all("span") if a.get("class") == "swatch"]
+    assert "background: rgb(30, 90, 200)" in swatches and "background: rgb(230, 30, 30)" in swatches
+
+
+def test_numbers_as_people_write_them_and_changes_since_the_previous_run(tmp_path):
+    def report(water_ha: float, lesion_ml: float) -> dict:
+        return {"schema": "segflow.nightly-report/1", "run": {"summary": "2 inputs", "models": []},
+                "inputs": [{"input": "/in/scene.tif", "status": "done", "measure": "area_ha", "cell_size": 100.0,
+                            "labels": [{"value": 0, "name": "water", "count": 858604, "area_ha": water_ha}]},
+                           {"input": "/in/head.nii.gz", "status": "done", "measure": "volume_ml", "cell_size": 1e-3,
+                            "labels": [{"value": 2, "name": "lesion", "count": 12430, "volume_ml": lesion_ml}]}]}
+
+    page = Page(write_html_report(report(85860.4, 12.43), tmp_path / "r.html").read_text()).words
+    assert "water 858,604 85,860 ha" in page and "lesion 12,430 12.4 mL" in page
+    assert "change" not in page  # no previous run given: no change column
+
+    page = Page(write_html_report(report(85860.4, 12.43), tmp_path / "r.html",
+                                  previous=report(80000.0, 13.1)).read_text()).words
+    assert "85,860 ha +5,860 ha (+7.3 %)" in page
+    assert "12.4 mL −0.67 mL (−5.1 %)" in page
+
+
+def test_segment_outcomes_are_adapted_and_the_report_command_finds_quicklooks(tmp_path):
+    run = sample_run(tmp_path)
+    scene = run.report["inputs"][0]
+    outcomes = [{"input": scene["input"], "ok": True, "outputs": scene["outputs"], "error": None,
+                 "statistics": {"windows_evaluated": 12, "windows_skipped": 3, "windows_total": 15,
+                                "total_seconds": 3.91, "label_pixels": {str(r["value"]): r["count"]
+                                                                        for r in scene["labels"]}}},
+                {"input": str(tmp_path / "inbox" / "bad.tif"), "ok": False, "outputs": [], "error": EVIL_ERROR,
+                 "statistics": {}}]
+    view = as_run_report(outcomes)
+    assert [r["status"] for r in view["inputs"]] == ["done", "failed"]
+    done = view["inputs"][0]
+    assert done["model"] == "landcover-2d" and done["kind"] == "raster"  # from the sidecar and the output's header
+    assert done["cell_size"] == pytest.approx(0.01)
+    assert [(r["name"], r["area_ha"]) for r in done["labels"]] == [(r["name"], pytest.approx(r["area_ha"]))
+                                                                  for r in scene["labels"]]
+    assert view["run"]["summary"] == "1 of 2 inputs failed; 1 done; 0 skipped"
+    assert find_quicklooks(outcomes) == {scene["input"]: quicklook_path(run.out / "scene-a.tif")}
+    demo_shape = as_run_report({"outcomes": outcomes, "seconds": 12.5, "dice": []})  # `segflow demo`'s report
+    assert demo_shape["run"]["seconds"] == 12.5 and demo_shape["inputs"] == view["inputs"]
+
+    report_json = run.out / "outcomes.json"
+    report_json.write_text(json.dumps(outcomes))
+    res = CliRunner().invoke(_app(), ["report", str(report_json), "--previous", str(report_json)])
+    assert res.exit_code == 0, res.output
+    page = Page((run.out / "outcomes.html").read_text())
+    assert len(page.all("img")) == 1 and "no change" in page.words
+    assert EVIL_ERROR in page.words
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "something/else"}')
+    res = CliRunner().invoke(_app(), ["report", str(bad)])
+    assert res.exit_code == 1 and "unknown report schema" in res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+
+
+def test_previous_report_is_the_one_written_just_before(tmp_path):
+    names = ["20261201T030000Z.json", "20261202T030000Z.json", "20261202T030000Z-2.json", "20261203T030000Z.json"]
+    for n in names:
+        (tmp_path / n).write_text("{}")
+    assert previous_report_path(tmp_path / names[3]) == tmp_path / names[2]
+    assert previous_report_path(tmp_path / names[2]) == tmp_path / names[1]
+    assert previous_report_path(tmp_path / names[0]) is None
+
+
+def test_a_report_that_is_no_report_is_one_line(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(Exception) as err:
+        read_run_report(path)
+    assert str(path) in str(err.value) and "not a segflow run report" in str(err.value)
+    assert type(err.value).__name__ == "InvalidInputError"
+
+
+def _app():  # noqa: ANN202
+    from flows.cli import app
+
+    return app
+
+
+# --------------------------------------------------------------------------- in a real browser
+
+
+PROBE = """<script>
+addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images), first = document.querySelector("img.quicklook");
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var r = first.getBoundingClientRect(), out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify({images: imgs.length, loaded: ok, failed: imgs.length - ok,
+                                    box: [r.left + scrollX, r.top + scrollY, r.width, r.height]});
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium as a container runs it; its dbus and GPU warnings on stderr are noise."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package runs the browser test)")
+    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
+    cmd = [str(CHROMIUM), "--headless", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage",
+           f"--user-data-dir={profile}", "--no-first-run", "--hide-scrollbars", "--force-device-scale-factor=1",
+           f"--window-size={WINDOW[0]},{WINDOW[1]}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_chromium_renders_every_image_from_disk(tmp_path):
+    run = sample_run(tmp_path)
+    path = write_html_report(run.report, run.html, quicklooks=run.quicklooks)
+
+    shot = tmp_path / "screenshot.png"
+    _chromium(tmp_path, f"--screenshot={shot}", path.as_uri())
+    # a copy of the page that reports, from the DOM, which images decoded; its CSP lets only this script run
+    probe = path.with_name("probe.html")
+    text = path.read_text(encoding="utf-8")
+    probe.write_text(text.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';")
+                     .replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    dom = _chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()).stdout
+    found = Page(dom)
+    assert "probe" in [a.get("id") for a in found.all("pre")], dom[-1000:]
+    result = json.loads(next(t for t in found.text if t.lstrip().startswith('{"images"')))
+    assert result["images"] == 2 and result["loaded"] == 2 and result["failed"] == 0
+    # under the page's own policy the same script never runs: markup slipped into a report could not either
+    probe.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    dom = _chromium(tmp_path, "--virtual-time-budget=2000", "--dump-dom", probe.as_uri()).stdout
+    assert "probe" not in [a.get("id") for a in Page(dom).all("pre")]
+
+    with Image.open(shot) as img:
+        assert img.format == "PNG" and img.size == WINDOW
+        left, top, width, height = (round(v) for v in result["box"])
+        assert width > 100 and height > 100 and top + height <= WINDOW[1]
+        quicklook = img.convert("L").crop((left, top, left + width, top + height))
+        assert ImageStat.Stat(quicklook).stddev[0] > 20  # a picture, not a blank box
+    if os.environ.get("SEGFLOW_UPDATE_SCREENSHOT"):
+        shutil.copyfile(shot, ROOT / "docs" / "report-screenshot.png")
