@@ -24,6 +24,7 @@ class SegmentOptions(BaseModel):
     dask_address: str | None = None
     gpus: bool = False  # dask-cuda LocalCUDACluster (one worker per GPU), or GPU workers of dask_address
     keep_zarr: bool = True  # keep OUT/<stem>.zarr (labels [+ probabilities]) beside the export
+    quicklook: bool = False  # OUT/<stem>.quicklook.png: the labels over the image, at a glance (storage.quicklook)
     flip_tta: list[int] | None = None  # spatial axes to mirror at test time; default: the model card's
     trust_bundle: bool = False  # let MONAI evaluate a bundle's configuration (runs its code); off unless asked
     # torch.compile the network (segmentation.inference.compiled): faster fp32 windows once compiled; the first

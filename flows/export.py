@@ -198,3 +198,33 @@ def probabilities_path(out_path: Path) -> Path:
 
 
 __all__ = ["MODEL_LABELS", "export_labels", "model_space_labels", "probabilities_path"]
+
+
+def write_quicklook(label_path: Path, image_path: Path | None, model: LoadedModel, statistics: dict[str, Any],
+                    created: list[Path]) -> Path | None:
+    """``<stem>.quicklook.png`` beside a label output: the labels over the input in the card's colours, with
+    exact areas (ha) or volumes (mL) from the run's label histogram.  A picture is a nicety: one that cannot be
+    drawn (an odd input, no overview to read) is left out with a warning, never failing the input."""
+    import logging
+
+    from flows.htmlreport import quicklook_path
+    from storage.errors import SegflowError
+    from storage.probe import probe
+    from storage.quicklook import raster_quicklook, volume_quicklook
+
+    target = quicklook_path(label_path)
+    try:
+        header = probe(label_path)
+        counts = {int(k): int(v) for k, v in (statistics.get("label_pixels") or {}).items()}
+        sizes = None if header.cell_size is None else {v: n * header.cell_size for v, n in counts.items()}
+        image = image_path if image_path is not None and Path(image_path).is_file() else None
+        if header.kind == "volume":
+            volume_quicklook(label_path, target, image_path=image, classes=model.card.classes, volumes_ml=sizes)
+        else:
+            raster_quicklook(label_path, target, image_path=image, classes=model.card.classes, areas_ha=sizes)
+    except (SegflowError, OSError, ValueError) as exc:
+        logging.getLogger("segflow").warning("no quicklook for %s: %s", label_path, exc)
+        target.unlink(missing_ok=True)
+        return None
+    created.append(target)
+    return target
