@@ -8,8 +8,15 @@ failed outcome with a one-line error and the others go on.  With ``--mosaic
 NAME`` every input is a tile of one seamless image (:mod:`storage.mosaic`): one
 outcome, and a bad tile fails it whole.
 
+Before anything starts, every input's header is checked against the model
+(:func:`check_inputs`): that it reads, its dimensions, and the bands the model
+would get (:func:`flows.routing.fit_problem`).  An input that fails is a
+failed outcome with its one line; when every input fails, no cluster is
+started at all.  A wrong band count is then one line within a second instead
+of after the cluster's start.
+
 Start-up is most of a small run (docs/performance.md, block ``startup``), so
-the cluster is started first, in a thread (:func:`start_cluster`): its worker
+the cluster is started next, in a thread (:func:`start_cluster`): its worker
 process starts Python, imports torch and MONAI and loads the model on one
 core while this process imports the pipeline and loads the model on the
 other.  That is why this module imports only Dask and the configuration at
@@ -20,18 +27,21 @@ from __future__ import annotations
 
 import gc
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.runlog import run_logger
-from storage.errors import SegflowError
+from storage.errors import IncompatibleInputError, SegflowError
 
 if TYPE_CHECKING:
     from distributed import Client
 
+    from flows.inputs import Expanded
     from flows.pipeline import Outcome
+    from flows.routing import ModelInput
     from storage.dicomfiles import SeriesRef
 
 T = TypeVar("T")
@@ -45,37 +55,101 @@ def one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+@dataclass
+class Checked:
+    """A batch's inputs after their header check, in order: each with what goes on to be segmented (None when
+    it failed) and its one-line error (None when it passed)."""
+
+    entries: list[tuple[str, "Expanded | None", str | None]] = field(default_factory=list)
+
+    @property
+    def todo(self) -> list["Expanded"]:
+        return [item for _, item, _ in self.entries if item is not None]
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        return [(label, error) for label, _, error in self.entries if error is not None]
+
+
+def check_inputs(inputs: list[str], model: "ModelInput | None", options: SegmentOptions) -> Checked:
+    """Check every input's header before anything starts: it reads, and it fits ``model`` (dimensions, bands).
+
+    DICOM folders become their series first (:func:`flows.inputs.expand`).
+    URLs and STAC items go on unchecked: their headers are read once they are
+    downloaded or their assets chosen, and those steps say what is wrong.
+    ``model`` None checks only that each header reads.
+    """
+    from flows.inputs import expand, input_label
+    from flows.routing import fit_problem
+    from storage.probe import probe
+    from storage.remote import is_url
+    from storage.stacitem import is_item_path
+
+    checked = Checked()
+    expanded, unusable = expand(inputs)  # DICOM folders: one input per series
+    checked.entries += [(label, None, error) for label, error in unusable]
+    for item in expanded:
+        label = input_label(item)
+        if isinstance(item, str) and (is_url(item) or is_item_path(item)):
+            checked.entries.append((label, item, None))
+            continue
+        try:
+            header = probe(item)
+            problem = None if model is None else fit_problem(header, model, options.bands)
+            if problem is not None:
+                raise IncompatibleInputError(label, problem)
+        except Exception as exc:  # isolation, as in the segmentation itself: record and go on
+            checked.entries.append((label, None, one_line(exc)))
+        else:
+            checked.entries.append((label, item, None))
+    return checked
+
+
 def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: SegmentOptions | None = None, *,
-                   cluster: Starting | None = None) -> list[dict[str, Any]]:
+                   cluster: Starting | None = None, checked: Checked | None = None) -> list[dict[str, Any]]:
     """Every input's outcome (``Outcome.to_dict``), in order; a bad model raises before any input is touched.
 
-    ``cluster``: the value of a :func:`start_cluster` the caller entered
-    earlier (the CLI does, before checking the model); else one is started
-    here, once for the whole batch.
+    ``checked``: the inputs' header check (:func:`check_inputs`) when the
+    caller made it (the CLI does, to start nothing when every input fails);
+    else it is made here, before any cluster starts.  ``cluster``: the value
+    of a :func:`start_cluster` the caller entered (the CLI does, before it
+    loads the model); else one is started here, once for the whole batch, and
+    only when some input passed the check.
     """
+    from flows.routing import load_cached, model_input
+
     options = options or SegmentOptions()
     logger = run_logger()
+    if options.mosaic is None and checked is None:
+        checked = check_inputs(inputs, model_input(model_dir, trust_bundle=options.trust_bundle), options)
+    if checked is not None and not checked.todo:  # nothing passed: no cluster, no network; still refuse a bad card
+        from segmentation.modeldir import check_model
+
+        check_model(model_dir, trust_bundle=options.trust_bundle)
+        for _, error in checked.failed:
+            logger.info("input failed: %s", error)
+        return [_failed(label, error) for label, error in checked.failed]
     outcomes: list[dict[str, Any]] = []
     with (nullcontext(cluster) if cluster is not None else start_cluster(model_dir, options)) as up:
         # while the cluster starts: the pipeline's imports (torch, zarr, rasterio, ...) and the model
-        from flows.inputs import expand
-        from flows.pipeline import Outcome, input_label
+        from flows.inputs import input_label
+        from flows.pipeline import Outcome
         from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
-        from segmentation import load_model
         from storage.dicomfiles import SeriesRef
 
-        model = load_model(model_dir, trust_bundle=options.trust_bundle)
+        model = load_cached(model_dir, trust_bundle=options.trust_bundle)
         if options.mosaic is not None:  # every input is a tile of one seamless image: one outcome, failed as a whole
             outcome = mosaic_outcome(inputs, model, out_dir, options, up)
             if not outcome.ok:
                 logger.info("input failed: %s", outcome.error)
             return [outcome.to_dict()]
-        expanded, unusable = expand(inputs)  # DICOM folders: one input per series
-        for label, error in unusable:
-            outcomes.append(Outcome(input=label, ok=False, error=error).to_dict())
-            logger.info("input failed: %s", error)
+        assert checked is not None
         client = up()
-        for path in expanded:
+        for label, path, error in checked.entries:
+            if path is None:  # failed its header check
+                logger.info("input failed: %s", error)
+                outcomes.append(_failed(label, error or ""))
+                continue
             try:
                 if isinstance(path, SeriesRef):
                     outcome = segment_series(path, model, out_dir, options, client)
@@ -86,6 +160,11 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
                 logger.info("input failed: %s", outcome.error)
             outcomes.append(outcome.to_dict())
     return outcomes
+
+
+def _failed(label: str, error: str) -> dict[str, Any]:
+    """A failed outcome (``Outcome.to_dict``'s shape) without importing the pipeline."""
+    return {"input": label, "ok": False, "outputs": [], "error": error, "statistics": {}}
 
 
 def start_cluster(model_dir: str, options: SegmentOptions) -> AbstractContextManager[Starting]:
@@ -131,7 +210,7 @@ def batch_client(model_dir: str, options: SegmentOptions) -> Iterator["Client"]:
         before = get_client()
     except ValueError:
         before = None
-    with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus) as client:
+    with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus, dashboard=True) as client:
         ours = options.dask_address is None and client is not before
         if ours:
             workers = client.scheduler_info(n_workers=-1).get("workers", {})

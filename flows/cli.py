@@ -128,9 +128,16 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                         "the same code without Prefect (faster start-up). "
                                                         "Default: a flow run only when a Prefect API is "
                                                         "configured (PREFECT_API_URL in the environment or the "
-                                                        "Prefect profile).")) -> None:
-    """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json."""
-    from flows.progress import RichReporter, reporting
+                                                        "Prefect profile)."),
+            quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only: no progress, "
+                                                                    "no ok lines, no dashboard link.")) -> None:
+    """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json.
+
+    Every input's header is checked against the model first (it reads; its dimensions and bands fit the card):
+    one that does not is an error line, and when none fits nothing is started.
+    """
+    from flows.batch import check_inputs, segment_inputs
+    from flows.routing import model_input
     from flows.runlog import prefect_api_configured
 
     options = _options(precision=precision, roi=_ints(roi), overlap=overlap, chunk_size=chunk_size,
@@ -149,26 +156,33 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
               "--output-grid model")
     arguments = dict(inputs=[_path_or_url(p) for p in inputs], model_dir=str(model), out_dir=_path_or_url(out),
                      options=options)
+    run_log = None
     try:
-        if prefect_api_configured() if prefect is None else prefect:
-            _check_models([model], trust_bundle=trust_bundle)
+        # every input's header against the card, before anything starts (no torch: the card is peeked at)
+        checked = None if mosaic else check_inputs(arguments["inputs"], model_input(model, trust_bundle=trust_bundle),
+                                                    options)
+        if checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
+            _check_models([model], trust_bundle=trust_bundle)  # a bad model still says so first (exit 2)
+            outcomes = segment_inputs(**arguments, checked=checked)
+        elif prefect_api_configured() if prefect is None else prefect:
+            _check_models([model], trust_bundle=trust_bundle, load=True)  # a bad weights file: one line, first
             from flows.flows import batch_outcomes, segment_batch
+            from flows.runlog import prefect_console
 
-            with _progress() as progress, reporting(RichReporter(progress)):
+            with prefect_console("segment") as run_log, cliutil.reporter(quiet):
                 outcomes = batch_outcomes(segment_batch(**arguments, return_state=True))
-        else:  # the flow's body without Prefect (README: "Prefect or not"); its cluster starts during the checks
-            from flows.batch import segment_inputs, start_cluster
+        else:  # the flow's body without Prefect (README: "Prefect or not"); its cluster starts during the load
+            from flows.batch import start_cluster
 
-            with start_cluster(str(model), options) as cluster:
-                _check_models([model], trust_bundle=trust_bundle)
-                with _progress() as progress, reporting(RichReporter(progress)):
-                    outcomes = segment_inputs(**arguments, cluster=cluster)
+            with cliutil.reporter(quiet), start_cluster(str(model), options) as cluster:
+                _check_models([model], trust_bundle=trust_bundle, load=True)
+                outcomes = segment_inputs(**arguments, cluster=cluster, checked=checked)
     except SegflowError as exc:
         _fail(str(exc))
     if report:
         report.write_text(json.dumps(outcomes, indent=2))
     for o in outcomes:
-        if o["ok"]:
+        if o["ok"] and not quiet:
             s = o["statistics"]
             console.print(f"[green]ok[/green] {escape(o['input'])} -> {escape(o['outputs'][0])}  "
                           f"({s.get('windows_evaluated')} windows, {s.get('windows_skipped')} skipped, "
@@ -176,6 +190,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     failed = [o for o in outcomes if not o["ok"]]
     for o in failed:
         console.print(f"[red]error:[/red] {escape(o['error'])}", highlight=False, soft_wrap=True)
+    if run_log is not None and run_log.written:
+        cliutil.inform(f"log: {run_log.path}", quiet)
     cliutil.finish(1 if failed else 0)
 
 
@@ -261,13 +277,33 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
 @app.command()
 def info(path: Path = typer.Argument(..., help="A zarr store, a GeoTIFF/NIfTI output, a provenance JSON "
                                                "or a model directory.")) -> None:
-    """Print a store's or an output's metadata and provenance as JSON."""
+    """Print a store's or an output's metadata and provenance as JSON; for a label output also its classes with
+    their pixels or voxels and area (ha) or volume (mL), as a table on stderr."""
     from flows.inspect import describe
 
     try:
-        out.print_json(json.dumps(describe(path), default=str))
+        described = describe(path)
     except SegflowError as exc:
         _fail(str(exc))
+    out.print_json(json.dumps(described, default=str))
+    if isinstance(described, dict) and described.get("label_table"):
+        console.print(_label_table(described["label_table"]))
+
+
+def _label_table(table: dict) -> Table:
+    """``segflow info``'s class table: value, name, pixels or voxels, area or volume as people write them."""
+    from flows.numbers import readable
+
+    unit, raster = table["unit"], table["measure"] == "area_ha"
+    caption = f"counts from {table['source']}" + (f"; no {unit}: {table['note']}" if table["cell_size"] is None else "")
+    grid = Table(title="classes", caption=caption)
+    for name, justify in (("value", "right"), ("name", "left"), ("pixels" if raster else "voxels", "right"),
+                          (f"area ({unit})" if raster else f"volume ({unit})", "right")):
+        grid.add_column(name, justify=justify)
+    for row in table["rows"]:
+        grid.add_row(str(row["value"]), escape(str(row["name"])), f"{row['count']:,}",
+                     readable(row.get(table["measure"])))
+    return grid
 
 
 @app.command()
@@ -308,18 +344,20 @@ def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI 
                                                     help="Let MONAI evaluate a bundle's configuration."),
                   stac: bool = typer.Option(False, "--stac", help="Print the model as a STAC item with the "
                                                                   "Machine Learning Model extension instead.")) -> None:
-    """Print a model card (for a bundle: the card segflow maps it to), or with --stac the model as an MLM item."""
-    from segmentation.modeldir import check_model
+    """Print a model card (for a bundle: the card segflow maps it to), or with --stac the model as an MLM item.
+
+    The model is loaded as `segment` loads it: weights `segment` would refuse (a pickle checkpoint, a truncated
+    file, tensors that do not fit the card's architecture) are one error line and exit 1.
+    """
+    from flows.inspect import inspect_model, model_stac
 
     try:
         if stac:
-            from flows.inspect import model_stac
-
             out.print_json(json.dumps(model_stac(path, trust_bundle=trust_bundle)))
             return
-        card = check_model(path, trust_bundle=trust_bundle)
+        card = inspect_model(path, trust_bundle=trust_bundle).card
     except SegflowError as exc:
-        _fail(str(exc))
+        _fail(str(exc), 1)
     out.print_json(card.model_dump_json())
 
 
@@ -399,6 +437,13 @@ from flows.evaluate import evaluate_command  # noqa: E402
 
 app.command("evaluate")(evaluate_command)
 # --- end evaluate --------------------------------------------------------------------------------------------
+
+
+# --- report (issue 14): the command's body lives in flows/htmlreport.py ------------------------------------
+from flows.htmlreport import report_command  # noqa: E402
+
+app.command("report")(report_command)
+# --- end report ----------------------------------------------------------------------------------------------
 
 
 def main() -> None:  # pragma: no cover

@@ -7,19 +7,23 @@ command module imports another in a circle.  Nothing here imports Prefect.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Iterator, List, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
 from storage.errors import SegflowError
 
 if TYPE_CHECKING:
     from flows.config import SegmentOptions
+    from flows.progress import Reporter
 
 console = Console(stderr=True)  # errors and progress: stderr, so stdout carries only results
 out = Console()
@@ -57,20 +61,67 @@ def options(**fields: object) -> "SegmentOptions":
         fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
 
 
-def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False) -> None:
-    """Refuse a bad model before any input is touched: one line, exit 2."""
+def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *, load: bool = False) -> None:
+    """Refuse a bad model before any input is touched: one line, exit 2.
+
+    ``load``: load it as the run will (weights read, hashed and fitted to the
+    network; :func:`flows.routing.load_cached`, so the run gets this very
+    object), not only its card: a truncated weights file is then this one
+    line before Prefect or a run starts, not a traceback from inside a flow.
+    """
+    from flows.routing import load_cached
     from segmentation.modeldir import check_model
 
     try:
         for path in paths:
-            check_model(path, trust_bundle=trust_bundle)
+            if load:
+                load_cached(path, trust_bundle=trust_bundle)
+            else:
+                check_model(path, trust_bundle=trust_bundle)
     except SegflowError as exc:
         fail(str(exc))
 
 
+class RateColumn(ProgressColumn):
+    """Steps done per second (``3.1 chunks/s``), from rich's estimate over the last 30 s."""
+
+    def render(self, task: Task) -> Text:
+        from flows.progress import rate_text
+
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "")
+        text = "" if not speed else rate_text(speed, 1.0, unit)
+        return Text(text, style="progress.data.speed")
+
+
 def progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False, disable=not console.is_terminal)
+    """Bars for a terminal: what, how far, how fast, how long so far and about how long still."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+                    disable=not console.is_terminal)
+
+
+@contextmanager
+def reporter(quiet: bool = False) -> Iterator["Reporter"]:
+    """Install what a command shows while it works (:mod:`flows.progress`): bars on a terminal, plain lines in
+    a log or CI (stderr not a terminal), warnings only with ``--quiet``."""
+    from flows.progress import PlainReporter, QuietReporter, RichReporter, reporting
+
+    if quiet:
+        with reporting(QuietReporter(console)) as rep:
+            yield rep
+    elif console.is_terminal:
+        with progress() as bars, reporting(RichReporter(bars)) as rep:
+            yield rep
+    else:
+        with reporting(PlainReporter(console)) as rep:
+            yield rep
+
+
+def inform(text: str, quiet: bool = False) -> None:
+    """An informational line on the console (not a result, not an error); nothing with ``--quiet``."""
+    if not quiet:
+        console.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 def path_or_url(text: str) -> str:
@@ -91,4 +142,5 @@ def ints(text: Optional[str]) -> Optional[list[int]]:
         fail(f"cannot read sizes from {text!r} (expected e.g. 128,128)")
 
 
-__all__ = ["check_models", "console", "fail", "finish", "ints", "options", "out", "path_or_url", "progress"]
+__all__ = ["check_models", "console", "fail", "finish", "ints", "options", "out", "path_or_url", "progress",
+           "inform", "reporter"]

@@ -1,4 +1,13 @@
-"""Dask cluster set-up: a local cluster sized to the machine, one worker per GPU, or an existing scheduler."""
+"""Dask cluster set-up: a local cluster sized to the machine, one worker per GPU, or an existing scheduler.
+
+A local cluster's scheduler always serves HTTP (health, metrics, and the
+dashboard when bokeh is installed), on port 8787 unless told otherwise; when
+another cluster holds 8787, Dask moves to a free port with a three-line
+``UserWarning`` ("Port 8787 is already in use ...") that reads like a fault to
+the person running segflow.  So every local cluster here binds a free port from
+the start (``:0``), and the command says once where its dashboard is
+(:func:`dashboard_line`), as a plain line the user can silence with ``--quiet``.
+"""
 
 from __future__ import annotations
 
@@ -142,6 +151,45 @@ def _connect(address: str, gpus: bool) -> Client:
     return client
 
 
+def http_options(dashboard: bool) -> dict[str, Any]:
+    """A local cluster's scheduler HTTP server on a free port, with or without the dashboard's pages.
+
+    ``dashboard_address=None`` does not turn the server off: it falls back to
+    8787 (and warns when that is taken), hence ``:0`` either way.
+    """
+    return {"dashboard_address": ":0", "scheduler_kwargs": {"dashboard": dashboard}}
+
+
+def has_bokeh() -> bool:
+    """Whether Dask can serve its dashboard here (it needs bokeh; without it the page only says so)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
+
+
+def dashboard_line(client: Client, what: str) -> str:
+    """The one line a command prints about its cluster: the scheduler, ``what`` it is, and the dashboard."""
+    workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    where = f"Dask scheduler {getattr(client.scheduler, 'address', '?')} ({what}, {workers} " \
+            f"worker{'s' * (workers != 1)})"
+    services = client.scheduler_info().get("services", {})
+    if "dashboard" not in services:
+        return f"{where}, no dashboard"
+    if not has_bokeh():
+        return f"{where}, no dashboard (install bokeh for one)"
+    return f"{where}, dashboard {client.dashboard_link}"
+
+
+def _announce(client: Client, what: str) -> None:
+    from flows.progress import note
+
+    try:
+        text = dashboard_line(client, what)
+    except Exception:  # noqa: BLE001 - a line about the dashboard must never fail a run
+        return
+    note(text)
+
+
 def _cuda_cluster(workers: int | None, threads_per_worker: int | None, dashboard: bool) -> LocalCluster:
     try:
         from dask_cuda import LocalCUDACluster
@@ -149,7 +197,7 @@ def _cuda_cluster(workers: int | None, threads_per_worker: int | None, dashboard
         raise ConfigError(None, GPUS_NEED_DASK_CUDA) from None
     # one worker process per visible GPU (each sees its GPU as device 0), each advertising GPU=1
     return LocalCUDACluster(n_workers=workers, threads_per_worker=threads_per_worker or 1,
-                            resources={GPU: 1}, dashboard_address=":0" if dashboard else None, silence_logs=40)
+                            resources={GPU: 1}, silence_logs=40, **http_options(dashboard))
 
 
 @contextmanager
@@ -171,10 +219,17 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
     that the scheduler has GPU workers. Either way every worker gets the
     :class:`TorchThreads` plugin; the model is one graph key, unpickled once
     per worker.
+
+    ``dashboard``: serve Dask's dashboard pages, and say once which
+    scheduler and where its dashboard is (a line on the CLI's console through
+    :func:`flows.progress.note`).  Either way a local cluster's scheduler binds
+    a free port, never 8787.
     """
     if address:
         client = _connect(address, gpus)
         try:
+            if dashboard:
+                _announce(client, "given")
             yield client
         finally:
             client.close()
@@ -187,6 +242,8 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
         except ValueError:
             existing = None
         if existing is not None and workers is None:
+            if dashboard:
+                _announce(existing, "this process's client")
             yield existing
             return
     _quiet()
@@ -199,12 +256,14 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
         cores = available_cores()
         n = workers or 1
         threads = threads_per_worker or max(1, cores // n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True,
-                               dashboard_address=":0" if dashboard else None, silence_logs=40)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, silence_logs=40,
+                               **http_options(dashboard))
         plugin = TorchThreads(max(1, cores // (n * threads)))
     client = Client(cluster)
-    client.register_plugin(plugin)
     try:
+        client.register_plugin(plugin)
+        if dashboard:
+            _announce(client, "local cluster")
         yield client
     finally:
         client.close()

@@ -1,12 +1,32 @@
-"""``segflow info`` and ``segflow model inspect --stac``: JSON descriptions of segflow artefacts and models."""
+"""``segflow info`` and ``segflow model inspect``: what a segflow artefact or a model is, checked as a run would.
+
+``info`` describes a store, an output, a provenance record or a model
+directory as JSON.  For a label output (a GeoTIFF with its class table, a
+NIfTI with its colour table) it adds the classes with their pixels or voxels
+and their area in hectares or volume in millilitres (:func:`label_table`): from
+the run's own count in the sidecar provenance when the sidecar is the
+output's, else counted from the file chunk by chunk, so a large output never
+sits in memory.  ``model inspect`` loads the model exactly as ``segment`` does
+(:func:`inspect_model`): a card that reads but whose weights ``segment`` would
+refuse (a pickle checkpoint, a truncated file) is an error, not a card printed.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
-from storage.errors import InputError, UnsupportedFormatError
+import numpy as np
+
+from storage.errors import InputError, ModelError, UnsupportedFormatError
+
+if TYPE_CHECKING:
+    from segmentation import LoadedModel
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")  # what a torch.save file is called
+COUNT_ROWS = 1024  # GeoTIFF rows counted at a time
+COLOR_TABLE_HEADER = "# segflow label table"  # storage.classes.slicer_color_table's first line
 
 
 def _zarr(path: Path) -> dict[str, Any]:
@@ -58,6 +78,131 @@ def _nifti(path: Path) -> dict[str, Any]:
     return info
 
 
+def _classes_from_color_table(texts: list[str]) -> list[dict[str, Any]] | None:
+    """A NIfTI output's classes from the colour table segflow embeds (``value name R G B A`` lines)."""
+    for text in texts:
+        if not text.startswith(COLOR_TABLE_HEADER):
+            continue
+        classes = []
+        for line in text.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].isdigit():
+                classes.append({"value": int(parts[0]), "name": parts[1]})
+        return classes
+    return None
+
+
+def _recorded_counts(path: Path) -> dict[str, Any] | None:
+    """The run's label histogram from the output's sidecar, when the sidecar names this very file as an output.
+
+    A tile cut from a mosaic has no sidecar of its own (its stem differs), so
+    the mosaic's whole-image histogram is never taken for it.
+    """
+    from storage.provenance import sidecar_path
+
+    sidecar = sidecar_path(path)
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    counts = (record.get("statistics") or {}).get("label_pixels") if isinstance(record, dict) else None
+    outputs = record.get("outputs") or {}
+    if not isinstance(counts, dict) or path.name not in outputs:
+        return None
+    return {"label_pixels": counts, "source": str(sidecar)}
+
+
+def _raster_counts(path: Path) -> Iterator[np.ndarray]:
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        for row in range(0, src.height, COUNT_ROWS):
+            yield src.read(1, window=Window(0, row, src.width, min(COUNT_ROWS, src.height - row)))
+
+
+def _volume_counts(path: Path) -> Iterator[np.ndarray]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    depth = img.shape[2] if len(img.shape) > 2 else 1
+    plane = int(np.prod(img.shape[:2]))
+    step = max(1, (64 << 20) // max(plane * img.get_data_dtype().itemsize, 1))  # about 64 MB a slab
+    for k in range(0, depth, step):  # in file order, so a gzip stream is read once, forwards
+        yield np.asarray(img.dataobj[:, :, k:k + step] if len(img.shape) > 2 else img.dataobj)
+
+
+def counted(blocks: Iterator[np.ndarray]) -> dict[str, int]:
+    """A label histogram over ``blocks`` (non-negative integer labels), one block at a time."""
+    total = np.zeros(0, dtype=np.int64)
+    for block in blocks:
+        counts = np.bincount(np.asarray(block, dtype=np.int64).ravel())
+        if counts.size > total.size:
+            counts[:total.size] += total
+            total = counts
+        else:
+            total[:counts.size] += counts
+    return {str(v): int(n) for v, n in enumerate(total) if n}
+
+
+def label_table(path: Path, info: dict[str, Any]) -> dict[str, Any] | None:
+    """A label output's classes with their pixel or voxel counts and their area (ha) or volume (mL).
+
+    None when the file is not a segflow label output (no class table in it).
+    The cell size is the one the nightly report uses (:mod:`storage.probe`):
+    none, with the reason, for a raster in degrees or without a CRS.
+    """
+    from flows.report import label_measures
+    from storage.probe import pixel_hectares, voxel_millilitres
+
+    raster = info.get("type") == "GeoTIFF"
+    classes = info.get("classes") if raster else _classes_from_color_table(info.get("extensions") or [])
+    if not isinstance(classes, list) or not classes:
+        return None
+    if raster:
+        import rasterio
+
+        with rasterio.open(path) as src:
+            cell, note = pixel_hectares(src.transform, src.crs)
+        unit = "ha"
+    else:
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        cell, note = voxel_millilitres(img.affine, img.header.get_xyzt_units()[0])
+        unit = "mL"
+    statistics = _recorded_counts(path)
+    if statistics is None:
+        statistics = {"label_pixels": counted(_raster_counts(path) if raster else _volume_counts(path)),
+                      "source": "the file itself, counted chunk by chunk"}
+    return {"measure": "area_ha" if unit == "ha" else "volume_ml", "unit": unit, "cell_size": cell,
+            "note": note, "source": statistics["source"],
+            "rows": label_measures(statistics, classes, cell, unit)}
+
+
+def inspect_model(path: str | Path, *, trust_bundle: bool = False) -> "LoadedModel":
+    """The model at ``path`` loaded as ``segment`` loads it (card, weights read, hashed and fitted to the
+    network), so that ``model inspect`` refuses what ``segment`` refuses.
+
+    A model directory whose only weights are a pickle checkpoint (``model.pt``
+    next to ``card.json``) is also told how to make it usable.
+    """
+    from segmentation.modeldir import SCRIPT_FILE, WEIGHTS_FILE, load_model
+
+    try:
+        return load_model(path, trust_bundle=trust_bundle)
+    except ModelError as exc:
+        folder = Path(path)
+        if not folder.is_dir() or (folder / WEIGHTS_FILE).exists() or (folder / SCRIPT_FILE).exists():
+            raise
+        pickles = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(CHECKPOINT_SUFFIXES))
+        if not pickles:
+            raise
+        raise ModelError(exc.path, f"{exc.problem}; {pickles[0].name} is a pickle checkpoint, which segflow does not "
+                                   "load (unpickling can run code): make a model directory of it with `segflow "
+                                   f"model convert {pickles[0]} --card {folder / 'card.json'} --out NEW_DIR`") from None
+
+
 def model_stac(path: str | Path, *, trust_bundle: bool = False) -> dict[str, Any]:
     """``segflow model inspect --stac``: the model as a STAC item with the MLM extension, weights as its asset."""
     from segmentation.mlm import model_item
@@ -82,7 +227,14 @@ def describe(path: str | Path) -> dict[str, Any]:
     if name.endswith(".json"):
         return json.loads(path.read_text())
     if name.endswith((".tif", ".tiff")):
-        return _geotiff(path)
+        return _with_label_table(path, _geotiff(path))
     if name.endswith((".nii", ".nii.gz")):
-        return _nifti(path)
+        return _with_label_table(path, _nifti(path))
     raise UnsupportedFormatError(path, "not a segflow artefact (zarr, GeoTIFF, NIfTI, JSON or model directory)")
+
+
+def _with_label_table(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    table = label_table(path, info)
+    if table is not None:
+        info["label_table"] = table
+    return info

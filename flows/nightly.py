@@ -5,7 +5,9 @@ each stays in the Dask graph ``segment_one`` builds.  Each task run:
 
 1. reads the input's header (:func:`storage.probe.probe`) and picks the first
    model whose card fits it (:mod:`flows.routing`); none fits: status
-   ``no-model``, nothing processed;
+   ``no-model``, nothing processed.  A file that cannot be read fails here,
+   whatever the models: its header, or (a GeoTIFF) its block table running
+   past the end of the file;
 2. hashes the input and builds the content key (:mod:`flows.ledger`); when the
    key's outputs exist and verify: status ``skipped``;
 3. otherwise runs ``segment_one`` and records the key once the outputs are
@@ -404,9 +406,11 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
 
 
 def dashboard_link(client: Any) -> str | None:
-    """The Dask dashboard's address, when the scheduler runs one (it needs bokeh)."""
+    """The Dask dashboard's address, when the scheduler serves one (its pages need bokeh, here and there)."""
+    from flows.cluster import has_bokeh
+
     try:
-        if "dashboard" not in client.scheduler_info().get("services", {}):
+        if "dashboard" not in client.scheduler_info().get("services", {}) or not has_bokeh():
             return None
         return client.dashboard_link or None
     except Exception:  # noqa: BLE001 - a dashboard address is a nicety
@@ -475,13 +479,12 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     with dask_client(options.dask_address, workers=options.workers, dashboard=True, **cluster_kw) as client:
         dashboard = dashboard_link(client)
         scheduler = getattr(client.scheduler, "address", None)
-        progress.note(f"Dask scheduler {scheduler}" + (f", dashboard {dashboard}" if dashboard else
-                                                       " (no dashboard: install bokeh for one)"))
+        # dask_client said which scheduler, and where its dashboard is, as it started or reached it
         batch = _Batch(models=models, options=options, out_dir=str(out), client=client,
                        lock_stale_after=lock_stale_after)
         run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         bar = progress.reporter()
-        bar.start("nightly", f"nightly: {len(todo)} inputs", total=len(todo))
+        bar.start("nightly", "nightly inputs", total=len(todo))
         futures = {run_task.submit(quote(by_label[p]), _task_name(by_label[p]), quote(batch)): p for p in todo}
         for future in as_completed(list(futures)):
             path = futures[future]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def nightly_command(
@@ -38,14 +41,15 @@ def nightly_command(
         parallel: int = typer.Option(1, min=1, help="Inputs in flight at once (their windows share the cluster)."),
         lock_timeout: float = typer.Option(600.0, min=1.0, help="Seconds without a heartbeat after which another "
                                                                 "run's lock on an input (OUT/.segflow-locks/) is "
-                                                                "stale and broken; give every run the same.")
+                                                                "stale and broken; give every run the same."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only (failed and "
+                                                                "no-model inputs): no progress, no table, no "
+                                                                "report paths (the report is still written).")
 ) -> None:
     """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md."""
-    from rich.table import Table
-
     from flows import cliutil as cli
     from flows.nightly import nightly, nightly_report
-    from flows.progress import RichReporter, reporting
+    from flows.runlog import prefect_console
     from storage.errors import SegflowError
 
     if (inbox is None) == (manifest is None):
@@ -54,13 +58,13 @@ def nightly_command(
                            batch_size=batch_size, workers=workers, probabilities=probabilities,
                            device=device, dask_address=dask_address, keep_zarr=not no_zarr,
                            **({"gpus": True} if gpus else {}))
-    cli.check_models(model)
+    cli.check_models(model, load=True)  # loaded as the flow will (the same objects): a bad one is one line, first
     flow = nightly
     if parallel > 1:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
-    with _patient_prefect_start(), cli.progress() as progress, reporting(RichReporter(progress)):
+    with _patient_prefect_start(), prefect_console("nightly") as run_log, cli.reporter(quiet):
         state = flow(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
                      inbox=cli.path_or_url(inbox) if inbox else None,
                      manifest=cli.path_or_url(manifest) if manifest else None,
@@ -70,27 +74,40 @@ def nightly_command(
         report = nightly_report(state)
     except SegflowError as exc:
         cli.fail(str(exc))
+    if not quiet:
+        cli.out.print(summary_table(report))
+    for r in report["inputs"]:
+        if r.get("error"):
+            cli.console.print(f"[red]{r['status']}:[/red] {escape(r['error'])}", highlight=False, soft_wrap=True)
+        elif r["status"] == "locked" and not quiet:  # not a failure: the run holding it reports its outcome
+            cli.out.print(f"[yellow]locked:[/yellow] {escape(r['input'])}: {escape(r.get('note') or '')}",
+                          highlight=False, soft_wrap=True)
+    if not quiet:
+        cli.out.print(f"report: {report['report']['markdown']}", highlight=False, soft_wrap=True)
+        cli.out.print(f"report: {report['report']['json']}", highlight=False, soft_wrap=True)
+    if run_log.written:
+        cli.inform(f"log: {run_log.path}", quiet)
+    raise typer.Exit(0 if report["run"]["state"] == "Completed" else 1)
+
+
+def summary_table(report: dict) -> "Table":
+    """The run's inputs, one row each, with their label areas or volumes as people write them."""
+    from rich.table import Table
+
+    from flows.numbers import readable
+
     table = Table(title=f"segflow nightly: {report['run']['summary']}")
     for col in ("input", "status", "model", "s", "windows", "labels"):
         table.add_column(col)
     for r in report["inputs"]:
         win = r.get("windows") or {}
         unit = "ha" if r.get("measure") == "area_ha" else "mL"
-        labels = ", ".join(f"{x['name']} {x[r['measure']]:.4g} {unit}" for x in r.get("labels", [])
+        labels = ", ".join(f"{x['name']} {readable(x[r['measure']], unit)}" for x in r.get("labels", [])
                            if x.get(r.get("measure") or "") is not None)
-        table.add_row(Path(r["input"]).name, r["status"], r.get("model") or "",
+        table.add_row(escape(Path(r["input"]).name), r["status"], escape(r.get("model") or ""),
                       "" if r.get("seconds") is None else f"{r['seconds']:.1f}",
-                      f"{win.get('evaluated')}/{win.get('skipped')}" if win else "", labels)
-    cli.out.print(table)
-    for r in report["inputs"]:
-        if r.get("error"):
-            cli.console.print(f"[red]{r['status']}:[/red] {escape(r['error'])}", highlight=False, soft_wrap=True)
-        elif r["status"] == "locked":  # not a failure: the run holding it reports its outcome
-            cli.out.print(f"[yellow]locked:[/yellow] {escape(r['input'])}: {escape(r.get('note') or '')}",
-                          highlight=False, soft_wrap=True)
-    cli.out.print(f"report: {report['report']['markdown']}", highlight=False, soft_wrap=True)
-    cli.out.print(f"report: {report['report']['json']}", highlight=False, soft_wrap=True)
-    raise typer.Exit(0 if report["run"]["state"] == "Completed" else 1)
+                      f"{win.get('evaluated')}/{win.get('skipped')}" if win else "", escape(labels))
+    return table
 
 
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"

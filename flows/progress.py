@@ -3,12 +3,24 @@
 Flow parameters must be serialisable, so a callback cannot be passed through
 Prefect; the CLI installs a reporter here instead, and the pipeline reports to
 whatever is installed (nothing, by default).
+
+What a person sees depends on where the output goes (``flows.cliutil.reporter``
+picks): on a terminal, rich bars with the count, the rate per second, the time
+spent and an estimate of the time left (:class:`RichReporter`); in a log file or
+CI, where bars are noise, a plain line per long step every
+:data:`PLAIN_EVERY_S` seconds and one when it ends (:class:`PlainReporter`);
+with ``--quiet``, no progress and no informational notes, warnings only
+(:class:`QuietReporter`).  Notes carry a logging level for that reason.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
+
+PLAIN_EVERY_S = 10.0  # seconds between a plain reporter's lines for one step
 
 
 class Reporter(Protocol):
@@ -17,15 +29,22 @@ class Reporter(Protocol):
     def finish(self, key: str) -> None: ...
 
 
-def note(text: str) -> None:
-    """A one-line message for the user (e.g. the Dask dashboard address), if the reporter shows messages."""
+def note(text: str, level: int = logging.INFO) -> None:
+    """A one-line message for the user (e.g. the Dask dashboard address), if the reporter shows messages.
+
+    A reporter whose ``note`` takes no level (one made before levels existed) gets every note.
+    """
     show = getattr(_current, "note", None)
-    if show is not None:
+    if show is None:
+        return
+    try:
+        show(text, level)
+    except TypeError:
         show(text)
 
 
 class _Silent:
-    def start(self, key: str, description: str, total: int) -> None:
+    def start(self, key: str, description: str, total: int, unit: str = "") -> None:
         pass
 
     def advance(self, key: str, amount: int = 1) -> None:
@@ -53,14 +72,14 @@ def reporting(rep: Reporter) -> Iterator[Reporter]:
 
 
 class RichReporter:
-    """Rich progress bars, one per long step."""
+    """Rich progress bars, one per long step (``flows.cliutil.progress`` gives them their columns)."""
 
     def __init__(self, progress) -> None:  # noqa: ANN001  (rich.progress.Progress)
         self.progress = progress
         self.tasks: dict[str, int] = {}
 
-    def start(self, key: str, description: str, total: int) -> None:
-        self.tasks[key] = self.progress.add_task(description, total=total)
+    def start(self, key: str, description: str, total: int, unit: str = "") -> None:
+        self.tasks[key] = self.progress.add_task(description, total=total, unit=unit)
 
     def advance(self, key: str, amount: int = 1) -> None:
         if key in self.tasks:
@@ -71,15 +90,103 @@ class RichReporter:
             task = self.tasks.pop(key)
             self.progress.update(task, completed=self.progress.tasks[task].total)
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, level: int = logging.INFO) -> None:
         self.progress.console.print(text, highlight=False, soft_wrap=True)
+
+
+def rate_text(done: float, seconds: float, unit: str = "") -> str:
+    """``3.2 chunks/s``, or ``12 s/chunk`` for steps slower than one a second; empty before anything is done."""
+    if done <= 0 or seconds <= 0:
+        return ""
+    per_second = done / seconds
+    if per_second >= 1 or not unit:
+        return f"{per_second:.1f} {unit}/s".replace(" /s", "/s")
+    return f"{seconds / done:.0f} s/{unit.removesuffix('s') if unit.endswith('s') else unit}"
+
+
+def duration_text(seconds: float) -> str:
+    """``0.4 s``, ``8.2 s``, ``40 s``, ``3 min 20 s``, ``1 h 05 min``: a time left or spent, as people say it."""
+    if seconds < 9.95:
+        return f"{max(0.0, seconds):.1f} s"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class PlainReporter:
+    """Plain lines for a log or CI: where a step is every :data:`PLAIN_EVERY_S` seconds, and when it ends.
+
+    ``segment scene: 40/96 chunks (42%), 3.1 chunks/s, about 18 s left``, then
+    ``segment scene: 96 chunks in 31 s (3.1 chunks/s)`` (``96 of 96 done`` for
+    a step whose caller names no unit).  A step that ends within the interval
+    prints its last line only.
+    """
+
+    def __init__(self, console: Any, every: float = PLAIN_EVERY_S, clock: Any = time.monotonic) -> None:
+        self.console, self.every, self.clock = console, every, clock
+        self.steps: dict[str, dict[str, Any]] = {}
+
+    def start(self, key: str, description: str, total: int, unit: str = "") -> None:
+        now = self.clock()
+        self.steps[key] = {"description": description, "total": total, "unit": unit, "done": 0,
+                           "started": now, "printed": now}
+
+    def advance(self, key: str, amount: int = 1) -> None:
+        step = self.steps.get(key)
+        if step is None:
+            return
+        step["done"] += amount
+        now = self.clock()
+        if now - step["printed"] >= self.every and step["done"] < step["total"]:
+            step["printed"] = now
+            self._print(self.line(step, now))
+
+    def finish(self, key: str) -> None:
+        step = self.steps.pop(key, None)
+        if step is None:
+            return
+        seconds = self.clock() - step["started"]
+        count, unit = step["total"], step["unit"]
+        done = f"{count} {unit}" if unit else f"{count} of {count} done"
+        rate = rate_text(count, seconds, unit) if seconds >= 1 else ""  # a rate over a blink says nothing
+        self._print(f"{step['description']}: {done} in {duration_text(seconds)}" + (f" ({rate})" if rate else ""))
+
+    def line(self, step: dict[str, Any], now: float) -> str:
+        done, total, unit = step["done"], step["total"], step["unit"]
+        seconds = now - step["started"]
+        parts = [f"{done}/{total}{' ' + unit if unit else ''} ({100 * done // max(total, 1)}%)"]
+        rate = rate_text(done, seconds, unit)
+        if rate:
+            parts.append(rate)
+            parts.append(f"about {duration_text((total - done) * seconds / done)} left")
+        return f"{step['description']}: " + ", ".join(parts)
+
+    def note(self, text: str, level: int = logging.INFO) -> None:
+        self._print(text)
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, highlight=False, soft_wrap=True, markup=False)
+
+
+class QuietReporter(_Silent):
+    """``--quiet``: no progress, no informational notes; a warning about an input still shows."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+
+    def note(self, text: str, level: int = logging.INFO) -> None:
+        if level >= logging.WARNING:
+            self.console.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 def say(text: str, level: int) -> None:
     """To the user: on the CLI's console when it shows notes, else to the 'segflow' logger (flow runs, API)."""
-    import logging
-
     if getattr(reporter(), "note", None) is not None:
-        note(text)
+        note(text, level)
     else:
         logging.getLogger("segflow").log(level, text)

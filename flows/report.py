@@ -14,7 +14,9 @@ CRS's linear unit (metres, feet... converted to m²), / 10⁴.  A raster in a
 geographic CRS (degrees) or without a CRS gets no areas (null, with the
 reason): its pixels' ground area varies with latitude and the histogram is
 for the whole image.  Volumes: voxel count x |det| of the affine's 3x3 part
-(the product of the zooms) in mm³ / 1000.
+(the product of the zooms) in mm³ / 1000.  The JSON keeps full floats; the
+Markdown prints them as people write them (:func:`flows.numbers.readable`:
+``85,860 ha``, ``12.4 mL``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flows.numbers import readable
 
 REPORT_SCHEMA = "segflow.nightly-report/1"
 STATUSES = ("done", "skipped", "failed", "no-model", "locked")  # locked: in progress in another run, not failed
@@ -178,9 +182,9 @@ def _measures(rep: dict[str, Any]) -> str:
     unit = "ha" if rep.get("measure") == "area_ha" else "mL"
     key = rep.get("measure") or "area_ha"
     if rep.get("cell_size") is None:
-        counts_text = ", ".join(f"{r['name']} {r['count']} px" for r in rep["labels"])
+        counts_text = ", ".join(f"{r['name']} {r['count']:,} px" for r in rep["labels"])
         return f"{counts_text} (no {unit}: {rep.get('measure_note')})"
-    return ", ".join(f"{r['name']} {r[key]:.6g} {unit}" for r in rep["labels"])
+    return ", ".join(f"{r['name']} {readable(r[key], unit)}" for r in rep["labels"])
 
 
 def _input_name(rep: dict[str, Any]) -> str:
@@ -190,7 +194,7 @@ def _input_name(rep: dict[str, Any]) -> str:
 
 def class_line(name: str, entry: dict[str, Any], unit: str | None) -> str:
     """One class of a volume's label statistics: voxels, mL, mean ± std intensity, border contact."""
-    text = f"{name}: {entry.get('voxels', 0)} voxels, {_fmt(entry.get('volume_ml'))} mL"
+    text = f"{name}: {entry.get('voxels', 0):,} voxels, {readable(entry.get('volume_ml'), 'mL')}"
     if entry.get("mean") is not None:
         std = entry.get("std")
         text += f", {entry['mean']:.4g} ± {std:.3g}" if std is not None else f", {entry['mean']:.4g}"

@@ -1,25 +1,135 @@
-"""Which model segments which input: the first model whose card fits the input's header.
+"""Which model segments which input, and whether an input fits a model, from the input's header.
 
 A card fits an input when its ``input.spatial_dims`` equals the input's (2 for
-a GeoTIFF/VRT raster, 3 for a NIfTI volume or a DICOM series) and its
-``input.channels`` equals the image channels ingest would read (alpha bands
-excluded; a 4-D NIfTI's fourth axis; always 1 for a DICOM series, whose
-colour images are refused).  Models are tried in the order given, so with two models that
-fit the same inputs the first one wins.  No other card field is used: a model
-trained on another resolution or dtype is still chosen (where its card names
-a spacing, the pipeline resamples the scan onto the model's grid and back).
+a GeoTIFF/VRT raster, 3 for a NIfTI volume or a DICOM series) and the channels
+the network would get number its ``input.channels``.  For a raster those are
+chosen as the pipeline chooses them (:func:`chosen_bands`): ``--bands`` when
+given; else, when the card names its channels and the file names its bands,
+those names looked up among the file's (a 13-band Sentinel-2 file fits a card
+naming B02,B03,B04,B08); else every image band (alpha excluded).  A volume's
+channels are its 4-D NIfTI's fourth axis, always 1 for a DICOM series.  No
+other card field is used: a model trained on another resolution or dtype still
+fits (where its card names a spacing, the pipeline resamples onto the model's
+grid and back).
+
+``segflow nightly`` routes each input to the first model that fits, in the
+order given.  ``segflow segment`` checks every input against its one model
+before it starts a cluster (:func:`flows.batch.check_inputs`), so a wrong band
+count is one line within a second, not after the cluster and Prefect started.
+That check must not import torch (2 s, which the cluster's start otherwise
+overlaps), so it reads what it needs of a model directory's ``card.json``
+directly (:func:`peek`); bundles and TorchScript archives are read through
+their full check.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
-from segmentation import LoadedModel, load_model
-from segmentation.card import ModelCard
-from segmentation.modeldir import check_model
+from storage.bands import aliases, select_bands
+from storage.errors import IncompatibleInputError
 from storage.probe import Header
+
+if TYPE_CHECKING:
+    from segmentation import LoadedModel
+    from segmentation.card import ModelCard
+
+CARD_FILE = "card.json"  # segmentation.modeldir.CARD_FILE, named here so that peeking imports no torch
+BANDS_HINT = "choose them with --bands (names or 1-based indices)"
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a card says its network takes, as far as an input's header can be checked against it."""
+
+    name: str
+    spatial_dims: int
+    channels: int
+    channel_names: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, card: "ModelCard") -> "ModelInput":
+        spec = card.input
+        return cls(card.name, spec.spatial_dims, spec.channels, tuple(spec.channel_names))
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.spatial_dims}D, {self.channels} channel{'s' * (self.channels != 1)})"
+
+
+def peek(path: str | Path) -> ModelInput | None:
+    """A model directory's input from its ``card.json``, without importing torch; None when there is none to
+    read that way (a bundle, an archive) or it is not valid: the full check (:func:`model_input`) says why."""
+    card = Path(path) / CARD_FILE
+    try:
+        data = json.loads(card.read_bytes())
+        spec = data["input"]
+        found = ModelInput(str(data["name"]), int(spec["spatial_dims"]), int(spec["channels"]),
+                           tuple(str(n) for n in spec.get("channel_names") or ()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if found.spatial_dims not in (2, 3) or found.channels < 1 or \
+            (found.channel_names and len(found.channel_names) != found.channels):
+        return None
+    return found
+
+
+def model_input(path: str | Path, *, trust_bundle: bool = False) -> ModelInput:
+    """The input of whatever model ``path`` is: peeked when it can be, else from its full card check (which
+    raises ``ModelError`` for a bad model)."""
+    found = peek(path)
+    if found is not None:
+        return found
+    from segmentation.modeldir import check_model
+
+    return ModelInput.of(check_model(path, trust_bundle=trust_bundle))
+
+
+def chosen_bands(offered: Sequence[str], names_bands: bool, option: Sequence[str] | None,
+                 channel_names: Sequence[str], model: str) -> list[int] | None:
+    """0-based indexes of the bands a network gets, in its order; None: every band, as stored.
+
+    ``option`` (``--bands``) wins; otherwise a card's ``channel_names`` are
+    looked up among the input's band names when the input names its bands,
+    except that an input with as many bands as the card, named differently
+    throughout, is taken as it is (the positional contract from before bands
+    had names).  Refusals are ``IncompatibleInputError`` without a path, listing
+    what the input offers.  ``model``: how messages name it (``model 'x'``).
+    """
+    if option is not None:
+        return select_bands(list(option), list(offered), model=model)
+    if not channel_names or not names_bands:
+        return None
+    if len(offered) == len(channel_names) and not _any_match(channel_names, offered):
+        return None
+    return select_bands(list(channel_names), list(offered), model=model, hint=BANDS_HINT)
+
+
+def _any_match(wanted: Sequence[str], offered: Sequence[str]) -> bool:
+    names = {n.lower() for o in offered for n in aliases(o)}
+    return any(n.lower() in names for w in wanted for n in aliases(w))
+
+
+def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None = None) -> str | None:
+    """Why the input of ``header`` does not fit ``model`` (one line, without the path), or None when it does."""
+    name = f"model {model.name!r}"
+    if header.spatial_dims != model.spatial_dims:
+        return f"{name} is {model.spatial_dims}D, the input is {header.spatial_dims}D"
+    count = header.channels
+    if header.kind == "raster":
+        try:
+            picked = chosen_bands(header.channel_names, header.names_bands, bands, model.channel_names, name)
+        except IncompatibleInputError as exc:
+            return exc.problem
+        count = len(picked) if picked is not None else count
+    elif bands is not None:  # a volume's channels have no header names: --bands is checked at ingest
+        return None
+    if count != model.channels:
+        return f"{name} takes {model.channels} channels, the input has {count}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -27,7 +137,7 @@ class ModelEntry:
     """A candidate model: where it is and what its card promises."""
 
     path: str
-    card: ModelCard
+    card: "ModelCard"
 
     @property
     def spatial_dims(self) -> int:
@@ -37,15 +147,21 @@ class ModelEntry:
     def channels(self) -> int:
         return self.card.input.channels
 
+    @property
+    def input(self) -> ModelInput:
+        return ModelInput.of(self.card)
+
     def fits(self, header: Header) -> bool:
-        return self.spatial_dims == header.spatial_dims and self.channels == header.channels
+        return fit_problem(header, self.input) is None
 
     def describe(self) -> str:
-        return f"{self.card.name} ({self.spatial_dims}D, {self.channels} channel{'s' * (self.channels != 1)})"
+        return self.input.describe()
 
 
 def read_models(paths: list[str], *, trust_bundle: bool = False) -> list[ModelEntry]:
     """The cards of the given model directories (validated, nothing built yet); a bad one raises ModelError."""
+    from segmentation.modeldir import check_model
+
     return [ModelEntry(str(Path(p).expanduser().absolute()), check_model(p, trust_bundle=trust_bundle))
             for p in paths]
 
@@ -62,24 +178,36 @@ def no_model_reason(header: Header, models: list[ModelEntry]) -> str:
     return f"{header.path}: no model fits this {what}; models: " + "; ".join(m.describe() for m in models)
 
 
-_loaded: dict[tuple, LoadedModel] = {}
+_loaded: dict[tuple, "LoadedModel"] = {}
 _lock = threading.Lock()
 
 
-def loaded(entry: ModelEntry, *, trust_bundle: bool = False) -> LoadedModel:
-    """The model of ``entry``, built once per process (weights hashed and verified once).
+def loaded(entry: ModelEntry, *, trust_bundle: bool = False) -> "LoadedModel":
+    """The model of ``entry``, built once per process (weights hashed and verified once)."""
+    return load_cached(entry.path, trust_bundle=trust_bundle)
 
-    The cache is keyed by the path and the size and modification time of the
+
+def load_cached(path: str | Path, *, trust_bundle: bool = False) -> "LoadedModel":
+    """The model at ``path``, loaded (weights hashed, verified, network built) once per process.
+
+    The CLI loads a model before it starts Prefect or a run, so a bad one is
+    one line and nothing started; the run then gets the same object.  The
+    cache is keyed by the path and the size and modification time of the
     files in it, so a model replaced in place between nightly runs of a
     long-lived process (``segflow schedule``) is loaded again.
     """
-    key = (str(Path(entry.path).resolve()), _stamp(Path(entry.path)), trust_bundle)
+    from segmentation import load_model
+
+    path = Path(path).expanduser().absolute()  # one entry for every spelling of the path (provenance resolves it)
+    key = (str(path), _stamp(path), trust_bundle)
     with _lock:
         if key not in _loaded:
-            _loaded[key] = load_model(entry.path, trust_bundle=trust_bundle)
+            _loaded[key] = load_model(path, trust_bundle=trust_bundle)
         return _loaded[key]
 
 
 def _stamp(path: Path) -> tuple:
+    if not path.exists():
+        return ()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)

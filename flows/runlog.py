@@ -1,22 +1,39 @@
-"""A ``segflow segment`` run with or without Prefect: its logger, and whether a Prefect API is configured.
+"""A ``segflow`` run with or without Prefect: its logger, its log file, and whether a Prefect API is configured.
 
 A one-off ``segflow segment`` with no Prefect API to report to runs its flow's
 body as a plain function: Prefect's temporary server and flow-run bookkeeping
 cost more than the work of a small input (docs/performance.md, block
 ``startup``).  Code shared by both ways logs through :func:`run_logger`, which
 is Prefect's run logger inside a flow or task run and the ``segflow`` logger
-outside one.  Nothing here imports Prefect unless it is already imported:
-importing it costs 1-2 s, which the plain path exists to save.
+outside one.  Nothing here imports Prefect unless it is already imported (or
+:func:`prefect_console` is entered): importing it costs 1-2 s, which the plain
+path exists to save.
+
+A command that runs a Prefect flow in its own process (``segment --prefect``,
+``nightly``) shares the terminal with Prefect's console log.  Prefect logs a
+task or flow that raised with its full traceback ("Encountered exception
+during execution"); for an error segflow reports itself (a ``SegflowError``:
+a bad input, model or folder) that buries the one line the command prints
+after it.  :func:`prefect_console` keeps those records off the terminal and
+writes them, with everything else Prefect and segflow log, to a log file
+(:func:`log_dir`); anything else Prefect says (a bug's traceback, a server
+warning) still shows.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import time
 import tomllib
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from storage.errors import SegflowError
 
 API_URL = "PREFECT_API_URL"
 
@@ -30,6 +47,130 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
             return get_run_logger()
     return logging.getLogger("segflow")
+
+
+LOG_DIR_ENV = "SEGFLOW_LOG_DIR"
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")  # where Prefect logs a run's failure
+
+
+def log_dir() -> Path:
+    """Where commands keep their log files: ``$SEGFLOW_LOG_DIR``, else ``$XDG_STATE_HOME/segflow/logs``, else
+    ``~/.local/state/segflow/logs`` (XDG's place for logs, which outlive a cache's clean-up)."""
+    given = os.environ.get(LOG_DIR_ENV, "").strip()
+    if given:
+        return Path(given).expanduser()
+    state = os.environ.get("XDG_STATE_HOME", "").strip()
+    return (Path(state).expanduser() if state else Path.home() / ".local" / "state") / "segflow" / "logs"
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """A command's log file; it exists only once something was written to it."""
+
+    path: Path
+
+    @property
+    def written(self) -> bool:
+        return self.path.is_file()
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__]
+
+
+def _error_names() -> set[str]:
+    """The class names of SegflowError and every subclass defined so far."""
+    names, todo = set(), [SegflowError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+class ReportedElsewhere(logging.Filter):
+    """Drops from a console what segflow tells the user itself, and segflow's own lines below warnings.
+
+    A record is segflow's to report when its exception (or one it was raised
+    from) is a ``SegflowError``, or when it is a Prefect run logger's error
+    naming one ("Finished in state Failed('Task run encountered an exception
+    CorruptInputError: ...')", which Prefect logs without the exception).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.named = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, _error_names()))) + r")\b[(:]")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "segflow" or record.name.startswith("segflow."):
+            return record.levelno >= logging.WARNING
+        return not self.reports_segflow_error(record)
+
+    def reports_segflow_error(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return any(isinstance(e, SegflowError) for e in _chain(exc))
+        if record.name.startswith(RUN_LOGGERS) and record.levelno >= logging.ERROR:
+            return bool(self.named.search(record.getMessage()))
+        return False
+
+
+class RunFormatter(logging.Formatter):
+    """Log lines that name the Prefect flow or task run they come from (``[task run 'segment-a.tif']``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        task, flow = getattr(record, "task_run_name", None), getattr(record, "flow_run_name", None)
+        record.run = f" [task run {task!r}]" if task else f" [flow run {flow!r}]" if flow else ""
+        return super().format(record)
+
+
+@contextmanager
+def prefect_console(command: str) -> Iterator[RunLog]:
+    """While ``command`` runs Prefect flows in this process: what Prefect and segflow log goes to a log file
+    as well, and Prefect's console leaves out what segflow reports itself (:class:`ReportedElsewhere`).
+
+    Prefect configures its logging on the first flow run; it is made to do so
+    here first, so that its console handler exists to be filtered.  The file is
+    created only when a record arrives.
+    """
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    folder = log_dir()
+    run_log = RunLog(folder / f"{command}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
+    root, segflow = logging.getLogger(), logging.getLogger("segflow")
+    consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
+    quiet = ReportedElsewhere()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler | None = logging.FileHandler(run_log.path, delay=True, encoding="utf-8")
+        handler.setFormatter(RunFormatter("%(asctime)s %(levelname)s %(name)s%(run)s: %(message)s"))
+    except OSError:  # no writable log folder: the console is still kept clear
+        handler = None
+    level = segflow.level
+    for h in consoles:
+        h.addFilter(quiet)
+    if handler is not None:
+        root.addHandler(handler)
+        segflow.setLevel(logging.INFO)
+    try:
+        yield run_log
+    finally:
+        for h in consoles:
+            h.removeFilter(quiet)
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
+            segflow.setLevel(level)
 
 
 def prefect_api_configured(cwd: Path | None = None) -> bool:

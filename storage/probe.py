@@ -5,7 +5,10 @@ A nightly batch routes each input to the model that fits it (2-D raster or
 need only the header: the kind, the image channels, the grid and the size of
 one pixel or voxel.  Reading a header costs milliseconds whatever the file's
 size.  The same readers and the same one-line errors as ingest are used, so a
-file probe refuses is a file ingest would refuse.  A DICOM series (a
+file probe refuses is a file ingest would refuse; a GeoTIFF whose image
+blocks run past the end of the file (a copy or upload cut short) is refused
+here too, from its directory's block offsets and sizes, so a file that cannot
+be read never passes for one no model fits.  A DICOM series (a
 :class:`storage.dicom.SeriesRef`, or a folder, DICOMDIR or file holding exactly
 one series) is probed by :func:`storage.dicom.probe_dicom`, which reads the
 headers of all its files and runs every geometry check ingest runs, so a series
@@ -24,8 +27,8 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from storage.errors import InputError
-from storage.ingest import kind_of
+from storage.errors import CorruptInputError, InputError
+from storage.ingest import _check_content_matches_name, check_readable_file, kind_of
 
 if TYPE_CHECKING:
     from storage.dicomfiles import SeriesRef
@@ -46,6 +49,18 @@ class Header:
     cell_size: float | None  # hectares per pixel (raster) or millilitres per voxel (volume); None: unknown
     cell_unit: str  # "ha" or "mL"
     cell_note: str | None = None  # why cell_size is None, or an assumption it rests on
+    bands: tuple[int, ...] = ()  # a raster's image bands (1-based indexes in the file); empty for volumes
+    band_descriptions: tuple[str | None, ...] = ()  # their GDAL descriptions (None: unnamed)
+
+    @property
+    def names_bands(self) -> bool:
+        """Whether the file names any of its bands (then a card's channel names are looked up among them)."""
+        return any(self.band_descriptions)
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The channels' names as ingest records them: the description, else ``band<index>``."""
+        return [d or f"band{i}" for d, i in zip(self.band_descriptions, self.bands)]
 
 
 def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
@@ -60,17 +75,17 @@ def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
     if isinstance(path, SeriesRef):
         return probe_dicom(path)
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if _is_dicom(path, is_dicom_input):
+    if path.exists() and _is_dicom(path, is_dicom_input):
         refs = find_series([path])
         if len(refs) != 1:
             raise InputError(path, f"holds {len(refs)} DICOM image volumes; probe each series "
                                    "(storage.dicom.find_series) as its own input")
         return probe_dicom(refs[0])
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a file")
-    return _probe_raster(path) if kind_of(path) == "raster" else _probe_volume(path)
+    # ingest's own checks, in its order and words: a FIFO is refused before anything opens it (that would block)
+    head = check_readable_file(path)
+    kind = kind_of(path)
+    _check_content_matches_name(path, kind, head)  # a NIfTI named .tif is told so, as ingest tells it
+    return _probe_raster(path) if kind == "raster" else _probe_volume(path)
 
 
 def _is_dicom(path: Path, is_dicom_input) -> bool:  # noqa: ANN001 - storage.dicom.is_dicom_input
@@ -94,11 +109,45 @@ def _probe_raster(path: Path) -> Header:
         src = _open_source(path)
         try:
             bands = _image_bands(src, path)
+            check_blocks(src, path)
             size, note = pixel_hectares(src.transform, src.crs)
             return Header(path=str(path), kind="raster", spatial_dims=2, channels=len(bands),
-                          shape=(src.height, src.width), cell_size=size, cell_unit="ha", cell_note=note)
+                          shape=(src.height, src.width), cell_size=size, cell_unit="ha", cell_note=note,
+                          bands=tuple(bands), band_descriptions=tuple(src.descriptions[i - 1] for i in bands))
         finally:
             src.close()
+
+
+def check_blocks(src, path: Path) -> None:  # noqa: ANN001 - an open rasterio dataset
+    """Refuse a GeoTIFF whose image blocks (tiles or strips) end past the end of the file.
+
+    The directory lists every block's offset and byte count, so a file cut
+    short (an interrupted copy or upload) shows from its header, the way a
+    truncated NIfTI or DICOM file does, without decoding a pixel.  GDAL reads
+    the offsets lazily (about 3 µs a block: 12 ms for 4096 tiles).  A block
+    with offset 0 is sparse (never written) and is read as nodata, not an
+    error.  VRTs are skipped: their pixels live in other files.
+    """
+    if src.driver != "GTiff":
+        return
+    try:
+        size = path.stat().st_size
+        height, width = src.block_shapes[0]
+        rows, cols = -(-src.height // height), -(-src.width // width)
+        interleaved = src.tags(ns="IMAGE_STRUCTURE").get("INTERLEAVE", "PIXEL").upper() == "PIXEL"
+        end = 0
+        for band in (1,) if interleaved else src.indexes:
+            for row in range(rows):
+                for col in range(cols):
+                    offset = src.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=band)
+                    if offset and int(offset) > 0:
+                        count = src.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=band)
+                        end = max(end, int(offset) + int(count or 0))
+    except Exception:  # noqa: BLE001 - GDAL/rasterio raise several types; the pixel read reports what is wrong
+        return
+    if end > size:
+        raise CorruptInputError(path, f"data is truncated: its image blocks end at byte {end} but {path.name} "
+                                      f"has {size} bytes")
 
 
 def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: ANN001 (affine.Affine, rasterio CRS)

@@ -382,7 +382,7 @@ def test_dicom_series_in_the_inbox_are_routed_segmented_and_fail_alone(dicom_run
     assert "## Label statistics" in md and f"- `{good.display}`:" in md
     for name, entry in stats["classes"].items():
         if entry["voxels"]:
-            line = f"  - {name}: {entry['voxels']} voxels, "
+            line = f"  - {name}: {entry['voxels']:,} voxels, "  # counts with thousands separators
             assert line in md
             rest = md.split(line)[1].splitlines()[0]
             assert " ± " in rest and (rest.endswith(" HU") or rest.endswith(" HU, touches the border")), rest

@@ -1,0 +1,412 @@
+"""What a person reads from segflow (issue 14): one-line errors, early header checks, numbers as people write them.
+
+Each test here failed before the issue's fix.  The subprocess tests run the
+real ``segflow`` command as a user would, with stderr not a terminal (as in a
+log or CI): one line per error and no Prefect traceback; a wrong band count
+refused before any cluster or Prefect starts; no Dask port warning; plain
+progress lines; ``--quiet``.  The rest check the pieces on tiny generated files:
+the number format, the truncated-GeoTIFF probe, the header fit, the progress
+reporters, the console filter, ``segflow info``'s class table and ``segflow
+model inspect`` on weights ``segment`` refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from tests.conftest import SHARED_DATA
+from tests.models import tiny_model
+
+SEGFLOW = [sys.executable, "-m", "flows"]
+SHARED_BAD = ["RGB.byte.truncated.tif", "corrupt.tif", "empty.tif"]
+
+
+# ----------------------------------------------------------------------------- fixtures (generated, tiny)
+
+
+def raster(path: Path, bands: int = 3, size: tuple[int, int] = (70, 90), names: list[str] | None = None,
+           pixel: float = 10.0, tiled: bool = False) -> Path:
+    """A uint8 GeoTIFF of ``bands`` image bands (no alpha) on a UTM grid, with optional band descriptions."""
+    data = np.random.default_rng(bands).integers(1, 255, (bands, *size), dtype=np.uint8)
+    extra = {"tiled": True, "blockxsize": 32, "blockysize": 32} if tiled else {}
+    with rasterio.open(path, "w", driver="GTiff", width=size[1], height=size[0], count=bands, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, pixel, pixel), nodata=0,
+                       photometric="minisblack", **extra) as dst:
+        dst.write(data)
+        for i, name in enumerate(names or [], 1):
+            dst.set_band_description(i, name)
+    return path
+
+
+def truncated(path: Path) -> Path:
+    """A GeoTIFF whose header and directory are whole but whose image data is cut off (an interrupted copy)."""
+    full = raster(path.with_name("full-" + path.name), tiled=True)
+    blob = full.read_bytes()
+    path.write_bytes(blob[: len(blob) * 2 // 3])
+    full.unlink()
+    return path
+
+
+def truncated_weights(model_dir: Path, target: Path) -> Path:
+    """A copy of a model directory whose weights file is cut in half (its card without the weights' hash)."""
+    shutil.copytree(model_dir, target)
+    weights = target / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    card = json.loads((target / "card.json").read_text())
+    card.pop("weights_sha256", None)
+    (target / "card.json").write_text(json.dumps(card))
+    return target
+
+
+def pickle_only(model_dir: Path, target: Path) -> Path:
+    """A model directory holding its card and a torch.save pickle checkpoint (``model.pt``) instead of safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    target.mkdir()
+    shutil.copy(model_dir / "card.json", target / "card.json")
+    torch.save(load_file(str(model_dir / "weights.safetensors")), target / "model.pt")
+    return target
+
+
+def run(*args: object, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([*SEGFLOW, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def lines(text: str, prefix: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("read-models")
+    return {"3ch": tiny_model(root / "m3", spatial_dims=2, channels=3, roi=[32, 32]),
+            "4ch": tiny_model(root / "m4", spatial_dims=2, channels=4, roi=[32, 32])}
+
+
+# ----------------------------------------------------------------------------- 6. numbers as people write them
+
+
+@pytest.mark.parametrize("value, text", [
+    (0, "0"), (0.004, "0.004"), (0.52, "0.52"), (12.4, "12.4"), (999.96, "1,000"), (85_860, "85,860"),
+    (85_859.7, "85,860"), (1.2e9, "1,200,000,000"), (1_234.5, "1,234.5"), (1.2345, "1.23"), (-3.25, "-3.25"),
+    (None, "–"), (float("nan"), "–"),
+])
+def test_readable_numbers(value, text):
+    from flows.numbers import readable
+
+    assert readable(value) == text
+    if value is not None:
+        assert readable(value, "ha") == (f"{text} ha" if text != "–" else "–")
+
+
+def test_areas_and_volumes_print_readably_in_the_table_and_the_markdown_report():
+    from flows.nightly_cli import summary_table
+    from flows.report import class_line, render_markdown
+    from rich.console import Console
+
+    rep = {"input": "/in/scene.tif", "status": "done", "model": "m", "seconds": 1.0, "attempts": 1,
+           "windows": {"evaluated": 3, "skipped": 0}, "measure": "area_ha", "cell_size": 0.01,
+           "labels": [{"value": 0, "name": "water", "count": 8_586_000, "area_ha": 85_860.0},
+                      {"value": 1, "name": "field", "count": 52, "area_ha": 0.52}], "outputs": []}
+    report = {"run": {"summary": "1 inputs: 1 done, 0 skipped", "started": "t", "state": "Completed",
+                      "seconds": 1.0, "out_dir": "/out", "models": []}, "inputs": [rep]}
+    console = Console(width=200, record=True)
+    console.print(summary_table(report))
+    table = console.export_text()
+    assert "water 85,860 ha" in table and "field 0.52 ha" in table and "e+" not in table
+    md = render_markdown(report)
+    assert "water 85,860 ha, field 0.52 ha" in md and "e+" not in md
+    line = class_line("lesion", {"voxels": 12_345, "volume_ml": 1_234.5}, None)
+    assert line.startswith("lesion: 12,345 voxels, 1,234.5 mL")
+
+
+# ----------------------------------------------------------------------------- 3. a file that cannot be read
+
+
+def test_probe_refuses_a_truncated_geotiff_from_its_header(tmp_path):
+    from storage.errors import CorruptInputError
+    from storage.probe import probe
+
+    good = probe(raster(tmp_path / "good.tif", tiled=True))
+    assert good.channels == 3
+    with pytest.raises(CorruptInputError, match="data is truncated: its image blocks end at byte") as err:
+        probe(truncated(tmp_path / "cut.tif"))
+    assert str(err.value).startswith(f"{tmp_path / 'cut.tif'}: ") and "\n" not in str(err.value)
+    if (SHARED_DATA / "bad").is_dir():  # real broken files: unreadable whatever the model
+        for name in SHARED_BAD:
+            with pytest.raises(CorruptInputError):
+                probe(SHARED_DATA / "bad" / name)
+
+
+# ----------------------------------------------------------------------------- 4. the header fit
+
+
+def test_fit_problem_checks_dimensions_band_count_and_band_names(tmp_path):
+    from flows.routing import ModelInput, fit_problem
+    from storage.probe import probe
+
+    rgb = probe(raster(tmp_path / "rgb.tif", bands=3))
+    model = ModelInput("m4", 2, 4)
+    assert fit_problem(rgb, model) == "model 'm4' takes 4 channels, the input has 3"
+    assert fit_problem(rgb, ModelInput("m3", 2, 3)) is None
+    assert fit_problem(rgb, ModelInput("v", 3, 3)) == "model 'v' is 3D, the input is 2D"
+    # a card naming its bands finds them among the file's by name (13 bands in, 4 out), or says which is missing
+    s2 = probe(raster(tmp_path / "s2.tif", bands=5, names=["B01", "B02", "B03", "B04", "B08"]))
+    named = ModelInput("s2", 2, 4, ("blue", "green", "red", "nir"))
+    assert fit_problem(s2, named) is None
+    problem = fit_problem(s2, ModelInput("s2", 2, 4, ("blue", "green", "red", "swir16")))
+    assert problem.startswith("model 's2' needs swir16, which the input does not offer") and "5:B08" in problem
+    assert fit_problem(s2, model, bands=["1", "2", "3", "5"]) is None  # --bands wins
+
+
+def test_check_inputs_keeps_the_order_and_reads_the_card_without_torch(tmp_path, models):
+    code = f"""
+import json, sys
+from flows.batch import check_inputs
+from flows.config import SegmentOptions
+from flows.routing import model_input
+checked = check_inputs({[str(raster(tmp_path / 'a.tif', bands=4)), str(raster(tmp_path / 'b.tif', bands=3)),
+                         str(tmp_path / 'missing.tif'), str(truncated(tmp_path / 'cut.tif'))]!r},
+                       model_input({str(models['4ch'].path)!r}), SegmentOptions())
+print(json.dumps({{"entries": [(label, item is not None, error) for label, item, error in checked.entries],
+                  "torch": "torch" in sys.modules}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert not result["torch"], "the header check imported torch (2 s the cluster's start should overlap)"
+    got = [(Path(label).name, ok, error) for label, ok, error in result["entries"]]
+    assert [g[:2] for g in got] == [("a.tif", True), ("b.tif", False), ("missing.tif", False), ("cut.tif", False)]
+    assert got[1][2] == f"{tmp_path / 'b.tif'}: model 'tiny-2d-4ch' takes 4 channels, the input has 3"
+    assert got[2][2] == f"{tmp_path / 'missing.tif'}: no such file"
+    assert "data is truncated" in got[3][2]
+
+
+def test_a_wrong_band_count_is_refused_before_a_cluster_or_prefect_starts(models, tmp_path):
+    """Before: the cluster (here an unreachable --dask-address) and Prefect were started first (9 s and 17 s)."""
+    rgb = raster(tmp_path / "rgb.tif", bands=3)
+    for way, flags in (("plain", ["--no-prefect"]), ("prefect", ["--prefect"])):
+        home = tmp_path / f"prefect-{way}"
+        t0 = time.perf_counter()
+        proc = run("segment", rgb, "--model", models["4ch"].path, "--out", tmp_path / f"out-{way}",
+                   "--dask-address", "tcp://127.0.0.1:9", *flags, env={"PREFECT_HOME": str(home)})
+        seconds = time.perf_counter() - t0
+        print(f"{way}: a wrong band count refused in {seconds:.1f} s")
+        assert proc.returncode == 1, proc.stderr
+        assert lines(proc.stderr, "error:") == [f"error: {rgb}: model 'tiny-2d-4ch' takes 4 channels, the input has 3"]
+        assert "Dask" not in proc.stderr and "Traceback" not in proc.stderr
+        assert not (home / "prefect.db").exists(), "Prefect's temporary server started"
+        assert not (tmp_path / f"out-{way}").exists()
+
+
+# ----------------------------------------------------------------------------- 1, 3, 8. nightly as a user reads it
+
+
+def test_nightly_reports_unreadable_files_as_failed_in_one_line_each_without_tracebacks(models, tmp_path):
+    inbox, logs = tmp_path / "inbox", tmp_path / "logs"
+    inbox.mkdir()
+    truncated(inbox / "cut.tif")
+    raster(inbox / "rgb.tif", bands=3)  # readable; no model fits it
+    shared = [SHARED_DATA / "bad" / n for n in SHARED_BAD if (SHARED_DATA / "bad" / n).is_file()]
+    for path in shared:
+        shutil.copy(path, inbox / path.name)
+    out = tmp_path / "out"
+    proc = run("nightly", "--inbox", inbox, "--model", models["4ch"].path, "--out", out, "--quiet",
+               env={"SEGFLOW_LOG_DIR": str(logs)})
+    assert proc.returncode == 1, proc.stderr
+    [report_path] = (out / "reports").glob("*.json")
+    status = {Path(r["input"]).name: (r["status"], r["error"]) for r in json.loads(report_path.read_text())["inputs"]}
+    assert status["rgb.tif"][0] == "no-model"
+    for name in ["cut.tif"] + [p.name for p in shared]:  # whatever the model: a file that cannot be read failed
+        assert status[name][0] == "failed", (name, status[name])
+    assert "data is truncated" in status["cut.tif"][1]
+    # the console: one line per failure, no Prefect traceback or state line; --quiet: no table, progress or paths
+    assert "Traceback" not in proc.stderr and "Encountered exception" not in proc.stderr, proc.stderr
+    assert "Finished in state" not in proc.stderr, proc.stderr
+    failed = lines(proc.stderr, "failed:")
+    assert len(failed) == len(shared) + 1 and len(lines(proc.stderr, "no-model:")) == 1, proc.stderr
+    assert proc.stdout == "" and "Dask" not in proc.stderr and "nightly inputs" not in proc.stderr
+    # ... and Prefect's records of those failures are in the log file
+    [log] = logs.glob("nightly-*.log")
+    assert "cut.tif: data is truncated" in log.read_text()
+
+
+def test_an_error_raised_inside_the_nightly_flow_is_one_line_and_its_traceback_goes_to_the_log(models, tmp_path):
+    logs = tmp_path / "logs"
+    not_a_folder = raster(tmp_path / "scene.tif")
+    proc = run("nightly", "--inbox", not_a_folder, "--model", models["3ch"].path, "--out", tmp_path / "out",
+               env={"SEGFLOW_LOG_DIR": str(logs)})
+    assert proc.returncode == 2
+    assert lines(proc.stderr, "error:") == [f"error: {not_a_folder}: inbox is not a directory"], proc.stderr
+    assert "Traceback" not in proc.stderr and "Encountered exception" not in proc.stderr, proc.stderr
+    [log] = logs.glob("nightly-*.log")
+    text = log.read_text()
+    assert "Encountered exception during execution" in text and "Traceback" in text
+
+
+def test_bad_weights_are_one_line_with_prefect(models, tmp_path):
+    broken = truncated_weights(models["3ch"].path, tmp_path / "cut-weights")
+    proc = run("segment", raster(tmp_path / "rgb.tif"), "--model", broken, "--out", tmp_path / "out", "--prefect",
+               env={"SEGFLOW_LOG_DIR": str(tmp_path / "logs")})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "Encountered exception" not in proc.stderr, proc.stderr
+    [error] = lines(proc.stderr, "error:")
+    assert str(broken / "weights.safetensors") in error and "not a readable safetensors file" in error
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 5, 7, 8. segment and info
+
+
+def test_segment_with_8787_taken_no_port_warning_dashboard_line_progress_lines_and_quiet(models, tmp_path):
+    import socket
+    import warnings
+
+    from distributed import LocalCluster
+
+    scene = raster(tmp_path / "scene.tif", size=(96, 120))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # when another process holds 8787 already, this cluster moves (and warns)
+        other = LocalCluster(n_workers=0, processes=False, dashboard_address=":8787", scheduler_port=0)
+    with other, socket.socket() as probe:
+        with pytest.raises(OSError):  # 8787 is in use while segflow starts its own cluster
+            probe.bind(("0.0.0.0", 8787))
+        proc = run("segment", scene, "--model", models["3ch"].path, "--out", tmp_path / "out", "--no-prefect")
+        quiet = run("segment", scene, "--model", models["3ch"].path, "--out", tmp_path / "out-quiet", "--no-prefect",
+                    "--quiet")
+    for p in (proc, quiet):
+        assert p.returncode == 0, p.stderr
+        assert "already in use" not in p.stdout + p.stderr and "UserWarning" not in p.stderr, p.stderr
+    # the cluster's line, once, as a plain line; plain progress (stderr is no terminal); the ok line
+    [dask] = lines(proc.stderr, "Dask scheduler tcp://")
+    assert "(local cluster, 1 worker)" in dask and "dashboard" in dask
+    assert lines(proc.stderr, "segment scene: ") and lines(proc.stderr, "ok ")
+    assert quiet.stdout == "" and quiet.stderr == "", quiet.stderr
+    assert (tmp_path / "out-quiet" / "scene.tif").is_file()
+
+    # 7. info on the label output: its classes with pixels and hectares, the run's counts or counted from the file
+    from flows.cli import app
+
+    label = tmp_path / "out" / "scene.tif"
+    copy = tmp_path / "elsewhere" / "scene.tif"  # no sidecar beside it: counted from the file
+    copy.parent.mkdir()
+    shutil.copy(label, copy)
+    with rasterio.open(label) as src:
+        values, counts = np.unique(src.read(1), return_counts=True)
+    expected = {int(v): int(n) for v, n in zip(values, counts) if v != 255}
+    for path, source in ((label, "scene.provenance.json"), (copy, "counted chunk by chunk")):
+        res = CliRunner().invoke(app, ["info", str(path)], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        table = json.loads(res.stdout)["label_table"]
+        assert table["unit"] == "ha" and source in table["source"]
+        assert {r["value"]: r["count"] for r in table["rows"] if r["count"]} == expected
+        assert all(r["area_ha"] == pytest.approx(r["count"] * 0.01) for r in table["rows"])
+        assert "area (ha)" in res.stderr and f"{max(expected.values()):,}" in res.stderr
+
+
+def test_info_counts_a_nifti_label_map_in_millilitres(tmp_path):
+    from flows.cli import app
+    from storage.classes import LabelClass, slicer_color_table
+
+    labels = np.zeros((30, 20, 12), np.uint8)
+    labels[2:12, 2:12, 2:7] = 1  # 500 voxels of 2 x 2 x 2.5 mm = 5 mL
+    labels[20:30, 5:15, 0:12] = 2  # 1200 voxels = 12 mL
+    img = nib.Nifti1Image(labels, np.diag([2.0, 2.0, 2.5, 1.0]))
+    img.header.set_xyzt_units("mm")
+    classes = [LabelClass(value=v, name=n, color=[v * 60, 90, 200]) for v, n in enumerate(["background", "lesion",
+                                                                                         "liver"])]
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, slicer_color_table(classes).encode()))
+    nib.save(img, tmp_path / "case.nii.gz")
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "case.nii.gz")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.stdout)["label_table"]["rows"]}
+    assert rows["lesion"]["count"] == 500 and rows["lesion"]["volume_ml"] == pytest.approx(5.0)
+    assert rows["liver"]["count"] == 1200 and rows["liver"]["volume_ml"] == pytest.approx(12.0)
+    assert "volume (mL)" in res.stderr and "1,200" in res.stderr
+
+
+# ----------------------------------------------------------------------------- 2. model inspect
+
+
+def test_model_inspect_refuses_what_segment_refuses(models, tmp_path):
+    from flows.cli import app
+
+    runner = CliRunner()
+    good = runner.invoke(app, ["model", "inspect", str(models["3ch"].path)])
+    assert good.exit_code == 0 and json.loads(good.stdout)["name"] == "tiny-2d-3ch"
+    pickled = pickle_only(models["3ch"].path, tmp_path / "pickled")
+    res = runner.invoke(app, ["model", "inspect", str(pickled)])
+    assert res.exit_code == 1 and res.stdout == ""
+    [error] = lines(res.stderr, "error:")
+    assert "no weights.safetensors" in error and "model.pt is a pickle checkpoint" in error
+    assert f"segflow model convert {pickled / 'model.pt'} --card {pickled / 'card.json'}" in error
+    cut = truncated_weights(models["3ch"].path, tmp_path / "cut")
+    res = runner.invoke(app, ["model", "inspect", str(cut)])
+    assert res.exit_code == 1 and "not a readable safetensors file" in res.stderr
+
+
+# ----------------------------------------------------------------------------- 8. progress and the console filter
+
+
+def test_plain_progress_lines_and_quiet_notes():
+    from rich.console import Console
+
+    from flows.progress import PlainReporter, QuietReporter
+
+    clock = [0.0]
+    console = Console(width=200, record=True)
+    rep = PlainReporter(console, every=10, clock=lambda: clock[0])
+    rep.start("k", "segment scene", 96, "chunks")
+    for _ in range(96):
+        clock[0] += 0.33
+        rep.advance("k")
+    rep.finish("k")
+    text = console.export_text().splitlines()
+    assert text[0] == "segment scene: 31/96 chunks (32%), 3.0 chunks/s, about 21 s left"
+    assert text[-1] == "segment scene: 96 chunks in 32 s (3.0 chunks/s)" and len(text) == 4
+    quiet = Console(width=200, record=True)
+    QuietReporter(quiet).note("Dask scheduler tcp://x", logging.INFO)
+    QuietReporter(quiet).note("scene.tif: has no CRS", logging.WARNING)
+    assert quiet.export_text() == "scene.tif: has no CRS\n"
+
+
+def test_the_console_filter_drops_what_segflow_reports_itself():
+    from flows.runlog import ReportedElsewhere
+    from storage.errors import CorruptInputError, InputError
+
+    keep_out = ReportedElsewhere()
+
+    def record(name: str, level: int, msg: str, exc: BaseException | None = None) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, None, (type(exc), exc, None) if exc else None)
+
+    try:
+        raise InputError("a.tif", "no such file") from OSError(2, "gone")
+    except InputError as exc:
+        ours = exc
+    assert not keep_out.filter(record("prefect.flow_runs", logging.ERROR, "Encountered exception", ours))
+    wrapped = RuntimeError("flow crashed")
+    wrapped.__cause__ = CorruptInputError("b.tif", "damaged")
+    assert not keep_out.filter(record("prefect.task_runs", logging.ERROR, "failed", wrapped))
+    assert not keep_out.filter(record("prefect.task_runs", logging.ERROR, "Finished in state Failed('Task run "
+                                      "encountered an exception CorruptInputError: b.tif: damaged')"))
+    assert keep_out.filter(record("prefect.flow_runs", logging.ERROR, "Encountered exception", KeyError("bug")))
+    assert keep_out.filter(record("prefect.task_runs", logging.ERROR, "Finished in state Failed('... KeyError: x')"))
+    assert not keep_out.filter(record("segflow", logging.INFO, "input failed: a.tif: no such file"))
+    assert keep_out.filter(record("segflow", logging.WARNING, "a.tif: has no CRS"))
