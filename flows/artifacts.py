@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.htmlreport import as_run_report, input_name
+from flows.numbers import readable
 
 THUMBNAIL_PX = 320  # longest side of a quicklook inlined in the markdown artifact
 MAX_INLINE_BYTES = 150_000  # a thumbnail larger than this is linked, not inlined
@@ -165,8 +166,7 @@ def _logger() -> Any:
 
 
 def _number(x: float) -> str:
-    """Whole units from 100 on (thousands separated), else three significant figures."""
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+    return readable(x)
 
 
 def _md(text: Any) -> str:

@@ -130,8 +130,18 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                         "configured (PREFECT_API_URL in the environment or the "
                                                         "Prefect profile)."),
             quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only: no progress, "
-                                                                    "no ok lines, no dashboard link.")) -> None:
+                                                                    "no ok lines, no dashboard link."),
+            quicklook: bool = typer.Option(False, "--quicklook/--no-quicklook",
+                                           help="Also write OUT/<stem>.quicklook.png: the labels over the image, "
+                                                "with areas (ha) or volumes (mL)."),
+            truth: Optional[Path] = typer.Option(None, "--truth", help="A folder of ground-truth label maps named "
+                                                                       "like the inputs: score the outputs against "
+                                                                       "them (segflow evaluate) into "
+                                                                       "OUT/evaluation/.")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json.
+
+    A local OUT also gets the run's report, OUT/reports/<time>.json and .html (``segflow report`` rebuilds the
+    page from the JSON).
 
     Every input's header is checked against the model first (it reads; its dimensions and bands fit the card):
     one that does not is an error line, and when none fits nothing is started.
@@ -148,7 +158,9 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                        model_space=model_space, dicom_seg=dicom_seg,
                        bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
                        vector=vector, simplify=simplify, output_grid=output_grid, mosaic=mosaic, crs=crs,
-                       split_by_tile=split_by_tile, compile=compile)
+                       split_by_tile=split_by_tile, compile=compile, quicklook=quicklook)
+    if truth is not None and not truth.is_dir():
+        _fail(f"{truth}: --truth takes a folder of ground-truth label maps named like the inputs")
     if (split_by_tile or crs) and not mosaic:
         _fail(f"{'--split-by-tile' if split_by_tile else '--crs'} applies to a mosaic of tiles; add --mosaic NAME")
     if split_by_tile and output_grid == "model":
@@ -181,6 +193,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         _fail(str(exc))
     if report:
         report.write_text(json.dumps(outcomes, indent=2))
+    page = _run_report(outcomes, arguments["out_dir"])
+    scored = _score(outcomes, truth, model, arguments["out_dir"]) if truth is not None else None
     for o in outcomes:
         if o["ok"] and not quiet:
             s = o["statistics"]
@@ -192,7 +206,51 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         console.print(f"[red]error:[/red] {escape(o['error'])}", highlight=False, soft_wrap=True)
     if run_log is not None and run_log.written:
         cliutil.inform(f"log: {run_log.path}", quiet)
+    if page is not None:
+        cliutil.inform(f"report: {page}", quiet)
+    if scored is not None:
+        cliutil.inform(f"scores: {scored}", quiet)
     cliutil.finish(1 if failed else 0)
+
+
+def _run_report(outcomes: list[dict], out: str) -> Path | None:
+    """OUT/reports/<time>.json (the outcomes) and its HTML page, for a local OUT where some input succeeded
+    (a run that wrote nothing leaves OUT as it was); None otherwise."""
+    import datetime as dt
+
+    from flows.htmlreport import find_quicklooks, write_html_report
+    from storage.atomic import write_text_atomically
+    from storage.remote import is_url
+
+    if is_url(out) or not any(o["ok"] for o in outcomes):
+        return None
+    folder = Path(out) / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    data = folder / f"segment-{stamp}.json"
+    n = 2
+    while data.exists():
+        data, n = folder / f"segment-{stamp}-{n}.json", n + 1
+    write_text_atomically(data, json.dumps(outcomes, indent=2), "the run report")
+    return write_html_report(outcomes, data.with_suffix(".html"), quicklooks=find_quicklooks(outcomes))
+
+
+def _score(outcomes: list[dict], truth: Path, model: Path, out: str) -> Path | None:
+    """``segflow evaluate`` of the run's label outputs against the same-named files in ``truth``."""
+    from flows.evaluate import evaluate_files, write_reports
+    from storage.remote import is_url
+
+    predictions = [Path(o["outputs"][0]) for o in outcomes if o["ok"]]
+    if not predictions or is_url(out):
+        return None
+    try:
+        scores = evaluate_files(predictions, [truth], classes=model)
+        write_reports(scores, Path(out) / "evaluation")
+    except SegflowError as exc:
+        console.print(f"[red]error:[/red] scoring against {escape(str(truth))}: {escape(str(exc))}",
+                      highlight=False, soft_wrap=True)
+        return None
+    return Path(out) / "evaluation" / "evaluation.md"
 
 
 @app.command()

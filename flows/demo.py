@@ -91,9 +91,9 @@ def run_demo(workdir: Path, *, workers: int | None = None, progress: Any = None)
             summary["training_seconds"][card.name] = round(time.perf_counter() - t, 1)
             rep = RichReporter(progress) if progress else None
             with reporting(rep) if rep else nullcontext():
+                options = SegmentOptions(precision="fast", chunk_size=chunk, quicklook=True)
                 state = segment_batch(inputs=[str(p) for p, _ in heldout], model_dir=str(model.path),
-                                      out_dir=str(outputs), options=SegmentOptions(precision="fast", chunk_size=chunk),
-                                      return_state=True)
+                                      out_dir=str(outputs), options=options, return_state=True)
             outcomes = batch_outcomes(state)
             summary["outcomes"].extend(outcomes)
             for (_, truth), outcome in zip(heldout, outcomes):
@@ -109,6 +109,11 @@ def run_demo(workdir: Path, *, workers: int | None = None, progress: Any = None)
     summary["ok"] = ok
     (workdir / "demo-report.json").write_text(json.dumps(summary, indent=2))
     summary["paths"]["report"] = str(workdir / "demo-report.json")
+    from flows.htmlreport import find_quicklooks, write_html_report
+
+    page = write_html_report(summary, workdir / "demo-report.html", quicklooks=find_quicklooks(summary),
+                             base=workdir)
+    summary["paths"]["html report"] = str(page)
     if not ok:
         raise SegflowError(workdir, "the demo's segmentation failed: see demo-report.json")
     return summary

@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 import typer
 
+from flows.numbers import readable
 from flows.report import REPORT_SCHEMA, InputReport, counts, fill_from_statistics, summary
 from storage.atomic import write_text_atomically
 from storage.errors import InvalidInputError, SegflowError
@@ -228,12 +229,7 @@ def _locate(path: str, base: Path | None) -> Path | None:
 
 
 def _number(x: float) -> str:
-    """85,860 / 12.4 / 3.07 / 0.0042: whole units from 100 on (thousands separated), else three figures."""
-    a = abs(x)
-    if a >= 100 or a == 0:
-        return f"{x:,.0f}"
-    digits = min(8, 2 - int(f"{a:e}".split("e")[1]))  # 1 decimal from 10 on, 2 from 1 on, ...
-    return f"{x:.{digits}f}".rstrip("0").rstrip(".")
+    return readable(x)
 
 
 def _amount(x: float | None, unit: str) -> str:

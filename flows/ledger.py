@@ -50,10 +50,16 @@ CACHE_DIR = ".segflow-cache"
 EXECUTION_ONLY = frozenset({"dask_address", "workers", "gpus"})  # where the work runs, not what it computes
 
 
+def off_flags(options: SegmentOptions) -> set[str]:
+    """Opt-in flags that are off: left out of keys and records, so runs made before they existed keep their
+    keys (a ledger entry, a resumable store) and their provenance."""
+    return {name for name in ("compile", "quicklook") if not getattr(options, name)}
+
+
 def keyed_parameters(card: ModelCard, options: SegmentOptions) -> dict[str, Any]:
     """The parameters of a run as far as they are known before it starts, card defaults filled in."""
     inf = card.inference
-    params = options.model_dump(mode="json", exclude=set(EXECUTION_ONLY) | (set() if options.compile else {"compile"}))
+    params = options.model_dump(mode="json", exclude=set(EXECUTION_ONLY) | off_flags(options))
     params.update(
         roi=list(options.roi) if options.roi is not None else list(inf.roi),
         overlap=options.overlap if options.overlap is not None else inf.overlap,

@@ -524,8 +524,32 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     }
     json_path, md_path = staging.write_report(report, out, stamp)
     report["report"] = {"json": str(json_path), "markdown": str(md_path)}
+    html_path = _html_report(report, json_path, logger)
+    if html_path is not None:
+        report["report"]["html"] = str(html_path)
+    from flows.artifacts import publish_artifacts
+    from flows.htmlreport import find_quicklooks
+
+    publish_artifacts(report, html_path=html_path, quicklooks={} if html_path is None else find_quicklooks(report))
     logger.info("%s; report %s", message, md_path)
     return Completed(message=message, data=report) if ok else Failed(message=message, data=report)
+
+
+def _html_report(report: dict[str, Any], json_path: Any, logger: Any) -> Path | None:
+    """The run's HTML page beside its JSON report (a local OUT only), with the change since the previous run;
+    a page that cannot be written is a warning, never a failed run."""
+    from flows.htmlreport import find_quicklooks, previous_report_path, read_run_report, write_html_report
+
+    if is_url(str(json_path)):
+        return None
+    try:
+        prev = previous_report_path(Path(json_path))
+        previous = read_run_report(prev) if prev else None
+        return write_html_report(report, Path(json_path).with_suffix(".html"), quicklooks=find_quicklooks(report),
+                                 previous=previous)
+    except (SegflowError, OSError) as exc:
+        logger.warning("no HTML report: %s", exc)
+        return None
 
 
 def _task_name(item: Expanded) -> str:

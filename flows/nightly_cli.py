@@ -44,7 +44,10 @@ def nightly_command(
                                                                 "stale and broken; give every run the same."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only (failed and "
                                                                 "no-model inputs): no progress, no table, no "
-                                                                "report paths (the report is still written).")
+                                                                "report paths (the report is still written)."),
+        quicklook: bool = typer.Option(True, "--quicklook/--no-quicklook",
+                                       help="OUT/<stem>.quicklook.png beside each output (on by default), shown in "
+                                            "the HTML report.")
 ) -> None:
     """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md."""
     from flows import cliutil as cli
@@ -56,7 +59,7 @@ def nightly_command(
         cli.fail("give --inbox DIR or --manifest FILE (one of them)")
     options = cli.options(precision=precision, roi=cli.ints(roi), overlap=overlap, chunk_size=chunk_size,
                            batch_size=batch_size, workers=workers, probabilities=probabilities,
-                           device=device, dask_address=dask_address, keep_zarr=not no_zarr,
+                           device=device, dask_address=dask_address, keep_zarr=not no_zarr, quicklook=quicklook,
                            **({"gpus": True} if gpus else {}))
     cli.check_models(model, load=True)  # loaded as the flow will (the same objects): a bad one is one line, first
     flow = nightly

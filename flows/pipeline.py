@@ -42,6 +42,7 @@ from flows.export import export_labels, model_space_labels, write_quicklook
 from flows.inputs import ingest_input, input_label, input_stem, output_name
 from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
+from flows.ledger import off_flags
 from flows.progress import reporter, say
 from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
@@ -85,7 +86,7 @@ def crf_params(options: SegmentOptions) -> CRFParams:
 def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) -> dict[str, Any]:
     inf = model.card.inference
     return {
-        **options.model_dump(exclude={"dask_address"} | (set() if options.compile else {"compile"})),
+        **options.model_dump(exclude={"dask_address"} | off_flags(options)),
         "roi": list(plan.grid.roi),
         "overlap": options.overlap if options.overlap is not None else inf.overlap,
         "blend": options.blend or inf.blend,
@@ -181,7 +182,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     futures = client.compute(writes + [plan.counts(only=todo)])
     model_futures = client.compute(model_writes) if model_writes else []
     key = f"infer:{target.name}"
-    reporter().start(key, f"segment {input_name}", total=len(plan.chunk_indexes))
+    reporter().start(key, f"segment {input_name}", total=len(plan.chunk_indexes), unit="chunks")
     if done:
         reporter().advance(key, len(done))
     histogram: dict[int, int] = {}

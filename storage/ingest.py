@@ -83,7 +83,7 @@ def check_readable_file(path: Path) -> bytes:
     return head
 
 
-def _check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
+def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
     """A NIfTI named .tif (or a TIFF named .nii) gets told so, rather than 'cannot be read'."""
     found = content_kind(head)
     name = path.name.lower()
@@ -115,7 +115,7 @@ def ingest(path: "str | PathLike[str] | SeriesRef", store_path: str | PathLike[s
     path = Path(path)
     head = check_readable_file(path)
     kind = kind_of(path)
-    _check_content_matches_name(path, kind, head)
+    check_content_matches_name(path, kind, head)
     if path.name.lower().endswith(ITEM_SUFFIXES):
         from storage.stacitem import ingest_item
 

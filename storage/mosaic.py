@@ -184,7 +184,7 @@ def _crs_name(crs: CRS) -> str:
 def read_tile(path: str | PathLike[str]) -> Tile:
     """A tile's header; a tile that is no georeferenced GeoTIFF/VRT is refused in one line naming it."""
     from storage.geotiff import _GDAL_ERRORS, _gdal_message, _image_bands, _image_dtype, _open_source
-    from storage.ingest import _check_content_matches_name, check_readable_file, kind_of
+    from storage.ingest import check_content_matches_name, check_readable_file, kind_of
 
     path = Path(path).absolute()
     head = check_readable_file(path)
@@ -195,7 +195,7 @@ def read_tile(path: str | PathLike[str]) -> Tile:
     if kind != "raster" or path.name.lower().endswith(".json"):
         what = "a STAC item" if kind == "raster" else "a volume"
         raise UnsupportedFormatError(path, f"is {what}, not a raster tile; a mosaic is made of GeoTIFF/VRT tiles only")
-    _check_content_matches_name(path, kind, head)
+    check_content_matches_name(path, kind, head)
     with _open_source(path) as src:
         try:
             bands = _image_bands(src, path)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from storage.errors import CorruptInputError, InputError
-from storage.ingest import _check_content_matches_name, check_readable_file, kind_of
+from storage.ingest import check_content_matches_name, check_readable_file, kind_of
 
 if TYPE_CHECKING:
     from storage.dicomfiles import SeriesRef
@@ -84,7 +84,7 @@ def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
     # ingest's own checks, in its order and words: a FIFO is refused before anything opens it (that would block)
     head = check_readable_file(path)
     kind = kind_of(path)
-    _check_content_matches_name(path, kind, head)  # a NIfTI named .tif is told so, as ingest tells it
+    check_content_matches_name(path, kind, head)  # a NIfTI named .tif is told so, as ingest tells it
     return _probe_raster(path) if kind == "raster" else _probe_volume(path)
 
 

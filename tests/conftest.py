@@ -12,6 +12,7 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ["SEGFLOW_LOG_DIR"] = str(Path(_PREFECT_HOME) / "segflow-logs")  # run logs of tested runs stay out of ~
 
 import pytest  # noqa: E402
 

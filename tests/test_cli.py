@@ -52,7 +52,9 @@ def test_segment_batch_exit_codes_errors_and_verify(model2d, tmp_path):
     for path in (*bad, missing):
         assert any(str(path) in line for line in errors), (path, errors)
     assert sorted(p.name for p in out.iterdir()) == ["in put é.provenance.json", "in put é.stac.json",
-                                                      "in put é.tif", "in put é.zarr"]
+                                                      "in put é.tif", "in put é.zarr", "reports"]
+    [page] = (out / "reports").glob("segment-*.html")  # the run's report lists the failed inputs too
+    assert all(path.name in page.read_text() for path in (*bad, missing) if "<" not in path.name)
 
     # all good: exit 0; info shows provenance; verify passes, then fails after tampering
     proc = run("segment", good, "--model", model2d.path, "--out", out, "--workers", "1", "--no-zarr")

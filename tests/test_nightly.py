@@ -142,6 +142,8 @@ def test_first_run_processes_new_inputs_isolates_the_bad_one_and_skips_the_done_
     md = md_path.read_text()
     assert "1 of 6 inputs failed" in md and "| `scene_a.tif` | done |" in md and "## Errors" in md
     assert report["run"]["flow_run_id"] and report["run"]["dask_scheduler"].startswith("tcp://")
+    html = Path(report["report"]["html"])  # the HTML page beside them (flows/htmlreport.py)
+    assert html == json_path.with_suffix(".html") and "scene_a.tif" in html.read_text()
 
 
 def test_report_areas_and_volumes_match_the_label_maps(runs, models):

@@ -5,9 +5,11 @@ areas and volumes from the run's label histogram in the legend."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from flows.batch import segment_inputs
 from flows.config import SegmentOptions
@@ -36,3 +38,26 @@ def test_a_run_writes_quicklooks_with_its_outputs(tmp_path):
         sidecar = out / f"{stem}.provenance.json"
         assert picture.name in json.dumps(json.loads(sidecar.read_text()))
         assert verify_sidecar(sidecar) == []
+
+
+@pytest.mark.slow
+def test_segment_quicklook_truth_and_run_report(tmp_path):
+    """``segflow segment --quicklook --truth DIR``: the picture, the scores against the same-named truth, and the
+    run's report (JSON and its HTML page, which shows the picture)."""
+    from flows.cli import app
+
+    scene, truth = samples.make_scene(tmp_path / "scene.tif", size=(128, 160), seed=4)
+    (tmp_path / "truth").mkdir()
+    shutil.copy(truth, tmp_path / "truth" / "scene.tif")
+    model = tiny_model(tmp_path / "m2", spatial_dims=2, channels=4, roi=[64, 64], classes=5)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["segment", str(scene), "--model", str(model.path), "--out", str(out),
+                                      "--quicklook", "--truth", str(tmp_path / "truth"), "--no-prefect"])
+    assert result.exit_code == 0, result.output
+    assert (out / "scene.quicklook.png").is_file()
+    scores = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert [c["name"] for c in scores["cases"][0]["classes"]][:2] == ["class0", "class1"]  # the card's names
+    assert all(0.0 <= c["dice"] <= 1.0 for c in scores["cases"][0]["classes"] if c["dice"] is not None)
+    pages = list((out / "reports").glob("segment-*.html"))
+    assert len(pages) == 1 and pages[0].with_suffix(".json").is_file()
+    assert pages[0].read_text().count("data:image/png;base64,") == 1  # the quicklook, inline

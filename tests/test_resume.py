@@ -179,7 +179,7 @@ class _Interrupt:
     def __init__(self, after: int) -> None:
         self.after, self.seen = after, 0
 
-    def start(self, key: str, description: str, total: int) -> None:
+    def start(self, key: str, description: str, total: int, unit: str = "") -> None:
         pass
 
     def advance(self, key: str, amount: int = 1) -> None:
