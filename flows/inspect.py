@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from storage.errors import InputError, ModelError, UnsupportedFormatError
+from storage.errors import InputError, UnsupportedFormatError
 
 if TYPE_CHECKING:
     from segmentation import LoadedModel
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")  # what a torch.save file is called
 COUNT_ROWS = 1024  # GeoTIFF rows counted at a time
 COLOR_TABLE_HEADER = "# segflow label table"  # storage.classes.slicer_color_table's first line
 
@@ -182,25 +181,11 @@ def label_table(path: Path, info: dict[str, Any]) -> dict[str, Any] | None:
 
 def inspect_model(path: str | Path, *, trust_bundle: bool = False) -> "LoadedModel":
     """The model at ``path`` loaded as ``segment`` loads it (card, weights read, hashed and fitted to the
-    network), so that ``model inspect`` refuses what ``segment`` refuses.
+    network), so that ``model inspect`` refuses what ``segment`` refuses, in the same words (a directory whose
+    only weights are a pickle checkpoint is told how to make it usable)."""
+    from segmentation.modeldir import load_model
 
-    A model directory whose only weights are a pickle checkpoint (``model.pt``
-    next to ``card.json``) is also told how to make it usable.
-    """
-    from segmentation.modeldir import SCRIPT_FILE, WEIGHTS_FILE, load_model
-
-    try:
-        return load_model(path, trust_bundle=trust_bundle)
-    except ModelError as exc:
-        folder = Path(path)
-        if not folder.is_dir() or (folder / WEIGHTS_FILE).exists() or (folder / SCRIPT_FILE).exists():
-            raise
-        pickles = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(CHECKPOINT_SUFFIXES))
-        if not pickles:
-            raise
-        raise ModelError(exc.path, f"{exc.problem}; {pickles[0].name} is a pickle checkpoint, which segflow does not "
-                                   "load (unpickling can run code): make a model directory of it with `segflow "
-                                   f"model convert {pickles[0]} --card {folder / 'card.json'} --out NEW_DIR`") from None
+    return load_model(path, trust_bundle=trust_bundle)
 
 
 def model_stac(path: str | Path, *, trust_bundle: bool = False) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from storage.hashing import sha256_file
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")  # what a torch.save file is called
 SCRIPT_FILE = "model.ts"  # the TorchScript form of a model directory
 TORCHSCRIPT = "torchscript"  # card architecture.name of a TorchScript network
 
@@ -80,6 +81,16 @@ def build_module(card: ModelCard) -> nn.Module:
                          **card.architecture.kwargs)
 
 
+def _pickle_hint(folder: Path) -> str:
+    """What to do when the only weights beside the card are a pickle checkpoint ("" when there is none)."""
+    pickles = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(CHECKPOINT_SUFFIXES))
+    if not pickles:
+        return ""
+    return (f"; {pickles[0].name} is a pickle checkpoint, which segflow does not load (unpickling can run code): "
+            f"make a model directory of it with `segflow model convert {pickles[0]} --card {folder / CARD_FILE} "
+            "--out NEW_DIR`")
+
+
 def load_model(path: str | PathLike[str], *, verify_hash: bool = True, trust_bundle: bool = False) -> LoadedModel:
     """A model directory, a MONAI bundle or a TorchScript archive with its card, ready to run.
 
@@ -104,7 +115,7 @@ def load_model(path: str | PathLike[str], *, verify_hash: bool = True, trust_bun
     if not weights.is_file() and script.is_file():
         return _load_script_dir(path, card, script, verify_hash)
     if not weights.is_file():
-        raise ModelError(path, f"no {WEIGHTS_FILE}")
+        raise ModelError(path, f"no {WEIGHTS_FILE}{_pickle_hint(path)}")
     _check_architecture(path, card)
     digest = _checked_digest(weights, card, verify_hash)
     if detect_format(weights) != "safetensors":

@@ -357,6 +357,9 @@ def test_model_inspect_refuses_what_segment_refuses(models, tmp_path):
     [error] = lines(res.stderr, "error:")
     assert "no weights.safetensors" in error and "model.pt is a pickle checkpoint" in error
     assert f"segflow model convert {pickled / 'model.pt'} --card {pickled / 'card.json'}" in error
+    image = raster(tmp_path / "in.tif")  # segment says the same, in the same words
+    seg = runner.invoke(app, ["segment", str(image), "--model", str(pickled), "--out", str(tmp_path / "o")])
+    assert seg.exit_code != 0 and lines(seg.stderr, "error:") == [error]
     cut = truncated_weights(models["3ch"].path, tmp_path / "cut")
     res = runner.invoke(app, ["model", "inspect", str(cut)])
     assert res.exit_code == 1 and "not a readable safetensors file" in res.stderr
