@@ -71,6 +71,7 @@ from flows.config import SegmentOptions
 from flows.inputs import Expanded, expand, input_label, input_stem
 from flows.report import InputReport, counts, fill_from_statistics, summary, timestamp
 from flows.routing import ModelEntry, loaded, no_model_reason, read_models, route
+from flows.runlog import exception_chain
 from storage import provenance
 from storage.dicomfiles import SeriesRef, is_dicom_input
 from storage.errors import ConfigError, ExportError, InputError, SegflowError
@@ -220,25 +221,12 @@ class TransientError(Exception):
     """A failure expected to pass on a later attempt (raise it to ask for a retry)."""
 
 
-def _chain(exc: BaseException):  # noqa: ANN202
-    """The exception and every exception it was raised from or during (``from None`` keeps the context)."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        stack += [e.__cause__, e.__context__]
-
-
 def is_transient(exc: BaseException) -> bool:
     """Retry?  Yes for timeouts, dropped connections and OSErrors with a transient errno (EIO, EAGAIN,
     ETIMEDOUT, ECONNRESET, ESTALE...), also when a reader wrapped them in an ``InputError``; no for the rest."""
     from distributed.comm import CommClosedError
 
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         if isinstance(e, (TransientError, TimeoutError, ConnectionError, CommClosedError)):
             return True
         if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:

@@ -74,7 +74,8 @@ class RunLog:
         return self.path.is_file()
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and every exception it was raised from or during (``from None`` keeps the context)."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -117,7 +118,7 @@ class ReportedElsewhere(logging.Filter):
     def reports_segflow_error(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            return any(isinstance(e, SegflowError) for e in _chain(exc))
+            return any(isinstance(e, SegflowError) for e in exception_chain(exc))
         if record.name.startswith(RUN_LOGGERS) and record.levelno >= logging.ERROR:
             return bool(self.named.search(record.getMessage()))
         return False

@@ -14,12 +14,13 @@ from pathlib import Path
 from storage.errors import ExportError
 
 
-def write_text_atomically(out: Path, text: str, what: str) -> Path:
-    """Write ``text`` to ``out``; a failure raises ExportError naming the file and leaves nothing behind."""
+def write_bytes_atomically(out: Path, data: bytes, what: str) -> Path:
+    """Write ``data`` to ``out`` under a temporary name, then rename it into place; a failure raises
+    ExportError naming the file and leaves nothing behind."""
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
     try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        with open(tmp, "xb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out)
@@ -29,4 +30,9 @@ def write_text_atomically(out: Path, text: str, what: str) -> Path:
     return out
 
 
-__all__ = ["write_text_atomically"]
+def write_text_atomically(out: Path, text: str, what: str) -> Path:
+    """:func:`write_bytes_atomically` of ``text`` as UTF-8, its line ends as they are."""
+    return write_bytes_atomically(out, text.encode("utf-8"), what)
+
+
+__all__ = ["write_bytes_atomically", "write_text_atomically"]

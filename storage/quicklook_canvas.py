@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import os
-import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from storage.atomic import write_bytes_atomically
 from storage.errors import ExportError
 
 __all__ = ["ClassShown", "Panel", "QuicklookInfo", "LegendEntry", "Sheet", "blend_labels", "label_outline",
@@ -247,17 +246,7 @@ def save_png(image: Image.Image, out: Path) -> Path:
         buf = io.BytesIO()
         image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG", compress_level=9)
         data = buf.getvalue()
-    parent = out.parent
-    if not parent.is_dir():
-        raise ExportError(out, f"output directory {parent} does not exist")
-    tmp = parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(out, f"cannot write the quicklook: {exc.strerror or type(exc).__name__}") from None
+    if not out.parent.is_dir():
+        raise ExportError(out, f"output directory {out.parent} does not exist")
+    write_bytes_atomically(out, data, "quicklook")
     return out
