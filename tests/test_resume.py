@@ -137,7 +137,9 @@ def test_sigkill_mid_run_then_rerun_writes_only_unfinished_chunks_byte_identical
     assert _tree(out / "scene.zarr") == _tree(tmp_path / "ref" / "scene.zarr")
     a, b = (json.loads((d / "scene.provenance.json").read_text()) for d in (tmp_path / "ref", out))
     assert _without_run_fields(a) == _without_run_fields(b)
-    assert sorted(p.name for p in out.iterdir()) == ["scene.provenance.json", "scene.stac.json", "scene.tif", "scene.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == ["reports", "scene.provenance.json", "scene.stac.json", "scene.tif",
+                                                     "scene.zarr"]  # reports: the completed run's report only
+    assert len(list((out / "reports").glob("segment-*.html"))) == 1  # the killed run wrote none
     assert verify_sidecar(out / "scene.provenance.json") == []
 
 
