@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -276,6 +277,7 @@ def reopen_prediction_store(target: str | PathLike[str], identity: str, *, spati
     partial = partial_path(target, identity)
     if not partial.is_dir() or ChunkJournal(partial, identity).recorded_identity() != identity:
         return None
+    _remove_interrupted_writes(partial)
     try:
         group = zarr.open_group(str(partial), mode="r+")
         if group.attrs.get(COMPLETE_ATTR, False):
@@ -293,6 +295,18 @@ def reopen_prediction_store(target: str | PathLike[str], identity: str, *, spati
             (num_classes,) + tuple(spatial_shape), (num_classes,) + tuple(chunks), probabilities_dtype):
         return None
     return group, labels, probs  # type: ignore[return-value]
+
+
+# zarr's local store writes each chunk to "<name>.<32 hex>.partial" and renames it into place
+_INTERRUPTED_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def _remove_interrupted_writes(store: Path) -> None:
+    """Delete the temporary files of chunk writes a killed run left in a store: never data (the rename into
+    place is what writes a chunk), and a resumed store must hold exactly what an uninterrupted one does."""
+    for path in store.rglob("*.partial"):
+        if path.is_file() and _INTERRUPTED_WRITE.search(path.name):
+            path.unlink(missing_ok=True)
 
 
 def mark_complete(group: zarr.Group) -> None:

@@ -452,3 +452,23 @@ def test_sigkill_of_a_mosaic_run_resumes_byte_identical(scene, tmp_path):
     assert (out / "region.tif").read_bytes() == (tmp_path / "ref" / "region.tif").read_bytes()
     assert _tree(out / "region.zarr") == _tree(tmp_path / "ref" / "region.zarr")
     assert verify_sidecar(out / "region.provenance.json") == []
+
+
+def test_a_resumed_store_drops_the_temporary_files_of_writes_a_kill_interrupted(tmp_path):
+    """zarr writes a chunk to "<name>.<32 hex>.partial" and renames it into place; a SIGKILL between the two leaves
+    that file, which a resumed store must not keep (it is never data, and it would differ from an uninterrupted
+    run's store; seen once in CI in the raster model-space SIGKILL test)."""
+    from storage.layout import ChunkJournal, create_prediction_store, partial_path, reopen_prediction_store
+
+    target, identity = tmp_path / "scene.zarr", "a" * 64
+    kw = dict(spatial_shape=(32, 32), chunks=(16, 16), label_dtype="uint8", probabilities_dtype=None)
+    _, labels, _ = create_prediction_store(target, meta={}, nodata_label=255, classes=[{"value": 0}], identity=identity,
+                                           **kw)
+    ChunkJournal(partial_path(target, identity), identity).start({"identity": identity})
+    labels[:16, :16] = 1
+    stray = partial_path(target, identity) / "labels" / "c" / "0" / f"1.{'0123456789abcdef' * 2}.partial"
+    stray.write_bytes(b"half a chunk")
+    kept = partial_path(target, identity) / "labels" / "keep.partial.txt"  # not zarr's pattern: left alone
+    kept.write_text("x")
+    assert reopen_prediction_store(target, identity, num_classes=1, **kw) is not None
+    assert not stray.exists() and kept.exists()
