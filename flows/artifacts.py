@@ -100,7 +100,7 @@ def results_table(run: dict[str, Any]) -> list[dict[str, Any]]:
         unit = "mL" if rep.get("measure") == "volume_ml" else "ha"
         key = rep.get("measure") or "area_ha"
         labels = [r for r in rep.get("labels") or [] if isinstance(r, dict)]
-        amounts = "; ".join(f"{r.get('name')} {_number(r.get(key))} {unit}" for r in labels
+        amounts = "; ".join(f"{r.get('name')} {readable(r.get(key))} {unit}" for r in labels
                             if isinstance(r.get(key), (int, float)))
         if labels and not amounts:  # counted, but no area (e.g. a geographic CRS): say why
             amounts = str(rep.get("measure_note") or "")
@@ -163,10 +163,6 @@ def _logger() -> Any:
         return get_run_logger()
     except Exception:  # noqa: BLE001
         return log
-
-
-def _number(x: float) -> str:
-    return readable(x)
 
 
 def _md(text: Any) -> str:

@@ -228,12 +228,8 @@ def _locate(path: str, base: Path | None) -> Path | None:
 # ----------------------------------------------------------------------------- numbers as people write them
 
 
-def _number(x: float) -> str:
-    return readable(x)
-
-
 def _amount(x: float | None, unit: str) -> str:
-    return "–" if x is None else f"{_number(x)} {unit}"
+    return "–" if x is None else f"{readable(x)} {unit}"
 
 
 def _seconds(s: Any) -> str:
@@ -243,7 +239,7 @@ def _seconds(s: Any) -> str:
         return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
     if s >= 60:
         return f"{int(s // 60)} min {int(s % 60):02d} s"
-    return f"{_number(s)} s"
+    return f"{readable(s)} s"
 
 
 # ----------------------------------------------------------------------------- the page

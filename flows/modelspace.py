@@ -25,9 +25,10 @@ import numpy as np
 from distributed import Client
 
 from flows.config import SegmentOptions
+from flows.routing import chosen_bands
 from segmentation import LoadedModel, build_plan
 from segmentation.modelspace import ModelSpacePlan
-from storage.bands import aliases, channel_indexes, channel_units, preselected, select_bands
+from storage.bands import channel_indexes, channel_units, preselected
 from storage.geometry import RasterGeometry, VolumeGeometry
 from storage.grids import GridMapping, model_grid
 from storage.layout import META_ATTR, ImageStore, StoreMeta
@@ -70,26 +71,13 @@ def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOption
 
 
 def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:
-    """The image the network sees, and the names of the bands chosen (None: every band, in the stored order).
-
-    ``--bands`` wins; otherwise the card's channel names are looked up among
-    the input's band names when the input names its bands; an input whose
-    band count already equals the model's and that names none of them is
-    taken as it is (as before bands had names).
-    """
+    """The image the network sees, and the names of the bands chosen (None: every band, in the stored order),
+    by the rule the header check applies before anything starts (:func:`flows.routing.chosen_bands`)."""
     offered = list(store.meta.channel_names)
     card = model.card.input
-    name = f"model {model.card.name!r}"
-    if options.bands is not None:
-        picked = select_bands(options.bands, offered, model=name)
-    elif card.channel_names and _names_bands(store):
-        hint = "choose them with --bands (names or 1-based indices)"
-        if len(offered) == card.channels and not _any_match(card.channel_names, offered):
-            return store.image, None  # named differently throughout, same count: the old positional contract
-        picked = select_bands(card.channel_names, offered, model=name, hint=hint)
-    else:
-        return store.image, None
-    if picked == list(range(len(offered))):
+    picked = chosen_bands(offered, _names_bands(store), options.bands, card.channel_names or [],
+                          f"model {model.card.name!r}")
+    if picked is None or picked == list(range(len(offered))):
         return store.image, None
     return da.from_zarr(store.image)[picked], [offered[i] for i in picked]
 
@@ -97,11 +85,6 @@ def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions
 def _names_bands(store: ImageStore) -> bool:
     geometry = store.meta.geometry
     return any(getattr(geometry, "band_descriptions", None) or [])
-
-
-def _any_match(wanted: list[str], offered: list[str]) -> bool:
-    names = {n.lower() for o in offered for n in aliases(o)}
-    return any(n.lower() in names for w in wanted for n in aliases(w))
 
 
 def model_image_path(store: ImageStore) -> Path:
