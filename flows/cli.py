@@ -72,7 +72,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
             overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: the card's)."),
             chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),
             batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
-            workers: Optional[int] = typer.Option(None, help="Local Dask worker processes (default: 1, one thread per core)."),
+            workers: Optional[int] = typer.Option(None, help="Local Dask worker processes (default: 0, the work runs in threads of this process, one per core; N: N processes, which isolate the work from this one)."),
             probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),
             device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
             dask_address: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler."),

@@ -170,8 +170,9 @@ def has_bokeh() -> bool:
 def dashboard_line(client: Client, what: str) -> str:
     """The one line a command prints about its cluster: the scheduler, ``what`` it is, and the dashboard."""
     workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-    where = f"Dask scheduler {getattr(client.scheduler, 'address', '?')} ({what}, {workers} " \
-            f"worker{'s' * (workers != 1)})"
+    address = str(getattr(client.scheduler, "address", "?"))
+    where = "in this process" if address.startswith("inproc://") else address  # nothing else can connect to it
+    where = f"Dask scheduler {where} ({what}, {workers} worker{'s' * (workers != 1)})"
     services = client.scheduler_info().get("services", {})
     if "dashboard" not in services:
         return f"{where}, no dashboard"
@@ -202,7 +203,7 @@ def _cuda_cluster(workers: int | None, threads_per_worker: int | None, dashboard
 
 @contextmanager
 def dask_client(address: str | None = None, *, workers: int | None = None, threads_per_worker: int | None = None,
-                dashboard: bool = False, gpus: bool = False) -> Iterator[Client]:
+                dashboard: bool = False, gpus: bool = False, in_process: bool = False) -> Iterator[Client]:
     """Yield a client: to ``address``, else the process's current one, else a new local cluster.
 
     A local cluster defaults to one worker process with one thread per core,
@@ -219,6 +220,16 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
     that the scheduler has GPU workers. Either way every worker gets the
     :class:`TorchThreads` plugin; the model is one graph key, unpickled once
     per worker.
+
+    ``in_process`` (or ``workers=0``): the local cluster's one worker is
+    threads of this process, not a process of its own. A one-off ``segflow
+    segment`` runs so by default: a worker process starts Python, imports
+    torch and MONAI and loads the model a second time, which was most of a
+    small run's start-up (512² with the demo's model: 5.0 s beyond the
+    compute with a worker process, 3.7 s without; benchmarks/startup.py).
+    Its windows run at the same speed (6144², inference 7.8-8.0 s either
+    way). A worker process isolates the work from this process (a crash
+    there is restarted by its nanny); ``nightly`` keeps one by default.
 
     ``dashboard``: serve Dask's dashboard pages, and say once which
     scheduler and where its dashboard is (a line on the CLI's console through
@@ -254,9 +265,10 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
         plugin = TorchThreads()
     else:
         cores = available_cores()
-        n = workers or 1
+        in_process = in_process or workers == 0
+        n = 1 if in_process else (workers or 1)
         threads = threads_per_worker or max(1, cores // n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, silence_logs=40,
+        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=not in_process, silence_logs=40,
                                **http_options(dashboard))
         plugin = TorchThreads(max(1, cores // (n * threads)))
     client = Client(cluster)

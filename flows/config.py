@@ -20,7 +20,8 @@ class SegmentOptions(BaseModel):
     batch_size: int | None = Field(default=None, ge=1)
     probabilities: Literal["none", "float32", "uint8"] = "none"
     device: str = "auto"
-    workers: int | None = Field(default=None, ge=1)
+    # local Dask worker processes; 0: threads of this process. None: segment's default is 0, nightly's 1
+    workers: int | None = Field(default=None, ge=0)
     dask_address: str | None = None
     gpus: bool = False  # dask-cuda LocalCUDACluster (one worker per GPU), or GPU workers of dask_address
     keep_zarr: bool = True  # keep OUT/<stem>.zarr (labels [+ probabilities]) beside the export

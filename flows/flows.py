@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
-from flows.batch import segment_inputs
+from flows.batch import one_off_in_process, segment_inputs
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
@@ -31,7 +31,8 @@ def segment(input_path: str, model_dir: str, out_dir: str, options: SegmentOptio
     """Segment one GeoTIFF/NIfTI into OUT/<stem>.tif|.nii.gz with provenance."""
     options = options or SegmentOptions()
     model = load_model(model_dir, trust_bundle=options.trust_bundle)
-    with dask_client(options.dask_address, workers=options.workers, gpus=options.gpus) as client:
+    with dask_client(options.dask_address, workers=options.workers or None, gpus=options.gpus,
+                     in_process=one_off_in_process(options)) as client:
         outcome = segment_staged(input_path, model, out_dir, options, client)
     get_run_logger().info("segmented %s -> %s", input_path, outcome.outputs[0])
     return outcome.to_dict()

@@ -29,7 +29,7 @@ def nightly_command(
         overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: each card's)."),
         chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),
         batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
-        workers: Optional[int] = typer.Option(None, help="Local Dask worker processes."),
+        workers: Optional[int] = typer.Option(None, help="Local Dask worker processes (default: 1; 0: threads of this process)."),
         probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         dask_address: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler."),

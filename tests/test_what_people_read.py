@@ -295,8 +295,8 @@ def test_segment_with_8787_taken_no_port_warning_dashboard_line_progress_lines_a
         assert p.returncode == 0, p.stderr
         assert "already in use" not in p.stdout + p.stderr and "UserWarning" not in p.stderr, p.stderr
     # the cluster's line, once, as a plain line; plain progress (stderr is no terminal); the ok line
-    [dask] = lines(proc.stderr, "Dask scheduler tcp://")
-    assert "(local cluster, 1 worker)" in dask and "dashboard" in dask
+    [dask] = lines(proc.stderr, "Dask scheduler ")  # segment's default: the work runs in this process's threads
+    assert "Dask scheduler in this process (local cluster, 1 worker)" in dask and "dashboard" in dask
     assert lines(proc.stderr, "segment scene: ") and lines(proc.stderr, "ok ")
     assert quiet.stdout == "" and quiet.stderr == "", quiet.stderr
     assert (tmp_path / "out-quiet" / "scene.tif").is_file()
