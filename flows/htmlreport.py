@@ -14,6 +14,10 @@ Two report shapes come in: the nightly report (``segflow.nightly-report/1``,
 lacks (model, classes, cell size) from its provenance sidecar, the model card
 and the output's header; what cannot be read is left out, never guessed.
 Every string from a report (file names, error lines, class names) is escaped.
+
+Reading and adapting a report, and finding its quicklooks and model cards,
+live in :mod:`flows.reportdata` (re-exported here); this module renders the
+page and holds the ``segflow report`` command.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,197 +35,18 @@ from urllib.parse import quote
 import typer
 
 from flows.numbers import readable
-from flows.report import REPORT_SCHEMA, InputReport, counts, fill_from_statistics, summary
+from flows.reportdata import (MAIN_SUFFIXES, MAX_CARD_BYTES, QUICKLOOK_SUFFIX, as_run_report, find_quicklooks,
+                              locate_output, main_output, previous_report_path, quicklook_path, read_card_summary,
+                              read_run_report)
 from storage.atomic import write_text_atomically
-from storage.errors import InvalidInputError, SegflowError
+from storage.errors import SegflowError
 from storage.remote import is_url
 
-QUICKLOOK_SUFFIX = ".quicklook.png"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_EMBED_BYTES = 8 << 20  # a quicklook is at most about 1 MB; anything far bigger is not one
-MAX_CARD_BYTES = 1 << 20
-MAIN_SUFFIXES = (".tif", ".tiff", ".nii.gz", ".nii")
 TIMINGS = (("ingest", "ingest_seconds"), ("inference", "inference_seconds"), ("export", "export_seconds"),
            ("total", "total_seconds"))
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-
-# ----------------------------------------------------------------------------- both shapes as one
-
-
-def read_run_report(path: Path) -> dict[str, Any]:
-    """A run report JSON file in the nightly shape, whichever shape it was written in."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidInputError(path, f"cannot read the report: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise InvalidInputError(path, f"report is not valid JSON: {exc}") from None
-    return as_run_report(data, source=Path(path))
-
-
-def as_run_report(report: dict[str, Any] | list[Any], *, source: Path | None = None,
-                  base: Path | None = None) -> dict[str, Any]:
-    """The nightly shape of a run report: a nightly report as it is, a list of segment outcomes adapted.
-
-    ``source`` names the report in errors.  Relative output paths of outcomes
-    are found from the current folder, else from ``base`` (default: ``source``'s
-    folder): ``segment --report`` records them as given on the command line.
-    """
-    if isinstance(report, dict) and report.get("schema") == REPORT_SCHEMA:
-        if not isinstance(report.get("inputs"), list) or not isinstance(report.get("run"), dict):
-            raise InvalidInputError(source, "nightly report without 'run' and 'inputs'")
-        return report
-    if isinstance(report, dict) and "schema" in report:
-        raise InvalidInputError(source, f"unknown report schema {str(report['schema'])[:80]!r}")
-    outcomes = report.get("outcomes") if isinstance(report, dict) else report
-    if not isinstance(outcomes, list) or not all(isinstance(o, dict) and "input" in o and "ok" in o
-                                                 for o in outcomes):
-        raise InvalidInputError(source, "not a segflow run report (a nightly report or segment outcomes)")
-    base = base if base is not None else source.parent if source is not None else None
-    models: dict[str, dict[str, Any]] = {}
-    inputs = [_from_outcome(o, base, models) for o in outcomes]
-    seconds = report.get("seconds") if isinstance(report, dict) else None
-    if not isinstance(seconds, (int, float)):
-        seconds = sum(float(r.seconds or 0) for r in inputs)
-    ok = all(r.status == "done" for r in inputs)
-    return {"schema": REPORT_SCHEMA, "adapted_from": "segment-outcomes",
-            "run": {"started": None, "finished": None, "seconds": seconds, "state": "Completed" if ok else "Failed",
-                    "summary": summary(inputs), "out_dir": None, "models": list(models.values()),
-                    "counts": counts(inputs)},
-            "inputs": [r.to_dict() for r in inputs]}
-
-
-def _from_outcome(outcome: dict[str, Any], base: Path | None, models: dict[str, dict[str, Any]]) -> InputReport:
-    stats = outcome.get("statistics") if isinstance(outcome.get("statistics"), dict) else {}
-    rep = InputReport(input=str(outcome["input"]), status="done" if outcome.get("ok") else "failed",
-                      error=None if outcome.get("error") is None else str(outcome["error"]),
-                      outputs=[str(o) for o in outcome.get("outputs") or []])
-    if rep.status != "done":
-        return rep
-    sidecar = next((o for o in rep.outputs if o.endswith(".provenance.json")), None)
-    record = _read_json(_locate(sidecar, base)) if sidecar else None
-    model = record.get("model") if isinstance(record, dict) and isinstance(record.get("model"), dict) else {}
-    rep.model, rep.model_path = _str(model.get("name")), _str(model.get("path"))
-    card = read_card_summary(rep.model_path) if rep.model_path else None
-    if rep.model_path and rep.model_path not in models:
-        models[rep.model_path] = {"path": rep.model_path, "name": rep.model,
-                                  "weights_sha256": _str(model.get("weights_sha256"))}
-    classes = [{"value": v, "name": n} for v, n, _ in card["classes"]] if card else _classes_of(stats)
-    volume = any(o.lower().endswith((".nii.gz", ".nii")) for o in rep.outputs)
-    cell_size, unit, note = None, "mL" if volume else "ha", "the output's header was not read"
-    main = main_output(rep.outputs)
-    located = _locate(main, base) if main else None
-    if located is not None and located.exists():
-        from storage.probe import probe
-
-        try:
-            header = probe(located)
-            rep.kind, cell_size, unit, note = header.kind, header.cell_size, header.cell_unit, header.cell_note
-        except (SegflowError, OSError) as exc:
-            note = f"the output's header cannot be read: {exc}"
-    fill_from_statistics(rep, stats, classes, cell_size, unit, note)
-    rep.seconds = stats.get("total_seconds") if isinstance(stats.get("total_seconds"), (int, float)) else None
-    return rep
-
-
-def _classes_of(stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """Without a card: a volume's label statistics name its classes; else each counted value is "class N"."""
-    named = (stats.get("label_statistics") or {}).get("classes") or {}
-    if isinstance(named, dict) and named:
-        return [{"value": int(e.get("value", i)), "name": str(n)} for i, (n, e) in enumerate(named.items())
-                if isinstance(e, dict)]
-    values = sorted(int(v) for v in (stats.get("label_pixels") or {}) if str(v).isdigit())
-    return [{"value": v, "name": f"class {v}"} for v in values if v not in (255, 65535)]  # segflow's label nodata
-
-
-def main_output(outputs: list[str]) -> str | None:
-    """The label map among an input's outputs (a COG or a NIfTI), the one its quicklook is drawn from."""
-    return next((o for o in outputs if o.lower().endswith(MAIN_SUFFIXES)), None)
-
-
-def quicklook_path(output: str | os.PathLike[str]) -> Path:
-    """Where an output's quicklook lives: ``<output stem>.quicklook.png`` beside it."""
-    from storage.ingest import stem_of  # zarr and numpy: not for every `segflow` command's start
-
-    return Path(output).with_name(stem_of(output) + QUICKLOOK_SUFFIX)
-
-
-def find_quicklooks(report: dict[str, Any], *, base: Path | None = None) -> dict[str, Path]:
-    """{input: quicklook PNG} for the inputs whose label map has a quicklook beside it."""
-    found = {}
-    for rep in as_run_report(report, base=base)["inputs"]:
-        main = main_output([str(o) for o in rep.get("outputs") or []])
-        located = _locate(main, base) if main else None
-        if located is not None and quicklook_path(located).is_file():
-            found[str(rep["input"])] = quicklook_path(located)
-    return found
-
-
-def previous_report_path(json_path: Path) -> Path | None:
-    """The nightly report written before ``json_path`` in its folder (names are UTC stamps, -2, -3... after)."""
-    def order(p: Path) -> tuple[str, int]:
-        stamp, _, n = p.stem.partition("-")
-        return stamp, int(n) if n.isdigit() else 1
-
-    json_path = Path(json_path)
-    earlier = [p for p in json_path.parent.glob("*.json") if p != json_path and order(p) < order(json_path)]
-    return max(earlier, key=order, default=None)
-
-
-def read_card_summary(model_path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """What the page shows of a model card, read as plain JSON (no torch); None when there is no readable card."""
-    path = Path(model_path)
-    card_path = path / "card.json" if path.is_dir() else path
-    if card_path.suffix != ".json" or not card_path.is_file() or card_path.stat().st_size > MAX_CARD_BYTES:
-        return None
-    card = _read_json(card_path)
-    if not isinstance(card, dict):
-        return None
-    spec = card.get("input") if isinstance(card.get("input"), dict) else {}
-    arch = card.get("architecture") if isinstance(card.get("architecture"), dict) else {}
-    classes = []
-    for c in card.get("classes") or []:
-        if isinstance(c, dict) and isinstance(c.get("value"), int):
-            classes.append((c["value"], str(c.get("name", c["value"])), _rgb(c.get("color"), c["value"])))
-    spacing = spec.get("spacing")
-    return {"name": _str(card.get("name")), "description": _str(card.get("description")),
-            "architecture": _str(arch.get("name")), "spatial_dims": spec.get("spatial_dims"),
-            "channels": spec.get("channels"), "channel_names": [str(n) for n in spec.get("channel_names") or []],
-            "spacing": [s for s in spacing if isinstance(s, (int, float))] if isinstance(spacing, list) else None,
-            "spacing_unit": _str(spec.get("spacing_unit")), "classes": classes}
-
-
-def _rgb(color: Any, value: int) -> tuple[int, int, int]:
-    """A class colour as three ints in 0..255 (it goes into a style attribute); else the quicklooks' palette."""
-    if isinstance(color, (list, tuple)) and len(color) == 3 and all(isinstance(c, int) for c in color):
-        return tuple(max(0, min(255, c)) for c in color)  # type: ignore[return-value]
-    from storage.quicklook_canvas import palette_color
-
-    return palette_color(value)
-
-
-def _read_json(path: Path | None) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path is not None else None
-    except (OSError, ValueError):  # a sidecar or card that cannot be read shows less, never fails the page
-        return None
-
-
-def _str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _locate(path: str, base: Path | None) -> Path | None:
-    """A local output path as absolute: relative ones from the current folder, else from ``base``; URLs: None."""
-    if is_url(path):
-        return None
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    if base is not None and not p.exists() and (base / p).exists():
-        return (base / p).absolute()
-    return p.absolute()
 
 
 # ----------------------------------------------------------------------------- numbers as people write them
@@ -398,7 +222,7 @@ class _Page:
 
     def link(self, output: str) -> str:
         """A relative link from the page's folder; a URL, or a path no relative link reaches, as text."""
-        located = _locate(output, self.base)
+        located = locate_output(output, self.base)
         try:
             rel = None if located is None else Path(os.path.relpath(located, self.html_dir)).as_posix()
         except ValueError:  # another drive
@@ -505,3 +329,8 @@ def report_command(
     except SegflowError as exc:
         cliutil.fail(str(exc), code=1)
     cliutil.out.print(str(path), highlight=False, soft_wrap=True)
+
+
+__all__ = ["CSP", "MAIN_SUFFIXES", "MAX_CARD_BYTES", "MAX_EMBED_BYTES", "PNG_SIGNATURE", "QUICKLOOK_SUFFIX", "STYLE",
+           "TIMINGS", "as_run_report", "find_quicklooks", "input_name", "main_output", "previous_report_path",
+           "quicklook_path", "read_card_summary", "read_run_report", "report_command", "write_html_report"]

@@ -11,56 +11,45 @@ of ``classes``), or background plus the distinct values of the layers' class
 attribute (``class``, ``class_id``, ``class_name``, ``label``, ``category``,
 first found), or one class named after the layer when there is none.
 
-A vector layer becomes a label raster on the image grid (:func:`rasterise`)
-in the caller's work folder, block of rows by block of rows, so the label
-raster of a large scene never sits in memory; features are reprojected to
-the image's CRS first.  Pixels are burnt by their centre, a later feature
-over an earlier one.  Splits are not part of the layout: callers split by a
-seeded fraction or spatially.
+A vector layer becomes a label raster on the image grid (:func:`rasterise`,
+in :mod:`storage.datasets.rasterising`; layers are read by
+:mod:`storage.datasets.vectorlayers`) in the caller's work folder, block of
+rows by block of rows, so the label raster of a large scene never sits in
+memory; features are reprojected to the image's CRS first.  Pixels are burnt
+by their centre, a later feature over an earlier one.  Splits are not part of
+the layout: callers split by a seeded fraction or spatially.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
-import pyogrio
-import pyogrio.errors
-import pyogrio.raw
 import rasterio
-import rasterio.features
 import rasterio.warp
 import rasterio.windows
-import shapely
 from pydantic import ValidationError
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
-from shapely.geometry import mapping, shape
 
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
 from storage.datasets.arrays import LabelArray, LabelTable, count_classes, ingested
-from storage.errors import CorruptInputError, ExportError, InvalidInputError
+from storage.datasets.rasterising import crs_of, grid_corners, raster_spacing, rasterise, same_grid
+from storage.datasets.vectorlayers import (CLASS_ATTRIBUTES, attribute_values, class_values, find_class_attribute,
+                                           is_missing, layer_crs, layer_info)
+from storage.errors import CorruptInputError, InvalidInputError
 from storage.geometry import RasterGeometry
 from storage.layout import ImageStore
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
 VECTOR_SUFFIXES = (".geojson", ".gpkg")
-CLASS_ATTRIBUTES = ("class", "class_id", "class_name", "classname", "label", "category")
 CLASSES_FILE = "classes.json"
-_EARTH_RADIUS_M = 6371008.8  # mean radius: spacing of a geographic raster is only used for surface distances
-_GRID_TOLERANCE = 0.01  # pixels: how far two grids' corners may lie apart and still be one grid
-_VECTOR_ERRORS = (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FieldError,
-                  pyogrio.errors.GeometryError, pyogrio.errors.FeatureError, pyogrio.errors.CRSError, OSError)
 
 
 @dataclass(frozen=True)
@@ -71,40 +60,7 @@ class VectorLabels:
     class_attribute: str | None
 
 
-# --------------------------------------------------------------------------- grids
-
-
-def crs_of(geometry: RasterGeometry) -> CRS | None:
-    if geometry.crs_wkt:
-        return CRS.from_wkt(geometry.crs_wkt)
-    return CRS.from_epsg(geometry.epsg) if geometry.epsg else None
-
-
-def raster_spacing(geometry: RasterGeometry) -> tuple[float, float]:
-    """Pixel size in metres along (y, x); in pixels (1.0) for a raster without CRS or transform."""
-    a, b, _, d, e, f = geometry.transform
-    rows, cols = math.hypot(b, e), math.hypot(a, d)
-    crs = crs_of(geometry)
-    if crs is None:
-        return (rows, cols)
-    if crs.is_geographic:  # degrees: a sphere is close enough for distances between label surfaces
-        lat = f + e * geometry.height / 2 + d * geometry.width / 2
-        metres = math.pi / 180 * _EARTH_RADIUS_M
-        return (rows * metres, cols * metres * max(math.cos(math.radians(lat)), 1e-6))
-    try:
-        factor = float(crs.linear_units_factor[1])
-    except Exception:  # a CRS without linear units says nothing better than its own numbers
-        factor = 1.0
-    return (rows * factor, cols * factor)
-
-
-def _corners(transform: Affine, width: int, height: int) -> np.ndarray:
-    return np.array([transform * xy for xy in ((0, 0), (width, 0), (0, height), (width, height))])
-
-
-def _same_grid(t1: Affine, t2: Affine, width: int, height: int) -> bool:
-    pixel = min(math.hypot(t1.a, t1.d), math.hypot(t1.b, t1.e)) or 1.0
-    return bool(np.all(np.abs(_corners(t1, width, height) - _corners(t2, width, height)) <= _GRID_TOLERANCE * pixel))
+# --------------------------------------------------------------------------- headers, before any pixel is read
 
 
 @dataclass(frozen=True)
@@ -141,178 +97,23 @@ def _check_label_raster(image: Path, label: Path, img: _Profile) -> None:
     if np.dtype(lab.dtype).kind not in "iu":
         raise InvalidInputError(label, f"label raster has {lab.dtype} pixels; labels must be integers "
                                        "(gdal_translate -ot Byte)")
-    if lab.crs is not None and (lab.crs != img.crs or not _same_grid(img.transform, lab.transform,
-                                                                       img.width, img.height)):
+    if lab.crs is not None and (lab.crs != img.crs or not same_grid(img.transform, lab.transform,
+                                                                      img.width, img.height)):
         raise InvalidInputError(label, f"label raster is not on image {image.name}'s grid (CRS or transform "
                                        "differ); warp it onto the image grid first")
 
 
-# --------------------------------------------------------------------------- vector layers
-
-
-def _unreadable(path: Path, exc: BaseException) -> CorruptInputError:
-    return CorruptInputError(path, f"cannot read the vector layer: {str(exc).splitlines()[0][:200]}")
-
-
-def _info(path: Path) -> dict[str, Any]:
-    try:
-        return pyogrio.read_info(path)
-    except _VECTOR_ERRORS as exc:
-        raise _unreadable(path, exc) from None
-
-
-def _read_layer(path: Path, columns: list[str], geometry: bool) -> tuple[dict[str, Any], Any, list[np.ndarray]]:
-    try:
-        meta, _, geoms, fields = pyogrio.raw.read(path, columns=columns, read_geometry=geometry, return_fids=False)
-    except _VECTOR_ERRORS as exc:
-        raise _unreadable(path, exc) from None
-    return meta, geoms, fields
-
-
-def find_class_attribute(path: Path) -> str | None:
-    """The layer's field that holds classes: the first of CLASS_ATTRIBUTES present (any case), or None."""
-    lowered = {str(f).lower(): str(f) for f in _info(path)["fields"]}
-    return next((lowered[c] for c in CLASS_ATTRIBUTES if c in lowered), None)
-
-
-def _attribute(path: Path, attribute: str) -> np.ndarray:
-    meta, _, fields = _read_layer(path, [attribute], geometry=False)
-    if attribute not in [str(f) for f in meta["fields"]]:
-        raise InvalidInputError(path, f"has no attribute '{attribute}'")
-    return np.asarray(fields[0], dtype=object)
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str)
-                                                                                  and not value.strip())
-
-
-def class_values(values: Sequence[Any] | None, count: int, classes: list[LabelClass] | None, path: Path,
-                 attribute: str | None) -> np.ndarray:
-    """Each feature's class value: names by the table (any case), numbers as they are; None: one class."""
-    if values is None:
-        if classes is None:
-            return np.ones(count, dtype=np.uint8)
-        foreground = [c for c in classes if c.value != 0]
-        if len(foreground) != 1:
-            raise InvalidInputError(path, f"has no class attribute ({', '.join(CLASS_ATTRIBUTES)}) but the label "
-                                          f"table has {len(foreground)} classes besides background")
-        return np.full(count, foreground[0].value, dtype=np.uint8)
-    by_name = {c.name.strip().lower(): c.value for c in classes or []}
-    known = {c.value for c in classes or []}
-    out = np.zeros(len(values), dtype=np.uint8)
-    for i, raw in enumerate(values):
-        if _missing(raw):
-            raise InvalidInputError(path, f"feature {i} has no value in '{attribute}'")
-        if isinstance(raw, str):
-            if classes is None:
-                raise InvalidInputError(path, f"'{attribute}' holds names ({raw!r}); naming classes needs a "
-                                              "label table")
-            value = by_name.get(raw.strip().lower())
-            if value is None:
-                raise InvalidInputError(path, f"feature {i} has class {raw!r} in '{attribute}', which is not in the "
-                                              f"label table ({', '.join(sorted(by_name))})")
-        else:
-            try:
-                number = float(raw)
-            except (TypeError, ValueError):
-                number = math.nan
-            if not number.is_integer() or not 0 <= number < IGNORE:
-                raise InvalidInputError(path, f"feature {i} has class {raw!r} in '{attribute}'; class values are "
-                                              f"integers 0..{IGNORE - 1}")
-            value = int(number)
-            if classes is not None and value not in known:
-                raise InvalidInputError(path, f"feature {i} has class {value} in '{attribute}', which is not in the "
-                                              f"label table ({', '.join(str(v) for v in sorted(known))})")
-        out[i] = value
-    return out
-
-
-def _layer_crs(meta: dict[str, Any], path: Path) -> CRS | None:
-    try:
-        return CRS.from_user_input(meta["crs"]) if meta.get("crs") else None
-    except (RasterioError, ValueError):  # rasterio's CRSError is a ValueError
-        raise InvalidInputError(path, f"has a CRS that cannot be read: {str(meta['crs'])[:80]}") from None
-
-
-def _reprojected(geoms: np.ndarray, src: CRS, dst: CRS, path: Path) -> np.ndarray:
-    try:
-        return np.array([shape(rasterio.warp.transform_geom(src, dst, mapping(g))) for g in geoms], dtype=object)
-    except (RasterioError, ValueError) as exc:
-        raise InvalidInputError(path, f"features cannot be reprojected from {src.to_string()} to the image's "
-                                      f"{dst.to_string()}: {str(exc).splitlines()[0][:120]}") from None
-
-
-def rasterise(vector: Path, grid: ImageStore | RasterGeometry, out: Path, *, class_attribute: str | None = None,
-              classes: list[LabelClass] | None = None, block_rows: int = 1024) -> Path:
-    """Burn ``vector``'s features into a uint8 label GeoTIFF on ``grid``, ``block_rows`` rows at a time.
-
-    Each block gets only the features whose bounds meet it; the features
-    are held in memory (a layer is far smaller than its raster).  A layer
-    without CRS, or an image without one, is taken to be in the image's
-    coordinates; otherwise features are reprojected to the image's CRS.  The
-    file is written under a temporary name and renamed: whole or absent.
-    """
-    vector, out = Path(vector), Path(out)
-    geometry = grid.meta.geometry if isinstance(grid, ImageStore) else grid
-    if not isinstance(geometry, RasterGeometry):
-        raise ValueError("rasterise needs a raster grid")
-    meta, wkb, fields = _read_layer(vector, [class_attribute] if class_attribute else [], geometry=True)
-    if class_attribute and class_attribute not in [str(f) for f in meta["fields"]]:
-        raise InvalidInputError(vector, f"has no attribute '{class_attribute}'")
-    geoms = shapely.from_wkb(wkb) if len(wkb) else np.array([], dtype=object)
-    values = class_values(fields[0] if class_attribute else None, len(geoms), classes, vector, class_attribute)
-    keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms)) if len(geoms) else np.zeros(0, dtype=bool)
-    geoms, values = geoms[keep], values[keep]
-    src_crs, dst_crs = _layer_crs(meta, vector), crs_of(geometry)
-    if len(geoms) and src_crs is not None and dst_crs is not None and src_crs != dst_crs:
-        geoms = _reprojected(geoms, src_crs, dst_crs, vector)
-    bounds = shapely.bounds(geoms) if len(geoms) else np.zeros((0, 4))
-    transform = Affine(*geometry.transform)
-    height, width = geometry.height, geometry.width
-    profile: dict[str, Any] = {"driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8",
-                               "crs": dst_crs, "transform": transform, "compress": "deflate"}
-    if min(width, height) >= 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp.tif")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # NotGeoreferencedWarning for an image without CRS
-            with rasterio.open(tmp, "w", **profile) as dst:
-                for row in range(0, height, block_rows):
-                    window = rasterio.windows.Window(0, row, width, min(block_rows, height - row))
-                    dst.write(_burn(window, transform, geoms, values, bounds), 1, window=window)
-        os.replace(tmp, out)
-    except (RasterioError, OSError) as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise ExportError(out, f"cannot write the rasterised labels: {str(exc).splitlines()[0][:200]}") from None
-    return out
-
-
-def _burn(window: Any, transform: Affine, geoms: np.ndarray, values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    rows, cols = int(window.height), int(window.width)
-    block_transform = rasterio.windows.transform(window, transform)
-    corners = _corners(block_transform, cols, rows)
-    x0, y0 = corners.min(axis=0)
-    x1, y1 = corners.max(axis=0)
-    meets = (bounds[:, 0] <= x1) & (bounds[:, 2] >= x0) & (bounds[:, 1] <= y1) & (bounds[:, 3] >= y0)
-    if not meets.any():
-        return np.zeros((rows, cols), dtype=np.uint8)
-    return rasterio.features.rasterize(zip(geoms[meets], values[meets].tolist()), out_shape=(rows, cols),
-                                       transform=block_transform, fill=0, dtype="uint8")
-
-
 def _check_vector(image: Path, vector: Path, img: _Profile) -> None:
     """The layer opens and, when both have a CRS, overlaps its image: a wrong CRS shows before training."""
-    info = _info(vector)
-    bounds, crs = info.get("total_bounds"), _layer_crs(info, vector)
+    info = layer_info(vector)
+    bounds, crs = info.get("total_bounds"), layer_crs(info, vector)
     if not info.get("features") or bounds is None or crs is None or img.crs is None:
         return
     try:
         left, bottom, right, top = rasterio.warp.transform_bounds(crs, img.crs, *bounds)
     except (RasterioError, ValueError):
         return  # bounds that do not transform (a polar layer): the pixels will tell
-    corners = _corners(img.transform, img.width, img.height)
+    corners = grid_corners(img.transform, img.width, img.height)
     (ix0, iy0), (ix1, iy1) = corners.min(axis=0), corners.max(axis=0)
     if right < ix0 or left > ix1 or top < iy0 or bottom > iy1:
         raise InvalidInputError(vector, f"vector layer ({crs.to_string()}) does not overlap image {image.name}")
@@ -379,7 +180,7 @@ def _vector_table(cases: list[Case], where: Path) -> LabelTable:
     names: dict[str, str] = {}  # lower-case -> first spelling seen
     numbers: set[int] = set()
     for v in with_attribute:
-        raw = [x for x in _attribute(v.path, v.class_attribute or "") if not _missing(x)]
+        raw = [x for x in attribute_values(v.path, v.class_attribute or "") if not is_missing(x)]
         strings = [x.strip() for x in raw if isinstance(x, str)]
         if strings and (len(strings) != len(raw) or numbers) or (not strings and raw and names):
             raise InvalidInputError(v.path, f"'{v.class_attribute}' mixes class names and numbers; add a "
@@ -544,7 +345,7 @@ def open_geo(root: Path, *, class_attribute: str | None = None) -> GeoDataset:
         burnt = [LabelClass(value=v, name=n) for v, n in zip(table.values, table.names)]
         for case in vectors:
             vector: VectorLabels = case.annotation
-            raw = _attribute(vector.path, vector.class_attribute) if vector.class_attribute else None
+            raw = attribute_values(vector.path, vector.class_attribute) if vector.class_attribute else None
             class_values(raw, 0, burnt, vector.path, vector.class_attribute)
     dataset = GeoDataset(root=root, name=root.resolve().name, cases=sorted(cases, key=lambda c: c.id),
                          channel_names=channel_names or [], classes_file=classes_file, _table=table)

@@ -1,0 +1,120 @@
+"""Vector label layers (GeoJSON, GeoPackage) read for their headers, class attribute and class values.
+
+A geo dataset's vector labels are read twice: at open, where only the layer
+header and the class attribute column are read so a bad layer or an unknown
+class name shows before any pixel is, and when rasterised, with the
+geometries.  Both go through these readers, so a layer that cannot be read
+is one :class:`~storage.errors.CorruptInputError` naming it and a feature's
+class is turned into a value by one rule (:func:`class_values`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyogrio
+import pyogrio.errors
+import pyogrio.raw
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+
+from storage.classes import LabelClass
+from storage.datasets.base import IGNORE
+from storage.errors import CorruptInputError, InvalidInputError
+
+CLASS_ATTRIBUTES = ("class", "class_id", "class_name", "classname", "label", "category")
+_VECTOR_ERRORS = (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FieldError,
+                  pyogrio.errors.GeometryError, pyogrio.errors.FeatureError, pyogrio.errors.CRSError, OSError)
+
+
+def _unreadable(path: Path, exc: BaseException) -> CorruptInputError:
+    return CorruptInputError(path, f"cannot read the vector layer: {str(exc).splitlines()[0][:200]}")
+
+
+def layer_info(path: Path) -> dict[str, Any]:
+    """The layer's header (fields, CRS, feature count, bounds) without its features."""
+    try:
+        return pyogrio.read_info(path)
+    except _VECTOR_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+
+
+def read_layer(path: Path, columns: list[str], geometry: bool) -> tuple[dict[str, Any], Any, list[np.ndarray]]:
+    """The layer's header, geometries (WKB; only when ``geometry``) and the ``columns`` asked for."""
+    try:
+        meta, _, geoms, fields = pyogrio.raw.read(path, columns=columns, read_geometry=geometry, return_fids=False)
+    except _VECTOR_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+    return meta, geoms, fields
+
+
+def find_class_attribute(path: Path) -> str | None:
+    """The layer's field that holds classes: the first of CLASS_ATTRIBUTES present (any case), or None."""
+    lowered = {str(f).lower(): str(f) for f in layer_info(path)["fields"]}
+    return next((lowered[c] for c in CLASS_ATTRIBUTES if c in lowered), None)
+
+
+def attribute_values(path: Path, attribute: str) -> np.ndarray:
+    """One attribute column of the layer, as objects; a column the layer lacks is refused in one line."""
+    meta, _, fields = read_layer(path, [attribute], geometry=False)
+    if attribute not in [str(f) for f in meta["fields"]]:
+        raise InvalidInputError(path, f"has no attribute '{attribute}'")
+    return np.asarray(fields[0], dtype=object)
+
+
+def is_missing(value: Any) -> bool:
+    """Whether an attribute value says nothing: None, NaN or blank text."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str)
+                                                                                  and not value.strip())
+
+
+def class_values(values: Sequence[Any] | None, count: int, classes: list[LabelClass] | None, path: Path,
+                 attribute: str | None) -> np.ndarray:
+    """Each feature's class value: names by the table (any case), numbers as they are; None: one class."""
+    if values is None:
+        if classes is None:
+            return np.ones(count, dtype=np.uint8)
+        foreground = [c for c in classes if c.value != 0]
+        if len(foreground) != 1:
+            raise InvalidInputError(path, f"has no class attribute ({', '.join(CLASS_ATTRIBUTES)}) but the label "
+                                          f"table has {len(foreground)} classes besides background")
+        return np.full(count, foreground[0].value, dtype=np.uint8)
+    by_name = {c.name.strip().lower(): c.value for c in classes or []}
+    known = {c.value for c in classes or []}
+    out = np.zeros(len(values), dtype=np.uint8)
+    for i, raw in enumerate(values):
+        if is_missing(raw):
+            raise InvalidInputError(path, f"feature {i} has no value in '{attribute}'")
+        if isinstance(raw, str):
+            if classes is None:
+                raise InvalidInputError(path, f"'{attribute}' holds names ({raw!r}); naming classes needs a "
+                                              "label table")
+            value = by_name.get(raw.strip().lower())
+            if value is None:
+                raise InvalidInputError(path, f"feature {i} has class {raw!r} in '{attribute}', which is not in the "
+                                              f"label table ({', '.join(sorted(by_name))})")
+        else:
+            try:
+                number = float(raw)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not number.is_integer() or not 0 <= number < IGNORE:
+                raise InvalidInputError(path, f"feature {i} has class {raw!r} in '{attribute}'; class values are "
+                                              f"integers 0..{IGNORE - 1}")
+            value = int(number)
+            if classes is not None and value not in known:
+                raise InvalidInputError(path, f"feature {i} has class {value} in '{attribute}', which is not in the "
+                                              f"label table ({', '.join(str(v) for v in sorted(known))})")
+        out[i] = value
+    return out
+
+
+def layer_crs(meta: dict[str, Any], path: Path) -> CRS | None:
+    """The CRS a layer header names (None: none); one that cannot be read is refused in one line."""
+    try:
+        return CRS.from_user_input(meta["crs"]) if meta.get("crs") else None
+    except (RasterioError, ValueError):  # rasterio's CRSError is a ValueError
+        raise InvalidInputError(path, f"has a CRS that cannot be read: {str(meta['crs'])[:80]}") from None
