@@ -28,52 +28,31 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, MaskFlags, WktVersion
-from rasterio.errors import RasterioError
+from rasterio.enums import MaskFlags, WktVersion
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from storage.classes import LabelClass, label_dtype, nodata_value
-from storage.errors import (
-    CorruptInputError,
-    ExportError,
-    InputError,
-    InvalidInputError,
-    UnsupportedFormatError,
-)
+from storage.errors import CorruptInputError, ExportError, InputError, InvalidInputError
 from storage.geometry import RasterGeometry, SourceInfo
 from storage.hashing import sha256_input
 from storage.layout import MASK, META_ATTR, ImageStore, StoreMeta, create_image_store, mark_complete
-
-try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedError)
-    from rasterio._err import CPLE_BaseError
-except ImportError:  # pragma: no cover - private module moved
-    CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
+from storage.rasteropen import (
+    ALLOWED_DRIVERS,
+    GDAL_ERRORS,
+    bounded_gdal_cache,
+    describe_window,
+    gdal_message,
+    image_bands,
+    image_dtype,
+    open_raster,
+)
 
 __all__ = ["ALLOWED_DRIVERS", "ingest_geotiff", "write_label_cog", "write_probability_cog"]
 
-ALLOWED_DRIVERS = ("GTiff", "VRT")
-"""GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
-
-_GDAL_ERRORS = (RasterioError, CPLE_BaseError)
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _gdal_message(exc: BaseException) -> str:
-    """The most specific message in an exception chain: rasterio often says only 'see previous'."""
-    msgs = []
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        msgs.append(str(e))
-        e = e.__cause__ or e.__context__
-    specific = [m for m in msgs if m and "previous exception" not in m]
-    return (specific[-1] if specific else msgs[0]) or type(exc).__name__
 
 
 def _windows(height: int, width: int, step_y: int, step_x: int) -> Iterator[Window]:
@@ -83,53 +62,7 @@ def _windows(height: int, width: int, step_y: int, step_x: int) -> Iterator[Wind
             yield Window(x, y, min(step_x, width - x), min(step_y, height - y))
 
 
-def _describe(win: Window) -> str:
-    r, c = int(win.row_off), int(win.col_off)
-    return f"rows {r}-{r + int(win.height) - 1}, cols {c}-{c + int(win.width) - 1}"
-
-
 # --------------------------------------------------------------------------- ingest
-
-
-def _open_source(path: Path) -> DatasetReader:
-    """Open with rasterio, turning every way a file can be unusable into a typed one-line error."""
-    if not path.exists():
-        raise InputError(path, "file does not exist")
-    if path.is_dir():
-        raise UnsupportedFormatError(path, "is a directory, not a GeoTIFF or VRT file")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError as exc:
-        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
-    if not head:
-        raise CorruptInputError(path, "file is empty (0 bytes)")
-    try:
-        src = rasterio.open(path)
-    except _GDAL_ERRORS as exc:
-        looks_known = head.startswith(_TIFF_MAGIC) or head.lstrip().startswith(b"<VRTDataset")
-        cls = CorruptInputError if looks_known else UnsupportedFormatError
-        what = "damaged GeoTIFF/VRT" if looks_known else "not a GeoTIFF or VRT"
-        raise cls(path, f"{what}, rasterio cannot open it: {_gdal_message(exc)}") from None
-    if src.driver not in ALLOWED_DRIVERS:
-        src.close()
-        raise UnsupportedFormatError(path, f"is a {src.driver} raster; segflow reads GeoTIFF and VRT only")
-    return src
-
-
-def _image_bands(src: DatasetReader, path: Path) -> list[int]:
-    """1-based indexes of the bands that are image channels: alpha only feeds the mask."""
-    bands = [i for i, ci in zip(src.indexes, src.colorinterp) if ci != ColorInterp.alpha]
-    if src.width == 0 or src.height == 0 or not bands:
-        raise InvalidInputError(path, f"raster has no pixels ({src.count} bands, {src.width}x{src.height})")
-    return bands
-
-
-def _image_dtype(src: DatasetReader, bands: list[int], path: Path) -> np.dtype:
-    dtypes = {np.dtype(src.dtypes[i - 1]) for i in bands}
-    if any(dt.kind == "c" for dt in dtypes):
-        raise InvalidInputError(path, f"complex pixels ({', '.join(sorted(map(str, dtypes)))}) cannot be segmented")
-    return np.result_type(*dtypes)  # mixed-dtype VRTs are promoted, not refused
 
 
 def _mask_source(src: DatasetReader, bands: list[int]) -> Literal["nodata", "mask", "alpha", "none"]:
@@ -180,18 +113,6 @@ def _scales_offsets(src: DatasetReader, bands: list[int]) -> tuple[list[float], 
     return scales, offsets
 
 
-GDAL_CACHE_MB = 64
-
-
-def bounded_gdal_cache() -> rasterio.Env:
-    """Cap GDAL's block cache while streaming.
-
-    Each block is read or written once, so caching gains nothing, and GDAL's
-    default cap (5% of RAM) lets resident memory grow with the raster's size.
-    """
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
-
-
 def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024,
                    source: SourceInfo | None = None, geometry_update: dict[str, Any] | None = None) -> ImageStore:
     """Copy a GeoTIFF/VRT into a zarr image store, one zarr chunk at a time.
@@ -207,15 +128,15 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
         raise ValueError(f"chunk must be positive, got {chunk}")
     path = Path(path).absolute()
     store_path = Path(store_path)
-    with bounded_gdal_cache(), _open_source(path) as src:
+    with bounded_gdal_cache(), open_raster(path) as src:
         try:
-            bands = _image_bands(src, path)
-            dtype = _image_dtype(src, bands, path)
+            bands = image_bands(src, path)
+            dtype = image_dtype(src, bands, path)
             geometry = _geometry(src, bands, dtype, path)
             if geometry_update:
                 geometry = geometry.model_copy(update=geometry_update)
-        except _GDAL_ERRORS as exc:
-            raise CorruptInputError(path, f"cannot read raster metadata: {_gdal_message(exc)}") from None
+        except GDAL_ERRORS as exc:
+            raise CorruptInputError(path, f"cannot read raster metadata: {gdal_message(exc)}") from None
         try:
             source = source or SourceInfo(path=str(path), sha256=sha256_input(path), size=path.stat().st_size,
                                           format=src.driver)
@@ -249,8 +170,8 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
         try:
             data = src.read(bands, window=win, out_dtype=dtype)
             valid = src.dataset_mask(window=win) > 0 if declared else None
-        except _GDAL_ERRORS as exc:
-            raise CorruptInputError(path, f"cannot read pixels ({_describe(win)}): {_gdal_message(exc)}") from None
+        except GDAL_ERRORS as exc:
+            raise CorruptInputError(path, f"cannot read pixels ({describe_window(win)}): {gdal_message(exc)}") from None
         if floating:
             finite = np.isfinite(data).all(axis=0)
             valid = finite if valid is None else valid & finite
@@ -318,8 +239,8 @@ def _write_cog(out_path: str | PathLike[str], profile: dict[str, Any], fill: Cal
                 fill(dst)
             rasterio.shutil.copy(tiled, final, driver="COG", **cog_options)
         os.replace(final, out)
-    except (*_GDAL_ERRORS, OSError) as exc:
-        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else _gdal_message(exc)
+    except (*GDAL_ERRORS, OSError) as exc:
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else gdal_message(exc)
         for p in parent.glob(f"{prefix}*"):
             p.unlink(missing_ok=True)
         # GDAL reports a full disk as whatever broke next ("not recognized as being in a supported file

@@ -96,7 +96,7 @@ def ingest_mosaic(ref: MosaicRef, store_path: str | PathLike[str], *, chunk: int
 def _raise_for_unreadable_tile(plan: MosaicPlan) -> None:
     """After a failed copy: read each tile block by block and raise naming the first one that fails (a truncated
     or damaged file opens fine and only fails when its pixels are read).  Returns when every tile reads."""
-    from storage.geotiff import _GDAL_ERRORS, _describe, _gdal_message
+    from storage.rasteropen import GDAL_ERRORS, describe_window, gdal_message
 
     for placement in plan.placements:
         tile = placement.tile
@@ -104,9 +104,9 @@ def _raise_for_unreadable_tile(plan: MosaicPlan) -> None:
             for _, window in src.block_windows(1):
                 try:
                     src.read(tile.bands, window=window)
-                except _GDAL_ERRORS as exc:
-                    raise CorruptInputError(tile.path, f"cannot read pixels ({_describe(window)}): "
-                                                       f"{_gdal_message(exc)}") from None
+                except GDAL_ERRORS as exc:
+                    raise CorruptInputError(tile.path, f"cannot read pixels ({describe_window(window)}): "
+                                                       f"{gdal_message(exc)}") from None
 
 
 def is_mosaic_store(store: Any, ref: MosaicRef) -> bool:

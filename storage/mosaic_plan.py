@@ -27,6 +27,7 @@ from rasterio.warp import calculate_default_transform, transform_bounds
 
 from storage.errors import CorruptInputError, IncompatibleInputError, InvalidInputError, UnsupportedFormatError
 from storage.hashing import sha256_input
+from storage.rasteropen import GDAL_ERRORS, gdal_message, image_bands, image_dtype, open_raster
 
 RULES_VERSION = 1
 """Bumped whenever the grid, placement or overlap rules change: part of every mosaic's identity."""
@@ -154,7 +155,6 @@ def crs_name(crs: CRS) -> str:
 
 def read_tile(path: str | PathLike[str]) -> Tile:
     """A tile's header; a tile that is no georeferenced GeoTIFF/VRT is refused in one line naming it."""
-    from storage.geotiff import _GDAL_ERRORS, _gdal_message, _image_bands, _image_dtype, _open_source
     from storage.ingest import check_content_matches_name, check_readable_file, kind_of
 
     path = Path(path).absolute()
@@ -167,10 +167,10 @@ def read_tile(path: str | PathLike[str]) -> Tile:
         what = "a STAC item" if kind == "raster" else "a volume"
         raise UnsupportedFormatError(path, f"is {what}, not a raster tile; a mosaic is made of GeoTIFF/VRT tiles only")
     check_content_matches_name(path, kind, head)
-    with _open_source(path) as src:
+    with open_raster(path) as src:
         try:
-            bands = _image_bands(src, path)
-            dtype = _image_dtype(src, bands, path)
+            bands = image_bands(src, path)
+            dtype = image_dtype(src, bands, path)
             if src.crs is None:
                 raise InvalidInputError(path, "has no CRS; a mosaic's tiles must be georeferenced")
             if src.transform.is_identity:
@@ -179,8 +179,8 @@ def read_tile(path: str | PathLike[str]) -> Tile:
                         bands=bands, dtype=str(dtype), descriptions=[src.descriptions[i - 1] for i in bands],
                         scales=[src.scales[i - 1] for i in bands], offsets=[src.offsets[i - 1] for i in bands],
                         units=[src.units[i - 1] or "" for i in bands])
-        except _GDAL_ERRORS as exc:
-            raise CorruptInputError(path, f"cannot read raster metadata: {_gdal_message(exc)}") from None
+        except GDAL_ERRORS as exc:
+            raise CorruptInputError(path, f"cannot read raster metadata: {gdal_message(exc)}") from None
 
 
 def _check_same_bands(first: Tile, tile: Tile) -> None:

@@ -18,41 +18,35 @@ import json
 import os
 import shutil
 import uuid
-import warnings
-import zlib
 from contextlib import ExitStack, nullcontext
 from os import PathLike
 from pathlib import Path
 from typing import Any, Iterator
 
-import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
 from nibabel.nifti1 import Nifti1Extension, Nifti1Header, Nifti1Pair
 from nibabel.nifti2 import Nifti2Header
-from nibabel.openers import ImageOpener
-from nibabel.spatialimages import HeaderDataError
 
 from storage.classes import LabelClass, label_dtype, slicer_color_table
-from storage.errors import (
-    CorruptInputError,
-    ExportError,
-    InputError,
-    InvalidInputError,
-    StoreError,
-    UnsupportedFormatError,
-)
+from storage.errors import CorruptInputError, ExportError, InvalidInputError, StoreError
 from storage.geometry import SourceInfo, VolumeGeometry
 from storage.hashing import sha256_input
 from storage.layout import ImageStore, StoreMeta, create_image_store, mark_complete
+from storage.niftiopen import (
+    NIFTI_READ_ERRORS,
+    NIFTI_SUFFIXES,
+    check_nifti_path,
+    describe_nifti,
+    error_text,
+    open_nifti,
+    spatial_ijk,
+)
 
 __all__ = ["ingest_nifti", "write_label_nifti", "NIFTI_SUFFIXES"]
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 INTENT_LABEL = 1002
 LABEL_DESCRIPTION = "segflow labels"
 COMMENT_CODE = 6  # NIfTI "comment" extension: free text, which viewers leave alone
-_READ_ERRORS = (ImageFileError, HeaderDataError, EOFError, OSError, ValueError, zlib.error)
 _EXPORT_SLAB_BYTES = 64 << 20  # slab size when the label array has no chunk grid to follow
 _DEFLATE_MAX_RATIO = 1032  # the most deflate can expand: a bound on a .gz file's uncompressed size
 
@@ -71,14 +65,14 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
         raise ValueError(f"chunk must be positive, got {chunk}")
     src = Path(path)
     store = Path(store_path)
-    _check_path(src)
+    check_nifti_path(src)
     created = False
     try:
         with ExitStack() as stack:
-            img = _open(src, stack)
-            geometry, channels, read = _describe(src, img)
+            img = open_nifti(src, stack)
+            geometry, channels, read = describe_nifti(src, img)
             _check_data_size(src, img)
-            shape = (channels, *reversed(_spatial(geometry.shape)))
+            shape = (channels, *reversed(spatial_ijk(geometry.shape)))
             chunks = (1, *(min(chunk, n) for n in shape[1:]))
             meta = StoreMeta(
                 source=SourceInfo(path=str(src.resolve()), sha256=sha256_input(src), size=src.stat().st_size,
@@ -94,120 +88,12 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
                 _copy_slabs(src, read, out, np.dtype(geometry.dtype))
                 mark_complete(out.group)
             except OSError as exc:  # reading errors were already turned into InputErrors
-                raise StoreError(store, f"cannot write the image store: {_why(exc)}") from None
+                raise StoreError(store, f"cannot write the image store: {error_text(exc)}") from None
             return out
     except BaseException:
         if created:
             shutil.rmtree(store, ignore_errors=True)
         raise
-
-
-def _check_path(src: Path) -> None:
-    if not src.exists():
-        raise InputError(src, "file not found")
-    if src.is_dir():
-        raise InputError(src, "is a directory, not a NIfTI file")
-    if not src.name.lower().endswith(NIFTI_SUFFIXES):
-        raise UnsupportedFormatError(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
-
-
-def _open(src: Path, stack: ExitStack) -> Nifti1Pair:
-    """Load the header, then reopen the data through handles we own and close.
-
-    With open file objects nibabel's proxy reuses the handle for every slab
-    instead of reopening (and for gzip, re-decompressing from the start).
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sniffed = nib.load(src, mmap=False)
-    except _READ_ERRORS as exc:
-        raise CorruptInputError(src, f"cannot read the NIfTI header: {_why(exc)}") from None
-    if not isinstance(sniffed, Nifti1Pair):  # Nifti1Image, Nifti2Image and the .hdr/.img pairs
-        raise UnsupportedFormatError(src, f"is {type(sniffed).__name__}, not NIfTI-1 or NIfTI-2")
-    klass = type(sniffed)
-    file_map = klass.filespec_to_file_map(src)
-    for role, holder in file_map.items():
-        try:
-            holder.fileobj = stack.enter_context(ImageOpener(holder.filename, "rb"))
-        except OSError as exc:
-            what = "data" if role == "image" else role
-            raise CorruptInputError(src, f"cannot open its {what} file {holder.filename}: {_why(exc)}") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return klass.from_file_map(file_map, mmap=False)
-    except _READ_ERRORS as exc:
-        raise CorruptInputError(src, f"cannot read the NIfTI header: {_why(exc)}") from None
-
-
-def _spatial(shape: list[int]) -> tuple[int, int, int]:
-    """(I, J, K) of a source shape; a 2-D image is one slice thick."""
-    i, j, *rest = shape
-    return i, j, (rest[0] if rest else 1)
-
-
-def _describe(src: Path, img: Nifti1Pair) -> tuple[VolumeGeometry, int, Any]:
-    """Validate the header and return the geometry, channel count and a slab reader."""
-    hdr = img.header
-    shape = [int(n) for n in img.shape]
-    if len(shape) < 2:
-        raise InvalidInputError(src, f"has {len(shape)} dimension(s); need at least 2")
-    if any(n == 0 for n in shape):
-        raise InvalidInputError(src, f"has a zero-size dimension {tuple(shape)}")
-    if len(shape) == 5 and shape[3] == 1:  # NIfTI keeps vectors on dim 5 with dim 4 = 1
-        channels = shape[4]
-
-        def read(c: int, k0: int, k1: int) -> np.ndarray:
-            return np.asanyarray(img.dataobj[:, :, k0:k1, 0, c])
-    elif len(shape) == 4:
-        channels = shape[3]
-
-        def read(c: int, k0: int, k1: int) -> np.ndarray:
-            return np.asanyarray(img.dataobj[:, :, k0:k1, c])
-    elif len(shape) <= 3:
-        channels = 1
-
-        def read(c: int, k0: int, k1: int) -> np.ndarray:
-            slab = np.asanyarray(img.dataobj[:, :, k0:k1]) if len(shape) == 3 else np.asanyarray(img.dataobj)
-            return slab.reshape(slab.shape[0], slab.shape[1], -1)
-    else:
-        raise InvalidInputError(src, f"has shape {tuple(shape)}; only 3-D, 4-D or 5-D with dim4 = 1 are supported")
-
-    disk = np.dtype(hdr.get_data_dtype())
-    if disk.kind not in "biuf" or disk.fields is not None or (disk.kind == "f" and disk.itemsize > 8):
-        raise InvalidInputError(src, f"has data type {disk} (complex, RGB or long double); cannot be segmented")
-    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
-    if not (np.isfinite(slope) and np.isfinite(inter)):
-        raise InvalidInputError(src, f"has non-finite scaling scl_slope={slope} scl_inter={inter}")
-    if slope == 1.0 and inter == 0.0:
-        stored = disk.newbyteorder("=")
-    else:  # the proxy scales to float: keep float32 unless the file already held float64
-        stored = np.dtype("float64") if disk == np.dtype("float64") else np.dtype("float32")
-    if stored.kind == "b":
-        stored = np.dtype("uint8")
-
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InvalidInputError(src, "has a singular or non-finite affine (no valid voxel-to-world mapping)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qform = np.asarray(hdr.get_qform(coded=False), dtype=np.float64)
-        sform = np.asarray(hdr.get_sform(coded=False), dtype=np.float64)
-    geometry = VolumeGeometry(
-        shape=shape,
-        affine=affine.tolist(),
-        qform=qform.tolist(),
-        sform=sform.tolist(),
-        qform_code=int(hdr["qform_code"]),
-        sform_code=int(hdr["sform_code"]),
-        zooms=[float(z) for z in hdr.get_zooms()],
-        orientation=list(nib.aff2axcodes(affine)),
-        nifti_version=2 if isinstance(hdr, Nifti2Header) else 1,
-        header_b64=base64.b64encode(hdr.binaryblock).decode("ascii"),
-        dtype=stored.name,
-    )
-    return geometry, channels, read
 
 
 def _check_data_size(src: Path, img: Nifti1Pair) -> None:
@@ -239,9 +125,9 @@ def _copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype) -> None
             k1 = min(k0 + step, depth)
             try:
                 slab = read(c, k0, k1)
-            except _READ_ERRORS as exc:
+            except NIFTI_READ_ERRORS as exc:
                 raise CorruptInputError(src, f"cannot read voxel data (channel {c}, slices {k0}-{k1 - 1}): "
-                                             f"{_why(exc)}") from None
+                                             f"{error_text(exc)}") from None
             if slab.dtype.kind == "f":
                 n = slab.size - int(np.count_nonzero(np.isfinite(slab)))
                 if n:
@@ -250,13 +136,6 @@ def _copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype) -> None
                 image[c, k0:k1] = slab.T.astype(stored, copy=False)
     if bad:
         raise InvalidInputError(src, f"contains {bad} NaN/Inf voxels")
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:  # the file name is already in the message
-        return exc.strerror
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # --------------------------------------------------------------------------- export
@@ -279,7 +158,7 @@ def write_label_nifti(
     name = out.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         raise ExportError(out, "label output must end in .nii or .nii.gz")
-    i, j, k = _spatial(geometry.shape)
+    i, j, k = spatial_ijk(geometry.shape)
     if tuple(labels.shape) != (k, j, i):
         raise ExportError(out, f"labels have shape {tuple(labels.shape)} but the input grid is (z, y, x) = {(k, j, i)}")
     if np.dtype(labels.dtype).kind not in "biu":
@@ -311,7 +190,7 @@ def write_label_nifti(
         raise
     except OSError as exc:
         _unlink(tmp)
-        raise ExportError(out, f"cannot write: {exc.strerror or _why(exc)}") from None
+        raise ExportError(out, f"cannot write: {exc.strerror or error_text(exc)}") from None
     except BaseException:
         _unlink(tmp)
         raise

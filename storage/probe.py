@@ -103,12 +103,12 @@ def _is_dicom(path: Path, is_dicom_input) -> bool:  # noqa: ANN001 - storage.dic
 
 
 def _probe_raster(path: Path) -> Header:
-    from storage.geotiff import _image_bands, _open_source, bounded_gdal_cache
+    from storage.rasteropen import bounded_gdal_cache, image_bands, open_raster
 
     with bounded_gdal_cache():
-        src = _open_source(path)
+        src = open_raster(path)
         try:
-            bands = _image_bands(src, path)
+            bands = image_bands(src, path)
             check_blocks(src, path)
             size, note = pixel_hectares(src.transform, src.crs)
             return Header(path=str(path), kind="raster", spatial_dims=2, channels=len(bands),
@@ -178,18 +178,18 @@ _NIFTI_SPACE_UNITS_TO_MM = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}
 
 
 def _probe_volume(path: Path) -> Header:
-    from storage.nifti import _check_path, _describe, _open, _spatial
+    from storage.niftiopen import check_nifti_path, describe_nifti, open_nifti, spatial_ijk
 
-    _check_path(path)
+    check_nifti_path(path)
     with ExitStack() as stack:
-        img = _open(path, stack)
-        geometry, channels, _ = _describe(path, img)
+        img = open_nifti(path, stack)
+        geometry, channels, _ = describe_nifti(path, img)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             space_unit = img.header.get_xyzt_units()[0]
     size, note = voxel_millilitres(np.asarray(geometry.affine), space_unit)
     return Header(path=str(path), kind="volume", spatial_dims=3, channels=channels,
-                  shape=tuple(_spatial(geometry.shape)), cell_size=size, cell_unit="mL", cell_note=note)
+                  shape=tuple(spatial_ijk(geometry.shape)), cell_size=size, cell_unit="mL", cell_note=note)
 
 
 def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None, str | None]:

@@ -24,6 +24,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from storage.argmax import argmax_first, cell_dtype
 from storage.grids import GridMapping, monai_source_coords, sampling_thetas
 
 Mode = Literal["bilinear", "nearest"]
@@ -135,31 +136,6 @@ TIE_MARGIN = 2.0 ** -16  # a top class closer than this (times the region's max 
 FULL_FRACTION = 0.2  # above this share of non-uniform cells, the separable passes over the whole chunk are cheaper
 
 
-def argmax_first(probs: np.ndarray, dtype: np.dtype, empty: int | None = None) -> np.ndarray:
-    """``np.argmax(probs, axis=0)`` (first maximum wins), as a pass per class; ``empty`` where every class is 0.
-
-    A reduction over the leading axis of a (C, *spatial) array strides across
-    memory; C contiguous passes measured about 3x faster for a few classes.
-    The stitched labels use it too, so ties and NaN fall the same way on both grids.
-    Probabilities all 0 mean nothing reached the pixel (a softmax is never 0
-    everywhere): a warp with no valid source pixel under it, or no data.
-    """
-    best = probs[0].copy()
-    labels = np.zeros(probs.shape[1:], dtype=dtype)
-    for c in range(1, probs.shape[0]):
-        better = probs[c] > best
-        labels[better] = c
-        np.maximum(best, probs[c], out=best)
-    if empty is not None:
-        labels[best <= 0] = empty
-    return labels
-
-
-def _cell_dtype(n: int) -> np.dtype:
-    """The smallest unsigned dtype that holds every class and one more value, the "not uniform" mark."""
-    return np.dtype(np.uint8 if n < 255 else np.uint16 if n < 65535 else np.uint32)
-
-
 def _uniform_cells(region: np.ndarray, order: Sequence[int], dtype: np.dtype) -> np.ndarray:
     """Per model voxel r (along each interpolated axis the cell from r to r + 1, clamped at the region's end):
     the label its corners all clearly share, or the dtype's maximum where they do not."""
@@ -208,9 +184,9 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
     """
     region = np.asarray(src, dtype=np.float32)  # what the passes compute in (exact for float32 probabilities)
     order = _pass_order(axes)
-    cell_dtype = _cell_dtype(region.shape[0])
+    cells_dtype = cell_dtype(region.shape[0])
     if mode == "nearest":
-        labels = argmax_first(region, cell_dtype)
+        labels = argmax_first(region, cells_dtype)
         for s in order:
             labels = np.take(labels, np.rint(axes[s].coords(*out_ranges[s])).astype(np.int64) - src_lo[s], axis=s)
         return labels.astype(dtype, copy=False)
@@ -223,18 +199,18 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
             gathers.append(_weights(axes[s], start, stop, src_lo[s]))
         else:
             gathers.append((np.arange(start, stop) - src_lo[s],))
-    labels = _uniform_cells(region, order, cell_dtype)
-    if np.count_nonzero(labels == np.iinfo(cell_dtype).max) > FULL_FRACTION * labels.size:  # mostly boundary
+    labels = _uniform_cells(region, order, cells_dtype)
+    if np.count_nonzero(labels == np.iinfo(cells_dtype).max) > FULL_FRACTION * labels.size:  # mostly boundary
         return argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
     for s in range(3):
         labels = np.take(labels, gathers[s][0], axis=s)
-    todo = np.flatnonzero(labels == np.iinfo(cell_dtype).max)
+    todo = np.flatnonzero(labels == np.iinfo(cells_dtype).max)
     if todo.size:
         partial = region
         for s in order[:-1]:
             partial = _resample_axis(partial, s + 1, axes[s], *out_ranges[s], src_lo[s], mode)
         values = _interpolate_points(partial, order[-1], todo, labels.shape, gathers[order[-1]])
-        labels.reshape(-1)[todo] = argmax_first(values, cell_dtype)
+        labels.reshape(-1)[todo] = argmax_first(values, cells_dtype)
     return labels.astype(dtype, copy=False)
 
 

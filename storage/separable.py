@@ -38,6 +38,8 @@ from typing import Literal
 
 import numpy as np
 
+from storage.argmax import argmax_first, cell_dtype
+
 SeparableKernel = Literal["average", "bilinear", "nearest"]
 EPSILON = 1e-10  # GDAL's tolerance on pixel coordinates before floor/ceil (gdalwarpkernel.cpp)
 BILINEAR_MIN_DIVISOR = 1e-5  # GDAL leaves a bilinear pixel empty when its valid taps weigh less than this
@@ -397,10 +399,10 @@ def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx:
                      kernel: SeparableKernel, dtype: np.dtype, empty: int = 0) -> np.ndarray:
     """``argmax_first(separable_block(...), empty)`` (first maximum wins; ``empty`` where nothing valid reaches
     a pixel), with values computed near boundaries only."""
-    from storage.resample import FULL_FRACTION, TIE_MARGIN, _cell_dtype, argmax_first
+    from storage.resample import FULL_FRACTION, TIE_MARGIN
 
     rows, cols = _grid(ty, tx)
-    cell = _cell_dtype(region.shape[0])
+    cell = cell_dtype(region.shape[0])
     if kernel == "nearest":
         keep = _keep(ty, tx, rows, cols, valid, at, kernel, True)
         labels = _gather(argmax_first(region, cell), ty.index[:, 0] - at[0], tx.index[:, 0] - at[1], True)

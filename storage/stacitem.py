@@ -337,7 +337,7 @@ class _Opened:
 def _open(path: Path, asset: _Asset) -> _Opened:
     import rasterio
 
-    from storage.geotiff import _GDAL_ERRORS, _gdal_message, bounded_gdal_cache
+    from storage.rasteropen import GDAL_ERRORS, bounded_gdal_cache, gdal_message
 
     try:
         with bounded_gdal_cache(), rasterio.open(asset.gdal) as src:
@@ -346,8 +346,8 @@ def _open(path: Path, asset: _Asset) -> _Opened:
                            scales=tuple(1.0 if s is None else float(s) for s in src.scales),
                            offsets=tuple(0.0 if o is None else float(o) for o in src.offsets),
                            descriptions=tuple(src.descriptions), block=tuple(src.block_shapes[0]))
-    except (*_GDAL_ERRORS, OSError) as exc:
-        raise InputError(path, f"asset {asset.key!r} ({asset.href}) cannot be opened: {_gdal_message(exc)}") from None
+    except (*GDAL_ERRORS, OSError) as exc:
+        raise InputError(path, f"asset {asset.key!r} ({asset.href}) cannot be opened: {gdal_message(exc)}") from None
 
 
 def _gdal_bands(path: Path, asset: _Asset) -> list[_Band]:

@@ -1,0 +1,38 @@
+"""Labels from class probabilities: the first-maximum argmax and the dtype its label cells are held in.
+
+The model-space way back (:mod:`storage.resample`), the raster warp
+(:mod:`storage.separable`) and the stitched labels all take labels this way,
+so ties and NaN fall the same way on every grid; the way back and the warp
+also mark the cells whose label is not clear, in :func:`cell_dtype`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["argmax_first", "cell_dtype"]
+
+
+def argmax_first(probs: np.ndarray, dtype: np.dtype, empty: int | None = None) -> np.ndarray:
+    """``np.argmax(probs, axis=0)`` (first maximum wins), as a pass per class; ``empty`` where every class is 0.
+
+    A reduction over the leading axis of a (C, *spatial) array strides across
+    memory; C contiguous passes measured about 3x faster for a few classes.
+    The stitched labels use it too, so ties and NaN fall the same way on both grids.
+    Probabilities all 0 mean nothing reached the pixel (a softmax is never 0
+    everywhere): a warp with no valid source pixel under it, or no data.
+    """
+    best = probs[0].copy()
+    labels = np.zeros(probs.shape[1:], dtype=dtype)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        labels[better] = c
+        np.maximum(best, probs[c], out=best)
+    if empty is not None:
+        labels[best <= 0] = empty
+    return labels
+
+
+def cell_dtype(n: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every class and one more value, the "not uniform" mark."""
+    return np.dtype(np.uint8 if n < 255 else np.uint16 if n < 65535 else np.uint32)

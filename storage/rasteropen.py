@@ -1,0 +1,109 @@
+"""Opening a GeoTIFF/VRT through GDAL, with every way it can fail said in one line naming the file.
+
+Ingest, probe, a mosaic's tile plan and a STAC item's assets all open rasters
+and read their image bands and pixel type; they share these readers so that a
+file one of them refuses, every other refuses in the same words.  GDAL's own
+messages are dug out of rasterio's exception chains here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
+from rasterio.windows import Window
+
+from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
+
+try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedError)
+    from rasterio._err import CPLE_BaseError
+except ImportError:  # pragma: no cover - private module moved
+    CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
+
+__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "bounded_gdal_cache", "describe_window",
+           "gdal_message", "image_bands", "image_dtype", "open_raster"]
+
+ALLOWED_DRIVERS = ("GTiff", "VRT")
+"""GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
+
+GDAL_ERRORS = (RasterioError, CPLE_BaseError)
+"""What rasterio and GDAL raise for a file they cannot read: caught to turn into a one-line error."""
+
+GDAL_CACHE_MB = 64
+"""GDAL block cache while streaming: each block is read or written once, so a small cache loses nothing."""
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
+
+def gdal_message(exc: BaseException) -> str:
+    """The most specific message in an exception chain: rasterio often says only 'see previous'."""
+    msgs = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msgs.append(str(e))
+        e = e.__cause__ or e.__context__
+    specific = [m for m in msgs if m and "previous exception" not in m]
+    return (specific[-1] if specific else msgs[0]) or type(exc).__name__
+
+
+def describe_window(win: Window) -> str:
+    """A window as 'rows a-b, cols c-d', so a pixel-read error says where the file is damaged."""
+    r, c = int(win.row_off), int(win.col_off)
+    return f"rows {r}-{r + int(win.height) - 1}, cols {c}-{c + int(win.width) - 1}"
+
+
+def bounded_gdal_cache() -> rasterio.Env:
+    """Cap GDAL's block cache while streaming.
+
+    Each block is read or written once, so caching gains nothing, and GDAL's
+    default cap (5% of RAM) lets resident memory grow with the raster's size.
+    """
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
+def open_raster(path: Path) -> DatasetReader:
+    """Open with rasterio, turning every way a file can be unusable into a typed one-line error."""
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    if path.is_dir():
+        raise UnsupportedFormatError(path, "is a directory, not a GeoTIFF or VRT file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if not head:
+        raise CorruptInputError(path, "file is empty (0 bytes)")
+    try:
+        src = rasterio.open(path)
+    except GDAL_ERRORS as exc:
+        looks_known = head.startswith(_TIFF_MAGIC) or head.lstrip().startswith(b"<VRTDataset")
+        cls = CorruptInputError if looks_known else UnsupportedFormatError
+        what = "damaged GeoTIFF/VRT" if looks_known else "not a GeoTIFF or VRT"
+        raise cls(path, f"{what}, rasterio cannot open it: {gdal_message(exc)}") from None
+    if src.driver not in ALLOWED_DRIVERS:
+        src.close()
+        raise UnsupportedFormatError(path, f"is a {src.driver} raster; segflow reads GeoTIFF and VRT only")
+    return src
+
+
+def image_bands(src: DatasetReader, path: Path) -> list[int]:
+    """1-based indexes of the bands that are image channels: alpha only feeds the mask."""
+    bands = [i for i, ci in zip(src.indexes, src.colorinterp) if ci != ColorInterp.alpha]
+    if src.width == 0 or src.height == 0 or not bands:
+        raise InvalidInputError(path, f"raster has no pixels ({src.count} bands, {src.width}x{src.height})")
+    return bands
+
+
+def image_dtype(src: DatasetReader, bands: list[int], path: Path) -> np.dtype:
+    """The one dtype the image bands are read as: mixed-dtype VRTs are promoted, complex pixels refused."""
+    dtypes = {np.dtype(src.dtypes[i - 1]) for i in bands}
+    if any(dt.kind == "c" for dt in dtypes):
+        raise InvalidInputError(path, f"complex pixels ({', '.join(sorted(map(str, dtypes)))}) cannot be segmented")
+    return np.result_type(*dtypes)  # mixed-dtype VRTs are promoted, not refused
