@@ -24,6 +24,16 @@ class Normalizer:
     clip: tuple[float, float] | None = None
     nonzero: bool = False  # voxels equal to 0 stay 0 (MONAI NormalizeIntensity(nonzero=True))
 
+    def finite_for(self, dtype: np.dtype) -> bool:
+        """Whether every value of an integer ``dtype`` normalises to a finite float32 (so no NaN/Inf pass is needed)."""
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "biu":
+            return False
+        info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
+        largest = (max(abs(int(info.min)), int(info.max)) + max(abs(s) for s in self.shift)) * \
+            max(abs(f) for f in self.factor)
+        return largest < float(np.finfo(np.float32).max) / 2
+
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Normalise a (C, *spatial) block to float32, into ``out`` when given (no temporary copy)."""
         if out is None:

@@ -68,3 +68,19 @@ def test_image_zscore_equals_monai_normalize_intensity(nonzero):
     assert np.abs(ours - monai).max() < 1e-4
     if nonzero:
         assert np.all(ours[:, :4] == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.int64, np.uint64])
+def test_finite_for_is_true_only_when_every_stored_integer_normalises_to_a_finite_float32(dtype):
+    from segmentation.normalize import Normalizer
+
+    info = np.iinfo(dtype)
+    extremes = np.array([[info.min, info.max, 0]], dtype=dtype)
+    for norm in (Normalizer((0.0,), (1 / 255,)), Normalizer((1e4,), (1e-3,)), Normalizer((0.0,), (1e30,)),
+                 Normalizer((-5.0,), (3e38,))):
+        finite = bool(np.isfinite(norm(extremes)).all())
+        if norm.finite_for(dtype):  # the stitcher skips its NaN/Inf pass: it must be right to
+            assert finite, (norm, dtype)
+    assert not Normalizer((0.0,), (1.0,)).finite_for(np.float32)  # floats may hold NaN or Inf: always checked
+    assert Normalizer((0.0,), (1 / 255,)).finite_for(dtype)  # the common case does skip the pass
+    assert not Normalizer((-5.0,), (3e38,)).finite_for(dtype)  # a factor that overflows float32 does not
