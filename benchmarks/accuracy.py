@@ -69,6 +69,7 @@ class Run:
     baseline: str = ""
     cut: str = ""
     precision: str = "fast"  # bf16 autocast; "exact" where bf16 diverged (brain-lesion, at step 17 and 103)
+    intensity: float = 0.0  # segflow train --augment-intensity: the share of patches given random contrast etc.
 
 
 def _unet(spatial_dims: int, channels: list[int], classes: list[tuple[str, tuple[int, int, int]]],
@@ -215,7 +216,7 @@ RUNS = {
         _unet(2, [16, 32, 64, 128], [("background", (0, 0, 0)), ("building", (230, 60, 40))], [128, 128],
               {"mode": "percentile", "lower": 1.0, "upper": 99.0, "b_min": 0.0, "b_max": 1.0}, "buildings",
               batch=8, norm="batch"),
-        steps=3000, batch_size=8, lr=3e-3, holdout="x:0.8", goal={"building": 0.6},
+        steps=3000, batch_size=8, lr=3e-3, holdout="x:0.8", goal={"building": 0.6}, intensity=0.5,
         baseline="Otsu: 0.19", cut="train: left half (columns < 450); test: right half"),
     "brain-lesion": Run(
         "brain-lesion", prepare_lesion,
@@ -243,7 +244,7 @@ def run(spec: Run, work: Path) -> dict[str, Any]:
     train_s, _ = _cli("train", "--card", str(card), "--image", str(files["train_image"]), "--labels",
                       str(files["train_labels"]), "--out", str(model), "--steps", str(spec.steps), "--batch-size",
                       str(spec.batch_size), "--lr", str(spec.lr), "--holdout", spec.holdout, "--precision",
-                      spec.precision)
+                      spec.precision, "--augment-intensity", str(spec.intensity))
     out = work / "out"
     segment_s, _ = _cli("segment", str(files["test_image"]), "--model", str(model), "--out", str(out), "--no-zarr")
     name = files["test_image"].name
@@ -307,7 +308,9 @@ def main() -> int:
             best = result["validation"].get("best", {})
             note = (f"{spec.steps} steps × batch {spec.batch_size} ({spec.precision}), "
                     f"ROI {spec.card['inference']['roi']}, {spec.card['architecture']['kwargs']['channels']} U-Net "
-                    f"({spec.card['architecture']['kwargs']['norm']} norm); checkpoint chosen on the training "
+                    f"({spec.card['architecture']['kwargs']['norm']} norm)"
+                    + (f", `--augment-intensity {spec.intensity:g}`" if spec.intensity else "")
+                    + "; flips and transposes; checkpoint chosen on the training "
                     f"part's `--holdout {spec.holdout}` strip (best at step {best.get('step')}); segmenting the "
                     f"test part took {result['segment_s']:.0f} s.")
             text = "\n".join([*head, *rows, "", note, "", "<details><summary>segflow evaluate's table</summary>",

@@ -279,7 +279,10 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                                                                         "validate on the rest (x:-0.5: train "
                                                                         "on the last half)."),
           resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from the state its "
-                                                              "last validation saved in OUT/checkpoints.")) -> None:
+                                                              "last validation saved in OUT/checkpoints."),
+          augment_intensity: float = typer.Option(0.0, "--augment-intensity",
+                                                  help="Share of patches (0-1) given a random contrast, "
+                                                       "brightness and noise; flips always.")) -> None:
     """Train a card's architecture on image/label pairs or a dataset; the result is a model directory with
     provenance, the best validated weights, a learning curve and a per-class validation table."""
     from flows.training import train_from_dataset, train_from_files
@@ -296,6 +299,8 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         _fail("--holdout validates on part of every image; it cannot be combined with --val-fraction")
     if precision not in ("exact", "fast"):
         _fail(f"--precision {precision!r} is neither exact nor fast")
+    if not 0.0 <= augment_intensity <= 1.0:
+        _fail(f"--augment-intensity {augment_intensity:g} is not a share in [0, 1]")
 
     def on_step(info: dict) -> None:
         progress.update(task, completed=info["step"])
@@ -309,7 +314,8 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
     try:
         model_card = read_card(card)
         common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
-                      val_every=val_every, holdout=holdout, resume=resume, on_step=on_step)
+                      val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,
+                      intensity=augment_intensity)
         with _progress() as progress:
             task = progress.add_task(f"train {model_card.name}", total=steps)
             if dataset is not None:

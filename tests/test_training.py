@@ -290,3 +290,27 @@ def test_demo_cards_are_consistent():
         assert all(p % 8 == 0 for p in budget.patch)  # three stride-2 levels
     assert [c.name for c in landcover_card().classes] == list(samples.SCENE_CLASSES)
     assert [c.name for c in lesion_card().classes] == list(samples.PHANTOM_CLASSES)
+
+
+def test_augmentation_moves_labels_with_pixels_and_intensity_changes_only_the_image():
+    from segmentation.augment import dihedral, intensity
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(2, 16, 16)).astype(np.float32)
+    lab = np.arange(256).reshape(16, 16)
+    img[0] = lab  # channel 0 carries each pixel's label: any geometric change must move both alike
+    seen = set()
+    for _ in range(40):
+        i2, l2 = dihedral(img, lab, rng)
+        np.testing.assert_array_equal(i2[0], l2)
+        seen.add(l2.tobytes())
+    assert len(seen) == 8  # every flip and transpose of a square 2-D patch happens
+    # off: the patch is returned as is and the generator draws nothing (seeded runs stay as they were)
+    before = np.random.default_rng(5)
+    assert intensity(img, before, 0.0) is img and before.random() == np.random.default_rng(5).random()
+    changed = intensity(img, np.random.default_rng(6), 1.0)
+    assert changed.shape == img.shape and changed.dtype == np.float32 and not np.array_equal(changed, img)
+    # contrast and brightness are relative to each channel's own spread: a channel stays of the same order
+    assert np.abs(changed.std(axis=(1, 2)) / img.std(axis=(1, 2)) - 1).max() < 0.35
+    with pytest.raises(Exception, match="intensity"):
+        train(landcover_card(), [], steps=1, batch_size=1, intensity=1.5)
