@@ -8,6 +8,7 @@ where the layout (exposed in QuicklookInfo) says each picture sits.
 from __future__ import annotations
 
 import time
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +20,7 @@ from nibabel.nifti1 import Nifti1Extension
 from PIL import Image
 from rasterio.transform import Affine
 
+from storage import labelcensus, labelcomponents, volumeslabs
 from storage.classes import LabelClass, slicer_color_table
 from storage.errors import ExportError, IncompatibleInputError, InputError, InvalidInputError
 from storage.geometry import RasterGeometry
@@ -362,6 +364,95 @@ def test_window_and_errors(tmp_path: Path) -> None:
                             tmp_path / "f.png").by_value(2).amount == pytest.approx(8 / 1000)
     with pytest.raises(InputError, match="nothing.nii"):
         volume_quicklook(tmp_path / "nothing.nii", tmp_path / "x.png")
+
+
+def _panels_through(info: QuicklookInfo, value: int) -> list:
+    return [p for p in info.panels if p.through_class == value]
+
+
+def test_a_few_voxel_lesion_and_the_largest_components_in_a_large_volume(tmp_path: Path) -> None:
+    # 256x256x160 voxels: the census keeps 3x3x3 block grids, so components are first found coarsely
+    shape = (256, 256, 160)
+    assert labelcensus.block_for(shape) == 3
+    labels = np.zeros(shape, dtype=np.uint8)
+    ii, jj, kk = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    labels[((ii - 150) / 60) ** 2 + ((jj - 130) / 50) ** 2 + ((kk - 80) / 40) ** 2 < 1] = 1  # an organ
+    labels[30:32, 200:202, 140] = 2  # a lesion of 4 voxels, far from everything
+    labels[200:206, 30:36, 20:26] = 3  # class 3: a 6x6x6 cube (216 voxels) ...
+    labels[60:100:2, 20:60:2, 100:140:2] = 3  # ... and 8000 isolated specks, in adjacent blocks: one coarse clump
+    labels[10:15, 10:15, 10:15] = 4  # class 4: two solid components, the second larger
+    labels[230:237, 230:237, 100:107] = 4
+    colors = {1: (200, 120, 40), 2: (255, 0, 255), 3: (0, 200, 0), 4: (0, 120, 255)}
+    table = slicer_color_table([LabelClass(value=v, name=f"c{v}", color=c) for v, c in colors.items()])
+    path = write_volume(tmp_path / "big.nii.gz", labels, ras_affine(), [table])
+    info = volume_quicklook(path, tmp_path / "q.png")
+    assert [p.through_class for p in info.panels] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    organ, lesion, cube, blob = info.centres
+    assert labels[organ] == 1 and abs(organ[0] - 150) <= 1 and abs(organ[1] - 130) <= 1 and abs(organ[2] - 80) <= 1
+    assert 30 <= lesion[0] < 32 and 200 <= lesion[1] < 202 and lesion[2] == 140
+    assert all(lo <= v < lo + 6 for v, lo in zip(cube, (200, 30, 20)))  # not one of the specks that outweigh it
+    assert all(lo <= v < lo + 7 for v, lo in zip(blob, (230, 230, 100)))
+    assert info.by_value(2).amount == pytest.approx(4 / 1000)  # every voxel counted
+    assert info.by_value(3).amount == pytest.approx((216 + 8000) / 1000)
+    pixels = png(info)
+    for panel in _panels_through(info, 2):  # the lesion is drawn in each of its three planes
+        assert (crop(pixels, panel.box) == colors[2]).all(axis=-1).any(), panel.name
+
+
+def test_a_big_component_found_on_reduced_blocks_is_cut_inside_it(tmp_path: Path, monkeypatch) -> None:
+    # Boxes over 4096 voxels are searched on 4x4x4 blocks, which join the ring with the specks beside it;
+    # the centre must still be a voxel of the ring (whose centroid lies in its hole), not of a speck.
+    monkeypatch.setattr(labelcomponents, "COMPONENT_VOXELS", 4096)
+    labels = np.zeros((96, 96, 64), dtype=np.uint8)
+    yy, xx = np.mgrid[:96, :96]
+    radius = np.hypot(yy - 48, xx - 48)
+    ring = (radius > 15) & (radius < 35) & ~((yy > 48) & (np.abs(xx - 48) < 6))  # a C: open at the bottom
+    labels[:, :, 10:54][ring] = 1
+    labels[::2, ::2, 56:64:2][radius[::2, ::2] < 40] = 1  # isolated specks just above the ring
+    info = volume_quicklook(write_volume(tmp_path / "c.nii.gz", labels, ras_affine()), tmp_path / "q.png")
+    centre = info.centres[0]
+    assert 10 <= centre[2] < 54 and ring[centre[:2]], centre
+
+
+def test_more_classes_than_rows_read_the_largest_class_again(tmp_path: Path, monkeypatch) -> None:
+    # Six classes: no grid per class is kept in the census, the largest one's is read in a second pass.
+    monkeypatch.setattr(labelcensus, "CELLS", 512)
+    labels = np.zeros((48, 48, 48), dtype=np.uint8)
+    assert labelcensus.block_for(labels.shape) == 6
+    for v in range(1, 6):
+        labels[v * 8:v * 8 + 3, 2:6, 2:6] = v
+    labels[2:6, 30:36, 30:36] = 6  # the largest class: a small component ...
+    labels[30:40, 30:40, 30:40] = 6  # ... and its largest one
+    info = volume_quicklook(write_volume(tmp_path / "m.nii.gz", labels, ras_affine()), tmp_path / "q.png")
+    assert [p.through_class for p in info.panels] == [6, 6, 6]
+    assert all(30 <= v < 40 for v in info.centres[0])
+    assert [c.amount for c in info.classes] == pytest.approx([0.048] * 5 + [(144 + 1000) / 1000])
+
+
+def test_memory_stays_flat_as_the_volume_grows(tmp_path: Path, monkeypatch) -> None:
+    # Slabs, grids and boxes made small so that a 16 MiB volume is "large": the quicklook's own peak
+    # (Python and numpy allocations) must stay well under the label volume and grow much less than it.
+    monkeypatch.setattr(volumeslabs, "SLAB_BYTES", 1 << 19)
+    monkeypatch.setattr(labelcensus, "CELLS", 1 << 14)
+    monkeypatch.setattr(labelcomponents, "COMPONENT_VOXELS", 1 << 15)
+    peaks, sizes = [], []
+    for depth in (64, 256):
+        ii, jj, kk = np.ogrid[:256, :256, :depth]
+        labels = ((((ii - 128) / 100) ** 2 + ((jj - 128) / 85) ** 2 + ((kk - depth / 2) / (depth / 2.2)) ** 2) < 1)
+        labels = labels.astype(np.uint8)
+        labels[10:13, 60:63, depth // 3:depth // 3 + 2] = 2
+        lab = write_volume(tmp_path / f"l{depth}.nii.gz", labels, ras_affine())
+        img = write_volume(tmp_path / f"i{depth}.nii.gz", (labels * 100).astype(np.int16), ras_affine())
+        tracemalloc.start()
+        try:
+            info = volume_quicklook(lab, tmp_path / f"q{depth}.png", image_path=img)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        sizes.append(labels.nbytes)
+        assert labels[info.centres[1]] == 2
+    assert peaks[1] < sizes[1] / 2, f"peak {peaks[1] / 2**20:.1f} MiB for a {sizes[1] / 2**20:.0f} MiB volume"
+    assert peaks[1] - peaks[0] < (sizes[1] - sizes[0]) / 4, [p / 2**20 for p in peaks]
 
 
 # --------------------------------------------------------------------------- real outputs
