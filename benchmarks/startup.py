@@ -62,6 +62,7 @@ _T0 = time.time()  # this process's first line (after the standard library): the
 SIZE = 512
 TARGET_S = 5.0  # issue 12: at most this much beyond the compute
 NO_EXTRAS = ("ignite", "skimage")  # pytorch-ignite, scikit-image: segflow's test extras only
+MODES = ("plain", "process", "prefect")  # the phase table's columns
 PHASES = [
     ("interpreter", "Python interpreter start (to the first line of the script)"),
     ("import_cli", "`import flows.cli` (typer, rich, pydantic)"),
@@ -71,9 +72,10 @@ PHASES = [
     ("pipeline_imports", "the pipeline's imports (zarr, rasterio, ...; with Prefect already done)"),
     ("flow_start", "Prefect's temporary server and flow-run start"),
     ("load_model", "load the model (imports MONAI)"),
-    ("cluster_start", "cluster start, in a thread beside the above: LocalCluster (1 worker process, which imports "
-                      "torch) and its worker's own load of the model"),
-    ("cluster_process", "… of which the LocalCluster (the worker process up)"),
+    ("cluster_start", "cluster start, in a thread beside the above: the LocalCluster (by default threads of this "
+                      "process; with `--workers 1` a worker process, which imports torch, and its own load of the "
+                      "model)"),
+    ("cluster_process", "… of which the LocalCluster up (its scheduler; with `--workers 1` the worker process)"),
     ("cluster_wait", "… of which waited for after this process had loaded the model"),
     ("work", f"the work: ingest, inference, export ({SIZE}², the compute)"),
     ("cluster_close", "Dask LocalCluster shutdown (its worker's objects frozen out of the GC first)"),
@@ -167,7 +169,8 @@ def child(mode: str, scene: str, model: str, out: str, parent_started: float) ->
 
     ``plain``: the flow's body without Prefect (the default without a Prefect
     API): the cluster starts in a thread first, then the model check and the
-    body; ``prefect``: the ``segment-batch`` flow run (temporary server),
+    body; ``process``: the same with ``--workers 1`` (a worker process, the
+    default before segment's cluster ran in its own process); ``prefect``: the ``segment-batch`` flow run (temporary server),
     whose body starts the cluster.  The cluster's start runs beside the
     model's check and load, so it is timed on its own, and ``cluster_wait`` is
     what the run waited for it after the model had loaded.
@@ -234,7 +237,7 @@ def child(mode: str, scene: str, model: str, out: str, parent_started: float) ->
 
     real_load = real_staged = None
     fb.dask_client, fb.batch_client = dask_client, batch_client
-    options = SegmentOptions(keep_zarr=False)
+    options = SegmentOptions(keep_zarr=False, workers=1 if mode == "process" else None)
     if mode == "prefect":
         from segmentation.modeldir import check_model
 
@@ -328,7 +331,7 @@ def main() -> int:
         if (home / "prefect.db").exists():
             raise SystemExit("the default run without a Prefect API made a Prefect database: it used Prefect")
         cold["prefect"] = end_to_end(scene, model, tmp / "out-prefect-cold", env, "--prefect")
-        ways = {"plain": (env, ()), "prefect": (env, ("--prefect",))}
+        ways = {"plain": (env, ()), "process": (env, ("--workers", "1")), "prefect": (env, ("--prefect",))}
         if args.without_test_extras:
             site = tmp / "no-test-extras"
             site.mkdir()
@@ -338,7 +341,8 @@ def main() -> int:
         for i in range(args.repeat):  # the ways interleaved, so that a change in the machine's load hits them alike
             for way, (way_env, flags) in ways.items():
                 runs.setdefault(way, []).append(end_to_end(scene, model, tmp / f"out-{way}-{i}", way_env, *flags))
-        parts = {mode: phases(mode, scene, model, tmp / f"out-phases-{mode}", env) for mode in ("plain", "prefect")}
+        parts = {mode: phases(mode, scene, model, tmp / f"out-phases-{mode}", env)
+                 for mode in ("plain", "process", "prefect")}
         if not args.no_server:
             with prefect_server(tmp / "server-home") as api:
                 served = {**env, "PREFECT_API_URL": api}  # the default: a flow run, reported to the server
@@ -361,6 +365,8 @@ def main() -> int:
         "| wall s | compute s (provenance `total_seconds`) | wall − compute s |",
         "|---|---|---|---|",
         _row("no Prefect API configured (default): the flow's body without Prefect", runs["plain"]),
+        _row("`--workers 1`: the same with one worker process (segment's default before; nightly's default)",
+             runs["process"]),
         _row("`--prefect` without an API: Prefect's temporary server + flow run", runs["prefect"]),
     ]
     if "bare" in runs:
@@ -378,15 +384,15 @@ def main() -> int:
         f"{plain_over:.1f} s, {'met' if plain_over <= TARGET_S else 'missed'}.",
         "",
         "| phase (one fresh process per way, the same steps, timed; the cluster's start overlaps the model's load) "
-        "| default, no Prefect s | `--prefect` s |",
-        "|---|---|---|",
+        "| default, no Prefect s | `--workers 1` s | `--prefect` s |",
+        "|---|---|---|---|",
     ]
     for key, label in PHASES:
-        lines.append(f"| {label} | {parts['plain'].get(key, 0.0):.2f} | {parts['prefect'].get(key, 0.0):.2f} |")
-    lines.append(f"| **total** (to the end of the run) | **{parts['plain']['total']:.2f}** "
-                 f"| **{parts['prefect']['total']:.2f}** |")
-    lines.append(f"| then process exit (Prefect: its temporary server's stop; interpreter teardown) "
-                 f"| {parts['plain']['exit']:.2f} | {parts['prefect']['exit']:.2f} |")
+        lines.append(f"| {label} | " + " | ".join(f"{parts[m].get(key, 0.0):.2f}" for m in MODES) + " |")
+    lines.append("| **total** (to the end of the run) | " + " | ".join(f"**{parts[m]['total']:.2f}**" for m in MODES)
+                 + " |")
+    lines.append("| then process exit (Prefect: its temporary server's stop; interpreter teardown) | "
+                 + " | ".join(f"{parts[m]['exit']:.2f}" for m in MODES) + " |")
     body = "\n".join(lines)
     print(body)
     if args.record:
