@@ -182,9 +182,10 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     futures = client.compute(writes + [plan.counts(only=todo)])
     model_futures = client.compute(model_writes) if model_writes else []
     key = f"infer:{target.name}"
-    reporter().start(key, f"segment {input_name}", total=len(plan.chunk_indexes), unit="chunks")
+    shares = window_shares(plan)
+    reporter().start(key, f"segment {input_name}", total=sum(shares.values()), unit="windows")
     if done:
-        reporter().advance(key, len(done))
+        reporter().advance(key, sum(shares.get(idx, 0) for idx in done))
     histogram: dict[int, int] = {}
     for chunk_histogram in done.values():
         for value, n in chunk_histogram.items():
@@ -201,7 +202,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
                 written += 1
                 if kill_after is not None and written >= kill_after:
                     _kill_for_test()
-                reporter().advance(key)
+                reporter().advance(key, shares.get(result.get("index"), 0))
             else:
                 counts = result
         for future in model_futures:
@@ -242,6 +243,22 @@ def _with_source_path(meta: Any, source_path: str | None) -> Any:
     meta = dict(meta)
     meta["source"] = {**meta["source"], "path": source_path}
     return meta
+
+
+def window_shares(plan: Any) -> dict[Any, int]:
+    """Windows to count as done when each output chunk is written, adding up to the plan's windows.
+
+    A stitched chunk owns its windows (:meth:`StitchPlan.owned_windows`); a
+    model-space plan's chunks lie on the input's grid, so its windows are
+    shared out evenly over them. Progress then reads in windows per second,
+    the unit a user can compare with the model's own speed.
+    """
+    indexes = list(plan.chunk_indexes)
+    owned = getattr(plan, "owned_windows", None)
+    if owned is not None:
+        return {idx: owned(idx) for idx in indexes}
+    total, n = plan.num_windows, max(1, len(indexes))
+    return {idx: (k + 1) * total // n - k * total // n for k, idx in enumerate(indexes)}
 
 
 def _test_kill_after() -> int | None:

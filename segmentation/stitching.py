@@ -412,6 +412,10 @@ class StitchPlan:
         """Every output chunk, in the (row-major) order :meth:`writes` uses."""
         return list(self._probs)
 
+    def owned_windows(self, index: tuple[int, ...]) -> int:
+        """How many grid windows output chunk ``index`` owns: over every chunk they add up to :attr:`num_windows`."""
+        return int(np.prod([len(a.owned[i]) for a, i in zip(self.axes, index)]))
+
     def counts(self, only: Sequence[tuple[int, ...]] | None = None) -> Delayed:
         """Delayed {windows_evaluated, windows_skipped}: of the whole image, or of the evaluate tasks that
         the chunks ``only`` lists need.

@@ -176,7 +176,8 @@ def test_killed_worker_still_gives_the_identical_output(scene, tmp_path):
 
 
 class _Interrupt:
-    """A progress reporter that raises KeyboardInterrupt (Ctrl-C) after ``after`` chunks of a run."""
+    """A progress reporter that raises KeyboardInterrupt (Ctrl-C) after ``after`` chunks of a run (one advance
+    per chunk written, by the windows it owns)."""
 
     def __init__(self, after: int) -> None:
         self.after, self.seen = after, 0
@@ -185,7 +186,7 @@ class _Interrupt:
         pass
 
     def advance(self, key: str, amount: int = 1) -> None:
-        self.seen += amount
+        self.seen += 1
         if self.seen >= self.after:
             raise KeyboardInterrupt
 

@@ -298,6 +298,13 @@ def test_segment_with_8787_taken_no_port_warning_dashboard_line_progress_lines_a
     [dask] = lines(proc.stderr, "Dask scheduler ")  # segment's default: the work runs in this process's threads
     assert "Dask scheduler in this process (local cluster, 1 worker)" in dask and "dashboard" in dask
     assert lines(proc.stderr, "segment scene: ") and lines(proc.stderr, "ok ")
+    # progress counts the model's windows (what a user compares with the model's speed), all of them at the end
+    import json
+    import re
+
+    windows = json.loads((tmp_path / "out" / "scene.provenance.json").read_text())["statistics"]["windows_total"]
+    last = lines(proc.stderr, "segment scene: ")[-1]
+    assert re.match(rf"segment scene: {windows} windows in \d", last), (last, windows)  # a short run: no rate
     assert quiet.stdout == "" and quiet.stderr == "", quiet.stderr
     assert (tmp_path / "out-quiet" / "scene.tif").is_file()
 
