@@ -216,7 +216,7 @@ RUNS = {
         _unet(2, [16, 32, 64, 128], [("background", (0, 0, 0)), ("building", (230, 60, 40))], [128, 128],
               {"mode": "percentile", "lower": 1.0, "upper": 99.0, "b_min": 0.0, "b_max": 1.0}, "buildings",
               batch=8, norm="batch"),
-        steps=3000, batch_size=8, lr=3e-3, holdout="x:0.8", goal={"building": 0.6}, intensity=0.5,
+        steps=3000, batch_size=8, lr=3e-3, holdout="x:0.8", goal={"building": 0.6},
         baseline="Otsu: 0.19", cut="train: left half (columns < 450); test: right half"),
     "brain-lesion": Run(
         "brain-lesion", prepare_lesion,
@@ -267,7 +267,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
     ap.add_argument("--keep", type=Path, default=None, help="work here and keep the files")
-    ap.add_argument("--steps", type=int, default=None, help="override every run's steps (a quick check only)")
+    ap.add_argument("--steps", type=int, default=None, help="override every run's steps")
+    ap.add_argument("--roi", type=int, nargs="+", default=None, help="override the runs' ROI (training patch)")
+    ap.add_argument("--augment-intensity", type=float, default=None, help="override the runs' intensity share")
     report.add_argument(ap)
     args = ap.parse_args()
     if not DATA.is_dir():
@@ -281,6 +283,10 @@ def main() -> int:
             spec = RUNS[name]
             if args.steps is not None:
                 spec.steps = args.steps
+            if args.roi is not None:
+                spec.card["inference"]["roi"] = list(args.roi)
+            if args.augment_intensity is not None:
+                spec.intensity = args.augment_intensity
             work = Path(tmp) / name
             work.mkdir()
             print(f"# {name}: training {spec.steps} steps ...", flush=True)
