@@ -145,6 +145,9 @@ def schedule_command(
         dask_address: Optional[str] = typer.Option(None, help="Run on an existing Dask scheduler."),
         gpus: bool = typer.Option(False, "--gpus", help="One Dask worker per GPU (needs dask-cuda)."),
         no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
+        quicklook: bool = typer.Option(True, "--quicklook/--no-quicklook",
+                                       help="OUT/<stem>.quicklook.png beside each output (on by default, as in "
+                                            "nightly), shown in the run's HTML report and Prefect artifacts."),
         paused: bool = typer.Option(False, "--paused", help="Register the schedule paused (runs by hand only)."),
 ) -> None:
     """Serve the nightly flow on a cron schedule against a Prefect server (PREFECT_API_URL); runs until stopped."""
@@ -153,7 +156,8 @@ def schedule_command(
     from storage.errors import SegflowError
 
     options = cli.options(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
-                           device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr)
+                           device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
+                           quicklook=quicklook)
     cli.check_models(model)
     try:
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,

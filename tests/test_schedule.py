@@ -155,6 +155,20 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
     tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}, timeout=10).json()
     per_input = [t for t in tasks if t["name"].startswith("segment-")]
     assert [t["state"]["type"] for t in per_input] == ["COMPLETED"]
+    # the run's Prefect artifacts, read back from the server: the results table, the summary, the HTML report link
+    found = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}},
+                       timeout=10).json()
+    by_key = {a["key"]: a for a in found}
+    assert set(by_key) == {"segflow-nightly-inputs", "segflow-nightly-summary", "segflow-nightly-html-report"}
+    table = by_key["segflow-nightly-inputs"]
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert table["type"] == "table" and [(r["input"], r["status"]) for r in rows] == [("scene.tif", "done")]
+    html = sorted((out / "reports").glob("*.html"))[-1]
+    assert by_key["segflow-nightly-html-report"]["data"] == f"[{html}]({html.as_uri()})"
+    summary = by_key["segflow-nightly-summary"]
+    assert summary["type"] == "markdown" and "**1 inputs: 1 done, 0 skipped**" in summary["data"]
+    quicklook = out / "scene.quicklook.png"  # on by default in a scheduled nightly, as in `segflow nightly`
+    assert quicklook.is_file() and f"]({quicklook.as_uri()})" in summary["data"]
 
 
 def _flow(entrypoint: str):  # noqa: ANN202
