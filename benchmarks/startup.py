@@ -246,7 +246,7 @@ def child(mode: str, scene: str, model: str, out: str, parent_started: float) ->
         outcomes = ff.batch_outcomes(ff.segment_batch(inputs=[scene], model_dir=model, out_dir=out,
                                                       options=options, return_state=True))
     else:
-        with fb.start_cluster(model, options) as cluster:  # as flows/cli.py does
+        with fb.start_cluster(model, options) as cluster:  # as flows/segment_cli.py does
             from segmentation.modeldir import check_model
 
             check_model(Path(model))

@@ -1,7 +1,8 @@
 """What every ``segflow`` sub-command shares: the consoles, one-line failures and option parsing.
 
-``flows/cli.py`` (the app), ``flows/nightly_cli.py`` and ``flows/schedule.py``
-(commands it mounts) all import from here and never from each other, so no
+``flows/cli.py`` (the app) and the command modules it mounts
+(``segment_cli``, ``train_cli``, ``data_cli``, ``model_cli``, ``nightly_cli``
+and ``schedule``) all import from here and never from each other, so no
 command module imports another in a circle.  Nothing here imports Prefect.
 """
 

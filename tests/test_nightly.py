@@ -81,7 +81,7 @@ def runs(models, tmp_path_factory, dask_cluster):
 
     t0 = time.perf_counter()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("flows.nightly.sha256_input", flaky_sha256)
+        mp.setattr("flows.nightly_task.sha256_input", flaky_sha256)
         first = nightly(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=2,
                         retry_delay_seconds=0, return_state=True)
     first_seconds = time.perf_counter() - t0

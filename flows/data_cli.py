@@ -1,0 +1,111 @@
+"""The ``segflow ingest``, ``info`` and ``verify`` commands: getting data in and looking at what is there.
+
+These commands make or read stores, outputs and provenance records without
+running a model: ``ingest`` copies inputs into zarr stores, ``info`` prints a
+file's metadata (and a label output's class table), ``verify`` recomputes the
+hashes a provenance record names.  They share no code with ``segment`` or
+``train``, so they sit in their own module, which ``flows/cli.py`` mounts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from flows import cliutil
+from storage.errors import SegflowError
+
+console, out = cliutil.console, cliutil.out
+
+
+def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, DICOM folders, DICOMDIRs "
+                                                       "or DICOM files (one store per series)."),
+           out: Path = typer.Option(..., "--out", help="Directory for the <stem>.zarr stores."),
+           chunk: Optional[int] = typer.Option(None, help="Spatial chunk size (default 1024 in 2D, 128 in 3D).")) -> None:
+    """Copy inputs into chunked zarr v3 image stores with their full geometry."""
+    from flows.inputs import expand, input_label, input_stem
+    from storage.ingest import ingest as do_ingest
+
+    expanded, unusable = expand([str(p) for p in inputs])
+    for _, error in unusable:
+        console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)
+    failures = len(unusable)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in expanded:
+        try:
+            store = do_ingest(item if not isinstance(item, str) else Path(item), out / f"{input_stem(item)}.zarr",
+                              chunk=chunk)
+            console.print(f"ingested {escape(input_label(item))} -> {store.path}  {store.image.shape} "
+                          f"{store.image.dtype}", highlight=False, soft_wrap=True)
+        except SegflowError as exc:
+            failures += 1
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1 if failures else 0)
+
+
+
+def info(path: Path = typer.Argument(..., help="A zarr store, a GeoTIFF/NIfTI output, a provenance JSON "
+                                               "or a model directory.")) -> None:
+    """Print a store's or an output's metadata and provenance as JSON; for a label output also its classes with
+    their pixels or voxels and area (ha) or volume (mL), as a table on stderr."""
+    from flows.inspect import describe
+
+    try:
+        described = describe(path)
+    except SegflowError as exc:
+        cliutil.fail(str(exc))
+    out.print_json(json.dumps(described, default=str))
+    if isinstance(described, dict) and described.get("label_table"):
+        console.print(_label_table(described["label_table"]))
+
+
+def _label_table(table: dict) -> Table:
+    """``segflow info``'s class table: value, name, pixels or voxels, area or volume as people write them."""
+    from flows.numbers import readable
+
+    unit, raster = table["unit"], table["measure"] == "area_ha"
+    caption = f"counts from {table['source']}" + (f"; no {unit}: {table['note']}" if table["cell_size"] is None else "")
+    grid = Table(title="classes", caption=caption)
+    for name, justify in (("value", "right"), ("name", "left"), ("pixels" if raster else "voxels", "right"),
+                          (f"area ({unit})" if raster else f"volume ({unit})", "right")):
+        grid.add_column(name, justify=justify)
+    for row in table["rows"]:
+        grid.add_row(str(row["value"]), escape(str(row["name"])), f"{row['count']:,}",
+                     readable(row.get(table["measure"])))
+    return grid
+
+
+def verify(output: str = typer.Argument(..., help="An output file or its .provenance.json, or its URL.")) -> None:
+    """Recompute the hashes named in an output's provenance; non-zero exit on any mismatch or missing output.
+
+    An input or weights file not reachable from here is reported as unverified, not as a failure.
+    """
+    from storage.provenance import sidecar_path, verify as verify_record  # issue 6: report unreachable files apart
+    from storage.remote import is_url
+
+    try:
+        if is_url(output):  # downloaded to a scratch folder and checked there (flows/staging.py)
+            from flows.staging import verify_url
+
+            report = verify_url(output)
+            sidecar = output if output.endswith(".provenance.json") else \
+                output.rsplit("/", 1)[0] + "/" + sidecar_path(output.rsplit("/", 1)[-1]).name
+        else:
+            output_path = Path(output)
+            sidecar = output_path if output_path.name.endswith(".provenance.json") else sidecar_path(output_path)
+            report = verify_record(sidecar)
+    except SegflowError as exc:
+        cliutil.fail(str(exc))
+    for line in report.unverified:
+        console.print(f"[yellow]unverified:[/yellow] {line}", highlight=False, soft_wrap=True)
+    for p in report.problems:
+        console.print(f"[red]mismatch:[/red] {p}", highlight=False, soft_wrap=True)
+    if report.problems:
+        raise typer.Exit(1)
+    console.print(f"[green]verified[/green] {sidecar} ({len(report.verified)} hashes)", highlight=False,
+                  soft_wrap=True)

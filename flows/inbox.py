@@ -1,0 +1,144 @@
+"""What a nightly run is given: the inputs of an inbox folder or of a manifest, local or under a URL.
+
+A run starts from a list of paths; which files of an inbox count as inputs
+(hidden entries, Analyze pairs, DICOM folders, STAC items) and how a CSV or
+JSON manifest names them is a question of its own, answered before the flow
+starts any task, so it lives here rather than in ``flows/nightly.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from storage.dicomfiles import is_dicom_input
+from storage.errors import ConfigError, InputError
+from storage.ingest import kind_of, stem_of
+from storage.remote import is_url
+from storage.stacitem import is_item_path
+
+
+def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
+    """(inputs, ignored): the inbox's files and DICOM folders segflow reads, sorted; hidden entries skipped,
+    other files and folders ignored.
+
+    An Analyze/NIfTI pair is one input, read through its ``.hdr``.  A sub-folder holding DICOM files (at
+    any depth), a DICOMDIR and a file with the DICOM preamble are listed as they are; :func:`flows.inputs.expand`
+    turns them into series.  A URL prefix lists its objects (DICOM is read from local folders only).
+    """
+    if is_url(str(folder)):
+        return _list_inbox_url(str(folder))
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(folder, "inbox is not a directory")
+    inputs, ignored = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() or not p.is_file():
+            if p.is_dir() and _is_dicom(p):
+                inputs.append(str(p))
+            elif p.is_dir():
+                ignored.append(str(p))
+            continue
+        try:
+            kind_of(p)
+        except InputError:
+            (inputs if _is_dicom(p) else ignored).append(str(p))
+            continue
+        if is_item_path(p):  # STAC items are segmented by `segflow segment item.json`; nightly does not route them
+            ignored.append(str(p))
+            continue
+        if p.name.lower().endswith(".img") and p.with_suffix(".hdr").exists():
+            continue
+        inputs.append(str(p))
+    return inputs, ignored
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        return is_dicom_input(path)
+    except OSError:
+        return False
+
+
+def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
+    """:func:`list_inbox` of a URL prefix: the objects directly under it."""
+    from storage import remote
+
+    try:
+        files = remote.list_files(url)
+    except FileNotFoundError:
+        raise ConfigError(url, "inbox not found (no such bucket or prefix)") from None
+    except Exception as exc:  # noqa: BLE001 - each filesystem raises its own types
+        raise ConfigError(url, f"cannot list the inbox: {type(exc).__name__}: {exc}") from exc
+    names = {remote.name_of(f) for f in files}
+    inputs, ignored = [], []
+    for f in files:
+        name = remote.name_of(f)
+        if name.startswith("."):
+            continue
+        try:
+            kind_of(name)
+        except InputError:
+            ignored.append(f)
+            continue
+        if is_item_path(name):
+            ignored.append(f)
+            continue
+        if name.lower().endswith(".img") and (stem_of(name) + ".hdr") in names:
+            continue
+        inputs.append(f)
+    return inputs, ignored
+
+
+def read_manifest(path: str | Path) -> list[str]:
+    """The inputs a manifest lists: CSV with a ``path`` column, or JSON (a list of paths, of {"path": ...}
+    objects, or an object with an "inputs" or "paths" list). Relative paths are relative to the manifest.
+    Entries may be URLs; the manifest itself may be one (its relative entries are then URLs beside it)."""
+    url = str(path) if is_url(str(path)) else None
+    path = Path(path)
+    if url is not None:
+        from storage import remote
+
+        try:
+            text = remote.read_bytes(url).decode("utf-8-sig")
+        except Exception as exc:  # noqa: BLE001 - each filesystem raises its own types
+            raise ConfigError(url, f"cannot read manifest: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            raise ConfigError(path, f"cannot read manifest: {exc.strerror or exc}") from None
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        column = next((c for c in (rows[0].keys() if rows else []) if c and c.strip().lower() == "path"), None)
+        if column is None:
+            raise ConfigError(url or path, "CSV manifest needs a 'path' column")
+        items: list[Any] = [r[column] for r in rows]
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(url or path, f"manifest is not valid JSON: {exc}") from None
+        if isinstance(data, dict):
+            data = data.get("inputs", data.get("paths"))
+        if not isinstance(data, list):
+            raise ConfigError(url or path, "JSON manifest must be a list of paths or an object with an 'inputs' list")
+        items = [d.get("path") if isinstance(d, dict) else d for d in data]
+    else:
+        raise ConfigError(url or path, "manifest must be a .csv or .json file")
+    if not all(isinstance(i, str) for i in items):
+        raise ConfigError(url or path, "every manifest entry must be a path string")
+    out = []
+    for item in (i.strip() for i in items):
+        if item and (is_url(item) or url is not None):
+            from storage import remote
+
+            out.append(item if is_url(item) or item.startswith("/") else remote.resolve(remote.parent_of(url), item))
+        elif item:
+            p = Path(item).expanduser()
+            out.append(str(p if p.is_absolute() else path.parent / p))
+    return out

@@ -1,0 +1,78 @@
+"""The ``segflow model`` sub-command group: ``model inspect`` and ``model convert``.
+
+Models made elsewhere (MONAI bundles, checkpoints, TorchScript, STAC MLM
+items) are inspected and converted into segflow model directories here; the
+group is its own ``typer.Typer`` (``model_app``), which ``flows/cli.py`` adds
+to the ``segflow`` app as ``model``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flows import cliutil
+from storage.errors import SegflowError
+
+console, out = cliutil.console, cliutil.out
+model_app = typer.Typer(no_args_is_help=True, help="Inspect and convert models.")
+
+
+@model_app.command("inspect")
+def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI bundle or TorchScript archive."),
+                  trust_bundle: bool = typer.Option(False, "--trust-bundle",
+                                                    help="Let MONAI evaluate a bundle's configuration."),
+                  stac: bool = typer.Option(False, "--stac", help="Print the model as a STAC item with the "
+                                                                  "Machine Learning Model extension instead.")) -> None:
+    """Print a model card (for a bundle: the card segflow maps it to), or with --stac the model as an MLM item.
+
+    The model is loaded as `segment` loads it: weights `segment` would refuse (a pickle checkpoint, a truncated
+    file, tensors that do not fit the card's architecture) are one error line and exit 1.
+    """
+    from flows.inspect import inspect_model, model_stac
+
+    try:
+        if stac:
+            out.print_json(json.dumps(model_stac(path, trust_bundle=trust_bundle)))
+            return
+        card = inspect_model(path, trust_bundle=trust_bundle).card
+    except SegflowError as exc:
+        cliutil.fail(str(exc), 1)
+    out.print_json(card.model_dump_json())
+
+
+@model_app.command("convert")
+def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, state_dict checkpoint "
+                                                       "(.pt/.pth/.bin/.safetensors), TorchScript archive, or a "
+                                                       "STAC item (.json) with the MLM extension whose mlm:model "
+                                                       "asset is such a weights file."),
+                  out: Path = typer.Option(..., "--out", help="Model directory to write."),
+                  card: Optional[Path] = typer.Option(None, "--card", help="Model card JSON: the architecture of a "
+                                                                           "checkpoint, or the input, classes and "
+                                                                           "inference of a bundle segflow cannot "
+                                                                           "map."),
+                  trust_bundle: bool = typer.Option(False, "--trust-bundle",
+                                                    help="Let MONAI evaluate the bundle's configuration "
+                                                         "(runs its code).")) -> None:
+    """Make a segflow model directory (card.json + weights.safetensors) from weights made elsewhere."""
+    from segmentation.mlm import convert_item, looks_like_item
+    from segmentation.modeldir import convert_model, read_card
+
+    try:
+        if looks_like_item(src):  # an MLM item: the card comes from the item, the weights from its model asset
+            if card is not None:
+                cliutil.fail(f"{src}: an MLM item describes its model itself; --card applies to weights files")
+            loaded, notes = convert_item(src, out)
+        else:
+            given = read_card(card) if card is not None else None
+            loaded, notes = convert_model(src, out, card=given, trust_bundle=trust_bundle)
+    except SegflowError as exc:
+        cliutil.fail(str(exc))
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+    console.print(f"converted {src} -> {loaded.path} ({loaded.card.architecture.name}, "
+                  f"{loaded.weights_path.name if loaded.weights_path else ''} sha256 {loaded.weights_sha256[:12]}…)",
+                  highlight=False, soft_wrap=True)

@@ -1,0 +1,175 @@
+"""The nightly flow's per-input task, ``segment-input``: lock, route, hash, skip or segment one input.
+
+One task run per input (a file, a URL or a DICOM series): under the input's
+lock it reads the header, picks the model whose card fits, builds the content
+key, and either skips (the key's outputs exist and verify) or runs
+``segment_one`` and records the key.  This is the body of the nightly run,
+apart from the flow that lists the inputs, submits the tasks and writes the
+report (``flows/nightly.py``); the steps are described there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run as task_run_info
+
+from flows import ledger, locks, staging
+from flows.config import SegmentOptions
+from flows.inputs import Expanded, input_label, input_stem
+from flows.report import InputReport, fill_from_statistics
+from flows.retries import retry_if_transient
+from flows.routing import ModelEntry, loaded, no_model_reason, route
+from storage.dicomfiles import SeriesRef
+from storage.errors import ExportError, InputError, SegflowError
+from storage.hashing import sha256_input
+from storage.probe import probe
+
+
+def one_line(exc: BaseException) -> str:
+    """A failed input's error as the report shows it: a segflow error's own line, else its type and message."""
+    if isinstance(exc, SegflowError):
+        return str(exc)
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+@dataclass
+class Batch:
+    """What every task run of one flow run shares (passed quoted: Prefect does not inspect it)."""
+
+    models: list[ModelEntry]
+    options: SegmentOptions
+    out_dir: str
+    client: Any
+    attempts: dict[str, int] = field(default_factory=dict)
+    lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S
+
+
+def _hash_input(path: str) -> str:
+    try:
+        return sha256_input(path)
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def _hash_series(ref: SeriesRef) -> str:
+    """The series' content key: one digest over its files' sha256s (a file gone since listing: one line)."""
+    try:
+        return ref.sha256()
+    except OSError as exc:
+        raise InputError(ref.display, f"cannot read {Path(exc.filename or '?').name}: {exc.strerror or exc}") from exc
+
+
+def series_details(ref: SeriesRef) -> dict[str, Any]:
+    """What the report says of a DICOM series: where and which one, never who (no patient identifiers)."""
+    return {"root": str(ref.root), "series_instance_uid": ref.series_instance_uid, "volume": ref.volume,
+            "name": ref.name, "files": len(ref.files)}
+
+
+@task(name="segment-input", task_run_name="segment-{name}", persist_result=False, cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=10, retry_condition_fn=retry_if_transient)
+def segment_input(item: Expanded, name: str, batch: Batch) -> dict[str, Any]:
+    """Route, skip or segment one input (a file, a URL or a DICOM series); raises (and fails only this task
+    run) when the input is bad."""
+    t0 = time.perf_counter()
+    label = input_label(item)
+    batch.attempts[label] = task_run_info.get_run_count() or 1
+    target = staging.OutputTarget(batch.out_dir, input_stem(item))  # out_dir itself, or a staging folder for a URL
+    lock = input_lock(target, input_stem(item), batch.lock_stale_after)
+    try:
+        holder = lock.acquire(input=label)
+    except OSError as exc:  # e.g. a read-only output folder (a transient errno is still retried: the chain keeps it)
+        raise ExportError(lock.path, f"cannot take the input's lock: {exc.strerror or exc}") from exc
+    if holder is not None:  # another live run works on it: its outcome is that run's to report
+        rep = InputReport(input=label, status="locked", attempts=batch.attempts[label],
+                          note=f"in progress in another run ({holder.describe()}); not processed by this run",
+                          dicom=series_details(item) if isinstance(item, SeriesRef) else None,
+                          seconds=round(time.perf_counter() - t0, 3))
+        get_run_logger().info("%s: %s", label, rep.note)
+        return rep.to_dict()
+    try:
+        if isinstance(item, SeriesRef):
+            if target.remote:  # as `segflow segment`: the series' outputs are written locally only
+                raise InputError(label, "DICOM series cannot be written to a URL output yet; use a local --out")
+            result = _segment_input(item, item, target, batch, t0)
+        else:
+            with staging.staged_input(item, target.local) as local:  # path itself, or a URL's downloaded copy
+                result = _segment_input(item, local, target, batch, t0)
+        notes = [result.get("note"), lock.broken,
+                 "its lock was broken by another run while it ran (no heartbeat for longer than the stale "
+                 "timeout?): check its outputs" if lock.lost or not lock.still_held() else None]
+        result["note"] = "; ".join(n for n in notes if n) or None
+        return result
+    finally:
+        try:
+            target.close()
+        finally:
+            lock.release()
+
+
+def input_lock(target: staging.OutputTarget, stem: str, stale_after: float) -> locks.InputLock:
+    """The input's lock: ``OUT/.segflow-locks/<stem>.lock``; for an output URL, beside its local staging
+    folder (``<staging root>/.segflow-locks/<digest of the URL>-<stem>.lock``), which only runs on this machine
+    share."""
+    if target.remote:
+        return locks.InputLock(target.local.parent / locks.LOCKS_DIR, target.local.name, stale_after=stale_after)
+    return locks.InputLock(target.local / locks.LOCKS_DIR, stem, stale_after=stale_after)
+
+
+def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget, batch: Batch,
+                   t0: float) -> dict[str, Any]:
+    from flows.pipeline import segment_one
+
+    path = input_label(item)  # a file's path or URL; a series' display
+    series = item if isinstance(item, SeriesRef) else None
+    rep = InputReport(input=path, status="done", attempts=batch.attempts[path])
+    if series is not None:
+        rep.dicom = series_details(series)
+    header = probe(local)
+    rep.kind, rep.channels = header.kind, header.channels
+    entry = route(header, batch.models)
+    if entry is None:
+        rep.status, rep.error = "no-model", no_model_reason(header, batch.models)
+        rep.seconds = round(time.perf_counter() - t0, 3)
+        return rep.to_dict()
+    model = loaded(entry, trust_bundle=batch.options.trust_bundle)
+    rep.model, rep.model_path = model.name, entry.path
+    classes = [c.model_dump(mode="json") for c in model.card.classes]
+    rep.input_sha256 = _hash_series(series) if series is not None else _hash_input(local)
+    document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options)
+    rep.cache_key = ledger.cache_key(document)
+    if target.remote:  # the same checks, on a scratch copy of the entry and outputs under the URL
+        hit, why_not, adopted = staging.remote_lookup(target, rep.cache_key, document, path, entry.path)
+    else:
+        hit, why_not = ledger.lookup(batch.out_dir, rep.cache_key, rep.input_sha256, model.weights_sha256)
+        adopted = False
+        if hit is None and why_not is None:  # never recorded: outputs of `segflow segment` count too
+            hit, _ = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path, stem=input_stem(item))
+            adopted = hit is not None
+    if hit is not None:
+        rep.status = "skipped"
+        rep.note = (f"same input, model and parameters done {hit.record.get('finished')}"
+                    + (" (outputs without a cache entry, verified and adopted)" if adopted else ""))
+        rep.outputs = hit.outputs
+        statistics = hit.record.get("statistics", {})
+    else:
+        outcome = segment_one(local, model, target.local, batch.options, batch.client,
+                              record_input_as=path if series is None and local != path else None)
+        sidecar = next(o for o in outcome.outputs if o.endswith(".provenance.json"))
+        recorded = ledger.record_done(target.local, rep.cache_key, document, input_path=path,
+                                      model_path=entry.path, sidecar=sidecar)
+        if recorded is None:
+            rep.note = "outputs written but not recorded as done: the input or model changed during the run"
+        elif why_not:
+            rep.note = f"processed again: {why_not}"
+        outcome = target.publish(outcome, extra=[recorded] if recorded else [])  # a URL: upload, entry last
+        rep.outputs = outcome.outputs
+        statistics = outcome.statistics
+    fill_from_statistics(rep, statistics, classes, header.cell_size, header.cell_unit, header.cell_note)
+    rep.seconds = round(time.perf_counter() - t0, 3)
+    return rep.to_dict()

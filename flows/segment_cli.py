@@ -1,0 +1,220 @@
+"""The ``segflow segment`` command: options checked at the edge, the batch run, its report and scores.
+
+``segment`` is the command most people run and the one with most options, so
+it has a module of its own beside ``flows/cli.py`` (which only mounts it on
+the ``segflow`` app).  Besides parsing and checking its options, it chooses
+where the batch runs (Prefect flow run or the same code without Prefect),
+writes the run's JSON and HTML report into a local OUT, and with ``--truth``
+scores the outputs as ``segflow evaluate`` does.  Heavy imports (Prefect,
+torch, Dask) stay inside the function so ``segflow --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+from flows import cliutil
+from storage.errors import SegflowError
+
+console = cliutil.console
+
+
+def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, DICOM folders, DICOMDIRs "
+                                                      "or DICOM files (each series is one input), STAC item "
+                                                      ".json files (the assets with the model's bands, stacked "
+                                                      "on the finest band's grid; outputs named after the "
+                                                      "item's id), or URLs (s3://bucket/key.tif; see "
+                                                      "docs/storage.md)."),
+            model: Path = typer.Option(..., "--model", help="Model directory (card.json + weights.safetensors), "
+                                                            "MONAI bundle, or TorchScript archive with its card."),
+            out: str = typer.Option(..., "--out", help="Output directory, or a URL prefix (s3://bucket/out/)."),
+            precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
+            roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: the card's)."),
+            overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: the card's)."),
+            chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),
+            batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
+            workers: Optional[int] = typer.Option(None, help="Local Dask worker processes (default: 0, the work runs in threads of this process, one per core; N: N processes, which isolate the work from this one)."),
+            probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),
+            device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+            dask_address: Optional[str] = typer.Option(None, help="Use an existing Dask scheduler."),
+            gpus: bool = typer.Option(False, "--gpus", help="One Dask worker per GPU with dask-cuda's "
+                                                            "LocalCUDACluster (or, with --dask-address, its GPU "
+                                                            "workers); window tasks ask for a GPU."),
+            no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
+            report: Optional[Path] = typer.Option(None, help="Write the per-input outcomes as JSON here."),
+            trust_bundle: bool = typer.Option(False, "--trust-bundle",
+                                              help="Let MONAI evaluate a bundle's configuration (runs its code) to "
+                                                   "build a network segflow's registry does not know."),
+            tta: Optional[str] = typer.Option(None, "--tta", help="Flip test-time augmentation: the spatial axes to "
+                                                                  "mirror, e.g. 0,1 (all combinations are averaged); "
+                                                                  "'none' turns off the card's default."),
+            compile: bool = typer.Option(False, "--compile", help="torch.compile the network: about 1.5x faster "
+                                                                   "exact (fp32) windows, none in fast; the "
+                                                                   "first run on a machine spends tens of seconds "
+                                                                   "compiling (kernels cached in "
+                                                                   "~/.cache/segflow/torch-compile, or "
+                                                                   "$SEGFLOW_COMPILE_CACHE). See docs/performance.md."),
+            crf: bool = typer.Option(False, "--crf", help="Refine probabilities with the truncated dense CRF "
+                                                          "(chunk by chunk, with a halo) before the argmax."),
+            crf_iterations: int = typer.Option(5, help="Mean-field iterations of --crf."),
+            model_space: str = typer.Option("input", "--model-space",
+                                            help="Where labels are written when a scan's grid differs from the "
+                                                 "model's: input (the scan's grid) or keep (also the model's)."),
+            dicom_seg: str = typer.Option("binary", "--dicom-seg",
+                                          help="DICOM SEG for DICOM inputs: binary, labelmap or none."),
+            bands: Optional[str] = typer.Option(None, "--bands",
+                                                help="The input bands the model gets, in its order: names (B04, "
+                                                     "red, a band description) or 1-based indices, e.g. "
+                                                     "B02,B03,B04,B08 or 2,3,4,8 (default: the card's "
+                                                     "channel names, matched by name)."),
+            vector: str = typer.Option("none", "--vector", help="Also write the labels of a raster as polygons "
+                                                                "per class with their area in hectares: gpkg, "
+                                                                "parquet or geojson."),
+            simplify: Optional[float] = typer.Option(None, "--simplify",
+                                                     help="Simplify --vector polygons by this tolerance (CRS "
+                                                          "units), keeping shared borders shared."),
+            output_grid: str = typer.Option("input", "--output-grid",
+                                            help="Where a raster's labels are written when its ground sample "
+                                                 "distance or CRS differs from the model's: input or model."),
+            mosaic: Optional[str] = typer.Option(None, "--mosaic",
+                                                 help="Segment all raster inputs as one seamless mosaic, "
+                                                      "written as OUT/NAME.tif."),
+            crs: Optional[str] = typer.Option(None, "--crs", help="The --mosaic's CRS when its tiles' CRSs "
+                                                                  "differ, e.g. EPSG:32633."),
+            split_by_tile: bool = typer.Option(False, "--split-by-tile",
+                                               help="With --mosaic: also one COG per tile, cut from the "
+                                                    "seamless result."),
+            prefect: Optional[bool] = typer.Option(None, "--prefect/--no-prefect",
+                                                   help="Run as a Prefect flow run (shown in the Prefect UI), or "
+                                                        "the same code without Prefect (faster start-up). "
+                                                        "Default: a flow run only when a Prefect API is "
+                                                        "configured (PREFECT_API_URL in the environment or the "
+                                                        "Prefect profile)."),
+            quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only: no progress, "
+                                                                    "no ok lines, no dashboard link."),
+            quicklook: bool = typer.Option(False, "--quicklook/--no-quicklook",
+                                           help="Also write OUT/<stem>.quicklook.png: the labels over the image, "
+                                                "with areas (ha) or volumes (mL)."),
+            truth: Optional[Path] = typer.Option(None, "--truth", help="A folder of ground-truth label maps named "
+                                                                       "like the inputs: score the outputs against "
+                                                                       "them (segflow evaluate) into "
+                                                                       "OUT/evaluation/.")) -> None:
+    """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json.
+
+    A local OUT also gets the run's report, OUT/reports/<time>.json and .html (``segflow report`` rebuilds the
+    page from the JSON).
+
+    Every input's header is checked against the model first (it reads; its dimensions and bands fit the card):
+    one that does not is an error line, and when none fits nothing is started.
+    """
+    from flows.batch import check_inputs, segment_inputs
+    from flows.routing import model_input
+    from flows.runlog import prefect_api_configured
+
+    options = cliutil.options(precision=precision, roi=cliutil.ints(roi), overlap=overlap, chunk_size=chunk_size,
+                              batch_size=batch_size, workers=workers, probabilities=probabilities,
+                              device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
+                              trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
+                              flip_tta=None if tta is None else ([] if tta == "none" else cliutil.ints(tta)),
+                              model_space=model_space, dicom_seg=dicom_seg,
+                              bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
+                              vector=vector, simplify=simplify, output_grid=output_grid, mosaic=mosaic, crs=crs,
+                              split_by_tile=split_by_tile, compile=compile, quicklook=quicklook)
+    if truth is not None and not truth.is_dir():
+        cliutil.fail(f"{truth}: --truth takes a folder of ground-truth label maps named like the inputs")
+    if (split_by_tile or crs) and not mosaic:
+        cliutil.fail(f"{'--split-by-tile' if split_by_tile else '--crs'} applies to a mosaic of tiles; "
+                     "add --mosaic NAME")
+    if split_by_tile and output_grid == "model":
+        cliutil.fail("--split-by-tile cuts the tiles' own grids out of the result; it cannot be combined with "
+                     "--output-grid model")
+    arguments = dict(inputs=[cliutil.path_or_url(p) for p in inputs], model_dir=str(model),
+                     out_dir=cliutil.path_or_url(out), options=options)
+    run_log = None
+    try:
+        # every input's header against the card, before anything starts (no torch: the card is peeked at)
+        checked = None if mosaic else check_inputs(arguments["inputs"], model_input(model, trust_bundle=trust_bundle),
+                                                    options)
+        if checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
+            cliutil.check_models([model], trust_bundle=trust_bundle)  # a bad model still says so first (exit 2)
+            outcomes = segment_inputs(**arguments, checked=checked)
+        elif prefect_api_configured() if prefect is None else prefect:
+            cliutil.check_models([model], trust_bundle=trust_bundle, load=True)  # a bad weights file: one line, first
+            from flows.flows import batch_outcomes, segment_batch
+            from flows.runlog import prefect_console
+
+            with prefect_console("segment") as run_log, cliutil.reporter(quiet):
+                outcomes = batch_outcomes(segment_batch(**arguments, return_state=True))
+        else:  # the flow's body without Prefect (README: "Prefect or not"); its cluster starts during the load
+            from flows.batch import start_cluster
+
+            with cliutil.reporter(quiet), start_cluster(str(model), options) as cluster:
+                cliutil.check_models([model], trust_bundle=trust_bundle, load=True)
+                outcomes = segment_inputs(**arguments, cluster=cluster, checked=checked)
+    except SegflowError as exc:
+        cliutil.fail(str(exc))
+    if report:
+        report.write_text(json.dumps(outcomes, indent=2))
+    page = _run_report(outcomes, arguments["out_dir"])
+    scored = _score(outcomes, truth, model, arguments["out_dir"]) if truth is not None else None
+    for o in outcomes:
+        if o["ok"] and not quiet:
+            s = o["statistics"]
+            console.print(f"[green]ok[/green] {escape(o['input'])} -> {escape(o['outputs'][0])}  "
+                          f"({s.get('windows_evaluated')} windows, {s.get('windows_skipped')} skipped, "
+                          f"{s.get('total_seconds')} s)", highlight=False, soft_wrap=True)
+    failed = [o for o in outcomes if not o["ok"]]
+    for o in failed:
+        console.print(f"[red]error:[/red] {escape(o['error'])}", highlight=False, soft_wrap=True)
+    if run_log is not None and run_log.written:
+        cliutil.inform(f"log: {run_log.path}", quiet)
+    if page is not None:
+        cliutil.inform(f"report: {page}", quiet)
+    if scored is not None:
+        cliutil.inform(f"scores: {scored}", quiet)
+    cliutil.finish(1 if failed else 0)
+
+
+def _run_report(outcomes: list[dict], out: str) -> Path | None:
+    """OUT/reports/<time>.json (the outcomes) and its HTML page, for a local OUT where some input succeeded
+    (a run that wrote nothing leaves OUT as it was); None otherwise."""
+    import datetime as dt
+
+    from flows.htmlreport import find_quicklooks, write_html_report
+    from storage.atomic import write_text_atomically
+    from storage.remote import is_url
+
+    if is_url(out) or not any(o["ok"] for o in outcomes):
+        return None
+    folder = Path(out) / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    data = folder / f"segment-{stamp}.json"
+    n = 2
+    while data.exists():
+        data, n = folder / f"segment-{stamp}-{n}.json", n + 1
+    write_text_atomically(data, json.dumps(outcomes, indent=2), "the run report")
+    return write_html_report(outcomes, data.with_suffix(".html"), quicklooks=find_quicklooks(outcomes))
+
+
+def _score(outcomes: list[dict], truth: Path, model: Path, out: str) -> Path | None:
+    """``segflow evaluate`` of the run's label outputs against the same-named files in ``truth``."""
+    from flows.evaluate import evaluate_files, write_reports
+    from storage.remote import is_url
+
+    predictions = [Path(o["outputs"][0]) for o in outcomes if o["ok"]]
+    if not predictions or is_url(out):
+        return None
+    try:
+        scores = evaluate_files(predictions, [truth], classes=model)
+        write_reports(scores, Path(out) / "evaluation")
+    except SegflowError as exc:
+        console.print(f"[red]error:[/red] scoring against {escape(str(truth))}: {escape(str(exc))}",
+                      highlight=False, soft_wrap=True)
+        return None
+    return Path(out) / "evaluation" / "evaluation.md"

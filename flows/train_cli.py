@@ -1,0 +1,129 @@
+"""The ``segflow train`` and ``segflow demo`` commands: the ones that fit models.
+
+Training has many options and a progress display with validation lines of
+its own; ``demo`` trains two small models on generated data and reports their
+held-out Dice.  Both live here, apart from the commands that use models
+(``flows/segment_cli.py``) or read files (``flows/data_cli.py``), and
+``flows/cli.py`` mounts them.  torch is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from flows import cliutil
+from storage.errors import SegflowError
+
+console, out = cliutil.console, cliutil.out
+
+
+def train(card: Path = typer.Option(..., "--card", help="A model card JSON (architecture, input, classes, ROI)."),
+          image: Optional[List[Path]] = typer.Option(None, "--image", help="Training image (repeat; pairs with "
+                                                                           "--labels)."),
+          labels: Optional[List[Path]] = typer.Option(None, "--labels", help="Label map on the image's grid (repeat)."),
+          dataset: Optional[Path] = typer.Option(None, "--dataset", help="A dataset folder (VOC, Cityscapes, "
+                                                                         "COCO, Decathlon/nnU-Net, raster + "
+                                                                         "labels) instead of --image/--labels; "
+                                                                         "its classes replace the card's."),
+          out: Path = typer.Option(..., "--out", help="Model directory to write."),
+          steps: int = typer.Option(300, help="Optimiser steps."),
+          batch_size: int = typer.Option(8, help="Patches per step."),
+          lr: float = typer.Option(2e-3, help="Learning rate."),
+          seed: int = typer.Option(0, help="Random seed (sampling, initial weights, the validation split)."),
+          precision: str = typer.Option("fast", help="exact (fp32) or fast (bf16/AMP), training and validation."),
+          val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
+                                                       help="Share of the cases that validate, seeded (default "
+                                                            "0.2; a dataset's own val split wins)."),
+          val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate (and save the resume state) "
+                                                                            "every N steps (default: about 10 "
+                                                                            "times per run)."),
+          holdout: Optional[str] = typer.Option(None, "--holdout", help="AXIS:FRACTION, e.g. x:0.5: train on the "
+                                                                        "first half of every image along x, "
+                                                                        "validate on the rest (x:-0.5: train "
+                                                                        "on the last half)."),
+          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from the state its "
+                                                              "last validation saved in OUT/checkpoints."),
+          augment_intensity: float = typer.Option(0.0, "--augment-intensity",
+                                                  help="Share of patches (0-1) given a random contrast, "
+                                                       "brightness and noise; flips always.")) -> None:
+    """Train a card's architecture on image/label pairs or a dataset; the result is a model directory with
+    provenance, the best validated weights, a learning curve and a per-class validation table."""
+    from flows.training import train_from_dataset, train_from_files
+    from segmentation.modeldir import read_card
+
+    image, labels = image or [], labels or []
+    if dataset is not None and (image or labels):
+        cliutil.fail("give either --dataset or --image/--labels, not both")
+    if dataset is None and not image:
+        cliutil.fail("nothing to train on: give --dataset PATH or --image/--labels pairs")
+    if len(image) != len(labels):
+        cliutil.fail(f"{len(image)} --image but {len(labels)} --labels: give them in pairs")
+    if holdout is not None and val_fraction is not None:
+        cliutil.fail("--holdout validates on part of every image; it cannot be combined with --val-fraction")
+    if precision not in ("exact", "fast"):
+        cliutil.fail(f"--precision {precision!r} is neither exact nor fast")
+    if not 0.0 <= augment_intensity <= 1.0:
+        cliutil.fail(f"--augment-intensity {augment_intensity:g} is not a share in [0, 1]")
+
+    def on_step(info: dict) -> None:
+        progress.update(task, completed=info["step"])
+        if "validation" in info:
+            v = info["validation"]
+            scores = ", ".join(f"{k} {d:.3f}" for k, d in v["dice"].items() if d is not None)  # classes present
+            mean = "n/a" if v["mean_foreground"] is None else f"{v['mean_foreground']:.3f}"
+            console.print(f"step {info['step']}: validation mean foreground Dice {mean} (best: step "
+                          f"{v['best_step']}); {escape(scores)}", highlight=False, soft_wrap=True)
+
+    try:
+        model_card = read_card(card)
+        common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
+                      val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,
+                      intensity=augment_intensity)
+        with cliutil.progress() as progress:
+            task = progress.add_task(f"train {model_card.name}", total=steps)
+            if dataset is not None:
+                from storage.datasets import open_dataset
+
+                loaded = train_from_dataset(model_card, open_dataset(dataset), out, **common,
+                                            val_fraction=0.2 if val_fraction is None else val_fraction,
+                                            say=lambda line: console.print(escape(line), highlight=False,
+                                                                           soft_wrap=True))
+            else:
+                loaded = train_from_files(model_card, list(zip(image, labels)), out, **common,
+                                          val_fraction=0.2 if val_fraction is None else val_fraction)
+    except SegflowError as exc:
+        cliutil.fail(str(exc))
+    best = (loaded.card.training or {}).get("validation", {}).get("best")
+    if best:
+        console.print(f"best validation: step {best['step']}, mean foreground Dice "
+                      f"{best['mean_foreground'] if best['mean_foreground'] is not None else 'n/a'}",
+                      highlight=False, soft_wrap=True)
+    console.print(f"trained {loaded.name} -> {loaded.path} (weights sha256 {loaded.weights_sha256[:12]}…)")
+
+
+
+def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir", help="Fresh folder for inputs, models, outputs."),
+         workers: Optional[int] = typer.Option(None, help="Local Dask worker processes.")) -> None:
+    """Generate sample data, train two small models, segment held-out inputs, report Dice."""
+    from flows.demo import run_demo
+
+    try:
+        with cliutil.progress() as progress:
+            summary = run_demo(workdir, workers=workers, progress=progress)
+    except SegflowError as exc:
+        cliutil.fail(str(exc))
+    table = Table(title="segflow demo: held-out Dice per class")
+    for col in ("model", "input", "class", "dice"):
+        table.add_column(col)
+    for row in summary["dice"]:
+        table.add_row(row["model"], Path(row["input"]).name, row["class"], f"{row['dice']:.3f}")
+    out.print(table)
+    for key, value in summary["paths"].items():
+        out.print(f"{key}: {value}")
+    out.print(f"total {summary['seconds']:.1f} s")
+    raise typer.Exit(0 if summary["ok"] else 1)
