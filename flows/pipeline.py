@@ -43,7 +43,7 @@ from flows.inputs import ingest_input, input_label, input_stem, output_name
 from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
 from flows.ledger import off_flags
-from flows.progress import reporter, say
+from flows.progress import reporter, say, window_shares
 from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.stitching import label_dtype, label_nodata
@@ -243,22 +243,6 @@ def _with_source_path(meta: Any, source_path: str | None) -> Any:
     meta = dict(meta)
     meta["source"] = {**meta["source"], "path": source_path}
     return meta
-
-
-def window_shares(plan: Any) -> dict[Any, int]:
-    """Windows to count as done when each output chunk is written, adding up to the plan's windows.
-
-    A stitched chunk owns its windows (:meth:`StitchPlan.owned_windows`); a
-    model-space plan's chunks lie on the input's grid, so its windows are
-    shared out evenly over them. Progress then reads in windows per second,
-    the unit a user can compare with the model's own speed.
-    """
-    indexes = list(plan.chunk_indexes)
-    owned = getattr(plan, "owned_windows", None)
-    if owned is not None:
-        return {idx: owned(idx) for idx in indexes}
-    total, n = plan.num_windows, max(1, len(indexes))
-    return {idx: (k + 1) * total // n - k * total // n for k, idx in enumerate(indexes)}
 
 
 def _test_kill_after() -> int | None:

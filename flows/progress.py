@@ -190,3 +190,19 @@ def say(text: str, level: int) -> None:
         note(text, level)
     else:
         logging.getLogger("segflow").log(level, text)
+
+
+def window_shares(plan: Any) -> dict[Any, int]:
+    """Windows to count as done when each output chunk is written, adding up to the plan's windows.
+
+    A stitched chunk owns its windows (:meth:`StitchPlan.owned_windows`); a
+    model-space plan's chunks lie on the input's grid, so its windows are
+    shared out evenly over them. Progress then reads in windows per second,
+    the unit a user can compare with the model's own speed.
+    """
+    indexes = list(plan.chunk_indexes)
+    owned = getattr(plan, "owned_windows", None)
+    if owned is not None:
+        return {idx: owned(idx) for idx in indexes}
+    total, n = plan.num_windows, max(1, len(indexes))
+    return {idx: (k + 1) * total // n - k * total // n for k, idx in enumerate(indexes)}

@@ -132,7 +132,7 @@ def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | 
     A zarr or dask image is read region by region inside the tasks, so no
     image chunk waits in memory for the windows that need it (a dask image's
     graph is culled to each region and computed there: see
-    :class:`segmentation.stitching.ComputedRegion` for what that costs).
+    :class:`segmentation.regions.ComputedRegion` for what that costs).
     """
     plan = build_plan(image, model, roi=roi, overlap=overlap, blend=blend, precision=precision,
                       chunks=chunks, mask=mask, **kwargs)

@@ -48,7 +48,7 @@ class WarpedImage:
     ``units``: per-band (scales, offsets) applied after the warp as
     :func:`storage.bands.apply_units` applies them (float64, then float32),
     or None.  ``valid``: the input store's mask.  Slicing takes any
-    (channels, rows, cols) of slices with step 1; :class:`segmentation.stitching.RegionReader`
+    (channels, rows, cols) of slices with step 1; :class:`segmentation.regions.RegionReader`
     and ``dask.array.from_array`` both read it that way.
     """
 
