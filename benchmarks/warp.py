@@ -270,8 +270,8 @@ def bench(kind: str, sizes: list[int], chunk: int, tmp: Path,
         for run in ("A", "B"):
             (p_lo, w_lo), (p_hi, w_hi) = peaks[(lo, run)], peaks[(hi, run)]
             notes.append(f"- {kind}, peak RSS, run {run}: {p_lo:.2f} GB at {lo}², {p_hi:.2f} GB at {hi}² "
-                         f"({(hi / lo) ** 2:.0f}× the pixels, {p_hi / p_lo:.2f}× the memory; dask worker "
-                         f"{w_lo:.2f} -> {w_hi:.2f} GB).")
+                         f"({(hi / lo) ** 2:.0f}× the pixels, {p_hi / p_lo:.2f}× the memory"
+                         + (f"; dask worker {w_lo:.2f} -> {w_hi:.2f} GB)." if w_hi else ", one process).")
     return lines, notes
 
 
