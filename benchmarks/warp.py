@@ -269,9 +269,9 @@ def bench(kind: str, sizes: list[int], chunk: int, tmp: Path,
         lo, hi = done[0], done[-1]
         for run in ("A", "B"):
             (p_lo, w_lo), (p_hi, w_hi) = peaks[(lo, run)], peaks[(hi, run)]
+            workers = f"; dask worker {w_lo:.2f} -> {w_hi:.2f} GB" if w_hi else ", one process"
             notes.append(f"- {kind}, peak RSS, run {run}: {p_lo:.2f} GB at {lo}², {p_hi:.2f} GB at {hi}² "
-                         f"({(hi / lo) ** 2:.0f}× the pixels, {p_hi / p_lo:.2f}× the memory"
-                         + (f"; dask worker {w_lo:.2f} -> {w_hi:.2f} GB)." if w_hi else ", one process).")
+                         f"({(hi / lo) ** 2:.0f}× the pixels, {p_hi / p_lo:.2f}× the memory{workers}).")
     return lines, notes
 
 
