@@ -219,9 +219,15 @@ class WindowPredictor:
             w = torch.tensor(weights, dtype=torch.float32, device=dev)
             acc = torch.zeros((num_classes,) + tuple(region.shape[1:]), dtype=torch.float32, device=dev)
             buf: torch.Tensor | None = None
+            xbuf: torch.Tensor | None = None
             for i in range(0, len(windows), self.batch_size):
                 batch = windows[i:i + self.batch_size]
-                xb = torch.stack([x[(slice(None),) + sl] for sl in batch])
+                if xbuf is None:  # the network's memory format from the start: one copy per window, not two
+                    shape = (self.batch_size, x.shape[0]) + tuple(s.stop - s.start for s in batch[0])
+                    xbuf = torch.empty(shape, dtype=x.dtype, device=dev).contiguous(memory_format=self.memory_format)
+                for j, sl in enumerate(batch):
+                    xbuf[j].copy_(x[(slice(None),) + sl])
+                xb = xbuf[:len(batch)]
                 logits = self._logits(net, xb)
                 if buf is None:
                     buf = torch.empty((self.batch_size,) + tuple(logits.shape[1:]), dtype=torch.float32,
