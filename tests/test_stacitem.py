@@ -253,7 +253,7 @@ def test_an_items_ingest_is_reused_only_for_the_same_bands_and_content(scene, tm
 
 
 def test_asset_hrefs_resolve_beside_the_item_else_against_its_self_link(tmp_path):
-    from storage.stacitem import _absolute, _gdal_path
+    from storage.stacassets import _absolute, _gdal_path
 
     (tmp_path / "B02.tif").write_bytes(b"")
     self_href = "s3://bucket/s2/items/x/item.json"

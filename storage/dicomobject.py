@@ -1,0 +1,325 @@
+"""One DICOM file's header: what the object is, the geometry of its frames, and its values parsed.
+
+Finding series in folders (:mod:`storage.dicomfiles`) and reading a volume's
+pixels (:mod:`storage.dicom`) both need to know what one file holds without
+reading its pixels: its SOP class (an image or not), its series, its pixel
+encoding, and each frame's position, orientation, spacing and rescale, an
+enhanced multi-frame object's frames keyed by frame type and non-spatial
+dimension index.  This module is that one header pass, remembered while the
+file is unchanged, with the tolerant parsers of DICOM values it needs and the
+names messages give SOP classes, transfer syntaxes and frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from storage.errors import CorruptInputError, InputError
+
+__all__ = ["DicomObject", "Frame", "class_name", "fmt_numbers", "frame_name", "scan_file", "syntax_name", "why"]
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# Objects with rows and columns that are still not images to segment.
+NOT_IMAGES = {
+    MEDIA_STORAGE_DIRECTORY: "DICOMDIR",
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map",
+}
+# Transfer syntaxes newer than this pydicom's dictionary, to name them in messages.
+_SYNTAX_NAMES = {
+    "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+    "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+    "1.2.840.10008.1.2.4.112": "JPEG XL",
+    "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression",
+}
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_IMPLICIT_VR = "1.2.840.10008.1.2"
+_PIXEL_TAGS = {  # (7FE0,0010) PixelData, (7FE0,0008) FloatPixelData, (7FE0,0009) DoubleFloatPixelData
+    bytes.fromhex("e07f1000"): "PixelData", bytes.fromhex("7fe00010"): "PixelData",
+    bytes.fromhex("e07f0800"): "FloatPixelData", bytes.fromhex("7fe00008"): "FloatPixelData",
+    bytes.fromhex("e07f0900"): "DoubleFloatPixelData", bytes.fromhex("7fe00009"): "DoubleFloatPixelData",
+}
+# Dimension pointers that place a frame in space: they sort frames, they do not split volumes.
+_SPATIAL_POINTERS = {0x00200032, 0x00209057}  # ImagePositionPatient, InStackPositionNumber
+_TYPE_POINTERS = {0x00089007, 0x00089208}  # FrameType, ComplexImageComponent: already in the type label
+
+_HEADER_CACHE: dict[tuple[int, int, int, int], "DicomObject | None"] = {}
+_HEADER_CACHE_MAX = 100_000
+
+
+# --------------------------------------------------------------------------- headers
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One slice: a single-frame file, or one frame (1-based ``number``) of a multi-frame file."""
+
+    path: Path
+    number: int | None
+    sop_instance_uid: str
+    rows: int
+    columns: int
+    iop: tuple[float, ...] | None
+    ipp: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing)
+    thickness: float | None
+    between: float | None
+    slope: float
+    intercept: float
+    key: tuple[str, ...] = ()  # type and non-spatial dimension values of an enhanced frame; () otherwise
+
+
+@dataclass
+class DicomObject:
+    """What the header pass learnt about one DICOM file."""
+
+    path: Path
+    sop_class_uid: str
+    is_image: bool
+    series_instance_uid: str | None
+    study_instance_uid: str | None
+    frame_of_reference_uid: str | None
+    modality: str | None
+    series_description: str | None
+    series_number: int | None
+    transfer_syntax_uid: str | None
+    pixel_tag: str | None  # which pixel data element follows the header, None when there is none
+    bits_allocated: int | None
+    bits_stored: int | None
+    pixel_representation: int
+    samples_per_pixel: int
+    photometric: str | None
+    rescale_type: str | None
+    patient_name_present: bool
+    patient_id_present: bool
+    multi_frame_without_groups: bool
+    size: int
+    frames: list[Frame] = field(default_factory=list)
+    pixel_bytes: int | None = None  # bytes the file holds after the pixel element's header (native syntaxes)
+    frames_declared: int = 1
+    rows: int | None = None
+    columns: int | None = None
+
+
+def _read_header(path: Path) -> tuple[Dataset, str | None, int] | None:
+    """The header (no pixels), which pixel element follows it and where; None when the file is not DICOM."""
+    try:
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
+            tag = fp.read(4)  # pydicom stops at the pixel element's tag, or at the end of the file
+            after_tag = fp.tell()
+    except InvalidDicomError:
+        return None
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a damaged header
+        raise CorruptInputError(path, f"cannot read the DICOM header: {why(exc)}") from None
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if syntax == _DEFLATED:  # the dataset was inflated from a copy: the file position says nothing
+        return ds, "PixelData" if "Rows" in ds else None, -1
+    return ds, _PIXEL_TAGS.get(tag), after_tag
+
+
+def scan_file(path: Path) -> DicomObject | None:
+    """The header pass over one file, remembered while the file is unchanged."""
+    st = path.stat()
+    cache_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if cache_key in _HEADER_CACHE:
+        return _HEADER_CACHE[cache_key]
+    read = _read_header(path)
+    obj = None if read is None else _describe_object(path, read[0], read[1], st.st_size)
+    if obj is not None and read is not None and read[2] >= 0 and obj.pixel_tag is not None:
+        implicit = obj.transfer_syntax_uid == _IMPLICIT_VR
+        obj.pixel_bytes = st.st_size - read[2] - (4 if implicit else 8)  # past the element's VR and length
+    if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
+        _HEADER_CACHE.pop(next(iter(_HEADER_CACHE)))
+    _HEADER_CACHE[cache_key] = obj
+    return obj
+
+
+def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) -> DicomObject:
+    meta = getattr(ds, "file_meta", Dataset())
+    sop_class = str(ds.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", "")))
+    is_image = sop_class not in NOT_IMAGES and "Rows" in ds and "Columns" in ds
+    frames_declared = _int(ds.get("NumberOfFrames")) or 1
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    obj = DicomObject(
+        path=path,
+        sop_class_uid=sop_class,
+        is_image=is_image,
+        series_instance_uid=_str(ds.get("SeriesInstanceUID")),
+        study_instance_uid=_str(ds.get("StudyInstanceUID")),
+        frame_of_reference_uid=_str(ds.get("FrameOfReferenceUID")),
+        modality=_str(ds.get("Modality")),
+        series_description=_str(ds.get("SeriesDescription")),
+        series_number=_int(ds.get("SeriesNumber")),
+        transfer_syntax_uid=_str(meta.get("TransferSyntaxUID")),
+        pixel_tag=pixel_tag,
+        bits_allocated=_int(ds.get("BitsAllocated")),
+        bits_stored=_int(ds.get("BitsStored")),
+        pixel_representation=_int(ds.get("PixelRepresentation")) or 0,
+        samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
+        photometric=_str(ds.get("PhotometricInterpretation")),
+        rescale_type=_str(ds.get("RescaleType")),
+        patient_name_present=bool(str(ds.get("PatientName", "") or "").strip()),
+        patient_id_present=bool(str(ds.get("PatientID", "") or "").strip()),
+        multi_frame_without_groups=frames_declared > 1 and not enhanced,
+        size=size,
+        frames_declared=frames_declared,
+        rows=_int(ds.get("Rows")),
+        columns=_int(ds.get("Columns")),
+    )
+    if not is_image or obj.series_instance_uid is None:
+        return obj
+    try:
+        obj.frames = _enhanced_frames(path, ds, frames_declared) if enhanced else [_classic_frame(path, ds)]
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise CorruptInputError(path, f"cannot read its image geometry: {why(exc)}") from None
+    return obj
+
+
+def _classic_frame(path: Path, ds: Dataset) -> Frame:
+    return Frame(
+        path=path, number=None, sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        rows=int(ds.Rows), columns=int(ds.Columns),
+        iop=_floats(ds.get("ImageOrientationPatient"), 6), ipp=_floats(ds.get("ImagePositionPatient"), 3),
+        pixel_spacing=_pair(ds.get("PixelSpacing")), thickness=_float(ds.get("SliceThickness")),
+        between=_float(ds.get("SpacingBetweenSlices")),
+        slope=_float(ds.get("RescaleSlope"), 1.0), intercept=_float(ds.get("RescaleIntercept"), 0.0),
+    )
+
+
+def _enhanced_frames(path: Path, ds: Dataset, count: int) -> list[Frame]:
+    """Frames of an enhanced multi-frame object, geometry from the per-frame or shared functional groups."""
+    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else Dataset()
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) not in (0, count):
+        raise ValueError(f"{len(per_frame)} per-frame functional groups for {count} frames")
+    pointers = [int(item.get("DimensionIndexPointer", 0)) for item in ds.get("DimensionIndexSequence", [])]
+    labels = [pydicom.datadict.keyword_for_tag(p) or f"{p:08X}" for p in pointers]
+    top_slope, top_intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
+    frames = []
+    for n in range(count):
+        groups = per_frame[n] if per_frame else Dataset()
+
+        def item(keyword: str) -> Dataset:
+            for where in (groups, shared):
+                seq = where.get(keyword)
+                if seq:
+                    return seq[0]
+            return Dataset()
+
+        position, orientation, measures = item("PlanePositionSequence"), item("PlaneOrientationSequence"), \
+            item("PixelMeasuresSequence")
+        transform = item("PixelValueTransformationSequence")
+        key = [_frame_type_label(groups, shared)]
+        indexes = item("FrameContentSequence").get("DimensionIndexValues")
+        indexes = [] if indexes is None else ([indexes] if isinstance(indexes, int) else list(indexes))
+        for pointer, label, value in zip(pointers, labels, indexes):
+            if pointer not in _SPATIAL_POINTERS and pointer not in _TYPE_POINTERS:
+                key.append(f"{label}={value}")
+        frames.append(Frame(
+            path=path, number=n + 1, sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+            rows=int(ds.Rows), columns=int(ds.Columns),
+            iop=_floats(orientation.get("ImageOrientationPatient"), 6),
+            ipp=_floats(position.get("ImagePositionPatient"), 3),
+            pixel_spacing=_pair(measures.get("PixelSpacing")), thickness=_float(measures.get("SliceThickness")),
+            between=_float(measures.get("SpacingBetweenSlices")),
+            slope=_float(transform.get("RescaleSlope"), top_slope),
+            intercept=_float(transform.get("RescaleIntercept"), top_intercept),
+            key=tuple(k for k in key if k),
+        ))
+    return frames
+
+
+def _frame_type_label(groups: Dataset, shared: Dataset) -> str:
+    """MAGNITUDE / PHASE / ... from the frame-type sequence (ComplexImageComponent, else FrameType value 3)."""
+    for where in (groups, shared):
+        for element in where:
+            if element.keyword.endswith("FrameTypeSequence") and element.VR == "SQ" and element.value:
+                frame_type = element.value[0]
+                component = _str(frame_type.get("ComplexImageComponent"))
+                values = frame_type.get("FrameType")
+                values = [] if values is None else ([values] if isinstance(values, str) else list(values))
+                third = values[2] if len(values) > 2 else "_".join(values)
+                return component if component and component != "MIXED" else third
+    return ""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def frame_name(frame: Frame) -> str:
+    return frame.path.name if frame.number is None else f"{frame.path.name} frame {frame.number}"
+
+
+def class_name(uid: str) -> str:
+    if uid in NOT_IMAGES:
+        return NOT_IMAGES[uid]
+    name = UID(uid).name if uid else ""
+    return name if name and name != uid else (f"SOP class {uid}" if uid else "SOP-class-less")
+
+
+def syntax_name(uid: str) -> str:
+    name = UID(uid).name
+    return _SYNTAX_NAMES.get(uid, name if name != uid else "unknown")
+
+
+def _str(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any, default: float | None = None) -> float | None:
+    try:
+        out = float(value) if value is not None and value != "" else default
+    except (TypeError, ValueError):
+        return default
+    return out if out is None or np.isfinite(out) else default
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = [value] if not isinstance(value, Iterable) or isinstance(value, (str, bytes)) else list(value)
+    if len(values) != n:
+        return None
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    return out if all(np.isfinite(out)) else None
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    out = _floats(value, 2)
+    return None if out is None else (out[0], out[1])
+
+
+def fmt_numbers(values: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

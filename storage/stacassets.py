@@ -1,0 +1,319 @@
+"""A STAC item read and checked, and the bands a run wants picked from its assets.
+
+Before anything is stacked, an item must be read (pystac; one-line refusals for
+what is not a STAC item), its raster assets found with hrefs GDAL can open
+(relative ones resolved beside the item file, else against its self link), the
+bands each asset offers learnt (from ``bands``/``eo:bands``/``raster:bands``,
+else from GDAL for assets the item does not describe), and the wanted bands
+matched to them in the model's order.  This module does that and hands back an
+:class:`ItemPlan`; :mod:`storage.stacitem` stacks the plan's bands on one grid
+and ingests them, opening the same assets through :func:`open_asset`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from storage.bands import BandRequest, aliases
+from storage.errors import IncompatibleInputError, InputError, InvalidInputError, UnsupportedFormatError
+from storage.hashing import sha256_input
+from storage.remote import is_url, parent_of, resolve
+
+__all__ = ["ItemPlan", "OpenedAsset", "open_asset", "plan_item"]
+
+_RASTER_TYPES = ("image/tiff", "image/vnd.stac.geotiff", "image/jp2", "application/x-hdf")
+_RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
+_NOT_DATA_ROLES = {"thumbnail", "overview", "metadata"}
+
+
+# --------------------------------------------------------------------------- reading the item
+
+
+@dataclass
+class _Band:
+    """One band an asset offers."""
+
+    asset: str
+    index: int  # 1-based, in the asset
+    name: str | None = None
+    common_name: str | None = None
+    scale: float | None = None  # raster:bands
+    offset: float | None = None
+    nodata: float | None = None
+
+    def label(self) -> str:
+        return self.name or self.common_name or (self.asset if self.index == 1 else f"{self.asset}:{self.index}")
+
+    def shown(self) -> str:
+        names = "/".join(dict.fromkeys(n for n in (self.name, self.common_name) if n)) or "(unnamed)"
+        return f"{names} [asset {self.asset}{'' if self.index == 1 else f' band {self.index}'}]"
+
+
+@dataclass
+class _Asset:
+    key: str
+    href: str  # absolute
+    gdal: str  # what GDAL opens
+    media_type: str
+    roles: list[str]
+    fields: dict[str, Any]
+    bands: list[_Band] = field(default_factory=list)
+    described: bool = True  # the item describes its bands (else they come from GDAL)
+
+    @property
+    def local(self) -> Path | None:
+        return None if self.gdal.startswith("/vsi") else Path(self.gdal)
+
+
+@dataclass
+class ItemPlan:
+    """What an item gives a run: the bands picked, in the model's order, and from which assets."""
+
+    path: Path
+    id: str
+    self_href: str | None
+    sha256: str
+    picked: list[_Band]
+    assets: dict[str, _Asset]
+    resampling: str = "bilinear"  # for coarser bands, onto the finest band's grid (the card's kernel)
+
+    @property
+    def names(self) -> list[str]:
+        return [b.label() for b in self.picked]
+
+    def used_assets(self) -> list[_Asset]:
+        return [self.assets[k] for k in dict.fromkeys(b.asset for b in self.picked)]
+
+
+def _read(path: Path) -> tuple[dict[str, Any], Any]:
+    """The item's JSON and its pystac Item; one-line refusals for what is not a STAC item."""
+    import pystac
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UnsupportedFormatError(path, "is not a STAC item: not UTF-8 JSON text") from None
+    except json.JSONDecodeError as exc:
+        raise UnsupportedFormatError(path, f"is not a STAC item: not JSON ({exc.msg}, line {exc.lineno})") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    kind = doc.get("type") if isinstance(doc, dict) else type(doc).__name__
+    if kind != "Feature" or "stac_version" not in doc:
+        what = f"a STAC {kind}" if kind in ("Collection", "Catalog") else \
+            "a GeoJSON Feature without stac_version" if kind == "Feature" else f"JSON of type {kind!r}"
+        raise UnsupportedFormatError(path, f"is not a STAC item ({what}); segflow reads STAC items")
+    try:
+        item = pystac.Item.from_dict(doc, href=str(path), migrate=False, preserve_dict=True)
+    except Exception as exc:  # noqa: BLE001 - pystac raises many types for a malformed item
+        raise InvalidInputError(path, f"is not a valid STAC item: {type(exc).__name__}: {exc}") from None
+    return doc, item
+
+
+def _self_href(doc: dict[str, Any]) -> str | None:
+    for link in doc.get("links") or []:
+        if isinstance(link, dict) and link.get("rel") == "self" and isinstance(link.get("href"), str):
+            return link["href"]
+    return None
+
+
+def _absolute(href: str, folder: Path, self_href: str | None) -> str:
+    """``href`` made absolute: beside the item file when it is there, else against the item's self link."""
+    if href.startswith("file://"):
+        return urlparse(href).path
+    if href.startswith("/") or is_url(href):
+        return href
+    local = (folder / href).resolve()
+    if local.exists() or not is_url(self_href):
+        return str(local)
+    return resolve(parent_of(self_href), href)  # type: ignore[arg-type]
+
+
+def _gdal_path(href: str) -> str:
+    """What GDAL opens for an absolute href: local paths and /vsi paths as they are, URLs through /vsi."""
+    for scheme, vsi in (("s3://", "/vsis3/"), ("gs://", "/vsigs/"), ("az://", "/vsiaz/")):
+        if href.startswith(scheme):
+            return vsi + href[len(scheme):]
+    if href.startswith(("http://", "https://")):
+        return "/vsicurl/" + href
+    return href
+
+
+def _is_raster(asset: Any, fields: dict[str, Any]) -> bool:
+    roles = set(asset.roles or [])
+    if roles & _NOT_DATA_ROLES and "data" not in roles:
+        return False
+    if any(k in fields for k in ("eo:bands", "bands", "raster:bands")):
+        return True
+    media = (asset.media_type or "").lower()
+    return media.startswith(_RASTER_TYPES) or urlparse(asset.href).path.lower().endswith(_RASTER_SUFFIXES)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _described_bands(key: str, fields: dict[str, Any]) -> list[_Band]:
+    """The bands the item states for an asset: STAC 1.1 ``bands``, else 1.0 ``eo:bands`` and ``raster:bands``."""
+    eo = fields.get("bands") if isinstance(fields.get("bands"), list) else fields.get("eo:bands")
+    raster = fields.get("raster:bands")
+    eo = eo if isinstance(eo, list) else []
+    raster = raster if isinstance(raster, list) else []
+    out = []
+    for i in range(max(len(eo), len(raster))):
+        e = eo[i] if i < len(eo) and isinstance(eo[i], dict) else {}
+        r = raster[i] if i < len(raster) and isinstance(raster[i], dict) else {}
+        out.append(_Band(asset=key, index=i + 1, name=e.get("name") if isinstance(e.get("name"), str) else None,
+                         common_name=_text(e.get("eo:common_name", e.get("common_name"))),
+                         scale=_number(r.get("scale", e.get("raster:scale"))),
+                         offset=_number(r.get("offset", e.get("raster:offset"))),
+                         nodata=_number(r.get("nodata", e.get("nodata")))))
+    return out
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _assets(path: Path, doc: dict[str, Any], item: Any) -> dict[str, _Asset]:
+    """The item's raster assets, in the item's order, with the bands each offers."""
+    self_href = _self_href(doc)
+    out: dict[str, _Asset] = {}
+    for key, asset in item.assets.items():
+        fields = dict(asset.extra_fields or {})
+        if not _is_raster(asset, fields):
+            continue
+        href = _absolute(asset.href, path.parent, self_href)
+        a = _Asset(key=key, href=href, gdal=_gdal_path(href), media_type=(asset.media_type or ""),
+                   roles=list(asset.roles or []), fields=fields)
+        a.bands = _described_bands(key, fields)
+        if not a.bands:  # the item does not say: one band named by the key until GDAL says otherwise
+            a.described = False
+            a.bands = [_Band(asset=key, index=1)]
+        out[key] = a
+    return out
+
+
+def _names(band: _Band, asset: _Asset) -> set[str]:
+    names = {band.name, band.common_name} | ({asset.key} if len(asset.bands) == 1 else set())
+    return {"".join(n.split()).lower() for n in names if n}
+
+
+def _preference(band: _Band, asset: _Asset, order: int) -> tuple:
+    """Among assets offering one band: a one-band data asset, as a (cloud-optimized) GeoTIFF, first in the item."""
+    media = asset.media_type.lower()
+    tiff = media.startswith(("image/tiff", "image/vnd.stac.geotiff")) or asset.href.lower().endswith((".tif", ".tiff"))
+    return (len(asset.bands) != 1, "data" not in asset.roles and bool(asset.roles), not tiff, order)
+
+
+def _offered(assets: dict[str, _Asset]) -> list[_Band]:
+    return [b for a in assets.values() for b in a.bands]
+
+
+def _listing(offered: list[_Band]) -> str:
+    return ", ".join(f"{i}:{b.shown()}" for i, b in enumerate(offered, 1))
+
+
+def _pick(path: Path, ident: str, assets: dict[str, _Asset], request: BandRequest) -> list[_Band]:
+    """The bands ``request`` wants, in its order; one refusal listing what the item offers."""
+    offered = _offered(assets)
+    where = f"item {ident!r}"
+    if request.wanted is None:
+        if request.channels is None or len(offered) == request.channels:
+            return offered
+        raise IncompatibleInputError(path, f"{request.model} takes {request.channels} band(s) and its card names "
+                                           f"none; {where} offers {len(offered)}: {_listing(offered)}; "
+                                           f"choose them with --bands (names or 1-based indices)")
+    order = {id(b): n for n, b in enumerate(offered)}
+    picked: list[_Band] = []
+    missing: list[str] = []
+    for w in request.wanted:
+        if w.strip().isdigit():
+            i = int(w) - 1
+            if 0 <= i < len(offered):
+                picked.append(offered[i])
+            else:
+                missing.append(f"band {int(w)}")
+            continue
+        found = None
+        for alias in aliases(w):  # the name itself first, then its other names
+            hits = [b for b in offered if alias in _names(b, assets[b.asset])]
+            if hits:
+                found = min(hits, key=lambda b: _preference(b, assets[b.asset], order[id(b)]))
+                break
+        if found is None:
+            missing.append(w.strip())
+        else:
+            picked.append(found)
+    if missing:
+        raise IncompatibleInputError(path, f"{request.model} needs {', '.join(missing)}, which no asset of {where} "
+                                           f"offers (it has {len(offered)} band(s): {_listing(offered)}); "
+                                           f"{request.hint}")
+    if len({id(b) for b in picked}) != len(picked):
+        raise IncompatibleInputError(path, f"{request.model}'s bands {list(request.wanted)} name one band of "
+                                           f"{where} twice; {request.hint}")
+    return picked
+
+
+def plan_item(path: str | PathLike[str], request: BandRequest | None = None) -> ItemPlan:
+    """Read the item and pick its bands for ``request`` (None: all of them); opens only undescribed assets."""
+    path = Path(path).absolute()
+    request = request or BandRequest()
+    doc, item = _read(path)
+    assets = _assets(path, doc, item)
+    if not assets:
+        shown = ", ".join(f"{k} ({a.media_type or 'no type'})" for k, a in item.assets.items()) or "none"
+        raise InvalidInputError(path, f"item {item.id!r} has no raster asset segflow can use (assets: {shown})")
+    for asset in assets.values():
+        if not asset.described:
+            asset.bands = _gdal_bands(path, asset)
+    return ItemPlan(path=path, id=item.id, self_href=_self_href(doc), sha256=sha256_input(path),
+                    picked=_pick(path, item.id, assets, request), assets=assets, resampling=request.resampling)
+
+
+# --------------------------------------------------------------------------- opening the assets
+
+
+@dataclass
+class OpenedAsset:
+    """What GDAL says of one asset: its grid, and each band's type, nodata, scale and offset."""
+
+    width: int
+    height: int
+    transform: Any
+    crs: Any
+    dtypes: tuple[str, ...]
+    nodata: tuple[float | None, ...]
+    scales: tuple[float, ...]
+    offsets: tuple[float, ...]
+    descriptions: tuple[str | None, ...]
+    block: tuple[int, int]
+
+
+def open_asset(path: Path, asset: _Asset) -> OpenedAsset:
+    """Open one asset of the item at ``path`` with GDAL; a failure is an InputError naming the item."""
+    import rasterio
+
+    from storage.rasteropen import GDAL_ERRORS, bounded_gdal_cache, gdal_message
+
+    try:
+        with bounded_gdal_cache(), rasterio.open(asset.gdal) as src:
+            return OpenedAsset(width=src.width, height=src.height, transform=src.transform, crs=src.crs,
+                                dtypes=tuple(src.dtypes), nodata=tuple(src.nodatavals),
+                                scales=tuple(1.0 if s is None else float(s) for s in src.scales),
+                                offsets=tuple(0.0 if o is None else float(o) for o in src.offsets),
+                                descriptions=tuple(src.descriptions), block=tuple(src.block_shapes[0]))
+    except (*GDAL_ERRORS, OSError) as exc:
+        raise InputError(path, f"asset {asset.key!r} ({asset.href}) cannot be opened: {gdal_message(exc)}") from None
+
+
+def _gdal_bands(path: Path, asset: _Asset) -> list[_Band]:
+    """The bands of an asset the item does not describe, named by their GDAL descriptions (else the key)."""
+    opened = open_asset(path, asset)
+    return [_Band(asset=asset.key, index=i, name=d or None) for i, d in enumerate(opened.descriptions, 1)]
+
+
