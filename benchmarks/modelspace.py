@@ -343,7 +343,7 @@ def main() -> int:
              f"(i, j, k), stored L,P,S, streamed slab by slab into a .nii.gz. Random-weight MONAI U-Net "
              f"({', '.join(map(str, channels))}), {CLASSES} classes, card version 3 asking for {MODEL_MM} mm RAS, "
              f"ROI {args.roi}³, overlap 0.25, batch {args.batch}, chunks {args.chunk}³, `segflow segment "
-             "--no-zarr` with segflow's default cluster (1 worker process × 2 threads). Run A segments the scan "
+             "--no-zarr` with segment's default cluster (threads of its own process, one per core). Run A segments the scan "
              "(model space: resample once, stitch, probabilities back, argmax on the scan's grid); run B segments "
              "the same model-space image written as a float32 NIfTI at 1.5 mm RAS, which segflow does not resample "
              "(checked: its statistics carry no `model_space`). Seconds are the provenance statistics; RSS is "
