@@ -32,7 +32,9 @@ UTM = "EPSG:32633"
 ORIGIN = (400000.0, 5800000.0)
 MAGENTA = (255, 0, 255)
 GREEN = (0, 200, 0)
-DEMO = Path(__file__).resolve().parents[1] / "demo" / "run-20261202-052507"
+# the newest `make demo` run in this checkout, if any (a fresh clone has none: test_quicklook_outputs.py covers
+# quicklooks of real runs there)
+DEMO = max((Path(__file__).resolve().parents[1] / "demo").glob("run-*"), default=Path("demo/absent"))
 
 
 # --------------------------------------------------------------------------- fixture generators
