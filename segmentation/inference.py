@@ -224,7 +224,7 @@ class WindowPredictor:
                 batch = windows[i:i + self.batch_size]
                 if xbuf is None:  # the network's memory format from the start: one copy per window, not two
                     shape = (self.batch_size, x.shape[0]) + tuple(s.stop - s.start for s in batch[0])
-                    xbuf = torch.empty(shape, dtype=x.dtype, device=dev).contiguous(memory_format=self.memory_format)
+                    xbuf = torch.empty(shape, dtype=x.dtype, device=dev, memory_format=self.memory_format)
                 for j, sl in enumerate(batch):
                     xbuf[j].copy_(x[(slice(None),) + sl])
                 xb = xbuf[:len(batch)]

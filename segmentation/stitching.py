@@ -39,7 +39,6 @@ from segmentation.windows import WindowGrid
 from storage.argmax import argmax_first
 
 
-
 def label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8) if num_classes <= 255 else np.dtype(np.uint16)
 

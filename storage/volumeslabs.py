@@ -18,16 +18,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
 
 from storage.errors import CorruptInputError, IncompatibleInputError, InputError, InvalidInputError
+from storage.niftiopen import NIFTI_READ_ERRORS, error_text
 
-__all__ = ["LabelVolume", "READ_ERRORS", "SLAB_BYTES", "gather_planes", "image_planes", "load_nifti",
-           "short_message", "take_plane"]
+__all__ = ["LabelVolume", "SLAB_BYTES", "gather_planes", "image_planes", "load_nifti", "take_plane"]
 
 SLAB_BYTES = 8 << 20  # what one slab read at a time may take (its copies and masks come on top)
-READ_ERRORS = (ImageFileError, HeaderDataError, EOFError, OSError, ValueError)
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, stop) per voxel axis
 
@@ -42,19 +39,14 @@ def load_nifti(path: Path) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = nib.load(path, mmap=False, keep_file_open=True)
-    except READ_ERRORS as exc:
-        raise CorruptInputError(path, f"cannot read it as NIfTI: {short_message(exc)}") from None
+    except NIFTI_READ_ERRORS as exc:
+        raise CorruptInputError(path, f"cannot read it as NIfTI: {error_text(exc)}") from None
     if not isinstance(img, nib.Nifti1Pair):  # also Nifti1Image, Nifti2Image
         raise InvalidInputError(path, f"is {type(img).__name__}, not NIfTI")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InvalidInputError(path, "has a singular or non-finite affine (no voxel-to-world mapping)")
     return img
-
-
-def short_message(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class LabelVolume:
@@ -95,9 +87,9 @@ class LabelVolume:
             else:
                 tail = (0,) * (len(self._file_shape) - 3)
                 slab = np.asanyarray(self.img.dataobj[(slice(None), slice(None), slice(k0, k1), *tail)])
-        except READ_ERRORS as exc:
+        except NIFTI_READ_ERRORS as exc:
             raise CorruptInputError(self.path, f"cannot read voxel data (slices {k0}-{k1 - 1}): "
-                                               f"{short_message(exc)}") from None
+                                               f"{error_text(exc)}") from None
         return _checked(slab, self.path, int(np.iinfo(self.dtype).max)).astype(self.dtype, copy=False)
 
     def slabs(self, k0: int, k1: int, depth: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -129,8 +121,8 @@ class LabelVolume:
         tail = (0,) * (len(self._file_shape) - 3)
         try:
             raw = {r: take_plane(self.img.dataobj, r, tail) for r in sorted(set(wanted))}
-        except READ_ERRORS as exc:
-            raise CorruptInputError(self.path, f"cannot read voxel data: {short_message(exc)}") from None
+        except NIFTI_READ_ERRORS as exc:
+            raise CorruptInputError(self.path, f"cannot read voxel data: {error_text(exc)}") from None
         top = int(np.iinfo(self.dtype).max)
         return {r: _checked(p, self.path, top).astype(self.dtype, copy=False) for r, p in raw.items()}
 
@@ -207,5 +199,5 @@ def image_planes(path: Path, lab_img: Any, requests: Sequence[tuple[int, int]]) 
 
         depth = max(1, SLAB_BYTES // max(1, shape[0] * shape[1] * np.dtype(dataobj.dtype).itemsize))
         return gather_planes(read, shape, wanted, np.float32, depth)
-    except READ_ERRORS as exc:
-        raise CorruptInputError(path, f"cannot read voxel data: {short_message(exc)}") from None
+    except NIFTI_READ_ERRORS as exc:
+        raise CorruptInputError(path, f"cannot read voxel data: {error_text(exc)}") from None
