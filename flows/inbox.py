@@ -1,9 +1,10 @@
 """What a nightly run is given: the inputs of an inbox folder or of a manifest, local or under a URL.
 
 A run starts from a list of paths; which files of an inbox count as inputs
-(hidden entries, Analyze pairs, DICOM folders, STAC items) and how a CSV or
-JSON manifest names them is a question of its own, answered before the flow
-starts any task, so it lives here rather than in ``flows/nightly.py``.
+(hidden entries, Analyze pairs, DICOM folders, STAC items among other JSON
+files) and how a CSV or JSON manifest names them is a question of its own,
+answered before the flow starts any task, so it lives here rather than in
+``flows/nightly.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from storage.dicomfiles import is_dicom_input
 from storage.errors import ConfigError, InputError
 from storage.ingest import kind_of, stem_of
 from storage.remote import is_url
-from storage.stacitem import is_item_path
+from storage.stacitem import is_item_path, looks_like_item
+
+ITEM_READ_MAX = 64 * 2**20  # a .json file larger than this is no STAC item an inbox holds: not read, ignored
 
 
 def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
@@ -26,7 +29,8 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
 
     An Analyze/NIfTI pair is one input, read through its ``.hdr``.  A sub-folder holding DICOM files (at
     any depth), a DICOMDIR and a file with the DICOM preamble are listed as they are; :func:`flows.inputs.expand`
-    turns them into series.  A URL prefix lists its objects (DICOM is read from local folders only).
+    turns them into series.  A ``.json`` file is an input when it is a STAC item (a Feature with
+    ``stac_version``), else ignored.  A URL prefix lists its objects (DICOM is read from local folders only).
     """
     if is_url(str(folder)):
         return _list_inbox_url(str(folder))
@@ -48,8 +52,8 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
         except InputError:
             (inputs if _is_dicom(p) else ignored).append(str(p))
             continue
-        if is_item_path(p):  # STAC items are segmented by `segflow segment item.json`; nightly does not route them
-            ignored.append(str(p))
+        if is_item_path(p):  # a STAC item is an input; other JSON (a manifest, a report) is not
+            (inputs if _is_item_file(p) else ignored).append(str(p))
             continue
         if p.name.lower().endswith(".img") and p.with_suffix(".hdr").exists():
             continue
@@ -61,6 +65,22 @@ def _is_dicom(path: Path) -> bool:
     try:
         return is_dicom_input(path)
     except OSError:
+        return False
+
+
+def _is_item_file(path: Path) -> bool:
+    try:
+        return path.stat().st_size <= ITEM_READ_MAX and looks_like_item(path.read_bytes())
+    except OSError:
+        return False
+
+
+def _is_item_url(url: str) -> bool:
+    from storage import remote
+
+    try:
+        return looks_like_item(remote.read_bytes(url))
+    except Exception:  # noqa: BLE001 - each filesystem raises its own types; unreadable: not listed as an item
         return False
 
 
@@ -86,7 +106,7 @@ def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
             ignored.append(f)
             continue
         if is_item_path(name):
-            ignored.append(f)
+            (inputs if _is_item_url(f) else ignored).append(f)
             continue
         if name.lower().endswith(".img") and (stem_of(name) + ".hdr") in names:
             continue

@@ -81,7 +81,7 @@ def output_name(input_path: Any, kind: str) -> str:
 
 
 def ingest_input(path: Any, work_dir: str | Path, chunk: int | None = None,
-                 bands: BandRequest | None = None) -> tuple[ImageStore, bool]:
+                 bands: BandRequest | None = None, origin: str | None = None) -> tuple[ImageStore, bool]:
     """The input's image store, and whether it was reused: a complete earlier ingest of the same content is.
 
     The store's name holds the chunk size asked for, and it is only reused
@@ -90,16 +90,17 @@ def ingest_input(path: Any, work_dir: str | Path, chunk: int | None = None,
     """
     kind = "mosaic" if isinstance(path, MosaicRef) else "image"  # a mosaic never shares a store with a tile
     store_path = Path(work_dir) / f"{input_stem(path)}.c{chunk or 'default'}.{kind}.zarr"
-    reusable = _reusable_ingest(path, store_path, bands)
+    reusable = _reusable_ingest(path, store_path, bands, origin)
     if reusable is not None:
         say(f"{input_label(path)}: reusing its complete ingest from an interrupted run", logging.INFO)
         return reusable, True
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    ingest(path, store_path, chunk=chunk, bands=bands)
+    ingest(path, store_path, chunk=chunk, bands=bands, origin=origin)
     return open_image_store(store_path), False
 
 
-def _reusable_ingest(path: Any, store_path: Path, bands: BandRequest | None = None) -> ImageStore | None:
+def _reusable_ingest(path: Any, store_path: Path, bands: BandRequest | None = None,
+                     origin: str | None = None) -> ImageStore | None:
     if isinstance(path, SeriesRef):
         return _reusable_series(path, store_path)
     if isinstance(path, MosaicRef):
@@ -110,7 +111,7 @@ def _reusable_ingest(path: Any, store_path: Path, bands: BandRequest | None = No
         store = open_image_store(store_path)
         source = store.meta.source
         same_file = os.path.samefile(source.path, path)
-        now = reuse_sha256(path, bands) if is_item_path(path) else sha256_input(path)  # an item: with its assets
+        now = reuse_sha256(path, bands, origin) if is_item_path(path) else sha256_input(path)  # an item: with its assets
         if same_file and source.size == path.stat().st_size and source.sha256 == now:
             return store
     except (StoreError, OSError, ValueError):

@@ -5,11 +5,14 @@ each stays in the Dask graph ``segment_one`` builds.  Each task run:
 
 1. reads the input's header (:func:`storage.probe.probe`) and picks the first
    model whose card fits it (:mod:`flows.routing`); none fits: status
-   ``no-model``, nothing processed.  A file that cannot be read fails here,
+   ``no-model``, nothing processed.  A STAC item goes to the first 2-D model
+   whose bands it offers, its assets' headers read as ingest reads them.  A file that cannot be read fails here,
    whatever the models: its header, or (a GeoTIFF) its block table running
    past the end of the file;
 2. hashes the input and builds the content key (:mod:`flows.ledger`); when the
-   key's outputs exist and verify: status ``skipped``;
+   key's outputs exist and verify: status ``skipped``.  An item's hash covers
+   its JSON, the bands picked and each asset it reads (sha256 of a local
+   file; the item's ``file:checksum`` and size, else the href, for a remote one);
 3. otherwise runs ``segment_one`` and records the key once the outputs are
    complete: status ``done``.
 

@@ -1,11 +1,13 @@
 """The nightly flow's per-input task, ``segment-input``: lock, route, hash, skip or segment one input.
 
-One task run per input (a file, a URL or a DICOM series): under the input's
-lock it reads the header, picks the model whose card fits, builds the content
-key, and either skips (the key's outputs exist and verify) or runs
-``segment_one`` and records the key.  This is the body of the nightly run,
-apart from the flow that lists the inputs, submits the tasks and writes the
-report (``flows/nightly.py``); the steps are described there.
+One task run per input (a file, a URL, a DICOM series or a STAC item): under
+the input's lock it reads the header, picks the model whose card fits (for an
+item: whose bands it offers, :func:`flows.routing.route_item`), builds the
+content key (for an item: over its JSON and the assets that model reads),
+and either skips (the key's outputs exist and verify) or runs ``segment_one``
+and records the key.  This is the body of the nightly run, apart from the flow
+that lists the inputs, submits the tasks and writes the report
+(``flows/nightly.py``); the steps are described there.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from flows.config import SegmentOptions
 from flows.inputs import Expanded, input_label, input_stem
 from flows.report import InputReport, fill_from_statistics
 from flows.retries import retry_if_transient
-from flows.routing import ModelEntry, loaded, no_model_reason, route
+from flows.routing import ModelEntry, loaded, no_model_reason, route, route_item
 from storage.dicomfiles import SeriesRef
 from storage.errors import ExportError, InputError, SegflowError
 from storage.hashing import sha256_input
 from storage.probe import probe
+from storage.stacitem import is_item_path
 
 
 def one_line(exc: BaseException) -> str:
@@ -130,17 +133,25 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     rep = InputReport(input=path, status="done", attempts=batch.attempts[path])
     if series is not None:
         rep.dicom = series_details(series)
-    header = probe(local)
-    rep.kind, rep.channels = header.kind, header.channels
-    entry = route(header, batch.models)
-    if entry is None:
-        rep.status, rep.error = "no-model", no_model_reason(header, batch.models)
+    content = None  # a STAC item's identity: its JSON and the content of the assets the model reads
+    if series is None and is_item_path(local):
+        routed = route_item(local, batch.models, batch.options, origin=path if local != path else None, shown=path)
+        header, entry, content, reason = routed.header, routed.entry, routed.sha256, routed.reason
+        rep.kind = "raster"
+    else:
+        header = probe(local)
+        entry = route(header, batch.models)
+        reason = None if entry is not None else no_model_reason(header, batch.models)
+    if header is not None:
+        rep.kind, rep.channels = header.kind, header.channels
+    if entry is None or header is None:
+        rep.status, rep.error = "no-model", reason
         rep.seconds = round(time.perf_counter() - t0, 3)
         return rep.to_dict()
     model = loaded(entry, trust_bundle=batch.options.trust_bundle)
     rep.model, rep.model_path = model.name, entry.path
     classes = [c.model_dump(mode="json") for c in model.card.classes]
-    rep.input_sha256 = _hash_series(series) if series is not None else _hash_input(local)
+    rep.input_sha256 = content or (_hash_series(series) if series is not None else _hash_input(local))
     document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options)
     rep.cache_key = ledger.cache_key(document)
     if target.remote:  # the same checks, on a scratch copy of the entry and outputs under the URL

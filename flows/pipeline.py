@@ -44,16 +44,18 @@ from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
 from flows.ledger import off_flags
 from flows.progress import reporter, say, window_shares
+from flows.routing import band_request
 from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.stitching import label_dtype, label_nodata
 from storage import provenance
-from storage.bands import BandRequest, units_facts
+from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
 from storage.tilecuts import split_outputs, write_tile_cuts
 from storage.errors import ExportError, InvalidInputError, SegflowError
 from storage.modelimage import model_geometry
+from storage.remote import is_url
 from storage.layout import (LABELS, PROVENANCE_ATTR, ChunkJournal, ImageStore,
                             commit_store, create_prediction_store, identity_digest,
                             partial_path, partial_paths, reopen_prediction_store)
@@ -283,7 +285,9 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         raise ExportError(out_dir, f"cannot create output directory: {exc.strerror or exc}") from None
     work = out_dir / WORK_DIR
     try:
-        store, ingest_reused = ingest_input(input_path, work, options.chunk_size, bands=_band_request(model, options))
+        origin = record_input_as if record_input_as is not None and is_url(record_input_as) else None
+        store, ingest_reused = ingest_input(input_path, work, options.chunk_size,
+                                            bands=band_request(model.card, options), origin=origin)
     except BaseException as exc:
         remove_if_empty(work)
         if isinstance(exc, OSError):  # e.g. the disk filled up while copying
@@ -376,13 +380,6 @@ def _local_image(input_path: Any) -> Path | None:
     path = Path(input_path)
     return path if path.is_file() and path.name.lower().endswith((".tif", ".tiff", ".vrt", ".nii", ".nii.gz")) \
         else None
-
-
-def _band_request(model: LoadedModel, options: SegmentOptions) -> BandRequest:
-    """The bands a STAC item's assets must give as it is ingested: ``--bands``, else the card's channel names."""
-    spec = model.card.input
-    return BandRequest.of(options.bands, spec.channel_names, spec.channels, f"model {model.card.name!r}",
-                          resampling=spec.resampling)
 
 
 def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | None:

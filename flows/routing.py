@@ -13,7 +13,9 @@ fits (where its card names a spacing, the pipeline resamples onto the model's
 grid and back).
 
 ``segflow nightly`` routes each input to the first model that fits, in the
-order given.  ``segflow segment`` checks every input against its one model
+order given.  A STAC item has no one header: which assets it gives depends on
+the bands a model names, so it fits the first 2-D model whose bands it offers
+(:func:`route_item`: the item read and those assets opened, as ingest would).  ``segflow segment`` checks every input against its one model
 before it starts a cluster (:func:`flows.batch.check_inputs`), so a wrong band
 count is one line within a second, not after the cluster and Prefect started.
 That check must not import torch (2 s, which the cluster's start otherwise
@@ -30,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from storage.bands import aliases, select_bands
+from storage.bands import BandRequest, aliases, select_bands
 from storage.errors import IncompatibleInputError
 from storage.probe import Header
 
 if TYPE_CHECKING:
+    from flows.config import SegmentOptions
     from segmentation import LoadedModel
     from segmentation.card import ModelCard
 
@@ -113,6 +116,13 @@ def _any_match(wanted: Sequence[str], offered: Sequence[str]) -> bool:
     return any(n.lower() in names for w in wanted for n in aliases(w))
 
 
+def band_request(card: "ModelCard", options: "SegmentOptions") -> BandRequest:
+    """The bands a STAC item's assets must give a model: ``--bands``, else the card's channel names."""
+    spec = card.input
+    return BandRequest.of(options.bands, spec.channel_names, spec.channels, f"model {card.name!r}",
+                          resampling=spec.resampling)
+
+
 def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None = None) -> str | None:
     """Why the input of ``header`` does not fit ``model`` (one line, without the path), or None when it does."""
     name = f"model {model.name!r}"
@@ -156,6 +166,44 @@ class ModelEntry:
 
     def describe(self) -> str:
         return self.input.describe()
+
+
+@dataclass(frozen=True)
+class ItemRoute:
+    """Where a STAC item goes: the model, the header of the stack it would get and what keys its content
+    (:func:`storage.stacitem.content_sha256`); or, with no model, why none fits."""
+
+    entry: "ModelEntry | None"
+    header: Header | None = None
+    sha256: str | None = None
+    reason: str | None = None
+
+
+def route_item(path: str | Path, models: "list[ModelEntry]", options: "SegmentOptions",
+               origin: str | None = None, *, shown: str | None = None) -> ItemRoute:
+    """The first 2-D model whose bands the item at ``path`` offers (``--bands`` for every model when given).
+
+    An item that is not one, or an asset that does not open, raises (the
+    input fails); a model whose bands it lacks is passed over.  ``origin``:
+    the URL ``path`` was downloaded from; ``shown``: how the reason names the input.
+    """
+    from storage.stacitem import probe_item
+
+    problems = []
+    for m in models:
+        if m.spatial_dims != 2:
+            problems.append(f"model {m.card.name!r} is {m.spatial_dims}D, a STAC item's bands are 2D")
+            continue
+        try:
+            header, sha256 = probe_item(path, band_request(m.card, options), origin)
+        except IncompatibleInputError as exc:
+            problems.append(exc.problem)
+            continue
+        if header.channels != m.channels:
+            problems.append(f"model {m.card.name!r} takes {m.channels} channels, --bands picks {header.channels}")
+            continue
+        return ItemRoute(m, header, sha256)
+    return ItemRoute(None, reason=f"{shown or path}: no model fits this STAC item; " + "; ".join(problems))
 
 
 def read_models(paths: list[str], *, trust_bundle: bool = False) -> list[ModelEntry]:

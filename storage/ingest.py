@@ -98,11 +98,12 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
 
 
 def ingest(path: "str | PathLike[str] | SeriesRef", store_path: str | PathLike[str], *,
-           chunk: int | None = None, bands: "BandRequest | None" = None) -> ImageStore:
+           chunk: int | None = None, bands: "BandRequest | None" = None, origin: str | None = None) -> ImageStore:
     """Copy a GeoTIFF/VRT, a NIfTI, one DICOM series or a STAC item's bands into a zarr image store, chunk by chunk.
 
     ``bands`` says which bands a STAC item's assets must give (other inputs
-    keep all their bands; the model's are picked after ingest).
+    keep all their bands; the model's are picked after ingest).  ``origin``:
+    the URL a STAC item file was downloaded from (its relative hrefs are beside it).
     """
     from storage.dicom import SeriesRef, ingest_dicom
 
@@ -119,7 +120,7 @@ def ingest(path: "str | PathLike[str] | SeriesRef", store_path: str | PathLike[s
     if path.name.lower().endswith(ITEM_SUFFIXES):
         from storage.stacitem import ingest_item
 
-        return ingest_item(path, store_path, chunk=chunk, bands=bands)
+        return ingest_item(path, store_path, chunk=chunk, bands=bands, origin=origin)
     if kind == "raster":
         from storage.geotiff import ingest_geotiff
 

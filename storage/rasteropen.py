@@ -8,7 +8,10 @@ messages are dug out of rasterio's exception chains here too.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
 
 import numpy as np
 import rasterio
@@ -25,7 +28,7 @@ except ImportError:  # pragma: no cover - private module moved
     CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
 
 __all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "bounded_gdal_cache", "describe_window",
-           "gdal_message", "image_bands", "image_dtype", "open_raster"]
+           "gdal_message", "image_bands", "image_dtype", "open_raster", "s3_endpoint_options"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
 """GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
@@ -59,12 +62,31 @@ def describe_window(win: Window) -> str:
 
 
 def bounded_gdal_cache() -> rasterio.Env:
-    """Cap GDAL's block cache while streaming.
+    """GDAL's environment for reading inputs: a capped block cache, and the S3 endpoint fsspec uses.
 
     Each block is read or written once, so caching gains nothing, and GDAL's
     default cap (5% of RAM) lets resident memory grow with the raster's size.
+    A STAC item's ``s3://`` assets are read by GDAL (``/vsis3/``) while the
+    item itself comes through fsspec: :func:`s3_endpoint_options` lets one
+    environment point both at the same server.
     """
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **s3_endpoint_options())
+
+
+def s3_endpoint_options(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """GDAL's options for the S3-compatible server (MinIO, Ceph) that ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL`` names, which fsspec and boto read and GDAL 3.10 does not; nothing when GDAL's own
+    ``AWS_S3_ENDPOINT`` is set (the user's choice wins) or neither is."""
+    env = os.environ if environ is None else environ
+    url = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if env.get("AWS_S3_ENDPOINT") or not url:
+        return {}
+    parsed = urlparse(url)
+    if not parsed.netloc:
+        return {}
+    return {"AWS_S3_ENDPOINT": parsed.netloc + parsed.path.rstrip("/"),
+            "AWS_HTTPS": "NO" if parsed.scheme == "http" else "YES",
+            "AWS_VIRTUAL_HOSTING": env.get("AWS_VIRTUAL_HOSTING", "FALSE")}
 
 
 def open_raster(path: Path) -> DatasetReader:

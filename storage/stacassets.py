@@ -2,7 +2,9 @@
 
 Before anything is stacked, an item must be read (pystac; one-line refusals for
 what is not a STAC item), its raster assets found with hrefs GDAL can open
-(relative ones resolved beside the item file, else against its self link), the
+(relative ones resolved against where the item was read from: beside the
+item file, or beside the URL a staged copy came from, else against its self
+link), the
 bands each asset offers learnt (from ``bands``/``eo:bands``/``raster:bands``,
 else from GDAL for assets the item does not describe), and the wanted bands
 matched to them in the model's order.  This module does that and hands back an
@@ -121,12 +123,19 @@ def _self_href(doc: dict[str, Any]) -> str | None:
     return None
 
 
-def _absolute(href: str, folder: Path, self_href: str | None) -> str:
-    """``href`` made absolute: beside the item file when it is there, else against the item's self link."""
+def _absolute(href: str, folder: Path, self_href: str | None, origin: str | None = None) -> str:
+    """``href`` made absolute: beside the URL the item was downloaded from (``origin``), else beside the item
+    file when it is there, else against the item's self link.
+
+    A staged copy of a remote item sits alone in a scratch folder, so its
+    relative hrefs mean what they meant beside the object it was read from.
+    """
     if href.startswith("file://"):
         return urlparse(href).path
     if href.startswith("/") or is_url(href):
         return href
+    if origin is not None:
+        return resolve(parent_of(origin), href)
     local = (folder / href).resolve()
     if local.exists() or not is_url(self_href):
         return str(local)
@@ -179,7 +188,7 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
-def _assets(path: Path, doc: dict[str, Any], item: Any) -> dict[str, _Asset]:
+def _assets(path: Path, doc: dict[str, Any], item: Any, origin: str | None = None) -> dict[str, _Asset]:
     """The item's raster assets, in the item's order, with the bands each offers."""
     self_href = _self_href(doc)
     out: dict[str, _Asset] = {}
@@ -187,7 +196,7 @@ def _assets(path: Path, doc: dict[str, Any], item: Any) -> dict[str, _Asset]:
         fields = dict(asset.extra_fields or {})
         if not _is_raster(asset, fields):
             continue
-        href = _absolute(asset.href, path.parent, self_href)
+        href = _absolute(asset.href, path.parent, self_href, origin)
         a = _Asset(key=key, href=href, gdal=_gdal_path(href), media_type=(asset.media_type or ""),
                    roles=list(asset.roles or []), fields=fields)
         a.bands = _described_bands(key, fields)
@@ -259,12 +268,16 @@ def _pick(path: Path, ident: str, assets: dict[str, _Asset], request: BandReques
     return picked
 
 
-def plan_item(path: str | PathLike[str], request: BandRequest | None = None) -> ItemPlan:
-    """Read the item and pick its bands for ``request`` (None: all of them); opens only undescribed assets."""
+def plan_item(path: str | PathLike[str], request: BandRequest | None = None, *,
+              origin: str | None = None) -> ItemPlan:
+    """Read the item and pick its bands for ``request`` (None: all of them); opens only undescribed assets.
+
+    ``origin``: the URL ``path`` is a downloaded copy of (its relative hrefs are resolved beside it).
+    """
     path = Path(path).absolute()
     request = request or BandRequest()
     doc, item = _read(path)
-    assets = _assets(path, doc, item)
+    assets = _assets(path, doc, item, origin if origin is not None and is_url(origin) else None)
     if not assets:
         shown = ", ".join(f"{k} ({a.media_type or 'no type'})" for k, a in item.assets.items()) or "none"
         raise InvalidInputError(path, f"item {item.id!r} has no raster asset segflow can use (assets: {shown})")

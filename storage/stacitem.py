@@ -13,10 +13,13 @@ scale and offset of ``raster:bands`` (else the asset's own).  The VRT is then
 ingested like any raster, chunk by chunk: no stacked GeoTIFF is written, the
 only copy is the zarr store every input gets.  Asset hrefs go to GDAL as they are (local paths, ``/vsis3/``,
 ``/vsicurl/``; ``s3://`` and ``https://`` are mapped to those); relative ones
-are resolved against the item file's folder, else its self link.  The item's
+are resolved against where the item was read from (its folder, or for a
+downloaded copy the URL it came from: ``origin``), else its self link.  The item's
 id, sanitised, names the outputs; the store records the item's id, self href
 and each asset's href and checksum.  Reading the item and picking its bands is
-:mod:`storage.stacassets`'s part; stacking the picked bands and ingesting them is this module's.
+:mod:`storage.stacassets`'s part; stacking the picked bands and ingesting them is this module's, and so is
+:func:`probe_item`: what a nightly run needs to route an item to a model and key its outputs (the header of
+the stack a model would get, and the content identity of what it would read) before anything is ingested.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from storage.geometry import SourceInfo, StacAssetInfo, StacItemInfo
 from storage.hashing import sha256_input
 from storage.ingest import ITEM_SUFFIXES
 from storage.layout import ImageStore
+from storage.probe import Header, pixel_hectares
 from storage.stacassets import ItemPlan, OpenedAsset, open_asset, plan_item
 
 NAME_MAX = 80
@@ -51,6 +55,16 @@ def sanitised(name: str) -> str:
     """A name read from inside a file made safe as a file name: [A-Za-z0-9._-], no leading dot, <= 80."""
     safe = _SAFE.sub("_", name).strip("._-")[:NAME_MAX].strip("._-")
     return safe or "item"
+
+
+def looks_like_item(text: bytes | str) -> bool:
+    """Whether a JSON document is a STAC item (a Feature with ``stac_version``): how an inbox tells an item
+    from other JSON files (a manifest, a report) that are not inputs."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and doc.get("type") == "Feature" and "stac_version" in doc
 
 
 def item_stem(path: str | PathLike[str]) -> str | None:
@@ -170,29 +184,50 @@ def content_sha256(plan: ItemPlan, assets: list[StacAssetInfo]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def reuse_sha256(path: str | PathLike[str], request: BandRequest | None) -> str | None:
+def reuse_sha256(path: str | PathLike[str], request: BandRequest | None, origin: str | None = None) -> str | None:
     """:func:`content_sha256` of the item now, to check an earlier ingest against; None when it cannot be had."""
     try:
-        plan = plan_item(path, request)
+        plan = plan_item(path, request, origin=origin)
         return content_sha256(plan, _asset_infos(plan))
     except (SegflowError, OSError, ValueError):
         return None
+
+
+def probe_item(path: str | PathLike[str], request: BandRequest | None,
+               origin: str | None = None) -> tuple[Header, str]:
+    """(the header of the stack ``request`` would ingest, :func:`content_sha256` of what it would read).
+
+    Opens the assets used (their headers only), so a band the item lacks or an
+    asset that does not open is refused here, as ingest would refuse it.
+    ``IncompatibleInputError`` means this request does not fit the item.
+    """
+    path = Path(path).absolute()
+    plan = plan_item(path, request, origin=origin)
+    opened = {a.key: open_asset(plan.path, a) for a in plan.used_assets()}
+    grid = opened[_grid(plan.path, plan.id, opened)]
+    size, note = pixel_hectares(grid.transform, grid.crs)
+    n = len(plan.picked)
+    header = Header(path=str(path), kind="raster", spatial_dims=2, channels=n, shape=(grid.height, grid.width),
+                    cell_size=size, cell_unit="ha", cell_note=note, bands=tuple(range(1, n + 1)),
+                    band_descriptions=tuple(plan.names))
+    return header, content_sha256(plan, _asset_infos(plan))
 
 
 # --------------------------------------------------------------------------- ingest
 
 
 def ingest_item(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int | None = None,
-                bands: BandRequest | None = None) -> ImageStore:
+                bands: BandRequest | None = None, origin: str | None = None) -> ImageStore:
     """Stack the item's bands for ``bands`` (None: all) in a VRT beside the store and ingest that, chunk by chunk.
 
-    Errors name the item; the VRT is removed whatever happens.
+    Errors name the item; the VRT is removed whatever happens.  ``origin``: the
+    URL ``path`` was downloaded from.
     """
     from storage.geotiff import ingest_geotiff
 
     path = Path(path).absolute()
     store_path = Path(store_path)
-    plan = plan_item(path, bands)
+    plan = plan_item(path, bands, origin=origin)
     vrt = store_path.with_name(store_path.name + ".stack.vrt")
     try:
         vrt, infos = build_vrt(plan, vrt)
@@ -213,4 +248,4 @@ def ingest_item(path: str | PathLike[str], store_path: str | PathLike[str], *, c
 
 
 __all__ = ["ITEM_SUFFIXES", "ItemPlan", "build_vrt", "content_sha256", "ingest_item", "is_item_path", "item_stem",
-           "plan_item", "reuse_sha256", "sanitised"]
+           "looks_like_item", "plan_item", "probe_item", "reuse_sha256", "sanitised"]

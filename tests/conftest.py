@@ -12,6 +12,9 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Flows called directly start Prefect's ephemeral server; on 2 busy cores it can need more than Prefect's 20 s
+# (test_s3 alone with test_stacitem timed out every time), so give it what `segflow nightly` gives it (120 s).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["SEGFLOW_LOG_DIR"] = str(Path(_PREFECT_HOME) / "segflow-logs")  # run logs of tested runs stay out of ~
 
 import pytest  # noqa: E402

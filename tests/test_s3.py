@@ -219,3 +219,48 @@ def test_inbox_manifest_and_input_errors_name_urls(s3, tmp_path):
         with pytest.raises(InputError, match=problem) as caught, staged_input(url, tmp_path):
             pass
         assert str(caught.value).startswith(f"{url}: ")
+
+
+def test_an_item_url_with_relative_hrefs_reads_its_assets_beside_it_on_s3(s3, dask_cluster, tmp_path):
+    """A STAC item under a URL whose asset hrefs are relative and which has no self link: the staged copy's
+    hrefs resolve beside the URL it came from, and GDAL reads the ``s3://`` assets from the server fsspec
+    uses (``AWS_ENDPOINT_URL``, as ``storage.rasteropen.s3_endpoint_options`` passes it on); labels equal
+    those of the same item read from local files.  As a nightly input beside other files, the item is
+    listed, routed and keyed by its assets (the JSON alone names them, the key checks their content)."""
+    from tests import s2_samples
+
+    item = s2_samples.write_item(tmp_path / "scene", size=64, item_id="S2_on_s3")
+    doc = json.loads(item.read_text())
+    doc["links"] = []  # no self link: only where the item was read from says where its assets are
+    item.write_text(json.dumps(doc))
+    for f in sorted((tmp_path / "scene").iterdir()):
+        remote.upload(f, f"{S3}/items/scene/{f.name}")
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4, roi=[32, 32], seed=5,
+                       channel_names=["blue", "green", "red", "nir"])
+    url = f"{S3}/items/scene/item.json"
+    outcome = segment_staged(url, model, str(tmp_path / "out"), SegmentOptions(), dask_cluster)
+    local = segment_staged(str(item), model, str(tmp_path / "local"), SegmentOptions(), dask_cluster)
+    assert outcome.ok and local.ok and outcome.input == url
+    with rasterio.open(tmp_path / "out" / "S2_on_s3.tif") as got, \
+            rasterio.open(tmp_path / "local" / "S2_on_s3.tif") as want:
+        assert np.array_equal(got.read(), want.read()) and got.transform == want.transform
+    record = json.loads((tmp_path / "out" / "S2_on_s3.provenance.json").read_text())
+    assert record["input"]["path"] == url
+    hrefs = {a["key"]: a["href"] for a in record["input"]["stac_item"]["assets"]}
+    assert hrefs == {k: f"{S3}/items/scene/{s2_samples.BANDS[k][0]}.tif" for k in ("blue", "green", "red", "nir")}
+
+    # a nightly inbox: the item's assets are one folder up
+    doc["assets"] = {k: dict(a, href=f"../scene/{Path(a['href']).name}") for k, a in doc["assets"].items()}
+    remote.write_bytes(f"{S3}/items/scene-box/item.json", json.dumps(doc).encode())
+    remote.write_bytes(f"{S3}/items/scene-box/list.json", b"[1, 2]")
+    kwargs = {"model_dirs": [str(model.path)], "out_dir": str(tmp_path / "nightly"),
+              "inbox": f"{S3}/items/scene-box/", "retries": 0, "return_state": True}
+    first = nightly_report(nightly(**kwargs))
+    assert [(r["input"], r["status"]) for r in first["inputs"]] == [(f"{S3}/items/scene-box/item.json", "done")]
+    assert first["run"]["ignored"] == [f"{S3}/items/scene-box/list.json"]
+    with rasterio.open(tmp_path / "nightly" / "S2_on_s3.tif") as got, \
+            rasterio.open(tmp_path / "local" / "S2_on_s3.tif") as want:
+        assert np.array_equal(got.read(), want.read())
+    second = nightly_report(nightly(**kwargs))
+    assert [r["status"] for r in second["inputs"]] == ["skipped"], second["inputs"]
+    assert _staging_files(s3) == []

@@ -252,7 +252,7 @@ def test_an_items_ingest_is_reused_only_for_the_same_bands_and_content(scene, tm
     assert not [p for p in (tmp_path / "work").iterdir() if p.suffix == ".vrt"]  # the stack's VRT is gone
 
 
-def test_asset_hrefs_resolve_beside_the_item_else_against_its_self_link(tmp_path):
+def test_asset_hrefs_resolve_where_the_item_was_read_from_else_against_its_self_link(tmp_path):
     from storage.stacassets import _absolute, _gdal_path
 
     (tmp_path / "B02.tif").write_bytes(b"")
@@ -260,6 +260,20 @@ def test_asset_hrefs_resolve_beside_the_item_else_against_its_self_link(tmp_path
     assert _absolute("./B02.tif", tmp_path, self_href) == str(tmp_path / "B02.tif")  # a downloaded item's files
     assert _absolute("../B03.tif", tmp_path, self_href) == "s3://bucket/s2/items/B03.tif"
     assert _absolute("B03.tif", tmp_path, None) == str(tmp_path / "B03.tif")
+    # a downloaded copy: beside the URL it came from, even where a file of that name sits beside the copy
+    assert _absolute("./B02.tif", tmp_path, self_href, "s3://bucket/in/x/item.json") == "s3://bucket/in/x/B02.tif"
+    assert _absolute("../B02.tif", tmp_path, None, "s3://bucket/in/x/item.json") == "s3://bucket/in/B02.tif"
     assert _gdal_path("s3://bucket/s2/B03.tif") == "/vsis3/bucket/s2/B03.tif"
     assert _gdal_path("https://host/s2/B03.tif") == "/vsicurl/https://host/s2/B03.tif"
     assert _gdal_path("/vsis3/bucket/B03.tif") == "/vsis3/bucket/B03.tif"
+
+
+def test_gdal_is_pointed_at_the_s3_endpoint_fsspec_uses():
+    from storage.rasteropen import s3_endpoint_options
+
+    assert s3_endpoint_options({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}) == {
+        "AWS_S3_ENDPOINT": "127.0.0.1:9000", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE"}
+    assert s3_endpoint_options({"AWS_ENDPOINT_URL": "http://a:1", "AWS_ENDPOINT_URL_S3": "https://minio.lan"}) == {
+        "AWS_S3_ENDPOINT": "minio.lan", "AWS_HTTPS": "YES", "AWS_VIRTUAL_HOSTING": "FALSE"}
+    assert s3_endpoint_options({"AWS_ENDPOINT_URL": "http://a:1", "AWS_S3_ENDPOINT": "b:2"}) == {}  # GDAL's own wins
+    assert s3_endpoint_options({}) == {}

@@ -1,0 +1,121 @@
+"""STAC items in a nightly inbox: routed by the bands they offer, keyed by their assets' content, skipped when done.
+
+The inbox holds three generated Sentinel-2-like items (:mod:`tests.s2_samples`; per-band COGs at 10 and 20 m
+in a folder beside the inbox, hrefs relative to the item file), a JSON file that is no item, and a GeoTIFF:
+
+- ``full.json`` offers every band: it goes to the first model, which takes red, nir, swir16 and swir22;
+- ``rgbn.json`` has no SWIR assets: the first model does not fit, the second (blue, green, red, nir) does;
+- ``blue.json`` offers B02 only: no model fits; reported ``no-model`` with each model's reason;
+- ``notes.json`` (a JSON list) is not an input: listed as ignored.
+
+Three real nightly runs: the first segments both items (labels equal those of ``segment_one`` on the same
+item and model), the second skips them, and after one asset file of ``full.json`` is rewritten with other
+pixels the third processes that item again and still skips the other: the key covers the assets' content,
+not only the item's JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from flows.config import SegmentOptions
+from flows.nightly import list_inbox, nightly, nightly_report
+from flows.pipeline import segment_one
+from tests import s2_samples
+from tests.models import tiny_model
+
+SWIR = ["red", "nir", "swir16", "swir22"]
+RGBN = ["blue", "green", "red", "nir"]
+
+
+def _item_in_inbox(inbox: Path, name: str, item_id: str, assets_dir: Path, keys: list[str]) -> Path:
+    """``inbox/name`` listing the band COGs of ``assets_dir`` for ``keys``, with hrefs relative to the inbox."""
+    assets = {k: s2_samples.band_asset(k, f"../{assets_dir.name}/{s2_samples.BANDS[k][0]}.tif") for k in keys}
+    path = inbox / name
+    path.write_text(json.dumps(s2_samples.item_dict(item_id, assets), indent=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dask_cluster):
+    root = tmp_path_factory.mktemp("nightly-items")
+    inbox, out = root / "inbox", root / "out"
+    inbox.mkdir()
+    s2_samples.write_item(root / "bands", size=96)  # the COGs; its own item.json stays outside the inbox
+    models = [tiny_model(root / "m-swir", spatial_dims=2, channels=4, roi=[32, 32], seed=1, channel_names=SWIR),
+              tiny_model(root / "m-rgbn", spatial_dims=2, channels=4, roi=[32, 32], seed=2, channel_names=RGBN)]
+    items = {"full": _item_in_inbox(inbox, "full.json", "S2_full", root / "bands", list(s2_samples.BANDS)),
+             "rgbn": _item_in_inbox(inbox, "rgbn.json", "S2_rgbn", root / "bands", RGBN),
+             "blue": _item_in_inbox(inbox, "blue.json", "S2_blue", root / "bands", ["blue"])}
+    (inbox / "notes.json").write_text(json.dumps(["not", "an", "item"]))
+    model_dirs = [str(m.path) for m in models]
+    kwargs = dict(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=0, return_state=True)
+    first = nightly(**kwargs)
+    first_labels = {k: _labels(out / f"S2_{k}.tif") for k in ("full", "rgbn")}
+    second = nightly(**kwargs)
+    # other pixels in an asset only full.json reads (B11, 20 m); the item JSON files are untouched
+    s2_samples.write_cog(root / "bands" / "B11.tif", s2_samples.band_dn(98, 48), 20)
+    third = nightly(**kwargs)
+    return {"root": root, "inbox": inbox, "out": out, "models": models, "items": items,
+            "first": first, "second": second, "third": third, "first_labels": first_labels}
+
+
+def _labels(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def _by_name(state) -> dict[str, dict]:
+    return {Path(r["input"]).name: r for r in nightly_report(state)["inputs"]}
+
+
+def test_items_are_inputs_and_other_json_is_ignored(runs):
+    inputs, ignored = list_inbox(runs["inbox"])
+    assert sorted(Path(p).name for p in inputs) == ["blue.json", "full.json", "rgbn.json"]
+    assert ignored == [str(runs["inbox"] / "notes.json")]
+
+
+def test_each_item_goes_to_the_first_model_whose_bands_it_offers(runs):
+    got = _by_name(runs["first"])
+    assert {n: r["status"] for n, r in got.items()} == {"full.json": "done", "rgbn.json": "done",
+                                                        "blue.json": "no-model"}
+    assert got["full.json"]["model_path"] == str(runs["models"][0].path)
+    assert got["rgbn.json"]["model_path"] == str(runs["models"][1].path)
+    reason = got["blue.json"]["error"]
+    assert reason.startswith(f"{runs['items']['blue']}: no model fits this STAC item; "), reason
+    assert "B04" not in reason.split("offers")[-1] and reason.count("model '") >= 2, reason
+    assert got["full.json"]["kind"] == "raster" and got["full.json"]["channels"] == 4
+    assert got["full.json"]["measure"] == "area_ha" and got["full.json"]["cell_size"] == pytest.approx(0.01)
+    assert sum(r["area_ha"] for r in got["full.json"]["labels"]) == pytest.approx(96 * 96 * 0.01)
+    assert runs["first"].message == "1 of 3 inputs had no model; 2 done; 0 skipped"
+
+
+def test_labels_and_provenance_equal_segment_one_of_the_same_item(runs, dask_cluster, tmp_path):
+    """The outputs now (after the third run) against ``segment_one`` of the items as they are now."""
+    for key, model in (("full", runs["models"][0]), ("rgbn", runs["models"][1])):
+        ref = segment_one(runs["items"][key], model, tmp_path / key, SegmentOptions(), dask_cluster)
+        assert ref.ok
+        assert np.array_equal(_labels(runs["out"] / f"S2_{key}.tif"), _labels(tmp_path / key / f"S2_{key}.tif"))
+        record = json.loads((runs["out"] / f"S2_{key}.provenance.json").read_text())
+        assert record["input"]["format"] == "STAC item" and record["input"]["path"] == str(runs["items"][key])
+        assert record["input"]["sha256"] == _by_name(runs["third"])[f"{key}.json"]["input_sha256"]
+        used = {a["key"] for a in record["input"]["stac_item"]["assets"]}
+        assert used == set(SWIR if key == "full" else RGBN)
+
+
+def test_a_rerun_skips_the_items_and_a_changed_asset_is_processed_again(runs):
+    second = _by_name(runs["second"])
+    assert {n: r["status"] for n, r in second.items()} == {"full.json": "skipped", "rgbn.json": "skipped",
+                                                           "blue.json": "no-model"}
+    third = _by_name(runs["third"])
+    assert third["full.json"]["status"] == "done", third["full.json"]
+    assert third["rgbn.json"]["status"] == "skipped"  # it does not read B11
+    assert third["full.json"]["input_sha256"] != second["full.json"]["input_sha256"]
+    assert not np.array_equal(_labels(runs["out"] / "S2_full.tif"), runs["first_labels"]["full"])
+    record = json.loads((runs["out"] / "S2_full.provenance.json").read_text())
+    assert record["input"]["sha256"] == third["full.json"]["input_sha256"]
