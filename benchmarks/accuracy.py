@@ -70,6 +70,7 @@ class Run:
     cut: str = ""
     precision: str = "fast"  # bf16 autocast; "exact" where bf16 diverged (brain-lesion, at step 17 and 103)
     intensity: float = 0.0  # segflow train --augment-intensity: the share of patches given random contrast etc.
+    spatial: float = 0.0  # segflow train --augment-spatial: the share of patches turned and zoomed at random
 
 
 def _unet(spatial_dims: int, channels: list[int], classes: list[tuple[str, tuple[int, int, int]]],
@@ -244,7 +245,8 @@ def run(spec: Run, work: Path) -> dict[str, Any]:
     train_s, _ = _cli("train", "--card", str(card), "--image", str(files["train_image"]), "--labels",
                       str(files["train_labels"]), "--out", str(model), "--steps", str(spec.steps), "--batch-size",
                       str(spec.batch_size), "--lr", str(spec.lr), "--holdout", spec.holdout, "--precision",
-                      spec.precision, "--augment-intensity", str(spec.intensity))
+                      spec.precision, "--augment-intensity", str(spec.intensity),
+                      "--augment-spatial", str(spec.spatial))
     out = work / "out"
     segment_s, _ = _cli("segment", str(files["test_image"]), "--model", str(model), "--out", str(out), "--no-zarr")
     name = files["test_image"].name
@@ -270,6 +272,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="override every run's steps")
     ap.add_argument("--roi", type=int, nargs="+", default=None, help="override the runs' ROI (training patch)")
     ap.add_argument("--augment-intensity", type=float, default=None, help="override the runs' intensity share")
+    ap.add_argument("--augment-spatial", type=float, default=None, help="override the runs' rotation/zoom share")
     report.add_argument(ap)
     args = ap.parse_args()
     if not DATA.is_dir():
@@ -287,6 +290,8 @@ def main() -> int:
                 spec.card["inference"]["roi"] = list(args.roi)
             if args.augment_intensity is not None:
                 spec.intensity = args.augment_intensity
+            if args.augment_spatial is not None:
+                spec.spatial = args.augment_spatial
             work = Path(tmp) / name
             work.mkdir()
             print(f"# {name}: training {spec.steps} steps ...", flush=True)
@@ -316,6 +321,7 @@ def main() -> int:
                     f"ROI {spec.card['inference']['roi']}, {spec.card['architecture']['kwargs']['channels']} U-Net "
                     f"({spec.card['architecture']['kwargs']['norm']} norm)"
                     + (f", `--augment-intensity {spec.intensity:g}`" if spec.intensity else "")
+                    + (f", `--augment-spatial {spec.spatial:g}`" if spec.spatial else "")
                     + "; flips and transposes; checkpoint chosen on the training "
                     f"part's `--holdout {spec.holdout}` strip (best at step {best.get('step')}); segmenting the "
                     f"test part took {result['segment_s']:.0f} s.")

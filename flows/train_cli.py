@@ -50,10 +50,14 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                                                               "last validation saved in OUT/checkpoints."),
           augment_intensity: float = typer.Option(0.0, "--augment-intensity",
                                                   help="Share of patches (0-1) given a random contrast, "
-                                                       "brightness and noise; flips always.")) -> None:
+                                                       "brightness and noise; flips always."),
+          augment_spatial: float = typer.Option(0.0, "--augment-spatial",
+                                                help="Share of patches (0-1) turned by a random angle (any in "
+                                                     "2-D, ±15° in 3-D) and zoomed 0.8-1.25x.")) -> None:
     """Train a card's architecture on image/label pairs or a dataset; the result is a model directory with
     provenance, the best validated weights, a learning curve and a per-class validation table."""
     from flows.training import train_from_dataset, train_from_files
+    from segmentation.augment import Augmentation
     from segmentation.modeldir import read_card
 
     image, labels = image or [], labels or []
@@ -67,8 +71,9 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         cliutil.fail("--holdout validates on part of every image; it cannot be combined with --val-fraction")
     if precision not in ("exact", "fast"):
         cliutil.fail(f"--precision {precision!r} is neither exact nor fast")
-    if not 0.0 <= augment_intensity <= 1.0:
-        cliutil.fail(f"--augment-intensity {augment_intensity:g} is not a share in [0, 1]")
+    for flag, share in (("--augment-intensity", augment_intensity), ("--augment-spatial", augment_spatial)):
+        if not 0.0 <= share <= 1.0:
+            cliutil.fail(f"{flag} {share:g} is not a share in [0, 1]")
 
     def on_step(info: dict) -> None:
         progress.update(task, completed=info["step"])
@@ -83,7 +88,7 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         model_card = read_card(card)
         common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,
-                      intensity=augment_intensity)
+                      augment=Augmentation(intensity=augment_intensity, spatial=augment_spatial))
         with cliutil.progress() as progress:
             task = progress.add_task(f"train {model_card.name}", total=steps)
             if dataset is not None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydantic import ValidationError
 
+from segmentation.augment import Augmentation
 from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
 from segmentation.holdout import Holdout
@@ -148,11 +149,11 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
 def _run(card: ModelCard, samples: list[TrainingSample], split: Split, out: Path, *, steps: int, batch_size: int,
          lr: float, seed: int, precision: str, patch: Sequence[int] | None, holdout: Holdout | None,
          val_every: int | None, resume: bool, on_step: Callable[[dict], None] | None,
-         intensity: float = 0.0) -> TrainingResult:
+         augment: Augmentation = Augmentation()) -> TrainingResult:
     return train(card, [samples[i] for i in split.train], validation=[samples[i] for i in split.val],
                  holdout=holdout, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
                  precision=precision, log=on_step, val_every=val_every,  # type: ignore[arg-type]
-                 checkpoints=out / CHECKPOINTS, resume=resume, intensity=intensity)
+                 checkpoints=out / CHECKPOINTS, resume=resume, augment=augment)
 
 
 def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: Path, *, steps: int,
@@ -160,7 +161,7 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
                      patch: Sequence[int] | None = None, on_step: Callable[[dict], None] | None = None,
                      val_fraction: float = 0.0, val_every: int | None = None,
                      holdout: str | Holdout | None = None, resume: bool = False,
-                     intensity: float = 0.0) -> LoadedModel:
+                     augment: Augmentation = Augmentation()) -> LoadedModel:
     """Ingest each (image, labels) pair out-of-core, train, and write a model directory at ``out``.
 
     No validation by default (``segflow train`` asks for ``val_fraction=0.2``);
@@ -180,7 +181,7 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
             ids.append(f"{n}-{stem_of(image_path)}")
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       precision=precision, patch=patch, holdout=held, val_every=val_every, resume=resume,
-                      on_step=on_step, intensity=intensity)
+                      on_step=on_step, augment=augment)
         digest = hashlib.sha256("".join(f"{s['image']['sha256']}\t{s['labels']['sha256']}\n"
                                         for s in sources).encode()).hexdigest()
         result.provenance["inputs"] = sources
@@ -229,7 +230,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
                        holdout: str | Holdout | None = None, resume: bool = False, lr: float = 2e-3,
                        seed: int = 0, precision: str = "fast", patch: Sequence[int] | None = None,
                        on_step: Callable[[dict], None] | None = None,
-                       say: Callable[[str], None] | None = print, intensity: float = 0.0) -> LoadedModel:
+                       say: Callable[[str], None] | None = print, augment: Augmentation = Augmentation()) -> LoadedModel:
     """Train on a recognised dataset and write a model directory at ``out``.
 
     The card's classes are replaced by the dataset's (names and colours);
@@ -262,7 +263,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
             samples[i] = _case_sample(card, dataset, cases[i], work / f"case-{i}", budget)
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size,  # type: ignore[arg-type]
                       lr=lr, seed=seed, precision=precision, patch=patch, holdout=held, val_every=val_every,
-                      resume=resume, on_step=on_step, intensity=intensity)
+                      resume=resume, on_step=on_step, augment=augment)
         result.provenance["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": str(root.resolve()),
                                         "fingerprint": dataset_fingerprint(dataset), "cases": len(cases),
                                         "ignore_index": dataset.ignore_index}

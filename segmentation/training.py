@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segmentation.augment import BRIGHTNESS, CONTRAST, NOISE, dihedral
+from segmentation.augment import Augmentation, affine, dihedral
 from segmentation.augment import intensity as augment_intensity
 from segmentation.card import ModelCard
 from segmentation.checkpoint import (CHECKPOINTS, LAST_FILE, ResumeState, check_same_run, load_state, save_state,
@@ -169,9 +169,10 @@ def _read_patch(prep: _Prepared, origin: Sequence[int], patch: Sequence[int]) ->
 
 
 def _sample_batch(preps: Sequence[_Prepared], patch: Sequence[int], batch_size: int, oversample: float,
-                  rng: np.random.Generator, intensity: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                  rng: np.random.Generator, augment: Augmentation = Augmentation()) -> tuple[np.ndarray, np.ndarray]:
     """Random patches, a fraction centred on a pixel of a random foreground class, randomly flipped, and with
-    ``intensity`` of them changed in contrast, brightness and noise (:mod:`segmentation.augment`)."""
+    the shares ``augment`` names turned and scaled, or changed in contrast, brightness and noise
+    (:mod:`segmentation.augment`)."""
     images, labels = [], []
     for _ in range(batch_size):
         prep = preps[rng.integers(len(preps))]
@@ -186,7 +187,8 @@ def _sample_batch(preps: Sequence[_Prepared], patch: Sequence[int], batch_size: 
         else:
             origin = [int(rng.integers(0, h + 1)) for h in high]
         img, lab = dihedral(*_read_patch(prep, origin, patch), rng)
-        img = augment_intensity(img, rng, intensity)
+        img, lab = affine(img, lab, rng, augment.spatial, IGNORE)
+        img = augment_intensity(img, rng, augment.intensity)
         images.append(np.ascontiguousarray(img))
         labels.append(np.ascontiguousarray(lab))
     return np.stack(images), np.stack(labels)
@@ -271,7 +273,7 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
           precision: Precision = "fast", log: Callable[[dict], None] | None = None,
           oversample: float = 0.5, validation: Sequence[TrainingSample] = (), holdout: Holdout | None = None,
           val_every: int | None = None, checkpoints: str | PathLike[str] | None = None,
-          resume: bool = False, intensity: float = 0.0) -> TrainingResult:
+          resume: bool = False, augment: Augmentation = Augmentation()) -> TrainingResult:
     """Train the card's architecture from scratch on patches of ``samples``.
 
     AdamW with a one-cycle schedule (short budgets converge fastest with a
@@ -288,13 +290,13 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
     ``checkpoints`` (a folder), from which ``resume=True`` continues as if
     never interrupted. ``log`` receives {step, steps, loss, lr, seconds}
     about 20 times per run, and with ``validation`` added after each
-    validation. ``intensity``: the share of patches whose contrast,
-    brightness and noise are changed at random (:mod:`segmentation.augment`).
+    validation. ``augment``: the shares of patches turned and scaled, and
+    changed in contrast, brightness and noise, at random (:mod:`segmentation.augment`).
     """
     if steps < 1 or batch_size < 1:
         raise ConfigError(None, "steps and batch_size must be positive")
-    if not 0.0 <= intensity <= 1.0:
-        raise ConfigError(None, f"the intensity augmentation's share must be in [0, 1], got {intensity}")
+    if augment.problem():
+        raise ConfigError(None, augment.problem())
     if not samples:
         raise ConfigError(None, "no training samples")
     if val_every is not None and val_every < 1:
@@ -330,7 +332,7 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
     scaler = torch.amp.GradScaler("cuda") if scale else None
     run = {"card": _card_identity(card), "steps": steps, "batch_size": batch_size, "patch": list(patch), "lr": lr,
            "seed": seed, "precision": precision, "oversample": oversample, "val_every": every_val,
-           **({"intensity": intensity} if intensity else {}),  # absent when off: older runs still resume
+           **augment.run_fields(),  # only those on: older runs still resume
            "samples": [list(s.image.shape) for s in samples],
            "validation": [list(s.image.shape) for s in validation],
            "holdout": None if holdout is None else str(holdout)}
@@ -353,7 +355,7 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
 
     every = max(1, steps // 20)
     for step in range(first, steps + 1):
-        x, y = _sample_batch(preps, patch, batch_size, oversample, rng, intensity)
+        x, y = _sample_batch(preps, patch, batch_size, oversample, rng, augment)
         x = torch.from_numpy(x).to(device).contiguous(memory_format=fmt)
         y = torch.from_numpy(y).to(device)
         with autocast:
@@ -407,9 +409,7 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
         "precision": precision, "device": device.type, "threads": torch.get_num_threads(),
         "optimizer": "AdamW(weight_decay=1e-4)", "schedule": "one-cycle",
         "loss": "dice+cross-entropy, ignore pixels masked", "oversample": oversample,
-        "augmentation": "flips" + (", transposes" if card.input.spatial_dims == 2 else "")
-                        + (f", intensity on {intensity:g} of patches (contrast {CONTRAST}, brightness "
-                           f"±{BRIGHTNESS} sd, noise ≤ {NOISE} sd)" if intensity else ""),
+        "augmentation": augment.describe(card.input.spatial_dims),
         "ignore_index": sorted({s.ignore_index for s in samples if s.ignore_index is not None}),
         "final_loss": round(float(np.mean(tail)), 5), "loss_curve": _curve(losses),
         "seconds": round(earlier[0] + time.perf_counter() - start, 2),

@@ -312,5 +312,54 @@ def test_augmentation_moves_labels_with_pixels_and_intensity_changes_only_the_im
     assert changed.shape == img.shape and changed.dtype == np.float32 and not np.array_equal(changed, img)
     # contrast and brightness are relative to each channel's own spread: a channel stays of the same order
     assert np.abs(changed.std(axis=(1, 2)) / img.std(axis=(1, 2)) - 1).max() < 0.35
+    from segmentation.augment import Augmentation
+
     with pytest.raises(Exception, match="intensity"):
-        train(landcover_card(), [], steps=1, batch_size=1, intensity=1.5)
+        train(landcover_card(), [], steps=1, batch_size=1, augment=Augmentation(intensity=1.5))
+    with pytest.raises(Exception, match="spatial"):
+        train(landcover_card(), [], steps=1, batch_size=1, augment=Augmentation(spatial=-0.1))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_rotation_and_scale_move_labels_with_pixels_and_ignore_what_comes_from_outside(dims):
+    """A label map of a few constant regions, copied into the image: after a random turn and zoom, every
+    labelled pixel's image value is the label it got (the image is linear, but interpolating inside a
+    region of one value gives that value), and pixels from outside the patch are ignored, never class 0."""
+    from segmentation.augment import affine
+
+    shape = (40, 40) if dims == 2 else (12, 40, 40)
+    lab = np.zeros(shape, dtype=np.int64)
+    lab[..., 8:30, 10:22] = 1
+    lab[..., 24:36, 26:38] = 2
+    img = np.stack([lab.astype(np.float32) + 10.0, np.ones(shape, np.float32)])  # 10, 11, 12: never 0
+    rng = np.random.default_rng(11)
+    turned = 0
+    for _ in range(20):
+        i2, l2 = affine(img, lab, rng, 1.0, ignore=-1)
+        assert i2.shape == img.shape and i2.dtype == np.float32 and l2.shape == lab.shape and l2.dtype == np.int64
+        assert set(np.unique(l2)) <= {-1, 0, 1, 2}
+        outside = l2 == -1
+        assert np.all(i2[1][outside] < 1.0) and np.all(i2[0][outside] < 10.0)  # zero-filled from outside
+        # deep inside a region (away from its edge and the patch's), image and label agree exactly
+        from scipy import ndimage
+
+        for cls in (0, 1, 2):
+            core = ndimage.binary_erosion(l2 == cls, iterations=2)
+            assert np.allclose(i2[0][core], cls + 10.0)
+        turned += not np.array_equal(l2, lab)
+    assert turned == 20
+    before = np.random.default_rng(5)  # off: nothing drawn, the patch returned as it is
+    assert affine(img, lab, before, 0.0, ignore=-1)[1] is lab and before.random() == np.random.default_rng(5).random()
+
+
+def test_a_spatially_augmented_run_records_it_and_trains(tmp_path):
+    """Both augmentations on: the provenance says what was done and the run still learns the scene."""
+    from segmentation.augment import Augmentation
+
+    image, labels = scene_arrays(tmp_path)
+    result = train(small_card(), [TrainingSample(image, labels)], steps=4, batch_size=2, patch=(64, 64),
+                   augment=Augmentation(intensity=0.5, spatial=0.5))
+    words = result.provenance["augmentation"]
+    assert words.startswith("flips, transposes, rotation (±180°) and scale (0.8-1.25) on 0.5 of patches, "
+                            "intensity on 0.5 of patches"), words
+    assert np.isfinite(result.losses).all() and len(result.losses) == 4
