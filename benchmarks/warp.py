@@ -1,15 +1,17 @@
 """What warping costs in raster model space: a 5 m scene segmented by a 10 m model (warped there and back), against
 the sliding window alone on the same model-space image.
 
-    .venv/bin/python benchmarks/warp.py [--sizes 8192 16384] [--models cheap demo] [--demo-sizes 8192]
+    .venv/bin/python benchmarks/warp.py [--sizes 8192 16384] [--models cheap demo standard trained] [--demo-sizes 8192]
                                         [--chunk 1024] [--record warp]
 
 For each size a 4-band uint16 scene at 5 m (EPSG:32633) is generated block by
 block into a tiled GeoTIFF (smooth fields of land-cover-like patches plus
 noise, never whole in memory).  The model directory holds a random-weight 2-D
 U-Net whose version-4 card declares a 10 m ground sample distance: ``cheap``
-(the warp's worst case, a sliding window as cheap as it gets) or ``demo`` (the
-demo land-cover card's network, a realistic cost per pixel).  ``segflow
+(the warp's worst case, a sliding window as cheap as it gets), ``demo`` (the
+demo land-cover card's network) or ``standard`` (a U-Net of the size people
+train for land cover, five levels from 32 to 512 channels: the same warp
+against a heavier forward pass).  ``segflow
 segment`` stitches on the 10 m grid, each window task warping its own region
 from the 5 m store as it reads it (``average``, the separable fast path of
 :mod:`storage.separable`, equal to GDAL's; no model-space store), and brings
@@ -128,6 +130,10 @@ def make_model(path: Path, kind: str = "cheap", trained: Path | None = None) -> 
         demo = landcover_card()
         arch, roi = demo.architecture.kwargs, list(demo.inference.roi)
         text = "the demo card's U-Net (16, 32, 64, 128; 1 residual unit; batch norm), ROI 128²"
+    elif kind == "standard":
+        arch = {"channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch"}
+        roi = [256, 256]
+        text = "a standard-size U-Net (32, 64, 128, 256, 512; 2 residual units; batch norm), ROI 256²"
     else:
         arch, roi = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0}, [256, 256]
         text = "a cheap U-Net (8, 16, 32), ROI 256²"
@@ -278,13 +284,14 @@ def bench(kind: str, sizes: list[int], chunk: int, tmp: Path,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384], help="scene sizes (pixels at 5 m)")
-    ap.add_argument("--models", nargs="+", choices=["cheap", "demo", "trained"], default=["cheap"],
-                    help="cheap: the warp's worst case; demo: the demo card's U-Net (realistic cost); trained: "
-                         "the demo's trained model on demo-like scenes (coherent labels)")
+    ap.add_argument("--models", nargs="+", choices=["cheap", "demo", "standard", "trained"], default=["cheap"],
+                    help="cheap: the warp's worst case; demo: the demo card's U-Net; standard: a 5-level U-Net "
+                         "(32-512 channels), the size people train; trained: the demo's trained model on "
+                         "demo-like scenes (coherent labels)")
     ap.add_argument("--trained", type=Path, default=None,
                     help="the trained model directory (a demo run's models/landcover-2d); default: train one")
     ap.add_argument("--demo-sizes", type=int, nargs="+", default=None,
-                    help="sizes for the demo model (default: --sizes)")
+                    help="sizes for the demo and standard models (default: --sizes)")
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--keep", type=Path, default=None, help="work here (default: a temporary folder)")
     report.add_argument(ap)
@@ -292,11 +299,12 @@ def main() -> int:
     body, notes = [], []
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp_name:
         for kind in args.models:
-            sizes = args.demo_sizes if kind == "demo" and args.demo_sizes else args.sizes
+            sizes = args.demo_sizes if kind in ("demo", "standard") and args.demo_sizes else args.sizes
             lines, found = bench(kind, sizes, args.chunk, Path(tmp_name), args.trained)
             body += [*lines, ""]
             notes += found
-    intro = (f"4-band uint16 scene at {INPUT_M:g} m (EPSG:{EPSG}): for `cheap` and `demo` smooth patches with "
+    intro = (f"4-band uint16 scene at {INPUT_M:g} m (EPSG:{EPSG}): for `cheap`, `demo` and `standard` smooth "
+             "patches with "
              f"texture and noise and random-weight U-Nets with {CLASSES} classes; for `trained` a demo scene (unseen "
              "seed) repeated 2×2 per pixel, so its 10 m average is exactly a demo scene, and the demo's trained "
              f"model (5 classes); card version 4 at {MODEL_M:g} m, overlap 0.25, batch 8, "

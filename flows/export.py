@@ -17,6 +17,8 @@ import zarr
 
 from segmentation import LoadedModel
 from segmentation.stitching import PROBABILITY_SCALE
+from storage.bands import BandRequest
+from storage.errors import IncompatibleInputError, SegflowError
 from storage.geometry import VolumeGeometry
 from storage.ingest import stem_of
 from storage.layout import LABELS, PROBABILITIES
@@ -198,6 +200,33 @@ def probabilities_path(out_path: Path) -> Path:
 
 
 __all__ = ["MODEL_LABELS", "export_labels", "model_space_labels", "probabilities_path"]
+
+
+def quicklook_image(input_path: Any, bands: BandRequest, work: Path, origin: str | None = None) -> Path | None:
+    """The picture a quicklook draws under the labels: a local GeoTIFF, VRT or NIfTI input itself; for a STAC
+    item, a VRT in ``work`` stacking its red, green and blue assets (else the model's ``bands``), read from the
+    assets where they are (the caller removes it); None for what has no one image (a DICOM series, a mosaic)
+    or an item whose bands cannot be stacked (the quicklook then shows the labels alone)."""
+    from storage.stacitem import build_vrt, is_item_path, plan_item
+
+    if not isinstance(input_path, (str, Path)):
+        return None
+    path = Path(input_path)
+    if path.is_file() and path.name.lower().endswith((".tif", ".tiff", ".vrt", ".nii", ".nii.gz")):
+        return path
+    if not (path.is_file() and is_item_path(path)):
+        return None
+    target = work / f"{stem_of(path)}.quicklook.vrt"
+    try:
+        try:
+            plan = plan_item(path, BandRequest(("red", "green", "blue"), channels=3), origin=origin)
+        except IncompatibleInputError:
+            plan = plan_item(path, bands, origin=origin)
+        work.mkdir(parents=True, exist_ok=True)
+        return build_vrt(plan, target)[0]
+    except (SegflowError, OSError):
+        target.unlink(missing_ok=True)
+        return None
 
 
 def write_quicklook(label_path: Path, image_path: Path | None, model: LoadedModel, statistics: dict[str, Any],

@@ -38,7 +38,7 @@ import zarr
 from distributed import Client, as_completed
 
 from flows import medical, modelspace
-from flows.export import export_labels, model_space_labels, write_quicklook
+from flows.export import export_labels, model_space_labels, quicklook_image, write_quicklook
 from flows.inputs import ingest_input, input_label, input_stem, output_name
 from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
@@ -341,7 +341,13 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             exported += medical.write_extras(labels, store, model, options, out_path,
                                              stats["label_statistics"], created)
         if options.quicklook:
-            picture = write_quicklook(exported[0], _local_image(input_path), model, stats, created)
+            image = quicklook_image(input_path, band_request(model.card, options), work, origin)
+            try:
+                picture = write_quicklook(exported[0], image, model, stats, created)
+            finally:
+                if image is not None and image.parent == work:  # a STAC item's stacked bands
+                    image.unlink(missing_ok=True)
+                    remove_if_empty(work)
             exported += [picture] if picture is not None else []
         record["statistics"]["export_seconds"] = round(time.perf_counter() - t1, 3)
         record["statistics"]["total_seconds"] = round(time.perf_counter() - t0, 3)
@@ -370,16 +376,6 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     outputs = [str(p) for p in exported] + [str(sidecar)] + ([str(zarr_target)] if options.keep_zarr else [])
     return Outcome(input=record_input_as or input_label(input_path), ok=True, outputs=outputs,
                    statistics=record["statistics"])
-
-
-def _local_image(input_path: Any) -> Path | None:
-    """The input file a quicklook draws under the labels: a local GeoTIFF, VRT or NIfTI (not a DICOM series, a
-    STAC item or a mosaic, whose pixels are not one file)."""
-    if not isinstance(input_path, (str, Path)):
-        return None
-    path = Path(input_path)
-    return path if path.is_file() and path.name.lower().endswith((".tif", ".tiff", ".vrt", ".nii", ".nii.gz")) \
-        else None
 
 
 def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | None:

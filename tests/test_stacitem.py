@@ -277,3 +277,35 @@ def test_gdal_is_pointed_at_the_s3_endpoint_fsspec_uses():
         "AWS_S3_ENDPOINT": "minio.lan", "AWS_HTTPS": "YES", "AWS_VIRTUAL_HOSTING": "FALSE"}
     assert s3_endpoint_options({"AWS_ENDPOINT_URL": "http://a:1", "AWS_S3_ENDPOINT": "b:2"}) == {}  # GDAL's own wins
     assert s3_endpoint_options({}) == {}
+
+
+def test_an_items_quicklook_shows_its_red_green_and_blue_under_the_labels(scene, models, tmp_path, dask_cluster):
+    """The quicklook of a run on an item draws the labels over the item's B04/B03/B02 (a VRT in the work folder,
+    removed after): the same picture as over the same bands stacked by hand into a GeoTIFF."""
+    from PIL import Image
+
+    from flows.export import quicklook_image
+    from storage.bands import BandRequest
+    from storage.quicklook import raster_quicklook
+
+    vrt = quicklook_image(scene, BandRequest(tuple(RGBN)), tmp_path / "work")
+    with rasterio.open(vrt) as src:
+        assert src.descriptions == ("B04", "B03", "B02") and src.count == 3
+    vrt.unlink()
+    assert quicklook_image(tmp_path / "nothing.json", BandRequest(tuple(RGBN)), tmp_path / "work") is None
+
+    out = tmp_path / "out"
+    outcome = segment_one(scene, models["swir"], out, SegmentOptions(quicklook=True, keep_zarr=False), dask_cluster)
+    picture = out / f"{ITEM_ID}.quicklook.png"
+    assert str(picture) in outcome.outputs and not (out / ".segflow-work").exists()
+    hand = s2_samples.hand_stacked(scene.parent, ["B04", "B03", "B02"], tmp_path / "rgb.tif")
+    info = raster_quicklook(out / f"{ITEM_ID}.tif", tmp_path / "by-hand.png", image_path=hand,
+                            classes=models["swir"].card.classes)
+    assert info.rgb_bands == (1, 2, 3)
+    left, top, width, height = info.panel("map").box  # the map itself (the legend's areas come another way)
+    got, want = (np.asarray(Image.open(p).convert("RGB"))[top:top + height, left:left + width]
+                 for p in (picture, info.path))
+    assert got.shape == (128, 128, 3) and np.array_equal(got, want)
+    plain = raster_quicklook(out / f"{ITEM_ID}.tif", tmp_path / "plain.png", classes=models["swir"].card.classes)
+    assert not np.array_equal(np.asarray(Image.open(plain.path).convert("RGB"))[top:top + height, left:left + width],
+                              want)  # the image does show
