@@ -217,7 +217,7 @@ RUNS = {
         _unet(2, [16, 32, 64, 128], [("background", (0, 0, 0)), ("building", (230, 60, 40))], [128, 128],
               {"mode": "percentile", "lower": 1.0, "upper": 99.0, "b_min": 0.0, "b_max": 1.0}, "buildings",
               batch=8, norm="batch"),
-        steps=3000, batch_size=8, lr=3e-3, holdout="x:0.8", goal={"building": 0.6},
+        steps=3000, batch_size=8, lr=3e-3, holdout="x:0.8", goal={"building": 0.6}, spatial=0.5,
         baseline="Otsu: 0.19", cut="train: left half (columns < 450); test: right half"),
     "brain-lesion": Run(
         "brain-lesion", prepare_lesion,
