@@ -54,7 +54,8 @@ def runs(tmp_path_factory, dask_cluster):
              "blue": _item_in_inbox(inbox, "blue.json", "S2_blue", root / "bands", ["blue"])}
     (inbox / "notes.json").write_text(json.dumps(["not", "an", "item"]))
     model_dirs = [str(m.path) for m in models]
-    kwargs = dict(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=0, return_state=True)
+    kwargs = dict(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=0, return_state=True,
+                  options=SegmentOptions(dask_address=dask_cluster.scheduler.address))  # the session's cluster
     first = nightly(**kwargs)
     first_labels = {k: _labels(out / f"S2_{k}.tif") for k in ("full", "rgbn")}
     second = nightly(**kwargs)
