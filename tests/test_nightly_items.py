@@ -6,6 +6,7 @@ in a folder beside the inbox, hrefs relative to the item file), a JSON file that
 - ``full.json`` offers every band: it goes to the first model, which takes red, nir, swir16 and swir22;
 - ``rgbn.json`` has no SWIR assets: the first model does not fit, the second (blue, green, red, nir) does;
 - ``blue.json`` offers B02 only: no model fits; reported ``no-model`` with each model's reason;
+- ``gone.json`` names band files that do not exist: it fails alone, with one line naming it and the asset;
 - ``notes.json`` (a JSON list) is not an input: listed as ignored.
 
 Three real nightly runs: the first segments both items (labels equal those of ``segment_one`` on the same
@@ -53,6 +54,10 @@ def runs(tmp_path_factory, dask_cluster):
              "rgbn": _item_in_inbox(inbox, "rgbn.json", "S2_rgbn", root / "bands", RGBN),
              "blue": _item_in_inbox(inbox, "blue.json", "S2_blue", root / "bands", ["blue"])}
     (inbox / "notes.json").write_text(json.dumps(["not", "an", "item"]))
+    broken = s2_samples.item_dict("S2_gone", {k: s2_samples.band_asset(k, f"../gone/{s2_samples.BANDS[k][0]}.tif")
+                                              for k in RGBN})
+    broken["links"] = []  # no self link to fall back on: the hrefs are local files, which are missing
+    (inbox / "gone.json").write_text(json.dumps(broken))
     model_dirs = [str(m.path) for m in models]
     kwargs = dict(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=0, return_state=True,
                   options=SegmentOptions(dask_address=dask_cluster.scheduler.address))  # the session's cluster
@@ -77,14 +82,18 @@ def _by_name(state) -> dict[str, dict]:
 
 def test_items_are_inputs_and_other_json_is_ignored(runs):
     inputs, ignored = list_inbox(runs["inbox"])
-    assert sorted(Path(p).name for p in inputs) == ["blue.json", "full.json", "rgbn.json"]
+    assert sorted(Path(p).name for p in inputs) == ["blue.json", "full.json", "gone.json", "rgbn.json"]
     assert ignored == [str(runs["inbox"] / "notes.json")]
 
 
 def test_each_item_goes_to_the_first_model_whose_bands_it_offers(runs):
     got = _by_name(runs["first"])
     assert {n: r["status"] for n, r in got.items()} == {"full.json": "done", "rgbn.json": "done",
-                                                        "blue.json": "no-model"}
+                                                        "blue.json": "no-model", "gone.json": "failed"}
+    error = got["gone.json"]["error"]
+    assert error.startswith(f"{runs['inbox'] / 'gone.json'}: asset 'blue' (") and "cannot be opened" in error, error
+    assert "No such file" in error, error
+    assert "\n" not in error and not (runs["out"] / "S2_gone.tif").exists()
     assert got["full.json"]["model_path"] == str(runs["models"][0].path)
     assert got["rgbn.json"]["model_path"] == str(runs["models"][1].path)
     reason = got["blue.json"]["error"]
@@ -93,7 +102,7 @@ def test_each_item_goes_to_the_first_model_whose_bands_it_offers(runs):
     assert got["full.json"]["kind"] == "raster" and got["full.json"]["channels"] == 4
     assert got["full.json"]["measure"] == "area_ha" and got["full.json"]["cell_size"] == pytest.approx(0.01)
     assert sum(r["area_ha"] for r in got["full.json"]["labels"]) == pytest.approx(96 * 96 * 0.01)
-    assert runs["first"].message == "1 of 3 inputs had no model; 2 done; 0 skipped"
+    assert runs["first"].message.startswith("1 of 4 inputs failed"), runs["first"].message
 
 
 def test_labels_and_provenance_equal_segment_one_of_the_same_item(runs, dask_cluster, tmp_path):
@@ -112,7 +121,7 @@ def test_labels_and_provenance_equal_segment_one_of_the_same_item(runs, dask_clu
 def test_a_rerun_skips_the_items_and_a_changed_asset_is_processed_again(runs):
     second = _by_name(runs["second"])
     assert {n: r["status"] for n, r in second.items()} == {"full.json": "skipped", "rgbn.json": "skipped",
-                                                           "blue.json": "no-model"}
+                                                           "blue.json": "no-model", "gone.json": "failed"}
     third = _by_name(runs["third"])
     assert third["full.json"]["status"] == "done", third["full.json"]
     assert third["rgbn.json"]["status"] == "skipped"  # it does not read B11
