@@ -9,8 +9,9 @@ later failure removes exactly what this run wrote.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
@@ -199,33 +200,41 @@ def probabilities_path(out_path: Path) -> Path:
     return out_path.with_name(stem_of(out_path) + ".probabilities.tif")
 
 
-__all__ = ["MODEL_LABELS", "export_labels", "model_space_labels", "probabilities_path"]
-
-
-def quicklook_image(input_path: Any, bands: BandRequest, work: Path, origin: str | None = None) -> Path | None:
+@contextlib.contextmanager
+def quicklook_image(input_path: Any, bands: BandRequest, work: Path,
+                    origin: str | None = None) -> Iterator[Path | None]:
     """The picture a quicklook draws under the labels: a local GeoTIFF, VRT or NIfTI input itself; for a STAC
     item, a VRT in ``work`` stacking its red, green and blue assets (else the model's ``bands``), read from the
-    assets where they are (the caller removes it); None for what has no one image (a DICOM series, a mosaic)
-    or an item whose bands cannot be stacked (the quicklook then shows the labels alone)."""
-    from storage.stacitem import build_vrt, is_item_path, plan_item
+    assets where they are, removed on exit; None for what has no one image (a DICOM series, a mosaic) or an
+    item whose bands cannot be stacked (the quicklook then shows the labels alone)."""
+    from storage.stacitem import is_item_path
 
-    if not isinstance(input_path, (str, Path)):
-        return None
-    path = Path(input_path)
-    if path.is_file() and path.name.lower().endswith((".tif", ".tiff", ".vrt", ".nii", ".nii.gz")):
-        return path
-    if not (path.is_file() and is_item_path(path)):
-        return None
-    target = work / f"{stem_of(path)}.quicklook.vrt"
+    path = Path(input_path) if isinstance(input_path, (str, Path)) else None
+    if path is None or not path.is_file():
+        yield None
+    elif path.name.lower().endswith((".tif", ".tiff", ".vrt", ".nii", ".nii.gz")):
+        yield path
+    elif not is_item_path(path):
+        yield None
+    else:
+        target = work / f"{stem_of(path)}.quicklook.vrt"
+        try:
+            yield _stacked_rgb(path, bands, target, origin)
+        finally:
+            target.unlink(missing_ok=True)
+
+
+def _stacked_rgb(item: Path, bands: BandRequest, target: Path, origin: str | None) -> Path | None:
+    from storage.stacitem import build_vrt, plan_item
+
     try:
         try:
-            plan = plan_item(path, BandRequest(("red", "green", "blue"), channels=3), origin=origin)
+            plan = plan_item(item, BandRequest(("red", "green", "blue"), channels=3), origin=origin)
         except IncompatibleInputError:
-            plan = plan_item(path, bands, origin=origin)
-        work.mkdir(parents=True, exist_ok=True)
+            plan = plan_item(item, bands, origin=origin)
+        target.parent.mkdir(parents=True, exist_ok=True)
         return build_vrt(plan, target)[0]
     except (SegflowError, OSError):
-        target.unlink(missing_ok=True)
         return None
 
 
@@ -257,3 +266,7 @@ def write_quicklook(label_path: Path, image_path: Path | None, model: LoadedMode
         return None
     created.append(target)
     return target
+
+
+__all__ = ["MODEL_LABELS", "export_labels", "model_space_labels", "probabilities_path", "quicklook_image",
+           "write_quicklook"]

@@ -341,13 +341,8 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             exported += medical.write_extras(labels, store, model, options, out_path,
                                              stats["label_statistics"], created)
         if options.quicklook:
-            image = quicklook_image(input_path, band_request(model.card, options), work, origin)
-            try:
+            with quicklook_image(input_path, band_request(model.card, options), work, origin) as image:
                 picture = write_quicklook(exported[0], image, model, stats, created)
-            finally:
-                if image is not None and image.parent == work:  # a STAC item's stacked bands
-                    image.unlink(missing_ok=True)
-                    remove_if_empty(work)
             exported += [picture] if picture is not None else []
         record["statistics"]["export_seconds"] = round(time.perf_counter() - t1, 3)
         record["statistics"]["total_seconds"] = round(time.perf_counter() - t0, 3)

@@ -295,8 +295,8 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
     """
     if steps < 1 or batch_size < 1:
         raise ConfigError(None, "steps and batch_size must be positive")
-    if augment.problem():
-        raise ConfigError(None, augment.problem())
+    if problem := augment.problem():
+        raise ConfigError(None, problem)
     if not samples:
         raise ConfigError(None, "no training samples")
     if val_every is not None and val_every < 1:

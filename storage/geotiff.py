@@ -41,7 +41,7 @@ from storage.layout import MASK, META_ATTR, ImageStore, StoreMeta, create_image_
 from storage.rasteropen import (
     ALLOWED_DRIVERS,
     GDAL_ERRORS,
-    bounded_gdal_cache,
+    gdal_env,
     describe_window,
     gdal_message,
     image_bands,
@@ -128,7 +128,7 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
         raise ValueError(f"chunk must be positive, got {chunk}")
     path = Path(path).absolute()
     store_path = Path(store_path)
-    with bounded_gdal_cache(), open_raster(path) as src:
+    with gdal_env(), open_raster(path) as src:
         try:
             bands = image_bands(src, path)
             dtype = image_dtype(src, bands, path)
@@ -234,7 +234,7 @@ def _write_cog(out_path: str | PathLike[str], profile: dict[str, Any], fill: Cal
     prefix = f".{out.name}.{uuid.uuid4().hex[:12]}"
     tiled, final = parent / f"{prefix}.tiled.tif", parent / f"{prefix}.cog.tif"
     try:
-        with bounded_gdal_cache():
+        with gdal_env():
             with rasterio.open(tiled, "w", **profile) as dst:
                 fill(dst)
             rasterio.shutil.copy(tiled, final, driver="COG", **cog_options)

@@ -103,9 +103,9 @@ def _is_dicom(path: Path, is_dicom_input) -> bool:  # noqa: ANN001 - storage.dic
 
 
 def _probe_raster(path: Path) -> Header:
-    from storage.rasteropen import bounded_gdal_cache, image_bands, open_raster
+    from storage.rasteropen import gdal_env, image_bands, open_raster
 
-    with bounded_gdal_cache():
+    with gdal_env():
         src = open_raster(path)
         try:
             bands = image_bands(src, path)

@@ -32,6 +32,7 @@ from storage.bands import select_bands
 from storage.classes import LabelClass
 from storage.errors import ConfigError, CorruptInputError, IncompatibleInputError, InputError
 from storage.probe import pixel_hectares
+from storage.rasteropen import gdal_env
 from storage.quicklook_canvas import (
     ALPHA,
     ClassShown,
@@ -51,7 +52,6 @@ __all__ = ["raster_quicklook"]
 STRETCH = (2.0, 98.0)  # percentiles of valid pixels mapped to black and white, per band
 NO_IMAGE = (120, 120, 120)  # where the image has no data, or there is no image
 NO_LABEL = (235, 235, 235)  # where there is no image and no label either
-GDAL_CACHE_MB = 64
 
 
 def raster_quicklook(
@@ -82,7 +82,7 @@ def raster_quicklook(
     if max_size < 16:
         raise ConfigError(out_png, f"max_size must be at least 16 pixels, got {max_size}")
     labels_path, out = Path(labels_path), Path(out_png)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(labels_path) as lab:
+    with gdal_env(), _open(labels_path) as lab:
         height, width = lab.height, lab.width
         step = max(1, math.ceil(max(height, width) / max_size))
         shape = (math.ceil(height / step), math.ceil(width / step))

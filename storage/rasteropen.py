@@ -27,7 +27,7 @@ try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedErr
 except ImportError:  # pragma: no cover - private module moved
     CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
 
-__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "bounded_gdal_cache", "describe_window",
+__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "gdal_env", "describe_window",
            "gdal_message", "image_bands", "image_dtype", "open_raster", "s3_endpoint_options"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
@@ -61,7 +61,7 @@ def describe_window(win: Window) -> str:
     return f"rows {r}-{r + int(win.height) - 1}, cols {c}-{c + int(win.width) - 1}"
 
 
-def bounded_gdal_cache() -> rasterio.Env:
+def gdal_env() -> rasterio.Env:
     """GDAL's environment for reading inputs: a capped block cache, and the S3 endpoint fsspec uses.
 
     Each block is read or written once, so caching gains nothing, and GDAL's

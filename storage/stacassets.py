@@ -311,10 +311,10 @@ def open_asset(path: Path, asset: _Asset) -> OpenedAsset:
     """Open one asset of the item at ``path`` with GDAL; a failure is an InputError naming the item."""
     import rasterio
 
-    from storage.rasteropen import GDAL_ERRORS, bounded_gdal_cache, gdal_message
+    from storage.rasteropen import GDAL_ERRORS, gdal_env, gdal_message
 
     try:
-        with bounded_gdal_cache(), rasterio.open(asset.gdal) as src:
+        with gdal_env(), rasterio.open(asset.gdal) as src:
             return OpenedAsset(width=src.width, height=src.height, transform=src.transform, crs=src.crs,
                                 dtypes=tuple(src.dtypes), nodata=tuple(src.nodatavals),
                                 scales=tuple(1.0 if s is None else float(s) for s in src.scales),

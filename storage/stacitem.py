@@ -100,6 +100,12 @@ def _grid(path: Path, ident: str, opened: dict[str, OpenedAsset]) -> str:
     return min(opened, key=lambda k: (abs(opened[k].transform.a) * abs(opened[k].transform.e)))
 
 
+def _opened(plan: ItemPlan) -> tuple[dict[str, OpenedAsset], OpenedAsset]:
+    """The assets the plan uses, opened (headers only), and the one whose grid the stack takes."""
+    opened = {a.key: open_asset(plan.path, a) for a in plan.used_assets()}
+    return opened, opened[_grid(plan.path, plan.id, opened)]
+
+
 def _fmt(v: float) -> str:
     return repr(float(v))
 
@@ -112,14 +118,12 @@ def build_vrt(plan: ItemPlan, target: Path) -> tuple[Path, list[StacAssetInfo]]:
     resampled RasterIO, the same as ``rasterio``'s ``read(out_shape=...,
     resampling=...)`` of the whole asset).
     """
-    used = plan.used_assets()
-    opened = {a.key: open_asset(plan.path, a) for a in used}
+    opened, grid = _opened(plan)
     for band in plan.picked:
         if band.index > len(opened[band.asset].dtypes):
             raise InvalidInputError(plan.path, f"asset {band.asset!r} of item {plan.id!r} has "
                                                f"{len(opened[band.asset].dtypes)} band(s); the item describes "
                                                f"band {band.index}")
-    grid = opened[_grid(plan.path, plan.id, opened)]
     t = grid.transform
     root = ET.Element("VRTDataset", rasterXSize=str(grid.width), rasterYSize=str(grid.height))
     if grid.crs is not None:
@@ -203,8 +207,7 @@ def probe_item(path: str | PathLike[str], request: BandRequest | None,
     """
     path = Path(path).absolute()
     plan = plan_item(path, request, origin=origin)
-    opened = {a.key: open_asset(plan.path, a) for a in plan.used_assets()}
-    grid = opened[_grid(plan.path, plan.id, opened)]
+    _, grid = _opened(plan)
     size, note = pixel_hectares(grid.transform, grid.crs)
     n = len(plan.picked)
     header = Header(path=str(path), kind="raster", spatial_dims=2, channels=n, shape=(grid.height, grid.width),

@@ -288,11 +288,10 @@ def test_an_items_quicklook_shows_its_red_green_and_blue_under_the_labels(scene,
     from storage.bands import BandRequest
     from storage.quicklook import raster_quicklook
 
-    vrt = quicklook_image(scene, BandRequest(tuple(RGBN)), tmp_path / "work")
-    with rasterio.open(vrt) as src:
+    with quicklook_image(scene, BandRequest(tuple(RGBN)), tmp_path / "work") as vrt, rasterio.open(vrt) as src:
         assert src.descriptions == ("B04", "B03", "B02") and src.count == 3
-    vrt.unlink()
-    assert quicklook_image(tmp_path / "nothing.json", BandRequest(tuple(RGBN)), tmp_path / "work") is None
+    with quicklook_image(tmp_path / "nothing.json", BandRequest(tuple(RGBN)), tmp_path / "work") as none:
+        assert none is None
 
     out = tmp_path / "out"
     outcome = segment_one(scene, models["swir"], out, SegmentOptions(quicklook=True, keep_zarr=False), dask_cluster)
