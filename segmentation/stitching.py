@@ -177,14 +177,20 @@ def _weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
     return out
 
 
+def _sums(box: Box, pieces: list[tuple[Box, np.ndarray]], num_classes: int) -> np.ndarray:
+    """Σ w·p over one output chunk: its pieces added in owner order (a fixed summation order)."""
+    acc = np.zeros((num_classes,) + tuple(hi - lo for lo, hi in box), dtype=np.float32)
+    for pbox, piece in pieces:
+        sl = tuple(slice(p0 - b0, p1 - b0) for (p0, p1), (b0, _) in zip(pbox, box))
+        acc[(slice(None),) + sl] += piece
+    return acc
+
+
 def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, weights: np.ndarray,
               mask: np.ndarray | None, num_classes: int, logits: bool = False) -> np.ndarray:
     """Probabilities of one output chunk: Σ pieces / Σ w (then a softmax when logits were blended), zero where
     the input has no data."""
-    acc = np.zeros((num_classes,) + tuple(hi - lo for lo, hi in box), dtype=np.float32)
-    for pbox, piece in pieces:  # pieces arrive in owner order: a fixed summation order
-        sl = tuple(slice(p0 - b0, p1 - b0) for (p0, p1), (b0, _) in zip(pbox, box))
-        acc[(slice(None),) + sl] += piece
+    acc = _sums(box, pieces, num_classes)
     acc /= _weight_sum(box, grid, weights)
     if logits:
         acc -= acc.max(axis=0, keepdims=True)
@@ -193,6 +199,15 @@ def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, 
     if mask is not None:
         acc[:, ~np.asarray(mask, dtype=bool)] = 0.0
     return acc
+
+
+def _undivided_labels(box: Box, pieces: list[tuple[Box, np.ndarray]], mask: np.ndarray | None,
+                      num_classes: int) -> np.ndarray:
+    """Labels of one output chunk straight from Σ w·p, for ``fast``: Σ w is positive, so dividing by it cannot
+    change which class is largest, except where two sums round to one quotient (a near-tie, which bf16 logits
+    already decide by chance).  Skips rebuilding Σ w and a pass over every class: measured in
+    ``benchmarks/hostwork.py``'s finalise step."""
+    return labels_of(_sums(box, pieces, num_classes), mask, num_classes)
 
 
 # Dask's user priority of the tasks that free memory (finalise, a way back to the input's grid, the writes): on a
@@ -344,6 +359,10 @@ class StitchPlan:
                 incoming[t].append((tbox, pieces[t]))
                 self._sources[t].append(owner)
         self._probs: dict[tuple[int, ...], Delayed] = {}
+        self._incoming = incoming
+        # fast, probabilities blended: labels come from the undivided sums (_undivided_labels)
+        self.undivided_labels = getattr(predictor, "precision", None) == "fast" and \
+            not getattr(predictor, "blend_logits", False)
         for idx, pieces_in in incoming.items():
             mask = None if mask_blocks is None else mask_blocks[idx]
             name = f"segflow_finalise-{tok}-" + "-".join(map(str, idx))
@@ -351,6 +370,21 @@ class StitchPlan:
                 self._probs[idx] = delayed(_finalise, pure=True)(
                     self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes,
                     getattr(predictor, "blend_logits", False), dask_key_name=name)
+
+    def _label_blocks(self) -> dict[tuple[int, ...], Delayed]:
+        """Delayed labels per output chunk: from the undivided sums in ``fast``, else the argmax of
+        :meth:`probabilities`' chunk."""
+        out = {}
+        for idx, pieces_in in self._incoming.items():
+            mask = None if self._mask_blocks is None else self._mask_blocks[idx]
+            with draining():
+                if self.undivided_labels:
+                    out[idx] = delayed(_undivided_labels, pure=True)(
+                        self.box(idx), pieces_in, mask, self.num_classes,
+                        dask_key_name=f"segflow_labels-{self.token}-" + "-".join(map(str, idx)))
+                else:
+                    out[idx] = delayed(labels_of, pure=True)(self._probs[idx], mask, self.num_classes)
+        return out
 
     @property
     def chunk_indexes(self) -> list[tuple[int, ...]]:
@@ -389,11 +423,10 @@ class StitchPlan:
     def labels(self) -> da.Array:
         """(*spatial) argmax labels, with the nodata label where the input has no data."""
         dtype = label_dtype(self.num_classes)
+        blocks = self._label_blocks()
 
         def block(idx: tuple[int, ...]) -> da.Array:
-            mask = None if self._mask_blocks is None else self._mask_blocks[idx]
-            lab = delayed(labels_of, pure=True)(self._probs[idx], mask, self.num_classes)
-            return da.from_delayed(lab, shape=tuple(hi - lo for lo, hi in self.box(idx)), dtype=dtype)
+            return da.from_delayed(blocks[idx], shape=tuple(hi - lo for lo, hi in self.box(idx)), dtype=dtype)
         return da.block(self._nested(block))
 
     def writes(self, labels_target: Any, probabilities_target: Any = None,
@@ -410,7 +443,8 @@ class StitchPlan:
         ``on_written(index, result)`` runs in each write task once its chunk
         is stored (a completion record).
         """
-        blocks = self._probs
+        # labels only: each write takes its chunk's labels (which, in fast, skip Σ w)
+        blocks = self._label_blocks() if probabilities_target is None and probabilities is None else self._probs
         if probabilities is not None:
             if probabilities.chunks[1:] != tuple(self.chunks):
                 raise ValueError(f"refined probabilities are chunked {probabilities.chunks[1:]}, "

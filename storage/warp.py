@@ -436,10 +436,15 @@ class _Plane:
 
 
 def stage(array: da.Array, path: Any) -> tuple[Any, da.Array]:
-    """(zarr array at ``path``, tokens): ``array`` written chunk by chunk (LZ4, a work file, stored in smaller
+    """(zarr array at ``path``, tokens): ``array`` written chunk by chunk (a work file, stored in smaller
     chunks that its readers' regions decode little more than they need, :func:`storage.layout.storage_chunk`),
     and a (n, m) grid of tiny blocks, one per spatial chunk of ``array``, computed once that chunk is written
-    (what readers wait for)."""
+    (what readers wait for).
+
+    Uncompressed: a trained model's stitched float32 probabilities compressed only 1.2x with LZ4 and
+    shuffle (270 of 320 MB at 8192², the demo's land-cover model), while encoding a 5 x 256² chunk of
+    smooth probabilities took 1.2 ms and decoding it 0.4 ms (one thread, this project's CPU); written
+    and read raw, each is a copy."""
     import zarr
 
     from storage.layout import storage_chunk
@@ -447,7 +452,7 @@ def stage(array: da.Array, path: Any) -> tuple[Any, da.Array]:
     array = array.rechunk({0: -1})
     chunks = (array.shape[0], *(storage_chunk(c[0]) for c in array.chunks[1:]))
     z = zarr.create_array(str(path), shape=array.shape, chunks=chunks, dtype=array.dtype, fill_value=0,
-                          compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
+                          compressors=None,
                           overwrite=True)
     tokens = array.map_blocks(partial(_stage_block, z), dtype=bool, chunks=(1, 1, 1))
     return z, tokens

@@ -113,6 +113,41 @@ def test_nodata_windows_are_skipped_and_counted():
     np.testing.assert_allclose(probs[:, mask], ref[:, mask], atol=1e-4)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_fast_labels_skip_the_weight_sum_yet_equal_the_argmax_and_ignore_the_chunking(masked):
+    """``fast`` labels come from Σ w·p undivided (stitching._undivided_labels): the same classes as the argmax of
+    the divided probabilities wherever the top two are not a rounding tie, nodata off the mask, and two chunkings
+    give the same labels."""
+    shape = (150, 130)
+    img = np.random.default_rng(5).random((2, *shape), dtype=np.float32)
+    mask = None
+    if masked:
+        mask = np.ones(shape, bool)
+        mask[:40, :70] = False
+    net = tiny_net(2, 2, 4)
+    kw = dict(roi=(32, 32), overlap=0.25, precision="fast", mask=mask)
+    plan = build_plan(img, net, chunks=48, **kw)
+    assert plan.undivided_labels
+    labels = plan.labels()
+    assert any(str(k[0] if isinstance(k, tuple) else k).startswith("segflow_labels-")
+               for k in dict(labels.__dask_graph__()))  # the undivided path, not an argmax of probabilities
+    labels, probs = dask.compute(labels, plan.probabilities(), scheduler="sync")
+    other = build_plan(img, net, chunks=(70, 41), **kw).labels().compute(scheduler="sync")
+    assert np.array_equal(labels, other)
+    valid = np.ones(shape, bool) if mask is None else mask
+    assert np.all(labels[~valid] == label_nodata(4))
+    assert np.all(labels[valid] < 4)
+    top2 = np.sort(probs[:, valid], axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-6  # a quotient tie can only come from sums within a few ulps
+    assert clear.mean() > 0.99
+    assert np.array_equal(labels[valid][clear], probs.argmax(0)[valid][clear])
+    # exact keeps dividing: its labels are the argmax of its probabilities, everywhere
+    exact = build_plan(img, net, chunks=48, roi=(32, 32), overlap=0.25, mask=mask)
+    assert not exact.undivided_labels
+    e_labels, e_probs = dask.compute(exact.labels(), exact.probabilities(), scheduler="sync")
+    assert np.array_equal(e_labels[valid], e_probs.argmax(0)[valid])
+
+
 def test_nan_nodata_is_seen_as_zero_not_spread_into_valid_pixels():
     shape = (70, 90)
     img = np.random.default_rng(2).random((2, *shape), dtype=np.float32)
