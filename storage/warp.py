@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from itertools import product
 from operator import getitem
 from typing import Any, Sequence
@@ -42,6 +41,7 @@ from dask.highlevelgraph import HighLevelGraph
 from storage.rastergrid import Kernel, RasterGrid, RasterMapping, to_pixels
 from storage.resample import argmax_first
 from storage.separable import Axis, Taps, destination_valid, region_of, separable_block, separable_labels
+from storage.workarray import stage
 
 TOLERANCE = 1e-12  # GDAL's transformer error threshold in pixels: exact, so windows do not change values
 # One warp per chunk in one go: GDAL's default 64 MB limit splits it, and a small block cache then re-reads the
@@ -433,35 +433,6 @@ class _Plane:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         return np.asarray(self.array[(0, *key)]) > 0
-
-
-def stage(array: da.Array, path: Any) -> tuple[Any, da.Array]:
-    """(zarr array at ``path``, tokens): ``array`` written chunk by chunk (a work file, stored in smaller
-    chunks that its readers' regions decode little more than they need, :func:`storage.layout.storage_chunk`),
-    and a (n, m) grid of tiny blocks, one per spatial chunk of ``array``, computed once that chunk is written
-    (what readers wait for).
-
-    Uncompressed: a trained model's stitched float32 probabilities compressed only 1.2x with LZ4 and
-    shuffle (270 of 320 MB at 8192², the demo's land-cover model), while encoding a 5 x 256² chunk of
-    smooth probabilities took 1.2 ms and decoding it 0.4 ms (one thread, this project's CPU); written
-    and read raw, each is a copy."""
-    import zarr
-
-    from storage.layout import storage_chunk
-
-    array = array.rechunk({0: -1})
-    chunks = (array.shape[0], *(storage_chunk(c[0]) for c in array.chunks[1:]))
-    z = zarr.create_array(str(path), shape=array.shape, chunks=chunks, dtype=array.dtype, fill_value=0,
-                          compressors=None,
-                          overwrite=True)
-    tokens = array.map_blocks(partial(_stage_block, z), dtype=bool, chunks=(1, 1, 1))
-    return z, tokens
-
-
-def _stage_block(target: Any, block: np.ndarray, block_info: Any = None) -> np.ndarray:
-    where = tuple(slice(lo, hi) for lo, hi in block_info[0]["array-location"])
-    target[where] = block
-    return np.ones((1, 1, 1), dtype=bool)
 
 
 __all__ = ["RasterWayBack", "back_scale", "halo", "source_window", "to_model", "warp", "warp_block",
