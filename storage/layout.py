@@ -85,24 +85,6 @@ def default_compressors() -> Any:
     return [zarr.codecs.ZstdCodec(level=3)]
 
 
-def storage_chunk(task: int, target: int = 256, smallest: int = 64) -> int:
-    """A stored chunk edge for a work array whose tasks write ``task``-sized chunks and read other regions.
-
-    A reader decodes every stored chunk its region touches, whole: a task
-    chunk plus a halo read from 1024² chunks decoded up to nine of them
-    (measured 244 ms against 33 ms with 256² chunks, LZ4 float32).  The edge
-    divides ``task``, so each writer owns whole stored chunks (zarr rewrites
-    a partly written chunk, a race between two writers); ``task`` itself when
-    no divisor between ``smallest`` and ``target`` exists.
-    """
-    if task <= target:
-        return task
-    for edge in range(target, smallest - 1, -1):
-        if task % edge == 0:
-            return edge
-    return task
-
-
 def create_image_store(
     path: str | PathLike[str],
     *,

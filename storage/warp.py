@@ -260,7 +260,8 @@ def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, 
                  chunks: Sequence[int] | int, *, valid: Any = None, dtype: Any = np.float32, argmax: bool = False,
                  with_mask: bool = False, after: da.Array | None = None,
                  written: Sequence[int] | None = None, empty: int = 0) -> da.Array:
-    """:func:`warp` of a zarr array (and mask), each task reading its own region from the store.
+    """:func:`warp` of a stored array (and mask): zarr, or a :class:`storage.workarray.ChunkFiles`; each task
+    reads its own region from the store.
 
     ``after`` (one block per chunk of ``written`` size, :func:`stage`'s
     tokens; default the store's chunks): a task starts once the blocks of the
@@ -368,7 +369,7 @@ class RasterWayBack:
     grid's mask (a zarr or dask array) when some model pixels are invalid
     (their zero probabilities are then left out rather than blended in).
 
-    ``stage`` (a path for a work zarr array) makes the stitched probabilities
+    ``stage`` (a folder for a work array, :mod:`storage.workarray`) makes the stitched probabilities
     go through a store: each model chunk is written as soon as it is stitched
     (and then freed, as the plain sliding window's writes free theirs), and each
     input chunk's task reads just the region its taps need once the chunks
