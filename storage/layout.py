@@ -82,7 +82,20 @@ class ImageStore:
 
 
 def default_compressors() -> Any:
+    """What the prediction stores (the outputs a user keeps) are compressed with."""
     return [zarr.codecs.ZstdCodec(level=3)]
+
+
+def image_compressors() -> Any:
+    """What an ingested image and its mask are compressed with: zstd level 1.
+
+    Ingest writes every pixel once and the windows read it about once, and
+    the store is usually a work copy removed after the run.  On a 4-band
+    uint16 8192² scene (this project's CPU, two runs each) ingest took
+    3.7-4.1 s at level 1 against 5.0-6.6 s at level 3, for a store 30 %
+    larger (191 against 147 MB); reading it back took the same time.
+    """
+    return [zarr.codecs.ZstdCodec(level=1)]
 
 
 def create_image_store(
@@ -99,11 +112,11 @@ def create_image_store(
     if path.exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.create_array(IMAGE, shape=shape, dtype=dtype, chunks=chunks, compressors=default_compressors(),
+    group.create_array(IMAGE, shape=shape, dtype=dtype, chunks=chunks, compressors=image_compressors(),
                        fill_value=0, dimension_names=_dim_names(len(shape)))
     if with_mask:
         group.create_array(MASK, shape=shape[1:], dtype="bool", chunks=chunks[1:],
-                           compressors=default_compressors(), fill_value=False,
+                           compressors=image_compressors(), fill_value=False,
                            dimension_names=_dim_names(len(shape))[1:])
     group.attrs[META_ATTR] = meta.model_dump(mode="json")
     return ImageStore(path=path, group=group, meta=meta)
