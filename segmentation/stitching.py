@@ -443,15 +443,17 @@ class StitchPlan:
         ``on_written(index, result)`` runs in each write task once its chunk
         is stored (a completion record).
         """
-        # labels only: each write takes its chunk's labels (which, in fast, skip Σ w)
-        blocks = self._label_blocks() if probabilities_target is None and probabilities is None else self._probs
+        # labels only: each write takes its chunk's labels (which, in fast, skip Σ w), nodata already in place
+        labels_only = probabilities_target is None and probabilities is None
+        blocks = self._label_blocks() if labels_only else self._probs
         if probabilities is not None:
             if probabilities.chunks[1:] != tuple(self.chunks):
                 raise ValueError(f"refined probabilities are chunked {probabilities.chunks[1:]}, "
                                  f"the plan {self.chunks}")
             refined = probabilities.rechunk({0: -1}).to_delayed()[0]
             blocks = {idx: refined[idx] for idx in self._probs}
-        return chunk_writes(blocks, {idx: self.box(idx) for idx in blocks}, self._mask_blocks, self.num_classes,
+        masks = None if labels_only else self._mask_blocks
+        return chunk_writes(blocks, {idx: self.box(idx) for idx in blocks}, masks, self.num_classes,
                             labels_target, probabilities_target, probabilities_dtype,
                             name=f"segflow-write-{self.token}-{'crf-' if probabilities is not None else ''}",
                             only=only, on_written=on_written)
