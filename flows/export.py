@@ -22,7 +22,7 @@ from storage.bands import BandRequest
 from storage.errors import IncompatibleInputError, SegflowError
 from storage.geometry import VolumeGeometry
 from storage.ingest import stem_of
-from storage.layout import LABELS, PROBABILITIES
+from storage.layout import ARRAY_CONFIG, LABELS, PROBABILITIES, writable
 
 MODEL_LABELS = "model_labels"
 
@@ -32,9 +32,9 @@ def model_space_labels(partial: Path, stitch: Any, dtype: str, geometry: Any) ->
     group = zarr.open_group(str(partial), mode="a")
     if MODEL_LABELS not in group:
         array = group.create_array(MODEL_LABELS, shape=stitch.output_shape, dtype=dtype,
-                                   chunks=tuple(c[0] for c in stitch.chunks), fill_value=0)
+                                   chunks=tuple(c[0] for c in stitch.chunks), fill_value=0, config=ARRAY_CONFIG)
         array.attrs["geometry"] = geometry.model_dump(mode="json")
-    return group[MODEL_LABELS]
+    return writable(group[MODEL_LABELS])
 
 
 def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,

@@ -31,8 +31,8 @@ from nibabel.nifti2 import Nifti2Header
 
 from storage.geometry import RasterGeometry, VolumeGeometry
 from storage.grids import GridMapping
-from storage.layout import (ImageStore, StoreMeta, create_image_store, identity_digest, is_complete,
-                            mark_complete, open_image_store)
+from storage.layout import (ARRAY_CONFIG, ImageStore, StoreMeta, create_image_store, identity_digest,
+                            is_complete, mark_complete, open_image_store)
 from storage.resample import to_model
 from storage.rastergrid import RasterMapping
 
@@ -142,7 +142,8 @@ def model_mask(store: ImageStore, mapping: RasterMapping, work: str | PathLike[s
     else:
         ones = da.from_zarr(store.mask).astype(np.uint8)
     valid = warp(ones[None], mapping.input, mapping.model, "nearest", mapping.scale, chunks, dtype=np.uint8)[0] > 0
-    target = zarr.create_array(str(work / "valid"), shape=shape, chunks=chunks, dtype=bool, fill_value=False)
+    target = zarr.create_array(str(work / "valid"), shape=shape, chunks=chunks, dtype=bool, fill_value=False,
+                               config=ARRAY_CONFIG)
     flags = valid.map_blocks(partial(_write_mask, target), dtype=bool, chunks=(1, 1))
     if bool(compute(flags.all())):
         shutil.rmtree(work / "valid")
