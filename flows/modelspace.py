@@ -156,7 +156,10 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
     input_valid = None if store.mask is None else da.from_zarr(store.mask)
     # the stitched probabilities go through a work array in the work folder (removed with it): each chunk is
     # freed once written, whatever the scene's size (storage.warp.RasterWayBack)
-    way_back = RasterWayBack(mapping, model_valid, stage=work / "staged-probabilities")
+    # each staged chunk is deleted once its readers have read it, when one local worker runs every task (a reader
+    # recomputed on another worker after its chunk was deleted would find nothing): storage.workarray
+    one_worker = options.dask_address is None and len(client.scheduler_info(n_workers=-1).get("workers", {})) == 1
+    way_back = RasterWayBack(mapping, model_valid, stage=work / "staged-probabilities", release=one_worker)
     plan = ModelSpacePlan(stitch, way_back, invert=model.card.inference.invert,
                           chunks=store.image.chunks[1:], mask=input_valid)
     return plan, mapping, facts

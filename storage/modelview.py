@@ -33,6 +33,8 @@ class _Bands:
         contiguous = picked == list(range(picked[0], picked[0] + len(picked))) if picked else True
         self.key: Any = slice(picked[0], picked[-1] + 1) if contiguous and picked else picked
         self.shape = (len(picked), *array.shape[1:])
+        self.chunks = (len(picked), *array.chunks[1:])  # a task reads by bands of whole chunk rows (storage.warp)
+        self.dtype = array.dtype
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         _, rows, cols = key

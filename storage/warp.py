@@ -27,7 +27,7 @@ pixels outside the input's footprint are invalid.
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from dataclasses import dataclass
 from itertools import product
 from operator import getitem
@@ -38,83 +38,11 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from storage.rastergrid import Kernel, RasterGrid, RasterMapping, to_pixels
+from storage.gdalwarp import halo, source_window, warp_block
+from storage.rastergrid import Kernel, RasterGrid, RasterMapping
 from storage.resample import argmax_first
 from storage.separable import Axis, Taps, destination_valid, region_of, separable_block, separable_labels
 from storage.workarray import stage
-
-TOLERANCE = 1e-12  # GDAL's transformer error threshold in pixels: exact, so windows do not change values
-# One warp per chunk in one go: GDAL's default 64 MB limit splits it, and a small block cache then re-reads the
-# region's blocks for every piece (measured 0.39 s -> 0.17 s for a 1024² model chunk of a 4-band 5 m region).
-WARP_MEMORY_MB = 256
-GDAL_CACHE_MB = 128
-_OUTLINE = 16  # points per edge of a chunk's outline carried into the source grid
-
-
-def halo(scale: tuple[float, float]) -> int:
-    """Source pixels read past a chunk's footprint: more than the kernel reaches (bilinear widens by 1/scale
-    when coarsening), so every window sees everything its pixels use."""
-    return int(math.ceil(2.0 / min(scale[0], scale[1], 1.0))) + 2
-
-
-def source_window(src: RasterGrid, dst: RasterGrid, box: Sequence[tuple[int, int]], pad: int
-                  ) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """The ``src`` region [lo, hi) per (row, col) that the ``dst`` pixels of ``box`` read, or None when they
-    fall outside ``src``: the box's outline carried into ``src`` pixels, plus ``pad``, clipped."""
-    (y0, y1), (x0, x1) = box
-    t = np.linspace(0.0, 1.0, _OUTLINE + 1)
-    cols = np.concatenate([x0 + t * (x1 - x0), x0 + t * (x1 - x0), np.full_like(t, x0), np.full_like(t, x1)])
-    rows = np.concatenate([np.full_like(t, y0), np.full_like(t, y1), y0 + t * (y1 - y0), y0 + t * (y1 - y0)])
-    c, r = to_pixels(src, dst, cols, rows)
-    ok = np.isfinite(c) & np.isfinite(r)
-    if not ok.any():
-        return None
-    r0 = max(0, int(math.floor(r[ok].min())) - pad)
-    r1 = min(src.height, int(math.ceil(r[ok].max())) + pad)
-    c0 = max(0, int(math.floor(c[ok].min())) - pad)
-    c1 = min(src.width, int(math.ceil(c[ok].max())) + pad)
-    if r1 <= r0 or c1 <= c0:
-        return None
-    return (r0, r1), (c0, c1)
-
-
-def _window_transform(grid: RasterGrid, row: int, col: int) -> Any:
-    from affine import Affine
-
-    return grid.affine * Affine.translation(col, row)
-
-
-def warp_block(region: np.ndarray, valid: np.ndarray | None, src: RasterGrid, src_at: tuple[int, int],
-               dst: RasterGrid, dst_box: Sequence[tuple[int, int]], kernel: Kernel, scale: tuple[float, float],
-               dtype: Any) -> np.ndarray:
-    """One destination window from one source region (top-left at ``src_at``), with GDAL.
-
-    ``valid`` (the region's mask) becomes an alpha band, so invalid pixels
-    never contribute; destination pixels nothing valid reaches are 0.
-    """
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.io import MemoryFile
-    from rasterio.vrt import WarpedVRT
-
-    (y0, y1), (x0, x1) = dst_box
-    count = region.shape[0]
-    work = np.float32 if kernel != "nearest" else region.dtype
-    bands = region.astype(work, copy=False)
-    if valid is not None:
-        bands = np.concatenate([bands, (np.asarray(valid, dtype=bool) * 255).astype(work)[None]])
-    extras = {"XSCALE": repr(float(scale[0])), "YSCALE": repr(float(scale[1]))}
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), MemoryFile() as memfile:
-        with memfile.open(driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=bands.shape[0],
-                          dtype=bands.dtype, crs=src.gdal_crs(), transform=_window_transform(src, *src_at)) as ds:
-            ds.write(bands)
-        with memfile.open() as ds, WarpedVRT(
-                ds, crs=dst.gdal_crs(), transform=_window_transform(dst, y0, x0), width=x1 - x0, height=y1 - y0,
-                resampling=getattr(Resampling, kernel), tolerance=TOLERANCE,
-                src_alpha=count + 1 if valid is not None else 0, warp_mem_limit=WARP_MEMORY_MB, **extras) as vrt:
-            out = vrt.read(indexes=list(range(1, count + 1)))
-    return out.astype(dtype, copy=False)
-
 
 def _bounds_of(n: int, c: int) -> list[tuple[int, int]]:
     return [(s, min(s + c, n)) for s in range(0, n, c)]
@@ -259,13 +187,15 @@ def _array(graph: HighLevelGraph, name: str, per_axis: Sequence[list[tuple[int, 
 def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
                  chunks: Sequence[int] | int, *, valid: Any = None, dtype: Any = np.float32, argmax: bool = False,
                  with_mask: bool = False, after: da.Array | None = None,
-                 written: Sequence[int] | None = None, empty: int = 0) -> da.Array:
+                 written: Sequence[int] | None = None, empty: int = 0, release: bool = False) -> da.Array:
     """:func:`warp` of a stored array (and mask): zarr, or a :class:`storage.workarray.ChunkFiles`; each task
     reads its own region from the store.
 
     ``after`` (one block per chunk of ``written`` size, :func:`stage`'s
     tokens; default the store's chunks): a task starts once the blocks of the
-    chunks its region touches are computed.
+    chunks its region touches are computed.  ``release`` (a work array
+    source): each chunk's file is deleted once every task reading it has
+    (:meth:`storage.workarray.ChunkFiles.counted`; one worker only).
     """
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
@@ -276,8 +206,15 @@ def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, 
                                      source.shape, src, dst, kernel, scale, per_axis, str(dtype), argmax, with_mask,
                                      None if after is None else after.name, empty)
     size = tuple(written) if written is not None else source.chunks[1:]
+    jobs = _jobs(src, dst, kernel, scale, per_axis, with_mask)
+    if release:
+        readers: Counter[tuple[int, int]] = Counter()
+        for job in jobs.values():
+            if job.window is not None:
+                readers.update(source.chunks_of(*job.window))
+        source = source.counted(readers)
     dsk: dict = {}
-    for idx, job in _jobs(src, dst, kernel, scale, per_axis, with_mask).items():
+    for idx, job in jobs.items():
         key = (name, *idx) if argmax else (name, 0, *idx)
         waits: list = []
         if after is not None and job.window is not None:
@@ -285,15 +222,74 @@ def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, 
             waits = [(after.name, p, i, j) for p in range(after.numblocks[0])
                      for i in range(r0 // size[0], (r1 - 1) // size[0] + 1)
                      for j in range(c0 // size[1], (c1 - 1) // size[1] + 1)]
-        dsk[key] = (_stored_task, source, valid, job, src, dst, kernel, scale, dtype, argmax, empty, waits)
+        dsk[key] = (_read_task, source, valid, job, src, dst, kernel, scale, dtype, argmax, empty, waits)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[] if after is None else [after])
     return _array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
+
+
+# A separable task whose source region holds more than this is read and warped in bands of destination rows
+# (storage.separable's values do not depend on the window they are computed in).  glibc hands out blocks over
+# 32 MB as fresh memory on every allocation, and fresh memory is what this project's CPU machines are slowest at
+# (docs/performance.md, "Fresh memory"): a window task's 5 m region of a 4-band uint16 scene (42 MB) and its
+# float32 sums cost more to touch than to compute.  Bands keep each block under the threshold, reused from the heap.
+BAND_BYTES = 24 << 20
+
+
+def _row_bands(job: _Job, source: Any) -> list[tuple[int, int]]:
+    """Destination row ranges [a, b) of ``job`` (offsets into its box) whose source rows each stay within one
+    chunk row of ``source`` where they can (no chunk is decoded twice) and under :data:`BAND_BYTES`."""
+    assert job.taps is not None and job.window is not None
+    ty = job.taps[0]
+    n = ty.index.shape[0]
+    (r0, r1), (c0, c1) = job.window
+    row_bytes = source.shape[0] * (c1 - c0) * np.dtype(source.dtype).itemsize
+    if (r1 - r0) * row_bytes <= BAND_BYTES or n < 2:
+        return [(0, n)]
+    step = int((getattr(source, "chunks", None) or (0, r1 - r0))[1])
+    first = ty.index[:, 0]
+    cuts = [0, *(int(i) for i in np.flatnonzero(np.diff(first // step)) + 1), n]
+    per_band = max(1, int(BAND_BYTES // max(1, row_bytes * max(1.0, (r1 - r0) / n))))
+    bands = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        bands += [(y, min(y + per_band, b)) for y in range(a, b, per_band)]
+    return bands
+
+
+def _band(job: _Job, a: int, b: int) -> _Job:
+    """Rows [a, b) of a separable ``job``: its taps, and the source region they read."""
+    assert job.taps is not None
+    ty, tx = job.taps
+
+    def rows(t: Taps) -> Taps:
+        return Taps(t.index[a:b], t.weight[a:b], t.inside[a:b], t.centre[a:b])
+
+    taps = (rows(ty), tx)
+    near = None if job.nearest is None else (rows(job.nearest[0]), job.nearest[1])
+    y0 = job.box[0][0]
+    return _Job(((y0 + a, y0 + b), job.box[1]), region_of(taps, *([near] if near else [])), taps, near)
+
+
+def _read_task(source: Any, valid: Any, job: _Job, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+               scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
+    """One chunk of a stored warp; then its reads counted, for a source that deletes what every reader has read."""
+    out = _stored_task(source, valid, job, src, dst, kernel, scale, dtype, argmax, empty)
+    if job.window is not None and getattr(source, "readers", None) is not None:
+        source.release(*job.window, reader=f"{job.box[0][0]}.{job.box[1][0]}")
+    return out
 
 
 def _stored_task(source: Any, valid: Any, job: _Job, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
                  scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
     if job.window is None:
         return _empty(job, source.shape[0], dtype, argmax, empty)
+    if job.taps is not None and not argmax:
+        bands = _row_bands(job, source)
+        if len(bands) > 1:
+            out = _empty(job, source.shape[0], dtype, argmax)
+            for a, b in bands:
+                out[:, a:b] = _stored_task(source, valid, _band(job, a, b), src, dst, kernel, scale, dtype, argmax,
+                                           empty)
+            return out
     (r0, r1), (c0, c1) = job.window
     region = np.asarray(source[:, r0:r1, c0:c1])
     mask = None if valid is None else np.asarray(valid[r0:r1, c0:c1], dtype=bool)
@@ -382,6 +378,7 @@ class RasterWayBack:
     mapping: RasterMapping
     valid: Any = None
     stage: Any = None
+    release: bool = False  # staged chunks deleted once read (storage.workarray): when one worker runs every task
     # input pixels no valid model pixel reaches get no probabilities (all 0): their labels are nodata
     leaves_unreached = True
 
@@ -405,7 +402,7 @@ class RasterWayBack:
             written = da.concatenate([written, mask_written], axis=0)
             valid = _Plane(valid)
         return _warp_stored(staged, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid,
-                            after=written, written=tuple(c[0] for c in probs.chunks[1:]), **kw)
+                            after=written, written=tuple(c[0] for c in probs.chunks[1:]), release=self.release, **kw)
 
     def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
         return self._warp(probs, chunks, mode)

@@ -197,3 +197,38 @@ def test_bilinear_pixels_alone_equal_their_chunk_bit_for_bit():
     r, c = np.nonzero(np.random.default_rng(4).random((90, 70)) < 0.3)
     alone = _bilinear_points(data, ty, tx, r, c, (0, 0))
     assert r.size > 1000 and np.array_equal(alone, whole[:, r, c])
+
+
+@pytest.mark.parametrize("res,gsd,kernel,masked", [(5.0, 10.0, "average", False), (5.0, 10.0, "average", True),
+                                                   (10.0, 5.0, "bilinear", True), (7.5, 10.0, "average", True)])
+def test_a_large_region_read_in_bands_of_rows_equals_one_read(tmp_path, monkeypatch, res, gsd, kernel, masked):
+    """A stored source's region bigger than storage.warp.BAND_BYTES is read and warped in bands of destination
+    rows (each band's source rows within one chunk row where they can): the values, and the mask plane, equal
+    one read of the whole region, bit for bit, for integer cells (the fast block mean) and the general path."""
+    import storage.warp as warp_module
+    from storage.warp import warp_region
+
+    rng = np.random.default_rng(3)
+    shape = (203, 171)
+    image = rng.integers(0, 10000, (3, *shape)).astype(np.uint16)
+    valid = rng.random(shape) > 0.2 if masked else None
+    z = zarr.open_array(str(tmp_path / "i.zarr"), mode="w", shape=image.shape, chunks=(3, 40, 64), dtype="uint16")
+    z[:] = image
+    m = None
+    if masked:
+        m = zarr.open_array(str(tmp_path / "m.zarr"), mode="w", shape=shape, chunks=(40, 64), dtype="bool")
+        m[:] = valid
+    src, dst = _grids(res, gsd, shape)
+    scale = (res / gsd, res / gsd)
+    box = ((3, dst.height - 2), (1, dst.width))
+    whole = warp_region(z, m, src, dst, kernel, scale, box)
+    planes = warp(z, src, dst, kernel, scale, 24, valid=m, with_mask=masked and kernel == "average").compute()
+    calls = []
+    monkeypatch.setattr(warp_module, "BAND_BYTES", 3 * 64 * 2 * 12)  # about 12 source rows a band
+    real = warp_module._band
+    monkeypatch.setattr(warp_module, "_band", lambda job, a, b: calls.append((a, b)) or real(job, a, b))
+    banded = warp_region(z, m, src, dst, kernel, scale, box)
+    assert len(calls) > 3
+    assert np.array_equal(banded, whole)
+    again = warp(z, src, dst, kernel, scale, 24, valid=m, with_mask=masked and kernel == "average").compute()
+    assert np.array_equal(again, planes)

@@ -52,3 +52,54 @@ def test_staging_inside_a_larger_graph_waits_for_nothing_else(tmp_path):
     key = (tokens.name, 0, 1, 2)
     deps = dask.core.get_dependencies(graph, key)
     assert len(deps) == 1
+
+
+def test_counted_chunks_are_deleted_once_every_reader_has_read_them(tmp_path):
+    """With reader counts a chunk's file goes once its last reader releases it (a reader counted once however
+    often it releases), a rewrite starts the count afresh, and uncounted arrays keep everything."""
+    data = np.arange(2 * 20 * 20, dtype=np.float32).reshape(2, 20, 20)
+    target, tokens = stage(da.from_array(data, chunks=(2, 10, 10)), tmp_path / "s")
+    tokens.compute(scheduler="sync")
+    target.release((0, 20), (0, 20), "x")  # not counted: nothing happens
+    assert len(list((tmp_path / "s").glob("*.npy"))) == 4
+    counted = target.counted({(0, 0): 2, (0, 1): 1, (1, 0): 1, (1, 1): 3})
+    counted.release((0, 12), (0, 8), "a")  # reads chunks (0, 0) and (1, 0)
+    counted.release((0, 12), (0, 8), "a")  # the same reader again (a task run twice): still one
+    assert not (tmp_path / "s" / "1.0.npy").exists() and (tmp_path / "s" / "0.0.npy").exists()
+    counted.release((0, 5), (0, 15), "b")  # chunks (0, 0) and (0, 1)
+    assert not (tmp_path / "s" / "0.0.npy").exists() and not (tmp_path / "s" / "0.1.npy").exists()
+    counted.release((15, 20), (15, 20), "c")
+    counted.release((15, 20), (15, 20), "d")
+    counted.write(data[:, 10:, 10:], (10, 20), (10, 20))  # rewritten: its earlier readers no longer count
+    counted.release((15, 20), (15, 20), "e")
+    assert (tmp_path / "s" / "1.1.npy").exists()
+    assert np.array_equal(counted[:, 10:20, 10:20], data[:, 10:, 10:])
+    counted.release((15, 20), (15, 20), "f")
+    counted.release((15, 20), (15, 20), "g")
+    assert not (tmp_path / "s" / "1.1.npy").exists()
+
+
+def test_a_released_way_back_gives_the_same_labels_and_leaves_no_chunk(tmp_path):
+    """The labels-only way back with staged chunks deleted as they are read equals the one that keeps them; at
+    the end no staged chunk is left."""
+    from types import SimpleNamespace
+
+    from rasterio.transform import from_origin
+    from scipy.ndimage import zoom
+
+    from storage.rastergrid import raster_mapping
+    from storage.warp import RasterWayBack
+
+    rng = np.random.default_rng(4)
+    geometry = SimpleNamespace(transform=tuple(from_origin(500000, 6000000, 5, 5))[:6], epsg=32633, crs_wkt=None)
+    m = raster_mapping(geometry, (90, 70), spacing=[10.0, 10.0], crs=None)
+    coarse = rng.dirichlet(np.ones(3), size=(9, 7)).transpose(2, 0, 1)  # smooth classes: boundaries and interiors
+    probs = np.stack([zoom(c, (m.model_shape[0] / 9, m.model_shape[1] / 7), order=1) for c in coarse])
+    probs = (probs / probs.sum(0)).astype(np.float32)
+    probs = da.from_array(probs, chunks=(3, 16, 16))
+    kept = RasterWayBack(m, stage=tmp_path / "kept").labels(probs, (20, 20), "bilinear", np.uint8)
+    gone = RasterWayBack(m, stage=tmp_path / "gone", release=True).labels(probs, (20, 20), "bilinear", np.uint8)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        a, b = kept.compute(), gone.compute()
+    assert np.array_equal(a, b)
+    assert len(list((tmp_path / "kept").glob("*.npy"))) == 9 and not list((tmp_path / "gone").glob("*.npy"))
