@@ -378,7 +378,9 @@ class RasterWayBack:
     mapping: RasterMapping
     valid: Any = None
     stage: Any = None
-    release: bool = False  # staged chunks deleted once read (storage.workarray): when one worker runs every task
+    # staged chunks deleted once read (storage.workarray): when one worker runs every task, and only one way back
+    # (labels or probabilities) reads this stage folder, as a run's writes do
+    release: bool = False
     # input pixels no valid model pixel reaches get no probabilities (all 0): their labels are nodata
     leaves_unreached = True
 
