@@ -245,7 +245,8 @@ def _row_bands(job: _Job, source: Any) -> list[tuple[int, int]]:
     row_bytes = source.shape[0] * (c1 - c0) * np.dtype(source.dtype).itemsize
     if (r1 - r0) * row_bytes <= BAND_BYTES or n < 2:
         return [(0, n)]
-    step = int((getattr(source, "chunks", None) or (0, r1 - r0))[1])
+    chunks = getattr(source, "chunks", None)
+    step = int(chunks[1]) if chunks else r1 - r0  # rows per stored chunk (a work array: none to follow)
     first = ty.index[:, 0]
     cuts = [0, *(int(i) for i in np.flatnonzero(np.diff(first // step)) + 1), n]
     per_band = max(1, int(BAND_BYTES // max(1, row_bytes * max(1.0, (r1 - r0) / n))))

@@ -118,12 +118,11 @@ class ChunkFiles:
             spans.append((lo, max(lo, hi)))
         (r0, r1), (c0, c1) = spans
         out = np.empty((self.shape[0], r1 - r0, c1 - c0), dtype=self.dtype)
-        for i in _touched(self.bounds[0], r0, r1):
-            for j in _touched(self.bounds[1], c0, c1):
-                (a0, a1), (b0, b1) = self.bounds[0][i:i + 2], self.bounds[1][j:j + 2]
-                y0, y1, x0, x1 = max(r0, a0), min(r1, a1), max(c0, b0), min(c1, b1)
-                chunk = np.load(self._file(i, j), mmap_mode="r")
-                out[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0] = chunk[:, y0 - a0:y1 - a0, x0 - b0:x1 - b0]
+        for i, j in self.chunks_of((r0, r1), (c0, c1)):
+            (a0, a1), (b0, b1) = self.bounds[0][i:i + 2], self.bounds[1][j:j + 2]
+            y0, y1, x0, x1 = max(r0, a0), min(r1, a1), max(c0, b0), min(c1, b1)
+            chunk = np.load(self._file(i, j), mmap_mode="r")
+            out[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0] = chunk[:, y0 - a0:y1 - a0, x0 - b0:x1 - b0]
         return out[planes]
 
 
