@@ -17,6 +17,7 @@ so such outputs stay byte for byte what they were.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,12 @@ from storage.modelimage import model_image, model_mask, raster_model_geometry
 from storage.modelview import WarpedImage
 from storage.rastergrid import RasterMapping, raster_mapping
 from storage.warp import RasterWayBack
+from storage.workarray import forget
+
+# the most bytes of stitched model-grid chunks the way back keeps in the worker's memory (one worker only; past it,
+# files in the work folder). A 5 m scene and a 10 m model, chunks 1024², 5 classes: at most 231 MB were held at once
+# at 8192² (11 of 16 chunks), 419 MB at 16384² (20 of 64): about two rows of model chunks, so a wider scene spills
+STAGE_MEMORY = 512 << 20
 
 DEFAULT_VOLUME_CHUNK = 128
 
@@ -159,10 +166,21 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
     # each staged chunk is deleted once its readers have read it, when one local worker runs every task (a reader
     # recomputed on another worker after its chunk was deleted would find nothing): storage.workarray
     one_worker = options.dask_address is None and len(client.scheduler_info(n_workers=-1).get("workers", {})) == 1
-    way_back = RasterWayBack(mapping, model_valid, stage=work / "staged-probabilities", release=one_worker)
+    # one run's stage: a worker forgets the chunks it held in memory when the run ends (forget_staged)
+    stage = work / f"staged-probabilities-{uuid.uuid4().hex[:12]}"
+    way_back = RasterWayBack(mapping, model_valid, stage=stage, release=one_worker,
+                             memory=STAGE_MEMORY if one_worker else 0)
     plan = ModelSpacePlan(stitch, way_back, invert=model.card.inference.invert,
                           chunks=store.image.chunks[1:], mask=input_valid)
     return plan, mapping, facts
+
+
+def forget_staged(plan: Any, client: Client) -> None:
+    """Drop what a raster model-space plan's way back held in the worker's memory (at a run's end, whatever its
+    outcome: a failed run's chunks would otherwise stay in a long-lived worker)."""
+    way_back = getattr(plan, "way_back", None)
+    if isinstance(way_back, RasterWayBack) and way_back.memory and way_back.stage is not None:
+        client.run(forget, str(way_back.stage))
 
 
 def _warped_image(store: ImageStore, model: LoadedModel, options: SegmentOptions, mapping: RasterMapping,
@@ -212,4 +230,4 @@ def resampling_record(mapping: GridMapping | RasterMapping, model: LoadedModel,
             "invert": model.card.inference.invert}
 
 
-__all__ = ["build", "mapping_for", "model_image_path", "output_meta", "output_meta_attr", "resampling_record"]
+__all__ = ["build", "forget_staged", "mapping_for", "model_image_path", "output_meta", "output_meta_attr", "resampling_record"]

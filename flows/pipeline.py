@@ -219,6 +219,8 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         # a shared cluster would otherwise go on computing an abandoned run (its tasks still write chunks)
         client.cancel(futures + model_futures)
         raise
+    finally:
+        modelspace.forget_staged(plan, client)
     reporter().finish(key)
     stats = {**counts, "windows_total": plan.num_windows, "chunks": len(plan.chunk_indexes),
              "chunks_written": written, "chunks_resumed": len(done), "partial_store": partial_state,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["argmax_first", "cell_dtype"]
+__all__ = ["argmax_first", "argmax_top_two", "cell_dtype"]
 
 
 def argmax_first(probs: np.ndarray, dtype: np.dtype, empty: int | None = None) -> np.ndarray:
@@ -32,6 +32,25 @@ def argmax_first(probs: np.ndarray, dtype: np.dtype, empty: int | None = None) -
     if empty is not None:
         labels[best <= 0] = empty
     return labels
+
+
+def argmax_top_two(probs: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(:func:`argmax_first`, the largest value, the second largest counting ties) over the classes, in one
+    pass per class: whether a label is clear (no other class within a margin of the top) is then one comparison,
+    where counting the classes above the margin took another pass over every class (1.3 of 2.2 ms for a 514² x 5
+    region).  Finite values only (NaN compares false)."""
+    best = probs[0].copy()
+    second = np.full(probs.shape[1:], -np.inf, dtype=best.dtype)
+    labels = np.zeros(probs.shape[1:], dtype=dtype)
+    better = np.empty(probs.shape[1:], dtype=bool)
+    low = np.empty_like(best)
+    for c in range(1, probs.shape[0]):
+        np.greater(probs[c], best, out=better)
+        np.putmask(labels, better, c)
+        np.minimum(best, probs[c], out=low)  # the loser of this class and the best so far
+        np.maximum(second, low, out=second)
+        np.maximum(best, probs[c], out=best)
+    return labels, best, second
 
 
 def cell_dtype(n: int) -> np.dtype:

@@ -24,7 +24,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from storage.argmax import argmax_first, cell_dtype
+from storage.argmax import argmax_first, argmax_top_two, cell_dtype
 from storage.grids import GridMapping, monai_source_coords, sampling_thetas
 
 Mode = Literal["bilinear", "nearest"]
@@ -140,14 +140,10 @@ def _uniform_cells(region: np.ndarray, order: Sequence[int], dtype: np.dtype) ->
     """Per model voxel r (along each interpolated axis the cell from r to r + 1, clamped at the region's end):
     the label its corners all clearly share, or the dtype's maximum where they do not."""
     mark = np.iinfo(dtype).max
-    top = region[0].copy()
-    for c in range(1, region.shape[0]):
-        np.maximum(top, region[c], out=top)
+    first, top, second = argmax_top_two(region, dtype)
     floor = top - np.float32(TIE_MARGIN * float(np.abs(region).max()))
-    contenders = np.zeros(top.shape, dtype=np.uint32)
-    for c in range(region.shape[0]):
-        contenders += region[c] >= floor
-    cells = np.where(contenders == 1, argmax_first(region, dtype), mark).astype(dtype, copy=False)
+    # clear: no class but the top one reaches the floor (the top always does)
+    cells = np.where(second < floor, first, mark).astype(dtype, copy=False)
     for s in order:
         n = cells.shape[s]
         upper = np.take(cells, np.minimum(np.arange(n) + 1, n - 1), axis=s)

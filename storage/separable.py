@@ -38,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 
-from storage.argmax import argmax_first, cell_dtype
+from storage.argmax import argmax_first, argmax_top_two, cell_dtype
 
 SeparableKernel = Literal["average", "bilinear", "nearest"]
 EPSILON = 1e-10  # GDAL's tolerance on pixel coordinates before floor/ceil (gdalwarpkernel.cpp)
@@ -417,10 +417,10 @@ def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx:
         return argmax_first(separable_block(region, valid, ty, tx, at, kernel, np.dtype(np.float32)), dtype,
                             empty or None)
     mark = np.iinfo(cell).max
-    top = probs.max(axis=0)
+    first, top, second = argmax_top_two(probs, cell)
     floor = top - np.float32(TIE_MARGIN * float(np.abs(probs if valid is None else probs[:, valid]).max(initial=0)))
-    clear = (probs >= floor[None]).sum(axis=0) == 1
-    winner = np.where(clear, argmax_first(probs, cell), mark).astype(cell)
+    # clear: no class but the top one reaches the floor (the top always does)
+    winner = np.where(second < floor, first, mark).astype(cell, copy=False)
     low = winner if valid is None else np.where(valid, winner, mark).astype(cell)  # invalid: never the minimum
     high = winner if valid is None else np.where(valid, winner, 0).astype(cell)  # ... nor the maximum
     # per destination pixel: the label its contributing source pixels all clearly have, else the mark

@@ -382,6 +382,8 @@ class RasterWayBack:
     # staged chunks deleted once read (storage.workarray): when one worker runs every task, and only one way back
     # (labels or probabilities) reads this stage folder, as a run's writes do
     release: bool = False
+    # with release: the staged chunks stay in the worker's memory within this many bytes (storage.workarray)
+    memory: int = 0
     # input pixels no valid model pixel reaches get no probabilities (all 0): their labels are nodata
     leaves_unreached = True
 
@@ -397,7 +399,7 @@ class RasterWayBack:
         if self.stage is None:
             valid = self.valid if self.valid is None or isinstance(self.valid, da.Array) else da.from_zarr(self.valid)
             return warp(probs, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid, **kw)
-        staged, written = stage(probs, self.stage)
+        staged, written = stage(probs, self.stage, self.memory if self.release else 0)
         valid = self.valid if self.valid is None or not isinstance(self.valid, da.Array) else None
         if valid is None and self.valid is not None:  # a dask mask: staged beside the probabilities
             mask = self.valid.rechunk(probs.chunks[1:])[None].astype(np.float32)

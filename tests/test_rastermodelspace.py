@@ -334,3 +334,44 @@ def test_a_valid_sliver_thinner_than_a_model_pixel_is_nodata_not_class_0(probabi
     assert np.all(labels[:, 50] == nodata), np.unique(labels[:, 50])
     assert np.all(labels[:, :100] == nodata)
     assert np.all(labels[:, 110:] != nodata) and len(np.unique(labels[:, 110:])) >= 2
+
+
+def test_the_way_back_held_in_memory_gives_the_labels_of_staged_files_and_holds_nothing_after(scenes, weights,
+                                                                                             tmp_path, monkeypatch):
+    """One local worker keeps the stitched model-grid chunks in memory for the way back (within
+    ``STAGE_MEMORY``, files past it): the labels equal those staged through files only, with a budget of two
+    chunks (some held, some written) too, and nothing stays held once the run ends."""
+    import os
+
+    import flows.modelspace as modelspace
+    from flows.cluster import dask_client
+    from storage import workarray
+
+    model = _model(tmp_path / "m", weights)
+    scene = scenes["5"]
+    written: list[str] = []
+    replace = os.replace
+
+    def spy(src, dst):  # the staged chunks that went to a file
+        if str(dst).endswith(".npy"):
+            written.append(str(dst))
+        return replace(src, dst)
+
+    monkeypatch.setattr(workarray.os, "replace", spy)
+    chunk_bytes = 5 * 48 * 48 * 4  # one model-grid chunk of probabilities
+    runs = {}
+    with dask_client(in_process=True, threads_per_worker=2) as client:
+        for name, budget in (("files", 0), ("two chunks", 2 * chunk_bytes), ("memory", modelspace.STAGE_MEMORY)):
+            monkeypatch.setattr(modelspace, "STAGE_MEMORY", budget)
+            written.clear()
+            held, workarray._HELD.peak = workarray._HELD.nbytes, 0
+            out = segment_one(scene, model, tmp_path / name, SegmentOptions(chunk_size=48, keep_zarr=False), client)
+            assert out.ok
+            runs[name] = (_labels(tmp_path / name / scene.name)[0], len(written), workarray._HELD.peak)
+            assert workarray._HELD.nbytes == held  # nothing left held by the finished run
+    labels, files, peak = runs["files"]
+    assert files == 16 and peak == 0  # 160 x 192 model pixels in chunks of 48: 4 x 4, all written
+    assert 0 < runs["two chunks"][1] < 16 and 0 < runs["two chunks"][2] <= 2 * chunk_bytes
+    assert runs["memory"][1] == 0 and runs["memory"][2] >= 2 * chunk_bytes
+    for name in ("two chunks", "memory"):
+        assert np.array_equal(runs[name][0], labels), f"{name}: {(runs[name][0] != labels).mean():.2e} differ"

@@ -103,3 +103,38 @@ def test_a_released_way_back_gives_the_same_labels_and_leaves_no_chunk(tmp_path)
         a, b = kept.compute(), gone.compute()
     assert np.array_equal(a, b)
     assert len(list((tmp_path / "kept").glob("*.npy"))) == 9 and not list((tmp_path / "gone").glob("*.npy"))
+
+
+def test_chunks_held_in_memory_read_back_exactly_spill_past_the_budget_and_go_when_read_or_forgotten(tmp_path):
+    """With a memory budget, chunks stay in this process (no file) until the budget is reached, the rest go to
+    files; any region reads the same either way; a counted chunk is dropped by its last reader; forgetting the
+    array drops the rest and keeps nothing written after it (an abandoned run's late task)."""
+    from storage import workarray
+
+    rng = np.random.default_rng(3)
+    data = rng.random((2, 40, 30), dtype=np.float32)
+    chunk_bytes = 2 * 20 * 15 * 4
+    held_before = workarray._HELD.nbytes
+    target, tokens = stage(da.from_array(data, chunks=(2, 20, 15)), tmp_path / "s", memory=2 * chunk_bytes)
+    tokens.compute(scheduler="sync")
+    files = sorted(p.name for p in (tmp_path / "s").glob("*.npy"))
+    assert len(files) == 2  # two of the four chunks held, two written
+    assert workarray._HELD.nbytes - held_before == 2 * chunk_bytes
+    for _ in range(30):
+        r0, c0 = int(rng.integers(0, 40)), int(rng.integers(0, 30))
+        r1, c1 = int(rng.integers(r0, 41)), int(rng.integers(c0, 31))
+        assert np.array_equal(target[:, r0:r1, c0:c1], data[:, r0:r1, c0:c1])
+    held = [(i, j) for i in range(2) for j in range(2) if f"{i}.{j}.npy" not in files]
+    counted = target.counted({ij: 2 for ij in [(0, 0), (0, 1), (1, 0), (1, 1)]})
+    i, j = held[0]
+    box = ((i * 20, i * 20 + 20), (j * 15, j * 15 + 15))
+    counted.release(*box, "a")
+    assert workarray._HELD.nbytes - held_before == 2 * chunk_bytes  # one reader of two
+    counted.release(*box, "b")
+    assert workarray._HELD.nbytes - held_before == chunk_bytes
+    with pytest.raises(FileNotFoundError):  # gone from memory, never a file
+        counted[:, box[0][0]:box[0][1], box[1][0]:box[1][1]]
+    workarray.forget(tmp_path / "s")
+    assert workarray._HELD.nbytes == held_before
+    counted.write(data[:, :20, :15], (0, 20), (0, 15))  # after the end: kept nowhere
+    assert workarray._HELD.nbytes == held_before and not (tmp_path / "s" / "0.0.npy").exists()
