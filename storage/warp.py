@@ -41,7 +41,8 @@ from dask.highlevelgraph import HighLevelGraph
 from storage.gdalwarp import halo, source_window, warp_block
 from storage.rastergrid import Kernel, RasterGrid, RasterMapping
 from storage.resample import argmax_first
-from storage.separable import Axis, Taps, destination_valid, region_of, separable_block, separable_labels
+from storage.separable import Axis, Taps, destination_valid, region_of, separable_block
+from storage.separablelabels import separable_labels
 from storage.workarray import stage
 
 def _bounds_of(n: int, c: int) -> list[tuple[int, int]]:
@@ -414,7 +415,7 @@ class RasterWayBack:
 
     def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0) -> da.Array:
         """The argmax of :meth:`probabilities`, chunk by chunk, without keeping the warped classes (labels
-        copied from the model grid where every contributing model pixel clearly has one, storage.separable),
+        copied from the model grid where every contributing model pixel clearly has one, storage.separablelabels),
         and ``empty`` where no valid model pixel reaches an input pixel (a sliver of the input thinner than the
         model's pixels, whose model pixels hold no data)."""
         return self._warp(probs, chunks, mode, dtype=dtype, argmax=True, empty=empty)

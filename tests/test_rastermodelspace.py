@@ -360,7 +360,7 @@ def test_the_way_back_held_in_memory_gives_the_labels_of_staged_files_and_holds_
     monkeypatch.setattr(workarray.os, "replace", spy)
     chunk_bytes = 5 * 48 * 48 * 4  # one model-grid chunk of probabilities
     runs = {}
-    with dask_client(in_process=True, threads_per_worker=2) as client:
+    with dask_client(workers=0, threads_per_worker=2) as client:  # its own one in-process worker, not a session's
         for name, budget in (("files", 0), ("two chunks", 2 * chunk_bytes), ("memory", modelspace.STAGE_MEMORY)):
             monkeypatch.setattr(modelspace, "STAGE_MEMORY", budget)
             written.clear()

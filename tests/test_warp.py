@@ -186,13 +186,13 @@ def test_integer_cells_average_like_gdal_bit_for_bit(dtype, res, gsd, shape):
 
 def test_bilinear_pixels_alone_equal_their_chunk_bit_for_bit():
     """The labels' boundary pixels are computed alone (2×2 taps each); they must equal the chunk's values."""
-    from storage.separable import _bilinear_grid, _bilinear_points, _grid
+    from storage.separable import _bilinear_grid, _bilinear_points, pixel_grid
 
     inp, model = _grids(5.0, 10.0, (90, 70))
     ay, ax = separable_axes(model, inp, "bilinear", (2.0, 2.0))
     ty, tx = ay.taps("bilinear", 0, 90), ax.taps("bilinear", 0, 70)
     data = np.random.default_rng(3).random((4, *model.shape))
-    rows, cols = _grid(ty, tx)
+    rows, cols = pixel_grid(ty, tx)
     whole = _bilinear_grid(data, ty, tx, rows, cols, (0, 0))
     r, c = np.nonzero(np.random.default_rng(4).random((90, 70)) < 0.3)
     alone = _bilinear_points(data, ty, tx, r, c, (0, 0))
