@@ -36,7 +36,7 @@ from segmentation import build_plan, load_model  # noqa: E402
 from segmentation.crf import CRFParams, crf_dask, crf_halo  # noqa: E402
 from segmentation.metrics import ConfusionAccumulator, mean_dice  # noqa: E402
 from segmentation.normalize import image_statistics, resolve  # noqa: E402
-from segmentation.stitching import argmax0  # noqa: E402
+from segmentation.chunkwrites import argmax0  # noqa: E402
 from storage import samples  # noqa: E402
 from storage.ingest import ingest  # noqa: E402
 from storage.layout import open_image_store  # noqa: E402

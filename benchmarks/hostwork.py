@@ -92,6 +92,7 @@ def main() -> int:
     import zarr
 
     import segmentation.inference as inference
+    import segmentation.chunkwrites as chunkwrites
     import segmentation.stitching as stitching
     from segmentation import build_plan
     from segmentation.models import create
@@ -132,8 +133,8 @@ def main() -> int:
         (stitching, "_sums", "sums"),
         (stitching, "_finalise", "finalise"),
         (stitching, "_undivided_labels", "finalise"),
-        (stitching, "argmax0", "argmax"),
-        (stitching, "_write", "write"),
+        (chunkwrites, "argmax0", "argmax"),
+        (chunkwrites, "_write", "write"),
     ]
     SPENT.clear()
     with patched(targets):

@@ -215,7 +215,7 @@ def profile_back(mapping, chunk: int, work: Path) -> dict:  # noqa: ANN001
     import dask.array as da
     import zarr
 
-    from segmentation.stitching import label_dtype, labels_of
+    from segmentation.chunkwrites import label_dtype, labels_of
     from storage.resample import argmax_to_input, to_input
 
     shape = (CLASSES, *mapping.model_shape)

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from segmentation import LoadedModel
-from segmentation.stitching import PROBABILITY_SCALE
+from segmentation.chunkwrites import PROBABILITY_SCALE
 from storage.bands import BandRequest
 from storage.errors import IncompatibleInputError, SegflowError
 from storage.geometry import VolumeGeometry

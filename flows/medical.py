@@ -17,7 +17,7 @@ import numpy as np
 
 from flows.config import SegmentOptions
 from segmentation import LoadedModel
-from segmentation.stitching import label_nodata
+from segmentation.chunkwrites import label_nodata
 from storage import provenance
 from storage.geometry import VolumeGeometry
 from storage.ingest import stem_of

@@ -47,7 +47,7 @@ from flows.progress import reporter, say, window_shares
 from flows.routing import band_request
 from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
-from segmentation.stitching import label_dtype, label_nodata
+from segmentation.chunkwrites import label_dtype, label_nodata
 from storage import provenance
 from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef

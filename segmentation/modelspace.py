@@ -40,7 +40,8 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from segmentation.stitching import StitchPlan, chunk_boxes, chunk_writes, draining, label_dtype, label_nodata
+from segmentation.chunkwrites import chunk_boxes, chunk_writes, draining, label_dtype, label_nodata
+from segmentation.stitching import StitchPlan
 from storage.grids import GridMapping
 from storage.resample import argmax_to_input, model_region, to_input
 

@@ -27,7 +27,6 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
@@ -36,16 +35,7 @@ from dask.delayed import Delayed, delayed
 from segmentation.blending import Blend, importance_map
 from segmentation.regions import Box, ComputedRegion, RegionReader
 from segmentation.windows import WindowGrid
-from storage.argmax import argmax_first
-
-
-def label_dtype(num_classes: int) -> np.dtype:
-    return np.dtype(np.uint8) if num_classes <= 255 else np.dtype(np.uint16)
-
-
-def label_nodata(num_classes: int) -> int:
-    """The label written where the input has no data: the dtype's maximum, never a class."""
-    return int(np.iinfo(label_dtype(num_classes)).max)
+from segmentation.chunkwrites import chunk_writes, draining, label_dtype, labels_of
 
 
 @dataclass(frozen=True)
@@ -208,69 +198,6 @@ def _undivided_labels(box: Box, pieces: list[tuple[Box, np.ndarray]], mask: np.n
     already decide by chance).  Skips rebuilding Σ w and a pass over every class: measured in
     ``benchmarks/hostwork.py``'s finalise step."""
     return labels_of(_sums(box, pieces, num_classes), mask, num_classes)
-
-
-# Dask's user priority of the tasks that free memory (finalise, a way back to the input's grid, the writes): on a
-# worker they run as soon as they are ready, before any further window is evaluated.  The evaluates and the tasks
-# they read keep the default 0, so nothing upstream is loaded early.  Without it, a model-space run's extra steps
-# between finalise and write changed the graph's order, and stitched pieces waited for their neighbours' windows.
-DRAIN_PRIORITY = 1
-
-
-def draining() -> Any:
-    """The context in which the graph's memory-freeing tasks are built (:data:`DRAIN_PRIORITY`)."""
-    return dask.annotate(priority=DRAIN_PRIORITY)
-
-
-argmax0 = argmax_first  # the argmax over classes, first maximum winning (shared with the model-space way back)
-
-
-def labels_of(probs: np.ndarray, mask: np.ndarray | None, num_classes: int, unreached: bool = False) -> np.ndarray:
-    """The argmax, and nodata where the input has none; with ``unreached`` also where every class is 0 (a
-    raster's way back from model space where no valid model pixel reaches a pixel)."""
-    labels = argmax0(probs, label_dtype(num_classes), label_nodata(num_classes) if unreached else None)
-    if mask is not None:
-        labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
-    return labels
-
-
-def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: int,
-           labels_target: Any, probs_target: Any, probs_dtype: str,
-           index: tuple[int, ...] | None = None, on_written: Callable[[tuple[int, ...], dict], None] | None = None,
-           unreached: bool = False) -> dict[str, Any]:
-    """Write one whole output chunk; return its label histogram (for areas and volumes).
-
-    ``on_written(index, result)`` runs only after every array of the chunk is
-    stored, so a completion record it makes never precedes the data.
-    """
-    if probs.ndim == len(box):  # already labels (a model-space plan's labels-only way back)
-        labels = probs.astype(label_dtype(num_classes), copy=True)
-        if mask is not None:
-            labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
-    else:
-        labels = labels_of(probs, mask, num_classes, unreached)
-    sl = tuple(slice(lo, hi) for lo, hi in box)
-    labels_target[sl] = labels
-    if probs_target is not None:
-        probs_target[(slice(None),) + sl] = quantize_probabilities(probs, probs_dtype, mask)
-    hist = np.bincount(labels.ravel(), minlength=num_classes + 1 if num_classes < 255 else 0)
-    result = {"box": box, "index": index, "histogram": {int(v): int(n) for v, n in enumerate(hist) if n}}
-    if on_written is not None:
-        on_written(index, result)
-    return result
-
-
-PROBABILITY_SCALE = 254  # uint8 probabilities: round(p * 254); 255 marks no data
-
-
-def quantize_probabilities(probs: np.ndarray, dtype: str, mask: np.ndarray | None = None) -> np.ndarray:
-    """float32 as is, or uint8 round(p·254) with 255 where the input has no data (a quarter of the size)."""
-    if dtype == "float32":
-        return probs.astype(np.float32, copy=False)
-    out = np.clip(np.rint(probs * PROBABILITY_SCALE), 0, PROBABILITY_SCALE).astype(np.uint8)
-    if mask is not None:
-        out[:, ~np.asarray(mask, dtype=bool)] = 255
-    return out
 
 
 def _sum_counts(*counts: tuple[int, int]) -> dict[str, int]:
@@ -459,43 +386,4 @@ class StitchPlan:
                             only=only, on_written=on_written)
 
 
-def chunk_boxes(chunks: Sequence[Sequence[int]]) -> dict[tuple[int, ...], Box]:
-    """Every chunk of a (spatial) dask chunk grid and its box, in row-major order."""
-    bounds = [tuple(itertools.accumulate(c, initial=0)) for c in chunks]
-    return {idx: tuple((b[i], b[i + 1]) for b, i in zip(bounds, idx))
-            for idx in itertools.product(*(range(len(c)) for c in chunks))}
-
-
-def chunk_writes(blocks: dict[tuple[int, ...], Any], boxes: dict[tuple[int, ...], Box], mask_blocks: Any,
-                 num_classes: int, labels_target: Any, probabilities_target: Any = None,
-                 probabilities_dtype: str = "float32", *, name: str,
-                 only: Sequence[tuple[int, ...]] | None = None,
-                 on_written: Callable[[tuple[int, ...], dict], None] | None = None,
-                 unreached: bool = False) -> list[Delayed]:
-    """One delayed write per chunk of probability ``blocks`` (delayed (classes, *box) arrays), in order.
-    ``unreached``: pixels whose probabilities are all 0 get nodata (:func:`labels_of`).
-
-    Without a probabilities target a block may be the labels themselves
-    (*box), when something cheaper than the probabilities gave them.
-
-    Shared by the stitched plan and by anything that brings probabilities onto
-    another chunk grid (model space back to the input's grid): the labels,
-    nodata, histogram and completion record are made the same way for both.
-    """
-    wanted = None if only is None else {tuple(i) for i in only}
-    if wanted is not None and not wanted <= blocks.keys():
-        raise ValueError(f"chunk indexes {sorted(wanted - blocks.keys())} are not in the plan's chunk grid")
-    out = []
-    for idx, probs in blocks.items():
-        if wanted is not None and idx not in wanted:
-            continue
-        mask = None if mask_blocks is None else mask_blocks[idx]
-        with draining():
-            out.append(delayed(_write, name=name + "-".join(map(str, idx)), pure=False)(
-                probs, mask, boxes[idx], num_classes, labels_target, probabilities_target,
-                probabilities_dtype, idx, on_written, unreached))
-    return out
-
-
-__all__ = ["ComputedRegion", "DRAIN_PRIORITY", "PROBABILITY_SCALE", "StitchPlan", "chunk_boxes", "chunk_writes", "label_dtype", "label_nodata", "labels_of",
-           "quantize_probabilities"]
+__all__ = ["ComputedRegion", "StitchPlan"]

@@ -30,7 +30,7 @@ from storage.errors import InvalidInputError
 from storage.grids import GridMapping, model_grid
 from storage import resample
 from storage.resample import argmax_to_input, to_input, to_model
-from segmentation.stitching import labels_of
+from segmentation.chunkwrites import labels_of
 
 FLOAT32_RTOL = 1e-5  # float32 interpolation against MONAI's float64, relative to the values' range
 

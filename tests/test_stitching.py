@@ -14,7 +14,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from segmentation import build_plan, predict
-from segmentation.stitching import label_nodata
+from segmentation.chunkwrites import label_nodata
 
 
 def tiny_net(spatial_dims: int, cin: int, classes: int, seed: int = 0) -> nn.Module:
