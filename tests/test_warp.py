@@ -232,3 +232,24 @@ def test_a_large_region_read_in_bands_of_rows_equals_one_read(tmp_path, monkeypa
     assert np.array_equal(banded, whole)
     again = warp(z, src, dst, kernel, scale, 24, valid=m, with_mask=masked and kernel == "average").compute()
     assert np.array_equal(again, planes)
+
+
+def test_a_stored_warps_graph_leaves_the_taps_to_its_tasks(tmp_path):
+    """Each task of a stored warp makes its own taps from its box: the graph holds boxes and windows only (at
+    16384² the way back's taps were 21.6 MB of graph), and the values are those of the in-graph warp."""
+    import pickle
+
+    from storage.warp import _jobs, _per_axis
+
+    rng = np.random.default_rng(11)
+    image = rng.random((2, 600, 520)).astype(np.float32)
+    src, dst = _grids(5.0, 10.0, image.shape[1:])
+    z = zarr.open_array(str(tmp_path / "i.zarr"), mode="w", shape=image.shape, chunks=(2, 128, 128), dtype="float32")
+    z[:] = image
+    stored = warp(z, src, dst, "average", (0.5, 0.5), 64)
+    graph = len(pickle.dumps(dict(stored.__dask_graph__())))
+    taps = len(pickle.dumps(_jobs(src, dst, "average", (0.5, 0.5), _per_axis(dst, 64), False)))
+    assert graph < taps / 4, (graph, taps)
+    assert np.array_equal(stored.compute(scheduler="sync"),
+                          warp(da.from_array(image, chunks=(2, 128, 128)), src, dst, "average", (0.5, 0.5), 64)
+                          .compute(scheduler="sync"))
