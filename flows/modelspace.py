@@ -16,6 +16,7 @@ so such outputs stay byte for byte what they were.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -177,10 +178,17 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
 
 def forget_staged(plan: Any, client: Client) -> None:
     """Drop what a raster model-space plan's way back held in the worker's memory (at a run's end, whatever its
-    outcome: a failed run's chunks would otherwise stay in a long-lived worker)."""
+    outcome: a failed run's chunks would otherwise stay in a long-lived worker).
+
+    Never raises: it runs while a failed run's own error propagates, and a cluster that failed with it (closed,
+    its worker gone, which took the held chunks along) must not replace that error with its own.
+    """
     way_back = getattr(plan, "way_back", None)
     if isinstance(way_back, RasterWayBack) and way_back.memory and way_back.stage is not None:
-        client.run(forget, str(way_back.stage))
+        try:
+            client.run(forget, str(way_back.stage))
+        except Exception as exc:  # noqa: BLE001  (a closed client raises AttributeError, a lost worker comm errors)
+            logging.getLogger(__name__).debug("could not drop the held way-back chunks: %s", exc)
 
 
 def _warped_image(store: ImageStore, model: LoadedModel, options: SegmentOptions, mapping: RasterMapping,

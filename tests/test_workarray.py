@@ -138,3 +138,24 @@ def test_chunks_held_in_memory_read_back_exactly_spill_past_the_budget_and_go_wh
     assert workarray._HELD.nbytes == held_before
     counted.write(data[:, :20, :15], (0, 20), (0, 15))  # after the end: kept nowhere
     assert workarray._HELD.nbytes == held_before and not (tmp_path / "s" / "0.0.npy").exists()
+
+
+def test_forgetting_a_runs_held_chunks_drops_them_in_the_worker_and_never_raises_after_its_cluster_died(tmp_path):
+    """The run's end drops the chunks its way back held, through the client; when the run failed because its
+    cluster went away, the worker's memory went with it and the cleanup must not replace the run's own error."""
+    from distributed import Client, LocalCluster
+
+    from flows.modelspace import forget_staged
+    from storage import workarray
+    from storage.warp import RasterWayBack
+
+    stage_path = tmp_path / "staged-probabilities-x"
+    plan = type("Plan", (), {"way_back": RasterWayBack(None, stage=stage_path, release=True, memory=1 << 20)})()
+    data = np.ones((2, 8, 8), np.float32)
+    target, tokens = stage(da.from_array(data, chunks=(2, 4, 4)), stage_path, memory=1 << 20)
+    tokens.compute(scheduler="sync")
+    assert workarray._HELD.get(str(stage_path), (0, 0)) is not None
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        forget_staged(plan, client)  # the in-process worker is this process: its held chunks go
+        assert workarray._HELD.get(str(stage_path), (1, 1)) is None
+    forget_staged(plan, client)  # closed client and cluster: nothing raised
