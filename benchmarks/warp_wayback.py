@@ -7,7 +7,7 @@ Dask worker grows with the scene.  This isolates the way back: a 10 m model
 grid of 4-class float32 probabilities (random per chunk, so nearly every input
 pixel sits at a label boundary and takes the interpolated branch: the worst
 case) is staged chunk by chunk and brought back to the 5 m input grid as
-labels (:class:`storage.warp.RasterWayBack`, bilinear), stored into a zarr
+labels (:class:`storage.wayback.RasterWayBack`, bilinear), stored into a zarr
 array, on dask's threaded scheduler (2 threads).  Each size runs in its own
 subprocess so its peak RSS (``ru_maxrss``) is its own.
 """
@@ -42,7 +42,7 @@ def one(size: int, folder: Path) -> dict:
 
     from storage.geometry import RasterGeometry
     from storage.rastergrid import raster_mapping
-    from storage.warp import RasterWayBack
+    from storage.wayback import RasterWayBack
 
     geometry = RasterGeometry(width=size, height=size, crs_wkt=CRS.from_epsg(32633).to_wkt(), epsg=32633,
                               transform=(5.0, 0.0, 500000.0, 0.0, -5.0, 5e6), dtype="uint16")

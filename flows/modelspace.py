@@ -37,7 +37,7 @@ from storage.layout import META_ATTR, ImageStore, StoreMeta
 from storage.modelimage import model_image, model_mask, raster_model_geometry
 from storage.modelview import WarpedImage
 from storage.rastergrid import RasterMapping, raster_mapping
-from storage.warp import RasterWayBack
+from storage.wayback import RasterWayBack
 from storage.workarray import forget
 
 # the most bytes of stitched model-grid chunks the way back keeps in the worker's memory (one worker only; past it,
@@ -163,7 +163,7 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
         return stitch, mapping, facts
     input_valid = None if store.mask is None else da.from_zarr(store.mask)
     # the stitched probabilities go through a work array in the work folder (removed with it): each chunk is
-    # freed once written, whatever the scene's size (storage.warp.RasterWayBack)
+    # freed once written, whatever the scene's size (storage.wayback.RasterWayBack)
     # each staged chunk is deleted once its readers have read it, when one local worker runs every task (a reader
     # recomputed on another worker after its chunk was deleted would find nothing): storage.workarray
     one_worker = options.dask_address is None and len(client.scheduler_info(n_workers=-1).get("workers", {})) == 1

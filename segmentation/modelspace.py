@@ -21,7 +21,7 @@ coarser model grid before the nearest-neighbour gather.
 :class:`StitchPlan` whose output grid is the input's.
 
 Rasters take the same plan with another way back (:class:`WayBack`): a
-:class:`storage.warp.RasterWayBack` warps the probabilities as GDAL does
+:class:`storage.wayback.RasterWayBack` warps the probabilities as GDAL does
 (bilinear where the input is finer than the model, average where coarser; per
 axis weights in one CRS, :mod:`storage.separable`) and takes the argmax per
 input chunk, interpolating only near label boundaries when no probabilities

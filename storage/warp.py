@@ -27,7 +27,6 @@ pixels outside the input's footprint are invalid.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from itertools import product
 from operator import getitem
@@ -43,7 +42,6 @@ from storage.rastergrid import Kernel, RasterGrid, RasterMapping
 from storage.resample import argmax_first
 from storage.separable import Axis, Taps, destination_valid, region_of, separable_block
 from storage.separablelabels import separable_labels
-from storage.workarray import stage
 
 def _bounds_of(n: int, c: int) -> list[tuple[int, int]]:
     return [(s, min(s + c, n)) for s in range(0, n, c)]
@@ -64,7 +62,7 @@ def separable_axes(src: RasterGrid, dst: RasterGrid, kernel: Kernel,
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
     """How one output chunk is computed: its box, the source region it reads, and the separable taps (None: GDAL)."""
 
     box: tuple[tuple[int, int], tuple[int, int]]
@@ -75,24 +73,24 @@ class _Job:
     lazy: bool = False
     with_mask: bool = False  # (a lazy job) whether it had the mask's taps
 
-    def light(self) -> "_Job":
+    def light(self) -> "Job":
         """This job without its taps, for a task graph: 84 kB of taps per 1024² chunk made the way back's graph
         21.6 MB at 16384² (Dask warns past 10 MB); the task makes them again in 0.2 ms."""
         if self.taps is None:
             return self
-        return _Job(self.box, self.window, lazy=True, with_mask=self.nearest is not None)
+        return Job(self.box, self.window, lazy=True, with_mask=self.nearest is not None)
 
-    def made(self, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float]) -> "_Job":
+    def made(self, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float]) -> "Job":
         """The whole job again from a :meth:`light` one (the same taps: they depend on the box alone)."""
         if not self.lazy:
             return self
-        job = _jobs(src, dst, kernel, scale, [[self.box[0]], [self.box[1]]], self.with_mask)[(0, 0)]
+        job = chunk_jobs(src, dst, kernel, scale, [[self.box[0]], [self.box[1]]], self.with_mask)[(0, 0)]
         assert job.window == self.window, (job.window, self.window)
         return job
 
 
-def _jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
-          per_axis: Sequence[list[tuple[int, int]]], with_mask: bool) -> dict[tuple[int, int], _Job]:
+def chunk_jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
+          per_axis: Sequence[list[tuple[int, int]]], with_mask: bool) -> dict[tuple[int, int], Job]:
     axes = separable_axes(src, dst, kernel, scale)
     if with_mask and axes is None:
         raise ValueError("a destination mask plane needs the separable warp")
@@ -101,15 +99,15 @@ def _jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, 
     for idx in product(*(range(len(b)) for b in per_axis)):
         box = (per_axis[0][idx[0]], per_axis[1][idx[1]])
         if axes is None:
-            jobs[idx] = _Job(box, source_window(src, dst, box, pad))
+            jobs[idx] = Job(box, source_window(src, dst, box, pad))
             continue
         taps = (axes[0].taps(kernel, *box[0]), axes[1].taps(kernel, *box[1]))
         near = (axes[0].taps("nearest", *box[0]), axes[1].taps("nearest", *box[1])) if with_mask else None
-        jobs[idx] = _Job(box, region_of(taps, *([near] if near else [])), taps, near)
+        jobs[idx] = Job(box, region_of(taps, *([near] if near else [])), taps, near)
     return jobs
 
 
-def _compute(job: _Job, region: np.ndarray, valid: np.ndarray | None, src: RasterGrid, dst: RasterGrid,
+def _compute(job: Job, region: np.ndarray, valid: np.ndarray | None, src: RasterGrid, dst: RasterGrid,
              kernel: Kernel, scale: tuple[float, float], dtype: Any, argmax: bool, empty: int = 0) -> np.ndarray:
     """One output chunk from its source region (top-left at the job's window start)."""
     assert job.window is not None
@@ -125,7 +123,7 @@ def _compute(job: _Job, region: np.ndarray, valid: np.ndarray | None, src: Raste
     return out
 
 
-def _empty(job: _Job, n_ch: int, dtype: Any, argmax: bool, empty: int = 0) -> np.ndarray:
+def _empty(job: Job, n_ch: int, dtype: Any, argmax: bool, empty: int = 0) -> np.ndarray:
     shape = tuple(b - a for a, b in job.box)
     if argmax:
         return np.full(shape, empty, dtype=dtype)
@@ -156,7 +154,7 @@ def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, sca
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
     n_ch = source.shape[0]
-    per_axis = _per_axis(dst, chunks)
+    per_axis = chunk_bounds(dst, chunks)
     source = source.rechunk({0: n_ch})
     if valid is not None:
         valid = da.asarray(valid).rechunk(source.chunks[1:])
@@ -166,7 +164,7 @@ def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, sca
                      str(dtype), argmax, with_mask, empty)
     name = f"{'warp-argmax' if argmax else 'warp'}-{token}"
     dsk: dict = {}
-    for idx, job in _jobs(src, dst, kernel, scale, per_axis, with_mask).items():
+    for idx, job in chunk_jobs(src, dst, kernel, scale, per_axis, with_mask).items():
         parts, mparts, places = [], [], []
         window = job.window
         if window is not None:
@@ -187,15 +185,15 @@ def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, sca
                     src, dst, kernel, scale, dtype, argmax, empty)
     deps = [source] if valid is None else [source, valid]
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
-    return _array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
+    return chunk_array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
 
 
-def _per_axis(dst: RasterGrid, chunks: Sequence[int] | int) -> list[list[tuple[int, int]]]:
+def chunk_bounds(dst: RasterGrid, chunks: Sequence[int] | int) -> list[list[tuple[int, int]]]:
     size = (int(chunks), int(chunks)) if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
     return [_bounds_of(n, min(c, n)) for n, c in zip(dst.shape, size)]
 
 
-def _array(graph: HighLevelGraph, name: str, per_axis: Sequence[list[tuple[int, int]]], planes: int, dtype: Any,
+def chunk_array(graph: HighLevelGraph, name: str, per_axis: Sequence[list[tuple[int, int]]], planes: int, dtype: Any,
            argmax: bool) -> da.Array:
     spatial = tuple(tuple(b - a for a, b in bounds) for bounds in per_axis)
     if argmax:
@@ -205,45 +203,28 @@ def _array(graph: HighLevelGraph, name: str, per_axis: Sequence[list[tuple[int, 
 
 def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
                  chunks: Sequence[int] | int, *, valid: Any = None, dtype: Any = np.float32, argmax: bool = False,
-                 with_mask: bool = False, after: da.Array | None = None,
-                 written: Sequence[int] | None = None, empty: int = 0, release: bool = False) -> da.Array:
-    """:func:`warp` of a stored array (and mask): zarr, or a :class:`storage.workarray.ChunkFiles`; each task
-    reads its own region from the store.
-
-    ``after`` (one block per chunk of ``written`` size, :func:`stage`'s
-    tokens; default the store's chunks): a task starts once the blocks of the
-    chunks its region touches are computed.  ``release`` (a work array
-    source): each chunk's file is deleted once every task reading it has
-    (:meth:`storage.workarray.ChunkFiles.counted`; one worker only).
-    """
+                 with_mask: bool = False, empty: int = 0) -> da.Array:
+    """:func:`warp` of a stored array (and mask): each task reads its own region from the store (a zarr array, or
+    any array with ``store``, ``path``, ``shape`` and ``ndim`` read by slices)."""
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
-    n_ch = source.shape[0]
-    per_axis = _per_axis(dst, chunks)
+    per_axis = chunk_bounds(dst, chunks)
     dtype = np.dtype(dtype)
-    name = "warp-stored-" + tokenize(str(source.store), source.path, None if valid is None else valid.path,
+    name = stored_name(source, valid, src, dst, kernel, scale, per_axis, dtype, argmax, with_mask, None, empty)
+    dsk = {(name, *idx) if argmax else (name, 0, *idx):
+           (read_task, source, valid, job.light(), src, dst, kernel, scale, dtype, argmax, empty)
+           for idx, job in chunk_jobs(src, dst, kernel, scale, per_axis, with_mask).items()}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
+    return chunk_array(graph, name, per_axis, source.shape[0] + with_mask, dtype, argmax)
+
+
+def stored_name(source: Any, valid: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
+                per_axis: Sequence[list[tuple[int, int]]], dtype: Any, argmax: bool, with_mask: bool, after: Any,
+                empty: int) -> str:
+    """The graph name of a stored warp: what it reads (by path) and everything that decides its values."""
+    return "warp-stored-" + tokenize(str(source.store), source.path, None if valid is None else valid.path,
                                      source.shape, src, dst, kernel, scale, per_axis, str(dtype), argmax, with_mask,
-                                     None if after is None else after.name, empty)
-    size = tuple(written) if written is not None else source.chunks[1:]
-    jobs = _jobs(src, dst, kernel, scale, per_axis, with_mask)
-    if release:
-        readers: Counter[tuple[int, int]] = Counter()
-        for job in jobs.values():
-            if job.window is not None:
-                readers.update(source.chunks_of(*job.window))
-        source = source.counted(readers)
-    dsk: dict = {}
-    for idx, job in jobs.items():
-        key = (name, *idx) if argmax else (name, 0, *idx)
-        waits: list = []
-        if after is not None and job.window is not None:
-            (r0, r1), (c0, c1) = job.window
-            waits = [(after.name, p, i, j) for p in range(after.numblocks[0])
-                     for i in range(r0 // size[0], (r1 - 1) // size[0] + 1)
-                     for j in range(c0 // size[1], (c1 - 1) // size[1] + 1)]
-        dsk[key] = (_read_task, source, valid, job.light(), src, dst, kernel, scale, dtype, argmax, empty, waits)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[] if after is None else [after])
-    return _array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
+                                     after, empty)
 
 
 # A separable task whose source region holds more than this is read and warped in bands of destination rows
@@ -254,7 +235,7 @@ def _warp_stored(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, 
 BAND_BYTES = 24 << 20
 
 
-def _row_bands(job: _Job, source: Any) -> list[tuple[int, int]]:
+def _row_bands(job: Job, source: Any) -> list[tuple[int, int]]:
     """Destination row ranges [a, b) of ``job`` (offsets into its box) whose source rows each stay within one
     chunk row of ``source`` where they can (no chunk is decoded twice) and under :data:`BAND_BYTES`."""
     assert job.taps is not None and job.window is not None
@@ -275,21 +256,26 @@ def _row_bands(job: _Job, source: Any) -> list[tuple[int, int]]:
     return bands
 
 
-def _band(job: _Job, a: int, b: int) -> _Job:
+def _band(job: Job, a: int, b: int) -> Job:
     """Rows [a, b) of a separable ``job``: its taps, and the source region they read."""
-    assert job.taps is not None
-    ty, tx = job.taps
+    return job_piece(job, (a, b), (0, job.box[1][1] - job.box[1][0]))
 
-    def rows(t: Taps) -> Taps:
+
+def job_piece(job: Job, rows: tuple[int, int], cols: tuple[int, int]) -> Job:
+    """Rows and columns [a, b) (offsets into its box) of a separable ``job``: their taps, and the region they read."""
+    assert job.taps is not None
+
+    def cut(t: Taps, a: int, b: int) -> Taps:
         return Taps(t.index[a:b], t.weight[a:b], t.inside[a:b], t.centre[a:b])
 
-    taps = (rows(ty), tx)
-    near = None if job.nearest is None else (rows(job.nearest[0]), job.nearest[1])
-    y0 = job.box[0][0]
-    return _Job(((y0 + a, y0 + b), job.box[1]), region_of(taps, *([near] if near else [])), taps, near)
+    taps = (cut(job.taps[0], *rows), cut(job.taps[1], *cols))
+    near = None if job.nearest is None else (cut(job.nearest[0], *rows), cut(job.nearest[1], *cols))
+    (y0, _), (x0, _) = job.box
+    box = ((y0 + rows[0], y0 + rows[1]), (x0 + cols[0], x0 + cols[1]))
+    return Job(box, region_of(taps, *([near] if near else [])), taps, near)
 
 
-def _read_task(source: Any, valid: Any, job: _Job, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+def read_task(source: Any, valid: Any, job: Job, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
                scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
     """One chunk of a stored warp; then its reads counted, for a source that deletes what every reader has read."""
     job = job.made(src, dst, kernel, scale)
@@ -299,7 +285,7 @@ def _read_task(source: Any, valid: Any, job: _Job, src: RasterGrid, dst: RasterG
     return out
 
 
-def _stored_task(source: Any, valid: Any, job: _Job, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+def _stored_task(source: Any, valid: Any, job: Job, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
                  scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
     if job.window is None:
         return _empty(job, source.shape[0], dtype, argmax, empty)
@@ -325,11 +311,11 @@ def warp_region(source: Any, valid: Any, src: RasterGrid, dst: RasterGrid, kerne
     ``valid``): exactly the pixels a :func:`warp` task computes for them, as the values of a warp do not depend
     on the window they are computed in (module docstring)."""
     (y0, y1), (x0, x1) = box
-    job = _jobs(src, dst, kernel, scale, [[(int(y0), int(y1))], [(int(x0), int(x1))]], False)[(0, 0)]
+    job = chunk_jobs(src, dst, kernel, scale, [[(int(y0), int(y1))], [(int(x0), int(x1))]], False)[(0, 0)]
     return _stored_task(source, valid, job, src, dst, kernel, scale, np.dtype(dtype), False, 0)
 
 
-def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places: list[tuple[slice, ...]], job: _Job,
+def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places: list[tuple[slice, ...]], job: Job,
                n_ch: int, src_dtype: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
                scale: tuple[float, float], dtype: Any, argmax: bool, empty: int = 0) -> np.ndarray:
     if job.window is None:  # nothing of the source under this chunk
@@ -376,87 +362,5 @@ def back_scale(mapping: RasterMapping) -> tuple[float, float]:
     return 1.0 / mapping.scale[0], 1.0 / mapping.scale[1]
 
 
-@dataclass(frozen=True)
-class RasterWayBack:
-    """Model-grid probabilities back onto the input's grid (what a model-space plan writes), as GDAL warps.
-
-    ``mode`` "bilinear" interpolates with the mapping's way-back kernel
-    (bilinear where the input is finer than the model, average where it is
-    coarser); "nearest" takes the nearest model pixel.  ``valid`` is the model
-    grid's mask (a zarr or dask array) when some model pixels are invalid
-    (their zero probabilities are then left out rather than blended in).
-
-    ``stage`` (a folder for a work array, :mod:`storage.workarray`) makes the stitched probabilities
-    go through a store: each model chunk is written as soon as it is stitched
-    (and then freed, as the plain sliding window's writes free theirs), and each
-    input chunk's task reads just the region its taps need once the chunks
-    under it are written.  Without it an input chunk holds on to up to four
-    stitched chunks that its neighbours also wait for, and the scheduler kept
-    most of the model grid's probabilities in memory (the worker's peak grew
-    with the scene).
-    """
-
-    mapping: RasterMapping
-    valid: Any = None
-    stage: Any = None
-    # staged chunks deleted once read (storage.workarray): when one worker runs every task, and only one way back
-    # (labels or probabilities) reads this stage folder, as a run's writes do
-    release: bool = False
-    # with release: the staged chunks stay in the worker's memory within this many bytes (storage.workarray)
-    memory: int = 0
-    # input pixels no valid model pixel reaches get no probabilities (all 0): their labels are nodata
-    leaves_unreached = True
-
-    @property
-    def input_shape(self) -> tuple[int, int]:
-        return self.mapping.input_shape
-
-    def _kernel(self, mode: str) -> Kernel:
-        return "nearest" if mode == "nearest" else self.mapping.back
-
-    def _warp(self, probs: da.Array, chunks: Sequence[int], mode: str, **kw: Any) -> da.Array:
-        m = self.mapping
-        if self.stage is None:
-            valid = self.valid if self.valid is None or isinstance(self.valid, da.Array) else da.from_zarr(self.valid)
-            return warp(probs, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid, **kw)
-        staged, written = stage(probs, self.stage, self.memory if self.release else 0)
-        valid = self.valid if self.valid is None or not isinstance(self.valid, da.Array) else None
-        if valid is None and self.valid is not None:  # a dask mask: staged beside the probabilities
-            mask = self.valid.rechunk(probs.chunks[1:])[None].astype(np.float32)
-            valid, mask_written = stage(mask, f"{self.stage}-valid")
-            written = da.concatenate([written, mask_written], axis=0)
-            valid = _Plane(valid)
-        return _warp_stored(staged, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid,
-                            after=written, written=tuple(c[0] for c in probs.chunks[1:]), release=self.release, **kw)
-
-    def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
-        return self._warp(probs, chunks, mode)
-
-    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0) -> da.Array:
-        """The argmax of :meth:`probabilities`, chunk by chunk, without keeping the warped classes (labels
-        copied from the model grid where every contributing model pixel clearly has one, storage.separablelabels),
-        and ``empty`` where no valid model pixel reaches an input pixel (a sliver of the input thinner than the
-        model's pixels, whose model pixels hold no data)."""
-        return self._warp(probs, chunks, mode, dtype=dtype, argmax=True, empty=empty)
-
-    def region(self, box: Sequence[tuple[int, int]], mode: str) -> tuple[tuple[int, int], ...]:
-        """The model-grid region [lo, hi) per (row, col) the way back reads for the input ``box``."""
-        m = self.mapping
-        job = _jobs(m.model, m.input, self._kernel(mode), back_scale(m), [[tuple(box[0])], [tuple(box[1])]],
-                    False)[(0, 0)]
-        return ((0, 0), (0, 0)) if job.window is None else job.window
-
-
-class _Plane:
-    """A staged (1, H, W) mask read as (H, W) booleans."""
-
-    def __init__(self, array: Any) -> None:
-        self.array = array
-        self.path = getattr(array, "path", "")
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return np.asarray(self.array[(0, *key)]) > 0
-
-
-__all__ = ["RasterWayBack", "back_scale", "halo", "source_window", "to_model", "warp", "warp_block",
-           "warp_region"]
+__all__ = ["Job", "back_scale", "chunk_array", "chunk_bounds", "chunk_jobs", "halo", "job_piece", "read_task",
+           "separable_axes", "source_window", "stored_name", "to_model", "warp", "warp_block", "warp_region"]

@@ -239,7 +239,7 @@ def test_a_stored_warps_graph_leaves_the_taps_to_its_tasks(tmp_path):
     16384² the way back's taps were 21.6 MB of graph), and the values are those of the in-graph warp."""
     import pickle
 
-    from storage.warp import _jobs, _per_axis
+    from storage.warp import chunk_bounds as _per_axis, chunk_jobs as _jobs
 
     rng = np.random.default_rng(11)
     image = rng.random((2, 600, 520)).astype(np.float32)

@@ -88,7 +88,7 @@ def test_a_released_way_back_gives_the_same_labels_and_leaves_no_chunk(tmp_path)
     from scipy.ndimage import zoom
 
     from storage.rastergrid import raster_mapping
-    from storage.warp import RasterWayBack
+    from storage.wayback import RasterWayBack
 
     rng = np.random.default_rng(4)
     geometry = SimpleNamespace(transform=tuple(from_origin(500000, 6000000, 5, 5))[:6], epsg=32633, crs_wkt=None)
@@ -103,6 +103,43 @@ def test_a_released_way_back_gives_the_same_labels_and_leaves_no_chunk(tmp_path)
         a, b = kept.compute(), gone.compute()
     assert np.array_equal(a, b)
     assert len(list((tmp_path / "kept").glob("*.npy"))) == 9 and not list((tmp_path / "gone").glob("*.npy"))
+    # the released way back computed the input pixels straddling two model chunks apart, from the strips
+    assert any(str(key[0]).endswith("-inner") for key in dict(gone.__dask_graph__()))
+
+
+def test_strips_read_like_the_chunks_and_let_a_whole_chunk_go_before_the_readers_of_its_borders(tmp_path):
+    """With strips, a region that takes no more than a chunk's border rows or columns (or a corner of both)
+    reads their copy: every region reads the stored values, and a counted whole chunk goes once its own
+    readers have read it while its strips stay for theirs, in files or held in memory."""
+    from storage import workarray
+
+    rng = np.random.default_rng(2)
+    data = rng.random((2, 20, 24)).astype(np.float32)
+    for memory in (0, 1 << 20):
+        path = tmp_path / f"s{memory}"
+        target, tokens = stage(da.from_array(data, chunks=(2, 10, 12)), path, memory, strip=2)
+        tokens.compute(scheduler="sync")
+        assert target.parts_of((9, 11), (0, 12)) == [(0, 0, "bottom"), (1, 0, "top")]
+        assert target.parts_of((8, 12), (11, 13)) == [(0, 0, "bottom-right"), (0, 1, "bottom-left"),
+                                                      (1, 0, "top-right"), (1, 1, "top-left")]
+        assert target.parts_of((0, 10), (0, 2)) == [(0, 0, "left")]
+        assert target.parts_of((0, 3), (0, 12)) == [(0, 0)]  # more rows than the strip holds: the whole chunk
+        for _ in range(300):
+            r0, c0 = int(rng.integers(0, 20)), int(rng.integers(0, 24))
+            r1, c1 = int(rng.integers(r0 + 1, 21)), int(rng.integers(c0 + 1, 25))
+            assert np.array_equal(target[:, r0:r1, c0:c1], data[:, r0:r1, c0:c1]), (r0, r1, c0, c1)
+
+        def stored(key):
+            name = ".".join(map(str, key)) + ".npy"
+            return (path / name).exists() if not memory else workarray._HELD.get(str(path), key) is not None
+
+        counted = target.counted({(0, 0): 1, (0, 0, "bottom"): 1, (1, 0, "top"): 1})
+        counted.release((0, 10), (0, 12), "inside")
+        assert not stored((0, 0)) and stored((0, 0, "bottom"))  # the whole chunk went, its strip stays
+        assert np.array_equal(counted[:, 9:11, 0:12], data[:, 9:11, 0:12])
+        counted.release((9, 11), (0, 12), "across")
+        assert not stored((0, 0, "bottom")) and not stored((1, 0, "top")) and stored((1, 0))
+        workarray.forget(path)
 
 
 def test_chunks_held_in_memory_read_back_exactly_spill_past_the_budget_and_go_when_read_or_forgotten(tmp_path):
@@ -147,7 +184,7 @@ def test_forgetting_a_runs_held_chunks_drops_them_in_the_worker_and_never_raises
 
     from flows.modelspace import forget_staged
     from storage import workarray
-    from storage.warp import RasterWayBack
+    from storage.wayback import RasterWayBack
 
     stage_path = tmp_path / "staged-probabilities-x"
     plan = type("Plan", (), {"way_back": RasterWayBack(None, stage=stage_path, release=True, memory=1 << 20)})()
