@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass
+from operator import getitem
 from typing import Any, Sequence
 
 import dask.array as da
@@ -99,6 +100,13 @@ def _reads(jobs: dict[tuple[int, int], Job], source: Any) -> tuple[Split, Counte
     return split, readers
 
 
+def _inner_task(source: Any, valid: Any, pieces: list[Job], src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+                scale: tuple[float, float], dtype: Any, argmax: bool, empty: int,
+                _after: Any = None) -> list[np.ndarray]:
+    """The pieces of several chunks that read one source chunk, each as :func:`storage.warp.read_task` makes it."""
+    return [read_task(source, valid, p, src, dst, kernel, scale, dtype, argmax, empty) for p in pieces]
+
+
 def _joined_task(parts: list[list[Any]], source: Any, valid: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
                  scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
     """One chunk from its pieces (:func:`_reads`' split), rows of pieces in order: those inside one source chunk
@@ -153,21 +161,26 @@ def _staged_warp(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, 
 
     dsk: dict = {}
     common = (src, dst, kernel, scale, dtype, argmax, empty)
+    # the pieces inside one source chunk (or strip): one task each, which reads it once for all of them
+    inner: dict[tuple[Any, ...], list[Job]] = {}
+    for idx in split:
+        for row in split[idx]:
+            for piece, straddles in row:
+                if not straddles:
+                    inner.setdefault(tuple(source.parts_of(*piece.window)), []).append(piece)
+    place: dict[tuple[tuple[int, int], ...], tuple[Any, int]] = {}
+    for n, pieces in enumerate(inner.values()):
+        dsk[(f"{name}-inner", n)] = (_inner_task, source, valid, [p.light() for p in pieces], *common,
+                                     waits(pieces[0]))
+        place.update({p.box: ((f"{name}-inner", n), k) for k, p in enumerate(pieces)})
     for idx, job in jobs.items():
         key = (name, *idx) if argmax else (name, 0, *idx)
         if idx not in split:
             dsk[key] = (read_task, source, valid, job.light(), *common, waits(job))
             continue
-        parts: list[list[Any]] = []
-        for r, row in enumerate(split[idx]):
-            parts.append([])
-            for c, (piece, straddles) in enumerate(row):
-                if straddles:  # read from the strips by the joining task, once the chunks it reads are stitched
-                    parts[-1].append(piece.light())
-                    continue
-                inner = (f"{name}-inner", *idx, r, c)
-                dsk[inner] = (read_task, source, valid, piece.light(), *common, waits(piece))
-                parts[-1].append(inner)
+        # straddling pieces: read from the strips by the joining task, once the chunks it reads are stitched
+        parts = [[piece.light() if straddles else (getitem, *place[piece.box]) for piece, straddles in row]
+                 for row in split[idx]]
         dsk[key] = (_joined_task, parts, source, valid, *common,
                     [w for row in split[idx] for piece, straddles in row if straddles for w in waits(piece)])
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[] if after is None else [after])
@@ -220,7 +233,7 @@ class RasterWayBack:
         jobs = chunk_jobs(m.model, m.input, self._kernel(mode), back_scale(m), chunk_bounds(m.input, chunks), False)
         keep = None
         bounds = [tuple(np.cumsum((0, *c)).tolist()) for c in probs.chunks[1:]]
-        strip = strip_size(jobs, bounds) if self.release else 0
+        strip = strip_size(jobs, bounds) if self.release and self._strips_pay(probs) else 0
         if self.release:  # store only what is read: a piece nobody reads would never be counted out
             shape = ChunkFiles(self.stage, probs.shape, probs.dtype, probs.chunks[1:], strip=strip)
             keep = set(_reads(jobs, shape)[1])
@@ -234,6 +247,20 @@ class RasterWayBack:
         return _staged_warp(staged, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid,
                             after=written, written=tuple(c[0] for c in probs.chunks[1:]), release=self.release,
                             jobs=jobs, **kw)
+
+    def _strips_pay(self, probs: da.Array) -> bool:
+        """Whether the staged chunks keep their border strips (:func:`strip_size`): only where about three rows
+        of model chunks would not fit in the memory budget.
+
+        With strips a chunk goes as soon as the input pixels inside it are computed (at most 85-106 MB were held
+        at 16384², 5 m to 10 m, chunks 1024²), but each input chunk takes one more small task: in three
+        interleaved ``segment`` pairs there, A's inference took 26.3, 31.8, 28.6 s with them against 26.3, 25.8,
+        25.6 s without.  Without them about two rows of chunks wait for their neighbours (20 of 64, 419 MB,
+        at 16384²): that is kept while it fits the budget, and a wider scene takes the strips instead of
+        spilling chunks to files (new page cache, slower still).
+        """
+        row = probs.shape[0] * probs.dtype.itemsize * max(probs.chunks[1]) * probs.shape[2]  # one row of chunks
+        return 3 * row > self.memory
 
     def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
         return self._warp(probs, chunks, mode)

@@ -105,6 +105,15 @@ def test_a_released_way_back_gives_the_same_labels_and_leaves_no_chunk(tmp_path)
     assert len(list((tmp_path / "kept").glob("*.npy"))) == 9 and not list((tmp_path / "gone").glob("*.npy"))
     # the released way back computed the input pixels straddling two model chunks apart, from the strips
     assert any(str(key[0]).endswith("-inner") for key in dict(gone.__dask_graph__()))
+    # with a memory budget that three rows of model chunks fit in, it keeps whole chunks only (no strips)
+    from storage import workarray
+
+    held = RasterWayBack(m, stage=tmp_path / "held", release=True, memory=1 << 30)
+    whole = held.labels(probs, (20, 20), "bilinear", np.uint8)
+    assert not any(str(key[0]).endswith("-inner") for key in dict(whole.__dask_graph__()))
+    with dask.config.set(scheduler="threads", num_workers=2):
+        assert np.array_equal(whole.compute(), a)
+    workarray.forget(tmp_path / "held")
 
 
 def test_strips_read_like_the_chunks_and_let_a_whole_chunk_go_before_the_readers_of_its_borders(tmp_path):
