@@ -42,7 +42,9 @@ from storage.workarray import forget
 
 # the most bytes of stitched model-grid chunks the way back keeps in the worker's memory (one worker only; past it,
 # files in the work folder). A 5 m scene and a 10 m model, chunks 1024², 5 classes: at most 231 MB were held at once
-# at 8192² (11 of 16 chunks), 419 MB at 16384² (20 of 64): about two rows of model chunks, so a wider scene spills
+# at 8192² (11 of 16 chunks), 419 MB at 16384² (20 of 64): about two rows of model chunks.  Where three rows would
+# not fit, the chunks keep border strips instead and go as soon as the input pixels inside them are computed
+# (storage.wayback.RasterWayBack._strips_pay): a few chunks at a time, however wide the scene
 STAGE_MEMORY = 512 << 20
 
 DEFAULT_VOLUME_CHUNK = 128
