@@ -90,7 +90,7 @@ class Job:
 
 
 def chunk_jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
-          per_axis: Sequence[list[tuple[int, int]]], with_mask: bool) -> dict[tuple[int, int], Job]:
+               per_axis: Sequence[list[tuple[int, int]]], with_mask: bool) -> dict[tuple[int, int], Job]:
     axes = separable_axes(src, dst, kernel, scale)
     if with_mask and axes is None:
         raise ValueError("a destination mask plane needs the separable warp")
@@ -193,8 +193,8 @@ def chunk_bounds(dst: RasterGrid, chunks: Sequence[int] | int) -> list[list[tupl
     return [_bounds_of(n, min(c, n)) for n, c in zip(dst.shape, size)]
 
 
-def chunk_array(graph: HighLevelGraph, name: str, per_axis: Sequence[list[tuple[int, int]]], planes: int, dtype: Any,
-           argmax: bool) -> da.Array:
+def chunk_array(graph: HighLevelGraph, name: str, per_axis: Sequence[list[tuple[int, int]]], planes: int,
+                dtype: Any, argmax: bool) -> da.Array:
     spatial = tuple(tuple(b - a for a, b in bounds) for bounds in per_axis)
     if argmax:
         return da.Array(graph, name, chunks=spatial, dtype=dtype)

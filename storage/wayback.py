@@ -120,39 +120,34 @@ def _joined_task(parts: list[list[Any]], source: Any, valid: Any, src: RasterGri
     return np.concatenate([np.concatenate([made(p) for p in row], axis=lead + 1) for row in parts], axis=lead)
 
 
-def _staged_warp(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
-                 chunks: Sequence[int] | int, *, valid: Any = None, dtype: Any = np.float32, argmax: bool = False,
-                 with_mask: bool = False, after: da.Array | None = None,
-                 written: Sequence[int] | None = None, empty: int = 0, release: bool = False,
-                 jobs: dict[tuple[int, int], Job] | None = None) -> da.Array:
-    """The warp of a work array ``source`` (:class:`storage.workarray.ChunkFiles`, and its mask): each task
-    reads its own region from it, as :func:`storage.warp.warp`'s of a stored array do.
-
-    ``after`` (one block per chunk of ``written`` size, :func:`stage`'s
-    tokens; default the store's chunks): a task starts once the blocks of the
-    chunks its region touches are computed.  ``release`` (a work array
-    source): each chunk's file is deleted once every task reading it has
-    (:meth:`storage.workarray.ChunkFiles.counted`; one worker only).  A source that keeps strips
-    (:attr:`storage.workarray.ChunkFiles.strip`): a chunk's pixels whose taps straddle two source chunks are
-    computed apart, from the strips, by the task that joins the chunk's pieces (:func:`strip_size`).  ``jobs``:
-    :func:`chunk_jobs` for these arguments, when the caller has them already.
+def _staged_warp(source: ChunkFiles, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
+                 chunks: Sequence[int] | int, *, after: da.Array, written: Sequence[int], valid: Any = None,
+                 dtype: Any = np.float32, argmax: bool = False, empty: int = 0,
+                 jobs: dict[tuple[int, int], Job] | None = None,
+                 reads: tuple[Split, Counter[tuple[Any, ...]]] | None = None) -> da.Array:
+    """The warp of a work array ``source`` (:func:`stage`'d, and its mask): each task reads its own region from
+    it, as :func:`storage.warp.warp`'s of a stored array do, once the blocks of ``after`` (:func:`stage`'s
+    tokens, one per chunk of ``written`` size) under its region are computed.  ``jobs``: :func:`chunk_jobs` for
+    these arguments.  ``reads`` (:func:`_reads`, one worker only): each piece of the source is deleted once
+    every task reading it has (:meth:`storage.workarray.ChunkFiles.counted`), and where the source keeps strips
+    a chunk's pixels whose taps straddle two source chunks are computed apart, from the strips, by the task
+    that joins the chunk's pieces (:func:`strip_size`).
     """
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
     n_ch = source.shape[0]
     per_axis = chunk_bounds(dst, chunks)
     dtype = np.dtype(dtype)
-    name = stored_name(source, valid, src, dst, kernel, scale, per_axis, dtype, argmax, with_mask,
-                       None if after is None else after.name, empty)
-    size = tuple(written) if written is not None else source.chunks[1:]
-    jobs = chunk_jobs(src, dst, kernel, scale, per_axis, with_mask) if jobs is None else jobs
+    name = stored_name(source, valid, src, dst, kernel, scale, per_axis, dtype, argmax, False, after.name, empty)
+    size = tuple(written)
+    jobs = chunk_jobs(src, dst, kernel, scale, per_axis, False) if jobs is None else jobs
     split: Split = {}
-    if release:
-        split, readers = _reads(jobs, source)
+    if reads is not None:
+        split, readers = reads
         source = source.counted(readers)
 
     def waits(job: Job) -> list:
-        if after is None or job.window is None:
+        if job.window is None:
             return []
         (r0, r1), (c0, c1) = job.window
         return [(after.name, p, i, j) for p in range(after.numblocks[0])
@@ -183,8 +178,8 @@ def _staged_warp(source: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel, 
                  for row in split[idx]]
         dsk[key] = (_joined_task, parts, source, valid, *common,
                     [w for row in split[idx] for piece, straddles in row if straddles for w in waits(piece)])
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[] if after is None else [after])
-    return chunk_array(graph, name, per_axis, n_ch + with_mask, dtype, argmax)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[after])
+    return chunk_array(graph, name, per_axis, n_ch, dtype, argmax)
 
 
 @dataclass(frozen=True)
@@ -231,13 +226,15 @@ class RasterWayBack:
             valid = self.valid if self.valid is None or isinstance(self.valid, da.Array) else da.from_zarr(self.valid)
             return warp(probs, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid, **kw)
         jobs = chunk_jobs(m.model, m.input, self._kernel(mode), back_scale(m), chunk_bounds(m.input, chunks), False)
-        keep = None
-        bounds = [tuple(np.cumsum((0, *c)).tolist()) for c in probs.chunks[1:]]
-        strip = strip_size(jobs, bounds) if self.release and self._strips_pay(probs) else 0
-        if self.release:  # store only what is read: a piece nobody reads would never be counted out
-            shape = ChunkFiles(self.stage, probs.shape, probs.dtype, probs.chunks[1:], strip=strip)
-            keep = set(_reads(jobs, shape)[1])
-        staged, written = stage(probs, self.stage, self.memory if self.release else 0, strip, keep)
+        reads = None
+        strip = 0
+        if self.release:  # counted reads; only what is read is stored (a piece nobody reads would stay)
+            grid = ChunkFiles(self.stage, probs.shape, probs.dtype, probs.chunks[1:])
+            strip = strip_size(jobs, grid.bounds) if self._strips_pay(probs) else 0
+            grid.strip = strip
+            reads = _reads(jobs, grid)
+        staged, written = stage(probs, self.stage, self.memory if self.release else 0, strip,
+                                None if reads is None else set(reads[1]))
         valid = self.valid if self.valid is None or not isinstance(self.valid, da.Array) else None
         if valid is None and self.valid is not None:  # a dask mask: staged beside the probabilities
             mask = self.valid.rechunk(probs.chunks[1:])[None].astype(np.float32)
@@ -245,8 +242,8 @@ class RasterWayBack:
             written = da.concatenate([written, mask_written], axis=0)
             valid = _Plane(valid)
         return _staged_warp(staged, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid,
-                            after=written, written=tuple(c[0] for c in probs.chunks[1:]), release=self.release,
-                            jobs=jobs, **kw)
+                            after=written, written=tuple(c[0] for c in probs.chunks[1:]), jobs=jobs, reads=reads,
+                            **kw)
 
     def _strips_pay(self, probs: da.Array) -> bool:
         """Whether the staged chunks keep their border strips (:func:`strip_size`): only where about three rows
@@ -276,7 +273,7 @@ class RasterWayBack:
         """The model-grid region [lo, hi) per (row, col) the way back reads for the input ``box``."""
         m = self.mapping
         job = chunk_jobs(m.model, m.input, self._kernel(mode), back_scale(m), [[tuple(box[0])], [tuple(box[1])]],
-                    False)[(0, 0)]
+                         False)[(0, 0)]
         return ((0, 0), (0, 0)) if job.window is None else job.window
 
 

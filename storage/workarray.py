@@ -49,8 +49,9 @@ import numpy as np
 
 __all__ = ["ChunkFiles", "forget", "stage"]
 
-# What a work array stores: a whole chunk (i, j), or (i, j, "top") / (i, j, "bottom"), copies of its first / last
-# ChunkFiles.strip rows kept apart for the readers that need no more of it (ChunkFiles.parts_of)
+# What a work array stores: a whole chunk (i, j), or (i, j, "top"), (i, j, "left"), (i, j, "top-left") and so on,
+# copies of its border ChunkFiles.strip rows, columns or corners kept apart for the readers that need no more of it
+# (ChunkFiles.parts_of)
 Key = tuple[Any, ...]
 
 
@@ -151,7 +152,7 @@ class ChunkFiles:
         self.bounds = [tuple(itertools.accumulate(c, initial=0)) for c in chunks]
         self.readers: dict[Key, int] | None = None
         self.memory = int(memory)  # chunks kept in this process's memory within this many bytes (one worker only)
-        self.strip = int(strip)  # rows of each chunk's top and bottom kept apart (0: none)
+        self.strip = int(strip)  # rows and columns along each chunk's borders kept apart (0: none)
         self.keep = keep  # the pieces (parts_of's keys) that are read: only these are stored (None: all)
 
     def _file(self, key: Key) -> Path:
@@ -159,10 +160,6 @@ class ChunkFiles:
 
     def _marks(self, key: Key) -> Path:
         return Path(self.path) / ".read" / ".".join(map(str, key))
-
-    def chunks_of(self, rows: tuple[int, int], cols: tuple[int, int]) -> list[tuple[int, int]]:
-        """The chunks (i, j) a region [rows) x [cols) reads."""
-        return [(i, j) for i in _touched(self.bounds[0], *rows) for j in _touched(self.bounds[1], *cols)]
 
     def parts_of(self, rows: tuple[int, int], cols: tuple[int, int]) -> list[Key]:
         """What a region [rows) x [cols) reads, per chunk (i, j) it touches: where it takes no more than the
