@@ -197,16 +197,17 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     written = 0
     try:
         for future in as_completed(futures):
-            result = future.result()
-            if "histogram" in result:
+            outcome = future.result()
+            if isinstance(outcome, dict) and "histogram" not in outcome:
+                counts = outcome
+                continue
+            for result in outcome if isinstance(outcome, list) else [outcome]:  # a grouped write: one per chunk
                 for value, n in result["histogram"].items():
                     histogram[value] = histogram.get(value, 0) + n
                 written += 1
                 if kill_after is not None and written >= kill_after:
                     _kill_for_test()
                 reporter().advance(key, shares.get(result.get("index"), 0))
-            else:
-                counts = result
         for future in model_futures:
             future.result()
         if model.card.inference.keep_largest is not None:

@@ -152,5 +152,59 @@ def chunk_writes(blocks: dict[tuple[int, ...], Any], boxes: dict[tuple[int, ...]
     return out
 
 
-__all__ = ["DRAIN_PRIORITY", "PROBABILITY_SCALE", "argmax0", "chunk_boxes", "chunk_writes", "draining", "label_dtype",
-           "label_histogram", "label_nodata", "labels_of", "quantize_probabilities"]
+def group_writes(labels: Any, boxes: dict[tuple[int, ...], Box], mask_blocks: Any, num_classes: int,
+                 labels_target: Any, *, name: str, only: Sequence[tuple[int, ...]] | None = None,
+                 on_written: Callable[[tuple[int, ...], dict], None] | None = None) -> list[Delayed]:
+    """:func:`chunk_writes` of labels (a dask array) whose blocks each span several chunks of ``boxes`` (a
+    grouped way back): one task per block that holds a wanted chunk, storing the block's wanted chunks (in one
+    store call when it wants them all) and recording each, with one result per chunk."""
+    wanted = set(boxes) if only is None else {tuple(i) for i in only}
+    if not wanted <= boxes.keys():
+        raise ValueError(f"chunk indexes {sorted(wanted - boxes.keys())} are not in the plan's chunk grid")
+    starts = [np.cumsum((0,) + c[:-1]) for c in labels.chunks]
+    blocks = labels.to_delayed()
+    out = []
+    for bidx in itertools.product(*(range(len(c)) for c in labels.chunks)):
+        lo = [int(s[i]) for s, i in zip(starts, bidx)]
+        hi = [a + c[i] for a, c, i in zip(lo, labels.chunks, bidx)]
+        inside = [idx for idx, box in boxes.items()
+                  if all(a <= b0 and b1 <= b for (b0, b1), a, b in zip(box, lo, hi))]
+        todo = [idx for idx in inside if idx in wanted]
+        if not todo:
+            continue
+        masks = None if mask_blocks is None else [mask_blocks[idx] for idx in todo]
+        with draining():
+            out.append(delayed(_write_group, name=name + "-".join(map(str, bidx)), pure=False)(
+                blocks[bidx], masks, tuple(zip(lo, hi)), [(idx, boxes[idx]) for idx in todo], len(todo) == len(inside),
+                num_classes, labels_target, on_written))
+    return out
+
+
+def _write_group(labels: np.ndarray, masks: list[np.ndarray] | None, block: Box,
+                 chunks: list[tuple[tuple[int, ...], Box]], whole: bool, num_classes: int, labels_target: Any,
+                 on_written: Callable[[tuple[int, ...], dict], None] | None) -> list[dict[str, Any]]:
+    """Write the ``chunks`` of one block of labels (``whole``: every chunk of the block, stored in one call);
+    return one :func:`_write` result per chunk, each recorded only after the block's data is stored."""
+    labels = labels.astype(label_dtype(num_classes), copy=masks is not None)
+    parts = []
+    for k, (idx, box) in enumerate(chunks):
+        sl = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(box, block))
+        if masks is not None:
+            labels[sl][~np.asarray(masks[k], dtype=bool)] = label_nodata(num_classes)
+        parts.append((idx, box, sl))
+    if whole:
+        labels_target[tuple(slice(lo, hi) for lo, hi in block)] = labels
+    else:
+        for _, box, sl in parts:
+            labels_target[tuple(slice(lo, hi) for lo, hi in box)] = labels[sl]
+    results = []
+    for idx, box, sl in parts:
+        result = {"box": box, "index": idx, "histogram": label_histogram(labels[sl], num_classes)}
+        if on_written is not None:
+            on_written(idx, result)
+        results.append(result)
+    return results
+
+
+__all__ = ["DRAIN_PRIORITY", "PROBABILITY_SCALE", "argmax0", "chunk_boxes", "chunk_writes", "draining", "group_writes",
+           "label_dtype", "label_histogram", "label_nodata", "labels_of", "quantize_probabilities"]

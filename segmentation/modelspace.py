@@ -40,7 +40,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from segmentation.chunkwrites import chunk_boxes, chunk_writes, draining, label_dtype, label_nodata
+from segmentation.chunkwrites import chunk_boxes, chunk_writes, draining, group_writes, label_dtype, label_nodata
 from segmentation.stitching import StitchPlan
 from storage.grids import GridMapping
 from storage.resample import argmax_to_input, model_region, to_input
@@ -61,7 +61,7 @@ class WayBack(Protocol):
     def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array: ...
 
     def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any,
-               empty: int = 0) -> da.Array: ...
+               empty: int = 0, grouped: bool = False) -> da.Array: ...
 
     def region(self, box: Sequence[tuple[int, int]], mode: str) -> tuple[tuple[int, int], ...]: ...
 
@@ -81,9 +81,11 @@ class VolumeWayBack:
     def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
         return to_input(probs, self.mapping, chunks=list(chunks), mode=mode)  # type: ignore[arg-type]
 
-    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0) -> da.Array:
+    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0,
+               grouped: bool = False) -> da.Array:
         """``empty`` is not used: a volume's labels are nodata only where its mask says so, as they always were
-        (its full path, ``to_input`` then the argmax, would give class 0 where it interpolates nothing)."""
+        (its full path, ``to_input`` then the argmax, would give class 0 where it interpolates nothing);
+        nor is ``grouped``: the chunks are always ``chunks``."""
         return argmax_to_input(probs, self.mapping, chunks=list(chunks), mode=mode,  # type: ignore[arg-type]
                                dtype=dtype)
 
@@ -156,15 +158,21 @@ class ModelSpacePlan:
         Without a probabilities target only labels are needed: they come from
         the boundary-only interpolation and are written as they are.
         """
+        name = f"segflow-write-{self.stitch.token}-{self.invert}-{'crf-' if probabilities is not None else ''}"
         with draining():  # the way back frees the stitched chunks it reads: it runs as soon as it can
             if probabilities_target is None:
-                blocks = self.labels_on_input_grid(probabilities).to_delayed()
+                probs = self.stitch.probabilities() if probabilities is None else probabilities
+                labels = self.way_back.labels(probs, [c[0] for c in self.chunks], self._mode,
+                                              label_dtype(self.num_classes), empty=label_nodata(self.num_classes),
+                                              grouped=True)
+                if labels.chunks != self.chunks:  # blocks of several chunks: each block's task writes its chunks
+                    return group_writes(labels, self._boxes, self._mask_blocks, self.num_classes, labels_target,
+                                        name=name, only=only, on_written=on_written)
+                blocks = labels.to_delayed()
             else:
                 blocks = self.on_input_grid(probabilities).rechunk({0: -1}).to_delayed()[0]
         return chunk_writes({idx: blocks[idx] for idx in self._boxes}, self._boxes, self._mask_blocks, self.num_classes,
-                            labels_target, probabilities_target, probabilities_dtype,
-                            name=f"segflow-write-{self.stitch.token}-{self.invert}-"
-                                 f"{'crf-' if probabilities is not None else ''}",
+                            labels_target, probabilities_target, probabilities_dtype, name=name,
                             only=only, on_written=on_written,
                             unreached=self.way_back.leaves_unreached)
 

@@ -32,6 +32,9 @@ from storage.warp import (Job, back_scale, chunk_array, chunk_bounds, chunk_jobs
                           warp)
 from storage.workarray import ChunkFiles, stage
 
+# The most input chunks per side of a grouped way back's block (RasterWayBack.labels' grouped): 16 MB of labels
+MAX_GROUP = 4
+
 # The most rows (columns) of a neighbouring chunk that a way back's straddling pixels may read from the strips
 STRIP_ROWS = 8
 
@@ -120,18 +123,34 @@ def _joined_task(parts: list[list[Any]], source: Any, valid: Any, src: RasterGri
     return np.concatenate([np.concatenate([made(p) for p in row], axis=lead + 1) for row in parts], axis=lead)
 
 
+def _group_task(rows: list[list[Job]], source: Any, valid: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
+                scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
+    """A block of chunks (rows of jobs) as one array, each chunk computed by :func:`storage.warp.read_task` in turn:
+    its working arrays stay the size of one chunk (a 2048² way back in one piece ran twice as long per pixel)."""
+    common = (src, dst, kernel, scale, dtype, argmax, empty)
+    lead = 0 if argmax else 1
+    return np.concatenate([np.concatenate([read_task(source, valid, job, *common) for job in row], axis=lead + 1)
+                           for row in rows], axis=lead)
+
+
+def _merged(bounds: list[tuple[int, int]], k: int) -> list[list[int]]:
+    """Indexes of ``bounds`` (chunks along one axis) taken ``k`` at a time."""
+    return [list(range(i, min(i + k, len(bounds)))) for i in range(0, len(bounds), k)]
+
+
 def _staged_warp(source: ChunkFiles, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
                  chunks: Sequence[int] | int, *, after: da.Array, written: Sequence[int], valid: Any = None,
                  dtype: Any = np.float32, argmax: bool = False, empty: int = 0,
                  jobs: dict[tuple[int, int], Job] | None = None,
-                 reads: tuple[Split, Counter[tuple[Any, ...]]] | None = None) -> da.Array:
+                 reads: tuple[Split, Counter[tuple[Any, ...]]] | None = None, group: int = 1) -> da.Array:
     """The warp of a work array ``source`` (:func:`stage`'d, and its mask): each task reads its own region from
     it, as :func:`storage.warp.warp`'s of a stored array do, once the blocks of ``after`` (:func:`stage`'s
     tokens, one per chunk of ``written`` size) under its region are computed.  ``jobs``: :func:`chunk_jobs` for
     these arguments.  ``reads`` (:func:`_reads`, one worker only): each piece of the source is deleted once
     every task reading it has (:meth:`storage.workarray.ChunkFiles.counted`), and where the source keeps strips
     a chunk's pixels whose taps straddle two source chunks are computed apart, from the strips, by the task
-    that joins the chunk's pieces (:func:`strip_size`).
+    that joins the chunk's pieces (:func:`strip_size`).  ``group`` > 1 (without strips): blocks of up to
+    ``group`` x ``group`` chunks, each one task and one array chunk (:func:`_group_task`).
     """
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
@@ -139,6 +158,7 @@ def _staged_warp(source: ChunkFiles, src: RasterGrid, dst: RasterGrid, kernel: K
     per_axis = chunk_bounds(dst, chunks)
     dtype = np.dtype(dtype)
     name = stored_name(source, valid, src, dst, kernel, scale, per_axis, dtype, argmax, False, after.name, empty)
+    name = name if group == 1 else f"{name}-g{group}"
     size = tuple(written)
     jobs = chunk_jobs(src, dst, kernel, scale, per_axis, False) if jobs is None else jobs
     split: Split = {}
@@ -156,6 +176,17 @@ def _staged_warp(source: ChunkFiles, src: RasterGrid, dst: RasterGrid, kernel: K
 
     dsk: dict = {}
     common = (src, dst, kernel, scale, dtype, argmax, empty)
+    if group > 1 and not split:
+        groups = [_merged(bounds, group) for bounds in per_axis]
+        for bi, rows in enumerate(groups[0]):
+            for bj, cols in enumerate(groups[1]):
+                block = [[jobs[(i, j)] for j in cols] for i in rows]
+                key = (name, bi, bj) if argmax else (name, 0, bi, bj)
+                dsk[key] = (_group_task, [[job.light() for job in row] for row in block], source, valid, *common,
+                            [w for row in block for job in row for w in waits(job)])
+        merged = [[(bounds[g[0]][0], bounds[g[-1]][1]) for g in gs] for bounds, gs in zip(per_axis, groups)]
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[after])
+        return chunk_array(graph, name, merged, n_ch, dtype, argmax)
     # the pieces inside one source chunk (or strip): one task each, which reads it once for all of them
     inner: dict[tuple[Any, ...], list[Job]] = {}
     for idx in split:
@@ -220,7 +251,7 @@ class RasterWayBack:
     def _kernel(self, mode: str) -> Kernel:
         return "nearest" if mode == "nearest" else self.mapping.back
 
-    def _warp(self, probs: da.Array, chunks: Sequence[int], mode: str, **kw: Any) -> da.Array:
+    def _warp(self, probs: da.Array, chunks: Sequence[int], mode: str, grouped: bool = False, **kw: Any) -> da.Array:
         m = self.mapping
         if self.stage is None:
             valid = self.valid if self.valid is None or isinstance(self.valid, da.Array) else da.from_zarr(self.valid)
@@ -243,7 +274,14 @@ class RasterWayBack:
             valid = _Plane(valid)
         return _staged_warp(staged, m.model, m.input, self._kernel(mode), back_scale(m), chunks, valid=valid,
                             after=written, written=tuple(c[0] for c in probs.chunks[1:]), jobs=jobs, reads=reads,
-                            **kw)
+                            group=self._group(probs, chunks) if grouped else 1, **kw)
+
+    def _group(self, probs: da.Array, chunks: Sequence[int]) -> int:
+        """Input chunks per block side for a grouped way back: about as many as one model chunk spans (2 for a
+        10 m model's 1024² chunks over a 5 m input's 1024² chunks), at most :data:`MAX_GROUP`."""
+        (ih, iw), (mh, mw) = self.mapping.input_shape, self.mapping.model_shape
+        spans = [max(probs.chunks[1]) * ih / mh / chunks[0], max(probs.chunks[2]) * iw / mw / chunks[1]]
+        return int(max(1, min(MAX_GROUP, *(int(s) for s in spans))))
 
     def _strips_pay(self, probs: da.Array) -> bool:
         """Whether the staged chunks keep their border strips (:func:`strip_size`): only where about three rows
@@ -262,12 +300,17 @@ class RasterWayBack:
     def probabilities(self, probs: da.Array, chunks: Sequence[int], mode: str) -> da.Array:
         return self._warp(probs, chunks, mode)
 
-    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0) -> da.Array:
+    def labels(self, probs: da.Array, chunks: Sequence[int], mode: str, dtype: Any, empty: int = 0,
+               grouped: bool = False) -> da.Array:
         """The argmax of :meth:`probabilities`, chunk by chunk, without keeping the warped classes (labels
         copied from the model grid where every contributing model pixel clearly has one, storage.separablelabels),
         and ``empty`` where no valid model pixel reaches an input pixel (a sliver of the input thinner than the
-        model's pixels, whose model pixels hold no data)."""
-        return self._warp(probs, chunks, mode, dtype=dtype, argmax=True, empty=empty)
+        model's pixels, whose model pixels hold no data).
+
+        ``grouped``: where the stitched chunks are staged without strips, the array's chunks may be blocks of
+        several of ``chunks`` (about what one model chunk spans), each one task: a finer input took four tasks
+        and four label writes per model chunk (the writer then takes the block apart, or stores it whole)."""
+        return self._warp(probs, chunks, mode, grouped, dtype=dtype, argmax=True, empty=empty)
 
     def region(self, box: Sequence[tuple[int, int]], mode: str) -> tuple[tuple[int, int], ...]:
         """The model-grid region [lo, hi) per (row, col) the way back reads for the input ``box``."""
@@ -288,4 +331,4 @@ class _Plane:
         return np.asarray(self.array[(0, *key)]) > 0
 
 
-__all__ = ["RasterWayBack", "STRIP_ROWS", "strip_size"]
+__all__ = ["MAX_GROUP", "RasterWayBack", "STRIP_ROWS", "strip_size"]

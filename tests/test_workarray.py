@@ -116,6 +116,62 @@ def test_a_released_way_back_gives_the_same_labels_and_leaves_no_chunk(tmp_path)
     workarray.forget(tmp_path / "held")
 
 
+def test_a_grouped_way_back_and_its_block_writes_equal_the_chunk_by_chunk_ones(tmp_path):
+    """Labels grouped in blocks of input chunks (one task per model chunk's span) equal the chunk-by-chunk way
+    back; the block writes store the wanted chunks (all of a block in one call, or some of it on resume), with
+    nodata where the mask says so, and give each chunk the histogram and completion record of a chunk write."""
+    import zarr
+    from rasterio.transform import from_origin
+    from types import SimpleNamespace
+
+    from segmentation.chunkwrites import chunk_boxes, chunk_writes, group_writes
+    from storage.rastergrid import raster_mapping
+    from storage.wayback import RasterWayBack
+
+    rng = np.random.default_rng(5)
+    geometry = SimpleNamespace(transform=tuple(from_origin(500000, 6000000, 5, 5))[:6], epsg=32633, crs_wkt=None)
+    m = raster_mapping(geometry, (90, 70), spacing=[10.0, 10.0], crs=None)
+    probs = rng.dirichlet(np.ones(3), size=m.model_shape).transpose(2, 0, 1).astype(np.float32)
+    probs = da.from_array(probs, chunks=(3, 20, 20))  # a model chunk spans two 20-pixel input chunks per side
+    way = RasterWayBack(m, stage=tmp_path / "stage")
+    plain = way.labels(probs, (20, 20), "bilinear", np.uint8, empty=255)
+    grouped = way.labels(probs, (20, 20), "bilinear", np.uint8, empty=255, grouped=True)
+    assert plain.chunks == ((20, 20, 20, 20, 10), (20, 20, 20, 10))
+    assert grouped.chunks == ((40, 40, 10), (40, 30))
+    with dask.config.set(scheduler="threads", num_workers=2):
+        a, b = dask.compute(plain, grouped)
+    assert np.array_equal(a, b)
+
+    boxes = chunk_boxes(plain.chunks)
+    mask = rng.random((90, 70)) > 0.2
+    masks = {idx: mask[tuple(slice(*r) for r in box)] for idx, box in boxes.items()}
+    only = [idx for idx in boxes if (idx[0] + idx[1]) % 3]  # block (2, 0) wanted whole, every other one in part
+    stores, records = [], []
+    for way_of_writing in (chunk_writes, group_writes):
+        target = zarr.create_array(tmp_path / f"{way_of_writing.__name__}.zarr", shape=(90, 70), chunks=(20, 20),
+                                   dtype="uint8", fill_value=7)
+        seen: dict = {}
+        if way_of_writing is chunk_writes:
+            blocks = plain.to_delayed()
+            writes = chunk_writes({idx: blocks[idx] for idx in boxes}, boxes, masks, 3, target, name="w-", only=only,
+                                  on_written=lambda i, r, seen=seen: seen.__setitem__(i, r["histogram"]))
+        else:
+            writes = group_writes(grouped, boxes, masks, 3, target, name="g-", only=only,
+                                  on_written=lambda i, r, seen=seen: seen.__setitem__(i, r["histogram"]))
+        with dask.config.set(scheduler="threads", num_workers=2):
+            results = dask.compute(*writes)
+        flat = [r for res in results for r in (res if isinstance(res, list) else [res])]
+        assert sorted(r["index"] for r in flat) == sorted(only) and sorted(seen) == sorted(only)
+        stores.append(target[:])
+        records.append(seen)
+    assert np.array_equal(stores[0], stores[1]) and records[0] == records[1]
+    written = np.zeros((90, 70), bool)
+    for idx in only:
+        written[tuple(slice(*r) for r in boxes[idx])] = True
+    assert (stores[1][~written] == 7).all()  # chunks not asked for are left alone
+    assert (stores[1][written & ~mask] == 255).all() and np.array_equal(stores[1][written & mask], a[written & mask])
+
+
 def test_strips_read_like_the_chunks_and_let_a_whole_chunk_go_before_the_readers_of_its_borders(tmp_path):
     """With strips, a region that takes no more than a chunk's border rows or columns (or a corner of both)
     reads their copy: every region reads the stored values, and a counted whole chunk goes once its own
