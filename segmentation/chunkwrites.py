@@ -164,11 +164,13 @@ def group_writes(labels: Any, boxes: dict[tuple[int, ...], Box], mask_blocks: An
     starts = [np.cumsum((0,) + c[:-1]) for c in labels.chunks]
     blocks = labels.to_delayed()
     out = []
+    covered: set[tuple[int, ...]] = set()
     for bidx in itertools.product(*(range(len(c)) for c in labels.chunks)):
         lo = [int(s[i]) for s, i in zip(starts, bidx)]
         hi = [a + c[i] for a, c, i in zip(lo, labels.chunks, bidx)]
         inside = [idx for idx, box in boxes.items()
                   if all(a <= b0 and b1 <= b for (b0, b1), a, b in zip(box, lo, hi))]
+        covered.update(inside)
         todo = [idx for idx in inside if idx in wanted]
         if not todo:
             continue
@@ -177,6 +179,8 @@ def group_writes(labels: Any, boxes: dict[tuple[int, ...], Box], mask_blocks: An
             out.append(delayed(_write_group, name=name + "-".join(map(str, bidx)), pure=False)(
                 blocks[bidx], masks, tuple(zip(lo, hi)), [(idx, boxes[idx]) for idx in todo], len(todo) == len(inside),
                 num_classes, labels_target, on_written))
+    if covered != boxes.keys():  # a chunk cut by a block border would never be written: a hole, not a result
+        raise ValueError(f"label blocks {labels.chunks} do not hold whole chunks: {sorted(boxes.keys() - covered)}")
     return out
 
 

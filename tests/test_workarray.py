@@ -170,6 +170,9 @@ def test_a_grouped_way_back_and_its_block_writes_equal_the_chunk_by_chunk_ones(t
         written[tuple(slice(*r) for r in boxes[idx])] = True
     assert (stores[1][~written] == 7).all()  # chunks not asked for are left alone
     assert (stores[1][written & ~mask] == 255).all() and np.array_equal(stores[1][written & mask], a[written & mask])
+    # blocks that cut a chunk are refused rather than leave it unwritten
+    with pytest.raises(ValueError, match="do not hold whole chunks"):
+        group_writes(grouped.rechunk(((30, 50, 10), (40, 30))), boxes, None, 3, target, name="x-")
 
 
 def test_strips_read_like_the_chunks_and_let_a_whole_chunk_go_before_the_readers_of_its_borders(tmp_path):
