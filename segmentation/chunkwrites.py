@@ -76,9 +76,16 @@ def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: in
     labels_target[sl] = labels
     if probs_target is not None:
         probs_target[(slice(None),) + sl] = quantize_probabilities(probs, probs_dtype, mask)
+    return _recorded(index, box, labels, num_classes, on_written)
+
+
+def _recorded(index: tuple[int, ...] | None, box: Box, labels: np.ndarray, num_classes: int,
+              on_written: Callable[[tuple[int, ...], dict], None] | None) -> dict[str, Any]:
+    """A stored chunk's result (its label histogram), recorded by ``on_written``: called only once the chunk's
+    data is stored."""
     result = {"box": box, "index": index, "histogram": label_histogram(labels, num_classes)}
     if on_written is not None:
-        on_written(index, result)
+        on_written(index, result)  # type: ignore[arg-type]
     return result
 
 
@@ -201,13 +208,7 @@ def _write_group(labels: np.ndarray, masks: list[np.ndarray] | None, block: Box,
     else:
         for _, box, sl in parts:
             labels_target[tuple(slice(lo, hi) for lo, hi in box)] = labels[sl]
-    results = []
-    for idx, box, sl in parts:
-        result = {"box": box, "index": idx, "histogram": label_histogram(labels[sl], num_classes)}
-        if on_written is not None:
-            on_written(idx, result)
-        results.append(result)
-    return results
+    return [_recorded(idx, box, labels[sl], num_classes, on_written) for idx, box, sl in parts]
 
 
 __all__ = ["DRAIN_PRIORITY", "PROBABILITY_SCALE", "argmax0", "chunk_boxes", "chunk_writes", "draining", "group_writes",

@@ -136,12 +136,13 @@ class ModelSpacePlan:
         assert back.chunks[1:] == self.chunks, (back.chunks, self.chunks)
         return back
 
-    def labels_on_input_grid(self, model_probabilities: da.Array | None = None) -> da.Array:
-        """(*input grid) labels, equal to ``labels_of`` of :meth:`on_input_grid` without building all of it."""
+    def labels_on_input_grid(self, model_probabilities: da.Array | None = None, grouped: bool = False) -> da.Array:
+        """(*input grid) labels, equal to ``labels_of`` of :meth:`on_input_grid` without building all of it;
+        ``grouped``: chunked in blocks of the plan's chunks where the way back groups them."""
         probs = self.stitch.probabilities() if model_probabilities is None else model_probabilities
         labels = self.way_back.labels(probs, [c[0] for c in self.chunks], self._mode, label_dtype(self.num_classes),
-                                      empty=label_nodata(self.num_classes))
-        assert labels.chunks == self.chunks, (labels.chunks, self.chunks)
+                                      empty=label_nodata(self.num_classes), grouped=grouped)
+        assert grouped or labels.chunks == self.chunks, (labels.chunks, self.chunks)
         return labels
 
     def probabilities(self) -> da.Array:
@@ -161,10 +162,7 @@ class ModelSpacePlan:
         name = f"segflow-write-{self.stitch.token}-{self.invert}-{'crf-' if probabilities is not None else ''}"
         with draining():  # the way back frees the stitched chunks it reads: it runs as soon as it can
             if probabilities_target is None:
-                probs = self.stitch.probabilities() if probabilities is None else probabilities
-                labels = self.way_back.labels(probs, [c[0] for c in self.chunks], self._mode,
-                                              label_dtype(self.num_classes), empty=label_nodata(self.num_classes),
-                                              grouped=True)
+                labels = self.labels_on_input_grid(probabilities, grouped=True)
                 if labels.chunks != self.chunks:  # blocks of several chunks: each block's task writes its chunks
                     return group_writes(labels, self._boxes, self._mask_blocks, self.num_classes, labels_target,
                                         name=name, only=only, on_written=on_written)

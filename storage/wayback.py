@@ -112,25 +112,18 @@ def _inner_task(source: Any, valid: Any, pieces: list[Job], src: RasterGrid, dst
 
 def _joined_task(parts: list[list[Any]], source: Any, valid: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
                  scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
-    """One chunk from its pieces (:func:`_reads`' split), rows of pieces in order: those inside one source chunk
-    computed by their own tasks (arrays here), the straddling ones (jobs) read here, from the strips.  Each
-    pixel's value depends on its taps alone, so they equal those of the whole chunk's task."""
+    """One array from rows of pieces in order: arrays computed by other tasks, and jobs read here, each as
+    :func:`storage.warp.read_task` makes it.  A chunk from its pieces (:func:`_reads`' split: those inside one
+    source chunk from their own tasks, the straddling ones read here from the strips), or a grouped block from
+    its chunks' jobs (computed in turn, so the working arrays stay the size of one chunk: a 2048² way back in one
+    piece ran twice as long per pixel).  Each pixel's value depends on its taps alone, so they equal those of
+    the whole chunk's task."""
     def made(p: Any) -> np.ndarray:
         return p if isinstance(p, np.ndarray) else \
             read_task(source, valid, p, src, dst, kernel, scale, dtype, argmax, empty)
 
     lead = 0 if argmax else 1
     return np.concatenate([np.concatenate([made(p) for p in row], axis=lead + 1) for row in parts], axis=lead)
-
-
-def _group_task(rows: list[list[Job]], source: Any, valid: Any, src: RasterGrid, dst: RasterGrid, kernel: Kernel,
-                scale: tuple[float, float], dtype: Any, argmax: bool, empty: int, _after: Any = None) -> np.ndarray:
-    """A block of chunks (rows of jobs) as one array, each chunk computed by :func:`storage.warp.read_task` in turn:
-    its working arrays stay the size of one chunk (a 2048² way back in one piece ran twice as long per pixel)."""
-    common = (src, dst, kernel, scale, dtype, argmax, empty)
-    lead = 0 if argmax else 1
-    return np.concatenate([np.concatenate([read_task(source, valid, job, *common) for job in row], axis=lead + 1)
-                           for row in rows], axis=lead)
 
 
 def _merged(bounds: list[tuple[int, int]], k: int) -> list[list[int]]:
@@ -150,7 +143,7 @@ def _staged_warp(source: ChunkFiles, src: RasterGrid, dst: RasterGrid, kernel: K
     every task reading it has (:meth:`storage.workarray.ChunkFiles.counted`), and where the source keeps strips
     a chunk's pixels whose taps straddle two source chunks are computed apart, from the strips, by the task
     that joins the chunk's pieces (:func:`strip_size`).  ``group`` > 1 (without strips): blocks of up to
-    ``group`` x ``group`` chunks, each one task and one array chunk (:func:`_group_task`).
+    ``group`` x ``group`` chunks, each one task and one array chunk (:func:`_joined_task`).
     """
     if source.ndim != 3 or tuple(source.shape[1:]) != src.shape:
         raise ValueError(f"source must be (C, {src.height}, {src.width}), got {source.shape}")
@@ -182,7 +175,7 @@ def _staged_warp(source: ChunkFiles, src: RasterGrid, dst: RasterGrid, kernel: K
             for bj, cols in enumerate(groups[1]):
                 block = [[jobs[(i, j)] for j in cols] for i in rows]
                 key = (name, bi, bj) if argmax else (name, 0, bi, bj)
-                dsk[key] = (_group_task, [[job.light() for job in row] for row in block], source, valid, *common,
+                dsk[key] = (_joined_task, [[job.light() for job in row] for row in block], source, valid, *common,
                             [w for row in block for job in row for w in waits(job)])
         merged = [[(bounds[g[0]][0], bounds[g[-1]][1]) for g in gs] for bounds, gs in zip(per_axis, groups)]
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[after])
@@ -281,7 +274,7 @@ class RasterWayBack:
         10 m model's 1024² chunks over a 5 m input's 1024² chunks), at most :data:`MAX_GROUP`."""
         (ih, iw), (mh, mw) = self.mapping.input_shape, self.mapping.model_shape
         spans = [max(probs.chunks[1]) * ih / mh / chunks[0], max(probs.chunks[2]) * iw / mw / chunks[1]]
-        return int(max(1, min(MAX_GROUP, *(int(s) for s in spans))))
+        return max(1, min(MAX_GROUP, *map(int, spans)))
 
     def _strips_pay(self, probs: da.Array) -> bool:
         """Whether the staged chunks keep their border strips (:func:`strip_size`): only where about three rows
