@@ -367,9 +367,12 @@ def _block_mean(region: np.ndarray, ty: Taps, tx: Taps, at: tuple[int, int]) -> 
     float64 ulps of the true mean S / (k_y k_x).  When that mean is exact in
     float32 (k_y k_x a power of two and S < 2**24: uint8, int8, uint16 and
     int16 up to 256 pixels a cell), rounding GDAL's value to float32 gives it
-    exactly, and so does summing in float32 and scaling by a power of two.
+    exactly, and so does an exact sum scaled by a power of two.
     Measured 0.16 -> 0.02 s for a 1024² model chunk of a 4-band uint16 5 m
-    region (the warp's largest cost after reading).
+    region (the warp's largest cost after reading).  The cells are summed as
+    integers, a slab of :data:`SLAB` rows of one band at a time, into buffers
+    made once: whole-region float32 temporaries took fresh pages for every
+    region (24.8-36.1 -> 18.1-19.5 ms for a 4 × 2564² uint16 region).
     """
     if region.dtype.kind not in "ui" or region.dtype.itemsize > 2:
         return None
@@ -382,15 +385,32 @@ def _block_mean(region: np.ndarray, ty: Taps, tx: Taps, at: tuple[int, int]) -> 
         return None
     ny, nx = ty.index.shape[0], tx.index.shape[0]
     r0, c0 = int(ty.index[0, 0]) - at[0], int(tx.index[0, 0]) - at[1]
-    sub = region[:, r0:r0 + ny * ky, c0:c0 + nx * kx]
-    rows = sub[:, 0::ky].astype(np.float32)  # strided adds: 10x faster than a reshaped sum over two axes
-    for j in range(1, ky):
-        rows += sub[:, j::ky]
-    out = rows[:, :, 0::kx].copy()
-    for j in range(1, kx):
-        out += rows[:, :, j::kx]
-    out *= np.float32(1.0 / cells)
+    acc_dtype = np.uint32 if region.dtype.kind == "u" else np.int32  # exact: every sum is below 2**24
+    scale = np.float32(1.0 / cells)
+    out = np.empty((region.shape[0], ny, nx), np.float32)
+    cols = np.empty((SLAB * ky, nx), acc_dtype)  # column sums of a slab's source rows
+    rows = np.empty((SLAB, nx), acc_dtype)
+    for c in range(region.shape[0]):
+        for y in range(0, ny, SLAB):
+            h = min(SLAB, ny - y)
+            sub = region[c, r0 + y * ky:r0 + (y + h) * ky, c0:c0 + nx * kx]
+            part, whole = cols[:h * ky], rows[:h]
+            _strided_sum(sub, kx, 1, part)
+            _strided_sum(part, ky, 0, whole)
+            np.multiply(whole, scale, out=out[c, y:y + h], dtype=np.float32, casting="unsafe")
     return out
+
+
+def _strided_sum(a: np.ndarray, k: int, axis: int, out: np.ndarray) -> None:
+    """``out`` = the sum of every ``k`` neighbouring entries of ``a`` along ``axis`` (2-D), by strided adds."""
+    def part(j: int) -> np.ndarray:
+        return a[j::k] if axis == 0 else a[:, j::k]
+    if k == 1:
+        np.copyto(out, a, casting="unsafe")
+        return
+    np.add(part(0), part(1), out=out, dtype=out.dtype)
+    for j in range(2, k):
+        np.add(out, part(j), out=out, dtype=out.dtype)
 
 
 def destination_valid(valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int]) -> np.ndarray:
