@@ -323,6 +323,10 @@ def _bilinear(data: np.ndarray, valid: np.ndarray | None, ty: Taps, tx: Taps, ro
     else:
         den = passes(valid[None].astype(np.float64), ty, tx, rows, cols, at)[0]
     keep = keep & (den >= BILINEAR_MIN_DIVISOR)
+    # every pixel's weights sum to 1 (no mask, inside the source): num / 1 is num, bit for bit; skipping the
+    # divide and both wheres took 2.06-2.26 -> 1.96-1.99 ms for a 1024² chunk's ~18,000 boundary pixels
+    if keep.all() and np.all(den == 1.0):
+        return num
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(keep, num / np.where(keep, den, 1.0), 0.0)
 
