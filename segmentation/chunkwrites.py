@@ -168,15 +168,16 @@ def group_writes(labels: Any, boxes: dict[tuple[int, ...], Box], mask_blocks: An
     wanted = set(boxes) if only is None else {tuple(i) for i in only}
     if not wanted <= boxes.keys():
         raise ValueError(f"chunk indexes {sorted(wanted - boxes.keys())} are not in the plan's chunk grid")
-    starts = [np.cumsum((0,) + c[:-1]) for c in labels.chunks]
     blocks = labels.to_delayed()
+    # per axis, each block's span and the chunk indexes along that axis it holds whole (boxes is a full grid)
+    spans = [list(itertools.pairwise(itertools.accumulate(c, initial=0))) for c in labels.chunks]
+    along = [sorted({idx[a]: box[a] for idx, box in boxes.items()}.items()) for a in range(len(spans))]
+    holds = [[[i for i, (b0, b1) in ax if lo <= b0 and b1 <= hi] for lo, hi in sp] for sp, ax in zip(spans, along)]
     out = []
     covered: set[tuple[int, ...]] = set()
     for bidx in itertools.product(*(range(len(c)) for c in labels.chunks)):
-        lo = [int(s[i]) for s, i in zip(starts, bidx)]
-        hi = [a + c[i] for a, c, i in zip(lo, labels.chunks, bidx)]
-        inside = [idx for idx, box in boxes.items()
-                  if all(a <= b0 and b1 <= b for (b0, b1), a, b in zip(box, lo, hi))]
+        lo, hi = zip(*(sp[i] for sp, i in zip(spans, bidx)))
+        inside = list(itertools.product(*(h[i] for h, i in zip(holds, bidx))))
         covered.update(inside)
         todo = [idx for idx in inside if idx in wanted]
         if not todo:

@@ -176,7 +176,7 @@ def _staged_warp(source: ChunkFiles, src: RasterGrid, dst: RasterGrid, kernel: K
                 block = [[jobs[(i, j)] for j in cols] for i in rows]
                 key = (name, bi, bj) if argmax else (name, 0, bi, bj)
                 dsk[key] = (_joined_task, [[job.light() for job in row] for row in block], source, valid, *common,
-                            [w for row in block for job in row for w in waits(job)])
+                            list(dict.fromkeys(w for row in block for job in row for w in waits(job))))
         merged = [[(bounds[g[0]][0], bounds[g[-1]][1]) for g in gs] for bounds, gs in zip(per_axis, groups)]
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[after])
         return chunk_array(graph, name, merged, n_ch, dtype, argmax)
