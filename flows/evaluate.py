@@ -45,6 +45,7 @@ import typer
 
 from storage.labelmaps import RASTER_SUFFIXES, VOLUME_SUFFIXES, LabelSource, open_labels
 from storage.errors import ConfigError, IncompatibleInputError
+from storage.inputfiles import stem_of
 
 __all__ = ["check_same_grid", "evaluate_command", "evaluate_files", "pair_inputs", "write_reports"]
 
@@ -61,8 +62,6 @@ METRICS = ("dice", "iou", "hd95", "asd", "nsd", "pred_size", "truth_size", "size
 
 def case_name(path: Path) -> str:
     """The name a file is paired by: less its format suffix and a trailing '.labels'."""
-    from storage.ingest import stem_of
-
     return stem_of(path).removesuffix(".labels")
 
 

@@ -21,7 +21,7 @@ from segmentation.chunkwrites import PROBABILITY_SCALE
 from storage.bands import BandRequest
 from storage.errors import IncompatibleInputError, SegflowError
 from storage.geometry import VolumeGeometry
-from storage.ingest import stem_of
+from storage.inputfiles import stem_of
 from storage.layout import ARRAY_CONFIG, LABELS, PROBABILITIES, writable
 
 MODEL_LABELS = "model_labels"

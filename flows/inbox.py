@@ -16,7 +16,7 @@ from typing import Any
 
 from storage.dicomfiles import is_dicom_input
 from storage.errors import ConfigError, InputError
-from storage.ingest import kind_of, stem_of
+from storage.inputfiles import kind_of, stem_of
 from storage.remote import is_url
 from storage.stacitem import is_item_path, looks_like_item
 

@@ -23,7 +23,8 @@ from flows.progress import say
 from storage.dicomfiles import SeriesRef, find_series, is_dicom_input
 from storage.errors import SegflowError, StoreError
 from storage.hashing import sha256_input
-from storage.ingest import ingest, stem_of
+from storage.ingest import ingest
+from storage.inputfiles import stem_of
 from storage.layout import ImageStore, open_image_store
 from storage.mosaic import MosaicRef, is_mosaic_store
 from storage.remote import is_url

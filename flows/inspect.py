@@ -152,7 +152,7 @@ def label_table(path: Path, info: dict[str, Any]) -> dict[str, Any] | None:
     none, with the reason, for a raster in degrees or without a CRS.
     """
     from flows.report import label_measures
-    from storage.probe import pixel_hectares, voxel_millilitres
+    from storage.header import pixel_hectares, voxel_millilitres
 
     raster = info.get("type") == "GeoTIFF"
     classes = info.get("classes") if raster else _classes_from_color_table(info.get("extensions") or [])

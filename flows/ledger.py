@@ -42,6 +42,7 @@ from typing import Any
 from flows.config import SegmentOptions
 from segmentation.card import ModelCard
 from storage.errors import ProvenanceError
+from storage.inputfiles import stem_of
 from storage.provenance import read_sidecar, sha256_output
 
 KEY_SCHEMA = "segflow.cache-key/1"
@@ -171,8 +172,6 @@ def adopt(out_dir: str | os.PathLike[str], input_path: str, key: str, document: 
 
     ``stem`` is the outputs' name when it is not the input file's (a DICOM series: its ``SeriesRef.name``).
     """
-    from storage.ingest import stem_of
-
     sidecar = Path(out_dir) / f"{stem or stem_of(input_path)}.provenance.json"
     if not sidecar.is_file():
         return None, None

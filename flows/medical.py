@@ -20,7 +20,7 @@ from segmentation import LoadedModel
 from segmentation.chunkwrites import label_nodata
 from storage import provenance
 from storage.geometry import VolumeGeometry
-from storage.ingest import stem_of
+from storage.inputfiles import stem_of
 from storage.layout import ImageStore
 from storage.statistics import label_statistics, write_statistics
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from flows.report import REPORT_SCHEMA, InputReport, counts, fill_from_statistics, summary
 from storage.errors import InvalidInputError, SegflowError
+from storage.inputfiles import stem_of
 from storage.remote import is_url
 
 QUICKLOOK_SUFFIX = ".quicklook.png"
@@ -118,8 +119,6 @@ def main_output(outputs: list[str]) -> str | None:
 
 def quicklook_path(output: str | os.PathLike[str]) -> Path:
     """Where an output's quicklook lives: ``<output stem>.quicklook.png`` beside it."""
-    from storage.ingest import stem_of  # zarr and numpy: not for every `segflow` command's start
-
     return Path(output).with_name(stem_of(output) + QUICKLOOK_SUFFIX)
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from storage.bands import BandRequest, aliases, select_bands
 from storage.errors import IncompatibleInputError
-from storage.probe import Header
+from storage.header import Header
 
 if TYPE_CHECKING:
     from flows.config import SegmentOptions

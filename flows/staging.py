@@ -50,7 +50,7 @@ from typing import Any, Iterator, Sequence
 from flows.pipeline import remove_if_empty, remove_path
 from storage import remote
 from storage.errors import ExportError, InputError, SegflowError
-from storage.ingest import kind_of, stem_of
+from storage.inputfiles import kind_of, stem_of
 from storage.remote import is_url
 
 STAGING_ENV = "SEGFLOW_STAGING_DIR"

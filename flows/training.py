@@ -32,7 +32,8 @@ from segmentation.normalize import image_statistics
 from segmentation.training import TrainingResult, TrainingSample, save_trained, train
 from storage.datasets.base import Case, Dataset, SplitCounts, fingerprint
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
-from storage.ingest import ingest, stem_of
+from storage.ingest import ingest
+from storage.inputfiles import stem_of
 from storage.layout import ImageStore, open_image_store
 
 IGNORE = 255

@@ -33,7 +33,7 @@ from storage.errors import CorruptInputError, InputError, InvalidInputError, Sto
 from storage.geometry import DicomFile, DicomSeriesInfo, SourceInfo, VolumeGeometry
 from storage.hashing import sha256_input
 from storage.layout import ImageStore, StoreMeta, create_image_store, mark_complete
-from storage.probe import Header, voxel_millilitres
+from storage.header import Header, voxel_millilitres
 
 __all__ = ["SeriesRef", "is_dicom_input", "find_series", "ingest_dicom", "probe_dicom"]
 

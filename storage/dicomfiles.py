@@ -29,6 +29,7 @@ from storage.dicomobject import (DicomObject, Frame, class_name, fmt_numbers, fr
                                  why)
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.hashing import sha256_input
+from storage.inputfiles import check_readable_file
 
 __all__ = ["DicomObject", "Frame", "SeriesRef", "class_name", "find_series", "fmt_numbers", "frame_name",
            "is_dicom_input", "scan_file", "syntax_name", "volume_label", "why"]
@@ -126,8 +127,6 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
         elif path.name.upper() == DICOMDIR_NAME:
             groups.append((path.parent, _dicomdir_files(path), path))
         else:
-            from storage.ingest import check_readable_file
-
             check_readable_file(path)
             loose.append(path)
     if loose:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import CorruptInputError, InvalidInputError, StoreError, UnsupportedFormatError
+from storage.inputfiles import check_readable_file
 
 MAX_LABEL = 65535  # the largest label a segflow map holds (uint16); larger values are refused
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
@@ -141,7 +142,7 @@ def _classes_from_table(text: str) -> dict[int, str]:
 
 def _raster_units(transform: Any, crs: Any) -> tuple[tuple[float, float], str, float | None, str | None]:
     """(row, col) pixel size and its unit, pixel area in ha and why it is missing."""
-    from storage.probe import pixel_hectares
+    from storage.header import pixel_hectares
 
     a, b, _, d, e, _ = tuple(transform)[:6]
     area, note = pixel_hectares(transform, crs)
@@ -159,7 +160,7 @@ def _raster_units(transform: Any, crs: Any) -> tuple[tuple[float, float], str, f
 def _volume_units(affine: Any, zooms: Any, unit: str) -> tuple[tuple[float, ...], float | None, str | None]:
     import numpy as np
 
-    from storage.probe import voxel_millilitres
+    from storage.header import voxel_millilitres
 
     factor = _NIFTI_UNIT_MM.get(unit, 1.0)
     ml, note = voxel_millilitres(np.asarray(affine, dtype=np.float64), unit)
@@ -253,8 +254,6 @@ def _open_store(path: Path) -> LabelSource:
 
 def open_labels(path: Path, stack: ExitStack) -> LabelSource:
     """Open a label GeoTIFF/VRT, NIfTI or segflow zarr store; its files stay open until ``stack`` closes."""
-    from storage.ingest import check_readable_file
-
     path = Path(path)
     if path.is_dir() and (path.name.lower().endswith(".zarr") or (path / "zarr.json").is_file()):
         return _open_store(path)

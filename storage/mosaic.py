@@ -44,7 +44,8 @@ from typing import Any
 
 import rasterio
 
-from storage.errors import CorruptInputError, InvalidInputError, SegflowError
+from storage.errors import CorruptInputError, InputError, InvalidInputError, SegflowError
+from storage.inputfiles import stem_of
 from storage.mosaic_plan import (RESAMPLING, RULES_VERSION, MosaicPlan, MosaicRef, Placement, Tile, parse_crs,
                                  plan_mosaic, read_tile)
 from storage.mosaic_vrt import warp_scale, write_mosaic_vrt
@@ -125,8 +126,6 @@ def mosaic_ref(name: str, inputs: list[str], crs: str | None = None, split_by_ti
     files); with ``split_by_tile`` two tiles of the same stem, or a tile named
     like the mosaic, are refused since their outputs would collide.
     """
-    from storage.errors import InputError
-    from storage.ingest import stem_of
     from storage.remote import is_url
 
     label = MosaicRef(name, tuple(inputs), crs).display

@@ -27,6 +27,7 @@ from rasterio.warp import calculate_default_transform, transform_bounds
 
 from storage.errors import CorruptInputError, IncompatibleInputError, InvalidInputError, UnsupportedFormatError
 from storage.hashing import sha256_input
+from storage.inputfiles import check_content_matches_name, check_readable_file, kind_of
 from storage.rasteropen import GDAL_ERRORS, gdal_message, image_bands, image_dtype, open_raster
 
 RULES_VERSION = 1
@@ -155,8 +156,6 @@ def crs_name(crs: CRS) -> str:
 
 def read_tile(path: str | PathLike[str]) -> Tile:
     """A tile's header; a tile that is no georeferenced GeoTIFF/VRT is refused in one line naming it."""
-    from storage.ingest import check_content_matches_name, check_readable_file, kind_of
-
     path = Path(path).absolute()
     head = check_readable_file(path)
     try:

@@ -17,10 +17,8 @@ with a missing slice is refused here, before a model is even loaded.
 
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -28,40 +26,11 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from storage.errors import CorruptInputError, InputError
-from storage.ingest import check_content_matches_name, check_readable_file, kind_of
+from storage.header import Header, pixel_hectares, voxel_millilitres
+from storage.inputfiles import check_content_matches_name, check_readable_file, kind_of
 
 if TYPE_CHECKING:
     from storage.dicomfiles import SeriesRef
-
-SQUARE_METRES_PER_HECTARE = 1e4
-CUBIC_MM_PER_ML = 1e3
-
-
-@dataclass(frozen=True)
-class Header:
-    """What routing and the run report need to know about one input."""
-
-    path: str
-    kind: str  # "raster" | "volume"
-    spatial_dims: int  # 2 for rasters, 3 for volumes (a 2-D NIfTI is one slice thick)
-    channels: int  # image channels, as ingest counts them (alpha bands are not channels)
-    shape: tuple[int, ...]  # spatial shape: (height, width) or (i, j, k)
-    cell_size: float | None  # hectares per pixel (raster) or millilitres per voxel (volume); None: unknown
-    cell_unit: str  # "ha" or "mL"
-    cell_note: str | None = None  # why cell_size is None, or an assumption it rests on
-    bands: tuple[int, ...] = ()  # a raster's image bands (1-based indexes in the file); empty for volumes
-    band_descriptions: tuple[str | None, ...] = ()  # their GDAL descriptions (None: unnamed)
-
-    @property
-    def names_bands(self) -> bool:
-        """Whether the file names any of its bands (then a card's channel names are looked up among them)."""
-        return any(self.band_descriptions)
-
-    @property
-    def channel_names(self) -> list[str]:
-        """The channels' names as ingest records them: the description, else ``band<index>``."""
-        return [d or f"band{i}" for d, i in zip(self.band_descriptions, self.bands)]
-
 
 def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
     """The header of a GeoTIFF/VRT or NIfTI file, or of one DICOM series; raises an ``InputError`` naming it.
@@ -150,33 +119,6 @@ def check_blocks(src, path: Path) -> None:  # noqa: ANN001 - an open rasterio da
                                       f"has {size} bytes")
 
 
-def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: ANN001 (affine.Affine, rasterio CRS)
-    """Area of one pixel in hectares, or (None, why) when the grid has no linear unit.
-
-    The area is |det| of the transform's 2x2 part (right for rotated and
-    sheared grids), in the CRS's linear unit squared.  A geographic CRS has
-    pixels in degrees, whose ground area changes with latitude; the run report
-    only has a label histogram for the whole image, not per row, so it gives
-    no area rather than a wrong one.
-    """
-    if crs is None:
-        return None, "no CRS: pixel size has no ground unit"
-    if crs.is_geographic:
-        return None, "geographic CRS (degrees): reproject to a projected CRS for areas"
-    try:
-        _, metres = crs.linear_units_factor
-    except Exception:  # noqa: BLE001 - pyproj/GDAL raise several types for CRSs without a linear unit
-        return None, "the CRS has no linear unit"
-    a, b, _, d, e, _ = tuple(transform)[:6]
-    area_m2 = abs(a * e - b * d) * metres * metres
-    if not math.isfinite(area_m2) or area_m2 <= 0:
-        return None, "degenerate geotransform"
-    return area_m2 / SQUARE_METRES_PER_HECTARE, None
-
-
-_NIFTI_SPACE_UNITS_TO_MM = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}
-
-
 def _probe_volume(path: Path) -> Header:
     from storage.niftiopen import check_nifti_path, describe_nifti, open_nifti, spatial_ijk
 
@@ -192,18 +134,4 @@ def _probe_volume(path: Path) -> Header:
                   shape=tuple(spatial_ijk(geometry.shape)), cell_size=size, cell_unit="mL", cell_note=note)
 
 
-def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None, str | None]:
-    """Volume of one voxel in mL: |det| of the affine's 3x3 part (the zooms' product when not sheared).
-
-    NIfTI's ``xyzt_units`` gives the unit; "unknown" is read as mm, as
-    nibabel, ITK and most viewers do, and the report says so.
-    """
-    note = None
-    if space_unit in _NIFTI_SPACE_UNITS_TO_MM:
-        factor = _NIFTI_SPACE_UNITS_TO_MM[space_unit]
-    else:
-        factor, note = 1.0, f"spatial unit {space_unit!r} in the header: read as mm"
-    volume_mm3 = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) * factor ** 3
-    if not math.isfinite(volume_mm3) or volume_mm3 <= 0:
-        return None, "singular affine"
-    return volume_mm3 / CUBIC_MM_PER_ML, note
+__all__ = ["check_blocks", "probe"]

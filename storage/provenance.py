@@ -29,6 +29,7 @@ from typing import Any
 
 from storage.errors import ExportError, ProvenanceError
 from storage.hashing import sha256_file, sha256_tree
+from storage.inputfiles import stem_of
 
 SCHEMA = "segflow.provenance/1"
 PACKAGES = ("segflow", "torch", "monai", "zarr", "rasterio", "nibabel", "dask", "distributed", "prefect", "numpy")
@@ -109,8 +110,6 @@ def embedded(record: dict[str, Any]) -> dict[str, Any]:
 
 def sidecar_path(output: str | PathLike[str]) -> Path:
     """``OUT/<stem>.provenance.json`` for ``OUT/<stem>.tif`` or ``OUT/<stem>.nii.gz``."""
-    from storage.ingest import stem_of
-
     return Path(output).with_name(stem_of(output) + ".provenance.json")
 
 

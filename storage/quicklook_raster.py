@@ -31,7 +31,7 @@ from rasterio.windows import from_bounds
 from storage.bands import select_bands
 from storage.classes import LabelClass
 from storage.errors import ConfigError, CorruptInputError, IncompatibleInputError, InputError
-from storage.probe import pixel_hectares
+from storage.header import pixel_hectares
 from storage.rasteropen import gdal_env
 from storage.quicklook_canvas import (
     ALPHA,

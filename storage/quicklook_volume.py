@@ -35,7 +35,7 @@ from storage.classes import LabelClass
 from storage.errors import ConfigError
 from storage.labelcensus import take_census
 from storage.labelcomponents import component_centres
-from storage.probe import voxel_millilitres
+from storage.header import voxel_millilitres
 from storage.quicklook_canvas import (
     LINE,
     ClassShown,

@@ -38,7 +38,7 @@ from stac_model.schema import MLModelExtension, MLModelProperties
 from storage.atomic import write_text_atomically
 from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
-from storage.ingest import stem_of
+from storage.inputfiles import stem_of
 
 __all__ = ["ITEM_SUFFIX", "PROCESSING_SCHEMA", "class_name", "model_item", "stac_classes", "stac_item_path",
            "write_stac_item"]

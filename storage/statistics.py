@@ -29,7 +29,7 @@ import numpy as np
 from storage.classes import LabelClass
 from storage.atomic import write_text_atomically
 from storage.errors import ExportError
-from storage.probe import voxel_millilitres
+from storage.header import voxel_millilitres
 
 __all__ = ["label_statistics", "write_statistics"]
 

@@ -18,12 +18,11 @@ import numpy as np
 from rasterio.transform import Affine
 
 from storage.errors import InvalidInputError
+from storage.inputfiles import stem_of
 
 
 def split_outputs(description: dict[str, Any]) -> dict[str, str]:
     """``--split-by-tile``: each tile's path -> the name of the COG cut for it (``<tile stem>.tif``)."""
-    from storage.ingest import stem_of
-
     return {t["path"]: f"{stem_of(t['path'])}.tif" for t in description["tiles"]}
 
 

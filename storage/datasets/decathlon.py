@@ -35,7 +35,7 @@ from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
 from storage.errors import CorruptInputError, InvalidInputError
 from storage.geometry import VolumeGeometry
-from storage.ingest import stem_of
+from storage.inputfiles import stem_of
 from storage.layout import ImageStore
 from storage.datasets.arrays import ChannelStack, LabelArray, LabelTable, count_classes, ingested, volume_spacing
 

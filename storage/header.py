@@ -1,0 +1,91 @@
+"""What an input is, as its header says: the :class:`Header` that routing and the run report read, and the
+ground size of one pixel (hectares) or voxel (millilitres) that label areas and volumes are counted in.
+
+:mod:`storage.probe` fills a Header from a file without ingesting it; the
+readers (DICOM, STAC items) fill theirs as they read, and the statistics and
+pictures convert label counts with the same two functions, so every figure a
+run reports rests on one definition of a cell's size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SQUARE_METRES_PER_HECTARE = 1e4
+CUBIC_MM_PER_ML = 1e3
+
+
+@dataclass(frozen=True)
+class Header:
+    """What routing and the run report need to know about one input."""
+
+    path: str
+    kind: str  # "raster" | "volume"
+    spatial_dims: int  # 2 for rasters, 3 for volumes (a 2-D NIfTI is one slice thick)
+    channels: int  # image channels, as ingest counts them (alpha bands are not channels)
+    shape: tuple[int, ...]  # spatial shape: (height, width) or (i, j, k)
+    cell_size: float | None  # hectares per pixel (raster) or millilitres per voxel (volume); None: unknown
+    cell_unit: str  # "ha" or "mL"
+    cell_note: str | None = None  # why cell_size is None, or an assumption it rests on
+    bands: tuple[int, ...] = ()  # a raster's image bands (1-based indexes in the file); empty for volumes
+    band_descriptions: tuple[str | None, ...] = ()  # their GDAL descriptions (None: unnamed)
+
+    @property
+    def names_bands(self) -> bool:
+        """Whether the file names any of its bands (then a card's channel names are looked up among them)."""
+        return any(self.band_descriptions)
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The channels' names as ingest records them: the description, else ``band<index>``."""
+        return [d or f"band{i}" for d, i in zip(self.band_descriptions, self.bands)]
+
+
+def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: ANN001 (affine.Affine, rasterio CRS)
+    """Area of one pixel in hectares, or (None, why) when the grid has no linear unit.
+
+    The area is |det| of the transform's 2x2 part (right for rotated and
+    sheared grids), in the CRS's linear unit squared.  A geographic CRS has
+    pixels in degrees, whose ground area changes with latitude; the run report
+    only has a label histogram for the whole image, not per row, so it gives
+    no area rather than a wrong one.
+    """
+    if crs is None:
+        return None, "no CRS: pixel size has no ground unit"
+    if crs.is_geographic:
+        return None, "geographic CRS (degrees): reproject to a projected CRS for areas"
+    try:
+        _, metres = crs.linear_units_factor
+    except Exception:  # noqa: BLE001 - pyproj/GDAL raise several types for CRSs without a linear unit
+        return None, "the CRS has no linear unit"
+    a, b, _, d, e, _ = tuple(transform)[:6]
+    area_m2 = abs(a * e - b * d) * metres * metres
+    if not math.isfinite(area_m2) or area_m2 <= 0:
+        return None, "degenerate geotransform"
+    return area_m2 / SQUARE_METRES_PER_HECTARE, None
+
+
+_NIFTI_SPACE_UNITS_TO_MM = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}
+
+
+def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None, str | None]:
+    """Volume of one voxel in mL: |det| of the affine's 3x3 part (the zooms' product when not sheared).
+
+    NIfTI's ``xyzt_units`` gives the unit; "unknown" is read as mm, as
+    nibabel, ITK and most viewers do, and the report says so.
+    """
+    note = None
+    if space_unit in _NIFTI_SPACE_UNITS_TO_MM:
+        factor = _NIFTI_SPACE_UNITS_TO_MM[space_unit]
+    else:
+        factor, note = 1.0, f"spatial unit {space_unit!r} in the header: read as mm"
+    volume_mm3 = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) * factor ** 3
+    if not math.isfinite(volume_mm3) or volume_mm3 <= 0:
+        return None, "singular affine"
+    return volume_mm3 / CUBIC_MM_PER_ML, note
+
+
+__all__ = ["CUBIC_MM_PER_ML", "Header", "SQUARE_METRES_PER_HECTARE", "pixel_hectares", "voxel_millilitres"]

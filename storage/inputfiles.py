@@ -1,0 +1,102 @@
+"""What an input file is, before any reader opens it: its kind by name and by first bytes, its stem, and
+whether it can be read at all.
+
+The format readers (GeoTIFF, NIfTI, DICOM, STAC items, mosaics), the label
+readers and the flows all ask these questions; keeping them here, away from
+:mod:`storage.ingest`'s dispatch to those readers, lets each import them
+without importing the others, and without zarr or numpy (the CLI's start).
+"""
+
+from __future__ import annotations
+
+import stat
+from os import PathLike
+from pathlib import Path
+
+from storage.errors import CorruptInputError, InputError, UnsupportedFormatError
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
+ITEM_SUFFIXES = (".json",)  # a STAC item: its assets are stacked into one raster (storage.stacitem)
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
+
+
+def kind_of(path: str | PathLike[str]) -> str:
+    """'raster' or 'volume'; raises for anything else, naming the file."""
+    name = Path(path).name.lower()
+    if name.endswith(VOLUME_SUFFIXES):
+        return "volume"
+    if name.endswith(RASTER_SUFFIXES + ITEM_SUFFIXES):
+        return "raster"
+    raise UnsupportedFormatError(path, "unsupported file type (expected .tif, .tiff, .vrt, .nii, .nii.gz, .hdr "
+                                       "or a STAC item .json)")
+
+
+def stem_of(path: str | PathLike[str]) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".tiff", ".tif", ".vrt", ".nii", ".hdr", ".img", ".zarr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def content_kind(head: bytes) -> str | None:
+    """What the first 352 bytes say a file is: 'tiff', 'nifti', 'gzip', or None (unknown)."""
+    if head.startswith(_TIFF_MAGIC):
+        return "tiff"
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00"):
+        return "nifti"
+    return None
+
+
+def check_readable_file(path: Path) -> bytes:
+    """Refuse what is not a readable regular file, before a reader blocks on it or misnames the problem.
+
+    A FIFO or a device would make ``open`` wait for a writer (or read
+    forever), so only regular files go on. Returns the file's first bytes.
+    """
+    if path.is_symlink() and not path.exists():
+        raise InputError(path, f"is a broken symbolic link (to {path.readlink()})")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(path, "is a directory, expected a file")
+    if not stat.S_ISREG(mode):
+        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+        raise InputError(path, f"is {what}, not a regular file; segflow reads files only")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(352)
+    except OSError as exc:
+        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if not head:
+        raise CorruptInputError(path, "file is empty (0 bytes)")
+    return head
+
+
+def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
+    """A NIfTI named .tif (or a TIFF named .nii) gets told so, rather than 'cannot be read'."""
+    found = content_kind(head)
+    name = path.name.lower()
+    if kind == "raster" and found == "nifti":
+        raise UnsupportedFormatError(path, "is a NIfTI volume but is named like a GeoTIFF; rename it .nii")
+    if kind == "raster" and found == "gzip":
+        raise UnsupportedFormatError(path, "is gzip-compressed but is named like a GeoTIFF (a .nii.gz volume?)")
+    if kind == "volume" and found == "tiff":
+        raise UnsupportedFormatError(path, "is a TIFF image but is named like a NIfTI volume; rename it .tif")
+    if kind == "volume" and found == "gzip" and not name.endswith(".gz"):
+        raise UnsupportedFormatError(path, "is gzip-compressed but not named .gz; rename it .nii.gz")
+
+
+__all__ = ["ITEM_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name", "check_readable_file",
+           "content_kind", "kind_of", "stem_of"]
