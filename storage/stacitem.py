@@ -35,9 +35,9 @@ from storage.bands import BandRequest
 from storage.errors import CorruptInputError, IncompatibleInputError, InvalidInputError, SegflowError
 from storage.geometry import SourceInfo, StacAssetInfo, StacItemInfo
 from storage.hashing import sha256_input
+from storage.header import Header, pixel_hectares
 from storage.inputfiles import ITEM_SUFFIXES
 from storage.layout import ImageStore
-from storage.header import Header, pixel_hectares
 from storage.stacassets import ItemPlan, OpenedAsset, open_asset, plan_item
 
 NAME_MAX = 80
