@@ -25,6 +25,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 from distributed import Client
+from distributed.system import MEMORY_LIMIT
 
 from flows.config import SegmentOptions
 from flows.routing import chosen_bands
@@ -40,12 +41,22 @@ from storage.rastergrid import RasterMapping, raster_mapping
 from storage.wayback import RasterWayBack
 from storage.workarray import forget
 
-# the most bytes of stitched model-grid chunks the way back keeps in the worker's memory (one worker only; past it,
-# files in the work folder). A 5 m scene and a 10 m model, chunks 1024², 5 classes: at most 231 MB were held at once
-# at 8192² (11 of 16 chunks), 419 MB at 16384² (20 of 64): about two rows of model chunks.  Where three rows would
-# not fit, the chunks keep border strips instead and go as soon as the input pixels inside them are computed
-# (storage.wayback.RasterWayBack._strips_pay): a few chunks at a time, however wide the scene
-STAGE_MEMORY = 512 << 20
+def stage_memory(machine: int) -> int:
+    """The most bytes of stitched model-grid chunks the way back keeps in the worker's memory (one worker only;
+    past it, files in the work folder): a sixteenth of the machine, from 512 MB to 2 GB.
+
+    A 5 m scene and a 10 m model, chunks 1024², 5 classes: at most 231 MB were held at once at 8192² (11 of 16
+    chunks), 419 MB at 16384² (20 of 64): about two rows of model chunks.  Where three rows would not fit, the
+    chunks keep border strips instead and go as soon as the input pixels inside them are computed
+    (storage.wayback.RasterWayBack._strips_pay): a few chunks at a time, however wide the scene, but more small
+    tasks.  At 32768² (three rows: 1 GB) on a 24 GB machine, a 512 MB budget took the strips: warping cost 51 %
+    of the sliding window alone, run A's peak 1.49 GB; a 1.3 GB budget held the rows: 27 %, 2.09 GB
+    (docs/performance.md).  So the budget follows the machine, as Dask's memory limit does.
+    """
+    return int(min(max(machine // 16, 512 << 20), 2 << 30))
+
+
+STAGE_MEMORY = stage_memory(MEMORY_LIMIT)  # MEMORY_LIMIT: the machine's memory, or its cgroup's or rlimit's if less
 
 DEFAULT_VOLUME_CHUNK = 128
 
@@ -240,4 +251,5 @@ def resampling_record(mapping: GridMapping | RasterMapping, model: LoadedModel,
             "invert": model.card.inference.invert}
 
 
-__all__ = ["build", "forget_staged", "mapping_for", "model_image_path", "output_meta", "output_meta_attr", "resampling_record"]
+__all__ = ["build", "forget_staged", "mapping_for", "model_image_path", "output_meta", "output_meta_attr",
+           "resampling_record", "stage_memory"]

@@ -338,6 +338,24 @@ def test_a_valid_sliver_thinner_than_a_model_pixel_is_nodata_not_class_0(probabi
     assert np.all(labels[:, 110:] != nodata) and len(np.unique(labels[:, 110:])) >= 2
 
 
+def test_the_way_back_budget_follows_the_machine():
+    """A sixteenth of the machine's memory, never under 512 MB (small machines keep the old budget) nor over 2 GB;
+    and the budget decides where the border strips take over: at 32768² (5 m to 10 m, 5 classes, 1024² chunks,
+    three rows of model chunks 1 GB) a 24 GB machine holds the rows, an 8 GB one takes the strips."""
+    from types import SimpleNamespace
+
+    from flows.modelspace import stage_memory
+    from storage.wayback import RasterWayBack
+
+    assert stage_memory(1 << 30) == stage_memory(8 << 30) == 512 << 20
+    assert stage_memory(24 << 30) == (24 << 30) // 16
+    assert stage_memory(32 << 30) == stage_memory(256 << 30) == 2 << 30
+    probs = SimpleNamespace(shape=(5, 16384, 16384), dtype=np.dtype(np.float32),
+                            chunks=((5,), (1024,) * 16, (1024,) * 16))
+    pays = [RasterWayBack._strips_pay(SimpleNamespace(memory=stage_memory(gb << 30)), probs) for gb in (8, 24)]
+    assert pays == [True, False]
+
+
 def test_the_way_back_held_in_memory_gives_the_labels_of_staged_files_and_holds_nothing_after(scenes, weights,
                                                                                              tmp_path, monkeypatch):
     """One local worker keeps the stitched model-grid chunks in memory for the way back (within
