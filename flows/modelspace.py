@@ -53,7 +53,7 @@ def stage_memory(machine: int) -> int:
     of the sliding window alone, run A's peak 1.49 GB; a 1.3 GB budget held the rows: 27 %, 2.09 GB
     (docs/performance.md).  So the budget follows the machine, as Dask's memory limit does.
     """
-    return int(min(max(machine // 16, 512 << 20), 2 << 30))
+    return min(max(machine // 16, 512 << 20), 2 << 30)
 
 
 STAGE_MEMORY = stage_memory(MEMORY_LIMIT)  # MEMORY_LIMIT: the machine's memory, or its cgroup's or rlimit's if less
