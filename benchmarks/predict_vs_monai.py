@@ -127,8 +127,9 @@ def main() -> int:
 
         import dask
 
-        from flows.cluster import worker_environ
+        from flows.cluster import numpy_hugepages_off, worker_environ
 
+        numpy_hugepages_off()  # as segflow's own local clusters do (flows.cluster.dask_client)
         if not args.dask_malloc:
             dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
         cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads_per_worker,

@@ -24,6 +24,7 @@ from storage.errors import ConfigError
 
 GPU = "GPU"  # the worker resource GPU tasks ask for: workers started with `--resources GPU=1`
 TORCH_THREADS_ENV = "SEGFLOW_TORCH_THREADS"  # set on a worker to fix torch's intra-op threads there
+NUMPY_HUGEPAGE_ENV = "NUMPY_MADVISE_HUGEPAGE"  # numpy's own switch; segflow's processes default it to "0"
 GPUS_NEED_DASK_CUDA = "--gpus needs dask-cuda (pip install dask-cuda)"
 
 
@@ -78,12 +79,41 @@ def worker_environ() -> dict[str, object]:
     64 MiB come from the heap and are reused, the heap is trimmed past 128 MiB
     free, and two arenas limit fragmentation across threads (measured: same
     speed, about 90 MB less per worker). OMP/MKL/OpenBLAS stay at one thread:
-    torch's thread count is set by :class:`TorchThreads`.
+    torch's thread count is set by :class:`TorchThreads`. numpy's huge-page
+    advice is off, as in this process (:func:`numpy_hugepages_off`).
     """
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
     env.update(MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_=str(64 << 20), MALLOC_TRIM_THRESHOLD_=str(128 << 20))
+    env[NUMPY_HUGEPAGE_ENV] = os.environ.get(NUMPY_HUGEPAGE_ENV, "0")
     return env
+
+
+def numpy_hugepages_off() -> bool:
+    """Stop numpy advising the kernel to back its large arrays with huge pages, unless the user chose; True if off.
+
+    numpy marks every allocation of 4 MB or more ``MADV_HUGEPAGE``. Where the
+    kernel's ``transparent_hugepage/defrag`` is ``madvise`` (a common default)
+    and no free huge page is at hand, each first touch of such memory waits
+    for the kernel to compact memory into one (numpy/numpy#31590). On this
+    project's 2-core machines first-touched numpy memory cost 10 s per GB with
+    the advice and 0.4 s without, and segflow's ``fast`` 2D 8192² run of
+    ``benchmarks/predict_vs_monai.py`` took 9.45 s against 8.40 s
+    (``docs/performance.md``, "Huge pages").
+    ``NUMPY_MADVISE_HUGEPAGE=1`` in the environment keeps numpy's default.
+    """
+    os.environ.setdefault(NUMPY_HUGEPAGE_ENV, "0")
+    if os.environ[NUMPY_HUGEPAGE_ENV] != "0":
+        return False
+    try:  # numpy read the variable when it was imported; its runtime switch (private, numpy >= 1.20)
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage
+        except ImportError:
+            return False
+    _set_madvise_hugepage(False)
+    return True
 
 
 def available_cores() -> int:
@@ -258,6 +288,7 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
             yield existing
             return
     _quiet()
+    numpy_hugepages_off()  # before the in-process worker's threads (or the client) allocate anything big
     # set for the process, not a block: a worker restarted after a crash is spawned later
     dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()})
     # the worker's statistical profiler (every thread's stack, every 10 ms) feeds only the dashboard's profile page:

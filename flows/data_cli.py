@@ -28,6 +28,7 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
            out: Path = typer.Option(..., "--out", help="Directory for the <stem>.zarr stores."),
            chunk: Optional[int] = typer.Option(None, help="Spatial chunk size (default 1024 in 2D, 128 in 3D).")) -> None:
     """Copy inputs into chunked zarr v3 image stores with their full geometry."""
+    from flows.cluster import numpy_hugepages_off
     from flows.inputs import expand, input_label, input_stem
     from storage.ingest import ingest as do_ingest
 
@@ -36,6 +37,7 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)
     failures = len(unusable)
     out.mkdir(parents=True, exist_ok=True)
+    numpy_hugepages_off()  # no cluster here: the copy runs on dask's threads in this process
     for item in expanded:
         try:
             store = do_ingest(item if not isinstance(item, str) else Path(item), out / f"{input_stem(item)}.zarr",
