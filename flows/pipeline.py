@@ -48,7 +48,7 @@ from flows.routing import band_request
 from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.chunkwrites import label_dtype, label_nodata
-from storage import provenance
+from storage import chunkcache, provenance
 from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
@@ -115,6 +115,22 @@ def run_identity(store: ImageStore, model: LoadedModel, params: dict[str, Any], 
         "device": device,
         "segflow": provenance.package_versions().get("segflow"),
     }
+
+
+def forget_read_chunks(plan: Any, client: Client) -> None:
+    """Drop the decoded input chunks a run left in its workers' caches (storage.chunkcache): its last readers
+    drop them as they go, but not on a failed run or where worker processes share the reads.
+
+    Never raises, as :func:`flows.modelspace.forget_staged`: it runs while a failed run's own error propagates.
+    """
+    stitch = getattr(plan, "stitch", plan)
+    token = getattr(stitch, "read_token", None)
+    if token is None:
+        return
+    try:
+        client.run(chunkcache.forget, token)
+    except Exception as exc:  # noqa: BLE001  (a closed client raises AttributeError, a lost worker comm errors)
+        logging.getLogger(__name__).debug("could not drop the cached input chunks: %s", exc)
 
 
 def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions, target: Path,
@@ -222,6 +238,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         raise
     finally:
         modelspace.forget_staged(plan, client)
+        forget_read_chunks(plan, client)
     reporter().finish(key)
     stats = {**counts, "windows_total": plan.num_windows, "chunks": len(plan.chunk_indexes),
              "chunks_written": written, "chunks_resumed": len(done), "partial_store": partial_state,

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import dask.array as da
 import numpy as np
 
+from storage.chunkcache import CachedChunks
+
 __all__ = ["Box", "RegionReader", "ComputedRegion"]
 
 Box = tuple[tuple[int, int], ...]  # per spatial axis [lo, hi)
@@ -33,10 +35,14 @@ class RegionReader:
     are the stored ones either way.
     """
 
-    def __init__(self, array: Any) -> None:
+    def __init__(self, array: Any, cached: CachedChunks | None = None) -> None:
+        """``cached``: the same array read through this process's decoded chunks (:mod:`storage.chunkcache`)."""
         self.array = array
+        self.cached = cached
 
     def read(self, region: Box) -> np.ndarray:
+        if self.cached is not None:
+            return self.cached.read(((0, self.array.shape[0]),) + tuple(region))
         return np.asarray(self.array[(slice(None),) + tuple(slice(lo, hi) for lo, hi in region)])
 
 

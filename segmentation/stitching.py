@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,7 @@ from segmentation.blending import Blend, importance_map
 from segmentation.regions import Box, ComputedRegion, RegionReader
 from segmentation.windows import WindowGrid
 from segmentation.chunkwrites import chunk_writes, draining, label_dtype, labels_of
+from storage.chunkcache import CachedChunks, chunks_of, reader_counts
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ class StitchPlan:
         self.normalizer = normalizer
         self.axes = [_make_axis(st, r, ch, sz) for st, r, ch, sz in zip(grid.starts, grid.roi, self.chunks,
                                                                          grid.shape)]
+        # this run's own decoded chunks of a stored source (storage.chunkcache): never another run's
+        self.read_token = f"segflow-read-{uuid.uuid4().hex}"
         self.token = tokenize(self.image.name, None if mask is None else self.mask.name,
                               getattr(predictor, "token", None) or id(predictor),
                               getattr(predictor, "batch_size", None), grid, blend, sigma_scale, normalizer,
@@ -247,6 +251,15 @@ class StitchPlan:
     def box(self, index: tuple[int, ...]) -> Box:
         return tuple(a.chunk(i) for a, i in zip(self.axes, index))
 
+    def _reader_counts(self, regions: Any) -> dict[tuple[int, ...], int] | None:
+        """How many evaluate tasks read each stored chunk, when the source is a stored zarr array (None
+        otherwise): its reads go through the process's decoded chunks (:mod:`storage.chunkcache`)."""
+        source = self.source
+        if source is None or isinstance(source, da.Array) or getattr(source, "reads_regions", False) or \
+                not hasattr(source, "store") or len(getattr(source, "chunks", ())) != len(self.chunks) + 1:
+            return None
+        return reader_counts(source.chunks, [((0, source.shape[0]),) + tuple(r) for r in regions])
+
     def _build(self, predictor: Any, normalizer: Callable) -> None:
         tok = self.token
         pred = delayed(predictor, name=f"segflow-predictor-{tok}", traverse=False)
@@ -259,16 +272,20 @@ class StitchPlan:
         self._count_parts: dict[tuple[int, ...], Any] = {}  # (evaluated, skipped), or a task giving them
         self._sources: dict[tuple[int, ...], list[tuple[int, ...]]] = {idx: [] for idx in incoming}
         source_tasks = dict(self.source.__dask_graph__()) if isinstance(self.source, da.Array) else None
+        owners = {}
         for owner in incoming:
             regions = [a.region(i) for a, i in zip(self.axes, owner)]
-            if any(r is None for r in regions):
-                continue
-            region: Box = tuple(regions)  # type: ignore[arg-type]
+            if not any(r is None for r in regions):
+                owners[owner] = tuple(regions)
+        counts = self._reader_counts(owners.values())
+        for owner, region in owners.items():
             src = list(itertools.product(*(a.chunks_overlapping(lo, hi) for a, (lo, hi) in zip(self.axes, region))))
             if isinstance(self.source, da.Array):
                 blocks: Any = ComputedRegion(self.source, region, source_tasks)
             elif self.source is not None:
-                blocks = RegionReader(self.source)
+                blocks = RegionReader(self.source, None if counts is None else CachedChunks(
+                    self.source, self.read_token, {i: counts[i] for i in chunks_of(self.source.chunks, (
+                        (0, self.source.shape[0]),) + region)}))
             else:
                 blocks = [(self.box(s), image_blocks[s]) for s in src]
             mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]

@@ -21,12 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json, os
-from numpy._core.multiarray import _get_madvise_hugepage
 from flows.cluster import NUMPY_HUGEPAGE_ENV, dask_client
+
+def _get_madvise_hugepage():
+    try:  # numpy >= 2, then numpy 1.x (pyproject allows both)
+        from numpy._core.multiarray import _get_madvise_hugepage as get
+    except ImportError:
+        from numpy.core.multiarray import _get_madvise_hugepage as get
+    return get()
 
 def worker_state():
     import os
-    from numpy._core.multiarray import _get_madvise_hugepage
     return os.environ.get(NUMPY_HUGEPAGE_ENV), bool(_get_madvise_hugepage())
 
 before = bool(_get_madvise_hugepage())
@@ -59,4 +64,6 @@ def test_local_cluster_turns_numpy_hugepages_off_here_and_in_workers():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="numpy advises huge pages on Linux only")
 def test_the_users_choice_of_numpy_hugepages_is_kept():
     state = _probe("1")
+    if not state["before"]:
+        pytest.skip("numpy does not advise huge pages on this kernel (before 4.6), so there is nothing to keep")
     assert state == {"before": True, "here": True, "worker_env": "1", "worker": True}

@@ -1,0 +1,145 @@
+"""A run's reads of a stored image go through decoded chunks, each decoded once and dropped after its last reader.
+
+Real zarr stores on disk; the stitched runs are checked against MONAI's
+whole-image ``sliding_window_inference`` and against the same run with the
+cache off (``SEGFLOW_CHUNK_CACHE_MB=0``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segmentation import build_plan, predict
+from storage import chunkcache
+from tests.test_stitching import monai_reference, tiny_net
+
+
+def _store(path, shape, chunks, seed=0) -> tuple[zarr.Array, np.ndarray]:
+    arr = zarr.create_array(str(path), shape=shape, chunks=chunks, dtype="float32", overwrite=True)
+    data = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    arr[:] = data
+    return arr, data
+
+
+def _decoded(arr: zarr.Array) -> int:
+    return int(np.prod([-(-n // c) for n, c in zip(arr.shape, arr.chunks)]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_cached_read_is_the_stored_values(tmp_path, data):
+    arr, values = _store(tmp_path / "a.zarr", (3, 37, 29), (2, 8, 11))
+    boxes = []
+    for _ in range(data.draw(st.integers(1, 5))):
+        box = []
+        for n in arr.shape:
+            lo = data.draw(st.integers(0, n - 1))
+            box.append((lo, data.draw(st.integers(lo + 1, n))))
+        boxes.append(tuple(box))
+    counts = chunkcache.reader_counts(arr.chunks, boxes)
+    token = f"t-{id(boxes)}"
+    for box in boxes:
+        reader = chunkcache.CachedChunks(arr, token, {i: counts[i] for i in chunkcache.chunks_of(arr.chunks, box)})
+        np.testing.assert_array_equal(reader.read(box), values[tuple(slice(lo, hi) for lo, hi in box)])
+    assert chunkcache.forget(token)["bytes"] == 0
+
+
+def test_each_chunk_is_decoded_once_and_dropped_after_its_last_reader(tmp_path):
+    arr, values = _store(tmp_path / "b.zarr", (2, 40, 40), (2, 10, 10))
+    boxes = [((0, 2), (max(0, y - 3), min(40, y + 13)), (max(0, x - 3), min(40, x + 13)))
+             for y in range(0, 40, 10) for x in range(0, 40, 10)]  # each chunk with a 3-pixel halo
+    counts = chunkcache.reader_counts(arr.chunks, boxes)
+    assert counts[(0, 1, 1)] == 9 and counts[(0, 0, 0)] == 4
+    before = chunkcache.stats()
+    readers = [chunkcache.CachedChunks(arr, "once", {i: counts[i] for i in chunkcache.chunks_of(arr.chunks, b)})
+               for b in boxes]
+    errors = []
+
+    def work(part):
+        try:
+            for box, reader in part:
+                np.testing.assert_array_equal(reader.read(box), values[tuple(slice(lo, hi) for lo, hi in box)])
+        except AssertionError as exc:  # pragma: no cover  (reported below)
+            errors.append(exc)
+
+    pairs = list(zip(boxes, readers))
+    threads = [threading.Thread(target=work, args=(pairs[k::2],)) for k in range(2)]  # two readers at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    after = chunkcache.stats()
+    assert after["decodes"] - before["decodes"] == _decoded(arr)  # 16 chunks; 64 decodes without the cache
+    assert after["hits"] - before["hits"] == sum(counts.values()) - _decoded(arr)
+    assert after["bytes"] == before["bytes"]  # the last reader of each chunk dropped it
+
+
+def test_the_budget_caps_what_is_held_and_zero_turns_it_off(tmp_path, monkeypatch):
+    arr, values = _store(tmp_path / "c.zarr", (1, 64, 64), (1, 16, 16))  # 1 KB chunks
+    box = ((0, 1), (0, 64), (0, 64))
+    readers = {i: 5 for i in chunkcache.chunks_of(arr.chunks, box)}  # readers still to come: all would be kept
+    monkeypatch.setenv(chunkcache.BUDGET_ENV, str(4 * 1024 / 2**20))  # four chunks
+    np.testing.assert_array_equal(chunkcache.CachedChunks(arr, "capped", readers).read(box), values)
+    assert chunkcache.stats()["bytes"] <= 4 * 1024
+    assert chunkcache.forget("capped")["bytes"] == 0
+    monkeypatch.setenv(chunkcache.BUDGET_ENV, "0")
+    before = chunkcache.stats()["decodes"]
+    np.testing.assert_array_equal(chunkcache.CachedChunks(arr, "off", readers).read(box), values)
+    assert chunkcache.stats()["decodes"] == before  # plain zarr reads
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_a_stitched_run_reads_each_stored_chunk_once_and_equals_monai(tmp_path, monkeypatch, precision):
+    arr, data = _store(tmp_path / "img.zarr", (3, 150, 170), (3, 40, 40), seed=4)
+    net = tiny_net(2, 3, 4)
+    before = chunkcache.stats()
+    labels = predict(arr, net, roi=(32, 32), overlap=0.25, chunks=40, precision=precision,
+                     probabilities=False).compute(scheduler="threads", num_workers=2)
+    after = chunkcache.stats()
+    assert after["decodes"] - before["decodes"] == _decoded(arr)  # 20 chunks, each read by up to 9 regions
+    assert after["hits"] > after["decodes"] - before["decodes"]
+    assert after["bytes"] == before["bytes"]
+    monkeypatch.setenv(chunkcache.BUDGET_ENV, "0")
+    plain = predict(arr, net, roi=(32, 32), overlap=0.25, chunks=40, precision=precision,
+                    probabilities=False).compute(scheduler="threads", num_workers=2)
+    assert np.array_equal(labels, plain)
+    if precision == "exact":
+        assert np.array_equal(labels, monai_reference(data, net, (32, 32), 0.25).argmax(0))
+
+
+def test_a_plan_over_a_dask_image_does_not_use_the_cache(tmp_path):
+    import dask.array as da
+
+    arr, _ = _store(tmp_path / "d.zarr", (3, 64, 64), (3, 32, 32))
+    plan = build_plan(da.from_zarr(arr), tiny_net(2, 3, 2), roi=(32, 32), overlap=0.25, chunks=32)
+    assert plan._reader_counts([((0, 32), (0, 32))]) is None
+    stored = build_plan(arr, tiny_net(2, 3, 2), roi=(32, 32), overlap=0.25, chunks=32)
+    assert stored._reader_counts([((0, 40), (0, 40))]) == {(0, 0, 0): 1, (0, 0, 1): 1, (0, 1, 0): 1, (0, 1, 1): 1}
+
+
+def test_a_runs_end_drops_what_a_failed_run_left(tmp_path):
+    """A run that stops after some regions leaves chunks whose readers never came: the pipeline's end of run
+    (``flows.pipeline.forget_read_chunks``, through the client, as for worker processes) drops them."""
+    from distributed import Client, LocalCluster
+
+    from flows.pipeline import forget_read_chunks
+
+    arr, _ = _store(tmp_path / "e.zarr", (3, 96, 96), (3, 32, 32))
+    plan = build_plan(arr, tiny_net(2, 3, 2), roi=(32, 32), overlap=0.25, chunks=32)
+    counts = plan._reader_counts([((0, 40), (0, 40)), ((30, 70), (30, 70))])
+    reader = chunkcache.CachedChunks(arr, plan.read_token, counts)
+    held = chunkcache.stats()["bytes"]
+    reader.read(((0, 3), (0, 40), (0, 40)))  # the first region only: the second never reads
+    assert chunkcache.stats()["bytes"] > held
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        forget_read_chunks(plan, client)
+    assert chunkcache.stats()["bytes"] == held
