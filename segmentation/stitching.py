@@ -37,7 +37,7 @@ from segmentation.blending import Blend, importance_map
 from segmentation.regions import Box, ComputedRegion, RegionReader
 from segmentation.windows import WindowGrid
 from segmentation.chunkwrites import chunk_writes, draining, label_dtype, labels_of
-from storage.chunkcache import CachedChunks, chunks_of, reader_counts
+from storage.chunkcache import CachedChunks, chunks_of, reader_counts, run_limit
 
 
 @dataclass(frozen=True)
@@ -278,6 +278,7 @@ class StitchPlan:
             if not any(r is None for r in regions):
                 owners[owner] = tuple(regions)
         counts = self._reader_counts(owners.values())
+        limit = None if counts is None else run_limit(self.source)
         for owner, region in owners.items():
             src = list(itertools.product(*(a.chunks_overlapping(lo, hi) for a, (lo, hi) in zip(self.axes, region))))
             if isinstance(self.source, da.Array):
@@ -285,7 +286,7 @@ class StitchPlan:
             elif self.source is not None:
                 blocks = RegionReader(self.source, None if counts is None else CachedChunks(
                     self.source, self.read_token, {i: counts[i] for i in chunks_of(self.source.chunks, (
-                        (0, self.source.shape[0]),) + region)}))
+                        (0, self.source.shape[0]),) + region)}, limit))
             else:
                 blocks = [(self.box(s), image_blocks[s]) for s in src]
             mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]
