@@ -42,7 +42,7 @@ class RegionReader:
 
     def read(self, region: Box) -> np.ndarray:
         if self.cached is not None:
-            return self.cached.read(((0, self.array.shape[0]),) + tuple(region))
+            return self.cached.read(((0, self.array.shape[0]),) + tuple(region))  # every channel
         return np.asarray(self.array[(slice(None),) + tuple(slice(lo, hi) for lo, hi in region)])
 
 

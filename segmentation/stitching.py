@@ -258,7 +258,19 @@ class StitchPlan:
         if source is None or isinstance(source, da.Array) or getattr(source, "reads_regions", False) or \
                 not hasattr(source, "store") or len(getattr(source, "chunks", ())) != len(self.chunks) + 1:
             return None
-        return reader_counts(source.chunks, [((0, source.shape[0]),) + tuple(r) for r in regions])
+        return reader_counts(source.chunks, [self._stored_box(r) for r in regions])
+
+    def _stored_box(self, region: Box) -> Box:
+        """A region as the stored source's box: every channel, then the region."""
+        return ((0, self.source.shape[0]),) + tuple(region)
+
+    def _reader(self, region: Box, counts: dict[tuple[int, ...], int] | None, limit: int | None) -> RegionReader:
+        """An evaluate task's reader of the stored source: through the decoded chunks when ``counts`` is given."""
+        if counts is None:
+            return RegionReader(self.source)
+        mine = chunks_of(self.source.chunks, self._stored_box(region))
+        return RegionReader(self.source, CachedChunks(self.source, self.read_token, {i: counts[i] for i in mine},
+                                                      limit))
 
     def _build(self, predictor: Any, normalizer: Callable) -> None:
         tok = self.token
@@ -284,9 +296,7 @@ class StitchPlan:
             if isinstance(self.source, da.Array):
                 blocks: Any = ComputedRegion(self.source, region, source_tasks)
             elif self.source is not None:
-                blocks = RegionReader(self.source, None if counts is None else CachedChunks(
-                    self.source, self.read_token, {i: counts[i] for i in chunks_of(self.source.chunks, (
-                        (0, self.source.shape[0]),) + region)}, limit))
+                blocks = self._reader(region, counts, limit)
             else:
                 blocks = [(self.box(s), image_blocks[s]) for s in src]
             mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]

@@ -3,8 +3,8 @@
 An evaluate task of the sliding window reads its region, its chunk and a halo
 from each neighbour, from the stored image (:class:`segmentation.regions.RegionReader`).
 zarr decodes every stored chunk a read touches, whole, so with a halo each
-chunk was decoded by up to nine regions in 2-D: 576 decodes for the 64
-regions of an 8192² float32 image in 1024² chunks.  Here a run's reads go
+chunk was decoded by up to nine regions in 2-D: 225 decodes for the 64
+regions of an 8192² image in 1024² chunks.  Here a run's reads go
 through this process's cache of decoded chunks.  The plan knows, before
 anything runs, how many regions read each chunk; the last of them drops it,
 so what is held is the band of chunks between regions already read and
@@ -17,7 +17,8 @@ process caps it all, so a very wide image only decodes more; a run's end
 drops whatever is left (:func:`forget`).  The values are the stored ones either way: the cache holds
 what zarr decoded, keyed by the run's own token, never shared across runs.
 Measured (2026-12-03, ``segflow segment`` of an 8192² × 4 float32 image,
-in-process, 2 threads): inference 9.8 s -> 8.5-8.7 s.
+in-process, 2 threads, four interleaved pairs): inference 9.3-10.5 s -> 8.6-9.2 s
+(``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ ChunkIndex = tuple[int, ...]
 
 
 def budget() -> int:
-    """The cache's byte budget: ``SEGFLOW_CHUNK_CACHE_MB`` (0 turns caching off), else the default."""
+    """The cache's byte budget: ``SEGFLOW_CHUNK_CACHE_MB`` (0 turns caching off), else (unset or not a
+    number: it is read inside worker tasks, where an error would fail the run, not the setting) the default."""
     value = os.environ.get(BUDGET_ENV, "").strip()
     if not value:
         return DEFAULT_BUDGET
