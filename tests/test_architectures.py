@@ -285,11 +285,42 @@ def test_fold_batch_norm_keeps_outputs(name, dims):
         assert folded is net
     if name in OWN:  # traceable, and every BatchNorm follows a conv: all folded away
         assert _batch_norms(folded) == 0
-    if name == "unet":  # traced; the norms after its transposed convs stay (fuse folds Conv+BN only)
-        assert 0 < _batch_norms(folded) < _batch_norms(net)
+    if name == "unet":  # traced; the norms after its transposed convs are folded too, its Dropouts dropped
+        assert _batch_norms(net) > 0 and _batch_norms(folded) == 0
+        calls = [n.target for n in folded.graph.nodes if n.op == "call_module"]
+        assert not any(isinstance(folded.get_submodule(t), nn.Dropout) for t in calls)
     if name in OWN:  # the size check survives tracing
         with pytest.raises(ValueError, match="divisible by"):
             folded(torch.randn(1, 3, *([s + 4] * dims)))
+
+
+class _SharedTransposed(nn.Module):
+    """A transposed conv whose output feeds both a BatchNorm and a skip: folding the norm into the conv would
+    change the skip, so it must stay; the second pair is plain and folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.up2 = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up(x)
+        return self.drop(self.bn2(self.up2(self.bn(y) + y)))
+
+
+def test_a_norm_after_a_shared_transposed_conv_stays_and_eval_dropout_goes():
+    net = _SharedTransposed()
+    _randomise_batch_norm(net)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold_batch_norm(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+    calls = [type(folded.get_submodule(n.target)).__name__ for n in folded.graph.nodes if n.op == "call_module"]
+    assert calls == ["ConvTranspose2d", "BatchNorm2d", "ConvTranspose2d"], calls
 
 
 # ---------------------------------------------------------------- receptive fields

@@ -115,6 +115,47 @@ def test_a_stitched_run_reads_each_stored_chunk_once_and_equals_monai(tmp_path, 
         assert np.array_equal(labels, monai_reference(data, net, (32, 32), 0.25).argmax(0))
 
 
+class _Geometry:
+    def __init__(self, transform, epsg=32633, crs_wkt=None):
+        self.transform, self.epsg, self.crs_wkt = tuple(transform)[:6], epsg, crs_wkt
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_a_raster_warped_on_read_warps_each_model_chunk_once(tmp_path, monkeypatch, precision):
+    """A 5 m store read by a 10 m model (storage.modelview.WarpedImage): the regions are cut from whole model
+    chunks, each warped once, and the labels are those of region-by-region warps and of MONAI on the whole
+    warped image."""
+    from rasterio.transform import from_origin
+
+    from storage.modelview import WarpedImage
+    from storage.rastergrid import raster_mapping
+    from storage.warp import to_model
+
+    rng = np.random.default_rng(7)
+    values = rng.integers(0, 256, (3, 160, 200)).astype(np.uint16)
+    arr = zarr.create_array(str(tmp_path / "five.zarr"), shape=values.shape, chunks=(3, 40, 40), dtype="uint16")
+    arr[:] = values
+    mapping = raster_mapping(_Geometry(from_origin(500000, 6000000, 5, 5)), values.shape[1:], spacing=[10, 10],
+                             crs=None)
+    image = WarpedImage(arr, mapping, chunks=(20, 20))  # the model grid: 80 x 100, 4 x 5 chunks
+    net = tiny_net(2, 3, 4)
+    before = chunkcache.stats()
+    labels = predict(image, net, roi=(16, 16), overlap=0.25, chunks=20, precision=precision,
+                     probabilities=False).compute(scheduler="threads", num_workers=2)
+    after = chunkcache.stats()
+    assert after["decodes"] - before["decodes"] == 20  # each model chunk warped once for all its regions
+    assert after["hits"] - before["hits"] > 0 and after["bytes"] == before["bytes"]
+    monkeypatch.setenv(chunkcache.BUDGET_ENV, "0")
+    plain = predict(image, net, roi=(16, 16), overlap=0.25, chunks=20, precision=precision,
+                    probabilities=False).compute(scheduler="threads", num_workers=2)
+    assert np.array_equal(labels, plain)
+    if precision == "exact":
+        import dask.array as da
+
+        whole = to_model(da.from_array(values, chunks=(3, 40, 40)), mapping, chunks=20)[0].compute(scheduler="sync")
+        assert np.array_equal(labels, monai_reference(whole, net, (16, 16), 0.25).argmax(0))
+
+
 def test_a_plan_over_a_dask_image_does_not_use_the_cache(tmp_path):
     import dask.array as da
 
