@@ -12,8 +12,8 @@ U-Net whose version-4 card declares a 10 m ground sample distance: ``cheap``
 demo land-cover card's network) or ``standard`` (a U-Net of the size people
 train for land cover, five levels from 32 to 512 channels: the same warp
 against a heavier forward pass).  ``segflow
-segment`` stitches on the 10 m grid, each window task warping its own region
-from the 5 m store as it reads it (``average``, the separable fast path of
+segment`` stitches on the 10 m grid, the window tasks warping the model chunks
+they read from the 5 m store, each chunk once (``average``, the separable fast path of
 :mod:`storage.separable`, equal to GDAL's; no model-space store), and brings
 the labels back onto the 5 m grid (the argmax on the model grid, bilinear
 probabilities near label boundaries only) (run A).  Run B is
@@ -330,8 +330,8 @@ def main() -> int:
              "seed) repeated 2×2 per pixel, so its 10 m average is exactly a demo scene, and the demo's trained "
              f"model (5 classes); card version 4 at {MODEL_M:g} m, overlap 0.25, batch 8, "
              f"chunks {args.chunk}², `segflow segment --precision fast --no-zarr` (labels only) with segflow's "
-             "default cluster. Run A stitches on the 10 m grid, each window task warping its own region of the 5 m "
-             "scene (average) as it reads it, and brings the labels back (bilinear probabilities near label "
+             "default cluster. Run A stitches on the 10 m grid, the window tasks warping the model chunks they read "
+             "from the 5 m scene (average), each once, and brings the labels back (bilinear probabilities near label "
              "boundaries only); run B segments the same 10 m "
              "model-space image written as a GeoTIFF, which segflow does not warp (checked). Seconds are the "
              "provenance statistics; RSS is sampled every 0.2 s over the whole process tree."

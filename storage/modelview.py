@@ -8,9 +8,13 @@ bands the model takes, warped with the mapping's kernel, then put in the
 card's units, in that order, so its values are bit for bit those of the
 store it replaces (a warp's values do not depend on the window,
 :mod:`storage.warp`).  The stitching's evaluate tasks read their regions from
-it themselves, so the input is read where the windows need it and nothing
-of the model-space image outlives a task.  The model grid's valid mask is
-small and cheap (a nearest warp of the input's mask) and is stored.
+it themselves, so the input is read where the windows need it, as whole
+model chunks (its ``chunks``) through the run's chunk cache
+(:mod:`storage.chunkcache`): each chunk is warped once and dropped after
+the last region that reads it, so no more of the model-space image exists
+than the band of chunks between regions read and regions to come.  The
+model grid's valid mask is small and cheap (a nearest warp of the input's
+mask) and is stored.
 """
 
 from __future__ import annotations
