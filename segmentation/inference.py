@@ -55,6 +55,9 @@ def fold_batch_norm(net: nn.Module, example: torch.Tensor) -> nn.Module:
         folded = fuse(copy.deepcopy(net), inplace=True)
         _fold_transposed(folded)
         _drop_identities(folded)
+        folded.graph.lint()
+        folded.delete_all_unused_submodules()  # the folded BatchNorms
+        folded.recompile()
         with torch.inference_mode():
             want, got = net(example), folded(example)
         want = want[0] if isinstance(want, (tuple, list)) else want
@@ -88,8 +91,6 @@ def _fold_transposed(gm: torch.fx.GraphModule) -> None:
         _set_module(gm, source.target, fuse_conv_bn_eval(conv, bn, transpose=True))
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
 
 
 def _drop_identities(gm: torch.fx.GraphModule) -> None:
@@ -101,9 +102,6 @@ def _drop_identities(gm: torch.fx.GraphModule) -> None:
                 not m.training and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], torch.fx.Node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
 
 
 def _set_module(gm: nn.Module, target: str, module: nn.Module) -> None:

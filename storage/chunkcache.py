@@ -171,7 +171,8 @@ def run_limit(array: Any, rows: int = 3) -> int:
 
 
 class CachedChunks:
-    """Reads of a stored (zarr) array through this process's cache of decoded chunks, for one run.
+    """Reads of a stored (zarr) array, or of an array-like that computes its chunks when read (a raster warped
+    on read), through this process's cache of decoded chunks, for one run.
 
     ``token`` names the run (its chunks are its own); ``readers`` gives, for
     the chunks this reader's box touches, how many reads the whole run makes
@@ -188,7 +189,7 @@ class CachedChunks:
         self.limit = limit
 
     def read(self, box: Sequence[tuple[int, int]]) -> np.ndarray:
-        """The stored values of ``box`` (a [lo, hi) per axis of the array)."""
+        """The array's values in ``box`` (a [lo, hi) per axis of the array)."""
         limit = budget()
         if not limit:
             return np.asarray(self.array[tuple(slice(lo, hi) for lo, hi in box)])

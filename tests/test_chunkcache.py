@@ -115,11 +115,6 @@ def test_a_stitched_run_reads_each_stored_chunk_once_and_equals_monai(tmp_path, 
         assert np.array_equal(labels, monai_reference(data, net, (32, 32), 0.25).argmax(0))
 
 
-class _Geometry:
-    def __init__(self, transform, epsg=32633, crs_wkt=None):
-        self.transform, self.epsg, self.crs_wkt = tuple(transform)[:6], epsg, crs_wkt
-
-
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 def test_a_raster_warped_on_read_warps_each_model_chunk_once(tmp_path, monkeypatch, precision):
     """A 5 m store read by a 10 m model (storage.modelview.WarpedImage): the regions are cut from whole model
@@ -127,6 +122,7 @@ def test_a_raster_warped_on_read_warps_each_model_chunk_once(tmp_path, monkeypat
     warped image."""
     from rasterio.transform import from_origin
 
+    from storage.geometry import RasterGeometry
     from storage.modelview import WarpedImage
     from storage.rastergrid import raster_mapping
     from storage.warp import to_model
@@ -135,8 +131,9 @@ def test_a_raster_warped_on_read_warps_each_model_chunk_once(tmp_path, monkeypat
     values = rng.integers(0, 256, (3, 160, 200)).astype(np.uint16)
     arr = zarr.create_array(str(tmp_path / "five.zarr"), shape=values.shape, chunks=(3, 40, 40), dtype="uint16")
     arr[:] = values
-    mapping = raster_mapping(_Geometry(from_origin(500000, 6000000, 5, 5)), values.shape[1:], spacing=[10, 10],
-                             crs=None)
+    geometry = RasterGeometry(width=200, height=160, epsg=32633, dtype="uint16",
+                              transform=tuple(from_origin(500000, 6000000, 5, 5))[:6])
+    mapping = raster_mapping(geometry, values.shape[1:], spacing=[10, 10], crs=None)
     image = WarpedImage(arr, mapping, chunks=(20, 20))  # the model grid: 80 x 100, 4 x 5 chunks
     net = tiny_net(2, 3, 4)
     before = chunkcache.stats()
