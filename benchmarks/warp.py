@@ -24,6 +24,10 @@ so).  Both run as ``segflow segment`` subprocesses with the same model, chunk
 size and precision; the RSS of each whole process tree is sampled every 0.2 s
 (``benchmarks/memory.py``'s ``run_sampled``).
 
+Run C is run A with ``--output-grid model``: the same warp in, the labels left
+on the 10 m grid, so C - B is the way in alone and A - C the way back with
+the labels on the 4x finer input grid.
+
 Warping cost = ``inference_seconds`` of A minus B's, as a fraction of B's (the
 forward pass, stitching and writing included in both): the warp inside the
 windows' reads (the 5 m uint16 region read and averaged, against B's float32
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -56,6 +61,8 @@ INPUT_M, MODEL_M = 5.0, 10.0
 CLASSES = 4
 EPSG = 32633
 TILE = 2048  # generated once, then shifted per block: generation stays fast
+RUNS = {"B": "B: sliding window alone", "C": "C: model space, labels left on the model grid",
+        "A": "A: model space and back"}
 
 
 def _pattern(seed: int = 0) -> np.ndarray:
@@ -198,12 +205,12 @@ def make_model_space_scene(scene: Path, out: Path, work: Path, chunk: int) -> di
     return {"mapping": mapping, "forward_seconds": seconds}
 
 
-def segment(scene: Path, model: Path, out: Path, chunk: int) -> dict:
+def segment(scene: Path, model: Path, out: Path, chunk: int, extra: Sequence[str] = ()) -> dict:
     """One ``segflow segment`` subprocess: wall seconds, peak tree RSS, and its provenance statistics."""
     from storage.provenance import sidecar_path
 
     cmd = [sys.executable, "-m", "flows", "segment", str(scene), "--model", str(model), "--out", str(out),
-           "--precision", "fast", "--chunk-size", str(chunk), "--no-zarr"]
+           "--precision", "fast", "--chunk-size", str(chunk), "--no-zarr", *extra]
     rc, text, wall, peak, at_peak = run_sampled(cmd)
     if rc != 0:
         raise SystemExit(f"segflow failed on {scene.name}:\n{text}")
@@ -214,11 +221,11 @@ def segment(scene: Path, model: Path, out: Path, chunk: int) -> dict:
 
 def bench(kind: str, sizes: list[int], chunk: int, tmp: Path,
           trained: Path | None = None, repeat: int = 1) -> tuple[list[str], list[str]]:
-    """Runs B and A per size with one model, ``repeat`` interleaved pairs; (table lines, summary notes).
+    """Runs B, C and A per size with one model, ``repeat`` interleaved rounds; (table lines, summary notes).
 
-    With repeats, each row is the pair whose cost (A - B) is the median of
-    the pairs, and the cost's range is given: on a noisy machine one pair can
-    be off by a third."""
+    With repeats, each row is the round whose cost (A - B) is the median of
+    the rounds, and the costs' ranges are given: on a noisy machine one round
+    can be off by a third."""
     head = ["| scene (5 m) | model grid (10 m) | run | windows | inference s | of which before the windows s | ingest s "
             "| export s | wall s | peak RSS GB (largest process of each kind) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -241,57 +248,65 @@ def bench(kind: str, sizes: list[int], chunk: int, tmp: Path,
         pairs = []
         for rep in range(repeat):
             pair = {}
-            for run, path in (("B", d / "b" / "scene.tif"), ("A", scene)):
-                r = segment(path, model, d / f"out-{run}", chunk)
+            for run, path in (("B", d / "b" / "scene.tif"), ("C", scene), ("A", scene)):
+                r = segment(path, model, d / f"out-{run}", chunk, ["--output-grid", "model"] if run == "C" else [])
                 s = r["stats"]
-                if (run == "A") != ("model_space" in s):
-                    raise SystemExit(f"run {run}: model space {'missing' if run == 'A' else 'applied'}")
+                if (run != "B") != ("model_space" in s):
+                    raise SystemExit(f"run {run}: model space {'applied' if run == 'B' else 'missing'}")
                 roles = ", ".join(f"{k} {v}" for k, v in sorted(r["roles"].items()))
                 r["row"] = (f"| {size}² | {'×'.join(map(str, mapping.model_shape))} | "
-                            f"{'A: model space' if run == 'A' else 'B: sliding window alone'} | "
+                            f"{RUNS[run]} | "
                             f"{s.get('windows_total')} | {s['inference_seconds']:.1f} | "
                             f"{s.get('model_image_seconds', 0):.1f} | {s['ingest_seconds']:.1f} | "
                             f"{s['export_seconds']:.1f} | {r['wall_s']:.0f} | {r['peak_gb']:.2f} ({roles}) |")
-                print(r["row"] + (f" (pair {rep + 1} of {repeat})" if repeat > 1 else ""), flush=True)
+                print(r["row"] + (f" (round {rep + 1} of {repeat})" if repeat > 1 else ""), flush=True)
                 pair[run] = r
                 shutil.rmtree(d / f"out-{run}")
             pairs.append(pair)
         costs = [p["A"]["stats"]["inference_seconds"] - p["B"]["stats"]["inference_seconds"] for p in pairs]
         fractions = [c / p["B"]["stats"]["inference_seconds"] for c, p in zip(costs, pairs)]
         pair = pairs[sorted(range(len(pairs)), key=lambda i: fractions[i])[len(pairs) // 2]]  # the median pair
-        for run in ("B", "A"):
+        for run in ("B", "C", "A"):
             rows.append(pair[run]["row"])
             peaks[(size, run)] = (max(p[run]["peak_gb"] for p in pairs),
                                   max(p[run]["roles"].get("dask worker", 0.0) for p in pairs))
         a, b = pair["A"]["stats"], pair["B"]["stats"]
         cost = a["inference_seconds"] - b["inference_seconds"]
+        ways_in = [p["C"]["stats"]["inference_seconds"] / p["B"]["stats"]["inference_seconds"] - 1 for p in pairs]
         summary.append({"size": size, "cost": cost, "forward": a["model_image_seconds"],
+                        "way_in": pair["C"]["stats"]["inference_seconds"] - b["inference_seconds"],
+                        "way_in_range": (min(ways_in), max(ways_in)),
                         "b": b["inference_seconds"], "fraction": cost / b["inference_seconds"],
                         "range": (min(fractions), max(fractions)), "pairs": len(pairs),
                         "wall": pair["A"]["wall_s"] - pair["B"]["wall_s"], "alone": made["forward_seconds"]})
         shutil.rmtree(d)
     lines = [f"**Model: {text}.**", "", *head, *rows, "",
-             "| scene | warping = inference A − B (s) | before the windows (mask) s | in the windows' reads, "
-             "back, argmax and finer label writes s | B inference s | warping / B | end to end A − B (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| scene | warping = inference A − B (s) | before the windows (mask) s | the way in: C − B (s) "
+             "| the way back and the finer labels: A − C (s) | B inference s | way in / B | warping / B "
+             "| end to end A − B (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m in summary:
         spread = "" if m["pairs"] == 1 else \
-            f" (pairs: {100 * m['range'][0]:.0f}–{100 * m['range'][1]:.0f} %)"
-        lines.append(f"| {m['size']}² | {m['cost']:.1f} | {m['forward']:.1f} | {m['cost'] - m['forward']:.1f} | "
-                     f"{m['b']:.1f} | **{100 * m['fraction']:.0f} %**{spread} | {m['wall']:.0f} |")
+            f" (rounds: {100 * m['range'][0]:.0f}–{100 * m['range'][1]:.0f} %)"
+        spread_in = "" if m["pairs"] == 1 else \
+            f" (rounds: {100 * m['way_in_range'][0]:.0f}–{100 * m['way_in_range'][1]:.0f} %)"
+        lines.append(f"| {m['size']}² | {m['cost']:.1f} | {m['forward']:.1f} | {m['way_in']:.1f} | "
+                     f"{m['cost'] - m['way_in']:.1f} | {m['b']:.1f} | {100 * m['way_in'] / m['b']:.0f} %{spread_in} "
+                     f"| **{100 * m['fraction']:.0f} %**{spread} | {m['wall']:.0f} |")
     notes = []
     for m in summary:
         verdict = "met" if m["fraction"] <= 0.15 else f"missed by {100 * (m['fraction'] - 0.15):.0f} points"
         spread = "" if m["pairs"] == 1 else \
-            f", median of {m['pairs']} pairs ranging {100 * m['range'][0]:.0f}–{100 * m['range'][1]:.0f} %"
-        notes.append(f"- {kind}, {m['size']}²: warping costs **{100 * m['fraction']:.0f} %** of the sliding window "
-                     f"alone{spread} (goal ≤ 15 %: {verdict}); {m['forward']:.1f} s before the windows, the rest "
-                     f"{m['cost'] - m['forward']:.1f} s (the warp to the model alone, in-process: "
-                     f"{m['alone']:.1f} s).")
+            f", median of {m['pairs']} rounds ranging {100 * m['range'][0]:.0f}–{100 * m['range'][1]:.0f} %"
+        notes.append(f"- {kind}, {m['size']}²: warping there and back costs **{100 * m['fraction']:.0f} %** of the "
+                     f"sliding window alone{spread} (goal ≤ 15 %: {verdict}); the way in alone (labels left on the "
+                     f"model grid, run C) {100 * m['way_in'] / m['b']:.0f} %, the way back and the labels on the 4× "
+                     f"finer grid {100 * (m['cost'] - m['way_in']) / m['b']:.0f} %; {m['forward']:.1f} s before the "
+                     f"windows (the warp to the model alone, in-process: {m['alone']:.1f} s).")
     done = sorted({s for s, _ in peaks})
     if len(done) > 1:
         lo, hi = done[0], done[-1]
-        for run in ("A", "B"):
+        for run in ("A", "C", "B"):
             (p_lo, w_lo), (p_hi, w_hi) = peaks[(lo, run)], peaks[(hi, run)]
             workers = f"; dask worker {w_lo:.2f} -> {w_hi:.2f} GB" if w_hi else ", one process"
             notes.append(f"- {kind}, peak RSS (the largest of its runs), run {run}: {p_lo:.2f} GB at {lo}², "
@@ -313,7 +328,8 @@ def main() -> int:
                     help="sizes for the demo and standard models (default: --sizes)")
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=1,
-                    help="B/A pairs per size, interleaved; the median pair is shown, with the range of the cost")
+                    help="B/C/A rounds per size, interleaved; the median round (by A's cost) is shown, with the "
+                         "ranges of the costs")
     ap.add_argument("--keep", type=Path, default=None, help="work here (default: a temporary folder)")
     report.add_argument(ap)
     args = ap.parse_args()
@@ -333,10 +349,11 @@ def main() -> int:
              "default cluster. Run A stitches on the 10 m grid, the window tasks warping the model chunks they read "
              "from the 5 m scene (average), each once, and brings the labels back (bilinear probabilities near label "
              "boundaries only); run B segments the same 10 m "
-             "model-space image written as a GeoTIFF, which segflow does not warp (checked). Seconds are the "
-             "provenance statistics; RSS is sampled every 0.2 s over the whole process tree."
-             + (f" Each size ran {args.repeat} B/A pairs, one after the other; the rows are the pair with the "
-                "median cost, the cost's range over the pairs in brackets." if args.repeat > 1 else ""))
+             "model-space image written as a GeoTIFF, which segflow does not warp (checked). Run C is A with "
+             "`--output-grid model`: warped in the same way, labels left on the 10 m grid (no way back). Seconds "
+             "are the provenance statistics; RSS is sampled every 0.2 s over the whole process tree."
+             + (f" Each size ran {args.repeat} B/C/A rounds, one after the other; the rows are the round with the "
+                "median cost of A, the costs' ranges over the rounds in brackets." if args.repeat > 1 else ""))
     text = "\n".join([intro, "", *body, *notes])
     print("\n".join(notes))
     if args.record:
