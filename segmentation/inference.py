@@ -12,7 +12,7 @@ import itertools
 import os
 import threading
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -148,6 +148,36 @@ def exp_and_scale(logits: torch.Tensor, out: torch.Tensor,
     return out, scale
 
 
+# stored dtypes torch has no full support for on every device, carried as the signed type of the same width
+# and widened there (exactly: the bits are reinterpreted, then masked)
+_WIDENED = {np.dtype(np.uint16): (np.int16, torch.int32, 0xFFFF),
+            np.dtype(np.uint32): (np.int32, torch.int64, 0xFFFFFFFF)}
+_AS_IS = {np.dtype(t) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64, np.float16, np.float32,
+                                 np.float64)}
+
+
+def stored_on_device(dtype: np.dtype) -> bool:
+    """Whether a region stored as ``dtype`` can go to the device as it is (else it is normalised on the host)."""
+    dtype = np.dtype(dtype).newbyteorder("=")
+    return dtype in _AS_IS or dtype in _WIDENED
+
+
+def to_device(raw: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """The stored values on ``dev``, in the stored dtype (uint16 and uint32 as the next wider signed type): on
+    CUDA from pinned memory, asynchronously, so the copy is a quarter (uint8) or half (uint16) of the float32
+    region's."""
+    a = np.ascontiguousarray(raw)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    carried, wider, mask = _WIDENED.get(a.dtype, (None, None, 0))
+    t = torch.from_numpy(a.view(carried) if carried is not None else a)
+    if dev.type == "cuda":
+        t = t.pin_memory().to(dev, non_blocking=True)
+    elif dev.type != "cpu":
+        t = t.to(dev)
+    return t if wider is None else t.to(wider).bitwise_and_(mask)
+
+
 class WindowPredictor:
     """Blended class probabilities (softmax, float32, weighted) over the windows of a region.
 
@@ -159,7 +189,8 @@ class WindowPredictor:
     def __init__(self, module: nn.Module, *, spatial_dims: int, num_classes: int,
                  precision: Precision = "exact", device: str = "auto", batch_size: int = 4,
                  token: str = "", flip_tta: Sequence[int] = (), roi: Sequence[int] | None = None,
-                 in_channels: int | None = None, blend_logits: bool = False, compile: bool = False) -> None:
+                 in_channels: int | None = None, blend_logits: bool = False, compile: bool = False,
+                 device_resident: bool | None = None) -> None:
         self.module = module
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
@@ -177,6 +208,10 @@ class WindowPredictor:
         axes = [a + 2 for a in sorted(set(flip_tta))]
         self.flips = [c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
         self.compile = compile  # torch.compile (inductor); every batch padded to batch_size: one graph
+        # regions go to the device in their stored dtype, are normalised there (accumulate_stored), and their sums
+        # stay there until a chunk's labels (segmentation.devicesums); None: on every device but the CPU, where
+        # numpy measured as fast or faster (True on the CPU runs the device path there, as the tests do)
+        self.device_resident = device_resident
         self._prepared: nn.Module | None = None
         self._lock = threading.Lock()
 
@@ -258,6 +293,15 @@ class WindowPredictor:
             out.mul_(1.0 / (len(self.flips) + 1))
         return out, w.expand((len(xb), 1) + tuple(w.shape))
 
+    @property
+    def regions_on_device(self) -> bool:
+        """Whether :func:`segmentation.stitching._evaluate` hands this predictor the stored region
+        (:meth:`accumulate_stored`, whose sums stay on the device) rather than a normalised float32 one
+        (:meth:`accumulate`, whose sums come back as numpy)."""
+        if self.device_resident is not None:
+            return self.device_resident
+        return pick_device(self.device).type != "cpu"
+
     def accumulate(self, region: np.ndarray, windows: list[tuple[slice, ...]], weights: np.ndarray,
                    num_classes: int) -> np.ndarray:
         """Σ w·p over a (C, *extent) region for the given windows, in order, in batches.
@@ -267,29 +311,51 @@ class WindowPredictor:
         """
         net, dev = self._network()
         with torch.inference_mode():
-            x = torch.from_numpy(region).to(dev)
-            w = torch.tensor(weights, dtype=torch.float32, device=dev)
-            acc = torch.zeros((num_classes,) + tuple(region.shape[1:]), dtype=torch.float32, device=dev)
-            buf: torch.Tensor | None = None
-            xbuf: torch.Tensor | None = None
-            for i in range(0, len(windows), self.batch_size):
-                batch = windows[i:i + self.batch_size]
-                if xbuf is None:  # the network's memory format from the start: one copy per window, not two
-                    shape = (self.batch_size, x.shape[0]) + tuple(s.stop - s.start for s in batch[0])
-                    xbuf = torch.empty(shape, dtype=x.dtype, device=dev, memory_format=self.memory_format)
-                for j, sl in enumerate(batch):
-                    xbuf[j].copy_(x[(slice(None),) + sl])
-                xb = xbuf[:len(batch)]
-                logits = self._logits(net, xb)
-                if buf is None:
-                    buf = torch.empty((self.batch_size,) + tuple(logits.shape[1:]), dtype=torch.float32,
-                                      device=dev)
-                if self.blend_logits:
-                    e, scale = self._logit_sums(net, xb, logits, buf[:len(batch)], w)
-                elif not self.flips:
-                    e, scale = exp_and_scale(logits, buf[:len(batch)], w)
-                else:
-                    e, scale = self._mirrored(net, xb, logits, buf[:len(batch)], w)
-                for sl, ei, si in zip(batch, e, scale):
-                    acc[(slice(None),) + sl].addcmul_(ei, si)
-            return acc.cpu().numpy()
+            return self._accumulate(net, dev, torch.from_numpy(region).to(dev), windows, weights,
+                                    num_classes).cpu().numpy()
+
+    def accumulate_stored(self, raw: np.ndarray, normalizer: Any, inner: tuple[slice, ...], shape: Sequence[int],
+                          finite: bool, windows: list[tuple[slice, ...]], weights: np.ndarray,
+                          num_classes: int) -> torch.Tensor:
+        """:meth:`accumulate` of a region sent in its stored dtype (:func:`to_device`) and normalised on the
+        device (:meth:`segmentation.normalize.Normalizer.apply_torch`) into a (C, *shape) float32 region whose
+        ``inner`` part it is (zeros elsewhere, where windows pass the image's edge); NaN and infinities become 0
+        unless ``finite``, as on the host.  The values equal the host path's bit for bit; the sums stay on the
+        device, a tensor (:mod:`segmentation.devicesums` takes them from there)."""
+        net, dev = self._network()
+        with torch.inference_mode():
+            x = torch.zeros(tuple(shape), dtype=torch.float32, device=dev)
+            normalizer.apply_torch(to_device(raw, dev), x[(slice(None),) + tuple(inner)])
+            if not finite:
+                x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            return self._accumulate(net, dev, x, windows, weights, num_classes)
+
+    def _accumulate(self, net: nn.Module, dev: torch.device, x: torch.Tensor, windows: list[tuple[slice, ...]],
+                    weights: np.ndarray, num_classes: int) -> torch.Tensor:
+        """Σ w·p of the windows of a normalised region ``x`` already on the device, in batches (inside inference
+        mode), on the device."""
+        w = torch.tensor(weights, dtype=torch.float32, device=dev)
+        acc = torch.zeros((num_classes,) + tuple(x.shape[1:]), dtype=torch.float32, device=dev)
+        buf: torch.Tensor | None = None
+        xbuf: torch.Tensor | None = None
+        for i in range(0, len(windows), self.batch_size):
+            batch = windows[i:i + self.batch_size]
+            if xbuf is None:  # the network's memory format from the start: one copy per window, not two
+                shape = (self.batch_size, x.shape[0]) + tuple(s.stop - s.start for s in batch[0])
+                xbuf = torch.empty(shape, dtype=x.dtype, device=dev, memory_format=self.memory_format)
+            for j, sl in enumerate(batch):
+                xbuf[j].copy_(x[(slice(None),) + sl])
+            xb = xbuf[:len(batch)]
+            logits = self._logits(net, xb)
+            if buf is None:
+                buf = torch.empty((self.batch_size,) + tuple(logits.shape[1:]), dtype=torch.float32,
+                                  device=dev)
+            if self.blend_logits:
+                e, scale = self._logit_sums(net, xb, logits, buf[:len(batch)], w)
+            elif not self.flips:
+                e, scale = exp_and_scale(logits, buf[:len(batch)], w)
+            else:
+                e, scale = self._mirrored(net, xb, logits, buf[:len(batch)], w)
+            for sl, ei, si in zip(batch, e, scale):
+                acc[(slice(None),) + sl].addcmul_(ei, si)
+        return acc

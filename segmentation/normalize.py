@@ -50,6 +50,25 @@ class Normalizer:
         return out
 
 
+    def apply_torch(self, x: Any, out: Any) -> Any:
+        """:meth:`__call__` in torch, on whatever device ``x`` (the stored values, any real dtype) is on, into the
+        float32 tensor ``out``: the same float32 operations in the same order, so the values are bit for bit
+        those of the numpy path (``tests/test_device_resident.py``).  A GPU worker normalises there, and only
+        the stored dtype crosses the bus."""
+        import torch
+
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        zeros = (x == 0) if self.nonzero else None
+        out.copy_(x)  # the cast to float32, rounding once as numpy's does
+        out.sub_(torch.tensor(self.shift, dtype=torch.float32, device=out.device).reshape(shape))
+        out.mul_(torch.tensor(self.factor, dtype=torch.float32, device=out.device).reshape(shape))
+        if self.clip is not None:
+            out.clamp_(self.clip[0], self.clip[1])
+        if zeros is not None:
+            out.masked_fill_(zeros, 0.0)
+        return out
+
+
 def _per_channel(values: list[float] | None, channels: int, default: float) -> tuple[float, ...]:
     if values is None:
         return (default,) * channels

@@ -33,10 +33,12 @@ import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
+from segmentation import devicesums
 from segmentation.blending import Blend, importance_map
+from segmentation.inference import stored_on_device
 from segmentation.regions import Box, ComputedRegion, RegionReader
 from segmentation.windows import WindowGrid
-from segmentation.chunkwrites import chunk_writes, draining, label_dtype, labels_of
+from segmentation.chunkwrites import chunk_writes, draining, label_dtype, label_nodata, labels_of
 from storage.chunkcache import CachedChunks, chunks_of, reader_counts, run_limit
 
 
@@ -106,22 +108,28 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     extent = tuple((min(s), max(s) + r) for s, r in zip(owned, roi))
     raw = blocks.read(region) if isinstance(blocks, (RegionReader, ComputedRegion)) else \
         _assemble(region, blocks, (channels,), blocks[0][1].dtype)
-    x = np.zeros((channels,) + tuple(hi - lo for lo, hi in extent), dtype=np.float32)
+    shape = (channels,) + tuple(hi - lo for lo, hi in extent)
     inner = tuple(slice(r0 - e0, r1 - e0) for (r0, r1), (e0, _) in zip(region, extent))
-    normalizer(raw, out=x[(slice(None),) + inner])
     finite = getattr(normalizer, "finite_for", None)
     finite = finite is not None and finite(raw.dtype)
-    del raw
+    valid = None if mask_blocks is None else _assemble(region, mask_blocks, (), bool)
+    windows = [tuple(slice(s - e0, s - e0 + r) for s, (e0, _), r in zip(start, extent, roi))
+               for start in _kept(owned, region, roi, valid)]
     # NaN or Inf (a float raster's nodata) would spread through every convolution into valid pixels' outputs:
     # the network sees 0 there instead, a per-pixel rule, so chunking cannot change it. Stored integers normalise
     # to finite values (checked against the normaliser's factors), so their regions skip the pass (6 ms per
     # 1024² × 3 region).
-    if not finite:
-        np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    valid = None if mask_blocks is None else _assemble(region, mask_blocks, (), bool)
-    windows = [tuple(slice(s - e0, s - e0 + r) for s, (e0, _), r in zip(start, extent, roi))
-               for start in _kept(owned, region, roi, valid)]
-    acc = predictor.accumulate(x, windows, weights, num_classes)
+    if getattr(predictor, "regions_on_device", False) and hasattr(normalizer, "apply_torch") and \
+            stored_on_device(raw.dtype):  # a GPU worker: the stored dtype crosses the bus, the sums stay there
+        acc = predictor.accumulate_stored(raw, normalizer, inner, shape, finite, windows, weights, num_classes)
+    else:
+        x = np.zeros(shape, dtype=np.float32)
+        normalizer(raw, out=x[(slice(None),) + inner])
+        del raw
+        if not finite:
+            np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        acc = predictor.accumulate(x, windows, weights, num_classes)
+        del x
 
     # the owner's own chunk, when it is most of the region (2-D: 64 % of a 1024² chunk's 1280² region), stays a
     # view of the sums: copying it was most of the task's work outside the network (14 ms of a 1152² x 5
@@ -133,7 +141,7 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     for k, (index, tbox) in enumerate(targets):
         sl = tuple(slice(lo - e0, hi - e0) for (lo, hi), (e0, _) in zip(tbox, extent))
         piece = acc[(slice(None),) + sl]
-        pieces[index] = piece if k == largest else np.ascontiguousarray(piece)
+        pieces[index] = piece if k == largest else devicesums.copy(piece)
     return pieces
 
 
@@ -189,6 +197,9 @@ def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, 
               mask: np.ndarray | None, num_classes: int, logits: bool = False) -> np.ndarray:
     """Probabilities of one output chunk: Σ pieces / Σ w (then a softmax when logits were blended), zero where
     the input has no data."""
+    if devicesums.on_device(pieces):
+        return devicesums.probabilities(devicesums.sums(box, pieces, num_classes), _weight_sum(box, grid, weights),
+                                        mask, logits)
     acc = _sums(box, pieces, num_classes)
     acc /= _weight_sum(box, grid, weights)
     if logits:
@@ -205,7 +216,13 @@ def _undivided_labels(box: Box, pieces: list[tuple[Box, np.ndarray]], mask: np.n
     """Labels of one output chunk straight from Σ w·p, for ``fast``: Σ w is positive, so dividing by it cannot
     change which class is largest, except where two sums round to one quotient (a near-tie, which bf16 logits
     already decide by chance).  Skips rebuilding Σ w and a pass over every class: measured in
-    ``benchmarks/hostwork.py``'s finalise step."""
+    ``benchmarks/hostwork.py``'s finalise step.  Device-resident pieces: the argmax on the device, and only the
+    labels come back."""
+    if devicesums.on_device(pieces):
+        labels = devicesums.labels(devicesums.sums(box, pieces, num_classes), label_dtype(num_classes))
+        if mask is not None:
+            labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
+        return labels
     return labels_of(_sums(box, pieces, num_classes), mask, num_classes)
 
 
@@ -225,6 +242,7 @@ class StitchPlan:
         """
         self.grid = grid
         self.source = source
+        self.predictor = predictor  # what the evaluate tasks run (its device settings apply until computed)
         self.num_classes = num_classes
         self.channels = image.shape[0]
         self.chunks = image.chunks[1:]

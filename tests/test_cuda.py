@@ -48,3 +48,25 @@ def test_gpu_dask_worker(tmp_path):
     assert counts["windows_evaluated"] == len(plan.grid)
     ref = monai_reference(img, net, (64, 64), 0.25)
     np.testing.assert_allclose(probs, ref, atol=1e-4)
+
+
+def test_device_resident_stored_uint16_on_cuda_matches_the_host_path_on_cpu(tmp_path):
+    """A stored uint16 image on a CUDA worker: the region goes as int16 from pinned memory, is normalised,
+    summed and reduced to labels on the device; against the CPU's host path."""
+    import zarr
+
+    from segmentation.normalize import Normalizer
+
+    values = np.random.default_rng(4).integers(0, 65535, (2, 150, 170), dtype=np.uint16, endpoint=True)
+    arr = zarr.create_array(str(tmp_path / "u16.zarr"), shape=values.shape, dtype="uint16", chunks=(2, 64, 64))
+    arr[...] = values
+    net = tiny_net(2, 2, 3)
+    norm = Normalizer((32767.5,) * 2, (1 / 32767.5,) * 2)
+    out = {}
+    for device in ("cpu", "cuda"):
+        plan = build_plan(arr, net, roi=(48, 48), overlap=0.25, chunks=64, device=device, normalizer=norm,
+                          num_classes=3)
+        assert plan.predictor.regions_on_device is (device == "cuda")
+        out[device] = (plan.probabilities().compute(scheduler="threads"), plan.labels().compute(scheduler="threads"))
+    np.testing.assert_allclose(out["cuda"][0], out["cpu"][0], atol=1e-4)
+    assert (out["cuda"][1] == out["cpu"][1]).mean() > 0.9999  # TF32/cuDNN may flip exact ties only
