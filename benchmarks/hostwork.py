@@ -93,6 +93,7 @@ def main() -> int:
 
     import segmentation.inference as inference
     import segmentation.chunkwrites as chunkwrites
+    import segmentation.devicesums as devicesums
     import segmentation.stitching as stitching
     from segmentation import build_plan
     from segmentation.models import create
@@ -127,8 +128,12 @@ def main() -> int:
         (inference.WindowPredictor, "_logits", "forward"),
         (inference, "exp_and_scale", "softmax"),
         (inference.WindowPredictor, "accumulate", "accumulate"),
+        (inference.WindowPredictor, "accumulate_stored", "accumulate"),  # device-resident regions (GPU workers)
         (RegionReader, "read", "read"),
         (Normalizer, "__call__", "normalise"),
+        (Normalizer, "apply_torch", "normalise"),
+        (devicesums, "sums", "sums"),
+        (devicesums, "labels", "argmax"),
         (stitching, "_evaluate", "evaluate"),
         (stitching, "_sums", "sums"),
         (stitching, "_finalise", "finalise"),
