@@ -163,9 +163,9 @@ def stored_on_device(dtype: np.dtype) -> bool:
 
 
 def to_device(raw: np.ndarray, dev: torch.device) -> torch.Tensor:
-    """The stored values on ``dev``, in the stored dtype (uint16 and uint32 as the next wider signed type): on
-    CUDA from pinned memory, asynchronously, so the copy is a quarter (uint8) or half (uint16) of the float32
-    region's."""
+    """The stored values on ``dev``, in the stored dtype (uint16 and uint32 cross as int16 and int32 and are
+    widened to int32 and int64 there): on CUDA from pinned memory, asynchronously, so the copy is a quarter
+    (uint8) or half (uint16) of the float32 region's."""
     a = np.ascontiguousarray(raw)
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
