@@ -19,7 +19,9 @@ import os
 import re
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -161,27 +163,81 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
     return store
 
 
+# zarr chunk writes in flight behind the reads: each holds one window's pixels, so the memory stays a few chunks
+WRITES_AHEAD = 2
+
+
 def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype: np.dtype, path: Path,
                   *, declared: bool, floating: bool) -> bool:
-    """Read and write each zarr chunk once; return whether any pixel was invalid."""
+    """Read and write each zarr chunk once; return whether any pixel was invalid.
+
+    GDAL reads (and decodes) the next window while a thread stores the last one (zarr encodes and writes it):
+    the two had run one after the other, 0.75 s of reading and 0.74 s of writing for a 4096² x 4 uint16 scene.
+    At most :data:`WRITES_AHEAD` windows wait to be stored.
+    """
     image, mask = store.image, store.mask
     any_invalid = False
-    for win in _windows(src.height, src.width, image.chunks[1], image.chunks[2]):
-        try:
-            data = src.read(bands, window=win, out_dtype=dtype)
-            valid = src.dataset_mask(window=win) > 0 if declared else None
-        except GDAL_ERRORS as exc:
-            raise CorruptInputError(path, f"cannot read pixels ({describe_window(win)}): {gdal_message(exc)}") from None
-        if floating:
-            finite = np.isfinite(data).all(axis=0)
-            valid = finite if valid is None else valid & finite
-        ys = slice(int(win.row_off), int(win.row_off + win.height))
-        xs = slice(int(win.col_off), int(win.col_off + win.width))
+    from_pixels = _nodata_rule(src, bands, dtype) if declared else None
+
+    def write(ys: slice, xs: slice, data: np.ndarray, valid: np.ndarray | None) -> None:
         image[:, ys, xs] = data
         if mask is not None and valid is not None:
             mask[ys, xs] = valid
-            any_invalid = any_invalid or not bool(valid.all())
+
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segflow-ingest") as writer:
+        try:
+            for win in _windows(src.height, src.width, image.chunks[1], image.chunks[2]):
+                try:
+                    data = src.read(bands, window=win, out_dtype=dtype)
+                    valid = None if not declared else from_pixels(data) if from_pixels is not None else \
+                        src.dataset_mask(window=win) > 0
+                except GDAL_ERRORS as exc:
+                    raise CorruptInputError(path, f"cannot read pixels ({describe_window(win)}): "
+                                                  f"{gdal_message(exc)}") from None
+                if floating:
+                    finite = np.isfinite(data).all(axis=0)
+                    valid = finite if valid is None else valid & finite
+                if mask is not None and valid is not None:
+                    any_invalid = any_invalid or not bool(valid.all())
+                ys = slice(int(win.row_off), int(win.row_off + win.height))
+                xs = slice(int(win.col_off), int(win.col_off + win.width))
+                pending.append(writer.submit(write, ys, xs, data, valid))
+                while len(pending) > WRITES_AHEAD:
+                    pending.popleft().result()  # a failed write stops the copy here
+            while pending:
+                pending.popleft().result()
+        finally:
+            for future in pending:  # a read failed: no write outlives the copy (the caller removes the store)
+                future.cancel()
+            wait(list(pending))
     return any_invalid
+
+
+def _nodata_rule(src: DatasetReader, bands: list[int], dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray] | None:
+    """GDAL's nodata mask computed from the pixels already read, where that is exact: valid where any band
+    differs from the one nodata value every band declares (integers, or NaN in floats), every band of the file
+    read in its own dtype.  None elsewhere (alpha, a mask band, per-band or inexact float nodata), where
+    ``dataset_mask`` is asked.  With GDAL's block cache capped (``storage.rasteropen.gdal_env``)
+    ``dataset_mask`` decoded every block a second time: 1.32 s against 0.42 s of reading for a 4096² x 4 uint16
+    scene."""
+    flags = [src.mask_flag_enums[i - 1] for i in bands]
+    nodatas = {"nan" if v is not None and math.isnan(v) else v for v in (src.nodatavals[i - 1] for i in bands)}
+    if bands != list(range(1, src.count + 1)) or any(list(f) != [MaskFlags.nodata] for f in flags) or \
+            len(nodatas) != 1 or any(np.dtype(src.dtypes[i - 1]) != dtype for i in bands):
+        return None
+    nodata = nodatas.pop()
+    if nodata is None:
+        return None
+    nodata = float("nan") if nodata == "nan" else nodata
+    if dtype.kind in "iu":
+        if not float(nodata).is_integer() or not np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max:
+            return None
+        value = dtype.type(int(nodata))
+        return lambda data: (data != value).any(axis=0)
+    if dtype.kind == "f" and math.isnan(nodata):
+        return lambda data: ~np.isnan(data).all(axis=0)
+    return None
 
 
 def _settle_float_mask(store: ImageStore, any_invalid: bool) -> ImageStore:

@@ -101,6 +101,48 @@ def test_ingest_copies_pixels_mask_and_geometry(tmp_path: Path, tiled: bool) -> 
     assert meta.source.sha256 == sha256_file(src_path) and meta.source.size == src_path.stat().st_size
 
 
+@pytest.mark.parametrize("dtype,nodata", [("uint16", 0), ("int16", -5), ("uint8", 255), ("float32", float("nan")),
+                                          ("float32", -9999.0), ("float64", 1.5)])
+def test_the_nodata_mask_is_gdals_whether_computed_from_the_pixels_or_asked(tmp_path: Path, dtype, nodata) -> None:
+    """Integer and NaN nodata: the mask comes from the pixels read (any band not nodata is valid); other float
+    nodata asks GDAL. Either way it equals ``dataset_mask``, with pixels where only some bands are nodata."""
+    from storage.geotiff import _nodata_rule
+
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 3, (3, 90, 140)).astype(dtype)
+    data[data == 0] = nodata  # a third of each band: many pixels with some bands nodata, some with all
+    path = write_tif(tmp_path / "nd.tif", data, nodata=nodata, compress="deflate")
+    store = ingest_geotiff(path, tmp_path / "nd.zarr", chunk=64)
+    with rasterio.open(path) as src:
+        expected = src.dataset_mask() > 0
+        computed = _nodata_rule(src, [1, 2, 3], np.dtype(dtype)) is not None
+    if np.dtype(dtype).kind == "f":  # a float pixel with any band NaN or infinite is invalid too (ingest's rule)
+        expected &= np.isfinite(data).all(axis=0)
+    assert computed == (np.dtype(dtype).kind in "iu" or np.isnan(nodata))
+    if not np.isnan(nodata):  # pixels where only some bands are nodata stay valid
+        assert 0 < int((~expected).sum()) < int((data == nodata).any(axis=0).sum())
+    np.testing.assert_array_equal(store.mask[:], expected)
+
+
+def test_per_band_nodata_asks_gdal(tmp_path: Path) -> None:
+    """A VRT whose bands declare different nodata values: not one rule for every band, so GDAL's mask is used."""
+    from storage.geotiff import _nodata_rule
+
+    data = np.random.default_rng(12).integers(0, 4, (2, 40, 50)).astype(np.uint8)
+    tif = write_tif(tmp_path / "b.tif", data)
+    bands = "".join(f'''<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>{b - 1}</NoDataValue>
+      <SimpleSource><SourceFilename relativeToVRT="1">b.tif</SourceFilename><SourceBand>{b}</SourceBand>
+      </SimpleSource></VRTRasterBand>''' for b in (1, 2))
+    vrt = tmp_path / "b.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="50" rasterYSize="40"><GeoTransform>{", ".join(map(str, [500000.0, 10.0, 0.0, 5e6, 0.0, -10.0]))}'
+                   f'</GeoTransform>{bands}</VRTDataset>')
+    store = ingest_geotiff(vrt, tmp_path / "v.zarr", chunk=32)
+    with rasterio.open(vrt) as src:
+        assert src.nodatavals == (0.0, 1.0)
+        assert _nodata_rule(src, [1, 2], np.dtype(np.uint8)) is None
+        np.testing.assert_array_equal(store.mask[:], src.dataset_mask() > 0)
+
+
 def test_alpha_band_becomes_the_mask_not_a_channel(tmp_path: Path) -> None:
     rgb = np.random.default_rng(1).integers(0, 256, size=(3, 90, 130), dtype=np.uint8)
     alpha = np.full((1, 90, 130), 255, np.uint8)
