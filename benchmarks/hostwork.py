@@ -162,9 +162,7 @@ def main() -> int:
               f"window**, {100 * host / wall:.0f} % of the wall time; so this path runs at "
               f"{(SPENT['forward'] + SPENT['softmax']) / wall:.2f}× the forward pass and softmax alone."]
     body = "\n".join(lines)
-    print(body)
-    if args.record:
-        report.record(args.record, body)
+    report.publish(body, args.record)
     tmp.cleanup()
     return 0
 

@@ -373,9 +373,7 @@ def main() -> int:
                      f"{'identical' if prof['labels_equal'] else 'DIFFERENT'}; for {prof['input_voxels'] / 1e6:.0f} M "
                      "input voxels.")
     body = "\n".join(notes)
-    print(body)
-    if args.record:
-        report.record(args.record, body)
+    report.publish(body, args.record)
     return 0
 
 

@@ -185,9 +185,7 @@ def main() -> int:
                   f"- label agreement with MONAI: exact {np.mean(exact == ref):.6f}, fast {np.mean(fast == ref):.6f} "
                   "(random weights; the demo models' agreement is in `agreement.py`'s block)"]
     body = "\n".join(lines)
-    print(body)
-    if args.record:
-        report.record(args.record, body)
+    report.publish(body, args.record)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "windows": len(grid), "shape": shape}))
     if client:

@@ -75,6 +75,13 @@ def record(key: str, body: str, doc: Path = DOC) -> None:
     print(f"recorded in {doc} (block {key})")
 
 
+def publish(body: str, key: str | None) -> None:
+    """Print a benchmark's figures, and record them in the block ``key`` when one was asked for (``--record``)."""
+    print(body)
+    if key:
+        record(key, body)
+
+
 def add_argument(parser) -> None:  # noqa: ANN001
     parser.add_argument("--record", metavar="KEY", default=None,
                         help="write the figures into docs/performance.md, in the block KEY")

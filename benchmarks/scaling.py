@@ -54,9 +54,7 @@ def main() -> int:
         lines.append(f"| {workers} worker process(es) × {threads} thread(s) | {max(1, cores // (workers * threads))} "
                      f"| {e:.2f} | {f:.2f} | {base_e / e:.2f}× | {base_f / f:.2f}× |")
     body = "\n".join(lines)
-    print(body)
-    if args.record:
-        report.record(args.record, body)
+    report.publish(body, args.record)
     return 0
 
 

@@ -133,9 +133,7 @@ def main() -> int:
         lines.append(f"| {size}² | {windows} | {raw:.3f} | {inference:.3f} | {inference - raw:.3f} | "
                      f"{raw / inference:.2f}× | {total:.2f} |")
     body = "\n".join(lines)
-    print(body)
-    if args.record:
-        report.record(args.record, body)
+    report.publish(body, args.record)
     return 0
 
 

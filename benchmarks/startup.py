@@ -394,9 +394,7 @@ def main() -> int:
     lines.append("| then process exit (Prefect: its temporary server's stop; interpreter teardown) | "
                  + " | ".join(f"{parts[m]['exit']:.2f}" for m in MODES) + " |")
     body = "\n".join(lines)
-    print(body)
-    if args.record:
-        report.record(args.record, body)
+    report.publish(body, args.record)
     return 0
 
 

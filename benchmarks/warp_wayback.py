@@ -89,9 +89,7 @@ def main() -> int:
         lines.append(f"| {r['size']}² | {r['model'][0]}×{r['model'][1]} | {r['seconds']} | "
                      f"{r['size'] ** 2 / 1e6 / r['seconds']:.1f} | {r['peak_rss_gb']} |")
     body = "\n".join(lines)
-    print(body)
-    if args.record:
-        report.record(args.record, body)
+    report.publish(body, args.record)
     return 0
 
 
