@@ -48,13 +48,19 @@ def draining() -> Any:
 argmax0 = argmax_first  # the argmax over classes, first maximum winning (shared with the model-space way back)
 
 
+def mark_nodata(labels: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """``labels`` with the nodata label where ``mask`` (True = valid; None: all valid) says the input has none,
+    in place."""
+    if mask is not None:
+        labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
+    return labels
+
+
 def labels_of(probs: np.ndarray, mask: np.ndarray | None, num_classes: int, unreached: bool = False) -> np.ndarray:
     """The argmax, and nodata where the input has none; with ``unreached`` also where every class is 0 (a
     raster's way back from model space where no valid model pixel reaches a pixel)."""
     labels = argmax0(probs, label_dtype(num_classes), label_nodata(num_classes) if unreached else None)
-    if mask is not None:
-        labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
-    return labels
+    return mark_nodata(labels, mask, num_classes)
 
 
 def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: int,
@@ -68,8 +74,7 @@ def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: in
     """
     if probs.ndim == len(box):  # already labels (a model-space plan's labels-only way back)
         labels = probs.astype(label_dtype(num_classes), copy=mask is not None)  # a fresh task result: kept as is
-        if mask is not None:
-            labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
+        mark_nodata(labels, mask, num_classes)
     else:
         labels = labels_of(probs, mask, num_classes, unreached)
     sl = tuple(slice(lo, hi) for lo, hi in box)
@@ -202,7 +207,7 @@ def _write_group(labels: np.ndarray, masks: list[np.ndarray] | None, block: Box,
     for k, (idx, box) in enumerate(chunks):
         sl = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(box, block))
         if masks is not None:
-            labels[sl][~np.asarray(masks[k], dtype=bool)] = label_nodata(num_classes)
+            mark_nodata(labels[sl], masks[k], num_classes)
         parts.append((idx, box, sl))
     if whole:
         labels_target[tuple(slice(lo, hi) for lo, hi in block)] = labels
@@ -213,4 +218,4 @@ def _write_group(labels: np.ndarray, masks: list[np.ndarray] | None, block: Box,
 
 
 __all__ = ["DRAIN_PRIORITY", "PROBABILITY_SCALE", "argmax0", "chunk_boxes", "chunk_writes", "draining", "group_writes",
-           "label_dtype", "label_histogram", "label_nodata", "labels_of", "quantize_probabilities"]
+           "label_dtype", "label_histogram", "label_nodata", "labels_of", "mark_nodata", "quantize_probabilities"]

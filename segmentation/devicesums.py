@@ -33,14 +33,9 @@ def copy(piece: Any) -> Any:
     return piece.clone() if isinstance(piece, torch.Tensor) else np.ascontiguousarray(piece)
 
 
-def sums(box: Box, pieces: Sequence[tuple[Box, torch.Tensor]], num_classes: int) -> torch.Tensor:
-    """Σ w·p over one output chunk on the pieces' device, added in owner order as on the host."""
-    first = pieces[0][1]
-    acc = torch.zeros((num_classes,) + tuple(hi - lo for lo, hi in box), dtype=torch.float32, device=first.device)
-    for pbox, piece in pieces:
-        sl = tuple(slice(p0 - b0, p1 - b0) for (p0, p1), (b0, _) in zip(pbox, box))
-        acc[(slice(None),) + sl] += piece
-    return acc
+def zeros(shape: Sequence[int], pieces: Sequence[tuple[Box, torch.Tensor]]) -> torch.Tensor:
+    """Float32 zeros on the pieces' device, for a chunk's Σ w·p (``segmentation.stitching._sums`` adds them)."""
+    return torch.zeros(tuple(shape), dtype=torch.float32, device=pieces[0][1].device)
 
 
 def probabilities(acc: torch.Tensor, weight_sum: np.ndarray, mask: np.ndarray | None, logits: bool) -> np.ndarray:
@@ -66,4 +61,4 @@ def labels(acc: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     return out.cpu().numpy().astype(dtype)
 
 
-__all__ = ["copy", "labels", "on_device", "probabilities", "sums"]
+__all__ = ["copy", "labels", "on_device", "probabilities", "zeros"]

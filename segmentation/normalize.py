@@ -49,7 +49,6 @@ class Normalizer:
             out[zeros] = 0.0
         return out
 
-
     def apply_torch(self, x: Any, out: Any) -> Any:
         """:meth:`__call__` in torch, on whatever device ``x`` (the stored values, any real dtype) is on, into the
         float32 tensor ``out``: the same float32 operations in the same order, so the values are bit for bit

@@ -38,7 +38,7 @@ from segmentation.blending import Blend, importance_map
 from segmentation.inference import stored_on_device
 from segmentation.regions import Box, ComputedRegion, RegionReader
 from segmentation.windows import WindowGrid
-from segmentation.chunkwrites import chunk_writes, draining, label_dtype, label_nodata, labels_of
+from segmentation.chunkwrites import chunk_writes, draining, label_dtype, labels_of, mark_nodata
 from storage.chunkcache import CachedChunks, chunks_of, reader_counts, run_limit
 
 
@@ -185,8 +185,10 @@ def _weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
 
 
 def _sums(box: Box, pieces: list[tuple[Box, np.ndarray]], num_classes: int) -> np.ndarray:
-    """Σ w·p over one output chunk: its pieces added in owner order (a fixed summation order)."""
-    acc = np.zeros((num_classes,) + tuple(hi - lo for lo, hi in box), dtype=np.float32)
+    """Σ w·p over one output chunk: its pieces added in owner order (a fixed summation order); on the pieces'
+    device when they are device tensors (:mod:`segmentation.devicesums`)."""
+    shape = (num_classes,) + tuple(hi - lo for lo, hi in box)
+    acc = devicesums.zeros(shape, pieces) if devicesums.on_device(pieces) else np.zeros(shape, dtype=np.float32)
     for pbox, piece in pieces:
         sl = tuple(slice(p0 - b0, p1 - b0) for (p0, p1), (b0, _) in zip(pbox, box))
         acc[(slice(None),) + sl] += piece
@@ -197,10 +199,9 @@ def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, 
               mask: np.ndarray | None, num_classes: int, logits: bool = False) -> np.ndarray:
     """Probabilities of one output chunk: Σ pieces / Σ w (then a softmax when logits were blended), zero where
     the input has no data."""
-    if devicesums.on_device(pieces):
-        return devicesums.probabilities(devicesums.sums(box, pieces, num_classes), _weight_sum(box, grid, weights),
-                                        mask, logits)
     acc = _sums(box, pieces, num_classes)
+    if devicesums.on_device(pieces):
+        return devicesums.probabilities(acc, _weight_sum(box, grid, weights), mask, logits)
     acc /= _weight_sum(box, grid, weights)
     if logits:
         acc -= acc.max(axis=0, keepdims=True)
@@ -219,10 +220,8 @@ def _undivided_labels(box: Box, pieces: list[tuple[Box, np.ndarray]], mask: np.n
     ``benchmarks/hostwork.py``'s finalise step.  Device-resident pieces: the argmax on the device, and only the
     labels come back."""
     if devicesums.on_device(pieces):
-        labels = devicesums.labels(devicesums.sums(box, pieces, num_classes), label_dtype(num_classes))
-        if mask is not None:
-            labels[~np.asarray(mask, dtype=bool)] = label_nodata(num_classes)
-        return labels
+        return mark_nodata(devicesums.labels(_sums(box, pieces, num_classes), label_dtype(num_classes)), mask,
+                           num_classes)
     return labels_of(_sums(box, pieces, num_classes), mask, num_classes)
 
 

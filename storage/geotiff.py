@@ -21,7 +21,7 @@ import shutil
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -208,9 +208,8 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
             while pending:
                 pending.popleft().result()
         finally:
-            for future in pending:  # a read failed: no write outlives the copy (the caller removes the store)
+            for future in pending:  # a read failed: queued writes go (the exit waits for a running one)
                 future.cancel()
-            wait(list(pending))
     return any_invalid
 
 
