@@ -132,7 +132,6 @@ def main() -> int:
         (RegionReader, "read", "read"),
         (Normalizer, "__call__", "normalise"),
         (Normalizer, "apply_torch", "normalise"),
-        (devicesums, "sums", "sums"),
         (devicesums, "labels", "argmax"),
         (stitching, "_evaluate", "evaluate"),
         (stitching, "_sums", "sums"),
