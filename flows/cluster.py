@@ -23,6 +23,12 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from storage.errors import ConfigError
 
 GPU = "GPU"  # the worker resource GPU tasks ask for: workers started with `--resources GPU=1`
+# Each window task asks for half a GPU: a GPU worker runs two at once, one reading and decoding its region on the
+# host while the other's windows run on the device (they take turns there: segmentation.inference.device_gate)
+GPU_TASK_SHARE = 0.5
+# A LocalCUDACluster worker's threads unless told: its two window tasks, and the host tasks (writing chunks,
+# statistics) beside them
+GPU_WORKER_THREADS = 4
 TORCH_THREADS_ENV = "SEGFLOW_TORCH_THREADS"  # set on a worker to fix torch's intra-op threads there
 NUMPY_HUGEPAGE_ENV = "NUMPY_MADVISE_HUGEPAGE"  # numpy's own switch; segflow's processes default it to "0"
 GPUS_NEED_DASK_CUDA = "--gpus needs dask-cuda (pip install dask-cuda)"
@@ -152,14 +158,14 @@ def gpu_workers(client: Client) -> int:
 
 
 def gpu_tasks(client: Client) -> ContextManager[Any]:
-    """Annotate the graphs built inside with ``resources={"GPU": 1}``, when the cluster has GPU workers.
+    """Annotate the graphs built inside with ``resources={"GPU": GPU_TASK_SHARE}``, when the cluster has GPU workers.
 
     Wrap the building of the window-evaluating tasks in it (not the compute
     call: annotations are taken when a graph layer is made). On a cluster
     without GPU workers it does nothing: a task asking for a resource no
     worker has would wait forever.
     """
-    return dask.annotate(resources={GPU: 1}) if gpu_workers(client) else nullcontext()
+    return dask.annotate(resources={GPU: GPU_TASK_SHARE}) if gpu_workers(client) else nullcontext()
 
 
 def _quiet() -> None:
@@ -227,7 +233,7 @@ def _cuda_cluster(workers: int | None, threads_per_worker: int | None, dashboard
     except ImportError:
         raise ConfigError(None, GPUS_NEED_DASK_CUDA) from None
     # one worker process per visible GPU (each sees its GPU as device 0), each advertising GPU=1
-    return LocalCUDACluster(n_workers=workers, threads_per_worker=threads_per_worker or 1,
+    return LocalCUDACluster(n_workers=workers, threads_per_worker=threads_per_worker or GPU_WORKER_THREADS,
                             resources={GPU: 1}, silence_logs=40, **http_options(dashboard))
 
 
@@ -246,7 +252,9 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
 
     ``gpus`` starts dask-cuda's ``LocalCUDACluster`` instead: one worker per
     GPU (``workers`` of them at most), each with a ``GPU`` resource that
-    :func:`gpu_tasks` annotates tasks with. With ``address`` it only checks
+    :func:`gpu_tasks` annotates tasks with (half of it each, so that one
+    window task reads its region while another's windows run on the device),
+    and :data:`GPU_WORKER_THREADS` threads. With ``address`` it only checks
     that the scheduler has GPU workers. Either way every worker gets the
     :class:`TorchThreads` plugin; the model is one graph key, unpickled once
     per worker.

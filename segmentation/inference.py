@@ -11,8 +11,9 @@ import copy
 import itertools
 import os
 import threading
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ContextManager, Literal, Sequence
 
 import numpy as np
 import torch
@@ -178,6 +179,20 @@ def to_device(raw: np.ndarray, dev: torch.device) -> torch.Tensor:
     return t if wider is None else t.to(wider).bitwise_and_(mask)
 
 
+# One gate per device in each worker process.  A GPU worker runs two window tasks at once (each asks for half a GPU,
+# flows.cluster.GPU_TASK_SHARE): while one holds the gate and runs its windows on the device, the other reads and
+# decodes its region on the host, so the device does not wait for the next region.  The gate keeps one region's
+# activations on the device at a time, as a single task would.
+_GATES: dict[str, threading.Lock] = {}
+_GATES_LOCK = threading.Lock()
+
+
+def device_gate(dev: torch.device) -> threading.Lock:
+    """The lock window tasks take, in turn, to use ``dev``."""
+    with _GATES_LOCK:
+        return _GATES.setdefault(str(dev), threading.Lock())
+
+
 class WindowPredictor:
     """Blended class probabilities (softmax, float32, weighted) over the windows of a region.
 
@@ -190,7 +205,7 @@ class WindowPredictor:
                  precision: Precision = "exact", device: str = "auto", batch_size: int = 4,
                  token: str = "", flip_tta: Sequence[int] = (), roi: Sequence[int] | None = None,
                  in_channels: int | None = None, blend_logits: bool = False, compile: bool = False,
-                 device_resident: bool | None = None) -> None:
+                 device_resident: bool | None = None, serial_device: bool | None = None) -> None:
         self.module = module
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
@@ -212,6 +227,9 @@ class WindowPredictor:
         # stay there until a chunk's labels (segmentation.devicesums); None: on every device but the CPU, where
         # numpy measured as fast or faster (True on the CPU runs the device path there, as the tests do)
         self.device_resident = device_resident
+        # window tasks take turns on the device (device_gate); None: on every device but the CPU, whose threads
+        # each run their own windows on their own cores
+        self.serial_device = serial_device
         self._prepared: nn.Module | None = None
         self._lock = threading.Lock()
 
@@ -302,6 +320,11 @@ class WindowPredictor:
             return self.device_resident
         return pick_device(self.device).type != "cpu"
 
+    def _turn(self, dev: torch.device) -> ContextManager[Any]:
+        """Hold the device for one region's windows (:func:`device_gate`), where window tasks take turns."""
+        serial = dev.type != "cpu" if self.serial_device is None else self.serial_device
+        return device_gate(dev) if serial else nullcontext()
+
     def accumulate(self, region: np.ndarray, windows: list[tuple[slice, ...]], weights: np.ndarray,
                    num_classes: int) -> np.ndarray:
         """Σ w·p over a (C, *extent) region for the given windows, in order, in batches.
@@ -310,7 +333,7 @@ class WindowPredictor:
         sums come back once, as a (classes, *extent) float32 array.
         """
         net, dev = self._network()
-        with torch.inference_mode():
+        with self._turn(dev), torch.inference_mode():
             return self._accumulate(net, dev, torch.from_numpy(region).to(dev), windows, weights,
                                     num_classes).cpu().numpy()
 
@@ -324,8 +347,10 @@ class WindowPredictor:
         device, a tensor (:mod:`segmentation.devicesums` takes them from there)."""
         net, dev = self._network()
         with torch.inference_mode():
+            stored = to_device(raw, dev)  # before its turn: the pinned copy is host work
+        with self._turn(dev), torch.inference_mode():
             x = torch.zeros(tuple(shape), dtype=torch.float32, device=dev)
-            normalizer.apply_torch(to_device(raw, dev), x[(slice(None),) + tuple(inner)])
+            normalizer.apply_torch(stored, x[(slice(None),) + tuple(inner)])
             if not finite:
                 x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             return self._accumulate(net, dev, x, windows, weights, num_classes)

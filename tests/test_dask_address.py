@@ -210,13 +210,15 @@ def test_cgroup_cpu_quota(tmp_path):
 
 
 def test_gpu_tasks_annotate_window_work_only_on_gpu_clusters(tmp_path):
-    """Graphs built inside ``gpu_tasks`` reach the scheduler with GPU restrictions, only where workers have GPUs."""
+    """Graphs built inside ``gpu_tasks`` reach the scheduler with GPU restrictions, only where workers have GPUs;
+    each window task asks for a share of a GPU, so a one-GPU worker runs two at once (one reads while the other
+    runs on the device) and never more."""
     import dask
     import zarr
     from distributed import Client, LocalCluster
-    from distributed.diagnostics.plugin import SchedulerPlugin
+    from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
-    from flows.cluster import GPU, gpu_tasks, gpu_workers
+    from flows.cluster import GPU, GPU_TASK_SHARE, gpu_tasks, gpu_workers
     from segmentation import build_plan
 
     class Restrictions(SchedulerPlugin):
@@ -227,25 +229,42 @@ def test_gpu_tasks_annotate_window_work_only_on_gpu_clusters(tmp_path):
             if finish == "processing":
                 self.seen[str(key)] = dict(self.scheduler.tasks[key].resource_restrictions or {})
 
+    class Executing(WorkerPlugin):
+        """The most window tasks the worker ran at once (its own state machine: the scheduler hands it more)."""
+
+        name = "segflow-test-executing"
+
+        def __init__(self) -> None:
+            self.running, self.most = set(), 0
+
+        def transition(self, key, start, finish, **kwargs) -> None:  # noqa: ANN001
+            if "evaluate" in str(key):
+                (self.running.add if finish == "executing" else self.running.discard)(key)
+                self.most = max(self.most, len(self.running))
+
     model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3)
     image = np.random.default_rng(0).random((3, 128, 128), dtype=np.float32)
     results = {}
     for resources in ({GPU: 1}, None):
-        with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
+        with LocalCluster(n_workers=1, threads_per_worker=3, processes=False, dashboard_address=":0",
                           resources=resources) as cluster, Client(cluster) as client:
             assert gpu_workers(client) == (1 if resources else 0)
             seen = Restrictions(cluster.scheduler)
             cluster.scheduler.add_plugin(seen)
+            executing = Executing()
+            client.register_plugin(executing)
+            executing = next(iter(cluster.workers.values())).plugins[executing.name]  # the worker's (in-process) copy
             with gpu_tasks(client):
                 plan = build_plan(image, model, chunks=64)
             target = zarr.create_array(store=str(tmp_path / f"l{bool(resources)}.zarr"), shape=(128, 128),
                                        chunks=(64, 64), dtype="uint8")
             client.gather(client.compute(plan.writes(target)))
-            results[bool(resources)] = (seen.seen, target[:])
-    gpu_seen, gpu_labels = results[True]
-    cpu_seen, cpu_labels = results[False]
+            results[bool(resources)] = (seen.seen, target[:], executing.most)
+    gpu_seen, gpu_labels, gpu_most = results[True]
+    cpu_seen, cpu_labels, _ = results[False]
     evaluate = [k for k in gpu_seen if "evaluate" in k]
-    assert evaluate and all(gpu_seen[k] == {GPU: 1} for k in evaluate)
+    assert len(evaluate) == 4 and all(gpu_seen[k] == {GPU: GPU_TASK_SHARE} for k in evaluate)
+    assert gpu_most == 2  # two at once on one GPU, though the worker has three threads
     assert not any(cpu_seen.values())  # no GPU workers: nothing restricted (else it would wait forever)
     assert np.array_equal(gpu_labels, cpu_labels)
     assert dask.get_annotations() == {}

@@ -174,3 +174,42 @@ def test_the_device_argmax_takes_ties_and_nan_as_the_host_does():
     probs[0, 5:8] = np.nan
     expected = argmax_first(probs, np.dtype(np.uint8))
     np.testing.assert_array_equal(labels(torch.from_numpy(probs), np.dtype(np.uint8)), expected)
+
+
+
+@pytest.mark.parametrize("serial", [True, False])
+def test_window_tasks_take_turns_on_the_device(serial):
+    """Where the device is shared (a GPU worker runs two window tasks at once, ``flows.cluster.GPU_TASK_SHARE``),
+    one region's windows run on it at a time: another task reads meanwhile but waits for its turn there; on the CPU
+    (not serial) each thread runs its own windows."""
+    import contextlib
+    import threading
+    import time
+
+    from segmentation.inference import WindowPredictor, device_gate
+
+    predictor = WindowPredictor(tiny_net(2, 2, 3), spatial_dims=2, num_classes=3, device="cpu", batch_size=1,
+                                serial_device=serial)
+    net, _ = predictor._network()  # prepared once, before the threads (a worker does it once, under its lock)
+    calls: list[int] = []
+
+    def logged(x, inner=net.forward):  # which thread runs each batch; slow enough for two callers to overlap
+        calls.append(threading.get_ident())
+        time.sleep(0.01)
+        return inner(x)
+
+    net.forward = logged
+    region = np.random.default_rng(0).random((2, 40, 40), dtype=np.float32)
+    windows = [(slice(y, y + 24), slice(x, x + 24)) for y in (0, 16) for x in (0, 16)]
+    weights = np.ones((24, 24), np.float32)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(predictor.accumulate(region, windows, weights, 3)))
+               for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(calls) == 8 and len(results) == 2 and np.array_equal(results[0], results[1])
+    switches = sum(a != b for a, b in zip(calls, calls[1:]))
+    assert (switches == 1) if serial else (switches > 1)
+    default = WindowPredictor(tiny_net(2, 2, 3), spatial_dims=2, num_classes=3, device="cpu")
+    assert isinstance(default._turn(torch.device("cpu")), contextlib.nullcontext)  # the CPU: no turns
+    assert default._turn(torch.device("cuda")) is device_gate(torch.device("cuda"))  # a GPU: one gate per device
