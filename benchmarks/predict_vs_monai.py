@@ -177,11 +177,16 @@ def main() -> int:
         def goal(value: float, target: float) -> str:
             return f"**{value:.2f}×** (goal ≥ {target}×: {'met' if value >= target else 'missed'})"
 
+        # issue 12's goals: on the CPU against the raw pass (0.95x exact, 0.9x fast) and 2.5x MONAI fast; on a GPU
+        # 0.8x the raw pass and 1.0x MONAI's whole image on the GPU, both precisions
+        gpu = dev.type != "cpu"
         lines += ["",
-                  f"- segflow exact vs raw fp32 forward: {goal(rows['raw forward, exact'] / rows['segflow exact'], 0.95)}",
-                  f"- segflow fast vs raw fast forward: {goal(rows['raw forward, fast'] / rows['segflow fast'], 0.9)}",
+                  f"- segflow exact vs raw fp32 forward: "
+                  f"{goal(rows['raw forward, exact'] / rows['segflow exact'], 0.8 if gpu else 0.95)}",
+                  f"- segflow fast vs raw fast forward: "
+                  f"{goal(rows['raw forward, fast'] / rows['segflow fast'], 0.8 if gpu else 0.9)}",
                   f"- segflow exact vs MONAI fp32: {goal(base / rows['segflow exact'], 1.0)}",
-                  f"- segflow fast vs MONAI fp32: {goal(base / rows['segflow fast'], 2.5)}",
+                  f"- segflow fast vs MONAI fp32: {goal(base / rows['segflow fast'], 1.0 if gpu else 2.5)}",
                   f"- label agreement with MONAI: exact {np.mean(exact == ref):.6f}, fast {np.mean(fast == ref):.6f} "
                   "(random weights; the demo models' agreement is in `agreement.py`'s block)"]
     body = "\n".join(lines)
