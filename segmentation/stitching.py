@@ -5,12 +5,9 @@ window is owned by exactly one output chunk, the one holding its (clipped)
 end corner.  Per owner chunk, an *evaluate* task reads the input region its
 windows cover (the chunk plus up to one ROI before it), normalises it, runs
 the windows in batches and accumulates Σ w·p over that region; it hands each
-overlapped output chunk its piece (an owner with a large share of the
-image's windows, as where the image is two chunks across, is split into
-tasks of consecutive windows, each reading the box its windows cover, so
-that one owner cannot leave the other threads idle).  Per output chunk, a
-*finalise* task adds the pieces (in owner order), divides by Σ w (computed
-from the grid alone: it does not depend on the data) and takes the argmax.
+overlapped output chunk its piece.  Per output chunk, a *finalise* task adds
+the pieces (in owner order), divides by Σ w (computed from the grid alone:
+it does not depend on the data) and takes the argmax.
 
 So every window is evaluated once, memory per task is bounded by
 (chunk + ROI)^d × classes, never by the image, and the sums do not depend on
@@ -27,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -44,9 +40,6 @@ from segmentation.regions import Box, ComputedRegion, RegionReader
 from segmentation.windows import WindowGrid
 from segmentation.chunkwrites import chunk_writes, draining, label_dtype, labels_of, mark_nodata
 from storage.chunkcache import CachedChunks, chunks_of, reader_counts, run_limit
-
-# No owner's evaluate task runs more than about 2/MIN_TASKS of an image's windows (task_windows, _parts)
-MIN_TASKS = 16
 
 
 @dataclass(frozen=True)
@@ -102,18 +95,17 @@ def _assemble(box: Box, pieces: Sequence[tuple[Box, np.ndarray]], lead: tuple[in
 
 
 def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
-              weights: np.ndarray, starts: Sequence[tuple[int, ...]], region: Box,
+              weights: np.ndarray, owned: tuple[tuple[int, ...], ...], region: Box,
               blocks: list[tuple[Box, np.ndarray]], mask_blocks: list[tuple[Box, np.ndarray]] | None,
               targets: list[tuple[tuple[int, ...], Box]], num_classes: int,
               channels: int) -> dict[tuple[int, ...], np.ndarray]:
-    """Run windows of one owner chunk (all of them, or one of its parts: :func:`_parts`); return Σw·p pieces per
-    target chunk.
+    """Run the windows one owner chunk owns; return Σw·p pieces per target chunk.
 
     The predictor accumulates Σ w·p over the region itself, on its own device,
     so a GPU keeps the region's sums in device memory and returns them once.
     """
     roi = weights.shape
-    extent = _span(starts, roi)
+    extent = tuple((min(s), max(s) + r) for s, r in zip(owned, roi))
     raw = blocks.read(region) if isinstance(blocks, (RegionReader, ComputedRegion)) else \
         _assemble(region, blocks, (channels,), blocks[0][1].dtype)
     shape = (channels,) + tuple(hi - lo for lo, hi in extent)
@@ -122,7 +114,7 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     finite = finite is not None and finite(raw.dtype)
     valid = None if mask_blocks is None else _assemble(region, mask_blocks, (), bool)
     windows = [tuple(slice(s - e0, s - e0 + r) for s, (e0, _), r in zip(start, extent, roi))
-               for start in _kept(starts, region, roi, valid)]
+               for start in _kept(owned, region, roi, valid)]
     # NaN or Inf (a float raster's nodata) would spread through every convolution into valid pixels' outputs:
     # the network sees 0 there instead, a per-pixel rule, so chunking cannot change it. Stored integers normalise
     # to finite values (checked against the normaliser's factors), so their regions skip the pass (6 ms per
@@ -153,40 +145,11 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     return pieces
 
 
-def _span(starts: Sequence[tuple[int, ...]], roi: Sequence[int]) -> Box:
-    """The unclipped box the windows starting at ``starts`` cover (it may pass the image's edges)."""
-    return tuple((min(s[a] for s in starts), max(s[a] for s in starts) + r) for a, r in enumerate(roi))
-
-
-def _parts(starts: list[tuple[int, ...]], limit: int) -> list[tuple[tuple[int, ...], ...]]:
-    """An owner's windows (row-major) as evaluate tasks: one, unless they are more than twice ``limit``; then
-    runs of ``limit`` consecutive windows (whole batches), each reading the box its own windows cover."""
-    if len(starts) <= 2 * limit:
-        return [tuple(starts)]
-    return [tuple(starts[k:k + limit]) for k in range(0, len(starts), limit)]
-
-
-def task_windows(total: int, batch_size: int) -> int:
-    """How many windows an evaluate task runs when an owner's are split (:func:`_parts`): a :data:`MIN_TASKS`-th
-    of the image's, in whole batches.
-
-    A chunk owns the windows whose end corner it holds, so where the image
-    is a few chunks across most windows can fall to one owner (3-D, 256³ in
-    128³ chunks with a 96³ ROI: 27 of 64 windows in the last chunk); as one
-    task that owner ran on one thread for 7.5 s while the other idled.  The
-    bound depends on the grid alone, never on the workers, so neither do the
-    sums.
-    """
-    batch = max(1, batch_size)
-    share = max(1, math.ceil(total / MIN_TASKS))
-    return batch * math.ceil(share / batch)
-
-
-def _kept(starts: Sequence[tuple[int, ...]], region: Box, roi: Sequence[int],
+def _kept(owned: tuple[tuple[int, ...], ...], region: Box, roi: Sequence[int],
           valid: np.ndarray | None) -> list[tuple[int, ...]]:
-    """The starts of the windows that see any valid pixel (all of them without a mask)."""
+    """The starts of the owned windows that see any valid pixel (all of them without a mask)."""
     kept = []
-    for start in starts:
+    for start in itertools.product(*owned):
         if valid is not None:
             win = tuple(slice(max(s, r0) - r0, min(s + r, r1) - r0) for s, r, (r0, r1) in zip(start, roi, region))
             if not valid[win].any():
@@ -195,17 +158,16 @@ def _kept(starts: Sequence[tuple[int, ...]], region: Box, roi: Sequence[int],
     return kept
 
 
-def _count(starts: Sequence[tuple[int, ...]], region: Box, roi: tuple[int, ...],
+def _count(owned: tuple[tuple[int, ...], ...], region: Box, roi: tuple[int, ...],
            mask_blocks: list[tuple[Box, np.ndarray]]) -> tuple[int, int]:
-    """(evaluated, skipped) windows of one evaluate task, from the mask alone: the same rule as
-    :func:`_evaluate`'s.
+    """(evaluated, skipped) windows of one owner, from the mask alone: the same rule as :func:`_evaluate`'s.
 
     A task of its own, not a second output of the evaluate: a graph that
     optimises the evaluate into its one consumer (Dask fuses linear chains)
     and also asks for the counts would otherwise run that evaluate twice.
     """
-    evaluated = len(_kept(starts, region, roi, _assemble(region, mask_blocks, (), bool)))
-    total = len(starts)
+    total = int(np.prod([len(o) for o in owned]))
+    evaluated = len(_kept(owned, region, roi, _assemble(region, mask_blocks, (), bool)))
     return evaluated, total - evaluated
 
 
@@ -346,20 +308,17 @@ class StitchPlan:
         self._mask_blocks = mask_blocks
         incoming: dict[tuple[int, ...], list[tuple[Box, Delayed]]] = {
             idx: [] for idx in itertools.product(*(range(a.nchunks) for a in self.axes))}
-        self._count_parts: dict[tuple[int, ...], Any] = {}  # per evaluate task: (evaluated, skipped), or a task
+        self._count_parts: dict[tuple[int, ...], Any] = {}  # (evaluated, skipped), or a task giving them
         self._sources: dict[tuple[int, ...], list[tuple[int, ...]]] = {idx: [] for idx in incoming}
         source_tasks = dict(self.source.__dask_graph__()) if isinstance(self.source, da.Array) else None
-        roi = tuple(self.grid.roi)
-        most = task_windows(len(self.grid), getattr(predictor, "batch_size", 1) or 1)
-        tasks = {}  # (*owner, part) -> (window starts, the region they read)
+        owners = {}
         for owner in incoming:
-            starts = list(itertools.product(*(a.owned[i] for a, i in zip(self.axes, owner))))
-            for k, part in enumerate(_parts(starts, most) if starts else ()):
-                region = tuple((max(lo, 0), min(hi, a.size)) for (lo, hi), a in zip(_span(part, roi), self.axes))
-                tasks[owner + (k,)] = (part, region)
-        counts = self._reader_counts([region for _, region in tasks.values()])
+            regions = [a.region(i) for a, i in zip(self.axes, owner)]
+            if not any(r is None for r in regions):
+                owners[owner] = tuple(regions)
+        counts = self._reader_counts(owners.values())
         limit = None if counts is None else run_limit(self.source)
-        for key, (part, region) in tasks.items():
+        for owner, region in owners.items():
             src = list(itertools.product(*(a.chunks_overlapping(lo, hi) for a, (lo, hi) in zip(self.axes, region))))
             if isinstance(self.source, da.Array):
                 blocks: Any = ComputedRegion(self.source, region, source_tasks)
@@ -370,15 +329,17 @@ class StitchPlan:
             mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]
             targets = [(t, tuple((max(lo, b0), min(hi, b1)) for (lo, hi), (b0, b1) in zip(region, self.box(t))))
                        for t in src]
-            suffix = "-".join(map(str, key))
+            owned = tuple(a.owned[i] for a, i in zip(self.axes, owner))
+            name = f"segflow_evaluate-{tok}-" + "-".join(map(str, owner))
             pieces = delayed(_evaluate, pure=True)(
-                pred, normalizer, weights, part, region, blocks, mblocks, targets,
-                self.num_classes, self.channels, dask_key_name=f"segflow_evaluate-{tok}-{suffix}")
-            self._count_parts[key] = (len(part), 0) if mblocks is None else \
-                delayed(_count, pure=True)(part, region, roi, mblocks, dask_key_name=f"segflow_count-{tok}-{suffix}")
+                pred, normalizer, weights, owned, region, blocks, mblocks, targets,
+                self.num_classes, self.channels, dask_key_name=name)
+            self._count_parts[owner] = (int(np.prod([len(o) for o in owned])), 0) if mblocks is None else \
+                delayed(_count, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
+                                           dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, owner)))
             for t, tbox in targets:
                 incoming[t].append((tbox, pieces[t]))
-                self._sources[t].append(key)
+                self._sources[t].append(owner)
         self._probs: dict[tuple[int, ...], Delayed] = {}
         self._incoming = incoming
         # fast, probabilities blended: labels come from the undivided sums (_undivided_labels)

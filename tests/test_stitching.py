@@ -93,38 +93,6 @@ def test_each_window_evaluated_exactly_once(shape, roi, chunks, overlap):
     assert counts == {"windows_evaluated": len(expected), "windows_skipped": 0}
 
 
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_a_big_owner_is_split_into_tasks_with_the_same_answer(masked):
-    """One chunk owning most windows (the image two chunks across: 16 of 36 windows end in the last chunk) runs as
-    several evaluate tasks, each window still once, and the answer is MONAI's and the unsplit chunking's."""
-    from segmentation.stitching import task_windows
-
-    shape, roi = (100, 100), (24, 24)
-    img = np.random.default_rng(3).random((2, *shape), dtype=np.float32)
-    mask = None
-    if masked:
-        mask = np.ones(shape, bool)
-        mask[60:, :30] = False  # some windows of the big owner see no valid pixel
-    net = tiny_net(2, 2, 3)
-    plan = build_plan(img, net, roi=roi, overlap=0.25, chunks=50, batch_size=1, mask=mask)
-    assert len(plan.grid) == 36 and task_windows(36, 1) == 3 and plan.owned_windows((1, 1)) == 16
-    evaluates = {k for k in dict(plan.probabilities().__dask_graph__()) if "segflow_evaluate" in str(k)}
-    parts = {k for k in evaluates if "-1-1-" in str(k)}
-    assert len(parts) == 6  # the last chunk's 16 windows as 5 runs of 3 and one of 1; the others unsplit
-    probs, labels, counts = dask.compute(plan.probabilities(), plan.labels(), plan.counts(), scheduler="sync")
-    skipped = 0 if mask is None else sum(1 for w in plan.grid if not mask[plan.grid.slices(w)].any())
-    assert counts == {"windows_evaluated": 36 - skipped, "windows_skipped": skipped}
-    whole = build_plan(img, net, roi=roi, overlap=0.25, chunks=100, batch_size=36, mask=mask)  # one task
-    assert len({k for k in dict(whole.probabilities().__dask_graph__()) if "segflow_evaluate" in str(k)}) == 1
-    ref = whole.probabilities().compute(scheduler="sync")
-    np.testing.assert_allclose(probs, ref, atol=1e-6)
-    if mask is None:
-        np.testing.assert_allclose(probs, monai_reference(img, net, roi, 0.25), atol=1e-4)
-        assert np.array_equal(labels, ref.argmax(0))
-    else:
-        assert np.array_equal(labels[mask], ref.argmax(0)[mask])
-
 def test_nodata_windows_are_skipped_and_counted():
     shape = (120, 100)
     img = np.random.default_rng(1).random((2, *shape), dtype=np.float32)
