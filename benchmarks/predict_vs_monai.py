@@ -90,9 +90,12 @@ def main() -> int:
                         logits = gpu_net(batch)
                 else:
                     logits = gpu_net(batch)
-                # the same softmax segflow uses, so the ratio measures only its stitching overhead
-                e, scale = exp_and_scale(logits, buf[:len(batch)])
-                e.mul_(scale).cpu()
+                # the same softmax segflow uses (window by window on the CPU, the batch at once on a GPU, as its
+                # workers do), so the ratio measures only its stitching overhead
+                step = 1 if dev.type == "cpu" else len(batch)
+                for j in range(0, len(batch), step):
+                    e, scale = exp_and_scale(logits[j:j + step], buf[:step])
+                    e.mul_(scale).cpu()
 
     def monai() -> np.ndarray:
         from monai.inferers import sliding_window_inference
