@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
 from segmentation import build_plan  # noqa: E402
-from segmentation.inference import exp_and_scale  # noqa: E402
+from segmentation.inference import exp_and_scale, softmax_slabs  # noqa: E402
 from segmentation.models import create  # noqa: E402
 from segmentation.normalize import Normalizer  # noqa: E402
 from segmentation.windows import make_grid  # noqa: E402
@@ -90,11 +90,14 @@ def main() -> int:
                         logits = gpu_net(batch)
                 else:
                     logits = gpu_net(batch)
-                # the same softmax segflow uses (window by window on the CPU, the batch at once on a GPU, as its
-                # workers do), so the ratio measures only its stitching overhead
-                step = 1 if dev.type == "cpu" else len(batch)
-                for j in range(0, len(batch), step):
-                    e, scale = exp_and_scale(logits[j:j + step], buf[:step])
+                # the same softmax segflow uses (in slabs of each window on the CPU, the batch at once on a GPU, as
+                # its workers do), so the ratio measures only its stitching overhead
+                if dev.type == "cpu":
+                    for j in range(len(batch)):
+                        for _, _, e, scale in softmax_slabs(logits[j:j + 1], buf):
+                            e.mul_(scale)
+                else:
+                    e, scale = exp_and_scale(logits, buf[:len(batch)])
                     e.mul_(scale).cpu()
 
     def monai() -> np.ndarray:

@@ -67,7 +67,7 @@ def raw_forward(scene: Path, model: Path) -> tuple[float, int]:
     import rasterio
     import torch
 
-    from segmentation.inference import exp_and_scale, fold_batch_norm
+    from segmentation.inference import fold_batch_norm, softmax_slabs
     from segmentation.modeldir import load_model
     from segmentation.normalize import resolve
     from segmentation.windows import make_grid
@@ -90,9 +90,9 @@ def raw_forward(scene: Path, model: Path) -> tuple[float, int]:
             x = torch.stack([image[(slice(None),) + grid.slices(w)] for w in windows[i:i + batch]])
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = net(x.contiguous(memory_format=torch.channels_last))
-            for j in range(len(x)):  # window by window, as segflow's CPU workers take the softmax
-                e, scale = exp_and_scale(logits[j:j + 1], buf[:1])
-                e.mul_(scale)
+            for j in range(len(x)):  # in slabs of each window, as segflow's CPU workers take the softmax
+                for _, _, e, scale in softmax_slabs(logits[j:j + 1], buf):
+                    e.mul_(scale)
     return time.perf_counter() - t, len(windows)
 
 

@@ -260,3 +260,25 @@ def test_blending_raw_outputs_equals_monai_inferer_then_softmax(ndim):
         assert np.array_equal(probs.argmax(0), ref.argmax(0))
     softmax_blend = predict(img, net, roi=roi, overlap=0.25, chunks=16).compute(scheduler="sync")
     assert np.abs(softmax_blend - ref).max() > 1e-4  # the two blends differ: the option matters
+
+
+@pytest.mark.parametrize("roi", [(256, 256), (40, 96, 96)])
+def test_the_softmax_in_slabs_equals_the_whole_windows(roi):
+    """A CPU worker takes each window's softmax in cache-sized slabs (``softmax_slabs``): bit for bit the values
+    of the whole window's, channels-last bf16 logits as a network under autocast gives them."""
+    from segmentation.inference import SLAB_BYTES, exp_and_scale, softmax_slabs
+
+    fmt = torch.channels_last if len(roi) == 2 else torch.channels_last_3d
+    logits = (torch.randn((1, 5) + roi, generator=torch.Generator().manual_seed(0)) * 8).to(torch.bfloat16)
+    logits = logits.contiguous(memory_format=fmt)
+    weight = torch.rand(roi, generator=torch.Generator().manual_seed(1))
+    e, scale = exp_and_scale(logits, torch.empty((1, 5) + roi), weight)
+    want = (e * scale)[0]
+    got = torch.empty_like(want)
+    buf = torch.empty((2, 5) + roi)
+    slabs = 0
+    for a, b, es, ss in softmax_slabs(logits, buf, weight):
+        assert 4 * es.numel() <= SLAB_BYTES
+        got[:, a:b] = (es * ss)[0]
+        slabs += 1
+    assert slabs > 1 and torch.equal(got, want)
