@@ -13,7 +13,7 @@ import os
 import threading
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Literal, Sequence
+from typing import Any, ContextManager, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -156,7 +156,8 @@ def exp_and_scale(logits: torch.Tensor, out: torch.Tensor,
 SLAB_BYTES = 512 << 10
 
 
-def softmax_slabs(logits: torch.Tensor, buf: torch.Tensor, weight: torch.Tensor | None = None):  # noqa: ANN201
+def softmax_slabs(logits: torch.Tensor, buf: torch.Tensor,
+                  weight: torch.Tensor | None = None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """:func:`exp_and_scale` of one window's logits (1, C, *roi) in slabs along its first spatial axis, each
     under :data:`SLAB_BYTES`: yields (first row, last row + 1, e, scale) per slab, e a view of ``buf``
     (>= (1, C, *roi) float32), valid until the next slab.  The values equal the whole window's, bit for bit (the
