@@ -163,7 +163,7 @@ def softmax_slabs(logits: torch.Tensor, buf: torch.Tensor,
     (>= (1, C, *roi) float32), valid until the next slab.  The values equal the whole window's, bit for bit (the
     softmax is per pixel)."""
     rows = logits.shape[2]
-    step = max(1, SLAB_BYTES // (4 * int(np.prod(logits.shape[1:])) // rows))
+    step = max(1, SLAB_BYTES // (4 * logits[:, :, :1].numel()))  # float32 bytes of one row of every class
     for a in range(0, rows, step):
         b = min(a + step, rows)
         e, scale = exp_and_scale(logits[:, :, a:b], buf[:1, :, :b - a], None if weight is None else weight[a:b])
@@ -393,12 +393,14 @@ class WindowPredictor:
                 xbuf[j].copy_(x[(slice(None),) + sl])
             xb = xbuf[:len(batch)]
             logits = self._logits(net, xb)
+            # on the CPU, plain softmax blending goes slab by slab of each window (softmax_slabs): the probabilities
+            # stay in the core's cache from the softmax to the sums, in a buffer of one window; a GPU takes the
+            # batch in one launch per step
+            slabs = not self.blend_logits and not self.flips and dev.type == "cpu"
             if buf is None:
-                buf = torch.empty((self.batch_size,) + tuple(logits.shape[1:]), dtype=torch.float32,
-                                  device=dev)
-            if not self.blend_logits and not self.flips and dev.type == "cpu":
-                # on the CPU, slab by slab of each window (softmax_slabs): the probabilities stay in the core's
-                # cache from the softmax to the sums; a GPU takes the batch in one launch per step
+                buf = torch.empty((1 if slabs else self.batch_size,) + tuple(logits.shape[1:]),
+                                  dtype=torch.float32, device=dev)
+            if slabs:
                 for j, sl in enumerate(batch):
                     for a, b, e, scale in softmax_slabs(logits[j:j + 1], buf, w):
                         rows = slice(sl[0].start + a, sl[0].start + b)
@@ -406,10 +408,10 @@ class WindowPredictor:
                 continue
             if self.blend_logits:
                 e, scale = self._logit_sums(net, xb, logits, buf[:len(batch)], w)
-            elif not self.flips:
-                e, scale = exp_and_scale(logits, buf[:len(batch)], w)
-            else:
+            elif self.flips:
                 e, scale = self._mirrored(net, xb, logits, buf[:len(batch)], w)
+            else:
+                e, scale = exp_and_scale(logits, buf[:len(batch)], w)
             for sl, ei, si in zip(batch, e, scale):
                 acc[(slice(None),) + sl].addcmul_(ei, si)
         return acc
