@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from dask._task_spec import Alias, Task
+from dask.utils import key_split
+
 from segmentation import build_plan, predict
 from segmentation.chunkwrites import label_nodata
 
@@ -146,6 +149,30 @@ def test_fast_labels_skip_the_weight_sum_yet_equal_the_argmax_and_ignore_the_chu
     assert not exact.undivided_labels
     e_labels, e_probs = dask.compute(exact.labels(), exact.probabilities(), scheduler="sync")
     assert np.array_equal(e_labels[valid], e_probs.argmax(0)[valid])
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_the_arrays_blocks_are_the_per_chunk_tasks_themselves(precision):
+    """``labels()`` and ``probabilities()`` hand out the stitching's per-chunk tasks as the arrays' blocks: no
+    alias per chunk and no tree of concatenations between them (``da.from_delayed`` + ``da.block``), each of
+    which costs a scheduler round trip that leaves a worker thread waiting."""
+    img = np.random.default_rng(3).random((2, 150, 130), dtype=np.float32)
+    plan = build_plan(img, tiny_net(2, 2, 3), roi=(32, 32), overlap=0.25, chunks=48, precision=precision)
+    chunks = 4 * 3
+    for arr, names in ((plan.labels(), {"segflow_labels", "segflow_argmax"}),
+                       (plan.probabilities(), {"segflow_finalise"})):
+        graph = dict(arr.__dask_graph__())
+        keys = list(dask.core.flatten(arr.__dask_keys__()))
+        assert len(keys) == chunks and all(key_split(k) in names for k in keys)
+        assert all(isinstance(graph[k], Task) for k in keys)  # the computation itself, not an alias of it
+        assert not any(isinstance(node, Alias) for node in graph.values())
+        assert not {key_split(k) for k in graph} & {"concatenate", "from-value", "block"}
+        per_chunk = [k for k in graph if key_split(k) in names]
+        assert len(per_chunk) == chunks
+    # and they compute to the same answer as the whole-image reference
+    ref = monai_reference(img, tiny_net(2, 2, 3), (32, 32), 0.25)
+    probs = plan.probabilities().compute(scheduler="sync")
+    np.testing.assert_allclose(probs, ref, atol=1e-4 if precision == "exact" else 2e-2, rtol=0)
 
 
 def test_nan_nodata_is_seen_as_zero_not_spread_into_valid_pixels():
