@@ -45,8 +45,12 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                precision: Precision = "exact", chunks: Sequence[int] | int | None = None, mask: Any = None,
                batch_size: int | None = None, device: str = "auto", normalizer: Normalizer | None = None,
                num_classes: int | None = None, flip_tta: Sequence[int] | None = None,
-               blend_outputs: str | None = None, compile: bool = False) -> StitchPlan:
-    """Resolve defaults from the model card, check the input fits, and build the stitching graph."""
+               blend_outputs: str | None = None, compile: bool = False,
+               one_process: bool | None = None) -> StitchPlan:
+    """Resolve defaults from the model card, check the input fits, and build the stitching graph.
+
+    ``one_process``: whether the graph will run in one process (None: guessed from the current Dask client,
+    :class:`segmentation.stitching.StitchPlan`); it decides only how the pieces reach their chunks."""
     if image.ndim not in (3, 4):
         raise ConfigError(None, f"image must be (C, *spatial) with 2 or 3 spatial axes, got shape {image.shape}")
     spatial_dims = image.ndim - 1
@@ -117,7 +121,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         hasattr(image, "store") or getattr(image, "reads_regions", False)) else \
         image if isinstance(image, da.Array) else None
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
-                      blend=blend, sigma_scale=sigma_scale, source=stored)
+                      blend=blend, sigma_scale=sigma_scale, source=stored, one_process=one_process)
 
 
 def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | None = None,

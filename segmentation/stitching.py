@@ -185,6 +185,24 @@ def _weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
     return out
 
 
+def _pieces(incoming: list[tuple[Box, Any, Any]]) -> list[tuple[Box, Any]]:
+    """A chunk's (box, piece) pairs from its incoming entries: a piece itself (key None), or an owner's whole
+    output and the key of the piece in it (:attr:`StitchPlan.whole_outputs`)."""
+    return [(box, value if key is None else value[key]) for box, value, key in incoming]
+
+
+def _one_process() -> bool:
+    """Whether a graph built now will run in one process: dask's local schedulers (no distributed client), or
+    a distributed cluster of one worker.  A guess made when the graph is built; it only decides how pieces
+    reach their chunks, never what is computed."""
+    try:
+        from distributed import default_client
+        client = default_client()
+    except (ImportError, ValueError):  # no client: the threaded or synchronous scheduler
+        return True
+    return len(client.scheduler_info(n_workers=-1).get("workers", {})) == 1
+
+
 def _sums(box: Box, pieces: list[tuple[Box, np.ndarray]], num_classes: int) -> np.ndarray:
     """Σ w·p over one output chunk: its pieces added in owner order (a fixed summation order); on the pieces'
     device when they are device tensors (:mod:`segmentation.devicesums`)."""
@@ -196,10 +214,11 @@ def _sums(box: Box, pieces: list[tuple[Box, np.ndarray]], num_classes: int) -> n
     return acc
 
 
-def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, weights: np.ndarray,
+def _finalise(box: Box, pieces: list[tuple[Box, Any, Any]], grid: WindowGrid, weights: np.ndarray,
               mask: np.ndarray | None, num_classes: int, logits: bool = False) -> np.ndarray:
     """Probabilities of one output chunk: Σ pieces / Σ w (then a softmax when logits were blended), zero where
     the input has no data."""
+    pieces = _pieces(pieces)
     acc = _sums(box, pieces, num_classes)
     if devicesums.on_device(pieces):
         return devicesums.probabilities(acc, _weight_sum(box, grid, weights), mask, logits)
@@ -213,13 +232,14 @@ def _finalise(box: Box, pieces: list[tuple[Box, np.ndarray]], grid: WindowGrid, 
     return acc
 
 
-def _undivided_labels(box: Box, pieces: list[tuple[Box, np.ndarray]], mask: np.ndarray | None,
+def _undivided_labels(box: Box, pieces: list[tuple[Box, Any, Any]], mask: np.ndarray | None,
                       num_classes: int) -> np.ndarray:
     """Labels of one output chunk straight from Σ w·p, for ``fast``: Σ w is positive, so dividing by it cannot
     change which class is largest, except where two sums round to one quotient (a near-tie, which bf16 logits
     already decide by chance).  Skips rebuilding Σ w and a pass over every class: measured in
     ``benchmarks/hostwork.py``'s finalise step.  Device-resident pieces: the argmax on the device, and only the
     labels come back."""
+    pieces = _pieces(pieces)
     if devicesums.on_device(pieces):
         return mark_nodata(devicesums.labels(_sums(box, pieces, num_classes), label_dtype(num_classes)), mask,
                            num_classes)
@@ -236,10 +256,13 @@ class StitchPlan:
     def __init__(self, image: da.Array, predictor: Any, grid: WindowGrid, *,
                  num_classes: int, normalizer: Callable[[np.ndarray], np.ndarray],
                  mask: da.Array | None = None, blend: Blend = "gaussian", sigma_scale: float = 0.125,
-                 source: Any = None) -> None:
+                 source: Any = None, one_process: bool | None = None) -> None:
         """``source``: the stored array ``image`` wraps (zarr), or the dask array it is, read by the evaluate
-        tasks themselves (:class:`RegionReader`, :class:`ComputedRegion`).
+        tasks themselves (:class:`RegionReader`, :class:`ComputedRegion`).  ``one_process``: whether every task
+        runs in one process (None: :func:`_one_process` decides), where a chunk's tasks take their owners' whole
+        outputs instead of a ``getitem`` task per piece.
         """
+        self.whole_outputs = _one_process() if one_process is None else one_process
         self.grid = grid
         self.source = source
         self.predictor = predictor  # what the evaluate tasks run (its device settings apply until computed)
@@ -339,7 +362,9 @@ class StitchPlan:
                 delayed(_count, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
                                            dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, owner)))
             for t, tbox in targets:
-                incoming[t].append((tbox, pieces[t]))
+                # between processes only the piece should travel (a getitem task on the owner's worker); in one
+                # process nothing travels, and a getitem task per piece is a scheduler round trip (224 at 2-D 8192²)
+                incoming[t].append((tbox, pieces, t) if self.whole_outputs else (tbox, pieces[t], None))
                 self._sources[t].append(owner)
         self._probs: dict[tuple[int, ...], Delayed] = {}
         self._incoming = incoming
