@@ -259,8 +259,8 @@ class StitchPlan:
                  source: Any = None, one_process: bool | None = None) -> None:
         """``source``: the stored array ``image`` wraps (zarr), or the dask array it is, read by the evaluate
         tasks themselves (:class:`RegionReader`, :class:`ComputedRegion`).  ``one_process``: whether every task
-        runs in one process (None: :func:`_one_process` decides), where a chunk's tasks take their owners' whole
-        outputs instead of a ``getitem`` task per piece.
+        runs in one process (None: :func:`_one_process` decides), where a chunk takes its own evaluate task's
+        whole output instead of a ``getitem`` task for its piece.
         """
         self.whole_outputs = _one_process() if one_process is None else one_process
         self.grid = grid
@@ -362,9 +362,13 @@ class StitchPlan:
                 delayed(_count, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
                                            dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, owner)))
             for t, tbox in targets:
-                # between processes only the piece should travel (a getitem task on the owner's worker); in one
-                # process nothing travels, and a getitem task per piece is a scheduler round trip (224 at 2-D 8192²)
-                incoming[t].append((tbox, pieces, t) if self.whole_outputs else (tbox, pieces[t], None))
+                # a getitem task per piece lets only the piece travel between processes, and is a scheduler round
+                # trip.  In one process nothing travels, and a chunk takes its own owner's whole output: the
+                # output then lives until that chunk's tasks, as its own piece did.  Not a neighbour's: it would
+                # hold the owner's own piece (a view of its whole region's sums in 2D) until the last neighbour
+                # is finalised, a row of regions later
+                whole = self.whole_outputs and t == owner
+                incoming[t].append((tbox, pieces, t) if whole else (tbox, pieces[t], None))
                 self._sources[t].append(owner)
         self._probs: dict[tuple[int, ...], Delayed] = {}
         self._incoming = incoming
