@@ -280,7 +280,7 @@ class StitchPlan:
         self.token = tokenize(self.image.name, None if mask is None else self.mask.name,
                               getattr(predictor, "token", None) or id(predictor),
                               getattr(predictor, "batch_size", None), grid, blend, sigma_scale, normalizer,
-                              num_classes)
+                              num_classes, self.whole_outputs)  # the chunks' tasks differ with it, under one name
         self._build(predictor, normalizer)
 
     @property
