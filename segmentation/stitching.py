@@ -17,7 +17,9 @@ graphs runs the owners from the image's last chunk back to its first, so a
 chunk is finalised as soon as its own owner ran and only thin strips wait for
 the next row.  (Owned by start corners, each chunk's whole piece waited a row
 for the owners before it: the API's peak at 16384² went from 1.40 to 1.04
-GiB with this alone.)
+GiB with this alone.)  That holds while every axis has at most ten chunks:
+past that, dask's tie-break by key string runs chunk 9 before chunk 10, and
+one row of whole pieces waits (docs/performance.md, "Why it grows").
 """
 
 from __future__ import annotations
