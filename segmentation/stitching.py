@@ -18,16 +18,16 @@ chunk is finalised as soon as its own owner ran and only thin strips wait for
 the next row.  (Owned by start corners, each chunk's whole piece waited a row
 for the owners before it: the API's peak at 16384² went from 1.40 to 1.04
 GiB with this alone.)  That holds while every axis has at most ten chunks:
-past that, dask's tie-break by key string runs chunk 9 before chunk 10, and
-one row of whole pieces waits (docs/performance.md, "Why it grows").
+past that, dask's tie-break by key string runs chunk 9 before chunk 10, and a
+row of owners' outputs would wait for the row after it; there `fast` labels
+come in two steps (:mod:`segmentation.settling`), so only each chunk's border
+band waits (docs/performance.md, "Why it grew").
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import dask.array as da
@@ -39,62 +39,12 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from segmentation import devicesums
 from segmentation.blending import Blend, importance_map
 from segmentation.inference import stored_on_device
+from segmentation.ownership import assemble, kept_windows, make_axis, window_counts
 from segmentation.regions import Box, ComputedRegion, RegionReader
+from segmentation.settling import settle, settled_box, settled_labels
 from segmentation.windows import WindowGrid
 from segmentation.chunkwrites import chunk_writes, draining, label_dtype, labels_of, mark_nodata
 from storage.chunkcache import CachedChunks, chunks_of, reader_counts, run_limit
-
-
-@dataclass(frozen=True)
-class _Axis:
-    """One spatial axis of the plan: chunk bounds and which window starts each chunk owns."""
-
-    bounds: tuple[int, ...]  # 0 = b0 < b1 < ... < bn = size
-    owned: tuple[tuple[int, ...], ...]  # per chunk: starts of the windows it owns
-    roi: int
-    size: int
-
-    @property
-    def nchunks(self) -> int:
-        return len(self.bounds) - 1
-
-    def chunk(self, c: int) -> tuple[int, int]:
-        return self.bounds[c], self.bounds[c + 1]
-
-    def extent(self, c: int) -> tuple[int, int] | None:
-        """Unclipped span of the windows chunk c owns (may pass the edges where padded)."""
-        starts = self.owned[c]
-        return (min(starts), max(starts) + self.roi) if starts else None
-
-    def region(self, c: int) -> tuple[int, int] | None:
-        ext = self.extent(c)
-        return None if ext is None else (max(ext[0], 0), min(ext[1], self.size))
-
-    def chunks_overlapping(self, lo: int, hi: int) -> range:
-        first = bisect.bisect_right(self.bounds, lo) - 1
-        last = bisect.bisect_left(self.bounds, hi) - 1
-        return range(max(first, 0), min(last, self.nchunks - 1) + 1)
-
-
-def _make_axis(starts: Sequence[int], roi: int, chunks: Sequence[int], size: int) -> _Axis:
-    bounds = tuple(itertools.accumulate(chunks, initial=0))
-    owned: list[list[int]] = [[] for _ in chunks]
-    for s in starts:
-        owned[bisect.bisect_right(bounds, min(s + roi, size) - 1) - 1].append(s)
-    return _Axis(bounds=bounds, owned=tuple(tuple(o) for o in owned), roi=roi, size=size)
-
-
-def _assemble(box: Box, pieces: Sequence[tuple[Box, np.ndarray]], lead: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Copy the parts of blocks (each with its own box) that fall inside ``box``."""
-    out = np.zeros(lead + tuple(hi - lo for lo, hi in box), dtype=dtype)
-    for pbox, block in pieces:
-        inter = [(max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(box, pbox)]
-        if any(lo >= hi for lo, hi in inter):
-            continue
-        dst = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box))
-        src = tuple(slice(lo - p0, hi - p0) for (lo, hi), (p0, _) in zip(inter, pbox))
-        out[(Ellipsis,) + dst] = block[(Ellipsis,) + src]
-    return out
 
 
 def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
@@ -110,14 +60,14 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     roi = weights.shape
     extent = tuple((min(s), max(s) + r) for s, r in zip(owned, roi))
     raw = blocks.read(region) if isinstance(blocks, (RegionReader, ComputedRegion)) else \
-        _assemble(region, blocks, (channels,), blocks[0][1].dtype)
+        assemble(region, blocks, (channels,), blocks[0][1].dtype)
     shape = (channels,) + tuple(hi - lo for lo, hi in extent)
     inner = tuple(slice(r0 - e0, r1 - e0) for (r0, r1), (e0, _) in zip(region, extent))
     finite = getattr(normalizer, "finite_for", None)
     finite = finite is not None and finite(raw.dtype)
-    valid = None if mask_blocks is None else _assemble(region, mask_blocks, (), bool)
+    valid = None if mask_blocks is None else assemble(region, mask_blocks, (), bool)
     windows = [tuple(slice(s - e0, s - e0 + r) for s, (e0, _), r in zip(start, extent, roi))
-               for start in _kept(owned, region, roi, valid)]
+               for start in kept_windows(owned, region, roi, valid)]
     # NaN or Inf (a float raster's nodata) would spread through every convolution into valid pixels' outputs:
     # the network sees 0 there instead, a per-pixel rule, so chunking cannot change it. Stored integers normalise
     # to finite values (checked against the normaliser's factors), so their regions skip the pass (6 ms per
@@ -146,32 +96,6 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
         piece = acc[(slice(None),) + sl]
         pieces[index] = piece if k == largest else devicesums.copy(piece)
     return pieces
-
-
-def _kept(owned: tuple[tuple[int, ...], ...], region: Box, roi: Sequence[int],
-          valid: np.ndarray | None) -> list[tuple[int, ...]]:
-    """The starts of the owned windows that see any valid pixel (all of them without a mask)."""
-    kept = []
-    for start in itertools.product(*owned):
-        if valid is not None:
-            win = tuple(slice(max(s, r0) - r0, min(s + r, r1) - r0) for s, r, (r0, r1) in zip(start, roi, region))
-            if not valid[win].any():
-                continue
-        kept.append(start)
-    return kept
-
-
-def _count(owned: tuple[tuple[int, ...], ...], region: Box, roi: tuple[int, ...],
-           mask_blocks: list[tuple[Box, np.ndarray]]) -> tuple[int, int]:
-    """(evaluated, skipped) windows of one owner, from the mask alone: the same rule as :func:`_evaluate`'s.
-
-    A task of its own, not a second output of the evaluate: a graph that
-    optimises the evaluate into its one consumer (Dask fuses linear chains)
-    and also asks for the counts would otherwise run that evaluate twice.
-    """
-    total = int(np.prod([len(o) for o in owned]))
-    evaluated = len(_kept(owned, region, roi, _assemble(region, mask_blocks, (), bool)))
-    return evaluated, total - evaluated
 
 
 def _weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
@@ -203,6 +127,11 @@ def _one_process() -> bool:
     except (ImportError, ValueError):  # no client: the threaded or synchronous scheduler
         return True
     return len(client.scheduler_info(n_workers=-1).get("workers", {})) == 1
+
+
+# dask's ordering breaks ties between like tasks by their keys' strings, in which block 9 comes before block 10:
+# past this many chunks along an axis it runs some owners long before the owners after them
+_STRING_ORDERED = 10
 
 
 def _sums(box: Box, pieces: list[tuple[Box, np.ndarray]], num_classes: int) -> np.ndarray:
@@ -275,7 +204,7 @@ class StitchPlan:
         self.mask = None if mask is None else mask.rechunk(self.chunks)
         self.weights = importance_map(grid.roi, blend, sigma_scale)
         self.normalizer = normalizer
-        self.axes = [_make_axis(st, r, ch, sz) for st, r, ch, sz in zip(grid.starts, grid.roi, self.chunks,
+        self.axes = [make_axis(st, r, ch, sz) for st, r, ch, sz in zip(grid.starts, grid.roi, self.chunks,
                                                                          grid.shape)]
         # this run's own decoded chunks of a stored source (storage.chunkcache): never another run's
         self.read_token = f"segflow-read-{uuid.uuid4().hex}"
@@ -361,7 +290,7 @@ class StitchPlan:
                 pred, normalizer, weights, owned, region, blocks, mblocks, targets,
                 self.num_classes, self.channels, dask_key_name=name)
             self._count_parts[owner] = (int(np.prod([len(o) for o in owned])), 0) if mblocks is None else \
-                delayed(_count, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
+                delayed(window_counts, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
                                            dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, owner)))
             for t, tbox in targets:
                 # a getitem task per piece lets only the piece travel between processes, and is a scheduler round
@@ -377,6 +306,12 @@ class StitchPlan:
         # fast, probabilities blended: labels come from the undivided sums (_undivided_labels)
         self.undivided_labels = getattr(predictor, "precision", None) == "fast" and \
             not getattr(predictor, "blend_logits", False)
+        # labels in two steps (segmentation.settling) where dask's ordering would keep whole regions' sums waiting:
+        # in one process, on the host, past ten chunks along an axis with two or more along the others
+        grid = self.chunk_grid
+        self.settles = self.undivided_labels and self.whole_outputs and \
+            not getattr(predictor, "regions_on_device", False) and \
+            any(n > _STRING_ORDERED and int(np.prod(grid)) // n >= 2 for n in grid)
         for idx, pieces_in in incoming.items():
             mask = None if mask_blocks is None else mask_blocks[idx]
             with draining():  # keyed as the probabilities array's block (probabilities())
@@ -392,13 +327,32 @@ class StitchPlan:
         for idx, pieces_in in self._incoming.items():
             mask = None if self._mask_blocks is None else self._mask_blocks[idx]
             with draining():
-                if self.undivided_labels:
+                two_steps = self._two_steps(idx, mask, name) if self.settles else None
+                if two_steps is not None:
+                    out[idx] = two_steps
+                elif self.undivided_labels:
                     out[idx] = delayed(_undivided_labels, pure=True)(
                         self.box(idx), pieces_in, mask, self.num_classes, dask_key_name=(name,) + idx)
                 else:
                     out[idx] = delayed(labels_of, pure=True)(self._probs[idx], mask, self.num_classes,
                                                              dask_key_name=(name,) + idx)
         return out
+
+    def _two_steps(self, idx: tuple[int, ...], mask: Any, name: str) -> Delayed | None:
+        """A chunk's labels as :mod:`segmentation.settling`'s two tasks, where the chunk has a settled box; else
+        None.  The first task takes the own owner's whole output, so that output is freed once it ran."""
+        box = self.box(idx)
+        entries = list(zip(self._sources[idx], self._incoming[idx]))
+        own = [(tbox, value, key) for owner, (tbox, value, key) in entries if owner == idx and key is not None]
+        later = [(owner, tbox, value) for owner, (tbox, value, key) in entries if owner != idx]
+        settled = settled_box(idx, box, [(owner, tbox) for owner, tbox, _ in later]) if len(own) == 1 else None
+        if settled is None:
+            return None
+        own_box, output, key = own[0]
+        first = delayed(settle, pure=True)(output, key, own_box, box, settled, mask, self.num_classes,
+                                           dask_key_name=f"segflow_settle-{self.token}-" + "-".join(map(str, idx)))
+        return delayed(settled_labels, pure=True)(box, settled, first, [(tbox, value) for _, tbox, value in later],
+                                                  mask, self.num_classes, dask_key_name=(name,) + idx)
 
     def _array(self, blocks: dict[tuple[int, ...], Delayed], leading: tuple[tuple[int, ...], ...],
                dtype: Any) -> da.Array:

@@ -1,0 +1,104 @@
+"""A chunk's labels in two steps, so that a chunk waiting for the owners after it holds only its border band.
+
+A chunk's Σ w·p comes from its own owner's windows and, near its far edges,
+from the owners after it (below, right: windows are owned by their end
+corner).  The pixels no later owner's piece reaches are *settled* as soon as
+the chunk's own owner has run: their sums are complete, so their labels can be
+taken then, and only the own piece's *band* (the rest of the chunk) need wait
+for the later pieces.  Where dask's ordering runs an owner long before the
+owners after it (past ten chunks an axis: ``docs/performance.md``, "Why it
+grows"), the waiting chunk then holds its band's sums and its settled labels
+instead of its owner's whole region of sums: with 1024² chunks and a 256²
+ROI, at most 44 % of the chunk's sums, against the whole region's.
+
+The labels are those of the one-step path pixel for pixel: the settled box
+takes the argmax of the own piece alone, which is the whole sum there (0 + x
+is x), and the band adds its pieces in the same owner order as
+``segmentation.stitching._sums``.  Only `fast` labels from the undivided sums
+(``segmentation.stitching._undivided_labels``) on the host take this path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from segmentation.chunkwrites import label_dtype, labels_of
+
+Box = tuple[tuple[int, int], ...]
+
+# The settled box must be at least this share of its chunk for the two steps to pay (3-D chunks of 128³ with
+# a 96³ ROI settle 1.7 %: there the band is the whole piece)
+MIN_SETTLED = 0.5
+
+
+def settled_box(index: tuple[int, ...], box: Box, later: Sequence[tuple[tuple[int, ...], Box]]) -> Box | None:
+    """The part of chunk ``index`` (covering ``box``) that no later owner's piece reaches, from the chunk's start
+    corner, or None where there are no later pieces or it is under :data:`MIN_SETTLED` of the chunk.
+
+    ``later``: (owner, piece box) of each later owner.  A later owner comes after the chunk along at least one
+    axis; cutting every such axis where its piece starts leaves the piece outside the box."""
+    if not later:
+        return None
+    cuts = []
+    for a, (lo, hi) in enumerate(box):
+        tails = [p[a][0] for owner, p in later if owner[a] > index[a]]
+        cuts.append(max(lo, min(tails, default=hi)))
+    size = np.prod([hi - lo for lo, hi in box])
+    settled = tuple((lo, cut) for (lo, _), cut in zip(box, cuts))
+    if np.prod([cut - lo for lo, cut in settled]) < MIN_SETTLED * size:
+        return None
+    return settled
+
+
+def band(box: Box, settled: Box) -> list[Box]:
+    """The rest of ``box`` past ``settled``, as disjoint slabs: along each axis its tail, with the axes before it
+    cut to the settled box and the axes after it whole."""
+    slabs = []
+    for a, ((lo, hi), (_, cut)) in enumerate(zip(box, settled)):
+        if cut < hi:
+            slabs.append(tuple(settled[b] if b < a else (cut, hi) if b == a else box[b] for b in range(len(box))))
+    return slabs
+
+
+def _part(array: Any, outer: Box, inner: Box, lead: int) -> Any:
+    """The part ``inner`` of an array covering ``outer`` (its first ``lead`` axes whole)."""
+    return array[(slice(None),) * lead + tuple(slice(i0 - o0, i1 - o0) for (i0, i1), (o0, _) in zip(inner, outer))]
+
+
+def settle(output: dict, key: tuple[int, ...], own: Box, box: Box, settled: Box, mask: np.ndarray | None,
+           num_classes: int) -> tuple[np.ndarray, list[tuple[Box, np.ndarray]]]:
+    """First step, as soon as the chunk's own owner ran: (the settled box's labels, the own piece's band as
+    copies).  ``output``: the owner's whole evaluate output (its piece for this chunk under ``key``, covering
+    ``own``); ``mask``: the chunk's (True = valid) or None."""
+    piece = output[key]
+    part = None if mask is None else _part(np.asarray(mask), box, settled, 0)
+    labels = labels_of(_part(piece, own, settled, 1), part, num_classes)
+    kept = []
+    for slab in band(box, settled):
+        inter = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(slab, own))
+        if all(lo < hi for lo, hi in inter):
+            kept.append((inter, np.array(_part(piece, own, inter, 1))))
+    return labels, kept
+
+
+def settled_labels(box: Box, settled: Box, first: tuple[np.ndarray, list[tuple[Box, np.ndarray]]],
+                   later: list[tuple[Box, np.ndarray]], mask: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """Second step, once the later owners ran: the chunk's labels, the settled box's from :func:`settle` and the
+    band's from its own sums plus the later pieces (in that order, as the one-step path adds them)."""
+    labels_settled, own_band = first
+    labels = np.empty(tuple(hi - lo for lo, hi in box), dtype=label_dtype(num_classes))
+    _part(labels, box, settled, 0)[...] = labels_settled
+    for slab in band(box, settled):
+        acc = np.zeros((num_classes,) + tuple(hi - lo for lo, hi in slab), dtype=np.float32)
+        for pbox, piece in [*own_band, *later]:
+            inter = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(slab, pbox))
+            if all(lo < hi for lo, hi in inter):
+                _part(acc, slab, inter, 1)[...] += _part(piece, pbox, inter, 1)
+        part = None if mask is None else _part(np.asarray(mask), box, slab, 0)
+        _part(labels, box, slab, 0)[...] = labels_of(acc, part, num_classes)
+    return labels
+
+
+__all__ = ["MIN_SETTLED", "band", "settle", "settled_box", "settled_labels"]

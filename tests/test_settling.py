@@ -1,0 +1,122 @@
+"""A chunk's labels in two steps (segmentation.settling): the same labels, and no whole region waiting."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from dask.callbacks import Callback
+from dask.utils import key_split
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segmentation import build_plan
+from segmentation.chunkwrites import label_nodata
+from segmentation.settling import band, settled_box
+from tests.test_stitching import tiny_net
+
+# 12 x 3 chunks of 40² (more than ten along the rows), windows of 10²: each chunk's band is at most 9 pixels deep
+SHAPE, CHUNK, ROI = (480, 120), 40, (10, 10)
+
+
+def plan_of(img: np.ndarray, mask: np.ndarray | None = None, chunks: int = CHUNK):
+    return build_plan(img, tiny_net(2, 2, 4), roi=ROI, overlap=0.25, chunks=chunks, precision="fast",
+                      mask=mask, one_process=True)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_two_steps_give_the_one_step_labels_bit_for_bit(masked):
+    img = np.random.default_rng(11).random((2, *SHAPE), dtype=np.float32)
+    mask = None
+    if masked:
+        mask = np.ones(SHAPE, bool)
+        mask[100:180, :50] = False  # across chunk borders and bands
+    plan = plan_of(img, mask)
+    assert plan.settles
+    two = plan.labels()
+    assert sum(key_split(k) == "segflow_settle" for k in dict(two.__dask_graph__())) > 20
+    two = two.compute(scheduler="sync")
+    plan.settles = False  # the one-step graph under the same keys: computed on its own, not merged with the other
+    one = plan.labels()
+    assert not any(key_split(k) == "segflow_settle" for k in dict(one.__dask_graph__()))
+    assert np.array_equal(two, one.compute(scheduler="sync"))
+    if masked:
+        assert np.all(two[~mask] == label_nodata(4)) and np.all(two[mask] < 4)
+    # and chunk-invariant: a grid of ten chunks or fewer takes one step
+    other = plan_of(img, mask, chunks=60)
+    assert not other.settles
+    assert np.array_equal(two, other.labels().compute(scheduler="sync"))
+
+
+def test_an_owners_output_is_read_whole_only_by_its_own_chunks_first_step():
+    """So the output, its whole region's sums, is freed as soon as that step and the neighbours' strips ran."""
+    plan = plan_of(np.zeros((2, *SHAPE), np.float32))
+    graph = dict(plan.labels().__dask_graph__())
+    settles = 0
+    for key, node in graph.items():
+        if key_split(key) != "segflow_evaluate":
+            continue
+        owner = key.split("-")[-2:]
+        readers = [r for r, n in graph.items() if key in n.dependencies and key_split(r) != "getitem"]
+        assert len(readers) == 1
+        kind = key_split(readers[0])
+        settles += kind == "segflow_settle"
+        # only the last chunk has no later owner: one step there
+        assert (kind == "segflow_settle" and readers[0].split("-")[-2:] == owner) or \
+            (kind == "segflow_labels" and list(map(str, readers[0][1:])) == owner)
+    assert settles == 12 * 3 - 1
+
+
+class _Held(Callback):
+    """The most evaluate outputs the threaded scheduler holds at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def _posttask(self, key, result, dsk, state, id) -> None:
+        self.most = max(self.most, sum(key_split(k) == "segflow_evaluate" for k in state["cache"]))
+
+
+def test_dasks_order_past_ten_chunks_holds_strips_not_regions():
+    """On a 16 x 16 grid dask's ordering runs row 9 before row 10 (its keys' strings), and with one-step labels a
+    whole row of owners' outputs waited for the row after it; in two steps only a few are held at once."""
+    img = np.random.default_rng(2).random((2, 16 * 24, 16 * 24), dtype=np.float32)
+    plan = build_plan(img, tiny_net(2, 2, 3), roi=(6, 6), overlap=0.25, chunks=24, precision="fast",
+                      one_process=True)
+    held = {}
+    for settles in (True, False):
+        plan.settles = settles
+        with _Held() as cb:
+            plan.labels().compute(scheduler="threads", num_workers=2)
+        held[settles] = cb.most
+    assert held[False] >= 12, f"one-step labels held {held[False]}: dask's ordering may have changed"
+    assert held[True] <= 4, held
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), ndim=st.sampled_from([2, 3]))
+def test_the_settled_box_and_its_band_tile_the_chunk_and_miss_every_later_piece(data, ndim):
+    lo = [data.draw(st.integers(0, 50)) for _ in range(ndim)]
+    size = [data.draw(st.integers(4, 40)) for _ in range(ndim)]
+    box = tuple((a, a + n) for a, n in zip(lo, size))
+    index = (1,) * ndim
+    later = []
+    for owner in itertools.product(*[(1, 2)] * ndim):
+        if owner == index or not data.draw(st.booleans()):
+            continue
+        piece = []
+        for a, (b0, b1) in enumerate(box):  # a later owner's piece reaches into the tail along its later axes
+            start = data.draw(st.integers(b0, b1 - 1)) if owner[a] > 1 else b0
+            piece.append((start, b1 if owner[a] > 1 else data.draw(st.integers(start + 1, b1))))
+        later.append((owner, tuple(piece)))
+    settled = settled_box(index, box, later)
+    if settled is None:
+        return
+    cover = np.zeros(size, int)
+    for part in [settled, *band(box, settled)]:
+        cover[tuple(slice(p0 - b0, p1 - b0) for (p0, p1), (b0, _) in zip(part, box))] += 1
+    assert np.all(cover == 1)
+    for _, piece in later:
+        assert any(p1 <= s0 or s1 <= p0 for (p0, p1), (s0, s1) in zip(piece, settled))
