@@ -49,6 +49,19 @@ def test_two_steps_give_the_one_step_labels_bit_for_bit(masked):
     assert np.array_equal(two, other.labels().compute(scheduler="sync"))
 
 
+def test_two_steps_in_3d_give_the_one_step_labels():
+    """12 chunks of 16 along the first axis, 2 along the others, windows of 4³: each chunk settles 54 %."""
+    img = np.random.default_rng(12).random((2, 192, 32, 32), dtype=np.float32)
+    plan = build_plan(img, tiny_net(3, 2, 3), roi=(4, 4, 4), overlap=0.25, chunks=16, precision="fast",
+                      one_process=True)
+    assert plan.settles
+    two = plan.labels()
+    assert sum(key_split(k) == "segflow_settle" for k in dict(two.__dask_graph__())) == 12 * 2 * 2 - 1
+    two = two.compute(scheduler="sync")
+    plan.settles = False
+    assert np.array_equal(two, plan.labels().compute(scheduler="sync"))
+
+
 def test_an_owners_output_is_read_whole_only_by_its_own_chunks_first_step():
     """So the output, its whole region's sums, is freed as soon as that step and the neighbours' strips ran."""
     plan = plan_of(np.zeros((2, *SHAPE), np.float32))
