@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segmentation.regions import Box
+from segmentation.windows import WindowGrid
 
 
 @dataclass(frozen=True)
@@ -97,4 +98,17 @@ def window_counts(owned: tuple[tuple[int, ...], ...], region: Box, roi: tuple[in
     return evaluated, total - evaluated
 
 
-__all__ = ["ChunkAxis", "assemble", "kept_windows", "make_axis", "window_counts"]
+def weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
+    """Σ w over every grid window touching ``box``: data-independent, so recomputed, never shipped."""
+    out = np.zeros(tuple(hi - lo for lo, hi in box), dtype=np.float32)
+    per_axis = [[s for s in starts if s < hi and s + r > lo]
+                for starts, r, (lo, hi) in zip(grid.starts, grid.roi, box)]
+    for start in itertools.product(*per_axis):
+        inter = [(max(s, lo), min(s + r, hi)) for s, r, (lo, hi) in zip(start, grid.roi, box)]
+        dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, box))
+        src = tuple(slice(a - s, b - s) for (a, b), s in zip(inter, start))
+        out[dst] += weights[src]
+    return out
+
+
+__all__ = ["ChunkAxis", "assemble", "kept_windows", "make_axis", "weight_sum", "window_counts"]

@@ -12,10 +12,13 @@ instead of its owner's whole region of sums: with 1024² chunks and a 256²
 ROI, at most 44 % of the chunk's sums, against the whole region's.
 
 The labels are those of the one-step path pixel for pixel: the settled box
-takes the argmax of the own piece alone, which is the whole sum there (0 + x
+takes the labels of the own piece alone, which is the whole sum there (0 + x
 is x), and the band adds its pieces in the same owner order as
-``segmentation.stitching._sums``.  Only `fast` labels from the undivided sums
-(``segmentation.stitching._undivided_labels``) on the host take this path.
+``segmentation.stitching._sums``.  Every step after the sums is per pixel:
+`fast` takes the argmax of the undivided sums, `exact` divides by Σ w first
+(:func:`divided`, with Σ w of the same windows in the same order over any
+part of the chunk).  Labels only, on the host: probabilities are as large as
+the sums they come from, so two steps would save nothing there.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from segmentation.chunkwrites import label_dtype, labels_of
+from segmentation.ownership import weight_sum
+from segmentation.windows import WindowGrid
 
 Box = tuple[tuple[int, int], ...]
 
@@ -67,14 +72,38 @@ def _part(array: Any, outer: Box, inner: Box, lead: int) -> Any:
     return array[(slice(None),) * lead + tuple(slice(i0 - o0, i1 - o0) for (i0, i1), (o0, _) in zip(inner, outer))]
 
 
+def divided(acc: np.ndarray, weights: np.ndarray, mask: np.ndarray | None, logits: bool) -> np.ndarray:
+    """Probabilities from Σ w·p, in place: / Σ w (``weights``), then a softmax where logits were blended, and 0
+    where the input has no data (``mask`` False)."""
+    acc /= weights
+    if logits:
+        acc -= acc.max(axis=0, keepdims=True)
+        np.exp(acc, out=acc)
+        acc /= acc.sum(axis=0, keepdims=True)
+    if mask is not None:
+        acc[:, ~np.asarray(mask, dtype=bool)] = 0.0
+    return acc
+
+
+def _labels(sums: np.ndarray, part: Box, mask: np.ndarray | None, num_classes: int, grid: WindowGrid | None,
+            weights: np.ndarray | None, logits: bool) -> np.ndarray:
+    """The labels of a part of a chunk from its complete sums (overwritten where divided): the argmax of the
+    sums themselves without ``grid`` (`fast`), else of the probabilities."""
+    if grid is not None:
+        sums = divided(sums, weight_sum(part, grid, weights), mask, logits)
+    return labels_of(sums, mask, num_classes)
+
+
 def settle(output: dict, key: tuple[int, ...], own: Box, box: Box, settled: Box, mask: np.ndarray | None,
-           num_classes: int) -> tuple[np.ndarray, list[tuple[Box, np.ndarray]]]:
+           num_classes: int, grid: WindowGrid | None = None, weights: np.ndarray | None = None,
+           logits: bool = False) -> tuple[np.ndarray, list[tuple[Box, np.ndarray]]]:
     """First step, as soon as the chunk's own owner ran: (the settled box's labels, the own piece's band as
     copies).  ``output``: the owner's whole evaluate output (its piece for this chunk under ``key``, covering
-    ``own``); ``mask``: the chunk's (True = valid) or None."""
+    ``own``); ``mask``: the chunk's (True = valid) or None; ``grid`` and ``weights``: divide by Σ w (`exact`)."""
     piece = output[key]
     part = None if mask is None else _part(np.asarray(mask), box, settled, 0)
-    labels = labels_of(_part(piece, own, settled, 1), part, num_classes)
+    sums = _part(piece, own, settled, 1)
+    labels = _labels(sums if grid is None else np.array(sums), settled, part, num_classes, grid, weights, logits)
     kept = []
     for slab in band(box, settled):
         inter = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(slab, own))
@@ -84,7 +113,9 @@ def settle(output: dict, key: tuple[int, ...], own: Box, box: Box, settled: Box,
 
 
 def settled_labels(box: Box, settled: Box, first: tuple[np.ndarray, list[tuple[Box, np.ndarray]]],
-                   later: list[tuple[Box, np.ndarray]], mask: np.ndarray | None, num_classes: int) -> np.ndarray:
+                   later: list[tuple[Box, np.ndarray]], mask: np.ndarray | None, num_classes: int,
+                   grid: WindowGrid | None = None, weights: np.ndarray | None = None,
+                   logits: bool = False) -> np.ndarray:
     """Second step, once the later owners ran: the chunk's labels, the settled box's from :func:`settle` and the
     band's from its own sums plus the later pieces (in that order, as the one-step path adds them)."""
     labels_settled, own_band = first
@@ -97,8 +128,8 @@ def settled_labels(box: Box, settled: Box, first: tuple[np.ndarray, list[tuple[B
             if all(lo < hi for lo, hi in inter):
                 _part(acc, slab, inter, 1)[...] += _part(piece, pbox, inter, 1)
         part = None if mask is None else _part(np.asarray(mask), box, slab, 0)
-        _part(labels, box, slab, 0)[...] = labels_of(acc, part, num_classes)
+        _part(labels, box, slab, 0)[...] = _labels(acc, slab, part, num_classes, grid, weights, logits)
     return labels
 
 
-__all__ = ["MIN_SETTLED", "band", "settle", "settled_box", "settled_labels"]
+__all__ = ["MIN_SETTLED", "band", "divided", "settle", "settled_box", "settled_labels"]

@@ -19,8 +19,8 @@ the next row.  (Owned by start corners, each chunk's whole piece waited a row
 for the owners before it: the API's peak at 16384² went from 1.40 to 1.04
 GiB with this alone.)  That holds while every axis has at most ten chunks:
 past that, dask's tie-break by key string runs chunk 9 before chunk 10, and a
-row of owners' outputs would wait for the row after it; there `fast` labels
-come in two steps (:mod:`segmentation.settling`), so only each chunk's border
+row of owners' outputs would wait for the row after it; there labels come
+in two steps (:mod:`segmentation.settling`), so only each chunk's border
 band waits (docs/performance.md, "Why it grew").
 """
 
@@ -39,9 +39,9 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from segmentation import devicesums
 from segmentation.blending import Blend, importance_map
 from segmentation.inference import stored_on_device
-from segmentation.ownership import assemble, kept_windows, make_axis, window_counts
+from segmentation.ownership import assemble, kept_windows, make_axis, weight_sum, window_counts
 from segmentation.regions import Box, ComputedRegion, RegionReader
-from segmentation.settling import settle, settled_box, settled_labels
+from segmentation.settling import divided, settle, settled_box, settled_labels
 from segmentation.windows import WindowGrid
 from segmentation.chunkwrites import chunk_writes, draining, label_dtype, labels_of, mark_nodata
 from storage.chunkcache import CachedChunks, chunks_of, reader_counts, run_limit
@@ -98,19 +98,6 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     return pieces
 
 
-def _weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
-    """Σ w over every grid window touching ``box``: data-independent, so recomputed, never shipped."""
-    out = np.zeros(tuple(hi - lo for lo, hi in box), dtype=np.float32)
-    per_axis = [[s for s in starts if s < hi and s + r > lo]
-                for starts, r, (lo, hi) in zip(grid.starts, grid.roi, box)]
-    for start in itertools.product(*per_axis):
-        inter = [(max(s, lo), min(s + r, hi)) for s, r, (lo, hi) in zip(start, grid.roi, box)]
-        dst = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(inter, box))
-        src = tuple(slice(a - s, b - s) for (a, b), s in zip(inter, start))
-        out[dst] += weights[src]
-    return out
-
-
 def _pieces(incoming: list[tuple[Box, Any, Any]]) -> list[tuple[Box, Any]]:
     """A chunk's (box, piece) pairs from its incoming entries: a piece itself (key None), or an owner's whole
     output and the key of the piece in it (:attr:`StitchPlan.whole_outputs`)."""
@@ -152,15 +139,8 @@ def _finalise(box: Box, pieces: list[tuple[Box, Any, Any]], grid: WindowGrid, we
     pieces = _pieces(pieces)
     acc = _sums(box, pieces, num_classes)
     if devicesums.on_device(pieces):
-        return devicesums.probabilities(acc, _weight_sum(box, grid, weights), mask, logits)
-    acc /= _weight_sum(box, grid, weights)
-    if logits:
-        acc -= acc.max(axis=0, keepdims=True)
-        np.exp(acc, out=acc)
-        acc /= acc.sum(axis=0, keepdims=True)
-    if mask is not None:
-        acc[:, ~np.asarray(mask, dtype=bool)] = 0.0
-    return acc
+        return devicesums.probabilities(acc, weight_sum(box, grid, weights), mask, logits)
+    return divided(acc, weight_sum(box, grid, weights), mask, logits)
 
 
 def _undivided_labels(box: Box, pieces: list[tuple[Box, Any, Any]], mask: np.ndarray | None,
@@ -258,6 +238,7 @@ class StitchPlan:
         tok = self.token
         pred = delayed(predictor, name=f"segflow-predictor-{tok}", traverse=False)
         weights = delayed(self.weights, name=f"segflow-weights-{tok}", traverse=False)
+        self._weights_task = weights
         image_blocks = self.image.to_delayed()[0]  # drop the single channel block
         mask_blocks = None if self.mask is None else self.mask.to_delayed()
         self._mask_blocks = mask_blocks
@@ -309,7 +290,8 @@ class StitchPlan:
         # labels in two steps (segmentation.settling) where dask's ordering would keep whole regions' sums waiting:
         # in one process, on the host, past ten chunks along an axis with two or more along the others
         grid = self.chunk_grid
-        self.settles = self.undivided_labels and self.whole_outputs and \
+        self.blend_logits = bool(getattr(predictor, "blend_logits", False))
+        self.settles = self.whole_outputs and \
             not getattr(predictor, "regions_on_device", False) and \
             any(n > _STRING_ORDERED and int(np.prod(grid)) // n >= 2 for n in grid)
         for idx, pieces_in in incoming.items():
@@ -349,10 +331,12 @@ class StitchPlan:
         if settled is None:
             return None
         own_box, output, key = own[0]
-        first = delayed(settle, pure=True)(output, key, own_box, box, settled, mask, self.num_classes,
+        # exact (or blended logits): divided by Σ w, as the probabilities are, before the argmax
+        divide = () if self.undivided_labels else (self.grid, self._weights_task, self.blend_logits)
+        first = delayed(settle, pure=True)(output, key, own_box, box, settled, mask, self.num_classes, *divide,
                                            dask_key_name=f"segflow_settle-{self.token}-" + "-".join(map(str, idx)))
         return delayed(settled_labels, pure=True)(box, settled, first, [(tbox, value) for _, tbox, value in later],
-                                                  mask, self.num_classes, dask_key_name=(name,) + idx)
+                                                  mask, self.num_classes, *divide, dask_key_name=(name,) + idx)
 
     def _array(self, blocks: dict[tuple[int, ...], Delayed], leading: tuple[tuple[int, ...], ...],
                dtype: Any) -> da.Array:

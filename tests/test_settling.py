@@ -20,20 +20,23 @@ from tests.test_stitching import tiny_net
 SHAPE, CHUNK, ROI = (480, 120), 40, (10, 10)
 
 
-def plan_of(img: np.ndarray, mask: np.ndarray | None = None, chunks: int = CHUNK):
-    return build_plan(img, tiny_net(2, 2, 4), roi=ROI, overlap=0.25, chunks=chunks, precision="fast",
-                      mask=mask, one_process=True)
+def plan_of(img: np.ndarray, mask: np.ndarray | None = None, chunks: int = CHUNK, precision: str = "fast",
+            blend_outputs: str | None = None):
+    return build_plan(img, tiny_net(2, 2, 4), roi=ROI, overlap=0.25, chunks=chunks, precision=precision,
+                      mask=mask, one_process=True, blend_outputs=blend_outputs)
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_two_steps_give_the_one_step_labels_bit_for_bit(masked):
-    img = np.random.default_rng(11).random((2, *SHAPE), dtype=np.float32)
+@pytest.mark.parametrize("precision, blend_outputs", [("fast", None), ("exact", None), ("exact", "logits")])
+def test_two_steps_give_the_one_step_labels_bit_for_bit(masked, precision, blend_outputs):
+    """`fast` labels from the undivided sums; `exact` (and blended logits) divided by Σ w, then a softmax."""
+    img = np.random.default_rng(11).random((2, *SHAPE), dtype=np.float32) * (20 if blend_outputs else 1)
     mask = None
     if masked:
         mask = np.ones(SHAPE, bool)
         mask[100:180, :50] = False  # across chunk borders and bands
-    plan = plan_of(img, mask)
-    assert plan.settles
+    plan = plan_of(img, mask, precision=precision, blend_outputs=blend_outputs)
+    assert plan.settles and plan.undivided_labels == (precision == "fast")
     two = plan.labels()
     assert sum(key_split(k) == "segflow_settle" for k in dict(two.__dask_graph__())) > 20
     two = two.compute(scheduler="sync")
@@ -44,9 +47,15 @@ def test_two_steps_give_the_one_step_labels_bit_for_bit(masked):
     if masked:
         assert np.all(two[~mask] == label_nodata(4)) and np.all(two[mask] < 4)
     # and chunk-invariant: a grid of ten chunks or fewer takes one step
-    other = plan_of(img, mask, chunks=60)
+    other = plan_of(img, mask, chunks=60, precision=precision, blend_outputs=blend_outputs)
     assert not other.settles
-    assert np.array_equal(two, other.labels().compute(scheduler="sync"))
+    if precision == "exact":  # the same divided sums, whatever the chunking (within float32 summation order)
+        probs = other.probabilities().compute(scheduler="sync")
+        top2 = np.sort(probs, axis=0)[-2:]
+        clear = (top2[1] - top2[0] > 1e-5) & (mask if masked else True)
+        assert clear.mean() > 0.9 and np.array_equal(two[clear], probs.argmax(0)[clear])
+    else:
+        assert np.array_equal(two, other.labels().compute(scheduler="sync"))
 
 
 def test_two_steps_in_3d_give_the_one_step_labels():
