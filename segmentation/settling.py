@@ -7,7 +7,7 @@ the chunk's own owner has run: their sums are complete, so their labels can be
 taken then, and only the own piece's *band* (the rest of the chunk) need wait
 for the later pieces.  Where dask's ordering runs an owner long before the
 owners after it (past ten chunks an axis: ``docs/performance.md``, "Why it
-grows"), the waiting chunk then holds its band's sums and its settled labels
+grew"), the waiting chunk then holds its band's sums and its settled labels
 instead of its owner's whole region of sums: with 1024² chunks and a 256²
 ROI, at most 44 % of the chunk's sums, against the whole region's.
 
@@ -29,9 +29,8 @@ import numpy as np
 
 from segmentation.chunkwrites import label_dtype, labels_of
 from segmentation.ownership import weight_sum
+from segmentation.regions import Box
 from segmentation.windows import WindowGrid
-
-Box = tuple[tuple[int, int], ...]
 
 # The settled box must be at least this share of its chunk for the two steps to pay (3-D chunks of 128³ with
 # a 96³ ROI settle 1.7 %: there the band is the whole piece)
@@ -65,6 +64,12 @@ def band(box: Box, settled: Box) -> list[Box]:
         if cut < hi:
             slabs.append(tuple(settled[b] if b < a else (cut, hi) if b == a else box[b] for b in range(len(box))))
     return slabs
+
+
+def _overlap(a: Box, b: Box) -> Box | None:
+    """Where two boxes meet, or None."""
+    inter = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(a, b))
+    return inter if all(lo < hi for lo, hi in inter) else None
 
 
 def _part(array: Any, outer: Box, inner: Box, lead: int) -> Any:
@@ -106,8 +111,8 @@ def settle(output: dict, key: tuple[int, ...], own: Box, box: Box, settled: Box,
     labels = _labels(sums if grid is None else np.array(sums), settled, part, num_classes, grid, weights, logits)
     kept = []
     for slab in band(box, settled):
-        inter = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(slab, own))
-        if all(lo < hi for lo, hi in inter):
+        inter = _overlap(slab, own)
+        if inter is not None:
             kept.append((inter, np.array(_part(piece, own, inter, 1))))
     return labels, kept
 
@@ -124,8 +129,8 @@ def settled_labels(box: Box, settled: Box, first: tuple[np.ndarray, list[tuple[B
     for slab in band(box, settled):
         acc = np.zeros((num_classes,) + tuple(hi - lo for lo, hi in slab), dtype=np.float32)
         for pbox, piece in [*own_band, *later]:
-            inter = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(slab, pbox))
-            if all(lo < hi for lo, hi in inter):
+            inter = _overlap(slab, pbox)
+            if inter is not None:
                 _part(acc, slab, inter, 1)[...] += _part(piece, pbox, inter, 1)
         part = None if mask is None else _part(np.asarray(mask), box, slab, 0)
         _part(labels, box, slab, 0)[...] = _labels(acc, slab, part, num_classes, grid, weights, logits)

@@ -284,22 +284,21 @@ class StitchPlan:
                 self._sources[t].append(owner)
         self._probs: dict[tuple[int, ...], Delayed] = {}
         self._incoming = incoming
+        self.blend_logits = bool(getattr(predictor, "blend_logits", False))
         # fast, probabilities blended: labels come from the undivided sums (_undivided_labels)
-        self.undivided_labels = getattr(predictor, "precision", None) == "fast" and \
-            not getattr(predictor, "blend_logits", False)
+        self.undivided_labels = getattr(predictor, "precision", None) == "fast" and not self.blend_logits
         # labels in two steps (segmentation.settling) where dask's ordering would keep whole regions' sums waiting:
         # in one process, on the host, past ten chunks along an axis with two or more along the others
-        grid = self.chunk_grid
-        self.blend_logits = bool(getattr(predictor, "blend_logits", False))
+        nchunks = self.chunk_grid
         self.settles = self.whole_outputs and \
             not getattr(predictor, "regions_on_device", False) and \
-            any(n > _STRING_ORDERED and int(np.prod(grid)) // n >= 2 for n in grid)
+            any(n > _STRING_ORDERED and int(np.prod(nchunks)) // n >= 2 for n in nchunks)
         for idx, pieces_in in incoming.items():
             mask = None if mask_blocks is None else mask_blocks[idx]
             with draining():  # keyed as the probabilities array's block (probabilities())
                 self._probs[idx] = delayed(_finalise, pure=True)(
                     self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes,
-                    getattr(predictor, "blend_logits", False), dask_key_name=(f"segflow_finalise-{tok}", 0) + idx)
+                    self.blend_logits, dask_key_name=(f"segflow_finalise-{tok}", 0) + idx)
 
     def _label_blocks(self) -> dict[tuple[int, ...], Delayed]:
         """Delayed labels per output chunk: from the undivided sums in ``fast``, else the argmax of
