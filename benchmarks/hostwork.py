@@ -1,11 +1,12 @@
 """Host work per window: what segflow's stitching spends outside the network's forward pass, step by step.
 
     .venv/bin/python benchmarks/hostwork.py [--size 4096] [--precision fast] [--device cpu|cuda] [--record hostwork]
+    .venv/bin/python benchmarks/hostwork.py --dims 3 [--size 256] [--precision fast]
 
 Issue 12 asks for this profile until GPU figures exist: the seconds per window
 that are not the forward pass.  The same U-Net, image and windows as
-``predict_vs_monai.py`` (random weights, 3 uint8 bands in a zarr store, ROI
-256², batch 8, chunks 1024²), run on dask's *synchronous* scheduler in one
+``predict_vs_monai.py`` (random weights, 3 uint8 bands in a zarr store; 2D:
+ROI 256², batch 8, chunks 1024²; 3D: ROI 96³, batch 2, chunks 128³), run on dask's *synchronous* scheduler in one
 thread, so every step's time is its own and they add up to the wall time.
 Each step is timed by wrapping the function that does it (no profiler
 overhead); a step nested in another is subtracted from its parent.  One run
@@ -82,11 +83,16 @@ STEPS = [
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--dims", type=int, choices=[2, 3], default=2)
+    ap.add_argument("--size", type=int, default=None, help="the image's side (default 4096 in 2D, 256 in 3D)")
     ap.add_argument("--precision", choices=["exact", "fast"], default="fast")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     report.add_argument(ap)
     args = ap.parse_args()
+    dims = args.dims
+    size = args.size or (4096 if dims == 2 else 256)
+    # predict_vs_monai.py's shapes for each case
+    roi, batch, chunk = ((256,) * 2, 8, 1024) if dims == 2 else ((96,) * 3, 2, 128)
 
     import dask
     import zarr
@@ -102,18 +108,18 @@ def main() -> int:
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    net = create("unet", spatial_dims=2, in_channels=3, out_channels=5, channels=[16, 32, 64, 128],
+    net = create("unet", spatial_dims=dims, in_channels=3, out_channels=5, channels=[16, 32, 64, 128],
                  strides=[2, 2, 2], num_res_units=1).eval()
-    stored = np.random.default_rng(0).integers(0, 256, (3, args.size, args.size), dtype=np.uint8)
+    stored = np.random.default_rng(0).integers(0, 256, (3,) + (size,) * dims, dtype=np.uint8)
     tmp = tempfile.TemporaryDirectory()
-    store = zarr.create_array(f"{tmp.name}/image.zarr", shape=stored.shape, dtype="uint8", chunks=(3, 1024, 1024))
+    store = zarr.create_array(f"{tmp.name}/image.zarr", shape=stored.shape, dtype="uint8", chunks=(3,) + (chunk,) * dims)
     store[...] = stored
     labels = zarr.create_array(f"{tmp.name}/labels.zarr", shape=stored.shape[1:], dtype="uint8",
-                               chunks=(1024, 1024))
+                               chunks=(chunk,) * dims)
 
     def run() -> float:
-        plan = build_plan(store, net, roi=(256, 256), overlap=0.25, chunks=1024, precision=args.precision,
-                          batch_size=8, device=args.device, num_classes=5,
+        plan = build_plan(store, net, roi=roi, overlap=0.25, chunks=chunk, precision=args.precision,
+                          batch_size=batch, device=args.device, num_classes=5,
                           normalizer=Normalizer((0.0,) * 3, (1 / 255,) * 3))
         writes = plan.writes(labels)
         t = time.perf_counter()
@@ -143,13 +149,15 @@ def main() -> int:
     SPENT.clear()
     with patched(targets):
         wall = run()
-    windows = len(build_plan(store, net, roi=(256, 256), overlap=0.25, chunks=1024, batch_size=8,
+    windows = len(build_plan(store, net, roi=roi, overlap=0.25, chunks=chunk, batch_size=batch,
                              num_classes=5, normalizer=Normalizer((0.0,) * 3, (1 / 255,) * 3)).grid)
     SPENT["other"] = wall - sum(v for k, v in SPENT.items() if k != "other")
     host = wall - SPENT["forward"] - SPENT["softmax"]
+    power = "²" if dims == 2 else "³"
     lines = [
-        f"Image {args.size}²×3 uint8 in a zarr store (chunks 1024²), MONAI U-Net (16, 32, 64, 128), 5 classes, "
-        f"random weights, ROI 256², overlap 0.25, Gaussian blending, batch 8, {windows} windows, "
+        f"Image {size}{power}×3 uint8 in a zarr store (chunks {chunk}{power}), MONAI U-Net (16, 32, 64, 128), "
+        f"5 classes, random weights, ROI {roi[0]}{power}, overlap 0.25, Gaussian blending, batch {batch}, "
+        f"{windows} windows, "
         f"`{args.precision}` on {args.device}; dask's synchronous scheduler, one thread (torch too), so the steps "
         "add up to the wall time. Each step's own time (nested steps subtracted).", "",
         "| step | s | ms per window | share |", "|---|---|---|---|"]
