@@ -71,6 +71,7 @@ class Run:
     precision: str = "fast"  # bf16 autocast; "exact" where bf16 diverged (brain-lesion, at step 17 and 103)
     intensity: float = 0.0  # segflow train --augment-intensity: the share of patches given random contrast etc.
     spatial: float = 0.0  # segflow train --augment-spatial: the share of patches turned and zoomed at random
+    seed: int | None = None  # segflow train --seed (None: its default)
 
 
 def _unet(spatial_dims: int, channels: list[int], classes: list[tuple[str, tuple[int, int, int]]],
@@ -246,7 +247,7 @@ def run(spec: Run, work: Path) -> dict[str, Any]:
                       str(files["train_labels"]), "--out", str(model), "--steps", str(spec.steps), "--batch-size",
                       str(spec.batch_size), "--lr", str(spec.lr), "--holdout", spec.holdout, "--precision",
                       spec.precision, "--augment-intensity", str(spec.intensity),
-                      "--augment-spatial", str(spec.spatial))
+                      "--augment-spatial", str(spec.spatial), *(() if spec.seed is None else ("--seed", str(spec.seed))))
     out = work / "out"
     segment_s, _ = _cli("segment", str(files["test_image"]), "--model", str(model), "--out", str(out), "--no-zarr")
     name = files["test_image"].name
@@ -273,7 +274,10 @@ def main() -> int:
     ap.add_argument("--roi", type=int, nargs="+", default=None, help="override the runs' ROI (training patch)")
     ap.add_argument("--augment-intensity", type=float, default=None, help="override the runs' intensity share")
     ap.add_argument("--augment-spatial", type=float, default=None, help="override the runs' rotation/zoom share")
-    report.add_argument(ap)
+    ap.add_argument("--seed", type=int, default=None, help="segflow train's --seed (default: its own)")
+    ap.add_argument("--normalization", type=json.loads, default=None,
+                    help="override the runs' card normalisation, as JSON (e.g. '{\"mode\": \"scale\", ...}')")
+    report.add_argument(ap, "docs/accuracy.md, in the blocks KEY-<data>")
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent (the shared real-data folder)")
@@ -292,6 +296,9 @@ def main() -> int:
                 spec.intensity = args.augment_intensity
             if args.augment_spatial is not None:
                 spec.spatial = args.augment_spatial
+            spec.seed = args.seed
+            if args.normalization is not None:
+                spec.card["input"]["normalization"] = args.normalization
             work = Path(tmp) / name
             work.mkdir()
             print(f"# {name}: training {spec.steps} steps ...", flush=True)

@@ -82,6 +82,5 @@ def publish(body: str, key: str | None) -> None:
         record(key, body)
 
 
-def add_argument(parser) -> None:  # noqa: ANN001
-    parser.add_argument("--record", metavar="KEY", default=None,
-                        help="write the figures into docs/performance.md, in the block KEY")
+def add_argument(parser, where: str = "docs/performance.md, in the block KEY") -> None:  # noqa: ANN001
+    parser.add_argument("--record", metavar="KEY", default=None, help=f"write the figures into {where}")
