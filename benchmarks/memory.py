@@ -1,14 +1,15 @@
 """Peak resident memory of a whole `segflow segment` run (client + Dask workers) against image size.
 
     .venv/bin/python benchmarks/memory.py [--sizes 8192 16384 32768] [--workers 2]
-    .venv/bin/python benchmarks/memory.py --api [--sizes 8192 16384 32768]
+    .venv/bin/python benchmarks/memory.py --api [--sizes 8192 16384 32768] [--probabilities]
 
 ``--api`` measures the Python API instead, as a new user would call it (issue
 12): ``segmentation.predict(da.from_zarr(z).astype("float32") / 255, net,
 roi=(256, 256), overlap=0.25, precision="fast", probabilities=False)`` with
 ``.to_zarr(...)`` on dask's default (threaded) scheduler, one process per size,
 over a 3-band uint8 zarr store (chunks 1024²) and a random-weight MONAI U-Net
-(8, 16, 32).
+(8, 16, 32).  With ``--probabilities`` the same call keeps ``predict``'s
+default, ``probabilities=True``, and writes the float32 probabilities.
 
 For each size it generates a 3-band uint8 GeoTIFF (tiled, random pixels),
 writes a small random-weight U-Net model directory, runs `segflow segment` in a
@@ -143,7 +144,7 @@ def make_zarr(path: Path, size: int) -> None:
             z[:, y:y + 1024, x:x + 1024] = np.roll(tile, (x + y) // 1024, axis=2)
 
 
-def api_child(size: int, image: Path, out: Path) -> None:
+def api_child(size: int, image: Path, out: Path, probabilities: bool = False) -> None:
     """The user's call, in this process (the parent samples its RSS)."""
     import dask.array as da
     import torch
@@ -157,11 +158,11 @@ def api_child(size: int, image: Path, out: Path) -> None:
     z = zarr.open_array(str(image), mode="r")
     t = time.perf_counter()
     segmentation.predict(da.from_zarr(z).astype("float32") / 255, net, roi=(256, 256), overlap=0.25,
-                         precision="fast", probabilities=False).to_zarr(str(out), overwrite=True)
+                         precision="fast", probabilities=probabilities).to_zarr(str(out), overwrite=True)
     print(f"seconds {time.perf_counter() - t:.1f}")
 
 
-def api_main(sizes: list[int], record: str | None) -> int:
+def api_main(sizes: list[int], record: str | None, probabilities: bool = False) -> int:
     lines = ["| image | peak RSS (GB) | predict + to_zarr s |", "|---|---|---|"]
     print("\n".join(lines), flush=True)
     peaks = []
@@ -170,7 +171,8 @@ def api_main(sizes: list[int], record: str | None) -> int:
             image, out = Path(tmp) / f"img{size}.zarr", Path(tmp) / f"out{size}.zarr"
             make_zarr(image, size)
             rc, text, wall, peak, _ = run_sampled([sys.executable, str(Path(__file__).resolve()), "--api-child",
-                                                   str(size), str(image), str(out)])
+                                                   str(size), str(image), str(out)]
+                                                  + (["--probabilities"] if probabilities else []))
             if rc != 0:
                 raise SystemExit(f"the API run failed for {size}:\n{text}")
             seconds = float(text.strip().splitlines()[-1].split()[-1])
@@ -182,9 +184,11 @@ def api_main(sizes: list[int], record: str | None) -> int:
 
                 shutil.rmtree(p, ignore_errors=True)
     notes = ["`segmentation.predict(da.from_zarr(z).astype(\"float32\") / 255, net, roi=(256, 256), overlap=0.25, "
-             "precision=\"fast\", probabilities=False).to_zarr(...)` on dask's default threaded scheduler, one "
-             "process per size; MONAI U-Net (8, 16, 32), random weights, 4 classes; the zarr store's chunks are "
-             "1024². RSS is the process's, sampled every 0.2 s.", "", *lines, ""]
+             f"precision=\"fast\", probabilities={probabilities}).to_zarr(...)` on dask's default threaded "
+             "scheduler, one process per size; MONAI U-Net (8, 16, 32), random weights, 4 classes; the zarr store's "
+             "chunks are 1024². RSS is the process's, sampled every 0.2 s."
+             + (" The output is the float32 probabilities (16 bytes a pixel), the API's default." if probabilities
+                else ""), "", *lines, ""]
     (lo, p_lo), (hi, p_hi) = peaks[0], peaks[-1]
     if len(peaks) > 1:
         notes.append(f"- The image grows {(hi / lo) ** 2:.0f}× from {lo}² to {hi}²; peak memory grows "
@@ -201,14 +205,16 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default: segflow's)")
     ap.add_argument("--api", action="store_true", help="the Python API on dask's default scheduler")
+    ap.add_argument("--probabilities", action="store_true",
+                    help="with --api: probabilities=True (the API's default) instead of labels")
     ap.add_argument("--api-child", nargs=3, metavar=("SIZE", "IMAGE", "OUT"), help=argparse.SUPPRESS)
     report.add_argument(ap)
     args = ap.parse_args()
     if args.api_child:
-        api_child(int(args.api_child[0]), Path(args.api_child[1]), Path(args.api_child[2]))
+        api_child(int(args.api_child[0]), Path(args.api_child[1]), Path(args.api_child[2]), args.probabilities)
         return 0
     if args.api:
-        return api_main(args.sizes, args.record)
+        return api_main(args.sizes, args.record, args.probabilities)
     lines = ["| image | peak RSS, whole process tree (GB) | largest process of each kind at that peak (GB) "
              "| MONAI would hold (GB) | segment wall s |", "|---|---|---|---|---|"]
     print("\n".join(lines))

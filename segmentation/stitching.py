@@ -17,11 +17,12 @@ graphs runs the owners from the image's last chunk back to its first, so a
 chunk is finalised as soon as its own owner ran and only thin strips wait for
 the next row.  (Owned by start corners, each chunk's whole piece waited a row
 for the owners before it: the API's peak at 16384² went from 1.40 to 1.04
-GiB with this alone.)  That holds while every axis has at most ten chunks:
-past that, dask's tie-break by key string runs chunk 9 before chunk 10, and a
-row of owners' outputs would wait for the row after it; there labels come
-in two steps (:mod:`segmentation.settling`), so only each chunk's border
-band waits (docs/performance.md, "Why it grew").
+GiB with this alone.)  Past ten chunks along an axis dask's tie-break by key
+string would run chunk 10 before chunk 9, and a row of owners' outputs would
+wait for the row after it: each chunk's final task takes a rank token of its
+row (:mod:`segmentation.ordering`), and labels come in two steps
+(:mod:`segmentation.settling`), so only each chunk's border band waits
+(docs/performance.md, "Why it grew").
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from segmentation import devicesums
 from segmentation.blending import Blend, importance_map
 from segmentation.inference import stored_on_device
+from segmentation.ordering import STRING_ORDERED, final_task, rank_tokens
 from segmentation.ownership import assemble, kept_windows, make_axis, weight_sum, window_counts
 from segmentation.regions import Box, ComputedRegion, RegionReader
 from segmentation.settling import divided, settle, settled_box, settled_labels
@@ -114,11 +116,6 @@ def _one_process() -> bool:
     except (ImportError, ValueError):  # no client: the threaded or synchronous scheduler
         return True
     return len(client.scheduler_info(n_workers=-1).get("workers", {})) == 1
-
-
-# dask's ordering breaks ties between like tasks by their keys' strings, in which block 9 comes before block 10:
-# past this many chunks along an axis it runs some owners long before the owners after them
-_STRING_ORDERED = 10
 
 
 def _sums(box: Box, pieces: list[tuple[Box, np.ndarray]], num_classes: int) -> np.ndarray:
@@ -292,13 +289,16 @@ class StitchPlan:
         nchunks = self.chunk_grid
         self.settles = self.whole_outputs and \
             not getattr(predictor, "regions_on_device", False) and \
-            any(n > _STRING_ORDERED and int(np.prod(nchunks)) // n >= 2 for n in nchunks)
+            any(n > STRING_ORDERED and int(np.prod(nchunks)) // n >= 2 for n in nchunks)
+        # each chunk's final task ranked by its slice, so that dask runs the slices in index order past ten chunks
+        # an axis (segmentation.ordering)
+        self._ranks = rank_tokens(tok, nchunks)
         for idx, pieces_in in incoming.items():
             mask = None if mask_blocks is None else mask_blocks[idx]
             with draining():  # keyed as the probabilities array's block (probabilities())
-                self._probs[idx] = delayed(_finalise, pure=True)(
-                    self.box(idx), pieces_in, self.grid, weights, mask, self.num_classes,
-                    self.blend_logits, dask_key_name=(f"segflow_finalise-{tok}", 0) + idx)
+                self._probs[idx] = final_task(
+                    self._ranks, idx, _finalise, self.box(idx), pieces_in, self.grid, weights, mask,
+                    self.num_classes, self.blend_logits, key=(f"segflow_finalise-{tok}", 0) + idx)
 
     def _label_blocks(self) -> dict[tuple[int, ...], Delayed]:
         """Delayed labels per output chunk: from the undivided sums in ``fast``, else the argmax of
@@ -312,8 +312,8 @@ class StitchPlan:
                 if two_steps is not None:
                     out[idx] = two_steps
                 elif self.undivided_labels:
-                    out[idx] = delayed(_undivided_labels, pure=True)(
-                        self.box(idx), pieces_in, mask, self.num_classes, dask_key_name=(name,) + idx)
+                    out[idx] = final_task(self._ranks, idx, _undivided_labels, self.box(idx), pieces_in, mask,
+                                          self.num_classes, key=(name,) + idx)
                 else:
                     out[idx] = delayed(labels_of, pure=True)(self._probs[idx], mask, self.num_classes,
                                                              dask_key_name=(name,) + idx)
@@ -334,8 +334,9 @@ class StitchPlan:
         divide = () if self.undivided_labels else (self.grid, self._weights_task, self.blend_logits)
         first = delayed(settle, pure=True)(output, key, own_box, box, settled, mask, self.num_classes, *divide,
                                            dask_key_name=f"segflow_settle-{self.token}-" + "-".join(map(str, idx)))
-        return delayed(settled_labels, pure=True)(box, settled, first, [(tbox, value) for _, tbox, value in later],
-                                                  mask, self.num_classes, *divide, dask_key_name=(name,) + idx)
+        return final_task(self._ranks, idx, settled_labels, box, settled, first,
+                          [(tbox, value) for _, tbox, value in later], mask, self.num_classes, *divide,
+                          key=(name,) + idx)
 
     def _array(self, blocks: dict[tuple[int, ...], Delayed], leading: tuple[tuple[int, ...], ...],
                dtype: Any) -> da.Array:
