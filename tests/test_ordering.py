@@ -11,6 +11,7 @@ from dask.utils import key_split
 import segmentation.stitching as stitching
 from segmentation import build_plan
 from segmentation.chunkwrites import label_nodata
+from segmentation import ordering
 from segmentation.ordering import rank_tokens
 from tests.test_stitching import tiny_net
 
@@ -24,6 +25,14 @@ class HeldEvaluates(Callback):
 
     def _posttask(self, key, result, dsk, state, id) -> None:
         self.most = max(self.most, sum(key_split(k) == "segflow_evaluate" for k in state["cache"]))
+
+
+@pytest.fixture(autouse=True)
+def local_scheduler(monkeypatch):
+    """These graphs run on dask's local schedulers, as built here; a distributed client that another test left
+    current would otherwise make the plans go without ranks (test_no_ranks_while_a_distributed_client_is_current
+    checks that gate with a real client)."""
+    monkeypatch.setattr(ordering, "local_scheduler", lambda: True)
 
 
 def _plan(img: np.ndarray, chunks: int, precision: str = "fast", **kwargs):
@@ -89,3 +98,15 @@ def test_the_ranks_change_no_value(shape, chunks, precision, monkeypatch):
     (p1, l1), (p0, l0) = results
     assert np.array_equal(p1, p0) and np.array_equal(l1, l0)
     assert np.all(p1[:, ~mask] == 0) and np.all(l1[~mask] == label_nodata(3)) and np.all(l1[mask] < 3)
+
+
+def test_no_ranks_while_a_distributed_client_is_current(monkeypatch):
+    """The distributed scheduler queues root tasks by its own rules, and ``segment`` peaked higher with the
+    tokens: a graph built while a client is current goes without."""
+    from distributed import Client, LocalCluster
+
+    monkeypatch.undo()  # the real gate
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster):
+        assert not ordering.local_scheduler()
+        assert rank_tokens("t", (16, 16)) is None
