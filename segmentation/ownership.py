@@ -3,7 +3,10 @@
 Each window belongs to exactly one output chunk, the one holding its
 (clipped) end corner, so every window is evaluated once, by that chunk's
 evaluate task (:mod:`segmentation.stitching`), over a region of the chunk
-plus at most one ROI before it.
+plus at most one ROI before it.  Where one owner holds many times the average
+(few chunks an axis: the last chunk owns the clipped end windows), its windows
+are split into parts (:func:`owner_parts`), each its own task, so that one task
+does not set the run's critical path.
 """
 
 from __future__ import annotations
@@ -56,6 +59,32 @@ def make_axis(starts: Sequence[int], roi: int, chunks: Sequence[int], size: int)
     for s in starts:
         owned[bisect.bisect_right(bounds, min(s + roi, size) - 1) - 1].append(s)
     return ChunkAxis(bounds=bounds, owned=tuple(tuple(o) for o in owned), roi=roi, size=size)
+
+
+def owner_parts(owned: tuple[tuple[int, ...], ...], cap: int) -> list[tuple[tuple[int, ...], ...]]:
+    """An owner's windows (starts per axis) as the parts its evaluate tasks run: itself, or, holding more than
+    twice ``cap`` windows, cut into ``ceil(n / cap)`` runs of consecutive starts along its axis with the most.
+
+    A 256³ volume in 128³ chunks with a 96³ ROI gives its owners 1, 3, 3, 9, 3, 9, 9 and 27 of its 64
+    windows: on two threads the 27-window task alone is most of the run.  Cut into three of 9, the region each
+    reads shrinks with it (96 × 184² instead of 184³).  The parts depend on the grid and the chunks only, so
+    the sums are as deterministic as before; a chunk adds the parts' pieces in owner, then part, order.
+    """
+    n = int(np.prod([len(o) for o in owned]))
+    if cap < 1 or n <= 2 * cap:
+        return [owned]
+    axis = max(range(len(owned)), key=lambda a: len(owned[a]))
+    starts = owned[axis]
+    k = min(len(starts), -(-n // cap))
+    if k < 2:
+        return [owned]
+    bounds = [round(i * len(starts) / k) for i in range(k + 1)]
+    return [owned[:axis] + (starts[lo:hi],) + owned[axis + 1:] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def part_region(owned: tuple[tuple[int, ...], ...], roi: Sequence[int], shape: Sequence[int]) -> Box:
+    """The input region a part's windows cover, clipped to the image (:meth:`ChunkAxis.region` of a part)."""
+    return tuple((max(min(s), 0), min(max(s) + r, size)) for s, r, size in zip(owned, roi, shape))
 
 
 def assemble(box: Box, pieces: Sequence[tuple[Box, np.ndarray]], lead: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -111,4 +140,5 @@ def weight_sum(box: Box, grid: WindowGrid, weights: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["ChunkAxis", "assemble", "kept_windows", "make_axis", "weight_sum", "window_counts"]
+__all__ = ["ChunkAxis", "assemble", "kept_windows", "make_axis", "owner_parts", "part_region", "weight_sum",
+           "window_counts"]

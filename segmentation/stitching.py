@@ -5,7 +5,9 @@ window is owned by exactly one output chunk, the one holding its (clipped)
 end corner.  Per owner chunk, an *evaluate* task reads the input region its
 windows cover (the chunk plus up to one ROI before it), normalises it, runs
 the windows in batches and accumulates Σ w·p over that region; it hands each
-overlapped output chunk its piece.  Per output chunk, a *finalise* task adds
+overlapped output chunk its piece.  (An owner of more than twice the average
+owner's windows runs them as several parts, each such a task:
+:func:`segmentation.ownership.owner_parts`.)  Per output chunk, a *finalise* task adds
 the pieces (in owner order), divides by Σ w (computed from the grid alone:
 it does not depend on the data) and takes the argmax.
 
@@ -41,7 +43,8 @@ from segmentation import devicesums
 from segmentation.blending import Blend, importance_map
 from segmentation.inference import stored_on_device
 from segmentation.ordering import STRING_ORDERED, final_task, rank_tokens
-from segmentation.ownership import assemble, kept_windows, make_axis, weight_sum, window_counts
+from segmentation.ownership import (assemble, kept_windows, make_axis, owner_parts, part_region, weight_sum,
+                                    window_counts)
 from segmentation.regions import Box, ComputedRegion, RegionReader
 from segmentation.settling import divided, settle, settled_box, settled_labels
 from segmentation.windows import WindowGrid
@@ -244,14 +247,17 @@ class StitchPlan:
         self._count_parts: dict[tuple[int, ...], Any] = {}  # (evaluated, skipped), or a task giving them
         self._sources: dict[tuple[int, ...], list[tuple[int, ...]]] = {idx: [] for idx in incoming}
         source_tasks = dict(self.source.__dask_graph__()) if isinstance(self.source, da.Array) else None
-        owners = {}
-        for owner in incoming:
-            regions = [a.region(i) for a, i in zip(self.axes, owner)]
-            if not any(r is None for r in regions):
-                owners[owner] = tuple(regions)
-        counts = self._reader_counts(owners.values())
+        # each owner's windows as the parts its evaluate tasks run (ownership.owner_parts): one part unless it holds
+        # more than twice the average owner's windows
+        owned_by = {owner: tuple(a.owned[i] for a, i in zip(self.axes, owner)) for owner in incoming}
+        owned_by = {owner: owned for owner, owned in owned_by.items() if all(owned)}
+        cap = -(-len(self.grid) // max(len(owned_by), 1))
+        parts = [(owner, p, sub, part_region(sub, self.grid.roi, self.grid.shape))
+                 for owner, owned in owned_by.items() for p, sub in enumerate(owner_parts(owned, cap))]
+        self._parts: dict[tuple[int, ...], list[tuple[int, ...]]] = {owner: [] for owner in owned_by}
+        counts = self._reader_counts([region for *_, region in parts])
         limit = None if counts is None else run_limit(self.source)
-        for owner, region in owners.items():
+        for owner, p, owned, region in parts:
             src = list(itertools.product(*(a.chunks_overlapping(lo, hi) for a, (lo, hi) in zip(self.axes, region))))
             if isinstance(self.source, da.Array):
                 blocks: Any = ComputedRegion(self.source, region, source_tasks)
@@ -262,14 +268,15 @@ class StitchPlan:
             mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]
             targets = [(t, tuple((max(lo, b0), min(hi, b1)) for (lo, hi), (b0, b1) in zip(region, self.box(t))))
                        for t in src]
-            owned = tuple(a.owned[i] for a, i in zip(self.axes, owner))
-            name = f"segflow_evaluate-{tok}-" + "-".join(map(str, owner))
+            part = owner + (p,)  # a part's key: its owner's index, then its number
+            name = f"segflow_evaluate-{tok}-" + "-".join(map(str, owner)) + (f"-part{p}" if p else "")
             pieces = delayed(_evaluate, pure=True)(
                 pred, normalizer, weights, owned, region, blocks, mblocks, targets,
                 self.num_classes, self.channels, dask_key_name=name)
-            self._count_parts[owner] = (int(np.prod([len(o) for o in owned])), 0) if mblocks is None else \
+            self._parts[owner].append(part)
+            self._count_parts[part] = (int(np.prod([len(o) for o in owned])), 0) if mblocks is None else \
                 delayed(window_counts, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
-                                           dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, owner)))
+                                           dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, part)))
             for t, tbox in targets:
                 # a getitem task per piece lets only the piece travel between processes, and is a scheduler round
                 # trip.  In one process nothing travels, and a chunk takes its own owner's whole output: the
@@ -373,10 +380,11 @@ class StitchPlan:
         A resumed run asks for the chunks it still writes, so the counts say
         what it computed (owners shared with finished chunks are evaluated again).
         """
-        owners = list(self._count_parts) if only is None else \
+        owners = list(self._parts) if only is None else \
             sorted({o for idx in only for o in self._sources[tuple(idx)]})
         name = f"segflow-counts-{self.token}" + ("" if only is None else "-" + tokenize(owners))
-        return delayed(_sum_counts, pure=True)(*(self._count_parts[o] for o in owners), dask_key_name=name)
+        return delayed(_sum_counts, pure=True)(*(self._count_parts[p] for o in owners for p in self._parts[o]),
+                                               dask_key_name=name)
 
     def probabilities(self) -> da.Array:
         """(classes, *spatial) float32: Σ w·p / Σ w, zero where the input has no data."""

@@ -86,6 +86,7 @@ class RecordingNet(nn.Module):
     ((97, 131), (32, 32), (40, 50), 0.25),
     ((64, 50), (16, 24), (7, 64), 0.5),
     ((23, 19, 29), (8, 8, 8), (10, 19, 9), 0.3),
+    ((100, 100), (16, 16), (30, 70), 0.5),  # the last chunk owns 100 of 144 windows: split into parts
 ])
 def test_each_window_evaluated_exactly_once(shape, roi, chunks, overlap):
     coords = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
@@ -97,6 +98,42 @@ def test_each_window_evaluated_exactly_once(shape, roi, chunks, overlap):
     expected = sorted(plan.grid)
     assert sorted(SEEN) == expected  # every window, none twice, none extra
     assert counts == {"windows_evaluated": len(expected), "windows_skipped": 0}
+
+
+def evaluate_tasks(arr) -> list[str]:
+    return [k for k in dict(arr.__dask_graph__()) if key_split(k) == "segflow_evaluate"]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_an_owner_of_most_windows_is_split_into_parts_with_the_same_answer(masked):
+    """256³ in 128³ chunks with a 96³ ROI, scaled down: the last chunk owns 27 of 64 windows, and on two
+    threads that one task was most of the run.  Its windows run as three tasks of 9; every window once,
+    the answer MONAI's, the labels those of one chunk, the counts as before."""
+    shape, roi = (64, 64, 64), (24, 24, 24)
+    img = np.random.default_rng(3).random((2, *shape), dtype=np.float32)
+    mask = None
+    if masked:
+        mask = np.ones(shape, bool)
+        mask[:40, :40] = False
+    net = tiny_net(3, 2, 3)
+    plan = build_plan(img, net, roi=roi, overlap=0.25, chunks=32, mask=mask)
+    assert len(plan.grid) == 64 and plan.owned_windows((1, 1, 1)) == 27
+    tasks = evaluate_tasks(plan.probabilities())
+    assert len(tasks) == 10 and sum(k.endswith(("-part1", "-part2")) for k in tasks) == 2
+    probs, labels, counts, later = dask.compute(plan.probabilities(), plan.labels(), plan.counts(),
+                                                plan.counts(only=[(1, 1, 1)]), scheduler="threads")
+    whole = build_plan(img, net, roi=roi, overlap=0.25, chunks=64, mask=mask)
+    assert len(evaluate_tasks(whole.probabilities())) == 1
+    ref_probs, ref_labels, ref_counts = dask.compute(whole.probabilities(), whole.labels(), whole.counts(),
+                                                     scheduler="sync")
+    np.testing.assert_allclose(probs, ref_probs, atol=1e-5, rtol=0)
+    assert np.array_equal(labels, ref_labels)
+    assert counts == ref_counts and sum(counts.values()) == 64
+    assert sum(later.values()) == 27  # only (1, 1, 1)'s own owner: its three parts
+    if not masked:
+        np.testing.assert_allclose(probs, monai_reference(img, net, roi, 0.25), atol=1e-4, rtol=0)
+    else:
+        assert counts["windows_skipped"] > 0 and np.all(labels[~mask] == label_nodata(3))
 
 
 def test_nodata_windows_are_skipped_and_counted():
