@@ -86,7 +86,7 @@ class RecordingNet(nn.Module):
     ((97, 131), (32, 32), (40, 50), 0.25),
     ((64, 50), (16, 24), (7, 64), 0.5),
     ((23, 19, 29), (8, 8, 8), (10, 19, 9), 0.3),
-    ((100, 100), (16, 16), (30, 70), 0.5),  # the last chunk owns 100 of 144 windows: split into parts
+    ((100, 100), (48, 48), (50, 50), 0.5),  # the last chunk owns 9 of 16 windows: three parts
 ])
 def test_each_window_evaluated_exactly_once(shape, roi, chunks, overlap):
     coords = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
@@ -240,6 +240,19 @@ def test_distributed_workers_give_the_same_answer(dask_cluster):
     dist = dask_cluster.compute(predict(img, net, roi=(48, 48), overlap=0.3, chunks=(50, 90))).result()
     np.testing.assert_allclose(dist, local, atol=1e-5, rtol=0)
     assert np.array_equal(dist.argmax(0), local.argmax(0))
+
+
+def test_an_owners_parts_on_distributed_workers_give_the_same_answer(dask_cluster):
+    """The parts' pieces travel to their chunks as any owner's do (a getitem each), whichever worker ran them."""
+    img = np.random.default_rng(4).random((2, 100, 100), dtype=np.float32)
+    net = tiny_net(2, 2, 3)
+    kw = dict(roi=(48, 48), overlap=0.5, chunks=50)  # the last chunk owns 9 of 16 windows: three parts
+    plan = build_plan(img, net, **kw)
+    assert not plan.whole_outputs and sum("-part" in k for k in evaluate_tasks(plan.probabilities())) == 2
+    dist = dask_cluster.compute(plan.probabilities()).result()
+    local = build_plan(img, net, one_process=True, **kw).probabilities().compute(scheduler="sync")
+    np.testing.assert_allclose(dist, local, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(local, monai_reference(img, net, (48, 48), 0.5), atol=1e-4, rtol=0)
 
 
 def test_pieces_travel_alone_between_processes_and_whole_within_one(dask_cluster):
