@@ -38,15 +38,6 @@ class ChunkAxis:
     def chunk(self, c: int) -> tuple[int, int]:
         return self.bounds[c], self.bounds[c + 1]
 
-    def extent(self, c: int) -> tuple[int, int] | None:
-        """Unclipped span of the windows chunk c owns (may pass the edges where padded)."""
-        starts = self.owned[c]
-        return (min(starts), max(starts) + self.roi) if starts else None
-
-    def region(self, c: int) -> tuple[int, int] | None:
-        ext = self.extent(c)
-        return None if ext is None else (max(ext[0], 0), min(ext[1], self.size))
-
     def chunks_overlapping(self, lo: int, hi: int) -> range:
         first = bisect.bisect_right(self.bounds, lo) - 1
         last = bisect.bisect_left(self.bounds, hi) - 1
@@ -83,7 +74,7 @@ def owner_parts(owned: tuple[tuple[int, ...], ...], cap: int) -> list[tuple[tupl
 
 
 def part_region(owned: tuple[tuple[int, ...], ...], roi: Sequence[int], shape: Sequence[int]) -> Box:
-    """The input region a part's windows cover, clipped to the image (:meth:`ChunkAxis.region` of a part)."""
+    """The input region an owner's (or a part's) windows cover, clipped to the image."""
     return tuple((max(min(s), 0), min(max(s) + r, size)) for s, r, size in zip(owned, roi, shape))
 
 

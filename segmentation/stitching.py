@@ -244,7 +244,8 @@ class StitchPlan:
         self._mask_blocks = mask_blocks
         incoming: dict[tuple[int, ...], list[tuple[Box, Delayed]]] = {
             idx: [] for idx in itertools.product(*(range(a.nchunks) for a in self.axes))}
-        self._count_parts: dict[tuple[int, ...], Any] = {}  # (evaluated, skipped), or a task giving them
+        # per owner, per part: (evaluated, skipped), or a task giving them
+        self._count_parts: dict[tuple[int, ...], list[Any]] = {}
         self._sources: dict[tuple[int, ...], list[tuple[int, ...]]] = {idx: [] for idx in incoming}
         source_tasks = dict(self.source.__dask_graph__()) if isinstance(self.source, da.Array) else None
         # each owner's windows as the parts its evaluate tasks run (ownership.owner_parts): one part unless it holds
@@ -254,7 +255,6 @@ class StitchPlan:
         cap = -(-len(self.grid) // max(len(owned_by), 1))
         parts = [(owner, p, sub, part_region(sub, self.grid.roi, self.grid.shape))
                  for owner, owned in owned_by.items() for p, sub in enumerate(owner_parts(owned, cap))]
-        self._parts: dict[tuple[int, ...], list[tuple[int, ...]]] = {owner: [] for owner in owned_by}
         counts = self._reader_counts([region for *_, region in parts])
         limit = None if counts is None else run_limit(self.source)
         for owner, p, owned, region in parts:
@@ -268,15 +268,14 @@ class StitchPlan:
             mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]
             targets = [(t, tuple((max(lo, b0), min(hi, b1)) for (lo, hi), (b0, b1) in zip(region, self.box(t))))
                        for t in src]
-            part = owner + (p,)  # a part's key: its owner's index, then its number
             name = f"segflow_evaluate-{tok}-" + "-".join(map(str, owner)) + (f"-part{p}" if p else "")
             pieces = delayed(_evaluate, pure=True)(
                 pred, normalizer, weights, owned, region, blocks, mblocks, targets,
                 self.num_classes, self.channels, dask_key_name=name)
-            self._parts[owner].append(part)
-            self._count_parts[part] = (int(np.prod([len(o) for o in owned])), 0) if mblocks is None else \
+            self._count_parts.setdefault(owner, []).append(
+                (int(np.prod([len(o) for o in owned])), 0) if mblocks is None else
                 delayed(window_counts, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
-                                           dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, part)))
+                                           dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, owner + (p,)))))
             for t, tbox in targets:
                 # a getitem task per piece lets only the piece travel between processes, and is a scheduler round
                 # trip.  In one process nothing travels, and a chunk takes its own owner's whole output: the
@@ -380,10 +379,10 @@ class StitchPlan:
         A resumed run asks for the chunks it still writes, so the counts say
         what it computed (owners shared with finished chunks are evaluated again).
         """
-        owners = list(self._parts) if only is None else \
+        owners = list(self._count_parts) if only is None else \
             sorted({o for idx in only for o in self._sources[tuple(idx)]})
         name = f"segflow-counts-{self.token}" + ("" if only is None else "-" + tokenize(owners))
-        return delayed(_sum_counts, pure=True)(*(self._count_parts[p] for o in owners for p in self._parts[o]),
+        return delayed(_sum_counts, pure=True)(*(c for o in owners for c in self._count_parts[o]),
                                                dask_key_name=name)
 
     def probabilities(self) -> da.Array:
