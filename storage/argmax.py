@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["argmax_first", "argmax_top_two", "cell_dtype"]
+__all__ = ["argmax_first", "argmax_top_two", "cell_dtype", "clear_labels"]
 
 
 def argmax_first(probs: np.ndarray, dtype: np.dtype, empty: int | None = None) -> np.ndarray:
@@ -51,6 +51,39 @@ def argmax_top_two(probs: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.n
         np.maximum(second, low, out=second)
         np.maximum(best, probs[c], out=best)
     return labels, best, second
+
+
+def clear_labels(probs: np.ndarray, dtype: np.dtype, tie_margin: float) -> np.ndarray | None:
+    """Per pixel the :func:`argmax_first` label where no other class comes within ``tie_margin * max|p|`` of the
+    top one (the region's largest magnitude), and the dtype's maximum, the "not clear" mark, where one does;
+    None when a value is not finite (no margin to trust).
+
+    One pass per class, as :func:`argmax_top_two`, that also keeps each pixel's smallest value, so the region's
+    max |p| and its finiteness come from the per-pixel top and bottom instead of two more passes over every class
+    (``np.isfinite(probs).all()`` and ``np.abs(probs).max()``, the second with a temporary as large as the region):
+    NaN and infinities reach the top or the bottom (``np.maximum`` and ``np.minimum`` propagate NaN).  The same
+    labels and marks as those two passes give, bit for bit: the margin is the same number.
+    """
+    best = probs[0].copy()
+    second = np.full(probs.shape[1:], -np.inf, dtype=best.dtype)
+    bottom = best.copy()
+    labels = np.zeros(probs.shape[1:], dtype=dtype)
+    better = np.empty(probs.shape[1:], dtype=bool)
+    low = np.empty_like(best)
+    for c in range(1, probs.shape[0]):
+        np.greater(probs[c], best, out=better)
+        np.putmask(labels, better, c)
+        np.minimum(best, probs[c], out=low)
+        np.maximum(second, low, out=second)
+        np.minimum(bottom, low, out=bottom)  # low is the smaller of p_c and the best so far
+        np.maximum(best, probs[c], out=best)
+    high, small = float(best.max(initial=-np.inf)), float(bottom.min(initial=np.inf))
+    if not (np.isfinite(high) and np.isfinite(small)) and best.size:
+        return None
+    scale = max(abs(high), abs(small)) if best.size else 0.0
+    floor = best - np.float32(tie_margin * scale)
+    mark = np.iinfo(dtype).max
+    return np.where(second < floor, labels, mark).astype(dtype, copy=False)
 
 
 def cell_dtype(n: int) -> np.dtype:

@@ -24,7 +24,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from storage.argmax import argmax_first, argmax_top_two, cell_dtype
+from storage.argmax import argmax_first, cell_dtype, clear_labels
 from storage.grids import GridMapping, monai_source_coords, sampling_thetas
 
 Mode = Literal["bilinear", "nearest"]
@@ -136,14 +136,14 @@ TIE_MARGIN = 2.0 ** -16  # a top class closer than this (times the region's max 
 FULL_FRACTION = 0.2  # above this share of non-uniform cells, the separable passes over the whole chunk are cheaper
 
 
-def _uniform_cells(region: np.ndarray, order: Sequence[int], dtype: np.dtype) -> np.ndarray:
+def _uniform_cells(region: np.ndarray, order: Sequence[int], dtype: np.dtype) -> np.ndarray | None:
     """Per model voxel r (along each interpolated axis the cell from r to r + 1, clamped at the region's end):
-    the label its corners all clearly share, or the dtype's maximum where they do not."""
+    the label its corners all clearly share, or the dtype's maximum where they do not; None where a value is not
+    finite (no margins to trust)."""
     mark = np.iinfo(dtype).max
-    first, top, second = argmax_top_two(region, dtype)
-    floor = top - np.float32(TIE_MARGIN * float(np.abs(region).max()))
-    # clear: no class but the top one reaches the floor (the top always does)
-    cells = np.where(second < floor, first, mark).astype(dtype, copy=False)
+    cells = clear_labels(region, dtype, TIE_MARGIN)  # clear: no class but the top one within the margin
+    if cells is None:
+        return None
     for s in order:
         n = cells.shape[s]
         upper = np.take(cells, np.minimum(np.arange(n) + 1, n - 1), axis=s)
@@ -186,7 +186,8 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
         for s in order:
             labels = np.take(labels, np.rint(axes[s].coords(*out_ranges[s])).astype(np.int64) - src_lo[s], axis=s)
         return labels.astype(dtype, copy=False)
-    if not order or not np.isfinite(region).all():  # nothing to interpolate, or NaN/inf: no margins to trust
+    labels = _uniform_cells(region, order, cells_dtype) if order else None
+    if labels is None:  # nothing to interpolate, or NaN/inf: no margins to trust
         return argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
     gathers: list[tuple[np.ndarray, ...]] = []
     for s in range(3):
@@ -195,7 +196,6 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
             gathers.append(_weights(axes[s], start, stop, src_lo[s]))
         else:
             gathers.append((np.arange(start, stop) - src_lo[s],))
-    labels = _uniform_cells(region, order, cells_dtype)
     if np.count_nonzero(labels == np.iinfo(cells_dtype).max) > FULL_FRACTION * labels.size:  # mostly boundary
         return argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
     for s in range(3):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.argmax import argmax_first, argmax_top_two, cell_dtype
+from storage.argmax import argmax_first, argmax_top_two, cell_dtype, clear_labels
 from storage.separable import (SeparableKernel, Taps, gather, keep_mask, pixel_grid, point_values,
                                separable_block)
 
@@ -37,14 +37,12 @@ def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx:
         labels = gather(argmax_first(region, cell), ty.index[:, 0] - at[0], tx.index[:, 0] - at[1], True)
         return np.where(keep, labels, empty).astype(dtype, copy=False)
     probs = np.asarray(region, dtype=np.float32)
-    if not np.isfinite(probs if valid is None else probs[:, valid]).all():  # no margins to trust
+    mark = np.iinfo(cell).max
+    # clear: no class but the top one within the margin; None: NaN or infinities, no margins to trust
+    winner = clear_labels(probs, cell, TIE_MARGIN) if valid is None else _clear_valid(probs, valid, cell, TIE_MARGIN)
+    if winner is None:
         return argmax_first(separable_block(region, valid, ty, tx, at, kernel, np.dtype(np.float32)), dtype,
                             empty or None)
-    mark = np.iinfo(cell).max
-    first, top, second = argmax_top_two(probs, cell)
-    floor = top - np.float32(TIE_MARGIN * float(np.abs(probs if valid is None else probs[:, valid]).max(initial=0)))
-    # clear: no class but the top one reaches the floor (the top always does)
-    winner = np.where(second < floor, first, mark).astype(cell, copy=False)
     low = winner if valid is None else np.where(valid, winner, mark).astype(cell)  # invalid: never the minimum
     high = winner if valid is None else np.where(valid, winner, 0).astype(cell)  # ... nor the maximum
     # per destination pixel: the label its contributing source pixels all clearly have, else the mark
@@ -67,6 +65,16 @@ def separable_labels(region: np.ndarray, valid: np.ndarray | None, ty: Taps, tx:
         values = point_values(region, valid, ty, tx, at, kernel, r, c, False).astype(np.float32)
         labels[r, c] = argmax_first(values, cell, empty or None)
     return labels
+
+
+def _clear_valid(probs: np.ndarray, valid: np.ndarray, cell: np.dtype, tie_margin: float) -> np.ndarray | None:
+    """:func:`storage.argmax.clear_labels` with the margin and the finiteness taken over the valid pixels only (an
+    invalid pixel's values, NaN nodata among them, never reach a destination pixel)."""
+    if not np.isfinite(probs[:, valid]).all():
+        return None
+    first, top, second = argmax_top_two(probs, cell)
+    floor = top - np.float32(tie_margin * float(np.abs(probs[:, valid]).max(initial=0)))
+    return np.where(second < floor, first, np.iinfo(cell).max).astype(cell, copy=False)
 
 
 def _pairs(taps: Taps) -> bool:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from storage.argmax import argmax_first, argmax_top_two
+from storage.argmax import argmax_first, argmax_top_two, clear_labels
 
 
 def _first_reference(probs: np.ndarray, empty: int | None) -> np.ndarray:
@@ -81,3 +81,36 @@ def test_nan_ties_and_empty_by_hand(column: list[float], expected: int) -> None:
     probs = np.array(column, np.float32).reshape(-1, 1, 1)
     assert argmax_first(probs, np.uint8, 255)[0, 0] == expected
     assert _first_reference(probs, 255)[0, 0] == expected  # the reference agrees with the hand
+
+
+def _clear_reference(probs: np.ndarray, margin: float) -> np.ndarray | None:
+    """The two passes ``clear_labels`` replaces: finiteness over every value, then the margin from max |p|."""
+    if not np.isfinite(probs).all():
+        return None
+    first, top, second = argmax_top_two(probs, np.uint8)
+    floor = top - np.float32(margin * float(np.abs(probs).max(initial=0)))
+    return np.where(second < floor, first, 255).astype(np.uint8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(0, 5), st.integers(0, 9)),
+                  elements=st.sampled_from([0.0, 0.25, 0.5, 1.0, -1.0, -3.0, 0.5 + 2.0 ** -20, 2.0, np.nan, np.inf,
+                                            -np.inf])),
+       st.sampled_from([2.0 ** -16, 0.1, 0.0]))
+def test_clear_labels_equal_the_finiteness_and_margin_passes(probs: np.ndarray, margin: float) -> None:
+    """Ties, near-ties within the margin, negative values (max |p| from the bottom), NaN and infinities anywhere
+    (None), empty regions: the same labels and marks as the separate passes, or None where they give up."""
+    got, want = clear_labels(probs, np.dtype(np.uint8), margin), _clear_reference(probs, margin)
+    if want is None:
+        assert got is None
+    else:
+        assert got is not None and got.dtype == np.uint8 and np.array_equal(got, want)
+
+
+def test_clear_labels_of_a_strided_region_of_realistic_size() -> None:
+    probs = np.random.default_rng(1).random((5, 300, 400)).astype(np.float32) - np.float32(0.2)
+    probs[2, ::5] = probs[4, ::5] + np.float32(2.0 ** -20)  # within the margin: not clear
+    view = probs[:, 10:290, 20:380]
+    got = clear_labels(view, np.dtype(np.uint8), 2.0 ** -16)
+    assert np.array_equal(got, _clear_reference(view, 2.0 ** -16))
+    assert 0 < np.count_nonzero(got == 255) < got.size

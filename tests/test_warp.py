@@ -207,6 +207,26 @@ def test_bilinear_pixels_alone_equal_their_chunk_bit_for_bit():
     assert r.size > 1000 and np.array_equal(alone, whole[:, r, c])
 
 
+
+def test_bilinear_pixels_of_a_sub_block_are_read_through_its_base_bit_for_bit():
+    """A way-back region cut from its block's region is gathered through the block (no copy of the region): the
+    same values as from a contiguous copy, for a sub-block of every class, of some classes (read through the base
+    from a later plane) and of a base that is itself a view (copied)."""
+    from storage.separable import _bilinear_points, _flat_rows
+
+    inp, model = _grids(5.0, 10.0, (90, 70))
+    ay, ax = separable_axes(model, inp, "bilinear", (2.0, 2.0))
+    ty, tx = ay.taps("bilinear", 0, 90), ax.taps("bilinear", 0, 70)
+    r, c = np.nonzero(np.random.default_rng(4).random((90, 70)) < 0.3)
+    block = np.random.default_rng(5).random((6, model.shape[0] + 9, model.shape[1] + 13)).astype(np.float32)
+    for region, through_base in ((block[:, 4:4 + model.shape[0], 7:7 + model.shape[1]], True),
+                                 (block[2:6, 3:3 + model.shape[0], 1:1 + model.shape[1]], True),
+                                 (block[:, ::-1][:, 2:2 + model.shape[0], :model.shape[1]], False)):
+        flat, pitch, start = _flat_rows(region)
+        assert (flat.base is not None and pitch == block.shape[2]) == through_base
+        alone = _bilinear_points(region, ty, tx, r, c, (0, 0))
+        assert np.array_equal(alone, _bilinear_points(np.ascontiguousarray(region), ty, tx, r, c, (0, 0)))
+
 @pytest.mark.parametrize("res,gsd,kernel,masked", [(5.0, 10.0, "average", False), (5.0, 10.0, "average", True),
                                                    (10.0, 5.0, "bilinear", True), (7.5, 10.0, "average", True)])
 def test_a_large_region_read_in_bands_of_rows_equals_one_read(tmp_path, monkeypatch, res, gsd, kernel, masked):
