@@ -26,6 +26,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from storage.argmax import argmax_first, cell_dtype, clear_labels
 from storage.grids import GridMapping, monai_source_coords, sampling_thetas
+from storage.separable import outer_take
 
 Mode = Literal["bilinear", "nearest"]
 
@@ -182,9 +183,8 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
     order = _pass_order(axes)
     cells_dtype = cell_dtype(region.shape[0])
     if mode == "nearest":
-        labels = argmax_first(region, cells_dtype)
-        for s in order:
-            labels = np.take(labels, np.rint(axes[s].coords(*out_ranges[s])).astype(np.int64) - src_lo[s], axis=s)
+        labels = outer_take(argmax_first(region, cells_dtype),
+                            {s: np.rint(axes[s].coords(*out_ranges[s])).astype(np.int64) - src_lo[s] for s in order})
         return labels.astype(dtype, copy=False)
     labels = _uniform_cells(region, order, cells_dtype) if order else None
     if labels is None:  # nothing to interpolate, or NaN/inf: no margins to trust
@@ -198,8 +198,7 @@ def _argmax_block(src: np.ndarray, axes: Sequence[_Axis], out_ranges: Sequence[t
             gathers.append((np.arange(start, stop) - src_lo[s],))
     if np.count_nonzero(labels == np.iinfo(cells_dtype).max) > FULL_FRACTION * labels.size:  # mostly boundary
         return argmax_first(_resample_block(region, axes, out_ranges, src_lo, mode, np.dtype(np.float32)), dtype)
-    for s in range(3):
-        labels = np.take(labels, gathers[s][0], axis=s)
+    labels = outer_take(labels, {s: gathers[s][0] for s in range(3)})
     todo = np.flatnonzero(labels == np.iinfo(cells_dtype).max)
     if todo.size:
         partial = region

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from storage.argmax import argmax_first, argmax_top_two, cell_dtype, clear_labels
-from storage.separable import (SeparableKernel, Taps, gather, keep_mask, pixel_grid, point_values,
-                               separable_block)
+from storage.separable import (SeparableKernel, Taps, gather, keep_mask, outer_take, pixel_grid,
+                               point_values, separable_block)
 
 # The argmax of a convex combination of probability vectors that all share one clear winner is that winner (each
 # difference p_c* - p_c is a non-negative combination of differences larger than TIE_MARGIN * max|p|; float64
@@ -103,7 +103,7 @@ def _same_pairs(low: np.ndarray, high: np.ndarray, ty: Taps, tx: Taps, at: tuple
     lo = np.minimum(np.minimum(low[:-1, :-1], low[1:, :-1]), np.minimum(low[:-1, 1:], low[1:, 1:]))
     hi = np.maximum(np.maximum(high[:-1, :-1], high[1:, :-1]), np.maximum(high[:-1, 1:], high[1:, 1:]))
     block = np.where(lo == hi, lo, mark).astype(low.dtype, copy=False)
-    return np.take(np.take(block, rows, axis=0), cols, axis=1)
+    return outer_take(block, {0: rows, 1: cols})
 
 
 def _same(low: np.ndarray, high: np.ndarray, mark: int) -> np.ndarray:

@@ -281,3 +281,24 @@ def test_a_stored_warps_graph_leaves_the_taps_to_its_tasks(tmp_path):
     assert np.array_equal(stored.compute(scheduler="sync"),
                           warp(da.from_array(image, chunks=(2, 128, 128)), src, dst, "average", (0.5, 0.5), 64)
                           .compute(scheduler="sync"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_outer_take_equals_numpy_outer_indexing_in_any_order(seed):
+    """One take per axis, shrinking axes first, then from the last axis: the same as ``np.ix_`` indexing, with
+    indexes that repeat (refining), skip (coarsening), step evenly (strided views) or go back."""
+    from storage.separable import outer_take
+
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 7, tuple(rng.integers(1, 9, size=3)), dtype=np.uint8)
+    indexes = {}
+    for axis in rng.choice(3, size=int(rng.integers(1, 4)), replace=False):
+        n = data.shape[axis]
+        kind = seed % 3
+        idx = (np.sort(rng.integers(0, n, size=int(rng.integers(1, 2 * n + 2)))) if kind == 0 else
+               np.arange(0, n, 2) if kind == 1 else rng.integers(0, n, size=n))
+        indexes[int(axis)] = idx
+    full = tuple(indexes.get(a, np.arange(data.shape[a])) for a in range(3))
+    got = outer_take(data, indexes)
+    assert np.array_equal(got, data[np.ix_(*full)]) and not np.shares_memory(got, data)  # the caller may write it
+    assert np.array_equal(outer_take(data, indexes, views=True), data[np.ix_(*full)])
