@@ -25,9 +25,10 @@ def argmax_first(probs: np.ndarray, dtype: np.dtype, empty: int | None = None) -
     best = probs[0].copy()
     labels = np.zeros(probs.shape[1:], dtype=dtype)
     better = np.empty(probs.shape[1:], dtype=bool)
+    step = np.empty(probs.shape[1:], dtype=labels.dtype)
     for c in range(1, probs.shape[0]):
         np.greater(probs[c], best, out=better)
-        np.putmask(labels, better, c)  # 13 ms against 17 for labels[better] = c (1024² x 5 classes)
+        _raise(labels, better, c, step)
         np.maximum(best, probs[c], out=best)
     if empty is not None:
         labels[best <= 0] = empty
@@ -44,9 +45,10 @@ def argmax_top_two(probs: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.n
     labels = np.zeros(probs.shape[1:], dtype=dtype)
     better = np.empty(probs.shape[1:], dtype=bool)
     low = np.empty_like(best)
+    step = np.empty(probs.shape[1:], dtype=labels.dtype)
     for c in range(1, probs.shape[0]):
         np.greater(probs[c], best, out=better)
-        np.putmask(labels, better, c)
+        _raise(labels, better, c, step)
         np.minimum(best, probs[c], out=low)  # the loser of this class and the best so far
         np.maximum(second, low, out=second)
         np.maximum(best, probs[c], out=best)
@@ -70,9 +72,10 @@ def clear_labels(probs: np.ndarray, dtype: np.dtype, tie_margin: float) -> np.nd
     labels = np.zeros(probs.shape[1:], dtype=dtype)
     better = np.empty(probs.shape[1:], dtype=bool)
     low = np.empty_like(best)
+    step = np.empty(probs.shape[1:], dtype=labels.dtype)
     for c in range(1, probs.shape[0]):
         np.greater(probs[c], best, out=better)
-        np.putmask(labels, better, c)
+        _raise(labels, better, c, step)
         np.minimum(best, probs[c], out=low)
         np.maximum(second, low, out=second)
         np.minimum(bottom, low, out=bottom)  # low is the smaller of p_c and the best so far
@@ -84,6 +87,15 @@ def clear_labels(probs: np.ndarray, dtype: np.dtype, tie_margin: float) -> np.nd
     floor = best - np.float32(tie_margin * scale)
     mark = np.iinfo(dtype).max
     return np.where(second < floor, labels, mark).astype(dtype, copy=False)
+
+
+def _raise(labels: np.ndarray, better: np.ndarray, c: int, step: np.ndarray) -> None:
+    """``labels[better] = c`` where every label so far is below ``c`` (classes are taken in increasing order), so
+    it is ``labels = max(labels, better * c)``: two branch-free passes over small integers.  ``np.putmask``
+    branches per pixel: 0.14 ms a class for a 514² region of coherent labels, 0.70 ms for a scattered mask,
+    against about 0.03 ms for these two passes (and 17 ms for ``labels[better] = c`` over 1024² x 5 classes)."""
+    np.multiply(better, labels.dtype.type(c), out=step, casting="unsafe")
+    np.maximum(labels, step, out=labels)
 
 
 def cell_dtype(n: int) -> np.dtype:
