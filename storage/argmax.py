@@ -40,8 +40,38 @@ def argmax_top_two(probs: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.n
     pass per class: whether a label is clear (no other class within a margin of the top) is then one comparison,
     where counting the classes above the margin took another pass over every class (1.3 of 2.2 ms for a 514² x 5
     region).  Finite values only (NaN compares false)."""
+    labels, best, second, _ = _top_two(probs, dtype, False)
+    return labels, best, second
+
+
+def clear_labels(probs: np.ndarray, dtype: np.dtype, tie_margin: float) -> np.ndarray | None:
+    """Per pixel the :func:`argmax_first` label where no other class comes within ``tie_margin * max|p|`` of the
+    top one (the region's largest magnitude), and the dtype's maximum, the "not clear" mark, where one does;
+    None when a value is not finite (no margin to trust).
+
+    The pass per class of :func:`argmax_top_two` also keeps each pixel's smallest value, so the region's max |p|
+    and its finiteness come from the per-pixel top and bottom instead of two more passes over every class
+    (``np.isfinite(probs).all()`` and ``np.abs(probs).max()``, the second with a temporary as large as the region):
+    NaN and infinities reach the top or the bottom (``np.maximum`` and ``np.minimum`` propagate NaN).  The same
+    labels and marks as those two passes give, bit for bit: the margin is the same number.
+    """
+    labels, best, second, bottom = _top_two(probs, dtype, True)
+    assert bottom is not None
+    if not best.size:
+        return labels
+    high, small = float(best.max()), float(bottom.min())
+    if not (np.isfinite(high) and np.isfinite(small)):
+        return None
+    floor = best - np.float32(tie_margin * max(abs(high), abs(small)))
+    return np.where(second < floor, labels, np.iinfo(dtype).max).astype(dtype, copy=False)
+
+
+def _top_two(probs: np.ndarray, dtype: np.dtype,
+             lowest: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(labels, largest, second largest counting ties, smallest or None): one pass per class."""
     best = probs[0].copy()
     second = np.full(probs.shape[1:], -np.inf, dtype=best.dtype)
+    bottom = best.copy() if lowest else None
     labels = np.zeros(probs.shape[1:], dtype=dtype)
     better = np.empty(probs.shape[1:], dtype=bool)
     low = np.empty_like(best)
@@ -51,42 +81,10 @@ def argmax_top_two(probs: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.n
         _raise(labels, better, c, step)
         np.minimum(best, probs[c], out=low)  # the loser of this class and the best so far
         np.maximum(second, low, out=second)
+        if bottom is not None:
+            np.minimum(bottom, low, out=bottom)  # the smallest value so far: below the best, so below low too
         np.maximum(best, probs[c], out=best)
-    return labels, best, second
-
-
-def clear_labels(probs: np.ndarray, dtype: np.dtype, tie_margin: float) -> np.ndarray | None:
-    """Per pixel the :func:`argmax_first` label where no other class comes within ``tie_margin * max|p|`` of the
-    top one (the region's largest magnitude), and the dtype's maximum, the "not clear" mark, where one does;
-    None when a value is not finite (no margin to trust).
-
-    One pass per class, as :func:`argmax_top_two`, that also keeps each pixel's smallest value, so the region's
-    max |p| and its finiteness come from the per-pixel top and bottom instead of two more passes over every class
-    (``np.isfinite(probs).all()`` and ``np.abs(probs).max()``, the second with a temporary as large as the region):
-    NaN and infinities reach the top or the bottom (``np.maximum`` and ``np.minimum`` propagate NaN).  The same
-    labels and marks as those two passes give, bit for bit: the margin is the same number.
-    """
-    best = probs[0].copy()
-    second = np.full(probs.shape[1:], -np.inf, dtype=best.dtype)
-    bottom = best.copy()
-    labels = np.zeros(probs.shape[1:], dtype=dtype)
-    better = np.empty(probs.shape[1:], dtype=bool)
-    low = np.empty_like(best)
-    step = np.empty(probs.shape[1:], dtype=labels.dtype)
-    for c in range(1, probs.shape[0]):
-        np.greater(probs[c], best, out=better)
-        _raise(labels, better, c, step)
-        np.minimum(best, probs[c], out=low)
-        np.maximum(second, low, out=second)
-        np.minimum(bottom, low, out=bottom)  # low is the smaller of p_c and the best so far
-        np.maximum(best, probs[c], out=best)
-    high, small = float(best.max(initial=-np.inf)), float(bottom.min(initial=np.inf))
-    if not (np.isfinite(high) and np.isfinite(small)) and best.size:
-        return None
-    scale = max(abs(high), abs(small)) if best.size else 0.0
-    floor = best - np.float32(tie_margin * scale)
-    mark = np.iinfo(dtype).max
-    return np.where(second < floor, labels, mark).astype(dtype, copy=False)
+    return labels, best, second, bottom
 
 
 def _raise(labels: np.ndarray, better: np.ndarray, c: int, step: np.ndarray) -> None:
