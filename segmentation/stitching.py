@@ -268,14 +268,15 @@ class StitchPlan:
             mblocks = None if mask_blocks is None else [(self.box(s), mask_blocks[s]) for s in src]
             targets = [(t, tuple((max(lo, b0), min(hi, b1)) for (lo, hi), (b0, b1) in zip(region, self.box(t))))
                        for t in src]
-            name = f"segflow_evaluate-{tok}-" + "-".join(map(str, owner)) + (f"-part{p}" if p else "")
+            key = "-".join(map(str, owner)) + (f"-part{p}" if p else "")  # an unsplit owner's keys as before parts
+            name = f"segflow_evaluate-{tok}-{key}"
             pieces = delayed(_evaluate, pure=True)(
                 pred, normalizer, weights, owned, region, blocks, mblocks, targets,
                 self.num_classes, self.channels, dask_key_name=name)
             self._count_parts.setdefault(owner, []).append(
                 (int(np.prod([len(o) for o in owned])), 0) if mblocks is None else
                 delayed(window_counts, pure=True)(owned, region, tuple(self.grid.roi), mblocks,
-                                           dask_key_name=f"segflow_count-{tok}-" + "-".join(map(str, owner + (p,)))))
+                                           dask_key_name=f"segflow_count-{tok}-{key}"))
             for t, tbox in targets:
                 # a getitem task per piece lets only the piece travel between processes, and is a scheduler round
                 # trip.  In one process nothing travels, and a chunk takes its own owner's whole output: the
