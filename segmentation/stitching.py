@@ -76,7 +76,8 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     # NaN or Inf (a float raster's nodata) would spread through every convolution into valid pixels' outputs:
     # the network sees 0 there instead, a per-pixel rule, so chunking cannot change it. Stored integers normalise
     # to finite values (checked against the normaliser's factors), so their regions skip the pass (6 ms per
-    # 1024² × 3 region).
+    # 1024² × 3 region); other regions are checked first (np.nan_to_num's three masks took 8.2 ms for a
+    # 4 × 1280² float32 region, the check 1.2 ms).
     if getattr(predictor, "regions_on_device", False) and hasattr(normalizer, "apply_torch") and \
             stored_on_device(raw.dtype):  # a GPU worker: the stored dtype crosses the bus, the sums stay there
         acc = predictor.accumulate_stored(raw, normalizer, inner, shape, finite, windows, weights, num_classes)
@@ -84,7 +85,7 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
         x = np.zeros(shape, dtype=np.float32)
         normalizer(raw, out=x[(slice(None),) + inner])
         del raw
-        if not finite:
+        if not finite and not np.isfinite(x).all():
             np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         acc = predictor.accumulate(x, windows, weights, num_classes)
         del x

@@ -215,13 +215,14 @@ def test_the_arrays_blocks_are_the_per_chunk_tasks_themselves(precision):
     np.testing.assert_allclose(probs, ref, atol=1e-4 if precision == "exact" else 2e-2, rtol=0)
 
 
-def test_nan_nodata_is_seen_as_zero_not_spread_into_valid_pixels():
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_nodata_is_seen_as_zero_not_spread_into_valid_pixels(bad):
     shape = (70, 90)
     img = np.random.default_rng(2).random((2, *shape), dtype=np.float32)
     mask = np.ones(shape, bool)
-    mask[30:37, 20:50] = False  # a hole of NaN inside the image, as a float raster's nodata gives
+    mask[30:37, 20:50] = False  # a hole of NaN (or an infinity) inside the image, as a float raster's nodata gives
     with_nan = img.copy()
-    with_nan[:, ~mask] = np.nan
+    with_nan[:, ~mask] = bad
     zeros = img.copy()
     zeros[:, ~mask] = 0.0
     net = tiny_net(2, 2, 3)

@@ -161,7 +161,7 @@ def test_crs_changes_and_rotations_keep_gdal():
                                                  (np.int16, 5.0, 10.0, (101, 87))])
 def test_integer_cells_average_like_gdal_bit_for_bit(dtype, res, gsd, shape):
     """The whole-cell fast path of ``average`` (integers, k×k cells, no mask) equals GDAL and the general path."""
-    from storage.separable import SLAB, Taps, _block_mean, separable_block
+    from storage.separable import MEAN_SLAB, Taps, _block_mean, separable_block
 
     rng = np.random.default_rng(7)
     info = np.iinfo(dtype)
@@ -182,8 +182,8 @@ def test_integer_cells_average_like_gdal_bit_for_bit(dtype, res, gsd, shape):
     general = separable_block(image.astype(np.float64), None, ty, tx, (0, 0), "average", np.dtype(np.float32))
     assert np.array_equal(fast, general)
     assert np.array_equal(fast, image[:, :8 * k, :8 * k].reshape(3, 8, k, 8, k).astype(np.float64).mean((2, 4)))
-    # a block of more rows than one slab of the integer sums (storage.separable.SLAB), from an offset source
-    n = SLAB + 5
+    # a block of more rows than one slab of the sums (storage.separable.MEAN_SLAB), from an offset source
+    n = MEAN_SLAB + 5
     big = rng.integers(info.min, info.max, size=(2, n * k + 3, 9 * k + 2), endpoint=True).astype(dtype)
     ty = Taps(np.arange(n)[:, None] * k + 3 + np.arange(k), np.ones((n, k)), np.ones(n, bool), np.full(n, -1))
     tx = Taps(np.arange(9)[:, None] * k + 2 + np.arange(k), np.ones((9, k)), np.ones(9, bool), np.full(9, -1))
