@@ -1,7 +1,8 @@
 """What warping costs in raster model space: a 5 m scene segmented by a 10 m model (warped there and back), against
 the sliding window alone on the same model-space image.
 
-    .venv/bin/python benchmarks/warp.py [--sizes 8192 16384] [--models cheap demo standard trained] [--demo-sizes 8192]
+    .venv/bin/python benchmarks/warp.py [--sizes 8192 16384] [--models cheap demo standard trained trained-standard]
+                                        [--demo-sizes 8192] [--trained DIR] [--trained-standard DIR]
                                         [--chunk 1024] [--repeat 3] [--record warp]
 
 For each size a 4-band uint16 scene at 5 m (EPSG:32633) is generated block by
@@ -99,8 +100,9 @@ def make_scene(path: Path, size: int, kind: str = "cheap") -> None:
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    tile = _demo_pattern() if kind == "trained" else _pattern()
-    step = (516, 312) if kind == "trained" else (517, 311)  # even shifts keep the trained scene's 2×2 cells whole
+    demo = kind.startswith("trained")
+    tile = _demo_pattern() if demo else _pattern()
+    step = (516, 312) if demo else (517, 311)  # even shifts keep the trained scene's 2×2 cells whole
     with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=4, dtype="uint16",
                        crs=f"EPSG:{EPSG}", transform=from_origin(400000, 5900000, INPUT_M, INPUT_M), tiled=True,
                        blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="YES") as dst:
@@ -121,12 +123,18 @@ def make_model(path: Path, kind: str = "cheap", trained: Path | None = None) -> 
     cost per pixel, with this benchmark's 4 classes and scaling.  ``trained``:
     the demo's trained land-cover model (``trained``, a demo run's
     ``models/landcover-2d``, or trained here as ``segflow demo`` does, about
-    3 minutes), whose labels are coherent like a real model's.
+    3 minutes), whose labels are coherent like a real model's.  ``trained-standard``: the ``standard`` network
+    trained on the demo's scenes with the demo's land-cover budget (``trained``, a directory this benchmark
+    made before, or trained here, about 6 minutes): the warp beside the forward pass of a network of the size
+    people train, with coherent labels (``standard``'s random weights label salt and pepper, the way back's
+    worst case).
     """
     import torch
 
     if kind == "trained":
         return _trained_model(path, trained)
+    if kind == "trained-standard":
+        return _trained_model(path, trained, standard=True)
 
     from segmentation.card import ModelCard
     from segmentation.modeldir import build_module, save_model
@@ -138,8 +146,7 @@ def make_model(path: Path, kind: str = "cheap", trained: Path | None = None) -> 
         arch, roi = demo.architecture.kwargs, list(demo.inference.roi)
         text = "the demo card's U-Net (16, 32, 64, 128; 1 residual unit; batch norm), ROI 128²"
     elif kind == "standard":
-        arch = {"channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch"}
-        roi = [256, 256]
+        arch, roi = STANDARD, [256, 256]
         text = "a standard-size U-Net (32, 64, 128, 256, 512; 2 residual units; batch norm), ROI 256²"
     else:
         arch, roi = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0}, [256, 256]
@@ -155,22 +162,32 @@ def make_model(path: Path, kind: str = "cheap", trained: Path | None = None) -> 
     return text
 
 
-def _trained_model(path: Path, trained: Path | None) -> str:
-    text = "the demo's trained land-cover U-Net (16, 32, 64, 128; 1 residual unit; batch norm), ROI 128², 5 classes"
+STANDARD = {"channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch"}
+
+
+def _trained_model(path: Path, trained: Path | None, standard: bool = False) -> str:
+    text = ("a standard-size U-Net (32, 64, 128, 256, 512; 2 residual units; batch norm), ROI 256², 5 classes, "
+            "trained on the demo's land-cover scenes" if standard else
+            "the demo's trained land-cover U-Net (16, 32, 64, 128; 1 residual unit; batch norm), ROI 128², 5 classes")
     if trained is not None:
         shutil.copytree(trained, path)
-        return text + f" (trained by `segflow demo`, {trained.name})"
+        return text + (f" ({trained})" if standard else f" (trained by `segflow demo`, {trained.name})")
     from flows.training import train_from_files
+    from segmentation.card import Architecture
     from segmentation.demo_cards import DEMO_BUDGET, landcover_card
     from storage import samples
 
     card = landcover_card()
     budget = DEMO_BUDGET[card.name]
+    if standard:
+        card = card.model_copy(update={
+            "name": "landcover-2d-standard", "architecture": Architecture(name="unet", kwargs=STANDARD),
+            "inference": card.inference.model_copy(update={"roi": [256, 256]})})
     pairs = [samples.make_scene(path.parent / f"train-{s}.tif", seed=s) for s in (1, 2, 3)]
     t = time.perf_counter()
     train_from_files(card, pairs, path, steps=budget.steps, batch_size=budget.batch_size, lr=budget.lr,
                      patch=budget.patch)
-    print(f"# trained the demo's land-cover model in {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"# trained {card.name} in {time.perf_counter() - t:.0f} s (kept in {path})", flush=True)
     return text + " (trained here with the demo's budget)"
 
 
@@ -318,12 +335,17 @@ def bench(kind: str, sizes: list[int], chunk: int, tmp: Path,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384], help="scene sizes (pixels at 5 m)")
-    ap.add_argument("--models", nargs="+", choices=["cheap", "demo", "standard", "trained"], default=["cheap"],
+    ap.add_argument("--models", nargs="+", choices=["cheap", "demo", "standard", "trained", "trained-standard"],
+                    default=["cheap"],
                     help="cheap: the warp's worst case; demo: the demo card's U-Net; standard: a 5-level U-Net "
                          "(32-512 channels), the size people train; trained: the demo's trained model on "
-                         "demo-like scenes (coherent labels)")
+                         "demo-like scenes (coherent labels); trained-standard: the standard U-Net trained on "
+                         "the demo's scenes")
     ap.add_argument("--trained", type=Path, default=None,
                     help="the trained model directory (a demo run's models/landcover-2d); default: train one")
+    ap.add_argument("--trained-standard", type=Path, default=None,
+                    help="a trained-standard model directory this benchmark trained before (--keep); default: "
+                         "train one")
     ap.add_argument("--demo-sizes", type=int, nargs="+", default=None,
                     help="sizes for the demo and standard models (default: --sizes)")
     ap.add_argument("--chunk", type=int, default=1024)
@@ -337,14 +359,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp_name:
         for kind in args.models:
             sizes = args.demo_sizes if kind in ("demo", "standard") and args.demo_sizes else args.sizes
-            lines, found = bench(kind, sizes, args.chunk, Path(tmp_name), args.trained, args.repeat)
+            trained = args.trained_standard if kind == "trained-standard" else args.trained
+            lines, found = bench(kind, sizes, args.chunk, Path(tmp_name), trained, args.repeat)
             body += [*lines, ""]
             notes += found
     intro = (f"4-band uint16 scene at {INPUT_M:g} m (EPSG:{EPSG}): for `cheap`, `demo` and `standard` smooth "
              "patches with "
-             f"texture and noise and random-weight U-Nets with {CLASSES} classes; for `trained` a demo scene (unseen "
-             "seed) repeated 2×2 per pixel, so its 10 m average is exactly a demo scene, and the demo's trained "
-             f"model (5 classes); card version 4 at {MODEL_M:g} m, overlap 0.25, batch 8, "
+             f"texture and noise and random-weight U-Nets with {CLASSES} classes; for `trained` and "
+             "`trained-standard` a demo scene (unseen seed) repeated 2×2 per pixel, so its 10 m average is exactly a "
+             "demo scene, and the demo's trained model or the standard U-Net trained on the demo's scenes "
+             f"(5 classes); card version 4 at {MODEL_M:g} m, overlap 0.25, batch 8, "
              f"chunks {args.chunk}², `segflow segment --precision fast --no-zarr` (labels only) with segflow's "
              "default cluster. Run A stitches on the 10 m grid, the window tasks warping the model chunks they read "
              "from the 5 m scene (average), each once, and brings the labels back (bilinear probabilities near label "
