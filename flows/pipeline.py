@@ -246,6 +246,9 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
              "label_pixels": {str(k): v for k, v in sorted(histogram.items()) if v},
              **space_facts,
              "inference_seconds": round(time.perf_counter() - t0, 3)}
+    norm = getattr(stitch, "normalizer", None)
+    if norm is not None:  # what the network saw: (x - shift) * factor, per channel (image statistics included)
+        stats["normalization"] = {"shift": [float(v) for v in norm.shift], "factor": [float(v) for v in norm.factor]}
     return stats, params
 
 

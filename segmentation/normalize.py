@@ -142,32 +142,21 @@ def image_statistics(image, mask=None, *, nonzero: bool = False) -> tuple[list[f
 
     img = _as_dask(image)
     x = img.astype(np.float64)
-    if nonzero:
-        m = (img != 0).astype(np.float64)
-        if mask is not None:
-            mm = mask if isinstance(mask, da.Array) else da.from_array(mask, chunks=img.chunksize[1:])
-            m = m * mm.rechunk(img.chunks[1:]).astype(np.float64)[None]
-        axes = tuple(range(1, x.ndim))
-        n, s1, s2 = da.compute(m.sum(axis=axes), (x * m).sum(axis=axes), (x * x * m).sum(axis=axes))
-        n = np.maximum(n, 1.0)
-        mean = s1 / n
-        var = np.maximum(s2 / n - mean * mean, 0.0)
-        return [float(v) for v in mean], [float(v) for v in np.sqrt(var)]
+    axes = tuple(range(1, x.ndim))
+    # a pixel counts where it is valid, finite (a masked-out pixel often holds NaN or an infinity: multiplied by
+    # a 0 weight it gave NaN, and every statistic with it) and, with ``nonzero``, not 0, channel by channel
+    valid = da.isfinite(x)
     if mask is not None:
-        m = mask if isinstance(mask, da.Array) else da.from_array(mask, chunks=img.chunksize[1:])
-        m = m.rechunk(img.chunks[1:]).astype(np.float64)
-        n = m.sum()
-        s1 = (x * m).sum(axis=tuple(range(1, x.ndim)))
-        s2 = (x * x * m).sum(axis=tuple(range(1, x.ndim)))
-    else:
-        n = float(np.prod(img.shape[1:]))
-        s1 = x.sum(axis=tuple(range(1, x.ndim)))
-        s2 = (x * x).sum(axis=tuple(range(1, x.ndim)))
-    n, s1, s2 = da.compute(n, s1, s2) if isinstance(n, da.Array) else (n, *da.compute(s1, s2))
-    n = max(float(n), 1.0)
+        mm = mask if isinstance(mask, da.Array) else da.from_array(mask, chunks=img.chunksize[1:])
+        valid = valid & mm.rechunk(img.chunks[1:]).astype(bool)[None]
+    if nonzero:
+        valid = valid & (img != 0)
+    v = da.where(valid, x, 0.0)
+    n, s1, s2 = da.compute(valid.sum(axis=axes), v.sum(axis=axes), (v * v).sum(axis=axes))
+    n = np.maximum(n.astype(np.float64), 1.0)
     mean = s1 / n
     var = np.maximum(s2 / n - mean * mean, 0.0)
-    return [float(v) for v in mean], [float(v) for v in np.sqrt(var)]
+    return [float(m) for m in mean], [float(sd) for sd in np.sqrt(var)]
 
 
 _BINS = 4096
@@ -180,6 +169,7 @@ def image_percentiles(image: Any, qs: list[float], mask: Any = None) -> list[flo
     Each wanted rank is narrowed down by histogram passes over the chunks (one
     pass usually leaves a few thousand candidates), which are then gathered
     and sorted: a handful of reads of the image, never the image in memory.
+    NaN and infinities count as not valid, as masked pixels do.
     """
     import dask
     import dask.array as da
@@ -195,7 +185,8 @@ def image_percentiles(image: Any, qs: list[float], mask: Any = None) -> list[flo
 
     def values(block: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
         b = np.asarray(block, dtype=np.float64)
-        return b.ravel() if valid is None else b[:, np.asarray(valid, dtype=bool)].ravel()
+        b = b.ravel() if valid is None else b[:, np.asarray(valid, dtype=bool)].ravel()
+        return b if np.dtype(block.dtype).kind not in "fc" else b[np.isfinite(b)]
 
     def each(fn: Any) -> list[Any]:
         tasks = [dask.delayed(lambda b, m: fn(values(b, m)))(b, None if masks is None else masks[i])

@@ -49,6 +49,7 @@ from storage.rasteropen import (
     image_bands,
     image_dtype,
     open_raster,
+    without_crs_ok,
 )
 
 __all__ = ["ALLOWED_DRIVERS", "ingest_geotiff", "write_label_cog", "write_probability_cog"]
@@ -295,7 +296,7 @@ def _write_cog(out_path: str | PathLike[str], profile: dict[str, Any], fill: Cal
     # instead of 0.57 s on 2 cores
     threads = {"num_threads": COMPRESS_THREADS}
     try:
-        with gdal_env():
+        with gdal_env(), without_crs_ok():  # an input without CRS gives an output without one (said already)
             with rasterio.open(tiled, "w", **profile, **threads) as dst:
                 fill(dst)
             rasterio.shutil.copy(tiled, final, driver="COG", **cog_options, **threads)

@@ -9,14 +9,16 @@ messages are dug out of rasterio's exception chains here too.
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 from urllib.parse import urlparse
 
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
@@ -28,7 +30,7 @@ except ImportError:  # pragma: no cover - private module moved
     CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
 
 __all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "gdal_env", "describe_window",
-           "gdal_message", "image_bands", "image_dtype", "open_raster", "s3_endpoint_options"]
+           "gdal_message", "image_bands", "image_dtype", "open_raster", "s3_endpoint_options", "without_crs_ok"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
 """GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
@@ -53,6 +55,16 @@ def gdal_message(exc: BaseException) -> str:
         e = e.__cause__ or e.__context__
     specific = [m for m in msgs if m and "previous exception" not in m]
     return (specific[-1] if specific else msgs[0]) or type(exc).__name__
+
+
+@contextmanager
+def without_crs_ok() -> Iterator[None]:
+    """Open or write rasters without rasterio's ``NotGeoreferencedWarning``: segflow says in its own words that
+    an input has no CRS and that its outputs go on the same pixel grid without one (the run's warnings), so
+    rasterio's two lines of library text in front of that (or of a one-line error) are noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
 
 
 def describe_window(win: Window) -> str:
@@ -103,7 +115,8 @@ def open_raster(path: Path) -> DatasetReader:
     if not head:
         raise CorruptInputError(path, "file is empty (0 bytes)")
     try:
-        src = rasterio.open(path)
+        with without_crs_ok():
+            src = rasterio.open(path)
     except GDAL_ERRORS as exc:
         looks_known = head.startswith(_TIFF_MAGIC) or head.lstrip().startswith(b"<VRTDataset")
         cls = CorruptInputError if looks_known else UnsupportedFormatError

@@ -117,12 +117,22 @@ def test_2d_corpus_inputs_that_must_succeed(batch_2d):
         assert ds.nodata == 255
     assert np.all(labels[10:20, 10:20] == 255) and np.all(labels[40:44, 50:60] == 255) and labels[70, 70] == 255
     assert np.all(labels[50:60, 10:20] < 3)
+    # ... and take no part in the image statistics the network's input is normalised by (NaN times a 0 weight
+    # had made them NaN, and the whole image 0 for the network)
+    facts = outcomes[str(paths["nan-inf-pixels"])]["statistics"]["normalization"]
+    with rasterio.open(paths["nan-inf-pixels"]) as src:
+        pixels = src.read().astype(np.float64)
+    valid = np.isfinite(pixels).all(axis=0)
+    assert facts["shift"] == pytest.approx([pixels[c][valid].mean() for c in range(4)], rel=1e-9)
+    assert facts["factor"] == pytest.approx([1 / pixels[c][valid].std() for c in range(4)], rel=1e-6)
     # no CRS: segmented on the same grid, without a CRS, and the run says so
     with rasterio.open(out / "no_crs.tif") as ds, rasterio.open(paths["no-crs"]) as src:
         assert ds.crs is None and ds.transform == src.transform
     warnings = outcomes[str(paths["no-crs"])]["statistics"]["warnings"]
     assert len(warnings) == 1 and "has no CRS" in warnings[0]
     assert "has no CRS" in batch_2d["proc"].stderr
+    # ... in its own words only: no library warning (rasterio's NotGeoreferencedWarning) beside it
+    assert "Warning" not in batch_2d["proc"].stderr, batch_2d["proc"].stderr[-3000:]
     # spaces and non-ASCII characters in the path
     assert (out / "in put é ü 北.tif").is_file() and (out / "in put é ü 北.provenance.json").is_file()
 

@@ -10,7 +10,7 @@ import torch
 from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 
 from segmentation.card import Normalization
-from segmentation.normalize import image_percentiles, resolve, statistics_for
+from segmentation.normalize import image_percentiles, image_statistics, resolve, statistics_for
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +40,31 @@ def test_percentiles_skip_masked_pixels():
     mask = rng.random((30, 30)) > 0.4
     got = image_percentiles(chunked(x), [5.0, 95.0], da.from_array(mask, chunks=(10, 10)))
     assert got == pytest.approx(np.percentile(x[:, mask], [5.0, 95.0]), abs=0, rel=0)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_statistics_leave_out_nan_and_infinities(masked):
+    """A float raster's nodata (NaN, ±inf) under its mask, or unmasked, takes no part in the image statistics: a
+    NaN times a 0 weight had made every mean and std NaN, and the whole image normalise to NaN."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(500.0, 80.0, size=(2, 30, 30))
+    bad = np.zeros((30, 30), bool)
+    bad[3:9, 4:12] = True
+    x[0, bad], x[1, 3:9, 4:8], x[1, 3:9, 8:12] = np.nan, np.inf, -np.inf
+    mask = ~bad if masked else None
+    valid = [np.isfinite(x[c]) & (True if mask is None else mask) for c in range(2)]
+    with np.errstate(all="raise"):  # no invalid arithmetic on the way (it printed a RuntimeWarning per chunk)
+        mean, std = image_statistics(chunked(x), None if mask is None else da.from_array(mask, chunks=(10, 10)))
+        got = image_percentiles(chunked(x), [1.0, 99.0], None if mask is None else da.from_array(mask, chunks=10))
+    assert mean == pytest.approx([x[c][valid[c]].mean() for c in range(2)], rel=1e-12)
+    assert std == pytest.approx([x[c][valid[c]].std() for c in range(2)], rel=1e-9)
+    finite = np.concatenate([x[c][valid[c]] for c in range(2)])
+    assert got == pytest.approx(np.percentile(finite, [1.0, 99.0]), abs=0, rel=0)
+    # nonzero too (MONAI's NormalizeIntensity(nonzero=True) over the finite voxels)
+    x[0, 20:, :] = 0.0
+    mean, _ = image_statistics(chunked(x), None, nonzero=True)
+    keep = np.isfinite(x[0]) & (x[0] != 0)
+    assert mean[0] == pytest.approx(x[0][keep].mean(), rel=1e-12)
 
 
 @pytest.mark.parametrize("relative, clip", [(False, True), (True, False), (True, True)])
