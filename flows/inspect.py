@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from storage.errors import InputError, UnsupportedFormatError
+from storage.rasteropen import without_crs_ok
 
 if TYPE_CHECKING:
     from segmentation import LoadedModel
@@ -40,7 +41,7 @@ def _zarr(path: Path) -> dict[str, Any]:
 def _geotiff(path: Path) -> dict[str, Any]:
     import rasterio
 
-    with rasterio.open(path) as src:
+    with without_crs_ok(), rasterio.open(path) as src:
         tags = src.tags()
         info: dict[str, Any] = {
             "type": "GeoTIFF", "path": str(path), "width": src.width, "height": src.height, "count": src.count,
@@ -115,7 +116,7 @@ def _raster_counts(path: Path) -> Iterator[np.ndarray]:
     import rasterio
     from rasterio.windows import Window
 
-    with rasterio.open(path) as src:
+    with without_crs_ok(), rasterio.open(path) as src:
         for row in range(0, src.height, COUNT_ROWS):
             yield src.read(1, window=Window(0, row, src.width, min(COUNT_ROWS, src.height - row)))
 
@@ -161,7 +162,7 @@ def label_table(path: Path, info: dict[str, Any]) -> dict[str, Any] | None:
     if raster:
         import rasterio
 
-        with rasterio.open(path) as src:
+        with without_crs_ok(), rasterio.open(path) as src:
             cell, note = pixel_hectares(src.transform, src.crs)
         unit = "ha"
     else:

@@ -70,6 +70,17 @@ def test_segment_batch_exit_codes_errors_and_verify(model2d, tmp_path):
     assert proc.returncode == 1 and "changed" in proc.stderr
 
 
+def test_info_on_a_raster_without_crs_prints_no_library_warning(tmp_path):
+    """rasterio's NotGeoreferencedWarning (two lines of library text) stays out of `segflow info`'s output."""
+    tif = tmp_path / "plain.tif"
+    with rasterio.open(tif, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as dst:
+        dst.write(np.ones((1, 8, 8), np.uint8))
+    proc = run("info", tif)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["crs"] is None
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
 def test_bad_option_and_bad_model_are_one_line_errors(model2d, tmp_path):
     proc = run("segment", tmp_path / "x.tif", "--model", tmp_path / "nope", "--out", tmp_path / "o")
     assert proc.returncode == 2
