@@ -28,7 +28,7 @@ from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
 from segmentation.holdout import Holdout
 from segmentation.modeldir import LoadedModel
-from segmentation.normalize import image_statistics
+from segmentation.normalize import statistics_for
 from segmentation.training import TrainingResult, TrainingSample, save_trained, train
 from storage.datasets.base import Case, Dataset, SplitCounts, fingerprint
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
@@ -138,7 +138,8 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
     if image.image.shape[0] != card.input.channels:
         raise IncompatibleInputError(image.meta.source.path, f"has {image.image.shape[0]} channels, the card "
                                                              f"expects {card.input.channels}")
-    stats = image_statistics(image.image, image.mask) if card.input.normalization.mode == "image_zscore" else None
+    # over the valid pixels, as inference takes them (the label pixels outside the mask are ignored too)
+    stats = statistics_for(card.input.normalization, image.image, image.mask)
     budget = [IN_MEMORY_BYTES]
     pixels = _in_memory(image.image, budget)
     targets: Any = MaskedLabels(labels, image.mask)

@@ -157,6 +157,8 @@ def _read_patch(prep: _Prepared, origin: Sequence[int], patch: Sequence[int]) ->
     stop = [min(o + p, s) for o, p, s in zip(origin, patch, prep.spatial)]
     region = tuple(slice(o, e) for o, e in zip(origin, stop))
     image = prep.normalizer(np.asarray(prep.sample.image[(slice(None),) + region]))
+    if not np.isfinite(image).all():  # NaN/Inf nodata: the network sees 0 there, as in the sliding window
+        np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     raw = np.asarray(prep.sample.labels[region])
     labels = raw.astype(np.int64)
     if prep.sample.ignore_index is not None:

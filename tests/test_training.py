@@ -209,6 +209,43 @@ def test_ignored_region_does_not_teach_a_class():
     assert (pred == 1).mean() > 0.9
 
 
+def test_nan_nodata_pixels_train_as_zeros_not_into_a_nan_loss(tmp_path):
+    """A float raster's NaN/Inf nodata (labels ignored there): the network sees 0 there, as the sliding window
+    does, so the loss stays finite (it was NaN at the first step: "training diverged ... try a lower lr")."""
+    image, labels = scene_arrays(tmp_path, size=(128, 128))
+    image = image.astype(np.float32)
+    image[:, 10:70, 10:70] = np.nan
+    image[1, 80:90, 50:60] = np.inf
+    labels[10:70, 10:70] = 255
+    labels[80:90, 50:60] = 255
+    card = small_card(normalization={"mode": "image_zscore"})
+    stats = image_statistics(image, ~((labels == 255)))
+    assert all(map(math.isfinite, [*stats[0], *stats[1]]))
+    losses: list[float] = []
+    train(card, [TrainingSample(image, labels, stats=stats)], steps=4, batch_size=4, patch=(64, 64), seed=0,
+          oversample=0.0, log=lambda e: losses.append(e["loss"]))
+    assert len(losses) == 4 and all(map(math.isfinite, losses)), losses
+
+
+def test_training_takes_a_percentile_card_s_statistics_over_valid_pixels_as_inference_does(tmp_path):
+    """Training's image statistics leave out nodata pixels, as ``predict`` does with the input's mask: a
+    percentile card trained over the nodata zeros would see other values than at inference."""
+    from flows.training import _open, _sample
+    from segmentation.normalize import image_percentiles
+
+    image_path, truth_path = samples.make_scene(tmp_path / "s.tif", size=(96, 96), seed=3)
+    with rasterio.open(image_path) as src:
+        assert src.nodata is not None
+        pixels, nodata = src.read(), src.nodata
+    valid = np.all(pixels != nodata, axis=0)
+    assert 0 < valid.mean() < 1  # the scene has a nodata margin
+    card = small_card(normalization={"mode": "percentile", "lower": 2.0, "upper": 98.0, "b_min": 0.0,
+                                     "b_max": 1.0})
+    sample = _sample(card, _open(image_path, tmp_path / "i.zarr"), _open(truth_path, tmp_path / "l.zarr"))
+    assert list(sample.stats) == image_percentiles(pixels, [2.0, 98.0], valid)
+    assert list(sample.stats) != image_percentiles(pixels, [2.0, 98.0])
+
+
 def test_zarr_volume_training(tmp_path):
     zarr = pytest.importorskip("zarr")
     image_path, truth_path = samples.make_phantom(tmp_path / "p.nii.gz", shape=(48, 48, 32), seed=1)
