@@ -81,6 +81,7 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     """
     from flows.inputs import expand, input_label
     from flows.routing import fit_problem
+    from storage.header import NO_CRS
     from storage.probe import probe
     from storage.remote import is_url
     from storage.stacitem import is_item_path
@@ -96,6 +97,9 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
         try:
             header = probe(item)
             problem = None if model is None else fit_problem(header, model, options.bands)
+            if problem is None and options.vector != "none" and header.cell_note == NO_CRS:
+                problem = (f"has no CRS, and --vector {options.vector} writes polygon areas in hectares, which need "
+                           "a projected one (drop --vector, or give the raster a CRS)")
             if problem is not None:
                 raise IncompatibleInputError(label, problem)
         except Exception as exc:  # isolation, as in the segmentation itself: record and go on

@@ -18,6 +18,9 @@ SQUARE_METRES_PER_HECTARE = 1e4
 CUBIC_MM_PER_ML = 1e3
 
 
+NO_CRS = "no CRS: pixel size has no ground unit"  # a raster's cell note when it has no CRS
+
+
 @dataclass(frozen=True)
 class Header:
     """What routing and the run report need to know about one input."""
@@ -54,7 +57,7 @@ def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: 
     no area rather than a wrong one.
     """
     if crs is None:
-        return None, "no CRS: pixel size has no ground unit"
+        return None, NO_CRS
     if crs.is_geographic:
         return None, "geographic CRS (degrees): reproject to a projected CRS for areas"
     try:
@@ -88,4 +91,4 @@ def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None
     return volume_mm3 / CUBIC_MM_PER_ML, note
 
 
-__all__ = ["CUBIC_MM_PER_ML", "Header", "SQUARE_METRES_PER_HECTARE", "pixel_hectares", "voxel_millilitres"]
+__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "pixel_hectares", "voxel_millilitres"]

@@ -125,6 +125,8 @@ def _components(band: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, dict[
 
 def _area_factor(crs: Any, where: str) -> tuple[CRS, float]:
     """The CRS and the factor from shapely area (CRS units²) to hectares; a geographic CRS has no such factor."""
+    if crs is None:
+        raise InvalidInputError(where, "polygon areas in hectares need a projected CRS, and the labels have none")
     try:
         crs = CRS.from_user_input(crs)
     except (CRSError, TypeError, ValueError):

@@ -81,6 +81,20 @@ def test_info_on_a_raster_without_crs_prints_no_library_warning(tmp_path):
     assert "Warning" not in proc.stderr, proc.stderr
 
 
+def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
+    """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
+    one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8") as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    out = tmp_path / "out"
+    proc = run("segment", plain, "--model", model2d.path, "--out", out, "--vector", "gpkg")
+    assert proc.returncode == 1, proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert line.startswith(f"error: {plain}: has no CRS") and "--vector gpkg" in line, line
+    assert not out.exists() or not any(out.glob("plain*")), sorted(out.iterdir())
+
+
 def test_bad_option_and_bad_model_are_one_line_errors(model2d, tmp_path):
     proc = run("segment", tmp_path / "x.tif", "--model", tmp_path / "nope", "--out", tmp_path / "o")
     assert proc.returncode == 2

@@ -172,6 +172,8 @@ def test_refusals_name_the_file_and_leave_nothing(tmp_path: Path) -> None:
     lab = label_map()[:40, :30]
     with pytest.raises(InvalidInputError, match="projected CRS"):
         write_polygons(lab, TRANSFORM, "EPSG:4326", tmp_path / "a.gpkg", classes=CLASSES, nodata=NODATA)
+    with pytest.raises(InvalidInputError, match="projected CRS, and the labels have none"):
+        write_polygons(lab, TRANSFORM, None, tmp_path / "a.gpkg", classes=CLASSES, nodata=NODATA)
     with pytest.raises(InvalidInputError, match="2-D"):
         write_polygons(lab[None], TRANSFORM, CRS_UTM, tmp_path / "a.gpkg", classes=CLASSES, nodata=NODATA)
     missing = tmp_path / "no" / "such" / "dir" / "a.gpkg"
