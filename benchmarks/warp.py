@@ -125,7 +125,7 @@ def make_model(path: Path, kind: str = "cheap", trained: Path | None = None) -> 
     ``models/landcover-2d``, or trained here as ``segflow demo`` does, about
     3 minutes), whose labels are coherent like a real model's.  ``trained-standard``: the ``standard`` network
     trained on the demo's scenes with the demo's land-cover budget (``trained``, a directory this benchmark
-    made before, or trained here, about 6 minutes): the warp beside the forward pass of a network of the size
+    made before, or trained here, about 3 minutes on 2 cores): the warp beside the forward pass of a network of the size
     people train, with coherent labels (``standard``'s random weights label salt and pepper, the way back's
     worst case).
     """

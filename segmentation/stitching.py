@@ -42,6 +42,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from segmentation import devicesums
 from segmentation.blending import Blend, importance_map
 from segmentation.inference import stored_on_device
+from segmentation.normalize import zero_non_finite
 from segmentation.ordering import STRING_ORDERED, final_task, rank_tokens
 from segmentation.ownership import (assemble, kept_windows, make_axis, owner_parts, part_region, weight_sum,
                                     window_counts)
@@ -73,11 +74,9 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     valid = None if mask_blocks is None else assemble(region, mask_blocks, (), bool)
     windows = [tuple(slice(s - e0, s - e0 + r) for s, (e0, _), r in zip(start, extent, roi))
                for start in kept_windows(owned, region, roi, valid)]
-    # NaN or Inf (a float raster's nodata) would spread through every convolution into valid pixels' outputs:
-    # the network sees 0 there instead, a per-pixel rule, so chunking cannot change it. Stored integers normalise
-    # to finite values (checked against the normaliser's factors), so their regions skip the pass (6 ms per
-    # 1024² × 3 region); other regions are checked first (np.nan_to_num's three masks took 8.2 ms for a
-    # 4 × 1280² float32 region, the check 1.2 ms).
+    # NaN or Inf (a float raster's nodata) is seen as 0 (segmentation.normalize.zero_non_finite). Stored integers
+    # normalise to finite values (checked against the normaliser's factors), so their regions skip even the check
+    # (6 ms per 1024² × 3 region).
     if getattr(predictor, "regions_on_device", False) and hasattr(normalizer, "apply_torch") and \
             stored_on_device(raw.dtype):  # a GPU worker: the stored dtype crosses the bus, the sums stay there
         acc = predictor.accumulate_stored(raw, normalizer, inner, shape, finite, windows, weights, num_classes)
@@ -85,8 +84,8 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
         x = np.zeros(shape, dtype=np.float32)
         normalizer(raw, out=x[(slice(None),) + inner])
         del raw
-        if not finite and not np.isfinite(x).all():
-            np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        if not finite:
+            zero_non_finite(x)
         acc = predictor.accumulate(x, windows, weights, num_classes)
         del x
 

@@ -34,7 +34,7 @@ from segmentation.checkpoint import (CHECKPOINTS, LAST_FILE, ResumeState, check_
 from segmentation.holdout import Holdout, Region, box_list
 from segmentation.losses import IGNORE, MaskedDiceCELoss, supervised_loss
 from segmentation.modeldir import LoadedModel, build_module, save_model
-from segmentation.normalize import Normalizer, resolve, statistics_for
+from segmentation.normalize import Normalizer, resolve, statistics_for, zero_non_finite
 from segmentation.trainreport import class_keys, per_class_rows, thin, write_reports
 from segmentation.validation import ValidationScore, Validator
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
@@ -156,9 +156,7 @@ def _read_patch(prep: _Prepared, origin: Sequence[int], patch: Sequence[int]) ->
     """Slice one patch: normalised image, int64 labels with ignored pixels (and padding) as -1."""
     stop = [min(o + p, s) for o, p, s in zip(origin, patch, prep.spatial)]
     region = tuple(slice(o, e) for o, e in zip(origin, stop))
-    image = prep.normalizer(np.asarray(prep.sample.image[(slice(None),) + region]))
-    if not np.isfinite(image).all():  # NaN/Inf nodata: the network sees 0 there, as in the sliding window
-        np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    image = zero_non_finite(prep.normalizer(np.asarray(prep.sample.image[(slice(None),) + region])))
     raw = np.asarray(prep.sample.labels[region])
     labels = raw.astype(np.int64)
     if prep.sample.ignore_index is not None:
