@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
@@ -67,7 +66,7 @@ def nightly_command(
         from prefect.task_runners import ThreadPoolTaskRunner
 
         flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
-    with _patient_prefect_start(), prefect_console("nightly") as run_log, cli.reporter(quiet):
+    with prefect_console("nightly") as run_log, cli.reporter(quiet):
         state = flow(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
                      inbox=cli.path_or_url(inbox) if inbox else None,
                      manifest=cli.path_or_url(manifest) if manifest else None,
@@ -111,23 +110,3 @@ def summary_table(report: dict) -> "Table":
                       "" if r.get("seconds") is None else f"{r['seconds']:.1f}",
                       f"{win.get('evaluated')}/{win.get('skipped')}" if win else "", escape(labels))
     return table
-
-
-STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-
-
-def _patient_prefect_start():  # noqa: ANN202 - a context manager
-    """Give Prefect's temporary API server 120 s to come up, not its default 20 s.
-
-    Nightly runs start beside others (an overlapping cron, a manual run) on
-    busy hosts; two runs starting at once were seen to fail with "Timed out
-    while attempting to connect to ephemeral Prefect API server".  A value
-    the user set in the environment wins.
-    """
-    import contextlib
-
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
-    if os.environ.get(STARTUP_TIMEOUT):
-        return contextlib.nullcontext()
-    return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120})

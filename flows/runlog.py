@@ -140,11 +140,61 @@ def prefect_console(command: str) -> Iterator[RunLog]:
 
     Prefect configures its logging on the first flow run; it is made to do so
     here first, so that its console handler exists to be filtered.  The file is
-    created only when a record arrives.
+    created only when a record arrives.  Prefect's temporary server, where it
+    runs one, gets the settings of :func:`_temporary_server_kept_quiet`.
     """
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()
+    with _temporary_server_kept_quiet():
+        with _console_to_log(command) as run_log:
+            yield run_log
+
+
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+PATIENT_STARTUP_S = 120
+
+
+@contextmanager
+def _temporary_server_kept_quiet() -> Iterator[None]:
+    """Prefect's temporary server given time to start, and no events sent where Prefect has no API to send them.
+
+    Runs start beside others (an overlapping cron, a manual run, a test suite)
+    on busy hosts; two starting at once were seen to fail with "Timed out while
+    attempting to connect to ephemeral Prefect API server" after Prefect's
+    default 20 s, so it gets :data:`PATIENT_STARTUP_S` unless the user set
+    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
+
+    A blank ``PREFECT_API_URL`` (``PREFECT_API_URL=`` in the environment, a
+    profile or ``.env``) makes Prefect orchestrate on its temporary server, as
+    no URL does, but its events worker (Prefect 3.9) then builds a client for
+    the URL "" and fails at each event: "Service 'EventsWorker' failed" and
+    a traceback per heartbeat on the console; one such run (CI, 2026-12-05)
+    printed nothing more for 300 s after its second failure.  Events are only read by a
+    server's automations, which a temporary server does not outlive, so there
+    they are dropped (Prefect's ``NullEventsClient``).
+    """
+    from prefect.events.clients import NullEventsClient
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    blank = isinstance(url, str) and not url.strip()
+    patient = {} if os.environ.get(STARTUP_TIMEOUT) else {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:
+                                                          PATIENT_STARTUP_S}
+    with temporary_settings(updates=patient):
+        if blank:
+            EventsWorker.set_client_override(NullEventsClient)
+        try:
+            yield
+        finally:
+            if blank:
+                EventsWorker.set_client_override(None)
+
+
+@contextmanager
+def _console_to_log(command: str) -> Iterator[RunLog]:
+    """The log file and the console filter of :func:`prefect_console`."""
     folder = log_dir()
     run_log = RunLog(folder / f"{command}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
     root, segflow = logging.getLogger(), logging.getLogger("segflow")
