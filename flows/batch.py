@@ -77,9 +77,11 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     DICOM folders become their series first (:func:`flows.inputs.expand`).
     URLs and STAC items go on unchecked: their headers are read once they are
     downloaded or their assets chosen, and those steps say what is wrong.
-    ``model`` None checks only that each header reads.
+    ``model`` None checks only that each header reads.  Of inputs whose
+    outputs would share a name, only the first goes on
+    (:func:`flows.inputs.output_clashes`).
     """
-    from flows.inputs import expand, input_label
+    from flows.inputs import expand, input_label, output_clashes
     from flows.routing import fit_problem
     from storage.header import NO_CRS
     from storage.probe import probe
@@ -106,6 +108,9 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
             checked.entries.append((label, None, one_line(exc)))
         else:
             checked.entries.append((label, item, None))
+    passed = [i for i, (_, item, _) in enumerate(checked.entries) if item is not None]
+    for k, error in output_clashes([checked.entries[i][1] for i in passed]).items():
+        checked.entries[passed[k]] = (checked.entries[passed[k]][0], None, error)
     return checked
 
 

@@ -29,16 +29,18 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
            chunk: Optional[int] = typer.Option(None, help="Spatial chunk size (default 1024 in 2D, 128 in 3D).")) -> None:
     """Copy inputs into chunked zarr v3 image stores with their full geometry."""
     from flows.cluster import numpy_hugepages_off
-    from flows.inputs import expand, input_label, input_stem
+    from flows.inputs import expand, input_label, input_stem, output_clashes
     from storage.ingest import ingest as do_ingest
 
     expanded, unusable = expand([str(p) for p in inputs])
-    for _, error in unusable:
+    clashes = output_clashes(expanded)
+    errors = [error for _, error in unusable] + list(clashes.values())
+    for error in errors:
         console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)
-    failures = len(unusable)
+    failures = len(errors)
     out.mkdir(parents=True, exist_ok=True)
     numpy_hugepages_off()  # no cluster here: the copy runs on dask's threads in this process
-    for item in expanded:
+    for item in (item for i, item in enumerate(expanded) if i not in clashes):
         try:
             store = do_ingest(item if not isinstance(item, str) else Path(item), out / f"{input_stem(item)}.zarr",
                               chunk=chunk)

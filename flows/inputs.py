@@ -77,6 +77,29 @@ def input_label(source: Any) -> str:
     return source.display if isinstance(source, (SeriesRef, MosaicRef)) else str(source)
 
 
+def output_clashes(items: list[Expanded]) -> dict[int, str]:
+    """The items whose outputs would overwrite an earlier item's, by position: {index: its one-line error}.
+
+    Two inputs clash when they share an output stem (``site1/scan.nii.gz`` and
+    ``site2/scan.nii.gz``, ``scan.nii`` and ``scan.nii.gz``, the same DICOM
+    series copied into two folders, two STAC items with one id); the first
+    keeps its name.  An input listed twice is segmented once, and its second
+    mention is reported, as ``cp`` reports a source given twice.
+    """
+    first: dict[str, str] = {}
+    clashes: dict[int, str] = {}
+    for i, item in enumerate(items):
+        stem, label = input_stem(item), input_label(item)
+        if stem not in first:
+            first[stem] = label
+        elif first[stem] == label:
+            clashes[i] = f"{label}: given more than once; segmented once, under its first mention"
+        else:
+            clashes[i] = (f"{label}: its outputs would overwrite those of {first[stem]} (the same name stem "
+                          f"{stem!r}); rename one of them")
+    return clashes
+
+
 def output_name(input_path: Any, kind: str) -> str:
     return input_stem(input_path) + (".tif" if kind == "raster" else ".nii.gz")
 
@@ -151,4 +174,4 @@ def _reusable_series(ref: SeriesRef, store_path: Path) -> ImageStore | None:
     return None
 
 
-__all__ = ["Expanded", "expand", "ingest_input", "input_label", "input_stem", "output_name"]
+__all__ = ["Expanded", "expand", "ingest_input", "input_label", "input_stem", "output_clashes", "output_name"]

@@ -72,7 +72,7 @@ from flows import locks, progress, staging
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.inbox import list_inbox, read_manifest
-from flows.inputs import Expanded, expand, input_label, input_stem
+from flows.inputs import Expanded, expand, input_label, output_clashes
 from flows.nightly_task import Batch, one_line, segment_input, series_details
 from flows.report import InputReport, counts, summary, timestamp
 from flows.retries import TransientError, is_transient
@@ -96,22 +96,6 @@ def dashboard_link(client: Any) -> str | None:
         return client.dashboard_link or None
     except Exception:  # noqa: BLE001 - a dashboard address is a nicety
         return None
-
-
-def _collisions(items: list[Expanded]) -> dict[str, str]:
-    """Inputs whose outputs would overwrite an earlier input's (same stem): {later label: earlier label}.
-
-    A DICOM series' stem is its ``SeriesRef.name``: the same series copied into two folders clashes.
-    """
-    first: dict[str, str] = {}
-    clashes = {}
-    for item in items:
-        stem, label = input_stem(item), input_label(item)
-        if stem in first:
-            clashes[label] = first[stem]
-        else:
-            first[stem] = label
-    return clashes
 
 
 @flow(name="nightly", persist_result=False, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -147,11 +131,10 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     else:
         out = Path(out_dir).expanduser().absolute()
         out.mkdir(parents=True, exist_ok=True)
-    clashes = _collisions(list(by_label.values()))
-    reports: dict[str, InputReport] = {
-        p: InputReport(input=p, status="failed", attempts=0,
-                       error=f"{p}: its outputs would overwrite those of {clashes[p]} (same name stem); "
-                             "rename one of them") for p in clashes}
+    labels = list(by_label)
+    clashes = {labels[i]: error for i, error in output_clashes(list(by_label.values())).items()}
+    reports: dict[str, InputReport] = {p: InputReport(input=p, status="failed", attempts=0, error=error)
+                                       for p, error in clashes.items()}
     for label, error in unusable:  # e.g. a folder without an image series: fails alone, nothing to route
         reports[label] = InputReport(input=label, status="failed", attempts=1, error=error)
         logger.info("input failed: %s", error)

@@ -123,6 +123,40 @@ def test_train_writes_a_model_directory_with_provenance(tmp_path):
     assert inspected["weights_sha256"] == sha256_file(tmp_path / "model" / "weights.safetensors")
 
 
+def _rgb(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(seed).integers(1, 255, (3, 40, 50), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10), nodata=0) as dst:
+        dst.write(data)
+    return path
+
+
+def test_inputs_that_would_write_the_same_outputs_are_refused_after_the_first(model2d, tmp_path):
+    """site1/scan.tif and site2/scan.tif both make OUT/scan.tif: the second used to overwrite the first, both "ok"."""
+    first, second = _rgb(tmp_path / "site1" / "scan.tif", 1), _rgb(tmp_path / "site2" / "scan.tif", 2)
+    other = _rgb(tmp_path / "site2" / "other.tif", 3)
+    out = tmp_path / "out"
+    proc = run("segment", first, second, first, other, "--model", model2d.path, "--out", out, "--workers", "1",
+               "--report", tmp_path / "report.json")
+    assert proc.returncode == 1, proc.stderr
+    assert error_lines(proc.stderr) == [
+        f"error: {second}: its outputs would overwrite those of {first} (the same name stem 'scan'); rename one of them",
+        f"error: {first}: given more than once; segmented once, under its first mention"]
+    outcomes = json.loads((tmp_path / "report.json").read_text())
+    assert [(o["input"], o["ok"]) for o in outcomes] == [(str(first), True), (str(second), False),
+                                                         (str(first), False), (str(other), True)]
+    provenance = json.loads((out / "scan.provenance.json").read_text())
+    assert json.dumps(provenance).count(str(first)) and str(second) not in json.dumps(provenance)
+
+    ingested = run("ingest", first, second, "--out", tmp_path / "stores")
+    assert ingested.returncode == 1
+    assert error_lines(ingested.stderr) == [error_lines(proc.stderr)[0]]
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["scan.zarr"]
+    info = json.loads(run("info", tmp_path / "stores" / "scan.zarr").stdout)
+    assert str(first) in json.dumps(info) and str(second) not in json.dumps(info)
+
+
 def test_ingest_command(tmp_path):
     src = shared("nifti/standard.nii.gz")
     proc = run("ingest", src, "--out", tmp_path)

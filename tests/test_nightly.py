@@ -211,6 +211,7 @@ def test_deleted_or_edited_outputs_are_not_skipped(runs, tmp_path, models):
 
 
 def _three_band(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
                        crs="EPSG:32633", transform=from_origin(500000, 5800000, 10, 10)) as dst:
         dst.write(np.full((3, 30, 40), 7, np.uint8))
@@ -228,6 +229,19 @@ def test_an_input_no_model_fits_is_reported_not_processed(models, tmp_path, dask
     assert r["input"] == str(rgb) and r["status"] == "no-model" and r["outputs"] == []
     assert "3 channels" in r["error"] and models["2d"].name in r["error"] and "\n" not in r["error"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["reports"]
+
+
+def test_inputs_that_would_write_the_same_outputs_fail_after_the_first(models, tmp_path, dask_cluster):
+    first, second = _three_band(tmp_path / "rgb.tif"), _three_band(tmp_path / "copy" / "rgb.tif")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"inputs": ["rgb.tif", "copy/rgb.tif"]}))
+    state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(tmp_path / "out"), manifest=str(manifest),
+                    return_state=True)
+    one, two = nightly_report(state)["inputs"]
+    assert (one["input"], one["status"]) == (str(first), "no-model")  # the first goes on (and fits no model)
+    assert (two["input"], two["status"]) == (str(second), "failed")
+    assert two["error"] == (f"{second}: its outputs would overwrite those of {first} (the same name stem 'rgb'); "
+                            "rename one of them")
 
 
 def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
