@@ -59,7 +59,10 @@ def _geotiff(path: Path) -> dict[str, Any]:
 def _nifti(path: Path) -> dict[str, Any]:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    from storage.niftiopen import quietly
+
+    with quietly():
+        img = nib.load(str(path))
     hdr = img.header
     info: dict[str, Any] = {
         "type": f"NIfTI-{2 if isinstance(hdr, nib.Nifti2Header) else 1}", "path": str(path),
@@ -124,7 +127,10 @@ def _raster_counts(path: Path) -> Iterator[np.ndarray]:
 def _volume_counts(path: Path) -> Iterator[np.ndarray]:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    from storage.niftiopen import quietly
+
+    with quietly():
+        img = nib.load(str(path))
     depth = img.shape[2] if len(img.shape) > 2 else 1
     plane = int(np.prod(img.shape[:2]))
     step = max(1, (64 << 20) // max(plane * img.get_data_dtype().itemsize, 1))  # about 64 MB a slab
@@ -168,7 +174,10 @@ def label_table(path: Path, info: dict[str, Any]) -> dict[str, Any] | None:
     else:
         import nibabel as nib
 
-        img = nib.load(str(path))
+        from storage.niftiopen import quietly
+
+        with quietly():
+            img = nib.load(str(path))
         cell, note = voxel_millilitres(img.affine, img.header.get_xyzt_units()[0])
         unit = "mL"
     statistics = _recorded_counts(path)

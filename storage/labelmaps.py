@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,25 +183,9 @@ def _open_raster(path: Path, stack: ExitStack) -> LabelSource:
 
 
 def _open_nifti(path: Path, stack: ExitStack) -> LabelSource:
-    import zlib
+    from storage.niftiopen import open_nifti
 
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-    from nibabel.openers import ImageOpener
-    from nibabel.spatialimages import HeaderDataError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sniffed = nib.load(path, mmap=False)
-            if not isinstance(sniffed, nib.Nifti1Pair):  # Nifti1Image, Nifti2Image and .hdr/.img pairs
-                raise UnsupportedFormatError(path, f"is {type(sniffed).__name__}, not NIfTI-1 or NIfTI-2")
-            file_map = type(sniffed).filespec_to_file_map(path)
-            for holder in file_map.values():  # handles we own: slabs read forwards through one gzip stream
-                holder.fileobj = stack.enter_context(ImageOpener(holder.filename, "rb"))
-            img = type(sniffed).from_file_map(file_map, mmap=False)
-    except (ImageFileError, HeaderDataError, EOFError, OSError, ValueError, zlib.error) as exc:
-        raise CorruptInputError(path, f"cannot read the NIfTI header: {' '.join(str(exc).split())}") from None
+    img = open_nifti(path, stack)  # the checks and words of ingest's reader
     shape = tuple(int(n) for n in img.shape)
     if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
         raise InvalidInputError(path, f"has shape {shape}; a label volume is 3-D")

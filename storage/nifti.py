@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from nibabel.nifti1 import Nifti1Extension, Nifti1Header, Nifti1Pair
+from nibabel.nifti1 import Nifti1Extension, Nifti1Header
 from nibabel.nifti2 import Nifti2Header
 
 from storage.classes import LabelClass, label_dtype, slicer_color_table
@@ -35,6 +35,7 @@ from storage.layout import ImageStore, StoreMeta, create_image_store, mark_compl
 from storage.niftiopen import (
     NIFTI_READ_ERRORS,
     NIFTI_SUFFIXES,
+    check_data_size,
     check_nifti_path,
     describe_nifti,
     error_text,
@@ -48,7 +49,6 @@ INTENT_LABEL = 1002
 LABEL_DESCRIPTION = "segflow labels"
 COMMENT_CODE = 6  # NIfTI "comment" extension: free text, which viewers leave alone
 _EXPORT_SLAB_BYTES = 64 << 20  # slab size when the label array has no chunk grid to follow
-_DEFLATE_MAX_RATIO = 1032  # the most deflate can expand: a bound on a .gz file's uncompressed size
 
 
 # --------------------------------------------------------------------------- ingest
@@ -71,7 +71,7 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
         with ExitStack() as stack:
             img = open_nifti(src, stack)
             geometry, channels, read = describe_nifti(src, img)
-            _check_data_size(src, img)
+            check_data_size(src, img)
             shape = (channels, *reversed(spatial_ijk(geometry.shape)))
             chunks = (1, *(min(chunk, n) for n in shape[1:]))
             meta = StoreMeta(
@@ -94,24 +94,6 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
         if created:
             shutil.rmtree(store, ignore_errors=True)
         raise
-
-
-def _check_data_size(src: Path, img: Nifti1Pair) -> None:
-    """Refuse an uncompressed file too short for its declared dims before reading anything."""
-    data_file = Path(img.file_map["image"].fileobj.name)
-    expected = int(img.dataobj.offset) + int(np.prod(img.shape, dtype=np.int64)) * img.header.get_data_dtype().itemsize
-    actual = data_file.stat().st_size
-    if data_file.name.lower().endswith(".gz"):
-        # The uncompressed size is unknown until read, but deflate never expands more than 1032:1, so a
-        # header declaring more than that is refused before a slab buffer of its size is allocated.
-        if expected > actual * _DEFLATE_MAX_RATIO:
-            raise CorruptInputError(src, f"header declares {tuple(img.shape)} ({expected} bytes) but "
-                                         f"{data_file.name} has {actual} compressed bytes, which cannot hold "
-                                         f"more than {actual * _DEFLATE_MAX_RATIO}")
-        return
-    if actual < expected:
-        raise CorruptInputError(src, f"data is truncated: header declares {tuple(img.shape)} "
-                                     f"({expected} bytes with offset) but {data_file.name} has {actual} bytes")
 
 
 def _copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype) -> None:

@@ -8,15 +8,17 @@ learns a volume's geometry and channels without reading a voxel.
 from __future__ import annotations
 
 import base64
+import logging
 import warnings
 import zlib
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.imageglobals import logger as nibabel_logger
 from nibabel.nifti1 import Nifti1Pair
 from nibabel.nifti2 import Nifti2Header
 from nibabel.openers import ImageOpener
@@ -25,7 +27,7 @@ from nibabel.spatialimages import HeaderDataError
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.geometry import VolumeGeometry
 
-__all__ = ["NIFTI_READ_ERRORS", "NIFTI_SUFFIXES", "check_nifti_path", "describe_nifti", "error_text", "open_nifti",
+__all__ = ["NIFTI_READ_ERRORS", "NIFTI_SUFFIXES", "check_data_size", "check_nifti_path", "describe_nifti", "error_text", "open_nifti", "quietly",
            "spatial_ijk"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
@@ -45,15 +47,37 @@ def check_nifti_path(src: Path) -> None:
         raise UnsupportedFormatError(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
 
 
+@contextmanager
+def quietly() -> Iterator[None]:
+    """No warnings, and none of nibabel's header notes ("pixdim[1,2,3] should be non-zero; setting 0 dims to 1"),
+    which it logs as warnings, printed to stderr in front of segflow's lines; what they fix is checked here.
+
+    nibabel's ``LoggingOutputSuppressor`` removes its logger's handler, but
+    the record then reaches Python's last-resort handler, which prints it all
+    the same; raising the logger's level drops it.
+    """
+    level = nibabel_logger.level
+    nibabel_logger.setLevel(logging.ERROR)  # nibabel raises at its error_level, 40: errors still raise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        nibabel_logger.setLevel(level)
+
+
 def open_nifti(src: Path, stack: ExitStack) -> Nifti1Pair:
     """Load the header, then reopen the data through handles we own and close.
 
     With open file objects nibabel's proxy reuses the handle for every slab
     instead of reopening (and for gzip, re-decompressing from the start).
+
+    nibabel silently sets a voxel size of 0 in ``pixdim`` to 1 mm.  That only
+    matters where the affine is built from ``pixdim`` (no sform): there it
+    would be a made-up spacing, so such a file is refused.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quietly():
             sniffed = nib.load(src, mmap=False)
     except NIFTI_READ_ERRORS as exc:
         raise CorruptInputError(src, f"cannot read the NIfTI header: {error_text(exc)}") from None
@@ -68,11 +92,40 @@ def open_nifti(src: Path, stack: ExitStack) -> Nifti1Pair:
             what = "data" if role == "image" else role
             raise CorruptInputError(src, f"cannot open its {what} file {holder.filename}: {error_text(exc)}") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return klass.from_file_map(file_map, mmap=False)
+        with quietly():
+            img = klass.from_file_map(file_map, mmap=False)
+            with ImageOpener(file_map["header" if "header" in file_map else "image"].filename, "rb") as f:
+                raw = klass.header_class.from_fileobj(f, check=False)  # pixdim as written, before nibabel's fix
     except NIFTI_READ_ERRORS as exc:
         raise CorruptInputError(src, f"cannot read the NIfTI header: {error_text(exc)}") from None
+    spatial = min(3, len(img.shape))
+    sizes = np.asarray(raw["pixdim"][1:1 + spatial], dtype=np.float64)
+    if int(img.header["sform_code"]) == 0 and np.any(sizes == 0):
+        raise InvalidInputError(src, f"has a voxel size of 0 (pixdim {', '.join(f'{x:g}' for x in sizes)}) and no "
+                                     "sform, so its spacing is unknown")
+    return img
+
+
+DEFLATE_MAX_RATIO = 1032  # the most deflate can expand: a bound on a .gz file's uncompressed size
+
+
+def check_data_size(src: Path, img: Nifti1Pair) -> None:
+    """Refuse an uncompressed file too short for its declared dims before reading anything (the header check of
+    ``segment`` and ingest both run it, so such a file fails before a cluster starts)."""
+    data_file = Path(img.file_map["image"].fileobj.name)
+    expected = int(img.dataobj.offset) + int(np.prod(img.shape, dtype=np.int64)) * img.header.get_data_dtype().itemsize
+    actual = data_file.stat().st_size
+    if data_file.name.lower().endswith(".gz"):
+        # The uncompressed size is unknown until read, but deflate never expands more than 1032:1, so a
+        # header declaring more than that is refused before a slab buffer of its size is allocated.
+        if expected > actual * DEFLATE_MAX_RATIO:
+            raise CorruptInputError(src, f"header declares {tuple(img.shape)} ({expected} bytes) but "
+                                         f"{data_file.name} has {actual} compressed bytes, which cannot hold "
+                                         f"more than {actual * DEFLATE_MAX_RATIO}")
+        return
+    if actual < expected:
+        raise CorruptInputError(src, f"data is truncated: header declares {tuple(img.shape)} "
+                                     f"({expected} bytes with offset) but {data_file.name} has {actual} bytes")
 
 
 def spatial_ijk(shape: list[int]) -> tuple[int, int, int]:

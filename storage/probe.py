@@ -120,12 +120,13 @@ def check_blocks(src, path: Path) -> None:  # noqa: ANN001 - an open rasterio da
 
 
 def _probe_volume(path: Path) -> Header:
-    from storage.niftiopen import check_nifti_path, describe_nifti, open_nifti, spatial_ijk
+    from storage.niftiopen import check_data_size, check_nifti_path, describe_nifti, open_nifti, spatial_ijk
 
     check_nifti_path(path)
     with ExitStack() as stack:
         img = open_nifti(path, stack)
         geometry, channels, _ = describe_nifti(path, img)
+        check_data_size(path, img)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             space_unit = img.header.get_xyzt_units()[0]

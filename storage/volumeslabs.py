@@ -11,7 +11,6 @@ whichever pass reads it first.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from storage.errors import CorruptInputError, IncompatibleInputError, InputError, InvalidInputError
-from storage.niftiopen import NIFTI_READ_ERRORS, error_text
+from storage.niftiopen import NIFTI_READ_ERRORS, error_text, quietly
 
 __all__ = ["LabelVolume", "SLAB_BYTES", "gather_planes", "image_planes", "load_nifti", "take_plane"]
 
@@ -36,8 +35,7 @@ def load_nifti(path: Path) -> Any:
     if path.is_dir():
         raise InputError(path, "is a directory, not a NIfTI file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quietly():
             img = nib.load(path, mmap=False, keep_file_open=True)
     except NIFTI_READ_ERRORS as exc:
         raise CorruptInputError(path, f"cannot read it as NIfTI: {error_text(exc)}") from None

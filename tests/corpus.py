@@ -276,7 +276,7 @@ def truncated_nii(folder: Path) -> Path:
 
 def truncated_nii_gz(folder: Path) -> Path:
     good = _volume(folder / "_t.nii.gz", _volume_pixels(2))
-    target = folder / "truncated.nii.gz"
+    target = folder / "truncated_gz.nii.gz"  # truncated.nii.gz's outputs would clash with truncated.nii's
     target.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     good.unlink()
     return target
@@ -319,6 +319,29 @@ def complex_nifti(folder: Path) -> Path:
 
 def zero_size_dim(folder: Path) -> Path:
     return _volume(folder / "zero_dim.nii.gz", np.zeros((24, 0, 16), np.int16))
+
+
+def _zero_pixdim(path: Path, *, sform: bool) -> Path:
+    """A volume whose pixdim[1] is 0 as written (nibabel would refuse to set it, and sets it to 1 on reading)."""
+    affine = np.diag([0.9, 0.9, 3.0, 1.0])
+    img = nib.Nifti1Image(_volume_pixels(6), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine if sform else None, code=2 if sform else 0)
+    nib.save(img, str(path))
+    raw = bytearray(path.read_bytes())
+    raw[80:84] = struct.pack("<f", 0.0)  # pixdim[1]: the header's byte 76 holds pixdim[0]
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def zero_voxel_size(folder: Path) -> Path:
+    """pixdim[1] = 0 where the affine comes from pixdim (a qform, no sform): its spacing is unknown."""
+    return _zero_pixdim(folder / "zero_voxel_size.nii", sform=False)
+
+
+def zero_pixdim_with_sform(folder: Path) -> Path:
+    """pixdim[1] = 0 beside an sform, which gives the spacing: segmented, without nibabel's note on stderr."""
+    return _zero_pixdim(folder / "zero_pixdim_sform.nii", sform=True)
 
 
 def singular_affine(folder: Path) -> Path:
@@ -481,6 +504,10 @@ INPUT_CASES: list[Case] = [
     Case("complex-nifti", "NIfTI complex64 (unsupported dtype)", "3d", complex_nifti, "complex, RGB or long double"),
     Case("zero-size-dim", "NIfTI of shape (24, 0, 16)", "3d", zero_size_dim, "zero-size dimension"),
     Case("singular-affine", "NIfTI whose affine has a zero column", "3d", singular_affine, "singular"),
+    Case("zero-voxel-size", "NIfTI with pixdim[1] = 0 and a qform, no sform", "3d", zero_voxel_size,
+         "has a voxel size of 0 (pixdim 0, 0.9, 3) and no sform, so its spacing is unknown"),
+    Case("zero-pixdim-sform", "NIfTI with pixdim[1] = 0 beside an sform (which gives the spacing)", "3d",
+         zero_pixdim_with_sform, ok=True),
     Case("huge-dims-nii", "NIfTI header declaring 30000^3 voxels on a 416-byte file", "3d", huge_dims_nii,
          "data is truncated"),
     Case("huge-dims-nii-gz", "gzip NIfTI header declaring 30000^3 voxels in about 100 compressed bytes", "3d",

@@ -159,6 +159,24 @@ def test_3d_corpus_in_one_batch_flow_run(models, tmp_path, dask_cluster):
     _check_outcomes(outcomes, cases + [_good("3d")], {**paths, "good": good}, out)
 
 
+def test_nibabel_header_notes_stay_off_the_terminal(models, tmp_path):
+    """nibabel logs "pixdim[1,2,3] should be non-zero; setting 0 dims to 1" to stderr, before segflow's lines, from
+    the header check and again from the worker; segflow checks what it matters for (zero-voxel-size) itself."""
+    unknown, fine = corpus.zero_voxel_size(tmp_path), corpus.zero_pixdim_with_sform(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(unknown), str(fine), "--model",
+                           str(models["3d"].path), "--out", str(tmp_path / "out"), "--workers", "1"], check=False,
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"}, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "pixdim[1,2,3]" not in proc.stderr, proc.stderr
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: {unknown}: has a voxel size of 0"), error
+    assert (tmp_path / "out" / "zero_pixdim_sform.nii.gz").is_file()
+    scored = subprocess.run([sys.executable, "-m", "flows", "evaluate", str(unknown), "--truth", str(unknown),
+                             "--out", str(tmp_path / "ev")], check=False, capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert scored.returncode == 1 and scored.stderr.startswith(f"error: {unknown}: has a voxel size of 0"), scored.stderr
+
+
 def test_bad_models_fail_the_batch_before_any_input(models, tmp_path, dask_cluster):
     good = corpus.GOOD["2d"](tmp_path / "in")
     for case in corpus.MODEL_CASES:
