@@ -32,6 +32,7 @@ from segmentation.normalize import statistics_for
 from segmentation.training import TrainingResult, TrainingSample, save_trained, train
 from storage.datasets.base import Case, Dataset, SplitCounts, fingerprint
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
+from storage.geometry import label_grid_problem
 from storage.ingest import ingest
 from storage.inputfiles import stem_of
 from storage.layout import ImageStore, open_image_store
@@ -135,6 +136,9 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
                                           f"{image.spatial_shape}")
     if labels.image.shape[0] != 1 or not np.issubdtype(labels.image.dtype, np.integer):
         raise InvalidInputError(src, "a label map must have one integer band")
+    problem = label_grid_problem(image.meta.geometry, labels.meta.geometry, image.meta.source.path)
+    if problem is not None:
+        raise IncompatibleInputError(src, problem)
     if image.image.shape[0] != card.input.channels:
         raise IncompatibleInputError(image.meta.source.path, f"has {image.image.shape[0]} channels, the card "
                                                              f"expects {card.input.channels}")
@@ -145,7 +149,7 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
     targets: Any = MaskedLabels(labels, image.mask)
     if pixels is not image.image:
         targets = targets[...]
-    return TrainingSample(image=pixels, labels=targets, stats=stats, ignore_index=IGNORE)
+    return TrainingSample(image=pixels, labels=targets, stats=stats, ignore_index=IGNORE, name=src)
 
 
 def _run(card: ModelCard, samples: list[TrainingSample], split: Split, out: Path, *, steps: int, batch_size: int,
@@ -288,7 +292,7 @@ def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budg
         raise IncompatibleInputError(case.labels or where, f"labels shape {label_shape} differs from the "
                                                            f"image's {image_shape[1:]}")
     return TrainingSample(image=_in_memory(data.image, budget), labels=_in_memory(data.labels, budget),
-                          ignore_index=dataset.ignore_index)
+                          ignore_index=dataset.ignore_index, name=str(case.labels or where))
 
 
 def _open(path: Path, store: Path) -> ImageStore:

@@ -97,3 +97,14 @@ class ConfusionAccumulator:
     def accuracy(self) -> float:
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else math.nan
+
+
+def label_range_problem(values: np.ndarray, num_classes: int, ignore: int | None) -> str | None:
+    """What is wrong with label values that are neither a class nor the ignore value (None when all are)."""
+    counted = values if ignore is None else values[values != ignore]
+    if not counted.size or (counted.min() >= 0 and counted.max() < num_classes):
+        return None
+    bad = np.unique(counted[(counted < 0) | (counted >= num_classes)])
+    shown = ", ".join(str(v) for v in bad[:5]) + (f" and {bad.size - 5} more" if bad.size > 5 else "")
+    return (f"holds label value(s) {shown}, which are not among the card's classes 0..{num_classes - 1}"
+            + ("" if ignore is None else f" (nor the ignore value {ignore})"))

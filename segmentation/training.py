@@ -33,6 +33,7 @@ from segmentation.checkpoint import (CHECKPOINTS, LAST_FILE, ResumeState, check_
                                      save_tensors, state_path)
 from segmentation.holdout import Holdout, Region, box_list
 from segmentation.losses import IGNORE, MaskedDiceCELoss, supervised_loss
+from segmentation.metrics import label_range_problem
 from segmentation.modeldir import LoadedModel, build_module, save_model
 from segmentation.normalize import Normalizer, resolve, statistics_for, zero_non_finite
 from segmentation.trainreport import class_keys, per_class_rows, thin, write_reports
@@ -63,6 +64,7 @@ class TrainingSample:
     labels: Any
     stats: tuple[list[float], list[float]] | None = None
     ignore_index: int | None = 255
+    name: str | None = None  # what an error about its labels names (the label file)
 
 
 @dataclass
@@ -92,7 +94,7 @@ class _Prepared:
 
 
 def _class_index(labels: Any, num_classes: int, ignore: int | None,
-                 rng: np.random.Generator) -> dict[int, np.ndarray]:
+                 rng: np.random.Generator, name: str | None = None) -> dict[int, np.ndarray]:
     """Random coordinates of each class, found by scanning the labels in slabs.
 
     Scanning slab by slab keeps memory bounded for zarr-backed label maps;
@@ -111,9 +113,8 @@ def _class_index(labels: Any, num_classes: int, ignore: int | None,
         block = np.asarray(labels[start:start + step])
         flat = block.ravel()
         counted = flat if ignore is None else flat[flat != ignore]
-        if counted.size and (counted.min() < 0 or counted.max() >= num_classes):
-            raise InvalidInputError(None, f"labels hold values outside 0..{num_classes - 1}"
-                                    + ("" if ignore is None else f" and the ignore value {ignore}"))
+        if problem := label_range_problem(counted, num_classes, ignore):
+            raise InvalidInputError(name, problem)
         for c in np.unique(counted):
             idx = np.flatnonzero(flat == c)
             keep = idx if idx.size <= _INDEX_CAP else rng.choice(idx, _INDEX_CAP, replace=False)
@@ -148,7 +149,7 @@ def _prepare(card: ModelCard, sample: TrainingSample, rng: np.random.Generator) 
     if stats is None:
         stats = statistics_for(card.input.normalization, sample.image)
     normalizer = resolve(card.input.normalization, card.input.channels, stats)
-    where = _class_index(sample.labels, card.num_classes, sample.ignore_index, rng)
+    where = _class_index(sample.labels, card.num_classes, sample.ignore_index, rng, sample.name)
     return _Prepared(sample, normalizer, label_shape, where)
 
 
@@ -230,8 +231,10 @@ def _split_holdout(card: ModelCard, samples: Sequence[TrainingSample],
         _check_shapes(card, s)
         t_box, v_box = holdout.boxes(tuple(int(n) for n in s.labels.shape))
         stats = s.stats if s.stats is not None else statistics_for(card.input.normalization, s.image)
-        train_views.append(TrainingSample(Region(s.image, t_box, 1), Region(s.labels, t_box), stats, s.ignore_index))
-        val_views.append(TrainingSample(Region(s.image, v_box, 1), Region(s.labels, v_box), stats, s.ignore_index))
+        train_views.append(TrainingSample(Region(s.image, t_box, 1), Region(s.labels, t_box), stats, s.ignore_index,
+                                          s.name))
+        val_views.append(TrainingSample(Region(s.image, v_box, 1), Region(s.labels, v_box), stats, s.ignore_index,
+                                        s.name))
         boxes.append({"train": box_list(t_box), "validation": box_list(v_box)})
     return train_views, val_views, {"axis": holdout.axis, "fraction": holdout.fraction, "boxes": boxes}
 
@@ -318,6 +321,11 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
     for s in val_samples:
         _check_shapes(card, s)
     preps = [_prepare(card, s, rng) for s in train_samples]
+    if not any(len(coords) for prep in preps for coords in prep.where.values()):
+        names = sorted({s.name for s in train_samples if s.name})
+        raise InvalidInputError(names[0] if len(names) == 1 else None,
+                                "no labelled pixel to train on: every label pixel of the training part is the "
+                                f"ignore value {train_samples[0].ignore_index} or lies where the image has no data")
     validator = Validator(card, val_samples, seed=seed) if val_samples else None
     keys = class_keys(card)
 

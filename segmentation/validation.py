@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from segmentation.card import ModelCard
-from segmentation.metrics import confusion_matrix, dice_from_confusion, mean_dice
+from segmentation.metrics import confusion_matrix, dice_from_confusion, label_range_problem, mean_dice
 from segmentation.normalize import Normalizer, resolve, statistics_for
 from storage.errors import InvalidInputError
 
@@ -130,10 +130,8 @@ class Validator:
                         overlap=inf.overlap, mode=inf.blend, sigma_scale=inf.sigma_scale,
                         sw_device=device, device=torch.device("cpu"))
                     pred = logits[0].argmax(0).numpy()
-                    counted = truth if ignore is None else truth[truth != ignore]
-                    if counted.size and (counted.min() < 0 or counted.max() >= n):
-                        raise InvalidInputError(None, f"validation labels hold values outside 0..{n - 1}"
-                                                + ("" if ignore is None else f" and the ignore value {ignore}"))
+                    if problem := label_range_problem(truth, n, ignore):
+                        raise InvalidInputError(region.sample.name, f"validation part {problem}")
                     matrix += confusion_matrix(pred, truth, n, ignore)
         finally:
             module.train(was_training)

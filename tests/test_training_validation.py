@@ -346,6 +346,51 @@ def test_train_from_files_with_a_holdout(tmp_path):
     assert not (tmp_path / "model" / "checkpoints" / STATE_FILE).exists()
 
 
+def _relabelled(truth: Path, out: Path, *, values=None, shift: float = 0.0, crs: bool = True) -> Path:
+    """A copy of the label raster ``truth`` with its values mapped by ``values`` and its grid moved by ``shift``
+    metres east (or its CRS dropped)."""
+    import rasterio
+
+    with rasterio.open(truth) as src:
+        labels, profile = src.read(1), src.profile
+    if values is not None:
+        labels = values(labels)
+    t = profile["transform"]
+    profile.update(transform=rasterio.Affine(t.a, t.b, t.c + shift, t.d, t.e, t.f), crs=profile["crs"] if crs else None)
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(labels.astype(profile["dtype"]), 1)
+    return out
+
+
+def test_labels_off_the_image_grid_out_of_the_card_s_classes_or_all_ignored_are_refused(tmp_path):
+    """Each was accepted before: a label raster on another grid trained silently on misaligned labels, an
+    all-ignored one "trained" on nothing, and a stray class value was refused without naming the file."""
+    from storage.errors import InvalidInputError
+
+    image, truth = make_scene(tmp_path / "scene.tif", size=(64, 96), seed=4)
+    card = tiny_card(classes=5, channels=4)
+    run = dict(steps=2, batch_size=2, patch=(16, 16), precision="exact")
+    shifted = _relabelled(truth, tmp_path / "shifted.tif", shift=100.0)
+    with pytest.raises(IncompatibleInputError) as err:
+        train_from_files(card, [(image, shifted)], tmp_path / "m1", **run)
+    assert str(err.value) == (f"{shifted}: is not on the grid of {image.resolve()} (CRS or transform differ); warp "
+                              "it onto that grid first")
+    assert not (tmp_path / "m1").exists()
+    # a label raster without a CRS is taken by its shape (a mask saved by an image editor has no georeference)
+    train_from_files(card, [(image, _relabelled(truth, tmp_path / "plain.tif", shift=100.0, crs=False))],
+                     tmp_path / "m2", **run)
+    stray = _relabelled(truth, tmp_path / "stray.tif", values=lambda a: np.where(a == 3, 7, a))
+    with pytest.raises(InvalidInputError) as err:
+        train_from_files(card, [(image, stray)], tmp_path / "m3", **run)
+    assert str(err.value) == (f"{stray}: holds label value(s) 7, which are not among the card's classes 0..4 "
+                              "(nor the ignore value 255)")
+    ignored = _relabelled(truth, tmp_path / "ignored.tif", values=lambda a: np.full_like(a, 255))
+    with pytest.raises(InvalidInputError) as err:
+        train_from_files(card, [(image, ignored)], tmp_path / "m4", **run)
+    assert str(err.value).startswith(f"{ignored}: no labelled pixel to train on")
+    assert not (tmp_path / "m3").exists() and not (tmp_path / "m4").exists()
+
+
 def test_train_command_with_holdout_and_its_argument_errors(tmp_path):
     from typer.testing import CliRunner
 

@@ -34,14 +34,13 @@ import numpy as np
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
 from storage.errors import CorruptInputError, InvalidInputError
-from storage.geometry import VolumeGeometry
+from storage.geometry import VolumeGeometry, same_affine
 from storage.inputfiles import stem_of
 from storage.layout import ImageStore
 from storage.datasets.arrays import ChannelStack, LabelArray, LabelTable, count_classes, ingested, volume_spacing
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_AFFINE_RTOL, _AFFINE_ATOL = 1e-4, 1e-3  # mm: float32 rounding passes, a shifted label does not
 
 
 # --------------------------------------------------------------------------- dataset.json
@@ -185,7 +184,7 @@ def _check_image(image: Path, label: Path, label_spatial: tuple[int, ...], label
     if spatial != label_spatial:
         raise InvalidInputError(label, f"label shape {label_spatial} does not match image {image.name} "
                                        f"shape {spatial}")
-    if not np.allclose(affine, label_affine, rtol=_AFFINE_RTOL, atol=_AFFINE_ATOL):
+    if not same_affine(affine, label_affine):
         raise InvalidInputError(label, f"label affine does not match image {image.name}'s: the label is not on "
                                        "the image's voxel grid")
 
