@@ -41,11 +41,16 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_dir() or not p.is_file():
-            if p.is_dir() and _is_dicom(p):
-                inputs.append(str(p))
-            elif p.is_dir():
+        if p.is_dir():
+            (inputs if _is_dicom(p) else ignored).append(str(p))
+            continue
+        if not p.is_file():  # a broken symbolic link, a FIFO: named like an input, it fails saying why
+            try:
+                kind_of(p)
+            except InputError:
                 ignored.append(str(p))
+            else:
+                inputs.append(str(p))
             continue
         try:
             kind_of(p)

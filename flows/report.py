@@ -255,6 +255,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "## Notes", ""]
         lines += [f"- `{_input_name(r)}`: {text}" for r, text in notes]
+    if run.get("ignored"):  # what the inbox held that is no input: a misnamed scan is found here
+        lines += ["", "## Not inputs", "", "In the inbox but not read (not a file type segflow reads, or a folder "
+                  "without DICOM files):", ""]
+        lines += [f"- `{_cell(Path(p).name)}`" for p in run["ignored"]]
     lines += ["", "Skipped inputs show the windows and labels of the run that made their outputs (its timings are "
                   "in the JSON report). Areas are pixel count × pixel area (projected CRS only); volumes are voxel "
                   "count × voxel volume.", ""]

@@ -244,6 +244,24 @@ def test_inputs_that_would_write_the_same_outputs_fail_after_the_first(models, t
                             "rename one of them")
 
 
+def test_a_broken_link_in_the_inbox_fails_and_what_is_no_input_is_listed_in_the_markdown(models, tmp_path,
+                                                                                         dask_cluster):
+    """A dangling `scan.tif` link (a scan moved away) used to vanish from the run without a word."""
+    inbox = tmp_path / "inbox"
+    (inbox / "notes").mkdir(parents=True)
+    (inbox / "scan.tif").symlink_to(tmp_path / "moved-away.tif")
+    (inbox / "README.txt").write_text("not an input")
+    state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(tmp_path / "out"), inbox=str(inbox),
+                    return_state=True)
+    report = nightly_report(state)
+    [r] = report["inputs"]
+    assert (r["input"], r["status"]) == (str(inbox / "scan.tif"), "failed")
+    assert r["error"] == f"{inbox / 'scan.tif'}: is a broken symbolic link (to {tmp_path / 'moved-away.tif'})"
+    assert report["run"]["ignored"] == [str(inbox / "README.txt"), str(inbox / "notes")]
+    markdown = Path(report["report"]["markdown"]).read_text()
+    assert "## Not inputs" in markdown and "- `README.txt`" in markdown and "- `notes`" in markdown
+
+
 def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
     from flows.cli import app
 
