@@ -101,6 +101,8 @@ def verify(output: str = typer.Argument(..., help="An output file or its .proven
                 output.rsplit("/", 1)[0] + "/" + sidecar_path(output.rsplit("/", 1)[-1]).name
         else:
             output_path = Path(output)
+            if output_path.is_dir() and not output_path.name.endswith(".zarr"):
+                cliutil.fail(f"{output}: is a folder; give one output file (or its .provenance.json)")
             sidecar = output_path if output_path.name.endswith(".provenance.json") else sidecar_path(output_path)
             report = verify_record(sidecar)
     except SegflowError as exc:

@@ -141,8 +141,15 @@ def read_sidecar(path: str | PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ProvenanceError(path, f"unreadable provenance ({exc})") from None
+    except FileNotFoundError:
+        raise ProvenanceError(path, "no such provenance file (is the output segflow's, and its sidecar beside "
+                                    "it?)") from None
+    except IsADirectoryError:
+        raise ProvenanceError(path, "is a directory, not a provenance file") from None
+    except OSError as exc:
+        raise ProvenanceError(path, f"unreadable provenance ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ProvenanceError(path, f"unreadable provenance (not JSON: {exc})") from None
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         raise ProvenanceError(path, f"not a {SCHEMA} document")
     return record

@@ -116,10 +116,19 @@ def test_unreachable_input_is_reported_but_is_not_a_failure(copy):
     assert proc.returncode == 0 and "unverified: input" in proc.stderr and "verified" in proc.stderr
 
 
-def test_missing_provenance_is_an_error(copy):
-    copy["sidecar"].unlink()
+def test_missing_or_broken_provenance_and_a_folder_are_one_line_errors(copy, tmp_path):
+    sidecar = copy["sidecar"]
+    sidecar.write_text('{"schema":')
     proc = _cli_verify(copy["tif"])
-    assert proc.returncode == 2 and "unreadable provenance" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {sidecar}: unreadable provenance (not JSON: ")
+    sidecar.unlink()
+    proc = _cli_verify(copy["tif"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {sidecar}: no such provenance file (is the output segflow's, and its "
+                                   "sidecar beside it?)")
+    proc = _cli_verify(tmp_path)  # the output folder, not an output: it looked for "<folder>.provenance.json"
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path}: is a folder; give one output file (or its .provenance.json)"
 
 
 def test_an_unchanged_input_is_hashed_once_and_a_changed_one_again(tmp_path, monkeypatch):
