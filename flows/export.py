@@ -126,7 +126,7 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
     item = write_stac_item(
         out_path, item_id=stem_of(out_path), label_cog=written[0], classes=card.classes,
         model=_model_description(card, model.weights_sha256, "cuda" if device.startswith("cuda") else "cpu",
-                                 list(card.input.channel_names or meta.channel_names[:card.input.channels])),
+                                 _band_names(card, meta, record)),
         gsd=float(spacing[0]) if spacing and card.input.spacing_unit == "m" else None,
         source=str(meta.source.path), vectors=polygons, datetime_=when,
         probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None)
@@ -146,6 +146,13 @@ def _link_tiles(item_path: Path, tiles: list[str]) -> None:
     links += [{"rel": "derived_from", "href": t, "title": "Segmented source (a tile of the mosaic)"} for t in tiles]
     doc["links"] = links
     write_text_atomically(item_path, json.dumps(doc, indent=2) + "\n", "STAC item")
+
+
+def _band_names(card: Any, meta: Any, record: dict[str, Any]) -> list[str]:
+    """The bands the network got, in its order: the card's names for them, else the input bands the run chose
+    (``--bands 3,2,1`` or the card's rule; the provenance's ``statistics.bands``), else the stored ones."""
+    chosen = (record.get("statistics") or {}).get("bands")
+    return list(card.input.channel_names or chosen or meta.channel_names[:card.input.channels])
 
 
 def _model_description(card: Any, weights_sha256: str, accelerator: str, bands: list[str]) -> dict[str, Any]:

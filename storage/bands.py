@@ -98,8 +98,14 @@ def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
         shown = ", ".join(f"{i}:{o}" if o else f"{i}:(unnamed)" for i, o in enumerate(offered, 1))
         raise IncompatibleInputError(where, f"{model} needs {', '.join(missing)}, which the input does not offer "
                                             f"(it has {len(offered)} band(s): {shown}); {hint}")
-    if len(set(picked)) != len(picked):
-        raise IncompatibleInputError(where, f"{model}'s bands {list(wanted)} name one input band twice; {hint}")
+    # one band asked for again by the same token is meant ("1,1,1": a grey image for an RGB model); reached by
+    # two different names ("nir" and "B08") it is a card or a --bands that confuses two bands
+    tokens: dict[int, str] = {}
+    for w, i in zip(wanted, picked):
+        first = tokens.setdefault(i, str(w).strip())
+        if first.lower() != str(w).strip().lower():
+            raise IncompatibleInputError(where, f"{model} names input band {i + 1} twice, as {first!r} and "
+                                                f"{str(w).strip()!r}; {hint}")
     return picked
 
 
@@ -149,8 +155,9 @@ def channel_indexes(offered: Sequence[str], names: Sequence[str] | None) -> list
         return list(range(len(offered)))
     used: set[int] = set()
     out = []
-    for name in names:  # the first not yet used, so equal descriptions map to distinct channels
-        found = [i for i, o in enumerate(offered) if o == name and i not in used]
+    for name in names:  # the first not yet used, so equal descriptions map to distinct channels; then a repeat
+        matches = [i for i, o in enumerate(offered) if o == name]
+        found = [i for i in matches if i not in used] or matches  # "--bands 1,1,1" takes one channel thrice
         if not found:
             raise ValueError(f"band {name!r} is not among the store's channels {list(offered)}")
         used.add(found[0])

@@ -92,7 +92,7 @@ def make_record(*, input_path: str, input_sha256: str, model: dict[str, Any], pa
 
 
 VOLATILE = ("started", "finished", "statistics", "outputs")
-STABLE_STATISTICS = ("windows_total", "chunks", "label_pixels")
+STABLE_STATISTICS = ("windows_total", "chunks", "label_pixels", "bands")  # bands: the input bands the network got
 
 
 def embedded(record: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,16 @@ from tests.models import tiny_model
 S2 = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
 
 
+def test_one_band_asked_for_again_by_the_same_token_is_meant():
+    from storage.bands import channel_indexes
+
+    assert select_bands(["1", "1", "1"], ["pan"]) == [0, 0, 0]  # a grey image for an RGB model
+    assert select_bands(["red", "RED", "nir"], S2) == [3, 3, 7]
+    # the stored channels behind the names (the units of a reflectance card are looked up this way)
+    assert channel_indexes(["pan"], ["pan", "pan", "pan"]) == [0, 0, 0]
+    assert channel_indexes(["nir", "nir", "red"], ["nir", "nir", "red"]) == [0, 1, 2]  # equal descriptions
+
+
 def test_names_ids_and_indices_resolve_to_the_same_bands():
     assert select_bands(["blue", "green", "red", "nir"], S2) == [1, 2, 3, 7]
     assert select_bands(["B04", "b03", " B02 ", "8"], S2) == [3, 2, 1, 7]  # ids, any case, and an index
@@ -31,7 +41,8 @@ def test_names_ids_and_indices_resolve_to_the_same_bands():
 @pytest.mark.parametrize("wanted, message", [
     (["blue", "swir99"], r"needs swir99, which the input does not offer \(it has 13 band\(s\): 1:B01, 2:B02"),
     (["14"], r"needs band 14"),
-    (["B04", "red"], r"name one input band twice"),
+    (["B04", "red"], r"model 'lc' names input band 4 twice, as 'B04' and 'red'; choose them with --bands"),
+    (["blue", "2", "red"], r"names input band 2 twice, as 'blue' and '2'"),
 ])
 def test_missing_or_repeated_bands_are_one_line_refusals(wanted, message):
     with pytest.raises(IncompatibleInputError, match=message) as err:
@@ -79,3 +90,39 @@ def test_wrong_bands_on_the_command_line_is_one_line_and_leaves_nothing(s2_scene
     assert f"{s2_scene}: model 'tiny-2d-4ch' needs B99" in line and "13 band(s)" in line
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not [p for p in out.iterdir()]
+
+
+def _raster(path, data):
+    from rasterio.transform import from_origin
+
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                       dtype=data.dtype, crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(data)
+    return path
+
+
+def test_bands_chosen_by_index_reach_the_network_and_the_stac_item_in_that_order(tmp_path, dask_cluster):
+    """--bands 3,2,1 on unnamed bands: the STAC item's mlm:input listed band1, band2, band3 (the stored order);
+    --bands 1,1,1 (a grey image for an RGB model) was refused as naming a band twice."""
+    import json
+
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3, roi=[32, 32])
+    rgb = np.random.default_rng(5).integers(1, 255, (3, 60, 70), dtype=np.uint8)
+    options = SegmentOptions(chunk_size=64, keep_zarr=False)
+    picked = segment_one(_raster(tmp_path / "rgb.tif", rgb), model, tmp_path / "a",
+                         options.model_copy(update={"bands": ["3", "2", "1"]}), dask_cluster)
+    assert picked.statistics["bands"] == ["band3", "band2", "band1"]
+    item = json.loads((tmp_path / "a" / "rgb.stac.json").read_text())
+    assert item["properties"]["mlm:input"][0]["bands"] == ["band3", "band2", "band1"]
+    segment_one(_raster(tmp_path / "bgr.tif", rgb[::-1].copy()), model, tmp_path / "b", options, dask_cluster)
+    with rasterio.open(tmp_path / "a" / "rgb.tif") as a, rasterio.open(tmp_path / "b" / "bgr.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1))
+
+    grey = rgb[:1]
+    segment_one(_raster(tmp_path / "grey.tif", grey), model, tmp_path / "c",
+                options.model_copy(update={"bands": ["1", "1", "1"]}), dask_cluster)
+    segment_one(_raster(tmp_path / "grey3.tif", np.repeat(grey, 3, axis=0)), model, tmp_path / "d", options,
+                dask_cluster)
+    with rasterio.open(tmp_path / "c" / "grey.tif") as c, rasterio.open(tmp_path / "d" / "grey3.tif") as d:
+        labels = c.read(1)
+        assert np.array_equal(labels, d.read(1)) and len(np.unique(labels)) >= 2
