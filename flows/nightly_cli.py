@@ -66,12 +66,15 @@ def nightly_command(
         from prefect.task_runners import ThreadPoolTaskRunner
 
         flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
-    with prefect_console("nightly") as run_log, cli.reporter(quiet):
-        state = flow(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
-                     inbox=cli.path_or_url(inbox) if inbox else None,
-                     manifest=cli.path_or_url(manifest) if manifest else None,
-                     options=options, retries=retries, retry_delay_seconds=retry_delay,
-                     lock_stale_after=lock_timeout, return_state=True)
+    try:
+        with prefect_console("nightly") as run_log, cli.reporter(quiet):
+            state = flow(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
+                         inbox=cli.path_or_url(inbox) if inbox else None,
+                         manifest=cli.path_or_url(manifest) if manifest else None,
+                         options=options, retries=retries, retry_delay_seconds=retry_delay,
+                         lock_stale_after=lock_timeout, return_state=True)
+    except SegflowError as exc:  # the Prefect API named but not answering
+        cli.fail(str(exc))
     try:
         report = nightly_report(state)
     except SegflowError as exc:

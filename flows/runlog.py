@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from storage.errors import SegflowError
+from storage.errors import ConfigError, SegflowError
 
 API_URL = "PREFECT_API_URL"
 
@@ -146,9 +146,41 @@ def prefect_console(command: str) -> Iterator[RunLog]:
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()
-    with _temporary_server_kept_quiet():
-        with _console_to_log(command) as run_log:
+    with _temporary_server_kept_quiet(), _console_to_log(command) as run_log:
+        try:
             yield run_log
+        except Exception as exc:
+            unreachable = api_unreachable(exc)
+            if unreachable is None:
+                raise
+            raise ConfigError(None, unreachable) from None
+
+
+UNREACHABLE = "Failed to reach API at"  # how Prefect 3 says no server answered at PREFECT_API_URL
+
+
+def api_unreachable(exc: BaseException) -> str | None:
+    """One line for a Prefect API that PREFECT_API_URL names and nothing answers at (its server is down), or
+    None for any other error.
+
+    Prefect raises it through three chained tracebacks: as "Failed to reach
+    API at URL" when a flow run starts, as httpx's ConnectError when
+    ``serve`` registers a deployment.
+    """
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and text.startswith(UNREACHABLE):
+        url = text.removeprefix(UNREACHABLE).strip()
+    elif any(type(e).__name__ in ("ConnectError", "ConnectTimeout") and type(e).__module__.startswith("httpx")
+             for e in exception_chain(exc)):
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value()
+        if not url:  # no server named: not this problem
+            return None
+    else:
+        return None
+    return (f"cannot reach the Prefect API at {url} (PREFECT_API_URL): start its server (`prefect server start`), "
+            "or unset PREFECT_API_URL to run on a temporary one")
 
 
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"

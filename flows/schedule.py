@@ -153,6 +153,7 @@ def schedule_command(
     """Serve the nightly flow on a cron schedule against a Prefect server (PREFECT_API_URL); runs until stopped."""
 
     from flows import cliutil as cli
+    from flows.runlog import api_unreachable
     from storage.errors import SegflowError
 
     options = cli.options(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
@@ -165,6 +166,12 @@ def schedule_command(
         url = api_url()
         cli.console.print(f"serving nightly/{name} on {url} at '{cron}'" + (f" ({timezone})" if timezone else "")
                           + "; Ctrl-C stops it", highlight=False, soft_wrap=True)
-        serve_nightly(cron=cron, parameters=parameters, name=name, timezone=timezone, paused=paused)
+        try:
+            serve_nightly(cron=cron, parameters=parameters, name=name, timezone=timezone, paused=paused)
+        except Exception as exc:
+            unreachable = api_unreachable(exc)
+            if unreachable is None:
+                raise
+            cli.fail(unreachable.replace(", or unset PREFECT_API_URL to run on a temporary one", ""))
     except SegflowError as exc:
         cli.fail(str(exc))

@@ -220,6 +220,27 @@ def test_segment_without_a_prefect_api_runs_without_prefect_and_matches_the_flow
         np.testing.assert_array_equal(other["labels"], default["labels"])
 
 
+def test_a_prefect_server_that_is_down_is_one_line_not_three_tracebacks(model2d, tmp_path):
+    """PREFECT_API_URL names a server and nothing answers (a nightly cron while the server is down)."""
+    good = _rgb(tmp_path / "good.tif", 1)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "good.tif").write_bytes(good.read_bytes())
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}  # the discard port: connection refused
+    commands = {"segment": ["segment", good, "--model", model2d.path, "--out", tmp_path / "o1", "--prefect"],
+                "nightly": ["nightly", "--inbox", inbox, "--model", model2d.path, "--out", tmp_path / "o2"],
+                "schedule": ["schedule", "--inbox", inbox, "--model", model2d.path, "--out", tmp_path / "o3",
+                             "--cron", "0 2 * * *"]}
+    for name, args in commands.items():
+        proc = run(*args, env=env)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+        [line] = error_lines(proc.stderr)
+        assert line.startswith("error: cannot reach the Prefect API at http://127.0.0.1:9/api"), (name, line)
+        assert "prefect server start" in line, (name, line)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 @pytest.mark.parametrize("case", ["nothing", "env", "env-empty", "dotenv", "prefect-toml", "pyproject",
                                   "profile", "profile-env", "profile-inactive"])
 def test_prefect_api_detection_agrees_with_prefect(case, tmp_path, monkeypatch):
