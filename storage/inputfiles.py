@@ -68,8 +68,12 @@ def check_readable_file(path: Path) -> bytes:
         raise InputError(path, "no such file") from None
     except OSError as exc:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(mode):
-        raise InputError(path, "is a directory, expected a file")
+    if stat.S_ISDIR(mode):  # (a folder of DICOM files is an input of its own, found before this)
+        if (path / "zarr.json").is_file():
+            raise InputError(path, "is a directory, expected a file: a zarr store; give the image it was ingested "
+                                   "from (`segflow info` describes the store)")
+        raise InputError(path, "is a directory, expected a file; for a folder of images give its files "
+                               "(FOLDER/*.tif), or take it as `segflow nightly --inbox FOLDER`")
     if not stat.S_ISREG(mode):
         what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"

@@ -155,6 +155,10 @@ def test_inputs_that_would_write_the_same_outputs_are_refused_after_the_first(mo
     assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["scan.zarr"]
     info = json.loads(run("info", tmp_path / "stores" / "scan.zarr").stdout)
     assert str(first) in json.dumps(info) and str(second) not in json.dumps(info)
+    store = run("segment", tmp_path / "stores" / "scan.zarr", "--model", model2d.path, "--out", tmp_path / "o2")
+    assert store.returncode == 1 and error_lines(store.stderr) == [
+        f"error: {tmp_path / 'stores' / 'scan.zarr'}: is a directory, expected a file: a zarr store; give the image it "
+        "was ingested from (`segflow info` describes the store)"]
 
 
 def test_ingest_command(tmp_path):
