@@ -71,7 +71,8 @@ class Checked:
         return [(label, error) for label, _, error in self.entries if error is not None]
 
 
-def check_inputs(inputs: list[str], model: "ModelInput | None", options: SegmentOptions) -> Checked:
+def check_inputs(inputs: list[str], model: "ModelInput | None", options: SegmentOptions,
+                 out_dir: str | None = None) -> Checked:
     """Check every input's header before anything starts: it reads, and it fits ``model`` (dimensions, bands).
 
     DICOM folders become their series first (:func:`flows.inputs.expand`).
@@ -79,9 +80,10 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     downloaded or their assets chosen, and those steps say what is wrong.
     ``model`` None checks only that each header reads.  Of inputs whose
     outputs would share a name, only the first goes on
-    (:func:`flows.inputs.output_clashes`).
+    (:func:`flows.inputs.output_clashes`); with ``out_dir``, an input its own
+    outputs would overwrite is refused (:func:`flows.inputs.overwritten_input`).
     """
-    from flows.inputs import expand, input_label, output_clashes
+    from flows.inputs import expand, input_label, output_clashes, overwritten_input
     from flows.routing import fit_problem
     from storage.header import NO_CRS
     from storage.probe import probe
@@ -104,6 +106,9 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
                            "a projected one (drop --vector, or give the raster a CRS)")
             if problem is not None:
                 raise IncompatibleInputError(label, problem)
+            clobbered = None if out_dir is None or is_url(out_dir) else overwritten_input(item, out_dir)
+            if clobbered is not None:
+                raise IncompatibleInputError(*clobbered)
         except Exception as exc:  # isolation, as in the segmentation itself: record and go on
             checked.entries.append((label, None, one_line(exc)))
         else:
@@ -130,7 +135,7 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
     options = options or SegmentOptions()
     logger = run_logger()
     if options.mosaic is None and checked is None:
-        checked = check_inputs(inputs, model_input(model_dir, trust_bundle=options.trust_bundle), options)
+        checked = check_inputs(inputs, model_input(model_dir, trust_bundle=options.trust_bundle), options, out_dir)
     if checked is not None and not checked.todo:  # nothing passed: no cluster, no network; still refuse a bad card
         from segmentation.modeldir import check_model
 

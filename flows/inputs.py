@@ -100,6 +100,45 @@ def output_clashes(items: list[Expanded]) -> dict[int, str]:
     return clashes
 
 
+OUTPUT_SUFFIXES = (".tif", ".nii.gz", ".zarr", ".provenance.json", ".stac.json", ".probabilities.tif",
+                   ".quicklook.png", ".gpkg", ".parquet", ".geojson", ".statistics.json", ".seg.dcm", ".ctbl",
+                   ".itksnap.txt")
+"""What an input's outputs are named: ``OUT/<stem>`` and one of these (``--split-by-tile`` adds ``<tile stem>.tif``)."""
+
+
+def overwritten_input(source: Any, out_dir: str | Path, *,
+                      split_by_tile: bool = False) -> tuple[Path, str] | None:
+    """A file the run reads and that its outputs would overwrite, and why (None when there is none).
+
+    With ``--out`` the input's own folder, ``a.tif`` is segmented into
+    ``OUT/a.tif``: the label map used to replace the image it came from.
+    The input file, an Analyze ``.img`` beside its ``.hdr`` and a mosaic's
+    tiles are checked against every output name the run may write.
+    """
+    if isinstance(source, SeriesRef) or is_url(str(source)):
+        return None  # a series' outputs are named series-<number>-...; a URL is read from a downloaded copy
+    out = Path(out_dir)
+    if isinstance(source, MosaicRef):
+        reads = [Path(t) for t in source.tiles]
+        names = [source.name + suffix for suffix in OUTPUT_SUFFIXES]
+        names += [stem_of(t) + ".tif" for t in source.tiles] if split_by_tile else []
+    else:
+        path = Path(source)
+        reads = [path] + ([path.with_suffix(".img")] if path.suffix.lower() == ".hdr" else [])
+        names = [input_stem(source) + suffix for suffix in OUTPUT_SUFFIXES]
+    for name in names:
+        target = out / name
+        for read in reads:
+            try:
+                same = target.exists() and read.exists() and os.path.samefile(read, target)
+            except OSError:
+                same = False
+            if same:
+                return read, (f"its output {target} would overwrite it (--out is the folder the input is in, and "
+                              "the names coincide); choose another --out")
+    return None
+
+
 def output_name(input_path: Any, kind: str) -> str:
     return input_stem(input_path) + (".tif" if kind == "raster" else ".nii.gz")
 
@@ -174,4 +213,5 @@ def _reusable_series(ref: SeriesRef, store_path: Path) -> ImageStore | None:
     return None
 
 
-__all__ = ["Expanded", "expand", "ingest_input", "input_label", "input_stem", "output_clashes", "output_name"]
+__all__ = ["Expanded", "OUTPUT_SUFFIXES", "expand", "ingest_input", "input_label", "input_stem", "output_clashes",
+           "output_name", "overwritten_input"]

@@ -39,7 +39,7 @@ from distributed import Client, as_completed
 
 from flows import medical, modelspace
 from flows.export import export_labels, model_space_labels, quicklook_image, write_quicklook
-from flows.inputs import ingest_input, input_label, input_stem, output_name
+from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input
 from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
 from flows.ledger import off_flags
@@ -53,7 +53,7 @@ from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
 from storage.tilecuts import split_outputs, write_tile_cuts
-from storage.errors import ExportError, InvalidInputError, SegflowError
+from storage.errors import ExportError, IncompatibleInputError, InvalidInputError, SegflowError
 from storage.modelimage import model_geometry
 from storage.remote import is_url
 from storage.layout import (LABELS, PROVENANCE_ATTR, ChunkJournal, ImageStore,
@@ -302,6 +302,9 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     if not isinstance(input_path, (SeriesRef, MosaicRef)):
         input_path = Path(input_path)
     out_dir = Path(out_dir)
+    clobbered = overwritten_input(input_path, out_dir, split_by_tile=options.split_by_tile)
+    if clobbered is not None:
+        raise IncompatibleInputError(*clobbered)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

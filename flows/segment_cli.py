@@ -139,7 +139,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     try:
         # every input's header against the card, before anything starts (no torch: the card is peeked at)
         checked = None if mosaic else check_inputs(arguments["inputs"], model_input(model, trust_bundle=trust_bundle),
-                                                    options)
+                                                    options, arguments["out_dir"])
         if checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
             cliutil.check_models([model], trust_bundle=trust_bundle)  # a bad model still says so first (exit 2)
             outcomes = segment_inputs(**arguments, checked=checked)

@@ -161,6 +161,20 @@ def test_inputs_that_would_write_the_same_outputs_are_refused_after_the_first(mo
         "was ingested from (`segflow info` describes the store)"]
 
 
+def test_an_input_in_the_output_folder_is_never_overwritten_by_its_own_outputs(model2d, tmp_path):
+    """`segment data/a.tif --out data` wrote the label map over the image it came from, and said ok."""
+    image = _rgb(tmp_path / "data" / "a.tif", 1)
+    other = _rgb(tmp_path / "data" / "b.tiff", 2)  # -> data/b.tif: another name, segmented as usual
+    before = image.read_bytes()
+    proc = run("segment", image, other, "--model", model2d.path, "--out", tmp_path / "data", "--workers", "1")
+    assert proc.returncode == 1, proc.stderr
+    assert error_lines(proc.stderr) == [f"error: {image}: its output {tmp_path / 'data' / 'a.tif'} would overwrite it "
+                                        "(--out is the folder the input is in, and the names coincide); choose "
+                                        "another --out"]
+    assert image.read_bytes() == before
+    assert (tmp_path / "data" / "b.tif").is_file() and other.is_file()
+
+
 def test_ingest_command(tmp_path):
     src = shared("nifti/standard.nii.gz")
     proc = run("ingest", src, "--out", tmp_path)

@@ -14,6 +14,8 @@ both runs.
 
 from __future__ import annotations
 
+import shutil
+
 import json
 from pathlib import Path
 from typing import Any
@@ -294,6 +296,15 @@ def test_a_bad_tile_fails_the_whole_mosaic_in_one_line_naming_it(scene, tmp_path
                                     "--split-by-tile")
     clash[-1].unlink()
     assert code == 1 and len(errors) == 1 and "is named like the mosaic 'region'" in errors[0], output
+    # --split-by-tile into the tiles' own folder: each tile's cut (OUT/<tile stem>.tif) would replace the tile
+    own = tmp_path / "own"
+    own.mkdir()
+    tiles = [Path(shutil.copy(t, own / t.name)) for t in good]
+    before = [t.read_bytes() for t in tiles]
+    code, errors, output = _segment(tiles, scene["model"], own, dask_cluster, "--mosaic", "region", "--split-by-tile")
+    assert code == 1 and errors == [f"error: {tiles[0]}: its output {own / tiles[0].name} would overwrite it (--out "
+                                    "is the folder the input is in, and the names coincide); choose another --out"], output
+    assert [t.read_bytes() for t in tiles] == before and sorted(p.name for p in own.iterdir()) == sorted(t.name for t in tiles)
 
 
 def test_the_mosaics_identity_is_its_tiles_content_and_its_ingest_is_never_a_tiles(scene, tmp_path):

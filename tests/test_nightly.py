@@ -262,6 +262,21 @@ def test_a_broken_link_in_the_inbox_fails_and_what_is_no_input_is_listed_in_the_
     assert "## Not inputs" in markdown and "- `README.txt`" in markdown and "- `notes`" in markdown
 
 
+def test_an_inbox_that_is_also_the_output_folder_keeps_its_scans(models, tmp_path, dask_cluster):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    image, _ = samples.make_scene(tmp_path / "scene.tif", size=(64, 64), seed=3)
+    shutil.copy(image, inbox / "scene.tif")
+    before = (inbox / "scene.tif").read_bytes()
+    state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(inbox), inbox=str(inbox), retries=0,
+                    return_state=True)
+    [r] = nightly_report(state)["inputs"]
+    assert r["status"] == "failed" and r["error"] == (
+        f"{inbox / 'scene.tif'}: its output {inbox / 'scene.tif'} would overwrite it (--out is the folder the input "
+        "is in, and the names coincide); choose another --out")
+    assert (inbox / "scene.tif").read_bytes() == before
+
+
 def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
     from flows.cli import app
 
