@@ -27,8 +27,8 @@ from nibabel.spatialimages import HeaderDataError
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.geometry import VolumeGeometry
 
-__all__ = ["NIFTI_READ_ERRORS", "NIFTI_SUFFIXES", "check_data_size", "check_nifti_path", "describe_nifti", "error_text", "open_nifti", "quietly",
-           "spatial_ijk"]
+__all__ = ["NIFTI_READ_ERRORS", "NIFTI_SUFFIXES", "check_data_size", "check_nifti_path", "describe_nifti", "error_text",
+           "open_nifti", "quietly", "spatial_ijk"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 """File names read as NIfTI: single files and .hdr/.img pairs, gzipped or not."""

@@ -174,7 +174,8 @@ def test_nibabel_header_notes_stay_off_the_terminal(models, tmp_path):
     scored = subprocess.run([sys.executable, "-m", "flows", "evaluate", str(unknown), "--truth", str(unknown),
                              "--out", str(tmp_path / "ev")], check=False, capture_output=True, text=True,
                             env={**os.environ, "COLUMNS": "250"}, timeout=120)
-    assert scored.returncode == 1 and scored.stderr.startswith(f"error: {unknown}: has a voxel size of 0"), scored.stderr
+    assert scored.returncode == 1, scored.stderr
+    assert scored.stderr.startswith(f"error: {unknown}: has a voxel size of 0"), scored.stderr
 
 
 def test_bad_models_fail_the_batch_before_any_input(models, tmp_path, dask_cluster):

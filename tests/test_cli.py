@@ -141,7 +141,8 @@ def test_inputs_that_would_write_the_same_outputs_are_refused_after_the_first(mo
                "--report", tmp_path / "report.json")
     assert proc.returncode == 1, proc.stderr
     assert error_lines(proc.stderr) == [
-        f"error: {second}: its outputs would overwrite those of {first} (the same name stem 'scan'); rename one of them",
+        f"error: {second}: its outputs would overwrite those of {first} (the same name stem 'scan'); rename one of "
+        "them",
         f"error: {first}: given more than once; segmented once, under its first mention"]
     outcomes = json.loads((tmp_path / "report.json").read_text())
     assert [(o["input"], o["ok"]) for o in outcomes] == [(str(first), True), (str(second), False),

@@ -302,9 +302,11 @@ def test_a_bad_tile_fails_the_whole_mosaic_in_one_line_naming_it(scene, tmp_path
     tiles = [Path(shutil.copy(t, own / t.name)) for t in good]
     before = [t.read_bytes() for t in tiles]
     code, errors, output = _segment(tiles, scene["model"], own, dask_cluster, "--mosaic", "region", "--split-by-tile")
-    assert code == 1 and errors == [f"error: {tiles[0]}: its output {own / tiles[0].name} would overwrite it (--out "
-                                    "is the folder the input is in, and the names coincide); choose another --out"], output
-    assert [t.read_bytes() for t in tiles] == before and sorted(p.name for p in own.iterdir()) == sorted(t.name for t in tiles)
+    assert code == 1, output
+    assert errors == [f"error: {tiles[0]}: its output {own / tiles[0].name} would overwrite it (--out is the folder "
+                      "the input is in, and the names coincide); choose another --out"], output
+    assert [t.read_bytes() for t in tiles] == before
+    assert sorted(p.name for p in own.iterdir()) == sorted(t.name for t in tiles)
 
 
 def test_the_mosaics_identity_is_its_tiles_content_and_its_ingest_is_never_a_tiles(scene, tmp_path):
