@@ -31,8 +31,8 @@ from segmentation.modeldir import LoadedModel
 from segmentation.normalize import statistics_for
 from segmentation.training import TrainingResult, TrainingSample, save_trained, train
 from storage.datasets.base import Case, Dataset, SplitCounts, fingerprint
+from storage.datasets.rasterising import label_grid_problem
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
-from storage.geometry import label_grid_problem
 from storage.ingest import ingest
 from storage.inputfiles import stem_of
 from storage.layout import ImageStore, open_image_store

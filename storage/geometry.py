@@ -161,33 +161,3 @@ def same_affine(a: object, b: object) -> bool:
 
     return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
                             rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM))
-
-
-def label_grid_problem(image: RasterGeometry | VolumeGeometry, labels: RasterGeometry | VolumeGeometry,
-                       image_name: str) -> str | None:
-    """Why a label map of the image's shape still does not lie on its grid (None when it does); the image is
-    called ``image_name`` in the message.
-
-    A label raster without a CRS is taken by its shape (a mask exported from
-    an image editor has no georeference), as the geo dataset layout takes it;
-    one with a CRS must share the image's CRS and transform.  A label volume
-    must share the image's affine.
-    """
-    if image.kind != labels.kind:
-        return f"is a {labels.kind}, the image {image_name} a {image.kind}"
-    if isinstance(image, RasterGeometry) and isinstance(labels, RasterGeometry):
-        if labels.crs_wkt is None:
-            return None
-        from rasterio.crs import CRS
-        from rasterio.transform import Affine
-
-        from storage.datasets.rasterising import same_grid
-
-        same_crs = image.crs_wkt is not None and CRS.from_wkt(image.crs_wkt) == CRS.from_wkt(labels.crs_wkt)
-        if not same_crs or not same_grid(Affine(*image.transform), Affine(*labels.transform), image.width,
-                                         image.height):
-            return f"is not on the grid of {image_name} (CRS or transform differ); warp it onto that grid first"
-        return None
-    if not same_affine(image.affine, labels.affine):  # type: ignore[union-attr]
-        return f"label affine does not match that of {image_name}: the label is not on the image's voxel grid"
-    return None

@@ -5,7 +5,8 @@ A vector layer becomes a uint8 label GeoTIFF on the image's grid
 large scene never sits in memory.  The grid helpers (a raster's CRS, corners,
 spacing in metres, whether two grids are one) live here because rasterising
 needs them first; the geo layout uses the same ones to check label rasters
-and layers against their images before any pixel is read.
+and layers against their images before any pixel is read, and ``segflow
+train``'s image/label pairs :func:`label_grid_problem`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from shapely.geometry import mapping, shape
 from storage.classes import LabelClass
 from storage.datasets.vectorlayers import class_values, layer_crs, read_layer
 from storage.errors import ExportError, InvalidInputError
-from storage.geometry import RasterGeometry
+from storage.geometry import RasterGeometry, VolumeGeometry, same_affine
 from storage.layout import ImageStore
 
 _EARTH_RADIUS_M = 6371008.8  # mean radius: spacing of a geographic raster is only used for surface distances
@@ -73,6 +74,31 @@ def same_grid(t1: Affine, t2: Affine, width: int, height: int) -> bool:
     pixel = min(math.hypot(t1.a, t1.d), math.hypot(t1.b, t1.e)) or 1.0
     apart = np.abs(grid_corners(t1, width, height) - grid_corners(t2, width, height))
     return bool(np.all(apart <= _GRID_TOLERANCE * pixel))
+
+
+def label_grid_problem(image: RasterGeometry | VolumeGeometry, labels: RasterGeometry | VolumeGeometry,
+                       image_name: str) -> str | None:
+    """Why a label map of the image's shape still does not lie on its grid (None when it does); the image is
+    called ``image_name`` in the message.
+
+    A label raster without a CRS is taken by its shape (a mask exported from
+    an image editor has no georeference), as the geo dataset layout takes it;
+    one with a CRS must share the image's CRS and transform.  A label volume
+    must share the image's affine.
+    """
+    if image.kind != labels.kind:
+        return f"is a {labels.kind}, the image {image_name} a {image.kind}"
+    if isinstance(image, RasterGeometry) and isinstance(labels, RasterGeometry):
+        if labels.crs_wkt is None:
+            return None
+        same_crs = image.crs_wkt is not None and CRS.from_wkt(image.crs_wkt) == CRS.from_wkt(labels.crs_wkt)
+        if not same_crs or not same_grid(Affine(*image.transform), Affine(*labels.transform), image.width,
+                                         image.height):
+            return f"is not on the grid of {image_name} (CRS or transform differ); warp it onto that grid first"
+        return None
+    if not same_affine(image.affine, labels.affine):  # type: ignore[union-attr]
+        return f"label affine does not match that of {image_name}: the label is not on the image's voxel grid"
+    return None
 
 
 def _reprojected(geoms: np.ndarray, src: CRS, dst: CRS, path: Path) -> np.ndarray:
