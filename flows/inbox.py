@@ -138,11 +138,18 @@ def read_manifest(path: str | Path) -> list[str]:
         except OSError as exc:
             raise ConfigError(path, f"cannot read manifest: {exc.strerror or exc}") from None
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        column = next((c for c in (rows[0].keys() if rows else []) if c and c.strip().lower() == "path"), None)
-        if column is None:
-            raise ConfigError(url or path, "CSV manifest needs a 'path' column")
-        items: list[Any] = [r[column] for r in rows]
+        lines = text.splitlines()
+        try:  # Excel writes ';' where the decimal mark is a comma, and tab-separated files are CSV to users too
+            dialect: Any = csv.Sniffer().sniff(lines[0], delimiters=",;\t") if lines else csv.excel
+        except csv.Error:  # one column: nothing to tell the delimiter by
+            dialect = csv.excel
+        reader = csv.DictReader(lines, dialect=dialect)
+        fields = [f for f in (reader.fieldnames or []) if f]
+        column = next((c for c in fields if c.strip().lower() == "path"), None)
+        if column is None:  # (a header alone is a manifest of nothing: an empty night)
+            raise ConfigError(url or path, f"CSV manifest needs a 'path' column (its header: "
+                                           f"{', '.join(repr(f) for f in fields) or 'none'})")
+        items: list[Any] = [r[column] for r in reader]
     elif path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

@@ -301,8 +301,15 @@ def test_manifests_and_retry_classification(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(["a.tif", {"path": "sub/c.nii"}]))
     assert read_manifest(tmp_path / "m.json") == [str(tmp_path / "a.tif"), str(tmp_path / "sub/c.nii")]
     (tmp_path / "bad.csv").write_text("file\na.tif\n")
-    with pytest.raises(ConfigError, match="'path' column"):
+    with pytest.raises(ConfigError, match=r"needs a 'path' column \(its header: 'file'\)"):
         read_manifest(tmp_path / "bad.csv")
+    # as spreadsheets save them: ';' (a comma decimal mark), tabs, a BOM and CRLF; a header alone is an empty night
+    (tmp_path / "semi.csv").write_bytes("\ufeffPath;Note\r\na.tif;first, of two\r\nb.tif;\r\n".encode())
+    assert read_manifest(tmp_path / "semi.csv") == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
+    (tmp_path / "tabs.csv").write_text("path\tnote\na.tif\tx\n")
+    assert read_manifest(tmp_path / "tabs.csv") == [str(tmp_path / "a.tif")]
+    (tmp_path / "empty.csv").write_text("path\n")
+    assert read_manifest(tmp_path / "empty.csv") == []
 
     def wrapped(inner):  # noqa: ANN001, ANN202  (a reader turning an OSError into a one-line InputError)
         try:
