@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from flows.config import SegmentOptions
 from flows.flows import batch_outcomes, segment_batch
+from flows.inputs import OUTPUT_SUFFIXES
 from storage.errors import ModelError
 from tests import corpus
 from tests.conftest import SHARED_DATA, shared
@@ -64,6 +65,8 @@ def _check_outcomes(outcomes: dict[str, dict], cases: list[corpus.Case], paths: 
         assert "\n" not in error, (case.id, error)
         assert error.startswith(f"{paths[case.id]}: "), (case.id, error)  # names the file first
         assert case.expect in error, (case.id, error)
+    # every output is named <stem> + one of the suffixes flows.inputs.overwritten_input guards the inputs against
+    assert all(name.endswith(OUTPUT_SUFFIXES) for name in expected_files), sorted(expected_files)
     left = {p.name for p in out.iterdir()} if out.exists() else set()
     if "reports" in left:  # the CLI's run report (OUT/reports/segment-*.json|html), written when an input succeeded
         assert expected_files and all(p.name.startswith("segment-") for p in (out / "reports").iterdir())
