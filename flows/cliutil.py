@@ -36,6 +36,19 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+@contextmanager
+def resumable_on_interrupt(out: "Path | str") -> Iterator[None]:
+    """Ctrl-C says what it left, and exits 130 as shells expect: the inputs in progress left nothing in ``out``
+    that looks complete, and the same command resumes them (typer alone exits 130 after a blank line)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/yellow] the inputs in progress left nothing in {escape(str(out))} that "
+                      "looks complete (those already done are); run the same command again to resume them from "
+                      "their finished chunks", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
 def finish(code: int) -> NoReturn:
     """End a command that loaded torch and a model: exit ``code`` without the cyclic garbage collector walking
     every object of torch's and MONAI's thousands of modules at interpreter shutdown.

@@ -67,7 +67,7 @@ def nightly_command(
 
         flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
     try:
-        with prefect_console("nightly") as run_log, cli.reporter(quiet):
+        with cli.resumable_on_interrupt(out), prefect_console("nightly") as run_log, cli.reporter(quiet):
             state = flow(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
                          inbox=cli.path_or_url(inbox) if inbox else None,
                          manifest=cli.path_or_url(manifest) if manifest else None,

@@ -18,8 +18,10 @@ and the ingested store for the next run.
 
 Test hook: with ``SEGFLOW_TEST_KILL_AFTER_CHUNKS=N`` in its environment the
 process SIGKILLs itself once N chunk writes of this run have completed (its
-whole process group, workers included, when it leads one). The kill tests
-use it to stop a run at a known point; never set it otherwise.
+whole process group, workers included, when it leads one); with
+``SEGFLOW_TEST_KILL_SIGNAL=SIGINT`` as well it sends itself SIGINT (Ctrl-C)
+instead. The kill tests use it to stop a run at a known point; never set it
+otherwise.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from storage.layout import (LABELS, PROVENANCE_ATTR, ChunkJournal, ImageStore,
 
 WORK_DIR = ".segflow-work"
 KILL_AFTER_CHUNKS_ENV = "SEGFLOW_TEST_KILL_AFTER_CHUNKS"
+KILL_SIGNAL_ENV = "SEGFLOW_TEST_KILL_SIGNAL"
 # Options that change how the work is spread, never the labels: a run may resume with other values.
 NOT_IDENTITY = ("workers", "dask_address", "keep_zarr")
 log = logging.getLogger("segflow")
@@ -276,11 +279,16 @@ def _test_kill_after() -> int | None:
 
 
 def _kill_for_test() -> None:
-    """The test hook: die as abruptly as a power cut would stop the run (SIGKILL, no clean-up runs).
+    """The test hook: die as abruptly as a power cut would stop the run (SIGKILL, no clean-up runs), or be
+    interrupted as Ctrl-C interrupts it (``SEGFLOW_TEST_KILL_SIGNAL=SIGINT``).
 
     When this process leads its process group (the kill tests start it so),
     the whole group goes at once, so no worker writes anything afterwards.
     """
+    if os.environ.get(KILL_SIGNAL_ENV, "").strip().upper() == "SIGINT":
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the KeyboardInterrupt arrives in the main thread meanwhile
+        return
     if os.getpgid(0) == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -136,28 +136,30 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     arguments = dict(inputs=[cliutil.path_or_url(p) for p in inputs], model_dir=str(model),
                      out_dir=cliutil.path_or_url(out), options=options)
     run_log = None
-    try:
-        # every input's header against the card, before anything starts (no torch: the card is peeked at)
-        checked = None if mosaic else check_inputs(arguments["inputs"], model_input(model, trust_bundle=trust_bundle),
-                                                    options, arguments["out_dir"])
-        if checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
-            cliutil.check_models([model], trust_bundle=trust_bundle)  # a bad model still says so first (exit 2)
-            outcomes = segment_inputs(**arguments, checked=checked)
-        elif prefect_api_configured() if prefect is None else prefect:
-            cliutil.check_models([model], trust_bundle=trust_bundle, load=True)  # a bad weights file: one line, first
-            from flows.flows import batch_outcomes, segment_batch
-            from flows.runlog import prefect_console
-
-            with prefect_console("segment") as run_log, cliutil.reporter(quiet):
-                outcomes = batch_outcomes(segment_batch(**arguments, return_state=True))
-        else:  # the flow's body without Prefect (README: "Prefect or not"); its cluster starts during the load
-            from flows.batch import start_cluster
-
-            with cliutil.reporter(quiet), start_cluster(str(model), options) as cluster:
+    with cliutil.resumable_on_interrupt(arguments["out_dir"]):  # Ctrl-C: one line, exit 130
+        try:
+            # every input's header against the card, before anything starts (no torch: the card is peeked at)
+            model_in = None if mosaic else model_input(model, trust_bundle=trust_bundle)
+            checked = None if mosaic else check_inputs(arguments["inputs"], model_in, options, arguments["out_dir"])
+            if checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
+                cliutil.check_models([model], trust_bundle=trust_bundle)  # a bad model still says so first (exit 2)
+                outcomes = segment_inputs(**arguments, checked=checked)
+            elif prefect_api_configured() if prefect is None else prefect:
+                # a bad weights file: one line, first
                 cliutil.check_models([model], trust_bundle=trust_bundle, load=True)
-                outcomes = segment_inputs(**arguments, cluster=cluster, checked=checked)
-    except SegflowError as exc:
-        cliutil.fail(str(exc))
+                from flows.flows import batch_outcomes, segment_batch
+                from flows.runlog import prefect_console
+
+                with prefect_console("segment") as run_log, cliutil.reporter(quiet):
+                    outcomes = batch_outcomes(segment_batch(**arguments, return_state=True))
+            else:  # the flow's body without Prefect (README: "Prefect or not"); its cluster starts during the load
+                from flows.batch import start_cluster
+
+                with cliutil.reporter(quiet), start_cluster(str(model), options) as cluster:
+                    cliutil.check_models([model], trust_bundle=trust_bundle, load=True)
+                    outcomes = segment_inputs(**arguments, cluster=cluster, checked=checked)
+        except SegflowError as exc:
+            cliutil.fail(str(exc))
     if report:
         report.write_text(json.dumps(outcomes, indent=2))
     page = _run_report(outcomes, arguments["out_dir"])

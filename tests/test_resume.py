@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import SegmentOptions
-from flows.pipeline import KILL_AFTER_CHUNKS_ENV, WORK_DIR, segment_one
+from flows.pipeline import KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV, WORK_DIR, segment_one
 from flows.progress import reporting
 from segmentation import load_model
 from storage.errors import ExportError
@@ -73,12 +73,16 @@ def _end_group(pgid: int) -> None:
 
 
 def _segment(image: Path, model: Path, out: Path, *extra: str, kill_after: int | None = None,
-             logs: Path) -> tuple[int, list[dict], str]:
-    """`segflow segment` in its own session (so the test hook can kill the whole group); (rc, outcomes, stderr)."""
+             logs: Path, signal_name: str | None = None) -> tuple[int, list[dict], str]:
+    """`segflow segment` in its own session (so the test hook can kill the whole group); (rc, outcomes, stderr).
+    ``signal_name`` "SIGINT": the hook interrupts the run as Ctrl-C does, instead of SIGKILLing it."""
     env = {**os.environ, "COLUMNS": "250"}
     env.pop(KILL_AFTER_CHUNKS_ENV, None)
+    env.pop(KILL_SIGNAL_ENV, None)
     if kill_after is not None:
         env[KILL_AFTER_CHUNKS_ENV] = str(kill_after)
+    if signal_name is not None:
+        env[KILL_SIGNAL_ENV] = signal_name
     report = logs.with_suffix(".json")
     with open(logs.with_suffix(".out"), "w") as so, open(logs.with_suffix(".err"), "w") as se:
         proc = subprocess.Popen([sys.executable, "-m", "flows", "segment", str(image), "--model", str(model),
@@ -141,6 +145,23 @@ def test_sigkill_mid_run_then_rerun_writes_only_unfinished_chunks_byte_identical
                                                      "scene.zarr"]  # reports: the completed run's report only
     assert len(list((out / "reports").glob("segment-*.html"))) == 1  # the killed run wrote none
     assert verify_sidecar(out / "scene.provenance.json") == []
+
+
+def test_ctrl_c_mid_run_is_one_line_exit_130_and_the_rerun_resumes(scene, tmp_path):
+    """Ctrl-C used to end the command with a blank line and nothing said about what it left."""
+    image, model = scene
+    out = tmp_path / "out"
+    rc, _, stderr = _segment(image, model.path, out, kill_after=3, logs=tmp_path / "int", signal_name="SIGINT")
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.rstrip().splitlines()[-1] == (
+        f"interrupted: the inputs in progress left nothing in {out} that looks complete (those already done are); "
+        "run the same command again to resume them from their finished chunks")
+    done = len(_markers(out))
+    assert 3 <= done < CHUNKS
+    assert not any((out / n).exists() for n in ("scene.tif", "scene.zarr", "scene.provenance.json"))
+    rc, [resumed], stderr = _segment(image, model.path, out, logs=tmp_path / "resumed")
+    assert rc == 0 and resumed["statistics"]["chunks_resumed"] == done, stderr
 
 
 # --------------------------------------------------------------------------- one Dask worker killed
