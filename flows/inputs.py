@@ -126,17 +126,19 @@ def overwritten_input(source: Any, out_dir: str | Path, *,
         path = Path(source)
         reads = [path] + ([path.with_suffix(".img")] if path.suffix.lower() == ".hdr" else [])
         names = [input_stem(source) + suffix for suffix in OUTPUT_SUFFIXES]
-    for name in names:
-        target = out / name
+    for target in (out / name for name in names):
         for read in reads:
-            try:
-                same = target.exists() and read.exists() and os.path.samefile(read, target)
-            except OSError:
-                same = False
-            if same:
+            if _same_file(read, target):
                 return read, (f"its output {target} would overwrite it (--out is the folder the input is in, and "
                               "the names coincide); choose another --out")
     return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing (the usual case: the output is not written yet)
+        return False
 
 
 def output_name(input_path: Any, kind: str) -> str:

@@ -56,13 +56,20 @@ def _geotiff(path: Path) -> dict[str, Any]:
     return info
 
 
-def _nifti(path: Path) -> dict[str, Any]:
+def _load_nifti(path: Path) -> Any:
+    """The NIfTI image (data not read), without nibabel's header notes on the terminal."""
     import nibabel as nib
 
     from storage.niftiopen import quietly
 
     with quietly():
-        img = nib.load(str(path))
+        return nib.load(str(path))
+
+
+def _nifti(path: Path) -> dict[str, Any]:
+    import nibabel as nib
+
+    img = _load_nifti(path)
     hdr = img.header
     info: dict[str, Any] = {
         "type": f"NIfTI-{2 if isinstance(hdr, nib.Nifti2Header) else 1}", "path": str(path),
@@ -125,12 +132,7 @@ def _raster_counts(path: Path) -> Iterator[np.ndarray]:
 
 
 def _volume_counts(path: Path) -> Iterator[np.ndarray]:
-    import nibabel as nib
-
-    from storage.niftiopen import quietly
-
-    with quietly():
-        img = nib.load(str(path))
+    img = _load_nifti(path)
     depth = img.shape[2] if len(img.shape) > 2 else 1
     plane = int(np.prod(img.shape[:2]))
     step = max(1, (64 << 20) // max(plane * img.get_data_dtype().itemsize, 1))  # about 64 MB a slab
@@ -172,12 +174,7 @@ def label_table(path: Path, info: dict[str, Any]) -> dict[str, Any] | None:
             cell, note = pixel_hectares(src.transform, src.crs)
         unit = "ha"
     else:
-        import nibabel as nib
-
-        from storage.niftiopen import quietly
-
-        with quietly():
-            img = nib.load(str(path))
+        img = _load_nifti(path)
         cell, note = voxel_millilitres(img.affine, img.header.get_xyzt_units()[0])
         unit = "mL"
     statistics = _recorded_counts(path)

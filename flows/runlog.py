@@ -159,9 +159,10 @@ def prefect_console(command: str) -> Iterator[RunLog]:
 UNREACHABLE = "Failed to reach API at"  # how Prefect 3 says no server answered at PREFECT_API_URL
 
 
-def api_unreachable(exc: BaseException) -> str | None:
+def api_unreachable(exc: BaseException, *, temporary_ok: bool = True) -> str | None:
     """One line for a Prefect API that PREFECT_API_URL names and nothing answers at (its server is down), or
-    None for any other error.
+    None for any other error.  ``temporary_ok``: the command could run on Prefect's temporary server instead
+    (``schedule`` cannot), and the line says so.
 
     Prefect raises it through three chained tracebacks: as "Failed to reach
     API at URL" when a flow run starts, as httpx's ConnectError when
@@ -179,8 +180,8 @@ def api_unreachable(exc: BaseException) -> str | None:
             return None
     else:
         return None
-    return (f"cannot reach the Prefect API at {url} (PREFECT_API_URL): start its server (`prefect server start`), "
-            "or unset PREFECT_API_URL to run on a temporary one")
+    return (f"cannot reach the Prefect API at {url} (PREFECT_API_URL): start its server (`prefect server start`)"
+            + (", or unset PREFECT_API_URL to run on a temporary one" if temporary_ok else ""))
 
 
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"

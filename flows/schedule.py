@@ -169,9 +169,9 @@ def schedule_command(
         try:
             serve_nightly(cron=cron, parameters=parameters, name=name, timezone=timezone, paused=paused)
         except Exception as exc:
-            unreachable = api_unreachable(exc)
+            unreachable = api_unreachable(exc, temporary_ok=False)  # a schedule needs a server that stays
             if unreachable is None:
                 raise
-            cli.fail(unreachable.replace(", or unset PREFECT_API_URL to run on a temporary one", ""))
+            cli.fail(unreachable)
     except SegflowError as exc:
         cli.fail(str(exc))

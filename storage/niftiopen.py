@@ -94,13 +94,14 @@ def open_nifti(src: Path, stack: ExitStack) -> Nifti1Pair:
     try:
         with quietly():
             img = klass.from_file_map(file_map, mmap=False)
-            with ImageOpener(file_map["header" if "header" in file_map else "image"].filename, "rb") as f:
-                raw = klass.header_class.from_fileobj(f, check=False)  # pixdim as written, before nibabel's fix
+            raw = None
+            if int(img.header["sform_code"]) == 0:  # the affine comes from pixdim: read it as written, unfixed
+                with ImageOpener(file_map["header" if "header" in file_map else "image"].filename, "rb") as f:
+                    raw = klass.header_class.from_fileobj(f, check=False)
     except NIFTI_READ_ERRORS as exc:
         raise CorruptInputError(src, f"cannot read the NIfTI header: {error_text(exc)}") from None
-    spatial = min(3, len(img.shape))
-    sizes = np.asarray(raw["pixdim"][1:1 + spatial], dtype=np.float64)
-    if int(img.header["sform_code"]) == 0 and np.any(sizes == 0):
+    sizes = None if raw is None else np.asarray(raw["pixdim"][1:1 + min(3, len(img.shape))], dtype=np.float64)
+    if sizes is not None and np.any(sizes == 0):
         raise InvalidInputError(src, f"has a voxel size of 0 (pixdim {', '.join(f'{x:g}' for x in sizes)}) and no "
                                      "sform, so its spacing is unknown")
     return img
