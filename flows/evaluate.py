@@ -17,16 +17,20 @@ no linear unit (none, or degrees) is measured in pixels and gets no areas.
 
 Pairing: PRED and TRUTH in the order given; or, with one ``--truth DIR``, by
 case name: a file's name less its format suffix (.tif, .tiff, .vrt, .nii,
-.nii.gz, .hdr, .img, .zarr) and less a trailing ``.labels``, so that
-``OUT/<stem>.tif``, ``<stem>.labels.tif`` and ``<stem>.nii.gz`` all match
-``DIR/<stem>.*``; each prediction must match exactly one file there.
+.nii.gz, .hdr, .img, .zarr) and less a trailing ``.labels`` or ``.truth``, so
+that ``OUT/<stem>.tif``, ``<stem>.labels.tif``, ``<stem>.truth.tif`` and
+``<stem>.nii.gz`` all match ``DIR/<stem>.*``; each prediction must match
+exactly one file there, where a name marked ``.labels`` or ``.truth`` wins over
+an unmarked one (the image itself, when images and truths share a folder, as
+the demo's do).
 
 A prediction's "no prediction" value is the nodata its file declares (a
 GeoTIFF's nodata, a store's ``nodata_label``), else the ``--ignore`` value
 (255, the label nodata segflow writes).
 
-Class names: ``--classes`` (a model card or model directory), else what the
-prediction carries (the CLASSES tag of a segflow COG, the label table of a
+Class names: ``--classes`` (a model card or model directory; refused when the
+prediction carries other class values, as when the card is another model's),
+else what the prediction carries (the CLASSES tag of a segflow COG, the label table of a
 segflow NIfTI, the ``classes`` attribute of a prediction store), else "class N".
 """
 
@@ -60,9 +64,16 @@ METRICS = ("dice", "iou", "hd95", "asd", "nsd", "pred_size", "truth_size", "size
 # --------------------------------------------------------------------------- pairing and grids
 
 
+LABEL_MARKS = (".labels", ".truth")  # name marks of a label map, dropped when pairing
+
+
 def case_name(path: Path) -> str:
-    """The name a file is paired by: less its format suffix and a trailing '.labels'."""
-    return stem_of(path).removesuffix(".labels")
+    """The name a file is paired by: less its format suffix and a trailing :data:`LABEL_MARKS` mark."""
+    stem = stem_of(path)
+    for mark in LABEL_MARKS:
+        if stem.endswith(mark):
+            return stem[:-len(mark)]
+    return stem
 
 
 def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path]]:
@@ -76,6 +87,9 @@ def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path,
         pairs = []
         for p in predictions:
             found = index.get(case_name(p), [])
+            marked = [f for f in found if stem_of(f) != case_name(f)]
+            if len(found) > 1 and len(marked) == 1:  # scene.tif beside scene.truth.tif: the image and its truth
+                found = marked
             if len(found) != 1:
                 what = "no truth named" if not found else f"{len(found)} truths ({', '.join(f.name for f in found)}) match"
                 raise ConfigError(p, f"{what} {case_name(p)}.* in {folder}")
@@ -131,6 +145,10 @@ def _block(source: LabelSource, chunk: int | None) -> tuple[int, ...]:
     return (i, j, chunk or max(1, VOLUME_BLOCK_VOXELS // max(1, i * j)))
 
 
+def _values(names: dict[int, str]) -> str:
+    return ", ".join(f"{v} {n}" for v, n in sorted(names.items()))
+
+
 def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str], *, ignore: int | None,
           tolerance: float, include_background: bool, chunk: int | None) -> dict[str, Any]:
     from segmentation.evaluation import score_case
@@ -147,7 +165,7 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
         rows.append({"value": c.value, "name": names.get(c.value, f"class {c.value}"), "dice": c.dice, "iou": c.iou,
                      "hd95": c.hd95, "asd": c.asd, "nsd": c.nsd, "pred_pixels": c.pred_count,
                      "truth_pixels": c.truth_count, "pred_size": sizes[0], "truth_size": sizes[1],
-                     "size_diff": sizes[2], "note": c.note})
+                     "size_diff": sizes[2], "note": _note(c.note, c.value, names)})
     labels = [r["name"] for r in rows]
     return {"case": name, "prediction": str(pred.path), "truth": str(truth.path), "kind": pred.kind,
             "shape": list(pred.shape), "spacing": list(pred.spacing), "distance_unit": pred.distance_unit,
@@ -156,6 +174,14 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
             "classes": rows,
             "confusion": {"rows": labels, "columns": labels + [NO_PREDICTION], "values": [r["value"] for r in rows],
                           "matrix": scores.confusion().tolist()}}
+
+
+def _note(note: str | None, value: int, names: dict[int, str]) -> str | None:
+    """The score's note, plus a warning for a label value that the class names (a card's, or the file's) leave
+    out: a stray value, or names from the wrong model."""
+    if not names or value in names:
+        return note
+    return "; ".join(filter(None, [note, "value not among the named classes"]))
 
 
 def _mean(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,6 +241,10 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
         with ExitStack() as stack:
             pred, truth = open_labels(pred_path, stack), open_labels(truth_path, stack)
             names = card_names if card_names is not None else pred.classes
+            if card_names is not None and pred.classes and set(pred.classes) != set(card_names):
+                raise ConfigError(classes, f"--classes names the class values {_values(card_names)}, but "
+                                           f"{pred_path} carries {_values(pred.classes)}: another model's card? "
+                                           f"(leave --classes out to use the prediction's own names)")
             cases.append(_case(name, pred, truth, names, ignore=ignore, tolerance=tolerance,
                                include_background=include_background, chunk=chunk))
     return {"tolerance": tolerance, "ignore": ignore, "include_background": include_background,
@@ -306,7 +336,8 @@ def evaluate_command(
                                                            "their .zarr stores, or any integer label GeoTIFF/NIfTI."),
         truth: List[Path] = typer.Option(..., "--truth", help="The ground truth of each prediction, in the same "
                                                               "order (repeat --truth), or one folder: DIR/<stem>.* "
-                                                              "for <stem>.tif, <stem>.labels.tif, <stem>.nii.gz."),
+                                                              "for <stem>.tif, <stem>.labels.tif, <stem>.nii.gz; "
+                                                              "<stem>.truth.* or <stem>.labels.* before <stem>.*."),
         out_dir: Path = typer.Option(Path("."), "--out", help="Folder for evaluation.json, evaluation.md and "
                                                               "<case>.csv."),
         tolerance: float = typer.Option(1.0, "--tolerance", help="Normalised surface Dice tolerance, in mm "

@@ -249,12 +249,16 @@ def test_store_and_segflow_nifti_outputs_carry_names_and_match(tmp_path):
 def test_pairing_by_folder(tmp_path):
     truths = tmp_path / "truth"
     truths.mkdir()
-    for name in ("a.tif", "b.nii.gz", "c.tif", "c.nii.gz", ".hidden.tif", "notes.txt"):
+    for name in ("a.tif", "b.nii.gz", "c.tif", "c.nii.gz", ".hidden.tif", "notes.txt", "e.tif", "e.truth.tif",
+                 "f.tif", "f.truth.tif", "f.labels.nii.gz"):
         (truths / name).write_bytes(b"x")
-    pairs = pair_inputs([Path("out/a.tif"), Path("out/b.labels.tif")], [truths])
-    assert pairs == [(Path("out/a.tif"), truths / "a.tif"), (Path("out/b.labels.tif"), truths / "b.nii.gz")]
+    pairs = pair_inputs([Path("out/a.tif"), Path("out/b.labels.tif"), Path("out/e.tif")], [truths])
+    assert pairs == [(Path("out/a.tif"), truths / "a.tif"), (Path("out/b.labels.tif"), truths / "b.nii.gz"),
+                     (Path("out/e.tif"), truths / "e.truth.tif")]  # the marked file, not the image beside it
     with pytest.raises(ConfigError, match="2 truths"):
         pair_inputs([Path("c.tif")], [truths])
+    with pytest.raises(ConfigError, match=r"3 truths \(f.labels.nii.gz, f.tif, f.truth.tif\)"):
+        pair_inputs([Path("f.tif")], [truths])  # two marked files: no guess
     with pytest.raises(ConfigError, match="no truth named d"):
         pair_inputs([Path("d.tif")], [truths])
     assert pair_inputs([Path("x.tif"), Path("y.tif")], [Path("1.tif"), Path("2.tif")])[1] == (Path("y.tif"),
@@ -307,14 +311,31 @@ def test_cli_writes_json_markdown_and_csv(tmp_path):
     assert "pond\\|lake" in markdown and f"{case1[1]['dice']:.4g}" in markdown and "## tile2" in markdown
     assert "| truth \\ prediction |" in markdown
 
-    card = tmp_path / "card.json"  # --classes: a model card's names win over the files' own
-    card.write_text(json.dumps({"name": "lc", "architecture": {"name": "unet"}, "input": {"spatial_dims": 2,
-                                "channels": 4}, "inference": {"roi": [64, 64]},
-                                "classes": [{"value": v, "name": n} for v, n in enumerate(["bare", "water"])]}))
-    result = invoke(preds[0], "--truth", truths[0], "--out", out, "--classes", card)
+    def card(names: list[str]) -> Path:
+        path = tmp_path / f"card{len(names)}.json"
+        path.write_text(json.dumps({"name": "lc", "architecture": {"name": "unet"}, "input": {"spatial_dims": 2,
+                                    "channels": 4}, "inference": {"roi": [64, 64]},
+                                    "classes": [{"value": v, "name": n} for v, n in enumerate(names)]}))
+        return path
+
+    # --classes: a model card's names win over the files' own
+    result = invoke(preds[0], "--truth", truths[0], "--out", out, "--classes", card(["bare", "water", "crop"]))
     assert result.exit_code == 0, result.output
-    names = [r["name"] for r in json.loads((out / "evaluation.json").read_text())["cases"][0]["classes"]]
-    assert names == ["bare", "water", "class 2"]
+    rows = json.loads((out / "evaluation.json").read_text())["cases"][0]["classes"]
+    assert [r["name"] for r in rows] == ["bare", "water", "crop"]
+    assert not any("not among" in (r["note"] or "") for r in rows)
+    # ... but not another model's: the prediction carries the values 0-2, the card names 0-1
+    result = invoke(preds[0], "--truth", truths[0], "--out", tmp_path / "other", "--classes", card(["bare", "water"]))
+    assert result.exit_code == 1 and not (tmp_path / "other").exists()
+    [line] = error_lines(result.output)
+    assert "card2.json" in line and "0 bare, 1 water" in line and "2 field" in line and str(preds[0]) in line
+    # a prediction with no names of its own takes the card's, and a value the card leaves out is marked
+    plain = write_tif(tmp_path / "plain.tif", rp)
+    result = invoke(plain, "--truth", truths[0], "--out", out, "--classes", card(["bare", "water"]))
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "evaluation.json").read_text())["cases"][0]["classes"]
+    assert [r["name"] for r in rows] == ["bare", "water", "class 2"]
+    assert rows[2]["note"] == "value not among the named classes" and "not among" not in (rows[1]["note"] or "")
 
 
 def test_cli_bad_inputs_are_one_error_line_and_exit_1(tmp_path):
