@@ -328,6 +328,9 @@ def report_command(
                                  quicklooks=find_quicklooks(report, base=base), previous=before)
     except SegflowError as exc:
         cliutil.fail(str(exc), code=1)
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:  # a field of the wrong type, hand-edited
+        cliutil.fail(f"{run_json}: a field of the report is not as segflow writes it "
+                     f"({type(exc).__name__}: {exc})", code=1)
     cliutil.out.print(str(path), highlight=False, soft_wrap=True)
 
 

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from flows.htmlreport import (as_run_report, find_quicklooks, previous_report_path, quicklook_path,
                               read_run_report, write_html_report)
+from flows.report import REPORT_SCHEMA
 from tests.report_samples import EVIL_ERROR, sample_run  # noqa: F401  (the generated run)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,13 @@ def test_segment_outcomes_are_adapted_and_the_report_command_finds_quicklooks(tm
     res = CliRunner().invoke(_app(), ["report", str(bad)])
     assert res.exit_code == 1 and "unknown report schema" in res.output
     assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+    edited = [[dict(outcomes[0], outputs=5)], {"schema": REPORT_SCHEMA, "run": {}, "inputs": [5]}]
+    for i, content in enumerate(edited):  # hand-edited: a field of the wrong type is one line, not a traceback
+        bad.write_text(json.dumps(content))
+        res = CliRunner().invoke(_app(), ["report", str(bad)])
+        assert res.exit_code == 1, (i, res.output)
+        [line] = [line for line in res.output.splitlines() if line.strip()]
+        assert line.startswith(f"error: {bad}: a field of the report is not as segflow writes it"), line
 
 
 def test_previous_report_is_the_one_written_just_before(tmp_path):
