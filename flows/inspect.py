@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from storage.errors import InputError, UnsupportedFormatError
-from storage.rasteropen import without_crs_ok
+from storage.errors import CorruptInputError, InputError, StoreError, UnsupportedFormatError
+from storage.rasteropen import open_raster, without_crs_ok
 
 if TYPE_CHECKING:
     from segmentation import LoadedModel
@@ -32,16 +32,17 @@ COLOR_TABLE_HEADER = "# segflow label table"  # storage.classes.slicer_color_tab
 def _zarr(path: Path) -> dict[str, Any]:
     import zarr
 
-    group = zarr.open_group(str(path), mode="r")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for a damaged zarr.json
+        raise StoreError(path, f"not a readable zarr v3 group ({type(exc).__name__}: {exc})") from None
     arrays = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
               for name, a in group.arrays()}
     return {"type": "zarr store", "path": str(path), "arrays": arrays, "attributes": dict(group.attrs)}
 
 
 def _geotiff(path: Path) -> dict[str, Any]:
-    import rasterio
-
-    with without_crs_ok(), rasterio.open(path) as src:
+    with without_crs_ok(), open_raster(path) as src:
         tags = src.tags()
         info: dict[str, Any] = {
             "type": "GeoTIFF", "path": str(path), "width": src.width, "height": src.height, "count": src.count,
@@ -60,10 +61,13 @@ def _load_nifti(path: Path) -> Any:
     """The NIfTI image (data not read), without nibabel's header notes on the terminal."""
     import nibabel as nib
 
-    from storage.niftiopen import quietly
+    from storage.niftiopen import NIFTI_READ_ERRORS, error_text, quietly
 
-    with quietly():
-        return nib.load(str(path))
+    try:
+        with quietly():
+            return nib.load(str(path))
+    except NIFTI_READ_ERRORS as exc:
+        raise CorruptInputError(path, f"cannot read the NIfTI header: {error_text(exc)}") from None
 
 
 def _nifti(path: Path) -> dict[str, Any]:
@@ -123,12 +127,19 @@ def _recorded_counts(path: Path) -> dict[str, Any] | None:
 
 
 def _raster_counts(path: Path) -> Iterator[np.ndarray]:
-    import rasterio
     from rasterio.windows import Window
 
-    with without_crs_ok(), rasterio.open(path) as src:
+    from storage.rasteropen import GDAL_ERRORS, describe_window, gdal_message
+
+    with without_crs_ok(), open_raster(path) as src:
         for row in range(0, src.height, COUNT_ROWS):
-            yield src.read(1, window=Window(0, row, src.width, min(COUNT_ROWS, src.height - row)))
+            window = Window(0, row, src.width, min(COUNT_ROWS, src.height - row))
+            try:
+                block = src.read(1, window=window)
+            except GDAL_ERRORS as exc:
+                raise CorruptInputError(path, f"cannot read {describe_window(window)} to count its labels: "
+                                              f"{gdal_message(exc)}") from None
+            yield block
 
 
 def _volume_counts(path: Path) -> Iterator[np.ndarray]:
@@ -136,8 +147,15 @@ def _volume_counts(path: Path) -> Iterator[np.ndarray]:
     depth = img.shape[2] if len(img.shape) > 2 else 1
     plane = int(np.prod(img.shape[:2]))
     step = max(1, (64 << 20) // max(plane * img.get_data_dtype().itemsize, 1))  # about 64 MB a slab
+    from storage.niftiopen import NIFTI_READ_ERRORS, error_text
+
     for k in range(0, depth, step):  # in file order, so a gzip stream is read once, forwards
-        yield np.asarray(img.dataobj[:, :, k:k + step] if len(img.shape) > 2 else img.dataobj)
+        try:
+            block = np.asarray(img.dataobj[:, :, k:k + step] if len(img.shape) > 2 else img.dataobj)
+        except NIFTI_READ_ERRORS as exc:
+            raise CorruptInputError(path, f"cannot read planes {k}-{min(depth, k + step) - 1} to count its labels: "
+                                          f"{error_text(exc)}") from None
+        yield block
 
 
 def counted(blocks: Iterator[np.ndarray]) -> dict[str, int]:
@@ -217,7 +235,10 @@ def describe(path: str | Path) -> dict[str, Any]:
             return _zarr(path)
         raise UnsupportedFormatError(path, "directory is neither a zarr store nor a model directory")
     if name.endswith(".json"):
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CorruptInputError(path, f"is not readable JSON: {exc}") from None
     if name.endswith((".tif", ".tiff")):
         return _with_label_table(path, _geotiff(path))
     if name.endswith((".nii", ".nii.gz")):

@@ -81,6 +81,43 @@ def test_info_on_a_raster_without_crs_prints_no_library_warning(tmp_path):
     assert "Warning" not in proc.stderr, proc.stderr
 
 
+def test_info_on_damaged_files_is_one_line_naming_the_file(tmp_path):
+    """`segflow info` of a damaged file, header or pixels, says what is wrong in one line (each was a traceback)."""
+    import nibabel as nib
+
+    labels = np.zeros((600, 600), np.uint8)
+    labels[100:500, 50:550] = 1
+    cog = tmp_path / "labels.tif"
+    with rasterio.open(cog, "w", driver="GTiff", width=600, height=600, count=1, dtype="uint8", tiled=True,
+                       blockxsize=256, blockysize=256, compress="deflate", crs="EPSG:32633",
+                       transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(labels[None])
+        dst.update_tags(CLASSES=json.dumps([{"value": 0, "name": "other"}, {"value": 1, "name": "field"}]))
+    assert run("info", cog).returncode == 0
+    with rasterio.open(cog) as src:  # where the tile of rows 256-511, columns 256-511 starts
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+    blob = bytearray(cog.read_bytes())
+    blob[offset:offset + 64] = b"\xff" * 64
+    cut = tmp_path / "cut.tif"  # its header and class table intact, one tile's deflate stream damaged
+    cut.write_bytes(bytes(blob))
+    volume = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 3, (40, 40, 40)).astype(np.uint8), np.eye(4)),
+             volume)
+    damaged = {cut: "to count its labels", tmp_path / "text.tif": "not a GeoTIFF or VRT",
+               tmp_path / "half.nii.gz": "cannot read the NIfTI header", tmp_path / "r.json": "is not readable JSON",
+               tmp_path / "s.zarr": "not a readable zarr v3 group"}
+    (tmp_path / "text.tif").write_text("not an image")
+    (tmp_path / "half.nii.gz").write_bytes(volume.read_bytes()[:100])
+    (tmp_path / "r.json").write_text("{")
+    (tmp_path / "s.zarr").mkdir()
+    (tmp_path / "s.zarr" / "zarr.json").write_text("{")
+    for path, problem in damaged.items():
+        proc = run("info", path)
+        assert proc.returncode == 2 and not proc.stdout, (path, proc.stdout)
+        [line] = proc.stderr.splitlines()
+        assert line.startswith(f"error: {path}: ") and problem in line, line
+
+
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
     """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
     one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""
