@@ -17,6 +17,7 @@ built from, which provenance records.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -225,6 +226,20 @@ def _save_script_dir(path: Path, card: ModelCard, archive: Path) -> LoadedModel:
     return load_model(path)
 
 
+def _check_replaceable(out: Path) -> None:
+    """Converting again into a converted model's directory replaces it; a trained model's is refused: its
+    weights would be lost, and its checkpoints and learning curve would stay beside another model's card."""
+    if not (out / CARD_FILE).is_file():
+        return
+    try:
+        training = json.loads((out / CARD_FILE).read_text(encoding="utf-8")).get("training")
+    except (OSError, ValueError, AttributeError):
+        training = None
+    if not (isinstance(training, dict) and "converted_from" in training):
+        raise ModelError(out, "holds a model segflow did not convert (trained, or written by hand); converting "
+                              "into it would replace its weights: choose another --out, or remove it first")
+
+
 def _with_source(card: ModelCard, src: Path, fmt: str) -> ModelCard:
     training = dict(card.training or {})
     training.setdefault("converted_from", {"format": fmt, "path": str(src.resolve()), "sha256": sha256_file(src)})
@@ -248,6 +263,7 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
         raise ModelError(out, "the output directory must differ from the source")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_FILE).is_file())):
         raise ModelError(out, "output exists and is not an empty or model directory")
+    _check_replaceable(out)
     notes: list[str] = []
     if src.is_dir() and bundle.is_bundle(src) and not (src / CARD_FILE).is_file():
         mapping = bundle.read_bundle(src, trust_bundle=trust_bundle, card=card)

@@ -67,6 +67,27 @@ def test_shape_mismatch_and_missing_card_are_refused(net, tmp_path):
     assert not (tmp_path / "out" / "card.json").exists()
 
 
+def test_converting_into_a_trained_model_directory_is_refused(net, x, tmp_path):
+    """A converted model's directory may be converted into again; a trained one's is refused, weights untouched
+    (its weights were replaced, and its checkpoints stayed beside the new card)."""
+    from segmentation.modeldir import save_model
+
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    convert_model(ckpt, tmp_path / "converted", card=_card())
+    again, _ = convert_model(ckpt, tmp_path / "converted", card=_card())
+    assert _same(again.module, net, x)
+    trained = tmp_path / "trained"
+    torch.manual_seed(5)
+    save_model(trained, _card().model_copy(update={"training": {"steps": 10}}), build_module(_card()))
+    before = (trained / "weights.safetensors").read_bytes()
+    with pytest.raises(ModelError, match=r"trained.*did not convert.*choose another --out"):
+        convert_model(ckpt, trained, card=_card())
+    with pytest.raises(ModelError, match="did not convert"):  # the weights file inside it, converted in place
+        convert_model(trained / "weights.safetensors", trained, card=_card())
+    assert (trained / "weights.safetensors").read_bytes() == before
+
+
 def test_non_tensor_content_is_refused_clearly(tmp_path):
     junk = tmp_path / "junk.pt"
     torch.save({"lr": 0.1, "name": "x", "steps": [1, 2]}, junk)
