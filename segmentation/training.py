@@ -297,7 +297,9 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
     changed in contrast, brightness and noise, at random (:mod:`segmentation.augment`).
     """
     if steps < 1 or batch_size < 1:
-        raise ConfigError(None, "steps and batch_size must be positive")
+        raise ConfigError(None, f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(None, f"the learning rate must be a positive number, got {lr}")
     if problem := augment.problem():
         raise ConfigError(None, problem)
     if not samples:

@@ -190,6 +190,19 @@ def test_short_run_learns_and_saves_a_model_directory(tmp_path):
         torch.testing.assert_close(loaded.module(x), result.module(x))
 
 
+@pytest.mark.parametrize("options, problem", [({"steps": 0}, "steps and batch_size must be positive, got 0 and 4"),
+                                              ({"batch_size": -1}, "got 20 and -1"),
+                                              ({"lr": -1.0}, "learning rate must be a positive number, got -1.0"),
+                                              ({"lr": math.nan}, "got nan"), ({"lr": 0.0}, "got 0.0")])
+def test_bad_options_are_refused_before_training(tmp_path, options, problem):
+    """A negative or NaN learning rate was torch's ValueError, a traceback out of `segflow train`."""
+    from storage.errors import ConfigError
+
+    image, labels = scene_arrays(tmp_path)
+    with pytest.raises(ConfigError, match=problem):
+        train(small_card(), [TrainingSample(image, labels)], **{"steps": 20, "batch_size": 4, **options})
+
+
 def test_ignored_region_does_not_teach_a_class():
     """A uniform image, labelled 1 in a small square and ignored elsewhere: only class 1 may be learned.
 
