@@ -146,6 +146,14 @@ def path_or_url(text: str) -> str:
     return text if is_url(text) else str(Path(text))
 
 
+def check_out_folder(out: "str | Path") -> None:
+    """A file where ``--out`` names a folder fails here, in one line, before a cluster or Prefect starts."""
+    from storage.remote import is_url
+
+    if not is_url(str(out)) and Path(out).exists() and not Path(out).is_dir():
+        fail(f"{out}: cannot create the output folder: a file of that name is in the way")
+
+
 def ints(text: Optional[str]) -> Optional[list[int]]:
     """``128,128`` or ``128x128`` as integers; anything else is a one-line failure."""
     if not text:

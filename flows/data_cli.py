@@ -30,6 +30,7 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     """Copy inputs into chunked zarr v3 image stores with their full geometry."""
     from flows.cluster import numpy_hugepages_off
     from flows.inputs import expand, input_label, input_stem, output_clashes
+    from storage.atomic import make_output_folder
     from storage.ingest import ingest as do_ingest
 
     expanded, unusable = expand([str(p) for p in inputs])
@@ -38,7 +39,12 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     for error in errors:
         console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)
     failures = len(errors)
-    out.mkdir(parents=True, exist_ok=True)
+    if chunk is not None and chunk < 1:
+        cliutil.fail(f"--chunk must be a positive number of pixels or voxels, got {chunk}")
+    try:
+        make_output_folder(out)
+    except SegflowError as exc:
+        cliutil.fail(str(exc))
     numpy_hugepages_off()  # no cluster here: the copy runs on dask's threads in this process
     for item in (item for i, item in enumerate(expanded) if i not in clashes):
         try:

@@ -314,13 +314,9 @@ def _csv(case: dict[str, Any]) -> str:
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """evaluation.json, evaluation.md and one <case>.csv per case, each written whole or not at all."""
-    from storage.atomic import write_text_atomically
-    from storage.errors import ExportError
+    from storage.atomic import make_output_folder, write_text_atomically
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(out_dir, f"cannot create the output folder: {exc.strerror or exc}") from None
+    make_output_folder(out_dir)
     written = [write_text_atomically(out_dir / "evaluation.json", json.dumps(report, indent=2, allow_nan=False)
                                      + "\n", "evaluation"),
                write_text_atomically(out_dir / "evaluation.md", _markdown(report), "evaluation")]

@@ -78,6 +78,7 @@ from flows.report import InputReport, counts, summary, timestamp
 from flows.retries import TransientError, is_transient
 from flows.routing import loaded, read_models
 from storage import provenance
+from storage.atomic import make_output_folder
 from storage.dicomfiles import SeriesRef
 from storage.errors import ConfigError, SegflowError
 from storage.remote import is_url
@@ -129,8 +130,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     if is_url(out_dir):  # outputs, ledger and reports under a URL prefix (flows/staging.py)
         out: Any = out_dir.rstrip("/")
     else:
-        out = Path(out_dir).expanduser().absolute()
-        out.mkdir(parents=True, exist_ok=True)
+        out = make_output_folder(Path(out_dir).expanduser().absolute())
     labels = list(by_label)
     clashes = {labels[i]: error for i, error in output_clashes(list(by_label.values())).items()}
     reports: dict[str, InputReport] = {p: InputReport(input=p, status="failed", attempts=0, error=error)

@@ -56,6 +56,7 @@ def nightly_command(
 
     if (inbox is None) == (manifest is None):
         cli.fail("give --inbox DIR or --manifest FILE (one of them)")
+    cli.check_out_folder(out)
     options = cli.options(precision=precision, roi=cli.ints(roi), overlap=overlap, chunk_size=chunk_size,
                            batch_size=batch_size, workers=workers, probabilities=probabilities,
                            device=device, dask_address=dask_address, keep_zarr=not no_zarr, quicklook=quicklook,

@@ -51,6 +51,7 @@ from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.chunkwrites import label_dtype, label_nodata
 from storage import chunkcache, provenance
+from storage.atomic import make_output_folder
 from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
@@ -313,10 +314,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     clobbered = overwritten_input(input_path, out_dir, split_by_tile=options.split_by_tile)
     if clobbered is not None:
         raise IncompatibleInputError(*clobbered)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(out_dir, f"cannot create output directory: {exc.strerror or exc}") from None
+    make_output_folder(out_dir)
     work = out_dir / WORK_DIR
     try:
         origin = record_input_as if record_input_as is not None and is_url(record_input_as) else None

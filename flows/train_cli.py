@@ -58,7 +58,7 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
     provenance, the best validated weights, a learning curve and a per-class validation table."""
     from flows.training import train_from_dataset, train_from_files
     from segmentation.augment import Augmentation
-    from segmentation.modeldir import read_card
+    from segmentation.modeldir import check_model_out, read_card
 
     image, labels = image or [], labels or []
     if dataset is not None and (image or labels):
@@ -85,6 +85,7 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                           f"{v['best_step']}); {escape(scores)}", highlight=False, soft_wrap=True)
 
     try:
+        check_model_out(out, checkpoints=True)
         model_card = read_card(card)
         common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,

@@ -31,6 +31,7 @@ from torch import nn
 
 from segmentation import models
 from segmentation.card import ModelCard
+from segmentation.checkpoint import CHECKPOINTS
 from segmentation.formats import (ScriptedNetwork, detect_format, fill, load_torchscript, read_state_dict)
 from storage.errors import ModelError
 from storage.hashing import sha256_file
@@ -226,6 +227,19 @@ def _save_script_dir(path: Path, card: ModelCard, archive: Path) -> LoadedModel:
     return load_model(path)
 
 
+def check_model_out(out: Path, *, checkpoints: bool = False) -> None:
+    """Refuse to write a model directory over a file, or into a folder of other things (a dataset, a home
+    folder): it may be empty, or a model directory (with ``checkpoints``, also an interrupted training run's)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ModelError(out, "exists and is not a directory; a model directory is written there")
+    ours = (out / CARD_FILE).is_file() or (checkpoints and (out / CHECKPOINTS).is_dir())
+    if not ours and any(out.iterdir()):
+        raise ModelError(out, "is a folder of other files, not an empty or model directory; choose a new --out")
+
+
 def _check_replaceable(out: Path) -> None:
     """Converting again into a converted model's directory replaces it; a trained model's is refused: its
     weights would be lost, and its checkpoints and learning curve would stay beside another model's card."""
@@ -261,8 +275,7 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
         raise ModelError(out, "the output directory must differ from the source")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_FILE).is_file())):
-        raise ModelError(out, "output exists and is not an empty or model directory")
+    check_model_out(out)
     _check_replaceable(out)
     notes: list[str] = []
     if src.is_dir() and bundle.is_bundle(src) and not (src / CARD_FILE).is_file():

@@ -118,6 +118,35 @@ def test_info_on_damaged_files_is_one_line_naming_the_file(tmp_path):
         assert line.startswith(f"error: {path}: ") and problem in line, line
 
 
+def test_out_over_a_file_is_one_line_before_any_work(model2d, tmp_path):
+    """`--out` naming a file: ingest, nightly and train tracebacked (FileExistsError, NotADirectoryError), segment
+    failed each input after starting its cluster; now each command says so in one line, exit 2, first."""
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    labels = tmp_path / "labels.tif"
+    with rasterio.open(labels, "w", driver="GTiff", width=40, height=30, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((1, 30, 40), np.uint8))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    commands = {"segment": ("segment", scene, "--model", model2d.path),
+                "ingest": ("ingest", scene), "nightly": ("nightly", "--inbox", inbox, "--model", model2d.path),
+                "train": ("train", "--card", model2d.path / "card.json", "--image", scene, "--labels", labels,
+                          "--steps", "1"),
+                "evaluate": ("evaluate", labels, "--truth", labels)}
+    for name, args in commands.items():
+        proc = run(*args, "--out", blocker)
+        assert proc.returncode == (1 if name == "evaluate" else 2), (name, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert lines and lines[-1].startswith(f"error: {blocker}: "), (name, proc.stderr)
+        assert "Traceback" not in proc.stderr and "Dask" not in proc.stderr, (name, proc.stderr)
+        assert blocker.read_text() == "a file, not a folder"
+
+
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
     """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
     one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""

@@ -362,3 +362,16 @@ def test_open_dataset_recognises_each_layout(tmp_path: Path) -> None:
         root = writer(tmp_path / layout).root
         assert open_dataset(root).layout == layout
     assert open_dataset(tmp_path / "coco" / "coco" / VAL).layout == "coco"
+
+
+def test_a_folder_in_no_layout_is_refused_saying_what_each_layout_holds(tmp_path: Path) -> None:
+    """The one line lists each layout with the folders it is recognised by, so a user can see what is missing."""
+    from storage.datasets import layouts, open_dataset
+
+    (tmp_path / "scene.tif").write_bytes(b"x")
+    (tmp_path / "scene.truth.tif").write_bytes(b"x")
+    with pytest.raises(InvalidInputError) as err:
+        open_dataset(tmp_path)
+    text = str(err.value)
+    assert text.startswith(f"{tmp_path}: not a dataset layout segflow knows: voc (JPEGImages/ and ")
+    assert all(layout.holds and f"{layout.name} ({layout.holds})" in text for layout in layouts())

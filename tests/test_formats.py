@@ -153,3 +153,27 @@ def test_torchscript_archive_runs_as_is_and_converts(net, x, tmp_path):
     kept, _ = convert_model(archive, tmp_path / "kept")
     assert kept.card.architecture.name == "torchscript" and (tmp_path / "kept" / "model.ts").is_file()
     assert _same(load_model(tmp_path / "kept").module, scripted, x)
+
+
+def test_a_model_directory_is_never_written_over_a_file_or_into_a_folder_of_other_things(net, tmp_path):
+    """`segflow train --out` over a file was a traceback; into a data folder it scattered a model among the data."""
+    from segmentation.modeldir import check_model_out
+
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    with pytest.raises(ModelError, match="exists and is not a directory"):
+        check_model_out(ckpt)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "scene.tif").write_bytes(b"x")
+    with pytest.raises(ModelError, match="folder of other files"):
+        convert_model(ckpt, data, card=_card())
+    assert sorted(p.name for p in data.iterdir()) == ["scene.tif"]
+    interrupted = tmp_path / "interrupted"  # a training run stopped before its card: --resume goes on there
+    (interrupted / "checkpoints").mkdir(parents=True)
+    check_model_out(interrupted, checkpoints=True)
+    with pytest.raises(ModelError, match="folder of other files"):
+        check_model_out(interrupted)
+    check_model_out(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_model_out(tmp_path / "empty")

@@ -28,8 +28,8 @@ def open_dataset(path: str | Path) -> Dataset:
     for layout in known:
         if layout.detect(root):
             return layout.open(root)
-    names = ", ".join(layout.name for layout in known)
-    raise InvalidInputError(root, f"not a dataset layout segflow knows ({names})")
+    names = "; ".join(f"{layout.name} ({layout.holds})" for layout in known)
+    raise InvalidInputError(root, f"not a dataset layout segflow knows: {names}")
 
 
 __all__ = ["Case", "CaseData", "Dataset", "IGNORE", "Layout", "SplitCounts", "fingerprint", "layouts",

@@ -86,6 +86,7 @@ class Layout:
     name: str
     detect: Any  # (root: Path) -> bool, cheap: looks at names only
     open: Any  # (root: Path) -> Dataset, validates, raises InvalidInputError naming the file
+    holds: str = ""  # what the folder holds, for the error when no layout is recognised
 
 
 def fingerprint(root: Path, files: Iterable[Path]) -> str:

@@ -168,7 +168,7 @@ def open_cityscapes(root: Path) -> CityscapesDataset:
     return CityscapesDataset(name=root.name, root=root, cases=cases)
 
 
-LAYOUT = Layout(name="cityscapes", detect=detect, open=open_cityscapes)
+LAYOUT = Layout(name="cityscapes", detect=detect, open=open_cityscapes, holds="leftImg8bit/ and gtFine/")
 
 
 def _split_cases(images: Path, labels: Path | None, split: str) -> list[Case]:

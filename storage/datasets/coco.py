@@ -172,7 +172,7 @@ def open_coco(path: Path) -> CocoDataset:
                        sources=sources, shapes=reader.shapes)
 
 
-LAYOUT = Layout(name="coco", detect=detect, open=open_coco)
+LAYOUT = Layout(name="coco", detect=detect, open=open_coco, holds="annotations/instances_*.json or panoptic_*.json")
 
 
 class _Reader:

@@ -356,6 +356,6 @@ def open_decathlon(root: Path) -> DecathlonDataset:
                             cases=cases, description=description)
 
 
-LAYOUT = Layout(name="decathlon", detect=detect, open=open_decathlon)
+LAYOUT = Layout(name="decathlon", detect=detect, open=open_decathlon, holds="dataset.json, imagesTr/ and labelsTr/")
 
 __all__ = ["DecathlonDataset", "LAYOUT", "NIFTI_ENDINGS", "detect", "open_decathlon"]

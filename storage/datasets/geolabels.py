@@ -354,7 +354,7 @@ def open_geo(root: Path, *, class_attribute: str | None = None) -> GeoDataset:
     return dataset
 
 
-LAYOUT = Layout(name="geo", detect=detect, open=open_geo)
+LAYOUT = Layout(name="geo", detect=detect, open=open_geo, holds="images/ and labels/")
 
 __all__ = ["CLASS_ATTRIBUTES", "GeoDataset", "LAYOUT", "VectorLabels", "crs_of", "class_values", "detect",
            "find_class_attribute", "open_geo", "raster_spacing", "rasterise"]

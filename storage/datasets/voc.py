@@ -138,7 +138,7 @@ def open_voc(root: Path) -> VocDataset:
     return VocDataset(name=root.name, root=root, cases=cases)
 
 
-LAYOUT = Layout(name="voc", detect=detect, open=open_voc)
+LAYOUT = Layout(name="voc", detect=detect, open=open_voc, holds="JPEGImages/ and SegmentationClass/")
 
 
 def _children(root: Path) -> list[Path]:
