@@ -75,6 +75,20 @@ def options(**fields: object) -> "SegmentOptions":
         fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
 
 
+def check_device(options: "SegmentOptions") -> None:
+    """A CUDA device asked for on a machine without one, for work run here (not on a remote cluster's workers,
+    which have their own devices): one line, exit 2, before anything starts."""
+    if not options.device.startswith("cuda") or options.dask_address:
+        return
+    from segmentation.inference import pick_device
+    from storage.errors import SegflowError
+
+    try:
+        pick_device(options.device)
+    except SegflowError as exc:
+        fail(str(exc))
+
+
 def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *, load: bool = False) -> None:
     """Refuse a bad model before any input is touched: one line, exit 2.
 
@@ -159,9 +173,12 @@ def ints(text: Optional[str]) -> Optional[list[int]]:
     if not text:
         return None
     try:
-        return [int(v) for v in text.replace("x", ",").split(",") if v]
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
-        fail(f"cannot read sizes from {text!r} (expected e.g. 128,128)")
+        values = []
+    if not values:  # "x" or "," read as no numbers at all: as wrong as "a,b"
+        fail(f"cannot read numbers from {text!r} (expected e.g. 128,128)")
+    return values
 
 
 __all__ = ["check_models", "console", "fail", "finish", "ints", "options", "out", "path_or_url", "progress",

@@ -61,6 +61,7 @@ def nightly_command(
                            batch_size=batch_size, workers=workers, probabilities=probabilities,
                            device=device, dask_address=dask_address, keep_zarr=not no_zarr, quicklook=quicklook,
                            **({"gpus": True} if gpus else {}))
+    cli.check_device(options)
     cli.check_models(model, load=True)  # loaded as the flow will (the same objects): a bad one is one line, first
     flow = nightly
     if parallel > 1:

@@ -134,6 +134,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         cliutil.fail("--split-by-tile cuts the tiles' own grids out of the result; it cannot be combined with "
                      "--output-grid model")
     cliutil.check_out_folder(out)
+    cliutil.check_device(options)
     arguments = dict(inputs=[cliutil.path_or_url(p) for p in inputs], model_dir=str(model),
                      out_dir=cliutil.path_or_url(out), options=options)
     run_log = None

@@ -19,13 +19,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from storage.errors import ConfigError
+
 Precision = Literal["exact", "fast"]
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: a GPU when there is one.  A CUDA device asked for where there is none is a ConfigError saying
+    so (torch's own is an AssertionError, "Torch not compiled with CUDA enabled", from deep in a window task)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch finds no GPU"
+            raise ConfigError(None, f"device {device!r} asked for, but {why} here (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(None, f"device {device!r} asked for, but there are {torch.cuda.device_count()} GPU(s)")
+    return dev
 
 
 def fold_batch_norm(net: nn.Module, example: torch.Tensor) -> nn.Module:

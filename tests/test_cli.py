@@ -147,6 +147,26 @@ def test_out_over_a_file_is_one_line_before_any_work(model2d, tmp_path):
         assert blocker.read_text() == "a file, not a folder"
 
 
+def test_options_that_read_as_nothing_and_a_missing_gpu_are_one_line(model2d, tmp_path):
+    """`--tta x` read as no axes and ran without test-time augmentation, saying nothing; `--device cuda` without a
+    GPU failed each input with torch's AssertionError after the cluster started."""
+    import torch
+
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    cases = [(("--tta", "x"), "cannot read numbers from 'x'"), (("--roi", ","), "cannot read numbers from ','")]
+    if not torch.cuda.is_available():
+        cases.append((("--device", "cuda"), "device 'cuda' asked for, but "))
+    for args, problem in cases:
+        proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        [line] = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert line.startswith(f"error: {problem}"), (args, proc.stderr)
+        assert not (tmp_path / "out").exists()
+
+
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
     """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
     one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""
