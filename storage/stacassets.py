@@ -113,6 +113,9 @@ def _read(path: Path) -> tuple[dict[str, Any], Any]:
         item = pystac.Item.from_dict(doc, href=str(path), migrate=False, preserve_dict=True)
     except Exception as exc:  # noqa: BLE001 - pystac raises many types for a malformed item
         raise InvalidInputError(path, f"is not a valid STAC item: {type(exc).__name__}: {exc}") from None
+    if not isinstance(item.id, str):  # pystac keeps whatever the JSON holds; the id names outputs and provenance
+        raise InvalidInputError(path, f"is not a valid STAC item: its id is {type(item.id).__name__} "
+                                      f"{str(item.id)[:40]!r}, not a string")
     return doc, item
 
 
@@ -162,8 +165,23 @@ def _is_raster(asset: Any, fields: dict[str, Any]) -> bool:
     return media.startswith(_RASTER_TYPES) or urlparse(asset.href).path.lower().endswith(_RASTER_SUFFIXES)
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+class _NotANumber(ValueError):
+    """A band field that must be a number holds something else: the item is wrong, not silent."""
+
+
+_NODATA_WORDS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}  # the raster extension's
+
+
+def _number(value: Any, field: str, *, words: dict[str, float] | None = None) -> float | None:
+    """A band's scale, offset or nodata.  Anything but a number (or, for nodata, the raster extension's "nan",
+    "inf", "-inf") is refused: a scale left out of one band would feed the model bands in different units."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if words and isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise _NotANumber(f"{field} is {str(value)[:40]!r}, not a number")
 
 
 def _described_bands(key: str, fields: dict[str, Any]) -> list[_Band]:
@@ -178,9 +196,10 @@ def _described_bands(key: str, fields: dict[str, Any]) -> list[_Band]:
         r = raster[i] if i < len(raster) and isinstance(raster[i], dict) else {}
         out.append(_Band(asset=key, index=i + 1, name=e.get("name") if isinstance(e.get("name"), str) else None,
                          common_name=_text(e.get("eo:common_name", e.get("common_name"))),
-                         scale=_number(r.get("scale", e.get("raster:scale"))),
-                         offset=_number(r.get("offset", e.get("raster:offset"))),
-                         nodata=_number(r.get("nodata", e.get("nodata")))))
+                         scale=_number(r.get("scale", e.get("raster:scale")), f"band {i + 1}'s scale"),
+                         offset=_number(r.get("offset", e.get("raster:offset")), f"band {i + 1}'s offset"),
+                         nodata=_number(r.get("nodata", e.get("nodata")), f"band {i + 1}'s nodata",
+                                        words=_NODATA_WORDS)))
     return out
 
 
@@ -199,7 +218,10 @@ def _assets(path: Path, doc: dict[str, Any], item: Any, origin: str | None = Non
         href = _absolute(asset.href, path.parent, self_href, origin)
         a = _Asset(key=key, href=href, gdal=_gdal_path(href), media_type=(asset.media_type or ""),
                    roles=list(asset.roles or []), fields=fields)
-        a.bands = _described_bands(key, fields)
+        try:
+            a.bands = _described_bands(key, fields)
+        except _NotANumber as exc:
+            raise InvalidInputError(path, f"asset {key!r}: {exc}") from None
         if not a.bands:  # the item does not say: one band named by the key until GDAL says otherwise
             a.described = False
             a.bands = [_Band(asset=key, index=1)]

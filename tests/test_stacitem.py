@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -164,15 +165,23 @@ def test_bad_items_are_one_line_each_and_leave_nothing(scene, models, tmp_path, 
                                                                  "roles": ["thumbnail"]}})
     collection = tmp_path / "collection.json"
     collection.write_text(json.dumps({"type": "Collection", "stac_version": "1.0.0", "id": "s2", "links": []}))
+    # a scale that is not a number was dropped, so that band alone reached the model in digital numbers
+    bad_scale = _item(tmp_path / "d", "bad-scale", {**bands, "red": {**bands["red"], "raster:bands": [
+        {**bands["red"]["raster:bands"][0], "scale": "0.0001"}]}})
+    numbered = tmp_path / "e" / "item.json"  # an id that is not a string: pydantic's error text, without the file
+    _item(tmp_path / "e", "x", bands)
+    numbered.write_text(json.dumps({**json.loads(numbered.read_text()), "id": 5}))
     out = tmp_path / "out"
-    code, errors, output = _cli([str(no_nir), str(broken), str(no_raster), str(collection), "--model",
-                                 str(models["rgbn"].path), "--out", str(out)], dask_cluster)
-    assert code == 1 and len(errors) == 4, output
+    code, errors, output = _cli([str(no_nir), str(broken), str(no_raster), str(collection), str(bad_scale),
+                                 str(numbered), "--model", str(models["rgbn"].path), "--out", str(out)], dask_cluster)
+    assert code == 1 and len(errors) == 6, output
     expected = {no_nir: "model 'tiny-2d-4ch' needs nir, which no asset of item 'no-nir' offers (it has 3 band(s): "
                         "1:B02/blue [asset blue], 2:B03/green [asset green], 3:B04/red [asset red])",
                 broken: "asset 'red' (" + str(tmp_path / "broken.tif") + ") cannot be opened",
                 no_raster: "item 'previews' has no raster asset segflow can use (assets: thumbnail (image/png))",
-                collection: "is not a STAC item (a STAC Collection)"}
+                collection: "is not a STAC item (a STAC Collection)",
+                bad_scale: "asset 'red': band 1's scale is '0.0001', not a number",
+                numbered: "is not a valid STAC item: its id is int '5', not a string"}
     for path, text in expected.items():
         assert any(e.startswith(f"error: {path}: ") and text in e for e in errors), (text, errors)
     assert not out.exists() or not list(out.iterdir())
@@ -308,3 +317,18 @@ def test_an_items_quicklook_shows_its_red_green_and_blue_under_the_labels(scene,
     plain = raster_quicklook(out / f"{ITEM_ID}.tif", tmp_path / "plain.png", classes=models["swir"].card.classes)
     assert not np.array_equal(np.asarray(Image.open(plain.path).convert("RGB"))[top:top + height, left:left + width],
                               want)  # the image does show
+
+
+def test_the_raster_extensions_nodata_words_are_read_as_numbers(scene, tmp_path):
+    """The raster extension allows "nan", "inf" and "-inf" as nodata; any other string is refused (above)."""
+    from storage.stacassets import plan_item
+
+    bands = {k: s2_samples.band_asset(k, str(scene.parent / f"{s2_samples.BANDS[k][0]}.tif"))
+             for k in s2_samples.BANDS}
+    words = {"blue": "nan", "green": "inf", "red": "-inf"}
+    for key, word in words.items():
+        bands[key] = {**bands[key], "raster:bands": [{**bands[key]["raster:bands"][0], "nodata": word}]}
+    plan = plan_item(_item(tmp_path / "w", "words", bands))
+    nodata = {band.asset: band.nodata for asset in plan.assets.values() for band in asset.bands}
+    assert math.isnan(nodata["blue"]) and nodata["green"] == math.inf and nodata["red"] == -math.inf
+    assert nodata["nir"] == 0.0
