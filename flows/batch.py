@@ -28,13 +28,14 @@ from __future__ import annotations
 import gc
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.runlog import run_logger
-from storage.errors import IncompatibleInputError, SegflowError
+from storage.errors import ExportError, IncompatibleInputError, SegflowError
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -146,14 +147,16 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
     outcomes: list[dict[str, Any]] = []
     with (nullcontext(cluster) if cluster is not None else start_cluster(model_dir, options)) as up:
         # while the cluster starts: the pipeline's imports (torch, zarr, rasterio, ...) and the model
-        from flows.inputs import input_label
+        from flows.inputs import input_label, input_stem
         from flows.pipeline import Outcome
         from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
         from storage.dicomfiles import SeriesRef
 
         model = load_cached(model_dir, trust_bundle=options.trust_bundle)
         if options.mosaic is not None:  # every input is a tile of one seamless image: one outcome, failed as a whole
-            outcome = mosaic_outcome(inputs, model, out_dir, options, up)
+            with input_lock(out_dir, options.mosaic, f"mosaic {options.mosaic}") as busy:
+                outcome = Outcome(input=f"mosaic {options.mosaic}", ok=False, error=busy) if busy else \
+                    mosaic_outcome(inputs, model, out_dir, options, up)
             if not outcome.ok:
                 logger.info("input failed: %s", outcome.error)
             return [outcome.to_dict()]
@@ -165,15 +168,46 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
                 outcomes.append(_failed(label, error or ""))
                 continue
             try:
-                if isinstance(path, SeriesRef):
-                    outcome = segment_series(path, model, out_dir, options, client)
-                else:
-                    outcome = segment_staged(path, model, out_dir, options, client)
+                with input_lock(out_dir, input_stem(path), input_label(path)) as busy:
+                    if busy:
+                        outcome = Outcome(input=input_label(path), ok=False, error=busy)
+                    elif isinstance(path, SeriesRef):
+                        outcome = segment_series(path, model, out_dir, options, client)
+                    else:
+                        outcome = segment_staged(path, model, out_dir, options, client)
             except Exception as exc:  # isolation: record and go on
                 outcome = Outcome(input=input_label(path), ok=False, error=one_line(exc))
+            if not outcome.ok:
                 logger.info("input failed: %s", outcome.error)
             outcomes.append(outcome.to_dict())
     return outcomes
+
+
+@contextmanager
+def input_lock(out_dir: str, stem: str, label: str) -> Iterator[str | None]:
+    """The input's lock under a local ``out_dir``, the one ``nightly`` takes (:mod:`flows.locks`): two runs
+    writing one input's outputs into one folder at once both failed, each on the other's half-written files.
+    Yields None while held, else the input's one-line error.  An output URL's outputs are published whole
+    (:mod:`flows.staging`), so none is taken there."""
+    from flows import locks
+    from storage.remote import is_url
+
+    if is_url(out_dir):
+        yield None
+        return
+    lock = locks.InputLock(Path(out_dir) / locks.LOCKS_DIR, stem)
+    try:
+        holder = lock.acquire(input=label)
+    except OSError as exc:
+        raise ExportError(lock.path, f"cannot take the input's lock: {exc.strerror or exc}") from None
+    if holder is not None:
+        yield (f"{label}: another run is writing its outputs into {out_dir} ({holder.describe()}); not "
+               "processed: run again when it is done")
+        return
+    try:
+        yield None
+    finally:
+        lock.release()
 
 
 def _failed(label: str, error: str) -> dict[str, Any]:

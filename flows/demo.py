@@ -56,9 +56,26 @@ def dice_report(card: ModelCard, output: Path, truth: Path) -> list[dict[str, An
             for c in card.classes]
 
 
+DEMO_MARKER = ".segflow-demo"  # written first into a demo's folder: only such a folder is ever emptied again
+
+
+def claim_workdir(workdir: Path) -> None:
+    """The demo replaces its folder's inputs/, models/ and outputs/: refuse a folder that is not a demo's (a
+    user's project with folders of those names), and a file in the way."""
+    if workdir.exists() and not workdir.is_dir():
+        raise SegflowError(workdir, "is a file; --workdir names a folder for the demo")
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / DEMO_MARKER).is_file():
+        raise SegflowError(workdir, "is not empty and not a demo's folder; the demo would replace its inputs/, "
+                                    "models/ and outputs/: give a new --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DEMO_MARKER).write_text("made by segflow demo: its inputs/, models/ and outputs/ are replaced on a "
+                                       "rerun\n")
+
+
 def run_demo(workdir: Path, *, workers: int | None = None, progress: Any = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     workdir = Path(workdir)
+    claim_workdir(workdir)
     inputs, models, outputs = workdir / "inputs", workdir / "models", workdir / "outputs"
     for d in (inputs, models, outputs):
         if d.exists():

@@ -113,7 +113,9 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
 
 
 
-def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir", help="Fresh folder for inputs, models, outputs."),
+def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir",
+                                      help="A new folder for inputs, models and outputs, or an earlier demo's (they "
+                                           "are replaced there); any other non-empty folder is refused."),
          workers: Optional[int] = typer.Option(None, help="Local Dask worker processes.")) -> None:
     """Generate sample data, train two small models, segment held-out inputs, report Dice."""
     from flows.demo import run_demo

@@ -167,6 +167,35 @@ def test_options_that_read_as_nothing_and_a_missing_gpu_are_one_line(model2d, tm
         assert not (tmp_path / "out").exists()
 
 
+def test_an_input_another_run_is_writing_is_not_touched(model2d, tmp_path):
+    """Two `segflow segment` runs of one input into one folder at once both failed, each on the other's
+    half-written files (a KeyError and a missing .partial chunk, seen by hand). Each input is now written under
+    the per-input lock nightly takes: the second run says who holds it and leaves the files alone."""
+    from flows import locks
+
+    names = ("busy.tif", "free.tif")
+    for name in names:
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                           crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+            dst.write(np.ones((3, 30, 40), np.uint8))
+    out = tmp_path / "out"
+    other_run = locks.InputLock(out / locks.LOCKS_DIR, "busy")
+    assert other_run.acquire(input="busy.tif") is None
+    try:
+        proc = run("segment", *(tmp_path / n for n in names), "--model", model2d.path, "--out", out)
+        assert proc.returncode == 1, proc.stderr
+        [line] = error_lines(proc.stderr)
+        assert line.startswith(f"error: {tmp_path / 'busy.tif'}: another run is writing its outputs into {out} "
+                               f"(host {locks.HOST}, pid {os.getpid()}, "), line
+        assert (out / "free.tif").is_file() and not list(out.glob("busy*"))
+        assert other_run.still_held()  # not broken: its holder is alive and beating
+    finally:
+        other_run.release()
+    proc = run("segment", tmp_path / "busy.tif", "--model", model2d.path, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "busy.tif").is_file() and not (out / locks.LOCKS_DIR).exists()
+
+
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
     """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
     one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""

@@ -276,7 +276,7 @@ def test_output_path_taken_by_a_directory_fails_cleanly(scene, tmp_path, dask_cl
 def test_output_directory_under_a_file_fails_cleanly(scene, tmp_path, dask_cluster):
     image, model_dir = scene
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ExportError, match="cannot create output directory: Not a directory"):
+    with pytest.raises(ExportError, match="cannot create the output folder: Not a directory"):
         segment_one(image, load_model(model_dir.path), tmp_path / "file" / "out", SegmentOptions(chunk_size=CHUNK),
                     dask_cluster)
     assert _listing(tmp_path) == ["file"]
