@@ -10,7 +10,7 @@ held-out Dice.  Both live here, apart from the commands that use models
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 from rich.markup import escape
@@ -104,6 +104,8 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                                           val_fraction=0.2 if val_fraction is None else val_fraction)
     except SegflowError as exc:
         cliutil.fail(str(exc))
+    except KeyboardInterrupt:
+        _interrupted(out, steps)
     best = (loaded.card.training or {}).get("validation", {}).get("best")
     if best:
         console.print(f"best validation: step {best['step']}, mean foreground Dice "
@@ -111,6 +113,21 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                       highlight=False, soft_wrap=True)
     console.print(f"trained {loaded.name} -> {loaded.path} (weights sha256 {loaded.weights_sha256[:12]}…)")
 
+
+
+def _interrupted(out: Path, steps: int) -> NoReturn:
+    """Ctrl-C during training: what is saved, and the command that goes on from it (exit 130)."""
+    from segmentation.checkpoint import CHECKPOINTS, saved_step
+
+    step = saved_step(out / CHECKPOINTS)
+    if step is None:
+        text = (f"training did not finish, so {out} holds no new model, and no validation was reached, so there "
+                "is nothing to resume from: run the same command again to start over")
+    else:
+        text = (f"training did not finish, so {out} holds no new model; its state at the last validation (step "
+                f"{step} of {steps}) is saved there: add --resume to the same command to go on from it")
+    console.print(f"[yellow]interrupted:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
 
 
 def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir",

@@ -97,6 +97,17 @@ def save_state(folder: str | os.PathLike[str], state: ResumeState) -> Path:
     return save_tensors(state_path(folder), tensors, {_META_KEY: json.dumps(meta)})
 
 
+def saved_step(folder: str | os.PathLike[str]) -> int | None:
+    """The step of the resume state in ``folder`` from its header alone (no tensors read); None when there is
+    none that reads."""
+    try:
+        with safe_open(str(state_path(folder)), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get(_META_KEY) or "null")
+        return int(meta["step"]) if isinstance(meta, dict) and meta.get("format") == _FORMAT else None
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_state(folder: str | os.PathLike[str]) -> ResumeState:
     """The state :func:`save_state` wrote in ``folder``; a missing or foreign file is a one-line error."""
     path = state_path(folder)

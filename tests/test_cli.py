@@ -196,6 +196,40 @@ def test_an_input_another_run_is_writing_is_not_touched(model2d, tmp_path):
     assert (out / "busy.tif").is_file() and not (out / locks.LOCKS_DIR).exists()
 
 
+def test_ctrl_c_in_train_says_what_is_saved_and_how_to_go_on(model2d, tmp_path):
+    """Ctrl-C in `segflow train` exited 130 saying nothing; now one line names the step saved and --resume."""
+    import signal
+    import time
+
+    from segmentation.checkpoint import saved_step
+
+    scene, labels = tmp_path / "scene.tif", tmp_path / "labels.tif"
+    rng = np.random.default_rng(0)
+    for path, data in ((scene, rng.integers(0, 255, (3, 64, 64), dtype=np.uint8)),
+                       (labels, rng.integers(0, 3, (1, 64, 64), dtype=np.uint8))):
+        with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=data.shape[0], dtype="uint8",
+                           crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+            dst.write(data)
+    out = tmp_path / "model"
+    state = out / "checkpoints" / "resume.safetensors"
+    env = {**os.environ, "PREFECT_HOME": os.environ["PREFECT_HOME"], "COLUMNS": "200"}
+    proc = subprocess.Popen([*SEGFLOW, "train", "--card", str(model2d.path / "card.json"), "--image", str(scene),
+                             "--labels", str(labels), "--out", str(out), "--steps", "100000", "--val-every", "2",
+                             "--batch-size", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    [line] = [line for line in stderr.splitlines() if line.strip()]
+    step = saved_step(out / "checkpoints")
+    assert step is not None and step % 2 == 0, stderr
+    assert line.startswith(f"interrupted: training did not finish, so {out} holds no new model; its state at the "
+                           f"last validation (step {step} of 100000) is saved there: add --resume"), line
+    assert saved_step(tmp_path) is None
+
+
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
     """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
     one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""
