@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import gc
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from flows.cluster import dask_client
