@@ -63,6 +63,8 @@ def read_card(path: str | PathLike[str]) -> ModelCard:
     """Validate ``card.json`` of a model directory (or a card file given directly)."""
     path = Path(path)
     card_path = path / CARD_FILE if path.is_dir() else path
+    if not path.exists():
+        raise ModelError(path, "no such model directory or card file")
     if not card_path.is_file():
         raise ModelError(path, f"no {CARD_FILE} (a model directory holds {CARD_FILE} and {WEIGHTS_FILE})")
     try:
@@ -107,7 +109,8 @@ def load_model(path: str | PathLike[str], *, verify_hash: bool = True, trust_bun
     if path.is_file():
         return _load_archive(path)
     if not path.is_dir():
-        raise ModelError(path, "model path is not a directory")
+        raise ModelError(path, "no such model directory" if not path.exists() else
+                         "is neither a model directory nor a weights file")
     if bundle.is_bundle(path) and not (path / CARD_FILE).is_file():
         mapping, module = bundle.load_bundle(path, trust_bundle=trust_bundle)
         return LoadedModel(path=path, card=mapping.card, module=module, weights_sha256=mapping.card.weights_sha256
