@@ -168,6 +168,20 @@ def check_out_folder(out: "str | Path") -> None:
         fail(f"{out}: cannot create the output folder: a file of that name is in the way")
 
 
+def check_report_file(path: Path, out: "str | Path") -> None:
+    """``--report FILE``: a folder there (``--out`` itself included), or a folder that cannot be made for it,
+    fails here, before the work (it was a traceback after every input had been segmented)."""
+    from storage.atomic import make_output_folder
+    from storage.errors import SegflowError
+
+    if path.is_dir() or path.absolute() == Path(str(out)).absolute():
+        fail(f"{path}: is a folder; --report names the JSON file to write")
+    try:
+        make_output_folder(path.parent)
+    except SegflowError as exc:
+        fail(str(exc))
+
+
 def ints(text: Optional[str]) -> Optional[list[int]]:
     """``128,128`` or ``128x128`` as integers; anything else is a one-line failure."""
     if not text:

@@ -19,6 +19,7 @@ import typer
 from rich.markup import escape
 
 from flows import cliutil
+from storage.atomic import make_output_folder, write_text_atomically
 from storage.errors import SegflowError
 
 console = cliutil.console
@@ -134,6 +135,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         cliutil.fail("--split-by-tile cuts the tiles' own grids out of the result; it cannot be combined with "
                      "--output-grid model")
     cliutil.check_out_folder(out)
+    if report is not None:
+        cliutil.check_report_file(report, out)
     cliutil.check_device(options)
     arguments = dict(inputs=[cliutil.path_or_url(p) for p in inputs], model_dir=str(model),
                      out_dir=cliutil.path_or_url(out), options=options)
@@ -162,9 +165,17 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                     outcomes = segment_inputs(**arguments, cluster=cluster, checked=checked)
         except SegflowError as exc:
             cliutil.fail(str(exc))
+    unsaved = []  # the outputs are written; a report that cannot be is said last, and fails the command
     if report:
-        report.write_text(json.dumps(outcomes, indent=2))
-    page = _run_report(outcomes, arguments["out_dir"])
+        try:
+            write_text_atomically(report, json.dumps(outcomes, indent=2), "--report file")
+        except SegflowError as exc:
+            unsaved.append(str(exc))
+    try:
+        page = _run_report(outcomes, arguments["out_dir"])
+    except SegflowError as exc:
+        page = None
+        unsaved.append(str(exc))
     scored = _score(outcomes, truth, model, arguments["out_dir"]) if truth is not None else None
     for o in outcomes:
         if o["ok"] and not quiet:
@@ -173,15 +184,15 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                           f"({s.get('windows_evaluated')} windows, {s.get('windows_skipped')} skipped, "
                           f"{s.get('total_seconds')} s)", highlight=False, soft_wrap=True)
     failed = [o for o in outcomes if not o["ok"]]
-    for o in failed:
-        console.print(f"[red]error:[/red] {escape(o['error'])}", highlight=False, soft_wrap=True)
+    for text in [o["error"] for o in failed] + unsaved:
+        console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
     if run_log is not None and run_log.written:
         cliutil.inform(f"log: {run_log.path}", quiet)
     if page is not None:
         cliutil.inform(f"report: {page}", quiet)
     if scored is not None:
         cliutil.inform(f"scores: {scored}", quiet)
-    cliutil.finish(1 if failed else 0)
+    cliutil.finish(1 if failed or unsaved else 0)
 
 
 def _run_report(outcomes: list[dict], out: str) -> Path | None:
@@ -190,13 +201,11 @@ def _run_report(outcomes: list[dict], out: str) -> Path | None:
     import datetime as dt
 
     from flows.htmlreport import find_quicklooks, write_html_report
-    from storage.atomic import write_text_atomically
     from storage.remote import is_url
 
     if is_url(out) or not any(o["ok"] for o in outcomes):
         return None
-    folder = Path(out) / "reports"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_output_folder(Path(out) / "reports")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     data = folder / f"segment-{stamp}.json"
     n = 2

@@ -230,6 +230,34 @@ def test_ctrl_c_in_train_says_what_is_saved_and_how_to_go_on(model2d, tmp_path):
     assert saved_step(tmp_path) is None
 
 
+def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
+    """`--report DIR` was a traceback after every input had been segmented; now it is refused first. A report
+    folder that cannot be made (a file OUT/reports) leaves the outputs, says so in one line and exits 1."""
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    out = tmp_path / "out"
+    for report in (tmp_path, out):  # an existing folder, and --out itself (made by the run)
+        proc = run("segment", scene, "--model", model2d.path, "--out", out, "--report", report)
+        assert proc.returncode == 2, proc.stderr
+        assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+            f"error: {report}: is a folder; --report names the JSON file to write"]
+        assert not out.exists()
+    nested = tmp_path / "logs" / "today" / "run.json"  # its folders are made, as --out's are
+    proc = run("segment", scene, "--model", model2d.path, "--out", out, "--report", nested)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(nested.read_text())[0]["ok"] is True
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "reports").write_text("a file where the run's report folder goes")
+    proc = run("segment", scene, "--model", model2d.path, "--out", blocked)
+    assert proc.returncode == 1, proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert line == f"error: {blocked / 'reports'}: cannot create the output folder: a file of that name is in the way"
+    assert (blocked / "scene.tif").is_file() and "Traceback" not in proc.stderr
+
+
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
     """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
     one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""
