@@ -74,7 +74,7 @@ from flows.config import SegmentOptions
 from flows.inbox import list_inbox, read_manifest
 from flows.inputs import Expanded, expand, input_label, output_clashes
 from flows.nightly_task import Batch, one_line, segment_input, series_details
-from flows.report import InputReport, counts, summary, timestamp
+from flows.report import REPORTS_DIR, InputReport, counts, summary, timestamp
 from flows.retries import TransientError, is_transient
 from flows.routing import loaded, read_models
 from storage import provenance
@@ -131,6 +131,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         out: Any = out_dir.rstrip("/")
     else:
         out = make_output_folder(Path(out_dir).expanduser().absolute())
+        make_output_folder(out / REPORTS_DIR)  # the run ends by writing its report there: a file in the way fails now
     labels = list(by_label)
     clashes = {labels[i]: error for i, error in output_clashes(list(by_label.values())).items()}
     reports: dict[str, InputReport] = {p: InputReport(input=p, status="failed", attempts=0, error=error)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.numbers import readable
+from storage.atomic import make_output_folder
 
 REPORT_SCHEMA = "segflow.nightly-report/1"
 STATUSES = ("done", "skipped", "failed", "no-model", "locked")  # locked: in progress in another run, not failed
@@ -130,8 +131,7 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], stamp:
     The JSON file's name is claimed with a hard link, which fails when the name
     exists: two runs finishing at once never overwrite each other's report.
     """
-    folder = Path(out_dir) / REPORTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_output_folder(Path(out_dir) / REPORTS_DIR)
     i = 1
     while True:
         name = stamp if i == 1 else f"{stamp}-{i}"

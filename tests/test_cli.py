@@ -256,6 +256,14 @@ def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
     [line] = error_lines(proc.stderr)
     assert line == f"error: {blocked / 'reports'}: cannot create the output folder: a file of that name is in the way"
     assert (blocked / "scene.tif").is_file() and "Traceback" not in proc.stderr
+    inbox = tmp_path / "inbox"  # nightly wrote every output, then tracebacked on its report: now it stops first
+    inbox.mkdir()
+    (inbox / "scene.tif").write_bytes(scene.read_bytes())
+    (blocked / "scene.tif").unlink()
+    proc = run("nightly", "--inbox", inbox, "--model", model2d.path, "--out", blocked)
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [line], proc.stderr
+    assert not (blocked / "scene.tif").exists()
 
 
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
