@@ -111,6 +111,15 @@ def api_url() -> str:
     return url
 
 
+def server_problem() -> BaseException | None:
+    """What stops the configured Prefect server from answering a health check, or None when it answers; so a
+    server that is down is one line before "serving ..." is announced."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.api_healthcheck()
+
+
 def serve_nightly(*, cron: str, parameters: dict[str, Any], name: str = DEFAULT_NAME, timezone: str | None = None,
                   flow_ref: str = NIGHTLY, paused: bool = False) -> None:
     """Register ``<flow>/<name>`` on the Prefect server and serve it until interrupted (blocks)."""
@@ -159,11 +168,18 @@ def schedule_command(
     options = cli.options(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
                            device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
                            quicklook=quicklook)
+    cli.check_out_folder(out)
+    cli.check_device(options)
     cli.check_models(model)
     try:
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
                                         options=options)
+        cron_schedule(cron, timezone)  # a bad --cron or --timezone is said before anything is announced
         url = api_url()
+        problem = server_problem()
+        if problem is not None:
+            unreachable = api_unreachable(problem, temporary_ok=False)
+            cli.fail(unreachable or f"the Prefect server at {url} does not answer: {problem}")
         cli.console.print(f"serving nightly/{name} on {url} at '{cron}'" + (f" ({timezone})" if timezone else "")
                           + "; Ctrl-C stops it", highlight=False, soft_wrap=True)
         try:

@@ -443,7 +443,11 @@ def test_a_prefect_server_that_is_down_is_one_line_not_three_tracebacks(model2d,
         [line] = error_lines(proc.stderr)
         assert line.startswith("error: cannot reach the Prefect API at http://127.0.0.1:9/api"), (name, line)
         assert "prefect server start" in line, (name, line)
+        assert "serving" not in proc.stdout + proc.stderr, (name, proc.stdout)  # schedule announced, then failed
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    proc = run(*commands["schedule"][:-1], "bogus", env=env)  # a bad --cron is said first, whatever the server
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [
+        "error: invalid --cron 'bogus' (five fields: minute hour day month weekday, e.g. '0 2 * * *')"], proc.stderr
 
 
 @pytest.mark.parametrize("case", ["nothing", "env", "env-empty", "dotenv", "prefect-toml", "pyproject",
