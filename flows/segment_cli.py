@@ -145,6 +145,9 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         try:
             # every input's header against the card, before anything starts (no torch: the card is peeked at)
             model_in = None if mosaic else model_input(model, trust_bundle=trust_bundle)
+            if model_in is not None and model_in.spatial_dims == 3 and options.vector != "none":
+                cliutil.fail(f"--vector {options.vector} writes the polygons of raster labels, and model "
+                             f"{model_in.name!r} is 3D: it segments volumes only")
             checked = None if mosaic else check_inputs(arguments["inputs"], model_in, options, arguments["out_dir"])
             if checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
                 cliutil.check_models([model], trust_bundle=trust_bundle)  # a bad model still says so first (exit 2)

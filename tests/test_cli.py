@@ -266,6 +266,21 @@ def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
     assert not (blocked / "scene.tif").exists()
 
 
+def test_vector_output_with_a_3d_model_is_refused_before_any_work(tmp_path):
+    """A 3D model segments volumes only, whose labels have no polygons: `--vector` was accepted and ignored."""
+    import nibabel as nib
+
+    model = tiny_model(tmp_path / "m3d", spatial_dims=3, channels=1)
+    volume = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), volume)
+    proc = run("segment", volume, "--model", model.path, "--out", tmp_path / "out", "--vector", "gpkg")
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"error: --vector gpkg writes the polygons of raster labels, and model '{model.card.name}' is 3D: it "
+        "segments volumes only"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
     """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
     one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""
