@@ -127,10 +127,18 @@ def _quietly(check: Any, url: str) -> bool:
 
 
 def _renamed(exc: SegflowError, folder: Path, url: str) -> SegflowError:
-    """``exc`` naming the URL instead of its local copy in ``folder`` (unchanged when about something else)."""
-    local = str(folder / remote.name_of(url))
-    if exc.path is None or not exc.path.startswith(str(folder)):
+    """``exc`` naming the URL instead of its local copy in ``folder`` (unchanged when about something else).
+    The error may name the copy by a relative path (``--out out``) or by its absolute one (a reader that
+    resolved it): both are recognised."""
+    if exc.path is None:
         return exc
+    for form in (folder, folder.absolute()):
+        if exc.path.startswith(str(form)):
+            folder = form
+            break
+    else:
+        return exc
+    local = str(folder / remote.name_of(url))
     problem = exc.problem.replace(local, url).replace(str(folder), remote.parent_of(url))
     renamed = type(exc)(url if exc.path == local else exc.path.replace(str(folder), remote.parent_of(url)), problem)
     return renamed

@@ -220,6 +220,17 @@ def test_inbox_manifest_and_input_errors_name_urls(s3, tmp_path):
             pass
         assert str(caught.value).startswith(f"{url}: ")
 
+    # an error about the copy names the URL, however the copy's path was written: `--out out` is relative, and a
+    # reader that resolved it (the STAC item reader) named the copy by its absolute path
+    from storage.errors import CorruptInputError
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        for form in (Path, lambda p: Path(p).absolute()):
+            with pytest.raises(CorruptInputError) as caught, staged_input(f"{S3}/box/a.tif", "out") as local:
+                raise CorruptInputError(form(local), f"damaged near {form(local)}")
+            assert str(caught.value) == f"{S3}/box/a.tif: damaged near {S3}/box/a.tif"
+
 
 def test_an_item_url_with_relative_hrefs_reads_its_assets_beside_it_on_s3(s3, dask_cluster, tmp_path):
     """A STAC item under a URL whose asset hrefs are relative and which has no self link: the staged copy's
