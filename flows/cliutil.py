@@ -161,10 +161,15 @@ def path_or_url(text: str) -> str:
 
 
 def check_out_folder(out: "str | Path") -> None:
-    """A file where ``--out`` names a folder fails here, in one line, before a cluster or Prefect starts."""
-    from storage.remote import is_url
+    """A file where ``--out`` names a folder, or an output URL no installed filesystem serves, fails here, in one
+    line, before a cluster or Prefect starts (they failed each input after its work)."""
+    from storage.remote import is_url, protocol_problem
 
-    if not is_url(str(out)) and Path(out).exists() and not Path(out).is_dir():
+    if is_url(str(out)):
+        problem = protocol_problem(str(out))
+        if problem is not None:
+            fail(f"{out}: {problem}")
+    elif Path(out).exists() and not Path(out).is_dir():
         fail(f"{out}: cannot create the output folder: a file of that name is in the way")
 
 

@@ -40,6 +40,21 @@ def protocol(url: str) -> str:
     return match.group(1).lower() if match else "file"
 
 
+def protocol_problem(url: str) -> str | None:
+    """Why no fsspec filesystem serves this URL's scheme (unknown, or its package is not installed), or None;
+    cheap (nothing is contacted), so an output URL is checked before any work."""
+    import fsspec
+
+    scheme = protocol(url)
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        return f"unknown URL scheme {scheme!r} (segflow reads and writes through fsspec: s3://, http://, ...)"
+    except ImportError as exc:
+        return f"the {scheme}:// scheme needs a package that is not installed: {' '.join(str(exc).split())}"
+    return None
+
+
 def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for a URL, configured from the standard places."""
     import fsspec

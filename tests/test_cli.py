@@ -145,6 +145,12 @@ def test_out_over_a_file_is_one_line_before_any_work(model2d, tmp_path):
         assert lines and lines[-1].startswith(f"error: {blocker}: "), (name, proc.stderr)
         assert "Traceback" not in proc.stderr and "Dask" not in proc.stderr, (name, proc.stderr)
         assert blocker.read_text() == "a file, not a folder"
+    for name in ("segment", "nightly"):  # an output URL no filesystem serves: it failed each input after its work
+        proc = run(*commands[name], "--out", "bogus://bucket/out/")
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+            "error: bogus://bucket/out/: unknown URL scheme 'bogus' (segflow reads and writes through fsspec: s3://, "
+            "http://, ...)"], (name, proc.stderr)
 
 
 def test_options_that_read_as_nothing_and_a_missing_gpu_are_one_line(model2d, tmp_path):
