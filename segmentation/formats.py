@@ -151,7 +151,8 @@ def read_state_dict(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
 
 def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str | PathLike[str] | None,
                architecture: str) -> None:
-    """Refuse weights whose names or shapes differ from the network's: never half-load."""
+    """Refuse weights whose names or shapes differ from the network's: never half-load.  Refuse NaN values too: such a network labels every pixel with one class (its NaN logits' argmax), which looked like a
+    valid result ("ok", every hectare water).  Infinities are let be: a mask buffer may hold -inf on purpose."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -163,6 +164,12 @@ def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str |
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelError(path, f"tensor {key} has shape {tuple(tensor.shape)}, "
                                    f"architecture expects {tuple(expected[key].shape)}")
+    bad = {key: int(torch.isnan(t).sum()) for key, t in state.items()
+           if t.is_floating_point() and bool(torch.isnan(t).any())}
+    if bad:
+        first = next(iter(bad))
+        raise ModelError(path, f"weights hold {sum(bad.values())} NaN value(s) in {len(bad)} tensor(s) (first: "
+                               f"{first}); a diverged training run's? its labels would be meaningless")
 
 
 def fill(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None,

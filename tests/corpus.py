@@ -459,6 +459,26 @@ def wrong_tensors(folder: Path) -> Path:
     return model.path
 
 
+def nan_weights(folder: Path) -> Path:
+    """A diverged run's weights: one NaN in a BatchNorm's running mean, the card's hash updated to them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from storage.hashing import sha256_file
+
+    model = tiny_model(folder / "nan_weights", spatial_dims=2, channels=4, roi=[32, 32])
+    weights = model.path / "weights.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k, v in sorted(state.items()) if v.is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(weights))
+    card = json.loads((model.path / "card.json").read_text())
+    card["weights_sha256"] = sha256_file(weights)
+    (model.path / "card.json").write_text(json.dumps(card))
+    return model.path
+
+
 # --------------------------------------------------------------------------- the corpus
 
 INPUT_CASES: list[Case] = [
@@ -530,6 +550,8 @@ MODEL_CASES: list[Case] = [
     Case("invalid-card", "card with overlap 1.5", "2d", invalid_card, "invalid model card: inference.overlap"),
     Case("wrong-tensors", "weights of another network shape (card hash updated to match)", "2d", wrong_tensors,
          "shape"),
+    Case("nan-weights", "weights with a NaN (card hash updated to match); every pixel was labelled class 0, 'ok'",
+         "2d", nan_weights, "weights hold 1 NaN value(s) in 1 tensor(s)"),
 ]
 
 # --------------------------------------------------------------------------- DICOM cases (3D model)

@@ -177,3 +177,19 @@ def test_a_model_directory_is_never_written_over_a_file_or_into_a_folder_of_othe
     check_model_out(tmp_path / "new")
     (tmp_path / "empty").mkdir()
     check_model_out(tmp_path / "empty")
+
+
+def test_weights_with_nan_are_refused_naming_the_tensor(net, tmp_path):
+    """A NaN in the weights made every pixel one class (the argmax of NaN logits), reported "ok"; -inf is let
+    be (a mask buffer may hold it on purpose)."""
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key].view(-1)[:2] = float("nan")
+    ckpt = tmp_path / "model.pt"
+    torch.save(state, ckpt)
+    with pytest.raises(ModelError, match=rf"model\.pt: weights hold 2 NaN value\(s\) in 1 tensor\(s\) \(first: "
+                                         rf"{key.replace('.', '[.]')}\)"):
+        convert_model(ckpt, tmp_path / "out", card=_card())
+    state[key].view(-1)[:2] = float("-inf")
+    torch.save(state, ckpt)
+    convert_model(ckpt, tmp_path / "out", card=_card())
