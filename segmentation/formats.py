@@ -164,6 +164,11 @@ def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str |
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelError(path, f"tensor {key} has shape {tuple(tensor.shape)}, "
                                    f"architecture expects {tuple(expected[key].shape)}")
+    check_no_nan(state, path)
+
+
+def check_no_nan(state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None) -> None:
+    """Refuse weights holding NaN (see :func:`check_fits`), naming the first such tensor."""
     bad = {key: int(torch.isnan(t).sum()) for key, t in state.items()
            if t.is_floating_point() and bool(torch.isnan(t).any())}
     if bad:
@@ -219,6 +224,7 @@ def load_torchscript(path: str | PathLike[str]) -> tuple[torch.jit.ScriptModule,
             card = json.loads(raw)
         except ValueError:
             raise ModelError(path, f"the archive's {EXTRA_CARD} is not JSON") from None
+    check_no_nan(module.state_dict(), path)
     return module.eval(), card
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import pickle
 
@@ -190,6 +191,12 @@ def test_weights_with_nan_are_refused_naming_the_tensor(net, tmp_path):
     with pytest.raises(ModelError, match=rf"model\.pt: weights hold 2 NaN value\(s\) in 1 tensor\(s\) \(first: "
                                          rf"{key.replace('.', '[.]')}\)"):
         convert_model(ckpt, tmp_path / "out", card=_card())
+    scripted = copy.deepcopy(net)  # a TorchScript archive is checked too: its graph is kept as is
+    scripted.load_state_dict(state)
+    archive = tmp_path / "model.ts"
+    torch.jit.save(torch.jit.script(scripted), str(archive))
+    with pytest.raises(ModelError, match=r"model\.ts: weights hold 2 NaN value\(s\)"):
+        load_model(archive)
     state[key].view(-1)[:2] = float("-inf")
     torch.save(state, ckpt)
     convert_model(ckpt, tmp_path / "out", card=_card())
