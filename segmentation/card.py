@@ -7,6 +7,7 @@ The card is validated here, at the edge; the rest of segflow receives a typed
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -61,6 +62,13 @@ class Normalization(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> "Normalization":
+        numbers = {name: getattr(self, name) for name in ("offset", "scale", "mean", "std", "clip", "b_min", "b_max")}
+        for name, value in numbers.items():  # a NaN or an infinity here makes every input meaningless
+            if value is not None and not all(math.isfinite(v) for v in (value if isinstance(value, (list, tuple))
+                                                                         else [value])):
+                raise ValueError(f"normalization {name} must hold finite numbers, got {value}")
+        if self.clip is not None and self.clip[0] >= self.clip[1]:
+            raise ValueError(f"normalization clip {list(self.clip)} must be [lowest, highest]")
         if self.mode == "scale" and self.scale is None:
             raise ValueError("normalization mode 'scale' needs 'scale'")
         if self.mode == "zscore" and (self.mean is None or self.std is None):
@@ -212,6 +220,12 @@ class ModelCard(BaseModel):
             raise ValueError(f"roi has {len(self.inference.roi)} axes, spatial_dims is {self.input.spatial_dims}")
         if self.input.channel_names and len(self.input.channel_names) != self.input.channels:
             raise ValueError("channel_names must list one name per input channel")
+        norm = self.input.normalization
+        for name in ("offset", "scale", "mean", "std"):  # one value for every channel, or one per channel
+            given = getattr(norm, name)
+            if given is not None and len(given) not in (1, self.input.channels):
+                raise ValueError(f"normalization {name} lists {len(given)} values for {self.input.channels} "
+                                 "channels (give one, or one per channel)")
         if self.input.orientation is not None and self.input.spatial_dims != 3:
             raise ValueError("input.orientation applies to 3-D volumes")
         if self.input.crs is not None and self.input.spatial_dims != 2:

@@ -55,6 +55,11 @@ def test_model_space_applies_from_version_3_only():
     ({"mode": "percentile", "lower": 1.0, "upper": 99.0, "b_min": 0.0}, "needs 'lower', 'upper', 'b_min'"),
     ({"mode": "percentile", "lower": 99.0, "upper": 1.0, "b_min": 0.0, "b_max": 1.0}, "below 'upper'"),
     ({"mode": "scale", "scale": [1.0], "nonzero": True}, "nonzero"),
+    # each of these was accepted, and made every input meaningless (NaN) or failed only once a run had started
+    ({"mode": "scale", "scale": [float("nan")]}, r"scale must hold finite numbers, got \[nan\]"),
+    ({"mode": "zscore", "mean": [float("inf")], "std": [1.0]}, "mean must hold finite numbers"),
+    ({"mode": "zscore", "mean": [0.0], "std": [1.0], "clip": [5.0, -5.0]}, r"clip \[5.0, -5.0\] must be"),
+    ({"mode": "zscore", "mean": [0.0, 0.0], "std": [1.0]}, "mean lists 2 values for 1 channels"),
 ])
 def test_inconsistent_normalisations_are_refused(norm, message):
     with pytest.raises(ValidationError, match=message):
