@@ -213,6 +213,8 @@ class ModelCard(BaseModel):
             raise ValueError(f"flip_tta axes must be < spatial_dims ({self.input.spatial_dims})")
         if self.input.spacing is not None and len(self.input.spacing) != self.input.spatial_dims:
             raise ValueError("input.spacing needs one value per spatial axis")
+        if self.input.spacing is not None and not all(math.isfinite(s) for s in self.input.spacing):
+            raise ValueError(f"input.spacing must hold finite numbers (<= 0 keeps an axis), got {self.input.spacing}")
         values = [c.value for c in self.classes]
         if values != list(range(len(values))):
             raise ValueError("class values must be 0..N-1 in order (they index the network's outputs)")

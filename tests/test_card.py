@@ -76,6 +76,7 @@ def test_inconsistent_normalisations_are_refused(norm, message):
     ({"inference__flip_tta": [2]}, "flip_tta axes must be < spatial_dims"),
     ({"inference__flip_tta": [0, 0]}, "distinct"),
     ({"input__spacing": [1.0]}, "one value per spatial axis"),
+    ({"input__spacing": [float("nan"), 1.0]}, "spacing must hold finite numbers"),
     ({"input__spacing_unit": "furlong"}, "spacing_unit"),
 ])
 def test_inconsistent_cards_are_refused(changes, message):
