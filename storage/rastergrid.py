@@ -181,6 +181,10 @@ def raster_mapping(geometry: Any, shape: Sequence[int], *, spacing: Sequence[flo
     if b != 0.0 or d != 0.0:
         raise InvalidInputError(None, "has a rotated geotransform; model space needs a north-up grid "
                                       "(warp it north-up first)")
+    if a < 0.0 or e > 0.0:  # the model grid follows the input's axes: the network would see a mirror image
+        flipped = "rows running south to north" if e > 0.0 else "columns running east to west"
+        raise InvalidInputError(None, f"has a flipped geotransform ({flipped}); model space needs a north-up grid, "
+                                      "or the network sees the image mirrored (warp it north-up first, e.g. gdalwarp)")
     unit = _metres_per_unit(target, crs or "the input's")
     if same_crs:
         res = (abs(e), abs(a))  # (row, col) in CRS units
