@@ -30,7 +30,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.crs import CRS
-from rasterio.enums import MaskFlags, WktVersion
+from rasterio.enums import ColorInterp, MaskFlags, WktVersion
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import Affine
 from rasterio.windows import Window
@@ -70,13 +70,24 @@ def _windows(height: int, width: int, step_y: int, step_x: int) -> Iterator[Wind
 
 def _mask_source(src: DatasetReader, bands: list[int]) -> Literal["nodata", "mask", "alpha", "none"]:
     flags = {f for i in bands for f in src.mask_flag_enums[i - 1]}
-    if MaskFlags.alpha in flags:
+    if MaskFlags.alpha in flags or _own_alpha(src) is not None:
         return "alpha"
     if MaskFlags.per_dataset in flags:
         return "mask"
     if MaskFlags.nodata in flags:
         return "nodata"
     return "none"
+
+
+def _own_alpha(src: DatasetReader) -> int | None:
+    """The alpha band GDAL does not make the mask of, 1-based: GDAL takes a last alpha band as the dataset's mask
+    only with 2 or 4 bands (grey or RGB plus alpha), so a 4-band scene with a fifth, alpha band reported every
+    pixel valid, while :func:`storage.rasteropen.image_bands` dropped that band as a channel: its transparent
+    pixels were segmented as if they were data.  None where GDAL's own mask covers it, or there is no alpha."""
+    alphas = [i for i, ci in zip(src.indexes, src.colorinterp) if ci == ColorInterp.alpha]
+    if not alphas or any(MaskFlags.alpha in src.mask_flag_enums[i - 1] for i in src.indexes):
+        return None
+    return alphas[0]
 
 
 def _geometry(src: DatasetReader, bands: list[int], dtype: np.dtype, path: Path) -> RasterGeometry:
@@ -179,6 +190,7 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
     image, mask = store.image, store.mask
     any_invalid = False
     from_pixels = _nodata_rule(src, bands, dtype) if declared else None
+    alpha = _own_alpha(src) if declared else None
 
     def write(ys: slice, xs: slice, data: np.ndarray, valid: np.ndarray | None) -> None:
         image[:, ys, xs] = data
@@ -192,7 +204,7 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
                 try:
                     data = src.read(bands, window=win, out_dtype=dtype)
                     valid = None if not declared else from_pixels(data) if from_pixels is not None else \
-                        src.dataset_mask(window=win) > 0
+                        src.read(alpha, window=win) > 0 if alpha is not None else src.dataset_mask(window=win) > 0
                 except GDAL_ERRORS as exc:
                     raise CorruptInputError(path, f"cannot read pixels ({describe_window(win)}): "
                                                   f"{gdal_message(exc)}") from None

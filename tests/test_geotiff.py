@@ -12,7 +12,7 @@ import rasterio
 import zarr
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.transform import Affine
 
 from storage.classes import LabelClass
@@ -158,6 +158,25 @@ def test_alpha_band_becomes_the_mask_not_a_channel(tmp_path: Path) -> None:
     np.testing.assert_array_equal(mask, alpha[0] > 0)
     assert store.meta.geometry.bands == [1, 2, 3] and store.meta.geometry.mask_source == "alpha"
     assert store.meta.channel_names == ["band1", "band2", "band3"]
+
+
+def test_an_alpha_band_gdal_does_not_mask_with_still_masks(tmp_path: Path) -> None:
+    """GDAL masks by a last alpha band only with 2 or 4 bands: a 4-band scene plus alpha reported every pixel
+    valid, while the alpha band was dropped as a channel, so its transparent pixels were segmented as data."""
+    bands = np.random.default_rng(2).integers(100, 3000, size=(4, 90, 130), dtype=np.uint16)
+    alpha = np.full((1, 90, 130), 65535, np.uint16)
+    alpha[0, :, :40] = 0
+    src_path = write_tif(tmp_path / "scene.tif", np.concatenate([bands, alpha]))
+    with rasterio.open(src_path, "r+") as dst:
+        dst.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red, ColorInterp.undefined,
+                           ColorInterp.alpha]
+    with rasterio.open(src_path) as src:
+        assert all(list(f) == [MaskFlags.all_valid] for f in src.mask_flag_enums)  # GDAL's view: no mask
+    store = ingest_geotiff(src_path, tmp_path / "scene.zarr", chunk=64)
+    image, mask = read_back(store.path)
+    np.testing.assert_array_equal(image, bands)
+    np.testing.assert_array_equal(mask, alpha[0] > 0)
+    assert store.meta.geometry.bands == [1, 2, 3, 4] and store.meta.geometry.mask_source == "alpha"
 
 
 @pytest.mark.parametrize(
