@@ -187,6 +187,17 @@ def check_report_file(path: Path, out: "str | Path") -> None:
         fail(str(exc))
 
 
+def local_only(path: Optional[Path], flag: str) -> None:
+    """Refuse a URL given where a command writes locally: the Path option turned ``s3://b/x`` into a folder named
+    ``s3:`` in the working directory, and the command said it wrote there."""
+    import re
+
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]+):/+(.*)$", str(path)) if path is not None else None
+    if match:  # shown as typed: Path collapsed its "//"
+        fail(f"{flag} {match.group(1)}://{match.group(2)}: this command writes to a local path; URLs are for "
+             "segment, nightly and schedule")
+
+
 def ints(text: Optional[str]) -> Optional[list[int]]:
     """``128,128`` or ``128x128`` as integers; anything else is a one-line failure."""
     if not text:

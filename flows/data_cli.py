@@ -39,6 +39,7 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     for error in errors:
         console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)
     failures = len(errors)
+    cliutil.local_only(out, "--out")
     if chunk is not None and chunk < 1:
         cliutil.fail(f"--chunk must be a positive number of pixels or voxels, got {chunk}")
     try:

@@ -354,6 +354,7 @@ def evaluate_command(
     from flows import cliutil
     from storage.errors import SegflowError
 
+    cliutil.local_only(out_dir, "--out")
     try:
         report = evaluate_files(predictions, truth, tolerance=tolerance, ignore=ignore if ignore >= 0 else None,
                                 classes=classes, include_background=include_background, chunk=chunk)

@@ -320,6 +320,7 @@ def report_command(
     """Rebuild the self-contained HTML report of a run from its JSON report and the quicklooks beside its outputs."""
     from flows import cliutil
 
+    cliutil.local_only(out, "--out")
     try:
         report = read_run_report(run_json)
         before = read_run_report(previous) if previous is not None else None

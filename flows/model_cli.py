@@ -61,6 +61,7 @@ def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, 
     from segmentation.mlm import convert_item, looks_like_item
     from segmentation.modeldir import convert_model, read_card
 
+    cliutil.local_only(out, "--out")
     try:
         if looks_like_item(src):  # an MLM item: the card comes from the item, the weights from its model asset
             if card is not None:

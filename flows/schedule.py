@@ -138,12 +138,13 @@ def serve_nightly(*, cron: str, parameters: dict[str, Any], name: str = DEFAULT_
 
 def schedule_command(
         cron: str = typer.Option(..., "--cron", help="When to run, as a cron expression, e.g. '0 2 * * *' (02:00)."),
-        inbox: Optional[Path] = typer.Option(None, "--inbox", help="Folder of inputs the nightly run looks at."),
-        manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV or JSON list of inputs, instead of "
-                                                                         "--inbox."),
+        inbox: Optional[str] = typer.Option(None, "--inbox", help="Folder of inputs the nightly run looks at, or a "
+                                                                  "URL prefix."),
+        manifest: Optional[str] = typer.Option(None, "--manifest", help="CSV or JSON list of inputs, instead of "
+                                                                        "--inbox (a path or URL)."),
         model: List[Path] = typer.Option(..., "--model", help="Model directory (repeat: each input goes to the "
                                                               "first model whose card fits it)."),
-        out: Path = typer.Option(..., "--out", help="Output directory."),
+        out: str = typer.Option(..., "--out", help="Output directory, or a URL prefix (s3://bucket/out/)."),
         name: str = typer.Option(DEFAULT_NAME, "--name", help="Deployment name: runs are 'nightly/NAME'."),
         timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of --cron (default UTC)."),
         precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),

@@ -60,6 +60,7 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
     from segmentation.augment import Augmentation
     from segmentation.modeldir import check_model_out, read_card
 
+    cliutil.local_only(out, "--out")
     image, labels = image or [], labels or []
     if dataset is not None and (image or labels):
         cliutil.fail("give either --dataset or --image/--labels, not both")
@@ -137,6 +138,7 @@ def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir",
     """Generate sample data, train two small models, segment held-out inputs, report Dice."""
     from flows.demo import run_demo
 
+    cliutil.local_only(workdir, "--workdir")
     try:
         with cliutil.progress() as progress:
             summary = run_demo(workdir, workers=workers, progress=progress)

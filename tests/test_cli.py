@@ -153,6 +153,29 @@ def test_out_over_a_file_is_one_line_before_any_work(model2d, tmp_path):
             "http://, ...)"], (name, proc.stderr)
 
 
+def test_a_url_where_a_command_writes_locally_is_refused(model2d, tmp_path):
+    """ingest, evaluate, train, model convert, report and demo write local files: `--out s3://b/x` became a
+    folder 's3:' in the working directory, and the command said it had written there."""
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((1, 30, 40), np.uint8))
+    report = tmp_path / "run.json"
+    report.write_text("[]")
+    commands = {"ingest": ["ingest", scene], "evaluate": ["evaluate", scene, "--truth", scene],
+                "train": ["train", "--card", model2d.path / "card.json", "--image", scene, "--labels", scene],
+                "convert": ["model", "convert", model2d.path / "weights.safetensors"],
+                "report": ["report", report], "demo": ["demo"]}
+    for name, args in commands.items():
+        flag = "--workdir" if name == "demo" else "--out"
+        proc = run(*args, flag, "s3://bucket/x", cwd=tmp_path)
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+            f"error: {flag} s3://bucket/x: this command writes to a local path; URLs are for segment, nightly and "
+            "schedule"], (name, proc.stderr)
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_options_that_read_as_nothing_and_a_missing_gpu_are_one_line(model2d, tmp_path):
     """`--tta x` read as no axes and ran without test-time augmentation, saying nothing; `--device cuda` without a
     GPU failed each input with torch's AssertionError after the cluster started."""

@@ -266,3 +266,25 @@ def test_schedule_refuses_bad_input_with_one_line_errors(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "prefect server start" in errors[0], proc.stderr
+
+
+def test_schedule_keeps_urls_as_urls(tmp_path, monkeypatch):
+    """`--out s3://bucket/out/` (and an inbox or manifest URL) reached the deployment as 's3:/bucket/out' under
+    the working directory: the options were paths, which collapse '//'. What would be served is read here
+    (the serving itself, against a real server, is the end-to-end test above)."""
+    from typer.testing import CliRunner
+
+    from flows import schedule
+    from flows.cli import app
+
+    served = {}
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setattr(schedule, "server_problem", lambda: None)
+    monkeypatch.setattr(schedule, "serve_nightly", lambda **kwargs: served.update(kwargs))
+    model = tiny_model(tmp_path / "model", spatial_dims=2, channels=3)
+    for source in (["--inbox", "s3://bucket/inbox/"], ["--manifest", "s3://bucket/lists/tonight.csv"]):
+        result = CliRunner().invoke(app, ["schedule", "--cron", "0 2 * * *", *source, "--model", str(model.path),
+                                          "--out", "s3://bucket/out/"])
+        assert result.exit_code == 0, result.output
+        key = source[0].lstrip("-")
+        assert served["parameters"]["out_dir"] == "s3://bucket/out/" and served["parameters"][key] == source[1]
