@@ -103,6 +103,19 @@ def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions
     return da.from_zarr(store.image)[picked], [offered[i] for i in picked]
 
 
+def unnamed_bands_note(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> str | None:
+    """What segflow assumed when the card names its channels and the raster names none of its bands: that they
+    are in the card's order.  A model trained on B4,B3,B2 fed B2,B3,B4 gives wrong labels without any error, so
+    the run says which band it took for which channel (None where names were matched or --bands chose)."""
+    names = model.card.input.channel_names
+    if store.meta.kind != "raster" or not names or options.bands is not None or _names_bands(store) or \
+            preselected(store.meta) is not None:
+        return None
+    pairs = ", ".join(f"{i} as {n}" for i, n in enumerate(names, start=1))
+    return (f"its bands have no names, so they were taken in file order: band {pairs} (if that is not their "
+            "order, choose them with --bands)")
+
+
 def _names_bands(store: ImageStore) -> bool:
     geometry = store.meta.geometry
     return any(getattr(geometry, "band_descriptions", None) or [])

@@ -335,7 +335,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         try:
             named = record_input_as or input_label(input_path)  # how messages name the input
             _check_has_data(named, store)
-            warnings = _warnings(named, store)
+            warnings = _warnings(named, store, model, options)
             stats, params = run_inference(store, model, options, zarr_target, client, record_input_as)
         except SegflowError as exc:
             if exc.path is None:  # errors about the input's content must name the input
@@ -471,12 +471,15 @@ def _mask_blocks(mask: Any) -> Any:
         yield tuple(slice(s, s + c) for s, c in zip(start, mask.chunks))
 
 
-def _warnings(input_path: Path, store: ImageStore) -> list[str]:
+def _warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, options: SegmentOptions) -> list[str]:
     """Things worth saying about an input segflow still segments (logged, and kept in the statistics)."""
     out = []
     geometry = store.meta.geometry
     if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
         out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
+    note = modelspace.unnamed_bands_note(store, model, options)
+    if note is not None:
+        out.append(f"{input_path}: {note}")
     for text in out:
         say(text, logging.WARNING)
     return out

@@ -126,3 +126,23 @@ def test_bands_chosen_by_index_reach_the_network_and_the_stac_item_in_that_order
     with rasterio.open(tmp_path / "c" / "grey.tif") as c, rasterio.open(tmp_path / "d" / "grey3.tif") as d:
         labels = c.read(1)
         assert np.array_equal(labels, d.read(1)) and len(np.unique(labels)) >= 2
+
+
+def test_unnamed_bands_taken_in_file_order_are_said(tmp_path, dask_cluster):
+    """A card naming its channels and a raster naming none of its bands: the bands go in file order, as before,
+    and the run now says which band it took for which channel (warnings, kept in the provenance); not where
+    names matched or --bands chose."""
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3, roi=[32, 32], channel_names=["red", "green", "blue"])
+    data = np.random.default_rng(3).integers(0, 255, (3, 40, 40), dtype=np.uint8)
+    options = SegmentOptions(chunk_size=64, keep_zarr=False)
+    plain = segment_one(_raster(tmp_path / "plain.tif", data), model, tmp_path / "a", options, dask_cluster)
+    assert plain.statistics["warnings"] == [
+        f"{tmp_path / 'plain.tif'}: its bands have no names, so they were taken in file order: band 1 as red, "
+        "2 as green, 3 as blue (if that is not their order, choose them with --bands)"]
+    chosen = segment_one(tmp_path / "plain.tif", model, tmp_path / "b",
+                         options.model_copy(update={"bands": ["3", "2", "1"]}), dask_cluster)
+    named = _raster(tmp_path / "named.tif", data)
+    with rasterio.open(named, "r+") as dst:
+        dst.descriptions = ("red", "green", "blue")
+    by_name = segment_one(named, model, tmp_path / "c", options, dask_cluster)
+    assert "warnings" not in chosen.statistics and "warnings" not in by_name.statistics
