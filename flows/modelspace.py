@@ -116,6 +116,25 @@ def unnamed_bands_note(store: ImageStore, model: LoadedModel, options: SegmentOp
             "order, choose them with --bands)")
 
 
+def dtype_note(store: ImageStore, model: LoadedModel) -> str | None:
+    """Integers where the card's normalisation was made for floats, or the other way round, with no ``units`` on
+    the card to convert them: most often reflectances (0-1) fed to a model of digital numbers (0-10000), which
+    labels a whole scene one class without an error (a demo scene as float reflectance: 97 % 'water').  Only for
+    fixed constants: a normalisation by the image's own statistics does not care."""
+    card = model.card.input
+    if card.dtype is None or card.units is not None or card.normalization.mode in ("image_zscore", "percentile"):
+        return None  # (an image's own statistics absorb any linear change of units)
+    try:
+        wanted = np.dtype(card.dtype)
+    except TypeError:
+        return None
+    stored = np.dtype(store.image.dtype)
+    if (wanted.kind == "f") == (stored.kind == "f"):
+        return None
+    return (f"is stored as {stored.name}, and model {model.card.name!r}'s normalisation was made for {wanted.name} "
+            "values: if these are other units (reflectance rather than digital numbers), its labels are meaningless")
+
+
 def _names_bands(store: ImageStore) -> bool:
     geometry = store.meta.geometry
     return any(getattr(geometry, "band_descriptions", None) or [])

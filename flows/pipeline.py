@@ -477,9 +477,9 @@ def _warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, opt
     geometry = store.meta.geometry
     if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
         out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
-    note = modelspace.unnamed_bands_note(store, model, options)
-    if note is not None:
-        out.append(f"{input_path}: {note}")
+    for note in (modelspace.unnamed_bands_note(store, model, options), modelspace.dtype_note(store, model)):
+        if note is not None:
+            out.append(f"{input_path}: {note}")
     for text in out:
         say(text, logging.WARNING)
     return out

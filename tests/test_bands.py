@@ -146,3 +146,21 @@ def test_unnamed_bands_taken_in_file_order_are_said(tmp_path, dask_cluster):
         dst.descriptions = ("red", "green", "blue")
     by_name = segment_one(named, model, tmp_path / "c", options, dask_cluster)
     assert "warnings" not in chosen.statistics and "warnings" not in by_name.statistics
+
+
+def test_floats_given_to_a_card_made_for_integers_are_said(tmp_path, dask_cluster):
+    """Reflectances (0-1) fed to a model of digital numbers labelled a demo scene 97 % 'water', without a word:
+    the run says so; not for a card that normalises by the image's own statistics, which absorb the units."""
+    fixed = tiny_model(tmp_path / "fixed", spatial_dims=2, channels=3, roi=[32, 32], dtype="uint16",
+                       normalization={"mode": "zscore", "mean": [650.0], "std": [300.0]})
+    own = tiny_model(tmp_path / "own", spatial_dims=2, channels=3, roi=[32, 32], dtype="uint16")
+    data = np.random.default_rng(4).random((3, 40, 40), dtype=np.float32)
+    scene = _raster(tmp_path / "reflectance.tif", data)
+    options = SegmentOptions(chunk_size=64, keep_zarr=False)
+    told = segment_one(scene, fixed, tmp_path / "a", options, dask_cluster)
+    assert told.statistics["warnings"] == [
+        f"{scene}: is stored as float32, and model '{fixed.card.name}''s normalisation was made for uint16 values: "
+        "if these are other units (reflectance rather than digital numbers), its labels are meaningless"]
+    assert "warnings" not in segment_one(scene, own, tmp_path / "b", options, dask_cluster).statistics
+    integers = _raster(tmp_path / "dn.tif", (data * 10000).astype(np.uint16))
+    assert "warnings" not in segment_one(integers, fixed, tmp_path / "c", options, dask_cluster).statistics
