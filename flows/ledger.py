@@ -43,7 +43,7 @@ from flows.config import SegmentOptions
 from segmentation.card import ModelCard
 from storage.errors import ProvenanceError
 from storage.inputfiles import stem_of
-from storage.provenance import read_sidecar, sha256_output
+from storage.provenance import is_output_name, read_sidecar, sha256_output
 
 KEY_SCHEMA = "segflow.cache-key/1"
 ENTRY_SCHEMA = "segflow.cache-entry/1"
@@ -111,6 +111,8 @@ def lookup(out_dir: str | os.PathLike[str], key: str, input_sha256: str,
         entry = json.loads(path.read_text())
         if entry.get("schema") != ENTRY_SCHEMA or entry.get("key") != key:
             return None, f"cache entry {path.name} is not a {ENTRY_SCHEMA} for this key"
+        if not is_output_name(entry["sidecar"]):
+            return None, f"cache entry {path.name} names a sidecar outside the output folder"
         sidecar = Path(out_dir) / entry["sidecar"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"cache entry {path.name} unreadable ({type(exc).__name__})"
@@ -128,6 +130,8 @@ def lookup(out_dir: str | os.PathLike[str], key: str, input_sha256: str,
     if not recorded:
         return None, f"{sidecar.name} lists no outputs"
     for name, digest in recorded.items():
+        if not is_output_name(name):
+            return None, f"{sidecar.name} names an output outside its folder ({str(name)[:80]!r})"
         out = sidecar.parent / name
         if not out.exists():
             return None, f"earlier output {name} is missing"
@@ -230,7 +234,8 @@ def lookup_sidecar(sidecar: str | os.PathLike[str], input_sha256: str, weights_s
         return False, "the input changed while it was processed"
     if record.get("model", {}).get("weights_sha256") != weights_sha256:
         return False, "the model changed while it was processed"
-    missing = [n for n in (record.get("outputs") or {}) if not (Path(sidecar).parent / n).exists()]
+    missing = [n for n in (record.get("outputs") or {})
+               if not is_output_name(n) or not (Path(sidecar).parent / n).exists()]
     if missing or not record.get("outputs"):
         return False, f"outputs missing: {', '.join(missing) or 'none listed'}"
     return True, None

@@ -178,6 +178,13 @@ def _short(digest: str | None) -> str:
     return f"{digest[:12]}…" if digest else "none"
 
 
+def is_output_name(name: object) -> bool:
+    """Whether a name in a record's ``outputs`` is a plain file name beside the sidecar, as segflow writes them.
+    A path there is an edited record: following it would have verify or the ledger read (or block on, for a
+    FIFO) any file the record names."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 def verify(path: str | PathLike[str]) -> Verification:
     """Recompute every hash the record names and compare the provenance embedded in the outputs with it."""
     path = Path(path)
@@ -187,6 +194,9 @@ def verify(path: str | PathLike[str]) -> Verification:
     if not outputs:
         report.problems.append(f"{path} names no outputs")
     for name, digest in outputs.items():
+        if not is_output_name(name):
+            report.problems.append(f"{path} names an output outside its folder: {str(name)[:80]!r}")
+            continue
         out = path.parent / name
         if not out.exists():
             report.problems.append(f"output {out} is missing")

@@ -202,6 +202,13 @@ def test_deleted_or_edited_outputs_are_not_skipped(runs, tmp_path, models):
     shutil.rmtree(out / "vol_a.zarr")
     hit, why = check("vol_a.nii.gz")
     assert hit is None and "vol_a.zarr" in why and "missing" in why
+    # a sidecar edited to name a file outside the output folder is not followed: the input is done again
+    sidecar = out / "vol_b.provenance.json"
+    assert check("vol_b.nii.gz")[0] is not None
+    record = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**record, "outputs": {**record["outputs"], "../../etc/passwd": "0" * 64}}))
+    hit, why = check("vol_b.nii.gz")
+    assert hit is None and why == "vol_b.provenance.json names an output outside its folder ('../../etc/passwd')"
     # and the key is content-keyed: same input bytes, same model, same parameters -> same key
     e = entries[str(runs["inbox"] / "vol_b.nii.gz")]
     doc = ledger.key_document(sha256_file(runs["inbox"] / "vol_b.nii.gz"), models["3d"].weights_sha256,

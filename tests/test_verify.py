@@ -107,6 +107,21 @@ def test_a_sidecar_edited_to_name_other_parameters_no_longer_matches_its_outputs
                                       for p in problems)
 
 
+def test_a_sidecar_edited_to_name_files_elsewhere_fails_without_reading_them(copy):
+    """Output names are plain names beside the sidecar: a path there is an edited record, and verify read any file
+    it named (a FIFO would have blocked it)."""
+    import os
+
+    fifo = copy["root"] / "pipe"
+    os.mkfifo(fifo)
+    record = json.loads(copy["sidecar"].read_text())
+    record["outputs"] = {**record["outputs"], "../pipe": "0" * 64, str(fifo): "0" * 64}
+    copy["sidecar"].write_text(json.dumps(record))
+    problems = verify(copy["sidecar"]).problems
+    assert problems == [f"{copy['sidecar']} names an output outside its folder: '../pipe'",
+                        f"{copy['sidecar']} names an output outside its folder: {str(fifo)!r}"]
+
+
 def test_unreachable_input_is_reported_but_is_not_a_failure(copy):
     copy["image"].unlink()
     report = verify(copy["sidecar"])
