@@ -278,7 +278,7 @@ def test_schedule_keeps_urls_as_urls(tmp_path, monkeypatch):
     from flows.cli import app
 
     served = {}
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setattr(schedule, "api_url", lambda: "http://127.0.0.1:9/api")  # Prefect's settings load once
     monkeypatch.setattr(schedule, "server_problem", lambda: None)
     monkeypatch.setattr(schedule, "serve_nightly", lambda **kwargs: served.update(kwargs))
     model = tiny_model(tmp_path / "model", spatial_dims=2, channels=3)
