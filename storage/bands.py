@@ -77,6 +77,7 @@ def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
     keys = [_norm(o) if o else None for o in offered]
     picked: list[int] = []
     missing: list[str] = []
+    ambiguous: list[str] = []
     for w in wanted:
         if isinstance(w, int) or (isinstance(w, str) and w.strip().isdigit()):
             i = int(w) - 1
@@ -88,7 +89,11 @@ def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
         found = None
         for name in aliases(str(w)):
             if name in keys:
-                found = keys.index(name)
+                hits = [k for k, key in enumerate(keys) if key == name]
+                if len(hits) > 1:  # two bands called "red": taking the first would be a guess
+                    ambiguous.append(f"{str(w).strip()!r} (bands {', '.join(str(h + 1) for h in hits)} are all "
+                                     f"named {offered[hits[0]]!r})")
+                found = hits[0]
                 break
         if found is None:
             missing.append(str(w))
@@ -98,6 +103,9 @@ def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
         shown = ", ".join(f"{i}:{o}" if o else f"{i}:(unnamed)" for i, o in enumerate(offered, 1))
         raise IncompatibleInputError(where, f"{model} needs {', '.join(missing)}, which the input does not offer "
                                             f"(it has {len(offered)} band(s): {shown}); {hint}")
+    if ambiguous:
+        raise IncompatibleInputError(where, f"{model} needs {', '.join(ambiguous)}: which one is meant is not "
+                                            f"known; {hint}")
     # one band asked for again by the same token is meant ("1,1,1": a grey image for an RGB model); reached by
     # two different names ("nir" and "B08") it is a card or a --bands that confuses two bands
     tokens: dict[int, str] = {}

@@ -38,6 +38,16 @@ def test_names_ids_and_indices_resolve_to_the_same_bands():
     assert "b02" in aliases("blue") and "blue" in aliases("B02")
 
 
+
+def test_a_name_two_bands_share_is_refused_not_guessed():
+    """Two bands named 'red' (a stacked export): the first was taken silently. Refused; an index chooses."""
+    offered = ["blue", "green", "red", "Red", "nir"]
+    with pytest.raises(IncompatibleInputError, match=r"needs 'red' \(bands 3, 4 are all named 'red'\): which one is "
+                                                     r"meant is not known; choose them with --bands"):
+        select_bands(["blue", "green", "red", "nir"], offered, where="stack.tif", model="model 'lc'")
+    assert select_bands(["blue", "green", "4", "nir"], offered) == [0, 1, 3, 4]
+
+
 @pytest.mark.parametrize("wanted, message", [
     (["blue", "swir99"], r"needs swir99, which the input does not offer \(it has 13 band\(s\): 1:B01, 2:B02"),
     (["14"], r"needs band 14"),
