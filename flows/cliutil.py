@@ -163,14 +163,19 @@ def path_or_url(text: str) -> str:
 def check_out_folder(out: "str | Path") -> None:
     """A file where ``--out`` names a folder, or an output URL no installed filesystem serves, fails here, in one
     line, before a cluster or Prefect starts (they failed each input after its work)."""
+    from storage.atomic import check_output_folder
+    from storage.errors import SegflowError
     from storage.remote import is_url, protocol_problem
 
     if is_url(str(out)):
         problem = protocol_problem(str(out))
         if problem is not None:
             fail(f"{out}: {problem}")
-    elif Path(out).exists() and not Path(out).is_dir():
-        fail(f"{out}: cannot create the output folder: a file of that name is in the way")
+        return
+    try:
+        check_output_folder(Path(out))
+    except SegflowError as exc:
+        fail(str(exc))
 
 
 def check_report_file(path: Path, out: "str | Path") -> None:
@@ -211,5 +216,6 @@ def ints(text: Optional[str]) -> Optional[list[int]]:
     return values
 
 
-__all__ = ["check_models", "console", "fail", "finish", "ints", "options", "out", "path_or_url", "progress",
+__all__ = ["check_device", "check_models", "check_out_folder", "check_report_file", "console", "fail", "finish", "ints",
+           "local_only", "options", "out", "path_or_url", "progress", "resumable_on_interrupt",
            "inform", "reporter"]

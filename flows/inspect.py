@@ -143,12 +143,12 @@ def _raster_counts(path: Path) -> Iterator[np.ndarray]:
 
 
 def _volume_counts(path: Path) -> Iterator[np.ndarray]:
+    from storage.niftiopen import NIFTI_READ_ERRORS, error_text
+
     img = _load_nifti(path)
     depth = img.shape[2] if len(img.shape) > 2 else 1
     plane = int(np.prod(img.shape[:2]))
     step = max(1, (64 << 20) // max(plane * img.get_data_dtype().itemsize, 1))  # about 64 MB a slab
-    from storage.niftiopen import NIFTI_READ_ERRORS, error_text
-
     for k in range(0, depth, step):  # in file order, so a gzip stream is read once, forwards
         try:
             block = np.asarray(img.dataobj[:, :, k:k + step] if len(img.shape) > 2 else img.dataobj)

@@ -38,12 +38,19 @@ def write_text_atomically(out: Path, text: str, what: str) -> Path:
 __all__ = ["write_bytes_atomically", "write_text_atomically"]
 
 
+def check_output_folder(folder: Path) -> None:
+    """Refuse a file where an output folder goes, without creating anything (a run that fails its checks leaves
+    no folder behind)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(folder, "cannot create the output folder: a file of that name is in the way")
+
+
 def make_output_folder(folder: Path) -> Path:
     """Create an output folder (and its parents); a file in the way or a read-only parent is one ExportError
     naming it, not an OSError traceback out of a command."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ExportError(folder, "cannot create the output folder: a file of that name is in the way")
+    check_output_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -30,7 +30,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, MaskFlags, WktVersion
+from rasterio.enums import MaskFlags, WktVersion
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import Affine
 from rasterio.windows import Window
@@ -42,6 +42,7 @@ from storage.hashing import sha256_input
 from storage.layout import MASK, META_ATTR, ImageStore, StoreMeta, create_image_store, mark_complete
 from storage.rasteropen import (
     ALLOWED_DRIVERS,
+    alpha_bands,
     GDAL_ERRORS,
     gdal_env,
     describe_window,
@@ -84,7 +85,7 @@ def _own_alpha(src: DatasetReader) -> int | None:
     only with 2 or 4 bands (grey or RGB plus alpha), so a 4-band scene with a fifth, alpha band reported every
     pixel valid, while :func:`storage.rasteropen.image_bands` dropped that band as a channel: its transparent
     pixels were segmented as if they were data.  None where GDAL's own mask covers it, or there is no alpha."""
-    alphas = [i for i, ci in zip(src.indexes, src.colorinterp) if ci == ColorInterp.alpha]
+    alphas = alpha_bands(src)
     if not alphas or any(MaskFlags.alpha in src.mask_flag_enums[i - 1] for i in src.indexes):
         return None
     return alphas[0]

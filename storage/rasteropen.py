@@ -29,7 +29,7 @@ try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedErr
 except ImportError:  # pragma: no cover - private module moved
     CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
 
-__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "gdal_env", "describe_window",
+__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gdal_env", "describe_window",
            "gdal_message", "image_bands", "image_dtype", "open_raster", "s3_endpoint_options", "without_crs_ok"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
@@ -128,9 +128,15 @@ def open_raster(path: Path) -> DatasetReader:
     return src
 
 
+def alpha_bands(src: DatasetReader) -> list[int]:
+    """1-based indexes of the bands whose colour interpretation is alpha: a mask, never an image channel."""
+    return [i for i, ci in zip(src.indexes, src.colorinterp) if ci == ColorInterp.alpha]
+
+
 def image_bands(src: DatasetReader, path: Path) -> list[int]:
     """1-based indexes of the bands that are image channels: alpha only feeds the mask."""
-    bands = [i for i, ci in zip(src.indexes, src.colorinterp) if ci != ColorInterp.alpha]
+    alphas = alpha_bands(src)
+    bands = [i for i in src.indexes if i not in alphas]
     if src.width == 0 or src.height == 0 or not bands:
         raise InvalidInputError(path, f"raster has no pixels ({src.count} bands, {src.width}x{src.height})")
     return bands
