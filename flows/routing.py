@@ -138,6 +138,9 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
     elif bands is not None:  # a volume's channels have no header names: --bands is checked at ingest
         return None
     if count != model.channels:
+        if bands is not None and header.kind == "raster":
+            return (f"{name} takes {model.channels} channels, --bands chose {count} "
+                    f"(the input has {header.channels})")
         return f"{name} takes {model.channels} channels, the input has {count}"
     return None
 

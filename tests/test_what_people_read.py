@@ -165,6 +165,9 @@ def test_fit_problem_checks_dimensions_band_count_and_band_names(tmp_path):
     model = ModelInput("m4", 2, 4)
     assert fit_problem(rgb, model) == "model 'm4' takes 4 channels, the input has 3"
     assert fit_problem(rgb, ModelInput("m3", 2, 3)) is None
+    # --bands choosing too few says so, rather than that the 3-band input has 2
+    assert fit_problem(rgb, ModelInput("m3", 2, 3), ["1", "2"]) == \
+        "model 'm3' takes 3 channels, --bands chose 2 (the input has 3)"
     assert fit_problem(rgb, ModelInput("v", 3, 3)) == "model 'v' is 3D, the input is 2D"
     # a card naming its bands finds them among the file's by name (13 bands in, 4 out), or says which is missing
     s2 = probe(raster(tmp_path / "s2.tif", bands=5, names=["B01", "B02", "B03", "B04", "B08"]))
