@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import zarr
 from distributed import Client, as_completed
@@ -344,6 +345,10 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         if store.meta.kind == "volume":  # per-label volumes and intensities, into the provenance and reports
             done = zarr.open_group(str(partial_path(zarr_target, stats["run_identity"])), mode="r")
             stats["label_statistics"] = medical.volume_statistics(done[LABELS], store, model)
+        unlabelled = _unlabelled_note(named, store, stats, label_nodata(model.card.num_classes), client)
+        if unlabelled is not None:
+            say(unlabelled, logging.WARNING)
+            warnings.append(unlabelled)
         stats["ingest_seconds"] = round(ingest_seconds, 3)
         stats["ingest_reused"] = ingest_reused
         stats.update(units_facts(store.meta, units=model.card.input.units, dn_scale=model.card.input.dn_scale,
@@ -469,6 +474,29 @@ def _mask_blocks(mask: Any) -> Any:
     ranges = [range(0, n, c) for n, c in zip(mask.shape, mask.chunks)]
     for start in itertools.product(*ranges):
         yield tuple(slice(s, s + c) for s, c in zip(start, mask.chunks))
+
+
+def _unlabelled_note(named: Path | str, store: ImageStore, stats: dict[str, Any], nodata: int,
+                     client: Client) -> str | None:
+    """Valid input pixels a raster's way back left without a label (a CRS change's footprint edge, where no valid
+    model pixel reaches them): counted into ``stats["unlabelled"]`` and said, never a silent hole.  Nodata
+    labels beyond the input's own invalid pixels are those; one pass over the input's mask counts the latter."""
+    space = stats.get("model_space") or {}
+    if space.get("kind") != "raster" or stats.get("output_grid", "input") != "input":
+        return None
+    nodata_labels = int(stats.get("label_pixels", {}).get(str(nodata), 0))
+    if nodata_labels == 0:
+        return None
+    invalid = 0
+    if store.mask is not None:
+        invalid = int(store.mask.size) - int(client.compute(da.from_zarr(store.mask).sum()).result())
+    unlabelled = nodata_labels - invalid
+    stats["unlabelled"] = unlabelled
+    if unlabelled <= 0:
+        return None
+    share = unlabelled / float(np.prod(store.mask.shape if store.mask is not None else store.image.shape[1:]))
+    return (f"{named}: {unlabelled:,} valid pixel(s) ({share:.3%}) have no label: no valid model pixel reaches "
+            "them through the CRS change (valid pixels at an edge of the valid area, or alone); they are nodata")
 
 
 def _warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, options: SegmentOptions) -> list[str]:

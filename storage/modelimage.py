@@ -120,28 +120,29 @@ def _reuse(path: Path, key: str) -> ImageStore | None:
 def model_mask(store: ImageStore, mapping: RasterMapping, work: str | PathLike[str], chunk: int, *,
                compute: Callable[[Any], Any]) -> Any:
     """The model grid's valid mask for a raster (a zarr array in ``work``), or None when every model pixel is
-    valid.  A model pixel is valid when the input pixel under its centre is (a nearest warp of the input's
-    mask; :mod:`storage.warp`).  Each task writes its chunk and says whether it is all valid; the mask is kept
+    valid.  A model pixel is valid where GDAL's warp gives it a value (:func:`storage.warp.validity_kernel`:
+    some valid input pixel it covers when coarsening, the one under its centre otherwise).  Each task writes its chunk and says whether it is all valid; the mask is kept
     only when one is not.  Cheap next to the image: one byte a model pixel, and nothing of the image is read.
     """
     import zarr
 
-    from storage.warp import separable_axes, warp
+    from storage.warp import separable_axes, valid_on, validity_kernel
 
     work = Path(work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     shape = mapping.model_shape
-    axes = separable_axes(mapping.input, mapping.model, "nearest", mapping.scale)
+    kernel = validity_kernel(mapping.forward)
+    axes = separable_axes(mapping.input, mapping.model, kernel, mapping.scale)
     if store.mask is None and axes is not None and all(
-            a.taps("nearest", 0, n).inside.all() for a, n in zip(axes, shape)):
+            a.taps(kernel, 0, n).inside.all() for a, n in zip(axes, shape)):
         return None  # every model pixel's centre falls on an input pixel, and every input pixel is valid
     chunks = tuple(min(chunk, n) for n in shape)
     if store.mask is None:
         ones = da.ones(mapping.input_shape, dtype=np.uint8, chunks=tuple(store.image.chunks[1:]))
     else:
         ones = da.from_zarr(store.mask).astype(np.uint8)
-    valid = warp(ones[None], mapping.input, mapping.model, "nearest", mapping.scale, chunks, dtype=np.uint8)[0] > 0
+    valid = valid_on(ones, mapping, chunks)
     target = zarr.create_array(str(work / "valid"), shape=shape, chunks=chunks, dtype=bool, fill_value=False,
                                config=ARRAY_CONFIG)
     flags = valid.map_blocks(partial(_write_mask, target), dtype=bool, chunks=(1, 1))

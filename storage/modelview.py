@@ -13,8 +13,8 @@ model chunks (its ``chunks``) through the run's chunk cache
 (:mod:`storage.chunkcache`): each chunk is warped once and dropped after
 the last region that reads it, so no more of the model-space image exists
 than the band of chunks between regions read and regions to come.  The
-model grid's valid mask is small and cheap (a nearest warp of the input's
-mask) and is stored.
+model grid's valid mask is small and cheap (a warp of the input's mask,
+:func:`storage.warp.validity_kernel`) and is stored.
 """
 
 from __future__ import annotations

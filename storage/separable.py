@@ -455,10 +455,17 @@ def _strided_sum(a: np.ndarray, k: int, axis: int, out: np.ndarray) -> None:
         np.add(out, part(j), out=out, dtype=out.dtype)
 
 
-def destination_valid(valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int]) -> np.ndarray:
-    """The destination's mask from nearest taps: inside the source and the source pixel under the centre valid."""
+def destination_valid(valid: np.ndarray | None, ty: Taps, tx: Taps, at: tuple[int, int],
+                      kernel: SeparableKernel = "nearest") -> np.ndarray:
+    """The destination's mask, GDAL's for ``kernel``'s taps: with nearest taps, inside the source and the source
+    pixel under the centre valid; with average taps, some covered source pixel valid (GDAL's average gives such a
+    pixel the mean of its valid ones)."""
     rows, cols = pixel_grid(ty, tx)
-    return keep_mask(ty, tx, rows, cols, valid, at, "nearest", True)
+    keep = keep_mask(ty, tx, rows, cols, valid, at, kernel, True)
+    if kernel != "average" or valid is None:
+        return keep
+    covered = separable_block(valid[None].astype(np.float32), None, ty, tx, at, "average", np.float32)[0]
+    return keep & (covered > 0)
 
 
 def region_of(*taps: tuple[Taps, Taps]) -> tuple[tuple[int, int], tuple[int, int]] | None:

@@ -20,9 +20,12 @@ from the whole mapping instead of each window's size.  With both, chunked
 and whole-image warps agree bit for bit where the grids' ratios are exact
 (5 m <-> 10 m, 20 m <-> 10 m, UTM <-> degrees in the tests) and to float32
 rounding otherwise.  Invalid input pixels (the store's mask) are a GDAL
-alpha band: they never blend into valid ones.  A model pixel is valid when
-the input pixel under its centre is (nearest neighbour of the mask); model
-pixels outside the input's footprint are invalid.
+alpha band: they never blend into valid ones.  A model pixel is valid where
+GDAL's warp gives it a value (:func:`validity_kernel`): with ``average`` (a
+coarser model) when some input pixel it covers is valid, so a half-covered
+last row or column or a thin valid strip is segmented; otherwise when the
+input pixel under its centre is.  Model pixels outside the input's footprint
+are invalid.
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ def _bounds_of(n: int, c: int) -> list[tuple[int, int]]:
     return [(s, min(s + c, n)) for s in range(0, n, c)]
 
 
+def validity_kernel(kernel: Kernel) -> Kernel:
+    """The kernel whose footprint decides which destination pixels are valid: GDAL gives a pixel a value under
+    ``average`` when any covered source pixel is valid, under ``bilinear`` and ``nearest`` only when the one
+    under its centre is.  Marking a half-covered edge pixel invalid instead left the last input row and column
+    of an odd-sized 5 m scene, whose taps on the way back need it, unlabelled."""
+    return "average" if kernel == "average" else "nearest"
+
+
 def separable_axes(src: RasterGrid, dst: RasterGrid, kernel: Kernel,
                    scale: tuple[float, float]) -> tuple[Axis, Axis] | None:
     """The (row, col) axis maps when :mod:`storage.separable` reproduces GDAL's warp: one CRS, both grids north-up,
@@ -68,7 +79,7 @@ class Job:
     box: tuple[tuple[int, int], tuple[int, int]]
     window: tuple[tuple[int, int], tuple[int, int]] | None
     taps: tuple[Taps, Taps] | None = None
-    nearest: tuple[Taps, Taps] | None = None  # the destination mask's taps (with_mask)
+    nearest: tuple[Taps, Taps] | None = None  # the destination mask's taps (with_mask; validity_kernel's)
     # a graph's copy: the taps are left out and made again by the task (:meth:`light`, :meth:`made`)
     lazy: bool = False
     with_mask: bool = False  # (a lazy job) whether it had the mask's taps
@@ -102,7 +113,8 @@ def chunk_jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[fl
             jobs[idx] = Job(box, source_window(src, dst, box, pad))
             continue
         taps = (axes[0].taps(kernel, *box[0]), axes[1].taps(kernel, *box[1]))
-        near = (axes[0].taps("nearest", *box[0]), axes[1].taps("nearest", *box[1])) if with_mask else None
+        vk = validity_kernel(kernel)
+        near = (axes[0].taps(vk, *box[0]), axes[1].taps(vk, *box[1])) if with_mask else None
         jobs[idx] = Job(box, region_of(taps, *([near] if near else [])), taps, near)
     return jobs
 
@@ -119,7 +131,8 @@ def _compute(job: Job, region: np.ndarray, valid: np.ndarray | None, src: Raster
         return separable_labels(region, valid, *job.taps, at, kernel, dtype, empty)
     out = separable_block(region, valid, *job.taps, at, kernel, dtype)
     if job.nearest is not None:
-        out = np.concatenate([out, destination_valid(valid, *job.nearest, at)[None].astype(dtype)])
+        mask = destination_valid(valid, *job.nearest, at, validity_kernel(kernel))
+        out = np.concatenate([out, mask[None].astype(dtype)])
     return out
 
 
@@ -337,10 +350,10 @@ def _warp_task(parts: list[np.ndarray], mparts: list[np.ndarray] | None, places:
 def to_model(image: da.Array, mapping: RasterMapping, *, chunks: Sequence[int] | int,
              valid: da.Array | None = None) -> tuple[da.Array, da.Array]:
     """(image, valid) on the model grid: the image warped with the mapping's kernel (float32), invalid input
-    pixels left out, and the model's valid mask (the input pixel under each model pixel's centre is valid).
+    pixels left out, and the model's valid mask (:func:`validity_kernel`).
 
     A separable mapping computes both in one task per chunk (one read of the
-    region and its mask); otherwise the mask is a second, nearest, warp.
+    region and its mask); otherwise the mask is a second warp, of the mask with :func:`validity_kernel`.
     """
     if separable_axes(mapping.input, mapping.model, mapping.forward, mapping.scale) is not None:
         both = warp(image, mapping.input, mapping.model, mapping.forward, mapping.scale, chunks, valid=valid,
@@ -354,8 +367,16 @@ def to_model(image: da.Array, mapping: RasterMapping, *, chunks: Sequence[int] |
         ones = da.asarray(valid).astype(np.uint8)
     else:
         ones = da.from_zarr(valid).astype(np.uint8)
-    mask = warp(ones[None], mapping.input, mapping.model, "nearest", mapping.scale, chunks, dtype=np.uint8)
-    return moved, mask[0] > 0
+    return moved, valid_on(ones, mapping, chunks)
+
+
+def valid_on(ones: da.Array, mapping: RasterMapping, chunks: Sequence[int] | int) -> da.Array:
+    """The model grid's valid mask from the input's (1 valid, 0 not; uint8): a warp with :func:`validity_kernel`
+    (float32, so a model pixel a tenth covered by valid pixels is not rounded away)."""
+    kernel = validity_kernel(mapping.forward)
+    dtype = np.float32 if kernel == "average" else np.uint8
+    return warp(ones.astype(dtype)[None], mapping.input, mapping.model, kernel, mapping.scale, chunks,
+                dtype=dtype)[0] > 0
 
 
 def back_scale(mapping: RasterMapping) -> tuple[float, float]:
@@ -363,4 +384,5 @@ def back_scale(mapping: RasterMapping) -> tuple[float, float]:
 
 
 __all__ = ["Job", "back_scale", "chunk_array", "chunk_bounds", "chunk_jobs", "halo", "job_piece", "read_task",
-           "separable_axes", "source_window", "stored_name", "to_model", "warp", "warp_block", "warp_region"]
+           "separable_axes", "source_window", "stored_name", "to_model", "valid_on", "validity_kernel", "warp", "warp_block",
+           "warp_region"]

@@ -329,10 +329,12 @@ def mapping_for_store_is_none(scene: Path, model, tmp_path: Path) -> bool:
 
 
 @pytest.mark.parametrize("probabilities", ["none", "float32"])
-def test_a_valid_sliver_thinner_than_a_model_pixel_is_nodata_not_class_0(probabilities, scenes, weights, tmp_path,
-                                                                           dask_cluster):
-    """Input pixels no valid model pixel reaches (a 1-pixel valid column in a nodata band of a 5 m scene: the
-    10 m pixels over it take the invalid pixel under their centre) have no labels: nodata, never class 0."""
+def test_a_valid_sliver_thinner_than_a_model_pixel_is_segmented(probabilities, scenes, weights, tmp_path,
+                                                                 dask_cluster):
+    """A 1-pixel valid column in a nodata band of a 5 m scene: GDAL's average gives the 10 m pixel over it a
+    value (the mean of its valid input pixels), so the column is segmented, never left as a hole; the band
+    around it stays nodata.  (Until 2026-12-05 a model pixel was valid only when the input pixel under its
+    centre was, and the sliver came out nodata.)"""
     model = _model(tmp_path / "m", weights)
     with rasterio.open(scenes["5"]) as src:
         data, profile = src.read(), src.profile
@@ -346,9 +348,69 @@ def test_a_valid_sliver_thinner_than_a_model_pixel_is_nodata_not_class_0(probabi
     assert out.ok, out.error
     labels, _ = _labels(tmp_path / "out" / scene.name)
     nodata = 255
-    assert np.all(labels[:, 50] == nodata), np.unique(labels[:, 50])
-    assert np.all(labels[:, :100] == nodata)
+    assert np.all(labels[:, 50] != nodata), np.unique(labels[:, 50])
+    assert np.all(labels[:, :50] == nodata) and np.all(labels[:, 51:100] == nodata)
     assert np.all(labels[:, 110:] != nodata) and len(np.unique(labels[:, 110:])) >= 2
+
+
+@pytest.mark.parametrize("rows, cols", [(157, 191), (1, 1), (1, 37), (23, 1)])
+def test_an_odd_sized_5m_scene_is_labelled_to_its_last_row_and_column(rows, cols, scenes, weights, tmp_path,
+                                                                      dask_cluster):
+    """An odd number of 5 m pixels: the 10 m grid's last pixel is half over the scene.  GDAL's average gives it
+    the value of the half it covers, so the last input row and column (and a 1 x 1 scene) are labelled, and the
+    probabilities equal the whole-image oracle's.  They came out nodata, 'ok', before 2026-12-05."""
+    model = _model(tmp_path / "m", weights)
+    with rasterio.open(scenes["5"]) as src:
+        data, profile = src.read()[:, :rows, :cols], src.profile
+    scene = tmp_path / "odd.tif"
+    with rasterio.open(scene, "w", **{**profile, "height": rows, "width": cols, "tiled": False}) as dst:
+        dst.write(data)
+    out = segment_one(scene, model, tmp_path / "out", SegmentOptions(chunk_size=48, probabilities="float32"),
+                      dask_cluster)
+    assert out.ok, out.error
+    labels, grid = _labels(tmp_path / "out" / scene.name)
+    assert grid == _grid(scene) and not np.any(labels == 255), int((labels == 255).sum())
+    import zarr
+
+    ours = np.asarray(zarr.open_group(str(tmp_path / "out" / "odd.zarr"), mode="r")[PROBABILITIES])
+    with rasterio.open(scene) as src:
+        mapping = raster_mapping(_Geometry(src.transform, epsg=SCENE_EPSG), (rows, cols), spacing=[10, 10],
+                                 crs=None)
+    assert mapping.model_shape == ((rows + 1) // 2, (cols + 1) // 2)
+    ref = oracle(scene, model, mapping)
+    err = float(np.abs(ours - ref).max())
+    assert err <= 1e-4, f"probabilities differ from the whole-image oracle by {err:.2e}"
+    stats = json.loads((tmp_path / "out" / "odd.provenance.json").read_text())["statistics"]
+    assert "unlabelled" not in stats and not stats.get("warnings")
+
+
+def test_valid_pixels_a_crs_change_leaves_unlabelled_are_counted_and_said(scenes, tmp_path, dask_cluster):
+    """A 30 m Web-Mercator scene at 70 N, for a 10 m model in polar stereographic (its grid turned by about 45
+    degrees), with only every third pixel of every third row valid: some lone valid pixels hold no valid model
+    pixel's centre, so nothing comes back to them.  GDAL's pipeline leaves them empty too; segflow says how many,
+    in the run's warnings and the provenance, rather than a silent hole.  An odd-sized scene in one CRS has none
+    (the test above) and no such warning."""
+    from rasterio.transform import Affine
+    from rasterio.warp import transform
+
+    model = _model(tmp_path / "m", None, crs="EPSG:3413")
+    with rasterio.open(scenes["10"]) as src:
+        data, profile = src.read()[:, :96, :96], src.profile
+    keep = np.zeros(data.shape[1:], bool)
+    keep[::3, ::3] = True
+    x, y = transform("EPSG:4326", "EPSG:3857", [0.0], [70.0])
+    scene = tmp_path / "polar.tif"
+    with rasterio.open(scene, "w", **{**profile, "height": 96, "width": 96, "crs": "EPSG:3857", "nodata": 0,
+                                      "transform": Affine(30, 0, x[0], 0, -30, y[0])}) as dst:
+        dst.write(np.where(keep, np.maximum(data, 1), 0).astype(data.dtype))
+    out = segment_one(scene, model, tmp_path / "out", SegmentOptions(chunk_size=64, keep_zarr=False), dask_cluster)
+    assert out.ok, out.error
+    labels, _ = _labels(tmp_path / "out" / scene.name)
+    lost = int((keep & (labels == 255)).sum())
+    assert lost > 0 and not np.any(~keep & (labels != 255))
+    stats = json.loads((tmp_path / "out" / "polar.provenance.json").read_text())["statistics"]
+    assert stats["unlabelled"] == lost
+    assert any(f"{lost:,} valid pixel(s)" in w and "have no label" in w for w in stats["warnings"]), stats["warnings"]
 
 
 def test_the_way_back_budget_follows_the_machine():

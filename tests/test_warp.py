@@ -77,8 +77,9 @@ def test_the_separable_warp_equals_gdal_on_the_whole_image(res, gsd, kernel):
 
 
 def test_the_model_mask_plane_and_a_stored_source_match(tmp_path):
-    """with_mask: the last plane is the nearest warp of the mask; a zarr source read region by region gives the
-    same values as the dask graph."""
+    """with_mask: the last plane is GDAL's own destination alpha for the kernel (average: a model pixel with any
+    valid input pixel under it has a value), and the values equal GDAL's where it has one; a zarr source read
+    region by region gives the same values as the dask graph."""
     rng = np.random.default_rng(7)
     shape = (90, 70)
     image = rng.random((2, *shape)).astype(np.float32)
@@ -86,10 +87,14 @@ def test_the_model_mask_plane_and_a_stored_source_match(tmp_path):
     src, dst = _grids(5.0, 10.0, shape)
     both = warp(da.from_array(image, chunks=(2, 32, 32)), src, dst, "average", (0.5, 0.5), 16,
                 valid=da.from_array(valid, chunks=32), with_mask=True).compute()
-    near = np.zeros((1, *dst.shape), np.uint8)
-    reproject(valid[None].astype(np.uint8), near, src_transform=src.affine, src_crs=CRS, dst_transform=dst.affine,
-              dst_crs=CRS, resampling=Resampling.nearest)
-    assert np.array_equal(both[-1] > 0, near[0] > 0)
+    gdal = np.zeros((3, *dst.shape), np.float32)  # the image with the mask as its alpha band, as GDAL warps it
+    reproject(np.concatenate([image, valid[None].astype(np.float32) * 255]), gdal, src_transform=src.affine,
+              src_crs=CRS, dst_transform=dst.affine, dst_crs=CRS, resampling=Resampling.average, src_alpha=3,
+              dst_alpha=3)
+    alpha = gdal[2] > 0
+    assert np.array_equal(both[-1] > 0, alpha)
+    assert alpha.sum() > (valid[::2, ::2]).sum()  # more than the pixels under the centres: the old rule's
+    assert np.array_equal(np.where(alpha, both[:2], 0), np.where(alpha, gdal[:2], 0))
     z = zarr.open_array(str(tmp_path / "i.zarr"), mode="w", shape=image.shape, chunks=(2, 32, 32), dtype="float32")
     z[:] = image
     m = zarr.open_array(str(tmp_path / "m.zarr"), mode="w", shape=shape, chunks=(32, 32), dtype="bool")
