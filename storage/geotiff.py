@@ -20,7 +20,7 @@ import re
 import shutil
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from os import PathLike
 from pathlib import Path
@@ -35,6 +35,7 @@ from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from storage.bandcover import BandCover, needs_mask, stack_valid
 from storage.classes import LabelClass, label_dtype, nodata_value
 from storage.errors import CorruptInputError, ExportError, InputError, InvalidInputError
 from storage.geometry import RasterGeometry, SourceInfo
@@ -129,7 +130,8 @@ def _scales_offsets(src: DatasetReader, bands: list[int]) -> tuple[list[float], 
 
 
 def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024,
-                   source: SourceInfo | None = None, geometry_update: dict[str, Any] | None = None) -> ImageStore:
+                   source: SourceInfo | None = None, geometry_update: dict[str, Any] | None = None,
+                   covers: Sequence[BandCover] | None = None) -> ImageStore:
     """Copy a GeoTIFF/VRT into a zarr image store, one zarr chunk at a time.
 
     Alpha bands become the ``mask`` (True = valid) instead of a channel;
@@ -138,6 +140,8 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
     and validated; if the copy then fails, the store is removed.  ``source``
     and ``geometry_update`` replace what the store records of the file when
     it stands for something else (a VRT stacked from a STAC item's assets).
+    ``covers`` (a stack's bands, :mod:`storage.bandcover`): a pixel is valid
+    only where every band has data, not where any has (GDAL's rule).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
@@ -150,6 +154,10 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
             geometry = _geometry(src, bands, dtype, path)
             if geometry_update:
                 geometry = geometry.model_copy(update=geometry_update)
+            stacked = needs_mask(covers, src.height, src.width)
+            if stacked:
+                geometry = geometry.model_copy(update={"mask_source": "nodata" if any(
+                    c.nodata is not None for c in covers or ()) else "mask"})
         except GDAL_ERRORS as exc:
             raise CorruptInputError(path, f"cannot read raster metadata: {gdal_message(exc)}") from None
         try:
@@ -166,7 +174,8 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
         store = create_image_store(store_path, meta=meta, shape=shape, dtype=str(dtype), chunks=chunks,
                                    with_mask=declared or floating)
         try:
-            any_invalid = _copy_windows(src, store, bands, dtype, path, declared=declared, floating=floating)
+            any_invalid = _copy_windows(src, store, bands, dtype, path, declared=declared, floating=floating,
+                                        covers=covers if stacked else None)
             if floating and not declared:
                 store = _settle_float_mask(store, any_invalid)
             mark_complete(store.group)
@@ -181,7 +190,7 @@ WRITES_AHEAD = 2
 
 
 def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype: np.dtype, path: Path,
-                  *, declared: bool, floating: bool) -> bool:
+                  *, declared: bool, floating: bool, covers: Sequence[BandCover] | None = None) -> bool:
     """Read and write each zarr chunk once; return whether any pixel was invalid.
 
     GDAL reads (and decodes) the next window while a thread stores the last one (zarr encodes and writes it):
@@ -204,8 +213,12 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
             for win in _windows(src.height, src.width, image.chunks[1], image.chunks[2]):
                 try:
                     data = src.read(bands, window=win, out_dtype=dtype)
-                    valid = None if not declared else from_pixels(data) if from_pixels is not None else \
-                        src.read(alpha, window=win) > 0 if alpha is not None else src.dataset_mask(window=win) > 0
+                    if covers is not None:
+                        valid = stack_valid(covers, win, data, src.height, src.width)
+                    else:
+                        valid = None if not declared else from_pixels(data) if from_pixels is not None else \
+                            src.read(alpha, window=win) > 0 if alpha is not None else \
+                            src.dataset_mask(window=win) > 0
                 except GDAL_ERRORS as exc:
                     raise CorruptInputError(path, f"cannot read pixels ({describe_window(win)}): "
                                                   f"{gdal_message(exc)}") from None

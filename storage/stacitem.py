@@ -31,6 +31,7 @@ import xml.etree.ElementTree as ET
 from os import PathLike
 from pathlib import Path
 
+from storage.bandcover import BandCover
 from storage.bands import BandRequest
 from storage.errors import CorruptInputError, IncompatibleInputError, InvalidInputError, SegflowError
 from storage.geometry import SourceInfo, StacAssetInfo, StacItemInfo
@@ -110,8 +111,10 @@ def _fmt(v: float) -> str:
     return repr(float(v))
 
 
-def build_vrt(plan: ItemPlan, target: Path) -> tuple[Path, list[StacAssetInfo]]:
-    """Write the VRT stacking the picked bands on the finest asset's grid; (its path, the assets used).
+def build_vrt(plan: ItemPlan, target: Path) -> tuple[Path, list[StacAssetInfo], list[BandCover]]:
+    """Write the VRT stacking the picked bands on the finest asset's grid; (its path, the assets used, where each
+    band has data: :mod:`storage.bandcover`, since GDAL's own mask of the stack calls a pixel valid where any band
+    is, and a band with no nodata reads 0 past its file's edge).
 
     Coarser assets are resampled with the plan's kernel (the card's
     ``input.resampling``; bilinear by default) as the VRT is read (GDAL's own
@@ -129,6 +132,7 @@ def build_vrt(plan: ItemPlan, target: Path) -> tuple[Path, list[StacAssetInfo]]:
     if grid.crs is not None:
         ET.SubElement(root, "SRS").text = grid.crs.to_wkt()
     ET.SubElement(root, "GeoTransform").text = ", ".join(_fmt(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
+    covers = []
     for n, band in enumerate(plan.picked, 1):
         o = opened[band.asset]
         dtype = o.dtypes[band.index - 1]
@@ -153,13 +157,14 @@ def build_vrt(plan: ItemPlan, target: Path) -> tuple[Path, list[StacAssetInfo]]:
         ET.SubElement(src, "SrcRect", xOff="0", yOff="0", xSize=str(o.width), ySize=str(o.height))
         x0 = (o.transform.c - t.c) / t.a
         y0 = (o.transform.f - t.f) / t.e
-        ET.SubElement(src, "DstRect", xOff=_fmt(x0), yOff=_fmt(y0), xSize=_fmt(o.width * o.transform.a / t.a),
-                      ySize=_fmt(o.height * o.transform.e / t.e))
+        width, height = o.width * o.transform.a / t.a, o.height * o.transform.e / t.e
+        ET.SubElement(src, "DstRect", xOff=_fmt(x0), yOff=_fmt(y0), xSize=_fmt(width), ySize=_fmt(height))
         if nodata is not None:
             ET.SubElement(src, "NODATA").text = _fmt(nodata)
+        covers.append(BandCover(x0, y0, width, height, None if nodata is None else float(nodata)))
     target.parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(root).write(target, encoding="utf-8", xml_declaration=False)
-    return target, _asset_infos(plan)
+    return target, _asset_infos(plan), covers
 
 
 def _asset_infos(plan: ItemPlan) -> list[StacAssetInfo]:
@@ -233,13 +238,13 @@ def ingest_item(path: str | PathLike[str], store_path: str | PathLike[str], *, c
     plan = plan_item(path, bands, origin=origin)
     vrt = store_path.with_name(store_path.name + ".stack.vrt")
     try:
-        vrt, infos = build_vrt(plan, vrt)
+        vrt, infos, covers = build_vrt(plan, vrt)
         source = SourceInfo(path=str(path), sha256=content_sha256(plan, infos), size=path.stat().st_size,
                             format="STAC item")
         info = StacItemInfo(id=plan.id, self_href=plan.self_href, sha256=plan.sha256, assets=infos)
         try:
             return ingest_geotiff(vrt, store_path, **({"chunk": chunk} if chunk else {}), source=source,
-                                  geometry_update={"stac_item": info})
+                                  geometry_update={"stac_item": info}, covers=covers)
         except SegflowError as exc:
             if exc.path != str(vrt):
                 raise

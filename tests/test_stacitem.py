@@ -332,3 +332,42 @@ def test_the_raster_extensions_nodata_words_are_read_as_numbers(scene, tmp_path)
     nodata = {band.asset: band.nodata for asset in plan.assets.values() for band in asset.bands}
     assert math.isnan(nodata["blue"]) and nodata["green"] == math.inf and nodata["red"] == -math.inf
     assert nodata["nir"] == 0.0
+
+
+def test_a_pixel_is_valid_only_where_every_band_the_model_needs_has_data(scene, models, tmp_path, dask_cluster):
+    """A 20 m nir file that stops half-way across the 10 m bands, and one with a nodata block of its own: the
+    model needs all four bands, so those pixels are nodata in the labels.  GDAL's mask of the stack calls a pixel
+    valid where any band is, and they were segmented from nir = 0 ('ok', no warning) before 2026-12-05."""
+    src = scene.parent
+    nir_file = src / f"{s2_samples.BANDS['nir'][0]}.tif"
+    with rasterio.open(nir_file) as f:
+        nir = f.read(1)
+        res = f.res[0]
+    assert res == 10  # the fixture's nir band is 10 m: make 20 m ones from it
+    nir20 = nir.reshape(64, 2, 64, 2).mean(axis=(1, 3)).astype(np.uint16)
+    folder = tmp_path / "bands"
+    folder.mkdir()
+    half = s2_samples.write_cog(folder / "B08_west.tif", nir20[:, :32], 20, nodata=None)  # no nodata: reads 0 past
+    holed = nir20.copy()
+    holed[8:24, 8:24] = 0
+    hole = s2_samples.write_cog(folder / "B08_hole.tif", holed, 20)
+    bands = {k: s2_samples.band_asset(k, str(src / f"{s2_samples.BANDS[k][0]}.tif")) for k in ("blue", "green", "red")}
+    out = tmp_path / "out"
+    for name, nir_href in (("west", half), ("hole", hole)):
+        nir_asset = {**s2_samples.band_asset("nir", str(nir_href)), "gsd": 20}
+        nir_asset["raster:bands"] = [{**nir_asset["raster:bands"][0], "spatial_resolution": 20,
+                                      "nodata": None if name == "west" else 0}]
+        if name == "west":
+            del nir_asset["raster:bands"][0]["nodata"]
+        item = _item(tmp_path / name, name, {**bands, "nir": nir_asset})
+        code, errors, output = _cli([str(item), "--model", str(models["rgbn"].path), "--out", str(out),
+                                     "--no-zarr"], dask_cluster)
+        assert code == 0 and not errors, output
+    west = _labels(out / "west.tif")
+    assert west.shape == (128, 128)
+    assert np.all(west[:, 64:] == 255) and not np.any(west[:, :64] == 255)
+    holed_labels = _labels(out / "hole.tif")
+    assert np.all(holed_labels[18:46, 18:46] == 255)  # inside the 20 m block (rows/cols 16-48 at 10 m)
+    outside = np.ones_like(holed_labels, bool)
+    outside[14:50, 14:50] = False
+    assert not np.any(holed_labels[outside] == 255)
