@@ -121,7 +121,9 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
     spacing = card.input.spacing
     device = str(record.get("environment", {}).get("device", "cpu"))
     tiles = [str(t["path"]) for t in ((record.get("input") or {}).get("mosaic") or {}).get("tiles", [])]
-    when = _source_time(Path(str(meta.source.path))) if not tiles else \
+    item_info = getattr(meta.geometry, "stac_item", None)
+    when = _item_time(item_info.datetime) if item_info is not None and item_info.datetime else \
+        _source_time(Path(str(meta.source.path))) if not tiles else \
         max((t for t in (_source_time(Path(p)) for p in tiles) if t is not None), default=None)
     item = write_stac_item(
         out_path, item_id=stem_of(out_path), label_cog=written[0], classes=card.classes,
@@ -160,6 +162,13 @@ def _model_description(card: Any, weights_sha256: str, accelerator: str, bands: 
     from segmentation.mlm import model_description
 
     return model_description(card, weights_sha256=weights_sha256, accelerator=accelerator, bands=bands)
+
+
+def _item_time(stamp: str) -> Any:
+    """A source STAC item's own datetime, for the output item: the scene's time, as for a GeoTIFF's tag."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp)
 
 
 def _source_time(path: Path) -> Any:

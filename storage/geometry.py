@@ -62,6 +62,7 @@ class StacItemInfo(BaseModel):
     self_href: str | None = None
     sha256: str  # of the item's JSON file
     assets: list[StacAssetInfo]
+    datetime: str | None = None  # the item's acquisition time (ISO 8601: datetime, else start_datetime)
 
 
 class RasterGeometry(BaseModel):

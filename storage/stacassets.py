@@ -83,6 +83,7 @@ class ItemPlan:
     picked: list[_Band]
     assets: dict[str, _Asset]
     resampling: str = "bilinear"  # for coarser bands, onto the finest band's grid (the card's kernel)
+    datetime: str | None = None  # when the scene was taken (the item's datetime, else its start_datetime)
 
     @property
     def names(self) -> list[str]:
@@ -306,8 +307,10 @@ def plan_item(path: str | PathLike[str], request: BandRequest | None = None, *,
     for asset in assets.values():
         if not asset.described:
             asset.bands = _gdal_bands(path, asset)
+    when = item.datetime or item.common_metadata.start_datetime
     return ItemPlan(path=path, id=item.id, self_href=_self_href(doc), sha256=sha256_input(path),
-                    picked=_pick(path, item.id, assets, request), assets=assets, resampling=request.resampling)
+                    picked=_pick(path, item.id, assets, request), assets=assets, resampling=request.resampling,
+                    datetime=when.isoformat() if when is not None else None)
 
 
 # --------------------------------------------------------------------------- opening the assets

@@ -241,7 +241,8 @@ def ingest_item(path: str | PathLike[str], store_path: str | PathLike[str], *, c
         vrt, infos, covers = build_vrt(plan, vrt)
         source = SourceInfo(path=str(path), sha256=content_sha256(plan, infos), size=path.stat().st_size,
                             format="STAC item")
-        info = StacItemInfo(id=plan.id, self_href=plan.self_href, sha256=plan.sha256, assets=infos)
+        info = StacItemInfo(id=plan.id, self_href=plan.self_href, sha256=plan.sha256, assets=infos,
+                            datetime=plan.datetime)
         try:
             return ingest_geotiff(vrt, store_path, **({"chunk": chunk} if chunk else {}), source=source,
                                   geometry_update={"stac_item": info}, covers=covers)

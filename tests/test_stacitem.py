@@ -84,6 +84,9 @@ def test_a_4_band_10m_model_segments_the_item_as_the_hand_stacked_bands(scene, m
         assert asset["sha256"] == hashlib.sha256(Path(asset["href"]).read_bytes()).hexdigest()
     assert record["statistics"]["bands"] == ["B02", "B03", "B04", "B08"]
     assert "units" not in record["statistics"]  # the card declares none: the digital numbers as they are
+    # the output item is dated by the scene's acquisition, the source item's datetime (was the run's "now")
+    written = json.loads((out / f"{ITEM_ID}.stac.json").read_text())
+    assert written["properties"]["datetime"] == json.loads(scene.read_text())["properties"]["datetime"]
     from storage.provenance import verify
 
     report = verify(out / f"{ITEM_ID}.provenance.json")  # the item JSON and each local asset rehashed
