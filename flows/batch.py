@@ -105,6 +105,14 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
             if problem is None and options.vector != "none" and header.cell_note == NO_CRS:
                 problem = (f"has no CRS, and --vector {options.vector} writes polygon areas in hectares, which need "
                            "a projected one (drop --vector, or give the raster a CRS)")
+            elif problem is None and options.vector != "none" and header.kind == "raster" and \
+                    header.cell_size is None and options.output_grid != "model":
+                note = header.cell_note or ""
+                what = "has a geographic CRS (degrees)" if "geographic" in note else \
+                    "has a CRS without a linear unit" if "linear unit" in note else f"has no pixel area ({note})"
+                problem = (f"{what}; --vector {options.vector} writes polygon areas in hectares, "
+                           "which need a projected CRS (reproject it, or add --output-grid model with a card that "
+                           "works in one, e.g. crs: utm)")
             if problem is not None:
                 raise IncompatibleInputError(label, problem)
             clobbered = None if out_dir is None or is_url(out_dir) else overwritten_input(item, out_dir)

@@ -132,7 +132,8 @@ def _area_factor(crs: Any, where: str) -> tuple[CRS, float]:
     except (CRSError, TypeError, ValueError):
         raise InvalidInputError(where, f"the CRS {str(crs)[:60]!r} is not one GDAL understands") from None
     if not crs.is_projected:
-        raise InvalidInputError(where, "polygon areas in hectares need a projected CRS (this one has no linear unit)")
+        what = "is geographic (degrees)" if crs.is_geographic else "has no linear unit"
+        raise InvalidInputError(where, f"polygon areas in hectares need a projected CRS (this one {what})")
     _, metres = crs.linear_units_factor
     return crs, metres * metres / 1e4
 

@@ -322,6 +322,17 @@ def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model
     [line] = error_lines(proc.stderr)
     assert line.startswith(f"error: {plain}: has no CRS") and "--vector gpkg" in line, line
     assert not out.exists() or not any(out.glob("plain*")), sorted(out.iterdir())
+    # degrees have no hectares either: refused as early (it was refused after segmenting, naming the .gpkg)
+    geo = tmp_path / "geo.tif"
+    with rasterio.open(geo, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8", crs="EPSG:4326",
+                       transform=rasterio.transform.from_origin(15.0, 52.0, 1e-4, 1e-4)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    proc = run("segment", geo, "--model", model2d.path, "--out", out, "--vector", "gpkg")
+    assert proc.returncode == 1, proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert line.startswith(f"error: {geo}: has a geographic CRS (degrees); --vector gpkg") and \
+        "--output-grid model" in line, line
+    assert not out.exists() or not any(out.glob("geo*")), sorted(out.iterdir())
 
 
 def test_bad_option_and_bad_model_are_one_line_errors(model2d, tmp_path):
