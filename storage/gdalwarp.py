@@ -60,6 +60,22 @@ def _window_transform(grid: RasterGrid, row: int, col: int) -> Any:
     return grid.affine * Affine.translation(col, row)
 
 
+def _source_crs(grid: RasterGrid, transform: Any, width: int) -> Any:
+    """The CRS a source region is warped from.  A geographic region that reaches past 180 E or 180 W gets
+    PROJ's ``lon_wrap`` at its centre: GDAL's warper takes the longitudes PROJ gives, in [-180, 180], so the
+    part of a scene over the antimeridian was never found (and labelled nodata).  Other regions keep the
+    grid's own CRS, untouched."""
+    from rasterio.crs import CRS
+
+    crs = grid.gdal_crs()
+    if grid.crs is None or not crs.is_geographic:
+        return crs
+    west, east = sorted((transform.c, transform.c + transform.a * width))
+    if -180.0 <= west and east <= 180.0:
+        return crs
+    return CRS.from_proj4(f"{crs.to_proj4()} +lon_wrap={(west + east) / 2.0!r}")
+
+
 def warp_block(region: np.ndarray, valid: np.ndarray | None, src: RasterGrid, src_at: tuple[int, int],
                dst: RasterGrid, dst_box: Sequence[tuple[int, int]], kernel: Kernel, scale: tuple[float, float],
                dtype: Any) -> np.ndarray:
@@ -85,7 +101,7 @@ def warp_block(region: np.ndarray, valid: np.ndarray | None, src: RasterGrid, sr
                           dtype=bands.dtype, crs=src.gdal_crs(), transform=_window_transform(src, *src_at)) as ds:
             ds.write(bands)
         with memfile.open() as ds, WarpedVRT(
-                ds, crs=dst.gdal_crs(), transform=_window_transform(dst, y0, x0), width=x1 - x0, height=y1 - y0,
+                ds, src_crs=_source_crs(src, _window_transform(src, *src_at), bands.shape[2]), crs=dst.gdal_crs(), transform=_window_transform(dst, y0, x0), width=x1 - x0, height=y1 - y0,
                 resampling=getattr(Resampling, kernel), tolerance=TOLERANCE,
                 src_alpha=count + 1 if valid is not None else 0, warp_mem_limit=WARP_MEMORY_MB, **extras) as vrt:
             out = vrt.read(indexes=list(range(1, count + 1)))

@@ -236,7 +236,12 @@ def to_pixels(src: RasterGrid, dst: RasterGrid, cols: np.ndarray, rows: np.ndarr
 
     xs, ys = dst.affine * (np.asarray(cols, dtype=np.float64), np.asarray(rows, dtype=np.float64))
     if src.crs != dst.crs and src.crs is not None and dst.crs is not None:
-        xs, ys = transform(dst.gdal_crs(), src.gdal_crs(), np.ravel(xs).tolist(), np.ravel(ys).tolist())
+        src_crs = src.gdal_crs()
+        xs, ys = transform(dst.gdal_crs(), src_crs, np.ravel(xs).tolist(), np.ravel(ys).tolist())
+        xs = np.asarray(xs, dtype=np.float64)
+        if src_crs.is_geographic:  # PROJ gives longitudes in [-180, 180]; a scene over 180 E runs past it
+            centre = (src.affine * (src.width / 2.0, src.height / 2.0))[0]
+            xs = xs + 360.0 * np.round((centre - xs) / 360.0)
     c, r = ~src.affine * (np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64))
     return np.asarray(c), np.asarray(r)
 

@@ -298,6 +298,37 @@ def test_a_geographic_scene_goes_to_its_utm_zone_and_comes_back_on_degrees(scene
     assert _grid(tmp_path / "u" / "geo.tif")["crs"].to_epsg() == SCENE_EPSG
 
 
+def test_a_geographic_scene_across_the_antimeridian_is_labelled_on_both_sides(scenes, weights, tmp_path,
+                                                                              dask_cluster):
+    """A scene in degrees over the antimeridian, written from 179.99 E (running past 180) and, the same ground,
+    from 180.01 W (running from before -180), for a model in UTM zone 60: every pixel labelled, and the two
+    writings give the same probabilities.  The part past 180 was nodata, 'ok', before 2026-12-05: PROJ gives
+    longitudes in [-180, 180], which the source regions and GDAL's warper missed."""
+    import zarr
+    from rasterio.transform import Affine
+
+    with rasterio.open(scenes["10"]) as src:
+        data = src.read()[:, :96, :96]
+    model = _model(tmp_path / "m", weights, crs="EPSG:32660")
+    probs = {}
+    for name, west in (("east", 179.99), ("west", 179.99 - 360.0)):
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=96, height=96, count=4, dtype=data.dtype,
+                           crs="EPSG:4326", transform=Affine(0.000146, 0, west, 0, -0.00009, 52.0)) as dst:
+            dst.write(data)
+        out = segment_one(path, model, tmp_path / name, SegmentOptions(chunk_size=32, probabilities="float32"),
+                          dask_cluster)
+        assert out.ok, out.error
+        assert out.statistics["model_space"]["model"]["crs"] == "EPSG:32660"
+        assert "unlabelled" not in out.statistics and not out.statistics.get("warnings")
+        labels, _ = _labels(tmp_path / name / path.name)
+        assert not np.any(labels == 255), int((labels == 255).sum())
+        assert len(np.unique(labels)) >= 2
+        probs[name] = np.asarray(zarr.open_group(str(tmp_path / name / f"{name}.zarr"), mode="r")[PROBABILITIES])
+    err = float(np.abs(probs["east"] - probs["west"]).max())
+    assert err <= 1e-5, f"the two writings of one place differ by {err:.2e}"
+
+
 def test_a_scene_at_the_models_gsd_is_not_warped_and_its_outputs_are_unchanged(scenes, weights, tmp_path,
                                                                               dask_cluster):
     """Card version 4 at 10 m on a 10 m scene: the same labels and probabilities as a version 3 card (whose 2-D
