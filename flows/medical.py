@@ -13,8 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from flows.config import SegmentOptions
 from segmentation import LoadedModel
 from segmentation.chunkwrites import label_nodata
@@ -39,7 +37,7 @@ def volume_statistics(labels: Any, store: ImageStore, model: LoadedModel) -> dic
     """Per-label statistics of a label volume on the input's grid (chunk by chunk)."""
     geometry = store.meta.geometry
     assert isinstance(geometry, VolumeGeometry)
-    return label_statistics(labels, store.image, np.asarray(geometry.affine), model.card.classes,
+    return label_statistics(labels, store.image, geometry.affine_mm(), model.card.classes,
                             nodata_label=label_nodata(model.card.num_classes), unit=intensity_unit(geometry))
 
 

@@ -32,6 +32,7 @@ from flows.routing import chosen_bands
 from segmentation import LoadedModel, build_plan
 from segmentation.modelspace import ModelSpacePlan
 from storage.bands import channel_indexes, channel_units, preselected
+from storage.errors import InvalidInputError
 from storage.geometry import RasterGeometry, VolumeGeometry
 from storage.grids import GridMapping, model_grid
 from storage.layout import META_ATTR, ImageStore, StoreMeta
@@ -61,6 +62,9 @@ STAGE_MEMORY = stage_memory(MEMORY_LIMIT)  # MEMORY_LIMIT: the machine's memory,
 DEFAULT_VOLUME_CHUNK = 128
 
 
+MAX_MODEL_GRID_GROWTH = 4096.0  # 16x finer (or coarser) on every axis: past it a voxel size or unit is wrong
+
+
 def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMapping | None:
     """The input-to-model grid mapping, or None when the model works on the input's own grid."""
     card = model.card
@@ -73,9 +77,21 @@ def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMa
     if not card.applies_model_space or not isinstance(geometry, VolumeGeometry):
         return None
     spacing = card.input.spacing
-    mapping = model_grid(np.asarray(geometry.affine, dtype=np.float64), tuple(store.spatial_shape),
+    # in mm: the card's spacing is, and a file's affine may be in metres or microns (NIfTI xyzt_units)
+    mapping = model_grid(geometry.affine_mm(), tuple(store.spatial_shape),
                          axcodes=card.input.orientation, pixdim_ijk=None if spacing is None else spacing[::-1])
-    return None if mapping.is_identity else mapping
+    if mapping.is_identity:
+        return None
+    grow = float(np.prod(mapping.model_shape)) / max(1.0, float(np.prod(store.spatial_shape)))
+    if grow > MAX_MODEL_GRID_GROWTH or grow < 1.0 / MAX_MODEL_GRID_GROWTH:
+        size = " x ".join(f"{n:,}" for n in mapping.model_shape[::-1])
+        voxel = " x ".join(f"{v:.3g}" for v in np.linalg.norm(geometry.affine_mm()[:3, :3], axis=0))
+        times = f"{grow:,.0f} times" if grow > 1 else f"1/{1 / grow:,.0f} of"
+        raise InvalidInputError(None, f"its voxels are {voxel} mm and model {card.name!r} works at "
+                                      f"{' x '.join(f'{v:g}' for v in (spacing or [])[::-1])} mm: its grid would "
+                                      f"be {size} voxels, {times} the scan's; check the header's voxel size and "
+                                      "unit (xyzt_units)")
+    return mapping
 
 
 def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:

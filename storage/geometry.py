@@ -8,9 +8,12 @@ them alone, so an output never depends on re-opening the source file.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, BeforeValidator
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _nodata_in(v: object) -> object:
@@ -27,6 +30,9 @@ def _nodata_out(v: float | None) -> float | str | None:
 
 
 Nodata = Annotated[float | None, BeforeValidator(_nodata_in), PlainSerializer(_nodata_out)]
+
+
+MM_PER_NIFTI_UNIT = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}  # NIfTI xyzt_units; "unknown" is read as mm
 
 
 class SourceInfo(BaseModel):
@@ -148,6 +154,26 @@ class VolumeGeometry(BaseModel):
     header_b64: str  # the source header's raw bytes, to rebuild units, codes and descriptions
     dtype: str
     dicom: DicomSeriesInfo | None = None  # set when the volume came from a DICOM series (header synthesised)
+
+    def mm_per_unit(self) -> float:
+        """Millimetres per unit of ``affine``: NIfTI's ``xyzt_units`` (metre, micron); "unknown" is read as mm,
+        as nibabel, ITK and viewers do.  Volumes, spacings and model grids are in mm, whatever the file's unit."""
+        import base64
+
+        from nibabel.nifti1 import Nifti1Header
+        from nibabel.nifti2 import Nifti2Header
+
+        cls = Nifti2Header if self.nifti_version == 2 else Nifti1Header
+        unit = cls(binaryblock=base64.b64decode(self.header_b64), check=False).get_xyzt_units()[0]
+        return MM_PER_NIFTI_UNIT.get(unit, 1.0)
+
+    def affine_mm(self) -> "np.ndarray":
+        """``affine`` with world coordinates in mm (a file in metres or microns scaled; others as they are)."""
+        import numpy as np
+
+        affine = np.asarray(self.affine, dtype=np.float64).copy()
+        affine[:3, :] *= self.mm_per_unit()
+        return affine
 
 
 Geometry = Annotated[Union[RasterGeometry, VolumeGeometry], Field(discriminator="kind")]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from storage.geometry import MM_PER_NIFTI_UNIT
+
 SQUARE_METRES_PER_HECTARE = 1e4
 CUBIC_MM_PER_ML = 1e3
 
@@ -71,7 +73,6 @@ def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: 
     return area_m2 / SQUARE_METRES_PER_HECTARE, None
 
 
-_NIFTI_SPACE_UNITS_TO_MM = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}
 
 
 def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None, str | None]:
@@ -81,8 +82,8 @@ def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None
     nibabel, ITK and most viewers do, and the report says so.
     """
     note = None
-    if space_unit in _NIFTI_SPACE_UNITS_TO_MM:
-        factor = _NIFTI_SPACE_UNITS_TO_MM[space_unit]
+    if space_unit in MM_PER_NIFTI_UNIT:
+        factor = MM_PER_NIFTI_UNIT[space_unit]
     else:
         factor, note = 1.0, f"spatial unit {space_unit!r} in the header: read as mm"
     volume_mm3 = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) * factor ** 3

@@ -26,7 +26,6 @@ from storage.inputfiles import check_readable_file
 MAX_LABEL = 65535  # the largest label a segflow map holds (uint16); larger values are refused
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
-_NIFTI_UNIT_MM = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}  # NIfTI xyzt_units; "unknown" is read as mm
 _SEGFLOW_LABEL_TABLE = "# segflow label table"  # first line of the table storage.classes writes into NIfTIs
 
 
@@ -156,14 +155,18 @@ def _raster_units(transform: Any, crs: Any) -> tuple[tuple[float, float], str, f
     return (math.hypot(b, e) * metres, math.hypot(a, d) * metres), "m", area, note
 
 
-def _volume_units(affine: Any, zooms: Any, unit: str) -> tuple[tuple[float, ...], float | None, str | None]:
+def _volume_units(affine: Any, unit: str) -> tuple[tuple[float, ...], float | None, str | None]:
+    """Voxel size (mm, per file axis) and volume (mL), both from the affine the volumes come from: the header's
+    pixdim can disagree with the sform, and distances measured with it were wrong while volumes were right."""
     import numpy as np
 
+    from storage.geometry import MM_PER_NIFTI_UNIT
     from storage.header import voxel_millilitres
 
-    factor = _NIFTI_UNIT_MM.get(unit, 1.0)
-    ml, note = voxel_millilitres(np.asarray(affine, dtype=np.float64), unit)
-    return tuple(float(z) * factor for z in zooms[:3]), ml, note
+    factor = MM_PER_NIFTI_UNIT.get(unit, 1.0)
+    affine = np.asarray(affine, dtype=np.float64)
+    ml, note = voxel_millilitres(affine, unit)
+    return tuple(float(np.linalg.norm(affine[:3, n])) * factor for n in range(3)), ml, note
 
 
 def _open_raster(path: Path, stack: ExitStack) -> LabelSource:
@@ -191,7 +194,7 @@ def _open_nifti(path: Path, stack: ExitStack) -> LabelSource:
         raise InvalidInputError(path, f"has shape {shape}; a label volume is 3-D")
     hdr = img.header
     unit = hdr.get_xyzt_units()[0]
-    spacing, ml, note = _volume_units(img.affine, hdr.get_zooms(), unit)
+    spacing, ml, note = _volume_units(img.affine, unit)
     classes: dict[int, str] = {}
     for ext in hdr.extensions:
         text = ext.get_content()
@@ -230,7 +233,7 @@ def _open_store(path: Path) -> LabelSource:
                            area, "ha", note, nodata, classes, crs=crs, transform=tuple(geometry.transform))
     header_class = nib.Nifti2Header if geometry.nifti_version == 2 else nib.Nifti1Header
     header = header_class(binaryblock=base64.b64decode(geometry.header_b64), check=False)
-    spacing, ml, note = _volume_units(geometry.affine, geometry.zooms, header.get_xyzt_units()[0])
+    spacing, ml, note = _volume_units(geometry.affine, header.get_xyzt_units()[0])
     return LabelSource(path, "volume", _ZarrArray(arr, path, channel=channel, volume=True), spacing, "mm", ml,
                        "mL", note, nodata, classes, affine=geometry.affine)
 

@@ -52,6 +52,7 @@ def model_geometry(geometry: VolumeGeometry, mapping: GridMapping) -> VolumeGeom
     scode = int(geometry.sform_code) or 1
     hdr.set_qform(affine, code=qcode)
     hdr.set_sform(affine, code=scode)
+    hdr.set_xyzt_units("mm", hdr.get_xyzt_units()[1])  # the model grid is in mm (storage.geometry.affine_mm)
     zooms = [float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
     return geometry.model_copy(update={
         "shape": [i, j, k], "affine": affine.tolist(), "qform": affine.tolist(), "sform": affine.tolist(),

@@ -218,6 +218,31 @@ def test_volume_millilitres_and_area_hectares(tmp_path):
     assert evaluate_files([tmp_path / "p.tif"], [store.path])["cases"][0]["classes"] == case["classes"]
 
 
+def test_distances_use_the_affines_voxel_size_when_pixdim_disagrees(tmp_path):
+    """A header whose pixdim (1 mm) disagrees with its sform (3 mm slices): the sform is where the voxels are, so
+    HD95 and NSD use 3 mm, as the volumes in mL already did (they used pixdim: HD95 1.0 instead of 3.0)."""
+    truth = np.zeros((20, 20, 12), np.uint8)
+    truth[5:15, 5:15, 3:8] = 1
+    pred = np.zeros_like(truth)
+    pred[5:15, 5:15, 4:9] = 1
+    sform = np.diag([1.0, 1.0, 3.0, 1.0])
+    paths = []
+    for name, arr in (("p", pred), ("t", truth)):
+        img = nib.Nifti1Image(arr, sform)
+        img.set_qform(np.eye(4), code=1)
+        img.set_sform(sform, code=1)
+        img.header.set_zooms((1.0, 1.0, 1.0))
+        nib.save(img, tmp_path / f"{name}.nii.gz")
+        paths.append(tmp_path / f"{name}.nii.gz")
+    assert nib.load(paths[0]).header.get_zooms() == (1.0, 1.0, 1.0)
+    case = evaluate_files([paths[0]], [paths[1]])["cases"][0]
+    assert case["spacing"] == pytest.approx([1.0, 1.0, 3.0])
+    row = {r["value"]: r for r in case["classes"]}[1]
+    direct = by_value(score_case(pred, truth, (1.0, 1.0, 3.0)))[1]
+    assert row["hd95"] == pytest.approx(3.0) and row["hd95"] == pytest.approx(direct.hd95)
+    assert row["nsd"] == pytest.approx(direct.nsd)
+
+
 def test_store_and_segflow_nifti_outputs_carry_names_and_match(tmp_path):
     from storage.layout import commit_store, create_prediction_store
     from storage.nifti import ingest_nifti, write_label_nifti

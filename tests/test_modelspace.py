@@ -170,3 +170,58 @@ def test_a_scan_already_in_model_space_is_not_resampled(tmp_path):
     record = json.loads((tmp_path / "out" / "scan.provenance.json").read_text())
     assert "resampling" not in record["parameters"]
     assert not list((tmp_path / "out").glob("*.model-space.nii.gz"))
+
+
+def test_a_scan_in_metres_or_microns_is_segmented_and_measured_in_mm(tmp_path):
+    """NIfTI's xyzt_units: the same scan stored in mm, metres and microns gives the same labels in model space
+    and the same statistics (mL, bounding boxes in mm); the output keeps each file's own affine and unit.  Before
+    2026-12-05 a file in metres had a 1 x 1 x 1 model grid ('ok') and volumes 10^9 too small."""
+    from tests.models import tiny_model
+
+    model = tiny_model(tmp_path / "m", spatial_dims=3, channels=1, classes=3, roi=[16, 16, 16],
+                       spacing=[2.0, 1.5, 1.25])
+    data = smooth_volume((30, 26, 20), 5)
+    scale = {"mm": 1.0, "meter": 1e-3, "micron": 1e3}  # in this order: a failing unit stops before the next
+    labels: dict[str, np.ndarray] = {}
+    stats: dict[str, dict] = {}
+    with dask_client(workers=1, threads_per_worker=1) as client:
+        for unit, f in scale.items():
+            img = nib.Nifti1Image(data, np.diag([0.8 * f, 0.9 * f, 1.7 * f, 1.0]))
+            img.header.set_xyzt_units(unit)
+            nib.save(img, tmp_path / f"{unit}.nii.gz")
+            out = segment_one(tmp_path / f"{unit}.nii.gz", model, tmp_path / "out", SegmentOptions(chunk_size=16),
+                              client)
+            assert out.ok, out.error
+            labels[unit] = np.asarray(nib.load(tmp_path / "out" / f"{unit}.nii.gz").dataobj)
+            stats[unit] = json.loads((tmp_path / "out" / f"{unit}.statistics.json").read_text())
+            if unit == "mm":
+                assert len(np.unique(labels["mm"])) >= 2
+                continue
+            assert np.array_equal(labels[unit], labels["mm"]), unit
+            assert stats[unit]["voxel_volume_ml"] == pytest.approx(0.8 * 0.9 * 1.7 / 1000, rel=1e-6)
+            for name, entry in stats["mm"]["classes"].items():
+                assert stats[unit]["classes"][name]["volume_ml"] == pytest.approx(entry["volume_ml"], rel=1e-6)
+                if entry.get("bbox_mm"):
+                    assert np.allclose(stats[unit]["classes"][name]["bbox_mm"]["max"], entry["bbox_mm"]["max"],
+                                       atol=1e-4)
+            written = nib.load(tmp_path / "out" / f"{unit}.nii.gz")
+            assert written.header.get_xyzt_units()[0] == unit
+            assert np.allclose(written.affine, nib.load(tmp_path / f"{unit}.nii.gz").affine)
+
+
+def test_a_voxel_size_that_makes_an_absurd_model_grid_is_refused(tmp_path):
+    """A file in metres whose header says nothing of its unit (read as mm, as viewers do) has voxels of 0.0008 mm:
+    its 1.25 mm model grid would be one voxel.  Refused in one line naming the sizes, before any work."""
+    from tests.models import tiny_model
+
+    model = tiny_model(tmp_path / "m", spatial_dims=3, channels=1, classes=3, spacing=[2.0, 1.5, 1.25])
+    scan = tmp_path / "metres.nii.gz"
+    nib.save(nib.Nifti1Image(smooth_volume((24, 20, 16), 2), np.diag([0.0008, 0.0009, 0.002, 1.0])), scan)
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(scan), "--model", str(model.path), "--out",
+                           str(tmp_path / "out"), "--no-prefect"], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {scan}: its voxels are 0.0008 x 0.0009 x 0.002 mm and model 'tiny-3d-1ch' works at "
+                      "1.25 x 1.5 x 2 mm: its grid would be 1 x 1 x 1 voxels, 1/7,680 of the scan's; check the "
+                      "header's voxel size and unit (xyzt_units)"], proc.stderr
+    assert not list((tmp_path / "out").glob("metres*"))
