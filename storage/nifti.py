@@ -86,6 +86,7 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
                 out = create_image_store(store, meta=meta, shape=shape, dtype=geometry.dtype, chunks=chunks,
                                          with_mask=False)
                 _copy_slabs(src, read, out, np.dtype(geometry.dtype))
+                _check_stream_end(src, img)
                 mark_complete(out.group)
             except OSError as exc:  # reading errors were already turned into InputErrors
                 raise StoreError(store, f"cannot write the image store: {error_text(exc)}") from None
@@ -118,6 +119,22 @@ def _copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype) -> None
                 image[c, k0:k1] = slab.T.astype(stored, copy=False)
     if bad:
         raise InvalidInputError(src, f"contains {bad} NaN/Inf voxels")
+
+
+def _check_stream_end(src: Path, img: Any) -> None:
+    """Read a ``.nii.gz`` to the end of its gzip stream, where its CRC and length are checked.  The voxels stop
+    before the trailer, so a file damaged inside the voxel data (bits flipped in a copy) was read without a word
+    and segmented from wrong values; bytes after the stream were never looked at either."""
+    holder = img.file_map.get("image")
+    fobj = getattr(getattr(holder, "fileobj", None), "fobj", None)
+    if not isinstance(fobj, gzip.GzipFile):
+        return
+    try:
+        while fobj.read(1 << 20):
+            pass
+    except NIFTI_READ_ERRORS as exc:
+        raise CorruptInputError(src, f"its gzip stream is damaged ({error_text(exc)}): the voxels read from it "
+                                     "cannot be trusted") from None
 
 
 # --------------------------------------------------------------------------- export

@@ -282,6 +282,22 @@ def truncated_nii_gz(folder: Path) -> Path:
     return target
 
 
+def damaged_nii_gz(folder: Path) -> Path:
+    """A gzip NIfTI with 400 bytes flipped inside its voxel data (stored, not deflated, so it still decodes):
+    only the stream's CRC tells.  It was segmented from the wrong values, 'ok'."""
+    import gzip
+
+    good = _volume(folder / "_d.nii", _volume_pixels(3))
+    stream = bytearray(gzip.compress(good.read_bytes(), compresslevel=0))
+    middle = len(stream) // 2
+    for i in range(middle, middle + 400):
+        stream[i] ^= 0x7F
+    target = folder / "damaged_gz.nii.gz"
+    target.write_bytes(bytes(stream))
+    good.unlink()
+    return target
+
+
 def empty_nii_gz(folder: Path) -> Path:
     path = folder / "empty.nii.gz"
     path.write_bytes(b"")
@@ -514,6 +530,8 @@ INPUT_CASES: list[Case] = [
     # 3D model
     Case("truncated-nii", "uncompressed NIfTI cut after 2000 bytes", "3d", truncated_nii, "data is truncated"),
     Case("truncated-nii-gz", "gzip NIfTI cut in half", "3d", truncated_nii_gz, "cannot read voxel data"),
+    Case("damaged-nii-gz", "gzip NIfTI with bytes flipped in its voxel data (the CRC fails)", "3d", damaged_nii_gz,
+         "gzip stream is damaged"),
     Case("empty-nii-gz", "0-byte .nii.gz", "3d", empty_nii_gz, "file is empty (0 bytes)"),
     Case("garbage-header-nii", "1000 bytes of noise named .nii", "3d", garbage_header_nii,
          "cannot read the NIfTI header"),
