@@ -505,6 +505,11 @@ def _warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, opt
     geometry = store.meta.geometry
     if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
         out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
+    dicom = getattr(geometry, "dicom", None)
+    if dicom is not None and dicom.depth_assumed:
+        from storage.dicom import DEPTH_ASSUMED_NOTE
+
+        out.append(f"{input_path}: {DEPTH_ASSUMED_NOTE}")
     for note in (modelspace.unnamed_bands_note(store, model, options), modelspace.dtype_note(store, model)):
         if note is not None:
             out.append(f"{input_path}: {note}")

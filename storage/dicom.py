@@ -58,6 +58,12 @@ class _Plan:
     zooms: tuple[float, float, float]
     raw_dtype: np.dtype
     dtypes: list[np.dtype]  # the stored dtype to try first, then the wider fallbacks
+    depth_assumed: bool = False  # one slice with no SliceThickness or SpacingBetweenSlices: 1 mm taken
+
+
+ASSUMED_DEPTH_MM = 1.0  # a lone slice with no thickness: its voxels' depth, for volumes, is a guess
+DEPTH_ASSUMED_NOTE = ("one slice, with neither SliceThickness nor SpacingBetweenSlices: its depth is taken as "
+                      f"{ASSUMED_DEPTH_MM:g} mm, so volumes in mL rest on that guess")
 
 
 def _plan(ref: SeriesRef) -> _Plan:
@@ -141,8 +147,8 @@ def _plan(ref: SeriesRef) -> _Plan:
     if k_count > 1:
         slice_step = (positions[-1] - positions[0]) / (k_count - 1)
     else:
-        thick = next((v for v in (frames[0].thickness, frames[0].between) if v and v > 0), 1.0)
-        slice_step = normal * thick
+        thick = next((v for v in (frames[0].thickness, frames[0].between) if v and v > 0), None)
+        slice_step = normal * (thick or ASSUMED_DEPTH_MM)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing
     lps[:3, 1] = col_dir * row_spacing
@@ -153,7 +159,8 @@ def _plan(ref: SeriesRef) -> _Plan:
     zooms = (col_spacing, row_spacing, float(np.linalg.norm(slice_step)))
     raw_dtype = _raw_dtype(objects)
     return _Plan(ref=ref, objects=objects, frames=frames, affine=affine, shape=shape, zooms=zooms,
-                 raw_dtype=raw_dtype, dtypes=_dtype_candidates(objects, frames, raw_dtype))
+                 raw_dtype=raw_dtype, dtypes=_dtype_candidates(objects, frames, raw_dtype),
+                 depth_assumed=k_count == 1 and thick is None)
 
 
 def _check_pixels(display: str, obj: DicomObject) -> None:
@@ -268,6 +275,8 @@ def probe_dicom(ref: SeriesRef) -> Header:
     """What routing needs (kind, shape, voxel size) from the headers alone, after the same checks as ingest."""
     plan = _plan(ref)
     size, note = voxel_millilitres(plan.affine, "mm")
+    if plan.depth_assumed:
+        note = DEPTH_ASSUMED_NOTE
     return Header(path=ref.display, kind="volume", spatial_dims=3, channels=1, shape=plan.shape,
                   cell_size=size, cell_unit="mL", cell_note=note)
 
@@ -337,6 +346,7 @@ def _meta(plan: _Plan, dtype: np.dtype) -> StoreMeta:
         patient_name_present=any(o.patient_name_present for o in plan.objects),
         patient_id_present=any(o.patient_id_present for o in plan.objects),
         volume=ref.volume,
+        depth_assumed=plan.depth_assumed,
     )
     geometry = VolumeGeometry(
         shape=list(plan.shape),

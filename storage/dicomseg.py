@@ -134,6 +134,7 @@ def write_dicom_seg(
         raise ExportError(out, str(exc)) from None
 
     sources = _read_sources(out, geometry, source_root)
+    _with_thickness(sources, geometry)
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if tuple(labels.shape[1:]) != (rows, columns):
         raise ExportError(out, f"labels have shape {tuple(labels.shape)} but the source images are "
@@ -180,6 +181,18 @@ def write_dicom_seg(
         _unlink(tmp)
         raise
     return out
+
+
+def _with_thickness(sources: list[Any], geometry: VolumeGeometry) -> None:
+    """Give single-frame sources without a SliceThickness (optional in many objects) the spacing between slices,
+    in memory, as dcm2niix does: highdicom takes the SEG's pixel measures from the first source and failed on it
+    ("no attribute 'SliceThickness'"), throwing away the run's other outputs.  The files are not touched."""
+    if geometry.dicom is None or geometry.dicom.frame_numbers is not None:
+        return
+    spacing = float(np.linalg.norm(np.asarray(geometry.affine, dtype=np.float64)[:3, 2]))  # the slice axis, mm
+    for ds in sources:
+        if ds.get("SliceThickness") in (None, ""):
+            ds.SliceThickness = f"{spacing:.6g}"
 
 
 def _describe(c: LabelClass, number: int, name: str, version: str, weights: str) -> hd.seg.SegmentDescription:

@@ -131,6 +131,7 @@ class DicomSeriesInfo(BaseModel):
     rescale_slope: float = 1.0  # the first slice's; per-slice values were applied at ingest
     rescale_intercept: float = 0.0
     rescale_type: str | None = None  # "HU" for CT
+    depth_assumed: bool = False  # one slice without SliceThickness: its depth (for mL) was taken as 1 mm
     patient_name_present: bool = False  # de-identification state: whether the identifiers are filled in
     patient_id_present: bool = False
     volume: str | None = None  # which volume of a split multi-frame object ("magnitude", a dimension value...)

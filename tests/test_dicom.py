@@ -122,6 +122,33 @@ def test_real_single_slice_ct_small(tmp_path: Path) -> None:
     _assert_same_as_dcm2niix(store, reference)
 
 
+def test_a_single_slice_without_thickness_says_its_depth_is_a_guess(tmp_path: Path) -> None:
+    """One slice with neither SliceThickness nor SpacingBetweenSlices: the 1 mm depth that makes a volume in mL
+    is a guess, and the probe and the run say so (it was silent: 'ok', mL resting on 1 mm)."""
+    from flows.cluster import dask_client
+    from flows.config import SegmentOptions
+    from flows.pipeline import segment_one
+    from storage.dicom import DEPTH_ASSUMED_NOTE
+    from tests.models import tiny_model
+
+    paths = samples.write_ct_series(tmp_path / "one", RNG.integers(0, 1500, (1, 20, 24)).astype(np.int16))
+
+    def drop(ds, k):  # noqa: ANN001, ARG001
+        del ds.SliceThickness
+
+    samples.rewrite(paths, drop)
+    ref = _only(paths)
+    assert probe_dicom(ref).cell_note == DEPTH_ASSUMED_NOTE
+    model = tiny_model(tmp_path / "m", spatial_dims=3, channels=1, roi=[8, 16, 16])
+    with dask_client(workers=1, threads_per_worker=1) as client:
+        out = segment_one(ref, model, tmp_path / "out", SegmentOptions(chunk_size=16, dicom_seg="none"), client)
+    assert out.ok, out.error
+    assert any(DEPTH_ASSUMED_NOTE in w for w in out.statistics["warnings"]), out.statistics.get("warnings")
+    # with a thickness, no such note
+    samples.rewrite(paths, lambda ds, k: setattr(ds, "SliceThickness", "2.5"))
+    assert probe_dicom(_only(paths)).cell_note is None
+
+
 def test_enhanced_multiframe_splits_into_volumes(tmp_path: Path) -> None:
     magnitude, phase = _data((4, 5, 6), 1000), (_data((4, 5, 6), 1000) - 500).astype(np.int16)
     samples.write_enhanced_mr(tmp_path / "in", magnitude, phase)

@@ -145,6 +145,31 @@ def test_seg_slices_match_source_instances(tmp_path: Path, variant: str, segment
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
 
 
+def test_seg_of_a_series_without_slice_thickness(tmp_path: Path) -> None:
+    """SliceThickness is optional in many objects; highdicom takes the SEG's pixel measures from the first source
+    image and failed without it ("'FileDataset' object has no attribute 'SliceThickness'"), after the whole run.
+    The spacing between slices stands in for it."""
+    from tests.dicom_samples import rewrite
+
+    rng = np.random.default_rng(3)
+    paths = write_ct_series(tmp_path / "ct", rng.integers(0, 1500, SHAPE).astype(np.int16))
+
+    def drop(ds, k):  # noqa: ANN001, ARG001
+        del ds.SliceThickness
+
+    rewrite(paths, drop)
+    assert "SliceThickness" not in pydicom.dcmread(paths[0])
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+    labels = label_volume()
+    out = write_dicom_seg(labels_store(tmp_path, labels), geometry, tmp_path / "seg.dcm", classes=CLASSES,
+                          algorithm=ALGORITHM, segmentation_type="BINARY", nodata_label=NODATA, source_root=root)
+    np.testing.assert_array_equal(read_dicom_seg_labels(out, geometry), expected(labels))
+    check_frames_reference_their_slices(out, geometry, root, expected(labels))
+    measures = pydicom.dcmread(out).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    spacing = float(np.linalg.norm(np.asarray(geometry.affine)[:3, 2]))
+    assert float(measures.SliceThickness) == pytest.approx(spacing)
+
+
 def test_seg_of_real_ct_series(tmp_path: Path) -> None:
     """pydicom's 5-slice CT (descending z, files named by number): slice k still refers to instance k."""
     geometry, root = ingest(shared("dicom/CT5N"), tmp_path)
