@@ -271,6 +271,19 @@ def _restore(state: ResumeState, module: nn.Module, optimizer: torch.optim.Optim
         torch.cuda.set_rng_state_all(state.cuda_rng)
 
 
+def _has_labels(sample: TrainingSample) -> bool:
+    """Whether a validation sample has a pixel to score: with none, every validation is "n/a" and the first step
+    validated won every tie, so the weights saved were an early step's, chosen by nothing."""
+    labels = sample.labels
+    if sample.ignore_index is None:
+        return int(np.prod(labels.shape)) > 0
+    step = max(1, (1 << 24) // max(1, int(np.prod(labels.shape[1:]))))  # about 16 M label values a read
+    for start in range(0, int(labels.shape[0]), step):
+        if np.any(np.asarray(labels[start:start + step]) != sample.ignore_index):
+            return True
+    return False
+
+
 def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, batch_size: int,
           patch: Sequence[int] | None = None, lr: float = 2e-3, seed: int = 0,
           precision: Precision = "fast", log: Callable[[dict], None] | None = None,
@@ -328,6 +341,12 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
         raise InvalidInputError(names[0] if len(names) == 1 else None,
                                 "no labelled pixel to train on: every label pixel of the training part is the "
                                 f"ignore value {train_samples[0].ignore_index} or lies where the image has no data")
+    if val_samples and not any(_has_labels(s) for s in val_samples):
+        names = sorted({s.name for s in val_samples if s.name})
+        raise InvalidInputError(names[0] if len(names) == 1 else None,
+                                "no labelled pixel to validate on: every label pixel of the validation part is the "
+                                f"ignore value {val_samples[0].ignore_index}, so no step could be chosen by it "
+                                "(move --holdout, or give labelled validation data)")
     validator = Validator(card, val_samples, seed=seed) if val_samples else None
     keys = class_keys(card)
 

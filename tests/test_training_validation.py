@@ -389,6 +389,12 @@ def test_labels_off_the_image_grid_out_of_the_card_s_classes_or_all_ignored_are_
         train_from_files(card, [(image, ignored)], tmp_path / "m4", **run)
     assert str(err.value).startswith(f"{ignored}: no labelled pixel to train on")
     assert not (tmp_path / "m3").exists() and not (tmp_path / "m4").exists()
+    # a hold-out with nothing labelled in it: every validation was "n/a" and the first step validated was kept
+    half = _relabelled(truth, tmp_path / "half.tif", values=lambda a: np.where(np.arange(a.shape[1]) >= 48, 255, a))
+    with pytest.raises(InvalidInputError) as err:
+        train_from_files(card, [(image, half)], tmp_path / "m5", **run, holdout="x:0.5", val_every=1)
+    assert str(err.value).startswith(f"{half}: no labelled pixel to validate on")
+    assert not (tmp_path / "m5").exists()
 
 
 def test_train_command_with_holdout_and_its_argument_errors(tmp_path):
