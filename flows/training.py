@@ -155,11 +155,11 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
 def _run(card: ModelCard, samples: list[TrainingSample], split: Split, out: Path, *, steps: int, batch_size: int,
          lr: float, seed: int, precision: str, patch: Sequence[int] | None, holdout: Holdout | None,
          val_every: int | None, resume: bool, on_step: Callable[[dict], None] | None,
-         augment: Augmentation = Augmentation()) -> TrainingResult:
+         augment: Augmentation = Augmentation(), data: str | None = None) -> TrainingResult:
     return train(card, [samples[i] for i in split.train], validation=[samples[i] for i in split.val],
                  holdout=holdout, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
                  precision=precision, log=on_step, val_every=val_every,  # type: ignore[arg-type]
-                 checkpoints=out / CHECKPOINTS, resume=resume, augment=augment)
+                 checkpoints=out / CHECKPOINTS, resume=resume, augment=augment, data=data)
 
 
 def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: Path, *, steps: int,
@@ -185,11 +185,11 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
             samples.append(_sample(card, image, labels))
             sources.append({"image": image.meta.source.model_dump(), "labels": labels.meta.source.model_dump()})
             ids.append(f"{n}-{stem_of(image_path)}")
-        result = _run(card, samples, split, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      precision=precision, patch=patch, holdout=held, val_every=val_every, resume=resume,
-                      on_step=on_step, augment=augment)
         digest = hashlib.sha256("".join(f"{s['image']['sha256']}\t{s['labels']['sha256']}\n"
                                         for s in sources).encode()).hexdigest()
+        result = _run(card, samples, split, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                      precision=precision, patch=patch, holdout=held, val_every=val_every, resume=resume,
+                      on_step=on_step, augment=augment, data=digest)
         result.provenance["inputs"] = sources
         result.provenance["dataset"] = {"name": "image/label pairs", "layout": "pairs", "fingerprint": digest,
                                         "cases": len(pairs)}
@@ -267,11 +267,12 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
         budget = [IN_MEMORY_TOTAL]
         for i in split.train + split.val:
             samples[i] = _case_sample(card, dataset, cases[i], work / f"case-{i}", budget)
+        digest = dataset_fingerprint(dataset)
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size,  # type: ignore[arg-type]
                       lr=lr, seed=seed, precision=precision, patch=patch, holdout=held, val_every=val_every,
-                      resume=resume, on_step=on_step, augment=augment)
+                      resume=resume, on_step=on_step, augment=augment, data=digest)
         result.provenance["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": str(root.resolve()),
-                                        "fingerprint": dataset_fingerprint(dataset), "cases": len(cases),
+                                        "fingerprint": digest, "cases": len(cases),
                                         "ignore_index": dataset.ignore_index}
         result.provenance["split"] = split.provenance([c.id for c in cases],
                                                       **_split_extra(split, val_fraction, seed, held))

@@ -145,10 +145,15 @@ def load_state(folder: str | os.PathLike[str]) -> ResumeState:
         resumed=[int(s) for s in meta["resumed"]])
 
 
+RECORDED_SINCE = {"data"}  # run fields older states lack: not compared when the saved state has none
+
+
 def check_same_run(folder: str | os.PathLike[str], saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Refuse to resume a state another configuration saved: its steps would not continue this run."""
     now = json.loads(json.dumps(now))  # tuples become lists, as they were saved
     for key in sorted(set(saved) | set(now)):
+        if key in RECORDED_SINCE and key not in saved:  # a state saved before segflow recorded it
+            continue
         if saved.get(key) != now.get(key):
             raise ConfigError(state_path(folder), f"was saved by a different run ({key}: {saved.get(key)!r} "
                                                   f"then, {now.get(key)!r} now); train without --resume to "

@@ -289,7 +289,7 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
           precision: Precision = "fast", log: Callable[[dict], None] | None = None,
           oversample: float = 0.5, validation: Sequence[TrainingSample] = (), holdout: Holdout | None = None,
           val_every: int | None = None, checkpoints: str | PathLike[str] | None = None,
-          resume: bool = False, augment: Augmentation = Augmentation()) -> TrainingResult:
+          resume: bool = False, augment: Augmentation = Augmentation(), data: str | None = None) -> TrainingResult:
     """Train the card's architecture from scratch on patches of ``samples``.
 
     AdamW with a one-cycle schedule (short budgets converge fastest with a
@@ -364,7 +364,8 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
            **augment.run_fields(),  # only those on: older runs still resume
            "samples": [list(s.image.shape) for s in samples],
            "validation": [list(s.image.shape) for s in validation],
-           "holdout": None if holdout is None else str(holdout)}
+           "holdout": None if holdout is None else str(holdout),
+           **({"data": data} if data is not None else {})}  # the files' identity: a resume on other data is refused
     losses: list[float] = []
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None

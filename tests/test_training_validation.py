@@ -303,6 +303,26 @@ def test_resume_refuses_another_run(tmp_path):
         train(card, samples, steps=4, batch_size=1, resume=True)  # no checkpoints folder named
 
 
+def test_resume_on_other_files_is_refused(tmp_path):
+    """The interrupted run trained on one label file; the same-shaped file edited since is other data: resuming
+    would mix the two and record only the new one (it did, and the card's provenance then lied)."""
+    image, truth = make_scene(tmp_path / "scene.tif", size=(64, 96), seed=4)
+    card = tiny_card(classes=5, channels=4)
+    run = dict(steps=4, batch_size=2, patch=(16, 16), precision="exact", val_every=2, holdout="x:0.5")
+
+    def stop(entry: dict) -> None:
+        if entry["step"] >= 2 and "validation" in entry:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_from_files(card, [(image, truth)], tmp_path / "m", on_step=stop, **run)
+    edited = _relabelled(truth, tmp_path / "edited.tif", values=lambda a: np.where(a == 1, 2, a))
+    with pytest.raises(ConfigError, match="different run .*data"):
+        train_from_files(card, [(image, edited)], tmp_path / "m", resume=True, **run)
+    loaded = train_from_files(card, [(image, truth)], tmp_path / "m", resume=True, **run)  # the same files go on
+    assert loaded.card.training["resumed_from_steps"] == [2]
+
+
 # ---------------------------------------------------------------- flows: files and datasets
 
 
