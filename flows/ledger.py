@@ -11,7 +11,10 @@ holding:
 - the run parameters, with the card's defaults filled in (an explicit
   ``--roi`` equal to the card's gives the same key as none), leaving out the
   ones that only say where work runs (``dask_address``, ``workers``, ``gpus``;
-  ``device`` stays in, as given: ``auto``, ``cpu`` or ``cuda``).
+  ``device`` stays in, as given: ``auto``, ``cpu`` or ``cuda``);
+- the name stem the outputs take (``OUT/<stem>.tif``): a copy or a renamed
+  input has the same content but outputs of its own name, so it is not the
+  work already done (it was "skipped", and got no output under its name).
 
 The code version is not in the key: a segflow upgrade does not redo every
 output.  :data:`KEY_SCHEMA` is bumped when a change of segflow changes outputs.
@@ -45,7 +48,7 @@ from storage.errors import ProvenanceError
 from storage.inputfiles import stem_of
 from storage.provenance import is_output_name, read_sidecar, sha256_output
 
-KEY_SCHEMA = "segflow.cache-key/1"
+KEY_SCHEMA = "segflow.cache-key/2"  # /2: the output stem is in the key
 ENTRY_SCHEMA = "segflow.cache-entry/1"
 CACHE_DIR = ".segflow-cache"
 EXECUTION_ONLY = frozenset({"dask_address", "workers", "gpus"})  # where the work runs, not what it computes
@@ -73,13 +76,15 @@ def keyed_parameters(card: ModelCard, options: SegmentOptions) -> dict[str, Any]
     return params
 
 
-def key_document(input_sha256: str, weights_sha256: str, card: ModelCard, options: SegmentOptions) -> dict[str, Any]:
+def key_document(input_sha256: str, weights_sha256: str, card: ModelCard, options: SegmentOptions, *,
+                 stem: str) -> dict[str, Any]:
     return {
         "schema": KEY_SCHEMA,
         "input_sha256": input_sha256,
         "weights_sha256": weights_sha256,
         "card": card.model_dump(mode="json", exclude={"description", "training"}),
         "parameters": keyed_parameters(card, options),
+        "output_stem": stem,
     }
 
 
@@ -176,7 +181,7 @@ def adopt(out_dir: str | os.PathLike[str], input_path: str, key: str, document: 
 
     ``stem`` is the outputs' name when it is not the input file's (a DICOM series: its ``SeriesRef.name``).
     """
-    sidecar = Path(out_dir) / f"{stem or stem_of(input_path)}.provenance.json"
+    sidecar = Path(out_dir) / f"{stem or document.get('output_stem') or stem_of(input_path)}.provenance.json"
     if not sidecar.is_file():
         return None, None
     try:

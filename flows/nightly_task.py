@@ -152,7 +152,8 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     rep.model, rep.model_path = model.name, entry.path
     classes = [c.model_dump(mode="json") for c in model.card.classes]
     rep.input_sha256 = content or (_hash_series(series) if series is not None else _hash_input(local))
-    document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options)
+    document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options,
+                                   stem=input_stem(item))
     rep.cache_key = ledger.cache_key(document)
     if target.remote:  # the same checks, on a scratch copy of the entry and outputs under the URL
         hit, why_not, adopted = staging.remote_lookup(target, rep.cache_key, document, path, entry.path)

@@ -212,9 +212,35 @@ def test_deleted_or_edited_outputs_are_not_skipped(runs, tmp_path, models):
     # and the key is content-keyed: same input bytes, same model, same parameters -> same key
     e = entries[str(runs["inbox"] / "vol_b.nii.gz")]
     doc = ledger.key_document(sha256_file(runs["inbox"] / "vol_b.nii.gz"), models["3d"].weights_sha256,
-                              models["3d"].card, SegmentOptions(workers=3, roi=[16, 16, 16]))
+                              models["3d"].card, SegmentOptions(workers=3, roi=[16, 16, 16]), stem="vol_b")
     assert ledger.cache_key(doc) == e["key"]
     assert ledger.cache_key({**doc, "parameters": {**doc["parameters"], "precision": "fast"}}) != e["key"]
+    assert ledger.cache_key({**doc, "output_stem": "vol_b_copy"}) != e["key"]  # a copy's outputs are its own
+
+
+def test_a_copied_or_renamed_input_gets_outputs_of_its_own_name(runs, models, tmp_path, dask_cluster):
+    """The same bytes under another name: `OUT/<stem>.tif` is promised for every input, so a copy is segmented
+    under its own name (the original stays skipped), and so is a renamed one.  Both were "skipped: same input,
+    model and parameters" with the other name's outputs, and no output of their own."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    shutil.copytree(runs["out"], out)
+    inbox.mkdir()
+    shutil.copy(runs["inbox"] / "scene_b.tif", inbox / "scene_b.tif")
+    shutil.copy(runs["inbox"] / "scene_b.tif", inbox / "scene_b_copy.tif")
+    model_dirs = [str(models["2d"].path)]
+    got = _by_name(nightly_report(nightly(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox),
+                                          return_state=True)))
+    assert got["scene_b.tif"]["status"] == "skipped"
+    assert got["scene_b_copy.tif"]["status"] == "done", got["scene_b_copy.tif"]
+    assert (out / "scene_b_copy.tif").is_file() and (out / "scene_b_copy.provenance.json").is_file()
+    assert all(Path(o).name.startswith("scene_b_copy") for o in got["scene_b_copy.tif"]["outputs"])
+    with rasterio.open(out / "scene_b.tif") as a, rasterio.open(out / "scene_b_copy.tif") as b:
+        assert np.array_equal(a.read(), b.read())
+    (inbox / "scene_b.tif").rename(inbox / "scene_b_renamed.tif")
+    again = _by_name(nightly_report(nightly(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox),
+                                            return_state=True)))
+    assert again["scene_b_copy.tif"]["status"] == "skipped"  # and the two names' entries do not evict each other
+    assert again["scene_b_renamed.tif"]["status"] == "done" and (out / "scene_b_renamed.tif").is_file()
 
 
 def _three_band(path: Path) -> Path:
