@@ -152,11 +152,12 @@ def _values(names: dict[int, str]) -> str:
 def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str], *, ignore: int | None,
           tolerance: float, include_background: bool, chunk: int | None) -> dict[str, Any]:
     from segmentation.evaluation import score_case
+    from storage.classes import background_value
 
     nodata = pred.nodata if pred.nodata is not None else ignore
     scores = score_case(pred.array, truth.array, pred.spacing, values=names.keys(), block=_block(pred, chunk),
                         ignore=ignore, pred_nodata=nodata, tolerance=tolerance,
-                        background=None if include_background else 0)
+                        background=None if include_background else background_value(names))
     cell = pred.cell_size
     rows = []
     for c in scores.classes:
@@ -343,7 +344,8 @@ def evaluate_command(
         classes: Optional[Path] = typer.Option(None, "--classes", help="Class names from a model card JSON or a "
                                                                        "model directory."),
         include_background: bool = typer.Option(False, "--include-background",
-                                                help="Also compute distances for class 0 (its box is usually the "
+                                                help="Also compute distances for the background class (class 0, "
+                                                     "or the class named background; its box is usually the "
                                                      "whole image)."),
         chunk: Optional[int] = typer.Option(None, "--chunk", help="Read rasters in CHUNK x CHUNK windows and "
                                                                   "volumes CHUNK planes at a time.")) -> None:

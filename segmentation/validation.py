@@ -24,6 +24,7 @@ from torch import nn
 from segmentation.card import ModelCard
 from segmentation.metrics import confusion_matrix, dice_from_confusion, label_range_problem, mean_dice
 from segmentation.normalize import Normalizer, resolve, statistics_for
+from storage.classes import background_value
 from storage.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -40,10 +41,12 @@ class ValidationScore:
 
     dice: dict[int, float]
     pixels: int
+    background: int | None = 0  # the class left out of the mean (storage.classes.background_value); None: none
 
     @property
     def mean_foreground(self) -> float:
-        return mean_dice(self.dice, exclude=(0,))
+        """Mean Dice over the classes that are not background: all of them when no class is named background."""
+        return mean_dice(self.dice, exclude=() if self.background is None else (self.background,))
 
     @property
     def score(self) -> float:
@@ -135,4 +138,5 @@ class Validator:
                     matrix += confusion_matrix(pred, truth, n, ignore)
         finally:
             module.train(was_training)
-        return ValidationScore(dice_from_confusion(matrix), int(matrix.sum()))
+        return ValidationScore(dice_from_confusion(matrix), int(matrix.sum()),
+                               background_value({c.value: c.name for c in self.card.classes}))

@@ -8,6 +8,7 @@ from.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -30,6 +31,21 @@ class LabelClass(BaseModel):
         if v is not None and v.strip().upper().startswith("SCT:") and not SCT_CODE.match("SCT:" + v.strip()[4:].strip()):
             raise ValueError(f"code {v!r} is not SCT:[<category>/]<type>[|<meaning>] (SNOMED CT numbers)")
         return v
+
+
+BACKGROUND_NAMES = frozenset({"background", "bg", "void", "unlabelled", "unlabeled", "clutter", "nothing"})
+
+
+def background_value(names: Mapping[int, str]) -> int | None:
+    """The value of the background class, by its name; None when no class is named as one.
+
+    Class 0 is not always background: Cityscapes' 0 is road, a land-cover map's 0 may be water.  Such a class is
+    scored like any other (in the mean Dice that picks a checkpoint, and with distances in ``evaluate``).  With no
+    names known at all, 0 is taken as background, as the label maps of medical tools have it."""
+    if not names:
+        return 0
+    found = [v for v, n in sorted(names.items()) if str(n).strip().lower() in BACKGROUND_NAMES]
+    return found[0] if found else None
 
 
 def label_dtype(classes: list[LabelClass]) -> str:

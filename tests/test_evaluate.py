@@ -243,6 +243,25 @@ def test_distances_use_the_affines_voxel_size_when_pixdim_disagrees(tmp_path):
     assert row["nsd"] == pytest.approx(direct.nsd)
 
 
+def test_class_0_is_background_only_when_named_so():
+    """Cityscapes' class 0 is road, a land-cover map's may be water: scored with distances like any class.  A class
+    named background (any case), wherever it is, has none; with no names at all 0 is taken as background."""
+    from segmentation.validation import ValidationScore
+    from storage.classes import background_value
+
+    assert background_value({0: "road", 1: "sidewalk"}) is None
+    assert background_value({0: "water", 1: "forest"}) is None
+    assert background_value({0: "Background", 1: "liver"}) == 0
+    assert background_value({0: "car", 3: "unlabelled"}) == 3
+    assert background_value({}) == 0
+    score = ValidationScore({0: 0.9, 1: 0.5, 2: 0.1}, pixels=10, background=None)
+    assert score.mean_foreground == pytest.approx(0.5)  # road counts in the mean that picks the checkpoint
+    assert ValidationScore({0: 0.9, 1: 0.5, 2: 0.1}, pixels=10, background=0).mean_foreground == pytest.approx(0.3)
+    rp, rt = raster_pair()
+    scores = score_case(rp, rt, (10.0, 10.0), ignore=255, pred_nodata=255, background=background_value({0: "water"}))
+    assert by_value(scores)[0].hd95 is not None and by_value(scores)[0].note != NO_BACKGROUND_DISTANCES
+
+
 def test_store_and_segflow_nifti_outputs_carry_names_and_match(tmp_path):
     from storage.layout import commit_store, create_prediction_store
     from storage.nifti import ingest_nifti, write_label_nifti
@@ -303,7 +322,7 @@ def error_lines(output: str) -> list[str]:
 
 def test_cli_writes_json_markdown_and_csv(tmp_path):
     rp, rt = raster_pair()
-    classes = [LabelClass(value=0, name="other"), LabelClass(value=1, name="pond|lake"),
+    classes = [LabelClass(value=0, name="background"), LabelClass(value=1, name="pond|lake"),
                LabelClass(value=2, name="field")]
     preds = [write_tif(tmp_path / "tile1.tif", rp, classes=classes),
              write_tif(tmp_path / "tile2.tif", np.where(rp == 2, 0, rp).astype(np.uint8), classes=classes)]
@@ -328,7 +347,7 @@ def test_cli_writes_json_markdown_and_csv(tmp_path):
     assert mean[2]["hd95"] == pytest.approx(case1[2]["hd95"]) and mean[2]["n"]["hd95"] == 1
 
     rows = list(csv.DictReader((out / "tile1.csv").open()))
-    assert [r["name"] for r in rows] == ["other", "pond|lake", "field"]
+    assert [r["name"] for r in rows] == ["background", "pond|lake", "field"]
     assert float(rows[1]["dice"]) == pytest.approx(case1[1]["dice"])
     assert float(rows[2]["hd95_m"]) == pytest.approx(case1[2]["hd95"])
     assert float(rows[2]["truth_size_ha"]) == pytest.approx(np.count_nonzero(rt == 2) * 0.01)
