@@ -69,6 +69,16 @@ def test_voc_reads_splits_raw_indices_and_rgb(tmp_path: Path) -> None:
     dataset.validate_labels()
 
 
+def test_a_dataset_given_as_dot_is_named_by_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`segflow train --dataset .` from inside the folder: the dataset's recorded name was '' (Path('.').name)."""
+    written = nd.write_voc(tmp_path / "voc")
+    monkeypatch.chdir(written.root)
+    assert voc.LAYOUT.open(Path(".")).name == "VOC2012"
+    city = nd.write_cityscapes(tmp_path / "city")
+    monkeypatch.chdir(city.root)
+    assert cityscapes.LAYOUT.open(Path(".")).name == city.root.resolve().name
+
+
 def test_voc_devkit_with_trainval_only_is_unsplit(tmp_path: Path) -> None:
     written = nd.write_voc(tmp_path, devkit=True, trainval_only=True)
     dataset = voc.LAYOUT.open(written.root)

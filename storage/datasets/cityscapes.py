@@ -165,7 +165,7 @@ def open_cityscapes(root: Path) -> CityscapesDataset:
         cases += _split_cases(images_root / split, labels if labels.is_dir() else None, split)
     if not cases:
         raise InvalidInputError(images_root, f"holds no *{IMAGE_SUFFIX} photographs")
-    return CityscapesDataset(name=root.name, root=root, cases=cases)
+    return CityscapesDataset(name=root.resolve().name, root=root, cases=cases)
 
 
 LAYOUT = Layout(name="cityscapes", detect=detect, open=open_cityscapes, holds="leftImg8bit/ and gtFine/")

@@ -158,7 +158,7 @@ def open_coco(path: Path) -> CocoDataset:
     else:
         found = sorted(p for p in (path / "annotations").glob("*.json") if JSON_NAME.match(p.name))
         instances = [p for p in found if p.name.startswith("instances_")]
-        sources, name = instances or found, path.name
+        sources, name = instances or found, path.resolve().name
         if not sources:
             raise InvalidInputError(path / "annotations", "holds no instances_*.json or panoptic_*.json")
     reader = _Reader()

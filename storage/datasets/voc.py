@@ -135,7 +135,7 @@ def open_voc(root: Path) -> VocDataset:
                                     "is missing")
     if not cases:
         raise InvalidInputError(lists[0][1], "lists no cases")
-    return VocDataset(name=root.name, root=root, cases=cases)
+    return VocDataset(name=root.resolve().name, root=root, cases=cases)
 
 
 LAYOUT = Layout(name="voc", detect=detect, open=open_voc, holds="JPEGImages/ and SegmentationClass/")
