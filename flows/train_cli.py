@@ -85,6 +85,11 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
             console.print(f"step {info['step']}: validation mean foreground Dice {mean} (best: step "
                           f"{v['best_step']}); {escape(scores)}", highlight=False, soft_wrap=True)
 
+    if dataset is None and len(image) == 1 and holdout is None:  # nothing to hold out a fraction of
+        why = "one image/label pair cannot be split by --val-fraction" if val_fraction else \
+            "one image/label pair and no --holdout"
+        console.print(f"no validation: {why}; the weights will be the last step's (--holdout x:0.8 validates on "
+                      "a fifth of the image)", highlight=False, soft_wrap=True)
     try:
         check_model_out(out, checkpoints=True)
         model_card = read_card(card)

@@ -488,4 +488,7 @@ def save_trained(path: str | PathLike[str], card: ModelCard, result: TrainingRes
     write_reports(path, loaded.card, result.losses)
     if result.resume_state is not None:
         result.resume_state.unlink(missing_ok=True)
+    folder = path / CHECKPOINTS
+    if folder.is_dir() and not any(folder.iterdir()):  # nothing validated, nothing to resume: no empty folder
+        folder.rmdir()
     return loaded

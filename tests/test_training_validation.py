@@ -434,6 +434,14 @@ def test_train_command_with_holdout_and_its_argument_errors(tmp_path):
     training = load_model(tmp_path / "model").card.training
     assert training["split"]["method"] == "holdout" and [h["step"] for h in training["validation"]["history"]] == [2, 4]
     assert (tmp_path / "model" / CURVE_FILE).is_file() and (tmp_path / "model" / TABLE_FILE).is_file()
+    assert "no validation" not in done.output
+    # one pair and no hold-out: --val-fraction has nothing to split, which is said (it was silent), and no empty
+    # checkpoints folder is left
+    lone = runner.invoke(app, [*common[:4], str(tmp_path / "lone"), *common[5:], "--image", str(image), "--labels",
+                               str(truth), "--val-fraction", "0.5"])
+    assert lone.exit_code == 0, lone.output
+    assert "no validation: one image/label pair cannot be split by --val-fraction" in " ".join(lone.output.split())
+    assert not (tmp_path / "lone" / "checkpoints").exists() and (tmp_path / "lone" / "weights.safetensors").is_file()
 
     for extra, message in [(["--dataset", str(tmp_path), "--image", str(image), "--labels", str(truth)], "not both"),
                            ([], "nothing to train on"),
