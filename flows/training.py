@@ -219,6 +219,24 @@ def with_dataset_classes(card: ModelCard, dataset: Dataset) -> ModelCard:
                                               f"{'.'.join(map(str, first['loc'])) or 'card'}: {first['msg']}") from None
 
 
+def with_dataset_channels(card: ModelCard, dataset: Dataset) -> ModelCard:
+    """The card with the dataset's channel names (nnU-Net's ``channel_names``, the Decathlon's ``modality``) when it
+    names none; refused when it names others.  A card saying CT, PET trained on T2, ADC kept its names and recorded
+    nothing of the difference, so a scan would later be routed to it by the wrong names."""
+    names = [str(n) for n in (getattr(dataset, "channel_names", None) or [])]
+    if not names:
+        return card
+    declared = list(card.input.channel_names or [])
+    if not declared:
+        return ModelCard.model_validate({**card.model_dump(exclude={"training", "weights_sha256"}),
+                                         "input": {**card.input.model_dump(), "channel_names": names}})
+    if [n.strip().lower() for n in declared] != [n.strip().lower() for n in names]:
+        raise IncompatibleInputError(dataset.root, f"its channels are {', '.join(names)}, the card's "
+                                                   f"{', '.join(declared)} (in that order); fix the card's "
+                                                   "input.channel_names, or leave them out to take the dataset's")
+    return card
+
+
 def dataset_fingerprint(dataset: Dataset) -> str:
     """``storage.datasets.fingerprint`` over every case's image and label files (and a root that is a file)."""
     root = Path(dataset.root)
@@ -251,7 +269,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
                                            f"{card.input.spatial_dims}-D")
     if dataset.channels != card.input.channels:
         raise IncompatibleInputError(root, f"has {dataset.channels} channels, the card expects {card.input.channels}")
-    card = with_dataset_classes(card, dataset)
+    card = with_dataset_channels(with_dataset_classes(card, dataset), dataset)
     cases = list(dataset.cases)
     if not cases:
         raise InvalidInputError(root, "the dataset has no cases")

@@ -449,3 +449,26 @@ def test_train_command_with_holdout_and_its_argument_errors(tmp_path):
                            (["--image", str(image), "--labels", str(truth), "--resume"], "no resume state")]:
         failed = runner.invoke(app, [*common, *extra])
         assert failed.exit_code == 2 and message in " ".join(failed.output.split()), failed.output
+
+
+def test_an_nnunet_datasets_channel_names_must_be_the_cards_or_become_them(tmp_path):
+    """dataset.json names its channels (T1, T2): a card naming none takes them; a card naming others (CT, PET) is
+    refused, as its classes would be replaced and its channel count checked.  It trained silently and kept the
+    card's names for channels that were not them."""
+    from storage.datasets import decathlon
+    from tests.medgeo_datasets import nnunet_dataset
+
+    nnunet_dataset(tmp_path / "ds")
+    dataset = decathlon.LAYOUT.open(tmp_path / "ds")
+    plain = tiny_card(classes=3, channels=2, spatial_dims=3, roi=8)
+    run = dict(steps=1, batch_size=1, precision="exact", say=None)
+    loaded = train_from_dataset(plain, dataset, tmp_path / "m1", **run)
+    assert loaded.card.input.channel_names == ["T1", "T2"]
+    named = ModelCard.model_validate({**plain.model_dump(), "input": {**plain.input.model_dump(),
+                                                                      "channel_names": ["CT", "PET"]}})
+    with pytest.raises(IncompatibleInputError, match="its channels are T1, T2, the card's CT, PET"):
+        train_from_dataset(named, dataset, tmp_path / "m2", **run)
+    assert not (tmp_path / "m2").exists()
+    same = ModelCard.model_validate({**plain.model_dump(), "input": {**plain.input.model_dump(),
+                                                                     "channel_names": ["t1", "t2"]}})
+    assert train_from_dataset(same, dataset, tmp_path / "m3", **run).card.input.channel_names == ["t1", "t2"]
