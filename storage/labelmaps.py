@@ -88,14 +88,18 @@ class _RasterArray:
 
 class _NiftiArray:
     def __init__(self, img: Any, path: Path) -> None:
-        self.img, self.path, self.shape = img, path, tuple(int(n) for n in img.shape[:3])
+        self.img, self.path = img, path
+        self.shape = tuple(int(n) for n in img.shape[:3]) + ((1,) if len(img.shape) == 2 else ())  # 2-D: 1 slice
 
     def __getitem__(self, region: tuple[slice, ...]) -> Any:
         import numpy as np
 
-        index = region if len(self.img.shape) == 3 else (*region, 0)
+        ndim = len(self.img.shape)
+        index = region if ndim == 3 else (*region, 0) if ndim == 4 else region[:2]
         try:
             data = np.asanyarray(self.img.dataobj[index])
+            if ndim == 2:  # a one-slice image: the region's k range is 0:1
+                data = data[..., None][..., region[2]]
         except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many types for damaged data
             raise CorruptInputError(self.path, f"cannot read voxel data: {' '.join(str(exc).split())}") from None
         return _as_labels(data, self.path)
@@ -190,8 +194,8 @@ def _open_nifti(path: Path, stack: ExitStack) -> LabelSource:
 
     img = open_nifti(path, stack)  # the checks and words of ingest's reader
     shape = tuple(int(n) for n in img.shape)
-    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
-        raise InvalidInputError(path, f"has shape {shape}; a label volume is 3-D")
+    if len(shape) not in (2, 3) and not (len(shape) == 4 and shape[3] == 1):
+        raise InvalidInputError(path, f"has shape {shape}; a label map is 2-D or 3-D")
     hdr = img.header
     unit = hdr.get_xyzt_units()[0]
     spacing, ml, note = _volume_units(img.affine, unit)

@@ -162,7 +162,8 @@ def write_label_nifti(
         raise ExportError(out, f"labels have shape {tuple(labels.shape)} but the input grid is (z, y, x) = {(k, j, i)}")
     if np.dtype(labels.dtype).kind not in "biu":
         raise ExportError(out, f"labels must be integers, got {labels.dtype}")
-    hdr = _label_header(geometry, (i, j, k), classes, provenance)
+    # a 2-D input gets a 2-D label map (the same bytes: one slice)
+    hdr = _label_header(geometry, (i, j) if len(geometry.shape) == 2 else (i, j, k), classes, provenance)
     dtype = hdr.get_data_dtype()  # carries the header's byte order, so the bytes match it
     top = np.iinfo(dtype).max
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
@@ -197,7 +198,7 @@ def write_label_nifti(
 
 
 def _label_header(
-    geometry: VolumeGeometry, shape: tuple[int, int, int], classes: list[LabelClass], provenance: dict[str, Any] | None
+    geometry: VolumeGeometry, shape: tuple[int, ...], classes: list[LabelClass], provenance: dict[str, Any] | None
 ) -> Nifti1Header:
     """The input's own header, with only the fields that make it a label map changed."""
     cls = Nifti2Header if geometry.nifti_version == 2 else Nifti1Header

@@ -248,6 +248,27 @@ def _assert_label_file(out: Path, labels: np.ndarray, dtype: str = "uint8") -> N
     assert texts[1].startswith("# segflow label table")
 
 
+def test_a_2d_nifti_gets_a_2d_label_map_that_evaluate_reads(tmp_path: Path) -> None:
+    """An (I, J) image is one slice thick inside segflow; its label map was written (I, J, 1), and evaluate refused
+    a 2-D truth ("a label volume is 3-D").  The label map has the input's own shape now, and 2-D maps score."""
+    from flows.evaluate import evaluate_files
+
+    src = _save(nib.Nifti1Image(_volume((24, 20)), np.diag([0.7, 0.8, 2.0, 1.0])), tmp_path / "flat.nii.gz")
+    store = ingest_nifti(src, tmp_path / "store.zarr", chunk=16)
+    labels = _threshold(store.image)
+    out = write_label_nifti(labels, store.meta.geometry, tmp_path / "labels.nii.gz", classes=CLASSES)
+    got = nib.load(out)
+    assert got.shape == (24, 20) and np.allclose(got.affine, nib.load(src).affine)
+    assert np.array_equal(np.asarray(got.dataobj), labels[0].T)
+    truth = np.asarray(got.dataobj).copy()
+    truth[:6] = 0
+    truth_path = _save(nib.Nifti1Image(truth, got.affine), tmp_path / "truth.nii.gz")
+    rows = {r["value"]: r for r in evaluate_files([out], [truth_path])["cases"][0]["classes"]}
+    pred = np.asarray(got.dataobj)
+    want = 2 * np.sum((pred == 1) & (truth == 1)) / (np.sum(pred == 1) + np.sum(truth == 1))
+    assert rows[1]["dice"] == pytest.approx(want)
+
+
 def test_export_from_zarr_labels_big_endian_uint16(tmp_path: Path) -> None:
     """Labels read from a chunked zarr array, past 255 classes, into a big-endian header."""
     src = _case_big_endian(tmp_path)
