@@ -50,6 +50,7 @@ import typer
 from storage.labelmaps import RASTER_SUFFIXES, VOLUME_SUFFIXES, LabelSource, open_labels
 from storage.errors import ConfigError, IncompatibleInputError
 from storage.inputfiles import stem_of
+from storage.reorient import on_grid_of
 
 __all__ = ["check_same_grid", "evaluate_command", "evaluate_files", "pair_inputs", "write_reports"]
 
@@ -229,7 +230,8 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
     pairs = pair_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
     for pred_path, truth_path in pairs:
         with ExitStack() as stack:
-            check_same_grid(open_labels(pred_path, stack), open_labels(truth_path, stack))
+            pred = open_labels(pred_path, stack)
+            check_same_grid(pred, on_grid_of(open_labels(truth_path, stack), pred))
     cases: list[dict[str, Any]] = []
     taken: set[str] = set()
     for pred_path, truth_path in pairs:
@@ -240,7 +242,8 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
             name = f"{base}-{i}"
         taken.add(name)
         with ExitStack() as stack:
-            pred, truth = open_labels(pred_path, stack), open_labels(truth_path, stack)
+            pred = open_labels(pred_path, stack)
+            truth = on_grid_of(open_labels(truth_path, stack), pred)  # the same grid stored in another axis order
             names = card_names if card_names is not None else pred.classes
             if card_names is not None and pred.classes and set(pred.classes) != set(card_names):
                 raise ConfigError(classes, f"--classes names the class values {_values(card_names)}, but "

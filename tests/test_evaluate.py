@@ -262,6 +262,40 @@ def test_class_0_is_background_only_when_named_so():
     assert by_value(scores)[0].hd95 is not None and by_value(scores)[0].note != NO_BACKGROUND_DISTANCES
 
 
+def test_a_truth_stored_in_another_axis_order_is_read_on_the_predictions_grid(tmp_path):
+    """The same voxels stored with rows flipped (dcm2niix's order for a DICOM series segflow writes L,P,S) or with
+    the axes permuted score exactly as the truth on the prediction's own grid; they were refused ("affines differ
+    by up to 13.3 mm").  A grid that is not the same voxels (half a voxel off) is still refused."""
+    rng = np.random.default_rng(0)
+    pred = (rng.random((20, 16, 12)) > 0.7).astype(np.uint8)
+    pred[5:10, 3:9, 2:7] = 2
+    truth = pred.copy()
+    truth[0:3] = 0
+    a = np.array([[-0.8, 0, 0, 50], [0, -0.7, 0, 40], [0, 0, 2.5, -10], [0, 0, 0, 1]])
+    p = tmp_path / "p.nii.gz"
+    nib.save(nib.Nifti1Image(pred, a), p)
+    nib.save(nib.Nifti1Image(truth, a), tmp_path / "same.nii.gz")
+    flipped = a.copy()
+    flipped[:3, 1] *= -1
+    flipped[:3, 3] = a[:3, :3] @ [0, 15, 0] + a[:3, 3]
+    nib.save(nib.Nifti1Image(truth[:, ::-1, :].copy(), flipped), tmp_path / "flipped.nii.gz")
+    permuted = np.eye(4)
+    permuted[:3, :3] = a[:3, [2, 0, 1]]
+    permuted[:3, 3] = a[:3, 3]
+    nib.save(nib.Nifti1Image(np.transpose(truth, (2, 0, 1)).copy(), permuted), tmp_path / "permuted.nii.gz")
+    want = evaluate_files([p], [tmp_path / "same.nii.gz"])["cases"][0]["classes"]
+    assert {r["value"]: r["dice"] for r in want}[1] < 1.0
+    for name in ("flipped", "permuted"):
+        got = evaluate_files([p], [tmp_path / f"{name}.nii.gz"])["cases"][0]["classes"]
+        assert [(r["dice"], r["hd95"], r["truth_pixels"]) for r in got] == \
+            [(r["dice"], r["hd95"], r["truth_pixels"]) for r in want], name
+    off = flipped.copy()
+    off[:3, 3] += a[:3, 1] * 0.5
+    nib.save(nib.Nifti1Image(truth[:, ::-1, :].copy(), off), tmp_path / "off.nii.gz")
+    result = invoke(p, "--truth", tmp_path / "off.nii.gz", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "affines differ" in " ".join(result.output.split()), result.output
+
+
 def test_store_and_segflow_nifti_outputs_carry_names_and_match(tmp_path):
     from storage.layout import commit_store, create_prediction_store
     from storage.nifti import ingest_nifti, write_label_nifti
