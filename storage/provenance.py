@@ -216,12 +216,18 @@ def verify(path: str | PathLike[str]) -> Verification:
     model = record.get("model", {})
     weights = model.get("weights_path") or (str(Path(model["path"]) / "weights.safetensors")
                                             if model.get("path") else None)
+    # a file of a multi-file input (a series' slice, a mosaic's tile) gone while others of it are here was
+    # deleted, not left on another machine: a mismatch, never "unverified" (one missing slice passed verify)
+    members = [file for what, file, _ in checks if what in _MEMBERS and file and not _is_url(file)]
+    group_here = len(members) > 1 and any(Path(f).is_file() for f in members)
     checks.append(("model weights", weights, model.get("weights_sha256")))
     for what, file, digest in checks:
         if not file or not digest:
             report.problems.append(f"{what}: no path or sha256 recorded")
         elif _is_url(file):  # an input read from a URL (staged): hashed by streaming the object
             _verify_url(report, what, file, digest)
+        elif not Path(file).is_file() and group_here and what in _MEMBERS:
+            report.problems.append(f"{what} {file} is missing, while the input's other files are here")
         elif not Path(file).is_file():
             report.unverified.append(f"{what} {file} is not reachable; its sha256 {_short(digest)} was not checked")
         else:
@@ -232,6 +238,9 @@ def verify(path: str | PathLike[str]) -> Verification:
             else:
                 report.verified.append(f"{what} {file}")
     return report
+
+
+_MEMBERS = ("input file", "mosaic tile")  # the files of one input read together (a DICOM series, a mosaic)
 
 
 def _input_checks(source: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:

@@ -143,6 +143,11 @@ def test_verify_checks_every_file_of_the_series(run):
         victim.write_bytes(original[:-2] + b"\x00\x01")
         result = CliRunner().invoke(app, ["verify", str(nifti)])
         assert result.exit_code != 0 and victim.name in result.output
+        # a slice deleted from a series whose other files are here is a mismatch (it was "unverified", exit 0)
+        victim.unlink()
+        result = CliRunner().invoke(app, ["verify", str(nifti)])
+        assert result.exit_code == 1 and "is missing, while the input's other files are here" in \
+            " ".join(result.output.split()), result.output
     finally:
         victim.write_bytes(original)
 
