@@ -164,7 +164,7 @@ def write_dicom_seg(
             device_serial_number=MANUFACTURER,
             content_label="SEGFLOW",
             content_description=_lo(f"{name} labels"),
-            omit_empty_frames=True,
+            omit_empty_frames=bool(np.any(numbers)),  # all empty: every frame, as highdicom would (with a warning)
         )
         seg.SeriesDescription = _lo(f"segflow {name}")
         seg.save_as(tmp, enforce_file_format=True)

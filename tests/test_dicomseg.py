@@ -170,6 +170,22 @@ def test_seg_of_a_series_without_slice_thickness(tmp_path: Path) -> None:
     assert float(measures.SliceThickness) == pytest.approx(spacing)
 
 
+def test_an_all_background_seg_is_written_without_a_library_warning(tmp_path: Path, caplog) -> None:
+    """No label anywhere: every frame is encoded (highdicom cannot omit them all), and highdicom's warning about
+    reverting to that no longer reaches the terminal."""
+    import logging
+
+    rng = np.random.default_rng(4)
+    write_ct_series(tmp_path / "ct", rng.integers(0, 1500, SHAPE).astype(np.int16))
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+    empty = np.zeros_like(label_volume())
+    with caplog.at_level(logging.WARNING):
+        out = write_dicom_seg(labels_store(tmp_path, empty), geometry, tmp_path / "seg.dcm", classes=CLASSES,
+                              algorithm=ALGORITHM, segmentation_type="BINARY", nodata_label=NODATA, source_root=root)
+    assert not [r for r in caplog.records if r.name.startswith("highdicom")], caplog.records
+    np.testing.assert_array_equal(read_dicom_seg_labels(out, geometry), empty)
+
+
 def test_seg_of_real_ct_series(tmp_path: Path) -> None:
     """pydicom's 5-slice CT (descending z, files named by number): slice k still refers to instance k."""
     geometry, root = ingest(shared("dicom/CT5N"), tmp_path)
