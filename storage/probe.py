@@ -17,6 +17,7 @@ with a missing slice is refused here, before a model is even loaded.
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import ExitStack
 from os import PathLike
@@ -97,6 +98,9 @@ def check_blocks(src, path: Path) -> None:  # noqa: ANN001 - an open rasterio da
     with offset 0 is sparse (never written) and is read as nodata, not an
     error.  VRTs are skipped: their pixels live in other files.
     """
+    if src.driver == "VRT":
+        _check_vrt_sources(src, path)
+        return
     if src.driver != "GTiff":
         return
     try:
@@ -117,6 +121,15 @@ def check_blocks(src, path: Path) -> None:  # noqa: ANN001 - an open rasterio da
     if end > size:
         raise CorruptInputError(path, f"data is truncated: its image blocks end at byte {end} but {path.name} "
                                       f"has {size} bytes")
+
+
+def _check_vrt_sources(src, path: Path) -> None:  # noqa: ANN001 - an open rasterio dataset
+    """Refuse a VRT one of whose local source files is gone: GDAL opens the VRT without them and fails only at the
+    first pixel read, after the run has started.  Remote sources (``/vsi...``) are left to that read."""
+    for name in src.files[1:]:
+        if not name.startswith("/vsi") and not Path(name).exists():
+            shown = os.path.relpath(name, path.parent) if os.path.isabs(name) else name
+            raise CorruptInputError(path, f"its source file {shown} is missing")
 
 
 def _probe_volume(path: Path) -> Header:

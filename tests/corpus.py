@@ -132,6 +132,17 @@ def truncated_tif(folder: Path) -> Path:
     return target
 
 
+def vrt_missing_source(folder: Path) -> Path:
+    """A VRT whose GeoTIFF was moved away: GDAL opens it and fails at the first pixel read, after the run began."""
+    import rasterio.shutil
+
+    source = _good_scene(folder, "_vrt_source.tif")
+    target = folder / "missing_source.vrt"
+    rasterio.shutil.copy(source, target, driver="VRT")
+    source.unlink()
+    return target
+
+
 def _tiff_tag(blob: bytes, tag: int) -> list[int]:
     """Values of one tag of a little-endian classic TIFF's first directory (SHORT or LONG)."""
     ifd = struct.unpack_from("<I", blob, 4)[0]
@@ -506,6 +517,8 @@ INPUT_CASES: list[Case] = [
     # 2D model
     Case("truncated-tif", "GeoTIFF cut to a third of its bytes", "2d", truncated_tif, "damaged GeoTIFF/VRT"),
     Case("corrupt-tif", "valid header, garbage in the compressed tiles", "2d", corrupt_tif, "cannot read pixels"),
+    Case("vrt-missing-source", "a VRT whose source GeoTIFF is gone", "2d", vrt_missing_source,
+         "its source file _vrt_source.tif is missing"),
     Case("empty-tif", "0-byte .tif", "2d", empty_tif, "file is empty (0 bytes)"),
     Case("text-named-tif", "a text file named .tif", "2d", text_named_tif, "not a GeoTIFF or VRT"),
     Case("nifti-named-tif", "a NIfTI volume named .tif (wrong extension)", "2d", nifti_named_tif,
