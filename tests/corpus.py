@@ -488,7 +488,6 @@ def wrong_tensors(folder: Path) -> Path:
 
 def nan_weights(folder: Path) -> Path:
     """A diverged run's weights: one NaN in a BatchNorm's running mean, the card's hash updated to them."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from storage.hashing import sha256_file
