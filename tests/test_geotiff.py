@@ -129,7 +129,7 @@ def test_per_band_nodata_asks_gdal(tmp_path: Path) -> None:
     from storage.geotiff import _nodata_rule
 
     data = np.random.default_rng(12).integers(0, 4, (2, 40, 50)).astype(np.uint8)
-    tif = write_tif(tmp_path / "b.tif", data)
+    write_tif(tmp_path / "b.tif", data)  # the VRT's source
     bands = "".join(f'''<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>{b - 1}</NoDataValue>
       <SimpleSource><SourceFilename relativeToVRT="1">b.tif</SourceFilename><SourceBand>{b}</SourceBand>
       </SimpleSource></VRTRasterBand>''' for b in (1, 2))
