@@ -218,6 +218,11 @@ class ModelCard(BaseModel):
         values = [c.value for c in self.classes]
         if values != list(range(len(values))):
             raise ValueError("class values must be 0..N-1 in order (they index the network's outputs)")
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):  # statistics, reports and tables are keyed by name
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"class names must be unique (they key statistics and reports); "
+                             f"{', '.join(repr(n) for n in twice)} names more than one class")
         if len(self.inference.roi) != self.input.spatial_dims:
             raise ValueError(f"roi has {len(self.inference.roi)} axes, spatial_dims is {self.input.spatial_dims}")
         if self.input.channel_names and len(self.input.channel_names) != self.input.channels:

@@ -78,6 +78,9 @@ def test_inconsistent_normalisations_are_refused(norm, message):
     ({"input__spacing": [1.0]}, "one value per spatial axis"),
     ({"input__spacing": [float("nan"), 1.0]}, "spacing must hold finite numbers"),
     ({"input__spacing_unit": "furlong"}, "spacing_unit"),
+    # two classes of one name: refused at load (every volume input failed after inference, naming no input)
+    ({"classes": [{"value": 0, "name": "bg"}, {"value": 1, "name": "lesion"}, {"value": 2, "name": "lesion"}]},
+     "'lesion' names more than one class"),
 ])
 def test_inconsistent_cards_are_refused(changes, message):
     with pytest.raises(ValidationError, match=message):
