@@ -405,7 +405,8 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             remove_path(store.path)
             remove_path(modelspace.model_image_path(store))
             remove_if_empty(work)
-    outputs = [str(p) for p in exported] + [str(sidecar)] + ([str(zarr_target)] if options.keep_zarr else [])
+    # absolute, all of them: a report built from them is read from OUT/reports, or from anywhere (`segflow report`)
+    outputs = [os.path.abspath(p) for p in [*exported, sidecar, *([zarr_target] if options.keep_zarr else [])]]
     return Outcome(input=record_input_as or input_label(input_path), ok=True, outputs=outputs,
                    statistics=record["statistics"])
 

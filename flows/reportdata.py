@@ -188,12 +188,16 @@ def _str(value: Any) -> str | None:
 
 
 def locate_output(path: str, base: Path | None) -> Path | None:
-    """A local output path as absolute: relative ones from the current folder, else from ``base``; URLs: None."""
+    """A local output path as absolute; URLs: None.  Where the recorded path is not there (OUT moved or copied,
+    or a relative path recorded from another folder), the output is looked for by its name in OUT, the folder
+    above ``base`` (a run report lives in OUT/reports), then in ``base``: outputs and their page move together."""
     if is_url(path):
         return None
     p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    if base is not None and not p.exists() and (base / p).exists():
-        return (base / p).absolute()
-    return p.absolute()
+    recorded = p if p.is_absolute() else p.absolute()
+    if recorded.exists() or base is None:
+        return recorded
+    for candidate in ([] if p.is_absolute() else [base / p]) + [base.parent / p.name, base / p.name]:
+        if candidate.exists():
+            return candidate.absolute()
+    return recorded

@@ -176,6 +176,28 @@ def test_segment_outcomes_are_adapted_and_the_report_command_finds_quicklooks(tm
         assert line.startswith(f"error: {bad}: a field of the report is not as segflow writes it"), line
 
 
+def test_a_moved_output_folder_rebuilds_the_same_page(tmp_path):
+    """`segflow report` on a run whose OUT was moved (or copied elsewhere): the recorded paths are gone, so each
+    output is found by its name in the report's own OUT.  The rebuilt page had no models, "class N" names, no
+    quicklooks and links into the old place."""
+    run = sample_run(tmp_path / "then")
+    report_json = run.html.with_suffix(".json")
+    report_json.write_text(json.dumps(run.report))
+    first = Page(write_html_report(run.report, run.html, quicklooks=run.quicklooks).read_text())
+    moved = tmp_path / "now" / "out"
+    moved.parent.mkdir()
+    shutil.move(str(run.out), moved)
+    res = CliRunner().invoke(_app(), ["report", str(moved / "reports" / report_json.name), "--out",
+                                      str(moved / "reports" / "rebuilt.html")])
+    assert res.exit_code == 0, res.output
+    path = moved / "reports" / "rebuilt.html"
+    page = Page(path.read_text())
+    files = [a["href"] for a in page.all("a") if not a["href"].startswith("#")]
+    assert files and all((path.parent / unquote(h)).exists() for h in files), files
+    assert len(page.all("img")) == 2
+    assert [w for w in first.words.split() if w.endswith("ha")] == [w for w in page.words.split() if w.endswith("ha")]
+
+
 def test_previous_report_is_the_one_written_just_before(tmp_path):
     names = ["20261201T030000Z.json", "20261202T030000Z.json", "20261202T030000Z-2.json", "20261203T030000Z.json"]
     for n in names:
