@@ -110,9 +110,11 @@ def _recorded_counts(path: Path) -> dict[str, Any] | None:
     """The run's label histogram from the output's sidecar, when the sidecar names this very file as an output.
 
     A tile cut from a mosaic has no sidecar of its own (its stem differs), so
-    the mosaic's whole-image histogram is never taken for it.
+    the mosaic's whole-image histogram is never taken for it.  The file must
+    still be the one the sidecar hashed: an edited label map's counts are its
+    own, counted from it (they were the run's, stale).
     """
-    from storage.provenance import sidecar_path
+    from storage.provenance import sha256_output, sidecar_path
 
     sidecar = sidecar_path(path)
     try:
@@ -122,6 +124,11 @@ def _recorded_counts(path: Path) -> dict[str, Any] | None:
     counts = (record.get("statistics") or {}).get("label_pixels") if isinstance(record, dict) else None
     outputs = record.get("outputs") or {}
     if not isinstance(counts, dict) or path.name not in outputs:
+        return None
+    try:
+        if sha256_output(path) != outputs[path.name]:
+            return None
+    except OSError:
         return None
     return {"label_pixels": counts, "source": str(sidecar)}
 

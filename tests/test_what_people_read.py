@@ -329,6 +329,17 @@ def test_segment_with_8787_taken_no_port_warning_dashboard_line_progress_lines_a
         assert {r["value"]: r["count"] for r in table["rows"] if r["count"]} == expected
         assert all(r["area_ha"] == pytest.approx(r["count"] * 0.01) for r in table["rows"])
         assert "area (ha)" in res.stderr and f"{max(expected.values()):,}" in res.stderr
+    # the label map edited since the run: its own counts, not the run's (they were shown, stale)
+    with rasterio.open(label, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:
+        edited = dst.read(1)
+        edited[:8] = 1
+        dst.write(edited, 1)
+    res = CliRunner().invoke(app, ["info", str(label)], env={"COLUMNS": "200"})
+    table = json.loads(res.stdout)["label_table"]
+    values, counts = np.unique(edited, return_counts=True)
+    assert "counted chunk by chunk" in table["source"]
+    assert {r["value"]: r["count"] for r in table["rows"] if r["count"]} == \
+        {int(v): int(n) for v, n in zip(values, counts) if v != 255}
 
 
 def test_info_counts_a_nifti_label_map_in_millilitres(tmp_path):
