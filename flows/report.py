@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,7 +217,17 @@ def _statistics_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _cell(text: Any) -> str:
-    return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
+    return re.sub(r"(?<!\\)\|", r"\\|", str(text if text is not None else "")).replace("\n", " ")
+
+
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>#~|&!])")
+
+
+def _md(text: Any) -> str:
+    """Free text (a class or model name, an error line naming a file) shown as itself in Markdown: every
+    character Markdown or HTML would act on is backslash-escaped.  Only ``|`` was, so a class named
+    ``<script>...`` or ``*bold*`` reached a renderer as markup."""
+    return _MARKDOWN.sub(r"\\\1", str(text if text is not None else "")).replace("\n", " ")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -238,8 +249,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         windows = f"{win.get('evaluated')} / {win.get('skipped')}" if win else ""
         secs = rep.get("seconds")
         lines.append("| " + " | ".join(_cell(v) for v in (
-            f"`{_input_name(rep)}`", rep["status"], rep.get("model") or "",
-            rep.get("attempts"), _fmt(secs, 1) if secs is not None else "", windows, _measures(rep),
+            f"`{_input_name(rep)}`", rep["status"], _md(rep.get("model") or ""),
+            rep.get("attempts"), _fmt(secs, 1) if secs is not None else "", windows, _md(_measures(rep)),
             "<br>".join(f"`{Path(o).name}`" for o in rep.get("outputs", [])))) + " |")
     statistics = _statistics_lines(report)
     if statistics:
@@ -249,12 +260,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     problems = [r for r in report["inputs"] if r.get("error")]
     if problems:
         lines += ["", "## Errors", ""]
-        lines += [f"- **{r['status']}**: {r['error']}" for r in problems]
+        lines += [f"- **{r['status']}**: {_md(r['error'])}" for r in problems]
     notes = [(r, text) for r in report["inputs"] for text in ([r["note"]] if r.get("note") else [])
              + list(r.get("warnings") or [])]
     if notes:
         lines += ["", "## Notes", ""]
-        lines += [f"- `{_input_name(r)}`: {text}" for r, text in notes]
+        lines += [f"- `{_input_name(r)}`: {_md(text)}" for r, text in notes]
     if run.get("ignored"):  # what the inbox held that is no input: a misnamed scan is found here
         lines += ["", "## Not inputs", "", "In the inbox but not read (not a file type segflow reads, or a folder "
                   "without DICOM files):", ""]

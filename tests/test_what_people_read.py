@@ -134,6 +134,15 @@ def test_areas_and_volumes_print_readably_in_the_table_and_the_markdown_report()
     assert "water 85,860 ha, field 0.52 ha" in md and "e+" not in md
     line = class_line("lesion", {"voxels": 12_345, "volume_ml": 1_234.5}, None)
     assert line.startswith("lesion: 12,345 voxels, 1,234.5 mL")
+    # names and error lines are text in Markdown, never markup (only "|" was escaped)
+    evil = {**rep, "model": "evil<b>model|x", "labels": [{"value": 0, "name": "<script>x</script>", "count": 1,
+                                                          "area_ha": 0.01}]}
+    bad = {"input": "/in/broken <i>x|y.tif", "status": "failed", "error": "/in/broken <i>x|y.tif: *not* a TIFF",
+           "attempts": 1, "labels": [], "outputs": []}
+    md = render_markdown({**report, "inputs": [evil, bad]})
+    assert "evil\\<b\\>model\\|x" in md and "\\<script\\>x\\</script\\>" in md
+    assert "- **failed**: /in/broken \\<i\\>x\\|y.tif: \\*not\\* a TIFF" in md
+    assert "<b>" not in md and "<script>" not in md and "<i>" not in md.replace("`broken <i>x\\|y.tif`", "")
 
 
 # ----------------------------------------------------------------------------- 3. a file that cannot be read
