@@ -57,7 +57,7 @@ from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
 from storage.tilecuts import split_outputs, write_tile_cuts
-from storage.errors import ExportError, IncompatibleInputError, InvalidInputError, SegflowError
+from storage.errors import ExportError, IncompatibleInputError, InvalidInputError, ProvenanceError, SegflowError
 from storage.modelimage import model_geometry
 from storage.remote import is_url
 from storage.layout import (LABELS, PROVENANCE_ATTR, ChunkJournal, ImageStore,
@@ -363,6 +363,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                    "architecture": model.card.architecture.model_dump(mode="json")},
             parameters=params, device=_device_name(options.device), started=started, finished=provenance.now(),
             statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
+        earlier = _earlier_outputs(out_path)  # what a run before this one wrote under this name
         stable = provenance.embedded(record)  # what the outputs carry: equal for equal labels, so reproducible
         commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
         created.append(zarr_target)
@@ -389,6 +390,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         created.append(sidecar)
         if not options.keep_zarr:
             shutil.rmtree(zarr_target)
+        _remove_stale(out_dir, earlier, [*exported, sidecar, *([zarr_target] if options.keep_zarr else [])])
     except BaseException as exc:
         keep_work = resumable(exc)
         if not keep_work:
@@ -409,6 +411,26 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     outputs = [os.path.abspath(p) for p in [*exported, sidecar, *([zarr_target] if options.keep_zarr else [])]]
     return Outcome(input=record_input_as or input_label(input_path), ok=True, outputs=outputs,
                    statistics=record["statistics"])
+
+
+def _earlier_outputs(out_path: Path) -> list[str]:
+    """The outputs the sidecar already beside ``out_path`` lists: an earlier run's of the same name."""
+    try:
+        record = provenance.read_sidecar(provenance.sidecar_path(out_path))
+    except (ProvenanceError, OSError):
+        return []
+    return [n for n in (record.get("outputs") or {}) if provenance.is_output_name(n)]
+
+
+def _remove_stale(out_dir: Path, earlier: list[str], written: list[Path]) -> None:
+    """Remove what an earlier run of this name wrote and this one did not (a probability COG, polygons, a
+    quicklook, a model-space NIfTI of other options): left beside the new outputs, they described another run
+    while the new sidecar and ``verify`` said nothing of them.  Only files an earlier sidecar named as its
+    outputs are touched, never anything else in OUT."""
+    now = {Path(p).name for p in written}
+    for name in earlier:
+        if name not in now:
+            remove_path(out_dir / name)
 
 
 def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | None:

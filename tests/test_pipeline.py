@@ -159,6 +159,28 @@ def test_probabilities_are_kept_in_zarr_and_as_a_cog(dtype, models, tmp_path, da
     assert verify_sidecar(sidecar_path(tmp_path / "RGB.byte.tif")) == []
 
 
+def test_a_rerun_with_fewer_outputs_removes_the_earlier_runs_extras(models, tmp_path, dask_cluster):
+    """A run with --probabilities, a quicklook and polygons, then one without, into the same OUT: the earlier
+    probability COG, picture and GeoPackage described the first run while the new sidecar and `verify` said nothing
+    of them (a stale probability map disagreed with the new labels).  They go; a user's file beside them stays."""
+    from storage.provenance import verify
+
+    src = shared("geotiff/RGB.byte.tif")
+    model = str(models[(2, 3)].path)
+    first = segment(input_path=str(src), model_dir=model, out_dir=str(tmp_path),
+                    options=SegmentOptions(chunk_size=256, probabilities="uint8", quicklook=True, vector="gpkg"))
+    names = {p.split("/")[-1] for p in first["outputs"]}
+    assert {"RGB.byte.probabilities.tif", "RGB.byte.quicklook.png", "RGB.byte.gpkg"} <= names, names
+    (tmp_path / "RGB.byte.notes.txt").write_text("mine")
+    second = segment(input_path=str(src), model_dir=model, out_dir=str(tmp_path),
+                     options=SegmentOptions(chunk_size=256, keep_zarr=False))
+    now = {p.split("/")[-1] for p in second["outputs"]}
+    left = {p.name for p in tmp_path.iterdir() if p.name.startswith("RGB.byte")}
+    assert left == now | {"RGB.byte.notes.txt"}, (left, now)
+    report = verify(sidecar_path(tmp_path / "RGB.byte.tif"))
+    assert not report.problems
+
+
 def test_crf_refines_probabilities_chunk_by_chunk_as_on_the_whole_image(tmp_path, dask_cluster):
     from segmentation import build_plan, load_model
     from segmentation.crf import CRFParams, mean_field
