@@ -41,7 +41,7 @@ import zarr
 from distributed import Client, as_completed
 
 from flows import medical, modelspace
-from flows.export import export_labels, model_space_labels, quicklook_image, write_quicklook
+from flows.export import MODEL_LABELS, export_labels, model_space_labels, quicklook_image, write_quicklook
 from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input
 from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
@@ -231,6 +231,9 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
                 reporter().advance(key, shares.get(result.get("index"), 0))
         for future in model_futures:
             future.result()
+        if model.card.inference.keep_largest is not None and model_writes:  # the model grid's labels too
+            keep_largest(zarr.open_group(str(partial), mode="a")[MODEL_LABELS], model.card.inference.keep_largest,
+                         label_nodata(plan.num_classes))
         if model.card.inference.keep_largest is not None:
             stats_keep = keep_largest(labels, model.card.inference.keep_largest, label_nodata(plan.num_classes))
             for value, n in stats_keep["removed_voxels"].items():

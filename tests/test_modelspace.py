@@ -225,3 +225,28 @@ def test_a_voxel_size_that_makes_an_absurd_model_grid_is_refused(tmp_path):
                       "1.25 x 1.5 x 2 mm: its grid would be 1 x 1 x 1 voxels, 1/7,680 of the scan's; check the "
                       "header's voxel size and unit (xyzt_units)"], proc.stderr
     assert not list((tmp_path / "out").glob("metres*"))
+
+
+def test_keep_largest_applies_to_the_model_space_labels_too(tmp_path):
+    """`--model-space keep` writes the model grid's labels beside the scan's; the card's keep_largest ran on the
+    scan's only, so the model-space file kept every stray component of the class."""
+    from scipy import ndimage
+
+    from tests.models import tiny_model
+
+    model = tiny_model(tmp_path / "m", spatial_dims=3, channels=1, classes=3, roi=[16, 16, 16],
+                       spacing=[2.0, 1.5, 1.25], seed=5)
+    card = json.loads((model.path / "card.json").read_text())
+    card["inference"]["keep_largest"] = {"applied_labels": [1, 2]}
+    (model.path / "card.json").write_text(json.dumps(card))
+    model = load_model(model.path)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(smooth_volume((30, 26, 20), 6), np.diag([0.8, 0.9, 1.7, 1.0])), scan)
+    with dask_client(workers=1, threads_per_worker=1) as client:
+        out = segment_one(scan, model, tmp_path / "out", SegmentOptions(chunk_size=16, model_space="keep"), client)
+    assert out.ok, out.error
+    for name in ("scan.nii.gz", "scan.model-space.nii.gz"):
+        labels = np.asarray(nib.load(tmp_path / "out" / name).dataobj)
+        for value in (1, 2):
+            count = ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1]  # MONAI: full connectivity
+            assert count <= 1, (name, value, count)
