@@ -113,6 +113,11 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
                 problem = (f"{what}; --vector {options.vector} writes polygon areas in hectares, "
                            "which need a projected CRS (reproject it, or add --output-grid model with a card that "
                            "works in one, e.g. crs: utm)")
+            if problem is None and header.kind == "volume" and options.probabilities != "none" and \
+                    not options.keep_zarr:
+                problem = (f"a volume's probabilities are kept only in its zarr store, which --no-zarr removes: "
+                           f"--probabilities {options.probabilities} would be dropped (keep the store, or drop "
+                           "--probabilities)")
             if problem is not None:
                 raise IncompatibleInputError(label, problem)
             clobbered = None if out_dir is None or is_url(out_dir) else overwritten_input(item, out_dir)

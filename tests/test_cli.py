@@ -311,6 +311,23 @@ def test_vector_output_with_a_3d_model_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_volume_probabilities_with_no_zarr_are_refused_before_any_work(tmp_path):
+    """A volume's probabilities live only in its zarr store: with --no-zarr they were silently dropped while the
+    provenance recorded --probabilities float32.  Refused, naming the input, before any work."""
+    import nibabel as nib
+
+    model = tiny_model(tmp_path / "m3d", spatial_dims=3, channels=1)
+    volume = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32), np.eye(4)),
+             volume)
+    proc = run("segment", volume, "--model", model.path, "--out", tmp_path / "out", "--probabilities", "float32",
+               "--no-zarr")
+    assert proc.returncode == 1, proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert line.startswith(f"error: {volume}: a volume's probabilities are kept only in its zarr store"), line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("v.*"))
+
+
 def test_vector_output_for_a_raster_without_crs_is_refused_before_any_work(model2d, tmp_path):
     """Polygon areas in hectares need a projected CRS: an input without one is refused at the header check, in
     one line naming it (it failed after segmenting, on "the CRS 'None' is not one GDAL understands")."""
