@@ -91,8 +91,18 @@ class LegendEntry:
 
 
 @lru_cache(maxsize=8)
+@lru_cache(maxsize=8)
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's bundled font: no system font is needed, so the PNG looks the same on every machine."""
+    """DejaVu Sans as matplotlib ships it: a bundled font, so the PNG looks the same on every machine, with the
+    glyphs of names people write (ü, é, ✓; Pillow's own default drew them as empty boxes).  Pillow's default
+    where that file is missing."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return ImageFont.truetype(str(path), size=size)
+    except (ImportError, OSError):
+        pass
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError, OSError):  # Pillow without FreeType: the small bitmap font

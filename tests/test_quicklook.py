@@ -478,3 +478,18 @@ def test_demo_outputs_give_non_blank_quicklooks(tmp_path: Path) -> None:
     assert axial.std() > 10
     lesion = [c for c in info.classes if c.name == "lesion"]
     assert lesion and lesion[0].amount and lesion[0].amount > 0
+
+
+def test_the_quicklook_font_draws_the_letters_people_name_things_with():
+    """ü, é and ✓ in a file or class name came out as empty boxes (Pillow's default font lacks them): each is now
+    a glyph of its own, unlike a code point no font has (drawn as the 'missing' box)."""
+    from storage.quicklook_canvas import font
+
+    f = font(14)
+
+    def glyph(ch: str) -> bytes:
+        return bytes(f.getmask(ch))
+
+    missing = glyph("\U0010fffd")
+    for ch in "üé✓":
+        assert glyph(ch) != missing, ch
