@@ -31,6 +31,18 @@ def test_a_full_card_round_trips_and_sorts_tta_axes():
     assert ModelCard.model_validate_json(c.model_dump_json()) == c
 
 
+def test_segment_options_sort_tta_axes_like_the_card():
+    """--tta 1,0 and --tta 0,1 are one run: they were recorded apart (another run identity, so an interrupted
+    run of one was not resumed by the other, and other output bytes)."""
+    from flows.config import SegmentOptions
+    from flows.ledger import keyed_parameters
+
+    a, b = SegmentOptions(flip_tta=[1, 0]), SegmentOptions(flip_tta=[0, 1])
+    assert a.flip_tta == b.flip_tta == [0, 1]
+    c = ModelCard.model_validate(card())
+    assert keyed_parameters(c, a) == keyed_parameters(c, b)
+
+
 def test_version_1_cards_still_read():
     c = ModelCard.model_validate(card(card_version=1, inference={"roi": [64, 64]}))
     assert c.card_version == 1 and c.inference.flip_tta == []
