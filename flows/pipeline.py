@@ -35,13 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
-import numpy as np
 import zarr
 from distributed import Client, as_completed
 
 from flows import medical, modelspace
 from flows.export import MODEL_LABELS, export_labels, model_space_labels, quicklook_image, write_quicklook
+from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
 from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input
 from flows.cluster import gpu_tasks
 from flows.config import SegmentOptions
@@ -57,7 +56,7 @@ from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
 from storage.tilecuts import split_outputs, write_tile_cuts
-from storage.errors import ExportError, IncompatibleInputError, InvalidInputError, ProvenanceError, SegflowError
+from storage.errors import ExportError, IncompatibleInputError, ProvenanceError, SegflowError
 from storage.modelimage import model_geometry
 from storage.remote import is_url
 from storage.layout import (LABELS, PROVENANCE_ATTR, ChunkJournal, ImageStore,
@@ -338,8 +337,8 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     try:
         try:
             named = record_input_as or input_label(input_path)  # how messages name the input
-            _check_has_data(named, store)
-            warnings = _warnings(named, store, model, options)
+            check_has_data(named, store)
+            warnings = input_warnings(named, store, model, options)
             stats, params = run_inference(store, model, options, zarr_target, client, record_input_as)
         except SegflowError as exc:
             if exc.path is None:  # errors about the input's content must name the input
@@ -348,7 +347,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         if store.meta.kind == "volume":  # per-label volumes and intensities, into the provenance and reports
             done = zarr.open_group(str(partial_path(zarr_target, stats["run_identity"])), mode="r")
             stats["label_statistics"] = medical.volume_statistics(done[LABELS], store, model)
-        unlabelled = _unlabelled_note(named, store, stats, label_nodata(model.card.num_classes), client)
+        unlabelled = unlabelled_note(named, store, stats, label_nodata(model.card.num_classes), client)
         if unlabelled is not None:
             say(unlabelled, logging.WARNING)
             warnings.append(unlabelled)
@@ -475,73 +474,6 @@ def resumable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, KilledWorker)
-
-
-def _check_has_data(input_path: Path, store: ImageStore) -> None:
-    """Refuse an input with no valid pixel at all: its output would be nodata everywhere, hiding the problem."""
-    mask = store.mask
-    if mask is None:
-        return
-    # the mask's fill value is False and all-False chunks are never stored: no stored chunk, no valid pixel
-    if mask.nchunks_initialized == 0 or not any(bool(np.asarray(mask[b]).any()) for b in _mask_blocks(mask)):
-        geometry = store.meta.geometry
-        nodata = getattr(geometry, "nodata", None)
-        why = {"alpha": "its alpha band is 0 everywhere", "mask": "its mask excludes every pixel",
-               "nodata": "every pixel is NaN or Inf"}.get(getattr(geometry, "mask_source", ""), "")
-        if nodata is not None:
-            why = f"every pixel equals nodata={nodata:g}"
-        raise InvalidInputError(input_path, f"has no valid pixel ({why or 'all masked'}); nothing to segment")
-
-
-def _mask_blocks(mask: Any) -> Any:
-    """Chunk-sized slices of a mask, stopping early in practice at the first valid chunk."""
-    import itertools
-
-    ranges = [range(0, n, c) for n, c in zip(mask.shape, mask.chunks)]
-    for start in itertools.product(*ranges):
-        yield tuple(slice(s, s + c) for s, c in zip(start, mask.chunks))
-
-
-def _unlabelled_note(named: Path | str, store: ImageStore, stats: dict[str, Any], nodata: int,
-                     client: Client) -> str | None:
-    """Valid input pixels a raster's way back left without a label (a CRS change's footprint edge, where no valid
-    model pixel reaches them): counted into ``stats["unlabelled"]`` and said, never a silent hole.  Nodata
-    labels beyond the input's own invalid pixels are those; one pass over the input's mask counts the latter."""
-    space = stats.get("model_space") or {}
-    if space.get("kind") != "raster" or stats.get("output_grid", "input") != "input":
-        return None
-    nodata_labels = int(stats.get("label_pixels", {}).get(str(nodata), 0))
-    if nodata_labels == 0:
-        return None
-    invalid = 0
-    if store.mask is not None:
-        invalid = int(store.mask.size) - int(client.compute(da.from_zarr(store.mask).sum()).result())
-    unlabelled = nodata_labels - invalid
-    stats["unlabelled"] = unlabelled
-    if unlabelled <= 0:
-        return None
-    share = unlabelled / float(np.prod(store.mask.shape if store.mask is not None else store.image.shape[1:]))
-    return (f"{named}: {unlabelled:,} valid pixel(s) ({share:.3%}) have no label: no valid model pixel reaches "
-            "them through the CRS change (valid pixels at an edge of the valid area, or alone); they are nodata")
-
-
-def _warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, options: SegmentOptions) -> list[str]:
-    """Things worth saying about an input segflow still segments (logged, and kept in the statistics)."""
-    out = []
-    geometry = store.meta.geometry
-    if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
-        out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
-    dicom = getattr(geometry, "dicom", None)
-    if dicom is not None and dicom.depth_assumed:
-        from storage.dicom import DEPTH_ASSUMED_NOTE
-
-        out.append(f"{input_path}: {DEPTH_ASSUMED_NOTE}")
-    for note in (modelspace.unnamed_bands_note(store, model, options), modelspace.dtype_note(store, model)):
-        if note is not None:
-            out.append(f"{input_path}: {note}")
-    for text in out:
-        say(text, logging.WARNING)
-    return out
 
 
 def remove_path(path: Path) -> None:

@@ -1,0 +1,92 @@
+"""What a run says about an input it segments, beyond its labels: refusals of inputs with nothing to segment, and
+the warnings kept in the provenance (no CRS, bands taken in file order, a dtype the normalisation may not suit, a
+DICOM slice's guessed depth, valid pixels a CRS change left unlabelled).  Each is one line naming the input, said
+once and recorded, so nothing segflow assumed or could not do is silent.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from distributed import Client
+
+from flows import modelspace
+from flows.config import SegmentOptions
+from flows.progress import say
+from segmentation import LoadedModel
+from storage.errors import InvalidInputError
+from storage.layout import ImageStore
+
+
+def check_has_data(input_path: Path, store: ImageStore) -> None:
+    """Refuse an input with no valid pixel at all: its output would be nodata everywhere, hiding the problem."""
+    mask = store.mask
+    if mask is None:
+        return
+    # the mask's fill value is False and all-False chunks are never stored: no stored chunk, no valid pixel
+    if mask.nchunks_initialized == 0 or not any(bool(np.asarray(mask[b]).any()) for b in _mask_blocks(mask)):
+        geometry = store.meta.geometry
+        nodata = getattr(geometry, "nodata", None)
+        why = {"alpha": "its alpha band is 0 everywhere", "mask": "its mask excludes every pixel",
+               "nodata": "every pixel is NaN or Inf"}.get(getattr(geometry, "mask_source", ""), "")
+        if nodata is not None:
+            why = f"every pixel equals nodata={nodata:g}"
+        raise InvalidInputError(input_path, f"has no valid pixel ({why or 'all masked'}); nothing to segment")
+
+
+def _mask_blocks(mask: Any) -> Any:
+    """Chunk-sized slices of a mask, stopping early in practice at the first valid chunk."""
+    import itertools
+
+    ranges = [range(0, n, c) for n, c in zip(mask.shape, mask.chunks)]
+    for start in itertools.product(*ranges):
+        yield tuple(slice(s, s + c) for s, c in zip(start, mask.chunks))
+
+
+def unlabelled_note(named: Path | str, store: ImageStore, stats: dict[str, Any], nodata: int,
+                     client: Client) -> str | None:
+    """Valid input pixels a raster's way back left without a label (a CRS change's footprint edge, where no valid
+    model pixel reaches them): counted into ``stats["unlabelled"]`` and said, never a silent hole.  Nodata
+    labels beyond the input's own invalid pixels are those; one pass over the input's mask counts the latter."""
+    space = stats.get("model_space") or {}
+    if space.get("kind") != "raster" or stats.get("output_grid", "input") != "input":
+        return None
+    nodata_labels = int(stats.get("label_pixels", {}).get(str(nodata), 0))
+    if nodata_labels == 0:
+        return None
+    invalid = 0
+    if store.mask is not None:
+        invalid = int(store.mask.size) - int(client.compute(da.from_zarr(store.mask).sum()).result())
+    unlabelled = nodata_labels - invalid
+    stats["unlabelled"] = unlabelled
+    if unlabelled <= 0:
+        return None
+    share = unlabelled / float(np.prod(store.mask.shape if store.mask is not None else store.image.shape[1:]))
+    return (f"{named}: {unlabelled:,} valid pixel(s) ({share:.3%}) have no label: no valid model pixel reaches "
+            "them through the CRS change (valid pixels at an edge of the valid area, or alone); they are nodata")
+
+
+def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, options: SegmentOptions) -> list[str]:
+    """Things worth saying about an input segflow still segments (logged, and kept in the statistics)."""
+    out = []
+    geometry = store.meta.geometry
+    if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
+        out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
+    dicom = getattr(geometry, "dicom", None)
+    if dicom is not None and dicom.depth_assumed:
+        from storage.dicom import DEPTH_ASSUMED_NOTE
+
+        out.append(f"{input_path}: {DEPTH_ASSUMED_NOTE}")
+    for note in (modelspace.unnamed_bands_note(store, model, options), modelspace.dtype_note(store, model)):
+        if note is not None:
+            out.append(f"{input_path}: {note}")
+    for text in out:
+        say(text, logging.WARNING)
+    return out
+
+
+__all__ = ["check_has_data", "input_warnings", "unlabelled_note"]
