@@ -220,13 +220,13 @@ def _cell(text: Any) -> str:
     return re.sub(r"(?<!\\)\|", r"\\|", str(text if text is not None else "")).replace("\n", " ")
 
 
-_MARKDOWN = re.compile(r"([\\`*_\[\]<>#~|&!])")
+_MARKDOWN = re.compile(r"([\\`*<>|&])")  # what turns text into markup; "_" and "[" stay, so paths read plainly
 
 
 def _md(text: Any) -> str:
-    """Free text (a class or model name, an error line naming a file) shown as itself in Markdown: every
-    character Markdown or HTML would act on is backslash-escaped.  Only ``|`` was, so a class named
-    ``<script>...`` or ``*bold*`` reached a renderer as markup."""
+    """Free text (a class or model name, an error line naming a file) shown as itself in Markdown: HTML, emphasis,
+    code and table characters are backslash-escaped.  Only ``|`` was, so a class named ``<script>...`` or
+    ``*bold*`` reached a renderer as markup."""
     return _MARKDOWN.sub(r"\\\1", str(text if text is not None else "")).replace("\n", " ")
 
 
