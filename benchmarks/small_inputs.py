@@ -63,7 +63,6 @@ def segment(scene: Path, model: Path, out: Path) -> dict:
 
 def raw_forward(scene: Path, model: Path) -> tuple[float, int]:
     """(seconds, windows) of the raw batched forward pass and softmax over the scene's windows, in memory."""
-    import numpy as np
     import rasterio
     import torch
 
