@@ -51,7 +51,8 @@ def unlabelled_note(named: Path | str, store: ImageStore, stats: dict[str, Any],
                      client: Client) -> str | None:
     """Valid input pixels a raster's way back left without a label (a CRS change's footprint edge, where no valid
     model pixel reaches them): counted into ``stats["unlabelled"]`` and said, never a silent hole.  Nodata
-    labels beyond the input's own invalid pixels are those; one pass over the input's mask counts the latter."""
+    labels beyond the input's own invalid pixels are those; one pass over the input's mask counts the latter.
+    Said here, as :func:`input_warnings` says its lines; the caller keeps it with them."""
     space = stats.get("model_space") or {}
     if space.get("kind") != "raster" or stats.get("output_grid", "input") != "input":
         return None
@@ -66,8 +67,10 @@ def unlabelled_note(named: Path | str, store: ImageStore, stats: dict[str, Any],
     if unlabelled <= 0:
         return None
     share = unlabelled / float(np.prod(store.mask.shape if store.mask is not None else store.image.shape[1:]))
-    return (f"{named}: {unlabelled:,} valid pixel(s) ({share:.3%}) have no label: no valid model pixel reaches "
+    text = (f"{named}: {unlabelled:,} valid pixel(s) ({share:.3%}) have no label: no valid model pixel reaches "
             "them through the CRS change (valid pixels at an edge of the valid area, or alone); they are nodata")
+    say(text, logging.WARNING)
+    return text
 
 
 def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, options: SegmentOptions) -> list[str]:

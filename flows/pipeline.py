@@ -349,7 +349,6 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             stats["label_statistics"] = medical.volume_statistics(done[LABELS], store, model)
         unlabelled = unlabelled_note(named, store, stats, label_nodata(model.card.num_classes), client)
         if unlabelled is not None:
-            say(unlabelled, logging.WARNING)
             warnings.append(unlabelled)
         stats["ingest_seconds"] = round(ingest_seconds, 3)
         stats["ingest_reused"] = ingest_reused

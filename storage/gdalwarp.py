@@ -96,12 +96,14 @@ def warp_block(region: np.ndarray, valid: np.ndarray | None, src: RasterGrid, sr
     if valid is not None:
         bands = np.concatenate([bands, (np.asarray(valid, dtype=bool) * 255).astype(work)[None]])
     extras = {"XSCALE": repr(float(scale[0])), "YSCALE": repr(float(scale[1]))}
+    at = _window_transform(src, *src_at)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), MemoryFile() as memfile:
         with memfile.open(driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=bands.shape[0],
-                          dtype=bands.dtype, crs=src.gdal_crs(), transform=_window_transform(src, *src_at)) as ds:
+                          dtype=bands.dtype, crs=src.gdal_crs(), transform=at) as ds:
             ds.write(bands)
         with memfile.open() as ds, WarpedVRT(
-                ds, src_crs=_source_crs(src, _window_transform(src, *src_at), bands.shape[2]), crs=dst.gdal_crs(), transform=_window_transform(dst, y0, x0), width=x1 - x0, height=y1 - y0,
+                ds, src_crs=_source_crs(src, at, bands.shape[2]), crs=dst.gdal_crs(),
+                transform=_window_transform(dst, y0, x0), width=x1 - x0, height=y1 - y0,
                 resampling=getattr(Resampling, kernel), tolerance=TOLERANCE,
                 src_alpha=count + 1 if valid is not None else 0, warp_mem_limit=WARP_MEMORY_MB, **extras) as vrt:
             out = vrt.read(indexes=list(range(1, count + 1)))

@@ -156,8 +156,8 @@ def ingest_geotiff(path: str | PathLike[str], store_path: str | PathLike[str], *
                 geometry = geometry.model_copy(update=geometry_update)
             stacked = needs_mask(covers, src.height, src.width)
             if stacked:
-                geometry = geometry.model_copy(update={"mask_source": "nodata" if any(
-                    c.nodata is not None for c in covers or ()) else "mask"})
+                nodata = any(c.nodata is not None for c in covers)  # type: ignore[union-attr]
+                geometry = geometry.model_copy(update={"mask_source": "nodata" if nodata else "mask"})
         except GDAL_ERRORS as exc:
             raise CorruptInputError(path, f"cannot read raster metadata: {gdal_message(exc)}") from None
         try:

@@ -73,8 +73,6 @@ def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: 
     return area_m2 / SQUARE_METRES_PER_HECTARE, None
 
 
-
-
 def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None, str | None]:
     """Volume of one voxel in mL: |det| of the affine's 3x3 part (the zooms' product when not sheared).
 

@@ -122,8 +122,9 @@ def model_mask(store: ImageStore, mapping: RasterMapping, work: str | PathLike[s
                compute: Callable[[Any], Any]) -> Any:
     """The model grid's valid mask for a raster (a zarr array in ``work``), or None when every model pixel is
     valid.  A model pixel is valid where GDAL's warp gives it a value (:func:`storage.warp.validity_kernel`:
-    some valid input pixel it covers when coarsening, the one under its centre otherwise).  Each task writes its chunk and says whether it is all valid; the mask is kept
-    only when one is not.  Cheap next to the image: one byte a model pixel, and nothing of the image is read.
+    some valid input pixel it covers when coarsening, the one under its centre otherwise).  Each task writes its
+    chunk and says whether it is all valid; the mask is kept only when one is not.  Cheap next to the image: one
+    byte a model pixel, and nothing of the image is read.
     """
     import zarr
 
@@ -137,7 +138,7 @@ def model_mask(store: ImageStore, mapping: RasterMapping, work: str | PathLike[s
     axes = separable_axes(mapping.input, mapping.model, kernel, mapping.scale)
     if store.mask is None and axes is not None and all(
             a.taps(kernel, 0, n).inside.all() for a, n in zip(axes, shape)):
-        return None  # every model pixel's centre falls on an input pixel, and every input pixel is valid
+        return None  # every model pixel reaches an input pixel (validity_kernel's taps), and every one is valid
     chunks = tuple(min(chunk, n) for n in shape)
     if store.mask is None:
         ones = da.ones(mapping.input_shape, dtype=np.uint8, chunks=tuple(store.image.chunks[1:]))

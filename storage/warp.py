@@ -79,7 +79,7 @@ class Job:
     box: tuple[tuple[int, int], tuple[int, int]]
     window: tuple[tuple[int, int], tuple[int, int]] | None
     taps: tuple[Taps, Taps] | None = None
-    nearest: tuple[Taps, Taps] | None = None  # the destination mask's taps (with_mask; validity_kernel's)
+    mask_taps: tuple[Taps, Taps] | None = None  # the destination mask's taps (with_mask): validity_kernel's
     # a graph's copy: the taps are left out and made again by the task (:meth:`light`, :meth:`made`)
     lazy: bool = False
     with_mask: bool = False  # (a lazy job) whether it had the mask's taps
@@ -89,7 +89,7 @@ class Job:
         21.6 MB at 16384² (Dask warns past 10 MB); the task makes them again in 0.2 ms."""
         if self.taps is None:
             return self
-        return Job(self.box, self.window, lazy=True, with_mask=self.nearest is not None)
+        return Job(self.box, self.window, lazy=True, with_mask=self.mask_taps is not None)
 
     def made(self, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float]) -> "Job":
         """The whole job again from a :meth:`light` one (the same taps: they depend on the box alone)."""
@@ -106,6 +106,7 @@ def chunk_jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[fl
     if with_mask and axes is None:
         raise ValueError("a destination mask plane needs the separable warp")
     pad = halo(scale)
+    vk = validity_kernel(kernel)
     jobs = {}
     for idx in product(*(range(len(b)) for b in per_axis)):
         box = (per_axis[0][idx[0]], per_axis[1][idx[1]])
@@ -113,7 +114,6 @@ def chunk_jobs(src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[fl
             jobs[idx] = Job(box, source_window(src, dst, box, pad))
             continue
         taps = (axes[0].taps(kernel, *box[0]), axes[1].taps(kernel, *box[1]))
-        vk = validity_kernel(kernel)
         near = (axes[0].taps(vk, *box[0]), axes[1].taps(vk, *box[1])) if with_mask else None
         jobs[idx] = Job(box, region_of(taps, *([near] if near else [])), taps, near)
     return jobs
@@ -130,8 +130,8 @@ def _compute(job: Job, region: np.ndarray, valid: np.ndarray | None, src: Raster
     if argmax:
         return separable_labels(region, valid, *job.taps, at, kernel, dtype, empty)
     out = separable_block(region, valid, *job.taps, at, kernel, dtype)
-    if job.nearest is not None:
-        mask = destination_valid(valid, *job.nearest, at, validity_kernel(kernel))
+    if job.mask_taps is not None:
+        mask = destination_valid(valid, *job.mask_taps, at, validity_kernel(kernel))
         out = np.concatenate([out, mask[None].astype(dtype)])
     return out
 
@@ -140,7 +140,7 @@ def _empty(job: Job, n_ch: int, dtype: Any, argmax: bool, empty: int = 0) -> np.
     shape = tuple(b - a for a, b in job.box)
     if argmax:
         return np.full(shape, empty, dtype=dtype)
-    return np.zeros((n_ch + (job.nearest is not None), *shape), dtype=dtype)
+    return np.zeros((n_ch + (job.mask_taps is not None), *shape), dtype=dtype)
 
 
 def warp(source: da.Array, src: RasterGrid, dst: RasterGrid, kernel: Kernel, scale: tuple[float, float],
@@ -282,7 +282,7 @@ def job_piece(job: Job, rows: tuple[int, int], cols: tuple[int, int]) -> Job:
         return Taps(t.index[a:b], t.weight[a:b], t.inside[a:b], t.centre[a:b])
 
     taps = (cut(job.taps[0], *rows), cut(job.taps[1], *cols))
-    near = None if job.nearest is None else (cut(job.nearest[0], *rows), cut(job.nearest[1], *cols))
+    near = None if job.mask_taps is None else (cut(job.mask_taps[0], *rows), cut(job.mask_taps[1], *cols))
     (y0, _), (x0, _) = job.box
     box = ((y0 + rows[0], y0 + rows[1]), (x0 + cols[0], x0 + cols[1]))
     return Job(box, region_of(taps, *([near] if near else [])), taps, near)
@@ -384,5 +384,5 @@ def back_scale(mapping: RasterMapping) -> tuple[float, float]:
 
 
 __all__ = ["Job", "back_scale", "chunk_array", "chunk_bounds", "chunk_jobs", "halo", "job_piece", "read_task",
-           "separable_axes", "source_window", "stored_name", "to_model", "valid_on", "validity_kernel", "warp", "warp_block",
-           "warp_region"]
+           "separable_axes", "source_window", "stored_name", "to_model", "valid_on", "validity_kernel", "warp",
+           "warp_block", "warp_region"]
