@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.markup import escape
@@ -21,6 +21,10 @@ from rich.markup import escape
 from flows import cliutil
 from storage.atomic import make_output_folder, write_text_atomically
 from storage.errors import SegflowError
+
+if TYPE_CHECKING:
+    from flows.config import SegmentOptions
+    from flows.routing import ModelInput
 
 console = cliutil.console
 
@@ -148,6 +152,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
             if model_in is not None and model_in.spatial_dims == 3 and options.vector != "none":
                 cliutil.fail(f"--vector {options.vector} writes the polygons of raster labels, and model "
                              f"{model_in.name!r} is 3D: it segments volumes only")
+            _check_grid_options(options, model_in)
             checked = None if mosaic else check_inputs(arguments["inputs"], model_in, options, arguments["out_dir"])
             if checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
                 cliutil.check_models([model], trust_bundle=trust_bundle)  # a bad model still says so first (exit 2)
@@ -234,3 +239,15 @@ def _score(outcomes: list[dict], truth: Path, model: Path, out: str) -> Path | N
                       highlight=False, soft_wrap=True)
         return None
     return Path(out) / "evaluation" / "evaluation.md"
+
+
+def _check_grid_options(options: "SegmentOptions", model_in: "ModelInput | None") -> None:
+    """An option for the other kind of input would be ignored without a word: a 2D model segments rasters
+    (their model-grid labels are ``--output-grid model``), a 3D one volumes (``--model-space keep``)."""
+    rasters = model_in is None or model_in.spatial_dims == 2  # None: a --mosaic, which is of rasters
+    if rasters and options.model_space == "keep":
+        cliutil.fail("--model-space keep applies to volumes; a raster's labels stay on the model's grid with "
+                     "--output-grid model")
+    if not rasters and options.output_grid == "model":
+        cliutil.fail(f"--output-grid model applies to rasters, and model {model_in.name!r} is 3D; a volume's "
+                     "labels are also written on the model's grid with --model-space keep")

@@ -311,6 +311,31 @@ def test_vector_output_with_a_3d_model_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_grid_options_for_the_other_kind_of_input_are_refused_before_any_work(tmp_path, model2d):
+    """`--model-space keep` (volumes) with a 2D model and `--output-grid model` (rasters) with a 3D one were
+    accepted and ignored: the labels came back on the input's grid only, with no word."""
+    import nibabel as nib
+
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", "--model-space", "keep")
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "error: --model-space keep applies to volumes; a raster's labels stay on the model's grid with "
+        "--output-grid model"]
+    model = tiny_model(tmp_path / "m3d", spatial_dims=3, channels=1)
+    volume = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), volume)
+    proc = run("segment", volume, "--model", model.path, "--out", tmp_path / "out", "--output-grid", "model")
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"error: --output-grid model applies to rasters, and model '{model.card.name}' is 3D; a volume's labels "
+        "are also written on the model's grid with --model-space keep"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_volume_probabilities_with_no_zarr_are_refused_before_any_work(tmp_path):
     """A volume's probabilities live only in its zarr store: with --no-zarr they were silently dropped while the
     provenance recorded --probabilities float32.  Refused, naming the input, before any work."""
