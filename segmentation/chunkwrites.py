@@ -117,9 +117,16 @@ PROBABILITY_SCALE = 254  # uint8 probabilities: round(p * 254); 255 marks no dat
 
 
 def quantize_probabilities(probs: np.ndarray, dtype: str, mask: np.ndarray | None = None) -> np.ndarray:
-    """float32 as is, or uint8 round(p·254) with 255 where the input has no data (a quarter of the size)."""
+    """float32, 0 where the input has no data, or uint8 round(p·254) with 255 there (a quarter of the size).
+
+    The stitched plan's probabilities are already 0 there; a model-space way back's are not (a nodata pixel
+    beside valid ones gets their warped values), and a reader must not take those for a prediction."""
     if dtype == "float32":
-        return probs.astype(np.float32, copy=False)
+        out = probs.astype(np.float32, copy=False)
+        if mask is not None and not np.all(mask):
+            out = out.copy() if out is probs else out
+            out[:, ~np.asarray(mask, dtype=bool)] = 0.0
+        return out
     out = np.clip(np.rint(probs * PROBABILITY_SCALE), 0, PROBABILITY_SCALE).astype(np.uint8)
     if mask is not None:
         out[:, ~np.asarray(mask, dtype=bool)] = 255
