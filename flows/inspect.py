@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from storage.classes import LABEL_TABLE_HEADER, table_names
 from storage.errors import CorruptInputError, InputError, StoreError, UnsupportedFormatError
 from storage.rasteropen import open_raster, without_crs_ok
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from segmentation import LoadedModel
 
 COUNT_ROWS = 1024  # GeoTIFF rows counted at a time
-COLOR_TABLE_HEADER = "# segflow label table"  # storage.classes.slicer_color_table's first line
 
 
 def _zarr(path: Path) -> dict[str, Any]:
@@ -93,16 +93,10 @@ def _nifti(path: Path) -> dict[str, Any]:
 
 
 def _classes_from_color_table(texts: list[str]) -> list[dict[str, Any]] | None:
-    """A NIfTI output's classes from the colour table segflow embeds (``value name R G B A`` lines)."""
+    """A NIfTI output's classes from the label table segflow embeds (names as the card has them)."""
     for text in texts:
-        if not text.startswith(COLOR_TABLE_HEADER):
-            continue
-        classes = []
-        for line in text.splitlines()[1:]:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].isdigit():
-                classes.append({"value": int(parts[0]), "name": parts[1]})
-        return classes
+        if text.startswith(LABEL_TABLE_HEADER):
+            return [{"value": v, "name": n} for v, n in sorted(table_names(text).items())]
     return None
 
 

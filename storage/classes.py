@@ -7,6 +7,7 @@ from.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 
@@ -59,10 +60,37 @@ def nodata_value(classes: list[LabelClass]) -> int:
     return 255 if label_dtype(classes) == "uint8" else 65535
 
 
+LABEL_TABLE_HEADER = "# segflow label table"  # the first line of every table slicer_color_table writes
+_NAMES_LINE = "# names: "  # the exact names, as JSON {value: name}: the table's own column cannot hold a space
+
+
 def slicer_color_table(classes: list[LabelClass]) -> str:
-    """3D Slicer ``.ctbl`` text (``idx name R G B A``), which ITK-SNAP also reads."""
-    lines = ["# segflow label table: value name R G B A"]
-    for c in sorted(classes, key=lambda c: c.value):
+    """3D Slicer ``.ctbl`` text (``idx name R G B A``), which ITK-SNAP also reads.
+
+    Slicer's name column is one word, so "white matter" is written ``white_matter``; a comment line (which
+    Slicer skips) keeps the names as they are, for :func:`table_names` to read back."""
+    ordered = sorted(classes, key=lambda c: c.value)
+    lines = [f"{LABEL_TABLE_HEADER}: value name R G B A",
+             _NAMES_LINE + json.dumps({str(c.value): c.name for c in ordered}, ensure_ascii=False)]
+    for c in ordered:
         name = "_".join(c.name.split())
         lines.append(f"{c.value} {name} {c.color[0]} {c.color[1]} {c.color[2]} 255")
     return "\n".join(lines) + "\n"
+
+
+def table_names(text: str) -> dict[int, str]:
+    """Class names by value from a label table :func:`slicer_color_table` wrote (or any ``value name ...`` table,
+    whose names then keep their '_')."""
+    for line in text.splitlines():
+        if line.startswith(_NAMES_LINE):
+            try:
+                named = json.loads(line[len(_NAMES_LINE):])
+                return {int(v): str(n) for v, n in named.items()}
+            except (ValueError, TypeError, AttributeError):
+                break  # a damaged line: the columns still name the classes
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            out[int(parts[0])] = parts[1]
+    return out

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage.classes import LABEL_TABLE_HEADER, table_names
 from storage.errors import CorruptInputError, InvalidInputError, StoreError, UnsupportedFormatError
 from storage.inputfiles import check_readable_file
 
 MAX_LABEL = 65535  # the largest label a segflow map holds (uint16); larger values are refused
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
-_SEGFLOW_LABEL_TABLE = "# segflow label table"  # first line of the table storage.classes writes into NIfTIs
 
 
 @dataclass
@@ -132,16 +132,6 @@ def _classes_from_json(text: Any) -> dict[int, str]:
         return {}
 
 
-def _classes_from_table(text: str) -> dict[int, str]:
-    """A segflow NIfTI's label table: ``value name R G B A`` lines (spaces in names were made '_')."""
-    out = {}
-    for line in text.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit():
-            out[int(parts[0])] = parts[1]
-    return out
-
-
 def _raster_units(transform: Any, crs: Any) -> tuple[tuple[float, float], str, float | None, str | None]:
     """(row, col) pixel size and its unit, pixel area in ha and why it is missing."""
     from storage.header import pixel_hectares
@@ -203,8 +193,8 @@ def _open_nifti(path: Path, stack: ExitStack) -> LabelSource:
     for ext in hdr.extensions:
         text = ext.get_content()
         text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-        if text.startswith(_SEGFLOW_LABEL_TABLE):
-            classes = _classes_from_table(text)
+        if text.startswith(LABEL_TABLE_HEADER):
+            classes = table_names(text)
     return LabelSource(path, "volume", _NiftiArray(img, path), spacing, "mm", ml, "mL", note, None, classes,
                        affine=img.affine)
 

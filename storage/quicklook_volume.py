@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, io_orientation
 
-from storage.classes import LabelClass
+from storage.classes import LABEL_TABLE_HEADER, LabelClass, table_names
 from storage.errors import ConfigError
 from storage.labelcensus import take_census
 from storage.labelcomponents import component_centres
@@ -169,13 +169,15 @@ def _file_classes(img: Any) -> list[LabelClass]:
     for ext in img.header.extensions:
         text = ext.get_content()
         text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-        if text.startswith("# segflow label table"):
+        if text.startswith(LABEL_TABLE_HEADER):
             return _parse_ctbl(text)
     return []
 
 
 def _parse_ctbl(text: str) -> list[LabelClass]:
-    """``value name R G B A`` lines; lines that do not parse are skipped (the table is a courtesy)."""
+    """``value name R G B A`` lines, with the names as the card has them (:func:`storage.classes.table_names`);
+    lines that do not parse are skipped (the table is a courtesy)."""
+    names = table_names(text)
     out: dict[int, LabelClass] = {}
     for line in text.splitlines():
         parts = line.split()
@@ -184,7 +186,7 @@ def _parse_ctbl(text: str) -> list[LabelClass]:
         try:
             value = int(parts[0])
             color = tuple(int(p) for p in parts[2:5])
-            out[value] = LabelClass(value=value, name=parts[1].replace("_", " "), color=color)
+            out[value] = LabelClass(value=value, name=names.get(value, parts[1]), color=color)
         except ValueError:  # also pydantic's ValidationError, a ValueError
             continue
     return list(out.values())

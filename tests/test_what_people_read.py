@@ -372,6 +372,38 @@ def test_info_counts_a_nifti_label_map_in_millilitres(tmp_path):
     assert "volume (mL)" in res.stderr and "1,200" in res.stderr
 
 
+def test_class_names_with_spaces_and_underscores_read_back_as_the_card_has_them(tmp_path):
+    """The NIfTI label table's name column is one word (Slicer's format): 'white matter' was read back as
+    'white_matter' by `info` and `evaluate`, and the volume quicklook turned 'left_lung' into 'left lung'."""
+    from contextlib import ExitStack
+
+    from flows.cli import app
+    from storage.classes import LabelClass
+    from storage.labelmaps import open_labels
+    from storage.nifti import ingest_nifti, write_label_nifti
+
+    names = ["background", "white matter", "left_lung", "a  b"]
+    classes = [LabelClass(value=v, name=n, color=(v * 60, 90, 200)) for v, n in enumerate(names)]
+    labels = np.zeros((12, 10, 8), np.uint8)
+    for v in range(1, 4):
+        labels[v * 3:v * 3 + 2] = v
+    img = nib.Nifti1Image(labels, np.diag([2.0, 2.0, 2.5, 1.0]))
+    img.header.set_xyzt_units("mm")
+    nib.save(img, tmp_path / "in.nii")
+    store = ingest_nifti(tmp_path / "in.nii", tmp_path / "in.zarr", chunk=16)
+    stored = np.asarray(store.image[0])  # the store's own axis order
+    out = write_label_nifti((stored % 4).astype(np.uint8), store.meta.geometry, tmp_path / "case.nii.gz",
+                            classes=classes)
+    res = CliRunner().invoke(app, ["info", str(out)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert [r["name"] for r in json.loads(res.stdout)["label_table"]["rows"]] == names
+    with ExitStack() as stack:
+        assert open_labels(out, stack).classes == dict(enumerate(names))
+    from storage.quicklook_volume import _file_classes
+
+    assert [c.name for c in _file_classes(nib.load(out))] == names
+
+
 # ----------------------------------------------------------------------------- 2. model inspect
 
 
