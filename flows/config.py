@@ -59,6 +59,11 @@ class SegmentOptions(BaseModel):
             raise ValueError("mosaic is a plain output name (no folders, not hidden)")
         return v
 
+    @field_validator("simplify")
+    @classmethod
+    def _no_simplification(cls, v: float | None) -> float | None:
+        return None if v == 0 else v  # 0 keeps the pixel outlines, as None does: one run identity, one key
+
     @field_validator("flip_tta")
     @classmethod
     def _flips(cls, v: list[int] | None) -> list[int] | None:

@@ -305,6 +305,10 @@ def test_simplify_zero_is_exact_and_a_bad_tolerance_is_refused(tmp_path: Path) -
     with pytest.raises(InvalidInputError, match="c.gpkg: the simplification tolerance"):
         write_polygons(lab, TRANSFORM, CRS_UTM, tmp_path / "c.gpkg", classes=CLASSES, nodata=NODATA, simplify=-1.0)
     assert not (tmp_path / "c.gpkg").exists()
+    from flows.config import SegmentOptions
+
+    # the same outputs, so the same run options: `--simplify 0` had its own nightly key and resume identity
+    assert SegmentOptions(vector="gpkg", simplify=0.0) == SegmentOptions(vector="gpkg")
 
 
 def test_segment_command_writes_simplified_polygons(tmp_path: Path) -> None:
