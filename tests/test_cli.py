@@ -31,6 +31,12 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+def refused(proc: subprocess.CompletedProcess) -> list[str]:
+    """What a usage refusal printed (exit 2): its non-blank stderr lines, which should be one."""
+    assert proc.returncode == 2, proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
 def model2d(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("m") / "tiny", spatial_dims=2, channels=3)
@@ -270,8 +276,7 @@ def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
     out = tmp_path / "out"
     for report in (tmp_path, out):  # an existing folder, and --out itself (made by the run)
         proc = run("segment", scene, "--model", model2d.path, "--out", out, "--report", report)
-        assert proc.returncode == 2, proc.stderr
-        assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        assert refused(proc) == [
             f"error: {report}: is a folder; --report names the JSON file to write"]
         assert not out.exists()
     nested = tmp_path / "logs" / "today" / "run.json"  # its folders are made, as --out's are
@@ -291,8 +296,7 @@ def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
     (inbox / "scene.tif").write_bytes(scene.read_bytes())
     (blocked / "scene.tif").unlink()
     proc = run("nightly", "--inbox", inbox, "--model", model2d.path, "--out", blocked)
-    assert proc.returncode == 2, proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.strip()] == [line], proc.stderr
+    assert refused(proc) == [line], proc.stderr
     assert not (blocked / "scene.tif").exists()
 
 
@@ -304,8 +308,7 @@ def test_vector_output_with_a_3d_model_is_refused_before_any_work(tmp_path):
     volume = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), volume)
     proc = run("segment", volume, "--model", model.path, "--out", tmp_path / "out", "--vector", "gpkg")
-    assert proc.returncode == 2, proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+    assert refused(proc) == [
         f"error: --vector gpkg writes the polygons of raster labels, and model '{model.card.name}' is 3D: it "
         "segments volumes only"]
     assert not (tmp_path / "out").exists()
@@ -321,16 +324,14 @@ def test_grid_options_for_the_other_kind_of_input_are_refused_before_any_work(tm
                        crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
         dst.write(np.ones((3, 30, 40), np.uint8))
     proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", "--model-space", "keep")
-    assert proc.returncode == 2, proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+    assert refused(proc) == [
         "error: --model-space keep applies to volumes; a raster's labels stay on the model's grid with "
         "--output-grid model"]
     model = tiny_model(tmp_path / "m3d", spatial_dims=3, channels=1)
     volume = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), volume)
     proc = run("segment", volume, "--model", model.path, "--out", tmp_path / "out", "--output-grid", "model")
-    assert proc.returncode == 2, proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+    assert refused(proc) == [
         f"error: --output-grid model applies to rasters, and model '{model.card.name}' is 3D; a volume's labels "
         "are also written on the model's grid with --model-space keep"]
     assert not (tmp_path / "out").exists()
