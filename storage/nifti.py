@@ -204,7 +204,9 @@ def _label_header(
     cls = Nifti2Header if geometry.nifti_version == 2 else Nifti1Header
     hdr = cls(binaryblock=base64.b64decode(geometry.header_b64), check=False)
     hdr["magic"] = cls()["magic"]  # single-file magic even when the input was an .hdr/.img pair
+    pixdim = hdr["pixdim"].copy()
     hdr.set_data_shape(shape)
+    hdr["pixdim"] = pixdim  # nibabel sets pixdim past a 2-D shape to 1: the slice thickness and the qform's with it
     hdr.set_data_dtype(np.dtype(label_dtype(classes)))
     hdr.set_slope_inter(1.0, 0.0)
     hdr.set_intent(INTENT_LABEL, (), name=LABEL_DESCRIPTION)

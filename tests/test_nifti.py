@@ -253,12 +253,16 @@ def test_a_2d_nifti_gets_a_2d_label_map_that_evaluate_reads(tmp_path: Path) -> N
     a 2-D truth ("a label volume is 3-D").  The label map has the input's own shape now, and 2-D maps score."""
     from flows.evaluate import evaluate_files
 
-    src = _save(nib.Nifti1Image(_volume((24, 20)), np.diag([0.7, 0.8, 2.0, 1.0])), tmp_path / "flat.nii.gz")
+    flat = nib.Nifti1Image(_volume((24, 20)), np.diag([0.7, 0.8, 2.0, 1.0]))
+    flat.set_qform(flat.affine, code=1)
+    src = _save(flat, tmp_path / "flat.nii.gz")
     store = ingest_nifti(src, tmp_path / "store.zarr", chunk=16)
     labels = _threshold(store.image)
     out = write_label_nifti(labels, store.meta.geometry, tmp_path / "labels.nii.gz", classes=CLASSES)
     got = nib.load(out)
     assert got.shape == (24, 20) and np.allclose(got.affine, nib.load(src).affine)
+    # the slice thickness and the qform made with it are the input's (pixdim[3] was reset to 1)
+    assert got.header["pixdim"][3] == 2.0 and np.allclose(got.get_qform(), nib.load(src).get_qform())
     assert np.array_equal(np.asarray(got.dataobj), labels[0].T)
     truth = np.asarray(got.dataobj).copy()
     truth[:6] = 0
