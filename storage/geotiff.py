@@ -51,6 +51,7 @@ from storage.rasteropen import (
     image_bands,
     image_dtype,
     open_raster,
+    read_bands,
     without_crs_ok,
 )
 
@@ -212,7 +213,7 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
         try:
             for win in _windows(src.height, src.width, image.chunks[1], image.chunks[2]):
                 try:
-                    data = src.read(bands, window=win, out_dtype=dtype)
+                    data = read_bands(src, bands, dtype, window=win)
                     if covers is not None:
                         valid = stack_valid(covers, win, data, src.height, src.width)
                     else:

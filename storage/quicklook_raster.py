@@ -32,7 +32,7 @@ from storage.bands import select_bands
 from storage.classes import LabelClass
 from storage.errors import ConfigError, CorruptInputError, IncompatibleInputError, InputError
 from storage.header import pixel_hectares
-from storage.rasteropen import gdal_env
+from storage.rasteropen import gdal_env, read_bands
 from storage.quicklook_canvas import (
     ALPHA,
     ClassShown,
@@ -142,9 +142,10 @@ def _message(exc: BaseException) -> str:
 
 def _read(src: DatasetReader, path: Path, bands: int | list[int], shape: tuple[int, int], resampling: Resampling,
           **kwargs: object) -> np.ndarray:
-    out_shape = shape if isinstance(bands, int) else (len(bands), *shape)
     try:
-        return src.read(bands, out_shape=out_shape, resampling=resampling, **kwargs)
+        if isinstance(bands, int):
+            return src.read(bands, out_shape=shape, resampling=resampling, **kwargs)
+        return read_bands(src, bands, out_shape=(len(bands), *shape), resampling=resampling, **kwargs)
     except RasterioError as exc:
         raise CorruptInputError(path, f"cannot read pixels: {_message(exc)}") from None
 
@@ -318,7 +319,7 @@ def _warped(path: Path, src: DatasetReader, lab: DatasetReader, grid: Affine, sh
         try:
             with WarpedVRT(level, crs=lab.crs, transform=grid, width=shape[1], height=shape[0],
                            resampling=Resampling.bilinear) as vrt:
-                return vrt.read(bands, masked=True)
+                return read_bands(vrt, bands, masked=True)
         except RasterioError as exc:
             raise IncompatibleInputError(path, f"cannot warp the image to the labels' CRS: {_message(exc)}") from None
 

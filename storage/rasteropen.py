@@ -12,7 +12,7 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
 import numpy as np
@@ -30,7 +30,8 @@ except ImportError:  # pragma: no cover - private module moved
     CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
 
 __all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gdal_env", "describe_window",
-           "gdal_message", "image_bands", "image_dtype", "open_raster", "s3_endpoint_options", "without_crs_ok"]
+           "gdal_message", "image_bands", "image_dtype", "open_raster", "read_bands", "s3_endpoint_options",
+           "without_crs_ok"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
 """GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
@@ -140,6 +141,19 @@ def image_bands(src: DatasetReader, path: Path) -> list[int]:
     if src.width == 0 or src.height == 0 or not bands:
         raise InvalidInputError(path, f"raster has no pixels ({src.count} bands, {src.width}x{src.height})")
     return bands
+
+
+def read_bands(src: DatasetReader, bands: list[int], dtype: Any = None, **kwargs: Any) -> np.ndarray:
+    """``src.read(bands, ...)`` as ``dtype`` (default: the bands' common type), also for a VRT whose bands have
+    different types, which rasterio refuses to read in one call ("more than one 'dtype' found")."""
+    types = {np.dtype(src.dtypes[b - 1]) for b in bands}
+    dtype = np.result_type(*types) if dtype is None else np.dtype(dtype)
+    if len(types) <= 1:
+        return src.read(bands, out_dtype=dtype, **kwargs)
+    planes = [src.read([b], out_dtype=dtype, **{**kwargs, **({"out_shape": (1, *kwargs["out_shape"][-2:])}
+                                                              if "out_shape" in kwargs else {})})
+              for b in bands]
+    return (np.ma.concatenate if kwargs.get("masked") else np.concatenate)(planes, axis=0)
 
 
 def image_dtype(src: DatasetReader, bands: list[int], path: Path) -> np.dtype:

@@ -143,6 +143,31 @@ def test_per_band_nodata_asks_gdal(tmp_path: Path) -> None:
         np.testing.assert_array_equal(store.mask[:], src.dataset_mask() > 0)
 
 
+def test_a_vrt_of_bands_with_different_types_is_promoted_not_a_traceback(tmp_path: Path) -> None:
+    """A VRT stacking a uint16 and a float32 band: rasterio refuses to read both in one call ("more than one
+    'dtype' found"), and ingest stopped the whole batch with a traceback.  Read band by band, as float32."""
+    from storage.quicklook_raster import raster_quicklook
+
+    rng = np.random.default_rng(4)
+    ints = write_tif(tmp_path / "u16.tif", rng.integers(0, 60000, (1, 40, 50)).astype(np.uint16))
+    floats = write_tif(tmp_path / "f32.tif", rng.normal(0, 1, (1, 40, 50)).astype(np.float32))
+    bands = "".join(f'''<VRTRasterBand dataType="{t}" band="{b}"><SimpleSource>
+      <SourceFilename relativeToVRT="1">{f.name}</SourceFilename><SourceBand>1</SourceBand>
+      </SimpleSource></VRTRasterBand>''' for b, (t, f) in enumerate([("UInt16", ints), ("Float32", floats)], 1))
+    vrt = tmp_path / "mixed.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="50" rasterYSize="40"><SRS>EPSG:32633</SRS><GeoTransform>'
+                   f'{", ".join(map(str, UTM.to_gdal()))}</GeoTransform>{bands}</VRTDataset>')
+    store = ingest_geotiff(vrt, tmp_path / "m.zarr", chunk=32)
+    image, _ = read_back(store.path)
+    assert image.dtype == np.float32
+    with rasterio.open(ints) as a, rasterio.open(floats) as b:
+        np.testing.assert_array_equal(image, np.concatenate([a.read().astype(np.float32), b.read()]))
+    labels = tmp_path / "labels.tif"
+    write_tif(labels, (image[:1] > 30000).astype(np.uint8))
+    raster_quicklook(labels, tmp_path / "q.png", image_path=vrt, rgb_bands=[1, 2, 2])
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+
 def test_alpha_band_becomes_the_mask_not_a_channel(tmp_path: Path) -> None:
     rgb = np.random.default_rng(1).integers(0, 256, size=(3, 90, 130), dtype=np.uint8)
     alpha = np.full((1, 90, 130), 255, np.uint8)
