@@ -49,6 +49,27 @@ class Header:
         return [d or f"band{i}" for d, i in zip(self.band_descriptions, self.bands)]
 
 
+def linear_unit_metres(crs) -> float | None:  # noqa: ANN001 (rasterio CRS)
+    """Metres per unit of a projected CRS, or of a local (engineering) one whose axes share a linear unit (a
+    site survey grid in metres or feet, which rasterio's ``linear_units_factor`` refuses); else None."""
+    try:
+        return float(crs.linear_units_factor[1])
+    except Exception:  # noqa: BLE001 - pyproj/GDAL raise several types for CRSs without a linear unit
+        pass
+    try:
+        import pyproj
+
+        axes = pyproj.CRS.from_wkt(crs.to_wkt()).axis_info
+    except Exception:  # noqa: BLE001 - a CRS PROJ cannot read has no unit to give
+        return None
+    factors = {a.unit_conversion_factor for a in axes[:2]}
+    units = {(a.unit_name or "").lower() for a in axes[:2]}
+    if len(axes) < 2 or len(factors) != 1 or units & {"degree", "radian", "grad", "unknown", ""}:
+        return None
+    factor = factors.pop()
+    return factor if factor and math.isfinite(factor) and factor > 0 else None
+
+
 def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: ANN001 (affine.Affine, rasterio CRS)
     """Area of one pixel in hectares, or (None, why) when the grid has no linear unit.
 
@@ -62,9 +83,8 @@ def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: 
         return None, NO_CRS
     if crs.is_geographic:
         return None, "geographic CRS (degrees): reproject to a projected CRS for areas"
-    try:
-        _, metres = crs.linear_units_factor
-    except Exception:  # noqa: BLE001 - pyproj/GDAL raise several types for CRSs without a linear unit
+    metres = linear_unit_metres(crs)
+    if metres is None:
         return None, "the CRS has no linear unit"
     a, b, _, d, e, _ = tuple(transform)[:6]
     area_m2 = abs(a * e - b * d) * metres * metres
@@ -90,4 +110,5 @@ def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None
     return volume_mm3 / CUBIC_MM_PER_ML, note
 
 
-__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "pixel_hectares", "voxel_millilitres"]
+__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "linear_unit_metres", "pixel_hectares",
+           "voxel_millilitres"]

@@ -134,16 +134,11 @@ def _classes_from_json(text: Any) -> dict[int, str]:
 
 def _raster_units(transform: Any, crs: Any) -> tuple[tuple[float, float], str, float | None, str | None]:
     """(row, col) pixel size and its unit, pixel area in ha and why it is missing."""
-    from storage.header import pixel_hectares
+    from storage.header import linear_unit_metres, pixel_hectares
 
     a, b, _, d, e, _ = tuple(transform)[:6]
     area, note = pixel_hectares(transform, crs)
-    metres = None
-    if crs is not None and not crs.is_geographic:
-        try:
-            metres = float(crs.linear_units_factor[1])
-        except Exception:  # noqa: BLE001 - pyproj/GDAL raise several types for CRSs without a linear unit
-            metres = None
+    metres = None if crs is None or crs.is_geographic else linear_unit_metres(crs)
     if metres is None:
         return (1.0, 1.0), "px", area, note
     return (math.hypot(b, e) * metres, math.hypot(a, d) * metres), "m", area, note

@@ -56,6 +56,7 @@ from shapely.geometry import shape
 
 from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
+from storage.header import linear_unit_metres
 
 Driver = Literal["GPKG", "Parquet", "GeoJSON"]
 _SUFFIX = {"GPKG": ".gpkg", "Parquet": ".parquet", "GeoJSON": ".geojson"}
@@ -131,10 +132,10 @@ def _area_factor(crs: Any, where: str) -> tuple[CRS, float]:
         crs = CRS.from_user_input(crs)
     except (CRSError, TypeError, ValueError):
         raise InvalidInputError(where, f"the CRS {str(crs)[:60]!r} is not one GDAL understands") from None
-    if not crs.is_projected:
+    metres = linear_unit_metres(crs)
+    if metres is None:
         what = "is geographic (degrees)" if crs.is_geographic else "has no linear unit"
         raise InvalidInputError(where, f"polygon areas in hectares need a projected CRS (this one {what})")
-    _, metres = crs.linear_units_factor
     return crs, metres * metres / 1e4
 
 

@@ -343,3 +343,33 @@ def test_segment_command_writes_simplified_polygons(tmp_path: Path) -> None:
     np.testing.assert_allclose(cols["area_ha"], cols0["area_ha"], rtol=1e-12)
     item = json.loads((out / "scene.stac.json").read_text())
     assert any(a["href"].endswith("scene.gpkg") for a in item["assets"].values())
+
+
+def test_a_raster_in_a_local_survey_crs_gets_labels_and_polygons_but_no_stac_item(tmp_path: Path) -> None:
+    """A site survey grid (an engineering CRS in feet, no place on the Earth): `segment` failed after writing the
+    labels, with 25 lines of GDAL errors, taking the STAC footprint to WGS84; `--vector` said "no linear unit".
+    Now the labels and polygons are written (areas in the CRS's own unit), and no STAC item, as without a CRS."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.models import tiny_model
+
+    feet = CRS.from_wkt('LOCAL_CS["site grid",UNIT["US survey foot",0.304800609601219],AXIS["X",EAST],'
+                        'AXIS["Y",NORTH]]')
+    scene = tmp_path / "site.tif"
+    data = np.random.default_rng(2).integers(1, 255, (3, 64, 80), dtype=np.uint8)
+    with rasterio.open(scene, "w", driver="GTiff", width=80, height=64, count=3, dtype="uint8", crs=feet,
+                       transform=Affine(2.0, 0, 1000.0, 0, -2.0, 5000.0)) as dst:
+        dst.write(data)
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(scene), "--model", str(model.path),
+                           "--out", str(out), "--workers", "0", "--no-zarr", "--vector", "gpkg"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR" not in proc.stderr and "error" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["reports", "site.gpkg", "site.provenance.json", "site.tif"]
+    _, cols = read_ordered(out / "site.gpkg")
+    pixel_ha = (2.0 * 0.304800609601219) ** 2 / 1e4
+    assert float(np.sum(cols["area_ha"])) == pytest.approx(64 * 80 * pixel_ha, rel=1e-9)

@@ -33,6 +33,7 @@ from storage.classes import LabelClass
 from storage.datasets.vectorlayers import class_values, layer_crs, read_layer
 from storage.errors import ExportError, InvalidInputError
 from storage.geometry import RasterGeometry, VolumeGeometry, same_affine
+from storage.header import linear_unit_metres
 from storage.layout import ImageStore
 
 _EARTH_RADIUS_M = 6371008.8  # mean radius: spacing of a geographic raster is only used for surface distances
@@ -57,10 +58,7 @@ def raster_spacing(geometry: RasterGeometry) -> tuple[float, float]:
         lat = f + e * geometry.height / 2 + d * geometry.width / 2
         metres = math.pi / 180 * _EARTH_RADIUS_M
         return (rows * metres, cols * metres * max(math.cos(math.radians(lat)), 1e-6))
-    try:
-        factor = float(crs.linear_units_factor[1])
-    except Exception:  # a CRS without linear units says nothing better than its own numbers
-        factor = 1.0
+    factor = linear_unit_metres(crs) or 1.0  # a CRS without linear units says nothing better than its own numbers
     return (rows * factor, cols * factor)
 
 
