@@ -135,6 +135,7 @@ def write_dicom_seg(
 
     sources = _read_sources(out, geometry, source_root)
     _with_thickness(sources, geometry)
+    _with_type2(sources)
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if tuple(labels.shape[1:]) != (rows, columns):
         raise ExportError(out, f"labels have shape {tuple(labels.shape)} but the source images are "
@@ -193,6 +194,23 @@ def _with_thickness(sources: list[Any], geometry: VolumeGeometry) -> None:
     for ds in sources:
         if ds.get("SliceThickness") in (None, ""):
             ds.SliceThickness = f"{spacing:.6g}"
+
+
+# The patient and study attributes a SEG copies from its source (DICOM PS3.3 C.7.1.1, C.7.2.1) that are type 2:
+# present, but allowed empty.  De-identified exports often drop them altogether.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2(sources: list[Any]) -> None:
+    """Give sources that lack a type 2 patient or study attribute an empty one, in memory: highdicom copies them
+    from the first source and failed on the missing one ("no attribute 'PatientBirthDate'"), throwing away the
+    run's other outputs.  Empty is what the standard allows when the value is unknown; the files are not
+    touched."""
+    for ds in sources:
+        for keyword in TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
 
 
 def _describe(c: LabelClass, number: int, name: str, version: str, weights: str) -> hd.seg.SegmentDescription:

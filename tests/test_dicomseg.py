@@ -170,6 +170,33 @@ def test_seg_of_a_series_without_slice_thickness(tmp_path: Path) -> None:
     assert float(measures.SliceThickness) == pytest.approx(spacing)
 
 
+def test_seg_of_a_de_identified_series_without_type2_patient_and_study_attributes(tmp_path: Path) -> None:
+    """De-identified exports drop type 2 attributes (PatientBirthDate, PatientSex, StudyDate, ...) that a SEG copies
+    from its source: highdicom failed on the first missing one, and every output of the series was thrown away.
+    They are copied empty, as the standard allows for an unknown value."""
+    from storage.dicomseg import TYPE2_COPIED
+    from tests.dicom_samples import rewrite
+
+    paths = write_ct_series(tmp_path / "ct", np.random.default_rng(4).integers(0, 1500, SHAPE).astype(np.int16))
+    dropped = [k for k in TYPE2_COPIED if k != "PatientID"]
+
+    def drop(ds, k):  # noqa: ANN001, ARG001
+        for keyword in dropped:
+            if keyword in ds:
+                delattr(ds, keyword)
+
+    rewrite(paths, drop)
+    assert not any(k in pydicom.dcmread(paths[0]) for k in dropped)
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+    labels = label_volume()
+    out = write_dicom_seg(labels_store(tmp_path, labels), geometry, tmp_path / "seg.dcm", classes=CLASSES,
+                          algorithm=ALGORITHM, segmentation_type="BINARY", nodata_label=NODATA, source_root=root)
+    np.testing.assert_array_equal(read_dicom_seg_labels(out, geometry), expected(labels))
+    seg = pydicom.dcmread(out)
+    assert all(k in seg and seg[k].value in ("", None) for k in dropped)
+    assert seg.PatientID == pydicom.dcmread(paths[0]).PatientID
+
+
 def test_an_all_background_seg_is_written_without_a_library_warning(tmp_path: Path, caplog) -> None:
     """No label anywhere: every frame is encoded (highdicom cannot omit them all), and highdicom's warning about
     reverting to that no longer reaches the terminal."""
