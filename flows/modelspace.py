@@ -62,7 +62,7 @@ STAGE_MEMORY = stage_memory(MEMORY_LIMIT)  # MEMORY_LIMIT: the machine's memory,
 DEFAULT_VOLUME_CHUNK = 128
 
 
-MAX_MODEL_GRID_GROWTH = 4096.0  # 16x finer (or coarser) on every axis: past it a voxel size or unit is wrong
+MAX_MODEL_GRID_GROWTH = 4096.0  # model voxels 16x finer (or coarser) on every axis: past it a voxel size or unit is wrong
 
 
 def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMapping | None:
@@ -82,15 +82,20 @@ def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMa
                          axcodes=card.input.orientation, pixdim_ijk=None if spacing is None else spacing[::-1])
     if mapping.is_identity:
         return None
-    grow = float(np.prod(mapping.model_shape)) / max(1.0, float(np.prod(store.spatial_shape)))
+    # judged by the voxels' volumes, not the grids' sizes: a small scan in metres (12 x 10 x 8 voxels) became a
+    # 1 x 1 x 1 grid, only 1/960 of its size, and was segmented as one voxel
+    voxels = np.linalg.norm(geometry.affine_mm()[:3, :3], axis=0)
+    grow = 1.0 if spacing is None else float(np.prod(voxels)) / float(np.prod(spacing))
     if grow > MAX_MODEL_GRID_GROWTH or grow < 1.0 / MAX_MODEL_GRID_GROWTH:
         size = " x ".join(f"{n:,}" for n in mapping.model_shape[::-1])
-        voxel = " x ".join(f"{v:.3g}" for v in np.linalg.norm(geometry.affine_mm()[:3, :3], axis=0))
-        times = f"{grow:,.0f} times" if grow > 1 else f"1/{1 / grow:,.0f} of"
+        voxel = " x ".join(f"{v:.3g}" for v in voxels)
+        ratio = grow if grow > 1 else 1 / grow
+        ratio_text = f"{ratio:,.0f}" if ratio < 1e6 else f"{ratio:.2g}"
+        times = f"1/{ratio_text} of" if grow > 1 else f"{ratio_text} times"
         raise InvalidInputError(None, f"its voxels are {voxel} mm and model {card.name!r} works at "
-                                      f"{' x '.join(f'{v:g}' for v in (spacing or [])[::-1])} mm: its grid would "
-                                      f"be {size} voxels, {times} the scan's; check the header's voxel size and "
-                                      "unit (xyzt_units)")
+                                      f"{' x '.join(f'{v:g}' for v in (spacing or [])[::-1])} mm, {times} their "
+                                      f"volume (its grid would be {size} voxels); check the header's voxel size "
+                                      "and unit (xyzt_units)")
     return mapping
 
 

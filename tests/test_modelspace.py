@@ -216,14 +216,15 @@ def test_a_voxel_size_that_makes_an_absurd_model_grid_is_refused(tmp_path):
 
     model = tiny_model(tmp_path / "m", spatial_dims=3, channels=1, classes=3, spacing=[2.0, 1.5, 1.25])
     scan = tmp_path / "metres.nii.gz"
-    nib.save(nib.Nifti1Image(smooth_volume((24, 20, 16), 2), np.diag([0.0008, 0.0009, 0.002, 1.0])), scan)
+    # 12 x 10 x 8 voxels: a 1 x 1 x 1 model grid is only 1/960 of it, which the first rule (by grid sizes) let by
+    nib.save(nib.Nifti1Image(smooth_volume((12, 10, 8), 2), np.diag([0.0008, 0.0009, 0.002, 1.0])), scan)
     proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(scan), "--model", str(model.path), "--out",
                            str(tmp_path / "out"), "--no-prefect"], capture_output=True, text=True, env=_env())
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {scan}: its voxels are 0.0008 x 0.0009 x 0.002 mm and model 'tiny-3d-1ch' works at "
-                      "1.25 x 1.5 x 2 mm: its grid would be 1 x 1 x 1 voxels, 1/7,680 of the scan's; check the "
-                      "header's voxel size and unit (xyzt_units)"], proc.stderr
+                      "1.25 x 1.5 x 2 mm, 2.6e+09 times their volume (its grid would be 1 x 1 x 1 voxels); "
+                      "check the header's voxel size and unit (xyzt_units)"], proc.stderr
     assert not list((tmp_path / "out").glob("metres*"))
 
 
