@@ -72,8 +72,22 @@ def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMa
     if isinstance(geometry, RasterGeometry):
         if not card.applies_raster_model_space:
             return None
-        return raster_mapping(geometry, store.spatial_shape, spacing=card.input.spacing, crs=card.input.crs,
-                              resampling=card.input.resampling)
+        mapping = raster_mapping(geometry, store.spatial_shape, spacing=card.input.spacing, crs=card.input.crs,
+                                 resampling=card.input.resampling)
+        grow = 1.0 if mapping is None else float(mapping.scale[0] * mapping.scale[1])
+        if grow > MAX_MODEL_GRID_GROWTH or grow < 1.0 / MAX_MODEL_GRID_GROWTH:
+            ratio = grow if grow > 1 else 1 / grow
+            per_axis = ratio ** 0.5
+            spacing = card.input.spacing or [1.0, 1.0]
+            pixel = spacing[0] * float(mapping.scale[0])  # scale: model pixels per input pixel
+            size = " x ".join(f"{n:,}" for n in mapping.model_shape)
+            raise InvalidInputError(None, f"its {pixel:,.4g} m pixels would be "
+                                          f"{'resampled' if grow > 1 else 'averaged'} {per_axis:,.0f}x per axis to "
+                                          f"the {' x '.join(f'{v:g}' for v in spacing)} m of model {card.name!r} "
+                                          f"(a {size} grid from {store.spatial_shape[0]:,} x "
+                                          f"{store.spatial_shape[1]:,} pixels); more than 64x per axis is refused: "
+                                          "is this the model for this imagery?")
+        return mapping
     if not card.applies_model_space or not isinstance(geometry, VolumeGeometry):
         return None
     spacing = card.input.spacing

@@ -22,6 +22,7 @@ import rasterio
 import torch
 from monai.inferers import sliding_window_inference
 from rasterio.enums import Resampling
+from rasterio.transform import from_origin
 from rasterio.warp import reproject
 
 from flows.config import SegmentOptions
@@ -509,3 +510,21 @@ def test_the_way_back_held_in_memory_gives_the_labels_of_staged_files_and_holds_
     assert runs["memory"][1] == 0 and runs["memory"][2] >= 2 * chunk_bytes
     for name in ("two chunks", "memory"):
         assert np.array_equal(runs[name][0], labels), f"{name}: {(runs[name][0] != labels).mean():.2e} differ"
+
+
+@pytest.mark.parametrize("pixel", [1000.0, 0.1])
+def test_a_pixel_size_far_from_the_models_is_refused_before_any_work(pixel, tmp_path, dask_cluster):
+    """A 79 x 71 raster at 3 km given to a 10 m model was resampled 300x per axis: a 505-megapixel model grid, a
+    231 MiB graph and 3.3 GB after five minutes.  Past 64x per axis either way (a voxel-size rule like volumes'):
+    one line naming both pixel sizes, and nothing written."""
+    model = _model(tmp_path / "m")
+    scene = tmp_path / "far.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=30, height=20, count=4, dtype="float32", crs="EPSG:32633",
+                       transform=from_origin(500000, 6000000, pixel, pixel)) as dst:
+        dst.write(np.ones((4, 20, 30), np.float32))
+    way = "resampled 100x" if pixel > 10 else "averaged 100x"
+    with pytest.raises(InvalidInputError, match=f"far.tif: its {pixel:,.4g} m pixels would be {way} per axis to the "
+                                                 "10 x 10 m of model .* more than 64x per axis is refused"):
+        segment_one(scene, model, tmp_path / "out", SegmentOptions(), dask_cluster)
+    assert not list((tmp_path / "out").glob("far*"))
+    assert not list((tmp_path / "out").glob("far*"))
