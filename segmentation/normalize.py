@@ -41,8 +41,11 @@ class Normalizer:
         shape = (-1,) + (1,) * (x.ndim - 1)
         zeros = (x == 0) if self.nonzero else None
         # cast and shift in one pass; the arithmetic is float32 whatever the stored dtype
-        np.subtract(x, np.asarray(self.shift, dtype=np.float32).reshape(shape), out=out, dtype=np.float32)
-        out *= np.asarray(self.factor, dtype=np.float32).reshape(shape)
+        # a float raster's nodata (e.g. -3.4e38) overflows to inf here, silently: non-finite values become 0 later
+        # (zero_non_finite), and numpy's RuntimeWarning reached the terminal
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.subtract(x, np.asarray(self.shift, dtype=np.float32).reshape(shape), out=out, dtype=np.float32)
+            out *= np.asarray(self.factor, dtype=np.float32).reshape(shape)
         if self.clip is not None:
             np.clip(out, self.clip[0], self.clip[1], out=out)
         if zeros is not None:

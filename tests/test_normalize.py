@@ -109,3 +109,17 @@ def test_finite_for_is_true_only_when_every_stored_integer_normalises_to_a_finit
     assert not Normalizer((0.0,), (1.0,)).finite_for(np.float32)  # floats may hold NaN or Inf: always checked
     assert Normalizer((0.0,), (1 / 255,)).finite_for(dtype)  # the common case does skip the pass
     assert not Normalizer((-5.0,), (3e38,)).finite_for(dtype)  # a factor that overflows float32 does not
+
+
+def test_a_float_nodata_that_overflows_says_nothing_on_the_terminal():
+    """-3.4e38 (a float32 raster's common nodata) times a factor > 1 overflows to -inf, which the stitcher makes 0;
+    numpy's 'overflow encountered in multiply' RuntimeWarning reached stderr."""
+    import warnings
+
+    from segmentation.normalize import Normalizer
+
+    x = np.array([[[-3.4028235e38, 1.0]]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = Normalizer((0.5,), (4.0,))(x)
+    assert np.isneginf(out[0, 0, 0]) and out[0, 0, 1] == 2.0
