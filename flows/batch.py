@@ -113,6 +113,10 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
                 problem = (f"{what}; --vector {options.vector} writes polygon areas in hectares, "
                            "which need a projected CRS (reproject it, or add --output-grid model with a card that "
                            "works in one, e.g. crs: utm)")
+            elif problem is None and options.vector == "geojson" and header.kind == "raster" and \
+                    not header.on_the_earth and options.output_grid != "model":
+                problem = ("is in a local CRS with no place on the Earth, and GeoJSON (RFC 7946) is in longitude and "
+                           "latitude: use --vector gpkg or parquet")
             if problem is None and header.kind == "volume" and options.probabilities != "none" and \
                     not options.keep_zarr:
                 problem = (f"a volume's probabilities are kept only in its zarr store, which --no-zarr removes: "

@@ -71,7 +71,7 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
                                      simplify=simplify)
             written.append(polygons)
             created.append(polygons)
-        from storage.stac import on_the_earth
+        from storage.header import on_the_earth
 
         if on_the_earth(meta.geometry.crs_wkt, meta.geometry.epsg):  # a STAC item needs a footprint on the Earth
             written.append(stac_item(meta, model, out_path, record, written, polygons))

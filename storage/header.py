@@ -37,6 +37,7 @@ class Header:
     cell_note: str | None = None  # why cell_size is None, or an assumption it rests on
     bands: tuple[int, ...] = ()  # a raster's image bands (1-based indexes in the file); empty for volumes
     band_descriptions: tuple[str | None, ...] = ()  # their GDAL descriptions (None: unnamed)
+    on_the_earth: bool = True  # a raster's CRS can be taken to longitude/latitude (False: none, or a local grid)
 
     @property
     def names_bands(self) -> bool:
@@ -68,6 +69,20 @@ def linear_unit_metres(crs) -> float | None:  # noqa: ANN001 (rasterio CRS)
         return None
     factor = factors.pop()
     return factor if factor and math.isfinite(factor) and factor > 0 else None
+
+
+def on_the_earth(crs_wkt: str | None, epsg: int | None) -> bool:
+    """Whether a grid's CRS places it on the Earth, as a STAC item's WGS84 footprint needs: not for a raster
+    without a CRS, nor for a local (engineering) one, which PROJ cannot take to longitudes and latitudes."""
+    from rasterio.crs import CRS
+
+    if not crs_wkt and not epsg:
+        return False
+    try:
+        crs = CRS.from_epsg(epsg) if epsg else CRS.from_wkt(crs_wkt)
+    except Exception:  # noqa: BLE001 - rasterio raises CRSError, GDAL errors for what it cannot parse
+        return False
+    return bool(crs.is_geographic or crs.is_projected)
 
 
 def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: ANN001 (affine.Affine, rasterio CRS)
@@ -110,5 +125,5 @@ def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None
     return volume_mm3 / CUBIC_MM_PER_ML, note
 
 
-__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "linear_unit_metres", "pixel_hectares",
-           "voxel_millilitres"]
+__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "linear_unit_metres", "on_the_earth",
+           "pixel_hectares", "voxel_millilitres"]

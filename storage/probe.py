@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from storage.errors import CorruptInputError, InputError
-from storage.header import Header, pixel_hectares, voxel_millilitres
+from storage.header import Header, on_the_earth, pixel_hectares, voxel_millilitres
 from storage.inputfiles import check_content_matches_name, check_readable_file, kind_of
 
 if TYPE_CHECKING:
@@ -83,7 +83,8 @@ def _probe_raster(path: Path) -> Header:
             size, note = pixel_hectares(src.transform, src.crs)
             return Header(path=str(path), kind="raster", spatial_dims=2, channels=len(bands),
                           shape=(src.height, src.width), cell_size=size, cell_unit="ha", cell_note=note,
-                          bands=tuple(bands), band_descriptions=tuple(src.descriptions[i - 1] for i in bands))
+                          bands=tuple(bands), band_descriptions=tuple(src.descriptions[i - 1] for i in bands),
+                          on_the_earth=src.crs is not None and on_the_earth(src.crs.to_wkt(), None))
         finally:
             src.close()
 

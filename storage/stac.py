@@ -40,8 +40,8 @@ from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
 from storage.inputfiles import stem_of
 
-__all__ = ["ITEM_SUFFIX", "PROCESSING_SCHEMA", "class_name", "model_item", "on_the_earth", "stac_classes",
-           "stac_item_path", "write_stac_item"]
+__all__ = ["ITEM_SUFFIX", "PROCESSING_SCHEMA", "class_name", "model_item", "stac_classes", "stac_item_path",
+           "write_stac_item"]
 
 ITEM_SUFFIX = ".stac.json"
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
@@ -60,20 +60,6 @@ _VECTOR_TYPES = {
     ".fgb": "application/vnd.flatgeobuf",
     ".shp": "application/x-shapefile",
 }
-
-
-def on_the_earth(crs_wkt: str | None, epsg: int | None) -> bool:
-    """Whether a grid's CRS places it on the Earth, as a STAC item's WGS84 footprint needs: not for a raster
-    without a CRS, nor for a local (engineering) one, which PROJ cannot take to longitudes and latitudes."""
-    from rasterio.crs import CRS
-
-    if not crs_wkt and not epsg:
-        return False
-    try:
-        crs = CRS.from_epsg(epsg) if epsg else CRS.from_wkt(crs_wkt)
-    except Exception:  # noqa: BLE001 - rasterio raises CRSError, GDAL errors for what it cannot parse
-        return False
-    return bool(crs.is_geographic or crs.is_projected)
 
 
 def stac_item_path(label_cog: str | PathLike[str]) -> Path:

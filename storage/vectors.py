@@ -56,7 +56,7 @@ from shapely.geometry import shape
 
 from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
-from storage.header import linear_unit_metres
+from storage.header import linear_unit_metres, on_the_earth
 
 Driver = Literal["GPKG", "Parquet", "GeoJSON"]
 _SUFFIX = {"GPKG": ".gpkg", "Parquet": ".parquet", "GeoJSON": ".geojson"}
@@ -204,6 +204,9 @@ def write_polygons(
     if simplify is not None and not (np.isfinite(simplify) and simplify >= 0):
         raise InvalidInputError(out_path, f"the simplification tolerance must be a finite number >= 0, got {simplify}")
     crs, to_ha = _area_factor(crs, str(out_path))
+    if driver == "GeoJSON" and not on_the_earth(crs.to_wkt(), None):
+        raise InvalidInputError(out_path, "GeoJSON (RFC 7946) is in longitude and latitude, and this CRS has no "
+                                          "place on the Earth (a local grid): write gpkg or parquet instead")
     names = {c.value: c.name for c in classes}
     wanted = np.array(sorted(v for v in names if v != nodata))
 
@@ -301,7 +304,10 @@ def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray
                 geometry_type="Polygon",
                 crs=crs.to_wkt(),
                 driver=driver,
-                layer=out.stem if driver == "GPKG" else None,
+                layer=out.stem if driver != "Parquet" else None,  # GeoJSON's "name": else the temporary file's
+                # RFC 7946: GDAL takes the polygons to WGS84 longitude/latitude (7 decimals, ~1 cm), with exterior
+                # rings counter-clockwise, and writes no "crs" member (which the RFC removed)
+                **({"layer_options": {"RFC7946": "YES"}} if driver == "GeoJSON" else {}),
             )
         os.replace(tmp, out)
     except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pa.ArrowException) as exc:

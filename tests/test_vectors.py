@@ -12,6 +12,7 @@ import pytest
 import rasterio.features
 import shapely
 import zarr
+from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from shapely.geometry import shape
@@ -103,9 +104,28 @@ def test_bands_merge_to_the_whole_image_polygons(tmp_path: Path, driver: str) ->
 
     geoms, cols, crs = read_back(out, driver)
     assert set(cols) >= {"class", "name", "area_ha"}
-    assert CRS.from_user_input(crs).to_epsg() == 32631
     ref = whole_image(lab, [c.value for c in CLASSES])
     assert result["polygons"] == len(ref) == len(geoms)
+    if driver == "GeoJSON":  # RFC 7946: WGS84 longitude/latitude, exteriors counter-clockwise, no "crs" member
+        document = json.loads(out.read_text())
+        assert "crs" not in document and document["name"] == "regions"
+        assert CRS.from_user_input(crs).to_epsg() == 4326
+        assert all(shapely.LinearRing(g.exterior).is_ccw for g in geoms)
+        to_utm = Transformer.from_crs("EPSG:4326", "EPSG:32631", always_xy=True)
+        geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_utm.transform(xy[:, 0], xy[:, 1])))
+        def by_place(pairs):  # noqa: ANN001, ANN202 - (class, polygon) in an order that ~1 cm cannot change
+            return sorted(pairs, key=lambda p: (int(p[0]), *np.round(shapely.bounds(p[1]), 1)))
+
+        mine, whole = by_place(zip(cols["class"], geoms)), by_place(ref)
+        assert [int(v) for v, _ in mine] == [int(v) for v, _ in whole]
+        # 7 decimals of a degree are about 1 cm: the same outlines, vertex for vertex within 2 cm
+        assert max(shapely.hausdorff_distance(a, b) for (_, a), (_, b) in zip(mine, whole)) < 0.02
+        pixel_ha = PIXEL_M * PIXEL_M / 1e4
+        for c in CLASSES:
+            assert cols["area_ha"][cols["class"] == c.value].sum() == \
+                pytest.approx(int((lab == c.value).sum()) * pixel_ha, rel=1e-12)
+        return
+    assert CRS.from_user_input(crs).to_epsg() == 32631
     # the very same polygons, vertex for vertex, as one whole-raster run
     assert canonical(geoms, cols["class"]) == canonical([g for _, g in ref], [v for v, _ in ref])
     assert all(isinstance(g, shapely.Polygon) and g.is_valid for g in geoms)
@@ -373,3 +393,12 @@ def test_a_raster_in_a_local_survey_crs_gets_labels_and_polygons_but_no_stac_ite
     _, cols = read_ordered(out / "site.gpkg")
     pixel_ha = (2.0 * 0.304800609601219) ** 2 / 1e4
     assert float(np.sum(cols["area_ha"])) == pytest.approx(64 * 80 * pixel_ha, rel=1e-9)
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(scene), "--model", str(model.path),
+                           "--out", str(tmp_path / "json"), "--workers", "0", "--vector", "geojson"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 1 and [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"error: {scene}: is in a local CRS with no place on the Earth, and GeoJSON (RFC 7946) is in longitude and "
+        "latitude: use --vector gpkg or parquet"], proc.stderr
+    with pytest.raises(InvalidInputError, match="GeoJSON .RFC 7946. is in longitude and latitude"):
+        write_polygons(np.zeros((4, 4), np.uint8), Affine(2.0, 0, 0, 0, -2.0, 0), feet, tmp_path / "x.geojson",
+                       classes=[LabelClass(value=0, name="a")], nodata=255, driver="GeoJSON")
