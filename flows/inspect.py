@@ -190,7 +190,7 @@ def label_table(path: Path, info: dict[str, Any]) -> dict[str, Any] | None:
         import rasterio
 
         with without_crs_ok(), rasterio.open(path) as src:
-            cell, note = pixel_hectares(src.transform, src.crs)
+            cell, note = pixel_hectares(src.transform, src.crs, (src.height, src.width))
         unit = "ha"
     else:
         img = _load_nifti(path)

@@ -85,14 +85,38 @@ def on_the_earth(crs_wkt: str | None, epsg: int | None) -> bool:
     return bool(crs.is_geographic or crs.is_projected)
 
 
-def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: ANN001 (affine.Affine, rasterio CRS)
+MAX_AREAL_DISTORTION = 0.02  # a projection whose areas here are off by more than 2 % gives no hectares
+
+
+def areal_scale(transform, crs, shape: tuple[int, int] | None = None) -> float:  # noqa: ANN001
+    """How much larger an area is in the CRS than on the ground, at the grid's centre (the top-left corner when
+    ``shape`` is not known): about 1 for UTM within its zone or an equal-area CRS, 2.67 for Web Mercator at
+    52° N.  1 where PROJ cannot say (a local grid)."""
+    try:
+        from pyproj import CRS as ProjCRS
+        from pyproj import Proj, Transformer
+
+        h, w = shape if shape is not None else (0, 0)
+        x, y = transform * (w / 2, h / 2)
+        proj = ProjCRS.from_wkt(crs.to_wkt())
+        lon, lat = Transformer.from_crs(proj, "EPSG:4326", always_xy=True).transform(x, y)
+        scale = float(Proj(proj).get_factors(lon, lat).areal_scale)
+    except Exception:  # noqa: BLE001 - PROJ raises several types for CRSs it cannot take to the ellipsoid
+        return 1.0
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
+def pixel_hectares(transform, crs,  # noqa: ANN001 (affine.Affine, rasterio CRS)
+                   shape: tuple[int, int] | None = None) -> tuple[float | None, str | None]:
     """Area of one pixel in hectares, or (None, why) when the grid has no linear unit.
 
     The area is |det| of the transform's 2x2 part (right for rotated and
     sheared grids), in the CRS's linear unit squared.  A geographic CRS has
     pixels in degrees, whose ground area changes with latitude; the run report
     only has a label histogram for the whole image, not per row, so it gives
-    no area rather than a wrong one.
+    no area rather than a wrong one.  So does a projection that is far from
+    equal-area here (Web Mercator away from the equator: its hectares at 52° N
+    were 2.67 times the ground's), judged at the grid's centre (``shape``).
     """
     if crs is None:
         return None, NO_CRS
@@ -105,6 +129,11 @@ def pixel_hectares(transform, crs) -> tuple[float | None, str | None]:  # noqa: 
     area_m2 = abs(a * e - b * d) * metres * metres
     if not math.isfinite(area_m2) or area_m2 <= 0:
         return None, "degenerate geotransform"
+    scale = areal_scale(transform, crs, shape)
+    if abs(scale - 1.0) > MAX_AREAL_DISTORTION:
+        name = ":".join(crs.to_authority() or ()) or crs.to_string()[:40]
+        return None, (f"{name} is not equal-area: its areas here are {scale:.3g} times the ground's; reproject to "
+                      "UTM or an equal-area CRS for areas")
     return area_m2 / SQUARE_METRES_PER_HECTARE, None
 
 
@@ -125,5 +154,5 @@ def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None
     return volume_mm3 / CUBIC_MM_PER_ML, note
 
 
-__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "linear_unit_metres", "on_the_earth",
+__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "areal_scale", "linear_unit_metres", "on_the_earth",
            "pixel_hectares", "voxel_millilitres"]

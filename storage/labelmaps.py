@@ -132,12 +132,13 @@ def _classes_from_json(text: Any) -> dict[int, str]:
         return {}
 
 
-def _raster_units(transform: Any, crs: Any) -> tuple[tuple[float, float], str, float | None, str | None]:
+def _raster_units(transform: Any, crs: Any, shape: tuple[int, int] | None = None,
+                  ) -> tuple[tuple[float, float], str, float | None, str | None]:
     """(row, col) pixel size and its unit, pixel area in ha and why it is missing."""
     from storage.header import linear_unit_metres, pixel_hectares
 
     a, b, _, d, e, _ = tuple(transform)[:6]
-    area, note = pixel_hectares(transform, crs)
+    area, note = pixel_hectares(transform, crs, shape)
     metres = None if crs is None or crs.is_geographic else linear_unit_metres(crs)
     if metres is None:
         return (1.0, 1.0), "px", area, note
@@ -167,7 +168,7 @@ def _open_raster(path: Path, stack: ExitStack) -> LabelSource:
         raise CorruptInputError(path, f"rasterio cannot open it: {' '.join(str(exc).split())}") from None
     if src.count != 1:
         raise InvalidInputError(path, f"has {src.count} bands; a label map has one")
-    spacing, unit, area, note = _raster_units(src.transform, src.crs)
+    spacing, unit, area, note = _raster_units(src.transform, src.crs, (src.height, src.width))
     nodata = src.nodata if src.nodata is not None and float(src.nodata).is_integer() else None
     return LabelSource(path, "raster", _RasterArray(src, path), spacing, unit, area, "ha", note,
                        None if nodata is None else int(nodata), _classes_from_json(src.tags().get("CLASSES")),
@@ -217,7 +218,7 @@ def _open_store(path: Path) -> LabelSource:
     if geometry.kind == "raster":
         crs = CRS.from_wkt(geometry.crs_wkt) if geometry.crs_wkt else CRS.from_epsg(geometry.epsg) \
             if geometry.epsg else None
-        spacing, unit, area, note = _raster_units(Affine(*geometry.transform), crs)
+        spacing, unit, area, note = _raster_units(Affine(*geometry.transform), crs, tuple(arr.shape[-2:]))
         return LabelSource(path, "raster", _ZarrArray(arr, path, channel=channel, volume=False), spacing, unit,
                            area, "ha", note, nodata, classes, crs=crs, transform=tuple(geometry.transform))
     header_class = nib.Nifti2Header if geometry.nifti_version == 2 else nib.Nifti1Header

@@ -80,7 +80,7 @@ def _probe_raster(path: Path) -> Header:
         try:
             bands = image_bands(src, path)
             check_blocks(src, path)
-            size, note = pixel_hectares(src.transform, src.crs)
+            size, note = pixel_hectares(src.transform, src.crs, (src.height, src.width))
             return Header(path=str(path), kind="raster", spatial_dims=2, channels=len(bands),
                           shape=(src.height, src.width), cell_size=size, cell_unit="ha", cell_note=note,
                           bands=tuple(bands), band_descriptions=tuple(src.descriptions[i - 1] for i in bands),

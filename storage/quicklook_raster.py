@@ -207,7 +207,7 @@ def _classes(lab: DatasetReader, labels: np.ndarray, given: Sequence[LabelClass]
 
 def _areas(lab: DatasetReader, grid: Affine, labels: np.ndarray, shown: list[tuple[LabelClass, int]],
            given: Mapping[int, float] | None, *, exact_count: bool) -> tuple[list[ClassShown], str | None]:
-    pixel_ha, why = pixel_hectares(grid, lab.crs)
+    pixel_ha, why = pixel_hectares(grid, lab.crs, labels.shape[-2:])
     note = None
     if pixel_ha is None:
         note = "area n/a (degrees)" if lab.crs is not None and lab.crs.is_geographic else f"area n/a ({why})"

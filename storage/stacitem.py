@@ -213,7 +213,7 @@ def probe_item(path: str | PathLike[str], request: BandRequest | None,
     path = Path(path).absolute()
     plan = plan_item(path, request, origin=origin)
     _, grid = _opened(plan)
-    size, note = pixel_hectares(grid.transform, grid.crs)
+    size, note = pixel_hectares(grid.transform, grid.crs, (grid.height, grid.width))
     n = len(plan.picked)
     header = Header(path=str(path), kind="raster", spatial_dims=2, channels=n, shape=(grid.height, grid.width),
                     cell_size=size, cell_unit="ha", cell_note=note, bands=tuple(range(1, n + 1)),

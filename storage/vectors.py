@@ -56,7 +56,7 @@ from shapely.geometry import shape
 
 from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
-from storage.header import linear_unit_metres, on_the_earth
+from storage.header import linear_unit_metres, on_the_earth, pixel_hectares
 
 Driver = Literal["GPKG", "Parquet", "GeoJSON"]
 _SUFFIX = {"GPKG": ".gpkg", "Parquet": ".parquet", "GeoJSON": ".geojson"}
@@ -204,6 +204,9 @@ def write_polygons(
     if simplify is not None and not (np.isfinite(simplify) and simplify >= 0):
         raise InvalidInputError(out_path, f"the simplification tolerance must be a finite number >= 0, got {simplify}")
     crs, to_ha = _area_factor(crs, str(out_path))
+    _, why = pixel_hectares(transform, crs, shape_)
+    if why is not None:  # e.g. Web Mercator far from the equator: its hectares are not the ground's
+        raise InvalidInputError(out_path, f"polygon areas in hectares need an area-true CRS: {why}")
     if driver == "GeoJSON" and not on_the_earth(crs.to_wkt(), None):
         raise InvalidInputError(out_path, "GeoJSON (RFC 7946) is in longitude and latitude, and this CRS has no "
                                           "place on the Earth (a local grid): write gpkg or parquet instead")

@@ -402,3 +402,31 @@ def test_a_raster_in_a_local_survey_crs_gets_labels_and_polygons_but_no_stac_ite
     with pytest.raises(InvalidInputError, match="GeoJSON .RFC 7946. is in longitude and latitude"):
         write_polygons(np.zeros((4, 4), np.uint8), Affine(2.0, 0, 0, 0, -2.0, 0), feet, tmp_path / "x.geojson",
                        classes=[LabelClass(value=0, name="a")], nodata=255, driver="GeoJSON")
+
+
+def test_web_mercator_far_from_the_equator_gives_no_hectares(tmp_path: Path) -> None:
+    """EPSG:3857 is projected but not equal-area: at 52° N its square metres are 2.6 times the ground's, and
+    `--vector` wrote area_ha 1391.72 for 521.4 ha of cropland.  No area there (as for degrees), said once;
+    near the equator, and in UTM, areas are as before."""
+    from pyproj import Transformer
+
+    from storage.header import pixel_hectares
+    from storage.probe import probe
+
+    to_3857 = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
+    x, y = to_3857.transform(15.0, 52.0)
+    north = Affine(10.0, 0, x, 0, -10.0, y)
+    area, why = pixel_hectares(north, CRS.from_epsg(3857), (300, 260))
+    assert area is None and why.startswith("EPSG:3857 is not equal-area: its areas here are 2.6")
+    x, y = to_3857.transform(15.0, 0.5)
+    assert pixel_hectares(Affine(10.0, 0, x, 0, -10.0, y), CRS.from_epsg(3857), (300, 260)) == (0.01, None)
+    scene = tmp_path / "mercator.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=26, height=30, count=1, dtype="uint8",
+                       crs="EPSG:3857", transform=north) as dst:
+        dst.write(np.ones((1, 30, 26), np.uint8))
+    header = probe(scene)
+    assert header.cell_size is None and "not equal-area" in header.cell_note
+    with pytest.raises(InvalidInputError, match="need an area-true CRS: EPSG:3857 is not equal-area"):
+        write_polygons(np.ones((30, 26), np.uint8), north, "EPSG:3857", tmp_path / "m.gpkg",
+                       classes=[LabelClass(value=1, name="a")], nodata=255)
+    assert not (tmp_path / "m.gpkg").exists()
