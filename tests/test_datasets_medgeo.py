@@ -21,6 +21,7 @@ from tests.medgeo_datasets import (
     GRID,
     SPACING,
     geo_raster_dataset,
+    raster_labels,
     geo_vector_dataset,
     msd_dataset,
     nnunet_dataset,
@@ -212,6 +213,27 @@ def test_geo_label_rasters_without_crs_and_table_from_values(tmp_path: Path) -> 
     assert data.geometry.epsg == 32633
 
 
+def test_geo_label_value_255_is_no_label_as_for_image_label_pairs(tmp_path: Path) -> None:
+    """An unlabelled border of 255 in label rasters without nodata: the geo layout made it a trained class
+    "class 255" (the same files as --image/--labels pairs ignore it).  It is ignore now, unless classes.json
+    lists 255 as a class."""
+    geo_raster_dataset(tmp_path / "ds", stems=("a",))
+    lab = raster_labels(0, (0, 3, 7))
+    lab[:3] = 255
+    write_geotiff(tmp_path / "ds" / "labels" / "a.tif", lab)
+    ds = geolabels.LAYOUT.open(tmp_path / "ds")
+    assert [c.name for c in ds.classes] == ["class 0", "class 3", "class 7"]
+    labels = ds.read(ds.cases[0], tmp_path / "work", check=True).labels[...]
+    assert np.all(labels[:3] == 255) and np.array_equal(labels[3:], np.searchsorted([0, 3, 7], lab[3:]))
+    table = [{"value": v, "name": n} for v, n in ((0, "bg"), (3, "water"), (7, "forest"))]
+    (tmp_path / "ds" / "classes.json").write_text(json.dumps(table))
+    assert geolabels.LAYOUT.open(tmp_path / "ds").validate_labels(tmp_path / "w2") == {
+        0: int(np.sum(lab == 0)), 1: int(np.sum(lab == 3)), 2: int(np.sum(lab == 7))}
+    (tmp_path / "ds" / "classes.json").write_text(json.dumps(table + [{"value": 255, "name": "cloud"}]))
+    ds = geolabels.LAYOUT.open(tmp_path / "ds")
+    assert ds.classes[-1].name == "cloud" and ds.validate_labels(tmp_path / "w3")[3] == int(np.sum(lab == 255))
+
+
 def test_geo_classes_json_is_the_table(tmp_path: Path) -> None:
     geo_raster_dataset(tmp_path / "ds", stems=("a",), label_crs=True)
     table = [{"value": 0, "name": "background", "color": [0, 0, 0]},
@@ -368,7 +390,12 @@ def test_real_building_footprints(tmp_path: Path) -> None:
     _link(image, tmp_path / "ras" / "images" / "x.tif")
     _link(mask, tmp_path / "ras" / "labels" / "x.tif")  # no CRS, same shape: taken as on the image grid
     ras = geolabels.LAYOUT.open(tmp_path / "ras")
-    assert [c.name for c in ras.classes] == ["class 0", "class 255"]
+    with pytest.raises(InvalidInputError, match="hold 0 and 255, and 255 means no label: if it is a class"):
+        ras.classes  # noqa: B018 - a 0/255 mask: 255 is no label unless classes.json says it is a class
+    (tmp_path / "ras" / "classes.json").write_text(json.dumps([{"value": 0, "name": "background"},
+                                                                {"value": 255, "name": "building"}]))
+    ras = geolabels.LAYOUT.open(tmp_path / "ras")
+    assert [c.name for c in ras.classes] == ["background", "building"]
     assert ras.validate_labels(tmp_path / "work2") == {0: 900 * 900 - 117996, 1: 117996}
 
 

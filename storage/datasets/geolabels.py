@@ -142,7 +142,14 @@ def _classes_file(path: Path) -> LabelTable:
     if len({c.name.strip().lower() for c in parsed}) != len(parsed):
         raise InvalidInputError(path, "lists a class name twice (names are matched in any case)")
     colours = {c.value: c.color for c, e in zip(parsed, doc) if "color" in e}
-    return LabelTable.build({c.value: c.name for c in parsed}, path, colors=colours)
+    listed = {c.value for c in parsed}  # 255 is "no label" in the label rasters unless the file makes it a class
+    return LabelTable.build({c.value: c.name for c in parsed}, path, colors=colours,
+                            ignored=() if IGNORE in listed else (IGNORE,))
+
+
+def _listed(values: set[int]) -> str:
+    ordered = [str(v) for v in sorted(values)]
+    return ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} and {ordered[-1]}"
 
 
 def _raster_values(path: Path) -> set[int]:
@@ -226,7 +233,13 @@ class GeoDataset:
                 values: set[int] = set()
                 for case in self.cases:
                     values |= _raster_values(case.labels)  # type: ignore[arg-type]
-                self._table = LabelTable.build({v: f"class {v}" for v in sorted(values)}, self.root / "labels")
+                # 255 is "no label", as for image/label pairs: it was trained as a class named "class 255"
+                if IGNORE in values and len(values - {IGNORE}) < 2:
+                    raise InvalidInputError(self.root / "labels", f"the label rasters hold {_listed(values)}, "
+                                            f"and {IGNORE} means no label: if it is a class (a 0/{IGNORE} mask), "
+                                            f"list it in {CLASSES_FILE}")
+                self._table = LabelTable.build({v: f"class {v}" for v in sorted(values - {IGNORE})},
+                                               self.root / "labels", ignored=(IGNORE,))
         return self._table
 
     @property
