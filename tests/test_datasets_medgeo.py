@@ -20,13 +20,14 @@ from tests.conftest import shared
 from tests.medgeo_datasets import (
     GRID,
     SPACING,
+    UTM,
     geo_raster_dataset,
-    raster_labels,
     geo_vector_dataset,
     msd_dataset,
     nnunet_dataset,
     pixel_box,
     raster_image,
+    raster_labels,
     write_geotiff,
     write_nifti,
     write_vector,
@@ -358,6 +359,20 @@ def test_vector_far_from_its_image_is_refused(tmp_path: Path) -> None:
     geo_vector_dataset(tmp_path, [(0, 0, 5, 5)], None)
     write_vector(tmp_path / "labels" / "scene.geojson", [shapely.box(0, 0, 1, 1)], crs="EPSG:4326")
     with pytest.raises(InvalidInputError, match="scene.geojson: vector layer .* does not overlap image scene.tif"):
+        geolabels.LAYOUT.open(tmp_path)
+
+
+def test_a_vector_file_with_several_layers_is_refused_naming_them(tmp_path: Path) -> None:
+    """A GeoPackage of a 'water' and a 'roads' layer: only the first was read (with pyogrio's warning on the
+    terminal), and every road pixel trained as background."""
+    import pyogrio.raw
+
+    path = geo_vector_dataset(tmp_path, [(0, 0, 5, 5)], {"label": ["water"]}, suffix=".gpkg")
+    roads = shapely.to_wkb(np.asarray([pixel_box(10, 10, 20, 20)], dtype=object))
+    pyogrio.raw.write(path, geometry=roads, field_data=[np.asarray(["road"])], fields=["label"], crs=UTM,
+                      geometry_type="Polygon", driver="GPKG", layer="roads")
+    with pytest.raises(InvalidInputError, match=r"scene.gpkg: has 2 layers \(scene, roads\); segflow reads one "
+                                                r"layer per file"):
         geolabels.LAYOUT.open(tmp_path)
 
 

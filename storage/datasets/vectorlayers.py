@@ -34,8 +34,21 @@ def _unreadable(path: Path, exc: BaseException) -> CorruptInputError:
     return CorruptInputError(path, f"cannot read the vector layer: {str(exc).splitlines()[0][:200]}")
 
 
+def _one_layer(path: Path) -> None:
+    """A file with several geometry layers (a GeoPackage of 'water' and 'roads') is refused: only the first was
+    read, with a library warning, and the others' features became background."""
+    try:
+        layers = [str(name) for name, kind in pyogrio.list_layers(path) if kind is not None]
+    except _VECTOR_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+    if len(layers) > 1:
+        raise InvalidInputError(path, f"has {len(layers)} layers ({', '.join(layers)}); segflow reads one layer "
+                                      "per file: merge them into one, with a class attribute")
+
+
 def layer_info(path: Path) -> dict[str, Any]:
     """The layer's header (fields, CRS, feature count, bounds) without its features."""
+    _one_layer(path)
     try:
         return pyogrio.read_info(path)
     except _VECTOR_ERRORS as exc:
@@ -44,6 +57,7 @@ def layer_info(path: Path) -> dict[str, Any]:
 
 def read_layer(path: Path, columns: list[str], geometry: bool) -> tuple[dict[str, Any], Any, list[np.ndarray]]:
     """The layer's header, geometries (WKB; only when ``geometry``) and the ``columns`` asked for."""
+    _one_layer(path)
     try:
         meta, _, geoms, fields = pyogrio.raw.read(path, columns=columns, read_geometry=geometry, return_fids=False)
     except _VECTOR_ERRORS as exc:
