@@ -362,6 +362,16 @@ def test_vector_far_from_its_image_is_refused(tmp_path: Path) -> None:
         geolabels.LAYOUT.open(tmp_path)
 
 
+def test_a_vector_layer_with_a_crs_over_an_image_without_one_is_refused(tmp_path: Path) -> None:
+    """Nothing could be burnt (the layer's longitudes and latitudes are not on the CRS-less image's grid), and
+    training went on with background only: best Dice 0.0, exit 0."""
+    geo_vector_dataset(tmp_path, [(0, 0, 5, 5)], None)
+    write_geotiff(tmp_path / "images" / "scene.tif", raster_image(0), crs=None)
+    with pytest.raises(InvalidInputError, match=r"scene.geojson: vector layer \(EPSG:32633\) has a CRS and image "
+                                                r"scene.tif has none"):
+        geolabels.LAYOUT.open(tmp_path)
+
+
 def test_a_vector_file_with_several_layers_is_refused_naming_them(tmp_path: Path) -> None:
     """A GeoPackage of a 'water' and a 'roads' layer: only the first was read (with pyogrio's warning on the
     terminal), and every road pixel trained as background."""

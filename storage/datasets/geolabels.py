@@ -107,16 +107,23 @@ def _check_vector(image: Path, vector: Path, img: _Profile) -> None:
     """The layer opens and, when both have a CRS, overlaps its image: a wrong CRS shows before training."""
     info = layer_info(vector)
     bounds, crs = info.get("total_bounds"), layer_crs(info, vector)
-    if not info.get("features") or bounds is None or crs is None or img.crs is None:
+    if not info.get("features") or bounds is None:
         return
-    try:
-        left, bottom, right, top = rasterio.warp.transform_bounds(crs, img.crs, *bounds)
-    except (RasterioError, ValueError):
-        return  # bounds that do not transform (a polar layer): the pixels will tell
+    if crs is not None and img.crs is None:  # nothing was burnt, and training went on with background only
+        raise InvalidInputError(vector, f"vector layer ({crs.to_string()}) has a CRS and image {image.name} has "
+                                        "none: its features cannot be placed on the image (give the image its CRS)")
+    if crs is None or img.crs is None:  # neither has one: both in the image transform's coordinates
+        left, bottom, right, top = bounds
+    else:
+        try:
+            left, bottom, right, top = rasterio.warp.transform_bounds(crs, img.crs, *bounds)
+        except (RasterioError, ValueError):
+            return  # bounds that do not transform (a polar layer): the pixels will tell
     corners = grid_corners(img.transform, img.width, img.height)
     (ix0, iy0), (ix1, iy1) = corners.min(axis=0), corners.max(axis=0)
     if right < ix0 or left > ix1 or top < iy0 or bottom > iy1:
-        raise InvalidInputError(vector, f"vector layer ({crs.to_string()}) does not overlap image {image.name}")
+        where = crs.to_string() if crs is not None else "no CRS"
+        raise InvalidInputError(vector, f"vector layer ({where}) does not overlap image {image.name}")
 
 
 # --------------------------------------------------------------------------- label tables
