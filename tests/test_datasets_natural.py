@@ -297,6 +297,25 @@ def test_coco_malformed_json_is_refused_naming_it(tmp_path: Path, change, proble
     refused(lambda: coco.LAYOUT.open(root), str(root / VAL))
 
 
+def _flat_polygon(data: dict) -> None:
+    data["annotations"][0]["segmentation"] = data["annotations"][0]["segmentation"][0]  # [x1, y1, ...] unwrapped
+
+
+def _odd_polygon(data: dict) -> None:
+    data["annotations"][0]["segmentation"][0] = data["annotations"][0]["segmentation"][0][:-1]
+
+
+@pytest.mark.parametrize("change, problem", [(_flat_polygon, "segmentation is not a list of polygons"),
+                                             (_odd_polygon, "a polygon has an odd number of coordinates")])
+def test_coco_malformed_polygons_are_refused_not_drawn_as_nothing(tmp_path: Path, change, problem: str) -> None:
+    """A flat polygon list (a common hand-made mistake) drew no pixel: the object trained as background."""
+    root = nd.write_coco(tmp_path).root
+    nd.edit_json(root / VAL, change)
+    dataset = coco.LAYOUT.open(root / VAL)
+    case = next(c for c in dataset.cases if c.id.endswith("139"))
+    assert f"annotation 2000: {problem}" in refused(lambda: dataset.read(case, tmp_path), str(root / VAL))
+
+
 def test_coco_missing_or_resized_images_name_the_picture(tmp_path: Path) -> None:
     root = nd.write_coco(tmp_path).root
     nd.edit_json(root / VAL, _wrong_size)

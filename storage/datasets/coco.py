@@ -388,7 +388,13 @@ def _decode(shape: Shape, height: int, width: int, source: Path) -> np.ndarray:
     seg, where = shape.segmentation, f"annotation {shape.ann_id}"
     try:
         if isinstance(seg, list):
-            polygons = [[float(v) for v in p] for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+            if any(not isinstance(p, list) for p in seg):  # [x1, y1, ...] for [[x1, y1, ...]]: it drew nothing
+                raise InvalidInputError(source, f"{where}: segmentation is not a list of polygons (each a list "
+                                                "[x1, y1, x2, y2, ...]); a flat list of numbers is one polygon "
+                                                "left unwrapped")
+            if any(len(p) % 2 for p in seg):
+                raise InvalidInputError(source, f"{where}: a polygon has an odd number of coordinates")
+            polygons = [[float(v) for v in p] for p in seg if len(p) >= 6]
             if not polygons:
                 return np.zeros((height, width), dtype=bool)
             rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
