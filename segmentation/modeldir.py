@@ -69,6 +69,8 @@ def read_card(path: str | PathLike[str]) -> ModelCard:
         raise ModelError(path, f"no {CARD_FILE} (a model directory holds {CARD_FILE} and {WEIGHTS_FILE})")
     try:
         return ModelCard.model_validate_json(card_path.read_bytes())
+    except OSError as exc:
+        raise ModelError(card_path, f"cannot read: {exc.strerror or exc}") from None
     except ValidationError as exc:
         raise ModelError(card_path, _first_error(exc)) from None
 
@@ -103,9 +105,15 @@ def load_model(path: str | PathLike[str], *, verify_hash: bool = True, trust_bun
     refused rather than half-loaded.  A bundle is evaluated by MONAI only with
     ``trust_bundle=True``.
     """
+    try:
+        return _load_path(Path(path), verify_hash, trust_bundle)
+    except PermissionError as exc:  # a card or weights file its owner made private (mode 0600): a traceback
+        raise ModelError(Path(exc.filename or path), f"cannot read: {exc.strerror}") from None
+
+
+def _load_path(path: Path, verify_hash: bool, trust_bundle: bool) -> LoadedModel:
     from segmentation import bundle
 
-    path = Path(path)
     if path.is_file():
         return _load_archive(path)
     if not path.is_dir():
@@ -180,9 +188,15 @@ def _load_archive(path: Path) -> LoadedModel:
 
 def check_model(path: str | PathLike[str], *, trust_bundle: bool = False) -> ModelCard:
     """The card of whatever ``load_model`` would load, without building the network (early CLI errors)."""
+    try:
+        return _check_path(Path(path), trust_bundle)
+    except PermissionError as exc:
+        raise ModelError(Path(exc.filename or path), f"cannot read: {exc.strerror}") from None
+
+
+def _check_path(path: Path, trust_bundle: bool) -> ModelCard:
     from segmentation import bundle
 
-    path = Path(path)
     if path.is_file():
         return _load_archive(path).card
     if path.is_dir() and bundle.is_bundle(path) and not (path / CARD_FILE).is_file():
@@ -202,6 +216,7 @@ def save_model(path: str | PathLike[str], card: ModelCard, module: nn.Module) ->
     weights = path / WEIGHTS_FILE
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors and mkstemp write private files: other users could not load the model
     os.replace(tmp, weights)
     (path / SCRIPT_FILE).unlink(missing_ok=True)  # one weights file per directory
     digest = sha256_file(weights)
@@ -214,6 +229,7 @@ def _write_card(path: Path, card: ModelCard) -> None:
     fd, tmp_card = tempfile.mkstemp(dir=path, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:
         f.write(card.model_dump_json(indent=2))
+    os.chmod(tmp_card, 0o644)
     os.replace(tmp_card, path / CARD_FILE)
 
 

@@ -42,8 +42,18 @@ def check_output_folder(folder: Path) -> None:
     """Refuse a file where an output folder goes, without creating anything (a run that fails its checks leaves
     no folder behind)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ExportError(folder, "cannot create the output folder: a file of that name is in the way")
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ExportError(folder, "cannot create the output folder: a file of that name is in the way")
+        nearest = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    except PermissionError as exc:  # a parent this user may not enter: a traceback from the first stat
+        raise ExportError(folder, f"cannot reach the output folder: {exc.strerror}") from None
+    # what the run would meet later, after its cluster started, as a lock or work file it cannot make
+    if not nearest.is_dir():
+        raise ExportError(folder, f"cannot create the output folder: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        what = "write in the output folder" if nearest == folder else f"create the output folder in {nearest}"
+        raise ExportError(folder, f"cannot {what}: permission denied")
 
 
 def make_output_folder(folder: Path) -> Path:

@@ -201,7 +201,11 @@ def verify(path: str | PathLike[str]) -> Verification:
         if not out.exists():
             report.problems.append(f"output {out} is missing")
             continue
-        actual = sha256_output(out)
+        try:
+            actual = sha256_output(out)
+        except OSError as exc:  # a file its owner made private: a traceback
+            report.problems.append(f"output {out} cannot be read: {exc.strerror or exc}")
+            continue
         if actual != digest:
             report.problems.append(f"output {out} changed: sha256 is {_short(actual)}, provenance records "
                                    f"{_short(digest)}")
@@ -231,7 +235,11 @@ def verify(path: str | PathLike[str]) -> Verification:
         elif not Path(file).is_file():
             report.unverified.append(f"{what} {file} is not reachable; its sha256 {_short(digest)} was not checked")
         else:
-            actual = sha256_file(file)
+            try:
+                actual = sha256_file(file)
+            except OSError as exc:
+                report.problems.append(f"{what} {file} cannot be read: {exc.strerror or exc}")
+                continue
             if actual != digest:
                 report.problems.append(f"{what} {file} changed: sha256 is {_short(actual)}, provenance records "
                                        f"{_short(digest)}")

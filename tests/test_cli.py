@@ -587,3 +587,63 @@ def test_prefect_api_detection_agrees_with_prefect(case, tmp_path, monkeypatch):
     assert bool(Settings().api.url) is expected  # what Prefect itself reads
     assert prefect_api_configured() is expected
 
+
+
+def _as_nobody() -> list[str]:
+    """A command prefix that drops root to 'nobody' (file permissions then apply), or skip."""
+    import shutil as _shutil
+
+    if os.geteuid() != 0 or _shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a command as another user")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_unreadable_model_files_outputs_and_out_folders_are_one_line_errors(tmp_path):
+    """A model saved by segflow was private (0600: safetensors and mkstemp), so another user's `segment` got a
+    PermissionError traceback; so did `verify` of an output it could not read.  A read-only --out, or one below
+    a file, failed each input after the cluster started, naming a lock file."""
+    import shutil
+    import stat
+    import tempfile
+
+    prefix = _as_nobody()
+    base = Path(tempfile.mkdtemp(prefix="segflow-nobody-", dir="/tmp"))  # pytest's own folders are private
+    try:
+        base.chmod(0o777)  # nobody writes its outputs here
+        model = tiny_model(base / "m", spatial_dims=2, channels=3)
+        for name in ("card.json", "weights.safetensors"):
+            assert stat.S_IMODE((model.path / name).stat().st_mode) == 0o644, name
+        scene = base / "scene.tif"
+        with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                           crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+            dst.write(np.ones((3, 30, 40), np.uint8))
+        scene.chmod(0o644)
+        env = {**os.environ, "HOME": str(base), "PREFECT_HOME": str(base / "prefect"), "COLUMNS": "200"}
+
+        def nobody(*args: object) -> subprocess.CompletedProcess:
+            return subprocess.run([*prefix, *SEGFLOW, *map(str, args)], capture_output=True, text=True, env=env,
+                                  timeout=300)
+
+        for name in ("card.json", "weights.safetensors"):
+            (model.path / name).chmod(0o600)
+            proc = nobody("segment", scene, "--model", model.path, "--out", base / "out", "--no-prefect")
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            assert error_lines(proc.stderr) == [f"error: {model.path / name}: cannot read: Permission denied"]
+            (model.path / name).chmod(0o644)
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        for out, line in ((locked, f"{locked}: cannot write in the output folder: permission denied"),
+                          (locked / "sub", f"{locked / 'sub'}: cannot create the output folder in {locked}: "
+                                           "permission denied"),
+                          (scene / "sub", f"{scene / 'sub'}: cannot create the output folder: {scene} is a file")):
+            proc = nobody("segment", scene, "--model", model.path, "--out", out, "--no-prefect")
+            assert proc.returncode == 2 and error_lines(proc.stderr) == [f"error: {line}"], proc.stderr
+            assert "Dask" not in proc.stderr  # refused before the cluster started
+        out = base / "out"
+        assert run("segment", scene, "--model", model.path, "--out", out, "--no-zarr").returncode == 0
+        (out / "scene.tif").chmod(0o600)
+        proc = nobody("verify", out / "scene.tif")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"output {out / 'scene.tif'} cannot be read: Permission denied" in proc.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
