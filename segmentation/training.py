@@ -355,8 +355,11 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
     module.train()
     loss_fn = MaskedDiceCELoss(card.num_classes, IGNORE)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
+    # a tenth of the steps warm up, and at least two: with exactly one (--steps 10) the warm-up phase has length
+    # 0 and OneCycleLR divided by it (a ZeroDivisionError traceback); from 20 steps on this is 0.1 as before
+    warmup = max(0.1, 2 / steps) if steps >= 4 else 0.1
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=0.1, div_factor=10.0, final_div_factor=100.0)
+        optimizer, max_lr=lr, total_steps=steps, pct_start=warmup, div_factor=10.0, final_div_factor=100.0)
     autocast, scale = _autocast(device, precision)
     scaler = torch.amp.GradScaler("cuda") if scale else None
     run = {"card": _card_identity(card), "steps": steps, "batch_size": batch_size, "patch": list(patch), "lr": lr,

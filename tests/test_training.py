@@ -190,6 +190,19 @@ def test_short_run_learns_and_saves_a_model_directory(tmp_path):
         torch.testing.assert_close(loaded.module(x), result.module(x))
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 11])
+def test_any_number_of_steps_trains(tmp_path, steps):
+    """`segflow train --steps 10` ended in a ZeroDivisionError traceback: a tenth of 10 steps is one warm-up step,
+    a phase of length 0 to OneCycleLR.  The learning rate rises, then falls, for every step count."""
+    image, labels = scene_arrays(tmp_path)
+    rates: list[float] = []
+    train(small_card(), [TrainingSample(image, labels)], steps=steps, batch_size=1, patch=(32, 32), lr=3e-3, seed=1,
+          log=lambda e: rates.append(e["lr"]))
+    assert len(rates) == steps and all(math.isfinite(r) and r > 0 for r in rates)
+    if steps >= 4:  # annealed from its peak by the end
+        assert rates[-1] < max(rates) / 10
+
+
 @pytest.mark.parametrize("options, problem", [({"steps": 0}, "steps and batch_size must be positive, got 0 and 4"),
                                               ({"batch_size": -1}, "got 20 and -1"),
                                               ({"lr": -1.0}, "learning rate must be a positive number, got -1.0"),
