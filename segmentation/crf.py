@@ -265,6 +265,12 @@ def crf_dask(probs: da.Array, image: da.Array, params: CRFParams, mask: da.Array
     chunks.  Memory per task: (chunk + 2·halo)^d × (C + Cin) floats, plus
     the kernel cache.
     """
+    # numpy arrays as ``predict`` takes them: the image as one chunk per probability chunk, the mask likewise
+    probs = probs if isinstance(probs, da.Array) else da.from_array(np.asarray(probs), chunks=probs.shape)
+    if not isinstance(image, da.Array):
+        image = da.from_array(np.asarray(image), chunks=(image.shape[0], *probs.chunks[1:]))
+    if mask is not None and not isinstance(mask, da.Array):
+        mask = da.from_array(np.asarray(mask), chunks=probs.chunks[1:])
     ndim = probs.ndim - 1
     if ndim not in (2, 3) or image.ndim != probs.ndim:
         raise ValueError(f"need probs (C, *spatial) and image (Cin, *spatial), got {probs.shape} and {image.shape}")

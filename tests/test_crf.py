@@ -53,6 +53,18 @@ def test_chunked_3d_equals_whole_image(chunks):
     np.testing.assert_allclose(chunked(probs, image, mask, params, chunks), whole, rtol=0, atol=1e-5)
 
 
+def test_numpy_image_and_mask_are_taken_with_dask_probabilities():
+    """`predict` takes a numpy image, and the README's `crf_dask(probs, image, CRFParams(), mask)` failed with one
+    ('ndarray' object has no attribute 'rechunk'), or with a numpy mask (no attribute 'name')."""
+    probs, image, mask = random_inputs((43, 40))
+    params = CRFParams(iterations=2, radius=2)
+    whole = mean_field(probs, image, params, mask)
+    lazy = da.from_array(probs, chunks=(3, 16, 16))
+    for got in (crf_dask(lazy, image, params, mask), crf_dask(probs, image, params, mask)):
+        np.testing.assert_allclose(got.compute(scheduler="sync"), whole, rtol=0, atol=1e-5)
+    assert crf_dask(lazy, image, params, mask).chunks == lazy.chunks
+
+
 def test_halo_is_needed():
     """With less than iterations × radius of context the chunk edges differ: the halo is not oversized."""
     probs, image, _ = random_inputs((40, 40), seed=2)
