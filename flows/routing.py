@@ -141,6 +141,10 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
         if bands is not None and header.kind == "raster":
             return (f"{name} takes {model.channels} channels, --bands chose {count} "
                     f"(the input has {header.channels})")
+        if header.kind == "raster" and count > model.channels:  # a 13-band scene with no band names
+            wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
+            return (f"{name} takes {model.channels} channels{wanted}, the input has {count}: choose them with "
+                    f"--bands, e.g. --bands {','.join(str(i) for i in range(1, model.channels + 1))}")
         return f"{name} takes {model.channels} channels, the input has {count}"
     return None
 

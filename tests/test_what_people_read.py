@@ -174,6 +174,10 @@ def test_fit_problem_checks_dimensions_band_count_and_band_names(tmp_path):
     model = ModelInput("m4", 2, 4)
     assert fit_problem(rgb, model) == "model 'm4' takes 4 channels, the input has 3"
     assert fit_problem(rgb, ModelInput("m3", 2, 3)) is None
+    # more bands than the model takes, none named: the way to choose them is said (a 13-band S2 file without
+    # descriptions got only "takes 4 channels, the input has 13")
+    assert fit_problem(rgb, ModelInput("m2", 2, 2, ("red", "nir"))) == \
+        "model 'm2' takes 2 channels (red, nir), the input has 3: choose them with --bands, e.g. --bands 1,2"
     # --bands choosing too few says so, rather than that the 3-band input has 2
     assert fit_problem(rgb, ModelInput("m3", 2, 3), ["1", "2"]) == \
         "model 'm3' takes 3 channels, --bands chose 2 (the input has 3)"
