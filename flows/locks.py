@@ -338,4 +338,24 @@ class InputLock:
                 self.folder.rmdir()
 
 
-__all__ = ["DEFAULT_STALE_AFTER_S", "Holder", "InputLock", "LOCKS_DIR", "lock_name", "pid_alive", "stale_reason"]
+def clear_leftovers(out_dir: Path, stem: str) -> None:
+    """Remove the temporary files a killed run of ``stem`` left in ``out_dir`` (its caller holds ``stem``'s
+    lock, so no live run of it is writing them).  Skipped while another input whose stem extends this one
+    (``a`` and ``a.b``) is locked: their temporary names could not be told apart."""
+    from storage.atomic import leftover_temporaries
+
+    folder = Path(out_dir) / LOCKS_DIR
+    own = lock_name(stem)
+    try:
+        others = [p.name for p in folder.iterdir() if p.name.startswith(own[: -len(".lock")] + ".")
+                  and p.name != own]
+    except OSError:
+        others = []
+    if others:
+        return
+    for path in leftover_temporaries(Path(out_dir), stem):
+        path.unlink(missing_ok=True)
+
+
+__all__ = ["DEFAULT_STALE_AFTER_S", "Holder", "InputLock", "LOCKS_DIR", "clear_leftovers", "lock_name", "pid_alive",
+           "stale_reason"]

@@ -38,7 +38,7 @@ from typing import Any
 import zarr
 from distributed import Client, as_completed
 
-from flows import medical, modelspace
+from flows import locks, medical, modelspace
 from flows.export import MODEL_LABELS, export_labels, model_space_labels, quicklook_image, write_quicklook
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
 from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input
@@ -318,6 +318,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     if clobbered is not None:
         raise IncompatibleInputError(*clobbered)
     make_output_folder(out_dir)
+    locks.clear_leftovers(out_dir, input_stem(input_path))  # a killed run's half-written files of this name
     work = out_dir / WORK_DIR
     try:
         origin = record_input_as if record_input_as is not None and is_url(record_input_as) else None
@@ -365,6 +366,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             parameters=params, device=_device_name(options.device), started=started, finished=provenance.now(),
             statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
         earlier = _earlier_outputs(out_path)  # what a run before this one wrote under this name
+        provenance.retire_sidecar(out_path)  # before any of those is replaced (restored if this run fails)
         stable = provenance.embedded(record)  # what the outputs carry: equal for equal labels, so reproducible
         commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
         created.append(zarr_target)
@@ -399,6 +401,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                 remove_path(p)
         for p in created:
             remove_path(p)
+        provenance.restore_sidecar(out_path)  # the earlier outputs left are its, as far as they are there
         if isinstance(exc, OSError):  # a full disk or a denied write while storing or committing: one line
             where = exc.filename or out_dir
             raise ExportError(where, f"cannot write: {exc.strerror or exc}") from None
@@ -415,12 +418,16 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
 
 
 def _earlier_outputs(out_path: Path) -> list[str]:
-    """The outputs the sidecar already beside ``out_path`` lists: an earlier run's of the same name."""
-    try:
-        record = provenance.read_sidecar(provenance.sidecar_path(out_path))
-    except (ProvenanceError, OSError):
-        return []
-    return [n for n in (record.get("outputs") or {}) if provenance.is_output_name(n)]
+    """The outputs the sidecar already beside ``out_path`` lists (an earlier run's of the same name), and those
+    of a sidecar a killed run had retired (:func:`storage.provenance.retire_sidecar`)."""
+    names: list[str] = []
+    for path in (provenance.sidecar_path(out_path), provenance.retired_path(out_path)):
+        try:
+            record = provenance.read_sidecar(path)
+        except (ProvenanceError, OSError):
+            continue
+        names += [n for n in (record.get("outputs") or {}) if provenance.is_output_name(n) and n not in names]
+    return names
 
 
 def _remove_stale(out_dir: Path, earlier: list[str], written: list[Path]) -> None:

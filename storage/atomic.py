@@ -8,6 +8,7 @@ destination, flushed to disk, and renamed into place.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -30,12 +31,28 @@ def write_bytes_atomically(out: Path, data: bytes, what: str) -> Path:
     return out
 
 
+# the temporary names segflow's writers give an output N before renaming it into place: .N.<hex>.tmp[.ext],
+# .N.<hex>.tiled.tif, .N.<hex>.cog.tif (storage.geotiff, vectors, nifti, dicomseg, provenance, this module)
+_TEMPORARY = re.compile(r"\.[0-9a-f]{8,32}\.(tmp|tiled\.tif|cog\.tif)(\.[A-Za-z0-9]+)?$")
+
+
+def leftover_temporaries(folder: Path, stem: str) -> list[Path]:
+    """Temporary files of the outputs named ``<stem>.*`` in ``folder``: what a killed run was writing.  Nothing
+    removes them otherwise, and each kill adds one (an unfinished COG is 90 KB to gigabytes)."""
+    prefix = f".{stem}."
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if p.name.startswith(prefix) and _TEMPORARY.search(p.name) and p.is_file())
+
+
 def write_text_atomically(out: Path, text: str, what: str) -> Path:
     """:func:`write_bytes_atomically` of ``text`` as UTF-8, its line ends as they are."""
     return write_bytes_atomically(out, text.encode("utf-8"), what)
 
 
-__all__ = ["write_bytes_atomically", "write_text_atomically"]
+__all__ = ["leftover_temporaries", "write_bytes_atomically", "write_text_atomically"]
 
 
 def check_output_folder(folder: Path) -> None:

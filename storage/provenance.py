@@ -20,7 +20,7 @@ import os
 import platform
 import socket
 import subprocess
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from os import PathLike
@@ -113,6 +113,29 @@ def sidecar_path(output: str | PathLike[str]) -> Path:
     return Path(output).with_name(stem_of(output) + ".provenance.json")
 
 
+def retired_path(output: str | PathLike[str]) -> Path:
+    """Where an earlier run's sidecar waits while a new run replaces its outputs: hidden, so no reader takes it
+    for the provenance of what is there now."""
+    live = sidecar_path(output)
+    return live.with_name(f".{live.name}.previous")
+
+
+def retire_sidecar(output: str | PathLike[str]) -> None:
+    """Move the sidecar beside ``output`` out of the way before any output of a new run replaces one: killed
+    between the two, the folder held new labels beside the old run's provenance, which described other
+    parameters (``verify`` said "changed", everything else looked complete)."""
+    live = sidecar_path(output)
+    if live.is_file():
+        os.replace(live, retired_path(output))
+
+
+def restore_sidecar(output: str | PathLike[str]) -> None:
+    """Put a retired sidecar back (a run that failed before writing its own: the earlier outputs' record)."""
+    retired = retired_path(output)
+    if retired.is_file() and not sidecar_path(output).exists():
+        os.replace(retired, sidecar_path(output))
+
+
 def sha256_output(path: str | PathLike[str]) -> str:
     """A file's sha256, or a zarr store's tree hash."""
     return sha256_tree(path) if Path(path).is_dir() else sha256_file(path)
@@ -126,14 +149,15 @@ def write_sidecar(record: dict[str, Any], output: str | PathLike[str],
     hashes = {Path(p).name: sha256_output(p) for p in (output, *extra_outputs)}
     record["outputs"] = {**record.get("outputs", {}), **hashes}
     target = sidecar_path(output)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # named for its output, as others' are
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             json.dump(record, f, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a sidecar is as public as its output
         os.replace(tmp, target)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise ExportError(target, f"cannot write provenance: {exc.strerror or exc}") from None
+    retired_path(output).unlink(missing_ok=True)  # the new record stands: the earlier one is not needed
     return target
 
 

@@ -16,6 +16,7 @@ the network.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ import rasterio
 from pydantic import ValidationError
 from pystac.extensions.classification import Classification, ClassificationExtension
 from pystac.extensions.projection import ProjectionExtension
+from rasterio.enums import WktVersion
 from rasterio.errors import RasterioError
 from rasterio.warp import transform_bounds
 from stac_model.input import InputStructure, ModelInput
@@ -124,6 +126,28 @@ def _grid(label_cog: Path) -> tuple[Any, Any, tuple[int, int], tuple[float, floa
     return crs, transform, shape, bounds  # type: ignore[return-value]
 
 
+def _band_facts(cog: Path) -> list[dict[str, Any]]:
+    """Each band's data type, nodata and scale as the COG declares them (STAC 1.1 band fields): without them a
+    catalogue reader could not tell that 255 is "no data" in the labels, or that uint8 probabilities are
+    round(p · 254)."""
+    try:
+        with rasterio.open(cog) as ds:
+            facts = []
+            for dtype, nodata, scale, offset in zip(ds.dtypes, ds.nodatavals, ds.scales, ds.offsets):
+                band: dict[str, Any] = {"data_type": str(dtype)}
+                if nodata is not None:  # STAC writes NaN as "nan" (JSON has no NaN)
+                    band["nodata"] = "nan" if math.isnan(nodata) else int(nodata) if float(nodata).is_integer() \
+                        else float(nodata)
+                if scale not in (None, 1.0):
+                    band["scale"] = float(scale)
+                if offset not in (None, 0.0):
+                    band["offset"] = float(offset)
+                facts.append(band)
+            return facts
+    except (RasterioError, OSError) as exc:
+        raise ExportError(cog, f"cannot read the COG to describe it: {' '.join(str(exc).split())}") from None
+
+
 def _mlm_properties(model: dict[str, Any], classes: list[dict[str, Any]], out: Path) -> MLModelProperties:
     """The MLM fields, validated by stac-model: an impossible description fails before anything is written."""
     bands = [str(b) for b in model.get("bands") or []]
@@ -206,14 +230,15 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
     authority = crs.to_authority()
     ProjectionExtension.ext(item, add_if_missing=True).apply(
         code=":".join(authority) if authority else None,
-        wkt2=None if authority else crs.to_wkt(),
+        wkt2=None if authority else crs.to_wkt(version=WktVersion.WKT2_2019),  # WKT2, as the field says
         shape=[int(shape[0]), int(shape[1])],
         transform=[float(v) for v in list(transform)[:6]],
     )
     MLModelExtension.ext(item, add_if_missing=True).apply(mlm)
 
     labels = pystac.Asset(href=_relative_href(label_cog, item_dir), media_type=COG_MEDIA_TYPE,
-                          title="Class labels", roles=["data", "labels"])
+                          title="Class labels", roles=["data", "labels"],
+                          extra_fields={"bands": [{"name": "labels", **_band_facts(label_cog)[0]}]})
     item.add_asset("labels", labels)
     ClassificationExtension.ext(labels, add_if_missing=True).classes = [
         Classification.create(value=c["value"], name=c["name"], description=c["description"],
@@ -222,7 +247,8 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
         item.add_asset("probabilities", pystac.Asset(
             href=_relative_href(Path(probability_cog), item_dir), media_type=COG_MEDIA_TYPE,
             title="Class probabilities, one band per class", roles=["data"],
-            extra_fields={"bands": [{"name": c["name"], "description": c["description"]} for c in table]}))
+            extra_fields={"bands": [{"name": c["name"], "description": c["description"], **facts}
+                                    for c, facts in zip(table, _band_facts(Path(probability_cog)))]}))
     if vectors is not None:
         vectors = Path(vectors)
         item.add_asset("polygons", pystac.Asset(

@@ -276,7 +276,7 @@ def test_output_path_taken_by_a_directory_fails_cleanly(scene, tmp_path, dask_cl
 def test_output_directory_under_a_file_fails_cleanly(scene, tmp_path, dask_cluster):
     image, model_dir = scene
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ExportError, match="cannot create the output folder: Not a directory"):
+    with pytest.raises(ExportError, match=r"out: cannot create the output folder: .*file is a file"):
         segment_one(image, load_model(model_dir.path), tmp_path / "file" / "out", SegmentOptions(chunk_size=CHUNK),
                     dask_cluster)
     assert _listing(tmp_path) == ["file"]
@@ -518,3 +518,37 @@ def test_stores_write_every_chunk_even_one_of_fill_value_also_when_reopened(tmp_
     labels[:16, :16] = 255
     assert chunk.is_file() and labels.config.write_empty_chunks and probs.config.write_empty_chunks
     assert np.all(labels[:] == 255)
+
+
+def test_a_run_killed_while_replacing_an_earlier_runs_outputs_leaves_no_sidecar_that_describes_them(scene,
+                                                                                                    tmp_path):
+    """Killed between its new label COG and its new sidecar, a rerun with other parameters left the new labels
+    beside the earlier run's sidecar, every file looking complete (verify: "changed").  The earlier sidecar is
+    now retired first: the folder has no provenance until the run's own is written.  The next run still removes
+    the earlier run's outputs it does not write (known from the retired sidecar), and the temporary files the
+    killed run left (an unfinished COG stayed forever)."""
+    image, model = scene
+    out = tmp_path / "out"
+    rc, _, err = _segment(image, model.path, out, "--probabilities", "uint8", logs=tmp_path / "a")
+    assert rc == 0 and (out / "scene.probabilities.tif").is_file(), err
+    killer = ("import os, sys\nfrom storage import provenance\n"
+              "provenance.write_sidecar = lambda *a, **k: os._exit(137)  # SIGKILL's moment: no cleanup runs\n"
+              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
+    proc = subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model.path), "--out",
+                           str(out), "--chunk-size", str(CHUNK), "--overlap", "0.5", "--workers", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 137, proc.stderr
+    assert not (out / "scene.provenance.json").exists() and (out / ".scene.provenance.json.previous").is_file()
+    verify = subprocess.run([sys.executable, "-m", "flows", "verify", str(out / "scene.tif")], capture_output=True,
+                            text=True, timeout=120)
+    assert verify.returncode == 2 and "no such provenance file" in verify.stderr
+    (out / ".scene.tif.0123456789ab.tiled.tif").write_bytes(b"half a COG")  # as a kill in GDAL's write leaves
+    (out / ".other.tif.0123456789ab.tmp").write_bytes(b"another input's")
+    (out / ".scene.tif.notes").write_text("not segflow's")
+    rc, [outcome], err = _segment(image, model.path, out, "--overlap", "0.5", logs=tmp_path / "b")
+    assert rc == 0, err
+    assert verify_sidecar(out / "scene.provenance.json") == []
+    assert not (out / ".scene.provenance.json.previous").exists()
+    assert not (out / "scene.probabilities.tif").exists()  # the earlier run's, named only by its retired sidecar
+    assert not (out / ".scene.tif.0123456789ab.tiled.tif").exists()
+    assert (out / ".other.tif.0123456789ab.tmp").exists() and (out / ".scene.tif.notes").exists()

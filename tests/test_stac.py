@@ -40,6 +40,10 @@ MODEL = {
 }
 
 
+def raw_bands(item: Path, asset: str) -> list[tuple[str, object]]:
+    return [(b["data_type"], b.get("nodata")) for b in json.loads(item.read_text())["assets"][asset]["bands"]]
+
+
 def make_cog(path: Path, *, crs: str | None = "EPSG:32633", transform: Affine | None = None,
              shape: tuple[int, int] = (64, 48), count: int = 1, dtype: str = "uint8") -> Path:
     """A small tiled, compressed GeoTIFF with an overview: the layout of a COG, made with rasterio alone."""
@@ -89,6 +93,10 @@ def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
     assert [b["name"] for b in item.assets["probabilities"].extra_fields["bands"]] == \
         ["background", "Tree_cover_forest", "built-up"]
     assert item.assets["polygons"].media_type == "application/geopackage+sqlite3"
+    # what the files' bands hold, as they declare it: the label COG's nodata, the probabilities' type
+    assert labels.extra_fields["bands"] == [{"name": "labels", "data_type": "uint8"}]
+    assert {b["data_type"] for b in item.assets["probabilities"].extra_fields["bands"]} == {"float32"}
+    assert raw_bands(written, "probabilities") == [("float32", None)] * 3
 
     # classification: exactly the given classes, with legal names and the originals kept
     got = labels.extra_fields["classification:classes"]
@@ -121,6 +129,39 @@ def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
     exts = raw["stac_extensions"]
     assert any("/projection/" in e for e in exts) and any("/classification/" in e for e in exts)
     assert any("/mlm/" in e for e in exts) and any("/processing/" in e for e in exts)
+
+
+def test_band_facts_and_a_crs_without_a_code_in_wkt2(tmp_path: Path) -> None:
+    """A catalogue reader learns the label COG's nodata and the uint8 probabilities' 1/254 scale from the item,
+    and a CRS without an EPSG code comes as WKT2 in proj:wkt2 (it was WKT1: PROJCS/GEOGCS)."""
+    from storage.classes import LabelClass as LC
+    from storage.geometry import RasterGeometry
+    from storage.geotiff import write_label_cog, write_probability_cog
+
+    custom = CRS.from_proj4("+proj=tmerc +lat_0=0 +lon_0=15 +k=0.9997 +x_0=500000 +y_0=0 +datum=WGS84 +units=m")
+    assert custom.to_epsg() is None
+    t = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0)
+    geometry = RasterGeometry(crs_wkt=custom.to_wkt(), transform=tuple(t)[:6], height=32, width=40, dtype="uint8")
+    labels = np.zeros((32, 40), np.uint8)
+    labels[:4] = 255
+    label = write_label_cog(labels, geometry, tmp_path / "s.tif", classes=[LC(value=0, name="a"),
+                                                                          LC(value=1, name="b")])
+    probs = np.full((2, 32, 40), 0.5, np.float32)
+    prob = write_probability_cog(probs, geometry, tmp_path / "s.probabilities.tif", class_names=["a", "b"],
+                                 mask=labels != 255, dtype="uint8")
+    written = write_stac_item(label, item_id="s", label_cog=label, classes=CLASSES[:2], model=MODEL, gsd=10.0,
+                              source="s.tif", probability_cog=prob)
+    raw = json.loads(written.read_text())
+    assert raw["properties"]["proj:code"] is None
+    assert raw["properties"]["proj:wkt2"].startswith(("PROJCRS[", "BOUNDCRS[")), raw["properties"]["proj:wkt2"][:40]
+    assert raw["assets"]["labels"]["bands"] == [{"name": "labels", "data_type": "uint8", "nodata": 255}]
+    for band in raw["assets"]["probabilities"]["bands"]:
+        assert (band["data_type"], band["nodata"], band["scale"]) == ("uint8", 255, pytest.approx(1 / 254))
+    floats = write_probability_cog(probs, geometry, tmp_path / "f.probabilities.tif", class_names=["a", "b"],
+                                   mask=labels != 255)
+    written = write_stac_item(label, item_id="s", label_cog=label, classes=CLASSES[:2], model=MODEL, gsd=10.0,
+                              source="s.tif", probability_cog=floats)
+    assert raw_bands(written, "probabilities") == [("float32", "nan")] * 2  # JSON has no NaN
 
 
 def test_names_are_sanitised_unique_and_scaling_optional(tmp_path: Path) -> None:
