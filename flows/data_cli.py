@@ -96,7 +96,7 @@ def verify(output: str = typer.Argument(..., help="An output file or its .proven
 
     An input or weights file not reachable from here is reported as unverified, not as a failure.
     """
-    from storage.provenance import sidecar_path, verify as verify_record  # issue 6: report unreachable files apart
+    from storage.provenance import sidecar_for, sidecar_path, verify as verify_record  # issue 6: unreachable apart
     from storage.remote import is_url
 
     try:
@@ -110,7 +110,7 @@ def verify(output: str = typer.Argument(..., help="An output file or its .proven
             output_path = Path(output)
             if output_path.is_dir() and not output_path.name.endswith(".zarr"):
                 cliutil.fail(f"{output}: is a folder; give one output file (or its .provenance.json)")
-            sidecar = output_path if output_path.name.endswith(".provenance.json") else sidecar_path(output_path)
+            sidecar = output_path if output_path.name.endswith(".provenance.json") else sidecar_for(output_path)
             report = verify_record(sidecar)
     except SegflowError as exc:
         cliutil.fail(str(exc))

@@ -113,6 +113,24 @@ def sidecar_path(output: str | PathLike[str]) -> Path:
     return Path(output).with_name(stem_of(output) + ".provenance.json")
 
 
+def sidecar_for(output: str | PathLike[str]) -> Path:
+    """The sidecar that records ``output``: its own (``<stem>.provenance.json``), else one beside it that lists
+    it among its outputs (a mosaic's ``--split-by-tile`` cuts are recorded in the mosaic's sidecar, and
+    ``verify`` of a cut said "no such provenance file").  Else its own path, whose absence the caller reports."""
+    own = sidecar_path(output)
+    if own.exists():
+        return own
+    name = Path(output).name
+    for candidate in sorted(Path(output).parent.glob("*.provenance.json")):
+        try:
+            record = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and name in (record.get("outputs") or {}):
+            return candidate
+    return own
+
+
 def retired_path(output: str | PathLike[str]) -> Path:
     """Where an earlier run's sidecar waits while a new run replaces its outputs: hidden, so no reader takes it
     for the provenance of what is there now."""

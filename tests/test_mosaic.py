@@ -150,6 +150,10 @@ def test_a_mosaic_of_tiles_gives_the_uncut_scenes_labels_and_per_tile_runs_diffe
 
     verified = CliRunner().invoke(app, ["verify", str(tmp_path / "mosaic" / "region.tif")])
     assert verified.exit_code == 0, verified.output
+    # a cut has no sidecar of its own: the mosaic's records it (verify said "no such provenance file")
+    cut = tmp_path / "mosaic" / f"{scene['tiles'][0].stem}.tif"
+    verified = CliRunner().invoke(app, ["verify", str(cut)])
+    assert verified.exit_code == 0 and "region.provenance.json" in verified.output, verified.output
     from storage.provenance import verify
 
     report = verify(tmp_path / "mosaic" / "region.provenance.json")  # every tile rehashed, none unreachable
