@@ -145,7 +145,11 @@ def prefect_console(command: str) -> Iterator[RunLog]:
     """
     from prefect.logging.configuration import ensure_logging_setup
 
+    from flows.reaper import start_reaper
+
     ensure_logging_setup()
+    if not prefect_api_configured():  # Prefect's temporary server will run: it must not outlive a killed command
+        start_reaper()
     with _temporary_server_kept_quiet(), _console_to_log(command) as run_log:
         try:
             yield run_log

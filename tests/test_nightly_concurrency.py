@@ -30,6 +30,7 @@ from flows import ledger, locks
 from flows.config import SegmentOptions
 from flows.locks import InputLock
 from flows.nightly import nightly, nightly_report
+from flows.reaper import POLL_S
 from storage import samples
 from storage.provenance import verify
 from tests.models import tiny_model
@@ -310,3 +311,38 @@ def test_a_report_name_taken_meanwhile_by_another_run_is_not_overwritten(tmp_pat
     assert json.loads(json_path.read_text())["report"]["json"] == str(json_path)
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [f"{stamp}-2.json", f"{stamp}-2.md",
                                                                          f"{stamp}.json"]
+
+
+def test_a_killed_nightly_leaves_no_prefect_server_running(case, tmp_path):
+    """SIGKILL (or the OOM killer) on `segflow nightly` left Prefect's temporary server running, reparented to
+    init, for as long as anyone let it (10 minutes when found).  The command's watchdog (flows/reaper.py) ends it
+    once the command is gone."""
+    import signal
+
+    import psutil
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "COLUMNS": "200"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows", "nightly", "--inbox", str(case["inbox"]), "--model",
+                             str(case["model"].path), "--out", str(tmp_path / "out")], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = None
+    deadline = time.monotonic() + 180
+    try:
+        while server is None and proc.poll() is None and time.monotonic() < deadline:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if any("prefect.server" in part for part in child.cmdline()):
+                        server = child
+                except psutil.Error:
+                    continue
+            time.sleep(0.2)
+        assert server is not None, "the nightly ended or timed out before its temporary server was seen"
+        time.sleep(3 * POLL_S)  # the watchdog notes the command's descendants once per POLL_S
+        proc.send_signal(signal.SIGKILL)  # the command alone, as the OOM killer does: not its process group
+        proc.wait()
+        server.wait(timeout=30)  # psutil.TimeoutExpired: the server outlived the command
+    finally:
+        proc.kill()
+        for child in [c for c in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(c.info["cmdline"] or [])]:
+            child.kill()
