@@ -9,6 +9,7 @@ without importing the others, and without zarr or numpy (the CLI's start).
 
 from __future__ import annotations
 
+import errno
 import stat
 from os import PathLike
 from pathlib import Path
@@ -61,6 +62,13 @@ def check_readable_file(path: Path) -> bytes:
     forever), so only regular files go on. Returns the file's first bytes.
     """
     if path.is_symlink() and not path.exists():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python 3.11-12 raise this for a loop, 3.13 OSError(ELOOP)
+            raise InputError(path, f"is a symbolic link in a loop (to {path.readlink()})") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InputError(path, f"is a symbolic link in a loop (to {path.readlink()})") from None
         raise InputError(path, f"is a broken symbolic link (to {path.readlink()})")
     try:
         mode = path.stat().st_mode

@@ -259,6 +259,13 @@ def dangling_symlink(folder: Path) -> Path:
     return path
 
 
+def symlink_loop(folder: Path) -> Path:
+    path, other = folder / "loop-a.tif", folder / "loop-b.tif"
+    path.symlink_to(other.name)
+    other.symlink_to(path.name)
+    return path
+
+
 def missing(folder: Path) -> Path:
     return folder / "never_written.tif"
 
@@ -537,6 +544,8 @@ INPUT_CASES: list[Case] = [
          "is a FIFO (named pipe), not a regular file"),
     Case("dangling-symlink", "a symbolic link to a deleted file", "2d", dangling_symlink,
          "is a broken symbolic link"),
+    Case("symlink-loop", "two symbolic links naming each other", "2d", symlink_loop,
+         "is a symbolic link in a loop (to loop-b.tif)"),
     Case("missing", "a path that does not exist", "2d", missing, "no such file"),
     Case("3d-to-2d-model", "a NIfTI volume given to a 2D model", "2d", volume_to_2d_model, "is 2D, the input is 3D"),
     # 3D model
