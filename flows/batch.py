@@ -84,7 +84,7 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     (:func:`flows.inputs.output_clashes`); with ``out_dir``, an input its own
     outputs would overwrite is refused (:func:`flows.inputs.overwritten_input`).
     """
-    from flows.inputs import expand, input_label, output_clashes, overwritten_input
+    from flows.inputs import expand, input_label, input_stem, name_too_long, output_clashes, overwritten_input
     from flows.routing import fit_problem
     from storage.header import NO_CRS
     from storage.probe import probe
@@ -122,6 +122,8 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
                 problem = (f"a volume's probabilities are kept only in its zarr store, which --no-zarr removes: "
                            f"--probabilities {options.probabilities} would be dropped (keep the store, or drop "
                            "--probabilities)")
+            if problem is None:
+                problem = name_too_long(input_stem(item))
             if problem is not None:
                 raise IncompatibleInputError(label, problem)
             clobbered = None if out_dir is None or is_url(out_dir) else overwritten_input(item, out_dir)

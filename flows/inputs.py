@@ -72,6 +72,21 @@ def input_stem(source: Any) -> str:
     return item_stem(source) or stem_of(source)  # a STAC item's outputs are named after its id
 
 
+# the longest names made from a stem: the temporary file of an output (.<stem>.probabilities.tif.<32 hex>.tmp) is
+# 56 bytes more than the stem, and file systems allow 255 bytes a name
+MAX_STEM_BYTES = 255 - 56
+
+
+def name_too_long(stem: str) -> str | None:
+    """Why outputs cannot be named after ``stem`` (too long for the file system), or None.  A 250-character name
+    started the cluster, then failed on a work file whose path the message named instead of the input."""
+    size = len(stem.encode("utf-8"))
+    if size <= MAX_STEM_BYTES:
+        return None
+    return (f"its name is {size} bytes long, and the outputs and temporary files named after it need at most "
+            f"{MAX_STEM_BYTES} (file names are limited to 255 bytes): give it a shorter name or a shorter link")
+
+
 def input_label(source: Any) -> str:
     """How messages and provenance name an input: its path, or a series' folder and UIDs."""
     return source.display if isinstance(source, (SeriesRef, MosaicRef)) else str(source)
@@ -215,5 +230,5 @@ def _reusable_series(ref: SeriesRef, store_path: Path) -> ImageStore | None:
     return None
 
 
-__all__ = ["Expanded", "OUTPUT_SUFFIXES", "expand", "ingest_input", "input_label", "input_stem", "output_clashes",
-           "output_name", "overwritten_input"]
+__all__ = ["Expanded", "MAX_STEM_BYTES", "OUTPUT_SUFFIXES", "expand", "ingest_input", "input_label", "input_stem",
+           "name_too_long", "output_clashes", "output_name", "overwritten_input"]

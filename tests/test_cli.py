@@ -647,3 +647,17 @@ def test_unreadable_model_files_outputs_and_out_folders_are_one_line_errors(tmp_
         assert f"output {out / 'scene.tif'} cannot be read: Permission denied" in proc.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_input_name_too_long_for_its_outputs_is_refused_naming_it(model2d, tmp_path):
+    """A 230-byte name (valid, under 255) started the cluster, then failed on a work file's path ('File name too
+    long'), leaving an empty OUT; its outputs' temporary names would not have fitted either."""
+    scene = tmp_path / ("x" * 226 + ".tif")
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out")
+    assert proc.returncode == 1 and error_lines(proc.stderr) == [
+        f"error: {scene}: its name is 226 bytes long, and the outputs and temporary files named after it need at "
+        "most 199 (file names are limited to 255 bytes): give it a shorter name or a shorter link"], proc.stderr
+    assert "Dask" not in proc.stderr and not (tmp_path / "out").exists()
