@@ -87,9 +87,10 @@ def choose_split(declared: Sequence[str | None], *, val_fraction: float, seed: i
 
     Cases declared "test" never take part.  A spatial hold-out trains on
     every other case (each one cut in two by the engine).  Otherwise cases
-    the dataset declares "val" validate; without such a declaration a
-    seeded ``val_fraction`` of the cases does (at least one when there are
-    two or more, never all).  One case and no hold-out: no validation.
+    the dataset declares "val" validate; without such a declaration, or when
+    every case is declared "val" (a COCO val2017 JSON on its own), a seeded
+    ``val_fraction`` of the cases does (at least one when there are two or
+    more, never all).  One case and no hold-out: no validation.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(None, f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -100,11 +101,13 @@ def choose_split(declared: Sequence[str | None], *, val_fraction: float, seed: i
     if holdout is not None:
         return Split(usable, [], "holdout", excluded)
     declared_val = [i for i in usable if declared[i] == "val"]
-    if declared_val:
-        train_ids = [i for i in usable if declared[i] != "val"]
-        if not train_ids:
-            raise ConfigError(None, "the dataset declares every usable case for validation: none is left to train on")
+    train_ids = [i for i in usable if declared[i] != "val"]
+    if declared_val and train_ids:
         return Split(train_ids, declared_val, "dataset", excluded)
+    if declared_val and (val_fraction <= 0 or len(usable) < 2):  # a val-only set (COCO's val2017 JSON) alone
+        raise ConfigError(None, "the dataset declares every usable case for validation: none is left to train on "
+                                "(give --val-fraction F to split them, or --holdout AXIS:F)")
+    # a dataset of a validation split only is split by the seeded fraction, as one that declares none
     if val_fraction > 0 and len(usable) >= 2:
         count = min(len(usable) - 1, max(1, int(round(len(usable) * val_fraction))))
         order = np.random.default_rng(seed).permutation(len(usable))

@@ -110,6 +110,11 @@ def test_choose_split_rules():
     assert held.method == "holdout" and held.train == [0, 1] and held.val == []
     with pytest.raises(ConfigError):
         choose_split([None, None], val_fraction=1.0, seed=0)
+    # a validation split alone (COCO's val2017 JSON): refused, even with --val-fraction, before; now split by it
+    only_val = choose_split(["val"] * 5, val_fraction=0.2, seed=0)
+    assert only_val.method == "fraction" and len(only_val.val) == 1 and len(only_val.train) == 4
+    with pytest.raises(ConfigError, match="give --val-fraction F to split them, or --holdout AXIS:F"):
+        choose_split(["val"] * 5, val_fraction=0.0, seed=0)
 
 
 def test_holdout_boxes_and_region_is_a_view():
