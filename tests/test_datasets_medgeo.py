@@ -362,6 +362,16 @@ def test_vector_far_from_its_image_is_refused(tmp_path: Path) -> None:
         geolabels.LAYOUT.open(tmp_path)
 
 
+def test_class_codes_written_as_text_keep_their_numeric_order(tmp_path: Path) -> None:
+    """Codes "1", "10", "2" (GeoJSON exporters often write numbers as text) were sorted as text: class 2 was named
+    '10' and class 3 '2'."""
+    geo_vector_dataset(tmp_path, [(0, 0, 5, 5), (10, 10, 20, 20), (30, 30, 40, 40)], {"class": ["1", "10", "2"]})
+    ds = geolabels.LAYOUT.open(tmp_path)
+    assert [c.name for c in ds.classes] == ["background", "1", "2", "10"]
+    labels = ds.read(ds.cases[0], tmp_path / "work").labels[...]
+    assert labels[2, 2] == 1 and labels[15, 15] == 3 and labels[35, 35] == 2
+
+
 def test_a_vector_layer_with_a_crs_over_an_image_without_one_is_refused(tmp_path: Path) -> None:
     """Nothing could be burnt (the layer's longitudes and latitudes are not on the CRS-less image's grid), and
     training went on with background only: best Dice 0.0, exit 0."""

@@ -204,7 +204,9 @@ def _vector_table(cases: list[Case], where: Path) -> LabelTable:
         if not strings:
             numbers.update(class_values(raw, len(raw), None, v.path, v.class_attribute).tolist())
     if names:
-        ordered = [names[k] for k in sorted(names) if k != "background"]
+        # natural order: codes written as text ("1", "2", "10") keep their numeric order ("10" came before "2")
+        ordered = [names[k] for k in sorted(names, key=lambda k: (0, int(k), k) if k.isdigit() else (1, 0, k))
+                   if k != "background"]
         return LabelTable.build({0: "background", **{i + 1: n for i, n in enumerate(ordered)}}, where)
     return LabelTable.build({0: "background", **{n: f"class {n}" for n in sorted(numbers) if n}}, where)
 
