@@ -154,9 +154,16 @@ def inform(text: str, quiet: bool = False) -> None:
 
 def path_or_url(text: str) -> str:
     """A command-line input or output location: a URL as given (``Path`` would turn ``s3://b/k`` into
-    ``s3:/b/k``), a local path normalised as ``Path`` does."""
+    ``s3:/b/k``), a local path normalised as ``Path`` does.  A ``file://`` URL is the local path it names: as a
+    URL, an output there failed to upload ("FileNotFoundError") into a folder nothing had made."""
+    from urllib.parse import unquote, urlparse
+
     from storage.remote import is_url
 
+    if is_url(text) and text.lower().startswith("file://"):
+        parsed = urlparse(text)
+        if parsed.netloc in ("", "localhost"):
+            return str(Path(unquote(parsed.path)))
     return text if is_url(text) else str(Path(text))
 
 
@@ -167,8 +174,9 @@ def check_out_folder(out: "str | Path") -> None:
     from storage.errors import SegflowError
     from storage.remote import is_url, protocol_problem
 
-    if is_url(str(out)):
-        problem = protocol_problem(str(out))
+    out = path_or_url(str(out))
+    if is_url(out):
+        problem = protocol_problem(out)
         if problem is not None:
             fail(f"{out}: {problem}")
         return

@@ -661,3 +661,16 @@ def test_an_input_name_too_long_for_its_outputs_is_refused_naming_it(model2d, tm
         f"error: {scene}: its name is 226 bytes long, and the outputs and temporary files named after it need at "
         "most 199 (file names are limited to 255 bytes): give it a shorter name or a shorter link"], proc.stderr
     assert "Dask" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_file_urls_are_local_paths(model2d, tmp_path):
+    """docs/storage.md names file:// among the schemes that work; an output there failed to upload
+    (FileNotFoundError) into a folder nothing had made.  A file:// URL is now the local path it names."""
+    scene = tmp_path / "a scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    out = tmp_path / "out dir"
+    proc = run("segment", scene.as_uri(), "--model", model2d.path, "--out", out.as_uri(), "--no-zarr")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "a scene.tif").is_file() and run("verify", out / "a scene.tif").returncode == 0
