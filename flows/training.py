@@ -252,6 +252,17 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return fingerprint(Path(os.path.abspath(base)), [Path(os.path.abspath(f)) for f in files])
 
 
+def _renumbered(dataset: Dataset) -> str:
+    """How a dataset's own label values map to the model's classes, where they differ ("3 for 'enhancing'
+    (value 4)"): a Decathlon label table of 0, 1, 2, 4 trains as classes 0..3, and the outputs hold 3 where
+    the dataset's files hold 4.  "" when they are the same (or the layout maps ids by design: COCO, Cityscapes)."""
+    table = getattr(dataset, "table", None)
+    values = tuple(getattr(table, "values", ()) or ())
+    if not values or values == tuple(range(len(values))):
+        return ""
+    return ", ".join(f"{k} for {n!r} (value {v})" for k, (v, n) in enumerate(zip(values, table.names)) if k != v)
+
+
 def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: int, batch_size: int,
                        val_fraction: float = 0.2, val_every: int | None = None,
                        holdout: str | Holdout | None = None, resume: bool = False, lr: float = 2e-3,
@@ -282,6 +293,10 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
             f"{card.num_classes} classes; training on {len(split.train)}, validating on "
             + (f"the held-out {1 - abs(held.fraction):g} of each along {held.axis}" if held is not None
                else f"{len(split.val)} ({split.method} split)"))
+    renumbered = _renumbered(dataset)
+    if say is not None and renumbered:
+        say(f"note: the dataset's label values are not 0..{card.num_classes - 1}: the model's outputs write "
+            f"{renumbered} (map them back before scoring against the dataset's own label files)")
     work = Path(tempfile.mkdtemp(prefix="segflow-train-"))
     try:
         samples: list[TrainingSample | None] = [None] * len(cases)
@@ -294,7 +309,9 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
                       resume=resume, on_step=on_step, augment=augment, data=digest)
         result.provenance["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": str(root.resolve()),
                                         "fingerprint": digest, "cases": len(cases),
-                                        "ignore_index": dataset.ignore_index}
+                                        "ignore_index": dataset.ignore_index,
+                                        **({"label_values": list(getattr(dataset, "table").values)}
+                                           if renumbered else {})}
         result.provenance["split"] = split.provenance([c.id for c in cases],
                                                       **_split_extra(split, val_fraction, seed, held))
         return save_trained(out, card, result)

@@ -91,3 +91,22 @@ def test_decathlon_layout_trains_segments_and_evaluates(tmp_path):
     trained = _train(root, card, tmp_path / "model")
     _check_trained(trained, root, "decathlon")
     assert [c["name"] for c in trained["classes"]] == ["background", "liver", "tumour"]
+
+
+def test_a_decathlon_table_with_a_gap_says_how_values_map_and_records_them(tmp_path):
+    """A table of 0, 1, 2, 4 (BraTS' original values) trains as classes 0..3: the outputs hold 3 where the
+    dataset's files hold 4, and scoring them against those files gave 'enhancing' a Dice of 0 with no word of
+    why.  Training now says so and the card records the dataset's values."""
+    from tests.medgeo_datasets import msd_dataset
+
+    root = tmp_path / "Task01_Gap"
+    msd_dataset(root, labels={0: "background", 1: "necrotic", 2: "edema", 4: "enhancing"})
+    card = _card(tmp_path / "card.json", spatial_dims=3, channels=2, roi=[8, 8, 8])
+    result = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(card), "--out",
+                                 str(tmp_path / "model"), "--steps", "2", "--batch-size", "1"])
+    assert result.exit_code == 0, result.output
+    assert "note: the dataset's label values are not 0..3: the model's outputs write 3 for 'enhancing' (value 4)" \
+        in " ".join(result.output.split())
+    trained = read_card(tmp_path / "model" / "card.json").model_dump()
+    assert trained["training"]["dataset"]["label_values"] == [0, 1, 2, 4]
+    assert [c["name"] for c in trained["classes"]] == ["background", "necrotic", "edema", "enhancing"]
