@@ -117,6 +117,7 @@ def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, ve
 def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, Any], written: list[Path],
               polygons: Path | None = None) -> Path:
     """``<stem>.stac.json``: the label COG (classification), probabilities, and the model as MLM describes it."""
+    from segmentation.mlm import weights_asset
     from storage.stac import write_stac_item
 
     card = model.card
@@ -132,7 +133,7 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
         model=_model_description(card, model.weights_sha256, "cuda" if device.startswith("cuda") else "cpu",
                                  _band_names(card, meta, record)),
         gsd=float(spacing[0]) if spacing and card.input.spacing_unit == "m" else None,
-        source=str(meta.source.path), vectors=polygons, datetime_=when,
+        source=str(meta.source.path), vectors=polygons, datetime_=when, weights=weights_asset(model),
         probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None)
     if tiles:  # a mosaic (storage.mosaic) derives from each of its tiles
         _link_tiles(item, tiles)

@@ -114,19 +114,29 @@ def model_description(card: ModelCard, *, weights_sha256: str | None, accelerato
     }
 
 
-def model_item(loaded: Any) -> dict[str, Any]:
-    """A loaded model (``segmentation.modeldir.LoadedModel``) as a STAC MLM item; the weights are its model asset."""
+def weights_asset(loaded: Any) -> dict[str, Any]:
+    """The fields of a loaded model's weights as an MLM ``mlm:model`` asset: href (absolute), sha256, and where the
+    file is here, its media type, artifact type and size."""
     from segmentation.formats import detect_format
-    from storage.stac import model_item as build_item
 
-    card = loaded.card
     weights = Path(loaded.weights_path) if loaded.weights_path else None
     asset: dict[str, Any] = {"href": str(weights.resolve()) if weights else str(loaded.path),
                              "sha256": loaded.weights_sha256}
-    when = None
     if weights is not None and weights.is_file():
         fmt = detect_format(weights)
         asset.update(type=_MEDIA[fmt], artifact_type=_ARTIFACT[fmt], size=weights.stat().st_size)
+    return asset
+
+
+def model_item(loaded: Any) -> dict[str, Any]:
+    """A loaded model (``segmentation.modeldir.LoadedModel``) as a STAC MLM item; the weights are its model asset."""
+    from storage.stac import model_item as build_item
+
+    card = loaded.card
+    asset = weights_asset(loaded)
+    weights = Path(loaded.weights_path) if loaded.weights_path else None
+    when = None
+    if weights is not None and weights.is_file():
         when = datetime.fromtimestamp(weights.stat().st_mtime, tz=timezone.utc).replace(microsecond=0)
     return build_item(item_id=_item_id(card.name), model=model_description(card, weights_sha256=loaded.weights_sha256),
                       classes=card.classes, gsd=_gsd(card), weights=asset, description=card.description or None,

@@ -202,7 +202,8 @@ def _lineage(model: dict[str, Any], source: str) -> str:
 
 def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: list[LabelClass], model: dict,
                     gsd: float | None, source: str, probability_cog: Path | None = None,
-                    vectors: Path | None = None, datetime_: datetime | None = None) -> Path:
+                    vectors: Path | None = None, datetime_: datetime | None = None,
+                    weights: dict[str, Any] | None = None) -> Path:
     """Write the STAC Item of one raster output and return its path.
 
     ``out_path`` is the export's output path (the label COG's name, as in
@@ -255,6 +256,8 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
             href=_relative_href(vectors, item_dir), media_type=_VECTOR_TYPES.get(vectors.suffix.lower()),
             title="Label polygons", roles=["data", "labels"]))
 
+    if weights is not None:  # the model that made the labels (segmentation.mlm.weights_asset)
+        _add_model_asset(item, model, weights)
     item.add_link(pystac.Link(rel="derived_from", target=str(source), title="Segmented source"))
     item.stac_extensions.append(PROCESSING_SCHEMA)
     item.properties["processing:lineage"] = _lineage(model, source)
@@ -285,6 +288,12 @@ def model_item(*, item_id: str, model: dict, classes: list[LabelClass], gsd: flo
     if description:
         item.common_metadata.description = description
     MLModelExtension.ext(item, add_if_missing=True).apply(mlm)
+    _add_model_asset(item, model, weights)
+    return item.to_dict(include_self_link=False, transform_hrefs=False)
+
+
+def _add_model_asset(item: pystac.Item, model: dict, weights: dict[str, Any]) -> None:
+    """The weights as the item's ``mlm:model`` asset, which MLM requires of every item that uses it."""
     extra: dict[str, Any] = {}
     if weights.get("artifact_type"):
         extra["mlm:artifact_type"] = str(weights["artifact_type"])
@@ -295,9 +304,8 @@ def model_item(*, item_id: str, model: dict, classes: list[LabelClass], gsd: flo
     item.add_asset("model", pystac.Asset(href=str(weights["href"]), media_type=weights.get("type"),
                                          title=f"{model.get('name')} weights", roles=["mlm:model", "mlm:weights"],
                                          extra_fields=extra))
-    if "file:checksum" in extra:
+    if "file:checksum" in extra and FILE_SCHEMA not in item.stac_extensions:
         item.stac_extensions.append(FILE_SCHEMA)
-    return item.to_dict(include_self_link=False, transform_hrefs=False)
 
 
 def _segflow_version() -> str:

@@ -63,9 +63,11 @@ def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
     vectors = tmp_path / "scene.gpkg"
     vectors.write_bytes(b"")  # only its name and place matter to the item
     when = datetime(2024, 5, 17, 10, 30, tzinfo=timezone.utc)
+    weights = {"href": "/models/demo/weights.safetensors", "sha256": "ab" * 32, "size": 1234,
+               "type": "application/octet-stream; application=safetensors", "artifact_type": "safetensors"}
     written = write_stac_item(label, item_id="scene", label_cog=label, classes=CLASSES, model=MODEL, gsd=10.0,
                               source="s3://bucket/in/scene.tif", probability_cog=probs, vectors=vectors,
-                              datetime_=when)
+                              datetime_=when, weights=weights)
 
     assert written == tmp_path / "scene.stac.json" == stac_item_path(label)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -93,6 +95,10 @@ def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
     assert [b["name"] for b in item.assets["probabilities"].extra_fields["bands"]] == \
         ["background", "Tree_cover_forest", "built-up"]
     assert item.assets["polygons"].media_type == "application/geopackage+sqlite3"
+    # MLM requires an mlm:model asset: the weights that made the labels
+    model_asset = item.assets["model"]
+    assert model_asset.roles == ["mlm:model", "mlm:weights"] and model_asset.href == weights["href"]
+    assert model_asset.extra_fields["file:checksum"] == "1220" + "ab" * 32
     # what the files' bands hold, as they declare it: the label COG's nodata, the probabilities' type
     assert labels.extra_fields["bands"] == [{"name": "labels", "data_type": "uint8"}]
     assert {b["data_type"] for b in item.assets["probabilities"].extra_fields["bands"]} == {"float32"}
