@@ -292,7 +292,8 @@ class WindowPredictor:
                 net = net.to(dev)
                 net = net.to(memory_format=self.memory_format)
                 for p in net.parameters():
-                    p.requires_grad_(False)
+                    if p.is_leaf:  # a TorchScript module's copy holds non-leaf parameters, which refuse the call
+                        p.requires_grad_(False)
                 if self.compile:
                     net = compiled(net)
                 self._prepared = net

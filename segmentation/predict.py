@@ -51,6 +51,13 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
 
     ``one_process``: whether the graph will run in one process (None: guessed from the current Dask client,
     :class:`segmentation.stitching.StitchPlan`); it decides only how the pieces reach their chunks."""
+    if not isinstance(model, (nn.Module, LoadedModel)):  # a model folder's path: load_model(path) first
+        raise ConfigError(None, f"model must be a torch module or segmentation.load_model(PATH), got "
+                                f"{type(model).__name__}")
+    if precision not in ("exact", "fast"):  # "bogus" ran as exact without a word
+        raise ConfigError(None, f"precision must be 'exact' or 'fast', got {precision!r}")
+    if not hasattr(image, "ndim") or not hasattr(image, "shape"):
+        raise ConfigError(None, f"image must be a (C, *spatial) numpy, zarr or dask array, got {type(image).__name__}")
     if image.ndim not in (3, 4):
         raise ConfigError(None, f"image must be (C, *spatial) with 2 or 3 spatial axes, got shape {image.shape}")
     spatial_dims = image.ndim - 1
@@ -100,12 +107,21 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         else:
             normalizer = Normalizer((0.0,) * arr.shape[0], (1.0,) * arr.shape[0])
     if num_classes is None:
-        with torch.inference_mode():
-            probe = module(torch.zeros((1, arr.shape[0]) + roi))
+        # in eval mode: a module left in train mode had its BatchNorm statistics updated by this probe, and the
+        # windows then ran with them (probabilities 0.036 off MONAI's on the same module in eval mode)
+        was_training = module.training
+        try:
+            with torch.inference_mode():
+                probe = module.eval()(torch.zeros((1, arr.shape[0]) + roi))
+        finally:
+            module.train(was_training)
         num_classes = int((probe[0] if isinstance(probe, (tuple, list)) else probe).shape[1])
     if token is None:
         from dask.base import tokenize
-        token = tokenize(*[p.detach().numpy() for p in module.state_dict().values()], type(module).__name__)
+        # the structure too (repr: activations, norms...) and the object: two networks sharing a state_dict but
+        # not an activation had one key, and computed together both gave the first one's probabilities
+        token = tokenize(*[p.detach().cpu().numpy() for p in module.state_dict().values()], type(module).__name__,
+                         repr(module), id(module))
     predictor = WindowPredictor(module, spatial_dims=spatial_dims, num_classes=num_classes,
                                 precision=precision, device=device, batch_size=batch_size,
                                 token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}"

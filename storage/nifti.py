@@ -227,7 +227,10 @@ def _slabs(labels: Any, plane_bytes: int) -> Iterator[np.ndarray]:
     """Read z-slabs following the array's own chunk grid when it has one."""
     depth = labels.shape[0]
     chunks = getattr(labels, "chunks", None)
-    step = int(chunks[0]) if chunks else max(1, _EXPORT_SLAB_BYTES // max(plane_bytes, 1))
+    first = chunks[0] if chunks else None
+    if isinstance(first, tuple):  # a dask array's chunks are per-axis tuples of block sizes (predict's labels)
+        first = max(first) if first else None
+    step = int(first) if first else max(1, _EXPORT_SLAB_BYTES // max(plane_bytes, 1))
     for k0 in range(0, depth, step):
         yield np.asarray(labels[k0:min(k0 + step, depth)])
 

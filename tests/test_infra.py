@@ -125,6 +125,9 @@ def test_compose_prefect_server_uses_postgres_and_the_worker_finds_the_server(co
     deploy = " ".join(_command(services["deploy"]))
     assert "prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml" in deploy
     assert services["deploy"]["working_dir"] == "/opt/segflow"  # where infra/Dockerfile puts the code
+    # no pull step: without `pull: []`, `prefect deploy` from a laptop recorded the laptop's folder as every run's
+    # working directory, which a worker pod does not have
+    assert prefect_yaml["pull"] == []
 
 
 def test_compose_dask_workers_reach_the_scheduler_and_share_the_data(compose):

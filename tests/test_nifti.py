@@ -273,6 +273,20 @@ def test_a_2d_nifti_gets_a_2d_label_map_that_evaluate_reads(tmp_path: Path) -> N
     assert rows[1]["dice"] == pytest.approx(want)
 
 
+def test_export_from_dask_labels_as_predict_returns_them(tmp_path: Path) -> None:
+    """segmentation.predict's labels are a dask array, whose chunks are tuples per axis: the slab reader took
+    int() of one (TypeError), while write_label_cog took them."""
+    import dask.array as da
+
+    src = _case_oblique(tmp_path)
+    store = ingest_nifti(src, tmp_path / "s.zarr", chunk=16)
+    labels = _threshold(store.image)
+    lazy = da.from_array(labels, chunks=(5, 7, 9))
+    out = write_label_nifti(lazy, store.meta.geometry, tmp_path / "d.nii.gz", classes=CLASSES)
+    plain = write_label_nifti(labels, store.meta.geometry, tmp_path / "p.nii.gz", classes=CLASSES)
+    assert np.array_equal(np.asarray(nib.load(out).dataobj), np.asarray(nib.load(plain).dataobj))
+
+
 def test_export_from_zarr_labels_big_endian_uint16(tmp_path: Path) -> None:
     """Labels read from a chunked zarr array, past 255 classes, into a big-endian header."""
     src = _case_big_endian(tmp_path)

@@ -340,6 +340,54 @@ def test_predict_leaves_the_callers_module_untouched():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def test_a_module_left_in_train_mode_keeps_its_batchnorm_statistics_and_gives_eval_results():
+    """predict's class-count probe ran the caller's module in train mode: its BatchNorm running statistics changed,
+    and the windows ran with them (0.036 off MONAI's on the same module in eval mode)."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    img = np.random.default_rng(0).normal(size=(2, 40, 36)).astype(np.float32)
+    got = predict(img, net, roi=(16, 16)).compute(scheduler="sync")
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    reference = monai_reference(img, net.eval(), (16, 16), 0.25)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_networks_sharing_weights_but_not_structure_have_their_own_results():
+    """Two networks with one state_dict and different activations had one dask key: computed together, both gave
+    the first one's probabilities."""
+    a = tiny_net(2, 1, 2)
+    b = nn.Sequential(*[nn.Tanh() if isinstance(m, nn.ReLU) else m for m in tiny_net(2, 1, 2)]).eval()
+    b.load_state_dict(a.state_dict())
+    img = np.random.default_rng(1).normal(size=(1, 30, 30)).astype(np.float32)
+    pa, pb = predict(img, a, roi=(16, 16)), predict(img, b, roi=(16, 16))
+    assert pa.name != pb.name
+    ga, gb = dask.compute(pa, pb, scheduler="sync")
+    np.testing.assert_allclose(gb, monai_reference(img, b, (16, 16), 0.25), atol=1e-5)
+    assert not np.allclose(ga, gb)
+
+
+def test_torchscript_modules_and_user_mistakes():
+    """A scripted or traced module failed inside the task (requires_grad on a copy's non-leaf parameters); a
+    wrong precision ran as exact without a word; a model folder's path was told 'roi is required'."""
+    from storage.errors import ConfigError
+
+    net = tiny_net(2, 1, 2)
+    img = np.random.default_rng(2).normal(size=(1, 30, 30)).astype(np.float32)
+    reference = monai_reference(img, net, (16, 16), 0.25)
+    for module in (torch.jit.script(net), torch.jit.trace(net, torch.zeros(1, 1, 16, 16))):
+        np.testing.assert_allclose(predict(img, module, roi=(16, 16)).compute(scheduler="sync"), reference,
+                                   atol=1e-5)
+    with pytest.raises(ConfigError, match="precision must be 'exact' or 'fast', got 'bogus'"):
+        predict(img, net, roi=(16, 16), precision="bogus")
+    with pytest.raises(ConfigError, match="model must be a torch module or segmentation.load_model"):
+        predict(img, "models/landcover-2d", roi=(16, 16))
+    with pytest.raises(ConfigError, match="image must be a .* array, got list"):
+        predict([[1.0]], net, roi=(16, 16))
+
+
 @pytest.mark.parametrize("ndim, shape, roi, flips", [
     (2, (53, 71), (24, 32), [0]),
     (2, (40, 37), (16, 16), [0, 1]),
