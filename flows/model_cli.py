@@ -44,6 +44,12 @@ def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI 
     out.print_json(card.model_dump_json())
 
 
+AXIS_ORDER_NOTE = ("segflow gives the network its windows in storage order: (k, j, i) of a NIfTI, (row, col) of a "
+                   "raster, as nnU-Net (SimpleITK) and torchgeo (rasterio) load them; a network trained on MONAI's "
+                   "NIfTI loading (i, j, k) would see them transposed, and its labels differ: put its weights in a "
+                   "MONAI bundle (configs/ + models/model.pt) and convert that, which permutes the kernels")
+
+
 @model_app.command("convert")
 def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, state_dict checkpoint "
                                                        "(.pt/.pth/.bin/.safetensors), TorchScript archive, or a "
@@ -70,6 +76,8 @@ def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, 
         else:
             given = read_card(card) if card is not None else None
             loaded, notes = convert_model(src, out, card=given, trust_bundle=trust_bundle)
+            if given is not None and loaded.source == "segflow":  # a weights file: nothing says its axis order
+                notes = [*notes, AXIS_ORDER_NOTE]
     except SegflowError as exc:
         cliutil.fail(str(exc))
     for note in notes:

@@ -335,6 +335,13 @@ def convert_item(item_path: str | os.PathLike[str], out: str | os.PathLike[str])
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelError(item_path, f"not a readable JSON STAC item ({str(exc).splitlines()[0][:120]})") from None
     card = card_from_item(item, item_path)
+    from segmentation.bundle import AXES_NOTE
+
+    if AXES_NOTE in (card.description or ""):  # `model inspect --stac BUNDLE`: the weights are the bundle's own
+        raise ModelError(item_path, "describes a MONAI bundle's network, whose weights are in MONAI's axis order "
+                                    "(i, j, k); converted from here they ran on transposed windows (labels 46 % as "
+                                    "the bundle's): convert the bundle itself (`segflow model convert BUNDLE_DIR`), "
+                                    "which permutes its kernels")
     weights, expected = model_asset(item, item_path)
     if card.architecture.name not in models.names() and detect_format(weights) != "torchscript":
         raise ModelError(item_path, f"mlm:architecture {card.architecture.name!r} is not in segflow's registry "

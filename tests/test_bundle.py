@@ -213,6 +213,15 @@ def test_convert_a_bundle_then_the_model_directory_computes_the_same(bundle, une
     assert torch.equal(got.argmax(1), want.argmax(1))
     result = runner.invoke(app, ["model", "convert", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
+    # the bundle as an MLM item names its own (MONAI-order) weights: converted from the item they ran on
+    # transposed windows (46 % of labels as the bundle's); refused, pointing at the bundle
+    item = tmp_path / "bundle.json"
+    shown = runner.invoke(app, ["model", "inspect", str(bundle), "--stac"])
+    assert shown.exit_code == 0, shown.output
+    item.write_text(shown.stdout)
+    result = runner.invoke(app, ["model", "convert", str(item), "--out", str(tmp_path / "from-item")])
+    assert result.exit_code == 2 and "convert the bundle itself" in " ".join(result.output.split())
+    assert not (tmp_path / "from-item").exists()
 
 
 @pytest.mark.parametrize("network", [
