@@ -67,6 +67,25 @@ def _commutes_with_resampling(norm: dict[str, Any]) -> bool:
     return norm["mode"] in ("none", "scale", "zscore") and norm.get("clip") is None and not norm.get("nonzero")
 
 
+def _image_key(transforms: list, in_key: str, notes: list[str]) -> str:
+    """The key the preprocessing transforms call the image.  The metadata's input name is usually it; where no
+    transform names it (metadata "img", transforms "image"), every transform was skipped as another input's and
+    the bundle's normalisation was lost without a word (labels 42 % as the bundle's own)."""
+    named = [set(keys) for keys in (transform_keys(t) for t, _ in transforms) if keys is not None]
+    if not named or any(in_key in keys for keys in named):
+        return in_key
+    loaders = [set(transform_keys(t) or ()) for t, _ in transforms
+               if base_name(short_name(t["_target_"])) == "LoadImage"]
+    candidates = set.union(*loaders) if loaders else set()
+    if len(candidates) == 1:
+        key = candidates.pop()
+        notes.append(f"the metadata names the input {in_key!r}, the preprocessing {key!r}: {key!r} is taken as the "
+                     "image")
+        return key
+    raise ModelError(None, f"the metadata names the input {in_key!r}, which no preprocessing transform names (they "
+                           f"name {', '.join(sorted(set.union(*named)))}); write the card yourself and pass --card")
+
+
 def preprocessing(config: dict, in_key: str, channels: int, spatial_dims: int, notes: list[str],
                    evaluate: Any) -> Preprocessing:
     """Normalisation and model space from the preprocessing transforms, or a refusal."""
@@ -75,6 +94,7 @@ def preprocessing(config: dict, in_key: str, channels: int, spatial_dims: int, n
         raise ModelError(None, f"{problem}; write the card yourself and pass --card")
     if not transforms:
         notes.append("the bundle has no literal preprocessing: the network receives the raw pixel values")
+    in_key = _image_key(transforms, in_key, notes)
     out = Preprocessing()
     intensity: str | None = None
     for t, tid in transforms:

@@ -315,3 +315,19 @@ def test_postprocessing_maps_invert_order_and_keep_largest(tmp_path, unet):
     root = write_bundle(tmp_path / "c", net_module=unet, postprocessing=labels_bilinear)
     with pytest.raises(ModelError, match="interpolates labels linearly"):
         read_bundle(root)
+
+
+def test_a_metadata_input_name_the_transforms_do_not_use_keeps_the_normalisation(tmp_path, unet):
+    """metadata.json calling the input 'img' while the transforms call it 'image': every transform was skipped as
+    another input's, and the card had no normalisation (labels 42 % as the bundle's own), without a word."""
+    root = write_bundle(tmp_path / "b", net_module=unet)
+    reference = read_bundle(root).card.input.normalization
+    assert reference.mode != "none"
+    meta_path = root / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    inputs = meta["network_data_format"]["inputs"]
+    inputs["img"] = inputs.pop("image")
+    meta_path.write_text(json.dumps(meta))
+    mapped = read_bundle(root)
+    assert mapped.card.input.normalization == reference
+    assert "the metadata names the input 'img', the preprocessing 'image'" in mapped.card.description
