@@ -179,7 +179,17 @@ def check_no_nan(state: Mapping[str, torch.Tensor], path: str | PathLike[str] | 
 
 def fill(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None,
          architecture: str) -> nn.Module:
-    """Check then load ``state`` into ``module``; returns it in eval mode."""
+    """Check then load ``state`` into ``module``; returns it in eval mode.
+
+    A wrapper's attribute in front of every name (a Lightning module's ``model.``, a ``net.``) is dropped when the
+    names then are exactly the network's: a MONAI UNet's own names start with ``model.`` too, so it is never
+    dropped blindly (the refusal of such a checkpoint named a "missing" tensor that looked present)."""
+    wanted = set(module.state_dict())
+    heads = {k.split(".", 1)[0] for k in state}
+    if set(state) != wanted and len(heads) == 1 and all("." in k for k in state):
+        unwrapped = {k.split(".", 1)[1]: v for k, v in state.items()}
+        if set(unwrapped) == wanted:
+            state = unwrapped
     check_fits(state, module, path, architecture)
     module.load_state_dict(dict(state))
     return module.eval()

@@ -42,15 +42,18 @@ def _same(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> bool:
         return torch.equal(a(x), b(x))
 
 
-@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "dataparallel", "legacy"])
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "dataparallel", "legacy", "lightning"])
 def test_state_dict_checkpoints_convert_to_a_model_directory(net, x, tmp_path, wrap):
     state = net.state_dict()
+    assert all(k.startswith("model.") for k in state)  # a MONAI UNet's own names: never stripped blindly
     obj = {"plain": state, "state_dict": {"state_dict": state, "epoch": 7}, "model": {"model": state},
-           "dataparallel": {f"module.{k}": v for k, v in state.items()}, "legacy": state}[wrap]
+           "dataparallel": {f"module.{k}": v for k, v in state.items()}, "legacy": state,
+           # a LightningModule holding the network as self.model (it was refused, naming a "missing" tensor)
+           "lightning": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}}[wrap]
     ckpt = tmp_path / ("weights.bin" if wrap == "legacy" else "model.pth")
     torch.save(obj, ckpt, _use_new_zipfile_serialization=wrap != "legacy")
     assert detect_format(ckpt) == "state_dict"
-    assert sorted(read_state_dict(ckpt)) == sorted(state)
+    assert sorted(read_state_dict(ckpt)) == sorted(state if wrap != "lightning" else obj["state_dict"])
     loaded, _ = convert_model(ckpt, tmp_path / "out", card=_card())
     assert loaded.card.training["converted_from"]["format"] == "state_dict"
     assert _same(load_model(tmp_path / "out").module, net, x)
