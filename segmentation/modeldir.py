@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from safetensors.torch import save_file
+import torch
 from torch import nn
 
 from segmentation import models
@@ -163,6 +164,7 @@ def _load_script_dir(path: Path, card: ModelCard, script: Path, verify_hash: boo
     if detect_format(script) != "torchscript":
         raise ModelError(script, "not a TorchScript archive")
     module, _ = load_torchscript(script)
+    _check_script_output(module, card, script)
     return LoadedModel(path=path, card=card, module=ScriptedNetwork(module).eval(), weights_sha256=digest,
                        weights_path=script, source="torchscript")
 
@@ -182,8 +184,31 @@ def _load_archive(path: Path) -> LoadedModel:
     except ValidationError as exc:
         raise ModelError(path, _first_error(exc)) from None
     digest = sha256_file(path)
+    _check_script_output(module, card, path)
     return LoadedModel(path=path, card=card, module=ScriptedNetwork(module).eval(), weights_sha256=digest,
                        weights_path=path, source="torchscript")
+
+
+def _check_script_output(module: nn.Module, card: ModelCard, path: Path) -> None:
+    """A TorchScript network is a black box: run it once on a window of the card's roi and check it returns the
+    logits of the card's classes on the window's grid (first of a tuple or list, as inference takes them).  One
+    returning a dict, fewer or more classes, or an auxiliary head first failed inside the windows, after the run
+    had started, with a torch error."""
+    roi = tuple(card.inference.roi)
+    x = torch.zeros((1, card.input.channels, *roi))
+    try:
+        with torch.inference_mode():
+            out = module.eval()(x)
+    except Exception as exc:  # noqa: BLE001 - whatever the archive's code raises, said in one line
+        raise ModelError(path, f"the TorchScript network fails on a (1, {card.input.channels}, "
+                               f"{', '.join(map(str, roi))}) window: {' '.join(str(exc).split())[:200]}") from None
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    want = (1, card.num_classes, *roi)
+    got = tuple(first.shape) if isinstance(first, torch.Tensor) else type(out).__name__
+    if got != want:
+        raise ModelError(path, f"the TorchScript network returns {got} for a {(1, card.input.channels, *roi)} "
+                               f"window; segflow needs the logits of the card's {card.num_classes} classes on the "
+                               f"window's grid, {want} (the first of a tuple or list)")
 
 
 def check_model(path: str | PathLike[str], *, trust_bundle: bool = False) -> ModelCard:

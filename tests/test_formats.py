@@ -159,6 +159,41 @@ def test_torchscript_archive_runs_as_is_and_converts(net, x, tmp_path):
     assert _same(load_model(tmp_path / "kept").module, scripted, x)
 
 
+class _Dict(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.net(x)}
+
+
+class _AuxFirst(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.net(x)
+        return [y[:, :, ::2, ::2], y]
+
+
+@pytest.mark.parametrize("case", ["dict", "aux first", "classes"])
+def test_a_torchscript_network_whose_output_segflow_cannot_use_is_refused_at_load(net, tmp_path, case):
+    """A TorchScript archive is a black box: one returning a dict, an auxiliary head first, or another number of
+    classes than its card converted fine, then failed inside the windows of `segment` with a torch error."""
+    module = {"dict": _Dict(net), "aux first": _AuxFirst(net), "classes": net}[case]
+    classes = 5 if case == "classes" else None
+    card = _card().model_copy(update={"architecture": Architecture(name="torchscript")})
+    if classes:
+        from storage.classes import LabelClass
+
+        card = card.model_copy(update={"classes": [LabelClass(value=v, name=f"c{v}") for v in range(classes)]})
+    archive = save_torchscript(tmp_path / "net.pt", torch.jit.script(module.eval()), card.model_dump_json())
+    with pytest.raises(ModelError, match=r"net.pt: the TorchScript network returns .* segflow needs the logits"):
+        load_model(archive)
+
+
 def test_a_model_directory_is_never_written_over_a_file_or_into_a_folder_of_other_things(net, tmp_path):
     """`segflow train --out` over a file was a traceback; into a data folder it scattered a model among the data."""
     from segmentation.modeldir import check_model_out
