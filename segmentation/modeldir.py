@@ -362,7 +362,11 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
             notes.append(f"architecture {arch!r} is not in the registry: the TorchScript graph is kept as is")
         return _save_script_dir(out, target, weights), notes
     try:
-        module = fill(build_module(target), read_state_dict(weights), weights, arch)
+        network = build_module(target)
+    except ModelError as exc:  # the registry's errors do not know which card asked ("unexpected keyword 'foo'")
+        raise ModelError(exc.path or src, f"the card's architecture: {exc.problem}") from None
+    try:
+        module = fill(network, read_state_dict(weights), weights, arch)
     except ModelError as exc:
         if fmt == "torchscript" and exc.path is not None:
             raise ModelError(exc.path, f"{exc.problem}; the TorchScript module's parameters must match the "

@@ -66,6 +66,8 @@ def test_shape_mismatch_and_missing_card_are_refused(net, tmp_path):
         convert_model(ckpt, tmp_path / "out", card=_card(channels=[4, 16]))
     with pytest.raises(ModelError, match="--card"):
         convert_model(ckpt, tmp_path / "out2")
+    with pytest.raises(ModelError, match=r"model\.pt: the card's architecture: cannot build 'unet' .*'foo'"):
+        convert_model(ckpt, tmp_path / "out3", card=_card(foo=1))  # it named no file
     with pytest.raises(ModelError, match="no card"):
         load_model(ckpt)
     assert not (tmp_path / "out" / "card.json").exists()
