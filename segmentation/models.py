@@ -201,6 +201,14 @@ def check_roi(module: nn.Module, roi: Sequence[int], name: str = "the network") 
     minimum = int(getattr(module, "min_input_size", 1))
     if any(r < minimum for r in roi):
         raise ModelError(None, f"{name} needs each spatial size at least {minimum}, got roi {roi}")
+    # an instance norm at the coarsest level of a one-pixel window fails in every window ("Expected more than 1
+    # spatial element"), after the run has started: BasicUNet's default at roi 16
+    if any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in module.modules()):
+        if any(m > 1 and r // m < 2 for r, m in zip(roi, multiples)):
+            need = tuple(2 * m for m in multiples)
+            shown = need[0] if len(set(need)) == 1 else need
+            raise ModelError(None, f"{name} needs each spatial size at least {shown} (its instance norm needs more "
+                                   f"than one pixel at the coarsest level), got roi {roi}")
 
 
 # ---------------------------------------------------------------- receptive fields

@@ -96,6 +96,20 @@ def test_own_networks_refuse_sizes_with_a_clear_message(name, multiple):
         models.check_roi(net, bad, name)
 
 
+def test_an_instance_norm_network_needs_more_than_one_pixel_at_its_coarsest_level():
+    """BasicUNet (instance norm) at roi 16: every window failed inside the run ("Expected more than 1 spatial
+    element when training"), although 16 is its input multiple."""
+    net = models.create("basic_unet", spatial_dims=3, in_channels=1, out_channels=2, features=[4, 4, 8, 8, 16, 4])
+    net.eval()
+    with pytest.raises(ModelError, match=r"at least 32 \(its instance norm needs more than one pixel at the "
+                                         r"coarsest level\), got roi \(16, 16, 16\)"):
+        models.check_roi(net, (16, 16, 16), "basic_unet")
+    with pytest.raises(ValueError, match="more than 1 spatial element"):  # what the windows met
+        with torch.inference_mode():
+            net(torch.zeros(1, 1, 16, 16, 16))
+    models.check_roi(net, (32, 16 * 3, 32), "basic_unet")
+
+
 def test_pspnet_needs_a_feature_map_as_large_as_its_largest_bin():
     net = build("pspnet", 3).eval()
     assert net.min_input_size == 48
