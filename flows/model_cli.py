@@ -46,8 +46,7 @@ def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI 
 
 AXIS_ORDER_NOTE = ("segflow gives the network its windows in storage order: (k, j, i) of a NIfTI, (row, col) of a "
                    "raster, as nnU-Net (SimpleITK) and torchgeo (rasterio) load them; a network trained on MONAI's "
-                   "NIfTI loading (i, j, k) would see them transposed, and its labels differ: put its weights in a "
-                   "MONAI bundle (configs/ + models/model.pt) and convert that, which permutes the kernels")
+                   "loading (i, j, k) would see them transposed, and its labels differ: convert it with --axes ijk")
 
 
 @model_app.command("convert")
@@ -62,21 +61,29 @@ def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, 
                                                                            "map."),
                   trust_bundle: bool = typer.Option(False, "--trust-bundle",
                                                     help="Let MONAI evaluate the bundle's configuration "
-                                                         "(runs its code).")) -> None:
+                                                         "(runs its code)."),
+                  axes: str = typer.Option("kji", "--axes",
+                                           help="The order the weights file's network saw its windows in: kji "
+                                                "(segflow's storage order: segflow train, nnU-Net, torchgeo) or ijk "
+                                                "(MONAI's, x first; the card's roi, spacing and per-axis arguments "
+                                                "then read x first too, and the kernels are permuted).")) -> None:
     """Make a segflow model directory (card.json + weights.safetensors) from weights made elsewhere."""
     from segmentation.mlm import convert_item, looks_like_item
     from segmentation.modeldir import convert_model, read_card
 
     cliutil.local_only(out, "--out")
     try:
+        if axes != "kji" and (looks_like_item(src) or src.is_dir()):
+            cliutil.fail(f"{src}: --axes applies to a weights file with --card; a bundle's or an item's axis order is "
+                         "known")
         if looks_like_item(src):  # an MLM item: the card comes from the item, the weights from its model asset
             if card is not None:
                 cliutil.fail(f"{src}: an MLM item describes its model itself; --card applies to weights files")
             loaded, notes = convert_item(src, out)
         else:
             given = read_card(card) if card is not None else None
-            loaded, notes = convert_model(src, out, card=given, trust_bundle=trust_bundle)
-            if given is not None and loaded.source == "segflow":  # a weights file: nothing says its axis order
+            loaded, notes = convert_model(src, out, card=given, trust_bundle=trust_bundle, axes=axes)
+            if given is not None and loaded.source == "segflow" and axes == "kji":  # nothing says its axis order
                 notes = [*notes, AXIS_ORDER_NOTE]
     except SegflowError as exc:
         cliutil.fail(str(exc))

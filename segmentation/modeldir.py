@@ -305,7 +305,7 @@ def _with_source(card: ModelCard, src: Path, fmt: str) -> ModelCard:
 
 
 def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: ModelCard | None = None,
-                  trust_bundle: bool = False) -> tuple[LoadedModel, list[str]]:
+                  trust_bundle: bool = False, axes: str = "kji") -> tuple[LoadedModel, list[str]]:
     """Turn a bundle, a checkpoint or a TorchScript archive into a segflow model directory.
 
     Returns the reloaded model directory and the notes about what segflow does
@@ -313,7 +313,16 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
     ``card``) gives card + safetensors; a TorchScript network without one gives
     card + model.ts.  A network only a trusted bundle can build has no model
     directory form: run the bundle itself.
+
+    ``axes`` is the order the weights' network was trained to see a window in:
+    "kji", segflow's storage order (nnU-Net's, torchgeo's, ``segflow train``'s),
+    or "ijk", MONAI's (x first).  With "ijk" the card is read as the training
+    code has it (roi, spacing and per-axis architecture arguments x first), and
+    the network is converted to segflow's order as a bundle's is: kernels
+    permuted, checked on a random window.
     """
+    if axes not in ("kji", "ijk"):
+        raise ModelError(None, f"axes must be 'kji' (segflow's storage order) or 'ijk' (MONAI's), got {axes!r}")
     from segmentation import bundle
 
     src, out = Path(src), Path(out)
@@ -372,5 +381,24 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
             raise ModelError(exc.path, f"{exc.problem}; the TorchScript module's parameters must match the "
                                        f"card's registry architecture (or give architecture {TORCHSCRIPT!r})") from None
         raise
+    if axes == "ijk":  # trained on MONAI's view: as a bundle's network, its kernels go to segflow's order
+        target, module = _from_monai_order(target, module, src, weights)
+        notes.append("the weights were trained on windows x first (i, j, k): the card's roi, spacing and per-axis "
+                     "arguments were reversed and the convolution kernels permuted to segflow's order (k, j, i)")
     save_model(out, target.model_copy(update={"weights_sha256": None}), module)
     return load_model(out), notes
+
+
+def _from_monai_order(card: ModelCard, net: nn.Module, src: Path, weights: Path) -> tuple[ModelCard, nn.Module]:
+    """A network trained on MONAI's (i, j, k) windows, as :func:`segmentation.bundle.in_segflow_order` converts a
+    bundle's: the card's roi and spacing reversed, the per-axis arguments and kernels reversed there."""
+    from types import SimpleNamespace
+
+    from segmentation import bundle
+
+    spec, inference = card.input, card.inference
+    mirrored = card.model_copy(update={
+        "inference": inference.model_copy(update={"roi": list(inference.roi)[::-1]}),
+        "input": spec.model_copy(update={"spacing": None if spec.spacing is None else list(spec.spacing)[::-1]})})
+    mapping = SimpleNamespace(path=src, card=mirrored, weights=weights)
+    return bundle.in_segflow_order(mapping, net)  # type: ignore[arg-type]
