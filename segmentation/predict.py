@@ -106,16 +106,8 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
             normalizer = resolve(norm, arr.shape[0], statistics_for(norm, arr, dmask))
         else:
             normalizer = Normalizer((0.0,) * arr.shape[0], (1.0,) * arr.shape[0])
-    if num_classes is None:
-        # in eval mode: a module left in train mode had its BatchNorm statistics updated by this probe, and the
-        # windows then ran with them (probabilities 0.036 off MONAI's on the same module in eval mode)
-        was_training = module.training
-        try:
-            with torch.inference_mode():
-                probe = module.eval()(torch.zeros((1, arr.shape[0]) + roi))
-        finally:
-            module.train(was_training)
-        num_classes = int((probe[0] if isinstance(probe, (tuple, list)) else probe).shape[1])
+    if num_classes is None:  # a plain module's class count (and that it takes such a window) is learnt here
+        num_classes = _probed_classes(module, arr.shape[0], roi)
     if token is None:
         from dask.base import tokenize
         # the structure too (repr: activations, norms...) and the object: two networks sharing a state_dict but
@@ -138,6 +130,30 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         image if isinstance(image, da.Array) else None
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
                       blend=blend, sigma_scale=sigma_scale, source=stored, one_process=one_process)
+
+
+def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> int:
+    """The class count of a plain module's output for one window, checked: a wrong channel count or a dict output
+    failed inside the tasks with a torch error (given ``num_classes``, the module is taken at its word and not
+    run here).  Run in eval mode: a module left in
+    train mode had its BatchNorm statistics updated by this probe, and the windows then ran with them
+    (probabilities 0.036 off MONAI's on the same module in eval mode)."""
+    was_training = module.training
+    window = (1, channels, *roi)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))  # where the caller keeps it
+    try:
+        with torch.inference_mode():
+            out = module.eval()(torch.zeros(window, device=device))
+    except Exception as exc:  # noqa: BLE001 - whatever the user's network raises, in one line
+        raise ConfigError(None, f"the network fails on a {window} window: {' '.join(str(exc).split())[:200]}") from None
+    finally:
+        module.train(was_training)
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(first, torch.Tensor) or tuple(first.shape[2:]) != roi or first.ndim != len(window):
+        got = tuple(first.shape) if isinstance(first, torch.Tensor) else type(out).__name__
+        raise ConfigError(None, f"the network returns {got} for a {window} window; predict needs logits "
+                                f"(1, classes, *roi) (or a tuple or list whose first item is)")
+    return int(first.shape[1])
 
 
 def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | None = None,

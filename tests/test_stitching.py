@@ -386,6 +386,16 @@ def test_torchscript_modules_and_user_mistakes():
         predict(img, "models/landcover-2d", roi=(16, 16))
     with pytest.raises(ConfigError, match="image must be a .* array, got list"):
         predict([[1.0]], net, roi=(16, 16))
+    # what the network returns for a window is checked before any task: these failed inside the tasks
+    with pytest.raises(ConfigError, match=r"the network fails on a \(1, 2, 16, 16\) window: .*channels"):
+        predict(np.zeros((2, 30, 30), np.float32), net, roi=(16, 16))
+
+    class Dict(nn.Module):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return {"out": net(x)}
+
+    with pytest.raises(ConfigError, match=r"the network returns dict for a \(1, 1, 16, 16\) window"):
+        predict(img, Dict(), roi=(16, 16))
 
 
 @pytest.mark.parametrize("ndim, shape, roi, flips", [
