@@ -134,10 +134,9 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
 
 def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> int:
     """The class count of a plain module's output for one window, checked: a wrong channel count or a dict output
-    failed inside the tasks with a torch error (given ``num_classes``, the module is taken at its word and not
-    run here).  Run in eval mode: a module left in
-    train mode had its BatchNorm statistics updated by this probe, and the windows then ran with them
-    (probabilities 0.036 off MONAI's on the same module in eval mode)."""
+    failed inside the tasks with a torch error (given ``num_classes``, the module is taken at its word and not run
+    here).  Run in eval mode: a module left in train mode had its BatchNorm statistics updated by this probe, and
+    the windows then ran with them (probabilities 0.036 off MONAI's on the same module in eval mode)."""
     was_training = module.training
     window = (1, channels, *roi)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))  # where the caller keeps it
