@@ -89,21 +89,33 @@ def check_device(options: "SegmentOptions") -> None:
         fail(str(exc))
 
 
-def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *, load: bool = False) -> None:
+def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *, load: bool = False,
+                 roi: "List[int] | None" = None) -> None:
     """Refuse a bad model before any input is touched: one line, exit 2.
 
     ``load``: load it as the run will (weights read, hashed and fitted to the
     network; :func:`flows.routing.load_cached`, so the run gets this very
     object), not only its card: a truncated weights file is then this one
     line before Prefect or a run starts, not a traceback from inside a flow.
+    A loaded model's window (``roi``, the ``--roi`` given, else the card's)
+    is checked against the network too: a card's bad roi failed every input,
+    each one's line blaming the input.
     """
     from flows.routing import load_cached
+    from segmentation import models
     from segmentation.modeldir import check_model
 
     try:
         for path in paths:
             if load:
-                load_cached(path, trust_bundle=trust_bundle)
+                loaded = load_cached(path, trust_bundle=trust_bundle)
+                window = list(roi or loaded.card.inference.roi)
+                if len(window) == loaded.card.input.spatial_dims:  # a wrong axis count is --roi's own error
+                    try:
+                        models.check_roi(loaded.module, window, loaded.card.architecture.name)
+                    except SegflowError as exc:
+                        where = "--roi" if roi else "its card's inference.roi"
+                        fail(f"{path}: {where}: {exc.problem}")
             else:
                 check_model(path, trust_bundle=trust_bundle)
     except SegflowError as exc:

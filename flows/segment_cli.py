@@ -159,7 +159,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                 outcomes = segment_inputs(**arguments, checked=checked)
             elif prefect_api_configured() if prefect is None else prefect:
                 # a bad weights file: one line, first
-                cliutil.check_models([model], trust_bundle=trust_bundle, load=True)
+                cliutil.check_models([model], trust_bundle=trust_bundle, load=True, roi=options.roi)
                 from flows.flows import batch_outcomes, segment_batch
                 from flows.runlog import prefect_console
 
@@ -169,7 +169,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                 from flows.batch import start_cluster
 
                 with cliutil.reporter(quiet), start_cluster(str(model), options) as cluster:
-                    cliutil.check_models([model], trust_bundle=trust_bundle, load=True)
+                    cliutil.check_models([model], trust_bundle=trust_bundle, load=True, roi=options.roi)
                     outcomes = segment_inputs(**arguments, cluster=cluster, checked=checked)
         except SegflowError as exc:
             cliutil.fail(str(exc))

@@ -674,3 +674,28 @@ def test_file_urls_are_local_paths(model2d, tmp_path):
     proc = run("segment", scene.as_uri(), "--model", model2d.path, "--out", out.as_uri(), "--no-zarr")
     assert proc.returncode == 0, proc.stderr
     assert (out / "a scene.tif").is_file() and run("verify", out / "a scene.tif").returncode == 0
+
+
+def test_a_model_whose_window_the_network_cannot_take_is_refused_before_any_input(model2d, tmp_path):
+    """A card with roi [31, 32] (the U-Net needs multiples of its strides) loaded fine, and each input then failed
+    with "INPUT: ... divisible by ...", blaming the input for the card's mistake; so did a bad --roi."""
+    import json as _json
+
+    card = _json.loads((model2d.path / "card.json").read_text())
+    card["inference"]["roi"] = [31, 32]
+    bad = tmp_path / "bad-roi"
+    bad.mkdir()
+    (bad / "card.json").write_text(_json.dumps(card))
+    (bad / "weights.safetensors").write_bytes((model2d.path / "weights.safetensors").read_bytes())
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    proc = run("segment", scene, "--model", bad, "--out", tmp_path / "out", "--no-prefect")
+    [line] = error_lines(proc.stderr)
+    assert proc.returncode == 2 and line.startswith(f"error: {bad}: its card's inference.roi: "), proc.stderr
+    assert "divisible by" in line
+    proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", "--roi", "31,32", "--no-prefect")
+    [line] = error_lines(proc.stderr)
+    assert proc.returncode == 2 and line.startswith(f"error: {model2d.path}: --roi: "), proc.stderr
+    assert not (tmp_path / "out").exists()

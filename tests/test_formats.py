@@ -240,3 +240,4 @@ def test_weights_with_nan_are_refused_naming_the_tensor(net, tmp_path):
     state[key].view(-1)[:2] = float("-inf")
     torch.save(state, ckpt)
     convert_model(ckpt, tmp_path / "out", card=_card())
+
