@@ -99,6 +99,24 @@ def torch_load_safely(path: str | PathLike[str]) -> Any:
                                f"{' '.join(str(exc).split())[:200]})") from None
 
 
+def averaged_weights_note(path: str | PathLike[str]) -> str | None:
+    """A note when a checkpoint also holds averaged (EMA) weights beside the ones converted: ``state_dict`` and
+    ``state_dict_ema``, ``model`` and ``ema`` were resolved to the plain ones without a word."""
+    try:
+        obj = torch_load_safely(path)
+    except ModelError:
+        return None
+    if not isinstance(obj, Mapping):
+        return None
+    averaged = [str(k) for k, v in obj.items() if "ema" in str(k).lower() and isinstance(v, Mapping) and v]
+    if not averaged:
+        return None
+    taken = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    return (f"the checkpoint also holds averaged weights ({', '.join(averaged)}); the "
+            f"{repr(taken) if taken else 'top-level'} weights were converted: to convert the averaged ones, save "
+            "them alone (torch.save(ckpt[KEY], 'ema.pt')) and convert that file")
+
+
 def unwrap_state_dict(obj: Any, path: str | PathLike[str] | None = None) -> dict[str, torch.Tensor]:
     """The tensor mapping inside a checkpoint: wrappers and DataParallel's ``module.`` prefix removed.
 

@@ -33,7 +33,8 @@ from torch import nn
 from segmentation import models
 from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
-from segmentation.formats import (ScriptedNetwork, detect_format, fill, load_torchscript, read_state_dict)
+from segmentation.formats import (ScriptedNetwork, averaged_weights_note, detect_format, fill, load_torchscript,
+                                  read_state_dict)
 from storage.errors import ModelError
 from storage.hashing import sha256_file
 
@@ -381,6 +382,9 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
             raise ModelError(exc.path, f"{exc.problem}; the TorchScript module's parameters must match the "
                                        f"card's registry architecture (or give architecture {TORCHSCRIPT!r})") from None
         raise
+    if fmt == "state_dict":
+        averaged = averaged_weights_note(weights)
+        notes += [averaged] if averaged else []
     if axes == "ijk":  # trained on MONAI's view: as a bundle's network, its kernels go to segflow's order
         target, module = _from_monai_order(target, module, src, weights)
         notes.append("the weights were trained on windows x first (i, j, k): the card's roi, spacing and per-axis "

@@ -59,6 +59,20 @@ def test_state_dict_checkpoints_convert_to_a_model_directory(net, x, tmp_path, w
     assert _same(load_model(tmp_path / "out").module, net, x)
 
 
+def test_a_checkpoint_with_averaged_weights_says_which_were_converted(net, x, tmp_path):
+    """{"state_dict": ..., "state_dict_ema": ...}: the plain weights were taken without a word."""
+    state = net.state_dict()
+    ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": state, "state_dict_ema": ema, "epoch": 3}, ckpt)
+    loaded, notes = convert_model(ckpt, tmp_path / "out", card=_card())
+    assert _same(loaded.module, net, x)
+    assert any("averaged weights (state_dict_ema); the 'state_dict' weights were converted" in n for n in notes)
+    plain = tmp_path / "plain.pth"
+    torch.save(state, plain)
+    assert not any("averaged" in n for n in convert_model(plain, tmp_path / "out2", card=_card())[1])
+
+
 def test_shape_mismatch_and_missing_card_are_refused(net, tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
