@@ -171,6 +171,7 @@ def write_sidecar(record: dict[str, Any], output: str | PathLike[str],
     try:
         with open(tmp, "x") as f:
             json.dump(record, f, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)  # as public as its output, whatever the umask
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
