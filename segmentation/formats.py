@@ -22,6 +22,7 @@ import json
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from os import PathLike
 from pathlib import Path
@@ -84,14 +85,17 @@ def torch_load_safely(path: str | PathLike[str]) -> Any:
     """
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "Detected pickle protocol 4 in the checkpoint" reached the terminal
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported" in text:
             what = _unsafe_global(text)
             raise UnsafeModelError(path, "pickle payload " + (f"imports {what!r}, " if what else "")
                                    + "which a weights-only load refused; segflow never unpickles code "
-                                   "(save the state_dict of plain tensors, or use safetensors)") from None
+                                   "(save the state_dict with torch.save(net.state_dict(), PATH), not pickle.dump, "
+                                   "or use safetensors)") from None
         raise ModelError(path, f"not a readable PyTorch checkpoint ({' '.join(text.split())[:200]})") from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, IndexError,
             zipfile.BadZipFile) as exc:

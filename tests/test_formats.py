@@ -255,3 +255,18 @@ def test_weights_with_nan_are_refused_naming_the_tensor(net, tmp_path):
     torch.save(state, ckpt)
     convert_model(ckpt, tmp_path / "out", card=_card())
 
+
+
+def test_a_state_dict_written_with_pickle_dump_says_to_use_torch_save_without_torch_warnings(net, tmp_path):
+    """pickle.dump of a state_dict (plain tensors) is refused by the weights-only load (its tensors are pickled
+    through torch.storage._load_from_bytes); the hint said "save the state_dict of plain tensors", which it was,
+    behind torch's "Detected pickle protocol 4" UserWarning."""
+    import warnings
+
+    path = tmp_path / "raw.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(net.state_dict(), f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UnsafeModelError, match=r"torch.save\(net.state_dict\(\), PATH\), not pickle.dump"):
+            read_state_dict(path)
