@@ -108,6 +108,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
             normalizer = Normalizer((0.0,) * arr.shape[0], (1.0,) * arr.shape[0])
     if num_classes is None:  # a plain module's class count (and that it takes such a window) is learnt here
         num_classes = _probed_classes(module, arr.shape[0], roi)
+    _two_classes_at_least(num_classes)
     if token is None:
         from dask.base import tokenize
         # the structure too (repr: activations, norms...) and the object: two networks sharing a state_dict but
@@ -153,6 +154,16 @@ def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> i
         raise ConfigError(None, f"the network returns {got} for a {window} window; predict needs logits "
                                 f"(1, classes, *roi) (or a tuple or list whose first item is)")
     return int(first.shape[1])
+
+
+def _two_classes_at_least(num_classes: int) -> int:
+    """A one-channel (sigmoid) network's softmax is 1 everywhere: every pixel came out class 0, without a word."""
+    if num_classes < 2:
+        raise ConfigError(None, f"the network gives {num_classes} class channel; predict takes the softmax over "
+                                "classes (background included), so it needs 2 or more: for a sigmoid network, "
+                                "return torch.cat([torch.zeros_like(x), x], 1) (2-class logits whose softmax is "
+                                "the sigmoid)")
+    return num_classes
 
 
 def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | None = None,

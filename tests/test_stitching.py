@@ -396,6 +396,9 @@ def test_torchscript_modules_and_user_mistakes():
 
     with pytest.raises(ConfigError, match=r"the network returns dict for a \(1, 1, 16, 16\) window"):
         predict(img, Dict(), roi=(16, 16))
+    # one sigmoid channel: its softmax is 1 everywhere, and every pixel was class 0 without a word
+    with pytest.raises(ConfigError, match="the network gives 1 class channel; .* needs 2 or more"):
+        predict(img, nn.Conv2d(1, 1, 1), roi=(16, 16))
 
 
 @pytest.mark.parametrize("ndim, shape, roi, flips", [
