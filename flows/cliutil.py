@@ -104,6 +104,7 @@ def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *,
     from flows.routing import load_cached
     from segmentation import models
     from segmentation.modeldir import check_model
+    from storage.errors import ModelError
 
     try:
         for path in paths:
@@ -113,9 +114,9 @@ def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *,
                 if len(window) == loaded.card.input.spatial_dims:  # a wrong axis count is --roi's own error
                     try:
                         models.check_roi(loaded.module, window, loaded.card.architecture.name)
-                    except SegflowError as exc:
+                    except ModelError as exc:
                         where = "--roi" if roi else "its card's inference.roi"
-                        fail(f"{path}: {where}: {exc.problem}")
+                        raise ModelError(path, f"{where}: {exc.problem}") from None
             else:
                 check_model(path, trust_bundle=trust_bundle)
     except SegflowError as exc:

@@ -73,7 +73,7 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
             created.append(polygons)
         from storage.header import on_the_earth
 
-        if on_the_earth(meta.geometry.crs_wkt, meta.geometry.epsg):  # a STAC item needs a footprint on the Earth
+        if on_the_earth(_crs(meta.geometry)):  # a STAC item needs a footprint on the Earth
             written.append(stac_item(meta, model, out_path, record, written, polygons))
             created.append(written[-1])
         return written
@@ -100,18 +100,23 @@ def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, ve
     ``simplify`` (CRS units) simplifies them keeping shared borders shared; areas stay the pixel areas.
     """
     from affine import Affine
-    from rasterio.crs import CRS
 
     from storage.vectors import write_polygons
 
     driver, suffix = VECTOR_SUFFIX[vector]
     geometry = meta.geometry
-    crs = CRS.from_epsg(geometry.epsg) if geometry.epsg else (CRS.from_wkt(geometry.crs_wkt) if geometry.crs_wkt
-                                                              else None)
     path = out_path.with_name(stem_of(out_path) + suffix)
-    write_polygons(labels, Affine(*geometry.transform), crs, path, classes=model.card.classes, nodata=nodata,
+    write_polygons(labels, Affine(*geometry.transform), _crs(geometry), path, classes=model.card.classes, nodata=nodata,
                    chunk=int(labels.chunks[0]), driver=driver, simplify=simplify)  # type: ignore[arg-type]
     return path
+
+
+def _crs(geometry: Any) -> Any:
+    """A raster geometry's CRS as rasterio takes it (its EPSG code first), None without one."""
+    from rasterio.crs import CRS
+
+    return CRS.from_epsg(geometry.epsg) if geometry.epsg else CRS.from_wkt(geometry.crs_wkt) if geometry.crs_wkt \
+        else None
 
 
 def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, Any], written: list[Path],

@@ -62,7 +62,8 @@ STAGE_MEMORY = stage_memory(MEMORY_LIMIT)  # MEMORY_LIMIT: the machine's memory,
 DEFAULT_VOLUME_CHUNK = 128
 
 
-MAX_MODEL_GRID_GROWTH = 4096.0  # model voxels 16x finer (or coarser) on every axis: past it a voxel size or unit is wrong
+# model voxels 16x finer (or coarser) on every axis: past it a voxel size or unit is wrong
+MAX_MODEL_GRID_GROWTH = 4096.0
 
 
 def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMapping | None:

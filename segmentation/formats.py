@@ -103,13 +103,10 @@ def torch_load_safely(path: str | PathLike[str]) -> Any:
                                f"{' '.join(str(exc).split())[:200]})") from None
 
 
-def averaged_weights_note(path: str | PathLike[str]) -> str | None:
-    """A note when a checkpoint also holds averaged (EMA) weights beside the ones converted: ``state_dict`` and
-    ``state_dict_ema``, ``model`` and ``ema`` were resolved to the plain ones without a word."""
-    try:
-        obj = torch_load_safely(path)
-    except ModelError:
-        return None
+def averaged_weights_note(obj: Any) -> str | None:
+    """A note when a loaded checkpoint (:func:`torch_load_safely`) also holds averaged (EMA) weights beside the
+    ones converted: ``state_dict`` and ``state_dict_ema``, ``model`` and ``ema`` were resolved to the plain ones
+    without a word."""
     if not isinstance(obj, Mapping):
         return None
     averaged = [str(k) for k, v in obj.items() if "ema" in str(k).lower() and isinstance(v, Mapping) and v]

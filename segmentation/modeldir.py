@@ -27,14 +27,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from safetensors.torch import save_file
-import torch
 from torch import nn
 
 from segmentation import models
 from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
 from segmentation.formats import (ScriptedNetwork, averaged_weights_note, detect_format, fill, load_torchscript,
-                                  read_state_dict)
+                                  read_state_dict, torch_load_safely, unwrap_state_dict)
 from storage.errors import ModelError
 from storage.hashing import sha256_file
 
@@ -196,20 +195,17 @@ def _check_script_output(module: nn.Module, card: ModelCard, path: Path) -> None
     returning a dict, fewer or more classes, or an auxiliary head first failed inside the windows, after the run
     had started, with a torch error."""
     roi = tuple(card.inference.roi)
-    x = torch.zeros((1, card.input.channels, *roi))
+    window = (1, card.input.channels, *roi)
     try:
-        with torch.inference_mode():
-            out = module.eval()(x)
+        got = models.window_output(module, card.input.channels, roi)
     except Exception as exc:  # noqa: BLE001 - whatever the archive's code raises, said in one line
-        raise ModelError(path, f"the TorchScript network fails on a (1, {card.input.channels}, "
-                               f"{', '.join(map(str, roi))}) window: {' '.join(str(exc).split())[:200]}") from None
-    first = out[0] if isinstance(out, (tuple, list)) and out else out
+        raise ModelError(path, f"the TorchScript network fails on a ({', '.join(map(str, window))}) window: "
+                               f"{' '.join(str(exc).split())[:200]}") from None
     want = (1, card.num_classes, *roi)
-    got = tuple(first.shape) if isinstance(first, torch.Tensor) else type(out).__name__
     if got != want:
-        raise ModelError(path, f"the TorchScript network returns {got} for a {(1, card.input.channels, *roi)} "
-                               f"window; segflow needs the logits of the card's {card.num_classes} classes on the "
-                               f"window's grid, {want} (the first of a tuple or list)")
+        raise ModelError(path, f"the TorchScript network returns {got} for a {window} window; segflow needs the "
+                               f"logits of the card's {card.num_classes} classes on the window's grid, {want} "
+                               "(the first of a tuple or list)")
 
 
 def check_model(path: str | PathLike[str], *, trust_bundle: bool = False) -> ModelCard:
@@ -375,16 +371,17 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
         network = build_module(target)
     except ModelError as exc:  # the registry's errors do not know which card asked ("unexpected keyword 'foo'")
         raise ModelError(exc.path or src, f"the card's architecture: {exc.problem}") from None
+    checkpoint = torch_load_safely(weights) if fmt == "state_dict" else None  # read once: weights and the EMA note
     try:
-        module = fill(network, read_state_dict(weights), weights, arch)
+        state = unwrap_state_dict(checkpoint, weights) if fmt == "state_dict" else read_state_dict(weights)
+        module = fill(network, state, weights, arch)
     except ModelError as exc:
         if fmt == "torchscript" and exc.path is not None:
             raise ModelError(exc.path, f"{exc.problem}; the TorchScript module's parameters must match the "
                                        f"card's registry architecture (or give architecture {TORCHSCRIPT!r})") from None
         raise
-    if fmt == "state_dict":
-        averaged = averaged_weights_note(weights)
-        notes += [averaged] if averaged else []
+    averaged = averaged_weights_note(checkpoint) if checkpoint is not None else None
+    notes += [averaged] if averaged else []
     if axes == "ijk":  # trained on MONAI's view: as a bundle's network, its kernels go to segflow's order
         target, module = _from_monai_order(target, module, src, weights)
         notes.append("the weights were trained on windows x first (i, j, k): the card's roi, spacing and per-axis "

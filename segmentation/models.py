@@ -211,6 +211,23 @@ def check_roi(module: nn.Module, roi: Sequence[int], name: str = "the network") 
                                    f"than one pixel at the coarsest level), got roi {roi}")
 
 
+def window_output(module: nn.Module, channels: int, roi: Sequence[int]) -> tuple[int, ...] | str:
+    """Run ``module`` once on a zero (1, ``channels``, *``roi``) window where its parameters are, in eval mode (its
+    train flag put back): the shape of the logits inference would take (the first item of a tuple or list), or the
+    type it returned instead.  What the module raises propagates; callers say it in their own words."""
+    import torch
+
+    was_training = module.training
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    try:
+        with torch.inference_mode():
+            out = module.eval()(torch.zeros((1, channels, *roi), device=device))
+    finally:
+        module.train(was_training)
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    return tuple(first.shape) if isinstance(first, torch.Tensor) else type(out).__name__
+
+
 # ---------------------------------------------------------------- receptive fields
 
 def global_context(module: nn.Module) -> bool:

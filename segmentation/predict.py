@@ -6,7 +6,6 @@ from typing import Any, Sequence
 
 import dask.array as da
 import numpy as np
-import torch
 from torch import nn
 
 from segmentation import models
@@ -136,34 +135,27 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
 def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> int:
     """The class count of a plain module's output for one window, checked: a wrong channel count or a dict output
     failed inside the tasks with a torch error (given ``num_classes``, the module is taken at its word and not run
-    here).  Run in eval mode: a module left in train mode had its BatchNorm statistics updated by this probe, and
-    the windows then ran with them (probabilities 0.036 off MONAI's on the same module in eval mode)."""
-    was_training = module.training
+    here).  Run in eval mode (:func:`segmentation.models.window_output`): a module left in train mode had its
+    BatchNorm statistics updated by this probe, and the windows then ran with them (probabilities 0.036 off MONAI's
+    on the same module in eval mode)."""
     window = (1, channels, *roi)
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))  # where the caller keeps it
     try:
-        with torch.inference_mode():
-            out = module.eval()(torch.zeros(window, device=device))
+        got = models.window_output(module, channels, roi)
     except Exception as exc:  # noqa: BLE001 - whatever the user's network raises, in one line
         raise ConfigError(None, f"the network fails on a {window} window: {' '.join(str(exc).split())[:200]}") from None
-    finally:
-        module.train(was_training)
-    first = out[0] if isinstance(out, (tuple, list)) and out else out
-    if not isinstance(first, torch.Tensor) or tuple(first.shape[2:]) != roi or first.ndim != len(window):
-        got = tuple(first.shape) if isinstance(first, torch.Tensor) else type(out).__name__
+    if isinstance(got, str) or len(got) != len(window) or got[2:] != roi:
         raise ConfigError(None, f"the network returns {got} for a {window} window; predict needs logits "
                                 f"(1, classes, *roi) (or a tuple or list whose first item is)")
-    return int(first.shape[1])
+    return int(got[1])
 
 
-def _two_classes_at_least(num_classes: int) -> int:
+def _two_classes_at_least(num_classes: int) -> None:
     """A one-channel (sigmoid) network's softmax is 1 everywhere: every pixel came out class 0, without a word."""
     if num_classes < 2:
         raise ConfigError(None, f"the network gives {num_classes} class channel; predict takes the softmax over "
                                 "classes (background included), so it needs 2 or more: for a sigmoid network, "
                                 "return torch.cat([torch.zeros_like(x), x], 1) (2-class logits whose softmax is "
                                 "the sigmoid)")
-    return num_classes
 
 
 def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | None = None,

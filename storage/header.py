@@ -71,18 +71,10 @@ def linear_unit_metres(crs) -> float | None:  # noqa: ANN001 (rasterio CRS)
     return factor if factor and math.isfinite(factor) and factor > 0 else None
 
 
-def on_the_earth(crs_wkt: str | None, epsg: int | None) -> bool:
-    """Whether a grid's CRS places it on the Earth, as a STAC item's WGS84 footprint needs: not for a raster
-    without a CRS, nor for a local (engineering) one, which PROJ cannot take to longitudes and latitudes."""
-    from rasterio.crs import CRS
-
-    if not crs_wkt and not epsg:
-        return False
-    try:
-        crs = CRS.from_epsg(epsg) if epsg else CRS.from_wkt(crs_wkt)
-    except Exception:  # noqa: BLE001 - rasterio raises CRSError, GDAL errors for what it cannot parse
-        return False
-    return bool(crs.is_geographic or crs.is_projected)
+def on_the_earth(crs) -> bool:  # noqa: ANN001 (rasterio CRS or None)
+    """Whether a CRS places a grid on the Earth, as a STAC item's WGS84 footprint and GeoJSON need: not for a
+    raster without a CRS, nor for a local (engineering) one, which PROJ cannot take to longitudes and latitudes."""
+    return crs is not None and bool(crs.is_geographic or crs.is_projected)
 
 
 MAX_AREAL_DISTORTION = 0.02  # a projection whose areas here are off by more than 2 % gives no hectares
@@ -154,5 +146,5 @@ def voxel_millilitres(affine: np.ndarray, space_unit: str) -> tuple[float | None
     return volume_mm3 / CUBIC_MM_PER_ML, note
 
 
-__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "areal_scale", "linear_unit_metres", "on_the_earth",
-           "pixel_hectares", "voxel_millilitres"]
+__all__ = ["CUBIC_MM_PER_ML", "Header", "NO_CRS", "SQUARE_METRES_PER_HECTARE", "areal_scale", "linear_unit_metres",
+           "on_the_earth", "pixel_hectares", "voxel_millilitres"]

@@ -84,7 +84,7 @@ def _probe_raster(path: Path) -> Header:
             return Header(path=str(path), kind="raster", spatial_dims=2, channels=len(bands),
                           shape=(src.height, src.width), cell_size=size, cell_unit="ha", cell_note=note,
                           bands=tuple(bands), band_descriptions=tuple(src.descriptions[i - 1] for i in bands),
-                          on_the_earth=src.crs is not None and on_the_earth(src.crs.to_wkt(), None))
+                          on_the_earth=on_the_earth(src.crs))
         finally:
             src.close()
 

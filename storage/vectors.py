@@ -124,8 +124,9 @@ def _components(band: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, dict[
     return ids, value_of
 
 
-def _area_factor(crs: Any, where: str) -> tuple[CRS, float]:
-    """The CRS and the factor from shapely area (CRS units²) to hectares; a geographic CRS has no such factor."""
+def _area_factor(crs: Any, where: str, transform: Affine, shape: tuple[int, int]) -> tuple[CRS, float]:
+    """The CRS and the factor from shapely area (CRS units²) to hectares; a geographic CRS has no such factor,
+    nor one far from equal-area over the grid (:func:`storage.header.pixel_hectares`: Web Mercator at 52° N)."""
     if crs is None:
         raise InvalidInputError(where, "polygon areas in hectares need a projected CRS, and the labels have none")
     try:
@@ -136,6 +137,9 @@ def _area_factor(crs: Any, where: str) -> tuple[CRS, float]:
     if metres is None:
         what = "is geographic (degrees)" if crs.is_geographic else "has no linear unit"
         raise InvalidInputError(where, f"polygon areas in hectares need a projected CRS (this one {what})")
+    _, why = pixel_hectares(transform, crs, shape)
+    if why is not None:
+        raise InvalidInputError(where, f"polygon areas in hectares need an area-true CRS: {why}")
     return crs, metres * metres / 1e4
 
 
@@ -203,11 +207,8 @@ def write_polygons(
         raise InvalidInputError(out_path, f"chunk must be at least one row, got {chunk}")
     if simplify is not None and not (np.isfinite(simplify) and simplify >= 0):
         raise InvalidInputError(out_path, f"the simplification tolerance must be a finite number >= 0, got {simplify}")
-    crs, to_ha = _area_factor(crs, str(out_path))
-    _, why = pixel_hectares(transform, crs, shape_)
-    if why is not None:  # e.g. Web Mercator far from the equator: its hectares are not the ground's
-        raise InvalidInputError(out_path, f"polygon areas in hectares need an area-true CRS: {why}")
-    if driver == "GeoJSON" and not on_the_earth(crs.to_wkt(), None):
+    crs, to_ha = _area_factor(crs, str(out_path), transform, shape_)
+    if driver == "GeoJSON" and not on_the_earth(crs):
         raise InvalidInputError(out_path, "GeoJSON (RFC 7946) is in longitude and latitude, and this CRS has no "
                                           "place on the Earth (a local grid): write gpkg or parquet instead")
     names = {c.value: c.name for c in classes}

@@ -37,6 +37,23 @@ def refused(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
+def small_scene(path: Path) -> Path:
+    """A 40 x 30 three-band GeoTIFF in UTM: the input of checks that stop before any pixel is segmented."""
+    with rasterio.open(path, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    return path
+
+
+def model_and_volume(tmp_path: Path):  # noqa: ANN201 - (a tiny 3D model, a 20^3 NIfTI)
+    import nibabel as nib
+
+    model = tiny_model(tmp_path / "m3d", spatial_dims=3, channels=1)
+    volume = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), volume)
+    return model, volume
+
+
 @pytest.fixture(scope="module")
 def model2d(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("m") / "tiny", spatial_dims=2, channels=3)
@@ -127,10 +144,7 @@ def test_info_on_damaged_files_is_one_line_naming_the_file(tmp_path):
 def test_out_over_a_file_is_one_line_before_any_work(model2d, tmp_path):
     """`--out` naming a file: ingest, nightly and train tracebacked (FileExistsError, NotADirectoryError), segment
     failed each input after starting its cluster; now each command says so in one line, exit 2, first."""
-    scene = tmp_path / "scene.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
-        dst.write(np.ones((3, 30, 40), np.uint8))
+    scene = small_scene(tmp_path / "scene.tif")
     labels = tmp_path / "labels.tif"
     with rasterio.open(labels, "w", driver="GTiff", width=40, height=30, count=1, dtype="uint8",
                        crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
@@ -187,10 +201,7 @@ def test_options_that_read_as_nothing_and_a_missing_gpu_are_one_line(model2d, tm
     GPU failed each input with torch's AssertionError after the cluster started."""
     import torch
 
-    scene = tmp_path / "scene.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
-        dst.write(np.ones((3, 30, 40), np.uint8))
+    scene = small_scene(tmp_path / "scene.tif")
     cases = [(("--tta", "x"), "cannot read numbers from 'x'"), (("--roi", ","), "cannot read numbers from ','")]
     if not torch.cuda.is_available():
         cases.append((("--device", "cuda"), "device 'cuda' asked for, but "))
@@ -269,10 +280,7 @@ def test_ctrl_c_in_train_says_what_is_saved_and_how_to_go_on(model2d, tmp_path):
 def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
     """`--report DIR` was a traceback after every input had been segmented; now it is refused first. A report
     folder that cannot be made (a file OUT/reports) leaves the outputs, says so in one line and exits 1."""
-    scene = tmp_path / "scene.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
-        dst.write(np.ones((3, 30, 40), np.uint8))
+    scene = small_scene(tmp_path / "scene.tif")
     out = tmp_path / "out"
     for report in (tmp_path, out):  # an existing folder, and --out itself (made by the run)
         proc = run("segment", scene, "--model", model2d.path, "--out", out, "--report", report)
@@ -302,11 +310,7 @@ def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
 
 def test_vector_output_with_a_3d_model_is_refused_before_any_work(tmp_path):
     """A 3D model segments volumes only, whose labels have no polygons: `--vector` was accepted and ignored."""
-    import nibabel as nib
-
-    model = tiny_model(tmp_path / "m3d", spatial_dims=3, channels=1)
-    volume = tmp_path / "v.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), volume)
+    model, volume = model_and_volume(tmp_path)
     proc = run("segment", volume, "--model", model.path, "--out", tmp_path / "out", "--vector", "gpkg")
     assert refused(proc) == [
         f"error: --vector gpkg writes the polygons of raster labels, and model '{model.card.name}' is 3D: it "
@@ -317,19 +321,12 @@ def test_vector_output_with_a_3d_model_is_refused_before_any_work(tmp_path):
 def test_grid_options_for_the_other_kind_of_input_are_refused_before_any_work(tmp_path, model2d):
     """`--model-space keep` (volumes) with a 2D model and `--output-grid model` (rasters) with a 3D one were
     accepted and ignored: the labels came back on the input's grid only, with no word."""
-    import nibabel as nib
-
-    scene = tmp_path / "scene.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
-        dst.write(np.ones((3, 30, 40), np.uint8))
+    scene = small_scene(tmp_path / "scene.tif")
     proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", "--model-space", "keep")
     assert refused(proc) == [
         "error: --model-space keep applies to volumes; a raster's labels stay on the model's grid with "
         "--output-grid model"]
-    model = tiny_model(tmp_path / "m3d", spatial_dims=3, channels=1)
-    volume = tmp_path / "v.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)), volume)
+    model, volume = model_and_volume(tmp_path)
     proc = run("segment", volume, "--model", model.path, "--out", tmp_path / "out", "--output-grid", "model")
     assert refused(proc) == [
         f"error: --output-grid model applies to rasters, and model '{model.card.name}' is 3D; a volume's labels "
@@ -613,10 +610,7 @@ def test_unreadable_model_files_outputs_and_out_folders_are_one_line_errors(tmp_
         model = tiny_model(base / "m", spatial_dims=2, channels=3)
         for name in ("card.json", "weights.safetensors"):
             assert stat.S_IMODE((model.path / name).stat().st_mode) == 0o644, name
-        scene = base / "scene.tif"
-        with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
-                           crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
-            dst.write(np.ones((3, 30, 40), np.uint8))
+        scene = small_scene(base / "scene.tif")
         scene.chmod(0o644)
         env = {**os.environ, "HOME": str(base), "PREFECT_HOME": str(base / "prefect"), "COLUMNS": "200"}
 
@@ -652,10 +646,7 @@ def test_unreadable_model_files_outputs_and_out_folders_are_one_line_errors(tmp_
 def test_an_input_name_too_long_for_its_outputs_is_refused_naming_it(model2d, tmp_path):
     """A 230-byte name (valid, under 255) started the cluster, then failed on a work file's path ('File name too
     long'), leaving an empty OUT; its outputs' temporary names would not have fitted either."""
-    scene = tmp_path / ("x" * 226 + ".tif")
-    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
-        dst.write(np.ones((3, 30, 40), np.uint8))
+    scene = small_scene(tmp_path / ("x" * 226 + ".tif"))
     proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out")
     assert proc.returncode == 1 and error_lines(proc.stderr) == [
         f"error: {scene}: its name is 226 bytes long, and the outputs and temporary files named after it need at "
@@ -666,10 +657,7 @@ def test_an_input_name_too_long_for_its_outputs_is_refused_naming_it(model2d, tm
 def test_file_urls_are_local_paths(model2d, tmp_path):
     """docs/storage.md names file:// among the schemes that work; an output there failed to upload
     (FileNotFoundError) into a folder nothing had made.  A file:// URL is now the local path it names."""
-    scene = tmp_path / "a scene.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
-        dst.write(np.ones((3, 30, 40), np.uint8))
+    scene = small_scene(tmp_path / "a scene.tif")
     out = tmp_path / "out dir"
     proc = run("segment", scene.as_uri(), "--model", model2d.path, "--out", out.as_uri(), "--no-zarr")
     assert proc.returncode == 0, proc.stderr
@@ -687,10 +675,7 @@ def test_a_model_whose_window_the_network_cannot_take_is_refused_before_any_inpu
     bad.mkdir()
     (bad / "card.json").write_text(_json.dumps(card))
     (bad / "weights.safetensors").write_bytes((model2d.path / "weights.safetensors").read_bytes())
-    scene = tmp_path / "scene.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
-        dst.write(np.ones((3, 30, 40), np.uint8))
+    scene = small_scene(tmp_path / "scene.tif")
     proc = run("segment", scene, "--model", bad, "--out", tmp_path / "out", "--no-prefect")
     [line] = error_lines(proc.stderr)
     assert proc.returncode == 2 and line.startswith(f"error: {bad}: its card's inference.roi: "), proc.stderr

@@ -344,5 +344,6 @@ def test_a_killed_nightly_leaves_no_prefect_server_running(case, tmp_path):
         server.wait(timeout=30)  # psutil.TimeoutExpired: the server outlived the command
     finally:
         proc.kill()
-        for child in [c for c in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(c.info["cmdline"] or [])]:
-            child.kill()
+        for child in psutil.process_iter(["cmdline"]):
+            if str(tmp_path) in " ".join(child.info["cmdline"] or []):
+                child.kill()
