@@ -19,7 +19,7 @@ from flows.config import SegmentOptions
 from flows.progress import say
 from segmentation import LoadedModel
 from storage.errors import InvalidInputError
-from storage.layout import ImageStore
+from storage.layout import MASK, ImageStore
 
 
 def check_has_data(input_path: Path, store: ImageStore) -> None:
@@ -34,7 +34,8 @@ def check_has_data(input_path: Path, store: ImageStore) -> None:
         why = {"alpha": "its alpha band is 0 everywhere", "mask": "its mask excludes every pixel",
                "nodata": "every pixel is NaN or Inf"}.get(getattr(geometry, "mask_source", ""), "")
         if nodata is not None:
-            why = f"every pixel equals nodata={nodata:g}"
+            why = f"every pixel equals nodata={nodata:g}" if store.mask_name == MASK else \
+                f"every pixel of the bands the model takes equals nodata={nodata:g}"
         raise InvalidInputError(input_path, f"has no valid pixel ({why or 'all masked'}); nothing to segment")
 
 

@@ -31,6 +31,7 @@ from flows.config import SegmentOptions
 from flows.routing import chosen_bands
 from segmentation import LoadedModel, build_plan
 from segmentation.modelspace import ModelSpacePlan
+from storage.bandcover import with_bands_mask
 from storage.bands import channel_indexes, channel_units, preselected
 from storage.errors import InvalidInputError
 from storage.geometry import RasterGeometry, VolumeGeometry
@@ -125,6 +126,16 @@ def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOption
     image, names = (store.image, names) if names is not None else _chosen_bands(store, model, options)
     spec = model.card.input
     return apply_units(image, store.meta, units=spec.units, dn_scale=spec.dn_scale, names=names), names
+
+
+def model_bands_store(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> ImageStore:
+    """``store`` read through the valid-data mask of the bands the model takes, where it takes fewer than a
+    nodata-marked file holds (:func:`storage.bandcover.with_bands_mask`)."""
+    if store.meta.kind != "raster" or preselected(store.meta) is not None:
+        return store
+    picked = chosen_bands(list(store.meta.channel_names), _names_bands(store), options.bands,
+                          model.card.input.channel_names or [], f"model {model.card.name!r}")
+    return store if picked is None else with_bands_mask(store, picked)
 
 
 def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:

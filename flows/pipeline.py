@@ -338,6 +338,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     try:
         try:
             named = record_input_as or input_label(input_path)  # how messages name the input
+            store = modelspace.model_bands_store(store, model, options)
             check_has_data(named, store)
             warnings = input_warnings(named, store, model, options)
             stats, params = run_inference(store, model, options, zarr_target, client, record_input_as)

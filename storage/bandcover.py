@@ -8,16 +8,27 @@ its file's edge, valid), so the model was fed zeros for the missing band and
 labelled them, with nothing to say so.  A model needs all of its channels, so
 for a stack the rule is the opposite of GDAL's: valid where the pixel's
 centre is inside every band's file and no band holds its nodata value.
+
+One file of many bands keeps GDAL's rule, which is right there (a pure red
+pixel of an RGB image with nodata 0 holds 0 in two of its bands), but over the
+bands the model reads (:func:`with_bands_mask`): a model taking 4 of a scene's
+13 bands was fed nodata where only its own bands were empty (at a swath's edge
+each band's detectors stop at their own place) and labelled it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
+import zarr
 from rasterio.windows import Window
+
+from storage.layout import ARRAY_CONFIG, COMPLETE_ATTR, MASK, ImageStore, image_compressors
 
 EDGE = 1e-9  # a band's rectangle this close past a stack pixel's edge covers it (float DstRect arithmetic)
 
@@ -62,4 +73,38 @@ def stack_valid(covers: Sequence[BandCover], win: Window, data: np.ndarray, heig
     return valid
 
 
-__all__ = ["BandCover", "needs_mask", "stack_valid"]
+def with_bands_mask(store: ImageStore, bands: Sequence[int]) -> ImageStore:
+    """``store`` read through the mask of the bands a model takes (0-based), when a nodata value marks a file's
+    pixels and the model takes fewer bands than it holds: valid where the file's mask is and some band of
+    ``bands`` differs from nodata (NaN nodata: is not NaN).  Made once per set of bands, beside the file's own
+    mask in the ingested store, and found there again by a resumed run."""
+    geometry = store.meta.geometry
+    nodata = getattr(geometry, "nodata", None)
+    wanted = sorted({int(b) for b in bands})
+    mask = store.mask
+    if mask is None or nodata is None or getattr(geometry, "mask_source", "none") != "nodata" or \
+            wanted == list(range(int(store.image.shape[0]))):
+        return store
+    name = f"{MASK}-bands-{'-'.join(str(b) for b in wanted)}"
+    if name in store.group and store.group[name].attrs.get(COMPLETE_ATTR):
+        return replace(store, mask_name=name)
+    image = store.image
+    writable = zarr.open_group(str(store.path), mode="r+", zarr_format=3)  # an ingested store is opened read-only
+    target = writable.create_array(name, shape=mask.shape, dtype="bool", chunks=mask.chunks, fill_value=False,
+                                      compressors=image_compressors(), config=ARRAY_CONFIG, overwrite=True,
+                                      dimension_names=mask.metadata.dimension_names)
+
+    def one(block: tuple[slice, ...]) -> None:
+        data = image.oindex[(wanted, *block)]
+        has_data = ~np.isnan(data).all(axis=0) if math.isnan(nodata) else (data != nodata).any(axis=0)
+        target[block] = np.asarray(mask[block]) & has_data
+
+    blocks = [tuple(slice(s, s + c) for s, c in zip(start, mask.chunks))
+              for start in itertools.product(*(range(0, n, c) for n, c in zip(mask.shape, mask.chunks)))]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="segflow-bands-mask") as pool:
+        list(pool.map(one, blocks))
+    target.attrs[COMPLETE_ATTR] = True
+    return replace(store, mask_name=name)
+
+
+__all__ = ["BandCover", "needs_mask", "stack_valid", "with_bands_mask"]

@@ -62,11 +62,16 @@ class StoreMeta(BaseModel):
 
 @dataclass
 class ImageStore:
-    """An opened image store; arrays are lazily read zarr arrays."""
+    """An opened image store; arrays are lazily read zarr arrays.
+
+    ``mask_name``: the valid-data mask a run reads, ``mask`` unless the run takes fewer bands than the file holds
+    (:func:`storage.bandcover.with_bands_mask`).
+    """
 
     path: Path
     group: zarr.Group
     meta: StoreMeta
+    mask_name: str = MASK
 
     @property
     def image(self) -> zarr.Array:
@@ -74,7 +79,7 @@ class ImageStore:
 
     @property
     def mask(self) -> zarr.Array | None:
-        return writable(self.group[MASK]) if MASK in self.group else None  # type: ignore[arg-type]
+        return writable(self.group[self.mask_name]) if self.mask_name in self.group else None  # type: ignore[arg-type]
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:

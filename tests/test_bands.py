@@ -174,3 +174,42 @@ def test_floats_given_to_a_card_made_for_integers_are_said(tmp_path, dask_cluste
     assert "warnings" not in segment_one(scene, own, tmp_path / "b", options, dask_cluster).statistics
     integers = _raster(tmp_path / "dn.tif", (data * 10000).astype(np.uint16))
     assert "warnings" not in segment_one(integers, fixed, tmp_path / "c", options, dask_cluster).statistics
+
+
+@pytest.mark.parametrize("spacing", [None, [20.0, 20.0]], ids=["input grid", "model space"])
+def test_pixels_where_only_the_models_bands_hold_nodata_are_nodata(tmp_path, dask_cluster, spacing):
+    """Six bands, nodata 0 for the file: in the top rows bands 2-4 hold 0 and bands 1, 5, 6 hold data, as at a
+    swath's edge where each band's detectors stop at their own place.  GDAL's mask calls those pixels valid (some
+    band has data), so a model taking bands 2-4 was fed zeros there and labelled them.  They are nodata now, on
+    the input's grid and through model space; a model taking bands 1, 5, 6 still labels them; and a file whose
+    chosen bands hold nodata everywhere is refused as having nothing to segment."""
+    from segmentation.chunkwrites import label_nodata
+    from storage.errors import InvalidInputError
+
+    extra = {} if spacing is None else {"spacing": spacing, "spacing_unit": "m"}
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3, roi=[32, 32], **extra)
+    data = np.random.default_rng(11).integers(100, 2000, (6, 60, 70), dtype=np.uint16)
+    data[1:4, :20] = 0
+    data[:, 50:] = 0  # every band empty: nodata by GDAL's own rule too
+    path = tmp_path / "six.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=70, height=60, count=6, dtype="uint16", nodata=0,
+                       crs="EPSG:32633", transform=rasterio.transform.from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(data)
+    options = SegmentOptions(chunk_size=32, keep_zarr=False)
+    nodata = label_nodata(3)
+    segment_one(path, model, tmp_path / "a", options.model_copy(update={"bands": ["2", "3", "4"]}), dask_cluster)
+    segment_one(path, model, tmp_path / "b", options.model_copy(update={"bands": ["1", "5", "6"]}), dask_cluster)
+    with rasterio.open(tmp_path / "a" / "six.tif") as a, rasterio.open(tmp_path / "b" / "six.tif") as b:
+        assert a.nodata == nodata
+        chosen, others = a.read(1), b.read(1)
+    assert (chosen[:20] == nodata).all() and (chosen[50:] == nodata).all()
+    assert (chosen[20:50] != nodata).all()
+    assert (others[:50] != nodata).all() and (others[50:] == nodata).all()
+
+    empty = data.copy()
+    empty[1:4] = 0
+    with rasterio.open(tmp_path / "empty.tif", "w", **{**rasterio.open(path).profile}) as dst:
+        dst.write(empty)
+    with pytest.raises(InvalidInputError, match="every pixel of the bands the model takes equals nodata=0"):
+        segment_one(tmp_path / "empty.tif", model, tmp_path / "c", options.model_copy(update={"bands": ["2", "3", "4"]}),
+                    dask_cluster)
