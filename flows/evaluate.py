@@ -48,7 +48,7 @@ from typing import Any, List, Optional
 import typer
 
 from storage.labelmaps import RASTER_SUFFIXES, VOLUME_SUFFIXES, LabelSource, open_labels
-from storage.errors import ConfigError, IncompatibleInputError
+from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
 from storage.inputfiles import stem_of
 from storage.reorient import on_grid_of
 
@@ -85,6 +85,10 @@ def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path,
         for f in sorted(folder.iterdir()):
             if not f.name.startswith(".") and f.name.lower().endswith((*RASTER_SUFFIXES, *VOLUME_SUFFIXES, ".zarr")):
                 index.setdefault(case_name(f), []).append(f)
+        for found in index.values():  # an Analyze/NIfTI pair is one map, named by its header
+            headers = {stem_of(f) for f in found if f.name.lower().endswith((".hdr", ".hdr.gz"))}
+            found[:] = [f for f in found if not (f.name.lower().endswith((".img", ".img.gz"))
+                                                 and stem_of(f) in headers)]
         pairs = []
         for p in predictions:
             found = index.get(case_name(p), [])
@@ -156,9 +160,21 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
     from storage.classes import background_value
 
     nodata = pred.nodata if pred.nodata is not None else ignore
+    # the truth's own nodata is counted nowhere, as training reads it (storage.datasets.geolabels: IGNORE)
+    ignored = sorted({v for v in (ignore, truth.nodata) if v is not None})
     scores = score_case(pred.array, truth.array, pred.spacing, values=names.keys(), block=_block(pred, chunk),
-                        ignore=ignore, pred_nodata=nodata, tolerance=tolerance,
+                        ignore=ignored, pred_nodata=nodata, tolerance=tolerance,
                         background=None if include_background else background_value(names))
+    if scores.scan.counted == 0:
+        values = " or ".join(str(v) for v in ignored)
+        raise InvalidInputError(truth.path, f"every pixel is {values} (not counted): nothing to score "
+                                            f"{pred.path} against")
+    notes = []
+    if truth.nodata is not None and truth.nodata != ignore:
+        notes.append(f"the truth's nodata {truth.nodata} not counted")
+    if pred.nodata is not None and pred.nodata in names:
+        notes.append(f"the prediction's nodata {pred.nodata} is also class {names[pred.nodata]!r}: its pixels count "
+                     "as no prediction")
     cell = pred.cell_size
     rows = []
     for c in scores.classes:
@@ -172,8 +188,9 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
     return {"case": name, "prediction": str(pred.path), "truth": str(truth.path), "kind": pred.kind,
             "shape": list(pred.shape), "spacing": list(pred.spacing), "distance_unit": pred.distance_unit,
             "size_unit": pred.size_unit, "cell_size": cell, "size_note": pred.size_note,
-            "prediction_nodata": nodata, "counted_pixels": scores.scan.counted, "ignored_pixels": scores.scan.ignored,
-            "classes": rows,
+            "prediction_nodata": nodata, "truth_nodata": truth.nodata, "notes": notes,
+            "named_classes": [[v, n] for v, n in sorted(names.items())],
+            "counted_pixels": scores.scan.counted, "ignored_pixels": scores.scan.ignored, "classes": rows,
             "confusion": {"rows": labels, "columns": labels + [NO_PREDICTION], "values": [r["value"] for r in rows],
                           "matrix": scores.confusion().tolist()}}
 
@@ -186,10 +203,23 @@ def _note(note: str | None, value: int, names: dict[int, str]) -> str | None:
     return "; ".join(filter(None, [note, "value not among the named classes"]))
 
 
+def _group_key(case: dict[str, Any]) -> tuple:
+    return (case["kind"], case["distance_unit"], case["size_unit"], tuple(tuple(c) for c in case["named_classes"]))
+
+
+def _means(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The mean over cases, per group of cases that share a kind, units and class table: outputs of two models
+    scored in one run (a land-cover scene and a scan) had 'water' averaged with 'background', by value alone."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for case in cases:
+        groups.setdefault(_group_key(case), []).append(case)
+    return [{"cases": [c["case"] for c in members], "kind": members[0]["kind"],
+             "distance_unit": members[0]["distance_unit"], "size_unit": members[0]["size_unit"],
+             "classes": _mean(members)} for members in groups.values()]
+
+
 def _mean(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per class, the mean of each score over the cases that have it (None rows are left out, and counted)."""
-    same_distance = len({c["distance_unit"] for c in cases}) <= 1
-    same_size = len({c["size_unit"] for c in cases}) <= 1
     by_value: dict[int, list[dict[str, Any]]] = {}
     for case in cases:
         for row in case["classes"]:
@@ -199,10 +229,6 @@ def _mean(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows = by_value[value]
         entry: dict[str, Any] = {"value": value, "name": rows[0]["name"], "cases": len(rows), "n": {}}
         for metric in METRICS:
-            if (metric in ("hd95", "asd", "nsd") and not same_distance) or ("size" in metric and not same_size):
-                entry[metric], entry["n"][metric] = None, 0
-                entry["note"] = "units differ between cases"
-                continue
             values = [r[metric] for r in rows if r[metric] is not None]
             entry[metric] = sum(values) / len(values) if values else None
             entry["n"][metric] = len(values)
@@ -257,7 +283,14 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
                             "asd": "mean of the symmetric surface distances (MONAI)",
                             "nsd": "normalised surface Dice at the tolerance (MONAI)",
                             "size_diff": "prediction minus truth, in size_unit"},
-            "cases": cases, "mean": _mean(cases)}
+            "cases": cases, **_mean_fields(cases)}
+
+
+def _mean_fields(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """``means``, one per group of comparable cases; ``mean``, the one group's rows (None when there are several,
+    where no single table holds them)."""
+    means = _means(cases)
+    return {"mean": means[0]["classes"] if len(means) == 1 else None, "means": means}
 
 
 # --------------------------------------------------------------------------- reports
@@ -283,17 +316,23 @@ def _md_table(rows: list[dict[str, Any]], distance: str, size: str, tolerance: f
 
 def _markdown(report: dict[str, Any]) -> str:
     cases, tol = report["cases"], report["tolerance"]
-    units = cases[0] if cases else {"distance_unit": "", "size_unit": ""}
     ignore = report["ignore"]
+    tolerances = ", ".join(dict.fromkeys(f"{tol:g} {c['distance_unit']}" for c in cases))
     lines = ["# segflow evaluation", "",
-             f"{len(cases)} case(s); NSD tolerance {tol:g} {units['distance_unit']}; "
+             f"{len(cases)} case(s); NSD tolerance {tolerances}; "
              + (f"truth value {ignore} not counted; " if ignore is not None else "")
-             + "HD95 and ASD are symmetric; sizes are pixel counts x pixel size.", "",
-             "## Mean over cases", "", *_md_table(report["mean"], units["distance_unit"], units["size_unit"], tol)]
+             + "HD95 and ASD are symmetric; sizes are pixel counts x pixel size.", ""]
+    means = report["means"]
+    for group in means:
+        title = "## Mean over cases" if len(means) == 1 else \
+            f"## Mean over {', '.join(_md_cell(c) for c in group['cases'])} ({group['kind']}s)"
+        lines += [title, "", *_md_table(group["classes"], group["distance_unit"], group["size_unit"], tol), ""]
     for case in cases:
-        lines += ["", f"## {_md_cell(case['case'])}", "", f"prediction `{case['prediction']}`, "
-                  f"truth `{case['truth']}`, {case['counted_pixels']} pixels counted, "
-                  f"{case['ignored_pixels']} ignored" + (f"; {case['size_note']}" if case["size_note"] else ""), "",
+        facts = [f"prediction `{case['prediction']}`, truth `{case['truth']}`, {case['counted_pixels']} pixels "
+                 f"counted, {case['ignored_pixels']} ignored", *case["notes"]]
+        if case["size_note"]:
+            facts.append(case["size_note"])
+        lines += [f"## {_md_cell(case['case'])}", "", "; ".join(facts), "",
                   *_md_table(case["classes"], case["distance_unit"], case["size_unit"], tol), "",
                   "Confusion matrix (pixels; rows: truth, columns: prediction):", ""]
         conf = case["confusion"]
@@ -301,7 +340,8 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append("|" + "---|" * (len(conf["columns"]) + 1))
         for name, row in zip(conf["rows"], conf["matrix"]):
             lines.append(f"| {_md_cell(name)} | " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _csv(case: dict[str, Any]) -> str:
@@ -321,11 +361,25 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
     from storage.atomic import make_output_folder, write_text_atomically
 
     make_output_folder(out_dir)
+    _retire_old_cases(out_dir, {c["case"] for c in report["cases"]})
     written = [write_text_atomically(out_dir / "evaluation.json", json.dumps(report, indent=2, allow_nan=False)
                                      + "\n", "evaluation"),
                write_text_atomically(out_dir / "evaluation.md", _markdown(report), "evaluation")]
     written += [write_text_atomically(out_dir / f"{c['case']}.csv", _csv(c), "evaluation") for c in report["cases"]]
     return written
+
+
+def _retire_old_cases(out_dir: Path, cases: set[str]) -> None:
+    """Remove the CSVs of the cases an earlier evaluation.json in ``out_dir`` listed and this one does not: beside
+    a report of A alone, B.csv and C.csv of the run before looked like part of it.  Only files that report named."""
+    try:
+        old = json.loads((out_dir / "evaluation.json").read_text(encoding="utf-8"))
+        names = {c["case"] for c in old.get("cases", []) if isinstance(c.get("case"), str)}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return
+    for name in names - cases:
+        if re.fullmatch(r"[\w.-]+", name):  # a case name segflow made (never a path)
+            (out_dir / f"{name}.csv").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- command
@@ -366,13 +420,15 @@ def evaluate_command(
         written = write_reports(report, out_dir)
     except SegflowError as exc:
         cliutil.fail(str(exc), 1)
-    unit = report["cases"][0]
-    table = Table(title=f"mean over {len(report['cases'])} case(s)")
-    for col in ("class", "Dice", "IoU", f"HD95 {unit['distance_unit']}", f"ASD {unit['distance_unit']}", "NSD",
-                f"pred {unit['size_unit']}", f"truth {unit['size_unit']}"):
-        table.add_column(col)
-    for r in report["mean"]:
-        table.add_row(escape(f"{r['value']} {r['name']}"), *(_fmt(r[m]) for m in METRICS[:7]))
-    cliutil.out.print(table)
+    for group in report["means"]:
+        title = f"mean over {len(group['cases'])} case(s)" if len(report["means"]) == 1 else \
+            f"mean over {', '.join(group['cases'])}"
+        table = Table(title=escape(title))
+        for col in ("class", "Dice", "IoU", f"HD95 {group['distance_unit']}", f"ASD {group['distance_unit']}", "NSD",
+                    f"pred {group['size_unit']}", f"truth {group['size_unit']}"):
+            table.add_column(col)
+        for r in group["classes"]:
+            table.add_row(escape(f"{r['value']} {r['name']}"), *(_fmt(r[m]) for m in METRICS[:7]))
+        cliutil.out.print(table)
     cliutil.out.print(f"wrote {escape(str(written[0]))}, {escape(written[1].name)} and {len(written) - 2} CSV "
                       f"file(s)", highlight=False, soft_wrap=True)

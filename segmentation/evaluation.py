@@ -31,7 +31,7 @@ Rules for classes missing from one side or both, so that no number is made up:
 - the ``background`` value, when named: Dice, IoU and counts as any class, but
   no distances (its box is usually the whole image), note ``background: no distances``.
 
-Truth pixels equal to ``ignore`` are counted nowhere, in either map.  A
+Truth pixels equal to ``ignore`` (one value or several) are counted nowhere, in either map.  A
 prediction equal to ``pred_nodata`` where the truth has a label is "no
 prediction": it counts in the truth's total (a miss) but for no predicted class.
 """
@@ -150,12 +150,12 @@ class LabelScan:
         self.hi = np.concatenate([self.hi, np.full((n - old, self.ndim), -1, np.int64)])
 
     def add(self, pred: np.ndarray, truth: np.ndarray, origin: Sequence[int], *,
-            ignore: int | None, pred_nodata: int | None) -> None:
+            ignore: Ignore, pred_nodata: int | None) -> None:
         """Count one block; ``origin`` is its first index in the whole map."""
         t, p = _int_labels(truth, "truth"), _int_labels(pred, "prediction")
         if t.shape != p.shape:
             raise ValueError(f"prediction block {p.shape} differs from truth block {t.shape}")
-        counted = t != ignore if ignore is not None else np.ones(t.shape, bool)
+        counted = counted_pixels(t, ignore)
         predicted = counted & (p != pred_nodata) if pred_nodata is not None else counted
         self._learn(t[counted])
         self._learn(p[predicted])
@@ -184,6 +184,21 @@ class LabelScan:
             self.hi[seen, axis] = np.maximum(self.hi[seen, axis], last[seen])
 
 
+Ignore = int | Collection[int] | None  # truth values counted nowhere
+
+
+def counted_pixels(truth: np.ndarray, ignore: Ignore) -> np.ndarray:
+    """Where the truth counts: not one of the ``ignore`` values."""
+    if ignore is None:
+        return np.ones(np.shape(truth), bool)
+    if isinstance(ignore, (int, np.integer)):
+        return np.asarray(truth) != ignore
+    values = sorted({int(v) for v in ignore})
+    if len(values) == 1:
+        return np.asarray(truth) != values[0]
+    return ~np.isin(truth, values) if values else np.ones(np.shape(truth), bool)
+
+
 def _int_labels(block: Any, what: str) -> np.ndarray:
     a = np.asarray(block)
     if a.dtype.kind == "b":
@@ -197,7 +212,7 @@ def _int_labels(block: Any, what: str) -> np.ndarray:
 
 
 def scan_labels(pred: LabelArray, truth: LabelArray, *, block: Sequence[int] | None = None,
-                ignore: int | None = None, pred_nodata: int | None = None) -> LabelScan:
+                ignore: Ignore = None, pred_nodata: int | None = None) -> LabelScan:
     """One pass over both maps, ``block`` at a time (default: whole), reading each block once."""
     shape = tuple(int(n) for n in pred.shape)
     if tuple(int(n) for n in truth.shape) != shape:
@@ -258,7 +273,7 @@ def _finite(x: float) -> float | None:
 
 
 def score_case(pred: LabelArray, truth: LabelArray, spacing: Sequence[float], *, values: Collection[int] = (),
-               block: Sequence[int] | None = None, ignore: int | None = None, pred_nodata: int | None = None,
+               block: Sequence[int] | None = None, ignore: Ignore = None, pred_nodata: int | None = None,
                tolerance: float = 1.0, background: int | None = None) -> CaseScores:
     """Every score of every class of ``values`` and every label seen, in ascending value order.
 
@@ -293,8 +308,16 @@ def score_case(pred: LabelArray, truth: LabelArray, spacing: Sequence[float], *,
             box = scan.box(value, shape)
             assert box is not None
             p, t = np.asarray(pred[box]), np.asarray(truth[box])
-            counted = t != ignore if ignore is not None else True
-            hd95, asd, nsd = surface_scores((p == value) & counted, t == value, spacing, tolerance)
+            p_mask, t_mask = (p == value) & counted_pixels(t, ignore), t == value
+            # an axis of one pixel is a 2-D map stored as one slice (nnU-Net keeps 2-D data as X x Y x 1 NIfTI):
+            # measured in 3-D, every pixel of it is surface, and its distances were those of the nearest pixel
+            flat = [a for a, n in enumerate(shape) if n == 1]
+            if flat and len(shape) - len(flat) >= 2:
+                p_mask, t_mask = p_mask.squeeze(axis=tuple(flat)), t_mask.squeeze(axis=tuple(flat))
+                kept = [float(v) for a, v in enumerate(spacing) if a not in flat]
+            else:
+                kept = list(spacing)
+            hd95, asd, nsd = surface_scores(p_mask, t_mask, kept, tolerance)
             score.hd95, score.asd, score.nsd = _finite(hd95), _finite(asd), _finite(nsd)
         scores.append(score)
     return CaseScores(scan=scan, classes=scores, shape=shape)

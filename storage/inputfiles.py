@@ -34,7 +34,7 @@ def kind_of(path: str | PathLike[str]) -> str:
 
 def stem_of(path: str | PathLike[str]) -> str:
     name = Path(path).name
-    for suffix in (".nii.gz", ".tiff", ".tif", ".vrt", ".nii", ".hdr", ".img", ".zarr"):
+    for suffix in (".nii.gz", ".hdr.gz", ".img.gz", ".tiff", ".tif", ".vrt", ".nii", ".hdr", ".img", ".zarr"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem

@@ -140,8 +140,8 @@ def _raster_units(transform: Any, crs: Any, shape: tuple[int, int] | None = None
     a, b, _, d, e, _ = tuple(transform)[:6]
     area, note = pixel_hectares(transform, crs, shape)
     metres = None if crs is None or crs.is_geographic else linear_unit_metres(crs)
-    if metres is None:
-        return (1.0, 1.0), "px", area, note
+    if metres is None or area is None:  # a projection that gives no hectares (Web Mercator at 52° N) gives no
+        return (1.0, 1.0), "px", area, note  # metres either: its distances were 1.6 times the ground's
     return (math.hypot(b, e) * metres, math.hypot(a, d) * metres), "m", area, note
 
 

@@ -75,9 +75,9 @@ def write_nifti(path: Path, labels: np.ndarray, zooms: tuple[float, ...] = SPACI
 
 
 def write_tif(path: Path, labels: np.ndarray, *, origin: tuple[float, float] = (500000.0, 6000000.0),
-              crs: str = "EPSG:32633", classes: list[LabelClass] | None = None) -> Path:
+              crs: str = "EPSG:32633", classes: list[LabelClass] | None = None, nodata: int = 255) -> Path:
     with rasterio.open(path, "w", driver="GTiff", width=labels.shape[1], height=labels.shape[0], count=1,
-                       dtype="uint8", crs=crs, transform=from_origin(*origin, 10, 10), nodata=255) as dst:
+                       dtype="uint8", crs=crs, transform=from_origin(*origin, 10, 10), nodata=nodata) as dst:
         dst.write(labels, 1)
         if classes:
             dst.update_tags(CLASSES=json.dumps([c.model_dump(mode="json") for c in classes]))
@@ -337,6 +337,10 @@ def test_pairing_by_folder(tmp_path):
         pair_inputs([Path("f.tif")], [truths])  # two marked files: no guess
     with pytest.raises(ConfigError, match="no truth named d"):
         pair_inputs([Path("d.tif")], [truths])
+    for name in ("g.hdr", "g.img", "h.hdr.gz", "h.img.gz"):  # an Analyze/NIfTI pair is one map, by its header
+        (truths / name).write_bytes(b"x")
+    assert pair_inputs([Path("out/g.nii.gz"), Path("out/h.nii.gz")], [truths]) == [
+        (Path("out/g.nii.gz"), truths / "g.hdr"), (Path("out/h.nii.gz"), truths / "h.hdr.gz")]
     assert pair_inputs([Path("x.tif"), Path("y.tif")], [Path("1.tif"), Path("2.tif")])[1] == (Path("y.tif"),
                                                                                               Path("2.tif"))
 
@@ -460,3 +464,108 @@ def test_real_lesion_mask_against_a_shifted_copy(tmp_path):
         direct = by_value(score_case(moved.astype(np.int64), truth.astype(np.int64), spacing))[v]
         assert rows[v]["dice"] == pytest.approx(direct.dice) and 0 < rows[v]["dice"] < 1
         assert rows[v]["hd95"] == pytest.approx(direct.hd95, abs=1e-6)
+
+
+def test_outputs_of_two_models_are_averaged_apart(tmp_path):
+    """A land-cover scene and a scan scored in one run (evaluate out/* after a night with two models): the mean
+    had averaged 'water' with the scan's 'background' and 'cropland' with 'lesion', as both had the same value.
+    Each group of cases sharing kind, units and class table now has its own mean, and ``mean`` is None."""
+    rp, rt = raster_pair()
+    land = [LabelClass(value=0, name="water"), LabelClass(value=1, name="forest"), LabelClass(value=2, name="crop")]
+    town = [LabelClass(value=0, name="background"), LabelClass(value=1, name="building")]
+    preds = [write_tif(tmp_path / "a.tif", rp, classes=land), write_tif(tmp_path / "b.tif", rp, classes=land),
+             write_tif(tmp_path / "c.tif", np.where(rp == 2, 0, rp).astype(np.uint8), classes=town)]
+    truth = write_tif(tmp_path / "t.tif", rt)
+    pv, tv = volume_pair()
+    scan = write_nifti(tmp_path / "scan.nii.gz", pv)
+    out = tmp_path / "report"
+    result = invoke(*preds, scan, *(["--truth", truth] * 3), "--truth", write_nifti(tmp_path / "tv.nii.gz", tv),
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["mean"] is None
+    groups = {tuple(g["cases"]): g for g in report["means"]}
+    assert set(groups) == {("a", "b"), ("c",), ("scan",)}
+    cases = {c["case"]: {r["value"]: r for r in c["classes"]} for c in report["cases"]}
+    landcover = {r["value"]: r for r in groups[("a", "b")]["classes"]}
+    assert landcover[1]["name"] == "forest" and landcover[1]["dice"] == pytest.approx(cases["a"][1]["dice"])
+    buildings = {r["value"]: r for r in groups[("c",)]["classes"]}
+    assert buildings[1]["name"] == "building" and buildings[1]["dice"] == pytest.approx(cases["c"][1]["dice"])
+    assert groups[("scan",)]["distance_unit"] == "mm" and groups[("a", "b")]["distance_unit"] == "m"
+    markdown = (out / "evaluation.md").read_text()
+    assert "## Mean over a, b (rasters)" in markdown and "## Mean over scan (volumes)" in markdown
+    assert "NSD tolerance 1 m, 1 mm" in markdown
+    assert "mean over a, b" in result.output and "mean over scan" in result.output
+
+    # scoring one of them again into the same folder: the others' CSVs go with the report that listed them
+    assert {p.name for p in out.glob("*.csv")} == {"a.csv", "b.csv", "c.csv", "scan.csv"}
+    result = invoke(preds[0], "--truth", truth, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.glob("*.csv")} == {"a.csv"}
+    assert json.loads((out / "evaluation.json").read_text())["mean"] is not None
+
+
+def test_the_truths_nodata_is_not_counted_as_training_reads_it(tmp_path):
+    """A truth GeoTIFF declaring nodata 254: training reads those pixels as ignored, evaluate had scored them as
+    a class 254 (Dice 0, and background 0.88 instead of 0.98).  Now they count nowhere, as ``--ignore 254``
+    does, and the case says so.  A prediction whose nodata is also a named class is said too."""
+    rp, rt = raster_pair()
+    rt = np.where(rt == 255, 254, rt).astype(np.uint8)
+    truth = write_tif(tmp_path / "t.tif", rt, nodata=254)
+    pred = write_tif(tmp_path / "p.tif", rp, classes=[LabelClass(value=0, name="background"),
+                                                    LabelClass(value=1, name="pond")])
+    declared = evaluate_files([pred], [truth])
+    plain = write_tif(tmp_path / "plain-truth.tif", rt, nodata=253)
+    asked = evaluate_files([pred], [plain], ignore=254)
+    assert [c["value"] for c in declared["cases"][0]["classes"]] == [0, 1, 2]
+    for a, b in zip(declared["cases"][0]["classes"], asked["cases"][0]["classes"]):
+        assert a["dice"] == b["dice"] and a["hd95"] == b["hd95"]
+    assert declared["cases"][0]["ignored_pixels"] == np.count_nonzero(rt == 254)
+    assert declared["cases"][0]["notes"] == ["the truth's nodata 254 not counted"]
+
+    zero = write_tif(tmp_path / "zero.tif", rp, nodata=0, classes=[LabelClass(value=0, name="background"),
+                                                                   LabelClass(value=1, name="pond")])
+    [note] = evaluate_files([zero], [truth])["cases"][0]["notes"][1:]
+    assert note == "the prediction's nodata 0 is also class 'background': its pixels count as no prediction"
+
+
+def test_a_truth_with_nothing_counted_is_one_error_line(tmp_path):
+    rp, _ = raster_pair()
+    pred = write_tif(tmp_path / "p.tif", rp)
+    truth = write_tif(tmp_path / "t.tif", np.full(rp.shape, 255, np.uint8))
+    result = invoke(pred, "--truth", truth, "--out", tmp_path / "o")
+    assert result.exit_code == 1 and not (tmp_path / "o").exists()
+    [line] = error_lines(result.output)
+    assert line.startswith(f"error: {truth}: every pixel is 255 (not counted): nothing to score {pred}")
+
+
+def test_a_2d_map_stored_as_one_slice_is_measured_in_2d(tmp_path):
+    """nnU-Net keeps 2-D data as X x Y x 1 NIfTI.  Measured in 3-D every pixel of a one-slice map is surface, so
+    HD95 and ASD were the distance to the nearest truth pixel (1.1 and 0.11 against MONAI's 2.0 and 1.1 in 2-D)."""
+    shape, spacing = (40, 36), (0.5, 0.5)
+    truth = ball(shape, (20, 18), 6.0, spacing).astype(np.uint8)
+    pred = ball(shape, (21, 17), 5.0, spacing).astype(np.uint8)
+    report = evaluate_files([write_nifti(tmp_path / "p.nii.gz", pred[..., None], zooms=(*spacing, 3.0))],
+                            [write_nifti(tmp_path / "t.nii.gz", truth[..., None], zooms=(*spacing, 3.0))],
+                            tolerance=1.0)
+    row = {r["value"]: r for r in report["cases"][0]["classes"]}[1]
+    y, t = onehot(pred, 2), onehot(truth, 2)
+    hd95 = HausdorffDistanceMetric(percentile=95)(y, t, spacing=list(spacing))[0, 0].item()
+    asd = SurfaceDistanceMetric(symmetric=True)(y, t, spacing=list(spacing))[0, 0].item()
+    nsd = SurfaceDiceMetric([1.0])(y, t, spacing=list(spacing))[0, 0].item()
+    assert row["hd95"] == pytest.approx(hd95, abs=1e-6) and row["asd"] == pytest.approx(asd, abs=1e-6)
+    assert row["nsd"] == pytest.approx(nsd, abs=1e-6)
+
+
+def test_web_mercator_distances_are_in_pixels_as_its_areas_are_refused(tmp_path):
+    """At 52° N Web Mercator's metres are 1.6 ground metres: hectares were refused, HD95 still printed in 'm'."""
+    rp, rt = raster_pair()
+    origin = (1000000.0, 6800000.0)  # about 52° N
+    report = evaluate_files([write_tif(tmp_path / "p.tif", rp, crs="EPSG:3857", origin=origin)],
+                            [write_tif(tmp_path / "t.tif", rt, crs="EPSG:3857", origin=origin)])
+    case = report["cases"][0]
+    assert case["distance_unit"] == "px" and case["cell_size"] is None and "times the ground" in case["size_note"]
+    utm = evaluate_files([write_tif(tmp_path / "p2.tif", rp)], [write_tif(tmp_path / "t2.tif", rt)])
+    assert utm["cases"][0]["distance_unit"] == "m"
+    one = {r["value"]: r for r in case["classes"]}[1]
+    assert one["hd95"] == pytest.approx({r["value"]: r for r in utm["cases"][0]["classes"]}[1]["hd95"] / 10)
