@@ -152,7 +152,8 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
     targets: Any = MaskedLabels(labels, image.mask)
     if pixels is not image.image:
         targets = targets[...]
-    return TrainingSample(image=pixels, labels=targets, stats=stats, ignore_index=IGNORE, name=src)
+    valid = None if image.mask is None else _in_memory(image.mask, budget)
+    return TrainingSample(image=pixels, labels=targets, stats=stats, ignore_index=IGNORE, name=src, valid=valid)
 
 
 def _run(card: ModelCard, samples: list[TrainingSample], split: Split, out: Path, *, steps: int, batch_size: int,

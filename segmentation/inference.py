@@ -372,12 +372,13 @@ class WindowPredictor:
 
     def accumulate_stored(self, raw: np.ndarray, normalizer: Any, inner: tuple[slice, ...], shape: Sequence[int],
                           finite: bool, windows: list[tuple[slice, ...]], weights: np.ndarray,
-                          num_classes: int) -> torch.Tensor:
+                          num_classes: int, invalid: np.ndarray | None = None) -> torch.Tensor:
         """:meth:`accumulate` of a region sent in its stored dtype (:func:`to_device`) and normalised on the
         device (:meth:`segmentation.normalize.Normalizer.apply_torch`) into a (C, *shape) float32 region whose
         ``inner`` part it is (zeros elsewhere, where windows pass the image's edge); NaN and infinities become 0
-        unless ``finite``, as on the host.  The values equal the host path's bit for bit; the sums stay on the
-        device, a tensor (:mod:`segmentation.devicesums` takes them from there)."""
+        unless ``finite``, as on the host, and so do the ``invalid`` pixels of ``inner`` (the mask's).  The values
+        equal the host path's bit for bit; the sums stay on the device, a tensor (:mod:`segmentation.devicesums`
+        takes them from there)."""
         net, dev = self._network()
         with torch.inference_mode():
             stored = to_device(raw, dev)  # before its turn: the pinned copy is host work
@@ -386,6 +387,8 @@ class WindowPredictor:
             normalizer.apply_torch(stored, x[(slice(None),) + tuple(inner)])
             if not finite:
                 x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            if invalid is not None:
+                x[(slice(None),) + tuple(inner)][:, torch.from_numpy(invalid).to(dev)] = 0.0
             return self._accumulate(net, dev, x, windows, weights, num_classes)
 
     def _accumulate(self, net: nn.Module, dev: torch.device, x: torch.Tensor, windows: list[tuple[slice, ...]],

@@ -91,6 +91,17 @@ def zero_non_finite(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def zero_invalid(x: np.ndarray, valid: Any, region: tuple[slice, ...]) -> np.ndarray:
+    """``x`` (normalised, channels first) with the pixels ``valid[region]`` calls invalid set to 0, in place: what
+    the sliding window shows the network where a mask says the input has no data (:mod:`segmentation.stitching`),
+    so a model trains on what it will see.  ``valid`` None: every pixel is valid."""
+    if valid is not None:
+        v = np.asarray(valid[region], dtype=bool)
+        if not v.all():
+            x[:, ~v] = 0.0
+    return x
+
+
 def resolve(norm: Normalization, channels: int, stats: Any = None) -> Normalizer:
     """Turn a card's normalisation into numbers.
 

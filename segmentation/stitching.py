@@ -3,7 +3,8 @@
 The window grid is fixed on the whole image (``windows.make_grid``).  Each
 window is owned by exactly one output chunk, the one holding its (clipped)
 end corner.  Per owner chunk, an *evaluate* task reads the input region its
-windows cover (the chunk plus up to one ROI before it), normalises it, runs
+windows cover (the chunk plus up to one ROI before it), normalises it (pixels
+the mask calls invalid, and NaN, become 0, whatever the file holds there), runs
 the windows in batches and accumulates Σ w·p over that region; it hands each
 overlapped output chunk its piece.  (An owner of more than twice the average
 owner's windows runs them as several parts, each such a task:
@@ -77,15 +78,22 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     # NaN or Inf (a float raster's nodata) is seen as 0 (segmentation.normalize.zero_non_finite). Stored integers
     # normalise to finite values (checked against the normaliser's factors), so their regions skip even the check
     # (6 ms per 1024² × 3 region).
+    # Pixels the mask calls invalid are seen as 0 too, after normalisation, whatever the file holds there: a
+    # nodata value of 0 normalised to -2.2 and 777 or 5000 to other values, and each changed the labels of valid
+    # pixels up to 11 pixels away (a NaN gave yet others).
+    invalid = None if valid is None or bool(valid.all()) else ~valid
     if getattr(predictor, "regions_on_device", False) and hasattr(normalizer, "apply_torch") and \
             stored_on_device(raw.dtype):  # a GPU worker: the stored dtype crosses the bus, the sums stay there
-        acc = predictor.accumulate_stored(raw, normalizer, inner, shape, finite, windows, weights, num_classes)
+        acc = predictor.accumulate_stored(raw, normalizer, inner, shape, finite, windows, weights, num_classes,
+                                          invalid=invalid)
     else:
         x = np.zeros(shape, dtype=np.float32)
         normalizer(raw, out=x[(slice(None),) + inner])
         del raw
         if not finite:
             zero_non_finite(x)
+        if invalid is not None:
+            x[(slice(None),) + inner][:, invalid] = 0.0
         acc = predictor.accumulate(x, windows, weights, num_classes)
         del x
 

@@ -35,7 +35,7 @@ from segmentation.holdout import Holdout, Region, box_list
 from segmentation.losses import IGNORE, MaskedDiceCELoss, supervised_loss
 from segmentation.metrics import label_range_problem
 from segmentation.modeldir import LoadedModel, build_module, save_model
-from segmentation.normalize import Normalizer, resolve, statistics_for, zero_non_finite
+from segmentation.normalize import Normalizer, resolve, statistics_for, zero_invalid, zero_non_finite
 from segmentation.trainreport import class_keys, per_class_rows, thin, write_reports
 from segmentation.validation import ValidationScore, Validator
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
@@ -57,7 +57,9 @@ class TrainingSample:
     ``ignore_index`` (e.g. 255 where the image has no data) add no loss.
     ``stats`` = (mean, std) per channel for ``image_zscore`` cards; if None
     they are computed over the whole image, as inference does for an image
-    without a mask.
+    without a mask.  ``valid`` (*spatial, bool; None: all valid) is the
+    image's mask: its invalid pixels are 0 after normalisation, as the
+    sliding window shows them to the network.
     """
 
     image: Any
@@ -65,6 +67,7 @@ class TrainingSample:
     stats: tuple[list[float], list[float]] | None = None
     ignore_index: int | None = 255
     name: str | None = None  # what an error about its labels names (the label file)
+    valid: Any = None
 
 
 @dataclass
@@ -158,6 +161,7 @@ def _read_patch(prep: _Prepared, origin: Sequence[int], patch: Sequence[int]) ->
     stop = [min(o + p, s) for o, p, s in zip(origin, patch, prep.spatial)]
     region = tuple(slice(o, e) for o, e in zip(origin, stop))
     image = zero_non_finite(prep.normalizer(np.asarray(prep.sample.image[(slice(None),) + region])))
+    zero_invalid(image, prep.sample.valid, region)
     raw = np.asarray(prep.sample.labels[region])
     labels = raw.astype(np.int64)
     if prep.sample.ignore_index is not None:
@@ -232,9 +236,9 @@ def _split_holdout(card: ModelCard, samples: Sequence[TrainingSample],
         t_box, v_box = holdout.boxes(tuple(int(n) for n in s.labels.shape))
         stats = s.stats if s.stats is not None else statistics_for(card.input.normalization, s.image)
         train_views.append(TrainingSample(Region(s.image, t_box, 1), Region(s.labels, t_box), stats, s.ignore_index,
-                                          s.name))
+                                          s.name, None if s.valid is None else Region(s.valid, t_box)))
         val_views.append(TrainingSample(Region(s.image, v_box, 1), Region(s.labels, v_box), stats, s.ignore_index,
-                                        s.name))
+                                        s.name, None if s.valid is None else Region(s.valid, v_box)))
         boxes.append({"train": box_list(t_box), "validation": box_list(v_box)})
     return train_views, val_views, {"axis": holdout.axis, "fraction": holdout.fraction, "boxes": boxes}
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from segmentation.card import ModelCard
 from segmentation.metrics import confusion_matrix, dice_from_confusion, label_range_problem, mean_dice
-from segmentation.normalize import Normalizer, resolve, statistics_for
+from segmentation.normalize import Normalizer, resolve, statistics_for, zero_invalid, zero_non_finite
 from storage.classes import background_value
 from storage.errors import InvalidInputError
 
@@ -126,7 +126,8 @@ class Validator:
             for region in self.regions:
                 ignore = region.sample.ignore_index
                 for box in region.boxes:
-                    image = region.normalizer(np.asarray(region.sample.image[(slice(None),) + box]))
+                    image = zero_non_finite(region.normalizer(np.asarray(region.sample.image[(slice(None),) + box])))
+                    zero_invalid(image, region.sample.valid, box)
                     truth = np.asarray(region.sample.labels[box])
                     logits = sliding_window_inference(
                         torch.from_numpy(image)[None], list(inf.roi), inf.batch_size, predictor,

@@ -76,10 +76,12 @@ def _store(path, values: np.ndarray, chunks) -> zarr.Array:
     return arr
 
 
-@pytest.mark.parametrize("dtype,precision", [("uint16", "exact"), ("uint8", "fast"), ("float32", "exact")])
-def test_a_stitched_run_is_the_same_either_way(tmp_path, dtype, precision):
+@pytest.mark.parametrize("dtype,precision,masked", [("uint16", "exact", False), ("uint8", "fast", False),
+                                                    ("float32", "exact", False), ("uint16", "exact", True)])
+def test_a_stitched_run_is_the_same_either_way(tmp_path, dtype, precision, masked):
     """Whole runs with the stored region normalised on the device and on the host: probabilities identical (the
-    same numbers reach the network), over a 77 × 90 image whose edge windows pass the image."""
+    same numbers reach the network), over a 77 × 90 image whose edge windows pass the image; with a mask, its
+    invalid pixels are 0 for the network on both paths, whatever they hold."""
     rng = np.random.default_rng(3)
     if dtype == "float32":
         values = rng.standard_normal((2, 77, 90)).astype(np.float32)
@@ -91,15 +93,26 @@ def test_a_stitched_run_is_the_same_either_way(tmp_path, dtype, precision):
         normalizer = Normalizer((float(info.max) / 2,) * 2, (2.0 / info.max,) * 2, clip=(-0.9, 0.9))
     arr = _store(tmp_path / "image.zarr", values, (2, 32, 32))
     net = tiny_net(2, 2, 3)
+    mask = None
+    if masked:
+        mask = np.ones(values.shape[1:], bool)
+        mask[20:50, 30:70] = False
     runs = {}
     for on_device in (False, True):
         plan = build_plan(arr, net, roi=(24, 24), overlap=0.4, chunks=32, precision=precision,
-                          normalizer=normalizer, num_classes=3, device="cpu")
+                          normalizer=normalizer, num_classes=3, device="cpu", mask=mask)
         plan.predictor.device_resident = on_device
         assert plan.predictor.regions_on_device is on_device
         runs[on_device] = (plan.probabilities().compute(scheduler="sync"), plan.labels().compute(scheduler="sync"))
     np.testing.assert_array_equal(runs[True][0], runs[False][0])
     np.testing.assert_array_equal(runs[True][1], runs[False][1])
+    if masked:  # other values under the mask: the same result
+        values[:, 20:50, 30:70] = rng.integers(0, np.iinfo(np.uint16).max, (2, 30, 40), dtype=np.uint16)
+        plan = build_plan(_store(tmp_path / "other.zarr", values, (2, 32, 32)), net, roi=(24, 24), overlap=0.4,
+                          chunks=32, precision=precision, normalizer=normalizer, num_classes=3, device="cpu",
+                          mask=mask)
+        plan.predictor.device_resident = True
+        np.testing.assert_array_equal(plan.probabilities().compute(scheduler="sync"), runs[True][0])
 
 
 def test_the_device_path_is_what_runs_when_asked(tmp_path, monkeypatch):

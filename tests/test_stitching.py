@@ -151,9 +151,15 @@ def test_nodata_windows_are_skipped_and_counted():
     assert counts["windows_skipped"] == expected_skipped
     assert np.all(labels[~mask] == label_nodata(3))
     assert np.all(probs[:, ~mask] == 0)
-    # inside the valid region the answer is the unmasked one (skipped windows touch no valid pixel)
-    ref = monai_reference(img, net, (32, 32), 0.25)
+    # inside the valid region the answer is MONAI's on the image with its invalid pixels set to 0 (skipped windows
+    # touch no valid pixel); what lies under the mask changes nothing
+    seen = np.where(mask, img, 0).astype(np.float32)
+    ref = monai_reference(seen, net, (32, 32), 0.25)
     np.testing.assert_allclose(probs[:, mask], ref[:, mask], atol=1e-4)
+    hidden = img.copy()
+    hidden[:, ~mask] = np.random.default_rng(2).random((2, int((~mask).sum())), dtype=np.float32) * 50
+    other = build_plan(hidden, net, roi=(32, 32), overlap=0.25, chunks=48, mask=mask)
+    np.testing.assert_array_equal(other.probabilities().compute(scheduler="sync"), probs)
 
 
 @pytest.mark.parametrize("masked", [False, True])

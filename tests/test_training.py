@@ -270,6 +270,7 @@ def test_training_takes_a_percentile_card_s_statistics_over_valid_pixels_as_infe
     sample = _sample(card, _open(image_path, tmp_path / "i.zarr"), _open(truth_path, tmp_path / "l.zarr"))
     assert list(sample.stats) == image_percentiles(pixels, [2.0, 98.0], valid)
     assert list(sample.stats) != image_percentiles(pixels, [2.0, 98.0])
+    assert np.array_equal(np.asarray(sample.valid), valid)  # and its nodata pixels are 0 for the network
 
 
 def test_zarr_volume_training(tmp_path):
@@ -426,3 +427,28 @@ def test_a_spatially_augmented_run_records_it_and_trains(tmp_path):
     assert words.startswith("flips, transposes, rotation (±180°) and scale (0.8-1.25) on 0.5 of patches, "
                             "intensity on 0.5 of patches"), words
     assert np.isfinite(result.losses).all() and len(result.losses) == 4
+
+
+def test_values_under_the_mask_reach_neither_training_nor_validation(tmp_path):
+    """The sliding window shows the network 0 where the mask says the input has no data, whatever the file holds
+    there; training and validation do the same, so two images differing only under their mask train alike and
+    validate alike (a nodata value of 0, or 5000, had reached the network as -2.2 or +6 after normalisation)."""
+    rng = np.random.default_rng(4)
+    image = rng.random((4, 96, 96), dtype=np.float32) * 1000
+    labels = rng.integers(0, 3, (96, 96)).astype(np.uint8)
+    valid = np.ones((96, 96), bool)
+    valid[10:60, 20:70] = False
+    labels[~valid] = 255
+    other = image.copy()
+    other[:, ~valid] = 5000.0
+    card = small_card(classes=3, normalization={"mode": "image_zscore"}, roi=[32, 32])
+    results = []
+    for pixels in (image, other):
+        sample = TrainingSample(pixels, labels, stats=([500.0] * 4, [290.0] * 4), valid=valid)
+        results.append(train(card, [sample], steps=3, batch_size=2, patch=(32, 32), seed=0, precision="exact",
+                             holdout=None, validation=[sample], val_every=3))
+    a, b = results
+    assert a.losses == b.losses
+    assert a.provenance["validation"]["history"] == b.provenance["validation"]["history"]
+    for name, tensor in a.module.state_dict().items():
+        assert torch.equal(tensor, b.module.state_dict()[name]), name
