@@ -104,6 +104,21 @@ def _relative_href(target: Path, item_dir: Path) -> str:
     return rel if rel.startswith("../") else f"./{rel}"
 
 
+def wrapped_longitudes(west: float, east: float) -> tuple[float, float]:
+    """West and east in [-180, 180], as STAC and RFC 7946 ask (west > east: the box crosses the antimeridian).
+
+    A grid already in degrees keeps its own longitudes through ``transform_bounds``: a scene from 179.98 to
+    180.03 gave a bbox past 180, which catalogues reject or misplace.  A grid spanning the whole circle is
+    [-180, 180]."""
+    if east - west >= 360.0:
+        return -180.0, 180.0
+
+    def wrap(lon: float) -> float:
+        return lon if -180.0 <= lon <= 180.0 else (lon + 180.0) % 360.0 - 180.0
+
+    return wrap(west), wrap(east)
+
+
 def _footprint(west: float, south: float, east: float, north: float) -> dict[str, Any]:
     """The bbox as GeoJSON; one crossing the antimeridian (west > east) is split in two, as RFC 7946 asks."""
     def box(w: float, e: float) -> list[list[list[float]]]:
@@ -219,6 +234,7 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
     item_dir = item_path.parent
     crs, transform, shape, bounds = _grid(label_cog)
     west, south, east, north = transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)
+    west, east = wrapped_longitudes(west, east)
     when = datetime_ or datetime.now(timezone.utc)
     table = stac_classes(classes)
     mlm = _mlm_properties(model, table, item_path)

@@ -198,6 +198,22 @@ def test_antimeridian_footprint_is_split(tmp_path: Path) -> None:
     assert item.geometry["type"] == "MultiPolygon" and len(item.geometry["coordinates"]) == 2
 
 
+@pytest.mark.parametrize("x0", [179.98, -180.02])
+def test_a_grid_in_degrees_over_the_antimeridian_has_longitudes_in_range(tmp_path: Path, x0: float) -> None:
+    """A scene in EPSG:4326 from 179.98 to 180.03 (or -180.02 to -179.97) kept its own longitudes through
+    transform_bounds: a bbox past ±180 as one Polygon.  Wrapped, it crosses the antimeridian as STAC writes it."""
+    label = make_cog(tmp_path / "am.tif", crs="EPSG:4326", transform=Affine(0.001, 0.0, x0, 0.0, -0.001, 65.0),
+                     shape=(27, 50))
+    item = pystac.Item.from_file(str(write_stac_item(
+        label, item_id="am", label_cog=label, classes=CLASSES, model=MODEL, gsd=50.0, source="am.tif")))
+    west, south, east, north = item.bbox
+    assert -180 <= west <= 180 and -180 <= east <= 180 and west > east
+    assert (west, east) == pytest.approx((179.98, -179.97))  # the same box either way
+    assert item.geometry["type"] == "MultiPolygon"
+    for polygon in item.geometry["coordinates"]:
+        assert all(-180 <= lon <= 180 for lon, _ in polygon[0])
+
+
 def test_unusable_inputs_fail_and_leave_nothing(tmp_path: Path) -> None:
     bare = make_cog(tmp_path / "bare.tif", crs=None)
     with pytest.raises(InvalidInputError, match="bare.tif: has no CRS"):
