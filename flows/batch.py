@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.runlog import run_logger
-from storage.errors import ExportError, IncompatibleInputError, SegflowError
+from storage.errors import ExportError, IncompatibleInputError, SegflowError, is_native_panic, one_line
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -47,13 +47,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 Starting = Callable[[], "Client"]  # waits for the cluster being started, and returns its client
-
-
-def one_line(exc: BaseException) -> str:
-    """An input's failure as the one line the user sees: a SegflowError's own text, else type and message."""
-    if isinstance(exc, SegflowError):
-        return str(exc)
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 @dataclass
@@ -130,7 +123,7 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
             if clobbered is not None:
                 raise IncompatibleInputError(*clobbered)
         except Exception as exc:  # isolation, as in the segmentation itself: record and go on
-            checked.entries.append((label, None, one_line(exc)))
+            checked.entries.append((label, None, one_line(exc, label)))
         else:
             checked.entries.append((label, item, None))
     passed = [i for i, (_, item, _) in enumerate(checked.entries) if item is not None]
@@ -194,8 +187,10 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
                         outcome = segment_series(path, model, out_dir, options, client)
                     else:
                         outcome = segment_staged(path, model, out_dir, options, client)
-            except Exception as exc:  # isolation: record and go on
-                outcome = Outcome(input=input_label(path), ok=False, error=one_line(exc))
+            except BaseException as exc:  # isolation: record and go on (a native decoder's panic too)
+                if not isinstance(exc, Exception) and not is_native_panic(exc):
+                    raise  # an interrupt, an exit, a cancellation
+                outcome = Outcome(input=input_label(path), ok=False, error=one_line(exc, input_label(path)))
             if not outcome.ok:
                 logger.info("input failed: %s", outcome.error)
             outcomes.append(outcome.to_dict())
@@ -342,7 +337,7 @@ def mosaic_outcome(inputs: list[str], model: Any, out_dir: str, options: Segment
             raise SegflowError(out_dir, "a --mosaic is written to a local --out only (for now)")
         return segment_one(ref, model, out_dir, options, cluster())
     except Exception as exc:  # one line naming the tile (or the mosaic), and nothing left behind
-        return Outcome(input=label, ok=False, error=one_line(exc))
+        return Outcome(input=label, ok=False, error=one_line(exc, label))
 
 
 def segment_series(ref: "SeriesRef", model: Any, out_dir: str, options: SegmentOptions, client: Any) -> "Outcome":

@@ -73,14 +73,14 @@ from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.inbox import list_inbox, read_manifest
 from flows.inputs import Expanded, expand, input_label, output_clashes
-from flows.nightly_task import Batch, one_line, segment_input, series_details
+from flows.nightly_task import Batch, segment_input, series_details
 from flows.report import REPORTS_DIR, InputReport, counts, summary, timestamp
 from flows.retries import TransientError, is_transient
 from flows.routing import loaded, read_models
 from storage import provenance
 from storage.atomic import make_output_folder
 from storage.dicomfiles import SeriesRef
-from storage.errors import ConfigError, SegflowError
+from storage.errors import ConfigError, SegflowError, one_line
 from storage.remote import is_url
 
 __all__ = ["nightly", "nightly_report", "dashboard_link", "list_inbox", "read_manifest", "is_transient",

@@ -28,17 +28,10 @@ from flows.report import InputReport, fill_from_statistics
 from flows.retries import retry_if_transient
 from flows.routing import ModelEntry, loaded, no_model_reason, route, route_item
 from storage.dicomfiles import SeriesRef
-from storage.errors import ExportError, InputError, SegflowError
+from storage.errors import ExportError, InputError, is_native_panic, one_line
 from storage.hashing import sha256_input
 from storage.probe import probe
 from storage.stacitem import is_item_path
-
-
-def one_line(exc: BaseException) -> str:
-    """A failed input's error as the report shows it: a segflow error's own line, else its type and message."""
-    if isinstance(exc, SegflowError):
-        return str(exc)
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 @dataclass
@@ -108,6 +101,10 @@ def segment_input(item: Expanded, name: str, batch: Batch) -> dict[str, Any]:
                  "timeout?): check its outputs" if lock.lost or not lock.still_held() else None]
         result["note"] = "; ".join(n for n in notes if n) or None
         return result
+    except BaseException as exc:
+        if is_native_panic(exc):  # an Exception fails this input's task; a BaseException crashed the whole flow
+            raise InputError(label, f"a native decoder failed on it ({one_line(exc)})") from None
+        raise
     finally:
         try:
             target.close()

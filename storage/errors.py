@@ -63,3 +63,19 @@ class ConfigError(SegflowError):
 
 class ProvenanceError(SegflowError):
     """Provenance is missing or does not match the files it describes."""
+
+
+def one_line(exc: BaseException, label: str | None = None) -> str:
+    """An input's failure as the one line a batch reports: a SegflowError's own text (it names its file), else
+    the input's ``label``, the type and the message."""
+    if isinstance(exc, SegflowError):
+        return str(exc)
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return f"{label}: {text}" if label else text
+
+
+def is_native_panic(exc: BaseException) -> bool:
+    """A Rust library's panic raised through pyo3 (``pyo3_runtime.PanicException``: pylibjpeg-rle on damaged RLE
+    data panicked with 'index out of bounds').  It derives from BaseException, not Exception, so a batch's
+    ``except Exception`` let it through and one bad file ended the whole batch (and a Prefect flow, as a crash)."""
+    return not isinstance(exc, Exception) and type(exc).__name__ == "PanicException"
