@@ -122,8 +122,11 @@ def _centre_lonlat(grid: RasterGrid, crs: Any) -> tuple[float, float]:
     return float(lons[0]), float(lats[0])
 
 
-def _target_crs(src_crs: Any, card_crs: str | None, grid: RasterGrid) -> Any:
-    """The CRS the model works in: the card's code, the centre's UTM zone for a geographic input, else the input's."""
+def _target_crs(src_crs: Any, card_crs: str | None, grid: RasterGrid, gsd: bool = True) -> Any:
+    """The CRS the model works in: the card's code, the centre's UTM zone for a geographic input, and for a
+    projection whose scale here is far from true when the card gives a ground sample distance (``gsd``), else the
+    input's.  Web Mercator's metres at 52° N are 0.61 ground metres: a 10 m model was given 6 m pixels of a
+    scene in EPSG:3857 (a 16.35 m grid for 10 m on the ground), and 5 m ones at 60° N."""
     from rasterio.crs import CRS
     from rasterio.errors import CRSError
 
@@ -137,7 +140,17 @@ def _target_crs(src_crs: Any, card_crs: str | None, grid: RasterGrid) -> Any:
         return target
     if src_crs is not None and src_crs.is_geographic:  # degrees: a gsd in metres needs a local projection
         return utm_crs(*_centre_lonlat(grid, src_crs))
+    if gsd and src_crs is not None and src_crs.is_projected and off_true_scale(grid, src_crs):
+        return utm_crs(*_centre_lonlat(grid, src_crs))
     return src_crs
+
+
+def off_true_scale(grid: RasterGrid, crs: Any) -> bool:
+    """Whether areas in ``crs`` at the grid's centre are off the ground's by more than the 2 % that also withholds
+    hectares (:func:`storage.header.pixel_hectares`); then its lengths are off by about 1 % or more."""
+    from storage.header import MAX_AREAL_DISTORTION, areal_scale
+
+    return abs(areal_scale(grid.affine, crs, (grid.height, grid.width)) - 1.0) > MAX_AREAL_DISTORTION
 
 
 def _metres_per_unit(crs: Any, what: str) -> float:
@@ -175,7 +188,7 @@ def raster_mapping(geometry: Any, shape: Sequence[int], *, spacing: Sequence[flo
     grid = RasterGrid(crs=src_crs.to_wkt() if src_crs is not None else None, transform=affine6, height=height,
                       width=width)
     a, b, _, d, e, _ = grid.transform
-    target = _target_crs(src_crs, crs, grid)
+    target = _target_crs(src_crs, crs, grid, gsd=spacing is not None and any(v > 0 for v in spacing))
     same_crs = (target is None and src_crs is None) or (target is not None and src_crs is not None
                                                         and target == src_crs)
     if b != 0.0 or d != 0.0:

@@ -299,6 +299,44 @@ def test_a_geographic_scene_goes_to_its_utm_zone_and_comes_back_on_degrees(scene
     assert _grid(tmp_path / "u" / "geo.tif")["crs"].to_epsg() == SCENE_EPSG
 
 
+def test_a_web_mercator_scene_is_measured_on_the_ground(scenes, weights, tmp_path, dask_cluster):
+    """The 10 m UTM scene warped to EPSG:3857 at 52° N has 16.4 m pixels in Mercator metres, which are 0.61 ground
+    metres there: the 10 m model was given 6 m pixels (a model grid 1.6 times too fine each way).  A projection
+    whose scale is off by more than 2 % goes to its UTM zone first, as degrees do, and the labels follow the UTM
+    run's.  Without a ground sample distance on the card nothing is warped."""
+    from rasterio.warp import calculate_default_transform
+
+    merc = tmp_path / "merc.tif"
+    with rasterio.open(scenes["10"]) as src:
+        t, w, h = calculate_default_transform(src.crs, "EPSG:3857", src.width, src.height, *src.bounds)
+        data = np.zeros((4, h, w), np.uint16)
+        reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=t,
+                  dst_crs="EPSG:3857", resampling=Resampling.bilinear, dst_nodata=0)
+        with rasterio.open(merc, "w", driver="GTiff", width=w, height=h, count=4, dtype="uint16", crs="EPSG:3857",
+                           transform=t, nodata=0) as dst:
+            dst.write(data)
+    assert 16.0 < t.a < 17.0
+    model = _model(tmp_path / "m", weights)
+    options = SegmentOptions(chunk_size=64, keep_zarr=False)
+    out = segment_one(merc, model, tmp_path / "w", options, dask_cluster)
+    space = out.statistics["model_space"]
+    assert space["model"]["crs"] == f"EPSG:{SCENE_EPSG}" and space["model"]["transform"][0] == 10.0
+    labels, grid = _labels(tmp_path / "w" / "merc.tif")
+    assert grid == _grid(merc)
+    segment_one(scenes["10"], model, tmp_path / "u", options, dask_cluster)
+    with rasterio.open(tmp_path / "u" / scenes["10"].name) as ref:
+        expected = np.full((h, w), 255, np.uint8)
+        reproject(ref.read(1), expected, src_transform=ref.transform, src_crs=ref.crs, dst_transform=t,
+                  dst_crs="EPSG:3857", resampling=Resampling.nearest, src_nodata=255, dst_nodata=255)
+    both = (expected != 255) & (labels != 255)
+    assert both.mean() > 0.5 and (labels[both] == expected[both]).mean() > 0.95
+
+    class _Merc:
+        transform, epsg, crs_wkt = tuple(t)[:6], 3857, None
+
+    assert raster_mapping(_Merc(), (h, w), spacing=None, crs=None) is None
+
+
 def test_a_geographic_scene_across_the_antimeridian_is_labelled_on_both_sides(scenes, weights, tmp_path,
                                                                               dask_cluster):
     """A scene in degrees over the antimeridian, written from 179.99 E (running past 180) and, the same ground,
