@@ -29,6 +29,7 @@ from pydicom.uid import UID
 
 from storage.dicomfiles import (DicomObject, Frame, SeriesRef, class_name, find_series, fmt_numbers, frame_name,
                                 is_dicom_input, scan_file, syntax_name, volume_label, why)
+from storage.dicomobject import decode_pixels
 from storage.errors import CorruptInputError, InputError, InvalidInputError, StoreError, UnsupportedFormatError
 from storage.geometry import DicomFile, DicomSeriesInfo, SourceInfo, VolumeGeometry
 from storage.hashing import sha256_input
@@ -39,7 +40,15 @@ __all__ = ["SeriesRef", "is_dicom_input", "find_series", "ingest_dicom", "probe_
 
 ORIENTATION_TOL = 1e-4  # absolute, on direction cosines
 SPACING_RTOL = 1e-2  # of the slice spacing, as highdicom
-PERPENDICULAR_TOL = 1e-3  # mm a slice may step sideways of the normal
+# How far a slice may lie sideways of the normal through the first slice, in mm: POSITION_ROUNDING_MM plus
+# TILT_TOL times its distance along the normal.  Scanners write ImagePositionPatient as DS strings, often
+# rounded to 2 or 3 decimals: two positions rounded to 0.01 mm differ by up to 0.01 mm in each coordinate,
+# 0.0173 mm in all, whatever the slice step (an oblique series of 0.5 mm slices included), so 0.02 mm is rounding,
+# not tilt.  TILT_TOL (1e-3 rad, 0.057 degrees) absorbs an orientation rounded to 4-5 decimals over a long stack.
+# A real gantry tilt (several degrees: tan(5 deg) = 0.087 mm sideways per mm) is far outside both and refused:
+# the volume is not resliced.  (highdicom's cosine tolerance, 1e-3, would let 2.5 degrees of tilt through.)
+POSITION_ROUNDING_MM = 0.02
+TILT_TOL = 1e-3
 SAME_POSITION_TOL = 1e-3  # mm: closer slices are at the same position
 PIXEL_SPACING_RTOL = 1e-4
 
@@ -70,13 +79,21 @@ def _plan(ref: SeriesRef) -> _Plan:
     display = ref.display
     if not ref.files:
         raise InputError(display, "the series has no files")
-    objects = []
+    scanned = []
     for path in dict.fromkeys(ref.files):
         if not path.is_file():
             raise InputError(display, f"file {path} of the series is missing")
         obj = scan_file(path)
         if obj is None:
-            raise UnsupportedFormatError(display, f"{path.name} is not a DICOM file (no DICM preamble)")
+            raise UnsupportedFormatError(display, f"{path.name} is not a DICOM file")
+        scanned.append(obj)
+    damaged = next((obj for obj in scanned if obj.damage is not None), None)
+    if damaged is not None:  # before anything else: a gap it leaves must not be blamed on a "missing slice"
+        raise CorruptInputError(display, f"{damaged.path.name} {damaged.damage}; the series is not segmented "
+                                         "without it")
+    objects = []
+    for obj in scanned:
+        path = obj.path
         if not obj.is_image:
             raise UnsupportedFormatError(display, f"{path.name} is a {class_name(obj.sop_class_uid)} object, "
                                                   "not an image")
@@ -91,6 +108,9 @@ def _plan(ref: SeriesRef) -> _Plan:
         frames = [f for f in frames if volume_label(f.key) == ref.volume]
         if not frames:
             raise InvalidInputError(display, f"no frames of volume {ref.volume!r} in the series' files")
+        if len(frames) == 1 and any("=" in part for part in frames[0].key):
+            raise InvalidInputError(display, f"volume {ref.volume!r} is a single frame split off by its dimension "
+                                             "index: not a volume to segment")
     elif len(keys) > 1:
         raise InvalidInputError(display, "the files hold several volumes ("
                                          + "; ".join(sorted(volume_label(k) for k in keys))
@@ -134,12 +154,7 @@ def _plan(ref: SeriesRef) -> _Plan:
         raise InvalidInputError(display, f"two slices at the same position ({along[k]:.3f} mm along the normal): "
                                          f"{frame_name(frames[k])} and {frame_name(frames[k + 1])}")
     if steps.size:
-        moves = np.diff(positions, axis=0)
-        sideways = np.linalg.norm(moves - np.outer(moves @ normal, normal), axis=1)
-        if sideways.max() > PERPENDICULAR_TOL:
-            angle = float(np.degrees(np.arctan2(sideways.max(), steps[int(np.argmax(sideways))])))
-            raise InvalidInputError(display, f"gantry tilt: slices step {sideways.max():.3f} mm sideways of the "
-                                             f"slice normal ({angle:.2f} degrees); reslice the series first")
+        _check_tilt(display, positions, along, normal)
         _check_gaps(display, steps, along)
 
     k_count = len(frames)
@@ -213,10 +228,31 @@ def _decoder_problem(syntax: str) -> str | None:
     return None
 
 
+def _check_tilt(display: str, positions: np.ndarray, along: np.ndarray, normal: np.ndarray) -> None:
+    """Slices stacked along their normal, up to the rounding of their positions (see POSITION_ROUNDING_MM).
+
+    Measured from the first slice, as highdicom does, so a far slice's angle
+    is not swamped by the rounding of the nearest one.
+    """
+    spans = positions[1:] - positions[0]
+    distance = along[1:] - along[0]
+    sideways = np.linalg.norm(spans - np.outer(spans @ normal, normal), axis=1)
+    excess = sideways - (POSITION_ROUNDING_MM + TILT_TOL * distance)
+    if excess.max() > 0:
+        worst = int(np.argmax(excess))
+        per_step = sideways[worst] / (worst + 1)  # slice k lies k steps from the first
+        angle = float(np.degrees(np.arctan2(sideways[worst], distance[worst])))
+        raise InvalidInputError(display, f"gantry tilt: slices step {per_step:.3f} mm sideways of the slice normal "
+                                         f"({angle:.2f} degrees); reslice the series first")
+
+
 def _check_gaps(display: str, steps: np.ndarray, along: np.ndarray) -> None:
-    """Equal gaps only: a gap that is a whole multiple of the spacing is a missing slice, any other differs."""
+    """Equal gaps only: a gap that is a whole multiple of the spacing is a missing slice, any other differs.
+
+    Gaps may differ by SPACING_RTOL of the spacing plus the rounding of the positions (POSITION_ROUNDING_MM).
+    """
     spacing = float(steps.min())
-    tolerance = SPACING_RTOL * spacing
+    tolerance = SPACING_RTOL * spacing + POSITION_ROUNDING_MM
     multiples = np.rint(steps / spacing)
     off_grid = np.abs(steps - multiples * spacing) > tolerance
     if off_grid.any():
@@ -433,9 +469,8 @@ def _work_dtype(plan: _Plan) -> np.dtype:
 
 def _read_frames(plan: _Plan, frames: list[Frame]) -> Iterator[np.ndarray]:
     """Decoded raw pixels of the given frames in their order, one file open per file per slab."""
-    from pydicom.pixels import iter_pixels, pixel_array
-
     display = plan.ref.display
+    by_path = {obj.path: obj for obj in plan.objects}
     wanted: dict[Path, list[int]] = {}
     for frame in frames:
         if frame.number is not None:
@@ -443,13 +478,8 @@ def _read_frames(plan: _Plan, frames: list[Frame]) -> Iterator[np.ndarray]:
     decoded: dict[tuple[Path, int], np.ndarray] = {}
     for path, indices in wanted.items():
         indices = sorted(set(indices))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for index, array in zip(indices, iter_pixels(path, indices=indices)):
-                    decoded[(path, index)] = array
-        except Exception as exc:  # noqa: BLE001 - decoders raise many types for damaged data
-            raise CorruptInputError(display, f"cannot decode the pixel data of {path.name}: {why(exc)}") from None
+        for index, array in zip(indices, decode_pixels(display, by_path[path], indices)):
+            decoded[(path, index)] = array
     for frame in frames:
         if frame.number is not None:
             array = decoded.pop((frame.path, frame.number - 1), None)
@@ -457,13 +487,5 @@ def _read_frames(plan: _Plan, frames: list[Frame]) -> Iterator[np.ndarray]:
                 raise CorruptInputError(display, f"{frame_name(frame)} could not be read")
             yield array
             continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                array = pixel_array(frame.path)
-        except Exception as exc:  # noqa: BLE001 - decoders raise many types for damaged data
-            raise CorruptInputError(display, f"cannot decode the pixel data of {frame.path.name}: "
-                                             f"{why(exc)}") from None
+        (array,) = decode_pixels(display, by_path[frame.path], None)
         yield array
-
-

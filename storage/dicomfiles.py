@@ -4,8 +4,9 @@ A DICOM "image" arrives as a folder of files (one slice each, or one enhanced
 multi-frame file holding many frames), a DICOMDIR, or a list of files.  One
 header pass (no pixels, cached while a file is unchanged) learns what each file
 is; files that are not images (a DICOMDIR, a README, a Philips DIRFILE, SR, SEG,
-RTSTRUCT) are skipped.  Image files are grouped by SeriesInstanceUID, and an
-enhanced multi-frame object is split by frame type and non-spatial dimension
+RTSTRUCT) are skipped, while an image file cut short joins its series so that
+the series is refused naming it.  Image files are grouped by SeriesInstanceUID,
+and an enhanced multi-frame object is split by frame type and non-spatial dimension
 index (magnitude and phase at the same positions are two volumes): each volume
 is one :class:`SeriesRef`, the unit segflow segments, named safely after its
 series.  Reading a volume is :mod:`storage.dicom`'s business; what one file
@@ -19,14 +20,14 @@ import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from storage.dicomobject import (DicomObject, Frame, class_name, fmt_numbers, frame_name, scan_file, syntax_name,
-                                 why)
+from storage.dicomobject import (BARE_GROUPS, DicomObject, Frame, class_name, fmt_numbers, frame_name, scan_file,
+                                 syntax_name, why)
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.hashing import sha256_input
 from storage.inputfiles import check_readable_file
@@ -78,20 +79,28 @@ class SeriesRef:
 
 
 def is_dicom_input(path: str | os.PathLike[str]) -> bool:
-    """A directory holding DICOM files, a DICOMDIR, or a file with the DICM preamble."""
+    """A directory holding DICOM files, a DICOMDIR, or a DICOM file (with the DICM preamble, or a bare dataset)."""
     path = Path(path)
     if path.is_dir():
-        return any(_has_preamble(p) for p in _walk(path))
-    return path.is_file() and (path.name.upper() == DICOMDIR_NAME or _has_preamble(path))
+        return any(_is_dicom_file(p) for p in _walk(path))
+    return path.is_file() and (path.name.upper() == DICOMDIR_NAME or _is_dicom_file(path))
 
 
-def _has_preamble(path: Path) -> bool:
+def _is_dicom_file(path: Path) -> bool:
+    """The DICM preamble, else a dataset without it that the header pass accepts (see dicomobject)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    if head[:2] not in BARE_GROUPS:  # cheap: TIFF, gzip, NIfTI and text never start so
+        return False
+    try:
+        return scan_file(path) is not None
+    except (InputError, OSError):
+        return False
 
 
 def _walk(folder: Path) -> Iterator[Path]:
@@ -111,7 +120,10 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
     """The image volumes among folders (recursive), DICOMDIR files and lists of files.
 
     Files that are not DICOM images (the DICOMDIR itself, a README, SR, SEG or
-    RTSTRUCT objects) are skipped. Loose files given together share their
+    RTSTRUCT objects) are skipped. An image file cut short (no Rows/Columns) is
+    not skipped: it joins its series (by SeriesInstanceUID; without one, every
+    series in its folder), which ingest then refuses naming it, so no series is
+    segmented with a slice missing. Loose files given together share their
     common parent folder as root.
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -135,17 +147,21 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
 
     refs: list[SeriesRef] = []
     for root, files, named in groups:
-        objects, skipped = [], []
+        objects, skipped, damaged = [], [], []
         for path in dict.fromkeys(files):
             obj = scan_file(path)
             if obj is None:
                 if named is None:
-                    raise UnsupportedFormatError(path, "not a DICOM file (no DICM preamble)")
+                    raise UnsupportedFormatError(path, "not a DICOM file")
                 continue
-            if obj.is_image and obj.series_instance_uid:
+            if obj.damage is not None:
+                damaged.append(obj)
+            elif obj.is_image and obj.series_instance_uid:
                 objects.append(obj)
             else:
                 skipped.append(obj)
+        if not objects and damaged:
+            raise CorruptInputError(damaged[0].path, str(damaged[0].damage))
         if not objects:
             if named is None and len(files) == 1 and skipped:
                 raise UnsupportedFormatError(files[0], f"is a {class_name(skipped[0].sop_class_uid)} object, "
@@ -153,7 +169,7 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
             where = named if named is not None else root
             raise InputError(where, f"no DICOM image series found ({_count(len(files), 'file')}, "
                                     f"{_count(len(skipped), 'DICOM object')} that are not images)")
-        refs.extend(_refs_of(root, objects))
+        refs.extend(_with_damaged(_refs_of(root, objects), damaged))
     return sorted(refs, key=lambda r: (str(r.root), r.name, r.series_instance_uid, r.volume or ""))
 
 
@@ -200,6 +216,21 @@ def _refs_of(root: Path, objects: list[DicomObject]) -> list[SeriesRef]:
                 description=first.series_description, volume=volume,
             ))
     return refs
+
+
+def _with_damaged(refs: list[SeriesRef], damaged: list[DicomObject]) -> list[SeriesRef]:
+    """Each damaged image file joins the refs of its series, or (no series UID left in it) of its folder's."""
+    out = []
+    for ref in refs:
+        extra = [o.path for o in damaged
+                 if o.series_instance_uid == ref.series_instance_uid
+                 or (o.series_instance_uid is None and any(f.parent == o.path.parent for f in ref.files))]
+        out.append(replace(ref, files=tuple(sorted(set(ref.files) | set(extra)))) if extra else ref)
+    orphans = [o for o in damaged if not any(o.path in r.files for r in out)]
+    for obj in orphans:  # its series has no readable file here: the damaged file is an input that fails alone
+        out.append(SeriesRef(root=obj.path.parent, series_instance_uid=obj.series_instance_uid or "unknown",
+                             files=(obj.path,), name=_name(None, None, str(obj.path), None), description=None))
+    return out
 
 
 def volume_label(key: tuple[str, ...]) -> str:

@@ -7,11 +7,18 @@ encoding, and each frame's position, orientation, spacing and rescale, an
 enhanced multi-frame object's frames keyed by frame type and non-spatial
 dimension index.  This module is that one header pass, remembered while the
 file is unchanged, with the tolerant parsers of DICOM values it needs and the
-names messages give SOP classes, transfer syntaxes and frames.
+names messages give SOP classes, transfer syntaxes and frames; and the one
+place a file's pixels are decoded (:func:`decode_pixels`), where every decoder
+failure, a Rust decoder's panic included, becomes one CorruptInputError.
+A file without the 128-byte preamble is read when it is plainly a DICOM
+dataset; an image file cut short before its Rows is flagged (``damage``) so
+that its series is refused rather than silently missing a slice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +32,8 @@ from pydicom.uid import UID
 
 from storage.errors import CorruptInputError, InputError
 
-__all__ = ["DicomObject", "Frame", "class_name", "fmt_numbers", "frame_name", "scan_file", "syntax_name", "why"]
+__all__ = ["BARE_GROUPS", "DicomObject", "Frame", "class_name", "decode_pixels", "fmt_numbers", "frame_name",
+           "scan_file", "syntax_name", "why"]
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # Objects with rows and columns that are still not images to segment.
@@ -53,6 +61,13 @@ _PIXEL_TAGS = {  # (7FE0,0010) PixelData, (7FE0,0008) FloatPixelData, (7FE0,0009
 # Dimension pointers that place a frame in space: they sort frames, they do not split volumes.
 _SPATIAL_POINTERS = {0x00200032, 0x00209057}  # ImagePositionPatient, InStackPositionNumber
 _TYPE_POINTERS = {0x00089007, 0x00089208}  # FrameType, ComplexImageComponent: already in the type label
+# Dimension pointers that number frames (InstanceNumber of a legacy-converted object): never a volume of their own.
+_COUNTER_POINTERS = {0x00200013}
+# The first element of a dataset written without preamble and file meta: group 0002 or 0008, little endian.
+BARE_GROUPS = (b"\x02\x00", b"\x08\x00")
+_NATIVE_BY_ENCODING = {  # (implicit VR, little endian) of a dataset without file meta -> its transfer syntax
+    (True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1", (False, False): "1.2.840.10008.1.2.2",
+}
 
 _HEADER_CACHE: dict[tuple[int, int, int, int], "DicomObject | None"] = {}
 _HEADER_CACHE_MAX = 100_000
@@ -110,6 +125,8 @@ class DicomObject:
     frames_declared: int = 1
     rows: int | None = None
     columns: int | None = None
+    damage: str | None = None  # why an image file of a series cannot be one (a header cut short), else None
+    bare: bool = False  # written without the 128-byte preamble (and maybe file meta): decoders need its syntax
 
 
 def _read_header(path: Path) -> tuple[Dataset, str | None, int] | None:
@@ -120,7 +137,7 @@ def _read_header(path: Path) -> tuple[Dataset, str | None, int] | None:
             tag = fp.read(4)  # pydicom stops at the pixel element's tag, or at the end of the file
             after_tag = fp.tell()
     except InvalidDicomError:
-        return None
+        return _read_bare_header(path)
     except OSError as exc:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a damaged header
@@ -128,6 +145,39 @@ def _read_header(path: Path) -> tuple[Dataset, str | None, int] | None:
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if syntax == _DEFLATED:  # the dataset was inflated from a copy: the file position says nothing
         return ds, "PixelData" if "Rows" in ds else None, -1
+    return ds, _PIXEL_TAGS.get(tag), after_tag
+
+
+def _read_bare_header(path: Path) -> tuple[Dataset, str | None, int] | None:
+    """A dataset written without the 128-byte preamble (old archives, some PACS exports), or None.
+
+    pydicom reads anything with ``force=True``, so only a file that starts with
+    a group 0002/0008 element, parses, names a SOP class pydicom knows and has a
+    SOP instance UID counts; a file without file meta gets the native transfer
+    syntax its encoding shows (compressed pixels always come with file meta).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Expected explicit VR, but found implicit VR"; junk values of junk files
+        try:
+            with open(path, "rb") as fp:
+                if fp.read(2) not in BARE_GROUPS:
+                    return None
+                fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, defer_size=4096)
+                tag = fp.read(4)
+                after_tag = fp.tell()
+            sop_class, sop_instance = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+        except Exception:  # noqa: BLE001 - whatever this is, it is not a readable DICOM dataset
+            return None
+    if not sop_instance or UID(sop_class).type != "SOP Class":
+        return None
+    meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+    syntax = str(meta.get("TransferSyntaxUID", "")) or _NATIVE_BY_ENCODING.get(
+        tuple(getattr(ds, "original_encoding", (None, None))), "")
+    if not UID(syntax).is_transfer_syntax:
+        return None
+    meta.TransferSyntaxUID = syntax
+    ds.file_meta = meta
     return ds, _PIXEL_TAGS.get(tag), after_tag
 
 
@@ -139,6 +189,8 @@ def scan_file(path: Path) -> DicomObject | None:
         return _HEADER_CACHE[cache_key]
     read = _read_header(path)
     obj = None if read is None else _describe_object(path, read[0], read[1], st.st_size)
+    if obj is not None and read is not None:
+        obj.bare = not getattr(read[0], "preamble", None)
     if obj is not None and read is not None and read[2] >= 0 and obj.pixel_tag is not None:
         implicit = obj.transfer_syntax_uid == _IMPLICIT_VR
         obj.pixel_bytes = st.st_size - read[2] - (4 if implicit else 8)  # past the element's VR and length
@@ -152,6 +204,7 @@ def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) 
     meta = getattr(ds, "file_meta", Dataset())
     sop_class = str(ds.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", "")))
     is_image = sop_class not in NOT_IMAGES and "Rows" in ds and "Columns" in ds
+    damaged = not is_image and sop_class not in NOT_IMAGES and (_is_image_class(sop_class) or pixel_tag is not None)
     frames_declared = _int(ds.get("NumberOfFrames")) or 1
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     obj = DicomObject(
@@ -179,6 +232,8 @@ def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) 
         frames_declared=frames_declared,
         rows=_int(ds.get("Rows")),
         columns=_int(ds.get("Columns")),
+        damage=(f"is a {class_name(sop_class)} file without Rows and Columns: damaged or cut short "
+                f"({size} bytes)") if damaged else None,
     )
     if not is_image or obj.series_instance_uid is None:
         return obj
@@ -187,6 +242,11 @@ def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) 
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise CorruptInputError(path, f"cannot read its image geometry: {why(exc)}") from None
     return obj
+
+
+def _is_image_class(uid: str) -> bool:
+    """An image storage SOP class (CT, MR, enhanced, legacy converted...): its files must have image attributes."""
+    return bool(uid) and uid not in NOT_IMAGES and "Image Storage" in UID(uid).name
 
 
 def _classic_frame(path: Path, ds: Dataset) -> Frame:
@@ -208,6 +268,8 @@ def _enhanced_frames(path: Path, ds: Dataset, count: int) -> list[Frame]:
         raise ValueError(f"{len(per_frame)} per-frame functional groups for {count} frames")
     pointers = [int(item.get("DimensionIndexPointer", 0)) for item in ds.get("DimensionIndexSequence", [])]
     labels = [pydicom.datadict.keyword_for_tag(p) or f"{p:08X}" for p in pointers]
+    splitting = _splitting_dimensions(pointers, [_dimension_values(per_frame[n] if per_frame else Dataset(), shared)
+                                                 for n in range(count)])
     top_slope, top_intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
     frames = []
     for n in range(count):
@@ -224,10 +286,9 @@ def _enhanced_frames(path: Path, ds: Dataset, count: int) -> list[Frame]:
             item("PixelMeasuresSequence")
         transform = item("PixelValueTransformationSequence")
         key = [_frame_type_label(groups, shared)]
-        indexes = item("FrameContentSequence").get("DimensionIndexValues")
-        indexes = [] if indexes is None else ([indexes] if isinstance(indexes, int) else list(indexes))
-        for pointer, label, value in zip(pointers, labels, indexes):
-            if pointer not in _SPATIAL_POINTERS and pointer not in _TYPE_POINTERS:
+        indexes = _dimension_values(groups, shared)
+        for n_dim, (label, value) in enumerate(zip(labels, indexes)):
+            if n_dim in splitting:
                 key.append(f"{label}={value}")
         frames.append(Frame(
             path=path, number=n + 1, sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
@@ -243,6 +304,34 @@ def _enhanced_frames(path: Path, ds: Dataset, count: int) -> list[Frame]:
     return frames
 
 
+def _dimension_values(groups: Dataset, shared: Dataset) -> list[Any]:
+    """A frame's DimensionIndexValues (per-frame, else shared), as a list."""
+    for where in (groups, shared):
+        seq = where.get("FrameContentSequence")
+        if seq and seq[0].get("DimensionIndexValues") is not None:
+            values = seq[0].DimensionIndexValues
+            return [values] if isinstance(values, int) else list(values)
+    return []
+
+
+def _splitting_dimensions(pointers: list[int], values: list[list[Any]]) -> set[int]:
+    """Which dimensions split frames into volumes: not the spatial or type ones, not a frame counter.
+
+    A dimension whose value differs on every frame (a legacy-converted object's
+    InstanceNumber) numbers frames rather than volumes: splitting by it made one
+    one-frame "volume" per frame.
+    """
+    splitting = set()
+    for n, pointer in enumerate(pointers):
+        if pointer in _SPATIAL_POINTERS or pointer in _TYPE_POINTERS or pointer in _COUNTER_POINTERS:
+            continue
+        seen = [v[n] for v in values if len(v) > n]
+        if len(seen) > 1 and len(set(seen)) == len(seen):
+            continue
+        splitting.add(n)
+    return splitting
+
+
 def _frame_type_label(groups: Dataset, shared: Dataset) -> str:
     """MAGNITUDE / PHASE / ... from the frame-type sequence (ComplexImageComponent, else FrameType value 3)."""
     for where in (groups, shared):
@@ -255,6 +344,46 @@ def _frame_type_label(groups: Dataset, shared: Dataset) -> str:
                 third = values[2] if len(values) > 2 else "_".join(values)
                 return component if component and component != "MIXED" else third
     return ""
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+# Never turned into a CorruptInputError: the user or the interpreter stopping the run.
+_STOPS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
+
+
+def decode_pixels(display: str, obj: DicomObject, indices: list[int] | None) -> list[np.ndarray]:
+    """The file's frames at ``indices`` (None: its one frame), decoded; any decoder failure is a corrupt file.
+
+    BaseException is caught because a Rust decoder's panic (pylibjpeg-rle on damaged RLE data) arrives as
+    pyo3's PanicException, which is not an Exception, and ended the whole batch with a backtrace.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _decode_pixels(obj, indices)
+    except _STOPS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - decoders raise many types (and panic) for damaged data
+        raise CorruptInputError(display, f"cannot decode the pixel data of {obj.path.name}: {why(exc)}") from None
+
+
+def _decode_pixels(obj: DicomObject, indices: list[int] | None) -> list[np.ndarray]:
+    """pydicom's file-based decoders; a deflated dataset is inflated whole first (they cannot read it)."""
+    from pydicom import dcmread
+    from pydicom.pixels import iter_pixels, pixel_array
+
+    syntax = {"transfer_syntax_uid": obj.transfer_syntax_uid} if obj.bare else {}  # no file meta to say it
+    if obj.transfer_syntax_uid == _DEFLATED:
+        ds = dcmread(obj.path, force=obj.bare)
+        array = ds.pixel_array
+        if indices is None:
+            return [array]
+        return [array[i] if obj.frames_declared > 1 else array for i in indices]
+    if indices is None:
+        return [pixel_array(obj.path, **syntax)]
+    return list(iter_pixels(obj.path, indices=indices, **syntax))
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -112,39 +112,38 @@ def write_dicom_seg(
     info = geometry.dicom
     if info is None:
         raise ExportError(out, "the volume did not come from a DICOM series: a DICOM SEG needs source images")
+    where = _series_label(geometry, source_root)  # content errors name the input; only I/O names the SEG
     if segmentation_type not in ("BINARY", "LABELMAP"):
-        raise ExportError(out, f"segmentation type must be BINARY or LABELMAP, got {segmentation_type!r}")
+        raise ExportError(where, f"segmentation type must be BINARY or LABELMAP, got {segmentation_type!r}")
     depth = len(info.sop_instance_uids)
     if len(labels.shape) != 3 or labels.shape[0] != depth:
-        raise ExportError(out, f"labels have shape {tuple(labels.shape)} but the series has {depth} slices")
+        raise ExportError(where, f"labels have shape {tuple(labels.shape)} but the series has {depth} slices")
     if np.dtype(labels.dtype).kind not in "biu":
-        raise ExportError(out, f"labels must be integers, got {labels.dtype}")
+        raise ExportError(where, f"labels must be integers, got {labels.dtype}")
     name = str(algorithm.get("name") or "segflow model")
     version = str(algorithm.get("version") or "unknown")
     weights = str(algorithm.get("weights_sha256") or "")
 
     segmented = sorted((c for c in classes if c.value != 0), key=lambda c: c.value)
     if not segmented:
-        raise ExportError(out, "no non-background class to write as a segment")
+        raise ExportError(where, "no non-background class to write as a segment")
     if nodata_label is not None and any(c.value == nodata_label for c in segmented):
-        raise ExportError(out, f"nodata label {nodata_label} is also the value of a class")
+        raise ExportError(where, f"nodata label {nodata_label} is also the value of a class")
     try:
         descriptions = [_describe(c, n, name, version, weights) for n, c in enumerate(segmented, start=1)]
     except ValueError as exc:
-        raise ExportError(out, str(exc)) from None
+        raise ExportError(where, str(exc)) from None
 
-    sources = _read_sources(out, geometry, source_root)
+    sources = _read_sources(where, geometry, source_root)
     _with_thickness(sources, geometry)
     _with_type2(sources)
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if tuple(labels.shape[1:]) != (rows, columns):
-        raise ExportError(out, f"labels have shape {tuple(labels.shape)} but the source images are "
-                               f"{rows} rows x {columns} columns")
-    numbers = _segment_numbers(out, labels, segmented, nodata_label)
-    if info.frame_numbers is not None:  # one enhanced multi-frame source: frames are the source's frames
-        frames = np.zeros((int(sources[0].NumberOfFrames), rows, columns), dtype=numbers.dtype)
-        frames[np.asarray(info.frame_numbers) - 1] = numbers
-        numbers = frames
+        raise ExportError(where, f"labels have shape {tuple(labels.shape)} but the source images are "
+                                 f"{rows} rows x {columns} columns")
+    numbers = _segment_numbers(where, labels, segmented, nodata_label)
+    if info.frame_numbers is not None:  # one enhanced multi-frame source: this volume's frames of it
+        sources = [_volume_frames(sources[0], info.frame_numbers)]
 
     if series_number is None:
         series_number = SEG_SERIES_NUMBER_BASE + (info.series_number or 0) % 1000
@@ -166,7 +165,10 @@ def write_dicom_seg(
             content_label="SEGFLOW",
             content_description=_lo(f"{name} labels"),
             omit_empty_frames=bool(np.any(numbers)),  # all empty: every frame, as highdicom would (with a warning)
+            **_character_set(descriptions, name, version),
         )
+        if info.frame_numbers is not None:
+            _refer_to_source_frames(seg, info.frame_numbers)
         seg.SeriesDescription = _lo(f"segflow {name}")
         seg.save_as(tmp, enforce_file_format=True)
         with open(tmp, "rb") as fh:
@@ -177,11 +179,65 @@ def write_dicom_seg(
         raise ExportError(out, f"cannot write: {exc.strerror or type(exc).__name__}") from None
     except (ValueError, TypeError, AttributeError) as exc:  # highdicom's validation of the content
         _unlink(tmp)
-        raise ExportError(out, f"highdicom refused the segmentation: {_short(exc)}") from None
+        raise ExportError(where, f"DICOM SEG {out.name} not written: highdicom refused the segmentation: "
+                                 f"{_short(exc)}") from None
     except BaseException:
         _unlink(tmp)
         raise
     return out
+
+
+def _series_label(geometry: VolumeGeometry, root: str | PathLike[str] | None) -> str:
+    """How an error names the input series (as SeriesRef.display does), not the SEG that was never written."""
+    info = geometry.dicom
+    assert info is not None
+    volume = f" {info.volume}" if info.volume else ""
+    return f"{root or 'DICOM'} [series {info.series_instance_uid}{volume}]"
+
+
+def _volume_frames(source: pydicom.Dataset, frame_numbers: list[int]) -> pydicom.Dataset:
+    """The multi-frame source's header cut down to this volume's frames, in stored slice order.
+
+    An enhanced object holding two volumes (magnitude and phase) at the same
+    positions made highdicom refuse ("Plane positions must not contain
+    duplicates") when handed all its frames; handed these, SEG frame k refers
+    to frame k+1 of the copy, renumbered by :func:`_refer_to_source_frames`.
+    """
+    copy = pydicom.Dataset(source)  # a shallow copy: the file's header is not changed
+    copy.file_meta = source.file_meta
+    per_frame = source.PerFrameFunctionalGroupsSequence
+    copy.PerFrameFunctionalGroupsSequence = pydicom.Sequence([per_frame[n - 1] for n in frame_numbers])
+    copy.NumberOfFrames = len(frame_numbers)
+    return copy
+
+
+def _refer_to_source_frames(seg: pydicom.Dataset, frame_numbers: list[int]) -> None:
+    """Point each SEG frame's source reference at the real frame number of the source object.
+
+    highdicom shares one reference item between the segments of a slice: each item is renumbered once.
+    """
+    done: set[int] = set()
+    for item in seg.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                if "ReferencedFrameNumber" in source and id(source) not in done:
+                    done.add(id(source))
+                    source.ReferencedFrameNumber = frame_numbers[int(source.ReferencedFrameNumber) - 1]
+
+
+UTF8 = "ISO_IR 192"
+
+
+def _character_set(descriptions: list[hd.seg.SegmentDescription], name: str, version: str) -> dict[str, str]:
+    """UTF-8 when a text the SEG writes is not ASCII (a class named 'Läsion' or '病変'), else the source's.
+
+    Without it pydicom wrote such names in the source's (often default, ASCII)
+    repertoire: Latin-1 bytes no reader could decode, or '?' with a warning.
+    Values copied from the source are re-encoded, so nothing else changes.
+    """
+    texts = [name, version] + [str(d.SegmentLabel) for d in descriptions] + \
+        [str(d.SegmentedPropertyTypeCodeSequence[0].CodeMeaning) for d in descriptions]
+    return {"specific_character_set": UTF8} if any(not t.isascii() for t in texts) else {}
 
 
 def _with_thickness(sources: list[Any], geometry: VolumeGeometry) -> None:
@@ -233,7 +289,7 @@ def _describe(c: LabelClass, number: int, name: str, version: str, weights: str)
     )
 
 
-def _read_sources(out: Path, geometry: VolumeGeometry, root: str | PathLike[str] | None) -> list[pydicom.Dataset]:
+def _read_sources(where: str, geometry: VolumeGeometry, root: str | PathLike[str] | None) -> list[pydicom.Dataset]:
     """The source headers (no pixel data), in stored slice order (one dataset for a multi-frame source)."""
     info = geometry.dicom
     assert info is not None
@@ -243,31 +299,31 @@ def _read_sources(out: Path, geometry: VolumeGeometry, root: str | PathLike[str]
     for sop_uid in wanted:
         entry = by_uid.get(sop_uid)
         if entry is None:
-            raise ExportError(out, f"series {info.series_instance_uid}: no file recorded for instance {sop_uid}")
+            raise ExportError(where, f"series {info.series_instance_uid}: no file recorded for instance {sop_uid}")
         path = Path(entry.path)
         if not path.is_absolute():
             if root is None:
-                raise ExportError(out, f"series {info.series_instance_uid}: source paths are relative to the "
+                raise ExportError(where, f"series {info.series_instance_uid}: source paths are relative to the "
                                        "series folder, which was not given (source_root)")
             path = Path(root) / path
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)  # ingest accepted it, preamble or not
         except FileNotFoundError:
-            raise ExportError(out, f"source file {path.name} of series {info.series_instance_uid} is gone") from None
+            raise ExportError(where, f"source file {path.name} of series {info.series_instance_uid} is gone") from None
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise ExportError(out, f"cannot read source file {path.name} of series "
+            raise ExportError(where, f"cannot read source file {path.name} of series "
                                    f"{info.series_instance_uid}: {_short(exc)}") from None
         if ds.get("SOPInstanceUID") != sop_uid or ds.get("SeriesInstanceUID") != info.series_instance_uid:
-            raise ExportError(out, f"source file {path.name} no longer holds instance {sop_uid} of series "
+            raise ExportError(where, f"source file {path.name} no longer holds instance {sop_uid} of series "
                                    f"{info.series_instance_uid}")
         sources.append(ds)
     if info.frame_numbers is not None and len(sources) != 1:
-        raise ExportError(out, f"series {info.series_instance_uid}: frame numbers given for {len(sources)} "
+        raise ExportError(where, f"series {info.series_instance_uid}: frame numbers given for {len(sources)} "
                                "instances; only one multi-frame source is supported")
     return sources
 
 
-def _segment_numbers(out: Path, labels: Any, segmented: list[LabelClass], nodata_label: int | None) -> np.ndarray:
+def _segment_numbers(where: str, labels: Any, segmented: list[LabelClass], nodata_label: int | None) -> np.ndarray:
     """Class values -> segment numbers 1..n (0 background, nodata -> 0), read slab by slab."""
     n = len(segmented)
     top = max([c.value for c in segmented] + [nodata_label or 0])
@@ -288,11 +344,11 @@ def _segment_numbers(out: Path, labels: Any, segmented: list[LabelClass], nodata
         lo, hi = int(slab.min()), int(slab.max())
         if lo < 0 or hi > top:
             bad = lo if lo < 0 else hi
-            raise ExportError(out, f"label value {bad} (slices {k0}-{k0 + len(slab) - 1}) is not a class")
+            raise ExportError(where, f"label value {bad} (slices {k0}-{k0 + len(slab) - 1}) is not a class")
         mapped = lut[slab]
         if mapped.min() < 0:
             bad = int(slab[mapped < 0].flat[0])
-            raise ExportError(out, f"label value {bad} (slices {k0}-{k0 + len(slab) - 1}) is not a class")
+            raise ExportError(where, f"label value {bad} (slices {k0}-{k0 + len(slab) - 1}) is not a class")
         numbers[k0:k0 + len(slab)] = mapped
     return numbers
 

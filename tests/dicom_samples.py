@@ -453,3 +453,57 @@ def write_dicomdir(folder: Path, paths: Sequence[Path]) -> Path:
         file_set.add(dcmread(path))
     file_set.write(folder)
     return Path(folder) / "DICOMDIR"
+
+
+# --------------------------------------------------------------------------- damaged and unusual files
+
+
+def corrupt_rle(path: Path) -> None:
+    """Make an RLE Lossless slice's first segment start with a replicate run longer than the frame.
+
+    Byte 64 of the frame is its first segment's first header byte; 0x81 asks
+    for 128 copies of the next byte, which overruns the decoded segment of a
+    small frame: pylibjpeg-rle panics ("index out of bounds") on it.
+    """
+    from pydicom.encaps import generate_frames
+
+    fragment = next(generate_frames(dcmread(path).PixelData, number_of_frames=1))
+    raw = bytearray(Path(path).read_bytes())
+    at = bytes(raw).index(fragment) + 64
+    raw[at] = 0x81
+    Path(path).write_bytes(bytes(raw))
+
+
+def truncate(path: Path, size: int = 300) -> None:
+    """Cut a file short, as an interrupted copy does: 300 bytes keep the file meta, not the dataset."""
+    Path(path).write_bytes(Path(path).read_bytes()[:size])
+
+
+def deflate_series(paths: Sequence[Path]) -> None:
+    """Re-write the files as Deflated Explicit VR Little Endian (the whole dataset zlib-deflated)."""
+    rewrite(paths, lambda ds, k: setattr(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2.1.99"))
+
+
+def strip_preamble(paths: Sequence[Path], *, keep_meta: bool = False) -> None:
+    """Drop the 128-byte preamble and 'DICM' (and, unless ``keep_meta``, the file meta): a bare dataset."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    for path in paths:
+        raw = Path(path).read_bytes()
+        if keep_meta:
+            Path(path).write_bytes(raw[132:])
+            continue
+        ds = dcmread(path)
+        out = DicomBytesIO()
+        out.is_little_endian, out.is_implicit_VR = True, True
+        bare = Dataset(ds)
+        bare.file_meta = None
+        write_dataset(out, bare)
+        Path(path).write_bytes(out.getvalue())
+
+
+def round_positions(paths: Sequence[Path], decimals: int) -> None:
+    """Write ImagePositionPatient with ``decimals`` decimals, as many scanners do."""
+    rewrite(paths, lambda ds, k: setattr(ds, "ImagePositionPatient",
+                                         [f"{float(v):.{decimals}f}" for v in ds.ImagePositionPatient]))

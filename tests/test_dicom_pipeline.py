@@ -2,7 +2,8 @@
 
 The folder holds an oblique, descending CT series, an axial one at another
 spacing (segmented in the model's space and brought back), a series with a
-missing slice, and files that are not images.  Each good series gets labels as
+missing slice, one whose last slice file was cut short, one with a corrupt RLE
+slice that makes the decoder panic, and files that are not images.  Each good series gets labels as
 NIfTI on its own grid, a DICOM SEG that reads back to the same labels slice for
 slice, label tables, per-label statistics and provenance naming its UIDs.
 """
@@ -25,7 +26,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from storage.dicomseg import read_dicom_seg_labels
 from storage.layout import open_image_store
-from tests.dicom_samples import DUMMY_PATIENT_ID, DUMMY_PATIENT_NAME, write_bad_series, write_ct_series
+from tests.dicom_samples import (DUMMY_PATIENT_ID, DUMMY_PATIENT_NAME, compress_series, corrupt_rle, truncate,
+                                 write_bad_series, write_ct_series)
 from tests.models import tiny_model
 
 
@@ -46,6 +48,11 @@ def run(tmp_path_factory):
     write_ct_series(folder / "axial", body((7, 26, 24), 2), spacing=(3.0, 0.9, 0.9), series_number=5,
                     series_description="AX CT")
     write_bad_series(folder / "broken", "missing_slice")
+    cut = write_ct_series(folder / "cut", body((4, 8, 8), 3), series_number=6)
+    truncate(cut[-1])  # its last slice cut short: refused naming the file, never segmented without it
+    rle = write_ct_series(folder / "rle", body((3, 8, 8), 4), series_number=7)
+    compress_series(rle)
+    corrupt_rle(rle[1])  # the RLE decoder panics on it: this input fails, the batch goes on
     (folder / "README.txt").write_text("not DICOM")
     model = tiny_model(root / "model", spatial_dims=3, channels=1, spacing=[2.0, 1.0, 1.0], spacing_unit="mm",
                        orientation="RAS")
@@ -64,9 +71,12 @@ def _series_outputs(out: Path) -> list[Path]:
 def test_each_series_is_its_own_input_and_the_bad_one_fails_alone(run):
     proc, out, folder = run
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "slice(s) missing" in errors[0] and "[series " in errors[0], proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    assert len(errors) == 3 and all("[series " in e for e in errors), proc.stderr
+    for problem in ("slice(s) missing", "IM0004.dcm is a CT Image Storage file without Rows and Columns",
+                    "cannot decode the pixel data of IM0002.dcm"):
+        assert sum(problem in e for e in errors) == 1, (problem, errors)
+    assert "Traceback" not in proc.stdout + proc.stderr and "PanicException" not in proc.stdout + proc.stderr
     labels = _series_outputs(out)
     assert len(labels) == 2
     names = sorted(p.name for p in labels)

@@ -319,3 +319,100 @@ def test_label_tables_parse_back(tmp_path: Path) -> None:
     assert rows[7][4] == "say 'hi'"
     assert sorted(rows) == [0, 1, 2, 5, 6, 7]
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+# --------------------------------------------------------------------------- multi-volume sources, errors, text
+
+
+def test_seg_of_each_volume_of_a_magnitude_phase_object(tmp_path: Path) -> None:
+    """Magnitude and phase frames at the same positions: each volume's SEG refers to its own frames only
+    (handed every frame, highdicom refused: "Plane positions must not contain duplicates")."""
+    from tests.dicom_samples import write_enhanced_mr
+
+    rng = np.random.default_rng(5)
+    shape = (4, 20, 24)
+    write_enhanced_mr(tmp_path / "mr", rng.integers(0, 900, shape), rng.integers(0, 900, shape))
+    refs = find_series([tmp_path / "mr"])
+    assert sorted(r.volume for r in refs) == ["MAGNITUDE", "PHASE"]
+    for ref in refs:
+        store = ingest_dicom(ref, tmp_path / f"{ref.volume}.zarr")
+        geometry, root = store.meta.geometry, Path(store.meta.source.path)
+        labels = label_volume(shape)
+        out = write_dicom_seg(labels, geometry, tmp_path / f"{ref.volume}.seg.dcm", classes=CLASSES,
+                              algorithm=ALGORITHM, nodata_label=NODATA, source_root=root)
+        np.testing.assert_array_equal(read_dicom_seg_labels(out, geometry), expected(labels))
+        seg = pydicom.dcmread(out)
+        by_frame = {int(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber):
+                    np.asarray(fg.PlanePositionSequence[0].ImagePositionPatient, float)
+                    for fg in seg.PerFrameFunctionalGroupsSequence}
+        numbers = geometry.dicom.frame_numbers
+        assert set(by_frame) == {numbers[k] for k in range(shape[0] - 1)}  # this volume's; the empty last omitted
+        source = pydicom.dcmread(root / geometry.dicom.files[0].path, stop_before_pixels=True)
+        for number, position in by_frame.items():
+            groups = source.PerFrameFunctionalGroupsSequence[number - 1]
+            np.testing.assert_allclose(position, groups.PlanePositionSequence[0].ImagePositionPatient, atol=1e-4)
+
+
+def test_a_seg_highdicom_refuses_is_an_error_of_the_input_series(tmp_path: Path, monkeypatch) -> None:
+    """The error names the series it came from; the SEG it names was never written."""
+    write_ct_series(tmp_path / "ct", np.zeros((3, 8, 8), np.int16))
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ValueError("Plane positions must not contain duplicates.")
+
+    monkeypatch.setattr(hd.seg, "Segmentation", refuse)
+    labels = np.ones((3, 8, 8), np.uint8)
+    with pytest.raises(ExportError) as caught:
+        write_dicom_seg(labels, geometry, tmp_path / "out.seg.dcm", classes=CLASSES, algorithm=ALGORITHM,
+                        source_root=root)
+    assert caught.value.path == f"{root} [series {geometry.dicom.series_instance_uid}]"
+    assert "DICOM SEG out.seg.dcm not written: highdicom refused the segmentation: Plane positions" in str(caught.value)
+    assert not (tmp_path / "out.seg.dcm").exists()
+
+
+@pytest.mark.parametrize("names", [("Läsion", "病変 lesion"), ("lesion", "cyst")])
+def test_class_names_survive_in_the_seg_whatever_their_script(tmp_path: Path, names: tuple[str, str]) -> None:
+    """Non-ASCII names: UTF-8 (ISO_IR 192), no pydicom warning; ASCII names keep the source's character set.
+    The source's Latin-1 patient name is read back the same either way."""
+    import warnings
+
+    paths = write_ct_series(tmp_path / "ct", np.zeros((3, 8, 8), np.int16))
+
+    def latin1(ds: pydicom.Dataset, k: int) -> None:
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jürgen"
+
+    from tests.dicom_samples import rewrite
+    rewrite(paths, latin1)
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+    classes = [CLASSES[0], LabelClass(value=1, name=names[0], color=(255, 0, 0)),
+               LabelClass(value=2, name=names[1], color=(0, 255, 0), code=f"SCT:49755003/108369006|{names[1]}")]
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[1, 2:4, 2:4], labels[2, 5:7, 1:3] = 1, 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = write_dicom_seg(labels, geometry, tmp_path / "seg.dcm", classes=classes, algorithm=ALGORITHM,
+                              source_root=root)
+        seg = pydicom.dcmread(out)
+        assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == list(names)
+        assert str(seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeMeaning) == names[1]
+        assert str(seg.PatientName) == "Müller^Jürgen"
+        assert seg.SpecificCharacterSet == ("ISO_IR 192" if not "".join(names).isascii() else "ISO_IR 100")
+        read = hd.seg.segread(out)
+        assert [read.get_segment_description(n).segment_label for n in (1, 2)] == list(names)
+    np.testing.assert_array_equal(read_dicom_seg_labels(out, geometry), labels)
+
+
+def test_seg_of_a_series_without_the_preamble(tmp_path: Path) -> None:
+    """Source files without the 128-byte preamble and file meta are read for the SEG as they were for ingest."""
+    from tests.dicom_samples import strip_preamble
+
+    paths = write_ct_series(tmp_path / "ct", np.zeros((3, 8, 8), np.int16))
+    strip_preamble(paths)
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[1, 2:4, 2:4] = 1
+    out = write_dicom_seg(labels, geometry, tmp_path / "seg.dcm", classes=CLASSES, algorithm=ALGORITHM,
+                          source_root=root)
+    np.testing.assert_array_equal(read_dicom_seg_labels(out, geometry), labels)
