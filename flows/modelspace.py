@@ -129,13 +129,13 @@ def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOption
 
 
 def model_bands_store(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> ImageStore:
-    """``store`` read through the valid-data mask of the bands the model takes, where it takes fewer than a
-    nodata-marked file holds (:func:`storage.bandcover.with_bands_mask`)."""
+    """``store`` read through the valid-data mask of the bands the model takes, where a nodata-marked file has
+    pixels holding nodata in some bands only (:func:`storage.bandcover.with_bands_mask`)."""
     if store.meta.kind != "raster" or preselected(store.meta) is not None:
         return store
     picked = chosen_bands(list(store.meta.channel_names), _names_bands(store), options.bands,
                           model.card.input.channel_names or [], f"model {model.card.name!r}")
-    return store if picked is None else with_bands_mask(store, picked)
+    return with_bands_mask(store, list(range(int(store.image.shape[0]))) if picked is None else picked)
 
 
 def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:

@@ -9,11 +9,17 @@ labelled them, with nothing to say so.  A model needs all of its channels, so
 for a stack the rule is the opposite of GDAL's: valid where the pixel's
 centre is inside every band's file and no band holds its nodata value.
 
-One file of many bands keeps GDAL's rule, which is right there (a pure red
-pixel of an RGB image with nodata 0 holds 0 in two of its bands), but over the
-bands the model reads (:func:`with_bands_mask`): a model taking 4 of a scene's
-13 bands was fed nodata where only its own bands were empty (at a swath's edge
-each band's detectors stop at their own place) and labelled it.
+One file of many bands with one nodata value (:func:`with_bands_mask`): an
+8-bit image keeps GDAL's rule, which is right there (a pure red pixel of an RGB
+image with nodata 0 holds 0 in two of its bands), over the bands the model
+reads; wider pixels (the 16-bit digital numbers of Sentinel-2 and Landsat,
+which reserve 0 for no data, and floats, whose NaN already counted per band)
+take the stack's rule over the model's bands.  A model was fed a band's nodata
+where only that band was empty (at a swath's edge each band's detectors stop at
+their own place; a 4-band scene whose nir alone held 0 in a box was labelled
+water and built-up there).  Ingest records whether any pixel holds nodata in
+some bands but not all (:data:`PARTIAL_ATTR`); where none does, nothing more is
+computed.
 """
 
 from __future__ import annotations
@@ -73,19 +79,37 @@ def stack_valid(covers: Sequence[BandCover], win: Window, data: np.ndarray, heig
     return valid
 
 
+PARTIAL_ATTR = "segflow_partial_nodata"  # an ingested store's: does some pixel hold nodata in some bands only?
+
+
+class PartialNodata:
+    """Ingest's watch for pixels holding the file's one nodata value in some bands but not in all."""
+
+    def __init__(self, nodata: float) -> None:
+        self.nodata, self.found = nodata, False
+
+    def add(self, data: np.ndarray) -> None:
+        if self.found:
+            return
+        empty = np.isnan(data) if math.isnan(self.nodata) else data == self.nodata
+        self.found = bool((empty.any(axis=0) & ~empty.all(axis=0)).any())
+
+
 def with_bands_mask(store: ImageStore, bands: Sequence[int]) -> ImageStore:
-    """``store`` read through the mask of the bands a model takes (0-based), when a nodata value marks a file's
-    pixels and the model takes fewer bands than it holds: valid where the file's mask is and some band of
-    ``bands`` differs from nodata (NaN nodata: is not NaN).  Made once per set of bands, beside the file's own
-    mask in the ingested store, and found there again by a resumed run."""
+    """``store`` read through the mask of the bands a model takes (0-based), where ingest found pixels holding
+    the file's nodata in some bands only: valid where, over ``bands``, some band (8-bit pixels) or every band
+    (wider ones) differs from nodata and is finite; a NaN in a band the model does not take no longer hides a
+    pixel.  Made once per set of bands, beside the file's own mask in the ingested store, and found there again
+    by a resumed run."""
     geometry = store.meta.geometry
     nodata = getattr(geometry, "nodata", None)
     wanted = sorted({int(b) for b in bands})
     mask = store.mask
-    if mask is None or nodata is None or getattr(geometry, "mask_source", "none") != "nodata" or \
-            wanted == list(range(int(store.image.shape[0]))):
+    every = np.dtype(store.image.dtype).itemsize > 1
+    if mask is None or nodata is None or not store.group.attrs.get(PARTIAL_ATTR, False) or \
+            (wanted == list(range(int(store.image.shape[0]))) and not (every and len(wanted) > 1)):
         return store
-    name = f"{MASK}-bands-{'-'.join(str(b) for b in wanted)}"
+    name = f"{MASK}-{'every' if every else 'any'}-of-bands-{'-'.join(str(b) for b in wanted)}"
     if name in store.group and store.group[name].attrs.get(COMPLETE_ATTR):
         return replace(store, mask_name=name)
     image = store.image
@@ -94,10 +118,12 @@ def with_bands_mask(store: ImageStore, bands: Sequence[int]) -> ImageStore:
                                       compressors=image_compressors(), config=ARRAY_CONFIG, overwrite=True,
                                       dimension_names=mask.metadata.dimension_names)
 
-    def one(block: tuple[slice, ...]) -> None:
+    def one(block: tuple[slice, ...]) -> None:  # the file's mask came from the same rule over all its bands
         data = image.oindex[(wanted, *block)]
-        has_data = ~np.isnan(data).all(axis=0) if math.isnan(nodata) else (data != nodata).any(axis=0)
-        target[block] = np.asarray(mask[block]) & has_data
+        filled = np.isfinite(data) if data.dtype.kind == "f" else np.ones(data.shape, bool)
+        if not math.isnan(nodata):
+            filled &= data != nodata
+        target[block] = filled.all(axis=0) if every else filled.any(axis=0)
 
     blocks = [tuple(slice(s, s + c) for s, c in zip(start, mask.chunks))
               for start in itertools.product(*(range(0, n, c) for n, c in zip(mask.shape, mask.chunks)))]
@@ -107,4 +133,4 @@ def with_bands_mask(store: ImageStore, bands: Sequence[int]) -> ImageStore:
     return replace(store, mask_name=name)
 
 
-__all__ = ["BandCover", "needs_mask", "stack_valid", "with_bands_mask"]
+__all__ = ["BandCover", "PARTIAL_ATTR", "PartialNodata", "needs_mask", "stack_valid", "with_bands_mask"]

@@ -35,7 +35,7 @@ from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from storage.bandcover import BandCover, needs_mask, stack_valid
+from storage.bandcover import PARTIAL_ATTR, BandCover, PartialNodata, needs_mask, stack_valid
 from storage.classes import LabelClass, label_dtype, nodata_value
 from storage.errors import CorruptInputError, ExportError, InputError, InvalidInputError
 from storage.geometry import RasterGeometry, SourceInfo
@@ -201,6 +201,7 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
     image, mask = store.image, store.mask
     any_invalid = False
     from_pixels = _nodata_rule(src, bands, dtype) if declared else None
+    partial = PartialNodata(src.nodatavals[bands[0] - 1]) if from_pixels is not None and len(bands) > 1 else None
     alpha = _own_alpha(src) if declared else None
 
     def write(ys: slice, xs: slice, data: np.ndarray, valid: np.ndarray | None) -> None:
@@ -223,6 +224,8 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
                 except GDAL_ERRORS as exc:
                     raise CorruptInputError(path, f"cannot read pixels ({describe_window(win)}): "
                                                   f"{gdal_message(exc)}") from None
+                if partial is not None:
+                    partial.add(data)
                 if floating:
                     finite = np.isfinite(data).all(axis=0)
                     valid = finite if valid is None else valid & finite
@@ -235,6 +238,8 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
                     pending.popleft().result()  # a failed write stops the copy here
             while pending:
                 pending.popleft().result()
+            if partial is not None:
+                store.group.attrs[PARTIAL_ATTR] = partial.found
         finally:
             for future in pending:  # a read failed: queued writes go (the exit waits for a running one)
                 future.cancel()

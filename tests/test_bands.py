@@ -213,3 +213,47 @@ def test_pixels_where_only_the_models_bands_hold_nodata_are_nodata(tmp_path, das
     with pytest.raises(InvalidInputError, match="every pixel of the bands the model takes equals nodata=0"):
         segment_one(tmp_path / "empty.tif", model, tmp_path / "c", options.model_copy(update={"bands": ["2", "3", "4"]}),
                     dask_cluster)
+
+
+def test_a_band_holding_nodata_alone_hides_its_pixel_from_a_model_of_wide_pixels(tmp_path, dask_cluster):
+    """uint16 with nodata 0 (Sentinel-2 and Landsat digital numbers reserve 0): where nir alone held 0 the pixel
+    was valid by GDAL's any-band rule, and a 4-band model labelled it from a nir of 0.  Now it is nodata.  An 8-bit
+    RGB image keeps GDAL's rule (a pure red pixel holds 0 in two bands and is data), and a float scene's NaN in a
+    band the model does not take no longer hides the pixel."""
+    from segmentation.chunkwrites import label_nodata
+
+    nodata = label_nodata(3)
+    options = SegmentOptions(chunk_size=32, keep_zarr=False)
+    rng = np.random.default_rng(12)
+
+    def write(path, data, nodata_value):
+        with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                           dtype=data.dtype, nodata=nodata_value, crs="EPSG:32633",
+                           transform=rasterio.transform.from_origin(500000, 6000000, 10, 10)) as dst:
+            dst.write(data)
+        return path
+
+    four = tiny_model(tmp_path / "m4", spatial_dims=2, channels=4, roi=[32, 32])
+    dn = rng.integers(100, 3000, (4, 50, 60), dtype=np.uint16)
+    dn[3, 10:30, 15:40] = 0  # nir empty in a box
+    segment_one(write(tmp_path / "dn.tif", dn, 0), four, tmp_path / "a", options, dask_cluster)
+    with rasterio.open(tmp_path / "a" / "dn.tif") as a:
+        labels = a.read(1)
+    assert (labels[10:30, 15:40] == nodata).all() and (labels == nodata).sum() == 20 * 25
+
+    three = tiny_model(tmp_path / "m3", spatial_dims=2, channels=3, roi=[32, 32])
+    rgb = rng.integers(1, 255, (3, 50, 60), dtype=np.uint8)
+    rgb[1:, 5:15, 5:15] = 0  # pure red: data
+    segment_one(write(tmp_path / "rgb.tif", rgb, 0), three, tmp_path / "b", options, dask_cluster)
+    with rasterio.open(tmp_path / "b" / "rgb.tif") as b:
+        assert (b.read(1) != nodata).all()
+
+    refl = rng.random((4, 50, 60)).astype(np.float32)
+    refl[3, 20:40, :] = np.nan  # a band the model does not take
+    segment_one(write(tmp_path / "refl.tif", refl, float("nan")), three, tmp_path / "c",
+                options.model_copy(update={"bands": ["1", "2", "3"]}), dask_cluster)
+    segment_one(write(tmp_path / "refl3.tif", refl[:3].copy(), float("nan")), three, tmp_path / "d", options,
+                dask_cluster)
+    with rasterio.open(tmp_path / "c" / "refl.tif") as c, rasterio.open(tmp_path / "d" / "refl3.tif") as d:
+        picked, alone = c.read(1), d.read(1)
+    assert (picked != nodata).all() and np.array_equal(picked, alone)
