@@ -155,7 +155,8 @@ def _values(names: dict[int, str]) -> str:
 
 
 def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str], *, ignore: int | None,
-          tolerance: float, include_background: bool, chunk: int | None) -> dict[str, Any]:
+          tolerance: float, include_background: bool, chunk: int | None,
+          distance_limit: int | None) -> dict[str, Any]:
     from segmentation.evaluation import score_case
     from storage.classes import background_value
 
@@ -164,7 +165,8 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
     ignored = sorted({v for v in (ignore, truth.nodata) if v is not None})
     scores = score_case(pred.array, truth.array, pred.spacing, values=names.keys(), block=_block(pred, chunk),
                         ignore=ignored, pred_nodata=nodata, tolerance=tolerance,
-                        background=None if include_background else background_value(names))
+                        background=None if include_background else background_value(names),
+                        distance_limit=distance_limit)
     if scores.scan.counted == 0:
         values = " or ".join(str(v) for v in ignored)
         raise InvalidInputError(truth.path, f"every pixel is {values} (not counted): nothing to score "
@@ -238,7 +240,7 @@ def _mean(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: float = 1.0, ignore: int | None = 255,
                    classes: Path | None = None, include_background: bool = False,
-                   chunk: int | None = None) -> dict[str, Any]:
+                   chunk: int | None = None, distance_limit: int | None = None) -> dict[str, Any]:
     """Every score of every pair, as the JSON document ``evaluation.json`` holds.
 
     All pairs are opened and their grids checked before any is scored, so a
@@ -248,6 +250,12 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
         raise ConfigError(None, f"--tolerance must be a finite number >= 0, got {tolerance}")
     if chunk is not None and chunk < 1:
         raise ConfigError(None, f"--chunk must be positive, got {chunk}")
+    if distance_limit is None:
+        from segmentation.evaluation import DISTANCE_LIMIT
+
+        distance_limit = DISTANCE_LIMIT
+    if distance_limit < 0:
+        raise ConfigError(None, f"--distance-limit must be >= 0 pixels, got {distance_limit}")
     card_names = None
     if classes is not None:
         from segmentation.modeldir import read_card
@@ -276,8 +284,9 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
                                            f"{pred_path} carries {_values(pred.classes)}: another model's card? "
                                            f"(leave --classes out to use the prediction's own names)")
             cases.append(_case(name, pred, truth, names, ignore=ignore, tolerance=tolerance,
-                               include_background=include_background, chunk=chunk))
+                               include_background=include_background, chunk=chunk, distance_limit=distance_limit))
     return {"tolerance": tolerance, "ignore": ignore, "include_background": include_background,
+            "distance_limit": distance_limit,
             "definitions": {"dice": "2|P∩T| / (|P|+|T|) from the confusion matrix", "iou": "|P∩T| / |P∪T|",
                             "hd95": "95th percentile of the symmetric surface distances (MONAI)",
                             "asd": "mean of the symmetric surface distances (MONAI)",
@@ -405,7 +414,12 @@ def evaluate_command(
                                                      "or the class named background; its box is usually the "
                                                      "whole image)."),
         chunk: Optional[int] = typer.Option(None, "--chunk", help="Read rasters in CHUNK x CHUNK windows and "
-                                                                  "volumes CHUNK planes at a time.")) -> None:
+                                                                  "volumes CHUNK planes at a time."),
+        distance_limit: Optional[int] = typer.Option(None, "--distance-limit",
+                                                     help="Skip HD95, ASD and NSD (with a note) for a class whose "
+                                                          "bounding box holds more pixels than this: distances "
+                                                          "need the whole box in memory, about 28 bytes a pixel "
+                                                          "(default 67108864, an 8192² box, about 2 GB).")) -> None:
     """Score predictions against ground truth: Dice, IoU, HD95, ASD, NSD and volumes/areas per class and case."""
     from rich.markup import escape
     from rich.table import Table
@@ -416,7 +430,8 @@ def evaluate_command(
     cliutil.local_only(out_dir, "--out")
     try:
         report = evaluate_files(predictions, truth, tolerance=tolerance, ignore=ignore if ignore >= 0 else None,
-                                classes=classes, include_background=include_background, chunk=chunk)
+                                classes=classes, include_background=include_background, chunk=chunk,
+                                distance_limit=distance_limit)
         written = write_reports(report, out_dir)
     except SegflowError as exc:
         cliutil.fail(str(exc), 1)

@@ -50,13 +50,19 @@ import numpy as np
 from segmentation.metrics import confusion_matrix, dice_from_confusion, iou_from_confusion
 from storage.labelmaps import MAX_LABEL
 
-__all__ = ["ABSENT_IN_BOTH", "EMPTY_PREDICTION", "EMPTY_TRUTH", "NO_BACKGROUND_DISTANCES",
+__all__ = ["ABSENT_IN_BOTH", "DISTANCE_LIMIT", "DISTANCES_OVER_LIMIT", "EMPTY_PREDICTION", "EMPTY_TRUTH",
+           "NO_BACKGROUND_DISTANCES",
            "CaseScores", "ClassScore", "LabelScan", "blocks", "scan_labels", "score_case", "surface_scores"]
 
 ABSENT_IN_BOTH = "absent in both"
 EMPTY_PREDICTION = "empty prediction"
 EMPTY_TRUTH = "empty truth"
 NO_BACKGROUND_DISTANCES = "background: no distances"
+DISTANCES_OVER_LIMIT = "no distances: the class spans too much of the map"
+# Pixels of a class's bounding box that one distance pass may hold, an 8192-pixel square: MONAI's edges and distance
+# transforms of the box take about 28 bytes a pixel (`segflow evaluate` of an 8000² road grid spanning the map
+# peaked at 2.17 GB, a 4000² one at 0.98 GB)
+DISTANCE_LIMIT = 1 << 26
 Region = tuple[slice, ...]
 
 
@@ -223,6 +229,20 @@ def scan_labels(pred: LabelArray, truth: LabelArray, *, block: Sequence[int] | N
     return scan
 
 
+def _class_masks(pred: LabelArray, truth: LabelArray, box: Region, value: int, ignore: Ignore,
+                 block: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The class's predicted (where counted) and true masks over ``box``, read ``block`` at a time: one byte a
+    pixel each, where reading the box whole held both maps as int64 (16 bytes a pixel) beside them."""
+    shape = tuple(b.stop - b.start for b in box)
+    p_mask, t_mask = np.zeros(shape, bool), np.zeros(shape, bool)
+    for sub in blocks(shape, block):
+        at = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, sub))
+        t = np.asarray(truth[at])
+        p_mask[sub] = (np.asarray(pred[at]) == value) & counted_pixels(t, ignore)
+        t_mask[sub] = t == value
+    return p_mask, t_mask
+
+
 def surface_scores(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float],
                    tolerance: float) -> tuple[float, float, float]:
     """(HD95, symmetric ASD, NSD at ``tolerance``) of two non-empty binary masks, from MONAI's functions."""
@@ -274,12 +294,16 @@ def _finite(x: float) -> float | None:
 
 def score_case(pred: LabelArray, truth: LabelArray, spacing: Sequence[float], *, values: Collection[int] = (),
                block: Sequence[int] | None = None, ignore: Ignore = None, pred_nodata: int | None = None,
-               tolerance: float = 1.0, background: int | None = None) -> CaseScores:
+               tolerance: float = 1.0, background: int | None = None,
+               distance_limit: int | None = DISTANCE_LIMIT) -> CaseScores:
     """Every score of every class of ``values`` and every label seen, in ascending value order.
 
     ``spacing`` is the pixel size along each array axis (mm, metres...), the
     unit of HD95, ASD and ``tolerance``.  ``block`` bounds what one read holds
-    (default: the whole map); the results do not depend on it.
+    (default: the whole map); the results do not depend on it.  A class whose
+    bounding box holds more than ``distance_limit`` pixels gets no distances
+    (note :data:`DISTANCES_OVER_LIMIT`): they need its whole box at once, about
+    28 bytes a pixel, and a land-cover class spans the whole scene.
     """
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
@@ -307,8 +331,12 @@ def score_case(pred: LabelArray, truth: LabelArray, spacing: Sequence[float], *,
         else:
             box = scan.box(value, shape)
             assert box is not None
-            p, t = np.asarray(pred[box]), np.asarray(truth[box])
-            p_mask, t_mask = (p == value) & counted_pixels(t, ignore), t == value
+            size = int(np.prod([b.stop - b.start for b in box], dtype=np.int64))
+            if distance_limit is not None and size > distance_limit:
+                score.note = f"{DISTANCES_OVER_LIMIT} ({size:,} pixels in its box, over {distance_limit:,})"
+                scores.append(score)
+                continue
+            p_mask, t_mask = _class_masks(pred, truth, box, value, ignore, block or shape)
             # an axis of one pixel is a 2-D map stored as one slice (nnU-Net keeps 2-D data as X x Y x 1 NIfTI):
             # measured in 3-D, every pixel of it is surface, and its distances were those of the nearest pixel
             flat = [a for a, n in enumerate(shape) if n == 1]

@@ -569,3 +569,24 @@ def test_web_mercator_distances_are_in_pixels_as_its_areas_are_refused(tmp_path)
     assert utm["cases"][0]["distance_unit"] == "m"
     one = {r["value"]: r for r in case["classes"]}[1]
     assert one["hd95"] == pytest.approx({r["value"]: r for r in utm["cases"][0]["classes"]}[1]["hd95"] / 10)
+
+
+def test_a_class_too_large_for_one_distance_pass_gets_a_note_not_distances(tmp_path):
+    """Distances need a class's whole box in memory (about 28 bytes a pixel): a road grid spanning an 8000² map
+    peaked at 2.2 GB, and the peak grew with the map.  Over ``--distance-limit`` pixels the class keeps Dice and
+    sizes, its distances are None and the note says why; under it nothing changes."""
+    from segmentation.evaluation import DISTANCES_OVER_LIMIT
+
+    rp, rt = raster_pair()
+    pred, truth = write_tif(tmp_path / "p.tif", rp), write_tif(tmp_path / "t.tif", rt)
+    full = {r["value"]: r for r in evaluate_files([pred], [truth])["cases"][0]["classes"]}
+    scan = scan_labels(rp, rt, ignore=255, pred_nodata=255)
+    big, small = (int(np.prod([b.stop - b.start for b in scan.box(v, rp.shape)])) for v in (1, 2))
+    assert small < big  # the disc's box (grown by a pixel) is larger than the field's
+    limited = evaluate_files([pred], [truth], distance_limit=big - 1)
+    rows = {r["value"]: r for r in limited["cases"][0]["classes"]}
+    assert rows[1]["hd95"] is None and rows[1]["asd"] is None and rows[1]["nsd"] is None
+    assert rows[1]["note"].startswith(DISTANCES_OVER_LIMIT) and rows[1]["dice"] == full[1]["dice"]
+    assert rows[2]["hd95"] == full[2]["hd95"] and full[1]["hd95"] is not None  # the small field still measured
+    result = invoke(pred, "--truth", truth, "--out", tmp_path / "o", "--distance-limit", "-1")
+    assert result.exit_code == 1 and "--distance-limit must be >= 0" in error_lines(result.output)[0]
