@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -67,6 +67,7 @@ from prefect.runtime import flow_run as flow_run_info
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
+from pydantic import Field
 
 from flows import locks, progress, staging
 from flows.cluster import dask_client
@@ -101,8 +102,9 @@ def dashboard_link(client: Any) -> str | None:
 
 @flow(name="nightly", persist_result=False, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manifest: str | None = None,
-            options: SegmentOptions | None = None, retries: int = 2, retry_delay_seconds: float = 10.0,
-            lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S):  # noqa: ANN201
+            options: SegmentOptions | None = None, retries: Annotated[int, Field(ge=0)] = 2,
+            retry_delay_seconds: Annotated[float, Field(ge=0.0)] = 10.0,
+            lock_stale_after: Annotated[float, Field(ge=1.0)] = locks.DEFAULT_STALE_AFTER_S):  # noqa: ANN201
     """Segment the new inputs of an inbox folder or a manifest with the model that fits each; write a run report.
 
     Ends Completed when every input is done, skipped or locked (in progress in
@@ -117,6 +119,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         raise ConfigError(None, "give an inbox folder or a manifest (one of them)")
     inbox = _absolute(inbox)
     manifest = _absolute(manifest)
+    _check_out_beside_inbox(inbox, out_dir)
     if inbox is not None:
         paths, ignored = list_inbox(inbox)
     else:
@@ -159,7 +162,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                 reports[path] = InputReport(**future.result())
             else:
                 exc = state.result(raise_on_failure=False)
-                error = one_line(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+                error = one_line(exc, path) if isinstance(exc, BaseException) else (state.message or state.name)
                 item = by_label[path]
                 reports[path] = InputReport(input=path, status="failed", error=error,
                                             attempts=batch.attempts.get(path, 0),
@@ -227,6 +230,18 @@ def _absolute(path: str | None) -> str | None:
     if path is None or is_url(path):
         return path
     return str(Path(path).expanduser().absolute())
+
+
+def _check_out_beside_inbox(inbox: str | None, out_dir: str) -> None:
+    """Refuse an output folder that is the inbox or inside it: the next night read segflow's own outputs as
+    inputs (a label COG beside its scene, a STAC item 'no model fits', a folder of DICOM SEGs), and every night
+    after the first failed."""
+    if inbox is None or is_url(inbox) or is_url(out_dir):
+        return
+    box, out = Path(inbox).resolve(), Path(out_dir).expanduser().absolute().resolve()
+    if out == box or box in out.parents:
+        raise ConfigError(out_dir, f"is {'the inbox' if out == box else 'inside the inbox ' + str(box)}: the next "
+                                   "night would read segflow's outputs as new inputs; write them elsewhere")
 
 
 def nightly_report(state: Any) -> dict[str, Any]:

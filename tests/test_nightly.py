@@ -326,6 +326,24 @@ def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
     (inbox / "rgb.tif").unlink()
     res = runner.invoke(app, args + ["--inbox", str(inbox)])  # an empty inbox is a successful night
     assert res.exit_code == 0, res.output
+    # outputs written into the inbox were read as new inputs the next night, and every night after failed
+    for out in (inbox, inbox / "results"):
+        res = runner.invoke(app, ["nightly", "--model", str(models["2d"].path), "--out", str(out), "--inbox",
+                                  str(inbox)])
+        assert res.exit_code != 0 and "the next night would read segflow's outputs as new inputs" in res.output
+
+
+def test_the_flows_parameters_are_checked_as_the_cli_checks_its_options():
+    """The deployments call the flow, not the CLI: lock_stale_after=0 let a second run break a live lock."""
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.nightly import nightly
+
+    base = {"model_dirs": ["m"], "out_dir": "o", "inbox": "i"}
+    nightly.validate_parameters(base)
+    for bad in ({"retries": -1}, {"retry_delay_seconds": -10}, {"lock_stale_after": 0}):
+        with pytest.raises(ParameterTypeError):
+            nightly.validate_parameters({**base, **bad})
 
 
 def test_manifests_and_retry_classification(tmp_path):
