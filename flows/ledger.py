@@ -142,12 +142,31 @@ def lookup(out_dir: str | os.PathLike[str], key: str, input_sha256: str,
             return None, f"earlier output {name} is missing"
         if sha256_output(out) != digest:
             return None, f"earlier output {name} changed since it was written (sha256 differs)"
+    # the same input and model with other parameters (another run's --overlap 0.5 into this folder) rewrote the
+    # outputs and their sidecar: the entry's work is gone, though every hash above matched
+    pinned = entry.get("sidecar_sha256")
+    if pinned is not None and pinned != _sha256(sidecar):
+        return None, f"{sidecar.name} was rewritten since this entry was recorded (another run's outputs?)"
+    document = entry.get("key_document")
+    if isinstance(document, dict) and isinstance(document.get("parameters"), dict) and \
+            _comparable_recorded(record.get("parameters") or {}) != _comparable_keyed(document["parameters"]):
+        return None, f"{sidecar.name} now describes a run with other parameters (rewritten by another run)"
     outputs = _ordered(sidecar, list(recorded))
     return Hit(entry=entry, record=record, outputs=outputs), None
 
 
+# the parameters a sidecar must share with a key for its outputs to be that key's work: everything that changes
+# what is written (--bands 4,3,2,1 and --output-grid model had been left out, and such outputs were adopted)
 _COMPARED = ("precision", "roi", "overlap", "blend", "sigma_scale", "batch_size", "probabilities", "device",
-             "keep_zarr", "flip_tta", "trust_bundle", "chunk_size")
+             "keep_zarr", "flip_tta", "trust_bundle", "chunk_size", "bands", "model_space", "output_grid", "vector",
+             "simplify", "dicom_seg", "mosaic", "crs", "split_by_tile")
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _ordered(sidecar: Path, names: list[str]) -> list[str]:
@@ -162,6 +181,7 @@ def _ordered(sidecar: Path, names: list[str]) -> list[str]:
 def _comparable_keyed(params: dict[str, Any]) -> dict[str, Any]:
     out = {k: params.get(k) for k in _COMPARED}
     out["crf"] = params.get("crf_iterations") if params.get("crf") else None
+    out["quicklook"] = bool(params.get("quicklook"))  # an adopted input got no quicklook where one was asked for
     return out
 
 
@@ -170,6 +190,7 @@ def _comparable_recorded(params: dict[str, Any]) -> dict[str, Any]:
     out["flip_tta"] = sorted(out["flip_tta"] or [])
     crf = params.get("crf")
     out["crf"] = crf.get("iterations") if isinstance(crf, dict) else None
+    out["quicklook"] = bool(params.get("quicklook"))
     return out
 
 
@@ -214,7 +235,8 @@ def record_done(out_dir: str | os.PathLike[str], key: str, document: dict[str, A
     target.parent.mkdir(parents=True, exist_ok=True)
     entry = {"schema": ENTRY_SCHEMA, "key": key, "key_document": document, "input_path": str(input_path),
              "model_path": str(model_path),
-             "sidecar": os.path.relpath(Path(sidecar).resolve(), Path(out_dir).resolve())}
+             "sidecar": os.path.relpath(Path(sidecar).resolve(), Path(out_dir).resolve()),
+             "sidecar_sha256": _sha256(Path(sidecar))}
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".json.tmp")
     try:
         with os.fdopen(fd, "w") as f:

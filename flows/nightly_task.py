@@ -158,7 +158,11 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
         hit, why_not = ledger.lookup(batch.out_dir, rep.cache_key, rep.input_sha256, model.weights_sha256)
         adopted = False
         if hit is None and why_not is None:  # never recorded: outputs of `segflow segment` count too
-            hit, _ = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path, stem=input_stem(item))
+            try:
+                hit, why_not = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path,
+                                            stem=input_stem(item))
+            except OSError as exc:  # the cache folder unwritable: the outputs are not adopted, only redone
+                hit, why_not = None, f"its ledger entry could not be written ({exc.strerror or exc})"
             adopted = hit is not None
     if hit is not None:
         rep.status = "skipped"
@@ -170,10 +174,15 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
         outcome = segment_one(local, model, target.local, batch.options, batch.client,
                               record_input_as=path if series is None and local != path else None)
         sidecar = next(o for o in outcome.outputs if o.endswith(".provenance.json"))
-        recorded = ledger.record_done(target.local, rep.cache_key, document, input_path=path,
-                                      model_path=entry.path, sidecar=sidecar)
+        try:
+            recorded = ledger.record_done(target.local, rep.cache_key, document, input_path=path,
+                                          model_path=entry.path, sidecar=sidecar)
+            unrecorded = "the input or model changed during the run"
+        except OSError as exc:  # the outputs are complete and verified; only the skip next time is lost
+            recorded, unrecorded = None, (f"its ledger entry could not be written ({exc.strerror or exc}); the "
+                                          "next run processes it again")
         if recorded is None:
-            rep.note = "outputs written but not recorded as done: the input or model changed during the run"
+            rep.note = f"outputs written but not recorded as done: {unrecorded}"
         elif why_not:
             rep.note = f"processed again: {why_not}"
         outcome = target.publish(outcome, extra=[recorded] if recorded else [])  # a URL: upload, entry last

@@ -218,6 +218,59 @@ def test_deleted_or_edited_outputs_are_not_skipped(runs, tmp_path, models):
     assert ledger.cache_key({**doc, "output_stem": "vol_b_copy"}) != e["key"]  # a copy's outputs are its own
 
 
+def test_outputs_rewritten_with_other_parameters_are_not_the_entrys_work(runs, tmp_path, models):
+    """A run with defaults, one with --overlap 0.5 into the same folder, then defaults again: the third was
+    skipped ('same input, model and parameters') over the 0.5 outputs, as the entry only checked hashes.  Now the
+    entry pins its sidecar, and an older entry without the pin compares the sidecar's parameters; outputs of
+    `segflow segment --bands 4,3,2,1` are not adopted for a run without --bands."""
+    out = tmp_path / "out"
+    shutil.copytree(runs["out"], out)
+    path = next(p for p in (out / ledger.CACHE_DIR).glob("*.json")
+                if json.loads(p.read_text())["input_path"].endswith("scene_a.tif"))
+    entry = json.loads(path.read_text())
+    doc = entry["key_document"]
+
+    def check():  # noqa: ANN202
+        return ledger.lookup(out, entry["key"], doc["input_sha256"], doc["weights_sha256"])
+
+    assert entry["sidecar_sha256"] and check()[0] is not None
+    sidecar = out / "scene_a.provenance.json"
+    record = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**record, "parameters": {**record["parameters"], "overlap": 0.5}}))
+    hit, why = check()
+    assert hit is None and why == "scene_a.provenance.json was rewritten since this entry was recorded " \
+                                  "(another run's outputs?)"
+    path.write_text(json.dumps({k: v for k, v in entry.items() if k != "sidecar_sha256"}))  # an older entry
+    hit, why = check()
+    assert hit is None and "now describes a run with other parameters" in why
+
+    sidecar.write_text(json.dumps(record))
+    path.unlink()
+    banded = {**doc, "parameters": {**doc["parameters"], "bands": ["4", "3", "2", "1"]}}
+    hit, why = ledger.adopt(out, entry["input_path"], ledger.cache_key(banded), banded, entry["model_path"])
+    assert hit is None and why == "scene_a.provenance.json was made with other parameters"
+    hit, why = ledger.adopt(out, entry["input_path"], entry["key"], doc, entry["model_path"])
+    assert hit is not None, why
+
+
+def test_a_ledger_that_cannot_be_written_loses_the_skip_not_the_outputs(models, tmp_path, dask_cluster):
+    """A file in the way of OUT/.segflow-cache: the input was reported failed with a raw FileExistsError naming
+    no input, and its complete outputs stayed behind a 'failed' status."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    image, _ = samples.make_scene(tmp_path / "scene.tif", size=(64, 64), seed=3)
+    shutil.copy(image, inbox / "scene.tif")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ledger.CACHE_DIR).write_text("in the way")
+    state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(out), inbox=str(inbox), retries=0,
+                    return_state=True)
+    [r] = nightly_report(state)["inputs"]
+    assert r["status"] == "done", r
+    assert r["note"].startswith("outputs written but not recorded as done: its ledger entry could not be written")
+    assert (out / "scene.tif").is_file() and (out / "scene.provenance.json").is_file()
+
+
 def test_a_copied_or_renamed_input_gets_outputs_of_its_own_name(runs, models, tmp_path, dask_cluster):
     """The same bytes under another name: `OUT/<stem>.tif` is promised for every input, so a copy is segmented
     under its own name (the original stays skipped), and so is a renamed one.  Both were "skipped: same input,
@@ -303,11 +356,10 @@ def test_an_inbox_that_is_also_the_output_folder_keeps_its_scans(models, tmp_pat
     before = (inbox / "scene.tif").read_bytes()
     state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(inbox), inbox=str(inbox), retries=0,
                     return_state=True)
-    [r] = nightly_report(state)["inputs"]
-    assert r["status"] == "failed" and r["error"] == (
-        f"{inbox / 'scene.tif'}: its output {inbox / 'scene.tif'} would overwrite it (--out is the folder the input "
-        "is in, and the names coincide); choose another --out")
+    with pytest.raises(ConfigError, match="is the inbox: the next night would read segflow's outputs as new"):
+        nightly_report(state)  # refused before any input (it had failed the scan, and next night its outputs)
     assert (inbox / "scene.tif").read_bytes() == before
+    assert sorted(p.name for p in inbox.iterdir()) == ["scene.tif"]
 
 
 def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
