@@ -145,8 +145,15 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
             wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
             return (f"{name} takes {model.channels} channels{wanted}, the input has {count}: choose them with "
                     f"--bands, e.g. --bands {','.join(str(i) for i in range(1, model.channels + 1))}")
-        return f"{name} takes {model.channels} channels, the input has {count}"
+        if header.kind == "volume" and count > 1:  # a 4-D NIfTI: its 4th axis (often time) is read as channels
+            return (f"{name} takes {_channels(model.channels)}, the input has {count} (its 4th axis, read as "
+                    "channels; a time series goes in one volume at a time)")
+        return f"{name} takes {_channels(model.channels)}, the input has {count}"
     return None
+
+
+def _channels(n: int) -> str:
+    return f"{n} channel" if n == 1 else f"{n} channels"
 
 
 @dataclass(frozen=True)

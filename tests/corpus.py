@@ -576,7 +576,8 @@ INPUT_CASES: list[Case] = [
     Case("one-dimensional", "NIfTI with a single axis", "3d", one_dimensional, "dimension(s); need at least 2"),
     Case("2d-to-3d-model", "a GeoTIFF given to a 3D model", "3d", raster_to_3d_model, "is 3D, the input is 2D"),
     Case("channel-count", "2-channel 4-D NIfTI given to a 1-channel model", "3d", two_channel_volume,
-         "takes 1 channels, the input has 2"),
+         "takes 1 channel, the input has 2 (its 4th axis, read as channels; a time series goes in one volume "
+         "at a time)"),
 ]
 
 MODEL_CASES: list[Case] = [
