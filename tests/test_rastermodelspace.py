@@ -177,6 +177,9 @@ def test_rotated_and_flipped_grids_are_refused_in_model_space():
                                (Affine(10, 1, 500000, 1, -10, 6000000), "rotated geotransform")):
         with pytest.raises(InvalidInputError, match=problem):
             raster_mapping(_Geometry(transform), (64, 64), spacing=[10, 10], crs=None)
+    # a TIFF with no geotransform at all (GDAL's identity, no CRS) had been refused as "flipped"
+    with pytest.raises(InvalidInputError, match=r"has no geotransform \(pixel coordinates only\)"):
+        raster_mapping(_Geometry(Affine.identity(), epsg=None), (64, 64), spacing=[10, 10], crs=None)
 
 
 def test_the_warp_does_not_depend_on_chunking_and_matches_gdal_whole():
