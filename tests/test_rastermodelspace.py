@@ -115,6 +115,21 @@ def _grid(path: Path) -> dict:
         return {"crs": src.crs, "transform": src.transform, "shape": (src.height, src.width)}
 
 
+def _warped_copy(scene: Path, path: Path, crs: str) -> tuple[Path, object]:
+    """``scene`` warped (bilinear) to ``crs`` at GDAL's default resolution, nodata 0 outside it; (path, transform)."""
+    from rasterio.warp import calculate_default_transform
+
+    with rasterio.open(scene) as src:
+        t, w, h = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
+        data = np.zeros((src.count, h, w), np.uint16)
+        reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=t, dst_crs=crs,
+                  resampling=Resampling.bilinear, dst_nodata=0)
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=data.shape[0], dtype="uint16", crs=crs,
+                       transform=t, nodata=0) as dst:
+        dst.write(data)
+    return path, t
+
+
 def oracle(scene: Path, model, mapping) -> np.ndarray:
     """Whole image: reproject to the model grid, MONAI's sliding window, reproject the probabilities back."""
     with rasterio.open(scene) as src:
@@ -270,17 +285,7 @@ def test_output_grid_model_writes_the_cog_on_the_model_grid(scenes, weights, tmp
 def test_a_geographic_scene_goes_to_its_utm_zone_and_comes_back_on_degrees(scenes, weights, tmp_path,
                                                                            dask_cluster):
     """A scene in EPSG:4326 (warped from the 10 m UTM one, nodata corners) with a card asking for ``utm``."""
-    from rasterio.warp import calculate_default_transform
-
-    geo = tmp_path / "geo.tif"
-    with rasterio.open(scenes["10"]) as src:
-        t, w, h = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height, *src.bounds)
-        data = np.zeros((4, h, w), np.uint16)
-        reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=t,
-                  dst_crs="EPSG:4326", resampling=Resampling.bilinear, dst_nodata=0)
-        with rasterio.open(geo, "w", driver="GTiff", width=w, height=h, count=4, dtype="uint16", crs="EPSG:4326",
-                           transform=t, nodata=0) as dst:
-            dst.write(data)
+    geo, _ = _warped_copy(scenes["10"], tmp_path / "geo.tif", "EPSG:4326")
     model = _model(tmp_path / "m", weights, crs="utm")
     out = segment_one(geo, model, tmp_path / "g", SegmentOptions(chunk_size=64, keep_zarr=False), dask_cluster)
     space = out.statistics["model_space"]
@@ -307,17 +312,8 @@ def test_a_web_mercator_scene_is_measured_on_the_ground(scenes, weights, tmp_pat
     metres there: the 10 m model was given 6 m pixels (a model grid 1.6 times too fine each way).  A projection
     whose scale is off by more than 2 % goes to its UTM zone first, as degrees do, and the labels follow the UTM
     run's.  Without a ground sample distance on the card nothing is warped."""
-    from rasterio.warp import calculate_default_transform
-
-    merc = tmp_path / "merc.tif"
-    with rasterio.open(scenes["10"]) as src:
-        t, w, h = calculate_default_transform(src.crs, "EPSG:3857", src.width, src.height, *src.bounds)
-        data = np.zeros((4, h, w), np.uint16)
-        reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=t,
-                  dst_crs="EPSG:3857", resampling=Resampling.bilinear, dst_nodata=0)
-        with rasterio.open(merc, "w", driver="GTiff", width=w, height=h, count=4, dtype="uint16", crs="EPSG:3857",
-                           transform=t, nodata=0) as dst:
-            dst.write(data)
+    merc, t = _warped_copy(scenes["10"], tmp_path / "merc.tif", "EPSG:3857")
+    h, w = _grid(merc)["shape"]
     assert 16.0 < t.a < 17.0
     model = _model(tmp_path / "m", weights)
     options = SegmentOptions(chunk_size=64, keep_zarr=False)
