@@ -122,7 +122,7 @@ class PlainReporter:
     """Plain lines for a log or CI: where a step is every :data:`PLAIN_EVERY_S` seconds, and when it ends.
 
     ``segment scene: 40/96 chunks (42%), 3.1 chunks/s, about 18 s left``, then
-    ``segment scene: 96 chunks in 31 s (3.1 chunks/s)`` (``96 of 96 done`` for
+    ``segment scene: 96 chunks in 31 s (3.1 chunks/s)`` (``96 of 96 processed`` for
     a step whose caller names no unit).  A step that ends within the interval
     prints its last line only.
     """
@@ -152,7 +152,7 @@ class PlainReporter:
             return
         seconds = self.clock() - step["started"]
         count, unit = step["total"], step["unit"]
-        done = f"{count} {unit}" if unit else f"{count} of {count} done"
+        done = f"{count} {unit}" if unit else f"{count} of {count} processed"  # not "done": some may have failed
         rate = rate_text(count, seconds, unit) if seconds >= 1 else ""  # a rate over a blink says nothing
         self._print(f"{step['description']}: {done} in {duration_text(seconds)}" + (f" ({rate})" if rate else ""))
 
