@@ -38,15 +38,25 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 @contextmanager
 def resumable_on_interrupt(out: "Path | str") -> Iterator[None]:
-    """Ctrl-C says what it left, and exits 130 as shells expect: the inputs in progress left nothing in ``out``
-    that looks complete, and the same command resumes them (typer alone exits 130 after a blank line)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted:[/yellow] the inputs in progress left nothing in {escape(str(out))} that "
-                      "looks complete (those already done are); run the same command again to resume them from "
-                      "their finished chunks", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+    """Ctrl-C (the terminal's, to the whole process group) or SIGTERM says what it left, and exits 130 or 143 as
+    shells expect: the inputs in progress left nothing in ``out`` that looks complete, and the same command
+    resumes them (typer alone exits 130 after a blank line; SIGTERM killed the command with nothing said).
+
+    The signals are handled while the block runs (:func:`flows.runlog.interrupt_handlers`): after the first,
+    the consoles show no more library log records, so this line is the last and only thing said about it.
+    """
+    from flows.runlog import exit_code, interrupt_handlers
+
+    with interrupt_handlers():
+        try:
+            yield
+        except BaseException as exc:
+            if not isinstance(exc, KeyboardInterrupt) and type(exc).__name__ != "TerminationSignal":
+                raise
+            console.print(f"[yellow]interrupted:[/yellow] the inputs in progress left nothing in {escape(str(out))} "
+                          "that looks complete (those already done are); run the same command again to resume them "
+                          "from their finished chunks", highlight=False, soft_wrap=True)
+            raise typer.Exit(exit_code(exc)) from None
 
 
 def finish(code: int) -> NoReturn:

@@ -65,6 +65,22 @@ class TorchThreads(WorkerPlugin):
         torch.set_num_threads(threads)
 
 
+class IgnoreCtrlC(WorkerPlugin):
+    """A local cluster's worker processes ignore SIGINT: a terminal's Ctrl-C goes to the command's whole process
+    group, and a worker it killed failed the window tasks of the inputs in flight (``CommClosedError``, then
+    ``KilledWorker``) before the command could stop them in order.  The command stops its workers itself (closing
+    the cluster), and ``flows/reaper.py`` ends any a killed command leaves.  SIGTERM and SIGKILL still end them."""
+
+    name = "segflow-ignore-ctrl-c"
+
+    async def setup(self, worker) -> None:  # noqa: ANN001
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # a worker process's event loop: its main thread
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _env_threads() -> int | None:
     value = os.environ.get(TORCH_THREADS_ENV, "").strip()
     return max(1, int(value)) if value.isdigit() else None
@@ -316,6 +332,8 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
     client = Client(cluster)
     try:
         client.register_plugin(plugin)
+        if gpus or not in_process:  # worker processes of our own (not threads of this process)
+            client.register_plugin(IgnoreCtrlC())
         if dashboard:
             _announce(client, "local cluster")
         yield client

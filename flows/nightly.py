@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -69,7 +69,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from flows import locks, progress, staging
+from flows import locks, progress, runlog, staging
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.inbox import list_inbox, read_manifest
@@ -153,23 +153,33 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         bar = progress.reporter()
         bar.start("nightly", "nightly inputs", total=len(todo))
-        futures = {run_task.submit(quote(by_label[p]), _task_name(by_label[p]), quote(batch)): p for p in todo}
-        for future in as_completed(list(futures)):
-            path = futures[future]
-            future.wait()  # sets the future's final state locally (no API read of a stale one)
-            state = future.state
-            if state.is_completed():
-                reports[path] = InputReport(**future.result())
-            else:
-                exc = state.result(raise_on_failure=False)
-                error = one_line(exc, path) if isinstance(exc, BaseException) else (state.message or state.name)
-                item = by_label[path]
-                reports[path] = InputReport(input=path, status="failed", error=error,
-                                            attempts=batch.attempts.get(path, 0),
-                                            dicom=series_details(item) if isinstance(item, SeriesRef) else None)
-                logger.info("input failed: %s", error)
-            bar.advance("nightly")
+        futures: dict[Any, str] = {}
+        # a Ctrl-C or SIGTERM from here on: nothing new starts, the inputs in flight stop at their next chunk and
+        # keep their partial work, and only then does the client close (it had closed under them: their failures
+        # deleted it); the flow then raises flows.runlog.Interrupted
+        with runlog.deferred_interrupts():
+            for p in todo:
+                if runlog.interrupted() is None:
+                    futures[run_task.submit(quote(by_label[p]), _task_name(by_label[p]), quote(batch))] = p
+            for future in _completed(list(futures)):
+                path = futures[future]
+                future.wait()  # sets the future's final state locally (no API read of a stale one)
+                state = future.state
+                if state.is_completed():
+                    reports[path] = InputReport(**future.result())
+                else:
+                    exc = state.result(raise_on_failure=False)
+                    error = one_line(exc, path) if isinstance(exc, BaseException) else (state.message or state.name)
+                    item = by_label[path]
+                    reports[path] = InputReport(input=path, status="failed", error=error,
+                                                attempts=batch.attempts.get(path, 0),
+                                                dicom=series_details(item) if isinstance(item, SeriesRef) else None)
+                    logger.info("input failed: %s", error)
+                bar.advance("nightly")
+            if runlog.interrupted() is not None:
+                _stop(list(futures))
         bar.finish("nightly")
+    runlog.check_interrupt()  # after the client and the cluster closed in order: no report, the CLI says one line
     inputs = [reports[p] for p in [*by_label, *(label for label, _ in unusable)]]
     message = summary(inputs)
     ok = all(r.status in ("done", "skipped", "locked") for r in inputs)
@@ -201,6 +211,46 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     publish_artifacts(report, html_path=html_path, quicklooks={} if html_path is None else find_quicklooks(report))
     logger.info("%s; report %s", message, md_path)
     return Completed(message=message, data=report) if ok else Failed(message=message, data=report)
+
+
+def _completed(futures: list[Any]) -> Iterator[Any]:
+    """The task runs' futures as they finish; none once the run is interrupted (:func:`flows.runlog.interrupted`).
+
+    Waits on the thread pool's own futures, polling, so that an interruption is seen even when no task run ends
+    (Prefect's ``as_completed`` waits for one without a timeout).
+    """
+    import concurrent.futures as cf
+
+    wrapped = {getattr(f, "wrapped_future", None): f for f in futures}
+    if None in wrapped:  # another task runner than the thread pool's: Prefect's own wait
+        for future in as_completed(futures):
+            if runlog.interrupted() is not None:
+                return
+            yield future
+        return
+    pending = set(wrapped)
+    while pending:
+        if runlog.interrupted() is not None:
+            return
+        done, pending = cf.wait(pending, timeout=0.05, return_when=cf.FIRST_COMPLETED)
+        for w in done:
+            if runlog.interrupted() is not None:
+                return
+            yield wrapped[w]
+
+
+def _stop(futures: list[Any]) -> None:
+    """After an interruption: cancel the task runs not started yet, and wait for those in flight to stop (they
+    raise Interrupted at their next chunk, keeping their partial store and ingested copy)."""
+    import concurrent.futures as cf
+
+    wrapped = [w for w in (getattr(f, "wrapped_future", None) for f in futures) if w is not None]
+    for w in wrapped:
+        w.cancel()  # a queued task run never starts; a running one goes on to its next poll
+    cf.wait(wrapped)
+    for f in futures:
+        if getattr(f, "wrapped_future", None) is None:
+            f.wait()
 
 
 def _html_report(report: dict[str, Any], json_path: Any, logger: Any) -> Path | None:

@@ -13,8 +13,11 @@ shape the labels) and one marker per finished output chunk.  Rerunning the same
 command finds it, checks the identity and computes only the chunks without a
 marker; a run with another identity discards it and starts afresh (and says
 so).  A failure caused by the input or the outputs removes everything; an
-interruption (Ctrl-C, a Dask worker lost too often) keeps the partial store
-and the ingested store for the next run.
+interruption (Ctrl-C, SIGTERM, a Dask worker lost too often, and what they
+cause: a closed client, a cancelled future) keeps the partial store and the
+ingested store for the next run (:func:`resumable`).  The chunk loop polls for
+an interruption (:func:`flows.runlog.check_interrupt`), so an input running in
+a ``nightly`` task thread stops at its next chunk too.
 
 Test hook: with ``SEGFLOW_TEST_KILL_AFTER_CHUNKS=N`` in its environment the
 process SIGKILLs itself once N chunk writes of this run have completed (its
@@ -33,7 +36,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import zarr
 from distributed import Client, as_completed
@@ -47,6 +50,7 @@ from flows.config import SegmentOptions
 from flows.ledger import off_flags
 from flows.progress import reporter, say, window_shares
 from flows.routing import band_request
+from flows.runlog import check_interrupt, exception_chain, interrupted, wait_interruptible
 from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.chunkwrites import label_dtype, label_nodata
@@ -216,7 +220,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     kill_after = _test_kill_after()
     written = 0
     try:
-        for future in as_completed(futures):
+        for future in _completed(futures):  # an interruption (Ctrl-C, SIGTERM) raises between two chunks
             outcome = future.result()
             if isinstance(outcome, dict) and "histogram" not in outcome:
                 counts = outcome
@@ -277,6 +281,25 @@ def _with_source_path(meta: Any, source_path: str | None) -> Any:
     return meta
 
 
+def _completed(futures: list[Any]) -> Iterator[Any]:
+    """``distributed.as_completed`` that raises :class:`flows.runlog.Interrupted` within 0.1 s of a Ctrl-C or
+    SIGTERM, also where this runs in a task thread of ``nightly`` (the signal is handled in the main thread)."""
+    pending = as_completed(futures)
+    condition = getattr(pending, "thread_condition", None)
+    while True:
+        while not pending.has_ready():
+            check_interrupt()
+            if pending.is_empty():
+                return
+            if condition is None:
+                time.sleep(0.05)
+            else:
+                with condition:
+                    condition.wait(timeout=0.05)
+        check_interrupt()
+        yield next(pending)
+
+
 def _test_kill_after() -> int | None:
     value = os.environ.get(KILL_AFTER_CHUNKS_ENV, "").strip()
     return int(value) if value.isdigit() else None
@@ -291,7 +314,8 @@ def _kill_for_test() -> None:
     """
     if os.environ.get(KILL_SIGNAL_ENV, "").strip().upper() == "SIGINT":
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)  # the KeyboardInterrupt arrives in the main thread meanwhile
+        # the KeyboardInterrupt arrives in the main thread meanwhile; in a task thread, the interruption is seen
+        wait_interruptible(lambda: False, 5)
         return
     if os.getpgid(0) == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)
@@ -309,6 +333,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     store's source and the outcome when ``input_path`` is a local copy of it:
     the URL of an input :mod:`flows.staging` downloaded.
     """
+    check_interrupt()  # a run interrupted (Ctrl-C, SIGTERM) starts no new input
     started = provenance.now()
     t0 = time.perf_counter()
     if not isinstance(input_path, (SeriesRef, MosaicRef)):
@@ -337,6 +362,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     keep_work = False
     try:
         try:
+            check_interrupt()  # interrupted during the ingest: stop before the inference, keep the ingest
             named = record_input_as or input_label(input_path)  # how messages name the input
             store = modelspace.model_bands_store(store, model, options)
             check_has_data(named, store)
@@ -346,6 +372,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             if exc.path is None:  # errors about the input's content must name the input
                 raise type(exc)(named, exc.problem) from None
             raise
+        check_interrupt()  # interrupted as the last chunks were written: stop before the export
         if store.meta.kind == "volume":  # per-label volumes and intensities, into the provenance and reports
             done = zarr.open_group(str(partial_path(zarr_target, stats["run_identity"])), mode="r")
             stats["label_statistics"] = medical.volume_statistics(done[LABELS], store, model)
@@ -468,19 +495,24 @@ def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | N
     return {"format": "DICOM", "dicom": details}
 
 
+# Failures that say nothing about the input: the cluster or the run went away under it.  A closed client, a
+# cancelled future and a lost connection are what a Ctrl-C or SIGTERM leaves in the threads still running;
+# TerminationSignal is Prefect's SIGTERM inside a flow run.
+NOT_THE_INPUTS = ("KilledWorker", "ClosedClientError", "FutureCancelledError", "CancelledError", "CommClosedError",
+                  "TerminationSignal")
+
+
 def resumable(exc: BaseException) -> bool:
     """Whether a failure interrupted the run rather than condemned the input: then its partial work is kept.
 
-    Ctrl-C, and Dask giving up on a task after losing its workers, say nothing
-    about the input; the next run resumes from the chunks already done.
+    Ctrl-C, SIGTERM, Dask giving up on a task after losing its workers, a
+    closed client or a cancelled future say nothing about the input; neither
+    does any failure once the run was interrupted (:func:`flows.runlog.interrupted`):
+    it is the interruption's.  The next run resumes from the chunks already done.
     """
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or interrupted() is not None:
         return True
-    try:
-        from distributed.scheduler import KilledWorker
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, KilledWorker)
+    return any(cls.__name__ in NOT_THE_INPUTS for e in exception_chain(exc) for cls in type(e).__mro__)
 
 
 def remove_path(path: Path) -> None:
