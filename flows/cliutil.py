@@ -42,10 +42,10 @@ def resumable_on_interrupt(out: "Path | str") -> Iterator[None]:
     shells expect: the inputs in progress left nothing in ``out`` that looks complete, and the same command
     resumes them (typer alone exits 130 after a blank line; SIGTERM killed the command with nothing said).
 
-    The signals are handled while the block runs (:func:`flows.runlog.interrupt_handlers`): after the first,
+    The signals are handled while the block runs (:func:`flows.interrupts.interrupt_handlers`): after the first,
     the consoles show no more library log records, so this line is the last and only thing said about it.
     """
-    from flows.runlog import exit_code, interrupt_handlers
+    from flows.interrupts import exit_code, interrupt_handlers
 
     with interrupt_handlers():
         try:

@@ -69,7 +69,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from flows import locks, progress, runlog, staging
+from flows import interrupts, locks, progress, staging
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.inbox import list_inbox, read_manifest
@@ -156,10 +156,10 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         futures: dict[Any, str] = {}
         # a Ctrl-C or SIGTERM from here on: nothing new starts, the inputs in flight stop at their next chunk and
         # keep their partial work, and only then does the client close (it had closed under them: their failures
-        # deleted it); the flow then raises flows.runlog.Interrupted
-        with runlog.deferred_interrupts():
+        # deleted it); the flow then raises flows.interrupts.Interrupted
+        with interrupts.deferred_interrupts():
             for p in todo:
-                if runlog.interrupted() is None:
+                if interrupts.interrupted() is None:
                     futures[run_task.submit(quote(by_label[p]), _task_name(by_label[p]), quote(batch))] = p
             for future in _completed(list(futures)):
                 path = futures[future]
@@ -176,10 +176,10 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                                                 dicom=series_details(item) if isinstance(item, SeriesRef) else None)
                     logger.info("input failed: %s", error)
                 bar.advance("nightly")
-            if runlog.interrupted() is not None:
+            if interrupts.interrupted() is not None:
                 _stop(list(futures))
         bar.finish("nightly")
-    runlog.check_interrupt()  # after the client and the cluster closed in order: no report, the CLI says one line
+    interrupts.check_interrupt()  # after the client and the cluster closed in order: no report, the CLI says one line
     inputs = [reports[p] for p in [*by_label, *(label for label, _ in unusable)]]
     message = summary(inputs)
     ok = all(r.status in ("done", "skipped", "locked") for r in inputs)
@@ -214,7 +214,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
 
 
 def _completed(futures: list[Any]) -> Iterator[Any]:
-    """The task runs' futures as they finish; none once the run is interrupted (:func:`flows.runlog.interrupted`).
+    """The task runs' futures as they finish; none once the run is interrupted (:func:`flows.interrupts.interrupted`).
 
     Waits on the thread pool's own futures, polling, so that an interruption is seen even when no task run ends
     (Prefect's ``as_completed`` waits for one without a timeout).
@@ -224,17 +224,17 @@ def _completed(futures: list[Any]) -> Iterator[Any]:
     wrapped = {getattr(f, "wrapped_future", None): f for f in futures}
     if None in wrapped:  # another task runner than the thread pool's: Prefect's own wait
         for future in as_completed(futures):
-            if runlog.interrupted() is not None:
+            if interrupts.interrupted() is not None:
                 return
             yield future
         return
     pending = set(wrapped)
     while pending:
-        if runlog.interrupted() is not None:
+        if interrupts.interrupted() is not None:
             return
         done, pending = cf.wait(pending, timeout=0.05, return_when=cf.FIRST_COMPLETED)
         for w in done:
-            if runlog.interrupted() is not None:
+            if interrupts.interrupted() is not None:
                 return
             yield wrapped[w]
 

@@ -15,8 +15,8 @@ marker; a run with another identity discards it and starts afresh (and says
 so).  A failure caused by the input or the outputs removes everything; an
 interruption (Ctrl-C, SIGTERM, a Dask worker lost too often, and what they
 cause: a closed client, a cancelled future) keeps the partial store and the
-ingested store for the next run (:func:`resumable`).  The chunk loop polls for
-an interruption (:func:`flows.runlog.check_interrupt`), so an input running in
+ingested store for the next run (:func:`flows.interrupts.resumable`).  The chunk loop polls for
+an interruption (:func:`flows.interrupts.check_interrupt`), so an input running in
 a ``nightly`` task thread stops at its next chunk too.
 
 Test hook: with ``SEGFLOW_TEST_KILL_AFTER_CHUNKS=N`` in its environment the
@@ -36,10 +36,10 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import zarr
-from distributed import Client, as_completed
+from distributed import Client
 
 from flows import locks, medical, modelspace
 from flows.export import MODEL_LABELS, export_labels, model_space_labels, quicklook_image, write_quicklook
@@ -50,7 +50,7 @@ from flows.config import SegmentOptions
 from flows.ledger import off_flags
 from flows.progress import reporter, say, window_shares
 from flows.routing import band_request
-from flows.runlog import check_interrupt, exception_chain, interrupted, wait_interruptible
+from flows.interrupts import check_interrupt, completed_interruptibly, resumable, wait_interruptible
 from segmentation import LoadedModel
 from segmentation.crf import CRFParams, crf_dask
 from segmentation.chunkwrites import label_dtype, label_nodata
@@ -220,7 +220,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     kill_after = _test_kill_after()
     written = 0
     try:
-        for future in _completed(futures):  # an interruption (Ctrl-C, SIGTERM) raises between two chunks
+        for future in completed_interruptibly(futures):  # an interruption raises between two chunks
             outcome = future.result()
             if isinstance(outcome, dict) and "histogram" not in outcome:
                 counts = outcome
@@ -281,25 +281,6 @@ def _with_source_path(meta: Any, source_path: str | None) -> Any:
     return meta
 
 
-def _completed(futures: list[Any]) -> Iterator[Any]:
-    """``distributed.as_completed`` that raises :class:`flows.runlog.Interrupted` within 0.1 s of a Ctrl-C or
-    SIGTERM, also where this runs in a task thread of ``nightly`` (the signal is handled in the main thread)."""
-    pending = as_completed(futures)
-    condition = getattr(pending, "thread_condition", None)
-    while True:
-        while not pending.has_ready():
-            check_interrupt()
-            if pending.is_empty():
-                return
-            if condition is None:
-                time.sleep(0.05)
-            else:
-                with condition:
-                    condition.wait(timeout=0.05)
-        check_interrupt()
-        yield next(pending)
-
-
 def _test_kill_after() -> int | None:
     value = os.environ.get(KILL_AFTER_CHUNKS_ENV, "").strip()
     return int(value) if value.isdigit() else None
@@ -326,7 +307,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                 client: Client, *, record_input_as: str | None = None) -> Outcome:
     """Ingest, infer, export one input. Raises SegflowError on bad input; leaves nothing partial.
 
-    On an interruption (see :func:`resumable`) the hidden partial store and
+    On an interruption (see :func:`flows.interrupts.resumable`) the hidden partial store and
     the ingested store stay, and the next run with the same identity resumes.
 
     ``record_input_as`` names the input in the provenance, the prediction
@@ -493,26 +474,6 @@ def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | N
     details["deidentification"] = {"patient_name_present": info.patient_name_present,
                                    "patient_id_present": info.patient_id_present}
     return {"format": "DICOM", "dicom": details}
-
-
-# Failures that say nothing about the input: the cluster or the run went away under it.  A closed client, a
-# cancelled future and a lost connection are what a Ctrl-C or SIGTERM leaves in the threads still running;
-# TerminationSignal is Prefect's SIGTERM inside a flow run.
-NOT_THE_INPUTS = ("KilledWorker", "ClosedClientError", "FutureCancelledError", "CancelledError", "CommClosedError",
-                  "TerminationSignal")
-
-
-def resumable(exc: BaseException) -> bool:
-    """Whether a failure interrupted the run rather than condemned the input: then its partial work is kept.
-
-    Ctrl-C, SIGTERM, Dask giving up on a task after losing its workers, a
-    closed client or a cancelled future say nothing about the input; neither
-    does any failure once the run was interrupted (:func:`flows.runlog.interrupted`):
-    it is the interruption's.  The next run resumes from the chunks already done.
-    """
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or interrupted() is not None:
-        return True
-    return any(cls.__name__ in NOT_THE_INPUTS for e in exception_chain(exc) for cls in type(e).__mro__)
 
 
 def remove_path(path: Path) -> None:

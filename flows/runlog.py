@@ -25,16 +25,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from storage.errors import ConfigError, SegflowError
 
@@ -340,162 +338,6 @@ def _profile(cwd: Path, dotenv: dict[str, str]) -> dict[str, Any]:
     active = os.environ.get("PREFECT_PROFILE") or data.get("active")
     profiles = data.get("profiles", {})
     return profiles.get(active, {}) if isinstance(profiles, dict) and isinstance(active, str) else {}
-
-
-# --------------------------------------------------------------------------- interruptions (Ctrl-C, SIGTERM)
-#
-# A terminal's Ctrl-C (SIGINT to the command's whole process group) or a SIGTERM (cron, Kubernetes, Prefect's
-# cancellation) stops a run; it says nothing about the inputs.  What segflow does then:
-#
-# - :func:`interrupt_handlers` (entered by the CLI around a command) and :func:`deferred_interrupts` (entered by
-#   ``nightly`` while its tasks run in threads) handle both signals: the first is recorded (:func:`interrupted`)
-#   and the consoles' log handlers stop showing library records (a closed client, a lost worker: consequences,
-#   not news; the log file keeps them).  Outside a deferred block it raises :class:`Interrupted` (a
-#   ``KeyboardInterrupt``) in the main thread, as Ctrl-C always did.  Inside one it raises nothing: the block's
-#   code notices it (it polls), starts nothing new and waits for what runs to stop at its next chunk
-#   (:func:`check_interrupt` in ``flows.pipeline``), so that the Dask client is never closed under a running
-#   input.  A second signal raises at once.
-# - the helper processes a command starts do not die first on a terminal Ctrl-C: Prefect's temporary server
-#   runs in a session of its own (:func:`_temporary_server_in_its_own_session`), Dask's local worker processes
-#   ignore SIGINT (:class:`flows.cluster.IgnoreCtrlC`); the command stops them itself, and ``flows/reaper.py``
-#   ends whatever a killed command leaves.
-
-
-class Interrupted(KeyboardInterrupt):
-    """The run was stopped by a signal (``signum``: SIGINT for Ctrl-C, SIGTERM); its partial work is kept."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = int(signum)
-
-
-class _Interrupts:
-    """What this process knows of interruptions (plain attributes: a signal handler takes no lock)."""
-
-    signum: int | None = None  # the first signal received while handlers were installed
-    depth = 0  # interrupt_handlers / deferred_interrupts entered (nested)
-    deferring = 0  # deferred_interrupts blocks entered
-    quiet = False  # consoles show no log records (set by the first signal)
-    quieted: list[logging.Handler] = []
-
-
-def interrupted() -> int | None:
-    """The signal (SIGINT, SIGTERM) that interrupted the run under way, or None."""
-    return _Interrupts.signum
-
-
-def check_interrupt() -> None:
-    """Raise :class:`Interrupted` if the run was interrupted: the polls of work running in a thread."""
-    signum = _Interrupts.signum
-    if signum is not None:
-        raise Interrupted(signum)
-
-
-def exit_code(exc: BaseException | None = None) -> int:
-    """The shell's exit code for an interruption: 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
-    signum = getattr(exc, "signum", None) or _Interrupts.signum
-    if signum is None and exc is not None and type(exc).__name__ == "TerminationSignal":  # Prefect's own SIGTERM
-        signum = getattr(exc, "signal", signal.SIGTERM)
-    return 128 + int(signum or signal.SIGINT)
-
-
-def _handle(signum: int, frame: Any) -> None:  # noqa: ARG001
-    first = _Interrupts.signum is None
-    if first:
-        _Interrupts.signum, _Interrupts.quiet = signum, True
-        _quiet_consoles()
-    if first and _Interrupts.deferring:
-        return  # the deferred block sees it and stops in order
-    raise Interrupted(signum)
-
-
-class _AfterInterrupt(logging.Filter):
-    """Once interrupted, a console shows no more log records: what follows an interruption (a closed client,
-    a cancelled task, a crashed flow run) is its consequence; the command says what happened in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _Interrupts.quiet
-
-
-_AFTER_INTERRUPT = _AfterInterrupt()
-
-
-def _console_handlers() -> list[logging.Handler]:
-    loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
-                                       if isinstance(lg, logging.Logger)]
-    return [h for lg in loggers for h in lg.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-
-
-def _quiet_consoles() -> None:
-    """Put :class:`_AfterInterrupt` on every console handler there is now (no lock taken: runs in a handler)."""
-    for h in _console_handlers():
-        if _AFTER_INTERRUPT not in h.filters:
-            h.filters.append(_AFTER_INTERRUPT)
-            _Interrupts.quieted.append(h)
-
-
-def _install() -> dict[int, Any] | None:
-    """Our handler for SIGINT and SIGTERM, in the main thread; the ones it replaced (None off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, _handle)
-    return previous
-
-
-def _restore(previous: dict[int, Any] | None) -> None:
-    for signum, handler in (previous or {}).items():
-        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-
-@contextmanager
-def _interrupt_scope(defer: bool, keep_quiet: bool = False) -> Iterator[None]:
-    if _Interrupts.depth == 0:  # a new command or run: an earlier one's interruption is not this one's
-        _Interrupts.signum, _Interrupts.quiet = None, False
-    _Interrupts.depth += 1
-    _Interrupts.deferring += defer
-    previous = _install()
-    try:
-        yield
-    finally:
-        _restore(previous)
-        _Interrupts.deferring -= defer
-        _Interrupts.depth -= 1
-        if _Interrupts.depth == 0:
-            _Interrupts.signum = None
-            if not (keep_quiet and _Interrupts.quiet):  # an interrupted command stays quiet to its exit
-                _Interrupts.quiet = False
-                for h in _Interrupts.quieted:
-                    h.removeFilter(_AFTER_INTERRUPT)
-                _Interrupts.quieted.clear()
-
-
-def interrupt_handlers() -> Any:
-    """While a command runs: Ctrl-C and SIGTERM are recorded, quiet the consoles and raise :class:`Interrupted`
-    in the main thread (its ``signum`` gives the exit code, :func:`exit_code`).  After an interruption the
-    consoles stay quiet until the process exits (Prefect's and Dask's shutdown say nothing more)."""
-    return _interrupt_scope(defer=False, keep_quiet=True)
-
-
-def deferred_interrupts() -> Any:
-    """While the main thread waits for work running in other threads: a first Ctrl-C or SIGTERM is recorded
-    only (:func:`interrupted`), for that work to stop at its next poll and the block to stop in order; a second
-    raises :class:`Interrupted` at once.  It also replaces, for the block, the SIGTERM handler of a Prefect flow
-    run (which raised in the main thread and let the Dask client close under the running tasks)."""
-    return _interrupt_scope(defer=True)
-
-
-def wait_interruptible(condition: Callable[[], bool], seconds: float, poll: float = 0.05) -> bool:
-    """Wait up to ``seconds`` for ``condition``; raise :class:`Interrupted` as soon as the run is interrupted."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        check_interrupt()
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll)
-    return True
 
 
 class _SubprocessInOwnSession:
