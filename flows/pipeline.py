@@ -377,23 +377,27 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         earlier = _earlier_outputs(out_path)  # what a run before this one wrote under this name
         provenance.retire_sidecar(out_path)  # before any of those is replaced (restored if this run fails)
         stable = provenance.embedded(record)  # what the outputs carry: equal for equal labels, so reproducible
-        commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
-        created.append(zarr_target)
         t1 = time.perf_counter()
-        exported = export_labels(zarr_target, modelspace.output_meta(store, model, options), model, out_path, stable,
+        # the exports read the store while it is still partial, its journal in place: a run killed while
+        # exporting is resumed with every chunk done and only exports again (committed first, it had been
+        # recomputed whole, as the committed store is no partial one to resume)
+        finished = partial_path(zarr_target, stats["run_identity"])
+        exported = export_labels(finished, modelspace.output_meta(store, model, options), model, out_path, stable,
                                  created, vector=options.vector, simplify=options.simplify)
         if isinstance(input_path, MosaicRef) and options.split_by_tile:  # one COG per tile, cut from the mosaic
-            exported += write_tile_cuts(zarr.open_group(str(zarr_target), mode="r")[LABELS], store.meta.geometry,
+            exported += write_tile_cuts(zarr.open_group(str(finished), mode="r")[LABELS], store.meta.geometry,
                                         record["input"]["mosaic"], out_dir, classes=model.card.classes,
                                         provenance=stable, created=created)
         if store.meta.kind == "volume":
-            labels = zarr.open_group(str(zarr_target), mode="r")[LABELS]
+            labels = zarr.open_group(str(finished), mode="r")[LABELS]
             exported += medical.write_extras(labels, store, model, options, out_path,
                                              stats["label_statistics"], created)
         if options.quicklook:
             with quicklook_image(input_path, band_request(model.card, options), work, origin) as image:
                 picture = write_quicklook(exported[0], image, model, stats, created)
             exported += [picture] if picture is not None else []
+        commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
+        created.append(zarr_target)
         record["statistics"]["export_seconds"] = round(time.perf_counter() - t1, 3)
         record["statistics"]["total_seconds"] = round(time.perf_counter() - t0, 3)
         record["finished"] = provenance.now()

@@ -552,3 +552,26 @@ def test_a_run_killed_while_replacing_an_earlier_runs_outputs_leaves_no_sidecar_
     assert not (out / "scene.probabilities.tif").exists()  # the earlier run's, named only by its retired sidecar
     assert not (out / ".scene.tif.0123456789ab.tiled.tif").exists()
     assert (out / ".other.tif.0123456789ab.tmp").exists() and (out / ".scene.tif.notes").exists()
+
+
+def test_a_run_killed_while_exporting_resumes_with_every_chunk_done(scene, tmp_path):
+    """The store was committed before the exports, so a kill while the COG was written left a complete store and
+    no partial one: the rerun recomputed every chunk.  The exports now read the partial store, committed after
+    them, and the rerun only exports again."""
+    image, model = scene
+    out = tmp_path / "out"
+    killer = ("import os, sys\nimport flows.export\n"
+              "flows.export.export_labels = lambda *a, **k: os._exit(137)  # SIGKILL's moment: no cleanup runs\n"
+              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
+    proc = subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model.path), "--out",
+                           str(out), "--chunk-size", str(CHUNK), "--workers", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 137, proc.stderr
+    assert not (out / "scene.zarr").exists() and len(list(out.glob(".scene.zarr.*.partial"))) == 1
+    rc, [resumed], err = _segment(image, model.path, out, logs=tmp_path / "resumed")
+    assert rc == 0, err
+    stats = resumed["statistics"]
+    assert stats["partial_store"] == "resumed" and stats["chunks_resumed"] == CHUNKS and stats["chunks_written"] == 0
+    rc, [reference], _ = _segment(image, model.path, tmp_path / "ref", logs=tmp_path / "ref")
+    assert rc == 0 and (out / "scene.tif").read_bytes() == (tmp_path / "ref" / "scene.tif").read_bytes()
+    assert verify_sidecar(out / "scene.provenance.json") == []
