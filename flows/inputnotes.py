@@ -74,8 +74,10 @@ def unlabelled_note(named: Path | str, store: ImageStore, stats: dict[str, Any],
     return text
 
 
-def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, options: SegmentOptions) -> list[str]:
-    """Things worth saying about an input segflow still segments (logged, and kept in the statistics)."""
+def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel, options: SegmentOptions,
+                   *, announce: bool = True) -> list[str]:
+    """Things worth saying about an input segflow still segments (logged unless ``announce`` is False, and kept
+    in the statistics)."""
     out = []
     geometry = store.meta.geometry
     if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
@@ -88,7 +90,7 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
     for note in (modelspace.unnamed_bands_note(store, model, options), modelspace.dtype_note(store, model)):
         if note is not None:
             out.append(f"{input_path}: {note}")
-    for text in out:
+    for text in out if announce else ():
         say(text, logging.WARNING)
     return out
 

@@ -347,8 +347,12 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             named = record_input_as or input_label(input_path)  # how messages name the input
             store = modelspace.model_bands_store(store, model, options)
             check_has_data(named, store)
-            warnings = input_warnings(named, store, model, options)
+            # said once the run is under way: "has no CRS; the output is written ..." had come before the line
+            # refusing the same input (a card that needs a CRS)
+            warnings = input_warnings(named, store, model, options, announce=False)
             stats, params = run_inference(store, model, options, zarr_target, client, record_input_as)
+            for text in warnings:
+                say(text, logging.WARNING)
         except SegflowError as exc:
             if exc.path is None:  # errors about the input's content must name the input
                 raise type(exc)(named, exc.problem) from None

@@ -684,3 +684,19 @@ def test_a_model_whose_window_the_network_cannot_take_is_refused_before_any_inpu
     [line] = error_lines(proc.stderr)
     assert proc.returncode == 2 and line.startswith(f"error: {model2d.path}: --roi: "), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_input_gets_no_warning_that_reads_as_if_it_ran(tmp_path):
+    """A raster without a CRS for a model that works in EPSG:32633: the run said "has no CRS; the output is written
+    on the same pixel grid without a CRS" and then refused the input.  Warnings come once the run is under way."""
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3, spacing=[10.0, 10.0], spacing_unit="m",
+                       crs="EPSG:32633")
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
+                       transform=from_origin(500000, 6000000, 5, 5)) as dst:
+        dst.write(np.ones((3, 30, 40), np.uint8))
+    proc = run("segment", plain, "--model", model.path, "--out", tmp_path / "out")
+    assert proc.returncode == 1, proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert "has no CRS, and the model works in EPSG:32633" in line, line
+    assert "the output is written on the same pixel grid" not in proc.stderr
