@@ -214,7 +214,9 @@ def _class_entry(c: LabelClass, acc: _Accumulator, s: int, affine: np.ndarray, s
         mean=_finite(mean),
         std=_finite(std),
         bbox_voxel={"i": [i0, i1], "j": [j0, j1], "k": [k0, k1]},
-        bbox_mm={"min": [float(x) for x in world.min(axis=1)], "max": [float(x) for x in world.max(axis=1)]},
+        # NIfTI's world frame, which a DICOM reader (LPS) would not assume: said in the entry
+        bbox_mm={"frame": "RAS", "min": [float(x) for x in world.min(axis=1)],
+                 "max": [float(x) for x in world.max(axis=1)]},
         touches_border=bool(touches),
     )
     return entry

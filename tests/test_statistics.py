@@ -135,7 +135,7 @@ def test_background_added_and_nodata_not_counted_without_image(tmp_path: Path) -
     lesion = stats["classes"]["lesion"]
     assert lesion["voxels"] == 4 and lesion["volume_ml"] == pytest.approx(4 * 8 / 1000)
     assert lesion["mean"] is None and lesion["bbox_voxel"] == {"i": [2, 3], "j": [2, 2], "k": [1, 2]}
-    assert lesion["bbox_mm"] == {"min": [4.0, 4.0, 2.0], "max": [6.0, 4.0, 4.0]}
+    assert lesion["bbox_mm"] == {"frame": "RAS", "min": [4.0, 4.0, 2.0], "max": [6.0, 4.0, 4.0]}
     assert stats["nodata_voxels"] == 30
 
 
