@@ -87,6 +87,11 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
         from storage.dicom import DEPTH_ASSUMED_NOTE
 
         out.append(f"{input_path}: {DEPTH_ASSUMED_NOTE}")
+    shape = tuple(int(n) for n in store.image.shape[1:])
+    if geometry.kind == "volume" and len(shape) == 3 and min(shape) == 1 and max(model.card.inference.roi) > 1:
+        out.append(f"{input_path}: is one slice thick ({' x '.join(map(str, shape[::-1]))} voxels), and model "
+                   f"{model.card.name!r} is 3D (windows of {' x '.join(map(str, model.card.inference.roi))}): it sees "
+                   "the slice padded with zeros, which it was hardly trained on")
     for note in (modelspace.unnamed_bands_note(store, model, options), modelspace.dtype_note(store, model)):
         if note is not None:
             out.append(f"{input_path}: {note}")

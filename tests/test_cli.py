@@ -700,3 +700,18 @@ def test_a_refused_input_gets_no_warning_that_reads_as_if_it_ran(tmp_path):
     [line] = error_lines(proc.stderr)
     assert "has no CRS, and the model works in EPSG:32633" in line, line
     assert "the output is written on the same pixel grid" not in proc.stderr
+
+
+def test_a_one_slice_image_given_to_a_3d_model_is_said(tmp_path):
+    """A 2-D NIfTI went through a 3-D model as one slice padded to the model's windows, without a word."""
+    import nibabel as nib
+
+    model = tiny_model(tmp_path / "m3d", spatial_dims=3, channels=1)
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((24, 20)).astype(np.float32), np.eye(4)), flat)
+    proc = run("segment", flat, "--model", model.path, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "flat.nii.gz: is one slice thick (24 x 20 x 1 voxels), and model 'tiny-3d-1ch' is 3D (windows of " \
+           "16 x 16 x 16)" in " ".join(proc.stderr.split())
+    record = json.loads((tmp_path / "out" / "flat.provenance.json").read_text())
+    assert any("is one slice thick" in w for w in record["statistics"]["warnings"])
