@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Any, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -67,7 +67,6 @@ from prefect.runtime import flow_run as flow_run_info
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
-from pydantic import Field
 
 from flows import interrupts, locks, progress, staging
 from flows.cluster import dask_client
@@ -102,9 +101,8 @@ def dashboard_link(client: Any) -> str | None:
 
 @flow(name="nightly", persist_result=False, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manifest: str | None = None,
-            options: SegmentOptions | None = None, retries: Annotated[int, Field(ge=0)] = 2,
-            retry_delay_seconds: Annotated[float, Field(ge=0.0)] = 10.0,
-            lock_stale_after: Annotated[float, Field(ge=1.0)] = locks.DEFAULT_STALE_AFTER_S):  # noqa: ANN201
+            options: SegmentOptions | None = None, retries: int = 2, retry_delay_seconds: float = 10.0,
+            lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S):  # noqa: ANN201
     """Segment the new inputs of an inbox folder or a manifest with the model that fits each; write a run report.
 
     Ends Completed when every input is done, skipped or locked (in progress in
@@ -113,6 +111,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     heartbeat after which another run's lock on an input is broken.
     """
     options = options or SegmentOptions()
+    _check_numbers(retries, retry_delay_seconds, lock_stale_after)
     logger = get_run_logger()
     started, stamp, t0 = provenance.now(), timestamp(), time.perf_counter()
     if (inbox is None) == (manifest is None):
@@ -280,6 +279,16 @@ def _absolute(path: str | None) -> str | None:
     if path is None or is_url(path):
         return path
     return str(Path(path).expanduser().absolute())
+
+
+def _check_numbers(retries: int, retry_delay_seconds: float, lock_stale_after: float) -> None:
+    """The limits the CLI's options have, for a run started from a deployment (``lock_stale_after=0`` let a
+    second run break a live lock).  Checked here, not as ``Annotated`` constraints in the signature: a served
+    deployment's runner could not build its parameter model from them."""
+    for name, value, least in (("retries", retries, 0), ("retry_delay_seconds", retry_delay_seconds, 0.0),
+                               ("lock_stale_after", lock_stale_after, 1.0)):
+        if not value >= least:
+            raise ConfigError(None, f"{name} must be >= {least:g}, got {value}")
 
 
 def _check_out_beside_inbox(inbox: str | None, out_dir: str) -> None:

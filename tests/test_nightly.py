@@ -385,17 +385,15 @@ def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
         assert res.exit_code != 0 and "the next night would read segflow's outputs as new inputs" in res.output
 
 
-def test_the_flows_parameters_are_checked_as_the_cli_checks_its_options():
+def test_the_flows_parameters_are_checked_as_the_cli_checks_its_options(tmp_path):
     """The deployments call the flow, not the CLI: lock_stale_after=0 let a second run break a live lock."""
-    from prefect.exceptions import ParameterTypeError
-
-    from flows.nightly import nightly
-
-    base = {"model_dirs": ["m"], "out_dir": "o", "inbox": "i"}
-    nightly.validate_parameters(base)
-    for bad in ({"retries": -1}, {"retry_delay_seconds": -10}, {"lock_stale_after": 0}):
-        with pytest.raises(ParameterTypeError):
-            nightly.validate_parameters({**base, **bad})
+    base = {"model_dirs": [str(tmp_path / "m")], "out_dir": str(tmp_path / "o"), "inbox": str(tmp_path)}
+    for bad, message in (({"retries": -1}, "retries must be >= 0, got -1"),
+                         ({"retry_delay_seconds": -10}, "retry_delay_seconds must be >= 0, got -10"),
+                         ({"lock_stale_after": 0}, "lock_stale_after must be >= 1, got 0")):
+        with pytest.raises(ConfigError, match=message):
+            nightly_report(nightly(**base, **bad, return_state=True))
+    assert not (tmp_path / "o").exists()
 
 
 def test_manifests_and_retry_classification(tmp_path):
