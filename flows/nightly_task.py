@@ -112,6 +112,29 @@ def segment_input(item: Expanded, name: str, batch: Batch) -> dict[str, Any]:
             lock.release()
 
 
+def drop_leftover_work(out_dir: Path, stem: str) -> None:
+    """Remove what a killed run of ``stem`` left for a resume that will never come, now that its outputs are done:
+    the ingested copies (``.segflow-work/<stem>.c<chunk>.<kind>.zarr``) and hidden partial stores
+    (``.<stem>.zarr.<id>.partial``); a skipped input's stayed there night after night.  Names are matched whole,
+    so another input's (``a`` beside ``a.b``) are never touched; the caller holds ``stem``'s lock."""
+    import re
+    import shutil
+
+    from flows.pipeline import WORK_DIR
+
+    name = re.escape(stem)
+    patterns = ((out_dir / WORK_DIR, re.compile(rf"{name}\.c(\d+|default)\.(image|model|mosaic)\.zarr")),
+                (out_dir, re.compile(rf"\.{name}\.zarr(\.[0-9a-f]{{16}})?\.partial")))
+    for folder, pattern in patterns:
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 def input_lock(target: staging.OutputTarget, stem: str, stale_after: float) -> locks.InputLock:
     """The input's lock: ``OUT/.segflow-locks/<stem>.lock``; for an output URL, beside its local staging
     folder (``<staging root>/.segflow-locks/<digest of the URL>-<stem>.lock``), which only runs on this machine
@@ -168,6 +191,8 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
         rep.status = "skipped"
         rep.note = (f"same input, model and parameters done {hit.record.get('finished')}"
                     + (" (outputs without a cache entry, verified and adopted)" if adopted else ""))
+        if not target.remote:
+            drop_leftover_work(Path(batch.out_dir), input_stem(item))
         rep.outputs = hit.outputs
         statistics = hit.record.get("statistics", {})
     else:

@@ -271,6 +271,29 @@ def test_a_ledger_that_cannot_be_written_loses_the_skip_not_the_outputs(models, 
     assert (out / "scene.tif").is_file() and (out / "scene.provenance.json").is_file()
 
 
+def test_a_skipped_input_drops_what_a_killed_run_left_for_it(models, tmp_path, dask_cluster):
+    """An input killed mid-run and later done (or adopted) kept its ingested copy and partial store in OUT
+    forever, as nothing resumes a done input.  A skip now removes them, and only them (``scene.b``'s stay)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    image, _ = samples.make_scene(tmp_path / "scene.tif", size=(64, 64), seed=3)
+    shutil.copy(image, inbox / "scene.tif")
+    out = tmp_path / "out"
+    kw = {"model_dirs": [str(models["2d"].path)], "out_dir": str(out), "inbox": str(inbox), "retries": 0}
+    [first] = nightly_report(nightly(**kw, return_state=True))["inputs"]
+    assert first["status"] == "done", first
+    leftovers = [out / ".segflow-work" / "scene.c512.image.zarr", out / ".segflow-work" / "scene.c512.model.zarr",
+                 out / ".scene.zarr.0123456789abcdef.partial"]
+    others = [out / ".segflow-work" / "scene.b.c512.image.zarr", out / ".scene.b.zarr.0123456789abcdef.partial",
+              out / ".segflow-work" / "scene.c1.c512.image.zarr"]
+    for folder in leftovers + others:
+        folder.mkdir(parents=True)
+        (folder / "zarr.json").write_text("{}")
+    [second] = nightly_report(nightly(**kw, return_state=True))["inputs"]
+    assert second["status"] == "skipped", second
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in others)
+
+
 def test_a_copied_or_renamed_input_gets_outputs_of_its_own_name(runs, models, tmp_path, dask_cluster):
     """The same bytes under another name: `OUT/<stem>.tif` is promised for every input, so a copy is segmented
     under its own name (the original stays skipped), and so is a renamed one.  Both were "skipped: same input,
