@@ -83,16 +83,18 @@ PARTIAL_ATTR = "segflow_partial_nodata"  # an ingested store's: does some pixel 
 
 
 class PartialNodata:
-    """Ingest's watch for pixels holding the file's one nodata value in some bands but not in all."""
+    """GDAL's nodata rule for a file's one nodata value (valid where any band differs from it), which also
+    watches for pixels holding it in some bands but not in all: one comparison of the pixels for both."""
 
     def __init__(self, nodata: float) -> None:
         self.nodata, self.found = nodata, False
 
-    def add(self, data: np.ndarray) -> None:
-        if self.found:
-            return
-        empty = np.isnan(data) if math.isnan(self.nodata) else data == self.nodata
-        self.found = bool((empty.any(axis=0) & ~empty.all(axis=0)).any())
+    def valid(self, data: np.ndarray) -> np.ndarray:
+        filled = ~np.isnan(data) if math.isnan(self.nodata) else data != self.nodata
+        valid = filled.any(axis=0)
+        if not self.found:
+            self.found = bool((valid & ~filled.all(axis=0)).any())
+        return valid
 
 
 def with_bands_mask(store: ImageStore, bands: Sequence[int]) -> ImageStore:

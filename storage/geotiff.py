@@ -218,14 +218,13 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
                     if covers is not None:
                         valid = stack_valid(covers, win, data, src.height, src.width)
                     else:
-                        valid = None if not declared else from_pixels(data) if from_pixels is not None else \
+                        valid = None if not declared else partial.valid(data) if partial is not None else \
+                            from_pixels(data) if from_pixels is not None else \
                             src.read(alpha, window=win) > 0 if alpha is not None else \
                             src.dataset_mask(window=win) > 0
                 except GDAL_ERRORS as exc:
                     raise CorruptInputError(path, f"cannot read pixels ({describe_window(win)}): "
                                                   f"{gdal_message(exc)}") from None
-                if partial is not None:
-                    partial.add(data)
                 if floating:
                     finite = np.isfinite(data).all(axis=0)
                     valid = finite if valid is None else valid & finite

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from distributed import WorkerPlugin
@@ -51,3 +52,15 @@ class KillWorkerOnce(WorkerPlugin):
 def executing_tasks(dask_worker: Any) -> int:
     """How many tasks a worker is running now (``client.run`` passes the worker), cancelled ones included."""
     return len(dask_worker.state.executing)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False

@@ -24,6 +24,7 @@ import pytest
 from flows.pipeline import KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV, WORK_DIR
 from storage.layout import JOURNAL_DIR
 from storage.samples import make_scene
+from tests.faults import group_alive
 from tests.models import tiny_model
 
 SIZE, CHUNK = (160, 160), 40  # a 4 x 4 grid of output chunks
@@ -69,17 +70,6 @@ def _markers(out: Path, stem: str) -> list[Path]:
     return sorted(out.glob(f".{stem}.zarr.*.partial/{JOURNAL_DIR}/done/*.json"))
 
 
-def _group_alive(pgid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 def _interrupt(command: str, data: dict, out: Path, how: str) -> tuple[int, str, float, int]:
     """Run ``command`` in a session of its own; once input a's partial store has 2 finished chunks, send the
     signal (``how``: "group-SIGINT" as a terminal's Ctrl-C, or "SIGTERM" to the command's process).
@@ -107,7 +97,7 @@ def _interrupt(command: str, data: dict, out: Path, how: str) -> tuple[int, str,
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     deadline = time.monotonic() + 60
-    while _group_alive(proc.pid):  # nothing of the run goes on writing once it said it stopped
+    while group_alive(proc.pid):  # nothing of the run goes on writing once it said it stopped
         assert time.monotonic() < deadline, "the run's workers outlived it"
         time.sleep(0.05)
     print(f"{command} {how}: exit {rc} {seconds:.1f} s after the signal ({seen} chunks done then)")

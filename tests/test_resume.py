@@ -29,7 +29,7 @@ from storage.errors import ExportError
 from storage.layout import JOURNAL_DIR, is_complete
 from storage.provenance import verify_sidecar
 from storage.samples import make_scene
-from tests.faults import executing_tasks
+from tests.faults import executing_tasks, group_alive
 from tests.models import tiny_model
 
 SIZE, CHUNK = (160, 160), 40  # a 4 x 4 grid of output chunks
@@ -48,18 +48,6 @@ def scene(tmp_path_factory):
 # --------------------------------------------------------------------------- helpers
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is left in process group ``pgid``."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 def _end_group(pgid: int) -> None:
     """SIGKILL what is left of a run's process group (workers, Prefect's server) and wait until it is gone."""
     try:
@@ -67,7 +55,7 @@ def _end_group(pgid: int) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 60
-    while _group_alive(pgid):
+    while group_alive(pgid):
         assert time.monotonic() < deadline, f"process group {pgid} did not die"
         time.sleep(0.05)
 
