@@ -133,18 +133,21 @@ def model_bands_store(store: ImageStore, model: LoadedModel, options: SegmentOpt
     pixels holding nodata in some bands only (:func:`storage.bandcover.with_bands_mask`)."""
     if store.meta.kind != "raster" or preselected(store.meta) is not None:
         return store
-    picked = chosen_bands(list(store.meta.channel_names), _names_bands(store), options.bands,
-                          model.card.input.channel_names or [], f"model {model.card.name!r}")
+    picked = _picked(store, model, options)
     return with_bands_mask(store, list(range(int(store.image.shape[0]))) if picked is None else picked)
 
 
+def _picked(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> list[int] | None:
+    """The stored bands the model takes, in its order (None: every band, in the stored order), by the rule the
+    header check applies before anything starts (:func:`flows.routing.chosen_bands`)."""
+    return chosen_bands(list(store.meta.channel_names), _names_bands(store), options.bands,
+                        model.card.input.channel_names or [], f"model {model.card.name!r}")
+
+
 def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:
-    """The image the network sees, and the names of the bands chosen (None: every band, in the stored order),
-    by the rule the header check applies before anything starts (:func:`flows.routing.chosen_bands`)."""
+    """The image the network sees, and the names of the bands chosen (None: every band, in the stored order)."""
     offered = list(store.meta.channel_names)
-    card = model.card.input
-    picked = chosen_bands(offered, _names_bands(store), options.bands, card.channel_names or [],
-                          f"model {model.card.name!r}")
+    picked = _picked(store, model, options)
     if picked is None or picked == list(range(len(offered))):
         return store.image, None
     return da.from_zarr(store.image)[picked], [offered[i] for i in picked]
