@@ -233,13 +233,20 @@ def dashboard_line(client: Client, what: str) -> str:
     return f"{where}, dashboard {client.dashboard_link}"
 
 
+_ANNOUNCED: set[str] = set()  # schedulers already named: the demo's two batches share one and said it twice
+
+
 def _announce(client: Client, what: str) -> None:
     from flows.progress import note
 
     try:
+        address = str(getattr(client.scheduler, "address", ""))
+        if address and address in _ANNOUNCED:
+            return
         text = dashboard_line(client, what)
     except Exception:  # noqa: BLE001 - a line about the dashboard must never fail a run
         return
+    _ANNOUNCED.add(address)
     note(text)
 
 

@@ -456,6 +456,29 @@ def test_plain_progress_lines_and_quiet_notes():
     assert quiet.export_text() == "scene.tif: has no CRS\n"
 
 
+def test_a_scheduler_is_named_once_when_two_batches_share_it():
+    """The demo runs two batches on one cluster; each batch's ``dask_client`` used to name it again."""
+    from distributed import Client, LocalCluster
+
+    from flows.cluster import dask_client
+    from flows.progress import reporting
+
+    class Notes:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def note(self, text: str, level: int = logging.INFO) -> None:
+            self.lines.append(text)
+
+    notes = Notes()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster), reporting(notes):
+        for _ in range(2):
+            with dask_client(None, dashboard=True) as client:
+                assert client.submit(sum, [1, 2]).result() == 3
+    assert len(notes.lines) == 1 and notes.lines[0].startswith("Dask scheduler in this process"), notes.lines
+
+
 def test_the_console_filter_drops_what_segflow_reports_itself():
     from flows.runlog import ReportedElsewhere
     from storage.errors import CorruptInputError, InputError
