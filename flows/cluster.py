@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Iterator
@@ -233,20 +234,25 @@ def dashboard_line(client: Client, what: str) -> str:
     return f"{where}, dashboard {client.dashboard_link}"
 
 
-_ANNOUNCED: set[str] = set()  # schedulers already named: the demo's two batches share one and said it twice
+# the schedulers each reporter (one per command) has named: the demo's two batches share one and named it twice
+_ANNOUNCED: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
 
 
 def _announce(client: Client, what: str) -> None:
-    from flows.progress import note
+    from flows.progress import note, reporter
 
     try:
         address = str(getattr(client.scheduler, "address", ""))
-        if address and address in _ANNOUNCED:
+        try:
+            named = _ANNOUNCED.setdefault(reporter(), set())
+        except TypeError:  # a reporter that takes no weak reference: named every time, as before
+            named = set()
+        if address in named:
             return
         text = dashboard_line(client, what)
     except Exception:  # noqa: BLE001 - a line about the dashboard must never fail a run
         return
-    _ANNOUNCED.add(address)
+    named.add(address)
     note(text)
 
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 from rich.markup import escape
 
+from flows import cliopts
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -46,7 +48,18 @@ def nightly_command(
                                                                 "report paths (the report is still written)."),
         quicklook: bool = typer.Option(True, "--quicklook/--no-quicklook",
                                        help="OUT/<stem>.quicklook.png beside each output (on by default), shown in "
-                                            "the HTML report.")
+                                            "the HTML report."),
+        bands: cliopts.Bands = None,
+        vector: cliopts.Vector = "none",
+        simplify: cliopts.Simplify = None,
+        output_grid: cliopts.OutputGrid = "input",
+        model_space: cliopts.ModelSpace = "input",
+        dicom_seg: cliopts.DicomSeg = "binary",
+        tta: cliopts.Tta = None,
+        crf: cliopts.Crf = False,
+        crf_iterations: cliopts.CrfIterations = 5,
+        compile: cliopts.Compile = False,
+        trust_bundle: cliopts.TrustBundle = False,
 ) -> None:
     """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md."""
     from flows import cliutil as cli
@@ -60,9 +73,13 @@ def nightly_command(
     options = cli.options(precision=precision, roi=cli.ints(roi), overlap=overlap, chunk_size=chunk_size,
                            batch_size=batch_size, workers=workers, probabilities=probabilities,
                            device=device, dask_address=dask_address, keep_zarr=not no_zarr, quicklook=quicklook,
-                           **({"gpus": True} if gpus else {}))
+                           **({"gpus": True} if gpus else {}),
+                           **cliopts.output_fields(bands=bands, vector=vector, simplify=simplify, output_grid=output_grid,
+                                                   model_space=model_space, dicom_seg=dicom_seg, tta=tta, crf=crf,
+                                                   crf_iterations=crf_iterations, compile=compile,
+                                                   trust_bundle=trust_bundle))
     cli.check_device(options)
-    cli.check_models(model, load=True)  # loaded as the flow will (the same objects): a bad one is one line, first
+    cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi)  # loaded as the flow will (the same objects): a bad one is one line, first
     flow = nightly
     if parallel > 1:
         from prefect.task_runners import ThreadPoolTaskRunner

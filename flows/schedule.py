@@ -20,6 +20,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from flows import cliopts
 from flows.config import SegmentOptions
 from storage.errors import ConfigError
 
@@ -148,6 +149,9 @@ def schedule_command(
         name: str = typer.Option(DEFAULT_NAME, "--name", help="Deployment name: runs are 'nightly/NAME'."),
         timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of --cron (default UTC)."),
         precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
+        roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: each card's)."),
+        overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: each card's)."),
+        probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),
         chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),
         batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
         workers: Optional[int] = typer.Option(None, help="Local Dask worker processes of each run."),
@@ -159,6 +163,22 @@ def schedule_command(
                                        help="OUT/<stem>.quicklook.png beside each output (on by default, as in "
                                             "nightly), shown in the run's HTML report and Prefect artifacts."),
         paused: bool = typer.Option(False, "--paused", help="Register the schedule paused (runs by hand only)."),
+        retries: int = typer.Option(2, min=0, help="Retries of an input after a transient I/O error."),
+        retry_delay: float = typer.Option(10.0, min=0.0, help="Seconds between retries."),
+        lock_timeout: float = typer.Option(600.0, min=1.0, help="Seconds without a heartbeat after which another "
+                                                                "run's lock on an input (OUT/.segflow-locks/) is "
+                                                                "stale and broken; give every run the same."),
+        bands: cliopts.Bands = None,
+        vector: cliopts.Vector = "none",
+        simplify: cliopts.Simplify = None,
+        output_grid: cliopts.OutputGrid = "input",
+        model_space: cliopts.ModelSpace = "input",
+        dicom_seg: cliopts.DicomSeg = "binary",
+        tta: cliopts.Tta = None,
+        crf: cliopts.Crf = False,
+        crf_iterations: cliopts.CrfIterations = 5,
+        compile: cliopts.Compile = False,
+        trust_bundle: cliopts.TrustBundle = False,
 ) -> None:
     """Serve the nightly flow on a cron schedule against a Prefect server (PREFECT_API_URL); runs until stopped."""
 
@@ -166,15 +186,21 @@ def schedule_command(
     from flows.runlog import api_unreachable
     from storage.errors import SegflowError
 
-    options = cli.options(precision=precision, chunk_size=chunk_size, batch_size=batch_size, workers=workers,
+    options = cli.options(precision=precision, roi=cli.ints(roi), overlap=overlap, probabilities=probabilities,
+                           chunk_size=chunk_size, batch_size=batch_size, workers=workers,
                            device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
-                           quicklook=quicklook)
+                           quicklook=quicklook,
+                           **cliopts.output_fields(bands=bands, vector=vector, simplify=simplify, output_grid=output_grid,
+                                                   model_space=model_space, dicom_seg=dicom_seg, tta=tta, crf=crf,
+                                                   crf_iterations=crf_iterations, compile=compile,
+                                                   trust_bundle=trust_bundle))
     cli.check_out_folder(out)
     cli.check_device(options)
-    cli.check_models(model)
+    cli.check_models(model, trust_bundle=trust_bundle)
     try:
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
-                                        options=options)
+                                        options=options, retries=retries, retry_delay_seconds=retry_delay,
+                                        lock_stale_after=lock_timeout)
         cron_schedule(cron, timezone)  # a bad --cron or --timezone is said before anything is announced
         url = api_url()
         problem = server_problem()

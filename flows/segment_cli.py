@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 from rich.markup import escape
 
-from flows import cliutil
+from flows import cliopts, cliutil
 from storage.atomic import make_output_folder, write_text_atomically
 from storage.errors import SegflowError
 
@@ -52,40 +52,17 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                             "workers); window tasks ask for a GPU."),
             no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
             report: Optional[Path] = typer.Option(None, help="Write the per-input outcomes as JSON here."),
-            trust_bundle: bool = typer.Option(False, "--trust-bundle",
-                                              help="Let MONAI evaluate a bundle's configuration (runs its code) to "
-                                                   "build a network segflow's registry does not know."),
-            tta: Optional[str] = typer.Option(None, "--tta", help="Flip test-time augmentation: the spatial axes to "
-                                                                  "mirror, e.g. 0,1 (all combinations are averaged); "
-                                                                  "'none' turns off the card's default."),
-            compile: bool = typer.Option(False, "--compile", help="torch.compile the network: about 1.5x faster "
-                                                                   "exact (fp32) windows, none in fast; the "
-                                                                   "first run on a machine spends tens of seconds "
-                                                                   "compiling (kernels cached in "
-                                                                   "~/.cache/segflow/torch-compile, or "
-                                                                   "$SEGFLOW_COMPILE_CACHE). See docs/performance.md."),
-            crf: bool = typer.Option(False, "--crf", help="Refine probabilities with the truncated dense CRF "
-                                                          "(chunk by chunk, with a halo) before the argmax."),
-            crf_iterations: int = typer.Option(5, help="Mean-field iterations of --crf."),
-            model_space: str = typer.Option("input", "--model-space",
-                                            help="Where labels are written when a scan's grid differs from the "
-                                                 "model's: input (the scan's grid) or keep (also the model's)."),
-            dicom_seg: str = typer.Option("binary", "--dicom-seg",
-                                          help="DICOM SEG for DICOM inputs: binary, labelmap or none."),
-            bands: Optional[str] = typer.Option(None, "--bands",
-                                                help="The input bands the model gets, in its order: names (B04, "
-                                                     "red, a band description) or 1-based indices, e.g. "
-                                                     "B02,B03,B04,B08 or 2,3,4,8 (default: the card's "
-                                                     "channel names, matched by name)."),
-            vector: str = typer.Option("none", "--vector", help="Also write the labels of a raster as polygons "
-                                                                "per class with their area in hectares: gpkg, "
-                                                                "parquet or geojson."),
-            simplify: Optional[float] = typer.Option(None, "--simplify",
-                                                     help="Simplify --vector polygons by this tolerance (CRS "
-                                                          "units), keeping shared borders shared."),
-            output_grid: str = typer.Option("input", "--output-grid",
-                                            help="Where a raster's labels are written when its ground sample "
-                                                 "distance or CRS differs from the model's: input or model."),
+            trust_bundle: cliopts.TrustBundle = False,
+            tta: cliopts.Tta = None,
+            compile: cliopts.Compile = False,
+            crf: cliopts.Crf = False,
+            crf_iterations: cliopts.CrfIterations = 5,
+            model_space: cliopts.ModelSpace = "input",
+            dicom_seg: cliopts.DicomSeg = "binary",
+            bands: cliopts.Bands = None,
+            vector: cliopts.Vector = "none",
+            simplify: cliopts.Simplify = None,
+            output_grid: cliopts.OutputGrid = "input",
             mosaic: Optional[str] = typer.Option(None, "--mosaic",
                                                  help="Segment all raster inputs as one seamless mosaic, "
                                                       "written as OUT/NAME.tif."),
@@ -124,12 +101,12 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     options = cliutil.options(precision=precision, roi=cliutil.ints(roi), overlap=overlap, chunk_size=chunk_size,
                               batch_size=batch_size, workers=workers, probabilities=probabilities,
                               device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
-                              trust_bundle=trust_bundle, crf=crf, crf_iterations=crf_iterations,
-                              flip_tta=None if tta is None else ([] if tta == "none" else cliutil.ints(tta)),
-                              model_space=model_space, dicom_seg=dicom_seg,
-                              bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
-                              vector=vector, simplify=simplify, output_grid=output_grid, mosaic=mosaic, crs=crs,
-                              split_by_tile=split_by_tile, compile=compile, quicklook=quicklook)
+                              mosaic=mosaic, crs=crs, split_by_tile=split_by_tile, quicklook=quicklook,
+                              **cliopts.output_fields(bands=bands, vector=vector, simplify=simplify,
+                                                      output_grid=output_grid, model_space=model_space,
+                                                      dicom_seg=dicom_seg, tta=tta, crf=crf,
+                                                      crf_iterations=crf_iterations, compile=compile,
+                                                      trust_bundle=trust_bundle))
     if truth is not None and not truth.is_dir():
         cliutil.fail(f"{truth}: --truth takes a folder of ground-truth label maps named like the inputs")
     if (split_by_tile or crs) and not mosaic:

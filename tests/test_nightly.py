@@ -408,6 +408,26 @@ def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
         assert res.exit_code != 0 and "the next night would read segflow's outputs as new inputs" in res.output
 
 
+def test_nightly_takes_segments_output_options(models, tmp_path, dask_cluster):
+    """A nightly user asked for polygons, the bands and flip TTA as `segment` offers them; nightly had no such
+    options, although its flow and ledger honour each."""
+    from flows.cli import app
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    samples.make_scene(tmp_path / "scene.tif", size=(96, 80), seed=5, nodata_margin=4)
+    shutil.copy(tmp_path / "scene.tif", inbox / "scene.tif")
+    res = CliRunner().invoke(app, ["nightly", "--model", str(models["2d"].path), "--out", str(out), "--inbox",
+                                   str(inbox), "--vector", "gpkg", "--bands", "4,3,2,1", "--tta", "0", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (out / "scene.gpkg").is_file()
+    params = json.loads((out / "scene.provenance.json").read_text())["parameters"]
+    assert params["vector"] == "gpkg" and params["bands"] == ["4", "3", "2", "1"] and params["flip_tta"] == [0]
+    bad = CliRunner().invoke(app, ["nightly", "--model", str(models["2d"].path), "--out", str(out), "--inbox",
+                                   str(inbox), "--vector", "shp"])
+    assert bad.exit_code == 2 and "vector" in bad.output
+
+
 def test_the_flows_parameters_are_checked_as_the_cli_checks_its_options(tmp_path):
     """The deployments call the flow, not the CLI: lock_stale_after=0 let a second run break a live lock."""
     base = {"model_dirs": [str(tmp_path / "m")], "out_dir": str(tmp_path / "o"), "inbox": str(tmp_path)}

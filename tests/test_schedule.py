@@ -111,7 +111,7 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
     log = open(tmp_path / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "flows", "schedule", "--cron", "0 3 1 1 *", "--name", NAME,
                               "--inbox", str(inbox), "--model", str(model.path), "--out", str(out),
-                              "--workers", "1"],
+                              "--workers", "1", "--vector", "gpkg", "--retries", "1"],
                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
     try:
         # the deployment appears on the server once `segflow schedule` has registered it
@@ -125,6 +125,8 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 1 1 *"]
         assert deployment["parameters"]["inbox"] == str(inbox)
         assert deployment["parameters"]["model_dirs"] == [str(model.path)]
+        # segment's output options and nightly's own reach the deployment (schedule had offered neither)
+        assert deployment["parameters"]["options"]["vector"] == "gpkg" and deployment["parameters"]["retries"] == 1
         assert deployment["entrypoint"] == "flows.nightly.nightly"
 
         trigger = subprocess.run([str(PREFECT), "deployment", "run", f"nightly/{NAME}"], capture_output=True,
@@ -146,6 +148,7 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
         log.close()
     assert run["deployment_id"] == deployment["id"]
     assert (out / "scene.tif").exists() and (out / "scene.provenance.json").exists()
+    assert (out / "scene.gpkg").is_file()
     reports = sorted((out / "reports").glob("*.json"))
     assert reports, sorted(p.name for p in out.rglob("*"))
     report = json.loads(reports[-1].read_text())

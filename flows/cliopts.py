@@ -1,0 +1,62 @@
+"""The output options ``segment``, ``nightly`` and ``schedule`` share, declared once.
+
+A nightly run writes what ``segment`` writes, so its users need the same
+choices (polygons, the bands a model gets, DICOM SEG, test-time
+augmentation...); ``nightly`` and ``schedule`` had lacked them although the
+nightly flow and its ledger honour every one.  Each option is an
+``Annotated`` type carrying its typer declaration, and :func:`output_fields`
+turns the parsed values into :class:`flows.config.SegmentOptions` fields, so
+the three commands cannot drift apart.  ``--mosaic``, ``--crs`` and
+``--split-by-tile`` stay ``segment``'s: a nightly run segments inputs one by
+one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from flows import cliutil
+
+Bands = Annotated[Optional[str], typer.Option(
+    "--bands", help="The input bands the model gets, in its order: names (B04, red, a band description) or "
+                    "1-based indices, e.g. B02,B03,B04,B08 or 2,3,4,8 (default: the card's channel names, "
+                    "matched by name).")]
+Vector = Annotated[str, typer.Option(
+    "--vector", help="Also write the labels of a raster as polygons per class with their area in hectares: gpkg, "
+                     "parquet or geojson.")]
+Simplify = Annotated[Optional[float], typer.Option(
+    "--simplify", help="Simplify --vector polygons by this tolerance (CRS units), keeping shared borders shared.")]
+OutputGrid = Annotated[str, typer.Option(
+    "--output-grid", help="Where a raster's labels are written when its ground sample distance or CRS differs "
+                          "from the model's: input or model.")]
+ModelSpace = Annotated[str, typer.Option(
+    "--model-space", help="Where labels are written when a scan's grid differs from the model's: input (the "
+                          "scan's grid) or keep (also the model's).")]
+DicomSeg = Annotated[str, typer.Option(
+    "--dicom-seg", help="DICOM SEG for DICOM inputs: binary, labelmap or none.")]
+Tta = Annotated[Optional[str], typer.Option(
+    "--tta", help="Flip test-time augmentation: the spatial axes to mirror, e.g. 0,1 (all combinations are "
+                  "averaged); 'none' turns off the card's default.")]
+Crf = Annotated[bool, typer.Option(
+    "--crf", help="Refine probabilities with the truncated dense CRF (chunk by chunk, with a halo) before the "
+                  "argmax.")]
+CrfIterations = Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations of --crf.")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the network: about 1.5x faster exact (fp32) windows, none in fast; the first "
+                      "run on a machine spends tens of seconds compiling (kernels cached in "
+                      "~/.cache/segflow/torch-compile, or $SEGFLOW_COMPILE_CACHE). See docs/performance.md.")]
+TrustBundle = Annotated[bool, typer.Option(
+    "--trust-bundle", help="Let MONAI evaluate a bundle's configuration (runs its code) to build a network "
+                           "segflow's registry does not know.")]
+
+
+def output_fields(*, bands: str | None, vector: str, simplify: float | None, output_grid: str, model_space: str,
+                  dicom_seg: str, tta: str | None, crf: bool, crf_iterations: int, compile: bool,
+                  trust_bundle: bool) -> dict[str, object]:
+    """The shared options as :class:`flows.config.SegmentOptions` fields (validated there, at the edge)."""
+    return dict(bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
+                vector=vector, simplify=simplify, output_grid=output_grid, model_space=model_space,
+                dicom_seg=dicom_seg, flip_tta=None if tta is None else ([] if tta == "none" else cliutil.ints(tta)),
+                crf=crf, crf_iterations=crf_iterations, compile=compile, trust_bundle=trust_bundle)
