@@ -123,6 +123,12 @@ class _Page:
         parts.append('</dl>\n</header>\n<main>\n<section class="overview"><h2>Inputs</h2><table><thead><tr>'
                      f'<th>input</th><th>status</th><th>model</th><th>seconds</th></tr></thead><tbody>{rows}'
                      '</tbody></table></section>\n')
+        arriving = [a for a in run.get("arriving") or [] if isinstance(a, dict)]
+        if arriving:  # --settle: left for the next run, so an operator sees why a delivered scan is not above
+            items = "".join(f"<li><code>{_e(Path(str(a.get('input'))).name)}</code>: changed "
+                            f"{_e(a.get('changed_seconds_ago'))} s before the run</li>" for a in arriving)
+            parts.append(f'<section class="arriving"><h2>Still arriving</h2><p>Changed too recently '
+                         f'(<code>--settle</code>); left for the next run:</p><ul>{items}</ul></section>\n')
         cards = "".join(self.model(m) for m in models)
         if cards:
             parts.append(f'<section class="models"><h2>Models</h2><div class="cards">{cards}</div></section>\n')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,49 @@ def read_manifest(path: str | Path) -> list[str]:
             p = Path(item).expanduser()
             out.append(str(p if p.is_absolute() else path.parent / p))
     return out
+
+
+def still_arriving(paths: list[str], settle_seconds: float, now: float | None = None) -> dict[str, float]:
+    """The local inbox entries changed less than ``settle_seconds`` ago, with how many seconds ago.
+
+    A transfer tool that preallocates a file and fills it in order leaves a file of the full size whose tail
+    reads as zeros (an uncompressed GeoTIFF opens and is segmented as such), and a DICOM folder fills slice by
+    slice; only their age tells them from a finished delivery.  A folder's age is that of its newest entry at
+    any depth; a ``.hdr``'s is its ``.img``'s too.  URLs are not checked.
+    """
+    if settle_seconds <= 0:
+        return {}
+    now = time.time() if now is None else now
+    arriving: dict[str, float] = {}
+    for path in paths:
+        if is_url(path):
+            continue
+        newest = _newest_change(Path(path))
+        if newest is not None and now - newest < settle_seconds:
+            arriving[path] = round(max(0.0, now - newest), 1)
+    return arriving
+
+
+def _newest_change(path: Path) -> float | None:
+    """The latest mtime of the entry (and of a folder's contents; a ``.hdr``'s ``.img``), None if gone.
+
+    Not the ctime: a finished file renamed into the inbox (the delivery docs/nightly.md advises) has a new ctime
+    and is complete."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    newest = stat.st_mtime
+    extra: list[Path] = []
+    if path.is_dir():
+        extra = list(path.rglob("*"))
+    elif path.suffix.lower() == ".hdr":
+        extra = [path.with_suffix(".img"), path.with_suffix(".IMG")]
+    for p in extra:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        newest = max(newest, st.st_mtime)
+    return newest
+

@@ -71,7 +71,7 @@ from prefect.utilities.annotations import quote
 from flows import interrupts, locks, progress, staging
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
-from flows.inbox import list_inbox, read_manifest
+from flows.inbox import list_inbox, read_manifest, still_arriving
 from flows.inputs import Expanded, expand, input_label, output_clashes
 from flows.nightly_task import Batch, segment_input, series_details
 from flows.report import REPORTS_DIR, InputReport, counts, summary, timestamp
@@ -102,16 +102,17 @@ def dashboard_link(client: Any) -> str | None:
 @flow(name="nightly", persist_result=False, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manifest: str | None = None,
             options: SegmentOptions | None = None, retries: int = 2, retry_delay_seconds: float = 10.0,
-            lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S):  # noqa: ANN201
+            lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S, settle_seconds: float = 0.0):  # noqa: ANN201
     """Segment the new inputs of an inbox folder or a manifest with the model that fits each; write a run report.
 
     Ends Completed when every input is done, skipped or locked (in progress in
     another run), else Failed ("k of n inputs failed"); either way the report
     (a dict) is the state's data.  ``lock_stale_after``: seconds without a
-    heartbeat after which another run's lock on an input is broken.
+    heartbeat after which another run's lock on an input is broken.  ``settle_seconds``: inbox entries changed
+    more recently than this are still arriving and left for the next run (listed in the report, no failure).
     """
     options = options or SegmentOptions()
-    _check_numbers(retries, retry_delay_seconds, lock_stale_after)
+    _check_numbers(retries, retry_delay_seconds, lock_stale_after, settle_seconds)
     logger = get_run_logger()
     started, stamp, t0 = provenance.now(), timestamp(), time.perf_counter()
     if (inbox is None) == (manifest is None):
@@ -119,8 +120,13 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     inbox = _absolute(inbox)
     manifest = _absolute(manifest)
     _check_out_beside_inbox(inbox, out_dir)
+    arriving: dict[str, float] = {}
     if inbox is not None:
         paths, ignored = list_inbox(inbox)
+        arriving = still_arriving(paths, settle_seconds)
+        paths = [p for p in paths if p not in arriving]
+        for p, age in arriving.items():
+            logger.info("still arriving (changed %.0f s ago), left for the next run: %s", age, p)
     else:
         paths, ignored = read_manifest(manifest), []
     paths = list(dict.fromkeys(paths))  # a path listed twice is one input
@@ -190,6 +196,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
             "state": "Completed" if ok else "Failed", "summary": message,
             "inbox": str(inbox) if inbox else None, "manifest": str(manifest) if manifest else None,
             "out_dir": str(out), "ignored": ignored,
+            "arriving": [{"input": p, "changed_seconds_ago": age} for p, age in arriving.items()],
             "models": [{"path": m.path, "name": m.card.name, "spatial_dims": m.spatial_dims, "channels": m.channels,
                         "weights_sha256": loaded(m, trust_bundle=options.trust_bundle).weights_sha256}
                        for m in models],
@@ -281,12 +288,12 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().absolute())
 
 
-def _check_numbers(retries: int, retry_delay_seconds: float, lock_stale_after: float) -> None:
+def _check_numbers(retries: int, retry_delay_seconds: float, lock_stale_after: float, settle_seconds: float) -> None:
     """The limits the CLI's options have, for a run started from a deployment (``lock_stale_after=0`` let a
     second run break a live lock).  Checked here, not as ``Annotated`` constraints in the signature: a served
     deployment's runner could not build its parameter model from them."""
     for name, value, least in (("retries", retries, 0), ("retry_delay_seconds", retry_delay_seconds, 0.0),
-                               ("lock_stale_after", lock_stale_after, 1.0)):
+                               ("lock_stale_after", lock_stale_after, 1.0), ("settle_seconds", settle_seconds, 0.0)):
         if not value >= least:
             raise ConfigError(None, f"{name} must be >= {least:g}, got {value}")
 

@@ -43,6 +43,11 @@ def nightly_command(
         lock_timeout: float = typer.Option(600.0, min=1.0, help="Seconds without a heartbeat after which another "
                                                                 "run's lock on an input (OUT/.segflow-locks/) is "
                                                                 "stale and broken; give every run the same."),
+        settle: float = typer.Option(0.0, "--settle", min=0.0,
+                                     help="Seconds an inbox entry must have been left unchanged to be taken: "
+                                          "newer ones are still arriving (a download filling a preallocated file, "
+                                          "a DICOM folder filling up) and wait for the next run. Default 0: "
+                                          "everything is taken."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only (failed and "
                                                                 "no-model inputs): no progress, no table, no "
                                                                 "report paths (the report is still written)."),
@@ -91,7 +96,7 @@ def nightly_command(
                          inbox=cli.path_or_url(inbox) if inbox else None,
                          manifest=cli.path_or_url(manifest) if manifest else None,
                          options=options, retries=retries, retry_delay_seconds=retry_delay,
-                         lock_stale_after=lock_timeout, return_state=True)
+                         lock_stale_after=lock_timeout, settle_seconds=settle, return_state=True)
     except SegflowError as exc:  # the Prefect API named but not answering
         cli.fail(str(exc))
     try:
@@ -106,6 +111,10 @@ def nightly_command(
         elif r["status"] == "locked" and not quiet:  # not a failure: the run holding it reports its outcome
             cli.out.print(f"[yellow]locked:[/yellow] {escape(r['input'])}: {escape(r.get('note') or '')}",
                           highlight=False, soft_wrap=True)
+    for a in report["run"].get("arriving") or []:
+        if not quiet:
+            cli.out.print(f"[yellow]arriving:[/yellow] {escape(a['input'])}: changed {a['changed_seconds_ago']:g} s "
+                          "ago (--settle); left for the next run", highlight=False, soft_wrap=True)
     if not quiet:
         cli.out.print(f"report: {report['report']['markdown']}", highlight=False, soft_wrap=True)
         cli.out.print(f"report: {report['report']['json']}", highlight=False, soft_wrap=True)

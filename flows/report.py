@@ -266,6 +266,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "## Notes", ""]
         lines += [f"- `{_input_name(r)}`: {_md(text)}" for r, text in notes]
+    if run.get("arriving"):  # --settle: entries still changing, taken by a later run
+        lines += ["", "## Still arriving", "", "Changed too recently (`--settle`); left for the next run:", ""]
+        lines += [f"- `{_cell(Path(a['input']).name)}`: changed {a['changed_seconds_ago']:g} s before the run"
+                  for a in run["arriving"]]
     if run.get("ignored"):  # what the inbox held that is no input: a misnamed scan is found here
         lines += ["", "## Not inputs", "", "In the inbox but not read (not a file type segflow reads, or a folder "
                   "without DICOM files):", ""]

@@ -168,6 +168,9 @@ def schedule_command(
         lock_timeout: float = typer.Option(600.0, min=1.0, help="Seconds without a heartbeat after which another "
                                                                 "run's lock on an input (OUT/.segflow-locks/) is "
                                                                 "stale and broken; give every run the same."),
+        settle: float = typer.Option(0.0, "--settle", min=0.0,
+                                     help="Seconds an inbox entry must have been left unchanged to be taken "
+                                          "(as in nightly)."),
         bands: cliopts.Bands = None,
         vector: cliopts.Vector = "none",
         simplify: cliopts.Simplify = None,
@@ -200,7 +203,7 @@ def schedule_command(
     try:
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
                                         options=options, retries=retries, retry_delay_seconds=retry_delay,
-                                        lock_stale_after=lock_timeout)
+                                        lock_stale_after=lock_timeout, settle_seconds=settle)
         cron_schedule(cron, timezone)  # a bad --cron or --timezone is said before anything is announced
         url = api_url()
         problem = server_problem()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -426,6 +427,52 @@ def test_nightly_takes_segments_output_options(models, tmp_path, dask_cluster):
     bad = CliRunner().invoke(app, ["nightly", "--model", str(models["2d"].path), "--out", str(out), "--inbox",
                                    str(inbox), "--vector", "shp"])
     assert bad.exit_code == 2 and "vector" in bad.output
+
+
+def test_settle_leaves_what_is_still_arriving_for_the_next_run(models, tmp_path, dask_cluster):
+    """A transfer that preallocates the file and fills it in order leaves a full-size uncompressed GeoTIFF
+    reading as zeros at its tail: without --settle it was segmented as such and called done."""
+    from flows.cli import app
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    for name in ("old", "new"):
+        samples.make_scene(tmp_path / f"{name}.tif", size=(64, 64), seed=7, nodata_margin=4)
+        shutil.copy(tmp_path / f"{name}.tif", inbox / f"{name}.tif")
+    hour_ago = time.time() - 3600
+    os.utime(inbox / "old.tif", (hour_ago, hour_ago))
+    args = ["nightly", "--model", str(models["2d"].path), "--out", str(out), "--inbox", str(inbox), "--settle", "600"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "arriving: " in res.output and "new.tif" in res.output and "left for the next run" in res.output
+    assert (out / "old.tif").is_file() and not (out / "new.tif").exists()
+    report = json.loads(sorted((out / "reports").glob("*.json"))[-1].read_text())
+    assert [Path(r["input"]).name for r in report["inputs"]] == ["old.tif"]
+    assert [Path(a["input"]).name for a in report["run"]["arriving"]] == ["new.tif"]
+    assert "## Still arriving" in sorted((out / "reports").glob("*.md"))[-1].read_text()
+    assert "Still arriving" in sorted((out / "reports").glob("*.html"))[-1].read_text()
+    os.utime(inbox / "new.tif", (hour_ago, hour_ago))  # the delivery finished: the next run takes it
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and (out / "new.tif").is_file(), res.output
+
+
+def test_still_arriving_looks_inside_folders_and_at_analyze_images(tmp_path):
+    from flows.inbox import still_arriving
+
+    series = tmp_path / "series"
+    (series / "deep").mkdir(parents=True)
+    (series / "deep" / "1.dcm").write_bytes(b"x")
+    (tmp_path / "scan.hdr").write_bytes(b"h")
+    (tmp_path / "scan.img").write_bytes(b"i")
+    now = time.time()
+    for p in (series, series / "deep", tmp_path / "scan.hdr"):
+        os.utime(p, (now - 3600, now - 3600))
+    paths = [str(series), str(tmp_path / "scan.hdr"), "s3://bucket/x.tif"]
+    assert set(still_arriving(paths, 60, now=now)) == {str(series), str(tmp_path / "scan.hdr")}
+    assert still_arriving(paths, 0, now=now) == {}
+    for p in (series / "deep" / "1.dcm", tmp_path / "scan.img"):
+        os.utime(p, (now - 3600, now - 3600))
+    assert still_arriving(paths, 60, now=now) == {}
 
 
 def test_the_flows_parameters_are_checked_as_the_cli_checks_its_options(tmp_path):
