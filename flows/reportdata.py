@@ -190,11 +190,17 @@ def _str(value: Any) -> str | None:
 def locate_output(path: str, base: Path | None) -> Path | None:
     """A local output path as absolute; URLs: None.  Where the recorded path is not there (OUT moved or copied,
     or a relative path recorded from another folder), the output is looked for by its name in OUT, the folder
-    above ``base`` (a run report lives in OUT/reports), then in ``base``: outputs and their page move together."""
+    above ``base`` (a run report lives in OUT/reports), then in ``base``: outputs and their page move together.
+    A report in a ``reports`` folder takes OUT's output of that name first, even where the recorded path still
+    exists: a copied OUT (an archive of the run) had its page rebuilt from the original folder's newer outputs."""
     if is_url(path):
         return None
     p = Path(path).expanduser()
     recorded = p if p.is_absolute() else p.absolute()
+    if base is not None and base.name == "reports" and p.name:  # OUT/reports: the run's own OUT first
+        beside = base.parent / p.name
+        if beside.exists() and beside.absolute() != recorded:  # OUT copied: the copy's outputs, not the original's
+            return beside.absolute()
     if recorded.exists() or base is None:
         return recorded
     for candidate in ([] if p.is_absolute() else [base / p]) + [base.parent / p.name, base / p.name]:

@@ -198,6 +198,27 @@ def test_a_moved_output_folder_rebuilds_the_same_page(tmp_path):
     assert [w for w in first.words.split() if w.endswith("ha")] == [w for w in page.words.split() if w.endswith("ha")]
 
 
+def test_a_copied_output_folder_rebuilds_its_own_page_not_the_originals(tmp_path):
+    """An archived copy of OUT, rebuilt while the original folder still exists and has been run again: the page
+    showed the original's newer quicklooks and linked into the original folder (its recorded absolute paths)."""
+    run = sample_run(tmp_path / "live")
+    report_json = run.html.with_suffix(".json")
+    report_json.write_text(json.dumps(run.report))
+    archive = tmp_path / "archive"
+    shutil.copytree(run.out, archive)
+    for png in run.quicklooks.values():  # the live folder's next run: other pictures under the same names
+        Image.new("RGB", (7, 5), (255, 0, 0)).save(png)
+    res = CliRunner().invoke(_app(), ["report", str(archive / "reports" / report_json.name)])
+    assert res.exit_code == 0, res.output
+    path = archive / "reports" / report_json.with_suffix(".html").name
+    page = Page(path.read_text())
+    files = [unquote(a["href"]) for a in page.all("a") if not a["href"].startswith("#")]
+    assert files and all((path.parent / h).resolve().is_relative_to(archive.resolve()) for h in files), files
+    archived = {(archive / Path(p).name).read_bytes() for p in run.quicklooks.values()}
+    shown = {base64.b64decode(img["src"].split(",", 1)[1]) for img in page.all("img")}
+    assert shown == archived
+
+
 def test_previous_report_is_the_one_written_just_before(tmp_path):
     names = ["20261201T030000Z.json", "20261202T030000Z.json", "20261202T030000Z-2.json", "20261203T030000Z.json"]
     for n in names:
