@@ -100,8 +100,15 @@ def _relative_href(target: Path, item_dir: Path) -> str:
         rel = os.path.relpath(target.resolve(), item_dir.resolve())
     except ValueError:  # another drive (Windows): no relative path exists
         return target.resolve().as_uri()
-    rel = Path(rel).as_posix()
+    rel = _uri_path(Path(rel).as_posix())
     return rel if rel.startswith("../") else f"./{rel}"
+
+
+def _uri_path(path: str) -> str:
+    """A relative path as a URI reference's path: ``%``, ``#`` and ``?`` percent-encoded (``scan #1.tif`` was read
+    as ``scan `` with a fragment ``1.tif``).  Spaces and non-ASCII letters stay as they are (an IRI, RFC 3987),
+    which pystac and GDAL open as local paths; encoding them would break those reads."""
+    return path.replace("%", "%25").replace("#", "%23").replace("?", "%3F")
 
 
 def wrapped_longitudes(west: float, east: float) -> tuple[float, float]:

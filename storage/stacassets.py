@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from storage.bands import BandRequest, aliases
 from storage.errors import IncompatibleInputError, InputError, InvalidInputError, UnsupportedFormatError
@@ -135,12 +135,15 @@ def _absolute(href: str, folder: Path, self_href: str | None, origin: str | None
     relative hrefs mean what they meant beside the object it was read from.
     """
     if href.startswith("file://"):
-        return urlparse(href).path
+        return unquote(urlparse(href).path)  # a file URI is percent-encoded (Path.as_uri: a space is %20)
     if href.startswith("/") or is_url(href):
         return href
     if origin is not None:
         return resolve(parent_of(origin), href)
     local = (folder / href).resolve()
+    if not local.exists() and unquote(href) != href:  # a URI reference's path (STAC's hrefs are URIs): decoded
+        decoded = (folder / unquote(href)).resolve()
+        local = decoded if decoded.exists() else local
     if local.exists() or not is_url(self_href):
         return str(local)
     return resolve(parent_of(self_href), href)  # type: ignore[arg-type]

@@ -57,6 +57,21 @@ def make_cog(path: Path, *, crs: str | None = "EPSG:32633", transform: Affine | 
     return path
 
 
+def test_asset_hrefs_are_uri_references_a_hash_in_a_name_does_not_cut(tmp_path: Path) -> None:
+    """``scan #1.tif`` was written raw: read as a URI its path was ``scan `` and ``1.tif`` a fragment."""
+    from urllib.parse import urljoin
+
+    label = make_cog(tmp_path / "my scène 北 #1?.tif")
+    written = write_stac_item(label, item_id="x", label_cog=label, classes=CLASSES, model=MODEL, gsd=10.0,
+                              source="in.tif", datetime_=datetime(2024, 5, 17, tzinfo=timezone.utc))
+    href = json.loads(written.read_text())["assets"]["labels"]["href"]
+    assert href == "./my scène 北 %231%3F.tif"
+    assert urljoin("https://host/out/x.stac.json", href) == "https://host/out/my scène 北 %231%3F.tif"
+    from storage.stacassets import _absolute
+
+    assert _absolute(href, tmp_path, None) == str(label.resolve())  # segflow reads its own item back
+
+
 def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
     label = make_cog(tmp_path / "scene.tif")
     probs = make_cog(tmp_path / "scene.probabilities.tif", count=3, dtype="float32")

@@ -275,6 +275,10 @@ def test_asset_hrefs_resolve_where_the_item_was_read_from_else_against_its_self_
     # a downloaded copy: beside the URL it came from, even where a file of that name sits beside the copy
     assert _absolute("./B02.tif", tmp_path, self_href, "s3://bucket/in/x/item.json") == "s3://bucket/in/x/B02.tif"
     assert _absolute("../B02.tif", tmp_path, None, "s3://bucket/in/x/item.json") == "s3://bucket/in/B02.tif"
+    # hrefs are URI references: a percent-encoded name (a file URI, or another catalogue's relative href)
+    (tmp_path / "red band #1.tif").write_bytes(b"")
+    assert _absolute("./red%20band%20%231.tif", tmp_path, None) == str(tmp_path / "red band #1.tif")
+    assert _absolute((tmp_path / "red band #1.tif").as_uri(), tmp_path, None) == str(tmp_path / "red band #1.tif")
     assert _gdal_path("s3://bucket/s2/B03.tif") == "/vsis3/bucket/s2/B03.tif"
     assert _gdal_path("https://host/s2/B03.tif") == "/vsicurl/https://host/s2/B03.tif"
     assert _gdal_path("/vsis3/bucket/B03.tif") == "/vsis3/bucket/B03.tif"
