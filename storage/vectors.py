@@ -244,7 +244,8 @@ def write_polygons(
     values = np.array([v for v, _ in done], dtype=np.int32)
     pixel_geoms = np.array([g for _, g in done], dtype=object)
     del done
-    if simplify and len(pixel_geoms):  # one vertex per pixel edge: an edge-matched coverage, whatever the bands
+    noded = driver == "GeoJSON"  # reprojected vertex by vertex: every meeting point a vertex of each side
+    if (simplify or noded) and len(pixel_geoms):  # one vertex per pixel edge: an edge-matched coverage
         pixel_geoms = shapely.normalize(shapely.transform(shapely.segmentize(pixel_geoms, 1.0), np.rint))
     order = _canonical_order(pixel_geoms, values)
     pixel_geoms, values = pixel_geoms[order], values[order]
@@ -254,7 +255,9 @@ def write_polygons(
     del pixel_geoms
     areas = shapely.area(geoms) * to_ha if len(values) else np.array([], dtype=np.float64)  # exact pixel areas
     if simplify and len(values):
-        geoms = _simplify_coverage(geoms, float(simplify), out_path)
+        geoms = _simplify_coverage(geoms, float(simplify), out_path, drop_collinear=not noded)
+    if noded and len(values):
+        geoms = _drop_collinear_keeping_nodes(geoms)
     cols = {
         "class": values,
         "name": np.array([names[int(v)] for v in values], dtype=object),
@@ -280,15 +283,49 @@ def _canonical_order(geoms: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.lexsort((values, shapely.get_y(first), shapely.get_x(first), bounds[:, 1], bounds[:, 0]))
 
 
-def _simplify_coverage(geoms: np.ndarray, tolerance: float, where: Path) -> np.ndarray:
+def _simplify_coverage(geoms: np.ndarray, tolerance: float, where: Path, drop_collinear: bool = True) -> np.ndarray:
     """GEOS coverage simplification of the shared edges only; the coverage's outer boundary stays exact."""
     simplified = shapely.coverage_simplify(geoms, tolerance, simplify_boundary=False)
-    simplified = shapely.simplify(simplified, 0.0, preserve_topology=True)  # drop the pixel-edge vertices left
+    if drop_collinear:  # the pixel-edge vertices left; also nodes on a straight border, which GeoJSON keeps
+        simplified = shapely.simplify(simplified, 0.0, preserve_topology=True)
     bad = ~shapely.is_valid(simplified) | (shapely.get_type_id(simplified) != shapely.GeometryType.POLYGON)
     if bad.any():  # not expected for an edge-matched coverage; never write a broken layer
         raise ExportError(where, f"simplifying by {tolerance} made {int(bad.sum())} invalid polygons; "
                                  "use a smaller --simplify tolerance")
     return simplified
+
+
+def _drop_collinear_keeping_nodes(geoms: np.ndarray) -> np.ndarray:
+    """Remove the vertices where no ring of the coverage turns, and keep every other one in every ring.
+
+    GDAL reprojects GeoJSON vertex by vertex, so two rings meet after reprojection only where they share
+    vertices: a straight border of one region that two others meet at a point in its middle (a T-junction)
+    bends one way on that region's side and another on theirs.  Given a coverage holding a vertex at every
+    pixel corner along its edges, a point where any ring turns stays a vertex of each ring through it, and
+    only the points straight for all of them go.  Points are compared exactly: each came from the same
+    pixel corner through the same affine transform.
+    """
+    rings, owner = shapely.get_rings(geoms, return_index=True)
+    coords, ring_of = shapely.get_coordinates(rings, return_index=True)
+    counts = np.bincount(ring_of, minlength=len(rings))
+    closing = np.cumsum(counts) - 1  # each ring's repeated first point
+    open_ = np.ones(len(coords), dtype=bool)
+    open_[closing] = False
+    coords, ring_of = coords[open_], ring_of[open_]
+    sizes = counts - 1
+    start = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    pos = np.arange(len(coords)) - start
+    size = np.repeat(sizes, sizes)
+    before = coords[start + (pos - 1) % size]
+    after = coords[start + (pos + 1) % size]
+    cross = (coords[:, 0] - before[:, 0]) * (after[:, 1] - coords[:, 1]) - \
+        (coords[:, 1] - before[:, 1]) * (after[:, 0] - coords[:, 0])
+    _, point = np.unique(coords, axis=0, return_inverse=True)
+    turns = np.zeros(int(point.max()) + 1, dtype=bool)
+    np.logical_or.at(turns, point.ravel(), cross != 0)
+    keep = turns[point.ravel()]
+    rebuilt = shapely.linearrings(coords[keep], indices=ring_of[keep])
+    return shapely.polygons(rebuilt, indices=owner)
 
 
 def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray], crs: CRS) -> None:
