@@ -196,7 +196,9 @@ def raster_mapping(geometry: Any, shape: Sequence[int], *, spacing: Sequence[flo
                                       "ground sample distance: georeference it first (e.g. gdal_translate -a_srs "
                                       "-a_ullr), or use a card without input.spacing")
     if b != 0.0 or d != 0.0:
-        raise InvalidInputError(None, "has a rotated geotransform; model space needs a north-up grid "
+        square = abs(a * b + d * e) <= 1e-9 * (a * a + d * d)  # pixel axes at right angles: a rotation
+        kind = "a rotated" if square else "a sheared (its pixel axes are not at right angles)"
+        raise InvalidInputError(None, f"has {kind} geotransform; model space needs a north-up grid "
                                       "(warp it north-up first)")
     if a < 0.0 or e > 0.0:  # the model grid follows the input's axes: the network would see a mirror image
         flipped = "rows running south to north" if e > 0.0 else "columns running east to west"
