@@ -244,7 +244,90 @@ def describe(path: str | Path) -> dict[str, Any]:
         return _with_label_table(path, _geotiff(path))
     if name.endswith((".nii", ".nii.gz")):
         return _with_label_table(path, _nifti(path))
-    raise UnsupportedFormatError(path, "not a segflow artefact (zarr, GeoTIFF, NIfTI, JSON or model directory)")
+    if name.endswith((".gpkg", ".geojson", ".parquet")):
+        return _with_sidecar(path, _polygons(path))
+    if name.endswith(".dcm"):
+        return _with_sidecar(path, _dicom_seg(path))
+    if name.endswith(".png"):
+        return _with_sidecar(path, _picture(path))
+    raise UnsupportedFormatError(path, "not a segflow artefact (zarr, GeoTIFF, NIfTI, polygons, DICOM SEG, "
+                                       "quicklook PNG, JSON or model directory)")
+
+
+def _with_sidecar(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """The provenance sidecar that lists an extra output (polygons, SEG, picture), as ``verify`` finds it."""
+    from storage.provenance import sidecar_for
+
+    sidecar = sidecar_for(path)
+    return {**info, "provenance_sidecar": str(sidecar) if sidecar.is_file() else None}
+
+
+def _polygons(path: Path) -> dict[str, Any]:
+    """A label layer segflow wrote (``--vector``): CRS, polygons, and each class's count and hectares."""
+    import pyogrio
+
+    try:
+        if path.name.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path, columns=["class", "name", "area_ha"])
+            columns = {k: table.column(k).to_pylist() for k in ("class", "name", "area_ha")}
+            geo = json.loads((pq.read_metadata(path).metadata or {}).get(b"geo", b"{}"))
+            crs = ((geo.get("columns") or {}).get(geo.get("primary_column", "geometry")) or {}).get("crs")
+            if crs is not None:  # PROJJSON, as GeoParquet stores it: said as the other layers say it
+                from pyproj import CRS
+
+                crs = CRS.from_user_input(crs).to_string()
+            info: dict[str, Any] = {"crs": crs, "features": table.num_rows}
+        else:
+            meta = pyogrio.read_info(path)
+            _, _, _, fields = pyogrio.raw.read(path, read_geometry=False, columns=["class", "name", "area_ha"])
+            columns = dict(zip(("class", "name", "area_ha"), (f.tolist() for f in fields)))
+            info = {"crs": meta.get("crs"), "features": int(meta.get("features") or 0)}
+    except Exception as exc:  # noqa: BLE001 - pyogrio, pyarrow and GDAL each raise their own kinds
+        raise CorruptInputError(path, f"is not a readable polygon layer with the columns class, name and area_ha "
+                                      f"({' '.join(str(exc).split())[:200]})") from None
+    classes: dict[int, dict[str, Any]] = {}
+    for value, label, area in zip(columns["class"], columns["name"], columns["area_ha"]):
+        row = classes.setdefault(int(value), {"value": int(value), "name": label, "polygons": 0, "area_ha": 0.0})
+        row["polygons"] += 1
+        row["area_ha"] += float(area)
+    for row in classes.values():
+        row["area_ha"] = round(row["area_ha"], 6)  # sums of float areas: no 136.89000000000001
+    return {"type": "polygons", "path": str(path), **info, "classes": [classes[v] for v in sorted(classes)]}
+
+
+def _dicom_seg(path: Path) -> dict[str, Any]:
+    """A DICOM SEG segflow wrote: its series, the series it segments, and its segments."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a file that is not DICOM
+        raise CorruptInputError(path, f"is not readable DICOM ({' '.join(str(exc).split())[:200]})") from None
+    if getattr(ds, "Modality", None) != "SEG":
+        raise UnsupportedFormatError(path, f"is DICOM of modality {getattr(ds, 'Modality', '?')}, not a "
+                                           "segmentation (SEG)")
+    referenced = [str(s.SeriesInstanceUID) for s in getattr(ds, "ReferencedSeriesSequence", [])
+                  if "SeriesInstanceUID" in s]
+    return {"type": "DICOM SEG", "path": str(path), "segmentation_type": str(ds.get("SegmentationType", "")),
+            "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
+            "study_instance_uid": str(ds.get("StudyInstanceUID", "")), "referenced_series": referenced,
+            "frames": int(ds.get("NumberOfFrames", 0) or 0),
+            "segments": [{"number": int(s.SegmentNumber), "label": str(s.get("SegmentLabel", "")),
+                          "algorithm": str(s.get("SegmentAlgorithmName", ""))}
+                         for s in getattr(ds, "SegmentSequence", [])]}
+
+
+def _picture(path: Path) -> dict[str, Any]:
+    """A quicklook: its size (the labels it shows are in the label map's provenance)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return {"type": "PNG", "path": str(path), "width": img.width, "height": img.height, "mode": img.mode}
+    except (OSError, UnidentifiedImageError) as exc:
+        raise CorruptInputError(path, f"is not a readable PNG ({exc})") from None
 
 
 def _with_label_table(path: Path, info: dict[str, Any]) -> dict[str, Any]:

@@ -107,6 +107,12 @@ def test_outputs_a_radiology_group_opens(run):
         back = read_dicom_seg_labels(out / f"{stem}.seg.dcm", store_geometry)
         assert np.array_equal(back, labels.transpose(2, 1, 0))
         assert len(np.unique(labels)) >= 2
+        from flows.inspect import describe  # `segflow info` of the SEG (it had been "not a segflow artefact")
+
+        info = describe(out / f"{stem}.seg.dcm")
+        assert info["type"] == "DICOM SEG" and info["referenced_series"] == [first.SeriesInstanceUID]
+        assert [s["label"] for s in info["segments"]] == [str(s.SegmentLabel) for s in seg.SegmentSequence]
+        assert info["provenance_sidecar"] == str(out / f"{stem}.provenance.json")
         # statistics agree with the label map; tables name the classes
         stats = json.loads((out / f"{stem}.statistics.json").read_text())
         counts = np.bincount(labels.ravel(), minlength=3)

@@ -242,6 +242,14 @@ def test_segment_writes_polygons_and_a_stac_item_beside_the_cog(tmp_path, dask_c
     assert [c["value"] for c in classes] == [c.value for c in model.card.classes]
     assert any(a["href"].endswith("RGB.byte.gpkg") for a in item["assets"].values())
     assert item["properties"]["mlm:name"] == model.card.name
+    # `segflow info` reads the layer back (it had refused segflow's own polygons as "not a segflow artefact")
+    from flows.inspect import describe
+
+    info = describe(tmp_path / "out" / "RGB.byte.gpkg")
+    assert info["type"] == "polygons" and info["crs"] == "EPSG:32618" and info["features"] == len(columns["class"])
+    assert {c["value"]: c["area_ha"] for c in info["classes"]} == \
+        pytest.approx({v: n * pixel_ha for v, n in pixels.items()}, rel=1e-9)
+    assert info["provenance_sidecar"] == str(tmp_path / "out" / "RGB.byte.provenance.json")
 
 
 # --- simplification keeping the topology between neighbours (--simplify) ------------------------------------
