@@ -30,6 +30,7 @@ from distributed.system import MEMORY_LIMIT
 from flows.config import SegmentOptions
 from flows.routing import chosen_bands
 from segmentation import LoadedModel, build_plan
+from segmentation.card import ModelCard
 from segmentation.modelspace import ModelSpacePlan
 from storage.bandcover import with_bands_mask
 from storage.bands import channel_indexes, channel_units, preselected
@@ -69,12 +70,16 @@ MAX_MODEL_GRID_GROWTH = 4096.0
 
 def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMapping | None:
     """The input-to-model grid mapping, or None when the model works on the input's own grid."""
-    card = model.card
-    geometry = store.meta.geometry
+    return card_mapping(model.card, store.meta.geometry, tuple(store.spatial_shape))
+
+
+def card_mapping(card: ModelCard, geometry: Any, shape: tuple[int, ...]) -> GridMapping | RasterMapping | None:
+    """:func:`mapping_for` of a grid (``geometry``, spatial ``shape``) and a card: training asks it of its cases,
+    which have no store of their own (a dataset's), before any model is loaded."""
     if isinstance(geometry, RasterGeometry):
         if not card.applies_raster_model_space:
             return None
-        mapping = raster_mapping(geometry, store.spatial_shape, spacing=card.input.spacing, crs=card.input.crs,
+        mapping = raster_mapping(geometry, shape, spacing=card.input.spacing, crs=card.input.crs,
                                  resampling=card.input.resampling)
         grow = 1.0 if mapping is None else float(mapping.scale[0] * mapping.scale[1])
         if grow > MAX_MODEL_GRID_GROWTH or grow < 1.0 / MAX_MODEL_GRID_GROWTH:
@@ -86,15 +91,15 @@ def mapping_for(store: ImageStore, model: LoadedModel) -> GridMapping | RasterMa
             raise InvalidInputError(None, f"its {pixel:,.4g} m pixels would be "
                                           f"{'resampled' if grow > 1 else 'averaged'} {per_axis:,.0f}x per axis to "
                                           f"the {' x '.join(f'{v:g}' for v in spacing)} m of model {card.name!r} "
-                                          f"(a {size} grid from {store.spatial_shape[0]:,} x "
-                                          f"{store.spatial_shape[1]:,} pixels); more than 64x per axis is refused: "
+                                          f"(a {size} grid from {shape[0]:,} x "
+                                          f"{shape[1]:,} pixels); more than 64x per axis is refused: "
                                           "is this the model for this imagery?")
         return mapping
     if not card.applies_model_space or not isinstance(geometry, VolumeGeometry):
         return None
     spacing = card.input.spacing
     # in mm: the card's spacing is, and a file's affine may be in metres or microns (NIfTI xyzt_units)
-    mapping = model_grid(geometry.affine_mm(), tuple(store.spatial_shape),
+    mapping = model_grid(geometry.affine_mm(), tuple(shape),
                          axcodes=card.input.orientation, pixdim_ijk=None if spacing is None else spacing[::-1])
     if mapping.is_identity:
         return None

@@ -107,7 +107,9 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                                                                            soft_wrap=True))
             else:
                 loaded = train_from_files(model_card, list(zip(image, labels)), out, **common,
-                                          val_fraction=0.2 if val_fraction is None else val_fraction)
+                                          val_fraction=0.2 if val_fraction is None else val_fraction,
+                                          say=lambda line: console.print(escape(line), highlight=False,
+                                                                         soft_wrap=True))
     except SegflowError as exc:
         cliutil.fail(str(exc))
     except KeyboardInterrupt:

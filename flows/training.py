@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydantic import ValidationError
 
+from flows.trainspace import CaseGrid, check_grids, with_training_spacing
 from segmentation.augment import Augmentation
 from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
@@ -171,7 +172,7 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
                      patch: Sequence[int] | None = None, on_step: Callable[[dict], None] | None = None,
                      val_fraction: float = 0.0, val_every: int | None = None,
                      holdout: str | Holdout | None = None, resume: bool = False,
-                     augment: Augmentation = Augmentation()) -> LoadedModel:
+                     augment: Augmentation = Augmentation(), say: Callable[[str], None] | None = None) -> LoadedModel:
     """Ingest each (image, labels) pair out-of-core, train, and write a model directory at ``out``.
 
     No validation by default (``segflow train`` asks for ``val_fraction=0.2``);
@@ -182,15 +183,18 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
     split = choose_split([None] * len(pairs), val_fraction=val_fraction, seed=seed, holdout=held)
     work = Path(tempfile.mkdtemp(prefix="segflow-train-"))
     try:
-        samples, sources, ids = [], [], []
+        samples, sources, ids, grids = [], [], [], []
         for n, (image_path, labels_path) in enumerate(pairs):
             image = _open(image_path, work / f"{n}-{stem_of(image_path)}.image.zarr")
             labels = _open(labels_path, work / f"{n}-{stem_of(labels_path)}.labels.zarr")
             samples.append(_sample(card, image, labels))
+            grids.append(CaseGrid(str(image_path), image.meta.geometry, tuple(image.spatial_shape)))
             sources.append({"image": image.meta.source.model_dump(), "labels": labels.meta.source.model_dump()})
             ids.append(f"{n}-{stem_of(image_path)}")
         digest = hashlib.sha256("".join(f"{s['image']['sha256']}\t{s['labels']['sha256']}\n"
                                         for s in sources).encode()).hexdigest()
+        check_grids(card, grids)  # before any step: a case the model would see resampled
+        saved_card = _with_spacing(card, grids, say)
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       precision=precision, patch=patch, holdout=held, val_every=val_every, resume=resume,
                       on_step=on_step, augment=augment, data=digest)
@@ -198,7 +202,7 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
         result.provenance["dataset"] = {"name": "image/label pairs", "layout": "pairs", "fingerprint": digest,
                                         "cases": len(pairs)}
         result.provenance["split"] = split.provenance(ids, **_split_extra(split, val_fraction, seed, held))
-        return save_trained(out, card, result)
+        return save_trained(out, saved_card, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -302,8 +306,11 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
     try:
         samples: list[TrainingSample | None] = [None] * len(cases)
         budget = [IN_MEMORY_TOTAL]
+        grids: list[CaseGrid] = []
         for i in split.train + split.val:
-            samples[i] = _case_sample(card, dataset, cases[i], work / f"case-{i}", budget)
+            samples[i] = _case_sample(card, dataset, cases[i], work / f"case-{i}", budget, grids)
+        check_grids(card, grids)  # before any step: a case the model would see resampled
+        saved_card = _with_spacing(card, grids, say)
         digest = dataset_fingerprint(dataset)
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size,  # type: ignore[arg-type]
                       lr=lr, seed=seed, precision=precision, patch=patch, holdout=held, val_every=val_every,
@@ -315,15 +322,25 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
                                            if renumbered else {})}
         result.provenance["split"] = split.provenance([c.id for c in cases],
                                                       **_split_extra(split, val_fraction, seed, held))
-        return save_trained(out, card, result)
+        return save_trained(out, saved_card, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budget: list[int]) -> TrainingSample:
+def _with_spacing(card: ModelCard, grids: list[CaseGrid], say: Callable[[str], None] | None) -> ModelCard:
+    """The card the model directory gets: with the training data's spacing when it declared none."""
+    saved, note = with_training_spacing(card, grids)
+    if note is not None and say is not None:
+        say(note)
+    return saved
+
+
+def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budget: list[int],
+                 grids: list[CaseGrid]) -> TrainingSample:
     work.mkdir(parents=True, exist_ok=True)
     data = dataset.read(case, work)
     where = case.images[0] if case.images else dataset.root
+    grids.append(CaseGrid(str(where), data.geometry, tuple(data.image.shape)[1:]))
     image_shape, label_shape = tuple(data.image.shape), tuple(data.labels.shape)
     if len(image_shape) != card.input.spatial_dims + 1 or image_shape[0] != card.input.channels:
         raise IncompatibleInputError(where, f"image shape {image_shape} is not ({card.input.channels} channels, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -110,3 +111,49 @@ def test_a_decathlon_table_with_a_gap_says_how_values_map_and_records_them(tmp_p
     trained = read_card(tmp_path / "model" / "card.json").model_dump()
     assert trained["training"]["dataset"]["label_values"] == [0, 1, 2, 4]
     assert [c["name"] for c in trained["classes"]] == ["background", "necrotic", "edema", "enhancing"]
+
+
+def test_cases_off_the_cards_grid_are_refused_and_a_card_without_spacing_records_the_datas(tmp_path):
+    """A card saying 20 m trained on 10 m tiles without a word, and segment then showed the network every tile at
+    20 m; a card saying nothing let segment run 20 m scenes through a network that had seen only 10 m ones."""
+    import nibabel as nib
+
+    from flows.modelspace import card_mapping
+    from storage.geometry import RasterGeometry
+
+    root = tmp_path / "geo"
+    geo_raster_dataset(root, stems=("tile_a", "tile_b"), values=(0, 1, 2), label_crs=True)
+    card = _card(tmp_path / "card.json", spatial_dims=2, channels=2, roi=[16, 16])
+    at_20 = json.loads(card.read_text())
+    at_20["input"].update(spacing=[20.0, 20.0], spacing_unit="m")
+    (tmp_path / "card20.json").write_text(json.dumps(at_20))
+    refused = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(tmp_path / "card20.json"), "--out",
+                                  str(tmp_path / "m20"), "--steps", "2", "--batch-size", "2"])
+    assert refused.exit_code == 2, refused.output
+    line = " ".join(refused.output.split())
+    assert ".tif: is on pixels of 10 x 10 units of EPSG:32633, and model 'tiny-2d' works on 20 x 20 m" in line
+    assert "training does not resample" in line and not (tmp_path / "m20" / "card.json").exists()
+
+    result = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(card), "--out", str(tmp_path / "m"),
+                                 "--steps", "2", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "records the training data's, 10 x 10 m (input.spacing)" in " ".join(result.output.split())
+    trained = read_card(tmp_path / "m" / "card.json")
+    assert trained.input.spacing == [10.0, 10.0] and trained.input.spacing_unit == "m"
+    grid = dict(width=64, height=64, epsg=32633, dtype="float32")
+    assert card_mapping(trained, RasterGeometry(transform=(10, 0, 5e5, 0, -10, 4e6), **grid), (64, 64)) is None
+    assert card_mapping(trained, RasterGeometry(transform=(20, 0, 5e5, 0, -20, 4e6), **grid), (64, 64)) is not None
+
+    # volumes of two voxel sizes: nothing to record, and it says why
+    data = tmp_path / "Dataset043_Mixed"
+    nnunet_dataset(data, cases=("liver_001", "liver_002"))
+    for path in [data / "imagesTr" / f"liver_002_{c:04d}.nii.gz" for c in (0, 1)] + \
+            [data / "labelsTr" / "liver_002.nii.gz"]:
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([1.0, 1.0, 3.0, 1.0])), path)
+    card3 = _card(tmp_path / "card3.json", spatial_dims=3, channels=2, roi=[8, 8, 8])
+    mixed = runner.invoke(app, ["train", "--dataset", str(data), "--card", str(card3), "--out", str(tmp_path / "m3"),
+                                "--steps", "2", "--batch-size", "1"])
+    assert mixed.exit_code == 0, mixed.output
+    assert "the training cases differ in pixel or voxel size" in " ".join(mixed.output.split())
+    assert read_card(tmp_path / "m3" / "card.json").input.spacing is None
