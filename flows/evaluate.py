@@ -42,6 +42,7 @@ import json
 import math
 import re
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -150,6 +151,40 @@ def _block(source: LabelSource, chunk: int | None) -> tuple[int, ...]:
     return (i, j, chunk or max(1, VOLUME_BLOCK_VOXELS // max(1, i * j)))
 
 
+def dataset_label_values(card: Any) -> list[int] | None:
+    """The dataset label values a model was trained on, class by class, where they are not 0..N-1 (a Decathlon
+    table of 0, 1, 2, 4: the model writes 3 where the dataset's files hold 4); None otherwise."""
+    values = ((card.training or {}).get("dataset") or {}).get("label_values")
+    if not isinstance(values, list) or len(values) != card.num_classes or values == list(range(card.num_classes)):
+        return None
+    return [int(v) for v in values]
+
+
+class DatasetValues:
+    """A truth map read with the dataset's label values turned into the model's class numbers, block by block;
+    any other value (an ignore value, one outside the table) stays as it is unless it is a class number, which
+    would then be scored as that class: it becomes one past the largest value instead."""
+
+    def __init__(self, array: Any, values: list[int]) -> None:
+        import numpy as np
+
+        self.array, self.shape = array, array.shape
+        top = max(max(values), len(values)) + 1
+        self.lut = np.arange(top + 1, dtype=np.int64)
+        self.lut[: len(values)] = top  # a class number that is no dataset value: not that class
+        for index, value in enumerate(values):
+            self.lut[value] = index
+
+    def __getitem__(self, region: Any) -> Any:
+        import numpy as np
+
+        block = np.asarray(self.array[region])
+        inside = block < len(self.lut)
+        out = block.astype(np.int64, copy=True)
+        out[inside] = self.lut[block[inside]]
+        return out
+
+
 def _values(names: dict[int, str]) -> str:
     return ", ".join(f"{v} {n}" for v, n in sorted(names.items()))
 
@@ -256,11 +291,13 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
         distance_limit = DISTANCE_LIMIT
     if distance_limit < 0:
         raise ConfigError(None, f"--distance-limit must be >= 0 pixels, got {distance_limit}")
-    card_names = None
+    card_names, dataset_values = None, None
     if classes is not None:
         from segmentation.modeldir import read_card
 
-        card_names = {c.value: c.name for c in read_card(classes).classes}
+        card = read_card(classes)
+        card_names = {c.value: c.name for c in card.classes}
+        dataset_values = dataset_label_values(card)
     pairs = pair_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
     for pred_path, truth_path in pairs:
         with ExitStack() as stack:
@@ -278,6 +315,8 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
         with ExitStack() as stack:
             pred = open_labels(pred_path, stack)
             truth = on_grid_of(open_labels(truth_path, stack), pred)  # the same grid stored in another axis order
+            if dataset_values is not None:  # the dataset's own values in the truth, class numbers in the prediction
+                truth = replace(truth, array=DatasetValues(truth.array, dataset_values))
             names = card_names if card_names is not None else pred.classes
             if card_names is not None and pred.classes and set(pred.classes) != set(card_names):
                 raise ConfigError(classes, f"--classes names the class values {_values(card_names)}, but "
@@ -285,6 +324,11 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
                                            f"(leave --classes out to use the prediction's own names)")
             cases.append(_case(name, pred, truth, names, ignore=ignore, tolerance=tolerance,
                                include_background=include_background, chunk=chunk, distance_limit=distance_limit))
+            if dataset_values is not None:
+                cases[-1]["notes"].append(
+                    "the truth's values " + ", ".join(f"{v} as class {i}" for i, v in enumerate(dataset_values)
+                                                      if v != i)
+                    + " (the dataset's label values, which the model's card recorded at training)")
     return {"tolerance": tolerance, "ignore": ignore, "include_background": include_background,
             "distance_limit": distance_limit,
             "definitions": {"dice": "2|P∩T| / (|P|+|T|) from the confusion matrix", "iou": "|P∩T| / |P∪T|",

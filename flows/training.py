@@ -301,7 +301,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
     renumbered = _renumbered(dataset)
     if say is not None and renumbered:
         say(f"note: the dataset's label values are not 0..{card.num_classes - 1}: the model's outputs write "
-            f"{renumbered} (map them back before scoring against the dataset's own label files)")
+            f"{renumbered} (segflow evaluate --classes MODEL reads the dataset's own label files so)")
     work = Path(tempfile.mkdtemp(prefix="segflow-train-"))
     try:
         samples: list[TrainingSample | None] = [None] * len(cases)

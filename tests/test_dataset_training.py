@@ -111,6 +111,22 @@ def test_a_decathlon_table_with_a_gap_says_how_values_map_and_records_them(tmp_p
     trained = read_card(tmp_path / "model" / "card.json").model_dump()
     assert trained["training"]["dataset"]["label_values"] == [0, 1, 2, 4]
     assert [c["name"] for c in trained["classes"]] == ["background", "necrotic", "edema", "enhancing"]
+    # scored against the dataset's own files with the model's classes: its values read as the classes they are
+    import nibabel as nib
+
+    truth = root / "labelsTr" / "BRATS_001.nii.gz"
+    img = nib.load(truth)
+    perfect = np.asarray(img.dataobj).astype(np.uint8)
+    assert 4 in perfect
+    perfect[perfect == 4] = 3  # what the model writes where the dataset says 4
+    nib.save(nib.Nifti1Image(perfect, img.affine), tmp_path / "BRATS_001.nii.gz")
+    ev = runner.invoke(app, ["evaluate", str(tmp_path / "BRATS_001.nii.gz"), "--truth", str(truth), "--classes",
+                             str(tmp_path / "model"), "--out", str(tmp_path / "scores")])
+    assert ev.exit_code == 0, ev.output
+    [case] = json.loads((tmp_path / "scores" / "evaluation.json").read_text())["cases"]
+    assert {r["name"]: r["dice"] for r in case["classes"]} == \
+        {"background": 1.0, "necrotic": 1.0, "edema": 1.0, "enhancing": 1.0}
+    assert any("4 as class 3" in n for n in case["notes"]), case["notes"]
 
 
 def test_cases_off_the_cards_grid_are_refused_and_a_card_without_spacing_records_the_datas(tmp_path):
