@@ -27,6 +27,7 @@ their full check.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,12 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
         if header.kind == "volume" and count > 1:  # a 4-D NIfTI: its 4th axis (often time) is read as channels
             return (f"{name} takes {_channels(model.channels)}, the input has {count} (its 4th axis, read as "
                     "channels; a time series goes in one volume at a time)")
+        channel_file = re.search(r"^(.*)_(\d{4})\.nii(\.gz)?$", Path(header.path).name)
+        if header.kind == "volume" and count == 1 and channel_file:  # nnU-Net's one file per channel
+            case = channel_file.group(1)
+            return (f"{name} takes {_channels(model.channels)}, the input has 1: nnU-Net-style channel files "
+                    f"({case}_0000 ... {case}_{model.channels - 1:04d}) go in as one 4-D NIfTI, channels on its "
+                    "4th axis (e.g. nibabel.funcs.concat_images)")
         return f"{name} takes {_channels(model.channels)}, the input has {count}"
     return None
 

@@ -189,6 +189,13 @@ def test_fit_problem_checks_dimensions_band_count_and_band_names(tmp_path):
     problem = fit_problem(s2, ModelInput("s2", 2, 4, ("blue", "green", "red", "swir16")))
     assert problem.startswith("model 's2' needs swir16, which the input does not offer") and "5:B08" in problem
     assert fit_problem(s2, model, bands=["1", "2", "3", "5"]) is None  # --bands wins
+    # nnU-Net's one file per channel: what to do with them is said (it had been "takes 2 channels, the input has 1")
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), tmp_path / "liver_007_0000.nii.gz")
+    assert fit_problem(probe(tmp_path / "liver_007_0000.nii.gz"), ModelInput("mr", 3, 2)) == \
+        ("model 'mr' takes 2 channels, the input has 1: nnU-Net-style channel files (liver_007_0000 ... "
+         "liver_007_0001) go in as one 4-D NIfTI, channels on its 4th axis (e.g. nibabel.funcs.concat_images)")
 
 
 def test_check_inputs_keeps_the_order_and_reads_the_card_without_torch(tmp_path, models):
