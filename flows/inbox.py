@@ -17,7 +17,7 @@ from typing import Any
 
 from storage.dicomfiles import is_dicom_input
 from storage.errors import ConfigError, InputError
-from storage.inputfiles import kind_of, stem_of
+from storage.inputfiles import PICTURE_SUFFIXES, kind_of, stem_of
 from storage.remote import is_url
 from storage.stacitem import is_item_path, looks_like_item
 
@@ -57,6 +57,9 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
             kind_of(p)
         except InputError:
             (inputs if _is_dicom(p) else ignored).append(str(p))
+            continue
+        if p.name.lower().endswith(PICTURE_SUFFIXES):  # a delivery's thumbnail or preview: named in a manifest
+            ignored.append(str(p))
             continue
         if is_item_path(p):  # a STAC item is an input; other JSON (a manifest, a report) is not
             (inputs if _is_item_file(p) else ignored).append(str(p))
@@ -109,6 +112,9 @@ def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
         try:
             kind_of(name)
         except InputError:
+            ignored.append(f)
+            continue
+        if name.lower().endswith(PICTURE_SUFFIXES):  # as in a local inbox: thumbnails are no inputs
             ignored.append(f)
             continue
         if is_item_path(name):

@@ -80,7 +80,8 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
     in the statistics)."""
     out = []
     geometry = store.meta.geometry
-    if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg:
+    picture = str(getattr(store.meta.source, "format", "")).upper() in ("PNG", "JPEG", "MPO")
+    if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg and not picture:
         out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
     dicom = getattr(geometry, "dicom", None)
     if dicom is not None and dicom.depth_assumed:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 console = cliutil.console
 
 
-def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, DICOM folders, DICOMDIRs "
+def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, PNG or JPEG pictures "
+                                                      "(read as training reads them), DICOM folders, DICOMDIRs "
                                                       "or DICOM files (each series is one input), STAC item "
                                                       ".json files (the assets with the model's bands, stacked "
                                                       "on the finest band's grid; outputs named after the "

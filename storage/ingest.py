@@ -6,7 +6,7 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storage.inputfiles import ITEM_SUFFIXES, check_content_matches_name, check_readable_file, kind_of
+from storage.inputfiles import ITEM_SUFFIXES, PICTURE_SUFFIXES, check_content_matches_name, check_readable_file, kind_of
 from storage.layout import ImageStore
 
 if TYPE_CHECKING:
@@ -38,6 +38,10 @@ def ingest(path: "str | PathLike[str] | SeriesRef", store_path: str | PathLike[s
         from storage.stacitem import ingest_item
 
         return ingest_item(path, store_path, chunk=chunk, bands=bands, origin=origin)
+    if path.name.lower().endswith(PICTURE_SUFFIXES):  # decoded as training decodes it (storage.photo)
+        from storage.photo import ingest_picture
+
+        return ingest_picture(path, store_path, **({"chunk": chunk} if chunk else {}))
     if kind == "raster":
         from storage.geotiff import ingest_geotiff
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from storage.errors import CorruptInputError, InputError, UnsupportedFormatError
 
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # photographs (VOC, Cityscapes, COCO): rasters without a CRS
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", *PICTURE_SUFFIXES)
 ITEM_SUFFIXES = (".json",)  # a STAC item: its assets are stacked into one raster (storage.stacitem)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
 
@@ -28,13 +29,14 @@ def kind_of(path: str | PathLike[str]) -> str:
         return "volume"
     if name.endswith(RASTER_SUFFIXES + ITEM_SUFFIXES):
         return "raster"
-    raise UnsupportedFormatError(path, "unsupported file type (expected .tif, .tiff, .vrt, .nii, .nii.gz, .hdr "
-                                       "or a STAC item .json)")
+    raise UnsupportedFormatError(path, "unsupported file type (expected .tif, .tiff, .vrt, .png, .jpg, .nii, "
+                                       ".nii.gz, .hdr or a STAC item .json)")
 
 
 def stem_of(path: str | PathLike[str]) -> str:
     name = Path(path).name
-    for suffix in (".nii.gz", ".hdr.gz", ".img.gz", ".tiff", ".tif", ".vrt", ".nii", ".hdr", ".img", ".zarr"):
+    for suffix in (".nii.gz", ".hdr.gz", ".img.gz", ".tiff", ".tif", ".vrt", ".nii", ".hdr", ".img", ".zarr",
+                   *PICTURE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem
@@ -110,5 +112,5 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
         raise UnsupportedFormatError(path, "is gzip-compressed but not named .gz; rename it .nii.gz")
 
 
-__all__ = ["ITEM_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name", "check_readable_file",
+__all__ = ["ITEM_SUFFIXES", "PICTURE_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name", "check_readable_file",
            "content_kind", "kind_of", "stem_of"]

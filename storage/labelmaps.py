@@ -25,7 +25,7 @@ from storage.errors import CorruptInputError, InvalidInputError, StoreError, Uns
 from storage.inputfiles import check_readable_file
 
 MAX_LABEL = 65535  # the largest label a segflow map holds (uint16); larger values are refused
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".png")  # PNG: a picture's label map (VOC, Cityscapes), no CRS
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 
 
@@ -237,10 +237,26 @@ def open_labels(path: Path, stack: ExitStack) -> LabelSource:
     name = path.name.lower()
     if name.endswith(VOLUME_SUFFIXES):
         return _open_nifti(path, stack)
+    if name.endswith(".png"):
+        return _open_picture(path)
     if name.endswith(RASTER_SUFFIXES):
         return _open_raster(path, stack)
-    raise UnsupportedFormatError(path, "is not a label map segflow reads (.tif, .tiff, .vrt, .nii, .nii.gz, "
+    raise UnsupportedFormatError(path, "is not a label map segflow reads (.tif, .tiff, .vrt, .png, .nii, .nii.gz, "
                                        ".hdr/.img or a .zarr store)")
+
+
+def _open_picture(path: Path) -> LabelSource:
+    """A PNG of label values (a palette PNG's indices, as VOC and Cityscapes keep them; read as training reads
+    them), on the pixel grid a picture's prediction is written on: no CRS, the identity transform."""
+    from rasterio.transform import Affine
+
+    from storage.datasets.pictures import read_indices
+
+    data = read_indices(path)
+    transform = Affine.identity()
+    spacing, unit, area, note = _raster_units(transform, None, data.shape)
+    return LabelSource(path, "raster", data, spacing, unit, area, "ha", note, None, {}, crs=None,
+                       transform=tuple(transform)[:6])
 
 
 __all__ = ["LabelSource", "MAX_LABEL", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "open_labels"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from storage.errors import CorruptInputError, InputError
 from storage.header import Header, on_the_earth, pixel_hectares, voxel_millilitres
-from storage.inputfiles import check_content_matches_name, check_readable_file, kind_of
+from storage.inputfiles import PICTURE_SUFFIXES, check_content_matches_name, check_readable_file, kind_of
 
 if TYPE_CHECKING:
     from storage.dicomfiles import SeriesRef
@@ -55,7 +55,26 @@ def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
     head = check_readable_file(path)
     kind = kind_of(path)
     check_content_matches_name(path, kind, head)  # a NIfTI named .tif is told so, as ingest tells it
+    if path.name.lower().endswith(PICTURE_SUFFIXES):
+        return _probe_picture(path)
     return _probe_raster(path) if kind == "raster" else _probe_volume(path)
+
+
+def _probe_picture(path: Path) -> Header:
+    """A photograph as :mod:`storage.photo` ingests it: three channels, red, green, blue, whatever its mode."""
+    from PIL import Image, UnidentifiedImageError
+
+    from storage.errors import UnsupportedFormatError
+    from storage.photo import CHANNELS
+
+    try:
+        with Image.open(path) as picture:
+            width, height = picture.size
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UnsupportedFormatError(path, f"is not a readable PNG or JPEG picture ({exc})") from None
+    return Header(path=str(path), kind="raster", spatial_dims=2, channels=3, shape=(height, width), cell_size=None,
+                  cell_unit="ha", cell_note="a picture: no CRS", bands=(1, 2, 3), band_descriptions=tuple(CHANNELS),
+                  on_the_earth=False)
 
 
 def _is_dicom(path: Path, is_dicom_input) -> bool:  # noqa: ANN001 - storage.dicom.is_dicom_input

@@ -23,6 +23,7 @@ from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
+from storage.inputfiles import PICTURE_SUFFIXES
 
 try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedError)
     from rasterio._err import CPLE_BaseError
@@ -34,6 +35,7 @@ __all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gd
            "without_crs_ok"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
+PICTURE_DRIVERS = ("PNG", "JPEG")  # photographs, read only from files named .png, .jpg or .jpeg
 """GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
 
 GDAL_ERRORS = (RasterioError, CPLE_BaseError)
@@ -123,9 +125,11 @@ def open_raster(path: Path) -> DatasetReader:
         cls = CorruptInputError if looks_known else UnsupportedFormatError
         what = "damaged GeoTIFF/VRT" if looks_known else "not a GeoTIFF or VRT"
         raise cls(path, f"{what}, rasterio cannot open it: {gdal_message(exc)}") from None
-    if src.driver not in ALLOWED_DRIVERS:
+    picture = path.name.lower().endswith(PICTURE_SUFFIXES) and src.driver in PICTURE_DRIVERS
+    if src.driver not in ALLOWED_DRIVERS and not picture:
         src.close()
-        raise UnsupportedFormatError(path, f"is a {src.driver} raster; segflow reads GeoTIFF and VRT only")
+        raise UnsupportedFormatError(path, f"is a {src.driver} raster; segflow reads GeoTIFF and VRT, and PNG or "
+                                           "JPEG named so")
     return src
 
 

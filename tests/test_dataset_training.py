@@ -65,6 +65,40 @@ def test_photograph_layouts_train_and_validate(tmp_path, layout):
     assert (tmp_path / "model" / "validation.md").read_text().count("|") > 4
 
 
+def test_a_photograph_model_segments_the_datasets_pictures_as_training_read_them(tmp_path):
+    """A VOC model could not segment a JPEG ("unsupported file type"); GDAL's JPEG decoding also differs from
+    Pillow's, which training uses, by up to 44 levels at colour edges. Pictures are now read as training reads
+    them, and their PNG label maps are scored as they are."""
+    import numpy as np
+
+    from flows.inbox import list_inbox
+    from storage.datasets.pictures import read_rgb
+    from storage.ingest import ingest
+
+    root = write_voc(tmp_path / "data").root
+    card = _card(tmp_path / "card.json", spatial_dims=2, channels=3, roi=[16, 16])
+    _train(root, card, tmp_path / "model")
+    jpeg = sorted((root / "JPEGImages").glob("*.jpg"))[0]
+    truth = root / "SegmentationClass" / f"{jpeg.stem}.png"
+    assert np.array_equal(ingest(jpeg, tmp_path / "s.zarr").image[...], read_rgb(jpeg))
+    out = tmp_path / "out"
+    seg = runner.invoke(app, ["segment", str(jpeg), "--model", str(tmp_path / "model"), "--out", str(out),
+                              "--no-prefect"])
+    assert seg.exit_code == 0, seg.output
+    assert "has no CRS" not in seg.output  # a photograph has none to lose
+    ev = runner.invoke(app, ["evaluate", str(out / f"{jpeg.stem}.tif"), "--truth", str(truth), "--classes",
+                             str(tmp_path / "model"), "--out", str(tmp_path / "scores")])
+    assert ev.exit_code == 0, ev.output
+    [case] = json.loads((tmp_path / "scores" / "evaluation.json").read_text())["cases"]
+    assert case["ignored_pixels"] > 0  # VOC's 255 borders
+    # a nightly inbox leaves pictures alone: a delivery's thumbnail is no scene to segment
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "scene.tif").write_bytes(b"")
+    (inbox / "thumbnail.jpg").write_bytes(b"")
+    assert list_inbox(inbox) == ([str(inbox / "scene.tif")], [str(inbox / "thumbnail.jpg")])
+
+
 def test_geo_layout_trains_segments_and_evaluates(tmp_path):
     root = tmp_path / "geo"
     geo_raster_dataset(root, stems=("tile_a", "tile_b", "tile_c"), values=(0, 1, 2), label_crs=True)
