@@ -87,7 +87,10 @@ def torch_load_safely(path: str | PathLike[str]) -> Any:
     try:
         with warnings.catch_warnings():  # torch's "Detected pickle protocol 4 in the checkpoint" reached the terminal
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # a file object, not the path: torch hands a path named .safetensors to safetensors, whose error on a
+            # pickle so named reached the terminal as a traceback; the weights-only unpickler names the payload
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported" in text:

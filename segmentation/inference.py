@@ -402,7 +402,8 @@ class WindowPredictor:
         for i in range(0, len(windows), self.batch_size):
             batch = windows[i:i + self.batch_size]
             if xbuf is None:  # the network's memory format from the start: one copy per window, not two
-                shape = (self.batch_size, x.shape[0]) + tuple(s.stop - s.start for s in batch[0])
+                # no larger than the region's windows: --batch-size 100000 had asked 26 GB for 9 windows
+                shape = (len(batch), x.shape[0]) + tuple(s.stop - s.start for s in batch[0])
                 xbuf = torch.empty(shape, dtype=x.dtype, device=dev, memory_format=self.memory_format)
             for j, sl in enumerate(batch):
                 xbuf[j].copy_(x[(slice(None),) + sl])
@@ -413,7 +414,7 @@ class WindowPredictor:
             # batch in one launch per step
             slabs = not self.blend_logits and not self.flips and dev.type == "cpu"
             if buf is None:
-                buf = torch.empty((1 if slabs else self.batch_size,) + tuple(logits.shape[1:]),
+                buf = torch.empty((1 if slabs else len(batch),) + tuple(logits.shape[1:]),
                                   dtype=torch.float32, device=dev)
             if slabs:
                 for j, sl in enumerate(batch):

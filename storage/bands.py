@@ -82,7 +82,7 @@ def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
         if isinstance(w, int) or (isinstance(w, str) and w.strip().isdigit()):
             i = int(w) - 1
             if not 0 <= i < len(offered):
-                missing.append(f"band {int(w)}")
+                missing.append(f"band {int(w)}" + (" (indices are 1-based)" if i < 0 else ""))
             else:
                 picked.append(i)
             continue

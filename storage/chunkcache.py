@@ -49,7 +49,7 @@ def budget() -> int:
         return DEFAULT_BUDGET
     try:
         return max(0, int(float(value) * 2**20))
-    except ValueError:
+    except (ValueError, OverflowError):  # "inf" overflowed int() and failed every input
         return DEFAULT_BUDGET
 
 

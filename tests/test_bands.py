@@ -51,6 +51,7 @@ def test_a_name_two_bands_share_is_refused_not_guessed():
 @pytest.mark.parametrize("wanted, message", [
     (["blue", "swir99"], r"needs swir99, which the input does not offer \(it has 13 band\(s\): 1:B01, 2:B02"),
     (["14"], r"needs band 14"),
+    (["0", "1"], r"needs band 0 \(indices are 1-based\)"),
     (["B04", "red"], r"model 'lc' names input band 4 twice, as 'B04' and 'red'; choose them with --bands"),
     (["blue", "2", "red"], r"names input band 2 twice, as 'blue' and '2'"),
 ])

@@ -94,6 +94,9 @@ def test_the_budget_caps_what_is_held_and_zero_turns_it_off(tmp_path, monkeypatc
     before = chunkcache.stats()["decodes"]
     np.testing.assert_array_equal(chunkcache.CachedChunks(arr, "off", readers).read(box), values)
     assert chunkcache.stats()["decodes"] == before  # plain zarr reads
+    for nonsense in ("inf", "-inf", "nan", "abc"):  # the default, as documented ("inf" had failed every input)
+        monkeypatch.setenv(chunkcache.BUDGET_ENV, nonsense)
+        assert chunkcache.budget() == chunkcache.DEFAULT_BUDGET, nonsense
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])

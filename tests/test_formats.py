@@ -142,6 +142,11 @@ def test_pickle_payload_is_refused_and_never_runs(net, tmp_path):
     assert "pickle payload" in message and "never unpickles code" in message
     with pytest.raises(UnsafeModelError):
         convert_model(ckpt, tmp_path / "out", card=_card())
+    # the same pickle named .safetensors: torch handed the path to safetensors, whose error was a traceback
+    disguised = tmp_path / "weights.safetensors"
+    disguised.write_bytes(ckpt.read_bytes())
+    with pytest.raises(UnsafeModelError, match="pickle payload"):
+        convert_model(disguised, tmp_path / "out2", card=_card())
     assert not marker.exists()  # segflow refused before building anything
     # the payload is live: plain unpickling of the same object does run it
     pickle.loads(pickle.dumps(_Payload(marker)))

@@ -240,6 +240,16 @@ def test_nan_nodata_is_seen_as_zero_not_spread_into_valid_pixels(bad):
     np.testing.assert_allclose(probs[:, mask], ref[:, mask], atol=1e-4)
 
 
+def test_a_batch_larger_than_the_windows_allocates_for_the_windows():
+    """--batch-size 100000 (or a card's) sized the batch buffers by the option: 26 GB for a region of 9 windows,
+    and the run failed; now they hold the region's windows at most, and the result does not change."""
+    img = np.random.default_rng(5).random((3, 60, 70), dtype=np.float32)
+    net = tiny_net(2, 3, 4)
+    kw = dict(roi=(32, 32), overlap=0.25, chunks=64)
+    huge = predict(img, net, batch_size=10**9, **kw).compute(scheduler="sync")  # 3 TB as sized before
+    np.testing.assert_allclose(huge, predict(img, net, batch_size=2, **kw).compute(scheduler="sync"), atol=1e-6)
+
+
 def test_distributed_workers_give_the_same_answer(dask_cluster):
     img = np.random.default_rng(2).random((3, 150, 170), dtype=np.float32)
     net = tiny_net(2, 3, 4)
