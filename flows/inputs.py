@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from flows.progress import say
 from storage.dicomfiles import SeriesRef, find_series, is_dicom_input
@@ -92,19 +93,26 @@ def input_label(source: Any) -> str:
     return source.display if isinstance(source, (SeriesRef, MosaicRef)) else str(source)
 
 
-def output_clashes(items: list[Expanded]) -> dict[int, str]:
+def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | None = None) -> dict[int, str]:
     """The items whose outputs would overwrite an earlier item's, by position: {index: its one-line error}.
 
     Two inputs clash when they share an output stem (``site1/scan.nii.gz`` and
     ``site2/scan.nii.gz``, ``scan.nii`` and ``scan.nii.gz``, the same DICOM
     series copied into two folders, two STAC items with one id); the first
     keeps its name.  An input listed twice is segmented once, and its second
-    mention is reported, as ``cp`` reports a source given twice.
+    mention is reported, as ``cp`` reports a source given twice.  ``usable``
+    (asked only of items that share a stem): an item it rejects claims no
+    name, so an empty ``a.nii.gz`` does not keep a good ``a.tif`` from being
+    segmented night after night (it fails with its own error).
     """
+    stems = [input_stem(item) for item in items]
+    shared = {stem for stem, n in Counter(stems).items() if n > 1}
     first: dict[str, str] = {}
     clashes: dict[int, str] = {}
     for i, item in enumerate(items):
-        stem, label = input_stem(item), input_label(item)
+        stem, label = stems[i], input_label(item)
+        if stem in shared and usable is not None and not usable(item):
+            continue  # its own error is said where it is read
         if stem not in first:
             first[stem] = label
         elif first[stem] == label:

@@ -141,7 +141,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         out = make_output_folder(Path(out_dir).expanduser().absolute())
         make_output_folder(out / REPORTS_DIR)  # the run ends by writing its report there: a file in the way fails now
     labels = list(by_label)
-    clashes = {labels[i]: error for i, error in output_clashes(list(by_label.values())).items()}
+    clashes = {labels[i]: error for i, error in output_clashes(list(by_label.values()), usable=_readable).items()}
     reports: dict[str, InputReport] = {p: InputReport(input=p, status="failed", attempts=0, error=error)
                                        for p, error in clashes.items()}
     for label, error in unusable:  # e.g. a folder without an image series: fails alone, nothing to route
@@ -286,6 +286,21 @@ def _absolute(path: str | None) -> str | None:
     if path is None or is_url(path):
         return path
     return str(Path(path).expanduser().absolute())
+
+
+def _readable(item: Expanded) -> bool:
+    """Whether an input's header reads (asked of inputs that share a name stem: only such a one claims the name;
+    the others fail in their own task, with their own error). URLs and DICOM series are taken as readable."""
+    if not isinstance(item, str) or is_url(item):
+        return True
+    from storage.errors import InputError
+    from storage.probe import probe
+
+    try:
+        probe(item)
+    except InputError:
+        return False
+    return True
 
 
 def _check_numbers(retries: int, retry_delay_seconds: float, lock_stale_after: float, settle_seconds: float) -> None:

@@ -354,6 +354,21 @@ def test_inputs_that_would_write_the_same_outputs_fail_after_the_first(models, t
                             "rename one of them")
 
 
+def test_a_broken_input_does_not_take_a_good_ones_name(models, tmp_path, dask_cluster):
+    """An empty a.nii.gz beside a good a.tif: the good one failed as "would overwrite those of a.nii.gz", every
+    night, and nothing was segmented."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.nii.gz").write_bytes(b"")
+    samples.make_scene(tmp_path / "a.tif", size=(64, 64), seed=9, nodata_margin=4)
+    shutil.copy(tmp_path / "a.tif", inbox / "a.tif")
+    state = nightly(model_dirs=[str(models["2d"].path), str(models["3d"].path)], out_dir=str(tmp_path / "out"),
+                    inbox=str(inbox), return_state=True)
+    by_name = _by_name(nightly_report(state))
+    assert by_name["a.tif"]["status"] == "done" and (tmp_path / "out" / "a.tif").is_file()
+    assert by_name["a.nii.gz"]["status"] == "failed" and "file is empty" in by_name["a.nii.gz"]["error"]
+
+
 def test_a_broken_link_in_the_inbox_fails_and_what_is_no_input_is_listed_in_the_markdown(models, tmp_path,
                                                                                          dask_cluster):
     """A dangling `scan.tif` link (a scan moved away) used to vanish from the run without a word."""
