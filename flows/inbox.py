@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
 
 def read_manifest(path: str | Path) -> list[str]:
     """The inputs a manifest lists: CSV with a ``path`` column, or JSON (a list of paths, of {"path": ...}
-    objects, or an object with an "inputs" or "paths" list). Relative paths are relative to the manifest.
+    objects, or an object with an "inputs" or "paths" list). Relative paths are relative to the manifest, and
+    local paths are normalised (``./``, ``..``); a CSV row whose path starts with ``#`` is a comment.
     Entries may be URLs; the manifest itself may be one (its relative entries are then URLs beside it)."""
     url = str(path) if is_url(str(path)) else None
     path = Path(path)
@@ -156,7 +158,8 @@ def read_manifest(path: str | Path) -> list[str]:
         if column is None:  # (a header alone is a manifest of nothing: an empty night)
             raise ConfigError(url or path, f"CSV manifest needs a 'path' column (its header: "
                                            f"{', '.join(repr(f) for f in fields) or 'none'})")
-        items: list[Any] = [r[column] for r in reader]
+        items: list[Any] = [r[column] for r in reader
+                            if not (isinstance(r[column], str) and r[column].lstrip().startswith("#"))]  # comments
     elif path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -179,7 +182,8 @@ def read_manifest(path: str | Path) -> list[str]:
             out.append(item if is_url(item) or item.startswith("/") else remote.resolve(remote.parent_of(url), item))
         elif item:
             p = Path(item).expanduser()
-            out.append(str(p if p.is_absolute() else path.parent / p))
+            # one spelling per file: ./a.tif, data/../a.tif and a.tif are one input, not three whose outputs clash
+            out.append(os.path.normpath(p if p.is_absolute() else path.parent / p))
     return out
 
 

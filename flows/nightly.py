@@ -58,6 +58,7 @@ report).  ``list_inbox``, ``read_manifest``, ``is_transient`` and
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -129,7 +130,9 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
             logger.info("still arriving (changed %.0f s ago), left for the next run: %s", age, p)
     else:
         paths, ignored = read_manifest(manifest), []
-    paths = list(dict.fromkeys(paths))  # a path listed twice is one input
+    listed = Counter(paths)
+    paths = list(dict.fromkeys(paths))  # a path listed twice is one input, and the report says so
+    duplicates = [{"input": p, "listed": n} for p, n in listed.items() if n > 1]
     items, unusable = expand(paths)  # DICOM folders, DICOMDIRs and loose DICOM files: one item per series volume
     by_label = {input_label(i): i for i in items}  # a series reached twice (folder and DICOMDIR) is one input
     models = read_models(model_dirs, trust_bundle=options.trust_bundle)  # a bad model fails the run up front
@@ -197,6 +200,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
             "inbox": str(inbox) if inbox else None, "manifest": str(manifest) if manifest else None,
             "out_dir": str(out), "ignored": ignored,
             "arriving": [{"input": p, "changed_seconds_ago": age} for p, age in arriving.items()],
+            "duplicates": duplicates,
             "models": [{"path": m.path, "name": m.card.name, "spatial_dims": m.spatial_dims, "channels": m.channels,
                         "weights_sha256": loaded(m, trust_bundle=options.trust_bundle).weights_sha256}
                        for m in models],

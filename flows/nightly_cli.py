@@ -111,6 +111,10 @@ def nightly_command(
         elif r["status"] == "locked" and not quiet:  # not a failure: the run holding it reports its outcome
             cli.out.print(f"[yellow]locked:[/yellow] {escape(r['input'])}: {escape(r.get('note') or '')}",
                           highlight=False, soft_wrap=True)
+    for d in report["run"].get("duplicates") or []:
+        if not quiet:
+            cli.out.print(f"[yellow]note:[/yellow] {escape(d['input'])}: given more than once ({d['listed']} times); "
+                          "segmented once, under its first mention", highlight=False, soft_wrap=True)
     for a in report["run"].get("arriving") or []:
         if not quiet:
             cli.out.print(f"[yellow]arriving:[/yellow] {escape(a['input'])}: changed {a['changed_seconds_ago']:g} s "

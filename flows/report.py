@@ -266,6 +266,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "## Notes", ""]
         lines += [f"- `{_input_name(r)}`: {_md(text)}" for r, text in notes]
+    if run.get("duplicates"):  # a manifest naming one file twice: segmented once
+        lines += ["", "## Listed more than once", "", "Segmented once, under the first mention:", ""]
+        lines += [f"- `{_cell(Path(d['input']).name)}`: listed {d['listed']} times" for d in run["duplicates"]]
     if run.get("arriving"):  # --settle: entries still changing, taken by a later run
         lines += ["", "## Still arriving", "", "Changed too recently (`--settle`); left for the next run:", ""]
         lines += [f"- `{_cell(Path(a['input']).name)}`: changed {a['changed_seconds_ago']:g} s before the run"

@@ -369,6 +369,22 @@ def test_a_broken_input_does_not_take_a_good_ones_name(models, tmp_path, dask_cl
     assert by_name["a.nii.gz"]["status"] == "failed" and "file is empty" in by_name["a.nii.gz"]["error"]
 
 
+def test_a_manifest_naming_a_file_twice_says_so(models, tmp_path, dask_cluster):
+    """The repeats of a manifest entry vanished from the run without a word."""
+    from flows.cli import app
+
+    samples.make_scene(tmp_path / "a.tif", size=(64, 64), seed=9, nodata_margin=4)
+    (tmp_path / "tonight.csv").write_text("path\na.tif\n./a.tif\n")
+    res = CliRunner().invoke(app, ["nightly", "--model", str(models["2d"].path), "--out", str(tmp_path / "out"),
+                                   "--manifest", str(tmp_path / "tonight.csv")])
+    assert res.exit_code == 0, res.output
+    assert "given more than once (2 times); segmented once, under its first mention" in " ".join(res.output.split())
+    report = json.loads(sorted((tmp_path / "out" / "reports").glob("*.json"))[-1].read_text())
+    assert [r["status"] for r in report["inputs"]] == ["done"]
+    assert report["run"]["duplicates"] == [{"input": str(tmp_path / "a.tif"), "listed": 2}]
+    assert "## Listed more than once" in sorted((tmp_path / "out" / "reports").glob("*.md"))[-1].read_text()
+
+
 def test_a_broken_link_in_the_inbox_fails_and_what_is_no_input_is_listed_in_the_markdown(models, tmp_path,
                                                                                          dask_cluster):
     """A dangling `scan.tif` link (a scan moved away) used to vanish from the run without a word."""
@@ -516,6 +532,10 @@ def test_manifests_and_retry_classification(tmp_path):
     assert read_manifest(tmp_path / "tabs.csv") == [str(tmp_path / "a.tif")]
     (tmp_path / "empty.csv").write_text("path\n")
     assert read_manifest(tmp_path / "empty.csv") == []
+    # one spelling per file (data/../data/b.tif had clashed with data/b.tif), and '#' rows are comments
+    (tmp_path / "spelt.csv").write_text("path\n# tonight's scans\n./data/a.tif\ndata/../data/a.tif\ndata/b.tif\n")
+    assert read_manifest(tmp_path / "spelt.csv") == [str(tmp_path / "data" / "a.tif")] * 2 + \
+        [str(tmp_path / "data" / "b.tif")]
 
     def wrapped(inner):  # noqa: ANN001, ANN202  (a reader turning an OSError into a one-line InputError)
         try:
