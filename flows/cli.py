@@ -17,6 +17,47 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+
+def _writable_homes() -> None:
+    """Prefect keeps its temporary server's database under ``PREFECT_HOME`` (``~/.prefect``), matplotlib its
+    cache under ``~/.config/matplotlib``.  A service or cron account whose home cannot be written got 6,757
+    lines of tracebacks from ``nightly`` and a two-minute wait before it failed (and two lines of matplotlib
+    noise from ``segment``).  Where the user set neither and the default cannot be written, a folder of this
+    user's in the temporary directory stands in (Prefect's temporary server keeps nothing a later run needs)."""
+    import tempfile
+    from pathlib import Path
+
+    def usable(folder: Path) -> bool:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        return os.access(folder, os.W_OK | os.X_OK)
+
+    user = getattr(os, "getuid", lambda: "user")()
+    try:
+        home = Path.home()
+    except (KeyError, RuntimeError):  # no HOME and no passwd entry
+        home = Path("/nonexistent")
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    for variable, default, name in (("PREFECT_HOME", home / ".prefect", "prefect"),
+                                    ("MPLCONFIGDIR", config / "matplotlib", "matplotlib")):
+        if os.environ.get(variable) or usable(default):
+            continue
+        stand_in = Path(tempfile.gettempdir()) / f"segflow-{name}-{user}"
+        try:  # this user's own, private: another account could have made the name first in a shared /tmp
+            stand_in.mkdir(mode=0o700, exist_ok=True)
+            st = stand_in.lstat()
+            mine = not stand_in.is_symlink() and st.st_uid == user
+            if mine and st.st_mode & 0o077:
+                stand_in.chmod(0o700)
+        except (OSError, TypeError):
+            mine = False
+        os.environ[variable] = str(stand_in) if mine else tempfile.mkdtemp(prefix=f"segflow-{name}-")
+
+
+_writable_homes()
+
 import sys  # noqa: E402
 
 import typer  # noqa: E402

@@ -245,8 +245,10 @@ def _console_to_log(command: str) -> Iterator[RunLog]:
         folder.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler | None = logging.FileHandler(run_log.path, delay=True, encoding="utf-8")
         handler.setFormatter(RunFormatter("%(asctime)s %(levelname)s %(name)s%(run)s: %(message)s"))
-    except OSError:  # no writable log folder: the console is still kept clear
+    except OSError as exc:  # no writable log folder: the console is still kept clear, and says so once
         handler = None
+        print(f"warning: {folder}: cannot keep this run's log there ({exc.strerror or exc}); set {LOG_DIR_ENV} to "
+              "a writable folder", file=sys.stderr)
     level = segflow.level
     for h in consoles:
         h.addFilter(quiet)

@@ -727,3 +727,22 @@ def test_a_one_slice_image_given_to_a_3d_model_is_said(tmp_path):
            "16 x 16 x 16)" in " ".join(proc.stderr.split())
     record = json.loads((tmp_path / "out" / "flat.provenance.json").read_text())
     assert any("is one slice thick" in w for w in record["statistics"]["warnings"])
+
+
+def test_a_home_that_cannot_be_written_still_runs_nightly(model2d, tmp_path):
+    """A service account's unwritable home: Prefect's temporary server could not make its database under
+    ~/.prefect, and `nightly` printed 6,757 lines of tracebacks over two minutes, then failed."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _rgb(inbox / "scene.tif", 4)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "MPLCONFIGDIR", "XDG_CONFIG_HOME")}
+    (tmp_path / "not-a-folder").write_text("")
+    env.update(HOME="/proc", COLUMNS="200",  # a folder nobody can make ~/.prefect in, root included
+               SEGFLOW_LOG_DIR=str(tmp_path / "not-a-folder"))  # no log: said once, not lost without a word
+    proc = subprocess.run([*SEGFLOW, "nightly", "--inbox", str(inbox), "--model", str(model2d.path), "--out",
+                           str(tmp_path / "out"), "--workers", "0"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "matplotlib" not in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "scene.tif").is_file()
+    assert "not-a-folder: cannot keep this run's log there" in " ".join(proc.stderr.split())
