@@ -197,6 +197,8 @@ def check_out_folder(out: "str | Path") -> None:
     from storage.errors import SegflowError
     from storage.remote import is_url, protocol_problem
 
+    if not str(out).strip():  # `--out "$OUT"` with OUT unset: the outputs went into the working directory
+        fail("--out is empty: give the output folder (an unset variable in a script or a cron line?)")
     out = path_or_url(str(out))
     if is_url(out):
         problem = protocol_problem(out)

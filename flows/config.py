@@ -76,7 +76,11 @@ class SegmentOptions(BaseModel):
     def _roi(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (len(v) not in (2, 3) or any(r < 1 for r in v)):
             raise ValueError("roi must have 2 or 3 positive sizes")
-        return v
+        if v is None:
+            return None
+        from segmentation.card import check_window  # here: the module stays light for `--help`
+
+        return check_window(v)
 
     @field_validator("device")
     @classmethod

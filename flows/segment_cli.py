@@ -223,6 +223,14 @@ def _check_grid_options(options: "SegmentOptions", model_in: "ModelInput | None"
     """An option for the other kind of input would be ignored without a word: a 2D model segments rasters
     (their model-grid labels are ``--output-grid model``), a 3D one volumes (``--model-space keep``)."""
     rasters = model_in is None or model_in.spatial_dims == 2  # None: a --mosaic, which is of rasters
+    dims = 2 if model_in is None else model_in.spatial_dims
+    # said once, before the work: they had failed every input, each line blaming the input (exit 1)
+    if options.roi is not None and len(options.roi) != dims:
+        cliutil.fail(f"--roi {','.join(map(str, options.roi))} has {len(options.roi)} axes, and the model's images "
+                     f"have {dims} spatial axes")
+    if options.flip_tta and any(not 0 <= a < dims for a in options.flip_tta):
+        cliutil.fail(f"--tta {','.join(map(str, options.flip_tta))}: the axes to mirror are spatial axes "
+                     f"0..{dims - 1} of the model's {dims}-D images")
     if rasters and options.model_space == "keep":
         cliutil.fail("--model-space keep applies to volumes; a raster's labels stay on the model's grid with "
                      "--output-grid model")

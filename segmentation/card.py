@@ -155,6 +155,17 @@ class KeepLargest(BaseModel):
     num_components: int = Field(default=1, ge=1)
 
 
+MAX_WINDOW_PIXELS = 2**28  # 16384² or 645³: a roi of 1e30 or 100000² failed every input with a torch allocation
+
+
+def check_window(roi: list[int]) -> list[int]:
+    """A window the machine can hold: refused at the edge (card, --roi), not as each input's allocation error."""
+    if math.prod(int(r) for r in roi) > MAX_WINDOW_PIXELS:
+        raise ValueError(f"roi {'x'.join(str(int(r)) for r in roi)} is a window of more than {MAX_WINDOW_PIXELS:,} "
+                         "pixels (16384x16384); the window is the network's input, give one it was trained near")
+    return roi
+
+
 class InferenceDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -188,7 +199,7 @@ class InferenceDefaults(BaseModel):
     def _positive(cls, v: list[int]) -> list[int]:
         if not v or any(r < 1 for r in v):
             raise ValueError("roi must be positive")
-        return v
+        return check_window(v)
 
 
 class ModelCard(BaseModel):

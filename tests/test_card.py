@@ -43,6 +43,19 @@ def test_segment_options_sort_tta_axes_like_the_card():
     assert keyed_parameters(c, a) == keyed_parameters(c, b)
 
 
+def test_a_window_no_machine_holds_is_refused_at_the_edge():
+    """A card's roi of 1e30, or --roi 100000,100000, failed every input with a torch allocation error (exit 1,
+    each line blaming the input)."""
+    from flows.config import SegmentOptions
+
+    with pytest.raises(ValidationError, match="is a window of more than 268,435,456 pixels"):
+        ModelCard.model_validate(card(inference__roi=[10**30, 10**30]))
+    with pytest.raises(ValidationError, match="is a window of more than"):
+        SegmentOptions(roi=[100000, 100000])
+    assert SegmentOptions(roi=[16384, 16384]).roi == [16384, 16384]  # the largest taken
+    assert ModelCard.model_validate(card(inference__roi=[512, 512])).inference.roi == [512, 512]
+
+
 def test_version_1_cards_still_read():
     c = ModelCard.model_validate(card(card_version=1, inference={"roi": [64, 64]}))
     assert c.card_version == 1 and c.inference.flip_tta == []

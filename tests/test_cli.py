@@ -332,6 +332,17 @@ def test_grid_options_for_the_other_kind_of_input_are_refused_before_any_work(tm
         f"error: --output-grid model applies to rasters, and model '{model.card.name}' is 3D; a volume's labels "
         "are also written on the model's grid with --model-space keep"]
     assert not (tmp_path / "out").exists()
+    # a window or a flip axis the model's images do not have, and an empty --out: once, exit 2, before any work
+    # (the first two had failed every input, each line blaming the input; the last wrote into the working folder)
+    for options, line in ((["--roi", "64,64,64"], "error: --roi 64,64,64 has 3 axes, and the model's images have 2 "
+                                                  "spatial axes"),
+                          (["--tta", "2"], "error: --tta 2: the axes to mirror are spatial axes 0..1 of the "
+                                           "model's 2-D images")):
+        proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", *options)
+        assert refused(proc) == [line]
+    proc = run("segment", scene, "--model", model2d.path, "--out", "", cwd=tmp_path)
+    assert refused(proc)[0].startswith("error: --out is empty")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "reports").exists()
 
 
 def test_volume_probabilities_with_no_zarr_are_refused_before_any_work(tmp_path):
