@@ -99,6 +99,27 @@ def check_device(options: "SegmentOptions") -> None:
         fail(str(exc))
 
 
+def check_compile_cache(options: "SegmentOptions") -> None:
+    """``--compile`` keeps its kernels in a folder (:func:`segmentation.inference.compile_cache`): one that cannot
+    be made or written is one line before the work, naming the setting (it had failed every input, each line
+    naming the folder, not the input or SEGFLOW_COMPILE_CACHE)."""
+    import os
+
+    if not options.compile or options.dask_address:
+        return
+    from segmentation.inference import compile_cache
+
+    folder = compile_cache()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(folder, os.W_OK | os.X_OK) else "not writable"
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+    if problem is not None:
+        fail(f"--compile: cannot keep the compiled kernels in {folder} ({problem}); set SEGFLOW_COMPILE_CACHE to a "
+             "writable folder")
+
+
 def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *, load: bool = False,
                  roi: "List[int] | None" = None) -> None:
     """Refuse a bad model before any input is touched: one line, exit 2.
@@ -249,6 +270,6 @@ def ints(text: Optional[str]) -> Optional[list[int]]:
     return values
 
 
-__all__ = ["check_device", "check_models", "check_out_folder", "check_report_file", "console", "fail", "finish", "ints",
+__all__ = ["check_compile_cache", "check_device", "check_models", "check_out_folder", "check_report_file", "console", "fail", "finish", "ints",
            "local_only", "options", "out", "path_or_url", "progress", "resumable_on_interrupt",
            "inform", "reporter"]

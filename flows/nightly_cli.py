@@ -71,10 +71,18 @@ def nightly_command(
     from flows.nightly import nightly, nightly_report
     from flows.runlog import prefect_console
     from storage.errors import SegflowError
+    from storage.remote import is_url
 
     if (inbox is None) == (manifest is None):
         cli.fail("give --inbox DIR or --manifest FILE (one of them)")
     cli.check_out_folder(out)
+    if manifest is not None and not is_url(cli.path_or_url(manifest)):
+        from flows.inbox import read_manifest
+
+        try:  # a bad manifest in one second, not after Prefect's temporary server has started (11 s)
+            read_manifest(cli.path_or_url(manifest))
+        except SegflowError as exc:
+            cli.fail(str(exc))
     options = cli.options(precision=precision, roi=cli.ints(roi), overlap=overlap, chunk_size=chunk_size,
                            batch_size=batch_size, workers=workers, probabilities=probabilities,
                            device=device, dask_address=dask_address, keep_zarr=not no_zarr, quicklook=quicklook,
@@ -84,6 +92,7 @@ def nightly_command(
                                                    crf_iterations=crf_iterations, compile=compile,
                                                    trust_bundle=trust_bundle))
     cli.check_device(options)
+    cli.check_compile_cache(options)
     cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi)  # loaded as the flow will (the same objects): a bad one is one line, first
     flow = nightly
     if parallel > 1:

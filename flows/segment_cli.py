@@ -120,6 +120,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     if report is not None:
         cliutil.check_report_file(report, out)
     cliutil.check_device(options)
+    cliutil.check_compile_cache(options)
     arguments = dict(inputs=[cliutil.path_or_url(p) for p in inputs], model_dir=str(model),
                      out_dir=cliutil.path_or_url(out), options=options)
     run_log = None

@@ -342,6 +342,11 @@ def test_grid_options_for_the_other_kind_of_input_are_refused_before_any_work(tm
         assert refused(proc) == [line]
     proc = run("segment", scene, "--model", model2d.path, "--out", "", cwd=tmp_path)
     assert refused(proc)[0].startswith("error: --out is empty")
+    (tmp_path / "a-file").write_text("")
+    proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", "--compile",
+               env={"SEGFLOW_COMPILE_CACHE": str(tmp_path / "a-file" / "kernels")})
+    assert refused(proc) == [f"error: --compile: cannot keep the compiled kernels in {tmp_path / 'a-file' / 'kernels'} "
+                             "(Not a directory); set SEGFLOW_COMPILE_CACHE to a writable folder"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "reports").exists()
 
 
