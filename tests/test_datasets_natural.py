@@ -289,12 +289,38 @@ def _path_name(data: dict) -> None:
 @pytest.mark.parametrize("change, problem", [(_add_category, "category 99 'unicorn' has no annotations"),
                                              (_undeclared_category, "category_id 42"),
                                              (_unknown_image, "image_id 123456"),
-                                             (_path_name, "not a plain file name")])
+                                             (_path_name, "not a file name or a relative path inside the "
+                                                          "image folder")])
 def test_coco_malformed_json_is_refused_naming_it(tmp_path: Path, change, problem: str) -> None:
     root = nd.write_coco(tmp_path).root
     nd.edit_json(root / VAL, change)
     assert problem in refused(lambda: coco.LAYOUT.open(root / VAL), str(root / VAL))
     refused(lambda: coco.LAYOUT.open(root), str(root / VAL))
+
+
+def test_coco_file_names_in_subfolders_and_one_name_in_two_splits(tmp_path: Path) -> None:
+    """Custom exports: ``file_name`` with a subfolder was refused ("not a plain file name"), and a train and a
+    val picture of one name (different files) were refused as one image listed twice."""
+    import json
+    import shutil
+
+    root = nd.write_coco(tmp_path).root
+    val = json.loads((root / VAL).read_text())
+    first = val["images"][0]["file_name"]
+    (root / "val2017" / "day1").mkdir()
+    shutil.move(str(root / "val2017" / first), root / "val2017" / "day1" / first)
+    val["images"][0]["file_name"] = f"day1/{first}"
+    (root / VAL).write_text(json.dumps(val))
+    train_json = root / "annotations" / "instances_train2017.json"
+    train = json.loads(train_json.read_text())
+    other = train["images"][0]["file_name"]  # the same name, another picture, in the other split
+    shutil.move(str(root / "train2017" / other), root / "train2017" / first)
+    train["images"][0]["file_name"] = first
+    train_json.write_text(json.dumps(train))
+    dataset = coco.LAYOUT.open(root)
+    paths = {c.images[0] for c in dataset.cases}
+    assert root / "val2017" / "day1" / first in paths and root / "train2017" / first in paths
+    assert len({c.id for c in dataset.cases}) == len(dataset.cases)
 
 
 def _flat_polygon(data: dict) -> None:

@@ -183,7 +183,7 @@ class _Reader:
         self.first: Path | None = None
         self.annotated: set[int] = set()
         self.cases: list[Case] = []
-        self.case_ids: dict[str, Path] = {}
+        self.case_ids: dict[str, tuple[Path, Path]] = {}  # case id -> (JSON listing it, the picture)
         self.shapes: dict[CocoImage, list[Shape]] = {}
         self.image_folders: list[Path] = []
 
@@ -290,9 +290,14 @@ class _Reader:
     def _add_case(self, source: Path, image: dict, labels: Path | None, annotation: Any, split: str | None) -> None:
         picture: Path = image["path"]
         case_id = safe_id(picture.stem)
+        if case_id in self.case_ids and self.case_ids[case_id][1] != picture:
+            # another picture of that name (train2017/0001.jpg and val2017/0001.jpg of a custom export): its
+            # folder tells them apart
+            case_id = safe_id(f"{picture.parent.name}-{picture.stem}")
         if case_id in self.case_ids:
-            raise InvalidInputError(source, f"image {picture.name} is also an image of {self.case_ids[case_id].name}")
-        self.case_ids[case_id] = source
+            raise InvalidInputError(source, f"image {picture.name} is also an image of "
+                                            f"{self.case_ids[case_id][0].name}")
+        self.case_ids[case_id] = (source, picture)
         self.cases.append(Case(id=case_id, images=(picture,), labels=labels, split=split, annotation=annotation))
 
     def check_all_annotated(self) -> None:
@@ -347,7 +352,7 @@ def _images(source: Path, entries: list, folder: Path) -> dict[int, dict]:
         width, height = image.get("width"), image.get("height")
         if not isinstance(width, int) or not isinstance(height, int) or width < 1 or height < 1:
             raise InvalidInputError(source, f"image id {image_id} has no positive integer width and height")
-        path = folder / _plain_name(source, image.get("file_name"), f"image id {image_id}")
+        path = folder / _relative_name(source, image.get("file_name"), f"image id {image_id}")
         if not path.is_file():
             raise InvalidInputError(path, f"missing: {source.name} lists it as image id {image_id}")
         size, _ = picture_header(path)
@@ -355,6 +360,16 @@ def _images(source: Path, entries: list, folder: Path) -> dict[int, dict]:
             raise InvalidInputError(path, f"is {size_text(size)} but {source.name} says {width}x{height}")
         out[image_id] = {"path": path, "width": width, "height": height}
     return out
+
+
+def _relative_name(source: Path, name: Any, where: str) -> str:
+    """An image's file_name: a plain name, or a relative path of plain names inside the image folder (custom
+    exports write ``images/0001.jpg``); never absolute, never ``..``."""
+    if not isinstance(name, str) or any(part in ("", ".", "..") or "\\" in part or "\0" in part
+                                        for part in name.split("/")):
+        raise InvalidInputError(source, f"{where} has file_name {name!r}, not a file name or a relative path "
+                                        "inside the image folder")
+    return name
 
 
 def _plain_name(source: Path, name: Any, where: str) -> str:
