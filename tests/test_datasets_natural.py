@@ -377,6 +377,9 @@ def test_coco_panoptic_segments_crowd_and_unlabelled(tmp_path: Path) -> None:
         dataset = coco.LAYOUT.open(path)
         assert dataset.kind == "panoptic"
         assert [c.name for c in dataset.classes] == ["background", "person", "car", "sky-other-merged"]
+        # the dataset's own colours and ids (a generated palette had replaced them, the ids were lost)
+        assert [(c.color, c.code) for c in dataset.classes[1:]] == \
+            [((220, 20, 60), "COCO:1"), ((0, 0, 142), "COCO:3"), ((106, 154, 176), "COCO:187")]
         assert {c.id: c.split for c in dataset.cases} == written.splits
         for case_id, data in read_all(dataset, tmp_path).items():
             np.testing.assert_array_equal(data.labels, written.labels[case_id])

@@ -186,13 +186,17 @@ class _Reader:
         self.case_ids: dict[str, tuple[Path, Path]] = {}  # case id -> (JSON listing it, the picture)
         self.shapes: dict[CocoImage, list[Shape]] = {}
         self.image_folders: list[Path] = []
+        self.colours: dict[int, tuple[int, int, int]] = {}  # a panoptic category's own "color"
 
     def classes(self) -> list[LabelClass]:
+        """Background, then the categories by id as classes 1..N; each keeps its COCO id as its ``code``
+        (``COCO:90``: the ids 1, 5, 90 become 1, 2, 3) and its own colour where the JSON gives one."""
         assert self.categories is not None
         colours = distinct_colours(len(self.categories) + 1)
         out = [LabelClass(value=0, name="background", color=colours[0])]
-        for value, (_, name) in enumerate(sorted(self.categories.items()), start=1):
-            out.append(LabelClass(value=value, name=name, color=colours[value]))
+        for value, (cat_id, name) in enumerate(sorted(self.categories.items()), start=1):
+            out.append(LabelClass(value=value, name=name, color=self.colours.get(cat_id, colours[value]),
+                                  code=f"COCO:{cat_id}"))
         return out
 
     def add(self, source: Path) -> None:
@@ -201,6 +205,7 @@ class _Reader:
         kind, split_name = match["kind"], match["split"]
         data = _load(source)
         categories = _categories(source, data["categories"])
+        self.colours.update(_colours(data["categories"]))
         if self.categories is None or self.first is None:
             self.categories, self.first = categories, source
         elif categories != self.categories:
@@ -321,6 +326,19 @@ def _load(source: Path) -> dict:
         if not isinstance(data.get(key), list):
             raise InvalidInputError(source, f"has no '{key}' list: not a COCO annotation file")
     return data
+
+
+def _colours(entries: list) -> dict[int, tuple[int, int, int]]:
+    """The categories' ``color`` (COCO panoptic's [r, g, b]), where one is well formed."""
+    out = {}
+    for cat in entries:
+        if not isinstance(cat, dict):
+            continue
+        colour = cat.get("color")
+        if isinstance(cat.get("id"), int) and isinstance(colour, list) and len(colour) == 3 and \
+                all(isinstance(c, int) and 0 <= c <= 255 for c in colour):
+            out[cat["id"]] = (colour[0], colour[1], colour[2])
+    return out
 
 
 def _categories(source: Path, entries: list) -> dict[int, str]:
