@@ -80,7 +80,8 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         progress.update(task, completed=info["step"])
         if "validation" in info:
             v = info["validation"]
-            scores = ", ".join(f"{k} {d:.3f}" for k, d in v["dice"].items() if d is not None)  # classes present
+            # every class, as validation.md lists them: one absent from the validation data is "n/a", not left out
+            scores = ", ".join(f"{k} {'n/a' if d is None else f'{d:.3f}'}" for k, d in v["dice"].items())
             mean = "n/a" if v["mean_foreground"] is None else f"{v['mean_foreground']:.3f}"
             console.print(f"step {info['step']}: validation mean foreground Dice {mean} (best: step "
                           f"{v['best_step']}); {escape(scores)}", highlight=False, soft_wrap=True)
