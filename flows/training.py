@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from flows.trainspace import CaseGrid, check_grids, with_training_spacing
+from flows.trainspace import CaseGrid, check_grids, volume_in_model_space, with_training_spacing
 from segmentation.augment import Augmentation
 from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
@@ -133,7 +133,7 @@ def _in_memory(array: Any, budget: list[int]) -> Any:
     return np.asarray(array[...])
 
 
-def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingSample:
+def _sample(card: ModelCard, image: ImageStore, labels: ImageStore, work: Path) -> TrainingSample:
     src = labels.meta.source.path
     if image.spatial_shape != labels.spatial_shape:
         raise IncompatibleInputError(src, f"label grid {labels.spatial_shape} differs from the image's "
@@ -146,6 +146,16 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore) -> TrainingS
     if image.image.shape[0] != card.input.channels:
         raise IncompatibleInputError(image.meta.source.path, f"has {image.image.shape[0]} channels, the card "
                                                              f"expects {card.input.channels}")
+    # a volume off the card's grid is taken there first, as segment takes its inputs; its labels carry the
+    # image's invalid voxels as IGNORE through the nearest-neighbour resampling
+    moved = volume_in_model_space(card, image.meta.geometry, image.image,
+                                  MaskedLabels(labels, image.mask), work / "model-space", name=str(src))
+    if moved is not None:
+        budget = [IN_MEMORY_BYTES]
+        pixels = _in_memory(moved[0], budget)
+        return TrainingSample(image=pixels, labels=_in_memory(moved[1], budget),
+                              stats=statistics_for(card.input.normalization, pixels, None), ignore_index=IGNORE,
+                              name=src)
     # over the valid pixels, as inference takes them (the label pixels outside the mask are ignored too)
     stats = statistics_for(card.input.normalization, image.image, image.mask)
     budget = [IN_MEMORY_BYTES]
@@ -187,7 +197,7 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
         for n, (image_path, labels_path) in enumerate(pairs):
             image = _open(image_path, work / f"{n}-{stem_of(image_path)}.image.zarr")
             labels = _open(labels_path, work / f"{n}-{stem_of(labels_path)}.labels.zarr")
-            samples.append(_sample(card, image, labels))
+            samples.append(_sample(card, image, labels, work / f"{n}-model"))
             grids.append(CaseGrid(str(image_path), image.meta.geometry, tuple(image.spatial_shape)))
             sources.append({"image": image.meta.source.model_dump(), "labels": labels.meta.source.model_dump()})
             ids.append(f"{n}-{stem_of(image_path)}")
@@ -348,7 +358,11 @@ def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budg
     if label_shape != image_shape[1:]:
         raise IncompatibleInputError(case.labels or where, f"labels shape {label_shape} differs from the "
                                                            f"image's {image_shape[1:]}")
-    return TrainingSample(image=_in_memory(data.image, budget), labels=_in_memory(data.labels, budget),
+    image, labels = data.image, data.labels
+    moved = volume_in_model_space(card, data.geometry, image, labels, work / "model-space", name=str(where))
+    if moved is not None:  # a scan off the card's grid, taken there as segment takes its inputs
+        image, labels = moved[0], moved[1]
+    return TrainingSample(image=_in_memory(image, budget), labels=_in_memory(labels, budget),
                           ignore_index=dataset.ignore_index, name=str(case.labels or where))
 
 

@@ -13,12 +13,19 @@ word.  Until training resamples its cases itself, two rules:
   of other sizes to the one the network learned, as nnU-Net's plans do.  Cases of mixed sizes record none.
 
 Pictures (VOC, Cityscapes, COCO) have no geometry: neither rule applies to them.
+
+Volumes are the exception to the first rule: a Decathlon or nnU-Net dataset's scans come at many voxel sizes,
+and its model's card names one (as nnU-Net's plans do).  A volume off the card's grid is taken there before
+training (:func:`volume_in_model_space`), exactly as ``segment`` takes its inputs (:func:`storage.resample.to_model`:
+MONAI's ``Orientationd`` + ``Spacingd``, the card's interpolation for the image, nearest neighbour for the
+labels), written once into the training run's work folder and sampled from there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,11 +45,12 @@ class CaseGrid:
 
 
 def check_grids(card: ModelCard, grids: Sequence[CaseGrid]) -> None:
-    """Refuse the first case ``segment`` would not show the network as it is (its grid is not the model's)."""
+    """Refuse the first raster ``segment`` would not show the network as it is (its grid is not the model's);
+    volumes are resampled (:func:`volume_in_model_space`) and are not refused for it."""
     from flows.modelspace import card_mapping
 
     for grid in grids:
-        if grid.geometry is None:
+        if grid.geometry is None or isinstance(grid.geometry, VolumeGeometry):
             continue
         try:
             mapping = card_mapping(card, grid.geometry, grid.shape)
@@ -56,6 +64,47 @@ def check_grids(card: ModelCard, grids: Sequence[CaseGrid]) -> None:
                                                 "resample the images and labels to the card's grid (labels by "
                                                 "nearest neighbour), or train with a card without "
                                                 "input.spacing/orientation/crs")
+
+
+VOLUME_CHUNK = 64  # the resampled copy's chunk edge: patches read a few chunks each
+
+
+def volume_in_model_space(card: ModelCard, geometry: Any, image: Any, labels: Any, work: Path,
+                          name: str | None = None) -> tuple[Any, Any, Any] | None:
+    """(image, labels, mapping) of a volume case on the card's model grid, stored as zarr arrays under
+    ``work``; None when the case is on it already, or is no volume.  ``image`` is (C, K, J, I), ``labels``
+    (K, J, I), as ingest stores them."""
+    import dask.array as da
+    import zarr
+
+    from flows.modelspace import card_mapping
+    from storage.grids import GridMapping
+    from storage.layout import ARRAY_CONFIG
+    from storage.resample import to_model
+
+    if not isinstance(geometry, VolumeGeometry):
+        return None
+    shape = tuple(int(n) for n in image.shape[1:])
+    try:
+        mapping = card_mapping(card, geometry, shape)
+    except InvalidInputError as exc:
+        raise IncompatibleInputError(name, f"{exc.problem} (model {card.name!r}'s model space)") from None
+    if not isinstance(mapping, GridMapping):
+        return None
+    chunks = tuple(min(VOLUME_CHUNK, n) for n in shape)
+    img = da.from_array(image, chunks=(int(image.shape[0]), *chunks)).astype(np.float32)
+    lab = da.from_array(labels, chunks=chunks)[None].astype(np.float32)
+    moved = to_model(img, mapping, chunks=VOLUME_CHUNK, mode=card.input.interpolation)
+    moved_labels = to_model(lab, mapping, chunks=VOLUME_CHUNK, mode="nearest")[0].astype(np.dtype(labels.dtype))
+    work.mkdir(parents=True, exist_ok=True)
+    out_chunks = tuple(min(VOLUME_CHUNK, n) for n in moved.shape[1:])
+    image_out = zarr.create_array(str(work / "model-image"), shape=moved.shape, dtype="float32",
+                                  chunks=(int(moved.shape[0]), *out_chunks), config=ARRAY_CONFIG)
+    labels_out = zarr.create_array(str(work / "model-labels"), shape=moved_labels.shape, dtype=moved_labels.dtype,
+                                   chunks=out_chunks, config=ARRAY_CONFIG)
+    da.store([moved.rechunk(image_out.chunks), moved_labels.rechunk(labels_out.chunks)], [image_out, labels_out],
+             lock=False, scheduler="threads")
+    return image_out, labels_out, mapping
 
 
 def with_training_spacing(card: ModelCard, grids: Sequence[CaseGrid]) -> tuple[ModelCard, str | None]:

@@ -207,3 +207,37 @@ def test_cases_off_the_cards_grid_are_refused_and_a_card_without_spacing_records
     assert mixed.exit_code == 0, mixed.output
     assert "the training cases differ in pixel or voxel size" in " ".join(mixed.output.split())
     assert read_card(tmp_path / "m3" / "card.json").input.spacing is None
+
+
+def test_volumes_off_the_cards_grid_are_resampled_to_it_as_segment_does(tmp_path):
+    """A Decathlon dataset's scans at 1.5 x 1 x 2.5 mm, a card at 2 mm: training had sampled the native grid
+    (and segment then showed the network 2 mm inputs). Each case is now taken to the card's grid first, by the
+    function segment uses (storage.resample.to_model), image by the card's interpolation, labels by nearest."""
+    import dask.array as da
+
+    from flows.modelspace import card_mapping
+    from storage.ingest import ingest
+    from storage.resample import to_model
+
+    root = tmp_path / "Dataset044_Spaced"
+    nnunet_dataset(root, cases=("liver_001", "liver_002"))
+    card = json.loads(_card(tmp_path / "card.json", spatial_dims=3, channels=2, roi=[8, 8, 8]).read_text())
+    card["input"].update(spacing=[2.0, 2.0, 2.0], spacing_unit="mm")
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    result = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(tmp_path / "card.json"), "--out",
+                                 str(tmp_path / "m"), "--steps", "2", "--batch-size", "1", "--val-fraction", "0.5"])
+    assert result.exit_code == 0, result.output
+    trained = read_card(tmp_path / "m" / "card.json")
+    label = ingest(root / "labelsTr" / "liver_001.nii.gz", tmp_path / "l.zarr")
+    mapping = card_mapping(trained, label.meta.geometry, tuple(label.spatial_shape))
+    assert mapping is not None and tuple(mapping.model_shape) != tuple(label.spatial_shape)
+    shapes = trained.training["sample_shapes"]
+    assert shapes and all(tuple(s[1:]) == tuple(mapping.model_shape) for s in shapes), shapes
+    # the labels training sampled are segment's resampling of the dataset's own, nearest neighbour
+    from flows.trainspace import volume_in_model_space
+
+    image = ingest(root / "imagesTr" / "liver_001_0000.nii.gz", tmp_path / "i.zarr")
+    _, moved, _ = volume_in_model_space(trained, image.meta.geometry, image.image, label.image[0], tmp_path / "w")
+    expected = to_model(da.from_zarr(label.image).astype(np.float32), mapping, mode="nearest")[0].compute()
+    np.testing.assert_array_equal(moved[...], expected.astype(moved.dtype))
+    assert set(np.unique(moved[...])) <= set(np.unique(label.image[...]))
