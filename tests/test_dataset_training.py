@@ -241,3 +241,22 @@ def test_volumes_off_the_cards_grid_are_resampled_to_it_as_segment_does(tmp_path
     expected = to_model(da.from_zarr(label.image).astype(np.float32), mapping, mode="nearest")[0].compute()
     np.testing.assert_array_equal(moved[...], expected.astype(moved.dtype))
     assert set(np.unique(moved[...])) <= set(np.unique(label.image[...]))
+
+
+def test_an_image_label_pair_volume_is_resampled_to_the_cards_grid_too(tmp_path):
+    from flows.modelspace import card_mapping
+    from flows.training import train_from_files
+    from segmentation.card import ModelCard
+    from storage import samples
+    from storage.ingest import ingest
+
+    image, truth = samples.make_phantom(tmp_path / "p.nii.gz", shape=(24, 20, 12), seed=3)
+    card = json.loads(_card(tmp_path / "card.json", spatial_dims=3, channels=1, roi=[8, 8, 8]).read_text())
+    card["input"].update(spacing=[2.0, 2.0, 2.0], spacing_unit="mm")
+    card["classes"] = [{"value": 0, "name": "bg"}, {"value": 1, "name": "tissue"}, {"value": 2, "name": "lesion"}]
+    model = train_from_files(ModelCard.model_validate(card), [(image, truth)], tmp_path / "m", steps=2,
+                             batch_size=1)
+    store = ingest(image, tmp_path / "s.zarr")
+    mapping = card_mapping(model.card, store.meta.geometry, tuple(store.spatial_shape))
+    assert mapping is not None
+    assert [tuple(s[1:]) for s in model.card.training["sample_shapes"]] == [tuple(mapping.model_shape)]
