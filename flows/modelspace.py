@@ -125,11 +125,19 @@ def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOption
 
     A STAC item's store holds the bands picked at ingest, in the model's order.
     """
+    return card_bands(store, model.card, options.bands)
+
+
+def card_bands(store: ImageStore, card: ModelCard, bands: list[str] | None = None) -> tuple[Any, list[str] | None]:
+    """:func:`band_selection` for a card alone: training reads its rasters through it, so the network learns
+    from the bands, in the order and units, that ``segment`` will give it (training had read the file's bands
+    in the file's order and stored units: a card naming blue, green, red, nir trained on a file storing nir
+    first, and a card in reflectance on digital numbers)."""
     from storage.bands import apply_units
 
     names = preselected(store.meta)
-    image, names = (store.image, names) if names is not None else _chosen_bands(store, model, options)
-    spec = model.card.input
+    image, names = (store.image, names) if names is not None else _choose(store, card, bands)
+    spec = card.input
     return apply_units(image, store.meta, units=spec.units, dn_scale=spec.dn_scale, names=names), names
 
 
@@ -151,8 +159,13 @@ def _picked(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> l
 
 def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:
     """The image the network sees, and the names of the bands chosen (None: every band, in the stored order)."""
+    return _choose(store, model.card, options.bands)
+
+
+def _choose(store: ImageStore, card: ModelCard, bands: list[str] | None) -> tuple[Any, list[str] | None]:
     offered = list(store.meta.channel_names)
-    picked = _picked(store, model, options)
+    picked = chosen_bands(offered, _names_bands(store), bands, card.input.channel_names or [],
+                          f"model {card.name!r}")
     if picked is None or picked == list(range(len(offered))):
         return store.image, None
     return da.from_zarr(store.image)[picked], [offered[i] for i in picked]

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydantic import ValidationError
 
+from flows.modelspace import card_bands
 from flows.trainspace import CaseGrid, check_grids, volume_in_model_space, with_training_spacing
 from segmentation.augment import Augmentation
 from segmentation.card import ModelCard
@@ -143,8 +144,14 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore, work: Path) 
     problem = label_grid_problem(image.meta.geometry, labels.meta.geometry, image.meta.source.path)
     if problem is not None:
         raise IncompatibleInputError(src, problem)
-    if image.image.shape[0] != card.input.channels:
-        raise IncompatibleInputError(image.meta.source.path, f"has {image.image.shape[0]} channels, the card "
+    source = image.image
+    if image.meta.kind == "raster":  # the bands, order and units segment gives the network (card_bands)
+        try:
+            source, _ = card_bands(image, card)
+        except IncompatibleInputError as exc:
+            raise IncompatibleInputError(image.meta.source.path, exc.problem) from None
+    if source.shape[0] != card.input.channels:
+        raise IncompatibleInputError(image.meta.source.path, f"has {source.shape[0]} channels, the card "
                                                              f"expects {card.input.channels}")
     # a volume off the card's grid is taken there first, as segment takes its inputs; its labels carry the
     # image's invalid voxels as IGNORE through the nearest-neighbour resampling
@@ -157,11 +164,11 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore, work: Path) 
                               stats=statistics_for(card.input.normalization, pixels, None), ignore_index=IGNORE,
                               name=src)
     # over the valid pixels, as inference takes them (the label pixels outside the mask are ignored too)
-    stats = statistics_for(card.input.normalization, image.image, image.mask)
+    stats = statistics_for(card.input.normalization, source, image.mask)
     budget = [IN_MEMORY_BYTES]
-    pixels = _in_memory(image.image, budget)
+    pixels = _in_memory(source, budget)
     targets: Any = MaskedLabels(labels, image.mask)
-    if pixels is not image.image:
+    if pixels is not source:
         targets = targets[...]
     valid = None if image.mask is None else _in_memory(image.mask, budget)
     return TrainingSample(image=pixels, labels=targets, stats=stats, ignore_index=IGNORE, name=src, valid=valid)
@@ -351,14 +358,19 @@ def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budg
     data = dataset.read(case, work)
     where = case.images[0] if case.images else dataset.root
     grids.append(CaseGrid(str(where), data.geometry, tuple(data.image.shape)[1:]))
-    image_shape, label_shape = tuple(data.image.shape), tuple(data.labels.shape)
+    image, labels = data.image, data.labels
+    if data.store is not None and data.store.meta.kind == "raster":  # the bands segment gives the network
+        try:
+            image, _ = card_bands(data.store, card)
+        except IncompatibleInputError as exc:
+            raise IncompatibleInputError(where, exc.problem) from None
+    image_shape, label_shape = tuple(image.shape), tuple(labels.shape)
     if len(image_shape) != card.input.spatial_dims + 1 or image_shape[0] != card.input.channels:
         raise IncompatibleInputError(where, f"image shape {image_shape} is not ({card.input.channels} channels, "
                                             f"{card.input.spatial_dims} spatial axes)")
     if label_shape != image_shape[1:]:
         raise IncompatibleInputError(case.labels or where, f"labels shape {label_shape} differs from the "
                                                            f"image's {image_shape[1:]}")
-    image, labels = data.image, data.labels
     moved = volume_in_model_space(card, data.geometry, image, labels, work / "model-space", name=str(where))
     if moved is not None:  # a scan off the card's grid, taken there as segment takes its inputs
         image, labels = moved[0], moved[1]

@@ -260,3 +260,33 @@ def test_an_image_label_pair_volume_is_resampled_to_the_cards_grid_too(tmp_path)
     mapping = card_mapping(model.card, store.meta.geometry, tuple(store.spatial_shape))
     assert mapping is not None
     assert [tuple(s[1:]) for s in model.card.training["sample_shapes"]] == [tuple(mapping.model_shape)]
+
+
+def test_training_reads_a_rasters_bands_in_the_order_and_units_segment_gives_them(tmp_path):
+    """A card naming blue, green, red, nir trained on a file storing nir first took the file's order, and a card in
+    reflectance took the stored digital numbers, while segment reorders by name and applies scale and offset:
+    the network learnt from other pixels than it was then shown."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from flows.training import _open, _sample
+    from segmentation.card import ModelCard
+
+    dn = np.random.default_rng(1).integers(1000, 3000, (4, 40, 48)).astype(np.uint16)
+    path = tmp_path / "scene.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=48, height=40, count=4, dtype="uint16", crs="EPSG:32633",
+                       transform=from_origin(500000, 4000000, 10, 10)) as dst:
+        dst.write(dn)
+        for i, name in enumerate(["nir", "red", "green", "blue"], start=1):
+            dst.set_band_description(i, name)
+        dst.scales, dst.offsets = (1e-4,) * 4, (-0.1,) * 4
+    labels = tmp_path / "labels.tif"
+    with rasterio.open(labels, "w", driver="GTiff", width=48, height=40, count=1, dtype="uint8", crs="EPSG:32633",
+                       transform=from_origin(500000, 4000000, 10, 10)) as dst:
+        dst.write(np.zeros((1, 40, 48), np.uint8))
+    card = json.loads(_card(tmp_path / "card.json", spatial_dims=2, channels=4, roi=[16, 16]).read_text())
+    card["input"].update(channel_names=["blue", "green", "red", "nir"], units="reflectance")
+    sample = _sample(ModelCard.model_validate(card), _open(path, tmp_path / "i.zarr"),
+                     _open(labels, tmp_path / "l.zarr"), tmp_path / "w")
+    expected = dn[::-1].astype(np.float64) * 1e-4 - 0.1  # blue first, in reflectance
+    np.testing.assert_allclose(np.asarray(sample.image[...], dtype=np.float64), expected, atol=1e-6)

@@ -267,7 +267,8 @@ def test_training_takes_a_percentile_card_s_statistics_over_valid_pixels_as_infe
     assert 0 < valid.mean() < 1  # the scene has a nodata margin
     card = small_card(normalization={"mode": "percentile", "lower": 2.0, "upper": 98.0, "b_min": 0.0,
                                      "b_max": 1.0})
-    sample = _sample(card, _open(image_path, tmp_path / "i.zarr"), _open(truth_path, tmp_path / "l.zarr"))
+    sample = _sample(card, _open(image_path, tmp_path / "i.zarr"), _open(truth_path, tmp_path / "l.zarr"),
+                     tmp_path / "w")
     assert list(sample.stats) == image_percentiles(pixels, [2.0, 98.0], valid)
     assert list(sample.stats) != image_percentiles(pixels, [2.0, 98.0])
     assert np.array_equal(np.asarray(sample.valid), valid)  # and its nodata pixels are 0 for the network

@@ -60,6 +60,7 @@ class CaseData:
     labels: Any
     spacing: tuple[float, ...]
     geometry: Any = None
+    store: Any = None  # the ingested image store (rasters): training reads its bands as segment does
 
 
 class Dataset(Protocol):

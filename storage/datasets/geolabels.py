@@ -287,7 +287,7 @@ class GeoDataset:
             labels.validate()
         geometry = image.meta.geometry
         spacing = raster_spacing(geometry) if isinstance(geometry, RasterGeometry) else (1.0, 1.0)
-        return CaseData(image=image.image, labels=labels, spacing=spacing, geometry=geometry)
+        return CaseData(image=image.image, labels=labels, spacing=spacing, geometry=geometry, store=image)
 
     def validate_labels(self, work: Path | None = None) -> dict[int, int]:
         """Scan every case's labels chunk by chunk; raise naming the file with values outside the table,
