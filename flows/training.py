@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from flows.modelspace import card_bands
-from flows.trainspace import CaseGrid, check_grids, volume_in_model_space, with_training_spacing
+from flows.trainspace import CaseGrid, raster_in_model_space, volume_in_model_space, with_training_spacing
 from segmentation.augment import Augmentation
 from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
@@ -153,16 +153,20 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore, work: Path) 
     if source.shape[0] != card.input.channels:
         raise IncompatibleInputError(image.meta.source.path, f"has {source.shape[0]} channels, the card "
                                                              f"expects {card.input.channels}")
-    # a volume off the card's grid is taken there first, as segment takes its inputs; its labels carry the
-    # image's invalid voxels as IGNORE through the nearest-neighbour resampling
-    moved = volume_in_model_space(card, image.meta.geometry, image.image,
-                                  MaskedLabels(labels, image.mask), work / "model-space", name=str(src))
+    # a case off the card's grid is taken there first, as segment takes its inputs; its labels carry the
+    # image's invalid pixels as IGNORE through the nearest-neighbour resampling
+    masked = MaskedLabels(labels, image.mask)
+    moved = volume_in_model_space(card, image.meta.geometry, source, masked, work / "model-space", name=str(src))
+    if moved is None:
+        moved = raster_in_model_space(card, image.meta.geometry, source, masked, image.mask, work / "model-space",
+                                      IGNORE, name=str(src))
     if moved is not None:
         budget = [IN_MEMORY_BYTES]
-        pixels = _in_memory(moved[0], budget)
+        pixels, valid = _in_memory(moved[0], budget), moved[2]
+        valid = None if valid is None else _in_memory(valid, budget)
         return TrainingSample(image=pixels, labels=_in_memory(moved[1], budget),
-                              stats=statistics_for(card.input.normalization, pixels, None), ignore_index=IGNORE,
-                              name=src)
+                              stats=statistics_for(card.input.normalization, pixels, valid), ignore_index=IGNORE,
+                              name=src, valid=valid)
     # over the valid pixels, as inference takes them (the label pixels outside the mask are ignored too)
     stats = statistics_for(card.input.normalization, source, image.mask)
     budget = [IN_MEMORY_BYTES]
@@ -210,7 +214,6 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
             ids.append(f"{n}-{stem_of(image_path)}")
         digest = hashlib.sha256("".join(f"{s['image']['sha256']}\t{s['labels']['sha256']}\n"
                                         for s in sources).encode()).hexdigest()
-        check_grids(card, grids)  # before any step: a case the model would see resampled
         saved_card = _with_spacing(card, grids, say)
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       precision=precision, patch=patch, holdout=held, val_every=val_every, resume=resume,
@@ -326,7 +329,6 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
         grids: list[CaseGrid] = []
         for i in split.train + split.val:
             samples[i] = _case_sample(card, dataset, cases[i], work / f"case-{i}", budget, grids)
-        check_grids(card, grids)  # before any step: a case the model would see resampled
         saved_card = _with_spacing(card, grids, say)
         digest = dataset_fingerprint(dataset)
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size,  # type: ignore[arg-type]
@@ -371,11 +373,18 @@ def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budg
     if label_shape != image_shape[1:]:
         raise IncompatibleInputError(case.labels or where, f"labels shape {label_shape} differs from the "
                                                            f"image's {image_shape[1:]}")
+    # a case off the card's grid, taken there as segment takes its inputs
     moved = volume_in_model_space(card, data.geometry, image, labels, work / "model-space", name=str(where))
-    if moved is not None:  # a scan off the card's grid, taken there as segment takes its inputs
-        image, labels = moved[0], moved[1]
+    if moved is None and data.store is not None:
+        moved = raster_in_model_space(card, data.geometry, image, labels, data.store.mask, work / "model-space",
+                                      IGNORE if dataset.ignore_index is None else dataset.ignore_index,
+                                      name=str(where))
+    valid = None
+    if moved is not None:
+        image, labels, valid = moved
     return TrainingSample(image=_in_memory(image, budget), labels=_in_memory(labels, budget),
-                          ignore_index=dataset.ignore_index, name=str(case.labels or where))
+                          ignore_index=dataset.ignore_index, name=str(case.labels or where),
+                          valid=None if valid is None else _in_memory(valid, budget))
 
 
 def _open(path: Path, store: Path) -> ImageStore:

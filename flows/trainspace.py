@@ -1,24 +1,21 @@
 """The training data's grid against the card's model space: a model learns where ``segment`` will show it inputs.
 
 ``segment`` takes each input to the card's model space (its spacing or ground sample distance, orientation and
-CRS: :func:`flows.modelspace.card_mapping`) before the network sees it.  Training read its cases on their own
-grids, so a card saying 20 m trained on 10 m tiles and then segmented every tile at 20 m, and a card saying
+CRS: :func:`flows.modelspace.card_mapping`) before the network sees it.  Training had read its cases on their
+own grids, so a card saying 20 m trained on 10 m tiles and then segmented every tile at 20 m, and a card saying
 nothing left ``segment`` to run 20 m scenes through a network that had only seen 10 m ones, both without a
-word.  Until training resamples its cases itself, two rules:
+word.  Now:
 
-- a case whose grid is not the card's model grid is refused, in one line naming it, before any step
-  (:func:`check_grids`);
+- a case off the card's grid is taken there before training, by the functions ``segment`` uses, into the
+  run's work folder: a volume by :func:`storage.resample.to_model` (MONAI's ``Orientationd`` + ``Spacingd``,
+  the card's interpolation; :func:`volume_in_model_space`), a raster by :func:`storage.warp.warp` (the card's
+  GDAL kernel; :func:`raster_in_model_space`); labels by nearest neighbour.  A Decathlon dataset's scans of
+  many voxel sizes train at the card's one, as nnU-Net's plans do;
 - a card that declares no spacing gets the training data's, when every case has a geometry and they all share
   one pixel or voxel size in metres or millimetres (:func:`with_training_spacing`), so ``segment`` takes inputs
-  of other sizes to the one the network learned, as nnU-Net's plans do.  Cases of mixed sizes record none.
+  of other sizes to the one the network learned.  Cases of mixed sizes record none.
 
 Pictures (VOC, Cityscapes, COCO) have no geometry: neither rule applies to them.
-
-Volumes are the exception to the first rule: a Decathlon or nnU-Net dataset's scans come at many voxel sizes,
-and its model's card names one (as nnU-Net's plans do).  A volume off the card's grid is taken there before
-training (:func:`volume_in_model_space`), exactly as ``segment`` takes its inputs (:func:`storage.resample.to_model`:
-MONAI's ``Orientationd`` + ``Spacingd``, the card's interpolation for the image, nearest neighbour for the
-labels), written once into the training run's work folder and sampled from there.
 """
 
 from __future__ import annotations
@@ -44,34 +41,12 @@ class CaseGrid:
     shape: tuple[int, ...]
 
 
-def check_grids(card: ModelCard, grids: Sequence[CaseGrid]) -> None:
-    """Refuse the first raster ``segment`` would not show the network as it is (its grid is not the model's);
-    volumes are resampled (:func:`volume_in_model_space`) and are not refused for it."""
-    from flows.modelspace import card_mapping
-
-    for grid in grids:
-        if grid.geometry is None or isinstance(grid.geometry, VolumeGeometry):
-            continue
-        try:
-            mapping = card_mapping(card, grid.geometry, grid.shape)
-        except InvalidInputError as exc:
-            raise IncompatibleInputError(grid.name, f"{exc.problem} (model {card.name!r}'s model space)") from None
-        if mapping is None:
-            continue
-        raise IncompatibleInputError(grid.name, f"is on {_grid_words(grid)}, and model {card.name!r} works on "
-                                                f"{_card_words(card)}: segment would show the network this "
-                                                "case's inputs resampled, and training does not resample; "
-                                                "resample the images and labels to the card's grid (labels by "
-                                                "nearest neighbour), or train with a card without "
-                                                "input.spacing/orientation/crs")
-
-
 VOLUME_CHUNK = 64  # the resampled copy's chunk edge: patches read a few chunks each
 
 
 def volume_in_model_space(card: ModelCard, geometry: Any, image: Any, labels: Any, work: Path,
-                          name: str | None = None) -> tuple[Any, Any, Any] | None:
-    """(image, labels, mapping) of a volume case on the card's model grid, stored as zarr arrays under
+                          name: str | None = None) -> tuple[Any, Any, None] | None:
+    """(image, labels, None: no mask) of a volume case on the card's model grid, stored as zarr arrays under
     ``work``; None when the case is on it already, or is no volume.  ``image`` is (C, K, J, I), ``labels``
     (K, J, I), as ingest stores them."""
     import dask.array as da
@@ -104,7 +79,55 @@ def volume_in_model_space(card: ModelCard, geometry: Any, image: Any, labels: An
                                    chunks=out_chunks, config=ARRAY_CONFIG)
     da.store([moved.rechunk(image_out.chunks), moved_labels.rechunk(labels_out.chunks)], [image_out, labels_out],
              lock=False, scheduler="threads")
-    return image_out, labels_out, mapping
+    return image_out, labels_out, None  # every model voxel has a value (MONAI's border padding): no mask
+
+
+RASTER_CHUNK = 512
+
+
+def raster_in_model_space(card: ModelCard, geometry: Any, image: Any, labels: Any, valid: Any, work: Path,
+                          ignore: int, name: str | None = None) -> tuple[Any, Any, Any] | None:
+    """(image, labels, valid) of a raster case on the card's model grid (its GSD and CRS), as zarr arrays under
+    ``work``; None when the case is on it already, or is no raster.  The image is warped by the card's kernel
+    (:mod:`storage.warp`, which segment's windows use: bilinear refining, average coarsening), the labels by
+    nearest neighbour; model pixels no valid input pixel reaches are invalid, and their labels ``ignore``."""
+    import dask.array as da
+    import zarr
+
+    from flows.modelspace import card_mapping
+    from storage.layout import ARRAY_CONFIG
+    from storage.rastergrid import RasterMapping
+    from storage.warp import valid_on, warp
+
+    if not isinstance(geometry, RasterGeometry):
+        return None
+    shape = tuple(int(n) for n in image.shape[1:])
+    try:
+        mapping = card_mapping(card, geometry, shape)
+    except InvalidInputError as exc:
+        raise IncompatibleInputError(name, f"{exc.problem} (model {card.name!r}'s model space)") from None
+    if not isinstance(mapping, RasterMapping):
+        return None
+    chunks = tuple(min(RASTER_CHUNK, n) for n in shape)
+    img = image if isinstance(image, da.Array) else da.from_array(image, chunks=(int(image.shape[0]), *chunks))
+    mask = None if valid is None else da.from_array(valid, chunks=chunks)
+    lab = da.from_array(labels, chunks=chunks)[None].astype(np.float32)
+    moved = warp(img.astype(np.float32), mapping.input, mapping.model, mapping.forward, mapping.scale, RASTER_CHUNK,
+                 valid=mask, dtype=np.float32)
+    moved_labels = warp(lab, mapping.input, mapping.model, "nearest", mapping.scale, RASTER_CHUNK, valid=mask,
+                        dtype=np.float32)[0]
+    ones = da.ones(shape, dtype=np.uint8, chunks=chunks) if mask is None else mask.astype(np.uint8)
+    model_valid = valid_on(ones, mapping, RASTER_CHUNK)
+    moved_labels = da.where(model_valid, moved_labels, ignore).astype(np.dtype(labels.dtype))
+    work.mkdir(parents=True, exist_ok=True)
+    out_chunks = tuple(min(RASTER_CHUNK, n) for n in moved.shape[1:])
+    outs = [zarr.create_array(str(work / f"model-{what}"), shape=arr.shape, dtype=arr.dtype,
+                              chunks=((int(arr.shape[0]),) if arr.ndim == 3 else ()) + out_chunks,
+                              config=ARRAY_CONFIG)
+            for what, arr in (("image", moved), ("labels", moved_labels), ("valid", model_valid))]
+    da.store([a.rechunk(o.chunks) for a, o in zip((moved, moved_labels, model_valid), outs)], outs, lock=False,
+             scheduler="threads")
+    return outs[0], outs[1], outs[2]
 
 
 def with_training_spacing(card: ModelCard, grids: Sequence[CaseGrid]) -> tuple[ModelCard, str | None]:
@@ -141,33 +164,3 @@ def with_training_spacing(card: ModelCard, grids: Sequence[CaseGrid]) -> tuple[M
 
 def _size(spacing: Sequence[float], unit: str) -> str:
     return " x ".join(f"{v:.6g}" for v in spacing) + f" {unit}"
-
-
-def _grid_words(grid: CaseGrid) -> str:
-    geometry = grid.geometry
-    if isinstance(geometry, RasterGeometry):
-        a, e = float(geometry.transform[0]), float(geometry.transform[4])
-        crs = f"EPSG:{geometry.epsg}" if geometry.epsg else "its CRS" if geometry.crs_wkt else "no CRS"
-        return f"pixels of {abs(a):g} x {abs(e):g} units of {crs}"
-    if isinstance(geometry, VolumeGeometry):
-        import nibabel as nib
-
-        affine = np.asarray(geometry.affine_mm(), dtype=np.float64)
-        norms = np.linalg.norm(affine[:3, :3], axis=0)
-        return (f"{' x '.join(f'{v:.3g}' for v in norms)} mm voxels in "
-                f"{''.join(nib.orientations.aff2axcodes(affine))}")
-    return "its own grid"
-
-
-def _card_words(card: ModelCard) -> str:
-    spec = card.input
-    parts = []
-    if spec.spacing is not None:
-        unit = spec.spacing_unit or ("m" if spec.spatial_dims == 2 else "mm")
-        values = spec.spacing if spec.spatial_dims == 2 else spec.spacing[::-1]  # a volume's in (i, j, k) order
-        parts.append(" x ".join(f"{v:g}" for v in values) + f" {unit}")
-    if spec.orientation is not None:
-        parts.append(spec.orientation)
-    if spec.crs is not None:
-        parts.append(f"CRS {spec.crs}")
-    return ", ".join(parts) or "its own grid"

@@ -163,12 +163,16 @@ def test_a_decathlon_table_with_a_gap_says_how_values_map_and_records_them(tmp_p
     assert any("4 as class 3" in n for n in case["notes"]), case["notes"]
 
 
-def test_cases_off_the_cards_grid_are_refused_and_a_card_without_spacing_records_the_datas(tmp_path):
+def test_rasters_off_the_cards_grid_are_warped_to_it_and_a_card_without_spacing_records_the_datas(tmp_path):
     """A card saying 20 m trained on 10 m tiles without a word, and segment then showed the network every tile at
     20 m; a card saying nothing let segment run 20 m scenes through a network that had seen only 10 m ones."""
     import nibabel as nib
+    import rasterio
+    from rasterio.warp import Resampling, reproject
 
     from flows.modelspace import card_mapping
+    from flows.training import _case_sample
+    from segmentation.card import ModelCard
     from storage.geometry import RasterGeometry
 
     root = tmp_path / "geo"
@@ -177,12 +181,21 @@ def test_cases_off_the_cards_grid_are_refused_and_a_card_without_spacing_records
     at_20 = json.loads(card.read_text())
     at_20["input"].update(spacing=[20.0, 20.0], spacing_unit="m")
     (tmp_path / "card20.json").write_text(json.dumps(at_20))
-    refused = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(tmp_path / "card20.json"), "--out",
-                                  str(tmp_path / "m20"), "--steps", "2", "--batch-size", "2"])
-    assert refused.exit_code == 2, refused.output
-    line = " ".join(refused.output.split())
-    assert ".tif: is on pixels of 10 x 10 units of EPSG:32633, and model 'tiny-2d' works on 20 x 20 m" in line
-    assert "training does not resample" in line and not (tmp_path / "m20" / "card.json").exists()
+    warped = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(tmp_path / "card20.json"), "--out",
+                                 str(tmp_path / "m20"), "--steps", "2", "--batch-size", "2"])
+    assert warped.exit_code == 0, warped.output
+    trained20 = read_card(tmp_path / "m20" / "card.json")
+    assert all(tuple(s[1:]) == (32, 32) for s in trained20.training["sample_shapes"])  # 64 px of 10 m at 20 m
+    # the labels sampled are GDAL's nearest-neighbour warp of the tile's labels to the 20 m grid
+    dataset = open_dataset(root)
+    case = next(c for c in dataset.cases if c.id == "tile_a")
+    sample = _case_sample(ModelCard.model_validate(at_20), dataset, case, tmp_path / "w", [2**30], [])
+    with rasterio.open(root / "labels" / "tile_a.tif") as src:
+        reference = np.zeros((32, 32), np.uint8)
+        reproject(src.read(1), reference, src_transform=src.transform, src_crs=src.crs,
+                  dst_transform=src.transform * src.transform.scale(2, 2), dst_crs=src.crs,
+                  resampling=Resampling.nearest)
+    np.testing.assert_array_equal(np.asarray(sample.labels[...]), reference)
 
     result = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(card), "--out", str(tmp_path / "m"),
                                  "--steps", "2", "--batch-size", "2"])
