@@ -4,7 +4,8 @@ A nightly run writes what ``segment`` writes, so its users need the same
 choices (polygons, the bands a model gets, DICOM SEG, test-time
 augmentation...); ``nightly`` and ``schedule`` had lacked them although the
 nightly flow and its ledger honour every one.  Each option is an
-``Annotated`` type carrying its typer declaration, and :func:`output_fields`
+``Annotated`` type carrying its typer declaration (nightly's own options too, which ``schedule`` passes to
+its deployment), and :func:`output_fields`
 turns the parsed values into :class:`flows.config.SegmentOptions` fields, so
 the three commands cannot drift apart.  ``--mosaic``, ``--crs`` and
 ``--split-by-tile`` stay ``segment``'s: a nightly run segments inputs one by
@@ -50,6 +51,17 @@ Compile = Annotated[bool, typer.Option(
 TrustBundle = Annotated[bool, typer.Option(
     "--trust-bundle", help="Let MONAI evaluate a bundle's configuration (runs its code) to build a network "
                            "segflow's registry does not know.")]
+
+# nightly's own, which `schedule` passes to the deployment
+Retries = Annotated[int, typer.Option("--retries", min=0, help="Retries of an input after a transient I/O error.")]
+RetryDelay = Annotated[float, typer.Option("--retry-delay", min=0.0, help="Seconds between retries.")]
+LockTimeout = Annotated[float, typer.Option(
+    "--lock-timeout", min=1.0, help="Seconds without a heartbeat after which another run's lock on an input "
+                                    "(OUT/.segflow-locks/) is stale and broken; give every run the same.")]
+Settle = Annotated[float, typer.Option(
+    "--settle", min=0.0, help="Seconds an inbox entry must have been left unchanged to be taken: newer ones are "
+                              "still arriving (a download filling a preallocated file, a DICOM folder filling up) "
+                              "and wait for the next run. Default 0: everything is taken.")]
 
 
 def output_fields(*, bands: str | None, vector: str, simplify: float | None, output_grid: str, model_space: str,

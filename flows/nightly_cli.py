@@ -37,17 +37,11 @@ def nightly_command(
         gpus: bool = typer.Option(False, "--gpus", help="One Dask worker per GPU (dask-cuda), or the GPU "
                                                         "workers of --dask-address."),
         no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
-        retries: int = typer.Option(2, min=0, help="Retries of an input after a transient I/O error."),
-        retry_delay: float = typer.Option(10.0, min=0.0, help="Seconds between retries."),
+        retries: cliopts.Retries = 2,
+        retry_delay: cliopts.RetryDelay = 10.0,
         parallel: int = typer.Option(1, min=1, help="Inputs in flight at once (their windows share the cluster)."),
-        lock_timeout: float = typer.Option(600.0, min=1.0, help="Seconds without a heartbeat after which another "
-                                                                "run's lock on an input (OUT/.segflow-locks/) is "
-                                                                "stale and broken; give every run the same."),
-        settle: float = typer.Option(0.0, "--settle", min=0.0,
-                                     help="Seconds an inbox entry must have been left unchanged to be taken: "
-                                          "newer ones are still arriving (a download filling a preallocated file, "
-                                          "a DICOM folder filling up) and wait for the next run. Default 0: "
-                                          "everything is taken."),
+        lock_timeout: cliopts.LockTimeout = 600.0,
+        settle: cliopts.Settle = 0.0,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only (failed and "
                                                                 "no-model inputs): no progress, no table, no "
                                                                 "report paths (the report is still written)."),

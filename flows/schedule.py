@@ -163,14 +163,10 @@ def schedule_command(
                                        help="OUT/<stem>.quicklook.png beside each output (on by default, as in "
                                             "nightly), shown in the run's HTML report and Prefect artifacts."),
         paused: bool = typer.Option(False, "--paused", help="Register the schedule paused (runs by hand only)."),
-        retries: int = typer.Option(2, min=0, help="Retries of an input after a transient I/O error."),
-        retry_delay: float = typer.Option(10.0, min=0.0, help="Seconds between retries."),
-        lock_timeout: float = typer.Option(600.0, min=1.0, help="Seconds without a heartbeat after which another "
-                                                                "run's lock on an input (OUT/.segflow-locks/) is "
-                                                                "stale and broken; give every run the same."),
-        settle: float = typer.Option(0.0, "--settle", min=0.0,
-                                     help="Seconds an inbox entry must have been left unchanged to be taken "
-                                          "(as in nightly)."),
+        retries: cliopts.Retries = 2,
+        retry_delay: cliopts.RetryDelay = 10.0,
+        lock_timeout: cliopts.LockTimeout = 600.0,
+        settle: cliopts.Settle = 0.0,
         bands: cliopts.Bands = None,
         vector: cliopts.Vector = "none",
         simplify: cliopts.Simplify = None,

@@ -41,6 +41,16 @@ class CaseGrid:
     shape: tuple[int, ...]
 
 
+def _mapping(card: ModelCard, geometry: Any, image: Any, name: str | None) -> Any:
+    """The case's map to the card's model grid (None: it is on it), a grid that has none refused naming the case."""
+    from flows.modelspace import card_mapping
+
+    try:
+        return card_mapping(card, geometry, tuple(int(n) for n in image.shape[1:]))
+    except InvalidInputError as exc:
+        raise IncompatibleInputError(name, f"{exc.problem} (model {card.name!r}'s model space)") from None
+
+
 VOLUME_CHUNK = 64  # the resampled copy's chunk edge: patches read a few chunks each
 
 
@@ -52,20 +62,14 @@ def volume_in_model_space(card: ModelCard, geometry: Any, image: Any, labels: An
     import dask.array as da
     import zarr
 
-    from flows.modelspace import card_mapping
     from storage.grids import GridMapping
     from storage.layout import ARRAY_CONFIG
     from storage.resample import to_model
 
-    if not isinstance(geometry, VolumeGeometry):
-        return None
-    shape = tuple(int(n) for n in image.shape[1:])
-    try:
-        mapping = card_mapping(card, geometry, shape)
-    except InvalidInputError as exc:
-        raise IncompatibleInputError(name, f"{exc.problem} (model {card.name!r}'s model space)") from None
+    mapping = _mapping(card, geometry, image, name) if isinstance(geometry, VolumeGeometry) else None
     if not isinstance(mapping, GridMapping):
         return None
+    shape = tuple(int(n) for n in image.shape[1:])
     chunks = tuple(min(VOLUME_CHUNK, n) for n in shape)
     img = da.from_array(image, chunks=(int(image.shape[0]), *chunks)).astype(np.float32)
     lab = da.from_array(labels, chunks=chunks)[None].astype(np.float32)
@@ -94,20 +98,14 @@ def raster_in_model_space(card: ModelCard, geometry: Any, image: Any, labels: An
     import dask.array as da
     import zarr
 
-    from flows.modelspace import card_mapping
     from storage.layout import ARRAY_CONFIG
     from storage.rastergrid import RasterMapping
     from storage.warp import valid_on, warp
 
-    if not isinstance(geometry, RasterGeometry):
-        return None
-    shape = tuple(int(n) for n in image.shape[1:])
-    try:
-        mapping = card_mapping(card, geometry, shape)
-    except InvalidInputError as exc:
-        raise IncompatibleInputError(name, f"{exc.problem} (model {card.name!r}'s model space)") from None
+    mapping = _mapping(card, geometry, image, name) if isinstance(geometry, RasterGeometry) else None
     if not isinstance(mapping, RasterMapping):
         return None
+    shape = tuple(int(n) for n in image.shape[1:])
     chunks = tuple(min(RASTER_CHUNK, n) for n in shape)
     img = image if isinstance(image, da.Array) else da.from_array(image, chunks=(int(image.shape[0]), *chunks))
     mask = None if valid is None else da.from_array(valid, chunks=chunks)
