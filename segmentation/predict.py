@@ -55,11 +55,20 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                                 f"{type(model).__name__}")
     if precision not in ("exact", "fast"):  # "bogus" ran as exact without a word
         raise ConfigError(None, f"precision must be 'exact' or 'fast', got {precision!r}")
+    if type(image).__module__.startswith("torch"):
+        raise ConfigError(None, "image is a torch tensor: give a numpy, zarr or dask array (tensor.cpu().numpy())")
     if not hasattr(image, "ndim") or not hasattr(image, "shape"):
         raise ConfigError(None, f"image must be a (C, *spatial) numpy, zarr or dask array, got {type(image).__name__}")
     if image.ndim not in (3, 4):
         raise ConfigError(None, f"image must be (C, *spatial) with 2 or 3 spatial axes, got shape {image.shape}")
     spatial_dims = image.ndim - 1
+    roi = (roi,) * spatial_dims if isinstance(roi, (int, np.integer)) else roi
+    _check_arguments(image, spatial_dims, roi=roi, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
+                     chunks=chunks, mask=mask, batch_size=batch_size, device=device, normalizer=normalizer,
+                     blend_outputs=blend_outputs)
+    if isinstance(model, LoadedModel) and num_classes is not None and num_classes != model.card.num_classes:
+        raise ConfigError(None, f"num_classes={num_classes}, and model {model.card.name!r} has "
+                                f"{model.card.num_classes} classes (leave num_classes out for a loaded model)")
     if isinstance(model, LoadedModel):
         card = model.card
         if card.input.spatial_dims != spatial_dims:
@@ -130,6 +139,52 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         image if isinstance(image, da.Array) else None
     return StitchPlan(arr, predictor, grid, num_classes=num_classes, normalizer=normalizer, mask=dmask,
                       blend=blend, sigma_scale=sigma_scale, source=stored, one_process=one_process)
+
+
+def _check_arguments(image: Any, spatial_dims: int, *, roi: Any, overlap: Any, blend: Any, sigma_scale: Any,
+                     chunks: Any, mask: Any, batch_size: Any, device: str, normalizer: Any, blend_outputs: Any) -> None:
+    """Every argument checked before a graph is built, each refusal a ``ConfigError`` saying what is wanted.
+
+    Unchecked, ``batch_size=-1`` ran no window at all and returned all-zero probabilities (labels all class 0),
+    a float ``mask`` of 0.3 counted every pixel as valid, ``blend_outputs="bogus"`` ran as probabilities,
+    ``sigma_scale=0`` as 0.125, ``roi=(64.5, 64)`` as 64, and the rest failed deep in torch, MONAI or dask.
+    """
+    dtype = np.dtype(getattr(image, "dtype", np.float32))
+    if dtype.kind not in "biuf":
+        raise ConfigError(None, f"image must hold real numbers (integer or float), got dtype {dtype}")
+    if isinstance(image, da.Array) and any(np.isnan(c) for axis in image.chunks for c in axis):
+        raise ConfigError(None, "the dask image has unknown chunk sizes: call image.compute_chunk_sizes() first")
+    if roi is not None and (isinstance(roi, str) or not all(float(r) == int(r) and int(r) >= 1 for r in roi)):
+        raise ConfigError(None, f"roi must be positive whole numbers, one per spatial axis, got {roi!r}")
+    if overlap is not None and not 0.0 <= float(overlap) < 1.0:
+        raise ConfigError(None, f"overlap must be in [0, 1), got {overlap}")
+    if blend is not None and blend not in ("gaussian", "constant"):
+        raise ConfigError(None, f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    if blend_outputs is not None and blend_outputs not in ("probabilities", "logits"):
+        raise ConfigError(None, f"blend_outputs must be 'probabilities' or 'logits', got {blend_outputs!r}")
+    if sigma_scale is not None and not float(sigma_scale) > 0.0:
+        raise ConfigError(None, f"sigma_scale must be > 0, got {sigma_scale}")
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
+        raise ConfigError(None, f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ConfigError(None, f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if normalizer is not None and not callable(normalizer):
+        raise ConfigError(None, f"normalizer must be a segmentation.normalize.Normalizer (callable), got "
+                                f"{type(normalizer).__name__}")
+    if chunks is not None:
+        sizes = [chunks] if isinstance(chunks, (int, np.integer)) else chunks
+        if isinstance(sizes, str) or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in sizes) or \
+                (not isinstance(chunks, (int, np.integer)) and len(sizes) != spatial_dims):
+            raise ConfigError(None, f"chunks must be a positive whole number or one per spatial axis "
+                                    f"({spatial_dims}), got {chunks!r}")
+    if mask is not None:
+        kind = np.dtype(getattr(mask, "dtype", np.float64)).kind
+        if kind not in "biu":
+            raise ConfigError(None, f"mask must be boolean (True where the image is valid), got dtype "
+                                    f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(getattr(mask, "shape", ())) != tuple(image.shape[1:]):
+            raise ConfigError(None, f"mask shape {tuple(getattr(mask, 'shape', ()))} differs from the image's "
+                                    f"{tuple(image.shape[1:])} (one value per pixel, no channel axis)")
 
 
 def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> int:

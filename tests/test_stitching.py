@@ -415,6 +415,27 @@ def test_torchscript_modules_and_user_mistakes():
     # one sigmoid channel: its softmax is 1 everywhere, and every pixel was class 0 without a word
     with pytest.raises(ConfigError, match="the network gives 1 class channel; .* needs 2 or more"):
         predict(img, nn.Conv2d(1, 1, 1), roi=(16, 16))
+    # arguments checked before a graph: batch_size=-1 ran no window (all-zero probabilities, labels all 0), a float
+    # mask of 0.3 was all valid, "bogus" blend outputs ran as probabilities, sigma 0 as 0.125, roi 64.5 as 64, and
+    # the rest failed deep inside torch, MONAI or dask
+    for kwargs, message in (({"batch_size": -1}, "batch_size must be a whole number >= 1"),
+                            ({"batch_size": 0}, "batch_size must be"),
+                            ({"mask": np.full((30, 30), 0.3)}, "mask must be boolean"),
+                            ({"mask": np.ones((1, 30, 30), bool)}, "mask shape .* no channel axis"),
+                            ({"blend_outputs": "bogus"}, "blend_outputs must be"),
+                            ({"blend": "bogus"}, "blend must be 'gaussian' or 'constant'"),
+                            ({"sigma_scale": 0}, "sigma_scale must be > 0"),
+                            ({"roi": (16.5, 16)}, "roi must be positive whole numbers"),
+                            ({"chunks": 0}, "chunks must be"), ({"chunks": (8, 8, 8)}, "chunks must be"),
+                            ({"chunks": "auto"}, "chunks must be"), ({"device": "bogus"}, "device must be"),
+                            ({"normalizer": "zscore"}, "normalizer must be")):
+        with pytest.raises(ConfigError, match=message):
+            predict(img, net, **{"roi": (16, 16), **kwargs})
+    with pytest.raises(ConfigError, match="torch tensor"):
+        predict(torch.zeros(1, 30, 30), net, roi=(16, 16))
+    with pytest.raises(ConfigError, match="real numbers"):
+        predict(img.astype(np.complex64), net, roi=(16, 16))
+    np.testing.assert_allclose(predict(img, net, roi=16).compute(scheduler="sync"), reference, atol=1e-5)
 
 
 @pytest.mark.parametrize("ndim, shape, roi, flips", [
