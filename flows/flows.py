@@ -24,6 +24,7 @@ from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
 from segmentation import load_model
+from storage.errors import RunFailed
 
 
 @flow(name="segment", persist_result=False, log_prints=True)
@@ -48,20 +49,27 @@ def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: Segm
     """
     outcomes = segment_inputs(inputs, model_dir, out_dir, options)  # a bad model fails the whole batch
     failed = [o for o in outcomes if not o["ok"]]
-    if options is not None and options.mosaic is not None:
-        if failed:
-            return Failed(message=f"mosaic {options.mosaic} failed", data=outcomes)
-        return Completed(message=f"mosaic {options.mosaic} segmented", data=outcomes)
-    if failed:
-        return Failed(message=f"{len(failed)} of {len(outcomes)} inputs failed", data=outcomes)
-    return Completed(message=f"{len(outcomes)} inputs segmented", data=outcomes)
+    mosaic = options is not None and options.mosaic is not None
+    if not failed:
+        return Completed(message=f"mosaic {options.mosaic} segmented" if mosaic  # type: ignore[union-attr]
+                         else f"{len(outcomes)} inputs segmented", data=outcomes)
+    message = (f"mosaic {options.mosaic} failed" if mosaic  # type: ignore[union-attr]
+               else f"{len(failed)} of {len(outcomes)} inputs failed")
+    # an exception as the state's data: a direct call raises it (Prefect could not raise a list: "TypeError:
+    # Unexpected result for failed state"), and batch_outcomes() takes the outcomes from it
+    return Failed(message=message, data=RunFailed(f"{message}: {failed[0]['error']}"
+                                                  + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""),
+                                                  outcomes))
 
 
 def batch_outcomes(state: Any) -> list[dict[str, Any]]:
     """The per-input outcomes of a finished ``segment_batch`` run, failed or not."""
     result = state.result(raise_on_failure=False)
+    if isinstance(result, RunFailed):
+        return result.result  # type: ignore[return-value]
     if isinstance(result, BaseException):
         raise result
     return result
+
 
 

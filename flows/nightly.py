@@ -81,7 +81,7 @@ from flows.routing import loaded, read_models
 from storage import provenance
 from storage.atomic import make_output_folder
 from storage.dicomfiles import SeriesRef
-from storage.errors import ConfigError, SegflowError, one_line
+from storage.errors import ConfigError, RunFailed, SegflowError, one_line
 from storage.remote import is_url
 
 __all__ = ["nightly", "nightly_report", "dashboard_link", "list_inbox", "read_manifest", "is_transient",
@@ -220,7 +220,10 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
 
     publish_artifacts(report, html_path=html_path, quicklooks={} if html_path is None else find_quicklooks(report))
     logger.info("%s; report %s", message, md_path)
-    return Completed(message=message, data=report) if ok else Failed(message=message, data=report)
+    # failed: the report inside an exception, which a direct call raises (Prefect cannot raise a dict) and
+    # nightly_report() unwraps
+    return Completed(message=message, data=report) if ok else Failed(message=message,
+                                                                      data=RunFailed(message, report))
 
 
 def _completed(futures: list[Any]) -> Iterator[Any]:
@@ -332,6 +335,8 @@ def _check_out_beside_inbox(inbox: str | None, out_dir: str) -> None:
 def nightly_report(state: Any) -> dict[str, Any]:
     """The report of a finished ``nightly`` run, failed or not; re-raises what stopped the run before any report."""
     result = state.result(raise_on_failure=False)
+    if isinstance(result, RunFailed):
+        return result.result  # type: ignore[return-value]
     if isinstance(result, BaseException):
         raise result
     return result

@@ -20,6 +20,18 @@ class SegflowError(Exception):
         self.problem = " ".join(str(problem).split())  # always one line
         super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
 
+    def __reduce__(self) -> tuple:
+        """Pickled whole (a Dask worker process sends its errors to the client, Prefect keeps a state's): the
+        default rebuilt the error from its message alone and failed (``__init__`` takes a path and a problem)."""
+        return _restore, (type(self), str(self), dict(self.__dict__))
+
+
+def _restore(cls: type, text: str, state: dict) -> "SegflowError":
+    err = cls.__new__(cls)
+    Exception.__init__(err, text)
+    err.__dict__.update(state)
+    return err
+
 
 class InputError(SegflowError):
     """An input file cannot be used (missing, unreadable, malformed, unsupported)."""
@@ -63,6 +75,15 @@ class ConfigError(SegflowError):
 
 class ProvenanceError(SegflowError):
     """Provenance is missing or does not match the files it describes."""
+
+
+class RunFailed(SegflowError):
+    """A batch or nightly flow run that ended Failed, called without ``return_state``: raised by Prefect with the
+    run's message; ``result`` holds what ``return_state=True`` gives (every outcome, or the run's report)."""
+
+    def __init__(self, problem: str, result: object) -> None:
+        super().__init__(None, problem)
+        self.result = result
 
 
 def one_line(exc: BaseException, label: str | None = None) -> str:

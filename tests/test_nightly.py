@@ -385,6 +385,30 @@ def test_a_manifest_naming_a_file_twice_says_so(models, tmp_path, dask_cluster):
     assert "## Listed more than once" in sorted((tmp_path / "out" / "reports").glob("*.md"))[-1].read_text()
 
 
+def test_flows_called_directly_raise_one_error_that_holds_their_outcomes(models, tmp_path, dask_cluster):
+    """Called as Python functions (no return_state), a failed segment_batch or nightly raised Prefect's
+    "TypeError: Unexpected result for failed state": it cannot raise a list or a dict."""
+    import pickle
+
+    from flows.flows import segment_batch
+    from storage.errors import RunFailed
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    samples.make_scene(inbox / "good.tif", size=(48, 48), seed=4, nodata_margin=2)
+    (inbox / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 20)
+    with pytest.raises(RunFailed, match=r"^1 of 2 inputs failed: .*broken.tif") as err:
+        segment_batch([str(inbox / "good.tif"), str(inbox / "broken.tif")], str(models["2d"].path),
+                      str(tmp_path / "out"))
+    assert [o["ok"] for o in err.value.result] == [True, False]
+    (inbox / "good.truth.tif").unlink()  # make_scene's truth beside it: no input of this night
+    with pytest.raises(RunFailed, match="1 of 2 inputs failed") as err:
+        nightly(model_dirs=[str(models["2d"].path)], out_dir=str(tmp_path / "night"), inbox=str(inbox))
+    assert sorted(r["status"] for r in err.value.result["inputs"]) == ["done", "failed"]
+    again = pickle.loads(pickle.dumps(err.value))  # whole, as Prefect or a Dask worker passes it on
+    assert str(again) == str(err.value) and again.result == err.value.result
+
+
 def test_a_broken_link_in_the_inbox_fails_and_what_is_no_input_is_listed_in_the_markdown(models, tmp_path,
                                                                                          dask_cluster):
     """A dangling `scan.tif` link (a scan moved away) used to vanish from the run without a word."""
