@@ -48,6 +48,10 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                one_process: bool | None = None) -> StitchPlan:
     """Resolve defaults from the model card, check the input fits, and build the stitching graph.
 
+    ``image`` is (C, *spatial); a volume (C, K, J, I) as segflow stores a NIfTI.  ``mask`` (bool, *spatial): True
+    where the image is valid; masked pixels get no label and the network sees 0 there.  No model space: the
+    card's spacing, orientation and CRS are applied by ``flows.pipeline.segment_one``, not here.
+
     ``one_process``: whether the graph will run in one process (None: guessed from the current Dask client,
     :class:`segmentation.stitching.StitchPlan`); it decides only how the pieces reach their chunks."""
     if not isinstance(model, (nn.Module, LoadedModel)):  # a model folder's path: load_model(path) first
