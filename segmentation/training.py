@@ -35,10 +35,11 @@ from segmentation.holdout import Holdout, Region, box_list
 from segmentation.losses import IGNORE, MaskedDiceCELoss, supervised_loss
 from segmentation.metrics import label_range_problem
 from segmentation.modeldir import LoadedModel, build_module, save_model
+from segmentation.models import check_roi
 from segmentation.normalize import Normalizer, resolve, statistics_for, zero_invalid, zero_non_finite
 from segmentation.trainreport import class_keys, per_class_rows, thin, write_reports
 from segmentation.validation import ValidationScore, Validator
-from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
+from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError, ModelError
 
 Precision = Literal["exact", "fast"]
 
@@ -319,6 +320,16 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
         raise ConfigError(None, f"the learning rate must be a positive number, got {lr}")
     if problem := augment.problem():
         raise ConfigError(None, problem)
+    if precision not in ("exact", "fast"):  # "bogus" trained as fast without a word
+        raise ConfigError(None, f"precision must be 'exact' or 'fast', got {precision!r}")
+    if not 0.0 <= oversample <= 1.0:
+        raise ConfigError(None, f"oversample is a share of the patches, in [0, 1], got {oversample}")
+    if isinstance(samples, TrainingSample) or not all(isinstance(x, TrainingSample) for x in [*samples, *validation]):
+        raise ConfigError(None, "samples and validation are lists of segmentation.training.TrainingSample")
+    for x in [*samples, *validation]:  # float labels (a bilinearly resampled label map) were truncated to classes
+        if np.dtype(x.labels.dtype).kind not in "iub":
+            raise ConfigError(x.name, f"labels of dtype {x.labels.dtype}: a label map holds whole class numbers "
+                                      "(resample label maps by nearest neighbour)")
     if not samples:
         raise ConfigError(None, "no training samples")
     if val_every is not None and val_every < 1:
@@ -356,6 +367,10 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
 
     fmt = _memory_format(card.input.spatial_dims)
     module = build_module(card).to(device).to(memory_format=fmt)
+    try:  # a patch the network cannot take (33 for a stride-2 U-Net) failed at the first step with a torch error
+        check_roi(module, list(patch), card.architecture.name)
+    except ModelError as exc:
+        raise ConfigError(None, f"patch {list(patch)}: {exc.problem}") from None
     module.train()
     loss_fn = MaskedDiceCELoss(card.num_classes, IGNORE)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)

@@ -206,14 +206,23 @@ def test_any_number_of_steps_trains(tmp_path, steps):
 @pytest.mark.parametrize("options, problem", [({"steps": 0}, "steps and batch_size must be positive, got 0 and 4"),
                                               ({"batch_size": -1}, "got 20 and -1"),
                                               ({"lr": -1.0}, "learning rate must be a positive number, got -1.0"),
-                                              ({"lr": math.nan}, "got nan"), ({"lr": 0.0}, "got 0.0")])
+                                              ({"lr": math.nan}, "got nan"), ({"lr": 0.0}, "got 0.0"),
+                                              # these trained as something else, or failed at the first step
+                                              ({"precision": "bogus"}, "precision must be 'exact' or 'fast'"),
+                                              ({"oversample": 2.0}, "oversample is a share"),
+                                              ({"patch": (33, 33)}, r"patch \[33, 33\]: .*divisible by"),
+                                              ({"float_labels": True}, "labels of dtype float32")])
 def test_bad_options_are_refused_before_training(tmp_path, options, problem):
     """A negative or NaN learning rate was torch's ValueError, a traceback out of `segflow train`."""
     from storage.errors import ConfigError
 
     image, labels = scene_arrays(tmp_path)
+    if options.pop("float_labels", False):
+        labels = labels.astype(np.float32) + 0.5  # a label map resampled bilinearly: 0.5, 1.5... had trained as 0, 1
     with pytest.raises(ConfigError, match=problem):
         train(small_card(), [TrainingSample(image, labels)], **{"steps": 20, "batch_size": 4, **options})
+    with pytest.raises(ConfigError, match="lists of segmentation.training.TrainingSample"):
+        train(small_card(), [(image, labels)], steps=2, batch_size=2)
 
 
 def test_ignored_region_does_not_teach_a_class():
