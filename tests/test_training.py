@@ -18,7 +18,9 @@ from segmentation.modeldir import load_model
 from segmentation.normalize import image_statistics, resolve
 from segmentation.modeldir import build_module
 from segmentation.losses import MaskedDiceCELoss, supervised_loss
-from segmentation.training import TrainingSample, _prepare, _sample_batch, save_trained, train
+from segmentation.patches import prepare as _prepare
+from segmentation.patches import sample_batch as _sample_batch
+from segmentation.training import TrainingSample, save_trained, train
 from storage import samples
 from storage.hashing import sha256_file
 
