@@ -89,8 +89,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                                                                        "OUT/evaluation/.")) -> None:
     """Segment each input into OUT/<stem>.tif or OUT/<stem>.nii.gz plus OUT/<stem>.provenance.json.
 
-    A local OUT also gets the run's report, OUT/reports/<time>.json and .html (``segflow report`` rebuilds the
-    page from the JSON).
+    A local OUT also gets the run's report, OUT/reports/segment-<time>.json and .html (``segflow report``
+    rebuilds the page from the JSON).
 
     Every input's header is checked against the model first (it reads; its dimensions and bands fit the card):
     one that does not is an error line, and when none fits nothing is started.

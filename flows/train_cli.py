@@ -148,8 +148,8 @@ def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir",
 
     cliutil.local_only(workdir, "--workdir")
     try:
-        with cliutil.progress() as progress:
-            summary = run_demo(workdir, workers=workers, progress=progress)
+        with cliutil.reporter():  # one reporter for the whole demo: bars on a terminal, lines in a log
+            summary = run_demo(workdir, workers=workers)
     except SegflowError as exc:
         cliutil.fail(str(exc))
     table = Table(title="segflow demo: held-out Dice per class")

@@ -102,6 +102,9 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
     """A NIfTI named .tif (or a TIFF named .nii) gets told so, rather than 'cannot be read'."""
     found = content_kind(head)
     name = path.name.lower()
+    if name.endswith(PICTURE_SUFFIXES) and found == "tiff":  # a GeoTIFF saved as .jpg: the picture reader said
+        raise UnsupportedFormatError(path, "is a TIFF image but is named like a picture (.png, .jpg); rename it "
+                                           ".tif")  # "not a readable PNG or JPEG picture", nothing of why
     if kind == "raster" and found == "nifti":
         raise UnsupportedFormatError(path, "is a NIfTI volume but is named like a GeoTIFF; rename it .nii")
     if kind == "raster" and found == "gzip":

@@ -127,9 +127,13 @@ def open_raster(path: Path) -> DatasetReader:
         raise cls(path, f"{what}, rasterio cannot open it: {gdal_message(exc)}") from None
     picture = path.name.lower().endswith(PICTURE_SUFFIXES) and src.driver in PICTURE_DRIVERS
     if src.driver not in ALLOWED_DRIVERS and not picture:
+        driver = src.driver
         src.close()
-        raise UnsupportedFormatError(path, f"is a {src.driver} raster; segflow reads GeoTIFF and VRT, and PNG or "
-                                           "JPEG named so")
+        if driver in PICTURE_DRIVERS:  # read as a picture, it is decoded as training decodes pictures
+            raise UnsupportedFormatError(path, f"is a {driver} picture but is named like a GeoTIFF; rename it "
+                                               f".{'png' if driver == 'PNG' else 'jpg'}")
+        raise UnsupportedFormatError(path, f"is a {driver} raster; segflow reads GeoTIFF and VRT (and PNG or JPEG "
+                                           "pictures)")
     return src
 
 
