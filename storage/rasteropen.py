@@ -125,11 +125,10 @@ def open_raster(path: Path) -> DatasetReader:
         cls = CorruptInputError if looks_known else UnsupportedFormatError
         what = "damaged GeoTIFF/VRT" if looks_known else "not a GeoTIFF or VRT"
         raise cls(path, f"{what}, rasterio cannot open it: {gdal_message(exc)}") from None
-    picture = path.name.lower().endswith(PICTURE_SUFFIXES) and src.driver in PICTURE_DRIVERS
-    if src.driver not in ALLOWED_DRIVERS and not picture:
+    if src.driver not in ALLOWED_DRIVERS:  # pictures are read by storage.photo, as training decodes them
         driver = src.driver
         src.close()
-        if driver in PICTURE_DRIVERS:  # read as a picture, it is decoded as training decodes pictures
+        if driver in PICTURE_DRIVERS and not path.name.lower().endswith(PICTURE_SUFFIXES):
             raise UnsupportedFormatError(path, f"is a {driver} picture but is named like a GeoTIFF; rename it "
                                                f".{'png' if driver == 'PNG' else 'jpg'}")
         raise UnsupportedFormatError(path, f"is a {driver} raster; segflow reads GeoTIFF and VRT (and PNG or JPEG "
