@@ -59,6 +59,12 @@ class LoadedModel:
     def name(self) -> str:
         return self.card.name
 
+    def __repr__(self) -> str:  # the dataclass's repr held the whole card (loss curve included) and network
+        spec = self.card.input
+        return (f"LoadedModel({self.card.name!r}, {self.card.architecture.name} {spec.spatial_dims}D, "
+                f"{spec.channels} channel(s) -> {self.card.num_classes} classes, roi {self.card.inference.roi}, "
+                f"weights sha256 {self.weights_sha256[:12]}, from {str(self.path)!r})")
+
 
 def read_card(path: str | PathLike[str]) -> ModelCard:
     """Validate ``card.json`` of a model directory (or a card file given directly)."""

@@ -75,7 +75,14 @@ class ImageStore:
 
     @property
     def image(self) -> zarr.Array:
+        if IMAGE not in self.group:  # a prediction store opened as an image: zarr's KeyError said "image" alone
+            raise StoreError(self.path, f"holds no image ({', '.join(sorted(self.group.keys())) or 'nothing'}): a "
+                                        "prediction store, not an ingested image store")
         return writable(self.group[IMAGE])  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:  # the pydantic dump of its metadata ran to pages
+        shape = tuple(self.group[IMAGE].shape) if IMAGE in self.group else "-"
+        return f"ImageStore({str(self.path)!r}, {self.meta.kind}, shape {shape})"
 
     @property
     def mask(self) -> zarr.Array | None:
@@ -124,9 +131,16 @@ def create_image_store(
     chunks: tuple[int, ...],
     with_mask: bool,
 ) -> ImageStore:
-    """Create (overwriting) an image store whose arrays the ingester then fills chunk by chunk."""
+    """Create (overwriting) an image store whose arrays the ingester then fills chunk by chunk.
+
+    Only a zarr store is replaced: a file or a folder of other things at ``path`` is refused (``ingest(scan,
+    "~/Documents")`` would have removed the folder; a file raised ``NotADirectoryError``)."""
     path = Path(path)
-    if path.exists():
+    if path.is_symlink() or path.is_file():
+        raise StoreError(path, "a file is in the way of the image store; give a new folder name")
+    if path.is_dir():
+        if any(path.iterdir()) and not (path / "zarr.json").is_file():
+            raise StoreError(path, "is a folder that is not a zarr store; segflow replaces only its own stores")
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.create_array(IMAGE, shape=shape, dtype=dtype, chunks=chunks, compressors=image_compressors(),

@@ -491,3 +491,26 @@ def test_vrt_is_ingested_and_a_vrt_with_a_missing_source_is_corrupt(tmp_path: Pa
         ingest_geotiff(broken, tmp_path / "broken.zarr")
     assert "broken.vrt" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "broken.zarr").exists()
+
+
+def test_a_store_path_that_holds_something_else_is_refused_not_removed(tmp_path: Path) -> None:
+    """``ingest(scan, "~/Documents")`` removed the folder to make its store there; a file raised a raw
+    NotADirectoryError. A prediction store opened as an image said only KeyError('image')."""
+    from storage.errors import StoreError
+    from storage.samples import make_scene
+
+    scene, _ = make_scene(tmp_path / "scene.tif", size=(64, 64), seed=1)
+    folder = tmp_path / "Documents"
+    folder.mkdir()
+    (folder / "letter.txt").write_text("keep me")
+    (tmp_path / "a-file").write_text("keep me too")
+    for target, message in ((folder, "not a zarr store"), (tmp_path / "a-file", "a file is in the way")):
+        with pytest.raises(StoreError, match=message):
+            ingest_geotiff(scene, target)
+    assert (folder / "letter.txt").read_text() == "keep me" and (tmp_path / "a-file").read_text() == "keep me too"
+    store = ingest_geotiff(scene, tmp_path / "s.zarr")
+    assert ingest_geotiff(scene, tmp_path / "s.zarr").image.shape == store.image.shape  # its own store: replaced
+    assert repr(store).startswith("ImageStore(") and len(repr(store)) < 200
+    os.replace(tmp_path / "s.zarr" / "image", tmp_path / "s.zarr" / "labels")  # a prediction store's layout
+    with pytest.raises(StoreError, match="holds no image"):
+        open_image_store(tmp_path / "s.zarr").image
