@@ -270,6 +270,7 @@ def ints(text: Optional[str]) -> Optional[list[int]]:
     return values
 
 
-__all__ = ["check_compile_cache", "check_device", "check_models", "check_out_folder", "check_report_file", "console", "fail", "finish", "ints",
+__all__ = ["check_compile_cache", "check_device", "check_models", "check_out_folder", "check_report_file", "console",
+           "fail", "finish", "ints",
            "local_only", "options", "out", "path_or_url", "progress", "resumable_on_interrupt",
            "inform", "reporter"]

@@ -81,13 +81,15 @@ def nightly_command(
                            batch_size=batch_size, workers=workers, probabilities=probabilities,
                            device=device, dask_address=dask_address, keep_zarr=not no_zarr, quicklook=quicklook,
                            **({"gpus": True} if gpus else {}),
-                           **cliopts.output_fields(bands=bands, vector=vector, simplify=simplify, output_grid=output_grid,
-                                                   model_space=model_space, dicom_seg=dicom_seg, tta=tta, crf=crf,
+                           **cliopts.output_fields(bands=bands, vector=vector, simplify=simplify,
+                                                   output_grid=output_grid, model_space=model_space,
+                                                   dicom_seg=dicom_seg, tta=tta, crf=crf,
                                                    crf_iterations=crf_iterations, compile=compile,
                                                    trust_bundle=trust_bundle))
     cli.check_device(options)
     cli.check_compile_cache(options)
-    cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi)  # loaded as the flow will (the same objects): a bad one is one line, first
+    # loaded as the flow will (the same objects): a bad one is one line, first
+    cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi)
     flow = nightly
     if parallel > 1:
         from prefect.task_runners import ThreadPoolTaskRunner

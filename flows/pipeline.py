@@ -19,12 +19,8 @@ ingested store for the next run (:func:`flows.interrupts.resumable`).  The chunk
 an interruption (:func:`flows.interrupts.check_interrupt`), so an input running in
 a ``nightly`` task thread stops at its next chunk too.
 
-Test hook: with ``SEGFLOW_TEST_KILL_AFTER_CHUNKS=N`` in its environment the
-process SIGKILLs itself once N chunk writes of this run have completed (its
-whole process group, workers included, when it leads one); with
-``SEGFLOW_TEST_KILL_SIGNAL=SIGINT`` as well it sends itself SIGINT (Ctrl-C)
-instead. The kill tests use it to stop a run at a known point; never set it
-otherwise.
+The infer step, its identity and its test hook (``SEGFLOW_TEST_KILL_AFTER_CHUNKS``) are
+:mod:`flows.infer`'s.
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,36 +37,27 @@ import zarr
 from distributed import Client
 
 from flows import locks, medical, modelspace
-from flows.export import MODEL_LABELS, export_labels, model_space_labels, quicklook_image, write_quicklook
+from flows.config import SegmentOptions
+from flows.export import export_labels, quicklook_image, write_quicklook
+from flows.infer import device_name, run_inference
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
 from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input
-from flows.cluster import gpu_tasks
-from flows.config import SegmentOptions
-from flows.ledger import off_flags
-from flows.progress import reporter, say, window_shares
+from flows.interrupts import check_interrupt, resumable
+from flows.progress import say
 from flows.routing import band_request
-from flows.interrupts import check_interrupt, completed_interruptibly, resumable, wait_interruptible
 from segmentation import LoadedModel
-from segmentation.crf import CRFParams, crf_dask
-from segmentation.chunkwrites import label_dtype, label_nodata
-from storage import chunkcache, provenance
+from segmentation.chunkwrites import label_nodata
+from storage import provenance
 from storage.atomic import make_output_folder
 from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef
+from storage.errors import ConfigError, ExportError, IncompatibleInputError, ProvenanceError, SegflowError
+from storage.layout import LABELS, PROVENANCE_ATTR, ImageStore, commit_store, partial_path, partial_paths
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
-from storage.tilecuts import split_outputs, write_tile_cuts
-from storage.errors import ExportError, IncompatibleInputError, ProvenanceError, SegflowError
-from storage.modelimage import model_geometry
 from storage.remote import is_url
-from storage.layout import (LABELS, PROVENANCE_ATTR, ChunkJournal, ImageStore,
-                            commit_store, create_prediction_store, identity_digest,
-                            partial_path, partial_paths, reopen_prediction_store)
+from storage.tilecuts import split_outputs, write_tile_cuts
 
 WORK_DIR = ".segflow-work"
-KILL_AFTER_CHUNKS_ENV = "SEGFLOW_TEST_KILL_AFTER_CHUNKS"
-KILL_SIGNAL_ENV = "SEGFLOW_TEST_KILL_SIGNAL"
-# Options that change how the work is spread, never the labels: a run may resume with other values.
-NOT_IDENTITY = ("workers", "dask_address", "keep_zarr")
 log = logging.getLogger("segflow")
 
 
@@ -89,220 +75,6 @@ class Outcome:
         return asdict(self)
 
 
-def crf_params(options: SegmentOptions) -> CRFParams:
-    return CRFParams(iterations=options.crf_iterations)
-
-
-def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) -> dict[str, Any]:
-    inf = model.card.inference
-    return {
-        **options.model_dump(exclude={"dask_address"} | off_flags(options)),
-        "roi": list(plan.grid.roi),
-        "overlap": options.overlap if options.overlap is not None else inf.overlap,
-        "blend": options.blend or inf.blend,
-        "sigma_scale": inf.sigma_scale,
-        "batch_size": options.batch_size or inf.batch_size,
-        "flip_tta": list(options.flip_tta if options.flip_tta is not None else inf.flip_tta),
-        "crf": crf_params(options).model_dump(mode="json") if options.crf else None,
-        "chunks": [c[0] for c in plan.chunks],
-    }
-
-
-def run_identity(store: ImageStore, model: LoadedModel, params: dict[str, Any], device: str) -> dict[str, Any]:
-    """What a prediction store's content depends on: two runs with equal identities write equal chunks.
-
-    The device is the resolved one (``--device auto`` on a CPU host differs
-    from the same option on a GPU host): chunks computed by different
-    hardware are never mixed in one output.
-    """
-    return {
-        "input_sha256": store.meta.source.sha256,
-        "weights_sha256": model.weights_sha256,
-        "card_sha256": identity_digest(model.card.model_dump(mode="json")),
-        "parameters_sha256": identity_digest({k: v for k, v in params.items() if k not in NOT_IDENTITY}),
-        "device": device,
-        "segflow": provenance.package_versions().get("segflow"),
-    }
-
-
-def forget_read_chunks(plan: Any, client: Client) -> None:
-    """Drop the decoded input chunks a run left in its workers' caches (storage.chunkcache): its last readers
-    drop them as they go, but not on a failed run or where worker processes share the reads.
-
-    Never raises, as :func:`flows.modelspace.forget_staged`: it runs while a failed run's own error propagates.
-    """
-    stitch = getattr(plan, "stitch", plan)
-    token = getattr(stitch, "read_token", None)
-    if token is None:
-        return
-    try:
-        client.run(chunkcache.forget, token)
-    except Exception as exc:  # noqa: BLE001  (a closed client raises AttributeError, a lost worker comm errors)
-        logging.getLogger(__name__).debug("could not drop the cached input chunks: %s", exc)
-
-
-def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions, target: Path,
-                  client: Client, source_path: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Segment an image store into a prediction store at ``target``; return (statistics, parameters).
-
-    Resumes the partial store an interrupted run of the same identity left,
-    writing only the chunks its journal does not list as finished.
-    ``source_path`` replaces the source path the prediction store records
-    (the URL of a staged input, see :func:`segment_one`).
-    """
-    t0 = time.perf_counter()
-    with gpu_tasks(client):  # on GPU workers, the window tasks ask for one GPU each
-        plan, mapping, space_facts = modelspace.build(store, model, options, client)
-    stitch = getattr(plan, "stitch", plan)  # the model-space stitching (the plan itself on the input's grid)
-    params = resolved_parameters(model, options, plan)
-    if mapping is not None:
-        params["resampling"] = modelspace.resampling_record(mapping, model, options)
-    parts = run_identity(store, model, params, _device_name(options.device))
-    identity = identity_digest(parts)
-    chunks = tuple(c[0] for c in plan.chunks)
-    ldtype = str(label_dtype(plan.num_classes))
-    pdtype = None if options.probabilities == "none" else options.probabilities
-    partial = partial_path(target, identity)
-    journal = ChunkJournal(partial, identity)
-    reopened = reopen_prediction_store(target, identity, spatial_shape=plan.output_shape, chunks=chunks,
-                                       label_dtype=ldtype, probabilities_dtype=pdtype,
-                                       num_classes=plan.num_classes)
-    input_name = target.name.removesuffix(".zarr")
-    stale = [p for p in partial_paths(target) if p != partial or reopened is None]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    if reopened is not None:
-        _, labels, probs = reopened
-        done = journal.done()
-        partial_state = "resumed"
-        say(f"{store.meta.source.path}: resuming an interrupted run, {len(done)} of "
-             f"{len(plan.chunk_indexes)} chunks already done", logging.INFO)
-    else:
-        partial_state = "new"
-        if stale:
-            partial_state = "discarded"
-            message = (f"{store.meta.source.path}: discarding the partial result of an earlier run that cannot be "
-                       f"resumed (another input, model or parameters); starting afresh")
-            say(message, logging.WARNING)
-        _, labels, probs = create_prediction_store(
-            target, meta=_with_source_path(modelspace.output_meta_attr(store, model, options), source_path),
-            spatial_shape=plan.output_shape, chunks=chunks,
-            label_dtype=ldtype, nodata_label=label_nodata(plan.num_classes),
-            classes=[c.model_dump(mode="json") for c in model.card.classes], probabilities_dtype=pdtype,
-            identity=identity)
-        journal.start(parts)
-        done = {}
-    todo = [idx for idx in plan.chunk_indexes if idx not in done]
-
-    refined = None
-    if options.crf:
-        refined = crf_dask(stitch.probabilities(), stitch.image, crf_params(options), stitch.mask,
-                           normalizer=stitch.normalizer)
-    writes = plan.writes(labels, probs, options.probabilities if probs is not None else "float32",
-                         probabilities=refined, only=todo, on_written=journal)
-    model_writes = []
-    # --model-space keep (volumes): idempotent whole-chunk writes, redone on resume
-    if mapping is not None and options.model_space == "keep" and store.meta.kind == "volume":
-        geometry = model_geometry(store.meta.geometry, mapping)
-        model_writes = stitch.writes(model_space_labels(partial, stitch, ldtype, geometry), probabilities=refined)
-    futures = client.compute(writes + [plan.counts(only=todo)])
-    model_futures = client.compute(model_writes) if model_writes else []
-    key = f"infer:{target.name}"
-    shares = window_shares(plan)
-    reporter().start(key, f"segment {input_name}", total=sum(shares.values()), unit="windows")
-    if done:
-        reporter().advance(key, sum(shares.get(idx, 0) for idx in done))
-    histogram: dict[int, int] = {}
-    for chunk_histogram in done.values():
-        for value, n in chunk_histogram.items():
-            histogram[value] = histogram.get(value, 0) + n
-    counts: dict[str, int] = {}
-    kill_after = _test_kill_after()
-    written = 0
-    try:
-        for future in completed_interruptibly(futures):  # an interruption raises between two chunks
-            outcome = future.result()
-            if isinstance(outcome, dict) and "histogram" not in outcome:
-                counts = outcome
-                continue
-            for result in outcome if isinstance(outcome, list) else [outcome]:  # a grouped write: one per chunk
-                for value, n in result["histogram"].items():
-                    histogram[value] = histogram.get(value, 0) + n
-                written += 1
-                if kill_after is not None and written >= kill_after:
-                    _kill_for_test()
-                reporter().advance(key, shares.get(result.get("index"), 0))
-        for future in model_futures:
-            future.result()
-        if model.card.inference.keep_largest is not None and model_writes:  # the model grid's labels too
-            keep_largest(zarr.open_group(str(partial), mode="a")[MODEL_LABELS], model.card.inference.keep_largest,
-                         label_nodata(plan.num_classes))
-        if model.card.inference.keep_largest is not None:
-            stats_keep = keep_largest(labels, model.card.inference.keep_largest, label_nodata(plan.num_classes))
-            for value, n in stats_keep["removed_voxels"].items():
-                histogram[int(value)] = histogram.get(int(value), 0) - n
-                histogram[0] = histogram.get(0, 0) + n
-            space_facts["keep_largest"] = stats_keep
-    except BaseException:
-        # a shared cluster would otherwise go on computing an abandoned run (its tasks still write chunks)
-        client.cancel(futures + model_futures)
-        raise
-    finally:
-        modelspace.forget_staged(plan, client)
-        forget_read_chunks(plan, client)
-    reporter().finish(key)
-    stats = {**counts, "windows_total": plan.num_windows, "chunks": len(plan.chunk_indexes),
-             "chunks_written": written, "chunks_resumed": len(done), "partial_store": partial_state,
-             "run_identity": identity,
-             "label_pixels": {str(k): v for k, v in sorted(histogram.items()) if v},
-             **space_facts,
-             "inference_seconds": round(time.perf_counter() - t0, 3)}
-    norm = getattr(stitch, "normalizer", None)
-    if norm is not None:  # what the network saw: (x - shift) * factor, per channel (image statistics included)
-        stats["normalization"] = {"shift": [float(v) for v in norm.shift], "factor": [float(v) for v in norm.factor]}
-    return stats, params
-
-
-def keep_largest(labels: Any, keep: Any, nodata: int) -> dict[str, Any]:
-    """The card's KeepLargestConnectedComponent on the finished label map, across chunks."""
-    from segmentation.components import keep_largest_components
-
-    return keep_largest_components(labels, applied_labels=keep.applied_labels, independent=keep.independent,
-                                   connectivity=keep.connectivity, num_components=keep.num_components,
-                                   nodata_label=nodata)
-
-
-def _with_source_path(meta: Any, source_path: str | None) -> Any:
-    """A store's meta attribute naming ``source_path`` as its source (unchanged when None)."""
-    if source_path is None:
-        return meta
-    meta = dict(meta)
-    meta["source"] = {**meta["source"], "path": source_path}
-    return meta
-
-
-def _test_kill_after() -> int | None:
-    value = os.environ.get(KILL_AFTER_CHUNKS_ENV, "").strip()
-    return int(value) if value.isdigit() else None
-
-
-def _kill_for_test() -> None:
-    """The test hook: die as abruptly as a power cut would stop the run (SIGKILL, no clean-up runs), or be
-    interrupted as Ctrl-C interrupts it (``SEGFLOW_TEST_KILL_SIGNAL=SIGINT``).
-
-    When this process leads its process group (the kill tests start it so),
-    the whole group goes at once, so no worker writes anything afterwards.
-    """
-    if os.environ.get(KILL_SIGNAL_ENV, "").strip().upper() == "SIGINT":
-        os.kill(os.getpid(), signal.SIGINT)
-        # the KeyboardInterrupt arrives in the main thread meanwhile; in a task thread, the interruption is seen
-        wait_interruptible(lambda: False, 5)
-        return
-    if os.getpgid(0) == os.getpid():
-        os.killpg(os.getpid(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, options: SegmentOptions,
                 client: Client, *, record_input_as: str | None = None) -> Outcome:
     """Ingest, infer, export one input. Raises SegflowError on bad input; leaves nothing partial.
@@ -314,6 +86,11 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     store's source and the outcome when ``input_path`` is a local copy of it:
     the URL of an input :mod:`flows.staging` downloaded.
     """
+    if isinstance(options, dict):  # as the flows take them (their parameters are validated so)
+        options = SegmentOptions.model_validate(options)
+    if not isinstance(model, LoadedModel) or client is None:  # AttributeErrors from deep inside, before
+        raise ConfigError(None, "segment_one takes a model from segmentation.load_model(PATH) and a Dask client "
+                                "(flows.cluster.dask_client())")
     check_interrupt()  # a run interrupted (Ctrl-C, SIGTERM) starts no new input
     started = provenance.now()
     t0 = time.perf_counter()
@@ -376,7 +153,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                    "weights_path": str(model.weights_path.resolve()) if model.weights_path else None,
                    "source": model.source,
                    "architecture": model.card.architecture.model_dump(mode="json")},
-            parameters=params, device=_device_name(options.device), started=started, finished=provenance.now(),
+            parameters=params, device=device_name(options.device), started=started, finished=provenance.now(),
             statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
         earlier = _earlier_outputs(out_path)  # what a run before this one wrote under this name
         provenance.retire_sidecar(out_path)  # before any of those is replaced (restored if this run fails)
@@ -497,13 +274,3 @@ def remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()})"

@@ -189,8 +189,9 @@ def schedule_command(
                            chunk_size=chunk_size, batch_size=batch_size, workers=workers,
                            device=device, dask_address=dask_address, gpus=gpus, keep_zarr=not no_zarr,
                            quicklook=quicklook,
-                           **cliopts.output_fields(bands=bands, vector=vector, simplify=simplify, output_grid=output_grid,
-                                                   model_space=model_space, dicom_seg=dicom_seg, tta=tta, crf=crf,
+                           **cliopts.output_fields(bands=bands, vector=vector, simplify=simplify,
+                                                   output_grid=output_grid, model_space=model_space,
+                                                   dicom_seg=dicom_seg, tta=tta, crf=crf,
                                                    crf_iterations=crf_iterations, compile=compile,
                                                    trust_bundle=trust_bundle))
     cli.check_out_folder(out)

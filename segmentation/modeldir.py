@@ -236,8 +236,10 @@ def _check_path(path: Path, trust_bundle: bool) -> ModelCard:
 
 
 def save_model(path: str | PathLike[str], card: ModelCard, module: nn.Module) -> LoadedModel:
-    """Write weights then card (the card, naming the weights' hash, is the commit point)."""
+    """Write weights then card (the card, naming the weights' hash, is the commit point); into a new, empty or
+    model directory only (a folder of other things, a script's own, had got a card and weights among them)."""
     path = Path(path)
+    check_model_out(path, checkpoints=True)
     path.mkdir(parents=True, exist_ok=True)
     # cloned: safetensors refuses tensors that share memory, and DynUNet reaches its blocks under two names
     state = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}

@@ -168,10 +168,10 @@ def test_a_plan_over_a_dask_image_does_not_use_the_cache(tmp_path):
 
 def test_a_runs_end_drops_what_a_failed_run_left(tmp_path):
     """A run that stops after some regions leaves chunks whose readers never came: the pipeline's end of run
-    (``flows.pipeline.forget_read_chunks``, through the client, as for worker processes) drops them."""
+    (``flows.infer.forget_read_chunks``, through the client, as for worker processes) drops them."""
     from distributed import Client, LocalCluster
 
-    from flows.pipeline import forget_read_chunks
+    from flows.infer import forget_read_chunks
 
     arr, _ = _store(tmp_path / "e.zarr", (3, 96, 96), (3, 32, 32))
     plan = build_plan(arr, tiny_net(2, 3, 2), roi=(32, 32), overlap=0.25, chunks=32)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV, WORK_DIR
+from flows.infer import KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV
+from flows.pipeline import WORK_DIR
 from storage.layout import JOURNAL_DIR
 from storage.samples import make_scene
 from tests.faults import group_alive

@@ -209,3 +209,24 @@ def test_crf_refines_probabilities_chunk_by_chunk_as_on_the_whole_image(tmp_path
     assert np.array_equal(labels, expected)
     # and the CRF did change the answer, so the comparison above means something
     assert np.mean(np.where(mask, probs.argmax(0), 255) != labels) > 0.001
+
+
+def test_segment_one_and_save_model_say_what_they_take(models, tmp_path, dask_cluster):
+    """Called from Python: a model path or a missing client were AttributeErrors from deep inside, and
+    save_model wrote a card and weights into a folder of other things."""
+    import pytest
+
+    from flows.pipeline import segment_one
+    from segmentation import save_model
+    from storage.errors import ConfigError, ModelError
+
+    model = next(iter(models.values()))
+    with pytest.raises(ConfigError, match="segmentation.load_model"):
+        segment_one(tmp_path / "x.tif", str(model.path), tmp_path / "out", SegmentOptions(), dask_cluster)
+    with pytest.raises(ConfigError, match="a Dask client"):
+        segment_one(tmp_path / "x.tif", model, tmp_path / "out", SegmentOptions(), None)
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "p1.py").write_text("print(1)")
+    with pytest.raises(ModelError, match="is a folder of other files"):
+        save_model(tmp_path / "scripts", model.card, model.module)
+    assert sorted(p.name for p in (tmp_path / "scripts").iterdir()) == ["p1.py"]

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from flows.config import SegmentOptions
-from flows.pipeline import KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV, WORK_DIR, segment_one
+from flows.infer import KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV
+from flows.pipeline import WORK_DIR, segment_one
 from flows.progress import reporting
 from segmentation import load_model
 from storage.errors import ExportError
