@@ -14,7 +14,7 @@ class SegmentOptions(BaseModel):
 
     precision: Literal["exact", "fast"] = "exact"
     roi: list[int] | None = None  # default: the model card's
-    overlap: float | None = Field(default=None, ge=0.0, lt=1.0)
+    overlap: float | None = Field(default=None, ge=0.0, lt=1.0, allow_inf_nan=False)  # nan: "should be < 1" had said
     blend: Literal["gaussian", "constant"] | None = None
     chunk_size: int | None = Field(default=None, ge=8)  # default: the ingested store's chunking
     batch_size: int | None = Field(default=None, ge=1)
@@ -43,7 +43,7 @@ class SegmentOptions(BaseModel):
     vector: Literal["none", "gpkg", "parquet", "geojson"] = "none"  # label polygons beside a raster's COG
     # Simplification tolerance (CRS units, metres for projected rasters) of the polygons, keeping the topology
     # between neighbours (shapely.coverage_simplify, Visvalingam-Whyatt); None or 0 keeps the exact pixel outlines.
-    simplify: float | None = Field(default=None, ge=0.0)
+    simplify: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     # Rasters whose ground sample distance or CRS differs from the card's (version 4): labels on the input's
     # grid (probabilities warped back before the argmax) or on the model's.
     output_grid: Literal["input", "model"] = "input"

@@ -34,7 +34,7 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     from storage.ingest import ingest as do_ingest
 
     expanded, unusable = expand([str(p) for p in inputs])
-    clashes = output_clashes(expanded)
+    clashes = output_clashes(expanded, done="ingested")
     errors = [error for _, error in unusable] + list(clashes.values())
     for error in errors:
         console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)

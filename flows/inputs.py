@@ -93,7 +93,8 @@ def input_label(source: Any) -> str:
     return source.display if isinstance(source, (SeriesRef, MosaicRef)) else str(source)
 
 
-def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | None = None) -> dict[int, str]:
+def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | None = None,
+                   done: str = "segmented") -> dict[int, str]:
     """The items whose outputs would overwrite an earlier item's, by position: {index: its one-line error}.
 
     Two inputs clash when they share an output stem (``site1/scan.nii.gz`` and
@@ -103,7 +104,8 @@ def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | N
     mention is reported, as ``cp`` reports a source given twice.  ``usable``
     (asked only of items that share a stem): an item it rejects claims no
     name, so an empty ``a.nii.gz`` does not keep a good ``a.tif`` from being
-    segmented night after night (it fails with its own error).
+    segmented night after night (it fails with its own error).  ``done``: what the command does to an input
+    (``ingest`` ingests: it had said "segmented once").
     """
     stems = [input_stem(item) for item in items]
     shared = {stem for stem, n in Counter(stems).items() if n > 1}
@@ -116,7 +118,7 @@ def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | N
         if stem not in first:
             first[stem] = label
         elif first[stem] == label:
-            clashes[i] = f"{label}: given more than once; segmented once, under its first mention"
+            clashes[i] = f"{label}: given more than once; {done} once, under its first mention"
         else:
             clashes[i] = (f"{label}: its outputs would overwrite those of {first[stem]} (the same name stem "
                           f"{stem!r}); rename one of them")

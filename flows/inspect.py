@@ -224,6 +224,10 @@ def model_stac(path: str | Path, *, trust_bundle: bool = False) -> dict[str, Any
 
 def describe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_symlink() and not path.exists():  # "no such file" hid a dangling link or a loop
+        from storage.inputfiles import check_readable_file
+
+        check_readable_file(path)
     if not path.exists():
         raise InputError(path, "no such file or directory")
     name = path.name.lower()

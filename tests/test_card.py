@@ -53,6 +53,9 @@ def test_a_window_no_machine_holds_is_refused_at_the_edge():
     with pytest.raises(ValidationError, match="is a window of more than"):
         SegmentOptions(roi=[100000, 100000])
     assert SegmentOptions(roi=[16384, 16384]).roi == [16384, 16384]  # the largest taken
+    for bad in (float("nan"), float("inf")):  # "--overlap nan" was told "Input should be less than 1"
+        with pytest.raises(ValidationError, match="finite number"):
+            SegmentOptions(overlap=bad)
     assert ModelCard.model_validate(card(inference__roi=[512, 512])).inference.roi == [512, 512]
 
 

@@ -486,6 +486,20 @@ def test_a_scheduler_is_named_once_when_two_batches_share_it():
     assert len(notes.lines) == 1 and notes.lines[0].startswith("Dask scheduler in this process"), notes.lines
 
 
+def test_info_of_a_link_in_a_loop_says_so(tmp_path):
+    """`segflow info` said "no such file or directory" where `segment` says what the link is."""
+    from flows.inspect import describe
+    from storage.errors import InputError
+
+    (tmp_path / "a.tif").symlink_to("b.tif")
+    (tmp_path / "b.tif").symlink_to("a.tif")
+    (tmp_path / "gone.tif").symlink_to("moved-away.tif")
+    with pytest.raises(InputError, match="a symbolic link in a loop"):
+        describe(tmp_path / "a.tif")
+    with pytest.raises(InputError, match="broken symbolic link"):
+        describe(tmp_path / "gone.tif")
+
+
 def test_the_console_filter_drops_what_segflow_reports_itself():
     from flows.runlog import ReportedElsewhere
     from storage.errors import CorruptInputError, InputError
