@@ -154,7 +154,8 @@ def schedule_command(
         probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),
         chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),
         batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
-        workers: Optional[int] = typer.Option(None, help="Local Dask worker processes of each run."),
+        workers: Optional[int] = typer.Option(None, help="Local Dask worker processes of each run (default: 1, "
+                                                         "as in nightly; 0: threads of the run's process)."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         dask_address: Optional[str] = typer.Option(None, help="Run on an existing Dask scheduler."),
         gpus: bool = typer.Option(False, "--gpus", help="One Dask worker per GPU (needs dask-cuda)."),
