@@ -17,14 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.states import Completed, Failed
 
 from flows.batch import one_off_in_process, segment_inputs
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
+from flows.runstate import ended, run_result
 from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
 from segmentation import load_model
-from storage.errors import RunFailed
 
 
 @flow(name="segment", persist_result=False, log_prints=True)
@@ -51,25 +50,14 @@ def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: Segm
     failed = [o for o in outcomes if not o["ok"]]
     mosaic = options is not None and options.mosaic is not None
     if not failed:
-        return Completed(message=f"mosaic {options.mosaic} segmented" if mosaic  # type: ignore[union-attr]
-                         else f"{len(outcomes)} inputs segmented", data=outcomes)
+        return ended(True, f"mosaic {options.mosaic} segmented" if mosaic  # type: ignore[union-attr]
+                     else f"{len(outcomes)} inputs segmented", outcomes)
     message = (f"mosaic {options.mosaic} failed" if mosaic  # type: ignore[union-attr]
                else f"{len(failed)} of {len(outcomes)} inputs failed")
-    # an exception as the state's data: a direct call raises it (Prefect could not raise a list: "TypeError:
-    # Unexpected result for failed state"), and batch_outcomes() takes the outcomes from it
-    return Failed(message=message, data=RunFailed(f"{message}: {failed[0]['error']}"
-                                                  + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""),
-                                                  outcomes))
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return ended(False, message, outcomes, problem=f"{message}: {failed[0]['error']}{more}")
 
 
 def batch_outcomes(state: Any) -> list[dict[str, Any]]:
     """The per-input outcomes of a finished ``segment_batch`` run, failed or not."""
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, RunFailed):
-        return result.result  # type: ignore[return-value]
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
-
+    return run_result(state)

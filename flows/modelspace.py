@@ -121,7 +121,7 @@ def card_mapping(card: ModelCard, geometry: Any, shape: tuple[int, ...]) -> Grid
 
 
 def band_selection(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:
-    """The bands chosen (:func:`_chosen_bands`) in the units the card declares (storage.bands.apply_units).
+    """The bands chosen (:func:`_choose`) in the units the card declares (storage.bands.apply_units).
 
     A STAC item's store holds the bands picked at ingest, in the model's order.
     """
@@ -157,12 +157,8 @@ def _picked(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> l
                         model.card.input.channel_names or [], f"model {model.card.name!r}")
 
 
-def _chosen_bands(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> tuple[Any, list[str] | None]:
-    """The image the network sees, and the names of the bands chosen (None: every band, in the stored order)."""
-    return _choose(store, model.card, options.bands)
-
-
 def _choose(store: ImageStore, card: ModelCard, bands: list[str] | None) -> tuple[Any, list[str] | None]:
+    """The image the network sees, and the names of the bands chosen (None: every band, in the stored order)."""
     offered = list(store.meta.channel_names)
     picked = chosen_bands(offered, _names_bands(store), bands, card.input.channel_names or [],
                           f"model {card.name!r}")
@@ -310,7 +306,7 @@ def _warped_image(store: ImageStore, model: LoadedModel, options: SegmentOptions
     model-space image had them)."""
     names = preselected(store.meta)
     if names is None:
-        _, names = _chosen_bands(store, model, options)
+        _, names = _choose(store, model.card, options.bands)
     spec = model.card.input
     known = None if spec.units is None else channel_units(store.meta, names)
     units = None

@@ -65,7 +65,6 @@ from typing import Any, Iterator
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.runtime import flow_run as flow_run_info
-from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -78,10 +77,11 @@ from flows.nightly_task import Batch, segment_input, series_details
 from flows.report import REPORTS_DIR, InputReport, counts, summary, timestamp
 from flows.retries import TransientError, is_transient
 from flows.routing import loaded, read_models
+from flows.runstate import ended, run_result
 from storage import provenance
 from storage.atomic import make_output_folder
 from storage.dicomfiles import SeriesRef
-from storage.errors import ConfigError, RunFailed, SegflowError, one_line
+from storage.errors import ConfigError, SegflowError, one_line
 from storage.remote import is_url
 
 __all__ = ["nightly", "nightly_report", "dashboard_link", "list_inbox", "read_manifest", "is_transient",
@@ -220,10 +220,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
 
     publish_artifacts(report, html_path=html_path, quicklooks={} if html_path is None else find_quicklooks(report))
     logger.info("%s; report %s", message, md_path)
-    # failed: the report inside an exception, which a direct call raises (Prefect cannot raise a dict) and
-    # nightly_report() unwraps
-    return Completed(message=message, data=report) if ok else Failed(message=message,
-                                                                      data=RunFailed(message, report))
+    return ended(ok, message, report)  # failed: the report travels inside a RunFailed (flows.runstate)
 
 
 def _completed(futures: list[Any]) -> Iterator[Any]:
@@ -334,9 +331,4 @@ def _check_out_beside_inbox(inbox: str | None, out_dir: str) -> None:
 
 def nightly_report(state: Any) -> dict[str, Any]:
     """The report of a finished ``nightly`` run, failed or not; re-raises what stopped the run before any report."""
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, RunFailed):
-        return result.result  # type: ignore[return-value]
-    if isinstance(result, BaseException):
-        raise result
-    return result
+    return run_result(state)

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from flows.modelspace import card_bands
-from flows.trainspace import CaseGrid, raster_in_model_space, volume_in_model_space, with_training_spacing
+from flows.trainspace import CaseGrid, in_model_space, with_training_spacing
 from segmentation.augment import Augmentation
 from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
@@ -155,11 +155,8 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore, work: Path) 
                                                              f"expects {card.input.channels}")
     # a case off the card's grid is taken there first, as segment takes its inputs; its labels carry the
     # image's invalid pixels as IGNORE through the nearest-neighbour resampling
-    masked = MaskedLabels(labels, image.mask)
-    moved = volume_in_model_space(card, image.meta.geometry, source, masked, work / "model-space", name=str(src))
-    if moved is None:
-        moved = raster_in_model_space(card, image.meta.geometry, source, masked, image.mask, work / "model-space",
-                                      IGNORE, name=str(src))
+    moved = in_model_space(card, image.meta.geometry, source, MaskedLabels(labels, image.mask), image.mask,
+                           work / "model-space", IGNORE, name=str(src))
     if moved is not None:
         budget = [IN_MEMORY_BYTES]
         pixels, valid = _in_memory(moved[0], budget), moved[2]
@@ -374,11 +371,9 @@ def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budg
         raise IncompatibleInputError(case.labels or where, f"labels shape {label_shape} differs from the "
                                                            f"image's {image_shape[1:]}")
     # a case off the card's grid, taken there as segment takes its inputs
-    moved = volume_in_model_space(card, data.geometry, image, labels, work / "model-space", name=str(where))
-    if moved is None and data.store is not None:
-        moved = raster_in_model_space(card, data.geometry, image, labels, data.store.mask, work / "model-space",
-                                      IGNORE if dataset.ignore_index is None else dataset.ignore_index,
-                                      name=str(where))
+    moved = in_model_space(card, data.geometry, image, labels, None if data.store is None else data.store.mask,
+                           work / "model-space", IGNORE if dataset.ignore_index is None else dataset.ignore_index,
+                           name=str(where))
     valid = None
     if moved is not None:
         image, labels, valid = moved

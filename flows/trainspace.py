@@ -51,6 +51,17 @@ def _mapping(card: ModelCard, geometry: Any, image: Any, name: str | None) -> An
         raise IncompatibleInputError(name, f"{exc.problem} (model {card.name!r}'s model space)") from None
 
 
+def in_model_space(card: ModelCard, geometry: Any, image: Any, labels: Any, valid: Any, work: Path, ignore: int,
+                   name: str | None = None) -> tuple[Any, Any, Any] | None:
+    """(image, labels, valid mask or None) of a case on the card's model grid, as zarr arrays under ``work``;
+    None when the case is on it already, or has no geometry (a picture)."""
+    if isinstance(geometry, VolumeGeometry):
+        return volume_in_model_space(card, geometry, image, labels, work, name)
+    if isinstance(geometry, RasterGeometry):
+        return raster_in_model_space(card, geometry, image, labels, valid, work, ignore, name)
+    return None
+
+
 VOLUME_CHUNK = 64  # the resampled copy's chunk edge: patches read a few chunks each
 
 

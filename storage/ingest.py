@@ -6,7 +6,8 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storage.inputfiles import ITEM_SUFFIXES, PICTURE_SUFFIXES, check_content_matches_name, check_readable_file, kind_of
+from storage.inputfiles import (ITEM_SUFFIXES, PICTURE_SUFFIXES, check_content_matches_name, check_readable_file,
+                                kind_of)
 from storage.layout import ImageStore
 
 if TYPE_CHECKING:

@@ -115,5 +115,5 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
         raise UnsupportedFormatError(path, "is gzip-compressed but not named .gz; rename it .nii.gz")
 
 
-__all__ = ["ITEM_SUFFIXES", "PICTURE_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name", "check_readable_file",
-           "content_kind", "kind_of", "stem_of"]
+__all__ = ["ITEM_SUFFIXES", "PICTURE_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name",
+           "check_readable_file", "content_kind", "kind_of", "stem_of"]

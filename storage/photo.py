@@ -29,13 +29,10 @@ CHANNELS = ["red", "green", "blue"]
 
 def ingest_picture(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024) -> ImageStore:
     """Copy a PNG or JPEG into a zarr image store as (3, H, W) uint8 RGB."""
-    from PIL import Image
-
     path = Path(path).absolute()
     pixels = read_rgb(path)  # one-line errors naming the file: not a picture, not 8-bit, damaged
+    fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"  # its name says which (a TIFF so named is refused)
     try:
-        with Image.open(path) as picture:
-            fmt = str(picture.format or path.suffix.lstrip(".").upper())
         source = SourceInfo(path=str(path), sha256=sha256_input(path), size=path.stat().st_size, format=fmt)
     except OSError as exc:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None

@@ -35,8 +35,8 @@ __all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gd
            "without_crs_ok"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
-PICTURE_DRIVERS = ("PNG", "JPEG")  # photographs, read only from files named .png, .jpg or .jpeg
 """GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
+PICTURE_DRIVERS = ("PNG", "JPEG")  # pictures are read by storage.photo; one named like a GeoTIFF is told so
 
 GDAL_ERRORS = (RasterioError, CPLE_BaseError)
 """What rasterio and GDAL raise for a file they cannot read: caught to turn into a one-line error."""
