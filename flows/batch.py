@@ -26,6 +26,7 @@ the top, and the pipeline inside :func:`segment_inputs`.
 from __future__ import annotations
 
 import gc
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from flows.cluster import dask_client
 from flows.config import SegmentOptions
+from flows.progress import holding_notes, note
 from flows.runlog import run_logger
 from storage.errors import ExportError, IncompatibleInputError, SegflowError, is_native_panic, one_line
 
@@ -239,7 +241,33 @@ def start_cluster(model_dir: str, options: SegmentOptions) -> AbstractContextMan
     process's own imports and model load. In this process (the default) it
     is the scheduler's start, beside those imports.
     """
-    return started_meanwhile(batch_client(model_dir, options))
+    return _said_when_used(batch_client(model_dir, options))
+
+
+@contextmanager
+def _said_when_used(manager: AbstractContextManager["Client"]) -> Iterator[Starting]:
+    """:func:`started_meanwhile`, with what the start says (the scheduler's line) held until the client is first
+    asked for: a model refused meanwhile is then the only line, as it is when no cluster starts."""
+    kept: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    @contextmanager
+    def entered_holding() -> Iterator["Client"]:
+        with ExitStack() as stack:
+            with holding_notes(kept):
+                client = stack.enter_context(manager)
+            yield client
+
+    with started_meanwhile(entered_holding()) as started:
+        def client() -> "Client":
+            up = started()
+            with lock:
+                for text, level in kept:
+                    note(text, level)
+                kept.clear()
+            return up
+
+        yield client
 
 
 def load_and_drop(model_dir: str, trust_bundle: bool) -> None:

@@ -16,6 +16,7 @@ with ``--quiet``, no progress and no informational notes, warnings only
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
@@ -34,6 +35,10 @@ def note(text: str, level: int = logging.INFO) -> None:
 
     A reporter whose ``note`` takes no level (one made before levels existed) gets every note.
     """
+    kept = getattr(_held, "notes", None)
+    if kept is not None:  # made in a thread that holds its notes (:func:`holding_notes`)
+        kept.append((text, level))
+        return
     show = getattr(_current, "note", None)
     if show is None:
         return
@@ -41,6 +46,24 @@ def note(text: str, level: int = logging.INFO) -> None:
         show(text, level)
     except TypeError:
         show(text)
+
+
+_held = threading.local()
+
+
+@contextmanager
+def holding_notes(kept: list[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
+    """Keep the notes this thread makes in ``kept`` instead of showing them; the caller says them later, or not.
+
+    A cluster started beside the model's load named its scheduler before the
+    line that refused the model (``flows.batch.start_cluster``).
+    """
+    before = getattr(_held, "notes", None)
+    _held.notes = kept
+    try:
+        yield kept
+    finally:
+        _held.notes = before
 
 
 class _Silent:

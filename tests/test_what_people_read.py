@@ -295,6 +295,15 @@ def test_bad_weights_are_one_line_with_prefect(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_refused_model_is_the_only_line_though_the_cluster_started_beside_its_load(models, tmp_path):
+    """Without Prefect the cluster starts in a thread while the model loads; its scheduler line came first."""
+    broken = truncated_weights(models["3ch"].path, tmp_path / "cut-weights")
+    proc = run("segment", raster(tmp_path / "rgb.tif"), "--model", broken, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [next(iter(lines(proc.stderr, "error:")))], proc.stderr
+    assert "not a readable safetensors file" in proc.stderr and not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- 5, 7, 8. segment and info
 
 
