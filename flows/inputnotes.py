@@ -88,6 +88,10 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
         from storage.dicom import DEPTH_ASSUMED_NOTE
 
         out.append(f"{input_path}: {DEPTH_ASSUMED_NOTE}")
+    if dicom is not None and dicom.copies:
+        shown = ", ".join(dicom.copies[:3]) + (f" and {len(dicom.copies) - 3} more" if len(dicom.copies) > 3 else "")
+        out.append(f"{input_path}: {len(dicom.copies)} file(s) are byte-identical copies of other files of the "
+                   f"series (same SOPInstanceUID), read once: {shown}")
     shape = tuple(int(n) for n in store.image.shape[1:])
     if geometry.kind == "volume" and len(shape) == 3 and min(shape) == 1 and max(model.card.inference.roi) > 1:
         out.append(f"{input_path}: is one slice thick ({' x '.join(map(str, shape[::-1]))} voxels), and model "

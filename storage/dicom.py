@@ -159,8 +159,10 @@ def _plan(ref: SeriesRef) -> _Plan:
 
     k_count = len(frames)
     row_spacing, col_spacing = (float(v) for v in spacings[0])
-    if k_count > 1:
-        slice_step = (positions[-1] - positions[0]) / (k_count - 1)
+    if k_count > 1:  # along the normal, as dcm2niix has it: the series passed _check_tilt, so what lies sideways
+        # of it is the positions' rounding, and a step through the last slice's rounded position sheared the grid
+        # by a few thousandths of a degree, which model space then refused as "sheared" (its own tolerance is tighter)
+        slice_step = normal * (along[-1] - along[0]) / (k_count - 1)
     else:
         thick = next((v for v in (frames[0].thickness, frames[0].between) if v and v > 0), None)
         slice_step = normal * (thick or ASSUMED_DEPTH_MM)
@@ -383,6 +385,7 @@ def _meta(plan: _Plan, dtype: np.dtype) -> StoreMeta:
         patient_id_present=any(o.patient_id_present for o in plan.objects),
         volume=ref.volume,
         depth_assumed=plan.depth_assumed,
+        copies=[_relative(c, ref.root) for c in ref.copies],
     )
     geometry = VolumeGeometry(
         shape=list(plan.shape),

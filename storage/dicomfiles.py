@@ -20,7 +20,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pydicom
@@ -53,6 +53,8 @@ class SeriesRef:
     name: str  # output stem, [A-Za-z0-9._-] only, <= 80 characters, unique per volume
     description: str | None
     volume: str | None = None  # key of one volume of a split enhanced multi-frame object, else None
+    # byte-identical copies of files in ``files`` (same SOPInstanceUID: a folder merged twice), read once
+    copies: tuple[Path, ...] = field(default=(), compare=False)
 
     @property
     def display(self) -> str:
@@ -169,7 +171,8 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
             where = named if named is not None else root
             raise InputError(where, f"no DICOM image series found ({_count(len(files), 'file')}, "
                                     f"{_count(len(skipped), 'DICOM object')} that are not images)")
-        refs.extend(_with_damaged(_refs_of(root, objects), damaged))
+        objects, copies = _without_copies(objects)
+        refs.extend(_with_damaged(_refs_of(root, objects, copies), damaged))
     return sorted(refs, key=lambda r: (str(r.root), r.name, r.series_instance_uid, r.volume or ""))
 
 
@@ -197,7 +200,28 @@ def _dicomdir_files(dicomdir: Path) -> list[Path]:
     return files
 
 
-def _refs_of(root: Path, objects: list[DicomObject]) -> list[SeriesRef]:
+def _without_copies(objects: list[DicomObject]) -> tuple[list[DicomObject], dict[Path, Path]]:
+    """The objects with every byte-identical copy of another (same SOPInstanceUID, same bytes) left out, and
+    each copy's original.  dcm2niix removes such duplicates; segflow refused the series ("two slices at the same
+    position").  Two files with one SOPInstanceUID and different bytes both stay, and are refused there."""
+    by_uid: dict[str, list[DicomObject]] = {}
+    for obj in objects:
+        uid = obj.frames[0].sop_instance_uid if obj.frames else ""  # every frame of an object has the object's
+        if uid:
+            by_uid.setdefault(uid, []).append(obj)
+    copies: dict[Path, Path] = {}
+    for same in by_uid.values():
+        if len(same) < 2:
+            continue
+        first, *others = sorted(same, key=lambda o: (len(o.path.parts), str(o.path)))
+        for other in others:
+            if other.path.stat().st_size == first.path.stat().st_size and \
+                    sha256_input(other.path) == sha256_input(first.path):
+                copies[other.path] = first.path
+    return [o for o in objects if o.path not in copies], copies
+
+
+def _refs_of(root: Path, objects: list[DicomObject], copies: dict[Path, Path] | None = None) -> list[SeriesRef]:
     by_series: dict[str, list[DicomObject]] = {}
     for obj in objects:
         by_series.setdefault(obj.series_instance_uid or "", []).append(obj)
@@ -214,6 +238,7 @@ def _refs_of(root: Path, objects: list[DicomObject]) -> list[SeriesRef]:
                 root=root, series_instance_uid=uid, files=tuple(sorted(files)),
                 name=_name(first.series_number, first.series_description, uid, volume),
                 description=first.series_description, volume=volume,
+                copies=tuple(sorted(c for c, original in (copies or {}).items() if original in files)),
             ))
     return refs
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,9 @@ class Frame:
     between: float | None
     slope: float
     intercept: float
-    key: tuple[str, ...] = ()  # type and non-spatial dimension values of an enhanced frame; () otherwise
+    # type and non-spatial dimension values of an enhanced frame; a classic file's echo (EchoNumbers=2), so that
+    # a multi-echo series (one SeriesInstanceUID, every position once per echo) is one volume per echo; () otherwise
+    key: tuple[str, ...] = ()
 
 
 @dataclass
@@ -257,7 +259,23 @@ def _classic_frame(path: Path, ds: Dataset) -> Frame:
         pixel_spacing=_pair(ds.get("PixelSpacing")), thickness=_float(ds.get("SliceThickness")),
         between=_float(ds.get("SpacingBetweenSlices")),
         slope=_float(ds.get("RescaleSlope"), 1.0), intercept=_float(ds.get("RescaleIntercept"), 0.0),
+        key=_echo_key(ds),
     )
+
+
+def _echo_key(ds: Dataset) -> tuple[str, ...]:
+    """``("EchoNumbers=n",)`` for a classic file that states its echo: dcm2niix writes such a series' echoes apart
+    (``_e1``, ``_e2``); read as one volume it was refused as "two slices at the same position"."""
+    echo = ds.get("EchoNumbers")
+    if echo is None or echo == "":
+        return ()
+    if isinstance(echo, Sequence) and not isinstance(echo, str):  # a multi-valued IS: the first
+        echo = echo[0] if len(echo) else ""
+    try:
+        value = int(float(echo))
+    except (TypeError, ValueError):
+        return ()
+    return (f"EchoNumbers={value}",)
 
 
 def _enhanced_frames(path: Path, ds: Dataset, count: int) -> list[Frame]:

@@ -8,7 +8,7 @@ them alone, so an output never depends on re-opening the source file.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, BeforeValidator
 
@@ -96,6 +96,14 @@ class RasterGeometry(BaseModel):
     band_offsets: list[float] = Field(default_factory=list)
     stac_item: StacItemInfo | None = None  # set when the raster was stacked from a STAC item's assets
 
+    def rasterio_crs(self) -> Any:
+        """The CRS as rasterio reads it (its WKT, else its EPSG code); None for a raster without one."""
+        from rasterio.crs import CRS
+
+        if self.crs_wkt:
+            return CRS.from_wkt(self.crs_wkt)
+        return CRS.from_epsg(self.epsg) if self.epsg else None
+
 
 class DicomFile(BaseModel):
     """One file of a DICOM series: where it was and what it held, for provenance and ``verify``."""
@@ -135,6 +143,7 @@ class DicomSeriesInfo(BaseModel):
     patient_name_present: bool = False  # de-identification state: whether the identifiers are filled in
     patient_id_present: bool = False
     volume: str | None = None  # which volume of a split multi-frame object ("magnitude", a dimension value...)
+    copies: list[str] = Field(default_factory=list)  # byte-identical copies of its files, read once (relative paths)
 
 
 class VolumeGeometry(BaseModel):

@@ -14,6 +14,7 @@ import pytest
 
 from storage.dicom import SeriesRef, find_series, ingest_dicom, is_dicom_input, probe_dicom
 from storage.errors import CorruptInputError, InvalidInputError
+from storage.grids import model_grid
 from tests import dicom_samples as samples
 
 RNG = np.random.default_rng(7)
@@ -135,6 +136,12 @@ def test_rounded_oblique_positions_are_not_a_gantry_tilt(tmp_path: Path, decimal
     np.testing.assert_allclose(affine[:3, 2], to_ras @ (step * normal), atol=10.0 ** -decimals / (count - 1))
     np.testing.assert_allclose(affine[:3, 0], to_ras @ (0.7 * np.asarray(OBLIQUE_IOP[:3])), atol=1e-6)
     np.testing.assert_allclose(affine[:3, 1], to_ras @ (0.8 * np.asarray(OBLIQUE_IOP[3:])), atol=1e-6)
+    # the slice axis is the normal's, as dcm2niix has it: a step through the last rounded position sheared the grid
+    # by thousandths of a degree, and model space refused every such series as "sheared"
+    columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    np.testing.assert_allclose(columns.T @ columns, np.eye(3), atol=1e-12)
+    mapping = model_grid(affine, data.shape, axcodes="RAS", pixdim_ijk=(0.5, 0.5, 0.5))
+    assert mapping.model_shape != data.shape
 
 
 @pytest.mark.parametrize("degrees", [1.0, 3.0])
@@ -241,3 +248,46 @@ def test_what_only_looks_like_a_bare_dataset_is_not_dicom(tmp_path: Path) -> Non
     text = tmp_path / "notes"
     text.write_bytes(b"\x08\x00hello world\n")
     assert not is_dicom_input(text) and not is_dicom_input(tmp_path)
+
+
+# --------------------------------------------------------------------------- 6. echoes and copies of one series
+
+
+def test_a_multi_echo_series_is_one_volume_per_echo(tmp_path: Path) -> None:
+    """One SeriesInstanceUID, every position once per echo: dcm2niix writes _e1 and _e2; segflow refused the series
+    as "two slices at the same position"."""
+    first, second = _data((4, 6, 7)), _data((4, 6, 7))
+    for echo, data in ((1, first), (2, second)):
+        paths = samples.write_ct_series(tmp_path / "in", data, study_uid="1.2.3", series_uid="1.2.3.4",
+                                        name_prefix=f"E{echo}_")
+        samples.rewrite(paths, lambda ds, k, echo=echo: setattr(ds, "EchoNumbers", echo))
+    refs = find_series([tmp_path / "in"])
+    assert [r.volume for r in refs] == ["EchoNumbers=1", "EchoNumbers=2"]
+    assert all(len(r.files) == 4 and "EchoNumbers_" in r.name for r in refs)
+    for ref, data in zip(refs, (first, second)):
+        store = ingest_dicom(ref, tmp_path / f"{ref.volume}.zarr")
+        np.testing.assert_array_equal(np.asarray(store.image[0]), data.astype(np.int32) - 1024)
+    # a single-echo series that states its echo stays one volume, named as before
+    paths = samples.write_ct_series(tmp_path / "one", _data((3, 4, 4)), series_uid="1.2.3.9")
+    samples.rewrite(paths, lambda ds, k: setattr(ds, "EchoNumbers", 1))
+    assert _only([tmp_path / "one"]).volume is None
+
+
+def test_a_byte_identical_copy_of_a_slice_is_read_once_and_a_different_one_is_refused(tmp_path: Path) -> None:
+    """A folder merged twice holds copy_of_IM0002.dcm: dcm2niix drops the duplicate; segflow refused the series."""
+    import shutil
+
+    data = _data((4, 6, 7))
+    paths = samples.write_ct_series(tmp_path / "in", data)
+    shutil.copyfile(paths[1], tmp_path / "in" / "copy_of_IM0002.dcm")
+    ref = _only([tmp_path / "in"])
+    assert ref.files == tuple(paths) and ref.copies == (tmp_path / "in" / "copy_of_IM0002.dcm",)
+    store = ingest_dicom(ref, tmp_path / "s.zarr")
+    np.testing.assert_array_equal(np.asarray(store.image[0]), data.astype(np.int32) - 1024)
+    assert store.meta.geometry.dicom.copies == ["copy_of_IM0002.dcm"]
+    # the same SOPInstanceUID with other pixels is no copy: refused, naming both files
+    samples.rewrite([tmp_path / "in" / "copy_of_IM0002.dcm"],
+                    lambda ds, k: setattr(ds, "PixelData", bytes(len(ds.PixelData))))
+    ref = _only([tmp_path / "in"])
+    assert ref.copies == ()
+    _refused(ref, tmp_path / "t.zarr", InvalidInputError, r"two slices at the same position .*IM0002\.dcm")
