@@ -152,7 +152,15 @@ def with_training_spacing(card: ModelCard, grids: Sequence[CaseGrid]) -> tuple[M
         return card, None
     first = grids[0].geometry
     if raster and isinstance(first, RasterGeometry):
-        spacing, unit = [abs(float(first.transform[4])), abs(float(first.transform[0]))], "m"
+        from storage.header import linear_unit_metres
+
+        crs = first.rasterio_crs()
+        if crs is not None and crs.is_geographic:  # degrees: no one size in metres to record
+            return card, None
+        # the card's spacing is in metres: a CRS in feet (a US State Plane) had its feet recorded as metres, and
+        # then "differed" from its own training cases
+        metres = (linear_unit_metres(crs) or 1.0) if crs is not None else 1.0
+        spacing, unit = [abs(float(first.transform[4])) * metres, abs(float(first.transform[0])) * metres], "m"
     elif not raster and isinstance(first, VolumeGeometry):
         norms = np.linalg.norm(np.asarray(first.affine_mm(), dtype=np.float64)[:3, :3], axis=0)
         spacing, unit = [float(v) for v in norms[::-1]], "mm"

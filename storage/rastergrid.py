@@ -98,14 +98,6 @@ class RasterMapping:
 
 # --- the model's grid ----------------------------------------------------------------------------------------------
 
-def _crs_of(geometry: Any) -> Any:
-    from rasterio.crs import CRS
-
-    if geometry.crs_wkt:
-        return CRS.from_wkt(geometry.crs_wkt)
-    return CRS.from_epsg(geometry.epsg) if geometry.epsg else None
-
-
 def utm_crs(lon: float, lat: float) -> Any:
     """The WGS 84 UTM zone of a point (the regular 6-degree zones): EPSG 326zz north, 327zz south."""
     from rasterio.crs import CRS
@@ -183,7 +175,7 @@ def raster_mapping(geometry: Any, shape: Sequence[int], *, spacing: Sequence[flo
     from rasterio.warp import calculate_default_transform
 
     height, width = int(shape[-2]), int(shape[-1])
-    src_crs = _crs_of(geometry)
+    src_crs = geometry.rasterio_crs()
     affine6: Any = tuple(float(v) for v in geometry.transform)[:6]
     grid = RasterGrid(crs=src_crs.to_wkt() if src_crs is not None else None, transform=affine6, height=height,
                       width=width)

@@ -163,6 +163,26 @@ def test_a_decathlon_table_with_a_gap_says_how_values_map_and_records_them(tmp_p
     assert any("4 as class 3" in n for n in case["notes"]), case["notes"]
 
 
+def test_a_card_without_spacing_records_a_feet_crs_training_grid_in_metres(tmp_path):
+    """Tiles in a US State Plane CRS (feet): their 10 ft pixels were recorded as 10 m, and the note then said
+    the cases "differ" from that size, their own."""
+    from flows.modelspace import card_mapping
+    from flows.trainspace import CaseGrid, with_training_spacing
+    from segmentation.card import ModelCard
+    from storage.geometry import RasterGeometry
+
+    card = ModelCard.model_validate(json.loads(_card(tmp_path / "c.json", spatial_dims=2, channels=2,
+                                                     roi=[16, 16]).read_text()))
+    feet = RasterGeometry(transform=(10, 0, 1e6, 0, -10, 2e5), width=64, height=64, epsg=2263, dtype="float32")
+    recorded, note = with_training_spacing(card, [CaseGrid("a", feet, (64, 64)), CaseGrid("b", feet, (64, 64))])
+    assert recorded.input.spacing == pytest.approx([3.048006, 3.048006]) and recorded.input.spacing_unit == "m"
+    assert "records the training data's, 3.04801 x 3.04801 m" in note, note
+    assert card_mapping(recorded, feet, (64, 64)) is None  # its own grid is the model's
+    degrees = RasterGeometry(transform=(1e-4, 0, 10, 0, -1e-4, 50), width=64, height=64, epsg=4326,
+                             dtype="float32")
+    assert with_training_spacing(card, [CaseGrid("g", degrees, (64, 64))]) == (card, None)
+
+
 def test_rasters_off_the_cards_grid_are_warped_to_it_and_a_card_without_spacing_records_the_datas(tmp_path):
     """A card saying 20 m trained on 10 m tiles without a word, and segment then showed the network every tile at
     20 m; a card saying nothing let segment run 20 m scenes through a network that had seen only 10 m ones."""

@@ -42,9 +42,7 @@ _GRID_TOLERANCE = 0.01  # pixels: how far two grids' corners may lie apart and s
 
 def crs_of(geometry: RasterGeometry) -> CRS | None:
     """The raster's CRS (its WKT, else its EPSG code); None for a raster without one."""
-    if geometry.crs_wkt:
-        return CRS.from_wkt(geometry.crs_wkt)
-    return CRS.from_epsg(geometry.epsg) if geometry.epsg else None
+    return geometry.rasterio_crs()
 
 
 def raster_spacing(geometry: RasterGeometry) -> tuple[float, float]:
