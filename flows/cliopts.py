@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from flows import cliutil
+from flows.config import MAX_PARALLEL
 
 Bands = Annotated[Optional[str], typer.Option(
     "--bands", help="The input bands the model gets, in its order: names (B04, red, a band description) or "
@@ -55,6 +56,8 @@ TrustBundle = Annotated[bool, typer.Option(
 # nightly's own, which `schedule` passes to the deployment
 Retries = Annotated[int, typer.Option("--retries", min=0, help="Retries of an input after a transient I/O error.")]
 RetryDelay = Annotated[float, typer.Option("--retry-delay", min=0.0, help="Seconds between retries.")]
+Parallel = Annotated[int, typer.Option(
+    "--parallel", min=1, max=MAX_PARALLEL, help="Inputs in flight at once (their windows share the cluster).")]
 LockTimeout = Annotated[float, typer.Option(
     "--lock-timeout", min=1.0, help="Seconds without a heartbeat after which another run's lock on an input "
                                     "(OUT/.segflow-locks/) is stale and broken; give every run the same.")]

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_PARALLEL = 32  # a nightly run's inputs in flight at once, at most (its task runner's threads)
+
 
 class SegmentOptions(BaseModel):
     """Everything that shapes a segmentation run; recorded whole in provenance."""

@@ -60,7 +60,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -70,7 +70,7 @@ from prefect.utilities.annotations import quote
 
 from flows import interrupts, locks, progress, staging
 from flows.cluster import dask_client
-from flows.config import SegmentOptions
+from flows.config import MAX_PARALLEL, SegmentOptions
 from flows.inbox import list_inbox, read_manifest, still_arriving
 from flows.inputs import Expanded, expand, input_label, output_clashes
 from flows.nightly_task import Batch, segment_input, series_details
@@ -100,10 +100,12 @@ def dashboard_link(client: Any) -> str | None:
         return None
 
 
-@flow(name="nightly", persist_result=False, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="nightly", persist_result=False, log_prints=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL))
 def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manifest: str | None = None,
             options: SegmentOptions | None = None, retries: int = 2, retry_delay_seconds: float = 10.0,
-            lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S, settle_seconds: float = 0.0):  # noqa: ANN201
+            lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S, settle_seconds: float = 0.0,
+            parallel: int = 1):  # noqa: ANN201
     """Segment the new inputs of an inbox folder or a manifest with the model that fits each; write a run report.
 
     Ends Completed when every input is done, skipped or locked (in progress in
@@ -111,9 +113,11 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     (a dict) is the state's data.  ``lock_stale_after``: seconds without a
     heartbeat after which another run's lock on an input is broken.  ``settle_seconds``: inbox entries changed
     more recently than this are still arriving and left for the next run (listed in the report, no failure).
+    ``parallel``: inputs in flight at once, their windows sharing the cluster.  A parameter, not the task
+    runner's size, so that a served deployment (``segflow schedule --parallel``) takes it too.
     """
     options = options or SegmentOptions()
-    _check_numbers(retries, retry_delay_seconds, lock_stale_after, settle_seconds)
+    _check_numbers(retries, retry_delay_seconds, lock_stale_after, settle_seconds, parallel)
     logger = get_run_logger()
     started, stamp, t0 = provenance.now(), timestamp(), time.perf_counter()
     if (inbox is None) == (manifest is None):
@@ -166,10 +170,18 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         # keep their partial work, and only then does the client close (it had closed under them: their failures
         # deleted it); the flow then raises flows.interrupts.Interrupted
         with interrupts.deferred_interrupts():
-            for p in todo:
-                if interrupts.interrupted() is None:
-                    futures[run_task.submit(quote(by_label[p]), _task_name(by_label[p]), quote(batch))] = p
-            for future in _completed(list(futures)):
+            queue = list(todo)  # not submitted yet: one goes as each in flight ends, ``parallel`` at a time
+
+            def submit_next() -> Any | None:
+                if not queue or interrupts.interrupted() is not None:
+                    return None
+                p = queue.pop(0)
+                future = run_task.submit(quote(by_label[p]), _task_name(by_label[p]), quote(batch))
+                futures[future] = p
+                return future
+
+            first = [submit_next() for _ in range(min(parallel, len(todo)))]
+            for future in _completed([f for f in first if f is not None], submit_next):
                 path = futures[future]
                 future.wait()  # sets the future's final state locally (no API read of a stale one)
                 state = future.state
@@ -223,16 +235,19 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     return ended(ok, message, report)  # failed: the report travels inside a RunFailed (flows.runstate)
 
 
-def _completed(futures: list[Any]) -> Iterator[Any]:
+def _completed(futures: list[Any], more: Callable[[], Any | None]) -> Iterator[Any]:
     """The task runs' futures as they finish; none once the run is interrupted (:func:`flows.interrupts.interrupted`).
 
-    Waits on the thread pool's own futures, polling, so that an interruption is seen even when no task run ends
-    (Prefect's ``as_completed`` waits for one without a timeout).
+    ``more`` submits the next input's task run as one ends (None when none is left), so that ``parallel`` are in
+    flight.  Waits on the thread pool's own futures, polling, so that an interruption is seen even when no task
+    run ends (Prefect's ``as_completed`` waits for one without a timeout).
     """
     import concurrent.futures as cf
 
     wrapped = {getattr(f, "wrapped_future", None): f for f in futures}
-    if None in wrapped:  # another task runner than the thread pool's: Prefect's own wait
+    if None in wrapped:  # another task runner than the thread pool's: everything submitted, Prefect's own wait
+        while (future := more()) is not None:
+            futures.append(future)
         for future in as_completed(futures):
             if interrupts.interrupted() is not None:
                 return
@@ -246,6 +261,10 @@ def _completed(futures: list[Any]) -> Iterator[Any]:
         for w in done:
             if interrupts.interrupted() is not None:
                 return
+            following = more()
+            if following is not None:
+                wrapped[following.wrapped_future] = following
+                pending.add(following.wrapped_future)
             yield wrapped[w]
 
 
@@ -307,14 +326,18 @@ def _readable(item: Expanded) -> bool:
     return True
 
 
-def _check_numbers(retries: int, retry_delay_seconds: float, lock_stale_after: float, settle_seconds: float) -> None:
+def _check_numbers(retries: int, retry_delay_seconds: float, lock_stale_after: float, settle_seconds: float,
+                   parallel: int = 1) -> None:
     """The limits the CLI's options have, for a run started from a deployment (``lock_stale_after=0`` let a
     second run break a live lock).  Checked here, not as ``Annotated`` constraints in the signature: a served
     deployment's runner could not build its parameter model from them."""
     for name, value, least in (("retries", retries, 0), ("retry_delay_seconds", retry_delay_seconds, 0.0),
-                               ("lock_stale_after", lock_stale_after, 1.0), ("settle_seconds", settle_seconds, 0.0)):
+                               ("lock_stale_after", lock_stale_after, 1.0), ("settle_seconds", settle_seconds, 0.0),
+                               ("parallel", parallel, 1)):
         if not value >= least:
             raise ConfigError(None, f"{name} must be >= {least:g}, got {value}")
+    if parallel > MAX_PARALLEL:
+        raise ConfigError(None, f"parallel must be <= {MAX_PARALLEL}, got {parallel}")
 
 
 def _check_out_beside_inbox(inbox: str | None, out_dir: str) -> None:

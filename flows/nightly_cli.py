@@ -39,7 +39,7 @@ def nightly_command(
         no_zarr: bool = typer.Option(False, "--no-zarr", help="Do not keep OUT/<stem>.zarr."),
         retries: cliopts.Retries = 2,
         retry_delay: cliopts.RetryDelay = 10.0,
-        parallel: int = typer.Option(1, min=1, help="Inputs in flight at once (their windows share the cluster)."),
+        parallel: cliopts.Parallel = 1,
         lock_timeout: cliopts.LockTimeout = 600.0,
         settle: cliopts.Settle = 0.0,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only (failed and "
@@ -90,18 +90,14 @@ def nightly_command(
     cli.check_compile_cache(options)
     # loaded as the flow will (the same objects): a bad one is one line, first
     cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi)
-    flow = nightly
-    if parallel > 1:
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        flow = nightly.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
     try:
         with cli.resumable_on_interrupt(out), prefect_console("nightly") as run_log, cli.reporter(quiet):
-            state = flow(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
-                         inbox=cli.path_or_url(inbox) if inbox else None,
-                         manifest=cli.path_or_url(manifest) if manifest else None,
-                         options=options, retries=retries, retry_delay_seconds=retry_delay,
-                         lock_stale_after=lock_timeout, settle_seconds=settle, return_state=True)
+            state = nightly(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),
+                            inbox=cli.path_or_url(inbox) if inbox else None,
+                            manifest=cli.path_or_url(manifest) if manifest else None,
+                            options=options, retries=retries, retry_delay_seconds=retry_delay,
+                            lock_stale_after=lock_timeout, settle_seconds=settle, parallel=parallel,
+                            return_state=True)
     except SegflowError as exc:  # the Prefect API named but not answering
         cli.fail(str(exc))
     try:

@@ -166,6 +166,7 @@ def schedule_command(
         paused: bool = typer.Option(False, "--paused", help="Register the schedule paused (runs by hand only)."),
         retries: cliopts.Retries = 2,
         retry_delay: cliopts.RetryDelay = 10.0,
+        parallel: cliopts.Parallel = 1,
         lock_timeout: cliopts.LockTimeout = 600.0,
         settle: cliopts.Settle = 0.0,
         bands: cliopts.Bands = None,
@@ -201,7 +202,8 @@ def schedule_command(
     try:
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
                                         options=options, retries=retries, retry_delay_seconds=retry_delay,
-                                        lock_stale_after=lock_timeout, settle_seconds=settle)
+                                        lock_stale_after=lock_timeout, settle_seconds=settle,
+                                        parallel=parallel)
         cron_schedule(cron, timezone)  # a bad --cron or --timezone is said before anything is announced
         url = api_url()
         problem = server_problem()

@@ -511,6 +511,30 @@ def test_settle_leaves_what_is_still_arriving_for_the_next_run(models, tmp_path,
     assert res.exit_code == 0 and (out / "new.tif").is_file(), res.output
 
 
+def test_parallel_keeps_that_many_inputs_in_flight_and_no_more(models, tmp_path, dask_cluster):
+    """``parallel`` is a flow parameter (a served deployment takes it, the task runner's size it cannot): two of
+    three inputs run at once, read back from the task runs' own start and end times."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    for i in range(3):  # made beside the inbox: a scene comes with its truth labels
+        image, _ = samples.make_scene(tmp_path / f"s{i}.tif", size=(96, 96), seed=30 + i, nodata_margin=4)
+        shutil.copy(image, inbox / image.name)
+    state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(out), inbox=str(inbox), parallel=2,
+                    return_state=True)
+    report = nightly_report(state)
+    assert [r["status"] for r in report["inputs"]] == ["done"] * 3
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[report["run"]["flow_run_id"]])))
+    spans = sorted((r.start_time, r.end_time) for r in runs if r.name.startswith("segment-"))
+    assert len(spans) == 3 and all(start and end for start, end in spans), spans
+    in_flight = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert in_flight == 2, spans
+
+
 def test_still_arriving_looks_inside_folders_and_at_analyze_images(tmp_path):
     from flows.inbox import still_arriving
 
@@ -535,7 +559,9 @@ def test_the_flows_parameters_are_checked_as_the_cli_checks_its_options(tmp_path
     base = {"model_dirs": [str(tmp_path / "m")], "out_dir": str(tmp_path / "o"), "inbox": str(tmp_path)}
     for bad, message in (({"retries": -1}, "retries must be >= 0, got -1"),
                          ({"retry_delay_seconds": -10}, "retry_delay_seconds must be >= 0, got -10"),
-                         ({"lock_stale_after": 0}, "lock_stale_after must be >= 1, got 0")):
+                         ({"lock_stale_after": 0}, "lock_stale_after must be >= 1, got 0"),
+                         ({"parallel": 0}, "parallel must be >= 1, got 0"),
+                         ({"parallel": 33}, "parallel must be <= 32, got 33")):
         with pytest.raises(ConfigError, match=message):
             nightly_report(nightly(**base, **bad, return_state=True))
     assert not (tmp_path / "o").exists()

@@ -111,7 +111,7 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
     log = open(tmp_path / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "flows", "schedule", "--cron", "0 3 1 1 *", "--name", NAME,
                               "--inbox", str(inbox), "--model", str(model.path), "--out", str(out),
-                              "--workers", "1", "--vector", "gpkg", "--retries", "1"],
+                              "--workers", "1", "--vector", "gpkg", "--retries", "1", "--parallel", "2"],
                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
     try:
         # the deployment appears on the server once `segflow schedule` has registered it
@@ -127,6 +127,7 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
         assert deployment["parameters"]["model_dirs"] == [str(model.path)]
         # segment's output options and nightly's own reach the deployment (schedule had offered neither)
         assert deployment["parameters"]["options"]["vector"] == "gpkg" and deployment["parameters"]["retries"] == 1
+        assert deployment["parameters"]["parallel"] == 2  # nightly's --parallel: a flow parameter, so served too
         assert deployment["entrypoint"] == "flows.nightly.nightly"
 
         trigger = subprocess.run([str(PREFECT), "deployment", "run", f"nightly/{NAME}"], capture_output=True,
