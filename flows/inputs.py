@@ -127,7 +127,7 @@ def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | N
 
 OUTPUT_SUFFIXES = (".tif", ".nii.gz", ".zarr", ".provenance.json", ".stac.json", ".probabilities.tif",
                    ".quicklook.png", ".gpkg", ".parquet", ".geojson", ".statistics.json", ".seg.dcm", ".ctbl",
-                   ".itksnap.txt")
+                   ".itksnap.txt", ".model-space.nii.gz")
 """What an input's outputs are named: ``OUT/<stem>`` and one of these (``--split-by-tile`` adds ``<tile stem>.tif``)."""
 
 
@@ -143,23 +143,35 @@ def overwritten_input(source: Any, out_dir: str | Path, *,
     if isinstance(source, SeriesRef) or is_url(str(source)):
         return None  # a series' outputs are named series-<number>-...; a URL is read from a downloaded copy
     out = Path(out_dir)
-    if isinstance(source, MosaicRef):
-        reads = [Path(t) for t in source.tiles]
-        names = [source.name + suffix for suffix in OUTPUT_SUFFIXES]
-        names += [stem_of(t) + ".tif" for t in source.tiles] if split_by_tile else []
-    else:
-        path = Path(source)
-        reads = [path] + ([path.with_suffix(".img")] if path.suffix.lower() == ".hdr" else [])
-        names = [input_stem(source) + suffix for suffix in OUTPUT_SUFFIXES]
-    for target in (out / name for name in names):
-        for read in reads:
-            if _same_file(read, target):
+    for target in (out / name for name in output_names(source, split_by_tile=split_by_tile)):
+        for read in input_files(source):
+            if same_file(read, target):
                 return read, (f"its output {target} would overwrite it (--out is the folder the input is in, and "
                               "the names coincide); choose another --out")
     return None
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def input_files(source: Any) -> list[Path]:
+    """The local files a run reads for ``source``: a series' slices, a mosaic's tiles, an Analyze pair's two."""
+    if isinstance(source, SeriesRef):
+        return list(source.files)
+    if isinstance(source, MosaicRef):
+        return [Path(t) for t in source.tiles if not is_url(str(t))]
+    if is_url(str(source)):
+        return []
+    path = Path(source)
+    return [path] + ([path.with_suffix(".img")] if path.suffix.lower() == ".hdr" else [])
+
+
+def output_names(source: Any, *, split_by_tile: bool = False) -> list[str]:
+    """Every name a run of ``source`` may write in OUT (:data:`OUTPUT_SUFFIXES`, and a mosaic's cuts)."""
+    names = [input_stem(source) + suffix for suffix in OUTPUT_SUFFIXES]
+    if isinstance(source, MosaicRef) and split_by_tile:
+        names += [stem_of(t) + ".tif" for t in source.tiles]
+    return names
+
+
+def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:  # either is missing (the usual case: the output is not written yet)
@@ -200,9 +212,9 @@ def _reusable_ingest(path: Any, store_path: Path, bands: BandRequest | None = No
     try:
         store = open_image_store(store_path)
         source = store.meta.source
-        same_file = os.path.samefile(source.path, path)
+        same = os.path.samefile(source.path, path)
         now = reuse_sha256(path, bands, origin) if is_item_path(path) else sha256_input(path)  # an item: with its assets
-        if same_file and source.size == path.stat().st_size and source.sha256 == now:
+        if same and source.size == path.stat().st_size and source.sha256 == now:
             return store
     except (StoreError, OSError, ValueError):
         pass
@@ -240,5 +252,6 @@ def _reusable_series(ref: SeriesRef, store_path: Path) -> ImageStore | None:
     return None
 
 
-__all__ = ["Expanded", "MAX_STEM_BYTES", "OUTPUT_SUFFIXES", "expand", "ingest_input", "input_label", "input_stem",
+__all__ = ["Expanded", "MAX_STEM_BYTES", "OUTPUT_SUFFIXES", "expand", "ingest_input", "input_files", "input_label",
+           "input_stem", "output_names", "same_file",
            "name_too_long", "output_clashes", "output_name", "overwritten_input"]

@@ -41,7 +41,8 @@ from flows.config import SegmentOptions
 from flows.export import export_labels, quicklook_image, write_quicklook
 from flows.infer import device_name, run_inference
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
-from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input
+from flows.inputs import (ingest_input, input_files, input_label, input_stem, output_name, output_names,
+                         overwritten_input, same_file)
 from flows.interrupts import check_interrupt, resumable
 from flows.progress import say
 from flows.routing import band_request
@@ -187,7 +188,8 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         created.append(sidecar)
         if not options.keep_zarr:
             shutil.rmtree(zarr_target)
-        _remove_stale(out_dir, earlier, [*exported, sidecar, *([zarr_target] if options.keep_zarr else [])])
+        _remove_stale(out_dir, earlier, [*exported, sidecar, *([zarr_target] if options.keep_zarr else [])],
+                      input_path, options.split_by_tile)
     except BaseException as exc:
         keep_work = resumable(exc)
         if not keep_work:
@@ -211,28 +213,60 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                    statistics=record["statistics"])
 
 
-def _earlier_outputs(out_path: Path) -> list[str]:
+def _earlier_outputs(out_path: Path) -> dict[str, str]:
     """The outputs the sidecar already beside ``out_path`` lists (an earlier run's of the same name), and those
-    of a sidecar a killed run had retired (:func:`storage.provenance.retire_sidecar`)."""
-    names: list[str] = []
+    of a sidecar a killed run had retired (:func:`storage.provenance.retire_sidecar`), with their recorded sha256."""
+    names: dict[str, str] = {}
     for path in (provenance.sidecar_path(out_path), provenance.retired_path(out_path)):
         try:
             record = provenance.read_sidecar(path)
         except (ProvenanceError, OSError):
             continue
-        names += [n for n in (record.get("outputs") or {}) if provenance.is_output_name(n) and n not in names]
+        for name, digest in (record.get("outputs") or {}).items():
+            if provenance.is_output_name(name) and isinstance(digest, str):
+                names.setdefault(name, digest)
     return names
 
 
-def _remove_stale(out_dir: Path, earlier: list[str], written: list[Path]) -> None:
+def _remove_stale(out_dir: Path, earlier: dict[str, str], written: list[Path], source: Any,
+                  split_by_tile: bool) -> None:
     """Remove what an earlier run of this name wrote and this one did not (a probability COG, polygons, a
     quicklook, a model-space NIfTI of other options): left beside the new outputs, they described another run
-    while the new sidecar and ``verify`` said nothing of them.  Only files an earlier sidecar named as its
-    outputs are touched, never anything else in OUT."""
+    while the new sidecar and ``verify`` said nothing of them.
+
+    A sidecar is a JSON file anyone may have edited or copied in, so its names alone decide nothing: only a
+    name this input's outputs may have (:func:`flows.inputs.output_names`), holding what that sidecar recorded
+    (its sha256; a zarr store: segflow's, with its provenance), and never a file the run read, is removed.
+    A stale output changed since is left, and said."""
     now = {Path(p).name for p in written}
-    for name in earlier:
-        if name not in now:
-            remove_path(out_dir / name)
+    allowed = set(output_names(source, split_by_tile=split_by_tile))
+    reads = input_files(source)
+    for name, digest in earlier.items():
+        path = out_dir / name
+        if name in now or name not in allowed or not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_symlink() or any(same_file(path, r) for r in reads):
+            continue
+        if path.is_dir():
+            ours = name.endswith(".zarr") and _segflow_store(path)
+        else:
+            try:
+                ours = provenance.sha256_output(path) == digest
+            except OSError:
+                ours = False
+        if ours:
+            remove_path(path)
+        else:
+            say(f"{path}: an earlier run's output of this name has changed since it was written; left in place, "
+                "and not among this run's outputs", logging.WARNING)
+
+
+def _segflow_store(path: Path) -> bool:
+    """Whether a folder is a zarr store segflow committed (its provenance attribute), not any folder."""
+    try:
+        return PROVENANCE_ATTR in zarr.open_group(str(path), mode="r").attrs
+    except Exception:  # noqa: BLE001 - not a zarr group, or unreadable: not ours to remove
+        return False
 
 
 def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | None:

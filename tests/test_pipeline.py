@@ -181,6 +181,46 @@ def test_a_rerun_with_fewer_outputs_removes_the_earlier_runs_extras(models, tmp_
     assert not report.problems
 
 
+def test_an_edited_sidecar_never_has_a_rerun_remove_the_input_or_a_users_file(tmp_path, dask_cluster, caplog):
+    """The stale outputs a rerun removes were any plain names the earlier sidecar listed: a sidecar naming the
+    input (in OUT) and a user's files had a rerun delete them.  Only this input's output names, holding what the
+    sidecar recorded, go; an output edited since stays, and the run says so."""
+    import logging
+    import shutil
+
+    from storage import samples
+
+    model = tiny_model(tmp_path / "model", spatial_dims=2, channels=4, roi=[32, 32], seed=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    src, _ = samples.make_scene(tmp_path / "scene.tif", size=(64, 64), seed=5)
+    shutil.copy(src, out / "scene.tiff")
+    first = segment(input_path=str(out / "scene.tiff"), model_dir=str(model.path), out_dir=str(out),
+                    options=SegmentOptions(probabilities="uint8", quicklook=True, keep_zarr=False))
+    assert first["ok"], first
+    (out / "notes.txt").write_text("mine")
+    (out / "scene.nii.gz").write_text("mine, under a name an output of this input may have")
+    with open(out / "scene.probabilities.tif", "ab") as f:  # an earlier output edited since
+        f.write(b"edited")
+    sidecar = out / "scene.provenance.json"
+    record = json.loads(sidecar.read_text())
+    # the input and a file of a name no output has, recorded with their own hashes; a user's file under an output's
+    # name, with another hash (a sidecar copied in from another run)
+    record["outputs"].update({name: sha256_file(out / name) for name in ("scene.tiff", "notes.txt")})
+    record["outputs"]["scene.nii.gz"] = "0" * 64
+    sidecar.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="segflow"):
+        second = segment(input_path=str(out / "scene.tiff"), model_dir=str(model.path), out_dir=str(out),
+                         options=SegmentOptions(keep_zarr=False))
+    assert second["ok"], second
+    assert (out / "scene.tiff").read_bytes() == src.read_bytes()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "scene.nii.gz").is_file()
+    assert (out / "scene.probabilities.tif").is_file()  # changed since: left, and said
+    assert any("scene.probabilities.tif: an earlier run's output of this name has changed" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not (out / "scene.quicklook.png").exists()  # unchanged and not written again: removed, as before
+
+
 def test_crf_refines_probabilities_chunk_by_chunk_as_on_the_whole_image(tmp_path, dask_cluster):
     from segmentation import build_plan, load_model
     from segmentation.crf import CRFParams, mean_field
