@@ -50,8 +50,9 @@ Compile = Annotated[bool, typer.Option(
                       "run on a machine spends tens of seconds compiling (kernels cached in "
                       "~/.cache/segflow/torch-compile, or $SEGFLOW_COMPILE_CACHE). See docs/performance.md.")]
 TrustBundle = Annotated[bool, typer.Option(
-    "--trust-bundle", help="Let MONAI evaluate a bundle's configuration (runs its code) to build a network "
-                           "segflow's registry does not know.")]
+    "--trust-bundle", "--trust-code", help="Run code a model carries: let MONAI evaluate a bundle's configuration "
+                                           "(to build a network segflow's registry does not know), and load a "
+                                           "TorchScript archive (its graph is code). Only for models you trust.")]
 
 # nightly's own, which `schedule` passes to the deployment
 Retries = Annotated[int, typer.Option("--retries", min=0, help="Retries of an input after a transient I/O error.")]

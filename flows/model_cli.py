@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from flows import cliutil
+from flows import cliopts, cliutil
 from storage.errors import SegflowError
 
 console, out = cliutil.console, cliutil.out
@@ -23,8 +23,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Inspect and convert models."
 
 @model_app.command("inspect")
 def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI bundle or TorchScript archive."),
-                  trust_bundle: bool = typer.Option(False, "--trust-bundle",
-                                                    help="Let MONAI evaluate a bundle's configuration."),
+                  trust_bundle: cliopts.TrustBundle = False,
                   stac: bool = typer.Option(False, "--stac", help="Print the model as a STAC item with the "
                                                                   "Machine Learning Model extension instead.")) -> None:
     """Print a model card (for a bundle: the card segflow maps it to), or with --stac the model as an MLM item.
@@ -59,9 +58,7 @@ def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, 
                                                                            "checkpoint, or the input, classes and "
                                                                            "inference of a bundle segflow cannot "
                                                                            "map."),
-                  trust_bundle: bool = typer.Option(False, "--trust-bundle",
-                                                    help="Let MONAI evaluate the bundle's configuration "
-                                                         "(runs its code)."),
+                  trust_bundle: cliopts.TrustBundle = False,
                   axes: str = typer.Option("kji", "--axes",
                                            help="The order the weights file's network saw its windows in: kji "
                                                 "(segflow's storage order: segflow train, nnU-Net, torchgeo) or ijk "
@@ -79,7 +76,7 @@ def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, 
         if looks_like_item(src):  # an MLM item: the card comes from the item, the weights from its model asset
             if card is not None:
                 cliutil.fail(f"{src}: an MLM item describes its model itself; --card applies to weights files")
-            loaded, notes = convert_item(src, out)
+            loaded, notes = convert_item(src, out, trust_bundle=trust_bundle)
         else:
             given = read_card(card) if card is not None else None
             loaded, notes = convert_model(src, out, card=given, trust_bundle=trust_bundle, axes=axes)

@@ -83,6 +83,7 @@ class BundleMapping:
     weights_format: WeightFormat
     target: str  # network_def's _target_ ("" when only TorchScript was used)
     trusted: bool  # the network comes from evaluating the configuration
+    allow_code: bool = False  # trust_bundle was given: models/model.ts may be loaded (TorchScript is code)
     notes: list[str] = field(default_factory=list)
 
 
@@ -288,7 +289,7 @@ def _read_bundle(path: Path, trust_bundle: bool, given: ModelCard | None) -> Bun
     if given is None:
         card = card.model_copy(update={"description": _describe(meta, notes)})
     return BundleMapping(path=path, card=card, weights=weights, weights_format=detect_format(weights),
-                         target=target, trusted=trusted, notes=notes)
+                         target=target, trusted=trusted, notes=notes, allow_code=trust_bundle)
 
 
 def _check_io(card: ModelCard, net: _Network | None, path: Path) -> None:
@@ -391,7 +392,7 @@ def build_network(mapping: BundleMapping) -> nn.Module:
     """
     arch = mapping.card.architecture
     if arch.name == TORCHSCRIPT:
-        module, _ = load_torchscript(mapping.weights)
+        module, _ = load_torchscript(mapping.weights, trusted=mapping.allow_code)
         return ScriptedNetwork(module).eval()
     if arch.name.startswith(BUNDLE_PREFIX):
         if not mapping.trusted:
@@ -408,7 +409,7 @@ def build_network(mapping: BundleMapping) -> nn.Module:
         card = mapping.card
         module = models.create(arch.name, spatial_dims=card.input.spatial_dims, in_channels=card.input.channels,
                                out_channels=card.num_classes, **arch.kwargs)
-    return fill(module, read_state_dict(mapping.weights), mapping.weights, arch.name)
+    return fill(module, read_state_dict(mapping.weights, trusted=mapping.allow_code), mapping.weights, arch.name)
 
 
 def load_bundle(path: str | PathLike[str], *, trust_bundle: bool = False) -> tuple[BundleMapping, nn.Module]:

@@ -153,8 +153,8 @@ def unwrap_state_dict(obj: Any, path: str | PathLike[str] | None = None) -> dict
     return state
 
 
-def read_state_dict(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
-    """Tensors by name from a safetensors file, a torch.save checkpoint or a TorchScript archive."""
+def read_state_dict(path: str | PathLike[str], *, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors by name from a safetensors file, a torch.save checkpoint or (``trusted``) a TorchScript archive."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "safetensors":
@@ -167,7 +167,7 @@ def read_state_dict(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
             raise ModelError(path, f"not a readable safetensors file ({exc})") from None
     if fmt == "state_dict":
         return unwrap_state_dict(torch_load_safely(path), path)
-    module, _ = load_torchscript(path)
+    module, _ = load_torchscript(path, trusted=trusted)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
@@ -241,9 +241,21 @@ def _scripted_from_bytes(data: bytes) -> ScriptedNetwork:
     return ScriptedNetwork(torch.jit.load(io.BytesIO(data), map_location="cpu")).eval()
 
 
-def load_torchscript(path: str | PathLike[str]) -> tuple[torch.jit.ScriptModule, dict[str, Any] | None]:
-    """The archive's module (on CPU, eval mode) and its embedded card JSON, if segflow wrote one."""
+TORCHSCRIPT_UNTRUSTED = ("is a TorchScript archive: its graph is code, and loading it runs some of it (it can read "
+                         "and write files); pass --trust-code (trust_bundle=True) if you trust where it came from")
+
+
+def load_torchscript(path: str | PathLike[str], *,
+                     trusted: bool) -> tuple[torch.jit.ScriptModule, dict[str, Any] | None]:
+    """The archive's module (on CPU, eval mode) and its embedded card JSON, if segflow wrote one.
+
+    Only ``trusted``: an archive's ``__setstate__`` methods run as it loads and its ``forward`` when checked, and
+    TorchScript reaches the file system (``torch.from_file(..., shared=True)`` wrote a file under ``model
+    inspect``).  Untrusted files are data, so an archive is refused as a bundle's expressions are.
+    """
     path = Path(path)
+    if not trusted:
+        raise ModelError(path, TORCHSCRIPT_UNTRUSTED)
     extra = {EXTRA_CARD: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)

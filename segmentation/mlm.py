@@ -322,8 +322,10 @@ def model_asset(item: dict[str, Any], item_path: Path) -> tuple[Path, str | None
     return path, expected or (item.get("properties") or {}).get("segflow:weights_sha256")
 
 
-def convert_item(item_path: str | os.PathLike[str], out: str | os.PathLike[str]) -> tuple[Any, list[str]]:
-    """``segflow model convert item.json``: a model directory from an MLM item whose weights segflow reads."""
+def convert_item(item_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                 trust_bundle: bool = False) -> tuple[Any, list[str]]:
+    """``segflow model convert item.json``: a model directory from an MLM item whose weights segflow reads (a
+    TorchScript asset only with ``trust_bundle``: it is code)."""
     from segmentation import models
     from segmentation.formats import detect_format
     from segmentation.modeldir import convert_model
@@ -351,7 +353,7 @@ def convert_item(item_path: str | os.PathLike[str], out: str | os.PathLike[str])
         digest = sha256_file(weights)
         if digest != expected:
             raise ModelError(weights, f"sha256 {digest[:12]}… does not match the item's {expected[:12]}…")
-    return convert_model(weights, out, card=card)
+    return convert_model(weights, out, card=card, trust_bundle=trust_bundle)
 
 
 def looks_like_item(path: Path) -> bool:

@@ -32,8 +32,8 @@ from torch import nn
 from segmentation import models
 from segmentation.card import ModelCard
 from segmentation.checkpoint import CHECKPOINTS
-from segmentation.formats import (ScriptedNetwork, averaged_weights_note, detect_format, fill, load_torchscript,
-                                  read_state_dict, torch_load_safely, unwrap_state_dict)
+from segmentation.formats import (TORCHSCRIPT_UNTRUSTED, ScriptedNetwork, averaged_weights_note, detect_format, fill,
+                                  load_torchscript, read_state_dict, torch_load_safely, unwrap_state_dict)
 from storage.errors import ModelError
 from storage.hashing import sha256_file
 
@@ -122,7 +122,7 @@ def _load_path(path: Path, verify_hash: bool, trust_bundle: bool) -> LoadedModel
     from segmentation import bundle
 
     if path.is_file():
-        return _load_archive(path)
+        return _load_archive(path, trust_bundle)
     if not path.is_dir():
         raise ModelError(path, "no such model directory" if not path.exists() else
                          "is neither a model directory nor a weights file")
@@ -133,7 +133,7 @@ def _load_path(path: Path, verify_hash: bool, trust_bundle: bool) -> LoadedModel
     card = read_card(path)
     weights, script = path / WEIGHTS_FILE, path / SCRIPT_FILE
     if not weights.is_file() and script.is_file():
-        return _load_script_dir(path, card, script, verify_hash)
+        return _load_script_dir(path, card, script, verify_hash, trust_bundle)
     if not weights.is_file():
         raise ModelError(path, f"no {WEIGHTS_FILE}{_pickle_hint(path)}")
     _check_architecture(path, card)
@@ -162,26 +162,26 @@ def _checked_digest(weights: Path, card: ModelCard, verify_hash: bool) -> str:
     return digest
 
 
-def _load_script_dir(path: Path, card: ModelCard, script: Path, verify_hash: bool) -> LoadedModel:
+def _load_script_dir(path: Path, card: ModelCard, script: Path, verify_hash: bool, trusted: bool) -> LoadedModel:
     if card.architecture.name != TORCHSCRIPT:
         raise ModelError(path, f"the card names architecture {card.architecture.name!r} but the directory holds "
                                f"{SCRIPT_FILE}, not {WEIGHTS_FILE}")
     digest = _checked_digest(script, card, verify_hash)
     if detect_format(script) != "torchscript":
         raise ModelError(script, "not a TorchScript archive")
-    module, _ = load_torchscript(script)
+    module, _ = load_torchscript(script, trusted=trusted)
     _check_script_output(module, card, script)
     return LoadedModel(path=path, card=card, module=ScriptedNetwork(module).eval(), weights_sha256=digest,
                        weights_path=script, source="torchscript")
 
 
-def _load_archive(path: Path) -> LoadedModel:
+def _load_archive(path: Path, trusted: bool) -> LoadedModel:
     """A TorchScript archive that carries its card (``segflow model convert`` writes them that way)."""
     fmt = detect_format(path)
     if fmt != "torchscript":
         raise ModelError(path, f"a {fmt} file holds only tensors, no card: make a model directory with "
                                "`segflow model convert SRC --card CARD.json --out DIR`")
-    module, raw = load_torchscript(path)
+    module, raw = load_torchscript(path, trusted=trusted)
     if raw is None:
         raise ModelError(path, "TorchScript archive has no embedded card.json: make a model directory with "
                                "`segflow model convert SRC --card CARD.json --out DIR`")
@@ -226,12 +226,15 @@ def _check_path(path: Path, trust_bundle: bool) -> ModelCard:
     from segmentation import bundle
 
     if path.is_file():
-        return _load_archive(path).card
+        return _load_archive(path, trust_bundle).card
     if path.is_dir() and bundle.is_bundle(path) and not (path / CARD_FILE).is_file():
         return bundle.read_bundle(path, trust_bundle=trust_bundle).card
     card = read_card(path)
     if path.is_dir():
         _check_architecture(path, card)
+        script = path / SCRIPT_FILE
+        if card.architecture.name == TORCHSCRIPT and not trust_bundle and not (path / WEIGHTS_FILE).is_file():
+            raise ModelError(script, TORCHSCRIPT_UNTRUSTED)
     return card
 
 
@@ -273,7 +276,7 @@ def _save_script_dir(path: Path, card: ModelCard, archive: Path) -> LoadedModel:
     card = card.model_copy(update={"weights_sha256": sha256_file(path / SCRIPT_FILE),
                                    "architecture": card.architecture.model_copy(update={"name": TORCHSCRIPT})})
     _write_card(path, card)
-    return load_model(path)
+    return load_model(path, trust_bundle=True)  # only reached with the archive trusted (it was loaded to get here)
 
 
 def check_model_out(out: Path, *, checkpoints: bool = False) -> None:
@@ -344,7 +347,7 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
             raise ModelError(src, f"the bundle's network ({mapping.target or 'models/model.ts'}) is {what}, not a "
                                   "segflow registry architecture, so no model directory can hold it; segment the "
                                   f"bundle itself: segflow segment --model {src}"
-                                  + (" --trust-bundle" if arch != TORCHSCRIPT else ""))
+                                  + (" --trust-bundle" if arch != TORCHSCRIPT else " --trust-code"))
         new_card, module = bundle.in_segflow_order(mapping, bundle.build_network(mapping))
         save_model(out, new_card.model_copy(update={"weights_sha256": None}), module)
         return load_model(out), list(mapping.notes)
@@ -353,7 +356,7 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
                          + ("; it is already a segflow model directory" if (src / CARD_FILE).is_file() else ""))
     elif src.is_file():
         weights, fmt = src, detect_format(src)
-        embedded = load_torchscript(src)[1] if fmt == "torchscript" else None
+        embedded = load_torchscript(src, trusted=trust_bundle)[1] if fmt == "torchscript" else None
         if card is None and embedded is not None:
             try:
                 card = ModelCard.model_validate(embedded)
@@ -381,7 +384,7 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
         raise ModelError(exc.path or src, f"the card's architecture: {exc.problem}") from None
     checkpoint = torch_load_safely(weights) if fmt == "state_dict" else None  # read once: weights and the EMA note
     try:
-        state = unwrap_state_dict(checkpoint, weights) if fmt == "state_dict" else read_state_dict(weights)
+        state = unwrap_state_dict(checkpoint, weights) if fmt == "state_dict" else read_state_dict(weights, trusted=trust_bundle)
         module = fill(network, state, weights, arch)
     except ModelError as exc:
         if fmt == "torchscript" and exc.path is not None:

@@ -147,13 +147,15 @@ def test_torchscript_bundle_runs_its_archive(tmp_path, unet):
     """model.ts only, network_def unknown: the archive runs as is (TorchScript, no Python unpickling)."""
     root = write_bundle(tmp_path / "b", network={**NET, "_target_": "scripts.net.MyNet"})
     torch.jit.save(torch.jit.script(unet), str(root / "models" / "model.ts"))
-    loaded = load_model(root)
+    with pytest.raises(ModelError, match=r"model\.ts: is a TorchScript archive: its graph is code"):
+        load_model(root)  # TorchScript is code, as the configuration's expressions are
+    loaded = load_model(root, trust_bundle=True)
     assert loaded.card.architecture.name == "torchscript"
     assert loaded.weights_sha256 == sha256_file(root / "models" / "model.ts")
     x = torch.randn(1, 1, 8, 12, 16, generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
         assert torch.equal(loaded.module(x), _reversed(unet(_reversed(x))))
-    with pytest.raises(ModelError, match="segment the bundle itself"):
+    with pytest.raises(ModelError, match="segment the bundle itself: .* --trust-code"):
         convert_model(root, tmp_path / "o")
 
 

@@ -11,7 +11,7 @@ import torch
 
 from segmentation.card import Architecture, ModelCard
 from segmentation.formats import ScriptedNetwork, detect_format, read_state_dict, save_torchscript
-from segmentation.modeldir import build_module, convert_model, load_model
+from segmentation.modeldir import build_module, check_model, convert_model, load_model
 from storage.errors import ModelError, UnsafeModelError
 
 
@@ -159,25 +159,33 @@ def test_torchscript_archive_runs_as_is_and_converts(net, x, tmp_path):
     torch.jit.save(scripted, str(bare))
     assert detect_format(bare) == "torchscript"
     with pytest.raises(ModelError, match="no embedded card"):
-        load_model(bare)
+        load_model(bare, trust_bundle=True)
 
-    # an archive carrying its card loads without the registry and matches the scripted module
+    # an archive carrying its card loads without the registry and matches the scripted module, when trusted: its
+    # graph is code (loading runs its __setstate__, the check its forward), refused as a bundle's expressions are
     archive = save_torchscript(tmp_path / "with-card.pt", scripted,
                                _card().model_copy(update={"architecture": Architecture(name="torchscript")}).model_dump_json())
-    loaded = load_model(archive)
+    for untrusted in (lambda: load_model(archive), lambda: check_model(archive),
+                      lambda: convert_model(bare, tmp_path / "untrusted", card=_card())):
+        with pytest.raises(ModelError, match=r"is a TorchScript archive: its graph is code.*--trust-code"):
+            untrusted()
+    assert not (tmp_path / "untrusted").exists()
+    loaded = load_model(archive, trust_bundle=True)
     assert loaded.source == "torchscript" and isinstance(loaded.module, ScriptedNetwork)
     assert _same(loaded.module, scripted, x)
     clone = pickle.loads(pickle.dumps(loaded.module))  # travels to Dask workers as archive bytes
     assert _same(clone, scripted, x)
 
     # with a registry card, the weights are extracted into card + safetensors
-    out, _ = convert_model(bare, tmp_path / "registry", card=_card())
+    out, _ = convert_model(bare, tmp_path / "registry", card=_card(), trust_bundle=True)
     assert (tmp_path / "registry" / "weights.safetensors").is_file()
-    assert _same(load_model(out.path).module, scripted, x)
-    # without one, the graph is kept: card.json + model.ts
-    kept, _ = convert_model(archive, tmp_path / "kept")
+    assert _same(load_model(out.path).module, scripted, x)  # safetensors and the registry's code: no trust needed
+    # without one, the graph is kept: card.json + model.ts, still code
+    kept, _ = convert_model(archive, tmp_path / "kept", trust_bundle=True)
     assert kept.card.architecture.name == "torchscript" and (tmp_path / "kept" / "model.ts").is_file()
-    assert _same(load_model(tmp_path / "kept").module, scripted, x)
+    assert _same(load_model(tmp_path / "kept", trust_bundle=True).module, scripted, x)
+    with pytest.raises(ModelError, match=r"kept/model\.ts: is a TorchScript archive"):
+        check_model(tmp_path / "kept")
 
 
 class _Dict(torch.nn.Module):
@@ -212,7 +220,7 @@ def test_a_torchscript_network_whose_output_segflow_cannot_use_is_refused_at_loa
         card = card.model_copy(update={"classes": [LabelClass(value=v, name=f"c{v}") for v in range(classes)]})
     archive = save_torchscript(tmp_path / "net.pt", torch.jit.script(module.eval()), card.model_dump_json())
     with pytest.raises(ModelError, match=r"net.pt: the TorchScript network returns .* segflow needs the logits"):
-        load_model(archive)
+        load_model(archive, trust_bundle=True)
 
 
 def test_a_model_directory_is_never_written_over_a_file_or_into_a_folder_of_other_things(net, tmp_path):
@@ -255,7 +263,7 @@ def test_weights_with_nan_are_refused_naming_the_tensor(net, tmp_path):
     archive = tmp_path / "model.ts"
     torch.jit.save(torch.jit.script(scripted), str(archive))
     with pytest.raises(ModelError, match=r"model\.ts: weights hold 2 NaN value\(s\)"):
-        load_model(archive)
+        load_model(archive, trust_bundle=True)
     state[key].view(-1)[:2] = float("-inf")
     torch.save(state, ckpt)
     convert_model(ckpt, tmp_path / "out", card=_card())
