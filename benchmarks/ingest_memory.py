@@ -31,7 +31,8 @@ with rasterio.open(src, "w", driver="GTiff", width=size, height=size, count=3, d
         for x in range(0, size, 512):
             dst.write(rng.integers(1, 255, (3, 512, 512), dtype=np.uint8), window=Window(x, y, 512, 512))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-from storage.geotiff import ingest_geotiff, write_label_cog
+from storage.cogwrite import write_label_cog
+from storage.geotiff import ingest_geotiff
 from storage.classes import LabelClass
 t = time.perf_counter()
 store = ingest_geotiff(src, tmp / f"s{size}.zarr", chunk=1024)

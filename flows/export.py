@@ -53,7 +53,7 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
     group = zarr.open_group(str(pred_path), mode="r")
     labels = group[LABELS]
     if meta.kind == "raster":
-        from storage.geotiff import write_label_cog, write_probability_cog
+        from storage.cogwrite import write_label_cog, write_probability_cog
 
         written = [write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes,
                                    provenance=record)]

@@ -30,7 +30,7 @@ try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedErr
 except ImportError:  # pragma: no cover - private module moved
     CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
 
-__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gdal_env", "describe_window",
+__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gdal_env", "describe_window", "grid_windows",
            "gdal_message", "image_bands", "image_dtype", "open_raster", "read_bands", "s3_endpoint_options",
            "without_crs_ok"]
 
@@ -169,3 +169,10 @@ def image_dtype(src: DatasetReader, bands: list[int], path: Path) -> np.dtype:
     if any(dt.kind == "c" for dt in dtypes):
         raise InvalidInputError(path, f"complex pixels ({', '.join(sorted(map(str, dtypes)))}) cannot be segmented")
     return np.result_type(*dtypes)  # mixed-dtype VRTs are promoted, not refused
+
+
+def grid_windows(height: int, width: int, step_y: int, step_x: int) -> Iterator[Window]:
+    """Row-major tiling of the grid; edge windows are clipped to the raster."""
+    for y in range(0, height, step_y):
+        for x in range(0, width, step_x):
+            yield Window(x, y, min(step_x, width - x), min(step_y, height - y))

@@ -45,7 +45,7 @@ def write_tile_cuts(labels: Any, geometry: Any, description: dict[str, Any], out
     """One label COG per tile, cut from the seamless labels: on the tile's own grid when it was placed as it is,
     else on its window of the mosaic's grid (in the mosaic's CRS).  Each embeds the mosaic's provenance;
     ``created`` collects them as they land."""
-    from storage.geotiff import write_label_cog
+    from storage.cogwrite import write_label_cog
 
     if tuple(labels.shape) != (geometry.height, geometry.width) or \
             not np.allclose(geometry.transform, description["transform"], rtol=1e-12, atol=0):

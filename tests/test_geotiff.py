@@ -23,7 +23,8 @@ from storage.errors import (
     InvalidInputError,
     UnsupportedFormatError,
 )
-from storage.geotiff import ingest_geotiff, write_label_cog, write_probability_cog
+from storage.cogwrite import write_label_cog, write_probability_cog
+from storage.geotiff import ingest_geotiff
 from storage.hashing import sha256_file
 from storage.layout import is_complete, open_image_store
 
@@ -514,3 +515,48 @@ def test_a_store_path_that_holds_something_else_is_refused_not_removed(tmp_path:
     os.replace(tmp_path / "s.zarr" / "image", tmp_path / "s.zarr" / "labels")  # a prediction store's layout
     with pytest.raises(StoreError, match="holds no image"):
         open_image_store(tmp_path / "s.zarr").image
+
+
+_WRITE_UNDER_LIMIT = """
+import resource, signal, sys
+import numpy as np
+from pathlib import Path
+from storage.classes import LabelClass
+from storage.cogwrite import write_label_cog
+from storage.geometry import RasterGeometry
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+labels = np.random.default_rng(0).integers(0, 4, (2048, 2048), dtype=np.uint8)
+grid = RasterGeometry(width=2048, height=2048, transform=(10, 0, 5e5, 0, -10, 4e6), epsg=32633, dtype="uint8")
+limit = int(sys.argv[2])
+if limit:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    write_label_cog(labels, grid, Path(sys.argv[1]) / "labels.tif",
+                    classes=[LabelClass(value=i, name=f"c{i}") for i in range(4)])
+    print("written")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_cog_cut_short_by_a_full_disk_is_an_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """On a full disk libtiff printed `_tiffWriteProc: No space left on device` and GDAL's COG copy returned success:
+    the truncated COG was renamed into place, hashed into the provenance, called ok, and passed `verify`.  A file
+    size limit cuts the writes as a full disk does; at every size short of the whole file, the write fails and
+    leaves nothing."""
+    import subprocess
+    import sys
+
+    def write(folder: Path, limit: int) -> str:
+        folder.mkdir()
+        proc = subprocess.run([sys.executable, "-c", _WRITE_UNDER_LIMIT, str(folder), str(limit)],
+                              capture_output=True, text=True, timeout=120)
+        return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
+
+    assert write(tmp_path / "whole", 0) == "written"
+    size = (tmp_path / "whole" / "labels.tif").stat().st_size
+    for fraction in (0.5, 0.9, 0.99, 0.999):
+        folder = tmp_path / f"cut-{fraction}"
+        said = write(folder, int(size * fraction))
+        assert said.startswith(f"ExportError {folder / 'labels.tif'}: cannot write COG: "), (fraction, said)
+        assert list(folder.iterdir()) == [], (fraction, said)

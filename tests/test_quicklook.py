@@ -24,7 +24,7 @@ from storage import labelcensus, labelcomponents, volumeslabs
 from storage.classes import LabelClass, slicer_color_table
 from storage.errors import ExportError, IncompatibleInputError, InputError, InvalidInputError
 from storage.geometry import RasterGeometry
-from storage.geotiff import write_label_cog
+from storage.cogwrite import write_label_cog
 from storage.quicklook import QuicklookInfo, raster_quicklook, volume_quicklook
 from storage.quicklook_canvas import ALPHA, palette_color
 

@@ -293,7 +293,7 @@ def test_denied_write_at_export_is_one_line_and_leaves_nothing(unwritable_dir):
 
     from storage.classes import LabelClass
     from storage.geometry import RasterGeometry, VolumeGeometry
-    from storage.geotiff import write_label_cog
+    from storage.cogwrite import write_label_cog
     from storage.nifti import write_label_nifti
 
     out, why = unwritable_dir

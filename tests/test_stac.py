@@ -157,7 +157,7 @@ def test_band_facts_and_a_crs_without_a_code_in_wkt2(tmp_path: Path) -> None:
     and a CRS without an EPSG code comes as WKT2 in proj:wkt2 (it was WKT1: PROJCS/GEOGCS)."""
     from storage.classes import LabelClass as LC
     from storage.geometry import RasterGeometry
-    from storage.geotiff import write_label_cog, write_probability_cog
+    from storage.cogwrite import write_label_cog, write_probability_cog
 
     custom = CRS.from_proj4("+proj=tmerc +lat_0=0 +lon_0=15 +k=0.9997 +x_0=500000 +y_0=0 +datum=WGS84 +units=m")
     assert custom.to_epsg() is None
