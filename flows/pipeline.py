@@ -41,10 +41,10 @@ from flows.config import SegmentOptions
 from flows.export import export_labels, quicklook_image, write_quicklook
 from flows.infer import device_name, run_inference
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
-from flows.inputs import (ingest_input, input_files, input_label, input_stem, output_name, output_names,
-                         overwritten_input, same_file)
+from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input
 from flows.interrupts import check_interrupt, resumable
 from flows.progress import say
+from flows.replacing import Replacing, remove_path
 from flows.routing import band_request
 from segmentation import LoadedModel
 from segmentation.chunkwrites import label_nodata
@@ -52,7 +52,8 @@ from storage import provenance
 from storage.atomic import make_output_folder
 from storage.bands import units_facts
 from storage.dicomfiles import SeriesRef
-from storage.errors import ConfigError, ExportError, IncompatibleInputError, ProvenanceError, SegflowError
+from storage.errors import ConfigError, ExportError, IncompatibleInputError, SegflowError
+from storage.hashing import sha256_file
 from storage.layout import LABELS, PROVENANCE_ATTR, ImageStore, commit_store, partial_path, partial_paths
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
 from storage.remote import is_url
@@ -119,6 +120,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     out_path = out_dir / output_name(input_path, store.meta.kind)
     created: list[Path] = []  # outputs this run put in place: on failure exactly these are removed
     keep_work = False
+    replacing: Replacing | None = None
     try:
         try:
             check_interrupt()  # interrupted during the ingest: stop before the inference, keep the ingest
@@ -152,12 +154,15 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             input_path=record_input_as or store.meta.source.path, input_sha256=store.meta.source.sha256,
             model={"name": model.name, "path": str(model.path.resolve()), "weights_sha256": model.weights_sha256,
                    "weights_path": str(model.weights_path.resolve()) if model.weights_path else None,
-                   "source": model.source,
+                   "source": model.source, "card_sha256": model.card.shaping_sha256(), **_card_file(model),
                    "architecture": model.card.architecture.model_dump(mode="json")},
             parameters=params, device=device_name(options.device), started=started, finished=provenance.now(),
             statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
-        earlier = _earlier_outputs(out_path)  # what a run before this one wrote under this name
-        provenance.retire_sidecar(out_path)  # before any of those is replaced (restored if this run fails)
+        # what a run before this one wrote under this name is set aside (put back if this run fails), and so is
+        # its sidecar; what a run killed while exporting left is undone first (flows/replacing.py)
+        replacing = Replacing(out_dir, input_path, options.split_by_tile)
+        replacing.begin(out_path)
+        provenance.retire_sidecar(out_path)
         stable = provenance.embedded(record)  # what the outputs carry: equal for equal labels, so reproducible
         t1 = time.perf_counter()
         # the exports read the store while it is still partial, its journal in place: a run killed while
@@ -188,8 +193,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         created.append(sidecar)
         if not options.keep_zarr:
             shutil.rmtree(zarr_target)
-        _remove_stale(out_dir, earlier, [*exported, sidecar, *([zarr_target] if options.keep_zarr else [])],
-                      input_path, options.split_by_tile)
+        replacing.succeeded([*exported, sidecar, *([zarr_target] if options.keep_zarr else [])])
     except BaseException as exc:
         keep_work = resumable(exc)
         if not keep_work:
@@ -197,7 +201,9 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                 remove_path(p)
         for p in created:
             remove_path(p)
-        provenance.restore_sidecar(out_path)  # the earlier outputs left are its, as far as they are there
+        if replacing is not None:  # (a SIGKILL leaves them aside: the next run of the stem puts them back)
+            replacing.failed()
+        provenance.restore_sidecar(out_path)  # the earlier outputs, put back, are its
         if isinstance(exc, OSError):  # a full disk or a denied write while storing or committing: one line
             where = exc.filename or out_dir
             raise ExportError(where, f"cannot write: {exc.strerror or exc}") from None
@@ -213,60 +219,13 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                    statistics=record["statistics"])
 
 
-def _earlier_outputs(out_path: Path) -> dict[str, str]:
-    """The outputs the sidecar already beside ``out_path`` lists (an earlier run's of the same name), and those
-    of a sidecar a killed run had retired (:func:`storage.provenance.retire_sidecar`), with their recorded sha256."""
-    names: dict[str, str] = {}
-    for path in (provenance.sidecar_path(out_path), provenance.retired_path(out_path)):
-        try:
-            record = provenance.read_sidecar(path)
-        except (ProvenanceError, OSError):
-            continue
-        for name, digest in (record.get("outputs") or {}).items():
-            if provenance.is_output_name(name) and isinstance(digest, str):
-                names.setdefault(name, digest)
-    return names
-
-
-def _remove_stale(out_dir: Path, earlier: dict[str, str], written: list[Path], source: Any,
-                  split_by_tile: bool) -> None:
-    """Remove what an earlier run of this name wrote and this one did not (a probability COG, polygons, a
-    quicklook, a model-space NIfTI of other options): left beside the new outputs, they described another run
-    while the new sidecar and ``verify`` said nothing of them.
-
-    A sidecar is a JSON file anyone may have edited or copied in, so its names alone decide nothing: only a
-    name this input's outputs may have (:func:`flows.inputs.output_names`), holding what that sidecar recorded
-    (its sha256; a zarr store: segflow's, with its provenance), and never a file the run read, is removed.
-    A stale output changed since is left, and said."""
-    now = {Path(p).name for p in written}
-    allowed = set(output_names(source, split_by_tile=split_by_tile))
-    reads = input_files(source)
-    for name, digest in earlier.items():
-        path = out_dir / name
-        if name in now or name not in allowed or not (path.exists() or path.is_symlink()):
-            continue
-        if path.is_symlink() or any(same_file(path, r) for r in reads):
-            continue
-        if path.is_dir():
-            ours = name.endswith(".zarr") and _segflow_store(path)
-        else:
-            try:
-                ours = provenance.sha256_output(path) == digest
-            except OSError:
-                ours = False
-        if ours:
-            remove_path(path)
-        else:
-            say(f"{path}: an earlier run's output of this name has changed since it was written; left in place, "
-                "and not among this run's outputs", logging.WARNING)
-
-
-def _segflow_store(path: Path) -> bool:
-    """Whether a folder is a zarr store segflow committed (its provenance attribute), not any folder."""
-    try:
-        return PROVENANCE_ATTR in zarr.open_group(str(path), mode="r").attrs
-    except Exception:  # noqa: BLE001 - not a zarr group, or unreadable: not ours to remove
-        return False
+def _card_file(model: LoadedModel) -> dict[str, str]:
+    """A model directory's card.json and its sha256, for ``verify``: the card is half of what the model is (an
+    edited normalisation labels otherwise with the same weights, and verify had passed it)."""
+    card = Path(model.path) / "card.json"
+    if not card.is_file():
+        return {}  # a bundle's or an archive's card is read from its weights file or configuration
+    return {"card_path": str(card.resolve()), "card_file_sha256": sha256_file(card)}
 
 
 def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | None:
@@ -293,14 +252,6 @@ def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | N
     details["deidentification"] = {"patient_name_present": info.patient_name_present,
                                    "patient_id_present": info.patient_id_present}
     return {"format": "DICOM", "dicom": details}
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file, link or directory tree; a link to a directory is unlinked, never followed."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def remove_if_empty(path: Path) -> None:

@@ -47,7 +47,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from flows.pipeline import remove_if_empty, remove_path
+from flows.pipeline import remove_if_empty
+from flows.replacing import remove_path
 from storage import remote
 from storage.errors import ExportError, InputError, SegflowError
 from storage.inputfiles import kind_of, stem_of

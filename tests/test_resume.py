@@ -543,6 +543,52 @@ def test_a_run_killed_while_replacing_an_earlier_runs_outputs_leaves_no_sidecar_
     assert (out / ".other.tif.0123456789ab.tmp").exists() and (out / ".scene.tif.notes").exists()
 
 
+def test_a_rerun_that_fails_while_exporting_leaves_the_earlier_runs_outputs_as_they_were(scene, tmp_path):
+    """A rerun with --probabilities failed at its probability COG after its label COG had replaced the earlier
+    run's; its cleanup removed that COG and put the earlier sidecar back, which then described a label map that
+    was gone.  The earlier outputs are set aside first and put back: the folder is the earlier run's again."""
+    image, model = scene
+    out = tmp_path / "out"
+    rc, _, err = _segment(image, model.path, out, logs=tmp_path / "a")
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "scene.probabilities.tif").mkdir()  # someone's folder where the new run's probability COG goes
+    rc, _, err = _segment(image, model.path, out, "--overlap", "0.5", "--probabilities", "uint8",
+                          logs=tmp_path / "b")
+    assert rc == 1 and "scene.probabilities.tif: cannot write COG: Is a directory" in err, err
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before  # the earlier label COG, STAC item, sidecar and quicklook, byte for byte
+    assert verify_sidecar(out / "scene.provenance.json") == []
+    assert (out / "scene.probabilities.tif").is_dir() and (out / "scene.zarr").is_dir()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
+
+
+def test_what_a_run_killed_while_exporting_wrote_goes_when_the_earlier_command_runs_again(scene, tmp_path):
+    """A run with --vector and --probabilities killed before its sidecar: rerunning the earlier command left the
+    killed run's polygons and probability COG beside its outputs, listed in no sidecar (verify passed)."""
+    image, model = scene
+    out = tmp_path / "out"
+    rc, _, err = _segment(image, model.path, out, "--no-zarr", logs=tmp_path / "a")
+    assert rc == 0, err
+    killer = ("import os, sys\nfrom storage import provenance\n"
+              "provenance.write_sidecar = lambda *a, **k: os._exit(137)  # SIGKILL's moment: no cleanup runs\n"
+              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
+    proc = subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model.path), "--out",
+                           str(out), "--chunk-size", str(CHUNK), "--no-zarr", "--vector", "gpkg", "--probabilities",
+                           "uint8", "--workers", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 137, proc.stderr
+    assert (out / "scene.gpkg").is_file() and (out / "scene.probabilities.tif").is_file()
+    (out / "scene.notes.txt").write_text("mine")
+    rc, [outcome], err = _segment(image, model.path, out, "--no-zarr", logs=tmp_path / "c")
+    assert rc == 0, err
+    assert not (out / "scene.gpkg").exists() and not (out / "scene.probabilities.tif").exists()
+    assert verify_sidecar(out / "scene.provenance.json") == []
+    listed = set(json.loads((out / "scene.provenance.json").read_text())["outputs"]) | {"scene.provenance.json"}
+    assert {p.name for p in out.iterdir() if p.name.startswith("scene.")} == listed | {"scene.notes.txt"}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
+
+
 def test_a_run_killed_while_exporting_resumes_with_every_chunk_done(scene, tmp_path):
     """The store was committed before the exports, so a kill while the COG was written left a complete store and
     no partial one: the rerun recomputed every chunk.  The exports now read the partial store, committed after
