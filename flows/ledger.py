@@ -46,6 +46,7 @@ from flows.config import SegmentOptions
 from segmentation.card import ModelCard
 from storage.errors import ProvenanceError
 from storage.inputfiles import stem_of
+from storage.layout import identity_digest
 from storage.provenance import is_output_name, read_sidecar, sha256_output
 
 KEY_SCHEMA = "segflow.cache-key/2"  # /2: the output stem is in the key
@@ -82,7 +83,7 @@ def key_document(input_sha256: str, weights_sha256: str, card: ModelCard, option
         "schema": KEY_SCHEMA,
         "input_sha256": input_sha256,
         "weights_sha256": weights_sha256,
-        "card": card.model_dump(mode="json", exclude={"description", "training"}),
+        "card": card.shaping(),
         "parameters": keyed_parameters(card, options),
         "output_stem": stem,
     }
@@ -213,6 +214,10 @@ def adopt(out_dir: str | os.PathLike[str], input_path: str, key: str, document: 
         return None, f"{sidecar.name} is of another version of the input"
     if record.get("model", {}).get("weights_sha256") != document["weights_sha256"]:
         return None, f"{sidecar.name} was made with another model"
+    if record.get("model", {}).get("card_sha256") != identity_digest(document["card"]):
+        # the same weights behind an edited card (its normalisation, classes) label otherwise; a record without
+        # the hash (older segflow) cannot say it is the same card
+        return None, f"{sidecar.name} was made with another model card"
     if _comparable_recorded(record.get("parameters") or {}) != _comparable_keyed(document["parameters"]):
         return None, f"{sidecar.name} was made with other parameters"
     if record_done(out_dir, key, document, input_path=input_path, model_path=model_path, sidecar=sidecar) is None:

@@ -271,3 +271,15 @@ class ModelCard(BaseModel):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def shaping(self) -> dict[str, Any]:
+        """What in the card shapes a run's labels: all of it but its description and training record (the
+        nightly ledger's key, and ``card_sha256`` in the provenance)."""
+        return self.model_dump(mode="json", exclude={"description", "training"})
+
+    def shaping_sha256(self) -> str:
+        """sha256 of :meth:`shaping`: a card edited since a run (its normalisation, its classes) is another model
+        even with the same weights; the provenance records it and the ledger compares it before adopting."""
+        from storage.layout import identity_digest
+
+        return identity_digest(self.shaping())

@@ -268,6 +268,8 @@ def verify(path: str | PathLike[str]) -> Verification:
     members = [file for what, file, _ in checks if what in _MEMBERS and file and not _is_url(file)]
     group_here = len(members) > 1 and any(Path(f).is_file() for f in members)
     checks.append(("model weights", weights, model.get("weights_sha256")))
+    if model.get("card_path"):  # a model directory's card: the same weights behind an edited card label otherwise
+        checks.append(("model card", model["card_path"], model.get("card_file_sha256")))
     for what, file, digest in checks:
         if not file or not digest:
             report.problems.append(f"{what}: no path or sha256 recorded")

@@ -250,6 +250,12 @@ def test_outputs_rewritten_with_other_parameters_are_not_the_entrys_work(runs, t
     banded = {**doc, "parameters": {**doc["parameters"], "bands": ["4", "3", "2", "1"]}}
     hit, why = ledger.adopt(out, entry["input_path"], ledger.cache_key(banded), banded, entry["model_path"])
     assert hit is None and why == "scene_a.provenance.json was made with other parameters"
+    # the same weights behind an edited card (another normalisation): adopted as this model's work, 1.3 M pixels
+    # of a real scene labelled otherwise
+    card = {**doc["card"], "input": {**doc["card"]["input"], "normalization": {"mode": "none"}}}
+    edited = {**doc, "card": card}
+    hit, why = ledger.adopt(out, entry["input_path"], ledger.cache_key(edited), edited, entry["model_path"])
+    assert hit is None and why == "scene_a.provenance.json was made with another model card"
     hit, why = ledger.adopt(out, entry["input_path"], entry["key"], doc, entry["model_path"])
     assert hit is not None, why
 

@@ -18,6 +18,7 @@ import pytest
 from flows.config import SegmentOptions
 from flows.pipeline import segment_one
 from segmentation import load_model
+from segmentation.card import ModelCard
 from storage.provenance import embedded, read_embedded, verify
 from storage.samples import make_phantom, make_scene
 from tests.models import tiny_model
@@ -67,8 +68,9 @@ def test_untouched_outputs_verify_including_their_embedded_provenance(outputs):
     for stem in ("scene", "head"):
         report = verify(outputs["out"] / f"{stem}.provenance.json")
         assert report.ok and not report.unverified, report
-        # label file, zarr store, input, weights; a raster also its STAC item, a volume its statistics and tables
-        assert len(report.verified) == (5 if stem == "scene" else 7), report.verified
+        # label file, zarr store, input, weights, card; a raster also its STAC item, a volume its statistics and
+        # tables
+        assert len(report.verified) == (6 if stem == "scene" else 8), report.verified
         record = json.loads((outputs["out"] / f"{stem}.provenance.json").read_text())
         for name in record["outputs"]:
             if name.endswith((".tif", ".nii.gz", ".zarr")):  # statistics and label tables carry no provenance
@@ -88,6 +90,19 @@ def test_one_changed_byte_of_the_weights_fails_and_says_which(copy):
     _flip_one_byte(copy["weights"], at=len(copy["weights"].read_bytes()) // 2)
     [problem] = verify(copy["sidecar"]).problems
     assert problem.startswith(f"model weights {copy['weights']} changed: sha256 is ")
+
+
+def test_an_edited_model_card_fails_and_says_which(copy):
+    """The same weights behind an edited card (another normalisation) label otherwise: verify passed it, and a
+    nightly run adopted the earlier outputs as this model's."""
+    card = copy["root"] / "model" / "card.json"
+    doc = json.loads(card.read_text())
+    doc["input"]["normalization"]["mode"] = "none"
+    card.write_text(json.dumps(doc))
+    [problem] = verify(copy["sidecar"]).problems
+    assert problem.startswith(f"model card {card.resolve()} changed: sha256 is "), problem
+    record = json.loads(copy["sidecar"].read_text())
+    assert record["model"]["card_sha256"] != ModelCard.model_validate(doc).shaping_sha256()
 
 
 def test_changed_input_and_missing_store_fail(copy):
