@@ -12,6 +12,7 @@ it (:func:`check_whole`) before the rename.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import math
 import os
@@ -83,14 +84,14 @@ def write_cog(out_path: str | PathLike[str], profile: dict[str, Any], fill: Call
         os.replace(final, out)
     except (*GDAL_ERRORS, OSError) as exc:
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else gdal_message(exc)
-        for p in parent.glob(f"{prefix}*"):
+        for p in parent.glob(glob.escape(prefix) + "*"):
             p.unlink(missing_ok=True)
         # GDAL reports a full disk as whatever broke next ("not recognized as being in a supported file
         # format"); a plain write says what is wrong, so try one before passing GDAL's words on
         msg = _space_problem(parent, _needed_bytes(profile)) or _creation_problem(msg, parent)
         raise ExportError(out, f"cannot write COG: {msg}") from None
     finally:
-        for p in parent.glob(f"{prefix}*"):
+        for p in parent.glob(glob.escape(prefix) + "*"):
             p.unlink(missing_ok=True)
     return out
 

@@ -36,6 +36,7 @@ tiles, and exports all of their public names.
 
 from __future__ import annotations
 
+import glob
 import shutil
 import uuid
 from os import PathLike
@@ -72,7 +73,7 @@ def ingest_mosaic(ref: MosaicRef, store_path: str | PathLike[str], *, chunk: int
     plan = plan_mosaic(ref)
     hashes = ref.tile_sha256s()
     source = SourceInfo(path=ref.display, sha256=ref.sha256(hashes), size=ref.size(), format="mosaic")
-    for stale in store_path.parent.glob(f".{store_path.name}.vrt-*"):  # an interrupted ingest's VRT files
+    for stale in store_path.parent.glob(glob.escape(f".{store_path.name}.vrt-") + "*"):  # an interrupted ingest's VRT files
         shutil.rmtree(stale, ignore_errors=True)
     folder = store_path.parent / f".{store_path.name}.vrt-{uuid.uuid4().hex[:8]}"
     try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -345,7 +346,7 @@ def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray
                 geometry_type="Polygon",
                 crs=crs.to_wkt(),
                 driver=driver,
-                layer=out.stem if driver != "Parquet" else None,  # GeoJSON's "name": else the temporary file's
+                layer=layer_name(out) if driver != "Parquet" else None,  # GeoJSON's "name": else the temporary's
                 # RFC 7946: GDAL takes the polygons to WGS84 longitude/latitude (7 decimals, ~1 cm), with exterior
                 # rings counter-clockwise, and writes no "crs" member (which the RFC removed)
                 **({"layer_options": {"RFC7946": "YES"}} if driver == "GeoJSON" else {}),
@@ -356,4 +357,10 @@ def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray
         raise ExportError(out, f"cannot write the {driver} polygons: {str(exc).splitlines()[0][:200]}") from None
 
 
-__all__ = ["write_polygons"]
+def layer_name(out: Path) -> str:
+    """The polygons' layer name: the output's stem, less what GeoPackage refuses at the start of one (``[2024]
+    scene``, ``-x``, ``.x``: "The layer name may not contain special characters", after the whole run)."""
+    return re.sub(r"^\W+", "", out.stem) or "labels"
+
+
+__all__ = ["layer_name", "write_polygons"]

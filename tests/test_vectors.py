@@ -461,3 +461,28 @@ def test_geojson_polygons_stay_a_coverage_in_longitude_and_latitude(tmp_path: Pa
     overlap = float(shapely.area(geoms).sum() - union.area)
     assert union.geom_type == "Polygon" and not list(union.interiors), "slivers between neighbours"
     assert abs(overlap) < 1e-12 * union.area, overlap
+
+
+@pytest.mark.parametrize("stem, layer", [("[2024] scene", "2024] scene"), ("-x", "x"), ("#1", "1"), ("(1) a b", "1) a b"),
+                                         ("ü-x", "ü-x"), ("---", "labels")])
+def test_a_stem_geopackage_refuses_as_a_layer_name_gets_one_it_takes(tmp_path: Path, stem: str, layer: str) -> None:
+    """GDAL refuses a GeoPackage layer named "[2024] scene": the polygons of such an input failed after the whole
+    run ("The layer name may not contain special characters")."""
+    out = tmp_path / f"{stem}.gpkg"
+    write_polygons(label_map(), TRANSFORM, CRS_UTM, out, classes=CLASSES, nodata=NODATA, chunk=32)
+    assert [name for name, _ in pyogrio.list_layers(out)] == [layer]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_a_failed_cog_write_leaves_nothing_under_a_name_with_glob_characters(tmp_path: Path) -> None:
+    """The temporaries were found by a glob of the output's name: "[2024] scene" is a character class there, so a
+    failed write left `.[2024] scene.tif.<hex>.tiled.tif` in OUT."""
+    from storage.cogwrite import write_label_cog
+    from storage.geometry import RasterGeometry
+
+    out = tmp_path / "[2024] scene.tif"
+    (out / "keep").mkdir(parents=True)  # a folder where the COG goes: the rename fails after both temporaries
+    grid = RasterGeometry(width=64, height=48, transform=(10, 0, 5e5, 0, -10, 4e6), epsg=32633, dtype="uint8")
+    with pytest.raises(ExportError, match="cannot write COG"):
+        write_label_cog(np.zeros((48, 64), np.uint8), grid, out, classes=CLASSES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
