@@ -407,8 +407,11 @@ def build_network(mapping: BundleMapping) -> nn.Module:
             raise ModelError(mapping.path, f"network_def made a {type(module).__name__}, not a torch module")
     else:
         card = mapping.card
-        module = models.create(arch.name, spatial_dims=card.input.spatial_dims, in_channels=card.input.channels,
-                               out_channels=card.num_classes, **arch.kwargs)
+        try:
+            module = models.create(arch.name, spatial_dims=card.input.spatial_dims, in_channels=card.input.channels,
+                                   out_channels=card.num_classes, **arch.kwargs)
+        except ModelError as exc:  # the registry does not know which bundle asked
+            raise ModelError(exc.path or mapping.path, exc.problem) from None
     return fill(module, read_state_dict(mapping.weights, trusted=mapping.allow_code), mapping.weights, arch.name)
 
 

@@ -43,8 +43,12 @@ def create(name: str, *, spatial_dims: int, in_channels: int, out_channels: int,
     try:
         return _REGISTRY[name](spatial_dims=spatial_dims, in_channels=in_channels,
                                out_channels=out_channels, **kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise ModelError(None, f"cannot build {name!r} with {kwargs}: {exc}") from None
+    except (TypeError, ValueError, AssertionError, RuntimeError, MemoryError, OverflowError) as exc:
+        # torch's own errors carry its C++ frames, and a card may ask for a layer of 2**40 channels: first line only
+        said = " ".join(str(exc).strip().splitlines()[:1])[:200] or type(exc).__name__
+        if isinstance(exc, (RuntimeError, MemoryError, OverflowError)):
+            said = f"{type(exc).__name__}: {said} (are its sizes plausible?)"
+        raise ModelError(None, f"cannot build {name!r} with {str(kwargs)[:300]}: {said}") from None
 
 
 # ---------------------------------------------------------------- MONAI networks

@@ -173,6 +173,17 @@ def test_unknown_kwargs_are_model_errors(name):
         build(name, 2, no_such_option=3)
 
 
+@pytest.mark.parametrize("channels", [[16, 32, 64, 2**40], [4, 10**30]])
+def test_absurd_sizes_in_a_card_are_one_model_error_not_a_traceback(channels):
+    """A card asking for 2**40 channels printed torch's allocator traceback; 10**30 a C++ overflow with its
+    frames, in a line naming no card."""
+    with pytest.raises(ModelError, match=r"cannot build 'unet' with \{'channels': \[.*\]\}: "
+                                         r"(RuntimeError: .*\(are its sizes plausible\?\)$|empty\(\): .*Overflow)"
+                       ) as caught:
+        build("unet", 2, channels=channels, strides=[2] * (len(channels) - 1))
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 700
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("deeplabv3plus", {"output_stride": 32}),
     ("deeplabv3plus", {"rates": (6, 0)}),
