@@ -29,12 +29,37 @@ def read_config(path: Path) -> Any:
         raise ModelError(path, f"unreadable bundle configuration ({exc})") from None
     try:
         if path.suffix == ".json":
-            return json.loads(text)
-        import yaml
+            doc = json.loads(text)
+        else:
+            import yaml
 
-        return yaml.safe_load(text)
+            doc = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - json.JSONDecodeError or yaml.YAMLError
         raise ModelError(path, f"invalid bundle configuration ({' '.join(str(exc).split())[:200]})") from None
+    if _expands_past(doc, MAX_CONFIG_VALUES):
+        raise ModelError(path, f"the bundle configuration expands to more than {MAX_CONFIG_VALUES:,} values (YAML "
+                               "aliases of aliases?); refused rather than walked")
+    return doc
+
+
+MAX_CONFIG_VALUES = 1_000_000  # values a configuration may hold once its YAML aliases are expanded
+
+
+def _expands_past(doc: Any, limit: int) -> bool:
+    """Whether walking ``doc`` as a tree visits more than ``limit`` values.  YAML aliases share one object under
+    many keys, so ten levels of nine aliases are 9**10 values to a walker: ``model inspect`` ran for minutes on
+    one ("billion laughs").  The count stops at the limit, so this check is bounded too."""
+    seen, stack = 0, [doc]
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def short_name(target: Any) -> str:

@@ -143,6 +143,28 @@ def test_bundle_maps_to_a_card_without_evaluating_anything(bundle):
     assert read_bundle(bundle).card == card
 
 
+def test_a_yaml_alias_bomb_in_a_bundle_is_refused_in_one_line_at_once(tmp_path):
+    """Ten levels of nine aliases under network_def (a "billion laughs"): `model inspect` walked 9**10 values and
+    ran for minutes.  The configuration's expanded size is counted, up to a limit, as it is read."""
+    import time
+
+    import yaml
+
+    root = write_bundle(tmp_path / "b")
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    config = root / "configs" / "inference.json"
+    body = json.loads(config.read_text())
+    (root / "configs" / "inference.yaml").write_text("\n".join(levels) + "\n" + yaml.safe_dump(
+        {**body, "network_def": {**body["network_def"], "dropout": "PLACEHOLDER"}}).replace("PLACEHOLDER", "*a9"))
+    config.unlink()
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match=r"inference\.yaml: the bundle configuration expands to more than "
+                                         r"1,000,000 values"):
+        read_bundle(root)
+    assert time.perf_counter() - t0 < 30
+
+
 def test_torchscript_bundle_runs_its_archive(tmp_path, unet):
     """model.ts only, network_def unknown: the archive runs as is (TorchScript, no Python unpickling)."""
     root = write_bundle(tmp_path / "b", network={**NET, "_target_": "scripts.net.MyNet"})
