@@ -199,7 +199,8 @@ def _connect(address: str, gpus: bool) -> Client:
     if gpus and not gpu_workers(client):
         client.close()
         raise ConfigError(None, f"--gpus: no worker of the Dask scheduler at {address} has a {GPU} resource "
-                                f"(start them with `dask cuda worker {address} --resources {GPU}=1`)")
+                                f"(start them with `dask cuda worker {address} --nthreads {GPU_WORKER_THREADS} "
+                                f"--resources {GPU}=1`)")
     client.register_plugin(TorchThreads())
     return client
 

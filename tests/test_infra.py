@@ -193,7 +193,7 @@ def _deployment(k8s, name):
 
 
 def test_k8s_dask_workers_point_at_the_scheduler_service(k8s):
-    from flows.cluster import GPU
+    from flows.cluster import GPU, GPU_WORKER_THREADS
 
     service = next(d for d in k8s if d["kind"] == "Service" and d["metadata"]["name"] == "dask-scheduler")
     sched = _deployment(k8s, "dask-scheduler")
@@ -208,6 +208,8 @@ def test_k8s_dask_workers_point_at_the_scheduler_service(k8s):
     gpu = _deployment(k8s, "dask-worker-gpu")["spec"]["template"]["spec"]["containers"][0]
     assert gpu["command"][:3] == ["dask", "cuda", "worker"]
     assert _option(gpu["command"], "--resources") == f"{GPU}=1"  # what flows.cluster.gpu_tasks asks for
+    # two window tasks per GPU and host tasks beside them (dask-cuda's default of one ran them all in turn)
+    assert _option(gpu["command"], "--nthreads") == str(GPU_WORKER_THREADS)
     assert int(gpu["resources"]["limits"]["nvidia.com/gpu"]) == 1
     assert "cuda" in gpu["image"]
     cpu = _deployment(k8s, "dask-worker")["spec"]["template"]["spec"]["containers"][0]
@@ -322,7 +324,9 @@ def test_dockerfiles_install_the_project(name):
             for src in sources:
                 assert (ROOT / src).exists(), f"{name}: COPY {src}: no such path in the repository"
     copied = {a.split()[0] for w, a in steps if w == "COPY"}
-    assert {"storage", "segmentation", "flows", "infra"} <= copied and "pyproject.toml" in " ".join(copied)
+    assert {"storage", "segmentation", "flows", "infra/prefect.yaml"} <= copied and "pyproject.toml" in " ".join(copied)
+    # infra/data holds a compose user's scans, outputs and models: copying infra/ baked them into every image
+    assert "infra" not in copied and not any(src.startswith("infra/data") for src in copied)
     runs = " ".join(a for w, a in steps if w == "RUN")
     assert re.search(r"pip install \.(\s|$)", runs), f"{name} does not install the project"
     assert re.search(r"--index-url \"?\$\{TORCH_INDEX\}", runs)
@@ -336,6 +340,32 @@ def test_dockerfiles_install_the_project(name):
         assert "dask-cuda" in runs
     assert steps[-1][0] == "CMD"
     assert any(w == "USER" and a != "root" for w, a in steps)
+    assert "--uid 10001 --gid 10001" in runs  # the k8s manifests' runAsUser, runAsGroup and fsGroup
+
+
+def test_the_build_context_leaves_out_data_and_local_environments():
+    """compose builds with the repository root as context: without a .dockerignore it sent .venv, demo runs and
+    infra/data (patient scans, when a compose user keeps them there) to the daemon."""
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", "demo", "infra/data", ".git"} <= ignored
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        for word, args in _instructions(INFRA / name):
+            if word == "COPY":
+                *sources, _ = args.split()
+                assert not any(src in ignored or any(src.startswith(i + "/") for i in ignored) for src in sources)
+
+
+def test_k8s_pods_run_as_the_images_user_and_the_data_folders_exist(k8s):
+    """No securityContext: a fresh claim at /data (root's, hiding the image's folders) left /data/out unwritable
+    for uid 10001 and /data/inbox missing, so every nightly run failed."""
+    for name in ("dask-scheduler", "dask-worker", "dask-worker-gpu", "prefect-worker"):
+        pod = _deployment(k8s, name)["spec"]["template"]["spec"]
+        assert pod["securityContext"] == {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001}, name
+    pod = _deployment(k8s, "prefect-worker")["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["securityContext"]["runAsUser"] == 0 and {m["mountPath"] for m in init["volumeMounts"]} == {"/data"}
+    assert "mkdir -p /data/inbox /data/out" in init["command"][-1] and "chown 10001:10001" in init["command"][-1]
 
 
 def test_readme_documents_the_commands():
