@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, ContextManager, Iterator
 import dask
 from distributed import Client, LocalCluster, WorkerPlugin
 
-from storage.errors import ConfigError
+from storage.errors import ConfigError, error_names
 
 GPU = "GPU"  # the worker resource GPU tasks ask for: workers started with `--resources GPU=1`
 # Each window task asks for half a GPU: a GPU worker runs two at once, one reading and decoding its region on the
@@ -53,6 +54,8 @@ class TorchThreads(WorkerPlugin):
 
     async def setup(self, worker) -> None:  # noqa: ANN001
         import torch
+
+        quiet_reported_failures()  # in a worker process too: its log lines reach the command's console
 
         threads = _env_threads() or self.threads
         if threads is None:
@@ -188,6 +191,32 @@ def gpu_tasks(client: Client) -> ContextManager[Any]:
 def _quiet() -> None:
     for name in ("distributed", "distributed.batched", "distributed.nanny", "distributed.scheduler"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_reported_failures()
+
+
+class ReportedFailures(logging.Filter):
+    """Drops a worker's "Compute Failed" record (a multi-line dump with the task's traceback) when the task's error
+    is one segflow reports itself, in one line naming the input: its own errors, an OSError (a full disk, an
+    output folder deleted under a run) and an interruption.  Any other error's record stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        names = error_names() | {"OSError", "FileNotFoundError", "PermissionError", "IsADirectoryError",
+                                 "NotADirectoryError", "FileExistsError", "Interrupted", "CancelledError"}
+        self.reported = re.compile(r"Exception: ['\"](?:" + "|".join(sorted(map(re.escape, names))) + r")\(")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        return not ("Compute Failed" in text and self.reported.search(text))
+
+
+def quiet_reported_failures() -> None:
+    """Install :class:`ReportedFailures` on distributed's worker logger, once per process."""
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, ReportedFailures) for f in logger.filters):
+        logger.addFilter(ReportedFailures())
 
 
 def _connect(address: str, gpus: bool) -> Client:

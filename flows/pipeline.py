@@ -111,8 +111,10 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                                             bands=band_request(model.card, options), origin=origin)
     except BaseException as exc:
         remove_if_empty(work)
-        if isinstance(exc, OSError):  # e.g. the disk filled up while copying
-            raise ExportError(exc.filename or work, f"cannot write the ingested copy: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):  # e.g. the disk filled up while copying: the line names the input, as for
+            # two inputs of a batch on a full disk it had said the same work folder twice
+            raise ExportError(input_label(input_path), f"cannot write the ingested copy in {exc.filename or work}: "
+                                                       f"{exc.strerror or exc}") from None
         raise
     ingest_seconds = time.perf_counter() - t0
     stem = input_stem(input_path)
@@ -204,9 +206,11 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         if replacing is not None:  # (a SIGKILL leaves them aside: the next run of the stem puts them back)
             replacing.failed()
         provenance.restore_sidecar(out_path)  # the earlier outputs, put back, are its
-        if isinstance(exc, OSError):  # a full disk or a denied write while storing or committing: one line
+        if isinstance(exc, OSError):  # a full disk or a denied write while storing or committing: one line,
+            # naming the input (the chunk file alone said nothing of which input of a batch failed)
             where = exc.filename or out_dir
-            raise ExportError(where, f"cannot write: {exc.strerror or exc}") from None
+            raise ExportError(record_input_as or input_label(input_path),
+                              f"cannot write {where}: {exc.strerror or exc}") from None
         raise
     finally:
         if not keep_work:

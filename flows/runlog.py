@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from storage.errors import ConfigError, SegflowError
+from storage.errors import ConfigError, SegflowError, error_names
 
 API_URL = "PREFECT_API_URL"
 
@@ -88,16 +88,6 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         stack += [e.__cause__, e.__context__]
 
 
-def _error_names() -> set[str]:
-    """The class names of SegflowError and every subclass defined so far."""
-    names, todo = set(), [SegflowError]
-    while todo:
-        cls = todo.pop()
-        names.add(cls.__name__)
-        todo += cls.__subclasses__()
-    return names
-
-
 class ReportedElsewhere(logging.Filter):
     """Drops from a console what segflow tells the user itself, and segflow's own lines below warnings.
 
@@ -109,7 +99,7 @@ class ReportedElsewhere(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self.named = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, _error_names()))) + r")\b[(:]")
+        self.named = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, error_names()))) + r")\b[(:]")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "segflow" or record.name.startswith("segflow."):

@@ -86,6 +86,17 @@ class RunFailed(SegflowError):
         self.result = result
 
 
+def error_names() -> set[str]:
+    """The class names of SegflowError and every subclass defined so far (in log lines that name an error the
+    run reports itself)."""
+    names, todo = set(), [SegflowError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
 def one_line(exc: BaseException, label: str | None = None) -> str:
     """An input's failure as the one line a batch reports: a SegflowError's own text (it names its file), else
     the input's ``label``, the type and the message."""

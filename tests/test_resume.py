@@ -384,6 +384,51 @@ def test_full_disk_at_export_gives_one_line_and_leaves_nothing(scene, tmp_path, 
     assert _listing(out) == []  # no zarr, no COG, no temporaries, no work store
 
 
+def test_full_disk_while_ingesting_names_the_input(scene, tmp_path, dask_cluster, monkeypatch):
+    """Two inputs of a batch on a full disk both said `OUT/.segflow-work: cannot write the ingested copy`: which
+    input failed was not said."""
+    from flows import pipeline
+
+    image, model_dir = scene
+    out = tmp_path / "out"
+    real_ingest = pipeline.ingest_input
+
+    def ingest_on_a_full_disk(*args, **kwargs):
+        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+        try:
+            return real_ingest(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, old)
+
+    monkeypatch.setattr(pipeline, "ingest_input", ingest_on_a_full_disk)
+    with pytest.raises(ExportError) as err:
+        segment_one(image, load_model(model_dir.path), out, SegmentOptions(chunk_size=CHUNK), dask_cluster)
+    message = str(err.value)
+    assert message.startswith(f"{image}: cannot write the ingested copy in ") and "File too large" in message, message
+    assert "\n" not in message
+
+
+def test_a_workers_dump_of_an_error_segflow_reports_itself_stays_off_the_console():
+    """A full disk while writing chunks printed five multi-line "Compute Failed" records with tracebacks before
+    segflow's one line; an error segflow does not report itself keeps its record."""
+    import logging
+
+    from flows.cluster import ReportedFailures
+
+    def record(text: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, text, None, None)
+
+    quiet = ReportedFailures()
+    dump = "Compute Failed\nKey: ('write', 0)\nException: \"{}\"\nTraceback: ..."
+    assert not quiet.filter(record(dump.format("OSError(28, 'No space left on device')")))
+    assert not quiet.filter(record(dump.format("CorruptInputError('a.tif: cannot read')")))
+    assert quiet.filter(record(dump.format("RuntimeError('CUDA error: an illegal memory access')")))
+    assert quiet.filter(record("Compute Failed but no exception named"))
+
+
 # --------------------------------------------------------------------------- SIGKILL of a run in raster model space
 
 
