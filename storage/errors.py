@@ -17,13 +17,22 @@ class SegflowError(Exception):
 
     def __init__(self, path: str | PathLike[str] | None, problem: str) -> None:
         self.path = None if path is None else str(path)
-        self.problem = " ".join(str(problem).split())  # always one line
-        super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
+        self.problem = printable(" ".join(str(problem).split()))  # always one line
+        shown = None if self.path is None else printable(self.path)
+        super().__init__(self.problem if shown is None else f"{shown}: {self.problem}")
 
     def __reduce__(self) -> tuple:
         """Pickled whole (a Dask worker process sends its errors to the client, Prefect keeps a state's): the
         default rebuilt the error from its message alone and failed (``__init__`` takes a path and a problem)."""
         return _restore, (type(self), str(self), dict(self.__dict__))
+
+
+def printable(text: str) -> str:
+    """Control characters (a NUL in a band name, an escape sequence in a file name) as escapes (``\\x00``): a
+    message quoting names read from inside files is printed on terminals and written into reports."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _restore(cls: type, text: str, state: dict) -> "SegflowError":

@@ -52,9 +52,16 @@ def is_item_path(path: str | PathLike[str]) -> bool:
     return str(path).lower().endswith(ITEM_SUFFIXES)
 
 
+# names Windows (and SMB shares) refuse as a file's stem whatever its extension: CON.tif cannot be made there
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
 def sanitised(name: str) -> str:
-    """A name read from inside a file made safe as a file name: [A-Za-z0-9._-], no leading dot, <= 80."""
+    """A name read from inside a file made safe as a file name: [A-Za-z0-9._-], no leading dot, <= 80, and no
+    name Windows reserves (``CON`` becomes ``CON_``)."""
     safe = _SAFE.sub("_", name).strip("._-")[:NAME_MAX].strip("._-")
+    if safe.split(".", 1)[0].upper() in _RESERVED:
+        safe = safe.split(".", 1)[0] + "_" + safe[len(safe.split(".", 1)[0]):]
     return safe or "item"
 
 

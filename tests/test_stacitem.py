@@ -378,3 +378,20 @@ def test_a_pixel_is_valid_only_where_every_band_the_model_needs_has_data(scene, 
     outside = np.ones_like(holed_labels, bool)
     outside[14:50, 14:50] = False
     assert not np.any(holed_labels[outside] == 255)
+
+
+def test_ids_windows_reserves_get_a_name_it_takes():
+    """A STAC id "CON" gave OUT/CON.tif, a file Windows and SMB shares cannot make; the other names stay."""
+    from storage.stacitem import sanitised
+
+    assert [sanitised(n) for n in ("CON", "nul", "COM1", "LPT9.v2", "CONSOLE", "COMX", "S2A_T33")] == \
+        ["CON_", "nul_", "COM1_", "LPT9_.v2", "CONSOLE", "COMX", "S2A_T33"]
+
+
+def test_control_characters_in_an_error_are_printed_as_escapes():
+    """A band name "c\\x00" from an item printed a raw NUL in the error line (and an escape sequence would recolour
+    the terminal); the error's path keeps its own characters for file operations."""
+    from storage.errors import InputError
+
+    err = InputError("a\x1b[31m.tif", "no band 'c\x00' here; é, 東 stay")
+    assert str(err) == "a\\x1b[31m.tif: no band 'c\\x00' here; é, 東 stay" and err.path == "a\x1b[31m.tif"
