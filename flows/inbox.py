@@ -25,6 +25,23 @@ from storage.stacitem import is_item_path, looks_like_item
 ITEM_READ_MAX = 64 * 2**20  # a .json file larger than this is no STAC item an inbox holds: not read, ignored
 
 
+_SYSTEM_TREES = (Path("/"), Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _walks_out(entry: Path, inbox: Path) -> bool:
+    """A link to a folder that holds the inbox itself (``inbox/root -> /``) or a system tree: walking it for
+    DICOM files read the whole file system (32 s, then a failure in /proc).  Such an entry is ignored; a link to
+    a study folder elsewhere is followed as before."""
+    if not entry.is_symlink():
+        return False
+    try:
+        target, box = entry.resolve(strict=True), inbox.resolve(strict=True)
+    except (OSError, RuntimeError):  # a loop of links
+        return True
+    system = target == Path("/") or any(t == target or t in target.parents for t in _SYSTEM_TREES[1:])
+    return system or target == box or target in box.parents
+
+
 def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
     """(inputs, ignored): the inbox's files and DICOM folders segflow reads, sorted; hidden entries skipped,
     other files and folders ignored.
@@ -44,7 +61,7 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
         if p.name.startswith("."):
             continue
         if p.is_dir():
-            (inputs if _is_dicom(p) else ignored).append(str(p))
+            (inputs if not _walks_out(p, folder) and _is_dicom(p) else ignored).append(str(p))
             continue
         if not p.is_file():  # a broken symbolic link, a FIFO: named like an input, it fails saying why
             try:

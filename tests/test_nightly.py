@@ -433,6 +433,23 @@ def test_a_broken_link_in_the_inbox_fails_and_what_is_no_input_is_listed_in_the_
     assert "## Not inputs" in markdown and "- `README.txt`" in markdown and "- `notes`" in markdown
 
 
+def test_a_link_to_a_folder_holding_the_inbox_is_not_walked_and_one_to_a_study_is(tmp_path):
+    """`inbox/root -> /` had the run walk the whole file system for DICOM files (32 s, then a failure in /proc)."""
+    from flows.inbox import list_inbox
+    from tests import dicom_samples
+
+    inbox = tmp_path / "site" / "inbox"
+    inbox.mkdir(parents=True)
+    dicom_samples.write_ct_series(tmp_path / "studies" / "ct1", np.zeros((2, 4, 4), np.int16))
+    (inbox / "root").symlink_to("/")
+    (inbox / "site").symlink_to(tmp_path / "site")  # holds the inbox: a loop
+    (inbox / "proc").symlink_to("/proc/self")
+    (inbox / "ct1").symlink_to(tmp_path / "studies" / "ct1")
+    inputs, ignored = list_inbox(inbox)
+    assert inputs == [str(inbox / "ct1")]
+    assert sorted(Path(p).name for p in ignored) == ["proc", "root", "site"]
+
+
 def test_an_inbox_that_is_also_the_output_folder_keeps_its_scans(models, tmp_path, dask_cluster):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
