@@ -171,9 +171,9 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     model_futures = client.compute(model_writes) if model_writes else []
     key = f"infer:{target.name}"
     shares = window_shares(plan)
-    reporter().start(key, f"segment {input_name}", total=sum(shares.values()), unit="windows")
-    if done:
-        reporter().advance(key, sum(shares.get(idx, 0) for idx in done))
+    # a resumed run counts the windows it evaluates: its last line had said all of them, at a rate never run
+    left = sum(n for idx, n in shares.items() if idx not in done)
+    reporter().start(key, f"segment {input_name}" + (" (resumed)" if done else ""), total=left, unit="windows")
     histogram: dict[int, int] = {}
     for chunk_histogram in done.values():
         for value, n in chunk_histogram.items():

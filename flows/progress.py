@@ -174,8 +174,12 @@ class PlainReporter:
         if step is None:
             return
         seconds = self.clock() - step["started"]
-        count, unit = step["total"], step["unit"]
-        done = f"{count} {unit}" if unit else f"{count} of {count} processed"  # not "done": some may have failed
+        total, unit = step["total"], step["unit"]
+        count = min(step["done"], total)  # a step cut short (an interrupted run) says how far it got
+        if count < total:
+            done = f"{count} of {total} {unit}" if unit else f"{count} of {total} processed"
+        else:
+            done = f"{count} {unit}" if unit else f"{count} of {count} processed"  # not "done": some may have failed
         rate = rate_text(count, seconds, unit) if seconds >= 1 else ""  # a rate over a blink says nothing
         self._print(f"{step['description']}: {done} in {duration_text(seconds)}" + (f" ({rate})" if rate else ""))
 

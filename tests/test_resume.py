@@ -123,6 +123,10 @@ def test_sigkill_mid_run_then_rerun_writes_only_unfinished_chunks_byte_identical
     assert stats["partial_store"] == "resumed" and stats["ingest_reused"] is True
     assert stats["chunks_resumed"] == done and stats["chunks_written"] == CHUNKS - done
     assert f"{done} of {CHUNKS} chunks already done" in stderr
+    # its progress counts the windows of the chunks it had left (it had said all of them, at a rate never run)
+    [line] = [x for x in stderr.splitlines() if x.startswith("segment scene (resumed): ")]
+    counted = int(line.split(": ")[1].split()[0])
+    assert 0 < counted < reference["statistics"]["windows_total"], line
     assert stats["label_pixels"] == reference["statistics"]["label_pixels"]
 
     # the outputs are byte-identical to the uninterrupted run's; the provenance differs in run fields only

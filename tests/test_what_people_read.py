@@ -466,6 +466,12 @@ def test_plain_progress_lines_and_quiet_notes():
     text = console.export_text().splitlines()
     assert text[0] == "segment scene: 31/96 chunks (32%), 3.0 chunks/s, about 21 s left"
     assert text[-1] == "segment scene: 96 chunks in 32 s (3.0 chunks/s)" and len(text) == 4
+    # a step cut short (an interrupted nightly had said "1 of 1 processed" before "interrupted: ...") says how far
+    rep.start("n", "nightly inputs", 3)
+    clock[0] += 5
+    rep.advance("n")
+    rep.finish("n")
+    assert console.export_text().splitlines()[-1] == "nightly inputs: 1 of 3 processed in 5.0 s (0.2/s)"
     quiet = Console(width=200, record=True)
     QuietReporter(quiet).note("Dask scheduler tcp://x", logging.INFO)
     QuietReporter(quiet).note("scene.tif: has no CRS", logging.WARNING)
