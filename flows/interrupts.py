@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -116,6 +117,19 @@ def _restore(previous: dict[int, Any] | None) -> None:
         signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``sys.unraisablehook`` that says nothing of an :class:`Interrupted` raised where Python can only drop it:
+    a signal landing in a garbage-collector callback (distributed's GC diagnosis) printed "Exception ignored in
+    ..." and a traceback above the command's one line.  The interruption is recorded anyway, and the next poll
+    (:func:`check_interrupt`) raises it where it is handled."""
+    def quiet(unraisable: Any) -> None:
+        if not isinstance(getattr(unraisable, "exc_value", None), Interrupted):
+            hook(unraisable)
+
+    quiet.segflow_interrupts = True  # type: ignore[attr-defined]
+    return quiet
+
+
 @contextmanager
 def _interrupt_scope(defer: bool, keep_quiet: bool = False) -> Iterator[None]:
     if _Interrupts.depth == 0:  # a new command or run: an earlier one's interruption is not this one's
@@ -123,10 +137,14 @@ def _interrupt_scope(defer: bool, keep_quiet: bool = False) -> Iterator[None]:
     _Interrupts.depth += 1
     _Interrupts.deferring += defer
     previous = _install()
+    hook = sys.unraisablehook
+    if not getattr(hook, "segflow_interrupts", False):
+        sys.unraisablehook = _unraisable(hook)
     try:
         yield
     finally:
         _restore(previous)
+        sys.unraisablehook = hook
         _Interrupts.deferring -= defer
         _Interrupts.depth -= 1
         if _Interrupts.depth == 0:

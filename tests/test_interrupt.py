@@ -172,3 +172,30 @@ def test_interrupted_run_keeps_its_work_says_one_line_and_the_rerun_resumes(data
     for name in ("a.tif", "b.tif"):
         assert _same_output(out / name, references[command] / name), name
     assert not list(out.glob(".*.partial")) and not (out / WORK_DIR).exists()
+
+
+def test_an_interruption_python_can_only_drop_is_not_printed(monkeypatch):
+    """A SIGTERM landing in a garbage-collector callback (distributed's GC diagnosis) printed "Exception ignored
+    in ..." and a traceback above the command's one line; other unraisable errors are still reported."""
+    import gc
+
+    from flows.interrupts import Interrupted, interrupt_handlers
+
+    seen: list[type] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
+
+    class Raises:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def __del__(self) -> None:
+            raise self.exc
+
+    with interrupt_handlers():
+        Raises(Interrupted(signal.SIGTERM))
+        Raises(ValueError("a real bug"))
+        gc.collect()
+    assert seen == [ValueError]
+    Raises(Interrupted(signal.SIGTERM))  # outside a command's handlers, the hook is the one it was
+    gc.collect()
+    assert seen == [ValueError, Interrupted]
