@@ -122,6 +122,14 @@ def check_whole(path: Path) -> str | None:
     return None
 
 
+def _file_size_limit() -> int | None:
+    """This process's RLIMIT_FSIZE in bytes (``ulimit -f``), None when unlimited."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _CREATE_FAILED = re.compile(r"^Attempt to create new tiff file '.*' failed: .*: ([^:]+)$")
 
@@ -144,6 +152,10 @@ def _space_problem(directory: Path, needed: int) -> str | None:
     fits, says how little is free if the device holds less than the output's
     uncompressed size. None when nothing points at space.
     """
+    limit = _file_size_limit()
+    if limit is not None and needed > limit:
+        # a probe under the limit fits, and GDAL had blamed what it read back ("Failed to read directory")
+        return f"file size limit exceeded (ulimit -f: {limit} bytes; the output may need up to {needed})"
     probe = directory / f".segflow-space-probe.{uuid.uuid4().hex[:12]}"
     size = max(4096, min(needed, 1 << 20))
     try:
