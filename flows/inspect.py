@@ -209,9 +209,16 @@ def inspect_model(path: str | Path, *, trust_bundle: bool = False) -> "LoadedMod
     """The model at ``path`` loaded as ``segment`` loads it (card, weights read, hashed and fitted to the
     network), so that ``model inspect`` refuses what ``segment`` refuses, in the same words (a directory whose
     only weights are a pickle checkpoint is told how to make it usable)."""
+    from segmentation import models
     from segmentation.modeldir import load_model
+    from storage.errors import ModelError
 
-    return load_model(path, trust_bundle=trust_bundle)
+    loaded = load_model(path, trust_bundle=trust_bundle)
+    try:  # a card whose own window the network cannot take: segment refuses it, so inspect does
+        models.check_roi(loaded.module, list(loaded.card.inference.roi), loaded.card.architecture.name)
+    except ModelError as exc:
+        raise ModelError(path, f"its card's inference.roi: {exc.problem}") from None
+    return loaded
 
 
 def model_stac(path: str | Path, *, trust_bundle: bool = False) -> dict[str, Any]:

@@ -309,6 +309,9 @@ def model_asset(item: dict[str, Any], item_path: Path) -> tuple[Path, str | None
     href = str(found[0].get("href") or "")
     parsed = urlparse(href)
     if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):  # file://host/path named another machine; it read the local path
+            raise ModelError(item_path, f"the model asset {href!r} names a file on host {parsed.netloc!r}; copy it "
+                                        "here and point the asset's href at the copy")
         path = Path(unquote(parsed.path))
     elif parsed.scheme and len(parsed.scheme) > 1:  # a URL (a one-letter scheme is a Windows drive)
         raise ModelError(item_path, f"the model asset {href!r} is not a local file; download it and point the "

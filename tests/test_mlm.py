@@ -147,6 +147,8 @@ def test_a_foreign_item_maps_what_it_says_and_refuses_what_a_card_cannot_hold(tm
     refused(lambda d: d["properties"].update({"mlm:tasks": ["classification"]}), "no semantic segmentation")
     refused(lambda d: d["properties"].update({"mlm:architecture": "vit-huge"}), "unknown architecture|registry")
     refused(lambda d: d["assets"]["model"].update(href="https://example.org/net.safetensors"), "not a local file")
+    # file://host/... names another machine's file: it had read the same path here
+    refused(lambda d: d["assets"]["model"].update(href=f"file://evil.example.com{weights}"), "on host 'evil")
     refused(lambda d: d["assets"]["model"].update(roles=["data"]), "0 assets with the role mlm:model")
     refused(lambda d: d["assets"]["model"].update({"file:checksum": "1220" + "0" * 64}), "sha256")
     refused(lambda d: d["properties"]["mlm:output"][0]["classification:classes"].pop(0), "values 0..N-1")

@@ -442,6 +442,16 @@ def test_model_inspect_refuses_what_segment_refuses(models, tmp_path):
     image = raster(tmp_path / "in.tif")  # segment says the same, in the same words
     seg = runner.invoke(app, ["segment", str(image), "--model", str(pickled), "--out", str(tmp_path / "o")])
     assert seg.exit_code != 0 and lines(seg.stderr, "error:") == [error]
+    # a card whose own window the network cannot take: segment refused it, inspect printed it
+    odd = tmp_path / "odd-roi"
+    shutil.copytree(models["3ch"].path, odd)
+    card = json.loads((odd / "card.json").read_text())
+    card["inference"]["roi"] = [33, 33]
+    (odd / "card.json").write_text(json.dumps(card))
+    res = runner.invoke(app, ["model", "inspect", str(odd)])
+    assert res.exit_code == 1 and res.stdout == ""
+    assert lines(res.stderr, "error:") == [f"error: {odd}: its card's inference.roi: unet needs each spatial size "
+                                           "divisible by 2, got roi (33, 33)"], res.stderr
     cut = truncated_weights(models["3ch"].path, tmp_path / "cut")
     res = runner.invoke(app, ["model", "inspect", str(cut)])
     assert res.exit_code == 1 and "not a readable safetensors file" in res.stderr
