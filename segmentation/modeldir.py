@@ -384,7 +384,8 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
         raise ModelError(exc.path or src, f"the card's architecture: {exc.problem}") from None
     checkpoint = torch_load_safely(weights) if fmt == "state_dict" else None  # read once: weights and the EMA note
     try:
-        state = unwrap_state_dict(checkpoint, weights) if fmt == "state_dict" else read_state_dict(weights, trusted=trust_bundle)
+        state = unwrap_state_dict(checkpoint, weights) if fmt == "state_dict" else \
+            read_state_dict(weights, trusted=trust_bundle)
         module = fill(network, state, weights, arch)
     except ModelError as exc:
         if fmt == "torchscript" and exc.path is not None:

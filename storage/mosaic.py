@@ -73,7 +73,8 @@ def ingest_mosaic(ref: MosaicRef, store_path: str | PathLike[str], *, chunk: int
     plan = plan_mosaic(ref)
     hashes = ref.tile_sha256s()
     source = SourceInfo(path=ref.display, sha256=ref.sha256(hashes), size=ref.size(), format="mosaic")
-    for stale in store_path.parent.glob(glob.escape(f".{store_path.name}.vrt-") + "*"):  # an interrupted ingest's VRT files
+    # an interrupted ingest's VRT files (the name escaped: "[2024]" is a character class to glob)
+    for stale in store_path.parent.glob(glob.escape(f".{store_path.name}.vrt-") + "*"):
         shutil.rmtree(stale, ignore_errors=True)
     folder = store_path.parent / f".{store_path.name}.vrt-{uuid.uuid4().hex[:8]}"
     try:

@@ -30,8 +30,8 @@ try:  # GDAL errors that escape rasterio's own wrapping (e.g. CPLE_AppDefinedErr
 except ImportError:  # pragma: no cover - private module moved
     CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
 
-__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gdal_env", "describe_window", "grid_windows",
-           "gdal_message", "image_bands", "image_dtype", "open_raster", "read_bands", "s3_endpoint_options",
+__all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gdal_env", "describe_window",
+           "grid_windows", "gdal_message", "image_bands", "image_dtype", "open_raster", "read_bands", "s3_endpoint_options",
            "without_crs_ok"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")

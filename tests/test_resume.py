@@ -340,6 +340,18 @@ def _fill(directory: Path, leave: int = 0) -> Path:
     return filler
 
 
+def _under_file_size_limit(call, *args, **kwargs):  # noqa: ANN001, ANN202
+    """``call`` with writes past 4 KiB failing with EFBIG (RLIMIT_FSIZE), as a full disk fails them."""
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process at the limit
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        return call(*args, **kwargs)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old)
+
+
 @pytest.fixture(params=["tmpfs", "fsize-limit"])
 def full_disk(request, tmp_path):
     """How the disk fills up: a real 4 MiB tmpfs filled to the last byte (needs mount rights, else skipped),
@@ -370,14 +382,7 @@ def test_full_disk_at_export_gives_one_line_and_leaves_nothing(scene, tmp_path, 
         if disk is not None:
             _fill(disk)
             return real_export(*args, **kwargs)
-        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process at the limit
-        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
-        try:
-            return real_export(*args, **kwargs)
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-            signal.signal(signal.SIGXFSZ, old)
+        return _under_file_size_limit(real_export, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "export_labels", export_on_a_full_disk)
     with pytest.raises(ExportError) as err:
@@ -398,14 +403,7 @@ def test_full_disk_while_ingesting_names_the_input(scene, tmp_path, dask_cluster
     real_ingest = pipeline.ingest_input
 
     def ingest_on_a_full_disk(*args, **kwargs):
-        old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
-        try:
-            return real_ingest(*args, **kwargs)
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-            signal.signal(signal.SIGXFSZ, old)
+        return _under_file_size_limit(real_ingest, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "ingest_input", ingest_on_a_full_disk)
     with pytest.raises(ExportError) as err:

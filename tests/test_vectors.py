@@ -463,8 +463,8 @@ def test_geojson_polygons_stay_a_coverage_in_longitude_and_latitude(tmp_path: Pa
     assert abs(overlap) < 1e-12 * union.area, overlap
 
 
-@pytest.mark.parametrize("stem, layer", [("[2024] scene", "2024] scene"), ("-x", "x"), ("#1", "1"), ("(1) a b", "1) a b"),
-                                         ("ü-x", "ü-x"), ("---", "labels")])
+@pytest.mark.parametrize("stem, layer", [("[2024] scene", "2024] scene"), ("-x", "x"), ("#1", "1"),
+                                         ("(1) a b", "1) a b"), ("ü-x", "ü-x"), ("---", "labels")])
 def test_a_stem_geopackage_refuses_as_a_layer_name_gets_one_it_takes(tmp_path: Path, stem: str, layer: str) -> None:
     """GDAL refuses a GeoPackage layer named "[2024] scene": the polygons of such an input failed after the whole
     run ("The layer name may not contain special characters")."""
