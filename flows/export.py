@@ -139,10 +139,18 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
                                  _band_names(card, meta, record)),
         gsd=float(spacing[0]) if spacing and card.input.spacing_unit == "m" else None,
         source=str(meta.source.path), vectors=polygons, datetime_=when, weights=weights_asset(model),
-        probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None)
+        probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None,
+        grid=_written_grid(record))
     if tiles:  # a mosaic (storage.mosaic) derives from each of its tiles
         _link_tiles(item, tiles)
     return item
+
+
+def _written_grid(record: dict[str, Any]) -> str:
+    """"model" when the labels went out on the model's grid (``--output-grid model`` where model space applied):
+    the item's lineage had said "on the input grid" whatever the run did."""
+    resampling = (record.get("parameters") or {}).get("resampling") or {}  # present where model space applied
+    return "model" if resampling.get("output_grid") == "model" else "input"
 
 
 def _link_tiles(item_path: Path, tiles: list[str]) -> None:

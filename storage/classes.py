@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,7 +23,10 @@ class LabelClass(BaseModel):
 
     value: int = Field(ge=0, le=65534)
     name: str = Field(min_length=1)
-    color: tuple[int, int, int] = (128, 128, 128)
+    # 8-bit RGB: [300, -10, 20] passed the card, then failed after the inference (a quicklook's uint8, a COG's colour
+    # hint) or went as is into the Slicer and ITK-SNAP tables
+    color: tuple[Annotated[int, Field(ge=0, le=255)], Annotated[int, Field(ge=0, le=255)],
+                 Annotated[int, Field(ge=0, le=255)]] = (128, 128, 128)
     code: str | None = None  # e.g. a SNOMED CT code (SCT:[<category>/]<type>[|<meaning>]) or a land-cover code
 
     @field_validator("code")

@@ -98,11 +98,18 @@ class RasterGeometry(BaseModel):
 
     def rasterio_crs(self) -> Any:
         """The CRS as rasterio reads it (its WKT, else its EPSG code); None for a raster without one."""
-        from rasterio.crs import CRS
+        return crs_of(self)
 
-        if self.crs_wkt:
-            return CRS.from_wkt(self.crs_wkt)
-        return CRS.from_epsg(self.epsg) if self.epsg else None
+
+def crs_of(geometry: Any) -> Any:
+    """The rasterio CRS of anything with a raster geometry's ``crs_wkt`` and ``epsg`` (its WKT first); None for
+    a raster without one."""
+    from rasterio.crs import CRS
+
+    wkt, epsg = getattr(geometry, "crs_wkt", None), getattr(geometry, "epsg", None)
+    if wkt:
+        return CRS.from_wkt(wkt)
+    return CRS.from_epsg(epsg) if epsg else None
 
 
 class DicomFile(BaseModel):

@@ -21,6 +21,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from storage.errors import InvalidInputError
+from storage.geometry import crs_of
 
 Kernel = Literal["bilinear", "average", "nearest"]
 IDENTITY_RTOL = 1e-6  # a pixel size this close (relative) to the gsd is the gsd: no warp at all
@@ -175,7 +176,7 @@ def raster_mapping(geometry: Any, shape: Sequence[int], *, spacing: Sequence[flo
     from rasterio.warp import calculate_default_transform
 
     height, width = int(shape[-2]), int(shape[-1])
-    src_crs = geometry.rasterio_crs()
+    src_crs = crs_of(geometry)
     affine6: Any = tuple(float(v) for v in geometry.transform)[:6]
     grid = RasterGrid(crs=src_crs.to_wkt() if src_crs is not None else None, transform=affine6, height=height,
                       width=width)

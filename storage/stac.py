@@ -214,18 +214,19 @@ def _mlm_properties(model: dict[str, Any], classes: list[dict[str, Any]], out: P
     return props
 
 
-def _lineage(model: dict[str, Any], source: str) -> str:
+def _lineage(model: dict[str, Any], source: str, grid: str = "input") -> str:
     sha = model.get("weights_sha256")
     weights = f" (weights sha256 {sha})" if sha else ""
+    where = "the model's grid (--output-grid model)" if grid == "model" else "the input grid"
     return (f"Semantic segmentation by segflow of {Path(source).name or source} with model "
             f"{model.get('name')} ({model.get('architecture')}){weights} on {model.get('accelerator') or 'cpu'}; "
-            "windows stitched exactly, labels written on the input grid.")
+            f"windows stitched exactly, labels written on {where}.")
 
 
 def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: list[LabelClass], model: dict,
                     gsd: float | None, source: str, probability_cog: Path | None = None,
                     vectors: Path | None = None, datetime_: datetime | None = None,
-                    weights: dict[str, Any] | None = None) -> Path:
+                    weights: dict[str, Any] | None = None, grid: str = "input") -> Path:
     """Write the STAC Item of one raster output and return its path.
 
     ``out_path`` is the export's output path (the label COG's name, as in
@@ -283,7 +284,7 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
         _add_model_asset(item, model, weights)
     item.add_link(pystac.Link(rel="derived_from", target=str(source), title="Segmented source"))
     item.stac_extensions.append(PROCESSING_SCHEMA)
-    item.properties["processing:lineage"] = _lineage(model, source)
+    item.properties["processing:lineage"] = _lineage(model, source, grid)
     item.properties["processing:software"] = {"segflow": _segflow_version()}
     if model.get("weights_sha256"):
         item.properties["segflow:weights_sha256"] = str(model["weights_sha256"])

@@ -113,3 +113,14 @@ def test_inconsistent_normalisations_are_refused(norm, message):
 def test_inconsistent_cards_are_refused(changes, message):
     with pytest.raises(ValidationError, match=message):
         ModelCard.model_validate(card(**changes))
+
+
+@pytest.mark.parametrize("color", [[300, -10, 20], [0, 0, 256], [1, 2]])
+def test_a_class_colour_that_is_no_8_bit_rgb_is_refused_with_the_card(color):
+    """[300, -10, 20] passed the card, failed after the inference (a quicklook's uint8, a COG's colour hint) or
+    went as is into the Slicer and ITK-SNAP tables."""
+    from storage.classes import LabelClass
+
+    with pytest.raises(ValidationError, match="color"):
+        LabelClass(value=2, name="lesion", color=color)
+    assert LabelClass(value=2, name="lesion", color=[0, 255, 7]).color == (0, 255, 7)

@@ -281,6 +281,9 @@ def test_output_grid_model_writes_the_cog_on_the_model_grid(scenes, weights, tmp
     record = json.loads((tmp_path / "o" / (scene.stem + ".provenance.json")).read_text())
     assert record["parameters"]["resampling"]["to_input"] is None
     assert mapping.model_shape == labels.shape
+    item = json.loads((tmp_path / "o" / (scene.stem + ".stac.json")).read_text())  # it had said "the input grid"
+    assert item["properties"]["processing:lineage"].endswith("labels written on the model's grid (--output-grid "
+                                                             "model).")
 
 
 def test_a_geographic_scene_goes_to_its_utm_zone_and_comes_back_on_degrees(scenes, weights, tmp_path,
