@@ -121,6 +121,8 @@ def nightly_command(
             cli.out.print(f"[yellow]arriving:[/yellow] {escape(a['input'])}: changed {a['changed_seconds_ago']:g} s "
                           "ago (--settle); left for the next run", highlight=False, soft_wrap=True)
     if not quiet:
+        if report["report"].get("html"):  # the page for people, first (it had gone unnamed)
+            cli.out.print(f"report: {report['report']['html']}", highlight=False, soft_wrap=True)
         cli.out.print(f"report: {report['report']['markdown']}", highlight=False, soft_wrap=True)
         cli.out.print(f"report: {report['report']['json']}", highlight=False, soft_wrap=True)
     if run_log.written:

@@ -475,6 +475,9 @@ def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
     res = runner.invoke(app, args + ["--inbox", str(inbox)])
     assert res.exit_code == 1, res.output
     assert "no-model" in res.output and "report: " in res.output and "Dask scheduler tcp://" in res.output
+    named = [line.split("report: ", 1)[1] for line in res.output.splitlines() if line.startswith("report: ")]
+    assert [Path(n).suffix for n in named] == [".html", ".md", ".json"]  # the page for people had gone unnamed
+    assert all(Path(n).is_file() for n in named)
     assert list((tmp_path / "out" / "reports").glob("*.md"))
     assert runner.invoke(app, args).exit_code == 2  # neither --inbox nor --manifest
     (inbox / "rgb.tif").unlink()
