@@ -118,7 +118,7 @@ def summary(inputs: list[InputReport]) -> str:
         bad.append(f"{n['failed']} of {total} inputs failed")
     if n["no-model"]:
         bad.append(f"{n['no-model']} of {total} inputs had no model")
-    return "; ".join(bad + parts) if bad else f"{total} inputs: " + ", ".join(parts)
+    return "; ".join(bad + parts) if bad else f"{total} input{'s' * (total != 1)}: " + ", ".join(parts)
 
 
 def timestamp(moment: _dt.datetime | None = None) -> str:

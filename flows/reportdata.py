@@ -62,9 +62,11 @@ def as_run_report(report: dict[str, Any] | list[Any], *, source: Path | None = N
     if not isinstance(seconds, (int, float)):
         seconds = sum(float(r.seconds or 0) for r in inputs)
     ok = all(r.status == "done" for r in inputs)
+    folders = {str(Path(r.outputs[0]).parent) for r in inputs if r.outputs}  # the page had said nothing of where
     return {"schema": REPORT_SCHEMA, "adapted_from": "segment-outcomes",
             "run": {"started": None, "finished": None, "seconds": seconds, "state": "Completed" if ok else "Failed",
-                    "summary": summary(inputs), "out_dir": None, "models": list(models.values()),
+                    "summary": summary(inputs), "out_dir": folders.pop() if len(folders) == 1 else None,
+                    "models": list(models.values()),
                     "counts": counts(inputs)},
             "inputs": [r.to_dict() for r in inputs]}
 

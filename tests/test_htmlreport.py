@@ -150,6 +150,8 @@ def test_segment_outcomes_are_adapted_and_the_report_command_finds_quicklooks(tm
     assert [(r["name"], r["area_ha"]) for r in done["labels"]] == [(r["name"], pytest.approx(r["area_ha"]))
                                                                   for r in scene["labels"]]
     assert view["run"]["summary"] == "1 of 2 inputs failed; 1 done; 0 skipped"
+    assert view["run"]["out_dir"] == str(Path(scene["outputs"][0]).parent)  # the page had said nothing of where
+    assert as_run_report(outcomes[:1])["run"]["summary"] == "1 input: 1 done, 0 skipped"
     assert find_quicklooks(outcomes) == {scene["input"]: quicklook_path(run.out / "scene-a.tif")}
     demo_shape = as_run_report({"outcomes": outcomes, "seconds": 12.5, "dice": []})  # `segflow demo`'s report
     assert demo_shape["run"]["seconds"] == 12.5 and demo_shape["inputs"] == view["inputs"]

@@ -170,7 +170,7 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
     html = sorted((out / "reports").glob("*.html"))[-1]
     assert by_key["segflow-nightly-html-report"]["data"] == f"[{html}]({html.as_uri()})"
     summary = by_key["segflow-nightly-summary"]
-    assert summary["type"] == "markdown" and "**1 inputs: 1 done, 0 skipped**" in summary["data"]
+    assert summary["type"] == "markdown" and "**1 input: 1 done, 0 skipped**" in summary["data"]
     quicklook = out / "scene.quicklook.png"  # on by default in a scheduled nightly, as in `segflow nightly`
     assert quicklook.is_file() and f"]({quicklook.as_uri()})" in summary["data"]
 

@@ -124,7 +124,7 @@ def test_areas_and_volumes_print_readably_in_the_table_and_the_markdown_report()
            "windows": {"evaluated": 3, "skipped": 0}, "measure": "area_ha", "cell_size": 0.01,
            "labels": [{"value": 0, "name": "water", "count": 8_586_000, "area_ha": 85_860.0},
                       {"value": 1, "name": "field", "count": 52, "area_ha": 0.52}], "outputs": []}
-    report = {"run": {"summary": "1 inputs: 1 done, 0 skipped", "started": "t", "state": "Completed",
+    report = {"run": {"summary": "1 input: 1 done, 0 skipped", "started": "t", "state": "Completed",
                       "seconds": 1.0, "out_dir": "/out", "models": []}, "inputs": [rep]}
     console = Console(width=200, record=True)
     console.print(summary_table(report))
