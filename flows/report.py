@@ -212,8 +212,15 @@ def _statistics_lines(report: dict[str, Any]) -> list[str]:
         if not stats or not stats.get("classes"):
             continue
         lines.append(f"- `{_input_name(rep)}`:")
-        lines += [f"  - {class_line(name, entry, stats.get('unit'))}" for name, entry in stats["classes"].items()]
+        # by class value: a skipped input's statistics come from its sidecar, whose keys are sorted by name
+        ordered = sorted(stats["classes"].items(), key=lambda item: (_value_of(item[1]), item[0]))
+        lines += [f"  - {class_line(name, entry, stats.get('unit'))}" for name, entry in ordered]
     return lines
+
+
+def _value_of(entry: Any) -> float:
+    value = entry.get("value") if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, (int, float)) else float("inf")
 
 
 def _cell(text: Any) -> str:

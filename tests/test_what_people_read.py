@@ -134,6 +134,13 @@ def test_areas_and_volumes_print_readably_in_the_table_and_the_markdown_report()
     assert "water 85,860 ha, field 0.52 ha" in md and "e+" not in md
     line = class_line("lesion", {"voxels": 12_345, "volume_ml": 1_234.5}, None)
     assert line.startswith("lesion: 12,345 voxels, 1,234.5 mL")
+    # a skipped volume's statistics come from its sidecar, keys sorted by name: listed by class value all the same
+    volume = {**rep, "input": "/in/head.nii.gz", "label_statistics": {"unit": "HU", "classes": {
+        "background": {"value": 0, "voxels": 9}, "lesion": {"value": 2, "voxels": 1},
+        "tissue": {"value": 1, "voxels": 5}}}}
+    md = render_markdown({**report, "inputs": [volume]})
+    stats = [ln.split(":")[0].strip("- ") for ln in md.splitlines() if "voxels" in ln and ln.startswith("  - ")]
+    assert stats == ["background", "tissue", "lesion"], md
     # names and error lines are text in Markdown, never markup (only "|" was escaped)
     evil = {**rep, "model": "evil<b>model|x", "labels": [{"value": 0, "name": "<script>x</script>", "count": 1,
                                                           "area_ha": 0.01}]}
