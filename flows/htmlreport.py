@@ -146,9 +146,10 @@ class _Page:
             names = f" ({', '.join(card['channel_names'])})" if card["channel_names"] else ""
             plural = "" if card["channels"] == 1 else "s"
             facts.append(("input", f"{card['spatial_dims']}-D, {card['channels']} channel{plural}{names}"))
-            if card["spacing"]:
-                facts.append(("spacing", " × ".join(f"{v:g}" for v in card["spacing"])
-                              + f" {card['spacing_unit'] or ''}"))
+            if card["spacing"]:  # the card's order is the storage order (z, y, x): said x first, as the quicklooks do
+                axes = " × ".join("xyz"[:len(card["spacing"])])
+                facts.append(("spacing", " × ".join(f"{v:g}" for v in reversed(card["spacing"]))
+                              + f" {card['spacing_unit'] or ''} ({axes})"))
         if m.get("weights_sha256"):
             facts.append(("weights sha256", str(m["weights_sha256"])[:12] + "…"))
         classes = "".join(f'<li>{_swatch(rgb)}{_e(name)} <span class="dim">{value}</span></li>'
@@ -293,7 +294,8 @@ body { font: 14px/1.45 system-ui, sans-serif; color: #1f2328; margin: 0 auto; ma
 h1 { font-size: 22px; margin: 4px 0; } h2 { font-size: 17px; margin: 8px 0; } h3 { font-size: 15px; margin: 0; }
 code { font: 12px ui-monospace, monospace; overflow-wrap: anywhere; } table { border-collapse: collapse; }
 th, td { border-bottom: 1px solid #d8dee4; padding: 3px 10px 3px 0; text-align: left; vertical-align: top; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } dt { color: #59636e; } dd { margin: 0; }
+td { overflow-wrap: anywhere; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+dt { color: #59636e; } dd { margin: 0; }
 dl.run, .model dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 6px 0; }
 .status-done { --c: #1a7f37; } .status-skipped { --c: #0969da; } .status-failed { --c: #cf222e; }
 .status-no-model { --c: #bc4c00; } .status-locked { --c: #8250df; }

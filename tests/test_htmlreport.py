@@ -110,7 +110,7 @@ def test_page_is_self_contained_escaped_and_links_relative(tmp_path):
     words = page.words
     assert "ingest 0.41 s · inference 3.2 s · export 0.3 s · total 3.91 s" in words
     assert "windows 12 evaluated, 3 skipped (of 15)" in words
-    assert "architecture unet input 2-D, 3 channels (red, green, blue) spacing 10 × 10 m" in words
+    assert "architecture unet input 2-D, 3 channels (red, green, blue) spacing 10 × 10 m (x × y)" in words
     swatches = [a["style"] for a in page.all("span") if a.get("class") == "swatch"]
     assert "background: rgb(30, 90, 200)" in swatches and "background: rgb(230, 30, 30)" in swatches
 
