@@ -192,7 +192,8 @@ class _Page:
     def figure(self, i: int, rep: dict[str, Any]) -> str:
         path = self.quicklooks.get(str(rep.get("input")))
         if path is None:
-            return ""
+            listed = any(str(o).endswith(QUICKLOOK_SUFFIX) for o in rep.get("outputs") or [])
+            return '<p class="missing"><em>quicklook not found</em></p>' if listed else ""  # it had gone unsaid
         try:
             data = Path(path).read_bytes() if Path(path).stat().st_size <= MAX_EMBED_BYTES else b""
         except OSError:
@@ -236,6 +237,8 @@ class _Page:
             rel = None
         if rel is None:
             return f"<code>{_e(output)}</code>"
+        if not located.exists():  # moved or deleted since the run: said, not linked dead
+            return f'<code>{_e(Path(output).name)}</code> <em class="missing">(not found)</em>'
         return f'<a href="{_e(quote(rel))}">{_e(Path(output).name)}</a>'
 
 
@@ -299,7 +302,7 @@ dt { color: #59636e; } dd { margin: 0; }
 dl.run, .model dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 6px 0; }
 .status-done { --c: #1a7f37; } .status-skipped { --c: #0969da; } .status-failed { --c: #cf222e; }
 .status-no-model { --c: #bc4c00; } .status-locked { --c: #8250df; }
-.badge { display: inline-block; border-radius: 10px; padding: 0 8px; color: #fff; font-size: 12px; font-weight: 600;
+.missing { color: #cf222e; } .badge { display: inline-block; border-radius: 10px; padding: 0 8px; color: #fff; font-size: 12px; font-weight: 600;
          background: var(--c, #59636e); }
 section.input { border: 1px solid #d8dee4; border-left: 6px solid var(--c, #59636e); border-radius: 6px;
                 padding: 8px 14px; margin: 14px 0; }

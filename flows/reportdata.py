@@ -129,9 +129,10 @@ def find_quicklooks(report: dict[str, Any], *, base: Path | None = None) -> dict
     found = {}
     for rep in as_run_report(report, base=base)["inputs"]:
         main = main_output([str(o) for o in rep.get("outputs") or []])
-        located = locate_output(main, base) if main else None
-        if located is not None and quicklook_path(located).is_file():
-            found[str(rep["input"])] = quicklook_path(located)
+        # looked for by its own name, so a label map deleted or moved since does not hide its picture
+        located = locate_output(str(quicklook_path(Path(main))), base) if main else None
+        if located is not None and located.is_file():
+            found[str(rep["input"])] = located
     return found
 
 

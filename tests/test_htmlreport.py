@@ -221,6 +221,30 @@ def test_a_copied_output_folder_rebuilds_its_own_page_not_the_originals(tmp_path
     assert shown == archived
 
 
+def test_outputs_gone_since_the_run_are_said_missing_not_linked_dead(tmp_path):
+    """A moved OUT with a label map and a quicklook deleted: the page linked the label map into the old folder,
+    dropped the quicklook without a word, and lost the label map's own quicklook with it."""
+    run = sample_run(tmp_path / "then")
+    report = json.loads(json.dumps(run.report))
+    scene, head = report["inputs"][0], report["inputs"][1]
+    head["outputs"].append(str(quicklook_path(Path(head["outputs"][0]))))  # as the pipeline lists a quicklook
+    report_json = run.html.with_suffix(".json")
+    report_json.write_text(json.dumps(report))
+    moved = tmp_path / "now" / "out"
+    moved.parent.mkdir()
+    shutil.move(str(run.out), moved)
+    (moved / Path(scene["outputs"][0]).name).unlink()  # the label COG, its quicklook kept
+    quicklook_path(moved / Path(head["outputs"][0]).name).unlink()
+    res = CliRunner().invoke(_app(), ["report", str(moved / "reports" / report_json.name)])
+    assert res.exit_code == 0, res.output
+    path = moved / "reports" / report_json.with_suffix(".html").name
+    page = Page(path.read_text())
+    files = [unquote(a["href"]) for a in page.all("a") if not a["href"].startswith("#")]
+    assert files and all((path.parent / h).exists() for h in files), files  # nothing linked dead
+    assert "scene-a.tif (not found)" in page.words and "quicklook not found" in page.words
+    assert len(page.all("img")) == 1  # the scene's quicklook, found by its own name
+
+
 def test_previous_report_is_the_one_written_just_before(tmp_path):
     names = ["20261201T030000Z.json", "20261202T030000Z.json", "20261202T030000Z-2.json", "20261203T030000Z.json"]
     for n in names:
