@@ -163,7 +163,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     except SegflowError as exc:
         page = None
         unsaved.append(str(exc))
-    scored = _score(outcomes, truth, model, arguments["out_dir"]) if truth is not None else None
+    scored = _score(outcomes, truth, model, arguments["out_dir"], unsaved) if truth is not None else None
     for o in outcomes:
         if o["ok"] and not quiet:
             s = o["statistics"]
@@ -202,8 +202,9 @@ def _run_report(outcomes: list[dict], out: str) -> Path | None:
     return write_html_report(outcomes, data.with_suffix(".html"), quicklooks=find_quicklooks(outcomes))
 
 
-def _score(outcomes: list[dict], truth: Path, model: Path, out: str) -> Path | None:
-    """``segflow evaluate`` of the run's label outputs against the same-named files in ``truth``."""
+def _score(outcomes: list[dict], truth: Path, model: Path, out: str, problems: list[str]) -> Path | None:
+    """``segflow evaluate`` of the run's label outputs against the same-named files in ``truth``; a scoring that
+    fails adds its line to ``problems``, which fail the command (asked for, it had printed "error:" and exit 0)."""
     from flows.evaluate import evaluate_files, write_reports
     from storage.remote import is_url
 
@@ -214,8 +215,7 @@ def _score(outcomes: list[dict], truth: Path, model: Path, out: str) -> Path | N
         scores = evaluate_files(predictions, [truth], classes=model)
         write_reports(scores, Path(out) / "evaluation")
     except SegflowError as exc:
-        console.print(f"[red]error:[/red] scoring against {escape(str(truth))}: {escape(str(exc))}",
-                      highlight=False, soft_wrap=True)
+        problems.append(f"scoring against {truth}: {exc}")
         return None
     return Path(out) / "evaluation" / "evaluation.md"
 

@@ -311,6 +311,17 @@ def test_a_refused_model_is_the_only_line_though_the_cluster_started_beside_its_
     assert "not a readable safetensors file" in proc.stderr and not (tmp_path / "out").exists()
 
 
+def test_segment_truth_that_cannot_be_scored_fails_the_command(models, tmp_path):
+    """`segment --truth DIR` with no truth named like the input printed "error: scoring against ..." and exit 0."""
+    (tmp_path / "truth").mkdir()
+    proc = run("segment", raster(tmp_path / "rgb.tif"), "--model", models["3ch"].path, "--out", tmp_path / "out",
+               "--truth", tmp_path / "truth", "-q")
+    assert proc.returncode == 1, proc.stderr
+    [error] = lines(proc.stderr, "error:")
+    assert error.startswith(f"error: scoring against {tmp_path / 'truth'}: ") and "no truth named rgb" in error, error
+    assert (tmp_path / "out" / "rgb.tif").is_file()  # the segmentation itself stands
+
+
 # ----------------------------------------------------------------------------- 5, 7, 8. segment and info
 
 
