@@ -41,7 +41,7 @@ from flows.config import SegmentOptions
 from flows.export import export_labels, quicklook_image, write_quicklook
 from flows.infer import device_name, run_inference
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
-from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input
+from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input, same_file
 from flows.interrupts import check_interrupt, resumable
 from flows.progress import say
 from flows.replacing import Replacing, remove_path
@@ -115,6 +115,10 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             # two inputs of a batch on a full disk it had said the same work folder twice
             raise ExportError(input_label(input_path), f"cannot write the ingested copy in {exc.filename or work}: "
                                                        f"{exc.strerror or exc}") from None
+        if isinstance(exc, SegflowError) and isinstance(input_path, Path) and exc.path is not None \
+                and exc.path != str(input_path) and same_file(Path(exc.path), input_path):
+            # the reader names the file as it resolved it: said as the user gave it, as the header check says it
+            raise type(exc)(input_label(input_path), exc.problem) from None
         raise
     ingest_seconds = time.perf_counter() - t0
     stem = input_stem(input_path)

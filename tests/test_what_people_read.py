@@ -322,6 +322,20 @@ def test_segment_truth_that_cannot_be_scored_fails_the_command(models, tmp_path)
     assert (tmp_path / "out" / "rgb.tif").is_file()  # the segmentation itself stands
 
 
+def test_an_input_refused_at_ingest_is_named_as_given(models, tmp_path):
+    """Complex pixels (found when the ingest opens the bands) printed the resolved absolute path, where every
+    other line of the batch said the file as given."""
+    data = (np.ones((3, 16, 16)) + 1j).astype("complex64")
+    with rasterio.open(tmp_path / "cplx.tif", "w", driver="GTiff", width=16, height=16, count=3, dtype="complex64",
+                       crs="EPSG:32633", transform=from_origin(5e5, 4e6, 10, 10)) as dst:
+        dst.write(data)
+    proc = subprocess.run([*SEGFLOW, "segment", "cplx.tif", "--model", str(models["3ch"].path), "--out", "out", "-q"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 1
+    assert lines(proc.stderr, "error:") == ["error: cplx.tif: complex pixels (complex64) cannot be segmented"]
+
+
 # ----------------------------------------------------------------------------- 5, 7, 8. segment and info
 
 
