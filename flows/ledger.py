@@ -74,7 +74,24 @@ def keyed_parameters(card: ModelCard, options: SegmentOptions) -> dict[str, Any]
         flip_tta=sorted(options.flip_tta if options.flip_tta is not None else inf.flip_tta),
         crf_iterations=options.crf_iterations if options.crf else None,
     )
+    params.update(_not_for(card.input.spatial_dims))
     return params
+
+
+def _not_for(spatial_dims: int | None) -> dict[str, Any]:
+    """The options that write nothing for this kind of input, at their defaults: `--vector gpkg` keyed a volume
+    apart from the same run without it, and a nightly with it redid every volume another had done."""
+    if spatial_dims == 3:
+        return {"vector": "none", "simplify": None, "output_grid": "input", "bands": None}
+    if spatial_dims == 2:
+        return {"model_space": "input", "dicom_seg": "binary"}
+    return {}
+
+
+def _dims(document: dict[str, Any]) -> int | None:
+    card = document.get("card") if isinstance(document, dict) else None
+    dims = ((card or {}).get("input") or {}).get("spatial_dims") if isinstance(card, dict) else None
+    return dims if isinstance(dims, int) else None
 
 
 def key_document(input_sha256: str, weights_sha256: str, card: ModelCard, options: SegmentOptions, *,
@@ -150,7 +167,8 @@ def lookup(out_dir: str | os.PathLike[str], key: str, input_sha256: str,
         return None, f"{sidecar.name} was rewritten since this entry was recorded (another run's outputs?)"
     document = entry.get("key_document")
     if isinstance(document, dict) and isinstance(document.get("parameters"), dict) and \
-            _comparable_recorded(record.get("parameters") or {}) != _comparable_keyed(document["parameters"]):
+            _comparable_recorded(record.get("parameters") or {}, _dims(document)) != \
+            _comparable_keyed(document["parameters"], _dims(document)):
         return None, f"{sidecar.name} now describes a run with other parameters (rewritten by another run)"
     outputs = _ordered(sidecar, list(recorded))
     return Hit(entry=entry, record=record, outputs=outputs), None
@@ -179,19 +197,21 @@ def _ordered(sidecar: Path, names: list[str]) -> list[str]:
     return [str(sidecar.parent / n) for n in main + files] + [str(sidecar)] + [str(sidecar.parent / n) for n in stores]
 
 
-def _comparable_keyed(params: dict[str, Any]) -> dict[str, Any]:
+def _comparable_keyed(params: dict[str, Any], dims: int | None = None) -> dict[str, Any]:
     out = {k: params.get(k) for k in _COMPARED}
     out["crf"] = params.get("crf_iterations") if params.get("crf") else None
     out["quicklook"] = bool(params.get("quicklook"))  # an adopted input got no quicklook where one was asked for
+    out.update(_not_for(dims))
     return out
 
 
-def _comparable_recorded(params: dict[str, Any]) -> dict[str, Any]:
+def _comparable_recorded(params: dict[str, Any], dims: int | None = None) -> dict[str, Any]:
     out = {k: params.get(k) for k in _COMPARED}
     out["flip_tta"] = sorted(out["flip_tta"] or [])
     crf = params.get("crf")
     out["crf"] = crf.get("iterations") if isinstance(crf, dict) else None
     out["quicklook"] = bool(params.get("quicklook"))
+    out.update(_not_for(dims))
     return out
 
 
@@ -218,7 +238,8 @@ def adopt(out_dir: str | os.PathLike[str], input_path: str, key: str, document: 
         # the same weights behind an edited card (its normalisation, classes) label otherwise; a record without
         # the hash (older segflow) cannot say it is the same card
         return None, f"{sidecar.name} was made with another model card"
-    if _comparable_recorded(record.get("parameters") or {}) != _comparable_keyed(document["parameters"]):
+    if _comparable_recorded(record.get("parameters") or {}, _dims(document)) != \
+            _comparable_keyed(document["parameters"], _dims(document)):
         return None, f"{sidecar.name} was made with other parameters"
     if record_done(out_dir, key, document, input_path=input_path, model_path=model_path, sidecar=sidecar) is None:
         return None, f"{sidecar.name} lists missing outputs"

@@ -143,6 +143,11 @@ def stale_reason(info: dict[str, Any], st: os.stat_result, stale_after: float) -
         started = info.get("pid_start")
         if not pid_alive(holder.pid, started if isinstance(started, int) else None):
             return f"its run (pid {holder.pid} on this host) has ended"
+    # the holder's own timeout counts too: it beats at a quarter of it (at most every 60 s), so a run started with
+    # `--lock-timeout 5` broke a live `segment`'s lock 30 s into a beat, deleted its partial store and failed it
+    declared = info.get("stale_after_s")
+    if isinstance(declared, (int, float)) and not isinstance(declared, bool) and declared > 0:
+        stale_after = max(stale_after, float(declared))
     if holder.heartbeat_age_s > stale_after:
         return f"no heartbeat for {holder.heartbeat_age_s:.0f} s (stale after {stale_after:.0f} s)"
     return None

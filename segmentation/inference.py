@@ -11,7 +11,7 @@ import copy
 import itertools
 import os
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Literal, Sequence
 
@@ -39,6 +39,57 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
+class TracingGate:
+    """Forward passes and torch.fx traces, never at once in one process.
+
+    A symbolic trace patches ``nn.Module.__call__`` for the whole process while it runs: another thread's forward
+    pass then goes through the tracer and fails (``NameError: module is not installed as a submodule``).  With
+    ``nightly --parallel N`` one input's window task folded its network (:func:`fold_batch_norm`) while another's
+    windows ran in the same worker, and inputs failed at random (2 runs of 5).  Forward passes share the gate; a
+    trace waits for the running ones and holds new ones back while it lasts (milliseconds, once per network).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._tracing = False
+        self._waiting = 0  # traces waiting: new forward passes wait behind them (a busy worker starved them)
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        with self._cond:
+            while self._tracing or self._waiting:
+                self._cond.wait()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                if not self._running:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def trace(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._tracing or self._running:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tracing = False
+                self._cond.notify_all()
+
+
+TRACING = TracingGate()
+
+
 def fold_batch_norm(net: nn.Module, example: torch.Tensor) -> nn.Module:
     """Fold eval-mode BatchNorm into the convolution before it, where that provably changes nothing.
 
@@ -64,7 +115,8 @@ def fold_batch_norm(net: nn.Module, example: torch.Tensor) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     try:
-        folded = fuse(copy.deepcopy(net), inplace=True)
+        with TRACING.trace():  # no forward pass of another thread while torch.fx patches the process
+            folded = fuse(copy.deepcopy(net), inplace=True)
         _fold_transposed(folded)
         _drop_identities(folded)
         folded.graph.lint()
@@ -304,12 +356,13 @@ class WindowPredictor:
 
     def _forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=self.memory_format)
-        if self.precision == "fast":
-            dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
-            with torch.autocast(x.device.type, dtype=dtype):
+        with TRACING.forward():  # never during another thread's torch.fx trace (TracingGate)
+            if self.precision == "fast":
+                dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
+                with torch.autocast(x.device.type, dtype=dtype):
+                    logits = net(x)
+            else:
                 logits = net(x)
-        else:
-            logits = net(x)
         if isinstance(logits, (tuple, list)):  # deep-supervision nets: the first head is the output
             logits = logits[0]
         return logits

@@ -427,3 +427,43 @@ def test_build_plan_refuses_a_roi_the_network_cannot_take_before_running_anythin
     with pytest.raises(ModelError, match=r"divisible by 16, got roi \(100, 96\)"):
         build_plan(image, net, roi=(100, 96), num_classes=2)
     build_plan(image, net, roi=(96, 96), num_classes=2)  # a fitting roi builds
+
+
+def test_a_fold_in_one_thread_never_breaks_a_forward_pass_in_another():
+    """torch.fx patches nn.Module.__call__ for the whole process while it traces: with `nightly --parallel 3`, one
+    input's fold ran while another's windows ran in the same worker, and inputs failed at random with "NameError:
+    module is not installed as a submodule".  Forward passes and traces now take turns (TracingGate)."""
+    import threading
+
+    from monai.networks.nets import UNet
+
+    from segmentation.inference import TRACING, fold_batch_norm
+
+    def unet() -> torch.nn.Module:
+        return UNet(2, 4, 5, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="batch").eval()
+
+    x = torch.rand(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    runner = fold_batch_norm(unet(), x)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def forward_passes() -> None:
+        while not stop.is_set():
+            try:
+                with TRACING.forward(), torch.inference_mode():  # as Predictor._forward runs a window batch
+                    runner(x)
+            except Exception as exc:  # noqa: BLE001 - any failure is the test's finding
+                errors.append(repr(exc))
+                stop.set()
+
+    thread = threading.Thread(target=forward_passes)
+    thread.start()
+    try:
+        for _ in range(20):
+            if stop.is_set():
+                break
+            fold_batch_norm(unet(), x)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []

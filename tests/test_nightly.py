@@ -783,3 +783,15 @@ def test_probe_dispatches_dicom_series_and_folders(tmp_path):
     write_bad_series(tmp_path / "gap", "missing_slice")
     with pytest.raises(InvalidInputError, match=r"\[series .*\]: 1 slice\(s\) missing"):
         probe(tmp_path / "gap")
+
+
+def test_options_that_write_nothing_for_a_kind_of_input_do_not_key_it(models):
+    """`--vector gpkg` keyed a volume apart from the same run without it: a nightly with it redid every volume
+    another had done ("made with other parameters"), though nothing vector is written for a volume."""
+    volume, raster = models["3d"].card, models["2d"].card
+    with_polygons = SegmentOptions(vector="gpkg", simplify=2.0)
+    assert ledger.keyed_parameters(volume, with_polygons) == ledger.keyed_parameters(volume, SegmentOptions())
+    assert ledger.keyed_parameters(raster, with_polygons) != ledger.keyed_parameters(raster, SegmentOptions())
+    keep = SegmentOptions(model_space="keep")
+    assert ledger.keyed_parameters(raster, keep) == ledger.keyed_parameters(raster, SegmentOptions())
+    assert ledger.keyed_parameters(volume, keep) != ledger.keyed_parameters(volume, SegmentOptions())

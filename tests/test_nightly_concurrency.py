@@ -136,14 +136,16 @@ def test_two_real_runs_at_once_never_process_an_input_twice(case):
 # ----------------------------------------------------------------------------- the lock itself
 
 
-def _write_lock(folder: Path, stem: str, *, host: str, pid: int, heartbeat_age_s: float) -> Path:
+def _write_lock(folder: Path, stem: str, *, host: str, pid: int, heartbeat_age_s: float,
+                stale_after_s: float | None = None) -> Path:
     """A lock file as another run would have left it, its heartbeat (and mtime) ``heartbeat_age_s`` old."""
     folder.mkdir(parents=True, exist_ok=True)
     moment = time.time() - heartbeat_age_s
     beat = dt.datetime.fromtimestamp(moment, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     path = folder / locks.lock_name(stem)
+    declared = {} if stale_after_s is None else {"stale_after_s": stale_after_s}
     path.write_text(json.dumps({"schema": locks.SCHEMA, "host": host, "pid": pid, "token": "theirs",
-                                "started": beat, "heartbeat": beat, "input": f"/inbox/{stem}.tif"}))
+                                "started": beat, "heartbeat": beat, "input": f"/inbox/{stem}.tif", **declared}))
     os.utime(path, (moment, moment))
     return path
 
@@ -207,6 +209,19 @@ def test_a_lock_with_an_old_heartbeat_is_broken_and_a_fresh_one_is_not(tmp_path)
     lock = InputLock(folder, "old", stale_after=600)
     assert lock.acquire() is None
     assert "no heartbeat for 3600 s" in lock.broken and "another-host" in lock.broken
+    lock.release()
+
+
+def test_a_holders_own_longer_timeout_is_honoured(tmp_path):
+    """`nightly --lock-timeout 5` broke a live `segment`'s lock (600 s, a beat each 60 s) 30 s into a beat, deleted
+    its partial store and failed it.  The holder's declared timeout counts when it is the longer."""
+    folder = tmp_path / locks.LOCKS_DIR
+    _write_lock(folder, "segmenting", host="another-host", pid=1, heartbeat_age_s=30, stale_after_s=600)
+    holder = InputLock(folder, "segmenting", stale_after=5).acquire()
+    assert holder is not None and holder.host == "another-host"
+    _write_lock(folder, "gone", host="another-host", pid=1, heartbeat_age_s=700, stale_after_s=600)
+    lock = InputLock(folder, "gone", stale_after=5)
+    assert lock.acquire() is None and "stale after 600 s" in lock.broken
     lock.release()
 
 
