@@ -90,7 +90,7 @@ def _not_for(spatial_dims: int | None) -> dict[str, Any]:
 
 def _dims(document: dict[str, Any]) -> int | None:
     card = document.get("card") if isinstance(document, dict) else None
-    dims = ((card or {}).get("input") or {}).get("spatial_dims") if isinstance(card, dict) else None
+    dims = (card.get("input") or {}).get("spatial_dims") if isinstance(card, dict) else None
     return dims if isinstance(dims, int) else None
 
 

@@ -48,6 +48,7 @@ from flows.replacing import Replacing, remove_path
 from flows.routing import band_request
 from segmentation import LoadedModel
 from segmentation.chunkwrites import label_nodata
+from segmentation.modeldir import CARD_FILE
 from storage import provenance
 from storage.atomic import make_output_folder
 from storage.bands import units_facts
@@ -230,7 +231,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
 def _card_file(model: LoadedModel) -> dict[str, str]:
     """A model directory's card.json and its sha256, for ``verify``: the card is half of what the model is (an
     edited normalisation labels otherwise with the same weights, and verify had passed it)."""
-    card = Path(model.path) / "card.json"
+    card = Path(model.path) / CARD_FILE
     if not card.is_file():
         return {}  # a bundle's or an archive's card is read from its weights file or configuration
     return {"card_path": str(card.resolve()), "card_file_sha256": sha256_file(card)}

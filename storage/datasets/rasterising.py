@@ -32,17 +32,12 @@ from shapely.geometry import mapping, shape
 from storage.classes import LabelClass
 from storage.datasets.vectorlayers import class_values, layer_crs, read_layer
 from storage.errors import ExportError, InvalidInputError
-from storage.geometry import RasterGeometry, VolumeGeometry, same_affine
+from storage.geometry import RasterGeometry, VolumeGeometry, crs_of, same_affine
 from storage.header import linear_unit_metres
 from storage.layout import ImageStore
 
 _EARTH_RADIUS_M = 6371008.8  # mean radius: spacing of a geographic raster is only used for surface distances
 _GRID_TOLERANCE = 0.01  # pixels: how far two grids' corners may lie apart and still be one grid
-
-
-def crs_of(geometry: RasterGeometry) -> CRS | None:
-    """The raster's CRS (its WKT, else its EPSG code); None for a raster without one."""
-    return geometry.rasterio_crs()
 
 
 def raster_spacing(geometry: RasterGeometry) -> tuple[float, float]:
