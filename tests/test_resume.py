@@ -431,6 +431,26 @@ def test_a_workers_dump_of_an_error_segflow_reports_itself_stays_off_the_console
     assert quiet.filter(record("Compute Failed but no exception named"))
 
 
+def test_a_closing_workers_failed_heartbeat_stays_off_the_console():
+    """A heartbeat in flight when `segment`'s in-process cluster closed logged "Failed to communicate with scheduler
+    during heartbeat" with a StreamClosedError traceback after the run's last line (one CI run); while the worker
+    runs, the same record stays: the scheduler going away mid-run is news."""
+    import logging
+
+    from distributed import Client, LocalCluster, Worker
+
+    from flows.cluster import HEARTBEAT_FAILED, ReportedFailures
+
+    heartbeat = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, HEARTBEAT_FAILED + ".", None, None)
+    quiet = ReportedFailures()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster):
+            [worker] = [w for w in Worker._instances if w.address in cluster.scheduler.workers]
+            assert quiet.filter(heartbeat), "a running worker's failed heartbeat was hidden"
+    assert worker.status.name == "closed"
+    assert not quiet.filter(heartbeat), "a closed worker's heartbeat traceback reaches the console"
+
+
 # --------------------------------------------------------------------------- SIGKILL of a run in raster model space
 
 
