@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from flows.inputs import Expanded
     from flows.pipeline import Outcome
     from flows.routing import ModelInput
+    from storage.channelfiles import ChannelFiles
     from storage.dicomfiles import SeriesRef
 
 T = TypeVar("T")
@@ -164,6 +165,7 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
         from flows.inputs import input_label, input_stem
         from flows.pipeline import Outcome
         from flows.staging import segment_staged  # local paths go straight to segment_one; URLs are staged
+        from storage.channelfiles import ChannelFiles
         from storage.dicomfiles import SeriesRef
 
         model = load_cached(model_dir, trust_bundle=options.trust_bundle)
@@ -185,7 +187,7 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
                 with input_lock(out_dir, input_stem(path), input_label(path)) as busy:
                     if busy:
                         outcome = Outcome(input=input_label(path), ok=False, error=busy)
-                    elif isinstance(path, SeriesRef):
+                    elif isinstance(path, (SeriesRef, ChannelFiles)):
                         outcome = segment_series(path, model, out_dir, options, client)
                     else:
                         outcome = segment_staged(path, model, out_dir, options, client)
@@ -368,11 +370,14 @@ def mosaic_outcome(inputs: list[str], model: Any, out_dir: str, options: Segment
         return Outcome(input=label, ok=False, error=one_line(exc, label))
 
 
-def segment_series(ref: "SeriesRef", model: Any, out_dir: str, options: SegmentOptions, client: Any) -> "Outcome":
-    """One DICOM series volume; its files are local (a URL prefix as --out is not supported for them yet)."""
+def segment_series(ref: "SeriesRef | ChannelFiles", model: Any, out_dir: str, options: SegmentOptions,
+                   client: Any) -> "Outcome":
+    """One DICOM series volume, or one case's channel files; their files are local (a URL prefix as --out is not
+    supported for them yet)."""
     from flows.pipeline import segment_one
     from storage.remote import is_url
 
     if is_url(out_dir):
-        raise SegflowError(ref.display, "DICOM series cannot be written to a URL output yet; use a local --out")
+        what = "DICOM series" if isinstance(ref, SeriesRef) else "nnU-Net channel files"
+        raise SegflowError(ref.display, f"{what} cannot be written to a URL output yet; use a local --out")
     return segment_one(ref, model, out_dir, options, client)

@@ -7,7 +7,9 @@ each SeriesInstanceUID in it (each volume of a split enhanced multi-frame
 object) becomes one input of its own, named after the series
 (:func:`storage.dicom.find_series`).  Loose DICOM files named together are
 grouped together, so ``segflow segment scan/*.dcm`` is one series, not one
-input per slice.  Something that cannot be expanded (a folder without image
+input per slice.  nnU-Net's channel files of a case named together
+(``case_0000.nii.gz``, ``case_0001.nii.gz`` ...) are one input of that many
+channels, named after the case (:mod:`storage.channelfiles`).  Something that cannot be expanded (a folder without image
 series) becomes a failed input with its one-line reason, and the batch goes on.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from flows.progress import say
+from storage.channelfiles import ChannelFiles, group_channel_files, is_channel_store
 from storage.dicomfiles import SeriesRef, find_series, is_dicom_input
 from storage.errors import SegflowError, StoreError
 from storage.hashing import sha256_input
@@ -32,7 +35,8 @@ from storage.remote import is_url
 from storage.bands import BandRequest
 from storage.stacitem import is_item_path, item_stem, reuse_sha256
 
-Expanded = Union[str, SeriesRef]
+Expanded = Union[str, SeriesRef, ChannelFiles]
+GROUPS = (SeriesRef, MosaicRef, ChannelFiles)  # inputs of several files, named by their own name and display
 
 
 def expand(inputs: list[str]) -> tuple[list[Expanded], list[tuple[str, str]]]:
@@ -49,7 +53,8 @@ def expand(inputs: list[str]) -> tuple[list[Expanded], list[tuple[str, str]]]:
             _series(item, [item], out, failed)
     if loose:
         _series(", ".join(loose) if len(loose) < 4 else f"{len(loose)} DICOM files", loose, out, failed)
-    return out, failed
+    out, incomplete = group_channel_files(out)
+    return out, failed + incomplete
 
 
 def _dicom(item: str) -> bool:
@@ -68,7 +73,7 @@ def _series(label: str, paths: list[str], out: list[Expanded], failed: list[tupl
 
 def input_stem(source: Any) -> str:
     """The stem every output of an input is named after: the file's, or the series' sanitised name."""
-    if isinstance(source, (SeriesRef, MosaicRef)):
+    if isinstance(source, GROUPS):
         return source.name
     return item_stem(source) or stem_of(source)  # a STAC item's outputs are named after its id
 
@@ -90,7 +95,7 @@ def name_too_long(stem: str) -> str | None:
 
 def input_label(source: Any) -> str:
     """How messages and provenance name an input: its path, or a series' folder and UIDs."""
-    return source.display if isinstance(source, (SeriesRef, MosaicRef)) else str(source)
+    return source.display if isinstance(source, GROUPS) else str(source)
 
 
 def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | None = None,
@@ -153,7 +158,7 @@ def overwritten_input(source: Any, out_dir: str | Path, *,
 
 def input_files(source: Any) -> list[Path]:
     """The local files a run reads for ``source``: a series' slices, a mosaic's tiles, an Analyze pair's two."""
-    if isinstance(source, SeriesRef):
+    if isinstance(source, (SeriesRef, ChannelFiles)):
         return list(source.files)
     if isinstance(source, MosaicRef):
         return [Path(t) for t in source.tiles if not is_url(str(t))]
@@ -207,6 +212,8 @@ def _reusable_ingest(path: Any, store_path: Path, bands: BandRequest | None = No
         return _reusable_series(path, store_path)
     if isinstance(path, MosaicRef):
         return _reusable_mosaic(path, store_path)
+    if isinstance(path, ChannelFiles):
+        return _reusable_channels(path, store_path)
     if not store_path.is_dir() or not path.is_file():
         return None
     try:
@@ -236,6 +243,20 @@ def _reusable_mosaic(ref: MosaicRef, store_path: Path) -> ImageStore | None:
     return None
 
 
+def _reusable_channels(ref: ChannelFiles, store_path: Path) -> ImageStore | None:
+    """A complete ingest of the same channel files with the same contents, in the same order."""
+    if not store_path.is_dir():
+        return None
+    try:
+        store = open_image_store(store_path)
+        if is_channel_store(store, ref):
+            return store
+    except (SegflowError, OSError, ValueError):  # a file gone or unreadable: the ingest says so in one line
+        pass
+    shutil.rmtree(store_path, ignore_errors=True)
+    return None
+
+
 def _reusable_series(ref: SeriesRef, store_path: Path) -> ImageStore | None:
     """A complete ingest of the same series volume with the same file contents."""
     if not store_path.is_dir():
@@ -252,6 +273,7 @@ def _reusable_series(ref: SeriesRef, store_path: Path) -> ImageStore | None:
     return None
 
 
-__all__ = ["Expanded", "MAX_STEM_BYTES", "OUTPUT_SUFFIXES", "expand", "ingest_input", "input_files", "input_label",
+__all__ = ["Expanded", "GROUPS", "MAX_STEM_BYTES", "OUTPUT_SUFFIXES", "expand", "ingest_input", "input_files",
+           "input_label",
            "input_stem", "output_names", "same_file",
            "name_too_long", "output_clashes", "output_name", "overwritten_input"]

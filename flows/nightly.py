@@ -80,6 +80,7 @@ from flows.routing import loaded, read_models
 from flows.runstate import ended, run_result
 from storage import provenance
 from storage.atomic import make_output_folder
+from storage.channelfiles import ChannelFiles
 from storage.dicomfiles import SeriesRef
 from storage.errors import ConfigError, SegflowError, one_line
 from storage.remote import is_url
@@ -300,8 +301,8 @@ def _html_report(report: dict[str, Any], json_path: Any, logger: Any) -> Path | 
 
 
 def _task_name(item: Expanded) -> str:
-    """The task run's name: the file's name, or the series' sanitised output stem."""
-    return item.name if isinstance(item, SeriesRef) else Path(item).name
+    """The task run's name: the file's name, or the series' sanitised output stem (a case's, for channel files)."""
+    return item.name if isinstance(item, (SeriesRef, ChannelFiles)) else Path(item).name
 
 
 def _absolute(path: str | None) -> str | None:

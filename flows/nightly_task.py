@@ -27,6 +27,7 @@ from flows.inputs import Expanded, input_label, input_stem
 from flows.report import InputReport, fill_from_statistics
 from flows.retries import retry_if_transient
 from flows.routing import ModelEntry, loaded, no_model_reason, route, route_item
+from storage.channelfiles import ChannelFiles
 from storage.dicomfiles import SeriesRef
 from storage.errors import ExportError, InputError, is_native_panic, one_line
 from storage.hashing import sha256_input
@@ -53,8 +54,9 @@ def _hash_input(path: str) -> str:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from exc
 
 
-def _hash_series(ref: SeriesRef) -> str:
-    """The series' content key: one digest over its files' sha256s (a file gone since listing: one line)."""
+def _hash_series(ref: SeriesRef | ChannelFiles) -> str:
+    """The series' (or a case's channel files') content key: one digest over its files' sha256s (a file gone since
+    listing: one line)."""
     try:
         return ref.sha256()
     except OSError as exc:
@@ -89,9 +91,10 @@ def segment_input(item: Expanded, name: str, batch: Batch) -> dict[str, Any]:
         get_run_logger().info("%s: %s", label, rep.note)
         return rep.to_dict()
     try:
-        if isinstance(item, SeriesRef):
+        if isinstance(item, (SeriesRef, ChannelFiles)):
             if target.remote:  # as `segflow segment`: the series' outputs are written locally only
-                raise InputError(label, "DICOM series cannot be written to a URL output yet; use a local --out")
+                what = "DICOM series" if isinstance(item, SeriesRef) else "nnU-Net channel files"
+                raise InputError(label, f"{what} cannot be written to a URL output yet; use a local --out")
             result = _segment_input(item, item, target, batch, t0)
         else:
             with staging.staged_input(item, target.local) as local:  # path itself, or a URL's downloaded copy
@@ -150,11 +153,12 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
 
     path = input_label(item)  # a file's path or URL; a series' display
     series = item if isinstance(item, SeriesRef) else None
+    channel_files = item if isinstance(item, ChannelFiles) else None
     rep = InputReport(input=path, status="done", attempts=batch.attempts[path])
     if series is not None:
         rep.dicom = series_details(series)
     content = None  # a STAC item's identity: its JSON and the content of the assets the model reads
-    if series is None and is_item_path(local):
+    if series is None and channel_files is None and is_item_path(local):
         routed = route_item(local, batch.models, batch.options, origin=path if local != path else None, shown=path)
         header, entry, content, reason = routed.header, routed.entry, routed.sha256, routed.reason
         rep.kind = "raster"
@@ -171,7 +175,8 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     model = loaded(entry, trust_bundle=batch.options.trust_bundle)
     rep.model, rep.model_path = model.name, entry.path
     classes = [c.model_dump(mode="json") for c in model.card.classes]
-    rep.input_sha256 = content or (_hash_series(series) if series is not None else _hash_input(local))
+    group = series or channel_files
+    rep.input_sha256 = content or (_hash_series(group) if group is not None else _hash_input(local))
     document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options,
                                    stem=input_stem(item))
     rep.cache_key = ledger.cache_key(document)
@@ -197,7 +202,7 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
         statistics = hit.record.get("statistics", {})
     else:
         outcome = segment_one(local, model, target.local, batch.options, batch.client,
-                              record_input_as=path if series is None and local != path else None)
+                              record_input_as=path if group is None and local != path else None)
         sidecar = next(o for o in outcome.outputs if o.endswith(".provenance.json"))
         try:
             recorded = ledger.record_done(target.local, rep.cache_key, document, input_path=path,

@@ -41,7 +41,7 @@ from flows.config import SegmentOptions
 from flows.export import export_labels, quicklook_image, write_quicklook
 from flows.infer import device_name, run_inference
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
-from flows.inputs import ingest_input, input_label, input_stem, output_name, overwritten_input, same_file
+from flows.inputs import GROUPS, ingest_input, input_label, input_stem, output_name, overwritten_input, same_file
 from flows.interrupts import check_interrupt, resumable
 from flows.progress import say
 from flows.replacing import Replacing, remove_path
@@ -52,7 +52,7 @@ from segmentation.modeldir import CARD_FILE
 from storage import provenance
 from storage.atomic import make_output_folder
 from storage.bands import units_facts
-from storage.dicomfiles import SeriesRef
+from storage.channelfiles import ATTR as CHANNEL_FILES_ATTR, FORMAT as CHANNEL_FILES_FORMAT
 from storage.errors import ConfigError, ExportError, IncompatibleInputError, SegflowError
 from storage.hashing import sha256_file
 from storage.layout import LABELS, PROVENANCE_ATTR, ImageStore, commit_store, partial_path, partial_paths
@@ -97,7 +97,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     check_interrupt()  # a run interrupted (Ctrl-C, SIGTERM) starts no new input
     started = provenance.now()
     t0 = time.perf_counter()
-    if not isinstance(input_path, (SeriesRef, MosaicRef)):
+    if not isinstance(input_path, GROUPS):
         input_path = Path(input_path)
     out_dir = Path(out_dir)
     clobbered = overwritten_input(input_path, out_dir, split_by_tile=options.split_by_tile)
@@ -248,6 +248,8 @@ def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | N
             names = split_outputs(mosaic)
             mosaic["tiles"] = [{**t, "output": names[t["path"]]} for t in mosaic["tiles"]]
         return {"format": "mosaic", "mosaic": mosaic}
+    if store.meta.source.format == CHANNEL_FILES_FORMAT and CHANNEL_FILES_ATTR in store.group.attrs:
+        return {"format": CHANNEL_FILES_FORMAT, "channel_files": list(store.group.attrs[CHANNEL_FILES_ATTR])}
     item = getattr(store.meta.geometry, "stac_item", None)
     if item is not None:  # a STAC item: its id, self href, and each asset used with its href and checksum
         return {"format": "STAC item", "stac_item": item.model_dump(mode="json")}

@@ -152,9 +152,9 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
         channel_file = re.search(r"^(.*)_(\d{4})\.nii(\.gz)?$", Path(header.path).name)
         if header.kind == "volume" and count == 1 and channel_file:  # nnU-Net's one file per channel
             case = channel_file.group(1)
-            return (f"{name} takes {_channels(model.channels)}, the input has 1: nnU-Net-style channel files "
-                    f"({case}_0000 ... {case}_{model.channels - 1:04d}) go in as one 4-D NIfTI, channels on its "
-                    "4th axis (e.g. nibabel.funcs.concat_images)")
+            return (f"{name} takes {_channels(model.channels)}, the input has 1: give all of the case's nnU-Net "
+                    f"channel files together ({case}_0000 ... {case}_{model.channels - 1:04d}), which are then one "
+                    "input, or one 4-D NIfTI with the channels on its 4th axis")
         return f"{name} takes {_channels(model.channels)}, the input has {count}"
     return None
 

@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 console = cliutil.console
 
 
-def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, PNG or JPEG pictures "
-                                                      "(read as training reads them), DICOM folders, DICOMDIRs "
+def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files (a case's nnU-Net channel "
+                                                      "files case_0000, case_0001 ... are one input), PNG or JPEG "
+                                                      "pictures (read as training reads them), DICOM folders, "
+                                                      "DICOMDIRs "
                                                       "or DICOM files (each series is one input), STAC item "
                                                       ".json files (the assets with the model's bands, stacked "
                                                       "on the finest band's grid; outputs named after the "

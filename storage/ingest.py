@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 def ingest(path: "str | PathLike[str] | SeriesRef", store_path: str | PathLike[str], *,
            chunk: int | None = None, bands: "BandRequest | None" = None, origin: str | None = None) -> ImageStore:
-    """Copy a GeoTIFF/VRT, a NIfTI, one DICOM series or a STAC item's bands into a zarr image store, chunk by chunk.
+    """Copy a GeoTIFF/VRT, a NIfTI (or a case's channel files), one DICOM series or a STAC item's bands into a zarr
+    image store, chunk by chunk.
 
     ``bands`` says which bands a STAC item's assets must give (other inputs
     keep all their bands; the model's are picked after ingest).  ``origin``:
@@ -31,6 +32,10 @@ def ingest(path: "str | PathLike[str] | SeriesRef", store_path: str | PathLike[s
 
     if isinstance(path, MosaicRef):  # many raster tiles as one seamless image
         return ingest_mosaic(path, store_path, chunk=chunk)
+    from storage.channelfiles import ChannelFiles, ingest_channel_files
+
+    if isinstance(path, ChannelFiles):  # nnU-Net's one NIfTI file per channel of a case
+        return ingest_channel_files(path, store_path, **({"chunk": chunk} if chunk else {}))
     path = Path(path)
     head = check_readable_file(path)
     kind = kind_of(path)

@@ -43,7 +43,7 @@ from storage.niftiopen import (
     spatial_ijk,
 )
 
-__all__ = ["ingest_nifti", "write_label_nifti", "NIFTI_SUFFIXES"]
+__all__ = ["check_stream_end", "copy_slabs", "ingest_nifti", "write_label_nifti", "NIFTI_SUFFIXES"]
 
 INTENT_LABEL = 1002
 LABEL_DESCRIPTION = "segflow labels"
@@ -85,8 +85,8 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
             try:
                 out = create_image_store(store, meta=meta, shape=shape, dtype=geometry.dtype, chunks=chunks,
                                          with_mask=False)
-                _copy_slabs(src, read, out, np.dtype(geometry.dtype))
-                _check_stream_end(src, img)
+                copy_slabs(src, read, out, np.dtype(geometry.dtype))
+                check_stream_end(src, img)
                 mark_complete(out.group)
             except OSError as exc:  # reading errors were already turned into InputErrors
                 raise StoreError(store, f"cannot write the image store: {error_text(exc)}") from None
@@ -97,10 +97,15 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
         raise
 
 
-def _copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype) -> None:
-    """Write every (channel, z-chunk) slab; count non-finite voxels and refuse them at the end."""
+def copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype, *, first_channel: int = 0,
+               channels: int | None = None) -> None:
+    """Write every (channel, z-chunk) slab; count non-finite voxels and refuse them at the end.
+
+    ``src``'s channel c goes to the store's channel ``first_channel + c`` (one file of several, each a channel:
+    :mod:`storage.channelfiles`); ``channels``: how many ``src`` has (default: all the store's)."""
     image = out.image
-    channels, depth = image.shape[0], image.shape[1]
+    depth = image.shape[1]
+    channels = image.shape[0] if channels is None else channels
     step = image.chunks[1]
     bad = 0
     for c in range(channels):
@@ -116,12 +121,12 @@ def _copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype) -> None
                 if n:
                     bad += n
             if not bad:  # once refused, only keep counting
-                image[c, k0:k1] = slab.T.astype(stored, copy=False)
+                image[first_channel + c, k0:k1] = slab.T.astype(stored, copy=False)
     if bad:
         raise InvalidInputError(src, f"contains {bad} NaN/Inf voxels")
 
 
-def _check_stream_end(src: Path, img: Any) -> None:
+def check_stream_end(src: Path, img: Any) -> None:
     """Read a ``.nii.gz`` to the end of its gzip stream, where its CRC and length are checked.  The voxels stop
     before the trailer, so a file damaged inside the voxel data (bits flipped in a copy) was read without a word
     and segmented from wrong values; bytes after the stream were never looked at either."""

@@ -31,6 +31,7 @@ from storage.header import Header, on_the_earth, pixel_hectares, voxel_millilitr
 from storage.inputfiles import PICTURE_SUFFIXES, check_content_matches_name, check_readable_file, kind_of
 
 if TYPE_CHECKING:
+    from storage.channelfiles import ChannelFiles
     from storage.dicomfiles import SeriesRef
 
 def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
@@ -44,6 +45,10 @@ def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
 
     if isinstance(path, SeriesRef):
         return probe_dicom(path)
+    from storage.channelfiles import ChannelFiles
+
+    if isinstance(path, ChannelFiles):
+        return _probe_channel_files(path)
     path = Path(path)
     if path.exists() and _is_dicom(path, is_dicom_input):
         refs = find_series([path])
@@ -75,6 +80,21 @@ def _probe_picture(path: Path) -> Header:
     return Header(path=str(path), kind="raster", spatial_dims=2, channels=3, shape=(height, width), cell_size=None,
                   cell_unit="ha", cell_note="a picture: no CRS", bands=(1, 2, 3), band_descriptions=tuple(CHANNELS),
                   on_the_earth=False)
+
+
+def _probe_channel_files(ref: "ChannelFiles") -> Header:
+    """A case's nnU-Net channel files: the first file's grid, one channel per file (each file's own checks first,
+    naming it)."""
+    import dataclasses
+
+    import nibabel
+
+    from storage.channelfiles import Grid, check_grid
+
+    headers = [probe(path) for path in ref.files]
+    check_grid(ref, [(path, Grid(list(header.shape), nibabel.load(path).affine), header.channels)
+                     for path, header in zip(ref.files, headers)])
+    return dataclasses.replace(headers[0], path=ref.display, channels=len(ref.files))
 
 
 def _is_dicom(path: Path, is_dicom_input) -> bool:  # noqa: ANN001 - storage.dicom.is_dicom_input

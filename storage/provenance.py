@@ -293,7 +293,8 @@ def verify(path: str | PathLike[str]) -> Verification:
     return report
 
 
-_MEMBERS = ("input file", "mosaic tile")  # the files of one input read together (a DICOM series, a mosaic)
+# the files of one input read together (a DICOM series, a mosaic, a case's channel files)
+_MEMBERS = ("input file", "mosaic tile", "channel file")
 
 
 def _input_checks(source: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
@@ -306,6 +307,9 @@ def _input_checks(source: dict[str, Any]) -> list[tuple[str, str | None, str | N
     files = (source.get("dicom") or {}).get("files")
     if files:  # a DICOM series: each of its files, relative to the series folder
         return [("input file", str(Path(source.get("path", "")) / f["path"]), f.get("sha256")) for f in files]
+    channels = source.get("channel_files")
+    if channels:  # nnU-Net's one file per channel: each file, in channel order
+        return [("channel file", c.get("path"), c.get("sha256")) for c in channels]
     tiles = (source.get("mosaic") or {}).get("tiles")
     if tiles:
         return [("mosaic tile", t.get("path"), t.get("sha256")) for t in tiles]

@@ -201,8 +201,9 @@ def test_fit_problem_checks_dimensions_band_count_and_band_names(tmp_path):
 
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), tmp_path / "liver_007_0000.nii.gz")
     assert fit_problem(probe(tmp_path / "liver_007_0000.nii.gz"), ModelInput("mr", 3, 2)) == \
-        ("model 'mr' takes 2 channels, the input has 1: nnU-Net-style channel files (liver_007_0000 ... "
-         "liver_007_0001) go in as one 4-D NIfTI, channels on its 4th axis (e.g. nibabel.funcs.concat_images)")
+        ("model 'mr' takes 2 channels, the input has 1: give all of the case's nnU-Net channel files together "
+         "(liver_007_0000 ... liver_007_0001), which are then one input, or one 4-D NIfTI with the channels on its "
+         "4th axis")
 
 
 def test_check_inputs_keeps_the_order_and_reads_the_card_without_torch(tmp_path, models):

@@ -1,0 +1,212 @@
+"""nnU-Net's one file per channel: ``case_0000.nii.gz`` ... ``case_000K.nii.gz`` are one input.
+
+nnU-Net (and the Medical Segmentation Decathlon data converted for it) keeps
+each channel of a multi-channel case in a file of its own: a brain tumour case
+is ``BraTS_001_0000.nii.gz`` (T1), ``_0001`` (T1ce), ``_0002`` (T2) and
+``_0003`` (FLAIR).  ``segflow train --dataset`` reads that layout, so a model
+trained on it is applied to the same files: :func:`group_channel_files` turns
+the files of a case named together (``imagesTs/*.nii.gz``, an inbox) into one
+:class:`ChannelFiles` input, channels in file order, named after the case as
+nnU-Net names its prediction (``BraTS_001.nii.gz``).  A lone ``_0000`` file
+stays a plain input, and a case with a channel missing (``_0000`` and
+``_0002`` given) is refused with one line rather than segmented from the wrong
+channels.  The files must share one voxel grid (shape and affine), as nnU-Net
+requires; ingest copies each into its channel of one image store, slab by
+slab, and records every file with its sha256 for provenance and ``verify``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from storage.errors import InvalidInputError, StoreError
+from storage.geometry import SourceInfo, same_affine
+from storage.hashing import sha256_input
+
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii(?:\.gz)?)$", re.IGNORECASE)
+FORMAT = "NIfTI channel files"
+ATTR = "segflow_channel_files"  # the image store's record of its files: [{channel, path, sha256, size}]
+
+
+@dataclass(frozen=True)
+class ChannelFiles:
+    """One case's channel files, in channel order (``files[c]`` is ``<case>_<c:04d>``): the unit segflow segments."""
+
+    case: str
+    files: tuple[Path, ...]
+
+    @property
+    def name(self) -> str:
+        """The outputs' stem: the case, as nnU-Net names its prediction."""
+        return self.case
+
+    @property
+    def display(self) -> str:
+        """How messages and the provenance name the case: its folder, case and channel range."""
+        ending = CHANNEL_FILE.match(self.files[0].name)["ending"]  # type: ignore[index]
+        return f"{self.files[0].parent / self.case}_0000..{len(self.files) - 1:04d}{ending}"
+
+    def file_sha256s(self) -> list[str]:
+        return [sha256_input(f) for f in self.files]
+
+    def sha256(self, file_sha256s: list[str] | None = None) -> str:
+        """Content identity: one digest over the files' sha256s in channel order (the order is the input)."""
+        digest = hashlib.sha256(b"channel-files\n")
+        for value in file_sha256s if file_sha256s is not None else self.file_sha256s():
+            digest.update(value.encode("ascii") + b"\n")
+        return digest.hexdigest()
+
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def group_channel_files(items: Sequence[str]) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The items with each case's channel files (two or more, local) made one :class:`ChannelFiles`, where its
+    first file was; and [(case, one-line error)] for a case whose channels are not ``_0000`` up without a gap."""
+    cases: dict[tuple[str, str, str], dict[int, str]] = {}
+    for item in items:
+        key_channel = _channel_key(item)
+        if key_channel is not None:
+            key, channel = key_channel
+            files = cases.setdefault(key, {})
+            if channel in files and Path(files[channel]).resolve() != Path(item).resolve():
+                continue  # cannot happen for one folder and name; kept as a plain input, which output_clashes names
+            files[channel] = item
+    groups = {key: files for key, files in cases.items() if len(files) > 1}
+    out: list[Any] = []
+    failed: list[tuple[str, str]] = []
+    seen: set[tuple[str, str, str]] = set()
+    for item in items:
+        key_channel = _channel_key(item)
+        key = key_channel[0] if key_channel is not None else None
+        if key not in groups:
+            out.append(item)
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
+        files = groups[key]
+        folder, case, ending = Path(files[min(files)]).parent, key[1], CHANNEL_FILE.match(Path(files[min(files)]).name)
+        missing = [c for c in range(max(files) + 1) if c not in files]
+        if missing:
+            given = ", ".join(f"_{c:04d}" for c in sorted(files))
+            gaps = ", ".join(f"_{c:04d}" for c in missing)
+            failed.append((f"{folder / case}_*{ending['ending']}",  # type: ignore[index]
+                           f"{folder / case}: its channel files {given} were given and {gaps} "
+                           f"{'is' if len(missing) == 1 else 'are'} missing: a case's channels are _0000, _0001 ... "
+                           "without a gap (give them all, or each file alone)"))
+            continue
+        out.append(ChannelFiles(case=case, files=tuple(Path(files[c]) for c in range(len(files)))))
+    return out, failed
+
+
+def _channel_key(item: str) -> tuple[tuple[str, str, str], int] | None:
+    from storage.remote import is_url
+
+    if not isinstance(item, str) or is_url(item):
+        return None
+    path = Path(item)
+    match = CHANNEL_FILE.match(path.name)
+    if match is None or not path.is_file():
+        return None
+    return (str(path.parent), match["case"], match["ending"].lower()), int(match["channel"])
+
+
+def check_grid(ref: ChannelFiles, files: Sequence[tuple[Path, Any, int]]) -> None:
+    """Every file of the case one channel on the first file's voxel grid: ``files`` is [(path, geometry, channels)]."""
+    first, first_geometry, _ = files[0]
+    for path, geometry, channels in files:
+        if channels != 1:
+            raise InvalidInputError(path, f"has {channels} channels: nnU-Net channel files hold one each "
+                                          f"(it is one of {ref.display})")
+        if geometry.shape[:3] != first_geometry.shape[:3]:
+            raise InvalidInputError(path, f"has shape {tuple(geometry.shape[:3])} but {first.name} has "
+                                          f"{tuple(first_geometry.shape[:3])}: one case's channel files share "
+                                          "one voxel grid")
+        if not same_affine(geometry.affine, first_geometry.affine):
+            raise InvalidInputError(path, f"is not on {first.name}'s voxel grid (their affines differ): one case's "
+                                          "channel files share one voxel grid")
+
+
+def stored_dtype(dtypes: Sequence[np.dtype]) -> np.dtype:
+    """One dtype that holds every channel's values: float32 where they mix integers and floats (as a scaled
+    NIfTI is read), float64 only when a file holds float64."""
+    result = np.result_type(*dtypes)
+    if result == np.float64 and not any(d == np.float64 for d in dtypes):
+        return np.dtype("float32")
+    return result
+
+
+def ingest_channel_files(ref: ChannelFiles, store_path: str | PathLike[str], *, chunk: int = 128) -> Any:
+    """Copy each channel file into its channel of a new image store, slab by slab (no volume held whole)."""
+    from storage.layout import StoreMeta, create_image_store, mark_complete
+    from storage.nifti import check_stream_end, copy_slabs
+    from storage.niftiopen import check_data_size, check_nifti_path, describe_nifti, error_text, open_nifti, spatial_ijk
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    store = Path(store_path)
+    created = False
+    try:
+        with ExitStack() as stack:
+            opened = []
+            for path in ref.files:
+                check_nifti_path(path)
+                img = open_nifti(path, stack)
+                geometry, channels, read = describe_nifti(path, img)
+                check_data_size(path, img)
+                opened.append((path, img, geometry, channels, read))
+            check_grid(ref, [(path, geometry, channels) for path, _, geometry, channels, _ in opened])
+            stored = stored_dtype([np.dtype(geometry.dtype) for _, _, geometry, _, _ in opened])
+            digests = ref.file_sha256s()
+            geometry = opened[0][2].model_copy(update={"dtype": stored.name})
+            shape = (len(ref.files), *reversed(spatial_ijk(geometry.shape)))
+            meta = StoreMeta(source=SourceInfo(path=str(ref.files[0].resolve()), sha256=ref.sha256(digests),
+                                               size=ref.size(), format=FORMAT),
+                             geometry=geometry, channel_names=[f"channel{c}" for c in range(len(ref.files))],
+                             spatial_dims=3)
+            created = True
+            try:
+                out = create_image_store(store, meta=meta, shape=shape, dtype=stored.name,
+                                         chunks=(1, *(min(chunk, n) for n in shape[1:])), with_mask=False)
+                for c, (path, img, _, _, read) in enumerate(opened):
+                    copy_slabs(path, read, out, stored, first_channel=c, channels=1)
+                    check_stream_end(path, img)
+                out.group.attrs[ATTR] = [{"channel": c, "path": str(path.resolve()), "sha256": digest,
+                                          "size": path.stat().st_size}
+                                         for c, (path, digest) in enumerate(zip(ref.files, digests))]
+                mark_complete(out.group)
+            except OSError as exc:
+                raise StoreError(store, f"cannot write the image store: {error_text(exc)}") from None
+            return out
+    except BaseException:
+        if created:
+            shutil.rmtree(store, ignore_errors=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What :func:`check_grid` reads of a file's geometry (a probe has it from the header alone)."""
+
+    shape: list[int]
+    affine: Any
+
+
+def is_channel_store(store: Any, ref: ChannelFiles) -> bool:
+    """Whether an image store is a complete ingest of these channel files as they are now."""
+    source = store.meta.source
+    return source.format == FORMAT and source.sha256 == ref.sha256()
+
+
+__all__ = ["ATTR", "CHANNEL_FILE", "ChannelFiles", "FORMAT", "Grid", "check_grid", "group_channel_files",
+           "ingest_channel_files", "is_channel_store"]
