@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from storage.channelfiles import case_of
 from storage.dicomfiles import is_dicom_input
 from storage.errors import ConfigError, InputError
 from storage.inputfiles import PICTURE_SUFFIXES, kind_of, stem_of
@@ -210,7 +211,8 @@ def still_arriving(paths: list[str], settle_seconds: float, now: float | None = 
     A transfer tool that preallocates a file and fills it in order leaves a file of the full size whose tail
     reads as zeros (an uncompressed GeoTIFF opens and is segmented as such), and a DICOM folder fills slice by
     slice; only their age tells them from a finished delivery.  A folder's age is that of its newest entry at
-    any depth; a ``.hdr``'s is its ``.img``'s too.  URLs are not checked.
+    any depth; a ``.hdr``'s is its ``.img``'s too.  URLs are not checked.  A case's nnU-Net channel file waits
+    while another of the case's files arrives: alone it would have been segmented as a one-channel input.
     """
     if settle_seconds <= 0:
         return {}
@@ -222,6 +224,10 @@ def still_arriving(paths: list[str], settle_seconds: float, now: float | None = 
         newest = _newest_change(Path(path))
         if newest is not None and now - newest < settle_seconds:
             arriving[path] = round(max(0.0, now - newest), 1)
+    cases = {case: arriving[path] for path in arriving if (case := case_of(path)) is not None}
+    for path in paths:
+        if path not in arriving and case_of(path) in cases:
+            arriving[path] = cases[case_of(path)]
     return arriving
 
 

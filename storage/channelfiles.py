@@ -109,6 +109,12 @@ def group_channel_files(items: Sequence[str]) -> tuple[list[Any], list[tuple[str
     return out, failed
 
 
+def case_of(item: str) -> tuple[str, str, str] | None:
+    """(folder, case, ending) of a local channel file, the case it belongs to; None for any other item."""
+    key_channel = _channel_key(item)
+    return None if key_channel is None else key_channel[0]
+
+
 def _channel_key(item: str) -> tuple[tuple[str, str, str], int] | None:
     from storage.remote import is_url
 
@@ -208,5 +214,5 @@ def is_channel_store(store: Any, ref: ChannelFiles) -> bool:
     return source.format == FORMAT and source.sha256 == ref.sha256()
 
 
-__all__ = ["ATTR", "CHANNEL_FILE", "ChannelFiles", "FORMAT", "Grid", "check_grid", "group_channel_files",
+__all__ = ["ATTR", "CHANNEL_FILE", "ChannelFiles", "FORMAT", "Grid", "case_of", "check_grid", "group_channel_files",
            "ingest_channel_files", "is_channel_store"]

@@ -160,3 +160,19 @@ def test_nightly_takes_a_case_from_the_inbox_once(model, tmp_path):
         assert [(i["input"], i["status"], i["channels"]) for i in report["inputs"]] == \
             [(f"{inbox / 'case7'}_0000..0001.nii.gz", status, 2)]
     assert (tmp_path / "out" / "case7.nii.gz").is_file()
+
+
+def test_a_case_waits_in_the_inbox_while_one_of_its_channel_files_arrives(tmp_path):
+    """An old _0000 beside a _0001 still being copied: both wait (alone, _0000 went in as a one-channel input)."""
+    from flows.inbox import still_arriving
+
+    t1, flair = channels()
+    old = [save(t1, tmp_path / "case_0000.nii.gz"), save(t1, tmp_path / "other_0000.nii.gz"),
+           save(t1, tmp_path / "plain.nii.gz")]
+    for path in old:
+        os.utime(path, (1e9, 1e9))
+    fresh = save(flair, tmp_path / "case_0001.nii.gz")
+    paths = [str(p) for p in (*old, fresh)]
+    assert sorted(still_arriving(paths, 60)) == [str(old[0]), str(fresh)]
+    os.utime(fresh, (1e9, 1e9))
+    assert still_arriving(paths, 60) == {}
