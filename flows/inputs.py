@@ -231,43 +231,34 @@ def _reusable_ingest(path: Any, store_path: Path, bands: BandRequest | None = No
 
 def _reusable_mosaic(ref: MosaicRef, store_path: Path) -> ImageStore | None:
     """A complete ingest of the same mosaic: the same tiles' content (sha256, in order) and target CRS."""
-    if not store_path.is_dir():
-        return None
-    try:
-        store = open_image_store(store_path)
-        if is_mosaic_store(store, ref):
-            return store
-    except (SegflowError, OSError, ValueError):  # a tile gone or unreadable: the ingest says so in one line
-        pass
-    shutil.rmtree(store_path, ignore_errors=True)
-    return None
+    return _reusable_store(store_path, lambda store: is_mosaic_store(store, ref))
 
 
 def _reusable_channels(ref: ChannelFiles, store_path: Path) -> ImageStore | None:
     """A complete ingest of the same channel files with the same contents, in the same order."""
-    if not store_path.is_dir():
-        return None
-    try:
-        store = open_image_store(store_path)
-        if is_channel_store(store, ref):
-            return store
-    except (SegflowError, OSError, ValueError):  # a file gone or unreadable: the ingest says so in one line
-        pass
-    shutil.rmtree(store_path, ignore_errors=True)
-    return None
+    return _reusable_store(store_path, lambda store: is_channel_store(store, ref))
 
 
 def _reusable_series(ref: SeriesRef, store_path: Path) -> ImageStore | None:
     """A complete ingest of the same series volume with the same file contents."""
+    def same(store: ImageStore) -> bool:
+        info = getattr(store.meta.geometry, "dicom", None)
+        return info is not None and info.series_instance_uid == ref.series_instance_uid and \
+            store.meta.source.sha256 == ref.sha256()
+
+    return _reusable_store(store_path, same)
+
+
+def _reusable_store(store_path: Path, same: Callable[[ImageStore], bool]) -> ImageStore | None:
+    """The complete store at ``store_path`` when ``same`` says it holds this input now; else it is removed (a
+    file gone or unreadable is not reused: the new ingest says what is wrong in one line)."""
     if not store_path.is_dir():
         return None
     try:
         store = open_image_store(store_path)
-        info = getattr(store.meta.geometry, "dicom", None)
-        if info is not None and info.series_instance_uid == ref.series_instance_uid and \
-                store.meta.source.sha256 == ref.sha256():
+        if same(store):
             return store
-    except (StoreError, OSError, ValueError):
+    except (SegflowError, OSError, ValueError):
         pass
     shutil.rmtree(store_path, ignore_errors=True)
     return None
