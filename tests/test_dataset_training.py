@@ -126,6 +126,17 @@ def test_decathlon_layout_trains_segments_and_evaluates(tmp_path):
     trained = _train(root, card, tmp_path / "model")
     _check_trained(trained, root, "decathlon")
     assert [c["name"] for c in trained["classes"]] == ["background", "liver", "tumour"]
+    # the model takes the dataset's own files: a case's channel files are one input, named after the case
+    out = tmp_path / "out"
+    channel_files = [str(root / "imagesTr" / f"liver_001_{c:04d}.nii.gz") for c in range(2)]
+    seg = runner.invoke(app, ["segment", *channel_files, "--model", str(tmp_path / "model"), "--out", str(out),
+                              "--no-prefect"])
+    assert seg.exit_code == 0, seg.output
+    ev = runner.invoke(app, ["evaluate", str(out / "liver_001.nii.gz"), "--truth",
+                             str(root / "labelsTr" / "liver_001.nii.gz"), "--out", str(tmp_path / "scores")])
+    assert ev.exit_code == 0, ev.output
+    [case] = json.loads((tmp_path / "scores" / "evaluation.json").read_text())["cases"]
+    assert {c["name"] for c in case["classes"]} >= {"liver", "tumour"}
 
 
 def test_a_decathlon_table_with_a_gap_says_how_values_map_and_records_them(tmp_path):
