@@ -196,8 +196,10 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
     from storage.classes import background_value
 
     nodata = pred.nodata if pred.nodata is not None else ignore
-    # the truth's own nodata is counted nowhere, as training reads it (storage.datasets.geolabels: IGNORE)
-    ignored = sorted({v for v in (ignore, truth.nodata) if v is not None})
+    # the truth's own nodata is counted nowhere, as training reads it (storage.datasets.geolabels: IGNORE), unless
+    # every pixel is to count (--ignore -1: it had still left a nodata 0 that was the background class out)
+    truth_nodata = truth.nodata if ignore is not None else None
+    ignored = sorted({v for v in (ignore, truth_nodata) if v is not None})
     scores = score_case(pred.array, truth.array, pred.spacing, values=names.keys(), block=_block(pred, chunk),
                         ignore=ignored, pred_nodata=nodata, tolerance=tolerance,
                         background=None if include_background else background_value(names),
@@ -207,8 +209,9 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
         raise InvalidInputError(truth.path, f"every pixel is {values} (not counted): nothing to score "
                                             f"{pred.path} against")
     notes = []
-    if truth.nodata is not None and truth.nodata != ignore:
-        notes.append(f"the truth's nodata {truth.nodata} not counted")
+    if truth_nodata is not None and truth_nodata != ignore:
+        also = f", though it is also class {names[truth_nodata]!r}" if truth_nodata in names else ""
+        notes.append(f"the truth's nodata {truth_nodata} not counted{also} (--ignore -1 counts every pixel)")
     if pred.nodata is not None and pred.nodata in names:
         notes.append(f"the prediction's nodata {pred.nodata} is also class {names[pred.nodata]!r}: its pixels count "
                      "as no prediction")

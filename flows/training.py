@@ -315,6 +315,9 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
             f"{card.num_classes} classes; training on {len(split.train)}, validating on "
             + (f"the held-out {1 - abs(held.fraction):g} of each along {held.axis}" if held is not None
                else f"{len(split.val)} ({split.method} split)"))
+    if say is not None:
+        for line in getattr(dataset, "notes", list)():  # a layout's own word on its labels (a geo nodata value)
+            say(f"note: {line}")
     renumbered = _renumbered(dataset)
     if say is not None and renumbered:
         say(f"note: the dataset's label values are not 0..{card.num_classes - 1}: the model's outputs write "

@@ -257,6 +257,29 @@ def test_geo_classes_json_is_the_table(tmp_path: Path) -> None:
     assert np.all(labels[2:] == 255) and np.all(labels[0:2, 5:] == 1)
 
 
+def test_a_label_nodata_that_classes_json_names_is_that_class_and_otherwise_no_label(tmp_path):
+    """QGIS and GDAL exports often mark a label raster's 0 as nodata while 0 is the background: with classes.json
+    naming 0, its pixels were still masked, and the class was never trained on, without a word."""
+    geo_raster_dataset(tmp_path / "ds", values=(0, 3, 7), label_crs=True)
+    for path in (tmp_path / "ds" / "labels").iterdir():
+        with rasterio.open(path, "r+") as dst:
+            dst.nodata = 0
+    with rasterio.open(tmp_path / "ds" / "labels" / "tile_a.tif") as src:
+        truth = src.read(1)
+    ds = geolabels.LAYOUT.open(tmp_path / "ds")  # no classes.json: nodata is no label, and the user is told
+    assert ds.notes() == ["the label rasters' nodata value 0 marks pixels without a label, which are not trained "
+                          "on; if 0 is a class, list it in classes.json"]
+    labels = ds.read(ds.cases[0], tmp_path / "work").labels[...]
+    assert np.array_equal(labels == 255, truth == 0) and np.count_nonzero(truth == 0) > 0
+    table = [{"value": 0, "name": "background"}, {"value": 3, "name": "water"}, {"value": 7, "name": "forest"}]
+    (tmp_path / "ds" / "classes.json").write_text(json.dumps(table))
+    ds = geolabels.LAYOUT.open(tmp_path / "ds")
+    assert ds.notes() == ["the label rasters' nodata value 0 is the class 'background' in classes.json: its "
+                          "pixels are trained as that class"]
+    labels = ds.read(ds.cases[0], tmp_path / "work2").labels[...]
+    assert np.array_equal(labels, np.searchsorted([0, 3, 7], truth))  # 0, 3, 7 -> classes 0, 1, 2; none ignored
+
+
 def _shifted_grid(root: Path) -> None:
     write_geotiff(root / "labels" / "tile_a.tif", np.zeros((64, 64), np.uint8), transform=GRID * GRID.translation(3, 0))
 

@@ -521,7 +521,14 @@ def test_the_truths_nodata_is_not_counted_as_training_reads_it(tmp_path):
     for a, b in zip(declared["cases"][0]["classes"], asked["cases"][0]["classes"]):
         assert a["dice"] == b["dice"] and a["hd95"] == b["hd95"]
     assert declared["cases"][0]["ignored_pixels"] == np.count_nonzero(rt == 254)
-    assert declared["cases"][0]["notes"] == ["the truth's nodata 254 not counted"]
+    assert declared["cases"][0]["notes"] == ["the truth's nodata 254 not counted (--ignore -1 counts every pixel)"]
+    # --ignore -1 counts every pixel, the truth's nodata too (it had still left them out: a nodata 0 that is the
+    # background class could not be scored)
+    every = evaluate_files([pred], [truth], ignore=None)["cases"][0]
+    assert every["ignored_pixels"] == 0 and every["notes"] == []
+    background = write_tif(tmp_path / "t0.tif", rt, nodata=0)
+    [note] = evaluate_files([pred], [background])["cases"][0]["notes"]
+    assert note == "the truth's nodata 0 not counted, though it is also class 'background' (--ignore -1 counts every pixel)"
 
     zero = write_tif(tmp_path / "zero.tif", rp, nodata=0, classes=[LabelClass(value=0, name="background"),
                                                                    LabelClass(value=1, name="pond")])

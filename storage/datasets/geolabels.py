@@ -159,6 +159,20 @@ def _listed(values: set[int]) -> str:
     return ordered[0] if len(ordered) == 1 else f"{', '.join(ordered[:-1])} and {ordered[-1]}"
 
 
+def label_nodata(path: Path) -> int | None:
+    """A label raster's nodata value as a whole number (None: none, or not a whole number; a vector layer: None)."""
+    if not path.name.lower().endswith((".tif", ".tiff", ".vrt")):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(path) as src:
+                nodata = src.nodata
+    except (RasterioError, OSError):
+        return None  # the ingest says what is wrong with it
+    return int(nodata) if nodata is not None and float(nodata).is_integer() else None
+
+
 def _raster_values(path: Path) -> set[int]:
     """The distinct valid values of a label raster, read band of rows by band of rows."""
     found: set[int] = set()
@@ -272,8 +286,26 @@ class GeoDataset:
         if label.spatial_shape != image.spatial_shape:
             raise InvalidInputError(label_file, f"label raster shape {label.spatial_shape} does not match the "
                                                 f"image's {image.spatial_shape}")
-        masks = [m for m in (image.mask, label.mask) if m is not None]
+        # a label raster's nodata that classes.json names as a class (QGIS and GDAL exports often mark 0 so) is that
+        # class: masked, it had never been trained on
+        label_mask = None if label_nodata(label_file) in self.table.values and self.classes_file else label.mask
+        masks = [m for m in (image.mask, label_mask) if m is not None]
         return LabelArray(label.image, self.table, case.labels or case.annotation.path, masks), image
+
+    def notes(self) -> list[str]:
+        """What a user should know about the label rasters' nodata: a class (classes.json names it) or no label."""
+        values = sorted({v for case in self.cases if case.labels is not None
+                         and (v := label_nodata(case.labels)) is not None})
+        classes = dict(zip(self.table.values, self.table.names))
+        out = []
+        for value in values:
+            if value in classes and self.classes_file:
+                out.append(f"the label rasters' nodata value {value} is the class {classes[value]!r} in "
+                           f"{CLASSES_FILE}: its pixels are trained as that class")
+            elif value != IGNORE:
+                out.append(f"the label rasters' nodata value {value} marks pixels without a label, which are not "
+                           f"trained on; if {value} is a class, list it in {CLASSES_FILE}")
+        return out
 
     def read(self, case: Case, work: Path, *, check: bool = False) -> CaseData:
         """The case's arrays from stores ingested under ``work`` (a vector layer rasterised there first).
