@@ -1,8 +1,10 @@
 """Validation during training: per-class Dice of the network on images it does not train on.
 
 Each validation region is segmented as inference would segment it: MONAI's
-sliding window with the card's ROI, overlap and blending, under the same
-precision as training.  Scores come from one additive confusion matrix over
+sliding window with the card's ROI, overlap and blending, blending what
+``segment`` blends (probabilities, or raw outputs where the card's
+``blend_outputs`` says so) averaged over the card's ``flip_tta`` mirrors, under
+the same precision as training.  Scores come from one additive confusion matrix over
 every region (``segmentation.metrics``), ignore pixels skipped, so a large
 region and a small one weigh by their pixels.  A region too large to hold in
 memory (more than :data:`IN_MEMORY_PIXELS`) is represented by a fixed,
@@ -13,6 +15,7 @@ scores stay comparable from step to step; the provenance says so.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -115,10 +118,23 @@ class Validator:
         was_training = module.training
         module.eval()
 
-        def predictor(x: torch.Tensor) -> torch.Tensor:
+        axes = [a + 2 for a in inf.flip_tta]  # as segment mirrors: every non-empty subset of the card's axes
+        flips = [dims for k in range(1, len(axes) + 1) for dims in itertools.combinations(axes, k)]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
             with autocast if autocast is not None else contextlib.nullcontext():  # training's precision
                 out = module(x.contiguous(memory_format=memory_format))
+            if isinstance(out, (tuple, list)):  # deep-supervision nets: the first head is the output
+                out = out[0]
             return out.float()  # blended in float32, as inference blends
+
+        def predictor(x: torch.Tensor) -> torch.Tensor:
+            """What segment blends: the card's blend_outputs, averaged over its flips (the validation scores
+            had blended raw outputs whatever the card said: 12 of 4096 pixels from what segment labels)."""
+            outputs = [run(x)] + [torch.flip(run(torch.flip(x, dims)), dims) for dims in flips]
+            if inf.blend_outputs == "probabilities":
+                outputs = [torch.softmax(o, dim=1) for o in outputs]
+            return torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
 
         n = self.card.num_classes
         matrix = np.zeros((n, n), np.int64)
@@ -129,11 +145,11 @@ class Validator:
                     image = zero_non_finite(region.normalizer(np.asarray(region.sample.image[(slice(None),) + box])))
                     zero_invalid(image, region.sample.valid, box)
                     truth = np.asarray(region.sample.labels[box])
-                    logits = sliding_window_inference(
+                    blended = sliding_window_inference(
                         torch.from_numpy(image)[None], list(inf.roi), inf.batch_size, predictor,
                         overlap=inf.overlap, mode=inf.blend, sigma_scale=inf.sigma_scale,
                         sw_device=device, device=torch.device("cpu"))
-                    pred = logits[0].argmax(0).numpy()
+                    pred = blended[0].argmax(0).numpy()
                     if problem := label_range_problem(truth, n, ignore):
                         raise InvalidInputError(region.sample.name, f"validation part {problem}")
                     matrix += confusion_matrix(pred, truth, n, ignore)

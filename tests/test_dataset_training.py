@@ -119,6 +119,32 @@ def test_geo_layout_trains_segments_and_evaluates(tmp_path):
     assert dice and all(0.0 <= d <= 1.0 for d in dice)
 
 
+@pytest.mark.parametrize("inference", [{}, {"flip_tta": [0, 1]}, {"blend_outputs": "logits"}])
+def test_validation_scores_are_those_of_segment_then_evaluate(tmp_path, inference):
+    """The card's validation Dice is what `segment --truth` gives on the validation case: validation had blended
+    raw outputs while segment blends probabilities (the card's blend_outputs) and mirrors (its flip_tta), so they
+    differed (by 0.0033 on a probe's 64x64 tile) and the best checkpoint was chosen on another predictor's labels."""
+    root = tmp_path / "geo"
+    geo_raster_dataset(root, stems=("tile_a", "tile_b", "tile_c"), values=(0, 1, 2), label_crs=True)
+    card = _card(tmp_path / "card.json", spatial_dims=2, channels=2, roi=[16, 16])
+    doc = json.loads(card.read_text())
+    doc["inference"].update(inference)
+    card.write_text(json.dumps(doc))
+    trained = _train(root, card, tmp_path / "model", "--precision", "exact", "--steps", "30", "--val-every", "30")
+    [case] = trained["training"]["split"]["validation"]
+    best = trained["training"]["validation"]["best"]
+    assert best["step"] == 30
+    seg = runner.invoke(app, ["segment", str(root / "images" / f"{case}.tif"), "--model", str(tmp_path / "model"),
+                              "--out", str(tmp_path / "out"), "--no-prefect", "--precision", "exact",
+                              "--truth", str(root / "labels")])
+    assert seg.exit_code == 0, seg.output
+    [scored] = json.loads((tmp_path / "out" / "evaluation" / "evaluation.json").read_text())["cases"]
+    segment_dice = {c["name"]: c["dice"] for c in scored["classes"]}
+    assert set(segment_dice) == set(best["dice"])
+    for name, dice in best["dice"].items():
+        assert dice == pytest.approx(segment_dice[name], abs=1e-5), (name, best["dice"], segment_dice)  # 5 decimals
+
+
 def test_decathlon_layout_trains_segments_and_evaluates(tmp_path):
     root = tmp_path / "Dataset042_Tiny"
     nnunet_dataset(root, cases=("liver_001", "liver_002", "liver_003"))
