@@ -82,15 +82,25 @@ def stack_valid(covers: Sequence[BandCover], win: Window, data: np.ndarray, heig
 PARTIAL_ATTR = "segflow_partial_nodata"  # an ingested store's: does some pixel hold nodata in some bands only?
 
 
+def in_dtype(nodata: float, dtype: np.dtype | None) -> float:
+    """A nodata value as pixels of ``dtype`` hold it: a float32 scene's 0.1 is float32(0.1), not the double 0.1,
+    which no float32 pixel equals."""
+    if dtype is None or np.dtype(dtype).kind != "f":
+        return nodata
+    with np.errstate(over="ignore"):
+        return np.dtype(dtype).type(nodata)
+
+
 class PartialNodata:
     """GDAL's nodata rule for a file's one nodata value (valid where any band differs from it), which also
     watches for pixels holding it in some bands but not in all: one comparison of the pixels for both."""
 
-    def __init__(self, nodata: float) -> None:
+    def __init__(self, nodata: float, dtype: np.dtype | None = None) -> None:
         self.nodata, self.found = nodata, False
+        self.value = in_dtype(nodata, dtype)  # compared in the pixels' dtype, as GDAL compares (0.1 in float32)
 
     def valid(self, data: np.ndarray) -> np.ndarray:
-        filled = ~np.isnan(data) if math.isnan(self.nodata) else data != self.nodata
+        filled = ~np.isnan(data) if math.isnan(self.nodata) else data != self.value
         valid = filled.any(axis=0)
         if not self.found:
             self.found = bool((valid & ~filled.all(axis=0)).any())
@@ -124,7 +134,7 @@ def with_bands_mask(store: ImageStore, bands: Sequence[int]) -> ImageStore:
         data = image.oindex[(wanted, *block)]
         filled = np.isfinite(data) if data.dtype.kind == "f" else np.ones(data.shape, bool)
         if not math.isnan(nodata):
-            filled &= data != nodata
+            filled &= data != in_dtype(nodata, data.dtype)
         target[block] = filled.all(axis=0) if every else filled.any(axis=0)
 
     blocks = [tuple(slice(s, s + c) for s, c in zip(start, mask.chunks))

@@ -258,3 +258,14 @@ def test_a_band_holding_nodata_alone_hides_its_pixel_from_a_model_of_wide_pixels
     with rasterio.open(tmp_path / "c" / "refl.tif") as c, rasterio.open(tmp_path / "d" / "refl3.tif") as d:
         picked, alone = c.read(1), d.read(1)
     assert (picked != nodata).all() and np.array_equal(picked, alone)
+
+    # a float scene whose nodata is a number (-9999, or 0.1 as float32 holds it), not NaN: the nir box had been
+    # segmented from -9999 (no per-band watch for float nodata)
+    for value in (-9999.0, 0.1):
+        f32 = rng.random((4, 50, 60)).astype(np.float32) + 1
+        f32[3, 10:30, 15:40] = value
+        segment_one(write(tmp_path / f"f32-{value}.tif", f32, value), four, tmp_path / f"e{value}", options,
+                    dask_cluster)
+        with rasterio.open(tmp_path / f"e{value}" / f"f32-{value}.tif") as e:
+            labels = e.read(1)
+        assert (labels[10:30, 15:40] == nodata).all() and (labels == nodata).sum() == 20 * 25, value

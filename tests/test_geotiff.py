@@ -105,8 +105,9 @@ def test_ingest_copies_pixels_mask_and_geometry(tmp_path: Path, tiled: bool) -> 
 @pytest.mark.parametrize("dtype,nodata", [("uint16", 0), ("int16", -5), ("uint8", 255), ("float32", float("nan")),
                                           ("float32", -9999.0), ("float64", 1.5)])
 def test_the_nodata_mask_is_gdals_whether_computed_from_the_pixels_or_asked(tmp_path: Path, dtype, nodata) -> None:
-    """Integer and NaN nodata: the mask comes from the pixels read (any band not nodata is valid); other float
-    nodata asks GDAL. Either way it equals ``dataset_mask``, with pixels where only some bands are nodata."""
+    """One nodata value for every band (integer, NaN or a float number): the mask comes from the pixels read (any
+    band not nodata is valid), and it equals GDAL's ``dataset_mask``, with pixels where only some bands are
+    nodata."""
     from storage.geotiff import _nodata_rule
 
     rng = np.random.default_rng(11)
@@ -119,7 +120,7 @@ def test_the_nodata_mask_is_gdals_whether_computed_from_the_pixels_or_asked(tmp_
         computed = _nodata_rule(src, [1, 2, 3], np.dtype(dtype)) is not None
     if np.dtype(dtype).kind == "f":  # a float pixel with any band NaN or infinite is invalid too (ingest's rule)
         expected &= np.isfinite(data).all(axis=0)
-    assert computed == (np.dtype(dtype).kind in "iu" or np.isnan(nodata))
+    assert computed
     if not np.isnan(nodata):  # pixels where only some bands are nodata stay valid
         assert 0 < int((~expected).sum()) < int((data == nodata).any(axis=0).sum())
     np.testing.assert_array_equal(store.mask[:], expected)
