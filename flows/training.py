@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,6 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from flows.modelspace import card_bands
+from flows.scratch import owned_scratch
 from flows.trainspace import CaseGrid, in_model_space, with_training_spacing
 from segmentation.augment import Augmentation
 from segmentation.card import ModelCard
@@ -40,6 +39,7 @@ from storage.inputfiles import stem_of
 from storage.layout import ImageStore, open_image_store
 
 IGNORE = 255
+TRAIN_SCRATCH = "segflow-train-"  # the prefix of a run's temporary folder of ingested cases
 IN_MEMORY_BYTES = 256 << 20  # training inputs up to this size are read into memory; larger ones stay out of core
 IN_MEMORY_TOTAL = 4 << 30  # ... until this much of a dataset is in memory; the rest is sliced where it lies
 ID_LIST_LIMIT = 200  # case ids listed in the provenance per split; longer lists are recorded by count and hash
@@ -199,8 +199,7 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
     """
     out, held = Path(out), _as_holdout(holdout)
     split = choose_split([None] * len(pairs), val_fraction=val_fraction, seed=seed, holdout=held)
-    work = Path(tempfile.mkdtemp(prefix="segflow-train-"))
-    try:
+    with owned_scratch(TRAIN_SCRATCH) as work:  # a killed run's is removed by the next one
         samples, sources, ids, grids = [], [], [], []
         for n, (image_path, labels_path) in enumerate(pairs):
             image = _open(image_path, work / f"{n}-{stem_of(image_path)}.image.zarr")
@@ -220,8 +219,6 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
                                         "cases": len(pairs)}
         result.provenance["split"] = split.provenance(ids, **_split_extra(split, val_fraction, seed, held))
         return save_trained(out, saved_card, result)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _split_extra(split: Split, val_fraction: float, seed: int, holdout: Holdout | None) -> dict[str, Any]:
@@ -262,8 +259,9 @@ def with_dataset_channels(card: ModelCard, dataset: Dataset) -> ModelCard:
     return card
 
 
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """``storage.datasets.fingerprint`` over every case's image and label files (and a root that is a file)."""
+def dataset_fingerprint(dataset: Dataset, *, mtimes: bool = False) -> str:
+    """``storage.datasets.fingerprint`` over every case's image and label files (and a root that is a file);
+    ``mtimes``: the resume key, which a file edited in place changes."""
     root = Path(dataset.root)
     files = [Path(f) for c in dataset.cases for f in (*c.images, *([c.labels] if c.labels is not None else []))]
     if root.is_file():
@@ -271,7 +269,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     base = root if root.is_dir() else root.parent
     if any(not Path(os.path.abspath(f)).is_relative_to(os.path.abspath(base)) for f in files):
         base = Path(os.path.commonpath([os.path.abspath(f) for f in files] + [os.path.abspath(base)]))
-    return fingerprint(Path(os.path.abspath(base)), [Path(os.path.abspath(f)) for f in files])
+    return fingerprint(Path(os.path.abspath(base)), [Path(os.path.abspath(f)) for f in files], mtimes=mtimes)
 
 
 def _renumbered(dataset: Dataset) -> str:
@@ -322,8 +320,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
     if say is not None and renumbered:
         say(f"note: the dataset's label values are not 0..{card.num_classes - 1}: the model's outputs write "
             f"{renumbered} (segflow evaluate --classes MODEL reads the dataset's own label files so)")
-    work = Path(tempfile.mkdtemp(prefix="segflow-train-"))
-    try:
+    with owned_scratch(TRAIN_SCRATCH) as work:  # a killed run's is removed by the next one
         samples: list[TrainingSample | None] = [None] * len(cases)
         budget = [IN_MEMORY_TOTAL]
         grids: list[CaseGrid] = []
@@ -333,7 +330,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
         digest = dataset_fingerprint(dataset)
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size,  # type: ignore[arg-type]
                       lr=lr, seed=seed, precision=precision, patch=patch, holdout=held, val_every=val_every,
-                      resume=resume, on_step=on_step, augment=augment, data=digest)
+                      resume=resume, on_step=on_step, augment=augment, data=dataset_fingerprint(dataset, mtimes=True))
         result.provenance["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": str(root.resolve()),
                                         "fingerprint": digest, "cases": len(cases),
                                         "ignore_index": dataset.ignore_index,
@@ -342,8 +339,6 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
         result.provenance["split"] = split.provenance([c.id for c in cases],
                                                       **_split_extra(split, val_fraction, seed, held))
         return save_trained(out, saved_card, result)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _with_spacing(card: ModelCard, grids: list[CaseGrid], say: Callable[[str], None] | None) -> ModelCard:

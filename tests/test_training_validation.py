@@ -328,6 +328,38 @@ def test_resume_on_other_files_is_refused(tmp_path):
     assert loaded.card.training["resumed_from_steps"] == [2]
 
 
+def test_resume_on_a_dataset_whose_label_was_edited_in_place_is_refused(tmp_path):
+    """A dataset's label raster rewritten at the same size (uncompressed GeoTIFF): its fingerprint (names and
+    sizes, as the card records) stays, and a resume had carried on with the new labels while the card kept the
+    best step scored on the old ones.  The resume key also holds the files' modification times."""
+    import os
+
+    import rasterio
+
+    from storage.datasets import open_dataset
+    from tests.medgeo_datasets import geo_raster_dataset
+
+    root = tmp_path / "geo"
+    geo_raster_dataset(root, stems=("tile_a", "tile_b", "tile_c"), values=(0, 1, 2), label_crs=True)
+    card = tiny_card(classes=3, channels=2)
+    run = dict(steps=4, batch_size=2, patch=(16, 16), precision="exact", val_every=2)
+
+    def stop(entry: dict) -> None:
+        if entry["step"] >= 2 and "validation" in entry:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_from_dataset(card, open_dataset(root), tmp_path / "m", on_step=stop, say=None, **run)
+    label = root / "labels" / "tile_a.tif"
+    size, before = label.stat().st_size, dataset_fingerprint(open_dataset(root))
+    with rasterio.open(label, "r+") as dst:
+        dst.write(np.full((1, dst.height, dst.width), 2, dst.dtypes[0]))
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 1_000_000_000))
+    assert label.stat().st_size == size and dataset_fingerprint(open_dataset(root)) == before
+    with pytest.raises(ConfigError, match="different run .*data"):
+        train_from_dataset(card, open_dataset(root), tmp_path / "m", resume=True, say=None, **run)
+
+
 # ---------------------------------------------------------------- flows: files and datasets
 
 

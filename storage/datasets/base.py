@@ -90,13 +90,15 @@ class Layout:
     holds: str = ""  # what the folder holds, for the error when no layout is recognised
 
 
-def fingerprint(root: Path, files: Iterable[Path]) -> str:
+def fingerprint(root: Path, files: Iterable[Path], *, mtimes: bool = False) -> str:
     """sha256 over the sorted relative paths and byte sizes of ``files``: what a card records as the
-    dataset's identity (cheap for large datasets: contents are not read; a changed file changes its size
-    in practice, and the card's weights are hashed anyway)."""
+    dataset's identity (cheap for large datasets: contents are not read, so a file edited in place at the same
+    size, an uncompressed label raster, keeps it).  ``mtimes`` adds each file's modification time: the key a
+    resume is checked against, which such an edit changes (a resume had carried on with other labels)."""
     h = hashlib.sha256()
-    for rel, size in sorted((str(Path(f).relative_to(root)), Path(f).stat().st_size) for f in files):
-        h.update(f"{rel}\t{size}\n".encode())
+    rows = sorted((str(Path(f).relative_to(root)), Path(f).stat()) for f in files)
+    for rel, st in rows:
+        h.update((f"{rel}\t{st.st_size}" + (f"\t{st.st_mtime_ns}" if mtimes else "") + "\n").encode())
     return h.hexdigest()
 
 
