@@ -4,7 +4,10 @@ Each prediction and its truth are opened as block readers (rasterio windows,
 nibabel's ``dataobj`` slicing, zarr slicing) and their grids compared: the same
 shape, and the same CRS and transform within 1e-9 relative (rasters) or the
 same affine within 1e-4 mm (volumes).  A mismatch is a one-line error naming
-both files; nothing is ever resampled to make them fit.
+both files; nothing is ever resampled to make them fit.  One exception, the
+rule training reads label rasters by: a truth raster with no CRS and no
+transform (a mask saved by an image editor), of the prediction's shape, is
+read as on the prediction's grid, and its case says so.
 :mod:`segmentation.evaluation` then scores them block by block (volumes in
 slabs of whole planes along k, which a gzip NIfTI reads strictly forwards;
 rasters in square windows), so memory is bounded by one block plus the largest
@@ -24,6 +27,13 @@ exactly one file there, where a name marked ``.labels`` or ``.truth`` wins over
 an unmarked one (the image itself, when images and truths share a folder, as
 the demo's do).
 
+A pair that cannot be scored (no truth, another grid, a file that does not
+read) does not stop the others: the report holds the pairs scored and lists
+the others under ``unscored`` with their error, and the command prints one
+``error:`` line each and exits 1.  The report's files are written under
+temporary names and renamed into place together, so a failed write leaves the
+folder as it was.
+
 A prediction's "no prediction" value is the nodata its file declares (a
 GeoTIFF's nodata, a store's ``nodata_label``), else the ``--ignore`` value
 (255, the label nodata segflow writes).
@@ -36,9 +46,6 @@ segflow NIfTI, the ``classes`` attribute of a prediction store), else "class N".
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import re
 from contextlib import ExitStack
@@ -48,19 +55,19 @@ from typing import Any, List, Optional
 
 import typer
 
+from flows.evalreport import METRICS, fmt, write_reports
 from storage.labelmaps import RASTER_SUFFIXES, VOLUME_SUFFIXES, LabelSource, open_labels
-from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
+from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError, SegflowError
 from storage.inputfiles import stem_of
 from storage.reorient import on_grid_of
 
-__all__ = ["check_same_grid", "evaluate_command", "evaluate_files", "pair_inputs", "write_reports"]
+__all__ = ["check_same_grid", "evaluate_command", "evaluate_files", "pair_inputs"]
 
 VOLUME_BLOCK_VOXELS = 1 << 20  # a volume is read in slabs of whole planes holding about this many voxels
 RASTER_BLOCK = 1024
 TRANSFORM_RTOL = 1e-9
 AFFINE_ATOL_MM = 1e-4
 NO_PREDICTION = "no prediction"
-METRICS = ("dice", "iou", "hd95", "asd", "nsd", "pred_size", "truth_size", "size_diff")
 
 
 # --------------------------------------------------------------------------- pairing and grids
@@ -78,8 +85,10 @@ def case_name(path: Path) -> str:
     return stem
 
 
-def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path]]:
-    """(prediction, truth) pairs by order, or by case name when ``truths`` is one folder (not a store)."""
+def match_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path | None, SegflowError | None]]:
+    """(prediction, truth, None) by order, or by case name when ``truths`` is one folder (not a store); a
+    prediction the folder has no one truth for is (prediction, None, the error), so that the others are still
+    scored.  Unequal counts given in order are one error for the run: no pairing is to be guessed."""
     if len(truths) == 1 and truths[0].is_dir() and not truths[0].name.lower().endswith(".zarr"):
         folder = truths[0]
         index: dict[str, list[Path]] = {}
@@ -90,21 +99,33 @@ def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path,
             headers = {stem_of(f) for f in found if f.name.lower().endswith((".hdr", ".hdr.gz"))}
             found[:] = [f for f in found if not (f.name.lower().endswith((".img", ".img.gz"))
                                                  and stem_of(f) in headers)]
-        pairs = []
+        matches: list[tuple[Path, Path | None, SegflowError | None]] = []
         for p in predictions:
             found = index.get(case_name(p), [])
             marked = [f for f in found if stem_of(f) != case_name(f)]
             if len(found) > 1 and len(marked) == 1:  # scene.tif beside scene.truth.tif: the image and its truth
                 found = marked
             if len(found) != 1:
-                what = "no truth named" if not found else f"{len(found)} truths ({', '.join(f.name for f in found)}) match"
-                raise ConfigError(p, f"{what} {case_name(p)}.* in {folder}")
-            pairs.append((p, found[0]))
-        return pairs
+                names = ", ".join(f.name for f in found)
+                what = f"{len(found)} truths ({names}) match" if found else "no truth named"
+                matches.append((p, None, ConfigError(p, f"{what} {case_name(p)}.* in {folder}")))
+            else:
+                matches.append((p, found[0], None))
+        return matches
     if len(truths) != len(predictions):
         raise ConfigError(None, f"{len(predictions)} predictions but {len(truths)} truths: give one --truth per "
                                 f"prediction, in the same order, or one --truth folder")
-    return list(zip(predictions, truths))
+    return [(p, t, None) for p, t in zip(predictions, truths)]
+
+
+def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path]]:
+    """(prediction, truth) pairs as :func:`match_inputs` finds them; the first prediction without one is an error."""
+    pairs = []
+    for p, t, error in match_inputs(predictions, truths):
+        if error is not None or t is None:
+            raise error or ConfigError(p, "no truth")
+        pairs.append((p, t))
+    return pairs
 
 
 def _crs_name(crs: Any) -> str:
@@ -138,6 +159,26 @@ def check_same_grid(pred: LabelSource, truth: LabelSource) -> None:
         diff = float(np.max(np.abs(np.asarray(pred.affine, float) - np.asarray(truth.affine, float))))
         if diff > AFFINE_ATOL_MM:
             raise mismatch(f"affines differ by up to {diff:.6g} mm")
+
+
+GRIDLESS_TRUTH = "the truth has no CRS or transform: read as on the prediction's grid, as training reads it"
+
+
+def _gridless(source: LabelSource) -> bool:
+    """A raster with no CRS and no geotransform (rasterio's identity): a mask saved by an image editor, or a PNG."""
+    return (source.kind == "raster" and source.crs is None and source.transform is not None
+            and all(abs(a - b) <= 1e-12 for a, b in zip(source.transform, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))))
+
+
+def truth_on_grid(pred: LabelSource, truth: LabelSource) -> tuple[LabelSource, str | None]:
+    """``truth`` read on ``pred``'s grid where it is that grid, and the note saying why when the file does not
+    say so itself: a volume stored in another axis order, or a truth raster with no CRS and no transform of the
+    prediction's shape, which training takes by its shape (storage.datasets.geolabels) and scoring had refused.
+    A truth that names another CRS or transform is left as it is, for :func:`check_same_grid` to refuse."""
+    truth = on_grid_of(truth, pred)
+    if pred.kind == "raster" and truth.shape == pred.shape and _gridless(truth) and not _gridless(pred):
+        return replace(truth, crs=pred.crs, transform=pred.transform), GRIDLESS_TRUTH
+    return truth, None
 
 
 # --------------------------------------------------------------------------- scoring
@@ -279,10 +320,12 @@ def _mean(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: float = 1.0, ignore: int | None = 255,
                    classes: Path | None = None, include_background: bool = False,
                    chunk: int | None = None, distance_limit: int | None = None) -> dict[str, Any]:
-    """Every score of every pair, as the JSON document ``evaluation.json`` holds.
+    """Every score of every pair that can be scored, as the JSON document ``evaluation.json`` holds; each pair
+    that cannot (no truth for it, another grid, an unreadable file) is in ``unscored`` with its one-line error,
+    and the others are still scored (one missing truth had left a whole batch unscored).
 
     All pairs are opened and their grids checked before any is scored, so a
-    bad pair fails the run in seconds, not after hours of scoring.
+    bad pair costs no scoring time.
     """
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ConfigError(None, f"--tolerance must be a finite number >= 0, got {tolerance}")
@@ -301,37 +344,28 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
         card = read_card(classes)
         card_names = {c.value: c.name for c in card.classes}
         dataset_values = dataset_label_values(card)
-    pairs = pair_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
-    for pred_path, truth_path in pairs:
-        with ExitStack() as stack:
-            pred = open_labels(pred_path, stack)
-            check_same_grid(pred, on_grid_of(open_labels(truth_path, stack), pred))
+    matches = match_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
+    checked = [(p, t, error or _check_pair(p, t, card_names, classes)) for p, t, error in matches]
     cases: list[dict[str, Any]] = []
+    unscored: list[dict[str, Any]] = []
     taken: set[str] = set()
-    for pred_path, truth_path in pairs:
-        name = base = re.sub(r"[^\w.-]+", "_", case_name(pred_path)).strip("._") or "case"
-        for i in range(2, len(pairs) + 2):  # two predictions of the same name get base, base-2...
-            if name not in taken:
-                break
-            name = f"{base}-{i}"
-        taken.add(name)
-        with ExitStack() as stack:
-            pred = open_labels(pred_path, stack)
-            truth = on_grid_of(open_labels(truth_path, stack), pred)  # the same grid stored in another axis order
-            if dataset_values is not None:  # the dataset's own values in the truth, class numbers in the prediction
-                truth = replace(truth, array=DatasetValues(truth.array, dataset_values))
-            names = card_names if card_names is not None else pred.classes
-            if card_names is not None and pred.classes and set(pred.classes) != set(card_names):
-                raise ConfigError(classes, f"--classes names the class values {_values(card_names)}, but "
-                                           f"{pred_path} carries {_values(pred.classes)}: another model's card? "
-                                           f"(leave --classes out to use the prediction's own names)")
-            cases.append(_case(name, pred, truth, names, ignore=ignore, tolerance=tolerance,
-                               include_background=include_background, chunk=chunk, distance_limit=distance_limit))
-            if dataset_values is not None:
-                cases[-1]["notes"].append(
-                    "the truth's values " + ", ".join(f"{v} as class {i}" for i, v in enumerate(dataset_values)
-                                                      if v != i)
-                    + " (the dataset's label values, which the model's card recorded at training)")
+    for pred_path, truth_path, error in checked:
+        if error is None:
+            name = base = re.sub(r"[^\w.-]+", "_", case_name(pred_path)).strip("._") or "case"
+            for i in range(2, len(matches) + 2):  # two predictions of the same name get base, base-2...
+                if name not in taken:
+                    break
+                name = f"{base}-{i}"
+            try:
+                cases.append(_scored(name, pred_path, truth_path, card_names, dataset_values, ignore=ignore,
+                                     tolerance=tolerance, include_background=include_background, chunk=chunk,
+                                     distance_limit=distance_limit))
+                taken.add(name)
+                continue
+            except SegflowError as exc:
+                error = exc
+        unscored.append({"case": case_name(pred_path), "prediction": str(pred_path),
+                         "truth": None if truth_path is None else str(truth_path), "error": str(error)})
     return {"tolerance": tolerance, "ignore": ignore, "include_background": include_background,
             "distance_limit": distance_limit,
             "definitions": {"dice": "2|P∩T| / (|P|+|T|) from the confusion matrix", "iou": "|P∩T| / |P∪T|",
@@ -339,7 +373,44 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
                             "asd": "mean of the symmetric surface distances (MONAI)",
                             "nsd": "normalised surface Dice at the tolerance (MONAI)",
                             "size_diff": "prediction minus truth, in size_unit"},
-            "cases": cases, **_mean_fields(cases)}
+            "cases": cases, "unscored": unscored, **_mean_fields(cases)}
+
+
+def _check_pair(pred_path: Path, truth_path: Path | None, card_names: dict[int, str] | None,
+                classes: Path | None) -> SegflowError | None:
+    """Why the pair cannot be scored (a file that does not open, another grid, another model's card), found
+    from the headers before any pair is scored, so that no scoring time goes to a pair that fails; None when
+    it can be."""
+    try:
+        with ExitStack() as stack:
+            pred = open_labels(pred_path, stack)
+            truth, _ = truth_on_grid(pred, open_labels(truth_path, stack))
+            check_same_grid(pred, truth)
+            if card_names is not None and pred.classes and set(pred.classes) != set(card_names):
+                raise ConfigError(classes, f"--classes names the class values {_values(card_names)}, but "
+                                           f"{pred_path} carries {_values(pred.classes)}: another model's card? "
+                                           f"(leave --classes out to use the prediction's own names)")
+    except SegflowError as exc:
+        return exc
+    return None
+
+
+def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, str] | None,
+            dataset_values: list[int] | None, **options: Any) -> dict[str, Any]:
+    """One checked pair's case: its scores, and notes on how its truth was read."""
+    with ExitStack() as stack:
+        pred = open_labels(pred_path, stack)
+        truth, grid_note = truth_on_grid(pred, open_labels(truth_path, stack))
+        if dataset_values is not None:  # the dataset's own values in the truth, class numbers in the prediction
+            truth = replace(truth, array=DatasetValues(truth.array, dataset_values))
+        case = _case(name, pred, truth, card_names if card_names is not None else pred.classes, **options)
+    if grid_note is not None:
+        case["notes"].append(grid_note)
+    if dataset_values is not None:
+        case["notes"].append("the truth's values " + ", ".join(f"{v} as class {i}" for i, v in
+                                                                 enumerate(dataset_values) if v != i)
+                             + " (the dataset's label values, which the model's card recorded at training)")
+    return case
 
 
 def _mean_fields(cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -347,95 +418,6 @@ def _mean_fields(cases: list[dict[str, Any]]) -> dict[str, Any]:
     where no single table holds them)."""
     means = _means(cases)
     return {"mean": means[0]["classes"] if len(means) == 1 else None, "means": means}
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def _fmt(x: Any) -> str:
-    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
-
-
-def _md_cell(text: Any) -> str:
-    return " ".join(_fmt(text).replace("|", "\\|").split())
-
-
-def _md_table(rows: list[dict[str, Any]], distance: str, size: str, tolerance: float) -> list[str]:
-    head = ["class", "Dice", "IoU", f"HD95 ({distance})", f"ASD ({distance})", f"NSD@{tolerance:g} {distance}",
-            f"pred ({size})", f"truth ({size})", f"diff ({size})", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [f"{r['value']} {r['name']}", *(r[m] for m in METRICS), r.get("note")]
-        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-    return lines
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    cases, tol = report["cases"], report["tolerance"]
-    ignore = report["ignore"]
-    tolerances = ", ".join(dict.fromkeys(f"{tol:g} {c['distance_unit']}" for c in cases))
-    lines = ["# segflow evaluation", "",
-             f"{len(cases)} case(s); NSD tolerance {tolerances}; "
-             + (f"truth value {ignore} not counted; " if ignore is not None else "")
-             + "HD95 and ASD are symmetric; sizes are pixel counts x pixel size.", ""]
-    means = report["means"]
-    for group in means:
-        title = "## Mean over cases" if len(means) == 1 else \
-            f"## Mean over {', '.join(_md_cell(c) for c in group['cases'])} ({group['kind']}s)"
-        lines += [title, "", *_md_table(group["classes"], group["distance_unit"], group["size_unit"], tol), ""]
-    for case in cases:
-        facts = [f"prediction `{case['prediction']}`, truth `{case['truth']}`, {case['counted_pixels']} pixels "
-                 f"counted, {case['ignored_pixels']} ignored", *case["notes"]]
-        if case["size_note"]:
-            facts.append(case["size_note"])
-        lines += [f"## {_md_cell(case['case'])}", "", "; ".join(facts), "",
-                  *_md_table(case["classes"], case["distance_unit"], case["size_unit"], tol), "",
-                  "Confusion matrix (pixels; rows: truth, columns: prediction):", ""]
-        conf = case["confusion"]
-        lines.append("| truth \\ prediction | " + " | ".join(_md_cell(c) for c in conf["columns"]) + " |")
-        lines.append("|" + "---|" * (len(conf["columns"]) + 1))
-        for name, row in zip(conf["rows"], conf["matrix"]):
-            lines.append(f"| {_md_cell(name)} | " + " | ".join(str(v) for v in row) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _csv(case: dict[str, Any]) -> str:
-    buffer = io.StringIO()
-    columns = ["value", "name", "dice", "iou", "hd95", "asd", "nsd", "pred_pixels", "truth_pixels", "pred_size",
-               "truth_size", "size_diff", "note"]
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns[:4] + [f"{c}_{case['distance_unit']}" for c in ("hd95", "asd")] + columns[6:9]
-                    + [f"{c}_{case['size_unit']}" for c in ("pred_size", "truth_size", "size_diff")] + ["note"])
-    for row in case["classes"]:
-        writer.writerow(["" if row[c] is None else row[c] for c in columns])
-    return buffer.getvalue()
-
-
-def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """evaluation.json, evaluation.md and one <case>.csv per case, each written whole or not at all."""
-    from storage.atomic import make_output_folder, write_text_atomically
-
-    make_output_folder(out_dir)
-    _retire_old_cases(out_dir, {c["case"] for c in report["cases"]})
-    written = [write_text_atomically(out_dir / "evaluation.json", json.dumps(report, indent=2, allow_nan=False)
-                                     + "\n", "evaluation"),
-               write_text_atomically(out_dir / "evaluation.md", _markdown(report), "evaluation")]
-    written += [write_text_atomically(out_dir / f"{c['case']}.csv", _csv(c), "evaluation") for c in report["cases"]]
-    return written
-
-
-def _retire_old_cases(out_dir: Path, cases: set[str]) -> None:
-    """Remove the CSVs of the cases an earlier evaluation.json in ``out_dir`` listed and this one does not: beside
-    a report of A alone, B.csv and C.csv of the run before looked like part of it.  Only files that report named."""
-    try:
-        old = json.loads((out_dir / "evaluation.json").read_text(encoding="utf-8"))
-        names = {c["case"] for c in old.get("cases", []) if isinstance(c.get("case"), str)}
-    except (OSError, ValueError, TypeError, AttributeError):
-        return
-    for name in names - cases:
-        if re.fullmatch(r"[\w.-]+", name):  # a case name segflow made (never a path)
-            (out_dir / f"{name}.csv").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- command
@@ -479,7 +461,7 @@ def evaluate_command(
         report = evaluate_files(predictions, truth, tolerance=tolerance, ignore=ignore if ignore >= 0 else None,
                                 classes=classes, include_background=include_background, chunk=chunk,
                                 distance_limit=distance_limit)
-        written = write_reports(report, out_dir)
+        written = write_reports(report, out_dir) if report["cases"] else []
     except SegflowError as exc:
         cliutil.fail(str(exc), 1)
     for group in report["means"]:
@@ -490,7 +472,13 @@ def evaluate_command(
                     f"pred {group['size_unit']}", f"truth {group['size_unit']}"):
             table.add_column(col)
         for r in group["classes"]:
-            table.add_row(escape(f"{r['value']} {r['name']}"), *(_fmt(r[m]) for m in METRICS[:7]))
+            table.add_row(escape(f"{r['value']} {r['name']}"), *(fmt(r[m]) for m in METRICS[:7]))
         cliutil.out.print(table)
-    cliutil.out.print(f"wrote {escape(str(written[0]))}, {escape(written[1].name)} and {len(written) - 2} CSV "
-                      f"file(s)", highlight=False, soft_wrap=True)
+    if written:
+        unscored = f" ({len(report['unscored'])} prediction(s) not scored, listed there)" if report["unscored"] else ""
+        cliutil.out.print(f"wrote {escape(str(written[0]))}, {escape(written[1].name)} and {len(written) - 2} CSV "
+                          f"file(s){unscored}", highlight=False, soft_wrap=True)
+    for entry in report["unscored"]:
+        cliutil.console.print(f"[red]error:[/red] {escape(entry['error'])}", highlight=False, soft_wrap=True)
+    if report["unscored"]:
+        raise typer.Exit(1)

@@ -205,9 +205,11 @@ def _run_report(outcomes: list[dict], out: str) -> Path | None:
 
 
 def _score(outcomes: list[dict], truth: Path, model: Path, out: str, problems: list[str]) -> Path | None:
-    """``segflow evaluate`` of the run's label outputs against the same-named files in ``truth``; a scoring that
-    fails adds its line to ``problems``, which fail the command (asked for, it had printed "error:" and exit 0)."""
-    from flows.evaluate import evaluate_files, write_reports
+    """``segflow evaluate`` of the run's label outputs against the same-named files in ``truth``; each output that
+    cannot be scored adds its line to ``problems``, which fail the command (asked for, it had printed "error:"
+    and exit 0), and the others are still scored (one missing truth had left every output unscored)."""
+    from flows.evalreport import write_reports
+    from flows.evaluate import evaluate_files
     from storage.remote import is_url
 
     predictions = [Path(o["outputs"][0]) for o in outcomes if o["ok"]]
@@ -215,6 +217,9 @@ def _score(outcomes: list[dict], truth: Path, model: Path, out: str, problems: l
         return None
     try:
         scores = evaluate_files(predictions, [truth], classes=model)
+        problems += [f"scoring against {truth}: {u['error']}" for u in scores["unscored"]]  # the others are scored
+        if not scores["cases"]:
+            return None
         write_reports(scores, Path(out) / "evaluation")
     except SegflowError as exc:
         problems.append(f"scoring against {truth}: {exc}")

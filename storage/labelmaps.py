@@ -160,10 +160,15 @@ def _volume_units(affine: Any, unit: str) -> tuple[tuple[float, ...], float | No
 
 
 def _open_raster(path: Path, stack: ExitStack) -> LabelSource:
+    import warnings
+
     import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
 
     try:
-        src = stack.enter_context(rasterio.open(path))
+        with warnings.catch_warnings():  # a map without CRS or transform: the grid check says what that means
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = stack.enter_context(rasterio.open(path))
     except Exception as exc:  # noqa: BLE001 - see _RasterArray
         raise CorruptInputError(path, f"rasterio cannot open it: {' '.join(str(exc).split())}") from None
     if src.count != 1:

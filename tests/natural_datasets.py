@@ -275,3 +275,20 @@ def edit_json(path: Path, change) -> None:
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
+
+
+def add_mac_metadata(root: Path) -> list[Path]:
+    """What a dataset copied from a Mac onto a USB disk or a share holds besides its files: an AppleDouble
+    ``._<name>`` beside every file and folder (resource fork and Finder info, magic 00 05 16 07, not the
+    format its name says) and a ``.DS_Store`` in each folder.  Returns the files added."""
+    header = (b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + b"\x00\x02"
+              + b"\x00\x00\x00\x09\x00\x00\x00\x32\x00\x00\x0e\xb0"  # entry 9: Finder info
+              + b"\x00\x00\x00\x02\x00\x00\x0e\xe2\x00\x00\x01\x1e")  # entry 2: resource fork
+    added = []
+    for path in sorted(root.rglob("*")):
+        added.append(path.parent / f"._{path.name}")
+        added[-1].write_bytes(header.ljust(4096, b"\x00"))
+        if path.is_dir():
+            added.append(path / ".DS_Store")
+            added[-1].write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(2040))
+    return added

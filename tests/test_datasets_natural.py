@@ -433,3 +433,21 @@ def test_a_folder_in_no_layout_is_refused_saying_what_each_layout_holds(tmp_path
     text = str(err.value)
     assert text.startswith(f"{tmp_path}: not a dataset layout segflow knows: voc (JPEGImages/ and ")
     assert all(layout.holds and f"{layout.name} ({layout.holds})" in text for layout in layouts())
+
+
+@pytest.mark.parametrize("layout", ["voc", "cityscapes", "coco panoptic"])  # COCO instances list no folder
+def test_mac_metadata_files_beside_the_pictures_are_skipped(tmp_path: Path, layout: str) -> None:
+    """A dataset copied from a Mac holds ``._<name>`` AppleDouble files beside every picture: Cityscapes refused
+    ``._aachen_..._leftImg8bit.png`` as not a readable PNG, VOC and COCO panoptic ``._<id>.png`` as a label
+    without an image.  Hidden files are no part of a dataset."""
+    write, module = {"voc": (nd.write_voc, voc), "cityscapes": (nd.write_cityscapes, cityscapes),
+                     "coco panoptic": (nd.write_coco_panoptic, coco)}[layout]
+    written = write(tmp_path)
+    # VOC: class maps painted on a Mac, beside photographs from elsewhere (a ._<id>.jpg would pair with ._<id>.png)
+    added = nd.add_mac_metadata(written.root / "SegmentationClass" if layout == "voc" else written.root)
+    assert any(p.name.endswith(".png") for p in added)
+    dataset = module.LAYOUT.open(written.root)
+    assert {c.id: c.split for c in dataset.cases} == written.splits
+    for case_id, data in read_all(dataset, tmp_path).items():
+        np.testing.assert_array_equal(data.labels, written.labels[case_id])
+    dataset.validate_labels()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -597,3 +598,144 @@ def test_a_class_too_large_for_one_distance_pass_gets_a_note_not_distances(tmp_p
     assert rows[2]["hd95"] == full[2]["hd95"] and full[1]["hd95"] is not None  # the small field still measured
     result = invoke(pred, "--truth", truth, "--out", tmp_path / "o", "--distance-limit", "-1")
     assert result.exit_code == 1 and "--distance-limit must be >= 0" in error_lines(result.output)[0]
+
+
+# --------------------------------------------------------------------------- truths without CRS, partial runs
+
+
+def write_plain_tif(path: Path, labels: np.ndarray, **geo) -> Path:
+    """A label GeoTIFF with no CRS and, unless given, no geotransform: a mask saved by an image editor."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", width=labels.shape[1], height=labels.shape[0], count=1,
+                           dtype="uint8", **geo) as dst:
+            dst.write(labels, 1)
+    return path
+
+
+def test_a_truth_without_crs_or_transform_is_read_on_the_predictions_grid(tmp_path, recwarn):
+    """Training takes a label raster without CRS or transform by its shape (storage.datasets.geolabels); scoring
+    refused the same file ("EPSG:32633 vs no CRS").  It is now read on the prediction's grid, scores as the
+    georeferenced truth does, and the case says so.  A truth with a CRS or transform of its own that differs,
+    or another shape, is still refused; a prediction without CRS against a georeferenced truth too, in one line
+    with no rasterio warning."""
+    rp, rt = raster_pair()
+    pred = write_tif(tmp_path / "p.tif", rp)
+    want = evaluate_files([pred], [write_tif(tmp_path / "geo.tif", rt)])["cases"][0]
+    got = evaluate_files([pred], [write_plain_tif(tmp_path / "plain.tif", rt)])["cases"][0]
+    assert got["classes"] == want["classes"] and got["spacing"] == [10.0, 10.0] and got["distance_unit"] == "m"
+    assert got["notes"] == ["the truth has no CRS or transform: read as on the prediction's grid, as training "
+                            "reads it"]
+    result = invoke(pred, "--truth", write_plain_tif(tmp_path / "small.tif", rt[:-1]), "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "shape (40, 52) vs (39, 52)" in error_lines(result.output)[0]
+    placed = write_plain_tif(tmp_path / "placed.tif", rt, transform=from_origin(500000.0, 6000000.0, 10, 10))
+    [line] = error_lines(invoke(pred, "--truth", placed, "--out", tmp_path / "o").output)
+    assert "EPSG:32633 vs no CRS" in line
+    recwarn.clear()
+    result = invoke(write_plain_tif(tmp_path / "bare.tif", rp), "--truth", tmp_path / "geo.tif", "--out",
+                    tmp_path / "o")
+    [line] = error_lines(result.output)
+    assert result.exit_code == 1 and "no CRS vs EPSG:32633" in line and not (tmp_path / "o").exists()
+    assert not [w for w in recwarn if "georeferenced" in type(w.message).__name__.lower()], list(recwarn)
+
+
+def test_pairs_that_cannot_be_scored_do_not_stop_the_others(tmp_path):
+    """One missing truth or one shifted grid had left the whole run unscored (no report, exit 1).  Every pair that
+    can be is now scored and reported; each other one is one error line, listed in the JSON and Markdown too,
+    and the command exits 1."""
+    pv, tv = volume_pair()
+    good = write_nifti(tmp_path / "good.nii.gz", pv)
+    shifted = write_nifti(tmp_path / "shifted.nii.gz", pv, shift=(0.0, 0.5, 0.0))
+    t1, t2 = write_nifti(tmp_path / "t1.nii.gz", tv), write_nifti(tmp_path / "t2.nii.gz", tv)
+    out = tmp_path / "report"
+    result = invoke(good, shifted, "--truth", t1, "--truth", t2, "--out", out)
+    assert result.exit_code == 1
+    [line] = error_lines(result.output)
+    assert str(shifted) in line and str(t2) in line and "affines differ" in line
+    report = json.loads((out / "evaluation.json").read_text())
+    assert [c["case"] for c in report["cases"]] == ["good"] and report["mean"] is not None
+    assert report["cases"][0]["classes"] == evaluate_files([good], [t1])["cases"][0]["classes"]
+    [unscored] = report["unscored"]
+    assert unscored["prediction"] == str(shifted) and unscored["truth"] == str(t2)
+    assert line == f"error: {unscored['error']}"
+    assert {p.name for p in out.glob("*.csv")} == {"good.csv"}
+    markdown = (out / "evaluation.md").read_text()
+    assert "1 case(s), 1 not scored (listed below)" in markdown and "## Not scored" in markdown
+    assert unscored["error"] in " ".join(markdown.split())
+
+    # by folder: a prediction without a truth there, and one whose truth holds nothing to count
+    truths = tmp_path / "truths"
+    truths.mkdir()
+    rp, rt = raster_pair()
+    preds = [write_tif(tmp_path / n, rp) for n in ("a.tif", "b.tif", "c.tif")]
+    write_tif(truths / "a.tif", rt)
+    write_tif(truths / "c.tif", np.full(rt.shape, 255, np.uint8))
+    result = invoke(*preds, "--truth", truths, "--out", out)
+    assert result.exit_code == 1
+    lines = error_lines(result.output)
+    assert lines == [f"error: {preds[1]}: no truth named b.* in {truths}",
+                     f"error: {truths / 'c.tif'}: every pixel is 255 (not counted): nothing to score {preds[2]} "
+                     "against"]
+    report = json.loads((out / "evaluation.json").read_text())
+    assert [c["case"] for c in report["cases"]] == ["a"]
+    assert [(u["case"], u["truth"]) for u in report["unscored"]] == [("b", None), ("c", str(truths / "c.tif"))]
+    assert {p.name for p in out.glob("*.csv")} == {"a.csv"}  # good.csv went with the report that listed it
+
+    # nothing scorable: no report at all
+    result = invoke(preds[1], "--truth", truths, "--out", tmp_path / "none")
+    assert result.exit_code == 1 and len(error_lines(result.output)) == 1 and not (tmp_path / "none").exists()
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_folder_as_it_was(tmp_path):
+    """A CSV that could not be written (a folder in its place) had left evaluation.json and .md describing it.
+    Every file is now written under a temporary name and renamed once all are: the folder keeps the run
+    before's report, whole, and no temporary."""
+    rp, rt = raster_pair()
+    preds = [write_tif(tmp_path / "p.tif", rp), write_tif(tmp_path / "q.tif", rp)]
+    truth = write_tif(tmp_path / "t.tif", rt)
+    out = tmp_path / "report"
+    assert invoke(preds[0], "--truth", truth, "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"evaluation.json", "evaluation.md", "p.csv"}
+    (out / "q.csv").mkdir()
+    result = invoke(*preds, "--truth", truth, "--truth", truth, "--out", out, "--tolerance", "25")  # new NSDs
+    assert result.exit_code == 1
+    [line] = error_lines(result.output)
+    assert line == f"error: {out / 'q.csv'}: cannot write the evaluation: Is a directory"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "evaluation.md", "p.csv", "q.csv"]
+
+
+def test_segment_scores_the_outputs_it_has_truths_for_read_as_training_reads_them(tmp_path):
+    """``segment A B --truth DIR`` with a model trained on label rasters without CRS: the same files were refused
+    as truths ("EPSG:32633 vs no CRS"), and B having no truth in DIR left A unscored too.  A is now scored
+    (its note says how its truth was read), B is one error line, and the command exits 1."""
+    from tests.medgeo_datasets import geo_raster_dataset
+
+    root = tmp_path / "geo"
+    geo_raster_dataset(root, stems=("tile_a", "tile_b", "tile_c"), values=(0, 1, 2), label_crs=False)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"name": "tiny", "architecture": {"name": "unet", "kwargs": {
+        "channels": [4, 8], "strides": [2], "num_res_units": 0}}, "input": {"spatial_dims": 2, "channels": 2},
+        "classes": [{"value": 0, "name": "a"}, {"value": 1, "name": "b"}], "inference": {"roi": [16, 16]}}))
+    runner = CliRunner()
+    trained = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(card), "--out",
+                                  str(tmp_path / "model"), "--steps", "2", "--batch-size", "2", "--val-every", "2"])
+    assert trained.exit_code == 0, trained.output
+    truths = tmp_path / "truths"
+    truths.mkdir()
+    (truths / "tile_a.tif").write_bytes((root / "labels" / "tile_a.tif").read_bytes())
+    out = tmp_path / "out"
+    seg = runner.invoke(app, ["segment", *(str(root / "images" / f"{s}.tif") for s in ("tile_a", "tile_b")),
+                              "--model", str(tmp_path / "model"), "--out", str(out), "--no-prefect",
+                              "--truth", str(truths)])
+    assert seg.exit_code == 1, seg.output
+    [line] = error_lines(seg.output)
+    assert line == f"error: scoring against {truths}: {out / 'tile_b.tif'}: no truth named tile_b.* in {truths}"
+    report = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    [case] = report["cases"]
+    assert case["case"] == "tile_a" and case["distance_unit"] == "m"
+    assert "the truth has no CRS or transform" in case["notes"][-1]
+    assert [u["case"] for u in report["unscored"]] == ["tile_b"]

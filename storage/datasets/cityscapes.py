@@ -171,11 +171,18 @@ def open_cityscapes(root: Path) -> CityscapesDataset:
 LAYOUT = Layout(name="cityscapes", detect=detect, open=open_cityscapes, holds="leftImg8bit/ and gtFine/")
 
 
+def _hidden(path: Path) -> bool:
+    """A name starting with '.': macOS's ``._<name>`` AppleDouble files beside each picture copied from a Mac,
+    ``.DS_Store``, ``.ipynb_checkpoints``; not pictures, and refused as unreadable PNGs when read as ones."""
+    return path.name.startswith(".")
+
+
 def _split_cases(images: Path, labels: Path | None, split: str) -> list[Case]:
-    """One split's cases, city by city; every photograph needs its label map and every label map its photograph."""
+    """One split's cases, city by city; every photograph needs its label map and every label map its photograph
+    (hidden files skipped)."""
     cases = []
-    for city in sorted(p for p in images.iterdir() if p.is_dir()):
-        for image in sorted(city.glob(f"*{IMAGE_SUFFIX}")):
+    for city in sorted(p for p in images.iterdir() if p.is_dir() and not _hidden(p)):
+        for image in sorted(p for p in city.glob(f"*{IMAGE_SUFFIX}") if not _hidden(p)):
             stem = image.name[: -len(IMAGE_SUFFIX)]
             label = None
             if labels is not None:
@@ -185,7 +192,7 @@ def _split_cases(images: Path, labels: Path | None, split: str) -> list[Case]:
                 _check_pair(image, label)
             cases.append(Case(id=safe_id(stem), images=(image,), labels=label, split=split))
     if labels is not None:
-        for label in sorted(labels.glob(f"*/*{LABEL_SUFFIX}")):
+        for label in sorted(p for p in labels.glob(f"*/*{LABEL_SUFFIX}") if not _hidden(p) and not _hidden(p.parent)):
             image = images / label.parent.name / (label.name[: -len(LABEL_SUFFIX)] + IMAGE_SUFFIX)
             if not image.is_file():
                 raise InvalidInputError(label, f"is a label without an image: {image} is missing")

@@ -281,7 +281,7 @@ class _Reader:
                 raise InvalidInputError(source, f"image_id {image_id} lists a segment id twice")
             self._add_case(source, image, labels=png, annotation=PanopticSegments(source, tuple(segments)),
                            split=split)
-        for png in sorted(pngs.glob("*.png")):
+        for png in sorted(p for p in pngs.glob("*.png") if not p.name.startswith(".")):  # macOS's ._<name>.png
             if png.name not in used:
                 raise InvalidInputError(png, f"is a label without an image: {source.name} does not refer to it")
 

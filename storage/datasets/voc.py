@@ -129,7 +129,7 @@ def open_voc(root: Path) -> VocDataset:
                 raise InvalidInputError(image, f"has no label: {label} is missing")
             _check_pair(image, label)
             cases.append(Case(id=case_id, images=(image,), labels=label, split=split))
-    for label in sorted(labels.glob("*.png")):
+    for label in sorted(p for p in labels.glob("*.png") if not p.name.startswith(".")):  # macOS's ._<name>.png
         if not (images / f"{label.stem}.jpg").is_file():
             raise InvalidInputError(label, f"is a label without an image: {images / (label.stem + '.jpg')} "
                                     "is missing")
