@@ -5,10 +5,13 @@ A model is trained on named bands in one order (a card's
 (``B01 … B12, B8A`` in a 13-band Sentinel-2 file, ``SR_B2 …`` in Landsat).
 Feeding B2,B3,B4 to a model trained on B4,B3,B2 runs without a word and gives
 wrong labels, so bands are matched by name: a GDAL band description, a STAC
-common name, or a Sentinel-2 / Landsat 8-9 band id, each resolving to the
-others through one table.  A user may name them instead (``--bands``: names or
-1-based indices).  A band that cannot be found is refused before any work,
-with the list of what the input offers.
+common name, or a Sentinel-2 / Landsat band id.  A band id means different
+bands on different sensors (``B5``: Sentinel-2's red edge, Landsat 8-9's nir,
+Landsat 4-7's swir16), so an id is read for the sensor the input's whole set
+of ids fits (:func:`band_meanings`); where that set fits several sensors that
+read the id differently, the match is refused, not guessed.  A user may name
+the bands instead (``--bands``: names or 1-based indices).  A band that cannot
+be found is refused before any work, with the list of what the input offers.
 
 Units: an ingested raster records each band's GDAL scale and offset (from
 the file, or a STAC item's ``raster:bands``); a card that declares
@@ -19,8 +22,8 @@ stored values exactly as before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
@@ -28,42 +31,121 @@ import numpy as np
 
 from storage.errors import IncompatibleInputError
 
-# STAC eo common names and the band ids that carry them: Sentinel-2 (two digits) and Landsat 8/9 (one or two
-# digits without padding, with or without the Collection 2 "SR_" prefix).
-_COMMON = {
-    "coastal": ("B01", "B1", "SR_B1"),
-    "blue": ("B02", "B2", "SR_B2"),
-    "green": ("B03", "B3", "SR_B3"),
-    "red": ("B04", "B4", "SR_B4"),
-    "rededge1": ("B05",),
-    "rededge2": ("B06",),
-    "rededge3": ("B07",),
-    "nir": ("B08", "B8A", "B5", "SR_B5"),  # S2 B08 is "nir", S2 B8A and Landsat B5 "nir08"; both answer "nir"
-    "nir08": ("B8A", "B5", "SR_B5"),
-    "nir09": ("B09",),
-    "cirrus": ("B10", "B9"),
-    "swir16": ("B11", "B6", "SR_B6"),
-    "swir22": ("B12", "B7", "SR_B7"),
-    "pan": ("B8",),
-    "lwir11": ("ST_B10",),
+
+def _ids(prefixes: tuple[str, ...], table: dict[str, str]) -> dict[str, str]:
+    return {f"{p}{k}": v for p in prefixes for k, v in table.items()}
+
+
+_S2_BANDS = {"1": "coastal", "2": "blue", "3": "green", "4": "red", "5": "rededge1", "6": "rededge2",
+             "7": "rededge3", "8": "nir", "9": "nir09"}
+# normalised band id -> STAC eo common name, per sensor.  Sentinel-2 ids come padded (B02, the ESA products') or
+# not (B2, Google Earth Engine's); Landsat's are never padded, with or without Collection 2's SR_/ST_ prefixes.
+SENSORS: dict[str, dict[str, str]] = {
+    "Sentinel-2": {**_ids(("b", "b0"), _S2_BANDS), "b8a": "nir08", "b10": "cirrus", "b11": "swir16",
+                   "b12": "swir22"},
+    "Landsat 8-9": {**_ids(("b", "sr_b"), {"1": "coastal", "2": "blue", "3": "green", "4": "red", "5": "nir08",
+                                           "6": "swir16", "7": "swir22"}),
+                    "b8": "pan", "b9": "cirrus", "b10": "lwir11", "b11": "lwir12", "st_b10": "lwir11"},
+    "Landsat 4-7": {**_ids(("b", "sr_b"), {"1": "blue", "2": "green", "3": "red", "4": "nir08", "5": "swir16",
+                                           "7": "swir22"}),
+                    "b6": "lwir", "b6_vcid_1": "lwir", "b6_vcid_2": "lwir", "b8": "pan", "st_b6": "lwir"},
 }
+# a set of ids that is exactly one sensor's product tells that sensor even where another's ids include it:
+# Landsat 4-7's Collection 2 surface reflectance has no band 6 (thermal is ST_B6); Landsat 8-9's always has SR_B6
+_PRODUCTS = {frozenset(f"sr_b{i}" for i in (1, 2, 3, 4, 5, 7)): "Landsat 4-7"}
+COMMON_NAMES = frozenset({*(m for ids in SENSORS.values() for m in ids.values()), "nir", "rededge", "yellow"})
+_BROADER = {"nir": "nir08"}  # asked for "nir", a band that is only "nir08" (Landsat's, S2's B8A) answers
+_ALL_IDS = frozenset(i for ids in SENSORS.values() for i in ids)
 
 
 def _norm(name: str) -> str:
     return "".join(name.split()).lower()
 
 
+def sensors_of(names: Iterable[str | None]) -> list[str]:
+    """The sensors whose band ids include every band id among ``names`` (other names are not ids: ignored)."""
+    ids = {_norm(n) for n in names if n} & _ALL_IDS
+    if not ids:
+        return []
+    if frozenset(ids) in _PRODUCTS:
+        return [_PRODUCTS[frozenset(ids)]]
+    return [s for s, table in SENSORS.items() if ids <= table.keys()]
+
+
+def band_meanings(offered: Sequence[Iterable[str | None]]) -> list[dict[str, list[str]]]:
+    """For each band (given by all its names), the common names it may be: {common name: sensors saying so}.
+
+    A band named by a common name means that ([] for its sensors); a band id
+    means what it means on each sensor the whole set of ids fits (on every
+    sensor that has it, where the set fits none); other names mean nothing.
+    """
+    bands = [[_norm(n) for n in names if n] for names in offered]
+    fit = sensors_of(n for names in bands for n in names)
+    out: list[dict[str, list[str]]] = []
+    for names in bands:
+        common = [n for n in names if n in COMMON_NAMES]
+        meanings: dict[str, list[str]] = {c: [] for c in common}
+        if not common:
+            for sensor in fit or list(SENSORS):
+                for n in names:
+                    if n in SENSORS[sensor]:
+                        meanings.setdefault(SENSORS[sensor][n], []).append(sensor)
+        out.append(meanings)
+    return out
+
+
 def aliases(name: str) -> list[str]:
-    """``name`` first, then every other name of the same band (common name and band ids), normalised."""
+    """``name`` first, then every name the same band may have on some sensor (common name and band ids)."""
     key = _norm(name)
-    out = [key]
-    for common, ids in _COMMON.items():
-        names = [common, *(_norm(i) for i in ids)]
-        if key == common:
-            out += names[1:]
-        elif key in names[1:]:
-            out.append(common)
+    meanings = {key} if key in COMMON_NAMES else {m for ids in SENSORS.values() for i, m in ids.items() if i == key}
+    meanings |= {_BROADER[m] for m in meanings if m in _BROADER}
+    out = [key, *sorted(meanings)]
+    out += sorted(i for ids in SENSORS.values() for i, m in ids.items() if m in meanings)
     return list(dict.fromkeys(out))
+
+
+@dataclass
+class Located:
+    """Where one wanted band is among the offered ones: ``hits`` (0-based), and, where band ids fit several
+    sensors that read them differently, ``doubts``: why each hit is not known to be the band meant."""
+
+    hits: list[int]
+    exact: bool = False
+    doubts: list[str] = field(default_factory=list)
+
+
+def _said(name: str, meanings: dict[str, list[str]]) -> str:
+    return f"{name} is " + ", ".join(f"{m} in {' and '.join(s)}" for m, s in meanings.items())
+
+
+def locate(wanted: str, offered: Sequence[Iterable[str | None]], *, context: Iterable[str] = (),
+           meanings: list[dict[str, list[str]]] | None = None, labels: Sequence[str] | None = None) -> Located:
+    """The offered bands (each given by all its names) that ``wanted`` names: by exact name, else by meaning.
+
+    A wanted band id is read for the sensor ``context`` (every name wanted)
+    fits; an id whose meaning that leaves open matches its exact name only.
+    ``meanings``: :func:`band_meanings` of ``offered``, when already known;
+    ``labels``: how a doubt names each offered band (else by its first name).
+    """
+    bands = [[_norm(n) for n in names if n] for names in offered]
+    key = _norm(wanted)
+    exact = [i for i, names in enumerate(bands) if key in names]
+    if exact:
+        return Located(exact, exact=True)
+    if key in COMMON_NAMES:
+        meaning = key
+    else:
+        read = band_meanings([[key], *([c] for c in context)])[0]
+        if len(read) != 1:
+            return Located([])
+        meaning = next(iter(read))
+    meanings = meanings if meanings is not None else band_meanings(bands)
+    hits = [i for i, m in enumerate(meanings) if meaning in m]
+    if not hits and key in _BROADER:
+        hits = [i for i, m in enumerate(meanings) if _BROADER[key] in m]
+    shown = labels if labels is not None else [next((n for n in b if n), "?") for b in offered]
+    doubts = [_said(str(shown[i]), meanings[i]) for i in hits if len(meanings[i]) > 1]
+    return Located(hits, doubts=doubts)
 
 
 def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
@@ -72,12 +154,18 @@ def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
     """0-based indexes into ``offered`` for each of ``wanted`` (names, or 1-based ints), or one refusal.
 
     An exact name wins over an alias, so a file whose bands are called
-    ``nir`` and ``B8A`` gives ``nir`` for "nir".
+    ``nir`` and ``B8A`` gives ``nir`` for "nir"; a band id is read for the
+    sensor the file's ids tell, and refused where they do not tell it.
     """
-    keys = [_norm(o) if o else None for o in offered]
+    names = [[o] if o else [] for o in offered]
+    meanings = band_meanings(names)
+    labels = [f"band {i} {o!r}" if o else f"band {i}" for i, o in enumerate(offered, 1)]
+    context = [str(w) for w in wanted]
     picked: list[int] = []
     missing: list[str] = []
     ambiguous: list[str] = []
+    unsure: list[str] = []
+    doubts: dict[str, None] = {}
     for w in wanted:
         if isinstance(w, int) or (isinstance(w, str) and w.strip().isdigit()):
             i = int(w) - 1
@@ -86,35 +174,50 @@ def select_bands(wanted: Sequence[str | int], offered: Sequence[str | None], *,
             else:
                 picked.append(i)
             continue
-        found = None
-        for name in aliases(str(w)):
-            if name in keys:
-                hits = [k for k, key in enumerate(keys) if key == name]
-                if len(hits) > 1:  # two bands called "red": taking the first would be a guess
-                    ambiguous.append(f"{str(w).strip()!r} (bands {', '.join(str(h + 1) for h in hits)} are all "
-                                     f"named {offered[hits[0]]!r})")
-                found = hits[0]
-                break
-        if found is None:
+        found = locate(str(w), names, context=context, meanings=meanings, labels=labels)
+        hits = found.hits
+        if found.doubts:  # "nir" in B2,B3,B4,B5,B8: Sentinel-2's B8 or Landsat 8-9's B5, the names do not say
+            unsure.append(str(w).strip())
+            doubts.update(dict.fromkeys(found.doubts))
+        elif len(hits) > 1:  # two bands called "red": taking the first would be a guess
+            what = f"named {offered[hits[0]]!r}" if found.exact else f"{_norm(str(w))}"
+            ambiguous.append(f"{str(w).strip()!r} (bands {', '.join(str(h + 1) for h in hits)} are all {what})")
+        if not hits:
             missing.append(str(w))
         else:
-            picked.append(found)
+            picked.append(hits[0])
     if missing:
         shown = ", ".join(f"{i}:{o}" if o else f"{i}:(unnamed)" for i, o in enumerate(offered, 1))
         raise IncompatibleInputError(where, f"{model} needs {', '.join(missing)}, which the input does not offer "
                                             f"(it has {len(offered)} band(s): {shown}); {hint}")
+    if unsure:
+        raise IncompatibleInputError(where, f"{model} needs {', '.join(unsure)}, but the input's band ids fit "
+                                            f"{_sensors(offered)}, which number their bands differently "
+                                            f"({'; '.join(doubts)}), so which band is meant is not known; {hint}")
     if ambiguous:
         raise IncompatibleInputError(where, f"{model} needs {', '.join(ambiguous)}: which one is meant is not "
                                             f"known; {hint}")
-    # one band asked for again by the same token is meant ("1,1,1": a grey image for an RGB model); reached by
-    # two different names ("nir" and "B08") it is a card or a --bands that confuses two bands
-    tokens: dict[int, str] = {}
-    for w, i in zip(wanted, picked):
-        first = tokens.setdefault(i, str(w).strip())
-        if first.lower() != str(w).strip().lower():
-            raise IncompatibleInputError(where, f"{model} names input band {i + 1} twice, as {first!r} and "
-                                                f"{str(w).strip()!r}; {hint}")
+    same_band_once(wanted, picked, where=where, model=model, hint=hint)
     return picked
+
+
+def _sensors(offered: Iterable[str | None]) -> str:
+    fit = sensors_of(offered) or list(SENSORS)
+    return ", ".join(fit[:-1]) + f" and {fit[-1]}" if len(fit) > 1 else fit[0]
+
+
+def same_band_once(wanted: Sequence[str | int], picked: Sequence[Any], *, where: str | PathLike[str] | None,
+                   model: str, hint: str, shown: Sequence[str] | None = None) -> None:
+    """Refuse one band reached by two different names; one band asked for again by the same token is meant
+    ("1,1,1": a grey image for an RGB model), reached by "nir" and "B08" it is a card or a --bands that confuses
+    two bands.  ``picked``: what each wanted name reached (0-based band indexes, or any hashable band)."""
+    tokens: dict[Any, tuple[int, str]] = {}
+    for n, (w, band) in enumerate(zip(wanted, picked)):
+        first = tokens.setdefault(band, (n, str(w).strip()))[1]
+        if first.lower() != str(w).strip().lower():
+            what = f"input band {band + 1}" if shown is None else shown[tokens[band][0]]
+            raise IncompatibleInputError(where, f"{model} names {what} twice, as {first!r} and "
+                                                f"{str(w).strip()!r}; {hint}")
 
 
 @dataclass(frozen=True)
@@ -227,5 +330,6 @@ def units_facts(meta: Any, *, units: str | None, dn_scale: float = 10000.0,
     return {"units": facts}
 
 
-__all__ = ["BandRequest", "aliases", "apply_units", "channel_indexes", "channel_units", "preselected", "select_bands",
+__all__ = ["COMMON_NAMES", "SENSORS", "BandRequest", "Located", "aliases", "apply_units", "band_meanings",
+           "channel_indexes", "channel_units", "locate", "preselected", "same_band_once", "select_bands", "sensors_of",
            "units_facts"]

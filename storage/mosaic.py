@@ -76,13 +76,14 @@ def ingest_mosaic(ref: MosaicRef, store_path: str | PathLike[str], *, chunk: int
     # an interrupted ingest's VRT files (the name escaped: "[2024]" is a character class to glob)
     for stale in store_path.parent.glob(glob.escape(f".{store_path.name}.vrt-") + "*"):
         shutil.rmtree(stale, ignore_errors=True)
-    folder = store_path.parent / f".{store_path.name}.vrt-{uuid.uuid4().hex[:8]}"
+    # absolute, as the errors of the ingest name its VRT: a relative --out had that VRT reported, not the tile
+    folder = store_path.absolute().parent / f".{store_path.name}.vrt-{uuid.uuid4().hex[:8]}"
     try:
         vrt = write_mosaic_vrt(plan, folder)
         try:
             store = ingest_geotiff(vrt, store_path, source=source, **({"chunk": chunk} if chunk else {}))
         except SegflowError as exc:  # about the VRT: name the tile that cannot be read, else the mosaic
-            if exc.path is not None and exc.path.startswith(str(folder)):
+            if exc.path is not None and Path(exc.path).absolute().is_relative_to(folder):
                 _raise_for_unreadable_tile(plan)
                 raise type(exc)(ref.display, exc.problem.replace(str(vrt), ref.display)) from None
             raise

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from storage.bands import BandRequest, aliases
+from storage.bands import BandRequest, band_meanings, locate, same_band_once
 from storage.errors import IncompatibleInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.hashing import sha256_input
 from storage.remote import is_url, parent_of, resolve
@@ -264,8 +264,13 @@ def _pick(path: Path, ident: str, assets: dict[str, _Asset], request: BandReques
                                            f"none; {where} offers {len(offered)}: {_listing(offered)}; "
                                            f"choose them with --bands (names or 1-based indices)")
     order = {id(b): n for n, b in enumerate(offered)}
+    names = [sorted(_names(b, assets[b.asset])) for b in offered]
+    meanings = band_meanings(names)
+    labels = [b.shown() for b in offered]
     picked: list[_Band] = []
     missing: list[str] = []
+    unsure: list[str] = []
+    doubts: dict[str, None] = {}
     for w in request.wanted:
         if w.strip().isdigit():
             i = int(w) - 1
@@ -274,23 +279,27 @@ def _pick(path: Path, ident: str, assets: dict[str, _Asset], request: BandReques
             else:
                 missing.append(f"band {int(w)}")
             continue
-        found = None
-        for alias in aliases(w):  # the name itself first, then its other names
-            hits = [b for b in offered if alias in _names(b, assets[b.asset])]
-            if hits:
-                found = min(hits, key=lambda b: _preference(b, assets[b.asset], order[id(b)]))
-                break
-        if found is None:
+        found = locate(w, names, context=request.wanted, meanings=meanings, labels=labels)
+        if found.doubts:  # band ids without common names that several sensors read differently
+            unsure.append(w.strip())
+            doubts.update(dict.fromkeys(found.doubts))
+        if not found.hits:
             missing.append(w.strip())
-        else:
-            picked.append(found)
+        else:  # several assets may carry one band ("red" and "visual"): the preferred one
+            picked.append(min((offered[i] for i in found.hits),
+                              key=lambda b: _preference(b, assets[b.asset], order[id(b)])))
     if missing:
         raise IncompatibleInputError(path, f"{request.model} needs {', '.join(missing)}, which no asset of {where} "
                                            f"offers (it has {len(offered)} band(s): {_listing(offered)}); "
                                            f"{request.hint}")
-    if len({id(b) for b in picked}) != len(picked):
-        raise IncompatibleInputError(path, f"{request.model}'s bands {list(request.wanted)} name one band of "
-                                           f"{where} twice; {request.hint}")
+    if unsure:
+        raise IncompatibleInputError(path, f"{request.model} needs {', '.join(unsure)}, but the band ids of {where} "
+                                           f"fit more than one sensor, which number their bands differently "
+                                           f"({'; '.join(doubts)}), so which band is meant is not known; "
+                                           f"{request.hint}")
+    # as for a GeoTIFF: a band asked for again by the same token is meant, by two different names it is not
+    same_band_once(list(request.wanted), [id(b) for b in picked], where=path, model=request.model,
+                   hint=request.hint, shown=[f"band {b.label()!r} of {where}" for b in picked])
     return picked
 
 

@@ -4,7 +4,7 @@ Satellite scenes come as catalogues describe them: a STAC item whose assets
 are one file per band, at 10, 20 and 60 m for Sentinel-2.  The item is read
 with pystac; each wanted band (``--bands`` or the card's channel names) is
 matched to an asset's ``eo:bands`` name or common name (STAC 1.0), ``bands``
-(STAC 1.1) or the asset's key, through :func:`storage.bands.aliases`.  The
+(STAC 1.1) or the asset's key, through :func:`storage.bands.locate`.  The
 assets used are stacked lazily on the grid of the finest of them by a GDAL VRT
 written in the work folder: one band per wanted band, in the model's order,
 each coarser asset resampled by GDAL as pixels are read (with the card's
@@ -37,7 +37,7 @@ from storage.errors import CorruptInputError, IncompatibleInputError, InvalidInp
 from storage.geometry import SourceInfo, StacAssetInfo, StacItemInfo
 from storage.hashing import sha256_input
 from storage.header import Header, pixel_hectares
-from storage.inputfiles import ITEM_SUFFIXES
+from storage.inputfiles import ITEM_SUFFIXES, stem_of
 from storage.layout import ImageStore
 from storage.stacassets import ItemPlan, OpenedAsset, open_asset, plan_item
 
@@ -56,13 +56,13 @@ def is_item_path(path: str | PathLike[str]) -> bool:
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
-def sanitised(name: str) -> str:
+def sanitised(name: str, fallback: str = "item") -> str:
     """A name read from inside a file made safe as a file name: [A-Za-z0-9._-], no leading dot, <= 80, and no
-    name Windows reserves (``CON`` becomes ``CON_``)."""
+    name Windows reserves (``CON`` becomes ``CON_``); ``fallback`` when nothing is left."""
     safe = _SAFE.sub("_", name).strip("._-")[:NAME_MAX].strip("._-")
     if safe.split(".", 1)[0].upper() in _RESERVED:
         safe = safe.split(".", 1)[0] + "_" + safe[len(safe.split(".", 1)[0]):]
-    return safe or "item"
+    return safe or fallback
 
 
 def looks_like_item(text: bytes | str) -> bool:
@@ -76,7 +76,12 @@ def looks_like_item(text: bytes | str) -> bool:
 
 
 def item_stem(path: str | PathLike[str]) -> str | None:
-    """The output stem of a local STAC item file: its id, sanitised; None when it is no readable item."""
+    """The output stem of a local STAC item file: its id, sanitised; None when it is no readable item.
+
+    An id of which nothing is left (``日本語のシーン``, ``..``) gives the file's
+    own stem: every such item was named ``item``, and renaming one of two that
+    clashed, as the clash's message says, changed nothing.
+    """
     if not is_item_path(path):
         return None
     try:
@@ -84,7 +89,9 @@ def item_stem(path: str | PathLike[str]) -> str | None:
     except (OSError, ValueError):
         return None
     ident = doc.get("id") if isinstance(doc, dict) and doc.get("type") == "Feature" else None
-    return sanitised(ident) if isinstance(ident, str) and ident.strip() else None
+    if not isinstance(ident, str) or not ident.strip():
+        return None
+    return sanitised(ident, fallback="") or stem_of(path)
 
 
 # --------------------------------------------------------------------------- stacking the assets
@@ -243,7 +250,8 @@ def ingest_item(path: str | PathLike[str], store_path: str | PathLike[str], *, c
     path = Path(path).absolute()
     store_path = Path(store_path)
     plan = plan_item(path, bands, origin=origin)
-    vrt = store_path.with_name(store_path.name + ".stack.vrt")
+    # absolute, as the errors of the ingest name it: a relative --out had the VRT's path, not the item's, reported
+    vrt = store_path.absolute().with_name(store_path.name + ".stack.vrt")
     try:
         vrt, infos, covers = build_vrt(plan, vrt)
         source = SourceInfo(path=str(path), sha256=content_sha256(plan, infos), size=path.stat().st_size,
@@ -254,13 +262,38 @@ def ingest_item(path: str | PathLike[str], store_path: str | PathLike[str], *, c
             return ingest_geotiff(vrt, store_path, **({"chunk": chunk} if chunk else {}), source=source,
                                   geometry_update={"stac_item": info}, covers=covers)
         except SegflowError as exc:
-            if exc.path != str(vrt):
+            if exc.path is None or Path(exc.path).absolute() != vrt:
                 raise
+            if isinstance(exc, CorruptInputError):
+                _raise_for_unreadable_asset(plan)
             problem = exc.problem.replace(str(vrt), "the stacked bands")
             cls = CorruptInputError if isinstance(exc, CorruptInputError) else type(exc)
             raise cls(path, f"item {plan.id!r}: {problem}") from None
     finally:
         vrt.unlink(missing_ok=True)
+
+
+def _raise_for_unreadable_asset(plan: ItemPlan) -> None:
+    """After a failed copy of the stack: read the picked bands of each local asset block by block and raise
+    naming the first asset that fails (a damaged COG opens fine and fails when its pixels are read).  Returns when
+    each reads (or is remote: not read twice over the network), leaving the stack's own error to be said."""
+    import rasterio
+
+    from storage.rasteropen import GDAL_ERRORS, describe_window, gdal_env, gdal_message
+
+    for asset in plan.used_assets():
+        if asset.local is None:
+            continue
+        bands = list(dict.fromkeys(b.index for b in plan.picked if b.asset == asset.key))
+        where = "cannot be opened"
+        try:
+            with gdal_env(), rasterio.open(asset.gdal) as src:
+                for _, window in src.block_windows(1):
+                    where = f"cannot read pixels ({describe_window(window)})"
+                    src.read(bands, window=window)
+        except (*GDAL_ERRORS, OSError) as exc:
+            raise CorruptInputError(plan.path, f"item {plan.id!r}: asset {asset.key!r} ({asset.href}): {where}: "
+                                               f"{gdal_message(exc)}") from None
 
 
 __all__ = ["ITEM_SUFFIXES", "ItemPlan", "build_vrt", "content_sha256", "ingest_item", "is_item_path", "item_stem",

@@ -18,6 +18,9 @@ from tests.conftest import shared
 from tests.models import tiny_model
 
 S2 = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+GEE_S2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"]  # Google Earth Engine's names
+L89 = ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"]  # Landsat 8-9 Collection 2 level 2
+L7 = ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B7", "ST_B6"]  # Landsat 4-7's: no SR_B6, other numbering
 
 
 def test_one_band_asked_for_again_by_the_same_token_is_meant():
@@ -33,10 +36,55 @@ def test_one_band_asked_for_again_by_the_same_token_is_meant():
 def test_names_ids_and_indices_resolve_to_the_same_bands():
     assert select_bands(["blue", "green", "red", "nir"], S2) == [1, 2, 3, 7]
     assert select_bands(["B04", "b03", " B02 ", "8"], S2) == [3, 2, 1, 7]  # ids, any case, and an index
-    assert select_bands(["red", "nir"], ["SR_B2", "SR_B3", "SR_B4", "SR_B5"]) == [2, 3]  # Landsat 8/9
+    assert select_bands(["red", "nir"], L89) == [3, 4]  # Landsat 8/9 (SR_B2-SR_B5 alone: see below)
     assert select_bands(["nir"], ["B8A", "nir"]) == [1]  # an exact name wins over an alias
     assert "b02" in aliases("blue") and "blue" in aliases("B02")
 
+
+
+@pytest.mark.parametrize("offered, expected", [
+    (GEE_S2, ["B2", "B3", "B4", "B8"]),  # B8 was Landsat's pan, so B8A answered nir
+    (S2, ["B02", "B03", "B04", "B08"]),  # B08 (nir) over B8A (nir08)
+    (L89, ["SR_B2", "SR_B3", "SR_B4", "SR_B5"]),
+    (L7, ["SR_B1", "SR_B2", "SR_B3", "SR_B4"]),  # was SR_B2-SR_B5: green, red, nir, swir16
+    (L7[:-1], ["SR_B1", "SR_B2", "SR_B3", "SR_B4"]),  # exactly Landsat 4-7's SR product
+    (["B5", "B6", "B7", "B8A", "B11", "B12"], None),  # Sentinel-2's 20 m bands: nir is B8A, blue is missing
+])
+def test_band_ids_are_read_for_the_sensor_the_files_ids_tell(offered, expected):
+    """One alias table served every sensor: Earth Engine's unpadded Sentinel-2 names gave B8A for nir, a
+    Landsat 7 file gave SR_B2-SR_B5 for blue, green, red, nir.  Each id is now read for the sensor its set tells."""
+    if expected is None:
+        with_red = ["B4", *offered]
+        assert [with_red[i] for i in select_bands(["red", "nir", "rededge1", "swir22"], with_red)] == \
+            ["B4", "B8A", "B5", "B12"]
+        with pytest.raises(IncompatibleInputError, match="needs blue, which the input does not offer"):
+            select_bands(["blue"], offered)
+        return
+    assert [offered[i] for i in select_bands(["blue", "green", "red", "nir"], offered)] == expected
+    # a card naming another spelling of the sensor's ids finds them too
+    if offered is GEE_S2:
+        assert [offered[i] for i in select_bands(["B02", "B03", "B04", "B08", "B8A"], offered)] == [*expected, "B8A"]
+
+
+@pytest.mark.parametrize("offered, wanted, says", [
+    (["B2", "B3", "B4", "B5", "B8"], ["blue", "green", "red", "nir"],  # Earth Engine's 4 S2 bands and red edge 1
+     "band 5 'B8' is nir in Sentinel-2, pan in Landsat 8-9 and Landsat 4-7"),
+    (["B5"], ["nir"], "band 1 'B5' is rededge1 in Sentinel-2, nir08 in Landsat 8-9, swir16 in Landsat 4-7"),
+    (["B1", "B2", "B3", "B4", "B5"], ["red"],
+     "band 3 'B3' is green in Sentinel-2 and Landsat 8-9, red in Landsat 4-7"),
+    (L89[1:5], ["nir"], "band 4 'SR_B5' is nir08 in Landsat 8-9, swir16 in Landsat 4-7"),
+])
+def test_band_ids_several_sensors_read_differently_are_refused_not_guessed(offered, wanted, says):
+    """B2, B3, B4, B5, B8 is a Sentinel-2 export with red edge 1 (B5) or a Landsat 8-9 one with its nir (B5) and
+    pan (B8): red edge was fed as nir without a word.  Refused in one line; --bands (names or indices) chooses."""
+    with pytest.raises(IncompatibleInputError) as err:
+        select_bands(wanted, offered, where="gee.tif", model="model 'lc'")
+    text = str(err.value)
+    assert text.startswith(f"gee.tif: model 'lc' needs {', '.join(wanted)}, but the input's band ids fit ") and \
+        says in text and text.endswith("so which band is meant is not known; choose them with --bands (names or "
+                                       "1-based indices)") and "\n" not in text
+    assert select_bands(offered[:1] * 2, offered) == [0, 0]  # an exact name is always that band
+    assert select_bands([str(len(offered))], offered) == [len(offered) - 1]
 
 
 def test_a_name_two_bands_share_is_refused_not_guessed():
@@ -101,6 +149,33 @@ def test_wrong_bands_on_the_command_line_is_one_line_and_leaves_nothing(s2_scene
     assert f"{s2_scene}: model 'tiny-2d-4ch' needs B99" in line and "13 band(s)" in line
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not [p for p in out.iterdir()]
+
+
+def test_earth_engine_sentinel2_names_feed_nir_not_red_edge(tmp_path, dask_cluster):
+    """A 12-band Sentinel-2 GeoTIFF from Earth Engine (B1 ... B8, B8A ... B12): the model got B8A as nir; with
+    only B2, B3, B4, B5, B8 it got red edge B5 as nir.  Now B8, and the 5-band file is refused before any work
+    until --bands chooses."""
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4, roi=[32, 32],
+                       channel_names=["blue", "green", "red", "nir"])
+    data = np.random.default_rng(6).integers(500, 3500, (12, 48, 48), dtype=np.uint16)
+    full = _raster(tmp_path / "gee_full.tif", data)
+    five = _raster(tmp_path / "gee_five.tif", data[[1, 2, 3, 4, 7]].copy())
+    with rasterio.open(full, "r+") as dst:
+        dst.descriptions = tuple(GEE_S2)
+    with rasterio.open(five, "r+") as dst:
+        dst.descriptions = ("B2", "B3", "B4", "B5", "B8")
+    options = SegmentOptions(chunk_size=64, keep_zarr=False)
+    assert segment_one(full, model, tmp_path / "a", options, dask_cluster).statistics["bands"] == \
+        ["B2", "B3", "B4", "B8"]
+    with pytest.raises(IncompatibleInputError, match=r"model 'tiny-2d-4ch' needs blue, green, red, nir, but the "
+                                                     r"input's band ids fit Sentinel-2, Landsat 8-9 and Landsat 4-7"):
+        segment_one(five, model, tmp_path / "b", options, dask_cluster)
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+    chosen = segment_one(five, model, tmp_path / "c", options.model_copy(update={"bands": ["B2", "B3", "B4", "B8"]}),
+                         dask_cluster)
+    assert chosen.statistics["bands"] == ["B2", "B3", "B4", "B8"]
+    with rasterio.open(tmp_path / "a" / "gee_full.tif") as a, rasterio.open(tmp_path / "c" / "gee_five.tif") as c:
+        assert np.array_equal(a.read(1), c.read(1))
 
 
 def _raster(path, data):

@@ -313,6 +313,21 @@ def test_a_bad_tile_fails_the_whole_mosaic_in_one_line_naming_it(scene, tmp_path
     assert sorted(p.name for p in own.iterdir()) == sorted(t.name for t in tiles)
 
 
+def test_an_unreadable_tile_is_named_with_a_relative_out(scene, tmp_path, monkeypatch, dask_cluster):
+    """With --out relative, a tile whose pixels cannot be read was reported as segflow's work VRT
+    (OUT/.segflow-work/.NAME....vrt-.../NAME.vrt): its folder, relative, was compared with the absolute path the
+    ingest's error holds.  Now the tile, as with an absolute --out."""
+    good = [scene["tiles"][0], scene["tiles"][2], scene["tiles"][3]]
+    damaged, _ = _bad_tiles(scene, tmp_path / "bad")["damaged"]
+    monkeypatch.chdir(tmp_path)
+    code, errors, output = _segment([good[0], damaged, *good[1:]], scene["model"], Path("rel"), dask_cluster,
+                                    "--mosaic", "region")
+    assert code == 1 and len(errors) == 1, output
+    assert errors[0].startswith(f"error: {damaged.absolute()}: cannot read pixels (rows 0-63, cols 0-63)"), errors
+    rel = tmp_path / "rel"
+    assert not rel.exists() or not any(rel.iterdir()), sorted(rel.rglob("*"))
+
+
 def test_the_mosaics_identity_is_its_tiles_content_and_its_ingest_is_never_a_tiles(scene, tmp_path):
     from flows.inputs import ingest_input
     from storage.mosaic import mosaic_ref

@@ -395,3 +395,98 @@ def test_control_characters_in_an_error_are_printed_as_escapes():
 
     err = InputError("a\x1b[31m.tif", "no band 'c\x00' here; é, 東 stay")
     assert str(err) == "a\\x1b[31m.tif: no band 'c\\x00' here; é, 東 stay" and err.path == "a\x1b[31m.tif"
+
+
+def _id_item(folder: Path, scene: Path, ids: dict[str, str], item_id: str = "gee") -> Path:
+    """An item whose assets are keyed and named by band id alone (no common names): {id: the scene's COG}."""
+    assets = {}
+    for band_id, file in ids.items():
+        asset = s2_samples.band_asset("blue", str(scene.parent / file))
+        asset["eo:bands"] = [{"name": band_id}]
+        assets[band_id] = asset
+    return _item(folder, item_id, assets)
+
+
+def test_an_items_band_ids_are_read_for_the_sensor_they_tell(scene, tmp_path):
+    """Assets named B2 ... B12 without common names (Earth Engine's ids): nir was looked for as B08, B8A or B5, never
+    B8 (Landsat's pan), so it was refused, or red edge B5 was taken where the item had one.  Now B8, where the ids
+    say Sentinel-2; where they fit several sensors that read them differently, refused in one line."""
+    from storage.errors import IncompatibleInputError
+    from storage.stacassets import plan_item
+
+    files = {"B2": "B02.tif", "B3": "B03.tif", "B4": "B04.tif", "B8": "B08.tif", "B11": "B11.tif", "B12": "B12.tif"}
+    s2 = _id_item(tmp_path / "a", scene, files)
+    assert plan_item(s2, BandRequest(tuple(RGBN))).names == ["B2", "B3", "B4", "B8"]
+    five = _id_item(tmp_path / "b", scene, {**{k: files[k] for k in ("B2", "B3", "B4")}, "B5": "B11.tif",
+                                            "B8": "B08.tif"})
+    with pytest.raises(IncompatibleInputError) as err:
+        plan_item(five, BandRequest(tuple(RGBN), model="model 'lc'"))
+    assert str(err.value).startswith(f"{five}: model 'lc' needs blue, green, red, nir, but the band ids of item 'gee' "
+                                     "fit more than one sensor")
+    assert "B8 [asset B8] is nir in Sentinel-2, pan in Landsat 8-9 and Landsat 4-7" in str(err.value)
+    assert plan_item(five, BandRequest(("B2", "B3", "B4", "B8"), from_user=True)).names == ["B2", "B3", "B4", "B8"]
+
+
+def test_a_band_asked_for_again_is_taken_from_an_item_as_from_a_geotiff(scene, models, tmp_path, dask_cluster):
+    """--bands 1,1,1,1 (one band as every channel) was taken for a GeoTIFF and refused for an item ("name one band
+    of item ... twice"), though the docs say a band may be asked for again.  Two names of one band stay refused."""
+    from storage.errors import IncompatibleInputError
+    from storage.stacassets import plan_item
+
+    done = segment_one(scene, models["rgbn"], tmp_path / "item", OPTIONS.model_copy(update={"bands": ["1"] * 4}),
+                       dask_cluster)
+    assert done.statistics["bands"] == ["B02"] * 4
+    grey = s2_samples.hand_stacked(scene.parent, ["B02"] * 4, tmp_path / "grey.tif")
+    segment_one(grey, models["rgbn"], tmp_path / "ref", OPTIONS.model_copy(update={"bands": ["1", "2", "3", "4"]}),
+                dask_cluster)
+    assert np.array_equal(_labels(tmp_path / "item" / f"{ITEM_ID}.tif"), _labels(tmp_path / "ref" / "grey.tif"))
+    with pytest.raises(IncompatibleInputError, match=f"model 'lc' names band 'B02' of item '{ITEM_ID}' twice, as "
+                                                     f"'B02' and 'blue'; name them as listed"):
+        plan_item(scene, BandRequest(("B02", "blue", "red", "nir"), model="model 'lc'", from_user=True))
+
+
+def test_an_unreadable_asset_is_named_with_a_relative_out(scene, models, tmp_path, monkeypatch, dask_cluster):
+    """A damaged band COG opens, and fails when its pixels are read.  With --out relative the error named
+    segflow's work VRT (OUT/.segflow-work/....stack.vrt) instead of the item: the VRT's path was compared, relative,
+    with the absolute one the ingest's error holds.  Now the item, and the asset that fails."""
+    folder = tmp_path / "s2"
+    shutil.copytree(scene.parent, folder)
+    nir = folder / "B08.tif"
+    damaged = bytearray(nir.read_bytes())
+    for i in range(len(damaged) // 2, len(damaged) // 2 + 2000):
+        damaged[i] ^= 0xFF
+    nir.write_bytes(bytes(damaged))
+    monkeypatch.chdir(tmp_path)
+    code, errors, output = _cli(["s2/item.json", "--model", str(models["rgbn"].path), "--out", "rel"],
+                                dask_cluster)
+    assert code == 1 and len(errors) == 1, output
+    assert errors[0].startswith(f"error: s2/item.json: item '{ITEM_ID}': asset 'nir' ({nir}): cannot read pixels "
+                                "(rows "), errors
+    assert ".vrt" not in errors[0]
+    rel = tmp_path / "rel"
+    assert not rel.exists() or not any(rel.iterdir()), sorted(rel.rglob("*"))
+
+
+def test_ids_of_which_nothing_is_left_name_outputs_after_the_item_file(scene, models, tmp_path, dask_cluster):
+    """Ids such as 日本語のシーン or '..' sanitise to nothing: every such item was named 'item', two of them clashed,
+    and renaming a file, as the clash's message advises, changed nothing.  The item file's stem names them now."""
+    from flows.inputs import output_clashes
+
+    doc = json.loads(scene.read_text())
+    for asset in doc["assets"].values():
+        asset["href"] = str((scene.parent / asset["href"]).resolve())
+    items = []
+    for name, ident in (("scene_a", "日本語のシーン"), ("scene_b", "..")):
+        items.append(tmp_path / f"{name}.json")
+        items[-1].write_text(json.dumps({**doc, "id": ident}))
+    assert [item_stem(p) for p in items] == ["scene_a", "scene_b"] and item_stem(scene) == ITEM_ID
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    same = [Path(shutil.copy(item, tmp_path / folder / "item.json")) for item, folder in zip(items, "xy")]
+    assert "rename one of them" in output_clashes([str(p) for p in same])[1]
+    assert not output_clashes([str(same[0]), str(items[1])])  # renamed: no clash
+    out = tmp_path / "out"
+    code, errors, output = _cli([*map(str, items), "--model", str(models["rgbn"].path), "--out", str(out),
+                                 "--no-zarr"], dask_cluster)
+    assert code == 0 and not errors, output
+    assert {"scene_a.tif", "scene_b.tif"} <= {p.name for p in out.iterdir()}
