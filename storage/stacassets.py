@@ -66,6 +66,8 @@ class _Asset:
     fields: dict[str, Any]
     bands: list[_Band] = field(default_factory=list)
     described: bool = True  # the item describes its bands (else they come from GDAL)
+    # a relative href not found beside the item file, read from beside the item's self link instead
+    missing_local: str | None = None
 
     @property
     def local(self) -> Path | None:
@@ -220,8 +222,11 @@ def _assets(path: Path, doc: dict[str, Any], item: Any, origin: str | None = Non
         if not _is_raster(asset, fields):
             continue
         href = _absolute(asset.href, path.parent, self_href, origin)
+        relative = not (asset.href.startswith(("/", "file://")) or is_url(asset.href))
         a = _Asset(key=key, href=href, gdal=_gdal_path(href), media_type=(asset.media_type or ""),
-                   roles=list(asset.roles or []), fields=fields)
+                   roles=list(asset.roles or []), fields=fields,
+                   missing_local=str((path.parent / asset.href).resolve())
+                   if relative and origin is None and is_url(href) else None)
         try:
             a.bands = _described_bands(key, fields)
         except _NotANumber as exc:
@@ -358,6 +363,10 @@ def open_asset(path: Path, asset: _Asset) -> OpenedAsset:
                                 offsets=tuple(0.0 if o is None else float(o) for o in src.offsets),
                                 descriptions=tuple(src.descriptions), block=tuple(src.block_shapes[0]))
     except (*GDAL_ERRORS, OSError) as exc:
+        if asset.missing_local:  # the user looks for the file beside the item first: say it is not there
+            raise InputError(path, f"asset {asset.key!r}: {asset.missing_local} is not beside the item, and the "
+                                   f"copy beside its self link ({asset.href}) cannot be opened: "
+                                   f"{gdal_message(exc)}") from None
         raise InputError(path, f"asset {asset.key!r} ({asset.href}) cannot be opened: {gdal_message(exc)}") from None
 
 

@@ -490,3 +490,19 @@ def test_ids_of_which_nothing_is_left_name_outputs_after_the_item_file(scene, mo
                                  "--no-zarr"], dask_cluster)
     assert code == 0 and not errors, output
     assert {"scene_a.tif", "scene_b.tif"} <= {p.name for p in out.iterdir()}
+
+
+def test_an_asset_missing_beside_its_item_is_said_so_when_the_catalogue_copy_fails_too(tmp_path):
+    """A relative href not beside the item file is read beside the item's self link (an item downloaded alone);
+    when that fails too, the line had named only the catalogue URL and its network error, not the missing file."""
+    from storage.errors import InputError
+    from storage.ingest import ingest
+
+    item = s2_samples.write_item(tmp_path / "s2", size=32)
+    (item.parent / "B08.tif").unlink()
+    with pytest.raises(InputError) as err:
+        ingest(item, tmp_path / "s.zarr")
+    assert str(err.value).startswith(
+        f"{item}: asset 'nir': {item.parent / 'B08.tif'} is not beside the item, and the copy beside its self link "
+        "(https://catalogue.example.com/collections/s2/items/B08.tif) cannot be opened: "), str(err.value)
+    assert not (tmp_path / "s.zarr").exists()
