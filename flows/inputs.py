@@ -33,7 +33,7 @@ from storage.layout import ImageStore, open_image_store
 from storage.mosaic import MosaicRef, is_mosaic_store
 from storage.remote import is_url
 from storage.bands import BandRequest
-from storage.stacitem import is_item_path, item_stem, reuse_sha256
+from storage.stacitem import is_item_path, item_stem, named_by_id, reuse_sha256
 
 Expanded = Union[str, SeriesRef, ChannelFiles]
 GROUPS = (SeriesRef, MosaicRef, ChannelFiles)  # inputs of several files, named by their own name and display
@@ -125,8 +125,11 @@ def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | N
         elif first[stem] == label:
             clashes[i] = f"{label}: given more than once; {done} once, under its first mention"
         else:
+            # a STAC item's outputs are named after its id, which renaming the file does not change
+            advice = "segment one of them into another --out (an item's outputs are named after its id)" \
+                if isinstance(item, str) and named_by_id(item) else "rename one of them"
             clashes[i] = (f"{label}: its outputs would overwrite those of {first[stem]} (the same name stem "
-                          f"{stem!r}); rename one of them")
+                          f"{stem!r}); {advice}")
     return clashes
 
 

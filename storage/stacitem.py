@@ -82,6 +82,18 @@ def item_stem(path: str | PathLike[str]) -> str | None:
     own stem: every such item was named ``item``, and renaming one of two that
     clashed, as the clash's message says, changed nothing.
     """
+    named = _named(path)
+    return None if named is None else named[0]
+
+
+def named_by_id(path: str | PathLike[str]) -> bool:
+    """Whether a local item's outputs are named after its id (renaming the file then does not rename them)."""
+    named = _named(path)
+    return named is not None and named[1]
+
+
+def _named(path: str | PathLike[str]) -> tuple[str, bool] | None:
+    """(the output stem, whether it comes from the id) of a local item file; None when it is no readable item."""
     if not is_item_path(path):
         return None
     try:
@@ -91,7 +103,8 @@ def item_stem(path: str | PathLike[str]) -> str | None:
     ident = doc.get("id") if isinstance(doc, dict) and doc.get("type") == "Feature" else None
     if not isinstance(ident, str) or not ident.strip():
         return None
-    return sanitised(ident, fallback="") or stem_of(path)
+    from_id = sanitised(ident, fallback="")
+    return (from_id, True) if from_id else (stem_of(path), False)
 
 
 # --------------------------------------------------------------------------- stacking the assets
@@ -297,4 +310,4 @@ def _raise_for_unreadable_asset(plan: ItemPlan) -> None:
 
 
 __all__ = ["ITEM_SUFFIXES", "ItemPlan", "build_vrt", "content_sha256", "ingest_item", "is_item_path", "item_stem",
-           "looks_like_item", "plan_item", "probe_item", "reuse_sha256", "sanitised"]
+           "named_by_id", "looks_like_item", "plan_item", "probe_item", "reuse_sha256", "sanitised"]

@@ -485,6 +485,14 @@ def test_ids_of_which_nothing_is_left_name_outputs_after_the_item_file(scene, mo
     same = [Path(shutil.copy(item, tmp_path / folder / "item.json")) for item, folder in zip(items, "xy")]
     assert "rename one of them" in output_clashes([str(p) for p in same])[1]
     assert not output_clashes([str(same[0]), str(items[1])])  # renamed: no clash
+    # two ids that sanitise to one name: renaming a file changes nothing, and the message does not say it would
+    twins = []
+    for name, ident in (("one", "Sentinel-2 シーン"), ("two", "Sentinel-2 画像")):
+        twins.append(tmp_path / f"{name}.json")
+        twins[-1].write_text(json.dumps({**doc, "id": ident}))
+    assert output_clashes([str(p) for p in twins])[1].endswith(
+        "(the same name stem 'Sentinel-2'); segment one of them into another --out (an item's outputs are named "
+        "after its id)")
     out = tmp_path / "out"
     code, errors, output = _cli([*map(str, items), "--model", str(models["rgbn"].path), "--out", str(out),
                                  "--no-zarr"], dask_cluster)
