@@ -88,7 +88,8 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     from storage.stacitem import is_item_path
 
     checked = Checked()
-    expanded, unusable = expand(inputs)  # DICOM folders: one input per series
+    # DICOM folders: one input per series; a case's nnU-Net channel files: one input, where the model takes them
+    expanded, unusable = expand(inputs, None if model is None else {model.channels})
     checked.entries += [(label, None, error) for label, error in unusable]
     for item in expanded:
         label = input_label(item)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -225,10 +226,36 @@ def still_arriving(paths: list[str], settle_seconds: float, now: float | None = 
         if newest is not None and now - newest < settle_seconds:
             arriving[path] = round(max(0.0, now - newest), 1)
     cases = {case: arriving[path] for path in arriving if (case := case_of(path)) is not None}
+    cases.update({case: age for case, age in _hidden_channel_files(paths, now).items()
+                  if case not in cases and age < settle_seconds})
     for path in paths:
         if path not in arriving and case_of(path) in cases:
             arriving[path] = cases[case_of(path)]
     return arriving
+
+
+_HIDDEN_CHANNEL = re.compile(r"^\.(?P<case>.+)_\d{4}\.nii(?:\.gz)?(?:\..*)?$", re.IGNORECASE)
+
+
+def _hidden_channel_files(paths: list[str], now: float) -> dict[tuple[str, str], float]:
+    """Cases with a channel file still being copied under a hidden name (rsync's ``.x_0001.nii.gz.Ab12Cd``,
+    the delivery docs/nightly.md advises), with its age: the case's finished files wait for it, or its ``_0000``
+    went in alone as a one-channel input.  One older than ``--settle`` (a copy given up) holds nothing."""
+    found: dict[tuple[str, str], float] = {}
+    for folder in {Path(p).parent for p in paths if case_of(p) is not None}:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _HIDDEN_CHANNEL.match(entry.name)
+            if match is not None:
+                try:
+                    age = round(max(0.0, now - entry.stat().st_mtime), 1)
+                except OSError:
+                    continue
+                found[(str(folder.resolve()), match["case"])] = age
+    return found
 
 
 def _newest_change(path: Path) -> float | None:

@@ -20,7 +20,7 @@ import os
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Collection, Union
 
 from flows.progress import say
 from storage.channelfiles import ChannelFiles, group_channel_files, is_channel_store
@@ -39,8 +39,10 @@ Expanded = Union[str, SeriesRef, ChannelFiles]
 GROUPS = (SeriesRef, MosaicRef, ChannelFiles)  # inputs of several files, named by their own name and display
 
 
-def expand(inputs: list[str]) -> tuple[list[Expanded], list[tuple[str, str]]]:
-    """(inputs in the order given, [(what failed, its one-line error)])."""
+def expand(inputs: list[str], takes: Collection[int] | None = None) -> tuple[list[Expanded], list[tuple[str, str]]]:
+    """(inputs in the order given, [(what failed, its one-line error)]).  ``takes``: the channel counts of the
+    models that may segment them, which decide whether numbered NIfTI files are a case's channels
+    (:func:`storage.channelfiles.group_channel_files`); None groups every whole case."""
     out: list[Expanded] = []
     failed: list[tuple[str, str]] = []
     loose: list[str] = []
@@ -53,8 +55,7 @@ def expand(inputs: list[str]) -> tuple[list[Expanded], list[tuple[str, str]]]:
             _series(item, [item], out, failed)
     if loose:
         _series(", ".join(loose) if len(loose) < 4 else f"{len(loose)} DICOM files", loose, out, failed)
-    out, incomplete = group_channel_files(out)
-    return out, failed + incomplete
+    return group_channel_files(out, takes), failed
 
 
 def _dicom(item: str) -> bool:

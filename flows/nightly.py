@@ -138,9 +138,11 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     listed = Counter(paths)
     paths = list(dict.fromkeys(paths))  # a path listed twice is one input, and the report says so
     duplicates = [{"input": p, "listed": n} for p, n in listed.items() if n > 1]
-    items, unusable = expand(paths)  # DICOM folders, DICOMDIRs and loose DICOM files: one item per series volume
-    by_label = {input_label(i): i for i in items}  # a series reached twice (folder and DICOMDIR) is one input
     models = read_models(model_dirs, trust_bundle=options.trust_bundle)  # a bad model fails the run up front
+    # DICOM folders, DICOMDIRs and loose DICOM files: one item per series volume; a case's nnU-Net channel files
+    # one item, unless no model takes that many channels and one takes one (one-channel scans numbered so)
+    items, unusable = expand(paths, {m.channels for m in models if m.spatial_dims == 3})
+    by_label = {input_label(i): i for i in items}  # a series reached twice (folder and DICOMDIR) is one input
     for m in models:
         loaded(m, trust_bundle=options.trust_bundle)
     if is_url(out_dir):  # outputs, ledger and reports under a URL prefix (flows/staging.py)

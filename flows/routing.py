@@ -146,6 +146,17 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
             wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
             return (f"{name} takes {model.channels} channels{wanted}, the input has {count}: choose them with "
                     f"--bands, e.g. --bands {','.join(str(i) for i in range(1, model.channels + 1))}")
+        case = re.search(r"^(.*)_0000\.\.(\d{4})\.nii(\.gz)?$", Path(header.path).name, re.IGNORECASE)
+        if header.kind == "volume" and case:  # a case's nnU-Net channel files (storage.channelfiles)
+            stem, given = case.group(1), f"{count} nnU-Net channel files of one case ({case.group(1)}_0000 ... " \
+                                         f"{case.group(1)}_{count - 1:04d})"
+            if count > model.channels:
+                advice = "give each file alone" if model.channels == 1 else \
+                    f"give the {model.channels} files it takes, or use a model that takes {count}"
+                return f"{name} takes {_channels(model.channels)}, the input is {given}: {advice}"
+            missing = [f"{stem}_{c:04d}" for c in range(count, model.channels)]
+            return (f"{name} takes {_channels(model.channels)}, the input is {given}: {', '.join(missing)} "
+                    f"{'is' if len(missing) == 1 else 'are'} not among the files given")
         if header.kind == "volume" and count > 1:  # a 4-D NIfTI: its 4th axis (often time) is read as channels
             return (f"{name} takes {_channels(model.channels)}, the input has {count} (its 4th axis, read as "
                     "channels; a time series goes in one volume at a time)")

@@ -7,10 +7,11 @@ is ``BraTS_001_0000.nii.gz`` (T1), ``_0001`` (T1ce), ``_0002`` (T2) and
 trained on it is applied to the same files: :func:`group_channel_files` turns
 the files of a case named together (``imagesTs/*.nii.gz``, an inbox) into one
 :class:`ChannelFiles` input, channels in file order, named after the case as
-nnU-Net names its prediction (``BraTS_001.nii.gz``).  A lone ``_0000`` file
-stays a plain input, and a case with a channel missing (``_0000`` and
-``_0002`` given) is refused with one line rather than segmented from the wrong
-channels.  The files must share one voxel grid (shape and affine), as nnU-Net
+nnU-Net names its prediction (``BraTS_001.nii.gz``).  Only a whole case is
+grouped (``_0000`` up, no gap): a lone ``_0000`` file, or one-channel scans
+numbered like channels (``amos_0001``, ``amos_0004``), stay plain inputs, and
+the model's refusal of a one-channel file of a multi-channel case says which
+files to give together.  The files must share one voxel grid (shape and affine), as nnU-Net
 requires; ingest copies each into its channel of one image store, slab by
 slab, and records every file with its sha256 for provenance and ``verify``.
 """
@@ -18,13 +19,14 @@ slab, and records every file with its sha256 for provenance and ``verify``.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
@@ -69,53 +71,47 @@ class ChannelFiles:
         return sum(f.stat().st_size for f in self.files)
 
 
-def group_channel_files(items: Sequence[str]) -> tuple[list[Any], list[tuple[str, str]]]:
-    """The items with each case's channel files (two or more, local) made one :class:`ChannelFiles`, where its
-    first file was; and [(case, one-line error)] for a case whose channels are not ``_0000`` up without a gap."""
-    cases: dict[tuple[str, str, str], dict[int, str]] = {}
+def group_channel_files(items: Sequence[Any], takes: Collection[int] | None = None) -> list[Any]:
+    """The items with each whole case's channel files made one :class:`ChannelFiles`, where its first file was.
+
+    A whole case is two or more local NIfTI files of one folder (as resolved: ``a/x_0000`` and ``/abs/a/x_0001``
+    are one case) numbered ``_0000`` up without a gap; any other numbered files stay plain inputs: a dataset of
+    one-channel scans numbered ``amos_0001``, ``amos_0004`` (AMOS, WORD) is not a case with channels missing.
+    ``takes``: the channel counts of the models that may segment them; a case of K files stays K plain inputs
+    when no model takes K channels and one takes 1 (``word_0000`` ... ``word_0002`` before a one-channel model).
+    """
+    cases: dict[tuple[str, str], dict[int, str]] = {}
     for item in items:
         key_channel = _channel_key(item)
         if key_channel is not None:
             key, channel = key_channel
             files = cases.setdefault(key, {})
-            if channel in files and Path(files[channel]).resolve() != Path(item).resolve():
-                continue  # cannot happen for one folder and name; kept as a plain input, which output_clashes names
-            files[channel] = item
-    groups = {key: files for key, files in cases.items() if len(files) > 1}
+            files.setdefault(channel, item)  # a second spelling of one file is the same channel
+    groups = {key: files for key, files in cases.items()
+              if len(files) > 1 and sorted(files) == list(range(len(files)))
+              and (takes is None or len(files) in takes or 1 not in takes)}
     out: list[Any] = []
-    failed: list[tuple[str, str]] = []
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[str, str]] = set()
+    grouped = {os.path.realpath(f) for files in groups.values() for f in files.values()}
     for item in items:
         key_channel = _channel_key(item)
         key = key_channel[0] if key_channel is not None else None
-        if key not in groups:
+        if key not in groups or os.path.realpath(item) not in grouped:  # x_0000.nii beside x_0000.nii.gz: its own
             out.append(item)
-            continue
-        if key in seen:
-            continue
-        seen.add(key)
-        files = groups[key]
-        folder, case, ending = Path(files[min(files)]).parent, key[1], CHANNEL_FILE.match(Path(files[min(files)]).name)
-        missing = [c for c in range(max(files) + 1) if c not in files]
-        if missing:
-            given = ", ".join(f"_{c:04d}" for c in sorted(files))
-            gaps = ", ".join(f"_{c:04d}" for c in missing)
-            failed.append((f"{folder / case}_*{ending['ending']}",  # type: ignore[index]
-                           f"{folder / case}: its channel files {given} were given and {gaps} "
-                           f"{'is' if len(missing) == 1 else 'are'} missing: a case's channels are _0000, _0001 ... "
-                           "without a gap (give them all, or each file alone)"))
-            continue
-        out.append(ChannelFiles(case=case, files=tuple(Path(files[c]) for c in range(len(files)))))
-    return out, failed
+        elif key not in seen:
+            seen.add(key)
+            files = groups[key]  # type: ignore[index]
+            out.append(ChannelFiles(case=key[1], files=tuple(Path(files[c]) for c in range(len(files)))))
+    return out
 
 
-def case_of(item: str) -> tuple[str, str, str] | None:
-    """(folder, case, ending) of a local channel file, the case it belongs to; None for any other item."""
+def case_of(item: str) -> tuple[str, str] | None:
+    """(folder, case) of a local channel file, the case it may belong to; None for any other item."""
     key_channel = _channel_key(item)
     return None if key_channel is None else key_channel[0]
 
 
-def _channel_key(item: str) -> tuple[tuple[str, str, str], int] | None:
+def _channel_key(item: Any) -> tuple[tuple[str, str], int] | None:
     from storage.remote import is_url
 
     if not isinstance(item, str) or is_url(item):
@@ -124,7 +120,7 @@ def _channel_key(item: str) -> tuple[tuple[str, str, str], int] | None:
     match = CHANNEL_FILE.match(path.name)
     if match is None or not path.is_file():
         return None
-    return (str(path.parent), match["case"], match["ending"].lower()), int(match["channel"])
+    return (str(path.parent.resolve()), match["case"]), int(match["channel"])
 
 
 def check_grid(ref: ChannelFiles, files: Sequence[tuple[Path, Any, int]]) -> None:

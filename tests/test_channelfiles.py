@@ -89,8 +89,7 @@ def test_channel_files_that_do_not_make_a_case_are_refused_in_one_line_and_the_b
     folder.mkdir()
     shifted = affine()
     shifted[0, 3] += 5.0
-    for name, data, aff in (("gap_0000", t1, None), ("gap_0002", t1, None),  # _0001 missing
-                            ("shape_0000", t1, None), ("shape_0001", t1[:, :, :10], None),
+    for name, data, aff in (("shape_0000", t1, None), ("shape_0001", t1[:, :, :10], None),
                             ("grid_0000", t1, None), ("grid_0001", t1, shifted),
                             ("vector_0000", t1, None), ("vector_0001", np.stack([t1, t1], -1), None),
                             ("good_0000", t1, None), ("good_0001", flair, None)):
@@ -99,8 +98,6 @@ def test_channel_files_that_do_not_make_a_case_are_refused_in_one_line_and_the_b
     assert proc.returncode == 1
     lines = errors(proc.stderr)
     assert sorted(lines) == sorted([
-        f"error: {folder / 'gap'}: its channel files _0000, _0002 were given and _0001 is missing: a case's channels "
-        "are _0000, _0001 ... without a gap (give them all, or each file alone)",
         f"error: {folder / 'shape_0001.nii.gz'}: has shape (30, 28, 10) but shape_0000.nii.gz has (30, 28, 20): one "
         "case's channel files share one voxel grid",
         f"error: {folder / 'grid_0001.nii.gz'}: is not on grid_0000.nii.gz's voxel grid (their affines differ): one "
@@ -113,9 +110,10 @@ def test_channel_files_that_do_not_make_a_case_are_refused_in_one_line_and_the_b
     assert "good.nii.gz" in names
 
 
-def test_grouping_takes_only_a_whole_local_case_named_together(tmp_path):
-    """A lone _0000 stays a plain file (a one-channel case); files of two folders, or .nii beside .nii.gz, are
-    not one case; the group stands where its first file was, and other inputs keep their order."""
+def test_grouping_takes_only_a_whole_local_case_named_together(tmp_path, monkeypatch):
+    """A lone _0000 stays a plain file (a one-channel case); files of two folders are not one case, one folder
+    spelled two ways is, and so are .nii beside .nii.gz; the group stands where its first file was, and other
+    inputs keep their order."""
     t1, _ = channels()
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -125,13 +123,37 @@ def test_grouping_takes_only_a_whole_local_case_named_together(tmp_path):
     other = save(t1, b / "case_0001.nii.gz")  # the same case name in another folder
     plain = save(t1, a / "scan.nii.gz")
     second = save(t1, a / "case_0001.nii.gz")
-    unzipped = save(t1, a / "case_0002.nii")  # another ending: not a channel of case_*.nii.gz
+    unzipped = save(t1, a / "case_0002.nii")  # another ending, the same case
     items, failed = expand([str(p) for p in (lone, first, other, plain, second, unzipped)])
     assert failed == []
-    assert items == [str(lone), ChannelFiles("case", (first, second)), str(other), str(plain), str(unzipped)]
-    # the channel order is the files' numbers, not the order given
-    items, _ = group_channel_files([str(second), str(first)])
-    assert items == [ChannelFiles("case", (first, second))]
+    assert items == [str(lone), ChannelFiles("case", (first, second, unzipped)), str(other), str(plain)]
+    # the channel order is the files' numbers, not the order given; a relative spelling is the same folder
+    monkeypatch.chdir(tmp_path)
+    assert group_channel_files(["a/case_0001.nii.gz", str(first), str(unzipped), "a/case_0000.nii.gz"]) == \
+        [ChannelFiles("case", (first, Path("a/case_0001.nii.gz"), unzipped))]  # a file given twice: once
+
+
+def test_one_channel_scans_numbered_like_channels_stay_separate_inputs(model, tmp_path):
+    """AMOS and WORD number their one-channel scans amos_0001, amos_0004 ...: the first grouping refused them as
+    a case with channels missing.  Numbers that do not start at _0000 without a gap are no case, and a whole
+    case of K files stays K inputs where no model takes K channels and one takes one."""
+    t1, _ = channels()
+    amos = [save(t1, tmp_path / f"amos_{n:04d}.nii.gz") for n in (1, 4, 5)]
+    assert group_channel_files([str(p) for p in amos]) == [str(p) for p in amos]
+    word = [str(save(t1, tmp_path / f"word_{n:04d}.nii.gz")) for n in range(3)]
+    assert group_channel_files(word, takes={1}) == word  # a one-channel model and none of 3: each alone
+    assert group_channel_files(word, takes={1, 3}) == [ChannelFiles("word", tuple(map(Path, word)))]
+    assert group_channel_files(word, takes={2}) == [ChannelFiles("word", tuple(map(Path, word)))]  # refused whole
+    one = tiny_model(tmp_path / "one", spatial_dims=3, channels=1, roi=[16, 16, 16])
+    proc = run("segment", *amos, *word, "--model", one.path, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in (tmp_path / "out").glob("*.nii.gz")} == \
+        {"amos_0001.nii.gz", "amos_0004.nii.gz", "amos_0005.nii.gz", "word_0000.nii.gz", "word_0001.nii.gz",
+         "word_0002.nii.gz"}
+    proc = run("segment", *word, "--model", model.path, "--out", tmp_path / "out2")  # two channels, three files
+    assert errors(proc.stderr) == [
+        f"error: {tmp_path / 'word'}_0000..0002.nii.gz: model 'tiny-3d-2ch' takes 2 channels, the input is 3 nnU-Net "
+        "channel files of one case (word_0000 ... word_0002): give the 2 files it takes, or use a model that takes 3"]
 
 
 def test_an_ingest_of_channel_files_is_reused_only_while_every_file_is_unchanged(tmp_path):
@@ -176,3 +198,26 @@ def test_a_case_waits_in_the_inbox_while_one_of_its_channel_files_arrives(tmp_pa
     assert sorted(still_arriving(paths, 60)) == [str(old[0]), str(fresh)]
     os.utime(fresh, (1e9, 1e9))
     assert still_arriving(paths, 60) == {}
+    # rsync copies under a hidden name, then renames: the finished _0000 and _0001 wait for their hidden _0002
+    partial = tmp_path / ".case_0002.nii.gz.Ab12Cd"
+    partial.write_bytes(b"\x1f\x8b")
+    assert sorted(still_arriving(paths, 60)) == [str(old[0]), str(fresh)]
+    os.utime(partial, (1e9, 1e9))  # a copy given up long ago holds nothing
+    assert still_arriving(paths, 60) == {}
+
+
+def test_a_case_that_does_not_fit_the_model_is_told_as_channel_files(tmp_path):
+    """A case of 2 files before a 4-channel model had been told about a 4-D NIfTI's 4th axis and time series."""
+    from flows.routing import ModelInput, fit_problem
+    from storage.probe import probe
+
+    t1, flair = channels()
+    ref = ChannelFiles("case", (save(t1, tmp_path / "case_0000.nii.gz"), save(flair, tmp_path / "case_0001.nii.gz")))
+    header = probe(ref)
+    assert header.channels == 2 and header.path == ref.display
+    assert fit_problem(header, ModelInput("m4", 3, 4)) == (
+        "model 'm4' takes 4 channels, the input is 2 nnU-Net channel files of one case (case_0000 ... case_0001): "
+        "case_0002, case_0003 are not among the files given")
+    assert fit_problem(header, ModelInput("m1", 3, 1)) == (
+        "model 'm1' takes 1 channel, the input is 2 nnU-Net channel files of one case (case_0000 ... case_0001): "
+        "give each file alone")
