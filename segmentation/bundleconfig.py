@@ -194,6 +194,11 @@ def transform_list(config: dict, key: str) -> tuple[list[tuple[dict, str | None]
         t, ok = deref(config, t)
         if not ok or not isinstance(t, dict) or "_target_" not in t:
             return [], f"{key} transform {i} is {t!r}, not a literal transform"
+        disabled = t.get("_disabled_", False)
+        if isinstance(disabled, str) and disabled.strip().startswith(("$", "@", "%")):
+            return [], f"{key} transform {i}'s _disabled_ is the expression {disabled!r}"
+        if disabled.strip().lower() == "true" if isinstance(disabled, str) else bool(disabled):
+            continue  # as MONAI's parser drops a disabled component from its list (it had been applied)
         out.append((t, f"{tid}::{i}"))
     return out, None
 

@@ -316,6 +316,11 @@ def test_preprocessing_segflow_cannot_reproduce_is_refused(tmp_path, unet):
         ({"_target_": "Orientationd", "keys": "image", "axcodes": "RA"}, "not a 3-D orientation"),
         ({"_target_": "ScaleIntensityRangePercentilesd", "keys": "image", "lower": 1, "upper": 99, "b_min": 0,
           "b_max": 1, "channel_wise": True}, "channel_wise=True"),
+        # a resize had only been noted: the network saw another scale (64 % of a probe's voxels differed)
+        ({"_target_": "Resized", "keys": "image", "spatial_size": [20, 18, 15]}, r"Resized\(spatial_size=.*resizes"),
+        ({"_target_": "ResizeWithPadOrCropd", "keys": "image", "spatial_size": [20, 18, 15]}, "resizes the image"),
+        ({"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 1, "b_min": 0, "b_max": 1,
+          "_disabled_": "$True"}, "_disabled_ is the expression"),
     ]):
         root = write_bundle(tmp_path / f"refused{n}", net_module=unet, preprocessing=[refused])
         with pytest.raises(ModelError, match=message + ".*--card"):
@@ -323,6 +328,26 @@ def test_preprocessing_segflow_cannot_reproduce_is_refused(tmp_path, unet):
     root = write_bundle(tmp_path / "c", net_module=unet, preprocessing=[
         {"_target_": "NormalizeIntensityd", "keys": "image", "channel_wise": True}])
     assert read_bundle(root).card.input.normalization.mode == "image_zscore"
+
+
+def test_disabled_transforms_are_not_applied_as_monai_leaves_them_out(tmp_path, unet):
+    """A transform marked "_disabled_": true (or "true") is dropped by MONAI's parser; segflow applied it: a
+    disabled intensity scaling changed 24 % of a probe's labels, a disabled clean-up became keep_largest."""
+    scale = {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -100, "a_max": 300, "b_min": 0,
+             "b_max": 1, "clip": True}
+    base = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"}]
+    plain = read_bundle(write_bundle(tmp_path / "plain", net_module=unet, preprocessing=base)).card
+    for n, flag in enumerate((True, "true", " True ")):
+        root = write_bundle(tmp_path / f"off{n}", net_module=unet, preprocessing=[*base, {**scale, "_disabled_": flag}],
+                            postprocessing=[{"_target_": "Activationsd", "keys": "pred", "softmax": True},
+                                            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                                            {"_target_": "KeepLargestConnectedComponentd", "keys": "pred",
+                                             "applied_labels": [2], "_disabled_": flag}])
+        card = read_bundle(root).card
+        assert card.input.normalization == plain.input.normalization and card.inference.keep_largest is None
+    on = read_bundle(write_bundle(tmp_path / "on", net_module=unet, preprocessing=[*base, {**scale,
+                                                                                         "_disabled_": False}]))
+    assert on.card.input.normalization.mode == "scale"
 
 
 def test_postprocessing_maps_invert_order_and_keep_largest(tmp_path, unet):
