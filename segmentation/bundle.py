@@ -418,8 +418,11 @@ def build_network(mapping: BundleMapping) -> nn.Module:
 def load_bundle(path: str | PathLike[str], *, trust_bundle: bool = False) -> tuple[BundleMapping, nn.Module]:
     """Read and build a bundle: (mapping, network that takes segflow windows, in eval mode)."""
     mapping = read_bundle(path, trust_bundle=trust_bundle)
-    net = build_network(mapping)
-    return mapping, ReversedAxes(net, mapping.card.input.spatial_dims).eval()
+    net = ReversedAxes(build_network(mapping), mapping.card.input.spatial_dims).eval()
+    arch = mapping.card.architecture.name
+    if arch == TORCHSCRIPT or arch.startswith(BUNDLE_PREFIX):  # not built by segflow: checked once, here
+        models.check_output(net, mapping.card, mapping.path, "the bundle's network")
+    return mapping, net
 
 
 # Per-axis arguments of the registry's MONAI networks, reversed with the axes.  ``strides`` and

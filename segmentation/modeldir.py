@@ -196,22 +196,7 @@ def _load_archive(path: Path, trusted: bool) -> LoadedModel:
 
 
 def _check_script_output(module: nn.Module, card: ModelCard, path: Path) -> None:
-    """A TorchScript network is a black box: run it once on a window of the card's roi and check it returns the
-    logits of the card's classes on the window's grid (first of a tuple or list, as inference takes them).  One
-    returning a dict, fewer or more classes, or an auxiliary head first failed inside the windows, after the run
-    had started, with a torch error."""
-    roi = tuple(card.inference.roi)
-    window = (1, card.input.channels, *roi)
-    try:
-        got = models.window_output(module, card.input.channels, roi)
-    except Exception as exc:  # noqa: BLE001 - whatever the archive's code raises, said in one line
-        raise ModelError(path, f"the TorchScript network fails on a ({', '.join(map(str, window))}) window: "
-                               f"{' '.join(str(exc).split())[:200]}") from None
-    want = (1, card.num_classes, *roi)
-    if got != want:
-        raise ModelError(path, f"the TorchScript network returns {got} for a {window} window; segflow needs the "
-                               f"logits of the card's {card.num_classes} classes on the window's grid, {want} "
-                               "(the first of a tuple or list)")
+    models.check_output(module, card, path)
 
 
 def check_model(path: str | PathLike[str], *, trust_bundle: bool = False) -> ModelCard:

@@ -232,6 +232,25 @@ def window_output(module: nn.Module, channels: int, roi: Sequence[int]) -> tuple
     return tuple(first.shape) if isinstance(first, torch.Tensor) else type(out).__name__
 
 
+def check_output(module: nn.Module, card: Any, path: Any, what: str = "the TorchScript network") -> None:
+    """A network segflow did not build (a TorchScript archive, a bundle's network MONAI instantiated) is a black
+    box: run it once on a window of the card's roi and check it returns the logits of the card's classes on the
+    window's grid (first of a tuple or list, as inference takes them).  One returning a dict, fewer or more
+    classes, or an auxiliary head first failed inside the windows of every input, with a torch traceback."""
+    roi = tuple(card.inference.roi)
+    window = (1, card.input.channels, *roi)
+    try:
+        got = window_output(module, card.input.channels, roi)
+    except Exception as exc:  # noqa: BLE001 - whatever the network's code raises, said in one line
+        raise ModelError(path, f"{what} fails on a ({', '.join(map(str, window))}) window: "
+                               f"{' '.join(str(exc).split())[:200]}") from None
+    want = (1, card.num_classes, *roi)
+    if got != want:
+        raise ModelError(path, f"{what} returns {got} for a {window} window; segflow needs the logits of the "
+                               f"card's {card.num_classes} classes on the window's grid, {want} (the first of a "
+                               "tuple or list)")
+
+
 # ---------------------------------------------------------------- receptive fields
 
 def global_context(module: nn.Module) -> bool:

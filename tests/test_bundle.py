@@ -181,6 +181,18 @@ def test_torchscript_bundle_runs_its_archive(tmp_path, unet):
         convert_model(root, tmp_path / "o")
 
 
+def test_a_bundle_network_segflow_did_not_build_is_checked_once_at_load(tmp_path):
+    """A bundle's model.ts with 2 classes while its metadata says 3 (or one returning a dict) loaded, then failed
+    in every input's windows with a worker's traceback; it is refused at load, naming the bundle."""
+    root = write_bundle(tmp_path / "b", network={**NET, "_target_": "scripts.net.MyNet"})
+    torch.manual_seed(0)
+    two = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,)).eval()
+    torch.jit.save(torch.jit.script(two), str(root / "models" / "model.ts"))
+    with pytest.raises(ModelError, match=r"the bundle's network returns \(1, 2, .*the card's 3 classes") as err:
+        load_model(root, trust_bundle=True)
+    assert err.value.path == str(root)
+
+
 def _reference_labels(net: torch.nn.Module, image: np.ndarray, card) -> np.ndarray:
     """MONAI's sliding window over the same network, the card's normalisation applied by hand."""
     n = card.input.normalization
