@@ -173,8 +173,10 @@ def read_state_dict(path: str | PathLike[str], *, trusted: bool = False) -> dict
 
 def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str | PathLike[str] | None,
                architecture: str) -> None:
-    """Refuse weights whose names or shapes differ from the network's: never half-load.  Refuse NaN values too: such a network labels every pixel with one class (its NaN logits' argmax), which looked like a
-    valid result ("ok", every hectare water).  Infinities are let be: a mask buffer may hold -inf on purpose."""
+    """Refuse weights whose names or shapes differ from the network's: never half-load.  Refuse NaN values too:
+    such a network labels every pixel with one class (its NaN logits' argmax), which looked like a valid result
+    ("ok", every hectare water); and infinite parameters, which end in NaN logits the same way.  Infinities in
+    buffers are let be: a mask buffer may hold -inf on purpose."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -186,17 +188,26 @@ def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str |
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelError(path, f"tensor {key} has shape {tuple(tensor.shape)}, "
                                    f"architecture expects {tuple(expected[key].shape)}")
-    check_no_nan(state, path)
+    check_no_nan(state, path, parameters={name for name, _ in module.named_parameters()})
 
 
-def check_no_nan(state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None) -> None:
-    """Refuse weights holding NaN (see :func:`check_fits`), naming the first such tensor."""
+def check_no_nan(state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None,
+                 parameters: set[str] = frozenset()) -> None:
+    """Refuse weights holding NaN, or an infinity in one of ``parameters`` (see :func:`check_fits`), naming the
+    first such tensor."""
     bad = {key: int(torch.isnan(t).sum()) for key, t in state.items()
            if t.is_floating_point() and bool(torch.isnan(t).any())}
     if bad:
         first = next(iter(bad))
         raise ModelError(path, f"weights hold {sum(bad.values())} NaN value(s) in {len(bad)} tensor(s) (first: "
                                f"{first}); a diverged training run's? its labels would be meaningless")
+    infinite = {key: int(torch.isinf(t).sum()) for key, t in state.items()
+                if key in parameters and t.is_floating_point() and bool(torch.isinf(t).any())}
+    if infinite:
+        first = next(iter(infinite))
+        raise ModelError(path, f"weights hold {sum(infinite.values())} infinite value(s) in {len(infinite)} "
+                               f"parameter(s) (first: {first}); a diverged training run's? its labels would be "
+                               "meaningless")
 
 
 def fill(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None,
@@ -268,7 +279,7 @@ def load_torchscript(path: str | PathLike[str], *,
             card = json.loads(raw)
         except ValueError:
             raise ModelError(path, f"the archive's {EXTRA_CARD} is not JSON") from None
-    check_no_nan(module.state_dict(), path)
+    check_no_nan(module.state_dict(), path, parameters={name for name, _ in module.named_parameters()})
     return module.eval(), card
 
 

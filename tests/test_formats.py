@@ -248,8 +248,9 @@ def test_a_model_directory_is_never_written_over_a_file_or_into_a_folder_of_othe
 
 
 def test_weights_with_nan_are_refused_naming_the_tensor(net, tmp_path):
-    """A NaN in the weights made every pixel one class (the argmax of NaN logits), reported "ok"; -inf is let
-    be (a mask buffer may hold it on purpose)."""
+    """A NaN in the weights made every pixel one class (the argmax of NaN logits), reported "ok", and so did an
+    infinite parameter; -inf in a buffer is let be (a mask buffer may hold it on purpose; which buffers are masks
+    is not known, so none is checked)."""
     state = {k: v.clone() for k, v in net.state_dict().items()}
     key = next(k for k, v in state.items() if v.is_floating_point())
     state[key].view(-1)[:2] = float("nan")
@@ -264,7 +265,16 @@ def test_weights_with_nan_are_refused_naming_the_tensor(net, tmp_path):
     torch.jit.save(torch.jit.script(scripted), str(archive))
     with pytest.raises(ModelError, match=r"model\.ts: weights hold 2 NaN value\(s\)"):
         load_model(archive, trust_bundle=True)
+    # an infinite parameter ends in NaN logits the same way (every label 0, "ok"); an infinite buffer is let be
     state[key].view(-1)[:2] = float("-inf")
+    torch.save(state, ckpt)
+    with pytest.raises(ModelError, match=rf"model\.pt: weights hold 2 infinite value\(s\) in 1 parameter\(s\) "
+                                         rf"\(first: {key.replace('.', '[.]')}\)"):
+        convert_model(ckpt, tmp_path / "out", card=_card())
+    parameters = {name for name, _ in net.named_parameters()}
+    buffer = next(k for k, v in state.items() if v.is_floating_point() and k not in parameters)
+    state[key].view(-1)[:2] = 0.0
+    state[buffer].view(-1)[:1] = float("-inf")  # where a mask buffer would hold one
     torch.save(state, ckpt)
     convert_model(ckpt, tmp_path / "out", card=_card())
 
