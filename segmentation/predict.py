@@ -89,7 +89,9 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         num_classes = card.num_classes
         flip_tta = card.inference.flip_tta if flip_tta is None else flip_tta
         blend_logits = (blend_outputs or card.inference.blend_outputs) == "logits"
-        module, token = model.module, model.weights_sha256
+        # the card is half the model: two with the same weights file and another activation or normalisation had
+        # one dask name, and computed together gave the first one's probabilities for both
+        module, token = model.module, f"{model.weights_sha256}-{model.card.shaping_sha256()[:16]}"
     else:
         module, token, blend_logits = model, None, blend_outputs == "logits"
     if roi is None:

@@ -385,6 +385,38 @@ def test_networks_sharing_weights_but_not_structure_have_their_own_results():
     assert not np.allclose(ga, gb)
 
 
+def test_loaded_models_sharing_a_weights_file_but_not_a_card_have_their_own_results(tmp_path):
+    """The same for two model directories: one weights file, cards differing in the activation.  A loaded model's dask name was its weights' sha256 alone, so computed together both gave the
+    first one's probabilities."""
+    import json
+    import shutil
+
+    from segmentation.card import ModelCard
+    from segmentation.modeldir import build_module, load_model, save_model
+    from tests.models import tiny_model
+
+    plain = tiny_model(tmp_path / "plain", spatial_dims=2, channels=1, roi=[16, 16]).card.model_dump(mode="json")
+    plain["architecture"]["kwargs"]["act"] = "relu"
+    plain["weights_sha256"] = None
+    card = ModelCard.model_validate(plain)
+    torch.manual_seed(3)
+    first = save_model(tmp_path / "a", card, build_module(card))
+    other = tmp_path / "b"
+    shutil.copytree(first.path, other)
+    card = json.loads((other / "card.json").read_text())
+    card["architecture"]["kwargs"]["act"] = "elu"  # no parameters either: the same weights file fits
+    (other / "card.json").write_text(json.dumps(card))
+    a, b = load_model(first.path), load_model(other)
+    assert a.weights_sha256 == b.weights_sha256
+    img = np.random.default_rng(1).normal(size=(1, 30, 30)).astype(np.float32)
+    pa, pb = predict(img, a), predict(img, b)
+    assert pa.name != pb.name
+    alone = pb.compute(scheduler="sync")
+    ga, gb = dask.compute(pa, pb, scheduler="sync")
+    np.testing.assert_array_equal(gb, alone)
+    assert not np.allclose(ga, gb)
+
+
 def test_torchscript_modules_and_user_mistakes():
     """A scripted or traced module failed inside the task (requires_grad on a copy's non-leaf parameters); a
     wrong precision ran as exact without a word; a model folder's path was told 'roi is required'."""
