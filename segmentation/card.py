@@ -25,6 +25,9 @@ MODEL_SPACE_VERSION = 3  # from this card version on, a declared spacing or orie
 RASTER_MODEL_SPACE_VERSION = 4  # and from this one on, a raster's ground sample distance and CRS
 
 
+MIN_STD = 1e-12  # a smaller zscore std turns float32 values into infinities
+
+
 class Normalization(BaseModel):
     """How raw pixels become network input, applied per window.
 
@@ -73,13 +76,15 @@ class Normalization(BaseModel):
             raise ValueError("normalization mode 'scale' needs 'scale'")
         if self.mode == "zscore" and (self.mean is None or self.std is None):
             raise ValueError("normalization mode 'zscore' needs 'mean' and 'std'")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError("normalization std must be positive")
+        if self.std is not None and any(s < MIN_STD for s in self.std):  # 1e-320 passed: every value became inf
+            raise ValueError(f"normalization std must be at least {MIN_STD:g}, got {list(self.std)}")
         if self.mode == "percentile":
             if None in (self.lower, self.upper, self.b_min, self.b_max):
                 raise ValueError("normalization mode 'percentile' needs 'lower', 'upper', 'b_min' and 'b_max'")
             if self.lower >= self.upper:  # type: ignore[operator]
                 raise ValueError("normalization percentile 'lower' must be below 'upper'")
+            if self.b_min == self.b_max:  # every input one constant (it ended in a ZeroDivisionError per input)
+                raise ValueError(f"normalization percentile 'b_min' and 'b_max' must differ, both are {self.b_min}")
         if self.nonzero and self.mode not in ("zscore", "image_zscore"):
             raise ValueError("normalization 'nonzero' applies to the zscore and image_zscore modes")
         return self

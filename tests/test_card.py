@@ -88,6 +88,9 @@ def test_model_space_applies_from_version_3_only():
     ({"mode": "zscore", "mean": [float("inf")], "std": [1.0]}, "mean must hold finite numbers"),
     ({"mode": "zscore", "mean": [0.0], "std": [1.0], "clip": [5.0, -5.0]}, r"clip \[5.0, -5.0\] must be"),
     ({"mode": "zscore", "mean": [0.0, 0.0], "std": [1.0]}, "mean lists 2 values for 1 channels"),
+    # a ZeroDivisionError blamed on each input, and every pixel one class with rc 0
+    ({"mode": "percentile", "lower": 5.0, "upper": 95.0, "b_min": 1.0, "b_max": 1.0}, "'b_min' and 'b_max' must differ"),
+    ({"mode": "zscore", "mean": [0.0], "std": [1e-320]}, "std must be at least 1e-12"),
 ])
 def test_inconsistent_normalisations_are_refused(norm, message):
     with pytest.raises(ValidationError, match=message):
