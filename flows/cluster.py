@@ -200,10 +200,10 @@ class ReportedFailures(logging.Filter):
     is one segflow reports itself, in one line naming the input: its own errors, an OSError (a full disk, an
     output folder deleted under a run) and an interruption.  Any other error's record stays.
 
-    It also drops the traceback of a heartbeat that a closing worker had in flight when the cluster shut down
+    It also drops the traceback of a heartbeat that a worker had in flight when segflow shut its cluster down
     ("Failed to communicate with scheduler during heartbeat": a race at the end of a run that went well, which
     put a traceback after `segment`'s last line in one CI run); a running worker's failed heartbeat keeps its
-    record."""
+    record (:func:`shutdown_in_progress`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -215,19 +215,38 @@ class ReportedFailures(logging.Filter):
         if record.levelno < logging.ERROR:
             return True
         text = record.getMessage()
-        if text.startswith(HEARTBEAT_FAILED) and workers_closing():
+        if text.startswith(HEARTBEAT_FAILED) and shutdown_in_progress():
             return False
         return not ("Compute Failed" in text and self.reported.search(text))
 
 
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"
-_CLOSING = {Status.closing, Status.closing_gracefully, Status.closed}
+_CLOSING = {Status.closing, Status.closing_gracefully}
+_SHUTTING_DOWN = [0]  # clusters this process is closing now (dask_client's exit)
 
 
-def workers_closing() -> bool:
-    """Whether a Dask worker of this process is closing (or closed): its heartbeat's error is shutdown, not news."""
-    workers = list(getattr(Worker, "_instances", ()))
-    return any(worker.status in _CLOSING for worker in workers)
+@contextmanager
+def shutting_down() -> Iterator[None]:
+    """While segflow closes a cluster: its workers' heartbeat errors are the shutdown, not news."""
+    _SHUTTING_DOWN[0] += 1
+    try:
+        yield
+    finally:
+        _SHUTTING_DOWN[0] -= 1
+
+
+def closing_a_cluster() -> bool:
+    """Whether segflow is closing a cluster of this process now (:func:`dask_client`'s exit)."""
+    return _SHUTTING_DOWN[0] > 0
+
+
+def shutdown_in_progress() -> bool:
+    """Whether this process is closing a cluster (its worker may be closed already while the scheduler is not),
+    or a Dask worker of it is closing (a worker process closed by its nanny).  Workers closed before do not count:
+    an earlier cluster's, kept alive by a reference, had hidden a running worker's failed heartbeat."""
+    if closing_a_cluster():
+        return True
+    return any(worker.status in _CLOSING for worker in list(getattr(Worker, "_instances", ())))
 
 
 def quiet_reported_failures() -> None:
@@ -399,5 +418,6 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
             _announce(client, "local cluster")
         yield client
     finally:
-        client.close()
-        cluster.close()
+        with shutting_down():
+            client.close()
+            cluster.close()
