@@ -450,7 +450,7 @@ def test_a_closing_workers_failed_heartbeat_stays_off_the_console():
         [lingering] = [w for w in Worker._instances if w.address in earlier.scheduler.workers]
     assert lingering.status.name == "closed"  # still referenced, as a test's or a notebook's variable keeps it
     _SEEN_WHILE_CLOSING.clear()
-    with dask_client(in_process=True) as client:
+    with dask_client(workers=0) as client:  # a cluster of its own, in this process, whatever client is current
         client.register_plugin(_WatchTheClose(), name="watch")
         assert quiet.filter(heartbeat), "a running worker's failed heartbeat was hidden"
     assert _SEEN_WHILE_CLOSING == [(False, True)], "a heartbeat failing while segflow closes its cluster is printed"
