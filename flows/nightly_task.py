@@ -54,7 +54,7 @@ def _hash_input(path: str) -> str:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from exc
 
 
-def _hash_series(ref: SeriesRef | ChannelFiles) -> str:
+def _hash_group(ref: SeriesRef | ChannelFiles) -> str:
     """The series' (or a case's channel files') content key: one digest over its files' sha256s (a file gone since
     listing: one line)."""
     try:
@@ -176,7 +176,7 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     rep.model, rep.model_path = model.name, entry.path
     classes = [c.model_dump(mode="json") for c in model.card.classes]
     group = series or channel_files
-    rep.input_sha256 = content or (_hash_series(group) if group is not None else _hash_input(local))
+    rep.input_sha256 = content or (_hash_group(group) if group is not None else _hash_input(local))
     document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options,
                                    stem=input_stem(item))
     rep.cache_key = ledger.cache_key(document)

@@ -146,10 +146,9 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
             wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
             return (f"{name} takes {model.channels} channels{wanted}, the input has {count}: choose them with "
                     f"--bands, e.g. --bands {','.join(str(i) for i in range(1, model.channels + 1))}")
-        case = re.search(r"^(.*)_0000\.\.(\d{4})\.nii(\.gz)?$", Path(header.path).name, re.IGNORECASE)
-        if header.kind == "volume" and case:  # a case's nnU-Net channel files (storage.channelfiles)
-            stem, given = case.group(1), f"{count} nnU-Net channel files of one case ({case.group(1)}_0000 ... " \
-                                         f"{case.group(1)}_{count - 1:04d})"
+        if header.case is not None:  # a case's nnU-Net channel files (storage.channelfiles)
+            stem = header.case
+            given = f"{count} nnU-Net channel files of one case ({stem}_0000 ... {stem}_{count - 1:04d})"
             if count > model.channels:
                 advice = "give each file alone" if model.channels == 1 else \
                     f"give the {model.channels} files it takes, or use a model that takes {count}"

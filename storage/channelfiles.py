@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from os import PathLike
@@ -30,7 +29,7 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 
-from storage.errors import InvalidInputError, StoreError
+from storage.errors import InvalidInputError
 from storage.geometry import SourceInfo, same_affine
 from storage.hashing import sha256_input
 
@@ -66,9 +65,6 @@ class ChannelFiles:
         for value in file_sha256s if file_sha256s is not None else self.file_sha256s():
             digest.update(value.encode("ascii") + b"\n")
         return digest.hexdigest()
-
-    def size(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
 
 
 def group_channel_files(items: Sequence[Any], takes: Collection[int] | None = None) -> list[Any]:
@@ -150,50 +146,24 @@ def stored_dtype(dtypes: Sequence[np.dtype]) -> np.dtype:
 
 def ingest_channel_files(ref: ChannelFiles, store_path: str | PathLike[str], *, chunk: int = 128) -> Any:
     """Copy each channel file into its channel of a new image store, slab by slab (no volume held whole)."""
-    from storage.layout import StoreMeta, create_image_store, mark_complete
-    from storage.nifti import check_stream_end, copy_slabs
-    from storage.niftiopen import check_data_size, check_nifti_path, describe_nifti, error_text, open_nifti, spatial_ijk
+    from storage.layout import StoreMeta
+    from storage.nifti import open_volume, write_volume_store
 
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
-    store = Path(store_path)
-    created = False
-    try:
-        with ExitStack() as stack:
-            opened = []
-            for path in ref.files:
-                check_nifti_path(path)
-                img = open_nifti(path, stack)
-                geometry, channels, read = describe_nifti(path, img)
-                check_data_size(path, img)
-                opened.append((path, img, geometry, channels, read))
-            check_grid(ref, [(path, geometry, channels) for path, _, geometry, channels, _ in opened])
-            stored = stored_dtype([np.dtype(geometry.dtype) for _, _, geometry, _, _ in opened])
-            digests = ref.file_sha256s()
-            geometry = opened[0][2].model_copy(update={"dtype": stored.name})
-            shape = (len(ref.files), *reversed(spatial_ijk(geometry.shape)))
-            meta = StoreMeta(source=SourceInfo(path=str(ref.files[0].resolve()), sha256=ref.sha256(digests),
-                                               size=ref.size(), format=FORMAT),
-                             geometry=geometry, channel_names=[f"channel{c}" for c in range(len(ref.files))],
-                             spatial_dims=3)
-            created = True
-            try:
-                out = create_image_store(store, meta=meta, shape=shape, dtype=stored.name,
-                                         chunks=(1, *(min(chunk, n) for n in shape[1:])), with_mask=False)
-                for c, (path, img, _, _, read) in enumerate(opened):
-                    copy_slabs(path, read, out, stored, first_channel=c, channels=1)
-                    check_stream_end(path, img)
-                out.group.attrs[ATTR] = [{"channel": c, "path": str(path.resolve()), "sha256": digest,
-                                          "size": path.stat().st_size}
-                                         for c, (path, digest) in enumerate(zip(ref.files, digests))]
-                mark_complete(out.group)
-            except OSError as exc:
-                raise StoreError(store, f"cannot write the image store: {error_text(exc)}") from None
-            return out
-    except BaseException:
-        if created:
-            shutil.rmtree(store, ignore_errors=True)
-        raise
+    with ExitStack() as stack:
+        volumes = [open_volume(path, stack) for path in ref.files]
+        check_grid(ref, [(v.path, v.geometry, v.channels) for v in volumes])
+        stored = stored_dtype([np.dtype(v.geometry.dtype) for v in volumes])
+        digests = ref.file_sha256s()
+        sizes = [path.stat().st_size for path in ref.files]
+        meta = StoreMeta(source=SourceInfo(path=str(ref.files[0].resolve()), sha256=ref.sha256(digests),
+                                           size=sum(sizes), format=FORMAT),
+                         geometry=volumes[0].geometry.model_copy(update={"dtype": stored.name}),
+                         channel_names=[f"channel{c}" for c in range(len(ref.files))], spatial_dims=3)
+        files = [{"channel": c, "path": str(path.resolve()), "sha256": digest, "size": size}
+                 for c, (path, digest, size) in enumerate(zip(ref.files, digests, sizes))]
+        return write_volume_store(store_path, meta, volumes, stored, chunk, attrs={ATTR: files})
 
 
 @dataclass(frozen=True)

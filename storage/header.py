@@ -38,6 +38,7 @@ class Header:
     bands: tuple[int, ...] = ()  # a raster's image bands (1-based indexes in the file); empty for volumes
     band_descriptions: tuple[str | None, ...] = ()  # their GDAL descriptions (None: unnamed)
     on_the_earth: bool = True  # a raster's CRS can be taken to longitude/latitude (False: none, or a local grid)
+    case: str | None = None  # a case's nnU-Net channel files (storage.channelfiles): the case, one file a channel
 
     @property
     def names_bands(self) -> bool:

@@ -19,9 +19,10 @@ import os
 import shutil
 import uuid
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from nibabel.nifti1 import Nifti1Extension, Nifti1Header
@@ -43,7 +44,8 @@ from storage.niftiopen import (
     spatial_ijk,
 )
 
-__all__ = ["check_stream_end", "copy_slabs", "ingest_nifti", "write_label_nifti", "NIFTI_SUFFIXES"]
+__all__ = ["OpenedVolume", "ingest_nifti", "open_volume", "write_label_nifti", "write_volume_store",
+           "NIFTI_SUFFIXES"]
 
 INTENT_LABEL = 1002
 LABEL_DESCRIPTION = "segflow labels"
@@ -64,48 +66,70 @@ def ingest_nifti(path: str | PathLike[str], store_path: str | PathLike[str], *, 
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
     src = Path(path)
+    with ExitStack() as stack:
+        volume = open_volume(src, stack)
+        geometry = volume.geometry
+        meta = StoreMeta(
+            source=SourceInfo(path=str(src.resolve()), sha256=sha256_input(src), size=src.stat().st_size,
+                              format=f"NIfTI-{geometry.nifti_version}"),
+            geometry=geometry,
+            channel_names=[f"channel{c}" for c in range(volume.channels)],
+            spatial_dims=3,
+        )
+        return write_volume_store(store_path, meta, [volume], np.dtype(geometry.dtype), chunk)
+
+
+@dataclass(frozen=True)
+class OpenedVolume:
+    """A NIfTI file opened for ingest: its checked header's geometry and channel count, and its slab reader."""
+
+    path: Path
+    img: Any
+    geometry: VolumeGeometry
+    channels: int
+    read: Any
+
+
+def open_volume(path: Path, stack: ExitStack) -> OpenedVolume:
+    """Open and check one NIfTI file (name, header, data size) for :func:`write_volume_store`."""
+    check_nifti_path(path)
+    img = open_nifti(path, stack)
+    geometry, channels, read = describe_nifti(path, img)
+    check_data_size(path, img)
+    return OpenedVolume(path, img, geometry, channels, read)
+
+
+def write_volume_store(store_path: str | PathLike[str], meta: StoreMeta, volumes: Sequence[OpenedVolume],
+                       stored: np.dtype, chunk: int, attrs: dict[str, Any] | None = None) -> ImageStore:
+    """A new image store holding the volumes' channels one after another (one 4-D file, or a case's channel files:
+    :mod:`storage.channelfiles`), each read to the end of its gzip stream; ``attrs`` set before it is marked
+    complete.  A failure removes the store."""
     store = Path(store_path)
-    check_nifti_path(src)
-    created = False
+    shape = (sum(v.channels for v in volumes), *reversed(spatial_ijk(volumes[0].geometry.shape)))
     try:
-        with ExitStack() as stack:
-            img = open_nifti(src, stack)
-            geometry, channels, read = describe_nifti(src, img)
-            check_data_size(src, img)
-            shape = (channels, *reversed(spatial_ijk(geometry.shape)))
-            chunks = (1, *(min(chunk, n) for n in shape[1:]))
-            meta = StoreMeta(
-                source=SourceInfo(path=str(src.resolve()), sha256=sha256_input(src), size=src.stat().st_size,
-                                  format=f"NIfTI-{geometry.nifti_version}"),
-                geometry=geometry,
-                channel_names=[f"channel{c}" for c in range(channels)],
-                spatial_dims=3,
-            )
-            created = True
-            try:
-                out = create_image_store(store, meta=meta, shape=shape, dtype=geometry.dtype, chunks=chunks,
-                                         with_mask=False)
-                copy_slabs(src, read, out, np.dtype(geometry.dtype))
-                check_stream_end(src, img)
-                mark_complete(out.group)
-            except OSError as exc:  # reading errors were already turned into InputErrors
-                raise StoreError(store, f"cannot write the image store: {error_text(exc)}") from None
-            return out
-    except BaseException:
-        if created:
-            shutil.rmtree(store, ignore_errors=True)
+        out = create_image_store(store, meta=meta, shape=shape, dtype=stored.name,
+                                 chunks=(1, *(min(chunk, n) for n in shape[1:])), with_mask=False)
+        first = 0
+        for volume in volumes:
+            _copy_slabs(volume, out, stored, first)
+            _check_stream_end(volume.path, volume.img)
+            first += volume.channels
+        out.group.attrs.update(attrs or {})
+        mark_complete(out.group)
+        return out
+    except BaseException as exc:
+        shutil.rmtree(store, ignore_errors=True)
+        if isinstance(exc, OSError):  # reading errors were already turned into InputErrors
+            raise StoreError(store, f"cannot write the image store: {error_text(exc)}") from None
         raise
 
 
-def copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype, *, first_channel: int = 0,
-               channels: int | None = None) -> None:
-    """Write every (channel, z-chunk) slab; count non-finite voxels and refuse them at the end.
-
-    ``src``'s channel c goes to the store's channel ``first_channel + c`` (one file of several, each a channel:
-    :mod:`storage.channelfiles`); ``channels``: how many ``src`` has (default: all the store's)."""
+def _copy_slabs(volume: OpenedVolume, out: ImageStore, stored: np.dtype, first_channel: int) -> None:
+    """Write every (channel, z-chunk) slab of ``volume`` into the store's channels from ``first_channel`` on;
+    count non-finite voxels and refuse them at the end."""
+    src, read, channels = volume.path, volume.read, volume.channels
     image = out.image
     depth = image.shape[1]
-    channels = image.shape[0] if channels is None else channels
     step = image.chunks[1]
     bad = 0
     for c in range(channels):
@@ -126,7 +150,7 @@ def copy_slabs(src: Path, read: Any, out: ImageStore, stored: np.dtype, *, first
         raise InvalidInputError(src, f"contains {bad} NaN/Inf voxels")
 
 
-def check_stream_end(src: Path, img: Any) -> None:
+def _check_stream_end(src: Path, img: Any) -> None:
     """Read a ``.nii.gz`` to the end of its gzip stream, where its CRC and length are checked.  The voxels stop
     before the trailer, so a file damaged inside the voxel data (bits flipped in a copy) was read without a word
     and segmented from wrong values; bytes after the stream were never looked at either."""

@@ -94,7 +94,7 @@ def _probe_channel_files(ref: "ChannelFiles") -> Header:
     headers = [probe(path) for path in ref.files]
     check_grid(ref, [(path, Grid(list(header.shape), nibabel.load(path).affine), header.channels)
                      for path, header in zip(ref.files, headers)])
-    return dataclasses.replace(headers[0], path=ref.display, channels=len(ref.files))
+    return dataclasses.replace(headers[0], path=ref.display, channels=len(ref.files), case=ref.case)
 
 
 def _is_dicom(path: Path, is_dicom_input) -> bool:  # noqa: ANN001 - storage.dicom.is_dicom_input
