@@ -93,7 +93,8 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
         out.append(f"{input_path}: {len(dicom.copies)} file(s) are byte-identical copies of other files of the "
                    f"series (same SOPInstanceUID), read once: {shown}")
     shape = tuple(int(n) for n in store.image.shape[1:])
-    if geometry.kind == "volume" and len(shape) == 3 and min(shape) == 1 and max(model.card.inference.roi) > 1:
+    roi = model.card.inference.roi
+    if geometry.kind == "volume" and len(shape) == 3 and any(n == 1 < r for n, r in zip(shape, roi)):
         out.append(f"{input_path}: is one slice thick ({' x '.join(map(str, shape[::-1]))} voxels), and model "
                    f"{model.card.name!r} is 3D (windows of {' x '.join(map(str, model.card.inference.roi))}): it sees "
                    "the slice padded with zeros, which it was hardly trained on")

@@ -49,6 +49,7 @@ from flows.routing import band_request
 from segmentation import LoadedModel
 from segmentation.chunkwrites import label_nodata
 from segmentation.modeldir import CARD_FILE
+from segmentation.oneslice import plane_axes, plane_model
 from storage import provenance
 from storage.atomic import make_output_folder
 from storage.bands import units_facts
@@ -126,12 +127,14 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     zarr_target = out_dir / f"{stem}.zarr"
     out_path = out_dir / output_name(input_path, store.meta.kind)
     created: list[Path] = []  # outputs this run put in place: on failure exactly these are removed
+    given = model  # the model as loaded: the provenance records its card (a one-slice input runs a view of it)
     keep_work = False
     replacing: Replacing | None = None
     try:
         try:
             check_interrupt()  # interrupted during the ingest: stop before the inference, keep the ingest
             named = record_input_as or input_label(input_path)  # how messages name the input
+            model, options = one_slice_fit(model, options, store, named)
             store = modelspace.model_bands_store(store, model, options)
             check_has_data(named, store)
             # said once the run is under way: "has no CRS; the output is written ..." had come before the line
@@ -159,10 +162,10 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             stats["warnings"] = warnings
         record = provenance.make_record(
             input_path=record_input_as or store.meta.source.path, input_sha256=store.meta.source.sha256,
-            model={"name": model.name, "path": str(model.path.resolve()), "weights_sha256": model.weights_sha256,
-                   "weights_path": str(model.weights_path.resolve()) if model.weights_path else None,
-                   "source": model.source, "card_sha256": model.card.shaping_sha256(), **_card_file(model),
-                   "architecture": model.card.architecture.model_dump(mode="json")},
+            model={"name": given.name, "path": str(given.path.resolve()), "weights_sha256": given.weights_sha256,
+                   "weights_path": str(given.weights_path.resolve()) if given.weights_path else None,
+                   "source": given.source, "card_sha256": given.card.shaping_sha256(), **_card_file(given),
+                   "architecture": given.card.architecture.model_dump(mode="json")},
             parameters=params, device=device_name(options.device), started=started, finished=provenance.now(),
             statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
         # what a run before this one wrote under this name is set aside (put back if this run fails), and so is
@@ -226,6 +229,20 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     outputs = [os.path.abspath(p) for p in [*exported, sidecar, *([zarr_target] if options.keep_zarr else [])]]
     return Outcome(input=record_input_as or input_label(input_path), ok=True, outputs=outputs,
                    statistics=record["statistics"])
+
+
+def one_slice_fit(model: LoadedModel, options: SegmentOptions, store: ImageStore,
+                  named: str) -> tuple[LoadedModel, SegmentOptions]:
+    """A 2-D model on a volume one slice thick (nnU-Net's X x Y x 1 NIfTI) runs as a 3-D model whose windows
+    are one slice thick (:mod:`segmentation.oneslice`), so the volume path (model space, NIfTI and DICOM SEG,
+    mL) serves it unchanged; the window and mirrored axes given as options gain the slice axis too."""
+    if store.meta.kind != "volume" or model.card.input.spatial_dims != 2:
+        return model, options
+    if store.spatial_shape[0] != 1:  # routing refuses these first; the Python API reaches here
+        raise IncompatibleInputError(named, f"model {model.name!r} is 2D, the input is a 3D volume "
+                                            f"({store.spatial_shape[0]} slices; a 2D model takes one-slice volumes)")
+    roi, flips = plane_axes(options.roi, options.flip_tta)
+    return plane_model(model, named), options.model_copy(update={"roi": roi, "flip_tta": flips})
 
 
 def _card_file(model: LoadedModel) -> dict[str, str]:

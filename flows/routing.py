@@ -7,7 +7,9 @@ chosen as the pipeline chooses them (:func:`chosen_bands`): ``--bands`` when
 given; else, when the card names its channels and the file names its bands,
 those names looked up among the file's (a 13-band Sentinel-2 file fits a card
 naming B02,B03,B04,B08); else every image band (alpha excluded).  A volume's
-channels are its 4-D NIfTI's fourth axis, always 1 for a DICOM series.  No
+channels are its 4-D NIfTI's fourth axis, always 1 for a DICOM series.  A
+volume one slice thick (I x J x 1, as nnU-Net keeps 2-D images) also fits a
+2-D card (:func:`one_slice`).  No
 other card field is used: a model trained on another resolution or dtype still
 fits (where its card names a spacing, the pipeline resamples onto the model's
 grid and back).
@@ -124,11 +126,19 @@ def band_request(card: "ModelCard", options: "SegmentOptions") -> BandRequest:
                           resampling=spec.resampling)
 
 
+def one_slice(header: Header, model: ModelInput) -> bool:
+    """A volume one slice thick (I x J x 1: nnU-Net's 2-D images in NIfTI) fits a 2D model: it segments the
+    slice's plane (:mod:`segmentation.oneslice`)."""
+    return model.spatial_dims == 2 and header.kind == "volume" and len(header.shape) == 3 and header.shape[2] == 1
+
+
 def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None = None) -> str | None:
     """Why the input of ``header`` does not fit ``model`` (one line, without the path), or None when it does."""
     name = f"model {model.name!r}"
-    if header.spatial_dims != model.spatial_dims:
-        return f"{name} is {model.spatial_dims}D, the input is {header.spatial_dims}D"
+    if header.spatial_dims != model.spatial_dims and not one_slice(header, model):
+        thick = f" ({header.shape[2]} slices; a 2D model takes volumes one slice thick)" \
+            if model.spatial_dims == 2 and header.kind == "volume" else ""
+        return f"{name} is {model.spatial_dims}D, the input is {header.spatial_dims}D{thick}"
     count = header.channels
     if header.kind == "raster":
         try:

@@ -277,6 +277,12 @@ def device_gate(dev: torch.device) -> threading.Lock:
         return _GATES.setdefault(str(dev), threading.Lock())
 
 
+def _weights_layout(net: nn.Module) -> torch.memory_format | None:
+    """The channels-last layout of a network's convolution weights (None: mixed ranks, or none to lay out)."""
+    ranks = {p.dim() for p in net.parameters()} & {4, 5}
+    return None if len(ranks) != 1 else torch.channels_last if ranks == {4} else torch.channels_last_3d
+
+
 class WindowPredictor:
     """Blended class probabilities (softmax, float32, weighted) over the windows of a region.
 
@@ -342,7 +348,9 @@ class WindowPredictor:
                                        generator=torch.Generator().manual_seed(0))
                     net = fold_batch_norm(net, probe)
                 net = net.to(dev)
-                net = net.to(memory_format=self.memory_format)
+                weights = _weights_layout(net)  # a 2-D network shown 3-D windows (segmentation.oneslice) has 4-D ones
+                if weights is not None:
+                    net = net.to(memory_format=weights)
                 for p in net.parameters():
                     if p.is_leaf:  # a TorchScript module's copy holds non-leaf parameters, which refuse the call
                         p.requires_grad_(False)

@@ -220,6 +220,26 @@ class ChannelStack(SlicedArray):
         return parts[0] if np.ndim(wanted) == 0 else np.stack(parts)
 
 
+class OneSlice(SlicedArray):
+    """A (C, 1, *plane) or (1, *plane) array-like seen without its one-slice axis.
+
+    nnU-Net keeps 2-D images as NIfTI files one slice thick (X x Y x 1); a
+    2-D network trains on their plane.  ``axis`` is the thin axis (1 for an
+    image store's (C, K, J, I), 0 for a label array's (K, J, I)).
+    """
+
+    def __init__(self, array: Any, axis: int) -> None:
+        shape = tuple(int(n) for n in array.shape)
+        if shape[axis] != 1:
+            raise ValueError(f"axis {axis} of shape {shape} is not one slice thick")
+        self._array, self._axis = array, axis
+        self.shape, self.dtype = shape[:axis] + shape[axis + 1:], np.dtype(array.dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = _normalise(key, self.ndim)
+        return np.asarray(self._array[key[:self._axis] + (0,) + key[self._axis:]])
+
+
 def ingested(path: Path, store_path: Path) -> ImageStore:
     """``path`` ingested at ``store_path``; a finished store of the same file (by sha256) is reused."""
     if store_path.exists():

@@ -13,7 +13,9 @@ shape mismatch or a malformed table is reported before anything is ingested;
 label values outside the table need the pixels and are found by
 :meth:`DecathlonDataset.validate_labels` or when a patch meets them.  Only
 NIfTI is read: an nnU-Net dataset with another ``file_ending`` (.png, .tif,
-.nrrd, .mha) is refused.  Class values become contiguous (0..n-1, in the
+.nrrd, .mha) is refused.  A dataset whose every case is one slice thick
+(X x Y x 1, nnU-Net's way of keeping 2-D images in NIfTI) is 2-D: a 2-D
+network trains on the slices' plane, on their own pixel grid.  Class values become contiguous (0..n-1, in the
 order of the dataset's values); the dataset's own values stay in ``table``.
 
 A case is ingested into zarr stores under the caller's work folder and read
@@ -37,7 +39,8 @@ from storage.errors import CorruptInputError, InvalidInputError
 from storage.geometry import VolumeGeometry, same_affine
 from storage.inputfiles import stem_of
 from storage.layout import ImageStore
-from storage.datasets.arrays import ChannelStack, LabelArray, LabelTable, count_classes, ingested, volume_spacing
+from storage.datasets.arrays import (ChannelStack, LabelArray, LabelTable, OneSlice, count_classes, ingested,
+                                     volume_spacing)
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -239,6 +242,8 @@ class DecathlonDataset:
         image = stores[0].image if len(stores) == 1 else ChannelStack([s.image for s in stores])
         geometry = stores[0].meta.geometry
         spacing = volume_spacing(geometry) if isinstance(geometry, VolumeGeometry) else (1.0,) * 3
+        if self.spatial_dims == 2:  # X x Y x 1 files: the plane (j, i), on its own pixel grid as a picture is
+            return CaseData(image=OneSlice(image, 1), labels=OneSlice(labels, 0), spacing=spacing[1:])
         return CaseData(image=image, labels=labels, spacing=spacing, geometry=geometry)
 
     def validate_labels(self, work: Path | None = None) -> dict[int, int]:
@@ -353,7 +358,13 @@ def open_decathlon(root: Path) -> DecathlonDataset:
     name = name.strip() if isinstance(name, str) and name.strip() else root.resolve().name
     description = doc.get("description") if isinstance(doc.get("description"), str) else None
     return DecathlonDataset(root=root, name=name, flavour=flavour, table=table, channel_names=channel_names,
-                            cases=cases, description=description)
+                            cases=cases, description=description, spatial_dims=_spatial_dims(cases))
+
+
+def _spatial_dims(cases: Sequence[Case]) -> int:
+    """2 when every case is one slice thick (X x Y x 1, as nnU-Net stores 2-D images in NIfTI), else 3."""
+    thin = [_spatial_and_channels(_header(case.labels)[0])[0][2] == 1 for case in cases if case.labels is not None]
+    return 2 if thin and all(thin) else 3
 
 
 LAYOUT = Layout(name="decathlon", detect=detect, open=open_decathlon, holds="dataset.json, imagesTr/ and labelsTr/")
