@@ -13,6 +13,7 @@ silently give other labels.  Steps that do not change labels are kept as notes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ NO_OPS = {"LoadImage", "EnsureChannelFirst", "AddChannel", "EnsureType", "ToTens
 SPATIAL_NOTED = {"CropForeground", "SpatialPad", "DivisiblePad", "BorderPad"}
 # ... and those that change the image's scale, which the network then sees otherwise than it was trained: refused
 RESIZES = {"Resize", "ResizeWithPadOrCrop", "Zoom"}
+PADDING_MODES = ("constant", "reflect", "replicate", "circular")  # what MONAI's sliding window pads with
 # Postprocessing steps segflow does not perform (labels stay on the input grid, as Invertd restores).
 POST_NOTED = {"SaveImage", "FillHoles", "RemoveSmallObjects",
                "LabelFilter", "EnsureType", "ToTensor", "CopyItems", "DeleteItems", "Lambda"}
@@ -240,11 +242,14 @@ def inferer(config: dict, in_spec: dict, spatial_dims: int, notes: list[str], ev
         mode = str(args.get("mode", "constant"))
         if mode not in ("constant", "gaussian"):
             raise ModelError(None, f"{name} mode {mode!r} is not a segflow blend (constant, gaussian)")
-        pad = args.get("padding_mode", "constant")
-        if pad != "constant" or args.get("cval", 0.0) not in (0, 0.0):
-            notes.append(f"{name} padding_mode={pad!r} is not applied: segflow pads short axes with zeros")
+        pad, cval = args.get("padding_mode", "constant"), args.get("cval", 0.0)
+        if pad not in PADDING_MODES:
+            raise ModelError(None, f"{name} padding_mode {pad!r} is not one of MONAI's {', '.join(PADDING_MODES)}")
+        if isinstance(cval, bool) or not isinstance(cval, (int, float)) or not math.isfinite(cval):
+            raise ModelError(None, f"{name} cval {cval!r} is not a finite number; pass --card")
         return {"roi": roi, "overlap": float(overlap), "blend": mode, "sigma_scale": float(sigma),
-                "batch_size": int(args.get("sw_batch_size", 1)), "blend_outputs": "logits"}
+                "batch_size": int(args.get("sw_batch_size", 1)), "blend_outputs": "logits",
+                "padding": pad, "padding_value": float(cval)}
     if raw is None or name == "SimpleInferer":
         shape = in_spec.get("spatial_shape")
         if isinstance(shape, list) and len(shape) == spatial_dims and all(isinstance(s, int) and s > 0 for s in shape):

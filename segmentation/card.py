@@ -191,6 +191,11 @@ class InferenceDefaults(BaseModel):
     # the softmax after the blend, as MONAI's sliding-window inferer does (bundles map to this).
     blend_outputs: Literal["probabilities", "logits"] = "probabilities"
     keep_largest: KeepLargest | None = None
+    # What the windows see past the edge of an axis shorter than the ROI (MONAI's sliding-window padding_mode
+    # and cval, applied after normalisation): "constant" ``padding_value``, or the image reflected (without
+    # repeating the edge), replicated or wrapped around.  Longer axes are never padded.
+    padding: Literal["constant", "reflect", "replicate", "circular"] = "constant"
+    padding_value: float = 0.0
 
     @field_validator("flip_tta")
     @classmethod
@@ -280,7 +285,11 @@ class ModelCard(BaseModel):
     def shaping(self) -> dict[str, Any]:
         """What in the card shapes a run's labels: all of it but its description and training record (the
         nightly ledger's key, and ``card_sha256`` in the provenance)."""
-        return self.model_dump(mode="json", exclude={"description", "training"})
+        out = self.model_dump(mode="json", exclude={"description", "training"})
+        if self.inference.padding == "constant" and self.inference.padding_value == 0.0:
+            # the padding fields came later: a card that pads with zeros, as every card had, keeps its hash
+            del out["inference"]["padding"], out["inference"]["padding_value"]
+        return out
 
     def shaping_sha256(self) -> str:
         """sha256 of :meth:`shaping`: a card edited since a run (its normalisation, its classes) is another model

@@ -277,6 +277,9 @@ def device_gate(dev: torch.device) -> threading.Lock:
         return _GATES.setdefault(str(dev), threading.Lock())
 
 
+_NUMPY_PADDING = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}  # torch's names -> numpy's
+
+
 def _weights_layout(net: nn.Module) -> torch.memory_format | None:
     """The channels-last layout of a network's convolution weights (None: mixed ranks, or none to lay out)."""
     ranks = {p.dim() for p in net.parameters()} & {4, 5}
@@ -295,8 +298,11 @@ class WindowPredictor:
                  precision: Precision = "exact", device: str = "auto", batch_size: int = 4,
                  token: str = "", flip_tta: Sequence[int] = (), roi: Sequence[int] | None = None,
                  in_channels: int | None = None, blend_logits: bool = False, compile: bool = False,
-                 device_resident: bool | None = None, serial_device: bool | None = None) -> None:
+                 device_resident: bool | None = None, serial_device: bool | None = None,
+                 padding: str = "constant", padding_value: float = 0.0) -> None:
         self.module = module
+        # past the edge of an axis shorter than the ROI (the card's inference.padding): fill_outside
+        self.padding, self.padding_value = padding, float(padding_value)
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
         self.precision = precision
@@ -332,6 +338,23 @@ class WindowPredictor:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+    @property
+    def pads_zeros(self) -> bool:
+        """Whether windows see zeros past a short axis's edge (the region's buffer as it starts)."""
+        return self.padding == "constant" and self.padding_value == 0.0
+
+    def fill_outside(self, x: np.ndarray, inner: tuple[slice, ...]) -> None:
+        """Fill a normalised (C, *extent) region past the image's ``inner`` part as MONAI pads an image whose
+        axis is shorter than the ROI (each axis padded from the image, as ``torch.nn.functional.pad`` does)."""
+        widths = [(0, 0)] + [(s.start, n - s.stop) for s, n in zip(inner, x.shape[1:])]
+        if self.pads_zeros or not any(lo or hi for lo, hi in widths):
+            return
+        core = x[(slice(None),) + tuple(inner)]
+        if self.padding == "constant":
+            x[...] = np.pad(core, widths, mode="constant", constant_values=self.padding_value)
+        else:
+            x[...] = np.pad(core, widths, mode=_NUMPY_PADDING[self.padding])
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -89,11 +89,13 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         num_classes = card.num_classes
         flip_tta = card.inference.flip_tta if flip_tta is None else flip_tta
         blend_logits = (blend_outputs or card.inference.blend_outputs) == "logits"
+        padding = {"padding": card.inference.padding, "padding_value": card.inference.padding_value}
         # the card is half the model: two with the same weights file and another activation or normalisation had
         # one dask name, and computed together gave the first one's probabilities for both
         module, token = model.module, f"{model.weights_sha256}-{model.card.shaping_sha256()[:16]}"
     else:
         module, token, blend_logits = model, None, blend_outputs == "logits"
+        padding = {}
     if roi is None:
         raise ConfigError(None, "roi is required when the model is a plain torch module")
     overlap = 0.25 if overlap is None else overlap
@@ -134,7 +136,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                                 token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}"
                                       f"{'-logits' if blend_logits else ''}{'-compiled' if compile else ''}",
                                 flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0], blend_logits=blend_logits,
-                                compile=compile)
+                                compile=compile, **padding)
     grid = make_grid(arr.shape[1:], roi, overlap)
     # a stored (zarr) or dask image is read by the evaluate tasks themselves, region by region (StitchPlan's
     # source): no image chunk waits in memory for the windows that need it.  A numpy image is in memory already.

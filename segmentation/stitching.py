@@ -83,7 +83,7 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
     # pixels up to 11 pixels away (a NaN gave yet others).
     invalid = None if valid is None or bool(valid.all()) else ~valid
     if getattr(predictor, "regions_on_device", False) and hasattr(normalizer, "apply_torch") and \
-            stored_on_device(raw.dtype):  # a GPU worker: the stored dtype crosses the bus, the sums stay there
+            stored_on_device(raw.dtype) and getattr(predictor, "pads_zeros", True):  # a GPU worker: the stored dtype crosses the bus, the sums stay there
         acc = predictor.accumulate_stored(raw, normalizer, inner, shape, finite, windows, weights, num_classes,
                                           invalid=invalid)
     else:
@@ -94,6 +94,8 @@ def _evaluate(predictor: Any, normalizer: Callable[[np.ndarray], np.ndarray],
             zero_non_finite(x)
         if invalid is not None:
             x[(slice(None),) + inner][:, invalid] = 0.0
+        if hasattr(predictor, "fill_outside"):  # past a short axis's edge: the card's padding (zeros by default)
+            predictor.fill_outside(x, inner)
         acc = predictor.accumulate(x, windows, weights, num_classes)
         del x
 

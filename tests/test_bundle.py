@@ -227,6 +227,46 @@ def test_segment_a_bundle_through_the_cli(bundle, unet, tmp_path):
     assert verified.exit_code == 0, verified.output
 
 
+@pytest.mark.parametrize("padding", [("reflect", 0.0), ("replicate", 0.0), ("circular", 0.0), ("constant", 0.7)])
+def test_a_bundles_padding_mode_pads_a_scan_shorter_than_the_window_as_monai_does(tmp_path, unet, padding):
+    """A scan 10 x 9 x 6 voxels under a 16 x 12 x 8 window: MONAI pads every axis (after the normalisation) with
+    the inferer's padding_mode and cval before the windows run; segflow had padded with zeros whatever the mode
+    (a note in the card), and such a scan's labels differed from MONAI's."""
+    mode, cval = padding
+    root = write_bundle(tmp_path / "bundle", net_module=unet)
+    config = json.loads((root / "configs" / "inference.json").read_text())
+    config["inferer"].update(padding_mode=mode, cval=cval)
+    (root / "configs" / "inference.json").write_text(json.dumps(config))
+    card = read_bundle(root).card
+    assert (card.inference.padding, card.inference.padding_value) == padding
+    image, _ = make_phantom(tmp_path / "small.nii.gz", shape=(10, 9, 6), seed=4)
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(image), "--model", str(root),
+                           "--out", str(tmp_path / "out"), "--no-prefect", "--no-zarr"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    labels = np.asarray(nib.load(tmp_path / "out" / "small.nii.gz").dataobj)
+    n = card.input.normalization
+    x = np.clip((np.asarray(nib.load(image).dataobj).astype(np.float32) - np.float32(n.offset[0]))
+                * np.float32(n.scale[0]), n.clip[0], n.clip[1])
+    with torch.inference_mode():
+        logits = sliding_window_inference(torch.from_numpy(x)[None, None], ROI, 4, unet, overlap=0.25,
+                                          mode="gaussian", sigma_scale=0.125, padding_mode=mode, cval=cval)
+        zeros = sliding_window_inference(torch.from_numpy(x)[None, None], ROI, 4, unet, overlap=0.25,
+                                         mode="gaussian", sigma_scale=0.125)
+    expected = logits[0].argmax(0).numpy()
+    assert not np.array_equal(expected, zeros[0].argmax(0).numpy())  # the mode matters here: a test that can fail
+    assert np.array_equal(labels, expected), f"{(labels != expected).mean():.2e} of voxels differ"
+
+
+def test_a_bundle_padding_mode_monai_does_not_have_is_refused(tmp_path, unet):
+    root = write_bundle(tmp_path / "bundle", net_module=unet)
+    config = json.loads((root / "configs" / "inference.json").read_text())
+    config["inferer"]["padding_mode"] = "symmetric"
+    (root / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="padding_mode 'symmetric' is not one of MONAI's constant, reflect"):
+        read_bundle(root)
+
+
 def _reversed(t: torch.Tensor) -> torch.Tensor:
     """segflow's (k, j, i) window as MONAI's (i, j, k) one, and back."""
     return t.permute(0, 1, 4, 3, 2)

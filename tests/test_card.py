@@ -31,6 +31,18 @@ def test_a_full_card_round_trips_and_sorts_tta_axes():
     assert ModelCard.model_validate_json(c.model_dump_json()) == c
 
 
+def test_a_card_that_pads_with_zeros_keeps_the_hash_it_had_before_padding_was_a_field():
+    """The provenance and the nightly ledger key on the card's hash: the padding fields, added later, leave a card
+    that does not use them with its earlier hash (computed by segflow before they existed), and change the hash
+    of one that does."""
+    c = ModelCard.model_validate(card())
+    assert c.shaping_sha256() == "f65f98e83ad84eaea4ebd1028650b0d7f8809380e086d1da18c0f22fd3d96544"
+    assert "padding" not in c.shaping()["inference"]
+    for inference in ({"padding": "reflect"}, {"padding_value": 0.5}):
+        padded = ModelCard.model_validate(card(inference={"roi": [64, 64], "flip_tta": [1, 0], **inference}))
+        assert padded.shaping_sha256() != c.shaping_sha256()
+
+
 def test_segment_options_sort_tta_axes_like_the_card():
     """--tta 1,0 and --tta 0,1 are one run: they were recorded apart (another run identity, so an interrupted
     run of one was not resumed by the other, and other output bytes)."""
