@@ -104,7 +104,8 @@ def volume_quicklook(
     centres = component_centres(volume, census, [c.value for c in rows])
     if not centres:
         centres = [tuple(n // 2 for n in volume.shape)]
-    requests = [(_voxel_axis(ornt, ras), centre[_voxel_axis(ornt, ras)]) for centre in centres for _, ras in PLANES]
+    planes = _planes(ornt, volume.shape)
+    requests = [(_voxel_axis(ornt, ras), centre[_voxel_axis(ornt, ras)]) for centre in centres for _, ras in planes]
     label_planes = volume.planes(requests)
     img_planes = image_planes(Path(image_path), lab_img, requests) if image_path is not None else None
     lo, hi, how = _window(window, img_planes)
@@ -113,8 +114,8 @@ def volume_quicklook(
     colors, drawn = color_table(shown, top)
     drawn[0] = False
     pictures = []
-    for n, req in enumerate(requests):  # three per row, in PLANES order
-        row, name = n // len(PLANES), PLANES[n % len(PLANES)][0]
+    for n, req in enumerate(requests):  # three per row (one for a slice), in PLANES order
+        row, name = n // len(planes), planes[n % len(planes)][0]
         kept = [a for a in range(3) if a != req[0]]
         lab2d = _facing(label_planes[req], ornt, kept)
         img2d = _facing(img_planes[req], ornt, kept) if img_planes is not None else None
@@ -122,7 +123,7 @@ def volume_quicklook(
         pictures.append((row, name, req, _render(lab2d, img2d, size, lo, hi, colors, drawn)))
     captions = [_row_caption(rows[row] if rows else None, centre) for row, centre in enumerate(centres)]
     sheet = _lay_out(labels_path.name, _subtitles(volume.shape, affine, how, lo, hi), _legend(shown, present),
-                     pictures, captions)
+                     pictures, captions, planes)
     panels = tuple(Panel(name, box, dict(LETTERS[name]), slice=(int(req[0]), int(req[1])),
                          through_class=rows[row].value if rows else None)
                    for (row, name, req, _), box in zip(pictures, sheet.boxes))
@@ -143,15 +144,26 @@ def _screen_size(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int], kep
     return max(1, round(extent[high] / mm_per_px)), max(1, round(extent[low] / mm_per_px))
 
 
-def _lay_out(title: str, subtitles: list[str], legend: list[LegendEntry], pictures: list, captions: list[str]) -> Sheet:
-    """Rows of axial, coronal, sagittal pictures, a caption above each row; boxes kept on ``sheet.boxes``."""
-    widths = [p[3].shape[1] for p in pictures[:3]]
-    height = max(p[3].shape[0] for p in pictures[:3])
-    body = (max([sum(widths) + GAP * 2] + [text_width(c) + GAP for c in captions]),
+def _planes(ornt: np.ndarray, shape: Sequence[int]) -> tuple[tuple[str, int], ...]:
+    """The planes worth drawing: all three, or for a volume one slice thick (a 2-D image kept as X x Y x 1, as
+    nnU-Net keeps them) the plane across that slice alone (the other two are one voxel wide)."""
+    thin = [axis for axis in range(3) if shape[axis] == 1]
+    if len(thin) != 1:
+        return PLANES
+    return tuple(plane for plane in PLANES if _voxel_axis(ornt, plane[1]) == thin[0])
+
+
+def _lay_out(title: str, subtitles: list[str], legend: list[LegendEntry], pictures: list, captions: list[str],
+             planes: Sequence[tuple[str, int]] = PLANES) -> Sheet:
+    """Rows of axial, coronal, sagittal pictures (of ``planes``), a caption above each row; boxes kept on
+    ``sheet.boxes``."""
+    widths = [p[3].shape[1] for p in pictures[:len(planes)]]
+    height = max(p[3].shape[0] for p in pictures[:len(planes)])
+    body = (max([sum(widths) + GAP * (len(widths) - 1)] + [text_width(c) + GAP for c in captions]),
             len(captions) * (LINE + height) + GAP * (len(captions) - 1))
     sheet = Sheet(title, subtitles, body, legend)
     for row, name, _, rgb in pictures:
-        column = [n for n, _ in PLANES].index(name)
+        column = [n for n, _ in planes].index(name)
         y = row * (LINE + height + GAP)
         if column == 0:
             sheet.caption(captions[row], (0, y))

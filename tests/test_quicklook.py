@@ -312,6 +312,27 @@ def test_thick_slices_are_not_squashed(tmp_path: Path) -> None:
     assert abs(w / h - 1.5) < 0.02
 
 
+@pytest.mark.parametrize("thin", [2, 1])
+def test_a_volume_one_slice_thick_shows_the_one_plane_across_it(tmp_path: Path, thin: int) -> None:
+    """A 2-D image kept as NIfTI (X x Y x 1, nnU-Net's way; or a coronal radiograph one voxel thick along y) has
+    one plane to show: the other two were strips one voxel wide beside it."""
+    shape = [40, 30, 20]
+    shape[thin] = 1
+    labels = np.zeros(shape, dtype=np.uint8)
+    index = [slice(10, 25), slice(8, 20), slice(5, 15)]
+    index[thin] = slice(None)
+    labels[tuple(index)] = 1
+    table = slicer_color_table([LabelClass(value=1, name="cell", color=GREEN)])
+    info = volume_quicklook(write_volume(tmp_path / "l.nii.gz", labels, ras_affine((0.5, 0.5, 0.5)), [table]),
+                            tmp_path / "q.png")
+    expected = {2: "axial", 1: "coronal"}[thin]
+    assert [p.name for p in info.panels] == [expected]
+    _, _, w, h = info.panel(expected).box
+    assert min(w, h) > 100  # the plane drawn at the sheet's size, not a strip
+    rows, _ = _green_columns(info, expected)
+    assert rows.size  # the labelled square is outlined in it
+
+
 def test_legend_volume_in_millilitres(tmp_path: Path) -> None:
     labels = np.zeros((30, 40, 20), dtype=np.uint8)
     labels[5:15, 10:30, 5:10] = 3  # 1000 voxels of 1 x 1.5 x 2 mm = 3000 mm^3 = 3 mL
