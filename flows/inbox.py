@@ -22,6 +22,7 @@ from storage.dicomfiles import is_dicom_input
 from storage.errors import ConfigError, InputError
 from storage.inputfiles import PICTURE_SUFFIXES, kind_of, stem_of
 from storage.remote import is_url
+from storage.stacassets import local_asset_files
 from storage.stacitem import is_item_path, looks_like_item
 
 ITEM_READ_MAX = 64 * 2**20  # a .json file larger than this is no STAC item an inbox holds: not read, ignored
@@ -51,7 +52,7 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
     An Analyze/NIfTI pair is one input, read through its ``.hdr``.  A sub-folder holding DICOM files (at
     any depth), a DICOMDIR and a file with the DICOM preamble are listed as they are; :func:`flows.inputs.expand`
     turns them into series.  A ``.json`` file is an input when it is a STAC item (a Feature with
-    ``stac_version``), else ignored.  A URL prefix lists its objects (DICOM is read from local folders only).
+    ``stac_version``), else ignored; the files beside it that its assets name are ignored (the item reads them).  A URL prefix lists its objects (DICOM is read from local folders only).
     """
     if is_url(str(folder)):
         return _list_inbox_url(str(folder))
@@ -87,7 +88,21 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
         if p.name.lower().endswith(".img") and p.with_suffix(".hdr").exists():
             continue
         inputs.append(str(p))
-    return inputs, ignored
+    return _items_band_files_aside(inputs, ignored)
+
+
+def _items_band_files_aside(inputs: list[str], ignored: list[str]) -> tuple[list[str], list[str]]:
+    """A STAC item delivered with its band files beside it (hrefs relative to the item, as catalogues deliver
+    them) is one input: the files its assets name are listed among the ignored, not segmented one by one (each
+    had failed as a 1-band raster no model takes, and the run exited 1 every night)."""
+    named: set[Path] = set()
+    for p in inputs:
+        if is_item_path(p):
+            named |= local_asset_files(p)
+    if not named:
+        return inputs, ignored
+    assets = [p for p in inputs if Path(p).resolve() in named and not is_item_path(p)]
+    return [p for p in inputs if p not in assets], sorted(ignored + assets)
 
 
 def _is_dicom(path: Path) -> bool:

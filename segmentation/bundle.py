@@ -302,9 +302,14 @@ def _check_io(card: ModelCard, net: _Network | None, path: Path) -> None:
 
 
 def _describe(meta: dict, notes: list[str]) -> str:
+    """The bundle's description, then what segflow does not apply, then how it reads the axes (which it does
+    apply: listed among the steps not applied, it read as if the labels came out transposed)."""
     description = " ".join(str(meta.get("description", "")).split())
-    if notes:
-        description = (description + " " if description else "") + "Not applied by segflow: " + "; ".join(notes) + "."
+    skipped = [n for n in notes if n != AXES_NOTE]
+    if skipped:
+        description = (description + " " if description else "") + "Not applied by segflow: " + "; ".join(skipped) + "."
+    if AXES_NOTE in notes:
+        description = (description + " " if description else "") + "Axes: " + AXES_NOTE + "."
     return description
 
 

@@ -26,7 +26,7 @@ from storage.errors import IncompatibleInputError, InputError, InvalidInputError
 from storage.hashing import sha256_input
 from storage.remote import is_url, parent_of, resolve
 
-__all__ = ["ItemPlan", "OpenedAsset", "open_asset", "plan_item"]
+__all__ = ["ItemPlan", "OpenedAsset", "local_asset_files", "open_asset", "plan_item"]
 
 _RASTER_TYPES = ("image/tiff", "image/vnd.stac.geotiff", "image/jp2", "application/x-hdf")
 _RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
@@ -236,6 +236,19 @@ def _assets(path: Path, doc: dict[str, Any], item: Any, origin: str | None = Non
             a.bands = [_Band(asset=key, index=1)]
         out[key] = a
     return out
+
+
+def local_asset_files(path: str | PathLike[str]) -> set[Path]:
+    """The local files an item's raster assets name, resolved; empty for an item that cannot be read (its own
+    run says why).  An inbox delivered as a catalogue delivers it, the band files beside the item, holds one
+    input: the item (:func:`flows.inbox.list_inbox`)."""
+    path = Path(path)
+    try:
+        doc, item = _read(path)
+        assets = _assets(path, doc, item)
+    except (InputError, OSError):
+        return set()
+    return {a.local.resolve() for a in assets.values() if a.local is not None}
 
 
 def _names(band: _Band, asset: _Asset) -> set[str]:

@@ -128,6 +128,11 @@ def test_bundle_maps_to_a_card_without_evaluating_anything(bundle):
     assert (card.input.orientation, card.input.interpolation, card.inference.invert) == ("RAS", "bilinear", "labels")
     assert card.card_version == 4 and card.applies_model_space
     assert not any("Orientationd" in n or "Spacingd" in n for n in mapping.notes)
+    # the axis reversal, which segflow applies, is not among what it does not apply (read as transposed labels)
+    assert "Not applied by segflow" not in card.description
+    assert card.description.endswith("Axes: MONAI indexes arrays x first (i, j, k), segflow in storage order (k, j, "
+                                     "i): the card's roi and spacing are the bundle's reversed, and the network sees "
+                                     "each window with its spatial axes reversed.")
     # the card's normalisation is MONAI's ScaleIntensityRange
     x = np.linspace(-200, 1200, 1001, dtype=np.float32)[None]
     ours = resolve(card.input.normalization, 1)(x)

@@ -129,3 +129,22 @@ def test_a_rerun_skips_the_items_and_a_changed_asset_is_processed_again(runs):
     assert not np.array_equal(_labels(runs["out"] / "S2_full.tif"), runs["first_labels"]["full"])
     record = json.loads((runs["out"] / "S2_full.provenance.json").read_text())
     assert record["input"]["sha256"] == third["full.json"]["input_sha256"]
+
+
+def test_an_item_delivered_with_its_band_files_beside_it_is_one_input(tmp_path, dask_cluster):
+    """A catalogue delivers an item with its band COGs beside it (hrefs ``./B02.tif``).  Each COG had also been an
+    input of its own: four 1-band rasters no model takes, reported ``no-model``, and the run exited 1 every night.
+    The item reads them; they are listed as ignored.  A raster no item names stays an input."""
+    inbox = tmp_path / "inbox"
+    item = s2_samples.write_item(inbox, size=64)
+    s2_samples.write_cog(inbox / "other.tif", s2_samples.band_dn(7, 64), 10)
+    inputs, ignored = list_inbox(inbox)
+    band_files = sorted(str(inbox / f"{band_id}.tif") for band_id, _, _ in s2_samples.BANDS.values())
+    assert inputs == [str(item), str(inbox / "other.tif")]
+    assert ignored == sorted(band_files + [str(inbox / "preview.png")])
+
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4, roi=[32, 32], channel_names=RGBN)
+    state = nightly(model_dirs=[str(model.path)], out_dir=str(tmp_path / "out"), inbox=str(inbox), retries=0,
+                    return_state=True, options=SegmentOptions(dask_address=dask_cluster.scheduler.address))
+    got = {Path(r["input"]).name: r["status"] for r in nightly_report(state)["inputs"]}
+    assert got == {"item.json": "done", "other.tif": "no-model"}  # the COGs are no inputs of their own
