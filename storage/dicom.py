@@ -120,9 +120,15 @@ def _plan(ref: SeriesRef) -> _Plan:
     if len(rows) > 1:
         sizes = ", ".join(f"{r}x{c}" for r, c in sorted(rows))
         raise InvalidInputError(display, f"mixed image sizes in one series: {sizes} (rows x columns)")
-    missing = [name for name, attr in (("ImageOrientationPatient", "iop"), ("ImagePositionPatient", "ipp"),
-                                       ("PixelSpacing", "pixel_spacing"))
-               if any(getattr(f, attr) is None for f in frames)]
+    placing = (("ImageOrientationPatient", "iop"), ("ImagePositionPatient", "ipp"), ("PixelSpacing", "pixel_spacing"))
+    for name, attr in placing:  # some slices only: those files are named (a series of 300 had said "slices")
+        lacking = [f for f in frames if getattr(f, attr) is None]
+        if lacking and len(lacking) < len(frames):
+            shown = ", ".join(frame_name(f) for f in lacking[:3]) + \
+                (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+            raise InvalidInputError(display, f"{shown} {'has' if len(lacking) == 1 else 'have'} no {name}, which the "
+                                             "series' other slices have: it cannot be placed in space")
+    missing = [name for name, attr in placing if any(getattr(f, attr) is None for f in frames)]
     if missing:
         raise InvalidInputError(display, f"slices without {' and '.join(missing)}: they cannot be placed in space")
     spacings = np.array([f.pixel_spacing for f in frames], dtype=np.float64)

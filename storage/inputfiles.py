@@ -20,6 +20,7 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # photographs (VOC, Cityscapes, CO
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", *PICTURE_SUFFIXES)
 ITEM_SUFFIXES = (".json",)  # a STAC item: its assets are stacked into one raster (storage.stacitem)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # DICOM files need no suffix; these say a file was meant to be one
 
 
 def kind_of(path: str | PathLike[str]) -> str:
@@ -29,8 +30,11 @@ def kind_of(path: str | PathLike[str]) -> str:
         return "volume"
     if name.endswith(RASTER_SUFFIXES + ITEM_SUFFIXES):
         return "raster"
+    if name.endswith(DICOM_SUFFIXES):  # DICOM files are found by their content first: this one was not readable
+        raise CorruptInputError(path, "is not a readable DICOM file (neither the DICM preamble nor a DICOM data set "
+                                      "at its start): damaged, cut short or not DICOM")
     raise UnsupportedFormatError(path, "unsupported file type (expected .tif, .tiff, .vrt, .png, .jpg, .nii, "
-                                       ".nii.gz, .hdr or a STAC item .json)")
+                                       ".nii.gz, .hdr, a STAC item .json, or DICOM files or a folder of them)")
 
 
 def stem_of(path: str | PathLike[str]) -> str:
@@ -82,8 +86,9 @@ def check_readable_file(path: Path) -> bytes:
         if (path / "zarr.json").is_file():
             raise InputError(path, "is a directory, expected a file: a zarr store; give the image it was ingested "
                                    "from (`segflow info` describes the store)")
-        raise InputError(path, "is a directory, expected a file; for a folder of images give its files "
-                               "(FOLDER/*.tif), or take it as `segflow nightly --inbox FOLDER`")
+        raise InputError(path, "is a folder holding no DICOM files (a folder is an input when it holds a DICOM "
+                               "series); for a folder of images give its files (FOLDER/*.tif), or take it as "
+                               "`segflow nightly --inbox FOLDER`")
     if not stat.S_ISREG(mode):
         what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"

@@ -329,6 +329,12 @@ def empty_nii_gz(folder: Path) -> Path:
     return path
 
 
+def unreadable_dcm(folder: Path) -> Path:
+    path = folder / "noise.dcm"
+    path.write_bytes(bytes((i * 37 + 11) % 256 for i in range(500)))
+    return path
+
+
 def garbage_header_nii(folder: Path) -> Path:
     path = folder / "garbage_header.nii"
     path.write_bytes(bytes((i * 53 + 7) % 256 for i in range(1000)))
@@ -549,7 +555,8 @@ INPUT_CASES: list[Case] = [
     Case("gcps-only", "GeoTIFF georeferenced by GCPs only", "2d", gcps_only, "has only GCPs"),
     Case("huge-dims-tif", "8x8 striped TIFF whose header claims 60000x60000", "2d", huge_dims_tif,
          "cannot read pixels"),
-    Case("directory", "a directory where a file is expected", "2d", directory, "is a directory, expected a file"),
+    Case("directory", "a folder holding no DICOM files where a file is expected", "2d", directory,
+         "is a folder holding no DICOM files"),
     Case("fifo", "a FIFO (unreadable as a file; stands in for chmod 000, which root ignores)", "2d", fifo,
          "is a FIFO (named pipe), not a regular file"),
     Case("dangling-symlink", "a symbolic link to a deleted file", "2d", dangling_symlink,
@@ -559,6 +566,7 @@ INPUT_CASES: list[Case] = [
     Case("missing", "a path that does not exist", "2d", missing, "no such file"),
     Case("3d-to-2d-model", "a NIfTI volume given to a 2D model", "2d", volume_to_2d_model, "is 2D, the input is 3D"),
     # 3D model
+    Case("unreadable-dcm", "noise named .dcm", "3d", unreadable_dcm, "is not a readable DICOM file"),
     Case("truncated-nii", "uncompressed NIfTI cut after 2000 bytes", "3d", truncated_nii, "data is truncated"),
     Case("truncated-nii-gz", "gzip NIfTI cut in half", "3d", truncated_nii_gz, "cannot read voxel data"),
     Case("damaged-nii-gz", "gzip NIfTI with bytes flipped in its voxel data (the CRC fails)", "3d", damaged_nii_gz,
@@ -676,6 +684,8 @@ DICOM_CASES: list[Case] = [
          _bad_series("duplicate_position"), "two slices at the same position", given="series"),
     Case("dicom-undecodable", "JPEG XL Lossless transfer syntax (no installed decoder)", "3d",
          _bad_series("undecodable"), "cannot be decoded: no installed pixel decoder handles it", given="series"),
+    Case("dicom-no-position", "one slice without ImagePositionPatient", "3d", _bad_series("no_position"),
+         "IM0002.dcm has no ImagePositionPatient, which the series' other slices have", given="series"),
     Case("dicom-no-image-series", "a folder of DICOM files none of which is an image (DIRFILE, SR)", "3d",
          dicom_no_image_series, "no DICOM image series found", given="folder"),
     Case("dicom-sr-alone", "a Basic Text SR document given alone", "3d", dicom_sr_alone,

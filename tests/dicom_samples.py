@@ -406,7 +406,7 @@ def write_seg(path: Path, source_paths: Sequence[Path]) -> Path:
 # --------------------------------------------------------------------------- broken series
 
 BAD_CASES = ("missing_slice", "varying_gaps", "mixed_orientation", "mixed_sizes", "mixed_spacing",
-             "gantry_tilt", "no_pixel_data", "duplicate_position", "undecodable")
+             "gantry_tilt", "no_pixel_data", "duplicate_position", "undecodable", "no_position")
 
 
 def write_bad_series(folder: Path, case: str) -> list[Path]:
@@ -439,6 +439,8 @@ def write_bad_series(folder: Path, case: str) -> list[Path]:
         rewrite(paths[3:4], lambda ds, k: position(ds, (0.0, 0.0, 4.0)))
     elif case == "undecodable":
         set_undecodable_syntax(paths)
+    elif case == "no_position":
+        rewrite(paths[1:2], lambda ds, k: delattr(ds, "ImagePositionPatient"))
     else:
         raise ValueError(f"unknown bad case {case!r}")
     return paths

@@ -264,6 +264,7 @@ BAD = {
     "mixed_spacing": (InvalidInputError, r"mixed PixelSpacing in one series"),
     "gantry_tilt": (InvalidInputError, r"gantry tilt: slices step 0\.500 mm sideways of the slice normal"),
     "no_pixel_data": (InvalidInputError, r"IM0003\.dcm has no pixel data"),
+    "no_position": (InvalidInputError, r"IM0002\.dcm has no ImagePositionPatient, which the series' other slices have"),
     "duplicate_position": (InvalidInputError, r"two slices at the same position \(4\.000 mm along the normal\)"),
     "undecodable": (UnsupportedFormatError, r"transfer syntax JPEG XL Lossless \(1\.2\.840\.10008\.1\.2\.4\.110\) "
                                             r"cannot be decoded"),
