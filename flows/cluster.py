@@ -29,6 +29,7 @@ GPU = "GPU"  # the worker resource GPU tasks ask for: workers started with `--re
 # Each window task asks for half a GPU: a GPU worker runs two at once, one reading and decoding its region on the
 # host while the other's windows run on the device (they take turns there: segmentation.inference.device_gate)
 GPU_TASK_SHARE = 0.5
+INTERRUPTED_CLOSE_S = 15.0  # the longest an interrupted run waits for its local cluster to close
 # A LocalCUDACluster worker's threads unless told: its two window tasks, and the host tasks (writing chunks,
 # statistics) beside them
 GPU_WORKER_THREADS = 4
@@ -419,5 +420,23 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
         yield client
     finally:
         with shutting_down():
-            client.close()
-            cluster.close()
+            _close(client, cluster)
+
+
+def _close(client: Client, cluster: Any) -> None:
+    """Close the client, then the cluster.  After an interruption (a second SIGTERM to the whole process group)
+    the worker processes may be dying, or restarting under their nannies, and a close that waited on them had
+    hung for good (1 run of 3 in a probe): it is bounded then, and the watchdog (flows/reaper.py) ends whatever
+    is left once the command exits."""
+    from flows.interrupts import interrupted
+
+    if interrupted() is None:
+        client.close()
+        cluster.close()
+        return
+    try:
+        client.close(timeout=INTERRUPTED_CLOSE_S)
+        cluster.close(timeout=INTERRUPTED_CLOSE_S)
+    except Exception as exc:  # noqa: BLE001 - a timeout, or a comm error of workers already gone
+        logging.getLogger(__name__).debug("the interrupted run's cluster did not close in %s s: %s",
+                                          INTERRUPTED_CLOSE_S, exc)

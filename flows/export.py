@@ -67,10 +67,12 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
             created.append(written[-1])
         polygons = None
         if vector != "none":
+            # listed before it is written: the writer renames the file into place, then totals the areas, and an
+            # interrupt between the two had left a finished-looking .gpkg that no cleanup knew of
+            created.append(vector_path(out_path, vector))
             polygons = write_vectors(labels, meta, model, out_path, vector, group.attrs["nodata_label"],
                                      simplify=simplify)
             written.append(polygons)
-            created.append(polygons)
         from storage.header import on_the_earth
 
         if on_the_earth(_crs(meta.geometry)):  # a STAC item needs a footprint on the Earth
@@ -93,6 +95,11 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
 VECTOR_SUFFIX = {"gpkg": ("GPKG", ".gpkg"), "parquet": ("Parquet", ".parquet"), "geojson": ("GeoJSON", ".geojson")}
 
 
+def vector_path(out_path: Path, vector: str) -> Path:
+    """Where ``--vector`` writes the polygons of the labels at ``out_path``."""
+    return out_path.with_name(stem_of(out_path) + VECTOR_SUFFIX[vector][1])
+
+
 def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, vector: str, nodata: int,
                   simplify: float | None = None) -> Path:
     """The labels as polygons per class (area in hectares), merged across chunks: ``<stem>.<gpkg|parquet|geojson>``.
@@ -103,9 +110,9 @@ def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, ve
 
     from storage.vectors import write_polygons
 
-    driver, suffix = VECTOR_SUFFIX[vector]
+    driver = VECTOR_SUFFIX[vector][0]
     geometry = meta.geometry
-    path = out_path.with_name(stem_of(out_path) + suffix)
+    path = vector_path(out_path, vector)
     write_polygons(labels, Affine(*geometry.transform), _crs(geometry), path, classes=model.card.classes, nodata=nodata,
                    chunk=int(labels.chunks[0]), driver=driver, simplify=simplify)  # type: ignore[arg-type]
     return path

@@ -101,8 +101,16 @@ def _items_band_files_aside(inputs: list[str], ignored: list[str]) -> tuple[list
             named |= local_asset_files(p)
     if not named:
         return inputs, ignored
-    assets = [p for p in inputs if Path(p).resolve() in named and not is_item_path(p)]
+    assets = [p for p in inputs if _resolved(p) in named and not is_item_path(p)]
     return [p for p in inputs if p not in assets], sorted(ignored + assets)
+
+
+def _resolved(path: str) -> Path | None:
+    """The file a path names; None for a link in a loop (an input that fails on its own, saying so)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # Python 3.11-12 raise RuntimeError for a loop, 3.13 OSError
+        return None
 
 
 def _is_dicom(path: Path) -> bool:

@@ -143,8 +143,9 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         partial_state = "new"
         if stale:
             partial_state = "discarded"
+            why = "killed as it committed it, or damaged" if partial in stale else "another input, model or parameters"
             message = (f"{store.meta.source.path}: discarding the partial result of an earlier run that cannot be "
-                       f"resumed (another input, model or parameters); starting afresh")
+                       f"resumed ({why}); starting afresh")
             say(message, logging.WARNING)
         _, labels, probs = create_prediction_store(
             target, meta=_with_source_path(modelspace.output_meta_attr(store, model, options), source_path),

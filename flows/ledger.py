@@ -61,20 +61,28 @@ def off_flags(options: SegmentOptions) -> set[str]:
     return {name for name in ("compile", "quicklook") if not getattr(options, name)}
 
 
-def keyed_parameters(card: ModelCard, options: SegmentOptions) -> dict[str, Any]:
-    """The parameters of a run as far as they are known before it starts, card defaults filled in."""
+def keyed_parameters(card: ModelCard, options: SegmentOptions, *, one_slice: bool = False) -> dict[str, Any]:
+    """The parameters of a run as far as they are known before it starts, card defaults filled in.
+
+    ``one_slice``: a 2-D model on a volume one slice thick, which runs as a 3-D model with one-slice windows
+    (:func:`flows.pipeline.one_slice_fit`): its window and mirrored axes as that run records them, and the
+    options of volumes (not of rasters) in the key."""
     inf = card.inference
     params = options.model_dump(mode="json", exclude=set(EXECUTION_ONLY) | off_flags(options))
+    roi = list(options.roi) if options.roi is not None else list(inf.roi)
+    flips = sorted(options.flip_tta if options.flip_tta is not None else inf.flip_tta)
+    if one_slice:
+        roi, flips = [1, *roi], [a + 1 for a in flips]
     params.update(
-        roi=list(options.roi) if options.roi is not None else list(inf.roi),
+        roi=roi,
         overlap=options.overlap if options.overlap is not None else inf.overlap,
         blend=options.blend or inf.blend,
         sigma_scale=inf.sigma_scale,
         batch_size=options.batch_size or inf.batch_size,
-        flip_tta=sorted(options.flip_tta if options.flip_tta is not None else inf.flip_tta),
+        flip_tta=flips,
         crf_iterations=options.crf_iterations if options.crf else None,
     )
-    params.update(_not_for(card.input.spatial_dims))
+    params.update(_not_for(3 if one_slice else card.input.spatial_dims))
     return params
 
 
@@ -89,21 +97,27 @@ def _not_for(spatial_dims: int | None) -> dict[str, Any]:
 
 
 def _dims(document: dict[str, Any]) -> int | None:
+    """The dimensions of the run a key describes: a one-slice volume's run is 3-D whatever its card says."""
+    if isinstance(document, dict) and document.get("one_slice") is True:
+        return 3
     card = document.get("card") if isinstance(document, dict) else None
     dims = (card.get("input") or {}).get("spatial_dims") if isinstance(card, dict) else None
     return dims if isinstance(dims, int) else None
 
 
 def key_document(input_sha256: str, weights_sha256: str, card: ModelCard, options: SegmentOptions, *,
-                 stem: str) -> dict[str, Any]:
-    return {
+                 stem: str, one_slice: bool = False) -> dict[str, Any]:
+    document = {
         "schema": KEY_SCHEMA,
         "input_sha256": input_sha256,
         "weights_sha256": weights_sha256,
         "card": card.shaping(),
-        "parameters": keyed_parameters(card, options),
+        "parameters": keyed_parameters(card, options, one_slice=one_slice),
         "output_stem": stem,
     }
+    if one_slice:  # (absent otherwise: the keys of every other run stay as they were)
+        document["one_slice"] = True
+    return document
 
 
 def cache_key(document: dict[str, Any]) -> str:

@@ -178,7 +178,8 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     group = series or channel_files
     rep.input_sha256 = content or (_hash_group(group) if group is not None else _hash_input(local))
     document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options,
-                                   stem=input_stem(item))
+                                   stem=input_stem(item),
+                                   one_slice=header.kind == "volume" and model.card.input.spatial_dims == 2)
     rep.cache_key = ledger.cache_key(document)
     if target.remote:  # the same checks, on a scratch copy of the entry and outputs under the URL
         hit, why_not, adopted = staging.remote_lookup(target, rep.cache_key, document, path, entry.path)

@@ -39,6 +39,8 @@ from storage.bands import BandRequest, aliases, select_bands
 from storage.errors import IncompatibleInputError
 from storage.header import Header
 
+RASTER_CARD_VERSION = 4  # segmentation.card.RASTER_MODEL_SPACE_VERSION (not imported: routing runs before torch)
+
 if TYPE_CHECKING:
     from flows.config import SegmentOptions
     from segmentation import LoadedModel
@@ -56,11 +58,15 @@ class ModelInput:
     spatial_dims: int
     channels: int
     channel_names: tuple[str, ...] = ()
+    # a raster card in metres (a ground sample distance or CRS it applies, reflectance units): a scan's slice is
+    # no input for it, though it is 2-D (segmentation.oneslice refuses it; routing must pass it by first)
+    metres: bool = False
 
     @classmethod
     def of(cls, card: "ModelCard") -> "ModelInput":
         spec = card.input
-        return cls(card.name, spec.spatial_dims, spec.channels, tuple(spec.channel_names))
+        return cls(card.name, spec.spatial_dims, spec.channels, tuple(spec.channel_names),
+                   metres=card.applies_raster_model_space or spec.units is not None)
 
     def describe(self) -> str:
         return f"{self.name} ({self.spatial_dims}D, {self.channels} channel{'s' * (self.channels != 1)})"
@@ -73,8 +79,12 @@ def peek(path: str | Path) -> ModelInput | None:
     try:
         data = json.loads(card.read_bytes())
         spec = data["input"]
+        # as ModelCard.applies_raster_model_space says, without importing the card (pydantic, torch)
+        metres = int(spec["spatial_dims"]) == 2 and (spec.get("units") is not None or (
+            int(data.get("card_version", RASTER_CARD_VERSION)) >= RASTER_CARD_VERSION
+            and (spec.get("spacing") is not None or spec.get("crs") is not None)))
         found = ModelInput(str(data["name"]), int(spec["spatial_dims"]), int(spec["channels"]),
-                           tuple(str(n) for n in spec.get("channel_names") or ()))
+                           tuple(str(n) for n in spec.get("channel_names") or ()), metres=metres)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if found.spatial_dims not in (2, 3) or found.channels < 1 or \
@@ -127,17 +137,20 @@ def band_request(card: "ModelCard", options: "SegmentOptions") -> BandRequest:
 
 
 def one_slice(header: Header, model: ModelInput) -> bool:
-    """A volume one slice thick (I x J x 1: nnU-Net's 2-D images in NIfTI) fits a 2D model: it segments the
-    slice's plane (:mod:`segmentation.oneslice`)."""
-    return model.spatial_dims == 2 and header.kind == "volume" and len(header.shape) == 3 and header.shape[2] == 1
+    """A volume one slice thick (I x J x 1: nnU-Net's 2-D images in NIfTI) fits a 2D model not in metres: it
+    segments the slice's plane (:mod:`segmentation.oneslice`)."""
+    return model.spatial_dims == 2 and not model.metres and header.kind == "volume" and len(header.shape) == 3 \
+        and header.shape[2] == 1
 
 
 def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None = None) -> str | None:
     """Why the input of ``header`` does not fit ``model`` (one line, without the path), or None when it does."""
     name = f"model {model.name!r}"
     if header.spatial_dims != model.spatial_dims and not one_slice(header, model):
-        thick = f" ({header.shape[2]} slices; a 2D model takes volumes one slice thick)" \
-            if model.spatial_dims == 2 and header.kind == "volume" else ""
+        if model.spatial_dims == 2 and header.kind == "volume" and model.metres:
+            return f"{name} is a raster model in metres (its card's spacing, crs or units), the input is a scan"
+        thick = f" ({' x '.join(map(str, header.shape))} voxels; a 2D model takes volumes one slice thick in k, " \
+                "I x J x 1)" if model.spatial_dims == 2 and header.kind == "volume" else ""
         return f"{name} is {model.spatial_dims}D, the input is {header.spatial_dims}D{thick}"
     count = header.channels
     if header.kind == "raster":

@@ -229,7 +229,8 @@ def _score(outcomes: list[dict], truth: Path, model: Path, out: str, problems: l
 
 def _check_grid_options(options: "SegmentOptions", model_in: "ModelInput | None") -> None:
     """An option for the other kind of input would be ignored without a word: a 2D model segments rasters
-    (their model-grid labels are ``--output-grid model``), a 3D one volumes (``--model-space keep``)."""
+    (their model-grid labels are ``--output-grid model``) and one-slice volumes on their own grid, a 3D one
+    volumes (``--model-space keep``)."""
     rasters = model_in is None or model_in.spatial_dims == 2  # None: a --mosaic, which is of rasters
     dims = 2 if model_in is None else model_in.spatial_dims
     # said once, before the work: they had failed every input, each line blaming the input (exit 1)
@@ -240,8 +241,8 @@ def _check_grid_options(options: "SegmentOptions", model_in: "ModelInput | None"
         cliutil.fail(f"--tta {','.join(map(str, options.flip_tta))}: the axes to mirror are spatial axes "
                      f"0..{dims - 1} of the model's {dims}-D images")
     if rasters and options.model_space == "keep":
-        cliutil.fail("--model-space keep applies to volumes; a raster's labels stay on the model's grid with "
-                     "--output-grid model")
+        cliutil.fail("--model-space keep applies to 3D models' volumes (a 2D model segments a one-slice volume on "
+                     "its own grid); a raster's labels stay on the model's grid with --output-grid model")
     if not rasters and options.output_grid == "model":
         cliutil.fail(f"--output-grid model applies to rasters, and model {model_in.name!r} is 3D; a volume's "
                      "labels are also written on the model's grid with --model-space keep")

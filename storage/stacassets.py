@@ -246,9 +246,9 @@ def local_asset_files(path: str | PathLike[str]) -> set[Path]:
     try:
         doc, item = _read(path)
         assets = _assets(path, doc, item)
-    except (InputError, OSError):
+        return {a.local.resolve() for a in assets.values() if a.local is not None}
+    except (InputError, OSError, RuntimeError):  # RuntimeError: a link in a loop (Python 3.11-12)
         return set()
-    return {a.local.resolve() for a in assets.values() if a.local is not None}
 
 
 def _names(band: _Band, asset: _Asset) -> set[str]:

@@ -324,8 +324,8 @@ def test_grid_options_for_the_other_kind_of_input_are_refused_before_any_work(tm
     scene = small_scene(tmp_path / "scene.tif")
     proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", "--model-space", "keep")
     assert refused(proc) == [
-        "error: --model-space keep applies to volumes; a raster's labels stay on the model's grid with "
-        "--output-grid model"]
+        "error: --model-space keep applies to 3D models' volumes (a 2D model segments a one-slice volume on its own "
+        "grid); a raster's labels stay on the model's grid with --output-grid model"]
     model, volume = model_and_volume(tmp_path)
     proc = run("segment", volume, "--model", model.path, "--out", tmp_path / "out", "--output-grid", "model")
     assert refused(proc) == [

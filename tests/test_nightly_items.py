@@ -138,13 +138,16 @@ def test_an_item_delivered_with_its_band_files_beside_it_is_one_input(tmp_path, 
     inbox = tmp_path / "inbox"
     item = s2_samples.write_item(inbox, size=64)
     s2_samples.write_cog(inbox / "other.tif", s2_samples.band_dn(7, 64), 10)
+    (inbox / "loop-a.tif").symlink_to("loop-b.tif")  # links in a loop: inputs that fail alone, no crash here
+    (inbox / "loop-b.tif").symlink_to("loop-a.tif")
     inputs, ignored = list_inbox(inbox)
     band_files = sorted(str(inbox / f"{band_id}.tif") for band_id, _, _ in s2_samples.BANDS.values())
-    assert inputs == [str(item), str(inbox / "other.tif")]
+    assert inputs == [str(item), str(inbox / "loop-a.tif"), str(inbox / "loop-b.tif"), str(inbox / "other.tif")]
     assert ignored == sorted(band_files + [str(inbox / "preview.png")])
 
     model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4, roi=[32, 32], channel_names=RGBN)
     state = nightly(model_dirs=[str(model.path)], out_dir=str(tmp_path / "out"), inbox=str(inbox), retries=0,
                     return_state=True, options=SegmentOptions(dask_address=dask_cluster.scheduler.address))
     got = {Path(r["input"]).name: r["status"] for r in nightly_report(state)["inputs"]}
-    assert got == {"item.json": "done", "other.tif": "no-model"}  # the COGs are no inputs of their own
+    assert got == {"item.json": "done", "other.tif": "no-model",  # the COGs are no inputs of their own
+                   "loop-a.tif": "failed", "loop-b.tif": "failed"}

@@ -105,8 +105,8 @@ def test_a_2d_model_refuses_a_volume_of_several_slices_in_one_line(tmp_path):
                "--out", tmp_path / "out", "--no-prefect")
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {tmp_path / 'ct.nii.gz'}: model 'plane-2d' is 2D, the input is 3D (3 slices; a 2D "
-                      "model takes volumes one slice thick)"], proc.stderr
+    assert errors == [f"error: {tmp_path / 'ct.nii.gz'}: model 'plane-2d' is 2D, the input is 3D (40 x 30 x 3 "
+                      "voxels; a 2D model takes volumes one slice thick in k, I x J x 1)"], proc.stderr
     assert not list((tmp_path / "out").glob("ct*"))
     assert (tmp_path / "out" / "slice.nii.gz").is_file()  # the batch went on
 
@@ -184,3 +184,41 @@ def test_a_raster_card_in_metres_is_refused_on_a_scans_slice(tmp_path):
         raster = card.model_copy(update={"input": card.input.model_copy(update=update)})
         with pytest.raises(IncompatibleInputError, match="works on rasters in metres"):
             plane_card(raster, "slice.nii.gz")
+        # routing passes such a model by (nightly tries the next one; segment says so before any work)
+        from flows.routing import ModelInput, fit_problem
+        from storage.header import Header
+
+        scan = Header(path="slice.nii.gz", kind="volume", spatial_dims=3, channels=1, shape=(40, 30, 1),
+                      cell_size=None, cell_unit="mL")
+        assert fit_problem(scan, ModelInput.of(card)) is None
+        assert fit_problem(scan, ModelInput.of(raster)) == ("model 'plane-2d' is a raster model in metres (its "
+                                                           "card's spacing, crs or units), the input is a scan")
+
+
+def test_nightly_skips_a_one_slice_input_it_has_done_and_routes_past_a_raster_model(tmp_path, dask_cluster):
+    """The ledger keyed the run with the card's 2-D window and the provenance recorded the one-slice run's
+    [1, h, w]: they never matched, and every night segmented the input again.  And a 2-D raster model (metres)
+    listed first had taken a one-slice scan, then failed it; the scan goes on to the next model that fits."""
+    from flows.config import SegmentOptions
+    from flows.nightly import nightly, nightly_report
+    from tests.models import tiny_model
+
+    model = plane_model(tmp_path / "model", channels=1, flips=[1])
+    raster = tiny_model(tmp_path / "raster", spatial_dims=2, channels=1, roi=[32, 32], spacing=[10.0, 10.0],
+                        spacing_unit="m")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    nib.save(nib.Nifti1Image(slice_image((40, 30), 1)[..., 0], affine()), inbox / "slice.nii.gz")
+    options = SegmentOptions(dask_address=dask_cluster.scheduler.address)
+
+    def statuses(*models: object) -> dict[str, tuple[str, str | None]]:
+        state = nightly(model_dirs=[str(m.path) for m in models], out_dir=str(tmp_path / "out"), inbox=str(inbox),
+                        retries=0, return_state=True, options=options)
+        return {Path(r["input"]).name: (r["status"], r["model"]) for r in nightly_report(state)["inputs"]}
+
+    from flows.routing import ModelInput, peek
+
+    assert peek(raster.path).metres and ModelInput.of(raster.card).metres  # read alike with and without pydantic
+    assert not peek(model.path).metres and not ModelInput.of(model.card).metres
+    assert statuses(raster, model) == {"slice.nii.gz": ("done", "plane-2d")}
+    assert statuses(raster, model) == {"slice.nii.gz": ("skipped", "plane-2d")}

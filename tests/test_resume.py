@@ -247,6 +247,29 @@ def test_interrupted_run_resumes_but_other_parameters_start_afresh(scene, tmp_pa
     assert (resumed["chunks_resumed"], resumed["chunks_written"]) == (done, CHUNKS - done)
 
 
+def test_a_store_killed_as_it_was_committed_is_recomputed_saying_why(scene, tmp_path, dask_cluster, caplog):
+    """Committing removes the journal first, then renames the store into place: a run killed in between leaves
+    a partial store of this very run that is no longer trusted.  The rerun recomputes it, and had said the
+    partial was of "another input, model or parameters"."""
+    import logging
+    import shutil
+
+    image, model_dir = scene
+    model = load_model(model_dir.path)
+    out = tmp_path / "out"
+    options = SegmentOptions(chunk_size=CHUNK)
+    with pytest.raises(KeyboardInterrupt), reporting(_Interrupt(2)):
+        segment_one(image, model, out, options, dask_cluster)
+    _wait_idle(dask_cluster)
+    [partial] = out.glob(".scene.zarr.*.partial")
+    shutil.rmtree(partial / JOURNAL_DIR)  # where a kill between the journal's removal and the rename leaves it
+    with caplog.at_level(logging.WARNING, logger="segflow"):
+        stats = segment_one(image, model, out, options, dask_cluster).statistics
+    assert stats["partial_store"] == "discarded" and stats["chunks_written"] == CHUNKS
+    assert "cannot be resumed (killed as it committed it, or damaged); starting afresh" in caplog.text
+    assert "another input" not in caplog.text
+
+
 # --------------------------------------------------------------------------- disk errors at export
 
 

@@ -486,3 +486,32 @@ def test_a_failed_cog_write_leaves_nothing_under_a_name_with_glob_characters(tmp
     with pytest.raises(ExportError, match="cannot write COG"):
         write_label_cog(np.zeros((48, 64), np.uint8), grid, out, classes=CLASSES)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_an_interrupt_after_the_polygons_are_in_place_leaves_no_polygons(tmp_path, dask_cluster, monkeypatch):
+    """The polygon writer renames its file into place and then totals the areas; a Ctrl-C between the two had left
+    a finished-looking ``.gpkg`` (5 kills of 12 in a probe) that no cleanup knew of, which a later run without
+    ``--vector`` kept beside outputs whose provenance does not list it."""
+    import storage.vectors
+    from flows.config import SegmentOptions
+    from flows.pipeline import segment_one
+    from tests.models import tiny_model
+
+    written = storage.vectors._write
+
+    def interrupted_after(out, *args, **kwargs):  # the file in place, then the interrupt
+        written(out, *args, **kwargs)
+        assert out.is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage.vectors, "_write", interrupted_after)
+    scene = tmp_path / "scene.tif"
+    data = np.random.default_rng(0).integers(0, 255, (3, 96, 96)).astype(np.uint8)
+    with rasterio.open(scene, "w", driver="GTiff", width=96, height=96, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 4000000)) as dst:
+        dst.write(data)
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3)
+    with pytest.raises(KeyboardInterrupt):
+        segment_one(scene, model, tmp_path / "out", SegmentOptions(vector="gpkg"), dask_cluster)
+    left = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert left == [], left  # neither the polygons nor the COG written before them
