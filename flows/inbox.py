@@ -45,6 +45,14 @@ def _walks_out(entry: Path, inbox: Path) -> bool:
     return system or target == box or target in box.parents
 
 
+def check_inbox(folder: str | Path) -> Path:
+    """A local inbox that is a folder (``nightly`` before it lists it, ``schedule`` before it registers)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(folder, "inbox is not a directory")
+    return folder
+
+
 def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
     """(inputs, ignored): the inbox's files and DICOM folders segflow reads, sorted; hidden entries skipped,
     other files and folders ignored.
@@ -56,9 +64,7 @@ def list_inbox(folder: str | Path) -> tuple[list[str], list[str]]:
     """
     if is_url(str(folder)):
         return _list_inbox_url(str(folder))
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(folder, "inbox is not a directory")
+    folder = check_inbox(folder)
     inputs, ignored = [], []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):

@@ -125,7 +125,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         raise ConfigError(None, "give an inbox folder or a manifest (one of them)")
     inbox = _absolute(inbox)
     manifest = _absolute(manifest)
-    _check_out_beside_inbox(inbox, out_dir)
+    check_out_beside_inbox(inbox, out_dir)
     arriving: dict[str, float] = {}
     if inbox is not None:
         paths, ignored = list_inbox(inbox)
@@ -343,7 +343,7 @@ def _check_numbers(retries: int, retry_delay_seconds: float, lock_stale_after: f
         raise ConfigError(None, f"parallel must be <= {MAX_PARALLEL}, got {parallel}")
 
 
-def _check_out_beside_inbox(inbox: str | None, out_dir: str) -> None:
+def check_out_beside_inbox(inbox: str | None, out_dir: str) -> None:
     """Refuse an output folder that is the inbox or inside it: the next night read segflow's own outputs as
     inputs (a label COG beside its scene, a STAC item 'no model fits', a folder of DICOM SEGs), and every night
     after the first failed."""

@@ -186,6 +186,7 @@ def schedule_command(
     from flows import cliutil as cli
     from flows.runlog import api_unreachable
     from storage.errors import SegflowError
+    from storage.remote import is_url
 
     options = cli.options(precision=precision, roi=cli.ints(roi), overlap=overlap, probabilities=probabilities,
                            chunk_size=chunk_size, batch_size=batch_size, workers=workers,
@@ -198,8 +199,17 @@ def schedule_command(
                                                    trust_bundle=trust_bundle))
     cli.check_out_folder(out)
     cli.check_device(options)
-    cli.check_models(model, trust_bundle=trust_bundle)
+    if "/" in name or "%" in name:  # Prefect's runner refuses them, with a traceback
+        cli.fail(f"--name {name!r}: a deployment name may not contain '/' or '%'")
+    # what a night would refuse, refused before anything registers: every scheduled run would fail on it
+    cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi)
     try:
+        if inbox is not None and not is_url(cli.path_or_url(inbox)):
+            from flows.inbox import check_inbox
+            from flows.nightly import check_out_beside_inbox
+
+            check_inbox(inbox)
+            check_out_beside_inbox(inbox, cli.path_or_url(out))
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
                                         options=options, retries=retries, retry_delay_seconds=retry_delay,
                                         lock_stale_after=lock_timeout, settle_seconds=settle,
@@ -211,7 +221,8 @@ def schedule_command(
             unreachable = api_unreachable(problem, temporary_ok=False)
             cli.fail(unreachable or f"the Prefect server at {url} does not answer: {problem}")
         cli.console.print(f"serving nightly/{name} on {url} at '{cron}'" + (f" ({timezone})" if timezone else "")
-                          + "; Ctrl-C stops it", highlight=False, soft_wrap=True)
+                          + (", paused (runs by hand until resumed)" if paused else "") + "; Ctrl-C stops it",
+                          highlight=False, soft_wrap=True)
         try:
             serve_nightly(cron=cron, parameters=parameters, name=name, timezone=timezone, paused=paused)
         except Exception as exc:

@@ -264,8 +264,9 @@ def test_schedule_refuses_bad_input_with_one_line_errors(tmp_path):
     # without a Prefect server to talk to, `segflow schedule` says how to start one
     model = tiny_model(tmp_path / "model", spatial_dims=2, channels=3)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.run([sys.executable, "-m", "flows", "schedule", "--cron", "0 2 * * *", "--inbox", str(tmp_path),
-                           "--model", str(model.path), "--out", str(tmp_path / "out")],
+    (tmp_path / "inbox").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "flows", "schedule", "--cron", "0 2 * * *", "--inbox",
+                           str(tmp_path / "inbox"), "--model", str(model.path), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=120)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -292,3 +293,46 @@ def test_schedule_keeps_urls_as_urls(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         key = source[0].lstrip("-")
         assert served["parameters"]["out_dir"] == "s3://bucket/out/" and served["parameters"][key] == source[1]
+
+
+def test_schedule_refuses_what_every_scheduled_night_would_fail_on_before_registering(tmp_path, monkeypatch):
+    """A model without its weights, an --out inside the inbox, an inbox that is no folder: `nightly` refuses each
+    in one line, and `schedule` had registered them, so that every night failed.  A name Prefect cannot take had
+    ended in its traceback."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from flows import schedule
+    from flows.cli import app
+
+    served = []
+    monkeypatch.setattr(schedule, "api_url", lambda: "http://127.0.0.1:9/api")
+    monkeypatch.setattr(schedule, "server_problem", lambda: None)
+    monkeypatch.setattr(schedule, "serve_nightly", lambda **kwargs: served.append(kwargs))
+    model = tiny_model(tmp_path / "model", spatial_dims=2, channels=3)
+    broken = tmp_path / "broken"
+    shutil.copytree(model.path, broken)
+    (broken / "weights.safetensors").unlink()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+
+    def refused(*args: str) -> str:
+        result = CliRunner().invoke(app, ["schedule", "--cron", "0 2 * * *", *args])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in result.output, result.output
+        return " ".join(result.output.split())
+
+    assert "no weights.safetensors" in refused("--inbox", str(inbox), "--model", str(broken), "--out", str(tmp_path / "o"))
+    assert "is inside the inbox" in refused("--inbox", str(inbox), "--model", str(model.path), "--out",
+                                            str(inbox / "out"))
+    assert "inbox is not a directory" in refused("--inbox", str(tmp_path / "nowhere"), "--model", str(model.path),
+                                                 "--out", str(tmp_path / "o"))
+    assert "may not contain '/' or '%'" in refused("--name", "a/b", "--inbox", str(inbox), "--model",
+                                                   str(model.path), "--out", str(tmp_path / "o"))
+    assert served == []  # nothing registered
+    result = CliRunner().invoke(app, ["schedule", "--cron", "0 2 * * *", "--inbox", str(inbox), "--model",
+                                      str(model.path), "--out", str(tmp_path / "o"), "--paused"])
+    assert result.exit_code == 0, result.output
+    assert len(served) == 1 and served[0]["paused"] is True and "paused (runs by hand" in result.output
