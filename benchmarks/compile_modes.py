@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
 
-from segmentation.inference import fold_batch_norm  # noqa: E402
+from segmentation.netprep import fold_batch_norm  # noqa: E402
 from segmentation.models import create  # noqa: E402
 
 

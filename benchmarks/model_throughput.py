@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
 from segmentation import models  # noqa: E402
-from segmentation.inference import fold_batch_norm  # noqa: E402
+from segmentation.netprep import fold_batch_norm  # noqa: E402
 
 
 def bench(net: torch.nn.Module, x: torch.Tensor, bf16: bool, reps: int) -> float:

@@ -72,7 +72,7 @@ def main() -> int:
     # so "segflow vs raw" measures only reading, blending, stitching and writing; MONAI gets the model as given
     import copy
 
-    from segmentation.inference import fold_batch_norm
+    from segmentation.netprep import fold_batch_norm
 
     gpu_net = fold_batch_norm(copy.deepcopy(net).eval(), torch.rand((1, 3) + roi)).to(dev).to(memory_format=fmt)
     monai_net = copy.deepcopy(net).to(dev)

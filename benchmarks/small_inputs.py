@@ -66,7 +66,8 @@ def raw_forward(scene: Path, model: Path) -> tuple[float, int]:
     import rasterio
     import torch
 
-    from segmentation.inference import fold_batch_norm, softmax_slabs
+    from segmentation.inference import softmax_slabs
+    from segmentation.netprep import fold_batch_norm
     from segmentation.modeldir import load_model
     from segmentation.normalize import resolve
     from segmentation.windows import make_grid

@@ -100,14 +100,14 @@ def check_device(options: "SegmentOptions") -> None:
 
 
 def check_compile_cache(options: "SegmentOptions") -> None:
-    """``--compile`` keeps its kernels in a folder (:func:`segmentation.inference.compile_cache`): one that cannot
+    """``--compile`` keeps its kernels in a folder (:func:`segmentation.netprep.compile_cache`): one that cannot
     be made or written is one line before the work, naming the setting (it had failed every input, each line
     naming the folder, not the input or SEGFLOW_COMPILE_CACHE)."""
     import os
 
     if not options.compile or options.dask_address:
         return
-    from segmentation.inference import compile_cache
+    from segmentation.netprep import compile_cache
 
     folder = compile_cache()
     try:

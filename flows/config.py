@@ -30,7 +30,7 @@ class SegmentOptions(BaseModel):
     quicklook: bool = False  # OUT/<stem>.quicklook.png: the labels over the image, at a glance (storage.quicklook)
     flip_tta: list[int] | None = None  # spatial axes to mirror at test time; default: the model card's
     trust_bundle: bool = False  # let MONAI evaluate a bundle's configuration (runs its code); off unless asked
-    # torch.compile the network (segmentation.inference.compiled): faster fp32 windows once compiled; the first
+    # torch.compile the network (segmentation.netprep.compiled): faster fp32 windows once compiled; the first
     # run on a machine pays the compile (its kernels are cached); probabilities move in the last float bits
     compile: bool = False
     crf: bool = False  # refine probabilities with the truncated dense CRF (segmentation.crf) before the argmax

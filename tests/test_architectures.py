@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmentation import layers, models
-from segmentation.inference import WindowPredictor, fold_batch_norm
+from segmentation.inference import WindowPredictor
+from segmentation.netprep import fold_batch_norm
 from segmentation.layers import Field
 from storage.errors import ModelError
 
@@ -437,7 +438,7 @@ def test_a_fold_in_one_thread_never_breaks_a_forward_pass_in_another():
 
     from monai.networks.nets import UNet
 
-    from segmentation.inference import TRACING, fold_batch_norm
+    from segmentation.netprep import TRACING, fold_batch_norm
 
     def unet() -> torch.nn.Module:
         return UNet(2, 4, 5, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="batch").eval()
