@@ -93,13 +93,12 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
         out.append(f"{input_path}: {len(dicom.copies)} file(s) are byte-identical copies of other files of the "
                    f"series (same SOPInstanceUID), read once: {shown}")
     shape = tuple(int(n) for n in store.image.shape[1:])
-    roi = model.card.inference.roi
-    if geometry.kind == "volume" and len(shape) == 3 and any(n == 1 < r for n, r in zip(shape, roi)):
-        inf = model.card.inference
+    inf = model.card.inference
+    if geometry.kind == "volume" and len(shape) == 3 and any(n == 1 < r for n, r in zip(shape, inf.roi)):
         padded = "with zeros" if inf.padding == "constant" and inf.padding_value == 0.0 else \
             f"with {inf.padding_value:g}" if inf.padding == "constant" else f"({inf.padding})"
         out.append(f"{input_path}: is one slice thick ({' x '.join(map(str, shape[::-1]))} voxels), and model "
-                   f"{model.card.name!r} is 3D (windows of {' x '.join(map(str, model.card.inference.roi))}): it sees "
+                   f"{model.card.name!r} is 3D (windows of {' x '.join(map(str, inf.roi))}): it sees "
                    f"the slice padded {padded}, which it was hardly trained on")
     for note in (modelspace.unnamed_bands_note(store, model, options), modelspace.dtype_note(store, model)):
         if note is not None:

@@ -44,6 +44,7 @@ from typing import Any
 
 from flows.config import SegmentOptions
 from segmentation.card import ModelCard
+from segmentation.oneslice import plane_axes
 from storage.errors import ProvenanceError
 from storage.inputfiles import stem_of
 from storage.layout import identity_digest
@@ -72,7 +73,7 @@ def keyed_parameters(card: ModelCard, options: SegmentOptions, *, one_slice: boo
     roi = list(options.roi) if options.roi is not None else list(inf.roi)
     flips = sorted(options.flip_tta if options.flip_tta is not None else inf.flip_tta)
     if one_slice:
-        roi, flips = [1, *roi], [a + 1 for a in flips]
+        roi, flips = plane_axes(roi, flips)
     params.update(
         roi=roi,
         overlap=options.overlap if options.overlap is not None else inf.overlap,

@@ -26,7 +26,7 @@ from flows.config import SegmentOptions
 from flows.inputs import Expanded, input_label, input_stem
 from flows.report import InputReport, fill_from_statistics
 from flows.retries import retry_if_transient
-from flows.routing import ModelEntry, loaded, no_model_reason, route, route_item
+from flows.routing import ModelEntry, ModelInput, loaded, no_model_reason, one_slice, route, route_item
 from storage.channelfiles import ChannelFiles
 from storage.dicomfiles import SeriesRef
 from storage.errors import ExportError, InputError, is_native_panic, one_line
@@ -179,7 +179,7 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     rep.input_sha256 = content or (_hash_group(group) if group is not None else _hash_input(local))
     document = ledger.key_document(rep.input_sha256, model.weights_sha256, model.card, batch.options,
                                    stem=input_stem(item),
-                                   one_slice=header.kind == "volume" and model.card.input.spatial_dims == 2)
+                                   one_slice=one_slice(header, ModelInput.of(model.card)))
     rep.cache_key = ledger.cache_key(document)
     if target.remote:  # the same checks, on a scratch copy of the entry and outputs under the URL
         hit, why_not, adopted = staging.remote_lookup(target, rep.cache_key, document, path, entry.path)

@@ -45,7 +45,7 @@ from flows.inputs import GROUPS, ingest_input, input_label, input_stem, output_n
 from flows.interrupts import check_interrupt, resumable
 from flows.progress import say
 from flows.replacing import Replacing, remove_path
-from flows.routing import band_request
+from flows.routing import band_request, thick_volume_problem
 from segmentation import LoadedModel
 from segmentation.chunkwrites import label_nodata
 from segmentation.modeldir import CARD_FILE
@@ -239,8 +239,7 @@ def one_slice_fit(model: LoadedModel, options: SegmentOptions, store: ImageStore
     if store.meta.kind != "volume" or model.card.input.spatial_dims != 2:
         return model, options
     if store.spatial_shape[0] != 1:  # routing refuses these first; the Python API reaches here
-        raise IncompatibleInputError(named, f"model {model.name!r} is 2D, the input is a 3D volume "
-                                            f"({store.spatial_shape[0]} slices; a 2D model takes one-slice volumes)")
+        raise IncompatibleInputError(named, thick_volume_problem(model.name, store.spatial_shape[::-1]))
     roi, flips = plane_axes(options.roi, options.flip_tta)
     return plane_model(model, named), options.model_copy(update={"roi": roi, "flip_tta": flips})
 

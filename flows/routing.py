@@ -58,15 +58,12 @@ class ModelInput:
     spatial_dims: int
     channels: int
     channel_names: tuple[str, ...] = ()
-    # a raster card in metres (a ground sample distance or CRS it applies, reflectance units): a scan's slice is
-    # no input for it, though it is 2-D (segmentation.oneslice refuses it; routing must pass it by first)
-    metres: bool = False
+    metres: bool = False  # ModelCard.in_metres: a scan's slice is no input for it
 
     @classmethod
     def of(cls, card: "ModelCard") -> "ModelInput":
         spec = card.input
-        return cls(card.name, spec.spatial_dims, spec.channels, tuple(spec.channel_names),
-                   metres=card.applies_raster_model_space or spec.units is not None)
+        return cls(card.name, spec.spatial_dims, spec.channels, tuple(spec.channel_names), metres=card.in_metres)
 
     def describe(self) -> str:
         return f"{self.name} ({self.spatial_dims}D, {self.channels} channel{'s' * (self.channels != 1)})"
@@ -79,7 +76,7 @@ def peek(path: str | Path) -> ModelInput | None:
     try:
         data = json.loads(card.read_bytes())
         spec = data["input"]
-        # as ModelCard.applies_raster_model_space says, without importing the card (pydantic, torch)
+        # as ModelCard.in_metres says, without importing the card (pydantic, torch)
         metres = int(spec["spatial_dims"]) == 2 and (spec.get("units") is not None or (
             int(data.get("card_version", RASTER_CARD_VERSION)) >= RASTER_CARD_VERSION
             and (spec.get("spacing") is not None or spec.get("crs") is not None)))
@@ -143,15 +140,21 @@ def one_slice(header: Header, model: ModelInput) -> bool:
         and header.shape[2] == 1
 
 
+def thick_volume_problem(model: str, shape_ijk: Sequence[int]) -> str:
+    """Why a 2D model does not take a volume of several slices (routing's line, and the Python API's)."""
+    return (f"model {model!r} is 2D, the input is 3D ({' x '.join(map(str, shape_ijk))} voxels; a 2D model takes "
+            "volumes one slice thick in k, I x J x 1)")
+
+
 def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None = None) -> str | None:
     """Why the input of ``header`` does not fit ``model`` (one line, without the path), or None when it does."""
     name = f"model {model.name!r}"
     if header.spatial_dims != model.spatial_dims and not one_slice(header, model):
         if model.spatial_dims == 2 and header.kind == "volume" and model.metres:
             return f"{name} is a raster model in metres (its card's spacing, crs or units), the input is a scan"
-        thick = f" ({' x '.join(map(str, header.shape))} voxels; a 2D model takes volumes one slice thick in k, " \
-                "I x J x 1)" if model.spatial_dims == 2 and header.kind == "volume" else ""
-        return f"{name} is {model.spatial_dims}D, the input is {header.spatial_dims}D{thick}"
+        if model.spatial_dims == 2 and header.kind == "volume":
+            return thick_volume_problem(model.name, header.shape)
+        return f"{name} is {model.spatial_dims}D, the input is {header.spatial_dims}D"
     count = header.channels
     if header.kind == "raster":
         try:

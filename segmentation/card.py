@@ -279,6 +279,12 @@ class ModelCard(BaseModel):
             self.input.spacing is not None or self.input.crs is not None)
 
     @property
+    def in_metres(self) -> bool:
+        """A raster card in metres (a ground sample distance or CRS it applies, reflectance units): a scan's
+        slice is no input for it, though it is 2-D (routing and :mod:`segmentation.oneslice`)."""
+        return self.applies_raster_model_space or self.input.units is not None
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 

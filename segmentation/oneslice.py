@@ -57,7 +57,7 @@ def plane_card(card: ModelCard, where: str | None = None) -> ModelCard:
     one-slice dataset trains on its own pixel grid, as this runs.
     """
     spec = card.input
-    if card.applies_raster_model_space or spec.units is not None:
+    if card.in_metres:
         raise IncompatibleInputError(where, f"model {card.name!r} works on rasters in metres (its card's spacing, "
                                             "crs or units), and the input is a one-slice scan")
     roi, flips = plane_axes(card.inference.roi, card.inference.flip_tta)

@@ -218,14 +218,19 @@ def _wait_idle(client) -> None:
         time.sleep(0.05)
 
 
+def _ctrl_c_after(chunks: int, image: Path, model, out: Path, options: SegmentOptions, client) -> None:
+    """``segment_one`` stopped as Ctrl-C stops it after ``chunks`` chunks, the cluster idle again."""
+    with pytest.raises(KeyboardInterrupt), reporting(_Interrupt(chunks)):
+        segment_one(image, model, out, options, client)
+    _wait_idle(client)
+
+
 def test_interrupted_run_resumes_but_other_parameters_start_afresh(scene, tmp_path, dask_cluster):
     image, model_dir = scene
     model = load_model(model_dir.path)
     out = tmp_path / "out"
     options = SegmentOptions(chunk_size=CHUNK)
-    with pytest.raises(KeyboardInterrupt), reporting(_Interrupt(2)):
-        segment_one(image, model, out, options, dask_cluster)
-    _wait_idle(dask_cluster)
+    _ctrl_c_after(2, image, model, out, options, dask_cluster)
     done = len(_markers(out))
     assert 2 <= done < CHUNKS and (out / WORK_DIR).is_dir()  # Ctrl-C keeps the partial work
 
@@ -238,9 +243,7 @@ def test_interrupted_run_resumes_but_other_parameters_start_afresh(scene, tmp_pa
     assert not list(out.glob(".scene.zarr.*.partial")) and not (out / WORK_DIR).exists()
 
     # the same command twice: interrupted, then resumed from its markers
-    with pytest.raises(KeyboardInterrupt), reporting(_Interrupt(3)):
-        segment_one(image, model, out, options, dask_cluster)
-    _wait_idle(dask_cluster)
+    _ctrl_c_after(3, image, model, out, options, dask_cluster)
     done = len(_markers(out))
     resumed = segment_one(image, model, out, options, dask_cluster).statistics
     assert resumed["partial_store"] == "resumed"
@@ -258,9 +261,7 @@ def test_a_store_killed_as_it_was_committed_is_recomputed_saying_why(scene, tmp_
     model = load_model(model_dir.path)
     out = tmp_path / "out"
     options = SegmentOptions(chunk_size=CHUNK)
-    with pytest.raises(KeyboardInterrupt), reporting(_Interrupt(2)):
-        segment_one(image, model, out, options, dask_cluster)
-    _wait_idle(dask_cluster)
+    _ctrl_c_after(2, image, model, out, options, dask_cluster)
     [partial] = out.glob(".scene.zarr.*.partial")
     shutil.rmtree(partial / JOURNAL_DIR)  # where a kill between the journal's removal and the rename leaves it
     with caplog.at_level(logging.WARNING, logger="segflow"):
