@@ -99,7 +99,11 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
         try:
             header = probe(item)
             problem = None if model is None else fit_problem(header, model, options.bands)
-            if problem is None and options.vector != "none" and header.cell_note == NO_CRS:
+            if problem is None and options.vector != "none" and header.kind == "volume":
+                # a 2-D model takes a scan one slice thick (nnU-Net's 2-D images): polygons are a raster's output
+                problem = (f"is a volume, and --vector {options.vector} writes the polygons of a raster's labels "
+                           "(drop --vector for scans)")
+            elif problem is None and options.vector != "none" and header.cell_note == NO_CRS:
                 problem = (f"has no CRS, and --vector {options.vector} writes polygon areas in hectares, which need "
                            "a projected one (drop --vector, or give the raster a CRS)")
             elif problem is None and options.vector != "none" and header.kind == "raster" and \

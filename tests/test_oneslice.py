@@ -111,6 +111,19 @@ def test_a_2d_model_refuses_a_volume_of_several_slices_in_one_line(tmp_path):
     assert (tmp_path / "out" / "slice.nii.gz").is_file()  # the batch went on
 
 
+def test_vector_output_for_a_one_slice_volume_is_refused_in_one_line(tmp_path):
+    """``--vector`` writes a raster's polygons: a scan one slice thick had run and silently written none."""
+    model = plane_model(tmp_path / "model", channels=1, flips=[])
+    nib.save(nib.Nifti1Image(slice_image((40, 30), 1)[..., 0], affine()), tmp_path / "slice.nii.gz")
+    proc = run("segment", tmp_path / "slice.nii.gz", "--model", model.path, "--out", tmp_path / "out",
+               "--no-prefect", "--vector", "gpkg")
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'slice.nii.gz'}: is a volume, and --vector gpkg writes the polygons of "
+                      "a raster's labels (drop --vector for scans)"], proc.stderr
+    assert not list((tmp_path / "out").glob("slice*"))
+
+
 def nnunet_2d_dataset(root: Path, cases: int = 4) -> None:
     """An nnU-Net v2 dataset of 2-D images as one-slice NIfTI files: bright discs are class 1."""
     (root / "imagesTr").mkdir(parents=True)
