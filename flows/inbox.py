@@ -22,7 +22,7 @@ from storage.dicomfiles import is_dicom_input
 from storage.errors import ConfigError, InputError
 from storage.inputfiles import PICTURE_SUFFIXES, kind_of, stem_of
 from storage.remote import is_url
-from storage.stacassets import local_asset_files
+from storage.stacassets import asset_urls, local_asset_files
 from storage.stacitem import is_item_path, looks_like_item
 
 ITEM_READ_MAX = 64 * 2**20  # a .json file larger than this is no STAC item an inbox holds: not read, ignored
@@ -133,13 +133,15 @@ def _is_item_file(path: Path) -> bool:
         return False
 
 
-def _is_item_url(url: str) -> bool:
+def _item_bytes(url: str) -> bytes | None:
+    """The object's bytes when it is a STAC item; None otherwise, or when it cannot be read."""
     from storage import remote
 
     try:
-        return looks_like_item(remote.read_bytes(url))
+        data = remote.read_bytes(url)
     except Exception:  # noqa: BLE001 - each filesystem raises its own types; unreadable: not listed as an item
-        return False
+        return None
+    return data if looks_like_item(data) else None
 
 
 def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
@@ -154,6 +156,7 @@ def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
         raise ConfigError(url, f"cannot list the inbox: {type(exc).__name__}: {exc}") from exc
     names = {remote.name_of(f) for f in files}
     inputs, ignored = [], []
+    named: set[tuple[str, str]] = set()  # the objects the inbox's items read (their band files)
     for f in files:
         name = remote.name_of(f)
         if name.startswith("."):
@@ -167,12 +170,15 @@ def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
             ignored.append(f)
             continue
         if is_item_path(name):
-            (inputs if _is_item_url(f) else ignored).append(f)
+            data = _item_bytes(f)
+            (inputs if data is not None else ignored).append(f)
+            named |= {remote.object_key(u) for u in asset_urls(f, data)} if data is not None else set()
             continue
         if name.lower().endswith(".img") and (stem_of(name) + ".hdr") in names:
             continue
         inputs.append(f)
-    return inputs, ignored
+    assets = [f for f in inputs if not is_item_path(f) and remote.object_key(f) in named]
+    return [f for f in inputs if f not in assets], sorted(ignored + assets)
 
 
 def read_manifest(path: str | Path) -> list[str]:

@@ -76,6 +76,12 @@ def resolve(base: str, relative: str) -> str:
     return f"{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}"
 
 
+def object_key(url: str) -> tuple[str, str]:
+    """(scheme, path) naming one object whichever way its URL was spelt: fsspec lists ``memory:///b/k`` where an
+    item's href resolves to ``memory://b/k``."""
+    return protocol(url), filesystem(url)[1]
+
+
 def name_of(url: str) -> str:
     """The last component of a URL (its file name)."""
     return url.rstrip("/").rsplit("/", 1)[-1]

@@ -26,7 +26,7 @@ from storage.errors import IncompatibleInputError, InputError, InvalidInputError
 from storage.hashing import sha256_input
 from storage.remote import is_url, parent_of, resolve
 
-__all__ = ["ItemPlan", "OpenedAsset", "local_asset_files", "open_asset", "plan_item"]
+__all__ = ["ItemPlan", "OpenedAsset", "asset_urls", "local_asset_files", "open_asset", "plan_item"]
 
 _RASTER_TYPES = ("image/tiff", "image/vnd.stac.geotiff", "image/jp2", "application/x-hdf")
 _RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
@@ -249,6 +249,23 @@ def local_asset_files(path: str | PathLike[str]) -> set[Path]:
         return {a.local.resolve() for a in assets.values() if a.local is not None}
     except (InputError, OSError, RuntimeError):  # RuntimeError: a link in a loop (Python 3.11-12)
         return set()
+
+
+def asset_urls(url: str, data: bytes) -> set[str]:
+    """The URLs the item read from ``url`` (its bytes ``data``) names for its raster assets, relative hrefs
+    resolved beside it: :func:`local_asset_files` for an inbox that is a URL prefix.  Empty for an item that
+    cannot be read (its own run says why)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="segflow-item-") as folder:
+        path = Path(folder) / "item.json"
+        path.write_bytes(data)
+        try:
+            doc, item = _read(path)
+            assets = _assets(path, doc, item, origin=url)
+        except (InputError, OSError):
+            return set()
+    return {a.href for a in assets.values() if is_url(a.href)}
 
 
 def _names(band: _Band, asset: _Asset) -> set[str]:

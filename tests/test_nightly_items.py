@@ -151,3 +151,24 @@ def test_an_item_delivered_with_its_band_files_beside_it_is_one_input(tmp_path, 
     got = {Path(r["input"]).name: r["status"] for r in nightly_report(state)["inputs"]}
     assert got == {"item.json": "done", "other.tif": "no-model",  # the COGs are no inputs of their own
                    "loop-a.tif": "failed", "loop-b.tif": "failed"}
+
+
+def test_an_inbox_url_with_an_item_and_its_band_files_lists_the_item_alone(tmp_path):
+    """As in a local inbox: the objects an item names (hrefs ``./B02.tif`` beside it) are its bands, not inputs of
+    their own.  fsspec lists ``memory:///b/k`` where the hrefs resolve to ``memory://b/k``: the same objects."""
+    import fsspec
+
+    local = s2_samples.write_item(tmp_path / "delivery", size=32)
+    s2_samples.write_cog(tmp_path / "delivery" / "other.tif", s2_samples.band_dn(7, 32), 10)
+    prefix = "memory://segflow-inbox-items/inbox"
+    fs = fsspec.filesystem("memory")
+    try:
+        for p in sorted(local.parent.iterdir()):
+            fs.pipe(f"{prefix}/{p.name}", p.read_bytes())
+        inputs, ignored = list_inbox(prefix)
+        names = lambda urls: [u.rsplit("/", 1)[-1] for u in urls]  # noqa: E731
+        assert names(inputs) == ["item.json", "other.tif"]
+        band_files = sorted(f"{band_id}.tif" for band_id, _, _ in s2_samples.BANDS.values())
+        assert sorted(names(ignored)) == sorted(band_files + ["preview.png"])
+    finally:
+        fs.rm("/segflow-inbox-items", recursive=True)
