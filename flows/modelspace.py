@@ -154,14 +154,14 @@ def _picked(store: ImageStore, model: LoadedModel, options: SegmentOptions) -> l
     """The stored bands the model takes, in its order (None: every band, in the stored order), by the rule the
     header check applies before anything starts (:func:`flows.routing.chosen_bands`)."""
     return chosen_bands(list(store.meta.channel_names), _names_bands(store), options.bands,
-                        model.card.input.channel_names or [], f"model {model.card.name!r}")
+                        model.card.input.channel_names or [], f"model {model.card.name!r}", model.card.input.channels)
 
 
 def _choose(store: ImageStore, card: ModelCard, bands: list[str] | None) -> tuple[Any, list[str] | None]:
     """The image the network sees, and the names of the bands chosen (None: every band, in the stored order)."""
     offered = list(store.meta.channel_names)
     picked = chosen_bands(offered, _names_bands(store), bands, card.input.channel_names or [],
-                          f"model {card.name!r}")
+                          f"model {card.name!r}", card.input.channels)
     if picked is None or picked == list(range(len(offered))):
         return store.image, None
     return da.from_zarr(store.image)[picked], [offered[i] for i in picked]

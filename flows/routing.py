@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from storage.bands import BandRequest, aliases, select_bands
+from storage.bands import GREY, BandRequest, aliases, select_bands
 from storage.errors import IncompatibleInputError
 from storage.header import Header
 
@@ -102,7 +102,7 @@ def model_input(path: str | Path, *, trust_bundle: bool = False) -> ModelInput:
 
 
 def chosen_bands(offered: Sequence[str], names_bands: bool, option: Sequence[str] | None,
-                 channel_names: Sequence[str], model: str) -> list[int] | None:
+                 channel_names: Sequence[str], model: str, channels: int | None = None) -> list[int] | None:
     """0-based indexes of the bands a network gets, in its order; None: every band, as stored.
 
     ``option`` (``--bands``) wins; otherwise a card's ``channel_names`` are
@@ -114,6 +114,8 @@ def chosen_bands(offered: Sequence[str], names_bands: bool, option: Sequence[str
     """
     if option is not None:
         return select_bands(list(option), list(offered), model=model)
+    if list(offered) == [GREY] and channels == 3:  # a grey picture for a network that learnt pictures as RGB:
+        return [0, 0, 0]  # the grey repeated, as training decoded it (storage.datasets.pictures.read_rgb)
     if not channel_names or not names_bands:
         return None
     if len(offered) == len(channel_names) and not _any_match(channel_names, offered):
@@ -158,7 +160,8 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
     count = header.channels
     if header.kind == "raster":
         try:
-            picked = chosen_bands(header.channel_names, header.names_bands, bands, model.channel_names, name)
+            picked = chosen_bands(header.channel_names, header.names_bands, bands, model.channel_names, name,
+                                  model.channels)
         except IncompatibleInputError as exc:
             return exc.problem
         count = len(picked) if picked is not None else count
@@ -170,7 +173,7 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
                     f"(the input has {header.channels})")
         if header.kind == "raster" and count > model.channels:  # a 13-band scene with no band names
             wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
-            return (f"{name} takes {model.channels} channels{wanted}, the input has {count}: choose them with "
+            return (f"{name} takes {_channels(model.channels)}{wanted}, the input has {count}: choose them with "
                     f"--bands, e.g. --bands {','.join(str(i) for i in range(1, model.channels + 1))}")
         if header.case is not None:  # a case's nnU-Net channel files (storage.channelfiles)
             stem = header.case

@@ -54,6 +54,7 @@ SENSORS: dict[str, dict[str, str]] = {
 # Landsat 4-7's Collection 2 surface reflectance has no band 6 (thermal is ST_B6); Landsat 8-9's always has SR_B6
 _PRODUCTS = {frozenset(f"sr_b{i}" for i in (1, 2, 3, 4, 5, 7)): "Landsat 4-7"}
 COMMON_NAMES = frozenset({*(m for ids in SENSORS.values() for m in ids.values()), "nir", "rededge", "yellow"})
+GREY = "grey"  # a grey picture's one band (storage.photo): a network that learnt pictures as RGB sees it thrice
 _BROADER = {"nir": "nir08"}  # asked for "nir", a band that is only "nir08" (Landsat's, S2's B8A) answers
 _ALL_IDS = frozenset(i for ids in SENSORS.values() for i in ids)
 
@@ -330,6 +331,6 @@ def units_facts(meta: Any, *, units: str | None, dn_scale: float = 10000.0,
     return {"units": facts}
 
 
-__all__ = ["COMMON_NAMES", "SENSORS", "BandRequest", "Located", "aliases", "apply_units", "band_meanings",
+__all__ = ["COMMON_NAMES", "GREY", "SENSORS", "BandRequest", "Located", "aliases", "apply_units", "band_meanings",
            "channel_indexes", "channel_units", "locate", "preselected", "same_band_once", "select_bands", "sensors_of",
            "units_facts"]

@@ -66,20 +66,21 @@ def probe(path: Union[str, PathLike[str], "SeriesRef"]) -> Header:
 
 
 def _probe_picture(path: Path) -> Header:
-    """A photograph as :mod:`storage.photo` ingests it: three channels, red, green, blue, whatever its mode."""
+    """A photograph as :mod:`storage.photo` ingests it: one grey channel, or red, green, blue."""
     from PIL import Image, UnidentifiedImageError
 
+    from storage.datasets.pictures import picture_channels
     from storage.errors import UnsupportedFormatError
-    from storage.photo import CHANNELS
+    from storage.photo import channels_of
 
     try:
         with Image.open(path) as picture:
-            width, height = picture.size
+            (width, height), names = picture.size, channels_of(picture_channels(picture.mode))
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise UnsupportedFormatError(path, f"is not a readable PNG or JPEG picture ({exc})") from None
-    return Header(path=str(path), kind="raster", spatial_dims=2, channels=3, shape=(height, width), cell_size=None,
-                  cell_unit="ha", cell_note="a picture: no CRS", bands=(1, 2, 3), band_descriptions=tuple(CHANNELS),
-                  on_the_earth=False)
+    return Header(path=str(path), kind="raster", spatial_dims=2, channels=len(names), shape=(height, width),
+                  cell_size=None, cell_unit="ha", cell_note="a picture: no CRS",
+                  bands=tuple(range(1, len(names) + 1)), band_descriptions=tuple(names), on_the_earth=False)
 
 
 def _probe_channel_files(ref: "ChannelFiles") -> Header:

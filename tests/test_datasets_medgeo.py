@@ -142,8 +142,11 @@ BAD_DECATHLON = {
     "malformed json": (lambda r: (r / "dataset.json").write_text("{\"labels\": {"), "dataset.json: is not valid JSON"),
     "region labels": (lambda r: _rewrite_json(r / "dataset.json", labels={"background": 0, "whole": [1, 2]}),
                       "dataset.json: uses nnU-Net region-based labels"),
-    "png ending": (lambda r: _rewrite_json(r / "dataset.json", file_ending=".png"),
-                   "dataset.json: file_ending '.png' is not supported"),
+    "mha ending": (lambda r: _rewrite_json(r / "dataset.json", file_ending=".mha"),
+                   "dataset.json: file_ending '.mha' is not supported"),
+    "png ending, NIfTI files": (lambda r: _rewrite_json(r / "dataset.json", file_ending=".png"),
+                                r"imagesTr: holds no <case>_XXXX.png files \(dataset.json's file_ending\); it holds "
+                                r"liver_001_0000.nii.gz"),
     "count": (lambda r: _rewrite_json(r / "dataset.json", numTraining=5), "dataset.json: numTraining is 5"),
     "no channel names": (lambda r: _rewrite_json(r / "dataset.json", channel_names={}),
                          "dataset.json: 'channel_names' must be"),

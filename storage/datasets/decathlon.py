@@ -11,9 +11,10 @@ channels.  ``imagesTs/`` (no labels) holds nothing to train on and is not
 read.  Opening reads only the JSON and NIfTI headers, so a missing file, a
 shape mismatch or a malformed table is reported before anything is ingested;
 label values outside the table need the pixels and are found by
-:meth:`DecathlonDataset.validate_labels` or when a patch meets them.  Only
-NIfTI is read: an nnU-Net dataset with another ``file_ending`` (.png, .tif,
-.nrrd, .mha) is refused.  A dataset whose every case is one slice thick
+:meth:`DecathlonDataset.validate_labels` or when a patch meets them.  NIfTI
+is read, and nnU-Net's 2-D pictures (``file_ending`` .png, .bmp, .tif:
+:mod:`storage.datasets.nnunetpictures`); another ending (.nrrd, .mha) is
+refused.  A dataset whose every case is one slice thick
 (X x Y x 1, nnU-Net's way of keeping 2-D images in NIfTI) is 2-D: a 2-D
 network trains on the slices' plane, on their own pixel grid.  Class values become contiguous (0..n-1, in the
 order of the dataset's values); the dataset's own values stay in ``table``.
@@ -39,8 +40,10 @@ from storage.errors import CorruptInputError, InvalidInputError
 from storage.geometry import VolumeGeometry, same_affine
 from storage.inputfiles import stem_of
 from storage.layout import ImageStore
+from storage.datasets import nnunetpictures
 from storage.datasets.arrays import (ChannelStack, LabelArray, LabelTable, OneSlice, count_classes, ingested,
                                      volume_spacing)
+from storage.datasets.nnunetpictures import PICTURE_ENDINGS
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -124,9 +127,10 @@ def _count_check(doc: dict[str, Any], found: int, where: Path) -> None:
         raise InvalidInputError(where, f"numTraining is {declared} but {found} training cases were found")
 
 
-def _visible_niftis(folder: Path) -> list[Path]:
-    """The NIfTI files of a folder, leaving out hidden ones (macOS ``._`` forks ship in the MSD archives)."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name.lower().endswith(NIFTI_ENDINGS))
+def _visible_niftis(folder: Path, endings: tuple[str, ...] = NIFTI_ENDINGS) -> list[Path]:
+    """The NIfTI (or other ``endings``) files of a folder, leaving out hidden ones (macOS ``._`` forks ship in
+    the MSD archives)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name.lower().endswith(endings))
 
 
 def _listed_file(entry: Any, folder: str, root: Path, where: Path) -> Path:
@@ -209,6 +213,7 @@ class DecathlonDataset:
     layout: str = "decathlon"
     ignore_index: int | None = IGNORE
     spatial_dims: int = 3
+    pictures: bool = False  # nnU-Net's 2-D pictures (.png ...): read whole, on their pixel grid
     classes: list[LabelClass] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -221,6 +226,8 @@ class DecathlonDataset:
     def _label_array(self, case: Case, work: Path) -> tuple[LabelArray, list[ImageStore]]:
         if case.labels is None:
             raise ValueError(f"case {case.id} has no label file")
+        if self.pictures:
+            return LabelArray(nnunetpictures.case_labels(case.labels), self.table, case.labels), []
         stores = [ingested(p, work / f"{case.id}.image{k}.zarr") for k, p in enumerate(case.images)]
         label = ingested(case.labels, work / f"{case.id}.labels.zarr")
         if label.spatial_shape != stores[0].spatial_shape:
@@ -239,6 +246,8 @@ class DecathlonDataset:
         labels, stores = self._label_array(case, Path(work))
         if check:
             labels.validate()
+        if self.pictures:
+            return CaseData(image=nnunetpictures.case_image(case.images), labels=labels, spacing=(1.0, 1.0))
         image = stores[0].image if len(stores) == 1 else ChannelStack([s.image for s in stores])
         geometry = stores[0].meta.geometry
         spacing = volume_spacing(geometry) if isinstance(geometry, VolumeGeometry) else (1.0,) * 3
@@ -257,26 +266,38 @@ class DecathlonDataset:
 
 def _nnunet_cases(root: Path, doc: dict[str, Any], where: Path, channels: int) -> list[Case]:
     ending = doc.get("file_ending", ".nii.gz")
-    if not isinstance(ending, str) or ending.lower() not in NIFTI_ENDINGS:
+    if not isinstance(ending, str) or ending.lower() not in NIFTI_ENDINGS + PICTURE_ENDINGS:
         raise InvalidInputError(where, f"file_ending {ending!r} is not supported: segflow reads nnU-Net datasets "
-                                       "stored as NIfTI (.nii.gz or .nii) only")
+                                       "stored as NIfTI (.nii.gz, .nii) or as 2-D pictures (.png, .bmp, .tif)")
+    pictures = ending.lower() in PICTURE_ENDINGS
+    listed = (ending.lower(),) if pictures else NIFTI_ENDINGS
     if "dataset" in doc:
         raise InvalidInputError(where, "lists its files under 'dataset' (nnU-Net's explicit file list), which "
                                        "segflow does not read: keep the cases in imagesTr/ and labelsTr/")
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     by_case: dict[str, dict[int, Path]] = {}
-    for path in _visible_niftis(images_dir):
+    for path in _visible_niftis(images_dir, listed):
         match = _CHANNEL_FILE.match(stem_of(path))
         if not path.name.endswith(ending) or not match:
             raise InvalidInputError(path, f"image name is not <case>_<XXXX>{ending} (nnU-Net v2)")
         by_case.setdefault(match["case"], {})[int(match["channel"])] = path
-    labels = {path.name[: -len(ending)]: path for path in _visible_niftis(labels_dir) if path.name.endswith(ending)}
+    others = [p.name for p in sorted(images_dir.iterdir()) if not p.name.startswith(".")] if not by_case else []
+    if others:  # "numTraining is 4 but 0 training cases were found" had not said why
+        more = f" and {len(others) - 1} more" if others[1:] else ""
+        raise InvalidInputError(images_dir, f"holds no <case>_XXXX{ending} files (dataset.json's file_ending); "
+                                            f"it holds {others[0]}{more}")
+    labels = {path.name[: -len(ending)]: path for path in _visible_niftis(labels_dir, listed)
+              if path.name.endswith(ending)}
     cases = []
     for name in sorted(by_case):
         files = by_case[name]
         label = labels.get(name)
         if label is None:
             raise InvalidInputError(files[min(files)], f"image without a label: labelsTr/{name}{ending} is missing")
+        if pictures:  # an RGB picture holds three channels
+            images = nnunetpictures.case_files(files, label, channels, images_dir, name, ending)
+            cases.append(Case(id=safe_id(name), images=images, labels=label))
+            continue
         for c in range(channels):
             if c not in files:
                 raise InvalidInputError(images_dir / f"{name}_{c:04d}{ending}",
@@ -357,8 +378,10 @@ def open_decathlon(root: Path) -> DecathlonDataset:
     name = doc.get("name")
     name = name.strip() if isinstance(name, str) and name.strip() else root.resolve().name
     description = doc.get("description") if isinstance(doc.get("description"), str) else None
+    pictures = flavour == "nnunet-v2" and str(doc.get("file_ending")).lower() in PICTURE_ENDINGS
     return DecathlonDataset(root=root, name=name, flavour=flavour, table=table, channel_names=channel_names,
-                            cases=cases, description=description, spatial_dims=_spatial_dims(cases))
+                            cases=cases, description=description, pictures=pictures,
+                            spatial_dims=2 if pictures else _spatial_dims(cases))
 
 
 def _spatial_dims(cases: Sequence[Case]) -> int:

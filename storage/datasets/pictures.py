@@ -49,6 +49,46 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(picture, dtype=np.uint8).transpose(2, 0, 1))
 
 
+GREY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I", "F")  # one channel, at its own depth (alpha dropped)
+VALUE_MODES = ("P", "L", "I;16", "I;16L", "I;16B", "I")  # label maps: palette indices or grey values, as stored
+
+
+def picture_channels(mode: str) -> int:
+    """How many channels :func:`read_native` gives a picture of this Pillow mode: 1 grey, else 3 (RGB)."""
+    return 1 if mode in GREY_MODES else 3
+
+
+def read_native(path: Path) -> np.ndarray:
+    """(C, H, W) as nnU-Net's natural-image reader sees a picture: a grey one (8 or 16 bits, integer or float)
+    as one channel at its own depth, any other as uint8 RGB (a palette's colours, alpha dropped)."""
+    def convert(picture: Image.Image) -> Image.Image | None:
+        if getattr(picture, "n_frames", 1) > 1:
+            raise InvalidInputError(path, f"holds {picture.n_frames} pages; a 2-D picture holds one (a 3-D TIFF "
+                                          "stack is not read as a picture)")
+        if picture.mode in GREY_MODES:
+            return picture.convert("L") if picture.mode in ("1", "LA") else picture
+        return picture.convert("RGB") if picture.mode in RGB_MODES + ("PA",) else None
+
+    picture = _decode(path, convert)
+    if picture is None:
+        raise InvalidInputError(path, f"is a {picture_mode(path)} picture, neither grey nor convertible to RGB")
+    pixels = np.asarray(picture)
+    return np.ascontiguousarray(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
+
+
+def picture_mode(path: Path) -> str:
+    return picture_header(path)[1]
+
+
+def read_values(path: Path) -> np.ndarray:
+    """(H, W) raw values of a label picture: palette indices, or 8 or 16-bit grey values, never colours."""
+    picture = _decode(path, lambda p: p if p.mode in VALUE_MODES and getattr(p, "n_frames", 1) == 1 else None)
+    if picture is None:
+        raise InvalidInputError(path, f"is a {picture_mode(path)} picture: a label map is one value per pixel "
+                                      "(palette, or 8 or 16-bit grey)")
+    return np.array(picture)
+
+
 def read_indices(path: Path) -> np.ndarray:
     """(H, W) uint8 raw values of a palette or 8-bit greyscale PNG (palette indices, never their colours)."""
     picture = _decode(path, lambda p: p if p.mode in LABEL_MODES else None)
@@ -74,5 +114,5 @@ def _decode(path: Path, convert) -> Image.Image | None:
         raise CorruptInputError(path, f"cannot be decoded: {err}") from None
 
 
-__all__ = ["LABEL_MODES", "RGB_MODES", "listed", "picture_header", "read_indices", "read_rgb", "read_rgb_ids",
-           "size_text"]
+__all__ = ["GREY_MODES", "LABEL_MODES", "RGB_MODES", "VALUE_MODES", "listed", "picture_channels", "picture_header",
+           "read_indices", "read_native", "read_rgb", "read_rgb_ids", "read_values", "size_text"]
