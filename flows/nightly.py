@@ -140,8 +140,9 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     duplicates = [{"input": p, "listed": n} for p, n in listed.items() if n > 1]
     models = read_models(model_dirs, trust_bundle=options.trust_bundle)  # a bad model fails the run up front
     # DICOM folders, DICOMDIRs and loose DICOM files: one item per series volume; a case's nnU-Net channel files
-    # one item, unless no model takes that many channels and one takes one (one-channel scans numbered so)
-    items, unusable = expand(paths, {m.channels for m in models if m.spatial_dims == 3})
+    # one item, unless no model takes that many channels and one takes one (one-channel scans numbered so); a 2-D
+    # model not in metres takes them too, one slice thick (nnU-Net's 2-D images: routing.one_slice)
+    items, unusable = expand(paths, {m.channels for m in models if m.spatial_dims == 3 or not m.card.in_metres})
     by_label = {input_label(i): i for i in items}  # a series reached twice (folder and DICOMDIR) is one input
     for m in models:
         loaded(m, trust_bundle=options.trust_bundle)

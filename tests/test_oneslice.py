@@ -235,3 +235,31 @@ def test_nightly_skips_a_one_slice_input_it_has_done_and_routes_past_a_raster_mo
     assert not peek(model.path).metres and not ModelInput.of(model.card).metres
     assert statuses(raster, model) == {"slice.nii.gz": ("done", "plane-2d")}
     assert statuses(raster, model) == {"slice.nii.gz": ("skipped", "plane-2d")}
+
+
+def test_nightly_takes_a_cases_one_slice_channel_files_as_one_input_for_a_2d_model(tmp_path, dask_cluster):
+    """nnU-Net keeps a multichannel 2-D case as ``cells_000_0000.nii.gz``, ``cells_000_0001.nii.gz`` one slice thick.
+    ``nightly`` grouped a case's files by its 3-D models' channel counts only: beside a one-channel 3-D model, the
+    2-channel 2-D model never saw the case, and each file was segmented alone as a one-channel scan.  The case is
+    one input, labelled as ``segment`` labels the two files given together."""
+    from flows.config import SegmentOptions
+    from flows.nightly import nightly, nightly_report
+    from tests.models import tiny_model
+
+    model = plane_model(tmp_path / "model", channels=2, flips=[])
+    scans = tiny_model(tmp_path / "scans", spatial_dims=3, channels=1, roi=[16, 16, 8])
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    data = slice_image((40, 30), channels=2)
+    for c in range(2):
+        nib.save(nib.Nifti1Image(data[..., c], affine()), inbox / f"cells_000_{c:04d}.nii.gz")
+    state = nightly(model_dirs=[str(scans.path), str(model.path)], out_dir=str(tmp_path / "out"), inbox=str(inbox),
+                    retries=0, return_state=True, options=SegmentOptions(dask_address=dask_cluster.scheduler.address))
+    [report] = nightly_report(state)["inputs"]
+    assert (report["status"], report["model"]) == ("done", "plane-2d"), report
+    proc = run("segment", inbox / "cells_000_0000.nii.gz", inbox / "cells_000_0001.nii.gz", "--model", model.path,
+               "--out", tmp_path / "ref", "--no-prefect")
+    assert proc.returncode == 0, proc.stderr
+    [out] = [p.name for p in (tmp_path / "out").glob("*.nii.gz")]
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "out" / out).dataobj),
+                          np.asarray(nib.load(tmp_path / "ref" / out).dataobj))
