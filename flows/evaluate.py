@@ -19,13 +19,7 @@ metres (the CRS's linear unit) and hectares per pixel.  A raster whose CRS has
 no linear unit (none, or degrees) is measured in pixels and gets no areas.
 
 Pairing: PRED and TRUTH in the order given; or, with one ``--truth DIR``, by
-case name: a file's name less its format suffix (.tif, .tiff, .vrt, .nii,
-.nii.gz, .hdr, .img, .zarr) and less a trailing ``.labels`` or ``.truth``, so
-that ``OUT/<stem>.tif``, ``<stem>.labels.tif``, ``<stem>.truth.tif`` and
-``<stem>.nii.gz`` all match ``DIR/<stem>.*``; each prediction must match
-exactly one file there, where a name marked ``.labels`` or ``.truth`` wins over
-an unmarked one (the image itself, when images and truths share a folder, as
-the demo's do).
+case name (:mod:`flows.pairing`).
 
 A pair that cannot be scored (no truth, another grid, a file that does not
 read) does not stop the others: the report holds the pairs scored and lists
@@ -55,13 +49,14 @@ from typing import Any, List, Optional
 
 import typer
 
+from flows.datasettruth import DatasetValues, dataset_truth_map, truth_note
 from flows.evalreport import METRICS, fmt, write_reports
-from storage.labelmaps import RASTER_SUFFIXES, VOLUME_SUFFIXES, LabelSource, open_labels
+from flows.pairing import case_name, match_inputs
+from storage.labelmaps import LabelSource, open_labels
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError, SegflowError
-from storage.inputfiles import stem_of
 from storage.reorient import on_grid_of
 
-__all__ = ["check_same_grid", "evaluate_command", "evaluate_files", "pair_inputs"]
+__all__ = ["check_same_grid", "evaluate_command", "evaluate_files"]
 
 VOLUME_BLOCK_VOXELS = 1 << 20  # a volume is read in slabs of whole planes holding about this many voxels
 RASTER_BLOCK = 1024
@@ -71,61 +66,6 @@ NO_PREDICTION = "no prediction"
 
 
 # --------------------------------------------------------------------------- pairing and grids
-
-
-LABEL_MARKS = (".labels", ".truth")  # name marks of a label map, dropped when pairing
-
-
-def case_name(path: Path) -> str:
-    """The name a file is paired by: less its format suffix and a trailing :data:`LABEL_MARKS` mark."""
-    stem = stem_of(path)
-    for mark in LABEL_MARKS:
-        if stem.endswith(mark):
-            return stem[:-len(mark)]
-    return stem
-
-
-def match_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path | None, SegflowError | None]]:
-    """(prediction, truth, None) by order, or by case name when ``truths`` is one folder (not a store); a
-    prediction the folder has no one truth for is (prediction, None, the error), so that the others are still
-    scored.  Unequal counts given in order are one error for the run: no pairing is to be guessed."""
-    if len(truths) == 1 and truths[0].is_dir() and not truths[0].name.lower().endswith(".zarr"):
-        folder = truths[0]
-        index: dict[str, list[Path]] = {}
-        for f in sorted(folder.iterdir()):
-            if not f.name.startswith(".") and f.name.lower().endswith((*RASTER_SUFFIXES, *VOLUME_SUFFIXES, ".zarr")):
-                index.setdefault(case_name(f), []).append(f)
-        for found in index.values():  # an Analyze/NIfTI pair is one map, named by its header
-            headers = {stem_of(f) for f in found if f.name.lower().endswith((".hdr", ".hdr.gz"))}
-            found[:] = [f for f in found if not (f.name.lower().endswith((".img", ".img.gz"))
-                                                 and stem_of(f) in headers)]
-        matches: list[tuple[Path, Path | None, SegflowError | None]] = []
-        for p in predictions:
-            found = index.get(case_name(p), [])
-            marked = [f for f in found if stem_of(f) != case_name(f)]
-            if len(found) > 1 and len(marked) == 1:  # scene.tif beside scene.truth.tif: the image and its truth
-                found = marked
-            if len(found) != 1:
-                names = ", ".join(f.name for f in found)
-                what = f"{len(found)} truths ({names}) match" if found else "no truth named"
-                matches.append((p, None, ConfigError(p, f"{what} {case_name(p)}.* in {folder}")))
-            else:
-                matches.append((p, found[0], None))
-        return matches
-    if len(truths) != len(predictions):
-        raise ConfigError(None, f"{len(predictions)} predictions but {len(truths)} truths: give one --truth per "
-                                f"prediction, in the same order, or one --truth folder")
-    return [(p, t, None) for p, t in zip(predictions, truths)]
-
-
-def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path]]:
-    """(prediction, truth) pairs as :func:`match_inputs` finds them; the first prediction without one is an error."""
-    pairs = []
-    for p, t, error in match_inputs(predictions, truths):
-        if error is not None or t is None:
-            raise error or ConfigError(p, "no truth")
-        pairs.append((p, t))
-    return pairs
 
 
 def _crs_name(crs: Any) -> str:
@@ -190,40 +130,6 @@ def _block(source: LabelSource, chunk: int | None) -> tuple[int, ...]:
         return (edge, edge)
     i, j, _ = source.shape
     return (i, j, chunk or max(1, VOLUME_BLOCK_VOXELS // max(1, i * j)))
-
-
-def dataset_label_values(card: Any) -> list[int] | None:
-    """The dataset label values a model was trained on, class by class, where they are not 0..N-1 (a Decathlon
-    table of 0, 1, 2, 4: the model writes 3 where the dataset's files hold 4); None otherwise."""
-    values = ((card.training or {}).get("dataset") or {}).get("label_values")
-    if not isinstance(values, list) or len(values) != card.num_classes or values == list(range(card.num_classes)):
-        return None
-    return [int(v) for v in values]
-
-
-class DatasetValues:
-    """A truth map read with the dataset's label values turned into the model's class numbers, block by block;
-    any other value (an ignore value, one outside the table) stays as it is unless it is a class number, which
-    would then be scored as that class: it becomes one past the largest value instead."""
-
-    def __init__(self, array: Any, values: list[int]) -> None:
-        import numpy as np
-
-        self.array, self.shape = array, array.shape
-        top = max(max(values), len(values)) + 1
-        self.lut = np.arange(top + 1, dtype=np.int64)
-        self.lut[: len(values)] = top  # a class number that is no dataset value: not that class
-        for index, value in enumerate(values):
-            self.lut[value] = index
-
-    def __getitem__(self, region: Any) -> Any:
-        import numpy as np
-
-        block = np.asarray(self.array[region])
-        inside = block < len(self.lut)
-        out = block.astype(np.int64, copy=True)
-        out[inside] = self.lut[block[inside]]
-        return out
 
 
 def _values(names: dict[int, str]) -> str:
@@ -343,7 +249,7 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
 
         card = read_card(classes)
         card_names = {c.value: c.name for c in card.classes}
-        dataset_values = dataset_label_values(card)
+        dataset_values = dataset_truth_map(card)
     matches = match_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
     checked = [(p, t, error or _check_pair(p, t, card_names, classes)) for p, t, error in matches]
     cases: list[dict[str, Any]] = []
@@ -396,7 +302,7 @@ def _check_pair(pred_path: Path, truth_path: Path | None, card_names: dict[int, 
 
 
 def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, str] | None,
-            dataset_values: list[int] | None, **options: Any) -> dict[str, Any]:
+            dataset_values: dict[int, int] | None, **options: Any) -> dict[str, Any]:
     """One checked pair's case: its scores, and notes on how its truth was read."""
     with ExitStack() as stack:
         pred = open_labels(pred_path, stack)
@@ -407,9 +313,7 @@ def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, 
     if grid_note is not None:
         case["notes"].append(grid_note)
     if dataset_values is not None:
-        case["notes"].append("the truth's values " + ", ".join(f"{v} as class {i}" for i, v in
-                                                                 enumerate(dataset_values) if v != i)
-                             + " (the dataset's label values, which the model's card recorded at training)")
+        case["notes"].append(truth_note(dataset_values))
     return case
 
 

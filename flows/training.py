@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydantic import ValidationError
 
+from flows.datasettruth import recorded_truth_values
 from flows.modelspace import card_bands
 from flows.scratch import owned_scratch
 from flows.trainspace import CaseGrid, in_model_space, with_training_spacing
@@ -328,6 +329,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
             samples[i] = _case_sample(card, dataset, cases[i], work / f"case-{i}", budget, grids)
         saved_card = _with_spacing(card, grids, say)
         digest = dataset_fingerprint(dataset)
+        truth = recorded_truth_values(dataset)  # segflow evaluate --classes reads the dataset's files through it
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size,  # type: ignore[arg-type]
                       lr=lr, seed=seed, precision=precision, patch=patch, holdout=held, val_every=val_every,
                       resume=resume, on_step=on_step, augment=augment, data=dataset_fingerprint(dataset, mtimes=True))
@@ -335,7 +337,8 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
                                         "fingerprint": digest, "cases": len(cases),
                                         "ignore_index": dataset.ignore_index,
                                         **({"label_values": list(getattr(dataset, "table").values)}
-                                           if renumbered else {})}
+                                           if renumbered else {}),
+                                        **({"truth_values": truth} if truth is not None else {})}
         result.provenance["split"] = split.provenance([c.id for c in cases],
                                                       **_split_extra(split, val_fraction, seed, held))
         return save_trained(out, saved_card, result)

@@ -165,6 +165,39 @@ def test_decathlon_layout_trains_segments_and_evaluates(tmp_path):
     assert {c["name"] for c in case["classes"]} >= {"liver", "tumour"}
 
 
+def test_a_cityscapes_model_is_scored_against_the_label_ids_read_as_train_ids(tmp_path):
+    """``evaluate --classes MODEL`` had read ``*_gtFine_labelIds.png`` as they are: road (id 7) scored as train id 7,
+    'traffic sign', sky (23) as an extra 'class 23', with no note.  The card records the label table training
+    read the ids through; the folder ``gtFine/val/<city>/`` pairs ``X_leftImg8bit.tif`` with
+    ``X_gtFine_labelIds.png`` (beside ``X_gtFine_instanceIds.png``, which is no label map)."""
+    import rasterio
+
+    written = write_cityscapes(tmp_path / "data")
+    root, stem = written.root, "frankfurt_000000_000294"
+    card = _card(tmp_path / "card.json", spatial_dims=2, channels=3, roi=[16, 16])
+    trained = _train(root, card, tmp_path / "model")
+    assert [7, 0] in trained["training"]["dataset"]["truth_values"]  # road
+    out = tmp_path / "out"
+    seg = runner.invoke(app, ["segment", str(root / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png"),
+                              "--model", str(tmp_path / "model"), "--out", str(out), "--no-prefect"])
+    assert seg.exit_code == 0, seg.output
+    train_ids = written.labels[stem]  # what a perfect model writes: train ids, 255 where Cityscapes ignores
+    with rasterio.open(out / f"{stem}_leftImg8bit.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:
+        dst.write(np.where(train_ids == 255, 0, train_ids).astype(np.uint8), 1)
+    ev = runner.invoke(app, ["evaluate", str(out / f"{stem}_leftImg8bit.tif"), "--truth",
+                             str(root / "gtFine" / "val" / "frankfurt"), "--classes", str(tmp_path / "model"),
+                             "--out", str(tmp_path / "scores")])
+    assert ev.exit_code == 0, ev.output
+    [case] = json.loads((tmp_path / "scores" / "evaluation.json").read_text())["cases"]
+    assert case["truth"].endswith(f"{stem}_gtFine_labelIds.png")
+    present = sorted(set(np.unique(train_ids)) - {255})
+    scored = {r["value"]: r["dice"] for r in case["classes"] if r["dice"] is not None}
+    assert scored == {int(v): 1.0 for v in present} and len(present) > 1, case["classes"]
+    assert not [r for r in case["classes"] if r["name"].startswith("class ")]  # no stray label id as a class
+    assert case["ignored_pixels"] == int((train_ids == 255).sum()) > 0
+    assert any("7 as class 0" in n for n in case["notes"]), case["notes"]
+
+
 def test_a_decathlon_table_with_a_gap_says_how_values_map_and_records_them(tmp_path):
     """A table of 0, 1, 2, 4 (BraTS' original values) trains as classes 0..3: the outputs hold 3 where the
     dataset's files hold 4, and scoring them against those files gave 'enhancing' a Dice of 0 with no word of

@@ -17,7 +17,8 @@ from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.evaluate import evaluate_files, pair_inputs
+from flows.evaluate import evaluate_files
+from flows.pairing import pair_inputs
 from segmentation.evaluation import (ABSENT_IN_BOTH, EMPTY_PREDICTION, EMPTY_TRUTH, NO_BACKGROUND_DISTANCES,
                                      scan_labels, score_case, surface_scores)
 from storage.classes import LabelClass

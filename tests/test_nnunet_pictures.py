@@ -164,3 +164,36 @@ def test_a_grey_picture_reaches_a_three_channel_network_as_its_grey_thrice(tmp_p
         "--bands, e.g. --bands 1"], proc.stderr
     with rasterio.open(tmp_path / "out1" / "grey.tif") as src:
         assert np.array_equal(src.read(1), predict(grey[None], one, probabilities=False).compute(scheduler="sync"))
+
+
+def test_nnunets_ignore_label_is_not_counted_by_evaluate_and_a_prediction_pairs_with_its_case(tmp_path):
+    """nnU-Net's ``ignore`` label (here 2) marks pixels without annotation: training skips them, but ``evaluate
+    --classes MODEL`` had counted them, a 'class 2' row and false positives wherever the model said 'cell' there.
+    And a prediction named by its image file, ``cell_003_0000.tif``, had found no truth ``cell_003_0000.*`` in
+    ``labelsTr/``, which holds ``cell_003.png``."""
+    root = picture_dataset(tmp_path / "Dataset504_Ignore")
+    doc = json.loads((root / "dataset.json").read_text())
+    doc["labels"]["ignore"] = 2
+    (root / "dataset.json").write_text(json.dumps(doc))
+    truth_path = root / "labelsTr" / "cell_003.png"
+    truth = np.asarray(Image.open(truth_path)).copy()
+    truth[:, :10] = 2  # a strip nobody annotated
+    Image.fromarray(truth).save(truth_path)
+    proc = run("train", "--dataset", root, "--card", card_file(tmp_path / "card.json", 1), "--out",
+               tmp_path / "model", "--steps", "2", "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    proc = run("segment", root / "imagesTr" / "cell_003_0000.png", "--model", tmp_path / "model", "--out",
+               tmp_path / "out", "--no-prefect")
+    assert proc.returncode == 0, proc.stderr
+    prediction = tmp_path / "out" / "cell_003_0000.tif"
+    # right wherever annotated, 'cell' all over the unannotated strip
+    with rasterio.open(prediction, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:
+        dst.write(np.where(truth == 2, 1, truth).astype(np.uint8), 1)
+    proc = run("evaluate", prediction, "--truth", root / "labelsTr", "--classes", tmp_path / "model", "--out",
+               tmp_path / "scores")
+    assert proc.returncode == 0, proc.stderr
+    [case] = json.loads((tmp_path / "scores" / "evaluation.json").read_text())["cases"]
+    assert case["truth"] == str(truth_path)
+    assert {r["name"]: r["dice"] for r in case["classes"]} == {"background": 1.0, "cell": 1.0}
+    assert case["ignored_pixels"] == int((truth == 2).sum())
+    assert any("2 not counted" in n for n in case["notes"]), case["notes"]

@@ -117,6 +117,10 @@ class CityscapesDataset:
     spatial_dims: int = 2
     channels: int = 3
 
+    def truth_values(self) -> dict[int, int]:
+        """Each label id a ``*_gtFine_labelIds.png`` can hold (as its uint8 value) and its train id, or 255."""
+        return {int(v): int(LOOKUP[v]) for v in np.flatnonzero(KNOWN)}
+
     def read(self, case: Case, work: Path) -> CaseData:
         """Both arrays read whole (a 2048x1024 photograph is 6 MB); ``work`` is not needed."""
         image = read_rgb(case.images[0])
