@@ -388,6 +388,20 @@ def test_vector_far_from_its_image_is_refused(tmp_path: Path) -> None:
         geolabels.LAYOUT.open(tmp_path)
 
 
+def test_a_geojson_in_utm_without_its_crs_member_says_so(tmp_path: Path) -> None:
+    """RFC 7946 GeoJSON is longitude and latitude: a UTM export without its 'crs' member reads as EPSG:4326, and
+    the line had only said the layer does not overlap the image."""
+    geo_vector_dataset(tmp_path, [(0, 0, 5, 5)], None)
+    path = tmp_path / "labels" / "scene.geojson"
+    doc = json.loads(path.read_text())
+    doc.pop("crs", None)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InvalidInputError, match=r"scene.geojson: vector layer is read as EPSG:4326 \(longitude, "
+                                                r"latitude\) but holds coordinates up to \(\d+, \d+\), which are no "
+                                                r"degrees: a GeoJSON in a projected CRS needs its 'crs' member"):
+        geolabels.LAYOUT.open(tmp_path)
+
+
 def test_class_codes_written_as_text_keep_their_numeric_order(tmp_path: Path) -> None:
     """Codes "1", "10", "2" (GeoJSON exporters often write numbers as text) were sorted as text: class 2 was named
     '10' and class 3 '2'."""

@@ -123,6 +123,13 @@ def _check_vector(image: Path, vector: Path, img: _Profile) -> None:
     (ix0, iy0), (ix1, iy1) = corners.min(axis=0), corners.max(axis=0)
     if right < ix0 or left > ix1 or top < iy0 or bottom > iy1:
         where = crs.to_string() if crs is not None else "no CRS"
+        x0, y0, x1, y1 = bounds
+        if crs is not None and crs.to_epsg() == 4326 and not (-180 <= x0 <= x1 <= 180 and -90 <= y0 <= y1 <= 90):
+            # RFC 7946: GeoJSON is longitude and latitude; a file exported in UTM without its crs member reads so
+            raise InvalidInputError(vector, f"vector layer is read as {where} (longitude, latitude) but holds "
+                                            f"coordinates up to ({max(abs(x0), abs(x1)):.0f}, "
+                                            f"{max(abs(y0), abs(y1)):.0f}), which are no degrees: a GeoJSON in a "
+                                            "projected CRS needs its 'crs' member, or save it as GeoPackage")
         raise InvalidInputError(vector, f"vector layer ({where}) does not overlap image {image.name}")
 
 
