@@ -82,7 +82,17 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
     geometry = store.meta.geometry
     picture = str(getattr(store.meta.source, "format", "")).upper() in ("PNG", "JPEG", "MPO")
     if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg and not picture:
-        out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
+        spacing, t = model.card.input.spacing, geometry.transform
+        size = (abs(float(t[0])), abs(float(t[4])))
+        if model.card.applies_raster_model_space and spacing and any(v > 0 for v in spacing) and \
+                any(v > 0 and abs(v - p) > 1e-6 * v for v, p in zip(spacing[::-1], size)):
+            # the transform's units are an assumption: say so where it resamples (a pixel grid of 1 x 1 "metres")
+            out.append(f"{input_path}: has no CRS, so its pixel size ({size[0]:g} x {size[1]:g}) is taken as metres "
+                       f"and resampled to the {' x '.join(f'{v:g}' for v in spacing[::-1])} m of model "
+                       f"{model.card.name!r}"
+                       "; the output is written on the same pixel grid without a CRS (give the raster its CRS)")
+        else:
+            out.append(f"{input_path}: has no CRS; the output is written on the same pixel grid without a CRS")
     dicom = getattr(geometry, "dicom", None)
     if dicom is not None and dicom.depth_assumed:
         from storage.dicom import DEPTH_ASSUMED_NOTE

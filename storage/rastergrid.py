@@ -22,6 +22,7 @@ import numpy as np
 
 from storage.errors import InvalidInputError
 from storage.geometry import crs_of
+from storage.header import linear_unit_metres
 
 Kernel = Literal["bilinear", "average", "nearest"]
 IDENTITY_RTOL = 1e-6  # a pixel size this close (relative) to the gsd is the gsd: no warp at all
@@ -152,8 +153,11 @@ def _metres_per_unit(crs: Any, what: str) -> float:
     if crs.is_geographic:
         raise InvalidInputError(None, f"the model's CRS ({what}) is geographic; a ground sample distance in metres "
                                       "needs a projected CRS (e.g. crs: utm)")
-    _, metres = crs.linear_units_factor
-    return float(metres)
+    metres = linear_unit_metres(crs)  # a local (engineering) CRS in metres or feet too, which rasterio refuses
+    if metres is None:
+        raise InvalidInputError(None, f"the CRS ({what}) has no linear unit, so a ground sample distance in metres "
+                                      "cannot be laid on it (give the raster a projected CRS, e.g. gdalwarp -t_srs)")
+    return metres
 
 
 def _auto(kernel: str, coarsening: bool) -> Kernel:

@@ -371,6 +371,32 @@ def test_a_geographic_scene_across_the_antimeridian_is_labelled_on_both_sides(sc
     assert err <= 1e-5, f"the two writings of one place differ by {err:.2e}"
 
 
+def test_a_local_crs_or_none_warps_as_its_projected_twin(scenes, weights, tmp_path, dask_cluster):
+    """A site grid in a local (engineering) CRS in metres had failed with rasterio's "Linear units factor is not
+    defined for non projected CRS"; without a CRS the transform's units are taken as metres, which the run now
+    says where it resamples.  Both give the labels of the same pixels in their UTM zone."""
+    from rasterio.crs import CRS
+
+    model = _model(tmp_path / "m", weights)
+    local = CRS.from_wkt('LOCAL_CS["site",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]')
+    with rasterio.open(scenes["5"]) as src:
+        profile, data = src.profile, src.read()
+    labels = {}
+    for name, crs in (("utm", profile["crs"]), ("local", local), ("none", None)):
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", **{**profile, "crs": crs}) as dst:
+            dst.write(data)
+        outcome = segment_one(path, model, tmp_path / "out", SegmentOptions(chunk_size=64), dask_cluster)
+        assert outcome.ok, outcome.error
+        labels[name] = _labels(tmp_path / "out" / f"{name}.tif")[0]
+        notes = outcome.statistics.get("warnings") or []
+        if name == "none":
+            assert any("has no CRS, so its pixel size (5 x 5) is taken as metres and resampled to the 10 x 10 m "
+                       "of model" in n for n in notes), notes
+    assert np.array_equal(labels["local"], labels["utm"]) and np.array_equal(labels["none"], labels["utm"])
+    assert len(np.unique(labels["utm"])) > 1
+
+
 def test_a_scene_at_the_models_gsd_is_not_warped_and_its_outputs_are_unchanged(scenes, weights, tmp_path,
                                                                               dask_cluster):
     """Card version 4 at 10 m on a 10 m scene: the same labels and probabilities as a version 3 card (whose 2-D
