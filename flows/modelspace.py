@@ -181,13 +181,17 @@ def unnamed_bands_note(store: ImageStore, model: LoadedModel, options: SegmentOp
 
 
 def dtype_note(store: ImageStore, model: LoadedModel) -> str | None:
-    """Integers where the card's normalisation was made for floats, or the other way round, with no ``units`` on
-    the card to convert them: most often reflectances (0-1) fed to a model of digital numbers (0-10000), which
+    """Integers where the card's normalisation was made for floats, or the other way round, where no ``units`` were
+    applied to convert them (none on the card, or no scale or offset known for the file): most often reflectances (0-1) fed to a model of digital numbers (0-10000), which
     labels a whole scene one class without an error (a demo scene as float reflectance: 97 % 'water').  Only for
     fixed constants: a normalisation by the image's own statistics does not care."""
+    from storage.bands import channel_units
+
     card = model.card.input
-    if card.dtype is None or card.units is not None or card.normalization.mode in ("image_zscore", "percentile"):
+    if card.dtype is None or card.normalization.mode in ("image_zscore", "percentile"):
         return None  # (an image's own statistics absorb any linear change of units)
+    if card.units is not None and channel_units(store.meta, None) is not None:
+        return None  # converted from the file's own scales and offsets; without them the values are taken as they are
     try:
         wanted = np.dtype(card.dtype)
     except TypeError:
@@ -195,8 +199,9 @@ def dtype_note(store: ImageStore, model: LoadedModel) -> str | None:
     stored = np.dtype(store.image.dtype)
     if (wanted.kind == "f") == (stored.kind == "f"):
         return None
-    return (f"is stored as {stored.name}, and model {model.card.name!r}'s normalisation was made for {wanted.name} "
-            "values: if these are other units (reflectance rather than digital numbers), its labels are meaningless")
+    return (f"is stored as {stored.name}, and the normalisation of model {model.card.name!r} was made for "
+            f"{wanted.name} values: if these are other units (reflectance rather than digital numbers), its labels "
+            "are meaningless")
 
 
 def _names_bands(store: ImageStore) -> bool:

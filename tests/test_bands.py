@@ -245,11 +245,22 @@ def test_floats_given_to_a_card_made_for_integers_are_said(tmp_path, dask_cluste
     options = SegmentOptions(chunk_size=64, keep_zarr=False)
     told = segment_one(scene, fixed, tmp_path / "a", options, dask_cluster)
     assert told.statistics["warnings"] == [
-        f"{scene}: is stored as float32, and model '{fixed.card.name}''s normalisation was made for uint16 values: "
+        f"{scene}: is stored as float32, and the normalisation of model '{fixed.card.name}' was made for uint16 values: "
         "if these are other units (reflectance rather than digital numbers), its labels are meaningless"]
     assert "warnings" not in segment_one(scene, own, tmp_path / "b", options, dask_cluster).statistics
     integers = _raster(tmp_path / "dn.tif", (data * 10000).astype(np.uint16))
     assert "warnings" not in segment_one(integers, fixed, tmp_path / "c", options, dask_cluster).statistics
+    # a card declaring its units had silenced the check, though with no scale or offset in the file nothing
+    # converts the values: they are taken as digital numbers as they are
+    dn = tiny_model(tmp_path / "dn", spatial_dims=2, channels=3, roi=[32, 32], dtype="uint16", units="dn",
+                    normalization={"mode": "zscore", "mean": [650.0], "std": [300.0]})
+    told = segment_one(scene, dn, tmp_path / "d", options, dask_cluster)
+    assert [w for w in told.statistics.get("warnings", []) if "is stored as float32" in w], told.statistics
+    scaled = _raster(tmp_path / "scaled.tif", data)
+    with rasterio.open(scaled, "r+") as dst:  # reflectance = value * 0.5 + 0.01, which the card converts to DN
+        dst.scales, dst.offsets = (0.5,) * 3, (0.01,) * 3
+    converted = segment_one(scaled, dn, tmp_path / "e", options, dask_cluster)
+    assert not [w for w in converted.statistics.get("warnings", []) if "is stored as float32" in w]
 
 
 @pytest.mark.parametrize("spacing", [None, [20.0, 20.0]], ids=["input grid", "model space"])
