@@ -62,6 +62,7 @@ def stage_memory(machine: int) -> int:
 STAGE_MEMORY = stage_memory(MEMORY_LIMIT)  # MEMORY_LIMIT: the machine's memory, or its cgroup's or rlimit's if less
 
 DEFAULT_VOLUME_CHUNK = 128
+RASTER_CHUNK = 1024  # a raster's model grid is chunked so where --chunk-size is not given (ingest's default too)
 
 
 # model voxels 16x finer (or coarser) on every axis: past it a voxel size or unit is wrong
@@ -259,7 +260,9 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
     region); only the model grid's valid mask is computed first, and stored
     when some model pixel is invalid.
     """
-    chunk = options.chunk_size or int(store.image.chunks[1])
+    # the model grid's chunks: --chunk-size, else the store's (1024 as ingested), never smaller: a small coarse
+    # scene's own chunk (16 pixels of 600 m) had cut its 960² model grid into 3600 chunks, 90 s of scheduling
+    chunk = options.chunk_size or max(RASTER_CHUNK, *(int(c) for c in store.image.chunks[1:]))
     work = model_image_path(store)
     t0 = time.perf_counter()
     model_valid = model_mask(store, mapping, work, chunk, compute=lambda graph: client.compute(graph).result())

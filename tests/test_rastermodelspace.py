@@ -397,6 +397,27 @@ def test_a_local_crs_or_none_warps_as_its_projected_twin(scenes, weights, tmp_pa
     assert len(np.unique(labels["utm"])) > 1
 
 
+def test_a_small_coarse_scene_gets_a_model_grid_in_ingest_sized_chunks(weights, tmp_path, dask_cluster):
+    """16 x 16 pixels of 600 m for a 10 m model: the model grid (960²) had been cut in the input store's own
+    16-pixel chunks, 3600 of them, and the run spent 90 s scheduling them for 1 s of windows."""
+    from flows.modelspace import build
+    from storage.ingest import ingest
+
+    path = tmp_path / "coarse.tif"
+    data = np.random.default_rng(2).integers(300, 3000, (4, 16, 16)).astype(np.uint16)
+    with rasterio.open(path, "w", driver="GTiff", width=16, height=16, count=4, dtype="uint16", crs="EPSG:32633",
+                       transform=from_origin(400000, 5800000, 600, 600)) as dst:
+        dst.write(data)
+    store = ingest(path, tmp_path / "coarse.image.zarr")
+    assert store.image.chunks[1:] == (16, 16)
+    model = _model(tmp_path / "m", weights)
+    plan, mapping, _ = build(store, model, SegmentOptions(), dask_cluster)
+    chosen, _, _ = build(store, model, SegmentOptions(chunk_size=256), dask_cluster)
+    assert mapping.model_shape == (960, 960)
+    assert plan.stitch.chunks == ((960,), (960,))  # one chunk, as a 960² scene of its own would have
+    assert chosen.stitch.chunks == ((256, 256, 256, 192),) * 2  # --chunk-size still decides
+
+
 def test_a_scene_at_the_models_gsd_is_not_warped_and_its_outputs_are_unchanged(scenes, weights, tmp_path,
                                                                               dask_cluster):
     """Card version 4 at 10 m on a 10 m scene: the same labels and probabilities as a version 3 card (whose 2-D
