@@ -41,6 +41,7 @@ from storage.atomic import write_text_atomically
 from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
 from storage.inputfiles import stem_of
+from storage.remote import is_url
 
 __all__ = ["ITEM_SUFFIX", "PROCESSING_SCHEMA", "class_name", "model_item", "stac_classes", "stac_item_path",
            "write_stac_item"]
@@ -282,7 +283,9 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
 
     if weights is not None:  # the model that made the labels (segmentation.mlm.weights_asset)
         _add_model_asset(item, model, weights)
-    item.add_link(pystac.Link(rel="derived_from", target=str(source), title="Segmented source"))
+    # a local path as a URI reference, as the assets' hrefs are ("scene #1.tif" had been cut at its '#')
+    target = str(source) if is_url(str(source)) else _uri_path(str(source))
+    item.add_link(pystac.Link(rel="derived_from", target=target, title="Segmented source"))
     item.stac_extensions.append(PROCESSING_SCHEMA)
     item.properties["processing:lineage"] = _lineage(model, source, grid)
     item.properties["processing:software"] = {"segflow": _segflow_version()}

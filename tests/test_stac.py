@@ -63,8 +63,11 @@ def test_asset_hrefs_are_uri_references_a_hash_in_a_name_does_not_cut(tmp_path: 
 
     label = make_cog(tmp_path / "my scène 北 #1?.tif")
     written = write_stac_item(label, item_id="x", label_cog=label, classes=CLASSES, model=MODEL, gsd=10.0,
-                              source="in.tif", datetime_=datetime(2024, 5, 17, tzinfo=timezone.utc))
-    href = json.loads(written.read_text())["assets"]["labels"]["href"]
+                              source=str(tmp_path / "in #2.tif"), datetime_=datetime(2024, 5, 17, tzinfo=timezone.utc))
+    doc = json.loads(written.read_text())
+    href = doc["assets"]["labels"]["href"]
+    [source] = [link["href"] for link in doc["links"] if link["rel"] == "derived_from"]
+    assert source == f"{tmp_path}/in %232.tif"  # the source's path, not cut at its '#' either
     assert href == "./my scène 北 %231%3F.tif"
     assert urljoin("https://host/out/x.stac.json", href) == "https://host/out/my scène 北 %231%3F.tif"
     from storage.stacassets import _absolute
