@@ -66,9 +66,12 @@ class MosaicRef:
 
 def parse_crs(text: str) -> CRS:
     """The ``--crs`` value as a CRS; a one-line ValueError for one GDAL does not know."""
-    try:
+    import pyproj
+
+    try:  # PROJ's own check first: GDAL's would also print "ERROR 1: PROJ: ..." on the terminal, before our line
+        pyproj.CRS.from_user_input(text)
         crs = CRS.from_user_input(text)
-    except CRSError as exc:
+    except (CRSError, pyproj.exceptions.CRSError) as exc:
         raise ValueError(f"--crs {text!r} is not a CRS GDAL knows ({exc})") from None
     if not crs.is_projected and not crs.is_geographic:
         raise ValueError(f"--crs {text!r} is neither projected nor geographic")

@@ -360,3 +360,19 @@ def test_the_mosaics_identity_is_its_tiles_content_and_its_ingest_is_never_a_til
     assert changed.sha256() != ref.sha256()
     fresh, reused = ingest_input(changed, work, 64)
     assert not reused and fresh.image[0, 0, TILE] == 9.0
+
+
+def test_an_unknown_crs_is_one_line_with_nothing_from_gdal_before_it(scene, tmp_path):
+    """GDAL had printed its own "ERROR 1: PROJ: ... crs not found" on the terminal before segflow's line."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(scene["zones"][0]), "--mosaic", "m",
+                           "--crs", "EPSG:99999", "--model", str(scene["model"]), "--out", str(tmp_path / "out"),
+                           "--no-prefect"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: mosaic m (1 tile): --crs 'EPSG:99999' is not a CRS GDAL "
+                                                   "knows"), proc.stderr
