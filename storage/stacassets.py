@@ -146,9 +146,17 @@ def _absolute(href: str, folder: Path, self_href: str | None, origin: str | None
     if not local.exists() and unquote(href) != href:  # a URI reference's path (STAC's hrefs are URIs): decoded
         decoded = (folder / unquote(href)).resolve()
         local = decoded if decoded.exists() else local
-    if local.exists() or not is_url(self_href):
+    if local.exists() or self_href is None:
         return str(local)
-    return resolve(parent_of(self_href), href)  # type: ignore[arg-type]
+    if self_href.startswith("file://"):  # the self link as a file URI, or a local path: beside it on this machine
+        self_href = unquote(urlparse(self_href).path)
+    if is_url(self_href):
+        return resolve(parent_of(self_href), href)
+    if not self_href.startswith("/"):
+        return str(local)  # a relative self link says nothing of where the item came from
+    beside_self = (Path(self_href).parent / href).resolve()
+    decoded = (Path(self_href).parent / unquote(href)).resolve()
+    return str(decoded if decoded.exists() and not beside_self.exists() else beside_self)
 
 
 def _gdal_path(href: str) -> str:
@@ -223,10 +231,11 @@ def _assets(path: Path, doc: dict[str, Any], item: Any, origin: str | None = Non
             continue
         href = _absolute(asset.href, path.parent, self_href, origin)
         relative = not (asset.href.startswith(("/", "file://")) or is_url(asset.href))
+        beside = str((path.parent / asset.href).resolve())
         a = _Asset(key=key, href=href, gdal=_gdal_path(href), media_type=(asset.media_type or ""),
                    roles=list(asset.roles or []), fields=fields,
-                   missing_local=str((path.parent / asset.href).resolve())
-                   if relative and origin is None and is_url(href) else None)
+                   missing_local=beside if relative and origin is None and href not in (beside, str(
+                       (path.parent / unquote(asset.href)).resolve())) else None)
         try:
             a.bands = _described_bands(key, fields)
         except _NotANumber as exc:

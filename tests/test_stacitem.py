@@ -278,6 +278,15 @@ def test_asset_hrefs_resolve_where_the_item_was_read_from_else_against_its_self_
     # hrefs are URI references: a percent-encoded name (a file URI, or another catalogue's relative href)
     (tmp_path / "red band #1.tif").write_bytes(b"")
     assert _absolute("./red%20band%20%231.tif", tmp_path, None) == str(tmp_path / "red band #1.tif")
+    # an item copied away from its band files, its self link a local path or a file URI: beside that (both had
+    # been read beside the copy, where nothing is)
+    (tmp_path / "catalogue" / "bands").mkdir(parents=True)
+    (tmp_path / "catalogue" / "bands" / "B04.tif").write_bytes(b"")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for self_link in (str(tmp_path / "catalogue" / "item.json"), (tmp_path / "catalogue" / "item.json").as_uri()):
+        assert _absolute("bands/B04.tif", copy, self_link) == str(tmp_path / "catalogue" / "bands" / "B04.tif")
+    assert _absolute("bands/B04.tif", copy, "item.json") == str(copy / "bands" / "B04.tif")  # relative: no place
     assert _absolute((tmp_path / "red band #1.tif").as_uri(), tmp_path, None) == str(tmp_path / "red band #1.tif")
     assert _gdal_path("s3://bucket/s2/B03.tif") == "/vsis3/bucket/s2/B03.tif"
     assert _gdal_path("https://host/s2/B03.tif") == "/vsicurl/https://host/s2/B03.tif"
@@ -514,3 +523,11 @@ def test_an_asset_missing_beside_its_item_is_said_so_when_the_catalogue_copy_fai
         f"{item}: asset 'nir': {item.parent / 'B08.tif'} is not beside the item, and the copy beside its self link "
         "(https://catalogue.example.com/collections/s2/items/B08.tif) cannot be opened: "), str(err.value)
     assert not (tmp_path / "s.zarr").exists()
+    doc = json.loads(item.read_text())  # the catalogue's copy a local file: both places named too
+    doc["links"] = [{"rel": "self", "href": str(tmp_path / "catalogue" / "item.json")}]
+    item.write_text(json.dumps(doc))
+    with pytest.raises(InputError) as err:
+        ingest(item, tmp_path / "s.zarr")
+    assert str(err.value).startswith(
+        f"{item}: asset 'nir': {item.parent / 'B08.tif'} is not beside the item, and the copy beside its self link "
+        f"({tmp_path / 'catalogue' / 'B08.tif'}) cannot be opened: "), str(err.value)
