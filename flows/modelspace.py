@@ -243,7 +243,8 @@ def _stitch_plan(image_store: ImageStore, model: LoadedModel, options: SegmentOp
                  facts: dict[str, Any]) -> Any:
     """The sliding window over the grid the network sees (the input's or the model's), with the bands chosen."""
     image, bands = band_selection(image_store, model, options)
-    if bands is not None:
+    bands = bands if bands is not None or image_store.meta.kind != "raster" else list(image_store.meta.channel_names)
+    if bands is not None:  # the bands the network got, in its order: all of them, as stored, when none was chosen
         facts["bands"] = bands
     return build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
                       precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
@@ -270,8 +271,7 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
     facts: dict[str, Any] = {"model_space": mapping.to_json(), "model_image": "warped by the windows' reads",
                              "model_image_seconds": round(time.perf_counter() - t0, 3),
                              "output_grid": options.output_grid}
-    if bands is not None:
-        facts["bands"] = bands
+    facts["bands"] = bands if bands is not None else list(store.meta.channel_names)  # as in _stitch_plan
     stitch = build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
                         precision=options.precision, chunks=chunk, mask=model_valid,
                         batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta,

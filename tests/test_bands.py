@@ -232,6 +232,10 @@ def test_unnamed_bands_taken_in_file_order_are_said(tmp_path, dask_cluster):
         dst.descriptions = ("red", "green", "blue")
     by_name = segment_one(named, model, tmp_path / "c", options, dask_cluster)
     assert "warnings" not in chosen.statistics and "warnings" not in by_name.statistics
+    # the bands the network got, in its order, also where they are all of the file's in its order (had been null)
+    assert by_name.statistics["bands"] == ["red", "green", "blue"], by_name.statistics
+    assert plain.statistics["bands"] == ["band1", "band2", "band3"]
+    assert chosen.statistics["bands"] == ["band3", "band2", "band1"]
 
 
 def test_floats_given_to_a_card_made_for_integers_are_said(tmp_path, dask_cluster):
