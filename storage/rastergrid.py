@@ -196,7 +196,8 @@ def raster_mapping(geometry: Any, shape: Sequence[int], *, spacing: Sequence[flo
         square = abs(a * b + d * e) <= 1e-9 * (a * a + d * d)  # pixel axes at right angles: a rotation
         kind = "a rotated" if square else "a sheared (its pixel axes are not at right angles)"
         raise InvalidInputError(None, f"has {kind} geotransform; model space needs a north-up grid "
-                                      "(warp it north-up first)")
+                                      "(warp it north-up first, e.g. gdalwarp, or give it as a one-tile mosaic, "
+                                      "--mosaic NAME --crs EPSG:n, whose tiles are warped)")
     if a < 0.0 or e > 0.0:  # the model grid follows the input's axes: the network would see a mirror image
         flipped = "rows running south to north" if e > 0.0 else "columns running east to west"
         raise InvalidInputError(None, f"has a flipped geotransform ({flipped}); model space needs a north-up grid, "
