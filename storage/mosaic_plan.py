@@ -196,6 +196,11 @@ def _check_same_bands(first: Tile, tile: Tile) -> None:
                                                 f"tile {first.path.name}'s are "
                                                 f"{', '.join(map(str, first.descriptions))}; every tile needs the "
                                                 f"same bands in the same order")
+    if (np.dtype(tile.dtype).kind == "f") != (np.dtype(first.dtype).kind == "f"):  # reflectance beside DN, often
+        raise IncompatibleInputError(tile.path, f"its pixels are {tile.dtype}, the first tile {first.path.name}'s "
+                                                f"{first.dtype}: integers beside floats are most often other units "
+                                                "(digital numbers and reflectance); a mosaic's pixels must mean the "
+                                                "same everywhere (convert the tiles to one type first)")
     if tile.scales != first.scales or tile.offsets != first.offsets:
         raise IncompatibleInputError(tile.path, f"its band scales/offsets {tile.scales}/{tile.offsets} differ from "
                                                 f"the first tile {first.path.name}'s {first.scales}/{first.offsets}; "

@@ -264,7 +264,18 @@ def _bad_tiles(scene: dict[str, Any], folder: Path) -> dict[str, tuple[Path, str
         "pixel": (_write(folder / "coarse.tif", data[:, :TILE:2, TILE::2], from_origin(*transform * (0, 0), 20, 20)),
                   "its pixel size is 20 x 20, the mosaic's 10 x 10"),
         "damaged": (damaged, "cannot read pixels"),  # it opens, and fails when its pixels are read
+        "dtype": (_integers(folder / "integers.tif", data[:, :TILE, TILE:], transform),
+                  "its pixels are int16, the first tile tile_0_0.tif's float32: integers beside floats"),
     }
+
+
+def _integers(path: Path, data: np.ndarray, transform: Any) -> Path:
+    """The tile as integers (the same values, scaled): a mosaic of these beside floats had gone through, warned
+    about as float32 throughout."""
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                       dtype="int16", crs="EPSG:32633", transform=transform) as dst:
+        dst.write((data * 1000).astype(np.int16))
+    return path
 
 
 def test_a_bad_tile_fails_the_whole_mosaic_in_one_line_naming_it(scene, tmp_path, dask_cluster):
