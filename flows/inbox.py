@@ -10,13 +10,13 @@ answered before the flow starts any task, so it lives here rather than in
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+from storage import jsontext
 from storage.channelfiles import case_of
 from storage.dicomfiles import is_dicom_input
 from storage.errors import ConfigError, InputError
@@ -216,7 +216,7 @@ def read_manifest(path: str | Path) -> list[str]:
                             if not (isinstance(r[column], str) and r[column].lstrip().startswith("#"))]  # comments
     elif path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = jsontext.loads(text)
         except ValueError as exc:
             raise ConfigError(url or path, f"manifest is not valid JSON: {exc}") from None
         if isinstance(data, dict):

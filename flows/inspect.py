@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from storage import jsontext
 from storage.classes import LABEL_TABLE_HEADER, table_names
 from storage.errors import CorruptInputError, InputError, StoreError, UnsupportedFormatError
 from storage.rasteropen import open_raster, without_crs_ok
@@ -52,7 +53,10 @@ def _geotiff(path: Path) -> dict[str, Any]:
         }
     for key in ("CLASSES", "SEGFLOW_PROVENANCE"):
         if key in tags:
-            info[key.lower()] = json.loads(tags.pop(key))
+            try:
+                info[key.lower()] = jsontext.loads(tags.pop(key))
+            except ValueError as exc:  # a foreign or damaged tag: shown as it is, not a traceback
+                info[key.lower()] = {"unreadable": f"not JSON ({exc.msg if hasattr(exc, 'msg') else exc})"}
     info["tags"] = tags
     return info
 
@@ -86,7 +90,7 @@ def _nifti(path: Path) -> dict[str, Any]:
         text = ext.get_content()
         text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
         try:
-            info["provenance"] = json.loads(text.rstrip("\0"))
+            info["provenance"] = jsontext.loads(text.rstrip("\0"))
         except ValueError:
             info.setdefault("extensions", []).append(text.rstrip("\0"))
     return info
@@ -112,7 +116,7 @@ def _recorded_counts(path: Path) -> dict[str, Any] | None:
 
     sidecar = sidecar_path(path)
     try:
-        record = json.loads(sidecar.read_text())
+        record = jsontext.loads(sidecar.read_text())
     except (OSError, ValueError):
         return None
     counts = (record.get("statistics") or {}).get("label_pixels") if isinstance(record, dict) else None
@@ -248,7 +252,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         raise UnsupportedFormatError(path, "directory is neither a zarr store nor a model directory")
     if name.endswith(".json"):
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return jsontext.read(path)
         except (OSError, ValueError) as exc:
             raise CorruptInputError(path, f"is not readable JSON: {exc}") from None
     if name.endswith((".tif", ".tiff")):

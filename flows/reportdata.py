@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.report import REPORT_SCHEMA, InputReport, counts, fill_from_statistics, summary
+from storage import jsontext
 from storage.errors import InvalidInputError, SegflowError
 from storage.inputfiles import stem_of
 from storage.remote import is_url
@@ -29,7 +30,7 @@ MAIN_SUFFIXES = (".tif", ".tiff", ".nii.gz", ".nii")
 def read_run_report(path: Path) -> dict[str, Any]:
     """A run report JSON file in the nightly shape, whichever shape it was written in."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = jsontext.read(path)
     except OSError as exc:
         raise InvalidInputError(path, f"cannot read the report: {exc.strerror or exc}") from None
     except ValueError as exc:

@@ -28,13 +28,13 @@ their full check.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from storage import jsontext
 from storage.bands import GREY, BandRequest, aliases, select_bands
 from storage.errors import IncompatibleInputError
 from storage.header import Header
@@ -74,7 +74,7 @@ def peek(path: str | Path) -> ModelInput | None:
     read that way (a bundle, an archive) or it is not valid: the full check (:func:`model_input`) says why."""
     card = Path(path) / CARD_FILE
     try:
-        data = json.loads(card.read_bytes())
+        data = jsontext.read(card)
         spec = data["input"]
         # as ModelCard.in_metres says, without importing the card (pydantic, torch)
         metres = int(spec["spatial_dims"]) == 2 and (spec.get("units") is not None or (

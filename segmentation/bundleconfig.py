@@ -10,12 +10,12 @@ anything else reported as an expression, which only a trusted bundle
 
 from __future__ import annotations
 
-import json
 import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from storage import jsontext
 from storage.errors import ModelError
 
 TRUST_HINT = "pass --trust-bundle (trust_bundle=True) to let MONAI evaluate the bundle's configuration"
@@ -29,7 +29,7 @@ def read_config(path: Path) -> Any:
         raise ModelError(path, f"unreadable bundle configuration ({exc})") from None
     try:
         if path.suffix == ".json":
-            doc = json.loads(text)
+            doc = jsontext.loads(text)
         else:
             import yaml
 

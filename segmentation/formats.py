@@ -18,7 +18,6 @@ Three formats are recognised by their *content*, never by their suffix:
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import re
 import struct
@@ -31,6 +30,7 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import nn
 
+from storage import jsontext
 from storage.errors import ModelError, UnsafeModelError
 
 WeightFormat = Literal["safetensors", "state_dict", "torchscript"]
@@ -276,7 +276,7 @@ def load_torchscript(path: str | PathLike[str], *,
     card = None
     if raw:
         try:
-            card = json.loads(raw)
+            card = jsontext.loads(raw)
         except ValueError:
             raise ModelError(path, f"the archive's {EXTRA_CARD} is not JSON") from None
     check_no_nan(module.state_dict(), path, parameters={name for name, _ in module.named_parameters()})

@@ -14,6 +14,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from storage import jsontext
+
 # A SNOMED CT class code for DICOM SEG: SCT:[<category>/]<type>[|<meaning>], e.g. "SCT:10200004|Liver"
 SCT_CODE = re.compile(r"^SCT:(?:(?P<category>\d{6,18})/)?(?P<type>\d{6,18})(?:\|(?P<meaning>.+))?$")
 
@@ -88,7 +90,7 @@ def table_names(text: str) -> dict[int, str]:
     for line in text.splitlines():
         if line.startswith(_NAMES_LINE):
             try:
-                named = json.loads(line[len(_NAMES_LINE):])
+                named = jsontext.loads(line[len(_NAMES_LINE):])
                 return {int(v): str(n) for v, n in named.items()}
             except (ValueError, TypeError, AttributeError):
                 break  # a damaged line: the columns still name the classes

@@ -13,13 +13,13 @@ COG's CLASSES tag, a segflow NIfTI's label table, a store's ``classes``).
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage import jsontext
 from storage.classes import LABEL_TABLE_HEADER, table_names
 from storage.errors import CorruptInputError, InvalidInputError, StoreError, UnsupportedFormatError
 from storage.inputfiles import check_readable_file
@@ -126,7 +126,7 @@ def _classes_from_json(text: Any) -> dict[int, str]:
     from storage.classes import LabelClass
 
     try:
-        items = json.loads(text) if isinstance(text, str) else text
+        items = jsontext.loads(text) if isinstance(text, str) else text
         return {c.value: c.name for c in (LabelClass.model_validate(item) for item in items or [])}
     except (ValueError, TypeError, ValidationError):
         return {}

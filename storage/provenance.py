@@ -27,6 +27,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from storage import jsontext
 from storage.errors import ExportError, ProvenanceError
 from storage.hashing import sha256_file, sha256_tree
 from storage.inputfiles import stem_of
@@ -372,7 +373,7 @@ def read_embedded(output: str | PathLike[str]) -> dict[str, Any] | None:
 
             with rasterio.open(output) as src:
                 text = src.tags().get("SEGFLOW_PROVENANCE")
-            return None if text is None else json.loads(text)
+            return None if text is None else jsontext.loads(text)
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
@@ -380,7 +381,7 @@ def read_embedded(output: str | PathLike[str]) -> dict[str, Any] | None:
                 content = ext.get_content()
                 text = content.decode("utf-8", "replace") if isinstance(content, bytes) else str(content)
                 try:
-                    doc = json.loads(text.rstrip("\0"))
+                    doc = jsontext.loads(text.rstrip("\0"))
                 except ValueError:
                     continue
                 if isinstance(doc, dict) and doc.get("schema") == SCHEMA:

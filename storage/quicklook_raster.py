@@ -12,7 +12,6 @@ given; otherwise they are counted on the decimated map and marked approximate.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from os import PathLike
@@ -28,6 +27,7 @@ from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import from_bounds
 
+from storage import jsontext
 from storage.bands import select_bands
 from storage.classes import LabelClass
 from storage.errors import ConfigError, CorruptInputError, IncompatibleInputError, InputError
@@ -172,7 +172,7 @@ def _file_classes(lab: DatasetReader) -> list[LabelClass] | None:
     if not text:
         return None
     try:
-        table = json.loads(text)
+        table = jsontext.loads(text)
         if not isinstance(table, list):
             return None
         return [LabelClass.model_validate(entry) for entry in table]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from storage import jsontext
 from storage.bands import BandRequest, band_meanings, locate, same_band_once
 from storage.errors import IncompatibleInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.hashing import sha256_input
@@ -100,7 +101,7 @@ def _read(path: Path) -> tuple[dict[str, Any], Any]:
     import pystac
 
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = jsontext.read(path)
     except UnicodeDecodeError:
         raise UnsupportedFormatError(path, "is not a STAC item: not UTF-8 JSON text") from None
     except json.JSONDecodeError as exc:

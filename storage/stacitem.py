@@ -31,6 +31,7 @@ import xml.etree.ElementTree as ET
 from os import PathLike
 from pathlib import Path
 
+from storage import jsontext
 from storage.bandcover import BandCover
 from storage.bands import BandRequest
 from storage.errors import CorruptInputError, IncompatibleInputError, InvalidInputError, SegflowError
@@ -69,7 +70,7 @@ def looks_like_item(text: bytes | str) -> bool:
     """Whether a JSON document is a STAC item (a Feature with ``stac_version``): how an inbox tells an item
     from other JSON files (a manifest, a report) that are not inputs."""
     try:
-        doc = json.loads(text)
+        doc = jsontext.loads(text)
     except (ValueError, UnicodeDecodeError):
         return False
     return isinstance(doc, dict) and doc.get("type") == "Feature" and "stac_version" in doc
@@ -97,7 +98,7 @@ def _named(path: str | PathLike[str]) -> tuple[str, bool] | None:
     if not is_item_path(path):
         return None
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = jsontext.read(path)
     except (OSError, ValueError):
         return None
     ident = doc.get("id") if isinstance(doc, dict) and doc.get("type") == "Feature" else None

@@ -30,7 +30,6 @@ decoded when a case is read, or all of them by :meth:`CocoDataset.validate_label
 from __future__ import annotations
 
 import colorsys
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from storage import jsontext
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
 from storage.datasets.pictures import listed, picture_header, read_rgb, read_rgb_ids, size_text
@@ -314,8 +314,7 @@ class _Reader:
 
 def _load(source: Path) -> dict:
     try:
-        with open(source, "rb") as f:
-            data = json.load(f)
+        data = jsontext.read(source, limit=1 << 31)  # COCO's train2017 instances are about 450 MB
     except OSError as err:
         raise InvalidInputError(source, f"cannot be read: {err.strerror or err}") from None
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from storage import jsontext
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
 from storage.errors import CorruptInputError, InvalidInputError
@@ -56,7 +57,7 @@ def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidInputError(path, "missing: a Decathlon / nnU-Net dataset needs dataset.json beside imagesTr/")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = jsontext.read(path)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except (OSError, UnicodeDecodeError) as exc:

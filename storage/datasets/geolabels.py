@@ -37,6 +37,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 
+from storage import jsontext
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
 from storage.datasets.arrays import LabelArray, LabelTable, count_classes, ingested
@@ -138,7 +139,7 @@ def _check_vector(image: Path, vector: Path, img: _Profile) -> None:
 
 def _classes_file(path: Path) -> LabelTable:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = jsontext.read(path)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except (OSError, UnicodeDecodeError) as exc:
