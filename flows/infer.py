@@ -40,6 +40,7 @@ from segmentation import LoadedModel
 from segmentation.chunkwrites import label_dtype, label_nodata
 from segmentation.crf import CRFParams, crf_dask
 from storage import chunkcache, provenance
+from storage.errors import printable
 from storage.layout import (ChunkJournal, ImageStore, create_prediction_store, identity_digest, partial_path,
                             partial_paths, reopen_prediction_store)
 from storage.modelimage import model_geometry
@@ -174,7 +175,9 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     shares = window_shares(plan)
     # a resumed run counts the windows it evaluates: its last line had said all of them, at a rate never run
     left = sum(n for idx, n in shares.items() if idx not in done)
-    reporter().start(key, f"segment {input_name}" + (" (resumed)" if done else ""), total=left, unit="windows")
+    # a name with a newline or an escape sequence had forged lines and coloured the terminal
+    reporter().start(key, f"segment {printable(input_name)}" + (" (resumed)" if done else ""), total=left,
+                     unit="windows")
     histogram: dict[int, int] = {}
     for chunk_histogram in done.values():
         for value, n in chunk_histogram.items():

@@ -304,8 +304,10 @@ def _html_report(report: dict[str, Any], json_path: Any, logger: Any) -> Path | 
 
 
 def _task_name(item: Expanded) -> str:
-    """The task run's name: the file's name, or the series' sanitised output stem (a case's, for channel files)."""
-    return item.name if isinstance(item, (SeriesRef, ChannelFiles)) else Path(item).name
+    """The task run's name: the file's name, or the series' sanitised output stem (a case's, for channel files);
+    a name that is no UTF-8 with its bytes escaped (``\\udcff``): Prefect's events could not carry it."""
+    name = item.name if isinstance(item, (SeriesRef, ChannelFiles)) else Path(item).name
+    return name.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def _absolute(path: str | None) -> str | None:

@@ -152,7 +152,8 @@ def _atomic_write(path: Path, text: str, *, exclusive: bool = False) -> bool:
     written) when ``path`` exists."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        # a name that is no UTF-8 (lone surrogates) as "\udcff", as storage.atomic writes it
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
         if not exclusive:

@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from flows import cliopts, cliutil
 from storage.atomic import make_output_folder, write_text_atomically
-from storage.errors import SegflowError
+from storage.errors import SegflowError, printable
 
 if TYPE_CHECKING:
     from flows.config import SegmentOptions
@@ -169,12 +169,12 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     for o in outcomes:
         if o["ok"] and not quiet:
             s = o["statistics"]
-            console.print(f"[green]ok[/green] {escape(o['input'])} -> {escape(o['outputs'][0])}  "
+            console.print(f"[green]ok[/green] {escape(printable(o['input']))} -> {escape(printable(o['outputs'][0]))}  "
                           f"({s.get('windows_evaluated')} windows, {s.get('windows_skipped')} skipped, "
                           f"{s.get('total_seconds')} s)", highlight=False, soft_wrap=True)
     failed = [o for o in outcomes if not o["ok"]]
     for text in [o["error"] for o in failed] + unsaved:
-        console.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(printable(text))}", highlight=False, soft_wrap=True)
     if run_log is not None and run_log.written:
         cliutil.inform(f"log: {run_log.path}", quiet)
     if page is not None:

@@ -48,8 +48,12 @@ def leftover_temporaries(folder: Path, stem: str) -> list[Path]:
 
 
 def write_text_atomically(out: Path, text: str, what: str) -> Path:
-    """:func:`write_bytes_atomically` of ``text`` as UTF-8, its line ends as they are."""
-    return write_bytes_atomically(out, text.encode("utf-8"), what)
+    """:func:`write_bytes_atomically` of ``text`` as UTF-8, its line ends as they are.
+
+    A file name that is no UTF-8 reaches Python as lone surrogates, which UTF-8 cannot encode: a report naming
+    such an input had ended the run with a traceback.  They are written as ``\\udcff`` (in JSON, the escape that
+    reads back as the same name)."""
+    return write_bytes_atomically(out, text.encode("utf-8", errors="backslashreplace"), what)
 
 
 __all__ = ["leftover_temporaries", "write_bytes_atomically", "write_text_atomically"]

@@ -80,6 +80,11 @@ def check_readable_file(path: Path) -> bytes:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system keeps that are no UTF-8: GDAL and zarr cannot take the name
+        raise InputError(path, "its name is not valid UTF-8 (a file named in another encoding), which GDAL "
+                               "cannot open: rename it") from None
     except OSError as exc:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
     if stat.S_ISDIR(mode):  # (a folder of DICOM files is an input of its own, found before this)
