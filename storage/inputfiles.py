@@ -95,9 +95,15 @@ def check_readable_file(path: Path) -> bytes:
                                "series); for a folder of images give its files (FOLDER/*.tif), or take it as "
                                "`segflow nightly --inbox FOLDER`")
     if not stat.S_ISREG(mode):
-        what = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
-        raise InputError(path, f"is {what}, not a regular file; segflow reads files only")
+        raise InputError(path, f"is {_not_regular(mode)}, not a regular file; segflow reads files only")
+    for companion in _companions(path):  # an Analyze header's image: a FIFO there had hung the run
+        try:
+            mode = companion.stat().st_mode
+        except OSError:
+            continue  # missing or unreadable: the reader says so
+        if not stat.S_ISREG(mode):
+            raise InputError(path, f"its image file {companion.name} is {_not_regular(mode)}, not a regular file; "
+                                   "segflow reads files only")
     try:
         with open(path, "rb") as f:
             head = f.read(352)
@@ -106,6 +112,32 @@ def check_readable_file(path: Path) -> bytes:
     if not head:
         raise CorruptInputError(path, "file is empty (0 bytes)")
     return head
+
+
+def regular_file_problem(path: str | Path) -> str | None:
+    """Why a file another file names (a STAC asset) is no regular file, which a reader would block on; None when
+    it is one, or cannot be looked at (its reader then says why)."""
+    try:
+        mode = Path(path).stat().st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else f"is {_not_regular(mode)}, not a regular file"
+
+
+def _not_regular(mode: int) -> str:
+    return "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+        "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a directory" if stat.S_ISDIR(mode) else \
+        "not a regular file"
+
+
+def _companions(path: Path) -> list[Path]:
+    """The image files an Analyze header (``scan.hdr``) is read with."""
+    name = path.name
+    for header, images in ((".hdr.gz", (".img.gz", ".img")), (".hdr", (".img", ".img.gz"))):
+        if name.lower().endswith(header):
+            stem = name[:-len(header)]
+            return [path.with_name(stem + s) for s in images] + [path.with_name(stem + s.upper()) for s in images]
+    return []
 
 
 def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
@@ -126,4 +158,4 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
 
 
 __all__ = ["ITEM_SUFFIXES", "PICTURE_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name",
-           "check_readable_file", "content_kind", "kind_of", "stem_of"]
+           "check_readable_file", "content_kind", "kind_of", "regular_file_problem", "stem_of"]

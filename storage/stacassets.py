@@ -25,6 +25,7 @@ from storage import jsontext
 from storage.bands import BandRequest, band_meanings, locate, same_band_once
 from storage.errors import IncompatibleInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.hashing import sha256_input
+from storage.inputfiles import regular_file_problem
 from storage.remote import is_url, parent_of, resolve
 
 __all__ = ["ItemPlan", "OpenedAsset", "asset_urls", "local_asset_files", "open_asset", "plan_item"]
@@ -395,6 +396,9 @@ def open_asset(path: Path, asset: _Asset) -> OpenedAsset:
 
     from storage.rasteropen import GDAL_ERRORS, gdal_env, gdal_message
 
+    problem = None if asset.local is None else regular_file_problem(asset.local)
+    if problem is not None:  # a FIFO had blocked the run until killed
+        raise InputError(path, f"asset {asset.key!r} ({asset.href}) {problem}; segflow reads files only")
     try:
         with gdal_env(), rasterio.open(asset.gdal) as src:
             return OpenedAsset(width=src.width, height=src.height, transform=src.transform, crs=src.crs,

@@ -260,6 +260,17 @@ def fifo(folder: Path) -> Path:
     return path
 
 
+def analyze_fifo_image(folder: Path) -> Path:
+    """An Analyze/NIfTI pair whose image file is a FIFO: only the header given was checked, and the run hung."""
+    import nibabel as nib
+
+    path = folder / "pair.hdr"
+    nib.save(nib.Nifti1Pair(np.ones((8, 8, 8), np.float32), np.eye(4)), path)
+    (folder / "pair.img").unlink()
+    os.mkfifo(folder / "pair.img")
+    return path
+
+
 def dangling_symlink(folder: Path) -> Path:
     path = folder / "gone.tif"
     path.symlink_to(folder / "deleted-target.tif")
@@ -567,6 +578,8 @@ INPUT_CASES: list[Case] = [
     Case("3d-to-2d-model", "a NIfTI volume given to a 2D model", "2d", volume_to_2d_model, "is 2D, the input is 3D"),
     # 3D model
     Case("unreadable-dcm", "noise named .dcm", "3d", unreadable_dcm, "is not a readable DICOM file"),
+    Case("analyze-fifo-img", "an Analyze/NIfTI pair whose .img is a FIFO", "3d", analyze_fifo_image,
+         "its image file pair.img is a FIFO (named pipe), not a regular file"),
     Case("truncated-nii", "uncompressed NIfTI cut after 2000 bytes", "3d", truncated_nii, "data is truncated"),
     Case("truncated-nii-gz", "gzip NIfTI cut in half", "3d", truncated_nii_gz, "cannot read voxel data"),
     Case("damaged-nii-gz", "gzip NIfTI with bytes flipped in its voxel data (the CRC fails)", "3d", damaged_nii_gz,

@@ -531,3 +531,17 @@ def test_an_asset_missing_beside_its_item_is_said_so_when_the_catalogue_copy_fai
     assert str(err.value).startswith(
         f"{item}: asset 'nir': {item.parent / 'B08.tif'} is not beside the item, and the copy beside its self link "
         f"({tmp_path / 'catalogue' / 'B08.tif'}) cannot be opened: "), str(err.value)
+
+
+def test_an_asset_that_is_a_fifo_is_one_line_not_a_hang(tmp_path):
+    """A FIFO where an item's band file should be had blocked the run until it was killed."""
+    import os
+
+    from storage.errors import InputError
+    from storage.ingest import ingest
+
+    item = s2_samples.write_item(tmp_path / "s2", size=32)
+    (item.parent / "B02.tif").unlink()
+    os.mkfifo(item.parent / "B02.tif")
+    with pytest.raises(InputError, match=r"asset 'blue' \(.*B02.tif\) is a FIFO \(named pipe\), not a regular file"):
+        ingest(item, tmp_path / "s.zarr")
