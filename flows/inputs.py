@@ -33,6 +33,7 @@ from storage.layout import ImageStore, open_image_store
 from storage.mosaic import MosaicRef, is_mosaic_store
 from storage.remote import is_url
 from storage.bands import BandRequest
+from storage.stacassets import local_asset_files
 from storage.stacitem import is_item_path, item_stem, named_by_id, reuse_sha256
 
 Expanded = Union[str, SeriesRef, ChannelFiles]
@@ -155,8 +156,10 @@ def overwritten_input(source: Any, out_dir: str | Path, *,
     for target in (out / name for name in output_names(source, split_by_tile=split_by_tile)):
         for read in input_files(source):
             if same_file(read, target):
-                return read, (f"its output {target} would overwrite it (--out is the folder the input is in, and "
-                              "the names coincide); choose another --out")
+                by = "" if isinstance(source, MosaicRef) or read == Path(str(source)) else \
+                    f", which {Path(str(source)).name} reads"  # a STAC item's band file, a VRT's source
+                return read, (f"its output {target} would overwrite it{by} (--out is the folder the input is in, "
+                              "and the names coincide); choose another --out")
     return None
 
 
@@ -169,7 +172,22 @@ def input_files(source: Any) -> list[Path]:
     if is_url(str(source)):
         return []
     path = Path(source)
+    if is_item_path(path):  # its band files: an item whose id is an asset's stem, segmented into their folder
+        return [path, *sorted(local_asset_files(path))]
+    if path.suffix.lower() == ".vrt":  # its sources: scene.vrt beside scene.tif, segmented into that folder
+        return [path, *_vrt_sources(path)]
     return [path] + ([path.with_suffix(".img")] if path.suffix.lower() == ".hdr" else [])
+
+
+def _vrt_sources(path: Path) -> list[Path]:
+    """The local files a VRT reads, as GDAL lists them; none when it does not open (its run says why)."""
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            return [Path(f) for f in src.files if Path(f) != path and not f.startswith("/vsi")]
+    except Exception:  # noqa: BLE001 - rasterio and GDAL raise several types for a VRT that does not open
+        return []
 
 
 def output_names(source: Any, *, split_by_tile: bool = False) -> list[str]:

@@ -482,6 +482,25 @@ def test_an_input_in_the_output_folder_is_never_overwritten_by_its_own_outputs(m
     assert image.read_bytes() == before
     assert (tmp_path / "data" / "b.tif").is_file() and other.is_file()
 
+    # a file the input reads: a VRT's source beside it, a STAC item's band file named like the item's id
+    import rasterio.shutil
+
+    scene = _rgb(tmp_path / "v" / "scene.tif", 3)
+    rasterio.shutil.copy(scene, tmp_path / "v" / "scene.vrt", driver="VRT")
+    before = scene.read_bytes()
+    proc = run("segment", tmp_path / "v" / "scene.vrt", "--model", model2d.path, "--out", tmp_path / "v",
+               "--workers", "1")
+    assert proc.returncode == 1 and error_lines(proc.stderr) == [
+        f"error: {scene}: its output {scene} would overwrite it, which scene.vrt reads (--out is the folder the input "
+        "is in, and the names coincide); choose another --out"], proc.stderr
+    assert scene.read_bytes() == before
+    from flows.inputs import overwritten_input
+    from tests import s2_samples
+
+    item = s2_samples.write_item(tmp_path / "s2", size=32, item_id="B02")  # its outputs: s2/B02.tif ...
+    read, why = overwritten_input(str(item), tmp_path / "s2")
+    assert read == item.parent / "B02.tif" and "which item.json reads" in why
+
 
 def test_ingest_command(tmp_path):
     src = shared("nifti/standard.nii.gz")
