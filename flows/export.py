@@ -251,7 +251,7 @@ def quicklook_image(input_path: Any, bands: BandRequest, work: Path,
     path = Path(input_path) if isinstance(input_path, (str, Path)) else None
     if path is None or not path.is_file():
         yield None
-    elif path.name.lower().endswith((".tif", ".tiff", ".vrt", ".nii", ".nii.gz")):
+    elif path.name.lower().endswith((".tif", ".tiff", ".vrt", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg")):
         yield path
     elif not is_item_path(path):
         yield None

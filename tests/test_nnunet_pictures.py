@@ -197,3 +197,20 @@ def test_nnunets_ignore_label_is_not_counted_by_evaluate_and_a_prediction_pairs_
     assert {r["name"]: r["dice"] for r in case["classes"]} == {"background": 1.0, "cell": 1.0}
     assert case["ignored_pixels"] == int((truth == 2).sum())
     assert any("2 not counted" in n for n in case["notes"]), case["notes"]
+
+
+def test_a_pictures_quicklook_shows_the_picture_under_its_labels(tmp_path):
+    """A picture's quicklook had shown the labels over no image (only GeoTIFF, VRT and NIfTI inputs were drawn)."""
+    from flows.export import quicklook_image
+    from storage.bands import BandRequest
+
+    y, x = np.mgrid[0:40, 0:48]
+    grey = ((np.sin(x / 5) * np.cos(y / 7) + 1) * 120).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    with quicklook_image(tmp_path / "grey.png", BandRequest(), tmp_path / "work") as image:
+        assert image == tmp_path / "grey.png"
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=1, roi=[16, 16])
+    proc = run("segment", tmp_path / "grey.png", "--model", model.path, "--out", tmp_path / "out", "--no-prefect",
+               "--quicklook")
+    assert proc.returncode == 0, proc.stderr  # GDAL reads the picture under the labels' pixel grid
+    assert (tmp_path / "out" / "grey.quicklook.png").stat().st_size > 0
