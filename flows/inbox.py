@@ -171,8 +171,11 @@ def _list_inbox_url(url: str) -> tuple[list[str], list[str]]:
             continue
         if is_item_path(name):
             data = _item_bytes(f)
-            (inputs if data is not None else ignored).append(f)
-            named |= {remote.object_key(u) for u in asset_urls(f, data)} if data is not None else set()
+            if data is None:
+                ignored.append(f)
+                continue
+            inputs.append(f)
+            named |= {remote.object_key(u) for u in asset_urls(f, data)}
             continue
         if name.lower().endswith(".img") and (stem_of(name) + ".hdr") in names:
             continue

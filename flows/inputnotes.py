@@ -84,7 +84,7 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
     if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg and not picture:
         spacing, t = model.card.input.spacing, geometry.transform
         size = (abs(float(t[0])), abs(float(t[4])))
-        if model.card.applies_raster_model_space and spacing and any(v > 0 for v in spacing) and \
+        if model.card.applies_raster_model_space and spacing and \
                 any(v > 0 and abs(v - p) > 1e-6 * v for v, p in zip(spacing[::-1], size)):
             # the transform's units are an assumption: say so where it resamples (a pixel grid of 1 x 1 "metres")
             out.append(f"{input_path}: has no CRS, so its pixel size ({size[0]:g} x {size[1]:g}) is taken as metres "

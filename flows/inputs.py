@@ -153,8 +153,9 @@ def overwritten_input(source: Any, out_dir: str | Path, *,
     if isinstance(source, SeriesRef) or is_url(str(source)):
         return None  # a series' outputs are named series-<number>-...; a URL is read from a downloaded copy
     out = Path(out_dir)
+    reads = input_files(source)  # once: an item's JSON and a VRT are parsed to list what they read
     for target in (out / name for name in output_names(source, split_by_tile=split_by_tile)):
-        for read in input_files(source):
+        for read in reads:
             if same_file(read, target):
                 by = "" if isinstance(source, MosaicRef) or read == Path(str(source)) else \
                     f", which {Path(str(source)).name} reads"  # a STAC item's band file, a VRT's source

@@ -56,7 +56,7 @@ def _geotiff(path: Path) -> dict[str, Any]:
             try:
                 info[key.lower()] = jsontext.loads(tags.pop(key))
             except ValueError as exc:  # a foreign or damaged tag: shown as it is, not a traceback
-                info[key.lower()] = {"unreadable": f"not JSON ({exc.msg if hasattr(exc, 'msg') else exc})"}
+                info[key.lower()] = {"unreadable": f"not JSON ({getattr(exc, 'msg', exc)})"}
     info["tags"] = tags
     return info
 

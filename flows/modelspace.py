@@ -181,13 +181,18 @@ def unnamed_bands_note(store: ImageStore, model: LoadedModel, options: SegmentOp
             "order, choose them with --bands)")
 
 
+def network_bands(store: ImageStore, chosen: list[str] | None) -> list[str]:
+    """The bands a raster's network got, in its order (the statistics' ``bands``): those chosen, else all of the
+    store's, as stored."""
+    return list(chosen) if chosen is not None else list(store.meta.channel_names)
+
+
 def dtype_note(store: ImageStore, model: LoadedModel) -> str | None:
     """Integers where the card's normalisation was made for floats, or the other way round, where no ``units`` were
-    applied to convert them (none on the card, or no scale or offset known for the file): most often reflectances (0-1) fed to a model of digital numbers (0-10000), which
-    labels a whole scene one class without an error (a demo scene as float reflectance: 97 % 'water').  Only for
-    fixed constants: a normalisation by the image's own statistics does not care."""
-    from storage.bands import channel_units
-
+    applied to convert them (none on the card, or no scale or offset known for the file): most often reflectances
+    (0-1) fed to a model of digital numbers (0-10000), which labels a whole scene one class without an error (a
+    demo scene as float reflectance: 97 % 'water').  Only for fixed constants: a normalisation by the image's own
+    statistics does not care."""
     card = model.card.input
     if card.dtype is None or card.normalization.mode in ("image_zscore", "percentile"):
         return None  # (an image's own statistics absorb any linear change of units)
@@ -243,8 +248,9 @@ def _stitch_plan(image_store: ImageStore, model: LoadedModel, options: SegmentOp
                  facts: dict[str, Any]) -> Any:
     """The sliding window over the grid the network sees (the input's or the model's), with the bands chosen."""
     image, bands = band_selection(image_store, model, options)
-    bands = bands if bands is not None or image_store.meta.kind != "raster" else list(image_store.meta.channel_names)
-    if bands is not None:  # the bands the network got, in its order: all of them, as stored, when none was chosen
+    if image_store.meta.kind == "raster":
+        bands = network_bands(image_store, bands)
+    if bands is not None:  # the bands the network got, in its order
         facts["bands"] = bands
     return build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
                       precision=options.precision, chunks=options.chunk_size, mask=image_store.mask,
@@ -271,7 +277,7 @@ def _build_raster(store: ImageStore, model: LoadedModel, options: SegmentOptions
     facts: dict[str, Any] = {"model_space": mapping.to_json(), "model_image": "warped by the windows' reads",
                              "model_image_seconds": round(time.perf_counter() - t0, 3),
                              "output_grid": options.output_grid}
-    facts["bands"] = bands if bands is not None else list(store.meta.channel_names)  # as in _stitch_plan
+    facts["bands"] = network_bands(store, bands)
     stitch = build_plan(image, model, roi=options.roi, overlap=options.overlap, blend=options.blend,
                         precision=options.precision, chunks=chunk, mask=model_valid,
                         batch_size=options.batch_size, device=options.device, flip_tta=options.flip_tta,

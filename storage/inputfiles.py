@@ -97,13 +97,9 @@ def check_readable_file(path: Path) -> bytes:
     if not stat.S_ISREG(mode):
         raise InputError(path, f"is {_not_regular(mode)}, not a regular file; segflow reads files only")
     for companion in _companions(path):  # an Analyze header's image: a FIFO there had hung the run
-        try:
-            mode = companion.stat().st_mode
-        except OSError:
-            continue  # missing or unreadable: the reader says so
-        if not stat.S_ISREG(mode):
-            raise InputError(path, f"its image file {companion.name} is {_not_regular(mode)}, not a regular file; "
-                                   "segflow reads files only")
+        problem = regular_file_problem(companion)  # (missing or unreadable: the reader says so)
+        if problem is not None:
+            raise InputError(path, f"its image file {companion.name} {problem}; segflow reads files only")
     try:
         with open(path, "rb") as f:
             head = f.read(352)

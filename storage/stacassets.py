@@ -97,12 +97,13 @@ class ItemPlan:
         return [self.assets[k] for k in dict.fromkeys(b.asset for b in self.picked)]
 
 
-def _read(path: Path) -> tuple[dict[str, Any], Any]:
-    """The item's JSON and its pystac Item; one-line refusals for what is not a STAC item."""
+def _read(path: Path, data: bytes | None = None) -> tuple[dict[str, Any], Any]:
+    """The item's JSON (from ``path``, or its bytes ``data`` already read) and its pystac Item; one-line refusals
+    for what is not a STAC item."""
     import pystac
 
     try:
-        doc = jsontext.read(path)
+        doc = jsontext.read(path) if data is None else jsontext.loads(data)
     except UnicodeDecodeError:
         raise UnsupportedFormatError(path, "is not a STAC item: not UTF-8 JSON text") from None
     except json.JSONDecodeError as exc:
@@ -144,10 +145,7 @@ def _absolute(href: str, folder: Path, self_href: str | None, origin: str | None
         return href
     if origin is not None:
         return resolve(parent_of(origin), href)
-    local = (folder / href).resolve()
-    if not local.exists() and unquote(href) != href:  # a URI reference's path (STAC's hrefs are URIs): decoded
-        decoded = (folder / unquote(href)).resolve()
-        local = decoded if decoded.exists() else local
+    local = _beside(folder, href)
     if local.exists() or self_href is None:
         return str(local)
     if self_href.startswith("file://"):  # the self link as a file URI, or a local path: beside it on this machine
@@ -156,9 +154,17 @@ def _absolute(href: str, folder: Path, self_href: str | None, origin: str | None
         return resolve(parent_of(self_href), href)
     if not self_href.startswith("/"):
         return str(local)  # a relative self link says nothing of where the item came from
-    beside_self = (Path(self_href).parent / href).resolve()
-    decoded = (Path(self_href).parent / unquote(href)).resolve()
-    return str(decoded if decoded.exists() and not beside_self.exists() else beside_self)
+    return str(_beside(Path(self_href).parent, href))
+
+
+def _beside(folder: Path, href: str) -> Path:
+    """A relative ``href`` in ``folder``: as written, else as the URI reference's decoded path where only that
+    exists (STAC's hrefs are URIs: ``red%20band.tif``)."""
+    local = (folder / href).resolve()
+    if not local.exists() and unquote(href) != href:
+        decoded = (folder / unquote(href)).resolve()
+        return decoded if decoded.exists() else local
+    return local
 
 
 def _gdal_path(href: str) -> str:
@@ -233,11 +239,9 @@ def _assets(path: Path, doc: dict[str, Any], item: Any, origin: str | None = Non
             continue
         href = _absolute(asset.href, path.parent, self_href, origin)
         relative = not (asset.href.startswith(("/", "file://")) or is_url(asset.href))
-        beside = str((path.parent / asset.href).resolve())
+        beside = str(_beside(path.parent, asset.href)) if relative and origin is None else href
         a = _Asset(key=key, href=href, gdal=_gdal_path(href), media_type=(asset.media_type or ""),
-                   roles=list(asset.roles or []), fields=fields,
-                   missing_local=beside if relative and origin is None and href not in (beside, str(
-                       (path.parent / unquote(asset.href)).resolve())) else None)
+                   roles=list(asset.roles or []), fields=fields, missing_local=beside if href != beside else None)
         try:
             a.bands = _described_bands(key, fields)
         except _NotANumber as exc:
@@ -266,16 +270,12 @@ def asset_urls(url: str, data: bytes) -> set[str]:
     """The URLs the item read from ``url`` (its bytes ``data``) names for its raster assets, relative hrefs
     resolved beside it: :func:`local_asset_files` for an inbox that is a URL prefix.  Empty for an item that
     cannot be read (its own run says why)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="segflow-item-") as folder:
-        path = Path(folder) / "item.json"
-        path.write_bytes(data)
-        try:
-            doc, item = _read(path)
-            assets = _assets(path, doc, item, origin=url)
-        except (InputError, OSError):
-            return set()
+    path = Path(url.split("://", 1)[-1])  # for messages only: hrefs resolve beside ``url`` (the origin)
+    try:
+        doc, item = _read(path, data)
+        assets = _assets(path, doc, item, origin=url)
+    except InputError:
+        return set()
     return {a.href for a in assets.values() if is_url(a.href)}
 
 

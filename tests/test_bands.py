@@ -249,8 +249,8 @@ def test_floats_given_to_a_card_made_for_integers_are_said(tmp_path, dask_cluste
     options = SegmentOptions(chunk_size=64, keep_zarr=False)
     told = segment_one(scene, fixed, tmp_path / "a", options, dask_cluster)
     assert told.statistics["warnings"] == [
-        f"{scene}: is stored as float32, and the normalisation of model '{fixed.card.name}' was made for uint16 values: "
-        "if these are other units (reflectance rather than digital numbers), its labels are meaningless"]
+        f"{scene}: is stored as float32, and the normalisation of model '{fixed.card.name}' was made for uint16 "
+        "values: if these are other units (reflectance rather than digital numbers), its labels are meaningless"]
     assert "warnings" not in segment_one(scene, own, tmp_path / "b", options, dask_cluster).statistics
     integers = _raster(tmp_path / "dn.tif", (data * 10000).astype(np.uint16))
     assert "warnings" not in segment_one(integers, fixed, tmp_path / "c", options, dask_cluster).statistics

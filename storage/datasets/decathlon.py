@@ -270,7 +270,7 @@ def _nnunet_cases(root: Path, doc: dict[str, Any], where: Path, channels: int) -
     if not isinstance(ending, str) or ending.lower() not in NIFTI_ENDINGS + PICTURE_ENDINGS:
         raise InvalidInputError(where, f"file_ending {ending!r} is not supported: segflow reads nnU-Net datasets "
                                        "stored as NIfTI (.nii.gz, .nii) or as 2-D pictures (.png, .bmp, .tif)")
-    pictures = ending.lower() in PICTURE_ENDINGS
+    pictures = _pictures(doc)
     listed = (ending.lower(),) if pictures else NIFTI_ENDINGS
     if "dataset" in doc:
         raise InvalidInputError(where, "lists its files under 'dataset' (nnU-Net's explicit file list), which "
@@ -379,10 +379,15 @@ def open_decathlon(root: Path) -> DecathlonDataset:
     name = doc.get("name")
     name = name.strip() if isinstance(name, str) and name.strip() else root.resolve().name
     description = doc.get("description") if isinstance(doc.get("description"), str) else None
-    pictures = flavour == "nnunet-v2" and str(doc.get("file_ending")).lower() in PICTURE_ENDINGS
+    pictures = flavour == "nnunet-v2" and _pictures(doc)
     return DecathlonDataset(root=root, name=name, flavour=flavour, table=table, channel_names=channel_names,
                             cases=cases, description=description, pictures=pictures,
                             spatial_dims=2 if pictures else _spatial_dims(cases))
+
+
+def _pictures(doc: dict[str, Any]) -> bool:
+    """An nnU-Net v2 dataset of 2-D pictures (its ``file_ending`` .png, .bmp, .tif)."""
+    return str(doc.get("file_ending")).lower() in PICTURE_ENDINGS
 
 
 def _spatial_dims(cases: Sequence[Case]) -> int:

@@ -38,15 +38,16 @@ def case_files(files: dict[int, Path], label: Path, channels: int, images_dir: P
     if label_mode not in VALUE_MODES:
         raise InvalidInputError(label, f"is a {label_mode} picture: a label map is one value per pixel "
                                        "(palette, or 8 or 16-bit grey)")
-    found = 0
+    counts = []
     for c in order:
         size, mode = picture_header(files[c])
         if size != label_size:
             raise InvalidInputError(label, f"label size {size_text(label_size)} does not match image "
                                            f"{files[c].name} size {size_text(size)}")
-        found += picture_channels(mode)
+        counts.append(picture_channels(mode))
+    found = sum(counts)
     if found != channels:
-        shown = ", ".join(f"{files[c].name} {picture_channels(picture_header(files[c])[1])}" for c in order)
+        shown = ", ".join(f"{files[c].name} {n}" for c, n in zip(order, counts))
         raise InvalidInputError(files[order[0]], f"the case's pictures hold {found} channel(s) ({shown}) but "
                                                  f"dataset.json names {channels}")
     return tuple(files[c] for c in order)
