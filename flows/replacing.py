@@ -10,7 +10,9 @@ sidecar, zarr and STAC item standing without their label map).  If it
 succeeds, those it wrote again are dropped, and those it did not write
 (stale: a probability COG, polygons of other options) are removed when they
 still hold what the earlier sidecar recorded, or put back with a warning
-when someone changed them since.
+when someone changed them since.  A file under an output's name that no
+earlier sidecar lists (someone else's) is set aside too: a failed run puts it
+back, and a run that writes that name replaces it, saying so.
 
 A sidecar is JSON anyone may edit or copy in, so only this input's output
 names (:func:`flows.inputs.output_names`) are touched, never a file the run
@@ -64,6 +66,7 @@ class Replacing:
     split_by_tile: bool
     earlier: dict[str, str] = field(default_factory=dict)  # name -> the sha256 the earlier sidecar recorded
     aside: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)  # set aside, though no earlier sidecar lists them
 
     @property
     def names(self) -> list[str]:
@@ -80,9 +83,14 @@ class Replacing:
         self.earlier = earlier_outputs(out_path)
         allowed = set(self.names)
         marker = marker_path(self.out_dir, input_stem(self.source))
-        killed = _read_marker(marker)
+        killed, killed_foreign = _read_marker(marker)
+        for name in killed_foreign & allowed:  # someone else's file the killed run had set aside: back first
+            path, aside = self.out_dir / name, aside_path(self.out_dir / name)
+            if aside.is_file() and not aside.is_symlink():
+                remove_path(path)
+                aside.rename(path)
         if killed is not None:  # a killed export: what it wrote under names not there before it is listed nowhere
-            for name in allowed - killed - set(self.earlier):
+            for name in allowed - killed - killed_foreign - set(self.earlier):
                 path = self.out_dir / name
                 if (path.exists() or path.is_symlink()) and self._ours(path):
                     remove_path(path)
@@ -96,16 +104,19 @@ class Replacing:
             elif name in self.earlier and self._ours(path) and (path.is_file() or _segflow_store(path)):
                 path.rename(aside)  # a folder of someone else's under an output's name stays, and fails the write
                 self.aside.append(name)
+            elif name not in self.earlier and self._ours(path) and path.is_file():
+                path.rename(aside)
+                self.foreign.append(name)
         present = sorted(n for n in allowed if (self.out_dir / n).exists())
-        write_text_atomically(marker, json.dumps({"present": present}), "export marker")
+        write_text_atomically(marker, json.dumps({"present": present, "foreign": self.foreign}), "export marker")
 
     def failed(self) -> None:
         """The run failed after :meth:`begin` (its own outputs already removed): put the earlier ones back."""
-        for name in self.aside:
+        for name in [*self.aside, *self.foreign]:
             path = self.out_dir / name
             remove_path(path)
             aside_path(path).rename(path)
-        self.aside = []
+        self.aside, self.foreign = [], []
         marker_path(self.out_dir, input_stem(self.source)).unlink(missing_ok=True)
 
     def succeeded(self, written: list[Path]) -> None:
@@ -124,7 +135,16 @@ class Replacing:
                 aside.rename(path)
                 say(f"{path}: an earlier run's output of this name has changed since it was written; left in "
                     "place, and not among this run's outputs", logging.WARNING)
-        self.aside = []
+        for name in self.foreign:
+            path, aside = self.out_dir / name, aside_path(self.out_dir / name)
+            if name in now:
+                remove_path(aside)
+                say(f"{path}: replaced a file of this name that no earlier segflow run had written",
+                    logging.WARNING)
+            else:
+                remove_path(path)
+                aside.rename(path)
+        self.aside, self.foreign = [], []
         marker_path(self.out_dir, input_stem(self.source)).unlink(missing_ok=True)
 
 
@@ -164,13 +184,16 @@ def _segflow_store(path: Path) -> bool:
         return False
 
 
-def _read_marker(marker: Path) -> set[str] | None:
+def _read_marker(marker: Path) -> tuple[set[str] | None, set[str]]:
+    """A killed export's names present before it began (None: no marker), and those it set aside as others'."""
     try:
         doc = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return None
-    present = doc.get("present") if isinstance(doc, dict) else None
-    return {str(n) for n in present} if isinstance(present, list) else set()
+        return None, set()
+    doc = doc if isinstance(doc, dict) else {}
+    present, foreign = doc.get("present"), doc.get("foreign")
+    return ({str(n) for n in present} if isinstance(present, list) else set(),
+            {str(n) for n in foreign} if isinstance(foreign, list) else set())
 
 
 __all__ = ["ASIDE_SUFFIX", "Replacing", "aside_path", "earlier_outputs", "marker_path", "remove_path"]

@@ -723,3 +723,35 @@ def test_a_run_killed_while_exporting_resumes_with_every_chunk_done(scene, tmp_p
     rc, [reference], _ = _segment(image, model.path, tmp_path / "ref", logs=tmp_path / "ref")
     assert rc == 0 and (out / "scene.tif").read_bytes() == (tmp_path / "ref" / "scene.tif").read_bytes()
     assert verify_sidecar(out / "scene.provenance.json") == []
+
+
+def test_a_file_of_someone_elses_under_an_output_name_survives_a_failed_run_and_a_killed_one(scene, tmp_path):
+    """A first run into a folder that held a user's ``scene.tif`` (no sidecar lists it) wrote its label COG over
+    it, failed at the STAC item, and removed what it wrote: the user's file was gone.  It is set aside first and
+    put back on failure and after a kill; a run that succeeds replaces it, saying so."""
+    image, model = scene
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scene.tif").write_bytes(b"the user's own scene.tif")
+    (out / "scene.probabilities.tif").write_bytes(b"the user's probabilities")
+    (out / "scene.stac.json").mkdir()  # someone's folder where the STAC item goes: the run fails there
+    rc, _, err = _segment(image, model.path, out, logs=tmp_path / "a")
+    assert rc == 1 and "scene.stac.json: cannot write the STAC item: Is a directory" in err, err
+    assert (out / "scene.tif").read_bytes() == b"the user's own scene.tif"
+    assert (out / "scene.probabilities.tif").read_bytes() == b"the user's probabilities"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
+    (out / "scene.stac.json").rmdir()
+    killer = ("import os, sys\nfrom storage import provenance\n"
+              "provenance.write_sidecar = lambda *a, **k: os._exit(137)  # SIGKILL's moment: no cleanup runs\n"
+              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
+    proc = subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model.path), "--out",
+                           str(out), "--chunk-size", str(CHUNK), "--workers", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 137, proc.stderr
+    assert (out / ".scene.tif.previous").read_bytes() == b"the user's own scene.tif"
+    rc, _, err = _segment(image, model.path, out, logs=tmp_path / "c")
+    assert rc == 0, err
+    assert "scene.tif: replaced a file of this name that no earlier segflow run had written" in err
+    assert verify_sidecar(out / "scene.provenance.json") == []
+    assert (out / "scene.probabilities.tif").read_bytes() == b"the user's probabilities"  # not written: left
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
