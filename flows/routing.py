@@ -175,6 +175,10 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
             wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
             return (f"{name} takes {_channels(model.channels)}{wanted}, the input has {count}: choose them with "
                     f"--bands, e.g. --bands {','.join(str(i) for i in range(1, model.channels + 1))}")
+        if header.kind == "raster" and count < model.channels and header.case is None:  # bands in other files?
+            wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
+            return (f"{name} takes {_channels(model.channels)}{wanted}, the input has {count}: give one raster, VRT "
+                    "or STAC item that holds them all (bands in separate files: docs/satellite.md)")
         if header.case is not None:  # a case's nnU-Net channel files (storage.channelfiles)
             stem = header.case
             given = f"{count} nnU-Net channel files of one case ({stem}_0000 ... {stem}_{count - 1:04d})"

@@ -173,13 +173,19 @@ def test_probe_refuses_a_truncated_geotiff_from_its_header(tmp_path):
 # ----------------------------------------------------------------------------- 4. the header fit
 
 
+FEWER = ": give one raster, VRT or STAC item that holds them all (bands in separate files: docs/satellite.md)"
+
+
 def test_fit_problem_checks_dimensions_band_count_and_band_names(tmp_path):
     from flows.routing import ModelInput, fit_problem
     from storage.probe import probe
 
     rgb = probe(raster(tmp_path / "rgb.tif", bands=3))
     model = ModelInput("m4", 2, 4)
-    assert fit_problem(rgb, model) == "model 'm4' takes 4 channels, the input has 3"
+    # fewer bands than the model takes: where the others may be is said (it had been only the counts)
+    assert fit_problem(rgb, model) == f"model 'm4' takes 4 channels, the input has 3{FEWER}"
+    assert fit_problem(rgb, ModelInput("m4", 2, 4, ("blue", "green", "red", "nir"))) == \
+        f"model 'm4' takes 4 channels (blue, green, red, nir), the input has 3{FEWER}"
     assert fit_problem(rgb, ModelInput("m3", 2, 3)) is None
     # more bands than the model takes, none named: the way to choose them is said (a 13-band S2 file without
     # descriptions got only "takes 4 channels, the input has 13")
@@ -225,7 +231,7 @@ print(json.dumps({{"entries": [(label, item is not None, error) for label, item,
     assert not result["torch"], "the header check imported torch (2 s the cluster's start should overlap)"
     got = [(Path(label).name, ok, error) for label, ok, error in result["entries"]]
     assert [g[:2] for g in got] == [("a.tif", True), ("b.tif", False), ("missing.tif", False), ("cut.tif", False)]
-    assert got[1][2] == f"{tmp_path / 'b.tif'}: model 'tiny-2d-4ch' takes 4 channels, the input has 3"
+    assert got[1][2] == f"{tmp_path / 'b.tif'}: model 'tiny-2d-4ch' takes 4 channels, the input has 3{FEWER}"
     assert got[2][2] == f"{tmp_path / 'missing.tif'}: no such file"
     assert "data is truncated" in got[3][2]
 
@@ -241,7 +247,7 @@ def test_a_wrong_band_count_is_refused_before_a_cluster_or_prefect_starts(models
         seconds = time.perf_counter() - t0
         print(f"{way}: a wrong band count refused in {seconds:.1f} s")
         assert proc.returncode == 1, proc.stderr
-        assert lines(proc.stderr, "error:") == [f"error: {rgb}: model 'tiny-2d-4ch' takes 4 channels, the input has 3"]
+        assert lines(proc.stderr, "error:") == [f"error: {rgb}: model 'tiny-2d-4ch' takes 4 channels, the input has 3{FEWER}"]
         assert "Dask" not in proc.stderr and "Traceback" not in proc.stderr
         assert not (home / "prefect.db").exists(), "Prefect's temporary server started"
         assert not (tmp_path / f"out-{way}").exists()
