@@ -86,6 +86,16 @@ def test_voc_devkit_with_trainval_only_is_unsplit(tmp_path: Path) -> None:
     assert [c.split for c in dataset.cases] == [None, None, None]
 
 
+@pytest.mark.parametrize("missing", ["val", "train"])
+def test_voc_with_one_split_and_trainval_takes_the_other_as_trainval_less_it(tmp_path: Path, missing: str) -> None:
+    """VOC's trainval.txt is train and val together: with one of them missing the folder was refused."""
+    written = nd.write_voc(tmp_path)
+    (written.root / "ImageSets" / "Segmentation" / f"{missing}.txt").unlink()
+    dataset = voc.LAYOUT.open(written.root)
+    assert {c.id: c.split for c in dataset.cases} == written.splits
+    assert [c.split for c in dataset.cases] == sorted((c.split for c in dataset.cases), key=voc.SPLITS.index)
+
+
 def test_voc_devkit_with_two_years_is_refused(tmp_path: Path) -> None:
     devkit = nd.write_voc(tmp_path, devkit=True).root
     shutil.copytree(devkit / "VOC2012", devkit / "VOC2007")
@@ -98,8 +108,9 @@ def test_voc_devkit_with_two_years_is_refused(tmp_path: Path) -> None:
 def test_voc_malformed_layouts_name_the_file(tmp_path: Path, fault: str) -> None:
     root = nd.write_voc(tmp_path).root
     sets, labels = root / "ImageSets" / "Segmentation", root / "SegmentationClass"
-    if fault == "no val.txt":
+    if fault == "no val.txt":  # and no trainval.txt to take it from
         (sets / "val.txt").unlink()
+        (sets / "trainval.txt").unlink()
         needle = str(sets / "val.txt")
     elif fault == "no split list":
         for name in ("train.txt", "val.txt", "trainval.txt"):

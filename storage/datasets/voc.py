@@ -36,7 +36,7 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "train", "tvmonitor")
 YEAR = re.compile(r"^VOC\d{4}$")
 PARTS = ("JPEGImages", "SegmentationClass", "ImageSets")
-SPLITS = ("train", "val")  # trainval is used, unsplit, only when both are absent
+SPLITS = ("train", "val")  # trainval: the union, used unsplit only when both are absent
 
 
 def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
@@ -117,8 +117,8 @@ def open_voc(root: Path) -> VocDataset:
     images, labels = root / "JPEGImages", root / "SegmentationClass"
     cases: list[Case] = []
     seen: dict[str, Path] = {}
-    for split, listing in lists:
-        for number, case_id in _read_list(listing):
+    for split, listing, entries in lists:
+        for number, case_id in entries:
             if case_id in seen:
                 raise InvalidInputError(listing, f"line {number}: {case_id} is also listed in {seen[case_id].name}")
             seen[case_id] = listing
@@ -159,17 +159,26 @@ def _year_folder(root: Path) -> Path:
     return years[0]
 
 
-def _split_lists(folder: Path) -> list[tuple[str | None, Path]]:
-    """The split lists to use: train and val, else trainval as one unsplit set."""
-    found = [(split, folder / f"{split}.txt") for split in SPLITS if (folder / f"{split}.txt").is_file()]
-    if found:
-        for split in SPLITS:
-            if not (folder / f"{split}.txt").is_file():
-                raise InvalidInputError(folder / f"{split}.txt", "missing: VOC lists its train and val "
-                                        "splits together")
-        return found
-    if (folder / "trainval.txt").is_file():
-        return [(None, folder / "trainval.txt")]
+def _split_lists(folder: Path) -> list[tuple[str | None, Path, list[tuple[int, str]]]]:
+    """(split, list file, its (line, case id)s): train and val; one of them and trainval, the other being
+    trainval less it (as VOC makes trainval: their union); else trainval as one unsplit set."""
+    have = {name: folder / f"{name}.txt" for name in (*SPLITS, "trainval") if (folder / f"{name}.txt").is_file()}
+    if all(split in have for split in SPLITS):
+        return [(split, have[split], _read_list(have[split])) for split in SPLITS]
+    given = [split for split in SPLITS if split in have]
+    if given and "trainval" in have:
+        listed = _read_list(have[given[0]])
+        ids = {case_id for _, case_id in listed}
+        rest = [(n, case_id) for n, case_id in _read_list(have["trainval"]) if case_id not in ids]
+        other = next(split for split in SPLITS if split not in have)
+        return sorted([(given[0], have[given[0]], listed), (other, have["trainval"], rest)],
+                      key=lambda entry: SPLITS.index(entry[0]))
+    if given:
+        other = next(split for split in SPLITS if split not in have)
+        raise InvalidInputError(folder / f"{other}.txt", "missing: VOC lists its train and val splits together "
+                                "(or one of them with trainval.txt)")
+    if "trainval" in have:
+        return [(None, have["trainval"], _read_list(have["trainval"]))]
     raise InvalidInputError(folder / "train.txt", "missing: no VOC split list (train.txt, val.txt or trainval.txt)")
 
 
