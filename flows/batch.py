@@ -37,7 +37,8 @@ from flows.cluster import dask_client
 from flows.config import SegmentOptions
 from flows.progress import holding_notes, note
 from flows.runlog import run_logger
-from storage.errors import ExportError, IncompatibleInputError, SegflowError, is_native_panic, one_line
+from storage.errors import (CorruptInputError, ExportError, IncompatibleInputError, SegflowError, is_native_panic,
+                            one_line)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -80,9 +81,11 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     (:func:`flows.inputs.output_clashes`); with ``out_dir``, an input its own
     outputs would overwrite is refused (:func:`flows.inputs.overwritten_input`).
     """
-    from flows.inputs import expand, input_label, input_stem, name_too_long, output_clashes, overwritten_input
+    from flows.inputs import (expand, input_files, input_label, input_stem, name_too_long, output_clashes,
+                              overwritten_input)
     from flows.routing import fit_problem
     from storage.header import NO_CRS
+    from storage.inputfiles import expansion_problem
     from storage.probe import probe
     from storage.remote import is_url
     from storage.stacitem import is_item_path
@@ -98,6 +101,10 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
             continue
         try:
             header = probe(item)
+            forged = None if str(item).lower().endswith(".vrt") else \
+                expansion_problem(header.shape, header.channels, input_files(item))  # a VRT's pixels: elsewhere
+            if forged is not None:
+                raise CorruptInputError(label, forged)
             problem = None if model is None else fit_problem(header, model, options.bands)
             if problem is None and options.vector != "none" and header.kind == "volume":
                 # a 2-D model takes a scan one slice thick (nnU-Net's 2-D images): polygons are a raster's output

@@ -120,6 +120,36 @@ def regular_file_problem(path: str | Path) -> str | None:
     return None if stat.S_ISREG(mode) else f"is {_not_regular(mode)}, not a regular file"
 
 
+MAX_SAMPLES_PER_BYTE = 10_000  # DEFLATE and gzip stop near 1,032 to 1; real imagery stays far below either
+
+
+def expansion_problem(shape: tuple[int, ...], channels: int, files: list[Path]) -> str | None:
+    """Why files that hold their own pixels declare far more than they can: a sparse GeoTIFF (tiles left out)
+    or a crafted DICOM of 20000² slices in a few KB, which would run for days or allocate gigabytes before
+    failing; None for what real compression gives.  A VRT or STAC item holds no pixels and is not asked."""
+    try:
+        stored = sum(f.stat().st_size for f in files)
+    except OSError:
+        return None  # its reader says why it cannot be read
+    samples = max(1, channels)
+    for n in shape:
+        samples *= int(n)
+    if stored <= 0 or samples <= MAX_SAMPLES_PER_BYTE * stored:
+        return None
+    size = " x ".join(str(int(n)) for n in shape) + (f" x {channels} channels" if channels > 1 else "")
+    return (f"declares {size} ({samples:,} samples) in {_bytes(stored)} on disk, {samples // stored:,} samples a "
+            f"byte where no compression of a real image gives more than about 1,000: a sparse or forged file, "
+            f"refused (if it is real, write its pixels out, e.g. with gdal_translate)")
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} GB"
+
+
 def _not_regular(mode: int) -> str:
     return "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
         "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a directory" if stat.S_ISDIR(mode) else \
@@ -154,4 +184,4 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
 
 
 __all__ = ["ITEM_SUFFIXES", "PICTURE_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name",
-           "check_readable_file", "content_kind", "kind_of", "regular_file_problem", "stem_of"]
+           "check_readable_file", "content_kind", "expansion_problem", "kind_of", "regular_file_problem", "stem_of"]

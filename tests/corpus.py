@@ -246,6 +246,16 @@ def huge_dims_tif(folder: Path) -> Path:
     return path
 
 
+def sparse_tif(folder: Path) -> Path:
+    """A tiled GeoTIFF of 60000 x 60000 x 4 whose tiles GDAL left out (SPARSE_OK): 100 KB that read as zeros."""
+    path = folder / "sparse.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=60000, height=60000, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10), tiled=True,
+                       blockxsize=512, blockysize=512, sparse_ok=True):
+        pass
+    return path
+
+
 def directory(folder: Path) -> Path:
     path = folder / "a_folder.tif"
     path.mkdir()
@@ -565,7 +575,9 @@ INPUT_CASES: list[Case] = [
     Case("complex-tif", "complex64 GeoTIFF (unsupported dtype)", "2d", complex_tif, "complex pixels"),
     Case("gcps-only", "GeoTIFF georeferenced by GCPs only", "2d", gcps_only, "has only GCPs"),
     Case("huge-dims-tif", "8x8 striped TIFF whose header claims 60000x60000", "2d", huge_dims_tif,
-         "cannot read pixels"),
+         "samples a byte where no compression of a real image gives more than about 1,000: a sparse or forged file"),
+    Case("sparse-tif", "60000x60000x4 tiled GeoTIFF with every tile left out (SPARSE_OK)", "2d", sparse_tif,
+         "(14,400,000,000 samples) in"),
     Case("directory", "a folder holding no DICOM files where a file is expected", "2d", directory,
          "is a folder holding no DICOM files"),
     Case("fifo", "a FIFO (unreadable as a file; stands in for chmod 000, which root ignores)", "2d", fifo,

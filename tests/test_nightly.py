@@ -375,6 +375,25 @@ def test_a_broken_input_does_not_take_a_good_ones_name(models, tmp_path, dask_cl
     assert by_name["a.nii.gz"]["status"] == "failed" and "file is empty" in by_name["a.nii.gz"]["error"]
 
 
+def test_a_sparse_geotiff_fails_alone_before_any_work(models, tmp_path, dask_cluster):
+    """168 KB declaring 60000 x 60000 x 4 (SPARSE_OK, no tiles) was ingested and segmented as 14 billion zeros,
+    holding the night for hours; it fails in one line and the good scene beside it is done."""
+    from tests.corpus import sparse_tif
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    sparse = sparse_tif(inbox)
+    samples.make_scene(inbox / "a.tif", size=(64, 64), seed=9, nodata_margin=4)
+    state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(tmp_path / "out"), inbox=str(inbox),
+                    return_state=True)
+    by_name = _by_name(nightly_report(state))
+    assert by_name["a.tif"]["status"] == "done"
+    assert by_name["sparse.tif"]["status"] == "failed"
+    assert by_name["sparse.tif"]["error"].startswith(f"{sparse}: declares 60000 x 60000 x 4 channels "
+                                                     "(14,400,000,000 samples) in 167.6 KB on disk")
+    assert not list((tmp_path / "out").glob("sparse*"))
+
+
 def test_a_manifest_naming_a_file_twice_says_so(models, tmp_path, dask_cluster):
     """The repeats of a manifest entry vanished from the run without a word."""
     from flows.cli import app
