@@ -125,8 +125,10 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
     RTSTRUCT objects) are skipped. An image file cut short (no Rows/Columns) is
     not skipped: it joins its series (by SeriesInstanceUID; without one, every
     series in its folder), which ingest then refuses naming it, so no series is
-    segmented with a slice missing. Loose files given together share their
-    common parent folder as root.
+    segmented with a slice missing. Loose files given together are sorted
+    into series as a folder's are, each series named by the folder its own
+    files share (files from two studies had both been named by the folder
+    above them, up to ``/``).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -144,8 +146,7 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
             check_readable_file(path)
             loose.append(path)
     if loose:
-        root = Path(os.path.commonpath([str(p.parent.absolute()) for p in loose]))
-        groups.append((root, loose, None))
+        groups.append((_common_parent(loose), loose, None))
 
     refs: list[SeriesRef] = []
     for root, files, named in groups:
@@ -172,8 +173,15 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
             raise InputError(where, f"no DICOM image series found ({_count(len(files), 'file')}, "
                                     f"{_count(len(skipped), 'DICOM object')} that are not images)")
         objects, copies = _without_copies(objects)
-        refs.extend(_with_damaged(_refs_of(root, objects, copies), damaged))
+        found = _with_damaged(_refs_of(root, objects, copies), damaged)
+        if named is None:  # loose files: each series is named by the folder its own files share, not all of them
+            found = [replace(ref, root=_common_parent(ref.files)) for ref in found]
+        refs.extend(found)
     return sorted(refs, key=lambda r: (str(r.root), r.name, r.series_instance_uid, r.volume or ""))
+
+
+def _common_parent(files: Sequence[Path]) -> Path:
+    return Path(os.path.commonpath([str(p.parent.absolute()) for p in files]))
 
 
 def _dicomdir_files(dicomdir: Path) -> list[Path]:

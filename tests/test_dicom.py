@@ -230,10 +230,16 @@ def test_dicomdir_uses_its_referenced_files(tmp_path: Path) -> None:
     assert is_dicom_input(dicomdir)
 
 
-def test_loose_files_share_their_parent_as_root(tmp_path: Path) -> None:
+def test_loose_files_are_named_by_the_folder_their_series_shares(tmp_path: Path) -> None:
     paths = samples.write_ct_series(tmp_path / "in", _data((4, 3, 3)))
     ref = _only(paths[:2])
     assert ref.root == tmp_path / "in" and set(ref.files) == set(paths[:2])
+    # loose files of two series in two folders: each named by its own folder (both had been named by tmp_path,
+    # and with a file from another tree by "/", in messages and in the provenance's input path)
+    other = samples.write_ct_series(tmp_path / "b" / "deep", _data((3, 3, 3)), series_number=4)
+    refs = find_series([*paths, *other])
+    assert {r.root for r in refs} == {tmp_path / "in", tmp_path / "b" / "deep"}
+    assert {r.root: set(r.files) for r in refs} == {tmp_path / "in": set(paths), tmp_path / "b" / "deep": set(other)}
 
 
 # --------------------------------------------------------------------------- what is not an image series
