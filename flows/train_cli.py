@@ -23,8 +23,9 @@ console, out = cliutil.console, cliutil.out
 
 
 def train(card: Path = typer.Option(..., "--card", help="A model card JSON (architecture, input, classes, ROI)."),
-          image: Optional[List[Path]] = typer.Option(None, "--image", help="Training image (repeat; pairs with "
-                                                                           "--labels)."),
+          image: Optional[List[Path]] = typer.Option(None, "--image", help="Training image: a raster, "
+                                                                           "volume or a DICOM series' folder (repeat; "
+                                                                           "pairs with --labels)."),
           labels: Optional[List[Path]] = typer.Option(None, "--labels", help="Label map on the image's grid (repeat)."),
           dataset: Optional[Path] = typer.Option(None, "--dataset", help="A dataset folder (VOC, Cityscapes, "
                                                                          "COCO, Decathlon/nnU-Net, raster + "

@@ -384,5 +384,17 @@ def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budg
 
 
 def _open(path: Path, store: Path) -> ImageStore:
-    ingest(path, store)
+    """Ingest one training file; a folder of one DICOM series (or a file of it) is that series, as ``segment``
+    reads it (it had been refused as "a folder holding no DICOM files")."""
+    from storage.dicom import find_series, is_dicom_input
+
+    source: Any = path
+    if is_dicom_input(path):
+        series = find_series([path])
+        if len(series) != 1:
+            raise InvalidInputError(path, f"holds {len(series)} DICOM series ("
+                                    f"{', '.join(s.name for s in series[:4])}{', ...' if len(series) > 4 else ''}): "
+                                    "give the folder of the one its labels belong to")
+        source = series[0]
+    ingest(source, store)
     return open_image_store(store)

@@ -509,3 +509,28 @@ def test_an_nnunet_datasets_channel_names_must_be_the_cards_or_become_them(tmp_p
     same = ModelCard.model_validate({**plain.model_dump(), "input": {**plain.input.model_dump(),
                                                                      "channel_names": ["t1", "t2"]}})
     assert train_from_dataset(same, dataset, tmp_path / "m3", **run).card.input.channel_names == ["t1", "t2"]
+
+
+def test_train_from_a_dicom_series_folder_with_nifti_labels(tmp_path):
+    """A folder of one DICOM series, as `segment` reads it, with labels on its grid (a segflow NIfTI output):
+    training had refused it as "a folder holding no DICOM files"; a folder of two series names them."""
+    from storage.dicom import find_series, ingest_dicom
+    from storage.nifti import write_label_nifti
+    from tests import dicom_samples
+
+    data = np.full((8, 16, 16), 1000, np.int16)
+    data[:, 4:12, 4:12] = 1600
+    folder = tmp_path / "series"
+    dicom_samples.write_ct_series(folder, data)
+    [series] = find_series([folder])
+    store = ingest_dicom(series, tmp_path / "s.zarr")
+    labels = write_label_nifti((np.asarray(store.image[0]) > 300).astype(np.uint8), store.meta.geometry,
+                               tmp_path / "labels.nii.gz", classes=[LabelClass(value=0, name="background"),
+                                                                     LabelClass(value=1, name="bright")])
+    card = tiny_card(classes=2, channels=1, spatial_dims=3, roi=8)
+    loaded = train_from_files(card, [(folder, labels)], tmp_path / "model", steps=2, batch_size=1,
+                              patch=(8, 8, 8), precision="exact")
+    assert loaded.card.training["steps"] == 2
+    dicom_samples.write_ct_series(folder / "other", data, series_number=9)
+    with pytest.raises(Exception, match=r"series: holds 2 DICOM series \(.*\): give the folder of the one"):
+        train_from_files(card, [(folder, labels)], tmp_path / "model2", steps=1, batch_size=1, patch=(8, 8, 8))
