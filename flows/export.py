@@ -278,9 +278,10 @@ def _stacked_rgb(item: Path, bands: BandRequest, target: Path, origin: str | Non
 
 
 def write_quicklook(label_path: Path, image_path: Path | None, model: LoadedModel, statistics: dict[str, Any],
-                    created: list[Path]) -> Path | None:
+                    created: list[Path], image_store: Any = None) -> Path | None:
     """``<stem>.quicklook.png`` beside a label output: the labels over the input in the card's colours, with
-    exact areas (ha) or volumes (mL) from the run's label histogram.  A picture is a nicety: one that cannot be
+    exact areas (ha) or volumes (mL) from the run's label histogram; ``image_store``, the ingested image of a
+    volume that is no one file (a DICOM series), is drawn under them.  A picture is a nicety: one that cannot be
     drawn (an odd input, no overview to read) is left out with a warning, never failing the input."""
     import logging
 
@@ -296,7 +297,8 @@ def write_quicklook(label_path: Path, image_path: Path | None, model: LoadedMode
         sizes = None if header.cell_size is None else {v: n * header.cell_size for v, n in counts.items()}
         image = image_path if image_path is not None and Path(image_path).is_file() else None
         if header.kind == "volume":
-            volume_quicklook(label_path, target, image_path=image, classes=model.card.classes, volumes_ml=sizes)
+            volume_quicklook(label_path, target, image_path=image, image_store=None if image else image_store,
+                             classes=model.card.classes, volumes_ml=sizes)
         else:
             raster_quicklook(label_path, target, image_path=image, classes=model.card.classes, areas_ha=sizes)
     except (SegflowError, OSError, ValueError) as exc:

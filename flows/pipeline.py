@@ -191,7 +191,8 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                                              stats["label_statistics"], created)
         if options.quicklook:
             with quicklook_image(input_path, band_request(model.card, options), work, origin) as image:
-                picture = write_quicklook(exported[0], image, model, stats, created)
+                picture = write_quicklook(exported[0], image, model, stats, created,
+                                          image_store=store.image if store.meta.kind == "volume" else None)
             exported += [picture] if picture is not None else []
         commit_store(zarr_target, {PROVENANCE_ATTR: stable}, identity=stats["run_identity"])
         created.append(zarr_target)

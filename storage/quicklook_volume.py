@@ -53,7 +53,7 @@ from storage.quicklook_canvas import (
     short_name,
     text_width,
 )
-from storage.volumeslabs import LabelVolume, image_planes
+from storage.volumeslabs import LabelVolume, image_planes, store_planes
 
 __all__ = ["volume_quicklook", "PLANES", "LETTERS"]
 
@@ -75,13 +75,15 @@ def volume_quicklook(
     out_png: str | PathLike[str],
     *,
     image_path: str | PathLike[str] | None = None,
+    image_store: Any = None,
     classes: Sequence[LabelClass] | None = None,
     window: tuple[float, float] | None = None,
     volumes_ml: Mapping[int, float] | None = None,
 ) -> QuicklookInfo:
     """Axial, coronal and sagittal planes through each class (at most 4 rows), labels filled and outlined.
 
-    ``window`` is (width, level) in image units, e.g. (400, 40) for soft
+    ``image_store``: the input's ingested image (``ImageStore.image``) where it is no one NIfTI file, e.g. a
+    DICOM series (drawn without an image before).  ``window`` is (width, level) in image units, e.g. (400, 40) for soft
     tissue CT; by default the 1st-99th percentiles of the planes shown.
     ``classes`` default to the label table segflow stores in the NIfTI, else
     "class N" in palette colours.  Value 0 is background and not
@@ -107,7 +109,8 @@ def volume_quicklook(
     planes = _planes(ornt, volume.shape)
     requests = [(_voxel_axis(ornt, ras), centre[_voxel_axis(ornt, ras)]) for centre in centres for _, ras in planes]
     label_planes = volume.planes(requests)
-    img_planes = image_planes(Path(image_path), lab_img, requests) if image_path is not None else None
+    img_planes = image_planes(Path(image_path), lab_img, requests) if image_path is not None else \
+        store_planes(image_store, lab_img, requests) if image_store is not None else None
     lo, hi, how = _window(window, img_planes)
 
     top = int(max([len(counts) - 1] + [c.value for c in shown]))

@@ -172,6 +172,20 @@ def gather_planes(read: Callable[[int, int], np.ndarray], shape: Sequence[int], 
     return out
 
 
+def store_planes(image: Any, lab_img: Any, requests: Sequence[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+    """The planes shown of an ingested volume's first channel (a ``(C, k, j, i)`` zarr array: the NIfTI's voxel
+    axes reversed), for an input that is no one file (a DICOM series): only those planes are read."""
+    shape = tuple(int(n) for n in reversed(image.shape[1:]))
+    if shape != tuple(int(n) for n in lab_img.shape[:3]):
+        raise IncompatibleInputError(None, f"image shape {shape} differs from the labels' {tuple(lab_img.shape[:3])}")
+    out = {}
+    for axis, index in sorted(set(requests)):
+        where: list[Any] = [0, slice(None), slice(None), slice(None)]
+        where[3 - axis] = index
+        out[(axis, index)] = np.asarray(image[tuple(where)]).T.astype(np.float32)
+    return out
+
+
 def image_planes(path: Path, lab_img: Any, requests: Sequence[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
     """Only the planes shown of the image on the labels' grid, as float32.
 

@@ -302,6 +302,28 @@ def test_blob_on_the_patients_left_is_on_the_viewers_right(tmp_path: Path, store
             assert np.array_equal(crop(png(info), info.panel(name).box), crop(png(twin), twin.panel(name).box))
 
 
+@pytest.mark.parametrize("stored", ["RAS", "PSL"])
+def test_an_ingested_volume_is_drawn_as_its_nifti_file_is(tmp_path: Path, stored: str) -> None:
+    """A DICOM series is no one file: its quicklook had no image under the labels ("window 0 to 1 (no image)").
+    The ingested store (the NIfTI's voxel axes reversed) now gives the same picture as the file."""
+    from storage.ingest import ingest
+    from storage.layout import open_image_store
+
+    ras_image, ras_labels = left_blob_volume()
+    image, affine = stored_as(stored, ras_image, ras_affine())
+    labels, _ = stored_as(stored, ras_labels, ras_affine())
+    table = slicer_color_table([LabelClass(value=1, name="blob", color=GREEN)])
+    lab = write_volume(tmp_path / "labels.nii.gz", labels, affine, [table])
+    img = write_volume(tmp_path / "image.nii.gz", image, affine)
+    ingest(img, tmp_path / "image.zarr", chunk=16)
+    store = open_image_store(tmp_path / "image.zarr")
+    from_file = volume_quicklook(lab, tmp_path / "file.png", image_path=img)
+    from_store = volume_quicklook(lab, tmp_path / "store.png", image_store=store.image)
+    nothing = volume_quicklook(lab, tmp_path / "none.png")
+    assert np.array_equal(png(from_file), png(from_store))
+    assert not np.array_equal(png(from_file), png(nothing))
+
+
 def test_thick_slices_are_not_squashed(tmp_path: Path) -> None:
     labels = np.zeros((60, 40, 20), dtype=np.uint8)
     labels[20:40, 10:30, 5:15] = 1
