@@ -12,6 +12,10 @@ of squares; blocks are merged with Chan et al.'s parallel update, which keeps
 the variance exact to rounding without the cancellation of a naive
 ``Σx² - n·mean²``.  Bounding boxes come from per-axis presence tables
 (slice index x class), so the cost does not grow with the number of classes.
+On an oblique grid the world box of the voxel box's corners overstates the
+class (a 28 mm sphere had read 41 mm), so there each class's world extent is
+taken from the first and last voxel of each of its rows, where a linear map
+has its extremes.
 """
 
 from __future__ import annotations
@@ -47,8 +51,13 @@ class _Accumulator:
     lo: np.ndarray = field(init=False)  # (slots, 3) min (k, j, i)
     hi: np.ndarray = field(init=False)  # (slots, 3) max (k, j, i)
     nodata: int = 0
+    oblique: np.ndarray | None = None  # the affine, where its axes are not the world's: world boxes row by row
+    world_lo: np.ndarray = field(init=False)  # (slots, 3) min RAS mm of the voxel centres (oblique only)
+    world_hi: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        self.world_lo = np.full((self.slots, 3), np.inf)
+        self.world_hi = np.full((self.slots, 3), -np.inf)
         self.count = np.zeros(self.slots, dtype=np.int64)
         self.mean = np.zeros(self.slots, dtype=np.float64)
         self.m2 = np.zeros(self.slots, dtype=np.float64)
@@ -111,7 +120,7 @@ def label_statistics(
         if lut[nodata_label]:
             raise ValueError(f"nodata label {nodata_label} is also the value of a class")
         lut[nodata_label] = slots
-    acc = _Accumulator(slots)
+    acc = _Accumulator(slots, oblique=None if _axis_aligned(affine) else affine)
 
     for region in _blocks(labels):
         lab = np.asarray(labels[region])
@@ -193,6 +202,31 @@ def _accumulate(acc: _Accumulator, slot: np.ndarray, values: np.ndarray | None, 
         last = length - 1 - np.argmax(present[::-1], axis=0) + origin[axis]
         acc.lo[seen, axis] = np.minimum(acc.lo[seen, axis], first[seen])
         acc.hi[seen, axis] = np.maximum(acc.hi[seen, axis], last[seen])
+    if acc.oblique is not None:
+        _world_extent(acc, slot, count, origin)
+
+
+def _axis_aligned(affine: np.ndarray) -> bool:
+    """Whether each voxel axis runs along one world axis (then the voxel box's corners give the world box)."""
+    rotation = np.abs(affine[:3, :3])
+    return bool(((rotation > 1e-9 * max(rotation.max(), 1e-300)).sum(axis=0) == 1).all())
+
+
+def _world_extent(acc: _Accumulator, slot: np.ndarray, count: np.ndarray, origin: tuple[int, ...]) -> None:
+    """Each present class's RAS extent in this block: along a row of i, a linear map is extreme at the row's
+    first or last voxel of the class, so those alone are mapped."""
+    assert acc.oblique is not None
+    width = slot.shape[2]
+    for s in np.flatnonzero(count):
+        mask = slot == s
+        kk, jj = np.nonzero(mask.any(axis=2))
+        first = np.argmax(mask, axis=2)[kk, jj]
+        last = width - 1 - np.argmax(mask[:, :, ::-1], axis=2)[kk, jj]
+        for ii in (first, last):
+            ijk = np.stack([ii + origin[2], jj + origin[1], kk + origin[0]]).astype(np.float64)
+            world = acc.oblique[:3, :3] @ ijk + acc.oblique[:3, 3:4]
+            acc.world_lo[s] = np.minimum(acc.world_lo[s], world.min(axis=1))
+            acc.world_hi[s] = np.maximum(acc.world_hi[s], world.max(axis=1))
 
 
 def _class_entry(c: LabelClass, acc: _Accumulator, s: int, affine: np.ndarray, shape: tuple[int, ...],
@@ -209,14 +243,15 @@ def _class_entry(c: LabelClass, acc: _Accumulator, s: int, affine: np.ndarray, s
     k1, j1, i1 = (int(x) for x in acc.hi[s])
     corners = np.array([[i, j, k, 1.0] for i in (i0, i1) for j in (j0, j1) for k in (k0, k1)])
     world = (affine @ corners.T)[:3]
+    low, high = (acc.world_lo[s], acc.world_hi[s]) if acc.oblique is not None else \
+        (world.min(axis=1), world.max(axis=1))
     touches = i0 == 0 or j0 == 0 or k0 == 0 or i1 == shape[2] - 1 or j1 == shape[1] - 1 or k1 == shape[0] - 1
     entry.update(
         mean=_finite(mean),
         std=_finite(std),
         bbox_voxel={"i": [i0, i1], "j": [j0, j1], "k": [k0, k1]},
         # NIfTI's world frame, which a DICOM reader (LPS) would not assume: said in the entry
-        bbox_mm={"frame": "RAS", "min": [float(x) for x in world.min(axis=1)],
-                 "max": [float(x) for x in world.max(axis=1)]},
+        bbox_mm={"frame": "RAS", "min": [float(x) for x in low], "max": [float(x) for x in high]},
         touches_border=bool(touches),
     )
     return entry
