@@ -166,6 +166,22 @@ def test_verify_checks_every_file_of_the_series(run):
             " ".join(result.output.split()), result.output
     finally:
         victim.write_bytes(original)
+    # a slice of the series added to its folder after the run: every recorded file still matched, and verify
+    # passed while a rerun gave a volume one slice taller
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    added = folder / "axial" / "zz_added.dcm"
+    ds = pydicom.dcmread(victim)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(added)
+    try:
+        result = CliRunner().invoke(app, ["verify", str(nifti)])
+        assert result.exit_code == 1 and "has 1 file(s) of it that the record does not list (axial/zz_added.dcm)" \
+            in " ".join(result.output.split()), result.output
+    finally:
+        added.unlink()
+    assert CliRunner().invoke(app, ["verify", str(nifti)]).exit_code == 0
 
 
 def test_a_real_series_through_ingest_segment_and_export(tmp_path, dask_cluster):
