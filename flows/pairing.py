@@ -19,12 +19,12 @@ import re
 from pathlib import Path
 
 from storage.errors import ConfigError, SegflowError
-from storage.inputfiles import stem_of
+from storage.inputfiles import DICOM_SUFFIXES, stem_of
 from storage.labelmaps import RASTER_SUFFIXES, VOLUME_SUFFIXES
 
 __all__ = ["LABEL_MARKS", "case_name", "match_inputs", "pair_inputs"]
 
-LABEL_MARKS = (".labels", ".truth", "_gtFine_labelIds")  # name marks of a label map, dropped when pairing
+LABEL_MARKS = (".labels", ".truth", ".seg", "_gtFine_labelIds")  # name marks of a label map, dropped when pairing
 IMAGE_MARKS = ("_leftImg8bit",)  # a Cityscapes image's mark, which its prediction keeps
 _CHANNEL = re.compile(r"^(?P<case>.+)_\d{4}$")  # nnU-Net's <case>_0000: the image file a prediction is named by
 
@@ -52,9 +52,12 @@ def match_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path
 
 def _in_folder(predictions: list[Path], folder: Path) -> list[tuple[Path, Path | None, SegflowError | None]]:
     index: dict[str, list[Path]] = {}
+    dicom: dict[str, list[Path]] = {}  # a SEG named by its case, taken (and refused in words) only where no map is
     for f in sorted(folder.iterdir()):
         if not f.name.startswith(".") and f.name.lower().endswith((*RASTER_SUFFIXES, *VOLUME_SUFFIXES, ".zarr")):
             index.setdefault(case_name(f), []).append(f)
+        elif not f.name.startswith(".") and f.name.lower().endswith(DICOM_SUFFIXES):
+            dicom.setdefault(case_name(f), []).append(f)
     for found in index.values():  # an Analyze/NIfTI pair is one map, named by its header
         headers = {stem_of(f) for f in found if f.name.lower().endswith((".hdr", ".hdr.gz"))}
         found[:] = [f for f in found if not (f.name.lower().endswith((".img", ".img.gz"))
@@ -65,7 +68,7 @@ def _in_folder(predictions: list[Path], folder: Path) -> list[tuple[Path, Path |
         channel = _CHANNEL.match(name)
         if name not in index and channel is not None:  # img-4_0000.tif: labelsTr/img-4.png
             name = channel["case"]
-        found = index.get(name, [])
+        found = index.get(name) or dicom.get(name, [])
         marked = [f for f in found if stem_of(f) != case_name(f)]
         if len(found) > 1 and len(marked) == 1:  # scene.tif beside scene.truth.tif: the image and its truth
             found = marked

@@ -22,7 +22,7 @@ from typing import Any
 from storage import jsontext
 from storage.classes import LABEL_TABLE_HEADER, table_names
 from storage.errors import CorruptInputError, InvalidInputError, StoreError, UnsupportedFormatError
-from storage.inputfiles import check_readable_file
+from storage.inputfiles import DICOM_SUFFIXES, check_readable_file
 
 MAX_LABEL = 65535  # the largest label a segflow map holds (uint16); larger values are refused
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".png")  # PNG: a picture's label map (VOC, Cityscapes), no CRS
@@ -246,8 +246,21 @@ def open_labels(path: Path, stack: ExitStack) -> LabelSource:
         return _open_picture(path)
     if name.endswith(RASTER_SUFFIXES):
         return _open_raster(path, stack)
+    if name.endswith(DICOM_SUFFIXES) or _has_dicom_preamble(path):
+        raise UnsupportedFormatError(path, "is a DICOM file; segflow reads label maps as NIfTI, GeoTIFF, PNG or a "
+                                           ".zarr store, not DICOM SEG: convert the SEG to a NIfTI label map on its "
+                                           "series' grid (e.g. dcmqi's segimage2itkimage) and give that")
     raise UnsupportedFormatError(path, "is not a label map segflow reads (.tif, .tiff, .vrt, .png, .nii, .nii.gz, "
                                        ".hdr/.img or a .zarr store)")
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """A DICOM file saved without a DICOM suffix (a SEG named by its series)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _open_picture(path: Path) -> LabelSource:

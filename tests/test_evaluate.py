@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +23,8 @@ from flows.pairing import pair_inputs
 from segmentation.evaluation import (ABSENT_IN_BOTH, EMPTY_PREDICTION, EMPTY_TRUTH, NO_BACKGROUND_DISTANCES,
                                      scan_labels, score_case, surface_scores)
 from storage.classes import LabelClass
-from storage.errors import ConfigError
+from storage.errors import ConfigError, UnsupportedFormatError
+from storage.labelmaps import open_labels
 from tests.conftest import shared
 
 # MONAI 1.6's metric classes pass get_mask_edges an argument it deprecated itself
@@ -343,6 +345,17 @@ def test_pairing_by_folder(tmp_path):
         (truths / name).write_bytes(b"x")
     assert pair_inputs([Path("out/g.nii.gz"), Path("out/h.nii.gz")], [truths]) == [
         (Path("out/g.nii.gz"), truths / "g.hdr"), (Path("out/h.nii.gz"), truths / "h.hdr.gz")]
+    # a DICOM SEG named by its case: paired only where no label map is (then refused in words, below), never
+    # taken over the NIfTI beside it; it had been "no truth named" with the SEG there
+    for name in ("s.seg.dcm", "t.nii.gz", "t.seg.dcm"):
+        (truths / name).write_bytes(b"x")
+    assert pair_inputs([Path("out/s.nii.gz"), Path("out/t.nii.gz")], [truths]) == [
+        (Path("out/s.nii.gz"), truths / "s.seg.dcm"), (Path("out/t.nii.gz"), truths / "t.nii.gz")]
+    seg = tmp_path / "noname"
+    seg.write_bytes(bytes(128) + b"DICM" + bytes(64))
+    for path in (truths / "s.seg.dcm", seg):
+        with pytest.raises(UnsupportedFormatError, match=r"is a DICOM file; .* not DICOM SEG: convert the SEG"):
+            open_labels(path, ExitStack())
     assert pair_inputs([Path("x.tif"), Path("y.tif")], [Path("1.tif"), Path("2.tif")])[1] == (Path("y.tif"),
                                                                                               Path("2.tif"))
 
