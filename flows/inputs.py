@@ -129,7 +129,9 @@ def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | N
         else:
             # a STAC item's outputs are named after its id, which renaming the file does not change
             advice = "segment one of them into another --out (an item's outputs are named after its id)" \
-                if isinstance(item, str) and named_by_id(item) else "rename one of them"
+                if isinstance(item, str) and named_by_id(item) else \
+                "the same DICOM series in two places: give one of them, or segment the other into another --out" \
+                if isinstance(item, SeriesRef) else "rename one of them"
             clashes[i] = (f"{label}: its outputs would overwrite those of {first[stem]} (the same name stem "
                           f"{stem!r}); {advice}")
     return clashes

@@ -394,3 +394,19 @@ def test_compressed_series_decode_to_the_same_volume(tmp_path: Path, syntax) -> 
     store = ingest_dicom(_only([tmp_path / "in"]), tmp_path / "s.zarr", chunk=32)
     np.testing.assert_array_equal(np.asarray(store.image[0]), data.astype(np.int32) - 1024)
     assert store.meta.geometry.dicom.transfer_syntax_uid == syntax
+
+
+def test_one_series_in_two_folders_is_told_to_be_given_once_not_renamed(tmp_path: Path) -> None:
+    """A DICOM series copied into two folders: the second was told to "rename one of them", which a series'
+    outputs (named by its number, description and UID) cannot be."""
+    import shutil
+
+    from flows.inputs import output_clashes
+
+    samples.write_ct_series(tmp_path / "a", _data((3, 4, 4)))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    refs = [_only([tmp_path / "a"]), _only([tmp_path / "b"])]
+    assert output_clashes(refs) == {1: (
+        f"{refs[1].display}: its outputs would overwrite those of {refs[0].display} (the same name stem "
+        f"{refs[0].name!r}); the same DICOM series in two places: give one of them, or segment the other into "
+        "another --out")}
