@@ -143,7 +143,7 @@ def prefect_console(command: str) -> Iterator[RunLog]:
     if temporary:  # Prefect's temporary server will run: it must not outlive a killed command
         start_reaper()
     with _temporary_server_kept_quiet(), _temporary_server_in_its_own_session() if temporary else nullcontext(), \
-            _console_to_log(command) as run_log:
+            _console_to_log(command) as run_log, _server_logs_to(run_log.path) if temporary else nullcontext():
         try:
             yield run_log
         except Exception as exc:
@@ -220,6 +220,47 @@ def _temporary_server_kept_quiet() -> Iterator[None]:
         finally:
             if blank:
                 EventsWorker.set_client_override(None)
+
+
+SETTINGS_PATH = "PREFECT_LOGGING_SETTINGS_PATH"
+
+
+@contextmanager
+def _server_logs_to(path: Path) -> Iterator[None]:
+    """Prefect's temporary server (a child process writing to this terminal) logs to the run's log file.
+
+    Stopped at the command's exit while it still records the last task runs'
+    states (a temporary database, thrown away with it), it printed "Error
+    flushing 1 events" and two CancelledError tracebacks after a 500-input
+    nightly run's report.  Its ``prefect.server``, ``uvicorn`` and ``fastapi``
+    records now go to the log file, through a logging configuration made for it from Prefect's own
+    (read once, at the server's start).  A user's own
+    ``PREFECT_LOGGING_SETTINGS_PATH`` is left as it is.
+    """
+    if os.environ.get(SETTINGS_PATH):
+        yield
+        return
+    import yaml
+    from prefect.logging.configuration import DEFAULT_LOGGING_SETTINGS_PATH
+
+    config = yaml.safe_load(DEFAULT_LOGGING_SETTINGS_PATH.read_text())
+    config["handlers"]["segflow_run_log"] = {"level": 0, "class": "logging.FileHandler", "filename": str(path),
+                                             "delay": True, "encoding": "utf-8", "formatter": "standard"}
+    for name in ("prefect.server", "uvicorn", "fastapi"):  # the server's own loggers, and its web framework's
+        config["loggers"][name] = {**config["loggers"].get(name, {}), "handlers": ["segflow_run_log"],
+                                   "propagate": False}
+    settings = path.with_name(path.name + ".server-logging.yml")
+    try:
+        settings.write_text(yaml.safe_dump(config), encoding="utf-8")
+    except OSError:  # no writable log folder (said once already): the server logs as Prefect has it
+        yield
+        return
+    os.environ[SETTINGS_PATH] = str(settings)
+    try:
+        yield
+    finally:
+        os.environ.pop(SETTINGS_PATH, None)
+        settings.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -394,6 +394,30 @@ def test_a_sparse_geotiff_fails_alone_before_any_work(models, tmp_path, dask_clu
     assert not list((tmp_path / "out").glob("sparse*"))
 
 
+def test_prefects_temporary_server_logs_to_the_run_log_not_the_terminal(models, tmp_path):
+    """The temporary server is a child process on this terminal: stopped at exit while it still recorded task
+    runs, it printed "Error flushing 1 events" and CancelledError tracebacks after a 500-input run's report.
+    Its records go to the run's log file; at DEBUG (deterministic: it always logs there) none reach the
+    terminal, where 157 lines had."""
+    import subprocess
+    import sys
+
+    inbox, logs = tmp_path / "inbox", tmp_path / "logs"
+    inbox.mkdir()
+    samples.make_scene(inbox / "a.tif", size=(48, 48), seed=9, nodata_margin=4)[1].unlink()
+    env = {**os.environ, "PREFECT_SERVER_LOGGING_LEVEL": "DEBUG", "SEGFLOW_LOG_DIR": str(logs)}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_LOGGING_SETTINGS_PATH", None)
+    proc = subprocess.run([sys.executable, "-m", "flows", "nightly", "--inbox", str(inbox), "--model",
+                           str(models["2d"].path), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "prefect.server" not in proc.stderr + proc.stdout and "uvicorn" not in proc.stderr + proc.stdout
+    [log] = logs.glob("nightly-*.log")
+    assert "prefect.server" in log.read_text() and "uvicorn" in log.read_text()
+    assert not list(logs.glob("*.yml"))  # the server's logging settings, removed with the run
+
+
 def test_a_manifest_naming_a_file_twice_says_so(models, tmp_path, dask_cluster):
     """The repeats of a manifest entry vanished from the run without a word."""
     from flows.cli import app
