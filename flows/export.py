@@ -282,11 +282,12 @@ def write_quicklook(label_path: Path, image_path: Path | None, model: LoadedMode
     """``<stem>.quicklook.png`` beside a label output: the labels over the input in the card's colours, with
     exact areas (ha) or volumes (mL) from the run's label histogram; ``image_store``, the ingested image of a
     volume that is no one file (a DICOM series), is drawn under them.  A picture is a nicety: one that cannot be
-    drawn (an odd input, no overview to read) is left out with a warning, never failing the input."""
+    drawn (an odd input, no overview to read) is left out with a warning, never failing the input; one drawn that
+    cannot be written (a full disk) fails it, as any output would."""
     import logging
 
     from flows.htmlreport import quicklook_path
-    from storage.errors import SegflowError
+    from storage.errors import ExportError, SegflowError
     from storage.probe import probe
     from storage.quicklook import raster_quicklook, volume_quicklook
 
@@ -301,6 +302,9 @@ def write_quicklook(label_path: Path, image_path: Path | None, model: LoadedMode
                              classes=model.card.classes, volumes_ml=sizes)
         else:
             raster_quicklook(label_path, target, image_path=image, classes=model.card.classes, areas_ha=sizes)
+    except ExportError:  # the picture drawn, but the disk full or the folder unwritable: an output not written,
+        target.unlink(missing_ok=True)  # as for any other (it had been a warning: a done input, skipped ever after)
+        raise
     except (SegflowError, OSError, ValueError) as exc:
         logging.getLogger("segflow").warning("no quicklook for %s: %s", label_path, exc)
         target.unlink(missing_ok=True)

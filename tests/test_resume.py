@@ -291,6 +291,25 @@ def test_output_path_taken_by_a_directory_fails_cleanly(scene, tmp_path, dask_cl
     assert _listing(out) == ["scene.tif"] and _listing(out / "scene.tif") == ["keep.txt"]
 
 
+def test_a_quicklook_that_cannot_be_written_fails_the_input_as_any_output(scene, tmp_path, dask_cluster,
+                                                                          monkeypatch):
+    """The disk full at the quicklook (RLIMIT_FSIZE, as test_full_disk_at_export) had been a warning: the input
+    done, recorded in nightly's ledger and skipped ever after, its quicklook never made."""
+    from flows import pipeline
+
+    image, model_dir = scene
+    out = tmp_path / "out"
+    real = pipeline.write_quicklook
+    monkeypatch.setattr(pipeline, "write_quicklook", lambda *a, **k: _under_file_size_limit(real, *a, **k))
+    with pytest.raises(ExportError) as err:
+        segment_one(image, load_model(model_dir.path), out, SegmentOptions(chunk_size=CHUNK, quicklook=True),
+                    dask_cluster)
+    message = str(err.value)
+    assert message.startswith(f"{out / 'scene.quicklook.png'}: cannot write the quicklook: ") and \
+        "File too large" in message, message
+    assert _listing(out) == []  # the label COG and the rest it wrote are removed with it
+
+
 def test_output_directory_under_a_file_fails_cleanly(scene, tmp_path, dask_cluster):
     image, model_dir = scene
     (tmp_path / "file").write_text("x")
