@@ -50,6 +50,11 @@ def check_inbox(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(folder, "inbox is not a directory")
+    try:  # one the run may not list (mode 000, another user's) had given two tracebacks and no report
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError as exc:
+        raise ConfigError(folder, f"cannot list the inbox: {exc.strerror or exc}") from None
     return folder
 
 

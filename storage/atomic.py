@@ -74,7 +74,18 @@ def check_output_folder(folder: Path) -> None:
         raise ExportError(folder, f"cannot create the output folder: {nearest} is a file")
     if not os.access(nearest, os.W_OK | os.X_OK):
         what = "write in the output folder" if nearest == folder else f"create the output folder in {nearest}"
-        raise ExportError(folder, f"cannot {what}: permission denied")
+        raise ExportError(folder, f"cannot {what}: {_denied_why(nearest)}")
+
+
+def _denied_why(folder: Path) -> str:
+    """A read-only mount said as such (it had been "permission denied", sending an operator to owners and
+    modes), else permission denied."""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
 
 
 def make_output_folder(folder: Path) -> Path:

@@ -677,6 +677,15 @@ def test_unreadable_model_files_outputs_and_out_folders_are_one_line_errors(tmp_
             proc = nobody("segment", scene, "--model", model.path, "--out", out, "--no-prefect")
             assert proc.returncode == 2 and error_lines(proc.stderr) == [f"error: {line}"], proc.stderr
             assert "Dask" not in proc.stderr  # refused before the cluster started
+        # an inbox nobody may list: nightly gave two tracebacks, no report, exit 1; now the ConfigError of a
+        # missing inbox (one line, exit 2: test_nightly's exit codes), said before the listing
+        inbox = base / "inbox"
+        inbox.mkdir(mode=0o700)
+        code = ("from flows.inbox import list_inbox\nfrom storage.errors import ConfigError\ntry:\n"
+                f"    list_inbox({str(inbox)!r})\nexcept ConfigError as exc:\n    print(exc)\n")
+        proc = subprocess.run([*prefix, *SEGFLOW[:-2], "-c", code], capture_output=True, text=True, env=env,
+                              timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert proc.stdout.strip() == f"{inbox}: cannot list the inbox: Permission denied", proc.stderr
         out = base / "out"
         assert run("segment", scene, "--model", model.path, "--out", out, "--no-zarr").returncode == 0
         (out / "scene.tif").chmod(0o600)
@@ -685,6 +694,21 @@ def test_unreadable_model_files_outputs_and_out_folders_are_one_line_errors(tmp_
         assert f"output {out / 'scene.tif'} cannot be read: Permission denied" in proc.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_read_only_output_folder_is_said_to_be_one(model2d, tmp_path):
+    """A read-only mount was refused as "permission denied", sending an operator to owners and modes."""
+    out = tmp_path / "ro"
+    out.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(out)],
+                                           check=False, capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only tmpfs needs root and mount rights")
+    try:
+        proc = run("segment", small_scene(tmp_path / "scene.tif"), "--model", model2d.path, "--out", out)
+        assert proc.returncode == 2 and error_lines(proc.stderr) == [
+            f"error: {out}: cannot write in the output folder: read-only file system"], proc.stderr
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
 
 
 def test_an_input_name_too_long_for_its_outputs_is_refused_naming_it(model2d, tmp_path):
