@@ -39,6 +39,9 @@ from flows.numbers import readable
 
 THUMBNAIL_PX = 320  # longest side of a quicklook inlined in the markdown artifact
 MAX_INLINE_BYTES = 150_000  # a thumbnail larger than this is linked, not inlined
+# all thumbnails of one summary together: Prefect refuses to publish an event over 1.5 MB ("Refusing to publish
+# event of size 5412220" for 150 inputs, about 36 KB each), and stores the artifact with every run
+MAX_INLINE_TOTAL = 1_000_000
 MAX_KEY = 100
 log = logging.getLogger("segflow")
 
@@ -127,13 +130,22 @@ def summary_markdown(run: dict[str, Any], quicklooks: dict[str, Path], html_path
              if isinstance(r, dict) and str(r.get("input")) in quicklooks]
     if shown:
         lines += ["### Quicklooks", ""]
+    inlined, left_out = 0, 0
     for rep, png in shown:
         lines.append(f"**{_md(input_name(rep))}** ({_md(rep.get('status'))}): "
                      f"[{_md(png.name)}]({png.absolute().as_uri()}) `{_code(png.absolute())}`")
-        thumb = thumbnail_uri(png)
+        thumb = thumbnail_uri(png) if inlined < MAX_INLINE_TOTAL else None
+        if thumb is not None and inlined + len(thumb) > MAX_INLINE_TOTAL:
+            thumb, inlined = None, MAX_INLINE_TOTAL  # the rest go by path only
         if thumb is not None:
+            inlined += len(thumb)
             lines += ["", f"![quicklook of {_md(input_name(rep))}]({thumb})"]
+        elif inlined >= MAX_INLINE_TOTAL:
+            left_out += 1
         lines.append("")
+    if left_out:
+        lines += [f"_The thumbnails of {left_out} more quicklooks are left out, to keep this artifact under "
+                  "Prefect's event size limit: their PNGs are named above, and the HTML report shows them all._", ""]
     return "\n".join(lines)
 
 

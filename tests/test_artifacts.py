@@ -106,3 +106,25 @@ def test_artifacts_in_a_flow_run_on_a_prefect_server(prefect_server, tmp_path, m
 
 def _raise(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
     raise RuntimeError("the API refused the artifact")
+
+
+def test_the_summary_stays_under_prefects_event_limit_with_many_quicklooks(tmp_path):
+    """150 inputs' thumbnails (about 36 KB each) made a 5.4 MB artifact, which Prefect refused to publish
+    ("Refusing to publish event of size 5412220"); the thumbnails stop at 1 MB, the rest named by path."""
+    import numpy as np
+
+    from flows.artifacts import MAX_INLINE_TOTAL, summary_markdown, thumbnail_uri
+
+    png = tmp_path / "noisy.quicklook.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 150, 3), dtype=np.uint8)).save(png)
+    one = len(thumbnail_uri(png))
+    assert 20_000 < one < 150_000
+    inputs = [{"input": f"/inbox/scene-{i:03d}.tif", "status": "done"} for i in range(150)]
+    run = {"run": {"started": "2026-12-06T00:00:00Z", "summary": "150 done", "state": "Completed"},
+           "inputs": inputs}
+    text = summary_markdown(run, {r["input"]: png for r in inputs}, None)
+    assert MAX_INLINE_TOTAL - one < len(text) < 1_500_000
+    shown = text.count("![quicklook of")
+    assert shown == MAX_INLINE_TOTAL // one
+    assert f"The thumbnails of {150 - shown} more quicklooks are left out" in text
+    assert all(f"scene-{i:03d}.tif" in text for i in range(150))  # every input still named, with its PNG's path
