@@ -220,6 +220,11 @@ def schedule_command(
         if problem is not None:
             unreachable = api_unreachable(problem, temporary_ok=False)
             cli.fail(unreachable or f"the Prefect server at {url} does not answer: {problem}")
+        from flows.zombies import AUTOMATION_NAME, ensure_crash_automation, silent_after
+
+        if ensure_crash_automation():  # a run whose process dies unreported is Crashed, not Running for ever
+            cli.console.print(f"created the Prefect automation {AUTOMATION_NAME!r}: a segflow run silent for "
+                              f"{silent_after():g} s is marked Crashed", highlight=False, soft_wrap=True)
         cli.console.print(f"serving nightly/{name} on {url} at '{cron}'" + (f" ({timezone})" if timezone else "")
                           + (", paused (runs by hand until resumed)" if paused else "") + "; Ctrl-C stops it",
                           highlight=False, soft_wrap=True)

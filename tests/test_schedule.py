@@ -129,6 +129,18 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
         assert deployment["parameters"]["options"]["vector"] == "gpkg" and deployment["parameters"]["retries"] == 1
         assert deployment["parameters"]["parallel"] == 2  # nightly's --parallel: a flow parameter, so served too
         assert deployment["entrypoint"] == "flows.nightly.nightly"
+        # the automation that marks a run whose process died unreported (a stopped pod) Crashed: without it, such
+        # a run stayed Running for ever and held the one-run-at-a-time slot (flows/zombies.py)
+        from flows.zombies import AUTOMATION_NAME, SILENT_AFTER_S
+
+        [automation] = [a for a in httpx.post(f"{api}/automations/filter", json={}, timeout=10).json()
+                        if a["name"] == AUTOMATION_NAME]
+        trigger_spec = automation["trigger"]
+        assert trigger_spec["posture"] == "Proactive" and trigger_spec["within"] == SILENT_AFTER_S
+        assert trigger_spec["after"] == ["prefect.flow-run.heartbeat"]
+        assert trigger_spec["match_related"] == {"prefect.resource.id": ["prefect.tag.segflow"]}
+        assert automation["actions"][0]["state"] == "CRASHED"
+        assert "created the Prefect automation" in (tmp_path / "serve.log").read_text()
 
         trigger = subprocess.run([str(PREFECT), "deployment", "run", f"nightly/{NAME}"], capture_output=True,
                                  text=True, env=env, timeout=120)
