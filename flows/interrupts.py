@@ -207,7 +207,7 @@ def completed_interruptibly(futures: list[Any]) -> Iterator[Any]:
 # cancelled future and a lost connection are what a Ctrl-C or SIGTERM leaves in the threads still running;
 # TerminationSignal is Prefect's SIGTERM inside a flow run.
 NOT_THE_INPUTS = ("KilledWorker", "ClosedClientError", "FutureCancelledError", "CancelledError", "CommClosedError",
-                  "TerminationSignal")
+                  "TerminationSignal", "LockLostError")
 
 
 def resumable(exc: BaseException) -> bool:

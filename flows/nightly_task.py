@@ -29,7 +29,7 @@ from flows.retries import retry_if_transient
 from flows.routing import ModelEntry, ModelInput, loaded, no_model_reason, one_slice, route, route_item
 from storage.channelfiles import ChannelFiles
 from storage.dicomfiles import SeriesRef
-from storage.errors import CorruptInputError, ExportError, InputError, is_native_panic, one_line
+from storage.errors import CorruptInputError, ExportError, InputError, LockLostError, is_native_panic, one_line
 from storage.hashing import sha256_input
 from storage.inputfiles import expansion_problem
 from storage.probe import probe
@@ -96,15 +96,21 @@ def segment_input(item: Expanded, name: str, batch: Batch) -> dict[str, Any]:
             if target.remote:  # as `segflow segment`: the series' outputs are written locally only
                 what = "DICOM series" if isinstance(item, SeriesRef) else "nnU-Net channel files"
                 raise InputError(label, f"{what} cannot be written to a URL output yet; use a local --out")
-            result = _segment_input(item, item, target, batch, t0)
+            result = _segment_input(item, item, target, batch, t0, lock)
         else:
             with staging.staged_input(item, target.local) as local:  # path itself, or a URL's downloaded copy
-                result = _segment_input(item, local, target, batch, t0)
+                result = _segment_input(item, local, target, batch, t0, lock)
         notes = [result.get("note"), lock.broken,
                  "its lock was broken by another run while it ran (no heartbeat for longer than the stale "
                  "timeout?): check its outputs" if lock.lost or not lock.still_held() else None]
         result["note"] = "; ".join(n for n in notes if n) or None
         return result
+    except LockLostError as exc:  # another run took the input over while this one stalled: its outcome is that run's
+        rep = InputReport(input=label, status="locked", attempts=batch.attempts[label], note=exc.problem,
+                          dicom=series_details(item) if isinstance(item, SeriesRef) else None,
+                          seconds=round(time.perf_counter() - t0, 3))
+        get_run_logger().warning("%s: %s", label, exc.problem)
+        return rep.to_dict()
     except BaseException as exc:
         if is_native_panic(exc):  # an Exception fails this input's task; a BaseException crashed the whole flow
             raise InputError(label, f"a native decoder failed on it ({one_line(exc)})") from None
@@ -149,7 +155,7 @@ def input_lock(target: staging.OutputTarget, stem: str, stale_after: float) -> l
 
 
 def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget, batch: Batch,
-                   t0: float) -> dict[str, Any]:
+                   t0: float, lock: locks.InputLock) -> dict[str, Any]:
     from flows.pipeline import segment_one
 
     path = input_label(item)  # a file's path or URL; a series' display
@@ -208,7 +214,8 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
         statistics = hit.record.get("statistics", {})
     else:
         outcome = segment_one(local, model, target.local, batch.options, batch.client,
-                              record_input_as=path if group is None and local != path else None)
+                              record_input_as=path if group is None and local != path else None,
+                              still_ours=lambda: not lock.lost and lock.still_held())
         sidecar = next(o for o in outcome.outputs if o.endswith(".provenance.json"))
         try:
             recorded = ledger.record_done(target.local, rep.cache_key, document, input_path=path,

@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zarr
 from distributed import Client
@@ -54,7 +54,7 @@ from storage import provenance
 from storage.atomic import make_output_folder
 from storage.bands import units_facts
 from storage.channelfiles import ATTR as CHANNEL_FILES_ATTR, FORMAT as CHANNEL_FILES_FORMAT
-from storage.errors import ConfigError, ExportError, IncompatibleInputError, SegflowError
+from storage.errors import ConfigError, ExportError, IncompatibleInputError, LockLostError, SegflowError
 from storage.hashing import sha256_file
 from storage.layout import LABELS, PROVENANCE_ATTR, ImageStore, commit_store, partial_path, partial_paths
 from storage.mosaic import MOSAIC_ATTR, MosaicRef
@@ -80,7 +80,8 @@ class Outcome:
 
 
 def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, options: SegmentOptions,
-                client: Client, *, record_input_as: str | None = None) -> Outcome:
+                client: Client, *, record_input_as: str | None = None,
+                still_ours: Callable[[], bool] | None = None) -> Outcome:
     """Ingest, infer, export one input. Raises SegflowError on bad input; leaves nothing partial.
 
     On an interruption (see :func:`flows.interrupts.resumable`) the hidden partial store and
@@ -88,7 +89,9 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
 
     ``record_input_as`` names the input in the provenance, the prediction
     store's source and the outcome when ``input_path`` is a local copy of it:
-    the URL of an input :mod:`flows.staging` downloaded.
+    the URL of an input :mod:`flows.staging` downloaded.  ``still_ours``: asked before the first output is
+    written (nightly's input lock): False, another run took the input over while this one stalled, and this one
+    writes nothing (:class:`LockLostError`; it had written its outputs over the other run's).
     """
     if isinstance(options, dict):  # as the flows take them (their parameters are validated so)
         options = SegmentOptions.model_validate(options)
@@ -170,6 +173,11 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
         # what a run before this one wrote under this name is set aside (put back if this run fails), and so is
         # its sidecar; what a run killed while exporting left is undone first (flows/replacing.py)
+        if still_ours is not None and not still_ours():
+            raise LockLostError(record_input_as or input_label(input_path),
+                                "another run took it over while this one had stalled (its lock was broken for a "
+                                "heartbeat older than the stale timeout): that run's outputs stand, this one wrote "
+                                "none")
         replacing = Replacing(out_dir, input_path, options.split_by_tile)
         replacing.begin(out_path)
         provenance.retire_sidecar(out_path)

@@ -86,6 +86,11 @@ class ProvenanceError(SegflowError):
     """Provenance is missing or does not match the files it describes."""
 
 
+class LockLostError(SegflowError):
+    """Another run took over an input while this one stalled (its lock broken for a silent heartbeat): this run
+    writes none of its outputs, and its partial work, which the other run may be using, stays."""
+
+
 class RunFailed(SegflowError):
     """A batch or nightly flow run that ended Failed, called without ``return_state``: raised by Prefect with the
     run's message; ``result`` holds what ``return_state=True`` gives (every outcome, or the run's report)."""

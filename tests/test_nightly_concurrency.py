@@ -362,3 +362,40 @@ def test_a_killed_nightly_leaves_no_prefect_server_running(case, tmp_path):
         for child in psutil.process_iter(["cmdline"]):
             if str(tmp_path) in " ".join(child.info["cmdline"] or []):
                 child.kill()
+
+
+def test_a_run_whose_lock_was_taken_over_while_it_stalled_writes_nothing(case, tmp_path, monkeypatch):
+    """A run stalled past the stale timeout (a suspended VM, SIGSTOP) had its lock broken and the input taken
+    over by another run; resumed, it went on to write its outputs over that run's, with only a note.  Now it
+    checks the lock before its first output, writes none, keeps the partial work the other run may be using,
+    and reports the input `locked`."""
+    from storage import provenance
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(case["inbox"] / "s0.tif", inbox / "s0.tif")
+    out = tmp_path / "out"
+    folder = out / locks.LOCKS_DIR
+    other: list[InputLock] = []
+    real = provenance.make_record
+
+    def stalled_then_taken_over(*args, **kwargs):  # the moment after inference, before the first output
+        (folder / locks.lock_name("s0")).unlink()  # what a breaker does to a lock whose heartbeat is too old
+        taker = InputLock(folder, "s0")
+        assert taker.acquire(input=str(inbox / "s0.tif")) is None
+        other.append(taker)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(provenance, "make_record", stalled_then_taken_over)
+    try:
+        state = nightly(model_dirs=[str(case["model"].path)], out_dir=str(out), inbox=str(inbox),
+                        options=SegmentOptions(workers=1), retries=0, return_state=True)
+        [got] = nightly_report(state)["inputs"]
+        assert state.is_completed(), state.message
+        assert got["status"] == "locked" and "another run took it over while this one had stalled" in got["note"]
+        assert not list(out.glob("s0.*")) and not list(out.glob(".s0.*.previous"))  # no output of its own
+        assert len(list(out.glob(".s0.zarr.*.partial"))) == 1  # the partial work, which the other run may use
+        assert other[0].still_held()  # the other run's lock was left alone
+    finally:
+        for taker in other:
+            taker.release()
