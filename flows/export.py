@@ -54,6 +54,7 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
     labels = group[LABELS]
     if meta.kind == "raster":
         from storage.cogwrite import write_label_cog, write_probability_cog
+        from storage.labeltables import write_qgis_style
 
         written = [write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes,
                                    provenance=record)]
@@ -78,6 +79,8 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
         if on_the_earth(_crs(meta.geometry)):  # a STAC item needs a footprint on the Earth
             written.append(stac_item(meta, model, out_path, record, written, polygons))
             created.append(written[-1])
+        created.append(write_qgis_style(out_path, model.card.classes))  # QGIS's legend: names, not values
+        written.append(created[-1])
         return written
     from storage.nifti import write_label_nifti
 

@@ -139,7 +139,7 @@ def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | N
 
 OUTPUT_SUFFIXES = (".tif", ".nii.gz", ".zarr", ".provenance.json", ".stac.json", ".probabilities.tif",
                    ".quicklook.png", ".gpkg", ".parquet", ".geojson", ".statistics.json", ".seg.dcm", ".ctbl",
-                   ".itksnap.txt", ".model-space.nii.gz")
+                   ".itksnap.txt", ".model-space.nii.gz", ".qml")
 """What an input's outputs are named: ``OUT/<stem>`` and one of these (``--split-by-tile`` adds ``<tile stem>.tif``)."""
 
 

@@ -6,21 +6,27 @@ written by :func:`storage.classes.slicer_color_table`), ITK-SNAP its own
 "label description" file (``IDX R G B A VIS MSH "LABEL"``, with label 0 the
 "Clear Label").  :func:`write_label_tables` writes both from the model card's
 classes, each under a temporary name renamed into place so that a viewer never
-opens half a table.
+opens half a table.  For a raster, QGIS applies ``<stem>.qml`` beside
+``<stem>.tif`` as the layer's default style when it opens the file: a paletted
+renderer with the class names, so its legend reads "water", not "1"
+(:func:`write_qgis_style`; the COG's colour table alone gives colours only).
 """
 
 from __future__ import annotations
 
 from os import PathLike
 from pathlib import Path
+from xml.sax.saxutils import quoteattr
 
 from storage.atomic import write_text_atomically
 from storage.classes import LabelClass, slicer_color_table
 
-__all__ = ["itksnap_label_description", "write_label_tables", "SLICER_SUFFIX", "ITKSNAP_SUFFIX"]
+__all__ = ["itksnap_label_description", "qgis_style", "write_label_tables", "write_qgis_style", "ITKSNAP_SUFFIX",
+           "QGIS_SUFFIX", "SLICER_SUFFIX"]
 
 SLICER_SUFFIX = ".ctbl"
 ITKSNAP_SUFFIX = ".itksnap.txt"
+QGIS_SUFFIX = ".qml"
 
 # The header ITK-SNAP itself writes (Segmentation > Export Label Descriptions).
 _ITKSNAP_HEADER = """\
@@ -70,3 +76,30 @@ def write_label_tables(out_path_stem: str | PathLike[str], classes: list[LabelCl
         (stem.parent / f"{stem.name}{ITKSNAP_SUFFIX}", itksnap_label_description(classes)),
     ]
     return [write_text_atomically(path, text, "label table") for path, text in documents]
+
+
+def qgis_style(classes: list[LabelClass]) -> str:
+    """A QGIS layer style (QML) drawing band 1 with a paletted renderer: one entry per class, its name as the
+    legend label; values outside the table (the nodata label) are not drawn."""
+    entries = "\n".join(
+        f"        <paletteEntry value=\"{c.value}\" color=\"#{c.color[0]:02x}{c.color[1]:02x}{c.color[2]:02x}\" "
+        f"alpha=\"255\" label={quoteattr(' '.join(c.name.split()))}/>"
+        for c in sorted(classes, key=lambda c: c.value))
+    return ("<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+            '<qgis version="3.28.0" styleCategories="Symbology">\n'
+            "  <pipe>\n"
+            '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">\n'
+            "      <rasterTransparency/>\n"
+            "      <colorPalette>\n"
+            f"{entries}\n"
+            "      </colorPalette>\n"
+            "    </rasterrenderer>\n"
+            "  </pipe>\n"
+            "</qgis>\n")
+
+
+def write_qgis_style(label_path: str | PathLike[str], classes: list[LabelClass]) -> Path:
+    """``<stem>.qml`` beside the label raster ``<stem>.tif``: the name QGIS looks for as its default style."""
+    label_path = Path(label_path)
+    target = label_path.with_name(label_path.name.rsplit(".", 1)[0] + QGIS_SUFFIX)
+    return write_text_atomically(target, qgis_style(classes), "QGIS style")

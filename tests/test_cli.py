@@ -549,7 +549,7 @@ def test_segment_without_a_prefect_api_runs_without_prefect_and_matches_the_flow
     assert len(errors) == 2 and str(broken) in errors[0] and str(missing) in errors[1], default["stderr"]
     assert default["outcomes"] == [(str(good), True, None), (str(broken), False, errors[0][len("error: "):]),
                                    (str(missing), False, errors[1][len("error: "):])]
-    assert default["files"] == ["good.provenance.json", "good.stac.json", "good.tif", "good.zarr", "reports"]
+    assert default["files"] == ["good.provenance.json", "good.qml", "good.stac.json", "good.tif", "good.zarr", "reports"]
     assert not default["prefect_db"], "the default run without a Prefect API started Prefect's temporary server"
     for way, result in results.items():  # nothing but segflow's lines: no library log noise, no traceback
         # (with PREFECT_API_URL="" Prefect 3.9's events worker failed at every event and once hung the exit)

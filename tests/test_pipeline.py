@@ -130,7 +130,8 @@ def test_bad_inputs_fail_alone_and_leave_nothing(models, tmp_path, dask_cluster)
         assert not o["ok"]
         assert str(p) in o["error"] and "\n" not in o["error"], o["error"]
     left = sorted(f.name for f in tmp_path.iterdir())
-    assert left == ["RGB.byte.provenance.json", "RGB.byte.stac.json", "RGB.byte.tif", "RGB.byte.zarr"], left
+    assert left == ["RGB.byte.provenance.json", "RGB.byte.qml", "RGB.byte.stac.json", "RGB.byte.tif",
+                    "RGB.byte.zarr"], left
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
@@ -139,8 +140,8 @@ def test_probabilities_are_kept_in_zarr_and_as_a_cog(dtype, models, tmp_path, da
     out = segment(input_path=str(src), model_dir=str(models[(2, 3)].path), out_dir=str(tmp_path),
                   options=SegmentOptions(chunk_size=256, probabilities=dtype))
     assert [p.split("/")[-1] for p in out["outputs"]] == [
-        "RGB.byte.tif", "RGB.byte.probabilities.tif", "RGB.byte.stac.json", "RGB.byte.provenance.json",
-        "RGB.byte.zarr"]
+        "RGB.byte.tif", "RGB.byte.probabilities.tif", "RGB.byte.stac.json", "RGB.byte.qml",
+        "RGB.byte.provenance.json", "RGB.byte.zarr"]
     group = zarr.open_group(str(tmp_path / "RGB.byte.zarr"), mode="r")
     stored = group["probabilities"]
     assert stored.dtype == np.dtype(dtype) and stored.shape == (3, 718, 791)

@@ -135,8 +135,8 @@ def test_sigkill_mid_run_then_rerun_writes_only_unfinished_chunks_byte_identical
     assert _tree(out / "scene.zarr") == _tree(tmp_path / "ref" / "scene.zarr")
     a, b = (json.loads((d / "scene.provenance.json").read_text()) for d in (tmp_path / "ref", out))
     assert _without_run_fields(a) == _without_run_fields(b)
-    assert sorted(p.name for p in out.iterdir()) == ["reports", "scene.provenance.json", "scene.stac.json", "scene.tif",
-                                                     "scene.zarr"]  # reports: the completed run's report only
+    assert sorted(p.name for p in out.iterdir()) == ["reports", "scene.provenance.json", "scene.qml", "scene.stac.json",
+                                                     "scene.tif", "scene.zarr"]  # reports: the completed run's report only
     assert len(list((out / "reports").glob("segment-*.html"))) == 1  # the killed run wrote none
     assert verify_sidecar(out / "scene.provenance.json") == []
 
@@ -184,7 +184,8 @@ def test_killed_worker_still_gives_the_identical_output(scene, tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
     assert (out / "scene.tif").read_bytes() == (ref / "scene.tif").read_bytes()
     assert _tree(out / "scene.zarr") == _tree(ref / "scene.zarr")  # no hole, no chunk written differently
-    assert sorted(p.name for p in out.iterdir()) == ["scene.provenance.json", "scene.stac.json", "scene.tif", "scene.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == ["scene.provenance.json", "scene.qml", "scene.stac.json", "scene.tif",
+                                                     "scene.zarr"]
 
 
 # --------------------------------------------------------------------------- interrupted, then other parameters

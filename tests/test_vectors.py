@@ -226,8 +226,8 @@ def test_segment_writes_polygons_and_a_stac_item_beside_the_cog(tmp_path, dask_c
     model = tiny_model(tmp_path / "m", spatial_dims=2, channels=3)
     outcome = segment_one(src, model, tmp_path / "out", SegmentOptions(chunk_size=256, vector="gpkg"), dask_cluster)
     names = sorted(p.split("/")[-1] for p in outcome.outputs)
-    assert names == ["RGB.byte.gpkg", "RGB.byte.provenance.json", "RGB.byte.stac.json", "RGB.byte.tif",
-                     "RGB.byte.zarr"]
+    assert names == ["RGB.byte.gpkg", "RGB.byte.provenance.json", "RGB.byte.qml", "RGB.byte.stac.json",
+                     "RGB.byte.tif", "RGB.byte.zarr"]
     meta, _, _, fields = pyogrio.raw.read(tmp_path / "out" / "RGB.byte.gpkg")
     columns = dict(zip(meta["fields"], fields))
     with rasterio.open(src) as ds:
@@ -397,7 +397,8 @@ def test_a_raster_in_a_local_survey_crs_gets_labels_and_polygons_but_no_stac_ite
                           capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     assert "ERROR" not in proc.stderr and "error" not in proc.stderr, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["reports", "site.gpkg", "site.provenance.json", "site.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["reports", "site.gpkg", "site.provenance.json", "site.qml",
+                                                     "site.tif"]
     _, cols = read_ordered(out / "site.gpkg")
     pixel_ha = (2.0 * 0.304800609601219) ** 2 / 1e4
     assert float(np.sum(cols["area_ha"])) == pytest.approx(64 * 80 * pixel_ha, rel=1e-9)
