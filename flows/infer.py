@@ -169,6 +169,9 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     if mapping is not None and options.model_space == "keep" and store.meta.kind == "volume":
         geometry = model_geometry(store.meta.geometry, mapping)
         model_writes = stitch.writes(model_space_labels(partial, stitch, ldtype, geometry), probabilities=refined)
+    elif options.model_space == "keep" and store.meta.kind == "volume":  # it had written nothing, and said nothing
+        say(f"{store.meta.source.path}: --model-space keep: the scan is on the model's grid already, so its labels are the "
+            "model-space labels; no .model-space.nii.gz is written", logging.INFO)
     futures = client.compute(writes + [plan.counts(only=todo)])
     model_futures = client.compute(model_writes) if model_writes else []
     key = f"infer:{target.name}"

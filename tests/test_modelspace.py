@@ -251,3 +251,18 @@ def test_keep_largest_applies_to_the_model_space_labels_too(tmp_path):
         for value in (1, 2):
             count = ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1]  # MONAI: full connectivity
             assert count <= 1, (name, value, count)
+
+
+def test_model_space_keep_on_a_scan_already_on_the_models_grid_says_why_it_writes_no_copy(tmp_path, caplog):
+    """--model-space keep wrote nothing extra and said nothing where the scan needed no resampling."""
+    import logging
+
+    from tests.models import tiny_model
+
+    model = load_model(tiny_model(tmp_path / "m", spatial_dims=3, channels=1, classes=2, roi=[16, 16, 16]).path)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(20, 18, 16)).astype(np.float32), np.eye(4)), scan)
+    with caplog.at_level(logging.INFO, logger="segflow"), dask_client(workers=1, threads_per_worker=1) as client:
+        out = segment_one(scan, model, tmp_path / "out", SegmentOptions(chunk_size=16, model_space="keep"), client)
+    assert out.ok and not (tmp_path / "out" / "scan.model-space.nii.gz").exists()
+    assert f"{scan}: --model-space keep: the scan is on the model's grid already" in caplog.text
