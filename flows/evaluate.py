@@ -282,6 +282,17 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
             "cases": cases, "unscored": unscored, **_mean_fields(cases)}
 
 
+def _open_truth(path: Path, pred: LabelSource, card_names: dict[int, str] | None,
+                stack: ExitStack) -> tuple[LabelSource, str | None]:
+    """The truth on the prediction's grid, and a note on how it was read: a label map (:func:`truth_on_grid`), or
+    a DICOM SEG placed on the prediction's voxel grid (:mod:`storage.segtruth`; it had been "no truth named")."""
+    from storage.segtruth import is_dicom_seg, open_seg_truth
+
+    if is_dicom_seg(path):
+        return open_seg_truth(path, pred, card_names)
+    return truth_on_grid(pred, open_labels(path, stack))
+
+
 def _check_pair(pred_path: Path, truth_path: Path | None, card_names: dict[int, str] | None,
                 classes: Path | None) -> SegflowError | None:
     """Why the pair cannot be scored (a file that does not open, another grid, another model's card), found
@@ -290,7 +301,7 @@ def _check_pair(pred_path: Path, truth_path: Path | None, card_names: dict[int, 
     try:
         with ExitStack() as stack:
             pred = open_labels(pred_path, stack)
-            truth, _ = truth_on_grid(pred, open_labels(truth_path, stack))
+            truth, _ = _open_truth(truth_path, pred, card_names, stack)
             check_same_grid(pred, truth)
             if card_names is not None and pred.classes and set(pred.classes) != set(card_names):
                 raise ConfigError(classes, f"--classes names the class values {_values(card_names)}, but "
@@ -306,7 +317,7 @@ def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, 
     """One checked pair's case: its scores, and notes on how its truth was read."""
     with ExitStack() as stack:
         pred = open_labels(pred_path, stack)
-        truth, grid_note = truth_on_grid(pred, open_labels(truth_path, stack))
+        truth, grid_note = _open_truth(truth_path, pred, card_names, stack)
         if dataset_values is not None:  # the dataset's own values in the truth, class numbers in the prediction
             truth = replace(truth, array=DatasetValues(truth.array, dataset_values))
         case = _case(name, pred, truth, card_names if card_names is not None else pred.classes, **options)

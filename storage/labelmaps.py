@@ -247,9 +247,8 @@ def open_labels(path: Path, stack: ExitStack) -> LabelSource:
     if name.endswith(RASTER_SUFFIXES):
         return _open_raster(path, stack)
     if name.endswith(DICOM_SUFFIXES) or _has_dicom_preamble(path):
-        raise UnsupportedFormatError(path, "is a DICOM file; segflow reads label maps as NIfTI, GeoTIFF, PNG or a "
-                                           ".zarr store, not DICOM SEG: convert the SEG to a NIfTI label map on its "
-                                           "series' grid (e.g. dcmqi's segimage2itkimage) and give that")
+        raise UnsupportedFormatError(path, "is a DICOM file, not a label map; a DICOM SEG is read as the truth of a "
+                                           "prediction on its grid (segflow evaluate PRED --truth SEG)")
     raise UnsupportedFormatError(path, "is not a label map segflow reads (.tif, .tiff, .vrt, .png, .nii, .nii.gz, "
                                        ".hdr/.img or a .zarr store)")
 

@@ -214,3 +214,31 @@ def test_a_real_series_through_ingest_segment_and_export(tmp_path, dask_cluster)
     back = read_dicom_seg_labels(tmp_path / "out" / f"{ref.name}.seg.dcm", geometry)
     assert np.array_equal(back, np.asarray(img.dataobj).transpose(2, 1, 0))
     assert pydicom.dcmread(tmp_path / "out" / f"{ref.name}.seg.dcm").SegmentationType == "LABELMAP"
+
+
+def test_each_series_seg_scores_as_the_truth_of_its_own_labels(run):
+    """A DICOM SEG as the truth (radiology groups keep their annotations so): it had been refused as "no truth
+    named" by folder.  Its frames cover only the annotated slices, in LPS, here of an oblique descending series:
+    placed on the prediction's voxel grid, segflow's own SEG scores Dice 1 against the labels it was written
+    from, its segments taking the classes' values by name; another series' SEG is refused as off the grid."""
+    from contextlib import ExitStack
+
+    from flows.evaluate import evaluate_files
+    from storage.errors import IncompatibleInputError
+    from storage.labelmaps import open_labels
+    from storage.segtruth import open_seg_truth
+
+    _, out, _ = run
+    outputs = _series_outputs(out)
+    assert len(outputs) == 2
+    for nifti in outputs:
+        seg = out / nifti.name.replace(".nii.gz", ".seg.dcm")
+        [case] = evaluate_files([nifti], [seg])["cases"]
+        scored = [row for row in case["classes"] if row["dice"] is not None]
+        assert scored and all(row["dice"] == 1.0 for row in scored), case["classes"]
+        with ExitStack() as stack:
+            pred = open_labels(nifti, stack)
+            truth, note = open_seg_truth(seg, pred)
+            assert note is None and np.array_equal(np.asarray(truth.array), np.asarray(pred.array[...]))
+    with ExitStack() as stack, pytest.raises(IncompatibleInputError, match="is not on the voxel grid of"):
+        open_seg_truth(out / outputs[1].name.replace(".nii.gz", ".seg.dcm"), open_labels(outputs[0], stack))

@@ -345,8 +345,8 @@ def test_pairing_by_folder(tmp_path):
         (truths / name).write_bytes(b"x")
     assert pair_inputs([Path("out/g.nii.gz"), Path("out/h.nii.gz")], [truths]) == [
         (Path("out/g.nii.gz"), truths / "g.hdr"), (Path("out/h.nii.gz"), truths / "h.hdr.gz")]
-    # a DICOM SEG named by its case: paired only where no label map is (then refused in words, below), never
-    # taken over the NIfTI beside it; it had been "no truth named" with the SEG there
+    # a DICOM SEG named by its case: paired only where no label map is (then read on the prediction's grid:
+    # tests/test_dicom_pipeline.py), never taken over the NIfTI beside it; it had been "no truth named"
     for name in ("s.seg.dcm", "t.nii.gz", "t.seg.dcm"):
         (truths / name).write_bytes(b"x")
     assert pair_inputs([Path("out/s.nii.gz"), Path("out/t.nii.gz")], [truths]) == [
@@ -354,7 +354,7 @@ def test_pairing_by_folder(tmp_path):
     seg = tmp_path / "noname"
     seg.write_bytes(bytes(128) + b"DICM" + bytes(64))
     for path in (truths / "s.seg.dcm", seg):
-        with pytest.raises(UnsupportedFormatError, match=r"is a DICOM file; .* not DICOM SEG: convert the SEG"):
+        with pytest.raises(UnsupportedFormatError, match=r"is a DICOM file, not a label map; a DICOM SEG is read"):
             open_labels(path, ExitStack())
     assert pair_inputs([Path("x.tif"), Path("y.tif")], [Path("1.tif"), Path("2.tif")])[1] == (Path("y.tif"),
                                                                                               Path("2.tif"))
