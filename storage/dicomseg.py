@@ -180,7 +180,7 @@ def write_dicom_seg(
     except (ValueError, TypeError, AttributeError) as exc:  # highdicom's validation of the content
         _unlink(tmp)
         raise ExportError(where, f"DICOM SEG {out.name} not written: highdicom refused the segmentation: "
-                                 f"{_short(exc)}") from None
+                                 f"{_short(exc)} (--dicom-seg none writes the other outputs without it)") from None
     except BaseException:
         _unlink(tmp)
         raise

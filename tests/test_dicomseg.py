@@ -368,6 +368,7 @@ def test_a_seg_highdicom_refuses_is_an_error_of_the_input_series(tmp_path: Path,
                         source_root=root)
     assert caught.value.path == f"{root} [series {geometry.dicom.series_instance_uid}]"
     assert "DICOM SEG out.seg.dcm not written: highdicom refused the segmentation: Plane positions" in str(caught.value)
+    assert str(caught.value).endswith("(--dicom-seg none writes the other outputs without it)")
     assert not (tmp_path / "out.seg.dcm").exists()
 
 
