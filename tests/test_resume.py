@@ -96,6 +96,23 @@ def _markers(out: Path) -> list[Path]:
     return sorted(out.glob(f".scene.zarr.*.partial/{JOURNAL_DIR}/done/*.json"))
 
 
+def _killed_at(at: str, image: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`segflow segment` (in this process, --workers 0) ended as SIGKILL ends it when it calls ``at``
+    (``module.function``): what it wrote stays, no cleanup runs."""
+    module, name = at.rsplit(".", 1)
+    killer = (f"import importlib, os, sys\nsetattr(importlib.import_module({module!r}), {name!r}, "
+              "lambda *a, **k: os._exit(137))  # SIGKILL's moment: no cleanup runs\n"
+              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
+    return subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model), "--out",
+                           str(out), "--chunk-size", str(CHUNK), "--workers", "0", *extra],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+
+
+def _killed_before_its_sidecar(image: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Killed just before its sidecar is written: every output in place."""
+    return _killed_at("storage.provenance.write_sidecar", image, model, out, *extra)
+
+
 def _without_run_fields(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("started", "finished", "statistics")}
 
@@ -653,12 +670,7 @@ def test_a_run_killed_while_replacing_an_earlier_runs_outputs_leaves_no_sidecar_
     out = tmp_path / "out"
     rc, _, err = _segment(image, model.path, out, "--probabilities", "uint8", logs=tmp_path / "a")
     assert rc == 0 and (out / "scene.probabilities.tif").is_file(), err
-    killer = ("import os, sys\nfrom storage import provenance\n"
-              "provenance.write_sidecar = lambda *a, **k: os._exit(137)  # SIGKILL's moment: no cleanup runs\n"
-              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
-    proc = subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model.path), "--out",
-                           str(out), "--chunk-size", str(CHUNK), "--overlap", "0.5", "--workers", "0"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    proc = _killed_before_its_sidecar(image, model.path, out, "--overlap", "0.5")
     assert proc.returncode == 137, proc.stderr
     assert not (out / "scene.provenance.json").exists() and (out / ".scene.provenance.json.previous").is_file()
     verify = subprocess.run([sys.executable, "-m", "flows", "verify", str(out / "scene.tif")], capture_output=True,
@@ -703,13 +715,8 @@ def test_what_a_run_killed_while_exporting_wrote_goes_when_the_earlier_command_r
     out = tmp_path / "out"
     rc, _, err = _segment(image, model.path, out, "--no-zarr", logs=tmp_path / "a")
     assert rc == 0, err
-    killer = ("import os, sys\nfrom storage import provenance\n"
-              "provenance.write_sidecar = lambda *a, **k: os._exit(137)  # SIGKILL's moment: no cleanup runs\n"
-              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
-    proc = subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model.path), "--out",
-                           str(out), "--chunk-size", str(CHUNK), "--no-zarr", "--vector", "gpkg", "--probabilities",
-                           "uint8", "--workers", "0"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    proc = _killed_before_its_sidecar(image, model.path, out, "--no-zarr", "--vector", "gpkg", "--probabilities",
+                                      "uint8")
     assert proc.returncode == 137, proc.stderr
     assert (out / "scene.gpkg").is_file() and (out / "scene.probabilities.tif").is_file()
     (out / "scene.notes.txt").write_text("mine")
@@ -728,12 +735,7 @@ def test_a_run_killed_while_exporting_resumes_with_every_chunk_done(scene, tmp_p
     them, and the rerun only exports again."""
     image, model = scene
     out = tmp_path / "out"
-    killer = ("import os, sys\nimport flows.export\n"
-              "flows.export.export_labels = lambda *a, **k: os._exit(137)  # SIGKILL's moment: no cleanup runs\n"
-              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
-    proc = subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model.path), "--out",
-                           str(out), "--chunk-size", str(CHUNK), "--workers", "0"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    proc = _killed_at("flows.export.export_labels", image, model.path, out)
     assert proc.returncode == 137, proc.stderr
     assert not (out / "scene.zarr").exists() and len(list(out.glob(".scene.zarr.*.partial"))) == 1
     rc, [resumed], err = _segment(image, model.path, out, logs=tmp_path / "resumed")
@@ -761,12 +763,7 @@ def test_a_file_of_someone_elses_under_an_output_name_survives_a_failed_run_and_
     assert (out / "scene.probabilities.tif").read_bytes() == b"the user's probabilities"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
     (out / "scene.stac.json").rmdir()
-    killer = ("import os, sys\nfrom storage import provenance\n"
-              "provenance.write_sidecar = lambda *a, **k: os._exit(137)  # SIGKILL's moment: no cleanup runs\n"
-              "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
-    proc = subprocess.run([sys.executable, "-c", killer, "segment", str(image), "--model", str(model.path), "--out",
-                           str(out), "--chunk-size", str(CHUNK), "--workers", "0"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    proc = _killed_before_its_sidecar(image, model.path, out)
     assert proc.returncode == 137, proc.stderr
     assert (out / ".scene.tif.previous").read_bytes() == b"the user's own scene.tif"
     rc, _, err = _segment(image, model.path, out, logs=tmp_path / "c")
