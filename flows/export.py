@@ -10,12 +10,14 @@ later failure removes exactly what this run wrote.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import zarr
 
+from flows.progress import say
 from segmentation import LoadedModel
 from segmentation.chunkwrites import PROBABILITY_SCALE
 from storage.bands import BandRequest
@@ -54,7 +56,7 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
     labels = group[LABELS]
     if meta.kind == "raster":
         from storage.cogwrite import write_label_cog, write_probability_cog
-        from storage.labeltables import write_qgis_style
+        from storage.labeltables import qgis_style_path, write_qgis_style
 
         written = [write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes,
                                    provenance=record)]
@@ -79,8 +81,12 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
         if on_the_earth(_crs(meta.geometry)):  # a STAC item needs a footprint on the Earth
             written.append(stac_item(meta, model, out_path, record, written, polygons))
             created.append(written[-1])
-        created.append(write_qgis_style(out_path, model.card.classes))  # QGIS's legend: names, not values
-        written.append(created[-1])
+        style = qgis_style_path(out_path)
+        if style.exists() or style.is_symlink():  # the user's own (QGIS's "Save as Default"): earlier runs' were
+            say(f"{style}: kept, a QGIS style segflow did not write; no style of its own written", logging.INFO)
+        else:  # set aside before the export began (flows.replacing), so a file here is not segflow's
+            created.append(write_qgis_style(out_path, model.card.classes))  # QGIS's legend: names, not values
+            written.append(created[-1])
         return written
     from storage.nifti import write_label_nifti
 
@@ -287,8 +293,6 @@ def write_quicklook(label_path: Path, image_path: Path | None, model: LoadedMode
     volume that is no one file (a DICOM series), is drawn under them.  A picture is a nicety: one that cannot be
     drawn (an odd input, no overview to read) is left out with a warning, never failing the input; one drawn that
     cannot be written (a full disk) fails it, as any output would."""
-    import logging
-
     from flows.htmlreport import quicklook_path
     from storage.errors import ExportError, SegflowError
     from storage.probe import probe

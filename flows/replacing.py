@@ -12,7 +12,9 @@ succeeds, those it wrote again are dropped, and those it did not write
 still hold what the earlier sidecar recorded, or put back with a warning
 when someone changed them since.  A file under an output's name that no
 earlier sidecar lists (someone else's) is set aside too: a failed run puts it
-back, and a run that writes that name replaces it, saying so.
+back, and a run that writes that name replaces it, saying so.  A QGIS style
+(``.qml``) of the user's, or segflow's edited since its run, is kept instead,
+and the run writes none (:data:`KEPT_SUFFIXES`).
 
 A sidecar is JSON anyone may edit or copy in, so only this input's output
 names (:func:`flows.inputs.output_names`) are touched, never a file the run
@@ -39,6 +41,9 @@ from storage.atomic import write_text_atomically
 from storage.errors import ProvenanceError
 
 ASIDE_SUFFIX = ".previous"
+# a user's own file of these names is kept, and the run writes none: QGIS saves a layer's default style as
+# <stem>.qml beside <stem>.tif ("Save as Default"), which a rerun must not replace with segflow's plain one
+KEPT_SUFFIXES = (".qml",)
 
 
 def aside_path(path: Path) -> Path:
@@ -101,6 +106,8 @@ class Replacing:
                 self.aside.append(name)
             elif aside.exists():
                 remove_path(aside)
+            elif name.endswith(KEPT_SUFFIXES) and path.is_file() and not _holds(path, self.earlier.get(name)):
+                continue  # the user's own style, or segflow's edited since: kept, and the export writes none
             elif name in self.earlier and self._ours(path) and (path.is_file() or _segflow_store(path)):
                 path.rename(aside)  # a folder of someone else's under an output's name stays, and fails the write
                 self.aside.append(name)
@@ -196,4 +203,4 @@ def _read_marker(marker: Path) -> tuple[set[str] | None, set[str]]:
             {str(n) for n in foreign} if isinstance(foreign, list) else set())
 
 
-__all__ = ["ASIDE_SUFFIX", "Replacing", "aside_path", "earlier_outputs", "marker_path", "remove_path"]
+__all__ = ["ASIDE_SUFFIX", "KEPT_SUFFIXES", "Replacing", "aside_path", "earlier_outputs", "marker_path", "remove_path"]

@@ -21,8 +21,8 @@ from xml.sax.saxutils import quoteattr
 from storage.atomic import write_text_atomically
 from storage.classes import LabelClass, slicer_color_table
 
-__all__ = ["itksnap_label_description", "qgis_style", "write_label_tables", "write_qgis_style", "ITKSNAP_SUFFIX",
-           "QGIS_SUFFIX", "SLICER_SUFFIX"]
+__all__ = ["itksnap_label_description", "qgis_style", "qgis_style_path", "write_label_tables", "write_qgis_style",
+           "ITKSNAP_SUFFIX", "QGIS_SUFFIX", "SLICER_SUFFIX"]
 
 SLICER_SUFFIX = ".ctbl"
 ITKSNAP_SUFFIX = ".itksnap.txt"
@@ -98,8 +98,12 @@ def qgis_style(classes: list[LabelClass]) -> str:
             "</qgis>\n")
 
 
-def write_qgis_style(label_path: str | PathLike[str], classes: list[LabelClass]) -> Path:
+def qgis_style_path(label_path: str | PathLike[str]) -> Path:
     """``<stem>.qml`` beside the label raster ``<stem>.tif``: the name QGIS looks for as its default style."""
     label_path = Path(label_path)
-    target = label_path.with_name(label_path.name.rsplit(".", 1)[0] + QGIS_SUFFIX)
-    return write_text_atomically(target, qgis_style(classes), "QGIS style")
+    return label_path.with_name(label_path.name.rsplit(".", 1)[0] + QGIS_SUFFIX)
+
+
+def write_qgis_style(label_path: str | PathLike[str], classes: list[LabelClass]) -> Path:
+    """The style at :func:`qgis_style_path`."""
+    return write_text_atomically(qgis_style_path(label_path), qgis_style(classes), "QGIS style")

@@ -772,3 +772,22 @@ def test_a_file_of_someone_elses_under_an_output_name_survives_a_failed_run_and_
     assert verify_sidecar(out / "scene.provenance.json") == []
     assert (out / "scene.probabilities.tif").read_bytes() == b"the user's probabilities"  # not written: left
     assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
+
+
+def test_a_qgis_style_of_the_users_is_kept_by_a_rerun(scene, tmp_path):
+    """QGIS's "Save as Default" writes <stem>.qml beside <stem>.tif: a rerun replaced the user's style with
+    segflow's plain one.  A style that segflow did not write, or wrote and someone changed since, is kept, and
+    the run writes none (its sidecar then lists no style)."""
+    image, model = scene
+    out = tmp_path / "out"
+    rc, _, err = _segment(image, model.path, out, logs=tmp_path / "a")
+    assert rc == 0 and "scene.qml" in json.loads((out / "scene.provenance.json").read_text())["outputs"], err
+    (out / "scene.qml").write_text("<qgis><!-- the user's style --></qgis>")
+    rc, _, err = _segment(image, model.path, out, "--overlap", "0.5", logs=tmp_path / "b")
+    assert rc == 0, err
+    assert (out / "scene.qml").read_text() == "<qgis><!-- the user's style --></qgis>"
+    assert "scene.qml" not in json.loads((out / "scene.provenance.json").read_text())["outputs"]
+    assert verify_sidecar(out / "scene.provenance.json") == []
+    rc, _, err = _segment(image, model.path, out, logs=tmp_path / "c")  # and again: still the user's
+    assert rc == 0 and (out / "scene.qml").read_text() == "<qgis><!-- the user's style --></qgis>", err
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
