@@ -74,8 +74,9 @@ def test_segment_batch_exit_codes_errors_and_verify(model2d, tmp_path):
     assert len(errors) == len(bad) + 1, proc.stderr
     for path in (*bad, missing):
         assert any(str(path) in line for line in errors), (path, errors)
-    assert sorted(p.name for p in out.iterdir()) == ["in put é.provenance.json", "in put é.stac.json",
-                                                      "in put é.tif", "in put é.zarr", "reports"]
+    assert sorted(p.name for p in out.iterdir()) == ["in put é.provenance.json", "in put é.qml",
+                                                      "in put é.stac.json", "in put é.tif", "in put é.zarr",
+                                                      "reports"]
     [page] = (out / "reports").glob("segment-*.html")  # the run's report lists the failed inputs too
     assert all(path.name in page.read_text() for path in (*bad, missing) if "<" not in path.name)
 
@@ -549,7 +550,8 @@ def test_segment_without_a_prefect_api_runs_without_prefect_and_matches_the_flow
     assert len(errors) == 2 and str(broken) in errors[0] and str(missing) in errors[1], default["stderr"]
     assert default["outcomes"] == [(str(good), True, None), (str(broken), False, errors[0][len("error: "):]),
                                    (str(missing), False, errors[1][len("error: "):])]
-    assert default["files"] == ["good.provenance.json", "good.qml", "good.stac.json", "good.tif", "good.zarr", "reports"]
+    assert default["files"] == ["good.provenance.json", "good.qml", "good.stac.json", "good.tif", "good.zarr",
+                                "reports"]
     assert not default["prefect_db"], "the default run without a Prefect API started Prefect's temporary server"
     for way, result in results.items():  # nothing but segflow's lines: no library log noise, no traceback
         # (with PREFECT_API_URL="" Prefect 3.9's events worker failed at every event and once hung the exit)

@@ -146,7 +146,7 @@ def test_segment_from_s3_to_s3_matches_a_local_run(s3, data, runs, tmp_path):
         main = f"{stem}.tif" if stem == "scene" else f"{stem}.nii.gz"
         assert record["outputs"][main] == remote.sha256_url(f"{S3}/out/{main}")
         extras = {f"{stem}.statistics.json", f"{stem}.ctbl", f"{stem}.itksnap.txt"} if stem == "head" else \
-            {f"{stem}.stac.json"}
+            {f"{stem}.stac.json", f"{stem}.qml"}
         assert set(record["outputs"]) == {main, f"{stem}.zarr"} | extras  # a volume also has its statistics
 
     # `segflow verify` of an output URL: downloads, checks every hash (the input's too, from S3)

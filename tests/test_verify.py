@@ -68,9 +68,9 @@ def test_untouched_outputs_verify_including_their_embedded_provenance(outputs):
     for stem in ("scene", "head"):
         report = verify(outputs["out"] / f"{stem}.provenance.json")
         assert report.ok and not report.unverified, report
-        # label file, zarr store, input, weights, card; a raster also its STAC item, a volume its statistics and
-        # tables
-        assert len(report.verified) == (6 if stem == "scene" else 8), report.verified
+        # label file, zarr store, input, weights, card; a raster also its STAC item and QGIS style, a volume its
+        # statistics and tables
+        assert len(report.verified) == (7 if stem == "scene" else 8), report.verified
         record = json.loads((outputs["out"] / f"{stem}.provenance.json").read_text())
         for name in record["outputs"]:
             if name.endswith((".tif", ".nii.gz", ".zarr")):  # statistics and label tables carry no provenance
