@@ -81,11 +81,10 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     (:func:`flows.inputs.output_clashes`); with ``out_dir``, an input its own
     outputs would overwrite is refused (:func:`flows.inputs.overwritten_input`).
     """
-    from flows.inputs import (expand, input_files, input_label, input_stem, name_too_long, output_clashes,
+    from flows.inputs import (expand, forged_problem, input_label, input_stem, name_too_long, output_clashes,
                               overwritten_input)
     from flows.routing import fit_problem
     from storage.header import NO_CRS
-    from storage.inputfiles import expansion_problem
     from storage.probe import probe
     from storage.remote import is_url
     from storage.stacitem import is_item_path
@@ -101,8 +100,7 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
             continue
         try:
             header = probe(item)
-            forged = None if str(item).lower().endswith(".vrt") else \
-                expansion_problem(header.shape, header.channels, input_files(item))  # a VRT's pixels: elsewhere
+            forged = forged_problem(item, header)
             if forged is not None:
                 raise CorruptInputError(label, forged)
             problem = None if model is None else fit_problem(header, model, options.bands)

@@ -201,6 +201,16 @@ def output_names(source: Any, *, split_by_tile: bool = False) -> list[str]:
     return names
 
 
+def forged_problem(item: Any, header: Any) -> str | None:
+    """Why an input's files declare far more samples than their bytes hold
+    (:func:`storage.inputfiles.expansion_problem`); a VRT is not asked, its pixels being in other files."""
+    from storage.inputfiles import expansion_problem
+
+    if str(item).lower().endswith(".vrt"):
+        return None
+    return expansion_problem(header.shape, header.channels, input_files(item))
+
+
 def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

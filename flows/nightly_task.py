@@ -23,7 +23,7 @@ from prefect.runtime import task_run as task_run_info
 
 from flows import ledger, locks, staging
 from flows.config import SegmentOptions
-from flows.inputs import Expanded, input_files, input_label, input_stem
+from flows.inputs import Expanded, forged_problem, input_label, input_stem
 from flows.report import InputReport, fill_from_statistics
 from flows.retries import retry_if_transient
 from flows.routing import ModelEntry, ModelInput, loaded, no_model_reason, one_slice, route, route_item
@@ -31,7 +31,6 @@ from storage.channelfiles import ChannelFiles
 from storage.dicomfiles import SeriesRef
 from storage.errors import CorruptInputError, ExportError, InputError, LockLostError, is_native_panic, one_line
 from storage.hashing import sha256_input
-from storage.inputfiles import expansion_problem
 from storage.probe import probe
 from storage.stacitem import is_item_path
 
@@ -171,10 +170,9 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
         rep.kind = "raster"
     else:
         header = probe(local)
-        if not str(local).lower().endswith(".vrt"):  # a VRT's pixels are in other files
-            problem = expansion_problem(header.shape, header.channels, input_files(local))
-            if problem is not None:
-                raise CorruptInputError(path, problem)
+        forged = forged_problem(local, header)
+        if forged is not None:
+            raise CorruptInputError(path, forged)
         entry = route(header, batch.models)
         reason = None if entry is not None else no_model_reason(header, batch.models)
     if header is not None:

@@ -22,7 +22,7 @@ from typing import Any
 from storage import jsontext
 from storage.classes import LABEL_TABLE_HEADER, table_names
 from storage.errors import CorruptInputError, InvalidInputError, StoreError, UnsupportedFormatError
-from storage.inputfiles import DICOM_SUFFIXES, check_readable_file
+from storage.inputfiles import check_readable_file
 
 MAX_LABEL = 65535  # the largest label a segflow map holds (uint16); larger values are refused
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".png")  # PNG: a picture's label map (VOC, Cityscapes), no CRS
@@ -246,20 +246,13 @@ def open_labels(path: Path, stack: ExitStack) -> LabelSource:
         return _open_picture(path)
     if name.endswith(RASTER_SUFFIXES):
         return _open_raster(path, stack)
-    if name.endswith(DICOM_SUFFIXES) or _has_dicom_preamble(path):
+    from storage.segtruth import is_dicom_seg
+
+    if is_dicom_seg(path):  # named or made like a DICOM file
         raise UnsupportedFormatError(path, "is a DICOM file, not a label map; a DICOM SEG is read as the truth of a "
                                            "prediction on its grid (segflow evaluate PRED --truth SEG)")
     raise UnsupportedFormatError(path, "is not a label map segflow reads (.tif, .tiff, .vrt, .png, .nii, .nii.gz, "
                                        ".hdr/.img or a .zarr store)")
-
-
-def _has_dicom_preamble(path: Path) -> bool:
-    """A DICOM file saved without a DICOM suffix (a SEG named by its series)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 def _open_picture(path: Path) -> LabelSource:
