@@ -180,9 +180,9 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
 
         model = load_cached(model_dir, trust_bundle=options.trust_bundle)
         if options.mosaic is not None:  # every input is a tile of one seamless image: one outcome, failed as a whole
-            with input_lock(out_dir, options.mosaic, f"mosaic {options.mosaic}") as busy:
+            with input_lock(out_dir, options.mosaic, f"mosaic {options.mosaic}") as (busy, ours):
                 outcome = Outcome(input=f"mosaic {options.mosaic}", ok=False, error=busy) if busy else \
-                    mosaic_outcome(inputs, model, out_dir, options, up)
+                    mosaic_outcome(inputs, model, out_dir, options, up, still_ours=ours)
             if not outcome.ok:
                 logger.info("input failed: %s", outcome.error)
             return [outcome.to_dict()]
@@ -194,13 +194,13 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
                 outcomes.append(_failed(label, error or ""))
                 continue
             try:
-                with input_lock(out_dir, input_stem(path), input_label(path)) as busy:
+                with input_lock(out_dir, input_stem(path), input_label(path)) as (busy, ours):
                     if busy:
                         outcome = Outcome(input=input_label(path), ok=False, error=busy)
                     elif isinstance(path, (SeriesRef, ChannelFiles)):
-                        outcome = segment_series(path, model, out_dir, options, client)
+                        outcome = segment_series(path, model, out_dir, options, client, still_ours=ours)
                     else:
-                        outcome = segment_staged(path, model, out_dir, options, client)
+                        outcome = segment_staged(path, model, out_dir, options, client, still_ours=ours)
             except BaseException as exc:  # isolation: record and go on (a native decoder's panic too)
                 if not isinstance(exc, Exception) and not is_native_panic(exc):
                     raise  # an interrupt, an exit, a cancellation
@@ -212,16 +212,19 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
 
 
 @contextmanager
-def input_lock(out_dir: str, stem: str, label: str) -> Iterator[str | None]:
+def input_lock(out_dir: str, stem: str, label: str) -> Iterator[tuple[str | None, Callable[[], bool] | None]]:
     """The input's lock under a local ``out_dir``, the one ``nightly`` takes (:mod:`flows.locks`): two runs
     writing one input's outputs into one folder at once both failed, each on the other's half-written files.
-    Yields None while held, else the input's one-line error.  An output URL's outputs are published whole
-    (:mod:`flows.staging`), so none is taken there."""
+
+    Yields ``(None, still_ours)`` while held, else ``(the input's one-line error, None)``.  ``still_ours`` is
+    for ``segment_one``: a run stalled past the stale timeout (a suspended laptop, SIGSTOP) may have had its
+    lock broken and the input taken over, and must then write nothing over the other run's outputs.  An output
+    URL's outputs are published whole (:mod:`flows.staging`), so none is taken there."""
     from flows import locks
     from storage.remote import is_url
 
     if is_url(out_dir):
-        yield None
+        yield None, None
         return
     lock = locks.InputLock(Path(out_dir) / locks.LOCKS_DIR, stem)
     try:
@@ -230,10 +233,10 @@ def input_lock(out_dir: str, stem: str, label: str) -> Iterator[str | None]:
         raise ExportError(lock.path, f"cannot take the input's lock: {exc.strerror or exc}") from None
     if holder is not None:
         yield (f"{label}: another run is writing its outputs into {out_dir} ({holder.describe()}); not "
-               "processed: run again when it is done")
+               "processed: run again when it is done"), None
         return
     try:
-        yield None
+        yield None, lambda: not lock.lost and lock.still_held()
     finally:
         lock.release()
 
@@ -363,7 +366,7 @@ def started_meanwhile(manager: AbstractContextManager[T]) -> Iterator[Callable[[
 
 
 def mosaic_outcome(inputs: list[str], model: Any, out_dir: str, options: SegmentOptions,
-                   cluster: Starting) -> "Outcome":
+                   cluster: Starting, still_ours: Callable[[], bool] | None = None) -> "Outcome":
     """All raster inputs as one mosaic (:mod:`storage.mosaic`): a bad tile fails it, since a hole would be silent."""
     from flows.pipeline import Outcome, segment_one
     from storage.mosaic import MosaicRef, mosaic_ref
@@ -375,13 +378,13 @@ def mosaic_outcome(inputs: list[str], model: Any, out_dir: str, options: Segment
         label = ref.display
         if is_url(out_dir):
             raise SegflowError(out_dir, "a --mosaic is written to a local --out only (for now)")
-        return segment_one(ref, model, out_dir, options, cluster())
+        return segment_one(ref, model, out_dir, options, cluster(), still_ours=still_ours)
     except Exception as exc:  # one line naming the tile (or the mosaic), and nothing left behind
         return Outcome(input=label, ok=False, error=one_line(exc, label))
 
 
 def segment_series(ref: "SeriesRef | ChannelFiles", model: Any, out_dir: str, options: SegmentOptions,
-                   client: Any) -> "Outcome":
+                   client: Any, still_ours: Callable[[], bool] | None = None) -> "Outcome":
     """One DICOM series volume, or one case's channel files; their files are local (a URL prefix as --out is not
     supported for them yet)."""
     from flows.pipeline import segment_one
@@ -390,4 +393,4 @@ def segment_series(ref: "SeriesRef | ChannelFiles", model: Any, out_dir: str, op
     if is_url(out_dir):
         what = "DICOM series" if isinstance(ref, SeriesRef) else "nnU-Net channel files"
         raise SegflowError(ref.display, f"{what} cannot be written to a URL output yet; use a local --out")
-    return segment_one(ref, model, out_dir, options, client)
+    return segment_one(ref, model, out_dir, options, client, still_ours=still_ours)

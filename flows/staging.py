@@ -45,7 +45,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from flows.pipeline import remove_if_empty
 from flows.replacing import remove_path
@@ -247,17 +247,17 @@ class OutputTarget:
 
 
 def segment_staged(input_path: str | os.PathLike[str], model: Any, out_dir: str | os.PathLike[str], options: Any,
-                   client: Any) -> Any:
+                   client: Any, still_ours: Callable[[], bool] | None = None) -> Any:
     """:func:`flows.pipeline.segment_one` for local paths or URLs, input and output directory alike."""
     from flows.pipeline import segment_one
 
     input_path, out_dir = str(input_path), str(out_dir)
     if not is_url(input_path) and not is_url(out_dir):
-        return segment_one(input_path, model, out_dir, options, client)
+        return segment_one(input_path, model, out_dir, options, client, still_ours=still_ours)
     target = OutputTarget(out_dir, stem_of(input_path))
     try:
         with staged_input(input_path, target.local) as local:
-            outcome = segment_one(local, model, target.local, options, client,
+            outcome = segment_one(local, model, target.local, options, client, still_ours=still_ours,
                                   record_input_as=input_path if local != input_path else None)
         return target.publish(outcome)
     finally:

@@ -243,6 +243,43 @@ def test_an_input_another_run_is_writing_is_not_touched(model2d, tmp_path):
     assert (out / "busy.tif").is_file() and not (out / locks.LOCKS_DIR).exists()
 
 
+def test_a_segment_whose_lock_was_taken_over_while_it_stalled_writes_nothing(model2d, tmp_path, monkeypatch):
+    """`nightly` checked its lock before the first output; `segment` did not.  A `segment` stalled past the stale
+    timeout (a suspended laptop) whose lock another run broke and took went on to write its outputs over that
+    run's.  Now it fails the input in one line, writes none, and leaves the other run's lock alone."""
+    from flows import locks
+    from flows.batch import segment_inputs
+    from flows.config import SegmentOptions
+    from storage import provenance
+
+    scene, other_scene = small_scene(tmp_path / "s0.tif"), _rgb(tmp_path / "s1.tif", 1)
+    out = tmp_path / "out"
+    folder = out / locks.LOCKS_DIR
+    other: list[locks.InputLock] = []
+    real = provenance.make_record
+
+    def stalled_then_taken_over(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - after inference, before output
+        if not other:  # only the first input stalls
+            (folder / locks.lock_name("s0")).unlink()  # what a breaker does to a lock whose heartbeat is too old
+            taker = locks.InputLock(folder, "s0")
+            assert taker.acquire(input=str(scene)) is None
+            other.append(taker)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(provenance, "make_record", stalled_then_taken_over)
+    try:
+        first, second = segment_inputs([str(scene), str(other_scene)], str(model2d.path), str(out),
+                                       SegmentOptions())
+        assert not first["ok"] and "another run took it over while this one had stalled" in first["error"], first
+        assert first["error"].startswith(str(scene)) and "\n" not in first["error"]
+        assert not list(out.glob("s0.*")) and not list(out.glob(".s0.*.previous"))  # no output of its own
+        assert other[0].still_held()  # the other run's lock was left alone
+        assert second["ok"] and (out / "s1.tif").is_file()  # the batch went on
+    finally:
+        for taker in other:
+            taker.release()
+
+
 def test_ctrl_c_in_train_says_what_is_saved_and_how_to_go_on(model2d, tmp_path):
     """Ctrl-C in `segflow train` exited 130 saying nothing; now one line names the step saved and --resume."""
     import signal
