@@ -81,8 +81,8 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     (:func:`flows.inputs.output_clashes`); with ``out_dir``, an input its own
     outputs would overwrite is refused (:func:`flows.inputs.overwritten_input`).
     """
-    from flows.inputs import (expand, forged_problem, input_label, input_stem, name_too_long, output_clashes,
-                              overwritten_input)
+    from flows.inputs import (check_named_sources, expand, forged_problem, input_label, input_stem, name_too_long,
+                              output_clashes, overwritten_input)
     from flows.routing import fit_problem
     from storage.header import NO_CRS
     from storage.probe import probe
@@ -99,6 +99,7 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
             checked.entries.append((label, item, None))
             continue
         try:
+            check_named_sources(item)  # before GDAL opens a VRT's sources
             header = probe(item)
             forged = forged_problem(item, header)
             if forged is not None:
@@ -374,6 +375,10 @@ def mosaic_outcome(inputs: list[str], model: Any, out_dir: str, options: Segment
 
     label = MosaicRef(str(options.mosaic), tuple(inputs)).display
     try:
+        from flows.inputs import check_named_sources
+
+        for tile in inputs:  # a tile that is a VRT: its sources, before GDAL opens them
+            check_named_sources(tile)
         ref = mosaic_ref(str(options.mosaic), inputs, options.crs, options.split_by_tile)
         label = ref.display
         if is_url(out_dir):

@@ -14,6 +14,7 @@ one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -62,6 +63,9 @@ Parallel = Annotated[int, typer.Option(
 LockTimeout = Annotated[float, typer.Option(
     "--lock-timeout", min=1.0, help="Seconds without a heartbeat after which another run's lock on an input "
                                     "(OUT/.segflow-locks/) is stale and broken; give every run the same.")]
+SourceRoots = Annotated[Optional[list[Path]], typer.Option(
+    "--source-root", metavar="DIR", help="A folder (repeatable) whose files an inbox's VRTs and STAC items may name as their "
+                          "sources, besides the inbox itself; sources elsewhere are refused.")]
 Settle = Annotated[float, typer.Option(
     "--settle", min=0.0, help="Seconds an inbox entry must have been left unchanged to be taken: newer ones are "
                               "still arriving (a download filling a preallocated file, a DICOM folder filling up) "

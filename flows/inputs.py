@@ -211,6 +211,24 @@ def forged_problem(item: Any, header: Any) -> str | None:
     return expansion_problem(header.shape, header.channels, input_files(item))
 
 
+def check_named_sources(item: Any, roots: "list[Path] | None" = None, origin: str | None = None) -> None:
+    """Refuse a VRT or STAC item naming a source GDAL must not open for it (:mod:`storage.sources`), before
+    GDAL opens it: ``roots`` limits local sources to those folders (``nightly``'s inbox).  A STAC item's
+    assets are checked against the always-refused ones when planned (``storage.stacassets.plan_item``), so
+    here only for ``roots``."""
+    from storage.sources import check_sources, vrt_sources
+    from storage.stacitem import is_item_path
+
+    if not isinstance(item, (str, Path)):  # a DICOM series, a case's channel files: files, not names of files
+        return
+    if str(item).lower().endswith(".vrt"):
+        check_sources(item, vrt_sources(item), roots)
+    elif roots is not None and is_item_path(item):
+        from storage.stacassets import item_sources
+
+        check_sources(item, item_sources(item, origin), roots)
+
+
 def same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)

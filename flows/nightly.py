@@ -106,7 +106,7 @@ def dashboard_link(client: Any) -> str | None:
 def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manifest: str | None = None,
             options: SegmentOptions | None = None, retries: int = 2, retry_delay_seconds: float = 10.0,
             lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S, settle_seconds: float = 0.0,
-            parallel: int = 1):  # noqa: ANN201
+            parallel: int = 1, source_roots: list[str] | None = None):  # noqa: ANN201
     """Segment the new inputs of an inbox folder or a manifest with the model that fits each; write a run report.
 
     Ends Completed when every input is done, skipped or locked (in progress in
@@ -116,6 +116,8 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     more recently than this are still arriving and left for the next run (listed in the report, no failure).
     ``parallel``: inputs in flight at once, their windows sharing the cluster.  A parameter, not the task
     runner's size, so that a served deployment (``segflow schedule --parallel``) takes it too.
+    ``source_roots``: folders besides a local inbox whose files an inbox's VRTs and STAC items may name as
+    sources (:mod:`storage.sources`); a manifest's inputs are the operator's list and are not limited.
     """
     options = options or SegmentOptions()
     _check_numbers(retries, retry_delay_seconds, lock_stale_after, settle_seconds, parallel)
@@ -165,7 +167,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         scheduler = getattr(client.scheduler, "address", None)
         # dask_client said which scheduler, and where its dashboard is, as it started or reached it
         batch = Batch(models=models, options=options, out_dir=str(out), client=client,
-                      lock_stale_after=lock_stale_after)
+                      lock_stale_after=lock_stale_after, source_roots=allowed_sources(inbox, source_roots))
         run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         bar = progress.reporter()
         bar.start("nightly", "nightly inputs", total=len(todo))
@@ -308,6 +310,16 @@ def _task_name(item: Expanded) -> str:
     a name that is no UTF-8 with its bytes escaped (``\\udcff``): Prefect's events could not carry it."""
     name = item.name if isinstance(item, (SeriesRef, ChannelFiles)) else Path(item).name
     return name.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def allowed_sources(inbox: str | None, extra: list[str] | None) -> list[Path] | None:
+    """Where an input's VRT or STAC item may send GDAL: a local inbox and the ``--source-root`` folders; for an
+    inbox URL only the latter (a delivered file naming a local one is refused); a manifest: anywhere, unless
+    folders are given."""
+    roots = [Path(r).expanduser().absolute() for r in extra or []]
+    if inbox is None:
+        return roots or None
+    return ([] if is_url(inbox) else [Path(inbox)]) + roots
 
 
 def _absolute(path: str | None) -> str | None:

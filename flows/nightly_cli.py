@@ -41,6 +41,7 @@ def nightly_command(
         retry_delay: cliopts.RetryDelay = 10.0,
         parallel: cliopts.Parallel = 1,
         lock_timeout: cliopts.LockTimeout = 600.0,
+        source_root: cliopts.SourceRoots = None,
         settle: cliopts.Settle = 0.0,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and warnings only (failed and "
                                                                 "no-model inputs): no progress, no table, no "
@@ -97,7 +98,7 @@ def nightly_command(
                             manifest=cli.path_or_url(manifest) if manifest else None,
                             options=options, retries=retries, retry_delay_seconds=retry_delay,
                             lock_stale_after=lock_timeout, settle_seconds=settle, parallel=parallel,
-                            return_state=True)
+                            source_roots=[str(r) for r in source_root or []] or None, return_state=True)
     except SegflowError as exc:  # the Prefect API named but not answering
         cli.fail(str(exc))
     try:

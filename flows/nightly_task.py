@@ -23,7 +23,7 @@ from prefect.runtime import task_run as task_run_info
 
 from flows import ledger, locks, staging
 from flows.config import SegmentOptions
-from flows.inputs import Expanded, forged_problem, input_label, input_stem
+from flows.inputs import Expanded, check_named_sources, forged_problem, input_label, input_stem
 from flows.report import InputReport, fill_from_statistics
 from flows.retries import retry_if_transient
 from flows.routing import ModelEntry, ModelInput, loaded, no_model_reason, one_slice, route, route_item
@@ -45,6 +45,7 @@ class Batch:
     client: Any
     attempts: dict[str, int] = field(default_factory=dict)
     lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S
+    source_roots: list[Path] | None = None  # where an input's VRT or STAC item may send GDAL (storage.sources)
 
 
 def _hash_input(path: str) -> str:
@@ -164,6 +165,8 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     if series is not None:
         rep.dicom = series_details(series)
     content = None  # a STAC item's identity: its JSON and the content of the assets the model reads
+    if series is None and channel_files is None:
+        check_named_sources(local, batch.source_roots, origin=path if local != path else None)
     if series is None and channel_files is None and is_item_path(local):
         routed = route_item(local, batch.models, batch.options, origin=path if local != path else None, shown=path)
         header, entry, content, reason = routed.header, routed.entry, routed.sha256, routed.reason

@@ -168,6 +168,7 @@ def schedule_command(
         retry_delay: cliopts.RetryDelay = 10.0,
         parallel: cliopts.Parallel = 1,
         lock_timeout: cliopts.LockTimeout = 600.0,
+        source_root: cliopts.SourceRoots = None,
         settle: cliopts.Settle = 0.0,
         bands: cliopts.Bands = None,
         vector: cliopts.Vector = "none",
@@ -213,7 +214,8 @@ def schedule_command(
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
                                         options=options, retries=retries, retry_delay_seconds=retry_delay,
                                         lock_stale_after=lock_timeout, settle_seconds=settle,
-                                        parallel=parallel)
+                                        parallel=parallel,
+                                        source_roots=[_absolute(r) for r in source_root or []] or None)
         cron_schedule(cron, timezone)  # a bad --cron or --timezone is said before anything is announced
         url = api_url()
         problem = server_problem()

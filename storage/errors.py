@@ -58,6 +58,11 @@ class InvalidInputError(InputError):
     """The file reads, but its content cannot be segmented (dtype, NaN, geometry...)."""
 
 
+class UnsafeInputError(InputError):
+    """The file names a source GDAL must not open for it (:mod:`storage.sources`): outside the folders allowed,
+    a special handler, a metadata address."""
+
+
 class IncompatibleInputError(InputError):
     """The input does not fit the model (dimensionality, channel count)."""
 

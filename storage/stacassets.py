@@ -27,8 +27,9 @@ from storage.errors import IncompatibleInputError, InputError, InvalidInputError
 from storage.hashing import sha256_input
 from storage.inputfiles import regular_file_problem
 from storage.remote import is_url, parent_of, resolve
+from storage.sources import NamedSource, check_sources, vrt_sources
 
-__all__ = ["ItemPlan", "OpenedAsset", "asset_urls", "local_asset_files", "open_asset", "plan_item"]
+__all__ = ["ItemPlan", "OpenedAsset", "asset_urls", "item_sources", "local_asset_files", "open_asset", "plan_item"]
 
 _RASTER_TYPES = ("image/tiff", "image/vnd.stac.geotiff", "image/jp2", "application/x-hdf")
 _RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
@@ -253,6 +254,27 @@ def _assets(path: Path, doc: dict[str, Any], item: Any, origin: str | None = Non
     return out
 
 
+def _sources(path: Path, assets: dict[str, _Asset]) -> list[NamedSource]:
+    """What GDAL would open for the assets: each asset, and the sources of a local VRT asset."""
+    found: list[NamedSource] = []
+    for asset in assets.values():
+        found.append(NamedSource(asset.gdal, path))
+        if asset.local is not None and asset.local.suffix.lower() == ".vrt" and asset.local.is_file():
+            found.extend(vrt_sources(asset.local))
+    return found
+
+
+def item_sources(path: str | PathLike[str], origin: str | None = None) -> list[NamedSource]:
+    """What GDAL would open for the item's raster assets (:mod:`storage.sources` checks them); empty for an
+    item that cannot be read (its own run says why)."""
+    path = Path(path).absolute()
+    try:
+        doc, item = _read(path)
+        return _sources(path, _assets(path, doc, item, origin if origin is not None and is_url(origin) else None))
+    except (InputError, OSError, RuntimeError):
+        return []
+
+
 def local_asset_files(path: str | PathLike[str]) -> set[Path]:
     """The local files an item's raster assets name, resolved; empty for an item that cannot be read (its own
     run says why).  An inbox delivered as a catalogue delivers it, the band files beside the item, holds one
@@ -362,6 +384,7 @@ def plan_item(path: str | PathLike[str], request: BandRequest | None = None, *,
     if not assets:
         shown = ", ".join(f"{k} ({a.media_type or 'no type'})" for k, a in item.assets.items()) or "none"
         raise InvalidInputError(path, f"item {item.id!r} has no raster asset segflow can use (assets: {shown})")
+    check_sources(path, _sources(path, assets))  # before GDAL opens any (storage.sources)
     for asset in assets.values():
         if not asset.described:
             asset.bands = _gdal_bands(path, asset)

@@ -143,6 +143,26 @@ def vrt_missing_source(folder: Path) -> Path:
     return target
 
 
+def _raw_band_vrt(path: Path, source: str) -> Path:
+    """A 4-band 32 x 32 VRT whose raw bands read ``source``'s bytes as pixels (``VRTRawRasterBand``)."""
+    bands = "".join(f'<VRTRasterBand dataType="Byte" band="{b}" subClass="VRTRawRasterBand"><SourceFilename '
+                    f'relativeToVRT="0">{source}</SourceFilename><ImageOffset>0</ImageOffset><PixelOffset>1'
+                    "</PixelOffset><LineOffset>32</LineOffset></VRTRasterBand>" for b in range(1, 5))
+    path.write_text('<VRTDataset rasterXSize="32" rasterYSize="32"><SRS>EPSG:32633</SRS><GeoTransform>500000,10,'
+                    f"0,5000000,0,-10</GeoTransform>{bands}</VRTDataset>")
+    return path
+
+
+def vrt_raw_band_elsewhere(folder: Path) -> Path:
+    """A VRT reading /etc/passwd's bytes as pixels: it had been segmented, and drawn in a quicklook."""
+    return _raw_band_vrt(folder / "raw_passwd.vrt", "/etc/passwd")
+
+
+def vrt_stdin(folder: Path) -> Path:
+    """A VRT reading /vsistdin/: a run on a terminal (or under a pipe left open) hung on it."""
+    return _raw_band_vrt(folder / "stdin.vrt", "/vsistdin/")
+
+
 def _tiff_tag(blob: bytes, tag: int) -> list[int]:
     """Values of one tag of a little-endian classic TIFF's first directory (SHORT or LONG)."""
     ifd = struct.unpack_from("<I", blob, 4)[0]
@@ -559,6 +579,10 @@ INPUT_CASES: list[Case] = [
     Case("corrupt-tif", "valid header, garbage in the compressed tiles", "2d", corrupt_tif, "cannot read pixels"),
     Case("vrt-missing-source", "a VRT whose source GeoTIFF is gone", "2d", vrt_missing_source,
          "its source file _vrt_source.tif is missing"),
+    Case("vrt-raw-band-elsewhere", "a VRT whose raw bands read /etc/passwd", "2d", vrt_raw_band_elsewhere,
+         "its source '/etc/passwd' is a raw band's file outside the VRT's own folder"),
+    Case("vrt-stdin", "a VRT whose source is /vsistdin/", "2d", vrt_stdin,
+         "its source '/vsistdin/' uses GDAL's /vsistdin/ handler, which reads no file segflow may open"),
     Case("empty-tif", "0-byte .tif", "2d", empty_tif, "file is empty (0 bytes)"),
     Case("text-named-tif", "a text file named .tif", "2d", text_named_tif, "not a GeoTIFF or VRT"),
     Case("nifti-named-tif", "a NIfTI volume named .tif (wrong extension)", "2d", nifti_named_tif,
