@@ -74,7 +74,7 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
             # interrupt between the two had left a finished-looking .gpkg that no cleanup knew of
             created.append(vector_path(out_path, vector))
             polygons = write_vectors(labels, meta, model, out_path, vector, group.attrs["nodata_label"],
-                                     simplify=simplify)
+                                     simplify=simplify, changed=scene_time(meta, record))
             written.append(polygons)
         from storage.header import on_the_earth
 
@@ -110,10 +110,11 @@ def vector_path(out_path: Path, vector: str) -> Path:
 
 
 def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, vector: str, nodata: int,
-                  simplify: float | None = None) -> Path:
+                  simplify: float | None = None, changed: Any = None) -> Path:
     """The labels as polygons per class (area in hectares), merged across chunks: ``<stem>.<gpkg|parquet|geojson>``.
 
     ``simplify`` (CRS units) simplifies them keeping shared borders shared; areas stay the pixel areas.
+    ``changed``: a GeoPackage's ``last_change`` (:func:`scene_time`), else GDAL writes the time of writing.
     """
     from affine import Affine
 
@@ -123,7 +124,8 @@ def write_vectors(labels: Any, meta: Any, model: LoadedModel, out_path: Path, ve
     geometry = meta.geometry
     path = vector_path(out_path, vector)
     write_polygons(labels, Affine(*geometry.transform), _crs(geometry), path, classes=model.card.classes, nodata=nodata,
-                   chunk=int(labels.chunks[0]), driver=driver, simplify=simplify)  # type: ignore[arg-type]
+                   chunk=int(labels.chunks[0]), driver=driver, simplify=simplify,  # type: ignore[arg-type]
+                   changed=changed)
     return path
 
 
@@ -144,17 +146,14 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
     card = model.card
     spacing = card.input.spacing
     device = str(record.get("environment", {}).get("device", "cpu"))
-    tiles = [str(t["path"]) for t in ((record.get("input") or {}).get("mosaic") or {}).get("tiles", [])]
-    item_info = getattr(meta.geometry, "stac_item", None)
-    when = _item_time(item_info.datetime) if item_info is not None and item_info.datetime else \
-        _source_time(Path(str(meta.source.path))) if not tiles else \
-        max((t for t in (_source_time(Path(p)) for p in tiles) if t is not None), default=None)
+    tiles = _tiles(record)
     item = write_stac_item(
         out_path, item_id=stem_of(out_path), label_cog=written[0], classes=card.classes,
         model=_model_description(card, model.weights_sha256, "cuda" if device.startswith("cuda") else "cpu",
                                  _band_names(card, meta, record)),
         gsd=float(spacing[0]) if spacing and card.input.spacing_unit == "m" else None,
-        source=str(meta.source.path), vectors=polygons, datetime_=when, weights=weights_asset(model),
+        source=str(meta.source.path), vectors=polygons, datetime_=scene_time(meta, record),
+        weights=weights_asset(model),
         probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None,
         grid=_written_grid(record))
     if tiles:  # a mosaic (storage.mosaic) derives from each of its tiles
@@ -194,6 +193,23 @@ def _model_description(card: Any, weights_sha256: str, accelerator: str, bands: 
     from segmentation.mlm import model_description
 
     return model_description(card, weights_sha256=weights_sha256, accelerator=accelerator, bands=bands)
+
+
+def _tiles(record: dict[str, Any]) -> list[str]:
+    return [str(t["path"]) for t in ((record.get("input") or {}).get("mosaic") or {}).get("tiles", [])]
+
+
+def scene_time(meta: Any, record: dict[str, Any]) -> Any:
+    """The time outputs carry (the STAC item's datetime, the GeoPackage's ``last_change``): a source STAC item's
+    own, else the scene's (:func:`_source_time`; a mosaic's newest tile's).  Never "now", so that a resumed run's
+    outputs equal an uninterrupted run's byte for byte."""
+    item_info = getattr(meta.geometry, "stac_item", None)
+    if item_info is not None and item_info.datetime:
+        return _item_time(item_info.datetime)
+    tiles = _tiles(record)
+    if not tiles:
+        return _source_time(Path(str(meta.source.path)))
+    return max((t for t in (_source_time(Path(p)) for p in tiles) if t is not None), default=None)
 
 
 def _item_time(stamp: str) -> Any:

@@ -49,6 +49,7 @@ __all__ = ["ITEM_SUFFIX", "PROCESSING_SCHEMA", "class_name", "model_item", "stac
 ITEM_SUFFIX = ".stac.json"
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 FILE_SCHEMA = "https://stac-extensions.github.io/file/v2.1.0/schema.json"
+RASTER_SCHEMA = "https://stac-extensions.github.io/raster/v2.0.0/schema.json"  # raster:scale, raster:offset
 COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 TASKS = ["semantic-segmentation"]
 MODEL_KEYS = ("name", "architecture", "framework", "weights_sha256", "bands", "value_scaling", "roi", "accelerator",
@@ -150,9 +151,10 @@ def _grid(label_cog: Path) -> tuple[Any, Any, tuple[int, int], tuple[float, floa
 
 
 def _band_facts(cog: Path) -> list[dict[str, Any]]:
-    """Each band's data type, nodata and scale as the COG declares them (STAC 1.1 band fields): without them a
-    catalogue reader could not tell that 255 is "no data" in the labels, or that uint8 probabilities are
-    round(p · 254)."""
+    """Each band's data type, nodata and scale as the COG declares them (STAC 1.1's common ``data_type`` and
+    ``nodata``; the raster extension's ``raster:scale`` and ``raster:offset``, which is where readers, segflow's
+    own included, look: a bare ``scale`` was read as none): without them a catalogue reader could not tell that
+    255 is "no data" in the labels, or that uint8 probabilities are round(p · 254)."""
     try:
         with rasterio.open(cog) as ds:
             facts = []
@@ -162,9 +164,9 @@ def _band_facts(cog: Path) -> list[dict[str, Any]]:
                     band["nodata"] = "nan" if math.isnan(nodata) else int(nodata) if float(nodata).is_integer() \
                         else float(nodata)
                 if scale not in (None, 1.0):
-                    band["scale"] = float(scale)
+                    band["raster:scale"] = float(scale)
                 if offset not in (None, 0.0):
-                    band["offset"] = float(offset)
+                    band["raster:offset"] = float(offset)
                 facts.append(band)
             return facts
     except (RasterioError, OSError) as exc:
@@ -287,6 +289,9 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
     target = str(source) if is_url(str(source)) else _uri_path(str(source))
     item.add_link(pystac.Link(rel="derived_from", target=target, title="Segmented source"))
     item.stac_extensions.append(PROCESSING_SCHEMA)
+    if any(k.startswith("raster:") for a in item.assets.values() for b in a.extra_fields.get("bands") or []
+           for k in b):
+        item.stac_extensions.append(RASTER_SCHEMA)
     item.properties["processing:lineage"] = _lineage(model, source, grid)
     item.properties["processing:software"] = {"segflow": _segflow_version()}
     if model.get("weights_sha256"):

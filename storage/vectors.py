@@ -35,10 +35,13 @@ the file does not depend on the band size either.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sqlite3
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,6 +187,7 @@ def write_polygons(
     chunk: int = 1024,
     driver: Driver = "GPKG",
     simplify: float | None = None,
+    changed: datetime | None = None,
 ) -> dict[str, Any]:
     """Vectorise a (H, W) label raster into one polygon per 4-connected region per class.
 
@@ -195,6 +199,8 @@ def write_polygons(
     every listed class present, 0.0 where it has no polygon.  ``simplify``
     (CRS units; None or 0: exact pixel outlines) simplifies shared borders
     once for both neighbours; ``area_ha`` stays the exact pixel area.
+    ``changed``: a GeoPackage's ``gpkg_contents.last_change``, else the time of
+    writing (the only bytes by which two writes of the same labels differed).
     """
     out_path = Path(out_path)
     if driver not in _SUFFIX:
@@ -264,7 +270,7 @@ def write_polygons(
         "name": np.array([names[int(v)] for v in values], dtype=object),
         "area_ha": np.asarray(areas, dtype=np.float64),
     }
-    _write(out_path, driver, geoms, cols, crs)
+    _write(out_path, driver, geoms, cols, crs, changed)
     totals = {names[v]: 0.0 for v in wanted.tolist()}
     for v, area in zip(values.tolist(), cols["area_ha"].tolist()):
         totals[names[v]] += area
@@ -329,7 +335,8 @@ def _drop_collinear_keeping_nodes(geoms: np.ndarray) -> np.ndarray:
     return shapely.polygons(rebuilt, indices=owner)
 
 
-def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray], crs: CRS) -> None:
+def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray], crs: CRS,
+           changed: datetime | None = None) -> None:
     """Write under a temporary name beside ``out`` and rename: a reader never sees half a file."""
     tmp = _tmp_name(out, driver)
     wkb = shapely.to_wkb(geoms) if len(geoms) else np.array([], dtype=object)
@@ -351,10 +358,20 @@ def _write(out: Path, driver: str, geoms: np.ndarray, cols: dict[str, np.ndarray
                 # rings counter-clockwise, and writes no "crs" member (which the RFC removed)
                 **({"layer_options": {"RFC7946": "YES"}} if driver == "GeoJSON" else {}),
             )
+            if driver == "GPKG" and changed is not None:
+                _set_last_change(tmp, changed)
         os.replace(tmp, out)
-    except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pa.ArrowException) as exc:
+    except (OSError, sqlite3.Error, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError,
+            pa.ArrowException) as exc:
         tmp.unlink(missing_ok=True)
         raise ExportError(out, f"cannot write the {driver} polygons: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _set_last_change(gpkg: Path, when: datetime) -> None:
+    """The GeoPackage's ``last_change`` (ISO 8601 UTC, as the spec writes it), in place of GDAL's "now"."""
+    stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    with contextlib.closing(sqlite3.connect(gpkg)) as db, db:
+        db.execute("UPDATE gpkg_contents SET last_change = ?", (stamp,))
 
 
 def layer_name(out: Path) -> str:

@@ -18,7 +18,8 @@ from stac_model.schema import MLModelProperties
 
 from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
-from storage.stac import stac_item_path, write_stac_item
+from storage.stac import RASTER_SCHEMA, stac_item_path, write_stac_item
+from storage.stacassets import plan_item
 
 NAME_PATTERN = re.compile(r"^[0-9A-Za-z\-_]+$")
 
@@ -180,7 +181,11 @@ def test_band_facts_and_a_crs_without_a_code_in_wkt2(tmp_path: Path) -> None:
     assert raw["properties"]["proj:wkt2"].startswith(("PROJCRS[", "BOUNDCRS[")), raw["properties"]["proj:wkt2"][:40]
     assert raw["assets"]["labels"]["bands"] == [{"name": "labels", "data_type": "uint8", "nodata": 255}]
     for band in raw["assets"]["probabilities"]["bands"]:
-        assert (band["data_type"], band["nodata"], band["scale"]) == ("uint8", 255, pytest.approx(1 / 254))
+        assert (band["data_type"], band["nodata"], band["raster:scale"]) == ("uint8", 255, pytest.approx(1 / 254))
+    assert RASTER_SCHEMA in raw["stac_extensions"]  # the extension whose field raster:scale is
+    # segflow's own item reader (as a catalogue client) reads the scale: it had read a bare "scale" as none
+    plan = plan_item(written)
+    assert [b.scale for b in plan.assets["probabilities"].bands] == [pytest.approx(1 / 254)] * 2
     floats = write_probability_cog(probs, geometry, tmp_path / "f.probabilities.tif", class_names=["a", "b"],
                                    mask=labels != 255)
     written = write_stac_item(label, item_id="s", label_cog=label, classes=CLASSES[:2], model=MODEL, gsd=10.0,

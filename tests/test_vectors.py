@@ -163,6 +163,25 @@ def test_corner_contacts_stay_apart_and_nodata_makes_no_polygon(tmp_path: Path) 
     assert block[0].area == pytest.approx((400 - 25) * PIXEL_M * PIXEL_M)
 
 
+def test_two_writes_of_the_same_labels_are_the_same_geopackage_byte_for_byte(tmp_path: Path) -> None:
+    """A resumed run's GeoPackage differed from an uninterrupted run's in one field: GDAL's "now" in
+    ``gpkg_contents.last_change``.  With ``changed`` (the scene's time, as the STAC item's datetime) it is that."""
+    import sqlite3
+    import time
+    from datetime import datetime, timezone
+
+    when = datetime(2024, 5, 17, 10, 30, 5, 250000, tzinfo=timezone.utc)
+    first, second = tmp_path / "a" / "s.gpkg", tmp_path / "b" / "s.gpkg"
+    for out in (first, second):
+        out.parent.mkdir()
+        write_polygons(label_map(), TRANSFORM, CRS_UTM, out, classes=CLASSES, nodata=NODATA, chunk=64, changed=when)
+        time.sleep(1.1)  # GDAL's "now" has millisecond digits: a second apart would differ
+    assert first.read_bytes() == second.read_bytes()
+    with sqlite3.connect(first) as db:
+        assert db.execute("SELECT last_change FROM gpkg_contents").fetchall() == [("2024-05-17T10:30:05.250Z",)]
+    assert len(read_back(first, "GPKG")[0]) > 0  # still a GeoPackage GDAL reads
+
+
 def test_band_size_does_not_change_the_result_and_reads_stay_in_bands(tmp_path: Path) -> None:
     lab = label_map()
     rows_read: list[int] = []
