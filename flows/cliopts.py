@@ -75,7 +75,11 @@ Settle = Annotated[float, typer.Option(
 def output_fields(*, bands: str | None, vector: str, simplify: float | None, output_grid: str, model_space: str,
                   dicom_seg: str, tta: str | None, crf: bool, crf_iterations: int, compile: bool,
                   trust_bundle: bool) -> dict[str, object]:
-    """The shared options as :class:`flows.config.SegmentOptions` fields (validated there, at the edge)."""
+    """The shared options as :class:`flows.config.SegmentOptions` fields (validated there, at the edge).  An
+    option that would do nothing is refused, as ``--crs`` without ``--mosaic`` is: ``--simplify`` without
+    ``--vector`` had run, drawn no polygons and recorded the tolerance in the provenance."""
+    if simplify and vector == "none":
+        cliutil.fail("--simplify applies to --vector polygons; add --vector gpkg, parquet or geojson")
     return dict(bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
                 vector=vector, simplify=simplify, output_grid=output_grid, model_space=model_space,
                 dicom_seg=dicom_seg, flip_tta=None if tta is None else ([] if tta == "none" else cliutil.ints(tta)),

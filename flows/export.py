@@ -56,7 +56,6 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
     labels = group[LABELS]
     if meta.kind == "raster":
         from storage.cogwrite import write_label_cog, write_probability_cog
-        from storage.labeltables import qgis_style_path, write_qgis_style
 
         written = [write_label_cog(labels, meta.geometry, out_path, classes=model.card.classes,
                                    provenance=record)]
@@ -81,12 +80,7 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
         if on_the_earth(_crs(meta.geometry)):  # a STAC item needs a footprint on the Earth
             written.append(stac_item(meta, model, out_path, record, written, polygons))
             created.append(written[-1])
-        style = qgis_style_path(out_path)
-        if style.exists() or style.is_symlink():  # the user's own (QGIS's "Save as Default"): earlier runs' were
-            say(f"{style}: kept, a QGIS style segflow did not write; no style of its own written", logging.INFO)
-        else:  # set aside before the export began (flows.replacing), so a file here is not segflow's
-            created.append(write_qgis_style(out_path, model.card.classes))  # QGIS's legend: names, not values
-            written.append(created[-1])
+        written += qgis_styles([out_path], model.card.classes, created)
         return written
     from storage.nifti import write_label_nifti
 
@@ -98,6 +92,23 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
         written.append(write_label_nifti(in_model, geometry, out_path.with_name(stem_of(out_path) + ".model-space.nii.gz"),
                                          classes=model.card.classes, provenance=record))
         created.append(written[-1])
+    return written
+
+
+def qgis_styles(cogs: list[Path], classes: Any, created: list[Path]) -> list[Path]:
+    """``<stem>.qml`` beside each label COG (a mosaic's tile cuts too), QGIS's legend: names, not values.  A
+    style already there is the user's own (QGIS's "Save as Default"): earlier runs' were set aside before the
+    export began (:mod:`flows.replacing`), so it is kept and none written."""
+    from storage.labeltables import qgis_style_path, write_qgis_style
+
+    written: list[Path] = []
+    for cog in cogs:
+        style = qgis_style_path(cog)
+        if style.exists() or style.is_symlink():
+            say(f"{style}: kept, a QGIS style segflow did not write; no style of its own written", logging.INFO)
+        else:
+            created.append(write_qgis_style(cog, classes))
+            written.append(created[-1])
     return written
 
 

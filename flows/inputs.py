@@ -197,7 +197,7 @@ def output_names(source: Any, *, split_by_tile: bool = False) -> list[str]:
     """Every name a run of ``source`` may write in OUT (:data:`OUTPUT_SUFFIXES`, and a mosaic's cuts)."""
     names = [input_stem(source) + suffix for suffix in OUTPUT_SUFFIXES]
     if isinstance(source, MosaicRef) and split_by_tile:
-        names += [stem_of(t) + ".tif" for t in source.tiles]
+        names += [stem_of(t) + suffix for t in source.tiles for suffix in (".tif", ".qml")]
     return names
 
 

@@ -38,7 +38,7 @@ from distributed import Client
 
 from flows import locks, medical, modelspace
 from flows.config import SegmentOptions
-from flows.export import export_labels, quicklook_image, write_quicklook
+from flows.export import export_labels, qgis_styles, quicklook_image, write_quicklook
 from flows.infer import device_name, run_inference
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
 from flows.inputs import GROUPS, ingest_input, input_label, input_stem, output_name, overwritten_input, same_file
@@ -190,9 +190,10 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         exported = export_labels(finished, modelspace.output_meta(store, model, options), model, out_path, stable,
                                  created, vector=options.vector, simplify=options.simplify)
         if isinstance(input_path, MosaicRef) and options.split_by_tile:  # one COG per tile, cut from the mosaic
-            exported += write_tile_cuts(zarr.open_group(str(finished), mode="r")[LABELS], store.meta.geometry,
-                                        record["input"]["mosaic"], out_dir, classes=model.card.classes,
-                                        provenance=stable, created=created)
+            cuts = write_tile_cuts(zarr.open_group(str(finished), mode="r")[LABELS], store.meta.geometry,
+                                   record["input"]["mosaic"], out_dir, classes=model.card.classes,
+                                   provenance=stable, created=created)
+            exported += cuts + qgis_styles(cuts, model.card.classes, created)  # each cut's legend in QGIS too
         if store.meta.kind == "volume":
             labels = zarr.open_group(str(finished), mode="r")[LABELS]
             exported += medical.write_extras(labels, store, model, options, out_path,

@@ -115,6 +115,13 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     if (split_by_tile or crs) and not mosaic:
         cliutil.fail(f"{'--split-by-tile' if split_by_tile else '--crs'} applies to a mosaic of tiles; "
                      "add --mosaic NAME")
+    if crs:  # a bad option is exit 2 before any work, not a failed mosaic (exit 1) after the cluster started
+        from storage.mosaic_plan import parse_crs
+
+        try:
+            parse_crs(crs)
+        except ValueError as exc:
+            cliutil.fail(str(exc))
     if split_by_tile and output_grid == "model":
         cliutil.fail("--split-by-tile cuts the tiles' own grids out of the result; it cannot be combined with "
                      "--output-grid model")

@@ -136,7 +136,10 @@ def locate(wanted: str, offered: Sequence[Iterable[str | None]], *, context: Ite
     if key in COMMON_NAMES:
         meaning = key
     else:
-        read = band_meanings([[key], *([c] for c in context)])[0]
+        # the wanted ids read for the sensor they and the offered ids fit together: B2, B3, B4, B8 alone fit
+        # Sentinel-2 and both Landsats (B2 blue or green), a file's B01 ... B8A only Sentinel-2
+        together = [*context, *(n for names in bands for n in names)]
+        read = band_meanings([[key], *([c] for c in (together if sensors_of([key, *together]) else context))])[0]
         if len(read) != 1:
             return Located([])
         meaning = next(iter(read))

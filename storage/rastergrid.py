@@ -188,10 +188,11 @@ def raster_mapping(geometry: Any, shape: Sequence[int], *, spacing: Sequence[flo
     target = _target_crs(src_crs, crs, grid, gsd=spacing is not None and any(v > 0 for v in spacing))
     same_crs = (target is None and src_crs is None) or (target is not None and src_crs is not None
                                                         and target == src_crs)
-    if src_crs is None and tuple(grid.transform) == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0):  # GDAL's "no geotransform"
+    if tuple(grid.transform) == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0):  # GDAL's "no geotransform", with a CRS or not
+        how = "gdal_translate -a_ullr" if src_crs is not None else "gdal_translate -a_srs -a_ullr"
         raise InvalidInputError(None, "has no geotransform (pixel coordinates only), and the model works at a "
-                                      "ground sample distance: georeference it first (e.g. gdal_translate -a_srs "
-                                      "-a_ullr), or use a card without input.spacing")
+                                      f"ground sample distance: georeference it first (e.g. {how}), or use a card "
+                                      "without input.spacing")
     if b != 0.0 or d != 0.0:
         square = abs(a * b + d * e) <= 1e-9 * (a * a + d * d)  # pixel axes at right angles: a rotation
         kind = "a rotated" if square else "a sheared (its pixel axes are not at right angles)"

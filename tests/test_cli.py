@@ -380,6 +380,9 @@ def test_grid_options_for_the_other_kind_of_input_are_refused_before_any_work(tm
         assert refused(proc) == [line]
     proc = run("segment", scene, "--model", model2d.path, "--out", "", cwd=tmp_path)
     assert refused(proc)[0].startswith("error: --out is empty")
+    # an option that would do nothing: --simplify had run, drawn nothing and recorded the tolerance
+    proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", "--simplify", "15")
+    assert refused(proc) == ["error: --simplify applies to --vector polygons; add --vector gpkg, parquet or geojson"]
     (tmp_path / "a-file").write_text("")
     proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "out", "--compile",
                env={"SEGFLOW_COMPILE_CACHE": str(tmp_path / "a-file" / "kernels")})

@@ -142,6 +142,10 @@ def test_a_mosaic_of_tiles_gives_the_uncut_scenes_labels_and_per_tile_runs_diffe
                 assert (cut_t, cut.shape) == (src.transform, (src.height, src.width))
             assert np.array_equal(cut, mosaic[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE])
             assert f"{tile.stem}.tif" in record["outputs"]
+            # each cut's QGIS style, the mosaic's own classes (the cuts had none: bare values in QGIS)
+            style = tmp_path / "mosaic" / f"{tile.stem}.qml"
+            assert style.read_bytes() == (tmp_path / "mosaic" / "region.qml").read_bytes()
+            assert style.name in record["outputs"]
     assert record["input"]["sha256"] == MosaicRef("region", tuple(str(t.absolute()) for t in scene["tiles"])).sha256()
     item = json.loads((tmp_path / "mosaic" / "region.stac.json").read_text())
     assert [link["href"] for link in item["links"] if link["rel"] == "derived_from"] == [str(t.absolute())
@@ -374,7 +378,8 @@ def test_the_mosaics_identity_is_its_tiles_content_and_its_ingest_is_never_a_til
 
 
 def test_an_unknown_crs_is_one_line_with_nothing_from_gdal_before_it(scene, tmp_path):
-    """GDAL had printed its own "ERROR 1: PROJ: ... crs not found" on the terminal before segflow's line."""
+    """GDAL had printed its own "ERROR 1: PROJ: ... crs not found" on the terminal before segflow's line.  A bad
+    option is exit 2, before any work; it had been a failed mosaic, exit 1 (GIS probe, 2026-12-06)."""
     import os
     import subprocess
     import sys
@@ -383,7 +388,7 @@ def test_an_unknown_crs_is_one_line_with_nothing_from_gdal_before_it(scene, tmp_
                            "--crs", "EPSG:99999", "--model", str(scene["model"]), "--out", str(tmp_path / "out"),
                            "--no-prefect"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "400"})
-    assert proc.returncode == 1
+    assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: mosaic m (1 tile): --crs 'EPSG:99999' is not a CRS GDAL "
-                                                   "knows"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --crs 'EPSG:99999' is not a CRS GDAL knows"), proc.stderr
+    assert not (tmp_path / "out").exists()

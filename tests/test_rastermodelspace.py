@@ -197,6 +197,9 @@ def test_rotated_and_flipped_grids_are_refused_in_model_space():
     # a TIFF with no geotransform at all (GDAL's identity, no CRS) had been refused as "flipped"
     with pytest.raises(InvalidInputError, match=r"has no geotransform \(pixel coordinates only\)"):
         raster_mapping(_Geometry(Affine.identity(), epsg=None), (64, 64), spacing=[10, 10], crs=None)
+    # with a CRS but no geotransform it still was, and told to warp the file north-up (GIS probe, 2026-12-06)
+    with pytest.raises(InvalidInputError, match=r"has no geotransform .*gdal_translate -a_ullr\)"):
+        raster_mapping(_Geometry(Affine.identity()), (64, 64), spacing=[10, 10], crs=None)
 
 
 def test_the_warp_does_not_depend_on_chunking_and_matches_gdal_whole():
