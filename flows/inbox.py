@@ -116,6 +116,19 @@ def _items_band_files_aside(inputs: list[str], ignored: list[str]) -> tuple[list
     return [p for p in inputs if p not in assets], sorted(ignored + assets)
 
 
+def claimed_by_items(inputs: list[str], ignored: list[str]) -> dict[str, str]:
+    """Which STAC item of ``inputs`` names each of the ``ignored`` files as its band file, for the report: a
+    scene set aside because an item names it is said to be (an item dropped beside another delivery's scene,
+    naming it, had hidden it among the "not inputs" without a word)."""
+    claimed: dict[str, str] = {}
+    for item in (p for p in inputs if is_item_path(p)):
+        named = local_asset_files(item)
+        for p in ignored:
+            if p not in claimed and _resolved(p) in named:
+                claimed[p] = item
+    return claimed
+
+
 def _resolved(path: str) -> Path | None:
     """The file a path names; None for a link in a loop (an input that fails on its own, saying so)."""
     try:

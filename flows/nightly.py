@@ -71,7 +71,7 @@ from prefect.utilities.annotations import quote
 from flows import interrupts, locks, progress, staging
 from flows.cluster import dask_client
 from flows.config import MAX_PARALLEL, SegmentOptions
-from flows.inbox import list_inbox, read_manifest, still_arriving
+from flows.inbox import claimed_by_items, list_inbox, read_manifest, still_arriving
 from flows.inputs import Expanded, expand, input_label, output_clashes
 from flows.nightly_task import Batch, segment_input, series_details
 from flows.report import REPORTS_DIR, InputReport, counts, summary, timestamp
@@ -131,12 +131,13 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     arriving: dict[str, float] = {}
     if inbox is not None:
         paths, ignored = list_inbox(inbox)
+        claimed = {} if is_url(inbox) else claimed_by_items(paths, ignored)
         arriving = still_arriving(paths, settle_seconds)
         paths = [p for p in paths if p not in arriving]
         for p, age in arriving.items():
             logger.info("still arriving (changed %.0f s ago), left for the next run: %s", age, p)
     else:
-        paths, ignored = read_manifest(manifest), []
+        paths, ignored, claimed = read_manifest(manifest), [], {}
     listed = Counter(paths)
     paths = list(dict.fromkeys(paths))  # a path listed twice is one input, and the report says so
     duplicates = [{"input": p, "listed": n} for p, n in listed.items() if n > 1]
@@ -216,7 +217,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
             "started": started, "finished": provenance.now(), "seconds": round(time.perf_counter() - t0, 3),
             "state": "Completed" if ok else "Failed", "summary": message,
             "inbox": str(inbox) if inbox else None, "manifest": str(manifest) if manifest else None,
-            "out_dir": str(out), "ignored": ignored,
+            "out_dir": str(out), "ignored": ignored, "band_files": claimed,
             "arriving": [{"input": p, "changed_seconds_ago": age} for p, age in arriving.items()],
             "duplicates": duplicates,
             "models": [{"path": m.path, "name": m.card.name, "spatial_dims": m.spatial_dims, "channels": m.channels,

@@ -282,9 +282,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- `{_cell(Path(a['input']).name)}`: changed {a['changed_seconds_ago']:g} s before the run"
                   for a in run["arriving"]]
     if run.get("ignored"):  # what the inbox held that is no input: a misnamed scan is found here
-        lines += ["", "## Not inputs", "", "In the inbox but not read (not a file type segflow reads, or a folder "
-                  "without DICOM files):", ""]
-        lines += [f"- `{_cell(Path(p).name)}`" for p in run["ignored"]]
+        lines += ["", "## Not inputs", "", "In the inbox but not read (not a file type segflow reads, a folder "
+                  "without DICOM files, or a file a STAC item of the inbox names, read through that item):", ""]
+        claimed = run.get("band_files") or {}  # set aside as a band file of an item: which item says so
+        lines += [f"- `{_cell(Path(p).name)}`" + (f": a band file of STAC item `{_cell(Path(claimed[p]).name)}`"
+                                                   if p in claimed else "") for p in run["ignored"]]
     lines += ["", "Skipped inputs show the windows and labels of the run that made their outputs (its timings are "
                   "in the JSON report). Areas are pixel count × pixel area (projected CRS only); volumes are voxel "
                   "count × voxel volume.", ""]

@@ -148,9 +148,15 @@ def test_an_item_delivered_with_its_band_files_beside_it_is_one_input(tmp_path, 
     model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4, roi=[32, 32], channel_names=RGBN)
     state = nightly(model_dirs=[str(model.path)], out_dir=str(tmp_path / "out"), inbox=str(inbox), retries=0,
                     return_state=True, options=SegmentOptions(dask_address=dask_cluster.scheduler.address))
-    got = {Path(r["input"]).name: r["status"] for r in nightly_report(state)["inputs"]}
+    report = nightly_report(state)
+    got = {Path(r["input"]).name: r["status"] for r in report["inputs"]}
     assert got == {"item.json": "done", "other.tif": "no-model",  # the COGs are no inputs of their own
                    "loop-a.tif": "failed", "loop-b.tif": "failed"}
+    # the report says which item each set-aside file belongs to: an item dropped beside another delivery's scene,
+    # naming it, had hidden that scene among the "not inputs" without a word (security probe)
+    assert report["run"]["band_files"] == {f: str(item) for f in band_files}
+    markdown = next((tmp_path / "out" / "reports").glob("*.md")).read_text()
+    assert "- `B02.tif`: a band file of STAC item `item.json`" in markdown and "- `preview.png`\n" in markdown
 
 
 def test_an_inbox_url_with_an_item_and_its_band_files_lists_the_item_alone(tmp_path):
