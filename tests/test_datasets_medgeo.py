@@ -381,6 +381,33 @@ def test_vector_names_checked_against_classes_json(tmp_path: Path) -> None:
         geolabels.LAYOUT.open(tmp_path)
 
 
+def test_a_vector_class_0_is_refused_as_the_fill_it_would_vanish_into(tmp_path: Path) -> None:
+    """Pixels no feature covers are burnt as 0.  A layer numbering its classes from 0 had its class 0 merged into
+    the background without a word; with a classes.json naming 0 "building", the uncovered pixels trained as
+    buildings.  And a classes.json without 0 was blamed on the layer (research-group probe, 2026-12-06)."""
+    geo_vector_dataset(tmp_path, [(0, 0, 20, 20), (30, 30, 40, 50)], {"class": [0, 1]})
+    message = (r"scene.geojson: feature 0 has class 0 in 'class', value 0, which is what the pixels no feature "
+               r"covers are burnt as, so its pixels could not be told from them; give the classes values from 1")
+    with pytest.raises(InvalidInputError, match=message):
+        geolabels.LAYOUT.open(tmp_path)
+    write_vector(tmp_path / "labels" / "scene.geojson", [pixel_box(0, 0, 20, 20), pixel_box(30, 30, 40, 50)],
+                 {"class": ["building", "road"]})
+    (tmp_path / "classes.json").write_text(json.dumps([{"value": 0, "name": "building"},
+                                                        {"value": 1, "name": "road"}]))
+    with pytest.raises(InvalidInputError, match=r"feature 0 has class 'building' in 'class', value 0, "):
+        geolabels.LAYOUT.open(tmp_path)
+    (tmp_path / "classes.json").write_text(json.dumps([{"value": 1, "name": "building"},
+                                                        {"value": 2, "name": "road"}]))
+    with pytest.raises(InvalidInputError, match=r"classes.json: has no class 0, the value the pixels no vector "
+                                                r"feature covers are burnt as; add \{\"value\": 0, "):
+        geolabels.LAYOUT.open(tmp_path)
+    (tmp_path / "classes.json").write_text(json.dumps([{"value": 0, "name": "background"},
+                                                        {"value": 1, "name": "building"},
+                                                        {"value": 2, "name": "road"}]))
+    ds = geolabels.LAYOUT.open(tmp_path)
+    assert ds.validate_labels() == {0: 64 * 64 - 400 - 200, 1: 400, 2: 200}
+
+
 def test_vector_far_from_its_image_is_refused(tmp_path: Path) -> None:
     geo_vector_dataset(tmp_path, [(0, 0, 5, 5)], None)
     write_vector(tmp_path / "labels" / "scene.geojson", [shapely.box(0, 0, 1, 1)], crs="EPSG:4326")

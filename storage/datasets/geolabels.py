@@ -404,6 +404,9 @@ def open_geo(root: Path, *, class_attribute: str | None = None) -> GeoDataset:
         if table.values[-1] >= IGNORE:
             raise InvalidInputError(classes_file, f"class value {table.values[-1]} does not fit a rasterised "
                                                   f"uint8 label (0..{IGNORE - 1})")
+        if 0 not in table.values:  # had been blamed on a layer ("label values 0 are not in the label table")
+            raise InvalidInputError(classes_file, "has no class 0, the value the pixels no vector feature covers "
+                                                  'are burnt as; add {"value": 0, "name": "background"}')
         burnt = [LabelClass(value=v, name=n) for v, n in zip(table.values, table.names)]
         for case in vectors:
             vector: VectorLabels = case.annotation

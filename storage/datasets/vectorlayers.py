@@ -122,6 +122,10 @@ def class_values(values: Sequence[Any] | None, count: int, classes: list[LabelCl
             if classes is not None and value not in known:
                 raise InvalidInputError(path, f"feature {i} has class {value} in '{attribute}', which is not in the "
                                               f"label table ({', '.join(str(v) for v in sorted(known))})")
+        if value == 0:  # the fill: a class 0 had vanished into the background, or the background trained as it
+            raise InvalidInputError(path, f"feature {i} has class {raw!r} in '{attribute}', value 0, which is what "
+                                          "the pixels no feature covers are burnt as, so its pixels could not be "
+                                          "told from them; give the classes values from 1")
         out[i] = value
     return out
 
