@@ -380,6 +380,29 @@ def test_coco_rle_of_the_wrong_size_is_refused_when_read(tmp_path: Path) -> None
     refused(lambda: dataset.read(dataset.cases[0], tmp_path), str(root / VAL))
 
 
+@pytest.mark.parametrize("counts", ["zzzzzzzzzzzz", "0", "1N", "P"])
+def test_coco_compressed_rle_that_does_not_cover_its_image_is_refused(tmp_path: Path, counts: str) -> None:
+    """A compressed RLE string was handed to pycocotools unchecked: runs short of the image left the mask's tail
+    as whatever memory held (a class mask that changed from run to run), runs past it write beyond it.  The
+    string's runs are read as pycocotools reads them and must add up to the image (research-group probe)."""
+    from pycocotools import mask as coco_mask
+
+    root = nd.write_coco(tmp_path).root
+    size = [nd.H, nd.W]
+    nd.edit_json(root / VAL, lambda data: data["annotations"][1].update(segmentation={"size": size, "counts": counts}))
+    dataset = coco.LAYOUT.open(root / VAL)
+    assert f"RLE counts do not cover its {nd.H}x{nd.W} image" in refused(dataset.validate_labels, str(root / VAL))
+    # and a true compressed RLE (pycocotools' own) of the image still reads, to its pixels
+    truth = np.zeros((nd.H, nd.W), np.uint8)
+    truth[3:9, 4:20] = 1
+    good = coco_mask.encode(np.asfortranarray(truth))
+    assert coco.compressed_counts(good["counts"]) is not None
+    nd.edit_json(root / VAL, lambda data: data["annotations"][1].update(
+        segmentation={"size": size, "counts": good["counts"].decode()}))
+    dataset = coco.LAYOUT.open(root / VAL)
+    dataset.validate_labels()
+
+
 def test_coco_panoptic_segments_crowd_and_unlabelled(tmp_path: Path) -> None:
     written = nd.write_coco_panoptic(tmp_path)
     source = written.root / "annotations" / "panoptic_val2017.json"

@@ -413,6 +413,32 @@ def _split_of(split_name: str) -> str | None:
     return None
 
 
+def compressed_counts(text: bytes) -> list[int] | None:
+    """The run lengths a compressed COCO RLE string holds (pycocotools' own reading of it, ``rleFrString``: 5
+    bits a character from '0', a continuation bit, a sign bit on the last, each run after the second a
+    difference from the run two before); None for a character outside the code.  pycocotools trusts these to
+    add up to the mask's size, and does not check."""
+    runs: list[int] = []
+    p = 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                return None  # a run cut off inside its continuation
+            c = text[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
 def _decode(shape: Shape, height: int, width: int, source: Path) -> np.ndarray:
     """One annotation's (H, W) bool mask from its polygons or RLE (uncompressed or compressed).
 
@@ -439,7 +465,12 @@ def _decode(shape: Shape, height: int, width: int, source: Path) -> np.ndarray:
                     raise InvalidInputError(source, f"{where}: RLE counts do not cover its {height}x{width} image")
                 rle = coco_mask.frPyObjects(seg, height, width)
             elif isinstance(counts, (str, bytes)):
-                rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+                text = counts.encode("ascii") if isinstance(counts, str) else counts
+                runs = compressed_counts(text)
+                if runs is None or sum(runs) != height * width or any(c < 0 for c in runs):
+                    # pycocotools writes runs past the mask's end, or leaves its tail as whatever memory held
+                    raise InvalidInputError(source, f"{where}: RLE counts do not cover its {height}x{width} image")
+                rle = {"size": [height, width], "counts": text}
             else:
                 raise InvalidInputError(source, f"{where}: RLE counts are neither a list nor a string")
         mask = coco_mask.decode(rle)
