@@ -281,6 +281,16 @@ def _add_category(data: dict) -> None:
     data["categories"].append({"id": 99, "name": "unicorn"})
 
 
+def _crowd_only_category(data: dict) -> None:
+    data["categories"].append({"id": 98, "name": "crowd"})
+    data["annotations"].append({**data["annotations"][0], "id": 9998, "category_id": 98, "iscrowd": 1})
+
+
+def _box_only_category(data: dict) -> None:
+    data["categories"].append({"id": 97, "name": "boxed"})
+    data["annotations"].append({**data["annotations"][0], "id": 9997, "category_id": 97, "segmentation": []})
+
+
 def _undeclared_category(data: dict) -> None:
     data["annotations"][0]["category_id"] = 42
 
@@ -298,6 +308,11 @@ def _path_name(data: dict) -> None:
 
 
 @pytest.mark.parametrize("change, problem", [(_add_category, "category 99 'unicorn' has no annotations"),
+                                             # these two trained as classes that never appear (probe, 2026-12-06)
+                                             (_crowd_only_category, "category 98 'crowd' has no annotation that "
+                                                                    "draws its class: only crowd regions"),
+                                             (_box_only_category, "category 97 'boxed' has no annotation that "
+                                                                  "draws its class"),
                                              (_undeclared_category, "category_id 42"),
                                              (_unknown_image, "image_id 123456"),
                                              (_path_name, "not a file name or a relative path inside the "

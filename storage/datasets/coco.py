@@ -182,6 +182,7 @@ class _Reader:
         self.categories: dict[int, str] | None = None
         self.first: Path | None = None
         self.annotated: set[int] = set()
+        self.drawn: set[int] = set()  # categories with an annotation that paints their class (not crowd, not empty)
         self.cases: list[Case] = []
         self.case_ids: dict[str, tuple[Path, Path]] = {}  # case id -> (JSON listing it, the picture)
         self.shapes: dict[CocoImage, list[Shape]] = {}
@@ -237,6 +238,8 @@ class _Reader:
                                         "which is not in its images")
             shape = Shape(ann_id, values[category], bool(ann.get("iscrowd", 0)), ann["segmentation"])
             self.shapes.setdefault(keys[ann["image_id"]], []).append(shape)
+            if not shape.crowd and _draws(shape.segmentation):
+                self.drawn.add(category)
 
     def _add_panoptic(self, source: Path, annotations: list, images: dict[int, dict], values: dict[int, int],
                       split: str | None) -> None:
@@ -277,6 +280,8 @@ class _Reader:
                 if not isinstance(seg_id, int) or not 0 < seg_id < 256 ** 3:
                     raise InvalidInputError(source, f"{where} has id {seg_id!r}, not an id 1..16777215")
                 segments.append((seg_id, IGNORE if segment.get("iscrowd") else values[category]))
+                if not segment.get("iscrowd"):
+                    self.drawn.add(category)
             if len({seg_id for seg_id, _ in segments}) != len(segments):
                 raise InvalidInputError(source, f"image_id {image_id} lists a segment id twice")
             self._add_case(source, image, labels=png, annotation=PanopticSegments(source, tuple(segments)),
@@ -310,6 +315,10 @@ class _Reader:
         for cat_id, name in sorted(self.categories.items()):
             if cat_id not in self.annotated:
                 raise InvalidInputError(self.first, f"category {cat_id} '{name}' has no annotations")
+            if cat_id not in self.drawn:  # had trained as a class that never appears (a detection-only export)
+                raise InvalidInputError(self.first, f"category {cat_id} '{name}' has no annotation that draws its "
+                                                    "class: only crowd regions (trained as ignore) or empty "
+                                                    "segmentations (box-only annotations)")
 
 
 def _load(source: Path) -> dict:
@@ -411,6 +420,15 @@ def _split_of(split_name: str) -> str | None:
         if split in split_name.lower():
             return split
     return None
+
+
+def _draws(segmentation: Any) -> bool:
+    """Whether a segmentation may paint pixels: a polygon of three points or more, or an RLE (checked when
+    decoded); ``[]``, what box-only exports write, paints none."""
+    if isinstance(segmentation, dict):
+        return True
+    # a flat list of numbers (a polygon left unwrapped) is refused when it is decoded, saying so
+    return any(not isinstance(p, list) or len(p) >= 6 for p in segmentation)
 
 
 def compressed_counts(text: bytes) -> list[int] | None:
