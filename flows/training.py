@@ -302,9 +302,16 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
     if dataset.spatial_dims != card.input.spatial_dims:
         raise IncompatibleInputError(root, f"a {dataset.spatial_dims}-D dataset, the card's network is "
                                            f"{card.input.spatial_dims}-D")
-    if dataset.channels != card.input.channels:
-        raise IncompatibleInputError(root, f"has {dataset.channels} channels, the card expects {card.input.channels}")
-    card = with_dataset_channels(with_dataset_classes(card, dataset), dataset)
+    # a geo dataset's rasters go through the bands segment would give the card (by name: a 13-band Sentinel-2
+    # tile for a card naming blue, green, red, nir), each case as it is read; other layouts' channels are the card's
+    by_name = dataset.layout == "geo" and bool(card.input.channel_names)
+    if dataset.channels != card.input.channels and not by_name:
+        raise IncompatibleInputError(root, f"has {dataset.channels} channels, the card expects {card.input.channels}"
+                                           + ("; a card naming its bands (input.channel_names) takes them by name"
+                                              if dataset.layout == "geo" else ""))
+    card = with_dataset_classes(card, dataset)
+    if not by_name:
+        card = with_dataset_channels(card, dataset)
     cases = list(dataset.cases)
     if not cases:
         raise InvalidInputError(root, "the dataset has no cases")

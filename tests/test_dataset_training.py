@@ -119,6 +119,47 @@ def test_geo_layout_trains_segments_and_evaluates(tmp_path):
     assert dice and all(0.0 <= d <= 1.0 for d in dice)
 
 
+def test_a_geo_dataset_of_more_bands_trains_a_card_naming_its_bands(tmp_path):
+    """A 6-band tile set (Sentinel-2 band ids) with a card naming blue, green, red, nir was refused ("has 6
+    channels, the card expects 4"), though the same files as an image/label pair trained on the bands by name
+    (research-group probe, 2026-12-06).  The network gets the named bands, in the card's order."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from segmentation.modeldir import load_model
+
+    root = tmp_path / "geo"
+    rng = np.random.default_rng(4)
+    for stem in ("tile_a", "tile_b", "tile_c"):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labels").mkdir(parents=True, exist_ok=True)
+        profile = dict(driver="GTiff", width=32, height=32, crs="EPSG:32633",
+                       transform=from_origin(500000, 4000000, 10, 10))
+        with rasterio.open(root / "images" / f"{stem}.tif", "w", count=6, dtype="uint16", **profile) as dst:
+            dst.write(rng.integers(0, 3000, (6, 32, 32)).astype(np.uint16))
+            for i, band in enumerate(["B01", "B08", "B04", "B03", "B02", "B11"], start=1):
+                dst.set_band_description(i, band)
+        with rasterio.open(root / "labels" / f"{stem}.tif", "w", count=1, dtype="uint8", **profile) as dst:
+            dst.write(rng.integers(0, 2, (1, 32, 32)).astype(np.uint8))
+    card = json.loads(_card(tmp_path / "card.json", spatial_dims=2, channels=4, roi=[16, 16]).read_text())
+    card["input"]["channel_names"] = ["blue", "green", "red", "nir"]
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    trained = _train(root, tmp_path / "card.json", tmp_path / "model")
+    assert trained["input"]["channel_names"] == ["blue", "green", "red", "nir"]
+    seg = runner.invoke(app, ["segment", str(root / "images" / "tile_a.tif"), "--model", str(tmp_path / "model"),
+                              "--out", str(tmp_path / "out"), "--no-prefect"])
+    assert seg.exit_code == 0, seg.output
+    record = json.loads((tmp_path / "out" / "tile_a.provenance.json").read_text())
+    assert record["statistics"]["bands"] == ["B02", "B03", "B04", "B08"]
+    assert load_model(tmp_path / "model").card.input.channels == 4
+    # a card that names no bands is still refused, saying how to take them by name
+    card["input"].pop("channel_names")
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    result = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(tmp_path / "card.json"),
+                                 "--out", str(tmp_path / "m2"), "--steps", "2"])
+    assert result.exit_code == 2 and "has 6 channels, the card expects 4; a card naming its bands" in result.output
+
+
 @pytest.mark.parametrize("inference", [{}, {"flip_tta": [0, 1]}, {"blend_outputs": "logits"}])
 def test_validation_scores_are_those_of_segment_then_evaluate(tmp_path, inference):
     """The card's validation Dice is what `segment --truth` gives on the validation case: validation had blended
