@@ -204,7 +204,7 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
         samples, sources, ids, grids = [], [], [], []
         for n, (image_path, labels_path) in enumerate(pairs):
             image = _open(image_path, work / f"{n}-{stem_of(image_path)}.image.zarr")
-            labels = _open(labels_path, work / f"{n}-{stem_of(labels_path)}.labels.zarr")
+            labels = _open(labels_path, work / f"{n}-{stem_of(labels_path)}.labels.zarr", labels=True)
             samples.append(_sample(card, image, labels, work / f"{n}-model"))
             grids.append(CaseGrid(str(image_path), image.meta.geometry, tuple(image.spatial_shape)))
             sources.append({"image": image.meta.source.model_dump(), "labels": labels.meta.source.model_dump()})
@@ -390,11 +390,17 @@ def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budg
                           valid=None if valid is None else _in_memory(valid, budget))
 
 
-def _open(path: Path, store: Path) -> ImageStore:
+def _open(path: Path, store: Path, labels: bool = False) -> ImageStore:
     """Ingest one training file; a folder of one DICOM series (or a file of it) is that series, as ``segment``
-    reads it (it had been refused as "a folder holding no DICOM files")."""
+    reads it (it had been refused as "a folder holding no DICOM files").  ``labels``: a PNG is label values
+    (a palette PNG's indices, as ``evaluate`` reads it), not a photograph."""
     from storage.dicom import find_series, is_dicom_input
 
+    if labels and Path(path).suffix.lower() == ".png":
+        from storage.photo import ingest_picture
+
+        ingest_picture(path, store, labels=True)
+        return open_image_store(store)
     source: Any = path
     if is_dicom_input(path):
         series = find_series([path])

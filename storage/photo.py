@@ -24,7 +24,7 @@ from pathlib import Path
 
 from storage.bands import GREY
 from storage.datasets.pictures import read_native
-from storage.errors import InputError
+from storage.errors import InputError, InvalidInputError
 from storage.geometry import RasterGeometry, SourceInfo
 from storage.hashing import sha256_input
 from storage.layout import ImageStore, StoreMeta, create_image_store, mark_complete
@@ -37,17 +37,30 @@ def channels_of(count: int) -> list[str]:
     return [GREY] if count == 1 else list(CHANNELS)
 
 
-def ingest_picture(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024) -> ImageStore:
-    """Copy a PNG or JPEG into a zarr image store: (1, H, W) grey at its own depth, else (3, H, W) uint8 RGB."""
+def ingest_picture(path: str | PathLike[str], store_path: str | PathLike[str], *, chunk: int = 1024,
+                   labels: bool = False) -> ImageStore:
+    """Copy a PNG or JPEG into a zarr image store: (1, H, W) grey at its own depth, else (3, H, W) uint8 RGB.
+
+    ``labels``: a PNG of label values, (1, H, W) uint8, a palette PNG's indices (VOC's), never their colours (as
+    a photograph it had become three bands, and ``train --labels`` refused it as no label map)."""
     path = Path(path).absolute()
-    pixels = read_native(path)  # one-line errors naming the file: not a picture, damaged
+    pixels = None
+    if labels:
+        from storage.datasets.pictures import read_indices
+
+        try:
+            pixels = read_indices(path)[None]
+        except InvalidInputError:  # no palette or 8-bit grey: a 16-bit grey one is values too; RGB is refused later
+            pixels = None
+    if pixels is None:
+        pixels = read_native(path)  # one-line errors naming the file: not a picture, damaged
     fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"  # its name says which (a TIFF so named is refused)
     try:
         source = SourceInfo(path=str(path), sha256=sha256_input(path), size=path.stat().st_size, format=fmt)
     except OSError as exc:
         raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
     count, height, width = pixels.shape
-    names, dtype = channels_of(count), str(pixels.dtype)
+    names, dtype = (["labels"] if labels and count == 1 else channels_of(count)), str(pixels.dtype)
     geometry = RasterGeometry(width=width, height=height, transform=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), dtype=dtype,
                               band_descriptions=list(names), bands=list(range(1, count + 1)))
     meta = StoreMeta(source=source, geometry=geometry, channel_names=list(names), spatial_dims=2)

@@ -434,3 +434,25 @@ def test_training_reads_a_rasters_bands_in_the_order_and_units_segment_gives_the
                      _open(labels, tmp_path / "l.zarr"), tmp_path / "w")
     expected = dn[::-1].astype(np.float64) * 1e-4 - 0.1  # blue first, in reflectance
     np.testing.assert_allclose(np.asarray(sample.image[...], dtype=np.float64), expected, atol=1e-6)
+
+
+def test_a_palette_png_given_as_labels_is_its_indices_as_evaluate_reads_it(tmp_path):
+    """``train --labels lab.png`` with a palette PNG (VOC's labels) was refused as "a label map must have one
+    integer band": it was decoded as a photograph, into its colours (research-group probe, 2026-12-06).  A
+    palette PNG gives its indices, a 16-bit grey one its values; a colour picture is still refused."""
+    from PIL import Image
+
+    from flows.training import _open
+
+    values = np.zeros((24, 32), np.uint8)
+    values[4:12, 6:20], values[14:20, 2:9] = 1, 2
+    palette = Image.fromarray(values, "P")
+    palette.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+    palette.save(tmp_path / "palette.png")
+    store = _open(tmp_path / "palette.png", tmp_path / "p.zarr", labels=True)
+    assert store.image.shape == (1, 24, 32) and np.array_equal(store.image[0], values)
+    deep = (values.astype(np.uint16) * 300)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert np.array_equal(_open(tmp_path / "deep.png", tmp_path / "d.zarr", labels=True).image[0], deep)
+    # the same file as an image stays a picture (its colours), as segment reads it
+    assert _open(tmp_path / "palette.png", tmp_path / "i.zarr").image.shape == (3, 24, 32)
