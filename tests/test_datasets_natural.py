@@ -291,6 +291,10 @@ def _box_only_category(data: dict) -> None:
     data["annotations"].append({**data["annotations"][0], "id": 9997, "category_id": 97, "segmentation": []})
 
 
+def _same_name_twice(data: dict) -> None:
+    data["categories"].append({"id": 77, "name": data["categories"][0]["name"]})
+
+
 def _undeclared_category(data: dict) -> None:
     data["annotations"][0]["category_id"] = 42
 
@@ -314,6 +318,8 @@ def _path_name(data: dict) -> None:
                                              (_box_only_category, "category 97 'boxed' has no annotation that "
                                                                   "draws its class"),
                                              (_undeclared_category, "category_id 42"),
+                                             # had been blamed on the card, the JSON unnamed (probe, 2026-12-06)
+                                             (_same_name_twice, "and 77 are both named "),
                                              (_unknown_image, "image_id 123456"),
                                              (_path_name, "not a file name or a relative path inside the "
                                                           "image folder")])

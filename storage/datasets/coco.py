@@ -358,7 +358,12 @@ def _categories(source: Path, entries: list) -> dict[int, str]:
             raise InvalidInputError(source, f"category #{n} has no integer id and name")
         if cat_id in out:
             raise InvalidInputError(source, f"category id {cat_id} is declared twice")
-        out[cat_id] = " ".join(name.split())
+        name = " ".join(name.split())
+        same = next((other for other, known in out.items() if known == name), None)
+        if same is not None or name == "background":  # class names key statistics and reports (the card's rule)
+            raise InvalidInputError(source, f"categories {same if same is not None else 'background (class 0)'} "
+                                            f"and {cat_id} are both named {name!r}; class names must be unique")
+        out[cat_id] = name
     if not out:
         raise InvalidInputError(source, "declares no categories")
     if len(out) > MAX_CLASSES:
