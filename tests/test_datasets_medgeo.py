@@ -90,6 +90,16 @@ def test_msd_4d_dataset_maps_labels_to_contiguous_classes(tmp_path: Path) -> Non
     assert np.array_equal(data.labels[...], np.vectorize(mapping.get)(want["labels"]))
 
 
+def test_two_case_names_that_make_one_case_id_are_refused(tmp_path: Path) -> None:
+    """``case 000`` and ``case_000`` both became case id ``case_000``: the card's split listed it in training
+    and in validation, which read as leakage and said nothing of which file went where (probe, 2026-12-06)."""
+    from storage.datasets import open_dataset
+
+    nnunet_dataset(tmp_path, cases=("case 000", "case_000"))
+    with pytest.raises(InvalidInputError, match=r"becomes case id 'case_000', as case( |_)000_0000.nii.gz does "):
+        open_dataset(tmp_path)
+
+
 def test_msd_3d_single_modality(tmp_path: Path) -> None:
     expected = msd_dataset(tmp_path, modalities=("CT",), four_d=False, name="")
     ds = decathlon.LAYOUT.open(tmp_path)

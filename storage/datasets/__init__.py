@@ -27,9 +27,23 @@ def open_dataset(path: str | Path) -> Dataset:
     known = layouts()
     for layout in known:
         if layout.detect(root):
-            return layout.open(root)
+            return _ids_once(layout.open(root))
     names = "; ".join(f"{layout.name} ({layout.holds})" for layout in known)
     raise InvalidInputError(root, f"not a dataset layout segflow knows: {names}")
+
+
+def _ids_once(dataset: Dataset) -> Dataset:
+    """Refuse two cases whose names make one case id (``case 000`` and ``case_000``): the card's recorded split
+    names cases by id, and had listed ``case_000`` in training and in validation, which read as leakage."""
+    seen: dict[str, Case] = {}
+    for case in dataset.cases:
+        other = seen.setdefault(case.id, case)
+        if other is not case:
+            mine = case.images[0] if case.images else case.labels or dataset.root
+            theirs = other.images[0] if other.images else other.labels or dataset.root
+            raise InvalidInputError(mine, f"becomes case id {case.id!r}, as {Path(theirs).name} does (names are "
+                                          "made safe for file names); rename one")
+    return dataset
 
 
 __all__ = ["Case", "CaseData", "Dataset", "IGNORE", "Layout", "SplitCounts", "fingerprint", "layouts",
