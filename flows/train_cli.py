@@ -57,6 +57,7 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                                                      "2-D, ±15° in 3-D) and zoomed 0.8-1.25x.")) -> None:
     """Train a card's architecture on image/label pairs or a dataset; the result is a model directory with
     provenance, the best validated weights, a learning curve and a per-class validation table."""
+    from flows.interrupts import exit_code, interrupt_handlers
     from flows.training import train_from_dataset, train_from_files
     from segmentation.augment import Augmentation
     from segmentation.modeldir import check_model_out, read_card
@@ -98,7 +99,7 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,
                       augment=Augmentation(intensity=augment_intensity, spatial=augment_spatial))
-        with cliutil.progress() as progress:
+        with interrupt_handlers(), cliutil.progress() as progress:  # SIGTERM as Ctrl-C: it had died saying nothing
             task = progress.add_task(f"train {model_card.name}", total=steps)
             if dataset is not None:
                 from storage.datasets import open_dataset
@@ -114,8 +115,8 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                                                                          soft_wrap=True))
     except SegflowError as exc:
         cliutil.fail(str(exc))
-    except KeyboardInterrupt:
-        _interrupted(out, steps)
+    except KeyboardInterrupt as exc:
+        _interrupted(out, steps, exit_code(exc))
     best = (loaded.card.training or {}).get("validation", {}).get("best")
     if best:
         console.print(f"best validation: step {best['step']}, mean foreground Dice "
@@ -125,8 +126,9 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
 
 
 
-def _interrupted(out: Path, steps: int) -> NoReturn:
-    """Ctrl-C during training: what is saved, and the command that goes on from it (exit 130)."""
+def _interrupted(out: Path, steps: int, code: int = 130) -> NoReturn:
+    """Ctrl-C or SIGTERM during training: what is saved, and the command that goes on from it (exit 130 or
+    143)."""
     from segmentation.checkpoint import CHECKPOINTS, saved_step
 
     step = saved_step(out / CHECKPOINTS)
@@ -137,7 +139,7 @@ def _interrupted(out: Path, steps: int) -> NoReturn:
         text = (f"training did not finish, so {out} holds no new model; its state at the last validation (step "
                 f"{step} of {steps}) is saved there: add --resume to the same command to go on from it")
     console.print(f"[yellow]interrupted:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(130)
+    raise typer.Exit(code)
 
 
 def demo(workdir: Path = typer.Option(Path("demo/run"), "--workdir",
