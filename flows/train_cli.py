@@ -99,6 +99,13 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,
                       augment=Augmentation(intensity=augment_intensity, spatial=augment_spatial))
+        if resume:  # which step it goes on from (it had said nothing until the next validation)
+            from segmentation.checkpoint import CHECKPOINTS, saved_step
+
+            step = saved_step(out / CHECKPOINTS)
+            if step is not None:
+                console.print(f"resuming from step {step} of {steps}, the state saved at its last validation",
+                              highlight=False, soft_wrap=True)
         with interrupt_handlers(), cliutil.progress() as progress:  # SIGTERM as Ctrl-C: it had died saying nothing
             task = progress.add_task(f"train {model_card.name}", total=steps)
             if dataset is not None:

@@ -284,6 +284,7 @@ def test_a_segment_whose_lock_was_taken_over_while_it_stalled_writes_nothing(mod
 def test_ctrl_c_in_train_says_what_is_saved_and_how_to_go_on(model2d, tmp_path, signum, code):
     """Ctrl-C in `segflow train` exited 130 saying nothing; now one line names the step saved and --resume.
     SIGTERM (a scheduler stopping the job) killed it with nothing said (exit -15): now the same line, exit 143."""
+    import signal
     import time
 
     from segmentation.checkpoint import saved_step
@@ -314,6 +315,21 @@ def test_ctrl_c_in_train_says_what_is_saved_and_how_to_go_on(model2d, tmp_path, 
     assert line.startswith(f"interrupted: training did not finish, so {out} holds no new model; its state at the "
                            f"last validation (step {step} of 100000) is saved there: add --resume"), line
     assert saved_step(tmp_path) is None
+    if signum == 2:  # --resume says which step it goes on from (it had said nothing until its next validation)
+        proc = subprocess.Popen([*SEGFLOW, "train", "--card", str(model2d.path / "card.json"), "--image", str(scene),
+                                 "--labels", str(labels), "--out", str(out), "--steps", "100000", "--val-every", "2",
+                                 "--batch-size", "1", "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        said: list[str] = []
+        while len(said) < 2:  # the no-validation line, then the resume line (before any step)
+            line = proc.stderr.readline()
+            if not line:
+                break
+            if not line.startswith("note: "):
+                said.append(line)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+        assert said[1].strip() == f"resuming from step {step} of 100000, the state saved at its last validation", said
 
 
 def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
