@@ -42,6 +42,9 @@ def match_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path
     """(prediction, truth, None) by order, or by case name when ``truths`` is one folder (not a store); a
     prediction the folder has no one truth for is (prediction, None, the error), so that the others are still
     scored.  Unequal counts given in order are one error for the run: no pairing is to be guessed."""
+    for p in predictions:  # a folder of outputs given as one prediction had been "no truth named <folder>.*"
+        if p.is_dir() and not p.name.lower().endswith(".zarr"):
+            raise ConfigError(p, "is a folder: give the label maps in it (e.g. FOLDER/*.tif or FOLDER/*.nii.gz)")
     if len(truths) == 1 and truths[0].is_dir() and not truths[0].name.lower().endswith(".zarr"):
         return _in_folder(predictions, truths[0])
     if len(truths) != len(predictions):

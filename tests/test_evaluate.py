@@ -358,6 +358,10 @@ def test_pairing_by_folder(tmp_path):
             open_labels(path, ExitStack())
     assert pair_inputs([Path("x.tif"), Path("y.tif")], [Path("1.tif"), Path("2.tif")])[1] == (Path("y.tif"),
                                                                                               Path("2.tif"))
+    # a folder of outputs as the prediction had been "no truth named out.* in ..." (probe, 2026-12-06)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    with pytest.raises(ConfigError, match=r"out: is a folder: give the label maps in it"):
+        pair_inputs([tmp_path / "out"], [truths])
 
 
 # --------------------------------------------------------------------------- the command
