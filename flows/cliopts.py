@@ -47,7 +47,8 @@ Crf = Annotated[bool, typer.Option(
                   "argmax.")]
 CrfIterations = Annotated[int, typer.Option("--crf-iterations", help="Mean-field iterations of --crf.")]
 Compile = Annotated[bool, typer.Option(
-    "--compile", help="torch.compile the network: about 1.5x faster exact (fp32) windows, none in fast; the first "
+    "--compile", help="torch.compile the network: faster exact (fp32) windows on some CPUs (1.5x measured on an "
+                      "AMD EPYC, none on an Intel Xeon with AMX), none in fast; the first "
                       "run on a machine spends tens of seconds compiling (kernels cached in "
                       "~/.cache/segflow/torch-compile, or $SEGFLOW_COMPILE_CACHE). See docs/performance.md.")]
 TrustBundle = Annotated[bool, typer.Option(
@@ -61,8 +62,9 @@ RetryDelay = Annotated[float, typer.Option("--retry-delay", min=0.0, help="Secon
 Parallel = Annotated[int, typer.Option(
     "--parallel", min=1, max=MAX_PARALLEL, help="Inputs in flight at once (their windows share the cluster).")]
 LockTimeout = Annotated[float, typer.Option(
-    "--lock-timeout", min=1.0, help="Seconds without a heartbeat after which another run's lock on an input "
-                                    "(OUT/.segflow-locks/) is stale and broken; give every run the same.")]
+    "--lock-timeout", min=1.0, show_default=False,
+    help="Seconds without a heartbeat after which another run's lock on an input (OUT/.segflow-locks/) is stale "
+         "and broken; give every run the same. Default 600.")]
 SourceRoots = Annotated[Optional[list[Path]], typer.Option(
     "--source-root", metavar="DIR", help="A folder (repeatable) whose files an inbox's VRTs and STAC items may name as their "
                           "sources, besides the inbox itself; sources elsewhere are refused.")]

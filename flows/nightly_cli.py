@@ -61,7 +61,7 @@ def nightly_command(
         compile: cliopts.Compile = False,
         trust_bundle: cliopts.TrustBundle = False,
 ) -> None:
-    """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md."""
+    """Segment what is new in an inbox or manifest, skip what is done, write OUT/reports/<time>.json|.md|.html."""
     from flows import cliutil as cli
     from flows.nightly import nightly, nightly_report
     from flows.runlog import prefect_console

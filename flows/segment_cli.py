@@ -133,6 +133,9 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     arguments = dict(inputs=[cliutil.path_or_url(p) for p in inputs], model_dir=str(model),
                      out_dir=cliutil.path_or_url(out), options=options)
     run_log = None
+    from storage.remote import is_url
+
+    fresh = not is_url(arguments["out_dir"]) and not Path(arguments["out_dir"]).exists()
     with cliutil.resumable_on_interrupt(arguments["out_dir"]):  # Ctrl-C: one line, exit 130
         try:
             # every input's header against the card, before anything starts (no torch: the card is peeked at)
@@ -180,6 +183,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                           f"({s.get('windows_evaluated')} windows, {s.get('windows_skipped')} skipped, "
                           f"{s.get('total_seconds')} s)", highlight=False, soft_wrap=True)
     failed = [o for o in outcomes if not o["ok"]]
+    if fresh and len(failed) == len(outcomes):  # an input that fails at ingest (all nodata) had left an empty OUT
+        _remove_empty_tree(Path(arguments["out_dir"]))
     for text in [o["error"] for o in failed] + unsaved:
         console.print(f"[red]error:[/red] {escape(printable(text))}", highlight=False, soft_wrap=True)
     if run_log is not None and run_log.written:
@@ -189,6 +194,20 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     if scored is not None:
         cliutil.inform(f"scores: {scored}", quiet)
     cliutil.finish(1 if failed or unsaved else 0)
+
+
+def _remove_empty_tree(folder: Path) -> None:
+    """``folder`` and the folders in it, where none holds a file: a run whose every input failed leaves OUT as it
+    was, also when an input failed after the cluster started (it had left an empty new OUT)."""
+    import os
+
+    if any(files for _, _, files in os.walk(folder)):
+        return
+    for path, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):  # the deepest first
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
 
 
 def _run_report(outcomes: list[dict], out: str) -> Path | None:

@@ -94,6 +94,21 @@ def test_segment_batch_exit_codes_errors_and_verify(model2d, tmp_path):
     assert proc.returncode == 1 and "changed" in proc.stderr
 
 
+def test_a_run_whose_every_input_failed_at_ingest_leaves_no_new_out_folder(model2d, tmp_path):
+    """README: "a segment run whose every input failed leaves OUT as it was".  An input that passes the header
+    check and fails at ingest (every pixel nodata) had left a new, empty OUT (docs probe, 2026-12-06); an OUT
+    that existed stays."""
+    from tests.corpus import all_nodata
+
+    scene = all_nodata(tmp_path)
+    proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "new", "--bands", "1,2,3")
+    assert proc.returncode == 1 and "has no valid pixel" in proc.stderr, proc.stderr
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    proc = run("segment", scene, "--model", model2d.path, "--out", tmp_path / "mine", "--bands", "1,2,3")
+    assert proc.returncode == 1 and (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+
+
 def test_info_on_a_raster_without_crs_prints_no_library_warning(tmp_path):
     """rasterio's NotGeoreferencedWarning (two lines of library text) stays out of `segflow info`'s output."""
     tif = tmp_path / "plain.tif"

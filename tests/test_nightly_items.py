@@ -59,7 +59,9 @@ def runs(tmp_path_factory, dask_cluster):
     broken["links"] = []  # no self link to fall back on: the hrefs are local files, which are missing
     (inbox / "gone.json").write_text(json.dumps(broken))
     model_dirs = [str(m.path) for m in models]
+    # the band COGs live beside the inbox, a folder the operator allows (storage.sources)
     kwargs = dict(model_dirs=model_dirs, out_dir=str(out), inbox=str(inbox), retries=0, return_state=True,
+                  source_roots=[str(root / "bands"), str(root / "gone")],
                   options=SegmentOptions(dask_address=dask_cluster.scheduler.address))  # the session's cluster
     first = nightly(**kwargs)
     first_labels = {k: _labels(out / f"S2_{k}.tif") for k in ("full", "rgbn")}
