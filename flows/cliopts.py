@@ -66,8 +66,9 @@ LockTimeout = Annotated[float, typer.Option(
     help="Seconds without a heartbeat after which another run's lock on an input (OUT/.segflow-locks/) is stale "
          "and broken; give every run the same. Default 600.")]
 SourceRoots = Annotated[Optional[list[Path]], typer.Option(
-    "--source-root", metavar="DIR", help="A folder (repeatable) whose files an inbox's VRTs and STAC items may name as their "
-                          "sources, besides the inbox itself; sources elsewhere are refused.")]
+    "--source-root", metavar="DIR",
+    help="A folder (repeatable) whose files an inbox's VRTs and STAC items may name as their sources, besides the "
+         "inbox itself; sources elsewhere are refused.")]
 Settle = Annotated[float, typer.Option(
     "--settle", min=0.0, help="Seconds an inbox entry must have been left unchanged to be taken: newer ones are "
                               "still arriving (a download filling a preallocated file, a DICOM folder filling up) "

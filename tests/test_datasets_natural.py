@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.datasets import cityscapes, coco, voc
+from storage.datasets import cityscapes, coco, cocomasks, voc
 from storage.errors import CorruptInputError, InvalidInputError
 from tests import natural_datasets as nd
 
@@ -254,8 +254,8 @@ def test_coco_folder_reads_polygons_rle_and_crowd(tmp_path: Path) -> None:
 
 def test_coco_rectangle_polygons_cover_exactly_their_pixels(tmp_path: Path) -> None:
     """A polygon x0..x1, y0..y1 covers pixel columns x0..x1-1 and rows y0..y1-1: no pixel is ambiguous."""
-    shape = coco.Shape(1, 2, False, nd.polygon((3, 4, 13, 9)))
-    labels = coco.paint([shape], nd.H, nd.W, tmp_path / "x.json")
+    shape = cocomasks.Shape(1, 2, False, nd.polygon((3, 4, 13, 9)))
+    labels = cocomasks.paint([shape], nd.H, nd.W, tmp_path / "x.json")
     expected = np.zeros((nd.H, nd.W), np.uint8)
     expected[4:9, 3:13] = 2
     np.testing.assert_array_equal(labels, expected)
@@ -417,7 +417,7 @@ def test_coco_compressed_rle_that_does_not_cover_its_image_is_refused(tmp_path: 
     truth = np.zeros((nd.H, nd.W), np.uint8)
     truth[3:9, 4:20] = 1
     good = coco_mask.encode(np.asfortranarray(truth))
-    assert coco.compressed_counts(good["counts"]) is not None
+    assert cocomasks.compressed_counts(good["counts"]) is not None
     nd.edit_json(root / VAL, lambda data: data["annotations"][1].update(
         segmentation={"size": size, "counts": good["counts"].decode()}))
     dataset = coco.LAYOUT.open(root / VAL)

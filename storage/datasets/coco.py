@@ -33,14 +33,14 @@ import colorsys
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from pycocotools import mask as coco_mask
 
 from storage import jsontext
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
+from storage.datasets.cocomasks import Shape, draws, paint
 from storage.datasets.pictures import listed, picture_header, read_rgb, read_rgb_ids, size_text
 from storage.errors import CorruptInputError, InvalidInputError
 
@@ -48,15 +48,6 @@ __all__ = ["CocoDataset", "CocoImage", "LAYOUT", "PanopticSegments", "detect", "
 
 JSON_NAME = re.compile(r"^(?P<kind>instances|panoptic)_(?P<split>[A-Za-z0-9_.-]+)\.json$")
 MAX_CLASSES = IGNORE - 1  # values 1..254 for categories, 0 background, 255 ignore: uint8 labels
-
-
-class Shape(NamedTuple):
-    """One instance annotation, kept as the JSON gave it until its image is read."""
-
-    ann_id: Any
-    value: int
-    crowd: bool
-    segmentation: Any
 
 
 @dataclass(frozen=True)
@@ -125,18 +116,6 @@ class CocoDataset:
         """Decode every annotation (or scan every segment PNG) and refuse the first that does not fit."""
         for case in self.cases:
             self.labels(case)
-
-
-def paint(shapes: list[Shape], height: int, width: int, source: Path) -> np.ndarray:
-    """The semantic map of one image's shapes: larger shapes first, so smaller ones stay visible on top."""
-    labels = np.zeros((height, width), dtype=np.uint8)
-    masks = []
-    for order, shape in enumerate(shapes):
-        mask = _decode(shape, height, width, source)
-        masks.append((-int(mask.sum()), order, mask, IGNORE if shape.crowd else shape.value))
-    for _, _, mask, value in sorted(masks, key=lambda m: (m[0], m[1])):
-        labels[mask] = value
-    return labels
 
 
 def detect(path: Path) -> bool:
@@ -238,7 +217,7 @@ class _Reader:
                                         "which is not in its images")
             shape = Shape(ann_id, values[category], bool(ann.get("iscrowd", 0)), ann["segmentation"])
             self.shapes.setdefault(keys[ann["image_id"]], []).append(shape)
-            if not shape.crowd and _draws(shape.segmentation):
+            if not shape.crowd and draws(shape.segmentation):
                 self.drawn.add(category)
 
     def _add_panoptic(self, source: Path, annotations: list, images: dict[int, dict], values: dict[int, int],
@@ -425,83 +404,6 @@ def _split_of(split_name: str) -> str | None:
         if split in split_name.lower():
             return split
     return None
-
-
-def _draws(segmentation: Any) -> bool:
-    """Whether a segmentation may paint pixels: a polygon of three points or more, or an RLE (checked when
-    decoded); ``[]``, what box-only exports write, paints none."""
-    if isinstance(segmentation, dict):
-        return True
-    # a flat list of numbers (a polygon left unwrapped) is refused when it is decoded, saying so
-    return any(not isinstance(p, list) or len(p) >= 6 for p in segmentation)
-
-
-def compressed_counts(text: bytes) -> list[int] | None:
-    """The run lengths a compressed COCO RLE string holds (pycocotools' own reading of it, ``rleFrString``: 5
-    bits a character from '0', a continuation bit, a sign bit on the last, each run after the second a
-    difference from the run two before); None for a character outside the code.  pycocotools trusts these to
-    add up to the mask's size, and does not check."""
-    runs: list[int] = []
-    p = 0
-    while p < len(text):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(text):
-                return None  # a run cut off inside its continuation
-            c = text[p] - 48
-            if not 0 <= c < 64:
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p, k = p + 1, k + 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
-
-
-def _decode(shape: Shape, height: int, width: int, source: Path) -> np.ndarray:
-    """One annotation's (H, W) bool mask from its polygons or RLE (uncompressed or compressed).
-
-    A polygon of fewer than three points covers no pixel and is skipped (the COCO releases hold a few)."""
-    seg, where = shape.segmentation, f"annotation {shape.ann_id}"
-    try:
-        if isinstance(seg, list):
-            if any(not isinstance(p, list) for p in seg):  # [x1, y1, ...] for [[x1, y1, ...]]: it drew nothing
-                raise InvalidInputError(source, f"{where}: segmentation is not a list of polygons (each a list "
-                                                "[x1, y1, x2, y2, ...]); a flat list of numbers is one polygon "
-                                                "left unwrapped")
-            if any(len(p) % 2 for p in seg):
-                raise InvalidInputError(source, f"{where}: a polygon has an odd number of coordinates")
-            polygons = [[float(v) for v in p] for p in seg if len(p) >= 6]
-            if not polygons:
-                return np.zeros((height, width), dtype=bool)
-            rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
-        else:
-            size, counts = seg.get("size"), seg.get("counts")
-            if list(size or ()) != [height, width]:
-                raise InvalidInputError(source, f"{where}: RLE size {size} is not its image's [{height}, {width}]")
-            if isinstance(counts, list):
-                if sum(counts) != height * width or any(not isinstance(c, int) or c < 0 for c in counts):
-                    raise InvalidInputError(source, f"{where}: RLE counts do not cover its {height}x{width} image")
-                rle = coco_mask.frPyObjects(seg, height, width)
-            elif isinstance(counts, (str, bytes)):
-                text = counts.encode("ascii") if isinstance(counts, str) else counts
-                runs = compressed_counts(text)
-                if runs is None or sum(runs) != height * width or any(c < 0 for c in runs):
-                    # pycocotools writes runs past the mask's end, or leaves its tail as whatever memory held
-                    raise InvalidInputError(source, f"{where}: RLE counts do not cover its {height}x{width} image")
-                rle = {"size": [height, width], "counts": text}
-            else:
-                raise InvalidInputError(source, f"{where}: RLE counts are neither a list nor a string")
-        mask = coco_mask.decode(rle)
-    except (TypeError, ValueError, UnicodeEncodeError) as err:
-        raise InvalidInputError(source, f"{where}: segmentation cannot be decoded ({err})") from None
-    if mask.shape[:2] != (height, width):
-        raise InvalidInputError(source, f"{where}: segmentation is not its image's {height}x{width}")
-    return mask.astype(bool)
 
 
 def _panoptic_labels(png: Path, segments: PanopticSegments) -> np.ndarray:
