@@ -10,8 +10,8 @@ checked as data before GDAL sees them:
 
 - always refused: GDAL's special handlers that read no file (``/vsistdin/``,
   ``/vsimem/``, ``/vsisubfile/``, ...), a raw band's file outside the VRT's
-  own folder (raw bands read any bytes), and link-local hosts
-  (169.254.0.0/16, ``fe80::``: the metadata services);
+  own folder (raw bands read any bytes), link-local hosts (169.254.0.0/16,
+  ``fe80::``: the metadata services), and Python pixel functions (code);
 - with ``roots`` (``nightly`` on an inbox: the inbox and the folders the
   operator allows with ``--source-root``): every local file must lie under
   one of them, after links are resolved.  ``segment`` passes no roots: its
@@ -148,6 +148,10 @@ def vrt_sources(path: str | os.PathLike[str], depth: int = 0) -> list[NamedSourc
         root = ET.fromstring(data)
     except ET.ParseError as exc:
         raise UnsafeInputError(path, f"is not a readable VRT: {exc}") from None
+    if any(e.tag == "PixelFunctionCode" or (e.tag == "PixelFunctionLanguage" and (e.text or "").strip().lower()
+                                             == "python") for e in root.iter()):
+        raise UnsafeInputError(path, "is a VRT holding Python pixel-function code, which segflow does not run "
+                                     "(an input file is data, not code)")
     found: list[NamedSource] = []
     for band in root.iter():
         if band.tag == "VRTRasterBand" and band.get("subClass") == "VRTRawRasterBand":

@@ -114,6 +114,12 @@ def test_a_vrts_sources_are_found_nested_and_relative_and_its_xml_is_not_trusted
     (tmp_path / "broken.vrt").write_text("<VRTDataset><VRTRasterBand>")
     with pytest.raises(UnsafeInputError, match="is not a readable VRT"):
         vrt_sources(tmp_path / "broken.vrt")
+    code = tmp_path / "code.vrt"  # GDAL runs such code only where it is built and configured to: never asked
+    code.write_text(HEADER + '<VRTRasterBand dataType="Byte" band="1" subClass="VRTDerivedRasterBand">'
+                    "<PixelFunctionLanguage>Python</PixelFunctionLanguage><PixelFunctionType>f</PixelFunctionType>"
+                    "<PixelFunctionCode><![CDATA[import os]]></PixelFunctionCode></VRTRasterBand></VRTDataset>")
+    with pytest.raises(UnsafeInputError, match="is a VRT holding Python pixel-function code, which segflow does not run"):
+        vrt_sources(code)
     loop = _vrt(tmp_path / "loop.vrt", "loop.vrt", relative=True)
     with pytest.raises(UnsafeInputError, match="nests VRTs more than 8 deep"):
         vrt_sources(loop)
