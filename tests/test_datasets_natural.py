@@ -102,7 +102,8 @@ def test_voc_devkit_with_two_years_is_refused(tmp_path: Path) -> None:
     assert "VOC2007, VOC2012" in refused(lambda: voc.LAYOUT.open(devkit), str(devkit))
 
 
-@pytest.mark.parametrize("fault", ["no val.txt", "no split list", "no SegmentationClass", "image without label",
+@pytest.mark.parametrize("fault", ["no val.txt", "no split list", "no SegmentationClass", "no JPEGImages",
+                                   "image without label",
                                    "label without image", "listed image missing", "size mismatch", "RGB label",
                                    "path in list"])
 def test_voc_malformed_layouts_name_the_file(tmp_path: Path, fault: str) -> None:
@@ -119,6 +120,12 @@ def test_voc_malformed_layouts_name_the_file(tmp_path: Path, fault: str) -> None
     elif fault == "no SegmentationClass":
         shutil.rmtree(labels)
         needle = str(labels)
+    elif fault == "no JPEGImages":  # the pictures not unpacked yet: "not a dataset layout" had not said which
+        shutil.rmtree(root / "JPEGImages")
+        needle = str(root / "JPEGImages")
+        from storage.datasets import open_dataset
+
+        assert str(root / "JPEGImages") in refused(lambda: open_dataset(root), needle)
     elif fault == "image without label":
         (labels / "2007_000039.png").unlink()
         needle = str(root / "JPEGImages" / "2007_000039.jpg")

@@ -97,11 +97,13 @@ class VocDataset:
 
 
 def detect(root: Path) -> bool:
-    """A folder with the three VOC parts, or a VOCdevkit-like folder with a VOC20xx child (names only)."""
+    """A folder with the VOC parts (its pictures or its class maps), or a VOCdevkit-like folder with a VOC20xx
+    child (names only)."""
     root = Path(root)
     if not root.is_dir():
         return False
-    if (root / "JPEGImages").is_dir():  # a year folder, even with a part missing: open says which
+    # a year folder, even with a part missing (JPEGImages/ itself: the pictures not unpacked yet): open says which
+    if (root / "JPEGImages").is_dir() or (root / "SegmentationClass").is_dir():
         return True
     return any(YEAR.match(child.name) and (child / "JPEGImages").is_dir() for child in _children(root))
 
@@ -150,7 +152,7 @@ def _children(root: Path) -> list[Path]:
 
 def _year_folder(root: Path) -> Path:
     """``root`` itself, or the one VOC20xx folder a VOCdevkit holds."""
-    if (root / "JPEGImages").exists():
+    if (root / "JPEGImages").exists() or (root / "SegmentationClass").exists():  # a year folder, maybe incomplete
         return root
     years = sorted(child for child in _children(root) if YEAR.match(child.name))
     if len(years) != 1:
