@@ -219,8 +219,10 @@ def check_named_sources(item: Any, roots: "list[Path] | None" = None, origin: st
     from storage.sources import check_sources, vrt_sources
     from storage.stacitem import is_item_path
 
-    if not isinstance(item, (str, Path)):  # a DICOM series, a case's channel files: files, not names of files
-        return
+    from storage.remote import is_url
+
+    if not isinstance(item, (str, Path)) or is_url(str(item)):  # a DICOM series, a case's channel files; a URL
+        return  # is checked as its staged copy
     if str(item).lower().endswith(".vrt"):
         check_sources(item, vrt_sources(item), roots)
     elif roots is not None and is_item_path(item):

@@ -41,7 +41,8 @@ from flows.config import SegmentOptions
 from flows.export import export_labels, qgis_styles, quicklook_image, write_quicklook
 from flows.infer import device_name, run_inference
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
-from flows.inputs import GROUPS, ingest_input, input_label, input_stem, output_name, overwritten_input, same_file
+from flows.inputs import (GROUPS, check_named_sources, ingest_input, input_label, input_stem, output_name,
+                          overwritten_input, same_file)
 from flows.interrupts import check_interrupt, resumable
 from flows.progress import say
 from flows.replacing import Replacing, remove_path
@@ -103,6 +104,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     t0 = time.perf_counter()
     if not isinstance(input_path, GROUPS):
         input_path = Path(input_path)
+        check_named_sources(input_path)  # a VRT downloaded from a URL too, before GDAL opens its sources
     out_dir = Path(out_dir)
     clobbered = overwritten_input(input_path, out_dir, split_by_tile=options.split_by_tile)
     if clobbered is not None:

@@ -183,3 +183,22 @@ def test_nightly_takes_sources_from_the_inbox_and_the_allowed_folders_only(model
     by_name = {Path(r["input"]).name: r for r in nightly_report(state)["inputs"]}
     assert by_name["outside.vrt"]["status"] == "done", by_name["outside.vrt"]
     assert (out / "outside.tif").is_file()
+
+
+def test_a_vrt_given_as_a_url_is_checked_once_downloaded(model, tmp_path, dask_cluster):
+    """A URL input is staged (downloaded) before its header is read, which the header check skips: a VRT
+    fetched so, whose raw bands read /etc/passwd, is refused as a local one is."""
+    import fsspec
+
+    from flows.config import SegmentOptions
+    from flows.staging import segment_staged
+
+    url = "memory://segflow-test-sources/raw.vrt"
+    with fsspec.open(url, "w") as f:
+        f.write(_raw_vrt(tmp_path / "raw.vrt", "/etc/passwd").read_text())
+    try:
+        with pytest.raises(UnsafeInputError, match=r"raw.vrt: its source '/etc/passwd' is a raw band's file"):
+            segment_staged(url, model, str(tmp_path / "out"), SegmentOptions(), dask_cluster)
+    finally:
+        fsspec.filesystem("memory").rm("/segflow-test-sources", recursive=True)
+    assert not (tmp_path / "out").exists() or not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("raw")]
