@@ -158,6 +158,9 @@ def mean_field(probs: np.ndarray, image: np.ndarray, params: CRFParams,
     """
     probs = np.asarray(probs)
     image = np.asarray(image)
+    if not np.isfinite(image).all():  # NaN or inf pixels (nodata): 0, as the network saw them.  A NaN in the
+        # bilateral kernel's weights had made every valid pixel within the halo NaN, then labelled class 0
+        image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
     spatial = probs.shape[1:]
     ndim = len(spatial)
     if ndim not in (2, 3):
@@ -265,19 +268,23 @@ def crf_dask(probs: da.Array, image: da.Array, params: CRFParams, mask: da.Array
     chunks.  Memory per task: (chunk + 2·halo)^d × (C + Cin) floats, plus
     the kernel cache.
     """
+    # the shapes first: wrapping a numpy image in the probabilities' chunks had failed inside dask instead
+    ndim = probs.ndim - 1
+    if ndim not in (2, 3) or image.ndim != probs.ndim:
+        raise ValueError(f"need probs (C, *spatial) and image (Cin, *spatial), got {probs.shape} and {image.shape}")
+    if tuple(image.shape[1:]) != tuple(probs.shape[1:]):
+        raise ValueError(f"image {image.shape} and probabilities {probs.shape} differ in spatial shape")
+    if mask is not None and tuple(mask.shape) != tuple(probs.shape[1:]):
+        raise ValueError(f"mask {mask.shape} differs from the spatial shape {probs.shape[1:]}")
+    channels = getattr(normalizer, "shift", None)
+    if channels is not None and len(channels) != image.shape[0]:  # else numpy's broadcast error at compute
+        raise ValueError(f"image has {image.shape[0]} channels, the normalizer {len(channels)}")
     # numpy arrays as ``predict`` takes them: the image as one chunk per probability chunk, the mask likewise
     probs = probs if isinstance(probs, da.Array) else da.from_array(np.asarray(probs), chunks=probs.shape)
     if not isinstance(image, da.Array):
         image = da.from_array(np.asarray(image), chunks=(image.shape[0], *probs.chunks[1:]))
     if mask is not None and not isinstance(mask, da.Array):
         mask = da.from_array(np.asarray(mask), chunks=probs.chunks[1:])
-    ndim = probs.ndim - 1
-    if ndim not in (2, 3) or image.ndim != probs.ndim:
-        raise ValueError(f"need probs (C, *spatial) and image (Cin, *spatial), got {probs.shape} and {image.shape}")
-    if image.shape[1:] != probs.shape[1:]:
-        raise ValueError(f"image {image.shape} and probabilities {probs.shape} differ in spatial shape")
-    if mask is not None and tuple(mask.shape) != tuple(probs.shape[1:]):
-        raise ValueError(f"mask {mask.shape} differs from the spatial shape {probs.shape[1:]}")
     if params.iterations == 0:
         return probs.astype(np.float32)
     original = probs.chunks

@@ -108,6 +108,37 @@ def test_masked_pixels_unchanged_and_silent():
     np.testing.assert_array_equal(again[:, ~mask], noisy[:, ~mask])
 
 
+def test_nan_pixels_are_zero_to_the_crf_as_to_the_network_and_reach_no_neighbour():
+    """A NaN nodata hole made the bilateral kernel's weights NaN: every valid pixel within the halo got NaN
+    probabilities, then label 0 (2,100 pixels around a 20x20 hole through segment --crf; API probe).  NaN and
+    inf pixels are 0 to the CRF, as to the network; whatever they held, valid pixels get the same answer."""
+    probs, image, mask = random_inputs((30, 30), seed=5)
+    params = CRFParams(w_bilateral=3.0, w_spatial=2.0)
+    holed = image.copy()
+    holed[:, ~mask] = np.nan
+    holed[0, ~mask & (np.arange(30)[None, :] % 2 == 0)] = np.inf
+    out = mean_field(probs, holed, params, mask)
+    assert np.isfinite(out).all()
+    zeroed = image.copy()
+    zeroed[:, ~mask] = 0.0
+    np.testing.assert_array_equal(out, mean_field(probs, zeroed, params, mask))
+    np.testing.assert_allclose(out[:, mask].sum(0), 1.0, atol=1e-5)
+    chunk = chunked(probs, holed, mask, params, (7, 13))  # chunk by chunk alike
+    np.testing.assert_allclose(chunk, out, atol=1e-6)
+
+
+def test_shape_and_channel_mismatches_are_said_before_dask_or_numpy_fail():
+    """A numpy image of another size had failed inside dask ("Chunks do not add up to shape"), and a normaliser
+    of another channel count at compute time with numpy's broadcast error (API probe)."""
+    from segmentation.normalize import Normalizer
+
+    probs, image, _ = random_inputs((30, 40))
+    with pytest.raises(ValueError, match=r"image \(2, 60, 40\) and probabilities \(3, 30, 40\) differ in spatial"):
+        crf_dask(probs, np.zeros((2, 60, 40), np.float32), CRFParams())
+    with pytest.raises(ValueError, match="image has 2 channels, the normalizer 4"):
+        crf_dask(probs, image, CRFParams(), normalizer=Normalizer((0.0,) * 4, (1.0,) * 4))
+
+
 def test_potts_matrix_matches_default_and_cache_is_transparent():
     probs, image, mask = random_inputs((25, 21), classes=4)
     potts = (1.0 - np.eye(4)).tolist()
