@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
@@ -54,16 +54,31 @@ class LoadedModel:
     weights_sha256: str
     weights_path: Path | None = None  # the file weights_sha256 is the hash of
     source: str = "segflow"  # segflow | torchscript | monai-bundle
+    _as_loaded: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._as_loaded = _state_signature(self.module)
 
     @property
     def name(self) -> str:
         return self.card.name
+
+    def weights_changed(self) -> bool:
+        """Whether the module's weights were changed since it was loaded (an in-place edit, a
+        ``load_state_dict``, a new parameter): ``weights_sha256`` then no longer says what it computes."""
+        return _state_signature(self.module) != self._as_loaded
 
     def __repr__(self) -> str:  # the dataclass's repr held the whole card (loss curve included) and network
         spec = self.card.input
         return (f"LoadedModel({self.card.name!r}, {self.card.architecture.name} {spec.spatial_dims}D, "
                 f"{spec.channels} channel(s) -> {self.card.num_classes} classes, roi {self.card.inference.roi}, "
                 f"weights sha256 {self.weights_sha256[:12]}, from {str(self.path)!r})")
+
+
+def _state_signature(module: nn.Module) -> tuple:
+    """Each parameter and buffer object with its in-place version counter: what any change of the weights
+    changes, without reading them."""
+    return tuple((name, id(t), t._version) for name, t in module.state_dict(keep_vars=True).items())
 
 
 def read_card(path: str | PathLike[str]) -> ModelCard:

@@ -93,6 +93,8 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         # the card is half the model: two with the same weights file and another activation or normalisation had
         # one dask name, and computed together gave the first one's probabilities for both
         module, token = model.module, f"{model.weights_sha256}-{model.card.shaping_sha256()[:16]}"
+        if model.weights_changed():  # fine-tuned or reloaded in memory: the file's hash no longer names them
+            token = None
     else:
         module, token, blend_logits = model, None, blend_outputs == "logits"
         padding = {}
@@ -130,7 +132,8 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         # the structure too (repr: activations, norms...) and the object: two networks sharing a state_dict but
         # not an activation had one key, and computed together both gave the first one's probabilities
         token = tokenize(*[p.detach().cpu().numpy() for p in module.state_dict().values()], type(module).__name__,
-                         repr(module), id(module))
+                         repr(module), id(module),
+                         model.card.shaping_sha256() if isinstance(model, LoadedModel) else None)
     predictor = WindowPredictor(module, spatial_dims=spatial_dims, num_classes=num_classes,
                                 precision=precision, device=device, batch_size=batch_size,
                                 token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}"

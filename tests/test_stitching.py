@@ -417,6 +417,28 @@ def test_loaded_models_sharing_a_weights_file_but_not_a_card_have_their_own_resu
     assert not np.allclose(ga, gb)
 
 
+def test_a_loaded_model_whose_weights_were_changed_in_memory_has_its_own_results(tmp_path):
+    """A loaded model's dask name was its weights file's hash: one fine-tuned (or given another state_dict) in
+    memory, computed together with a copy as loaded, gave the copy's probabilities for both (API probe)."""
+    from segmentation.modeldir import load_model
+    from tests.models import tiny_model
+
+    path = tiny_model(tmp_path / "m", spatial_dims=2, channels=1, roi=[16, 16]).path
+    a, b = load_model(path), load_model(path)
+    img = np.random.default_rng(2).normal(size=(1, 30, 30)).astype(np.float32)
+    assert predict(img, a).name == predict(img, b).name  # unchanged: one name, computed once
+    with torch.no_grad():
+        for p in b.module.parameters():
+            p.mul_(0.5)
+    assert b.weights_changed() and not a.weights_changed()
+    pa, pb = predict(img, a), predict(img, b)
+    assert pa.name != pb.name
+    alone = pb.compute(scheduler="sync")
+    ga, gb = dask.compute(pa, pb, scheduler="sync")
+    np.testing.assert_array_equal(gb, alone)
+    assert not np.allclose(ga, gb)
+
+
 def test_torchscript_modules_and_user_mistakes():
     """A scripted or traced module failed inside the task (requires_grad on a copy's non-leaf parameters); a
     wrong precision ran as exact without a word; a model folder's path was told 'roi is required'."""
