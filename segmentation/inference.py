@@ -330,6 +330,9 @@ class WindowPredictor:
                 xbuf[j].copy_(x[(slice(None),) + sl])
             xb = xbuf[:len(batch)]
             logits = self._logits(net, xb)
+            if logits.shape[1] != num_classes:  # a plain module's given num_classes: torch's shape error had said it
+                raise ConfigError(None, f"num_classes={num_classes}, and the network returns {logits.shape[1]} "
+                                        "channels for a window")
             # on the CPU, plain softmax blending goes slab by slab of each window (softmax_slabs): the probabilities
             # stay in the core's cache from the softmax to the sums, in a buffer of one window; a GPU takes the
             # batch in one launch per step

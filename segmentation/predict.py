@@ -69,7 +69,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
     roi = (roi,) * spatial_dims if isinstance(roi, (int, np.integer)) else roi
     _check_arguments(image, spatial_dims, roi=roi, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                      chunks=chunks, mask=mask, batch_size=batch_size, device=device, normalizer=normalizer,
-                     blend_outputs=blend_outputs)
+                     blend_outputs=blend_outputs, flip_tta=flip_tta, num_classes=num_classes)
     if isinstance(model, LoadedModel) and num_classes is not None and num_classes != model.card.num_classes:
         raise ConfigError(None, f"num_classes={num_classes}, and model {model.card.name!r} has "
                                 f"{model.card.num_classes} classes (leave num_classes out for a loaded model)")
@@ -81,7 +81,7 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         if card.input.channels != image.shape[0]:
             raise IncompatibleInputError(None, f"model {card.name!r} takes {card.input.channels} channels, "
                                                f"the input has {image.shape[0]}")
-        roi = roi or card.inference.roi
+        roi = card.inference.roi if roi is None else roi  # a numpy roi has no truth value
         overlap = card.inference.overlap if overlap is None else overlap
         blend = blend or card.inference.blend
         sigma_scale = sigma_scale or card.inference.sigma_scale
@@ -152,29 +152,46 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                       blend=blend, sigma_scale=sigma_scale, source=stored, one_process=one_process)
 
 
+def _real(value: Any) -> bool:
+    """A number as the arguments take one: not a string that ``float()`` would read, not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_arguments(image: Any, spatial_dims: int, *, roi: Any, overlap: Any, blend: Any, sigma_scale: Any,
-                     chunks: Any, mask: Any, batch_size: Any, device: str, normalizer: Any, blend_outputs: Any) -> None:
+                     chunks: Any, mask: Any, batch_size: Any, device: str, normalizer: Any, blend_outputs: Any,
+                     flip_tta: Any = None, num_classes: Any = None) -> None:
     """Every argument checked before a graph is built, each refusal a ``ConfigError`` saying what is wanted.
 
     Unchecked, ``batch_size=-1`` ran no window at all and returned all-zero probabilities (labels all class 0),
     a float ``mask`` of 0.3 counted every pixel as valid, ``blend_outputs="bogus"`` ran as probabilities,
-    ``sigma_scale=0`` as 0.125, ``roi=(64.5, 64)`` as 64, and the rest failed deep in torch, MONAI or dask.
+    ``sigma_scale=0`` as 0.125, ``roi=(64.5, 64)`` as 64, and the rest failed deep in torch, MONAI or dask (as
+    ``overlap="0.5"``, ``chunks=64.0`` and ``flip_tta=1`` still did, found by an API probe).
     """
     dtype = np.dtype(getattr(image, "dtype", np.float32))
     if dtype.kind not in "biuf":
         raise ConfigError(None, f"image must hold real numbers (integer or float), got dtype {dtype}")
     if isinstance(image, da.Array) and any(np.isnan(c) for axis in image.chunks for c in axis):
         raise ConfigError(None, "the dask image has unknown chunk sizes: call image.compute_chunk_sizes() first")
-    if roi is not None and (isinstance(roi, str) or not all(float(r) == int(r) and int(r) >= 1 for r in roi)):
+    if roi is not None and (not hasattr(roi, "__iter__") or isinstance(roi, str)
+                            or not all(_real(r) and float(r) == int(r) and int(r) >= 1 for r in roi)):
         raise ConfigError(None, f"roi must be positive whole numbers, one per spatial axis, got {roi!r}")
-    if overlap is not None and not 0.0 <= float(overlap) < 1.0:
-        raise ConfigError(None, f"overlap must be in [0, 1), got {overlap}")
+    if overlap is not None and not (_real(overlap) and 0.0 <= float(overlap) < 1.0):
+        raise ConfigError(None, f"overlap must be a number in [0, 1), got {overlap!r}")
     if blend is not None and blend not in ("gaussian", "constant"):
         raise ConfigError(None, f"blend must be 'gaussian' or 'constant', got {blend!r}")
     if blend_outputs is not None and blend_outputs not in ("probabilities", "logits"):
         raise ConfigError(None, f"blend_outputs must be 'probabilities' or 'logits', got {blend_outputs!r}")
-    if sigma_scale is not None and not float(sigma_scale) > 0.0:
-        raise ConfigError(None, f"sigma_scale must be > 0, got {sigma_scale}")
+    if sigma_scale is not None and not (_real(sigma_scale) and float(sigma_scale) > 0.0):
+        raise ConfigError(None, f"sigma_scale must be a number > 0, got {sigma_scale!r}")
+    if flip_tta is not None and (not hasattr(flip_tta, "__iter__") or isinstance(flip_tta, str)
+                                 or not all(_whole(a) for a in flip_tta)):
+        raise ConfigError(None, f"flip_tta must list spatial axes (e.g. [0, 1]), got {flip_tta!r}")
+    if num_classes is not None and not (_whole(num_classes) and num_classes >= 1):
+        raise ConfigError(None, f"num_classes must be a whole number >= 1, got {num_classes!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ConfigError(None, f"batch_size must be a whole number >= 1, got {batch_size!r}")
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
@@ -183,9 +200,9 @@ def _check_arguments(image: Any, spatial_dims: int, *, roi: Any, overlap: Any, b
         raise ConfigError(None, f"normalizer must be a segmentation.normalize.Normalizer (callable), got "
                                 f"{type(normalizer).__name__}")
     if chunks is not None:
-        sizes = [chunks] if isinstance(chunks, (int, np.integer)) else chunks
-        if isinstance(sizes, str) or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in sizes) or \
-                (not isinstance(chunks, (int, np.integer)) and len(sizes) != spatial_dims):
+        sizes = [chunks] if _whole(chunks) else chunks
+        if isinstance(sizes, str) or not hasattr(sizes, "__iter__") or not all(_whole(c) and c >= 1 for c in sizes) \
+                or (not _whole(chunks) and len(sizes) != spatial_dims):
             raise ConfigError(None, f"chunks must be a positive whole number or one per spatial axis "
                                     f"({spatial_dims}), got {chunks!r}")
     if mask is not None:
@@ -200,10 +217,11 @@ def _check_arguments(image: Any, spatial_dims: int, *, roi: Any, overlap: Any, b
 
 def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> int:
     """The class count of a plain module's output for one window, checked: a wrong channel count or a dict output
-    failed inside the tasks with a torch error (given ``num_classes``, the module is taken at its word and not run
-    here).  Run in eval mode (:func:`segmentation.models.window_output`): a module left in train mode had its
-    BatchNorm statistics updated by this probe, and the windows then ran with them (probabilities 0.036 off MONAI's
-    on the same module in eval mode)."""
+    failed inside the tasks with a torch error (a given ``num_classes`` is taken at its word and not run here: the
+    windows' tasks check it, :meth:`segmentation.inference.WindowPredictor._accumulate`).  Run in eval mode
+    (:func:`segmentation.models.window_output`): a module left in train mode had its BatchNorm statistics updated
+    by this probe, and the windows then ran with them (probabilities 0.036 off MONAI's on the same module in eval
+    mode)."""
     window = (1, channels, *roi)
     try:
         got = models.window_output(module, channels, roi)
@@ -237,6 +255,13 @@ def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | 
     image chunk waits in memory for the windows that need it (a dask image's
     graph is culled to each region and computed there: see
     :class:`segmentation.regions.ComputedRegion` for what that costs).
+
+    One pass runs before it returns: a card whose normalisation needs the whole
+    image's statistics (``image_zscore``, ``percentile``) has them computed here,
+    chunk by chunk, so the call reads the image once more (the windows are
+    normalised with the same numbers whatever the chunking).  Give
+    ``normalizer=`` (e.g. a ``build_plan(...).normalizer`` kept from before) to
+    skip it.
     """
     plan = build_plan(image, model, roi=roi, overlap=overlap, blend=blend, precision=precision,
                       chunks=chunks, mask=mask, **kwargs)

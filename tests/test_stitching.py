@@ -478,13 +478,20 @@ def test_torchscript_modules_and_user_mistakes():
                             ({"mask": np.ones((1, 30, 30), bool)}, "mask shape .* no channel axis"),
                             ({"blend_outputs": "bogus"}, "blend_outputs must be"),
                             ({"blend": "bogus"}, "blend must be 'gaussian' or 'constant'"),
-                            ({"sigma_scale": 0}, "sigma_scale must be > 0"),
+                            ({"sigma_scale": 0}, "sigma_scale must be a number > 0"),
+                            # these four failed deep in numpy, MONAI or the window tasks (API probe, 2026-12-06)
+                            ({"sigma_scale": "0.1"}, "sigma_scale must be a number > 0, got '0.1'"),
+                            ({"overlap": "0.5"}, r"overlap must be a number in \[0, 1\), got '0.5'"),
+                            ({"chunks": 64.0}, "chunks must be a positive whole number"),
+                            ({"flip_tta": 1}, r"flip_tta must list spatial axes \(e.g. \[0, 1\]\), got 1"),
                             ({"roi": (16.5, 16)}, "roi must be positive whole numbers"),
                             ({"chunks": 0}, "chunks must be"), ({"chunks": (8, 8, 8)}, "chunks must be"),
                             ({"chunks": "auto"}, "chunks must be"), ({"device": "bogus"}, "device must be"),
                             ({"normalizer": "zscore"}, "normalizer must be")):
         with pytest.raises(ConfigError, match=message):
             predict(img, net, **{"roi": (16, 16), **kwargs})
+    with pytest.raises(ConfigError, match="num_classes=7, and the network returns"):  # in its first window's task
+        predict(img, net, roi=(16, 16), num_classes=7).compute(scheduler="sync")
     with pytest.raises(ConfigError, match="torch tensor"):
         predict(torch.zeros(1, 30, 30), net, roi=(16, 16))
     with pytest.raises(ConfigError, match="real numbers"):
