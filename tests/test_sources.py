@@ -118,7 +118,8 @@ def test_a_vrts_sources_are_found_nested_and_relative_and_its_xml_is_not_trusted
     code.write_text(HEADER + '<VRTRasterBand dataType="Byte" band="1" subClass="VRTDerivedRasterBand">'
                     "<PixelFunctionLanguage>Python</PixelFunctionLanguage><PixelFunctionType>f</PixelFunctionType>"
                     "<PixelFunctionCode><![CDATA[import os]]></PixelFunctionCode></VRTRasterBand></VRTDataset>")
-    with pytest.raises(UnsafeInputError, match="is a VRT holding Python pixel-function code, which segflow does not run"):
+    with pytest.raises(UnsafeInputError, match="is a VRT holding Python pixel-function code, which segflow does "
+                                               "not run"):
         vrt_sources(code)
     loop = _vrt(tmp_path / "loop.vrt", "loop.vrt", relative=True)
     with pytest.raises(UnsafeInputError, match="nests VRTs more than 8 deep"):
