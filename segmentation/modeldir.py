@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from safetensors.torch import save_file
@@ -78,7 +79,16 @@ class LoadedModel:
 def _state_signature(module: nn.Module) -> tuple:
     """Each parameter and buffer object with its in-place version counter: what any change of the weights
     changes, without reading them."""
-    return tuple((name, id(t), t._version) for name, t in module.state_dict(keep_vars=True).items())
+    return tuple((name, id(t), _version(t)) for name, t in module.state_dict(keep_vars=True).items())
+
+
+def _version(tensor: Any) -> int:
+    """A tensor's in-place version counter; -1 for an inference tensor (made under ``torch.inference_mode``),
+    which keeps none and can only be changed in place inside that mode."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return -1
 
 
 def read_card(path: str | PathLike[str]) -> ModelCard:
