@@ -68,17 +68,18 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
                 dtype=str(probs.dtype), provenance=record))
             created.append(written[-1])
         polygons = None
+        when = scene_time(meta, record)  # once: for a mosaic it opens every tile
         if vector != "none":
             # listed before it is written: the writer renames the file into place, then totals the areas, and an
             # interrupt between the two had left a finished-looking .gpkg that no cleanup knew of
             created.append(vector_path(out_path, vector))
             polygons = write_vectors(labels, meta, model, out_path, vector, group.attrs["nodata_label"],
-                                     simplify=simplify, changed=scene_time(meta, record))
+                                     simplify=simplify, changed=when)
             written.append(polygons)
         from storage.header import on_the_earth
 
         if on_the_earth(_crs(meta.geometry)):  # a STAC item needs a footprint on the Earth
-            written.append(stac_item(meta, model, out_path, record, written, polygons))
+            written.append(stac_item(meta, model, out_path, record, written, polygons, when))
             created.append(written[-1])
         written += qgis_styles([out_path], model.card.classes, created)
         return written
@@ -149,7 +150,7 @@ def _crs(geometry: Any) -> Any:
 
 
 def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, Any], written: list[Path],
-              polygons: Path | None = None) -> Path:
+              polygons: Path | None = None, when: Any = None) -> Path:
     """``<stem>.stac.json``: the label COG (classification), probabilities, and the model as MLM describes it."""
     from segmentation.mlm import weights_asset
     from storage.stac import write_stac_item
@@ -163,7 +164,7 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
         model=_model_description(card, model.weights_sha256, "cuda" if device.startswith("cuda") else "cpu",
                                  _band_names(card, meta, record)),
         gsd=float(spacing[0]) if spacing and card.input.spacing_unit == "m" else None,
-        source=str(meta.source.path), vectors=polygons, datetime_=scene_time(meta, record),
+        source=str(meta.source.path), vectors=polygons, datetime_=when if when is not None else scene_time(meta, record),
         weights=weights_asset(model),
         probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None,
         grid=_written_grid(record))

@@ -216,10 +216,9 @@ def check_named_sources(item: Any, roots: "list[Path] | None" = None, origin: st
     GDAL opens it: ``roots`` limits local sources to those folders (``nightly``'s inbox).  A STAC item's
     assets are checked against the always-refused ones when planned (``storage.stacassets.plan_item``), so
     here only for ``roots``."""
+    from storage.remote import is_url
     from storage.sources import check_sources, vrt_sources
     from storage.stacitem import is_item_path
-
-    from storage.remote import is_url
 
     if not isinstance(item, (str, Path)) or is_url(str(item)):  # a DICOM series, a case's channel files; a URL
         return  # is checked as its staged copy
