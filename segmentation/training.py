@@ -215,6 +215,15 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
         raise InvalidInputError(names[0] if len(names) == 1 else None,
                                 "no labelled pixel to train on: every label pixel of the training part is the "
                                 f"ignore value {train_samples[0].ignore_index} or lies where the image has no data")
+    present = sorted({c for prep in preps for c, coords in prep.where.items() if len(coords)})
+    if len(present) == 1 and card.num_classes > 1:  # trained without a word into a model that draws one class
+        names = sorted({s.name for s in train_samples if s.name})
+        only = next((c.name for c in card.classes if c.value == present[0]), None)
+        raise InvalidInputError(names[0] if len(names) == 1 else None,
+                                f"every labelled pixel of the training part is class {present[0]}"
+                                + (f" ({only})" if only else "") + f" of the card's {card.num_classes}: a model "
+                                "trained on it can only ever draw that class (are these the label files, and their "
+                                "values the card's classes?)")
     if val_samples and not any(_has_labels(s) for s in val_samples):
         names = sorted({s.name for s in val_samples if s.name})
         raise InvalidInputError(names[0] if len(names) == 1 else None,

@@ -237,6 +237,7 @@ def test_ignored_region_does_not_teach_a_class():
     image = rng.normal(100, 5, (1, 64, 64)).astype(np.float32)
     labels = np.full((64, 64), 255, np.uint8)
     labels[24:40, 24:40] = 1
+    image[:, :4, :4], labels[:4, :4] = 200.0, 0  # a bright corner teaches class 0 (one class alone is refused)
     card = small_card(channels=1, classes=2, normalization={"mode": "image_zscore"}, roi=[32, 32])
     result = train(card, [TrainingSample(image, labels)], steps=40, batch_size=4, seed=0, precision="exact")
     assert result.provenance["ignore_index"] == [255]

@@ -445,7 +445,15 @@ def test_labels_off_the_image_grid_out_of_the_card_s_classes_or_all_ignored_are_
     with pytest.raises(InvalidInputError) as err:
         train_from_files(card, [(image, ignored)], tmp_path / "m4", **run)
     assert str(err.value).startswith(f"{ignored}: no labelled pixel to train on")
-    assert not (tmp_path / "m3").exists() and not (tmp_path / "m4").exists()
+    # one class only (a blank mask, or labels 0/1 meant for another card): trained silently into a model that
+    # draws that class everywhere
+    blank = _relabelled(truth, tmp_path / "blank.tif", values=lambda a: np.where(a == 255, 255, 2))
+    with pytest.raises(InvalidInputError) as err:
+        train_from_files(card, [(image, blank)], tmp_path / "m6", **run)
+    assert str(err.value) == (f"{blank}: every labelled pixel of the training part is class 2 (c2) of the card's 5: "
+                              "a model trained on it can only ever draw that class (are these the label files, and "
+                              "their values the card's classes?)")
+    assert not any((tmp_path / m).exists() for m in ("m3", "m4", "m6"))
     # a hold-out with nothing labelled in it: every validation was "n/a" and the first step validated was kept
     half = _relabelled(truth, tmp_path / "half.tif", values=lambda a: np.where(np.arange(a.shape[1]) >= 48, 255, a))
     with pytest.raises(InvalidInputError) as err:
