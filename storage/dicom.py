@@ -28,8 +28,8 @@ import numpy as np
 from pydicom.uid import UID
 
 from storage.dicomfiles import (DicomObject, Frame, SeriesRef, class_name, find_series, fmt_numbers, frame_name,
-                                is_dicom_input, scan_file, syntax_name, volume_label, why)
-from storage.dicomobject import decode_pixels
+                                is_dicom_input, scan_file, shared_instance, syntax_name, volume_label, why)
+from storage.dicomobject import decode_pixels, unreadable
 from storage.errors import CorruptInputError, InputError, InvalidInputError, StoreError, UnsupportedFormatError
 from storage.geometry import DicomFile, DicomSeriesInfo, SourceInfo, VolumeGeometry
 from storage.hashing import sha256_input
@@ -83,7 +83,7 @@ def _plan(ref: SeriesRef) -> _Plan:
     for path in dict.fromkeys(ref.files):
         if not path.is_file():
             raise InputError(display, f"file {path} of the series is missing")
-        obj = scan_file(path)
+        obj = scan_file(path) or unreadable(path)
         if obj is None:
             raise UnsupportedFormatError(display, f"{path.name} is not a DICOM file")
         scanned.append(obj)
@@ -102,6 +102,8 @@ def _plan(ref: SeriesRef) -> _Plan:
         objects.append(obj)
     for obj in objects:
         _check_pixels(display, obj)
+    if problem := shared_instance(objects):
+        raise InvalidInputError(display, problem)
     frames = [f for obj in objects for f in obj.frames]
     keys = {f.key for f in frames}
     if ref.volume is not None:

@@ -22,18 +22,19 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from storage.dicomobject import (BARE_GROUPS, DicomObject, Frame, class_name, fmt_numbers, frame_name, scan_file,
-                                 syntax_name, why)
+                                 syntax_name, unreadable, why)
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.hashing import sha256_input
 from storage.inputfiles import check_readable_file
 
 __all__ = ["DicomObject", "Frame", "SeriesRef", "class_name", "find_series", "fmt_numbers", "frame_name",
-           "is_dicom_input", "scan_file", "syntax_name", "volume_label", "why"]
+           "is_dicom_input", "scan_file", "shared_instance", "syntax_name", "volume_label", "why"]
 
 DICOMDIR_NAME = "DICOMDIR"
 NAME_MAX = 80
@@ -55,11 +56,17 @@ class SeriesRef:
     volume: str | None = None  # key of one volume of a split enhanced multi-frame object, else None
     # byte-identical copies of files in ``files`` (same SOPInstanceUID: a folder merged twice), read once
     copies: tuple[Path, ...] = field(default=(), compare=False)
+    listed: bool = field(default=False, compare=False)  # its files were named one by one, not as a folder
 
     @property
     def display(self) -> str:
-        """How messages name the volume: the folder (the file, for a one-file series) and UIDs, never patient names."""
-        where = self.files[0] if len(self.files) == 1 else self.root
+        """How messages name the volume: the folder (the file, for a one-file series) and UIDs, never patient names.
+        Files named one by one from several folders are named themselves: their common folder (``/data``) is no
+        input the user gave, and a good file refused with a damaged copy of it went unnamed."""
+        where: Any = self.files[0] if len(self.files) == 1 else self.root
+        if self.listed and len({f.parent for f in self.files}) > 1:
+            where = ", ".join(map(str, self.files[:2])) + (f" and {len(self.files) - 2} more file(s)"
+                                                           if len(self.files) > 2 else "")
         return f"{where} [series {self.series_instance_uid}{' ' + self.volume if self.volume else ''}]"
 
     def sha256(self) -> str:
@@ -156,7 +163,9 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
             if obj is None:
                 if named is None:
                     raise UnsupportedFormatError(path, "not a DICOM file")
-                continue
+                obj = unreadable(path)  # a slice file emptied or cut short in a folder: its series is refused
+                if obj is None:
+                    continue
             if obj.damage is not None:
                 damaged.append(obj)
             elif obj.is_image and obj.series_instance_uid:
@@ -175,7 +184,7 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
         objects, copies = _without_copies(objects)
         found = _with_damaged(_refs_of(root, objects, copies), damaged)
         if named is None:  # loose files: each series is named by the folder its own files share, not all of them
-            found = [replace(ref, root=_common_parent(ref.files)) for ref in found]
+            found = [replace(ref, root=_common_parent(ref.files), listed=True) for ref in found]
         refs.extend(found)
     return sorted(refs, key=lambda r: (str(r.root), r.name, r.series_instance_uid, r.volume or ""))
 
@@ -227,6 +236,20 @@ def _without_copies(objects: list[DicomObject]) -> tuple[list[DicomObject], dict
                     sha256_input(other.path) == sha256_input(first.path):
                 copies[other.path] = first.path
     return [o for o in objects if o.path not in copies], copies
+
+
+def shared_instance(objects: Sequence[DicomObject]) -> str | None:
+    """Two files of a series claiming one SOPInstanceUID with different contents (byte-identical copies were left
+    out by :func:`find_series`): one is not the instance it says it is, and a DICOM SEG cannot reference both
+    (highdicom refused it only after the whole series was segmented)."""
+    seen: dict[str, Path] = {}
+    for obj in objects:
+        uid = obj.frames[0].sop_instance_uid if obj.frames else ""
+        if uid and uid in seen:
+            return (f"{seen[uid].name} and {obj.path.name} share one SOPInstanceUID ({uid}) but differ: one of "
+                    "them is not the instance it claims to be")
+        seen.setdefault(uid, obj.path)
+    return None
 
 
 def _refs_of(root: Path, objects: list[DicomObject], copies: dict[Path, Path] | None = None) -> list[SeriesRef]:

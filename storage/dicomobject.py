@@ -32,7 +32,7 @@ from pydicom.uid import UID
 
 from storage.errors import CorruptInputError, InputError
 
-__all__ = ["BARE_GROUPS", "DicomObject", "Frame", "class_name", "decode_pixels", "fmt_numbers", "frame_name",
+__all__ = ["BARE_GROUPS", "DICOM_SUFFIXES", "DicomObject", "Frame", "class_name", "decode_pixels", "fmt_numbers", "frame_name",
            "scan_file", "syntax_name", "why"]
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -200,6 +200,31 @@ def scan_file(path: Path) -> DicomObject | None:
         _HEADER_CACHE.pop(next(iter(_HEADER_CACHE)))
     _HEADER_CACHE[cache_key] = obj
     return obj
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")  # names only DICOM files take (Siemens writes .IMA)
+
+
+def unreadable(path: Path) -> DicomObject | None:
+    """A file that is not readable DICOM yet is named as a DICOM file or starts as one (the DICM preamble): a
+    slice emptied or cut short by an interrupted copy, as a damaged image of no known series (a folder's series
+    had been segmented without it, one slice short, when it was the last slice).  None for any other file (a
+    README, a thumbnail), which a folder may hold beside its series."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return None
+    if path.suffix.lower() not in DICOM_SUFFIXES and head[128:132] != b"DICM":
+        return None
+    return DicomObject(path=path, sop_class_uid="", is_image=False, series_instance_uid=None,
+                       study_instance_uid=None, frame_of_reference_uid=None, modality=None, series_description=None,
+                       series_number=None, transfer_syntax_uid=None, pixel_tag=None, bits_allocated=None,
+                       bits_stored=None, pixel_representation=0, samples_per_pixel=1, photometric=None,
+                       rescale_type=None, patient_name_present=False, patient_id_present=False,
+                       multi_frame_without_groups=False, size=size,
+                       damage=f"is not a readable DICOM file ({size} bytes): damaged or cut short")
 
 
 def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) -> DicomObject:

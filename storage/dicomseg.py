@@ -22,9 +22,13 @@ volume.  The file is written under a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -149,24 +153,9 @@ def write_dicom_seg(
         series_number = SEG_SERIES_NUMBER_BASE + (info.series_number or 0) % 1000
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
     try:
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=numbers,
-            segmentation_type=segmentation_type,
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=_lo(name),
-            software_versions=_lo(version),
-            device_serial_number=MANUFACTURER,
-            content_label="SEGFLOW",
-            content_description=_lo(f"{name} labels"),
-            omit_empty_frames=bool(np.any(numbers)),  # all empty: every frame, as highdicom would (with a warning)
-            **_character_set(descriptions, name, version),
-        )
+        with warnings.catch_warnings(), _quiet("highdicom"):  # highdicom quotes a one-part patient name it doubts
+            warnings.filterwarnings("ignore", message=".*person name", category=UserWarning)
+            seg = _segmentation(sources, numbers, segmentation_type, descriptions, series_number, name, version)
         if info.frame_numbers is not None:
             _refer_to_source_frames(seg, info.frame_numbers)
         seg.SeriesDescription = _lo(f"segflow {name}")
@@ -185,6 +174,41 @@ def write_dicom_seg(
         _unlink(tmp)
         raise
     return out
+
+
+def _segmentation(sources: list[pydicom.Dataset], numbers: np.ndarray, segmentation_type: str,
+                  descriptions: list[Any], series_number: int, name: str, version: str) -> Any:
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=numbers,
+        segmentation_type=segmentation_type,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=_lo(name),
+        software_versions=_lo(version),
+        device_serial_number=MANUFACTURER,
+        content_label="SEGFLOW",
+        content_description=_lo(f"{name} labels"),
+        omit_empty_frames=bool(np.any(numbers)),  # all empty: every frame, as highdicom would (with a warning)
+        **_character_set(descriptions, name, version),
+    )
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """A library's logger silenced for a call: its warnings quote header values (a patient's name), and messages
+    never show patient identifiers."""
+    logger = logging.getLogger(logger_name)  # its modules' loggers (highdicom.base) take its level
+    was = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(was)
 
 
 def _series_label(geometry: VolumeGeometry, root: str | PathLike[str] | None) -> str:

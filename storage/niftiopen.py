@@ -180,7 +180,7 @@ def describe_nifti(src: Path, img: Nifti1Pair) -> tuple[VolumeGeometry, int, Any
         raise InvalidInputError(src, "has a singular or non-finite affine (no valid voxel-to-world mapping)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qform = np.asarray(hdr.get_qform(coded=False), dtype=np.float64)
+        qform = np.asarray(_qform(hdr), dtype=np.float64)
         sform = np.asarray(hdr.get_sform(coded=False), dtype=np.float64)
     geometry = VolumeGeometry(
         shape=shape,
@@ -196,6 +196,18 @@ def describe_nifti(src: Path, img: Nifti1Pair) -> tuple[VolumeGeometry, int, Any
         dtype=stored.name,
     )
     return geometry, channels, read
+
+
+def _qform(hdr: Any) -> np.ndarray:
+    """The qform, whose quaternion's w = 0 (a 180-degree rotation) may come out as -8e-16 from float64 rounding:
+    NIfTI-2's threshold for that is float64's epsilon, so nibabel raised "w2 should be positive" and a valid
+    oblique scan was refused.  NIfTI-1's float32 threshold reads it as the 180-degree turn it is."""
+    try:
+        return hdr.get_qform(coded=False)
+    except ValueError:
+        lenient = hdr.copy()
+        lenient.quaternion_threshold = np.finfo(np.float32).eps * 3
+        return lenient.get_qform(coded=False)
 
 
 def error_text(exc: BaseException) -> str:

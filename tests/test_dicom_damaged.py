@@ -290,4 +290,54 @@ def test_a_byte_identical_copy_of_a_slice_is_read_once_and_a_different_one_is_re
                     lambda ds, k: setattr(ds, "PixelData", bytes(len(ds.PixelData))))
     ref = _only([tmp_path / "in"])
     assert ref.copies == ()
-    _refused(ref, tmp_path / "t.zarr", InvalidInputError, r"two slices at the same position .*IM0002\.dcm")
+    _refused(ref, tmp_path / "t.zarr", InvalidInputError, r"IM0002\.dcm and copy_of_IM0002\.dcm share one SOPInstanceUID")
+
+
+# --------------------------------------------------------------------------- 6. slices emptied, claimed twice
+
+
+@pytest.mark.parametrize("size", [0, 100, 500])
+def test_a_slice_file_emptied_or_cut_inside_the_preamble_refuses_its_series(tmp_path: Path, size: int) -> None:
+    """An interrupted copy left the last slice 0 bytes, or cut it before 'DICM', or noise: the header pass read it
+    as "not DICOM" and skipped it, and the series was segmented one slice short (an end slice leaves no gap).
+    A README and a thumbnail beside the series are still no part of it."""
+    paths = samples.write_ct_series(tmp_path / "in", _data((5, 4, 4)))
+    (tmp_path / "in" / "README.txt").write_text("exported by a PACS\n")
+    (tmp_path / "in" / "thumb.jpg").write_bytes(b"\xff\xd8\xff" + bytes(200))
+    keep = tmp_path / "whole.zarr"
+    assert ingest_dicom(_only([tmp_path / "in"]), keep).image.shape == (1, 5, 4, 4)
+    head = paths[-1].read_bytes()[:size] if size <= 100 else RNG.integers(0, 256, size, dtype=np.uint8).tobytes()
+    paths[-1].write_bytes(head)
+    ref = _only([tmp_path / "in"])
+    assert paths[-1] in ref.files
+    _refused(ref, tmp_path / "a.zarr", CorruptInputError,
+             rf"IM0005\.dcm is not a readable DICOM file \({size} bytes\): damaged or cut short; the series is not "
+             "segmented without it")
+
+
+def test_two_slices_claiming_one_instance_uid_at_different_positions_are_refused_naming_both(tmp_path: Path) -> None:
+    """Only two such files at one position were refused; at two positions the series was segmented and its DICOM
+    SEG failed at the very end with highdicom's wording (a SEG cannot reference one instance twice)."""
+    paths = samples.write_ct_series(tmp_path / "in", _data((4, 4, 4)))
+    uid = str(pydicom.dcmread(paths[1]).SOPInstanceUID)
+
+    def claim(ds, k):  # noqa: ANN001, ARG001
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+
+    samples.rewrite(paths[2:3], claim)
+    _refused(_only([tmp_path / "in"]), tmp_path / "a.zarr", InvalidInputError,
+             rf"IM0002\.dcm and IM0003\.dcm share one SOPInstanceUID \({uid}\) but differ")
+
+
+def test_files_named_one_by_one_from_two_folders_are_named_in_the_message(tmp_path: Path) -> None:
+    """A good slice and a damaged copy of it named from two folders: the line named only their common folder,
+    which the user never gave, and the good file not at all."""
+    (good,) = samples.write_ct_series(tmp_path / "a" / "dicom", _data((1, 4, 4)))
+    bad = tmp_path / "b" / "bad" / "IM0001.cut.dcm"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(good.read_bytes()[:-10])
+    ref = _only([good, bad])
+    assert ref.display.startswith(f"{good}, {bad} [series ")
+    (alone,) = find_series([good])
+    assert alone.display.startswith(f"{good} [series ")

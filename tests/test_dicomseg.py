@@ -417,3 +417,24 @@ def test_seg_of_a_series_without_the_preamble(tmp_path: Path) -> None:
     out = write_dicom_seg(labels, geometry, tmp_path / "seg.dcm", classes=CLASSES, algorithm=ALGORITHM,
                           source_root=root)
     np.testing.assert_array_equal(read_dicom_seg_labels(out, geometry), labels)
+
+
+def test_a_one_part_patient_name_is_not_quoted_on_the_terminal(tmp_path: Path, caplog) -> None:
+    """highdicom doubts a one-part name ("SMITHJOHN", common for pseudonyms) and warned quoting it: the patient's
+    name reached the terminal, which never shows patient identifiers.  The SEG itself keeps the name, as it must."""
+    import logging
+    import warnings
+
+    from tests.dicom_samples import rewrite
+
+    paths = write_ct_series(tmp_path / "ct", np.random.default_rng(4).integers(0, 1500, SHAPE).astype(np.int16))
+    rewrite(paths, lambda ds, k: setattr(ds, "PatientName", "SMITHJOHN"))
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        out = write_dicom_seg(labels_store(tmp_path, label_volume()), geometry, tmp_path / "seg.dcm",
+                              classes=CLASSES, algorithm=ALGORITHM, segmentation_type="BINARY", nodata_label=NODATA,
+                              source_root=root)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [s for s in said if "SMITHJOHN" in s], said
+    assert pydicom.dcmread(out).PatientName == "SMITHJOHN"

@@ -198,6 +198,35 @@ def test_scaled_values_are_applied(tmp_path: Path) -> None:
     assert np.array_equal(store.image[0], (raw * 2.0 + 10.0).astype(np.float32).T)
 
 
+# an oblique affine whose qform quaternion, written by nibabel into a NIfTI-2 header, reads back with
+# w^2 = -8.4e-16: nibabel's NIfTI-2 threshold (3 float64 epsilons) then raises "w2 should be positive"
+OBLIQUE_180 = [[-2.0, 6.714715653593746e-19, 9.081024511081715e-18, 117.8551025390625],
+               [-6.714715653593746e-19, 1.9737114906311035, -0.35552823543548584, -35.72294235229492],
+               [8.25548088896093e-18, 0.3232076168060303, 2.171081781387329, -7.248798370361328], [0, 0, 0, 1]]
+
+
+def test_a_nifti2_qform_at_a_half_turn_is_read_not_refused(tmp_path: Path) -> None:
+    """The scan (a volume of nibabel's own example_nifti2, re-saved) had been refused with a bare "ValueError: w2
+    should be positive"; its labels keep the header's qform and sform as written."""
+    affine = np.array(OBLIQUE_180)
+    img = nib.Nifti2Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    src = tmp_path / "scan.nii.gz"
+    nib.save(img, src)
+    with pytest.raises(ValueError, match="w2 should be positive"):  # the premise
+        nib.load(src).header.get_qform()
+    store = ingest_nifti(src, tmp_path / "s.zarr")
+    geom = store.meta.geometry
+    np.testing.assert_allclose(geom.qform, affine, atol=1e-4)
+    out = write_label_nifti(_threshold(store.image), geom, tmp_path / "labels.nii.gz", classes=CLASSES,
+                            provenance=PROVENANCE)
+    got, want = nib.load(out), nib.load(src)
+    np.testing.assert_array_equal(got.affine, want.affine)
+    for field in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "pixdim"):
+        np.testing.assert_array_equal(got.header[field], want.header[field])
+
+
 def _threshold(image: zarr.Array) -> np.ndarray:
     first = image[0]
     return (first > np.median(first)).astype(np.uint8)
