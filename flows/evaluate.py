@@ -162,6 +162,13 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
     if pred.nodata is not None and pred.nodata in names:
         notes.append(f"the prediction's nodata {pred.nodata} is also class {names[pred.nodata]!r}: its pixels count "
                      "as no prediction")
+    warnings = []
+    present = [c.value for c in scores.classes if c.truth_count]
+    if scores.scan.ignored and len(present) <= 1 and ignore is not None:  # a 0/255 mask: its 255s scored nowhere
+        warnings.append(f"{truth.path}: {scores.scan.ignored} truth pixels are the ignore value {ignore} and every "
+                        f"other one is {'class ' + repr(names.get(present[0], present[0])) if present else 'nodata'}"
+                        f": a 0/{ignore} mask? Relabel it 0/1, or --ignore -1 to count {ignore} as a class")
+        notes.extend(warnings)
     cell = pred.cell_size
     rows = []
     for c in scores.classes:
@@ -175,7 +182,7 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
     return {"case": name, "prediction": str(pred.path), "truth": str(truth.path), "kind": pred.kind,
             "shape": list(pred.shape), "spacing": list(pred.spacing), "distance_unit": pred.distance_unit,
             "size_unit": pred.size_unit, "cell_size": cell, "size_note": pred.size_note,
-            "prediction_nodata": nodata, "truth_nodata": truth.nodata, "notes": notes,
+            "prediction_nodata": nodata, "truth_nodata": truth.nodata, "notes": notes, "warnings": warnings,
             "named_classes": [[v, n] for v, n in sorted(names.items())],
             "counted_pixels": scores.scan.counted, "ignored_pixels": scores.scan.ignored, "classes": rows,
             "confusion": {"rows": labels, "columns": labels + [NO_PREDICTION], "values": [r["value"] for r in rows],
@@ -393,6 +400,9 @@ def evaluate_command(
         unscored = f" ({len(report['unscored'])} prediction(s) not scored, listed there)" if report["unscored"] else ""
         cliutil.out.print(f"wrote {escape(str(written[0]))}, {escape(written[1].name)} and {len(written) - 2} CSV "
                           f"file(s){unscored}", highlight=False, soft_wrap=True)
+    for case in report["cases"]:
+        for line in case.get("warnings", []):
+            cliutil.console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
     for entry in report["unscored"]:
         cliutil.console.print(f"[red]error:[/red] {escape(entry['error'])}", highlight=False, soft_wrap=True)
     if report["unscored"]:

@@ -757,3 +757,21 @@ def test_segment_scores_the_outputs_it_has_truths_for_read_as_training_reads_the
     assert case["case"] == "tile_a" and case["distance_unit"] == "m"
     assert "the truth has no CRS or transform" in case["notes"][-1]
     assert [u["case"] for u in report["unscored"]] == ["tile_b"]
+
+
+def test_a_0_255_mask_as_truth_is_warned_on_the_terminal(tmp_path):
+    """Its 255s are the default ignore value: the lesion scored "-" against 0 mL of truth, and only the report
+    files said that every one of them was left out."""
+    pred = np.zeros((40, 40), np.uint8)
+    pred[10:20, 10:20] = 1
+    truth = np.where(pred == 1, 255, 0).astype(np.uint8)
+    p, t = write_tif(tmp_path / "pred.tif", pred), write_tif(tmp_path / "mask.tif", truth)
+    result = invoke(p, "--truth", t, "--out", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {t}: 100 truth pixels are the ignore value 255 and every other one is class 0: a 0/255 "
+            "mask? Relabel it 0/1, or --ignore -1 to count 255 as a class") in " ".join(result.output.split())
+    # a truth whose other classes are there too (ignored borders, as VOC draws them) is no such mask
+    truth[0, :] = 255
+    truth[10:20, 10:20] = 1
+    result = invoke(p, "--truth", write_tif(tmp_path / "voc.tif", truth), "--out", tmp_path / "ev2")
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
