@@ -107,7 +107,10 @@ def card_mapping(card: ModelCard, geometry: Any, shape: tuple[int, ...]) -> Grid
     # judged by the voxels' volumes, not the grids' sizes: a small scan in metres (12 x 10 x 8 voxels) became a
     # 1 x 1 x 1 grid, only 1/960 of its size, and was segmented as one voxel
     voxels = np.linalg.norm(geometry.affine_mm()[:3, :3], axis=0)
-    grow = 1.0 if spacing is None else float(np.prod(voxels)) / float(np.prod(spacing))
+    # the model's voxels as the mapping made them: a card spacing <= 0 keeps that axis's own (MONAI's Spacingd
+    # rule), which the card's raw numbers had made a negative or zero volume (a ZeroDivisionError)
+    model_voxels = np.linalg.norm(np.asarray(mapping.model_affine, dtype=np.float64)[:3, :3], axis=0)
+    grow = float(np.prod(voxels)) / float(np.prod(model_voxels))
     if grow > MAX_MODEL_GRID_GROWTH or grow < 1.0 / MAX_MODEL_GRID_GROWTH:
         size = " x ".join(f"{n:,}" for n in mapping.model_shape[::-1])
         voxel = " x ".join(f"{v:.3g}" for v in voxels)
@@ -115,7 +118,7 @@ def card_mapping(card: ModelCard, geometry: Any, shape: tuple[int, ...]) -> Grid
         ratio_text = f"{ratio:,.0f}" if ratio < 1e6 else f"{ratio:.2g}"
         times = f"1/{ratio_text} of" if grow > 1 else f"{ratio_text} times"
         raise InvalidInputError(None, f"its voxels are {voxel} mm and model {card.name!r} works at "
-                                      f"{' x '.join(f'{v:g}' for v in (spacing or [])[::-1])} mm, {times} their "
+                                      f"{' x '.join(f'{v:.3g}' for v in model_voxels)} mm, {times} their "
                                       f"volume (its grid would be {size} voxels); check the header's voxel size "
                                       "and unit (xyzt_units)")
     return mapping

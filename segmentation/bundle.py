@@ -336,6 +336,10 @@ def _map_card(path: Path, meta: dict, config: dict, net: _Network | None, arch: 
     inference = inferer(config, in_spec, spatial_dims, notes, evaluate)
     inference["roi"] = inference["roi"][::-1]  # MONAI's (i, j, k) -> segflow's (k, j, i)
     inference.update(postprocessing(config, notes, classes))
+    if pre.interpolation == "nearest" and inference.get("invert") == "probabilities":
+        # Invertd(nearest_interp=False) undoes Spacingd with its own mode: probabilities by nearest neighbour,
+        # whose argmax is the labels' by nearest neighbour (segflow had brought them back bilinearly: 82 % agreed)
+        inference["invert"] = "labels"
     class_names = channel_names(out_spec, classes) or [f"class{i}" for i in range(classes)]
     card = {
         "name": str(meta.get("name") or path.name),

@@ -261,6 +261,9 @@ class ModelCard(BaseModel):
         if self.input.spatial_dims == 2 and self.input.spacing is not None and \
                 self.card_version >= RASTER_MODEL_SPACE_VERSION and self.input.spacing_unit not in (None, "m"):
             raise ValueError("a raster model's spacing is its ground sample distance in metres (spacing_unit 'm')")
+        if self.input.spatial_dims == 3 and self.input.spacing_unit == "m":  # read as mm: 1.5 m voxels ran at 1.5 mm
+            raise ValueError("a volume model's spacing is in millimetres, as scans' voxel sizes are (spacing_unit "
+                             "'mm'; 1.5 mm is 1.5)")
         keep = self.inference.keep_largest
         if keep is not None and any(v not in values or v == 0 for v in keep.applied_labels):
             raise ValueError("keep_largest.applied_labels must be class values other than 0 (background)")

@@ -417,6 +417,12 @@ def test_postprocessing_maps_invert_order_and_keep_largest(tmp_path, unet):
     inference = read_bundle(root).card.inference
     assert inference.invert == "probabilities"
     assert inference.keep_largest.applied_labels == [2] and inference.keep_largest.independent
+    # Spacingd by nearest neighbour: Invertd(nearest_interp=False) undoes it by nearest neighbour too, so the
+    # probabilities' way back is the labels' (they had come back bilinearly: 82 % of a scan's labels agreed)
+    nearest = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+               {"_target_": "Spacingd", "keys": "image", "pixdim": [1.0, 1.0, 1.5], "mode": "nearest"}]
+    card = read_bundle(write_bundle(tmp_path / "n", net_module=unet, preprocessing=nearest, postprocessing=post)).card
+    assert (card.input.interpolation, card.inference.invert) == ("nearest", "labels")
     labels_bilinear = [post[0], post[2], {**post[1]}]  # argmax first, then labels interpolated linearly
     root = write_bundle(tmp_path / "c", net_module=unet, postprocessing=labels_bilinear)
     with pytest.raises(ModelError, match="interpolates labels linearly"):

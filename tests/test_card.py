@@ -81,6 +81,13 @@ def volume_card(**input_changes) -> dict:
                        **input_changes}, inference={"roi": [32, 32, 32]})
 
 
+def test_a_volume_card_in_metres_is_refused():
+    """Read as millimetres: 1.5 m voxels ran on a 1.5 mm grid, and 0.0015 m was refused as 0.0015 mm."""
+    ModelCard.model_validate(volume_card())
+    with pytest.raises(ValidationError, match="a volume model's spacing is in millimetres"):
+        ModelCard.model_validate(volume_card(spacing_unit="m"))
+
+
 def test_model_space_applies_from_version_3_only():
     """A version 2 card's spacing was documentation: applying it now would change its users' labels silently."""
     v3 = ModelCard.model_validate(volume_card(orientation="lps"))

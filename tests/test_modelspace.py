@@ -228,6 +228,27 @@ def test_a_voxel_size_that_makes_an_absurd_model_grid_is_refused(tmp_path):
     assert not list((tmp_path / "out").glob("metres*"))
 
 
+@pytest.mark.parametrize("keep", [0.0, -1.0])
+def test_a_card_spacing_at_or_below_zero_keeps_that_axis(tmp_path, keep):
+    """MONAI's Spacingd rule, which the card's own validator advertises: the grid was right, but the sanity check
+    took the card's raw numbers as the model voxels' size (0: a ZeroDivisionError; -1: "-1 times their volume")."""
+    from flows.modelspace import card_mapping
+    from storage.nifti import ingest_nifti
+    from tests.models import tiny_model
+
+    model = tiny_model(tmp_path / "m", spatial_dims=3, channels=1, classes=3, roi=[16, 16, 16],
+                       spacing=[keep, 1.5, 1.25])
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(smooth_volume((30, 26, 12), 5), np.diag([0.8, 0.9, 3.0, 1.0])), scan)
+    with dask_client(workers=1, threads_per_worker=1) as client:
+        out = segment_one(scan, model, tmp_path / "out", SegmentOptions(chunk_size=16), client)
+    assert out.ok, out.error
+    assert nib.load(tmp_path / "out" / "scan.nii.gz").shape == (30, 26, 12)
+    store = ingest_nifti(scan, tmp_path / "s.zarr")
+    mapping = card_mapping(model.card, store.meta.geometry, tuple(store.spatial_shape))
+    np.testing.assert_allclose(np.linalg.norm(mapping.model_affine[:3, :3], axis=0), [1.25, 1.5, 3.0])
+
+
 def test_keep_largest_applies_to_the_model_space_labels_too(tmp_path):
     """`--model-space keep` writes the model grid's labels beside the scan's; the card's keep_largest ran on the
     scan's only, so the model-space file kept every stray component of the class."""
