@@ -177,17 +177,22 @@ def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str |
     such a network labels every pixel with one class (its NaN logits' argmax), which looked like a valid result
     ("ok", every hectare water); and infinite parameters, which end in NaN logits the same way.  Infinities in
     buffers are let be: a mask buffer may hold -inf on purpose."""
+    from segmentation.models import NOT_MONAI_DEFAULTS
+
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    differ = NOT_MONAI_DEFAULTS.get(architecture)
+    hint = "" if differ is None else f"; segflow's defaults for {architecture!r} are {differ}: set them in " \
+                                     "architecture.kwargs as the network was built"
     if missing or unexpected:
         raise ModelError(path, f"weights do not fit architecture {architecture!r}: "
                                f"{len(missing)} missing, {len(unexpected)} unexpected tensors"
-                               + (f" (e.g. {(missing or unexpected)[0]})"))
+                               + (f" (e.g. {(missing or unexpected)[0]})") + hint)
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelError(path, f"tensor {key} has shape {tuple(tensor.shape)}, "
-                                   f"architecture expects {tuple(expected[key].shape)}")
+                                   f"architecture expects {tuple(expected[key].shape)}{hint}")
     check_no_nan(state, path, parameters={name for name, _ in module.named_parameters()})
 
 

@@ -21,6 +21,15 @@ from torch import nn
 from segmentation.layers import Field, has_global_context
 from storage.errors import ModelError
 
+# Where a registry default is not MONAI's own: weights of a network built with MONAI's defaults fit only when the
+# card's kwargs say so, and a failed fit names these (an author copying a MONAI call had no clue why)
+NOT_MONAI_DEFAULTS = {
+    "unet": "norm 'batch' and num_res_units 1 (MONAI's UNet: instance norm, 0)",
+    "basic_unet": "features (16, 16, 32, 64, 128, 16) (MONAI's BasicUNet: (32, 32, 64, 128, 256, 32))",
+    "segresnet": "init_filters 16 (MONAI's SegResNet: 8)",
+    "dynunet": "res_block true (MONAI's DynUNet: false)",
+}
+
 Builder = Callable[..., nn.Module]
 _REGISTRY: dict[str, Builder] = {}
 

@@ -87,6 +87,24 @@ def test_shape_mismatch_and_missing_card_are_refused(net, tmp_path):
     assert not (tmp_path / "out" / "card.json").exists()
 
 
+def test_weights_of_a_network_built_with_monai_s_defaults_are_refused_naming_segflow_s(tmp_path):
+    """An author copying a MONAI call leaves MONAI's defaults out of the card; segflow's registry has others (batch
+    norm, a residual unit), and "30 missing, 8 unexpected tensors" gave no clue which."""
+    from monai.networks.nets import UNet
+
+    ckpt = tmp_path / "monai.pt"
+    torch.save(UNet(spatial_dims=2, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,)).state_dict(), ckpt)
+    card = ModelCard.model_validate({**_card().model_dump(), "architecture": {"name": "unet", "kwargs": {
+        "channels": [4, 8], "strides": [2]}}})
+    with pytest.raises(ModelError, match=r"unexpected tensors .*; segflow's defaults for 'unet' are norm 'batch' and "
+                                         r"num_res_units 1 \(MONAI's UNet: instance norm, 0\): set them in "
+                                         "architecture.kwargs as the network was built"):
+        convert_model(ckpt, tmp_path / "out", card=card)
+    fitted = ModelCard.model_validate({**card.model_dump(), "architecture": {"name": "unet", "kwargs": {
+        "channels": [4, 8], "strides": [2], "norm": "instance", "num_res_units": 0}}})
+    convert_model(ckpt, tmp_path / "out2", card=fitted)
+
+
 def test_converting_into_a_trained_model_directory_is_refused(net, x, tmp_path):
     """A converted model's directory may be converted into again; a trained one's is refused, weights untouched
     (its weights were replaced, and its checkpoints stayed beside the new card)."""
