@@ -256,8 +256,12 @@ class ModelCard(BaseModel):
                                  "channels (give one, or one per channel)")
         if self.input.orientation is not None and self.input.spatial_dims != 3:
             raise ValueError("input.orientation applies to 3-D volumes")
-        if self.input.crs is not None and self.input.spatial_dims != 2:
-            raise ValueError("input.crs applies to 2-D rasters")
+        if self.input.spatial_dims != 2:  # accepted on a volume card and ignored without a word
+            for name, given in (("crs", self.input.crs is not None), ("units", self.input.units is not None),
+                                ("resampling", self.input.resampling != "auto")):
+                if given:
+                    raise ValueError(f"input.{name} applies to 2-D rasters (a volume's resampling is "
+                                     "input.interpolation)")
         if self.input.spatial_dims == 2 and self.input.spacing is not None and \
                 self.card_version >= RASTER_MODEL_SPACE_VERSION and self.input.spacing_unit not in (None, "m"):
             raise ValueError("a raster model's spacing is its ground sample distance in metres (spacing_unit 'm')")

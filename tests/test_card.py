@@ -86,6 +86,9 @@ def test_a_volume_card_in_metres_is_refused():
     ModelCard.model_validate(volume_card())
     with pytest.raises(ValidationError, match="a volume model's spacing is in millimetres"):
         ModelCard.model_validate(volume_card(spacing_unit="m"))
+    for field, value in (("units", "reflectance"), ("resampling", "nearest"), ("crs", "utm")):  # ignored before
+        with pytest.raises(ValidationError, match=f"input.{field} applies to 2-D rasters"):
+            ModelCard.model_validate(volume_card(**{field: value}))
 
 
 def test_model_space_applies_from_version_3_only():
