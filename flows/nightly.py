@@ -229,9 +229,15 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         },
         "inputs": [r.to_dict() for r in inputs],
     }
-    json_path, md_path = staging.write_report(report, out, stamp)
+    try:
+        json_path, md_path = staging.write_report(report, out, stamp)
+    except (OSError, SegflowError) as exc:  # a full disk: a traceback through Prefect and the CLI, no input named
+        why = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or str(exc)
+        problem = f"{out}: the run report was not written: {why}"
+        report["run"]["state"], report["report"] = "Failed", {"error": problem}
+        return ended(False, f"{message}; {problem}", report)
     report["report"] = {"json": str(json_path), "markdown": str(md_path)}
-    html_path = _html_report(report, json_path, logger)
+    html_path = _html_report(report, json_path)
     if html_path is not None:
         report["report"]["html"] = str(html_path)
     from flows.artifacts import publish_artifacts
@@ -289,9 +295,10 @@ def _stop(futures: list[Any]) -> None:
             f.wait()
 
 
-def _html_report(report: dict[str, Any], json_path: Any, logger: Any) -> Path | None:
+def _html_report(report: dict[str, Any], json_path: Any) -> Path | None:
     """The run's HTML page beside its JSON report (a local OUT only), with the change since the previous run;
-    a page that cannot be written is a warning, never a failed run."""
+    a page that cannot be written is a warning (``report["report"]["warning"]``, which the command prints in
+    its own words), never a failed run."""
     from flows.htmlreport import find_quicklooks, previous_report_path, read_run_report, write_html_report
 
     if is_url(str(json_path)):
@@ -302,7 +309,7 @@ def _html_report(report: dict[str, Any], json_path: Any, logger: Any) -> Path | 
         return write_html_report(report, Path(json_path).with_suffix(".html"), quicklooks=find_quicklooks(report),
                                  previous=previous)
     except (SegflowError, OSError) as exc:
-        logger.warning("no HTML report: %s", exc)
+        report["report"]["warning"] = f"no HTML report: {exc}"
         return None
 
 

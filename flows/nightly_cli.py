@@ -121,6 +121,12 @@ def nightly_command(
         if not quiet:
             cli.out.print(f"[yellow]arriving:[/yellow] {escape(a['input'])}: changed {a['changed_seconds_ago']:g} s "
                           "ago (--settle); left for the next run", highlight=False, soft_wrap=True)
+    if report["report"].get("error"):  # no report written (a full disk): the lines above are the run's record
+        cli.console.print(f"[red]error:[/red] {escape(report['report']['error'])}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if report["report"].get("warning"):
+        cli.console.print(f"[yellow]warning:[/yellow] {escape(report['report']['warning'])}", highlight=False,
+                          soft_wrap=True)
     if not quiet:
         if report["report"].get("html"):  # the page for people, first (it had gone unnamed)
             cli.out.print(f"report: {report['report']['html']}", highlight=False, soft_wrap=True)

@@ -533,6 +533,28 @@ def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
         assert res.exit_code != 0 and "the next night would read segflow's outputs as new inputs" in res.output
 
 
+def test_a_report_that_cannot_be_written_is_one_error_line_after_the_inputs(models, tmp_path, dask_cluster,
+                                                                             monkeypatch):
+    """A full disk at report time: two tracebacks (Prefect's and the command's) and no word of the inputs. The
+    disk fills here at the report's write, after the input's outputs were written."""
+    from flows.cli import app
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    samples.make_scene(inbox / "scene.tif", size=(64, 64), seed=3)
+    monkeypatch.setattr("flows.report.write_report", full)
+    res = CliRunner().invoke(app, ["nightly", "--model", str(models["2d"].path), "--out", str(out), "--inbox",
+                                   str(inbox)])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and "scene.tif" in res.output and "done" in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out}: the run report was not written: No space left on device"], res.output
+    assert (out / "scene.provenance.json").is_file()
+
+
 def test_nightly_takes_segments_output_options(models, tmp_path, dask_cluster):
     """A nightly user asked for polygons, the bands and flip TTA as `segment` offers them; nightly had no such
     options, although its flow and ledger honour each."""
