@@ -53,9 +53,11 @@ def resumable_on_interrupt(out: "Path | str") -> Iterator[None]:
         except BaseException as exc:
             if not isinstance(exc, KeyboardInterrupt) and type(exc).__name__ != "TerminationSignal":
                 raise
+            finished = getattr(exc, "finished", ())
+            done = f"; done in this run: {', '.join(finished)}" if finished else ""
             console.print(f"[yellow]interrupted:[/yellow] the inputs in progress left nothing in {escape(str(out))} "
-                          "that looks complete (those already done are); run the same command again to resume them "
-                          "from their finished chunks", highlight=False, soft_wrap=True)
+                          f"that looks complete (those already done are{escape(done)}); run the same command again "
+                          "to resume them from their finished chunks", highlight=False, soft_wrap=True)
             raise typer.Exit(exit_code(exc)) from None
 
 

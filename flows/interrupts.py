@@ -31,9 +31,10 @@ from typing import Any, Callable, Iterator
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by a signal (``signum``: SIGINT for Ctrl-C, SIGTERM); its partial work is kept."""
 
-    def __init__(self, signum: int = signal.SIGINT) -> None:
+    def __init__(self, signum: int = signal.SIGINT, finished: tuple[str, ...] = ()) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
+        self.finished = finished  # inputs done in this run (an input may finish while the run stops)
 
 
 class _Interrupts:
@@ -51,11 +52,12 @@ def interrupted() -> int | None:
     return _Interrupts.signum
 
 
-def check_interrupt() -> None:
-    """Raise :class:`Interrupted` if the run was interrupted: the polls of work running in a thread."""
+def check_interrupt(finished: tuple[str, ...] = ()) -> None:
+    """Raise :class:`Interrupted` if the run was interrupted: the polls of work running in a thread.  ``finished``:
+    the inputs the run completed, which the command names."""
     signum = _Interrupts.signum
     if signum is not None:
-        raise Interrupted(signum)
+        raise Interrupted(signum, finished)
 
 
 def exit_code(exc: BaseException | None = None) -> int:

@@ -205,8 +205,15 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                 bar.advance("nightly")
             if interrupts.interrupted() is not None:
                 _stop(list(futures))
+                for future, path in futures.items():  # an input that finished while the run stopped is done
+                    if path in reports:
+                        continue
+                    future.wait()  # its final state, set locally (a stopped one's wrapped future has ended)
+                    if future.state.is_completed():
+                        reports[path] = InputReport(**future.result())
         bar.finish("nightly")
-    interrupts.check_interrupt()  # after the client and the cluster closed in order: no report, the CLI says one line
+    # after the client and the cluster closed in order: no report, the CLI says one line naming what got done
+    interrupts.check_interrupt(tuple(p for p, r in reports.items() if r.status == "done"))
     inputs = [reports[p] for p in [*by_label, *(label for label, _ in unusable)]]
     message = summary(inputs)
     ok = all(r.status in ("done", "skipped", "locked") for r in inputs)

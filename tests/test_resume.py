@@ -175,6 +175,28 @@ def test_ctrl_c_mid_run_is_one_line_exit_130_and_the_rerun_resumes(scene, tmp_pa
     assert rc == 0 and resumed["statistics"]["chunks_resumed"] == done, stderr
 
 
+def test_an_input_that_finishes_while_nightly_stops_is_named_done(scene, tmp_path):
+    """SIGTERM while an input exported: it finished (outputs, sidecar, ledger), yet the command said only that the
+    inputs in progress left nothing complete, and the next night's "skipped" was the only record of it."""
+    image, model = scene
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    (inbox / "scene.tif").write_bytes(image.read_bytes())
+    stopper = ("import os, signal, sys\nimport storage.provenance as p\nwrite = p.write_sidecar\n"
+               "def stopped(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)  # as it writes the sidecar\n"
+               "    return write(*a, **k)\np.write_sidecar = stopped\n"
+               "from flows.cli import app\nsys.argv = ['segflow', *sys.argv[1:]]\napp()\n")
+    proc = subprocess.run([sys.executable, "-c", stopper, "nightly", "--inbox", str(inbox), "--model", str(model.path),
+                           "--out", str(out), "--workers", "0"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "250"})
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        f"interrupted: the inputs in progress left nothing in {out} that looks complete (those already done are; "
+        f"done in this run: {inbox / 'scene.tif'}); run the same command again to resume them from their finished "
+        "chunks"), proc.stderr
+    assert verify_sidecar(out / "scene.provenance.json") == []
+
+
 # --------------------------------------------------------------------------- one Dask worker killed
 
 
