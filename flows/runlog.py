@@ -88,6 +88,9 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         stack += [e.__cause__, e.__context__]
 
 
+SIGNAL_CRASH = "Execution was aborted by a"  # Prefect's crash message for SIGINT/SIGTERM ("an interrupt signal")
+
+
 class ReportedElsewhere(logging.Filter):
     """Drops from a console what segflow tells the user itself, and segflow's own lines below warnings.
 
@@ -104,6 +107,10 @@ class ReportedElsewhere(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "segflow" or record.name.startswith("segflow."):
             return record.levelno >= logging.WARNING
+        if record.name.startswith(RUN_LOGGERS) and SIGNAL_CRASH in record.getMessage():
+            # a SIGTERM in the moment Prefect's own handler holds (a flow run starting): the command says
+            # "interrupted:" itself, and this "Crash detected!" had come above that line
+            return False
         return not self.reports_segflow_error(record)
 
     def reports_segflow_error(self, record: logging.LogRecord) -> bool:

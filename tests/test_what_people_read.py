@@ -587,3 +587,9 @@ def test_the_console_filter_drops_what_segflow_reports_itself():
     assert keep_out.filter(record("prefect.task_runs", logging.ERROR, "Finished in state Failed('... KeyError: x')"))
     assert not keep_out.filter(record("segflow", logging.INFO, "input failed: a.tif: no such file"))
     assert keep_out.filter(record("segflow", logging.WARNING, "a.tif: has no CRS"))
+    # a SIGTERM while Prefect's own handler holds (a flow run starting): the command says "interrupted:" itself
+    for signal_words in ("a termination signal", "an interrupt signal"):
+        assert not keep_out.filter(record("prefect.flow_runs", logging.ERROR,
+                                          f"Crash detected! Execution was aborted by {signal_words}."))
+    assert keep_out.filter(record("prefect.flow_runs", logging.ERROR,
+                                  "Crash detected! Execution was aborted by Python system exit call."))
