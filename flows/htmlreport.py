@@ -129,6 +129,15 @@ class _Page:
                             f"{_e(a.get('changed_seconds_ago'))} s before the run</li>" for a in arriving)
             parts.append(f'<section class="arriving"><h2>Still arriving</h2><p>Changed too recently '
                          f'(<code>--settle</code>); left for the next run:</p><ul>{items}</ul></section>\n')
+        ignored = [str(p) for p in run.get("ignored") or []]
+        if ignored:  # what the inbox held that is no input (the JSON and Markdown listed it; the page did not)
+            claimed = run.get("band_files") or {}
+            items = "".join(f"<li><code>{_e(Path(p).name)}</code>"
+                            + (f": a band file of STAC item <code>{_e(Path(str(claimed[p])).name)}</code>"
+                               if p in claimed else "") + "</li>" for p in ignored)
+            parts.append(f'<section class="ignored"><h2>Not inputs</h2><p>In the inbox but not read (not a file '
+                         'type segflow reads, a folder without DICOM files, or a band file a STAC item of the '
+                         f'inbox names):</p><ul>{items}</ul></section>\n')
         cards = "".join(self.model(m) for m in models)
         if cards:
             parts.append(f'<section class="models"><h2>Models</h2><div class="cards">{cards}</div></section>\n')

@@ -474,6 +474,8 @@ def test_a_broken_link_in_the_inbox_fails_and_what_is_no_input_is_listed_in_the_
     assert report["run"]["ignored"] == [str(inbox / "README.txt"), str(inbox / "notes")]
     markdown = Path(report["report"]["markdown"]).read_text()
     assert "## Not inputs" in markdown and "- `README.txt`" in markdown and "- `notes`" in markdown
+    page = Path(report["report"]["html"]).read_text()  # the page for people listed none of them
+    assert "<h2>Not inputs</h2>" in page and "<code>README.txt</code>" in page and "<code>notes</code>" in page
 
 
 def test_a_link_to_a_folder_holding_the_inbox_is_not_walked_and_one_to_a_study_is(tmp_path):
