@@ -332,7 +332,40 @@ def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, 
         case["notes"].append(grid_note)
     if dataset_values is not None:
         case["notes"].append(truth_note(dataset_values))
+    if (other := _other_series(pred_path, truth_path)) is not None:  # scored: the grids agree, but say so
+        case["notes"].append(other)
+        case["warnings"].append(other)
     return case
+
+
+def _other_series(pred_path: Path, truth_path: Path) -> str | None:
+    """A DICOM SEG truth that references another series or frame of reference than the one the prediction was
+    made from (its provenance sidecar says which): on a grid that happens to agree it had been scored silently."""
+    import json
+
+    import pydicom
+
+    from storage.provenance import sidecar_path
+    from storage.segtruth import is_dicom_seg
+
+    sidecar = sidecar_path(pred_path)
+    if not is_dicom_seg(truth_path) or not sidecar.is_file():
+        return None
+    try:
+        dicom = (json.loads(sidecar.read_text()).get("input") or {}).get("dicom") or {}
+        seg = pydicom.dcmread(truth_path, stop_before_pixels=True)
+    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
+        return None
+    series = {str(r.SeriesInstanceUID) for r in seg.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in r}
+    frame = str(seg.get("FrameOfReferenceUID", "")) or None
+    theirs, ours = dicom.get("series_instance_uid"), dicom.get("frame_of_reference_uid")
+    if theirs and series and theirs not in series:
+        return (f"{truth_path}: the DICOM SEG references series {', '.join(sorted(series))}, the prediction was "
+                f"made from series {theirs}: another scan's annotation?")
+    if ours and frame and ours != frame:
+        return (f"{truth_path}: the DICOM SEG is in frame of reference {frame}, the prediction's series in "
+                f"{ours}: another scan's annotation?")
+    return None
 
 
 def _mean_fields(cases: list[dict[str, Any]]) -> dict[str, Any]:

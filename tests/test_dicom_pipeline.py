@@ -216,7 +216,7 @@ def test_a_real_series_through_ingest_segment_and_export(tmp_path, dask_cluster)
     assert pydicom.dcmread(tmp_path / "out" / f"{ref.name}.seg.dcm").SegmentationType == "LABELMAP"
 
 
-def test_each_series_seg_scores_as_the_truth_of_its_own_labels(run):
+def test_each_series_seg_scores_as_the_truth_of_its_own_labels(run, tmp_path):
     """A DICOM SEG as the truth (radiology groups keep their annotations so): it had been refused as "no truth
     named" by folder.  Its frames cover only the annotated slices, in LPS, here of an oblique descending series:
     placed on the prediction's voxel grid, segflow's own SEG scores Dice 1 against the labels it was written
@@ -236,9 +236,19 @@ def test_each_series_seg_scores_as_the_truth_of_its_own_labels(run):
         [case] = evaluate_files([nifti], [seg])["cases"]
         scored = [row for row in case["classes"] if row["dice"] is not None]
         assert scored and all(row["dice"] == 1.0 for row in scored), case["classes"]
+        assert case["warnings"] == []
         with ExitStack() as stack:
             pred = open_labels(nifti, stack)
             truth, note = open_seg_truth(seg, pred)
             assert note is None and np.array_equal(np.asarray(truth.array), np.asarray(pred.array[...]))
     with ExitStack() as stack, pytest.raises(IncompatibleInputError, match="is not on the voxel grid of"):
         open_seg_truth(out / outputs[1].name.replace(".nii.gz", ".seg.dcm"), open_labels(outputs[0], stack))
+    # another study's SEG on a grid that happens to agree: scored, but no longer without a word
+    other = pydicom.dcmread(out / outputs[0].name.replace(".nii.gz", ".seg.dcm"))
+    other.ReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3.4"
+    foreign = tmp_path / "foreign.seg.dcm"
+    other.save_as(foreign)
+    [case] = evaluate_files([outputs[0]], [foreign])["cases"]
+    made_from = pydicom.dcmread(out / outputs[0].name.replace(".nii.gz", ".seg.dcm")).ReferencedSeriesSequence[0]
+    assert case["warnings"] == [f"{foreign}: the DICOM SEG references series 1.2.3.4, the prediction was made from "
+                                f"series {made_from.SeriesInstanceUID}: another scan's annotation?"]
