@@ -266,7 +266,7 @@ def _character_set(descriptions: list[hd.seg.SegmentDescription], name: str, ver
 
 def _with_thickness(sources: list[Any], geometry: VolumeGeometry) -> None:
     """Give single-frame sources without a SliceThickness (optional in many objects) the spacing between slices,
-    in memory, as dcm2niix does: highdicom takes the SEG's pixel measures from the first source and failed on it
+    in memory, as dcm2niix does (and a SpacingBetweenSlices their positions contradict, the true one): highdicom takes the SEG's pixel measures from the first source and failed on it
     ("no attribute 'SliceThickness'"), throwing away the run's other outputs.  The files are not touched."""
     if geometry.dicom is None or geometry.dicom.frame_numbers is not None:
         return
@@ -274,6 +274,11 @@ def _with_thickness(sources: list[Any], geometry: VolumeGeometry) -> None:
     for ds in sources:
         if ds.get("SliceThickness") in (None, ""):
             ds.SliceThickness = f"{spacing:.6g}"
+        # a SpacingBetweenSlices the positions contradict (3 where the frames lie 2 mm apart) was copied into the
+        # SEG's pixel measures as it stood: the SEG states the spacing its frames have, as the NIfTI does
+        between = ds.get("SpacingBetweenSlices")
+        if between not in (None, "") and abs(float(between) - spacing) > 1e-3 * spacing:
+            ds.SpacingBetweenSlices = f"{spacing:.6g}"
 
 
 # The patient and study attributes a SEG copies from its source (DICOM PS3.3 C.7.1.1, C.7.2.1) that are type 2:

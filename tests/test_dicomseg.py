@@ -438,3 +438,18 @@ def test_a_one_part_patient_name_is_not_quoted_on_the_terminal(tmp_path: Path, c
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [s for s in said if "SMITHJOHN" in s], said
     assert pydicom.dcmread(out).PatientName == "SMITHJOHN"
+
+
+def test_a_spacing_between_slices_the_positions_contradict_is_not_copied_into_the_seg(tmp_path: Path) -> None:
+    """The source says 3 mm between slices, its positions 2.5 mm: the SEG copied the 3 into its pixel measures,
+    while its own frames lie 2.5 mm apart (and the NIfTI says 2.5)."""
+    from tests.dicom_samples import rewrite
+
+    paths = write_ct_series(tmp_path / "ct", np.random.default_rng(4).integers(0, 1500, SHAPE).astype(np.int16))
+    rewrite(paths, lambda ds, k: setattr(ds, "SpacingBetweenSlices", 3))
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+    out = write_dicom_seg(labels_store(tmp_path, label_volume()), geometry, tmp_path / "seg.dcm", classes=CLASSES,
+                          algorithm=ALGORITHM, segmentation_type="BINARY", nodata_label=NODATA, source_root=root)
+    measures = pydicom.dcmread(out).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(2.5)
+    assert float(pydicom.dcmread(paths[0]).SpacingBetweenSlices) == 3.0  # the source files are not touched
