@@ -41,13 +41,15 @@ def model_space_labels(partial: Path, stitch: Any, dtype: str, geometry: Any) ->
 
 def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path,
                   record: dict[str, Any], created: list[Path] | None = None, vector: str = "none",
-                  simplify: float | None = None) -> list[Path]:
+                  simplify: float | None = None, beside: Path | None = None) -> list[Path]:
     """The label map (and, for rasters, a probability COG when probabilities were kept).
 
     Each file is renamed into place whole; ``created`` collects them as they
     land, so a later failure can remove exactly what this run put there.
     ``simplify`` (the polygons' tolerance) defaults to the run's recorded
     ``--simplify`` parameter, so the polygons always match the provenance.
+    ``beside``: the folder the outputs are published to, when ``out_path``
+    is in a staging folder (:func:`qgis_styles`).
     """
     if simplify is None:
         simplify = (record.get("parameters") or {}).get("simplify")
@@ -81,7 +83,7 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
         if on_the_earth(_crs(meta.geometry)):  # a STAC item needs a footprint on the Earth
             written.append(stac_item(meta, model, out_path, record, written, polygons, when))
             created.append(written[-1])
-        written += qgis_styles([out_path], model.card.classes, created)
+        written += qgis_styles([out_path], model.card.classes, created, beside)
         return written
     from storage.nifti import write_label_nifti
 
@@ -96,17 +98,19 @@ def export_labels(pred_path: Path, meta: Any, model: LoadedModel, out_path: Path
     return written
 
 
-def qgis_styles(cogs: list[Path], classes: Any, created: list[Path]) -> list[Path]:
+def qgis_styles(cogs: list[Path], classes: Any, created: list[Path], beside: Path | None = None) -> list[Path]:
     """``<stem>.qml`` beside each label COG (a mosaic's tile cuts too), QGIS's legend: names, not values.  A
     style already there is the user's own (QGIS's "Save as Default"): earlier runs' were set aside before the
-    export began (:mod:`flows.replacing`), so it is kept and none written."""
+    export began (:mod:`flows.replacing`), so it is kept and none written.  ``beside``: the folder the COGs go
+    to once published, where a style is looked for (they are written in a staging folder first)."""
     from storage.labeltables import qgis_style_path, write_qgis_style
 
     written: list[Path] = []
     for cog in cogs:
         style = qgis_style_path(cog)
-        if style.exists() or style.is_symlink():
-            say(f"{style}: kept, a QGIS style segflow did not write; no style of its own written", logging.INFO)
+        final = style if beside is None else Path(beside) / style.name
+        if final.exists() or final.is_symlink():
+            say(f"{final}: kept, a QGIS style segflow did not write; no style of its own written", logging.INFO)
         else:
             created.append(write_qgis_style(cog, classes))
             written.append(created[-1])

@@ -189,16 +189,22 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         # exporting is resumed with every chunk done and only exports again (committed first, it had been
         # recomputed whole, as the committed store is no partial one to resume)
         finished = partial_path(zarr_target, stats["run_identity"])
-        exported = export_labels(finished, modelspace.output_meta(store, model, options), model, out_path, stable,
-                                 created, vector=options.vector, simplify=options.simplify)
+        # every file is written in a staging folder, hashed there, and only then renamed into OUT, just before
+        # the sidecar: a run killed while exporting (seconds, at scale) had left finished-looking outputs under
+        # their own names, a STAC item among them, with no sidecar
+        remove_path(stage := work / f"{stem}.export")  # a killed run's
+        stage.mkdir(parents=True)
+        staged_out = stage / out_path.name
+        exported = export_labels(finished, modelspace.output_meta(store, model, options), model, staged_out, stable,
+                                 created, vector=options.vector, simplify=options.simplify, beside=out_dir)
         if isinstance(input_path, MosaicRef) and options.split_by_tile:  # one COG per tile, cut from the mosaic
             cuts = write_tile_cuts(zarr.open_group(str(finished), mode="r")[LABELS], store.meta.geometry,
-                                   record["input"]["mosaic"], out_dir, classes=model.card.classes,
+                                   record["input"]["mosaic"], stage, classes=model.card.classes,
                                    provenance=stable, created=created)
-            exported += cuts + qgis_styles(cuts, model.card.classes, created)  # each cut's legend in QGIS too
+            exported += cuts + qgis_styles(cuts, model.card.classes, created, out_dir)  # each cut's legend too
         if store.meta.kind == "volume":
             labels = zarr.open_group(str(finished), mode="r")[LABELS]
-            exported += medical.write_extras(labels, store, model, options, out_path,
+            exported += medical.write_extras(labels, store, model, options, staged_out,
                                              stats["label_statistics"], created)
         if options.quicklook:
             with quicklook_image(input_path, band_request(model.card, options), work, origin) as image:
@@ -210,8 +216,11 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         record["statistics"]["export_seconds"] = round(time.perf_counter() - t1, 3)
         record["statistics"]["total_seconds"] = round(time.perf_counter() - t0, 3)
         record["finished"] = provenance.now()
+        hashes = {p.name: provenance.sha256_output(p) for p in
+                  [*exported, *([zarr_target] if options.keep_zarr else [])]}  # all of them before any lands
+        exported = _publish(exported, stage, out_dir, created)
         extras = tuple(exported[1:]) + ((zarr_target,) if options.keep_zarr else ())
-        sidecar = provenance.write_sidecar(record, out_path, extras)
+        sidecar = provenance.write_sidecar(record, out_path, extras, known=hashes)
         created.append(sidecar)
         if not options.keep_zarr:
             shutil.rmtree(zarr_target)
@@ -231,8 +240,12 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             where = exc.filename or out_dir
             raise ExportError(record_input_as or input_label(input_path),
                               f"cannot write {where}: {exc.strerror or exc}") from None
+        if isinstance(exc, SegflowError) and (published := _as_published(exc, work / f"{stem}.export",
+                                                                         out_dir)) is not exc:
+            raise published from None
         raise
     finally:
+        remove_path(work / f"{stem}.export")
         if not keep_work:
             remove_path(store.path)
             remove_path(modelspace.model_image_path(store))
@@ -241,6 +254,29 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     outputs = [os.path.abspath(p) for p in [*exported, sidecar, *([zarr_target] if options.keep_zarr else [])]]
     return Outcome(input=record_input_as or input_label(input_path), ok=True, outputs=outputs,
                    statistics=record["statistics"])
+
+
+def _publish(staged: list[Path], stage: Path, out_dir: Path, created: list[Path]) -> list[Path]:
+    """Rename the staged outputs into ``out_dir`` (the same file system: renames, milliseconds for them all), in
+    their order; their paths there.  Each is added to ``created`` as it lands, so a failure removes it."""
+    published = []
+    for path in staged:
+        final = out_dir / path.relative_to(stage) if path.is_relative_to(stage) else path
+        try:
+            os.replace(path, final)
+        except OSError as exc:  # a folder of someone's under the output's name
+            raise ExportError(final, f"cannot write: {exc.strerror or exc}") from None
+        created.append(final)
+        published.append(final)
+    return published
+
+
+def _as_published(exc: SegflowError, stage: Path, out_dir: Path) -> SegflowError:
+    """An export's error as the user reads it: naming the output where it goes, not the staging folder."""
+    if exc.path is None or stage.as_posix() not in exc.path:
+        return exc
+    return type(exc)(exc.path.replace(stage.as_posix(), out_dir.as_posix()),
+                     exc.problem.replace(stage.as_posix(), out_dir.as_posix()))
 
 
 def one_slice_fit(model: LoadedModel, options: SegmentOptions, store: ImageStore,

@@ -161,11 +161,13 @@ def sha256_output(path: str | PathLike[str]) -> str:
 
 
 def write_sidecar(record: dict[str, Any], output: str | PathLike[str],
-                  extra_outputs: tuple[str | PathLike[str], ...] = ()) -> Path:
-    """Add the outputs' hashes to the record and write it atomically beside the main output."""
+                  extra_outputs: tuple[str | PathLike[str], ...] = (), known: dict[str, str] | None = None) -> Path:
+    """Add the outputs' hashes to the record and write it atomically beside the main output.  ``known``: hashes
+    taken already, by file name (of outputs hashed before they were renamed into place)."""
     output = Path(output)
     record = dict(record)
-    hashes = {Path(p).name: sha256_output(p) for p in (output, *extra_outputs)}
+    known = known or {}
+    hashes = {Path(p).name: known.get(Path(p).name) or sha256_output(p) for p in (output, *extra_outputs)}
     record["outputs"] = {**record.get("outputs", {}), **hashes}
     target = sidecar_path(output)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # named for its output, as others' are

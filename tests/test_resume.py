@@ -722,7 +722,7 @@ def test_a_rerun_that_fails_while_exporting_leaves_the_earlier_runs_outputs_as_t
     (out / "scene.probabilities.tif").mkdir()  # someone's folder where the new run's probability COG goes
     rc, _, err = _segment(image, model.path, out, "--overlap", "0.5", "--probabilities", "uint8",
                           logs=tmp_path / "b")
-    assert rc == 1 and "scene.probabilities.tif: cannot write COG: Is a directory" in err, err
+    assert rc == 1 and "scene.probabilities.tif: cannot write: Is a directory" in err, err
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before  # the earlier label COG, STAC item, sidecar and quicklook, byte for byte
     assert verify_sidecar(out / "scene.provenance.json") == []
@@ -769,6 +769,26 @@ def test_a_run_killed_while_exporting_resumes_with_every_chunk_done(scene, tmp_p
     assert verify_sidecar(out / "scene.provenance.json") == []
 
 
+def test_a_run_killed_while_exporting_leaves_no_output_under_its_own_name(scene, tmp_path):
+    """Every output is written in a staging folder and renamed into OUT only once all are written and hashed, just
+    before the sidecar: a kill while exporting (seconds, at scale) had left the label COG, polygons and a STAC item
+    under their own names with no sidecar, which a catalogue crawling OUT takes for a delivery."""
+    image, model = scene
+    out = tmp_path / "out"
+    proc = _killed_at("flows.pipeline._publish", image, model.path, out, "--vector", "gpkg")
+    assert proc.returncode == 137, proc.stderr
+    # the store alone (committed, as the exports read it while partial; no sidecar lists it yet)
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == ["scene.zarr"]
+    assert sorted(p.name for p in (out / WORK_DIR / "scene.export").iterdir()) == [
+        "scene.gpkg", "scene.qml", "scene.stac.json", "scene.tif"]  # written, not published
+    rc, _, err = _segment(image, model.path, out, "--vector", "gpkg", logs=tmp_path / "again")
+    assert rc == 0, err
+    assert verify_sidecar(out / "scene.provenance.json") == []
+    assert not (out / WORK_DIR).exists()
+    item = json.loads((out / "scene.stac.json").read_text())
+    assert item["assets"]["labels"]["href"] == "./scene.tif" and item["assets"]["polygons"]["href"] == "./scene.gpkg"
+
+
 def test_a_file_of_someone_elses_under_an_output_name_survives_a_failed_run_and_a_killed_one(scene, tmp_path):
     """A first run into a folder that held a user's ``scene.tif`` (no sidecar lists it) wrote its label COG over
     it, failed at the STAC item, and removed what it wrote: the user's file was gone.  It is set aside first and
@@ -780,7 +800,7 @@ def test_a_file_of_someone_elses_under_an_output_name_survives_a_failed_run_and_
     (out / "scene.probabilities.tif").write_bytes(b"the user's probabilities")
     (out / "scene.stac.json").mkdir()  # someone's folder where the STAC item goes: the run fails there
     rc, _, err = _segment(image, model.path, out, logs=tmp_path / "a")
-    assert rc == 1 and "scene.stac.json: cannot write the STAC item: Is a directory" in err, err
+    assert rc == 1 and "scene.stac.json: cannot write: Is a directory" in err, err
     assert (out / "scene.tif").read_bytes() == b"the user's own scene.tif"
     assert (out / "scene.probabilities.tif").read_bytes() == b"the user's probabilities"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
