@@ -12,6 +12,8 @@ that lists the inputs, submits the tasks and writes the report
 
 from __future__ import annotations
 
+import os
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,13 +138,35 @@ def drop_leftover_work(out_dir: Path, stem: str) -> None:
     patterns = ((out_dir / WORK_DIR, re.compile(rf"{name}\.c(\d+|default)\.(image|model|mosaic)\.zarr")),
                 (out_dir, re.compile(rf"\.{name}\.zarr(\.[0-9a-f]{{16}})?\.partial")))
     for folder, pattern in patterns:
-        try:
-            entries = list(folder.iterdir())
-        except OSError:
-            continue
-        for entry in entries:
-            if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+        for entry_name in _names_in(folder):
+            entry = folder / entry_name
+            if pattern.fullmatch(entry_name) and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+_LISTINGS: dict[Path, tuple[int, list[str]]] = {}  # folder -> (its mtime, the names in it) as last listed
+
+
+def _names_in(folder: Path) -> list[str]:
+    """The names in ``folder``, listed again only when it changed (its mtime): every skipped input looked for its
+    leftovers by listing the whole output folder, so a night of N done inputs cost N^2 (200 ms a skip at 24,000
+    entries).  Only names a leftover can have are kept (hidden ones, and the work folder's)."""
+    try:
+        mtime = folder.stat().st_mtime_ns
+    except OSError:
+        return []
+    cached = _LISTINGS.get(folder)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    try:
+        with os.scandir(folder) as it:
+            names = [e.name for e in it if e.name.startswith(".") or folder.name.startswith(".")]
+    except OSError:
+        return []
+    if len(_LISTINGS) > 64:
+        _LISTINGS.clear()
+    _LISTINGS[folder] = (mtime, names)
+    return names
 
 
 def input_lock(target: staging.OutputTarget, stem: str, stale_after: float) -> locks.InputLock:
