@@ -199,6 +199,8 @@ class _Page:
         return "".join(parts) + "</section>\n"
 
     def figure(self, i: int, rep: dict[str, Any]) -> str:
+        if rep.get("status") == "skipped":  # its picture is in the page of the run that made it (and linked below):
+            return ""  # embedded again every night, a page of 255 done inputs was 32 MB, night after night
         path = self.quicklooks.get(str(rep.get("input")))
         if path is None:
             listed = any(str(o).endswith(QUICKLOOK_SUFFIX) for o in rep.get("outputs") or [])

@@ -329,3 +329,16 @@ def test_chromium_renders_every_image_from_disk(tmp_path):
         assert ImageStat.Stat(quicklook).stddev[0] > 20  # a picture, not a blank box
     if os.environ.get("SEGFLOW_UPDATE_SCREENSHOT"):
         shutil.copyfile(shot, ROOT / "docs" / "report-screenshot.png")
+
+
+def test_a_skipped_inputs_quicklook_is_linked_not_embedded_again(tmp_path):
+    """Embedded again every night: a nightly page of 255 done (skipped) inputs was 32 MB, night after night. The
+    picture is in the page of the run that made it; tonight's page links the file."""
+    run = sample_run(tmp_path)
+    scene_a = run.report["inputs"][0]
+    scene_a["status"] = "skipped"
+    scene_a["outputs"] = [*scene_a["outputs"], str(run.quicklooks[scene_a["input"]])]  # as a run lists it
+    raw = write_html_report(run.report, run.html, quicklooks=run.quicklooks).read_text(encoding="utf-8")
+    page = Page(raw)
+    assert [img["alt"] for img in page.all("img")] == ["quicklook of head-b.nii.gz"]
+    assert "scene-a.quicklook.png" in [Path(a["href"]).name for a in page.all("a") if "href" in a]
