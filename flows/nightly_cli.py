@@ -146,7 +146,11 @@ def summary_table(report: dict) -> "Table":
     table = Table(title=f"segflow nightly: {report['run']['summary']}")
     for col in ("input", "status", "model", "s", "windows", "labels"):
         table.add_column(col)
+    skipped = [r for r in report["inputs"] if r.get("status") == "skipped"]
+    fold = len(skipped) > SKIPPED_ROWS  # a night of 300 done inputs printed 300 rows of nothing new
     for r in report["inputs"]:
+        if fold and r.get("status") == "skipped":
+            continue
         win = r.get("windows") or {}
         unit = "ha" if r.get("measure") == "area_ha" else "mL"
         labels = ", ".join(f"{x['name']} {readable(x[r['measure']], unit)}" for x in r.get("labels", [])
@@ -154,4 +158,9 @@ def summary_table(report: dict) -> "Table":
         table.add_row(escape(Path(r["input"]).name), r["status"], escape(r.get("model") or ""),
                       "" if r.get("seconds") is None else f"{r['seconds']:.1f}",
                       f"{win.get('evaluated')}/{win.get('skipped')}" if win else "", escape(labels))
+    if fold:
+        table.add_row(f"{len(skipped)} inputs", "skipped", "", "", "", "done before; each is in the reports")
     return table
+
+
+SKIPPED_ROWS = 20  # more skipped inputs than this are one row of the terminal's table (the reports list each)

@@ -178,8 +178,9 @@ class PlainReporter:
         count = min(step["done"], total)  # a step cut short (an interrupted run) says how far it got
         if count < total:
             done = f"{count} of {total} {unit}" if unit else f"{count} of {total} processed"
-        else:
-            done = f"{count} {unit}" if unit else f"{count} of {count} processed"  # not "done": some may have failed
+        else:  # not "done": some may have failed; "1 window", not "1 windows"
+            done = f"{count} {unit[:-1] if count == 1 and unit.endswith('s') else unit}" if unit else \
+                f"{count} of {count} processed"
         rate = rate_text(count, seconds, unit) if seconds >= 1 else ""  # a rate over a blink says nothing
         self._print(f"{step['description']}: {done} in {duration_text(seconds)}" + (f" ({rate})" if rate else ""))
 

@@ -593,3 +593,30 @@ def test_the_console_filter_drops_what_segflow_reports_itself():
                                           f"Crash detected! Execution was aborted by {signal_words}."))
     assert keep_out.filter(record("prefect.flow_runs", logging.ERROR,
                                   "Crash detected! Execution was aborted by Python system exit call."))
+
+
+def test_a_night_of_many_skipped_inputs_prints_one_row_for_them_and_one_window_is_singular():
+    """300 done inputs printed 300 table rows of nothing new (cron logs, CI); "segment x: 1 windows in 0.2 s"."""
+    from rich.console import Console
+
+    from flows.nightly_cli import SKIPPED_ROWS, summary_table
+    from flows.progress import PlainReporter
+
+    done = {"input": "/in/new.tif", "status": "done", "model": "m", "seconds": 1.0, "windows": {"evaluated": 1,
+                                                                                               "skipped": 0}}
+    skipped = [{"input": f"/in/old-{i}.tif", "status": "skipped", "model": "m"} for i in range(SKIPPED_ROWS + 5)]
+    run = {"summary": "26 inputs: 1 done, 25 skipped"}
+    console = Console(width=200, record=True)
+    console.print(summary_table({"run": run, "inputs": [done, *skipped]}))
+    text = console.export_text()
+    assert "new.tif" in text and "old-3.tif" not in text and f"{SKIPPED_ROWS + 5} inputs │ skipped" in text
+    console = Console(width=200, record=True)
+    console.print(summary_table({"run": run, "inputs": [done, *skipped[:SKIPPED_ROWS]]}))
+    text = console.export_text()
+    assert all(f"old-{i}.tif" in text for i in range(SKIPPED_ROWS))  # a few are still listed
+    console = Console(width=200, record=True)
+    plain = PlainReporter(console, clock=iter([0.0, 0.1, 0.2]).__next__)
+    plain.start("s", "segment x", 1, "windows")
+    plain.advance("s")
+    plain.finish("s")
+    assert console.export_text().strip() == "segment x: 1 window in 0.2 s"
