@@ -371,6 +371,10 @@ def dask_client(address: str | None = None, *, workers: int | None = None, threa
     :func:`flows.progress.note`).  Either way a local cluster's scheduler binds
     a free port, never 8787.
     """
+    # distributed keeps the last 1,000 messages under 1 MB of every batched comm, for developers: each input's
+    # graph holds the pickled network (0.88 MB for the demo's), so a nightly run's process grew about 1 MB per
+    # input, to 1.2 GB after 500 tiny inputs; kept for nobody, it is off (set before any client or worker exists)
+    dask.config.set({"distributed.admin.low-level-log-length": 0})
     if address:
         client = _connect(address, gpus)
         try:
