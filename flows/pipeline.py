@@ -259,9 +259,12 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
 def _publish(staged: list[Path], stage: Path, out_dir: Path, created: list[Path]) -> list[Path]:
     """Rename the staged outputs into ``out_dir`` (the same file system: renames, milliseconds for them all), in
     their order; their paths there.  Each is added to ``created`` as it lands, so a failure removes it."""
-    published = []
+    published, where = [], Path(os.path.abspath(stage))
     for path in staged:
-        final = out_dir / path.relative_to(stage) if path.is_relative_to(stage) else path
+        # compared absolute: writers return absolute paths, and OUT given as a relative path ("--out out") had left
+        # every output in the staging folder, which is then removed
+        absolute = Path(os.path.abspath(path))
+        final = out_dir / absolute.relative_to(where) if absolute.is_relative_to(where) else path
         try:
             os.replace(path, final)
         except OSError as exc:  # a folder of someone's under the output's name
@@ -273,10 +276,11 @@ def _publish(staged: list[Path], stage: Path, out_dir: Path, created: list[Path]
 
 def _as_published(exc: SegflowError, stage: Path, out_dir: Path) -> SegflowError:
     """An export's error as the user reads it: naming the output where it goes, not the staging folder."""
-    if exc.path is None or stage.as_posix() not in exc.path:
-        return exc
-    return type(exc)(exc.path.replace(stage.as_posix(), out_dir.as_posix()),
-                     exc.problem.replace(stage.as_posix(), out_dir.as_posix()))
+    forms = [(os.path.abspath(stage), os.path.abspath(out_dir)), (stage.as_posix(), out_dir.as_posix())]
+    for staged, final in forms:
+        if exc.path is not None and staged in exc.path:
+            return type(exc)(exc.path.replace(staged, final), exc.problem.replace(staged, final))
+    return exc
 
 
 def one_slice_fit(model: LoadedModel, options: SegmentOptions, store: ImageStore,

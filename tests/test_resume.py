@@ -789,6 +789,21 @@ def test_a_run_killed_while_exporting_leaves_no_output_under_its_own_name(scene,
     assert item["assets"]["labels"]["href"] == "./scene.tif" and item["assets"]["polygons"]["href"] == "./scene.gpkg"
 
 
+def test_outputs_are_published_into_an_output_folder_given_as_a_relative_path(scene, tmp_path):
+    """``--out out`` (relative) with absolute staged paths: every output stayed in the staging folder, which is
+    then removed, and the run said "ok" (the demo caught it; the tests had all named OUT absolutely)."""
+    image, model = scene
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(image), "--model", str(model.path), "--out",
+                           "out", "--chunk-size", str(CHUNK), "--workers", "0", "--vector", "gpkg"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert f"-> {out / 'scene.tif'}" in proc.stdout + proc.stderr
+    assert verify_sidecar(out / "scene.provenance.json") == []
+    assert {"scene.tif", "scene.gpkg", "scene.stac.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / WORK_DIR).exists()
+
+
 def test_a_file_of_someone_elses_under_an_output_name_survives_a_failed_run_and_a_killed_one(scene, tmp_path):
     """A first run into a folder that held a user's ``scene.tif`` (no sidecar lists it) wrote its label COG over
     it, failed at the STAC item, and removed what it wrote: the user's file was gone.  It is set aside first and
