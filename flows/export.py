@@ -168,7 +168,8 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
         model=_model_description(card, model.weights_sha256, "cuda" if device.startswith("cuda") else "cpu",
                                  _band_names(card, meta, record)),
         gsd=float(spacing[0]) if spacing and spacing[0] > 0 and card.input.spacing_unit == "m" else None,
-        source=str(meta.source.path), vectors=polygons, datetime_=when if when is not None else scene_time(meta, record),
+        source=str(meta.source.path), vectors=polygons,
+        datetime_=when if when is not None else scene_time(meta, record),
         weights=weights_asset(model),
         probability_cog=written[1] if len(written) > 1 and written[1].name.endswith(".probabilities.tif") else None,
         grid=_written_grid(record))

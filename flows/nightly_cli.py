@@ -137,6 +137,9 @@ def nightly_command(
     raise typer.Exit(0 if report["run"]["state"] == "Completed" else 1)
 
 
+SKIPPED_ROWS = 20  # more skipped inputs than this are one row of the terminal's table (the reports list each)
+
+
 def summary_table(report: dict) -> "Table":
     """The run's inputs, one row each, with their label areas or volumes as people write them."""
     from rich.table import Table
@@ -162,5 +165,3 @@ def summary_table(report: dict) -> "Table":
         table.add_row(f"{len(skipped)} inputs", "skipped", "", "", "", "done before; each is in the reports")
     return table
 
-
-SKIPPED_ROWS = 20  # more skipped inputs than this are one row of the terminal's table (the reports list each)

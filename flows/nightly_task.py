@@ -13,7 +13,6 @@ that lists the inputs, submits the tasks and writes the report
 from __future__ import annotations
 
 import os
-
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +157,10 @@ def _names_in(folder: Path) -> list[str]:
     cached = _LISTINGS.get(folder)
     if cached is not None and cached[0] == mtime:
         return cached[1]
+    every = folder.name.startswith(".")  # the work folder: all of it; OUT: its hidden names only
     try:
         with os.scandir(folder) as it:
-            names = [e.name for e in it if e.name.startswith(".") or folder.name.startswith(".")]
+            names = [e.name for e in it if every or e.name.startswith(".")]
     except OSError:
         return []
     if len(_LISTINGS) > 64:

@@ -130,6 +130,10 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
     ingest_seconds = time.perf_counter() - t0
     stem = input_stem(input_path)
     zarr_target = out_dir / f"{stem}.zarr"
+    # every output file is written here, hashed, and only then renamed into OUT, just before the sidecar: a run
+    # killed while exporting (seconds, at scale) had left finished-looking outputs under their own names, a STAC
+    # item among them, with no sidecar
+    stage = work / f"{stem}.export"
     out_path = out_dir / output_name(input_path, store.meta.kind)
     created: list[Path] = []  # outputs this run put in place: on failure exactly these are removed
     given = model  # the model as loaded: the provenance records its card (a one-slice input runs a view of it)
@@ -189,10 +193,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
         # exporting is resumed with every chunk done and only exports again (committed first, it had been
         # recomputed whole, as the committed store is no partial one to resume)
         finished = partial_path(zarr_target, stats["run_identity"])
-        # every file is written in a staging folder, hashed there, and only then renamed into OUT, just before
-        # the sidecar: a run killed while exporting (seconds, at scale) had left finished-looking outputs under
-        # their own names, a STAC item among them, with no sidecar
-        remove_path(stage := work / f"{stem}.export")  # a killed run's
+        remove_path(stage)  # a killed run's
         stage.mkdir(parents=True)
         staged_out = stage / out_path.name
         exported = export_labels(finished, modelspace.output_meta(store, model, options), model, staged_out, stable,
@@ -240,12 +241,11 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             where = exc.filename or out_dir
             raise ExportError(record_input_as or input_label(input_path),
                               f"cannot write {where}: {exc.strerror or exc}") from None
-        if isinstance(exc, SegflowError) and (published := _as_published(exc, work / f"{stem}.export",
-                                                                         out_dir)) is not exc:
+        if isinstance(exc, SegflowError) and (published := _as_published(exc, stage, out_dir)) is not exc:
             raise published from None
         raise
     finally:
-        remove_path(work / f"{stem}.export")
+        remove_path(stage)
         if not keep_work:
             remove_path(store.path)
             remove_path(modelspace.model_image_path(store))
@@ -263,8 +263,7 @@ def _publish(staged: list[Path], stage: Path, out_dir: Path, created: list[Path]
     for path in staged:
         # compared absolute: writers return absolute paths, and OUT given as a relative path ("--out out") had left
         # every output in the staging folder, which is then removed
-        absolute = Path(os.path.abspath(path))
-        final = out_dir / absolute.relative_to(where) if absolute.is_relative_to(where) else path
+        final = out_dir / Path(os.path.abspath(path)).relative_to(where)
         try:
             os.replace(path, final)
         except OSError as exc:  # a folder of someone's under the output's name

@@ -32,8 +32,8 @@ from pydicom.uid import UID
 
 from storage.errors import CorruptInputError, InputError
 
-__all__ = ["BARE_GROUPS", "DICOM_SUFFIXES", "DicomObject", "Frame", "class_name", "decode_pixels", "fmt_numbers", "frame_name",
-           "scan_file", "syntax_name", "why"]
+__all__ = ["BARE_GROUPS", "DICOM_SUFFIXES", "DicomObject", "Frame", "class_name", "decode_pixels", "fmt_numbers",
+           "frame_name", "scan_file", "syntax_name", "unreadable", "why"]
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # Objects with rows and columns that are still not images to segment.

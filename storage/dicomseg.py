@@ -22,13 +22,9 @@ volume.  The file is written under a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import uuid
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +38,7 @@ from pydicom.sr.codedict import codes
 from storage.classes import SCT_CODE, LabelClass
 from storage.errors import ExportError, InvalidInputError
 from storage.geometry import VolumeGeometry
+from storage.libquiet import quietly as library_quietly
 
 __all__ = ["write_dicom_seg", "read_dicom_seg_labels", "segment_codes", "SEG_SERIES_NUMBER_BASE"]
 
@@ -153,8 +150,7 @@ def write_dicom_seg(
         series_number = SEG_SERIES_NUMBER_BASE + (info.series_number or 0) % 1000
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
     try:
-        with warnings.catch_warnings(), _quiet("highdicom"):  # highdicom quotes a one-part patient name it doubts
-            warnings.filterwarnings("ignore", message=".*person name", category=UserWarning)
+        with library_quietly("highdicom"):  # highdicom quotes a one-part patient name it doubts
             seg = _segmentation(sources, numbers, segmentation_type, descriptions, series_number, name, version)
         if info.frame_numbers is not None:
             _refer_to_source_frames(seg, info.frame_numbers)
@@ -196,19 +192,6 @@ def _segmentation(sources: list[pydicom.Dataset], numbers: np.ndarray, segmentat
         omit_empty_frames=bool(np.any(numbers)),  # all empty: every frame, as highdicom would (with a warning)
         **_character_set(descriptions, name, version),
     )
-
-
-@contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """A library's logger silenced for a call: its warnings quote header values (a patient's name), and messages
-    never show patient identifiers."""
-    logger = logging.getLogger(logger_name)  # its modules' loggers (highdicom.base) take its level
-    was = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(was)
 
 
 def _series_label(geometry: VolumeGeometry, root: str | PathLike[str] | None) -> str:
@@ -266,7 +249,8 @@ def _character_set(descriptions: list[hd.seg.SegmentDescription], name: str, ver
 
 def _with_thickness(sources: list[Any], geometry: VolumeGeometry) -> None:
     """Give single-frame sources without a SliceThickness (optional in many objects) the spacing between slices,
-    in memory, as dcm2niix does (and a SpacingBetweenSlices their positions contradict, the true one): highdicom takes the SEG's pixel measures from the first source and failed on it
+    in memory, as dcm2niix does (and a SpacingBetweenSlices their positions contradict, the true one): highdicom
+    takes the SEG's pixel measures from the first source and failed on it
     ("no attribute 'SliceThickness'"), throwing away the run's other outputs.  The files are not touched."""
     if geometry.dicom is None or geometry.dicom.frame_numbers is not None:
         return

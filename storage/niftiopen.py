@@ -8,12 +8,11 @@ learns a volume's geometry and channels without reading a voxel.
 from __future__ import annotations
 
 import base64
-import logging
 import warnings
 import zlib
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +25,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
 from storage.geometry import VolumeGeometry
+from storage.libquiet import quietly as library_quietly
 
 __all__ = ["NIFTI_READ_ERRORS", "NIFTI_SUFFIXES", "check_data_size", "check_nifti_path", "describe_nifti", "error_text",
            "open_nifti", "quietly", "spatial_ijk"]
@@ -47,23 +47,11 @@ def check_nifti_path(src: Path) -> None:
         raise UnsupportedFormatError(src, f"not a NIfTI file name (expected one of {', '.join(NIFTI_SUFFIXES)})")
 
 
-@contextmanager
-def quietly() -> Iterator[None]:
+def quietly() -> AbstractContextManager[None]:
     """No warnings, and none of nibabel's header notes ("pixdim[1,2,3] should be non-zero; setting 0 dims to 1"),
     which it logs as warnings, printed to stderr in front of segflow's lines; what they fix is checked here.
-
-    nibabel's ``LoggingOutputSuppressor`` removes its logger's handler, but
-    the record then reaches Python's last-resort handler, which prints it all
-    the same; raising the logger's level drops it.
-    """
-    level = nibabel_logger.level
-    nibabel_logger.setLevel(logging.ERROR)  # nibabel raises at its error_level, 40: errors still raise
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        nibabel_logger.setLevel(level)
+    nibabel raises at its error_level, 40: errors still raise."""
+    return library_quietly(nibabel_logger.name)
 
 
 def open_nifti(src: Path, stack: ExitStack) -> Nifti1Pair:
