@@ -24,7 +24,7 @@ from flows import cliopts
 from flows.config import SegmentOptions
 from storage.errors import ConfigError
 
-DEFAULT_NAME = "segflow-nightly"
+DEFAULT_NAME = "segflow-schedule"  # not infra/prefect.yaml's segflow-nightly: serving one would take the other over
 NIGHTLY = "flows.nightly:nightly"  # module:attribute of the flow the deployment runs
 
 
@@ -119,6 +119,23 @@ def server_problem() -> BaseException | None:
 
     with get_client(sync_client=True) as client:
         return client.api_healthcheck()
+
+
+def work_pool_of(name: str, flow_ref: str = NIGHTLY) -> str | None:
+    """The work pool of an existing deployment ``<flow>/<name>`` (one ``prefect deploy`` made), else None.
+
+    Serving under that name would silently turn the work-pool deployment
+    into this process's, its schedule and parameters replaced.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(f"{load_flow(flow_ref).name}/{name}")
+        except ObjectNotFound:
+            return None
+    return deployment.work_pool_name
 
 
 def serve_nightly(*, cron: str, parameters: dict[str, Any], name: str = DEFAULT_NAME, timezone: str | None = None,
@@ -222,6 +239,10 @@ def schedule_command(
         if problem is not None:
             unreachable = api_unreachable(problem, temporary_ok=False)
             cli.fail(unreachable or f"the Prefect server at {url} does not answer: {problem}")
+        pool = work_pool_of(name)
+        if pool:
+            cli.fail(f"--name {name!r}: nightly/{name} is already deployed on {url} to the work pool {pool!r} "
+                     "(prefect deploy); serving it here would take it over: pass another --name")
         from flows.zombies import AUTOMATION_NAME, ensure_crash_automation, silent_after
 
         if ensure_crash_automation():  # a run whose process dies unreported is Crashed, not Running for ever

@@ -285,9 +285,11 @@ def test_prefect_yaml_entrypoints_resolve_to_flows_with_the_declared_parameters(
 
 
 def test_schedule_command_and_prefect_yaml_share_the_flow(prefect_yaml):
-    from flows.schedule import NIGHTLY, load_flow
+    from flows.schedule import DEFAULT_NAME, NIGHTLY, load_flow
 
     assert load_flow(NIGHTLY) is _flow(prefect_yaml["deployments"][0]["entrypoint"])
+    # one server may hold both: `segflow schedule`'s default must not take a work-pool deployment over
+    assert DEFAULT_NAME not in {d["name"] for d in prefect_yaml["deployments"]}
 
 
 # ----------------------------------------------------------------------------- Dockerfiles

@@ -252,6 +252,20 @@ def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefec
     assert run["state"]["type"] == "COMPLETED", log_path.read_text()[-4000:]
     assert (out / "scene.tif").exists()
 
+    # `segflow schedule` under a work-pool deployment's name would take it over (flow.serve updates it in place):
+    # refused in one line, and the server's deployment keeps its pool, schedule and parameters
+    path = f"{api}/deployments/name/{_flow(first['entrypoint']).name}/{first['name']}"
+    before = _get(path)
+    proc = subprocess.run([sys.executable, "-m", "flows", "schedule", "--cron", "0 3 1 1 *", "--name", first["name"],
+                           "--inbox", str(inbox), "--model", str(model.path), "--out", str(tmp_path / "out2")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr  # a bad argument, as cli.fail exits
+    assert f"already deployed on {api} to the work pool '{first['work_pool']['name']}'" in lines[0], lines
+    after = _get(path)
+    assert (after["work_pool_name"], after["parameters"], after["schedules"]) == \
+        (before["work_pool_name"], before["parameters"], before["schedules"])
+
 
 def test_schedule_refuses_bad_input_with_one_line_errors(tmp_path):
     from flows.schedule import check_parameters, cron_schedule, load_flow, nightly_parameters
