@@ -25,7 +25,7 @@ from prefect.runtime import task_run as task_run_info
 from flows import ledger, locks, staging
 from flows.config import SegmentOptions
 from flows.inputs import Expanded, check_named_sources, forged_problem, input_label, input_stem
-from flows.report import InputReport, fill_from_statistics
+from flows.report import InputReport, fill_from_statistics, resumed_note
 from flows.retries import retry_if_transient
 from flows.routing import ModelEntry, ModelInput, loaded, no_model_reason, one_slice, route, route_item
 from storage.channelfiles import ChannelFiles
@@ -256,6 +256,7 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
         outcome = target.publish(outcome, extra=[recorded] if recorded else [])  # a URL: upload, entry last
         rep.outputs = outcome.outputs
         statistics = outcome.statistics
+        rep.note = "; ".join(n for n in (rep.note, resumed_note(statistics)) if n) or None
     fill_from_statistics(rep, statistics, classes, header.cell_size, header.cell_unit, header.cell_note)
     rep.seconds = round(time.perf_counter() - t0, 3)
     return rep.to_dict()

@@ -98,6 +98,16 @@ def fill_from_statistics(rep: InputReport, statistics: dict[str, Any], classes: 
     rep.label_statistics = statistics.get("label_statistics") or None
 
 
+def resumed_note(statistics: dict[str, Any]) -> str | None:
+    """Said of an input finished from an interrupted run's chunks: its timings and windows are this run's
+    share only, which had read as a suspiciously fast input."""
+    done, total = statistics.get("chunks_resumed") or 0, statistics.get("chunks")
+    if not done:
+        return None
+    return (f"resumed an interrupted run: {done} of {total} output chunks were done before, "
+            f"{statistics.get('chunks_written', 0)} computed now")
+
+
 def counts(inputs: list[InputReport]) -> dict[str, int]:
     """Inputs per status; ``locked`` only when some input was (the report's counts kept their four keys)."""
     n = {s: sum(1 for r in inputs if r.status == s) for s in STATUSES}

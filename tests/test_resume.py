@@ -175,6 +175,31 @@ def test_ctrl_c_mid_run_is_one_line_exit_130_and_the_rerun_resumes(scene, tmp_pa
     assert rc == 0 and resumed["statistics"]["chunks_resumed"] == done, stderr
 
 
+def test_a_nightly_input_finished_from_an_interrupted_runs_chunks_says_so_in_the_report(scene, tmp_path):
+    """Its seconds and windows are the second run's share only: without a word it read as a fast input."""
+    image, model = scene
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    (inbox / "scene.tif").write_bytes(image.read_bytes())
+    command = [sys.executable, "-m", "flows", "nightly", "--inbox", str(inbox), "--model", str(model.path),
+               "--out", str(out), "--chunk-size", str(CHUNK), "--workers", "0"]
+    env = {**os.environ, "COLUMNS": "250", KILL_AFTER_CHUNKS_ENV: "3", KILL_SIGNAL_ENV: "SIGINT"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 130, first.stderr
+    done = len(_markers(out))
+    assert 3 <= done < CHUNKS
+    env = {k: v for k, v in env.items() if k not in (KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV)}
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr
+    [report] = [json.loads(p.read_text()) for p in (out / "reports").glob("*.json")]
+    [entry] = report["inputs"]
+    assert entry["status"] == "done"
+    assert entry["note"] == (f"resumed an interrupted run: {done} of {CHUNKS} output chunks were done before, "
+                             f"{CHUNKS - done} computed now"), entry
+    [markdown] = (out / "reports").glob("*.md")
+    assert "resumed an interrupted run" in markdown.read_text()
+
+
 def test_an_input_that_finishes_while_nightly_stops_is_named_done(scene, tmp_path):
     """SIGTERM while an input exported: it finished (outputs, sidecar, ledger), yet the command said only that the
     inputs in progress left nothing complete, and the next night's "skipped" was the only record of it."""
