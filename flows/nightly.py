@@ -88,6 +88,8 @@ from storage.remote import is_url
 __all__ = ["nightly", "nightly_report", "dashboard_link", "list_inbox", "read_manifest", "is_transient",
            "TransientError"]
 
+STOPPED_NOTE = "stopped by the run's interruption at a chunk boundary: its finished chunks are kept for the next run"
+
 
 def dashboard_link(client: Any) -> str | None:
     """The Dask dashboard's address, when the scheduler serves one (its pages need bokeh, here and there)."""
@@ -206,14 +208,21 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
             if interrupts.interrupted() is not None:
                 _stop(list(futures))
                 for future, path in futures.items():  # an input that finished while the run stopped is done
-                    if path in reports:
+                    if path in reports or _stopped(future):  # stopped: reported as interrupted, below
                         continue
                     future.wait()  # its final state, set locally (a stopped one's wrapped future has ended)
                     if future.state.is_completed():
                         reports[path] = InputReport(**future.result())
         bar.finish("nightly")
-    # after the client and the cluster closed in order: no report, the CLI says one line naming what got done
-    interrupts.check_interrupt(tuple(p for p, r in reports.items() if r.status == "done"))
+    # after the client and the cluster closed in order; stopped: a report of what got done and what is left, in
+    # JSON and Markdown only (a pod has seconds left), then the CLI says one line naming what got done
+    stopped = interrupts.interrupted() is not None
+    if stopped:
+        started_inputs = set(futures.values())
+        for p in todo:
+            if p not in reports:
+                reports[p] = InputReport(input=p, status="interrupted", attempts=batch.attempts.get(p, 0),
+                                         note=STOPPED_NOTE if p in started_inputs else "not started")
     inputs = [reports[p] for p in [*by_label, *(label for label, _ in unusable)]]
     message = summary(inputs)
     ok = all(r.status in ("done", "skipped", "locked") for r in inputs)
@@ -222,7 +231,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         "run": {
             "flow_run_id": flow_run_info.get_id(), "flow_run_name": flow_run_info.get_name(),
             "started": started, "finished": provenance.now(), "seconds": round(time.perf_counter() - t0, 3),
-            "state": "Completed" if ok else "Failed", "summary": message,
+            "state": "Interrupted" if stopped else "Completed" if ok else "Failed", "summary": message,
             "inbox": str(inbox) if inbox else None, "manifest": str(manifest) if manifest else None,
             "out_dir": str(out), "ignored": ignored, "band_files": claimed,
             "arriving": [{"input": p, "changed_seconds_ago": age} for p, age in arriving.items()],
@@ -241,9 +250,15 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     except (OSError, SegflowError) as exc:  # a full disk: a traceback through Prefect and the CLI, no input named
         why = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or str(exc)
         problem = f"{out}: the run report was not written: {why}"
+        if stopped:
+            logger.info("%s", problem)
+            interrupts.check_interrupt(tuple(p for p, r in reports.items() if r.status == "done"))
         report["run"]["state"], report["report"] = "Failed", {"error": problem}
         return ended(False, f"{message}; {problem}", report)
     report["report"] = {"json": str(json_path), "markdown": str(md_path)}
+    if stopped:
+        logger.info("interrupted: %s; report %s", message, md_path)
+        interrupts.check_interrupt(tuple(p for p, r in reports.items() if r.status == "done"))
     html_path = _html_report(report, json_path)
     if html_path is not None:
         report["report"]["html"] = str(html_path)
@@ -286,6 +301,14 @@ def _completed(futures: list[Any], more: Callable[[], Any | None]) -> Iterator[A
                 wrapped[following.wrapped_future] = following
                 pending.add(following.wrapped_future)
             yield wrapped[w]
+
+
+def _stopped(future: Any) -> bool:
+    """A task run that ended by raising the interruption (its wait re-raised it, and no report was written)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is None or not wrapped.done():
+        return False
+    return wrapped.cancelled() or isinstance(wrapped.exception(), KeyboardInterrupt)
 
 
 def _stop(futures: list[Any]) -> None:

@@ -1,6 +1,6 @@
 """The run report of a nightly batch: one JSON document and the same in Markdown.
 
-Per input: status (done, skipped, failed, no-model, locked), the one-line error, the
+Per input: status (done, skipped, failed, no-model, locked, interrupted), the one-line error, the
 model, attempts, timings, windows evaluated and skipped, the label areas in
 hectares (rasters) or volumes in millilitres (NIfTI, DICOM), and the output
 paths.  A DICOM series is named by its ``SeriesRef.display`` (folder and UIDs)
@@ -34,7 +34,9 @@ from flows.numbers import readable
 from storage.atomic import make_output_folder
 
 REPORT_SCHEMA = "segflow.nightly-report/1"
-STATUSES = ("done", "skipped", "failed", "no-model", "locked")  # locked: in progress in another run, not failed
+# locked: in progress in another run, not failed; interrupted: the run was stopped (a signal) before the input ended
+STATUSES = ("done", "skipped", "failed", "no-model", "locked", "interrupted")
+OPTIONAL_STATUSES = ("locked", "interrupted")  # counted only when some input has them
 REPORTS_DIR = "reports"
 
 
@@ -109,10 +111,11 @@ def resumed_note(statistics: dict[str, Any]) -> str | None:
 
 
 def counts(inputs: list[InputReport]) -> dict[str, int]:
-    """Inputs per status; ``locked`` only when some input was (the report's counts kept their four keys)."""
+    """Inputs per status; ``locked`` and ``interrupted`` only when some input was (the counts keep their four keys)."""
     n = {s: sum(1 for r in inputs if r.status == s) for s in STATUSES}
-    if not n["locked"]:
-        del n["locked"]
+    for status in OPTIONAL_STATUSES:
+        if not n[status]:
+            del n[status]
     return n
 
 
@@ -123,6 +126,8 @@ def summary(inputs: list[InputReport]) -> str:
     parts = [f"{n['done']} done", f"{n['skipped']} skipped"]
     if n.get("locked"):
         parts.append(f"{n['locked']} locked (in progress in another run)")
+    if n.get("interrupted"):
+        parts.append(f"{n['interrupted']} interrupted (the next run resumes them)")
     bad = []
     if n["failed"]:
         bad.append(f"{n['failed']} of {total} inputs failed")

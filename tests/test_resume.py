@@ -175,29 +175,41 @@ def test_ctrl_c_mid_run_is_one_line_exit_130_and_the_rerun_resumes(scene, tmp_pa
     assert rc == 0 and resumed["statistics"]["chunks_resumed"] == done, stderr
 
 
-def test_a_nightly_input_finished_from_an_interrupted_runs_chunks_says_so_in_the_report(scene, tmp_path):
-    """Its seconds and windows are the second run's share only: without a word it read as a fast input."""
+def test_an_interrupted_night_reports_what_it_left_and_the_next_says_what_it_resumed(scene, tmp_path):
+    """An interrupted night had written no report at all (under a Prefect deployment, nothing said what got done);
+    the input the next night finished from its chunks had read as a suspiciously fast one (its seconds and
+    windows are that night's share only)."""
+    from flows.nightly import STOPPED_NOTE
+
     image, model = scene
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
-    (inbox / "scene.tif").write_bytes(image.read_bytes())
+    for name in ("a.tif", "b.tif"):  # one at a time (--parallel 1): b is not started when a is stopped
+        (inbox / name).write_bytes(image.read_bytes())
     command = [sys.executable, "-m", "flows", "nightly", "--inbox", str(inbox), "--model", str(model.path),
-               "--out", str(out), "--chunk-size", str(CHUNK), "--workers", "0"]
+               "--out", str(out), "--chunk-size", str(CHUNK), "--workers", "0", "--no-quicklook"]
     env = {**os.environ, "COLUMNS": "250", KILL_AFTER_CHUNKS_ENV: "3", KILL_SIGNAL_ENV: "SIGINT"}
     first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 130, first.stderr
-    done = len(_markers(out))
+    done = len(list(out.glob(f".a.zarr.*.partial/{JOURNAL_DIR}/done/*.json")))
     assert 3 <= done < CHUNKS
+    [path] = (out / "reports").glob("*.json")
+    report = json.loads(path.read_text())
+    assert report["run"]["state"] == "Interrupted"
+    assert report["run"]["counts"] == {"done": 0, "skipped": 0, "failed": 0, "no-model": 0, "interrupted": 2}
+    assert [(r["input"], r["status"], r["note"]) for r in report["inputs"]] == [
+        (str(inbox / "a.tif"), "interrupted", STOPPED_NOTE), (str(inbox / "b.tif"), "interrupted", "not started")]
+    assert "2 interrupted (the next run resumes them)" in path.with_suffix(".md").read_text()
+
     env = {k: v for k, v in env.items() if k not in (KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV)}
     second = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stderr
-    [report] = [json.loads(p.read_text()) for p in (out / "reports").glob("*.json")]
-    [entry] = report["inputs"]
-    assert entry["status"] == "done"
-    assert entry["note"] == (f"resumed an interrupted run: {done} of {CHUNKS} output chunks were done before, "
-                             f"{CHUNKS - done} computed now"), entry
-    [markdown] = (out / "reports").glob("*.md")
-    assert "resumed an interrupted run" in markdown.read_text()
+    latest = max((out / "reports").glob("*.json"), key=lambda p: json.loads(p.read_text())["run"]["started"])
+    a, b = json.loads(latest.read_text())["inputs"]
+    assert (a["status"], b["status"], b["note"]) == ("done", "done", None)
+    assert a["note"] == (f"resumed an interrupted run: {done} of {CHUNKS} output chunks were done before, "
+                         f"{CHUNKS - done} computed now"), a
+    assert "resumed an interrupted run" in latest.with_suffix(".md").read_text()
 
 
 def test_an_input_that_finishes_while_nightly_stops_is_named_done(scene, tmp_path):
