@@ -430,7 +430,8 @@ def load_bundle(path: str | PathLike[str], *, trust_bundle: bool = False) -> tup
     net = ReversedAxes(build_network(mapping), mapping.card.input.spatial_dims).eval()
     arch = mapping.card.architecture.name
     if arch == TORCHSCRIPT or arch.startswith(BUNDLE_PREFIX):  # not built by segflow: checked once, here
-        models.check_output(net, mapping.card, mapping.path, "the bundle's network")
+        if models.check_output(net, mapping.card, mapping.path, "the bundle's network"):  # ends in a softmax
+            net = models.ProbabilitiesAsLogits(net).eval()
     return mapping, net
 
 

@@ -195,8 +195,7 @@ def _load_script_dir(path: Path, card: ModelCard, script: Path, verify_hash: boo
     if detect_format(script) != "torchscript":
         raise ModelError(script, "not a TorchScript archive")
     module, _ = load_torchscript(script, trusted=trusted)
-    _check_script_output(module, card, script)
-    return LoadedModel(path=path, card=card, module=ScriptedNetwork(module).eval(), weights_sha256=digest,
+    return LoadedModel(path=path, card=card, module=_scripted(module, card, script), weights_sha256=digest,
                        weights_path=script, source="torchscript")
 
 
@@ -215,13 +214,16 @@ def _load_archive(path: Path, trusted: bool) -> LoadedModel:
     except ValidationError as exc:
         raise ModelError(path, _first_error(exc)) from None
     digest = sha256_file(path)
-    _check_script_output(module, card, path)
-    return LoadedModel(path=path, card=card, module=ScriptedNetwork(module).eval(), weights_sha256=digest,
+    return LoadedModel(path=path, card=card, module=_scripted(module, card, path), weights_sha256=digest,
                        weights_path=path, source="torchscript")
 
 
-def _check_script_output(module: nn.Module, card: ModelCard, path: Path) -> None:
-    models.check_output(module, card, path)
+def _scripted(module: nn.Module, card: ModelCard, path: Path) -> nn.Module:
+    """The TorchScript network checked on one window, ready to travel to workers; one that ends in a softmax
+    gives its probabilities as logits (:class:`segmentation.models.ProbabilitiesAsLogits`), never softmaxed twice."""
+    probabilities = models.check_output(module, card, path)
+    net = ScriptedNetwork(module)
+    return (models.ProbabilitiesAsLogits(net) if probabilities else net).eval()
 
 
 def check_model(path: str | PathLike[str], *, trust_bundle: bool = False) -> ModelCard:

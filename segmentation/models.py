@@ -224,10 +224,16 @@ def check_roi(module: nn.Module, roi: Sequence[int], name: str = "the network") 
                                    f"than one pixel at the coarsest level), got roi {roi}")
 
 
-def window_output(module: nn.Module, channels: int, roi: Sequence[int]) -> tuple[int, ...] | str:
+PROBABILITY_TOL = 1e-4  # how close to 1 a window's class sums must be for its outputs to be taken as probabilities
+SMALLEST_PROBABILITY = 1e-30  # log(0) guarded: exp(log 1e-30) is 0 in every blend
+
+
+def window_probe(module: nn.Module, channels: int, roi: Sequence[int]) -> tuple[tuple[int, ...] | str, bool]:
     """Run ``module`` once on a zero (1, ``channels``, *``roi``) window where its parameters are, in eval mode (its
     train flag put back): the shape of the logits inference would take (the first item of a tuple or list), or the
-    type it returned instead.  What the module raises propagates; callers say it in their own words."""
+    type it returned instead; and whether those outputs are probabilities already (non-negative, summing to 1
+    over classes at every pixel: a network ending in a softmax).  What the module raises propagates; callers say
+    it in their own words."""
     import torch
 
     was_training = module.training
@@ -238,18 +244,56 @@ def window_output(module: nn.Module, channels: int, roi: Sequence[int]) -> tuple
     finally:
         module.train(was_training)
     first = out[0] if isinstance(out, (tuple, list)) and out else out
-    return tuple(first.shape) if isinstance(first, torch.Tensor) else type(out).__name__
+    if not isinstance(first, torch.Tensor):
+        return type(out).__name__, False
+    probabilities = False
+    if first.ndim >= 2 and first.shape[1] >= 2 and first.is_floating_point():
+        values = first.float()
+        probabilities = bool(values.min() >= 0) and bool((values.sum(1) - 1).abs().max() <= PROBABILITY_TOL)
+    return tuple(first.shape), probabilities
 
 
-def check_output(module: nn.Module, card: Any, path: Any, what: str = "the TorchScript network") -> None:
+def window_output(module: nn.Module, channels: int, roi: Sequence[int]) -> tuple[int, ...] | str:
+    """:func:`window_probe`'s shape (or type name) alone."""
+    return window_probe(module, channels, roi)[0]
+
+
+class ProbabilitiesAsLogits(nn.Module):
+    """A network that ends in a softmax, as logits: log p, whose softmax is p again.
+
+    segflow takes the softmax of every window's outputs before blending them;
+    a network whose outputs are probabilities already got a second one (its
+    probabilities squashed toward uniform: 0.98 became 0.57, and blending then
+    flipped labels).  Wrapped, the windows blend the network's own
+    probabilities, as MONAI's inferer blends whatever the network returns.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Any) -> Any:  # noqa: D102
+        import torch
+
+        out = self.net(x)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        return torch.log(first.float().clamp_min(SMALLEST_PROBABILITY))
+
+
+PROBABILITIES_NOTE = ("its outputs are probabilities already (non-negative, summing to 1 over classes: it ends in a "
+                      "softmax); segflow blends them as they are instead of taking a second softmax")
+
+
+def check_output(module: nn.Module, card: Any, path: Any, what: str = "the TorchScript network") -> bool:
     """A network segflow did not build (a TorchScript archive, a bundle's network MONAI instantiated) is a black
     box: run it once on a window of the card's roi and check it returns the logits of the card's classes on the
     window's grid (first of a tuple or list, as inference takes them).  One returning a dict, fewer or more
-    classes, or an auxiliary head first failed inside the windows of every input, with a torch traceback."""
+    classes, or an auxiliary head first failed inside the windows of every input, with a torch traceback.
+    Returns whether its outputs are probabilities already (:class:`ProbabilitiesAsLogits` then wraps it)."""
     roi = tuple(card.inference.roi)
     window = (1, card.input.channels, *roi)
     try:
-        got = window_output(module, card.input.channels, roi)
+        got, probabilities = window_probe(module, card.input.channels, roi)
     except Exception as exc:  # noqa: BLE001 - whatever the network's code raises, said in one line
         raise ModelError(path, f"{what} fails on a ({', '.join(map(str, window))}) window: "
                                f"{' '.join(str(exc).split())[:200]}") from None
@@ -258,6 +302,7 @@ def check_output(module: nn.Module, card: Any, path: Any, what: str = "the Torch
         raise ModelError(path, f"{what} returns {got} for a {window} window; segflow needs the logits of the "
                                f"card's {card.num_classes} classes on the window's grid, {want} (the first of a "
                                "tuple or list)")
+    return probabilities
 
 
 # ---------------------------------------------------------------- receptive fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import dask.array as da
@@ -76,11 +77,17 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
     if isinstance(model, LoadedModel):
         card = model.card
         if card.input.spatial_dims != spatial_dims:
+            batch = card.input.spatial_dims == 2 and image.shape[1] == card.input.channels
             raise IncompatibleInputError(None, f"model {card.name!r} is {card.input.spatial_dims}D, "
-                                               f"the input is {spatial_dims}D")
+                                               f"the input is {spatial_dims}D" + (
+                                                   f" (shape {tuple(image.shape)}: a batch? predict takes one "
+                                                   "(C, H, W) image at a time)" if batch else ""))
         if card.input.channels != image.shape[0]:
+            last = image.shape[-1] == card.input.channels
             raise IncompatibleInputError(None, f"model {card.name!r} takes {card.input.channels} channels, "
-                                               f"the input has {image.shape[0]}")
+                                               f"the input has {image.shape[0]}" + (
+                                                   f" (shape {tuple(image.shape)}: channels last? predict takes "
+                                                   "them first, np.moveaxis(image, -1, 0))" if last else ""))
         roi = card.inference.roi if roi is None else roi  # a numpy roi has no truth value
         overlap = card.inference.overlap if overlap is None else overlap
         blend = blend or card.inference.blend
@@ -125,7 +132,10 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
         else:
             normalizer = Normalizer((0.0,) * arr.shape[0], (1.0,) * arr.shape[0])
     if num_classes is None:  # a plain module's class count (and that it takes such a window) is learnt here
-        num_classes = _probed_classes(module, arr.shape[0], roi)
+        num_classes, probabilities_out = _probed_classes(module, arr.shape[0], roi)
+        if probabilities_out:  # it ends in a softmax: blended as they are, not softmaxed twice
+            warnings.warn(f"the network: {models.PROBABILITIES_NOTE}", stacklevel=3)
+            module = models.ProbabilitiesAsLogits(module)
     _two_classes_at_least(num_classes)
     if token is None:
         from dask.base import tokenize
@@ -215,22 +225,24 @@ def _check_arguments(image: Any, spatial_dims: int, *, roi: Any, overlap: Any, b
                                     f"{tuple(image.shape[1:])} (one value per pixel, no channel axis)")
 
 
-def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> int:
+def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> tuple[int, bool]:
     """The class count of a plain module's output for one window, checked: a wrong channel count or a dict output
     failed inside the tasks with a torch error (a given ``num_classes`` is taken at its word and not run here: the
     windows' tasks check it, :meth:`segmentation.inference.WindowPredictor._accumulate`).  Run in eval mode
     (:func:`segmentation.models.window_output`): a module left in train mode had its BatchNorm statistics updated
     by this probe, and the windows then ran with them (probabilities 0.036 off MONAI's on the same module in eval
-    mode)."""
+    mode).  Also whether its outputs are probabilities already (:func:`segmentation.models.window_probe`)."""
     window = (1, channels, *roi)
     try:
-        got = models.window_output(module, channels, roi)
+        got, probabilities = models.window_probe(module, channels, roi)
     except Exception as exc:  # noqa: BLE001 - whatever the user's network raises, in one line
         raise ConfigError(None, f"the network fails on a {window} window: {' '.join(str(exc).split())[:200]}") from None
     if isinstance(got, str) or len(got) != len(window) or got[2:] != roi:
+        wrap = "; wrap it in a module whose forward returns the logits tensor (e.g. net(x)['out'] or net(x).logits)" \
+            if isinstance(got, str) and got not in ("tuple", "list") else ""
         raise ConfigError(None, f"the network returns {got} for a {window} window; predict needs logits "
-                                f"(1, classes, *roi) (or a tuple or list whose first item is)")
-    return int(got[1])
+                                f"(1, classes, *roi) (or a tuple or list whose first item is){wrap}")
+    return int(got[1]), probabilities
 
 
 def _two_classes_at_least(num_classes: int) -> None:
@@ -263,6 +275,9 @@ def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | 
     ``normalizer=`` (e.g. a ``build_plan(...).normalizer`` kept from before) to
     skip it.
     """
+    if not isinstance(probabilities, (bool, np.bool_)):  # "none", as the CLI spells labels only, gave probabilities
+        raise ConfigError(None, f"probabilities must be True (class probabilities) or False (labels), got "
+                                f"{probabilities!r}")
     plan = build_plan(image, model, roi=roi, overlap=overlap, blend=blend, precision=precision,
                       chunks=chunks, mask=mask, **kwargs)
     return plan.probabilities() if probabilities else plan.labels()

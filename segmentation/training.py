@@ -292,7 +292,11 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
         schedule.step()
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
-            raise ConfigError(None, f"training diverged at step {step} (loss {losses[-1]}); try a lower lr")
+            # under bf16 a small network's gradients may turn NaN at a loss of 1.3, which no lower lr mends
+            hint = ("train in fp32 with precision 'exact' (--precision exact), or try a lower lr"
+                    if precision == "fast" else "try a lower lr")
+            raise ConfigError(None, f"training diverged at step {step} (loss {losses[-1]}"
+                                    f"{', bf16' if precision == 'fast' else ''}); {hint}")
         entry = {"step": step, "steps": steps, "loss": losses[-1], "lr": schedule.get_last_lr()[0],
                  "seconds": round(earlier[0] + time.perf_counter() - start, 2)}
         if step % every_val == 0 or step == steps:

@@ -241,6 +241,28 @@ def test_a_torchscript_network_whose_output_segflow_cannot_use_is_refused_at_loa
         load_model(archive, trust_bundle=True)
 
 
+def test_a_torchscript_network_that_ends_in_a_softmax_gives_its_own_probabilities(net, x, tmp_path):
+    """Exported with its softmax (as many are), it had got segflow's too: its probabilities squashed to uniform."""
+    import numpy as np
+
+    from segmentation import predict
+    from segmentation.models import ProbabilitiesAsLogits
+
+    module = torch.nn.Sequential(net, torch.nn.Softmax(1)).eval()
+    card = _card().model_copy(update={"architecture": Architecture(name="torchscript")})
+    archive = save_torchscript(tmp_path / "net.pt", torch.jit.script(module), card.model_dump_json())
+    loaded = load_model(archive, trust_bundle=True)
+    assert isinstance(loaded.module, ProbabilitiesAsLogits)
+    clone = pickle.loads(pickle.dumps(loaded.module))  # still travels to Dask workers
+    with torch.inference_mode():
+        own = module(x)
+        np.testing.assert_allclose(torch.softmax(clone(x), 1).numpy(), own.numpy(), atol=1e-6)
+        image = x[0].numpy()
+        probs = predict(image, loaded, roi=(32, 32), overlap=0).compute(scheduler="sync")  # one window: its own
+    np.testing.assert_allclose(probs, own[0].numpy(), atol=1e-5)
+    assert float(own[0].max()) > 0.5  # a second softmax would give about 0.4 there: the check above can fail
+
+
 def test_a_model_directory_is_never_written_over_a_file_or_into_a_folder_of_other_things(net, tmp_path):
     """`segflow train --out` over a file was a traceback; into a data folder it scattered a model among the data."""
     from segmentation.modeldir import check_model_out

@@ -438,6 +438,23 @@ def test_a_loaded_model_whose_weights_were_changed_in_memory_has_its_own_results
     _own_results(a, b, img)
 
 
+def test_a_channels_last_image_or_a_batch_is_named_as_such(tmp_path):
+    """Both had been told only that the channel count or the dimensions differ."""
+    from segmentation import load_model
+    from storage.errors import IncompatibleInputError
+    from tests.models import tiny_model
+
+    model = load_model(tiny_model(tmp_path / "m", spatial_dims=2, channels=4, roi=[16, 16]).path)
+    with pytest.raises(IncompatibleInputError, match=r"takes 4 channels, the input has 40 \(shape \(40, 40, 4\): "
+                                                     r"channels last\? .*np.moveaxis\(image, -1, 0\)\)"):
+        predict(np.zeros((40, 40, 4), np.float32), model)
+    with pytest.raises(IncompatibleInputError, match=r"is 2D, the input is 3D \(shape \(2, 4, 40, 40\): a batch\? "
+                                                     r"predict takes one \(C, H, W\) image at a time\)"):
+        predict(np.zeros((2, 4, 40, 40), np.float32), model)
+    with pytest.raises(IncompatibleInputError, match=r"takes 4 channels, the input has 3$"):  # no false hint
+        predict(np.zeros((3, 40, 40), np.float32), model)
+
+
 def test_torchscript_modules_and_user_mistakes():
     """A scripted or traced module failed inside the task (requires_grad on a copy's non-leaf parameters); a
     wrong precision ran as exact without a word; a model folder's path was told 'roi is required'."""
@@ -463,8 +480,12 @@ def test_torchscript_modules_and_user_mistakes():
         def forward(self, x):  # noqa: ANN001, ANN202
             return {"out": net(x)}
 
-    with pytest.raises(ConfigError, match=r"the network returns dict for a \(1, 1, 16, 16\) window"):
+    with pytest.raises(ConfigError, match=r"the network returns dict for a \(1, 1, 16, 16\) window.*wrap it"):
         predict(img, Dict(), roi=(16, 16))
+    # the CLI's spelling of labels only, --probabilities none, had returned probabilities
+    for value in ("none", "uint8", None):
+        with pytest.raises(ConfigError, match=f"probabilities must be True .* or False .*, got {value!r}"):
+            predict(img, net, roi=(16, 16), probabilities=value)
     # one sigmoid channel: its softmax is 1 everywhere, and every pixel was class 0 without a word
     with pytest.raises(ConfigError, match="the network gives 1 class channel; .* needs 2 or more"):
         predict(img, nn.Conv2d(1, 1, 1), roi=(16, 16))
@@ -563,3 +584,24 @@ def test_the_softmax_in_slabs_equals_the_whole_windows(roi):
         got[:, a:b] = (es * ss)[0]
         slabs += 1
     assert slabs > 1 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_network_that_ends_in_a_softmax_is_blended_as_it_is_not_softmaxed_twice(ndim):
+    """Its probabilities had got a second softmax: 0.98 came out 0.57, and blending then flipped labels.  MONAI's
+    inferer blends what the network returns: the reference here."""
+    shape, roi = ((70, 53), (24, 20)) if ndim == 2 else ((21, 26, 19), (12, 10, 8))
+    img = np.random.default_rng(5).random((2, *shape), dtype=np.float32) * 20
+    net = nn.Sequential(tiny_net(ndim, 2, 3, seed=4), nn.Softmax(1)).eval()
+    with torch.no_grad():
+        ref = sliding_window_inference(torch.from_numpy(img)[None], roi, 3, net, overlap=0.25, mode="gaussian")
+    ref = ref[0].numpy()
+    assert ref.max() > 0.9  # confident somewhere: a second softmax would pull it toward 1/3, so the check can fail
+    for chunks in (9, 16):
+        with pytest.warns(UserWarning, match="probabilities already"):
+            probs = predict(img, net, roi=roi, overlap=0.25, chunks=chunks).compute(scheduler="sync")
+        np.testing.assert_allclose(probs, ref, atol=1e-5, rtol=0)
+        with pytest.warns(UserWarning, match="probabilities already"):
+            labels = predict(img, net, roi=roi, overlap=0.25, chunks=chunks, probabilities=False).compute(
+                scheduler="sync")
+        assert np.array_equal(labels, ref.argmax(0))
