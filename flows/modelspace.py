@@ -199,7 +199,7 @@ def dtype_note(store: ImageStore, model: LoadedModel) -> str | None:
     card = model.card.input
     if card.dtype is None or card.normalization.mode in ("image_zscore", "percentile"):
         return None  # (an image's own statistics absorb any linear change of units)
-    if card.units is not None and channel_units(store.meta, None) is not None:
+    if card.units is not None and _any_units(store):
         return None  # converted from the file's own scales and offsets; without them the values are taken as they are
     try:
         wanted = np.dtype(card.dtype)
@@ -315,6 +315,14 @@ def forget_staged(plan: Any, client: Client) -> None:
             client.run(forget, str(way_back.stage))
         except Exception as exc:  # noqa: BLE001  (a closed client raises AttributeError, a lost worker comm errors)
             logging.getLogger(__name__).debug("could not drop the held way-back chunks: %s", exc)
+
+
+def _any_units(store: ImageStore) -> bool:
+    """Whether the file declares a scale or offset for any band (bands that mix them are refused elsewhere)."""
+    try:
+        return channel_units(store.meta, None) is not None
+    except InvalidInputError:
+        return True
 
 
 def _warped_image(store: ImageStore, model: LoadedModel, options: SegmentOptions, mapping: RasterMapping,

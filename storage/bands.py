@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import IncompatibleInputError
+from storage.errors import IncompatibleInputError, InvalidInputError
 
 
 def _ids(prefixes: tuple[str, ...], table: dict[str, str]) -> dict[str, str]:
@@ -281,7 +281,14 @@ def channel_indexes(offered: Sequence[str], names: Sequence[str] | None) -> list
 
 
 def channel_units(meta: Any, names: Sequence[str] | None = None) -> tuple[list[float], list[float]] | None:
-    """(scales, offsets) of the channels ``names`` (None: all), or None when the store knows of none."""
+    """(scales, offsets) of the channels ``names`` (None: all), or None when none of them has a known one.
+
+    A scale of 1 and offset of 0 is what GDAL says of a band that declares
+    none: such a band's values are taken as they are.  Channels that mix the
+    two are refused (:class:`InvalidInputError`): a STAC item whose blue asset
+    lacked its ``raster:bands`` scale, or a file whose one unused band carried
+    one, had every channel converted alike, and labelled a scene all water.
+    """
     geometry = meta.geometry
     scales = list(getattr(geometry, "band_scales", None) or [])
     offsets = list(getattr(geometry, "band_offsets", None) or [])
@@ -290,7 +297,19 @@ def channel_units(meta: Any, names: Sequence[str] | None = None) -> tuple[list[f
     n = len(meta.channel_names)
     scales, offsets = scales or [1.0] * n, offsets or [0.0] * n
     picked = channel_indexes(list(meta.channel_names), names)
-    return [scales[i] for i in picked], [offsets[i] for i in picked]
+    scales, offsets = [scales[i] for i in picked], [offsets[i] for i in picked]
+    declared = [s != 1.0 or o != 0.0 for s, o in zip(scales, offsets)]
+    if not any(declared):
+        return None
+    if not all(declared):
+        label = [str(meta.channel_names[i]) for i in picked]
+        given = [x for x, d in zip(label, declared) if d]
+        missing = [x for x, d in zip(label, declared) if not d]
+        raise InvalidInputError(None, f"the bands it takes mix units: {', '.join(given)} declare a scale or offset, "
+                                      f"{', '.join(missing)} none, so they cannot be brought to the card's units "
+                                      "alike; declare the missing ones (GDAL band scale and offset, or the STAC "
+                                      "item's raster:bands) or pick other bands with --bands")
+    return scales, offsets
 
 
 def apply_units(image: Any, meta: Any, *, units: str | None, dn_scale: float = 10000.0,

@@ -171,20 +171,26 @@ def test_bad_items_are_one_line_each_and_leave_nothing(scene, models, tmp_path, 
     # a scale that is not a number was dropped, so that band alone reached the model in digital numbers
     bad_scale = _item(tmp_path / "d", "bad-scale", {**bands, "red": {**bands["red"], "raster:bands": [
         {**bands["red"]["raster:bands"][0], "scale": "0.0001"}]}})
+    # blue's raster:bands without its scale and offset: every band was converted alike, blue's digital numbers taken
+    # for reflectance, and a reflectance model labelled the scene all one class
+    unscaled_blue = _item(tmp_path / "f", "unscaled-blue", {**bands, "blue": {**bands["blue"], "raster:bands": [
+        {k: v for k, v in bands["blue"]["raster:bands"][0].items() if k not in ("scale", "offset")}]}})
     numbered = tmp_path / "e" / "item.json"  # an id that is not a string: pydantic's error text, without the file
     _item(tmp_path / "e", "x", bands)
     numbered.write_text(json.dumps({**json.loads(numbered.read_text()), "id": 5}))
     out = tmp_path / "out"
     code, errors, output = _cli([str(no_nir), str(broken), str(no_raster), str(collection), str(bad_scale),
-                                 str(numbered), "--model", str(models["rgbn"].path), "--out", str(out)], dask_cluster)
-    assert code == 1 and len(errors) == 6, output
+                                 str(numbered), str(unscaled_blue), "--model", str(models["reflectance"].path),
+                                 "--out", str(out)], dask_cluster)
+    assert code == 1 and len(errors) == 7, output
     expected = {no_nir: "model 'tiny-2d-4ch' needs nir, which no asset of item 'no-nir' offers (it has 3 band(s): "
                         "1:B02/blue [asset blue], 2:B03/green [asset green], 3:B04/red [asset red])",
                 broken: "asset 'red' (" + str(tmp_path / "broken.tif") + ") cannot be opened",
                 no_raster: "item 'previews' has no raster asset segflow can use (assets: thumbnail (image/png))",
                 collection: "is not a STAC item (a STAC Collection)",
                 bad_scale: "asset 'red': band 1's scale is '0.0001', not a number",
-                numbered: "is not a valid STAC item: its id is int '5', not a string"}
+                numbered: "is not a valid STAC item: its id is int '5', not a string",
+                unscaled_blue: "the bands it takes mix units: B03, B04, B08 declare a scale or offset, B02 none"}
     for path, text in expected.items():
         assert any(e.startswith(f"error: {path}: ") and text in e for e in errors), (text, errors)
     assert not out.exists() or not list(out.iterdir())
@@ -246,6 +252,21 @@ def test_a_geotiffs_own_scales_and_offsets_are_applied_to_the_bands_picked(tmp_p
     no_units = tiny_model(tmp_path / "n", spatial_dims=2, channels=2, roi=[32, 32], channel_names=["red", "blue"])
     image, _ = band_selection(store, no_units, SegmentOptions())
     assert image.dtype == np.uint16 and np.array_equal(np.asarray(image), dn[[2, 0]])
+
+    # one band's scale: it changed nothing of the bands without one, and the bands taken may not mix the two
+    from storage.errors import InvalidInputError
+
+    one = tmp_path / "one-scaled.tif"
+    with rasterio.open(one, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint16",
+                       crs=s2_samples.CRS, transform=rasterio.transform.from_origin(*s2_samples.ORIGIN, 10, 10)) as dst:
+        dst.write(dn)
+        dst.descriptions = ("B02", "B03", "B04")
+        dst.scales, dst.offsets = (1.0, 1.0, 1e-4), (0.0, 0.0, -0.1)
+    store = ingest_geotiff(one, tmp_path / "o.image.zarr", chunk=32)
+    image, _ = band_selection(store, model, SegmentOptions(bands=["2", "1"]))  # neither declares a scale
+    assert image.dtype == np.uint16 and np.array_equal(np.asarray(image), dn[[1, 0]])
+    with pytest.raises(InvalidInputError, match="mix units: B04 declare a scale or offset, B02 none"):
+        band_selection(store, model, SegmentOptions())  # red (B04, scaled) and blue (B02, not)
 
 
 def test_an_items_ingest_is_reused_only_for_the_same_bands_and_content(scene, tmp_path):
