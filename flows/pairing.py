@@ -50,7 +50,15 @@ def match_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path
     if len(truths) != len(predictions):
         raise ConfigError(None, f"{len(predictions)} predictions but {len(truths)} truths: give one --truth per "
                                 f"prediction, in the same order, or one --truth folder")
-    return [(p, t, None) for p, t in zip(predictions, truths)]
+    return [(p, t, ConfigError(p, "is given as its own truth") if _same_file(p, t) else None)
+            for p, t in zip(predictions, truths)]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
 
 
 def _in_folder(predictions: list[Path], folder: Path) -> list[tuple[Path, Path | None, SegflowError | None]]:
@@ -72,13 +80,16 @@ def _in_folder(predictions: list[Path], folder: Path) -> list[tuple[Path, Path |
         if name not in index and channel is not None:  # img-4_0000.tif: labelsTr/img-4.png
             name = channel["case"]
         found = index.get(name) or dicom.get(name, [])
+        itself = [f for f in found if _same_file(f, p)]  # predictions kept beside their truths: never its own
+        found = [f for f in found if f not in itself]
         marked = [f for f in found if stem_of(f) != case_name(f)]
         if len(found) > 1 and len(marked) == 1:  # scene.tif beside scene.truth.tif: the image and its truth
             found = marked
         if len(found) != 1:
             names = ", ".join(f.name for f in found)
             what = f"{len(found)} truths ({names}) match" if found else "no truth named"
-            matches.append((p, None, ConfigError(p, f"{what} {case_name(p)}.* in {folder}")))
+            besides = " besides the prediction itself" if itself and not found else ""
+            matches.append((p, None, ConfigError(p, f"{what} {case_name(p)}.* in {folder}{besides}")))
         else:
             matches.append((p, found[0], None))
     return matches

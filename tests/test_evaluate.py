@@ -362,6 +362,12 @@ def test_pairing_by_folder(tmp_path):
     (tmp_path / "out").mkdir(exist_ok=True)
     with pytest.raises(ConfigError, match=r"out: is a folder: give the label maps in it"):
         pair_inputs([tmp_path / "out"], [truths])
+    # a prediction kept in the truth folder had been its own truth: Dice 1, no word (probe, 2026-12-07)
+    with pytest.raises(ConfigError, match=r"a.tif: no truth named a.\* in .*truth besides the prediction itself"):
+        pair_inputs([truths / "a.tif"], [truths])
+    assert pair_inputs([truths / "e.tif"], [truths]) == [(truths / "e.tif", truths / "e.truth.tif")]
+    with pytest.raises(ConfigError, match=r"a.tif: is given as its own truth"):
+        pair_inputs([truths / "a.tif"], [Path(f"{truths}/../truth/a.tif")])
 
 
 # --------------------------------------------------------------------------- the command
