@@ -138,14 +138,15 @@ def _values(names: dict[int, str]) -> str:
 
 def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str], *, ignore: int | None,
           tolerance: float, include_background: bool, chunk: int | None,
-          distance_limit: int | None) -> dict[str, Any]:
+          distance_limit: int | None, counted_nodata: tuple[int, ...] = ()) -> dict[str, Any]:
     from segmentation.evaluation import score_case
     from storage.classes import background_value
 
     nodata = pred.nodata if pred.nodata is not None else ignore
     # the truth's own nodata is counted nowhere, as training reads it (storage.datasets.geolabels: IGNORE), unless
-    # every pixel is to count (--ignore -1: it had still left a nodata 0 that was the background class out)
-    truth_nodata = truth.nodata if ignore is not None else None
+    # every pixel is to count (--ignore -1: it had still left a nodata 0 that was the background class out) or the
+    # model's training counted it as a class (classes.json named it: left out, it had raised Dice by 0.24)
+    truth_nodata = truth.nodata if ignore is not None and truth.nodata not in counted_nodata else None
     ignored = sorted({v for v in (ignore, truth_nodata) if v is not None})
     scores = score_case(pred.array, truth.array, pred.spacing, values=names.keys(), block=_block(pred, chunk),
                         ignore=ignored, pred_nodata=nodata, tolerance=tolerance,
@@ -156,6 +157,9 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
         raise InvalidInputError(truth.path, f"every pixel is {values} (not counted): nothing to score "
                                             f"{pred.path} against")
     notes = []
+    if truth.nodata is not None and truth.nodata in counted_nodata and truth.nodata != ignore:
+        notes.append(f"the truth's nodata {truth.nodata} counted as class "
+                     f"{names.get(truth.nodata, truth.nodata)!r}, as the model's training counted it")
     if truth_nodata is not None and truth_nodata != ignore:
         also = f", though it is also class {names[truth_nodata]!r}" if truth_nodata in names else ""
         notes.append(f"the truth's nodata {truth_nodata} not counted{also} (--ignore -1 counts every pixel)")
@@ -250,13 +254,16 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
         distance_limit = DISTANCE_LIMIT
     if distance_limit < 0:
         raise ConfigError(None, f"--distance-limit must be >= 0 pixels, got {distance_limit}")
-    card_names, dataset_values = None, None
+    card_names, dataset_values, counted_nodata = None, None, ()
     if classes is not None:
         from segmentation.modeldir import read_card
 
         card = read_card(classes)
         card_names = {c.value: c.name for c in card.classes}
         dataset_values = dataset_truth_map(card)
+        # label-file nodata values training counted as classes (classes.json named them): counted here too
+        counted_nodata = tuple(int(v) for v in ((card.training or {}).get("dataset") or {}).get("nodata_classes")
+                               or [])
     matches = match_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
     checked = [(p, t, error or _check_pair(p, t, card_names, classes)) for p, t, error in matches]
     cases: list[dict[str, Any]] = []
@@ -272,7 +279,7 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
             try:
                 cases.append(_scored(name, pred_path, truth_path, card_names, dataset_values, ignore=ignore,
                                      tolerance=tolerance, include_background=include_background, chunk=chunk,
-                                     distance_limit=distance_limit))
+                                     distance_limit=distance_limit, counted_nodata=counted_nodata))
                 taken.add(name)
                 continue
             except SegflowError as exc:

@@ -222,6 +222,12 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
         return save_trained(out, saved_card, result)
 
 
+def _nodata_classes(dataset: Any) -> list[int]:
+    """Label-file nodata values the dataset trains as classes (a geo dataset's classes.json naming them)."""
+    own = getattr(dataset, "nodata_classes", None)
+    return list(own()) if callable(own) else []
+
+
 def _split_extra(split: Split, val_fraction: float, seed: int, holdout: Holdout | None) -> dict[str, Any]:
     if split.method == "fraction":
         return {"val_fraction": val_fraction, "seed": seed}
@@ -345,7 +351,9 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
                                         "ignore_index": dataset.ignore_index,
                                         **({"label_values": list(getattr(dataset, "table").values)}
                                            if renumbered else {}),
-                                        **({"truth_values": truth} if truth is not None else {})}
+                                        **({"truth_values": truth} if truth is not None else {}),
+                                        **({"nodata_classes": counted} if (counted := _nodata_classes(dataset))
+                                           else {})}
         result.provenance["split"] = split.provenance([c.id for c in cases],
                                                       **_split_extra(split, val_fraction, seed, held))
         return save_trained(out, saved_card, result)

@@ -282,6 +282,7 @@ def test_a_label_nodata_that_classes_json_names_is_that_class_and_otherwise_no_l
     ds = geolabels.LAYOUT.open(tmp_path / "ds")  # no classes.json: nodata is no label, and the user is told
     assert ds.notes() == ["the label rasters' nodata value 0 marks pixels without a label, which are not trained "
                           "on; if 0 is a class, list it in classes.json"]
+    assert ds.nodata_classes() == []
     labels = ds.read(ds.cases[0], tmp_path / "work").labels[...]
     assert np.array_equal(labels == 255, truth == 0) and np.count_nonzero(truth == 0) > 0
     table = [{"value": 0, "name": "background"}, {"value": 3, "name": "water"}, {"value": 7, "name": "forest"}]
@@ -289,6 +290,7 @@ def test_a_label_nodata_that_classes_json_names_is_that_class_and_otherwise_no_l
     ds = geolabels.LAYOUT.open(tmp_path / "ds")
     assert ds.notes() == ["the label rasters' nodata value 0 is the class 'background' in classes.json: its "
                           "pixels are trained as that class"]
+    assert ds.nodata_classes() == [0]  # recorded in the card: segflow evaluate --classes MODEL counts it too
     labels = ds.read(ds.cases[0], tmp_path / "work2").labels[...]
     assert np.array_equal(labels, np.searchsorted([0, 3, 7], truth))  # 0, 3, 7 -> classes 0, 1, 2; none ignored
 

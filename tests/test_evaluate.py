@@ -554,6 +554,19 @@ def test_the_truths_nodata_is_not_counted_as_training_reads_it(tmp_path):
     background = write_tif(tmp_path / "t0.tif", rt, nodata=0)
     [note] = evaluate_files([pred], [background])["cases"][0]["notes"]
     assert note == "the truth's nodata 0 not counted, though it is also class 'background' (--ignore -1 counts every pixel)"
+    # a model trained with classes.json naming the label rasters' nodata 0 counted it as background: scored so too
+    # with its card (left out, the false positives on it had gone uncounted: Dice 0.61 where it was 0.37)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"name": "lc", "architecture": {"name": "unet"}, "input": {"spatial_dims": 2,
+                                "channels": 4}, "inference": {"roi": [64, 64]},
+                                "classes": [{"value": 0, "name": "background"}, {"value": 1, "name": "pond"}],
+                                "training": {"dataset": {"nodata_classes": [0]}}}))
+    with_card = evaluate_files([pred], [background], classes=card)["cases"][0]
+    assert with_card["ignored_pixels"] == np.count_nonzero(rt == 255) and with_card["notes"] == [
+        "the truth's nodata 0 counted as class 'background', as the model's training counted it"]
+    plain0 = write_tif(tmp_path / "plain0.tif", rt, nodata=None)  # the same pixels, no nodata tag
+    untagged = evaluate_files([pred], [plain0], classes=card)["cases"][0]
+    assert [c["dice"] for c in with_card["classes"]] == [c["dice"] for c in untagged["classes"]]
 
     zero = write_tif(tmp_path / "zero.tif", rp, nodata=0, classes=[LabelClass(value=0, name="background"),
                                                                    LabelClass(value=1, name="pond")])

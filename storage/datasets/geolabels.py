@@ -300,6 +300,14 @@ class GeoDataset:
         masks = [m for m in (image.mask, label_mask) if m is not None]
         return LabelArray(label.image, self.table, case.labels or case.annotation.path, masks), image
 
+    def nodata_classes(self) -> list[int]:
+        """The label rasters' nodata values that are trained as classes (classes.json names them): ``segflow
+        evaluate --classes MODEL`` counts them too, as training did, instead of leaving them out."""
+        if not self.classes_file:
+            return []
+        return sorted({v for case in self.cases if case.labels is not None
+                       and (v := label_nodata(case.labels)) is not None and v in self.table.values})
+
     def notes(self) -> list[str]:
         """What a user should know about the label rasters' nodata: a class (classes.json names it) or no label."""
         values = sorted({v for case in self.cases if case.labels is not None
