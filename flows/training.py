@@ -36,7 +36,7 @@ from storage.datasets.base import Case, Dataset, SplitCounts, fingerprint
 from storage.datasets.rasterising import label_grid_problem
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError
 from storage.ingest import ingest
-from storage.inputfiles import stem_of
+from storage.inputfiles import check_utf8_name, stem_of
 from storage.layout import ImageStore, open_image_store
 
 IGNORE = 255
@@ -321,6 +321,9 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
     cases = list(dataset.cases)
     if not cases:
         raise InvalidInputError(root, "the dataset has no cases")
+    for case in cases:  # before any is read: such a name reached GDAL or the fingerprint as a traceback
+        for f in (*case.images, *([case.labels] if case.labels is not None else [])):
+            check_utf8_name(f)
     split = choose_split([c.split for c in cases], val_fraction=val_fraction, seed=seed, holdout=held)
     if say is not None:
         say(f"found a {dataset.layout} dataset {dataset.name!r}: {len(cases)} cases ({SplitCounts.of(cases)}), "

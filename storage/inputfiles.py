@@ -80,13 +80,7 @@ def check_readable_file(path: Path) -> bytes:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:  # bytes the file system keeps that are no UTF-8: GDAL and zarr cannot take the name
-        raise InputError(path, "its name is not valid UTF-8 (a file named in another encoding), which GDAL "
-                               "cannot open: rename it") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read file: {exc.strerror or exc}") from None
+    check_utf8_name(path)
     if stat.S_ISDIR(mode):  # (a folder of DICOM files is an input of its own, found before this)
         if (path / "zarr.json").is_file():
             raise InputError(path, "is a directory, expected a file: a zarr store; give the image it was ingested "
@@ -108,6 +102,16 @@ def check_readable_file(path: Path) -> bytes:
     if not head:
         raise CorruptInputError(path, "file is empty (0 bytes)")
     return head
+
+
+def check_utf8_name(path: str | PathLike[str]) -> None:
+    """A name whose bytes are no UTF-8 (a file named in another encoding, which the file system keeps as it is):
+    GDAL and zarr cannot take it, and it ended in a traceback wherever one reached them."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(path, "its name is not valid UTF-8 (a file named in another encoding), which GDAL "
+                               "cannot open: rename it") from None
 
 
 def regular_file_problem(path: str | Path) -> str | None:
@@ -184,4 +188,4 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
 
 
 __all__ = ["ITEM_SUFFIXES", "PICTURE_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name",
-           "check_readable_file", "content_kind", "expansion_problem", "kind_of", "regular_file_problem", "stem_of"]
+           "check_readable_file", "check_utf8_name", "content_kind", "expansion_problem", "kind_of", "regular_file_problem", "stem_of"]

@@ -456,3 +456,32 @@ def test_a_palette_png_given_as_labels_is_its_indices_as_evaluate_reads_it(tmp_p
     assert np.array_equal(_open(tmp_path / "deep.png", tmp_path / "d.zarr", labels=True).image[0], deep)
     # the same file as an image stays a picture (its colours), as segment reads it
     assert _open(tmp_path / "palette.png", tmp_path / "i.zarr").image.shape == (3, 24, 32)
+
+
+@pytest.mark.parametrize("layout", ["cityscapes", "geo"])
+def test_a_dataset_file_whose_name_is_no_utf8_is_one_line(tmp_path, layout):
+    """A city folder or a tile named in another encoding had ended in a traceback (from the dataset's fingerprint,
+    or from GDAL opening the tile), where a single input so named is one line."""
+    import os
+
+    if layout == "cityscapes":
+        root = write_cityscapes(tmp_path / "data").root
+        city = next(p for p in (root / "leftImg8bit" / "train").iterdir())
+        for top in ("leftImg8bit", "gtFine"):
+            old = root / top / "train" / city.name
+            os.rename(os.fsencode(old), os.fsencode(old.parent) + b"/br\xffmen")
+        card = _card(tmp_path / "card.json", spatial_dims=2, channels=3, roi=[32, 32])
+    else:
+        root = tmp_path / "geo"
+        geo_raster_dataset(root)
+        for sub in ("images", "labels"):
+            os.rename(os.fsencode(root / sub / "tile_b.tif"), os.fsencode(root / sub) + b"/tile_\xe9b.tif")
+        card = _card(tmp_path / "card.json", spatial_dims=2, channels=2, roi=[32, 32])
+    result = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(card), "--out", str(tmp_path / "m"),
+                                 "--steps", "2", "--batch-size", "1"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].endswith("its name is not valid UTF-8 (a file named in another encoding), which GDAL cannot "
+                              "open: rename it"), errors
+    assert not (tmp_path / "m").exists()

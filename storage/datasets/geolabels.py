@@ -46,6 +46,7 @@ from storage.datasets.vectorlayers import (CLASS_ATTRIBUTES, attribute_values, c
                                            is_missing, layer_crs, layer_info)
 from storage.errors import CorruptInputError, InvalidInputError
 from storage.geometry import RasterGeometry
+from storage.inputfiles import check_utf8_name
 from storage.layout import ImageStore
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
@@ -77,6 +78,7 @@ class _Profile:
 
 def _profile(path: Path) -> _Profile:
     """What rasterio says of a raster without reading pixels."""
+    check_utf8_name(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning: a label raster may have no CRS
