@@ -222,6 +222,22 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
         return save_trained(out, saved_card, result)
 
 
+def _check_classes_trained(card: ModelCard, dataset: Dataset, train: list[Case], root: Path) -> None:
+    """Every class drawn in some training case, where the dataset can tell without drawing (COCO, from its JSON):
+    a category annotated in val2017 only had trained as a class the model never saw."""
+    drawn = getattr(dataset, "drawn_classes", None)
+    if not callable(drawn) or not train:
+        return
+    present = drawn(train)
+    missing = [c for c in card.classes if c.value != 0 and c.value not in present]
+    if missing:
+        names = ", ".join(f"{c.name!r} (class {c.value})" for c in missing)
+        raise InvalidInputError(root, f"{names} {'is' if len(missing) == 1 else 'are'} drawn in no training case "
+                                      "(only in the validation split): the model would never learn "
+                                      f"{'it' if len(missing) == 1 else 'them'}; annotate some training images "
+                                      "with it, or drop the category")
+
+
 def _nodata_classes(dataset: Any) -> list[int]:
     """Label-file nodata values the dataset trains as classes (a geo dataset's classes.json naming them)."""
     own = getattr(dataset, "nodata_classes", None)
@@ -325,6 +341,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
         for f in (*case.images, *([case.labels] if case.labels is not None else [])):
             check_utf8_name(f)
     split = choose_split([c.split for c in cases], val_fraction=val_fraction, seed=seed, holdout=held)
+    _check_classes_trained(card, dataset, [cases[i] for i in split.train], root)
     if say is not None:
         say(f"found a {dataset.layout} dataset {dataset.name!r}: {len(cases)} cases ({SplitCounts.of(cases)}), "
             f"{card.num_classes} classes; training on {len(split.train)}, validating on "

@@ -485,3 +485,22 @@ def test_a_dataset_file_whose_name_is_no_utf8_is_one_line(tmp_path, layout):
     assert errors[0].endswith("its name is not valid UTF-8 (a file named in another encoding), which GDAL cannot "
                               "open: rename it"), errors
     assert not (tmp_path / "m").exists()
+
+
+def test_a_coco_category_drawn_only_in_the_validation_split_is_refused(tmp_path):
+    """Every dog annotated in val2017 only: it trained, exit 0, a model with a class it never saw."""
+    from tests.natural_datasets import edit_json
+
+    root = write_coco(tmp_path / "data").root
+    val = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    assert any(a["category_id"] == 18 for a in val["annotations"])  # the dog stays in val: the check can fail
+    edit_json(root / "annotations" / "instances_train2017.json",
+              lambda d: d.update(annotations=[a for a in d["annotations"] if a["category_id"] != 18]))
+    card = _card(tmp_path / "card.json", spatial_dims=2, channels=3, roi=[32, 32])
+    result = runner.invoke(app, ["train", "--dataset", str(root), "--card", str(card), "--out", str(tmp_path / "m"),
+                                 "--steps", "2", "--batch-size", "1"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {root}: 'dog' (class 3) is drawn in no training case (only in the validation split): "
+                      "the model would never learn it; annotate some training images with it, or drop the category"]
+    assert not (tmp_path / "m").exists()

@@ -112,6 +112,18 @@ class CocoDataset:
         assert isinstance(image, CocoImage)
         return paint(self.shapes.get(image, []), image.height, image.width, image.source)
 
+    def drawn_classes(self, cases: list[Case]) -> set[int]:
+        """The class values some annotation of ``cases`` paints (crowd regions and empty segmentations paint none),
+        from the JSON alone: what a training split must hold for every class to be learnt."""
+        out: set[int] = set()
+        for case in cases:
+            if isinstance(case.annotation, PanopticSegments):
+                out.update(v for _, v in case.annotation.values if v != IGNORE)
+            else:
+                out.update(shape.value for shape in self.shapes.get(case.annotation, [])
+                           if not shape.crowd and draws(shape.segmentation))
+        return out
+
     def validate_labels(self) -> None:
         """Decode every annotation (or scan every segment PNG) and refuse the first that does not fit."""
         for case in self.cases:
