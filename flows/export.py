@@ -246,9 +246,15 @@ def _source_time(path: Path) -> Any:
 
     import rasterio
 
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
     try:
-        with rasterio.open(path) as src:
-            stamp = src.tags().get("TIFFTAG_DATETIME")
+        with warnings.catch_warnings():  # a picture (VOC's JPEG, Cityscapes' PNG) has no geotransform: no matter here
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                stamp = src.tags().get("TIFFTAG_DATETIME")
         if stamp:
             return datetime.strptime(stamp, "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc)
         return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).replace(microsecond=0)

@@ -82,9 +82,14 @@ def test_a_photograph_model_segments_the_datasets_pictures_as_training_read_them
     truth = root / "SegmentationClass" / f"{jpeg.stem}.png"
     assert np.array_equal(ingest(jpeg, tmp_path / "s.zarr").image[...], read_rgb(jpeg))
     out = tmp_path / "out"
-    seg = runner.invoke(app, ["segment", str(jpeg), "--model", str(tmp_path / "model"), "--out", str(out),
-                              "--no-prefect"])
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # printed on the terminal of every picture segmented
+        warnings.simplefilter("always")
+        seg = runner.invoke(app, ["segment", str(jpeg), "--model", str(tmp_path / "model"), "--out", str(out),
+                                  "--no-prefect"])
     assert seg.exit_code == 0, seg.output
+    assert not [w for w in caught if "NotGeoreferenced" in type(w.message).__name__], [str(w) for w in caught]
     assert "has no CRS" not in seg.output  # a photograph has none to lose
     ev = runner.invoke(app, ["evaluate", str(out / f"{jpeg.stem}.tif"), "--truth", str(truth), "--classes",
                              str(tmp_path / "model"), "--out", str(tmp_path / "scores")])
