@@ -79,6 +79,11 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
             cliutil.fail(f"{flag} {share:g} is not a share in [0, 1]")
 
     def on_step(info: dict) -> None:
+        if "resumed" in info:  # which step it goes on from (it had said nothing until the next validation)
+            console.print(f"resuming from step {info['resumed']} of {info['steps']}, the state saved at its last "
+                          "validation", highlight=False, soft_wrap=True)
+            progress.update(task, completed=info["resumed"])
+            return
         progress.update(task, completed=info["step"])
         if "validation" in info:
             v = info["validation"]
@@ -99,13 +104,6 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,
                       augment=Augmentation(intensity=augment_intensity, spatial=augment_spatial))
-        if resume:  # which step it goes on from (it had said nothing until the next validation)
-            from segmentation.checkpoint import CHECKPOINTS, saved_step
-
-            step = saved_step(out / CHECKPOINTS)
-            if step is not None:
-                console.print(f"resuming from step {step} of {steps}, the state saved at its last validation",
-                              highlight=False, soft_wrap=True)
         with interrupt_handlers(), cliutil.progress() as progress:  # SIGTERM as Ctrl-C: it had died saying nothing
             task = progress.add_task(f"train {model_card.name}", total=steps)
             if dataset is not None:

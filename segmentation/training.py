@@ -272,6 +272,8 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
             dict(state.module) if best is not None else None)
         earlier, resumed = (state.seconds, state.cpu_seconds), state.resumed + [state.step]
         first = state.step + 1
+        if log is not None:  # said once the saved state is known to be this run's (it had been said before)
+            log({"resumed": state.step, "steps": steps})
 
     every = max(1, steps // 20)
     for step in range(first, steps + 1):

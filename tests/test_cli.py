@@ -345,6 +345,12 @@ def test_ctrl_c_in_train_says_what_is_saved_and_how_to_go_on(model2d, tmp_path, 
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
         assert said[1].strip() == f"resuming from step {step} of 100000, the state saved at its last validation", said
+        # a resume the saved state does not belong to is refused, without first saying it resumes
+        other = subprocess.run([*SEGFLOW, "train", "--card", str(model2d.path / "card.json"), "--image", str(scene),
+                                "--labels", str(labels), "--out", str(out), "--steps", "99998", "--val-every", "2",
+                                "--batch-size", "1", "--resume"], capture_output=True, text=True, env=env, timeout=120)
+        assert other.returncode != 0 and "resuming" not in other.stderr, other.stderr
+        assert "was saved by a different run (steps: 100000 then, 99998 now)" in other.stderr, other.stderr
 
 
 def test_report_files_that_cannot_be_written_are_one_line(model2d, tmp_path):
