@@ -54,6 +54,7 @@ from flows.evalreport import METRICS, fmt, write_reports
 from flows.pairing import case_name, match_inputs
 from storage.labelmaps import LabelSource, open_labels
 from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError, SegflowError
+from storage.inputfiles import stem_of
 from storage.reorient import on_grid_of
 
 __all__ = ["check_same_grid", "evaluate_command", "evaluate_files"]
@@ -339,6 +340,12 @@ def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, 
         case["notes"].append(grid_note)
     if dataset_values is not None:
         case["notes"].append(truth_note(dataset_values))
+    if dataset_values is None and stem_of(truth_path).endswith("_gtFine_labelIds"):
+        raw = (f"{truth_path.name} holds Cityscapes label ids (road 7...), not the 19 train ids a Cityscapes model "
+               "writes: scored as they are, the classes do not line up; pass --classes MODEL (its card records the "
+               "table training read them through)")
+        case["notes"].append(raw)
+        case["warnings"].append(raw)
     if (other := _other_series(pred_path, truth_path)) is not None:  # scored: the grids agree, but say so
         case["notes"].append(other)
         case["warnings"].append(other)

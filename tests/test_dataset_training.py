@@ -242,6 +242,17 @@ def test_a_cityscapes_model_is_scored_against_the_label_ids_read_as_train_ids(tm
     assert not [r for r in case["classes"] if r["name"].startswith("class ")]  # no stray label id as a class
     assert case["ignored_pixels"] == int((train_ids == 255).sum()) > 0
     assert any("7 as class 0" in n for n in case["notes"]), case["notes"]
+    assert not case["warnings"], case["warnings"]
+    # without --classes the ids are scored as they are: a warning says so (it had been silent, road scored as
+    # 'traffic sign')
+    ev = runner.invoke(app, ["evaluate", str(out / f"{stem}_leftImg8bit.tif"), "--truth",
+                             str(root / "gtFine" / "val" / "frankfurt"), "--out", str(tmp_path / "raw")])
+    assert ev.exit_code == 0, ev.output
+    [case] = json.loads((tmp_path / "raw" / "evaluation.json").read_text())["cases"]
+    assert [w.split(":")[0] for w in case["warnings"]] == [f"{stem}_gtFine_labelIds.png holds Cityscapes label ids "
+                                                           "(road 7...), not the 19 train ids a Cityscapes model "
+                                                           "writes"], case["warnings"]
+    assert "pass --classes MODEL" in " ".join(ev.output.split())
 
 
 def test_a_decathlon_table_with_a_gap_says_how_values_map_and_records_them(tmp_path):
