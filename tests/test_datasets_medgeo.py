@@ -162,6 +162,14 @@ BAD_DECATHLON = {
                          "dataset.json: 'channel_names' must be"),
     "bad channel name": (lambda r: (r / "imagesTr" / "liver_003.nii.gz").write_bytes(b"x"),
                          "liver_003.nii.gz: image name is not <case>_<XXXX>.nii.gz"),
+    # the channel off the grid is named, not the label that matches the first one (it had been blamed)
+    "channel off grid": (lambda r: write_nifti(r / "imagesTr" / "liver_001_0001.nii.gz", np.zeros((16, 16, 8)),
+                                               np.diag([1.0, 1.0, 1.0, 1.0])),
+                         "liver_001_0001.nii.gz: affine does not match the case's first channel file "
+                         "liver_001_0000.nii.gz's"),
+    # .nii.gz files with file_ending .nii: the setting is named, not the files' names as nnU-Net's (it had been)
+    "ending .nii, files .nii.gz": (lambda r: _rewrite_json(r / "dataset.json", file_ending=".nii"),
+                                   "liver_001_0000.nii.gz: does not end in dataset.json's file_ending '.nii'"),
 }
 
 

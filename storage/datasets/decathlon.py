@@ -176,6 +176,14 @@ def _check_case(images: Sequence[Path], label: Path, channels_expected: int, per
     label_spatial, label_channels = _spatial_and_channels(label_shape)
     if label_channels != 1:
         raise InvalidInputError(label, f"label has shape {label_shape}; a label map has one value per voxel")
+    if per_file and len(images) > 1:  # a channel off the others' grid is that channel's fault, not the label's
+        first_shape, first_affine = _header(images[0])
+        for image in images[1:]:
+            shape, affine = _header(image)
+            if shape != first_shape or not same_affine(affine, first_affine):
+                what = f"shape {shape}" if shape != first_shape else "affine"
+                raise InvalidInputError(image, f"{what} does not match the case's first channel file "
+                                               f"{images[0].name}'s: its channels are not on one voxel grid")
     for image in images:
         _check_image(image, label, label_spatial, label_affine, channels_expected, per_file)
 
@@ -279,7 +287,10 @@ def _nnunet_cases(root: Path, doc: dict[str, Any], where: Path, channels: int) -
     by_case: dict[str, dict[int, Path]] = {}
     for path in _visible_niftis(images_dir, listed):
         match = _CHANNEL_FILE.match(stem_of(path))
-        if not path.name.endswith(ending) or not match:
+        if not path.name.endswith(ending):
+            raise InvalidInputError(path, f"does not end in dataset.json's file_ending {ending!r}: fix file_ending "
+                                          "or the files' names")
+        if not match:
             raise InvalidInputError(path, f"image name is not <case>_<XXXX>{ending} (nnU-Net v2)")
         by_case.setdefault(match["case"], {})[int(match["channel"])] = path
     others = [p.name for p in sorted(images_dir.iterdir()) if not p.name.startswith(".")] if not by_case else []
