@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from storage import jsontext
-from storage.bands import GREY, BandRequest, aliases, select_bands
+from storage.bands import GREY, SENTINEL2_ORDER, BandRequest, aliases, select_bands, sentinel2_numbers
 from storage.errors import IncompatibleInputError
 from storage.header import Header
 
@@ -173,8 +173,12 @@ def fit_problem(header: Header, model: ModelInput, bands: Sequence[str] | None =
                     f"(the input has {header.channels})")
         if header.kind == "raster" and count > model.channels:  # a 13-band scene with no band names
             wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
+            # "e.g. --bands 1,2,3,4" had been offered, which feeds a Sentinel-2 file's coastal band as blue
+            s2 = sentinel2_numbers(model.channel_names) if count == len(SENTINEL2_ORDER) else None
+            example = (f"; a Sentinel-2 file of its 13 bands in their usual order ({', '.join(SENTINEL2_ORDER)}) "
+                       f"takes --bands {','.join(map(str, s2))}") if s2 else ""
             return (f"{name} takes {_channels(model.channels)}{wanted}, the input has {count}: choose them with "
-                    f"--bands, e.g. --bands {','.join(str(i) for i in range(1, model.channels + 1))}")
+                    f"--bands, the file's band numbers (1 for its first) in the model's order{example}")
         if header.kind == "raster" and count < model.channels and header.case is None:  # bands in other files?
             wanted = f" ({', '.join(model.channel_names)})" if model.channel_names else ""
             return (f"{name} takes {_channels(model.channels)}{wanted}, the input has {count}: give one raster, VRT "

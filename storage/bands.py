@@ -54,6 +54,23 @@ SENSORS: dict[str, dict[str, str]] = {
 # Landsat 4-7's Collection 2 surface reflectance has no band 6 (thermal is ST_B6); Landsat 8-9's always has SR_B6
 _PRODUCTS = {frozenset(f"sr_b{i}" for i in (1, 2, 3, 4, 5, 7)): "Landsat 4-7"}
 COMMON_NAMES = frozenset({*(m for ids in SENSORS.values() for m in ids.values()), "nir", "rededge", "yellow"})
+SENTINEL2_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+
+
+def sentinel2_numbers(names: Sequence[str]) -> list[int] | None:
+    """The 1-based numbers of bands ``names`` (common names or ids) in a 13-band Sentinel-2 file in
+    :data:`SENTINEL2_ORDER`, or None when one is not a Sentinel-2 band: the example an unnamed file is given."""
+    common = {i: SENSORS["Sentinel-2"][i.lower()] for i in SENTINEL2_ORDER}
+    out = []
+    for name in names:
+        key = name.strip()
+        hits = [n for n, (i, c) in enumerate(common.items(), 1) if key.upper() == i or key.lower() == c]
+        if len(hits) != 1:
+            return None
+        out.append(hits[0])
+    return out or None
+
+
 GREY = "grey"  # a grey picture's one band (storage.photo): a network that learnt pictures as RGB sees it thrice
 _BROADER = {"nir": "nir08"}  # asked for "nir", a band that is only "nir08" (Landsat's, S2's B8A) answers
 _ALL_IDS = frozenset(i for ids in SENSORS.values() for i in ids)

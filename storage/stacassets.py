@@ -331,6 +331,11 @@ def _pick(path: Path, ident: str, assets: dict[str, _Asset], request: BandReques
         raise IncompatibleInputError(path, f"{request.model} takes {request.channels} band(s) and its card names "
                                            f"none; {where} offers {len(offered)}: {_listing(offered)}; "
                                            f"choose them with --bands (names or 1-based indices)")
+    if request.from_user and request.channels is not None and len(request.wanted) != request.channels:
+        # it had been refused only at the windows, as "the input has 3"
+        raise IncompatibleInputError(path, f"{request.model} takes {request.channels} band(s), --bands chose "
+                                           f"{len(request.wanted)} ({where} offers {len(offered)}: "
+                                           f"{_listing(offered)})")
     order = {id(b): n for n, b in enumerate(offered)}
     names = [sorted(_names(b, assets[b.asset])) for b in offered]
     meanings = band_meanings(names)

@@ -161,7 +161,7 @@ def test_a_grey_picture_reaches_a_three_channel_network_as_its_grey_thrice(tmp_p
     assert proc.returncode == 1
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         f"error: {tmp_path / 'rgb.png'}: model 'tiny-2d-1ch' takes 1 channel, the input has 3: choose them with "
-        "--bands, e.g. --bands 1"], proc.stderr
+        "--bands, the file's band numbers (1 for its first) in the model's order"], proc.stderr
     with rasterio.open(tmp_path / "out1" / "grey.tif") as src:
         assert np.array_equal(src.read(1), predict(grey[None], one, probabilities=False).compute(scheduler="sync"))
 

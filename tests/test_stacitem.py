@@ -201,6 +201,14 @@ def test_bad_items_are_one_line_each_and_leave_nothing(scene, models, tmp_path, 
     assert errors[0].startswith(f"error: {scene}: model 'tiny-2d-4ch' needs B99, which no asset of item "
                                 f"'{ITEM_ID}' offers (it has 6 band(s): 1:B02/blue [asset blue]")
     assert not out.exists() or not list(out.iterdir())
+    # three for a 4-band model: refused as the item is read, as a raster's --bands is (it had been refused only at
+    # the windows, as "the input has 3")
+    code, errors, output = _cli([str(scene), "--model", str(models["rgbn"].path), "--out", str(out),
+                                 "--bands", "B02,B03,B04"], dask_cluster)
+    assert code == 1 and len(errors) == 1, output
+    assert errors[0].startswith(f"error: {scene}: model 'tiny-2d-4ch' takes 4 band(s), --bands chose 3 (item "
+                                f"'{ITEM_ID}' offers 6: 1:B02/blue [asset blue]"), errors
+    assert not out.exists() or not list(out.iterdir())
 
 
 def test_an_item_url_is_staged_and_named_by_its_id(scene, models, tmp_path, dask_cluster):

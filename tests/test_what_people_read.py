@@ -190,7 +190,13 @@ def test_fit_problem_checks_dimensions_band_count_and_band_names(tmp_path):
     # more bands than the model takes, none named: the way to choose them is said (a 13-band S2 file without
     # descriptions got only "takes 4 channels, the input has 13")
     assert fit_problem(rgb, ModelInput("m2", 2, 2, ("red", "nir"))) == \
-        "model 'm2' takes 2 channels (red, nir), the input has 3: choose them with --bands, e.g. --bands 1,2"
+        "model 'm2' takes 2 channels (red, nir), the input has 3: choose them with --bands, the file's band numbers " \
+        "(1 for its first) in the model's order"
+    # 13 unnamed bands: the Sentinel-2 order's numbers (it had offered "e.g. --bands 1,2,3,4": coastal as blue)
+    s13 = probe(raster(tmp_path / "s13.tif", bands=13))
+    assert fit_problem(s13, ModelInput("lc", 2, 4, ("blue", "green", "red", "nir"))).endswith(
+        "in the model's order; a Sentinel-2 file of its 13 bands in their usual order (B01, B02, B03, B04, B05, "
+        "B06, B07, B08, B8A, B09, B10, B11, B12) takes --bands 2,3,4,8")
     # --bands choosing too few says so, rather than that the 3-band input has 2
     assert fit_problem(rgb, ModelInput("m3", 2, 3), ["1", "2"]) == \
         "model 'm3' takes 3 channels, --bands chose 2 (the input has 3)"
