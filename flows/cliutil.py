@@ -84,7 +84,10 @@ def options(**fields: object) -> "SegmentOptions":
         return SegmentOptions(**fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        fail(f"invalid option {'.'.join(map(str, first['loc']))}: {first['msg']}")
+        field = ".".join(map(str, first["loc"]))
+        # the flag as the user typed it (--simplify), not the field's name (simplify, output_grid)
+        flag = f"--{field.replace('_', '-')}" if field in fields else field
+        fail(f"invalid {flag}: {first['msg']}")
 
 
 def check_device(options: "SegmentOptions") -> None:

@@ -180,7 +180,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         if o["ok"] and not quiet:
             s = o["statistics"]
             console.print(f"[green]ok[/green] {escape(printable(o['input']))} -> {escape(printable(o['outputs'][0]))}  "
-                          f"({s.get('windows_evaluated')} windows, {s.get('windows_skipped')} skipped, "
+                          f"({s.get('windows_evaluated')} window{'' if s.get('windows_evaluated') == 1 else 's'}, "
+                          f"{s.get('windows_skipped')} skipped, "
                           f"{s.get('total_seconds')} s)", highlight=False, soft_wrap=True)
     failed = [o for o in outcomes if not o["ok"]]
     if fresh and len(failed) == len(outcomes):  # an input that fails at ingest (all nodata) had left an empty OUT
