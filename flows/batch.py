@@ -117,9 +117,10 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
                 note = header.cell_note or ""
                 what = "has a geographic CRS (degrees)" if "geographic" in note else \
                     "has a CRS without a linear unit" if "linear unit" in note else f"has no pixel area ({note})"
+                # "which need a projected CRS" had been said of Web Mercator, which is one (not equal-area)
                 problem = (f"{what}; --vector {options.vector} writes polygon areas in hectares, "
-                           "which need a projected CRS (reproject it, or add --output-grid model with a card that "
-                           "works in one, e.g. crs: utm)")
+                           "which need a CRS whose pixels have a true area, such as UTM (reproject it, or add "
+                           "--output-grid model with a card that works in one, e.g. crs: utm)")
             elif problem is None and options.vector == "geojson" and header.kind == "raster" and \
                     not header.on_the_earth and options.output_grid != "model":
                 problem = ("is in a local CRS with no place on the Earth, and GeoJSON (RFC 7946) is in longitude and "
