@@ -144,7 +144,7 @@ def load_model(path: str | PathLike[str], *, verify_hash: bool = True, trust_bun
 
 
 def _load_path(path: Path, verify_hash: bool, trust_bundle: bool) -> LoadedModel:
-    from segmentation import bundle
+    from segmentation import bundle, bundlenet
 
     if path.is_file():
         return _load_archive(path, trust_bundle)
@@ -152,7 +152,7 @@ def _load_path(path: Path, verify_hash: bool, trust_bundle: bool) -> LoadedModel
         raise ModelError(path, "no such model directory" if not path.exists() else
                          "is neither a model directory nor a weights file")
     if bundle.is_bundle(path) and not (path / CARD_FILE).is_file():
-        mapping, module = bundle.load_bundle(path, trust_bundle=trust_bundle)
+        mapping, module = bundlenet.load_bundle(path, trust_bundle=trust_bundle)
         return LoadedModel(path=path, card=mapping.card, module=module, weights_sha256=mapping.card.weights_sha256
                            or sha256_file(mapping.weights), weights_path=mapping.weights, source="monai-bundle")
     card = read_card(path)
@@ -343,7 +343,7 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
     """
     if axes not in ("kji", "ijk"):
         raise ModelError(None, f"axes must be 'kji' (segflow's storage order) or 'ijk' (MONAI's), got {axes!r}")
-    from segmentation import bundle
+    from segmentation import bundle, bundlenet
 
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
@@ -360,7 +360,7 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
                                   "segflow registry architecture, so no model directory can hold it; segment the "
                                   f"bundle itself: segflow segment --model {src}"
                                   + (" --trust-bundle" if arch != TORCHSCRIPT else " --trust-code"))
-        new_card, module = bundle.in_segflow_order(mapping, bundle.build_network(mapping))
+        new_card, module = bundlenet.in_segflow_order(mapping, bundlenet.build_network(mapping))
         save_model(out, new_card.model_copy(update={"weights_sha256": None}), module)
         return load_model(out), list(mapping.notes)
     if src.is_dir():
@@ -415,15 +415,15 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
 
 
 def _from_monai_order(card: ModelCard, net: nn.Module, src: Path, weights: Path) -> tuple[ModelCard, nn.Module]:
-    """A network trained on MONAI's (i, j, k) windows, as :func:`segmentation.bundle.in_segflow_order` converts a
+    """A network trained on MONAI's (i, j, k) windows, as :func:`segmentation.bundlenet.in_segflow_order` converts a
     bundle's: the card's roi and spacing reversed, the per-axis arguments and kernels reversed there."""
     from types import SimpleNamespace
 
-    from segmentation import bundle
+    from segmentation import bundlenet
 
     spec, inference = card.input, card.inference
     mirrored = card.model_copy(update={
         "inference": inference.model_copy(update={"roi": list(inference.roi)[::-1]}),
         "input": spec.model_copy(update={"spacing": None if spec.spacing is None else list(spec.spacing)[::-1]})})
     mapping = SimpleNamespace(path=src, card=mirrored, weights=weights)
-    return bundle.in_segflow_order(mapping, net)  # type: ignore[arg-type]
+    return bundlenet.in_segflow_order(mapping, net)  # type: ignore[arg-type]
