@@ -41,6 +41,7 @@ from storage.hashing import sha256_file
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "weights.safetensors"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")  # what a torch.save file is called
+TRAINING_CURVE = "learning_curve.png"  # segmentation.trainreport.CURVE_FILE: written before a trained model's card
 SCRIPT_FILE = "model.ts"  # the TorchScript form of a model directory
 TORCHSCRIPT = "torchscript"  # card architecture.name of a TorchScript network
 
@@ -299,7 +300,8 @@ def check_model_out(out: Path, *, checkpoints: bool = False) -> None:
         return
     if not out.is_dir():
         raise ModelError(out, "exists and is not a directory; a model directory is written there")
-    ours = (out / CARD_FILE).is_file() or (checkpoints and (out / CHECKPOINTS).is_dir())
+    ours = (out / CARD_FILE).is_file() or (checkpoints and ((out / CHECKPOINTS).is_dir()
+                                                            or (out / TRAINING_CURVE).is_file()))
     if not ours and any(out.iterdir()):
         raise ModelError(out, "is a folder of other files, not an empty or model directory; choose a new --out")
 

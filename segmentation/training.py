@@ -32,7 +32,7 @@ from segmentation.checkpoint import (CHECKPOINTS, LAST_FILE, ResumeState, check_
                                      save_tensors, state_path)
 from segmentation.holdout import Holdout, Region, box_list
 from segmentation.losses import IGNORE, MaskedDiceCELoss, supervised_loss
-from segmentation.modeldir import LoadedModel, build_module, save_model
+from segmentation.modeldir import LoadedModel, build_module, check_model_out, save_model
 from segmentation.models import check_roi
 from segmentation.normalize import statistics_for
 from segmentation.patches import TrainingSample, check_shapes, prepare, sample_batch
@@ -372,16 +372,20 @@ def save_trained(path: str | PathLike[str], card: ModelCard, result: TrainingRes
     ``weights.safetensors`` holds the best validated step, ``checkpoints/last.safetensors``
     the last one (when validated); the learning curve and the per-class validation table are
     written beside.
-    Once the card (the commit point) is in place the run's resume state is no longer needed.
+    Everything is written before the card, the commit point: a run killed just after it had left a directory
+    that looked complete without its reports.  Once the card is in place the resume state is no longer needed.
     """
     path = Path(path)
-    loaded = save_model(path, card.model_copy(update={"training": result.provenance}), result.module)
+    final = card.model_copy(update={"training": result.provenance})
+    check_model_out(path, checkpoints=True)
+    path.mkdir(parents=True, exist_ok=True)
+    write_reports(path, final, result.losses)
     last = path / CHECKPOINTS / LAST_FILE
     if result.last is not None:
         save_tensors(last, result.last, {"step": str(result.provenance["steps"])})
     else:
         last.unlink(missing_ok=True)  # an earlier run's, not these weights' companion
-    write_reports(path, loaded.card, result.losses)
+    loaded = save_model(path, final, result.module)
     if result.resume_state is not None:
         result.resume_state.unlink(missing_ok=True)
     folder = path / CHECKPOINTS

@@ -20,9 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from segmentation.card import ModelCard
+from segmentation.modeldir import TRAINING_CURVE
 from storage.atomic import write_text_atomically
 
-CURVE_FILE = "learning_curve.png"
+CURVE_FILE = TRAINING_CURVE  # written before the card (segmentation.training.save_trained)
 TABLE_FILE = "validation.md"
 HISTORY_LIMIT = 200  # validations kept in the card (the best and the last always among them)
 

@@ -542,3 +542,28 @@ def test_train_from_a_dicom_series_folder_with_nifti_labels(tmp_path):
     dicom_samples.write_ct_series(folder / "other", data, series_number=9)
     with pytest.raises(Exception, match=r"series: holds 2 DICOM series \(.*\): give the folder of the one"):
         train_from_files(card, [(folder, labels)], tmp_path / "model2", steps=1, batch_size=1, patch=(8, 8, 8))
+
+
+def test_a_trained_models_reports_are_written_before_its_card(tmp_path, monkeypatch):
+    """The card is the commit point: a run killed just after it had left card and weights without the learning
+    curve and validation table, a directory that looked complete."""
+    import segmentation.training as training
+
+    card = tiny_card()
+    samples = [TrainingSample(*blobs(s)) for s in (1, 2)]
+    image, labels = blobs(3)
+    result = train(card, samples, validation=[TrainingSample(image, labels)], steps=4, batch_size=2, val_every=2,
+                   seed=2, precision="exact")
+    seen: list[set[str]] = []
+    commit = training.save_model
+
+    def at_the_commit(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen.append({p.name for p in Path(path).iterdir()})
+        return commit(path, *args, **kwargs)
+
+    monkeypatch.setattr(training, "save_model", at_the_commit)
+    save_trained(tmp_path / "model", card, result)
+    assert seen and {"learning_curve.png", "validation.md", "checkpoints"} <= seen[0] and "card.json" not in seen[0]
+    assert {"card.json", "weights.safetensors", "learning_curve.png", "validation.md"} <= \
+        {p.name for p in (tmp_path / "model").iterdir()}
+    assert not (tmp_path / "model" / "checkpoints" / "resume.safetensors").exists()
