@@ -205,7 +205,8 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                                                 dicom=series_details(item) if isinstance(item, SeriesRef) else None)
                     logger.info("input failed: %s", error)
                 bar.advance("nightly")
-            if interrupts.interrupted() is not None:
+            signum = interrupts.interrupted()  # kept: leaving the block forgets it where no command's handlers are
+            if signum is not None:
                 _stop(list(futures))
                 for future, path in futures.items():  # an input that finished while the run stopped is done
                     if path in reports or _stopped(future):  # stopped: reported as interrupted, below
@@ -216,7 +217,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         bar.finish("nightly")
     # after the client and the cluster closed in order; stopped: a report of what got done and what is left, in
     # JSON and Markdown only (a pod has seconds left), then the CLI says one line naming what got done
-    stopped = interrupts.interrupted() is not None
+    stopped = signum is not None
     if stopped:
         started_inputs = set(futures.values())
         for p in todo:
@@ -252,13 +253,13 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         problem = f"{out}: the run report was not written: {why}"
         if stopped:
             logger.info("%s", problem)
-            interrupts.check_interrupt(tuple(p for p, r in reports.items() if r.status == "done"))
+            raise interrupts.Interrupted(signum, tuple(p for p, r in reports.items() if r.status == "done"))
         report["run"]["state"], report["report"] = "Failed", {"error": problem}
         return ended(False, f"{message}; {problem}", report)
     report["report"] = {"json": str(json_path), "markdown": str(md_path)}
-    if stopped:
+    if stopped:  # raised here, not by check_interrupt: under a Prefect worker no handler keeps the signal this long
         logger.info("interrupted: %s; report %s", message, md_path)
-        interrupts.check_interrupt(tuple(p for p, r in reports.items() if r.status == "done"))
+        raise interrupts.Interrupted(signum, tuple(p for p, r in reports.items() if r.status == "done"))
     html_path = _html_report(report, json_path)
     if html_path is not None:
         report["report"]["html"] = str(html_path)

@@ -24,6 +24,7 @@ from distributed import WorkerPlugin
 
 from flows.config import SegmentOptions
 from flows.infer import KILL_AFTER_CHUNKS_ENV, KILL_SIGNAL_ENV
+from flows.nightly import STOPPED_NOTE
 from flows.pipeline import WORK_DIR, segment_one
 from flows.progress import reporting
 from segmentation import load_model
@@ -210,6 +211,27 @@ def test_an_interrupted_night_reports_what_it_left_and_the_next_says_what_it_res
     assert a["note"] == (f"resumed an interrupted run: {done} of {CHUNKS} output chunks were done before, "
                          f"{CHUNKS - done} computed now"), a
     assert "resumed an interrupted run" in latest.with_suffix(".md").read_text()
+
+
+def test_a_nightly_flow_run_without_the_commands_handlers_reports_its_interruption_too(scene, tmp_path):
+    """As a Prefect worker runs it: the flow itself, no `segflow nightly` around it.  Its signal was forgotten as
+    the flow's own handler block ended, so the report listed inputs it had no entry for (KeyError)."""
+    image, model = scene
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    (inbox / "a.tif").write_bytes(image.read_bytes())
+    code = ("import sys\nfrom flows.nightly import nightly\nfrom flows.interrupts import Interrupted\n"
+            "try:\n    nightly(inbox=sys.argv[1], model_dirs=[sys.argv[2]], out_dir=sys.argv[3], "
+            "options={'chunk_size': 40, 'workers': 0, 'quicklook': False})\n"
+            "except Interrupted as exc:\n    print('INTERRUPTED', exc.signum)\n    sys.exit(3)\n")
+    env = {**os.environ, KILL_AFTER_CHUNKS_ENV: "3", KILL_SIGNAL_ENV: "SIGINT"}
+    proc = subprocess.run([sys.executable, "-c", code, str(inbox), str(model.path), str(out)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 3 and "INTERRUPTED 2" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    [path] = (out / "reports").glob("*.json")
+    report = json.loads(path.read_text())
+    assert report["run"]["state"] == "Interrupted"
+    assert [(r["status"], r["note"]) for r in report["inputs"]] == [("interrupted", STOPPED_NOTE)]
 
 
 def test_an_input_that_finishes_while_nightly_stops_is_named_done(scene, tmp_path):
