@@ -174,7 +174,10 @@ def test_nibabel_header_notes_stay_off_the_terminal(models, tmp_path):
     [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert error.startswith(f"error: {unknown}: has a voxel size of 0"), error
     assert (tmp_path / "out" / "zero_pixdim_sform.nii.gz").is_file()
-    scored = subprocess.run([sys.executable, "-m", "flows", "evaluate", str(unknown), "--truth", str(unknown),
+    truth = tmp_path / "truth" / unknown.name  # a copy: a file is never its own truth (flows.pairing)
+    truth.parent.mkdir()
+    truth.write_bytes(unknown.read_bytes())
+    scored = subprocess.run([sys.executable, "-m", "flows", "evaluate", str(unknown), "--truth", str(truth),
                              "--out", str(tmp_path / "ev")], check=False, capture_output=True, text=True,
                             env={**os.environ, "COLUMNS": "250"}, timeout=120)
     assert scored.returncode == 1, scored.stderr

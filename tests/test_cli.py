@@ -169,11 +169,13 @@ def test_out_over_a_file_is_one_line_before_any_work(model2d, tmp_path):
     inbox.mkdir()
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
+    truth = tmp_path / "truth.tif"  # a copy: a file is never its own truth (flows.pairing)
+    truth.write_bytes(labels.read_bytes())
     commands = {"segment": ("segment", scene, "--model", model2d.path),
                 "ingest": ("ingest", scene), "nightly": ("nightly", "--inbox", inbox, "--model", model2d.path),
                 "train": ("train", "--card", model2d.path / "card.json", "--image", scene, "--labels", labels,
                           "--steps", "1"),
-                "evaluate": ("evaluate", labels, "--truth", labels)}
+                "evaluate": ("evaluate", labels, "--truth", truth)}
     for name, args in commands.items():
         proc = run(*args, "--out", blocker)
         assert proc.returncode == (1 if name == "evaluate" else 2), (name, proc.stderr)
