@@ -93,6 +93,15 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def _inbox(tmp_path: Path, image: Path, *names: str) -> tuple[Path, Path]:
+    """An inbox holding copies of ``image`` under ``names``, and the output folder beside it."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    for name in names:
+        (inbox / name).write_bytes(image.read_bytes())
+    return inbox, out
+
+
 def _markers(out: Path) -> list[Path]:
     return sorted(out.glob(f".scene.zarr.*.partial/{JOURNAL_DIR}/done/*.json"))
 
@@ -183,10 +192,7 @@ def test_an_interrupted_night_reports_what_it_left_and_the_next_says_what_it_res
     from flows.nightly import STOPPED_NOTE
 
     image, model = scene
-    inbox, out = tmp_path / "inbox", tmp_path / "out"
-    inbox.mkdir()
-    for name in ("a.tif", "b.tif"):  # one at a time (--parallel 1): b is not started when a is stopped
-        (inbox / name).write_bytes(image.read_bytes())
+    inbox, out = _inbox(tmp_path, image, "a.tif", "b.tif")  # one at a time (--parallel 1): b not started when a stops
     command = [sys.executable, "-m", "flows", "nightly", "--inbox", str(inbox), "--model", str(model.path),
                "--out", str(out), "--chunk-size", str(CHUNK), "--workers", "0", "--no-quicklook"]
     env = {**os.environ, "COLUMNS": "250", KILL_AFTER_CHUNKS_ENV: "3", KILL_SIGNAL_ENV: "SIGINT"}
@@ -217,9 +223,7 @@ def test_a_nightly_flow_run_without_the_commands_handlers_reports_its_interrupti
     """As a Prefect worker runs it: the flow itself, no `segflow nightly` around it.  Its signal was forgotten as
     the flow's own handler block ended, so the report listed inputs it had no entry for (KeyError)."""
     image, model = scene
-    inbox, out = tmp_path / "inbox", tmp_path / "out"
-    inbox.mkdir()
-    (inbox / "a.tif").write_bytes(image.read_bytes())
+    inbox, out = _inbox(tmp_path, image, "a.tif")
     code = ("import sys\nfrom flows.nightly import nightly\nfrom flows.interrupts import Interrupted\n"
             "try:\n    nightly(inbox=sys.argv[1], model_dirs=[sys.argv[2]], out_dir=sys.argv[3], "
             "options={'chunk_size': 40, 'workers': 0, 'quicklook': False})\n"
@@ -238,9 +242,7 @@ def test_an_input_that_finishes_while_nightly_stops_is_named_done(scene, tmp_pat
     """SIGTERM while an input exported: it finished (outputs, sidecar, ledger), yet the command said only that the
     inputs in progress left nothing complete, and the next night's "skipped" was the only record of it."""
     image, model = scene
-    inbox, out = tmp_path / "inbox", tmp_path / "out"
-    inbox.mkdir()
-    (inbox / "scene.tif").write_bytes(image.read_bytes())
+    inbox, out = _inbox(tmp_path, image, "scene.tif")
     stopper = ("import os, signal, sys\nimport storage.provenance as p\nwrite = p.write_sidecar\n"
                "def stopped(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)  # as it writes the sidecar\n"
                "    return write(*a, **k)\np.write_sidecar = stopped\n"
