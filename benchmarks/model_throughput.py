@@ -5,8 +5,9 @@
 Each network is built with its registry defaults (4 input channels, 5 classes
 in 2D; 1 channel, 3 classes in 3D), prepared as segflow's workers prepare it
 (eval, BatchNorm folded where traceable, channels-last), and timed on one
-batch of 1 after warm-up: fp32, and bf16 autocast (segflow's ``fast`` on the
-CPU). Throughput is input pixels (voxels) per second.
+batch of 1 after warm-up: fp32, and bf16 autocast (segflow's ``fast`` on a
+CPU with bf16 instructions; on one without, ``fast`` runs fp32: the bf16 column
+shows what emulated bf16 would cost). Throughput is input pixels (voxels) per second.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from segmentation import build_plan  # noqa: E402
 from segmentation.inference import exp_and_scale, softmax_slabs  # noqa: E402
 from segmentation.models import create  # noqa: E402
 from segmentation.normalize import Normalizer  # noqa: E402
+from segmentation.precision import autocast_dtype, describe, fast_cpu_dtype  # noqa: E402
 from segmentation.windows import make_grid  # noqa: E402
 
 
@@ -85,8 +86,12 @@ def main() -> int:
             for i in range(0, len(windows), args.batch):
                 batch = torch.stack([x[(slice(None),) + grid.slices(w)] for w in windows[i:i + args.batch]])
                 batch = batch.to(dev).contiguous(memory_format=fmt)
-                if precision == "fast":
-                    with torch.autocast(dev.type, dtype=torch.bfloat16 if dev.type == "cpu" else torch.float16):
+                # "fast": the dtype segflow's fast runs in here (fp32 on a CPU without bf16 instructions);
+                # "bf16": bf16 autocast whatever the CPU, to show what emulated bf16 would cost
+                dtype = torch.bfloat16 if precision == "bf16" else \
+                    autocast_dtype(precision, dev.type, fast_cpu_dtype())
+                if dtype is not None:
+                    with torch.autocast(dev.type, dtype=dtype):
                         logits = gpu_net(batch)
                 else:
                     logits = gpu_net(batch)
@@ -148,12 +153,19 @@ def main() -> int:
     if not args.only_segflow:
         raw("exact")
         raw("fast")
+    # on a CPU without bf16 instructions fast runs fp32; the emulated bf16 pass it avoids is timed beside it
+    emulated = dev.type == "cpu" and fast_cpu_dtype() is None and not args.only_segflow
+    if emulated:
+        raw("bf16")
     for _ in range(args.repeat):  # interleaved, so that a change in the machine's load hits every path alike
         if not args.only_segflow:
             _, t = timed(lambda: raw("exact"))
             runs.setdefault("raw forward, exact", []).append(t)
             _, t = timed(lambda: raw("fast"))
             runs.setdefault("raw forward, fast", []).append(t)
+            if emulated:
+                _, t = timed(lambda: raw("bf16"))
+                runs.setdefault("raw forward, bf16 (emulated: not what fast runs here)", []).append(t)
             ref, t = timed(monai)
             runs.setdefault("MONAI sliding_window_inference (fp32)", []).append(t)
         exact, t = timed(lambda: segflow("exact", client))
@@ -171,7 +183,8 @@ def main() -> int:
                 if args.workers else "the in-process threads scheduler")
              + f"; the raw forward pass and MONAI run in-process on {torch.get_num_threads()} torch threads "
                "with the input in memory. The raw rows run the network as segflow prepares it (BatchNorm folded, "
-               "channels-last) with the same softmax; MONAI runs the model as given.", "",
+               "channels-last) with the same softmax; MONAI runs the model as given. "
+               f"`fast` computes in {describe('fast', dev.type, fast_cpu_dtype())}.", "",
              f"Each path ran once to warm up, then {args.repeat} times, the paths interleaved; seconds are the "
              "median, with the range.", "",
              f"| path | seconds (range) | {unit} | vs MONAI fp32 |", "|---|---|---|---|"]

@@ -22,6 +22,8 @@ import typer
 from flows import cliutil
 from flows.config import MAX_PARALLEL
 
+PRECISION_HELP = "exact (fp32) or fast (AMP on CUDA; bf16 on a CPU with bf16 instructions, else fp32)."
+Precision = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
 Bands = Annotated[Optional[str], typer.Option(
     "--bands", help="The input bands the model gets, in its order: names (B04, red, a band description) or "
                     "1-based indices, e.g. B02,B03,B04,B08 or 2,3,4,8 (default: the card's channel names, "

@@ -36,7 +36,7 @@ from flows.export import MODEL_LABELS, model_space_labels
 from flows.interrupts import completed_interruptibly, wait_interruptible
 from flows.ledger import off_flags
 from flows.progress import reporter, say, window_shares
-from segmentation import LoadedModel
+from segmentation import LoadedModel, precision
 from segmentation.chunkwrites import label_dtype, label_nodata
 from segmentation.crf import CRFParams, crf_dask
 from storage import chunkcache, provenance
@@ -58,6 +58,7 @@ def crf_params(options: SegmentOptions) -> CRFParams:
 
 def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) -> dict[str, Any]:
     inf = model.card.inference
+    predictor = getattr(getattr(plan, "stitch", plan), "predictor", None)
     return {
         **options.model_dump(exclude={"dask_address"} | off_flags(options)),
         "roi": list(plan.grid.roi),
@@ -68,6 +69,10 @@ def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) 
         "flip_tta": list(options.flip_tta if options.flip_tta is not None else inf.flip_tta),
         "crf": crf_params(options).model_dump(mode="json") if options.crf else None,
         "chunks": [c[0] for c in plan.chunks],
+        # what `fast` computes in here (fp32 on a CPU without bf16 instructions): in the identity, so a run resumed
+        # on another kind of CPU never mixes its chunks with the first one's
+        "compute": precision.describe(options.precision, device_name(options.device).split(":")[0].split()[0],
+                                      getattr(predictor, "cpu_dtype", None)),
     }
 
 

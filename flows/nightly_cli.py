@@ -25,7 +25,7 @@ def nightly_command(
                                                               "first model whose card fits it (2D/3D, channels)."),
         out: str = typer.Option(..., "--out", help="Output directory or URL prefix (also holds .segflow-cache/ and "
                                                    "reports/)."),
-        precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
+        precision: cliopts.Precision = "exact",
         roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: each card's)."),
         overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: each card's)."),
         chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),

@@ -165,7 +165,7 @@ def schedule_command(
         out: str = typer.Option(..., "--out", help="Output directory, or a URL prefix (s3://bucket/out/)."),
         name: str = typer.Option(DEFAULT_NAME, "--name", help="Deployment name: runs are 'nightly/NAME'."),
         timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of --cron (default UTC)."),
-        precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
+        precision: cliopts.Precision = "exact",
         roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: each card's)."),
         overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: each card's)."),
         probabilities: str = typer.Option("none", help="Also store probabilities: none, float32 or uint8."),

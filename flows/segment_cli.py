@@ -41,7 +41,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
             model: Path = typer.Option(..., "--model", help="Model directory (card.json + weights.safetensors), "
                                                             "MONAI bundle, or TorchScript archive with its card."),
             out: str = typer.Option(..., "--out", help="Output directory, or a URL prefix (s3://bucket/out/)."),
-            precision: str = typer.Option("exact", help="exact (fp32) or fast (bf16 on CPU, AMP on CUDA)."),
+            precision: cliopts.Precision = "exact",
             roi: Optional[str] = typer.Option(None, help="Window size, e.g. 256,256 (default: the card's)."),
             overlap: Optional[float] = typer.Option(None, help="Window overlap in [0, 1) (default: the card's)."),
             chunk_size: Optional[int] = typer.Option(None, help="Spatial chunk size of stores and tasks."),

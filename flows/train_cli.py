@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows import cliutil
+from flows import cliopts, cliutil
 from storage.errors import SegflowError
 
 console, out = cliutil.console, cliutil.out
@@ -36,7 +36,7 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
           batch_size: int = typer.Option(8, help="Patches per step."),
           lr: float = typer.Option(2e-3, help="Learning rate."),
           seed: int = typer.Option(0, help="Random seed (sampling, initial weights, the validation split)."),
-          precision: str = typer.Option("fast", help="exact (fp32) or fast (bf16/AMP), training and validation."),
+          precision: str = typer.Option("fast", help=cliopts.PRECISION_HELP[:-1] + ", training and validation."),
           val_fraction: Optional[float] = typer.Option(None, "--val-fraction",
                                                        help="Share of the cases that validate, seeded (default "
                                                             "0.2; a dataset's own val split wins)."),

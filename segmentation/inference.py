@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from segmentation.netprep import TRACING, compiled, fold_batch_norm, weights_layout
+from segmentation.precision import autocast_dtype, fast_cpu_dtype
 from storage.errors import ConfigError
 
 Precision = Literal["exact", "fast"]
@@ -126,8 +127,8 @@ _NUMPY_PADDING = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 class WindowPredictor:
     """Blended class probabilities (softmax, float32, weighted) over the windows of a region.
 
-    ``exact`` runs fp32; ``fast`` runs bf16 autocast on CPU (AMX) and fp16 AMP
-    on CUDA.  Channels-last is used where it measured faster (convolutions on
+    ``exact`` runs fp32; ``fast`` runs fp16 AMP on CUDA, and bf16 autocast on a
+    CPU with bf16 instructions (fp32 on one without: segmentation.precision).  Channels-last is used where it measured faster (convolutions on
     both CPU/oneDNN and CUDA/cuDNN).
     """
 
@@ -143,6 +144,8 @@ class WindowPredictor:
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
         self.precision = precision
+        # decided here, where the run is planned, and used by every worker (segmentation.precision)
+        self.cpu_dtype = fast_cpu_dtype() if precision == "fast" else None
         self.device = device
         self.batch_size = batch_size
         self.token = token
@@ -225,8 +228,8 @@ class WindowPredictor:
     def _forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=self.memory_format)
         with TRACING.forward():  # never during another thread's torch.fx trace (TracingGate)
-            if self.precision == "fast":
-                dtype = torch.bfloat16 if x.device.type == "cpu" else torch.float16
+            dtype = autocast_dtype(self.precision, x.device.type, self.cpu_dtype)
+            if dtype is not None:
                 with torch.autocast(x.device.type, dtype=dtype):
                     logits = net(x)
             else:

@@ -14,6 +14,7 @@ from segmentation.blending import Blend
 from segmentation.inference import Precision, WindowPredictor
 from segmentation.modeldir import LoadedModel
 from segmentation.normalize import Normalizer, resolve, statistics_for
+from segmentation.precision import fast_cpu_dtype
 from segmentation.stitching import StitchPlan
 from segmentation.windows import make_grid
 from storage.errors import ConfigError, IncompatibleInputError
@@ -146,7 +147,8 @@ def build_plan(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int]
                          model.card.shaping_sha256() if isinstance(model, LoadedModel) else None)
     predictor = WindowPredictor(module, spatial_dims=spatial_dims, num_classes=num_classes,
                                 precision=precision, device=device, batch_size=batch_size,
-                                token=f"{token}-{precision}-{device}-tta{''.join(map(str, flip_tta))}"
+                                token=f"{token}-{precision}{_cpu_compute(precision)}-{device}-"
+                                      f"tta{''.join(map(str, flip_tta))}"
                                       f"{'-logits' if blend_logits else ''}{'-compiled' if compile else ''}",
                                 flip_tta=flip_tta, roi=roi, in_channels=arr.shape[0], blend_logits=blend_logits,
                                 compile=compile, **padding)
@@ -223,6 +225,11 @@ def _check_arguments(image: Any, spatial_dims: int, *, roi: Any, overlap: Any, b
         if tuple(getattr(mask, "shape", ())) != tuple(image.shape[1:]):
             raise ConfigError(None, f"mask shape {tuple(getattr(mask, 'shape', ()))} differs from the image's "
                                     f"{tuple(image.shape[1:])} (one value per pixel, no channel axis)")
+
+
+def _cpu_compute(precision: str) -> str:
+    """A ``fast`` plan's CPU dtype in its dask name: a plan made with bf16 and one made without never share keys."""
+    return "-fp32" if precision == "fast" and fast_cpu_dtype() is None else ""
 
 
 def _probed_classes(module: nn.Module, channels: int, roi: tuple[int, ...]) -> tuple[int, bool]:

@@ -36,6 +36,7 @@ from segmentation.modeldir import LoadedModel, build_module, check_model_out, sa
 from segmentation.models import check_roi
 from segmentation.normalize import statistics_for
 from segmentation.patches import TrainingSample, check_shapes, prepare, sample_batch
+from segmentation.precision import fast_cpu_dtype
 from segmentation.trainreport import class_keys, per_class_rows, thin, write_reports
 from segmentation.validation import ValidationScore, Validator
 from storage.errors import ConfigError, InvalidInputError, ModelError
@@ -66,7 +67,15 @@ def _autocast(device: torch.device, precision: Precision) -> tuple[contextlib.Ab
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype), dtype == torch.float16
-    return torch.autocast("cpu", dtype=torch.bfloat16), False
+    dtype = fast_cpu_dtype()  # bf16 only where the CPU has it: emulated, it is slower than fp32
+    return (torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()), False
+
+
+def _compute(autocast: contextlib.AbstractContextManager) -> str:
+    """What training computes in, for its provenance: a ``fast`` run on a CPU without bf16 says it ran fp32."""
+    if isinstance(autocast, torch.autocast):
+        return f"{str(autocast.fast_dtype).removeprefix('torch.')} autocast"
+    return "float32"
 
 
 def _memory_format(spatial_dims: int) -> torch.memory_format:
@@ -161,7 +170,8 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
     supervision), random flips, and ``oversample`` of the patches centred on
     a random foreground class so rare classes (roads, lesions) are seen
     often. ``precision="fast"`` trains (and validates) under bf16 autocast
-    (about 3x faster than fp32 on AMX CPUs), fp32 otherwise.
+    (about 3x faster than fp32 on AMX CPUs; fp32 on a CPU without bf16
+    instructions, where bf16 is slower) or AMP on CUDA, fp32 otherwise.
 
     ``validation`` images, plus the held-out part of every sample when
     ``holdout`` is given, are scored every ``val_every`` steps (default:
@@ -248,6 +258,7 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=steps, pct_start=warmup, div_factor=10.0, final_div_factor=100.0)
     autocast, scale = _autocast(device, precision)
+    compute = _compute(autocast)
     scaler = torch.amp.GradScaler("cuda") if scale else None
     run = {"card": _card_identity(card), "steps": steps, "batch_size": batch_size, "patch": list(patch), "lr": lr,
            "seed": seed, "precision": precision, "oversample": oversample, "val_every": every_val,
@@ -295,10 +306,11 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             # under bf16 a small network's gradients may turn NaN at a loss of 1.3, which no lower lr mends
+            reduced = not isinstance(autocast, contextlib.nullcontext)
             hint = ("train in fp32 with precision 'exact' (--precision exact), or try a lower lr"
-                    if precision == "fast" else "try a lower lr")
+                    if reduced else "try a lower lr")
             raise ConfigError(None, f"training diverged at step {step} (loss {losses[-1]}"
-                                    f"{', bf16' if precision == 'fast' else ''}); {hint}")
+                                    f"{', ' + compute.split()[0] if reduced else ''}); {hint}")
         entry = {"step": step, "steps": steps, "loss": losses[-1], "lr": schedule.get_last_lr()[0],
                  "seconds": round(earlier[0] + time.perf_counter() - start, 2)}
         if step % every_val == 0 or step == steps:
@@ -332,7 +344,7 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
 
     provenance = {
         "steps": steps, "batch_size": batch_size, "patch": list(patch), "lr": lr, "seed": seed,
-        "precision": precision, "device": device.type, "threads": torch.get_num_threads(),
+        "precision": precision, "compute": compute, "device": device.type, "threads": torch.get_num_threads(),
         "optimizer": "AdamW(weight_decay=1e-4)", "schedule": "one-cycle",
         "loss": "dice+cross-entropy, ignore pixels masked", "oversample": oversample,
         "augmentation": augment.describe(card.input.spatial_dims),

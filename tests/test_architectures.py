@@ -72,12 +72,15 @@ def test_default_network_gives_logits_at_input_size(name, dims):
 
 
 @pytest.mark.parametrize("name", OWN)
-def test_channels_last_bf16_inference_path(name):
-    """Through the WindowPredictor as inference runs it: folded, channels-last, bf16 autocast."""
+def test_channels_last_bf16_inference_path(name, monkeypatch):
+    """Through the WindowPredictor as inference runs it: folded, channels-last, bf16 autocast (forced: on a CPU
+    without bf16 instructions ``fast`` would run fp32)."""
+    monkeypatch.setenv("SEGFLOW_CPU_BF16", "1")
     net = build(name, 2, cin=2, classes=3)
     region = np.random.default_rng(0).standard_normal((2, 64, 128)).astype(np.float32)
     windows = [(slice(0, 64), slice(0, 64)), (slice(0, 64), slice(64, 128))]
     predictor = WindowPredictor(net, spatial_dims=2, num_classes=3, precision="fast", device="cpu")
+    assert predictor.cpu_dtype == torch.bfloat16
     acc = predictor.accumulate(region, windows, np.ones((64, 64), np.float32), 3)
     assert acc.shape == (3, 64, 128)
     np.testing.assert_allclose(acc.sum(0), 1.0, rtol=1e-4)  # softmax over classes, each pixel in one window

@@ -13,6 +13,7 @@ from rio_cogeo.cogeo import cog_validate
 
 from flows.config import SegmentOptions
 from flows.flows import batch_outcomes, segment, segment_batch
+from segmentation import precision
 from segmentation.windows import make_grid
 from storage.hashing import sha256_file
 from storage.provenance import sidecar_path, verify_sidecar
@@ -79,6 +80,10 @@ def _check_provenance(src_path, out_path, model):
     for key in ("torch", "monai", "zarr", "rasterio", "nibabel", "dask", "prefect"):
         assert record["environment"]["versions"][key]
     assert record["parameters"]["roi"] == model.card.inference.roi
+    fast = record["parameters"]["precision"] == "fast"
+    assert record["parameters"]["compute"] == ("float32" if not fast else "bfloat16 autocast"
+                                               if precision.cpu_has_bf16()
+                                               else "float32 (this CPU has no bf16 instructions)")
     assert verify_sidecar(sidecar_path(out_path)) == []
     embedded = zarr.open_group(str(out_path.parent / (sidecar_path(out_path).name.split(".provenance")[0] + ".zarr")),
                                mode="r").attrs["provenance"]

@@ -11,6 +11,7 @@ import pytest
 import rasterio
 import torch
 
+from segmentation import precision
 from segmentation.card import ModelCard
 from segmentation.demo_cards import DEMO_BUDGET, landcover_card, lesion_card
 from segmentation.metrics import ConfusionAccumulator, confusion_matrix, dice_per_class, mean_dice
@@ -180,6 +181,8 @@ def test_short_run_learns_and_saves_a_model_directory(tmp_path):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     prov = result.provenance
     assert prov["steps"] == 20 and prov["patch"] == [64, 64] and prov["precision"] == "fast"
+    # what `fast` trained in on this CPU: bf16 only where the CPU has bf16 instructions (segmentation.precision)
+    assert prov["compute"] == ("bfloat16 autocast" if precision.cpu_has_bf16() else "float32")
     assert prov["sample_shapes"] == [[4, 256, 256]] and prov["torch_version"] == torch.__version__
     assert not result.module.training
 
