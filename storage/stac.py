@@ -7,7 +7,8 @@ other tools already read: the footprint in EPSG:4326 plus the native grid
 (projection extension), the classes on the label asset (classification
 extension), the model (Machine Learning Model extension, built and validated
 with ``stac-model`` so a bad description fails here, not in a catalogue), the
-model's resolution as the item's ``gsd``, and a ``derived_from`` link with a
+model's resolution as the item's ``gsd`` (each raster asset its own pixel size as
+its ``gsd``), and a ``derived_from`` link with a
 ``processing:lineage`` sentence.  Storage knows nothing of models: the caller
 passes the model as plain data.  No schema is fetched; nothing here touches
 the network.
@@ -150,6 +151,20 @@ def _grid(label_cog: Path) -> tuple[Any, Any, tuple[int, int], tuple[float, floa
     return crs, transform, shape, bounds  # type: ignore[return-value]
 
 
+def _pixel_metres(crs: Any, transform: Any) -> float | None:
+    """A raster's own ground sample distance: its square pixel's side in a projected CRS in metres (None for
+    degrees, other units or rectangular pixels)."""
+    if crs is None or not crs.is_projected or abs(abs(transform.a) - abs(transform.e)) > 1e-9 * abs(transform.a):
+        return None
+    units = (crs.linear_units or "").lower()
+    return float(abs(transform.a)) if units in ("metre", "meter", "m", "metres", "meters") else None
+
+
+def _gsd_field(crs: Any, transform: Any) -> dict[str, float]:
+    own = _pixel_metres(crs, transform)
+    return {} if own is None else {"gsd": own}
+
+
 def _band_facts(cog: Path) -> list[dict[str, Any]]:
     """Each band's data type, nodata and scale as the COG declares them (STAC 1.1's common ``data_type`` and
     ``nodata``; the raster extension's ``raster:scale`` and ``raster:offset``, which is where readers, segflow's
@@ -264,9 +279,12 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
     )
     MLModelExtension.ext(item, add_if_missing=True).apply(mlm)
 
+    # each raster asset's own gsd: the item's is the model's resolution, and labels brought back to a 20 m input's
+    # grid (or kept at the model's) are found by a catalogue search on the asset's pixel size
     labels = pystac.Asset(href=_relative_href(label_cog, item_dir), media_type=COG_MEDIA_TYPE,
                           title="Class labels", roles=["data", "labels"],
-                          extra_fields={"bands": [{"name": "labels", **_band_facts(label_cog)[0]}]})
+                          extra_fields={"bands": [{"name": "labels", **_band_facts(label_cog)[0]}],
+                                        **_gsd_field(crs, transform)})
     item.add_asset("labels", labels)
     ClassificationExtension.ext(labels, add_if_missing=True).classes = [
         Classification.create(value=c["value"], name=c["name"], description=c["description"],
@@ -276,7 +294,8 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
             href=_relative_href(Path(probability_cog), item_dir), media_type=COG_MEDIA_TYPE,
             title="Class probabilities, one band per class", roles=["data"],
             extra_fields={"bands": [{"name": c["name"], "description": c["description"], **facts}
-                                    for c, facts in zip(table, _band_facts(Path(probability_cog)))]}))
+                                    for c, facts in zip(table, _band_facts(Path(probability_cog)))],
+                          **_gsd_field(*_grid(Path(probability_cog))[:2])}))
     if vectors is not None:
         vectors = Path(vectors)
         item.add_asset("polygons", pystac.Asset(

@@ -77,8 +77,9 @@ def test_asset_hrefs_are_uri_references_a_hash_in_a_name_does_not_cut(tmp_path: 
 
 
 def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
-    label = make_cog(tmp_path / "scene.tif")
-    probs = make_cog(tmp_path / "scene.probabilities.tif", count=3, dtype="float32")
+    at20 = Affine(20.0, 0.0, 500000.0, 0.0, -20.0, 5000000.0)  # a 20 m input's grid, labels brought back to it
+    label = make_cog(tmp_path / "scene.tif", transform=at20)
+    probs = make_cog(tmp_path / "scene.probabilities.tif", count=3, dtype="float32", transform=at20)
     vectors = tmp_path / "scene.gpkg"
     vectors.write_bytes(b"")  # only its name and place matter to the item
     when = datetime(2024, 5, 17, 10, 30, tzinfo=timezone.utc)
@@ -94,7 +95,7 @@ def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
     assert item.id == "scene" and item.datetime == when
 
     # footprint: the label COG's bounds in EPSG:4326, computed independently
-    expected = transform_bounds("EPSG:32633", "EPSG:4326", 500000.0, 4999360.0, 500480.0, 5000000.0, densify_pts=21)
+    expected = transform_bounds("EPSG:32633", "EPSG:4326", 500000.0, 4998720.0, 500960.0, 5000000.0, densify_pts=21)
     assert item.bbox == pytest.approx(list(expected), abs=1e-9)
     assert 14.9 < item.bbox[0] < item.bbox[2] < 15.1 and 45.1 < item.bbox[1] < item.bbox[3] < 45.2
     ring = item.geometry["coordinates"][0]
@@ -103,8 +104,12 @@ def test_item_round_trip_with_all_extensions(tmp_path: Path) -> None:
     # projection: the native grid
     assert item.properties["proj:code"] == "EPSG:32633"
     assert item.properties["proj:shape"] == [64, 48]
-    assert item.properties["proj:transform"] == [10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0]
+    assert item.properties["proj:transform"] == [20.0, 0.0, 500000.0, 0.0, -20.0, 5000000.0]
     assert item.properties["gsd"] == 10.0
+
+    # each raster asset its own pixel size: the item's gsd is the model's, and these were written at 20 m
+    assert item.assets["labels"].extra_fields["gsd"] == 20.0
+    assert item.assets["probabilities"].extra_fields["gsd"] == 20.0
 
     # assets, relative to the item and resolving to the files
     labels = item.assets["labels"]
@@ -233,6 +238,7 @@ def test_a_grid_in_degrees_over_the_antimeridian_has_longitudes_in_range(tmp_pat
     assert -180 <= west <= 180 and -180 <= east <= 180 and west > east
     assert (west, east) == pytest.approx((179.98, -179.97))  # the same box either way
     assert item.geometry["type"] == "MultiPolygon"
+    assert "gsd" not in item.assets["labels"].extra_fields  # a pixel in degrees is no ground sample distance
     for polygon in item.geometry["coordinates"]:
         assert all(-180 <= lon <= 180 for lon, _ in polygon[0])
 
