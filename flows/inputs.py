@@ -24,7 +24,7 @@ from typing import Any, Callable, Collection, Union
 
 from flows.progress import say
 from storage.channelfiles import ChannelFiles, group_channel_files, is_channel_store
-from storage.dicomfiles import SeriesRef, find_series, is_dicom_input
+from storage.dicomfiles import SeriesRef, find_series, is_dicom_input, join_split_series
 from storage.errors import SegflowError, StoreError
 from storage.hashing import sha256_input
 from storage.ingest import ingest
@@ -44,19 +44,21 @@ def expand(inputs: list[str], takes: Collection[int] | None = None) -> tuple[lis
     """(inputs in the order given, [(what failed, its one-line error)]).  ``takes``: the channel counts of the
     models that may segment them, which decide whether numbered NIfTI files are a case's channels
     (:func:`storage.channelfiles.group_channel_files`); None groups every whole case."""
-    out: list[Expanded] = []
+    parts: list[list[Expanded]] = []  # per argument (the loose DICOM files together, last)
     failed: list[tuple[str, str]] = []
     loose: list[str] = []
     for item in inputs:
         if is_url(item) or not _dicom(item):
-            out.append(item)
+            parts.append([item])
         elif Path(item).is_file() and Path(item).name.upper() != "DICOMDIR":
             loose.append(item)
         else:
-            _series(item, [item], out, failed)
+            parts.append(_series(item, [item], failed))
     if loose:
-        _series(", ".join(loose) if len(loose) < 4 else f"{len(loose)} DICOM files", loose, out, failed)
-    return group_channel_files(out, takes), failed
+        parts.append(_series(", ".join(loose) if len(loose) < 4 else f"{len(loose)} DICOM files", loose, failed))
+    parts, unjoined = join_split_series(parts)  # one series in two folders given together is one input
+    out = [x for part in parts for x in part]
+    return group_channel_files(out, takes), failed + unjoined
 
 
 def _dicom(item: str) -> bool:
@@ -66,11 +68,12 @@ def _dicom(item: str) -> bool:
         return False
 
 
-def _series(label: str, paths: list[str], out: list[Expanded], failed: list[tuple[str, str]]) -> None:
+def _series(label: str, paths: list[str], failed: list[tuple[str, str]]) -> list[Expanded]:
     try:
-        out.extend(find_series(paths))
+        return list(find_series(paths))
     except SegflowError as exc:
         failed.append((label, str(exc)))
+        return []
 
 
 def input_stem(source: Any) -> str:

@@ -325,7 +325,7 @@ def _input_details(store: ImageStore, split: bool = False) -> dict[str, Any] | N
         return None
     keep = ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid", "sop_class_uid", "modality",
             "series_description", "series_number", "sop_instance_uids", "frame_numbers", "files",
-            "transfer_syntax_uid", "volume", "copies")
+            "transfer_syntax_uid", "volume", "copies", "searched")
     details = info.model_dump(mode="json", include=set(keep))
     details["deidentification"] = {"patient_name_present": info.patient_name_present,
                                    "patient_id_present": info.patient_id_present}

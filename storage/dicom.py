@@ -113,6 +113,7 @@ def _meta(plan: Plan, dtype: np.dtype) -> StoreMeta:
         volume=ref.volume,
         depth_assumed=plan.depth_assumed,
         copies=[_relative(c, ref.root) for c in ref.copies],
+        searched=not ref.listed,
     )
     geometry = VolumeGeometry(
         shape=list(plan.shape),

@@ -29,12 +29,13 @@ from pydicom.errors import InvalidDicomError
 
 from storage.dicomobject import (BARE_GROUPS, DicomObject, Frame, class_name, fmt_numbers, frame_name, scan_file,
                                  syntax_name, unreadable, why)
-from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
+from storage.errors import CorruptInputError, InputError, InvalidInputError, SegflowError, UnsupportedFormatError
 from storage.hashing import sha256_input
 from storage.inputfiles import check_readable_file
 
 __all__ = ["DicomObject", "Frame", "SeriesRef", "class_name", "find_series", "fmt_numbers", "frame_name",
-           "is_dicom_input", "scan_file", "shared_instance", "syntax_name", "volume_label", "why"]
+           "is_dicom_input", "join_split_series", "scan_file", "shared_instance", "syntax_name", "volume_label", "walk",
+           "why"]
 
 DICOMDIR_NAME = "DICOMDIR"
 NAME_MAX = 80
@@ -91,7 +92,7 @@ def is_dicom_input(path: str | os.PathLike[str]) -> bool:
     """A directory holding DICOM files, a DICOMDIR, or a DICOM file (with the DICM preamble, or a bare dataset)."""
     path = Path(path)
     if path.is_dir():
-        return any(_is_dicom_file(p) for p in _walk(path))
+        return any(_is_dicom_file(p) for p in walk(path))
     return path.is_file() and (path.name.upper() == DICOMDIR_NAME or _is_dicom_file(path))
 
 
@@ -112,7 +113,7 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def _walk(folder: Path) -> Iterator[Path]:
+def walk(folder: Path) -> Iterator[Path]:
     """Regular files under a folder, depth first in name order (symbolic links to files included)."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
@@ -146,7 +147,7 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
         if not path.exists() and not path.is_symlink():
             raise InputError(path, "no such file or folder")
         if path.is_dir():
-            groups.append((path, list(_walk(path)), path))
+            groups.append((path, list(walk(path)), path))
         elif path.name.upper() == DICOMDIR_NAME:
             groups.append((path.parent, _dicomdir_files(path), path))
         else:
@@ -187,6 +188,67 @@ def find_series(paths: Sequence[str | os.PathLike[str]]) -> list[SeriesRef]:
             found = [replace(ref, root=_common_parent(ref.files), listed=True) for ref in found]
         refs.extend(found)
     return sorted(refs, key=lambda r: (str(r.root), r.name, r.series_instance_uid, r.volume or ""))
+
+
+def join_split_series(parts: Sequence[Sequence[Any]]) -> tuple[list[list[Any]], list[tuple[str, str]]]:
+    """The inputs found per command-line argument, with a series split across two folders made whole again.
+
+    Each folder is searched on its own, so that one without images fails alone; a series whose slices sit in
+    two folders given together had come out as two inputs, its first half segmented and reported ``ok`` (half
+    the volume, half the millilitres) and the second refused as "the same series in two places".  Where one
+    volume (SeriesInstanceUID and volume key) comes from several arguments:
+
+    - if one part holds every SOP instance the others hold, it is the series and the others are copies of (part
+      of) it: it takes the first part's place, and the others stay, to be refused as the same series twice;
+    - otherwise the parts complement each other: their files are read as one list (a byte-identical copy once)
+      and become one input in the first part's place.
+
+    Returns (the parts, [(input, one-line error)] for a joined series that cannot be read).  Other items pass.
+    """
+    out = [list(p) for p in parts]
+    places: dict[tuple[str, str | None], list[tuple[int, int]]] = {}
+    for i, part in enumerate(out):
+        for j, item in enumerate(part):
+            if isinstance(item, SeriesRef):
+                places.setdefault((item.series_instance_uid, item.volume), []).append((i, j))
+    failed: list[tuple[str, str]] = []
+    drop: set[tuple[int, int]] = set()
+    for key, where in places.items():
+        if len({i for i, _ in where}) < 2:
+            continue
+        refs = [out[i][j] for i, j in where]
+        held = [_instances(r) for r in refs]
+        union = set().union(*held)
+        whole = next((k for k, h in enumerate(held) if h == union), None)
+        if whole is not None:
+            (i0, j0), (i1, j1) = where[0], where[whole]
+            out[i0][j0], out[i1][j1] = refs[whole], refs[0]
+            continue
+        files = sorted({f for r in refs for f in (*r.files, *r.copies)})
+        try:
+            joined = [m for m in find_series(files) if (m.series_instance_uid, m.volume) == key]
+        except SegflowError as exc:  # a slice cut short: the joined series fails naming it, as a folder's would
+            failed.append((refs[0].display, str(exc)))
+            drop.update(where)
+            continue
+        if len(joined) == 1:
+            i0, j0 = where[0]
+            out[i0][j0] = joined[0]
+            drop.update(where[1:])
+    return [[x for j, x in enumerate(part) if (i, j) not in drop] for i, part in enumerate(out)], failed
+
+
+def _instances(ref: SeriesRef) -> set[str]:
+    """The SOPInstanceUIDs a volume's files hold (headers are cached: no file is read twice)."""
+    uids = set()
+    for path in ref.files:
+        try:
+            obj = scan_file(path)
+        except OSError:
+            continue
+        if obj is not None and obj.frames and obj.frames[0].sop_instance_uid:
+            uids.add(obj.frames[0].sop_instance_uid)
+    return uids
 
 
 def _common_parent(files: Sequence[Path]) -> Path:
@@ -275,12 +337,15 @@ def _refs_of(root: Path, objects: list[DicomObject], copies: dict[Path, Path] | 
 
 
 def _with_damaged(refs: list[SeriesRef], damaged: list[DicomObject]) -> list[SeriesRef]:
-    """Each damaged image file joins the refs of its series, or (no series UID left in it) of its folder's."""
+    """Each damaged image file joins the refs of its series, or (no series UID left in it, or one cut short inside
+    its value, which no readable file has) of its folder's: with a cut UID it had been an input of its own, and
+    its series segmented one slice short."""
+    known = {ref.series_instance_uid for ref in refs}
     out = []
     for ref in refs:
         extra = [o.path for o in damaged
                  if o.series_instance_uid == ref.series_instance_uid
-                 or (o.series_instance_uid is None and any(f.parent == o.path.parent for f in ref.files))]
+                 or (o.series_instance_uid not in known and any(f.parent == o.path.parent for f in ref.files))]
         out.append(replace(ref, files=tuple(sorted(set(ref.files) | set(extra)))) if extra else ref)
     orphans = [o for o in damaged if not any(o.path in r.files for r in out)]
     for obj in orphans:  # its series has no readable file here: the damaged file is an input that fails alone

@@ -232,6 +232,10 @@ def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) 
     sop_class = str(ds.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", "")))
     is_image = sop_class not in NOT_IMAGES and "Rows" in ds and "Columns" in ds
     damaged = not is_image and sop_class not in NOT_IMAGES and (_is_image_class(sop_class) or pixel_tag is not None)
+    # cut short inside its header: every DICOM object's dataset has a SOPInstanceUID (type 1), and one cut in its
+    # file meta (its SOP class UID cut to '1.2.840.10008.') had been skipped as "not an image", its series
+    # segmented one slice short
+    headless = not is_image and sop_class not in NOT_IMAGES and "SOPInstanceUID" not in ds
     frames_declared = _int(ds.get("NumberOfFrames")) or 1
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     obj = DicomObject(
@@ -260,7 +264,8 @@ def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) 
         rows=_int(ds.get("Rows")),
         columns=_int(ds.get("Columns")),
         damage=(f"is a {class_name(sop_class)} file without Rows and Columns: damaged or cut short "
-                f"({size} bytes)") if damaged else None,
+                f"({size} bytes)") if damaged else
+               f"is a DICOM file without a SOPInstanceUID: damaged or cut short ({size} bytes)" if headless else None,
     )
     if not is_image or obj.series_instance_uid is None:
         return obj

@@ -151,6 +151,8 @@ class DicomSeriesInfo(BaseModel):
     patient_id_present: bool = False
     volume: str | None = None  # which volume of a split multi-frame object ("magnitude", a dimension value...)
     copies: list[str] = Field(default_factory=list)  # byte-identical copies of its files, read once (relative paths)
+    # found by searching its folder (and those below it), not from files named one by one: verify searches there too
+    searched: bool = False
 
 
 class VolumeGeometry(BaseModel):

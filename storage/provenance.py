@@ -301,31 +301,36 @@ def verify(path: str | PathLike[str]) -> Verification:
 
 def _series_growth(source: dict[str, Any]) -> str | None:
     """A DICOM series whose folders now hold slices of it the record does not list (one added after the run):
-    each recorded file still matched, so verify had passed while a rerun gave another volume.  Only the folders
-    the recorded files are in are looked at, not below them."""
+    each recorded file still matched, so verify had passed while a rerun gave another volume.  A series found by
+    searching a folder (``searched``) is looked for where that search goes, below it too (a slice added in a
+    subfolder had passed, while a rerun read it); files named one by one, in the folders they are in."""
     dicom = source.get("dicom") or {}
     uid, files, root = dicom.get("series_instance_uid"), dicom.get("files"), Path(source.get("path") or "")
     if not uid or not files or not root.is_dir():
         return None
-    from storage.dicomfiles import volume_label
+    from storage.dicomfiles import volume_label, walk
     from storage.dicomobject import scan_file
 
     recorded = {root / f["path"] for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)}
     recorded |= {root / c for c in dicom.get("copies") or [] if isinstance(c, str)}
     added = []
-    for folder in sorted({f.parent for f in recorded}):
-        try:
-            others = sorted(p for p in folder.iterdir() if p not in recorded and p.is_file())
-        except OSError:
-            continue
-        for path in others:
+    if dicom.get("searched"):
+        candidates = [p for p in walk(root) if p not in recorded]
+    else:
+        candidates = []
+        for folder in sorted({f.parent for f in recorded}):
             try:
-                obj = scan_file(path)
-            except Exception:  # noqa: BLE001 - an unreadable or damaged file beside the series is not of it
+                candidates += sorted(p for p in folder.iterdir() if p not in recorded and p.is_file())
+            except OSError:
                 continue
-            if obj is not None and obj.is_image and obj.series_instance_uid == uid and (
-                    not dicom.get("volume") or any(volume_label(f.key) == dicom["volume"] for f in obj.frames)):
-                added.append(path)
+    for path in candidates:
+        try:
+            obj = scan_file(path)
+        except Exception:  # noqa: BLE001 - an unreadable or damaged file beside the series is not of it
+            continue
+        if obj is not None and obj.is_image and obj.series_instance_uid == uid and (
+                not dicom.get("volume") or any(volume_label(f.key) == dicom["volume"] for f in obj.frames)):
+            added.append(path)
     if not added:
         return None
     shown = ", ".join(str(f.relative_to(root)) for f in added[:3]) + (", ..." if len(added) > 3 else "")

@@ -396,6 +396,43 @@ def test_compressed_series_decode_to_the_same_volume(tmp_path: Path, syntax) -> 
     assert store.meta.geometry.dicom.transfer_syntax_uid == syntax
 
 
+def test_one_series_split_across_two_folders_given_together_is_one_whole_input(tmp_path: Path) -> None:
+    """Slices 1-3 in one folder and 4-6 in another, both named: two inputs had come out, the first half segmented
+    and reported ok (half the volume) and the second refused as "the same series in two places".  The halves are
+    now one input, equal to the whole folder's; a part holding every slice of the others is the series, named
+    first; a slice cut short in a part refuses the joined series naming it."""
+    import shutil
+
+    from flows.inputs import expand, output_clashes
+
+    data = _data((6, 5, 7))
+    paths = samples.write_ct_series(tmp_path / "whole", data)
+    for k, path in enumerate(paths):
+        (tmp_path / ("p1" if k < 3 else "p2")).mkdir(exist_ok=True)
+        shutil.copy(path, tmp_path / ("p1" if k < 3 else "p2") / path.name)
+    items, failed = expand([str(tmp_path / "p1"), str(tmp_path / "p2")])
+    assert failed == [] and len(items) == 1
+    [joined] = items
+    assert sorted(f.name for f in joined.files) == [p.name for p in paths]
+    store = ingest_dicom(joined, tmp_path / "joined.zarr", chunk=4)
+    whole = ingest_dicom(_only([tmp_path / "whole"]), tmp_path / "whole.zarr", chunk=4)
+    np.testing.assert_array_equal(np.asarray(store.image), np.asarray(whole.image))
+    assert store.meta.geometry.affine == whole.meta.geometry.affine
+
+    # a half and the whole series: the whole is the input (first), the half refused as a copy of it
+    items, failed = expand([str(tmp_path / "p1"), str(tmp_path / "whole")])
+    assert failed == [] and [len(i.files) for i in items] == [6, 3]
+    assert list(output_clashes(items)) == [1]
+
+    # a slice cut short in one half joins the series, which ingest then refuses naming it (as in one folder)
+    cut = tmp_path / "p2" / paths[4].name
+    cut.write_bytes(cut.read_bytes()[:400])
+    items, failed = expand([str(tmp_path / "p1"), str(tmp_path / "p2")])
+    assert failed == [] and len(items) == 1 and cut in items[0].files and len(items[0].files) == 6
+    with pytest.raises(CorruptInputError, match=paths[4].name):
+        ingest_dicom(items[0], tmp_path / "cut.zarr", chunk=4)
+
+
 def test_one_series_in_two_folders_is_told_to_be_given_once_not_renamed(tmp_path: Path) -> None:
     """A DICOM series copied into two folders: the second was told to "rename one of them", which a series'
     outputs (named by its number, description and UID) cannot be."""

@@ -97,6 +97,22 @@ def test_a_slice_file_cut_short_refuses_its_series_naming_it(tmp_path: Path, whi
     assert ingest_dicom(other, tmp_path / "b.zarr").image.shape == (1, 3, 4, 4)
 
 
+def test_a_last_slice_cut_anywhere_in_its_header_refuses_the_series(tmp_path: Path) -> None:
+    """Cut inside its file meta (400 bytes: the SOP class UID left as '1.2.840.10008.'), the file parsed as a DICOM
+    object of no image class and was skipped as "not an image": the series was segmented one slice short, with no
+    gap to show it.  Every cut from just past 'DICM' to past the header now refuses the series naming the file."""
+    paths = samples.write_ct_series(tmp_path / "in", _data((5, 4, 4)))
+    whole = paths[-1].read_bytes()
+    header = len(whole) - 4 * 4 * 2  # the pixels are the last 32 bytes
+    for size in range(140, header, 20):
+        paths[-1].write_bytes(whole[:size])
+        ref = _only([tmp_path / "in"])
+        assert paths[-1] in ref.files, size
+        with pytest.raises((CorruptInputError, InvalidInputError), match=r"IM0005\.dcm"):
+            ingest_dicom(ref, tmp_path / f"cut{size}.zarr")
+        assert not (tmp_path / f"cut{size}.zarr").exists()
+
+
 def test_a_cut_file_that_still_names_its_series_joins_it(tmp_path: Path) -> None:
     """Cut after SeriesInstanceUID but before Rows: it joins its own series, not the other one in the folder."""
     mine = samples.write_ct_series(tmp_path / "in", _data((4, 4, 4)), name_prefix="A")

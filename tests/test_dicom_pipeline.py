@@ -181,6 +181,19 @@ def test_verify_checks_every_file_of_the_series(run):
             in " ".join(result.output.split()), result.output
     finally:
         added.unlink()
+    # ...and in a folder below the one segmented, which a rerun searches too (verify had looked only beside the
+    # recorded files, and passed)
+    deeper = folder / "axial" / "later" / "zz_deeper.dcm"
+    deeper.parent.mkdir()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(deeper)
+    try:
+        result = CliRunner().invoke(app, ["verify", str(nifti)])
+        assert result.exit_code == 1 and "has 1 file(s) of it that the record does not list " \
+            "(axial/later/zz_deeper.dcm)" in " ".join(result.output.split()), result.output
+    finally:
+        deeper.unlink()
+        deeper.parent.rmdir()
     assert CliRunner().invoke(app, ["verify", str(nifti)]).exit_code == 0
 
 
