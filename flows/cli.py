@@ -11,11 +11,18 @@ module only sets the quiet defaults and registers them, in the order
 from __future__ import annotations
 
 import os
+import warnings
 
 # Quiet, offline-friendly defaults, set before Prefect is imported; the user's environment wins.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# pydicom warns of each non-conforming value it reads (a 300-character SeriesDescription, an IS of '..') with a
+# UserWarning from pydicom.valuerep that names neither the file nor anything to do, above segflow's own lines: the
+# values are read as they are, and what matters segflow reports itself.  Worker processes get it by the environment.
+_PYDICOM_VALUES = "ignore::UserWarning:pydicom.valuerep"
+os.environ.setdefault("PYTHONWARNINGS", _PYDICOM_VALUES)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.valuerep")
 
 
 def _writable_homes() -> None:
