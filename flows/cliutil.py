@@ -76,6 +76,10 @@ def finish(code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+# option fields whose flag is not their name with dashes
+FLAGS = {"flip_tta": "--tta"}
+
+
 def options(**fields: object) -> "SegmentOptions":
     """Validate run options at the edge; a bad one is a one-line error and exit 2."""
     from flows.config import SegmentOptions
@@ -85,8 +89,8 @@ def options(**fields: object) -> "SegmentOptions":
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(map(str, first["loc"]))
-        # the flag as the user typed it (--simplify), not the field's name (simplify, output_grid)
-        flag = f"--{field.replace('_', '-')}" if field in fields else field
+        # the flag as the user typed it (--simplify), not the field's name (simplify, output_grid); flip_tta is --tta
+        flag = FLAGS.get(field) or f"--{field.replace('_', '-')}" if field in fields else field
         fail(f"invalid {flag}: {first['msg']}")
 
 

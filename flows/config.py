@@ -70,7 +70,7 @@ class SegmentOptions(BaseModel):
     @classmethod
     def _flips(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (len(set(v)) != len(v) or any(a < 0 or a > 2 for a in v)):
-            raise ValueError("flip_tta lists distinct spatial axes 0, 1 or 2")
+            raise ValueError("the axes to mirror must be distinct spatial axes: 0, 1 or 2")
         return None if v is None else sorted(v)  # 1,0 is 0,1: one run identity, one provenance, resumable
 
     @field_validator("roi")

@@ -144,7 +144,9 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         done = journal.done()
         partial_state = "resumed"
         say(f"{store.meta.source.path}: resuming an interrupted run, {len(done)} of "
-             f"{len(plan.chunk_indexes)} chunks already done", logging.INFO)
+            f"{len(plan.chunk_indexes)} chunks already done" if done else
+            f"{store.meta.source.path}: an interrupted run had finished no chunk; all {len(plan.chunk_indexes)} are "
+            "computed now", logging.INFO)
     else:
         partial_state = "new"
         if stale:

@@ -25,6 +25,7 @@ from rasterio.enums import MaskFlags, WktVersion
 from rasterio.io import DatasetReader
 
 from storage.bandcover import PARTIAL_ATTR, BandCover, PartialNodata, needs_mask, stack_valid
+from storage.deflatecheck import DeflateBlocks
 from storage.errors import CorruptInputError, InputError, InvalidInputError
 from storage.geometry import RasterGeometry, SourceInfo
 from storage.hashing import sha256_input
@@ -192,9 +193,16 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
             mask[ys, xs] = valid
 
     pending: deque[Future] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segflow-ingest") as writer:
+    blocks = DeflateBlocks.of(src, path, bands)  # deflate checksums, which GDAL does not check, beside the reads
+    checks: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segflow-ingest") as writer, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="segflow-deflate") as checker:
         try:
             for win in grid_windows(src.height, src.width, image.chunks[1], image.chunks[2]):
+                if blocks is not None:
+                    checks.append(checker.submit(blocks.inflate, blocks.blocks_of(win)))
+                while checks and checks[0].done():
+                    checks.popleft().result()  # a damaged block stops the copy here
                 try:
                     data = read_bands(src, bands, dtype, window=win)
                     if covers is not None:
@@ -205,6 +213,8 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
                             src.read(alpha, window=win) > 0 if alpha is not None else \
                             src.dataset_mask(window=win) > 0
                 except GDAL_ERRORS as exc:
+                    while checks:  # a block's checksum says more than GDAL's decoder error, and says it every time
+                        checks.popleft().result()
                     raise CorruptInputError(path, f"cannot read pixels ({describe_window(win)}): "
                                                   f"{gdal_message(exc)}") from None
                 if floating:
@@ -219,11 +229,15 @@ def _copy_windows(src: DatasetReader, store: ImageStore, bands: list[int], dtype
                     pending.popleft().result()  # a failed write stops the copy here
             while pending:
                 pending.popleft().result()
+            while checks:
+                checks.popleft().result()
             if partial is not None:
                 store.group.attrs[PARTIAL_ATTR] = partial.found
         finally:
-            for future in pending:  # a read failed: queued writes go (the exit waits for a running one)
+            for future in (*pending, *checks):  # a read failed: queued work goes (the exit waits for a running one)
                 future.cancel()
+            if blocks is not None:
+                blocks.close()
     return any_invalid
 
 

@@ -187,6 +187,21 @@ def corrupt_tif(folder: Path) -> Path:
     return path
 
 
+def bitflip_deflate_tif(folder: Path) -> Path:
+    """Two bytes flipped near the end of a deflate tile: GDAL decodes 19 wrong pixels without an error (libtiff
+    never reaches the zlib checksum), and the scene had been segmented and reported done."""
+    pixels = _scene_pixels(4)
+    path = _raster(folder / "bitflip.tif", pixels, tiled=True, blockxsize=32, blockysize=32, compress="deflate")
+    blob = bytearray(path.read_bytes())
+    start, size = _tiff_tag(blob, 324)[5], _tiff_tag(blob, 325)[5]
+    at = start + size - 40
+    blob[at:at + 2] = bytes(b ^ 0xFF for b in blob[at:at + 2])
+    path.write_bytes(bytes(blob))
+    with rasterio.open(path) as ds:  # the case this is: GDAL reads it without a word, and the pixels are wrong
+        assert (ds.read() != pixels).any()
+    return path
+
+
 def empty_tif(folder: Path) -> Path:
     path = folder / "empty.tif"
     path.write_bytes(b"")
@@ -576,7 +591,10 @@ INPUT_CASES: list[Case] = [
     Case("no-crs", "GeoTIFF with a geotransform but no CRS", "2d", no_crs, ok=True),
     # 2D model
     Case("truncated-tif", "GeoTIFF cut to a third of its bytes", "2d", truncated_tif, "damaged GeoTIFF/VRT"),
-    Case("corrupt-tif", "valid header, garbage in the compressed tiles", "2d", corrupt_tif, "cannot read pixels"),
+    Case("corrupt-tif", "valid header, garbage in the compressed tiles", "2d", corrupt_tif,
+         "its deflate-compressed block at rows 0-31, cols 0-31 is damaged"),
+    Case("bitflip-deflate-tif", "four bytes flipped in a deflate tile, which GDAL decodes without an error", "2d",
+         bitflip_deflate_tif, "its deflate-compressed block at rows 32-63, cols 64-95 is damaged"),
     Case("vrt-missing-source", "a VRT whose source GeoTIFF is gone", "2d", vrt_missing_source,
          "its source file _vrt_source.tif is missing"),
     Case("vrt-raw-band-elsewhere", "a VRT whose raw bands read /etc/passwd", "2d", vrt_raw_band_elsewhere,

@@ -222,7 +222,10 @@ def test_options_that_read_as_nothing_and_a_missing_gpu_are_one_line(model2d, tm
     scene = small_scene(tmp_path / "scene.tif")
     cases = [(("--tta", "x"), "cannot read numbers from 'x'"), (("--roi", ","), "cannot read numbers from ','"),
              # named by its flag, not the field (it had said "invalid option output_grid")
-             (("--output-grid", "foo"), "invalid --output-grid: Input should be 'input' or 'model'")]
+             (("--output-grid", "foo"), "invalid --output-grid: Input should be 'input' or 'model'"),
+             # the flag is --tta, the field flip_tta (it had said "invalid --flip-tta")
+             (("--tta", "5"), "invalid --tta: Value error, the axes to mirror must be distinct spatial axes: "
+                               "0, 1 or 2")]
     if not torch.cuda.is_available():
         cases.append((("--device", "cuda"), "device 'cuda' asked for, but "))
     for args, problem in cases:

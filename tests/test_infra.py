@@ -124,6 +124,8 @@ def test_compose_prefect_server_uses_postgres_and_the_worker_finds_the_server(co
     assert pools == {_option(worker_cmd, "--pool")}
     deploy = " ".join(_command(services["deploy"]))
     assert "prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml" in deploy
+    # the zombie-run automation (infra/README.md, section 3), which a compose set-up had never created
+    assert deploy.index("prefect.yaml && python -m flows.zombies") > deploy.index("deploy --all")
     assert services["deploy"]["working_dir"] == "/opt/segflow"  # where infra/Dockerfile puts the code
     # no pull step: without `pull: []`, `prefect deploy` from a laptop recorded the laptop's folder as every run's
     # working directory, which a worker pod does not have
