@@ -128,8 +128,9 @@ class WindowPredictor:
     """Blended class probabilities (softmax, float32, weighted) over the windows of a region.
 
     ``exact`` runs fp32; ``fast`` runs fp16 AMP on CUDA, and bf16 autocast on a
-    CPU with bf16 instructions (fp32 on one without: segmentation.precision).  Channels-last is used where it measured faster (convolutions on
-    both CPU/oneDNN and CUDA/cuDNN).
+    CPU with bf16 instructions (fp32 on one without: segmentation.precision).
+    Channels-last is used where it measured faster (convolutions on both
+    CPU/oneDNN and CUDA/cuDNN).
     """
 
     def __init__(self, module: nn.Module, *, spatial_dims: int, num_classes: int,

@@ -75,5 +75,5 @@ class DeflateBlocks:
                 rows, cols = self.block
                 where = f"band {band}, " if band != 1 or len(self.bands) > 1 else ""
                 last_row, last_col = min((y + 1) * rows, self.src.height) - 1, min((x + 1) * cols, self.src.width) - 1
-                raise CorruptInputError(self.path, f"its deflate-compressed block at {where}rows {y * rows}-{last_row}, "
-                                                   f"cols {x * cols}-{last_col} is damaged: {exc}") from None
+                raise CorruptInputError(self.path, f"its deflate-compressed block at {where}rows {y * rows}-"
+                                                   f"{last_row}, cols {x * cols}-{last_col} is damaged: {exc}") from None

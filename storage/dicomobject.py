@@ -232,9 +232,7 @@ def _describe_object(path: Path, ds: Dataset, pixel_tag: str | None, size: int) 
     sop_class = str(ds.get("SOPClassUID", meta.get("MediaStorageSOPClassUID", "")))
     is_image = sop_class not in NOT_IMAGES and "Rows" in ds and "Columns" in ds
     damaged = not is_image and sop_class not in NOT_IMAGES and (_is_image_class(sop_class) or pixel_tag is not None)
-    # cut short inside its header: every DICOM object's dataset has a SOPInstanceUID (type 1), and one cut in its
-    # file meta (its SOP class UID cut to '1.2.840.10008.') had been skipped as "not an image", its series
-    # segmented one slice short
+    # cut inside its header (every dataset has a SOPInstanceUID): skipped as "not an image", its series had lost it
     headless = not is_image and sop_class not in NOT_IMAGES and "SOPInstanceUID" not in ds
     frames_declared = _int(ds.get("NumberOfFrames")) or 1
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
