@@ -23,6 +23,18 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 
 
+def _bf16_hardware() -> str:
+    """" with AMX", " with AVX-512 BF16" or " without bf16 instructions": three Xeons and an EPYC with one model name
+    ran these benchmarks, and `fast` computes in bf16 only on the first two (segmentation/precision.py)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return ""
+    return " with AMX" if "amx_bf16" in flags else " with AVX-512 BF16" if "avx512_bf16" in flags else \
+        " with BF16" if "bf16" in flags else " without bf16 instructions"
+
+
 def machine() -> str:
     """One line naming what ran the benchmark: CPU or GPU, cores, torch."""
     cpu = platform.processor() or platform.machine()
@@ -33,7 +45,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    parts = [f"{cpu}, {os.cpu_count()} cores"]
+    parts = [f"{cpu}{_bf16_hardware()}, {os.cpu_count()} cores"]
     try:
         import torch
 
