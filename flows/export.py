@@ -110,7 +110,8 @@ def qgis_styles(cogs: list[Path], classes: Any, created: list[Path], beside: Pat
         style = qgis_style_path(cog)
         final = style if beside is None else Path(beside) / style.name
         if final.exists() or final.is_symlink():
-            say(f"{final}: kept, a QGIS style segflow did not write; no style of its own written", logging.INFO)
+            say(f"{final}: kept, a QGIS style already there (the user's own, or an earlier run's changed since); "
+                "no style of its own written", logging.INFO)
         else:
             created.append(write_qgis_style(cog, classes))
             written.append(created[-1])
