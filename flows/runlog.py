@@ -230,6 +230,22 @@ def _temporary_server_kept_quiet() -> Iterator[None]:
 
 
 SETTINGS_PATH = "PREFECT_LOGGING_SETTINGS_PATH"
+SETTINGS_SUFFIX = ".server-logging.yml"
+
+
+def _prune_settings(folder: Path) -> None:
+    """Remove the server logging settings a killed run left (``kill -9`` skips the ``finally`` that removes them):
+    those whose run's process (the pid in ``<command>-<time>-<pid>.log``) is gone."""
+    for stale in folder.glob(f"*.log{SETTINGS_SUFFIX}"):
+        pid = stale.name[: -len(f".log{SETTINGS_SUFFIX}")].rpartition("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (PermissionError, OSError):  # another user's live process, or not ours to judge
+            continue
 
 
 @contextmanager
@@ -256,7 +272,8 @@ def _server_logs_to(path: Path) -> Iterator[None]:
     for name in ("prefect.server", "uvicorn", "fastapi"):  # the server's own loggers, and its web framework's
         config["loggers"][name] = {**config["loggers"].get(name, {}), "handlers": ["segflow_run_log"],
                                    "propagate": False}
-    settings = path.with_name(path.name + ".server-logging.yml")
+    settings = path.with_name(path.name + SETTINGS_SUFFIX)
+    _prune_settings(path.parent)
     try:
         settings.write_text(yaml.safe_dump(config), encoding="utf-8")
     except OSError:  # no writable log folder (said once already): the server logs as Prefect has it

@@ -432,6 +432,15 @@ def test_prefects_temporary_server_logs_to_the_run_log_not_the_terminal(models, 
     inbox, logs = tmp_path / "inbox", tmp_path / "logs"
     inbox.mkdir()
     samples.make_scene(inbox / "a.tif", size=(48, 48), seed=9, nodata_margin=4)[1].unlink()
+    # a run killed with SIGKILL left its settings (the finally that removes them never ran): the next run removes
+    # them; a live run's (this process's pid) are left alone
+    logs.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = logs / f"nightly-20261201T000000-{gone.pid}.log.server-logging.yml"
+    live = logs / f"nightly-20261201T000001-{os.getpid()}.log.server-logging.yml"
+    stale.write_text("version: 1\n")
+    live.write_text("version: 1\n")
     env = {**os.environ, "PREFECT_SERVER_LOGGING_LEVEL": "DEBUG", "SEGFLOW_LOG_DIR": str(logs)}
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_LOGGING_SETTINGS_PATH", None)
@@ -442,7 +451,8 @@ def test_prefects_temporary_server_logs_to_the_run_log_not_the_terminal(models, 
     assert "prefect.server" not in proc.stderr + proc.stdout and "uvicorn" not in proc.stderr + proc.stdout
     [log] = logs.glob("nightly-*.log")
     assert "prefect.server" in log.read_text() and "uvicorn" in log.read_text()
-    assert not list(logs.glob("*.yml"))  # the server's logging settings, removed with the run
+    # the server's logging settings, removed with the run; the killed run's too, the live one's kept
+    assert [p.name for p in logs.glob("*.yml")] == [live.name]
 
 
 def test_a_manifest_naming_a_file_twice_says_so(models, tmp_path, dask_cluster):
