@@ -24,7 +24,7 @@ from typing import Any, Callable, Collection, Union
 
 from flows.progress import say
 from storage.channelfiles import ChannelFiles, group_channel_files, is_channel_store
-from storage.dicomfiles import SeriesRef, find_series, is_dicom_input, join_split_series
+from storage.dicomfiles import SeriesRef, damaged_files, find_series, is_dicom_input, join_split_series
 from storage.errors import SegflowError, StoreError
 from storage.hashing import sha256_input
 from storage.ingest import ingest
@@ -134,10 +134,19 @@ def output_clashes(items: list[Expanded], usable: Callable[[Expanded], bool] | N
             advice = "segment one of them into another --out (an item's outputs are named after its id)" \
                 if isinstance(item, str) and named_by_id(item) else \
                 "the same DICOM series in two places: give one of them, or segment the other into another --out" \
-                if isinstance(item, SeriesRef) else "rename one of them"
+                + _damage_note(item) if isinstance(item, SeriesRef) else "rename one of them"
             clashes[i] = (f"{label}: its outputs would overwrite those of {first[stem]} (the same name stem "
                           f"{stem!r}); {advice}")
     return clashes
+
+
+def _damage_note(ref: SeriesRef) -> str:
+    """A refused copy's damaged slices, named: a truncated file in a copy of a study had gone unmentioned."""
+    damaged = damaged_files(ref)
+    if not damaged:
+        return ""
+    names = ", ".join(p.name for p in damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+    return f" (this copy also has {len(damaged)} damaged file(s): {names})"
 
 
 OUTPUT_SUFFIXES = (".tif", ".nii.gz", ".zarr", ".provenance.json", ".stac.json", ".probabilities.tif",

@@ -33,7 +33,8 @@ from storage.errors import CorruptInputError, InputError, InvalidInputError, Seg
 from storage.hashing import sha256_input
 from storage.inputfiles import check_readable_file
 
-__all__ = ["DicomObject", "Frame", "SeriesRef", "class_name", "find_series", "fmt_numbers", "frame_name",
+__all__ = ["DicomObject", "Frame", "SeriesRef", "class_name", "damaged_files", "find_series", "fmt_numbers",
+           "frame_name",
            "is_dicom_input", "join_split_series", "scan_file", "shared_instance", "syntax_name", "volume_label", "walk",
            "why"]
 
@@ -236,6 +237,20 @@ def join_split_series(parts: Sequence[Sequence[Any]]) -> tuple[list[list[Any]], 
             out[i0][j0] = joined[0]
             drop.update(where[1:])
     return [[x for j, x in enumerate(part) if (i, j) not in drop] for i, part in enumerate(out)], failed
+
+
+def damaged_files(ref: SeriesRef) -> list[Path]:
+    """The files of a volume cut short or unreadable (headers are cached): a copy refused as "the same series in
+    two places" names them, or the damage would go unsaid."""
+    out = []
+    for path in ref.files:
+        try:
+            obj = scan_file(path) or unreadable(path)
+        except (OSError, SegflowError):
+            obj = None
+        if obj is None or obj.damage is not None:
+            out.append(path)
+    return out
 
 
 def _instances(ref: SeriesRef) -> set[str]:

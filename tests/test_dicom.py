@@ -447,3 +447,9 @@ def test_one_series_in_two_folders_is_told_to_be_given_once_not_renamed(tmp_path
         f"{refs[1].display}: its outputs would overwrite those of {refs[0].display} (the same name stem "
         f"{refs[0].name!r}); the same DICOM series in two places: give one of them, or segment the other into "
         "another --out")}
+    # a copy with a slice cut short: refused as a copy, and its damaged file named (it had gone unsaid)
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    cut = sorted((tmp_path / "c").iterdir())[1]
+    samples.truncate(cut)
+    refs.append(_only([tmp_path / "c"]))
+    assert output_clashes(refs)[2].endswith(f"another --out (this copy also has 1 damaged file(s): {cut.name})")
