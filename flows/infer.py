@@ -71,7 +71,8 @@ def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) 
         "chunks": [c[0] for c in plan.chunks],
         # what `fast` computes in here (fp32 on a CPU without bf16 instructions): in the identity, so a run resumed
         # on another kind of CPU never mixes its chunks with the first one's
-        "compute": precision.describe(options.precision, device_name(options.device).split(":")[0].split()[0],
+        "compute": precision.describe(options.precision,
+                                      "cuda" if device_name(options.device).startswith("cuda") else "cpu",
                                       getattr(predictor, "cpu_dtype", None)),
     }
 

@@ -306,7 +306,7 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             # under bf16 a small network's gradients may turn NaN at a loss of 1.3, which no lower lr mends
-            reduced = not isinstance(autocast, contextlib.nullcontext)
+            reduced = compute != "float32"
             hint = ("train in fp32 with precision 'exact' (--precision exact), or try a lower lr"
                     if reduced else "try a lower lr")
             raise ConfigError(None, f"training diverged at step {step} (loss {losses[-1]}"

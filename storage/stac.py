@@ -41,6 +41,7 @@ from stac_model.schema import MLModelExtension, MLModelProperties
 from storage.atomic import write_text_atomically
 from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
+from storage.header import linear_unit_metres
 from storage.inputfiles import stem_of
 from storage.remote import is_url
 
@@ -151,18 +152,13 @@ def _grid(label_cog: Path) -> tuple[Any, Any, tuple[int, int], tuple[float, floa
     return crs, transform, shape, bounds  # type: ignore[return-value]
 
 
-def _pixel_metres(crs: Any, transform: Any) -> float | None:
-    """A raster's own ground sample distance: its square pixel's side in a projected CRS in metres (None for
-    degrees, other units or rectangular pixels)."""
-    if crs is None or not crs.is_projected or abs(abs(transform.a) - abs(transform.e)) > 1e-9 * abs(transform.a):
-        return None
-    units = (crs.linear_units or "").lower()
-    return float(abs(transform.a)) if units in ("metre", "meter", "m", "metres", "meters") else None
-
-
 def _gsd_field(crs: Any, transform: Any) -> dict[str, float]:
-    own = _pixel_metres(crs, transform)
-    return {} if own is None else {"gsd": own}
+    """A raster's own ground sample distance, its square pixel's side in metres (none for degrees or rectangular
+    pixels), as an asset's ``gsd`` field."""
+    metres = None if crs is None else linear_unit_metres(crs)
+    if metres is None or abs(abs(transform.a) - abs(transform.e)) > 1e-9 * abs(transform.a):
+        return {}
+    return {"gsd": float(abs(transform.a)) * metres}
 
 
 def _band_facts(cog: Path) -> list[dict[str, Any]]:
