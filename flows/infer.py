@@ -183,9 +183,10 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     futures = client.compute(writes + [plan.counts(only=todo)])
     model_futures = client.compute(model_writes) if model_writes else []
     key = f"infer:{target.name}"
-    shares = window_shares(plan)
-    # a resumed run counts the windows it evaluates: its last line had said all of them, at a rate never run
-    left = sum(n for idx, n in shares.items() if idx not in done)
+    # a resumed run counts the windows it evaluates: its last line had said all of them, at a rate never run, and
+    # then the finished chunks' windows only, though their owners shared with the chunks left run again
+    shares = window_shares(plan, only=todo if done else None)
+    left = sum(shares.values())
     # a name with a newline or an escape sequence had forged lines and coloured the terminal
     reporter().start(key, f"segment {printable(input_name)}" + (" (resumed)" if done else ""), total=left,
                      unit="windows")

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 PLAIN_EVERY_S = 10.0  # seconds between a plain reporter's lines for one step
 
@@ -220,17 +220,36 @@ def say(text: str, level: int) -> None:
         logging.getLogger("segflow").log(level, text)
 
 
-def window_shares(plan: Any) -> dict[Any, int]:
-    """Windows to count as done when each output chunk is written, adding up to the plan's windows.
+def window_shares(plan: Any, only: Sequence[Any] | None = None) -> dict[Any, int]:
+    """Windows to count as done when each output chunk is written, adding up to the windows the run computes.
 
     A stitched chunk owns its windows (:meth:`StitchPlan.owned_windows`); a
     model-space plan's chunks lie on the input's grid, so its windows are
     shared out evenly over them. Progress then reads in windows per second,
-    the unit a user can compare with the model's own speed.
+    the unit a user can compare with the model's own speed. A resumed run
+    writes only the chunks ``only``, and evaluates again the windows of
+    finished chunks that these need (``plan.needed_windows``): their shares
+    add up to that, the report's windows evaluated and skipped, so the
+    console's count and rate are those of the work done.
     """
     indexes = list(plan.chunk_indexes)
     owned = getattr(plan, "owned_windows", None)
-    if owned is not None:
-        return {idx: owned(idx) for idx in indexes}
-    total, n = plan.num_windows, max(1, len(indexes))
-    return {idx: (k + 1) * total // n - k * total // n for k, idx in enumerate(indexes)}
+    weights = {idx: owned(idx) for idx in indexes} if owned is not None else {idx: 1 for idx in indexes}
+    total = plan.num_windows
+    if only is not None:
+        weights = {idx: weights[idx] for idx in only}
+        total = plan.needed_windows(only)
+    return spread(total, weights)
+
+
+def spread(total: int, weights: dict[Any, int]) -> dict[Any, int]:
+    """``total`` cut into whole shares in proportion to ``weights`` (evenly where they are all 0), adding up."""
+    keys = list(weights)
+    if not keys:
+        return {}
+    w = [weights[k] for k in keys] if any(weights.values()) else [1] * len(keys)
+    whole, edges, run = sum(w), [], 0
+    for x in w:
+        run += x
+        edges.append(total * run // whole)
+    return {k: b - a for k, a, b in zip(keys, [0, *edges[:-1]], edges)}

@@ -180,6 +180,10 @@ class ModelSpacePlan:
             return self.stitch.counts()
         return self.stitch.counts(only=self.model_chunks_for(only))
 
+    def needed_windows(self, only: Sequence[tuple[int, ...]]) -> int:
+        """Model-grid windows that the input-grid chunks ``only`` need evaluated (see :meth:`counts`)."""
+        return self.stitch.needed_windows(self.model_chunks_for(only))
+
     def model_chunks_for(self, only: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """The model-space output chunks whose probabilities the input-grid chunks ``only`` read."""
         mode = self._mode

@@ -383,6 +383,12 @@ class StitchPlan:
         """How many grid windows output chunk ``index`` owns: over every chunk they add up to :attr:`num_windows`."""
         return int(np.prod([len(a.owned[i]) for a, i in zip(self.axes, index)]))
 
+    def needed_windows(self, only: Sequence[tuple[int, ...]]) -> int:
+        """Grid windows (evaluated or skipped) that writing the chunks ``only`` runs: what :meth:`counts` of
+        them will add up to, known before the run, so a resumed run's progress counts what it computes."""
+        owners = {o for idx in only for o in self._sources[tuple(idx)]}
+        return sum(self.owned_windows(o) for o in owners)
+
     def counts(self, only: Sequence[tuple[int, ...]] | None = None) -> Delayed:
         """Delayed {windows_evaluated, windows_skipped}: of the whole image, or of the evaluate tasks that
         the chunks ``only`` lists need.

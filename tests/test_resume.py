@@ -153,8 +153,10 @@ def test_sigkill_mid_run_then_rerun_writes_only_unfinished_chunks_byte_identical
     assert f"{done} of {CHUNKS} chunks already done" in stderr
     # its progress counts the windows of the chunks it had left (it had said all of them, at a rate never run)
     [line] = [x for x in stderr.splitlines() if x.startswith("segment scene (resumed): ")]
+    # and those are the windows it ran for the chunks left, owners shared with finished chunks included, as its
+    # report says (it had counted the finished chunks' own windows only: fewer, at a rate never run)
     counted = int(line.split(": ")[1].split()[0])
-    assert 0 < counted < reference["statistics"]["windows_total"], line
+    assert 0 < counted == stats["windows_evaluated"] + stats["windows_skipped"], (line, stats)
     assert stats["label_pixels"] == reference["statistics"]["label_pixels"]
 
     # the outputs are byte-identical to the uninterrupted run's; the provenance differs in run fields only
@@ -644,6 +646,8 @@ def test_sigkill_of_a_raster_model_space_run_resumes_byte_identical(scene, tmp_p
     assert stats["partial_store"] == "resumed" and stats["ingest_reused"] is True
     assert stats["chunks_resumed"] == done and stats["chunks_written"] == CHUNKS - done
     assert stats["model_image"] == "warped by the windows' reads"  # no model-space store to leave behind
+    [line] = [x for x in stderr.splitlines() if x.startswith("segment scene (resumed): ")]
+    assert int(line.split(": ")[1].split()[0]) == stats["windows_evaluated"] + stats["windows_skipped"], line
     assert stats["label_pixels"] == reference["statistics"]["label_pixels"]
     assert (out / "scene.tif").read_bytes() == (tmp_path / "ref" / "scene.tif").read_bytes()
     assert _tree(out / "scene.zarr") == _tree(tmp_path / "ref" / "scene.zarr")
@@ -909,3 +913,13 @@ def test_a_qgis_style_of_the_users_is_kept_by_a_rerun(scene, tmp_path):
     rc, _, err = _segment(image, model.path, out, logs=tmp_path / "c")  # and again: still the user's
     assert rc == 0 and (out / "scene.qml").read_text() == "<qgis><!-- the user's style --></qgis>", err
     assert not [p.name for p in out.iterdir() if p.name.startswith(".scene.")]
+
+
+def test_progress_shares_add_up_to_the_windows_a_run_computes():
+    """The console's count is the sum of these shares: it must equal the report's windows, whatever the split."""
+    from flows.progress import spread
+
+    assert spread(49, {"a": 9, "b": 3, "c": 3, "d": 1}) == {"a": 27, "b": 9, "c": 9, "d": 4}
+    assert spread(16, {"a": 16}) == {"a": 16} and spread(5, {}) == {}
+    assert spread(7, {"a": 0, "b": 0, "c": 0}) == {"a": 2, "b": 2, "c": 3}  # no weight: evenly
+    assert sum(spread(1000, {i: (i * 7) % 5 for i in range(37)}).values()) == 1000
