@@ -232,7 +232,7 @@ def input_lock(out_dir: str, stem: str, label: str) -> Iterator[tuple[str | None
     try:
         holder = lock.acquire(input=label)
     except OSError as exc:
-        raise ExportError(lock.path, f"cannot take the input's lock: {exc.strerror or exc}") from None
+        raise ExportError(label, f"cannot take its lock {lock.path}: {exc.strerror or exc}") from None
     if holder is not None:
         yield (f"{label}: another run is writing its outputs into {out_dir} ({holder.describe()}); not "
                "processed: run again when it is done"), None

@@ -76,6 +76,14 @@ def _parse_time(text: Any) -> float | None:
         return None
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data``: a write that meets a full disk or a file size limit stores what fits and says nothing,
+    which had taken a lock with half its document; the next write raises."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _proc_stat(pid: int) -> list[str] | None:
     """The fields of /proc/<pid>/stat after the command name (Linux), or None."""
     try:
@@ -191,6 +199,10 @@ class InputLock:
                 pass
             except FileNotFoundError:  # the folder was removed by a releasing run: make it again
                 continue
+            except OSError:  # a full disk, a read-only folder: the folder this made was left behind, empty
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+                raise
             seen = self._read()
             if seen is None:  # released meanwhile
                 continue
@@ -212,7 +224,7 @@ class InputLock:
         tmp = self.folder / f".{self.path.name}.{self.token}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.write(fd, data)
+            _write_all(fd, data)
             os.fsync(fd)
             try:
                 os.link(tmp, self.path)  # fails when the lock exists: the atomic test-and-set
@@ -233,7 +245,7 @@ class InputLock:
 
     def _create_excl(self, tmp_fd: int, data: bytes) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, data)
+        _write_all(fd, data)
         os.fsync(fd)
         os.dup2(fd, tmp_fd)  # keep one descriptor: the lock's own file
         os.close(fd)

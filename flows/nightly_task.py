@@ -84,7 +84,7 @@ def segment_input(item: Expanded, name: str, batch: Batch) -> dict[str, Any]:
     try:
         holder = lock.acquire(input=label)
     except OSError as exc:  # e.g. a read-only output folder (a transient errno is still retried: the chain keeps it)
-        raise ExportError(lock.path, f"cannot take the input's lock: {exc.strerror or exc}") from exc
+        raise ExportError(label, f"cannot take its lock {lock.path}: {exc.strerror or exc}") from exc
     if holder is not None:  # another live run works on it: its outcome is that run's to report
         rep = InputReport(input=label, status="locked", attempts=batch.attempts[label],
                           note=f"in progress in another run ({holder.describe()}); not processed by this run",

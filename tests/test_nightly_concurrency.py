@@ -265,6 +265,33 @@ def test_a_holder_whose_lock_was_taken_over_does_not_release_the_new_one(tmp_pat
     assert not folder.exists()
 
 
+def test_a_lock_that_cannot_be_written_leaves_no_folder_and_names_the_input(tmp_path):
+    """On a full disk `segment` said `OUT/.segflow-locks/scene.lock: cannot take the input's lock` and left an
+    empty `.segflow-locks/` in OUT: the input went unnamed, and a failed run left a folder behind."""
+    import resource
+    import signal
+
+    from flows.batch import input_lock
+    from storage.errors import ExportError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            InputLock(out / locks.LOCKS_DIR, "scene").acquire()
+        assert list(out.iterdir()) == []
+        with pytest.raises(ExportError) as err, input_lock(str(out), "scene", "in/scene.tif"):
+            pass
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old)
+    assert str(err.value).startswith("in/scene.tif: cannot take its lock "), err.value
+    assert "File too large" in str(err.value) and list(out.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- the flow's report
 
 
