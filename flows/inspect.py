@@ -43,7 +43,12 @@ def _zarr(path: Path) -> dict[str, Any]:
 
 
 def _geotiff(path: Path) -> dict[str, Any]:
+    from storage.probe import check_blocks
+
     with without_crs_ok(), open_raster(path) as src:
+        # a file cut short had been shown as sound, and one cut inside its header with no CRS and an identity
+        # transform (its GeoTIFF keys past the cut): refused as `segment` refuses it, from the block table
+        check_blocks(src, path)
         tags = src.tags()
         info: dict[str, Any] = {
             "type": "GeoTIFF", "path": str(path), "width": src.width, "height": src.height, "count": src.count,

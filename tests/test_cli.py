@@ -144,7 +144,18 @@ def test_info_on_damaged_files_is_one_line_naming_the_file(tmp_path):
              volume)
     damaged = {cut: "to count its labels", tmp_path / "text.tif": "not a GeoTIFF or VRT",
                tmp_path / "half.nii.gz": "cannot read the NIfTI header", tmp_path / "r.json": "is not readable JSON",
-               tmp_path / "s.zarr": "not a readable zarr v3 group"}
+               tmp_path / "s.zarr": "not a readable zarr v3 group",
+               # cut short, its header whole: it had been shown as sound (exit 0); cut inside the header: shown with
+               # no CRS and an identity transform, the GeoTIFF keys being past the cut
+               tmp_path / "short.tif": "data is truncated", tmp_path / "headcut.tif": "data is truncated"}
+    whole = tmp_path / "whole.tif"  # its directory first (a tag added later moves it to the end, as on cog)
+    with rasterio.open(whole, "w", driver="GTiff", width=256, height=256, count=4, dtype="uint8", tiled=True,
+                       blockxsize=64, blockysize=64, compress="deflate", crs="EPSG:32633",
+                       transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(np.random.default_rng(1).integers(0, 255, (4, 256, 256), dtype=np.uint8))
+    assert run("info", whole).returncode == 0
+    (tmp_path / "short.tif").write_bytes(whole.read_bytes()[:whole.stat().st_size // 3])
+    (tmp_path / "headcut.tif").write_bytes(whole.read_bytes()[:400])  # opens, its CRS keys cut off
     (tmp_path / "text.tif").write_text("not an image")
     (tmp_path / "half.nii.gz").write_bytes(volume.read_bytes()[:100])
     (tmp_path / "r.json").write_text("{")
