@@ -93,17 +93,22 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
             console.print(f"step {info['step']}: validation mean foreground Dice {mean} (best: step "
                           f"{v['best_step']}); {escape(scores)}", highlight=False, soft_wrap=True)
 
+    notes: list[str] = []  # said as the first step starts: a label file or --out refused had come after them
     if dataset is None and len(image) == 1 and holdout is None:  # nothing to hold out a fraction of
         why = "one image/label pair cannot be split by --val-fraction" if val_fraction else \
             "one image/label pair and no --holdout"
-        console.print(f"no validation: {why}; the weights will be the last step's (--holdout x:0.8 validates on "
-                      "a fifth of the image)", highlight=False, soft_wrap=True)
+        notes.append(f"no validation: {why}; the weights will be the last step's (--holdout x:0.8 validates on "
+                     "a fifth of the image)")
+
+    def on_start() -> None:
+        for text in notes:
+            console.print(text, highlight=False, soft_wrap=True)
     try:
         check_model_out(out, checkpoints=True)
         model_card = read_card(card)
         common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,
-                      augment=Augmentation(intensity=augment_intensity, spatial=augment_spatial))
+                      augment=Augmentation(intensity=augment_intensity, spatial=augment_spatial), on_start=on_start)
         with interrupt_handlers(), cliutil.progress() as progress:  # SIGTERM as Ctrl-C: it had died saying nothing
             task = progress.add_task(f"train {model_card.name}", total=steps)
             if dataset is not None:

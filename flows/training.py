@@ -179,11 +179,12 @@ def _sample(card: ModelCard, image: ImageStore, labels: ImageStore, work: Path) 
 def _run(card: ModelCard, samples: list[TrainingSample], split: Split, out: Path, *, steps: int, batch_size: int,
          lr: float, seed: int, precision: str, patch: Sequence[int] | None, holdout: Holdout | None,
          val_every: int | None, resume: bool, on_step: Callable[[dict], None] | None,
-         augment: Augmentation = Augmentation(), data: str | None = None) -> TrainingResult:
+         augment: Augmentation = Augmentation(), data: str | None = None,
+         on_start: Callable[[], None] | None = None) -> TrainingResult:
     return train(card, [samples[i] for i in split.train], validation=[samples[i] for i in split.val],
                  holdout=holdout, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
                  precision=precision, log=on_step, val_every=val_every,  # type: ignore[arg-type]
-                 checkpoints=out / CHECKPOINTS, resume=resume, augment=augment, data=data)
+                 checkpoints=out / CHECKPOINTS, resume=resume, augment=augment, data=data, on_start=on_start)
 
 
 def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: Path, *, steps: int,
@@ -191,12 +192,14 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
                      patch: Sequence[int] | None = None, on_step: Callable[[dict], None] | None = None,
                      val_fraction: float = 0.0, val_every: int | None = None,
                      holdout: str | Holdout | None = None, resume: bool = False,
-                     augment: Augmentation = Augmentation(), say: Callable[[str], None] | None = None) -> LoadedModel:
+                     augment: Augmentation = Augmentation(), say: Callable[[str], None] | None = None,
+                     on_start: Callable[[], None] | None = None) -> LoadedModel:
     """Ingest each (image, labels) pair out-of-core, train, and write a model directory at ``out``.
 
     No validation by default (``segflow train`` asks for ``val_fraction=0.2``);
     with ``holdout`` (e.g. "x:0.5") every pair trains on one part and
-    validates on the other.
+    validates on the other.  ``on_start`` is called once the files are
+    read and checked, as the first step starts.
     """
     out, held = Path(out), _as_holdout(holdout)
     split = choose_split([None] * len(pairs), val_fraction=val_fraction, seed=seed, holdout=held)
@@ -211,10 +214,10 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
             ids.append(f"{n}-{stem_of(image_path)}")
         digest = hashlib.sha256("".join(f"{s['image']['sha256']}\t{s['labels']['sha256']}\n"
                                         for s in sources).encode()).hexdigest()
-        saved_card = _with_spacing(card, grids, say)
+        saved_card, starting = _with_spacing(card, grids, say, on_start)
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       precision=precision, patch=patch, holdout=held, val_every=val_every, resume=resume,
-                      on_step=on_step, augment=augment, data=digest)
+                      on_step=on_step, augment=augment, data=digest, on_start=starting)
         result.provenance["inputs"] = sources
         result.provenance["dataset"] = {"name": "image/label pairs", "layout": "pairs", "fingerprint": digest,
                                         "cases": len(pairs)}
@@ -311,7 +314,8 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
                        holdout: str | Holdout | None = None, resume: bool = False, lr: float = 2e-3,
                        seed: int = 0, precision: str = "fast", patch: Sequence[int] | None = None,
                        on_step: Callable[[dict], None] | None = None,
-                       say: Callable[[str], None] | None = print, augment: Augmentation = Augmentation()) -> LoadedModel:
+                       say: Callable[[str], None] | None = print, augment: Augmentation = Augmentation(),
+                       on_start: Callable[[], None] | None = None) -> LoadedModel:
     """Train on a recognised dataset and write a model directory at ``out``.
 
     The card's classes are replaced by the dataset's (names and colours);
@@ -360,12 +364,13 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
         grids: list[CaseGrid] = []
         for i in split.train + split.val:
             samples[i] = _case_sample(card, dataset, cases[i], work / f"case-{i}", budget, grids)
-        saved_card = _with_spacing(card, grids, say)
+        saved_card, starting = _with_spacing(card, grids, say, on_start)
         digest = dataset_fingerprint(dataset)
         truth = recorded_truth_values(dataset)  # segflow evaluate --classes reads the dataset's files through it
         result = _run(card, samples, split, out, steps=steps, batch_size=batch_size,  # type: ignore[arg-type]
                       lr=lr, seed=seed, precision=precision, patch=patch, holdout=held, val_every=val_every,
-                      resume=resume, on_step=on_step, augment=augment, data=dataset_fingerprint(dataset, mtimes=True))
+                      resume=resume, on_step=on_step, augment=augment, data=dataset_fingerprint(dataset, mtimes=True),
+                      on_start=starting)
         result.provenance["dataset"] = {"name": dataset.name, "layout": dataset.layout, "root": str(root.resolve()),
                                         "fingerprint": digest, "cases": len(cases),
                                         "ignore_index": dataset.ignore_index,
@@ -379,12 +384,18 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
         return save_trained(out, saved_card, result)
 
 
-def _with_spacing(card: ModelCard, grids: list[CaseGrid], say: Callable[[str], None] | None) -> ModelCard:
-    """The card the model directory gets: with the training data's spacing when it declared none."""
+def _with_spacing(card: ModelCard, grids: list[CaseGrid], say: Callable[[str], None] | None,
+                  on_start: Callable[[], None] | None) -> tuple[ModelCard, Callable[[], None]]:
+    """The card the model directory gets (with the training data's spacing when it declared none), and what to
+    call as training starts: the note on the spacing is said then, not before a label file is refused."""
     saved, note = with_training_spacing(card, grids)
-    if note is not None and say is not None:
-        say(note)
-    return saved
+
+    def starting() -> None:
+        if note is not None and say is not None:
+            say(note)
+        if on_start is not None:
+            on_start()
+    return saved, starting
 
 
 def _case_sample(card: ModelCard, dataset: Dataset, case: Case, work: Path, budget: list[int],

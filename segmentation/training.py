@@ -162,7 +162,8 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
           precision: Precision = "fast", log: Callable[[dict], None] | None = None,
           oversample: float = 0.5, validation: Sequence[TrainingSample] = (), holdout: Holdout | None = None,
           val_every: int | None = None, checkpoints: str | PathLike[str] | None = None,
-          resume: bool = False, augment: Augmentation = Augmentation(), data: str | None = None) -> TrainingResult:
+          resume: bool = False, augment: Augmentation = Augmentation(), data: str | None = None,
+          on_start: Callable[[], None] | None = None) -> TrainingResult:
     """Train the card's architecture from scratch on patches of ``samples``.
 
     AdamW with a one-cycle schedule (short budgets converge fastest with a
@@ -283,9 +284,11 @@ def train(card: ModelCard, samples: Sequence[TrainingSample], *, steps: int, bat
             dict(state.module) if best is not None else None)
         earlier, resumed = (state.seconds, state.cpu_seconds), state.resumed + [state.step]
         first = state.step + 1
-        if log is not None:  # said once the saved state is known to be this run's (it had been said before)
-            log({"resumed": state.step, "steps": steps})
 
+    if on_start is not None:  # the data and options are checked: what the caller says of the run is now true
+        on_start()
+    if resumed and log is not None:  # said once the saved state is known to be this run's (it had been said before)
+        log({"resumed": first - 1, "steps": steps})
     every = max(1, steps // 20)
     for step in range(first, steps + 1):
         x, y = sample_batch(preps, patch, batch_size, oversample, rng, augment)

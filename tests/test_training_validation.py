@@ -487,6 +487,17 @@ def test_train_command_with_holdout_and_its_argument_errors(tmp_path):
     assert lone.exit_code == 0, lone.output
     assert "no validation: one image/label pair cannot be split by --val-fraction" in " ".join(lone.output.split())
     assert not (tmp_path / "lone" / "checkpoints").exists() and (tmp_path / "lone" / "weights.safetensors").is_file()
+    # a label file or --out refused: the one line says so, with no note about a training that never ran before it
+    stray = _relabelled(truth, tmp_path / "stray.tif", values=lambda a: np.where(a == 3, 7, a))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("someone's")
+    for out, labels, problem in ((tmp_path / "stray", stray, "holds label value(s) 7"),
+                                 (tmp_path / "other", truth, "folder of other files")):
+        refused = runner.invoke(app, [*common[:4], str(out), *common[5:], "--image", str(image),
+                                      "--labels", str(labels)])
+        assert refused.exit_code == 2, refused.output
+        [line] = [x for x in refused.output.splitlines() if x.strip()]
+        assert line.startswith("error: ") and problem in line, refused.output
 
     for extra, message in [(["--dataset", str(tmp_path), "--image", str(image), "--labels", str(truth)], "not both"),
                            ([], "nothing to train on"),
