@@ -28,6 +28,9 @@ RASTER_MODEL_SPACE_VERSION = 4  # and from this one on, a raster's ground sample
 MIN_STD = 1e-12  # a smaller zscore std turns float32 values into infinities
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # normalisation runs in float32: a larger constant is inf there
+
+
 class Normalization(BaseModel):
     """How raw pixels become network input, applied per window.
 
@@ -67,9 +70,12 @@ class Normalization(BaseModel):
     def _complete(self) -> "Normalization":
         numbers = {name: getattr(self, name) for name in ("offset", "scale", "mean", "std", "clip", "b_min", "b_max")}
         for name, value in numbers.items():  # a NaN or an infinity here makes every input meaningless
-            if value is not None and not all(math.isfinite(v) for v in (value if isinstance(value, (list, tuple))
-                                                                         else [value])):
-                raise ValueError(f"normalization {name} must hold finite numbers, got {value}")
+            # the arithmetic is float32: a scale of 1e308 became inf there, every pixel non-finite, then 0, and the
+            # run reported ok with one class everywhere
+            if value is not None and not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX
+                                             for v in (value if isinstance(value, (list, tuple)) else [value])):
+                raise ValueError(f"normalization {name} must hold finite numbers within float32's range "
+                                 f"(|x| <= {FLOAT32_MAX:.4g}), got {value}")
         if self.clip is not None and self.clip[0] >= self.clip[1]:
             raise ValueError(f"normalization clip {list(self.clip)} must be [lowest, highest]")
         if self.mode == "scale" and self.scale is None:
@@ -268,6 +274,17 @@ class ModelCard(BaseModel):
         if self.input.spatial_dims == 3 and self.input.spacing_unit == "m":  # read as mm: 1.5 m voxels ran at 1.5 mm
             raise ValueError("a volume model's spacing is in millimetres, as scans' voxel sizes are (spacing_unit "
                              "'mm'; 1.5 mm is 1.5)")
+        # set by the card's input and classes; one copied from a MONAI constructor into kwargs too had ended
+        # `segment` in a traceback ("got multiple values for keyword argument"): the same value is taken once
+        for key, where, value in (("spatial_dims", "input.spatial_dims", self.input.spatial_dims),
+                                  ("in_channels", "input.channels", self.input.channels),
+                                  ("out_channels", "the number of classes", len(self.classes))):
+            if key in self.architecture.kwargs:
+                if self.architecture.kwargs[key] != value:
+                    raise ValueError(f"architecture.kwargs.{key} is {self.architecture.kwargs[key]!r}, but "
+                                     f"{where} makes it {value}: the card's input and classes set it (drop it "
+                                     "from kwargs)")
+                del self.architecture.kwargs[key]
         keep = self.inference.keep_largest
         if keep is not None and any(v not in values or v == 0 for v in keep.applied_labels):
             raise ValueError("keep_largest.applied_labels must be class values other than 0 (background)")

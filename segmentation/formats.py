@@ -192,8 +192,39 @@ def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str |
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ModelError(path, f"tensor {key} has shape {tuple(tensor.shape)}, "
-                                   f"architecture expects {tuple(expected[key].shape)}{hint}")
+                                   f"architecture expects {tuple(expected[key].shape)}"
+                                   f"{_io_mismatch(state, module, expected) or hint}")
     check_no_nan(state, path, parameters={name for name, _ in module.named_parameters()})
+
+
+def _io_mismatch(state: Mapping[str, torch.Tensor], module: nn.Module, expected: Mapping[str, torch.Tensor]) -> str:
+    """What shape mismatches mean when they all come from another number of classes or of input channels than the
+    card's (the hint on the architecture's defaults, shown otherwise, had hidden it); "" when they do not."""
+    pairs = set()
+    for key, tensor in state.items():
+        got, want = tuple(tensor.shape), tuple(expected[key].shape)
+        if len(got) != len(want):
+            return ""
+        pairs.update((g, w) for g, w in zip(got, want) if g != w)
+    weights = [k for k, v in expected.items() if v.ndim >= 2]  # convolution and linear weights, in layer order
+    if len(pairs) != 1 or not weights:
+        return ""
+    [(got, want)] = pairs
+
+    def transposed(key: str) -> bool:  # a transposed convolution's weight is (in, out, *kernel)
+        try:
+            return isinstance(module.get_submodule(key.rsplit(".", 1)[0]), nn.modules.conv._ConvTransposeNd)
+        except AttributeError:
+            return False
+
+    first, last = weights[0], weights[-1]
+    out_axis, in_axis = (1 if transposed(last) else 0), (0 if transposed(first) else 1)
+    if tuple(expected[last].shape)[out_axis] == want and tuple(state[last].shape)[out_axis] == got:
+        return (f": the weights' network gives {got} outputs and the card lists {want} classes (the card's classes "
+                "must be the network's outputs, in order)")
+    if tuple(expected[first].shape)[in_axis] == want and tuple(state[first].shape)[in_axis] == got:
+        return f": the weights' network takes {got} input channels and the card's input.channels is {want}"
+    return ""
 
 
 def check_no_nan(state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None,

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -280,7 +281,20 @@ def _write_card(path: Path, card: ModelCard) -> None:
 
 
 def _save_script_dir(path: Path, card: ModelCard, archive: Path) -> LoadedModel:
-    """card.json + model.ts, the archive copied byte for byte (its hash stays the source's)."""
+    """card.json + model.ts, the archive copied byte for byte (its hash stays the source's), once a staged copy
+    has loaded: a network whose outputs or inputs the card did not fit (only known when it runs) had replaced a
+    working model directory with that card and archive, and the error named the copy, not the source."""
+    staging = path.parent / f".{path.name}.{uuid.uuid4().hex}.converting"
+    try:
+        _write_script_dir(staging, card, archive)
+    except ModelError as exc:
+        raise type(exc)(archive, exc.problem) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _write_script_dir(path, card, archive)
+
+
+def _write_script_dir(path: Path, card: ModelCard, archive: Path) -> LoadedModel:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (SCRIPT_FILE + ".tmp")
     shutil.copyfile(archive, tmp)

@@ -106,7 +106,10 @@ def test_model_space_applies_from_version_3_only():
     ({"mode": "percentile", "lower": 99.0, "upper": 1.0, "b_min": 0.0, "b_max": 1.0}, "below 'upper'"),
     ({"mode": "scale", "scale": [1.0], "nonzero": True}, "nonzero"),
     # each of these was accepted, and made every input meaningless (NaN) or failed only once a run had started
-    ({"mode": "scale", "scale": [float("nan")]}, r"scale must hold finite numbers, got \[nan\]"),
+    ({"mode": "scale", "scale": [float("nan")]}, r"scale must hold finite numbers.*, got \[nan\]"),
+    # finite, but inf in the float32 arithmetic: every pixel became 0 and the run reported ok with one class
+    ({"mode": "scale", "scale": [1e308]}, r"scale must hold finite numbers within float32's range"),
+    ({"mode": "zscore", "mean": [-1e39], "std": [1.0]}, "mean must hold finite numbers within float32's range"),
     ({"mode": "zscore", "mean": [float("inf")], "std": [1.0]}, "mean must hold finite numbers"),
     ({"mode": "zscore", "mean": [0.0], "std": [1.0], "clip": [5.0, -5.0]}, r"clip \[5.0, -5.0\] must be"),
     ({"mode": "zscore", "mean": [0.0, 0.0], "std": [1.0]}, "mean lists 2 values for 1 channels"),
@@ -134,6 +137,9 @@ def test_inconsistent_normalisations_are_refused(norm, message):
     # two classes of one name: refused at load (every volume input failed after inference, naming no input)
     ({"classes": [{"value": 0, "name": "bg"}, {"value": 1, "name": "lesion"}, {"value": 2, "name": "lesion"}]},
      "'lesion' names more than one class"),
+    ({"architecture": {"name": "unet", "kwargs": {"in_channels": 4}}}, "kwargs.in_channels is 4, but input.channels"),
+    ({"architecture": {"name": "unet", "kwargs": {"out_channels": 3}}}, "the number of classes makes it 2"),
+    ({"architecture": {"name": "unet", "kwargs": {"spatial_dims": 3}}}, "input.spatial_dims makes it 2"),
 ])
 def test_inconsistent_cards_are_refused(changes, message):
     with pytest.raises(ValidationError, match=message):
@@ -149,3 +155,14 @@ def test_a_class_colour_that_is_no_8_bit_rgb_is_refused_with_the_card(color):
     with pytest.raises(ValidationError, match="color"):
         LabelClass(value=2, name="lesion", color=color)
     assert LabelClass(value=2, name="lesion", color=[0, 255, 7]).color == (0, 255, 7)
+
+
+def test_constructor_arguments_the_card_sets_are_taken_once_when_they_agree(tmp_path):
+    """MONAI's constructor arguments copied into architecture.kwargs (spatial_dims, in_channels, out_channels) ended
+    `segment` and `model inspect` in a TypeError traceback; where they agree with the card they are taken once."""
+    from segmentation.modeldir import build_module
+
+    copied = ModelCard.model_validate(card(architecture={"name": "unet", "kwargs": {
+        "spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": [8, 16], "strides": [2]}}))
+    assert copied.architecture.kwargs == {"channels": [8, 16], "strides": [2]}
+    assert build_module(copied) is not None

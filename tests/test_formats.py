@@ -241,6 +241,51 @@ def test_a_torchscript_network_whose_output_segflow_cannot_use_is_refused_at_loa
         load_model(archive, trust_bundle=True)
 
 
+@pytest.mark.parametrize("res_units", [0, 1])  # the last layer a transposed convolution, or a residual unit's
+@pytest.mark.parametrize("order", ["module", "sorted"])  # safetensors lists names sorted: the bias comes first
+def test_weights_with_other_classes_or_channels_than_the_card_say_so(tmp_path, res_units, order):
+    """A card listing 2 classes for 3-class weights was refused with "tensor model.2.conv.bias has shape (3,),
+    architecture expects (2,); segflow's defaults for 'unet' are norm 'batch' ...": the cause was not said."""
+    from segmentation.formats import fill
+
+    from storage.classes import LabelClass
+
+    base = _card(num_res_units=res_units)
+    state = build_module(base).state_dict()
+    state = dict(sorted(state.items())) if order == "sorted" else state
+    two = base.model_copy(update={"classes": [LabelClass(value=v, name=f"c{v}") for v in range(2)]})
+    with pytest.raises(ModelError, match=r": the weights' network gives 3 outputs and the card lists 2 classes"):
+        fill(build_module(two), state, tmp_path / "w.pt", "unet")
+    rgb = base.model_copy(update={"input": base.input.model_copy(update={"channels": 3})})
+    with pytest.raises(ModelError, match=r": the weights' network takes 1 input channels and the card's input.channels "
+                                         r"is 3$"):
+        fill(build_module(rgb), state, tmp_path / "w.pt", "unet")
+    wider = _card(num_res_units=res_units, channels=[4, 16])  # a middle layer: the architecture's hint stays
+    with pytest.raises(ModelError, match="segflow's defaults for 'unet'"):
+        fill(build_module(wider), state, tmp_path / "w.pt", "unet")
+
+
+def test_a_torchscript_conversion_the_card_does_not_fit_leaves_the_model_directory_as_it_was(net, x, tmp_path):
+    """Converting a TorchScript archive whose outputs the card did not fit (4 classes for a 3-class network) into a
+    working model directory replaced its weights with the archive and the card, then failed, naming the copy."""
+    from storage.classes import LabelClass
+
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    good, _ = convert_model(tmp_path / "net.pt", tmp_path / "model", card=_card())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    archive = tmp_path / "net.ts"
+    torch.jit.save(torch.jit.script(net), str(archive))
+    wrong = _card().model_copy(update={"architecture": Architecture(name="torchscript"),
+                                       "classes": [LabelClass(value=v, name=f"c{v}") for v in range(4)]})
+    for out in (tmp_path / "model", tmp_path / "new"):
+        with pytest.raises(ModelError) as err:
+            convert_model(archive, out, card=wrong, trust_bundle=True)
+        assert str(err.value).startswith(f"{archive}: the TorchScript network returns "), err.value
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+    assert _same(load_model(tmp_path / "model").module, good.module, x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "net.pt", "net.ts"]  # no new/, no staging
+
+
 def test_a_torchscript_network_that_ends_in_a_softmax_gives_its_own_probabilities(net, x, tmp_path):
     """Exported with its softmax (as many are), it had got segflow's too: its probabilities squashed to uniform."""
     import numpy as np
