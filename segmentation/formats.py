@@ -259,9 +259,31 @@ def fill(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | PathL
         unwrapped = {k.split(".", 1)[1]: v for k, v in state.items()}
         if set(unwrapped) == wanted:
             state = unwrapped
+    state = _with_aliases(state, module)
     check_fits(state, module, path, architecture)
     module.load_state_dict(dict(state))
     return module.eval()
+
+
+def _with_aliases(state: Mapping[str, torch.Tensor], module: nn.Module) -> Mapping[str, torch.Tensor]:
+    """``state`` with the names it lacks that are other names of a tensor it has, in ``module`` (one tensor reached
+    under two names, as DynUNet's blocks are): safetensors' ``save_model`` writes each shared tensor once, and
+    such a file had been refused as "32 missing" tensors, with a hint about the architecture's defaults."""
+    own = module.state_dict()
+    missing = set(own) - set(state)
+    if not missing:
+        return state
+    names: dict[tuple, list[str]] = {}
+    for key, tensor in own.items():  # one storage, offset, shape and stride: one tensor
+        names.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                          tensor.stride()), []).append(key)
+    filled = dict(state)
+    for group in names.values():
+        present = [k for k in group if k in state]
+        for key in group:
+            if key in missing and present:
+                filled[key] = state[present[0]]
+    return filled
 
 
 class ScriptedNetwork(nn.Module):

@@ -102,7 +102,8 @@ def read_card(path: str | PathLike[str]) -> ModelCard:
     if not card_path.is_file():
         raise ModelError(path, f"no {CARD_FILE} (a model directory holds {CARD_FILE} and {WEIGHTS_FILE})")
     try:
-        return ModelCard.model_validate_json(card_path.read_bytes())
+        # a BOM (Windows Notepad's UTF-8) had read as "Invalid JSON: expected value at line 1 column 1"
+        return ModelCard.model_validate_json(card_path.read_bytes().removeprefix(b"\xef\xbb\xbf"))
     except OSError as exc:
         raise ModelError(card_path, f"cannot read: {exc.strerror or exc}") from None
     except ValidationError as exc:

@@ -166,3 +166,14 @@ def test_constructor_arguments_the_card_sets_are_taken_once_when_they_agree(tmp_
         "spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": [8, 16], "strides": [2]}}))
     assert copied.architecture.kwargs == {"channels": [8, 16], "strides": [2]}
     assert build_module(copied) is not None
+
+
+def test_a_card_saved_with_a_byte_order_mark_reads(tmp_path):
+    """Notepad saves UTF-8 with a BOM: such a card was refused as "Invalid JSON: expected value at line 1 column 1"."""
+    import json
+
+    from segmentation.modeldir import read_card
+
+    path = tmp_path / "card.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(card()).encode())
+    assert read_card(path).name == "c"
