@@ -87,10 +87,14 @@ def card_mapping(card: ModelCard, geometry: Any, shape: tuple[int, ...]) -> Grid
             ratio = grow if grow > 1 else 1 / grow
             per_axis = ratio ** 0.5
             spacing = card.input.spacing or [1.0, 1.0]
-            pixel = spacing[0] * float(mapping.scale[0])  # scale: model pixels per input pixel
-            size = " x ".join(f"{n:,}" for n in mapping.model_shape)
+            axis = 0 if spacing[0] > 0 or spacing[1] <= 0 else 1  # a spacing <= 0 keeps its axis: the other tells
+            pixel = spacing[axis] * float(mapping.scale[1 - axis])  # scale: model pixels per input pixel, x first
+
+            def count(n: float) -> str:  # a card's spacing of 1e-300 had printed a number hundreds of digits long
+                return f"{n:,.0f}" if n < 1e9 else f"{n:.3g}"
+            size = " x ".join(count(n) for n in mapping.model_shape)
             raise InvalidInputError(None, f"its {pixel:,.4g} m pixels would be "
-                                          f"{'resampled' if grow > 1 else 'averaged'} {per_axis:,.0f}x per axis to "
+                                          f"{'resampled' if grow > 1 else 'averaged'} {count(per_axis)}x per axis to "
                                           f"the {' x '.join(f'{v:g}' for v in spacing)} m of model {card.name!r} "
                                           f"(a {size} grid from {shape[0]:,} x "
                                           f"{shape[1]:,} pixels); more than 64x per axis is refused: "

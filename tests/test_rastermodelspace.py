@@ -620,3 +620,20 @@ def test_a_pixel_size_far_from_the_models_is_refused_before_any_work(pixel, tmp_
         segment_one(scene, model, tmp_path / "out", SegmentOptions(), dask_cluster)
     assert not list((tmp_path / "out").glob("far*"))
     assert not list((tmp_path / "out").glob("far*"))
+
+
+def test_a_card_spacing_of_almost_nothing_is_refused_in_a_line_of_readable_numbers(tmp_path, dask_cluster):
+    """A card's spacing [0, 1e-300] (0 keeps that axis) printed "its 0 m pixels would be resampled
+    3,162,277,660,...x", a number hundreds of digits long, for a scene of 10 m pixels."""
+    from tests.models import tiny_model
+
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=4, classes=5, roi=ROI, seed=3,
+                       spacing=[0.0, 1e-300], spacing_unit="m")
+    scene = tmp_path / "tiny.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=30, height=20, count=4, dtype="float32", crs="EPSG:32633",
+                       transform=from_origin(500000, 6000000, 10.0, 10.0)) as dst:
+        dst.write(np.ones((4, 20, 30), np.float32))
+    with pytest.raises(InvalidInputError) as err:
+        segment_one(scene, model, tmp_path / "out", SegmentOptions(), dask_cluster)
+    message = str(err.value)
+    assert "its 10 m pixels would be resampled 3.16e+150x per axis" in message and len(message) < 400, message
