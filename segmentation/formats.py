@@ -95,8 +95,9 @@ def torch_load_safely(path: str | PathLike[str]) -> Any:
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported" in text:
             what = _unsafe_global(text)
-            raise UnsafeModelError(path, "pickle payload " + (f"imports {what!r}, " if what else "")
-                                   + "which a weights-only load refused; segflow never unpickles code "
+            raise UnsafeModelError(path, (f"pickle payload imports {what!r}, which" if what else
+                                          "a pickle payload that") + " a weights-only load refused; segflow never "
+                                   "unpickles code "
                                    "(save the state_dict with torch.save(net.state_dict(), PATH), not pickle.dump, "
                                    "or use safetensors)") from None
         raise ModelError(path, f"not a readable PyTorch checkpoint ({' '.join(text.split())[:200]})") from None

@@ -381,8 +381,11 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
         save_model(out, new_card.model_copy(update={"weights_sha256": None}), module)
         return load_model(out), list(mapping.notes)
     if src.is_dir():
+        # a card beside a pickle checkpoint is no model directory yet (inspect says so): say which file to convert
+        hint = _pickle_hint(src) if (src / CARD_FILE).is_file() and not (src / WEIGHTS_FILE).is_file() else ""
         raise ModelError(src, "neither a MONAI bundle (configs/metadata.json) nor a weights file"
-                         + ("; it is already a segflow model directory" if (src / CARD_FILE).is_file() else ""))
+                         + (hint or ("; it is already a segflow model directory" if (src / CARD_FILE).is_file()
+                                     else "")))
     elif src.is_file():
         weights, fmt = src, detect_format(src)
         embedded = load_torchscript(src, trusted=trust_bundle)[1] if fmt == "torchscript" else None

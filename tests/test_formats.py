@@ -397,3 +397,16 @@ def test_a_state_dict_written_with_pickle_dump_says_to_use_torch_save_without_to
         warnings.simplefilter("error")
         with pytest.raises(UnsafeModelError, match=r"torch.save\(net.state_dict\(\), PATH\), not pickle.dump"):
             read_state_dict(path)
+
+
+def test_converting_a_folder_of_a_card_and_a_pickle_names_the_file_to_convert(net, tmp_path):
+    """`model convert DIR` of a card beside a .pt said "it is already a segflow model directory", which `inspect`
+    of the same folder denies (no safetensors weights): the command that works is named instead."""
+    folder = tmp_path / "md"
+    folder.mkdir()
+    (folder / "card.json").write_text(_card().model_dump_json())
+    torch.save(net.state_dict(), folder / "model.pt")
+    with pytest.raises(ModelError) as err:
+        convert_model(folder, tmp_path / "out")
+    assert "already a segflow model directory" not in str(err.value)
+    assert f"segflow model convert {folder / 'model.pt'} --card {folder / 'card.json'} --out NEW_DIR" in str(err.value)
