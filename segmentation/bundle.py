@@ -337,7 +337,12 @@ def _map_card(path: Path, meta: dict, config: dict, net: _Network | None, arch: 
         # Invertd(nearest_interp=False) undoes Spacingd with its own mode: probabilities by nearest neighbour,
         # whose argmax is the labels' by nearest neighbour (segflow had brought them back bilinearly: 82 % agreed)
         inference["invert"] = "labels"
-    class_names = channel_names(out_spec, classes) or [f"class{i}" for i in range(classes)]
+    class_names = channel_names(out_spec, classes)
+    if class_names is None:
+        if isinstance(out_spec.get("channel_def"), dict):  # every name had been replaced without a word
+            notes.append(f"metadata's output channel_def does not name each of the network's {classes} output "
+                         f"channels 0..{classes - 1}: the classes are called class0..class{classes - 1}")
+        class_names = [f"class{i}" for i in range(classes)]
     card = {
         "name": str(meta.get("name") or path.name),
         "architecture": arch,

@@ -483,3 +483,14 @@ def test_a_monai_trained_state_dict_converts_with_axes_ijk(tmp_path):
     assert plain.exit_code == 0 and "--axes ijk" in " ".join(plain.output.split())  # the note says how
     with torch.inference_mode():  # taken in segflow's order, the same weights compute something else
         assert not torch.allclose(load_model(tmp_path / "kji").module(x), want, atol=1e-2)
+
+
+def test_output_names_that_do_not_cover_every_channel_are_replaced_with_a_note(tmp_path, unet):
+    """A channel_def naming 2 of 3 outputs (or keys 1..3) made every class `classN` without a word."""
+    bundle = write_bundle(tmp_path / "b", net_module=unet)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["outputs"]["pred"]["channel_def"] = {"1": "tissue", "2": "lesion", "3": "x"}
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    mapping = read_bundle(bundle)
+    assert [c.name for c in mapping.card.classes] == ["class0", "class1", "class2"]
+    assert any("channel_def does not name each of the network's 3 output channels 0..2" in n for n in mapping.notes)
