@@ -206,8 +206,9 @@ def _load_archive(path: Path, trusted: bool) -> LoadedModel:
     """A TorchScript archive that carries its card (``segflow model convert`` writes them that way)."""
     fmt = detect_format(path)
     if fmt != "torchscript":
-        raise ModelError(path, f"a {fmt} file holds only tensors, no card: make a model directory with "
-                               "`segflow model convert SRC --card CARD.json --out DIR`")
+        # "holds only tensors" was said of a pickled whole nn.Module too
+        raise ModelError(path, f"a {fmt} file carries no card (which network, classes, input): make a model "
+                               "directory with `segflow model convert SRC --card CARD.json --out DIR`")
     module, raw = load_torchscript(path, trusted=trusted)
     if raw is None:
         raise ModelError(path, "TorchScript archive has no embedded card.json: make a model directory with "
