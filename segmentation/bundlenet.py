@@ -76,7 +76,8 @@ def build_network(mapping: BundleMapping) -> nn.Module:
                                    out_channels=card.num_classes, **arch.kwargs)
         except ModelError as exc:  # the registry does not know which bundle asked
             raise ModelError(exc.path or mapping.path, exc.problem) from None
-    return fill(module, read_state_dict(mapping.weights, trusted=mapping.allow_code), mapping.weights, arch.name)
+    return fill(module, read_state_dict(mapping.weights, trusted=mapping.allow_code), mapping.weights, arch.name,
+                defaults_hint=False)
 
 
 def load_bundle(path: str | PathLike[str], *, trust_bundle: bool = False) -> tuple[BundleMapping, nn.Module]:
@@ -143,7 +144,7 @@ def in_segflow_order(mapping: BundleMapping, net: nn.Module) -> tuple[ModelCard,
              for k, v in net.state_dict().items()}
     out = models.create(arch.name, spatial_dims=d, in_channels=card.input.channels, out_channels=card.num_classes,
                         **kwargs)
-    fill(out, state, mapping.weights, arch.name)
+    fill(out, state, mapping.weights, arch.name, defaults_hint=False)
     err = _difference(ReversedAxes(net, d).eval(), out, card.input.channels, card.inference.roi)
     if err is None:
         raise ModelError(mapping.path, f"{arch.name} runs on neither its roi {card.inference.roi} nor multiples of "

@@ -173,7 +173,7 @@ def read_state_dict(path: str | PathLike[str], *, trusted: bool = False) -> dict
 
 
 def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str | PathLike[str] | None,
-               architecture: str) -> None:
+               architecture: str, defaults_hint: bool = True) -> None:
     """Refuse weights whose names or shapes differ from the network's: never half-load.  Refuse NaN values too:
     such a network labels every pixel with one class (its NaN logits' argmax), which looked like a valid result
     ("ok", every hectare water); and infinite parameters, which end in NaN logits the same way.  Infinities in
@@ -183,7 +183,8 @@ def check_fits(state: Mapping[str, torch.Tensor], module: nn.Module, path: str |
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    differ = NOT_MONAI_DEFAULTS.get(architecture)
+    # a bundle's network is built with MONAI's defaults pinned: segflow's own defaults are no lead there
+    differ = NOT_MONAI_DEFAULTS.get(architecture) if defaults_hint else None
     hint = "" if differ is None else f"; segflow's defaults for {architecture!r} are {differ}: set them in " \
                                      "architecture.kwargs as the network was built"
     if missing or unexpected:
@@ -248,7 +249,7 @@ def check_no_nan(state: Mapping[str, torch.Tensor], path: str | PathLike[str] | 
 
 
 def fill(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | PathLike[str] | None,
-         architecture: str) -> nn.Module:
+         architecture: str, defaults_hint: bool = True) -> nn.Module:
     """Check then load ``state`` into ``module``; returns it in eval mode.
 
     A wrapper's attribute in front of every name (a Lightning module's ``model.``, a ``net.``) is dropped when the
@@ -261,7 +262,7 @@ def fill(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | PathL
         if set(unwrapped) == wanted:
             state = unwrapped
     state = _with_aliases(state, module)
-    check_fits(state, module, path, architecture)
+    check_fits(state, module, path, architecture, defaults_hint)
     module.load_state_dict(dict(state))
     return module.eval()
 

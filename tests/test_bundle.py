@@ -494,3 +494,16 @@ def test_output_names_that_do_not_cover_every_channel_are_replaced_with_a_note(t
     mapping = read_bundle(bundle)
     assert [c.name for c in mapping.card.classes] == ["class0", "class1", "class2"]
     assert any("channel_def does not name each of the network's 3 output channels 0..2" in n for n in mapping.notes)
+
+
+def test_weights_that_do_not_fit_a_bundles_network_get_no_hint_about_segflows_defaults(tmp_path):
+    """A bundle's network is built with MONAI's defaults pinned, yet its weight mismatch said "segflow's defaults for
+    'unet' are norm 'batch' and num_res_units 1 ...: set them in architecture.kwargs", a lead to nowhere."""
+    from storage.errors import ModelError
+
+    torch.manual_seed(0)
+    other = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 16), strides=(2,)).eval()
+    bundle = write_bundle(tmp_path / "b", net_module=other)  # its config says channels (4, 8)
+    with pytest.raises(ModelError) as err:
+        load_model(bundle)
+    assert "has shape" in str(err.value) and "segflow's defaults" not in str(err.value), err.value
