@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -283,29 +282,22 @@ def _write_card(path: Path, card: ModelCard) -> None:
 
 
 def _save_script_dir(path: Path, card: ModelCard, archive: Path) -> LoadedModel:
-    """card.json + model.ts, the archive copied byte for byte (its hash stays the source's), once a staged copy
-    has loaded: a network whose outputs or inputs the card did not fit (only known when it runs) had replaced a
-    working model directory with that card and archive, and the error named the copy, not the source."""
-    staging = path.parent / f".{path.name}.{uuid.uuid4().hex}.converting"
-    try:
-        _write_script_dir(staging, card, archive)
-    except ModelError as exc:
-        raise type(exc)(archive, exc.problem) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return _write_script_dir(path, card, archive)
-
-
-def _write_script_dir(path: Path, card: ModelCard, archive: Path) -> LoadedModel:
+    """card.json + model.ts, the archive copied byte for byte (its hash stays the source's).  The network is checked
+    on one window before anything is written: a card whose classes or channels it did not fit (only known when it
+    runs) had replaced a working model directory with that card and archive, and the error named the copy."""
+    digest = sha256_file(archive)
+    card = card.model_copy(update={"weights_sha256": digest,
+                                   "architecture": card.architecture.model_copy(update={"name": TORCHSCRIPT})})
+    module, _ = load_torchscript(archive, trusted=True)  # only reached with the archive trusted (it was loaded)
+    network = _scripted(module, card, archive)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (SCRIPT_FILE + ".tmp")
     shutil.copyfile(archive, tmp)
     os.replace(tmp, path / SCRIPT_FILE)
     (path / WEIGHTS_FILE).unlink(missing_ok=True)
-    card = card.model_copy(update={"weights_sha256": sha256_file(path / SCRIPT_FILE),
-                                   "architecture": card.architecture.model_copy(update={"name": TORCHSCRIPT})})
     _write_card(path, card)
-    return load_model(path, trust_bundle=True)  # only reached with the archive trusted (it was loaded to get here)
+    return LoadedModel(path=path, card=card, module=network, weights_sha256=digest, weights_path=path / SCRIPT_FILE,
+                       source="torchscript")
 
 
 def check_model_out(out: Path, *, checkpoints: bool = False) -> None:
@@ -382,11 +374,10 @@ def convert_model(src: str | PathLike[str], out: str | PathLike[str], *, card: M
         save_model(out, new_card.model_copy(update={"weights_sha256": None}), module)
         return load_model(out), list(mapping.notes)
     if src.is_dir():
+        already = "; it is already a segflow model directory" if (src / CARD_FILE).is_file() else ""
         # a card beside a pickle checkpoint is no model directory yet (inspect says so): say which file to convert
-        hint = _pickle_hint(src) if (src / CARD_FILE).is_file() and not (src / WEIGHTS_FILE).is_file() else ""
-        raise ModelError(src, "neither a MONAI bundle (configs/metadata.json) nor a weights file"
-                         + (hint or ("; it is already a segflow model directory" if (src / CARD_FILE).is_file()
-                                     else "")))
+        hint = _pickle_hint(src) if already and not (src / WEIGHTS_FILE).is_file() else ""
+        raise ModelError(src, "neither a MONAI bundle (configs/metadata.json) nor a weights file" + (hint or already))
     elif src.is_file():
         weights, fmt = src, detect_format(src)
         embedded = load_torchscript(src, trusted=trust_bundle)[1] if fmt == "torchscript" else None

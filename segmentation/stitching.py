@@ -386,8 +386,11 @@ class StitchPlan:
     def needed_windows(self, only: Sequence[tuple[int, ...]]) -> int:
         """Grid windows (evaluated or skipped) that writing the chunks ``only`` runs: what :meth:`counts` of
         them will add up to, known before the run, so a resumed run's progress counts what it computes."""
-        owners = {o for idx in only for o in self._sources[tuple(idx)]}
-        return sum(self.owned_windows(o) for o in owners)
+        return sum(self.owned_windows(o) for o in self._owners_of(only))
+
+    def _owners_of(self, only: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The owners whose evaluate tasks writing the chunks ``only`` needs, each once, sorted."""
+        return sorted({o for idx in only for o in self._sources[tuple(idx)]})
 
     def counts(self, only: Sequence[tuple[int, ...]] | None = None) -> Delayed:
         """Delayed {windows_evaluated, windows_skipped}: of the whole image, or of the evaluate tasks that
@@ -396,8 +399,7 @@ class StitchPlan:
         A resumed run asks for the chunks it still writes, so the counts say
         what it computed (owners shared with finished chunks are evaluated again).
         """
-        owners = list(self._count_parts) if only is None else \
-            sorted({o for idx in only for o in self._sources[tuple(idx)]})
+        owners = list(self._count_parts) if only is None else self._owners_of(only)
         name = f"segflow-counts-{self.token}" + ("" if only is None else "-" + tokenize(owners))
         return delayed(_sum_counts, pure=True)(*(c for o in owners for c in self._count_parts[o]),
                                                dask_key_name=name)
