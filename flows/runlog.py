@@ -139,10 +139,12 @@ def prefect_console(command: str) -> Iterator[RunLog]:
     Prefect configures its logging on the first flow run; it is made to do so
     here first, so that its console handler exists to be filtered.  The file is
     created only when a record arrives.  Prefect's temporary server, where it
-    runs one, gets the settings of :func:`_temporary_server_kept_quiet`.
+    runs one, gets the settings of :func:`_temporary_server_kept_quiet` and a database of the run's own
+    (:mod:`flows.prefectdb`).
     """
     from prefect.logging.configuration import ensure_logging_setup
 
+    from flows.prefectdb import run_database
     from flows.reaper import start_reaper
 
     ensure_logging_setup()
@@ -150,7 +152,8 @@ def prefect_console(command: str) -> Iterator[RunLog]:
     if temporary:  # Prefect's temporary server will run: it must not outlive a killed command
         start_reaper()
     with _temporary_server_kept_quiet(), _temporary_server_in_its_own_session() if temporary else nullcontext(), \
-            _console_to_log(command) as run_log, _server_logs_to(run_log.path) if temporary else nullcontext():
+            _console_to_log(command) as run_log, _server_logs_to(run_log.path) if temporary else nullcontext(), \
+            run_database() if temporary else nullcontext():
         try:
             yield run_log
         except Exception as exc:

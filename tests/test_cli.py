@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version as prefect_version
 from pathlib import Path
 
 import numpy as np
@@ -639,7 +640,10 @@ def test_segment_without_a_prefect_api_runs_without_prefect_and_matches_the_flow
         results[way] = dict(code=proc.returncode, stdout=proc.stdout, stderr=_segflow_lines(proc.stderr.replace(f"out-{way}", "OUT")),
                             files=sorted(p.name for p in (tmp_path / f"out-{way}").iterdir()), labels=labels,
                             outcomes=[(o["input"], o["ok"], o.get("error")) for o in outcomes],
-                            prefect_db=(home / "prefect.db").exists(), raw=proc.stderr)
+                            # Prefect's server records its block registration there when it starts
+                            prefect_server=(home / "memo_store.toml").exists(), raw=proc.stderr,
+                            prefect_home=sorted(p.relative_to(home).as_posix() for p in home.rglob("*.db*"))
+                            if home.exists() else [])
     default = results["default"]
     assert default["code"] == 1
     errors = error_lines("\n".join(default["stderr"]))
@@ -648,14 +652,18 @@ def test_segment_without_a_prefect_api_runs_without_prefect_and_matches_the_flow
                                    (str(missing), False, errors[1][len("error: "):])]
     assert default["files"] == ["good.provenance.json", "good.qml", "good.stac.json", "good.tif", "good.zarr",
                                 "reports"]
-    assert not default["prefect_db"], "the default run without a Prefect API started Prefect's temporary server"
+    assert not default["prefect_server"], "the default run without a Prefect API started Prefect's temporary server"
     for way, result in results.items():  # nothing but segflow's lines: no library log noise, no traceback
         # (with PREFECT_API_URL="" Prefect 3.9's events worker failed at every event and once hung the exit)
         noise = [line for line in result["raw"].splitlines()
                  if not line.startswith(("ok ", "error: ", "Dask scheduler ", "segment good: ", "report: "))]
         assert not noise, (way, result["raw"])
-    assert results["prefect"]["prefect_db"], "--prefect did not run a Prefect flow run"
-    assert not results["forced"]["prefect_db"]
+    assert results["prefect"]["prefect_server"], "--prefect did not run a Prefect flow run"
+    assert not results["forced"]["prefect_server"]
+    # the temporary server kept the run in a database of its own, gone with it: only the empty template is left
+    assert results["prefect"]["prefect_home"] == [f"segflow-empty-prefect-{prefect_version('prefect')}.db"], \
+        results["prefect"]["prefect_home"]
+    assert results["default"]["prefect_home"] == [] and results["forced"]["prefect_home"] == []
     for way in ("prefect", "forced"):
         other = results[way]
         for key in ("code", "stdout", "stderr", "files", "outcomes"):
