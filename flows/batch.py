@@ -159,8 +159,11 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
     only when some input passed the check.
     """
     from flows.routing import load_cached, model_input
+    from storage.remote import is_url
 
     options = options or SegmentOptions()
+    if not is_url(out_dir):  # the workers of a Dask scheduler elsewhere run in folders of their own
+        out_dir = str(Path(out_dir).expanduser().absolute())
     logger = run_logger()
     if options.mosaic is None and checked is None:
         checked = check_inputs(inputs, model_input(model_dir, trust_bundle=options.trust_bundle), options, out_dir)

@@ -24,7 +24,8 @@ class SegmentOptions(BaseModel):
     device: str = "auto"
     # local Dask worker processes; 0: threads of this process. None: segment's default is 0, nightly's 1
     workers: int | None = Field(default=None, ge=0)
-    dask_address: str | None = None
+    # an existing scheduler; None: Dask's own setting (DASK_SCHEDULER_ADDRESS), else a local cluster
+    dask_address: str | None = Field(default=None, validate_default=True)
     gpus: bool = False  # dask-cuda LocalCUDACluster (one worker per GPU), or GPU workers of dask_address
     keep_zarr: bool = True  # keep OUT/<stem>.zarr (labels [+ probabilities]) beside the export
     quicklook: bool = False  # OUT/<stem>.quicklook.png: the labels over the image, at a glance (storage.quicklook)
@@ -53,6 +54,19 @@ class SegmentOptions(BaseModel):
     mosaic: str | None = None
     crs: str | None = None  # the mosaic's target CRS, e.g. EPSG:32633
     split_by_tile: bool = False  # with mosaic: one COG per tile, cut from the seamless result
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler(cls, v: str | None) -> str | None:
+        """No address given: the scheduler Dask's configuration names (``DASK_SCHEDULER_ADDRESS``, or
+        ``scheduler-address`` in a Dask config file), which ``distributed.Client()`` would use too.  A container
+        set-up (infra/) names its cluster there once, and every run, ``nightly``'s deployment included, uses it."""
+        if v is not None and v.strip():
+            return v.strip()
+        import dask
+
+        configured = dask.config.get("scheduler-address", None)
+        return str(configured).strip() or None if configured else None
 
     @field_validator("mosaic")
     @classmethod

@@ -98,9 +98,9 @@ def _scene(path: Path, seed: int, shape=(160, 200)) -> Path:
     return path
 
 
-def _segment(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([*SEGFLOW, "segment", *map(str, args)], capture_output=True, text=True, env=_env(),
-                          timeout=400)
+def _segment(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*SEGFLOW, "segment", *map(str, args)], capture_output=True, text=True,
+                          env={**_env(), **(env or {})}, cwd=cwd, timeout=400)
 
 
 def _executed(dask_worker) -> dict[str, float]:  # noqa: ANN001
@@ -128,9 +128,12 @@ def test_segment_through_an_existing_scheduler_matches_a_local_cluster(remote_cl
     inputs = [_scene(tmp_path / "a.tif", 1), _scene(tmp_path / "b.tif", 2)]
     before = client.run(_executed)
 
-    remote = _segment(*inputs, "--model", model.path, "--out", tmp_path / "remote", "--chunk-size", 64,
-                      "--dask-address", address, "--no-zarr")
+    # the scheduler named the way Dask's own Client() reads it (as infra/'s containers do), and a relative
+    # --out: the workers run in another folder (the fixture's), where a relative path had named nothing
+    remote = _segment(*inputs, "--model", model.path, "--out", "remote", "--chunk-size", 64, "--no-zarr",
+                      cwd=tmp_path, env={"DASK_SCHEDULER_ADDRESS": address})
     assert remote.returncode == 0, remote.stderr
+    assert f"Dask scheduler {address}" in remote.stderr, remote.stderr
     local = _segment(*inputs, "--model", model.path, "--out", tmp_path / "local", "--chunk-size", 64, "--no-zarr")
     assert local.returncode == 0, local.stderr
 

@@ -152,7 +152,19 @@ def test_compose_dask_workers_reach_the_scheduler_and_share_the_data(compose):
             mounts.setdefault(name, set()).add(target)
     # the flow (Prefect worker) ingests into /data/out; the Dask workers read and write there
     assert DATA_PATHS <= mounts["prefect-worker"] and DATA_PATHS <= mounts["dask-worker"]
+    # its window work goes to the scheduler service (Dask's own setting, which SegmentOptions reads)
+    worker_env = services["prefect-worker"]["environment"]
+    assert _scheduler_address([worker_env["DASK_SCHEDULER_ADDRESS"]]) == (host, port)
+    _shared_working_folders(worker_env, mounts["prefect-worker"] & mounts["dask-worker"])
     assert "/var/lib/postgresql/data" in mounts["postgres"]
+
+
+def _shared_working_folders(env: dict, shared_mounts: set[str]) -> None:
+    """Outputs bound for a URL are written by the Dask workers into the staging folder and uploaded from the flow's
+    process: in a container's own /tmp (the default) the upload found nothing and every input failed."""
+    for name in ("SEGFLOW_STAGING_DIR", "SEGFLOW_LOG_DIR"):
+        folder = env[name]
+        assert any(folder == m or folder.startswith(m.rstrip("/") + "/") for m in shared_mounts), (name, folder)
 
 
 # ----------------------------------------------------------------------------- kubernetes
@@ -228,6 +240,12 @@ def test_k8s_prefect_worker_and_config(k8s, prefect_yaml):
     assert cmd[:3] == ["prefect", "worker", "start"] and _option(cmd, "--type") == "process"
     assert _option(cmd, "--pool") in {d["work_pool"]["name"] for d in prefect_yaml["deployments"]}
     assert {"/data", "/models"} <= {m["mountPath"] for m in container["volumeMounts"]}
+    service = next(d for d in k8s if d["kind"] == "Service" and d["metadata"]["name"] == "dask-scheduler")
+    env = {e["name"]: e["value"] for e in container.get("env") or []}
+    host, port = _scheduler_address([env["DASK_SCHEDULER_ADDRESS"]])
+    assert host == service["metadata"]["name"] and port in {p["port"] for p in service["spec"]["ports"]}
+    # envFrom the ConfigMap, which the Dask workers get too; /data is the shared claim every pod mounts
+    _shared_working_folders(config["data"], {"/data"})
 
 
 def test_kustomization_lists_the_manifests():
@@ -258,7 +276,7 @@ def _flow(entrypoint: str):  # noqa: ANN202
     return getattr(importlib.import_module(module), attr)
 
 
-def test_prefect_yaml_entrypoints_resolve_to_flows_with_the_declared_parameters(prefect_yaml, compose):
+def test_prefect_yaml_entrypoints_resolve_to_flows_with_the_declared_parameters(prefect_yaml):
     from prefect import Flow
     from prefect.schedules import validate_cron_string
 
@@ -279,11 +297,9 @@ def test_prefect_yaml_entrypoints_resolve_to_flows_with_the_declared_parameters(
         for s in d["schedules"]:
             validate_cron_string(s["cron"])
         assert d["work_pool"]["name"]
-    dask_deployments = [d for d in deployments if (d["parameters"].get("options") or {}).get("dask_address")]
-    assert dask_deployments
-    host, port = _scheduler_address([dask_deployments[0]["parameters"]["options"]["dask_address"]])
-    sched_cmd = _command(compose["services"][host])  # the same name is the compose service and the k8s Service
-    assert port == int(_option(sched_cmd, "--port"))
+    # the cluster comes from the Prefect worker's environment (compose and k8s name theirs), not a deployment of its
+    # own: the operator who switched a second, paused one on was left with the shipped cluster idle
+    assert not any((d["parameters"].get("options") or {}).get("dask_address") for d in deployments)
 
 
 def test_schedule_command_and_prefect_yaml_share_the_flow(prefect_yaml):
