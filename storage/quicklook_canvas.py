@@ -28,6 +28,7 @@ __all__ = ["ClassShown", "Panel", "QuicklookInfo", "LegendEntry", "Sheet", "blen
            "palette_color", "resize_linear", "resize_nearest", "save_png", "text_width", "font"]
 
 ALPHA = 0.45
+MAX_LEGEND = 30  # class lines in a legend; a model of hundreds of classes made a picture 5,524 pixels tall
 MARGIN = 12
 TITLE_SIZE, TEXT_SIZE, LETTER_SIZE = 16, 13, 14
 LINE = 18  # legend and title line height in pixels
@@ -75,6 +76,7 @@ class QuicklookInfo:
     rgb_bands: tuple[int, ...] | None = None  # raster: 1-based image bands shown as R, G, B (or grey)
     centres: tuple[tuple[int, int, int], ...] = ()  # volume: voxel (i, j, k) each row of planes passes through
     note: str | None = None
+    subtitles: tuple[str, ...] = ()  # the lines under the title: the grid, what is drawn over what, how it was turned
 
     def panel(self, name: str, row: int = 0) -> Panel:
         """The ``row``-th panel called ``name``."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from pydantic import ValidationError
+from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioError
 from rasterio.io import DatasetReader
@@ -35,6 +36,7 @@ from storage.header import pixel_hectares
 from storage.rasteropen import gdal_env, read_bands
 from storage.quicklook_canvas import (
     ALPHA,
+    MAX_LEGEND,
     ClassShown,
     LegendEntry,
     Panel,
@@ -102,24 +104,83 @@ def raster_quicklook(
                      f"labels over {'bands ' + ','.join(map(str, bands)) if bands else 'no image'}"
                      f" (alpha {ALPHA:g}; label nodata transparent)"]
     legend = _legend(areas, note, step, areas_ha is not None)
-    rgb = _compose(base, labels, areas, nodata)
-    sheet = Sheet(labels_path.name, subtitles, (shape[1], shape[0]), legend)
+    rgb, turned = north_up(_compose(base, labels, areas, nodata), grid, lab.crs)
+    if turned:
+        subtitles.append(turned)
+    sheet = Sheet(labels_path.name, subtitles, (rgb.shape[1], rgb.shape[0]), legend)
     box = sheet.paste(rgb, (0, 0))
     path = save_png(sheet.image, out)
     return QuicklookInfo(path=path, size=sheet.image.size, panels=(Panel("map", box),), classes=tuple(areas),
                          decimation=scale, read_shape=shape, overview=overview,
-                         rgb_bands=tuple(bands) if bands else None, note=note)
+                         rgb_bands=tuple(bands) if bands else None, note=note, subtitles=tuple(subtitles))
 
 
 def _grid_words(lab: DatasetReader) -> str:
     """'EPSG:32633, 10 m pixels': enough for a person to tell the scene's scale."""
     if lab.crs is None:
         return "no CRS"
-    size = f"{abs(lab.transform.a):g}"
+    t = lab.transform
+    across, down = math.hypot(t.a, t.d), math.hypot(t.b, t.e)  # a column's and a row's step, rotated or not
+    size = f"{across:g}" if math.isclose(across, down, rel_tol=1e-6) else f"{across:g} x {down:g}"
     if lab.crs.is_geographic:
         return f"{lab.crs.to_string()}, {size} degree pixels"
     unit = lab.crs.linear_units or "unit"
     return f"{lab.crs.to_string()}, {size} {'m' if unit in ('metre', 'meter') else unit} pixels"
+
+
+def north_up(rgb: np.ndarray, grid: Affine, crs: CRS | None) -> tuple[np.ndarray, str | None]:
+    """The picture as a map is read, north up, east right, square on the ground, and a line saying how it was
+    turned; a picture that already is (the usual case) comes back untouched, with None.
+
+    A raster stored south up, mirrored, rotated or with oblong pixels is
+    drawn as stored otherwise: upside down, turned, or squashed, with nothing
+    to say so.  A geographic CRS's degree pixels are narrower on the ground
+    than they are tall away from the equator (half as wide at 60 degrees).
+    Those pictures are resampled (nearest: the label colours stay whole) onto
+    a grid of about the same size, outside the map light grey.
+    """
+    rows, cols = rgb.shape[:2]
+    squeeze, lat = 1.0, None
+    if crs is not None and crs.is_geographic:
+        lat = (grid * (cols / 2, rows / 2))[1]
+        squeeze = max(math.cos(math.radians(min(abs(lat), 89.0))), 0.05)
+    # display coordinates, in ground units: x to the east, y to the south (a picture's rows run down)
+    linear = np.array([[squeeze * grid.a, squeeze * grid.b], [-grid.d, -grid.e]])
+    (a, b), (d, e) = linear
+    if b == 0 and d == 0 and a > 0 and e > 0 and math.isclose(a, e, rel_tol=1e-6):
+        return rgb, None
+    corners = linear @ np.array([[0, cols, 0, cols], [0, 0, rows, rows]], dtype=float)
+    low, extent = corners.min(axis=1), np.ptp(corners, axis=1)
+    scale = max(rows, cols) / extent.max()
+    width, height = (max(1, round(n * scale)) for n in extent)
+    inverse = np.linalg.inv(linear)
+    x = low[0] + (np.arange(width) + 0.5) / scale
+    y = low[1] + (np.arange(height) + 0.5) / scale
+    col = np.floor(inverse[0, 0] * x[None, :] + inverse[0, 1] * y[:, None]).astype(np.intp)
+    row = np.floor(inverse[1, 0] * x[None, :] + inverse[1, 1] * y[:, None]).astype(np.intp)
+    inside = (col >= 0) & (col < cols) & (row >= 0) & (row < rows)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    out[:] = NO_LABEL
+    out[inside] = rgb[row[inside], col[inside]]
+    return out, _turned_words(grid, lat)
+
+
+def _turned_words(grid: Affine, lat: float | None) -> str:
+    """What ``north_up`` did, in the words a map reader uses."""
+    turned = []
+    if grid.b or grid.d:
+        turned.append(f"rotated {math.degrees(math.atan2(grid.d, grid.a)):.3g} degrees")
+    else:
+        if grid.e > 0:
+            turned.append("south up")
+        if grid.a < 0:
+            turned.append("east-west mirrored")
+    words = [f"shown north up (stored {', '.join(turned)})"] if turned else []
+    if lat is not None:
+        words.append(f"degree pixels drawn at their ground proportions at latitude {lat:.3g}")
+    elif not math.isclose(math.hypot(grid.a, grid.d), math.hypot(grid.b, grid.e), rel_tol=1e-6):
+        words.append("oblong pixels drawn at their ground proportions")
+    return "; ".join(words)
 
 
 # --------------------------------------------------------------------------- reading
@@ -230,12 +291,17 @@ def _hectares(x: float) -> str:
 
 def _legend(areas: list[ClassShown], note: str | None, step: int, caller_areas: bool) -> list[LegendEntry]:
     entries = [LegendEntry(None, "class (value): area")]
-    for c in areas:
+    listed = areas if len(areas) <= MAX_LEGEND else [c for c in areas if c.amount != 0]  # many: those on the map
+    for c in listed[:MAX_LEGEND]:
         if c.amount is None:
             text = f"{c.name} ({c.value}): {note or 'area n/a'}"
         else:
             text = f"{c.name} ({c.value}): {'' if c.exact else '~'}{_hectares(c.amount)} ha"
         entries.append(LegendEntry(c.color, text))
+    if len(listed) > MAX_LEGEND:
+        entries.append(LegendEntry(None, f"... and {len(listed) - MAX_LEGEND} more classes"))
+    if len(listed) < len(areas):
+        entries.append(LegendEntry(None, f"{len(areas) - len(listed)} classes not on the map are not listed"))
     if note is None and any(not c.exact for c in areas):
         entries.append(LegendEntry(None, f"~ counted on the 1:{step} map: approximate"))
     elif caller_areas and note is None:

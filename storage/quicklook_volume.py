@@ -38,6 +38,7 @@ from storage.labelcomponents import component_centres
 from storage.header import voxel_millilitres
 from storage.quicklook_canvas import (
     LINE,
+    MAX_LEGEND,
     ClassShown,
     LegendEntry,
     Panel,
@@ -66,7 +67,6 @@ LETTERS = {  # radiological convention, for planes turned to RAS and drawn by _f
 CELL = 256  # pixels of the volume's longest side, in millimetres, on screen
 GAP = 8
 MAX_ROWS = 4  # one row per class up to this many classes, else one row through the largest
-MAX_LEGEND = 30
 PERCENTILES = (1.0, 99.0)  # default window: these percentiles of the shown image planes
 
 

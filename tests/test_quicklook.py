@@ -536,3 +536,88 @@ def test_the_quicklook_font_draws_the_letters_people_name_things_with():
     missing = glyph("\U0010fffd")
     for ch in "üé✓":
         assert glyph(ch) != missing, ch
+
+
+# --------------------------------------------------------------------------- raster: north up, square on the ground
+
+
+def _marked_labels(path: Path, transform: Affine, *, shape=(40, 60), crs: str = UTM,
+                   mark=(slice(2, 10), slice(3, 9))) -> Path:
+    """Class 0 everywhere but a block of class 1 at ``mark`` (stored rows, cols), on any geotransform."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[mark] = 1
+    with rasterio.open(path, "w", driver="GTiff", width=shape[1], height=shape[0], count=1, dtype="uint8",
+                       crs=crs, transform=transform, nodata=255) as dst:
+        dst.write(labels, 1)
+    return path
+
+
+MARK = [LabelClass(value=0, name="ground", color=(40, 40, 40)), LabelClass(value=1, name="mark", color=MAGENTA)]
+
+
+def _magenta(info: QuicklookInfo) -> np.ndarray:
+    m = crop(png(info), info.panel("map").box)
+    return (m[..., 0] > 200) & (m[..., 1] < 60) & (m[..., 2] > 200)
+
+
+def test_a_raster_stored_south_up_or_mirrored_is_drawn_north_up(tmp_path: Path) -> None:
+    """Drawn in storage order, a south-up GeoTIFF's picture was upside down, with nothing saying so."""
+    x0, y0, rows, cols = ORIGIN[0], ORIGIN[1], 40, 60
+    north = raster_quicklook(_marked_labels(tmp_path / "n.tif", Affine(10, 0, x0, 0, -10, y0)), tmp_path / "n.png",
+                             classes=MARK)
+    # the same ground, stored with rows running north, and with columns running west
+    south = raster_quicklook(_marked_labels(tmp_path / "s.tif", Affine(10, 0, x0, 0, 10, y0 - 10 * rows),
+                                            mark=(slice(rows - 10, rows - 2), slice(3, 9))), tmp_path / "s.png",
+                             classes=MARK)
+    west = raster_quicklook(_marked_labels(tmp_path / "w.tif", Affine(-10, 0, x0 + 10 * cols, 0, -10, y0),
+                                           mark=(slice(2, 10), slice(cols - 9, cols - 3))), tmp_path / "w.png",
+                            classes=MARK)
+    assert bbox(_magenta(north)) == (2, 9, 3, 8)  # north-west, as stored
+    for turned, words in ((south, "shown north up (stored south up)"), (west, "shown north up (stored east-west "
+                                                                                 "mirrored)")):
+        np.testing.assert_array_equal(crop(png(turned), turned.panel("map").box),
+                                      crop(png(north), north.panel("map").box))
+        assert turned.subtitles[-1] == words
+    assert not any("north up" in line for line in north.subtitles)  # a north-up map is drawn as stored, untouched
+
+
+def test_oblong_pixels_and_degrees_are_drawn_at_their_ground_proportions(tmp_path: Path) -> None:
+    """384 x 128 pixels of 10 x 30 m (a square on the ground) were drawn three times too flat, captioned 10 m."""
+    oblong = raster_quicklook(_marked_labels(tmp_path / "o.tif", Affine(10, 0, ORIGIN[0], 0, -30, ORIGIN[1]),
+                                             shape=(40, 120)), tmp_path / "o.png", classes=MARK)
+    assert oblong.panel("map").box[2:] == (120, 120)
+    assert "EPSG:32633, 10 x 30 m pixels" in oblong.subtitles[0]
+    assert oblong.subtitles[-1] == "oblong pixels drawn at their ground proportions"
+    assert bbox(_magenta(oblong)) == (6, 29, 3, 8)  # stored rows 2-9 of 30 m: 3x as tall
+    # square degrees at 60 degrees north are half as wide on the ground as they are tall
+    geographic = raster_quicklook(_marked_labels(tmp_path / "g.tif", Affine(0.001, 0, 10.0, 0, -0.001, 60.02),
+                                                 shape=(40, 40), crs="EPSG:4326"), tmp_path / "g.png", classes=MARK)
+    assert geographic.panel("map").box[2:] == (20, 40)
+    assert geographic.subtitles[-1] == "degree pixels drawn at their ground proportions at latitude 60"
+
+
+def test_a_rotated_geotransform_is_drawn_turned_with_its_pixel_size(tmp_path: Path) -> None:
+    """A transform rotated 30 degrees was captioned "8.66025 m pixels" (its `a` term) and drawn unturned."""
+    transform = Affine.translation(*ORIGIN) * Affine.rotation(30) * Affine.scale(10, -10)
+    info = raster_quicklook(_marked_labels(tmp_path / "r.tif", transform), tmp_path / "r.png", classes=MARK)
+    assert "EPSG:32633, 10 m pixels" in info.subtitles[0]
+    assert info.subtitles[-1] == "shown north up (stored rotated 30 degrees)"
+    # the mark's centre sits where its ground position puts it within the picture's ground extent
+    corners = [transform * (c, r) for c, r in ((0, 0), (60, 0), (0, 40), (60, 40))]
+    xs, ys = [p[0] for p in corners], [p[1] for p in corners]
+    left, top, width, height = info.panel("map").box
+    scale = width / (max(xs) - min(xs))
+    assert abs(height / (max(ys) - min(ys)) - scale) < 0.05
+    gx, gy = transform * (6.0, 6.0)  # the centre of stored cols 3-8, rows 2-9
+    rows, cols = np.nonzero(_magenta(info))
+    assert abs(cols.mean() + 0.5 - (gx - min(xs)) * scale) < 1.0
+    assert abs(rows.mean() + 0.5 - (max(ys) - gy) * scale) < 1.0
+
+
+def test_a_legend_of_hundreds_of_classes_lists_those_on_the_map(tmp_path: Path) -> None:
+    """A 300-class model's legend listed every class, "0 ha" after "0 ha": a picture 5,524 pixels tall."""
+    classes = MARK + [LabelClass(value=v, name=f"class {v}", color=palette_color(v)) for v in range(2, 300)]
+    info = raster_quicklook(_marked_labels(tmp_path / "l.tif", Affine(10, 0, ORIGIN[0], 0, -10, ORIGIN[1])),
+                            tmp_path / "l.png", classes=classes)
+    assert len(info.classes) == 299  # value 255 is the label nodata
+    assert info.size[1] < 8 * 18 + 100, info.size  # two classes, the notes, the title: a few lines of 18 pixels
