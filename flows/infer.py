@@ -56,7 +56,7 @@ def crf_params(options: SegmentOptions) -> CRFParams:
     return CRFParams(iterations=options.crf_iterations)
 
 
-def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) -> dict[str, Any]:
+def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any, device: str) -> dict[str, Any]:
     inf = model.card.inference
     predictor = getattr(getattr(plan, "stitch", plan), "predictor", None)
     return {
@@ -72,7 +72,7 @@ def resolved_parameters(model: LoadedModel, options: SegmentOptions, plan: Any) 
         # what `fast` computes in here (fp32 on a CPU without bf16 instructions): in the identity, so a run resumed
         # on another kind of CPU never mixes its chunks with the first one's
         "compute": precision.describe(options.precision,
-                                      "cuda" if device_name(options.device).startswith("cuda") else "cpu",
+                                      "cuda" if device.startswith("cuda") else "cpu",
                                       getattr(predictor, "cpu_dtype", None)),
     }
 
@@ -123,10 +123,11 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     with gpu_tasks(client):  # on GPU workers, the window tasks ask for one GPU each
         plan, mapping, space_facts = modelspace.build(store, model, options, client)
     stitch = getattr(plan, "stitch", plan)  # the model-space stitching (the plan itself on the input's grid)
-    params = resolved_parameters(model, options, plan)
+    device = run_device(options, client)
+    params = resolved_parameters(model, options, plan, device)
     if mapping is not None:
         params["resampling"] = modelspace.resampling_record(mapping, model, options)
-    parts = run_identity(store, model, params, device_name(options.device))
+    parts = run_identity(store, model, params, device)
     identity = identity_digest(parts)
     chunks = tuple(c[0] for c in plan.chunks)
     ldtype = str(label_dtype(plan.num_classes))
@@ -238,6 +239,7 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
     norm = getattr(stitch, "normalizer", None)
     if norm is not None:  # what the network saw: (x - shift) * factor, per channel (image statistics included)
         stats["normalization"] = {"shift": [float(v) for v in norm.shift], "factor": [float(v) for v in norm.factor]}
+    stats["device"] = device  # the provenance's environment names it (flows.pipeline)
     return stats, params
 
 
@@ -279,6 +281,25 @@ def _kill_for_test() -> None:
     if os.getpgid(0) == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_device(options: SegmentOptions, client: Client) -> str:
+    """The device the window work runs on, as the workers that run it name theirs.
+
+    A scheduler elsewhere has workers with hardware of their own: GPU
+    workers behind a client without one were recorded as the client's
+    "cpu (x86_64)", in the provenance and in the run's identity (which keeps
+    chunks from other hardware apart).  Workers that differ are all named
+    ("cuda:0 (...) + cpu (...)").  A local cluster's workers are this host's.
+    """
+    if options.dask_address is None:
+        return device_name(options.device)
+    from flows.cluster import GPU
+
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    chosen = [a for a, w in workers.items() if not options.gpus or (w.get("resources") or {}).get(GPU)]
+    names = sorted(set(client.run(device_name, options.device, workers=chosen or None).values()))
+    return " + ".join(map(str, names)) if names else device_name(options.device)
 
 
 def device_name(device: str) -> str:

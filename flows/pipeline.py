@@ -175,7 +175,8 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                    "weights_path": str(given.weights_path.resolve()) if given.weights_path else None,
                    "source": given.source, "card_sha256": given.card.shaping_sha256(), **_card_file(given),
                    "architecture": given.card.architecture.model_dump(mode="json")},
-            parameters=params, device=device_name(options.device), started=started, finished=provenance.now(),
+            parameters=params, device=stats.pop("device", None) or device_name(options.device),
+            dask_scheduler=options.dask_address, started=started, finished=provenance.now(),
             statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
         # what a run before this one wrote under this name is set aside (put back if this run fails), and so is
         # its sidecar; what a run killed while exporting left is undone first (flows/replacing.py)

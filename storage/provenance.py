@@ -65,14 +65,18 @@ def git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def environment(device: str) -> dict[str, Any]:
-    return {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+def environment(device: str, dask_scheduler: str | None = None) -> dict[str, Any]:
+    """Where the run ran: this host, and the scheduler whose workers did the window work when it was not a local
+    cluster (``device`` is then the workers')."""
+    where = {"dask_scheduler": dask_scheduler} if dask_scheduler else {}
+    return {"host": socket.gethostname(), **where, "platform": platform.platform(), "python": platform.python_version(),
             "device": device, "versions": package_versions(), "git_commit": git_commit()}
 
 
 def make_record(*, input_path: str, input_sha256: str, model: dict[str, Any], parameters: dict[str, Any],
                 device: str, started: str, finished: str, statistics: dict[str, Any],
-                outputs: dict[str, str] | None = None, input_details: dict[str, Any] | None = None) -> dict[str, Any]:
+                outputs: dict[str, str] | None = None, input_details: dict[str, Any] | None = None,
+                dask_scheduler: str | None = None) -> dict[str, Any]:
     """Assemble the record; ``model`` carries at least name, path and weights_sha256.
 
     ``input_details`` adds to the input's entry: a DICOM series' UIDs, its
@@ -84,7 +88,7 @@ def make_record(*, input_path: str, input_sha256: str, model: dict[str, Any], pa
         "input": {"path": input_path, "sha256": input_sha256, **(input_details or {})},
         "model": model,
         "parameters": parameters,
-        "environment": environment(device),
+        "environment": environment(device, dask_scheduler),
         "started": started,
         "finished": finished,
         "statistics": statistics,

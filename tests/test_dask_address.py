@@ -113,6 +113,15 @@ def _executed(dask_worker) -> dict[str, float]:  # noqa: ANN001
     return done
 
 
+def _name_devices_as(name: str | None) -> None:
+    """In a worker: ``flows.infer.device_name`` answers ``name`` (None: its own answer again)."""
+    import flows.infer
+
+    real = getattr(flows.infer, "_real_device_name", flows.infer.device_name)
+    flows.infer._real_device_name = real
+    flows.infer.device_name = real if name is None else (lambda device: name)
+
+
 def _torch_threads() -> int:
     import torch
 
@@ -127,11 +136,17 @@ def test_segment_through_an_existing_scheduler_matches_a_local_cluster(remote_cl
     model = tiny_model(tmp_path / "model", spatial_dims=2, channels=3)
     inputs = [_scene(tmp_path / "a.tif", 1), _scene(tmp_path / "b.tif", 2)]
     before = client.run(_executed)
+    # the remote workers name their device as a GPU worker would (their module's function, looked up by name when
+    # the client sends it): the provenance must record theirs, not this client's "cpu (...)"
+    client.run(_name_devices_as, "cuda:0 (a worker's GPU)")
 
     # the scheduler named the way Dask's own Client() reads it (as infra/'s containers do), and a relative
     # --out: the workers run in another folder (the fixture's), where a relative path had named nothing
-    remote = _segment(*inputs, "--model", model.path, "--out", "remote", "--chunk-size", 64, "--no-zarr",
-                      cwd=tmp_path, env={"DASK_SCHEDULER_ADDRESS": address})
+    try:
+        remote = _segment(*inputs, "--model", model.path, "--out", "remote", "--chunk-size", 64, "--no-zarr",
+                          cwd=tmp_path, env={"DASK_SCHEDULER_ADDRESS": address})
+    finally:
+        client.run(_name_devices_as, None)
     assert remote.returncode == 0, remote.stderr
     assert f"Dask scheduler {address}" in remote.stderr, remote.stderr
     local = _segment(*inputs, "--model", model.path, "--out", tmp_path / "local", "--chunk-size", 64, "--no-zarr")
@@ -143,6 +158,11 @@ def test_segment_through_an_existing_scheduler_matches_a_local_cluster(remote_cl
             assert np.array_equal(r.read(1), loc.read(1))
         record = json.loads((tmp_path / "remote" / f"{src.stem}.provenance.json").read_text())
         assert record["statistics"]["windows_evaluated"] == record["statistics"]["windows_total"] > 1
+        assert record["environment"]["device"] == "cuda:0 (a worker's GPU)"
+        assert record["environment"]["dask_scheduler"] == address
+        local_record = json.loads((tmp_path / "local" / f"{src.stem}.provenance.json").read_text())
+        assert local_record["environment"]["device"].startswith("cpu")
+        assert "dask_scheduler" not in local_record["environment"]
 
     # both remote workers evaluated windows: their own execution metrics grew for the evaluate tasks
     after = client.run(_executed)
