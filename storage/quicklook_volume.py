@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nibabel.affines import obliquity
 from nibabel.orientations import aff2axcodes, apply_orientation, io_orientation
 
 from storage.classes import LABEL_TABLE_HEADER, LabelClass, table_names
@@ -66,6 +67,7 @@ LETTERS = {  # radiological convention, for planes turned to RAS and drawn by _f
 }
 CELL = 256  # pixels of the volume's longest side, in millimetres, on screen
 GAP = 8
+OBLIQUE_DEGREES = 0.5  # a voxel axis this far from every anatomical axis is said to be oblique
 MAX_ROWS = 4  # one row per class up to this many classes, else one row through the largest
 PERCENTILES = (1.0, 99.0)  # default window: these percentiles of the shown image planes
 
@@ -125,15 +127,15 @@ def volume_quicklook(
         size = _screen_size(affine, ornt, volume.shape, kept)
         pictures.append((row, name, req, _render(lab2d, img2d, size, lo, hi, colors, drawn)))
     captions = [_row_caption(rows[row] if rows else None, centre) for row, centre in enumerate(centres)]
-    sheet = _lay_out(labels_path.name, _subtitles(volume.shape, affine, how, lo, hi), _legend(shown, present),
-                     pictures, captions, planes)
+    subtitles = _subtitles(volume.shape, affine, how, lo, hi)
+    sheet = _lay_out(labels_path.name, subtitles, _legend(shown, present), pictures, captions, planes)
     panels = tuple(Panel(name, box, dict(LETTERS[name]), slice=(int(req[0]), int(req[1])),
                          through_class=rows[row].value if rows else None)
                    for (row, name, req, _), box in zip(pictures, sheet.boxes))
     path = save_png(sheet.image, out)
     return QuicklookInfo(path=path, size=sheet.image.size, panels=panels, classes=tuple(shown),
                          centres=tuple(tuple(int(v) for v in c) for c in centres),
-                         note=None if present else "no labelled voxels")
+                         note=None if present else "no labelled voxels", subtitles=tuple(subtitles))
 
 
 def _screen_size(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int], kept: list[int]) -> tuple[int, int]:
@@ -283,6 +285,9 @@ def _render(labels: np.ndarray, image: np.ndarray | None, size: tuple[int, int],
 def _subtitles(shape: Sequence[int], affine: np.ndarray, how: str, lo: float, hi: float) -> list[str]:
     sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     stored = "".join(aff2axcodes(affine))
+    tilt = float(np.degrees(obliquity(affine[:4, :4])).max())
+    if tilt >= OBLIQUE_DEGREES:  # the planes are the voxel grid's, turned from the anatomical ones
+        stored += f", {tilt:.3g} degrees oblique (planes follow the voxel grid)"
     first = (f"{'x'.join(str(n) for n in shape)} voxels of {'x'.join(f'{s:.3g}' for s in sizes)} mm, stored {stored}; "
              "shown radiological (patient's right on the left)")
     second = f"window {lo:.4g} to {hi:.4g} ({how}); labels filled (alpha) and outlined"

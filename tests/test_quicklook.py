@@ -334,6 +334,19 @@ def test_thick_slices_are_not_squashed(tmp_path: Path) -> None:
     assert abs(w / h - 1.5) < 0.02
 
 
+def test_an_oblique_scan_says_its_planes_follow_the_voxel_grid(tmp_path: Path) -> None:
+    """An oblique acquisition was captioned "stored RAS" alone, as if its planes were the anatomical ones."""
+    labels = np.zeros((30, 30, 20), dtype=np.uint8)
+    labels[10:20, 10:20, 5:15] = 1
+    tilted = ras_affine()
+    turn = np.radians(20)  # 20 degrees about the x axis, as a tilted-gantry CT
+    tilted[:3, :3] = np.array([[1, 0, 0], [0, np.cos(turn), -np.sin(turn)], [0, np.sin(turn), np.cos(turn)]])
+    oblique = volume_quicklook(write_volume(tmp_path / "o.nii", labels, tilted), tmp_path / "o.png")
+    assert "stored RAS, 20 degrees oblique (planes follow the voxel grid)" in oblique.subtitles[0]
+    square = volume_quicklook(write_volume(tmp_path / "s.nii", labels, ras_affine()), tmp_path / "s.png")
+    assert "oblique" not in square.subtitles[0] and "stored RAS;" in square.subtitles[0]
+
+
 @pytest.mark.parametrize("thin", [2, 1])
 def test_a_volume_one_slice_thick_shows_the_one_plane_across_it(tmp_path: Path, thin: int) -> None:
     """A 2-D image kept as NIfTI (X x Y x 1, nnU-Net's way; or a coronal radiograph one voxel thick along y) has
