@@ -44,6 +44,7 @@ from storage.remote import is_url
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_EMBED_BYTES = 8 << 20  # a quicklook is at most about 1 MB; anything far bigger is not one
+MAX_CLASS_ROWS = 30  # a class table longer than this lists the classes present (218 rows of "0" had been shown)
 TIMINGS = (("ingest", "ingest_seconds"), ("inference", "inference_seconds"), ("export", "export_seconds"),
            ("total", "total_seconds"))
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -229,13 +230,20 @@ class _Page:
         if self.previous is not None:
             prior = next((r for r in self.previous["inputs"] if isinstance(r, dict)
                           and str(r.get("input")) == str(rep.get("input"))), {})
-        rows = []
-        for r in labels:
+        rows, listed = [], labels
+        if len(labels) > MAX_CLASS_ROWS:  # hundreds of classes: those present now or in the previous run
+            before = {str(r.get("name")) for r in (prior or {}).get("labels") or []
+                      if isinstance(r, dict) and r.get("count")}
+            listed = [r for r in labels if r.get("count") or str(r.get("name")) in before]
+        for r in listed:
             amount = r.get(key) if isinstance(r.get(key), (int, float)) else None
             swatch = _swatch(colors[r.get("value")]) if r.get("value") in colors else ""
             change = "" if prior is None else f'<td class="num">{_e(_change(amount, r, prior, key, unit))}</td>'
             rows.append(f'<tr><td>{swatch}{_e(r.get("name"))}</td><td class="num">{_count(r.get("count"))}</td>'
                         f'<td class="num">{_e(_amount(amount, unit))}</td>{change}</tr>')
+        if len(listed) < len(labels):
+            rows.append(f'<tr><td colspan="{3 if prior is None else 4}" class="dim">{len(labels) - len(listed)} more '
+                        f'classes with no {cells}</td></tr>')
         head = f"<th>class</th><th>{cells}</th><th>{what}</th>" + ("" if prior is None else "<th>change</th>")
         return f'<table class="measures"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 

@@ -133,6 +133,24 @@ def test_numbers_as_people_write_them_and_changes_since_the_previous_run(tmp_pat
     assert "12.4 mL −0.67 mL (−5.1 %)" in page
 
 
+def test_a_model_of_hundreds_of_classes_lists_those_present_now_or_before(tmp_path):
+    """A 300-class model's table had 218 rows of "0 / 0 ha" around the few classes on the map."""
+    def report(present: dict[int, int]) -> dict:
+        labels = [{"value": v, "name": f"class {v}", "count": present.get(v, 0), "area_ha": present.get(v, 0) / 100}
+                  for v in range(300)]
+        return {"schema": "segflow.nightly-report/1", "run": {"summary": "1 input", "models": []},
+                "inputs": [{"input": "/in/scene.tif", "status": "done", "measure": "area_ha", "cell_size": 100.0,
+                            "labels": labels}]}
+
+    page = Page(write_html_report(report({3: 500, 7: 900}), tmp_path / "r.html").read_text())
+    assert "class 3 500 5 ha" in page.words and "class 7 900 9 ha" in page.words
+    assert "class 4 " not in page.words and "298 more classes with no pixels" in page.words
+    # a class that was there the night before and is gone now stays listed, with its change
+    page = Page(write_html_report(report({3: 500}), tmp_path / "r.html", previous=report({3: 500, 7: 900}))
+                .read_text())
+    assert "class 7 0 0 ha −9 ha (−100.0 %)" in page.words and "298 more classes with no pixels" in page.words
+
+
 def test_segment_outcomes_are_adapted_and_the_report_command_finds_quicklooks(tmp_path):
     run = sample_run(tmp_path)
     scene = run.report["inputs"][0]
