@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -122,48 +123,49 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     sources (:mod:`storage.sources`); a manifest's inputs are the operator's list and are not limited.
     """
     options = options or SegmentOptions()
-    _check_numbers(retries, retry_delay_seconds, lock_stale_after, settle_seconds, parallel)
     logger = get_run_logger()
     started, stamp, t0 = provenance.now(), timestamp(), time.perf_counter()
+    _check_numbers(retries, retry_delay_seconds, lock_stale_after, settle_seconds, parallel)
     if (inbox is None) == (manifest is None):
         raise ConfigError(None, "give an inbox folder or a manifest (one of them)")
     inbox = _absolute(inbox)
     manifest = _absolute(manifest)
-    check_out_beside_inbox(inbox, out_dir)
-    arriving: dict[str, float] = {}
-    if inbox is not None:
-        paths, ignored = list_inbox(inbox)
-        claimed = {} if is_url(inbox) else claimed_by_items(paths, ignored)
-        arriving = still_arriving(paths, settle_seconds)
-        paths = [p for p in paths if p not in arriving]
-        for p, age in arriving.items():
-            logger.info("still arriving (changed %.0f s ago), left for the next run: %s", age, p)
-    else:
-        paths, ignored, claimed = read_manifest(manifest), [], {}
-    listed = Counter(paths)
-    paths = list(dict.fromkeys(paths))  # a path listed twice is one input, and the report says so
-    duplicates = [{"input": p, "listed": n} for p, n in listed.items() if n > 1]
-    models = read_models(model_dirs, trust_bundle=options.trust_bundle)  # a bad model fails the run up front
-    # DICOM folders, DICOMDIRs and loose DICOM files: one item per series volume; a case's nnU-Net channel files
-    # one item, unless no model takes that many channels and one takes one (one-channel scans numbered so); a 2-D
-    # model not in metres takes them too, one slice thick (nnU-Net's 2-D images: routing.one_slice)
-    items, unusable = expand(paths, {m.channels for m in models if m.spatial_dims == 3 or not m.card.in_metres})
-    by_label = {input_label(i): i for i in items}  # a series reached twice (folder and DICOMDIR) is one input
-    for m in models:
-        loaded(m, trust_bundle=options.trust_bundle)
-    if is_url(out_dir):  # outputs, ledger and reports under a URL prefix (flows/staging.py)
-        out: Any = out_dir.rstrip("/")
-    else:
-        out = make_output_folder(Path(out_dir).expanduser().absolute())
-        make_output_folder(out / REPORTS_DIR)  # the run ends by writing its report there: a file in the way fails now
-    labels = list(by_label)
-    clashes = {labels[i]: error for i, error in output_clashes(list(by_label.values()), usable=_readable).items()}
-    reports: dict[str, InputReport] = {p: InputReport(input=p, status="failed", attempts=0, error=error)
-                                       for p, error in clashes.items()}
-    for label, error in unusable:  # e.g. a folder without an image series: fails alone, nothing to route
-        reports[label] = InputReport(input=label, status="failed", attempts=1, error=error)
-        logger.info("input failed: %s", error)
-    todo = [p for p in by_label if p not in clashes]
+    check_out_beside_inbox(inbox, out_dir)  # before any report: OUT inside the inbox is no place to write one
+    with _reported_if_unstarted(out_dir, inbox, manifest, started, stamp, t0):
+        arriving: dict[str, float] = {}
+        if inbox is not None:
+            paths, ignored = list_inbox(inbox)
+            claimed = {} if is_url(inbox) else claimed_by_items(paths, ignored)
+            arriving = still_arriving(paths, settle_seconds)
+            paths = [p for p in paths if p not in arriving]
+            for p, age in arriving.items():
+                logger.info("still arriving (changed %.0f s ago), left for the next run: %s", age, p)
+        else:
+            paths, ignored, claimed = read_manifest(manifest), [], {}
+        listed = Counter(paths)
+        paths = list(dict.fromkeys(paths))  # a path listed twice is one input, and the report says so
+        duplicates = [{"input": p, "listed": n} for p, n in listed.items() if n > 1]
+        models = read_models(model_dirs, trust_bundle=options.trust_bundle)  # a bad model fails the run up front
+        # DICOM folders, DICOMDIRs and loose DICOM files: one item per series volume; a case's nnU-Net channel files
+        # one item, unless no model takes that many channels and one takes one (one-channel scans numbered so); a 2-D
+        # model not in metres takes them too, one slice thick (nnU-Net's 2-D images: routing.one_slice)
+        items, unusable = expand(paths, {m.channels for m in models if m.spatial_dims == 3 or not m.card.in_metres})
+        by_label = {input_label(i): i for i in items}  # a series reached twice (folder and DICOMDIR) is one input
+        for m in models:
+            loaded(m, trust_bundle=options.trust_bundle)
+        if is_url(out_dir):  # outputs, ledger and reports under a URL prefix (flows/staging.py)
+            out: Any = out_dir.rstrip("/")
+        else:
+            out = make_output_folder(Path(out_dir).expanduser().absolute())
+            make_output_folder(out / REPORTS_DIR)  # the run ends by writing its report there: a file in the way fails
+        labels = list(by_label)
+        clashes = {labels[i]: error for i, error in output_clashes(list(by_label.values()), usable=_readable).items()}
+        reports: dict[str, InputReport] = {p: InputReport(input=p, status="failed", attempts=0, error=error)
+                                           for p, error in clashes.items()}
+        for label, error in unusable:  # e.g. a folder without an image series: fails alone, nothing to route
+            reports[label] = InputReport(input=label, status="failed", attempts=1, error=error)
+            logger.info("input failed: %s", error)
+        todo = [p for p in by_label if p not in clashes]
     cluster_kw = {"gpus": True} if getattr(options, "gpus", False) else {}
     with dask_client(options.dask_address, workers=options.workers, dashboard=True, **cluster_kw) as client:
         dashboard = dashboard_link(client)
@@ -324,6 +326,37 @@ def _stop(futures: list[Any]) -> None:
     for f in futures:
         if getattr(f, "wrapped_future", None) is None:
             f.wait()
+
+
+@contextmanager
+def _reported_if_unstarted(out_dir: str, inbox: str | None, manifest: str | None, started: str, stamp: str,
+                           t0: float) -> Iterator[None]:
+    """A run that fails before any input (a model directory missing, the inbox gone, a bad option) writes its
+    report too, where OUT already exists: an operator reading OUT/reports in the morning had found no report at
+    all, as if the night had not run; the error was in Prefect's UI and the worker's log only.  The error still
+    ends the run; a report that cannot be written changes nothing."""
+    try:
+        yield
+    except SegflowError as exc:
+        out: Any = out_dir.rstrip("/") if is_url(out_dir) else Path(out_dir).expanduser().absolute()
+        if isinstance(out, Path) and not out.is_dir():  # never make OUT for a run that did nothing
+            raise
+        report = {"schema": "segflow.nightly-report/1",
+                  "run": {"flow_run_id": flow_run_info.get_id(), "flow_run_name": flow_run_info.get_name(),
+                          "started": started, "finished": provenance.now(),
+                          "seconds": round(time.perf_counter() - t0, 3),
+                          "state": "Failed", "summary": f"the run did not start: {one_line(exc)}",
+                          "error": one_line(exc), "inbox": inbox, "manifest": manifest, "out_dir": str(out),
+                          "models": [],
+                          "counts": counts([])},
+                  "inputs": []}
+        try:
+            json_path, md_path = staging.write_report(report, out, stamp)
+            report["report"] = {"json": str(json_path), "markdown": str(md_path)}
+            _html_report(report, json_path)
+        except (OSError, SegflowError):
+            pass
+        raise
 
 
 def _html_report(report: dict[str, Any], json_path: Any) -> Path | None:

@@ -36,7 +36,7 @@ from flows.config import SegmentOptions
 from flows.flows import segment
 from flows.nightly import is_transient, nightly, nightly_report, read_manifest
 from storage import samples
-from storage.errors import ConfigError, CorruptInputError
+from storage.errors import ConfigError, CorruptInputError, SegflowError
 from storage.hashing import sha256_file
 from tests.models import tiny_model
 
@@ -570,6 +570,37 @@ def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
         res = runner.invoke(app, ["nightly", "--model", str(models["2d"].path), "--out", str(out), "--inbox",
                                   str(inbox)])
         assert res.exit_code != 0 and "the next night would read segflow's outputs as new inputs" in res.output
+
+
+def test_a_night_that_cannot_start_writes_its_report_where_out_exists(models, tmp_path):
+    """A missing model directory (or inbox) ended a deployment's run before any report: an operator reading
+    OUT/reports the next morning found nothing, as if the night had not run; the error was in Prefect's UI and
+    the worker's log only. (``segflow nightly`` refuses a missing model before the flow starts, in one line.)"""
+    from storage.errors import ModelError
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    out.mkdir()
+    gone = tmp_path / "models" / "lesion-3d"
+    with pytest.raises(ModelError) as err:
+        nightly(model_dirs=[str(models["2d"].path), str(gone)], out_dir=str(out), inbox=str(inbox))
+    assert str(gone) in str(err.value)
+    [json_path] = (out / "reports").glob("*.json")
+    report = json.loads(json_path.read_text())
+    assert report["run"]["state"] == "Failed" and report["inputs"] == []
+    assert report["run"]["summary"] == f"the run did not start: {err.value}"
+    assert report["run"]["summary"] in json_path.with_suffix(".md").read_text()
+    assert "the run did not start" in json_path.with_suffix(".html").read_text()
+    # the inbox gone (an unmounted share): the same, a second report
+    shutil.rmtree(inbox)
+    with pytest.raises(SegflowError):
+        nightly(model_dirs=[str(models["2d"].path)], out_dir=str(out), inbox=str(inbox))
+    assert len(list((out / "reports").glob("*.json"))) == 2
+    # no OUT yet: a run that did nothing does not make one
+    inbox.mkdir()
+    with pytest.raises(ModelError):
+        nightly(model_dirs=[str(gone)], out_dir=str(tmp_path / "new"), inbox=str(inbox))
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_report_that_cannot_be_written_is_one_error_line_after_the_inputs(models, tmp_path, dask_cluster,
