@@ -43,6 +43,7 @@ WEIGHTS_FILE = "weights.safetensors"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")  # what a torch.save file is called
 TRAINING_CURVE = "learning_curve.png"  # segmentation.trainreport.CURVE_FILE: written before a trained model's card
 SCRIPT_FILE = "model.ts"  # the TorchScript form of a model directory
+VALIDATION_TABLE = "validation.md"  # segmentation.trainreport.TABLE_FILE: a trained model's per-class scores
 TORCHSCRIPT = "torchscript"  # card architecture.name of a TorchScript network
 
 
@@ -312,6 +313,20 @@ def check_model_out(out: Path, *, checkpoints: bool = False) -> None:
                                                             or (out / TRAINING_CURVE).is_file()))
     if not ours and any(out.iterdir()):
         raise ModelError(out, "is a folder of other files, not an empty or model directory; choose a new --out")
+    # a card.json among a user's own files (a data folder with the card written for it) is no model directory:
+    # training had written its weights and checkpoints there and replaced that card
+    foreign = sorted(p.name for p in out.iterdir() if not _model_entry(p.name))
+    if ours and foreign:
+        raise ModelError(out, f"holds {foreign[0]!r} beside its {CARD_FILE}, which is no part of a model directory: "
+                              "a model would be written among those files; choose a new --out")
+
+
+MODEL_ENTRIES = frozenset({CARD_FILE, WEIGHTS_FILE, SCRIPT_FILE, TRAINING_CURVE, VALIDATION_TABLE, CHECKPOINTS})
+
+
+def _model_entry(name: str) -> bool:
+    """What segflow writes into a model directory, its temporary files while it writes, and hidden files."""
+    return name in MODEL_ENTRIES or name.startswith(".") or name.endswith(".tmp")
 
 
 def _check_replaceable(out: Path) -> None:

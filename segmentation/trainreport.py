@@ -20,11 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from segmentation.card import ModelCard
-from segmentation.modeldir import TRAINING_CURVE
+from segmentation.modeldir import TRAINING_CURVE, VALIDATION_TABLE
 from storage.atomic import write_text_atomically
 
 CURVE_FILE = TRAINING_CURVE  # written before the card (segmentation.training.save_trained)
-TABLE_FILE = "validation.md"
+TABLE_FILE = VALIDATION_TABLE
 HISTORY_LIMIT = 200  # validations kept in the card (the best and the last always among them)
 
 

@@ -349,6 +349,17 @@ def test_a_model_directory_is_never_written_over_a_file_or_into_a_folder_of_othe
     check_model_out(tmp_path / "new")
     (tmp_path / "empty").mkdir()
     check_model_out(tmp_path / "empty")
+    # a card written by hand into a data folder is no model directory: training had written a model among the
+    # data and replaced that card; a model directory (and a write a killed run left in it) is one
+    (data / "card.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"holds 'scene.tif' beside its card.json, which is no part of a model"):
+        check_model_out(data, checkpoints=True)
+    trained = tmp_path / "trained"
+    for name in ("card.json", "weights.safetensors", "learning_curve.png", "validation.md", "weights.tmp"):
+        (trained / name).parent.mkdir(exist_ok=True)
+        (trained / name).write_bytes(b"x")
+    (trained / "checkpoints").mkdir()
+    check_model_out(trained, checkpoints=True)
 
 
 def test_weights_with_nan_are_refused_naming_the_tensor(net, tmp_path):
