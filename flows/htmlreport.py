@@ -238,7 +238,7 @@ class _Page:
         for r in listed:
             amount = r.get(key) if isinstance(r.get(key), (int, float)) else None
             swatch = _swatch(colors[r.get("value")]) if r.get("value") in colors else ""
-            change = "" if prior is None else f'<td class="num">{_e(_change(amount, r, prior, key, unit))}</td>'
+            change = "" if prior is None else f'<td class="num">{_e(_change(amount, r, prior, key, unit, rep))}</td>'
             rows.append(f'<tr><td>{swatch}{_e(r.get("name"))}</td><td class="num">{_count(r.get("count"))}</td>'
                         f'<td class="num">{_e(_amount(amount, unit))}</td>{change}</tr>')
         if len(listed) < len(labels):
@@ -266,12 +266,16 @@ def _card(model: dict[str, Any]) -> dict[str, Any] | None:
     return read_card_summary(path) if isinstance(path, str) and path and not is_url(path) else None
 
 
-def _change(amount: float | None, row: dict[str, Any], prior: dict[str, Any], key: str, unit: str) -> str:
-    """This class's change since the previous run of the same input, in the unit and as a percentage."""
+def _change(amount: float | None, row: dict[str, Any], prior: dict[str, Any], key: str, unit: str,
+            rep: dict[str, Any]) -> str:
+    """This class's change since the previous run of the same input, in the unit and as a percentage; none
+    against another model's classes (a page compared with such a run had marked every class "new")."""
     if not prior:
         return "not in the previous run"
     if prior.get("status") not in ("done", "skipped"):
         return f"previous run: {prior.get('status')}"
+    if prior.get("model") and rep.get("model") and prior.get("model") != rep.get("model"):
+        return f"previous run: model {prior.get('model')}"
     old = next((r.get(key) for r in prior.get("labels") or [] if isinstance(r, dict)
                 and str(r.get("name")) == str(row.get("name"))), None)
     if amount is None or not isinstance(old, (int, float)):

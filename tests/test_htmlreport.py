@@ -151,6 +151,22 @@ def test_a_model_of_hundreds_of_classes_lists_those_present_now_or_before(tmp_pa
     assert "class 7 0 0 ha −9 ha (−100.0 %)" in page.words and "298 more classes with no pixels" in page.words
 
 
+def test_no_change_is_shown_against_another_models_run(tmp_path):
+    """Compared with a night segmented by another model, every class was marked "new" as if it had appeared."""
+    def report(model: str, names: list[str]) -> dict:
+        labels = [{"value": v, "name": n, "count": 100, "area_ha": 1.0} for v, n in enumerate(names)]
+        return {"schema": "segflow.nightly-report/1", "run": {"summary": "1 input", "models": []},
+                "inputs": [{"input": "/in/scene.tif", "status": "done", "model": model, "measure": "area_ha",
+                            "cell_size": 100.0, "labels": labels}]}
+
+    page = Page(write_html_report(report("landcover-v2", ["water", "trees"]), tmp_path / "r.html",
+                                  previous=report("landcover-v1", ["water", "forest"])).read_text()).words
+    assert "water 100 1 ha previous run: model landcover-v1" in page and "new" not in page
+    page = Page(write_html_report(report("landcover-v1", ["water"]), tmp_path / "r.html",
+                                  previous=report("landcover-v1", ["water"])).read_text()).words
+    assert "water 100 1 ha no change" in page
+
+
 def test_segment_outcomes_are_adapted_and_the_report_command_finds_quicklooks(tmp_path):
     run = sample_run(tmp_path)
     scene = run.report["inputs"][0]
