@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import logging
 import json
 import math
 import os
@@ -105,6 +106,9 @@ def check_whole(path: Path) -> str | None:
     """
     import tifffile
 
+    # what tifffile logs of a cut file ("invalid offset to first page") reached stderr above segflow's own line,
+    # which says it; segflow reads TIFFs with tifffile for this check only
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
         size = path.stat().st_size
         total = missing = 0

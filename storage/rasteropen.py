@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - private module moved
     CPLE_BaseError = RasterioError  # type: ignore[misc,assignment]
 
 __all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gdal_env", "describe_window",
-           "grid_windows", "gdal_message", "image_bands", "image_dtype", "open_raster", "read_bands", "s3_endpoint_options",
-           "without_crs_ok"]
+           "grid_windows", "gdal_message", "image_bands", "image_dtype", "open_raster", "quiet_libtiff", "read_bands",
+           "s3_endpoint_options", "without_crs_ok"]
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
 """GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
@@ -76,6 +76,37 @@ def describe_window(win: Window) -> str:
     return f"rows {r}-{r + int(win.height) - 1}, cols {c}-{c + int(win.width) - 1}"
 
 
+_LIBTIFF_QUIETED = False
+
+
+def quiet_libtiff() -> None:
+    """libtiff's own default handlers off: they print straight to the process's stderr, past GDAL's error
+    handling and Python's logging ("_tiffWriteProc: No space left on device." three times above segflow's one
+    line on a full disk; "TIFFReadDirectory: Warning, ..." for odd tags).  GDAL reports the same failures as its
+    own errors, which segflow turns into its messages.  Linux only (the library mapped into this process, found
+    in /proc/self/maps); elsewhere nothing changes."""
+    global _LIBTIFF_QUIETED
+    if _LIBTIFF_QUIETED:
+        return
+    _LIBTIFF_QUIETED = True
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps if "libtiff" in line}
+    except OSError:
+        return
+    for path in sorted(p for p in paths if p.startswith("/") and ".so" in p):
+        try:
+            lib = ctypes.CDLL(path)  # the copy already loaded: dlopen hands back its handle
+            for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+                setter = getattr(lib, name)
+                setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+                setter(None)
+        except (OSError, AttributeError):
+            continue
+
+
 def gdal_env() -> rasterio.Env:
     """GDAL's environment for reading inputs: a capped block cache, and the S3 endpoint fsspec uses.
 
@@ -85,6 +116,7 @@ def gdal_env() -> rasterio.Env:
     item itself comes through fsspec: :func:`s3_endpoint_options` lets one
     environment point both at the same server.
     """
+    quiet_libtiff()
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **s3_endpoint_options())
 
 
