@@ -111,11 +111,13 @@ def forget_read_chunks(plan: Any, client: Client) -> None:
 
 
 def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions, target: Path,
-                  client: Client, source_path: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  client: Client, source_path: str | None = None, *,
+                  named: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Segment an image store into a prediction store at ``target``; return (statistics, parameters).
 
     Resumes the partial store an interrupted run of the same identity left,
     writing only the chunks its journal does not list as finished.
+    ``named``: how messages name the input (as the batch's other lines do; default: the store's source).
     ``source_path`` replaces the source path the prediction store records
     (the URL of a staged input, see :func:`segment_one`).
     """
@@ -145,9 +147,9 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         _, labels, probs = reopened
         done = journal.done()
         partial_state = "resumed"
-        say(f"{store.meta.source.path}: resuming an interrupted run, {len(done)} of "
-            f"{len(plan.chunk_indexes)} chunks already done" if done else
-            f"{store.meta.source.path}: an interrupted run had finished no chunk; all {len(plan.chunk_indexes)} are "
+        label = named or store.meta.source.path
+        say(f"{label}: resuming an interrupted run, {len(done)} of {len(plan.chunk_indexes)} chunks already done"
+            if done else f"{label}: an interrupted run had finished no chunk; all {len(plan.chunk_indexes)} are "
             "computed now", logging.INFO)
     else:
         partial_state = "new"

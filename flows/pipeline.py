@@ -149,7 +149,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
             # said once the run is under way: "has no CRS; the output is written ..." had come before the line
             # refusing the same input (a card that needs a CRS)
             warnings = input_warnings(named, store, model, options, announce=False)
-            stats, params = run_inference(store, model, options, zarr_target, client, record_input_as)
+            stats, params = run_inference(store, model, options, zarr_target, client, record_input_as, named=named)
             for text in warnings:
                 say(text, logging.WARNING)
         except SegflowError as exc:
