@@ -17,6 +17,7 @@ so such outputs stay byte for byte what they were.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -376,5 +377,23 @@ def resampling_record(mapping: GridMapping | RasterMapping, model: LoadedModel,
             "invert": model.card.inference.invert}
 
 
+def space_words(statistics: dict[str, Any]) -> str | None:
+    """'in model space at 1 x 1 x 1 mm': a run resampled to the model's grid and back says so on its line (a
+    card whose spacing training recorded resampled every scan with no word but the provenance's)."""
+    space = statistics.get("model_space")
+    if not isinstance(space, dict) or space.get("identity"):
+        return None
+    try:
+        if space.get("kind") == "raster":
+            t = space["model"]["transform"]
+            sizes, unit = (math.hypot(t[0], t[3]), math.hypot(t[1], t[4])), "m"
+        else:
+            a = np.asarray(space["model"]["affine"], dtype=np.float64)
+            sizes, unit = tuple(np.sqrt((a[:3, :3] ** 2).sum(axis=0))), "mm"
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return "in model space at " + " x ".join(f"{v:.3g}" for v in sizes) + f" {unit}"
+
+
 __all__ = ["build", "forget_staged", "mapping_for", "model_image_path", "output_meta", "output_meta_attr",
-           "resampling_record", "stage_memory"]
+           "resampling_record", "space_words", "stage_memory"]

@@ -178,10 +178,13 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     scored = _score(outcomes, truth, model, arguments["out_dir"], unsaved) if truth is not None else None
     for o in outcomes:
         if o["ok"] and not quiet:
+            from flows.modelspace import space_words
+
             s = o["statistics"]
+            space = space_words(s)
             console.print(f"[green]ok[/green] {escape(printable(o['input']))} -> {escape(printable(o['outputs'][0]))}  "
-                          f"({s.get('windows_evaluated')} window{'' if s.get('windows_evaluated') == 1 else 's'}, "
-                          f"{s.get('windows_skipped')} skipped, "
+                          f"({s.get('windows_evaluated')} window{'' if s.get('windows_evaluated') == 1 else 's'}"
+                          f"{' ' + space if space else ''}, {s.get('windows_skipped')} skipped, "
                           f"{s.get('total_seconds')} s)", highlight=False, soft_wrap=True)
     failed = [o for o in outcomes if not o["ok"]]
     if fresh and len(failed) == len(outcomes):  # an input that fails at ingest (all nodata) had left an empty OUT

@@ -209,6 +209,25 @@ def test_a_scan_in_metres_or_microns_is_segmented_and_measured_in_mm(tmp_path):
             assert np.allclose(written.affine, nib.load(tmp_path / f"{unit}.nii.gz").affine)
 
 
+def test_a_run_in_model_space_says_so_on_its_line(tmp_path):
+    """A card whose spacing training recorded resampled every scan to it and back, with no word on the console
+    (the provenance said it): the line of each input now names the model's grid, x first as errors do."""
+    from tests.models import tiny_model
+
+    model = tiny_model(tmp_path / "m", spatial_dims=3, channels=1, classes=3, roi=[16, 16, 16],
+                       spacing=[2.0, 1.5, 1.25])
+    resampled, native = tmp_path / "resampled.nii.gz", tmp_path / "native.nii.gz"
+    nib.save(nib.Nifti1Image(smooth_volume((30, 26, 12), 5), np.diag([0.8, 0.9, 3.0, 1.0])), resampled)
+    nib.save(nib.Nifti1Image(smooth_volume((30, 26, 12), 5), np.diag([1.25, 1.5, 2.0, 1.0])), native)
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(resampled), str(native), "--model",
+                           str(model.path), "--out", str(tmp_path / "out"), "--no-prefect"], capture_output=True,
+                          text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[1]: line for line in proc.stderr.splitlines() if line.startswith("ok ")}
+    assert " windows in model space at 1.25 x 1.5 x 2 mm, 0 skipped, " in lines[str(resampled)], lines
+    assert "model space" not in lines[str(native)], lines  # on the model's own grid: nothing to say
+
+
 def test_a_voxel_size_that_makes_an_absurd_model_grid_is_refused(tmp_path):
     """A file in metres whose header says nothing of its unit (read as mm, as viewers do) has voxels of 0.0008 mm:
     its 1.25 mm model grid would be one voxel.  Refused in one line naming the sizes, before any work."""
