@@ -96,14 +96,14 @@ def raster_quicklook(
         overview = _overview_used(lab, max(scale))
         areas, note = _areas(lab, grid, labels, shown, areas_ha, exact_count=step == 1)
         if image_path is not None:
-            base, bands = _image(Path(image_path), lab, grid, shape, rgb_bands)
+            base, bands, empty = _image(Path(image_path), lab, grid, shape, rgb_bands)
         else:
-            base, bands = None, None
+            base, bands, empty = None, None, None
         subtitles = [f"{width}x{height} px, {_grid_words(lab)}; shown 1:{step}"
                      + (f" from overview x{overview}" if overview else " from full resolution"),
                      f"labels over {'bands ' + ','.join(map(str, bands)) if bands else 'no image'}"
                      f" (alpha {ALPHA:g}; label nodata transparent)"]
-    legend = _legend(areas, note, step, areas_ha is not None)
+    legend = _legend(areas, note, step, areas_ha is not None) + _blank_entries(labels, nodata, empty)
     rgb, turned = north_up(_compose(base, labels, areas, nodata), grid, lab.crs)
     if turned:
         subtitles.append(turned)
@@ -112,7 +112,8 @@ def raster_quicklook(
     path = save_png(sheet.image, out)
     return QuicklookInfo(path=path, size=sheet.image.size, panels=(Panel("map", box),), classes=tuple(areas),
                          decimation=scale, read_shape=shape, overview=overview,
-                         rgb_bands=tuple(bands) if bands else None, note=note, subtitles=tuple(subtitles))
+                         rgb_bands=tuple(bands) if bands else None, note=note, subtitles=tuple(subtitles),
+                         legend=tuple(e.text for e in legend))
 
 
 def _grid_words(lab: DatasetReader) -> str:
@@ -332,9 +333,17 @@ def _pick_bands(src: DatasetReader, path: Path, wanted: Sequence[str | int] | No
     return bands[:3] if len(bands) >= 3 else bands[:1]
 
 
+def _blank_entries(labels: np.ndarray, nodata: int | None, empty: np.ndarray | None) -> list[LegendEntry]:
+    """The greys where nothing is labelled, named in the legend: a person saw a grey area and no entry for it."""
+    unlabelled = labels == nodata if nodata is not None else np.zeros(labels.shape, dtype=bool)
+    if empty is None:  # no image: label nodata is drawn light grey
+        return [LegendEntry(NO_LABEL, "no label (nodata)")] if unlabelled.any() else []
+    return [LegendEntry(NO_IMAGE, "no image data, no label")] if (unlabelled & empty).any() else []
+
+
 def _image(path: Path, lab: DatasetReader, grid: Affine, shape: tuple[int, int],
-           wanted: Sequence[str | int] | None) -> tuple[np.ndarray, list[int]]:
-    """The image on the decimated label grid, stretched to uint8 RGB (H, W, 3)."""
+           wanted: Sequence[str | int] | None) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """The image on the decimated label grid, stretched to uint8 RGB (H, W, 3), and where no band has data."""
     with _open(path) as src:
         bands = _pick_bands(src, path, wanted)
         if src.crs is not None and lab.crs is not None and src.crs != lab.crs:
@@ -344,7 +353,8 @@ def _image(path: Path, lab: DatasetReader, grid: Affine, shape: tuple[int, int],
     rgb = np.stack([_stretch(data[i]) for i in range(len(bands))], axis=-1)
     if rgb.shape[-1] == 1:
         rgb = np.repeat(rgb, 3, axis=-1)
-    return rgb, bands
+    empty = np.all(np.ma.getmaskarray(data) | ~np.isfinite(np.ma.getdata(data).astype(np.float32)), axis=0)
+    return rgb, bands, empty
 
 
 def _same_grid(src: DatasetReader, lab: DatasetReader) -> bool:

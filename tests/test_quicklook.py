@@ -634,3 +634,23 @@ def test_a_legend_of_hundreds_of_classes_lists_those_on_the_map(tmp_path: Path) 
                             tmp_path / "l.png", classes=classes)
     assert len(info.classes) == 299  # value 255 is the label nodata
     assert info.size[1] < 8 * 18 + 100, info.size  # two classes, the notes, the title: a few lines of 18 pixels
+
+
+def test_the_greys_where_nothing_is_labelled_are_in_the_legend(tmp_path: Path) -> None:
+    """Nodata was drawn flat grey with no legend entry, while the caption spoke of transparency."""
+    labels = np.zeros((40, 60), dtype=np.uint8)
+    labels[20:, 30:] = 255  # the label nodata: a corner outside the scene
+    path = tmp_path / "l.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=60, height=40, count=1, dtype="uint8", crs=UTM,
+                       transform=Affine(10, 0, ORIGIN[0], 0, -10, ORIGIN[1]), nodata=255) as dst:
+        dst.write(labels, 1)
+    alone = raster_quicklook(path, tmp_path / "a.png", classes=MARK)
+    assert "no label (nodata)" in alone.legend
+    image = np.full((3, 40, 60), 90, dtype=np.uint8)
+    image[:, 20:, 30:] = 0  # the image has no data there either
+    scene = write_raster(tmp_path / "s.tif", image, nodata=0)
+    over = raster_quicklook(path, tmp_path / "o.png", image_path=scene, classes=MARK)
+    assert "no image data, no label" in over.legend and "no label (nodata)" not in over.legend
+    whole = raster_quicklook(path, tmp_path / "w.png", image_path=write_raster(tmp_path / "f.tif", image + 1),
+                             classes=MARK)
+    assert not any(line.startswith("no ") for line in whole.legend)  # the image shows under every unlabelled pixel
