@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.htmlreport import as_run_report, input_name
-from flows.numbers import readable
+from storage.numbers import readable
 
 THUMBNAIL_PX = 320  # longest side of a quicklook inlined in the markdown artifact
 MAX_INLINE_BYTES = 150_000  # a thumbnail larger than this is linked, not inlined

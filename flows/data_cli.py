@@ -77,7 +77,7 @@ def info(path: Path = typer.Argument(..., help="A zarr store, a GeoTIFF/NIfTI ou
 
 def _label_table(table: dict) -> Table:
     """``segflow info``'s class table: value, name, pixels or voxels, area or volume as people write them."""
-    from flows.numbers import readable
+    from storage.numbers import readable
 
     unit, raster = table["unit"], table["measure"] == "area_ha"
     caption = f"counts from {table['source']}" + (f"; no {unit}: {table['note']}" if table["cell_size"] is None else "")

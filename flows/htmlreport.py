@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import typer
 
-from flows.numbers import readable
+from storage.numbers import readable
 from flows.reportdata import (MAIN_SUFFIXES, MAX_CARD_BYTES, QUICKLOOK_SUFFIX, as_run_report, find_quicklooks,
                               locate_output, main_output, previous_report_path, quicklook_path, read_card_summary,
                               read_run_report)

@@ -144,7 +144,7 @@ def summary_table(report: dict) -> "Table":
     """The run's inputs, one row each, with their label areas or volumes as people write them."""
     from rich.table import Table
 
-    from flows.numbers import readable
+    from storage.numbers import readable
 
     table = Table(title=f"segflow nightly: {report['run']['summary']}")
     for col in ("input", "status", "model", "s", "windows", "labels"):

@@ -15,7 +15,7 @@ geographic CRS (degrees) or without a CRS gets no areas (null, with the
 reason): its pixels' ground area varies with latitude and the histogram is
 for the whole image.  Volumes: voxel count x |det| of the affine's 3x3 part
 (the product of the zooms) in mm³ / 1000.  The JSON keeps full floats; the
-Markdown prints them as people write them (:func:`flows.numbers.readable`:
+Markdown prints them as people write them (:func:`storage.numbers.readable`:
 ``85,860 ha``, ``12.4 mL``).
 """
 
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.numbers import readable
+from storage.numbers import readable
 from storage.atomic import make_output_folder
 
 REPORT_SCHEMA = "segflow.nightly-report/1"

@@ -77,7 +77,7 @@ class QuicklookInfo:
     centres: tuple[tuple[int, int, int], ...] = ()  # volume: voxel (i, j, k) each row of planes passes through
     note: str | None = None
     subtitles: tuple[str, ...] = ()  # the lines under the title: the grid, what is drawn over what, how it was turned
-    legend: tuple[str, ...] = ()  # the legend's lines (raster), swatches left out
+    legend: tuple[str, ...] = ()  # the legend's lines, swatches left out
 
     def panel(self, name: str, row: int = 0) -> Panel:
         """The ``row``-th panel called ``name``."""

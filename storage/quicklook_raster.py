@@ -33,6 +33,7 @@ from storage.bands import select_bands
 from storage.classes import LabelClass
 from storage.errors import ConfigError, CorruptInputError, IncompatibleInputError, InputError
 from storage.header import pixel_hectares
+from storage.numbers import readable  # as the report pages write the same areas
 from storage.rasteropen import gdal_env, read_bands
 from storage.quicklook_canvas import (
     ALPHA,
@@ -286,10 +287,6 @@ def _areas(lab: DatasetReader, grid: Affine, labels: np.ndarray, shown: list[tup
     return out, note
 
 
-def _hectares(x: float) -> str:
-    return f"{x:,.2f}" if abs(x) < 10 else f"{x:,.1f}" if abs(x) < 1000 else f"{x:,.0f}"
-
-
 def _legend(areas: list[ClassShown], note: str | None, step: int, caller_areas: bool) -> list[LegendEntry]:
     entries = [LegendEntry(None, "class (value): area")]
     listed = areas if len(areas) <= MAX_LEGEND else [c for c in areas if c.amount != 0]  # many: those on the map
@@ -297,7 +294,7 @@ def _legend(areas: list[ClassShown], note: str | None, step: int, caller_areas: 
         if c.amount is None:
             text = f"{c.name} ({c.value}): {note or 'area n/a'}"
         else:
-            text = f"{c.name} ({c.value}): {'' if c.exact else '~'}{_hectares(c.amount)} ha"
+            text = f"{c.name} ({c.value}): {'' if c.exact else '~'}{readable(c.amount, 'ha')}"
         entries.append(LegendEntry(c.color, text))
     if len(listed) > MAX_LEGEND:
         entries.append(LegendEntry(None, f"... and {len(listed) - MAX_LEGEND} more classes"))

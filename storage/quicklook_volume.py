@@ -36,6 +36,7 @@ from storage.classes import LABEL_TABLE_HEADER, LabelClass, table_names
 from storage.errors import ConfigError
 from storage.labelcensus import take_census
 from storage.labelcomponents import component_centres
+from storage.numbers import readable  # as the report pages write the same volumes
 from storage.header import voxel_millilitres
 from storage.quicklook_canvas import (
     LINE,
@@ -127,15 +128,16 @@ def volume_quicklook(
         size = _screen_size(affine, ornt, volume.shape, kept)
         pictures.append((row, name, req, _render(lab2d, img2d, size, lo, hi, colors, drawn)))
     captions = [_row_caption(rows[row] if rows else None, centre) for row, centre in enumerate(centres)]
-    subtitles = _subtitles(volume.shape, affine, how, lo, hi)
-    sheet = _lay_out(labels_path.name, subtitles, _legend(shown, present), pictures, captions, planes)
+    subtitles, legend = _subtitles(volume.shape, affine, how, lo, hi), _legend(shown, present)
+    sheet = _lay_out(labels_path.name, subtitles, legend, pictures, captions, planes)
     panels = tuple(Panel(name, box, dict(LETTERS[name]), slice=(int(req[0]), int(req[1])),
                          through_class=rows[row].value if rows else None)
                    for (row, name, req, _), box in zip(pictures, sheet.boxes))
     path = save_png(sheet.image, out)
     return QuicklookInfo(path=path, size=sheet.image.size, panels=panels, classes=tuple(shown),
                          centres=tuple(tuple(int(v) for v in c) for c in centres),
-                         note=None if present else "no labelled voxels", subtitles=tuple(subtitles))
+                         note=None if present else "no labelled voxels", subtitles=tuple(subtitles),
+                         legend=tuple(e.text for e in legend))
 
 
 def _screen_size(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int], kept: list[int]) -> tuple[int, int]:
@@ -297,7 +299,7 @@ def _subtitles(shape: Sequence[int], affine: np.ndarray, how: str, lo: float, hi
 def _legend(shown: list[ClassShown], present: list[ClassShown]) -> list[LegendEntry]:
     entries = [LegendEntry(None, "class (value): volume")]
     for c in shown[:MAX_LEGEND]:
-        amount = "volume n/a" if c.amount is None else f"{c.amount:,.2f} mL" if c.amount < 1000 else f"{c.amount:,.0f} mL"
+        amount = "volume n/a" if c.amount is None else readable(c.amount, "mL")
         entries.append(LegendEntry(c.color, f"{c.name} ({c.value}): {amount}"))
     if len(shown) > MAX_LEGEND:
         entries.append(LegendEntry(None, f"... and {len(shown) - MAX_LEGEND} more classes"))

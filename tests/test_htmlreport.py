@@ -129,7 +129,7 @@ def test_numbers_as_people_write_them_and_changes_since_the_previous_run(tmp_pat
 
     page = Page(write_html_report(report(85860.4, 12.43), tmp_path / "r.html",
                                   previous=report(80000.0, 13.1)).read_text()).words
-    assert "85,860 ha +5,860.4 ha (+7.3 %)" in page  # flows.numbers.readable: one decimal below 10,000
+    assert "85,860 ha +5,860.4 ha (+7.3 %)" in page  # storage.numbers.readable: one decimal below 10,000
     assert "12.4 mL −0.67 mL (−5.1 %)" in page
 
 

@@ -654,3 +654,19 @@ def test_the_greys_where_nothing_is_labelled_are_in_the_legend(tmp_path: Path) -
     whole = raster_quicklook(path, tmp_path / "w.png", image_path=write_raster(tmp_path / "f.tif", image + 1),
                              classes=MARK)
     assert not any(line.startswith("no ") for line in whole.legend)  # the image shows under every unlabelled pixel
+
+
+def test_areas_and_volumes_read_as_the_report_pages_write_them(tmp_path: Path) -> None:
+    """The page said "301 ha" and the picture beside it "301.0 ha" (two formatting rules): both now use
+    storage.numbers.readable."""
+    from storage.numbers import readable
+
+    path = _marked_labels(tmp_path / "l.tif", Affine(10, 0, ORIGIN[0], 0, -10, ORIGIN[1]))
+    info = raster_quicklook(path, tmp_path / "q.png", classes=MARK, areas_ha={0: 301.0, 1: 1719.34})
+    assert "ground (0): 301 ha" in info.legend and "mark (1): 1,719.3 ha" in info.legend
+    assert readable(301.0, "ha") == "301 ha" and readable(1719.34, "ha") == "1,719.3 ha"
+    labels = np.zeros((20, 20, 10), dtype=np.uint8)
+    labels[5:15, 5:15, 2:8] = 1  # 600 voxels of 2 x 2 x 2.5 mm: 6 mL
+    volume = volume_quicklook(write_volume(tmp_path / "v.nii", labels, ras_affine((2.0, 2.0, 2.5))),
+                              tmp_path / "v.png")
+    assert any(line.endswith(": 6 mL") for line in volume.legend), volume.legend

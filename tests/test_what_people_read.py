@@ -108,7 +108,7 @@ def models(tmp_path_factory):
     (None, "–"), (float("nan"), "–"),
 ])
 def test_readable_numbers(value, text):
-    from flows.numbers import readable
+    from storage.numbers import readable
 
     assert readable(value) == text
     if value is not None:
