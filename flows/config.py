@@ -65,8 +65,8 @@ class SegmentOptions(BaseModel):
             return v.strip()
         import dask
 
-        configured = dask.config.get("scheduler-address", None)
-        return str(configured).strip() or None if configured else None
+        configured = str(dask.config.get("scheduler-address", None) or "").strip()
+        return configured or None
 
     @field_validator("mosaic")
     @classmethod

@@ -37,7 +37,7 @@ from storage.bandcover import with_bands_mask
 from storage.bands import channel_indexes, channel_units, preselected
 from storage.errors import InvalidInputError
 from storage.geometry import RasterGeometry, VolumeGeometry
-from storage.grids import GridMapping, model_grid
+from storage.grids import GridMapping, affine_to_spacing, model_grid
 from storage.layout import META_ATTR, ImageStore, StoreMeta
 from storage.modelimage import model_image, model_mask, raster_model_geometry
 from storage.modelview import WarpedImage
@@ -388,8 +388,7 @@ def space_words(statistics: dict[str, Any]) -> str | None:
             t = space["model"]["transform"]
             sizes, unit = (math.hypot(t[0], t[3]), math.hypot(t[1], t[4])), "m"
         else:
-            a = np.asarray(space["model"]["affine"], dtype=np.float64)
-            sizes, unit = tuple(np.sqrt((a[:3, :3] ** 2).sum(axis=0))), "mm"
+            sizes, unit = tuple(affine_to_spacing(space["model"]["affine"])), "mm"
     except (KeyError, IndexError, TypeError, ValueError):
         return None
     return "in model space at " + " x ".join(f"{v:.3g}" for v in sizes) + f" {unit}"

@@ -75,7 +75,7 @@ from flows.config import MAX_PARALLEL, SegmentOptions
 from flows.inbox import claimed_by_items, list_inbox, read_manifest, still_arriving
 from flows.inputs import Expanded, expand, input_label, output_clashes
 from flows.nightly_task import Batch, segment_input, series_details
-from flows.report import REPORTS_DIR, InputReport, counts, summary, timestamp
+from flows.report import REPORT_SCHEMA, REPORTS_DIR, InputReport, counts, summary, timestamp
 from flows.retries import TransientError, is_transient
 from flows.routing import loaded, read_models
 from flows.runstate import ended, run_result
@@ -230,7 +230,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     message = summary(inputs)
     ok = all(r.status in ("done", "skipped", "locked") for r in inputs)
     report = {
-        "schema": "segflow.nightly-report/1",
+        "schema": REPORT_SCHEMA,
         "run": {
             "flow_run_id": flow_run_info.get_id(), "flow_run_name": flow_run_info.get_name(),
             "started": started, "finished": provenance.now(), "seconds": round(time.perf_counter() - t0, 3),
@@ -341,7 +341,7 @@ def _reported_if_unstarted(out_dir: str, inbox: str | None, manifest: str | None
         out: Any = out_dir.rstrip("/") if is_url(out_dir) else Path(out_dir).expanduser().absolute()
         if isinstance(out, Path) and not out.is_dir():  # never make OUT for a run that did nothing
             raise
-        report = {"schema": "segflow.nightly-report/1",
+        report = {"schema": REPORT_SCHEMA,
                   "run": {"flow_run_id": flow_run_info.get_id(), "flow_run_name": flow_run_info.get_name(),
                           "started": started, "finished": provenance.now(),
                           "seconds": round(time.perf_counter() - t0, 3),

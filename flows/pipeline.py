@@ -39,7 +39,7 @@ from distributed import Client
 from flows import locks, medical, modelspace
 from flows.config import SegmentOptions
 from flows.export import export_labels, qgis_styles, quicklook_image, write_quicklook
-from flows.infer import device_name, run_inference
+from flows.infer import run_inference
 from flows.inputnotes import check_has_data, input_warnings, unlabelled_note
 from flows.inputs import (GROUPS, check_named_sources, ingest_input, input_label, input_stem, output_name,
                           overwritten_input, same_file)
@@ -175,7 +175,7 @@ def segment_one(input_path: Any, model: LoadedModel, out_dir: str | Path, option
                    "weights_path": str(given.weights_path.resolve()) if given.weights_path else None,
                    "source": given.source, "card_sha256": given.card.shaping_sha256(), **_card_file(given),
                    "architecture": given.card.architecture.model_dump(mode="json")},
-            parameters=params, device=stats.pop("device", None) or device_name(options.device),
+            parameters=params, device=stats.pop("device"),
             dask_scheduler=options.dask_address, started=started, finished=provenance.now(),
             statistics=stats, input_details=_input_details(store, split=options.split_by_tile))
         # what a run before this one wrote under this name is set aside (put back if this run fails), and so is

@@ -103,16 +103,12 @@ def template(home: Path) -> Path:
 
 def _prune(runs: Path) -> None:
     """Remove the databases of runs whose process is gone (``<pid>-*`` folders)."""
+    from flows.locks import pid_alive
+
     for folder in runs.glob("*-*"):
         pid = folder.name.partition("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # another user's live process, or not ours to judge
-            continue
 
 
 @contextmanager
