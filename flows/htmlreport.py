@@ -96,9 +96,11 @@ class _Page:
     quicklooks: dict[str, Path]
     previous: dict[str, Any] | None
     cards: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    out_dir: str | None = None  # where the run wrote (the report's run.out_dir), to tell a copied OUT from it
 
     def render(self, report: dict[str, Any]) -> str:
         run = report["run"]
+        self.out_dir = run.get("out_dir") if isinstance(run.get("out_dir"), str) else None
         inputs = [r for r in report["inputs"] if isinstance(r, dict)]
         models = [m for m in run.get("models") or [] if isinstance(m, dict)]
         self.cards = {str(m.get("path")): _card(m) for m in models}
@@ -249,7 +251,7 @@ class _Page:
 
     def link(self, output: str) -> str:
         """A relative link from the page's folder; a URL, or a path no relative link reaches, as text."""
-        located = locate_output(output, self.base)
+        located = locate_output(output, self.base, self.out_dir)
         try:
             rel = None if located is None else Path(os.path.relpath(located, self.html_dir)).as_posix()
         except ValueError:  # another drive

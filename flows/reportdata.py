@@ -128,10 +128,12 @@ def quicklook_path(output: str | os.PathLike[str]) -> Path:
 def find_quicklooks(report: dict[str, Any], *, base: Path | None = None) -> dict[str, Path]:
     """{input: quicklook PNG} for the inputs whose label map has a quicklook beside it."""
     found = {}
-    for rep in as_run_report(report, base=base)["inputs"]:
+    run_report = as_run_report(report, base=base)
+    out_dir = _str(run_report["run"].get("out_dir"))
+    for rep in run_report["inputs"]:
         main = main_output([str(o) for o in rep.get("outputs") or []])
         # looked for by its own name, so a label map deleted or moved since does not hide its picture
-        located = locate_output(str(quicklook_path(Path(main))), base) if main else None
+        located = locate_output(str(quicklook_path(Path(main))), base, out_dir) if main else None
         if located is not None and located.is_file():
             found[str(rep["input"])] = located
     return found
@@ -191,16 +193,32 @@ def _str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def locate_output(path: str, base: Path | None) -> Path | None:
+def _moved_into(recorded: Path, base: Path | None, out_dir: str | None) -> Path | None:
+    """``recorded`` at its place in the OUT a report now lies in (``base`` is OUT/reports), when the report was
+    written in another OUT (``out_dir``); None when that does not apply."""
+    if base is None or base.name != "reports" or not out_dir or is_url(out_dir):
+        return None
+    then, now = Path(out_dir).expanduser().absolute(), base.parent.absolute()
+    if not recorded.is_relative_to(then) or then == now or (then.exists() and now.exists() and then.samefile(now)):
+        return None
+    return now / recorded.relative_to(then)
+
+
+def locate_output(path: str, base: Path | None, out_dir: str | None = None) -> Path | None:
     """A local output path as absolute; URLs: None.  Where the recorded path is not there (OUT moved or copied,
     or a relative path recorded from another folder), the output is looked for by its name in OUT, the folder
     above ``base`` (a run report lives in OUT/reports), then in ``base``: outputs and their page move together.
     A report in a ``reports`` folder takes OUT's output of that name first, even where the recorded path still
-    exists: a copied OUT (an archive of the run) had its page rebuilt from the original folder's newer outputs."""
+    exists: a copied OUT (an archive of the run) had its page rebuilt from the original folder's newer outputs.
+    Where the report names its OUT (``out_dir``) and now lies in another one, an output under the recorded OUT is
+    only ever looked for at the same place in this one: a file deleted from the copy is missing, not the original's."""
     if is_url(path):
         return None
     p = Path(path).expanduser()
     recorded = p if p.is_absolute() else p.absolute()
+    moved = _moved_into(recorded, base, out_dir)
+    if moved is not None:
+        return moved
     if base is not None and base.name == "reports" and p.name:  # OUT/reports: the run's own OUT first
         beside = base.parent / p.name
         if beside.exists() and beside.absolute() != recorded:  # OUT copied: the copy's outputs, not the original's

@@ -128,7 +128,7 @@ def sample_run(root: Path) -> SampleRun:
               "run": {"flow_run_id": None, "flow_run_name": "amber-heron", "started": "2026-12-02T03:00:05Z",
                       "finished": "2026-12-02T03:00:14Z", "seconds": 9.4, "state": "Failed",
                       "summary": "1 of 4 inputs failed; 2 done; 1 skipped", "inbox": "/data/inbox",
-                      "manifest": None, "out_dir": "/data/segflow-out",
+                      "manifest": None, "out_dir": str(out),
                       "models": [{"path": str(land), "name": "landcover-2d", "spatial_dims": 2, "channels": 3,
                                   "weights_sha256": "61c74dc5b102" * 5},
                                  {"path": str(head), "name": "lesion-3d", "spatial_dims": 3, "channels": 1,

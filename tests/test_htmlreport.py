@@ -255,6 +255,23 @@ def test_a_copied_output_folder_rebuilds_its_own_page_not_the_originals(tmp_path
     assert shown == archived
 
 
+def test_a_picture_deleted_from_a_copied_output_folder_is_not_taken_from_the_original(tmp_path):
+    """An archived copy of OUT with one quicklook deleted, the original folder still there: the page embedded the
+    original's picture (its recorded absolute path) as though it were the copy's."""
+    run = sample_run(tmp_path / "live")
+    report_json = run.html.with_suffix(".json")
+    report_json.write_text(json.dumps(run.report))
+    archive = tmp_path / "archive"
+    shutil.copytree(run.out, archive)
+    gone, kept = sorted(run.quicklooks.values())
+    (archive / gone.name).unlink()
+    res = CliRunner().invoke(_app(), ["report", str(archive / "reports" / report_json.name)])
+    assert res.exit_code == 0, res.output
+    page = Page((archive / "reports" / report_json.with_suffix(".html").name).read_text())
+    shown = [base64.b64decode(img["src"].split(",", 1)[1]) for img in page.all("img")]
+    assert gone.exists() and shown == [(archive / kept.name).read_bytes()]
+
+
 def test_outputs_gone_since_the_run_are_said_missing_not_linked_dead(tmp_path):
     """A moved OUT with a label map and a quicklook deleted: the page linked the label map into the old folder,
     dropped the quicklook without a word, and lost the label map's own quicklook with it."""
