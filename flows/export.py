@@ -158,7 +158,7 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
               polygons: Path | None = None, when: Any = None) -> Path:
     """``<stem>.stac.json``: the label COG (classification), probabilities, and the model as MLM describes it."""
     from segmentation.mlm import weights_asset
-    from storage.stac import write_stac_item
+    from storage.stac import PYSTAC_MISREADS, pystac_misreads, write_stac_item
 
     card = model.card
     spacing = card.input.spacing
@@ -176,6 +176,11 @@ def stac_item(meta: Any, model: LoadedModel, out_path: Path, record: dict[str, A
         grid=_written_grid(record))
     if tiles:  # a mosaic (storage.mosaic) derives from each of its tiles
         _link_tiles(item, tiles)
+    misread = pystac_misreads([p.name for p in (item, *written, polygons) if p is not None])
+    if misread:
+        char = next(c for c in PYSTAC_MISREADS if c in misread[0])
+        say(f"{item.name}: the outputs' names hold '{char}', which pystac takes as URL syntax: the item is valid "
+            "STAC, but pystac will not find its files (rename the input to read them with pystac)", logging.WARNING)
     return item
 
 

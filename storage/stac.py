@@ -115,6 +115,16 @@ def _uri_path(path: str) -> str:
     return path.replace("%", "%25").replace("#", "%23").replace("?", "%3F")
 
 
+# characters pystac (1.15) takes as URL syntax in a local href, even percent-encoded as a URI reference must have
+# them: it cuts a relative href at '#', '?' or ';', and does not decode '%23', so such a file is never found
+PYSTAC_MISREADS = "#?;%"
+
+
+def pystac_misreads(names: list[str]) -> list[str]:
+    """The output names whose hrefs pystac will not resolve to the file (:data:`PYSTAC_MISREADS`)."""
+    return [n for n in names if any(c in n for c in PYSTAC_MISREADS)]
+
+
 def wrapped_longitudes(west: float, east: float) -> tuple[float, float]:
     """West and east in [-180, 180], as STAC and RFC 7946 ask (west > east: the box crosses the antimeridian).
 
