@@ -194,6 +194,15 @@ def input_files(source: Any) -> list[Path]:
     return [path] + ([path.with_suffix(".img")] if path.suffix.lower() == ".hdr" else [])
 
 
+def own_files(source: Any) -> list[Path]:
+    """The files an input is made of, less what a VRT or STAC item names (:mod:`storage.sources` checks those
+    before GDAL opens the VRT to list them)."""
+    if isinstance(source, (str, Path)) and not is_url(str(source)) and (
+            is_item_path(Path(source)) or Path(source).suffix.lower() == ".vrt"):
+        return [Path(source)]
+    return input_files(source)
+
+
 def _vrt_sources(path: Path) -> list[Path]:
     """The local files a VRT reads, as GDAL lists them; none when it does not open (its run says why)."""
     import rasterio

@@ -35,10 +35,11 @@ def _zarr(path: Path) -> dict[str, Any]:
 
     try:
         group = zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # zarr raises several types for a damaged zarr.json
+        # its arrays' zarr.json files are read here: a data type or codec zarr does not know raised past this
+        arrays = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
+                  for name, a in group.arrays()}
+    except Exception as exc:  # zarr raises several types for a damaged zarr.json  # noqa: BLE001
         raise StoreError(path, f"not a readable zarr v3 group ({type(exc).__name__}: {exc})") from None
-    arrays = {name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
-              for name, a in group.arrays()}
     return {"type": "zarr store", "path": str(path), "arrays": arrays, "attributes": dict(group.attrs)}
 
 

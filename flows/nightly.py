@@ -172,7 +172,8 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         scheduler = getattr(client.scheduler, "address", None)
         # dask_client said which scheduler, and where its dashboard is, as it started or reached it
         batch = Batch(models=models, options=options, out_dir=str(out), client=client,
-                      lock_stale_after=lock_stale_after, source_roots=allowed_sources(inbox, source_roots))
+                      lock_stale_after=lock_stale_after, source_roots=allowed_sources(inbox, source_roots),
+                      inbox_roots=allowed_sources(inbox, source_roots) if inbox and not is_url(inbox) else None)
         run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         bar = progress.reporter()
         bar.start("nightly", "nightly inputs", total=len(todo))

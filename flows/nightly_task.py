@@ -24,7 +24,7 @@ from prefect.runtime import task_run as task_run_info
 
 from flows import ledger, locks, staging
 from flows.config import SegmentOptions
-from flows.inputs import Expanded, check_named_sources, forged_problem, input_label, input_stem
+from flows.inputs import Expanded, check_named_sources, forged_problem, input_label, input_stem, own_files
 from flows.report import InputReport, fill_from_statistics, resumed_note
 from flows.retries import retry_if_transient
 from flows.routing import ModelEntry, ModelInput, loaded, no_model_reason, one_slice, route, route_item
@@ -33,6 +33,7 @@ from storage.dicomfiles import SeriesRef
 from storage.errors import CorruptInputError, ExportError, InputError, LockLostError, is_native_panic, one_line
 from storage.hashing import sha256_input
 from storage.probe import probe
+from storage.sources import check_own_files
 from storage.stacitem import is_item_path
 
 
@@ -47,6 +48,7 @@ class Batch:
     attempts: dict[str, int] = field(default_factory=dict)
     lock_stale_after: float = locks.DEFAULT_STALE_AFTER_S
     source_roots: list[Path] | None = None  # where an input's VRT or STAC item may send GDAL (storage.sources)
+    inbox_roots: list[Path] | None = None  # a local inbox's: where its inputs' own files may lie, links resolved
 
 
 def _hash_input(path: str) -> str:
@@ -189,6 +191,8 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     if series is not None:
         rep.dicom = series_details(series)
     content = None  # a STAC item's identity: its JSON and the content of the assets the model reads
+    if batch.inbox_roots is not None and local == item:  # (a staged copy of a remote input is segflow's own)
+        check_own_files(path, own_files(item), batch.inbox_roots)
     if series is None and channel_files is None:
         check_named_sources(local, batch.source_roots, origin=path if local != path else None)
     if series is None and channel_files is None and is_item_path(local):

@@ -10,11 +10,12 @@ without importing the others, and without zarr or numpy (the CLI's start).
 from __future__ import annotations
 
 import errno
+import os
 import stat
 from os import PathLike
 from pathlib import Path
 
-from storage.errors import CorruptInputError, InputError, UnsupportedFormatError
+from storage.errors import CorruptInputError, InputError, UnsafeInputError, UnsupportedFormatError
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # photographs (VOC, Cityscapes, COCO): rasters without a CRS
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", *PICTURE_SUFFIXES)
@@ -94,6 +95,10 @@ def check_readable_file(path: Path) -> bytes:
         problem = regular_file_problem(companion)  # (missing or unreadable: the reader says so)
         if problem is not None:
             raise InputError(path, f"its image file {companion.name} {problem}; segflow reads files only")
+        if _links_out(companion, path):
+            raise UnsafeInputError(path, f"its image file {companion.name} links to a file outside the header's "
+                                         "folder, and an image file is read as raw bytes (as a VRT's raw band "
+                                         "is); copy the file beside its header")
     try:
         with open(path, "rb") as f:
             head = f.read(352)
@@ -132,7 +137,7 @@ def expansion_problem(shape: tuple[int, ...], channels: int, files: list[Path]) 
     or a crafted DICOM of 20000² slices in a few KB, which would run for days or allocate gigabytes before
     failing; None for what real compression gives.  A VRT or STAC item holds no pixels and is not asked."""
     try:
-        stored = sum(f.stat().st_size for f in files)
+        stored = sum(_stored_bytes(f) for f in files)
     except OSError:
         return None  # its reader says why it cannot be read
     samples = max(1, channels)
@@ -141,9 +146,29 @@ def expansion_problem(shape: tuple[int, ...], channels: int, files: list[Path]) 
     if stored <= 0 or samples <= MAX_SAMPLES_PER_BYTE * stored:
         return None
     size = " x ".join(str(int(n)) for n in shape) + (f" x {channels} channels" if channels > 1 else "")
+    tiff = bool(files) and files[0].suffix.lower() in (".tif", ".tiff")
+    how = "its pixels out, e.g. with gdal_translate" if tiff else "it out again with its pixels stored"
     return (f"declares {size} ({samples:,} samples) in {_bytes(stored)} on disk, {samples // stored:,} samples a "
             f"byte where no compression of a real image gives more than about 1,000: a sparse or forged file, "
-            f"refused (if it is real, write its pixels out, e.g. with gdal_translate)")
+            f"refused (if it is real, write {how})")
+
+
+def _stored_bytes(path: Path) -> int:
+    """The bytes a file holds on disk: a sparse file (holes never written, ``truncate -s 4T``) has a size its
+    blocks do not hold, and had passed as a 4 TiB NIfTI.  Where a file system reports no blocks (some network and
+    FUSE ones), its size."""
+    st = path.stat()
+    blocks = getattr(st, "st_blocks", 0) * 512
+    return min(st.st_size, blocks) if blocks > 0 else st.st_size
+
+
+def _links_out(companion: Path, header: Path) -> bool:
+    """Whether an Analyze pair's image file, reached through links, lies outside its header's own folder."""
+    try:
+        real, folder = Path(os.path.realpath(companion)), Path(os.path.realpath(header)).parent
+    except (OSError, ValueError):
+        return False
+    return companion.exists() and folder not in real.parents
 
 
 def _bytes(n: int) -> str:

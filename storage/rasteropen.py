@@ -8,6 +8,7 @@ messages are dug out of rasterio's exception chains here too.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import rasterio
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
+from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
@@ -165,7 +167,23 @@ def open_raster(path: Path) -> DatasetReader:
                                                f".{'png' if driver == 'PNG' else 'jpg'}")
         raise UnsupportedFormatError(path, f"is a {driver} raster; segflow reads GeoTIFF and VRT (and PNG or JPEG "
                                            "pictures)")
+    problem = transform_problem(src.transform)
+    if problem is not None:
+        src.close()
+        raise InvalidInputError(path, problem)
     return src
+
+
+def transform_problem(transform: Affine) -> str | None:
+    """Why a geotransform maps no pixel to a place (NaN, infinity, a pixel size of 0); None when it is usable.
+    Such a file ran to the end: NaN in its STAC item (invalid JSON) and numpy's warnings on the terminal."""
+    terms = [float(v) for v in tuple(transform)[:6]]
+    if not all(math.isfinite(v) for v in terms):
+        return f"has a non-finite geotransform ({', '.join(f'{v:g}' for v in terms)}): no pixel-to-map mapping"
+    det = transform.determinant
+    if not math.isfinite(det) or det == 0:
+        return f"has a singular geotransform ({', '.join(f'{v:g}' for v in terms)}): a pixel size of 0"
+    return None
 
 
 def alpha_bands(src: DatasetReader) -> list[int]:

@@ -11,7 +11,11 @@ checked as data before GDAL sees them:
 - always refused: GDAL's special handlers that read no file (``/vsistdin/``,
   ``/vsimem/``, ``/vsisubfile/``, ...), a raw band's file outside the VRT's
   own folder (raw bands read any bytes), link-local hosts (169.254.0.0/16,
-  ``fe80::``: the metadata services), and Python pixel functions (code);
+  ``fe80::``: the metadata services, in any way an address can be written:
+  ``http://2852039166/`` is 169.254.169.254 to the resolver), AWS's IPv6
+  metadata address, and Python pixel functions (code).  A host *name* that
+  resolves to one is not caught (DNS can change between a check and the
+  request): block the metadata service from the workers' network;
 - with ``roots`` (``nightly`` on an inbox: the inbox and the folders the
   operator allows with ``--source-root``): every local file must lie under
   one of them, after links are resolved.  ``segment`` passes no roots: its
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +39,7 @@ from urllib.parse import urlparse
 
 from storage.errors import UnsafeInputError
 
-__all__ = ["MAX_DEPTH", "NamedSource", "check_sources", "source_problem", "vrt_sources"]
+__all__ = ["MAX_DEPTH", "NamedSource", "check_own_files", "check_sources", "source_problem", "vrt_sources"]
 
 MAX_DEPTH = 8  # VRTs within VRTs
 MAX_VRT_BYTES = 64 << 20  # a VRT is a small XML file; a larger one is not read into memory to be checked
@@ -45,6 +50,7 @@ _REMOTE = ("/vsicurl/", "/vsicurl_streaming/", "/vsis3/", "/vsis3_streaming/", "
 _ARCHIVES = ("/vsizip/", "/vsigzip/", "/vsitar/", "/vsi7z/", "/vsirar/")  # a path inside: the archive is checked
 _URL_SCHEMES = ("http", "https", "s3", "gs", "az", "ftp")
 _METADATA_NAMES = {"metadata.google.internal", "metadata", "instance-data"}
+_METADATA_ADDRESSES = {ipaddress.ip_address("fd00:ec2::254")}  # AWS's IPv6 instance metadata (not link-local)
 
 
 @dataclass(frozen=True)
@@ -66,16 +72,35 @@ def _under(path: Path, roots: Iterable[Path]) -> bool:
     return any(real == root or root in real.parents for root in (Path(os.path.realpath(r)) for r in roots))
 
 
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host written as one means to the resolver (libcurl asks the system's, which takes
+    inet_aton's forms: ``2852039166``, ``0xa9fea9fe``, ``0251.0376.0251.0376``, ``169.254.43518``), an IPv4
+    address inside IPv6 (``::ffff:169.254.169.254``) as the IPv4 one; None for a name."""
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+    except ValueError:
+        if not host or not all(c in "0123456789abcdefx." for c in host):
+            return None
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is None and address.packed[:12] == bytes(12) and int(address) > 0xFFFF:  # ::a.b.c.d (deprecated)
+            inner = ipaddress.IPv4Address(address.packed[12:])
+        return inner or address
+    return address
+
+
 def _host_problem(url: str) -> str | None:
-    host = (urlparse(url).hostname or "").lower()
+    host = (urlparse(url).hostname or "").lower().rstrip(".")  # "169.254.169.254." is the same host
     if host in _METADATA_NAMES:
         return f"names the metadata service host {host!r}"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if address.is_link_local:
-        return f"names the link-local address {host} (a cloud metadata service)"
+    address = _address(host)
+    if address is not None and (address.is_link_local or address in _METADATA_ADDRESSES):
+        return f"names the link-local address {host} (a cloud metadata service)" if address.is_link_local else \
+            f"names the metadata service address {host}"
     return None
 
 
@@ -116,6 +141,17 @@ def source_problem(source: NamedSource, roots: Sequence[Path] | None = None) -> 
         return (f"{shown} lies outside the folders its files may come from ({allowed}); allow its folder with "
                 "--source-root")
     return None
+
+
+def check_own_files(named: str, files: Iterable[Path], roots: Sequence[Path]) -> None:
+    """Refuse an inbox's input whose own files (a file, an Analyze pair's image, a series' slices) lie, links
+    resolved, outside ``roots``: a link dropped into the inbox had segflow read another project's scan."""
+    for path in files:
+        if path.exists() and not _under(path, roots):  # (a broken link: its reader says so)
+            allowed = ", ".join(str(r) for r in roots)
+            what = "is a link" if str(path) == str(named) else f"its file {path} is a link"
+            raise UnsafeInputError(named, f"{what} to {os.path.realpath(path)}, outside the folders its files may "
+                                          f"come from ({allowed}); allow its folder with --source-root; not opened")
 
 
 def _archive_part(inner: str) -> str:

@@ -291,6 +291,19 @@ def sparse_tif(folder: Path) -> Path:
     return path
 
 
+def nan_geotransform(folder: Path) -> Path:
+    """Ran to the end: NaN in its STAC item (invalid JSON) and numpy's warnings on the terminal."""
+    from rasterio.transform import Affine
+
+    return _raster(folder / "nan_gt.tif", _scene_pixels(), transform=Affine(float("nan"), 0, 500000, 0, -10, 6e6))
+
+
+def zero_pixel_size(folder: Path) -> Path:
+    from rasterio.transform import Affine
+
+    return _raster(folder / "zero_gt.tif", _scene_pixels(), transform=Affine(0, 0, 500000, 0, 0, 6e6))
+
+
 def directory(folder: Path) -> Path:
     path = folder / "a_folder.tif"
     path.mkdir()
@@ -313,6 +326,27 @@ def analyze_fifo_image(folder: Path) -> Path:
     nib.save(nib.Nifti1Pair(np.ones((8, 8, 8), np.float32), np.eye(4)), path)
     (folder / "pair.img").unlink()
     os.mkfifo(folder / "pair.img")
+    return path
+
+
+def analyze_linked_image(folder: Path) -> Path:
+    """A pair whose image file links elsewhere (to /etc/passwd, it drew that file's bytes into a quicklook)."""
+    path = folder / "pair.hdr"
+    nib.save(nib.Nifti1Pair(np.ones((8, 8, 8), np.float32), np.eye(4)), path)
+    elsewhere = folder.parent / f"{folder.name}-elsewhere.img"
+    (folder / "pair.img").rename(elsewhere)
+    (folder / "pair.img").symlink_to(elsewhere)
+    return path
+
+
+def sparse_nii(folder: Path) -> Path:
+    """A NIfTI-1 header declaring 32000 x 32000 x 256 int16 (488 GiB) over a sparse file: its size matched the
+    header, so it passed the truncation check and ingest ran on, reading zeros."""
+    path = folder / "sparse.nii"
+    header = bytearray(_nifti_header_bytes((32000, 32000, 256)))
+    with open(path, "wb") as f:
+        f.write(bytes(header))
+        f.truncate(len(header) + 32000 * 32000 * 256 * 2)
     return path
 
 
@@ -620,6 +654,10 @@ INPUT_CASES: list[Case] = [
          "samples a byte where no compression of a real image gives more than about 1,000: a sparse or forged file"),
     Case("sparse-tif", "60000x60000x4 tiled GeoTIFF with every tile left out (SPARSE_OK)", "2d", sparse_tif,
          "(14,400,000,000 samples) in"),
+    Case("nan-geotransform", "GeoTIFF whose geotransform holds NaN", "2d", nan_geotransform,
+         "has a non-finite geotransform"),
+    Case("zero-pixel-size", "GeoTIFF whose geotransform has a pixel size of 0", "2d", zero_pixel_size,
+         "has a singular geotransform"),
     Case("directory", "a folder holding no DICOM files where a file is expected", "2d", directory,
          "is a folder holding no DICOM files"),
     Case("fifo", "a FIFO (unreadable as a file; stands in for chmod 000, which root ignores)", "2d", fifo,
@@ -634,6 +672,10 @@ INPUT_CASES: list[Case] = [
     Case("unreadable-dcm", "noise named .dcm", "3d", unreadable_dcm, "is not a readable DICOM file"),
     Case("analyze-fifo-img", "an Analyze/NIfTI pair whose .img is a FIFO", "3d", analyze_fifo_image,
          "its image file pair.img is a FIFO (named pipe), not a regular file"),
+    Case("analyze-linked-img", "an Analyze/NIfTI pair whose .img links to a file in another folder", "3d",
+         analyze_linked_image, "its image file pair.img links to a file outside the header's folder"),
+    Case("sparse-nii", "NIfTI declaring 32000 x 32000 x 256 over a sparse file of that size", "3d", sparse_nii,
+         "a sparse or forged file, refused"),
     Case("truncated-nii", "uncompressed NIfTI cut after 2000 bytes", "3d", truncated_nii, "data is truncated"),
     Case("truncated-nii-gz", "gzip NIfTI cut in half", "3d", truncated_nii_gz, "cannot read voxel data"),
     Case("damaged-nii-gz", "gzip NIfTI with bytes flipped in its voxel data (the CRC fails)", "3d", damaged_nii_gz,

@@ -146,6 +146,7 @@ def test_info_on_damaged_files_is_one_line_naming_the_file(tmp_path):
     damaged = {cut: "to count its labels", tmp_path / "text.tif": "not a GeoTIFF or VRT",
                tmp_path / "half.nii.gz": "cannot read the NIfTI header", tmp_path / "r.json": "is not readable JSON",
                tmp_path / "s.zarr": "not a readable zarr v3 group",
+               tmp_path / "codec.zarr": "UnknownCodecError",  # an array's zarr.json: it was a traceback
                # cut short, its header whole: it had been shown as sound (exit 0); cut inside the header: shown with
                # no CRS and an identity transform, the GeoTIFF keys being past the cut
                tmp_path / "short.tif": "data is truncated", tmp_path / "headcut.tif": "data is truncated"}
@@ -162,6 +163,13 @@ def test_info_on_damaged_files_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "r.json").write_text("{")
     (tmp_path / "s.zarr").mkdir()
     (tmp_path / "s.zarr" / "zarr.json").write_text("{")
+    import zarr
+
+    zarr.create_group(str(tmp_path / "codec.zarr")).create_array("labels", shape=(4, 4), dtype="uint8")
+    meta = tmp_path / "codec.zarr" / "labels" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["codecs"].append({"name": "numcodecs.pickle", "configuration": {}})
+    meta.write_text(json.dumps(doc))
     for path, problem in damaged.items():
         proc = run("info", path)
         assert proc.returncode == 2 and not proc.stdout, (path, proc.stdout)

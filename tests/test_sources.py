@@ -77,13 +77,23 @@ def test_the_always_refused_sources_and_the_allowed_ones(tmp_path):
         NamedSource("/vsicurl/http://metadata.google.internal/x.tif", here): "metadata service host",
         NamedSource("/vsizip//vsistdin/", here): "/vsistdin/ handler",  # the archive's own path is checked
         NamedSource("file:///etc/passwd", here): "is a file:// URL",
+        # 169.254.169.254 as the resolver also reads it: these were let through
+        NamedSource("http://2852039166/x.tif", here): "link-local address 2852039166",
+        NamedSource("/vsicurl/http://0xa9fea9fe/x.tif", here): "link-local address 0xa9fea9fe",
+        NamedSource("http://0251.0376.0251.0376/x.tif", here): "link-local address",
+        NamedSource("http://169.254.43518/x.tif", here): "link-local address",
+        NamedSource("http://169.254.169.254./x.tif", here): "link-local address 169.254.169.254",
+        NamedSource("http://[::ffff:169.254.169.254]/x.tif", here): "link-local address ::ffff:169.254.169.254",
+        NamedSource("http://[::ffff:a9fe:a9fe]/x.tif", here): "link-local address",
+        NamedSource("http://[fd00:ec2::254]/x.tif", here): "metadata service address fd00:ec2::254",
     }
     for source, problem in refused.items():
         got = source_problem(source)
         assert got is not None and problem in got, (source, got)
     allowed = [NamedSource(str(tmp_path / "in" / "sub" / "x.bin"), here, raw=True),  # a raw band's own folder
                NamedSource("/vsicurl/https://example.com/x.tif", here), NamedSource("/vsis3/bucket/x.tif", here),
-               NamedSource("https://example.com/x.tif", here), NamedSource("/anywhere/x.tif", here)]
+               NamedSource("https://example.com/x.tif", here), NamedSource("/anywhere/x.tif", here),
+               NamedSource("https://deadbeef.example/x.tif", here), NamedSource("http://2130706433/x.tif", here)]
     for source in allowed:
         assert source_problem(source) is None, source
     # with roots, local files must lie under one of them, links resolved
@@ -169,9 +179,18 @@ def test_nightly_takes_sources_from_the_inbox_and_the_allowed_folders_only(model
     _item(inbox / "up.json", "../elsewhere/private.tif", ident="up")
     _tif(inbox / "tiles" / "t.tif", seed=3)  # a folder of tiles in the inbox, and a VRT over them
     _vrt(inbox / "inside.vrt", "tiles/t.tif", relative=True)
+    other = _tif(elsewhere / "other.tif", seed=5)
+    (inbox / "linked.tif").symlink_to(other)  # a link dropped in: it was segmented as the inbox's own file
+    (inbox / "tiles" / "t2.tif").symlink_to(inbox / "tiles" / "t.tif")
+    (inbox / "near.tif").symlink_to(inbox / "tiles" / "t2.tif")  # links that stay inside are the inbox's
     state = nightly(model_dirs=[str(model.path)], out_dir=str(out), inbox=str(inbox), return_state=True)
     by_name = {Path(r["input"]).name: r for r in nightly_report(state)["inputs"]}
     assert by_name["inside.vrt"]["status"] == "done", by_name["inside.vrt"]
+    assert by_name["near.tif"]["status"] == "done", by_name["near.tif"]
+    assert by_name["linked.tif"]["error"] == (
+        f"{inbox / 'linked.tif'}: is a link to {other}, outside the folders its files may come from ({inbox}); "
+        "allow its folder with --source-root; not opened"), by_name["linked.tif"]
+    assert not list(out.glob("linked*"))
     for name, shown in (("outside.vrt", str(private)), ("up.json", str(private))):
         assert by_name[name]["status"] == "failed", by_name[name]
         assert by_name[name]["error"] == (
@@ -183,7 +202,8 @@ def test_nightly_takes_sources_from_the_inbox_and_the_allowed_folders_only(model
                     return_state=True)
     by_name = {Path(r["input"]).name: r for r in nightly_report(state)["inputs"]}
     assert by_name["outside.vrt"]["status"] == "done", by_name["outside.vrt"]
-    assert (out / "outside.tif").is_file()
+    assert by_name["linked.tif"]["status"] == "done", by_name["linked.tif"]
+    assert (out / "outside.tif").is_file() and (out / "linked.tif").is_file()
 
 
 def test_a_vrt_given_as_a_url_is_checked_once_downloaded(model, tmp_path, dask_cluster):
