@@ -20,9 +20,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # pydicom warns of each non-conforming value it reads (a 300-character SeriesDescription, an IS of '..') with a
 # UserWarning from pydicom.valuerep that names neither the file nor anything to do, above segflow's own lines: the
 # values are read as they are, and what matters segflow reports itself.  Worker processes get it by the environment.
-_PYDICOM_VALUES = "ignore::UserWarning:pydicom.valuerep"
+# The same for pydicom.charset's "Found unknown escape sequence in encoded string value" (an ESC in a description).
+_PYDICOM_VALUES = "ignore::UserWarning:pydicom.valuerep,ignore::UserWarning:pydicom.charset"
 os.environ.setdefault("PYTHONWARNINGS", _PYDICOM_VALUES)
-warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.valuerep")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.(valuerep|charset)")
 
 
 def _writable_homes() -> None:

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from flows.config import SegmentOptions
     from flows.progress import Reporter
 
-console = Console(stderr=True)  # errors and progress: stderr, so stdout carries only results
-out = Console()
+# emoji=False: a file named ":fire:.tif" was printed as "🔥.tif", naming a file that does not exist
+console = Console(stderr=True, emoji=False)  # errors and progress: stderr, so stdout carries only results
+out = Console(emoji=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -166,6 +166,16 @@ def test_nibabel_header_notes_stay_off_the_terminal(models, tmp_path):
     """nibabel logs "pixdim[1,2,3] should be non-zero; setting 0 dims to 1" to stderr, before segflow's lines, from
     the header check and again from the worker; segflow checks what it matters for (zero-voxel-size) itself."""
     unknown, fine = corpus.zero_voxel_size(tmp_path), corpus.zero_pixdim_with_sform(tmp_path)
+    low = tmp_path / "low_offset.nii"  # nibabel logged "vox offset -4096 too low ..." at ERROR, then raised
+    low.write_bytes(corpus._nifti_header_bytes((8, 8, 8)) + b"\0" * 1024)
+    with open(low, "r+b") as f:
+        f.seek(108)  # vox_offset, a float32
+        f.write(np.float32(-4096).tobytes())
+    proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(low), "--model", str(models["3d"].path),
+                           "--out", str(tmp_path / "low")], check=False, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "250"}, timeout=300)
+    assert proc.stderr.splitlines() == [f"error: {low}: cannot read the NIfTI header: vox offset -4096 too low for "
+                                        "single file nifti1"], proc.stderr
     proc = subprocess.run([sys.executable, "-m", "flows", "segment", str(unknown), str(fine), "--model",
                            str(models["3d"].path), "--out", str(tmp_path / "out"), "--workers", "1"], check=False,
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"}, timeout=300)

@@ -73,3 +73,24 @@ def test_a_name_with_a_newline_or_an_escape_sequence_is_printed_escaped(tmp_path
     assert "\x1b[31mred" not in output and "\\x1b[31mred" in output
     assert not [line for line in output.splitlines() if line.startswith("ok forged")], output
     assert "two\\nok forged.tif" in output
+
+
+def test_a_name_like_an_emoji_code_is_printed_as_it_is_and_dicom_text_warnings_stay_off(tmp_path):
+    """rich turned ":fire:.tif" into "🔥.tif" in every line that named it (a file that does not exist); pydicom
+    printed a two-line UserWarning for an escape sequence in a SeriesDescription, above segflow's lines."""
+    from tests import dicom_samples
+
+    model = tiny_model(tmp_path / "m", spatial_dims=2, channels=1, roi=[16, 16])
+    _raster(tmp_path / ":fire:.tif")
+    proc = run("segment", tmp_path / ":fire:.tif", tmp_path / ":no_entry:.tif", "--model", model.path,
+               "--out", tmp_path / "out", "--no-prefect")
+    output = (proc.stdout + proc.stderr).decode("utf-8")
+    assert proc.returncode == 1 and "🔥" not in output and "⛔" not in output, output
+    assert f"ok {tmp_path / ':fire:.tif'} -> " in output and f"error: {tmp_path / ':no_entry:.tif'}: " in output
+    assert (tmp_path / "out" / ":fire:.tif").is_file()
+    volume = tiny_model(tmp_path / "m3", spatial_dims=3, channels=1, roi=[8, 8, 8])
+    dicom_samples.write_ct_series(tmp_path / "ct", np.zeros((8, 8, 8), np.int16),
+                                  series_description="a\x1b[31mRED")
+    proc = run("segment", tmp_path / "ct", "--model", volume.path, "--out", tmp_path / "out3", "--no-prefect")
+    output = (proc.stdout + proc.stderr).decode("utf-8")
+    assert proc.returncode == 0 and "Warning" not in output, output
