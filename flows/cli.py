@@ -80,8 +80,29 @@ from flows.segment_cli import segment  # noqa: E402
 from flows.train_cli import demo, train  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
                   help="Out-of-core, exactly stitched segmentation of large rasters and 3D volumes.")
 app.add_typer(model_app, name="model")
+
+
+def _print_version(value: bool) -> None:
+    """What a bug report needs first: there had been no way to ask (``--version`` was "No such option")."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("segflow")
+    except PackageNotFoundError:
+        number = "unknown (run from a source tree that is not installed)"
+    typer.echo(f"segflow {number}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _segflow(show_version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                               help="Print segflow's version and exit.")) -> None:
+    pass
 
 # the order `segflow --help` lists them in
 app.command()(ingest)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MIN_CHUNK = 8  # the smallest spatial chunk a store or a task takes (pixels or voxels per axis)
 MAX_PARALLEL = 32  # a nightly run's inputs in flight at once, at most (its task runner's threads)
 
 
@@ -18,7 +19,7 @@ class SegmentOptions(BaseModel):
     roi: list[int] | None = None  # default: the model card's
     overlap: float | None = Field(default=None, ge=0.0, lt=1.0, allow_inf_nan=False)  # nan: "should be < 1" had said
     blend: Literal["gaussian", "constant"] | None = None
-    chunk_size: int | None = Field(default=None, ge=8)  # default: the ingested store's chunking
+    chunk_size: int | None = Field(default=None, ge=MIN_CHUNK)  # default: the ingested store's chunking
     batch_size: int | None = Field(default=None, ge=1)
     probabilities: Literal["none", "float32", "uint8"] = "none"
     device: str = "auto"

@@ -18,21 +18,27 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows import cliutil
+from flows.config import MIN_CHUNK
 from storage.errors import SegflowError
 
 console, out = cliutil.console, cliutil.out
 
 
-def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files, DICOM folders, DICOMDIRs "
-                                                       "or DICOM files (one store per series)."),
-           out: Path = typer.Option(..., "--out", help="Directory for the <stem>.zarr stores."),
-           chunk: Optional[int] = typer.Option(None, help="Spatial chunk size (default 1024 in 2D, 128 in 3D).")) -> None:
+def ingest(inputs: List[Path] = typer.Argument(..., readable=False,
+                                               help="GeoTIFF, VRT or NIfTI files, DICOM folders, DICOMDIRs "
+                                                    "or DICOM files (one store per series)."),
+           out_arg: str = typer.Option(..., "--out", help="Directory for the <stem>.zarr stores."),
+           chunk: Optional[int] = typer.Option(None, "--chunk-size", "--chunk",
+                                               help="Spatial chunk size (default 1024 in 2D, 128 in 3D), as "
+                                                    "`segment --chunk-size`.")) -> None:
     """Copy inputs into chunked zarr v3 image stores with their full geometry."""
     from flows.cluster import numpy_hugepages_off
     from flows.inputs import expand, input_label, input_stem, output_clashes
     from storage.atomic import make_output_folder
     from storage.ingest import ingest as do_ingest
 
+    cliutil.check_out_folder(out_arg)  # `--out ""` had written into the working directory
+    out = Path(out_arg)
     expanded, unusable = expand([str(p) for p in inputs])
     clashes = output_clashes(expanded, done="ingested")
     errors = [error for _, error in unusable] + list(clashes.values())
@@ -40,8 +46,8 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         console.print(f"[red]error:[/red] {escape(error)}", highlight=False, soft_wrap=True)
     failures = len(errors)
     cliutil.local_only(out, "--out")
-    if chunk is not None and chunk < 1:
-        cliutil.fail(f"--chunk must be a positive number of pixels or voxels, got {chunk}")
+    if chunk is not None and chunk < MIN_CHUNK:  # `segment --chunk-size` takes no less: 3 had written 3 x 3 chunks
+        cliutil.fail(f"--chunk-size must be at least {MIN_CHUNK} pixels or voxels, got {chunk}")
     try:
         make_output_folder(out)
     except SegflowError as exc:
@@ -60,8 +66,9 @@ def ingest(inputs: List[Path] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
 
 
 
-def info(path: Path = typer.Argument(..., help="A zarr store, a GeoTIFF/NIfTI output, a provenance JSON "
-                                               "or a model directory.")) -> None:
+def info(path: Path = typer.Argument(..., readable=False,
+                                     help="A zarr store, a GeoTIFF/NIfTI output, a provenance JSON "
+                                          "or a model directory.")) -> None:
     """Print a store's or an output's metadata and provenance as JSON; for a label output also its classes with
     their pixels or voxels and area (ha) or volume (mL), as a table on stderr."""
     from flows.inspect import describe

@@ -393,12 +393,14 @@ def _mean_fields(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate_command(
-        predictions: List[Path] = typer.Argument(..., help="Predicted label maps: segflow outputs (.tif, .nii.gz), "
-                                                           "their .zarr stores, or any integer label GeoTIFF/NIfTI."),
-        truth: List[Path] = typer.Option(..., "--truth", help="The ground truth of each prediction, in the same "
-                                                              "order (repeat --truth), or one folder: DIR/<stem>.* "
-                                                              "for <stem>.tif, <stem>.labels.tif, <stem>.nii.gz; "
-                                                              "<stem>.truth.* or <stem>.labels.* before <stem>.*."),
+        predictions: List[Path] = typer.Argument(..., readable=False,
+                                                 help="Predicted label maps: segflow outputs (.tif, .nii.gz), "
+                                                      "their .zarr stores, or any integer label GeoTIFF/NIfTI."),
+        truth: List[Path] = typer.Option(..., "--truth", readable=False,
+                                         help="The ground truth of each prediction, in the same "
+                                              "order (repeat --truth), or one folder: DIR/<stem>.* "
+                                              "for <stem>.tif, <stem>.labels.tif, <stem>.nii.gz; "
+                                              "<stem>.truth.* or <stem>.labels.* before <stem>.*."),
         out_dir: Path = typer.Option(Path("."), "--out", help="Folder for evaluation.json, evaluation.md and "
                                                               "<case>.csv."),
         tolerance: float = typer.Option(1.0, "--tolerance", help="Normalised surface Dice tolerance, in mm "
@@ -411,8 +413,9 @@ def evaluate_command(
                                                 help="Also compute distances for the background class (class 0, "
                                                      "or the class named background; its box is usually the "
                                                      "whole image)."),
-        chunk: Optional[int] = typer.Option(None, "--chunk", help="Read rasters in CHUNK x CHUNK windows and "
-                                                                  "volumes CHUNK planes at a time."),
+        chunk: Optional[int] = typer.Option(None, "--chunk-size", "--chunk",
+                                            help="Read rasters in CHUNK x CHUNK windows and "
+                                                 "volumes CHUNK planes at a time."),
         distance_limit: Optional[int] = typer.Option(None, "--distance-limit",
                                                      help="Skip HD95, ASD and NSD (with a note) for a class whose "
                                                           "bounding box holds more pixels than this: distances "

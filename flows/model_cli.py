@@ -22,7 +22,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Inspect and convert models."
 
 
 @model_app.command("inspect")
-def model_inspect(path: Path = typer.Argument(..., help="Model directory, MONAI bundle or TorchScript archive."),
+def model_inspect(path: Path = typer.Argument(..., readable=False, help="Model directory, MONAI bundle or TorchScript archive."),
                   trust_bundle: cliopts.TrustBundle = False,
                   stac: bool = typer.Option(False, "--stac", help="Print the model as a STAC item with the "
                                                                   "Machine Learning Model extension instead.")) -> None:
@@ -49,7 +49,7 @@ AXIS_ORDER_NOTE = ("segflow gives the network its windows in storage order: (k, 
 
 
 @model_app.command("convert")
-def model_convert(src: Path = typer.Argument(..., help="MONAI bundle directory, state_dict checkpoint "
+def model_convert(src: Path = typer.Argument(..., readable=False, help="MONAI bundle directory, state_dict checkpoint "
                                                        "(.pt/.pth/.bin/.safetensors), TorchScript archive, or a "
                                                        "STAC item (.json) with the MLM extension whose mlm:model "
                                                        "asset is such a weights file."),
