@@ -87,5 +87,6 @@ def output_fields(*, bands: str | None, vector: str, simplify: float | None, out
         cliutil.fail("--simplify applies to --vector polygons; add --vector gpkg, parquet or geojson")
     return dict(bands=None if bands is None else [b.strip() for b in bands.split(",") if b.strip()],
                 vector=vector, simplify=simplify, output_grid=output_grid, model_space=model_space,
-                dicom_seg=dicom_seg, flip_tta=None if tta is None else ([] if tta == "none" else cliutil.ints(tta)),
-                crf=crf, crf_iterations=crf_iterations, compile=compile, trust_bundle=trust_bundle)
+                dicom_seg=dicom_seg,
+                flip_tta=None if tta is None else ([] if tta == "none" else cliutil.ints(tta, "--tta")), crf=crf,
+                crf_iterations=crf_iterations, compile=compile, trust_bundle=trust_bundle)

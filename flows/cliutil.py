@@ -92,7 +92,7 @@ def options(**fields: object) -> "SegmentOptions":
         field = ".".join(map(str, first["loc"]))
         # the flag as the user typed it (--simplify), not the field's name (simplify, output_grid); flip_tta is --tta
         flag = FLAGS.get(field) or f"--{field.replace('_', '-')}" if field in fields else field
-        fail(f"invalid {flag}: {first['msg']}")
+        fail(f"invalid {flag}: {first['msg'].removeprefix('Value error, ')}")  # pydantic's wording, not the user's
 
 
 def check_device(options: "SegmentOptions") -> None:
@@ -267,8 +267,8 @@ def local_only(path: Optional[Path], flag: str) -> None:
              "segment, nightly and schedule")
 
 
-def ints(text: Optional[str]) -> Optional[list[int]]:
-    """``128,128`` or ``128x128`` as integers; anything else is a one-line failure."""
+def ints(text: Optional[str], option: str = "--roi") -> Optional[list[int]]:
+    """``128,128`` or ``128x128`` as integers; anything else is a one-line failure naming ``option``."""
     if not text:
         return None
     try:
@@ -276,7 +276,7 @@ def ints(text: Optional[str]) -> Optional[list[int]]:
     except ValueError:
         values = []
     if not values:  # "x" or "," read as no numbers at all: as wrong as "a,b"
-        fail(f"cannot read numbers from {text!r} (expected e.g. 128,128)")
+        fail(f"{option}: cannot read numbers from {text!r} (expected e.g. {'0,1' if option == '--tta' else '128,128'})")
     return values
 
 

@@ -117,6 +117,9 @@ def verify(output: str = typer.Argument(..., help="An output file or its .proven
             output_path = Path(output)
             if output_path.is_dir() and not output_path.name.endswith(".zarr"):
                 cliutil.fail(f"{output}: is a folder; give one output file (or its .provenance.json)")
+            if not output_path.exists() and not output_path.name.endswith(".provenance.json") and \
+                    not sidecar_for(output_path).exists():  # it named only the sidecar, as though that were amiss
+                cliutil.fail(f"{output}: no such file, and no provenance sidecar beside where it would be")
             sidecar = output_path if output_path.name.endswith(".provenance.json") else sidecar_for(output_path)
             report = verify_record(sidecar)
     except SegflowError as exc:

@@ -53,7 +53,7 @@ from flows.datasettruth import DatasetValues, dataset_truth_map, truth_note
 from flows.evalreport import METRICS, fmt, write_reports
 from flows.pairing import case_name, match_inputs
 from storage.labelmaps import LabelSource, open_labels
-from storage.errors import ConfigError, IncompatibleInputError, InvalidInputError, SegflowError
+from storage.errors import ConfigError, IncompatibleInputError, InputError, InvalidInputError, SegflowError
 from storage.inputfiles import stem_of
 from storage.reorient import on_grid_of
 
@@ -248,7 +248,7 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ConfigError(None, f"--tolerance must be a finite number >= 0, got {tolerance}")
     if chunk is not None and chunk < 1:
-        raise ConfigError(None, f"--chunk must be positive, got {chunk}")
+        raise ConfigError(None, f"--chunk-size must be positive, got {chunk}")
     if distance_limit is None:
         from segmentation.evaluation import DISTANCE_LIMIT
 
@@ -266,7 +266,9 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
         counted_nodata = tuple(int(v) for v in ((card.training or {}).get("dataset") or {}).get("nodata_classes")
                                or [])
     matches = match_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
-    checked = [(p, t, error or _check_pair(p, t, card_names, classes)) for p, t, error in matches]
+    # a missing prediction first: paired by a folder it had been "no truth named p.* in FOLDER"
+    checked = [(p, t, (None if p.exists() else InputError(p, "no such file")) or error
+                or _check_pair(p, t, card_names, classes)) for p, t, error in matches]
     cases: list[dict[str, Any]] = []
     unscored: list[dict[str, Any]] = []
     taken: set[str] = set()
@@ -429,11 +431,14 @@ def evaluate_command(
     from storage.errors import SegflowError
 
     cliutil.local_only(out_dir, "--out")
+    cliutil.check_out_folder(out_dir)  # a file in --out's way had been told after the scoring
     try:
         report = evaluate_files(predictions, truth, tolerance=tolerance, ignore=ignore if ignore >= 0 else None,
                                 classes=classes, include_background=include_background, chunk=chunk,
                                 distance_limit=distance_limit)
         written = write_reports(report, out_dir) if report["cases"] else []
+    except ConfigError as exc:  # an option or a pairing the run cannot take: a usage error, as in other commands
+        cliutil.fail(str(exc), 2)
     except SegflowError as exc:
         cliutil.fail(str(exc), 1)
     for group in report["means"]:

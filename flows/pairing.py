@@ -45,13 +45,21 @@ def match_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path
     for p in predictions:  # a folder of outputs given as one prediction had been "no truth named <folder>.*"
         if p.is_dir() and not p.name.lower().endswith(".zarr"):
             raise ConfigError(p, "is a folder: give the label maps in it (e.g. FOLDER/*.tif or FOLDER/*.nii.gz)")
-    if len(truths) == 1 and truths[0].is_dir() and not truths[0].name.lower().endswith(".zarr"):
+    folders = [t for t in truths if t.is_dir() and not t.name.lower().endswith(".zarr")]
+    if len(truths) == 1 and folders:
         return _in_folder(predictions, truths[0])
+    if folders:  # it had been refused in words about segment's inputs ("a folder holding no DICOM files")
+        raise ConfigError(folders[0], "is a folder, and a --truth folder must be the only --truth (its files pair "
+                                      "with the predictions by name); otherwise give one truth file per prediction")
     if len(truths) != len(predictions):
-        raise ConfigError(None, f"{len(predictions)} predictions but {len(truths)} truths: give one --truth per "
-                                f"prediction, in the same order, or one --truth folder")
+        raise ConfigError(None, f"{_count(len(predictions), 'prediction')} but {_count(len(truths), 'truth')}: "
+                                "give one --truth per prediction, in the same order, or one --truth folder")
     return [(p, t, ConfigError(p, "is given as its own truth") if _same_file(p, t) else None)
             for p, t in zip(predictions, truths)]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -70,6 +70,11 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         cliutil.fail("nothing to train on: give --dataset PATH or --image/--labels pairs")
     if len(image) != len(labels):
         cliutil.fail(f"{len(image)} --image but {len(labels)} --labels: give them in pairs")
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size)):  # the core said "steps and batch_size"
+        if value < 1:
+            cliutil.fail(f"{flag} must be a positive number, got {value}")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        cliutil.fail(f"--val-fraction must be in [0, 1), got {val_fraction:g}")
     if holdout is not None and val_fraction is not None:
         cliutil.fail("--holdout validates on part of every image; it cannot be combined with --val-fraction")
     if precision not in ("exact", "fast"):

@@ -240,12 +240,13 @@ def test_options_that_read_as_nothing_and_a_missing_gpu_are_one_line(model2d, tm
     import torch
 
     scene = small_scene(tmp_path / "scene.tif")
-    cases = [(("--tta", "x"), "cannot read numbers from 'x'"), (("--roi", ","), "cannot read numbers from ','"),
+    cases = [(("--tta", "x"), "--tta: cannot read numbers from 'x'"),
+             (("--roi", ","), "--roi: cannot read numbers from ','"),
              # named by its flag, not the field (it had said "invalid option output_grid")
              (("--output-grid", "foo"), "invalid --output-grid: Input should be 'input' or 'model'"),
              # the flag is --tta, the field flip_tta (it had said "invalid --flip-tta")
-             (("--tta", "5"), "invalid --tta: Value error, the axes to mirror must be distinct spatial axes: "
-                               "0, 1 or 2")]
+             (("--tta", "5"), "invalid --tta: the axes to mirror must be distinct spatial axes: 0, 1 or 2"),
+             (("--roi", "-1"), "invalid --roi: roi must ")]  # pydantic's "Value error, " had led its words
     if not torch.cuda.is_available():
         cases.append((("--device", "cuda"), "device 'cuda' asked for, but "))
     for args, problem in cases:
@@ -927,6 +928,11 @@ def test_version_short_help_and_ingest_takes_its_options_as_segment_does(tmp_pat
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"segflow {prefect_version('segflow')}", proc
     assert run("ingest", "-h").returncode == 0
+    for args, line in ((["--steps", "0"], "error: --steps must be a positive number, got 0"),  # was "steps and
+                       (["--val-fraction", "1.5"], "error: --val-fraction must be in [0, 1), got 1.5")):  # batch_size"
+        proc = run("train", "--card", "c.json", "--image", "a.tif", "--labels", "b.tif", "--out", "m", *args,
+                   cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr
     scene = small_scene(tmp_path / "scene.tif")
     proc = run("ingest", scene, "--out", "", cwd=tmp_path)
     assert proc.returncode == 2 and error_lines(proc.stderr) == [proc.stderr.strip()], proc.stderr

@@ -443,7 +443,7 @@ def test_cli_writes_json_markdown_and_csv(tmp_path):
     assert rows[2]["note"] == "value not among the named classes" and "not among" not in (rows[1]["note"] or "")
 
 
-def test_cli_bad_inputs_are_one_error_line_and_exit_1(tmp_path):
+def test_cli_bad_inputs_are_one_error_line_and_exit_1_bad_usage_2(tmp_path):
     rp, rt = raster_pair()
     pred = write_tif(tmp_path / "p.tif", rp)
     shifted = write_tif(tmp_path / "shifted.tif", rt, origin=(500010.0, 6000000.0))
@@ -465,8 +465,15 @@ def test_cli_bad_inputs_are_one_error_line_and_exit_1(tmp_path):
                     "--out", tmp_path / "nudged")
     assert nudged.exit_code == 0, nudged.output  # within 1e-4 mm: the same grid
 
-    result = invoke(pred, pred, "--truth", pred)
-    assert result.exit_code == 1 and "2 predictions but 1 truths" in error_lines(result.output)[0]
+    result = invoke(pred, pred, "--truth", pred)  # a usage error, as other commands' bad options: exit 2
+    assert result.exit_code == 2 and "2 predictions but 1 truth:" in error_lines(result.output)[0]
+    (tmp_path / "truths").mkdir()
+    result = invoke(pred, pred, "--truth", tmp_path / "truths", "--truth", pred)  # it was refused in segment's words
+    assert result.exit_code == 2 and error_lines(result.output) == [
+        f"error: {tmp_path / 'truths'}: is a folder, and a --truth folder must be the only --truth (its files pair "
+        "with the predictions by name); otherwise give one truth file per prediction"], result.output
+    result = invoke(tmp_path / "gone.tif", "--truth", tmp_path / "truths")  # was "no truth named gone.* in ..."
+    assert result.exit_code == 1 and error_lines(result.output) == [f"error: {tmp_path / 'gone.tif'}: no such file"]
     result = invoke(pred, "--truth", tmp_path / "missing.tif")
     assert result.exit_code == 1 and "missing.tif" in error_lines(result.output)[0]
     fractional = write_nifti(tmp_path / "f.nii.gz", tv * 0.5, dtype="float32")
@@ -634,7 +641,7 @@ def test_a_class_too_large_for_one_distance_pass_gets_a_note_not_distances(tmp_p
     assert rows[1]["note"].startswith(DISTANCES_OVER_LIMIT) and rows[1]["dice"] == full[1]["dice"]
     assert rows[2]["hd95"] == full[2]["hd95"] and full[1]["hd95"] is not None  # the small field still measured
     result = invoke(pred, "--truth", truth, "--out", tmp_path / "o", "--distance-limit", "-1")
-    assert result.exit_code == 1 and "--distance-limit must be >= 0" in error_lines(result.output)[0]
+    assert result.exit_code == 2 and "--distance-limit must be >= 0" in error_lines(result.output)[0]
 
 
 # --------------------------------------------------------------------------- truths without CRS, partial runs

@@ -156,6 +156,10 @@ def test_missing_or_broken_provenance_and_a_folder_are_one_line_errors(copy, tmp
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: {sidecar}: no such provenance file (is the output segflow's, and its "
                                    "sidecar beside it?)")
+    gone = tmp_path / "gone.tif"  # neither the output nor a sidecar: it named only the sidecar, as though amiss
+    proc = _cli_verify(gone)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {gone}: no such file, and no provenance sidecar beside where it would be")
     proc = _cli_verify(tmp_path)  # the output folder, not an output: it looked for "<folder>.provenance.json"
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path}: is a folder; give one output file (or its .provenance.json)"
