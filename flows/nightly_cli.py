@@ -71,6 +71,13 @@ def nightly_command(
     if (inbox is None) == (manifest is None):
         cli.fail("give --inbox DIR or --manifest FILE (one of them)")
     cli.check_out_folder(out)
+    if inbox is not None:
+        from flows.nightly import check_inbox_reported
+
+        try:
+            check_inbox_reported(cli.path_or_url(out), cli.path_or_url(inbox), None)
+        except SegflowError as exc:
+            cli.fail(str(exc))
     if manifest is not None and not is_url(cli.path_or_url(manifest)):
         from flows.inbox import read_manifest
 

@@ -572,7 +572,7 @@ def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
         assert res.exit_code != 0 and "the next night would read segflow's outputs as new inputs" in res.output
 
 
-def test_a_night_that_cannot_start_writes_its_report_where_out_exists(models, tmp_path):
+def test_a_night_that_cannot_start_writes_its_report_where_out_exists(models, tmp_path, monkeypatch):
     """A missing model directory (or inbox) ended a deployment's run before any report: an operator reading
     OUT/reports the next morning found nothing, as if the night had not run; the error was in Prefect's UI and
     the worker's log only. (``segflow nightly`` refuses a missing model before the flow starts, in one line.)"""
@@ -601,6 +601,18 @@ def test_a_night_that_cannot_start_writes_its_report_where_out_exists(models, tm
     with pytest.raises(ModelError):
         nightly(model_dirs=[str(gone)], out_dir=str(tmp_path / "new"), inbox=str(inbox))
     assert not (tmp_path / "new").exists()
+    # the command checks a local inbox before Prefect starts (it said so after 16 s), and reports it all the same
+    import flows.runlog
+    from flows.cli import app
+
+    def no_prefect(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("Prefect started for a run that cannot start")
+
+    monkeypatch.setattr(flows.runlog, "prefect_console", no_prefect)
+    res = CliRunner().invoke(app, ["nightly", "--inbox", str(tmp_path / "unmounted"), "--model",
+                                   str(models["2d"].path), "--out", str(out)], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and res.output.strip() == f"error: {tmp_path / 'unmounted'}: inbox is not a directory"
+    assert len(list((out / "reports").glob("*.json"))) == 3
 
 
 def test_a_report_that_cannot_be_written_is_one_error_line_after_the_inputs(models, tmp_path, dask_cluster,
