@@ -18,7 +18,7 @@ from flows import cliopts, cliutil
 from storage.errors import SegflowError
 
 console, out = cliutil.console, cliutil.out
-model_app = typer.Typer(no_args_is_help=True, help="Inspect and convert models.")
+model_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and convert models.")
 
 
 @model_app.command("inspect")
