@@ -22,7 +22,8 @@ model_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspe
 
 
 @model_app.command("inspect")
-def model_inspect(path: Path = typer.Argument(..., readable=False, help="Model directory, MONAI bundle or TorchScript archive."),
+def model_inspect(path: Path = typer.Argument(..., readable=False,
+                                              help="Model directory, MONAI bundle or TorchScript archive."),
                   trust_bundle: cliopts.TrustBundle = False,
                   stac: bool = typer.Option(False, "--stac", help="Print the model as a STAC item with the "
                                                                   "Machine Learning Model extension instead.")) -> None:
