@@ -22,20 +22,29 @@ METRICS = ("dice", "iou", "hd95", "asd", "nsd", "pred_size", "truth_size", "size
 
 
 def fmt(x: Any) -> str:
-    """A score as the tables print it: 4 significant digits, '-' for none."""
-    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+    """A score as the tables print it: 4 significant digits, '-' for none; never "1" for a score short of it
+    (a Dice of 0.99998 read as perfect): that is cut to 0.9999."""
+    if x is None:
+        return "-"
+    if not isinstance(x, float):
+        return str(x)
+    text = f"{x:.4g}"
+    return "0.9999" if text == "1" and x < 1 else text
 
 
 def _md_cell(text: Any) -> str:
     return " ".join(fmt(text).replace("|", "\\|").split())
 
 
-def _md_table(rows: list[dict[str, Any]], distance: str, size: str, tolerance: float) -> list[str]:
-    head = ["class", "Dice", "IoU", f"HD95 ({distance})", f"ASD ({distance})", f"NSD@{tolerance:g} {distance}",
-            f"pred ({size})", f"truth ({size})", f"diff ({size})", "note"]
+def _md_table(rows: list[dict[str, Any]], distance: str, size: str, tolerance: float,
+              counted: bool = False) -> list[str]:
+    """A class table; ``counted``: a mean's, with the number of cases each class's mean is over."""
+    head = ["class", *(["cases"] if counted else []), "Dice", "IoU", f"HD95 ({distance})", f"ASD ({distance})",
+            f"NSD@{tolerance:g} {distance}", f"pred ({size})", f"truth ({size})", f"diff ({size})", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['value']} {r['name']}", *(r[m] for m in METRICS), r.get("note")]
+        cells = [f"{r['value']} {r['name']}", *([r.get("cases")] if counted else []), *(r[m] for m in METRICS),
+                 r.get("note")]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return lines
 
@@ -57,7 +66,8 @@ def _markdown(report: dict[str, Any]) -> str:
     for group in means:
         title = "## Mean over cases" if len(means) == 1 else \
             f"## Mean over {', '.join(_md_cell(c) for c in group['cases'])} ({group['kind']}s)"
-        lines += [title, "", *_md_table(group["classes"], group["distance_unit"], group["size_unit"], tol), ""]
+        lines += [title, "", *_md_table(group["classes"], group["distance_unit"], group["size_unit"], tol,
+                                        counted=True), ""]
     for case in cases:
         facts = [f"prediction `{case['prediction']}`, truth `{case['truth']}`, {case['counted_pixels']} pixels "
                  f"counted, {case['ignored_pixels']} ignored", *case["notes"]]

@@ -445,11 +445,12 @@ def evaluate_command(
         title = f"mean over {len(group['cases'])} case(s)" if len(report["means"]) == 1 else \
             f"mean over {', '.join(group['cases'])}"
         table = Table(title=escape(title))
-        for col in ("class", "Dice", "IoU", f"HD95 {group['distance_unit']}", f"ASD {group['distance_unit']}", "NSD",
+        unit = group["distance_unit"]  # NSD named as the Markdown names it, with its tolerance
+        for col in ("class", "n", "Dice", "IoU", f"HD95 {unit}", f"ASD {unit}", f"NSD@{tolerance:g} {unit}",
                     f"pred {group['size_unit']}", f"truth {group['size_unit']}"):
-            table.add_column(col)
+            table.add_column(col, no_wrap=col == "class")  # a class name split over lines reads as two
         for r in group["classes"]:
-            table.add_row(escape(f"{r['value']} {r['name']}"), *(fmt(r[m]) for m in METRICS[:7]))
+            table.add_row(escape(f"{r['value']} {r['name']}"), fmt(r.get("cases")), *(fmt(r[m]) for m in METRICS[:7]))
         cliutil.out.print(table)
     if written:
         unscored = f" ({len(report['unscored'])} prediction(s) not scored, listed there)" if report["unscored"] else ""

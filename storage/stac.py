@@ -213,7 +213,7 @@ def _mlm_properties(model: dict[str, Any], classes: list[dict[str, Any]], out: P
             framework=model.get("framework") or "pytorch",
             accelerator=model.get("accelerator") or "cpu",
             input=[ModelInput(
-                name=f"{channels} bands",
+                name=f"{channels} band" + ("" if channels == 1 else "s"),
                 bands=bands,
                 input=InputStructure(shape=[-1, channels, *roi], dim_order=["batch", "bands", *spatial],
                                      data_type="float32"),

@@ -801,3 +801,13 @@ def test_a_0_255_mask_as_truth_is_warned_on_the_terminal(tmp_path):
     truth[10:20, 10:20] = 1
     result = invoke(p, "--truth", write_tif(tmp_path / "voc.tif", truth), "--out", tmp_path / "ev2")
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+def test_a_near_perfect_score_never_prints_as_perfect_and_a_mean_says_how_many_cases():
+    """A probe: a Dice of 0.99998 printed "1"; a class's mean over 1 of 3 cases looked like a mean over all."""
+    from flows.evalreport import METRICS, _md_table, fmt
+
+    assert [fmt(x) for x in (0.99998, 1.0, 0.98765, 62.21, None, 3)] == ["0.9999", "1", "0.9877", "62.21", "-", "3"]
+    row = {"value": 2, "name": "road", "cases": 1, **{m: 0.5 for m in METRICS}, "note": None}
+    head, _, line = _md_table([row], "mm", "mL", 1.0, counted=True)
+    assert head.startswith("| class | cases | Dice |") and line.startswith("| 2 road | 1 | 0.5 |")
