@@ -125,8 +125,8 @@ def pixel_hectares(transform, crs,  # noqa: ANN001 (affine.Affine, rasterio CRS)
     scale = areal_scale(transform, crs, shape)
     if abs(scale - 1.0) > MAX_AREAL_DISTORTION:
         name = ":".join(crs.to_authority() or ()) or crs.to_string()[:40]
-        return None, (f"{name} is not equal-area: its areas here are {scale:.3g} times the ground's; reproject to "
-                      "UTM or an equal-area CRS for areas")
+        return None, (f"{name} is not equal-area: an area measured here would be {scale:.3g} times the ground's, so "
+                      "none is given; reproject to UTM or an equal-area CRS for areas")
     return area_m2 / SQUARE_METRES_PER_HECTARE, None
 
 

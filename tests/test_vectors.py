@@ -445,7 +445,7 @@ def test_web_mercator_far_from_the_equator_gives_no_hectares(tmp_path: Path) -> 
     x, y = to_3857.transform(15.0, 52.0)
     north = Affine(10.0, 0, x, 0, -10.0, y)
     area, why = pixel_hectares(north, CRS.from_epsg(3857), (300, 260))
-    assert area is None and why.startswith("EPSG:3857 is not equal-area: its areas here are 2.6")
+    assert area is None and why.startswith("EPSG:3857 is not equal-area: an area measured here would be 2.6")
     x, y = to_3857.transform(15.0, 0.5)
     assert pixel_hectares(Affine(10.0, 0, x, 0, -10.0, y), CRS.from_epsg(3857), (300, 260)) == (0.01, None)
     scene = tmp_path / "mercator.tif"
