@@ -338,6 +338,13 @@ def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, 
         if dataset_values is not None:  # the dataset's own values in the truth, class numbers in the prediction
             truth = replace(truth, array=DatasetValues(truth.array, dataset_values))
         case = _case(name, pred, truth, card_names if card_names is not None else pred.classes, **options)
+        renamed = {v: (pred.classes[v], n) for v, n in (card_names or {}).items()
+                   if pred.classes and v in pred.classes and pred.classes[v] != n}
+    if renamed:  # another card's names over the same values: allowed, and said (it had renamed without a word)
+        shown = ", ".join(f"{v} {old!r} as {new!r}" for v, (old, new) in sorted(renamed.items())[:4])
+        line = f"{pred_path}: its own class names differ from --classes ({shown}); scored under --classes' names"
+        case["notes"].append(line)
+        case["warnings"].append(line)
     if grid_note is not None:
         case["notes"].append(grid_note)
     if dataset_values is not None:

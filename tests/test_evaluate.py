@@ -429,6 +429,8 @@ def test_cli_writes_json_markdown_and_csv(tmp_path):
     rows = json.loads((out / "evaluation.json").read_text())["cases"][0]["classes"]
     assert [r["name"] for r in rows] == ["bare", "water", "crop"]
     assert not any("not among" in (r["note"] or "") for r in rows)
+    renamed = f"warning: {preds[0]}: its own class names differ from --classes (0 'background' as 'bare', "
+    assert renamed in " ".join(result.output.split())  # said: it had renamed them without a word
     # ... but not another model's: the prediction carries the values 0-2, the card names 0-1
     result = invoke(preds[0], "--truth", truths[0], "--out", tmp_path / "other", "--classes", card(["bare", "water"]))
     assert result.exit_code == 1 and not (tmp_path / "other").exists()
