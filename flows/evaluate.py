@@ -266,9 +266,7 @@ def evaluate_files(predictions: list[Path], truths: list[Path], *, tolerance: fl
         counted_nodata = tuple(int(v) for v in ((card.training or {}).get("dataset") or {}).get("nodata_classes")
                                or [])
     matches = match_inputs([Path(p) for p in predictions], [Path(t) for t in truths])
-    # a missing prediction first: paired by a folder it had been "no truth named p.* in FOLDER"
-    checked = [(p, t, (None if p.exists() else InputError(p, "no such file")) or error
-                or _check_pair(p, t, card_names, classes)) for p, t, error in matches]
+    checked = [(p, t, _first_problem(p, t, error, card_names, classes)) for p, t, error in matches]
     cases: list[dict[str, Any]] = []
     unscored: list[dict[str, Any]] = []
     taken: set[str] = set()
@@ -308,6 +306,15 @@ def _open_truth(path: Path, pred: LabelSource, card_names: dict[int, str] | None
     if is_dicom_seg(path):
         return open_seg_truth(path, pred, card_names)
     return truth_on_grid(pred, open_labels(path, stack))
+
+
+def _first_problem(pred_path: Path, truth_path: Path | None, pairing: SegflowError | None,
+                   card_names: dict[int, str] | None, classes: Path | None) -> SegflowError | None:
+    """A missing prediction first (paired by a folder it had been "no truth named p.* in FOLDER"), then the
+    pairing's error, then what the headers tell."""
+    if not pred_path.exists():
+        return InputError(pred_path, "no such file")
+    return pairing or _check_pair(pred_path, truth_path, card_names, classes)
 
 
 def _check_pair(pred_path: Path, truth_path: Path | None, card_names: dict[int, str] | None,

@@ -347,8 +347,9 @@ section.input { border: 1px solid #d8dee4; border-left: 6px solid var(--c, #5963
 
 
 def report_command(
-        run_json: Path = typer.Argument(..., readable=False, help="A run report: OUT/reports/<stamp>.json of `segflow nightly`, or "
-                                                  "the outcomes JSON of `segflow segment --report`."),
+        run_json: Path = typer.Argument(..., readable=False,
+                                        help="A run report: OUT/reports/<stamp>.json of `segflow nightly`, or "
+                                             "the outcomes JSON of `segflow segment --report`."),
         out: Optional[Path] = typer.Option(None, "--out", help="The HTML file to write (default: RUN_JSON with "
                                                                ".html)."),
         previous: Optional[Path] = typer.Option(None, "--previous", help="The previous run's report: show each "

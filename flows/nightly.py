@@ -171,9 +171,10 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         dashboard = dashboard_link(client)
         scheduler = getattr(client.scheduler, "address", None)
         # dask_client said which scheduler, and where its dashboard is, as it started or reached it
+        roots = allowed_sources(inbox, source_roots)
         batch = Batch(models=models, options=options, out_dir=str(out), client=client,
-                      lock_stale_after=lock_stale_after, source_roots=allowed_sources(inbox, source_roots),
-                      inbox_roots=allowed_sources(inbox, source_roots) if inbox and not is_url(inbox) else None)
+                      lock_stale_after=lock_stale_after, source_roots=roots,
+                      inbox_roots=roots if inbox and not is_url(inbox) else None)
         run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         bar = progress.reporter()
         bar.start("nightly", "nightly inputs", total=len(todo))
@@ -360,13 +361,12 @@ def _reported_if_unstarted(out_dir: str, inbox: str | None, manifest: str | None
         raise
 
 
-def check_inbox_reported(out_dir: str, inbox: str | None, manifest: str | None) -> None:
+def check_inbox_reported(out_dir: str, inbox: str | None) -> None:
     """``segflow nightly``'s check of a local inbox before Prefect starts (a missing inbox was said after 16 s of
     start-up), with the unstarted night's report written where OUT exists, as the flow writes it."""
     if inbox is None or is_url(inbox):
         return
-    with _reported_if_unstarted(out_dir, _absolute(inbox), _absolute(manifest), provenance.now(), timestamp(),
-                                time.perf_counter()):
+    with _reported_if_unstarted(out_dir, _absolute(inbox), None, provenance.now(), timestamp(), time.perf_counter()):
         check_inbox(inbox)
 
 

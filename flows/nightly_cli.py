@@ -75,7 +75,7 @@ def nightly_command(
         from flows.nightly import check_inbox_reported
 
         try:
-            check_inbox_reported(cli.path_or_url(out), cli.path_or_url(inbox), None)
+            check_inbox_reported(cli.path_or_url(out), cli.path_or_url(inbox))
         except SegflowError as exc:
             cli.fail(str(exc))
     if manifest is not None and not is_url(cli.path_or_url(manifest)):

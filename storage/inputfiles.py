@@ -16,6 +16,7 @@ from os import PathLike
 from pathlib import Path
 
 from storage.errors import CorruptInputError, InputError, UnsafeInputError, UnsupportedFormatError
+from storage.sources import lies_under
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # photographs (VOC, Cityscapes, COCO): rasters without a CRS
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", *PICTURE_SUFFIXES)
@@ -95,7 +96,7 @@ def check_readable_file(path: Path) -> bytes:
         problem = regular_file_problem(companion)  # (missing or unreadable: the reader says so)
         if problem is not None:
             raise InputError(path, f"its image file {companion.name} {problem}; segflow reads files only")
-        if _links_out(companion, path):
+        if companion.exists() and not lies_under(companion, [Path(os.path.realpath(path)).parent]):
             raise UnsafeInputError(path, f"its image file {companion.name} links to a file outside the header's "
                                          "folder, and an image file is read as raw bytes (as a VRT's raw band "
                                          "is); copy the file beside its header")
@@ -160,15 +161,6 @@ def _stored_bytes(path: Path) -> int:
     st = path.stat()
     blocks = getattr(st, "st_blocks", 0) * 512
     return min(st.st_size, blocks) if blocks > 0 else st.st_size
-
-
-def _links_out(companion: Path, header: Path) -> bool:
-    """Whether an Analyze pair's image file, reached through links, lies outside its header's own folder."""
-    try:
-        real, folder = Path(os.path.realpath(companion)), Path(os.path.realpath(header)).parent
-    except (OSError, ValueError):
-        return False
-    return companion.exists() and folder not in real.parents
 
 
 def _bytes(n: int) -> str:

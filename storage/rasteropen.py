@@ -178,11 +178,12 @@ def transform_problem(transform: Affine) -> str | None:
     """Why a geotransform maps no pixel to a place (NaN, infinity, a pixel size of 0); None when it is usable.
     Such a file ran to the end: NaN in its STAC item (invalid JSON) and numpy's warnings on the terminal."""
     terms = [float(v) for v in tuple(transform)[:6]]
+    shown = ", ".join(f"{v:g}" for v in terms)
     if not all(math.isfinite(v) for v in terms):
-        return f"has a non-finite geotransform ({', '.join(f'{v:g}' for v in terms)}): no pixel-to-map mapping"
+        return f"has a non-finite geotransform ({shown}): no pixel-to-map mapping"
     det = transform.determinant
     if not math.isfinite(det) or det == 0:
-        return f"has a singular geotransform ({', '.join(f'{v:g}' for v in terms)}): a pixel size of 0"
+        return f"has a singular geotransform ({shown}): a pixel size of 0"
     return None
 
 

@@ -39,7 +39,8 @@ from urllib.parse import urlparse
 
 from storage.errors import UnsafeInputError
 
-__all__ = ["MAX_DEPTH", "NamedSource", "check_own_files", "check_sources", "source_problem", "vrt_sources"]
+__all__ = ["MAX_DEPTH", "NamedSource", "check_own_files", "check_sources", "lies_under", "source_problem",
+           "vrt_sources"]
 
 MAX_DEPTH = 8  # VRTs within VRTs
 MAX_VRT_BYTES = 64 << 20  # a VRT is a small XML file; a larger one is not read into memory to be checked
@@ -67,7 +68,8 @@ def _local(href: str, folder: Path) -> Path:
     return path if path.is_absolute() else folder / path
 
 
-def _under(path: Path, roots: Iterable[Path]) -> bool:
+def lies_under(path: Path, roots: Iterable[Path]) -> bool:
+    """Whether ``path``, links resolved, is one of ``roots`` or inside one of them."""
     real = Path(os.path.realpath(path))
     return any(real == root or root in real.parents for root in (Path(os.path.realpath(r)) for r in roots))
 
@@ -98,9 +100,12 @@ def _host_problem(url: str) -> str | None:
     if host in _METADATA_NAMES:
         return f"names the metadata service host {host!r}"
     address = _address(host)
-    if address is not None and (address.is_link_local or address in _METADATA_ADDRESSES):
-        return f"names the link-local address {host} (a cloud metadata service)" if address.is_link_local else \
-            f"names the metadata service address {host}"
+    if address is None:
+        return None
+    if address.is_link_local:
+        return f"names the link-local address {host} (a cloud metadata service)"
+    if address in _METADATA_ADDRESSES:
+        return f"names the metadata service address {host}"
     return None
 
 
@@ -133,10 +138,10 @@ def source_problem(source: NamedSource, roots: Sequence[Path] | None = None) -> 
         problem = _host_problem(href)
         return f"{shown} {problem}" if problem else None
     path = _local(href, source.named_by.parent)
-    if source.raw and not _under(path, [source.named_by.parent]):
+    if source.raw and not lies_under(path, [source.named_by.parent]):
         return (f"{shown} is a raw band's file outside the VRT's own folder (a raw band reads any file's bytes "
                 "as pixels)")
-    if roots is not None and not _under(path, roots):
+    if roots is not None and not lies_under(path, roots):
         allowed = ", ".join(str(r) for r in roots) or "no local folder (the inbox is a URL)"
         return (f"{shown} lies outside the folders its files may come from ({allowed}); allow its folder with "
                 "--source-root")
@@ -147,7 +152,7 @@ def check_own_files(named: str, files: Iterable[Path], roots: Sequence[Path]) ->
     """Refuse an inbox's input whose own files (a file, an Analyze pair's image, a series' slices) lie, links
     resolved, outside ``roots``: a link dropped into the inbox had segflow read another project's scan."""
     for path in files:
-        if path.exists() and not _under(path, roots):  # (a broken link: its reader says so)
+        if path.exists() and not lies_under(path, roots):  # (a broken link: its reader says so)
             allowed = ", ".join(str(r) for r in roots)
             what = "is a link" if str(path) == str(named) else f"its file {path} is a link"
             raise UnsafeInputError(named, f"{what} to {os.path.realpath(path)}, outside the folders its files may "

@@ -82,11 +82,14 @@ def test_a_name_like_an_emoji_code_is_printed_as_it_is_and_dicom_text_warnings_s
 
     model = tiny_model(tmp_path / "m", spatial_dims=2, channels=1, roi=[16, 16])
     _raster(tmp_path / ":fire:.tif")
-    proc = run("segment", tmp_path / ":fire:.tif", tmp_path / ":no_entry:.tif", "--model", model.path,
-               "--out", tmp_path / "out", "--no-prefect")
+    _raster(tmp_path / "scan #1.tif")  # a name pystac cannot read back: its item is written, and said so
+    proc = run("segment", tmp_path / ":fire:.tif", tmp_path / ":no_entry:.tif", tmp_path / "scan #1.tif",
+               "--model", model.path, "--out", tmp_path / "out", "--no-prefect")
     output = (proc.stdout + proc.stderr).decode("utf-8")
     assert proc.returncode == 1 and "🔥" not in output and "⛔" not in output, output
     assert f"ok {tmp_path / ':fire:.tif'} -> " in output and f"error: {tmp_path / ':no_entry:.tif'}: " in output
+    assert "scan #1.stac.json: the outputs' names hold '#', which pystac takes as URL syntax" in output, output
+    assert ":fire:.stac.json: the outputs'" not in output and (tmp_path / "out" / "scan #1.stac.json").is_file()
     assert (tmp_path / "out" / ":fire:.tif").is_file()
     volume = tiny_model(tmp_path / "m3", spatial_dims=3, channels=1, roi=[8, 8, 8])
     dicom_samples.write_ct_series(tmp_path / "ct", np.zeros((8, 8, 8), np.int16),
