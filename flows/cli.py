@@ -69,6 +69,7 @@ _writable_homes()
 import sys  # noqa: E402
 
 import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
 
 from flows.data_cli import info, ingest, verify  # noqa: E402
 from flows.evaluate import evaluate_command  # noqa: E402  (issue 13; heavy imports inside it)
@@ -79,9 +80,47 @@ from flows.schedule import schedule_command  # noqa: E402  (issue 5)
 from flows.segment_cli import segment  # noqa: E402
 from flows.train_cli import demo, train  # noqa: E402
 
+# typer vendors its own click (``typer._click``) and exports its UsageError only as BadParameter's base
+_UsageError: type = typer.BadParameter.__base__
+
+
+class _UsageLine(_UsageError):
+    """A usage error in one line, like every other error segflow prints: click's own ran to four (the usage, the
+    hint, a blank line, then the error), so in a log or a cron mail the error was not the first line."""
+
+    def show(self, file=None) -> None:  # noqa: ANN001 (click's signature)
+        hint = f"; see '{self.ctx.command_path} -h'" if self.ctx is not None else ""
+        typer.echo(f"error: {self.format_message().rstrip('.')}{hint}", file=file, err=file is None)
+
+
+class _Segflow(TyperGroup):
+    """The top group: every usage error, the sub-commands' included (raised while they parse inside ``invoke``),
+    comes out through ``_UsageLine``."""
+
+    def make_context(self, *args, **kwargs):  # noqa: ANN002, ANN003 (click's signature)
+        try:
+            return super().make_context(*args, **kwargs)
+        except _UsageError as error:
+            raise _one_line(error) from None
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except _UsageError as error:
+            raise _one_line(error) from None
+
+
+def _one_line(error: Exception) -> Exception:
+    if isinstance(error, _UsageLine):
+        return error
+    line = _UsageLine(error.format_message(), error.ctx)
+    line.exit_code = error.exit_code
+    return line
+
+
 # plain help (click's): rich's tables cut option names and paths at 80 columns ("--trust-bundle,--t…"), and
 # a piped `--help` is 80 columns wide
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(cls=_Segflow, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
                   help="Out-of-core, exactly stitched segmentation of large rasters and 3D volumes.")
 app.add_typer(model_app, name="model")

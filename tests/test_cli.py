@@ -928,6 +928,15 @@ def test_version_short_help_and_ingest_takes_its_options_as_segment_does(tmp_pat
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"segflow {prefect_version('segflow')}", proc
     assert run("ingest", "-h").returncode == 0
+    for args, line in ((["segment", "--bogus"], "error: No such option: --bogus (Possible options: --gpus, --out); "
+                                                "see 'segflow segment -h'"),
+                       (["nosuch"], "error: No such command 'nosuch'; see 'segflow -h'"),
+                       (["model", "inspect"], "error: Missing argument 'path'; see 'segflow model inspect -h'"),
+                       (["train", "--steps", "x"], "error: Invalid value for '--steps': Input should be a valid "
+                                                   "integer, unable to parse string as an integer; see 'segflow "
+                                                   "train -h'")):
+        proc = run(*args)  # click's four lines (usage, hint, blank, error) put the error last
+        assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr
     for args, line in ((["--steps", "0"], "error: --steps must be a positive number, got 0"),  # was "steps and
                        (["--val-fraction", "1.5"], "error: --val-fraction must be in [0, 1), got 1.5")):  # batch_size"
         proc = run("train", "--card", "c.json", "--image", "a.tif", "--labels", "b.tif", "--out", "m", *args,
