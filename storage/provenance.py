@@ -35,6 +35,7 @@ from storage.inputfiles import stem_of
 SCHEMA = "segflow.provenance/1"
 PACKAGES = ("segflow", "torch", "monai", "zarr", "rasterio", "nibabel", "dask", "distributed", "prefect", "numpy")
 _REPO = Path(__file__).resolve().parents[1]
+SOURCE_COMMIT_VARIABLE = "SEGFLOW_SOURCE_COMMIT"
 
 
 def now() -> str:
@@ -52,9 +53,11 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    """The source commit, when segflow runs from a git checkout (with '+dirty' for local edits)."""
+    """The source commit, when segflow runs from a git checkout (with '+dirty' for local edits); in an installed
+    copy (a container image has no ``.git``), the commit its build recorded in ``SEGFLOW_SOURCE_COMMIT``
+    (infra/Dockerfile's ``SEGFLOW_COMMIT`` build argument), so outputs made in production still name their code."""
     if not (_REPO / ".git").exists():
-        return None
+        return os.environ.get(SOURCE_COMMIT_VARIABLE, "").strip() or None
     try:
         head = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True,
                               text=True, timeout=5, check=True).stdout.strip()

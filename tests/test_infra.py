@@ -101,6 +101,7 @@ def test_compose_services_and_dependencies(compose):
         assert "healthcheck" in services[name], name
     build = services["dask-worker"]["build"]
     assert (INFRA / build["context"] / build["dockerfile"]).resolve() == INFRA / "Dockerfile"
+    assert build["args"]["SEGFLOW_COMMIT"] == "${SEGFLOW_COMMIT:-}"  # the commit outputs' provenance names
 
 
 def test_compose_prefect_server_uses_postgres_and_the_worker_finds_the_server(compose, prefect_yaml):
@@ -365,6 +366,11 @@ def test_dockerfiles_install_the_project(name):
     assert steps[-1][0] == "CMD"
     assert any(w == "USER" and a != "root" for w, a in steps)
     assert "--uid 10001 --gid 10001" in runs  # the k8s manifests' runAsUser, runAsGroup and fsGroup
+    # an image has no .git: the build argument is what outputs' provenance names as their code (git_commit)
+    from storage.provenance import SOURCE_COMMIT_VARIABLE
+
+    assert "SEGFLOW_COMMIT" in {a.split("=", 1)[0] for w, a in steps if w == "ARG"}
+    assert f"{SOURCE_COMMIT_VARIABLE}=${{SEGFLOW_COMMIT}}" in [a for w, a in steps if w == "ENV"]
 
 
 def test_the_build_context_leaves_out_data_and_local_environments():

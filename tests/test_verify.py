@@ -177,3 +177,14 @@ def test_an_unchanged_input_is_hashed_once_and_a_changed_one_again(tmp_path, mon
     assert hashing.sha256_input(f) == first == real(f) and len(reads) == 1
     f.write_bytes(b"b" * 1001)  # new size: a new identity, read again
     assert hashing.sha256_input(f) == real(f) != first and len(reads) == 2
+
+
+def test_an_installed_copy_names_the_commit_its_image_was_built_from(tmp_path, monkeypatch):
+    """A container image has no .git: every output made in production recorded ``git_commit: null``."""
+    import storage.provenance as provenance
+
+    monkeypatch.setattr(provenance, "_REPO", tmp_path)  # an installed copy: no .git beside the packages
+    monkeypatch.delenv(provenance.SOURCE_COMMIT_VARIABLE, raising=False)
+    assert provenance.git_commit() is None
+    monkeypatch.setenv(provenance.SOURCE_COMMIT_VARIABLE, "0123abc\n")
+    assert provenance.environment("cpu")["git_commit"] == "0123abc"
