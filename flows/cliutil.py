@@ -176,11 +176,11 @@ class RateColumn(ProgressColumn):
         return Text(text, style="progress.data.speed")
 
 
-def progress() -> Progress:
+def progress(quiet: bool = False) -> Progress:
     """Bars for a terminal: what, how far, how fast, how long so far and about how long still."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-                    disable=not console.is_terminal)
+                    disable=quiet or not console.is_terminal)
 
 
 @contextmanager

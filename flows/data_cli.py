@@ -30,7 +30,9 @@ def ingest(inputs: List[Path] = typer.Argument(..., readable=False,
            out_arg: str = typer.Option(..., "--out", help="Directory for the <stem>.zarr stores."),
            chunk: Optional[int] = typer.Option(None, "--chunk-size", "--chunk",
                                                help="Spatial chunk size (default 1024 in 2D, 128 in 3D), as "
-                                                    "`segment --chunk-size`.")) -> None:
+                                                    "`segment --chunk-size`."),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors only: no line per input "
+                                                                   "ingested.")) -> None:
     """Copy inputs into chunked zarr v3 image stores with their full geometry."""
     from flows.cluster import numpy_hugepages_off
     from flows.inputs import expand, input_label, input_stem, output_clashes
@@ -57,8 +59,9 @@ def ingest(inputs: List[Path] = typer.Argument(..., readable=False,
         try:
             store = do_ingest(item if not isinstance(item, str) else Path(item), out / f"{input_stem(item)}.zarr",
                               chunk=chunk)
-            console.print(f"ingested {escape(input_label(item))} -> {store.path}  {store.image.shape} "
-                          f"{store.image.dtype}", highlight=False, soft_wrap=True)
+            if not quiet:  # a cron job's mail holds only what went wrong
+                console.print(f"ingested {escape(input_label(item))} -> {store.path}  {store.image.shape} "
+                              f"{store.image.dtype}", highlight=False, soft_wrap=True)
         except SegflowError as exc:
             failures += 1
             console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -54,7 +54,9 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
                                                        "brightness and noise; flips always."),
           augment_spatial: float = typer.Option(0.0, "--augment-spatial",
                                                 help="Share of patches (0-1) turned by a random angle (any in "
-                                                     "2-D, ±15° in 3-D) and zoomed 0.8-1.25x.")) -> None:
+                                                     "2-D, ±15° in 3-D) and zoomed 0.8-1.25x."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and notes only: no progress, no "
+                                                                  "validation lines, no ok lines.")) -> None:
     """Train a card's architecture on image/label pairs or a dataset; the result is a model directory with
     provenance, the best validated weights, a learning curve and a per-class validation table."""
     from flows.interrupts import exit_code, interrupt_handlers
@@ -83,10 +85,17 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         if not 0.0 <= share <= 1.0:
             cliutil.fail(f"{flag} {share:g} is not a share in [0, 1]")
 
+    def tell(text: str) -> None:
+        if not quiet:  # a scheduled retraining's log holds only what went wrong and the notes on its data
+            console.print(text, highlight=False, soft_wrap=True, markup=False)
+
+    def say(line: str) -> None:
+        if not quiet or line.startswith("note"):
+            console.print(escape(line), highlight=False, soft_wrap=True)
+
     def on_step(info: dict) -> None:
         if "resumed" in info:  # which step it goes on from (it had said nothing until the next validation)
-            console.print(f"resuming from step {info['resumed']} of {info['steps']}, the state saved at its last "
-                          "validation", highlight=False, soft_wrap=True)
+            tell(f"resuming from step {info['resumed']} of {info['steps']}, the state saved at its last validation")
             progress.update(task, completed=info["resumed"])
             return
         progress.update(task, completed=info["step"])
@@ -95,8 +104,8 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
             # every class, as validation.md lists them: one absent from the validation data is "n/a", not left out
             scores = ", ".join(f"{k} {'n/a' if d is None else f'{d:.3f}'}" for k, d in v["dice"].items())
             mean = "n/a" if v["mean_foreground"] is None else f"{v['mean_foreground']:.3f}"
-            console.print(f"step {info['step']}: validation mean foreground Dice {mean} (best: step "
-                          f"{v['best_step']}); {escape(scores)}", highlight=False, soft_wrap=True)
+            tell(f"step {info['step']}: validation mean foreground Dice {mean} (best: step {v['best_step']}); "
+                 f"{scores}")
 
     notes: list[str] = []  # said as the first step starts: a label file or --out refused had come after them
     if dataset is None and len(image) == 1 and holdout is None:  # nothing to hold out a fraction of
@@ -114,30 +123,27 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         common = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       val_every=val_every, holdout=holdout, resume=resume, on_step=on_step,
                       augment=Augmentation(intensity=augment_intensity, spatial=augment_spatial), on_start=on_start)
-        with interrupt_handlers(), cliutil.progress() as progress:  # SIGTERM as Ctrl-C: it had died saying nothing
+        with interrupt_handlers(), cliutil.progress(quiet) as progress:  # SIGTERM as Ctrl-C: it had died saying nothing
             task = progress.add_task(f"train {model_card.name}", total=steps)
             if dataset is not None:
                 from storage.datasets import open_dataset
 
                 loaded = train_from_dataset(model_card, open_dataset(dataset), out, **common,
                                             val_fraction=0.2 if val_fraction is None else val_fraction,
-                                            say=lambda line: console.print(escape(line), highlight=False,
-                                                                           soft_wrap=True))
+                                            say=say)
             else:
                 loaded = train_from_files(model_card, list(zip(image, labels)), out, **common,
                                           val_fraction=0.2 if val_fraction is None else val_fraction,
-                                          say=lambda line: console.print(escape(line), highlight=False,
-                                                                         soft_wrap=True))
+                                          say=say)
     except SegflowError as exc:
         cliutil.fail(str(exc))
     except KeyboardInterrupt as exc:
         _interrupted(out, steps, exit_code(exc))
     best = (loaded.card.training or {}).get("validation", {}).get("best")
     if best:
-        console.print(f"best validation: step {best['step']}, mean foreground Dice "
-                      f"{best['mean_foreground'] if best['mean_foreground'] is not None else 'n/a'}",
-                      highlight=False, soft_wrap=True)
-    console.print(f"trained {loaded.name} -> {loaded.path} (weights sha256 {loaded.weights_sha256[:12]}…)")
+        tell(f"best validation: step {best['step']}, mean foreground Dice "
+             f"{best['mean_foreground'] if best['mean_foreground'] is not None else 'n/a'}")
+    tell(f"trained {loaded.name} -> {loaded.path} (weights sha256 {loaded.weights_sha256[:12]}…)")
 
 
 

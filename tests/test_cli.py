@@ -948,7 +948,11 @@ def test_version_short_help_and_ingest_takes_its_options_as_segment_does(tmp_pat
     assert "--out is empty" in proc.stderr and not list(tmp_path.glob("*.zarr"))
     proc = run("ingest", scene, "--out", tmp_path / "st", "--chunk", "3")
     assert proc.returncode == 2 and "--chunk-size must be at least 8" in proc.stderr, proc.stderr
-    assert run("ingest", scene, "--out", tmp_path / "st", "--chunk-size", "16").returncode == 0
+    proc = run("ingest", scene, "--out", tmp_path / "st", "--chunk-size", "16")
+    assert proc.returncode == 0 and "ingested" in proc.stdout + proc.stderr, proc
+    proc = run("ingest", scene, "--out", tmp_path / "st-quiet", "-q")  # as `segment -q`: errors only
+    assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc
+    assert (tmp_path / "st-quiet" / "scene.zarr").is_dir()
     setpriv = shutil.which("setpriv")
     if setpriv is None or os.geteuid() != 0:
         pytest.skip("setpriv (util-linux) as root drops the read bypass this check needs")

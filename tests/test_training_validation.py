@@ -487,6 +487,19 @@ def test_train_command_with_holdout_and_its_argument_errors(tmp_path):
     assert lone.exit_code == 0, lone.output
     assert "no validation: one image/label pair cannot be split by --val-fraction" in " ".join(lone.output.split())
     assert not (tmp_path / "lone" / "checkpoints").exists() and (tmp_path / "lone" / "weights.safetensors").is_file()
+    # --quiet (a scheduled retraining): the note on the data stays, the step, validation and ok lines go
+    quiet = runner.invoke(app, [*common[:4], str(tmp_path / "quiet"), *common[5:], "--image", str(image),
+                                "--labels", str(truth), "--val-fraction", "0.5", "-q"])
+    assert quiet.exit_code == 0 and (tmp_path / "quiet" / "weights.safetensors").is_file(), quiet.output
+    assert [line.split(":")[0] for line in quiet.output.splitlines() if line.strip() and line[0] != " "] == \
+        ["note", "no validation"], quiet.output
+    assert "trained" in lone.output and "trained" not in quiet.output
+    held = runner.invoke(app, [*common[:4], str(tmp_path / "held-quiet"), *common[5:], "--image", str(image),
+                               "--labels", str(truth), "--holdout", "x:0.5", "--val-every", "2", "--quiet"])
+    assert held.exit_code == 0 and " ".join(held.output.split()).startswith("note: the card declared no spacing"), \
+        held.output
+    assert held.output.count("note:") == 1 and "step" not in held.output, held.output
+    assert "step 4: validation" in done.output
     # a label file or --out refused: the one line says so, with no note about a training that never ran before it
     stray = _relabelled(truth, tmp_path / "stray.tif", values=lambda a: np.where(a == 3, 7, a))
     (tmp_path / "other").mkdir()
