@@ -98,6 +98,12 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
         from storage.dicom import DEPTH_ASSUMED_NOTE
 
         out.append(f"{input_path}: {DEPTH_ASSUMED_NOTE}")
+    if geometry.kind == "volume" and dicom is None and geometry.qform_code == 0 and geometry.sform_code == 0:
+        # an Analyze-style header: nothing says where the patient's left is; the statistics' "RAS" boxes and the
+        # pictures' L/R letters rest on nibabel's default, which had gone unsaid
+        out.append(f"{input_path}: has neither a qform nor an sform code, so its orientation is unknown: read as "
+                   "nibabel reads it (RAS, pixdim spacing); left and right in its pictures and bounding boxes are "
+                   "a guess")
     if dicom is not None and dicom.copies:
         shown = ", ".join(dicom.copies[:3]) + (f" and {len(dicom.copies) - 3} more" if len(dicom.copies) > 3 else "")
         out.append(f"{input_path}: {len(dicom.copies)} file(s) are byte-identical copies of other files of the "

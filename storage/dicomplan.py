@@ -21,6 +21,7 @@ from storage.dicomfiles import (DicomObject, Frame, SeriesRef, class_name, fmt_n
                                 shared_instance, syntax_name, volume_label)
 from storage.dicomobject import unreadable
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
+from storage.geometry import voxel_axes_problem
 
 ORIENTATION_TOL = 1e-4  # absolute, on direction cosines
 SPACING_RTOL = 1e-2  # of the slice spacing, as highdicom
@@ -161,6 +162,10 @@ def plan_series(ref: SeriesRef) -> Plan:
     lps[:3, 2] = slice_step
     lps[:3, 3] = positions[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    problem = voxel_axes_problem(lps[:3, :3])
+    if problem is not None:
+        raise InvalidInputError(display, problem if " " in problem else
+                                f"has {problem} voxel axes (no valid voxel-to-world mapping)")
     shape = (frames[0].columns, frames[0].rows, k_count)
     zooms = (col_spacing, row_spacing, float(np.linalg.norm(slice_step)))
     raw_dtype = _raw_dtype(objects)

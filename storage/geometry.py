@@ -33,6 +33,8 @@ Nodata = Annotated[float | None, BeforeValidator(_nodata_in), PlainSerializer(_n
 
 
 MM_PER_NIFTI_UNIT = {"mm": 1.0, "meter": 1e3, "micron": 1e-3}  # NIfTI xyzt_units; "unknown" is read as mm
+# no scanner's voxel comes near 10 m: a header saying so is garbage (pixdim 1e30 gave a liver of 3e30 mL, exit 0)
+MAX_VOXEL_MM = 10_000.0
 
 
 class SourceInfo(BaseModel):
@@ -207,3 +209,21 @@ def same_affine(a: object, b: object) -> bool:
 
     return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
                             rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM))
+
+
+def voxel_axes_problem(axes_mm: "np.ndarray") -> str | None:
+    """What makes a volume's voxel axes (the affine's 3 x 3 columns, in mm) unusable, or None.  Singular is judged
+    against the voxel's own size (an absolute determinant bound refused 50 nm electron-microscopy voxels as
+    "singular"); a voxel over ``MAX_VOXEL_MM`` is a broken header, whose volumes in mL would be nonsense."""
+    import numpy as np
+
+    axes = np.asarray(axes_mm, dtype=np.float64)
+    if not np.all(np.isfinite(axes)):
+        return "non-finite"
+    sizes = np.linalg.norm(axes, axis=0)
+    if np.any(sizes == 0) or abs(np.linalg.det(axes / sizes)) < 1e-6:  # axes (nearly) parallel or zero
+        return "singular"
+    if sizes.max() > MAX_VOXEL_MM:
+        shown = " x ".join(f"{x:.4g}" for x in sizes)
+        return f"has a voxel size of {shown} mm, over {MAX_VOXEL_MM:g} mm: no scan's, so its header is broken"
+    return None

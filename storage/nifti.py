@@ -236,6 +236,12 @@ def _label_header(
     pixdim = hdr["pixdim"].copy()
     hdr.set_data_shape(shape)
     hdr["pixdim"] = pixdim  # nibabel sets pixdim past a 2-D shape to 1: the slice thickness and the qform's with it
+    if int(hdr["qform_code"]) > 0 and int(hdr["sform_code"]) > 0 and not _finite_qform(hdr):
+        # the input's sform gave the grid; its qform (a NaN pixdim) was written on with code 1, so a reader that
+        # prefers the qform got NaN geometry: it is marked unused, with the sform's voxel sizes in pixdim
+        hdr["qform_code"] = 0
+        sizes = np.linalg.norm(hdr.get_sform()[:3, :3], axis=0)
+        hdr["pixdim"][1:4] = np.where(np.isfinite(hdr["pixdim"][1:4]), hdr["pixdim"][1:4], sizes)
     hdr.set_data_dtype(np.dtype(label_dtype(classes)))
     hdr.set_slope_inter(1.0, 0.0)
     hdr.set_intent(INTENT_LABEL, (), name=LABEL_DESCRIPTION)
@@ -250,6 +256,12 @@ def _label_header(
     if classes:
         hdr.extensions.append(Nifti1Extension(COMMENT_CODE, slicer_color_table(classes).encode("utf-8")))
     return hdr
+
+
+def _finite_qform(hdr: Nifti1Header) -> bool:
+    fields = [hdr["pixdim"][:4], hdr["quatern_b"], hdr["quatern_c"], hdr["quatern_d"], hdr["qoffset_x"],
+              hdr["qoffset_y"], hdr["qoffset_z"]]
+    return bool(all(np.all(np.isfinite(np.asarray(f, dtype=np.float64))) for f in fields))
 
 
 def _slabs(labels: Any, plane_bytes: int) -> Iterator[np.ndarray]:

@@ -481,6 +481,17 @@ def zero_pixdim_with_sform(folder: Path) -> Path:
     return _zero_pixdim(folder / "zero_pixdim_sform.nii", sform=True)
 
 
+def huge_voxel_size(folder: Path) -> Path:
+    """pixdim[3] = 1e30 in a qform-only header: it was segmented, with a liver of 3e30 mL in its statistics."""
+    affine = np.diag([0.9, 0.9, 1e30, 1.0])
+    img = nib.Nifti1Image(_volume_pixels(7), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(None, code=0)
+    path = folder / "huge_voxel_size.nii.gz"
+    nib.save(img, str(path))
+    return path
+
+
 def singular_affine(folder: Path) -> Path:
     """The sform's j column is zero (the header is written as is: nibabel would refuse to build it)."""
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -692,6 +703,8 @@ INPUT_CASES: list[Case] = [
     Case("singular-affine", "NIfTI whose affine has a zero column", "3d", singular_affine, "singular"),
     Case("zero-voxel-size", "NIfTI with pixdim[1] = 0 and a qform, no sform", "3d", zero_voxel_size,
          "has a voxel size of 0 (pixdim 0, 0.9, 3) and no sform, so its spacing is unknown"),
+    Case("huge-voxel-size", "NIfTI whose qform gives voxels of 0.9 x 0.9 x 1e30 mm", "3d", huge_voxel_size,
+         "has a voxel size of 0.9 x 0.9 x 1e+30 mm, over 10000 mm: no scan's, so its header is broken"),
     Case("zero-pixdim-sform", "NIfTI with pixdim[1] = 0 beside an sform (which gives the spacing)", "3d",
          zero_pixdim_with_sform, ok=True),
     Case("huge-dims-nii", "NIfTI header declaring 30000^3 voxels on a 416-byte file", "3d", huge_dims_nii,

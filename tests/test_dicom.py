@@ -453,3 +453,13 @@ def test_one_series_in_two_folders_is_told_to_be_given_once_not_renamed(tmp_path
     samples.truncate(cut)
     refs.append(_only([tmp_path / "c"]))
     assert output_clashes(refs)[2].endswith(f"another --out (this copy also has 1 damaged file(s): {cut.name})")
+
+
+def test_a_pixel_spacing_no_scanner_has_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """PixelSpacing 1e30 went through (as a NIfTI pixdim of 1e30 did): volumes of 1e30 mL, exit 0."""
+    paths = samples.write_ct_series(tmp_path / "ct", RNG.integers(0, 1500, (3, 20, 24)).astype(np.int16))
+    samples.rewrite(paths, lambda ds, k: setattr(ds, "PixelSpacing", [1e30, 0.7]))
+    with pytest.raises(InvalidInputError, match=r"has a voxel size of 0\.7 x 1e\+30 x 2\.5 mm, over 10000 mm"):
+        ingest_dicom(_only(paths), tmp_path / "ct.zarr")
+    assert not (tmp_path / "ct.zarr").exists()
+

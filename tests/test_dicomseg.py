@@ -453,3 +453,20 @@ def test_a_spacing_between_slices_the_positions_contradict_is_not_copied_into_th
     measures = pydicom.dcmread(out).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SpacingBetweenSlices) == pytest.approx(2.5)
     assert float(pydicom.dcmread(paths[0]).SpacingBetweenSlices) == 3.0  # the source files are not touched
+
+
+def test_the_seg_of_one_slice_states_the_spacing_the_nifti_has(tmp_path: Path) -> None:
+    """One slice 0.8 mm thick, no SpacingBetweenSlices: highdicom wrote 1 mm between slices into the SEG's pixel
+    measures, so a viewer measured 25 % more than statistics.json (the NIfTI's 0.8 mm)."""
+    paths = write_ct_series(tmp_path / "ct", np.random.default_rng(4).integers(0, 1500, (1, 20, 24)).astype(np.int16),
+                            spacing=(0.8, 0.5, 0.5))
+    assert "SpacingBetweenSlices" not in pydicom.dcmread(paths[0])
+    geometry, root = ingest(tmp_path / "ct", tmp_path)
+    labels = np.zeros((1, 20, 24), np.uint8)
+    labels[0, 4:9, 3:12] = 1
+    out = write_dicom_seg(labels_store(tmp_path, labels), geometry, tmp_path / "seg.dcm", classes=CLASSES,
+                          algorithm=ALGORITHM, segmentation_type="BINARY", nodata_label=NODATA, source_root=root)
+    measures = pydicom.dcmread(out).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(0.8)
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(0.8)
+    assert "SpacingBetweenSlices" not in pydicom.dcmread(paths[0])  # the source files are not touched

@@ -137,6 +137,11 @@ def _case_vector5d(tmp: Path) -> Path:
     return _save(nib.Nifti1Image(_volume((8, 9, 18, 1, 2)), np.diag([2.0, 2.0, 2.0, 1.0])), tmp / "vectors.nii")
 
 
+def _case_nanometre(tmp: Path) -> Path:
+    """50 nm voxels (electron microscopy, in mm): refused as a "singular" affine by an absolute determinant bound."""
+    return _save(nib.Nifti1Image(_volume((9, 10, 11)), np.diag([5e-5, 5e-5, 5e-5, 1.0])), tmp / "em.nii.gz")
+
+
 def _save(img: nib.Nifti1Image, path: Path) -> Path:
     nib.save(img, path)
     return path
@@ -152,6 +157,7 @@ CASES = {
     "scaled": (_case_scaled, "float32", 1),
     "pair": (_case_pair, "int16", 1),
     "vector5d": (_case_vector5d, "int16", 2),
+    "nanometre": (_case_nanometre, "int16", 1),
 }
 
 
@@ -535,3 +541,47 @@ def test_store_write_failure_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as err:
         ingest_nifti(src, blocker / "store.zarr")
     assert "\n" not in str(err.value) and "store.zarr" in str(err.value)
+
+
+def test_a_broken_qform_beside_the_sform_is_not_written_on_as_valid(tmp_path: Path) -> None:
+    """pixdim[2] NaN, qform code 1, a valid sform: segmented on the sform's grid (right), but the label file kept
+    qform code 1 and the NaN, so a reader that prefers the qform got NaN geometry."""
+    raw = _volume((10, 12, 14))
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(raw.shape)
+    hdr.set_data_dtype(np.int16)
+    hdr.set_sform(_oblique(), code=2)
+    hdr.set_qform(_oblique(), code=1)
+    hdr["pixdim"][2] = np.nan
+    src = _write_raw(tmp_path / "nan_qform.nii", hdr, raw.tobytes(order="F"))
+    store = ingest_nifti(src, tmp_path / "store.zarr", chunk=16)
+    out = write_label_nifti(_threshold(store.image), store.meta.geometry, tmp_path / "labels.nii.gz",
+                            classes=CLASSES, provenance=PROVENANCE)
+    got = nib.load(out).header
+    assert int(got["qform_code"]) == 0 and int(got["sform_code"]) == 2
+    np.testing.assert_allclose(got.get_sform(), _oblique(), atol=1e-5)
+    np.testing.assert_allclose(got["pixdim"][1:4], np.linalg.norm(_oblique()[:3, :3], axis=0), rtol=1e-6)
+    # a healthy qform beside an sform is kept, code and all (the round trips above)
+
+
+def test_a_volume_without_qform_and_sform_codes_is_said_to_have_no_known_orientation(tmp_path: Path) -> None:
+    """Both codes 0 (an Analyze-style header): segmented silently, with statistics' boxes labelled "RAS" and
+    pictures lettered L/R on nibabel's default; now a warning in the run's lines and statistics."""
+    from flows.config import SegmentOptions
+    from flows.inputnotes import input_warnings
+    from tests.models import tiny_model
+
+    model = tiny_model(tmp_path / "m", spatial_dims=3, channels=1, roi=[8, 8, 8])
+    bare = nib.Nifti1Image(_volume((12, 12, 10)), np.diag([0.9, 0.9, 3.0, 1.0]))
+    bare.set_qform(None, code=0)
+    bare.set_sform(None, code=0)
+    coded = nib.Nifti1Image(_volume((12, 12, 10)), np.diag([0.9, 0.9, 3.0, 1.0]))
+    notes = {}
+    for name, img in (("bare", bare), ("coded", coded)):
+        src = _save(img, tmp_path / f"{name}.nii.gz")
+        store = ingest_nifti(src, tmp_path / f"{name}.zarr", chunk=16)
+        notes[name] = input_warnings(src, store, model, SegmentOptions(), announce=False)
+    assert notes["coded"] == []
+    assert notes["bare"] == [f"{tmp_path / 'bare.nii.gz'}: has neither a qform nor an sform code, so its orientation "
+                             "is unknown: read as nibabel reads it (RAS, pixdim spacing); left and right in its "
+                             "pictures and bounding boxes are a guess"]
