@@ -74,6 +74,7 @@ class QuicklookInfo:
     read_shape: tuple[int, int] | None = None  # raster: the (rows, cols) both rasters were read at
     overview: int | None = None  # raster: the overview factor the labels were read from (None: full resolution)
     rgb_bands: tuple[int, ...] | None = None  # raster: 1-based image bands shown as R, G, B (or grey)
+    magnification: int = 1  # raster: screen pixels per map pixel a side (a small map is drawn larger, in blocks)
     centres: tuple[tuple[int, int, int], ...] = ()  # volume: voxel (i, j, k) each row of planes passes through
     note: str | None = None
     subtitles: tuple[str, ...] = ()  # the lines under the title: the grid, what is drawn over what, how it was turned

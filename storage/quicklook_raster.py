@@ -55,6 +55,7 @@ __all__ = ["raster_quicklook"]
 STRETCH = (2.0, 98.0)  # percentiles of valid pixels mapped to black and white, per band
 NO_IMAGE = (120, 120, 120)  # where the image has no data, or there is no image
 NO_LABEL = (235, 235, 235)  # where there is no image and no label either
+MIN_MAP_SIDE = 256  # a smaller map is magnified by a whole factor, so a person can see it
 
 
 def raster_quicklook(
@@ -108,11 +109,15 @@ def raster_quicklook(
     rgb, turned = north_up(_compose(base, labels, areas, nodata), grid, lab.crs)
     if turned:
         subtitles.append(turned)
+    magnification = max(1, MIN_MAP_SIDE // max(rgb.shape[:2]))
+    if magnification > 1:  # a 12 x 8 scene was a 12 x 8 dot beside its legend; each pixel a visible block instead
+        rgb = np.repeat(np.repeat(rgb, magnification, axis=0), magnification, axis=1)
+        subtitles[0] += f", each pixel drawn {magnification} x {magnification}"
     sheet = Sheet(labels_path.name, subtitles, (rgb.shape[1], rgb.shape[0]), legend)
     box = sheet.paste(rgb, (0, 0))
     path = save_png(sheet.image, out)
     return QuicklookInfo(path=path, size=sheet.image.size, panels=(Panel("map", box),), classes=tuple(areas),
-                         decimation=scale, read_shape=shape, overview=overview,
+                         decimation=scale, read_shape=shape, overview=overview, magnification=magnification,
                          rgb_bands=tuple(bands) if bands else None, note=note, subtitles=tuple(subtitles),
                          legend=tuple(e.text for e in legend))
 

@@ -117,6 +117,11 @@ def png(info: QuicklookInfo) -> np.ndarray:
     return np.asarray(Image.open(info.path).convert("RGB")).astype(np.int32)
 
 
+def raster_map(info: QuicklookInfo) -> np.ndarray:
+    """A raster quicklook's map, one pixel per map pixel (a small map is drawn magnified, in blocks)."""
+    return crop(png(info), info.panel("map").box)[::info.magnification, ::info.magnification]
+
+
 def crop(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     left, top, width, height = box
     return pixels[top:top + height, left:left + width]
@@ -136,7 +141,7 @@ def test_overlay_sits_on_the_bright_square_and_is_not_flipped(tmp_path: Path) ->
     info = raster_quicklook(labels, tmp_path / "q.png", image_path=image, max_size=250)
     assert info.read_shape == (200, 250) and info.decimation == (4.0, 4.0)
     assert info.rgb_bands == (1, 2, 3)
-    m = crop(png(info), info.panel("map").box)
+    m = raster_map(info)
     assert m.shape[:2] == (200, 250)
     tinted = (m[..., 1] < m[..., 0] - 60) & (m[..., 1] < m[..., 2] - 60)
     # source rows 100-199, cols 300-399 at 1:4 -> map rows 25-49, cols 75-99; a flip would put it at rows 150-174
@@ -155,7 +160,7 @@ def test_image_on_a_finer_larger_grid_is_cut_to_the_labels(tmp_path: Path) -> No
                                 square=(220, 420, 620, 820), shape=(1700, 2100))
     labels = square_labels(tmp_path / "labels.tif")
     info = raster_quicklook(labels, tmp_path / "q.png", image_path=image, max_size=250)
-    m = crop(png(info), info.panel("map").box)
+    m = raster_map(info)
     tinted = m[..., 1] < m[..., 0] - 60
     assert bbox(tinted) == (25, 49, 75, 99)
     expected = np.rint(255 * (1 - ALPHA) + np.array(MAGENTA) * ALPHA)
@@ -211,7 +216,7 @@ def test_classes_come_from_the_cog_tags_then_colour_table_then_palette(tmp_path:
     info = raster_quicklook(tagged, tmp_path / "t.png")
     assert [(c.name, c.color) for c in info.classes] == [(c.name, c.color) for c in classes]
     assert info.by_value(2).amount == 0.0  # listed but absent: shown with no area
-    m = crop(png(info), info.panel("map").box)
+    m = raster_map(info)
     assert tuple(m[20, 45]) == (20, 110, 40) and tuple(m[20, 10]) == (30, 90, 200)  # no image: full colour
 
     coloured = write_raster(tmp_path / "cmap.tif", labels, colormap={0: (1, 2, 3, 255), 1: (200, 0, 0, 255)})
@@ -221,7 +226,7 @@ def test_classes_come_from_the_cog_tags_then_colour_table_then_palette(tmp_path:
     bare = write_raster(tmp_path / "bare.tif", labels, tags={"CLASSES": "not json ["})
     info = raster_quicklook(bare, tmp_path / "b.png")
     assert [(c.name, c.color) for c in info.classes] == [("class 0", palette_color(0)), ("class 1", palette_color(1))]
-    m = crop(png(info), info.panel("map").box)
+    m = raster_map(info)
     assert tuple(m[20, 45]) == palette_color(1)
 
 
@@ -241,7 +246,7 @@ def test_rgb_bands_are_chosen_by_name(tmp_path: Path, names, wanted, expected) -
     info = raster_quicklook(labels, tmp_path / "q.png", image_path=image, rgb_bands=wanted)
     assert info.rgb_bands == expected
     if expected == (3, 2, 1):
-        m = crop(png(info), info.panel("map").box)
+        m = raster_map(info)
         assert tuple(m[28, 28]) == (255, 0, 0)  # red band bright, green and blue at their low end: red
 
 
@@ -525,7 +530,7 @@ def test_demo_outputs_give_non_blank_quicklooks(tmp_path: Path) -> None:
         pytest.skip("the demo run lacks its label outputs")
     image = inputs / "scene-heldout-101.tif"
     info = raster_quicklook(scene, tmp_path / "scene.png", image_path=image if image.exists() else None, max_size=512)
-    m = crop(png(info), info.panel("map").box)
+    m = raster_map(info)
     assert m.std() > 10 and len(np.unique(m.reshape(-1, 3), axis=0)) > 50
     assert {c.name for c in info.classes} >= {"water", "forest"}
     volume = inputs / "phantom-heldout-101.nii.gz"
@@ -569,7 +574,7 @@ MARK = [LabelClass(value=0, name="ground", color=(40, 40, 40)), LabelClass(value
 
 
 def _magenta(info: QuicklookInfo) -> np.ndarray:
-    m = crop(png(info), info.panel("map").box)
+    m = raster_map(info)
     return (m[..., 0] > 200) & (m[..., 1] < 60) & (m[..., 2] > 200)
 
 
@@ -598,14 +603,15 @@ def test_oblong_pixels_and_degrees_are_drawn_at_their_ground_proportions(tmp_pat
     """384 x 128 pixels of 10 x 30 m (a square on the ground) were drawn three times too flat, captioned 10 m."""
     oblong = raster_quicklook(_marked_labels(tmp_path / "o.tif", Affine(10, 0, ORIGIN[0], 0, -30, ORIGIN[1]),
                                              shape=(40, 120)), tmp_path / "o.png", classes=MARK)
-    assert oblong.panel("map").box[2:] == (120, 120)
+    assert oblong.magnification == 2 and oblong.panel("map").box[2:] == (240, 240)  # 120 x 120 map pixels
     assert "EPSG:32633, 10 x 30 m pixels" in oblong.subtitles[0]
+    assert oblong.subtitles[0].endswith("each pixel drawn 2 x 2")  # a small map was a dot beside its legend
     assert oblong.subtitles[-1] == "oblong pixels drawn at their ground proportions"
     assert bbox(_magenta(oblong)) == (6, 29, 3, 8)  # stored rows 2-9 of 30 m: 3x as tall
     # square degrees at 60 degrees north are half as wide on the ground as they are tall
     geographic = raster_quicklook(_marked_labels(tmp_path / "g.tif", Affine(0.001, 0, 10.0, 0, -0.001, 60.02),
                                                  shape=(40, 40), crs="EPSG:4326"), tmp_path / "g.png", classes=MARK)
-    assert geographic.panel("map").box[2:] == (20, 40)
+    assert geographic.magnification == 6 and geographic.panel("map").box[2:] == (120, 240)  # 20 x 40
     assert geographic.subtitles[-1] == "degree pixels drawn at their ground proportions at latitude 60"
 
 
@@ -618,7 +624,7 @@ def test_a_rotated_geotransform_is_drawn_turned_with_its_pixel_size(tmp_path: Pa
     # the mark's centre sits where its ground position puts it within the picture's ground extent
     corners = [transform * (c, r) for c, r in ((0, 0), (60, 0), (0, 40), (60, 40))]
     xs, ys = [p[0] for p in corners], [p[1] for p in corners]
-    left, top, width, height = info.panel("map").box
+    left, top, width, height = (n // info.magnification for n in info.panel("map").box)  # in map pixels
     scale = width / (max(xs) - min(xs))
     assert abs(height / (max(ys) - min(ys)) - scale) < 0.05
     gx, gy = transform * (6.0, 6.0)  # the centre of stored cols 3-8, rows 2-9
@@ -633,7 +639,8 @@ def test_a_legend_of_hundreds_of_classes_lists_those_on_the_map(tmp_path: Path) 
     info = raster_quicklook(_marked_labels(tmp_path / "l.tif", Affine(10, 0, ORIGIN[0], 0, -10, ORIGIN[1])),
                             tmp_path / "l.png", classes=classes)
     assert len(info.classes) == 299  # value 255 is the label nodata
-    assert info.size[1] < 8 * 18 + 100, info.size  # two classes, the notes, the title: a few lines of 18 pixels
+    # two classes, the notes, the title: a few lines of 18 pixels beside the (magnified) map
+    assert info.size[1] < max(info.panel("map").box[3], 8 * 18) + 100, info.size
 
 
 def test_the_greys_where_nothing_is_labelled_are_in_the_legend(tmp_path: Path) -> None:

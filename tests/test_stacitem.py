@@ -358,7 +358,7 @@ def test_an_items_quicklook_shows_its_red_green_and_blue_under_the_labels(scene,
     left, top, width, height = info.panel("map").box  # the map itself (the legend's areas come another way)
     got, want = (np.asarray(Image.open(p).convert("RGB"))[top:top + height, left:left + width]
                  for p in (picture, info.path))
-    assert got.shape == (128, 128, 3) and np.array_equal(got, want)
+    assert got.shape == (128 * info.magnification,) * 2 + (3,) and np.array_equal(got, want)
     plain = raster_quicklook(out / f"{ITEM_ID}.tif", tmp_path / "plain.png", classes=models["swir"].card.classes)
     assert not np.array_equal(np.asarray(Image.open(plain.path).convert("RGB"))[top:top + height, left:left + width],
                               want)  # the image does show
