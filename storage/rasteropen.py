@@ -49,8 +49,10 @@ GDAL_CACHE_MB = 64
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 
 
-def gdal_message(exc: BaseException) -> str:
-    """The most specific message in an exception chain: rasterio often says only 'see previous'."""
+def gdal_message(exc: BaseException, path: Path | str | None = None) -> str:
+    """The most specific message in an exception chain: rasterio often says only 'see previous'.  GDAL names
+    the file again ("'/data/x.tif' not recognized as ..."): with ``path``, that repeat of what the line begins
+    with is left out."""
     msgs = []
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -59,7 +61,11 @@ def gdal_message(exc: BaseException) -> str:
         msgs.append(str(e))
         e = e.__cause__ or e.__context__
     specific = [m for m in msgs if m and "previous exception" not in m]
-    return (specific[-1] if specific else msgs[0]) or type(exc).__name__
+    text = (specific[-1] if specific else msgs[0]) or type(exc).__name__
+    if path is not None:
+        for named in (f"'{path}' ", f"{path}: "):
+            text = text.replace(named, "")
+    return text
 
 
 @contextmanager
@@ -158,7 +164,7 @@ def open_raster(path: Path) -> DatasetReader:
         looks_known = head.startswith(_TIFF_MAGIC) or head.lstrip().startswith(b"<VRTDataset")
         cls = CorruptInputError if looks_known else UnsupportedFormatError
         what = "damaged GeoTIFF/VRT" if looks_known else "not a GeoTIFF or VRT"
-        raise cls(path, f"{what}, rasterio cannot open it: {gdal_message(exc)}") from None
+        raise cls(path, f"{what}, rasterio cannot open it: {gdal_message(exc, path)}") from None
     if src.driver not in ALLOWED_DRIVERS:  # pictures are read by storage.photo, as training decodes them
         driver = src.driver
         src.close()
