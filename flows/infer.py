@@ -224,9 +224,11 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
                 histogram[int(value)] = histogram.get(int(value), 0) - n
                 histogram[0] = histogram.get(0, 0) + n
             space_facts["keep_largest"] = stats_keep
-    except BaseException:
+    except BaseException as exc:
         # a shared cluster would otherwise go on computing an abandoned run (its tasks still write chunks)
         client.cancel(futures + model_futures)
+        if not isinstance(exc, KeyboardInterrupt):  # a failed input's partial store is removed next: not under
+            wait_for_cancelled(client, futures + model_futures)  # writes still running (an interrupted one stays)
         raise
     finally:
         modelspace.forget_staged(plan, client)
@@ -243,6 +245,28 @@ def run_inference(store: ImageStore, model: LoadedModel, options: SegmentOptions
         stats["normalization"] = {"shift": [float(v) for v in norm.shift], "factor": [float(v) for v in norm.factor]}
     stats["device"] = device  # the provenance's environment names it (flows.pipeline)
     return stats, params
+
+
+def wait_for_cancelled(client: Client, futures: list[Any], timeout: float = 120.0, poll: float = 0.05) -> bool:
+    """Wait for the cancelled tasks a worker thread is still running to end (Dask cannot stop a running task):
+    on a full disk one chunk write failed, the input's partial store was removed, and the writes still running
+    made it again (``.scene.zarr.<id>.partial/labels/c/0/3/0`` left in an OUT whose every input had failed).
+    True when none runs any more; False after ``timeout`` or when the workers cannot be asked."""
+    keys = {f.key for f in futures}
+
+    def running(dask_worker: Any) -> int:  # on each worker: ours, cancelled or not yet told
+        return sum(1 for ts in dask_worker.state.all_running_tasks if ts.state == "cancelled" or ts.key in keys)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not any(client.run(running).values()):
+                return True
+        except Exception:  # noqa: BLE001 - a closed client or a lost worker: nothing left to wait for here
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
 
 
 def keep_largest(labels: Any, keep: Any, nodata: int) -> dict[str, Any]:

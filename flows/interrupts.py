@@ -90,10 +90,14 @@ _AFTER_INTERRUPT = _AfterInterrupt()
 
 
 def _console_handlers() -> list[logging.Handler]:
+    """Every console handler, and logging's last resort: the records of a logger with none on its way to the
+    root (asyncio's "Task exception was never retrieved" for the Dask client's gathers a SIGTERM cut short,
+    20 lines of traceback above the command's one line) reach stderr through it."""
     loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
                                        if isinstance(lg, logging.Logger)]
-    return [h for lg in loggers for h in lg.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    handlers = [h for lg in loggers for h in lg.handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    return handlers + ([logging.lastResort] if logging.lastResort is not None else [])
 
 
 def _quiet_consoles() -> None:

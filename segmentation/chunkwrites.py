@@ -78,10 +78,22 @@ def _write(probs: np.ndarray, mask: np.ndarray | None, box: Box, num_classes: in
     else:
         labels = labels_of(probs, mask, num_classes, unreached)
     sl = tuple(slice(lo, hi) for lo, hi in box)
-    labels_target[sl] = labels
+    _store(labels_target, sl, labels)
     if probs_target is not None:
-        probs_target[(slice(None),) + sl] = quantize_probabilities(probs, probs_dtype, mask)
+        _store(probs_target, (slice(None),) + sl, quantize_probabilities(probs, probs_dtype, mask))
     return _recorded(index, box, labels, num_classes, on_written)
+
+
+def _store(target: Any, where: tuple[slice, ...], values: np.ndarray) -> None:
+    """``target[where] = values``, a failed write naming the array it was for: a full disk's chunk write said
+    only "No space left on device", and the run's line named the output folder instead of the file."""
+    try:
+        target[where] = values
+    except OSError as exc:
+        root = getattr(getattr(target, "store", None), "root", None)
+        if exc.filename is not None or root is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), f"{root}/{getattr(target, 'path', '')}") from exc
 
 
 def _recorded(index: tuple[int, ...] | None, box: Box, labels: np.ndarray, num_classes: int,
@@ -217,10 +229,10 @@ def _write_group(labels: np.ndarray, masks: list[np.ndarray] | None, block: Box,
             mark_nodata(labels[sl], masks[k], num_classes)
         parts.append((idx, box, sl))
     if whole:
-        labels_target[tuple(slice(lo, hi) for lo, hi in block)] = labels
+        _store(labels_target, tuple(slice(lo, hi) for lo, hi in block), labels)
     else:
         for _, box, sl in parts:
-            labels_target[tuple(slice(lo, hi) for lo, hi in box)] = labels[sl]
+            _store(labels_target, tuple(slice(lo, hi) for lo, hi in box), labels[sl])
     return [_recorded(idx, box, labels[sl], num_classes, on_written) for idx, box, sl in parts]
 
 

@@ -85,11 +85,14 @@ def write_cog(out_path: str | PathLike[str], profile: dict[str, Any], fill: Call
         os.replace(final, out)
     except (*GDAL_ERRORS, OSError) as exc:
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else gdal_message(exc)
+        # GDAL reports a full disk as whatever broke next ("not recognized as being in a supported file
+        # format", "TIFFAppendToStrip:Write error at scanline 0"); a plain write says what is wrong, so try one
+        # before passing GDAL's words on, while GDAL's temporaries still fill the disk (removed first, they made
+        # room, the probe fitted and libtiff's words were all the user got)
+        space = _space_problem(parent, _needed_bytes(profile))
         for p in parent.glob(glob.escape(prefix) + "*"):
             p.unlink(missing_ok=True)
-        # GDAL reports a full disk as whatever broke next ("not recognized as being in a supported file
-        # format"); a plain write says what is wrong, so try one before passing GDAL's words on
-        msg = _space_problem(parent, _needed_bytes(profile)) or _creation_problem(msg, parent)
+        msg = space or _creation_problem(msg, parent)
         raise ExportError(out, f"cannot write COG: {msg}") from None
     finally:
         for p in parent.glob(glob.escape(prefix) + "*"):
@@ -135,13 +138,24 @@ def _file_size_limit() -> int | None:
 
 
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_WRITE_FAILED = re.compile(r"write error|_tiffWriteProc|TIFFAppendTo|TIFFWrite", re.IGNORECASE)
 _CREATE_FAILED = re.compile(r"^Attempt to create new tiff file '.*' failed: .*: ([^:]+)$")
 
 
 def _creation_problem(msg: str, parent: Path) -> str:
-    """GDAL names the hidden temporary it could not create; the user needs the directory and the reason."""
+    """GDAL names the hidden temporary it could not create; the user needs the directory and the reason.  A
+    failed libtiff write whose cause is gone by the time it is probed (other writers of a batch freed the disk
+    they had filled) is said as the write failure it is, not as libtiff's "TIFFAppendToStrip:Write error"."""
     found = _CREATE_FAILED.match(msg)
-    return f"cannot create files in {parent}: {found.group(1).strip()}" if found else msg
+    if found:
+        return f"cannot create files in {parent}: {found.group(1).strip()}"
+    if _WRITE_FAILED.search(msg):
+        try:
+            free = f"{shutil.disk_usage(parent).free} bytes are free there now"
+        except OSError:
+            free = "its free space is unknown"
+        return f"a write in {parent} failed (libtiff: {msg}); was the disk full while it was written? {free}"
+    return msg
 
 
 def _needed_bytes(profile: dict[str, Any]) -> int:

@@ -566,3 +566,28 @@ def test_a_cog_cut_short_by_a_full_disk_is_an_error_and_leaves_nothing(tmp_path:
         assert said.startswith(f"ExportError {folder / 'labels.tif'}: cannot write COG: file size limit exceeded"), \
             (fraction, said)
         assert list(folder.iterdir()) == [], (fraction, said)
+
+
+def test_a_libtiff_write_error_whose_cause_is_gone_is_said_as_a_failed_write(tmp_path: Path, monkeypatch) -> None:
+    """A batch filled the disk and freed it again before the COG's error was probed: the line was libtiff's
+    "cannot write COG: TIFFAppendToStrip:Write error at scanline 0". The failing copy stands in for that disk
+    (a tmpfs filled by concurrent writers cannot be timed in a test); nothing is left either way."""
+    import rasterio.shutil
+    from rasterio.errors import RasterioIOError
+
+    from storage.classes import LabelClass
+    from storage.cogwrite import write_label_cog
+    from storage.errors import ExportError
+    from storage.geometry import RasterGeometry
+
+    def fails(*args, **kwargs):  # noqa: ANN002, ANN003, ARG001
+        raise RasterioIOError("TIFFAppendToStrip:Write error at scanline 0")
+
+    monkeypatch.setattr(rasterio.shutil, "copy", fails)
+    grid = RasterGeometry(width=64, height=64, transform=(10, 0, 5e5, 0, -10, 4e6), epsg=32633, dtype="uint8")
+    with pytest.raises(ExportError) as caught:
+        write_label_cog(np.zeros((64, 64), np.uint8), grid, tmp_path / "labels.tif",
+                        classes=[LabelClass(value=0, name="c0")])
+    assert f"cannot write COG: a write in {tmp_path} failed (libtiff: TIFFAppendToStrip:Write error at scanline " \
+           "0); was the disk full while it was written?" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -199,3 +200,22 @@ def test_an_interruption_python_can_only_drop_is_not_printed(monkeypatch):
     Raises(Interrupted(signal.SIGTERM))  # outside a command's handlers, the hook is the one it was
     gc.collect()
     assert seen == [ValueError, Interrupted]
+
+
+def test_what_asyncio_logs_after_a_sigterm_stays_off_the_terminal():
+    """A SIGTERM during ingest left the Dask client's gathers unfinished: asyncio's "Task exception was never
+    retrieved" and a traceback reached stderr through logging's last resort (no handler on its way to the root),
+    above the command's one line."""
+    script = textwrap.dedent("""
+        import logging, os, signal, sys
+        from flows.interrupts import deferred_interrupts, interrupt_handlers
+        logging.getLogger("asyncio").error("before: still shown")
+        with interrupt_handlers(), deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+        print("done", file=sys.stderr)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["before: still shown", "done"], proc.stderr
