@@ -148,7 +148,8 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
 
 
 def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: SegmentOptions | None = None, *,
-                   cluster: Starting | None = None, checked: Checked | None = None) -> list[dict[str, Any]]:
+                   cluster: Starting | None = None, checked: Checked | None = None,
+                   skip_done: bool = False) -> list[dict[str, Any]]:
     """Every input's outcome (``Outcome.to_dict``), in order; a bad model raises before any input is touched.
 
     ``checked``: the inputs' header check (:func:`check_inputs`) when the
@@ -156,7 +157,8 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
     else it is made here, before any cluster starts.  ``cluster``: the value
     of a :func:`start_cluster` the caller entered (the CLI does, before it
     loads the model); else one is started here, once for the whole batch, and
-    only when some input passed the check.
+    only when some input passed the check.  ``skip_done``: an input whose outputs in ``out_dir`` were made from
+    the same content, model and parameters, and verify, is not segmented again (:func:`done_before`).
     """
     from flows.routing import load_cached, model_input
     from storage.remote import is_url
@@ -202,6 +204,8 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
                 with input_lock(out_dir, input_stem(path), input_label(path)) as (busy, ours):
                     if busy:
                         outcome = Outcome(input=input_label(path), ok=False, error=busy)
+                    elif skip_done and (earlier := done_before(path, model, model_dir, out_dir, options)):
+                        outcome = earlier
                     elif isinstance(path, (SeriesRef, ChannelFiles)):
                         outcome = segment_series(path, model, out_dir, options, client, still_ours=ours)
                     else:
@@ -214,6 +218,39 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
                 logger.info("input failed: %s", outcome.error)
             outcomes.append(outcome.to_dict())
     return outcomes
+
+
+def done_before(path: "Expanded", model: Any, model_dir: str, out_dir: str, options: SegmentOptions) -> "Outcome | None":
+    """The outcome of an input done before into a local ``out_dir`` with the same content, model, card and
+    parameters, its outputs verified (the ledger's check, :func:`flows.ledger.done_before`), or None: a rerun of an
+    interrupted batch had segmented again every input it had finished.  STAC items and URLs are segmented."""
+    from flows import ledger
+    from flows.inputs import input_label, input_stem
+    from flows.pipeline import Outcome
+    from flows.routing import ModelInput, one_slice
+    from storage.channelfiles import ChannelFiles
+    from storage.dicomfiles import SeriesRef
+    from storage.hashing import sha256_input
+    from storage.probe import probe
+    from storage.remote import is_url
+    from storage.stacitem import is_item_path
+
+    group = isinstance(path, (SeriesRef, ChannelFiles))
+    if is_url(out_dir) or (not group and (is_url(str(path)) or is_item_path(str(path)))):
+        return None
+    try:
+        content = path.sha256() if group else sha256_input(path)
+        thin = one_slice(probe(path), ModelInput.of(model.card))
+    except (OSError, SegflowError):  # unreadable now: segmenting it says why
+        return None
+    document = ledger.key_document(content, model.weights_sha256, model.card, options, stem=input_stem(path),
+                                   one_slice=thin)
+    hit, _ = ledger.done_before(out_dir, input_label(path), document, model_dir, stem=input_stem(path))
+    if hit is None:
+        return None
+    return Outcome(input=input_label(path), ok=True, outputs=hit.outputs,
+                   statistics=hit.record.get("statistics") or {},
+                   skipped=f"same input, model and parameters as its outputs of {hit.record.get('finished')}")
 
 
 @contextmanager

@@ -38,10 +38,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 @contextmanager
-def resumable_on_interrupt(out: "Path | str") -> Iterator[None]:
+def resumable_on_interrupt(out: "Path | str", again: str = "") -> Iterator[None]:
     """Ctrl-C (the terminal's, to the whole process group) or SIGTERM says what it left, and exits 130 or 143 as
     shells expect: the inputs in progress left nothing in ``out`` that looks complete, and the same command
     resumes them (typer alone exits 130 after a blank line; SIGTERM killed the command with nothing said).
+    ``again``: what to add to the command (``segment``'s " with --skip-done", so the rerun keeps what is done).
 
     The signals are handled while the block runs (:func:`flows.interrupts.interrupt_handlers`): after the first,
     the consoles show no more library log records, so this line is the last and only thing said about it.
@@ -57,8 +58,8 @@ def resumable_on_interrupt(out: "Path | str") -> Iterator[None]:
             finished = getattr(exc, "finished", ())
             done = f"; done in this run: {', '.join(finished)}" if finished else ""
             console.print(f"[yellow]interrupted:[/yellow] the inputs in progress left nothing in {escape(str(out))} "
-                          f"that looks complete (those already done are{escape(done)}); run the same command again "
-                          "to resume them from their finished chunks", highlight=False, soft_wrap=True)
+                          f"that looks complete (those already done are{escape(done)}); run the same command again"
+                          f"{again} to resume them from their finished chunks", highlight=False, soft_wrap=True)
             raise typer.Exit(exit_code(exc)) from None
 
 

@@ -39,14 +39,15 @@ def segment(input_path: str, model_dir: str, out_dir: str, options: SegmentOptio
 
 
 @flow(name="segment-batch", persist_result=False, log_prints=True)
-def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: SegmentOptions | None = None):  # noqa: ANN201
+def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: SegmentOptions | None = None,  # noqa: ANN201
+                  skip_done: bool = False):
     """Segment many inputs on one Dask cluster; one input's failure does not stop the rest.
 
     The body is :func:`flows.batch.segment_inputs`, which a one-off ``segflow
     segment`` without a Prefect API calls directly; this flow adds the run
     (UI, logs, state) and ends Failed when any input failed.
     """
-    outcomes = segment_inputs(inputs, model_dir, out_dir, options)  # a bad model fails the whole batch
+    outcomes = segment_inputs(inputs, model_dir, out_dir, options, skip_done=skip_done)  # a bad model fails all
     failed = [o for o in outcomes if not o["ok"]]
     mosaic = options is not None and options.mosaic is not None
     if not failed:

@@ -261,6 +261,21 @@ def adopt(out_dir: str | os.PathLike[str], input_path: str, key: str, document: 
     return lookup(out_dir, key, document["input_sha256"], document["weights_sha256"])
 
 
+def done_before(out_dir: str | os.PathLike[str], input_path: str, document: dict[str, Any],
+                model_path: str, *, stem: str | None = None) -> tuple[Hit | None, str | None]:
+    """The work of ``document`` found done in a local ``out_dir``: by its entry, or by outputs made without one
+    (``segflow segment``'s), verified and then given an entry.  (hit, None), or (None, why not; None when
+    nothing was ever there).  What ``nightly`` and ``segment --skip-done`` both ask before they segment."""
+    key = cache_key(document)
+    hit, why_not = lookup(out_dir, key, document["input_sha256"], document["weights_sha256"])
+    if hit is None and why_not is None:
+        try:
+            hit, why_not = adopt(out_dir, input_path, key, document, model_path, stem=stem)
+        except OSError as exc:  # the cache folder unwritable: the outputs are not adopted, only redone
+            hit, why_not = None, f"its ledger entry could not be written ({exc.strerror or exc})"
+    return hit, why_not
+
+
 def record_done(out_dir: str | os.PathLike[str], key: str, document: dict[str, Any], *, input_path: str,
                 model_path: str, sidecar: str | os.PathLike[str]) -> Path | None:
     """Write the entry of ``key`` once its outputs are complete; None (nothing written) if they do not verify.

@@ -224,15 +224,10 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
     if target.remote:  # the same checks, on a scratch copy of the entry and outputs under the URL
         hit, why_not, adopted = staging.remote_lookup(target, rep.cache_key, document, path, entry.path)
     else:
-        hit, why_not = ledger.lookup(batch.out_dir, rep.cache_key, rep.input_sha256, model.weights_sha256)
-        adopted = False
-        if hit is None and why_not is None:  # never recorded: outputs of `segflow segment` count too
-            try:
-                hit, why_not = ledger.adopt(batch.out_dir, path, rep.cache_key, document, entry.path,
-                                            stem=input_stem(item))
-            except OSError as exc:  # the cache folder unwritable: the outputs are not adopted, only redone
-                hit, why_not = None, f"its ledger entry could not be written ({exc.strerror or exc})"
-            adopted = hit is not None
+        recorded_before = ledger.entry_path(batch.out_dir, rep.cache_key).is_file()
+        # never recorded: outputs of `segflow segment` count too (adopted)
+        hit, why_not = ledger.done_before(batch.out_dir, path, document, entry.path, stem=input_stem(item))
+        adopted = hit is not None and not recorded_before
     if hit is not None:
         rep.status = "skipped"
         rep.note = (f"same input, model and parameters done {hit.record.get('finished')}"

@@ -75,6 +75,7 @@ class Outcome:
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     statistics: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None  # why it was not segmented again (``segment --skip-done``): its outputs stand
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -62,7 +62,7 @@ def as_run_report(report: dict[str, Any] | list[Any], *, source: Path | None = N
     seconds = report.get("seconds") if isinstance(report, dict) else None
     if not isinstance(seconds, (int, float)):
         seconds = sum(float(r.seconds or 0) for r in inputs)
-    ok = all(r.status == "done" for r in inputs)
+    ok = all(r.status in ("done", "skipped") for r in inputs)
     folders = {str(Path(r.outputs[0]).parent) for r in inputs if r.outputs}  # the page had said nothing of where
     return {"schema": REPORT_SCHEMA, "adapted_from": "segment-outcomes",
             "run": {"started": None, "finished": None, "seconds": seconds, "state": "Completed" if ok else "Failed",
@@ -79,6 +79,8 @@ def _from_outcome(outcome: dict[str, Any], base: Path | None, models: dict[str, 
                       outputs=[str(o) for o in outcome.get("outputs") or []])
     if rep.status != "done":
         return rep
+    if outcome.get("skipped"):  # `segment --skip-done`: its outputs of an earlier run stand, as a night's skip
+        rep.status, rep.note = "skipped", str(outcome["skipped"])
     sidecar = next((o for o in rep.outputs if o.endswith(".provenance.json")), None)
     record = _read_json(locate_output(sidecar, base)) if sidecar else None
     model = record.get("model") if isinstance(record, dict) and isinstance(record.get("model"), dict) else {}

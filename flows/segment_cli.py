@@ -85,6 +85,10 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
             quicklook: bool = typer.Option(False, "--quicklook/--no-quicklook",
                                            help="Also write OUT/<stem>.quicklook.png: the labels over the image, "
                                                 "with areas (ha) or volumes (mL)."),
+            skip_done: bool = typer.Option(False, "--skip-done",
+                                           help="Leave out an input whose outputs in OUT were made from the same "
+                                                "content, model and parameters and still verify (a rerun of an "
+                                                "interrupted batch; nightly always does)."),
             truth: Optional[Path] = typer.Option(None, "--truth", help="A folder of ground-truth label maps named "
                                                                        "like the inputs: score the outputs against "
                                                                        "them (segflow evaluate) into "
@@ -131,12 +135,12 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     cliutil.check_device(options)
     cliutil.check_compile_cache(options)
     arguments = dict(inputs=[cliutil.path_or_url(p) for p in inputs], model_dir=str(model),
-                     out_dir=cliutil.path_or_url(out), options=options)
+                     out_dir=cliutil.path_or_url(out), options=options, skip_done=skip_done)
     run_log = None
     from storage.remote import is_url
 
     fresh = not is_url(arguments["out_dir"]) and not Path(arguments["out_dir"]).exists()
-    with cliutil.resumable_on_interrupt(arguments["out_dir"]):  # Ctrl-C: one line, exit 130
+    with cliutil.resumable_on_interrupt(arguments["out_dir"], again="" if skip_done or mosaic else " with --skip-done"):
         try:
             # every input's header against the card, before anything starts (no torch: the card is peeked at)
             model_in = None if mosaic else model_input(model, trust_bundle=trust_bundle)
@@ -177,7 +181,11 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
         unsaved.append(str(exc))
     scored = _score(outcomes, truth, model, arguments["out_dir"], unsaved) if truth is not None else None
     for o in outcomes:
-        if o["ok"] and not quiet:
+        if o.get("skipped") and not quiet:  # (--skip-done) its outputs stand: say so, not "ok" with no windows
+            console.print(f"[green]skipped[/green] {escape(printable(o['input']))} -> "
+                          f"{escape(printable(o['outputs'][0]))}  ({escape(o['skipped'])}; --skip-done)",
+                          highlight=False, soft_wrap=True)
+        elif o["ok"] and not quiet:
             from flows.modelspace import space_words
 
             s = o["statistics"]

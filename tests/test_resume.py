@@ -179,12 +179,35 @@ def test_ctrl_c_mid_run_is_one_line_exit_130_and_the_rerun_resumes(scene, tmp_pa
     assert "Traceback" not in stderr, stderr
     assert stderr.rstrip().splitlines()[-1] == (
         f"interrupted: the inputs in progress left nothing in {out} that looks complete (those already done are); "
-        "run the same command again to resume them from their finished chunks")
+        "run the same command again with --skip-done to resume them from their finished chunks")
     done = len(_markers(out))
     assert 3 <= done < CHUNKS
     assert not any((out / n).exists() for n in ("scene.tif", "scene.zarr", "scene.provenance.json"))
     rc, [resumed], stderr = _segment(image, model.path, out, logs=tmp_path / "resumed")
     assert rc == 0 and resumed["statistics"]["chunks_resumed"] == done, stderr
+
+
+def test_skip_done_leaves_out_what_is_done_with_the_same_content_model_and_parameters(scene, tmp_path):
+    """A rerun of an interrupted `segment` batch segmented again every input it had finished (the probe's 441
+    windows of an input done before the signal); `--skip-done` keeps outputs that verify, as `nightly` does."""
+    image, model = scene
+    out = tmp_path / "out"
+    rc, [first], stderr = _segment(image, model.path, out, logs=tmp_path / "first")
+    assert rc == 0 and not first.get("skipped"), stderr
+    made = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    rc, [again], stderr = _segment(image, model.path, out, "--skip-done", logs=tmp_path / "again")
+    assert rc == 0 and again["skipped"].startswith("same input, model and parameters as its outputs of "), again
+    assert again["outputs"][0] == first["outputs"][0] and sorted(again["outputs"]) == sorted(first["outputs"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == made  # nothing rewritten
+    assert f"skipped {image} -> {out / 'scene.tif'}" in (tmp_path / "again.out").read_text() + stderr
+    # another parameter, an edited output: segmented again (no skip), and the outputs verify
+    rc, [other], stderr = _segment(image, model.path, out, "--skip-done", "--overlap", "0.5", logs=tmp_path / "o")
+    assert rc == 0 and not other.get("skipped"), other
+    with open(out / "scene.qml", "a") as f:
+        f.write("<!-- edited -->")
+    rc, [edited], stderr = _segment(image, model.path, out, "--skip-done", "--overlap", "0.5", logs=tmp_path / "e")
+    assert rc == 0 and not edited.get("skipped"), edited
+    assert verify_sidecar(out / "scene.provenance.json") == []
 
 
 def test_an_interrupted_night_reports_what_it_left_and_the_next_says_what_it_resumed(scene, tmp_path):
