@@ -407,6 +407,25 @@ def started_meanwhile(manager: AbstractContextManager[T]) -> Iterator[Callable[[
         stack.close()
 
 
+def mosaic_refused(inputs: list[str], options: SegmentOptions) -> dict[str, Any] | None:
+    """A mosaic whose tiles cannot make one image (two CRSs and no ``--crs``, bands that differ, a tile off the
+    grid), found from their headers before a cluster starts: its failed outcome, else None.  The refusal had come
+    after the Dask cluster's start, against docs/errors.md's "when every input fails, nothing is started"."""
+    from flows.inputs import check_named_sources
+    from storage.mosaic import MosaicRef, mosaic_ref, plan_mosaic
+
+    label = MosaicRef(str(options.mosaic), tuple(inputs)).display
+    try:
+        for tile in inputs:  # a tile that is a VRT: its sources, before GDAL opens them
+            check_named_sources(tile)
+        ref = mosaic_ref(str(options.mosaic), inputs, options.crs, options.split_by_tile)
+        label = ref.display
+        plan_mosaic(ref)
+    except Exception as exc:  # noqa: BLE001 - said as mosaic_outcome says it, one line naming the tile or mosaic
+        return _failed(label, one_line(exc, label))
+    return None
+
+
 def mosaic_outcome(inputs: list[str], model: Any, out_dir: str, options: SegmentOptions,
                    cluster: Starting, still_ours: Callable[[], bool] | None = None) -> "Outcome":
     """All raster inputs as one mosaic (:mod:`storage.mosaic`): a bad tile fails it, since a hole would be silent."""

@@ -101,7 +101,7 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     Every input's header is checked against the model first (it reads; its dimensions and bands fit the card):
     one that does not is an error line, and when none fits nothing is started.
     """
-    from flows.batch import check_inputs, segment_inputs
+    from flows.batch import check_inputs, mosaic_refused, segment_inputs
     from flows.routing import model_input
     from flows.runlog import prefect_api_configured
 
@@ -149,7 +149,11 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
                              f"{model_in.name!r} is 3D: it segments volumes only")
             _check_grid_options(options, model_in)
             checked = None if mosaic else check_inputs(arguments["inputs"], model_in, options, arguments["out_dir"])
-            if checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
+            refused = mosaic_refused(arguments["inputs"], options) if mosaic else None
+            if refused is not None:  # tiles that cannot make one image: said before anything starts
+                cliutil.check_models([model], trust_bundle=trust_bundle)
+                outcomes = [refused]
+            elif checked is not None and not checked.todo:  # nothing fits: no cluster, no Prefect, no network
                 cliutil.check_models([model], trust_bundle=trust_bundle)  # a bad model still says so first (exit 2)
                 outcomes = segment_inputs(**arguments, checked=checked)
             elif prefect_api_configured() if prefect is None else prefect:

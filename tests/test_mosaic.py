@@ -213,6 +213,7 @@ def test_tiles_in_two_utm_zones_are_refused_without_crs_and_warped_with_it(scene
     assert "its tiles are in 2 CRSs (EPSG:32633: z33_0_0.tif, z33_1_0.tif; EPSG:32634: z34_0_1.tif, " \
            "z34_1_1.tif); give --crs EPSG:n" in errors[0]
     assert not (tmp_path / "refused").exists()  # a run whose every input failed leaves no new OUT
+    assert "Dask scheduler" not in output  # refused from the tiles' headers, before any cluster is reached
 
     labels = {}
     for chunk in ("64", "40"):
