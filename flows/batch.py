@@ -220,7 +220,8 @@ def segment_inputs(inputs: list[str], model_dir: str, out_dir: str, options: Seg
     return outcomes
 
 
-def done_before(path: "Expanded", model: Any, model_dir: str, out_dir: str, options: SegmentOptions) -> "Outcome | None":
+def done_before(path: "Expanded", model: Any, model_dir: str, out_dir: str,
+                options: SegmentOptions) -> "Outcome | None":
     """The outcome of an input done before into a local ``out_dir`` with the same content, model, card and
     parameters, its outputs verified (the ledger's check, :func:`flows.ledger.done_before`), or None: a rerun of an
     interrupted batch had segmented again every input it had finished.  STAC items and URLs are segmented."""

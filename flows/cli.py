@@ -120,7 +120,8 @@ def _one_line(error: Exception) -> Exception:
 
 # plain help (click's): rich's tables cut option names and paths at 80 columns ("--trust-bundle,--t…"), and
 # a piped `--help` is 80 columns wide
-app = typer.Typer(cls=_Segflow, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(cls=_Segflow, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
                   help="Out-of-core, exactly stitched segmentation of large rasters and 3D volumes.")
 app.add_typer(model_app, name="model")

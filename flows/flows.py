@@ -39,8 +39,8 @@ def segment(input_path: str, model_dir: str, out_dir: str, options: SegmentOptio
 
 
 @flow(name="segment-batch", persist_result=False, log_prints=True)
-def segment_batch(inputs: list[str], model_dir: str, out_dir: str, options: SegmentOptions | None = None,  # noqa: ANN201
-                  skip_done: bool = False):
+def segment_batch(inputs: list[str], model_dir: str, out_dir: str,  # noqa: ANN201
+                  options: SegmentOptions | None = None, skip_done: bool = False):
     """Segment many inputs on one Dask cluster; one input's failure does not stop the rest.
 
     The body is :func:`flows.batch.segment_inputs`, which a one-off ``segflow
