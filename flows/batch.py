@@ -412,14 +412,11 @@ def mosaic_refused(inputs: list[str], options: SegmentOptions) -> dict[str, Any]
     """A mosaic whose tiles cannot make one image (two CRSs and no ``--crs``, bands that differ, a tile off the
     grid), found from their headers before a cluster starts: its failed outcome, else None.  The refusal had come
     after the Dask cluster's start, against docs/errors.md's "when every input fails, nothing is started"."""
-    from flows.inputs import check_named_sources
-    from storage.mosaic import MosaicRef, mosaic_ref, plan_mosaic
+    from storage.mosaic import MosaicRef, plan_mosaic
 
     label = MosaicRef(str(options.mosaic), tuple(inputs)).display
     try:
-        for tile in inputs:  # a tile that is a VRT: its sources, before GDAL opens them
-            check_named_sources(tile)
-        ref = mosaic_ref(str(options.mosaic), inputs, options.crs, options.split_by_tile)
+        ref = _mosaic_of(inputs, options)
         label = ref.display
         plan_mosaic(ref)
     except Exception as exc:  # noqa: BLE001 - said as mosaic_outcome says it, one line naming the tile or mosaic
@@ -427,20 +424,27 @@ def mosaic_refused(inputs: list[str], options: SegmentOptions) -> dict[str, Any]
     return None
 
 
+def _mosaic_of(inputs: list[str], options: SegmentOptions) -> Any:
+    """The inputs as the ``--mosaic`` they make (:func:`storage.mosaic.mosaic_ref`), a VRT tile's sources checked
+    before GDAL opens them."""
+    from flows.inputs import check_named_sources
+    from storage.mosaic import mosaic_ref
+
+    for tile in inputs:
+        check_named_sources(tile)
+    return mosaic_ref(str(options.mosaic), inputs, options.crs, options.split_by_tile)
+
+
 def mosaic_outcome(inputs: list[str], model: Any, out_dir: str, options: SegmentOptions,
                    cluster: Starting, still_ours: Callable[[], bool] | None = None) -> "Outcome":
     """All raster inputs as one mosaic (:mod:`storage.mosaic`): a bad tile fails it, since a hole would be silent."""
     from flows.pipeline import Outcome, segment_one
-    from storage.mosaic import MosaicRef, mosaic_ref
+    from storage.mosaic import MosaicRef
     from storage.remote import is_url
 
     label = MosaicRef(str(options.mosaic), tuple(inputs)).display
     try:
-        from flows.inputs import check_named_sources
-
-        for tile in inputs:  # a tile that is a VRT: its sources, before GDAL opens them
-            check_named_sources(tile)
-        ref = mosaic_ref(str(options.mosaic), inputs, options.crs, options.split_by_tile)
+        ref = _mosaic_of(inputs, options)
         label = ref.display
         if is_url(out_dir):
             raise SegflowError(out_dir, "a --mosaic is written to a local --out only (for now)")

@@ -140,7 +140,8 @@ def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI 
     from storage.remote import is_url
 
     fresh = not is_url(arguments["out_dir"]) and not Path(arguments["out_dir"]).exists()
-    with cliutil.resumable_on_interrupt(arguments["out_dir"], again="" if skip_done or mosaic else " with --skip-done"):
+    again = "" if skip_done or mosaic else " with --skip-done"  # what the interrupted line tells a rerun to add
+    with cliutil.resumable_on_interrupt(arguments["out_dir"], again=again):  # Ctrl-C: one line, exit 130
         try:
             # every input's header against the card, before anything starts (no torch: the card is peeked at)
             model_in = None if mosaic else model_input(model, trust_bundle=trust_bundle)

@@ -89,9 +89,9 @@ def train(card: Path = typer.Option(..., "--card", help="A model card JSON (arch
         if not quiet:  # a scheduled retraining's log holds only what went wrong and the notes on its data
             console.print(text, highlight=False, soft_wrap=True, markup=False)
 
-    def say(line: str) -> None:
+    def say(line: str) -> None:  # the notes on the training data are said even with --quiet
         if not quiet or line.startswith("note"):
-            console.print(escape(line), highlight=False, soft_wrap=True)
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
 
     def on_step(info: dict) -> None:
         if "resumed" in info:  # which step it goes on from (it had said nothing until the next validation)

@@ -164,8 +164,7 @@ def plan_series(ref: SeriesRef) -> Plan:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     problem = voxel_axes_problem(lps[:3, :3])
     if problem is not None:
-        raise InvalidInputError(display, problem if " " in problem else
-                                f"has {problem} voxel axes (no valid voxel-to-world mapping)")
+        raise InvalidInputError(display, problem)
     shape = (frames[0].columns, frames[0].rows, k_count)
     zooms = (col_spacing, row_spacing, float(np.linalg.norm(slice_step)))
     raw_dtype = _raw_dtype(objects)

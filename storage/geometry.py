@@ -211,18 +211,22 @@ def same_affine(a: object, b: object) -> bool:
                             rtol=AFFINE_RTOL, atol=AFFINE_ATOL_MM))
 
 
-def voxel_axes_problem(axes_mm: "np.ndarray") -> str | None:
-    """What makes a volume's voxel axes (the affine's 3 x 3 columns, in mm) unusable, or None.  Singular is judged
-    against the voxel's own size (an absolute determinant bound refused 50 nm electron-microscopy voxels as
-    "singular"); a voxel over ``MAX_VOXEL_MM`` is a broken header, whose volumes in mL would be nonsense."""
+SINGULAR_AFFINE = "has a singular or non-finite affine (no valid voxel-to-world mapping)"
+
+
+def voxel_axes_problem(axes: "np.ndarray", unit: str = "mm") -> str | None:
+    """What makes a volume's voxel axes (the affine's 3 x 3 columns, in NIfTI's ``unit``) unusable, said as an
+    input's problem, or None.  Singular (:data:`SINGULAR_AFFINE`) is judged against the voxel's own size (an
+    absolute determinant bound refused 50 nm electron-microscopy voxels); a voxel over ``MAX_VOXEL_MM`` is a broken
+    header, whose volumes in mL would be nonsense."""
     import numpy as np
 
-    axes = np.asarray(axes_mm, dtype=np.float64)
+    axes = np.asarray(axes, dtype=np.float64) * MM_PER_NIFTI_UNIT.get(unit, 1.0)
     if not np.all(np.isfinite(axes)):
-        return "non-finite"
+        return SINGULAR_AFFINE
     sizes = np.linalg.norm(axes, axis=0)
     if np.any(sizes == 0) or abs(np.linalg.det(axes / sizes)) < 1e-6:  # axes (nearly) parallel or zero
-        return "singular"
+        return SINGULAR_AFFINE
     if sizes.max() > MAX_VOXEL_MM:
         shown = " x ".join(f"{x:.4g}" for x in sizes)
         return f"has a voxel size of {shown} mm, over {MAX_VOXEL_MM:g} mm: no scan's, so its header is broken"

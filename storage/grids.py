@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from storage.errors import InvalidInputError
-from storage.geometry import voxel_axes_problem
+from storage.geometry import SINGULAR_AFFINE, voxel_axes_problem
 
 AFFINE_TOL = 1e-3  # MONAI's monai.data.utils.AFFINE_TOL: below it a grid counts as unchanged
 _SNAP = 1e-9  # a scale this close to 1 (offset to 0) is exactly 1 (0): the axis is then copied, not interpolated
@@ -184,7 +184,7 @@ def _check_affine(affine: np.ndarray, shape_kji: Sequence[int]) -> np.ndarray:
     a = np.asarray(affine, dtype=np.float64)
     if a.shape != (4, 4) or not np.all(np.isfinite(a)):
         raise InvalidInputError(None, "the volume's affine is not a finite 4x4 matrix")
-    if voxel_axes_problem(a[:3, :3]) == "singular":  # against the voxel's size: 50 nm voxels are not singular
+    if voxel_axes_problem(a[:3, :3]) == SINGULAR_AFFINE:  # against the voxel's size: 50 nm voxels are not singular
         raise InvalidInputError(None, "the volume's affine is singular")
     if len(shape_kji) != 3 or any(int(n) < 1 for n in shape_kji):
         raise InvalidInputError(None, f"the volume's shape {tuple(shape_kji)} is not three positive lengths")

@@ -24,7 +24,7 @@ from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
 from storage.errors import CorruptInputError, InputError, InvalidInputError, UnsupportedFormatError
-from storage.geometry import MM_PER_NIFTI_UNIT, VolumeGeometry, voxel_axes_problem
+from storage.geometry import VolumeGeometry, voxel_axes_problem
 from storage.libquiet import quietly as library_quietly
 
 __all__ = ["NIFTI_READ_ERRORS", "NIFTI_SUFFIXES", "check_data_size", "check_nifti_path", "describe_nifti", "error_text",
@@ -164,9 +164,7 @@ def describe_nifti(src: Path, img: Nifti1Pair) -> tuple[VolumeGeometry, int, Any
         stored = np.dtype("uint8")
 
     affine = np.asarray(img.affine, dtype=np.float64)
-    problem = voxel_axes_problem(affine[:3, :3] * MM_PER_NIFTI_UNIT.get(hdr.get_xyzt_units()[0], 1.0))
-    if problem in ("non-finite", "singular"):
-        raise InvalidInputError(src, "has a singular or non-finite affine (no valid voxel-to-world mapping)")
+    problem = voxel_axes_problem(affine[:3, :3], hdr.get_xyzt_units()[0])
     if problem is not None:
         raise InvalidInputError(src, problem)
     with warnings.catch_warnings():

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from storage.errors import CorruptInputError, IncompatibleInputError, InputError, InvalidInputError
-from storage.geometry import MM_PER_NIFTI_UNIT, voxel_axes_problem
+from storage.geometry import voxel_axes_problem
 from storage.niftiopen import NIFTI_READ_ERRORS, error_text, quietly
 
 __all__ = ["LabelVolume", "SLAB_BYTES", "gather_planes", "image_planes", "load_nifti", "take_plane"]
@@ -43,9 +43,7 @@ def load_nifti(path: Path) -> Any:
     if not isinstance(img, nib.Nifti1Pair):  # also Nifti1Image, Nifti2Image
         raise InvalidInputError(path, f"is {type(img).__name__}, not NIfTI")
     affine = np.asarray(img.affine, dtype=np.float64)
-    problem = voxel_axes_problem(affine[:3, :3] * MM_PER_NIFTI_UNIT.get(img.header.get_xyzt_units()[0], 1.0))
-    if problem in ("non-finite", "singular"):
-        raise InvalidInputError(path, "has a singular or non-finite affine (no voxel-to-world mapping)")
+    problem = voxel_axes_problem(affine[:3, :3], img.header.get_xyzt_units()[0])
     if problem is not None:
         raise InvalidInputError(path, problem)
     return img
