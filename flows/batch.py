@@ -224,25 +224,29 @@ def done_before(path: "Expanded", model: Any, model_dir: str, out_dir: str,
                 options: SegmentOptions) -> "Outcome | None":
     """The outcome of an input done before into a local ``out_dir`` with the same content, model, card and
     parameters, its outputs verified (the ledger's check, :func:`flows.ledger.done_before`), or None: a rerun of an
-    interrupted batch had segmented again every input it had finished.  STAC items and URLs are segmented."""
+    interrupted batch had segmented again every input it had finished.  A local STAC item's content is its JSON and
+    the assets the card's bands read (as ``nightly`` keys it); URLs are segmented again."""
     from flows import ledger
     from flows.inputs import input_label, input_stem
     from flows.pipeline import Outcome
-    from flows.routing import ModelInput, one_slice
+    from flows.routing import ModelInput, band_request, one_slice
     from storage.channelfiles import ChannelFiles
     from storage.dicomfiles import SeriesRef
     from storage.hashing import sha256_input
     from storage.probe import probe
     from storage.remote import is_url
-    from storage.stacitem import is_item_path
+    from storage.stacitem import is_item_path, probe_item
 
     group = isinstance(path, (SeriesRef, ChannelFiles))
-    if is_url(out_dir) or (not group and (is_url(str(path)) or is_item_path(str(path)))):
+    if is_url(out_dir) or (not group and is_url(str(path))):
         return None
     try:
-        content = path.sha256() if group else sha256_input(path)
-        thin = one_slice(probe(path), ModelInput.of(model.card))
-    except (OSError, SegflowError):  # unreadable now: segmenting it says why
+        if not group and is_item_path(str(path)):
+            header, content = probe_item(path, band_request(model.card, options))
+        else:
+            header, content = probe(path), path.sha256() if group else sha256_input(path)
+        thin = one_slice(header, ModelInput.of(model.card))
+    except (OSError, ValueError, SegflowError):  # unreadable now: segmenting it says why
         return None
     document = ledger.key_document(content, model.weights_sha256, model.card, options, stem=input_stem(path),
                                    one_slice=thin)

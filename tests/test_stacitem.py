@@ -574,3 +574,29 @@ def test_an_asset_that_is_a_fifo_is_one_line_not_a_hang(tmp_path):
     os.mkfifo(item.parent / "B02.tif")
     with pytest.raises(InputError, match=r"asset 'blue' \(.*B02.tif\) is a FIFO \(named pipe\), not a regular file"):
         ingest(item, tmp_path / "s.zarr")
+
+
+def test_skip_done_leaves_out_an_item_done_before_and_notices_a_changed_asset(models, tmp_path, dask_cluster):
+    """`segment --skip-done` had segmented every STAC item again; an item is done when its JSON and the assets the
+    card's bands read are what its outputs were made from."""
+    item = s2_samples.write_item(tmp_path / "s2", size=64, item_id=ITEM_ID)
+    out = tmp_path / "out"
+    args = [str(item), "--model", str(models["rgbn"].path), "--out", str(out), "--no-zarr", "--skip-done"]
+    code, errors, output = _cli(args, dask_cluster)
+    skipped = f"skipped {item} -> "
+    assert code == 0 and not errors and skipped not in output, output
+    made = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    code, errors, output = _cli(args, dask_cluster)
+    assert code == 0 and f"skipped {item} -> {out / (ITEM_ID + '.tif')}" in " ".join(output.split()), output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == made  # nothing rewritten
+    # an asset the model does not read (B11) changes nothing; one it reads (B02) is segmented again
+    s2_samples.write_cog(item.parent / "B11.tif", s2_samples.band_dn(99, 32), 20.0)
+    code, errors, output = _cli(args, dask_cluster)
+    assert code == 0 and skipped in output, output
+    s2_samples.write_cog(item.parent / "B02.tif", s2_samples.band_dn(99, 64), 10.0)
+    code, errors, output = _cli(args, dask_cluster)
+    assert code == 0 and not errors and skipped not in output, output
+    from storage.provenance import verify
+
+    report = verify(out / f"{ITEM_ID}.provenance.json")
+    assert not report.problems and not report.unverified, (report.problems, report.unverified)
