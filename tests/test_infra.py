@@ -267,6 +267,81 @@ def test_kubectl_renders_the_kustomization():
     assert kinds.count("Deployment") == 3 and "Service" in kinds and "ConfigMap" in kinds
 
 
+def _health_port(check: list[str]) -> int:
+    """The port a compose health check's Python one-liner asks ``/health`` of."""
+    return int(re.search(r"http://localhost:(\d+)/health", " ".join(check)).group(1))
+
+
+def test_workers_have_health_checks_on_the_ports_they_serve(compose, k8s):
+    """The Dask and Prefect workers had none: a hung worker went on holding its tasks, and a Prefect worker that
+    had stopped polling left every scheduled night waiting, both unseen."""
+    from prefect.settings import get_current_settings
+
+    services = compose["services"]
+    cmd = _command(services["dask-worker"])
+    assert _health_port(services["dask-worker"]["healthcheck"]["test"]) == int(_option(cmd, "--dashboard-address")[1:])
+    cmd = _command(services["prefect-worker"])
+    assert "--with-healthcheck" in cmd
+    assert _health_port(services["prefect-worker"]["healthcheck"]["test"]) == get_current_settings().worker.webserver.port
+    for name in ("dask-worker", "dask-worker-gpu", "prefect-worker"):
+        container = _deployment(k8s, name)["spec"]["template"]["spec"]["containers"][0]
+        probe = container["livenessProbe"]["httpGet"]
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == probe["port"])
+        assert probe["path"] == "/health", name
+        if name == "prefect-worker":
+            assert "--with-healthcheck" in container["command"]
+            assert port == get_current_settings().worker.webserver.port
+        else:
+            assert int(_option(container["command"], "--dashboard-address")[1:]) == port, name
+
+
+def test_a_dask_worker_started_as_compose_starts_it_answers_its_health_check(compose, tmp_path):
+    """``--no-dashboard`` drops the worker's pages but not its HTTP server: the health check asks a real worker,
+    started with the compose service's own options (the scheduler's address and the port made local)."""
+    import socket
+    import sys
+    import time
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    dask = Path(sys.executable).with_name("dask")
+    if not dask.exists():
+        pytest.skip(f"{dask} (the dask command of this environment) is absent")
+    sched_port, http_port = free_port(), free_port()
+    service = compose["services"]["dask-worker"]
+    cmd = [_interpolate(c) for c in _command(service)]
+    cmd = [f"tcp://127.0.0.1:{sched_port}" if c.startswith("tcp://") else c for c in cmd]
+    cmd[cmd.index("--dashboard-address") + 1] = f"127.0.0.1:{http_port}"
+    cmd[cmd.index("--memory-limit") + 1] = "1GiB"
+    check = [c.replace(f"localhost:{_health_port(service['healthcheck']['test'])}", f"127.0.0.1:{http_port}")
+             for c in service["healthcheck"]["test"][1:]]
+    assert check[0] == "python"
+    procs = []
+    try:
+        procs.append(subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(sched_port),
+                                       "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen([str(dask), *cmd[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while True:
+            rc = subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30).returncode
+            if rc == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert rc == 0, "the compose health check never passed on a running worker"
+        procs[1].terminate()
+        procs[1].wait(timeout=60)
+        rc = subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30).returncode
+        assert rc != 0  # and it fails once the worker is gone
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 # ----------------------------------------------------------------------------- prefect.yaml
 
 

@@ -267,6 +267,36 @@ def test_prefect_yaml_deploys_to_a_process_work_pool_and_a_worker_runs_it(prefec
         (before["work_pool_name"], before["parameters"], before["schedules"])
 
 
+def test_a_prefect_worker_with_the_deployments_options_answers_its_health_check(prefect_server, tmp_path):
+    """infra's Prefect workers run with ``--with-healthcheck`` (their liveness probe): a real worker of the same
+    command answers ``/health`` on its webserver port, and stops answering once it is gone."""
+    import urllib.request
+
+    api, env = prefect_server
+    compose = yaml.safe_load((ROOT / "infra" / "compose.yaml").read_text())
+    cmd = [str(c) for c in compose["services"]["prefect-worker"]["command"]]
+    assert cmd[:3] == ["prefect", "worker", "start"] and "--with-healthcheck" in cmd
+    port = _free_port()
+    cmd[cmd.index("--pool") + 1] = "health-check-pool"
+    worker = subprocess.Popen([str(PREFECT), *cmd[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**env, "PREFECT_WORKER_WEBSERVER_PORT": str(port)}, cwd=tmp_path,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        deadline, status = time.monotonic() + 90, None
+        while status != 200 and time.monotonic() < deadline and worker.poll() is None:
+            try:
+                with urllib.request.urlopen(url, timeout=3) as res:
+                    status = res.status
+            except OSError:
+                time.sleep(1)
+        assert status == 200, f"no answer from {url} (worker exit code {worker.poll()})"
+    finally:
+        _stop(worker)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=3)
+
+
 def test_schedule_refuses_bad_input_with_one_line_errors(tmp_path):
     from flows.schedule import check_parameters, cron_schedule, load_flow, nightly_parameters
     from storage.errors import ConfigError
