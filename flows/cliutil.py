@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Iterator, List, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
@@ -132,7 +132,7 @@ def check_compile_cache(options: "SegmentOptions") -> None:
 
 
 def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *, load: bool = False,
-                 roi: "List[int] | None" = None) -> None:
+                 roi: "List[int] | None" = None, bands: "List[str] | None" = None) -> None:
     """Refuse a bad model before any input is touched: one line, exit 2.
 
     ``load``: load it as the run will (weights read, hashed and fitted to the
@@ -141,28 +141,51 @@ def check_models(paths: "List[Path] | List[str]", trust_bundle: bool = False, *,
     line before Prefect or a run starts, not a traceback from inside a flow.
     A loaded model's window (``roi``, the ``--roi`` given, else the card's)
     is checked against the network too: a card's bad roi failed every input,
-    each one's line blaming the input.
+    each one's line blaming the input.  ``--roi`` and ``--bands`` must fit
+    every model: a night with a 2D and a 3D model and a 2-axis ``--roi`` (or
+    4 ``--bands`` and a 1-channel volume model) had failed every volume, every
+    night, each line blaming the volume.
     """
     from flows.routing import load_cached
     from segmentation import models
     from segmentation.modeldir import check_model
     from storage.errors import ModelError
 
+    several = len(paths) > 1
     try:
         for path in paths:
             if load:
                 loaded = load_cached(path, trust_bundle=trust_bundle)
-                window = list(roi or loaded.card.inference.roi)
-                if len(window) == loaded.card.input.spatial_dims:  # a wrong axis count is --roi's own error
-                    try:
-                        models.check_roi(loaded.module, window, loaded.card.architecture.name)
-                    except ModelError as exc:
-                        where = "--roi" if roi else "its card's inference.roi"
-                        raise ModelError(path, f"{where}: {exc.problem}") from None
+                card = loaded.card
             else:
-                check_model(path, trust_bundle=trust_bundle)
+                card = check_model(path, trust_bundle=trust_bundle)
+            problem = options_problem(card, roi=roi, bands=bands, several=several)
+            if problem is not None:
+                raise ModelError(path, problem)
+            if load:
+                window = list(roi or card.inference.roi)
+                try:
+                    models.check_roi(loaded.module, window, card.architecture.name)
+                except ModelError as exc:
+                    where = "--roi" if roi else "its card's inference.roi"
+                    raise ModelError(path, f"{where}: {exc.problem}") from None
     except SegflowError as exc:
         fail(str(exc))
+
+
+def options_problem(card: Any, *, roi: "List[int] | None", bands: "List[str] | None", several: bool) -> str | None:
+    """Why ``--roi`` or ``--bands`` cannot apply to the model of ``card``, or None."""
+    dims, channels = card.input.spatial_dims, card.input.channels
+    if roi is not None and len(roi) != dims:
+        problem = f"--roi {','.join(map(str, roi))} has {len(roi)} axes, model {card.name!r} is {dims}D"
+    elif bands is not None and len(bands) != channels:
+        problem = (f"--bands {','.join(bands)} picks {len(bands)} band(s), model {card.name!r} takes {channels} "
+                   f"channel(s)")
+    else:
+        return None
+    if several:  # the options of a run go to every model it routes inputs to
+        problem += "; --roi and --bands apply to every model of a run: run this model in a run of its own"
+    return problem
 
 
 class RateColumn(ProgressColumn):
@@ -281,7 +304,7 @@ def ints(text: Optional[str], option: str = "--roi") -> Optional[list[int]]:
     return values
 
 
-__all__ = ["check_compile_cache", "check_device", "check_models", "check_out_folder", "check_report_file", "console",
+__all__ = ["check_compile_cache", "check_device", "check_models", "options_problem", "check_out_folder", "check_report_file", "console",
            "fail", "finish", "ints",
            "local_only", "options", "out", "path_or_url", "progress", "resumable_on_interrupt",
            "inform", "reporter"]

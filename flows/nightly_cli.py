@@ -97,7 +97,7 @@ def nightly_command(
     cli.check_device(options)
     cli.check_compile_cache(options)
     # loaded as the flow will (the same objects): a bad one is one line, first
-    cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi)
+    cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi, bands=options.bands)
     try:
         with cli.resumable_on_interrupt(out), prefect_console("nightly") as run_log, cli.reporter(quiet):
             state = nightly(model_dirs=[str(m) for m in model], out_dir=cli.path_or_url(out),

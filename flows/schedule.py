@@ -220,7 +220,7 @@ def schedule_command(
     if "/" in name or "%" in name:  # Prefect's runner refuses them, with a traceback
         cli.fail(f"--name {name!r}: a deployment name may not contain '/' or '%'")
     # what a night would refuse, refused before anything registers: every scheduled run would fail on it
-    cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi)
+    cli.check_models(model, trust_bundle=trust_bundle, load=True, roi=options.roi, bands=options.bands)
     try:
         if inbox is not None and not is_url(cli.path_or_url(inbox)):
             from flows.inbox import check_inbox

@@ -869,6 +869,27 @@ def test_a_model_whose_window_the_network_cannot_take_is_refused_before_any_inpu
     assert not (tmp_path / "out").exists()
 
 
+def test_night_options_that_do_not_fit_every_model_are_refused_before_any_input(model2d, tmp_path):
+    """A night with a 2D and a 3D model and `--roi 64,64` (or 4 `--bands` and a 1-channel volume model) segmented
+    the rasters and failed every volume, every night, each line blaming the volume; `schedule` registered it."""
+    model3d, volume = model_and_volume(tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    small_scene(inbox / "scene.tif")
+    volume.rename(inbox / volume.name)
+    every = "; --roi and --bands apply to every model of a run: run this model in a run of its own"
+    for extra, problem in ((["--roi", "64,64"], f"--roi 64,64 has 2 axes, model '{model3d.card.name}' is 3D"),
+                           (["--bands", "1,2,3"], f"--bands 1,2,3 picks 3 band(s), model '{model3d.card.name}' "
+                                                  "takes 1 channel(s)")):
+        proc = run("nightly", "--inbox", inbox, "--model", model2d.path, "--model", model3d.path,
+                   "--out", tmp_path / "out", *extra)
+        assert refused(proc) == [f"error: {model3d.path}: {problem}{every}"], proc.stderr
+        assert not (tmp_path / "out").exists()
+        proc = run("schedule", "--cron", "0 2 * * *", "--inbox", inbox, "--model", model2d.path, "--model",
+                   model3d.path, "--out", tmp_path / "out", *extra)
+        assert refused(proc) == [f"error: {model3d.path}: {problem}{every}"], proc.stderr
+
+
 def test_a_refused_input_gets_no_warning_that_reads_as_if_it_ran(tmp_path):
     """A raster without a CRS for a model that works in EPSG:32633: the run said "has no CRS; the output is written
     on the same pixel grid without a CRS" and then refused the input.  Warnings come once the run is under way."""
