@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Sequence
 
@@ -285,6 +286,18 @@ def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | 
     if not isinstance(probabilities, (bool, np.bool_)):  # "none", as the CLI spells labels only, gave probabilities
         raise ConfigError(None, f"probabilities must be True (class probabilities) or False (labels), got "
                                 f"{probabilities!r}")
+    unknown = sorted(set(kwargs) - _PLAN_OPTIONS)
+    if unknown:  # said as predict's own: build_plan's name in a TypeError meant nothing to the caller
+        import difflib
+
+        options = sorted(_PLAN_OPTIONS | {"roi", "overlap", "blend", "precision", "chunks", "mask", "probabilities"})
+        near = difflib.get_close_matches(unknown[0], options, n=1)
+        raise TypeError(f"predict() got an unexpected keyword argument {unknown[0]!r}"
+                        + (f"; did you mean {near[0]!r}?" if near else f"; it takes {', '.join(options)}"))
     plan = build_plan(image, model, roi=roi, overlap=overlap, blend=blend, precision=precision,
                       chunks=chunks, mask=mask, **kwargs)
     return plan.probabilities() if probabilities else plan.labels()
+
+
+# what predict passes on to build_plan as keywords
+_PLAN_OPTIONS = frozenset(inspect.signature(build_plan).parameters) - {"image", "model"}

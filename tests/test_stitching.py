@@ -486,6 +486,13 @@ def test_torchscript_modules_and_user_mistakes():
     for value in ("none", "uint8", None):
         with pytest.raises(ConfigError, match=f"probabilities must be True .* or False .*, got {value!r}"):
             predict(img, net, roi=(16, 16), probabilities=value)
+    # a mistyped keyword is predict's, with the near option (it had named build_plan, an internal function)
+    with pytest.raises(TypeError, match=r"^predict\(\) got an unexpected keyword argument 'probabilites'; "
+                                        r"did you mean 'probabilities'\?$"):
+        predict(img, net, roi=(16, 16), probabilites=False)
+    with pytest.raises(TypeError, match=r"^predict\(\) got an unexpected keyword argument 'sigma_scal'; "
+                                        r"did you mean 'sigma_scale'\?$"):
+        predict(img, net, roi=(16, 16), sigma_scal=0.1)
     # one sigmoid channel: its softmax is 1 everywhere, and every pixel was class 0 without a word
     with pytest.raises(ConfigError, match="the network gives 1 class channel; .* needs 2 or more"):
         predict(img, nn.Conv2d(1, 1, 1), roi=(16, 16))
