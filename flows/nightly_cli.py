@@ -112,7 +112,8 @@ def nightly_command(
         report = nightly_report(state)
     except SegflowError as exc:
         cli.fail(str(exc))
-    if not quiet:
+    if not quiet:  # the summary its own unwrapped line (a table title wrapped at 80 columns in a cron log)
+        cli.out.print(f"segflow nightly: {report['run']['summary']}", highlight=False, soft_wrap=True, markup=False)
         cli.out.print(summary_table(report))
     for r in report["inputs"]:
         if r.get("error"):
@@ -153,7 +154,7 @@ def summary_table(report: dict) -> "Table":
 
     from storage.numbers import readable
 
-    table = Table(title=f"segflow nightly: {report['run']['summary']}")
+    table = Table()
     for col in ("input", "status", "model", "s", "windows", "labels"):
         table.add_column(col)
     skipped = [r for r in report["inputs"] if r.get("status") == "skipped"]

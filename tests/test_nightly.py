@@ -561,6 +561,11 @@ def test_cli_exit_codes_and_report_paths(models, tmp_path, dask_cluster):
     assert [Path(n).suffix for n in named] == [".html", ".md", ".json"]  # the page for people had gone unnamed
     assert all(Path(n).is_file() for n in named)
     assert list((tmp_path / "out" / "reports").glob("*.md"))
+    # the summary is one line whatever the width (a table title wrapped at 80 columns in a cron log's grep)
+    summary = json.loads(Path(named[2]).read_text())["run"]["summary"]
+    assert len(f"segflow nightly: {summary}") > 40
+    res = runner.invoke(app, args + ["--inbox", str(inbox)], env={"COLUMNS": "40"})
+    assert f"segflow nightly: {summary}" in res.output.splitlines(), res.output
     assert runner.invoke(app, args).exit_code == 2  # neither --inbox nor --manifest
     (inbox / "rgb.tif").unlink()
     res = runner.invoke(app, args + ["--inbox", str(inbox)])  # an empty inbox is a successful night
