@@ -230,8 +230,10 @@ class _Page:
         colors = {value: rgb for value, _, rgb in (card["classes"] if card else [])}
         prior = None
         if self.previous is not None:
-            prior = next((r for r in self.previous["inputs"] if isinstance(r, dict)
-                          and str(r.get("input")) == str(rep.get("input"))), {})
+            inputs = [r for r in self.previous["inputs"] if isinstance(r, dict)]
+            prior = next((r for r in inputs if str(r.get("input")) == str(rep.get("input"))), None)
+            if prior is None:  # the same file reached another way (an inbox through a link)
+                prior = next((r for r in inputs if _same_file(r.get("input"), rep.get("input"))), {})
         rows, listed = [], labels
         if len(labels) > MAX_CLASS_ROWS:  # hundreds of classes: those present now or in the previous run
             before = {str(r.get("name")) for r in (prior or {}).get("labels") or []
@@ -261,6 +263,16 @@ class _Page:
         if not located.exists():  # moved or deleted since the run: said, not linked dead
             return f'<code>{_e(Path(output).name)}</code> <em class="missing">(not found)</em>'
         return f'<a href="{_e(quote(rel))}">{_e(Path(output).name)}</a>'
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    """Two local paths of one existing file (links followed); URLs and vanished files only by their text."""
+    if not a or not b or is_url(str(a)) or is_url(str(b)):
+        return False
+    try:
+        return os.path.samefile(str(a), str(b))
+    except OSError:
+        return False
 
 
 def _card(model: dict[str, Any]) -> dict[str, Any] | None:

@@ -133,6 +133,34 @@ def test_numbers_as_people_write_them_and_changes_since_the_previous_run(tmp_pat
     assert "12.4 mL −0.67 mL (−5.1 %)" in page
 
 
+def test_the_previous_run_of_an_input_reached_through_a_link_is_found(tmp_path):
+    """An inbox given through a link (or, from Python, as ``../n1/inbox``) named every input by another path than
+    the night before, and every class of every input read "not in the previous run"."""
+    real = tmp_path / "inbox"
+    real.mkdir()
+    (real / "scene.tif").write_bytes(b"scene")
+    (tmp_path / "link").symlink_to(real)
+
+    def report(inbox: Path, water_ha: float) -> dict:
+        return {"schema": "segflow.nightly-report/1", "run": {"summary": "1 input", "models": []},
+                "inputs": [{"input": str(inbox / "scene.tif"), "status": "done", "measure": "area_ha",
+                            "cell_size": 100.0, "labels": [{"value": 0, "name": "water", "count": 10,
+                                                            "area_ha": water_ha}]}]}
+
+    page = Page(write_html_report(report(tmp_path / "link", 2.0), tmp_path / "r.html",
+                                  previous=report(real, 1.0)).read_text()).words
+    assert "not in the previous run" not in page and "+1 ha (+100.0 %)" in page
+
+
+def test_a_nightly_inbox_given_with_dotdot_is_named_without_it(tmp_path, monkeypatch):
+    from flows.nightly import _absolute
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert _absolute("../inbox") == str(tmp_path.resolve() / "inbox")
+    assert _absolute("s3://bucket/inbox/../x") == "s3://bucket/inbox/../x"
+
+
 def test_a_model_of_hundreds_of_classes_lists_those_present_now_or_before(tmp_path):
     """A 300-class model's table had 218 rows of "0 / 0 ha" around the few classes on the map."""
     def report(present: dict[int, int]) -> dict:
