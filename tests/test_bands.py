@@ -257,6 +257,14 @@ def test_floats_given_to_a_card_made_for_integers_are_said(tmp_path, dask_cluste
     assert "warnings" not in segment_one(scene, own, tmp_path / "b", options, dask_cluster).statistics
     integers = _raster(tmp_path / "dn.tif", (data * 10000).astype(np.uint16))
     assert "warnings" not in segment_one(integers, fixed, tmp_path / "c", options, dask_cluster).statistics
+    # an 8-bit export of the 16-bit scene had gone through without a word (labels mostly one class)
+    eight = _raster(tmp_path / "eight.tif", (data * 255).astype(np.uint8))
+    assert segment_one(eight, fixed, tmp_path / "c8", options, dask_cluster).statistics["warnings"] == [
+        f"{eight}: is stored as uint8 (up to 255), and the normalisation of model '{fixed.card.name}' was made for "
+        "uint16 values (up to 65535): if these values were rescaled (an 8-bit export of a 16-bit image), its labels "
+        "are meaningless"]
+    signed = _raster(tmp_path / "signed.tif", (data * 10000).astype(np.int16))  # the same range: not said
+    assert "warnings" not in segment_one(signed, fixed, tmp_path / "c16", options, dask_cluster).statistics
     # a card declaring its units had silenced the check, though with no scale or offset in the file nothing
     # converts the values: they are taken as digital numbers as they are
     dn = tiny_model(tmp_path / "dn", spatial_dims=2, channels=3, roi=[32, 32], dtype="uint16", units="dn",
