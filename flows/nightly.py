@@ -78,6 +78,7 @@ from flows.nightly_task import Batch, segment_input, series_details
 from flows.report import REPORT_SCHEMA, REPORTS_DIR, InputReport, counts, summary, timestamp
 from flows.retries import TransientError, is_transient
 from flows.routing import loaded, read_models
+from flows.runlog import own_errors_in_one_line
 from flows.runstate import ended, run_result
 from storage import provenance
 from storage.atomic import make_output_folder
@@ -124,6 +125,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
     """
     options = options or SegmentOptions()
     logger = get_run_logger()
+    own_errors_in_one_line()  # a served run's console: a night that cannot start is one line, not a traceback
     started, stamp, t0 = provenance.now(), timestamp(), time.perf_counter()
     _check_numbers(retries, retry_delay_seconds, lock_stale_after, settle_seconds, parallel)
     if (inbox is None) == (manifest is None):
@@ -406,10 +408,13 @@ def allowed_sources(inbox: str | None, extra: list[str] | None) -> list[Path] | 
 
 
 def _absolute(path: str | None) -> str | None:
-    """A local path made absolute; a URL as it is."""
+    """A local path made absolute, without ``..`` (resolved as the file system does: a path that went up out of a
+    link); a URL as it is.  Reports name inputs by these paths, and the next night's report is matched to them: an
+    inbox given as ``../n1/inbox`` had every class "not in the previous run"."""
     if path is None or is_url(path):
         return path
-    return str(Path(path).expanduser().absolute())
+    local = Path(path).expanduser().absolute()
+    return str(local.resolve() if ".." in local.parts else local)
 
 
 def _readable(item: Expanded) -> bool:

@@ -122,6 +122,29 @@ class ReportedElsewhere(logging.Filter):
         return False
 
 
+class OwnErrorsInOneLine(logging.Filter):
+    """A segflow error's record without its traceback, on a console of a run no segflow command reports: a served
+    night that could not start (its manifest gone) had Prefect's 15 lines of flow-engine traceback under the one
+    that says it.  Set on the console handler only: Prefect's API handler, on the run's own logger, has already
+    sent the whole record to the server (the UI keeps the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and any(isinstance(e, SegflowError) for e in exception_chain(exc)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def own_errors_in_one_line() -> None:
+    """:class:`OwnErrorsInOneLine` on Prefect's console handlers of this process, once."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:  # root's, as configured
+        if isinstance(handler, PrefectConsoleHandler) and \
+                not any(isinstance(f, OwnErrorsInOneLine) for f in handler.filters):
+            handler.addFilter(OwnErrorsInOneLine())
+
+
 class RunFormatter(logging.Formatter):
     """Log lines that name the Prefect flow or task run they come from (``[task run 'segment-a.tif']``)."""
 

@@ -156,6 +156,23 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
                 break
             time.sleep(2)
         assert state == "COMPLETED", (state, (tmp_path / "serve.log").read_text()[-4000:])
+
+        # a night that cannot start (its inbox gone) is one line on the serving console; Prefect's flow engine had
+        # logged 15 lines of traceback under it
+        before = (tmp_path / "serve.log").stat().st_size
+        gone = tmp_path / "gone"
+        trigger = subprocess.run([str(PREFECT), "deployment", "run", f"nightly/{NAME}", "--params",
+                                  json.dumps({"inbox": str(gone)})], capture_output=True, text=True, env=env,
+                                 timeout=120)
+        assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+        failed_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger.stdout).group(1)
+        failed = _wait_for_run(api, failed_id, serve, tmp_path / "serve.log")
+        assert failed["state"]["type"] == "FAILED", failed["state"]
+        time.sleep(2)  # the runner's last lines about the run's process
+        with open(tmp_path / "serve.log", "rb") as f:
+            f.seek(before)
+            said = f.read().decode(errors="replace")
+        assert str(gone) in said and "Traceback" not in said, said
     finally:
         _stop(serve)
         log.close()
@@ -164,8 +181,9 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
     assert (out / "scene.gpkg").is_file()
     reports = sorted((out / "reports").glob("*.json"))
     assert reports, sorted(p.name for p in out.rglob("*"))
-    report = json.loads(reports[-1].read_text())
-    assert report["run"]["flow_run_id"] == run_id
+    by_run = {json.loads(r.read_text())["run"].get("flow_run_id"): r for r in reports}
+    assert set(by_run) == {run_id, failed_id}  # the night that could not start wrote its report too
+    report = json.loads(by_run[run_id].read_text())
     assert [r["status"] for r in report["inputs"]] == ["done"]
     # the server saw the run's one task run per input, completed
     tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}, timeout=10).json()
@@ -179,7 +197,7 @@ def test_served_nightly_deployment_runs_end_to_end(prefect_server, tmp_path):
     table = by_key["segflow-nightly-inputs"]
     rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
     assert table["type"] == "table" and [(r["input"], r["status"]) for r in rows] == [("scene.tif", "done")]
-    html = sorted((out / "reports").glob("*.html"))[-1]
+    html = by_run[run_id].with_suffix(".html")
     assert by_key["segflow-nightly-html-report"]["data"] == f"[{html}]({html.as_uri()})"
     summary = by_key["segflow-nightly-summary"]
     assert summary["type"] == "markdown" and "**1 input: 1 done, 0 skipped**" in summary["data"]
