@@ -179,7 +179,7 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
     for c in scores.classes:
         sizes = (None, None, None) if cell is None else (c.pred_count * cell, c.truth_count * cell,
                                                            (c.pred_count - c.truth_count) * cell)
-        rows.append({"value": c.value, "name": names.get(c.value, f"class {c.value}"), "dice": c.dice, "iou": c.iou,
+        rows.append({"value": c.value, "name": row_name(c.value, names), "dice": c.dice, "iou": c.iou,
                      "hd95": c.hd95, "asd": c.asd, "nsd": c.nsd, "pred_pixels": c.pred_count,
                      "truth_pixels": c.truth_count, "pred_size": sizes[0], "truth_size": sizes[1],
                      "size_diff": sizes[2], "note": _note(c.note, c.value, names)})
@@ -192,6 +192,45 @@ def _case(name: str, pred: LabelSource, truth: LabelSource, names: dict[int, str
             "counted_pixels": scores.scan.counted, "ignored_pixels": scores.scan.ignored, "classes": rows,
             "confusion": {"rows": labels, "columns": labels + [NO_PREDICTION], "values": [r["value"] for r in rows],
                           "matrix": scores.confusion().tolist()}}
+
+
+def row_name(value: int, names: dict[int, str]) -> str:
+    """A row's class name: the table's, else "class N", unless another value of the table bears that name (a geo
+    model's class 2 is "class 1000", the dataset's value): two rows had been named "class 1000"."""
+    if value in names:
+        return names[value]
+    generic = f"class {value}"
+    return f"unlisted value {value}" if generic in names.values() else generic
+
+
+def _unlisted_truth(case: dict[str, Any], names: dict[int, str], whose: str, model: str | None) -> str | None:
+    """The one warning for truth values that the class table leaves out: a dataset's own values (a Decathlon
+    0, 1, 2, 4 that trains as 0..3, a geo 0, 1, 1000 as 0..2) are not the model's class numbers, and scored as
+    they are they had given 'enhancing' a Dice of 0 and an extra row, with no word of why."""
+    extra = [r["value"] for r in case["classes"] if r["truth_pixels"] and r["value"] not in names]
+    if not names or not extra:
+        return None
+    shown = ", ".join(map(str, extra[:6])) + (f" ... ({len(extra)} values)" if len(extra) > 6 else "")
+    table = _values(dict(sorted(names.items())[:8])) + (" ..." if len(names) > 8 else "")
+    hint = ("" if model is None else
+            f"; pass --classes MODEL (the prediction's provenance names {model}: its card records the table "
+            "training read the dataset's values through)")
+    return (f"{case['truth']}: holds values {shown} that are not among {whose} classes ({table}): a dataset's own "
+            f"values rather than the model's class numbers? Scored as they are, each its own row{hint}")
+
+
+def _recorded_model(pred_path: Path) -> str | None:
+    """The model directory the prediction's provenance sidecar names, when it is still there: what --classes
+    wants.  Best effort: a missing or unreadable sidecar names none."""
+    import json
+
+    from storage.provenance import sidecar_for
+
+    try:
+        model = (json.loads(sidecar_for(pred_path).read_text()).get("model") or {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) and Path(model).is_dir() else None
 
 
 def _note(note: str | None, value: int, names: dict[int, str]) -> str | None:
@@ -345,6 +384,7 @@ def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, 
         if dataset_values is not None:  # the dataset's own values in the truth, class numbers in the prediction
             truth = replace(truth, array=DatasetValues(truth.array, dataset_values))
         case = _case(name, pred, truth, card_names if card_names is not None else pred.classes, **options)
+        pred_classes = pred.classes
         renamed = {v: (pred.classes[v], n) for v, n in (card_names or {}).items()
                    if pred.classes and v in pred.classes and pred.classes[v] != n}
     if renamed:  # another card's names over the same values: allowed, and said (it had renamed without a word)
@@ -362,6 +402,11 @@ def _scored(name: str, pred_path: Path, truth_path: Path, card_names: dict[int, 
                "table training read them through)")
         case["notes"].append(raw)
         case["warnings"].append(raw)
+    elif (unlisted := _unlisted_truth(case, card_names if card_names is not None else pred_classes,
+                                      "--classes'" if card_names is not None else "the prediction's",
+                                      None if card_names is not None else _recorded_model(pred_path))) is not None:
+        case["notes"].append(unlisted)
+        case["warnings"].append(unlisted)
     if (other := _other_series(pred_path, truth_path)) is not None:  # scored: the grids agree, but say so
         case["notes"].append(other)
         case["warnings"].append(other)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from storage.errors import ConfigError, SegflowError
+from storage.errors import ConfigError, SegflowError, UnsupportedFormatError
 from storage.inputfiles import DICOM_SUFFIXES, stem_of
-from storage.labelmaps import RASTER_SUFFIXES, VOLUME_SUFFIXES
+from storage.labelmaps import ANNOTATION_SUFFIXES, RASTER_SUFFIXES, VOLUME_SUFFIXES, not_a_label_map
 
 __all__ = ["LABEL_MARKS", "case_name", "match_inputs", "pair_inputs"]
 
@@ -72,11 +72,14 @@ def _same_file(a: Path, b: Path) -> bool:
 def _in_folder(predictions: list[Path], folder: Path) -> list[tuple[Path, Path | None, SegflowError | None]]:
     index: dict[str, list[Path]] = {}
     dicom: dict[str, list[Path]] = {}  # a SEG named by its case, taken (and refused in words) only where no map is
+    unread: dict[str, list[Path]] = {}  # a vector layer or COCO JSON named by its case: refused in words
     for f in sorted(folder.iterdir()):
         if not f.name.startswith(".") and f.name.lower().endswith((*RASTER_SUFFIXES, *VOLUME_SUFFIXES, ".zarr")):
             index.setdefault(case_name(f), []).append(f)
         elif not f.name.startswith(".") and f.name.lower().endswith(DICOM_SUFFIXES):
             dicom.setdefault(case_name(f), []).append(f)
+        elif not f.name.startswith(".") and f.name.lower().endswith(ANNOTATION_SUFFIXES):
+            unread.setdefault(case_name(f), []).append(f)
     for found in index.values():  # an Analyze/NIfTI pair is one map, named by its header
         headers = {stem_of(f) for f in found if f.name.lower().endswith((".hdr", ".hdr.gz"))}
         found[:] = [f for f in found if not (f.name.lower().endswith((".img", ".img.gz"))
@@ -93,7 +96,9 @@ def _in_folder(predictions: list[Path], folder: Path) -> list[tuple[Path, Path |
         marked = [f for f in found if stem_of(f) != case_name(f)]
         if len(found) > 1 and len(marked) == 1:  # scene.tif beside scene.truth.tif: the image and its truth
             found = marked
-        if len(found) != 1:
+        if not found and not itself and (refused := _unread(unread.get(name, []))) is not None:
+            matches.append((p, None, refused))
+        elif len(found) != 1:
             names = ", ".join(f.name for f in found)
             what = f"{len(found)} truths ({names}) match" if found else "no truth named"
             besides = " besides the prediction itself" if itself and not found else ""
@@ -101,6 +106,15 @@ def _in_folder(predictions: list[Path], folder: Path) -> list[tuple[Path, Path |
         else:
             matches.append((p, found[0], None))
     return matches
+
+
+def _unread(candidates: list[Path]) -> SegflowError | None:
+    """The error for a case whose only truths are of a kind evaluate does not read: what the first one is, in
+    words (tile_3.geojson beside no label raster had been "no truth named tile_3.*")."""
+    for f in candidates:
+        if (reason := not_a_label_map(f)) is not None:
+            return UnsupportedFormatError(f, reason)
+    return None
 
 
 def pair_inputs(predictions: list[Path], truths: list[Path]) -> list[tuple[Path, Path]]:

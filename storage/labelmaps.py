@@ -248,6 +248,8 @@ def open_labels(path: Path, stack: ExitStack) -> LabelSource:
         return _open_raster(path, stack)
     from storage.segtruth import is_dicom_seg
 
+    if (reason := not_a_label_map(path)) is not None:
+        raise UnsupportedFormatError(path, reason)
     if is_dicom_seg(path):  # named or made like a DICOM file
         raise UnsupportedFormatError(path, "is a DICOM file, not a label map; a DICOM SEG is read as the truth of a "
                                            "prediction on its grid (segflow evaluate PRED --truth SEG)")
@@ -255,18 +257,58 @@ def open_labels(path: Path, stack: ExitStack) -> LabelSource:
                                        ".hdr/.img or a .zarr store)")
 
 
+VECTOR_SUFFIXES = (".geojson", ".gpkg", ".shp", ".fgb", ".kml", ".gml")  # annotations drawn as vectors
+ANNOTATION_SUFFIXES = (*VECTOR_SUFFIXES, ".json")  # truths as people keep them that are no label raster
+RASTERISE_HINT = ("burn it into a label raster on the prediction's grid first (as training does, "
+                  "storage.datasets.rasterising.rasterise; or gdal_rasterize with the prediction's extent and size)")
+
+
+def not_a_label_map(path: Path) -> str | None:
+    """Why ``path`` is a kind of annotation evaluate does not read (a vector layer, a COCO JSON), said plainly;
+    None for any other file.  A folder pairing by name had said "no truth named tile_3.*" beside tile_3.geojson."""
+    name = path.name.lower()
+    if name.endswith(VECTOR_SUFFIXES):
+        return f"is a vector layer: evaluate reads label rasters (GeoTIFF, PNG, NIfTI); {RASTERISE_HINT}"
+    if not name.endswith(".json"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        head = b""
+    if b'"FeatureCollection"' in head:
+        return f"is a GeoJSON vector layer: evaluate reads label rasters (GeoTIFF, PNG, NIfTI); {RASTERISE_HINT}"
+    if b'"segments_info"' in head:
+        what = "a COCO panoptic annotation file"
+    elif b'"annotations"' in head or b'"categories"' in head:
+        what = "a COCO annotation file (polygons and RLE masks per image)"
+    else:
+        what = "a JSON file"
+    return (f"is {what}, not a label map: evaluate reads label rasters (GeoTIFF, PNG, NIfTI) of class values; "
+            "render each image's class map to a label PNG first")
+
+
 def _open_picture(path: Path) -> LabelSource:
-    """A PNG of label values (a palette PNG's indices, as VOC and Cityscapes keep them; read as training reads
-    them), on the pixel grid a picture's prediction is written on: no CRS, the identity transform."""
+    """A PNG of label values (a palette PNG's indices, as VOC and Cityscapes keep them; 8 or 16-bit grey values,
+    as nnU-Net keeps them; read as training reads them), on the pixel grid a picture's prediction is written on:
+    no CRS, the identity transform.  An RGB picture is refused in words that say what it likely is."""
     from rasterio.transform import Affine
 
-    from storage.datasets.pictures import read_indices
+    from storage.datasets.pictures import VALUE_MODES, picture_mode, read_values
 
-    data = read_indices(path)
+    mode = picture_mode(path)
+    if mode not in VALUE_MODES:
+        what = ("a COCO panoptic PNG (segment ids encoded in its colours, their classes in the JSON's "
+                "segments_info) or a colour-coded mask" if mode.startswith("RGB") else "no map of label values")
+        article = "an" if mode[0] in "AEFHILMNORSX" else "a"
+        raise InvalidInputError(path, f"is {article} {mode} picture, {what}: evaluate reads a PNG of class values "
+                                      "(palette indices, or 8 or 16-bit grey); convert it to class values first")
+    data = _as_labels(read_values(path), path)
     transform = Affine.identity()
     spacing, unit, area, note = _raster_units(transform, None, data.shape)
     return LabelSource(path, "raster", data, spacing, unit, area, "ha", note, None, {}, crs=None,
                        transform=tuple(transform)[:6])
 
 
-__all__ = ["LabelSource", "MAX_LABEL", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "open_labels"]
+__all__ = ["ANNOTATION_SUFFIXES", "LabelSource", "MAX_LABEL", "RASTER_SUFFIXES", "VECTOR_SUFFIXES", "VOLUME_SUFFIXES",
+           "not_a_label_map", "open_labels"]
