@@ -80,7 +80,7 @@ def input_warnings(input_path: Path | str, store: ImageStore, model: LoadedModel
     in the statistics)."""
     out = []
     geometry = store.meta.geometry
-    picture = str(getattr(store.meta.source, "format", "")).upper() in ("PNG", "JPEG", "MPO")
+    picture = str(getattr(store.meta.source, "format", "")).upper() in ("PNG", "JPEG", "MPO", "BMP")
     if geometry.kind == "raster" and not geometry.crs_wkt and not geometry.epsg and not picture:
         spacing, t = model.card.input.spacing, geometry.transform
         size = (abs(float(t[0])), abs(float(t[4])))

@@ -30,7 +30,7 @@ console = cliutil.console
 
 
 def segment(inputs: List[str] = typer.Argument(..., help="GeoTIFF, VRT or NIfTI files (a case's nnU-Net channel "
-                                                      "files case_0000, case_0001 ... are one input), PNG or JPEG "
+                                                      "files case_0000, case_0001 ... are one input), PNG, JPEG or BMP "
                                                       "pictures (read as training reads them), DICOM folders, "
                                                       "DICOMDIRs "
                                                       "or DICOM files (each series is one input), STAC item "

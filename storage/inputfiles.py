@@ -18,7 +18,8 @@ from pathlib import Path
 from storage.errors import CorruptInputError, InputError, UnsafeInputError, UnsupportedFormatError
 from storage.sources import lies_under
 
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # photographs (VOC, Cityscapes, COCO): rasters without a CRS
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # photographs (VOC, Cityscapes, COCO; nnU-Net 2-D .bmp):
+# rasters without a CRS
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", *PICTURE_SUFFIXES)
 ITEM_SUFFIXES = (".json",)  # a STAC item: its assets are stacked into one raster (storage.stacitem)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
@@ -35,8 +36,8 @@ def kind_of(path: str | PathLike[str]) -> str:
     if name.endswith(DICOM_SUFFIXES):  # DICOM files are found by their content first: this one was not readable
         raise CorruptInputError(path, "is not a readable DICOM file (neither the DICM preamble nor a DICOM data set "
                                       "at its start): damaged, cut short or not DICOM")
-    raise UnsupportedFormatError(path, "unsupported file type (expected .tif, .tiff, .vrt, .png, .jpg, .nii, "
-                                       ".nii.gz, .hdr, a STAC item .json, or DICOM files or a folder of them)")
+    raise UnsupportedFormatError(path, "unsupported file type (expected .tif, .tiff, .vrt, .png, .jpg, .bmp, "
+                                       ".nii, .nii.gz, .hdr, a STAC item .json, or DICOM files or a folder of them)")
 
 
 def stem_of(path: str | PathLike[str]) -> str:
@@ -192,7 +193,7 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
     found = content_kind(head)
     name = path.name.lower()
     if name.endswith(PICTURE_SUFFIXES) and found == "tiff":  # a GeoTIFF saved as .jpg: the picture reader said
-        raise UnsupportedFormatError(path, "is a TIFF image but is named like a picture (.png, .jpg); rename it "
+        raise UnsupportedFormatError(path, "is a TIFF image but is named like a picture (.png, .jpg, .bmp); rename it "
                                            ".tif")  # "not a readable PNG or JPEG picture", nothing of why
     if kind == "raster" and found == "nifti":
         raise UnsupportedFormatError(path, "is a NIfTI volume but is named like a GeoTIFF; rename it .nii")

@@ -54,7 +54,8 @@ def ingest_picture(path: str | PathLike[str], store_path: str | PathLike[str], *
             pixels = None
     if pixels is None:
         pixels = read_native(path)  # one-line errors naming the file: not a picture, damaged
-    fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"  # its name says which (a TIFF so named is refused)
+    # its name says which (a TIFF so named is refused)
+    fmt = {".png": "PNG", ".bmp": "BMP"}.get(path.suffix.lower(), "JPEG")
     try:
         source = SourceInfo(path=str(path), sha256=sha256_input(path), size=path.stat().st_size, format=fmt)
     except OSError as exc:

@@ -77,7 +77,7 @@ def _probe_picture(path: Path) -> Header:
         with Image.open(path) as picture:
             (width, height), names = picture.size, channels_of(picture_channels(picture.mode))
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise UnsupportedFormatError(path, f"is not a readable PNG or JPEG picture ({exc})") from None
+        raise UnsupportedFormatError(path, f"is not a readable PNG, JPEG or BMP picture ({exc})") from None
     return Header(path=str(path), kind="raster", spatial_dims=2, channels=len(names), shape=(height, width),
                   cell_size=None, cell_unit="ha", cell_note="a picture: no CRS",
                   bands=tuple(range(1, len(names) + 1)), band_descriptions=tuple(names), on_the_earth=False)

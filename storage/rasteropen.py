@@ -38,7 +38,7 @@ __all__ = ["ALLOWED_DRIVERS", "GDAL_CACHE_MB", "GDAL_ERRORS", "alpha_bands", "gd
 
 ALLOWED_DRIVERS = ("GTiff", "VRT")
 """GDAL drivers ingest accepts: other formats GDAL happens to open (PNG, XYZ text...) are refused."""
-PICTURE_DRIVERS = ("PNG", "JPEG")  # pictures are read by storage.photo; one named like a GeoTIFF is told so
+PICTURE_DRIVERS = ("PNG", "JPEG", "BMP")  # pictures are read by storage.photo; one named like a GeoTIFF is told so
 
 GDAL_ERRORS = (RasterioError, CPLE_BaseError)
 """What rasterio and GDAL raise for a file they cannot read: caught to turn into a one-line error."""
@@ -170,9 +170,9 @@ def open_raster(path: Path) -> DatasetReader:
         src.close()
         if driver in PICTURE_DRIVERS and not path.name.lower().endswith(PICTURE_SUFFIXES):
             raise UnsupportedFormatError(path, f"is a {driver} picture but is named like a GeoTIFF; rename it "
-                                               f".{'png' if driver == 'PNG' else 'jpg'}")
-        raise UnsupportedFormatError(path, f"is a {driver} raster; segflow reads GeoTIFF and VRT (and PNG or JPEG "
-                                           "pictures)")
+                                               f".{ {'PNG': 'png', 'BMP': 'bmp'}.get(driver, 'jpg')}")
+        raise UnsupportedFormatError(path, f"is a {driver} raster; segflow reads GeoTIFF and VRT (and PNG, JPEG or "
+                                           "BMP pictures)")
     problem = transform_problem(src.transform)
     if problem is not None:
         src.close()

@@ -228,7 +228,7 @@ def png_named_tif(folder: Path) -> Path:
 
 def unsupported_suffix(folder: Path) -> Path:
     good = _good_scene(folder, "_s.tif")
-    target = folder / "scene.bmp"
+    target = folder / "scene.gif"
     os.replace(good, target)
     return target
 
@@ -653,9 +653,9 @@ INPUT_CASES: list[Case] = [
          "is a NIfTI volume but is named like a GeoTIFF"),
     Case("png-named-tif", "a PNG named .tif", "2d", png_named_tif,
          "is a PNG picture but is named like a GeoTIFF; rename it .png"),
-    Case("unsupported-suffix", "a GeoTIFF named .bmp", "2d", unsupported_suffix, "unsupported file type"),
+    Case("unsupported-suffix", "a GeoTIFF named .gif", "2d", unsupported_suffix, "unsupported file type"),
     Case("tiff-named-jpg", "a GeoTIFF named .jpg", "2d", tiff_named_jpg,
-         "is a TIFF image but is named like a picture (.png, .jpg); rename it .tif"),
+         "is a TIFF image but is named like a picture (.png, .jpg, .bmp); rename it .tif"),
     Case("all-nodata", "every pixel equals the nodata value", "2d", all_nodata,
          "has no valid pixel (every pixel equals nodata=0)"),
     Case("all-nan", "float raster, every pixel NaN", "2d", all_nan, "has no valid pixel (every pixel is NaN or Inf)"),

@@ -102,6 +102,13 @@ def test_a_grey_png_dataset_trains_and_its_model_segments_a_png_as_it_learnt_it(
     model = load_model(tmp_path / "model")
     pixels = np.asarray(Image.open(image))[None]
     assert np.array_equal(labels, predict(pixels, model, probabilities=False).compute(scheduler="sync"))
+    if depth == np.uint8:  # nnU-Net's .bmp datasets trained, and their model refused its own pictures as input
+        bmp = tmp_path / "cell_003_0000.bmp"
+        Image.open(image).save(bmp)
+        proc = run("segment", bmp, "--model", tmp_path / "model", "--out", tmp_path / "out-bmp", "--no-prefect")
+        assert proc.returncode == 0, proc.stderr
+        with rasterio.open(tmp_path / "out-bmp" / "cell_003_0000.tif") as src:
+            assert np.array_equal(src.read(1), labels)
     proc = run("evaluate", tmp_path / "out" / "cell_003_0000.tif", "--truth", root / "labelsTr" / "cell_003.png",
                "--classes", tmp_path / "model", "--out", tmp_path / "scores")
     assert proc.returncode == 0, proc.stderr
