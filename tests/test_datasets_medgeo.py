@@ -167,6 +167,11 @@ BAD_DECATHLON = {
                                                np.diag([1.0, 1.0, 1.0, 1.0])),
                          "liver_001_0001.nii.gz: affine does not match the case's first channel file "
                          "liver_001_0000.nii.gz's"),
+    # a label saved as .nii beside .nii.gz images: "is missing" alone had hidden the file sitting there
+    "label under another ending": (lambda r: (r / "labelsTr" / "liver_002.nii.gz").rename(r / "labelsTr" /
+                                                                                          "liver_002.nii"),
+                                   r"liver_002_0000.nii.gz: image without a label: labelsTr/liver_002.nii.gz is "
+                                   r"missing \(liver_002.nii is there: dataset.json's file_ending is .nii.gz\)"),
     # .nii.gz files with file_ending .nii: the setting is named, not the files' names as nnU-Net's (it had been)
     "ending .nii, files .nii.gz": (lambda r: _rewrite_json(r / "dataset.json", file_ending=".nii"),
                                    "liver_001_0000.nii.gz: does not end in dataset.json's file_ending '.nii'"),
@@ -449,14 +454,87 @@ def test_a_geojson_in_utm_without_its_crs_member_says_so(tmp_path: Path) -> None
         geolabels.LAYOUT.open(tmp_path)
 
 
-def test_class_codes_written_as_text_keep_their_numeric_order(tmp_path: Path) -> None:
-    """Codes "1", "10", "2" (GeoJSON exporters often write numbers as text) were sorted as text: class 2 was named
-    '10' and class 3 '2'."""
+def test_class_codes_written_as_text_are_class_values(tmp_path: Path) -> None:
+    """Codes "1", "10", "2" (GeoJSON exporters often write numbers as text) were sorted as text (class 2 named
+    '10'), then read as names: renumbered without the note numbers get, and refused against a classes.json of
+    values ("class '1' ... not in the label table").  They are the values they spell, as numbers are."""
     geo_vector_dataset(tmp_path, [(0, 0, 5, 5), (10, 10, 20, 20), (30, 30, 40, 40)], {"class": ["1", "10", "2"]})
     ds = geolabels.LAYOUT.open(tmp_path)
-    assert [c.name for c in ds.classes] == ["background", "1", "2", "10"]
+    assert [(c.value, c.name) for c in ds.classes] == [(0, "background"), (1, "class 1"), (2, "class 2"),
+                                                       (3, "class 10")]
+    assert ds.table.values == (0, 1, 2, 10)  # what training's renumbering note reads (value 10 -> class 3)
     labels = ds.read(ds.cases[0], tmp_path / "work").labels[...]
     assert labels[2, 2] == 1 and labels[15, 15] == 3 and labels[35, 35] == 2
+    (tmp_path / "classes.json").write_text(json.dumps([{"value": 0, "name": "background"},
+                                                        {"value": 1, "name": "water"}, {"value": 2, "name": "forest"},
+                                                        {"value": 10, "name": "urban"}]))
+    ds = geolabels.LAYOUT.open(tmp_path)
+    labels = ds.read(ds.cases[0], tmp_path / "work2").labels[...]
+    assert labels[2, 2] == 1 and labels[15, 15] == 3 and labels[35, 35] == 2
+    write_vector(tmp_path / "labels" / "scene.geojson", [pixel_box(0, 0, 5, 5)], {"class": ["4"]})
+    with pytest.raises(InvalidInputError, match=r"scene.geojson: feature 0 has class 4 in 'class', which is not in "
+                                                r"the label table \(0, 1, 2, 10\)"):
+        geolabels.LAYOUT.open(tmp_path)
+
+
+def _empty_layer(path: Path) -> Path:
+    """A GeoJSON FeatureCollection with no feature: a tile with nothing in it, as exporters write one."""
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    return path
+
+
+def test_a_vector_layer_without_features_is_a_tile_of_background(tmp_path: Path) -> None:
+    """An empty FeatureCollection has no attributes, and was refused: "has no class attribute (class, ...) but the
+    label table has 2 classes besides background" (with classes.json), or "while other layers have one"."""
+    geo_vector_dataset(tmp_path, [(0, 0, 10, 10), (20, 20, 30, 30)], {"class": ["water", "forest"]})
+    write_geotiff(tmp_path / "images" / "blank.tif", raster_image(1))
+    _empty_layer(tmp_path / "labels" / "blank.geojson")
+    ds = geolabels.LAYOUT.open(tmp_path)  # the table from the layers that have features
+    assert [c.name for c in ds.classes] == ["background", "forest", "water"]
+    assert ds.notes() == ["blank.geojson has no features: its tile is read as background alone"]
+    blank = next(c for c in ds.cases if c.id == "blank")
+    assert np.all(ds.read(blank, tmp_path / "work").labels[...] == 0)
+    (tmp_path / "classes.json").write_text(json.dumps([{"value": 0, "name": "background"},
+                                                        {"value": 1, "name": "water"},
+                                                        {"value": 2, "name": "forest"}]))
+    ds = geolabels.LAYOUT.open(tmp_path)
+    assert ds.validate_labels(tmp_path / "work2") == {0: 2 * 64 * 64 - 200, 1: 100, 2: 100}
+
+
+def test_line_features_are_burnt_with_a_note(tmp_path: Path) -> None:
+    """A LineString burns as a 1-pixel-wide stroke where an area was probably meant; it had trained so without a
+    word."""
+    import pyogrio.raw
+
+    geo_vector_dataset(tmp_path, [(0, 0, 10, 10)], {"class": [1]})
+    x0, y0 = GRID * (20, 20)
+    x1, y1 = GRID * (40, 20)
+    geoms = [pixel_box(0, 0, 10, 10), shapely.LineString([(x0, y0 - 5), (x1, y1 - 5)]),
+             shapely.MultiLineString([[(x0, y0 - 205), (x1, y1 - 205)]])]
+    pyogrio.raw.write(tmp_path / "labels" / "scene.geojson", geometry=shapely.to_wkb(np.asarray(geoms, dtype=object)),
+                      field_data=[np.asarray([1, 2, 2])], fields=["class"], crs=UTM, geometry_type="Unknown",
+                      driver="GeoJSON")
+    ds = geolabels.LAYOUT.open(tmp_path)
+    assert ds.notes() == ["2 line features in scene.geojson were burnt as 1-pixel-wide lines (polygons are "
+                          "expected for areas)"]
+    labels = ds.read(ds.cases[0], tmp_path / "work").labels[...]
+    assert set(np.nonzero(labels == 2)[0].tolist()) == {20, 40} and (labels == 2).sum() >= 2 * 20  # one row each
+    assert (labels == 1).sum() == 100
+    geo_vector_dataset(tmp_path / "polygons", [(0, 0, 10, 10)], {"class": [1]})
+    assert geolabels.LAYOUT.open(tmp_path / "polygons").notes() == []
+
+
+def test_dataset_and_classes_json_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
+    """Notepad and PowerShell save UTF-8 with a byte-order mark: such a dataset.json was refused as "is not valid
+    JSON: Unexpected UTF-8 BOM (decode using utf-8-sig)"."""
+    nnunet_dataset(tmp_path / "nn")
+    doc = tmp_path / "nn" / "dataset.json"
+    doc.write_bytes(b"\xef\xbb\xbf" + doc.read_bytes())
+    assert [c.name for c in decathlon.LAYOUT.open(tmp_path / "nn").classes] == ["background", "liver", "tumour"]
+    geo_raster_dataset(tmp_path / "geo", stems=("a",))
+    table = [{"value": 0, "name": "background"}, {"value": 3, "name": "water"}, {"value": 7, "name": "forest"}]
+    (tmp_path / "geo" / "classes.json").write_text(json.dumps(table), encoding="utf-8-sig")
+    assert [c.name for c in geolabels.LAYOUT.open(tmp_path / "geo").classes] == ["background", "water", "forest"]
 
 
 def test_a_vector_layer_with_a_crs_over_an_image_without_one_is_refused(tmp_path: Path) -> None:

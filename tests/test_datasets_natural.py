@@ -147,6 +147,69 @@ def test_voc_malformed_layouts_name_the_file(tmp_path: Path, fault: str) -> None
     refused(lambda: voc.LAYOUT.open(root), needle)
 
 
+@pytest.mark.parametrize("empty", ["train", "val"])
+def test_voc_an_empty_split_list_is_refused_naming_it(tmp_path: Path, empty: str) -> None:
+    """An empty train.txt (or val.txt) beside a val.txt listing cases had been passed over for a fraction split of
+    the other list's cases, leaving the images it should have listed out without a word."""
+    root = nd.write_voc(tmp_path).root
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / f"{empty}.txt").write_text("\n")
+    assert refused(lambda: voc.LAYOUT.open(root), str(sets / f"{empty}.txt")).endswith(": lists no cases")
+    (sets / "trainval.txt").unlink()
+    refused(lambda: voc.LAYOUT.open(root), str(sets / f"{empty}.txt"))
+    (sets / f"{empty}.txt").unlink()
+    (sets / "trainval.txt").write_text("")  # the other list with an empty trainval.txt
+    refused(lambda: voc.LAYOUT.open(root), str(sets / "trainval.txt"))
+
+
+def test_voc_an_empty_trainval_list_beside_train_and_val_is_not_read(tmp_path: Path) -> None:
+    written = nd.write_voc(tmp_path)
+    (written.root / "ImageSets" / "Segmentation" / "trainval.txt").write_text("")
+    assert {c.id: c.split for c in voc.LAYOUT.open(written.root).cases} == written.splits
+
+
+def test_voc_list_line_with_a_space_is_refused_naming_the_list_and_line(tmp_path: Path) -> None:
+    """"2007_000032 copy" (a file copied in a file manager) was cut at the space, and the error said
+    2007_000032.jpg was missing; a "name flag" line of the classification lists still reads."""
+    root = nd.write_voc(tmp_path).root
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("2007_000032  1\n2007_000039 -1\n")
+    assert {c.id for c in voc.LAYOUT.open(root).cases} == {"2007_000032", "2007_000039", "2008_000123"}
+    for folder, ext in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png")):
+        (root / folder / f"2007_000039{ext}").rename(root / folder / f"2007_000039 copy{ext}")
+    (sets / "train.txt").write_text("2007_000032\n2007_000039 copy\n")
+    message = refused(lambda: voc.LAYOUT.open(root), f"{sets / 'train.txt'}: line 2: ")
+    assert "'2007_000039 copy': case names cannot contain spaces" in message
+
+
+def test_voc_matches_extensions_in_any_case(tmp_path: Path) -> None:
+    """A camera's 2007_000032.JPG was reported as "missing: ... .jpg" (the geo and nnU-Net layouts already took
+    .TIF and .PNG)."""
+    written = nd.write_voc(tmp_path / "voc")
+    root = written.root
+    (root / "JPEGImages" / "2007_000032.jpg").rename(root / "JPEGImages" / "2007_000032.JPG")
+    (root / "SegmentationClass" / "2008_000123.png").rename(root / "SegmentationClass" / "2008_000123.PNG")
+    dataset = voc.LAYOUT.open(root)
+    assert {c.id: c.split for c in dataset.cases} == written.splits
+    for case_id, data in read_all(dataset, tmp_path).items():
+        np.testing.assert_array_equal(data.labels, written.labels[case_id])
+    (root / "SegmentationClass" / "2011_000999.PNG").write_bytes(b"")  # still a label without an image
+    refused(lambda: voc.LAYOUT.open(root), str(root / "SegmentationClass" / "2011_000999.PNG"))
+
+
+def test_cityscapes_matches_extensions_in_any_case(tmp_path: Path) -> None:
+    """A _leftImg8bit.PNG was refused: its label map was "a label without an image"."""
+    city = nd.write_cityscapes(tmp_path / "city")
+    images, labels = city.root / "leftImg8bit" / "train" / "aachen", city.root / "gtFine" / "val" / "frankfurt"
+    (images / "aachen_000000_000019_leftImg8bit.png").rename(images / "aachen_000000_000019_leftImg8bit.PNG")
+    (labels / "frankfurt_000000_000294_gtFine_labelIds.png").rename(
+        labels / "frankfurt_000000_000294_gtFine_labelIds.Png")
+    dataset = cityscapes.LAYOUT.open(city.root)
+    assert {c.id: c.split for c in dataset.cases} == city.splits
+    for case_id, data in read_all(dataset, tmp_path).items():
+        np.testing.assert_array_equal(data.labels, city.labels[case_id])
+
+
 def test_voc_label_values_outside_the_table_are_refused_on_read_and_scan(tmp_path: Path) -> None:
     written = nd.write_voc(tmp_path)
     bad = written.labels["2007_000039"].copy()
@@ -389,6 +452,15 @@ def test_coco_missing_or_resized_images_name_the_picture(tmp_path: Path) -> None
     refused(lambda: coco.LAYOUT.open(root), str(root / "val2017" / "000000000139.jpg"))
     shutil.rmtree(root / "val2017")
     refused(lambda: coco.LAYOUT.open(root), str(root / "val2017"))
+
+
+def test_coco_json_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Saved from Notepad or PowerShell: refused as "is not valid JSON: Unexpected UTF-8 BOM"."""
+    root = nd.write_coco(tmp_path).root
+    before = {c.id: c.split for c in coco.LAYOUT.open(root).cases}
+    (root / VAL).write_bytes(b"\xef\xbb\xbf" + (root / VAL).read_bytes())
+    assert {c.id: c.split for c in coco.LAYOUT.open(root).cases} == before
+    assert coco.LAYOUT.open(root / VAL).cases
 
 
 def test_coco_broken_files_are_refused(tmp_path: Path) -> None:

@@ -16,10 +16,12 @@ always arrive contiguous (0..n-1, the dataset's own ids mapped) with
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
+from storage import jsontext
 from storage.classes import LabelClass
 
 IGNORE = 255  # the ignore value every layout maps its "no label" pixels to
@@ -102,6 +104,17 @@ def fingerprint(root: Path, files: Iterable[Path], *, mtimes: bool = False) -> s
     return h.hexdigest()
 
 
+def read_json(path: Path, limit: int | None = None) -> Any:
+    """A dataset's JSON (dataset.json, a COCO annotation file, classes.json) as :func:`storage.jsontext.read`
+    reads it, but with a UTF-8 byte-order mark accepted: Windows tools (Notepad, PowerShell) save one, and such a
+    file had been refused as "not valid JSON"."""
+    path, limit = Path(path), jsontext.MAX_BYTES if limit is None else limit
+    size = path.stat().st_size
+    if size > limit:
+        raise json.JSONDecodeError(f"{size:,} bytes, more than the {limit:,} such a document may hold", "", 0)
+    return jsontext.loads(path.read_text(encoding="utf-8-sig"))
+
+
 def safe_id(text: str) -> str:
     """A case id read from a file or a folder name, made safe to use in a file name."""
     out = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text)).strip("._")
@@ -125,4 +138,4 @@ class SplitCounts:
         return ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
 
 
-__all__ = ["Case", "CaseData", "Dataset", "IGNORE", "Layout", "SplitCounts", "fingerprint", "safe_id"]
+__all__ = ["Case", "CaseData", "Dataset", "IGNORE", "Layout", "SplitCounts", "fingerprint", "read_json", "safe_id"]

@@ -22,7 +22,7 @@ import numpy as np
 
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
-from storage.datasets.pictures import listed, picture_header, read_indices, read_rgb, size_text
+from storage.datasets.pictures import by_stem, listed, picture_header, read_indices, read_rgb, size_text
 from storage.errors import InvalidInputError
 
 __all__ = ["CITYSCAPES_LABELS", "CityscapesDataset", "CityscapesLabel", "LAYOUT", "cityscapes_classes",
@@ -31,6 +31,7 @@ __all__ = ["CITYSCAPES_LABELS", "CityscapesDataset", "CityscapesLabel", "LAYOUT"
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
+EXTENSION = ".png"  # matched in any case (a _leftImg8bit.PNG); the rest of a suffix as Cityscapes spells it
 
 
 class CityscapesLabel(NamedTuple):
@@ -181,25 +182,36 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
+def _pictures(folder: Path, suffix: str) -> dict[str, Path]:
+    """stem (the name less ``suffix``) -> file of a city folder's pictures named ``<stem><suffix>``, the
+    extension in any case (hidden files skipped)."""
+    core = suffix[: -len(EXTENSION)]
+    return {name[: -len(core)]: path for name, path in sorted(by_stem(folder, EXTENSION).items())
+            if name.endswith(core) and len(name) > len(core)}
+
+
 def _split_cases(images: Path, labels: Path | None, split: str) -> list[Case]:
     """One split's cases, city by city; every photograph needs its label map and every label map its photograph
     (hidden files skipped)."""
     cases = []
     for city in sorted(p for p in images.iterdir() if p.is_dir() and not _hidden(p)):
-        for image in sorted(p for p in city.glob(f"*{IMAGE_SUFFIX}") if not _hidden(p)):
-            stem = image.name[: -len(IMAGE_SUFFIX)]
+        found = _pictures(labels / city.name, LABEL_SUFFIX) if labels is not None else {}
+        for stem, image in _pictures(city, IMAGE_SUFFIX).items():
             label = None
             if labels is not None:
-                label = labels / city.name / f"{stem}{LABEL_SUFFIX}"
-                if not label.is_file():
-                    raise InvalidInputError(image, f"has no label: {label} is missing")
+                label = found.get(stem)
+                if label is None or not label.is_file():
+                    raise InvalidInputError(image, f"has no label: {labels / city.name / (stem + LABEL_SUFFIX)} "
+                                                   "is missing")
                 _check_pair(image, label)
             cases.append(Case(id=safe_id(stem), images=(image,), labels=label, split=split))
     if labels is not None:
-        for label in sorted(p for p in labels.glob(f"*/*{LABEL_SUFFIX}") if not _hidden(p) and not _hidden(p.parent)):
-            image = images / label.parent.name / (label.name[: -len(LABEL_SUFFIX)] + IMAGE_SUFFIX)
-            if not image.is_file():
-                raise InvalidInputError(label, f"is a label without an image: {image} is missing")
+        for city in sorted(p for p in labels.iterdir() if p.is_dir() and not _hidden(p)):
+            photos = _pictures(images / city.name, IMAGE_SUFFIX)
+            for stem, label in _pictures(city, LABEL_SUFFIX).items():
+                if stem not in photos:
+                    raise InvalidInputError(label, f"is a label without an image: "
+                                                   f"{images / city.name / (stem + IMAGE_SUFFIX)} is missing")
     return cases
 
 

@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from storage import jsontext
 from storage.classes import LabelClass
-from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
+from storage.datasets.base import IGNORE, Case, CaseData, Layout, read_json, safe_id
 from storage.datasets.cocomasks import Shape, draws, paint
 from storage.datasets.pictures import listed, picture_header, read_rgb, read_rgb_ids, size_text
 from storage.errors import CorruptInputError, InvalidInputError
@@ -314,7 +313,7 @@ class _Reader:
 
 def _load(source: Path) -> dict:
     try:
-        data = jsontext.read(source, limit=1 << 31)  # COCO's train2017 instances are about 450 MB
+        data = read_json(source, limit=1 << 31)  # COCO's train2017 instances are about 450 MB
     except OSError as err:
         raise InvalidInputError(source, f"cannot be read: {err.strerror or err}") from None
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError

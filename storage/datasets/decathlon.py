@@ -34,9 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from storage import jsontext
 from storage.classes import LabelClass
-from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
+from storage.datasets.base import IGNORE, Case, CaseData, Layout, read_json, safe_id
 from storage.errors import CorruptInputError, InvalidInputError
 from storage.geometry import VolumeGeometry, same_affine
 from storage.inputfiles import stem_of
@@ -57,7 +56,7 @@ def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidInputError(path, "missing: a Decathlon / nnU-Net dataset needs dataset.json beside imagesTr/")
     try:
-        doc = jsontext.read(path)
+        doc = read_json(path)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -305,7 +304,8 @@ def _nnunet_cases(root: Path, doc: dict[str, Any], where: Path, channels: int) -
         files = by_case[name]
         label = labels.get(name)
         if label is None:
-            raise InvalidInputError(files[min(files)], f"image without a label: labelsTr/{name}{ending} is missing")
+            raise InvalidInputError(files[min(files)], f"image without a label: labelsTr/{name}{ending} is missing"
+                                    + _near_miss(labels_dir, name, ending))
         if pictures:  # an RGB picture holds three channels
             images = nnunetpictures.case_files(files, label, channels, images_dir, name, ending)
             cases.append(Case(id=safe_id(name), images=images, labels=label))
@@ -326,6 +326,16 @@ def _nnunet_cases(root: Path, doc: dict[str, Any], where: Path, channels: int) -
             raise InvalidInputError(label, f"label without an image: imagesTr/{name}_0000{ending} is missing")
     _count_check(doc, len(cases), where)
     return cases
+
+
+def _near_miss(folder: Path, name: str, ending: str) -> str:
+    """The words naming a file of the case under another ending than dataset.json's ``file_ending`` (``(case_001.nii
+    is there: ...)``), "" when there is none: "is missing" alone had hidden the file sitting right there."""
+    try:
+        others = sorted(p.name for p in folder.iterdir() if p.name.startswith(f"{name}.") and p.name != name + ending)
+    except OSError:
+        return ""
+    return f" ({others[0]} is there: dataset.json's file_ending is {ending})" if others else ""
 
 
 def _msd_cases(root: Path, doc: dict[str, Any], where: Path, channels: int) -> list[Case]:

@@ -37,13 +37,12 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 
-from storage import jsontext
 from storage.classes import LabelClass
-from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
+from storage.datasets.base import IGNORE, Case, CaseData, Layout, read_json, safe_id
 from storage.datasets.arrays import LabelArray, LabelTable, count_classes, ingested
 from storage.datasets.rasterising import crs_of, grid_corners, raster_spacing, rasterise, same_grid
-from storage.datasets.vectorlayers import (CLASS_ATTRIBUTES, attribute_values, class_values, find_class_attribute,
-                                           is_missing, layer_crs, layer_info)
+from storage.datasets.vectorlayers import (CLASS_ATTRIBUTES, as_numbers, attribute_values, class_values,
+                                           find_class_attribute, is_missing, layer_crs, layer_info, line_features)
 from storage.errors import CorruptInputError, InvalidInputError
 from storage.geometry import RasterGeometry
 from storage.inputfiles import check_utf8_name
@@ -56,10 +55,13 @@ CLASSES_FILE = "classes.json"
 
 @dataclass(frozen=True)
 class VectorLabels:
-    """A vector case's annotation: the layer, and the attribute holding each feature's class (None: one class)."""
+    """A vector case's annotation: the layer, the attribute holding each feature's class (None: one class), and
+    its feature count from the header (-1: not known), since a layer without features is a tile of background
+    alone, whatever its attribute or the table."""
 
     path: Path
     class_attribute: str | None
+    features: int = -1
 
 
 # --------------------------------------------------------------------------- headers, before any pixel is read
@@ -106,12 +108,14 @@ def _check_label_raster(image: Path, label: Path, img: _Profile) -> None:
                                        "differ); warp it onto the image grid first")
 
 
-def _check_vector(image: Path, vector: Path, img: _Profile) -> None:
-    """The layer opens and, when both have a CRS, overlaps its image: a wrong CRS shows before training."""
+def _check_vector(image: Path, vector: Path, img: _Profile) -> int:
+    """The layer opens and, when both have a CRS, overlaps its image: a wrong CRS shows before training.  Returns
+    the layer's feature count (-1: the driver does not know it without reading)."""
     info = layer_info(vector)
     bounds, crs = info.get("total_bounds"), layer_crs(info, vector)
-    if not info.get("features") or bounds is None:
-        return
+    features = int(info.get("features") if info.get("features") is not None else -1)
+    if not features or bounds is None:
+        return features
     if crs is not None and img.crs is None:  # nothing was burnt, and training went on with background only
         raise InvalidInputError(vector, f"vector layer ({crs.to_string()}) has a CRS and image {image.name} has "
                                         "none: its features cannot be placed on the image (give the image its CRS)")
@@ -134,6 +138,7 @@ def _check_vector(image: Path, vector: Path, img: _Profile) -> None:
                                             f"{max(abs(y0), abs(y1)):.0f}), which are no degrees: a GeoJSON in a "
                                             "projected CRS needs its 'crs' member, or save it as GeoPackage")
         raise InvalidInputError(vector, f"vector layer ({where}) does not overlap image {image.name}")
+    return features
 
 
 # --------------------------------------------------------------------------- label tables
@@ -141,7 +146,7 @@ def _check_vector(image: Path, vector: Path, img: _Profile) -> None:
 
 def _classes_file(path: Path) -> LabelTable:
     try:
-        doc = jsontext.read(path)
+        doc = read_json(path)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(path, f"is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -205,8 +210,10 @@ def _raster_values(path: Path) -> set[int]:
 
 
 def _vector_table(cases: list[Case], where: Path) -> LabelTable:
-    """Background plus the layers' class values, or one class when the layers have no class attribute."""
-    vectors: list[VectorLabels] = [c.annotation for c in cases]
+    """Background plus the layers' class values, or one class when the layers have no class attribute.  Layers
+    without features (all background) say nothing of the table."""
+    vectors: list[VectorLabels] = [c.annotation for c in cases if c.annotation.features != 0] or \
+        [c.annotation for c in cases]
     with_attribute = [v for v in vectors if v.class_attribute]
     if not with_attribute:
         name = vectors[0].path.name.split(".")[0] if len(vectors) == 1 else "foreground"
@@ -218,7 +225,7 @@ def _vector_table(cases: list[Case], where: Path) -> LabelTable:
     names: dict[str, str] = {}  # lower-case -> first spelling seen
     numbers: set[int] = set()
     for v in with_attribute:
-        raw = [x for x in attribute_values(v.path, v.class_attribute or "") if not is_missing(x)]
+        raw = as_numbers([x for x in attribute_values(v.path, v.class_attribute or "") if not is_missing(x)])
         strings = [x.strip() for x in raw if isinstance(x, str)]
         if strings and (len(strings) != len(raw) or numbers) or (not strings and raw and names):
             raise InvalidInputError(v.path, f"'{v.class_attribute}' mixes class names and numbers; add a "
@@ -311,7 +318,29 @@ class GeoDataset:
                        and (v := label_nodata(case.labels)) is not None and v in self.table.values})
 
     def notes(self) -> list[str]:
-        """What a user should know about the label rasters' nodata: a class (classes.json names it) or no label."""
+        """What a user should know about the labels: the label rasters' nodata (a class classes.json names, or no
+        label), vector layers without features (all background) and line features (burnt 1 pixel wide)."""
+        return self._nodata_notes() + self._vector_notes()
+
+    def _vector_notes(self) -> list[str]:
+        layers: list[VectorLabels] = [c.annotation for c in self.cases if c.labels is None]
+        out = []
+        empty = [v.path.name for v in layers if v.features == 0]
+        if len(empty) == 1:
+            out.append(f"{empty[0]} has no features: its tile is read as background alone")
+        elif empty:
+            out.append(f"{len(empty)} vector layers have no features ({empty[0]} and {len(empty) - 1} more): their "
+                       "tiles are read as background alone")
+        lines = {v.path.name: n for v in layers if v.features != 0 and (n := line_features(v.path))}
+        if lines:
+            count, first = sum(lines.values()), next(iter(lines))
+            where = first if len(lines) == 1 else f"{first} and {len(lines) - 1} more layer(s)"
+            out.append(f"{count} line feature{'s' if count > 1 else ''} in {where} {'were' if count > 1 else 'was'} "
+                       "burnt as 1-pixel-wide lines (polygons are expected for areas)")
+        return out
+
+    def _nodata_notes(self) -> list[str]:
+        """The label rasters' nodata: a class (classes.json names it) or no label."""
         values = sorted({v for case in self.cases if case.labels is not None
                          and (v := label_nodata(case.labels)) is not None})
         classes = dict(zip(self.table.values, self.table.names))
@@ -396,8 +425,9 @@ def open_geo(root: Path, *, class_attribute: str | None = None) -> GeoDataset:
             raise InvalidInputError(image, f"has {len(names)} bands but the other images have {len(channel_names)}")
         channel_names = channel_names or names
         if label.name.lower().endswith(VECTOR_SUFFIXES):
-            _check_vector(image, label, profile)
-            annotation = VectorLabels(label, class_attribute or find_class_attribute(label))
+            features = _check_vector(image, label, profile)
+            attribute = None if features == 0 else class_attribute or find_class_attribute(label)
+            annotation = VectorLabels(label, attribute, features)
             cases.append(Case(id=safe_id(stem), images=(image,), labels=None, annotation=annotation))
         else:
             _check_label_raster(image, label, profile)
@@ -420,8 +450,10 @@ def open_geo(root: Path, *, class_attribute: str | None = None) -> GeoDataset:
         burnt = [LabelClass(value=v, name=n) for v, n in zip(table.values, table.names)]
         for case in vectors:
             vector: VectorLabels = case.annotation
+            if vector.features == 0:  # all background
+                continue
             raw = attribute_values(vector.path, vector.class_attribute) if vector.class_attribute else None
-            class_values(raw, 0, burnt, vector.path, vector.class_attribute)
+            class_values(raw, 1, burnt, vector.path, vector.class_attribute)  # a count of 1: check, not burn
     dataset = GeoDataset(root=root, name=root.resolve().name, cases=sorted(cases, key=lambda c: c.id),
                          channel_names=channel_names or [], classes_file=classes_file, _table=table)
     if table is None and vectors:

@@ -17,6 +17,26 @@ from storage.errors import CorruptInputError, InvalidInputError
 
 LABEL_MODES = ("P", "L")  # a class map's indices: palette PNG as VOC ships it, or 8-bit grey after a re-save
 
+
+def by_stem(folder: Path, extension: str) -> dict[str, Path]:
+    """stem -> file of ``folder``'s visible files with ``extension`` in any case (``.JPG`` from a camera or a
+    Windows tool is a ``.jpg``), the exact spelling preferred where a stem has both; one listing of the folder,
+    so looking every case up stays linear.  A folder that cannot be listed holds none."""
+    out: dict[str, Path] = {}
+    try:
+        paths = sorted(folder.iterdir())
+    except OSError:
+        return out
+    for path in paths:
+        name = path.name
+        if name.startswith(".") or len(name) <= len(extension) or name[-len(extension):].lower() != extension:
+            continue
+        stem = name[: -len(extension)]
+        if stem not in out or name.endswith(extension):
+            out[stem] = path
+    return out
+
+
 def listed(values: list[int], most: int = 10) -> str:
     """Bad values for a one-line message: the first few, and how many there are."""
     shown = ", ".join(str(int(v)) for v in values[:most])
@@ -114,5 +134,5 @@ def _decode(path: Path, convert) -> Image.Image | None:
         raise CorruptInputError(path, f"cannot be decoded: {err}") from None
 
 
-__all__ = ["GREY_MODES", "LABEL_MODES", "RGB_MODES", "VALUE_MODES", "listed", "picture_channels", "picture_header",
-           "read_indices", "read_native", "read_rgb", "read_rgb_ids", "read_values", "size_text"]
+__all__ = ["GREY_MODES", "LABEL_MODES", "RGB_MODES", "VALUE_MODES", "by_stem", "listed", "picture_channels",
+           "picture_header", "read_indices", "read_native", "read_rgb", "read_rgb_ids", "read_values", "size_text"]

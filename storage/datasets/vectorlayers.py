@@ -11,6 +11,7 @@ class is turned into a value by one rule (:func:`class_values`).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ import numpy as np
 import pyogrio
 import pyogrio.errors
 import pyogrio.raw
+import shapely
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 
@@ -28,6 +30,9 @@ from storage.errors import CorruptInputError, InvalidInputError
 CLASS_ATTRIBUTES = ("class", "class_id", "class_name", "classname", "label", "category")
 _VECTOR_ERRORS = (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, pyogrio.errors.FieldError,
                   pyogrio.errors.GeometryError, pyogrio.errors.FeatureError, pyogrio.errors.CRSError, OSError)
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # a class code written as text
+_LINES = [int(t) for t in (shapely.GeometryType.LINESTRING, shapely.GeometryType.LINEARRING,
+                           shapely.GeometryType.MULTILINESTRING)]
 
 
 def _unreadable(path: Path, exc: BaseException) -> CorruptInputError:
@@ -79,6 +84,28 @@ def attribute_values(path: Path, attribute: str) -> np.ndarray:
     return np.asarray(fields[0], dtype=object)
 
 
+def as_numbers(values: Sequence[Any]) -> list[Any]:
+    """``values`` with codes written as text ("1", "10") as the integers they are, when every text value is one:
+    GIS exports often write a numeric class column as text, which had been read as class names (and renumbered,
+    or refused against a classes.json of values).  A column holding any other text is left as it is."""
+    texts = [v for v in values if isinstance(v, str) and not is_missing(v)]
+    if not texts or not all(_INTEGER.fullmatch(v.strip()) for v in texts):
+        return list(values)
+    return [int(v.strip()) if isinstance(v, str) and not is_missing(v) else v for v in values]
+
+
+def line_features(path: Path) -> int:
+    """How many of the layer's features are lines, which burn as 1-pixel-wide strokes where an area was probably
+    meant; a layer whose header says it holds polygons is not read."""
+    kind = str(layer_info(path).get("geometry_type") or "").lower().replace(" z", "").replace(" m", "")
+    if kind in ("polygon", "multipolygon"):
+        return 0
+    _, wkb, _ = read_layer(path, [], geometry=True)
+    if not len(wkb):
+        return 0
+    return int(np.isin(shapely.get_type_id(shapely.from_wkb(wkb)), _LINES).sum())
+
+
 def is_missing(value: Any) -> bool:
     """Whether an attribute value says nothing: None, NaN or blank text."""
     return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str)
@@ -87,8 +114,12 @@ def is_missing(value: Any) -> bool:
 
 def class_values(values: Sequence[Any] | None, count: int, classes: list[LabelClass] | None, path: Path,
                  attribute: str | None) -> np.ndarray:
-    """Each feature's class value: names by the table (any case), numbers as they are; None: one class."""
+    """Each feature's class value: names by the table (any case), numbers (or codes written as text: see
+    :func:`as_numbers`) as they are; None: one class, for ``count`` features (none: a tile without features, all
+    background whatever the table)."""
     if values is None:
+        if count == 0:
+            return np.zeros(0, dtype=np.uint8)
         if classes is None:
             return np.ones(count, dtype=np.uint8)
         foreground = [c for c in classes if c.value != 0]
@@ -96,6 +127,7 @@ def class_values(values: Sequence[Any] | None, count: int, classes: list[LabelCl
             raise InvalidInputError(path, f"has no class attribute ({', '.join(CLASS_ATTRIBUTES)}) but the label "
                                           f"table has {len(foreground)} classes besides background")
         return np.full(count, foreground[0].value, dtype=np.uint8)
+    values = as_numbers(values)
     by_name = {c.name.strip().lower(): c.value for c in classes or []}
     known = {c.value for c in classes or []}
     out = np.zeros(len(values), dtype=np.uint8)

@@ -26,7 +26,8 @@ import numpy as np
 
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
-from storage.datasets.pictures import LABEL_MODES, listed, picture_header, read_indices, read_rgb, size_text
+from storage.datasets.pictures import (LABEL_MODES, by_stem, listed, picture_header, read_indices, read_rgb,
+                                       size_text)
 from storage.errors import CorruptInputError, InvalidInputError
 
 __all__ = ["LAYOUT", "VOC_CLASSES", "VocDataset", "detect", "open_voc", "voc_classes", "voc_colormap"]
@@ -37,6 +38,7 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 YEAR = re.compile(r"^VOC\d{4}$")
 PARTS = ("JPEGImages", "SegmentationClass", "ImageSets")
 SPLITS = ("train", "val")  # trainval: the union, used unsplit only when both are absent
+FLAGS = ("-1", "0", "1")  # a classification list's second word: not in, difficult, in
 
 
 def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
@@ -117,6 +119,8 @@ def open_voc(root: Path) -> VocDataset:
                                     "and ImageSets/Segmentation/")
     lists = _split_lists(root / "ImageSets" / "Segmentation")
     images, labels = root / "JPEGImages", root / "SegmentationClass"
+    # extensions in any case (2007_000000.JPG); hidden files (macOS's ._<name>.png) left out
+    jpegs, pngs = by_stem(images, ".jpg"), by_stem(labels, ".png")
     cases: list[Case] = []
     seen: dict[str, Path] = {}
     for split, listing, entries in lists:
@@ -124,17 +128,16 @@ def open_voc(root: Path) -> VocDataset:
             if case_id in seen:
                 raise InvalidInputError(listing, f"line {number}: {case_id} is also listed in {seen[case_id].name}")
             seen[case_id] = listing
-            image, label = images / f"{case_id}.jpg", labels / f"{case_id}.png"
-            if not image.is_file():
-                raise InvalidInputError(image, f"missing: listed in {listing.name} line {number}")
-            if not label.is_file():
-                raise InvalidInputError(image, f"has no label: {label} is missing")
+            image, label = jpegs.get(case_id), pngs.get(case_id)
+            if image is None or not image.is_file():
+                raise InvalidInputError(images / f"{case_id}.jpg", f"missing: listed in {listing.name} line {number}")
+            if label is None or not label.is_file():
+                raise InvalidInputError(image, f"has no label: {labels / (case_id + '.png')} is missing")
             _check_pair(image, label)
             cases.append(Case(id=case_id, images=(image,), labels=label, split=split))
-    for label in sorted(p for p in labels.glob("*.png") if not p.name.startswith(".")):  # macOS's ._<name>.png
-        if not (images / f"{label.stem}.jpg").is_file():
-            raise InvalidInputError(label, f"is a label without an image: {images / (label.stem + '.jpg')} "
-                                    "is missing")
+    for stem, label in sorted(pngs.items()):
+        if stem not in jpegs:
+            raise InvalidInputError(label, f"is a label without an image: {images / (stem + '.jpg')} is missing")
     if not cases:
         raise InvalidInputError(lists[0][1], "lists no cases")
     return VocDataset(name=root.resolve().name, root=root, cases=cases)
@@ -163,15 +166,24 @@ def _year_folder(root: Path) -> Path:
 
 def _split_lists(folder: Path) -> list[tuple[str | None, Path, list[tuple[int, str]]]]:
     """(split, list file, its (line, case id)s): train and val; one of them and trainval, the other being
-    trainval less it (as VOC makes trainval: their union); else trainval as one unsplit set."""
+    trainval less it (as VOC makes trainval: their union); else trainval as one unsplit set.  A list file that
+    lists no case is refused: an empty train.txt or val.txt had been passed over for a fraction split (of the
+    other list's cases alone), leaving the images it should have listed out without a word."""
     have = {name: folder / f"{name}.txt" for name in (*SPLITS, "trainval") if (folder / f"{name}.txt").is_file()}
+    used = [name for name in SPLITS if name in have]
+    if len(used) < 2 and "trainval" in have:  # trainval.txt is read only where train.txt or val.txt is not there
+        used.append("trainval")
+    read = {name: _read_list(have[name]) for name in used}
+    for name in used:
+        if not read[name]:
+            raise InvalidInputError(have[name], "lists no cases")
     if all(split in have for split in SPLITS):
-        return [(split, have[split], _read_list(have[split])) for split in SPLITS]
+        return [(split, have[split], read[split]) for split in SPLITS]
     given = [split for split in SPLITS if split in have]
     if given and "trainval" in have:
-        listed = _read_list(have[given[0]])
+        listed = read[given[0]]
         ids = {case_id for _, case_id in listed}
-        rest = [(n, case_id) for n, case_id in _read_list(have["trainval"]) if case_id not in ids]
+        rest = [(n, case_id) for n, case_id in read["trainval"] if case_id not in ids]
         other = next(split for split in SPLITS if split not in have)
         return sorted([(given[0], have[given[0]], listed), (other, have["trainval"], rest)],
                       key=lambda entry: SPLITS.index(entry[0]))
@@ -180,12 +192,14 @@ def _split_lists(folder: Path) -> list[tuple[str | None, Path, list[tuple[int, s
         raise InvalidInputError(folder / f"{other}.txt", "missing: VOC lists its train and val splits together "
                                 "(or one of them with trainval.txt)")
     if "trainval" in have:
-        return [(None, have["trainval"], _read_list(have["trainval"]))]
+        return [(None, have["trainval"], read["trainval"])]
     raise InvalidInputError(folder / "train.txt", "missing: no VOC split list (train.txt, val.txt or trainval.txt)")
 
 
 def _read_list(listing: Path) -> list[tuple[int, str]]:
-    """(line number, case id) of a split list; an id must be a plain name, since it becomes a file name."""
+    """(line number, case id) of a split list; an id must be a plain name, since it becomes a file name.  A line
+    is a name, or a name and a -1/0/1 flag (the classification lists' form); any other second word is a name
+    with a space, which had been cut at it (and the first word's .jpg reported missing)."""
     try:
         text = listing.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -195,6 +209,9 @@ def _read_list(listing: Path) -> list[tuple[int, str]]:
         words = line.split()
         if not words:
             continue
+        if len(words) > 2 or (len(words) == 2 and words[1] not in FLAGS):
+            raise InvalidInputError(listing, f"line {number}: {line.strip()!r}: case names cannot contain spaces (a "
+                                    "line is a name, or a name and a -1/0/1 flag); rename the files")
         if safe_id(words[0]) != words[0]:
             raise InvalidInputError(listing, f"line {number}: {words[0]!r} is not a plain case name")
         out.append((number, words[0]))
