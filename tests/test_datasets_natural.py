@@ -569,6 +569,21 @@ def test_a_folder_in_no_layout_is_refused_saying_what_each_layout_holds(tmp_path
     assert all(layout.holds and f"{layout.name} ({layout.holds})" in text for layout in layouts())
 
 
+def test_the_folder_a_dataset_unpacks_into_names_the_dataset_inside_it(tmp_path: Path) -> None:
+    """The folder a VOC tarball unpacks to holds VOCdevkit/, the dataset: "not a dataset layout" had named nothing
+    to give instead.  A COCO JSON under another name (a CVAT or Roboflow export) gets COCO's own refusal."""
+    from storage.datasets import open_dataset
+
+    nd.write_voc(tmp_path / "unpacked", devkit=True)
+    with pytest.raises(InvalidInputError) as err:
+        open_dataset(tmp_path / "unpacked")
+    assert str(err.value).endswith("; its folder VOCdevkit/ is a voc dataset: give that folder"), str(err.value)
+    exported = tmp_path / "_annotations.coco.json"
+    exported.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    with pytest.raises(InvalidInputError, match=r"is not named instances_<split>\.json or panoptic_<split>\.json"):
+        open_dataset(exported)
+
+
 @pytest.mark.parametrize("layout", ["voc", "cityscapes", "coco panoptic"])  # COCO instances list no folder
 def test_mac_metadata_files_beside_the_pictures_are_skipped(tmp_path: Path, layout: str) -> None:
     """A dataset copied from a Mac holds ``._<name>`` AppleDouble files beside every picture: Cityscapes refused

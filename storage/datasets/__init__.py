@@ -28,8 +28,31 @@ def open_dataset(path: str | Path) -> Dataset:
     for layout in known:
         if layout.detect(root):
             return _ids_once(layout.open(root))
+    if root.is_file() and root.name.lower().endswith(".json"):  # a COCO JSON by another name: COCO's own words
+        from storage.datasets import coco
+
+        return _ids_once(coco.open_coco(root))
     names = "; ".join(f"{layout.name} ({layout.holds})" for layout in known)
-    raise InvalidInputError(root, f"not a dataset layout segflow knows: {names}")
+    inside = _layout_inside(root, known)
+    hint = "" if inside is None else f"; its folder {inside[0].name}/ is a {inside[1]} dataset: give that folder"
+    raise InvalidInputError(root, f"not a dataset layout segflow knows: {names}{hint}")
+
+
+def _layout_inside(root: Path, known: list[Layout]) -> tuple[Path, str] | None:
+    """A folder just inside ``root`` that is a dataset (the folder a VOC tarball unpacks to holds VOCdevkit/,
+    which is the dataset): the refusal had named nothing to give instead."""
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return None
+    for child in children[:50]:
+        for layout in known:
+            try:
+                if layout.detect(child):
+                    return child, layout.name
+            except OSError:
+                continue
+    return None
 
 
 def _ids_once(dataset: Dataset) -> Dataset:
