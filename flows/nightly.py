@@ -179,7 +179,10 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                       inbox_roots=roots if inbox and not is_url(inbox) else None)
         run_task = segment_input.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
         bar = progress.reporter()
-        bar.start("nightly", "nightly inputs", total=len(todo))
+        # the inputs refused before their task (an output name clash, a folder with no series) are counted too:
+        # "6 of 6 processed" had come above "4 of 7 inputs failed"
+        bar.start("nightly", "nightly inputs", total=len(todo) + len(reports))
+        bar.advance("nightly", len(reports))
         futures: dict[Any, str] = {}
         # a Ctrl-C or SIGTERM from here on: nothing new starts, the inputs in flight stop at their next chunk and
         # keep their partial work, and only then does the client close (it had closed under them: their failures
@@ -220,6 +223,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                     future.wait()  # its final state, set locally (a stopped one's wrapped future has ended)
                     if future.state.is_completed():
                         reports[path] = InputReport(**future.result())
+                        bar.advance("nightly")  # processed: the count said one fewer than the report's done
         bar.finish("nightly")
     # after the client and the cluster closed in order; stopped: a report of what got done and what is left, in
     # JSON and Markdown only (a pod has seconds left), then the CLI says one line naming what got done

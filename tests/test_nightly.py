@@ -378,8 +378,18 @@ def test_inputs_that_would_write_the_same_outputs_fail_after_the_first(models, t
     first, second = _three_band(tmp_path / "rgb.tif"), _three_band(tmp_path / "copy" / "rgb.tif")
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"inputs": ["rgb.tif", "copy/rgb.tif"]}))
-    state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(tmp_path / "out"), manifest=str(manifest),
-                    return_state=True)
+    import io
+
+    from rich.console import Console
+
+    from flows.progress import PlainReporter, reporting
+
+    said = io.StringIO()
+    with reporting(PlainReporter(Console(file=said, width=200))):
+        state = nightly(model_dirs=[str(models["2d"].path)], out_dir=str(tmp_path / "out"), manifest=str(manifest),
+                        return_state=True)
+    # the input refused before its task is counted ("1 of 1 processed" had come above "1 of 2 inputs failed")
+    assert "nightly inputs: 2 of 2 processed" in said.getvalue(), said.getvalue()
     one, two = nightly_report(state)["inputs"]
     assert (one["input"], one["status"]) == (str(first), "no-model")  # the first goes on (and fits no model)
     assert (two["input"], two["status"]) == (str(second), "failed")
