@@ -196,33 +196,14 @@ def network_bands(store: ImageStore, chosen: list[str] | None) -> list[str]:
 
 
 def dtype_note(store: ImageStore, model: LoadedModel) -> str | None:
-    """Integers where the card's normalisation was made for floats, or the other way round, or integers of another
-    width (uint8 for a uint16 card), where no ``units`` were
-    applied to convert them (none on the card, or no scale or offset known for the file): most often reflectances
-    (0-1) fed to a model of digital numbers (0-10000), which labels a whole scene one class without an error (a
-    demo scene as float reflectance: 97 % 'water').  Only for fixed constants: a normalisation by the image's own
-    statistics does not care."""
-    card = model.card.input
-    if card.dtype is None or card.normalization.mode in ("image_zscore", "percentile"):
-        return None  # (an image's own statistics absorb any linear change of units)
-    if card.units is not None and _any_units(store):
+    """:func:`segmentation.normalize.dtype_problem` of the stored image, where no ``units`` were applied to convert
+    its values (none on the card, or no scale or offset known for the file)."""
+    from segmentation.normalize import dtype_problem
+
+    if model.card.input.units is not None and _any_units(store):
         return None  # converted from the file's own scales and offsets; without them the values are taken as they are
-    try:
-        wanted = np.dtype(card.dtype)
-    except TypeError:
-        return None
-    stored = np.dtype(store.image.dtype)
-    if (wanted.kind == "f") != (stored.kind == "f"):
-        return (f"is stored as {stored.name}, and the normalisation of model {model.card.name!r} was made for "
-                f"{wanted.name} values: if these are other units (reflectance rather than digital numbers), its "
-                "labels are meaningless")
-    if wanted.kind in "iu" and stored.kind in "iu" and wanted.itemsize != stored.itemsize:
-        # an 8-bit export of a 16-bit scene (or the reverse) went through as if nothing differed: int16 against
-        # uint16, as CT and MR come, is the same range of values and is not said
-        return (f"is stored as {stored.name} (up to {np.iinfo(stored).max}), and the normalisation of model "
-                f"{model.card.name!r} was made for {wanted.name} values (up to {np.iinfo(wanted).max}): if these "
-                "values were rescaled (an 8-bit export of a 16-bit image), its labels are meaningless")
-    return None
+    problem = dtype_problem(model.card, store.image.dtype)
+    return None if problem is None else f"is stored as {problem}"
 
 
 def _names_bands(store: ImageStore) -> bool:

@@ -258,3 +258,27 @@ def _kth(each: Any, k: int, lo: float, hi: float) -> float:
             got = np.sort(np.concatenate(each(pick)))
             return float(got[k - below])
         lo, hi = lo_b, (hi_b if last else float(np.nextafter(hi_b, -np.inf)))
+
+
+def dtype_problem(card: Any, stored: Any) -> str | None:
+    """Why values of dtype ``stored`` may not be what the card's fixed normalisation was made for, said after "is
+    stored as"; None when they may be.  Floats for a card of integers (or the other way round): most often
+    reflectances (0-1) fed to a model of digital numbers (0-10000), which labelled a demo scene 97 % 'water' without
+    a word; integers of another width (an 8-bit export of a 16-bit scene).  int16 against uint16, as CT and MR come,
+    is the same range of values and is not said, and a normalisation by the image's own statistics absorbs any
+    linear change of units.  The pipeline's note and ``predict``'s warning (flows.modelspace, segmentation.predict)."""
+    spec = card.input
+    if spec.dtype is None or spec.normalization.mode in ("image_zscore", "percentile"):
+        return None
+    try:
+        wanted, stored = np.dtype(spec.dtype), np.dtype(stored)
+    except TypeError:
+        return None
+    if (wanted.kind == "f") != (stored.kind == "f"):
+        return (f"{stored.name}, and the normalisation of model {card.name!r} was made for {wanted.name} values: if "
+                "these are other units (reflectance rather than digital numbers), its labels are meaningless")
+    if wanted.kind in "iu" and stored.kind in "iu" and wanted.itemsize != stored.itemsize:
+        return (f"{stored.name} (up to {np.iinfo(stored).max}), and the normalisation of model {card.name!r} was "
+                f"made for {wanted.name} values (up to {np.iinfo(wanted).max}): if these values were rescaled (an "
+                "8-bit export of a 16-bit image), its labels are meaningless")
+    return None

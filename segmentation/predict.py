@@ -14,7 +14,7 @@ from segmentation import models
 from segmentation.blending import Blend
 from segmentation.inference import Precision, WindowPredictor
 from segmentation.modeldir import LoadedModel
-from segmentation.normalize import Normalizer, resolve, statistics_for
+from segmentation.normalize import Normalizer, dtype_problem, resolve, statistics_for
 from segmentation.precision import fast_cpu_dtype
 from segmentation.stitching import StitchPlan
 from segmentation.windows import make_grid
@@ -286,6 +286,10 @@ def predict(image: Any, model: nn.Module | LoadedModel, *, roi: Sequence[int] | 
     if not isinstance(probabilities, (bool, np.bool_)):  # "none", as the CLI spells labels only, gave probabilities
         raise ConfigError(None, f"probabilities must be True (class probabilities) or False (labels), got "
                                 f"{probabilities!r}")
+    dtype = getattr(image, "dtype", None)  # the values as given (the pipeline's note says it of a stored file)
+    if isinstance(model, LoadedModel) and dtype is not None and kwargs.get("normalizer") is None and \
+            (problem := dtype_problem(model.card, dtype)) is not None:
+        warnings.warn(f"the image is {problem}", stacklevel=2)
     unknown = sorted(set(kwargs) - _PLAN_OPTIONS)
     if unknown:  # said as predict's own: build_plan's name in a TypeError meant nothing to the caller
         import difflib

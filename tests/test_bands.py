@@ -265,6 +265,19 @@ def test_floats_given_to_a_card_made_for_integers_are_said(tmp_path, dask_cluste
         "are meaningless"]
     signed = _raster(tmp_path / "signed.tif", (data * 10000).astype(np.int16))  # the same range: not said
     assert "warnings" not in segment_one(signed, fixed, tmp_path / "c16", options, dask_cluster).statistics
+    # the Python API says the same of an array (it had segmented an 8-bit export without a word)
+    import warnings
+
+    from segmentation import load_model, predict
+
+    net = load_model(fixed.path)
+    with pytest.warns(UserWarning, match=r"^the image is uint8 \(up to 255\), and the normalisation of model "):
+        predict((data * 255).astype(np.uint8), net, probabilities=False)
+    with pytest.warns(UserWarning, match=r"^the image is float32, and the normalisation of model "):
+        predict(data, net, probabilities=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict((data * 10000).astype(np.uint16), net, probabilities=False)
     # a card declaring its units had silenced the check, though with no scale or offset in the file nothing
     # converts the values: they are taken as digital numbers as they are
     dn = tiny_model(tmp_path / "dn", spatial_dims=2, channels=3, roi=[32, 32], dtype="uint16", units="dn",
