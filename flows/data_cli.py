@@ -101,12 +101,16 @@ def _label_table(table: dict) -> Table:
     return grid
 
 
-def verify(output: str = typer.Argument(..., help="An output file or its .provenance.json, or its URL.")) -> None:
+def verify(output: str = typer.Argument(..., help="An output file or its .provenance.json, or its URL."),
+           strict: bool = typer.Option(False, "--strict", help="Fail (exit 1) when an input or weights file is "
+                                                                "not reachable from here and so not checked.")
+           ) -> None:
     """Recompute the hashes named in an output's provenance; non-zero exit on any mismatch or missing output.
 
-    An input or weights file not reachable from here is reported as unverified, not as a failure.
+    An input or weights file not reachable from here is reported as unverified, not as a failure (--strict:
+    a failure).
     """
-    from storage.provenance import sidecar_for, sidecar_path, verify as verify_record  # issue 6: unreachable apart
+    from storage.provenance import read_sidecar, sidecar_for, sidecar_path, verify as verify_record
     from storage.remote import is_url
 
     try:
@@ -124,6 +128,17 @@ def verify(output: str = typer.Argument(..., help="An output file or its .proven
                     not sidecar_for(output_path).exists():  # it named only the sidecar, as though that were amiss
                 cliutil.fail(f"{output}: no such file, and no provenance sidecar beside where it would be")
             sidecar = output_path if output_path.name.endswith(".provenance.json") else sidecar_for(output_path)
+            if sidecar != output_path:  # the file named must be one the record lists: any file had "verified"
+                if not sidecar.exists() and output_path.exists():
+                    cliutil.fail(f"{output}: no provenance beside it records it ({sidecar.name} is absent, and no "
+                                 "other .provenance.json there lists it)")
+                listed = read_sidecar(sidecar).get("outputs")
+                if not isinstance(listed, dict) or output_path.name not in listed:
+                    if not output_path.exists():
+                        cliutil.fail(f"{output}: no such file (nor among the outputs {sidecar.name} records)")
+                    console.print(f"[red]mismatch:[/red] {output} is not among the outputs {sidecar} records",
+                                  highlight=False, soft_wrap=True)
+                    raise typer.Exit(1)
             report = verify_record(sidecar)
     except SegflowError as exc:
         cliutil.fail(str(exc))
@@ -132,6 +147,10 @@ def verify(output: str = typer.Argument(..., help="An output file or its .proven
     for p in report.problems:
         console.print(f"[red]mismatch:[/red] {p}", highlight=False, soft_wrap=True)
     if report.problems:
+        raise typer.Exit(1)
+    if strict and report.unverified:
+        console.print(f"[red]not verified[/red] {sidecar}: {len(report.unverified)} file(s) not reachable "
+                      "(--strict)", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]verified[/green] {sidecar} ({len(report.verified)} hashes)", highlight=False,
                   soft_wrap=True)

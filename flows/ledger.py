@@ -48,7 +48,7 @@ from segmentation.oneslice import plane_axes
 from storage.errors import ProvenanceError
 from storage.inputfiles import stem_of
 from storage.layout import identity_digest
-from storage.provenance import is_output_name, read_sidecar, sha256_output
+from storage.provenance import embedded_differs, is_output_name, read_sidecar, sha256_output
 
 KEY_SCHEMA = "segflow.cache-key/2"  # /2: the output stem is in the key
 ENTRY_SCHEMA = "segflow.cache-entry/1"
@@ -175,6 +175,12 @@ def lookup(out_dir: str | os.PathLike[str], key: str, input_sha256: str,
             return None, f"earlier output {name} is missing"
         if sha256_output(out) != digest:
             return None, f"earlier output {name} changed since it was written (sha256 differs)"
+        try:
+            differs = embedded_differs(out, record)  # an edited sidecar: verify refuses these outputs, so must a skip
+        except ProvenanceError as exc:
+            return None, str(exc)
+        if differs:
+            return None, f"earlier output {name} embeds provenance that differs from {sidecar.name}"
     # the same input and model with other parameters (another run's --overlap 0.5 into this folder) rewrote the
     # outputs and their sidecar: the entry's work is gone, though every hash above matched
     pinned = entry.get("sidecar_sha256")

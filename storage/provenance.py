@@ -130,6 +130,8 @@ def sidecar_for(output: str | PathLike[str]) -> Path:
         return own
     name = Path(output).name
     for candidate in sorted(Path(output).parent.glob("*.provenance.json")):
+        if not candidate.is_file():  # a FIFO so named had blocked the read for ever
+            continue
         try:
             record = json.loads(candidate.read_text())
         except (OSError, ValueError):
@@ -192,6 +194,8 @@ def write_sidecar(record: dict[str, Any], output: str | PathLike[str],
 
 def read_sidecar(path: str | PathLike[str]) -> dict[str, Any]:
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO: reading it blocks
+        raise ProvenanceError(path, "is not a regular file, so no provenance file")
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
@@ -242,6 +246,16 @@ def verify(path: str | PathLike[str]) -> Verification:
     """Recompute every hash the record names and compare the provenance embedded in the outputs with it."""
     path = Path(path)
     record = read_sidecar(path)
+    malformed = record_problem(record)
+    if malformed is not None:  # values of the wrong type had ended verify in a TypeError's traceback
+        raise ProvenanceError(path, f"malformed provenance: {malformed}")
+    try:
+        return _checked(path, record)
+    except (TypeError, AttributeError, KeyError) as exc:  # deeper values (a series' file list) of the wrong shape
+        raise ProvenanceError(path, f"malformed provenance ({type(exc).__name__}: {exc})") from None
+
+
+def _checked(path: Path, record: dict[str, Any]) -> Verification:
     report = Verification(sidecar=path)
     outputs = record.get("outputs") or {}
     if not outputs:
@@ -254,6 +268,12 @@ def verify(path: str | PathLike[str]) -> Verification:
         if not out.exists():
             report.problems.append(f"output {out} is missing")
             continue
+        if not out.is_file() and not out.is_dir():  # a FIFO in its place: hashing it had blocked for ever
+            report.problems.append(f"output {out} is not a regular file")
+            continue
+        if out.is_dir() and not name.endswith(".zarr"):  # its tree hash had been reported as a changed sha256
+            report.problems.append(f"output {out} is a folder, where {path.name} records a file")
+            continue
         try:
             actual = sha256_output(out)
         except OSError as exc:  # a file its owner made private: a traceback
@@ -264,9 +284,8 @@ def verify(path: str | PathLike[str]) -> Verification:
                                    f"{_short(digest)}")
             continue
         report.verified.append(f"output {out}")
-        inner = read_embedded(out)
-        if inner is not None and inner != embedded(record):
-            keys = sorted(k for k in set(inner) | set(embedded(record)) if inner.get(k) != embedded(record).get(k))
+        keys = embedded_differs(out, record)
+        if keys:
             report.problems.append(f"output {out} embeds provenance that differs from {path.name} in: "
                                    f"{', '.join(keys)}")
     checks = _input_checks(record.get("input", {}))
@@ -287,6 +306,9 @@ def verify(path: str | PathLike[str]) -> Verification:
             _verify_url(report, what, file, digest)
         elif not Path(file).is_file() and group_here and what in _MEMBERS:
             report.problems.append(f"{what} {file} is missing, while the input's other files are here")
+        elif not Path(file).is_file() and what == "model weights" and _card_here(model):
+            # the model directory is here (its card verified), its weights gone: deleted, not left elsewhere
+            report.problems.append(f"{what} {file} is missing, while the model's card is here")
         elif not Path(file).is_file():
             report.unverified.append(f"{what} {file} is not reachable; its sha256 {_short(digest)} was not checked")
         else:
@@ -304,6 +326,41 @@ def verify(path: str | PathLike[str]) -> Verification:
     if grown is not None:
         report.problems.append(grown)
     return report
+
+
+def embedded_differs(output: Path, record: dict[str, Any]) -> list[str]:
+    """The keys in which the provenance embedded in ``output`` differs from the record's (none: it agrees, or it
+    embeds none).  ``verify`` and the ledger's skip both ask: a sidecar edited after the run had its outputs
+    skipped as done by ``--skip-done`` while ``verify`` refused them."""
+    inner, expected = read_embedded(output), embedded(record)
+    if inner is None or inner == expected:
+        return []
+    return sorted(k for k in set(inner) | set(expected) if inner.get(k) != expected.get(k))
+
+
+def _card_here(model: dict[str, Any]) -> bool:
+    card = model.get("card_path")
+    return isinstance(card, str) and not _is_url(card) and Path(card).is_file()
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """What in a record is not of the shape segflow writes (an edited or damaged sidecar), or None."""
+    outputs = record.get("outputs")
+    if outputs is not None and not isinstance(outputs, dict):
+        return "'outputs' is not a mapping of file names to sha256 hashes"
+    for name, digest in (outputs or {}).items():
+        if not isinstance(digest, str):
+            return f"outputs[{str(name)[:80]!r}] is not a sha256 string"
+    for part in ("input", "model", "parameters"):
+        if record.get(part) is not None and not isinstance(record.get(part), dict):
+            return f"'{part}' is not a mapping"
+    for part, keys in (("input", ("path", "sha256")), ("model", ("path", "weights_path", "weights_sha256",
+                                                                  "card_path", "card_file_sha256"))):
+        for key in keys:
+            value = (record.get(part) or {}).get(key)
+            if value is not None and not isinstance(value, str):
+                return f"{part}.{key} is not a string"
+    return None
 
 
 def _series_growth(source: dict[str, Any]) -> str | None:

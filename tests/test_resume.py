@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,6 +209,17 @@ def test_skip_done_leaves_out_what_is_done_with_the_same_content_model_and_param
     rc, [edited], stderr = _segment(image, model.path, out, "--skip-done", "--overlap", "0.5", logs=tmp_path / "e")
     assert rc == 0 and not edited.get("skipped"), edited
     assert verify_sidecar(out / "scene.provenance.json") == []
+    # a sidecar edited after the run (a label count): verify refuses its outputs, and so does the skip (it had
+    # skipped them as done); its ledger entry and any adoption are both checked
+    sidecar = out / "scene.provenance.json"
+    record = json.loads(sidecar.read_text())
+    record["statistics"]["label_pixels"] = {k: v + 1 for k, v in record["statistics"]["label_pixels"].items()}
+    sidecar.write_text(json.dumps(record, indent=2, sort_keys=True))
+    assert verify_sidecar(sidecar) != []
+    shutil.rmtree(out / ".segflow-cache", ignore_errors=True)
+    rc, [again], stderr = _segment(image, model.path, out, "--skip-done", "--overlap", "0.5", logs=tmp_path / "t")
+    assert rc == 0 and not again.get("skipped"), again
+    assert verify_sidecar(sidecar) == []
 
 
 def test_an_interrupted_night_reports_what_it_left_and_the_next_says_what_it_resumed(scene, tmp_path):

@@ -154,8 +154,8 @@ def test_missing_or_broken_provenance_and_a_folder_are_one_line_errors(copy, tmp
     sidecar.unlink()
     proc = _cli_verify(copy["tif"])
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"error: {sidecar}: no such provenance file (is the output segflow's, and its "
-                                   "sidecar beside it?)")
+    assert proc.stderr.strip() == (f"error: {copy['tif']}: no provenance beside it records it (scene.provenance.json "
+                                   "is absent, and no other .provenance.json there lists it)")
     gone = tmp_path / "gone.tif"  # neither the output nor a sidecar: it named only the sidecar, as though amiss
     proc = _cli_verify(gone)
     assert proc.returncode == 2 and proc.stderr.strip() == (
@@ -163,6 +163,78 @@ def test_missing_or_broken_provenance_and_a_folder_are_one_line_errors(copy, tmp
     proc = _cli_verify(tmp_path)  # the output folder, not an output: it looked for "<folder>.provenance.json"
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path}: is a folder; give one output file (or its .provenance.json)"
+
+
+def test_a_file_the_record_does_not_list_or_that_is_not_there_is_not_verified(copy):
+    """`verify OUT/scene.gpkg` (a copied-in file the record never listed) and `verify OUT/scene.nii.gz` (no such
+    file) had said "verified scene.provenance.json" and exited 0."""
+    stranger = copy["out"] / "scene.gpkg"
+    shutil.copyfile(copy["image"], stranger)
+    proc = _cli_verify(stranger)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"mismatch: {stranger} is not among the outputs {copy['sidecar']} records"
+    gone = copy["out"] / "scene.nii.gz"
+    proc = _cli_verify(gone)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {gone}: no such file (nor among the outputs scene.provenance.json records)"
+    copied = copy["out"] / "scene.probabilities.tif"  # no sidecar of its own, and none lists it
+    shutil.copyfile(copy["image"], copied)
+    proc = _cli_verify(copied)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {copied}: no provenance beside it records it (scene.probabilities.provenance.json is absent, and "
+        "no other .provenance.json there lists it)")
+
+
+@pytest.mark.parametrize("edit", [("outputs", "scene.tif", 5), ("outputs", None, ["scene.tif"]),
+                                  ("input", None, "x"), ("model", None, []), ("input", "sha256", 7),
+                                  ("model", "weights_path", 7)], ids=lambda e: f"{e[0]}.{e[1]}")
+def test_a_sidecar_with_values_of_the_wrong_type_is_one_line(copy, edit):
+    """Each of these had ended verify in a TypeError or AttributeError traceback."""
+    record = json.loads(copy["sidecar"].read_text())
+    part, key, value = edit
+    if key is None:
+        record[part] = value
+    else:
+        record[part][key] = value
+    copy["sidecar"].write_text(json.dumps(record))
+    proc = _cli_verify(copy["sidecar"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {copy['sidecar']}: malformed provenance: "), lines
+
+
+def test_a_fifo_or_a_folder_where_a_file_was_is_said_not_waited_on(copy):
+    """A FIFO in an output's place (or named like a sidecar beside it) had blocked verify for ever; a folder in an
+    output's place was "changed: sha256 is e3b0c44298fc…" (an empty tree's hash)."""
+    copy["tif"].unlink()
+    os.mkfifo(copy["tif"])
+    proc = _cli_verify(copy["sidecar"])
+    assert proc.returncode == 1 and f"mismatch: output {copy['tif']} is not a regular file" in proc.stderr
+    copy["tif"].unlink()
+    copy["tif"].mkdir()
+    proc = _cli_verify(copy["sidecar"])
+    assert proc.returncode == 1
+    assert f"mismatch: output {copy['tif']} is a folder, where scene.provenance.json records a file" in proc.stderr
+    qml = copy["out"] / "scene.qml"
+    os.mkfifo(copy["out"] / "zz.provenance.json")
+    copy["sidecar"].rename(copy["out"] / "kept.json")  # scene.qml's own sidecar gone: the folder's are searched
+    proc = _cli_verify(qml)
+    assert proc.returncode == 2 and "no provenance beside it records it" in proc.stderr
+
+
+def test_weights_gone_beside_their_card_fail_and_strict_fails_what_it_cannot_reach(copy):
+    """A model folder whose card is here and weights are gone had been "unverified" and exit 0; an auditor had
+    no way to make an unreachable input a failure."""
+    copy["image"].unlink()
+    proc = subprocess.run([sys.executable, "-m", "flows", "verify", "--strict", str(copy["tif"])], check=False,
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert proc.returncode == 1 and "unverified: input" in proc.stderr
+    assert f"not verified {copy['sidecar']}: 1 file(s) not reachable (--strict)" in proc.stderr
+    assert _cli_verify(copy["tif"]).returncode == 0  # without --strict, as before
+    copy["weights"].unlink()
+    proc = _cli_verify(copy["tif"])
+    assert proc.returncode == 1
+    assert f"mismatch: model weights {copy['weights']} is missing, while the model's card is here" in proc.stderr
 
 
 def test_an_unchanged_input_is_hashed_once_and_a_changed_one_again(tmp_path, monkeypatch):
