@@ -82,7 +82,7 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
     outputs would overwrite is refused (:func:`flows.inputs.overwritten_input`).
     """
     from flows.inputs import (check_named_sources, expand, forged_problem, input_label, input_stem, name_too_long,
-                              output_clashes, overwritten_input)
+                              output_clashes, outputs_of_another, overwritten_input)
     from flows.routing import fit_problem
     from storage.header import NO_CRS
     from storage.probe import probe
@@ -137,6 +137,9 @@ def check_inputs(inputs: list[str], model: "ModelInput | None", options: Segment
             clobbered = None if out_dir is None or is_url(out_dir) else overwritten_input(item, out_dir)
             if clobbered is not None:
                 raise IncompatibleInputError(*clobbered)
+            another = None if out_dir is None or is_url(out_dir) else outputs_of_another(item, out_dir)
+            if another is not None:
+                raise IncompatibleInputError(label, another)
         except Exception as exc:  # isolation, as in the segmentation itself: record and go on
             checked.entries.append((label, None, one_line(exc, label)))
         else:

@@ -178,6 +178,40 @@ def overwritten_input(source: Any, out_dir: str | Path, *,
     return None
 
 
+def outputs_of_another(source: Any, out_dir: str | Path, content: str | None = None) -> str | None:
+    """Why ``source``'s outputs would replace those an earlier run made in ``out_dir`` from another input of the
+    same name stem (``site1/scan.tif``, then ``site2/scan.tif``, or ``x.tif`` then ``x.nii.gz``), or None.  Within
+    one batch such a clash is refused; across runs the earlier input's outputs had been replaced without a word.
+    The same file moved (another path, the same content, ``content`` if known) is the same input.  Plain files
+    only: a series, a case's channel files, a STAC item or a URL is named otherwise."""
+    if isinstance(source, (SeriesRef, ChannelFiles, MosaicRef)) or is_url(str(source)) or \
+            is_item_path(str(source)):
+        return None
+    from storage.provenance import read_sidecar
+
+    stem = input_stem(source)
+    sidecar = Path(out_dir) / f"{stem}.provenance.json"
+    if not sidecar.is_file():
+        return None
+    try:
+        earlier = read_sidecar(sidecar).get("input") or {}
+    except SegflowError:  # a damaged record: the run replaces it, as before
+        return None
+    path, digest = earlier.get("path"), earlier.get("sha256")
+    if not isinstance(path, str) or not path or is_url(path) or not isinstance(digest, str):
+        return None
+    here = Path(str(source))
+    if os.path.abspath(path) == os.path.abspath(here) or same_file(Path(path), here):
+        return None
+    try:
+        if (content or sha256_input(here)) == digest:
+            return None
+    except OSError:
+        return None  # unreadable: reading it says why
+    return (f"{Path(out_dir) / stem}.* are the outputs of another input, {path} (so says {sidecar.name}), which "
+            f"its outputs would replace: choose another --out, or delete those to replace them")
+
+
 def input_files(source: Any) -> list[Path]:
     """The local files a run reads for ``source``: a series' slices, a mosaic's tiles, an Analyze pair's two."""
     if isinstance(source, (SeriesRef, ChannelFiles)):
@@ -342,4 +376,4 @@ def _reusable_store(store_path: Path, same: Callable[[ImageStore], bool]) -> Ima
 __all__ = ["Expanded", "GROUPS", "MAX_STEM_BYTES", "OUTPUT_SUFFIXES", "expand", "ingest_input", "input_files",
            "input_label",
            "input_stem", "output_names", "same_file",
-           "name_too_long", "output_clashes", "output_name", "overwritten_input"]
+           "name_too_long", "output_clashes", "output_name", "outputs_of_another", "overwritten_input"]

@@ -24,13 +24,15 @@ from prefect.runtime import task_run as task_run_info
 
 from flows import ledger, locks, staging
 from flows.config import SegmentOptions
-from flows.inputs import Expanded, check_named_sources, forged_problem, input_label, input_stem, own_files
+from flows.inputs import (Expanded, check_named_sources, forged_problem, input_label, input_stem,
+                          outputs_of_another, own_files)
 from flows.report import InputReport, fill_from_statistics, resumed_note
 from flows.retries import retry_if_transient
 from flows.routing import ModelEntry, ModelInput, loaded, no_model_reason, one_slice, route, route_item
 from storage.channelfiles import ChannelFiles
 from storage.dicomfiles import SeriesRef
-from storage.errors import CorruptInputError, ExportError, InputError, LockLostError, is_native_panic, one_line
+from storage.errors import (CorruptInputError, ExportError, IncompatibleInputError, InputError, LockLostError,
+                            is_native_panic, one_line)
 from storage.hashing import sha256_input
 from storage.probe import probe
 from storage.sources import check_own_files
@@ -237,6 +239,10 @@ def _segment_input(item: Expanded, local: Expanded, target: staging.OutputTarget
         rep.outputs = hit.outputs
         statistics = hit.record.get("statistics", {})
     else:
+        another = None if target.remote or group is not None or local != item else \
+            outputs_of_another(local, batch.out_dir, content=rep.input_sha256)
+        if another is not None:  # another night's input of the same name: its outputs had been replaced
+            raise IncompatibleInputError(path, another)
         outcome = segment_one(local, model, target.local, batch.options, batch.client,
                               record_input_as=path if group is None and local != path else None,
                               still_ours=lambda: not lock.lost and lock.still_held())

@@ -609,6 +609,26 @@ def test_an_input_in_the_output_folder_is_never_overwritten_by_its_own_outputs(m
     assert read == item.parent / "B02.tif" and "which item.json reads" in why
 
 
+def test_a_later_run_of_another_input_of_the_same_name_keeps_the_earlier_outputs(model2d, tmp_path):
+    """site1/scan.tif segmented into OUT, then site2/scan.tif (other pixels) into OUT: the second run replaced the
+    first one's outputs without a word (within one batch that is refused).  The same file moved is the same input."""
+    first, second = _rgb(tmp_path / "site1" / "scan.tif", 1), _rgb(tmp_path / "site2" / "scan.tif", 2)
+    out = tmp_path / "out"
+    proc = run("segment", first, "--model", model2d.path, "--out", out, "--no-prefect", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    before = (out / "scan.tif").read_bytes()
+    proc = run("segment", second, "--model", model2d.path, "--out", out, "--no-prefect", "--workers", "1")
+    assert proc.returncode == 1 and error_lines(proc.stderr) == [
+        f"error: {second}: {out / 'scan'}.* are the outputs of another input, {first} (so says scan.provenance.json), "
+        "which its outputs would replace: choose another --out, or delete those to replace them"], proc.stderr
+    assert (out / "scan.tif").read_bytes() == before
+    moved = tmp_path / "moved" / "scan.tif"
+    moved.parent.mkdir()
+    first.rename(moved)
+    proc = run("segment", moved, "--model", model2d.path, "--out", out, "--no-prefect", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_ingest_command(tmp_path):
     src = shared("nifti/standard.nii.gz")
     proc = run("ingest", src, "--out", tmp_path)

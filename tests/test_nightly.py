@@ -353,6 +353,24 @@ def test_a_copied_or_renamed_input_gets_outputs_of_its_own_name(runs, models, tm
     assert again["scene_b_renamed.tif"]["status"] == "done" and (out / "scene_b_renamed.tif").is_file()
 
 
+def test_another_nights_input_of_the_same_name_keeps_the_earlier_outputs(runs, models, tmp_path, dask_cluster):
+    """An inbox's scene_b.tif done one night, and another delivery's scene_b.tif (other pixels) on a later one,
+    the first no longer beside it: its outputs had been replaced without a word."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    shutil.copytree(runs["out"], out)
+    inbox.mkdir()
+    shutil.copy(runs["inbox"] / "scene_a.tif", inbox / "scene_b.tif")
+    before = (out / "scene_b.tif").read_bytes()
+    got = _by_name(nightly_report(nightly(model_dirs=[str(models["2d"].path)], out_dir=str(out), inbox=str(inbox),
+                                          return_state=True)))
+    assert got["scene_b.tif"]["status"] == "failed"
+    assert got["scene_b.tif"]["error"] == (
+        f"{inbox / 'scene_b.tif'}: {out / 'scene_b'}.* are the outputs of another input, "
+        f"{runs['inbox'] / 'scene_b.tif'} (so says scene_b.provenance.json), which its outputs would replace: "
+        "choose another --out, or delete those to replace them")
+    assert (out / "scene_b.tif").read_bytes() == before
+
+
 def _three_band(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", driver="GTiff", width=40, height=30, count=3, dtype="uint8",
