@@ -78,6 +78,14 @@ class Split:
                 "validation": _id_list([ids[i] for i in self.val]), "excluded_test": len(self.excluded)}
 
 
+def made_by(training: dict[str, Any]) -> dict[str, Any]:
+    """When and with which code the weights were made, as an output's provenance says it of a run: a card's
+    training record had named no segflow version, commit, host or time."""
+    from storage import provenance
+
+    return {"finished": provenance.now(), "environment": provenance.environment(str(training.get("device", "cpu")))}
+
+
 def _id_list(ids: list[str]) -> list[str] | dict[str, Any]:
     if len(ids) <= ID_LIST_LIMIT:
         return ids
@@ -222,6 +230,7 @@ def train_from_files(card: ModelCard, pairs: Sequence[tuple[Path, Path]], out: P
         result.provenance["dataset"] = {"name": "image/label pairs", "layout": "pairs", "fingerprint": digest,
                                         "cases": len(pairs)}
         result.provenance["split"] = split.provenance(ids, **_split_extra(split, val_fraction, seed, held))
+        result.provenance.update(made_by(result.provenance))
         return save_trained(out, saved_card, result)
 
 
@@ -381,6 +390,7 @@ def train_from_dataset(card: ModelCard, dataset: Dataset, out: Path, *, steps: i
                                            else {})}
         result.provenance["split"] = split.provenance([c.id for c in cases],
                                                       **_split_extra(split, val_fraction, seed, held))
+        result.provenance.update(made_by(result.provenance))
         return save_trained(out, saved_card, result)
 
 

@@ -523,6 +523,12 @@ def test_train_writes_a_model_directory_with_provenance(tmp_path):
     inspected = json.loads(run("model", "inspect", tmp_path / "model").stdout)
     assert inspected["training"]["steps"] == 3
     assert inspected["training"]["inputs"][0]["image"]["path"] == str(image.resolve())
+    # when and with which code the weights were made (the record had named no version, commit, host or time)
+    from storage.provenance import environment
+
+    made = inspected["training"]["environment"]
+    assert made["versions"]["segflow"] and made["git_commit"] == environment("cpu")["git_commit"]
+    assert made["host"] and inspected["training"]["finished"].endswith("+00:00")
     from storage.hashing import sha256_file
 
     assert inspected["weights_sha256"] == sha256_file(tmp_path / "model" / "weights.safetensors")
