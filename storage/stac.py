@@ -41,6 +41,7 @@ from stac_model.schema import MLModelExtension, MLModelProperties
 from storage.atomic import write_text_atomically
 from storage.classes import LabelClass
 from storage.errors import ExportError, InvalidInputError
+from storage.hashing import sha256_file
 from storage.header import linear_unit_metres
 from storage.inputfiles import stem_of
 from storage.remote import is_url
@@ -287,11 +288,16 @@ def write_stac_item(out_path: Path, *, item_id: str, label_cog: Path, classes: l
 
     # each raster asset's own gsd: the item's is the model's resolution, and labels brought back to a 20 m input's
     # grid (or kept at the model's) are found by a catalogue search on the asset's pixel size
+    # the labels' checksum and size, as the model asset has them: a catalogue (or an auditor holding only the
+    # item) can check the file it fetches; the item had declared the file extension for the weights alone
     labels = pystac.Asset(href=_relative_href(label_cog, item_dir), media_type=COG_MEDIA_TYPE,
                           title="Class labels", roles=["data", "labels"],
                           extra_fields={"bands": [{"name": "labels", **_band_facts(label_cog)[0]}],
-                                        **_gsd_field(crs, transform)})
+                                        **_gsd_field(crs, transform),
+                                        "file:checksum": "1220" + sha256_file(label_cog),
+                                        "file:size": label_cog.stat().st_size})
     item.add_asset("labels", labels)
+    item.stac_extensions.append(FILE_SCHEMA)
     ClassificationExtension.ext(labels, add_if_missing=True).classes = [
         Classification.create(value=c["value"], name=c["name"], description=c["description"],
                               color_hint=c["color_hint"]) for c in table]
@@ -361,7 +367,7 @@ def _add_model_asset(item: pystac.Item, model: dict, weights: dict[str, Any]) ->
     item.add_asset("model", pystac.Asset(href=str(weights["href"]), media_type=weights.get("type"),
                                          title=f"{model.get('name')} weights", roles=["mlm:model", "mlm:weights"],
                                          extra_fields=extra))
-    if "file:checksum" in extra and FILE_SCHEMA not in item.stac_extensions:
+    if "file:checksum" in extra and FILE_SCHEMA not in item.stac_extensions:  # (the labels' declared it too)
         item.stac_extensions.append(FILE_SCHEMA)
 
 

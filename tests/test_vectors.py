@@ -261,6 +261,13 @@ def test_segment_writes_polygons_and_a_stac_item_beside_the_cog(tmp_path, dask_c
     assert [c["value"] for c in classes] == [c.value for c in model.card.classes]
     assert any(a["href"].endswith("RGB.byte.gpkg") for a in item["assets"].values())
     assert item["properties"]["mlm:name"] == model.card.name
+    # the labels carry their checksum as the weights do (multihash sha2-256), and it is the file's
+    from storage.hashing import sha256_file
+
+    cog = tmp_path / "out" / "RGB.byte.tif"
+    assert item["assets"]["labels"]["file:checksum"] == "1220" + sha256_file(cog)
+    assert item["assets"]["labels"]["file:size"] == cog.stat().st_size
+    assert item["stac_extensions"].count("https://stac-extensions.github.io/file/v2.1.0/schema.json") == 1
     # `segflow info` reads the layer back (it had refused segflow's own polygons as "not a segflow artefact")
     from flows.inspect import describe
 
