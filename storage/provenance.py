@@ -288,6 +288,9 @@ def _checked(path: Path, record: dict[str, Any]) -> Verification:
         if keys:
             report.problems.append(f"output {out} embeds provenance that differs from {path.name} in: "
                                    f"{', '.join(keys)}")
+    stale = _statistics_differ(path, record, report)
+    if stale is not None:
+        report.problems.append(stale)
     checks = _input_checks(record.get("input", {}))
     model = record.get("model", {})
     weights = model.get("weights_path") or (str(Path(model["path"]) / "weights.safetensors")
@@ -336,6 +339,24 @@ def embedded_differs(output: Path, record: dict[str, Any]) -> list[str]:
     if inner is None or inner == expected:
         return []
     return sorted(k for k in set(inner) | set(expected) if inner.get(k) != expected.get(k))
+
+
+def _statistics_differ(path: Path, record: dict[str, Any], report: Verification) -> str | None:
+    """A volume's label statistics in the record against ``<stem>.statistics.json``, the output written from the
+    same table (its hash verified above): they are not embedded in the label file, so an edited volume in mL had
+    passed verify."""
+    table = (record.get("statistics") or {}).get("label_statistics")
+    name = path.name.removesuffix(".provenance.json") + ".statistics.json"
+    out = path.parent / name
+    if table is None or name not in (record.get("outputs") or {}) or f"output {out}" not in report.verified:
+        return None
+    try:
+        written = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None  # its hash matched: only a file segflow wrote can be here
+    if written == table:
+        return None
+    return f"{path.name}'s statistics.label_statistics differ from {out}, which its recorded hash vouches for"
 
 
 def _card_here(model: dict[str, Any]) -> bool:

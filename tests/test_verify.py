@@ -77,6 +77,22 @@ def test_untouched_outputs_verify_including_their_embedded_provenance(outputs):
                 assert read_embedded(outputs["out"] / name) == embedded(record)
 
 
+def test_a_volumes_statistics_edited_in_its_sidecar_fail(outputs, tmp_path):
+    """The label statistics (mL per class) are not embedded in the NIfTI, and an edited volume in the sidecar had
+    verified; they are compared with the statistics file written from the same table, whose hash is recorded."""
+    out = tmp_path / "out"
+    shutil.copytree(outputs["out"], out)
+    sidecar = out / "head.provenance.json"
+    record = json.loads(sidecar.read_text())
+    classes = record["statistics"]["label_statistics"]["classes"]
+    name = next(iter(classes))
+    classes[name]["volume_ml"] = 99.0
+    sidecar.write_text(json.dumps(record, indent=2, sort_keys=True))
+    report = verify(sidecar)
+    assert report.problems == [f"head.provenance.json's statistics.label_statistics differ from "
+                               f"{out / 'head.statistics.json'}, which its recorded hash vouches for"]
+
+
 def test_one_changed_byte_of_an_output_fails_and_says_which(copy):
     _flip_one_byte(copy["tif"])
     report = verify(copy["sidecar"])
