@@ -189,6 +189,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
         # deleted it); the flow then raises flows.interrupts.Interrupted
         with interrupts.deferred_interrupts():
             queue = list(todo)  # not submitted yet: one goes as each in flight ends, ``parallel`` at a time
+            submitted: dict[str, float] = {}  # when each went: a failed input's seconds (the report had none)
 
             def submit_next() -> Any | None:
                 if not queue or interrupts.interrupted() is not None:
@@ -196,6 +197,7 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                 p = queue.pop(0)
                 future = run_task.submit(quote(by_label[p]), _task_name(by_label[p]), quote(batch))
                 futures[future] = p
+                submitted[p] = time.perf_counter()
                 return future
 
             first = [submit_next() for _ in range(min(parallel, len(todo)))]
@@ -211,7 +213,8 @@ def nightly(model_dirs: list[str], out_dir: str, inbox: str | None = None, manif
                     item = by_label[path]
                     reports[path] = InputReport(input=path, status="failed", error=error,
                                                 attempts=batch.attempts.get(path, 0),
-                                                dicom=series_details(item) if isinstance(item, SeriesRef) else None)
+                                                dicom=series_details(item) if isinstance(item, SeriesRef) else None,
+                                                seconds=round(time.perf_counter() - submitted[path], 3))
                     logger.info("input failed: %s", error)
                 bar.advance("nightly")
             signum = interrupts.interrupted()  # kept: leaving the block forgets it where no command's handlers are

@@ -119,7 +119,7 @@ def test_first_run_processes_new_inputs_isolates_the_bad_one_and_skips_the_done_
     # the bad input: one line naming it, not retried; the EIO one retried once and done
     bad = got[BAD]
     assert str(runs["inbox"] / BAD) in bad["error"] and "\n" not in bad["error"], bad["error"]
-    assert bad["attempts"] == 1
+    assert bad["attempts"] == 1 and bad["seconds"] > 0  # its seconds too (failed inputs had none)
     assert got[FLAKY]["attempts"] == 2 and runs["calls"][FLAKY] >= 2
     assert all(got[n]["attempts"] == 1 for n in GOOD_NEW if n != FLAKY)
 
