@@ -294,14 +294,13 @@ def _open_picture(path: Path) -> LabelSource:
     no CRS, the identity transform.  An RGB picture is refused in words that say what it likely is."""
     from rasterio.transform import Affine
 
-    from storage.datasets.pictures import VALUE_MODES, picture_mode, read_values
+    from storage.datasets.pictures import VALUE_MODES, mode_words, picture_mode, read_values
 
     mode = picture_mode(path)
     if mode not in VALUE_MODES:
         what = ("a COCO panoptic PNG (segment ids encoded in its colours, their classes in the JSON's "
                 "segments_info) or a colour-coded mask" if mode.startswith("RGB") else "no map of label values")
-        article = "an" if mode[0] in "AEFHILMNORSX" else "a"
-        raise InvalidInputError(path, f"is {article} {mode} picture, {what}: evaluate reads a PNG of class values "
+        raise InvalidInputError(path, f"is {mode_words(mode)} picture, {what}: evaluate reads a PNG of class values "
                                       "(palette indices, or 8 or 16-bit grey); convert it to class values first")
     data = _as_labels(read_values(path), path)
     transform = Affine.identity()

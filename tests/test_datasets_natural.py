@@ -147,6 +147,18 @@ def test_voc_malformed_layouts_name_the_file(tmp_path: Path, fault: str) -> None
     refused(lambda: voc.LAYOUT.open(root), needle)
 
 
+def test_a_label_pictures_mode_is_said_in_words(tmp_path: Path) -> None:
+    """A 16-bit VOC label had been refused as "is a I;16 PNG" (Pillow's mode name), an RGB one as "is a RGB PNG"."""
+    root = nd.write_voc(tmp_path).root
+    label = root / "SegmentationClass" / "2007_000032.png"
+    Image.fromarray(np.zeros((nd.H, nd.W), np.uint16)).save(label)
+    assert refused(lambda: voc.LAYOUT.open(root), str(label)).endswith(
+        ": is a 16-bit grey PNG; VOC class maps are palette PNGs whose indices are classes")
+    Image.new("RGB", (nd.W, nd.H), (128, 0, 0)).save(label)
+    assert refused(lambda: voc.LAYOUT.open(root), str(label)).endswith(": is an RGB colour PNG; VOC class maps are "
+                                                                        "palette PNGs whose indices are classes")
+
+
 @pytest.mark.parametrize("empty", ["train", "val"])
 def test_voc_an_empty_split_list_is_refused_naming_it(tmp_path: Path, empty: str) -> None:
     """An empty train.txt (or val.txt) beside a val.txt listing cases had been passed over for a fraction split of

@@ -132,7 +132,7 @@ BAD = {
     "RGB file, one channel named": (_damage_rgb_as_one, "cell_000_0000.png: the case's pictures hold 3 channel\\(s\\) "
                                                         r"\(cell_000_0000.png 3\) but dataset.json names 1"),
     "RGB label": (lambda r: Image.new("RGB", (48, 40)).save(r / "labelsTr" / "cell_001.png"),
-                  "cell_001.png: is a RGB picture: a label map is one value per pixel"),
+                  "cell_001.png: is an RGB colour picture: a label map is one value per pixel"),
     "size": (lambda r: Image.new("L", (47, 40)).save(r / "labelsTr" / "cell_001.png"),
              "cell_001.png: label size 47x40 does not match image cell_001_0000.png size 48x40"),
     "gap": (lambda r: Image.new("L", (48, 40)).save(r / "imagesTr" / "cell_001_0002.png"),

@@ -22,7 +22,8 @@ import numpy as np
 
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
-from storage.datasets.pictures import by_stem, listed, picture_header, read_indices, read_rgb, size_text
+from storage.datasets.pictures import (by_stem, listed, mode_words, picture_header, read_indices, read_rgb,
+                                       size_text)
 from storage.errors import InvalidInputError
 
 __all__ = ["CITYSCAPES_LABELS", "CityscapesDataset", "CityscapesLabel", "LAYOUT", "cityscapes_classes",
@@ -219,7 +220,7 @@ def _check_pair(image: Path, label: Path) -> None:
     image_size, _ = picture_header(image)
     label_size, mode = picture_header(label)
     if mode not in ("L", "P"):
-        raise InvalidInputError(label, f"is a {mode} PNG; labelIds maps are 8-bit greyscale label ids")
+        raise InvalidInputError(label, f"is {mode_words(mode)} PNG; labelIds maps are 8-bit greyscale label ids")
     if label_size != image_size:
         raise InvalidInputError(label, f"is {size_text(label_size)} but its image {image.name} is "
                                 f"{size_text(image_size)}")

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from storage.datasets.pictures import (VALUE_MODES, picture_channels, picture_header, read_native, read_values,
-                                       size_text)
+from storage.datasets.pictures import (VALUE_MODES, mode_words, picture_channels, picture_header, read_native,
+                                       read_values, size_text)
 from storage.errors import InvalidInputError
 
 PICTURE_ENDINGS = (".png", ".bmp", ".tif", ".tiff")
@@ -36,7 +36,7 @@ def case_files(files: dict[int, Path], label: Path, channels: int, images_dir: P
                                 f"numbered _0000, _0001 ... without a gap ({channels} channels in dataset.json)")
     label_size, label_mode = picture_header(label)
     if label_mode not in VALUE_MODES:
-        raise InvalidInputError(label, f"is a {label_mode} picture: a label map is one value per pixel "
+        raise InvalidInputError(label, f"is {mode_words(label_mode)} picture: a label map is one value per pixel "
                                        "(palette, or 8 or 16-bit grey)")
     counts = []
     for c in order:

@@ -37,6 +37,18 @@ def by_stem(folder: Path, extension: str) -> dict[str, Path]:
     return out
 
 
+_MODE_WORDS = {"1": "a 1-bit (black and white)", "L": "an 8-bit grey", "P": "a palette", "RGB": "an RGB colour",
+               "RGBA": "an RGBA colour", "LA": "a grey-and-alpha", "CMYK": "a CMYK colour", "YCbCr": "a YCbCr colour",
+               "I": "a 32-bit integer grey", "F": "a floating-point grey", "I;16": "a 16-bit grey",
+               "I;16L": "a 16-bit grey", "I;16B": "a 16-bit grey", "PA": "a palette-and-alpha"}
+
+
+def mode_words(mode: str) -> str:
+    """A picture's Pillow mode as people say it, with its article ("a 16-bit grey"): refusals had said "is a I;16
+    PNG" and "is a RGB picture"."""
+    return _MODE_WORDS.get(mode, f"a {mode}-mode")
+
+
 def listed(values: list[int], most: int = 10) -> str:
     """Bad values for a one-line message: the first few, and how many there are."""
     shown = ", ".join(str(int(v)) for v in values[:most])
@@ -134,5 +146,5 @@ def _decode(path: Path, convert) -> Image.Image | None:
         raise CorruptInputError(path, f"cannot be decoded: {err}") from None
 
 
-__all__ = ["GREY_MODES", "LABEL_MODES", "RGB_MODES", "VALUE_MODES", "by_stem", "listed", "picture_channels",
+__all__ = ["GREY_MODES", "LABEL_MODES", "RGB_MODES", "VALUE_MODES", "by_stem", "listed", "mode_words", "picture_channels",
            "picture_header", "read_indices", "read_native", "read_rgb", "read_rgb_ids", "read_values", "size_text"]

@@ -26,8 +26,8 @@ import numpy as np
 
 from storage.classes import LabelClass
 from storage.datasets.base import IGNORE, Case, CaseData, Layout, safe_id
-from storage.datasets.pictures import (LABEL_MODES, by_stem, listed, picture_header, read_indices, read_rgb,
-                                       size_text)
+from storage.datasets.pictures import (LABEL_MODES, by_stem, listed, mode_words, picture_header, read_indices,
+                                       read_rgb, size_text)
 from storage.errors import CorruptInputError, InvalidInputError
 
 __all__ = ["LAYOUT", "VOC_CLASSES", "VocDataset", "detect", "open_voc", "voc_classes", "voc_colormap"]
@@ -222,7 +222,7 @@ def _check_pair(image: Path, label: Path) -> None:
     image_size, _ = picture_header(image)
     label_size, mode = picture_header(label)
     if mode not in LABEL_MODES:
-        raise InvalidInputError(label, f"is a {mode} PNG; VOC class maps are palette PNGs whose indices are classes")
+        raise InvalidInputError(label, f"is {mode_words(mode)} PNG; VOC class maps are palette PNGs whose indices are classes")
     if label_size != image_size:
         raise InvalidInputError(label, f"is {size_text(label_size)} but its image {image.name} is "
                                 f"{size_text(image_size)}")
