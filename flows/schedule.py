@@ -228,6 +228,14 @@ def schedule_command(
 
             check_inbox(inbox)
             check_out_beside_inbox(inbox, cli.path_or_url(out))
+        if manifest is not None and not is_url(cli.path_or_url(manifest)):
+            from flows.inbox import read_manifest
+
+            if Path(manifest).exists():  # a manifest with no path column had been registered to fail every night
+                read_manifest(cli.path_or_url(manifest))
+            else:  # written before each night by another job, perhaps: said, not refused
+                cli.console.print(f"note: --manifest {manifest} does not exist yet; each night reads it when it "
+                                  "starts, and fails if it is still missing", highlight=False, soft_wrap=True)
         parameters = nightly_parameters(model_dirs=model, out_dir=out, inbox=inbox, manifest=manifest,
                                         options=options, retries=retries, retry_delay_seconds=retry_delay,
                                         lock_stale_after=lock_timeout, settle_seconds=settle,

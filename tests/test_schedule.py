@@ -345,6 +345,23 @@ def test_schedule_refuses_bad_input_with_one_line_errors(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "prefect server start" in errors[0], proc.stderr
+    # a manifest every night would refuse (no path column) is refused before anything registers; one that does
+    # not exist yet (another job writes it before each night) is said, not refused
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\nx.tif\n")
+    later = tmp_path / "later.csv"
+    for manifest in (bad, later):
+        proc = subprocess.run([sys.executable, "-m", "flows", "schedule", "--cron", "0 2 * * *", "--manifest",
+                               str(manifest), "--model", str(model.path), "--out", str(tmp_path / "out")],
+                              capture_output=True, text=True, env={**env, "COLUMNS": "200"}, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, proc.stderr
+        if manifest == bad:
+            assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: ") and "'path' column" in lines[0], lines
+        else:
+            assert lines[0] == (f"note: --manifest {later} does not exist yet; each night reads it when it starts, "
+                                "and fails if it is still missing"), lines
+            assert "prefect server start" in lines[-1]
 
 
 def test_schedule_keeps_urls_as_urls(tmp_path, monkeypatch):
