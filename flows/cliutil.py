@@ -304,7 +304,6 @@ def ints(text: Optional[str], option: str = "--roi") -> Optional[list[int]]:
     return values
 
 
-__all__ = ["check_compile_cache", "check_device", "check_models", "options_problem", "check_out_folder", "check_report_file", "console",
-           "fail", "finish", "ints",
-           "local_only", "options", "out", "path_or_url", "progress", "resumable_on_interrupt",
-           "inform", "reporter"]
+__all__ = ["check_compile_cache", "check_device", "check_models", "options_problem", "check_out_folder",
+           "check_report_file", "console", "fail", "finish", "ints", "local_only", "options", "out", "path_or_url",
+           "progress", "resumable_on_interrupt", "inform", "reporter"]

@@ -107,7 +107,8 @@ def test_a_coco_json_or_a_panoptic_png_as_truth_is_one_plain_line(tmp_path):
     panoptic = tmp_path / "panoptic_val2017"
     panoptic.mkdir()
     Image.fromarray(np.stack([labels_2d() * 40] * 3, axis=-1)).save(panoptic / "000000000001.png")
-    for truth, says in ((coco, "is a COCO annotation file"), (panoptic, "is an RGB colour picture, a COCO panoptic PNG")):
+    for truth, says in ((coco, "is a COCO annotation file"),
+                        (panoptic, "is an RGB colour picture, a COCO panoptic PNG")):
         result = invoke(pred, "--truth", truth, "--out", tmp_path / "scores")
         assert result.exit_code == 1 and "Traceback" not in result.output
         [line] = error_lines(" ".join(result.output.split()).replace(" error:", "\nerror:"))

@@ -282,7 +282,8 @@ def test_workers_have_health_checks_on_the_ports_they_serve(compose, k8s):
     assert _health_port(services["dask-worker"]["healthcheck"]["test"]) == int(_option(cmd, "--dashboard-address")[1:])
     cmd = _command(services["prefect-worker"])
     assert "--with-healthcheck" in cmd
-    assert _health_port(services["prefect-worker"]["healthcheck"]["test"]) == get_current_settings().worker.webserver.port
+    prefect_port = get_current_settings().worker.webserver.port
+    assert _health_port(services["prefect-worker"]["healthcheck"]["test"]) == prefect_port
     for name in ("dask-worker", "dask-worker-gpu", "prefect-worker"):
         container = _deployment(k8s, name)["spec"]["template"]["spec"]["containers"][0]
         probe = container["livenessProbe"]["httpGet"]

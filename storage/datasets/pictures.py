@@ -146,5 +146,6 @@ def _decode(path: Path, convert) -> Image.Image | None:
         raise CorruptInputError(path, f"cannot be decoded: {err}") from None
 
 
-__all__ = ["GREY_MODES", "LABEL_MODES", "RGB_MODES", "VALUE_MODES", "by_stem", "listed", "mode_words", "picture_channels",
-           "picture_header", "read_indices", "read_native", "read_rgb", "read_rgb_ids", "read_values", "size_text"]
+__all__ = ["GREY_MODES", "LABEL_MODES", "RGB_MODES", "VALUE_MODES", "by_stem", "listed", "mode_words",
+           "picture_channels", "picture_header", "read_indices", "read_native", "read_rgb", "read_rgb_ids",
+           "read_values", "size_text"]

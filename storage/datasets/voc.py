@@ -222,7 +222,8 @@ def _check_pair(image: Path, label: Path) -> None:
     image_size, _ = picture_header(image)
     label_size, mode = picture_header(label)
     if mode not in LABEL_MODES:
-        raise InvalidInputError(label, f"is {mode_words(mode)} PNG; VOC class maps are palette PNGs whose indices are classes")
+        raise InvalidInputError(label, f"is {mode_words(mode)} PNG; VOC class maps are palette PNGs whose indices "
+                                       "are classes")
     if label_size != image_size:
         raise InvalidInputError(label, f"is {size_text(label_size)} but its image {image.name} is "
                                 f"{size_text(image_size)}")
