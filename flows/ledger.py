@@ -175,12 +175,6 @@ def lookup(out_dir: str | os.PathLike[str], key: str, input_sha256: str,
             return None, f"earlier output {name} is missing"
         if sha256_output(out) != digest:
             return None, f"earlier output {name} changed since it was written (sha256 differs)"
-        try:
-            differs = embedded_differs(out, record)  # an edited sidecar: verify refuses these outputs, so must a skip
-        except ProvenanceError as exc:
-            return None, str(exc)
-        if differs:
-            return None, f"earlier output {name} embeds provenance that differs from {sidecar.name}"
     # the same input and model with other parameters (another run's --overlap 0.5 into this folder) rewrote the
     # outputs and their sidecar: the entry's work is gone, though every hash above matched
     pinned = entry.get("sidecar_sha256")
@@ -191,6 +185,13 @@ def lookup(out_dir: str | os.PathLike[str], key: str, input_sha256: str,
             _comparable_recorded(record.get("parameters") or {}, _dims(document)) != \
             _comparable_keyed(document["parameters"], _dims(document)):
         return None, f"{sidecar.name} now describes a run with other parameters (rewritten by another run)"
+    for name in recorded:  # last, after the more telling reasons: an edited sidecar, which verify refuses
+        try:
+            differs = embedded_differs(sidecar.parent / name, record)
+        except ProvenanceError as exc:
+            return None, str(exc)
+        if differs:
+            return None, f"earlier output {name} embeds provenance that differs from {sidecar.name}"
     outputs = _ordered(sidecar, list(recorded))
     return Hit(entry=entry, record=record, outputs=outputs), None
 
