@@ -40,6 +40,7 @@ from flows.reportdata import (MAIN_SUFFIXES, MAX_CARD_BYTES, QUICKLOOK_SUFFIX, a
                               read_run_report)
 from storage.atomic import write_text_atomically
 from storage.errors import SegflowError
+from storage.inputfiles import same_file
 from storage.remote import is_url
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -267,12 +268,7 @@ class _Page:
 
 def _same_file(a: Any, b: Any) -> bool:
     """Two local paths of one existing file (links followed); URLs and vanished files only by their text."""
-    if not a or not b or is_url(str(a)) or is_url(str(b)):
-        return False
-    try:
-        return os.path.samefile(str(a), str(b))
-    except OSError:
-        return False
+    return bool(a and b) and not is_url(str(a)) and not is_url(str(b)) and same_file(str(a), str(b))
 
 
 def _card(model: dict[str, Any]) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ from storage.dicomfiles import SeriesRef, damaged_files, find_series, is_dicom_i
 from storage.errors import SegflowError, StoreError
 from storage.hashing import sha256_input
 from storage.ingest import ingest
-from storage.inputfiles import stem_of
+from storage.inputfiles import same_file, stem_of
 from storage.layout import ImageStore, open_image_store
 from storage.mosaic import MosaicRef, is_mosaic_store
 from storage.remote import is_url
@@ -283,13 +283,6 @@ def check_named_sources(item: Any, roots: "list[Path] | None" = None, origin: st
         from storage.stacassets import item_sources
 
         check_sources(item, item_sources(item, origin), roots)
-
-
-def same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # either is missing (the usual case: the output is not written yet)
-        return False
 
 
 def output_name(input_path: Any, kind: str) -> str:

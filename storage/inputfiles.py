@@ -205,5 +205,15 @@ def check_content_matches_name(path: Path, kind: str, head: bytes) -> None:
         raise UnsupportedFormatError(path, "is gzip-compressed but not named .gz; rename it .nii.gz")
 
 
+
+def same_file(a: str | PathLike[str], b: str | PathLike[str]) -> bool:
+    """Whether two paths name one existing file (links followed); False when either is missing (the usual case for
+    an output not written yet)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
 __all__ = ["ITEM_SUFFIXES", "PICTURE_SUFFIXES", "RASTER_SUFFIXES", "VOLUME_SUFFIXES", "check_content_matches_name",
-           "check_readable_file", "check_utf8_name", "content_kind", "expansion_problem", "kind_of", "regular_file_problem", "stem_of"]
+           "check_readable_file", "check_utf8_name", "content_kind", "expansion_problem", "kind_of", "regular_file_problem", "same_file",
+           "stem_of"]
